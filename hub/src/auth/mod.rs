@@ -1,0 +1,4 @@
+//! Who may talk to the hub: its TLS identity, enrollment tokens, agent
+//! credentials and the admin token.
+
+pub mod tls;

@@ -1,0 +1,1 @@
+//! The hub TLS identity (filled in by the TLS work).

@@ -1,0 +1,1 @@
+//! Hub configuration (filled in by the config work).

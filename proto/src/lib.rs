@@ -1,0 +1,30 @@
+//! The contract between the trunkfarm hub, its agents and its admin clients.
+//!
+//! * [`v1`]: the generated gRPC types and services (`trunkfarm.v1`).
+//! * [`enrollment`]: the one string a volunteer pastes to enroll a machine.
+//! * [`dial`]: connecting to a hub over TLS pinned to its CA fingerprint.
+//!
+//! Both binaries depend on this crate, so what crosses the wire is defined once.
+
+pub mod dial;
+pub mod enrollment;
+
+/// Generated from `proto/trunkfarm/v1/trunkfarm.proto`.
+#[allow(clippy::all, missing_docs)]
+pub mod v1 {
+    tonic::include_proto!("trunkfarm.v1");
+
+    /// The encoded descriptor set, served by gRPC reflection so `grpcurl` works.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("trunkfarm_v1_descriptor");
+}
+
+/// The protocol version hub and agent exchange at hello. Bumped only for an
+/// incompatible change (which also moves the package to `trunkfarm.v2`).
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// The oldest agent protocol version this build of the hub still serves.
+pub const MIN_PROTOCOL_VERSION: u32 = 1;
+
+/// Metadata key carrying credentials (`Bearer <secret>`).
+pub const AUTHORIZATION: &str = "authorization";
