@@ -6,15 +6,26 @@ use std::path::PathBuf;
 
 use prost::Message;
 
+/// Messages the hub stores as they are (job specs, results, capabilities).
+const PERSISTED: &[&str] = &["JobSpec", "Repository", "JobResult", "JobRef", "Capabilities"];
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let proto = "proto/trunkfarm/v1/trunkfarm.proto";
     println!("cargo:rerun-if-changed={proto}");
     let fds = protox::compile([proto], ["proto"])?;
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
     std::fs::write(out.join("trunkfarm_v1_descriptor.bin"), fds.encode_to_vec())?;
-    tonic_prost_build::configure()
+    let mut config = tonic_prost_build::configure()
         .build_server(true)
-        .build_client(true)
-        .compile_fds(fds)?;
+        .build_client(true);
+    // The hub persists these as JSON in its store; `default` lets records
+    // written by an older hub load after fields are added.
+    for persisted in PERSISTED {
+        let path = format!(".trunkfarm.v1.{persisted}");
+        config = config
+            .message_attribute(&path, "#[derive(serde::Serialize, serde::Deserialize)]")
+            .message_attribute(&path, "#[serde(default)]");
+    }
+    config.compile_fds(fds)?;
     Ok(())
 }

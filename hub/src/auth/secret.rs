@@ -1,0 +1,96 @@
+//! Secrets: how they are made, stored (hashed) and compared (constant time).
+//!
+//! Every secret trunkfarm issues is 256 random bits, so a plain SHA-256 is
+//! enough to store it (no password-stretching needed: there is nothing to
+//! guess). Secrets never reach a log: types that hold one redact it in `Debug`.
+
+use std::io::Write;
+use std::path::Path;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+/// A new random secret, URL-safe (43 characters).
+pub fn new_secret() -> String {
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// A new short random id with a prefix, e.g. `ag_3f9a0c17d2e4`.
+pub fn new_id(prefix: &str) -> String {
+    let mut bytes = [0u8; 6];
+    rand::rng().fill_bytes(&mut bytes);
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    format!("{prefix}_{hex}")
+}
+
+/// The stored form of a secret: hex SHA-256.
+pub fn hash(secret: &str) -> String {
+    Sha256::digest(secret.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Whether `secret` matches `stored_hash`, in time independent of where they differ.
+pub fn verify(secret: &str, stored_hash: &str) -> bool {
+    hash(secret).as_bytes().ct_eq(stored_hash.as_bytes()).into()
+}
+
+/// Splits a presented credential `<id>.<secret>`.
+pub fn split_credential(presented: &str) -> Option<(&str, &str)> {
+    let (id, secret) = presented.trim().split_once('.')?;
+    (!id.is_empty() && !secret.is_empty()).then_some((id, secret))
+}
+
+/// Writes `contents` to `path` with mode 0600, atomically (temp file + rename),
+/// so a crash never leaves a half-written secret file.
+pub fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(contents)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_verify_only_against_their_hash() {
+        let s = new_secret();
+        assert_eq!(s.len(), 43);
+        let h = hash(&s);
+        assert!(verify(&s, &h));
+        assert!(!verify(&new_secret(), &h));
+        assert!(!verify("", &h));
+    }
+
+    #[test]
+    fn credentials_split() {
+        assert_eq!(split_credential("ag_1.xyz"), Some(("ag_1", "xyz")));
+        assert_eq!(split_credential("ag_1."), None);
+        assert_eq!(split_credential("nodot"), None);
+    }
+
+    #[test]
+    fn private_files_are_0600() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s");
+        write_private(&p, b"x").unwrap();
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+}
