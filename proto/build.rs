@@ -7,7 +7,13 @@ use std::path::PathBuf;
 use prost::Message;
 
 /// Messages the hub stores as they are (job specs, results, capabilities).
-const PERSISTED: &[&str] = &["JobSpec", "Repository", "JobResult", "JobRef", "Capabilities"];
+const PERSISTED: &[&str] = &[
+    "JobSpec",
+    "Repository",
+    "JobResult",
+    "JobRef",
+    "Capabilities",
+];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let proto = "proto/trunkfarm/v1/trunkfarm.proto";

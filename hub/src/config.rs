@@ -1,1 +1,1426 @@
-//! Hub configuration (filled in by the config work).
+//! Hub configuration: the operator's `hub.toml`, its defaults, and the checks
+//! that turn a typo into an error instead of a silently ignored setting.
+//!
+//! Every section and every key is optional; `config/hub.example.toml` lists
+//! them all with their defaults. Parsing is strict on purpose: an unknown key,
+//! a value of the wrong kind, or a combination that cannot work is an error
+//! that names the file, the line (when known) and the full dotted key, because
+//! a farm running with a setting the operator *thinks* is applied is worse than
+//! a farm that refuses to start.
+//!
+//! Units: durations are [`std::time::Duration`], written in the file as human
+//! strings (`"90s"`, `"10m"`, `"1h 30m"`); byte sizes are plain `u64` byte
+//! counts, written in the file as human strings (`"4 MiB"`, `"512 KiB"`) or a
+//! bare integer number of bytes. Relative paths in a file are resolved against
+//! the directory holding that file.
+
+use std::fmt::Write as _;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+const KIB: u64 = 1024;
+const MIB: u64 = 1024 * KIB;
+
+/// What went wrong loading a configuration. Every message names the file (or
+/// `<inline config>` for text that came from no file) and, for a bad key, the
+/// full dotted key and the line when TOML reports one; the wording is
+/// user-facing and documented, so tests assert on it.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read: missing, unreadable, not UTF-8.
+    #[error("cannot read config file {path}: {error}")]
+    Read {
+        /// The file we tried to read.
+        path: PathBuf,
+        /// Why reading failed.
+        error: std::io::Error,
+    },
+    /// The text is not valid TOML.
+    #[error("{}: TOML syntax error: {message}", at(.file, *.line))]
+    Syntax {
+        /// The file, if the text came from one.
+        file: Option<PathBuf>,
+        /// 1-based line of the error, when TOML reports one.
+        line: Option<usize>,
+        /// TOML's description of the problem.
+        message: String,
+    },
+    /// A key this version of the hub does not know (usually a typo, or a
+    /// setting from another version).
+    #[error("{}: unknown key `{key}`, {expected}", at(.file, *.line))]
+    UnknownKey {
+        /// The file, if the text came from one.
+        file: Option<PathBuf>,
+        /// 1-based line of the key, when TOML reports one.
+        line: Option<usize>,
+        /// The full dotted key, e.g. `dispatch.lease_timout`.
+        key: String,
+        /// The keys allowed at that place, e.g. "expected one of `a`, `b`".
+        expected: String,
+    },
+    /// A value of the wrong type or format, e.g. `"90 parsecs"` for a duration.
+    #[error("{}: invalid value for `{key}`: {message}", at(.file, *.line))]
+    BadValue {
+        /// The file, if the text came from one.
+        file: Option<PathBuf>,
+        /// 1-based line of the value, when TOML reports one.
+        line: Option<usize>,
+        /// The full dotted key.
+        key: String,
+        /// What is wrong and what is expected.
+        message: String,
+    },
+    /// Values that parse but make no sense, alone or together.
+    #[error("{}: invalid `{key}`: {message}", at(.file, *.line))]
+    Invalid {
+        /// The file, if the configuration came from one.
+        file: Option<PathBuf>,
+        /// 1-based line of the key, when it is written in the file.
+        line: Option<usize>,
+        /// The full dotted key at fault.
+        key: String,
+        /// What is wrong and what is expected.
+        message: String,
+    },
+}
+
+impl ConfigError {
+    /// The full dotted key the error is about, if it is about one; lets callers
+    /// (and tests) react to a specific setting without parsing the message.
+    pub fn key(&self) -> Option<&str> {
+        match self {
+            Self::UnknownKey { key, .. }
+            | Self::BadValue { key, .. }
+            | Self::Invalid { key, .. } => Some(key),
+            Self::Read { .. } | Self::Syntax { .. } => None,
+        }
+    }
+
+    /// The 1-based line the error points at, when known.
+    pub fn line(&self) -> Option<usize> {
+        match self {
+            Self::Syntax { line, .. }
+            | Self::UnknownKey { line, .. }
+            | Self::BadValue { line, .. }
+            | Self::Invalid { line, .. } => *line,
+            Self::Read { .. } => None,
+        }
+    }
+}
+
+/// Renders the "where" prefix of a message: `file:line`, `file`, or a stand-in
+/// for configuration text that came from no file.
+fn at(file: &Option<PathBuf>, line: Option<usize>) -> String {
+    let mut out = match file {
+        Some(path) => path.display().to_string(),
+        None => "<inline config>".to_owned(),
+    };
+    if let Some(line) = line {
+        let _ = write!(out, ":{line}");
+    }
+    out
+}
+
+/// The whole hub configuration, after defaults, path resolution and
+/// validation. Built by [`HubConfig::load`], [`HubConfig::from_toml`] or
+/// [`HubConfig::default_for`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HubConfig {
+    /// The file this configuration came from, so later errors (and `config
+    /// show`) can point the operator at it; `None` for defaults or inline text.
+    pub source: Option<PathBuf>,
+    /// `[hub]`: where the hub listens and keeps its data.
+    pub hub: HubSection,
+    /// `[tls]`: how agents' connections are secured.
+    pub tls: TlsSection,
+    /// `[admin]`: how the operator's CLI authenticates.
+    pub admin: AdminSection,
+    /// `[dispatch]`: leases, heartbeats, retries and job timeouts.
+    pub dispatch: DispatchSection,
+    /// `[limits]`: message and log sizes.
+    pub limits: LimitsSection,
+    /// `[enrollment]`: lifetimes of enrollment tokens.
+    pub enrollment: EnrollmentSection,
+}
+
+/// `[hub]`: the hub's network identity and data location.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields, expecting = "a [hub] table")]
+pub struct HubSection {
+    /// Address the gRPC server binds. Port 0 picks a free port (tests, demos).
+    #[serde(deserialize_with = "de::socket_addr")]
+    pub listen: SocketAddr,
+    /// The `host:port` agents dial, when it differs from `listen` (NAT, proxy,
+    /// `0.0.0.0` binds); printed in enrollment strings.
+    pub public_address: Option<String>,
+    /// Where the database, generated TLS material and the admin token live.
+    /// Relative paths are resolved against the config file's directory (or
+    /// the working directory when there is no file).
+    pub data_dir: PathBuf,
+    /// A short name for this hub (`[a-z0-9-]`, at most 32 characters), shown
+    /// to agents and in notifications when one donor serves several hubs.
+    pub hub_id: Option<String>,
+}
+
+impl Default for HubSection {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7443)),
+            public_address: None,
+            data_dir: PathBuf::from("trunkfarm-data"),
+            hub_id: None,
+        }
+    }
+}
+
+/// `[tls]`: transport security for agent and admin connections.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(default, deny_unknown_fields, expecting = "a [tls] table")]
+pub struct TlsSection {
+    /// Serve plain HTTP/2 instead of TLS. Only for a hub behind a proxy that
+    /// terminates TLS itself: agent secrets would otherwise cross the network
+    /// in clear text.
+    pub plaintext: bool,
+    /// The operator's own PEM certificate chain (ending with the issuing CA,
+    /// which agents pin). With neither `cert` nor `key` the hub creates its
+    /// own CA and certificate in `<data_dir>/tls`.
+    pub cert: Option<PathBuf>,
+    /// The PEM private key for `cert`.
+    pub key: Option<PathBuf>,
+    /// Extra DNS names and IP addresses to put in the certificate the hub
+    /// generates (it always includes `localhost`, `127.0.0.1` and `::1`).
+    /// Not allowed together with `cert`, which it would not affect.
+    pub hostnames: Vec<String>,
+}
+
+/// `[admin]`: the operator's credential.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(default, deny_unknown_fields, expecting = "an [admin] table")]
+pub struct AdminSection {
+    /// Where the admin token is kept; `None` means `<data_dir>/admin.token`.
+    /// See [`HubConfig::admin_token_path`].
+    pub token_file: Option<PathBuf>,
+}
+
+/// `[dispatch]`: how jobs are leased to agents and when they are given up on.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields, expecting = "a [dispatch] table")]
+pub struct DispatchSection {
+    /// How often agents must send a heartbeat; sent to agents in `Welcome`.
+    #[serde(deserialize_with = "de::duration")]
+    pub heartbeat_interval: Duration,
+    /// How long a lease survives without a heartbeat before its job is
+    /// requeued. At least twice `heartbeat_interval`, so one lost heartbeat
+    /// does not cost a job.
+    #[serde(deserialize_with = "de::duration")]
+    pub lease_timeout: Duration,
+    /// How many times a job is started before it is reported as an error
+    /// (lost leases and infrastructure errors count; test failures do not).
+    #[serde(deserialize_with = "de::count")]
+    pub max_attempts: u32,
+    /// Timeout for a job whose project does not set one.
+    #[serde(deserialize_with = "de::duration")]
+    pub default_job_timeout: Duration,
+    /// The longest timeout a project may ask for.
+    #[serde(deserialize_with = "de::duration")]
+    pub max_job_timeout: Duration,
+    /// On shutdown, how long running jobs may finish before they are
+    /// cancelled.
+    #[serde(deserialize_with = "de::duration")]
+    pub drain_grace: Duration,
+}
+
+impl Default for DispatchSection {
+    fn default() -> Self {
+        Self {
+            heartbeat_interval: Duration::from_secs(10),
+            lease_timeout: Duration::from_secs(60),
+            max_attempts: 3,
+            default_job_timeout: Duration::from_secs(60 * 60),
+            max_job_timeout: Duration::from_secs(24 * 60 * 60),
+            drain_grace: Duration::from_secs(10 * 60),
+        }
+    }
+}
+
+/// `[limits]`: sizes, in bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields, expecting = "a [limits] table")]
+pub struct LimitsSection {
+    /// Largest gRPC message the hub accepts or sends, in bytes (at least
+    /// 64 KiB, since log chunks and job specs must fit).
+    #[serde(deserialize_with = "de::byte_size")]
+    pub max_message_size: u64,
+    /// Log bytes the hub keeps per job; beyond it the middle is cut.
+    #[serde(deserialize_with = "de::byte_size")]
+    pub max_log_size: u64,
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        Self {
+            max_message_size: 4 * MIB,
+            max_log_size: 16 * MIB,
+        }
+    }
+}
+
+/// `[enrollment]`: lifetimes of the one-time tokens that enroll agents.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields, expecting = "an [enrollment] table")]
+pub struct EnrollmentSection {
+    /// Lifetime of a token created without `--ttl`.
+    #[serde(deserialize_with = "de::duration")]
+    pub default_token_ttl: Duration,
+    /// The longest lifetime a token may be given.
+    #[serde(deserialize_with = "de::duration")]
+    pub max_token_ttl: Duration,
+}
+
+impl Default for EnrollmentSection {
+    fn default() -> Self {
+        Self {
+            default_token_ttl: Duration::from_secs(24 * 60 * 60),
+            max_token_ttl: Duration::from_secs(30 * 24 * 60 * 60),
+        }
+    }
+}
+
+/// The file's shape: every section optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields, expecting = "a table of sections")]
+struct RawHubConfig {
+    hub: HubSection,
+    tls: TlsSection,
+    admin: AdminSection,
+    dispatch: DispatchSection,
+    limits: LimitsSection,
+    enrollment: EnrollmentSection,
+}
+
+impl HubConfig {
+    /// Reads, parses and validates the config file at `path`. A missing file
+    /// is an error naming it: the operator asked for that file.
+    pub fn load(path: &Path) -> Result<HubConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
+            path: path.to_path_buf(),
+            error,
+        })?;
+        Self::from_toml(&text, Some(path))
+    }
+
+    /// Parses and validates configuration text. `origin` is the file the text
+    /// came from: it names the file in messages and is the base for relative
+    /// paths (without it, relative paths stay relative to the working
+    /// directory).
+    pub fn from_toml(text: &str, origin: Option<&Path>) -> Result<HubConfig, ConfigError> {
+        let file = origin.map(Path::to_path_buf);
+        let doc = parse::document(text, &file)?;
+        let raw: RawHubConfig = parse::deserialize(text, &doc, &file)?;
+        let base = origin.and_then(Path::parent);
+        let mut config = HubConfig {
+            source: file.clone(),
+            hub: raw.hub,
+            tls: raw.tls,
+            admin: raw.admin,
+            dispatch: raw.dispatch,
+            limits: raw.limits,
+            enrollment: raw.enrollment,
+        };
+        // Check paths as written (e.g. `~`) before resolving them.
+        config
+            .check_paths()
+            .map_err(|p| p.into_error(&file, text, &doc))?;
+        if let Some(base) = base {
+            config.resolve_paths(base);
+        }
+        config
+            .problems()
+            .map_err(|p| p.into_error(&file, text, &doc))?;
+        Ok(config)
+    }
+
+    /// The configuration with every default and no file: for a hub started
+    /// without `--config`, and for tests.
+    pub fn default_for(data_dir: PathBuf) -> HubConfig {
+        HubConfig {
+            source: None,
+            hub: HubSection {
+                data_dir,
+                ..HubSection::default()
+            },
+            tls: TlsSection::default(),
+            admin: AdminSection::default(),
+            dispatch: DispatchSection::default(),
+            limits: LimitsSection::default(),
+            enrollment: EnrollmentSection::default(),
+        }
+    }
+
+    /// Checks the semantic rules again, for a caller that changed fields after
+    /// loading (e.g. command-line overrides). Errors name `source` but no line.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.check_paths()
+            .and_then(|()| self.problems())
+            .map_err(|p| ConfigError::Invalid {
+                file: self.source.clone(),
+                line: None,
+                key: p.key.to_owned(),
+                message: p.message,
+            })
+    }
+
+    /// The directory holding the hub's database and generated files.
+    pub fn data_dir(&self) -> &Path {
+        &self.hub.data_dir
+    }
+
+    /// The file holding the admin token: `admin.token_file`, or
+    /// `<data_dir>/admin.token` when that is not set.
+    pub fn admin_token_path(&self) -> PathBuf {
+        match &self.admin.token_file {
+            Some(path) => path.clone(),
+            None => self.hub.data_dir.join("admin.token"),
+        }
+    }
+
+    /// Where the hub keeps the CA and certificate it generates when the
+    /// operator supplies none.
+    pub fn generated_tls_dir(&self) -> PathBuf {
+        self.hub.data_dir.join("tls")
+    }
+
+    fn path_keys(&self) -> [(&'static str, Option<&Path>); 4] {
+        [
+            ("hub.data_dir", Some(self.hub.data_dir.as_path())),
+            ("tls.cert", self.tls.cert.as_deref()),
+            ("tls.key", self.tls.key.as_deref()),
+            ("admin.token_file", self.admin.token_file.as_deref()),
+        ]
+    }
+
+    fn check_paths(&self) -> Result<(), Problem> {
+        for (key, path) in self.path_keys() {
+            if let Some(path) = path {
+                check_path(key, path)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let resolve = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        resolve(&mut self.hub.data_dir);
+        if let Some(p) = &mut self.tls.cert {
+            resolve(p);
+        }
+        if let Some(p) = &mut self.tls.key {
+            resolve(p);
+        }
+        if let Some(p) = &mut self.admin.token_file {
+            resolve(p);
+        }
+    }
+
+    /// The semantic rules, in file order; the first broken one is reported.
+    fn problems(&self) -> Result<(), Problem> {
+        let hub = &self.hub;
+        if let Some(addr) = &hub.public_address {
+            check_public_address(addr)?;
+        }
+        if let Some(id) = &hub.hub_id {
+            let ok_chars = id
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+            if id.is_empty() || id.len() > 32 || !ok_chars {
+                return Err(Problem::new(
+                    "hub.hub_id",
+                    format!(
+                        "{id:?} is not a valid hub id; expected 1 to 32 characters from a-z, 0-9 and '-'"
+                    ),
+                ));
+            }
+        }
+
+        let tls = &self.tls;
+        if tls.plaintext && (tls.cert.is_some() || tls.key.is_some()) {
+            let key = if tls.cert.is_some() {
+                "tls.cert"
+            } else {
+                "tls.key"
+            };
+            return Err(Problem::new(
+                key,
+                format!(
+                    "`{key}` is set but `tls.plaintext = true` turns TLS off; remove one of them"
+                ),
+            ));
+        }
+        if tls.plaintext && !tls.hostnames.is_empty() {
+            return Err(Problem::new(
+                "tls.hostnames",
+                "`tls.hostnames` names the hub's generated certificate, but `tls.plaintext = true` turns TLS off; remove one of them",
+            ));
+        }
+        match (&tls.cert, &tls.key) {
+            (Some(_), None) => {
+                return Err(Problem::new(
+                    "tls.key",
+                    "`tls.cert` is set but `tls.key` is not; give both (your own certificate) or neither (the hub generates one)",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(Problem::new(
+                    "tls.cert",
+                    "`tls.key` is set but `tls.cert` is not; give both (your own certificate) or neither (the hub generates one)",
+                ));
+            }
+            _ => {}
+        }
+        if tls.cert.is_some() && !tls.hostnames.is_empty() {
+            return Err(Problem::new(
+                "tls.hostnames",
+                "`tls.hostnames` only applies to the certificate the hub generates, and `tls.cert` supplies your own; put the names in your certificate and remove `tls.hostnames`",
+            ));
+        }
+        for name in &tls.hostnames {
+            if name.parse::<IpAddr>().is_err()
+                && !is_dns_name(name.strip_prefix("*.").unwrap_or(name))
+            {
+                return Err(Problem::new(
+                    "tls.hostnames",
+                    format!(
+                        "{name:?} is neither a DNS name nor an IP address; expected names such as \"farm.example.org\" or \"192.0.2.10\""
+                    ),
+                ));
+            }
+        }
+
+        let d = &self.dispatch;
+        if d.heartbeat_interval.is_zero() {
+            return Err(Problem::new(
+                "dispatch.heartbeat_interval",
+                "must be greater than zero, e.g. \"10s\"",
+            ));
+        }
+        if d.lease_timeout < d.heartbeat_interval.saturating_mul(2) {
+            return Err(Problem::new(
+                "dispatch.lease_timeout",
+                format!(
+                    "{} is less than twice `dispatch.heartbeat_interval` ({}); expected at least {}, so one late heartbeat does not requeue a running job",
+                    fmt_duration(d.lease_timeout),
+                    fmt_duration(d.heartbeat_interval),
+                    fmt_duration(d.heartbeat_interval.saturating_mul(2)),
+                ),
+            ));
+        }
+        if d.max_attempts < 1 {
+            return Err(Problem::new(
+                "dispatch.max_attempts",
+                "must be at least 1 (the first run counts as an attempt)",
+            ));
+        }
+        if d.default_job_timeout.is_zero() {
+            return Err(Problem::new(
+                "dispatch.default_job_timeout",
+                "must be greater than zero, e.g. \"1h\"",
+            ));
+        }
+        if d.default_job_timeout > d.max_job_timeout {
+            return Err(Problem::new(
+                "dispatch.default_job_timeout",
+                format!(
+                    "{} is longer than `dispatch.max_job_timeout` ({}); the default must be within the maximum",
+                    fmt_duration(d.default_job_timeout),
+                    fmt_duration(d.max_job_timeout),
+                ),
+            ));
+        }
+
+        let l = &self.limits;
+        if l.max_message_size < 64 * KIB {
+            return Err(Problem::new(
+                "limits.max_message_size",
+                format!(
+                    "{} is too small; expected at least 64 KiB so log chunks and job specs fit",
+                    fmt_bytes(l.max_message_size)
+                ),
+            ));
+        }
+        if l.max_log_size == 0 {
+            return Err(Problem::new(
+                "limits.max_log_size",
+                "must be greater than zero, e.g. \"16 MiB\"",
+            ));
+        }
+
+        let e = &self.enrollment;
+        if e.default_token_ttl.is_zero() {
+            return Err(Problem::new(
+                "enrollment.default_token_ttl",
+                "must be greater than zero, e.g. \"24h\"",
+            ));
+        }
+        if e.default_token_ttl > e.max_token_ttl {
+            return Err(Problem::new(
+                "enrollment.default_token_ttl",
+                format!(
+                    "{} is longer than `enrollment.max_token_ttl` ({}); the default must be within the maximum",
+                    fmt_duration(e.default_token_ttl),
+                    fmt_duration(e.max_token_ttl),
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// One broken semantic rule, before it is placed in a file.
+#[derive(Debug)]
+struct Problem {
+    key: &'static str,
+    message: String,
+}
+
+impl Problem {
+    fn new(key: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            key,
+            message: message.into(),
+        }
+    }
+
+    fn into_error(
+        self,
+        file: &Option<PathBuf>,
+        text: &str,
+        doc: &parse::Document<'_>,
+    ) -> ConfigError {
+        ConfigError::Invalid {
+            file: file.clone(),
+            line: parse::key_line(text, doc, self.key),
+            key: self.key.to_owned(),
+            message: self.message,
+        }
+    }
+}
+
+fn check_path(key: &'static str, path: &Path) -> Result<(), Problem> {
+    if path.as_os_str().is_empty() {
+        return Err(Problem::new(key, "must not be empty; give a path"));
+    }
+    if path.starts_with("~") {
+        return Err(Problem::new(
+            key,
+            format!(
+                "{} starts with `~`, which is not expanded here; write the full path",
+                path.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn check_public_address(addr: &str) -> Result<(), Problem> {
+    let bad = || {
+        Problem::new(
+            "hub.public_address",
+            format!(
+                "{addr:?} is not a \"host:port\" address; expected e.g. \"farm.example.org:7443\" or \"[2001:db8::1]:7443\" (no scheme, no path)"
+            ),
+        )
+    };
+    if let Ok(sa) = addr.parse::<SocketAddr>() {
+        return if sa.port() == 0 { Err(bad()) } else { Ok(()) };
+    }
+    let (host, port) = addr.rsplit_once(':').ok_or_else(bad)?;
+    match port.parse::<u16>() {
+        Ok(p) if p != 0 => {}
+        _ => return Err(bad()),
+    }
+    if host.parse::<IpAddr>().is_ok() || is_dns_name(host) {
+        Ok(())
+    } else {
+        Err(bad())
+    }
+}
+
+/// A DNS name: dot-separated labels of letters, digits and inner hyphens.
+fn is_dns_name(name: &str) -> bool {
+    let name = name.strip_suffix('.').unwrap_or(name);
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        })
+}
+
+fn fmt_duration(d: Duration) -> String {
+    humantime::format_duration(d).to_string()
+}
+
+fn fmt_bytes(n: u64) -> String {
+    bytesize::ByteSize::b(n).display().iec().to_string()
+}
+
+/// Turning TOML text into sections, with errors placed in the file.
+mod parse {
+    use std::path::PathBuf;
+
+    use serde::de::DeserializeOwned;
+    use toml::de::{DeTable, DeValue};
+
+    use super::ConfigError;
+
+    /// The parsed document with spans, kept to find a key's line for
+    /// semantic errors.
+    pub(super) type Document<'i> = toml::Spanned<DeTable<'i>>;
+
+    /// 1-based line of a byte offset.
+    pub(super) fn line_of(text: &str, offset: usize) -> usize {
+        let end = offset.min(text.len());
+        text.as_bytes()[..end]
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count()
+            + 1
+    }
+
+    pub(super) fn document<'i>(
+        text: &'i str,
+        file: &Option<PathBuf>,
+    ) -> Result<Document<'i>, ConfigError> {
+        DeTable::parse(text).map_err(|e| ConfigError::Syntax {
+            file: file.clone(),
+            line: e.span().map(|s| line_of(text, s.start)),
+            message: e.message().trim_end().to_owned(),
+        })
+    }
+
+    pub(super) fn deserialize<T: DeserializeOwned>(
+        text: &str,
+        doc: &Document<'_>,
+        file: &Option<PathBuf>,
+    ) -> Result<T, ConfigError> {
+        let de = toml::Deserializer::from(doc.clone());
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            let inner = e.into_inner();
+            let line = inner.span().map(|s| line_of(text, s.start));
+            let message = inner.message().trim_end().to_owned();
+            classify(file.clone(), line, key, message)
+        })
+    }
+
+    /// Sorts a deserialization error into an unknown key or a bad value, and
+    /// rewrites serde's wording ("unknown field") into the config's ("key").
+    fn classify(
+        file: Option<PathBuf>,
+        line: Option<usize>,
+        key: String,
+        message: String,
+    ) -> ConfigError {
+        if let Some(rest) = message.strip_prefix("unknown field `")
+            && let Some((_name, expected)) = rest.split_once("`, ")
+        {
+            let expected = if expected == "there are no fields" {
+                "this table takes no keys".to_owned()
+            } else {
+                expected.to_owned()
+            };
+            return ConfigError::UnknownKey {
+                file,
+                line,
+                key,
+                expected,
+            };
+        }
+        let key = if key == "." {
+            "(top level)".to_owned()
+        } else {
+            key
+        };
+        ConfigError::BadValue {
+            file,
+            line,
+            key,
+            message,
+        }
+    }
+
+    /// The line where the dotted `key` is written, if it is.
+    pub(super) fn key_line(text: &str, doc: &Document<'_>, key: &str) -> Option<usize> {
+        let mut table = doc.get_ref();
+        let mut parts = key.split('.').peekable();
+        while let Some(part) = parts.next() {
+            let (k, v) = table.iter().find(|(k, _)| k.get_ref().as_ref() == part)?;
+            if parts.peek().is_none() {
+                return Some(line_of(text, k.span().start));
+            }
+            match v.get_ref() {
+                DeValue::Table(t) => table = t,
+                _ => return None,
+            }
+        }
+        None
+    }
+}
+
+/// `deserialize_with` helpers for the config's human-readable units.
+mod de {
+    use std::fmt;
+    use std::net::SocketAddr;
+    use std::time::Duration;
+
+    use serde::Deserializer;
+    use serde::de::{self, Visitor};
+
+    const DURATION: &str = "a duration such as \"90s\", \"10m\" or \"1h 30m\"";
+    const BYTES: &str = "a size such as \"4 MiB\", \"512 KiB\" or a whole number of bytes";
+    const COUNT: &str = "a whole number such as 3";
+    const SOCKET: &str =
+        "a socket address such as \"127.0.0.1:7443\", \"0.0.0.0:7443\" or \"[::]:7443\"";
+
+    pub(super) fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Duration;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(DURATION)
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Duration, E> {
+                humantime::parse_duration(v.trim()).map_err(|e| {
+                    E::custom(format_args!(
+                        "{v:?} is not a duration ({e}); expected {DURATION}"
+                    ))
+                })
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Duration, E> {
+                Err(E::custom(format_args!(
+                    "a bare number ({v}) has no unit; write it as a string with a unit, e.g. \"{v}s\" (expected {DURATION})"
+                )))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Duration, E> {
+                Err(E::custom(format_args!(
+                    "a bare number ({v}) has no unit; expected {DURATION}"
+                )))
+            }
+        }
+        d.deserialize_any(V)
+    }
+
+    pub(super) fn byte_size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = u64;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(BYTES)
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<u64, E> {
+                let t = v.trim();
+                let starts_ok = t.starts_with(|c: char| c.is_ascii_digit());
+                match t.parse::<bytesize::ByteSize>() {
+                    Ok(b) if starts_ok && b.as_u64() != u64::MAX => Ok(b.as_u64()),
+                    _ => Err(E::custom(format_args!(
+                        "{v:?} is not a byte size; expected {BYTES} (units: B, KiB, MiB, GiB, or KB, MB, GB for powers of 1000)"
+                    ))),
+                }
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<u64, E> {
+                u64::try_from(v)
+                    .map_err(|_| E::custom(format_args!("{v} is negative; expected {BYTES}")))
+            }
+        }
+        d.deserialize_any(V)
+    }
+
+    pub(super) fn count<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = u32;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(COUNT)
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<u32, E> {
+                u32::try_from(v)
+                    .map_err(|_| E::custom(format_args!("{v} is out of range; expected {COUNT}")))
+            }
+        }
+        d.deserialize_any(V)
+    }
+
+    pub(super) fn socket_addr<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = SocketAddr;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(SOCKET)
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<SocketAddr, E> {
+                v.trim().parse().map_err(|_| {
+                    E::custom(format_args!(
+                        "{v:?} is not a socket address; expected {SOCKET}"
+                    ))
+                })
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = include_str!("../../config/hub.example.toml");
+    const FILE: &str = "/etc/trunkfarm/hub.toml";
+
+    fn parse(text: &str) -> Result<HubConfig, ConfigError> {
+        HubConfig::from_toml(text, Some(Path::new(FILE)))
+    }
+
+    fn err(text: &str) -> String {
+        match parse(text) {
+            Ok(c) => panic!("expected an error for {text:?}, got {c:?}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    fn defaults_at(dir: &str) -> HubConfig {
+        let mut c = HubConfig::default_for(PathBuf::from(dir).join("trunkfarm-data"));
+        c.source = Some(PathBuf::from(FILE));
+        c
+    }
+
+    /// Uncomments every `#key = value` line of the example file.
+    fn uncommented(example: &str) -> String {
+        example
+            .lines()
+            .map(|l| match l.strip_prefix('#') {
+                Some(rest) if rest.starts_with(|c: char| c.is_ascii_lowercase()) => rest,
+                _ => l,
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    #[test]
+    fn defaults() {
+        let c = HubConfig::default_for(PathBuf::from("/var/lib/trunkfarm"));
+        assert_eq!(c.source, None);
+        assert_eq!(
+            c.hub.listen,
+            "127.0.0.1:7443".parse::<SocketAddr>().unwrap()
+        );
+        assert_eq!(c.hub.public_address, None);
+        assert_eq!(c.hub.hub_id, None);
+        assert_eq!(c.data_dir(), Path::new("/var/lib/trunkfarm"));
+        assert!(!c.tls.plaintext);
+        assert_eq!((c.tls.cert.as_ref(), c.tls.key.as_ref()), (None, None));
+        assert!(c.tls.hostnames.is_empty());
+        assert_eq!(
+            c.admin_token_path(),
+            Path::new("/var/lib/trunkfarm/admin.token")
+        );
+        assert_eq!(c.generated_tls_dir(), Path::new("/var/lib/trunkfarm/tls"));
+        assert_eq!(c.dispatch.heartbeat_interval, Duration::from_secs(10));
+        assert_eq!(c.dispatch.lease_timeout, Duration::from_secs(60));
+        assert_eq!(c.dispatch.max_attempts, 3);
+        assert_eq!(c.dispatch.default_job_timeout, Duration::from_secs(3600));
+        assert_eq!(c.dispatch.max_job_timeout, Duration::from_secs(86400));
+        assert_eq!(c.dispatch.drain_grace, Duration::from_secs(600));
+        assert_eq!(c.limits.max_message_size, 4 * 1024 * 1024);
+        assert_eq!(c.limits.max_log_size, 16 * 1024 * 1024);
+        assert_eq!(c.enrollment.default_token_ttl, Duration::from_secs(86400));
+        assert_eq!(c.enrollment.max_token_ttl, Duration::from_secs(30 * 86400));
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn empty_text_is_all_defaults() {
+        assert_eq!(parse("").unwrap(), defaults_at("/etc/trunkfarm"));
+        // Without a file, the default data dir stays relative to the cwd.
+        let c = HubConfig::from_toml("", None).unwrap();
+        assert_eq!(c, HubConfig::default_for(PathBuf::from("trunkfarm-data")));
+        // Empty sections are fine too.
+        let c = parse("[hub]\n[tls]\n[admin]\n[dispatch]\n[limits]\n[enrollment]\n").unwrap();
+        assert_eq!(c, defaults_at("/etc/trunkfarm"));
+    }
+
+    #[test]
+    fn example_file_parses_to_the_defaults() {
+        assert_eq!(parse(EXAMPLE).unwrap(), defaults_at("/etc/trunkfarm"));
+    }
+
+    #[test]
+    fn example_file_documents_every_key_with_its_default() {
+        let text = uncommented(EXAMPLE);
+        let c = parse(&text).unwrap();
+        let mut expected = defaults_at("/etc/trunkfarm");
+        // The keys without a default show example values.
+        expected.hub.public_address = Some("farm.example.org:7443".into());
+        expected.hub.hub_id = Some("main-farm".into());
+        expected.tls.cert = Some("/etc/trunkfarm/hub.crt".into());
+        expected.tls.key = Some("/etc/trunkfarm/hub.key".into());
+        expected.admin.token_file = Some("/etc/trunkfarm/admin.token".into());
+        assert_eq!(c, expected);
+        for key in [
+            "listen",
+            "public_address",
+            "data_dir",
+            "hub_id",
+            "plaintext",
+            "cert",
+            "key",
+            "hostnames",
+            "token_file",
+            "heartbeat_interval",
+            "lease_timeout",
+            "max_attempts",
+            "default_job_timeout",
+            "max_job_timeout",
+            "drain_grace",
+            "max_message_size",
+            "max_log_size",
+            "default_token_ttl",
+            "max_token_ttl",
+        ] {
+            assert!(
+                text.lines().any(|l| l.starts_with(&format!("{key} = "))),
+                "{key} is not in the example"
+            );
+        }
+    }
+
+    #[test]
+    fn full_file() {
+        let c = parse(
+            r#"
+[hub]
+listen = "0.0.0.0:0"
+public_address = "farm.example.org:443"
+data_dir = "data"
+hub_id = "main-2"
+
+[tls]
+cert = "certs/hub.pem"
+key = "/secret/hub.key"
+
+[admin]
+token_file = "admin/token"
+
+[dispatch]
+heartbeat_interval = "5s"
+lease_timeout = "10s"
+max_attempts = 1
+default_job_timeout = "30m"
+max_job_timeout = "30m"
+drain_grace = "0s"
+
+[limits]
+max_message_size = "64 KiB"
+max_log_size = 1000
+
+[enrollment]
+default_token_ttl = "1h 30m"
+max_token_ttl = "7d"
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.source.as_deref(), Some(Path::new(FILE)));
+        assert_eq!(c.hub.listen, "0.0.0.0:0".parse::<SocketAddr>().unwrap());
+        assert_eq!(
+            c.hub.public_address.as_deref(),
+            Some("farm.example.org:443")
+        );
+        assert_eq!(c.data_dir(), Path::new("/etc/trunkfarm/data"));
+        assert_eq!(c.hub.hub_id.as_deref(), Some("main-2"));
+        assert_eq!(
+            c.tls.cert.as_deref(),
+            Some(Path::new("/etc/trunkfarm/certs/hub.pem"))
+        );
+        assert_eq!(c.tls.key.as_deref(), Some(Path::new("/secret/hub.key")));
+        assert_eq!(
+            c.admin_token_path(),
+            Path::new("/etc/trunkfarm/admin/token")
+        );
+        assert_eq!(c.dispatch.heartbeat_interval, Duration::from_secs(5));
+        assert_eq!(c.dispatch.lease_timeout, Duration::from_secs(10));
+        assert_eq!(c.dispatch.max_attempts, 1);
+        assert_eq!(c.dispatch.default_job_timeout, Duration::from_secs(1800));
+        assert_eq!(c.dispatch.max_job_timeout, Duration::from_secs(1800));
+        assert_eq!(c.dispatch.drain_grace, Duration::ZERO);
+        assert_eq!(c.limits.max_message_size, 64 * 1024);
+        assert_eq!(c.limits.max_log_size, 1000);
+        assert_eq!(c.enrollment.default_token_ttl, Duration::from_secs(5400));
+        assert_eq!(c.enrollment.max_token_ttl, Duration::from_secs(7 * 86400));
+    }
+
+    #[test]
+    fn plaintext_and_hostnames() {
+        let c = parse("[tls]\nplaintext = true\n").unwrap();
+        assert!(c.tls.plaintext);
+        let c = parse("[tls]\nhostnames = [\"farm.example.org\", \"192.0.2.10\", \"2001:db8::1\", \"*.farm.example.org\"]\n").unwrap();
+        assert_eq!(c.tls.hostnames.len(), 4);
+    }
+
+    #[test]
+    fn relative_paths_resolve_against_the_file_directory() {
+        let c = HubConfig::from_toml(
+            "[hub]\ndata_dir = \"../var/farm\"\n",
+            Some(Path::new("/opt/farm/conf/hub.toml")),
+        )
+        .unwrap();
+        assert_eq!(c.data_dir(), Path::new("/opt/farm/conf/../var/farm"));
+        assert_eq!(
+            c.admin_token_path(),
+            Path::new("/opt/farm/conf/../var/farm/admin.token")
+        );
+        // A file named relatively: paths stay relative to the same directory.
+        let c = HubConfig::from_toml(
+            "[hub]\ndata_dir = \"d\"\n",
+            Some(Path::new("conf/hub.toml")),
+        )
+        .unwrap();
+        assert_eq!(c.data_dir(), Path::new("conf/d"));
+        // Absolute paths are kept; without a file, relative paths are kept.
+        let c = parse("[hub]\ndata_dir = \"/srv/farm\"\n").unwrap();
+        assert_eq!(c.data_dir(), Path::new("/srv/farm"));
+        let c = HubConfig::from_toml("[hub]\ndata_dir = \"d\"\n", None).unwrap();
+        assert_eq!(c.data_dir(), Path::new("d"));
+    }
+
+    #[test]
+    fn load_reads_the_file_and_resolves_against_its_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hub.toml");
+        std::fs::write(&path, "[dispatch]\nmax_attempts = 5\n").unwrap();
+        let c = HubConfig::load(&path).unwrap();
+        assert_eq!(c.dispatch.max_attempts, 5);
+        assert_eq!(c.source.as_deref(), Some(path.as_path()));
+        assert_eq!(c.data_dir(), dir.path().join("trunkfarm-data"));
+    }
+
+    #[test]
+    fn missing_file_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nope.toml");
+        let e = HubConfig::load(&path).unwrap_err();
+        assert!(matches!(e, ConfigError::Read { .. }));
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "cannot read config file {}: No such file or directory (os error 2)",
+                path.display()
+            )
+        );
+    }
+
+    #[test]
+    fn unknown_key_at_top_level() {
+        assert_eq!(
+            err("[dispath]\nlease_timeout = \"1m\"\n"),
+            "/etc/trunkfarm/hub.toml:1: unknown key `dispath`, expected one of `hub`, `tls`, `admin`, `dispatch`, `limits`, `enrollment`"
+        );
+        assert_eq!(
+            err("listen = \"0.0.0.0:7443\"\n"),
+            "/etc/trunkfarm/hub.toml:1: unknown key `listen`, expected one of `hub`, `tls`, `admin`, `dispatch`, `limits`, `enrollment`"
+        );
+    }
+
+    #[test]
+    fn unknown_key_nested() {
+        let e =
+            parse("# comment\n[dispatch]\nmax_attempts = 2\nlease_timout = \"2m\"\n").unwrap_err();
+        assert_eq!(e.key(), Some("dispatch.lease_timout"));
+        assert_eq!(e.line(), Some(4));
+        assert_eq!(
+            e.to_string(),
+            "/etc/trunkfarm/hub.toml:4: unknown key `dispatch.lease_timout`, expected one of `heartbeat_interval`, `lease_timeout`, `max_attempts`, `default_job_timeout`, `max_job_timeout`, `drain_grace`"
+        );
+        // Dotted keys and inline tables are checked the same way.
+        assert_eq!(
+            err("tls.cert_file = \"x\"\n"),
+            "/etc/trunkfarm/hub.toml:1: unknown key `tls.cert_file`, expected one of `plaintext`, `cert`, `key`, `hostnames`"
+        );
+        assert_eq!(
+            err("admin = { token = \"x\" }\n"),
+            "/etc/trunkfarm/hub.toml:1: unknown key `admin.token`, expected `token_file`"
+        );
+    }
+
+    #[test]
+    fn errors_without_a_file_say_so() {
+        let e = HubConfig::from_toml("[hub]\nport = 1\n", None).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "<inline config>:2: unknown key `hub.port`, expected one of `listen`, `public_address`, `data_dir`, `hub_id`"
+        );
+    }
+
+    #[test]
+    fn bad_duration() {
+        let e = parse("[dispatch]\nlease_timeout = \"90 parsecs\"\n").unwrap_err();
+        assert_eq!(e.key(), Some("dispatch.lease_timeout"));
+        assert_eq!(
+            e.to_string(),
+            "/etc/trunkfarm/hub.toml:2: invalid value for `dispatch.lease_timeout`: \"90 parsecs\" is not a duration (unknown time unit \"parsecs\", supported units: ns, us/µs, ms, sec, min, hours, days, weeks, months, years (and few variations)); expected a duration such as \"90s\", \"10m\" or \"1h 30m\""
+        );
+        assert_eq!(
+            err("[enrollment]\nmax_token_ttl = 30\n"),
+            "/etc/trunkfarm/hub.toml:2: invalid value for `enrollment.max_token_ttl`: a bare number (30) has no unit; write it as a string with a unit, e.g. \"30s\" (expected a duration such as \"90s\", \"10m\" or \"1h 30m\")"
+        );
+        assert_eq!(
+            err("[dispatch]\ndrain_grace = true\n"),
+            "/etc/trunkfarm/hub.toml:2: invalid value for `dispatch.drain_grace`: invalid type: boolean `true`, expected a duration such as \"90s\", \"10m\" or \"1h 30m\""
+        );
+    }
+
+    #[test]
+    fn bad_byte_size() {
+        let e = parse("[limits]\nmax_log_size = \"16 MB/s\"\n").unwrap_err();
+        assert_eq!(e.key(), Some("limits.max_log_size"));
+        assert_eq!(
+            e.to_string(),
+            "/etc/trunkfarm/hub.toml:2: invalid value for `limits.max_log_size`: \"16 MB/s\" is not a byte size; expected a size such as \"4 MiB\", \"512 KiB\" or a whole number of bytes (units: B, KiB, MiB, GiB, or KB, MB, GB for powers of 1000)"
+        );
+        assert!(err("[limits]\nmax_log_size = \"MiB\"\n").contains("\"MiB\" is not a byte size"));
+        assert!(err("[limits]\nmax_log_size = \"-1 MiB\"\n").contains("is not a byte size"));
+        assert_eq!(
+            err("[limits]\nmax_log_size = -5\n"),
+            "/etc/trunkfarm/hub.toml:2: invalid value for `limits.max_log_size`: -5 is negative; expected a size such as \"4 MiB\", \"512 KiB\" or a whole number of bytes"
+        );
+        let c =
+            parse("[limits]\nmax_message_size = \"1.5 MiB\"\nmax_log_size = \"2MB\"\n").unwrap();
+        assert_eq!(c.limits.max_message_size, 1536 * 1024);
+        assert_eq!(c.limits.max_log_size, 2_000_000);
+    }
+
+    #[test]
+    fn bad_types() {
+        assert_eq!(
+            err("[dispatch]\nmax_attempts = \"3\"\n"),
+            "/etc/trunkfarm/hub.toml:2: invalid value for `dispatch.max_attempts`: invalid type: string \"3\", expected a whole number such as 3"
+        );
+        assert_eq!(
+            err("[dispatch]\nmax_attempts = -1\n"),
+            "/etc/trunkfarm/hub.toml:2: invalid value for `dispatch.max_attempts`: -1 is out of range; expected a whole number such as 3"
+        );
+        assert_eq!(
+            err("[tls]\nplaintext = \"yes\"\n"),
+            "/etc/trunkfarm/hub.toml:2: invalid value for `tls.plaintext`: invalid type: string \"yes\", expected a boolean"
+        );
+        assert_eq!(
+            err("[tls]\nhostnames = [\"a\", 3]\n"),
+            "/etc/trunkfarm/hub.toml:2: invalid value for `tls.hostnames[1]`: invalid type: integer `3`, expected a string"
+        );
+        assert_eq!(
+            err("hub = 3\n"),
+            "/etc/trunkfarm/hub.toml:1: invalid value for `hub`: invalid type: integer `3`, expected a [hub] table"
+        );
+    }
+
+    #[test]
+    fn syntax_error_names_the_line() {
+        let e = parse("[hub]\ndata_dir = \"x\"\nlisten = \"1.2.3.4:5\n").unwrap_err();
+        assert!(matches!(e, ConfigError::Syntax { .. }));
+        assert_eq!(e.line(), Some(3));
+        assert_eq!(
+            e.to_string(),
+            "/etc/trunkfarm/hub.toml:3: TOML syntax error: invalid basic string, expected `\"`"
+        );
+        assert_eq!(
+            err("[hub]\n\n[hub]\n"),
+            "/etc/trunkfarm/hub.toml:3: TOML syntax error: duplicate key"
+        );
+    }
+
+    #[test]
+    fn listen_must_be_a_socket_address() {
+        assert_eq!(
+            err("[hub]\nlisten = \"localhost:7443\"\n"),
+            "/etc/trunkfarm/hub.toml:2: invalid value for `hub.listen`: \"localhost:7443\" is not a socket address; expected a socket address such as \"127.0.0.1:7443\", \"0.0.0.0:7443\" or \"[::]:7443\""
+        );
+        assert!(err("[hub]\nlisten = \"127.0.0.1\"\n").contains("is not a socket address"));
+        let c = parse("[hub]\nlisten = \"[::]:0\"\n").unwrap();
+        assert_eq!(c.hub.listen.port(), 0);
+    }
+
+    #[test]
+    fn public_address_needs_a_host_and_port() {
+        for ok in [
+            "farm.example.org:443",
+            "192.0.2.1:7443",
+            "[2001:db8::1]:7443",
+            "farm:1",
+        ] {
+            parse(&format!("[hub]\npublic_address = \"{ok}\"\n")).unwrap();
+        }
+        assert_eq!(
+            err("[hub]\npublic_address = \"farm.example.org\"\n"),
+            "/etc/trunkfarm/hub.toml:2: invalid `hub.public_address`: \"farm.example.org\" is not a \"host:port\" address; expected e.g. \"farm.example.org:7443\" or \"[2001:db8::1]:7443\" (no scheme, no path)"
+        );
+        for bad in [
+            "https://farm.example.org:443",
+            "farm:0",
+            "farm:http",
+            ":7443",
+            "2001:db8::1",
+            "farm:443/x",
+            "farm:70000",
+        ] {
+            assert!(
+                err(&format!("[hub]\npublic_address = \"{bad}\"\n"))
+                    .contains("is not a \"host:port\" address"),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn hub_id_charset_and_length() {
+        parse("[hub]\nhub_id = \"farm-01\"\n").unwrap();
+        parse(&format!("[hub]\nhub_id = \"{}\"\n", "a".repeat(32))).unwrap();
+        assert_eq!(
+            err("[hub]\nhub_id = \"Main\"\n"),
+            "/etc/trunkfarm/hub.toml:2: invalid `hub.hub_id`: \"Main\" is not a valid hub id; expected 1 to 32 characters from a-z, 0-9 and '-'"
+        );
+        for bad in [String::new(), "a".repeat(33), "a_b".into(), "é".into()] {
+            assert!(err(&format!("[hub]\nhub_id = \"{bad}\"\n")).contains("is not a valid hub id"));
+        }
+    }
+
+    #[test]
+    fn tls_cert_and_key_both_or_neither() {
+        assert_eq!(
+            err("[tls]\ncert = \"hub.pem\"\n"),
+            "/etc/trunkfarm/hub.toml: invalid `tls.key`: `tls.cert` is set but `tls.key` is not; give both (your own certificate) or neither (the hub generates one)"
+        );
+        assert_eq!(
+            err("[tls]\nkey = \"hub.key\"\n"),
+            "/etc/trunkfarm/hub.toml: invalid `tls.cert`: `tls.key` is set but `tls.cert` is not; give both (your own certificate) or neither (the hub generates one)"
+        );
+    }
+
+    #[test]
+    fn tls_contradictions() {
+        assert_eq!(
+            err("[tls]\nplaintext = true\ncert = \"hub.pem\"\nkey = \"hub.key\"\n"),
+            "/etc/trunkfarm/hub.toml:3: invalid `tls.cert`: `tls.cert` is set but `tls.plaintext = true` turns TLS off; remove one of them"
+        );
+        assert_eq!(
+            err("[tls]\nplaintext = true\nkey = \"hub.key\"\n"),
+            "/etc/trunkfarm/hub.toml:3: invalid `tls.key`: `tls.key` is set but `tls.plaintext = true` turns TLS off; remove one of them"
+        );
+        assert_eq!(
+            err("[tls]\nplaintext = true\nhostnames = [\"farm.example.org\"]\n"),
+            "/etc/trunkfarm/hub.toml:3: invalid `tls.hostnames`: `tls.hostnames` names the hub's generated certificate, but `tls.plaintext = true` turns TLS off; remove one of them"
+        );
+        assert_eq!(
+            err("[tls]\ncert = \"a\"\nkey = \"b\"\nhostnames = [\"farm.example.org\"]\n"),
+            "/etc/trunkfarm/hub.toml:4: invalid `tls.hostnames`: `tls.hostnames` only applies to the certificate the hub generates, and `tls.cert` supplies your own; put the names in your certificate and remove `tls.hostnames`"
+        );
+        assert_eq!(
+            err("[tls]\nhostnames = [\"ok.example.org\", \"not a name\"]\n"),
+            "/etc/trunkfarm/hub.toml:2: invalid `tls.hostnames`: \"not a name\" is neither a DNS name nor an IP address; expected names such as \"farm.example.org\" or \"192.0.2.10\""
+        );
+    }
+
+    #[test]
+    fn bad_paths() {
+        assert_eq!(
+            err("[hub]\ndata_dir = \"\"\n"),
+            "/etc/trunkfarm/hub.toml:2: invalid `hub.data_dir`: must not be empty; give a path"
+        );
+        assert_eq!(
+            err("[admin]\ntoken_file = \"~/token\"\n"),
+            "/etc/trunkfarm/hub.toml:2: invalid `admin.token_file`: ~/token starts with `~`, which is not expanded here; write the full path"
+        );
+    }
+
+    #[test]
+    fn lease_timeout_at_least_twice_the_heartbeat() {
+        parse("[dispatch]\nheartbeat_interval = \"30s\"\n").unwrap();
+        let e = parse("[dispatch]\nheartbeat_interval = \"40s\"\n").unwrap_err();
+        assert_eq!(e.key(), Some("dispatch.lease_timeout"));
+        assert_eq!(
+            e.to_string(),
+            "/etc/trunkfarm/hub.toml: invalid `dispatch.lease_timeout`: 1m is less than twice `dispatch.heartbeat_interval` (40s); expected at least 1m 20s, so one late heartbeat does not requeue a running job"
+        );
+        // When the key is written, the line is given.
+        assert_eq!(
+            err("[dispatch]\nlease_timeout = \"15s\"\n"),
+            "/etc/trunkfarm/hub.toml:2: invalid `dispatch.lease_timeout`: 15s is less than twice `dispatch.heartbeat_interval` (10s); expected at least 20s, so one late heartbeat does not requeue a running job"
+        );
+        assert_eq!(
+            err("[dispatch]\nheartbeat_interval = \"0s\"\n"),
+            "/etc/trunkfarm/hub.toml:2: invalid `dispatch.heartbeat_interval`: must be greater than zero, e.g. \"10s\""
+        );
+    }
+
+    #[test]
+    fn max_attempts_at_least_one() {
+        assert_eq!(
+            err("[dispatch]\nmax_attempts = 0\n"),
+            "/etc/trunkfarm/hub.toml:2: invalid `dispatch.max_attempts`: must be at least 1 (the first run counts as an attempt)"
+        );
+    }
+
+    #[test]
+    fn job_timeouts() {
+        assert_eq!(
+            err("[dispatch]\ndefault_job_timeout = \"2d\"\n"),
+            "/etc/trunkfarm/hub.toml:2: invalid `dispatch.default_job_timeout`: 2days is longer than `dispatch.max_job_timeout` (1day); the default must be within the maximum"
+        );
+        assert_eq!(
+            err("[dispatch]\ndefault_job_timeout = \"0s\"\n"),
+            "/etc/trunkfarm/hub.toml:2: invalid `dispatch.default_job_timeout`: must be greater than zero, e.g. \"1h\""
+        );
+    }
+
+    #[test]
+    fn size_limits() {
+        assert_eq!(
+            err("[limits]\nmax_message_size = \"32 KiB\"\n"),
+            "/etc/trunkfarm/hub.toml:2: invalid `limits.max_message_size`: 32.0 KiB is too small; expected at least 64 KiB so log chunks and job specs fit"
+        );
+        assert_eq!(
+            err("[limits]\nmax_log_size = 0\n"),
+            "/etc/trunkfarm/hub.toml:2: invalid `limits.max_log_size`: must be greater than zero, e.g. \"16 MiB\""
+        );
+    }
+
+    #[test]
+    fn token_ttls() {
+        assert_eq!(
+            err("[enrollment]\nmax_token_ttl = \"1h\"\n"),
+            "/etc/trunkfarm/hub.toml: invalid `enrollment.default_token_ttl`: 1day is longer than `enrollment.max_token_ttl` (1h); the default must be within the maximum"
+        );
+        assert_eq!(
+            err("[enrollment]\ndefault_token_ttl = \"0s\"\n"),
+            "/etc/trunkfarm/hub.toml:2: invalid `enrollment.default_token_ttl`: must be greater than zero, e.g. \"24h\""
+        );
+    }
+
+    #[test]
+    fn validate_after_changes() {
+        let mut c = HubConfig::default_for("d".into());
+        c.dispatch.max_attempts = 0;
+        assert_eq!(
+            c.validate().unwrap_err().to_string(),
+            "<inline config>: invalid `dispatch.max_attempts`: must be at least 1 (the first run counts as an attempt)"
+        );
+    }
+}

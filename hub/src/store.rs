@@ -100,15 +100,13 @@ impl Store {
                 db.flush().map_err(db_err)?;
             }
             Some(v) => {
-                let found = v
-                    .as_ref()
-                    .try_into()
-                    .map(u32::from_be_bytes)
-                    .map_err(|_| StoreError::Corrupt {
+                let found = v.as_ref().try_into().map(u32::from_be_bytes).map_err(|_| {
+                    StoreError::Corrupt {
                         path: dir.to_path_buf(),
                         key: "meta/schema_version".into(),
                         reason: "not a 4-byte version".into(),
-                    })?;
+                    }
+                })?;
                 if found > SCHEMA_VERSION {
                     return Err(StoreError::TooNew {
                         path: dir.to_path_buf(),
@@ -198,7 +196,9 @@ async fn group_commit(
         let db = db.clone();
         let result = match tokio::task::spawn_blocking(move || db.flush()).await {
             Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(format!("flush failed: {e} (is the disk full or read-only?)")),
+            Ok(Err(e)) => Err(format!(
+                "flush failed: {e} (is the disk full or read-only?)"
+            )),
             Err(e) => Err(format!("flush task failed: {e}")),
         };
         for waiter in batch.drain(..) {

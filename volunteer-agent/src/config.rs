@@ -1,1 +1,1028 @@
-//! (in progress)
+//! The donor's settings: what this machine offers the farm and on what terms.
+//!
+//! They live in a TOML file (by default `<state_dir>/agent.toml`, optional;
+//! `config/agent.example.toml` lists every key) and command-line options
+//! override them after loading ([`AgentConfig::apply`]). Parsing is strict on
+//! purpose: a donor who writes `max_paralel_jobs = 1` must hear about the typo
+//! rather than lend the whole machine. Every error names the file (or the
+//! command line), the key and, when TOML gives one, the line.
+//!
+//! Units: durations are [`std::time::Duration`], written as human strings
+//! (`"90s"`, `"10m"`, `"1h 30m"`); byte sizes are `u64` byte counts, written
+//! as human strings (`"4 MiB"`) or a whole number of bytes. Relative paths in
+//! the file are resolved against the file's directory; relative paths given on
+//! the command line stay relative to the working directory.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+const KIB: u64 = 1024;
+const MIB: u64 = 1024 * KIB;
+
+/// What went wrong loading the donor's settings. The wording is user-facing
+/// and documented, so tests assert on it.
+#[derive(Debug, thiserror::Error)]
+#[cfg_attr(not(test), allow(dead_code))]
+pub(crate) enum ConfigError {
+    /// The file could not be read: missing (when it must exist), unreadable,
+    /// not UTF-8.
+    #[error("cannot read config file {path}: {error}")]
+    Read {
+        /// The file we tried to read.
+        path: PathBuf,
+        /// Why reading failed.
+        error: std::io::Error,
+    },
+    /// The text is not valid TOML.
+    #[error("{}: TOML syntax error: {message}", at(.file, *.line))]
+    Syntax {
+        /// The file, if the text came from one.
+        file: Option<PathBuf>,
+        /// 1-based line of the error, when TOML reports one.
+        line: Option<usize>,
+        /// TOML's description of the problem.
+        message: String,
+    },
+    /// A key this version of the agent does not know (usually a typo).
+    #[error("{}: unknown key `{key}`, {expected}", at(.file, *.line))]
+    UnknownKey {
+        /// The file, if the text came from one.
+        file: Option<PathBuf>,
+        /// 1-based line of the key, when TOML reports one.
+        line: Option<usize>,
+        /// The full dotted key as written.
+        key: String,
+        /// The keys allowed there, e.g. "expected one of `a`, `b`".
+        expected: String,
+    },
+    /// A value of the wrong type or format, e.g. `"90 parsecs"` for a duration.
+    #[error("{}: invalid value for `{key}`: {message}", at(.file, *.line))]
+    BadValue {
+        /// The file, if the text came from one.
+        file: Option<PathBuf>,
+        /// 1-based line of the value, when TOML reports one.
+        line: Option<usize>,
+        /// The full dotted key.
+        key: String,
+        /// What is wrong and what is expected.
+        message: String,
+    },
+    /// A value from the file that parses but makes no sense.
+    #[error("{}: invalid `{key}`: {message}", at(.file, *.line))]
+    Invalid {
+        /// The file, if the settings came from one.
+        file: Option<PathBuf>,
+        /// 1-based line of the key, when it is written in the file.
+        line: Option<usize>,
+        /// The key at fault.
+        key: String,
+        /// What is wrong and what is expected.
+        message: String,
+    },
+    /// A command-line override that makes no sense.
+    #[error("invalid `{key}` from the command line: {message}")]
+    Override {
+        /// The setting the option overrides.
+        key: String,
+        /// What is wrong and what is expected.
+        message: String,
+    },
+}
+
+#[cfg_attr(not(test), allow(dead_code))]
+impl ConfigError {
+    /// The key the error is about, if any; lets callers and tests react to a
+    /// specific setting without parsing the message.
+    pub fn key(&self) -> Option<&str> {
+        match self {
+            Self::UnknownKey { key, .. }
+            | Self::BadValue { key, .. }
+            | Self::Invalid { key, .. }
+            | Self::Override { key, .. } => Some(key),
+            Self::Read { .. } | Self::Syntax { .. } => None,
+        }
+    }
+
+    /// The 1-based line the error points at, when known.
+    pub fn line(&self) -> Option<usize> {
+        match self {
+            Self::Syntax { line, .. }
+            | Self::UnknownKey { line, .. }
+            | Self::BadValue { line, .. }
+            | Self::Invalid { line, .. } => *line,
+            Self::Read { .. } | Self::Override { .. } => None,
+        }
+    }
+}
+
+/// Renders the "where" prefix of a message: `file:line`, `file`, or a stand-in
+/// for text that came from no file.
+fn at(file: &Option<PathBuf>, line: Option<usize>) -> String {
+    let mut out = match file {
+        Some(path) => path.display().to_string(),
+        None => "<inline config>".to_owned(),
+    };
+    if let Some(line) = line {
+        let _ = write!(out, ":{line}");
+    }
+    out
+}
+
+/// The donor's settings after defaults, path resolution and validation.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields, expecting = "a table of agent settings")]
+#[cfg_attr(not(test), allow(dead_code))]
+pub(crate) struct AgentConfig {
+    /// The file the settings came from, for messages; `None` when there was
+    /// no file (all defaults) or the text came from elsewhere.
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
+    /// The name shown for this machine in the hub's `agent list`; `None`
+    /// means the host name.
+    pub name: Option<String>,
+    /// Labels the donor advertises (`[A-Za-z0-9._-]+` each), matched against
+    /// jobs' label requirements; the enrollment token may grant more.
+    pub labels: Vec<String>,
+    /// How many jobs may run at once on this machine (at least 1).
+    #[serde(deserialize_with = "de::count")]
+    pub max_parallel_jobs: u32,
+    /// Projects the donor accepts jobs from; empty means any project.
+    pub allowed_projects: Vec<String>,
+    /// The donor's ceiling on any one job's run time, on top of the job's
+    /// own timeout; `None` means no ceiling of the donor's own.
+    #[serde(deserialize_with = "de::opt_duration")]
+    pub max_job_timeout: Option<Duration>,
+    /// Log bytes kept per job (head and tail; the middle is cut), at least
+    /// 4 KiB.
+    #[serde(deserialize_with = "de::byte_size")]
+    pub output_cap: u64,
+    /// Where jobs' checkouts and scratch files go; `None` means a directory
+    /// under the agent's state directory.
+    pub work_dir: Option<PathBuf>,
+    /// On shutdown, how long running jobs may finish before they are killed.
+    #[serde(deserialize_with = "de::duration")]
+    pub drain_grace: Duration,
+    /// The longest wait between attempts to reach an unreachable hub.
+    #[serde(deserialize_with = "de::duration")]
+    pub reconnect_max_backoff: Duration,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            source: None,
+            name: None,
+            labels: Vec::new(),
+            max_parallel_jobs: 1,
+            allowed_projects: Vec::new(),
+            max_job_timeout: None,
+            output_cap: 4 * MIB,
+            work_dir: None,
+            drain_grace: Duration::from_secs(10 * 60),
+            reconnect_max_backoff: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Command-line options that override the file, one per setting a donor is
+/// likely to change for a single run; `None` leaves the file's value.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[cfg_attr(not(test), allow(dead_code))]
+pub(crate) struct Overrides {
+    /// Overrides `name`.
+    pub name: Option<String>,
+    /// Replaces `labels` (not added to them).
+    pub labels: Option<Vec<String>>,
+    /// Overrides `max_parallel_jobs`.
+    pub max_parallel_jobs: Option<u32>,
+    /// Replaces `allowed_projects`.
+    pub allowed_projects: Option<Vec<String>>,
+    /// Overrides `max_job_timeout`.
+    pub max_job_timeout: Option<Duration>,
+    /// Overrides `output_cap`, in bytes.
+    pub output_cap: Option<u64>,
+    /// Overrides `work_dir`; a relative path stays relative to the working
+    /// directory.
+    pub work_dir: Option<PathBuf>,
+}
+
+#[cfg_attr(not(test), allow(dead_code))]
+impl AgentConfig {
+    /// Reads, parses and validates the settings file. A missing file gives the
+    /// defaults unless `must_exist` (the donor named the file explicitly, so
+    /// its absence is a mistake to report).
+    pub fn load(path: &Path, must_exist: bool) -> Result<AgentConfig, ConfigError> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => Self::from_toml(&text, Some(path)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !must_exist => {
+                Ok(AgentConfig::default())
+            }
+            Err(error) => Err(ConfigError::Read {
+                path: path.to_path_buf(),
+                error,
+            }),
+        }
+    }
+
+    /// Parses and validates settings text. `origin` is the file it came from:
+    /// named in messages, and the base for relative paths.
+    pub fn from_toml(text: &str, origin: Option<&Path>) -> Result<AgentConfig, ConfigError> {
+        let file = origin.map(Path::to_path_buf);
+        let doc = parse::document(text, &file)?;
+        let mut config: AgentConfig = parse::deserialize(text, &doc, &file)?;
+        config.source = file.clone();
+        config
+            .check_paths()
+            .map_err(|p| p.into_error(&file, text, &doc))?;
+        if let (Some(base), Some(dir)) = (origin.and_then(Path::parent), &mut config.work_dir)
+            && dir.is_relative()
+        {
+            *dir = base.join(&*dir);
+        }
+        config
+            .problems()
+            .map_err(|p| p.into_error(&file, text, &doc))?;
+        Ok(config)
+    }
+
+    /// Applies command-line overrides and validates the result. On error the
+    /// settings are left unchanged; the error blames the command line when an
+    /// overridden setting is at fault, otherwise the file.
+    pub fn apply(&mut self, o: Overrides) -> Result<(), ConfigError> {
+        let mut next = self.clone();
+        let mut overridden: Vec<&'static str> = Vec::new();
+        if let Some(v) = o.name {
+            next.name = Some(v);
+            overridden.push("name");
+        }
+        if let Some(v) = o.labels {
+            next.labels = v;
+            overridden.push("labels");
+        }
+        if let Some(v) = o.max_parallel_jobs {
+            next.max_parallel_jobs = v;
+            overridden.push("max_parallel_jobs");
+        }
+        if let Some(v) = o.allowed_projects {
+            next.allowed_projects = v;
+            overridden.push("allowed_projects");
+        }
+        if let Some(v) = o.max_job_timeout {
+            next.max_job_timeout = Some(v);
+            overridden.push("max_job_timeout");
+        }
+        if let Some(v) = o.output_cap {
+            next.output_cap = v;
+            overridden.push("output_cap");
+        }
+        if let Some(v) = o.work_dir {
+            next.work_dir = Some(v);
+            overridden.push("work_dir");
+        }
+        next.check_paths()
+            .and_then(|()| next.problems())
+            .map_err(|p| {
+                if overridden.contains(&p.key) {
+                    ConfigError::Override {
+                        key: p.key.to_owned(),
+                        message: p.message,
+                    }
+                } else {
+                    ConfigError::Invalid {
+                        file: next.source.clone(),
+                        line: None,
+                        key: p.key.to_owned(),
+                        message: p.message,
+                    }
+                }
+            })?;
+        *self = next;
+        Ok(())
+    }
+
+    fn check_paths(&self) -> Result<(), Problem> {
+        let Some(path) = &self.work_dir else {
+            return Ok(());
+        };
+        if path.as_os_str().is_empty() {
+            return Err(Problem::new("work_dir", "must not be empty; give a path"));
+        }
+        if path.starts_with("~") {
+            return Err(Problem::new(
+                "work_dir",
+                format!(
+                    "{} starts with `~`, which is not expanded here; write the full path",
+                    path.display()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The semantic rules, in key order; the first broken one is reported.
+    fn problems(&self) -> Result<(), Problem> {
+        if let Some(name) = &self.name
+            && (name.trim().is_empty()
+                || name.chars().count() > 64
+                || name.chars().any(char::is_control))
+        {
+            return Err(Problem::new(
+                "name",
+                format!(
+                    "{name:?} is not a usable name; expected 1 to 64 printable characters, e.g. \"alice-workstation\""
+                ),
+            ));
+        }
+        for label in &self.labels {
+            let ok = !label.is_empty()
+                && label
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+            if !ok {
+                return Err(Problem::new(
+                    "labels",
+                    format!(
+                        "{label:?} is not a valid label; expected letters, digits, '.', '_' and '-' only, e.g. \"gpu\" or \"linux-x86_64\""
+                    ),
+                ));
+            }
+        }
+        if self.max_parallel_jobs < 1 {
+            return Err(Problem::new(
+                "max_parallel_jobs",
+                "must be at least 1 (to stop taking jobs, stop or drain the agent)",
+            ));
+        }
+        for project in &self.allowed_projects {
+            if project.is_empty() || project.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(Problem::new(
+                    "allowed_projects",
+                    format!(
+                        "{project:?} is not a valid project name; expected a non-empty name without spaces (an empty list allows every project)"
+                    ),
+                ));
+            }
+        }
+        if self.max_job_timeout.is_some_and(|d| d.is_zero()) {
+            return Err(Problem::new(
+                "max_job_timeout",
+                "must be greater than zero, e.g. \"2h\" (leave it out for no ceiling of your own)",
+            ));
+        }
+        if self.output_cap < 4 * KIB {
+            return Err(Problem::new(
+                "output_cap",
+                format!(
+                    "{} is too small; expected at least 4 KiB so a failure's log keeps its head and tail",
+                    bytesize::ByteSize::b(self.output_cap).display().iec()
+                ),
+            ));
+        }
+        if self.reconnect_max_backoff < Duration::from_secs(1) {
+            return Err(Problem::new(
+                "reconnect_max_backoff",
+                format!(
+                    "{} is too short; expected at least 1s so an unreachable hub is not hammered",
+                    humantime::format_duration(self.reconnect_max_backoff)
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// One broken semantic rule, before it is placed in a file.
+#[derive(Debug)]
+#[cfg_attr(not(test), allow(dead_code))]
+struct Problem {
+    key: &'static str,
+    message: String,
+}
+
+#[cfg_attr(not(test), allow(dead_code))]
+impl Problem {
+    fn new(key: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            key,
+            message: message.into(),
+        }
+    }
+
+    fn into_error(
+        self,
+        file: &Option<PathBuf>,
+        text: &str,
+        doc: &parse::Document<'_>,
+    ) -> ConfigError {
+        ConfigError::Invalid {
+            file: file.clone(),
+            line: parse::key_line(text, doc, self.key),
+            key: self.key.to_owned(),
+            message: self.message,
+        }
+    }
+}
+
+/// Turning TOML text into settings, with errors placed in the file.
+#[cfg_attr(not(test), allow(dead_code))]
+mod parse {
+    use std::path::PathBuf;
+
+    use serde::de::DeserializeOwned;
+    use toml::de::{DeTable, DeValue};
+
+    use super::ConfigError;
+
+    /// The parsed document with spans, kept to find a key's line for
+    /// semantic errors.
+    pub(super) type Document<'i> = toml::Spanned<DeTable<'i>>;
+
+    /// 1-based line of a byte offset.
+    pub(super) fn line_of(text: &str, offset: usize) -> usize {
+        let end = offset.min(text.len());
+        text.as_bytes()[..end]
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count()
+            + 1
+    }
+
+    pub(super) fn document<'i>(
+        text: &'i str,
+        file: &Option<PathBuf>,
+    ) -> Result<Document<'i>, ConfigError> {
+        DeTable::parse(text).map_err(|e| ConfigError::Syntax {
+            file: file.clone(),
+            line: e.span().map(|s| line_of(text, s.start)),
+            message: e.message().trim_end().to_owned(),
+        })
+    }
+
+    pub(super) fn deserialize<T: DeserializeOwned>(
+        text: &str,
+        doc: &Document<'_>,
+        file: &Option<PathBuf>,
+    ) -> Result<T, ConfigError> {
+        let de = toml::Deserializer::from(doc.clone());
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            let inner = e.into_inner();
+            let line = inner.span().map(|s| line_of(text, s.start));
+            let message = inner.message().trim_end().to_owned();
+            classify(file.clone(), line, key, message)
+        })
+    }
+
+    /// Sorts a deserialization error into an unknown key or a bad value, and
+    /// rewrites serde's wording ("unknown field") into the config's ("key").
+    fn classify(
+        file: Option<PathBuf>,
+        line: Option<usize>,
+        key: String,
+        message: String,
+    ) -> ConfigError {
+        if let Some(rest) = message.strip_prefix("unknown field `")
+            && let Some((_name, expected)) = rest.split_once("`, ")
+        {
+            let expected = if expected == "there are no fields" {
+                "this table takes no keys".to_owned()
+            } else {
+                expected.to_owned()
+            };
+            return ConfigError::UnknownKey {
+                file,
+                line,
+                key,
+                expected,
+            };
+        }
+        let key = if key == "." {
+            "(top level)".to_owned()
+        } else {
+            key
+        };
+        ConfigError::BadValue {
+            file,
+            line,
+            key,
+            message,
+        }
+    }
+
+    /// The line where the dotted `key` is written, if it is.
+    pub(super) fn key_line(text: &str, doc: &Document<'_>, key: &str) -> Option<usize> {
+        let mut table = doc.get_ref();
+        let mut parts = key.split('.').peekable();
+        while let Some(part) = parts.next() {
+            let (k, v) = table.iter().find(|(k, _)| k.get_ref().as_ref() == part)?;
+            if parts.peek().is_none() {
+                return Some(line_of(text, k.span().start));
+            }
+            match v.get_ref() {
+                DeValue::Table(t) => table = t,
+                _ => return None,
+            }
+        }
+        None
+    }
+}
+
+/// `deserialize_with` helpers for the settings' human-readable units.
+#[cfg_attr(not(test), allow(dead_code))]
+mod de {
+    use std::fmt;
+    use std::time::Duration;
+
+    use serde::Deserializer;
+    use serde::de::{self, Visitor};
+
+    const DURATION: &str = "a duration such as \"90s\", \"10m\" or \"1h 30m\"";
+    const BYTES: &str = "a size such as \"4 MiB\", \"512 KiB\" or a whole number of bytes";
+    const COUNT: &str = "a whole number such as 3";
+
+    pub(super) fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Duration;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(DURATION)
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Duration, E> {
+                humantime::parse_duration(v.trim()).map_err(|e| {
+                    E::custom(format_args!(
+                        "{v:?} is not a duration ({e}); expected {DURATION}"
+                    ))
+                })
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Duration, E> {
+                Err(E::custom(format_args!(
+                    "a bare number ({v}) has no unit; write it as a string with a unit, e.g. \"{v}s\" (expected {DURATION})"
+                )))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Duration, E> {
+                Err(E::custom(format_args!(
+                    "a bare number ({v}) has no unit; expected {DURATION}"
+                )))
+            }
+        }
+        d.deserialize_any(V)
+    }
+
+    pub(super) fn opt_duration<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Duration>, D::Error> {
+        duration(d).map(Some)
+    }
+
+    pub(super) fn byte_size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = u64;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(BYTES)
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<u64, E> {
+                let t = v.trim();
+                let starts_ok = t.starts_with(|c: char| c.is_ascii_digit());
+                match t.parse::<bytesize::ByteSize>() {
+                    Ok(b) if starts_ok && b.as_u64() != u64::MAX => Ok(b.as_u64()),
+                    _ => Err(E::custom(format_args!(
+                        "{v:?} is not a byte size; expected {BYTES} (units: B, KiB, MiB, GiB, or KB, MB, GB for powers of 1000)"
+                    ))),
+                }
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<u64, E> {
+                u64::try_from(v)
+                    .map_err(|_| E::custom(format_args!("{v} is negative; expected {BYTES}")))
+            }
+        }
+        d.deserialize_any(V)
+    }
+
+    pub(super) fn count<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = u32;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(COUNT)
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<u32, E> {
+                u32::try_from(v)
+                    .map_err(|_| E::custom(format_args!("{v} is out of range; expected {COUNT}")))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = include_str!("../../config/agent.example.toml");
+    const FILE: &str = "/home/donor/.local/state/trunkfarm/agent.toml";
+
+    fn parse(text: &str) -> Result<AgentConfig, ConfigError> {
+        AgentConfig::from_toml(text, Some(Path::new(FILE)))
+    }
+
+    fn err(text: &str) -> String {
+        match parse(text) {
+            Ok(c) => panic!("expected an error for {text:?}, got {c:?}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    fn defaults_from_file() -> AgentConfig {
+        AgentConfig {
+            source: Some(PathBuf::from(FILE)),
+            ..AgentConfig::default()
+        }
+    }
+
+    /// Uncomments every `#key = value` line of the example file.
+    fn uncommented(example: &str) -> String {
+        example
+            .lines()
+            .map(|l| match l.strip_prefix('#') {
+                Some(rest) if rest.starts_with(|c: char| c.is_ascii_lowercase()) => rest,
+                _ => l,
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    #[test]
+    fn defaults() {
+        let c = AgentConfig::default();
+        assert_eq!(c.source, None);
+        assert_eq!(c.name, None);
+        assert!(c.labels.is_empty());
+        assert_eq!(c.max_parallel_jobs, 1);
+        assert!(c.allowed_projects.is_empty());
+        assert_eq!(c.max_job_timeout, None);
+        assert_eq!(c.output_cap, 4 * 1024 * 1024);
+        assert_eq!(c.work_dir, None);
+        assert_eq!(c.drain_grace, Duration::from_secs(600));
+        assert_eq!(c.reconnect_max_backoff, Duration::from_secs(60));
+        assert_eq!(parse("").unwrap(), defaults_from_file());
+        assert_eq!(
+            AgentConfig::from_toml("", None).unwrap(),
+            AgentConfig::default()
+        );
+    }
+
+    #[test]
+    fn example_file_parses_to_the_defaults() {
+        assert_eq!(parse(EXAMPLE).unwrap(), defaults_from_file());
+    }
+
+    #[test]
+    fn example_file_documents_every_key_with_its_default() {
+        let text = uncommented(EXAMPLE);
+        let c = parse(&text).unwrap();
+        let expected = AgentConfig {
+            name: Some("alice-workstation".into()),
+            max_job_timeout: Some(Duration::from_secs(2 * 3600)),
+            work_dir: Some("/var/tmp/trunkfarm-work".into()),
+            ..defaults_from_file()
+        };
+        assert_eq!(c, expected);
+        for key in [
+            "name",
+            "labels",
+            "max_parallel_jobs",
+            "allowed_projects",
+            "max_job_timeout",
+            "output_cap",
+            "work_dir",
+            "drain_grace",
+            "reconnect_max_backoff",
+        ] {
+            assert!(
+                text.lines().any(|l| l.starts_with(&format!("{key} = "))),
+                "{key} is not in the example"
+            );
+        }
+    }
+
+    #[test]
+    fn full_file() {
+        let c = parse(
+            r#"
+name = "Alice's box"
+labels = ["gpu", "linux-x86_64", "v1.2"]
+max_parallel_jobs = 4
+allowed_projects = ["cpython", "pypy"]
+max_job_timeout = "3h"
+output_cap = "8 KiB"
+work_dir = "work"
+drain_grace = "0s"
+reconnect_max_backoff = "5m"
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.source.as_deref(), Some(Path::new(FILE)));
+        assert_eq!(c.name.as_deref(), Some("Alice's box"));
+        assert_eq!(c.labels, ["gpu", "linux-x86_64", "v1.2"]);
+        assert_eq!(c.max_parallel_jobs, 4);
+        assert_eq!(c.allowed_projects, ["cpython", "pypy"]);
+        assert_eq!(c.max_job_timeout, Some(Duration::from_secs(3 * 3600)));
+        assert_eq!(c.output_cap, 8192);
+        assert_eq!(
+            c.work_dir.as_deref(),
+            Some(Path::new("/home/donor/.local/state/trunkfarm/work"))
+        );
+        assert_eq!(c.drain_grace, Duration::ZERO);
+        assert_eq!(c.reconnect_max_backoff, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn relative_work_dir_resolves_against_the_file_directory() {
+        let c = AgentConfig::from_toml(
+            "work_dir = \"../w\"\n",
+            Some(Path::new("/etc/ta/agent.toml")),
+        )
+        .unwrap();
+        assert_eq!(c.work_dir.as_deref(), Some(Path::new("/etc/ta/../w")));
+        let c = parse("work_dir = \"/abs/w\"\n").unwrap();
+        assert_eq!(c.work_dir.as_deref(), Some(Path::new("/abs/w")));
+        let c = AgentConfig::from_toml("work_dir = \"w\"\n", None).unwrap();
+        assert_eq!(c.work_dir.as_deref(), Some(Path::new("w")));
+    }
+
+    #[test]
+    fn load_missing_default_file_gives_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        assert_eq!(
+            AgentConfig::load(&path, false).unwrap(),
+            AgentConfig::default()
+        );
+    }
+
+    #[test]
+    fn load_missing_explicit_file_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        let e = AgentConfig::load(&path, true).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "cannot read config file {}: No such file or directory (os error 2)",
+                path.display()
+            )
+        );
+    }
+
+    #[test]
+    fn load_reads_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        std::fs::write(&path, "max_parallel_jobs = 2\nwork_dir = \"w\"\n").unwrap();
+        for must_exist in [false, true] {
+            let c = AgentConfig::load(&path, must_exist).unwrap();
+            assert_eq!(c.max_parallel_jobs, 2);
+            assert_eq!(c.source.as_deref(), Some(path.as_path()));
+            assert_eq!(c.work_dir, Some(dir.path().join("w")));
+        }
+        // A broken file is an error even when the file is optional.
+        std::fs::write(&path, "max_parallel_jobs = \n").unwrap();
+        let e = AgentConfig::load(&path, false).unwrap_err();
+        assert!(
+            matches!(e, ConfigError::Syntax { line: Some(1), .. }),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn unknown_key_at_top_level() {
+        let e = parse("labels = []\nmax_paralel_jobs = 2\n").unwrap_err();
+        assert_eq!(e.key(), Some("max_paralel_jobs"));
+        assert_eq!(e.line(), Some(2));
+        assert_eq!(
+            e.to_string(),
+            "/home/donor/.local/state/trunkfarm/agent.toml:2: unknown key `max_paralel_jobs`, expected one of `name`, `labels`, `max_parallel_jobs`, `allowed_projects`, `max_job_timeout`, `output_cap`, `work_dir`, `drain_grace`, `reconnect_max_backoff`"
+        );
+        // `source` is not a setting.
+        assert!(err("source = \"x\"\n").contains("unknown key `source`"));
+    }
+
+    #[test]
+    fn unknown_key_nested() {
+        // The settings are flat: a table or dotted key is named in full.
+        assert_eq!(
+            err("[limits]\noutput_cap = \"1 MiB\"\n"),
+            "/home/donor/.local/state/trunkfarm/agent.toml:1: unknown key `limits`, expected one of `name`, `labels`, `max_parallel_jobs`, `allowed_projects`, `max_job_timeout`, `output_cap`, `work_dir`, `drain_grace`, `reconnect_max_backoff`"
+        );
+        assert_eq!(
+            err("name = \"a\"\nlabels.gpu = true\n"),
+            "/home/donor/.local/state/trunkfarm/agent.toml:2: invalid value for `labels`: invalid type: map, expected a sequence"
+        );
+    }
+
+    #[test]
+    fn errors_without_a_file_say_so() {
+        assert_eq!(
+            AgentConfig::from_toml("max_parallel_jobs = 0\n", None)
+                .unwrap_err()
+                .to_string(),
+            "<inline config>:1: invalid `max_parallel_jobs`: must be at least 1 (to stop taking jobs, stop or drain the agent)"
+        );
+    }
+
+    #[test]
+    fn bad_duration() {
+        let e = parse("drain_grace = \"90 parsecs\"\n").unwrap_err();
+        assert_eq!(e.key(), Some("drain_grace"));
+        assert_eq!(
+            e.to_string(),
+            "/home/donor/.local/state/trunkfarm/agent.toml:1: invalid value for `drain_grace`: \"90 parsecs\" is not a duration (unknown time unit \"parsecs\", supported units: ns, us/µs, ms, sec, min, hours, days, weeks, months, years (and few variations)); expected a duration such as \"90s\", \"10m\" or \"1h 30m\""
+        );
+        assert_eq!(
+            err("max_job_timeout = 3600\n"),
+            "/home/donor/.local/state/trunkfarm/agent.toml:1: invalid value for `max_job_timeout`: a bare number (3600) has no unit; write it as a string with a unit, e.g. \"3600s\" (expected a duration such as \"90s\", \"10m\" or \"1h 30m\")"
+        );
+    }
+
+    #[test]
+    fn bad_byte_size() {
+        let e = parse("output_cap = \"4 megs\"\n").unwrap_err();
+        assert_eq!(e.key(), Some("output_cap"));
+        assert_eq!(
+            e.to_string(),
+            "/home/donor/.local/state/trunkfarm/agent.toml:1: invalid value for `output_cap`: \"4 megs\" is not a byte size; expected a size such as \"4 MiB\", \"512 KiB\" or a whole number of bytes (units: B, KiB, MiB, GiB, or KB, MB, GB for powers of 1000)"
+        );
+        assert_eq!(parse("output_cap = 5000\n").unwrap().output_cap, 5000);
+    }
+
+    #[test]
+    fn bad_types() {
+        assert_eq!(
+            err("max_parallel_jobs = \"2\"\n"),
+            "/home/donor/.local/state/trunkfarm/agent.toml:1: invalid value for `max_parallel_jobs`: invalid type: string \"2\", expected a whole number such as 3"
+        );
+        assert_eq!(
+            err("labels = [\"gpu\", 7]\n"),
+            "/home/donor/.local/state/trunkfarm/agent.toml:1: invalid value for `labels[1]`: invalid type: integer `7`, expected a string"
+        );
+        assert_eq!(
+            err("labels = \"gpu\"\n"),
+            "/home/donor/.local/state/trunkfarm/agent.toml:1: invalid value for `labels`: invalid type: string \"gpu\", expected a sequence"
+        );
+    }
+
+    #[test]
+    fn syntax_error_names_the_line() {
+        let e = parse("name = \"a\"\n\nlabels = [\"gpu\"\n").unwrap_err();
+        assert!(matches!(e, ConfigError::Syntax { .. }));
+        // An unclosed array is reported where it starts.
+        assert_eq!(e.line(), Some(3));
+        assert_eq!(
+            e.to_string(),
+            "/home/donor/.local/state/trunkfarm/agent.toml:3: TOML syntax error: unclosed array, expected `]`"
+        );
+        assert_eq!(
+            err("name = \"a\"\nname = \"b\"\n"),
+            "/home/donor/.local/state/trunkfarm/agent.toml:2: TOML syntax error: duplicate key"
+        );
+    }
+
+    #[test]
+    fn labels_must_be_well_formed() {
+        let e = parse("# labels\nlabels = [\"gpu\", \"big disk\"]\n").unwrap_err();
+        assert_eq!(e.key(), Some("labels"));
+        assert_eq!(
+            e.to_string(),
+            "/home/donor/.local/state/trunkfarm/agent.toml:2: invalid `labels`: \"big disk\" is not a valid label; expected letters, digits, '.', '_' and '-' only, e.g. \"gpu\" or \"linux-x86_64\""
+        );
+        for bad in ["", "a/b", "é", "a:b"] {
+            assert!(
+                err(&format!("labels = [\"{bad}\"]\n"))
+                    .contains(&format!("{bad:?} is not a valid label")),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn other_validation_errors() {
+        assert_eq!(
+            err("max_parallel_jobs = 0\n"),
+            "/home/donor/.local/state/trunkfarm/agent.toml:1: invalid `max_parallel_jobs`: must be at least 1 (to stop taking jobs, stop or drain the agent)"
+        );
+        assert_eq!(
+            err("max_parallel_jobs = -2\n"),
+            "/home/donor/.local/state/trunkfarm/agent.toml:1: invalid value for `max_parallel_jobs`: -2 is out of range; expected a whole number such as 3"
+        );
+        assert_eq!(
+            err("output_cap = \"1 KiB\"\n"),
+            "/home/donor/.local/state/trunkfarm/agent.toml:1: invalid `output_cap`: 1.0 KiB is too small; expected at least 4 KiB so a failure's log keeps its head and tail"
+        );
+        assert_eq!(
+            err("max_job_timeout = \"0s\"\n"),
+            "/home/donor/.local/state/trunkfarm/agent.toml:1: invalid `max_job_timeout`: must be greater than zero, e.g. \"2h\" (leave it out for no ceiling of your own)"
+        );
+        assert_eq!(
+            err("reconnect_max_backoff = \"100ms\"\n"),
+            "/home/donor/.local/state/trunkfarm/agent.toml:1: invalid `reconnect_max_backoff`: 100ms is too short; expected at least 1s so an unreachable hub is not hammered"
+        );
+        assert_eq!(
+            err("allowed_projects = [\"cpython\", \"my project\"]\n"),
+            "/home/donor/.local/state/trunkfarm/agent.toml:1: invalid `allowed_projects`: \"my project\" is not a valid project name; expected a non-empty name without spaces (an empty list allows every project)"
+        );
+        assert_eq!(
+            err("name = \"  \"\n"),
+            "/home/donor/.local/state/trunkfarm/agent.toml:1: invalid `name`: \"  \" is not a usable name; expected 1 to 64 printable characters, e.g. \"alice-workstation\""
+        );
+        assert!(err(&format!("name = \"{}\"\n", "x".repeat(65))).contains("is not a usable name"));
+        assert_eq!(
+            err("work_dir = \"~/work\"\n"),
+            "/home/donor/.local/state/trunkfarm/agent.toml:1: invalid `work_dir`: ~/work starts with `~`, which is not expanded here; write the full path"
+        );
+        assert_eq!(
+            err("work_dir = \"\"\n"),
+            "/home/donor/.local/state/trunkfarm/agent.toml:1: invalid `work_dir`: must not be empty; give a path"
+        );
+    }
+
+    #[test]
+    fn overrides_replace_file_values() {
+        let mut c = parse("name = \"file\"\nlabels = [\"a\"]\nwork_dir = \"w\"\n").unwrap();
+        c.apply(Overrides {
+            name: Some("cli".into()),
+            labels: Some(vec!["b".into(), "c".into()]),
+            max_parallel_jobs: Some(3),
+            allowed_projects: Some(vec!["cpython".into()]),
+            max_job_timeout: Some(Duration::from_secs(60)),
+            output_cap: Some(8192),
+            work_dir: Some("rel".into()),
+        })
+        .unwrap();
+        assert_eq!(c.name.as_deref(), Some("cli"));
+        assert_eq!(c.labels, ["b", "c"]);
+        assert_eq!(c.max_parallel_jobs, 3);
+        assert_eq!(c.allowed_projects, ["cpython"]);
+        assert_eq!(c.max_job_timeout, Some(Duration::from_secs(60)));
+        assert_eq!(c.output_cap, 8192);
+        // Relative to the working directory, not the file.
+        assert_eq!(c.work_dir.as_deref(), Some(Path::new("rel")));
+
+        // No overrides: nothing changes.
+        let before = c.clone();
+        c.apply(Overrides::default()).unwrap();
+        assert_eq!(c, before);
+    }
+
+    #[test]
+    fn bad_override_blames_the_command_line_and_changes_nothing() {
+        let mut c = parse("labels = [\"a\"]\n").unwrap();
+        let before = c.clone();
+        let e = c
+            .apply(Overrides {
+                name: Some("ok".into()),
+                labels: Some(vec!["fine".into(), "not fine".into()]),
+                ..Overrides::default()
+            })
+            .unwrap_err();
+        assert_eq!(e.key(), Some("labels"));
+        assert_eq!(
+            e.to_string(),
+            "invalid `labels` from the command line: \"not fine\" is not a valid label; expected letters, digits, '.', '_' and '-' only, e.g. \"gpu\" or \"linux-x86_64\""
+        );
+        assert_eq!(c, before);
+        assert_eq!(
+            c.apply(Overrides {
+                max_parallel_jobs: Some(0),
+                ..Overrides::default()
+            })
+            .unwrap_err()
+            .to_string(),
+            "invalid `max_parallel_jobs` from the command line: must be at least 1 (to stop taking jobs, stop or drain the agent)"
+        );
+        assert_eq!(
+            c.apply(Overrides {
+                output_cap: Some(100),
+                ..Overrides::default()
+            })
+            .unwrap_err()
+            .to_string(),
+            "invalid `output_cap` from the command line: 100 B is too small; expected at least 4 KiB so a failure's log keeps its head and tail"
+        );
+    }
+
+    #[test]
+    fn override_validation_still_blames_the_file_for_file_values() {
+        // A value that only a caller could have broken after loading.
+        let mut c = parse("").unwrap();
+        c.labels = vec!["x y".into()];
+        let e = c.apply(Overrides::default()).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "/home/donor/.local/state/trunkfarm/agent.toml: invalid `labels`: \"x y\" is not a valid label; expected letters, digits, '.', '_' and '-' only, e.g. \"gpu\" or \"linux-x86_64\""
+        );
+    }
+}

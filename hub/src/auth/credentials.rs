@@ -186,7 +186,7 @@ impl Credentials {
     /// Every token, newest first.
     pub fn list_tokens(&self) -> Result<Vec<TokenRecord>, AuthError> {
         let mut out: Vec<TokenRecord> = self.scan(b"t/")?;
-        out.sort_by(|a, b| b.created_at_ms.cmp(&a.created_at_ms));
+        out.sort_by_key(|t| std::cmp::Reverse(t.created_at_ms));
         Ok(out)
     }
 
@@ -257,9 +257,9 @@ impl Credentials {
                 revoked: false,
             };
             let encode = |value: &dyn erased_serde_free::Encode| {
-                value
-                    .encode()
-                    .map_err(|e| ConflictableTransactionError::Abort(self.store.corrupt("(encode)", e).into()))
+                value.encode().map_err(|e| {
+                    ConflictableTransactionError::Abort(self.store.corrupt("(encode)", e).into())
+                })
             };
             tx.insert(tkey.as_slice(), encode(&rec)?)?;
             tx.insert(agent_key(&agent_id), encode(&agent)?)?;
@@ -313,11 +313,9 @@ impl Credentials {
     fn get<T: for<'de> Deserialize<'de>>(&self, key: &[u8]) -> Result<Option<T>, AuthError> {
         match self.tree.get(key).map_err(|e| self.store.err(e))? {
             None => Ok(None),
-            Some(raw) => serde_json::from_slice(&raw).map(Some).map_err(|e| {
-                self.store
-                    .corrupt(String::from_utf8_lossy(key), e)
-                    .into()
-            }),
+            Some(raw) => serde_json::from_slice(&raw)
+                .map(Some)
+                .map_err(|e| self.store.corrupt(String::from_utf8_lossy(key), e).into()),
         }
     }
 
@@ -369,7 +367,12 @@ mod tests {
     async fn token_enrolls_once_then_is_used_up() {
         let (_d, c) = creds().await;
         let (_, token) = c
-            .create_token(vec!["gpu".into()], Duration::from_secs(60), 1, String::new())
+            .create_token(
+                vec!["gpu".into()],
+                Duration::from_secs(60),
+                1,
+                String::new(),
+            )
             .await
             .unwrap();
         let (agent, cred) = c.enroll(&token, "box").await.unwrap();
