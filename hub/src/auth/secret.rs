@@ -63,6 +63,29 @@ pub fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
+/// Reads the admin token from `path`, creating it (0600) on first start.
+pub fn load_or_create_admin_token(path: &Path) -> std::io::Result<String> {
+    match std::fs::read_to_string(path) {
+        Ok(token) if !token.trim().is_empty() => Ok(token.trim().to_string()),
+        Ok(_) => Err(std::io::Error::other(format!(
+            "admin token file {} is empty: delete it to have the hub create a new one",
+            path.display()
+        ))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            let token = new_secret();
+            write_private(path, format!("{token}\n").as_bytes())?;
+            Ok(token)
+        }
+        Err(e) => Err(std::io::Error::new(
+            e.kind(),
+            format!("cannot read admin token file {}: {e}", path.display()),
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,430 @@
+//! `trunkfarm job …`: ad-hoc jobs for operators and benchmarks, and looking
+//! at any job's state, result and log.
+
+use std::io::Write;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+use trunkfarm_proto::v1::{
+    CancelJobRequest, GetJobRequest, JobInfo, JobSpec, JobState, ListJobsRequest, LogStream,
+    Outcome, Repository, SubmitJobRequest, WatchJobRequest, watch_job_event,
+};
+
+use super::client::{self, AdminClient};
+use super::{EXIT_USAGE, status_error, when};
+use crate::config::HubConfig;
+
+#[derive(Subcommand)]
+pub enum JobCommand {
+    /// Submit a job and follow it: its log on stdout, a summary on stderr.
+    /// Exit code: 0 passed, 1 failed, 3 timed out, 4 infrastructure error,
+    /// 5 cancelled, 2 usage or connection error.
+    Run(JobArgs),
+    /// Submit a job; prints its id.
+    Submit(JobArgs),
+    /// Show a job's state and result.
+    Show {
+        /// The job id.
+        id: u64,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the log of a job's last attempt (following it if it still runs).
+    Log {
+        /// The job id.
+        id: u64,
+    },
+    /// List jobs, newest first.
+    List {
+        /// Only jobs in this state: queued, leased, running, finished.
+        #[arg(long)]
+        state: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Wait until a job has finished, then show it.
+    Wait {
+        /// The job id.
+        id: u64,
+        /// Give up after this long.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "1h")]
+        timeout: Duration,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cancel a job (a running one is killed on its agent).
+    Cancel {
+        /// The job id.
+        id: u64,
+    },
+}
+
+/// What to run. The words after `--` form one shell command (joined with
+/// spaces, like ssh); each `--command` adds another. Commands run in order
+/// with `sh -c`, stopping at the first failure.
+#[derive(Args)]
+pub struct JobArgs {
+    /// Labels an agent must have, comma-separated (e.g. linux-x86_64,gpu).
+    #[arg(long, value_delimiter = ',')]
+    labels: Vec<String>,
+    /// Kill the job after this long (default: dispatch.default_job_timeout).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    timeout: Option<Duration>,
+    /// A git repository to check out first; commands run inside it.
+    #[arg(long)]
+    repo: Option<String>,
+    /// The commit, tag or branch of --repo (default: its default branch).
+    #[arg(long, requires = "repo")]
+    rev: Option<String>,
+    /// An environment variable for the job, NAME=VALUE (repeatable).
+    #[arg(long = "env", value_name = "NAME=VALUE", value_parser = parse_env)]
+    env: Vec<(String, String)>,
+    /// The project the job belongs to (donors may accept only some projects).
+    #[arg(long)]
+    project: Option<String>,
+    /// Attempts before the job counts as an infrastructure failure.
+    #[arg(long)]
+    max_attempts: Option<u32>,
+    /// A command to run (repeatable; runs before the words after `--`).
+    #[arg(long = "command", value_name = "CMD")]
+    commands: Vec<String>,
+    /// The command to run.
+    #[arg(last = true, value_name = "CMD")]
+    words: Vec<String>,
+}
+
+fn parse_env(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("{s:?} is not NAME=VALUE")),
+    }
+}
+
+impl JobArgs {
+    fn request(self) -> anyhow::Result<SubmitJobRequest> {
+        let mut commands = self.commands;
+        if !self.words.is_empty() {
+            commands.push(self.words.join(" "));
+        }
+        if commands.is_empty() {
+            anyhow::bail!(
+                "no command given: e.g. `trunkfarm job run -- make test` or `--command 'make test'`"
+            );
+        }
+        Ok(SubmitJobRequest {
+            spec: Some(JobSpec {
+                commands,
+                env: self.env.into_iter().collect(),
+                labels: self.labels,
+                project: self.project.unwrap_or_default(),
+                repository: self.repo.map(|url| Repository {
+                    url,
+                    rev: self.rev.unwrap_or_default(),
+                }),
+                timeout_secs: self.timeout.map(|t| t.as_secs().max(1)).unwrap_or(0),
+                ..Default::default()
+            }),
+            max_attempts: self.max_attempts.unwrap_or(0),
+        })
+    }
+}
+
+/// Runs a `job` subcommand.
+pub async fn run(cfg: &HubConfig, command: JobCommand) -> anyhow::Result<ExitCode> {
+    let mut client = client::connect(cfg).await?;
+    match command {
+        JobCommand::Submit(args) => {
+            let id = submit(&mut client, args).await?;
+            println!("{id}");
+            Ok(ExitCode::SUCCESS)
+        }
+        JobCommand::Run(args) => {
+            let id = submit(&mut client, args).await?;
+            eprintln!("job {id} submitted");
+            let info = follow(&mut client, id).await?;
+            eprintln!("{}", summary(&info));
+            Ok(ExitCode::from(exit_code(&info)))
+        }
+        JobCommand::Show { id, json } => {
+            let info = get(&mut client, id).await?;
+            print_job(&info, json)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        JobCommand::Log { id } => {
+            let info = get(&mut client, id).await?;
+            if info.state() != JobState::Finished {
+                // Still going: follow it live, like `job run`.
+                follow(&mut client, id).await?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            let mut stream = client
+                .watch_job(WatchJobRequest { job_id: id })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            let mut out = std::io::stdout().lock();
+            while let Some(ev) = stream.message().await.map_err(status_error)? {
+                if let Some(watch_job_event::Event::Log(c)) = ev.event
+                    && c.job.is_some_and(|j| j.attempt == info.attempt)
+                {
+                    out.write_all(&c.data)?;
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        JobCommand::List { state, limit, json } => {
+            let state = match state.as_deref() {
+                None => JobState::Unspecified,
+                Some(s) => JobState::from_str_name(&format!("JOB_STATE_{}", s.to_uppercase()))
+                    .ok_or_else(|| {
+                        anyhow::anyhow!(
+                            "unknown state {s:?}: use queued, leased, running or finished"
+                        )
+                    })?,
+            };
+            let jobs = client
+                .list_jobs(ListJobsRequest {
+                    state: state.into(),
+                    limit,
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner()
+                .jobs;
+            if json {
+                let rows: Vec<_> = jobs.iter().map(job_json).collect();
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                println!(
+                    "{:<8} {:<9} {:<10} {:<8} {:<16} COMMAND",
+                    "JOB", "STATE", "OUTCOME", "ATTEMPT", "AGENT"
+                );
+                for j in &jobs {
+                    let v = job_json(j);
+                    println!(
+                        "{:<8} {:<9} {:<10} {:<8} {:<16} {}",
+                        j.job_id,
+                        v["state"].as_str().unwrap_or("?"),
+                        v["outcome"].as_str().unwrap_or("-"),
+                        j.attempt,
+                        j.agent_id,
+                        j.spec
+                            .as_ref()
+                            .map(|s| s.commands.join(" && "))
+                            .unwrap_or_default()
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        JobCommand::Wait { id, timeout, json } => {
+            let info = match tokio::time::timeout(timeout, wait(&mut client, id)).await {
+                Ok(info) => info?,
+                Err(_) => {
+                    eprintln!(
+                        "job {id} did not finish within {}",
+                        humantime::format_duration(timeout)
+                    );
+                    return Ok(ExitCode::from(EXIT_USAGE));
+                }
+            };
+            print_job(&info, json)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        JobCommand::Cancel { id } => {
+            client
+                .cancel_job(CancelJobRequest { job_id: id })
+                .await
+                .map_err(status_error)?;
+            eprintln!("job {id}: cancel requested");
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+async fn submit(client: &mut AdminClient, args: JobArgs) -> anyhow::Result<u64> {
+    Ok(client
+        .submit_job(args.request()?)
+        .await
+        .map_err(status_error)?
+        .into_inner()
+        .job_id)
+}
+
+async fn get(client: &mut AdminClient, id: u64) -> anyhow::Result<JobInfo> {
+    Ok(client
+        .get_job(GetJobRequest { job_id: id })
+        .await
+        .map_err(status_error)?
+        .into_inner())
+}
+
+/// Waits for the job's final record without printing its log.
+pub(super) async fn wait(client: &mut AdminClient, id: u64) -> anyhow::Result<JobInfo> {
+    let mut stream = client
+        .watch_job(WatchJobRequest { job_id: id })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    while let Some(ev) = stream.message().await.map_err(status_error)? {
+        if let Some(watch_job_event::Event::Finished(info)) = ev.event {
+            return Ok(info);
+        }
+    }
+    anyhow::bail!("the hub ended the watch of job {id} without a result")
+}
+
+/// Prints a job's log as it arrives; returns its final record.
+async fn follow(client: &mut AdminClient, id: u64) -> anyhow::Result<JobInfo> {
+    let mut stream = client
+        .watch_job(WatchJobRequest { job_id: id })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let mut attempt = 0;
+    let mut out = std::io::stdout();
+    while let Some(ev) = stream.message().await.map_err(status_error)? {
+        match ev.event {
+            Some(watch_job_event::Event::Log(chunk)) => {
+                let a = chunk.job.map(|j| j.attempt).unwrap_or(0);
+                if a != attempt {
+                    if attempt != 0 {
+                        eprintln!("[trunkfarm: attempt {attempt} was lost; attempt {a} follows]");
+                    }
+                    attempt = a;
+                }
+                if chunk.stream == LogStream::Stderr as i32 {
+                    std::io::stderr().write_all(&chunk.data)?;
+                } else {
+                    out.write_all(&chunk.data)?;
+                    out.flush()?;
+                }
+            }
+            Some(watch_job_event::Event::Finished(info)) => return Ok(info),
+            None => {}
+        }
+    }
+    anyhow::bail!("the hub ended the watch of job {id} without a result")
+}
+
+fn outcome(info: &JobInfo) -> Option<Outcome> {
+    info.result.as_ref().map(|r| r.outcome())
+}
+
+fn outcome_name(o: Outcome) -> &'static str {
+    match o {
+        Outcome::Passed => "passed",
+        Outcome::Failed => "failed",
+        Outcome::TimedOut => "timed_out",
+        Outcome::Error => "error",
+        Outcome::Cancelled => "cancelled",
+        Outcome::Unspecified => "unknown",
+    }
+}
+
+fn state_name(s: JobState) -> &'static str {
+    match s {
+        JobState::Queued => "queued",
+        JobState::Leased => "leased",
+        JobState::Running => "running",
+        JobState::Finished => "finished",
+        JobState::Unspecified => "unknown",
+    }
+}
+
+/// The process exit code `job run` returns for a finished job.
+fn exit_code(info: &JobInfo) -> u8 {
+    match outcome(info) {
+        Some(Outcome::Passed) => 0,
+        Some(Outcome::Failed) => 1,
+        Some(Outcome::TimedOut) => 3,
+        Some(Outcome::Cancelled) => 5,
+        _ => 4,
+    }
+}
+
+fn summary(info: &JobInfo) -> String {
+    let Some(r) = &info.result else {
+        return format!("job {} has no result", info.job_id);
+    };
+    let mut s = format!("job {} {}", info.job_id, outcome_name(r.outcome()));
+    if let Some(code) = r.exit_code {
+        s.push_str(&format!(" (exit {code})"));
+    }
+    s.push_str(&format!(
+        " in {:.1}s on {}, attempt {}",
+        r.duration_ms as f64 / 1000.0,
+        if info.agent_id.is_empty() {
+            "-"
+        } else {
+            &info.agent_id
+        },
+        info.attempt
+    ));
+    if !r.detail.is_empty() {
+        s.push_str(&format!(": {}", r.detail));
+    }
+    s
+}
+
+fn job_json(info: &JobInfo) -> serde_json::Value {
+    let r = info.result.as_ref();
+    serde_json::json!({
+        "job_id": info.job_id,
+        "state": state_name(info.state()),
+        "attempt": info.attempt,
+        "max_attempts": info.max_attempts,
+        "agent_id": info.agent_id,
+        "outcome": r.map(|r| outcome_name(r.outcome())),
+        "exit_code": r.and_then(|r| r.exit_code),
+        "detail": r.map(|r| r.detail.clone()),
+        "duration_ms": r.map(|r| r.duration_ms),
+        "log_bytes_cut": r.map(|r| r.log_bytes_cut),
+        "created_at_ms": info.created_at_ms,
+        "finished_at_ms": info.finished_at_ms,
+        "attempts": info.attempts.iter().map(|a| serde_json::json!({
+            "attempt": a.attempt, "agent_id": a.agent_id,
+            "leased_at_ms": a.leased_at_ms, "lost_reason": a.lost_reason,
+        })).collect::<Vec<_>>(),
+        "commands": info.spec.as_ref().map(|s| s.commands.clone()).unwrap_or_default(),
+        "labels": info.spec.as_ref().map(|s| s.labels.clone()).unwrap_or_default(),
+    })
+}
+
+fn print_job(info: &JobInfo, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(&job_json(info))?);
+        return Ok(());
+    }
+    println!("job {}: {}", info.job_id, state_name(info.state()));
+    if let Some(spec) = &info.spec {
+        for c in &spec.commands {
+            println!("  $ {c}");
+        }
+    }
+    println!("  created  {}", when(info.created_at_ms));
+    for a in &info.attempts {
+        let lost = if a.lost_reason.is_empty() {
+            String::new()
+        } else {
+            format!(" — lost: {}", a.lost_reason)
+        };
+        println!(
+            "  attempt {} on {} at {}{lost}",
+            a.attempt,
+            a.agent_id,
+            when(a.leased_at_ms)
+        );
+    }
+    if info.result.is_some() {
+        println!("  {}", summary(info));
+    }
+    Ok(())
+}

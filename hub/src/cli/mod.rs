@@ -1,0 +1,387 @@
+//! The `trunkfarm` command line: `serve` runs a hub; `token`, `agent` and
+//! `job` administer a running one over gRPC; `demo` runs the embedded demo.
+
+mod client;
+mod demo;
+mod jobs;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use trunkfarm_proto::v1::{
+    CreateTokenRequest, DrainAgentRequest, ListAgentsRequest, ListTokensRequest,
+    RevokeAgentRequest, RevokeTokenRequest,
+};
+
+use crate::config::HubConfig;
+use crate::server::Hub;
+
+/// Exit code for usage, configuration and connection errors.
+pub const EXIT_USAGE: u8 = 2;
+
+/// trunkfarm: test downstream projects against a language runtime's trunk.
+#[derive(Parser)]
+#[command(name = "trunkfarm", version, about, propagate_version = true)]
+struct Cli {
+    /// The hub's config file. Client commands read its data_dir to find the
+    /// running hub (hub.json) and the admin token. Without one, the defaults
+    /// apply (data dir ./trunkfarm-data).
+    #[arg(long, global = true, env = "TRUNKFARM_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the hub: serve agents and admin clients until SIGTERM or Ctrl-C.
+    Serve,
+    /// Run the embedded demo: a hub with two local agents, no config needed.
+    Demo(demo::DemoArgs),
+    /// Enrollment tokens: the one string a volunteer pastes to join.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// Agents: list them, drain them, cut them off.
+    Agent {
+        #[command(subcommand)]
+        command: AgentCommand,
+    },
+    /// Jobs: run ad-hoc commands on agents, inspect results and logs.
+    Job {
+        #[command(subcommand)]
+        command: jobs::JobCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Create a token; prints the enrollment string (alone on stdout).
+    Create {
+        /// Labels granted to agents enrolled with it, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        labels: Vec<String>,
+        /// How long it stays valid, e.g. "24h" (default: enrollment.default_token_ttl).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
+        /// How many agents may enroll with it.
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
+        /// A note for `token list` (who it was for).
+        #[arg(long, default_value = "")]
+        note: String,
+    },
+    /// List tokens.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a token: nobody enrolls with it any more.
+    Revoke {
+        /// The token id (tok_…).
+        id: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum AgentCommand {
+    /// List enrolled agents.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke an agent: it is disconnected now and refused from then on; its
+    /// running jobs are requeued.
+    Revoke {
+        /// The agent id (ag_…).
+        id: String,
+    },
+    /// Drain an agent: it takes no new job, finishes its running ones (up to
+    /// the grace period) and exits.
+    Drain {
+        /// The agent id (ag_…).
+        id: String,
+        /// How long running jobs may take before they are cancelled
+        /// (default: dispatch.drain_grace).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        grace: Option<Duration>,
+    },
+}
+
+/// Parses the command line and runs the command.
+pub fn main() -> ExitCode {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let cli = Cli::parse();
+    let serving = matches!(cli.command, Command::Serve | Command::Demo(_));
+    init_tracing(if serving { "info" } else { "warn" });
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(EXIT_USAGE)
+        }
+    }
+}
+
+fn init_tracing(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
+}
+
+/// The config named on the command line, or the defaults.
+fn load_config(path: Option<&PathBuf>) -> anyhow::Result<HubConfig> {
+    match path {
+        Some(p) => Ok(HubConfig::load(p)?),
+        None => Ok(HubConfig::default_for(PathBuf::from("trunkfarm-data"))),
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let cfg = load_config(cli.config.as_ref())?;
+    match cli.command {
+        Command::Serve => serve(cfg).await,
+        Command::Demo(args) => demo::run(args).await,
+        Command::Token { command } => token(&cfg, command).await,
+        Command::Agent { command } => agent(&cfg, command).await,
+        Command::Job { command } => jobs::run(&cfg, command).await,
+    }
+}
+
+async fn serve(cfg: HubConfig) -> anyhow::Result<ExitCode> {
+    let hub = Hub::start(&cfg).await?;
+    let how = if hub.info.tls {
+        format!("TLS, CA fingerprint sha256:{}", hub.info.ca_sha256)
+    } else {
+        "plaintext: TLS must be terminated in front of this hub".to_string()
+    };
+    println!("trunkfarm hub listening on {} ({how})", hub.addr);
+    println!(
+        "create an enrollment string for a volunteer: trunkfarm{} token create",
+        cfg.source
+            .as_ref()
+            .map(|p| format!(" --config {}", p.display()))
+            .unwrap_or_default()
+    );
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    hub.shutdown().await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub(crate) async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+/// Prints a gRPC error's message the way the hub phrased it.
+fn status_error(e: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{}", e.message())
+}
+
+/// Formats a Unix time in ms for humans.
+pub(crate) fn when(ms: u64) -> String {
+    if ms == 0 {
+        return "-".into();
+    }
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
+async fn token(cfg: &HubConfig, command: TokenCommand) -> anyhow::Result<ExitCode> {
+    let mut client = client::connect(cfg).await?;
+    match command {
+        TokenCommand::Create {
+            labels,
+            ttl,
+            uses,
+            note,
+        } => {
+            let resp = client
+                .create_token(CreateTokenRequest {
+                    labels,
+                    ttl_secs: ttl.map(|d| d.as_secs().max(1)).unwrap_or(0),
+                    uses,
+                    note,
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            println!("{}", resp.enrollment);
+            eprintln!(
+                "token {} valid until {} for {uses} enrollment(s); on the volunteer's machine run:\n  trunkfarm-agent enroll <the string above>",
+                resp.token_id,
+                when(resp.expires_at_ms)
+            );
+        }
+        TokenCommand::List { json } => {
+            let tokens = client
+                .list_tokens(ListTokensRequest {})
+                .await
+                .map_err(status_error)?
+                .into_inner()
+                .tokens;
+            if json {
+                let rows: Vec<_> = tokens
+                    .iter()
+                    .map(|t| {
+                        serde_json::json!({
+                            "token_id": t.token_id, "labels": t.labels, "created_at_ms": t.created_at_ms,
+                            "expires_at_ms": t.expires_at_ms, "uses_left": t.uses_left,
+                            "uses_total": t.uses_total, "revoked": t.revoked, "note": t.note,
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                println!(
+                    "{:<18} {:<9} {:<22} {:<20} NOTE",
+                    "TOKEN", "USES", "EXPIRES", "LABELS"
+                );
+                for t in tokens {
+                    println!(
+                        "{:<18} {:<9} {:<22} {:<20} {}",
+                        t.token_id,
+                        if t.revoked {
+                            "revoked".to_string()
+                        } else {
+                            format!("{}/{}", t.uses_total - t.uses_left, t.uses_total)
+                        },
+                        when(t.expires_at_ms),
+                        t.labels.join(","),
+                        t.note
+                    );
+                }
+            }
+        }
+        TokenCommand::Revoke { id } => {
+            client
+                .revoke_token(RevokeTokenRequest {
+                    token_id: id.clone(),
+                })
+                .await
+                .map_err(status_error)?;
+            eprintln!("token {id} revoked");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn agent(cfg: &HubConfig, command: AgentCommand) -> anyhow::Result<ExitCode> {
+    let mut client = client::connect(cfg).await?;
+    match command {
+        AgentCommand::List { json } => {
+            let agents = client
+                .list_agents(ListAgentsRequest {})
+                .await
+                .map_err(status_error)?
+                .into_inner()
+                .agents;
+            if json {
+                let rows: Vec<_> = agents
+                    .iter()
+                    .map(|a| {
+                        let caps = a.capabilities.clone().unwrap_or_default();
+                        serde_json::json!({
+                            "agent_id": a.agent_id, "name": a.name, "labels": a.labels,
+                            "connected": a.connected, "revoked": a.revoked, "draining": a.draining,
+                            "running": a.running.iter().map(|j| serde_json::json!({"job_id": j.job_id, "attempt": j.attempt})).collect::<Vec<_>>(),
+                            "last_seen_ms": a.last_seen_ms, "enrolled_at_ms": a.enrolled_at_ms,
+                            "agent_version": a.agent_version, "remote_address": a.remote_address,
+                            "os": caps.os, "arch": caps.arch, "cores": caps.cores,
+                            "memory_bytes": caps.memory_bytes, "max_parallel_jobs": caps.max_parallel_jobs,
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                println!(
+                    "{:<16} {:<20} {:<10} {:<8} {:<22} LABELS",
+                    "AGENT", "NAME", "STATE", "JOBS", "LAST SEEN"
+                );
+                for a in agents {
+                    let state = if a.revoked {
+                        "revoked"
+                    } else if a.draining {
+                        "draining"
+                    } else if a.connected {
+                        "connected"
+                    } else {
+                        "offline"
+                    };
+                    let slots = a
+                        .capabilities
+                        .as_ref()
+                        .map(|c| c.max_parallel_jobs)
+                        .unwrap_or(0);
+                    println!(
+                        "{:<16} {:<20} {:<10} {:<8} {:<22} {}",
+                        a.agent_id,
+                        a.name,
+                        state,
+                        format!("{}/{}", a.running.len(), slots),
+                        if a.connected {
+                            "now".to_string()
+                        } else {
+                            when(a.last_seen_ms)
+                        },
+                        a.labels.join(",")
+                    );
+                }
+            }
+        }
+        AgentCommand::Revoke { id } => {
+            let resp = client
+                .revoke_agent(RevokeAgentRequest {
+                    agent_id: id.clone(),
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            eprintln!(
+                "agent {id} revoked; {} running job(s) requeued",
+                resp.requeued.len()
+            );
+        }
+        AgentCommand::Drain { id, grace } => {
+            client
+                .drain_agent(DrainAgentRequest {
+                    agent_id: id.clone(),
+                    grace_secs: grace.map(|g| g.as_secs().max(1)).unwrap_or(0),
+                })
+                .await
+                .map_err(status_error)?;
+            eprintln!("agent {id} is draining: it finishes its running jobs and exits");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

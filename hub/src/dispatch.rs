@@ -1,0 +1,1030 @@
+//! The job queue: jobs, their leases, the connected agents' free slots, and
+//! the matching of one to the other.
+//!
+//! ```text
+//! queued ──lease──► leased ──started──► running ──result──► finished
+//!   ▲                  │                   │
+//!   └── lease lost (agent silent past its lease, revoked, restarted) ──┘
+//!       (attempt + 1; after max_attempts: finished as an infrastructure error)
+//! ```
+//!
+//! Every change is applied under one lock (in memory and to sled), then
+//! [`Store::commit`] makes it durable *outside* the lock, and only then is
+//! anything sent: an assignment to an agent, an acknowledgement of a result,
+//! a job id to a submitter. A crash therefore can only lose changes nobody was
+//! told about. Leases' deadlines live in memory: a restarted hub gives every
+//! leased job a fresh lease, which the agent confirms by listing the job in
+//! its `Hello` (or loses, and the job is requeued at once).
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tonic::Status;
+use trunkfarm_proto::v1::{
+    Assignment, Cancel, Capabilities, Drain, HubMessage, JobRef, JobResult, JobSpec, Outcome,
+    ResultAck, hub_message,
+};
+
+use crate::logs::JobLogs;
+use crate::store::{Store, StoreError, now_ms, trees};
+
+/// The channel a session task drains into its agent's stream. An `Err` ends
+/// the stream with that status (e.g. "agent revoked").
+pub type AgentTx = mpsc::UnboundedSender<Result<HubMessage, Status>>;
+
+/// Settings the dispatcher needs from the hub config.
+#[derive(Clone, Debug)]
+pub struct DispatchSettings {
+    /// How long an agent may stay silent before its jobs are requeued.
+    pub lease_timeout: Duration,
+    /// Agents heartbeat this often; one silent for two intervals gets no new job.
+    pub heartbeat_interval: Duration,
+    /// Attempts before a job is finished as an infrastructure error.
+    pub max_attempts: u32,
+    /// Timeout given to a job that names none.
+    pub default_job_timeout: Duration,
+    /// The longest timeout a job may ask for.
+    pub max_job_timeout: Duration,
+}
+
+/// Where a job is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    /// Waiting for an agent.
+    Queued,
+    /// Sent to an agent, not yet reported started.
+    Leased,
+    /// The agent reported it started.
+    Running,
+    /// Has its one result.
+    Finished,
+}
+
+/// One attempt of a job on one agent.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct AttemptRecord {
+    /// 1-based.
+    pub attempt: u32,
+    /// Who ran it.
+    pub agent_id: String,
+    /// When it was leased.
+    pub leased_at_ms: u64,
+    /// Why it ended without a result; empty if it has one.
+    pub lost_reason: String,
+}
+
+/// A job as stored: `jobs` tree, key `j` + id (big endian).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct JobRecord {
+    /// Unique, increasing.
+    pub id: u64,
+    /// What to run.
+    pub spec: JobSpec,
+    /// Attempts allowed.
+    pub max_attempts: u32,
+    /// Submission time.
+    pub created_at_ms: u64,
+    /// Current state.
+    pub state: JobState,
+    /// The current (or last) attempt; 0 before the first lease.
+    pub attempt: u32,
+    /// The agent of the current (or last) attempt.
+    #[serde(default)]
+    pub agent_id: String,
+    /// Every attempt so far.
+    #[serde(default)]
+    pub attempts: Vec<AttemptRecord>,
+    /// The one result, once finished.
+    #[serde(default)]
+    pub result: Option<JobResult>,
+    /// When it finished.
+    #[serde(default)]
+    pub finished_at_ms: u64,
+    /// An operator asked to cancel it.
+    #[serde(default)]
+    pub cancel_requested: bool,
+}
+
+impl JobRecord {
+    /// The (job, attempt) reference of the current attempt.
+    pub fn job_ref(&self) -> JobRef {
+        JobRef {
+            job_id: self.id,
+            attempt: self.attempt,
+        }
+    }
+}
+
+/// Errors callers turn into gRPC statuses.
+#[derive(Debug, thiserror::Error)]
+pub enum DispatchError {
+    /// The store failed; nothing was acknowledged.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A job spec that cannot run.
+    #[error("{0}")]
+    InvalidJob(String),
+    /// No such job.
+    #[error("no job {0}: see `trunkfarm job list`")]
+    NoSuchJob(u64),
+    /// The agent is not connected.
+    #[error("agent {0} is not connected")]
+    NotConnected(String),
+}
+
+/// A connected agent, as the dispatcher sees it.
+struct Conn {
+    session: u64,
+    tx: AgentTx,
+    caps: Capabilities,
+    labels: HashSet<String>,
+    max_parallel: usize,
+    running: HashSet<u64>,
+    draining: bool,
+    last_heartbeat: Instant,
+    last_assigned: u64,
+    agent_version: String,
+    remote: String,
+}
+
+impl Conn {
+    fn free_slots(&self) -> usize {
+        self.max_parallel.saturating_sub(self.running.len())
+    }
+
+    fn accepts(&self, spec: &JobSpec) -> bool {
+        spec.labels.iter().all(|l| self.labels.contains(l))
+            && (spec.project.is_empty()
+                || self.caps.allowed_projects.is_empty()
+                || self.caps.allowed_projects.contains(&spec.project))
+            && (self.caps.max_job_timeout_secs == 0
+                || spec.timeout_secs <= self.caps.max_job_timeout_secs)
+    }
+}
+
+struct Lease {
+    agent_id: String,
+    attempt: u32,
+    deadline: Instant,
+}
+
+#[derive(Default)]
+struct State {
+    /// Unfinished jobs (queued or leased), the authoritative copy.
+    open: HashMap<u64, JobRecord>,
+    /// Queued job ids, oldest first (requeued jobs go first).
+    queue: VecDeque<u64>,
+    leases: HashMap<u64, Lease>,
+    agents: HashMap<String, Conn>,
+    /// When each agent was last heard from (connected or not), ms.
+    last_seen: HashMap<String, u64>,
+    assign_counter: u64,
+    next_session: u64,
+}
+
+/// Messages to send once the change that produced them is durable.
+#[derive(Default)]
+struct Outbox {
+    messages: Vec<(AgentTx, Result<HubMessage, Status>)>,
+    finished: Vec<(u64, u32)>,
+}
+
+impl Outbox {
+    fn push(&mut self, tx: &AgentTx, msg: hub_message::Msg) {
+        self.messages
+            .push((tx.clone(), Ok(HubMessage { msg: Some(msg) })));
+    }
+}
+
+/// A snapshot of one connected agent for `agent list`.
+#[derive(Clone, Debug)]
+pub struct ConnectedAgent {
+    /// Capabilities from its Hello.
+    pub caps: Capabilities,
+    /// Labels it is matched by.
+    pub labels: Vec<String>,
+    /// Jobs it holds.
+    pub running: Vec<JobRef>,
+    /// Draining: gets no new job.
+    pub draining: bool,
+    /// Its version string.
+    pub agent_version: String,
+    /// Its address as the hub sees it.
+    pub remote: String,
+}
+
+/// The dispatcher. Cheap to clone.
+#[derive(Clone)]
+pub struct Dispatcher {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    store: Store,
+    tree: sled::Tree,
+    logs: Arc<JobLogs>,
+    settings: DispatchSettings,
+    state: Mutex<State>,
+}
+
+fn job_key(id: u64) -> [u8; 9] {
+    let mut k = [0u8; 9];
+    k[0] = b'j';
+    k[1..].copy_from_slice(&id.to_be_bytes());
+    k
+}
+
+fn open_key(id: u64) -> [u8; 9] {
+    let mut k = job_key(id);
+    k[0] = b'o';
+    k
+}
+
+impl Dispatcher {
+    /// Loads every unfinished job and starts the lease reaper.
+    pub fn open(
+        store: &Store,
+        logs: Arc<JobLogs>,
+        settings: DispatchSettings,
+    ) -> Result<Dispatcher, DispatchError> {
+        let tree = store.tree(trees::JOBS)?;
+        let mut state = State::default();
+        let grace = Instant::now() + settings.lease_timeout;
+        let mut queued = Vec::new();
+        for item in tree.scan_prefix([b'o']) {
+            let (k, _) = item.map_err(|e| store.err(e))?;
+            let mut id = [0u8; 8];
+            id.copy_from_slice(
+                k.get(1..9)
+                    .ok_or_else(|| store.corrupt("jobs/o", "short key"))?,
+            );
+            let id = u64::from_be_bytes(id);
+            let raw = tree
+                .get(job_key(id))
+                .map_err(|e| store.err(e))?
+                .ok_or_else(|| store.corrupt(format!("jobs/j{id}"), "open job without record"))?;
+            let rec: JobRecord = serde_json::from_slice(&raw)
+                .map_err(|e| store.corrupt(format!("jobs/j{id}"), e))?;
+            match rec.state {
+                JobState::Queued => queued.push(id),
+                JobState::Leased | JobState::Running => {
+                    state.leases.insert(
+                        id,
+                        Lease {
+                            agent_id: rec.agent_id.clone(),
+                            attempt: rec.attempt,
+                            deadline: grace,
+                        },
+                    );
+                }
+                JobState::Finished => continue,
+            }
+            state.open.insert(id, rec);
+        }
+        queued.sort_unstable();
+        state.queue = queued.into();
+        let shared = Arc::new(Shared {
+            store: store.clone(),
+            tree,
+            logs,
+            settings,
+            state: Mutex::new(state),
+        });
+        tokio::spawn(reap_leases(Arc::downgrade(&shared)));
+        Ok(Dispatcher { shared })
+    }
+
+    /// Counts of open jobs, for start-up messages: (queued, leased).
+    pub fn open_counts(&self) -> (usize, usize) {
+        let st = self.lock();
+        (st.queue.len(), st.leases.len())
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.shared.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Makes everything durable, then sends what the change produced.
+    async fn deliver(&self, out: Outbox) -> Result<(), StoreError> {
+        self.shared.store.commit().await?;
+        for (tx, msg) in out.messages {
+            let _ = tx.send(msg);
+        }
+        for (job, attempts) in out.finished {
+            self.shared.logs.finished(job, attempts);
+        }
+        Ok(())
+    }
+
+    fn persist(&self, rec: &JobRecord) -> Result<(), StoreError> {
+        let s = &self.shared;
+        let bytes = serde_json::to_vec(rec).map_err(|e| s.store.corrupt("(encode job)", e))?;
+        let mut batch = sled::Batch::default();
+        batch.insert(&job_key(rec.id), bytes);
+        if rec.state == JobState::Finished {
+            batch.remove(&open_key(rec.id));
+        } else {
+            batch.insert(&open_key(rec.id), &[]);
+        }
+        s.tree.apply_batch(batch).map_err(|e| s.store.err(e))
+    }
+
+    /// Queues a new job; returns its id once it is durable.
+    pub async fn submit(&self, mut spec: JobSpec, max_attempts: u32) -> Result<u64, DispatchError> {
+        let s = &self.shared.settings;
+        if spec.commands.is_empty() || spec.commands.iter().all(|c| c.trim().is_empty()) {
+            return Err(DispatchError::InvalidJob(
+                "the job has no command: give at least one (e.g. `trunkfarm job run -- make test`)"
+                    .into(),
+            ));
+        }
+        if spec.timeout_secs == 0 {
+            spec.timeout_secs = s.default_job_timeout.as_secs().max(1);
+        }
+        if spec.timeout_secs > s.max_job_timeout.as_secs() {
+            return Err(DispatchError::InvalidJob(format!(
+                "the job asks for a timeout of {}, more than this hub's dispatch.max_job_timeout ({})",
+                humantime::format_duration(Duration::from_secs(spec.timeout_secs)),
+                humantime::format_duration(s.max_job_timeout)
+            )));
+        }
+        let rec = JobRecord {
+            id: self.shared.store.next_id()?,
+            spec,
+            max_attempts: if max_attempts == 0 {
+                s.max_attempts
+            } else {
+                max_attempts
+            },
+            created_at_ms: now_ms(),
+            state: JobState::Queued,
+            attempt: 0,
+            agent_id: String::new(),
+            attempts: Vec::new(),
+            result: None,
+            finished_at_ms: 0,
+            cancel_requested: false,
+        };
+        let id = rec.id;
+        self.persist(&rec)?;
+        if let Err(e) = self.shared.store.commit().await {
+            // Not acknowledged: take it back so it is not run behind the
+            // submitter's back (best effort; the store is failing).
+            let _ = self.shared.tree.remove(job_key(id));
+            let _ = self.shared.tree.remove(open_key(id));
+            return Err(e.into());
+        }
+        let out = {
+            let mut st = self.lock();
+            st.open.insert(id, rec);
+            st.queue.push_back(id);
+            self.schedule(&mut st)?
+        };
+        self.deliver(out).await?;
+        Ok(id)
+    }
+
+    /// Hands queued jobs to agents with free slots: for each job, oldest
+    /// first, the least-loaded matching agent, ties going to the one assigned
+    /// least recently — so no agent grabs every pending job.
+    fn schedule(&self, st: &mut State) -> Result<Outbox, StoreError> {
+        let mut out = Outbox::default();
+        if st.queue.is_empty() {
+            return Ok(out);
+        }
+        let stale_after = self.shared.settings.heartbeat_interval * 2 + Duration::from_millis(500);
+        let now = Instant::now();
+        let mut skipped = VecDeque::new();
+        while let Some(id) = st.queue.pop_front() {
+            let any_free = st.agents.values().any(|c| {
+                !c.draining
+                    && c.free_slots() > 0
+                    && now.duration_since(c.last_heartbeat) < stale_after
+            });
+            if !any_free {
+                skipped.push_back(id);
+                break;
+            }
+            let Some(rec) = st.open.get(&id) else {
+                continue;
+            };
+            let best = st
+                .agents
+                .iter()
+                .filter(|(_, c)| {
+                    !c.draining
+                        && c.free_slots() > 0
+                        && now.duration_since(c.last_heartbeat) < stale_after
+                        && c.accepts(&rec.spec)
+                })
+                .min_by_key(|(_, c)| {
+                    (
+                        // Load as a fraction of capacity, scaled to an integer.
+                        (c.running.len() * 1000) / c.max_parallel.max(1),
+                        c.last_assigned,
+                    )
+                })
+                .map(|(id, _)| id.clone());
+            let Some(agent_id) = best else {
+                skipped.push_back(id);
+                continue;
+            };
+            st.assign_counter += 1;
+            let counter = st.assign_counter;
+            let Some(rec) = st.open.get_mut(&id) else {
+                continue;
+            };
+            rec.attempt += 1;
+            rec.state = JobState::Leased;
+            rec.agent_id = agent_id.clone();
+            rec.attempts.push(AttemptRecord {
+                attempt: rec.attempt,
+                agent_id: agent_id.clone(),
+                leased_at_ms: now_ms(),
+                lost_reason: String::new(),
+            });
+            let assignment = Assignment {
+                job: Some(rec.job_ref()),
+                spec: Some(rec.spec.clone()),
+            };
+            let attempt = rec.attempt;
+            let rec = rec.clone();
+            self.persist(&rec)?;
+            st.leases.insert(
+                id,
+                Lease {
+                    agent_id: agent_id.clone(),
+                    attempt,
+                    deadline: now + self.shared.settings.lease_timeout,
+                },
+            );
+            if let Some(conn) = st.agents.get_mut(&agent_id) {
+                conn.running.insert(id);
+                conn.last_assigned = counter;
+                out.push(&conn.tx, hub_message::Msg::Assign(assignment));
+            }
+        }
+        // Keep the order: skipped jobs stay ahead of the ones not looked at.
+        while let Some(id) = skipped.pop_back() {
+            st.queue.push_front(id);
+        }
+        Ok(out)
+    }
+
+    /// Ends an attempt without a result: requeues the job, or finishes it as
+    /// an infrastructure error once its attempts are used up (or as
+    /// cancelled, if an operator asked for that).
+    fn lose(
+        &self,
+        st: &mut State,
+        id: u64,
+        reason: &str,
+        out: &mut Outbox,
+    ) -> Result<(), StoreError> {
+        let Some(lease) = st.leases.remove(&id) else {
+            return Ok(());
+        };
+        if let Some(conn) = st.agents.get_mut(&lease.agent_id) {
+            conn.running.remove(&id);
+        }
+        let Some(rec) = st.open.get_mut(&id) else {
+            return Ok(());
+        };
+        tracing::warn!(job = id, attempt = rec.attempt, agent = %lease.agent_id, "attempt lost: {reason}");
+        if let Some(a) = rec
+            .attempts
+            .iter_mut()
+            .rev()
+            .find(|a| a.attempt == lease.attempt)
+        {
+            a.lost_reason = reason.to_string();
+        }
+        if rec.cancel_requested || rec.attempt >= rec.max_attempts {
+            let (outcome, detail) = if rec.cancel_requested {
+                (
+                    Outcome::Cancelled,
+                    format!("cancelled by an operator ({reason})"),
+                )
+            } else {
+                (
+                    Outcome::Error,
+                    format!(
+                        "infrastructure failure: {} attempt(s) lost, the last because {reason}",
+                        rec.attempt
+                    ),
+                )
+            };
+            rec.state = JobState::Finished;
+            rec.finished_at_ms = now_ms();
+            rec.result = Some(JobResult {
+                job: Some(rec.job_ref()),
+                outcome: outcome.into(),
+                detail,
+                ..Default::default()
+            });
+            let rec = rec.clone();
+            self.persist(&rec)?;
+            st.open.remove(&id);
+            out.finished.push((id, rec.attempt));
+        } else {
+            rec.state = JobState::Queued;
+            let rec = rec.clone();
+            self.persist(&rec)?;
+            st.queue.push_front(id);
+        }
+        Ok(())
+    }
+
+    /// Registers a new session for an authenticated agent after its Hello.
+    /// Leases it holds and lists in `held` are kept; the others are lost
+    /// (the agent restarted without them). Returns the session id.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn connect(
+        &self,
+        agent_id: &str,
+        token_labels: &[String],
+        caps: Capabilities,
+        held: &[JobRef],
+        draining: bool,
+        agent_version: String,
+        remote: String,
+        tx: AgentTx,
+    ) -> Result<u64, DispatchError> {
+        let mut out = Outbox::default();
+        let session = {
+            let mut st = self.lock();
+            st.next_session += 1;
+            let session = st.next_session;
+            let mut labels: HashSet<String> = caps.labels.iter().cloned().collect();
+            labels.extend(token_labels.iter().cloned());
+            let held: HashSet<(u64, u32)> = held.iter().map(|j| (j.job_id, j.attempt)).collect();
+            let mine: Vec<(u64, u32)> = st
+                .leases
+                .iter()
+                .filter(|(_, l)| l.agent_id == agent_id)
+                .map(|(id, l)| (*id, l.attempt))
+                .collect();
+            let deadline = Instant::now() + self.shared.settings.lease_timeout;
+            let mut running = HashSet::new();
+            for (id, attempt) in mine {
+                if held.contains(&(id, attempt)) {
+                    running.insert(id);
+                    if let Some(l) = st.leases.get_mut(&id) {
+                        l.deadline = deadline;
+                    }
+                } else {
+                    self.lose(
+                        &mut st,
+                        id,
+                        "the agent reconnected without it (restarted?)",
+                        &mut out,
+                    )?;
+                }
+            }
+            if let Some(old) = st.agents.remove(agent_id) {
+                let _ = old.tx.send(Err(Status::aborted(
+                    "this agent connected again from elsewhere; closing the older session",
+                )));
+            }
+            let max_parallel = caps.max_parallel_jobs.max(1) as usize;
+            st.agents.insert(
+                agent_id.to_string(),
+                Conn {
+                    session,
+                    tx,
+                    caps,
+                    labels,
+                    max_parallel,
+                    running,
+                    draining,
+                    last_heartbeat: Instant::now(),
+                    last_assigned: 0,
+                    agent_version,
+                    remote,
+                },
+            );
+            st.last_seen.insert(agent_id.to_string(), now_ms());
+            let more = self.schedule(&mut st)?;
+            out.messages.extend(more.messages);
+            session
+        };
+        self.deliver(out).await?;
+        Ok(session)
+    }
+
+    /// The session ended. Its leases stay until they expire: the agent may
+    /// reconnect and keep running its jobs.
+    pub fn disconnect(&self, agent_id: &str, session: u64) {
+        let mut st = self.lock();
+        if st
+            .agents
+            .get(agent_id)
+            .is_some_and(|c| c.session == session)
+        {
+            st.agents.remove(agent_id);
+            st.last_seen.insert(agent_id.to_string(), now_ms());
+        }
+    }
+
+    /// Extends the leases of the jobs the agent says it runs.
+    pub async fn heartbeat(&self, agent_id: &str, running: &[JobRef]) -> Result<(), StoreError> {
+        let out = {
+            let mut st = self.lock();
+            let deadline = Instant::now() + self.shared.settings.lease_timeout;
+            for j in running {
+                if let Some(l) = st.leases.get_mut(&j.job_id)
+                    && l.agent_id == agent_id
+                    && l.attempt == j.attempt
+                {
+                    l.deadline = deadline;
+                }
+            }
+            st.last_seen.insert(agent_id.to_string(), now_ms());
+            let was_stale = match st.agents.get_mut(agent_id) {
+                Some(c) => {
+                    let stale =
+                        c.last_heartbeat.elapsed() > self.shared.settings.heartbeat_interval * 2;
+                    c.last_heartbeat = Instant::now();
+                    stale
+                }
+                None => false,
+            };
+            if was_stale {
+                self.schedule(&mut st)?
+            } else {
+                Outbox::default()
+            }
+        };
+        if !out.messages.is_empty() {
+            self.deliver(out).await?;
+        }
+        Ok(())
+    }
+
+    /// Whether `agent_id` holds the lease for this attempt (log chunks from
+    /// anyone else are dropped).
+    pub fn holds(&self, agent_id: &str, job: &JobRef) -> bool {
+        let st = self.lock();
+        st.leases
+            .get(&job.job_id)
+            .is_some_and(|l| l.agent_id == agent_id && l.attempt == job.attempt)
+    }
+
+    /// The agent started a leased job. Recorded without waiting for the disk:
+    /// losing it in a crash only makes the job show as leased.
+    pub fn started(&self, agent_id: &str, job: &JobRef) -> Result<(), StoreError> {
+        let mut st = self.lock();
+        let holds = st
+            .leases
+            .get(&job.job_id)
+            .is_some_and(|l| l.agent_id == agent_id && l.attempt == job.attempt);
+        if !holds {
+            return Ok(());
+        }
+        if let Some(rec) = st.open.get_mut(&job.job_id) {
+            rec.state = JobState::Running;
+            let rec = rec.clone();
+            self.persist(&rec)?;
+        }
+        Ok(())
+    }
+
+    /// Records an agent's result exactly once. A resend of an already
+    /// recorded result is acknowledged again; a result for an attempt the
+    /// agent no longer holds is refused.
+    pub async fn record_result(
+        &self,
+        agent_id: &str,
+        mut result: JobResult,
+    ) -> Result<ResultAck, DispatchError> {
+        let job = result.job.unwrap_or_default();
+        let (ack, out) = {
+            let mut st = self.lock();
+            let holds = st
+                .leases
+                .get(&job.job_id)
+                .is_some_and(|l| l.agent_id == agent_id && l.attempt == job.attempt);
+            if holds {
+                st.leases.remove(&job.job_id);
+                if let Some(conn) = st.agents.get_mut(agent_id) {
+                    conn.running.remove(&job.job_id);
+                }
+                let mut out = Outbox::default();
+                if let Some(mut rec) = st.open.remove(&job.job_id) {
+                    if result.outcome == Outcome::Unspecified as i32 {
+                        result.outcome = Outcome::Error.into();
+                        result.detail = format!("agent reported no outcome. {}", result.detail);
+                    }
+                    rec.state = JobState::Finished;
+                    rec.finished_at_ms = now_ms();
+                    rec.result = Some(result);
+                    self.persist(&rec)?;
+                    out.finished.push((rec.id, rec.attempt));
+                }
+                let more = self.schedule(&mut st)?;
+                out.messages.extend(more.messages);
+                (
+                    ResultAck {
+                        job: Some(job),
+                        recorded: true,
+                        detail: String::new(),
+                    },
+                    out,
+                )
+            } else {
+                drop(st);
+                let ack = match self.get(job.job_id)? {
+                    None => ResultAck {
+                        job: Some(job),
+                        recorded: false,
+                        detail: format!("job {} does not exist on this hub", job.job_id),
+                    },
+                    Some(rec)
+                        if rec.state == JobState::Finished
+                            && rec.attempt == job.attempt
+                            && rec.agent_id == agent_id =>
+                    {
+                        ResultAck {
+                            job: Some(job),
+                            recorded: true,
+                            detail: "already recorded".into(),
+                        }
+                    }
+                    Some(rec) => {
+                        let why = if rec.attempt > job.attempt {
+                            format!(
+                                "the job was requeued as attempt {} after this agent's lease on attempt {} was lost",
+                                rec.attempt, job.attempt
+                            )
+                        } else {
+                            "this agent does not hold that job".to_string()
+                        };
+                        tracing::warn!(
+                            job = job.job_id,
+                            attempt = job.attempt,
+                            agent = agent_id,
+                            "result refused: {why}"
+                        );
+                        ResultAck {
+                            job: Some(job),
+                            recorded: false,
+                            detail: format!(
+                                "result for job {} attempt {} refused: {why}",
+                                job.job_id, job.attempt
+                            ),
+                        }
+                    }
+                };
+                (ack, Outbox::default())
+            }
+        };
+        self.deliver(out).await?;
+        Ok(ack)
+    }
+
+    /// Gives up every lease whose deadline passed.
+    fn expire_leases(&self) -> Result<Outbox, StoreError> {
+        let mut st = self.lock();
+        let now = Instant::now();
+        let expired: Vec<(u64, String)> = st
+            .leases
+            .iter()
+            .filter(|(_, l)| l.deadline <= now)
+            .map(|(id, l)| (*id, l.agent_id.clone()))
+            .collect();
+        let mut out = Outbox::default();
+        if expired.is_empty() {
+            return Ok(out);
+        }
+        let timeout = humantime::format_duration(self.shared.settings.lease_timeout);
+        for (id, agent) in expired {
+            let reason =
+                format!("its lease expired: agent {agent} was not heard from for {timeout}");
+            self.lose(&mut st, id, &reason, &mut out)?;
+        }
+        let more = self.schedule(&mut st)?;
+        out.messages.extend(more.messages);
+        Ok(out)
+    }
+
+    /// The agent is draining (SIGTERM or an operator's drain): no new jobs.
+    pub fn set_draining(&self, agent_id: &str) {
+        if let Some(c) = self.lock().agents.get_mut(agent_id) {
+            c.draining = true;
+        }
+    }
+
+    /// Asks a connected agent to drain.
+    pub fn drain(&self, agent_id: &str, grace: Duration) -> Result<(), DispatchError> {
+        let mut st = self.lock();
+        let conn = st
+            .agents
+            .get_mut(agent_id)
+            .ok_or_else(|| DispatchError::NotConnected(agent_id.to_string()))?;
+        conn.draining = true;
+        let _ = conn.tx.send(Ok(HubMessage {
+            msg: Some(hub_message::Msg::Drain(Drain {
+                grace_secs: grace.as_secs(),
+            })),
+        }));
+        Ok(())
+    }
+
+    /// Cuts a revoked agent off now and requeues its jobs.
+    pub async fn revoke(&self, agent_id: &str) -> Result<Vec<u64>, DispatchError> {
+        let mut out = Outbox::default();
+        let requeued = {
+            let mut st = self.lock();
+            if let Some(conn) = st.agents.remove(agent_id) {
+                let _ = conn.tx.send(Err(Status::permission_denied(format!(
+                    "agent {agent_id} was revoked by the hub's operator and may not connect again: enroll again with a new enrollment string if the operator agrees"
+                ))));
+            }
+            let mine: Vec<u64> = st
+                .leases
+                .iter()
+                .filter(|(_, l)| l.agent_id == agent_id)
+                .map(|(id, _)| *id)
+                .collect();
+            for id in &mine {
+                self.lose(&mut st, *id, "its agent was revoked", &mut out)?;
+            }
+            let more = self.schedule(&mut st)?;
+            out.messages.extend(more.messages);
+            mine
+        };
+        self.deliver(out).await?;
+        Ok(requeued)
+    }
+
+    /// Cancels a job: a queued one finishes as cancelled at once, a running
+    /// one is cancelled on its agent (which reports the result).
+    pub async fn cancel(&self, job_id: u64) -> Result<(), DispatchError> {
+        let mut out = Outbox::default();
+        {
+            let mut st = self.lock();
+            let Some(rec) = st.open.get_mut(&job_id) else {
+                return match self.get(job_id)? {
+                    Some(_) => Ok(()), // already finished
+                    None => Err(DispatchError::NoSuchJob(job_id)),
+                };
+            };
+            rec.cancel_requested = true;
+            if rec.state == JobState::Queued {
+                rec.state = JobState::Finished;
+                rec.finished_at_ms = now_ms();
+                rec.result = Some(JobResult {
+                    job: Some(rec.job_ref()),
+                    outcome: Outcome::Cancelled.into(),
+                    detail: "cancelled by an operator before it started".into(),
+                    ..Default::default()
+                });
+                let rec = rec.clone();
+                self.persist(&rec)?;
+                st.open.remove(&job_id);
+                st.queue.retain(|id| *id != job_id);
+                out.finished.push((job_id, rec.attempt));
+            } else {
+                let job = rec.job_ref();
+                let rec = rec.clone();
+                self.persist(&rec)?;
+                if let Some(conn) = st
+                    .leases
+                    .get(&job_id)
+                    .and_then(|l| st.agents.get(&l.agent_id))
+                {
+                    out.push(
+                        &conn.tx,
+                        hub_message::Msg::Cancel(Cancel {
+                            job: Some(job),
+                            reason: "cancelled by an operator".into(),
+                        }),
+                    );
+                }
+            }
+        }
+        self.deliver(out).await?;
+        Ok(())
+    }
+
+    /// One job: the live copy if unfinished, else the stored one.
+    pub fn get(&self, job_id: u64) -> Result<Option<JobRecord>, StoreError> {
+        if let Some(rec) = self.lock().open.get(&job_id) {
+            return Ok(Some(rec.clone()));
+        }
+        self.load(job_id)
+    }
+
+    fn load(&self, job_id: u64) -> Result<Option<JobRecord>, StoreError> {
+        let s = &self.shared;
+        match s.tree.get(job_key(job_id)).map_err(|e| s.store.err(e))? {
+            None => Ok(None),
+            Some(raw) => serde_json::from_slice(&raw)
+                .map(Some)
+                .map_err(|e| s.store.corrupt(format!("jobs/j{job_id}"), e)),
+        }
+    }
+
+    /// Jobs newest first, optionally only those in `state`.
+    pub fn list(
+        &self,
+        state: Option<JobState>,
+        limit: usize,
+    ) -> Result<Vec<JobRecord>, StoreError> {
+        let s = &self.shared;
+        let open = self.lock().open.clone();
+        let mut out = Vec::new();
+        for item in s.tree.scan_prefix([b'j']).rev() {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, v) = item.map_err(|e| s.store.err(e))?;
+            let key = String::from_utf8_lossy(&k).into_owned();
+            let stored: JobRecord =
+                serde_json::from_slice(&v).map_err(|e| s.store.corrupt(key, e))?;
+            let rec = open.get(&stored.id).cloned().unwrap_or(stored);
+            if state.is_none_or(|want| want == rec.state) {
+                out.push(rec);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Connected agents by id.
+    pub fn connected(&self) -> HashMap<String, ConnectedAgent> {
+        let st = self.lock();
+        st.agents
+            .iter()
+            .map(|(id, c)| {
+                let mut running: Vec<JobRef> = c
+                    .running
+                    .iter()
+                    .filter_map(|j| {
+                        st.leases.get(j).map(|l| JobRef {
+                            job_id: *j,
+                            attempt: l.attempt,
+                        })
+                    })
+                    .collect();
+                running.sort_by_key(|j| j.job_id);
+                let mut labels: Vec<String> = c.labels.iter().cloned().collect();
+                labels.sort();
+                (
+                    id.clone(),
+                    ConnectedAgent {
+                        caps: c.caps.clone(),
+                        labels,
+                        running,
+                        draining: c.draining,
+                        agent_version: c.agent_version.clone(),
+                        remote: c.remote.clone(),
+                    },
+                )
+            })
+            .collect()
+    }
+
+    /// When an agent was last heard from (ms), if since this hub started.
+    pub fn last_seen(&self, agent_id: &str) -> Option<u64> {
+        self.lock().last_seen.get(agent_id).copied()
+    }
+
+    /// Ends every session (hub shutdown): agents reconnect to the next hub.
+    pub fn close_sessions(&self) {
+        let mut st = self.lock();
+        for (_, conn) in st.agents.drain() {
+            let _ = conn.tx.send(Err(Status::unavailable(
+                "the hub is shutting down; reconnect later",
+            )));
+        }
+    }
+}
+
+/// How often leases are checked for expiry, in milliseconds.
+const LEASE_CHECK_INTERVAL_MS: u64 = 250;
+
+/// Requeues jobs whose agents went silent. Stops when the dispatcher is dropped.
+async fn reap_leases(shared: std::sync::Weak<Shared>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(LEASE_CHECK_INTERVAL_MS));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        let d = Dispatcher { shared };
+        match d.expire_leases() {
+            Ok(out) => {
+                if let Err(e) = d.deliver(out).await {
+                    tracing::error!("cannot record expired leases: {e}");
+                }
+            }
+            Err(e) => tracing::error!("cannot record expired leases: {e}"),
+        }
+    }
+}

@@ -1,0 +1,262 @@
+//! `AgentService`: enrollment and the per-agent session stream.
+//!
+//! A thin layer: it authenticates, checks the protocol version, and turns
+//! each message on the stream into a call on the [`Dispatcher`] or the
+//! [`JobLogs`]; the decisions are made there.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use trunkfarm_proto::v1::agent_service_server::AgentService;
+use trunkfarm_proto::v1::{
+    AgentMessage, ArtifactChunk, DownloadArtifactRequest, EnrollRequest, EnrollResponse, Hello,
+    HubMessage, UploadArtifactResponse, Welcome, agent_message, hub_message,
+};
+use trunkfarm_proto::{MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
+
+use super::{auth_status, bearer, dispatch_status, store_status};
+use crate::auth::credentials::Credentials;
+use crate::dispatch::Dispatcher;
+use crate::logs::JobLogs;
+
+/// How long a new session may take to send its Hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The agent-facing service.
+pub struct AgentApi {
+    /// Tokens and agent credentials.
+    pub credentials: Credentials,
+    /// The job queue.
+    pub dispatch: Dispatcher,
+    /// Job logs.
+    pub logs: Arc<JobLogs>,
+    /// Told to agents in Welcome.
+    pub heartbeat_interval: Duration,
+}
+
+/// Refuses an agent speaking a protocol this hub cannot serve.
+fn check_version(version: u32) -> Result<(), Status> {
+    if (MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&version) {
+        return Ok(());
+    }
+    Err(Status::failed_precondition(format!(
+        "this hub speaks trunkfarm protocol {MIN_PROTOCOL_VERSION}..={PROTOCOL_VERSION} (hub version {}); this agent speaks protocol {version}: {}",
+        env!("CARGO_PKG_VERSION"),
+        if version < MIN_PROTOCOL_VERSION {
+            "upgrade trunkfarm-agent to a version that matches the hub"
+        } else {
+            "this agent is newer than the hub: ask the hub's operator to upgrade trunkfarm, or install a matching trunkfarm-agent"
+        }
+    )))
+}
+
+#[tonic::async_trait]
+impl AgentService for AgentApi {
+    async fn enroll(
+        &self,
+        request: Request<EnrollRequest>,
+    ) -> Result<Response<EnrollResponse>, Status> {
+        let req = request.into_inner();
+        if req.protocol_version != 0 {
+            check_version(req.protocol_version)?;
+        }
+        let (agent, credential) = self
+            .credentials
+            .enroll(&req.token, &req.name)
+            .await
+            .map_err(auth_status)?;
+        tracing::info!(agent = %agent.id, name = %agent.name, token = %agent.token_id, "agent enrolled");
+        let secret = credential
+            .split_once('.')
+            .map(|(_, s)| s.to_string())
+            .unwrap_or_default();
+        Ok(Response::new(EnrollResponse {
+            agent_id: agent.id,
+            secret,
+            labels: agent.labels,
+        }))
+    }
+
+    type SessionStream = UnboundedReceiverStream<Result<HubMessage, Status>>;
+
+    async fn session(
+        &self,
+        request: Request<Streaming<AgentMessage>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        let remote = request
+            .remote_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        let agent = self
+            .credentials
+            .verify_agent(bearer(&request)?)
+            .map_err(auth_status)?;
+        let mut inbound = request.into_inner();
+        let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
+            Ok(Ok(Some(AgentMessage {
+                msg: Some(agent_message::Msg::Hello(hello)),
+            }))) => hello,
+            Ok(Err(status)) => return Err(status),
+            Err(_) => {
+                return Err(Status::deadline_exceeded(
+                    "no Hello within 15s of opening the session",
+                ));
+            }
+            Ok(_) => {
+                return Err(Status::invalid_argument(
+                    "the first message of a session must be Hello",
+                ));
+            }
+        };
+        check_version(hello.protocol_version)?;
+        let Hello {
+            agent_version,
+            capabilities,
+            running,
+            draining,
+            ..
+        } = hello;
+        let caps = capabilities.unwrap_or_default();
+        let mut labels = caps.labels.clone();
+        labels.extend(agent.labels.iter().cloned());
+        labels.sort();
+        labels.dedup();
+        let (tx, rx) = mpsc::unbounded_channel();
+        // Welcome goes first: `connect` may queue assignments right away.
+        let _ = tx.send(Ok(HubMessage {
+            msg: Some(hub_message::Msg::Welcome(Welcome {
+                agent_id: agent.id.clone(),
+                hub_version: env!("CARGO_PKG_VERSION").to_string(),
+                protocol_version: PROTOCOL_VERSION,
+                heartbeat_interval_ms: self.heartbeat_interval.as_millis() as u64,
+                labels,
+            })),
+        }));
+        let session = self
+            .dispatch
+            .connect(
+                &agent.id,
+                &agent.labels,
+                caps,
+                &running,
+                draining,
+                agent_version.clone(),
+                remote.clone(),
+                tx.clone(),
+            )
+            .await
+            .map_err(dispatch_status)?;
+        tracing::info!(agent = %agent.id, name = %agent.name, %remote, version = %agent_version, held = running.len(), "agent connected");
+        tokio::spawn(run_session(
+            agent.id,
+            session,
+            inbound,
+            tx,
+            self.dispatch.clone(),
+            self.logs.clone(),
+        ));
+        Ok(Response::new(UnboundedReceiverStream::new(rx)))
+    }
+
+    async fn upload_artifact(
+        &self,
+        _request: Request<Streaming<ArtifactChunk>>,
+    ) -> Result<Response<UploadArtifactResponse>, Status> {
+        Err(Status::unimplemented(
+            "artifact upload is not served by this hub version yet",
+        ))
+    }
+
+    type DownloadArtifactStream = UnboundedReceiverStream<Result<ArtifactChunk, Status>>;
+
+    async fn download_artifact(
+        &self,
+        _request: Request<DownloadArtifactRequest>,
+    ) -> Result<Response<Self::DownloadArtifactStream>, Status> {
+        Err(Status::unimplemented(
+            "artifact download is not served by this hub version yet",
+        ))
+    }
+}
+
+/// Reads one agent's messages until its stream ends.
+async fn run_session(
+    agent_id: String,
+    session: u64,
+    mut inbound: Streaming<AgentMessage>,
+    tx: mpsc::UnboundedSender<Result<HubMessage, Status>>,
+    dispatch: Dispatcher,
+    logs: Arc<JobLogs>,
+) {
+    loop {
+        let msg = match inbound.message().await {
+            Ok(Some(AgentMessage { msg: Some(msg) })) => msg,
+            Ok(Some(_)) => continue,
+            Ok(None) => break,
+            Err(status) => {
+                tracing::debug!(agent = %agent_id, "session stream ended: {}", status.message());
+                break;
+            }
+        };
+        let outcome = match msg {
+            agent_message::Msg::Heartbeat(hb) => dispatch.heartbeat(&agent_id, &hb.running).await,
+            agent_message::Msg::Started(s) => match s.job {
+                Some(job) => dispatch.started(&agent_id, &job),
+                None => Ok(()),
+            },
+            agent_message::Msg::Log(chunk) => match chunk.job {
+                Some(job) if dispatch.holds(&agent_id, &job) => logs.append(chunk),
+                _ => Ok(()),
+            },
+            agent_message::Msg::Result(result) => {
+                // Handled concurrently so one agent's results share flushes.
+                let dispatch = dispatch.clone();
+                let tx = tx.clone();
+                let agent_id = agent_id.clone();
+                tokio::spawn(async move {
+                    match dispatch.record_result(&agent_id, result).await {
+                        Ok(ack) => {
+                            let _ = tx.send(Ok(HubMessage {
+                                msg: Some(hub_message::Msg::ResultAck(ack)),
+                            }));
+                        }
+                        // Not acknowledged: the agent keeps the result and resends it.
+                        Err(e) => tracing::error!(agent = %agent_id, "cannot record a result: {e}"),
+                    }
+                });
+                Ok(())
+            }
+            agent_message::Msg::Draining(_) => {
+                tracing::info!(agent = %agent_id, "agent is draining");
+                dispatch.set_draining(&agent_id);
+                Ok(())
+            }
+            agent_message::Msg::Hello(_) => Ok(()),
+        };
+        if let Err(e) = outcome {
+            tracing::error!(agent = %agent_id, "{e}");
+            let _ = tx.send(Err(store_status(e)));
+            break;
+        }
+    }
+    dispatch.disconnect(&agent_id, session);
+    tracing::info!(agent = %agent_id, "agent disconnected");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_outside_the_range_are_refused_with_advice() {
+        assert!(check_version(PROTOCOL_VERSION).is_ok());
+        let old = check_version(0).unwrap_err();
+        assert_eq!(old.code(), tonic::Code::FailedPrecondition);
+        assert!(old.message().contains("upgrade trunkfarm-agent"));
+        let new = check_version(PROTOCOL_VERSION + 1).unwrap_err();
+        assert!(new.message().contains("newer than the hub"));
+    }
+}

@@ -1,0 +1,229 @@
+//! Starting and stopping a hub: opens the data dir, wires the modules
+//! together, serves gRPC (agents, admin, health, reflection) over TLS, and
+//! shuts down gracefully.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
+use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Identity, Server, ServerTlsConfig};
+use trunkfarm_proto::v1::admin_service_server::AdminServiceServer;
+use trunkfarm_proto::v1::agent_service_server::AgentServiceServer;
+
+use crate::auth::credentials::Credentials;
+use crate::auth::{secret, tls};
+use crate::config::HubConfig;
+use crate::dispatch::{DispatchSettings, Dispatcher};
+use crate::grpc::admin::AdminApi;
+use crate::grpc::agent::AgentApi;
+use crate::logs::JobLogs;
+use crate::store::Store;
+
+/// Written to `<data_dir>/hub.json` once the hub serves, so the CLI (and
+/// tests, and scripts) find a hub started on port 0.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct HubInfo {
+    /// The bound address.
+    pub address: String,
+    /// The address in enrollment strings.
+    pub public_address: String,
+    /// Whether it speaks TLS.
+    pub tls: bool,
+    /// The CA fingerprint agents pin (hex SHA-256); empty for plaintext.
+    pub ca_sha256: String,
+    /// The hub's process id.
+    pub pid: u32,
+}
+
+/// The name of the file that says where a running hub is.
+pub const HUB_INFO_FILE: &str = "hub.json";
+
+impl HubInfo {
+    /// Reads the file a running hub wrote into `data_dir`.
+    pub fn read(data_dir: &Path) -> anyhow::Result<HubInfo> {
+        let path = data_dir.join(HUB_INFO_FILE);
+        let text = std::fs::read_to_string(&path).with_context(|| {
+            format!(
+                "cannot read {}: is the hub running (`trunkfarm serve`) with this config's data_dir?",
+                path.display()
+            )
+        })?;
+        serde_json::from_str(&text).with_context(|| format!("{} is malformed", path.display()))
+    }
+}
+
+/// A running hub.
+pub struct Hub {
+    /// The bound address.
+    pub addr: SocketAddr,
+    /// What was written to hub.json.
+    pub info: HubInfo,
+    /// The admin token (for in-process callers such as the demo).
+    pub admin_token: String,
+    info_path: PathBuf,
+    dispatch: Dispatcher,
+    store: Store,
+    stop: Option<oneshot::Sender<()>>,
+    served: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+impl Hub {
+    /// Opens the data dir and starts serving. Returns once the listener is
+    /// bound and `hub.json` is written.
+    pub async fn start(cfg: &HubConfig) -> anyhow::Result<Hub> {
+        let data_dir = cfg.data_dir().to_path_buf();
+        std::fs::create_dir_all(&data_dir)
+            .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
+        let info_path = data_dir.join(HUB_INFO_FILE);
+        // A stale file from a killed hub must not point clients at nothing.
+        let _ = std::fs::remove_file(&info_path);
+
+        let store = Store::open(&data_dir.join("db"))?;
+        let credentials = Credentials::open(&store)?;
+        let logs = Arc::new(JobLogs::open(&store, cfg.limits.max_log_size)?);
+        let d = &cfg.dispatch;
+        let dispatch = Dispatcher::open(
+            &store,
+            logs.clone(),
+            DispatchSettings {
+                lease_timeout: d.lease_timeout,
+                heartbeat_interval: d.heartbeat_interval,
+                max_attempts: d.max_attempts,
+                default_job_timeout: d.default_job_timeout,
+                max_job_timeout: d.max_job_timeout,
+            },
+        )?;
+        let admin_token = secret::load_or_create_admin_token(&cfg.admin_token_path())?;
+
+        let identity = if cfg.tls.plaintext {
+            None
+        } else if let (Some(cert), Some(key)) = (&cfg.tls.cert, &cfg.tls.key) {
+            Some(tls::load_configured(cert, key)?)
+        } else {
+            Some(tls::load_or_create(
+                &cfg.generated_tls_dir(),
+                &cfg.tls.hostnames,
+            )?)
+        };
+
+        let incoming = TcpIncoming::bind(cfg.hub.listen)
+            .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.hub.listen))?
+            .with_nodelay(Some(true))
+            .with_keepalive(Some(std::time::Duration::from_secs(60)));
+        let addr = incoming.local_addr()?;
+        let public_address = match &cfg.hub.public_address {
+            Some(a) => a.clone(),
+            None if addr.ip().is_unspecified() => {
+                tracing::warn!(
+                    "hub.listen is {addr} (all interfaces) and hub.public_address is not set: enrollment strings will say 127.0.0.1:{}; set hub.public_address to the name agents dial",
+                    addr.port()
+                );
+                format!("127.0.0.1:{}", addr.port())
+            }
+            None => addr.to_string(),
+        };
+        let ca_sha256 = identity.as_ref().map(|i| i.ca_sha256.clone());
+        let max_message = usize::try_from(cfg.limits.max_message_size).unwrap_or(usize::MAX);
+
+        let agent_api = AgentApi {
+            credentials: credentials.clone(),
+            dispatch: dispatch.clone(),
+            logs: logs.clone(),
+            heartbeat_interval: d.heartbeat_interval,
+        };
+        let admin_api = AdminApi {
+            admin_token_hash: secret::hash(&admin_token),
+            credentials,
+            dispatch: dispatch.clone(),
+            logs,
+            public_address: public_address.clone(),
+            ca_sha256: ca_sha256.clone(),
+            default_token_ttl: cfg.enrollment.default_token_ttl,
+            max_token_ttl: cfg.enrollment.max_token_ttl,
+            drain_grace: d.drain_grace,
+        };
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health.set_serving::<AgentServiceServer<AgentApi>>().await;
+        health.set_serving::<AdminServiceServer<AdminApi>>().await;
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(trunkfarm_proto::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()?;
+
+        let mut builder = Server::builder()
+            .http2_keepalive_interval(Some(std::time::Duration::from_secs(20)))
+            .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)));
+        if let Some(id) = &identity {
+            builder = builder.tls_config(
+                ServerTlsConfig::new()
+                    .identity(Identity::from_pem(&id.cert_chain_pem, &id.key_pem)),
+            )?;
+        }
+        let router = builder
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(
+                AgentServiceServer::new(agent_api)
+                    .max_decoding_message_size(max_message)
+                    .max_encoding_message_size(max_message),
+            )
+            .add_service(
+                AdminServiceServer::new(admin_api)
+                    .max_decoding_message_size(max_message)
+                    .max_encoding_message_size(max_message),
+            );
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let served = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
+            let _ = stop_rx.await;
+        }));
+
+        let info = HubInfo {
+            address: addr.to_string(),
+            public_address,
+            tls: identity.is_some(),
+            ca_sha256: ca_sha256.unwrap_or_default(),
+            pid: std::process::id(),
+        };
+        let json = serde_json::to_vec_pretty(&info)?;
+        secret::write_private(&info_path, &json)
+            .with_context(|| format!("cannot write {}", info_path.display()))?;
+        let (queued, leased) = dispatch.open_counts();
+        tracing::info!(%addr, queued, leased, "hub serving");
+        Ok(Hub {
+            addr,
+            info,
+            admin_token,
+            info_path,
+            dispatch,
+            store,
+            stop: Some(stop_tx),
+            served,
+        })
+    }
+
+    /// Stops serving: ends agent sessions (they reconnect to the next hub),
+    /// waits for in-flight calls, and makes sure everything is on disk.
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        let _ = std::fs::remove_file(&self.info_path);
+        self.dispatch.close_sessions();
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        match tokio::time::timeout(std::time::Duration::from_secs(10), &mut self.served).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => tracing::warn!("server ended with an error: {e}"),
+            Ok(Err(e)) => tracing::warn!("server task failed: {e}"),
+            Err(_) => {
+                tracing::warn!("connections did not close within 10s; stopping anyway");
+                self.served.abort();
+            }
+        }
+        self.store.commit().await?;
+        tracing::info!("hub stopped");
+        Ok(())
+    }
+}
