@@ -869,8 +869,10 @@ impl Dispatcher {
         {
             let mut st = self.lock();
             let Some(rec) = st.open.get_mut(&job_id) else {
-                return match self.get(job_id)? {
-                    Some(_) => Ok(()), // already finished
+                // Not open: finished already, or unknown. (`load`, not `get`:
+                // the lock is held.)
+                return match self.load(job_id)? {
+                    Some(_) => Ok(()),
                     None => Err(DispatchError::NoSuchJob(job_id)),
                 };
             };
@@ -1026,5 +1028,280 @@ async fn reap_leases(shared: std::sync::Weak<Shared>) {
             }
             Err(e) => tracing::error!("cannot record expired leases: {e}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use trunkfarm_proto::v1::hub_message::Msg;
+
+    type Rx = mpsc::UnboundedReceiver<Result<HubMessage, Status>>;
+
+    fn settings(lease_ms: u64) -> DispatchSettings {
+        DispatchSettings {
+            lease_timeout: Duration::from_millis(lease_ms),
+            heartbeat_interval: Duration::from_millis(lease_ms / 3),
+            max_attempts: 2,
+            default_job_timeout: Duration::from_secs(60),
+            max_job_timeout: Duration::from_secs(3600),
+        }
+    }
+
+    fn open(dir: &std::path::Path, lease_ms: u64) -> (Store, Dispatcher) {
+        let store = Store::open(dir).unwrap();
+        let logs = Arc::new(JobLogs::open(&store, 1 << 20).unwrap());
+        let d = Dispatcher::open(&store, logs, settings(lease_ms)).unwrap();
+        (store, d)
+    }
+
+    async fn agent(d: &Dispatcher, id: &str, slots: u32, labels: &[&str], held: &[JobRef]) -> Rx {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let caps = Capabilities {
+            labels: labels.iter().map(|s| s.to_string()).collect(),
+            max_parallel_jobs: slots,
+            ..Default::default()
+        };
+        d.connect(
+            id,
+            &[],
+            caps,
+            held,
+            false,
+            "test".into(),
+            "local".into(),
+            tx,
+        )
+        .await
+        .unwrap();
+        rx
+    }
+
+    fn spec(labels: &[&str]) -> JobSpec {
+        JobSpec {
+            commands: vec!["true".into()],
+            labels: labels.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    fn assignments(rx: &mut Rx) -> Vec<JobRef> {
+        let mut out = Vec::new();
+        while let Ok(Ok(HubMessage {
+            msg: Some(Msg::Assign(a)),
+        })) = rx.try_recv()
+        {
+            out.push(a.job.unwrap());
+        }
+        out
+    }
+
+    fn passed(job: JobRef) -> JobResult {
+        JobResult {
+            job: Some(job),
+            outcome: Outcome::Passed.into(),
+            exit_code: Some(0),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_result_is_recorded_once_and_resends_are_acknowledged() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_s, d) = open(dir.path(), 5000);
+        let id = d.submit(spec(&[]), 0).await.unwrap();
+        let mut rx = agent(&d, "a", 1, &[], &[]).await;
+        let got = assignments(&mut rx);
+        assert_eq!(
+            got,
+            vec![JobRef {
+                job_id: id,
+                attempt: 1
+            }]
+        );
+        let ack = d.record_result("a", passed(got[0])).await.unwrap();
+        assert!(ack.recorded && ack.detail.is_empty());
+        let again = d.record_result("a", passed(got[0])).await.unwrap();
+        assert!(again.recorded);
+        assert_eq!(again.detail, "already recorded");
+        let rec = d.get(id).unwrap().unwrap();
+        assert_eq!(rec.state, JobState::Finished);
+        assert_eq!(rec.attempts.len(), 1);
+        // Someone else's claim on the same job is refused.
+        let other = d.record_result("b", passed(got[0])).await.unwrap();
+        assert!(!other.recorded);
+    }
+
+    #[tokio::test]
+    async fn work_is_spread_over_agents() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_s, d) = open(dir.path(), 5000);
+        let mut a = agent(&d, "a", 4, &[], &[]).await;
+        let mut b = agent(&d, "b", 4, &[], &[]).await;
+        for _ in 0..6 {
+            d.submit(spec(&[]), 0).await.unwrap();
+        }
+        let (na, nb) = (assignments(&mut a).len(), assignments(&mut b).len());
+        assert_eq!((na, nb), (3, 3));
+    }
+
+    #[tokio::test]
+    async fn labels_and_slots_are_respected() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_s, d) = open(dir.path(), 5000);
+        let mut plain = agent(&d, "plain", 1, &["linux"], &[]).await;
+        let gpu_job = d.submit(spec(&["gpu"]), 0).await.unwrap();
+        d.submit(spec(&["linux"]), 0).await.unwrap();
+        d.submit(spec(&["linux"]), 0).await.unwrap();
+        let got = assignments(&mut plain);
+        assert_eq!(got.len(), 1, "one slot, one job");
+        assert_ne!(got[0].job_id, gpu_job);
+        let mut gpu = agent(&d, "gpu", 1, &["gpu", "linux"], &[]).await;
+        assert_eq!(assignments(&mut gpu)[0].job_id, gpu_job);
+    }
+
+    #[tokio::test]
+    async fn a_silent_agent_loses_its_lease_and_its_late_result_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_s, d) = open(dir.path(), 300);
+        let id = d.submit(spec(&[]), 0).await.unwrap();
+        let mut a = agent(&d, "a", 1, &[], &[]).await;
+        let first = assignments(&mut a)[0];
+        d.set_draining("a"); // keep the retry off agent a
+        let mut b = agent(&d, "b", 1, &[], &[]).await;
+        tokio::time::sleep(Duration::from_millis(900)).await;
+        let second = assignments(&mut b);
+        assert_eq!(
+            second,
+            vec![JobRef {
+                job_id: id,
+                attempt: 2
+            }]
+        );
+        let late = d.record_result("a", passed(first)).await.unwrap();
+        assert!(!late.recorded);
+        assert!(
+            late.detail.contains("requeued as attempt 2"),
+            "{}",
+            late.detail
+        );
+        assert!(
+            d.record_result("b", passed(second[0]))
+                .await
+                .unwrap()
+                .recorded
+        );
+        let rec = d.get(id).unwrap().unwrap();
+        assert!(rec.attempts[0].lost_reason.contains("lease expired"));
+        assert_eq!(rec.result.unwrap().outcome, Outcome::Passed as i32);
+    }
+
+    #[tokio::test]
+    async fn attempts_are_bounded_then_the_job_is_an_infrastructure_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_s, d) = open(dir.path(), 200);
+        let id = d.submit(spec(&[]), 0).await.unwrap();
+        let _a = agent(&d, "a", 1, &[], &[]).await;
+        // Never heartbeats: both attempts (max_attempts = 2) expire.
+        for _ in 0..40 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if d.get(id).unwrap().unwrap().state == JobState::Finished {
+                break;
+            }
+        }
+        let rec = d.get(id).unwrap().unwrap();
+        assert_eq!(rec.state, JobState::Finished);
+        let result = rec.result.unwrap();
+        assert_eq!(result.outcome, Outcome::Error as i32);
+        assert!(
+            result.detail.contains("2 attempt(s) lost"),
+            "{}",
+            result.detail
+        );
+    }
+
+    #[tokio::test]
+    async fn a_restarted_hub_resumes_queued_and_leased_jobs() {
+        let dir = tempfile::tempdir().unwrap();
+        let (kept, dropped, queued) = {
+            let (_s, d) = open(dir.path(), 5000);
+            let mut a = agent(&d, "a", 2, &[], &[]).await;
+            let j1 = d.submit(spec(&[]), 0).await.unwrap();
+            let j2 = d.submit(spec(&[]), 0).await.unwrap();
+            let j3 = d.submit(spec(&[]), 0).await.unwrap();
+            assert_eq!(assignments(&mut a).len(), 2);
+            (j1, j2, j3)
+        };
+        let store = crate::store::tests::reopen(dir.path()).await;
+        let logs = Arc::new(JobLogs::open(&store, 1 << 20).unwrap());
+        let d = Dispatcher::open(&store, logs, settings(5000)).unwrap();
+        assert_eq!(d.open_counts(), (1, 2));
+        // The agent comes back still holding j1 only: j2 is requeued at once.
+        let mut a = agent(
+            &d,
+            "a",
+            2,
+            &[],
+            &[JobRef {
+                job_id: kept,
+                attempt: 1,
+            }],
+        )
+        .await;
+        let got = assignments(&mut a);
+        let ids: Vec<u64> = got.iter().map(|j| j.job_id).collect();
+        // One slot is free: the requeued job goes ahead of the queued one.
+        assert_eq!(ids, vec![dropped]);
+        assert_eq!(d.get(queued).unwrap().unwrap().state, JobState::Queued);
+        let rec = d.get(dropped).unwrap().unwrap();
+        assert!(
+            rec.attempts[0]
+                .lost_reason
+                .contains("reconnected without it")
+        );
+        assert!(
+            d.record_result(
+                "a",
+                passed(JobRef {
+                    job_id: kept,
+                    attempt: 1
+                })
+            )
+            .await
+            .unwrap()
+            .recorded
+        );
+    }
+
+    #[tokio::test]
+    async fn cancelling_a_queued_job_finishes_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_s, d) = open(dir.path(), 5000);
+        let id = d.submit(spec(&[]), 0).await.unwrap();
+        d.cancel(id).await.unwrap();
+        let rec = d.get(id).unwrap().unwrap();
+        assert_eq!(rec.result.unwrap().outcome, Outcome::Cancelled as i32);
+        let mut a = agent(&d, "a", 1, &[], &[]).await;
+        assert!(assignments(&mut a).is_empty());
+        assert!(matches!(
+            d.cancel(9999).await,
+            Err(DispatchError::NoSuchJob(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn bad_specs_are_refused_with_advice() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_s, d) = open(dir.path(), 5000);
+        let err = d
+            .submit(JobSpec::default(), 0)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no command"), "{err}");
+        let mut long = spec(&[]);
+        long.timeout_secs = 7200;
+        let err = d.submit(long, 0).await.unwrap_err().to_string();
+        assert!(err.contains("max_job_timeout"), "{err}");
     }
 }

@@ -216,7 +216,7 @@ pub fn now_ms() -> u64 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// Opens again once the previous handle's group-commit task let go of the lock.

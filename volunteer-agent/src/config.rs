@@ -25,7 +25,6 @@ const MIB: u64 = 1024 * KIB;
 /// What went wrong loading the donor's settings. The wording is user-facing
 /// and documented, so tests assert on it.
 #[derive(Debug, thiserror::Error)]
-#[cfg_attr(not(test), allow(dead_code))]
 pub(crate) enum ConfigError {
     /// The file could not be read: missing (when it must exist), unreadable,
     /// not UTF-8.
@@ -134,7 +133,6 @@ fn at(file: &Option<PathBuf>, line: Option<usize>) -> String {
 /// The donor's settings after defaults, path resolution and validation.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields, expecting = "a table of agent settings")]
-#[cfg_attr(not(test), allow(dead_code))]
 pub(crate) struct AgentConfig {
     /// The file the settings came from, for messages; `None` when there was
     /// no file (all defaults) or the text came from elsewhere.
@@ -190,7 +188,6 @@ impl Default for AgentConfig {
 /// Command-line options that override the file, one per setting a donor is
 /// likely to change for a single run; `None` leaves the file's value.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-#[cfg_attr(not(test), allow(dead_code))]
 pub(crate) struct Overrides {
     /// Overrides `name`.
     pub name: Option<String>,
@@ -209,7 +206,6 @@ pub(crate) struct Overrides {
     pub work_dir: Option<PathBuf>,
 }
 
-#[cfg_attr(not(test), allow(dead_code))]
 impl AgentConfig {
     /// Reads, parses and validates the settings file. A missing file gives the
     /// defaults unless `must_exist` (the donor named the file explicitly, so
@@ -396,13 +392,11 @@ impl AgentConfig {
 
 /// One broken semantic rule, before it is placed in a file.
 #[derive(Debug)]
-#[cfg_attr(not(test), allow(dead_code))]
 struct Problem {
     key: &'static str,
     message: String,
 }
 
-#[cfg_attr(not(test), allow(dead_code))]
 impl Problem {
     fn new(key: &'static str, message: impl Into<String>) -> Self {
         Self {
@@ -427,7 +421,6 @@ impl Problem {
 }
 
 /// Turning TOML text into settings, with errors placed in the file.
-#[cfg_attr(not(test), allow(dead_code))]
 mod parse {
     use std::path::PathBuf;
 
@@ -531,7 +524,6 @@ mod parse {
 }
 
 /// `deserialize_with` helpers for the settings' human-readable units.
-#[cfg_attr(not(test), allow(dead_code))]
 mod de {
     use std::fmt;
     use std::time::Duration;

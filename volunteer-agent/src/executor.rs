@@ -59,7 +59,6 @@ type LogItem = (LogStream, Vec<u8>);
 
 /// The limits the donor and the job together put on one run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[cfg_attr(not(test), allow(dead_code))]
 pub(crate) struct JobLimits {
     /// Wall-clock limit for the whole job, checkout included; zero means none.
     pub timeout: Duration,
@@ -69,7 +68,6 @@ pub(crate) struct JobLimits {
 
 /// How a run ended: everything the agent reports in its `JobResult`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-#[cfg_attr(not(test), allow(dead_code))]
 pub(crate) struct ExecOutcome {
     /// Passed, failed, timed out, cancelled or infrastructure error.
     pub outcome: Outcome,
@@ -96,7 +94,6 @@ pub(crate) struct ExecOutcome {
 /// timeout and `cancel` still work). If the receiver is dropped, the job keeps
 /// running and its output is discarded. Firing `cancel` kills the job and
 /// ends it as [`Outcome::Cancelled`].
-#[cfg_attr(not(test), allow(dead_code))]
 pub(crate) async fn run_job(
     job: &JobRef,
     spec: &JobSpec,

@@ -1,8 +1,162 @@
 //! `trunkfarm-agent`: the volunteer agent.
+//!
+//! `enroll` trades an enrollment string for this machine's credential;
+//! `run` connects out to the hub and runs the jobs it sends until drained.
+//!
+//! Exit codes: 0 after a drain (or a successful enroll); 1 a failure
+//! (unreachable hub at enrollment, I/O); 2 a usage, settings or "not
+//! enrolled" error; 3 the hub refused the credential (revoked, unknown); 4 the
+//! hub refused this agent's protocol version.
 
+mod backoff;
+mod cli;
 mod config;
+mod credential;
+mod enroll;
 mod executor;
+mod jobs;
+mod outbox;
 mod output;
+mod results;
+mod session;
+mod state;
 mod sysinfo;
 
-fn main() {}
+use std::io::IsTerminal as _;
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser as _;
+use tracing_subscriber::EnvFilter;
+
+use crate::cli::{Cli, Command, EnrollArgs, RunArgs};
+use crate::config::AgentConfig;
+use crate::credential::Credential;
+use crate::enroll::EnrollError;
+use crate::session::Ending;
+
+/// A failure that is not the volunteer's input (the hub unreachable at
+/// enrollment, an I/O error).
+const EXIT_FAILURE: u8 = 1;
+/// A usage, settings or "not enrolled" error: fix the command or the file.
+const EXIT_USAGE: u8 = 2;
+/// The hub refused the credential (revoked or unknown): enroll again.
+const EXIT_REFUSED: u8 = 3;
+/// The hub refused this agent's protocol version: upgrade the agent.
+const EXIT_INCOMPATIBLE: u8 = 4;
+
+/// How long, at exit, cleanup still running on the blocking pool (removing a
+/// job's work directory) may delay the process.
+const SHUTDOWN_WAIT: Duration = Duration::from_secs(10);
+
+fn main() -> ExitCode {
+    // The dialer passes its provider explicitly; this covers anything that
+    // asks rustls for the process default. An error means one is installed.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    // On a usage error clap prints it and exits with code 2.
+    let cli = Cli::parse();
+    init_tracing();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    let code = runtime.block_on(async {
+        match cli.command {
+            Command::Enroll(args) => enroll_command(args).await,
+            Command::Run(args) => run_command(args).await,
+        }
+    });
+    runtime.shutdown_timeout(SHUTDOWN_WAIT);
+    ExitCode::from(code)
+}
+
+/// Logs go to stderr, at `info` unless `RUST_LOG` says otherwise.
+fn init_tracing() {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}
+
+/// The state directory from `--state-dir` or the environment.
+fn state_dir(cli: Option<&Path>) -> Result<std::path::PathBuf, u8> {
+    state::resolve_state_dir(cli, |name| std::env::var_os(name)).map_err(|e| {
+        eprintln!("error: {e}");
+        EXIT_USAGE
+    })
+}
+
+/// `trunkfarm-agent enroll`.
+async fn enroll_command(args: EnrollArgs) -> u8 {
+    let dir = match state_dir(args.state_dir.as_deref()) {
+        Ok(dir) => dir,
+        Err(code) => return code,
+    };
+    match enroll::enroll(&args, &dir).await {
+        Ok(enrolled) => {
+            println!("{}", enrolled.summary());
+            0
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            match e {
+                EnrollError::Usage(_) => EXIT_USAGE,
+                EnrollError::Failed(_) => EXIT_FAILURE,
+            }
+        }
+    }
+}
+
+/// `trunkfarm-agent run`.
+async fn run_command(args: RunArgs) -> u8 {
+    let dir = match state_dir(args.state_dir.as_deref()) {
+        Ok(dir) => dir,
+        Err(code) => return code,
+    };
+    let credential = match Credential::load(&dir) {
+        Ok(credential) => credential,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    let (path, must_exist) = match &args.config {
+        Some(path) => (path.clone(), true),
+        None => (dir.join("agent.toml"), false),
+    };
+    let mut config = match AgentConfig::load(&path, must_exist) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    if let Err(e) = config.apply(args.overrides()) {
+        eprintln!("error: {e}");
+        return EXIT_USAGE;
+    }
+    match session::run(dir, credential, config).await {
+        Ok(Ending::Drained) => 0,
+        Ok(Ending::Refused(message)) => {
+            eprintln!("error: the hub refused this agent: {message}");
+            EXIT_REFUSED
+        }
+        Ok(Ending::Incompatible(message)) => {
+            eprintln!("error: the hub refused this agent's protocol version: {message}");
+            EXIT_INCOMPATIBLE
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            EXIT_FAILURE
+        }
+    }
+}

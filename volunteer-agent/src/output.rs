@@ -21,7 +21,6 @@ pub(crate) const MAX_CHUNK: usize = 64 * 1024;
 /// Decides which of a job's output bytes are kept: a live-streamed head, a
 /// tail kept until the end, and a count of what was cut in between.
 #[derive(Debug)]
-#[cfg_attr(not(test), allow(dead_code))]
 pub(crate) struct OutputCap {
     /// The configured cap in bytes; 0 means no cap.
     cap: u64,
@@ -63,7 +62,6 @@ impl TailChunk {
 
 /// What [`OutputCap::finish`] leaves to send after the head.
 #[derive(Debug, Clone, PartialEq, Eq)]
-#[cfg_attr(not(test), allow(dead_code))]
 pub(crate) struct CapEnd {
     /// The cut notice (a system line, only when something was cut) followed
     /// by the tail, in the order the bytes were written; each chunk is at
@@ -73,7 +71,6 @@ pub(crate) struct CapEnd {
     pub bytes_cut: u64,
 }
 
-#[cfg_attr(not(test), allow(dead_code))]
 impl OutputCap {
     /// A capture keeping at most `cap` bytes (`cap / 2` head, `cap / 2`
     /// tail); `cap == 0` keeps everything and streams it all live.

@@ -4,7 +4,6 @@
 
 /// The facts about this machine the agent reports to the hub.
 #[derive(Debug, Clone, PartialEq, Eq)]
-#[cfg_attr(not(test), allow(dead_code))]
 pub(crate) struct Machine {
     /// Operating system as Rust names it (`"linux"`, `"macos"`, ...).
     pub os: String,
@@ -18,7 +17,6 @@ pub(crate) struct Machine {
 
 /// Detects the machine the agent runs on. Never fails: what cannot be found
 /// out is reported as 1 core or 0 bytes of memory.
-#[cfg_attr(not(test), allow(dead_code))]
 pub(crate) fn detect() -> Machine {
     let cores = std::thread::available_parallelism()
         .map(|n| u32::try_from(n.get()).unwrap_or(u32::MAX))
@@ -61,7 +59,6 @@ fn parse_meminfo_total(text: &str) -> Option<u64> {
 
 /// The labels a machine carries by virtue of its platform, so a job can ask
 /// for `linux`, `aarch64` or exactly `linux-aarch64`.
-#[cfg_attr(not(test), allow(dead_code))]
 pub(crate) fn platform_labels(machine: &Machine) -> Vec<String> {
     let mut labels = Vec::with_capacity(3);
     for label in [

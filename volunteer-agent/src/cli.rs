@@ -1,0 +1,234 @@
+//! The command line: `trunkfarm-agent enroll` and `trunkfarm-agent run`.
+//!
+//! Only parsing lives here; the commands themselves are in [`crate::enroll`]
+//! and [`crate::session`]. Options of `run` that change a setting become
+//! [`Overrides`] of the settings file, so the command line and the file are
+//! validated by the same rules.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::Overrides;
+
+/// The trunkfarm volunteer agent: lends this machine to a trunkfarm CI hub.
+///
+/// The agent only ever dials out to the hub (it works behind NAT) and runs
+/// the jobs the hub sends it, within the limits you set.
+#[derive(Debug, Parser)]
+#[command(name = "trunkfarm-agent", version, propagate_version = true)]
+pub(crate) struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The agent's commands.
+#[derive(Debug, Subcommand)]
+pub(crate) enum Command {
+    /// Register this machine with a hub, using the enrollment string its
+    /// operator gave you (from `trunkfarm token create`).
+    Enroll(EnrollArgs),
+    /// Connect to the hub and run jobs until stopped (SIGTERM/Ctrl-C drain
+    /// gracefully: running jobs may finish; a second signal cancels them).
+    Run(RunArgs),
+}
+
+/// `trunkfarm-agent enroll`.
+#[derive(Debug, Args)]
+pub(crate) struct EnrollArgs {
+    /// The enrollment string (`tf1_...`). It contains a one-time secret:
+    /// prefer pasting it over keeping it in shell history.
+    #[arg(value_name = "STRING")]
+    pub enrollment: String,
+    /// The name shown for this machine in the hub's agent list [default: the
+    /// host name].
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+    /// Where the agent keeps its credential and state [default:
+    /// $TRUNKFARM_AGENT_STATE_DIR, else $XDG_STATE_HOME/trunkfarm-agent,
+    /// else ~/.local/state/trunkfarm-agent].
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Replace an existing credential (this machine then becomes a new agent
+    /// for the hub; results the old one had not delivered are discarded).
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// `trunkfarm-agent run`.
+#[derive(Debug, Args)]
+pub(crate) struct RunArgs {
+    /// Where the agent keeps its credential and state [default:
+    /// $TRUNKFARM_AGENT_STATE_DIR, else $XDG_STATE_HOME/trunkfarm-agent,
+    /// else ~/.local/state/trunkfarm-agent].
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Settings file (must exist when given) [default:
+    /// <state-dir>/agent.toml, if it exists].
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// The name shown for this machine in the hub's agent list (overrides
+    /// `name`).
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+    /// Labels this machine advertises, comma-separated (replaces `labels`;
+    /// the OS and architecture labels are always added).
+    #[arg(long, value_name = "LABELS", value_delimiter = ',')]
+    pub labels: Option<Vec<String>>,
+    /// How many jobs may run at once (overrides `max_parallel_jobs`).
+    #[arg(long, value_name = "N")]
+    pub max_parallel_jobs: Option<u32>,
+    /// Accept jobs only from this project; repeat for more (replaces
+    /// `allowed_projects`).
+    #[arg(long = "allow-project", value_name = "PROJECT")]
+    pub allow_projects: Vec<String>,
+    /// Your ceiling on any one job's run time, e.g. "2h" or "90m" (overrides
+    /// `max_job_timeout`).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub max_job_timeout: Option<Duration>,
+    /// Log bytes kept per job, e.g. "4 MiB" (overrides `output_cap`).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub output_cap: Option<u64>,
+    /// Where jobs' checkouts and scratch files go (overrides `work_dir`)
+    /// [default: <state-dir>/work].
+    #[arg(long, value_name = "DIR")]
+    pub work_dir: Option<PathBuf>,
+}
+
+impl RunArgs {
+    /// The options that override the settings file.
+    pub fn overrides(&self) -> Overrides {
+        Overrides {
+            name: self.name.clone(),
+            // `--labels ""` clears the labels.
+            labels: self.labels.as_ref().map(|labels| {
+                labels
+                    .iter()
+                    .map(|l| l.trim().to_owned())
+                    .filter(|l| !l.is_empty())
+                    .collect()
+            }),
+            max_parallel_jobs: self.max_parallel_jobs,
+            allowed_projects: (!self.allow_projects.is_empty())
+                .then(|| self.allow_projects.clone()),
+            max_job_timeout: self.max_job_timeout,
+            output_cap: self.output_cap,
+            work_dir: self.work_dir.clone(),
+        }
+    }
+}
+
+/// Parses a human duration ("90s", "2h", "1h 30m").
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s.trim())
+        .map_err(|e| format!("{e}; expected a duration such as \"90s\", \"10m\" or \"2h\""))
+}
+
+/// Parses a byte size ("4 MiB", "512KiB", "65536").
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    match t.parse::<bytesize::ByteSize>() {
+        Ok(b) if t.starts_with(|c: char| c.is_ascii_digit()) && b.as_u64() != u64::MAX => {
+            Ok(b.as_u64())
+        }
+        _ => Err(
+            "expected a size such as \"4 MiB\", \"512 KiB\" or a whole number of bytes".to_owned(),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory as _;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("trunkfarm-agent").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn enroll_arguments() {
+        let cli = parse(&["enroll", "tf1_abc", "--name", "box", "--force"]).unwrap();
+        let Command::Enroll(a) = cli.command else {
+            panic!("not enroll");
+        };
+        assert_eq!(a.enrollment, "tf1_abc");
+        assert_eq!(a.name.as_deref(), Some("box"));
+        assert!(a.force);
+        assert!(a.state_dir.is_none());
+        assert!(parse(&["enroll"]).is_err());
+    }
+
+    #[test]
+    fn run_arguments_become_overrides() {
+        let cli = parse(&[
+            "run",
+            "--state-dir",
+            "/s",
+            "--labels",
+            "gpu,big-disk",
+            "--max-parallel-jobs",
+            "3",
+            "--allow-project",
+            "cpython",
+            "--allow-project",
+            "pypy",
+            "--max-job-timeout",
+            "2h",
+            "--output-cap",
+            "4 MiB",
+            "--work-dir",
+            "/w",
+            "--name",
+            "n",
+        ])
+        .unwrap();
+        let Command::Run(a) = cli.command else {
+            panic!("not run");
+        };
+        assert_eq!(a.state_dir.as_deref(), Some(std::path::Path::new("/s")));
+        assert_eq!(
+            a.overrides(),
+            Overrides {
+                name: Some("n".into()),
+                labels: Some(vec!["gpu".into(), "big-disk".into()]),
+                max_parallel_jobs: Some(3),
+                allowed_projects: Some(vec!["cpython".into(), "pypy".into()]),
+                max_job_timeout: Some(Duration::from_secs(7200)),
+                output_cap: Some(4 * 1024 * 1024),
+                work_dir: Some("/w".into()),
+            }
+        );
+    }
+
+    #[test]
+    fn run_without_options_overrides_nothing() {
+        let Command::Run(a) = parse(&["run"]).unwrap().command else {
+            panic!("not run");
+        };
+        assert_eq!(a.overrides(), Overrides::default());
+        let Command::Run(a) = parse(&["run", "--labels", ""]).unwrap().command else {
+            panic!("not run");
+        };
+        assert_eq!(a.overrides().labels, Some(vec![]));
+    }
+
+    #[test]
+    fn bad_values_are_usage_errors() {
+        for args in [
+            &["run", "--max-job-timeout", "soon"][..],
+            &["run", "--output-cap", "lots"],
+            &["run", "--max-parallel-jobs", "-1"],
+        ] {
+            let e = parse(args).unwrap_err();
+            assert_eq!(e.exit_code(), 2, "{args:?}");
+        }
+    }
+}

@@ -1,0 +1,352 @@
+//! `trunkfarm-agent enroll`: trades the enrollment string's one-time token
+//! for this machine's own credential, and stores it.
+//!
+//! Everything that can be checked locally (the string, the name, the state
+//! directory, an existing credential) is checked before the hub is called,
+//! because the call consumes the token.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use tonic::Code;
+use trunkfarm_proto::PROTOCOL_VERSION;
+use trunkfarm_proto::dial::{self, DialOptions, HubTrust};
+use trunkfarm_proto::enrollment::Enrollment;
+use trunkfarm_proto::v1::EnrollRequest;
+use trunkfarm_proto::v1::agent_service_client::AgentServiceClient;
+
+use crate::cli::EnrollArgs;
+use crate::config::{AgentConfig, Overrides};
+use crate::credential::Credential;
+use crate::state;
+
+/// How long the hub may take to answer the enrollment.
+const ENROLL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why enrolling failed; the message is printed as is.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum EnrollError {
+    /// Fixable by the volunteer without the hub: a bad string, a name, an
+    /// existing credential (exit code 2).
+    #[error("{0}")]
+    Usage(String),
+    /// The hub could not be reached, refused, or the credential could not be
+    /// saved (exit code 1).
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// A successful enrollment, for the summary printed to the volunteer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Enrolled {
+    /// The new agent id.
+    pub agent_id: String,
+    /// The name the agent enrolled under.
+    pub name: String,
+    /// The hub address.
+    pub hub: String,
+    /// The state directory holding the credential.
+    pub state_dir: PathBuf,
+}
+
+impl Enrolled {
+    /// The two lines printed on success.
+    pub fn summary(&self) -> String {
+        format!(
+            "enrolled as {} (\"{}\") with hub {}\nstart it with: trunkfarm-agent run --state-dir {}",
+            self.agent_id,
+            self.name,
+            self.hub,
+            shell_quote(&self.state_dir.display().to_string())
+        )
+    }
+}
+
+/// Enrolls this machine with the hub named by `args.enrollment`, storing the
+/// credential in `state_dir`.
+pub(crate) async fn enroll(args: &EnrollArgs, state_dir: &Path) -> Result<Enrolled, EnrollError> {
+    let enrollment =
+        Enrollment::parse(&args.enrollment).map_err(|e| EnrollError::Usage(e.to_string()))?;
+    let name = match &args.name {
+        Some(name) => name.clone(),
+        None => hostname().unwrap_or_default(),
+    };
+    if args.name.is_some() {
+        AgentConfig::default()
+            .apply(Overrides {
+                name: Some(name.clone()),
+                ..Overrides::default()
+            })
+            .map_err(|e| EnrollError::Usage(e.to_string()))?;
+    }
+
+    let cred_path = Credential::path(state_dir);
+    if !args.force && std::fs::symlink_metadata(&cred_path).is_ok() {
+        let who = match Credential::load(state_dir) {
+            Ok(c) => format!(" as {} with hub {}", c.agent_id, c.hub),
+            Err(_) => String::new(),
+        };
+        return Err(EnrollError::Usage(format!(
+            "this machine is already enrolled{who} (credential in {}); to replace it with a new \
+             agent, run the same command with --force",
+            cred_path.display()
+        )));
+    }
+    // Fail on an unusable state directory now, not after spending the token.
+    state::create_private_dir(state_dir).map_err(|e| {
+        EnrollError::Usage(format!(
+            "cannot create the state directory {}: {e}",
+            state_dir.display()
+        ))
+    })?;
+
+    let trust = match &enrollment.ca_sha256 {
+        Some(sha256) => HubTrust::PinnedCa {
+            sha256: sha256.clone(),
+        },
+        None => HubTrust::Plaintext,
+    };
+    if trust == HubTrust::Plaintext {
+        tracing::warn!(hub = %enrollment.hub, "this hub is reached without TLS (plaintext)");
+    }
+    let opts = DialOptions::default();
+    let channel = dial::connect(&enrollment.hub, &trust, &opts)
+        .await
+        .map_err(|e| EnrollError::Failed(e.to_string()))?;
+    let mut client = AgentServiceClient::new(channel)
+        .max_decoding_message_size(opts.max_message_bytes)
+        .max_encoding_message_size(opts.max_message_bytes);
+    let request = EnrollRequest {
+        token: enrollment.token.clone(),
+        name: name.clone(),
+        protocol_version: PROTOCOL_VERSION,
+        agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+    };
+    let response = tokio::time::timeout(ENROLL_TIMEOUT, client.enroll(request))
+        .await
+        .map_err(|_| {
+            EnrollError::Failed(format!(
+                "the hub at {} did not answer within {}s; try again later",
+                enrollment.hub,
+                ENROLL_TIMEOUT.as_secs()
+            ))
+        })?
+        .map_err(|status| EnrollError::Failed(status_message(&status)))?
+        .into_inner();
+
+    let agent_id = response.agent_id;
+    // The hub may return the bare secret or the whole `<id>.<secret>`.
+    let secret = response
+        .secret
+        .strip_prefix(&format!("{agent_id}."))
+        .unwrap_or(&response.secret)
+        .to_owned();
+    if agent_id.is_empty() || agent_id.contains('.') || secret.is_empty() {
+        return Err(EnrollError::Failed(format!(
+            "the hub at {} answered the enrollment without a usable credential; ask its operator \
+             to check the hub's version",
+            enrollment.hub
+        )));
+    }
+    let credential = Credential {
+        hub: enrollment.hub.clone(),
+        agent_id: agent_id.clone(),
+        secret,
+        ca_sha256: enrollment.ca_sha256.clone(),
+        enrolled_at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+        name: (!name.is_empty()).then(|| name.clone()),
+        labels: response.labels,
+    };
+    if credential.bearer().is_err() {
+        return Err(EnrollError::Failed(format!(
+            "the hub at {} issued a credential this agent cannot use; ask its operator to check \
+             the hub's version",
+            enrollment.hub
+        )));
+    }
+    credential.save(state_dir).map_err(|e| {
+        EnrollError::Failed(format!(
+            "the hub enrolled this machine as {agent_id}, but its credential could not be saved \
+             to {}: {e}; fix that, then ask the hub's operator for a new enrollment string (and \
+             to revoke {agent_id})",
+            cred_path.display()
+        ))
+    })?;
+    if args.force {
+        // Results the previous identity had not delivered can no longer be:
+        // the hub only takes a job's result from the agent holding it.
+        let _ = std::fs::remove_dir_all(state_dir.join("results"));
+    }
+    tracing::debug!(credential = ?credential, "saved the agent's credential");
+    Ok(Enrolled {
+        name: if name.is_empty() {
+            agent_id.clone()
+        } else {
+            name
+        },
+        agent_id,
+        hub: enrollment.hub,
+        state_dir: state_dir.to_path_buf(),
+    })
+}
+
+/// What to print for a status the hub returned: its message (the hub's
+/// messages say what to do), or the code when it sent none.
+pub(crate) fn status_message(status: &tonic::Status) -> String {
+    if status.message().is_empty() {
+        format!("the hub answered: {}", status.code().description())
+    } else if status.code() == Code::Unavailable || status.code() == Code::Unknown {
+        format!("the hub could not be reached: {}", status.message())
+    } else {
+        status.message().to_owned()
+    }
+}
+
+/// This machine's host name: `/proc/sys/kernel/hostname`, else `uname`.
+pub(crate) fn hostname() -> Option<String> {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .or_else(uname_nodename)?;
+    // Keep it a valid agent name (1 to 64 printable characters).
+    let name: String = name.chars().filter(|c| !c.is_control()).take(64).collect();
+    (!name.trim().is_empty()).then_some(name)
+}
+
+/// The node name from `uname(2)`.
+fn uname_nodename() -> Option<String> {
+    // SAFETY: `utsname` is plain old data (arrays of c_char), valid zeroed.
+    let mut uts: libc::utsname = unsafe { std::mem::zeroed() };
+    // SAFETY: uname(2) writes into the struct we own and nothing else.
+    if unsafe { libc::uname(&mut uts) } != 0 {
+        return None;
+    }
+    let bytes: Vec<u8> = uts
+        .nodename
+        .iter()
+        .take_while(|&&c| c != 0)
+        .map(|&c| c as u8)
+        .collect();
+    let name = String::from_utf8_lossy(&bytes).trim().to_owned();
+    (!name.is_empty()).then_some(name)
+}
+
+/// Quotes `s` for a POSIX shell if it needs it, so the printed command can be
+/// pasted as is.
+fn shell_quote(s: &str) -> String {
+    let plain = !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "/._-+:,@%=".contains(c));
+    if plain {
+        s.to_owned()
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::credential::CredentialError;
+
+    #[test]
+    fn summary_lines() {
+        let e = Enrolled {
+            agent_id: "ag_1".into(),
+            name: "box".into(),
+            hub: "hub:7443".into(),
+            state_dir: "/var/lib/ta".into(),
+        };
+        assert_eq!(
+            e.summary(),
+            "enrolled as ag_1 (\"box\") with hub hub:7443\nstart it with: trunkfarm-agent run \
+             --state-dir /var/lib/ta"
+        );
+        let e = Enrolled {
+            state_dir: "/home/me/my state".into(),
+            ..e
+        };
+        assert!(e.summary().ends_with("--state-dir '/home/me/my state'"));
+        assert_eq!(shell_quote("it's"), r"'it'\''s'");
+    }
+
+    #[test]
+    fn a_host_name_is_found() {
+        let name = hostname().expect("a host name");
+        assert!(!name.is_empty() && name.chars().count() <= 64);
+        assert!(uname_nodename().is_some());
+    }
+
+    #[test]
+    fn status_messages() {
+        assert_eq!(
+            status_message(&tonic::Status::permission_denied("token expired 3h ago")),
+            "token expired 3h ago"
+        );
+        assert_eq!(
+            status_message(&tonic::Status::unavailable("connection reset")),
+            "the hub could not be reached: connection reset"
+        );
+        assert!(status_message(&tonic::Status::internal("")).starts_with("the hub answered: "));
+    }
+
+    fn args(enrollment: &str, force: bool) -> EnrollArgs {
+        EnrollArgs {
+            enrollment: enrollment.into(),
+            name: Some("box".into()),
+            state_dir: None,
+            force,
+        }
+    }
+
+    /// A string for a hub on a port nothing listens on.
+    fn unreachable_enrollment() -> String {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        Enrollment {
+            hub: format!("127.0.0.1:{port}"),
+            token: "tok_1.supersecret".into(),
+            ca_sha256: Some("ab".repeat(32)),
+        }
+        .encode()
+    }
+
+    #[tokio::test]
+    async fn local_problems_are_usage_errors_found_before_dialing() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = enroll(&args("nonsense", false), dir.path())
+            .await
+            .unwrap_err();
+        assert!(matches!(e, EnrollError::Usage(_)), "{e}");
+        assert!(e.to_string().contains("tf1_"), "{e}");
+
+        let mut a = args(&unreachable_enrollment(), false);
+        a.name = Some(" ".into());
+        let e = enroll(&a, dir.path()).await.unwrap_err();
+        assert!(e.to_string().contains("invalid `name`"), "{e}");
+
+        std::fs::write(Credential::path(dir.path()), b"{}").unwrap();
+        let e = enroll(&args(&unreachable_enrollment(), false), dir.path())
+            .await
+            .unwrap_err();
+        assert!(matches!(e, EnrollError::Usage(_)), "{e}");
+        assert!(e.to_string().contains("--force"), "{e}");
+
+        // With --force it gets as far as the hub, which is not there; the
+        // token's secret is in no message.
+        let e = enroll(&args(&unreachable_enrollment(), true), dir.path())
+            .await
+            .unwrap_err();
+        assert!(matches!(e, EnrollError::Failed(_)), "{e}");
+        assert!(!e.to_string().contains("supersecret"), "{e}");
+        // The old credential is untouched by a failed enrollment.
+        assert!(matches!(
+            Credential::load(dir.path()),
+            Err(CredentialError::Invalid { .. })
+        ));
+    }
+}

@@ -1,0 +1,247 @@
+//! Results the hub has not acknowledged yet.
+//!
+//! A finished job's result is the one thing the agent must not lose: the
+//! hub's lease on the job waits for it. Each result is kept in memory and in
+//! `<state-dir>/results/<job>-<attempt>.json` until the hub's `ResultAck`
+//! for it arrives, so a result survives a lost connection (it is resent after
+//! the next welcome) and a restart of the agent (it is loaded, listed in the
+//! hello and resent).
+
+use std::collections::BTreeMap;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use trunkfarm_proto::v1::{JobRef, JobResult};
+
+use crate::state;
+
+/// A job attempt as a map key: `(job_id, attempt)`, ordered.
+pub(crate) type JobKey = (u64, u32);
+
+/// The key of `job`.
+pub(crate) fn key(job: &JobRef) -> JobKey {
+    (job.job_id, job.attempt)
+}
+
+/// The `JobRef` of a key.
+pub(crate) fn job_ref((job_id, attempt): JobKey) -> JobRef {
+    JobRef { job_id, attempt }
+}
+
+/// Unacknowledged results, in memory and on disk.
+#[derive(Debug)]
+pub(crate) struct ResultStore {
+    /// `<state-dir>/results`.
+    dir: PathBuf,
+    /// The results, by job attempt.
+    pending: BTreeMap<JobKey, JobResult>,
+}
+
+impl ResultStore {
+    /// Opens (creating it, 0700) the results directory and loads the results
+    /// a previous run left. A file that cannot be parsed is renamed to
+    /// `*.corrupt` (kept for inspection, never resent) with a warning.
+    pub fn open(dir: PathBuf) -> io::Result<ResultStore> {
+        state::create_private_dir(&dir)?;
+        let mut pending = BTreeMap::new();
+        for entry in std::fs::read_dir(&dir)? {
+            let entry = entry?;
+            let path = entry.path();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if state::is_temp_file(&name) {
+                let _ = std::fs::remove_file(&path);
+                continue;
+            }
+            if !name.ends_with(".json") {
+                continue;
+            }
+            match load(&path) {
+                Ok(result) => {
+                    if let Some(job) = result.job {
+                        pending.insert(key(&job), result);
+                    }
+                }
+                Err(detail) => {
+                    let aside = path.with_extension("json.corrupt");
+                    tracing::warn!(
+                        path = %path.display(),
+                        "cannot read a saved job result ({detail}); moving it to {}",
+                        aside.display()
+                    );
+                    let _ = std::fs::rename(&path, &aside);
+                }
+            }
+        }
+        Ok(ResultStore { dir, pending })
+    }
+
+    /// Keeps `result` until it is acknowledged (a result for the same attempt
+    /// replaces it). Saving it to disk is best effort: on failure the result
+    /// is still delivered unless the agent stops first, and a warning says so.
+    pub fn insert(&mut self, result: JobResult) {
+        let Some(job) = result.job else {
+            return;
+        };
+        let path = self.path(&job);
+        match serde_json::to_vec(&result) {
+            Ok(json) => {
+                if let Err(e) = state::write_atomic(&path, &json, 0o600) {
+                    tracing::warn!(
+                        job = job.job_id,
+                        attempt = job.attempt,
+                        "cannot save the job's result to {}: {e}; it is lost if the agent \
+                         stops before the hub acknowledges it",
+                        path.display()
+                    );
+                }
+            }
+            Err(e) => tracing::warn!(job = job.job_id, "cannot encode the job's result: {e}"),
+        }
+        self.pending.insert(key(&job), result);
+    }
+
+    /// The hub acknowledged `job`'s result: forget it. Returns false if it was
+    /// not pending.
+    pub fn remove(&mut self, job: &JobRef) -> bool {
+        let path = self.path(job);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!(
+                "cannot delete the delivered result {}: {e}; it will be sent again (and \
+                 ignored by the hub) on the next start",
+                path.display()
+            ),
+        }
+        self.pending.remove(&key(job)).is_some()
+    }
+
+    /// True if `job`'s result waits for an acknowledgement.
+    pub fn contains(&self, job: &JobRef) -> bool {
+        self.pending.contains_key(&key(job))
+    }
+
+    /// The job attempts whose result is pending, in order.
+    pub fn jobs(&self) -> impl Iterator<Item = JobRef> + '_ {
+        self.pending.keys().map(|k| job_ref(*k))
+    }
+
+    /// The pending results, in job order.
+    pub fn results(&self) -> impl Iterator<Item = &JobResult> {
+        self.pending.values()
+    }
+
+    /// How many results are pending.
+    pub fn len(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// True if every result was acknowledged.
+    pub fn is_empty(&self) -> bool {
+        self.pending.is_empty()
+    }
+
+    /// The results directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The file of `job`'s result.
+    fn path(&self, job: &JobRef) -> PathBuf {
+        self.dir
+            .join(format!("{}-{}.json", job.job_id, job.attempt))
+    }
+}
+
+/// Reads one saved result; `Err` is a short reason.
+fn load(path: &Path) -> Result<JobResult, String> {
+    let text = std::fs::read(path).map_err(|e| e.to_string())?;
+    let result: JobResult = serde_json::from_slice(&text).map_err(|e| e.to_string())?;
+    match result.job {
+        Some(job) if job.job_id != 0 => Ok(result),
+        _ => Err("it names no job".to_owned()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use trunkfarm_proto::v1::Outcome;
+
+    fn result(id: u64, attempt: u32) -> JobResult {
+        JobResult {
+            job: Some(JobRef {
+                job_id: id,
+                attempt,
+            }),
+            outcome: Outcome::Failed as i32,
+            exit_code: Some(3),
+            detail: "command 1 of 1 exited with status 3".into(),
+            duration_ms: 1234,
+            log_bytes_cut: 5,
+            started_at_ms: 1_700_000_000_000,
+            last_log_seq: 9,
+            artifact_sha256: String::new(),
+        }
+    }
+
+    #[test]
+    fn results_survive_a_restart_until_acknowledged() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("results");
+        let mut store = ResultStore::open(dir.clone()).unwrap();
+        assert!(store.is_empty());
+        store.insert(result(7, 2));
+        store.insert(result(3, 1));
+        assert!(dir.join("7-2.json").is_file());
+
+        let mut again = ResultStore::open(dir.clone()).unwrap();
+        assert_eq!(again.len(), 2);
+        let jobs: Vec<JobRef> = again.jobs().collect();
+        assert_eq!(
+            jobs,
+            [
+                JobRef {
+                    job_id: 3,
+                    attempt: 1
+                },
+                JobRef {
+                    job_id: 7,
+                    attempt: 2
+                }
+            ]
+        );
+        assert_eq!(again.results().nth(1), Some(&result(7, 2)));
+
+        assert!(again.remove(&JobRef {
+            job_id: 7,
+            attempt: 2
+        }));
+        assert!(!again.remove(&JobRef {
+            job_id: 7,
+            attempt: 2
+        }));
+        assert!(!dir.join("7-2.json").exists());
+        let third = ResultStore::open(dir).unwrap();
+        assert_eq!(third.len(), 1);
+        assert!(third.contains(&JobRef {
+            job_id: 3,
+            attempt: 1
+        }));
+    }
+
+    #[test]
+    fn damaged_files_are_set_aside() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("results");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(dir.join("1-1.json"), b"{not json").unwrap();
+        std::fs::write(dir.join("2-1.json"), b"{}").unwrap();
+        std::fs::write(dir.join(".3-1.json.1.2.tmp"), b"half").unwrap();
+        let store = ResultStore::open(dir.clone()).unwrap();
+        assert!(store.is_empty());
+        assert!(dir.join("1-1.json.corrupt").is_file());
+        assert!(dir.join("2-1.json.corrupt").is_file());
+        assert!(!dir.join(".3-1.json.1.2.tmp").exists());
+    }
+}

@@ -1,0 +1,1094 @@
+//! `trunkfarm-agent run`: the agent's life, from the first dial to the drain.
+//!
+//! One task owns everything (no locks): the running jobs ([`Jobs`]), the
+//! results the hub has not acknowledged ([`ResultStore`]), the messages not
+//! yet sent ([`Outbox`]) and the current connection ([`Link`]). Jobs outlive
+//! connections, so a connection only forwards: when it breaks, the agent
+//! keeps running its jobs, buffers their logs, keeps their results, and
+//! redials with backoff; after the next welcome it sends what the hub missed.
+//! A single `select!` loop waits on the connection, the jobs, the signals and
+//! the drain timers, and never blocks on any one of them.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fmt;
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::signal::unix::{Signal, SignalKind, signal};
+use tokio::sync::mpsc;
+use tokio::time::{Instant, Interval, MissedTickBehavior};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::transport::Channel;
+use tonic::{Code, Status, Streaming};
+use trunkfarm_proto::dial::{self, DialError, DialOptions, HubTrust};
+use trunkfarm_proto::v1::agent_message::Msg;
+use trunkfarm_proto::v1::agent_service_client::AgentServiceClient;
+use trunkfarm_proto::v1::hub_message::Msg as HubMsg;
+use trunkfarm_proto::v1::{
+    AgentMessage, Assignment, Cancel, Capabilities, Draining, Heartbeat, Hello, HubMessage, JobRef,
+    JobResult, JobStarted, ResultAck, Welcome,
+};
+use trunkfarm_proto::{AUTHORIZATION, PROTOCOL_VERSION};
+
+use crate::backoff::Backoff;
+use crate::config::AgentConfig;
+use crate::credential::Credential;
+use crate::jobs::{self, JobPolicy, JobWake, Jobs};
+use crate::outbox::{LOG_BUFFER_CAP, Outbox};
+use crate::results::{JobKey, ResultStore, key};
+use crate::sysinfo::{self, Machine};
+
+/// Longest wait from starting a dial to the hub's welcome.
+const WELCOME_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Messages handed to a connection but not yet taken by the transport. Kept
+/// small: what sits here when a connection breaks is lost (results are
+/// resent anyway; log chunks are not).
+const OUTBOUND_CHANNEL: usize = 8;
+
+/// While connected, buffered log bytes above which the jobs' output is
+/// paused instead of buffered (the network is the bottleneck: wait for it).
+const SEND_HIGH_WATER: usize = 4 * 1024 * 1024;
+
+/// Heartbeat interval when the hub names none.
+const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(15);
+
+/// How long a result may go unacknowledged on a live session before it is
+/// sent again (the hub acknowledges every result it records; one it failed
+/// to record is simply not acknowledged).
+const RESULT_RESEND: Duration = Duration::from_secs(60);
+
+/// How long a drained agent waits for the hub to acknowledge its results.
+const ACK_WAIT: Duration = Duration::from_secs(30);
+
+/// How long to wait for cancelled jobs to clean up when the agent must stop.
+const ABANDON_WAIT: Duration = Duration::from_secs(10);
+
+/// How `run` ended; decides the exit code.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Ending {
+    /// Drained after a signal or the hub's request (exit code 0).
+    Drained,
+    /// The hub refused the credential: revoked or unknown (exit code 3).
+    Refused(String),
+    /// The hub refused this agent's protocol version (exit code 4).
+    Incompatible(String),
+}
+
+/// Runs the agent until it is drained or the hub refuses it for good.
+pub(crate) async fn run(
+    state_dir: PathBuf,
+    credential: Credential,
+    config: AgentConfig,
+) -> anyhow::Result<Ending> {
+    let results = ResultStore::open(state_dir.join("results")).with_context(|| {
+        format!(
+            "cannot open the results directory {}",
+            state_dir.join("results").display()
+        )
+    })?;
+    let policy = JobPolicy::from_config(&config, &state_dir);
+    let fallback_name = credential.name.clone().or_else(crate::enroll::hostname);
+    let caps = capabilities(&config, fallback_name.as_deref(), &sysinfo::detect());
+    let bearer = credential.bearer()?;
+    let signals = Signals::new().context("cannot install the signal handlers")?;
+    if !results.is_empty() {
+        tracing::info!(
+            "{} job result(s) from an earlier run wait for delivery to the hub",
+            results.len()
+        );
+    }
+    tracing::info!(
+        hub = %credential.hub,
+        agent = %credential.agent_id,
+        name = %caps.name,
+        labels = ?caps.labels,
+        max_parallel_jobs = caps.max_parallel_jobs,
+        work_dir = %policy.work_root.display(),
+        "starting trunkfarm-agent {}",
+        env!("CARGO_PKG_VERSION")
+    );
+    let mut agent = Agent {
+        hub: credential.hub.clone(),
+        agent_id: credential.agent_id.clone(),
+        trust: credential.trust(),
+        bearer,
+        caps,
+        jobs: Jobs::new(policy.work_root.clone()),
+        policy,
+        drain_grace: config.drain_grace,
+        results,
+        result_sent: HashMap::new(),
+        outbox: Outbox::new(LOG_BUFFER_CAP),
+        link: Link::Down {
+            retry_at: Instant::now(),
+        },
+        backoff: Backoff::new(config.reconnect_max_backoff),
+        drain: Drain::default(),
+        signals,
+    };
+    Ok(agent.run().await)
+}
+
+/// What this machine offers, as sent in every hello.
+pub(crate) fn capabilities(
+    config: &AgentConfig,
+    fallback_name: Option<&str>,
+    machine: &Machine,
+) -> Capabilities {
+    let mut labels: Vec<String> = Vec::new();
+    for label in config
+        .labels
+        .iter()
+        .cloned()
+        .chain(sysinfo::platform_labels(machine))
+    {
+        if !labels.contains(&label) {
+            labels.push(label);
+        }
+    }
+    Capabilities {
+        name: config
+            .name
+            .clone()
+            .or_else(|| fallback_name.map(str::to_owned))
+            .unwrap_or_default(),
+        labels,
+        os: machine.os.clone(),
+        arch: machine.arch.clone(),
+        cores: machine.cores,
+        memory_bytes: machine.memory_bytes,
+        max_parallel_jobs: config.max_parallel_jobs,
+        allowed_projects: config.allowed_projects.clone(),
+        // Rounded up: a sub-second remainder must not turn into "no ceiling".
+        max_job_timeout_secs: config
+            .max_job_timeout
+            .map_or(0, |d| d.as_secs() + u64::from(d.subsec_nanos() > 0)),
+        output_cap_bytes: config.output_cap,
+    }
+}
+
+/// The hello that opens a session. `held` lists the jobs whose leases the
+/// agent still needs: running ones and those whose result is unacknowledged.
+pub(crate) fn hello(caps: &Capabilities, held: Vec<JobRef>, draining: bool) -> Hello {
+    Hello {
+        protocol_version: PROTOCOL_VERSION,
+        agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+        capabilities: Some(caps.clone()),
+        running: held,
+        draining,
+    }
+}
+
+/// The union of running and unacknowledged jobs, ordered, without repeats.
+pub(crate) fn held_jobs(
+    running: impl Iterator<Item = JobRef>,
+    unacknowledged: impl Iterator<Item = JobRef>,
+) -> Vec<JobRef> {
+    let set: BTreeSet<(u64, u32)> = running.chain(unacknowledged).map(|j| key(&j)).collect();
+    set.into_iter()
+        .map(|(job_id, attempt)| JobRef { job_id, attempt })
+        .collect()
+}
+
+/// Why a connection failed or ended.
+#[derive(Debug)]
+enum LinkError {
+    /// Could not set up the channel (unreachable, TLS, pin mismatch).
+    Dial(DialError),
+    /// The hub (or the transport) ended the call with a status.
+    Status(Status),
+    /// No welcome within [`WELCOME_TIMEOUT`].
+    Timeout,
+    /// The hub ended the session without a status.
+    Closed,
+    /// The hub broke the protocol.
+    Protocol(String),
+}
+
+impl fmt::Display for LinkError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LinkError::Dial(e) => write!(f, "{e}"),
+            LinkError::Status(s) if s.message().is_empty() => {
+                write!(f, "the session ended: {}", s.code().description())
+            }
+            LinkError::Status(s) => {
+                write!(
+                    f,
+                    "the session ended: {}: {}",
+                    s.code().description(),
+                    s.message()
+                )
+            }
+            LinkError::Timeout => write!(
+                f,
+                "the hub did not welcome this agent within {}s",
+                WELCOME_TIMEOUT.as_secs()
+            ),
+            LinkError::Closed => write!(f, "the hub closed the session"),
+            LinkError::Protocol(what) => write!(f, "protocol error: {what}"),
+        }
+    }
+}
+
+impl LinkError {
+    /// The ending this error forces, if it is one retrying cannot fix.
+    fn fatal(&self) -> Option<Ending> {
+        let LinkError::Status(status) = self else {
+            return None;
+        };
+        let message = || {
+            if status.message().is_empty() {
+                format!("{} ({:?})", status.code().description(), status.code())
+            } else {
+                status.message().to_owned()
+            }
+        };
+        match status.code() {
+            Code::Unauthenticated | Code::PermissionDenied => Some(Ending::Refused(message())),
+            Code::FailedPrecondition => Some(Ending::Incompatible(message())),
+            _ => None,
+        }
+    }
+
+    /// True for errors that will not go away by themselves (a pinned CA
+    /// that does not match, an unusable address): worth an error, not a
+    /// warning, each time.
+    fn needs_operator(&self) -> bool {
+        match self {
+            LinkError::Dial(
+                DialError::InvalidPin { .. }
+                | DialError::InvalidAddress { .. }
+                | DialError::TlsSetup(_),
+            ) => true,
+            // `DialError::Tls` also covers a connection reset mid-handshake
+            // (a hub restarting), which fixes itself; only a certificate
+            // the pin refuses, or a server that does not speak TLS, needs
+            // someone to act.
+            LinkError::Dial(DialError::Tls { message, .. }) => {
+                message.contains("certificate")
+                    || message.contains("pinned CA")
+                    || message.contains("does not speak TLS")
+            }
+            _ => false,
+        }
+    }
+}
+
+/// A dial plus the `Session` call, resolving to the hub's message stream.
+type ConnectFuture =
+    Pin<Box<dyn Future<Output = Result<(Streaming<HubMessage>, Channel), LinkError>> + Send>>;
+
+/// Dials the hub and opens the session; the hello is already in `outbound`.
+fn connect(
+    hub: String,
+    trust: HubTrust,
+    bearer: MetadataValue<Ascii>,
+    outbound: mpsc::Receiver<AgentMessage>,
+) -> ConnectFuture {
+    Box::pin(async move {
+        let opts = DialOptions::default();
+        let channel = dial::connect(&hub, &trust, &opts)
+            .await
+            .map_err(LinkError::Dial)?;
+        let mut client = AgentServiceClient::new(channel.clone())
+            .max_decoding_message_size(opts.max_message_bytes)
+            .max_encoding_message_size(opts.max_message_bytes);
+        let mut request = tonic::Request::new(ReceiverStream::new(outbound));
+        request.metadata_mut().insert(AUTHORIZATION, bearer);
+        let response = client.session(request).await.map_err(LinkError::Status)?;
+        Ok((response.into_inner(), channel))
+    })
+}
+
+/// The connection to the hub, in one of its three states.
+enum Link {
+    /// Not connected; dial again at `retry_at`.
+    Down {
+        /// When to dial.
+        retry_at: Instant,
+    },
+    /// Dialing, or waiting for the hub to accept the session.
+    Connecting {
+        /// Feeds the session's outbound stream (the hello is in it).
+        tx: mpsc::Sender<AgentMessage>,
+        /// The dial and call.
+        future: ConnectFuture,
+        /// Give up if not welcomed by then.
+        deadline: Instant,
+    },
+    /// The session is open.
+    Up(Box<Session>),
+}
+
+/// An open session.
+struct Session {
+    /// Feeds the outbound stream.
+    tx: mpsc::Sender<AgentMessage>,
+    /// The hub's messages.
+    inbound: Streaming<HubMessage>,
+    /// Keeps the HTTP/2 connection alive for as long as the session.
+    _channel: Channel,
+    /// The hub's welcome arrived: the session is usable.
+    welcomed: bool,
+    /// Give up if not welcomed by then.
+    deadline: Instant,
+    /// Heartbeat ticks, once welcomed.
+    heartbeat: Option<Interval>,
+    /// The outbound stream was closed by the transport: stop feeding it and
+    /// let the inbound side report why.
+    tx_closed: bool,
+}
+
+/// What the link has to say.
+enum LinkWake {
+    /// Time to dial again.
+    RetryDue,
+    /// The dial and call finished.
+    Connected(Result<(Streaming<HubMessage>, Channel), LinkError>),
+    /// No welcome in time.
+    WelcomeOverdue,
+    /// A message from the hub, its end, or an error.
+    Inbound(Result<Option<HubMessage>, Status>),
+    /// Time for a heartbeat.
+    HeartbeatDue,
+    /// Room in the outbound channel (or it is closed).
+    Permit(Result<mpsc::OwnedPermit<AgentMessage>, mpsc::error::SendError<()>>),
+}
+
+impl Link {
+    /// True once the hub welcomed this agent on the current session.
+    fn welcomed(&self) -> bool {
+        matches!(self, Link::Up(s) if s.welcomed)
+    }
+
+    /// Waits for the link's next event; `want_send` asks for room in the
+    /// outbound channel. Cancel-safe.
+    async fn next(&mut self, want_send: bool) -> LinkWake {
+        match self {
+            Link::Down { retry_at } => {
+                tokio::time::sleep_until(*retry_at).await;
+                LinkWake::RetryDue
+            }
+            Link::Connecting {
+                future, deadline, ..
+            } => tokio::select! {
+                result = future => LinkWake::Connected(result),
+                () = tokio::time::sleep_until(*deadline) => LinkWake::WelcomeOverdue,
+            },
+            Link::Up(s) => {
+                let send = s.welcomed && want_send && !s.tx_closed;
+                tokio::select! {
+                    message = s.inbound.message() => LinkWake::Inbound(message),
+                    () = tokio::time::sleep_until(s.deadline), if !s.welcomed => {
+                        LinkWake::WelcomeOverdue
+                    }
+                    _ = tick(&mut s.heartbeat), if s.welcomed => LinkWake::HeartbeatDue,
+                    permit = s.tx.clone().reserve_owned(), if send => LinkWake::Permit(permit),
+                }
+            }
+        }
+    }
+}
+
+/// The next tick of an optional interval (never, without one).
+async fn tick(interval: &mut Option<Interval>) -> Instant {
+    match interval {
+        Some(i) => i.tick().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Sleeps until `at`, or forever without one.
+async fn sleep_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The drain's progress.
+#[derive(Debug, Default)]
+struct Drain {
+    /// Draining: no new jobs, exit once jobs are done and results delivered.
+    active: bool,
+    /// When running jobs get cancelled.
+    grace_deadline: Option<Instant>,
+    /// When to stop waiting for acknowledgements, once no job runs.
+    ack_deadline: Option<Instant>,
+}
+
+/// SIGTERM and SIGINT, counted.
+struct Signals {
+    /// SIGTERM (service managers).
+    term: Signal,
+    /// SIGINT (Ctrl-C).
+    int: Signal,
+    /// How many were received.
+    count: u32,
+}
+
+impl Signals {
+    /// Installs the handlers (from now on the signals no longer kill us).
+    fn new() -> std::io::Result<Self> {
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            count: 0,
+        })
+    }
+
+    /// The next signal's name. Cancel-safe.
+    async fn next(&mut self) -> &'static str {
+        tokio::select! {
+            Some(()) = self.term.recv() => "SIGTERM",
+            Some(()) = self.int.recv() => "SIGINT",
+            else => std::future::pending().await,
+        }
+    }
+}
+
+/// What woke the agent's loop.
+enum Wake {
+    /// The link.
+    Link(LinkWake),
+    /// A job.
+    Job(JobWake),
+    /// A signal, by name.
+    Signal(&'static str),
+    /// The drain's grace period is over.
+    GraceOver,
+    /// The drained agent waited long enough for acknowledgements.
+    AckWaitOver,
+}
+
+/// The agent: all its state, owned by one task.
+struct Agent {
+    /// The hub address.
+    hub: String,
+    /// This agent's id.
+    agent_id: String,
+    /// How to trust the hub.
+    trust: HubTrust,
+    /// The `authorization` value (sensitive).
+    bearer: MetadataValue<Ascii>,
+    /// What the hello advertises.
+    caps: Capabilities,
+    /// What jobs are accepted and how they run.
+    policy: JobPolicy,
+    /// Grace period of a signal-initiated drain.
+    drain_grace: Duration,
+    /// Running jobs.
+    jobs: Jobs,
+    /// Results not yet acknowledged.
+    results: ResultStore,
+    /// When each unacknowledged result was last queued on this session.
+    result_sent: HashMap<JobKey, Instant>,
+    /// Messages not yet sent.
+    outbox: Outbox,
+    /// The connection.
+    link: Link,
+    /// Redial pacing.
+    backoff: Backoff,
+    /// Drain progress.
+    drain: Drain,
+    /// Signal handlers.
+    signals: Signals,
+}
+
+impl Agent {
+    /// The main loop.
+    async fn run(&mut self) -> Ending {
+        loop {
+            if let Some(ending) = self.check_drained() {
+                return ending;
+            }
+            let welcomed = self.link.welcomed();
+            // Back-pressure while the network is the bottleneck; buffer (with
+            // a cap) while disconnected, so jobs are never held up by it.
+            let accept = !(welcomed && self.outbox.log_bytes() >= SEND_HIGH_WATER);
+            let want_send = !self.outbox.is_empty();
+            let wake = tokio::select! {
+                w = self.link.next(want_send) => Wake::Link(w),
+                w = self.jobs.next(accept) => Wake::Job(w),
+                s = self.signals.next() => Wake::Signal(s),
+                () = sleep_opt(self.drain.grace_deadline) => Wake::GraceOver,
+                () = sleep_opt(self.drain.ack_deadline) => Wake::AckWaitOver,
+            };
+            let ending = match wake {
+                Wake::Link(w) => self.on_link(w),
+                Wake::Job(JobWake::Log(chunk)) => {
+                    if self.outbox.push_log(chunk) && !welcomed {
+                        tracing::warn!(
+                            "the log buffer is full ({} MiB) while the hub is unreachable: \
+                             dropping the oldest log chunks",
+                            LOG_BUFFER_CAP / (1024 * 1024)
+                        );
+                    }
+                    None
+                }
+                Wake::Job(JobWake::Finished(result)) => {
+                    self.deliver(result);
+                    None
+                }
+                Wake::Signal(name) => self.on_signal(name),
+                Wake::GraceOver => {
+                    self.drain.grace_deadline = None;
+                    if !self.jobs.is_empty() {
+                        tracing::info!(
+                            "the drain's grace period is over: cancelling {} running job(s)",
+                            self.jobs.len()
+                        );
+                    }
+                    self.jobs.cancel_all(
+                        "cancelled: the agent was draining and the job outlived the grace period",
+                    );
+                    None
+                }
+                Wake::AckWaitOver => {
+                    tracing::warn!(
+                        "the hub did not acknowledge {} result(s) within {}s; they are kept in \
+                         {} and delivered on the next start",
+                        self.results.len(),
+                        ACK_WAIT.as_secs(),
+                        self.results.dir().display()
+                    );
+                    Some(Ending::Drained)
+                }
+            };
+            if let Some(ending) = ending {
+                if ending != Ending::Drained {
+                    self.jobs
+                        .abandon("cancelled: the hub refused this agent", ABANDON_WAIT)
+                        .await;
+                }
+                return ending;
+            }
+        }
+    }
+
+    /// Ends a drain once no job runs and every result is acknowledged (or
+    /// starts the bounded wait for the acknowledgements).
+    fn check_drained(&mut self) -> Option<Ending> {
+        if !self.drain.active || !self.jobs.is_empty() {
+            return None;
+        }
+        if self.results.is_empty() {
+            tracing::info!("drained: no job is running and every result was delivered");
+            return Some(Ending::Drained);
+        }
+        if self.drain.ack_deadline.is_none() {
+            tracing::info!(
+                "waiting up to {}s for the hub to acknowledge {} result(s)",
+                ACK_WAIT.as_secs(),
+                self.results.len()
+            );
+            self.drain.ack_deadline = Some(Instant::now() + ACK_WAIT);
+        }
+        None
+    }
+
+    /// Handles a link event; `Some` ends the agent.
+    fn on_link(&mut self, wake: LinkWake) -> Option<Ending> {
+        match wake {
+            LinkWake::RetryDue => {
+                self.start_connect();
+                None
+            }
+            LinkWake::Connected(Ok((inbound, channel))) => {
+                let old = std::mem::replace(
+                    &mut self.link,
+                    Link::Down {
+                        retry_at: Instant::now(),
+                    },
+                );
+                if let Link::Connecting { tx, deadline, .. } = old {
+                    self.link = Link::Up(Box::new(Session {
+                        tx,
+                        inbound,
+                        _channel: channel,
+                        welcomed: false,
+                        deadline,
+                        heartbeat: None,
+                        tx_closed: false,
+                    }));
+                }
+                None
+            }
+            LinkWake::Connected(Err(e)) => self.link_failed(e),
+            LinkWake::WelcomeOverdue => self.link_failed(LinkError::Timeout),
+            LinkWake::Inbound(Ok(Some(message))) => self.on_message(message),
+            LinkWake::Inbound(Ok(None)) => self.link_failed(LinkError::Closed),
+            LinkWake::Inbound(Err(status)) => self.link_failed(LinkError::Status(status)),
+            LinkWake::HeartbeatDue => {
+                self.outbox.push_heartbeat(Heartbeat {
+                    running: self.held(),
+                });
+                self.resend_stale_results();
+                None
+            }
+            LinkWake::Permit(Ok(permit)) => {
+                if let Some(message) = self.outbox.pop() {
+                    permit.send(message);
+                }
+                None
+            }
+            LinkWake::Permit(Err(_)) => {
+                if let Link::Up(s) = &mut self.link {
+                    s.tx_closed = true;
+                }
+                None
+            }
+        }
+    }
+
+    /// Starts dialing, with a hello describing the agent as it is now.
+    fn start_connect(&mut self) {
+        let (tx, rx) = mpsc::channel(OUTBOUND_CHANNEL);
+        let hello = hello(&self.caps, self.held(), self.drain.active);
+        // A fresh channel has room for its first message.
+        let _ = tx.try_send(AgentMessage {
+            msg: Some(Msg::Hello(hello)),
+        });
+        tracing::debug!(hub = %self.hub, "connecting");
+        self.link = Link::Connecting {
+            tx,
+            future: connect(
+                self.hub.clone(),
+                self.trust.clone(),
+                self.bearer.clone(),
+                rx,
+            ),
+            deadline: Instant::now() + WELCOME_TIMEOUT,
+        };
+    }
+
+    /// The connection failed or ended: give up for good if the hub refused
+    /// us, otherwise schedule a redial.
+    fn link_failed(&mut self, error: LinkError) -> Option<Ending> {
+        let was_welcomed = self.link.welcomed();
+        self.outbox.disconnected();
+        self.result_sent.clear();
+        let delay = self.backoff.next_delay();
+        self.link = Link::Down {
+            retry_at: Instant::now() + delay,
+        };
+        if let Some(ending) = error.fatal() {
+            return Some(ending);
+        }
+        let delay = humantime::format_duration(Duration::from_millis(
+            u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+        ));
+        let what = if was_welcomed {
+            "lost the session with the hub"
+        } else {
+            "cannot connect to the hub"
+        };
+        if error.needs_operator() {
+            tracing::error!(hub = %self.hub, "{what}: {error}; retrying in {delay}");
+        } else {
+            tracing::warn!(hub = %self.hub, "{what}: {error}; retrying in {delay}");
+        }
+        None
+    }
+
+    /// Handles a message from the hub.
+    fn on_message(&mut self, message: HubMessage) -> Option<Ending> {
+        let Some(msg) = message.msg else {
+            tracing::debug!("ignoring an empty message from the hub");
+            return None;
+        };
+        if !self.link.welcomed() {
+            return match msg {
+                HubMsg::Welcome(welcome) => {
+                    self.welcomed(welcome);
+                    None
+                }
+                _ => self.link_failed(LinkError::Protocol(
+                    "the hub sent a message before its welcome".to_owned(),
+                )),
+            };
+        }
+        match msg {
+            HubMsg::Welcome(_) => tracing::warn!("ignoring a second welcome from the hub"),
+            HubMsg::Assign(assignment) => self.assign(assignment),
+            HubMsg::Cancel(cancel) => self.cancel(cancel),
+            HubMsg::Drain(drain) => self.start_drain(
+                Duration::from_secs(drain.grace_secs),
+                "the hub asked this agent to drain",
+            ),
+            HubMsg::ResultAck(ack) => self.acknowledged(ack),
+        }
+        None
+    }
+
+    /// The hub welcomed us: the session is usable; send what it missed.
+    fn welcomed(&mut self, welcome: Welcome) {
+        self.backoff.reset();
+        let interval = match welcome.heartbeat_interval_ms {
+            0 => DEFAULT_HEARTBEAT,
+            ms => {
+                Duration::from_millis(ms).clamp(Duration::from_secs(1), Duration::from_secs(3600))
+            }
+        };
+        if let Link::Up(s) = &mut self.link {
+            s.welcomed = true;
+            let mut heartbeat = tokio::time::interval_at(Instant::now() + interval, interval);
+            heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
+            s.heartbeat = Some(heartbeat);
+        }
+        if !welcome.agent_id.is_empty() && welcome.agent_id != self.agent_id {
+            tracing::warn!(
+                "the hub welcomed this agent as {}, but its credential says {}",
+                welcome.agent_id,
+                self.agent_id
+            );
+        }
+        tracing::info!(
+            hub_version = %welcome.hub_version,
+            labels = ?welcome.labels,
+            "connected to hub {} as {}",
+            self.hub,
+            self.agent_id
+        );
+        let (chunks, bytes) = self.outbox.take_dropped();
+        if chunks > 0 {
+            tracing::warn!(
+                "{chunks} log chunk(s) ({bytes} bytes) were dropped while the hub was \
+                 unreachable; those jobs' logs have gaps"
+            );
+        }
+        // Buffered log chunks are already queued; a job's result goes after
+        // its chunks, other results before every chunk (they free leases).
+        let (behind, ahead): (Vec<&JobResult>, Vec<&JobResult>) =
+            self.results.results().partition(|r| {
+                r.job
+                    .as_ref()
+                    .is_some_and(|job| self.outbox.has_logs_of(job))
+            });
+        let now = Instant::now();
+        for result in ahead.into_iter().rev() {
+            self.outbox.push_result_first(result.clone());
+        }
+        for result in behind {
+            self.outbox.push_result(result.clone());
+        }
+        self.result_sent = self.results.jobs().map(|j| (key(&j), now)).collect();
+        if self.drain.active {
+            self.outbox.push_control(Msg::Draining(Draining {}));
+        }
+    }
+
+    /// The jobs whose leases this agent holds: running or unacknowledged.
+    fn held(&self) -> Vec<JobRef> {
+        held_jobs(self.jobs.jobs(), self.results.jobs())
+    }
+
+    /// Runs (or refuses) an assigned job.
+    fn assign(&mut self, assignment: Assignment) {
+        let Some(job) = assignment.job else {
+            tracing::warn!("ignoring an assignment without a job reference");
+            return;
+        };
+        if self.jobs.contains(&job) || self.results.contains(&job) {
+            tracing::debug!(
+                job = job.job_id,
+                attempt = job.attempt,
+                "ignoring a repeated assignment"
+            );
+            return;
+        }
+        let Some(spec) = assignment.spec else {
+            self.refuse(job, "the assignment carried no job spec".to_owned());
+            return;
+        };
+        match self.policy.admit(&spec, self.jobs.len(), self.drain.active) {
+            Ok((limits, donor_capped)) => {
+                tracing::info!(
+                    job = job.job_id,
+                    attempt = job.attempt,
+                    project = %spec.project,
+                    commands = spec.commands.len(),
+                    "starting job"
+                );
+                self.jobs.start(job, spec, limits, donor_capped);
+                self.outbox
+                    .push_control(Msg::Started(JobStarted { job: Some(job) }));
+            }
+            Err(detail) => self.refuse(job, detail),
+        }
+    }
+
+    /// Reports that this agent will not run `job`.
+    fn refuse(&mut self, job: JobRef, detail: String) {
+        tracing::info!(
+            job = job.job_id,
+            attempt = job.attempt,
+            "refusing job: {detail}"
+        );
+        self.deliver(jobs::refusal(job, detail));
+    }
+
+    /// Keeps a result until acknowledged, and sends it if the session is up
+    /// (otherwise it goes after the next welcome).
+    fn deliver(&mut self, result: JobResult) {
+        self.results.insert(result.clone());
+        if self.link.welcomed() {
+            if let Some(job) = &result.job {
+                self.result_sent.insert(key(job), Instant::now());
+            }
+            self.outbox.push_result(result);
+        }
+    }
+
+    /// Sends again the results the hub has not acknowledged for a while (it
+    /// does not acknowledge a result it failed to record), unless a copy is
+    /// still waiting to go.
+    fn resend_stale_results(&mut self) {
+        let now = Instant::now();
+        let stale: Vec<JobResult> = self
+            .results
+            .results()
+            .filter(|r| {
+                r.job.as_ref().is_some_and(|job| {
+                    self.result_sent
+                        .get(&key(job))
+                        .is_none_or(|sent| now.duration_since(*sent) >= RESULT_RESEND)
+                        && !self.outbox.has_result(job)
+                })
+            })
+            .cloned()
+            .collect();
+        for result in stale {
+            if let Some(job) = &result.job {
+                tracing::debug!(
+                    job = job.job_id,
+                    attempt = job.attempt,
+                    "resending an unacknowledged result"
+                );
+                self.result_sent.insert(key(job), now);
+            }
+            self.outbox.push_result(result);
+        }
+    }
+
+    /// The hub cancels a job.
+    fn cancel(&mut self, cancel: Cancel) {
+        let Some(job) = cancel.job else {
+            return;
+        };
+        let reason = if cancel.reason.is_empty() {
+            "cancelled by the hub".to_owned()
+        } else {
+            format!("cancelled by the hub: {}", cancel.reason)
+        };
+        if self.jobs.cancel(&job, &reason) {
+            tracing::info!(job = job.job_id, attempt = job.attempt, "{reason}");
+        } else {
+            tracing::debug!(
+                job = job.job_id,
+                attempt = job.attempt,
+                "cancel for a job that is not running"
+            );
+        }
+    }
+
+    /// The hub acknowledged a result: stop resending it.
+    fn acknowledged(&mut self, ack: ResultAck) {
+        let Some(job) = ack.job else {
+            return;
+        };
+        self.outbox.forget_result(&job);
+        self.result_sent.remove(&key(&job));
+        let known = self.results.remove(&job);
+        if !ack.recorded {
+            tracing::warn!(
+                job = job.job_id,
+                attempt = job.attempt,
+                "the hub refused the job's result (not recorded; it will not be sent again): {}",
+                if ack.detail.is_empty() {
+                    "no reason given"
+                } else {
+                    &ack.detail
+                }
+            );
+        } else if known {
+            tracing::debug!(
+                job = job.job_id,
+                attempt = job.attempt,
+                "result acknowledged"
+            );
+        }
+    }
+
+    /// Starts draining (or shortens a drain's grace period).
+    fn start_drain(&mut self, grace: Duration, why: &str) {
+        if !self.drain.active {
+            self.drain.active = true;
+            if self.jobs.is_empty() {
+                tracing::info!("{why}: draining");
+            } else {
+                tracing::info!(
+                    "{why}: draining; {} running job(s) may finish within {}",
+                    self.jobs.len(),
+                    humantime::format_duration(grace)
+                );
+            }
+            if self.link.welcomed() {
+                self.outbox.push_control(Msg::Draining(Draining {}));
+            }
+        }
+        let deadline = Instant::now() + grace;
+        self.drain.grace_deadline = Some(
+            self.drain
+                .grace_deadline
+                .map_or(deadline, |d| d.min(deadline)),
+        );
+    }
+
+    /// SIGTERM / SIGINT: the first drains, the second cancels the running
+    /// jobs, the third exits at once.
+    fn on_signal(&mut self, name: &str) -> Option<Ending> {
+        self.signals.count += 1;
+        match self.signals.count {
+            1 => {
+                self.start_drain(self.drain_grace, &format!("received {name}"));
+                if !self.jobs.is_empty() {
+                    tracing::info!("send the signal again to cancel the running jobs now");
+                }
+                None
+            }
+            2 => {
+                // The first signal started the drain; this one ends its grace.
+                self.drain.grace_deadline = None;
+                if !self.jobs.is_empty() {
+                    tracing::info!(
+                        "received {name} again: cancelling {} running job(s)",
+                        self.jobs.len()
+                    );
+                }
+                self.jobs
+                    .cancel_all("cancelled: the agent was stopped by its operator");
+                None
+            }
+            _ => {
+                tracing::warn!(
+                    "received {name} a third time: exiting now; undelivered results stay in {} \
+                     and are sent on the next start",
+                    self.results.dir().display()
+                );
+                Some(Ending::Drained)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn machine() -> Machine {
+        Machine {
+            os: "linux".into(),
+            arch: "x86_64".into(),
+            cores: 8,
+            memory_bytes: 16 << 30,
+        }
+    }
+
+    #[test]
+    fn hello_contents() {
+        let config = AgentConfig {
+            labels: vec!["gpu".into(), "linux".into()],
+            max_parallel_jobs: 3,
+            allowed_projects: vec!["cpython".into()],
+            max_job_timeout: Some(Duration::from_millis(5_400_500)),
+            output_cap: 8192,
+            ..AgentConfig::default()
+        };
+        let caps = capabilities(&config, Some("host-a"), &machine());
+        assert_eq!(
+            caps,
+            Capabilities {
+                name: "host-a".into(),
+                labels: vec![
+                    "gpu".into(),
+                    "linux".into(),
+                    "x86_64".into(),
+                    "linux-x86_64".into()
+                ],
+                os: "linux".into(),
+                arch: "x86_64".into(),
+                cores: 8,
+                memory_bytes: 16 << 30,
+                max_parallel_jobs: 3,
+                allowed_projects: vec!["cpython".into()],
+                max_job_timeout_secs: 5401,
+                output_cap_bytes: 8192,
+            }
+        );
+        let named = AgentConfig {
+            name: Some("cfg-name".into()),
+            ..AgentConfig::default()
+        };
+        let caps2 = capabilities(&named, Some("host-a"), &machine());
+        assert_eq!(caps2.name, "cfg-name");
+        assert_eq!(caps2.max_job_timeout_secs, 0);
+        assert_eq!(caps2.output_cap_bytes, 4 * 1024 * 1024);
+
+        let j = |job_id, attempt| JobRef { job_id, attempt };
+        let held = held_jobs(
+            [j(5, 1), j(2, 1)].into_iter(),
+            [j(9, 2), j(5, 1)].into_iter(),
+        );
+        assert_eq!(held, [j(2, 1), j(5, 1), j(9, 2)]);
+        let h = hello(&caps, held.clone(), true);
+        assert_eq!(h.protocol_version, PROTOCOL_VERSION);
+        assert_eq!(h.agent_version, env!("CARGO_PKG_VERSION"));
+        assert_eq!(h.capabilities.as_ref(), Some(&caps));
+        assert_eq!(h.running, held);
+        assert!(h.draining);
+    }
+
+    #[test]
+    fn refusals_are_fatal_other_errors_are_retried() {
+        let refused = LinkError::Status(Status::permission_denied("agent ag_1 was revoked"));
+        assert_eq!(
+            refused.fatal(),
+            Some(Ending::Refused("agent ag_1 was revoked".into()))
+        );
+        assert!(matches!(
+            LinkError::Status(Status::unauthenticated("bad")).fatal(),
+            Some(Ending::Refused(_))
+        ));
+        assert_eq!(
+            LinkError::Status(Status::failed_precondition("upgrade trunkfarm-agent")).fatal(),
+            Some(Ending::Incompatible("upgrade trunkfarm-agent".into()))
+        );
+        for retry in [
+            LinkError::Status(Status::unavailable("down")),
+            LinkError::Status(Status::internal("oops")),
+            LinkError::Timeout,
+            LinkError::Closed,
+        ] {
+            assert_eq!(retry.fatal(), None, "{retry}");
+            assert!(!retry.needs_operator());
+        }
+        let pin = LinkError::Dial(DialError::Tls {
+            addr: "h:1".into(),
+            message: "not signed by the pinned CA".into(),
+        });
+        assert!(pin.needs_operator());
+        assert_eq!(pin.fatal(), None);
+        let reset = LinkError::Dial(DialError::Tls {
+            addr: "h:1".into(),
+            message: "Connection reset by peer (os error 104)".into(),
+        });
+        assert!(!reset.needs_operator());
+    }
+}
