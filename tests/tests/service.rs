@@ -1,0 +1,94 @@
+//! The hub as a gRPC service (health, reflection: what `grpcurl` needs) and
+//! the README's main command, `trunkfarm demo --once`.
+
+use std::process::Command;
+use std::time::Duration;
+
+use trunkfarm_e2e::{Hub, bins, combined, run_with_timeout, temp_dir};
+use trunkfarm_proto::dial::{DialOptions, HubTrust};
+
+#[tokio::test]
+async fn health_and_reflection_answer_over_tls() {
+    let hub = Hub::start();
+    let trust = HubTrust::PinnedCa {
+        sha256: hub.info.ca_sha256.clone(),
+    };
+    let channel = trunkfarm_proto::dial::connect(hub.address(), &trust, &DialOptions::default())
+        .await
+        .expect("dial the hub");
+
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    for service in ["", "trunkfarm.v1.AgentService", "trunkfarm.v1.AdminService"] {
+        let status = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("health check of {service:?}: {e}"))
+            .into_inner()
+            .status;
+        assert_eq!(
+            status,
+            tonic_health::pb::health_check_response::ServingStatus::Serving as i32,
+            "{service:?}"
+        );
+    }
+
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    let mut reflection = ServerReflectionClient::new(channel);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = reflection
+        .server_reflection_info(tokio_stream::iter(vec![request]))
+        .await
+        .expect("reflection call")
+        .into_inner();
+    let first = tokio::time::timeout(Duration::from_secs(10), responses.message())
+        .await
+        .expect("reflection answered in time")
+        .expect("reflection stream")
+        .expect("one response");
+    let Some(MessageResponse::ListServicesResponse(list)) = first.message_response else {
+        panic!("unexpected reflection response: {first:?}");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for want in ["trunkfarm.v1.AgentService", "trunkfarm.v1.AdminService", "grpc.health.v1.Health"] {
+        assert!(names.iter().any(|n| n == want), "{want} missing from {names:?}");
+    }
+}
+
+#[test]
+fn demo_once_runs_its_story_and_reports_it() {
+    let dir = temp_dir("demo");
+    let mut cmd = Command::new(&bins().hub);
+    cmd.args(["demo", "--once", "--dir"]).arg(dir.path().join("demo"));
+    let out = run_with_timeout(cmd, Duration::from_secs(120));
+    let text = combined(&out);
+    assert!(out.status.success(), "demo --once failed:\n{text}");
+    let summary = text
+        .lines()
+        .find(|l| l.starts_with("demo: builds="))
+        .unwrap_or_else(|| panic!("no summary line:\n{text}"));
+    assert_eq!(summary, "demo: builds=0 jobs=5 green=3 red=2 fixed=0 mails=0");
+    // Running it again reuses (wipes) its own directory.
+    let mut again = Command::new(&bins().hub);
+    again.args(["demo", "--once", "--dir"]).arg(dir.path().join("demo"));
+    assert!(run_with_timeout(again, Duration::from_secs(120)).status.success());
+}
+
+#[test]
+fn demo_refuses_a_directory_that_is_not_its_own() {
+    let dir = temp_dir("demo-foreign");
+    std::fs::write(dir.path().join("precious.txt"), "keep me").unwrap();
+    let mut cmd = Command::new(&bins().hub);
+    cmd.args(["demo", "--once", "--dir"]).arg(dir.path());
+    let out = run_with_timeout(cmd, Duration::from_secs(60));
+    assert!(!out.status.success());
+    assert!(combined(&out).contains("is not a trunkfarm demo directory"));
+    assert_eq!(std::fs::read_to_string(dir.path().join("precious.txt")).unwrap(), "keep me");
+}
