@@ -34,10 +34,10 @@ async fn health_and_reflection_answer_over_tls() {
         );
     }
 
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
     use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
     use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
     use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-    use tonic_reflection::pb::v1::ServerReflectionRequest;
     let mut reflection = ServerReflectionClient::new(channel);
     let request = ServerReflectionRequest {
         host: String::new(),
@@ -57,8 +57,15 @@ async fn health_and_reflection_answer_over_tls() {
         panic!("unexpected reflection response: {first:?}");
     };
     let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-    for want in ["trunkfarm.v1.AgentService", "trunkfarm.v1.AdminService", "grpc.health.v1.Health"] {
-        assert!(names.iter().any(|n| n == want), "{want} missing from {names:?}");
+    for want in [
+        "trunkfarm.v1.AgentService",
+        "trunkfarm.v1.AdminService",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(
+            names.iter().any(|n| n == want),
+            "{want} missing from {names:?}"
+        );
     }
 }
 
@@ -66,7 +73,8 @@ async fn health_and_reflection_answer_over_tls() {
 fn demo_once_runs_its_story_and_reports_it() {
     let dir = temp_dir("demo");
     let mut cmd = Command::new(&bins().hub);
-    cmd.args(["demo", "--once", "--dir"]).arg(dir.path().join("demo"));
+    cmd.args(["demo", "--once", "--dir"])
+        .arg(dir.path().join("demo"));
     let out = run_with_timeout(cmd, Duration::from_secs(120));
     let text = combined(&out);
     assert!(out.status.success(), "demo --once failed:\n{text}");
@@ -74,11 +82,20 @@ fn demo_once_runs_its_story_and_reports_it() {
         .lines()
         .find(|l| l.starts_with("demo: builds="))
         .unwrap_or_else(|| panic!("no summary line:\n{text}"));
-    assert_eq!(summary, "demo: builds=0 jobs=5 green=3 red=2 fixed=0 mails=0");
+    assert_eq!(
+        summary,
+        "demo: builds=0 jobs=5 green=3 red=2 fixed=0 mails=0"
+    );
     // Running it again reuses (wipes) its own directory.
     let mut again = Command::new(&bins().hub);
-    again.args(["demo", "--once", "--dir"]).arg(dir.path().join("demo"));
-    assert!(run_with_timeout(again, Duration::from_secs(120)).status.success());
+    again
+        .args(["demo", "--once", "--dir"])
+        .arg(dir.path().join("demo"));
+    assert!(
+        run_with_timeout(again, Duration::from_secs(120))
+            .status
+            .success()
+    );
 }
 
 #[test]
@@ -90,5 +107,8 @@ fn demo_refuses_a_directory_that_is_not_its_own() {
     let out = run_with_timeout(cmd, Duration::from_secs(60));
     assert!(!out.status.success());
     assert!(combined(&out).contains("is not a trunkfarm demo directory"));
-    assert_eq!(std::fs::read_to_string(dir.path().join("precious.txt")).unwrap(), "keep me");
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("precious.txt")).unwrap(),
+        "keep me"
+    );
 }
