@@ -14,116 +14,17 @@
 //! bare integer number of bytes. Relative paths in a file are resolved against
 //! the directory holding that file.
 
-use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+use trunkfarm_proto::settings::{self, Problem, check_path, fmt_bytes, fmt_duration};
+
+pub use trunkfarm_proto::settings::ConfigError;
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
-
-/// What went wrong loading a configuration. Every message names the file (or
-/// `<inline config>` for text that came from no file) and, for a bad key, the
-/// full dotted key and the line when TOML reports one; the wording is
-/// user-facing and documented, so tests assert on it.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum ConfigError {
-    /// The file could not be read: missing, unreadable, not UTF-8.
-    #[error("cannot read config file {path}: {error}")]
-    Read {
-        /// The file we tried to read.
-        path: PathBuf,
-        /// Why reading failed.
-        error: std::io::Error,
-    },
-    /// The text is not valid TOML.
-    #[error("{}: TOML syntax error: {message}", at(.file, *.line))]
-    Syntax {
-        /// The file, if the text came from one.
-        file: Option<PathBuf>,
-        /// 1-based line of the error, when TOML reports one.
-        line: Option<usize>,
-        /// TOML's description of the problem.
-        message: String,
-    },
-    /// A key this version of the hub does not know (usually a typo, or a
-    /// setting from another version).
-    #[error("{}: unknown key `{key}`, {expected}", at(.file, *.line))]
-    UnknownKey {
-        /// The file, if the text came from one.
-        file: Option<PathBuf>,
-        /// 1-based line of the key, when TOML reports one.
-        line: Option<usize>,
-        /// The full dotted key, e.g. `dispatch.lease_timout`.
-        key: String,
-        /// The keys allowed at that place, e.g. "expected one of `a`, `b`".
-        expected: String,
-    },
-    /// A value of the wrong type or format, e.g. `"90 parsecs"` for a duration.
-    #[error("{}: invalid value for `{key}`: {message}", at(.file, *.line))]
-    BadValue {
-        /// The file, if the text came from one.
-        file: Option<PathBuf>,
-        /// 1-based line of the value, when TOML reports one.
-        line: Option<usize>,
-        /// The full dotted key.
-        key: String,
-        /// What is wrong and what is expected.
-        message: String,
-    },
-    /// Values that parse but make no sense, alone or together.
-    #[error("{}: invalid `{key}`: {message}", at(.file, *.line))]
-    Invalid {
-        /// The file, if the configuration came from one.
-        file: Option<PathBuf>,
-        /// 1-based line of the key, when it is written in the file.
-        line: Option<usize>,
-        /// The full dotted key at fault.
-        key: String,
-        /// What is wrong and what is expected.
-        message: String,
-    },
-}
-
-impl ConfigError {
-    /// The full dotted key the error is about, if it is about one; lets callers
-    /// (and tests) react to a specific setting without parsing the message.
-    pub fn key(&self) -> Option<&str> {
-        match self {
-            Self::UnknownKey { key, .. }
-            | Self::BadValue { key, .. }
-            | Self::Invalid { key, .. } => Some(key),
-            Self::Read { .. } | Self::Syntax { .. } => None,
-        }
-    }
-
-    /// The 1-based line the error points at, when known.
-    pub fn line(&self) -> Option<usize> {
-        match self {
-            Self::Syntax { line, .. }
-            | Self::UnknownKey { line, .. }
-            | Self::BadValue { line, .. }
-            | Self::Invalid { line, .. } => *line,
-            Self::Read { .. } => None,
-        }
-    }
-}
-
-/// Renders the "where" prefix of a message: `file:line`, `file`, or a stand-in
-/// for configuration text that came from no file.
-fn at(file: &Option<PathBuf>, line: Option<usize>) -> String {
-    let mut out = match file {
-        Some(path) => path.display().to_string(),
-        None => "<inline config>".to_owned(),
-    };
-    if let Some(line) = line {
-        let _ = write!(out, ":{line}");
-    }
-    out
-}
 
 /// The whole hub configuration, after defaults, path resolution and
 /// validation. Built by [`HubConfig::load`], [`HubConfig::from_toml`] or
@@ -319,8 +220,8 @@ impl HubConfig {
     /// directory).
     pub fn from_toml(text: &str, origin: Option<&Path>) -> Result<HubConfig, ConfigError> {
         let file = origin.map(Path::to_path_buf);
-        let doc = parse::document(text, &file)?;
-        let raw: RawHubConfig = parse::deserialize(text, &doc, &file)?;
+        let doc = settings::document(text, &file)?;
+        let raw: RawHubConfig = settings::deserialize(text, &doc, &file)?;
         let base = origin.and_then(Path::parent);
         let mut config = HubConfig {
             source: file.clone(),
@@ -583,52 +484,6 @@ impl HubConfig {
     }
 }
 
-/// One broken semantic rule, before it is placed in a file.
-#[derive(Debug)]
-struct Problem {
-    key: &'static str,
-    message: String,
-}
-
-impl Problem {
-    fn new(key: &'static str, message: impl Into<String>) -> Self {
-        Self {
-            key,
-            message: message.into(),
-        }
-    }
-
-    fn into_error(
-        self,
-        file: &Option<PathBuf>,
-        text: &str,
-        doc: &parse::Document<'_>,
-    ) -> ConfigError {
-        ConfigError::Invalid {
-            file: file.clone(),
-            line: parse::key_line(text, doc, self.key),
-            key: self.key.to_owned(),
-            message: self.message,
-        }
-    }
-}
-
-fn check_path(key: &'static str, path: &Path) -> Result<(), Problem> {
-    if path.as_os_str().is_empty() {
-        return Err(Problem::new(key, "must not be empty; give a path"));
-    }
-    if path.starts_with("~") {
-        return Err(Problem::new(
-            key,
-            format!(
-                "{} starts with `~`, which is not expanded here; write the full path",
-                path.display()
-            ),
-        ));
-    }
-    Ok(())
-}
-
 fn check_public_address(addr: &str) -> Result<(), Problem> {
     let bad = || {
         Problem::new(
@@ -667,199 +522,19 @@ fn is_dns_name(name: &str) -> bool {
         })
 }
 
-fn fmt_duration(d: Duration) -> String {
-    humantime::format_duration(d).to_string()
-}
-
-fn fmt_bytes(n: u64) -> String {
-    bytesize::ByteSize::b(n).display().iec().to_string()
-}
-
-/// Turning TOML text into sections, with errors placed in the file.
-mod parse {
-    use std::path::PathBuf;
-
-    use serde::de::DeserializeOwned;
-    use toml::de::{DeTable, DeValue};
-
-    use super::ConfigError;
-
-    /// The parsed document with spans, kept to find a key's line for
-    /// semantic errors.
-    pub(super) type Document<'i> = toml::Spanned<DeTable<'i>>;
-
-    /// 1-based line of a byte offset.
-    pub(super) fn line_of(text: &str, offset: usize) -> usize {
-        let end = offset.min(text.len());
-        text.as_bytes()[..end]
-            .iter()
-            .filter(|&&b| b == b'\n')
-            .count()
-            + 1
-    }
-
-    pub(super) fn document<'i>(
-        text: &'i str,
-        file: &Option<PathBuf>,
-    ) -> Result<Document<'i>, ConfigError> {
-        DeTable::parse(text).map_err(|e| ConfigError::Syntax {
-            file: file.clone(),
-            line: e.span().map(|s| line_of(text, s.start)),
-            message: e.message().trim_end().to_owned(),
-        })
-    }
-
-    pub(super) fn deserialize<T: DeserializeOwned>(
-        text: &str,
-        doc: &Document<'_>,
-        file: &Option<PathBuf>,
-    ) -> Result<T, ConfigError> {
-        let de = toml::Deserializer::from(doc.clone());
-        serde_path_to_error::deserialize(de).map_err(|e| {
-            let key = e.path().to_string();
-            let inner = e.into_inner();
-            let line = inner.span().map(|s| line_of(text, s.start));
-            let message = inner.message().trim_end().to_owned();
-            classify(file.clone(), line, key, message)
-        })
-    }
-
-    /// Sorts a deserialization error into an unknown key or a bad value, and
-    /// rewrites serde's wording ("unknown field") into the config's ("key").
-    fn classify(
-        file: Option<PathBuf>,
-        line: Option<usize>,
-        key: String,
-        message: String,
-    ) -> ConfigError {
-        if let Some(rest) = message.strip_prefix("unknown field `")
-            && let Some((_name, expected)) = rest.split_once("`, ")
-        {
-            let expected = if expected == "there are no fields" {
-                "this table takes no keys".to_owned()
-            } else {
-                expected.to_owned()
-            };
-            return ConfigError::UnknownKey {
-                file,
-                line,
-                key,
-                expected,
-            };
-        }
-        let key = if key == "." {
-            "(top level)".to_owned()
-        } else {
-            key
-        };
-        ConfigError::BadValue {
-            file,
-            line,
-            key,
-            message,
-        }
-    }
-
-    /// The line where the dotted `key` is written, if it is.
-    pub(super) fn key_line(text: &str, doc: &Document<'_>, key: &str) -> Option<usize> {
-        let mut table = doc.get_ref();
-        let mut parts = key.split('.').peekable();
-        while let Some(part) = parts.next() {
-            let (k, v) = table.iter().find(|(k, _)| k.get_ref().as_ref() == part)?;
-            if parts.peek().is_none() {
-                return Some(line_of(text, k.span().start));
-            }
-            match v.get_ref() {
-                DeValue::Table(t) => table = t,
-                _ => return None,
-            }
-        }
-        None
-    }
-}
-
-/// `deserialize_with` helpers for the config's human-readable units.
+/// `deserialize_with` helpers for the config's human-readable units: the
+/// shared ones, and the hub's own socket address.
 mod de {
     use std::fmt;
     use std::net::SocketAddr;
-    use std::time::Duration;
 
     use serde::Deserializer;
     use serde::de::{self, Visitor};
 
-    const DURATION: &str = "a duration such as \"90s\", \"10m\" or \"1h 30m\"";
-    const BYTES: &str = "a size such as \"4 MiB\", \"512 KiB\" or a whole number of bytes";
-    const COUNT: &str = "a whole number such as 3";
+    pub(super) use trunkfarm_proto::settings::de::{byte_size, count, duration};
+
     const SOCKET: &str =
         "a socket address such as \"127.0.0.1:7443\", \"0.0.0.0:7443\" or \"[::]:7443\"";
-
-    pub(super) fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        struct V;
-        impl Visitor<'_> for V {
-            type Value = Duration;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(DURATION)
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<Duration, E> {
-                humantime::parse_duration(v.trim()).map_err(|e| {
-                    E::custom(format_args!(
-                        "{v:?} is not a duration ({e}); expected {DURATION}"
-                    ))
-                })
-            }
-            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Duration, E> {
-                Err(E::custom(format_args!(
-                    "a bare number ({v}) has no unit; write it as a string with a unit, e.g. \"{v}s\" (expected {DURATION})"
-                )))
-            }
-            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Duration, E> {
-                Err(E::custom(format_args!(
-                    "a bare number ({v}) has no unit; expected {DURATION}"
-                )))
-            }
-        }
-        d.deserialize_any(V)
-    }
-
-    pub(super) fn byte_size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
-        struct V;
-        impl Visitor<'_> for V {
-            type Value = u64;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(BYTES)
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<u64, E> {
-                let t = v.trim();
-                let starts_ok = t.starts_with(|c: char| c.is_ascii_digit());
-                match t.parse::<bytesize::ByteSize>() {
-                    Ok(b) if starts_ok && b.as_u64() != u64::MAX => Ok(b.as_u64()),
-                    _ => Err(E::custom(format_args!(
-                        "{v:?} is not a byte size; expected {BYTES} (units: B, KiB, MiB, GiB, or KB, MB, GB for powers of 1000)"
-                    ))),
-                }
-            }
-            fn visit_i64<E: de::Error>(self, v: i64) -> Result<u64, E> {
-                u64::try_from(v)
-                    .map_err(|_| E::custom(format_args!("{v} is negative; expected {BYTES}")))
-            }
-        }
-        d.deserialize_any(V)
-    }
-
-    pub(super) fn count<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
-        struct V;
-        impl Visitor<'_> for V {
-            type Value = u32;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(COUNT)
-            }
-            fn visit_i64<E: de::Error>(self, v: i64) -> Result<u32, E> {
-                u32::try_from(v)
-                    .map_err(|_| E::custom(format_args!("{v} is out of range; expected {COUNT}")))
-            }
-        }
-        d.deserialize_any(V)
-    }
 
     pub(super) fn socket_addr<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
         struct V;

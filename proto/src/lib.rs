@@ -3,11 +3,14 @@
 //! * [`v1`]: the generated gRPC types and services (`trunkfarm.v1`).
 //! * [`enrollment`]: the one string a volunteer pastes to enroll a machine.
 //! * [`dial`]: connecting to a hub over TLS pinned to its CA fingerprint.
+//! * [`settings`]: strict TOML settings shared by hub and agent — errors that
+//!   name the file, line and dotted key; human durations and sizes.
 //!
 //! Both binaries depend on this crate, so what crosses the wire is defined once.
 
 pub mod dial;
 pub mod enrollment;
+pub mod settings;
 
 /// Generated from `proto/trunkfarm/v1/trunkfarm.proto`.
 #[allow(clippy::all, missing_docs)]
