@@ -485,27 +485,19 @@ impl HubConfig {
 }
 
 fn check_public_address(addr: &str) -> Result<(), Problem> {
-    let bad = || {
-        Problem::new(
-            "hub.public_address",
-            format!(
-                "{addr:?} is not a \"host:port\" address; expected e.g. \"farm.example.org:7443\" or \"[2001:db8::1]:7443\" (no scheme, no path)"
-            ),
-        )
+    let valid = match trunkfarm_proto::addr::split_host_port(addr) {
+        Ok((host, _)) => host.parse::<IpAddr>().is_ok() || is_dns_name(host),
+        Err(_) => false,
     };
-    if let Ok(sa) = addr.parse::<SocketAddr>() {
-        return if sa.port() == 0 { Err(bad()) } else { Ok(()) };
+    if valid {
+        return Ok(());
     }
-    let (host, port) = addr.rsplit_once(':').ok_or_else(bad)?;
-    match port.parse::<u16>() {
-        Ok(p) if p != 0 => {}
-        _ => return Err(bad()),
-    }
-    if host.parse::<IpAddr>().is_ok() || is_dns_name(host) {
-        Ok(())
-    } else {
-        Err(bad())
-    }
+    Err(Problem::new(
+        "hub.public_address",
+        format!(
+            "{addr:?} is not a \"host:port\" address; expected e.g. \"farm.example.org:7443\" or \"[2001:db8::1]:7443\" (no scheme, no path)"
+        ),
+    ))
 }
 
 /// A DNS name: dot-separated labels of letters, digits and inner hyphens.

@@ -235,38 +235,11 @@ struct Target {
 }
 
 fn parse_addr(addr: &str) -> Result<Target, DialError> {
-    let bad = |reason: &str| DialError::InvalidAddress {
-        addr: addr.to_string(),
-        reason: reason.to_string(),
-    };
-    if addr.contains("://") {
-        return Err(bad(
-            "give host:port without a scheme (TLS or plaintext is chosen by the hub's trust setting)",
-        ));
-    }
-    let (host, port) = addr
-        .rsplit_once(':')
-        .ok_or_else(|| bad("expected host:port"))?;
-    let port: u16 = match port.parse() {
-        Ok(0) | Err(_) => return Err(bad("the port must be a number between 1 and 65535")),
-        Ok(p) => p,
-    };
-    let host = if let Some(inner) = host.strip_prefix('[') {
-        let inner = inner
-            .strip_suffix(']')
-            .ok_or_else(|| bad("unbalanced `[` in an IPv6 address"))?;
-        inner
-            .parse::<std::net::Ipv6Addr>()
-            .map_err(|_| bad("invalid IPv6 address"))?;
-        inner
-    } else if host.contains(':') {
-        return Err(bad("write an IPv6 address in brackets: [addr]:port"));
-    } else {
-        host
-    };
-    if host.is_empty() {
-        return Err(bad("the host is empty"));
-    }
+    let (host, port) =
+        crate::addr::split_host_port(addr).map_err(|reason| DialError::InvalidAddress {
+            addr: addr.to_string(),
+            reason: reason.to_string(),
+        })?;
     Ok(Target {
         host: host.to_string(),
         port,

@@ -211,45 +211,11 @@ fn classify_prefix(s: &str) -> EnrollmentError {
 
 /// Checks `host:port` (or `[v6]:port`) without resolving anything.
 fn validate_hub(hub: &str) -> Result<(), EnrollmentError> {
-    let bad = |reason: &str| EnrollmentError::BadHub {
-        reason: reason.to_string(),
-    };
-    let (host, port) = hub
-        .rsplit_once(':')
-        .ok_or_else(|| bad("expected host:port"))?;
-    if port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(bad("the port is not a number"));
-    }
-    match port.parse::<u16>() {
-        Ok(0) | Err(_) => return Err(bad("the port must be between 1 and 65535")),
-        Ok(_) => {}
-    }
-    if host.is_empty() {
-        return Err(bad("the host is empty"));
-    }
-    if let Some(inner) = host.strip_prefix('[') {
-        let inner = inner
-            .strip_suffix(']')
-            .ok_or_else(|| bad("unbalanced `[` in an IPv6 address"))?;
-        inner
-            .parse::<std::net::Ipv6Addr>()
-            .map_err(|_| bad("invalid IPv6 address"))?;
-        return Ok(());
-    }
-    if host.contains(':') {
-        return Err(bad(
-            "an IPv6 address must be written in brackets: [addr]:port",
-        ));
-    }
-    if !host
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-' || b == b'_')
-    {
-        return Err(bad(
-            "the host contains characters not allowed in a host name",
-        ));
-    }
-    Ok(())
+    crate::addr::split_host_port(hub)
+        .map(|_| ())
+        .map_err(|reason| EnrollmentError::BadHub {
+            reason: reason.to_string(),
+        })
 }
 
 /// Checks `<token-id>.<secret>` without ever echoing either part.

@@ -8,6 +8,7 @@
 //!
 //! Both binaries depend on this crate, so what crosses the wire is defined once.
 
+pub mod addr;
 pub mod dial;
 pub mod enrollment;
 pub mod settings;
