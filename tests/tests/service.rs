@@ -112,3 +112,57 @@ fn demo_refuses_a_directory_that_is_not_its_own() {
         "keep me"
     );
 }
+
+/// An agent speaking a protocol the hub does not serve is refused at hello,
+/// over a real session, with a message telling it to upgrade.
+#[tokio::test]
+async fn incompatible_protocol_is_refused_with_upgrade_advice() {
+    use tonic::metadata::MetadataValue;
+    use trunkfarm_proto::v1::agent_service_client::AgentServiceClient;
+    use trunkfarm_proto::v1::{AgentMessage, Hello, agent_message};
+
+    let hub = Hub::start();
+    let agent = trunkfarm_e2e::Agent::enroll(&hub, "old-agent", &[]);
+    let cred: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(agent.state_dir.join("credential.json")).unwrap(),
+    )
+    .unwrap();
+    let bearer = format!(
+        "Bearer {}.{}",
+        cred["agent_id"].as_str().unwrap(),
+        cred["secret"].as_str().unwrap()
+    );
+    let trust = HubTrust::PinnedCa {
+        sha256: hub.info.ca_sha256.clone(),
+    };
+    for (version, advice) in [
+        (0, "upgrade trunkfarm-agent"),
+        (trunkfarm_proto::PROTOCOL_VERSION + 1, "newer than the hub"),
+    ] {
+        let channel =
+            trunkfarm_proto::dial::connect(hub.address(), &trust, &DialOptions::default())
+                .await
+                .unwrap();
+        let hello = AgentMessage {
+            msg: Some(agent_message::Msg::Hello(Hello {
+                protocol_version: version,
+                ..Default::default()
+            })),
+        };
+        let mut request = tonic::Request::new(tokio_stream::iter(vec![hello]));
+        request.metadata_mut().insert(
+            trunkfarm_proto::AUTHORIZATION,
+            MetadataValue::try_from(bearer.as_str()).unwrap(),
+        );
+        let status = AgentServiceClient::new(channel)
+            .session(request)
+            .await
+            .expect_err("the hub must refuse this protocol version");
+        assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+        assert!(status.message().contains(advice), "{}", status.message());
+    }
+    // The hub still serves a current agent afterwards.
+    let mut current = agent;
+    current.start(&[]);
+    hub.wait_agents_connected(1);
+}
