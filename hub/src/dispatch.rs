@@ -434,9 +434,7 @@ impl Dispatcher {
                 skipped.push_back(id);
                 continue;
             };
-            st.assign_counter += 1;
-            let counter = st.assign_counter;
-            let Some(rec) = st.open.get_mut(&id) else {
+            let Some(mut rec) = st.open.get(&id).cloned() else {
                 continue;
             };
             rec.attempt += 1;
@@ -448,13 +446,23 @@ impl Dispatcher {
                 leased_at_ms: now_ms(),
                 lost_reason: String::new(),
             });
+            // Durable first; memory changes only once the write succeeded, so
+            // a failing disk leaves the job queued (and the queue in order).
+            if let Err(e) = self.persist(&rec) {
+                st.queue.push_front(id);
+                while let Some(id) = skipped.pop_back() {
+                    st.queue.push_front(id);
+                }
+                return Err(e);
+            }
+            st.assign_counter += 1;
+            let counter = st.assign_counter;
             let assignment = Assignment {
                 job: Some(rec.job_ref()),
                 spec: Some(rec.spec.clone()),
             };
             let attempt = rec.attempt;
-            let rec = rec.clone();
-            self.persist(&rec)?;
+            st.open.insert(id, rec);
             st.leases.insert(
                 id,
                 Lease {
@@ -486,25 +494,25 @@ impl Dispatcher {
         reason: &str,
         out: &mut Outbox,
     ) -> Result<(), StoreError> {
-        let Some(lease) = st.leases.remove(&id) else {
+        let Some(lease) = st.leases.get(&id) else {
             return Ok(());
         };
-        if let Some(conn) = st.agents.get_mut(&lease.agent_id) {
-            conn.running.remove(&id);
-        }
-        let Some(rec) = st.open.get_mut(&id) else {
+        let agent_id = lease.agent_id.clone();
+        let lost_attempt = lease.attempt;
+        let Some(mut rec) = st.open.get(&id).cloned() else {
+            st.leases.remove(&id);
             return Ok(());
         };
-        tracing::warn!(job = id, attempt = rec.attempt, agent = %lease.agent_id, "attempt lost: {reason}");
         if let Some(a) = rec
             .attempts
             .iter_mut()
             .rev()
-            .find(|a| a.attempt == lease.attempt)
+            .find(|a| a.attempt == lost_attempt)
         {
             a.lost_reason = reason.to_string();
         }
-        if rec.cancel_requested || rec.attempt >= rec.max_attempts {
+        let finish = rec.cancel_requested || rec.attempt >= rec.max_attempts;
+        if finish {
             let (outcome, detail) = if rec.cancel_requested {
                 (
                     Outcome::Cancelled,
@@ -527,14 +535,21 @@ impl Dispatcher {
                 detail,
                 ..Default::default()
             });
-            let rec = rec.clone();
-            self.persist(&rec)?;
-            st.open.remove(&id);
-            out.finished.push((id, rec.attempt));
         } else {
             rec.state = JobState::Queued;
-            let rec = rec.clone();
-            self.persist(&rec)?;
+        }
+        // Durable first: on a write error the lease stays and is retried.
+        self.persist(&rec)?;
+        tracing::warn!(job = id, attempt = lost_attempt, agent = %agent_id, "attempt lost: {reason}");
+        st.leases.remove(&id);
+        if let Some(conn) = st.agents.get_mut(&agent_id) {
+            conn.running.remove(&id);
+        }
+        if finish {
+            out.finished.push((id, rec.attempt));
+            st.open.remove(&id);
+        } else {
+            st.open.insert(id, rec);
             st.queue.push_front(id);
         }
         Ok(())
@@ -710,12 +725,8 @@ impl Dispatcher {
                 .get(&job.job_id)
                 .is_some_and(|l| l.agent_id == agent_id && l.attempt == job.attempt);
             if holds {
-                st.leases.remove(&job.job_id);
-                if let Some(conn) = st.agents.get_mut(agent_id) {
-                    conn.running.remove(&job.job_id);
-                }
                 let mut out = Outbox::default();
-                if let Some(mut rec) = st.open.remove(&job.job_id) {
+                if let Some(mut rec) = st.open.get(&job.job_id).cloned() {
                     if result.outcome == Outcome::Unspecified as i32 {
                         result.outcome = Outcome::Error.into();
                         result.detail = format!("agent reported no outcome. {}", result.detail);
@@ -723,8 +734,15 @@ impl Dispatcher {
                     rec.state = JobState::Finished;
                     rec.finished_at_ms = now_ms();
                     rec.result = Some(result);
+                    // Durable first: on a write error the job keeps its lease
+                    // and the agent resends the (unacknowledged) result.
                     self.persist(&rec)?;
                     out.finished.push((rec.id, rec.attempt));
+                    st.open.remove(&job.job_id);
+                }
+                st.leases.remove(&job.job_id);
+                if let Some(conn) = st.agents.get_mut(agent_id) {
+                    conn.running.remove(&job.job_id);
                 }
                 let more = self.schedule(&mut st)?;
                 out.messages.extend(more.messages);
@@ -747,7 +765,9 @@ impl Dispatcher {
                     Some(rec)
                         if rec.state == JobState::Finished
                             && rec.attempt == job.attempt
-                            && rec.agent_id == agent_id =>
+                            && rec.agent_id == agent_id
+                            // Not an attempt that `lose` ended (its result came too late).
+                            && rec.attempts.last().is_some_and(|a| a.lost_reason.is_empty()) =>
                     {
                         ResultAck {
                             job: Some(job),
@@ -912,6 +932,12 @@ impl Dispatcher {
         }
         self.deliver(out).await?;
         Ok(())
+    }
+
+    /// Waits until every change made so far is on disk, so a reader never
+    /// shows a result that a crash could still take back.
+    pub async fn sync(&self) -> Result<(), StoreError> {
+        self.shared.store.commit().await
     }
 
     /// One job: the live copy if unfinished, else the stored one.
@@ -1271,6 +1297,25 @@ mod tests {
             .unwrap()
             .recorded
         );
+    }
+
+    #[tokio::test]
+    async fn a_late_result_for_a_lost_last_attempt_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_s, d) = open(dir.path(), 200);
+        let id = d.submit(spec(&[]), 1).await.unwrap();
+        let mut a = agent(&d, "a", 1, &[], &[]).await;
+        let first = assignments(&mut a)[0];
+        for _ in 0..40 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if d.get(id).unwrap().unwrap().state == JobState::Finished {
+                break;
+            }
+        }
+        let late = d.record_result("a", passed(first)).await.unwrap();
+        assert!(!late.recorded, "{late:?}");
+        let rec = d.get(id).unwrap().unwrap();
+        assert_eq!(rec.result.unwrap().outcome, Outcome::Error as i32);
     }
 
     #[tokio::test]

@@ -943,7 +943,11 @@ impl Agent {
                 self.outbox.push_control(Msg::Draining(Draining {}));
             }
         }
-        let deadline = Instant::now() + grace;
+        // A grace from the network may be absurd: never overflow, cap at a year.
+        let grace = grace.min(Duration::from_secs(365 * 24 * 3600));
+        let deadline = Instant::now()
+            .checked_add(grace)
+            .unwrap_or_else(Instant::now);
         self.drain.grace_deadline = Some(
             self.drain
                 .grace_deadline

@@ -18,6 +18,9 @@ use crate::auth::secret;
 use crate::dispatch::{Dispatcher, JobState};
 use crate::logs::{JobLogs, WatchEvent};
 
+/// The longest grace period a drain may ask for (a week).
+const MAX_DRAIN_GRACE: Duration = Duration::from_secs(7 * 24 * 3600);
+
 /// Default number of jobs `ListJobs` returns.
 const DEFAULT_LIST_LIMIT: usize = 100;
 
@@ -202,6 +205,13 @@ impl AdminService for AdminApi {
         } else {
             Duration::from_secs(req.grace_secs)
         };
+        if grace > MAX_DRAIN_GRACE {
+            return Err(Status::invalid_argument(format!(
+                "a drain's grace period may be at most {}; asked for {}",
+                humantime::format_duration(MAX_DRAIN_GRACE),
+                humantime::format_duration(grace)
+            )));
+        }
         self.dispatch
             .drain(&req.agent_id, grace)
             .map_err(dispatch_status)?;
@@ -230,7 +240,13 @@ impl AdminService for AdminApi {
         self.check(&request)?;
         let id = request.into_inner().job_id;
         match self.dispatch.get(id).map_err(store_status)? {
-            Some(rec) => Ok(Response::new(job_info(rec))),
+            Some(rec) => {
+                if rec.state == JobState::Finished {
+                    // Never show a result a crash could still take back.
+                    self.dispatch.sync().await.map_err(store_status)?;
+                }
+                Ok(Response::new(job_info(rec)))
+            }
             None => Err(Status::not_found(format!(
                 "no job {id}: see `trunkfarm job list`"
             ))),
@@ -381,6 +397,11 @@ async fn watch(
                 }
             }
         }
+    }
+    // Never show a result a crash could still take back.
+    if let Err(e) = dispatch.sync().await {
+        let _ = tx.send(Err(store_status(e))).await;
+        return;
     }
     let _ = tx.send(finish()).await;
 }

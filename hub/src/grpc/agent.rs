@@ -22,6 +22,9 @@ use crate::auth::credentials::Credentials;
 use crate::dispatch::Dispatcher;
 use crate::logs::JobLogs;
 
+/// Results of one session being recorded at once; more wait (back-pressure).
+const RESULTS_IN_FLIGHT: usize = 64;
+
 /// How long a new session may take to send its Hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -191,6 +194,7 @@ async fn run_session(
     dispatch: Dispatcher,
     logs: Arc<JobLogs>,
 ) {
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(RESULTS_IN_FLIGHT));
     loop {
         let msg = match inbound.message().await {
             Ok(Some(AgentMessage { msg: Some(msg) })) => msg,
@@ -212,7 +216,11 @@ async fn run_session(
                 _ => Ok(()),
             },
             agent_message::Msg::Result(result) => {
-                // Handled concurrently so one agent's results share flushes.
+                // Handled concurrently so one agent's results share flushes,
+                // but boundedly: an agent flooding results waits here.
+                let Ok(permit) = in_flight.clone().acquire_owned().await else {
+                    break;
+                };
                 let dispatch = dispatch.clone();
                 let tx = tx.clone();
                 let agent_id = agent_id.clone();
@@ -226,6 +234,7 @@ async fn run_session(
                         // Not acknowledged: the agent keeps the result and resends it.
                         Err(e) => tracing::error!(agent = %agent_id, "cannot record a result: {e}"),
                     }
+                    drop(permit);
                 });
                 Ok(())
             }
