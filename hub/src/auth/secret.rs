@@ -47,20 +47,55 @@ pub fn split_credential(presented: &str) -> Option<(&str, &str)> {
     (!id.is_empty() && !secret.is_empty()).then_some((id, secret))
 }
 
-/// Writes `contents` to `path` with mode 0600, atomically (temp file + rename),
-/// so a crash never leaves a half-written secret file.
+/// Writes `contents` to `path` with mode 0600, atomically, so a crash never
+/// leaves a half-written secret file.
 pub fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(contents)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
+    write_atomic(path, contents, 0o600)
+}
+
+/// Writes a file atomically with `mode`: a temp file beside it (whose mode is
+/// set explicitly, since a leftover from a crash keeps its old one), synced,
+/// renamed over `path`, then the directory synced so the rename lasts. On
+/// failure the temp file is removed and the error names the file.
+pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let context = |what: &str, p: &Path| {
+        let p = p.display().to_string();
+        let what = what.to_string();
+        move |e: std::io::Error| std::io::Error::new(e.kind(), format!("cannot {what} {p}: {e}"))
+    };
+    let result = (|| {
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&tmp)
+            .map_err(context("create", &tmp))?;
+        file.set_permissions(std::fs::Permissions::from_mode(mode))
+            .map_err(context("set permissions of", &tmp))?;
+        file.write_all(contents).map_err(context("write", &tmp))?;
+        file.sync_all().map_err(context("sync", &tmp))?;
+        drop(file);
+        std::fs::rename(&tmp, path).map_err(context("replace", path))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+        return result;
+    }
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
 }
 
 /// Reads the admin token from `path`, creating it (0600) on first start.
@@ -105,6 +140,19 @@ mod tests {
         assert_eq!(split_credential("ag_1.xyz"), Some(("ag_1", "xyz")));
         assert_eq!(split_credential("ag_1."), None);
         assert_eq!(split_credential("nodot"), None);
+    }
+
+    #[test]
+    fn a_leftover_temp_file_does_not_leak_its_mode() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s");
+        let tmp = dir.path().join(format!(".s.tmp-{}", std::process::id()));
+        std::fs::write(&tmp, "old").unwrap();
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644)).unwrap();
+        write_private(&p, b"x").unwrap();
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
     }
 
     #[test]

@@ -16,7 +16,7 @@
 
 use std::fmt;
 use std::fs;
-use std::io::{self, Write as _};
+use std::io;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -551,53 +551,11 @@ fn create_private_dir(dir: &Path) -> Result<(), TlsError> {
 /// one, even if the hub is killed mid-write: temp file in the same directory,
 /// fsync, rename, fsync the directory.
 fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), TlsError> {
-    let io_err = |action: &'static str, path: &Path| {
-        let path = path.to_path_buf();
-        move |source| TlsError::Io {
-            action,
-            path,
-            source,
-        }
-    };
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let result = (|| {
-        let mut options = fs::OpenOptions::new();
-        options.write(true).create(true).truncate(true);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::OpenOptionsExt as _;
-            options.mode(mode);
-        }
-        let mut file = options.open(&tmp).map_err(io_err("create", &tmp))?;
-        // A leftover temp file from an earlier crash keeps its old mode on
-        // open: set the mode explicitly.
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt as _;
-            file.set_permissions(fs::Permissions::from_mode(mode))
-                .map_err(io_err("set permissions of", &tmp))?;
-        }
-        #[cfg(not(unix))]
-        let _ = mode;
-        file.write_all(contents).map_err(io_err("write", &tmp))?;
-        file.sync_all().map_err(io_err("sync", &tmp))?;
-        drop(file);
-        fs::rename(&tmp, path).map_err(io_err("replace", path))
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-        return result;
-    }
-    // Make the rename itself durable; not every platform can sync a directory.
-    if let Ok(d) = fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
+    super::secret::write_atomic(path, contents, mode).map_err(|source| TlsError::Io {
+        action: "write",
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 #[cfg(test)]
