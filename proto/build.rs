@@ -6,13 +6,20 @@ use std::path::PathBuf;
 
 use prost::Message;
 
-/// Messages the hub stores as they are (job specs, results, capabilities).
+/// Messages the hub stores as they are (job specs, results, capabilities,
+/// the pipeline's builds, runs and transitions).
 const PERSISTED: &[&str] = &[
     "JobSpec",
     "Repository",
     "JobResult",
+    "ReportFile",
     "JobRef",
     "Capabilities",
+    "Commit",
+    "BuildInfo",
+    "RunInfo",
+    "TestCase",
+    "Transition",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -32,6 +39,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .message_attribute(&path, "#[derive(serde::Serialize, serde::Deserialize)]")
             .message_attribute(&path, "#[serde(default)]");
     }
+    // Report files can be megabytes: base64 in JSON, not an array of numbers.
+    config = config.field_attribute(
+        ".trunkfarm.v1.ReportFile.data",
+        "#[serde(with = \"crate::serde_base64\")]",
+    );
     config.compile_fds(fds)?;
     Ok(())
 }

@@ -23,6 +23,11 @@ use trunkfarm_proto::settings::{self, Problem, check_path, fmt_bytes, fmt_durati
 
 pub use trunkfarm_proto::settings::ConfigError;
 
+mod pipeline;
+pub use pipeline::{
+    ArtifactsSection, DEFAULT_PLATFORM, PipelineSection, ProjectConfig, UpstreamConfig,
+};
+
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
 
@@ -46,6 +51,14 @@ pub struct HubConfig {
     pub limits: LimitsSection,
     /// `[enrollment]`: lifetimes of enrollment tokens.
     pub enrollment: EnrollmentSection,
+    /// `[artifacts]`: how many runtime artifacts are kept, how large they may be.
+    pub artifacts: ArtifactsSection,
+    /// `[pipeline]`: how the hub talks to git.
+    pub pipeline: PipelineSection,
+    /// `[[upstream]]`: the runtimes whose trunk is built.
+    pub upstreams: Vec<UpstreamConfig>,
+    /// `[[project]]`: the downstream projects tested against them.
+    pub projects: Vec<ProjectConfig>,
 }
 
 /// `[hub]`: the hub's network identity and data location.
@@ -201,6 +214,10 @@ struct RawHubConfig {
     dispatch: DispatchSection,
     limits: LimitsSection,
     enrollment: EnrollmentSection,
+    artifacts: ArtifactsSection,
+    pipeline: PipelineSection,
+    upstream: Vec<UpstreamConfig>,
+    project: Vec<ProjectConfig>,
 }
 
 impl HubConfig {
@@ -231,6 +248,10 @@ impl HubConfig {
             dispatch: raw.dispatch,
             limits: raw.limits,
             enrollment: raw.enrollment,
+            artifacts: raw.artifacts,
+            pipeline: raw.pipeline,
+            upstreams: raw.upstream,
+            projects: raw.project,
         };
         // Check paths as written (e.g. `~`) before resolving them.
         config
@@ -259,6 +280,10 @@ impl HubConfig {
             dispatch: DispatchSection::default(),
             limits: LimitsSection::default(),
             enrollment: EnrollmentSection::default(),
+            artifacts: ArtifactsSection::default(),
+            pipeline: PipelineSection::default(),
+            upstreams: Vec::new(),
+            projects: Vec::new(),
         }
     }
 
@@ -270,7 +295,7 @@ impl HubConfig {
             .map_err(|p| ConfigError::Invalid {
                 file: self.source.clone(),
                 line: None,
-                key: p.key.to_owned(),
+                key: p.key.to_string(),
                 message: p.message,
             })
     }
@@ -480,7 +505,13 @@ impl HubConfig {
                 ),
             ));
         }
-        Ok(())
+        pipeline::problems(
+            &self.upstreams,
+            &self.projects,
+            &self.artifacts,
+            &self.pipeline,
+            d.max_job_timeout,
+        )
     }
 }
 
@@ -523,7 +554,7 @@ mod de {
     use serde::Deserializer;
     use serde::de::{self, Visitor};
 
-    pub(super) use trunkfarm_proto::settings::de::{byte_size, count, duration};
+    pub(crate) use trunkfarm_proto::settings::de::{byte_size, count, duration};
 
     const SOCKET: &str =
         "a socket address such as \"127.0.0.1:7443\", \"0.0.0.0:7443\" or \"[::]:7443\"";
@@ -799,11 +830,11 @@ max_token_ttl = "7d"
     fn unknown_key_at_top_level() {
         assert_eq!(
             err("[dispath]\nlease_timeout = \"1m\"\n"),
-            "/etc/trunkfarm/hub.toml:1: unknown key `dispath`, expected one of `hub`, `tls`, `admin`, `dispatch`, `limits`, `enrollment`"
+            "/etc/trunkfarm/hub.toml:1: unknown key `dispath`, expected one of `hub`, `tls`, `admin`, `dispatch`, `limits`, `enrollment`, `artifacts`, `pipeline`, `upstream`, `project`"
         );
         assert_eq!(
             err("listen = \"0.0.0.0:7443\"\n"),
-            "/etc/trunkfarm/hub.toml:1: unknown key `listen`, expected one of `hub`, `tls`, `admin`, `dispatch`, `limits`, `enrollment`"
+            "/etc/trunkfarm/hub.toml:1: unknown key `listen`, expected one of `hub`, `tls`, `admin`, `dispatch`, `limits`, `enrollment`, `artifacts`, `pipeline`, `upstream`, `project`"
         );
     }
 

@@ -108,6 +108,12 @@ pub struct JobRecord {
     /// An operator asked to cancel it.
     #[serde(default)]
     pub cancel_requested: bool,
+    /// The pipeline's name for the job (e.g. `build/lua/linux-x86_64/<sha>`),
+    /// unique among jobs; empty for a job submitted by hand. Keyed jobs are
+    /// submitted at most once, and their end is handed to the pipeline
+    /// through the finished inbox.
+    #[serde(default)]
+    pub key: String,
 }
 
 impl JobRecord {
@@ -230,6 +236,8 @@ struct Shared {
     logs: Arc<JobLogs>,
     settings: DispatchSettings,
     state: Mutex<State>,
+    /// Wakes the pipeline's inbox reader when a job finished.
+    finished: Arc<tokio::sync::Notify>,
 }
 
 fn job_key(id: u64) -> [u8; 9] {
@@ -242,6 +250,21 @@ fn job_key(id: u64) -> [u8; 9] {
 fn open_key(id: u64) -> [u8; 9] {
     let mut k = job_key(id);
     k[0] = b'o';
+    k
+}
+
+/// Marks a finished keyed job the pipeline has not taken in yet.
+fn inbox_key(id: u64) -> [u8; 9] {
+    let mut k = job_key(id);
+    k[0] = b'f';
+    k
+}
+
+/// Maps a pipeline key to its job id: `k` + key.
+fn name_key(key: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(key.len() + 1);
+    k.push(b'k');
+    k.extend_from_slice(key.as_bytes());
     k
 }
 
@@ -294,6 +317,7 @@ impl Dispatcher {
             logs,
             settings,
             state: Mutex::new(state),
+            finished: Arc::new(tokio::sync::Notify::new()),
         });
         tokio::spawn(reap_leases(Arc::downgrade(&shared)));
         Ok(Dispatcher { shared })
@@ -315,6 +339,9 @@ impl Dispatcher {
         for (tx, msg) in out.messages {
             let _ = tx.send(msg);
         }
+        if !out.finished.is_empty() {
+            self.shared.finished.notify_one();
+        }
         for (job, attempts) in out.finished {
             self.shared.logs.finished(job, attempts);
         }
@@ -328,14 +355,36 @@ impl Dispatcher {
         batch.insert(&job_key(rec.id), bytes);
         if rec.state == JobState::Finished {
             batch.remove(&open_key(rec.id));
+            if !rec.key.is_empty() {
+                // In the same write as the result: the pipeline cannot miss it.
+                batch.insert(&inbox_key(rec.id), &[]);
+            }
         } else {
             batch.insert(&open_key(rec.id), &[]);
+            if !rec.key.is_empty() {
+                batch.insert(name_key(&rec.key), &rec.id.to_be_bytes());
+            }
         }
         s.tree.apply_batch(batch).map_err(|e| s.store.err(e))
     }
 
     /// Queues a new job; returns its id once it is durable.
-    pub async fn submit(&self, mut spec: JobSpec, max_attempts: u32) -> Result<u64, DispatchError> {
+    pub async fn submit(&self, spec: JobSpec, max_attempts: u32) -> Result<u64, DispatchError> {
+        self.submit_keyed(spec, max_attempts, String::new())
+            .await
+            .map(|(id, _)| id)
+    }
+
+    /// Queues a job under a pipeline key, unless a job with that key already
+    /// exists: returns its id and whether it is new. Submitting the same key
+    /// again (after a crash, a re-poll, a retried hand-off) is a no-op, so
+    /// the pipeline can re-derive its jobs from durable state at any time.
+    pub async fn submit_keyed(
+        &self,
+        mut spec: JobSpec,
+        max_attempts: u32,
+        key: String,
+    ) -> Result<(u64, bool), DispatchError> {
         let s = &self.shared.settings;
         if spec.commands.is_empty() || spec.commands.iter().all(|c| c.trim().is_empty()) {
             return Err(DispatchError::InvalidJob(
@@ -369,14 +418,27 @@ impl Dispatcher {
             result: None,
             finished_at_ms: 0,
             cancel_requested: false,
+            key,
         };
         let id = rec.id;
-        self.persist(&rec)?;
+        {
+            // Under the lock, so two submits of one key cannot both pass the check.
+            let _st = self.lock();
+            if !rec.key.is_empty() {
+                if let Some(existing) = self.keyed(&rec.key)? {
+                    return Ok((existing, false));
+                }
+            }
+            self.persist(&rec)?;
+        }
         if let Err(e) = self.shared.store.commit().await {
             // Not acknowledged: take it back so it is not run behind the
             // submitter's back (best effort; the store is failing).
             let _ = self.shared.tree.remove(job_key(id));
             let _ = self.shared.tree.remove(open_key(id));
+            if !rec.key.is_empty() {
+                let _ = self.shared.tree.remove(name_key(&rec.key));
+            }
             return Err(e.into());
         }
         let out = {
@@ -386,7 +448,73 @@ impl Dispatcher {
             self.schedule(&mut st)?
         };
         self.deliver(out).await?;
-        Ok(id)
+        Ok((id, true))
+    }
+
+    /// The job submitted under a pipeline key, if any.
+    pub fn keyed(&self, key: &str) -> Result<Option<u64>, StoreError> {
+        let s = &self.shared;
+        let Some(raw) = s.tree.get(name_key(key)).map_err(|e| s.store.err(e))? else {
+            return Ok(None);
+        };
+        let bytes: [u8; 8] = raw
+            .as_ref()
+            .try_into()
+            .map_err(|_| s.store.corrupt(format!("jobs/k{key}"), "not an 8-byte id"))?;
+        Ok(Some(u64::from_be_bytes(bytes)))
+    }
+
+    /// Keys of unfinished keyed jobs starting with `prefix`, with their ids.
+    pub fn open_keys(&self, prefix: &str) -> Vec<(String, u64)> {
+        let st = self.lock();
+        let mut keys: Vec<_> = st
+            .open
+            .values()
+            .filter(|r| !r.key.is_empty() && r.key.starts_with(prefix))
+            .map(|r| (r.key.clone(), r.id))
+            .collect();
+        keys.sort_unstable();
+        keys
+    }
+
+    /// Finished keyed jobs the pipeline has not acknowledged yet, oldest
+    /// first, at most `limit`.
+    pub fn finished_inbox(&self, limit: usize) -> Result<Vec<JobRecord>, StoreError> {
+        let s = &self.shared;
+        let mut out = Vec::new();
+        for item in s.tree.scan_prefix([b'f']).take(limit) {
+            let (k, _) = item.map_err(|e| s.store.err(e))?;
+            let id: [u8; 8] = k
+                .get(1..9)
+                .and_then(|b| b.try_into().ok())
+                .ok_or_else(|| s.store.corrupt("jobs/f", "short key"))?;
+            let id = u64::from_be_bytes(id);
+            match self.get(id)? {
+                Some(rec) => out.push(rec),
+                None => {
+                    // A marker without a record cannot be handed over; drop it.
+                    s.tree.remove(inbox_key(id)).map_err(|e| s.store.err(e))?;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The pipeline took in these finished jobs (durably, on its side):
+    /// they leave the inbox. Durable once the next [`Store::commit`] returns.
+    pub fn ack_finished(&self, ids: &[u64]) -> Result<(), StoreError> {
+        let s = &self.shared;
+        let mut batch = sled::Batch::default();
+        for id in ids {
+            batch.remove(&inbox_key(*id));
+        }
+        s.tree.apply_batch(batch).map_err(|e| s.store.err(e))
+    }
+
+    /// Notified whenever a job finished (so the pipeline's inbox may hold
+    /// something new).
+    pub fn finished_signal(&self) -> Arc<tokio::sync::Notify> {
+        self.shared.finished.clone()
     }
 
     /// Hands queued jobs to agents with free slots: for each job, oldest

@@ -134,17 +134,18 @@ fn at(file: &Option<PathBuf>, line: Option<usize>) -> String {
 /// command line).
 #[derive(Debug)]
 pub struct Problem {
-    /// The full dotted key at fault.
-    pub key: &'static str,
+    /// The full dotted key at fault; an entry of an array of tables is
+    /// written `name[index]`, e.g. `project[2].timeout`.
+    pub key: std::borrow::Cow<'static, str>,
     /// What is wrong and what is expected.
     pub message: String,
 }
 
 impl Problem {
     /// A broken rule about `key`.
-    pub fn new(key: &'static str, message: impl Into<String>) -> Self {
+    pub fn new(key: impl Into<std::borrow::Cow<'static, str>>, message: impl Into<String>) -> Self {
         Self {
-            key,
+            key: key.into(),
             message: message.into(),
         }
     }
@@ -154,8 +155,8 @@ impl Problem {
     pub fn into_error(self, file: &Option<PathBuf>, text: &str, doc: &Document<'_>) -> ConfigError {
         ConfigError::Invalid {
             file: file.clone(),
-            line: key_line(text, doc, self.key),
-            key: self.key.to_owned(),
+            line: key_line(text, doc, &self.key),
+            key: self.key.into_owned(),
             message: self.message,
         }
     }
@@ -266,14 +267,26 @@ fn classify(
     }
 }
 
-/// The line where the dotted `key` is written, if it is.
+/// The line where the dotted `key` is written, if it is. A part written
+/// `name[index]` steps into an array (of tables) by position.
 pub fn key_line(text: &str, doc: &Document<'_>, key: &str) -> Option<usize> {
     let mut table = doc.get_ref();
     let mut parts = key.split('.').peekable();
     while let Some(part) = parts.next() {
-        let (k, v) = table.iter().find(|(k, _)| k.get_ref().as_ref() == part)?;
+        let (name, index) = match part.strip_suffix(']').and_then(|p| p.split_once('[')) {
+            Some((name, index)) => (name, Some(index.parse::<usize>().ok()?)),
+            None => (part, None),
+        };
+        let (k, mut v) = table.iter().find(|(k, _)| k.get_ref().as_ref() == name)?;
+        if let Some(index) = index {
+            match v.get_ref() {
+                DeValue::Array(items) => v = items.get(index)?,
+                _ => return None,
+            }
+        }
         if parts.peek().is_none() {
-            return Some(line_of(text, k.span().start));
+            let span = if index.is_some() { v.span() } else { k.span() };
+            return Some(line_of(text, span.start));
         }
         match v.get_ref() {
             DeValue::Table(t) => table = t,

@@ -175,16 +175,16 @@ impl AgentConfig {
         next.check_paths()
             .and_then(|()| next.problems())
             .map_err(|p| {
-                if overridden.contains(&p.key) {
+                if overridden.contains(&p.key.as_ref()) {
                     ConfigError::Override {
-                        key: p.key.to_owned(),
+                        key: p.key.to_string(),
                         message: p.message,
                     }
                 } else {
                     ConfigError::Invalid {
                         file: next.source.clone(),
                         line: None,
-                        key: p.key.to_owned(),
+                        key: p.key.to_string(),
                         message: p.message,
                     }
                 }

@@ -164,6 +164,7 @@ pub(crate) fn job_result(
         started_at_ms: out.started_at_ms,
         last_log_seq,
         artifact_sha256: String::new(),
+        reports: Vec::new(),
     }
 }
 

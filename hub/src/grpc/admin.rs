@@ -61,6 +61,46 @@ impl AdminApi {
 
 #[tonic::async_trait]
 impl AdminService for AdminApi {
+    async fn build_upstream(
+        &self,
+        request: Request<BuildUpstreamRequest>,
+    ) -> Result<Response<BuildUpstreamResponse>, Status> {
+        self.check(&request)?;
+        Err(Status::unimplemented("not yet"))
+    }
+
+    async fn get_status(
+        &self,
+        request: Request<GetStatusRequest>,
+    ) -> Result<Response<GetStatusResponse>, Status> {
+        self.check(&request)?;
+        Err(Status::unimplemented("not yet"))
+    }
+
+    async fn get_breakage(
+        &self,
+        request: Request<GetBreakageRequest>,
+    ) -> Result<Response<GetBreakageResponse>, Status> {
+        self.check(&request)?;
+        Err(Status::unimplemented("not yet"))
+    }
+
+    async fn list_transitions(
+        &self,
+        request: Request<ListTransitionsRequest>,
+    ) -> Result<Response<ListTransitionsResponse>, Status> {
+        self.check(&request)?;
+        Err(Status::unimplemented("not yet"))
+    }
+
+    async fn list_artifacts(
+        &self,
+        request: Request<ListArtifactsRequest>,
+    ) -> Result<Response<ListArtifactsResponse>, Status> {
+        self.check(&request)?;
+        Err(Status::unimplemented("not yet"))
+    }
+
     async fn create_token(
         &self,
         request: Request<CreateTokenRequest>,

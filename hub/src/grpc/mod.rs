@@ -100,5 +100,6 @@ pub fn job_info(rec: JobRecord) -> v1::JobInfo {
             })
             .collect(),
         spec: Some(rec.spec),
+        key: rec.key,
     }
 }

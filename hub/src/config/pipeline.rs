@@ -1,0 +1,464 @@
+//! The trunk pipeline's part of `hub.toml`: the upstream runtimes to build
+//! (`[[upstream]]`), the downstream projects to test against them
+//! (`[[project]]`), how long artifacts are kept (`[artifacts]`) and how the
+//! hub talks to git (`[pipeline]`).
+//!
+//! Entries of an array of tables are named `upstream[0]`, `project[2]` in
+//! error messages (and by their `name` in the message text), so an operator
+//! with forty projects finds the broken one.
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::Duration;
+
+use serde::Deserialize;
+use trunkfarm_proto::settings::{Problem, fmt_bytes, fmt_duration};
+
+use super::{MIB, de};
+
+/// The platform a build or test runs on when an entry names none: the
+/// platform label agents derive from `os-arch`.
+pub const DEFAULT_PLATFORM: &str = "linux-x86_64";
+
+/// `[[upstream]]`: a language runtime whose trunk the hub builds.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "an [[upstream]] table")]
+pub struct UpstreamConfig {
+    /// Short name used in commands, keys and mails (`[A-Za-z0-9._-]`).
+    pub name: String,
+    /// Where `git ls-remote` and agents fetch it (https, ssh, file or a path).
+    pub url: String,
+    /// The branch to follow.
+    #[serde(default = "default_branch")]
+    pub branch: String,
+    /// How often the branch head is polled.
+    #[serde(default = "default_upstream_poll", deserialize_with = "de::duration")]
+    pub poll_interval: Duration,
+    /// Platforms to build for; each is a label build agents must carry
+    /// (agents label themselves `os-arch`, e.g. `linux-x86_64`).
+    #[serde(default = "default_platforms")]
+    pub platforms: Vec<String>,
+    /// Shell commands, run in the checkout, that build the runtime and install
+    /// it into `$PREFIX`. The hub packs `$PREFIX` when they all pass.
+    pub build: Vec<String>,
+    /// How long one build may take.
+    #[serde(default = "default_build_timeout", deserialize_with = "de::duration")]
+    pub build_timeout: Duration,
+    /// Extra environment for the build commands.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Extra labels a build agent must carry (e.g. `big-memory`).
+    #[serde(default)]
+    pub labels: Vec<String>,
+    /// Who hears about a failing build of the runtime itself.
+    #[serde(default)]
+    pub contacts: Vec<String>,
+}
+
+/// `[[project]]`: a downstream project whose tests run against the runtime.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a [[project]] table")]
+pub struct ProjectConfig {
+    /// Short name used in commands, keys and mails (`[A-Za-z0-9._-]`).
+    pub name: String,
+    /// Where agents clone it.
+    pub url: String,
+    /// The branch to follow.
+    #[serde(default = "default_branch")]
+    pub branch: String,
+    /// How often the branch head is polled (a new commit re-runs the project
+    /// against the latest good runtime).
+    #[serde(default = "default_project_poll", deserialize_with = "de::duration")]
+    pub poll_interval: Duration,
+    /// The upstreams it is tested against; empty means every upstream.
+    #[serde(default)]
+    pub upstreams: Vec<String>,
+    /// Platforms to test on; empty means each upstream's platforms.
+    #[serde(default)]
+    pub platforms: Vec<String>,
+    /// Shell commands, run in the checkout with the runtime's `bin/` first on
+    /// `PATH` and `TRUNKFARM_RUNTIME_PREFIX` set.
+    pub test: Vec<String>,
+    /// How long one test run may take.
+    #[serde(default = "default_test_timeout", deserialize_with = "de::duration")]
+    pub timeout: Duration,
+    /// JUnit XML files the test commands write, relative to the checkout.
+    #[serde(default)]
+    pub junit: Vec<String>,
+    /// Who hears when it goes red or is fixed.
+    #[serde(default)]
+    pub maintainers: Vec<String>,
+    /// Extra labels a test agent must carry.
+    #[serde(default)]
+    pub labels: Vec<String>,
+    /// Extra environment for the test commands.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+}
+
+/// `[artifacts]`: the runtime artifacts the hub stores.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields, expecting = "an [artifacts] table")]
+pub struct ArtifactsSection {
+    /// Newest artifacts kept per (upstream, platform); older ones are deleted
+    /// unless a project's last known result still refers to them.
+    #[serde(deserialize_with = "de::count")]
+    pub keep: u32,
+    /// The largest artifact an agent may upload, in bytes.
+    #[serde(deserialize_with = "de::byte_size")]
+    pub max_size: u64,
+}
+
+impl Default for ArtifactsSection {
+    fn default() -> Self {
+        Self {
+            keep: 5,
+            max_size: 4096 * MIB,
+        }
+    }
+}
+
+/// `[pipeline]`: how the hub watches repositories.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields, expecting = "a [pipeline] table")]
+pub struct PipelineSection {
+    /// How long one `git ls-remote` or metadata fetch may take.
+    #[serde(deserialize_with = "de::duration")]
+    pub git_timeout: Duration,
+}
+
+impl Default for PipelineSection {
+    fn default() -> Self {
+        Self {
+            git_timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+fn default_branch() -> String {
+    "main".into()
+}
+fn default_upstream_poll() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_project_poll() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_platforms() -> Vec<String> {
+    vec![DEFAULT_PLATFORM.into()]
+}
+fn default_build_timeout() -> Duration {
+    Duration::from_secs(60 * 60)
+}
+fn default_test_timeout() -> Duration {
+    Duration::from_secs(30 * 60)
+}
+
+/// The shortest poll interval accepted: polling is `git ls-remote` against
+/// someone else's server.
+pub const MIN_POLL_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Checks the pipeline's rules; `max_job_timeout` is `dispatch.max_job_timeout`.
+pub(super) fn problems(
+    upstreams: &[UpstreamConfig],
+    projects: &[ProjectConfig],
+    artifacts: &ArtifactsSection,
+    pipeline: &PipelineSection,
+    max_job_timeout: Duration,
+) -> Result<(), Problem> {
+    let mut names = HashSet::new();
+    for (i, u) in upstreams.iter().enumerate() {
+        let at = |key: &str| format!("upstream[{i}].{key}");
+        check_name(&at("name"), "upstream", &u.name)?;
+        if !names.insert(u.name.as_str()) {
+            return Err(Problem::new(
+                at("name"),
+                format!(
+                    "two upstreams are named {:?}; give each a different name",
+                    u.name
+                ),
+            ));
+        }
+        check_url(&at("url"), &u.url)?;
+        check_branch(&at("branch"), &u.branch)?;
+        check_poll(&at("poll_interval"), u.poll_interval)?;
+        check_platforms(&at("platforms"), &u.platforms, false)?;
+        check_commands(&at("build"), &u.build, "the build commands that install the runtime into $PREFIX, e.g. [\"make install PREFIX=$PREFIX\"]")?;
+        check_timeout(&at("build_timeout"), u.build_timeout, max_job_timeout)?;
+        check_env(&at("env"), &u.env)?;
+        check_labels(&at("labels"), &u.labels)?;
+        check_emails(&at("contacts"), &u.contacts)?;
+    }
+    let mut project_names = HashSet::new();
+    for (i, p) in projects.iter().enumerate() {
+        let at = |key: &str| format!("project[{i}].{key}");
+        check_name(&at("name"), "project", &p.name)?;
+        if !project_names.insert(p.name.as_str()) {
+            return Err(Problem::new(
+                at("name"),
+                format!(
+                    "two projects are named {:?}; give each a different name",
+                    p.name
+                ),
+            ));
+        }
+        check_url(&at("url"), &p.url)?;
+        check_branch(&at("branch"), &p.branch)?;
+        check_poll(&at("poll_interval"), p.poll_interval)?;
+        if upstreams.is_empty() {
+            return Err(Problem::new(
+                at("name"),
+                format!(
+                    "project {:?} has no upstream to test against: add an [[upstream]] entry",
+                    p.name
+                ),
+            ));
+        }
+        for name in &p.upstreams {
+            if !names.contains(name.as_str()) {
+                let known: Vec<_> = upstreams.iter().map(|u| u.name.as_str()).collect();
+                return Err(Problem::new(
+                    at("upstreams"),
+                    format!(
+                        "project {:?} names upstream {name:?}, which is not configured; known upstreams: {}",
+                        p.name,
+                        known.join(", ")
+                    ),
+                ));
+            }
+        }
+        check_platforms(&at("platforms"), &p.platforms, true)?;
+        check_commands(
+            &at("test"),
+            &p.test,
+            "the commands that run the project's tests, e.g. [\"make test\"]",
+        )?;
+        check_timeout(&at("timeout"), p.timeout, max_job_timeout)?;
+        for path in &p.junit {
+            check_relative(&at("junit"), path)?;
+        }
+        check_emails(&at("maintainers"), &p.maintainers)?;
+        check_labels(&at("labels"), &p.labels)?;
+        check_env(&at("env"), &p.env)?;
+    }
+    if artifacts.keep < 1 {
+        return Err(Problem::new(
+            "artifacts.keep",
+            "must be at least 1 (the newest good runtime is what new project commits test against)",
+        ));
+    }
+    if artifacts.max_size < MIB {
+        return Err(Problem::new(
+            "artifacts.max_size",
+            format!(
+                "{} is too small for a runtime; expected at least 1 MiB, e.g. \"4 GiB\"",
+                fmt_bytes(artifacts.max_size)
+            ),
+        ));
+    }
+    if pipeline.git_timeout < Duration::from_secs(1) {
+        return Err(Problem::new(
+            "pipeline.git_timeout",
+            "must be at least 1s, e.g. \"2m\"",
+        ));
+    }
+    Ok(())
+}
+
+/// Names become parts of keys and command arguments: keep them plain.
+fn check_name(key: &str, what: &str, name: &str) -> Result<(), Problem> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        && !name.starts_with(['.', '-']);
+    if ok {
+        return Ok(());
+    }
+    Err(Problem::new(
+        key.to_owned(),
+        format!(
+            "{name:?} is not a valid {what} name; expected 1 to 64 characters from A-Z, a-z, 0-9, '.', '_' and '-', not starting with '.' or '-'"
+        ),
+    ))
+}
+
+fn check_url(key: &str, url: &str) -> Result<(), Problem> {
+    if url.trim().is_empty() {
+        return Err(Problem::new(
+            key.to_owned(),
+            "must not be empty; give the repository's URL, e.g. \"https://github.com/python/cpython.git\"",
+        ));
+    }
+    if url.starts_with('-') {
+        return Err(Problem::new(
+            key.to_owned(),
+            format!("{url:?} starts with '-', which git would read as an option"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_branch(key: &str, branch: &str) -> Result<(), Problem> {
+    let ok = !branch.is_empty()
+        && !branch.starts_with(['-', '/'])
+        && !branch.contains("..")
+        && !branch
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || "~^:?*[\\".contains(c));
+    if ok {
+        return Ok(());
+    }
+    Err(Problem::new(
+        key.to_owned(),
+        format!("{branch:?} is not a valid branch name, e.g. \"main\""),
+    ))
+}
+
+fn check_poll(key: &str, interval: Duration) -> Result<(), Problem> {
+    if interval < MIN_POLL_INTERVAL {
+        return Err(Problem::new(
+            key.to_owned(),
+            format!(
+                "{} is too short; expected at least {}, e.g. \"60s\"",
+                fmt_duration(interval),
+                fmt_duration(MIN_POLL_INTERVAL)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn check_platforms(key: &str, platforms: &[String], may_be_empty: bool) -> Result<(), Problem> {
+    if platforms.is_empty() && !may_be_empty {
+        return Err(Problem::new(
+            key.to_owned(),
+            format!("must name at least one platform, e.g. [\"{DEFAULT_PLATFORM}\"]"),
+        ));
+    }
+    let mut seen = HashSet::new();
+    for p in platforms {
+        check_name(key, "platform", p)?;
+        if !seen.insert(p) {
+            return Err(Problem::new(
+                key.to_owned(),
+                format!("names platform {p:?} twice"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn check_commands(key: &str, commands: &[String], example: &str) -> Result<(), Problem> {
+    if commands.iter().all(|c| c.trim().is_empty()) {
+        return Err(Problem::new(
+            key.to_owned(),
+            format!("must hold at least one command: {example}"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_timeout(key: &str, timeout: Duration, max: Duration) -> Result<(), Problem> {
+    if timeout.is_zero() {
+        return Err(Problem::new(
+            key.to_owned(),
+            "must be greater than zero, e.g. \"30m\"",
+        ));
+    }
+    if timeout > max {
+        return Err(Problem::new(
+            key.to_owned(),
+            format!(
+                "{} is longer than `dispatch.max_job_timeout` ({}); raise that or shorten this",
+                fmt_duration(timeout),
+                fmt_duration(max)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn check_env(key: &str, env: &BTreeMap<String, String>) -> Result<(), Problem> {
+    for name in env.keys() {
+        let ok = !name.is_empty()
+            && !name.starts_with(|c: char| c.is_ascii_digit())
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !ok {
+            return Err(Problem::new(
+                key.to_owned(),
+                format!("{name:?} is not a valid environment variable name (A-Z, a-z, 0-9, '_')"),
+            ));
+        }
+        if matches!(name.as_str(), "PREFIX" | "TRUNKFARM_RUNTIME_PREFIX") {
+            return Err(Problem::new(
+                key.to_owned(),
+                format!("{name} is set by trunkfarm itself and cannot be overridden"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn check_labels(key: &str, labels: &[String]) -> Result<(), Problem> {
+    for label in labels {
+        if label.is_empty() || label.chars().any(|c| c.is_whitespace() || c == ',') {
+            return Err(Problem::new(
+                key.to_owned(),
+                format!("{label:?} is not a valid label: no spaces or commas, not empty"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A light check here; the notifier validates addresses fully.
+fn check_emails(key: &str, emails: &[String]) -> Result<(), Problem> {
+    for email in emails {
+        let ok = email
+            .split_once('@')
+            .is_some_and(|(user, domain)| !user.is_empty() && domain.contains('.') && !domain.starts_with('.'))
+            && !email.chars().any(|c| c.is_whitespace() || c == ',' || c == '<' || c == '>');
+        if !ok {
+            return Err(Problem::new(
+                key.to_owned(),
+                format!("{email:?} is not an email address; expected e.g. \"dev@example.org\""),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn check_relative(key: &str, path: &str) -> Result<(), Problem> {
+    let p = std::path::Path::new(path);
+    let escapes = p
+        .components()
+        .any(|c| !matches!(c, std::path::Component::Normal(_) | std::path::Component::CurDir));
+    if path.is_empty() || escapes {
+        return Err(Problem::new(
+            key.to_owned(),
+            format!(
+                "{path:?} must be a path inside the checkout, without '..' or a leading '/', e.g. \"junit.xml\""
+            ),
+        ));
+    }
+    Ok(())
+}
+
+impl ProjectConfig {
+    /// Whether this project is tested against `upstream`.
+    pub fn tests_against(&self, upstream: &str) -> bool {
+        self.upstreams.is_empty() || self.upstreams.iter().any(|u| u == upstream)
+    }
+
+    /// The platforms it runs on against `upstream`: its own list (restricted
+    /// to the upstream's), or the upstream's.
+    pub fn platforms_for<'a>(&'a self, upstream: &'a UpstreamConfig) -> Vec<&'a str> {
+        upstream
+            .platforms
+            .iter()
+            .filter(|p| self.platforms.is_empty() || self.platforms.contains(p))
+            .map(String::as_str)
+            .collect()
+    }
+}
