@@ -1,9 +1,12 @@
 //! The `trunkfarm` command line: `serve` runs a hub; `token`, `agent` and
-//! `job` administer a running one over gRPC; `demo` runs the embedded demo.
+//! `job` administer a running one over gRPC; `status`, `breakage`,
+//! `transitions`, `upstream` and `artifact` show and drive the trunk
+//! pipeline; `demo` runs the embedded demo.
 
 mod client;
 mod demo;
 mod jobs;
+mod pipeline;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -54,6 +57,56 @@ enum Command {
     Job {
         #[command(subcommand)]
         command: jobs::JobCommand,
+    },
+    /// The grid: each project's newest result per upstream and platform.
+    Status {
+        /// Only this upstream.
+        #[arg(long)]
+        upstream: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Which projects went red at an upstream commit (or in a range), with
+    /// their newly failing tests.
+    Breakage {
+        /// The upstream's name in the hub config.
+        #[arg(long)]
+        upstream: String,
+        /// A commit (or its prefix), or a range "A..B"; default: the branch head.
+        #[arg(long)]
+        rev: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Went-red and fixed events, newest first (the notifier's input).
+    Transitions {
+        /// Only this upstream.
+        #[arg(long)]
+        upstream: Option<String>,
+        /// Only this project.
+        #[arg(long)]
+        project: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+        /// Also still-red and still-green results.
+        #[arg(long)]
+        all: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Upstream runtimes: build one now, list them.
+    Upstream {
+        #[command(subcommand)]
+        command: pipeline::UpstreamCommand,
+    },
+    /// Runtime artifacts stored on the hub.
+    Artifact {
+        #[command(subcommand)]
+        command: pipeline::ArtifactCommand,
     },
 }
 
@@ -167,6 +220,21 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Token { command } => token(&cfg, command).await,
         Command::Agent { command } => agent(&cfg, command).await,
         Command::Job { command } => jobs::run(&cfg, command).await,
+        Command::Status { upstream, json } => pipeline::status(&cfg, upstream, json).await,
+        Command::Breakage {
+            upstream,
+            rev,
+            json,
+        } => pipeline::breakage(&cfg, upstream, rev, json).await,
+        Command::Transitions {
+            upstream,
+            project,
+            limit,
+            all,
+            json,
+        } => pipeline::transitions(&cfg, upstream, project, limit, all, json).await,
+        Command::Upstream { command } => pipeline::upstream(&cfg, command).await,
+        Command::Artifact { command } => pipeline::artifact(&cfg, command).await,
     }
 }
 

@@ -17,6 +17,8 @@ use crate::auth::credentials::Credentials;
 use crate::auth::secret;
 use crate::dispatch::{Dispatcher, JobState};
 use crate::logs::{JobLogs, WatchEvent};
+use crate::pipeline::{Pipeline, PipelineError};
+use crate::artifacts::Artifacts;
 
 /// The longest grace period a drain may ask for (a week).
 const MAX_DRAIN_GRACE: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -44,6 +46,23 @@ pub struct AdminApi {
     pub max_token_ttl: Duration,
     /// Drain grace when none is asked for.
     pub drain_grace: Duration,
+    /// The trunk pipeline (status, breakage, builds on demand).
+    pub pipeline: Pipeline,
+    /// Stored runtime artifacts.
+    pub artifacts: Artifacts,
+}
+
+/// Maps pipeline errors to statuses.
+fn pipeline_status(e: PipelineError) -> Status {
+    match e {
+        PipelineError::Store(s) => store_status(s),
+        PipelineError::Dispatch(d) => dispatch_status(d),
+        e @ PipelineError::NoSuchUpstream(..) => Status::not_found(e.to_string()),
+        e @ PipelineError::Git(crate::pipeline::GitError::NotFound(_)) => {
+            Status::not_found(e.to_string())
+        }
+        e @ PipelineError::Git(_) => Status::unavailable(e.to_string()),
+    }
 }
 
 impl AdminApi {
@@ -66,7 +85,14 @@ impl AdminService for AdminApi {
         request: Request<BuildUpstreamRequest>,
     ) -> Result<Response<BuildUpstreamResponse>, Status> {
         self.check(&request)?;
-        Err(Status::unimplemented("not yet"))
+        let req = request.into_inner();
+        let (commit, builds) = self
+            .pipeline
+            .build(&req.upstream, req.rev.trim(), req.force)
+            .await
+            .map_err(pipeline_status)?;
+        tracing::info!(upstream = %req.upstream, "build of {} requested", crate::pipeline::short(&commit));
+        Ok(Response::new(BuildUpstreamResponse { commit, builds }))
     }
 
     async fn get_status(
@@ -74,7 +100,11 @@ impl AdminService for AdminApi {
         request: Request<GetStatusRequest>,
     ) -> Result<Response<GetStatusResponse>, Status> {
         self.check(&request)?;
-        Err(Status::unimplemented("not yet"))
+        let req = request.into_inner();
+        // Never show a result a crash could still take back.
+        self.dispatch.sync().await.map_err(store_status)?;
+        let status = self.pipeline.status(&req.upstream).map_err(pipeline_status)?;
+        Ok(Response::new(status))
     }
 
     async fn get_breakage(
@@ -82,7 +112,13 @@ impl AdminService for AdminApi {
         request: Request<GetBreakageRequest>,
     ) -> Result<Response<GetBreakageResponse>, Status> {
         self.check(&request)?;
-        Err(Status::unimplemented("not yet"))
+        let req = request.into_inner();
+        let resp = self
+            .pipeline
+            .breakage(&req.upstream, req.rev.trim())
+            .await
+            .map_err(pipeline_status)?;
+        Ok(Response::new(resp))
     }
 
     async fn list_transitions(
@@ -90,7 +126,17 @@ impl AdminService for AdminApi {
         request: Request<ListTransitionsRequest>,
     ) -> Result<Response<ListTransitionsResponse>, Status> {
         self.check(&request)?;
-        Err(Status::unimplemented("not yet"))
+        let req = request.into_inner();
+        let limit = if req.limit == 0 {
+            DEFAULT_LIST_LIMIT
+        } else {
+            req.limit as usize
+        };
+        let transitions = self
+            .pipeline
+            .transitions(&req.upstream, &req.project, limit, req.all)
+            .map_err(pipeline_status)?;
+        Ok(Response::new(ListTransitionsResponse { transitions }))
     }
 
     async fn list_artifacts(
@@ -98,7 +144,11 @@ impl AdminService for AdminApi {
         request: Request<ListArtifactsRequest>,
     ) -> Result<Response<ListArtifactsResponse>, Status> {
         self.check(&request)?;
-        Err(Status::unimplemented("not yet"))
+        let artifacts = self.artifacts.list().map_err(|e| {
+            tracing::error!("{e}");
+            Status::unavailable(format!("cannot list artifacts: {e}"))
+        })?;
+        Ok(Response::new(ListArtifactsResponse { artifacts }))
     }
 
     async fn create_token(

@@ -1,0 +1,503 @@
+//! The core developers' commands: `status` (the grid), `breakage` (what a
+//! trunk change broke), `transitions` (history), `upstream build` (build
+//! now) and `artifact list`.
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+use clap::Subcommand;
+use trunkfarm_proto::v1::{
+    BuildInfo, BuildState, BuildUpstreamRequest, GetBreakageRequest, GetStatusRequest,
+    ListArtifactsRequest, ListTransitionsRequest, RunInfo, RunStatus, StatusCell, Transition,
+    TransitionKind,
+};
+
+use super::{status_error, when};
+use crate::config::HubConfig;
+use crate::pipeline::short;
+
+/// `trunkfarm upstream …`.
+#[derive(Subcommand)]
+pub enum UpstreamCommand {
+    /// Build an upstream now (default: its branch head) on every platform;
+    /// when the build passes, every project is tested against it.
+    Build {
+        /// The upstream's name in the hub config.
+        name: String,
+        /// A commit (full or abbreviated), branch or tag.
+        #[arg(long)]
+        rev: Option<String>,
+        /// Build again even if this commit was built before.
+        #[arg(long)]
+        force: bool,
+    },
+    /// List upstreams: branch head, newest and newest good build per platform.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `trunkfarm artifact …`.
+#[derive(Subcommand)]
+pub enum ArtifactCommand {
+    /// List stored runtime artifacts and their downloads per agent.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Colours for a terminal; none when stdout is not one or NO_COLOR is set.
+struct Paint(bool);
+
+impl Paint {
+    fn new() -> Paint {
+        Paint(std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none())
+    }
+    fn code(&self, code: &str, text: &str) -> String {
+        if self.0 {
+            format!("\x1b[{code}m{text}\x1b[0m")
+        } else {
+            text.to_owned()
+        }
+    }
+    /// Pads first, so colour codes do not break the column width.
+    fn cell(&self, code: &str, text: &str, width: usize) -> String {
+        self.code(code, &format!("{text:<width$}"))
+    }
+}
+
+fn kind_name(kind: i32) -> &'static str {
+    match TransitionKind::try_from(kind).unwrap_or(TransitionKind::Unspecified) {
+        TransitionKind::WentRed => "went red",
+        TransitionKind::StillRed => "still red",
+        TransitionKind::Fixed => "fixed",
+        TransitionKind::StillGreen => "still green",
+        TransitionKind::Unspecified => "?",
+    }
+}
+
+fn build_state(b: &BuildInfo) -> &'static str {
+    match BuildState::try_from(b.state).unwrap_or(BuildState::Unspecified) {
+        BuildState::Pending => "building",
+        BuildState::Passed => "passed",
+        BuildState::Failed => "FAILED",
+        BuildState::Error => "error",
+        BuildState::Unspecified => "?",
+    }
+}
+
+/// One grid cell's words and colour.
+fn cell_text(c: &StatusCell) -> (String, &'static str) {
+    let run = c.latest.clone().unwrap_or_default();
+    let pending = if c.pending { "…" } else { "" };
+    if run.job_id == 0 {
+        return (format!("-{pending}"), "90");
+    }
+    let at = short(&run.upstream_commit).get(..7).unwrap_or("");
+    match RunStatus::try_from(run.status).unwrap_or(RunStatus::Unspecified) {
+        RunStatus::Green => (format!("green {at}{pending}"), "32"),
+        RunStatus::Red => (format!("RED {at}{pending}"), "1;31"),
+        _ => (format!("error {at}{pending}"), "33"),
+    }
+}
+
+fn tests_text(run: &RunInfo) -> String {
+    if run.tests_total == 0 {
+        return String::new();
+    }
+    let mut s = format!("{}/{} tests pass", run.tests_total - run.tests_failed, run.tests_total);
+    if !run.failing_tests.is_empty() {
+        let names: Vec<_> = run.failing_tests.iter().take(3).map(|t| t.name.as_str()).collect();
+        s.push_str(&format!("; failing: {}", names.join(", ")));
+        if run.failing_tests.len() > 3 {
+            s.push_str(&format!(" (+{})", run.failing_tests.len() - 3));
+        }
+    }
+    s
+}
+
+fn commit_line(c: &trunkfarm_proto::v1::Commit) -> String {
+    if c.subject.is_empty() {
+        short(&c.sha).to_owned()
+    } else {
+        format!("{} {:?} ({})", short(&c.sha), c.subject, c.author)
+    }
+}
+
+/// Prints one transition in a few lines.
+fn print_transition(t: &Transition, paint: &Paint) {
+    let what = if t.project.is_empty() {
+        format!("{} build", t.upstream)
+    } else {
+        t.project.clone()
+    };
+    let colour = match TransitionKind::try_from(t.kind).unwrap_or(TransitionKind::Unspecified) {
+        TransitionKind::WentRed | TransitionKind::StillRed => "1;31",
+        _ => "32",
+    };
+    println!(
+        "{} {} on {} with {} {}  (job {}, {}){}",
+        what,
+        paint.code(colour, kind_name(t.kind)),
+        t.platform,
+        t.upstream,
+        short(&t.upstream_commit),
+        t.job_id,
+        when(t.at_ms),
+        if t.first { ", first result" } else { "" }
+    );
+    if t.kind == TransitionKind::WentRed as i32 {
+        if t.last_green_upstream_commit.is_empty() {
+            println!("  culprit range: no green result before this one");
+        } else {
+            println!(
+                "  culprit range: {}..{} ({} commit(s))",
+                short(&t.last_green_upstream_commit),
+                short(&t.upstream_commit),
+                t.culprits.len()
+            );
+        }
+        for c in &t.culprits {
+            println!("    {}", commit_line(c));
+        }
+        if !t.culprits_error.is_empty() {
+            println!("  ({})", t.culprits_error);
+        }
+        if t.project_commit_changed {
+            println!(
+                "  the project's own commit changed too: {} -> {}",
+                short(&t.previous_project_commit),
+                short(&t.project_commit)
+            );
+        }
+    }
+    if !t.newly_failing.is_empty() {
+        println!("  newly failing: {}", t.newly_failing.join(", "));
+    }
+}
+
+/// `trunkfarm status`.
+pub async fn status(cfg: &HubConfig, upstream: Option<String>, json: bool) -> anyhow::Result<ExitCode> {
+    let mut client = super::client::connect(cfg).await?;
+    let resp = client
+        .get_status(GetStatusRequest {
+            upstream: upstream.unwrap_or_default(),
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&status_json(&resp))?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let paint = Paint::new();
+    if resp.upstreams.is_empty() {
+        println!("no upstream is configured: add [[upstream]] and [[project]] entries to the hub config");
+    }
+    for u in &resp.upstreams {
+        let head = if u.head.is_empty() {
+            "not polled yet".to_owned()
+        } else {
+            format!("{} (seen {})", short(&u.head), when(u.head_seen_at_ms))
+        };
+        println!("{} {} @ {head}", paint.code("1", &u.name), u.branch);
+        if !u.poll_error.is_empty() {
+            println!("  {}", paint.code("33", &format!("poll error: {}", u.poll_error)));
+        }
+        for platform in &u.platforms {
+            let latest = u.latest_builds.iter().find(|b| &b.platform == platform);
+            let good = u.good_builds.iter().find(|b| &b.platform == platform);
+            let text = match latest {
+                Some(b) => format!("{} {}", build_state(b), short(&b.commit)),
+                None => "no build yet".into(),
+            };
+            let colour = match latest.map(|b| BuildState::try_from(b.state)) {
+                Some(Ok(BuildState::Passed)) => "32",
+                Some(Ok(BuildState::Failed)) => "1;31",
+                Some(Ok(BuildState::Error)) => "33",
+                _ => "90",
+            };
+            let good_text = match good {
+                Some(g) if latest.is_some_and(|l| l.job_id != g.job_id) => {
+                    format!("  (testing against {})", short(&g.commit))
+                }
+                _ => String::new(),
+            };
+            println!("  build {platform:<16} {}{good_text}", paint.code(colour, &text));
+        }
+        let cells: Vec<&StatusCell> = resp
+            .cells
+            .iter()
+            .filter(|c| c.latest.as_ref().is_some_and(|r| r.upstream == u.name))
+            .collect();
+        if cells.is_empty() {
+            println!("  (no project tests against it)");
+            println!();
+            continue;
+        }
+        let mut projects: Vec<&str> = Vec::new();
+        for c in &cells {
+            let name = c.latest.as_ref().map(|r| r.project.as_str()).unwrap_or("");
+            if !projects.contains(&name) {
+                projects.push(name);
+            }
+        }
+        let width = projects.iter().map(|p| p.len()).max().unwrap_or(7).max(7) + 2;
+        print!("  {:<width$}", "PROJECT");
+        for p in &u.platforms {
+            print!("{p:<22}");
+        }
+        println!("NOTES");
+        for project in projects {
+            print!("  {project:<width$}");
+            let mut notes = Vec::new();
+            for platform in &u.platforms {
+                let cell = cells.iter().find(|c| {
+                    c.latest
+                        .as_ref()
+                        .is_some_and(|r| r.project == project && &r.platform == platform)
+                });
+                match cell {
+                    Some(c) => {
+                        let (text, colour) = cell_text(c);
+                        print!("{}", paint.cell(colour, &text, 22));
+                        let run = c.latest.clone().unwrap_or_default();
+                        if let Some(t) = &c.red_since {
+                            notes.push(format!("red since {}", short(&t.upstream_commit)));
+                        }
+                        let tests = tests_text(&run);
+                        if !tests.is_empty() {
+                            notes.push(tests);
+                        }
+                        if run.status == RunStatus::Error as i32 && !run.detail.is_empty() {
+                            notes.push(run.detail.lines().next().unwrap_or("").to_owned());
+                        }
+                        if !run.report_error.is_empty() {
+                            notes.push(format!("report: {}", run.report_error));
+                        }
+                    }
+                    None => print!("{:<22}", ""),
+                }
+            }
+            println!("{}", notes.join("; "));
+        }
+        println!();
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn status_json(resp: &trunkfarm_proto::v1::GetStatusResponse) -> serde_json::Value {
+    let upstreams: Vec<_> = resp
+        .upstreams
+        .iter()
+        .map(|u| {
+            serde_json::json!({
+                "name": u.name, "url": u.url, "branch": u.branch, "platforms": u.platforms,
+                "head": u.head, "head_seen_at_ms": u.head_seen_at_ms, "poll_error": u.poll_error,
+                "latest_builds": u.latest_builds, "good_builds": u.good_builds,
+            })
+        })
+        .collect();
+    let cells: Vec<_> = resp
+        .cells
+        .iter()
+        .map(|c| {
+            let run = c.latest.clone().unwrap_or_default();
+            let status = match RunStatus::try_from(run.status).unwrap_or(RunStatus::Unspecified) {
+                RunStatus::Green => "green",
+                RunStatus::Red => "red",
+                RunStatus::Error => "error",
+                RunStatus::Unspecified => "none",
+            };
+            serde_json::json!({
+                "project": run.project, "upstream": run.upstream, "platform": run.platform,
+                "status": status, "pending": c.pending, "run": run, "red_since": c.red_since,
+            })
+        })
+        .collect();
+    serde_json::json!({ "upstreams": upstreams, "cells": cells })
+}
+
+/// `trunkfarm breakage`.
+pub async fn breakage(cfg: &HubConfig, upstream: String, rev: Option<String>, json: bool) -> anyhow::Result<ExitCode> {
+    let mut client = super::client::connect(cfg).await?;
+    let resp = client
+        .get_breakage(GetBreakageRequest {
+            upstream: upstream.clone(),
+            rev: rev.clone().unwrap_or_default(),
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "commits": resp.commits, "went_red": resp.went_red,
+            }))?
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let paint = Paint::new();
+    let what = match &rev {
+        Some(r) if r.contains("..") => format!("{} commit(s) in {r}", resp.commits.len()),
+        Some(_) | None => resp
+            .commits
+            .first()
+            .map(commit_line)
+            .unwrap_or_else(|| "the head".into()),
+    };
+    if resp.went_red.is_empty() {
+        println!("{upstream}: nothing went red at {what}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("{upstream}: {} project(s) went red at {what}", resp.went_red.len());
+    for t in &resp.went_red {
+        print_transition(t, &paint);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `trunkfarm transitions`.
+pub async fn transitions(
+    cfg: &HubConfig,
+    upstream: Option<String>,
+    project: Option<String>,
+    limit: u32,
+    all: bool,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let mut client = super::client::connect(cfg).await?;
+    let list = client
+        .list_transitions(ListTransitionsRequest {
+            upstream: upstream.unwrap_or_default(),
+            project: project.unwrap_or_default(),
+            limit,
+            all,
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner()
+        .transitions;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&list)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let paint = Paint::new();
+    if list.is_empty() {
+        println!("no transition recorded yet");
+    }
+    for t in &list {
+        print_transition(t, &paint);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `trunkfarm upstream …`.
+pub async fn upstream(cfg: &HubConfig, command: UpstreamCommand) -> anyhow::Result<ExitCode> {
+    let mut client = super::client::connect(cfg).await?;
+    match command {
+        UpstreamCommand::Build { name, rev, force } => {
+            let resp = client
+                .build_upstream(BuildUpstreamRequest {
+                    upstream: name.clone(),
+                    rev: rev.unwrap_or_default(),
+                    force,
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            println!("{}", resp.commit);
+            for b in &resp.builds {
+                eprintln!(
+                    "{name} {} on {}: job {} ({})",
+                    short(&b.commit),
+                    b.platform,
+                    b.job_id,
+                    build_state(b)
+                );
+            }
+            if resp.builds.is_empty() {
+                eprintln!("{name} {} was built before; use --force to build it again", short(&resp.commit));
+            }
+        }
+        UpstreamCommand::List { json } => {
+            let resp = client
+                .get_status(GetStatusRequest::default())
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status_json(&resp)["upstreams"])?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            println!("{:<16} {:<12} {:<12} {:<16} {:<24} GOOD", "UPSTREAM", "BRANCH", "HEAD", "PLATFORM", "NEWEST BUILD");
+            for u in &resp.upstreams {
+                for platform in &u.platforms {
+                    let latest = u.latest_builds.iter().find(|b| &b.platform == platform);
+                    let good = u.good_builds.iter().find(|b| &b.platform == platform);
+                    println!(
+                        "{:<16} {:<12} {:<12} {:<16} {:<24} {}",
+                        u.name,
+                        u.branch,
+                        if u.head.is_empty() { "-" } else { short(&u.head) },
+                        platform,
+                        latest
+                            .map(|b| format!("{} {}", build_state(b), short(&b.commit)))
+                            .unwrap_or_else(|| "-".into()),
+                        good.map(|b| short(&b.commit).to_owned()).unwrap_or_else(|| "-".into())
+                    );
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `trunkfarm artifact …`.
+pub async fn artifact(cfg: &HubConfig, command: ArtifactCommand) -> anyhow::Result<ExitCode> {
+    let mut client = super::client::connect(cfg).await?;
+    match command {
+        ArtifactCommand::List { json } => {
+            let list = client
+                .list_artifacts(ListArtifactsRequest {})
+                .await
+                .map_err(status_error)?
+                .into_inner()
+                .artifacts;
+            if json {
+                let rows: Vec<_> = list
+                    .iter()
+                    .map(|a| {
+                        serde_json::json!({
+                            "sha256": a.sha256, "size": a.size, "upstream": a.upstream,
+                            "commit": a.commit, "platform": a.platform,
+                            "build_job_id": a.build_job_id, "stored_at_ms": a.stored_at_ms,
+                            "downloads": a.downloads.iter().map(|d| serde_json::json!({"agent_id": d.agent_id, "count": d.count})).collect::<Vec<_>>(),
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            println!("{:<14} {:>10} {:<12} {:<12} {:<16} DOWNLOADS", "SHA256", "SIZE", "UPSTREAM", "COMMIT", "PLATFORM");
+            for a in list {
+                let downloads: u32 = a.downloads.iter().map(|d| d.count).sum();
+                println!(
+                    "{:<14} {:>10} {:<12} {:<12} {:<16} {downloads} by {} agent(s)",
+                    a.sha256.get(..12).unwrap_or(&a.sha256),
+                    trunkfarm_proto::settings::fmt_bytes(a.size),
+                    a.upstream,
+                    short(&a.commit),
+                    a.platform,
+                    a.downloads.len()
+                );
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,166 @@
+//! The pipeline's job keys: the name under which dispatch stores each job the
+//! pipeline makes, unique per thing to do. Submitting a key twice is a no-op,
+//! so the pipeline can re-derive its jobs after any crash; and the key says
+//! what a finished job was for, so nothing else needs to remember it.
+//!
+//! * `build/<upstream>/<platform>/<commit>[/<nonce>]`
+//! * `test/<project>/<upstream>/<platform>/<upstream commit>/<project commit or ->[/<nonce>]`
+//!
+//! Names never contain `/` (the config allows `[A-Za-z0-9._-]`).
+
+use std::fmt;
+
+/// What a pipeline job is for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum JobKey {
+    /// Build an upstream commit on a platform.
+    Build {
+        /// Upstream name.
+        upstream: String,
+        /// Platform label.
+        platform: String,
+        /// Full commit hash.
+        commit: String,
+        /// Set for a forced rebuild, to make the key new.
+        nonce: Option<u64>,
+    },
+    /// Test a project commit against a built runtime.
+    Test {
+        /// Project name.
+        project: String,
+        /// Upstream name.
+        upstream: String,
+        /// Platform label.
+        platform: String,
+        /// The upstream commit the runtime was built from.
+        upstream_commit: String,
+        /// The project commit, empty when unknown (the branch is checked out).
+        project_commit: String,
+        /// Set for a forced re-run.
+        nonce: Option<u64>,
+    },
+}
+
+impl fmt::Display for JobKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            JobKey::Build {
+                upstream,
+                platform,
+                commit,
+                nonce,
+            } => {
+                write!(f, "build/{upstream}/{platform}/{commit}")?;
+                if let Some(n) = nonce {
+                    write!(f, "/{n}")?;
+                }
+                Ok(())
+            }
+            JobKey::Test {
+                project,
+                upstream,
+                platform,
+                upstream_commit,
+                project_commit,
+                nonce,
+            } => {
+                let pc = if project_commit.is_empty() {
+                    "-"
+                } else {
+                    project_commit
+                };
+                write!(
+                    f,
+                    "test/{project}/{upstream}/{platform}/{upstream_commit}/{pc}"
+                )?;
+                if let Some(n) = nonce {
+                    write!(f, "/{n}")?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+impl JobKey {
+    /// Reads a key back; `None` for anything that is not a pipeline key.
+    pub fn parse(key: &str) -> Option<JobKey> {
+        let parts: Vec<&str> = key.split('/').collect();
+        let nonce = |p: Option<&&str>| -> Option<Option<u64>> {
+            match p {
+                None => Some(None),
+                Some(n) => n.parse().ok().map(Some),
+            }
+        };
+        match parts.as_slice() {
+            ["build", upstream, platform, commit, rest @ ..] if rest.len() <= 1 => {
+                Some(JobKey::Build {
+                    upstream: (*upstream).to_owned(),
+                    platform: (*platform).to_owned(),
+                    commit: (*commit).to_owned(),
+                    nonce: nonce(rest.first())?,
+                })
+            }
+            ["test", project, upstream, platform, uc, pc, rest @ ..] if rest.len() <= 1 => {
+                Some(JobKey::Test {
+                    project: (*project).to_owned(),
+                    upstream: (*upstream).to_owned(),
+                    platform: (*platform).to_owned(),
+                    upstream_commit: (*uc).to_owned(),
+                    project_commit: if *pc == "-" {
+                        String::new()
+                    } else {
+                        (*pc).to_owned()
+                    },
+                    nonce: nonce(rest.first())?,
+                })
+            }
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip() {
+        for key in [
+            JobKey::Build {
+                upstream: "lua".into(),
+                platform: "linux-x86_64".into(),
+                commit: "ab".repeat(20),
+                nonce: None,
+            },
+            JobKey::Build {
+                upstream: "lua".into(),
+                platform: "linux-x86_64".into(),
+                commit: "ab".repeat(20),
+                nonce: Some(7),
+            },
+            JobKey::Test {
+                project: "attrs".into(),
+                upstream: "cpython".into(),
+                platform: "linux-aarch64".into(),
+                upstream_commit: "cd".repeat(20),
+                project_commit: String::new(),
+                nonce: None,
+            },
+            JobKey::Test {
+                project: "attrs".into(),
+                upstream: "cpython".into(),
+                platform: "linux-aarch64".into(),
+                upstream_commit: "cd".repeat(20),
+                project_commit: "ef".repeat(20),
+                nonce: Some(3),
+            },
+        ] {
+            assert_eq!(JobKey::parse(&key.to_string()), Some(key));
+        }
+        assert_eq!(JobKey::parse(""), None);
+        assert_eq!(JobKey::parse("build/a/b"), None);
+        assert_eq!(JobKey::parse("build/a/b/c/notanumber"), None);
+        assert_eq!(JobKey::parse("deploy/a/b/c"), None);
+    }
+}
