@@ -607,7 +607,12 @@ mod tests {
         example
             .lines()
             .map(|l| match l.strip_prefix('#') {
-                Some(rest) if rest.starts_with(|c: char| c.is_ascii_lowercase()) => rest,
+                Some(rest)
+                    if rest.starts_with(|c: char| c.is_ascii_lowercase())
+                        || rest.starts_with("[[") =>
+                {
+                    rest
+                }
                 _ => l,
             })
             .collect::<Vec<_>>()
@@ -673,6 +678,38 @@ mod tests {
         expected.tls.cert = Some("/etc/trunkfarm/hub.crt".into());
         expected.tls.key = Some("/etc/trunkfarm/hub.key".into());
         expected.admin.token_file = Some("/etc/trunkfarm/admin.token".into());
+        expected.upstreams = vec![UpstreamConfig {
+            name: "lua".into(),
+            url: "https://github.com/lua/lua.git".into(),
+            branch: "master".into(),
+            poll_interval: Duration::from_secs(60),
+            platforms: vec!["linux-x86_64".into()],
+            build: vec![
+                "make -j4 linux".into(),
+                "make install INSTALL_TOP=\"$PREFIX\"".into(),
+            ],
+            build_timeout: Duration::from_secs(3600),
+            env: [("MYCFLAGS".to_string(), "-O2".to_string())].into(),
+            labels: vec![],
+            contacts: vec!["lua-core@example.org".into()],
+        }];
+        expected.projects = vec![ProjectConfig {
+            name: "lpeg".into(),
+            url: "https://github.com/roberto-ieru/LPeg.git".into(),
+            branch: "master".into(),
+            poll_interval: Duration::from_secs(300),
+            upstreams: vec!["lua".into()],
+            platforms: vec![],
+            test: vec![
+                "make LUADIR=\"$TRUNKFARM_RUNTIME_PREFIX/include\"".into(),
+                "lua test.lua".into(),
+            ],
+            timeout: Duration::from_secs(1800),
+            junit: vec![],
+            maintainers: vec!["lpeg-dev@example.org".into()],
+            labels: vec![],
+            env: Default::default(),
+        }];
         assert_eq!(c, expected);
         for key in [
             "listen",
@@ -694,6 +731,22 @@ mod tests {
             "max_log_size",
             "default_token_ttl",
             "max_token_ttl",
+            "keep",
+            "max_size",
+            "git_timeout",
+            "branch",
+            "poll_interval",
+            "platforms",
+            "build",
+            "build_timeout",
+            "env",
+            "labels",
+            "contacts",
+            "upstreams",
+            "test",
+            "timeout",
+            "junit",
+            "maintainers",
         ] {
             assert!(
                 text.lines().any(|l| l.starts_with(&format!("{key} = "))),
@@ -1120,5 +1173,113 @@ max_token_ttl = "7d"
             c.validate().unwrap_err().to_string(),
             "<inline config>: invalid `dispatch.max_attempts`: must be at least 1 (the first run counts as an attempt)"
         );
+    }
+
+    const PIPELINE: &str = r#"
+[[upstream]]
+name = "cpython"
+url = "https://github.com/python/cpython.git"
+build = ["make install"]
+
+[[project]]
+name = "attrs"
+url = "https://github.com/python-attrs/attrs.git"
+test = ["pytest"]
+"#;
+
+    #[test]
+    fn pipeline_defaults() {
+        let c = parse(PIPELINE).unwrap();
+        let u = &c.upstreams[0];
+        assert_eq!(u.branch, "main");
+        assert_eq!(u.platforms, ["linux-x86_64"]);
+        assert_eq!(u.poll_interval, Duration::from_secs(60));
+        let p = &c.projects[0];
+        assert!(p.tests_against("cpython"));
+        assert_eq!(p.platforms_for(u), ["linux-x86_64"]);
+        assert_eq!(p.timeout, Duration::from_secs(1800));
+    }
+
+    #[test]
+    fn pipeline_errors_name_the_entry_and_line() {
+        let e = err(&format!(
+            "{PIPELINE}\n[[project]]\nname = \"attrs\"\nurl = \"x\"\ntest = [\"t\"]\n"
+        ));
+        assert!(
+            e.contains("project[1].name") && e.contains("two projects are named \"attrs\""),
+            "{e}"
+        );
+        assert!(e.starts_with("/etc/trunkfarm/hub.toml:13:"), "{e}");
+
+        let e = err(&PIPELINE.replace(
+            "test = [\"pytest\"]",
+            "test = [\"pytest\"]\nupstreams = [\"pypy\"]",
+        ));
+        assert!(
+            e.contains("project[0].upstreams")
+                && e.contains("\"pypy\"")
+                && e.contains("known upstreams: cpython"),
+            "{e}"
+        );
+
+        let e = err(&PIPELINE.replace("build = [\"make install\"]", "build = []"));
+        assert!(
+            e.contains("upstream[0].build") && e.contains("at least one command"),
+            "{e}"
+        );
+
+        let e = err(&PIPELINE.replace("name = \"cpython\"", "name = \"c python\""));
+        assert!(
+            e.contains("upstream[0].name") && e.contains("not a valid upstream name"),
+            "{e}"
+        );
+
+        let e = err(&format!("{PIPELINE}timeout = \"48h\"\n"));
+        assert!(
+            e.contains("project[0].timeout") && e.contains("dispatch.max_job_timeout"),
+            "{e}"
+        );
+
+        let e = err(&format!("{PIPELINE}junit = [\"../x.xml\"]\n"));
+        assert!(
+            e.contains("project[0].junit") && e.contains("inside the checkout"),
+            "{e}"
+        );
+
+        let e = err(&format!("{PIPELINE}maintainers = [\"nobody\"]\n"));
+        assert!(
+            e.contains("project[0].maintainers") && e.contains("not an email address"),
+            "{e}"
+        );
+
+        let e = err(&format!("{PIPELINE}env = {{ PREFIX = \"/x\" }}\n"));
+        assert!(e.contains("set by trunkfarm itself"), "{e}");
+
+        let e = err(&PIPELINE.replace(
+            "build = [\"make install\"]",
+            "build = [\"make install\"]\npoll_interval = \"10ms\"",
+        ));
+        assert!(
+            e.contains("upstream[0].poll_interval") && e.contains("too short"),
+            "{e}"
+        );
+
+        let e = err(&format!("{PIPELINE}colour = \"red\"\n"));
+        assert!(e.contains("unknown key `project[0].colour`"), "{e}");
+
+        let e = err("[[project]]\nname = \"a\"\nurl = \"x\"\ntest = [\"t\"]\n");
+        assert!(e.contains("no upstream to test against"), "{e}");
+
+        let e = err("[artifacts]\nkeep = 0\n");
+        assert!(e.contains("artifacts.keep"), "{e}");
+    }
+
+    #[test]
+    fn cpython_example_parses() {
+        let text = include_str!("../../config/examples/cpython.toml");
+        let c = parse(text).unwrap();
+        assert_eq!(c.upstreams[0].name, "cpython");
+        assert!(c.projects.len() >= 4);
+        assert!(c.projects.iter().all(|p| p.junit == ["junit.xml"]));
     }
 }

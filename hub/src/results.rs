@@ -202,12 +202,20 @@ impl Results {
     }
 
     /// The newest build of an upstream on a platform.
-    pub fn latest_build(&self, upstream: &str, platform: &str) -> Result<Option<BuildInfo>, StoreError> {
+    pub fn latest_build(
+        &self,
+        upstream: &str,
+        platform: &str,
+    ) -> Result<Option<BuildInfo>, StoreError> {
         self.get_json(&format!("bl/{upstream}/{platform}"))
     }
 
     /// The newest passed build (what new project commits test against).
-    pub fn good_build(&self, upstream: &str, platform: &str) -> Result<Option<BuildInfo>, StoreError> {
+    pub fn good_build(
+        &self,
+        upstream: &str,
+        platform: &str,
+    ) -> Result<Option<BuildInfo>, StoreError> {
         self.get_json(&format!("bg/{upstream}/{platform}"))
     }
 
@@ -227,7 +235,9 @@ impl Results {
             format!("bl/{}/{}", build.upstream, build.platform).as_bytes(),
             bytes,
         );
-        self.tree.apply_batch(batch).map_err(|e| self.store.err(e))?;
+        self.tree
+            .apply_batch(batch)
+            .map_err(|e| self.store.err(e))?;
         self.store.commit().await
     }
 
@@ -247,7 +257,12 @@ impl Results {
     }
 
     /// The runs of a series, oldest first.
-    pub fn runs(&self, project: &str, upstream: &str, platform: &str) -> Result<Vec<RunRecord>, StoreError> {
+    pub fn runs(
+        &self,
+        project: &str,
+        upstream: &str,
+        platform: &str,
+    ) -> Result<Vec<RunRecord>, StoreError> {
         self.scan_json(&format!("r/{project}/{upstream}/{platform}/"))
     }
 
@@ -281,10 +296,18 @@ impl Results {
 
     /// Transitions with an id above `after`, oldest first, at most `limit`:
     /// the feed the notifier follows.
-    pub fn transitions_after(&self, after: u64, limit: usize) -> Result<Vec<Transition>, StoreError> {
+    pub fn transitions_after(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<Transition>, StoreError> {
         let start = format!("t/{}", id20(after.saturating_add(1)));
         let mut out = Vec::new();
-        for item in self.tree.range(start.as_bytes()..b"t0".as_slice()).take(limit) {
+        for item in self
+            .tree
+            .range(start.as_bytes()..b"t0".as_slice())
+            .take(limit)
+        {
             let (k, v) = item.map_err(|e| self.store.err(e))?;
             out.push(serde_json::from_slice(&v).map_err(|e| {
                 self.store
@@ -400,7 +423,11 @@ impl Results {
         culprits_error: String,
     ) -> Result<Option<Transition>, StoreError> {
         let done_key = format!("p/{}", id20(prepared.job_id));
-        if self.tree.contains_key(&done_key).map_err(|e| self.store.err(e))? {
+        if self
+            .tree
+            .contains_key(&done_key)
+            .map_err(|e| self.store.err(e))?
+        {
             return Ok(None);
         }
         let Prepared {
@@ -439,7 +466,10 @@ impl Results {
                     let good: Option<BuildInfo> =
                         self.get_json(&format!("bg/{}/{}", b.upstream, b.platform))?;
                     if good.is_none_or(|g| g.job_id <= b.job_id) {
-                        batch.insert(format!("bg/{}/{}", b.upstream, b.platform).as_bytes(), bytes);
+                        batch.insert(
+                            format!("bg/{}/{}", b.upstream, b.platform).as_bytes(),
+                            bytes,
+                        );
                     }
                 }
             }
@@ -447,10 +477,18 @@ impl Results {
                 let i = &run.info;
                 let bytes = self.encode(&*run)?;
                 batch.insert(
-                    format!("r/{}/{}/{}/{}", i.project, i.upstream, i.platform, id20(i.job_id)).as_bytes(),
+                    format!(
+                        "r/{}/{}/{}/{}",
+                        i.project,
+                        i.upstream,
+                        i.platform,
+                        id20(i.job_id)
+                    )
+                    .as_bytes(),
                     bytes.clone(),
                 );
-                let latest: Option<RunRecord> = self.latest_run(&i.project, &i.upstream, &i.platform)?;
+                let latest: Option<RunRecord> =
+                    self.latest_run(&i.project, &i.upstream, &i.platform)?;
                 if latest.is_none_or(|l| l.info.job_id <= i.job_id) {
                     batch.insert(
                         format!("rl/{}/{}/{}", i.project, i.upstream, i.platform).as_bytes(),
@@ -460,7 +498,9 @@ impl Results {
             }
         }
         batch.insert(done_key.as_bytes(), &[]);
-        self.tree.apply_batch(batch).map_err(|e| self.store.err(e))?;
+        self.tree
+            .apply_batch(batch)
+            .map_err(|e| self.store.err(e))?;
         self.store.commit().await?;
         Ok(transition)
     }
@@ -510,7 +550,9 @@ fn classify(
         project_commit_changed: kind == TransitionKind::WentRed
             && state.last_green.is_some()
             && last_green.project != commits.project,
-        previous_project_commit: previous.map(|p| p.commits.project.clone()).unwrap_or_default(),
+        previous_project_commit: previous
+            .map(|p| p.commits.project.clone())
+            .unwrap_or_default(),
         newly_failing,
         ..Default::default()
     };
@@ -549,7 +591,12 @@ mod tests {
                 platform: "linux-x86_64".into(),
                 upstream_commit: upstream_commit.into(),
                 project_commit: "p1".into(),
-                status: if red { RunStatus::Red } else { RunStatus::Green }.into(),
+                status: if red {
+                    RunStatus::Red
+                } else {
+                    RunStatus::Green
+                }
+                .into(),
                 job_id,
                 tests_total: 5,
                 failing_tests: failing
@@ -599,19 +646,34 @@ mod tests {
         let t2 = t2.unwrap();
         assert_eq!(t2.last_green_upstream_commit, "c1");
         assert_eq!(t2.newly_failing, ["a", "b"]);
-        assert_eq!(r.prepare_run(run(21, "c2", true, &[]), 2).unwrap().culprit_range(), None);
+        assert_eq!(
+            r.prepare_run(run(21, "c2", true, &[]), 2)
+                .unwrap()
+                .culprit_range(),
+            None
+        );
 
         let t3 = record(&r, run(30, "c3", true, &["a", "b", "c"]), 3).await;
         assert_eq!(kind(&t3), TransitionKind::StillRed);
         assert_eq!(t3.unwrap().newly_failing, ["c"]);
-        assert_eq!(r.series("textkit/tiny/linux-x86_64").unwrap().red_since, Some(t2.id));
+        assert_eq!(
+            r.series("textkit/tiny/linux-x86_64").unwrap().red_since,
+            Some(t2.id)
+        );
 
         let t4 = record(&r, run(40, "c4", false, &[]), 4).await;
         assert_eq!(kind(&t4), TransitionKind::Fixed);
         let state = r.series("textkit/tiny/linux-x86_64").unwrap();
         assert_eq!(state.red_since, None);
         assert_eq!(state.last_green.unwrap().upstream, "c4");
-        assert_eq!(r.latest_run("textkit", "tiny", "linux-x86_64").unwrap().unwrap().info.job_id, 40);
+        assert_eq!(
+            r.latest_run("textkit", "tiny", "linux-x86_64")
+                .unwrap()
+                .unwrap()
+                .info
+                .job_id,
+            40
+        );
         assert_eq!(r.runs("textkit", "tiny", "linux-x86_64").unwrap().len(), 4);
 
         let all = r.transitions(10, |_| true).unwrap();
@@ -648,7 +710,14 @@ mod tests {
         infra.info.status = RunStatus::Error.into();
         assert!(record(&r, infra, 6).await.is_none());
         // The newest run shown is the error, but the series is still green.
-        assert_eq!(r.latest_run("textkit", "tiny", "linux-x86_64").unwrap().unwrap().info.job_id, 20);
+        assert_eq!(
+            r.latest_run("textkit", "tiny", "linux-x86_64")
+                .unwrap()
+                .unwrap()
+                .info
+                .job_id,
+            20
+        );
         // A run against an older build finishing late is stored, not classified.
         assert!(record(&r, run(30, "c0", true, &[]), 4).await.is_none());
         let t = record(&r, run(40, "c3", true, &[]), 7).await;
@@ -670,17 +739,41 @@ mod tests {
             artifact_sha256: sha.into(),
             ..Default::default()
         };
-        r.build_queued(&build(1, "c1", BuildState::Pending, "")).await.unwrap();
-        assert_eq!(r.latest_build("tiny", "linux-x86_64").unwrap().unwrap().state, BuildState::Pending as i32);
-        let p = r.prepare_build(build(1, "c1", BuildState::Passed, "aaa")).unwrap();
+        r.build_queued(&build(1, "c1", BuildState::Pending, ""))
+            .await
+            .unwrap();
+        assert_eq!(
+            r.latest_build("tiny", "linux-x86_64")
+                .unwrap()
+                .unwrap()
+                .state,
+            BuildState::Pending as i32
+        );
+        let p = r
+            .prepare_build(build(1, "c1", BuildState::Passed, "aaa"))
+            .unwrap();
         r.commit(p, vec![], String::new()).await.unwrap();
-        let p = r.prepare_build(build(2, "c2", BuildState::Failed, "")).unwrap();
+        let p = r
+            .prepare_build(build(2, "c2", BuildState::Failed, ""))
+            .unwrap();
         assert_eq!(p.culprit_range(), Some((Some("c1".into()), "c2".into())));
         let t = r.commit(p, vec![], String::new()).await.unwrap().unwrap();
         assert_eq!(t.kind, TransitionKind::WentRed as i32);
         assert!(t.project.is_empty());
-        assert_eq!(r.good_build("tiny", "linux-x86_64").unwrap().unwrap().commit, "c1");
-        assert_eq!(r.latest_build("tiny", "linux-x86_64").unwrap().unwrap().commit, "c2");
+        assert_eq!(
+            r.good_build("tiny", "linux-x86_64")
+                .unwrap()
+                .unwrap()
+                .commit,
+            "c1"
+        );
+        assert_eq!(
+            r.latest_build("tiny", "linux-x86_64")
+                .unwrap()
+                .unwrap()
+                .commit,
+            "c2"
+        );
         record(&r, run(10, "c1", false, &[]), 1).await;
         let refs = r.referenced_artifacts().unwrap();
         assert!(refs.contains("aaa"));

@@ -14,6 +14,7 @@ use tonic::transport::{Identity, Server, ServerTlsConfig};
 use trunkfarm_proto::v1::admin_service_server::AdminServiceServer;
 use trunkfarm_proto::v1::agent_service_server::AgentServiceServer;
 
+use crate::artifacts::Artifacts;
 use crate::auth::credentials::Credentials;
 use crate::auth::{secret, tls};
 use crate::config::HubConfig;
@@ -21,7 +22,10 @@ use crate::dispatch::{DispatchSettings, Dispatcher};
 use crate::grpc::admin::AdminApi;
 use crate::grpc::agent::AgentApi;
 use crate::logs::JobLogs;
+use crate::pipeline::Pipeline;
+use crate::results::Results;
 use crate::store::Store;
+use tokio_util::sync::CancellationToken;
 
 /// Written to `<data_dir>/hub.json` once the hub serves, so the CLI (and
 /// tests, and scripts) find a hub started on port 0.
@@ -64,8 +68,13 @@ pub struct Hub {
     pub info: HubInfo,
     /// The admin token (for in-process callers such as the demo).
     pub admin_token: String,
+    /// The artifact store, for the pipeline (gc) and the admin API (list).
+    pub artifacts: Artifacts,
     info_path: PathBuf,
     dispatch: Dispatcher,
+    /// The trunk pipeline (for in-process callers such as the demo).
+    pub pipeline: Pipeline,
+    stop_pipeline: CancellationToken,
     store: Store,
     stop: Option<oneshot::Sender<()>>,
     served: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
@@ -97,7 +106,19 @@ impl Hub {
                 max_job_timeout: d.max_job_timeout,
             },
         )?;
+        let artifacts =
+            Artifacts::open(&store, data_dir.join("artifacts"), cfg.artifacts.max_size)?;
         let admin_token = secret::load_or_create_admin_token(&cfg.admin_token_path())?;
+        let results = Results::open(&store)?;
+        let stop_pipeline = CancellationToken::new();
+        let pipeline = Pipeline::start(
+            cfg,
+            &store,
+            dispatch.clone(),
+            results,
+            artifacts.clone(),
+            stop_pipeline.clone(),
+        )?;
 
         let identity = if cfg.tls.plaintext {
             None
@@ -134,6 +155,7 @@ impl Hub {
             dispatch: dispatch.clone(),
             logs: logs.clone(),
             heartbeat_interval: d.heartbeat_interval,
+            artifacts: artifacts.clone(),
         };
         let admin_api = AdminApi {
             admin_token_hash: secret::hash(&admin_token),
@@ -145,6 +167,8 @@ impl Hub {
             default_token_ttl: cfg.enrollment.default_token_ttl,
             max_token_ttl: cfg.enrollment.max_token_ttl,
             drain_grace: d.drain_grace,
+            pipeline: pipeline.clone(),
+            artifacts: artifacts.clone(),
         };
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<AgentServiceServer<AgentApi>>().await;
@@ -197,8 +221,11 @@ impl Hub {
             addr,
             info,
             admin_token,
+            artifacts,
             info_path,
             dispatch,
+            pipeline,
+            stop_pipeline,
             store,
             stop: Some(stop_tx),
             served,
@@ -209,6 +236,7 @@ impl Hub {
     /// waits for in-flight calls, and makes sure everything is on disk.
     pub async fn shutdown(mut self) -> anyhow::Result<()> {
         let _ = std::fs::remove_file(&self.info_path);
+        self.stop_pipeline.cancel();
         self.dispatch.close_sessions();
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());

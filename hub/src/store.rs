@@ -76,6 +76,8 @@ pub mod trees {
     pub const AUTH: &str = "auth";
     /// Schema version and other hub-wide facts.
     pub const META: &str = "meta";
+    /// Runtime artifacts: `<sha256 hex>` → artifact record (the files live in `<data_dir>/artifacts`).
+    pub const ARTIFACTS: &str = "artifacts";
 }
 
 impl Store {

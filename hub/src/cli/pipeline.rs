@@ -109,9 +109,18 @@ fn tests_text(run: &RunInfo) -> String {
     if run.tests_total == 0 {
         return String::new();
     }
-    let mut s = format!("{}/{} tests pass", run.tests_total - run.tests_failed, run.tests_total);
+    let mut s = format!(
+        "{}/{} tests pass",
+        run.tests_total - run.tests_failed,
+        run.tests_total
+    );
     if !run.failing_tests.is_empty() {
-        let names: Vec<_> = run.failing_tests.iter().take(3).map(|t| t.name.as_str()).collect();
+        let names: Vec<_> = run
+            .failing_tests
+            .iter()
+            .take(3)
+            .map(|t| t.name.as_str())
+            .collect();
         s.push_str(&format!("; failing: {}", names.join(", ")));
         if run.failing_tests.len() > 3 {
             s.push_str(&format!(" (+{})", run.failing_tests.len() - 3));
@@ -181,7 +190,11 @@ fn print_transition(t: &Transition, paint: &Paint) {
 }
 
 /// `trunkfarm status`.
-pub async fn status(cfg: &HubConfig, upstream: Option<String>, json: bool) -> anyhow::Result<ExitCode> {
+pub async fn status(
+    cfg: &HubConfig,
+    upstream: Option<String>,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
     let mut client = super::client::connect(cfg).await?;
     let resp = client
         .get_status(GetStatusRequest {
@@ -196,7 +209,9 @@ pub async fn status(cfg: &HubConfig, upstream: Option<String>, json: bool) -> an
     }
     let paint = Paint::new();
     if resp.upstreams.is_empty() {
-        println!("no upstream is configured: add [[upstream]] and [[project]] entries to the hub config");
+        println!(
+            "no upstream is configured: add [[upstream]] and [[project]] entries to the hub config"
+        );
     }
     for u in &resp.upstreams {
         let head = if u.head.is_empty() {
@@ -206,7 +221,10 @@ pub async fn status(cfg: &HubConfig, upstream: Option<String>, json: bool) -> an
         };
         println!("{} {} @ {head}", paint.code("1", &u.name), u.branch);
         if !u.poll_error.is_empty() {
-            println!("  {}", paint.code("33", &format!("poll error: {}", u.poll_error)));
+            println!(
+                "  {}",
+                paint.code("33", &format!("poll error: {}", u.poll_error))
+            );
         }
         for platform in &u.platforms {
             let latest = u.latest_builds.iter().find(|b| &b.platform == platform);
@@ -227,7 +245,10 @@ pub async fn status(cfg: &HubConfig, upstream: Option<String>, json: bool) -> an
                 }
                 _ => String::new(),
             };
-            println!("  build {platform:<16} {}{good_text}", paint.code(colour, &text));
+            println!(
+                "  build {platform:<16} {}{good_text}",
+                paint.code(colour, &text)
+            );
         }
         let cells: Vec<&StatusCell> = resp
             .cells
@@ -323,7 +344,12 @@ fn status_json(resp: &trunkfarm_proto::v1::GetStatusResponse) -> serde_json::Val
 }
 
 /// `trunkfarm breakage`.
-pub async fn breakage(cfg: &HubConfig, upstream: String, rev: Option<String>, json: bool) -> anyhow::Result<ExitCode> {
+pub async fn breakage(
+    cfg: &HubConfig,
+    upstream: String,
+    rev: Option<String>,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
     let mut client = super::client::connect(cfg).await?;
     let resp = client
         .get_breakage(GetBreakageRequest {
@@ -355,7 +381,10 @@ pub async fn breakage(cfg: &HubConfig, upstream: String, rev: Option<String>, js
         println!("{upstream}: nothing went red at {what}");
         return Ok(ExitCode::SUCCESS);
     }
-    println!("{upstream}: {} project(s) went red at {what}", resp.went_red.len());
+    println!(
+        "{upstream}: {} project(s) went red at {what}",
+        resp.went_red.len()
+    );
     for t in &resp.went_red {
         print_transition(t, &paint);
     }
@@ -422,7 +451,10 @@ pub async fn upstream(cfg: &HubConfig, command: UpstreamCommand) -> anyhow::Resu
                 );
             }
             if resp.builds.is_empty() {
-                eprintln!("{name} {} was built before; use --force to build it again", short(&resp.commit));
+                eprintln!(
+                    "{name} {} was built before; use --force to build it again",
+                    short(&resp.commit)
+                );
             }
         }
         UpstreamCommand::List { json } => {
@@ -432,10 +464,16 @@ pub async fn upstream(cfg: &HubConfig, command: UpstreamCommand) -> anyhow::Resu
                 .map_err(status_error)?
                 .into_inner();
             if json {
-                println!("{}", serde_json::to_string_pretty(&status_json(&resp)["upstreams"])?);
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&status_json(&resp)["upstreams"])?
+                );
                 return Ok(ExitCode::SUCCESS);
             }
-            println!("{:<16} {:<12} {:<12} {:<16} {:<24} GOOD", "UPSTREAM", "BRANCH", "HEAD", "PLATFORM", "NEWEST BUILD");
+            println!(
+                "{:<16} {:<12} {:<12} {:<16} {:<24} GOOD",
+                "UPSTREAM", "BRANCH", "HEAD", "PLATFORM", "NEWEST BUILD"
+            );
             for u in &resp.upstreams {
                 for platform in &u.platforms {
                     let latest = u.latest_builds.iter().find(|b| &b.platform == platform);
@@ -444,12 +482,17 @@ pub async fn upstream(cfg: &HubConfig, command: UpstreamCommand) -> anyhow::Resu
                         "{:<16} {:<12} {:<12} {:<16} {:<24} {}",
                         u.name,
                         u.branch,
-                        if u.head.is_empty() { "-" } else { short(&u.head) },
+                        if u.head.is_empty() {
+                            "-"
+                        } else {
+                            short(&u.head)
+                        },
                         platform,
                         latest
                             .map(|b| format!("{} {}", build_state(b), short(&b.commit)))
                             .unwrap_or_else(|| "-".into()),
-                        good.map(|b| short(&b.commit).to_owned()).unwrap_or_else(|| "-".into())
+                        good.map(|b| short(&b.commit).to_owned())
+                            .unwrap_or_else(|| "-".into())
                     );
                 }
             }
@@ -484,7 +527,10 @@ pub async fn artifact(cfg: &HubConfig, command: ArtifactCommand) -> anyhow::Resu
                 println!("{}", serde_json::to_string_pretty(&rows)?);
                 return Ok(ExitCode::SUCCESS);
             }
-            println!("{:<14} {:>10} {:<12} {:<12} {:<16} DOWNLOADS", "SHA256", "SIZE", "UPSTREAM", "COMMIT", "PLATFORM");
+            println!(
+                "{:<14} {:>10} {:<12} {:<12} {:<16} DOWNLOADS",
+                "SHA256", "SIZE", "UPSTREAM", "COMMIT", "PLATFORM"
+            );
             for a in list {
                 let downloads: u32 = a.downloads.iter().map(|d| d.count).sum();
                 println!(

@@ -182,7 +182,11 @@ pub(super) fn problems(
         check_branch(&at("branch"), &u.branch)?;
         check_poll(&at("poll_interval"), u.poll_interval)?;
         check_platforms(&at("platforms"), &u.platforms, false)?;
-        check_commands(&at("build"), &u.build, "the build commands that install the runtime into $PREFIX, e.g. [\"make install PREFIX=$PREFIX\"]")?;
+        check_commands(
+            &at("build"),
+            &u.build,
+            "the build commands that install the runtime into $PREFIX, e.g. [\"make install PREFIX=$PREFIX\"]",
+        )?;
         check_timeout(&at("build_timeout"), u.build_timeout, max_job_timeout)?;
         check_env(&at("env"), &u.env)?;
         check_labels(&at("labels"), &u.labels)?;
@@ -415,10 +419,11 @@ fn check_labels(key: &str, labels: &[String]) -> Result<(), Problem> {
 /// A light check here; the notifier validates addresses fully.
 fn check_emails(key: &str, emails: &[String]) -> Result<(), Problem> {
     for email in emails {
-        let ok = email
-            .split_once('@')
-            .is_some_and(|(user, domain)| !user.is_empty() && domain.contains('.') && !domain.starts_with('.'))
-            && !email.chars().any(|c| c.is_whitespace() || c == ',' || c == '<' || c == '>');
+        let ok = email.split_once('@').is_some_and(|(user, domain)| {
+            !user.is_empty() && domain.contains('.') && !domain.starts_with('.')
+        }) && !email
+            .chars()
+            .any(|c| c.is_whitespace() || c == ',' || c == '<' || c == '>');
         if !ok {
             return Err(Problem::new(
                 key.to_owned(),
@@ -431,9 +436,12 @@ fn check_emails(key: &str, emails: &[String]) -> Result<(), Problem> {
 
 fn check_relative(key: &str, path: &str) -> Result<(), Problem> {
     let p = std::path::Path::new(path);
-    let escapes = p
-        .components()
-        .any(|c| !matches!(c, std::path::Component::Normal(_) | std::path::Component::CurDir));
+    let escapes = p.components().any(|c| {
+        !matches!(
+            c,
+            std::path::Component::Normal(_) | std::path::Component::CurDir
+        )
+    });
     if path.is_empty() || escapes {
         return Err(Problem::new(
             key.to_owned(),

@@ -13,12 +13,12 @@ use trunkfarm_proto::v1::admin_service_server::AdminService;
 use trunkfarm_proto::v1::*;
 
 use super::{auth_status, bearer, dispatch_status, job_info, state_from_proto, store_status};
+use crate::artifacts::Artifacts;
 use crate::auth::credentials::Credentials;
 use crate::auth::secret;
 use crate::dispatch::{Dispatcher, JobState};
 use crate::logs::{JobLogs, WatchEvent};
 use crate::pipeline::{Pipeline, PipelineError};
-use crate::artifacts::Artifacts;
 
 /// The longest grace period a drain may ask for (a week).
 const MAX_DRAIN_GRACE: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -103,7 +103,10 @@ impl AdminService for AdminApi {
         let req = request.into_inner();
         // Never show a result a crash could still take back.
         self.dispatch.sync().await.map_err(store_status)?;
-        let status = self.pipeline.status(&req.upstream).map_err(pipeline_status)?;
+        let status = self
+            .pipeline
+            .status(&req.upstream)
+            .map_err(pipeline_status)?;
         Ok(Response::new(status))
     }
 

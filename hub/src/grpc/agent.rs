@@ -2,22 +2,26 @@
 //!
 //! A thin layer: it authenticates, checks the protocol version, and turns
 //! each message on the stream into a call on the [`Dispatcher`] or the
-//! [`JobLogs`]; the decisions are made there.
+//! [`JobLogs`]; the decisions are made there. Artifact transfers go to the
+//! [`Artifacts`] store.
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_stream::wrappers::{ReceiverStream, UnboundedReceiverStream};
+use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 use trunkfarm_proto::v1::agent_service_server::AgentService;
 use trunkfarm_proto::v1::{
     AgentMessage, ArtifactChunk, DownloadArtifactRequest, EnrollRequest, EnrollResponse, Hello,
-    HubMessage, UploadArtifactResponse, Welcome, agent_message, hub_message,
+    HubMessage, JobRef, UploadArtifactResponse, Welcome, agent_message, hub_message,
 };
 use trunkfarm_proto::{MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 
 use super::{auth_status, bearer, dispatch_status, store_status};
+use crate::artifacts::{ArtifactError, Artifacts, Origin};
 use crate::auth::credentials::Credentials;
 use crate::dispatch::Dispatcher;
 use crate::logs::JobLogs;
@@ -38,6 +42,33 @@ pub struct AgentApi {
     pub logs: Arc<JobLogs>,
     /// Told to agents in Welcome.
     pub heartbeat_interval: Duration,
+    /// Runtime artifacts agents upload and download.
+    pub artifacts: Artifacts,
+}
+
+/// Maps artifact errors to the statuses agents see; the message is shown as is.
+pub fn artifact_status(e: ArtifactError) -> Status {
+    let msg = e.to_string();
+    match e {
+        ArtifactError::Store(s) => store_status(s),
+        ArtifactError::Io { .. } => {
+            tracing::error!("{msg}");
+            Status::unavailable(format!("the hub cannot store artifacts right now: {msg}"))
+        }
+        ArtifactError::BadSha(_)
+        | ArtifactError::NoMeta
+        | ArtifactError::MetaRepeated
+        | ArtifactError::NoJob
+        | ArtifactError::TooLong { .. }
+        | ArtifactError::TooShort { .. }
+        | ArtifactError::HashMismatch { .. } => Status::invalid_argument(msg),
+        ArtifactError::TooLarge { .. } => Status::resource_exhausted(msg),
+        ArtifactError::NotHeld { .. } => Status::permission_denied(msg),
+        ArtifactError::NotFound(_) => Status::not_found(msg),
+        ArtifactError::Corrupt(_) => Status::data_loss(msg),
+        // The uploader's own stream failed: its status says why.
+        ArtifactError::Stream(status) => status,
+    }
 }
 
 /// Refuses an agent speaking a protocol this hub cannot serve.
@@ -166,22 +197,62 @@ impl AgentService for AgentApi {
 
     async fn upload_artifact(
         &self,
-        _request: Request<Streaming<ArtifactChunk>>,
+        request: Request<Streaming<ArtifactChunk>>,
     ) -> Result<Response<UploadArtifactResponse>, Status> {
-        Err(Status::unimplemented(
-            "artifact upload is not served by this hub version yet",
-        ))
+        let agent = self
+            .credentials
+            .verify_agent(bearer(&request)?)
+            .map_err(auth_status)?;
+        let dispatch = &self.dispatch;
+        let agent_id = agent.id.as_str();
+        let authorize = |job: &JobRef| -> Result<Origin, ArtifactError> {
+            if !dispatch.holds(agent_id, job) {
+                return Err(ArtifactError::NotHeld {
+                    agent_id: agent_id.to_string(),
+                    job_id: job.job_id,
+                    attempt: job.attempt,
+                });
+            }
+            let key = dispatch.get(job.job_id)?.map(|r| r.key).unwrap_or_default();
+            Ok(Origin::from_job(job.job_id, &key))
+        };
+        let received = self
+            .artifacts
+            .receive(agent_id, request.into_inner(), authorize)
+            .await
+            .map_err(|e| {
+                tracing::warn!(agent = %agent_id, "artifact upload refused: {e}");
+                artifact_status(e)
+            })?;
+        Ok(Response::new(UploadArtifactResponse {
+            sha256: received.sha256,
+            already_present: received.already_present,
+        }))
     }
 
-    type DownloadArtifactStream = UnboundedReceiverStream<Result<ArtifactChunk, Status>>;
+    type DownloadArtifactStream = Pin<Box<dyn Stream<Item = Result<ArtifactChunk, Status>> + Send>>;
 
     async fn download_artifact(
         &self,
-        _request: Request<DownloadArtifactRequest>,
+        request: Request<DownloadArtifactRequest>,
     ) -> Result<Response<Self::DownloadArtifactStream>, Status> {
-        Err(Status::unimplemented(
-            "artifact download is not served by this hub version yet",
-        ))
+        let agent = self
+            .credentials
+            .verify_agent(bearer(&request)?)
+            .map_err(auth_status)?;
+        let sha = request.into_inner().sha256;
+        let chunks = self
+            .artifacts
+            .download(&sha, &agent.id)
+            .await
+            .map_err(|e| {
+                tracing::warn!(agent = %agent.id, "artifact download refused: {e}");
+                artifact_status(e)
+            })?;
+        tracing::debug!(agent = %agent.id, sha = %sha, "artifact download started");
+        Ok(Response::new(Box::pin(
+            ReceiverStream::new(chunks).map(|c| c.map_err(artifact_status)),
+        )))
     }
 }
 

@@ -71,7 +71,12 @@ fn is_full_hash(rev: &str) -> bool {
 }
 
 impl Git {
-    async fn run(&self, dir: Option<&Path>, args: &[&str], what: String) -> Result<String, GitError> {
+    async fn run(
+        &self,
+        dir: Option<&Path>,
+        args: &[&str],
+        what: String,
+    ) -> Result<String, GitError> {
         let mut cmd = Command::new("git");
         if let Some(dir) = dir {
             cmd.current_dir(dir);
@@ -132,7 +137,13 @@ impl Git {
 
     /// Resolves a rev given by a person (a full hash, a branch, a tag, or
     /// an abbreviated hash) to a full commit hash.
-    pub async fn resolve(&self, name: &str, url: &str, branch: &str, rev: &str) -> Result<String, GitError> {
+    pub async fn resolve(
+        &self,
+        name: &str,
+        url: &str,
+        branch: &str,
+        rev: &str,
+    ) -> Result<String, GitError> {
         if rev.starts_with('-') {
             return Err(GitError::NotFound(format!("{rev:?} is not a revision")));
         }
@@ -183,8 +194,12 @@ impl Git {
         let dir = self.mirrors.join(format!("{name}.git"));
         if !dir.join("HEAD").exists() {
             std::fs::create_dir_all(&dir).map_err(GitError::Spawn)?;
-            self.run(Some(&dir), &["init", "--bare", "--quiet"], "init --bare".into())
-                .await?;
+            self.run(
+                Some(&dir),
+                &["init", "--bare", "--quiet"],
+                "init --bare".into(),
+            )
+            .await?;
         }
         let refspec = format!("+refs/heads/{branch}:refs/heads/{branch}");
         let fetch = |filter: bool| {
@@ -236,7 +251,15 @@ impl Git {
                 let _ = self
                     .run(
                         Some(&mirror),
-                        &["fetch", "--quiet", "--no-tags", "--filter=tree:0", "--", url, sha],
+                        &[
+                            "fetch",
+                            "--quiet",
+                            "--no-tags",
+                            "--filter=tree:0",
+                            "--",
+                            url,
+                            sha,
+                        ],
                         format!("fetch {} {sha}", redact_url(url)),
                     )
                     .await;
@@ -268,13 +291,25 @@ impl Git {
 
     /// The commits of `spec` (`A..B`), newest first, at most
     /// [`MAX_RANGE_COMMITS`].
-    pub async fn log(&self, name: &str, url: &str, branch: &str, spec: &str) -> Result<Vec<Commit>, GitError> {
+    pub async fn log(
+        &self,
+        name: &str,
+        url: &str,
+        branch: &str,
+        spec: &str,
+    ) -> Result<Vec<Commit>, GitError> {
         let mirror = self.mirror(name, url, branch).await?;
         let limit = format!("--max-count={MAX_RANGE_COMMITS}");
         let out = self
             .run(
                 Some(&mirror),
-                &["log", "--format=%H%x1f%an <%ae>%x1f%ct%x1f%s", &limit, spec, "--"],
+                &[
+                    "log",
+                    "--format=%H%x1f%an <%ae>%x1f%ct%x1f%s",
+                    &limit,
+                    spec,
+                    "--",
+                ],
                 format!("log {spec}"),
             )
             .await?;
@@ -299,7 +334,13 @@ fn parse_log_line(line: &str) -> Option<Commit> {
 /// Redacts every URL with credentials inside a message.
 fn redact_all(text: &str) -> String {
     text.split(' ')
-        .map(|w| if w.contains("://") { redact_url(w) } else { w.to_owned() })
+        .map(|w| {
+            if w.contains("://") {
+                redact_url(w)
+            } else {
+                w.to_owned()
+            }
+        })
         .collect::<Vec<_>>()
         .join(" ")
 }
@@ -318,7 +359,11 @@ mod tests {
             .env("GIT_COMMITTER_EMAIL", "ada@example.org")
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8(out.stdout).unwrap().trim().to_owned()
     }
 
@@ -340,7 +385,10 @@ mod tests {
             redact_url("https://user:hunter2@example.org/x.git"),
             "https://***@example.org/x.git"
         );
-        assert_eq!(redact_url("https://example.org/x.git"), "https://example.org/x.git");
+        assert_eq!(
+            redact_url("https://example.org/x.git"),
+            "https://example.org/x.git"
+        );
         assert_eq!(redact_url("/srv/git/x"), "/srv/git/x");
         assert!(!redact_all("fatal: https://a:secret@h/x not found").contains("secret"));
     }
@@ -360,7 +408,10 @@ mod tests {
         let e = g.head(url, "nope").await.unwrap_err().to_string();
         assert!(e.contains("branch \"nope\" does not exist"), "{e}");
 
-        let (commits, cut) = g.range("up", url, "main", Some(&shas[0]), &shas[2]).await.unwrap();
+        let (commits, cut) = g
+            .range("up", url, "main", Some(&shas[0]), &shas[2])
+            .await
+            .unwrap();
         assert!(!cut);
         let subjects: Vec<_> = commits.iter().map(|c| c.subject.as_str()).collect();
         assert_eq!(subjects, ["change 2", "change 3"]);
@@ -370,7 +421,10 @@ mod tests {
         assert_eq!(only[0].sha, shas[1]);
 
         assert_eq!(g.resolve("up", url, "main", "main").await.unwrap(), shas[2]);
-        assert_eq!(g.resolve("up", url, "main", &shas[0][..8]).await.unwrap(), shas[0]);
+        assert_eq!(
+            g.resolve("up", url, "main", &shas[0][..8]).await.unwrap(),
+            shas[0]
+        );
         assert!(g.resolve("up", url, "main", "zzz").await.is_err());
     }
 

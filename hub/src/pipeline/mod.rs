@@ -30,15 +30,14 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 use trunkfarm_proto::v1::{
     BuildInfo, BuildState, Commit, GetBreakageResponse, GetStatusResponse, JobSpec, Outcome,
-    Repository, RunInfo, StatusCell, TestStatus, Transition, TransitionKind,
-    UpstreamInfo,
+    Repository, RunInfo, StatusCell, TestStatus, Transition, TransitionKind, UpstreamInfo,
 };
 
 use crate::artifacts::Artifacts;
 use crate::config::{HubConfig, ProjectConfig, UpstreamConfig};
 use crate::dispatch::{DispatchError, Dispatcher, JobRecord};
 use crate::junit;
-use crate::results::{RunRecord, Results, run_status};
+use crate::results::{Results, RunRecord, run_status};
 use crate::store::{Store, StoreError, now_ms};
 pub use git::{Git, GitError};
 pub use key::JobKey;
@@ -176,7 +175,12 @@ impl Pipeline {
             .iter()
             .find(|u| u.name == name)
             .ok_or_else(|| {
-                let known: Vec<_> = self.inner.upstreams.iter().map(|u| u.name.as_str()).collect();
+                let known: Vec<_> = self
+                    .inner
+                    .upstreams
+                    .iter()
+                    .map(|u| u.name.as_str())
+                    .collect();
                 PipelineError::NoSuchUpstream(
                     name.to_owned(),
                     if known.is_empty() {
@@ -191,7 +195,12 @@ impl Pipeline {
     /// The head last seen for `kind` (`u` or `p`) and `name`.
     pub fn head(&self, kind: &str, name: &str) -> Result<Option<Head>, StoreError> {
         let key = format!("h/{kind}/{name}");
-        let Some(raw) = self.inner.tree.get(&key).map_err(|e| self.inner.store.err(e))? else {
+        let Some(raw) = self
+            .inner
+            .tree
+            .get(&key)
+            .map_err(|e| self.inner.store.err(e))?
+        else {
             return Ok(None);
         };
         serde_json::from_slice(&raw)
@@ -207,8 +216,8 @@ impl Pipeline {
             commit: commit.to_owned(),
             seen_at_ms: now_ms(),
         };
-        let bytes = serde_json::to_vec(&head)
-            .map_err(|e| self.inner.store.corrupt("(encode head)", e))?;
+        let bytes =
+            serde_json::to_vec(&head).map_err(|e| self.inner.store.corrupt("(encode head)", e))?;
         self.inner
             .tree
             .insert(format!("h/{kind}/{name}"), bytes)
@@ -218,8 +227,14 @@ impl Pipeline {
     }
 
     fn set_poll_error(&self, key: String, error: String) {
-        let mut errors = self.inner.poll_errors.lock().unwrap_or_else(|p| p.into_inner());
-        let previous = errors.insert(key.clone(), error.clone()).unwrap_or_default();
+        let mut errors = self
+            .inner
+            .poll_errors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let previous = errors
+            .insert(key.clone(), error.clone())
+            .unwrap_or_default();
         if previous != error {
             if error.is_empty() {
                 tracing::info!("polling {key} works again");
@@ -409,8 +424,12 @@ impl Pipeline {
             if !p.tests_against(&u.name) || !p.platforms_for(u).contains(&build.platform.as_str()) {
                 continue;
             }
-            let commit = self.head("p", &p.name)?.map(|h| h.commit).unwrap_or_default();
-            self.submit_test(p, u, &build.platform, build, &commit).await?;
+            let commit = self
+                .head("p", &p.name)?
+                .map(|h| h.commit)
+                .unwrap_or_default();
+            self.submit_test(p, u, &build.platform, build, &commit)
+                .await?;
             count += 1;
         }
         Ok(count)
@@ -514,7 +533,13 @@ impl Pipeline {
                 let state = match outcome {
                     Outcome::Passed => {
                         let stored = !result.artifact_sha256.is_empty()
-                            && self.inner.artifacts.get(&result.artifact_sha256).ok().flatten().is_some();
+                            && self
+                                .inner
+                                .artifacts
+                                .get(&result.artifact_sha256)
+                                .ok()
+                                .flatten()
+                                .is_some();
                         if stored {
                             BuildState::Passed
                         } else {
@@ -576,7 +601,8 @@ impl Pipeline {
                     .cases
                     .iter()
                     .filter(|c| {
-                        c.status == TestStatus::Failed as i32 || c.status == TestStatus::Error as i32
+                        c.status == TestStatus::Failed as i32
+                            || c.status == TestStatus::Error as i32
                     })
                     .cloned()
                     .collect();
@@ -699,7 +725,12 @@ impl Pipeline {
                 return;
             }
         };
-        match self.inner.artifacts.gc(self.inner.keep_artifacts, &referenced).await {
+        match self
+            .inner
+            .artifacts
+            .gc(self.inner.keep_artifacts, &referenced)
+            .await
+        {
             Ok(deleted) if !deleted.is_empty() => {
                 tracing::info!("deleted {} old runtime artifact(s)", deleted.len())
             }
@@ -786,7 +817,11 @@ impl Pipeline {
 
     /// Which projects went red at an upstream commit (or a prefix of its
     /// hash), in a range `A..B`, or at the newest head when `rev` is empty.
-    pub async fn breakage(&self, upstream: &str, rev: &str) -> Result<GetBreakageResponse, PipelineError> {
+    pub async fn breakage(
+        &self,
+        upstream: &str,
+        rev: &str,
+    ) -> Result<GetBreakageResponse, PipelineError> {
         let u = self.upstream(upstream)?.clone();
         let git = &self.inner.git;
         let commits: Vec<Commit> = if rev.contains("..") {

@@ -1,0 +1,579 @@
+//! `trunkfarm demo`: the whole trunk story on one machine, with no config
+//! and no network. It writes a tiny interpreted language (the upstream
+//! runtime, in C) and three projects written in it as local git
+//! repositories, starts a hub that watches them and two local agents, and
+//! lets the pipeline do its work: build the runtime from trunk, test every
+//! project against it. `--once` then lands a commit that really breaks one
+//! language feature, checks that exactly the projects using it go red with
+//! the right culprit, lands the fix, checks they turn green, and exits.
+
+mod story;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Args;
+use tokio::process::{Child, Command};
+use trunkfarm_proto::v1::{
+    BuildState, CreateTokenRequest, GetStatusRequest, GetStatusResponse, JobState,
+    ListAgentsRequest, ListJobsRequest, ListTransitionsRequest, RunStatus, Transition,
+    TransitionKind,
+};
+
+use super::client::{self, AdminClient};
+use crate::config::HubConfig;
+use crate::pipeline::short;
+use crate::server::Hub;
+use story::Story;
+
+/// Marks a directory as the demo's own, so it may be wiped on the next run.
+const MARKER: &str = ".trunkfarm-demo";
+
+/// Local agents the demo starts.
+const AGENTS: usize = 2;
+
+/// The upstream's name in the demo's hub config.
+const UPSTREAM: &str = "tiny";
+
+/// How often the demo hub polls its repositories.
+const POLL: &str = "500ms";
+
+/// How long one step of the story (build + tests) may take.
+const STEP_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// Options of `trunkfarm demo`.
+#[derive(Args)]
+pub struct DemoArgs {
+    /// Where the demo keeps its repositories, hub and agents. An earlier
+    /// demo there is wiped first; any other non-empty directory is refused.
+    #[arg(long, default_value = "trunkfarm-demo")]
+    dir: PathBuf,
+    /// Play the scripted story (green, a breaking commit, its fix), print
+    /// one summary line, and exit: 0 only if it happened as designed.
+    #[arg(long)]
+    once: bool,
+}
+
+/// Runs the demo.
+pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
+    let story = Story::load().context("the embedded demo story is malformed")?;
+    check_tool("git", "--version", "the demo keeps its repositories in git")?;
+    check_tool(
+        "cc",
+        "--version",
+        "the demo's runtime is C, built from source",
+    )?;
+    let dir = prepare_dir(&args.dir)?;
+    let agent_bin = find_agent_binary()?;
+    let repos = dir.join("repos");
+    let upstream_repo = repos.join(UPSTREAM);
+    story::write_tree("runtime/", &upstream_repo)?;
+    git_init(
+        &upstream_repo,
+        &story.upstream.first_message,
+        &story.upstream.first_author,
+    )
+    .await?;
+    for p in &story.project {
+        let repo = repos.join(&p.name);
+        story::write_tree(&format!("projects/{}/", p.name), &repo)?;
+        git_init(
+            &repo,
+            &format!("{}: initial import", p.name),
+            &story.upstream.first_author,
+        )
+        .await?;
+    }
+    let config_path = dir.join("hub.toml");
+    std::fs::write(&config_path, hub_toml(&story, &repos))?;
+    let cfg = HubConfig::load(&config_path)?;
+    let hub = Hub::start(&cfg).await?;
+    println!(
+        "demo: hub on {}; repositories, hub data and logs in {}",
+        hub.addr,
+        dir.display()
+    );
+    println!(
+        "demo: upstream {UPSTREAM} (a small interpreted language in C) and projects {}",
+        story
+            .project
+            .iter()
+            .map(|p| p.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+
+    let mut admin = client::connect(&cfg).await?;
+    let enrollment = admin
+        .create_token(CreateTokenRequest {
+            uses: AGENTS as u32,
+            note: "trunkfarm demo".into(),
+            ..Default::default()
+        })
+        .await
+        .map_err(super::status_error)?
+        .into_inner()
+        .enrollment;
+    let mut agents = Vec::new();
+    for n in 1..=AGENTS {
+        agents.push(start_agent(&agent_bin, &dir, n, &enrollment).await?);
+    }
+    wait_for_agents(&mut admin, AGENTS).await?;
+    println!("demo: {AGENTS} local agents connected");
+
+    let outcome = if args.once {
+        play(&mut admin, &story, &upstream_repo).await
+    } else {
+        let config_arg = format!("--config {}", config_path.display());
+        println!("demo: the hub builds trunk and tests every project against it; watch it with");
+        println!("  trunkfarm {config_arg} status");
+        println!("  trunkfarm {config_arg} transitions");
+        println!(
+            "demo: then break trunk yourself: edit {}/tiny.c, `git commit -am ...` there, and",
+            upstream_repo.display()
+        );
+        println!("  trunkfarm {config_arg} breakage --upstream {UPSTREAM}");
+        println!("demo: press Ctrl-C to stop");
+        super::shutdown_signal().await;
+        Ok(true)
+    };
+    let counts = if outcome.is_ok() {
+        summary(&mut admin).await
+    } else {
+        Err(anyhow::anyhow!("no summary"))
+    };
+    for mut agent in agents {
+        stop_agent(&mut agent).await;
+    }
+    hub.shutdown().await?;
+    let as_designed = match outcome {
+        Ok(ok) => ok,
+        Err(e) => {
+            println!("demo: the story stopped: {e:#}");
+            println!(
+                "demo: logs: {}/agent-*.log; `trunkfarm --config {} job list` after restarting the hub with `serve`",
+                dir.display(),
+                config_path.display()
+            );
+            false
+        }
+    };
+    if let Ok(line) = counts {
+        println!("{line}");
+    }
+    Ok(if as_designed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// The demo hub's config: the upstream and projects as local repositories.
+fn hub_toml(story: &Story, repos: &Path) -> String {
+    let list = |items: &[String]| {
+        let quoted: Vec<String> = items.iter().map(|i| format!("{i:?}")).collect();
+        format!("[{}]", quoted.join(", "))
+    };
+    let mut toml = format!(
+        "# Written by `trunkfarm demo`.\n[hub]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"hub\"\n\n[dispatch]\nheartbeat_interval = \"2s\"\nlease_timeout = \"10s\"\n\n[[upstream]]\nname = \"{UPSTREAM}\"\nurl = {:?}\npoll_interval = \"{POLL}\"\nbuild = {}\nbuild_timeout = \"5m\"\n",
+        repos.join(UPSTREAM).display().to_string(),
+        list(&story.upstream.build)
+    );
+    for p in &story.project {
+        toml.push_str(&format!(
+            "\n[[project]]\nname = {:?}\nurl = {:?}\npoll_interval = \"{POLL}\"\ntest = {}\njunit = {}\ntimeout = \"5m\"\n",
+            p.name,
+            repos.join(&p.name).display().to_string(),
+            list(&p.test),
+            list(&p.junit)
+        ));
+    }
+    toml
+}
+
+/// Fails early, with a reason, when a tool the demo needs is missing.
+fn check_tool(tool: &str, arg: &str, why: &str) -> anyhow::Result<()> {
+    match std::process::Command::new(tool)
+        .arg(arg)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+    {
+        Ok(s) if s.success() => Ok(()),
+        _ => anyhow::bail!("the demo needs `{tool}` on PATH ({why}); install it and try again"),
+    }
+}
+
+/// Runs git in `repo` with a fixed identity (nothing from the user's config).
+async fn git(repo: &Path, args: &[&str], author: Option<&str>) -> anyhow::Result<String> {
+    let mut cmd = Command::new("git");
+    cmd.current_dir(repo)
+        .args([
+            "-c",
+            "user.name=trunkfarm demo",
+            "-c",
+            "user.email=demo@trunkfarm.invalid",
+        ])
+        .args(args)
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .stdin(Stdio::null());
+    if let Some(author) = author {
+        if let Some((name, email)) = author.split_once(" <") {
+            cmd.env("GIT_AUTHOR_NAME", name)
+                .env("GIT_AUTHOR_EMAIL", email.trim_end_matches('>'))
+                .env("GIT_COMMITTER_NAME", name)
+                .env("GIT_COMMITTER_EMAIL", email.trim_end_matches('>'));
+        }
+    }
+    let out = cmd.output().await.context("cannot run git")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "git {} failed in {}: {}",
+        args.join(" "),
+        repo.display(),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+async fn git_init(repo: &Path, message: &str, author: &str) -> anyhow::Result<String> {
+    git(repo, &["init", "--quiet", "-b", "main"], None).await?;
+    commit(repo, message, author).await
+}
+
+async fn commit(repo: &Path, message: &str, author: &str) -> anyhow::Result<String> {
+    git(repo, &["add", "-A"], None).await?;
+    git(repo, &["commit", "--quiet", "-m", message], Some(author)).await?;
+    git(repo, &["rev-parse", "HEAD"], None).await
+}
+
+async fn status(admin: &mut AdminClient) -> anyhow::Result<GetStatusResponse> {
+    Ok(admin
+        .get_status(GetStatusRequest::default())
+        .await
+        .map_err(super::status_error)?
+        .into_inner())
+}
+
+/// Waits until the upstream's build of `commit` finished and every project
+/// has a result against it; returns project → status. An error if the build
+/// failed or time ran out.
+async fn wait_step(
+    admin: &mut AdminClient,
+    commit: &str,
+) -> anyhow::Result<BTreeMap<String, RunStatus>> {
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    loop {
+        let st = status(admin).await?;
+        if let Some(b) = st
+            .upstreams
+            .iter()
+            .flat_map(|u| &u.latest_builds)
+            .find(|b| b.commit == commit)
+        {
+            match BuildState::try_from(b.state) {
+                Ok(BuildState::Failed) | Ok(BuildState::Error) => anyhow::bail!(
+                    "the build of {} failed: {} (job {})",
+                    short(commit),
+                    b.detail,
+                    b.job_id
+                ),
+                _ => {}
+            }
+        }
+        let runs: Vec<_> = st.cells.iter().filter_map(|c| c.latest.as_ref()).collect();
+        if !runs.is_empty() && runs.iter().all(|r| r.upstream_commit == commit) {
+            return Ok(runs
+                .iter()
+                .map(|r| {
+                    (
+                        r.project.clone(),
+                        RunStatus::try_from(r.status).unwrap_or(RunStatus::Error),
+                    )
+                })
+                .collect());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "trunk {} was not built and tested within {}s",
+            short(commit),
+            STEP_TIMEOUT.as_secs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Newest-first transitions of projects at `commit`.
+async fn transitions_at(admin: &mut AdminClient, commit: &str) -> anyhow::Result<Vec<Transition>> {
+    Ok(admin
+        .list_transitions(ListTransitionsRequest {
+            upstream: UPSTREAM.into(),
+            all: true,
+            limit: 1000,
+            ..Default::default()
+        })
+        .await
+        .map_err(super::status_error)?
+        .into_inner()
+        .transitions
+        .into_iter()
+        .filter(|t| t.upstream_commit == commit && !t.project.is_empty())
+        .collect())
+}
+
+fn words(runs: &BTreeMap<String, RunStatus>) -> String {
+    runs.iter()
+        .map(|(p, s)| {
+            format!(
+                "{p} {}",
+                match s {
+                    RunStatus::Green => "green",
+                    RunStatus::Red => "RED",
+                    _ => "error",
+                }
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Plays the story; `Ok(true)` when everything happened as designed.
+async fn play(admin: &mut AdminClient, story: &Story, repo: &Path) -> anyhow::Result<bool> {
+    let mut ok = true;
+    let c1 = git(repo, &["rev-parse", "HEAD"], None).await?;
+    let runs = wait_step(admin, &c1).await?;
+    println!(
+        "demo: [1/3] trunk {} {:?} built and tested: {}",
+        short(&c1),
+        story.upstream.first_message,
+        words(&runs)
+    );
+    if runs.values().any(|s| *s != RunStatus::Green) {
+        println!("demo:   expected every project green  <-- not as designed");
+        ok = false;
+    }
+
+    story.breaks.apply(repo)?;
+    let c2 = commit(repo, &story.breaks.message, &story.breaks.author).await?;
+    println!(
+        "demo: [2/3] landed {} {:?} by {}; the hub polls, rebuilds, retests...",
+        short(&c2),
+        story.breaks.message,
+        story.breaks.author
+    );
+    let runs = wait_step(admin, &c2).await?;
+    println!("demo:   {}", words(&runs));
+    let red: Vec<&String> = runs
+        .iter()
+        .filter(|(_, s)| **s == RunStatus::Red)
+        .map(|(p, _)| p)
+        .collect();
+    let mut expected: Vec<&String> = story.breaks.expect_red.iter().collect();
+    expected.sort();
+    if red != expected {
+        println!("demo:   expected exactly {expected:?} red  <-- not as designed");
+        ok = false;
+    }
+    let mut newly_failing = Vec::new();
+    for t in transitions_at(admin, &c2).await? {
+        if t.kind != TransitionKind::WentRed as i32 {
+            continue;
+        }
+        let culprits: Vec<String> = t
+            .culprits
+            .iter()
+            .map(|c| format!("{} {:?} ({})", short(&c.sha), c.subject, c.author))
+            .collect();
+        println!(
+            "demo:   {} went red; culprit: {}{}",
+            t.project,
+            culprits.join(", "),
+            if t.newly_failing.is_empty() {
+                String::new()
+            } else {
+                format!("; newly failing: {}", t.newly_failing.join(", "))
+            }
+        );
+        if t.culprits.len() != 1 || t.culprits[0].sha != c2 || t.last_green_upstream_commit != c1 {
+            println!(
+                "demo:   expected the culprit range to be exactly {}  <-- not as designed",
+                short(&c2)
+            );
+            ok = false;
+        }
+        newly_failing.extend(t.newly_failing);
+    }
+    for want in &story.breaks.expect_newly_failing {
+        if !newly_failing.contains(want) {
+            println!("demo:   expected {want} among the newly failing tests  <-- not as designed");
+            ok = false;
+        }
+    }
+
+    story.fix.apply(repo)?;
+    let c3 = commit(repo, &story.fix.message, &story.fix.author).await?;
+    println!(
+        "demo: [3/3] landed {} {:?} by {}",
+        short(&c3),
+        story.fix.message,
+        story.fix.author
+    );
+    let runs = wait_step(admin, &c3).await?;
+    let fixed: Vec<String> = transitions_at(admin, &c3)
+        .await?
+        .into_iter()
+        .filter(|t| t.kind == TransitionKind::Fixed as i32)
+        .map(|t| t.project)
+        .collect();
+    println!("demo:   {}; fixed: {}", words(&runs), fixed.join(", "));
+    if runs.values().any(|s| *s != RunStatus::Green) {
+        println!("demo:   expected every project green again  <-- not as designed");
+        ok = false;
+    }
+    let mut fixed_sorted: Vec<&String> = fixed.iter().collect();
+    fixed_sorted.sort();
+    if fixed_sorted != expected {
+        println!("demo:   expected {expected:?} to be fixed  <-- not as designed");
+        ok = false;
+    }
+    Ok(ok)
+}
+
+/// `demo: builds=B jobs=J green=G red=R fixed=F mails=M`, from the hub's records.
+async fn summary(admin: &mut AdminClient) -> anyhow::Result<String> {
+    let jobs = admin
+        .list_jobs(ListJobsRequest {
+            state: JobState::Finished.into(),
+            limit: 100_000,
+        })
+        .await
+        .map_err(super::status_error)?
+        .into_inner()
+        .jobs;
+    let builds = jobs.iter().filter(|j| j.key.starts_with("build/")).count();
+    let all = admin
+        .list_transitions(ListTransitionsRequest {
+            all: true,
+            limit: 100_000,
+            ..Default::default()
+        })
+        .await
+        .map_err(super::status_error)?
+        .into_inner()
+        .transitions;
+    let runs: Vec<_> = all.iter().filter(|t| !t.project.is_empty()).collect();
+    let count = |kinds: &[TransitionKind]| {
+        runs.iter()
+            .filter(|t| kinds.iter().any(|k| *k as i32 == t.kind))
+            .count()
+    };
+    let green = count(&[TransitionKind::StillGreen, TransitionKind::Fixed]);
+    let red = count(&[TransitionKind::WentRed, TransitionKind::StillRed]);
+    let fixed = count(&[TransitionKind::Fixed]);
+    Ok(format!(
+        "demo: builds={builds} jobs={} green={green} red={red} fixed={fixed} mails=0",
+        jobs.len()
+    ))
+}
+
+/// Creates (or wipes an earlier demo's) directory.
+fn prepare_dir(dir: &Path) -> anyhow::Result<PathBuf> {
+    if dir.exists() {
+        let is_demo = dir.join(MARKER).exists();
+        let empty = std::fs::read_dir(dir)?.next().is_none();
+        if is_demo {
+            std::fs::remove_dir_all(dir)
+                .with_context(|| format!("cannot clear the earlier demo in {}", dir.display()))?;
+        } else if !empty {
+            anyhow::bail!(
+                "{} exists and is not a trunkfarm demo directory: pass another one with --dir",
+                dir.display()
+            );
+        }
+    }
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(dir.join(MARKER), "")?;
+    Ok(std::fs::canonicalize(dir)?)
+}
+
+/// `trunkfarm-agent` beside this binary, or on PATH.
+pub(crate) fn find_agent_binary() -> anyhow::Result<PathBuf> {
+    let beside = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|d| d.join("trunkfarm-agent")));
+    if let Some(p) = beside.filter(|p| p.is_file()) {
+        return Ok(p);
+    }
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|paths| std::env::split_paths(&paths).collect::<Vec<_>>())
+        .map(|d| d.join("trunkfarm-agent"))
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "cannot find the trunkfarm-agent binary beside trunkfarm or on PATH: build both with `cargo build --release`"
+            )
+        })
+}
+
+async fn start_agent(bin: &Path, dir: &Path, n: usize, enrollment: &str) -> anyhow::Result<Child> {
+    let state = dir.join(format!("agent-{n}"));
+    let log = std::fs::File::create(dir.join(format!("agent-{n}.log")))?;
+    let status = Command::new(bin)
+        .arg("enroll")
+        .arg(enrollment)
+        .args(["--name", &format!("demo-agent-{n}"), "--state-dir"])
+        .arg(&state)
+        .stdout(Stdio::null())
+        .stderr(log.try_clone()?)
+        .status()
+        .await?;
+    if !status.success() {
+        anyhow::bail!(
+            "demo agent {n} could not enroll: see {}",
+            dir.join(format!("agent-{n}.log")).display()
+        );
+    }
+    Ok(Command::new(bin)
+        .args(["run", "--max-parallel-jobs", "2", "--state-dir"])
+        .arg(&state)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()?)
+}
+
+async fn stop_agent(agent: &mut Child) {
+    if let Some(pid) = agent.id() {
+        // SAFETY: kill(2) with a pid we spawned; no memory is involved.
+        unsafe {
+            libc::kill(pid as i32, libc::SIGTERM);
+        }
+    }
+    if tokio::time::timeout(Duration::from_secs(15), agent.wait())
+        .await
+        .is_err()
+    {
+        let _ = agent.kill().await;
+    }
+}
+
+async fn wait_for_agents(admin: &mut client::AdminClient, n: usize) -> anyhow::Result<()> {
+    for _ in 0..300 {
+        let agents = admin
+            .list_agents(ListAgentsRequest {})
+            .await
+            .map_err(super::status_error)?
+            .into_inner()
+            .agents;
+        if agents.iter().filter(|a| a.connected).count() >= n {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    anyhow::bail!("the demo agents did not connect within 30s: see their logs in the demo dir")
+}

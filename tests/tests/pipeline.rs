@@ -1,0 +1,437 @@
+//! The trunk pipeline end to end: real git repositories, a real hub and real
+//! agents. An upstream "runtime" (a shell script the build installs into
+//! $PREFIX) and downstream projects that test against it; commits land on
+//! the upstream, the hub notices by polling, builds, fans out, and
+//! classifies each result.
+
+use std::fs;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde_json::Value;
+use tempfile::TempDir;
+use trunkfarm_e2e::{Agent, Hub, git, s, temp_dir, u, wait_for};
+
+/// How long the pipeline may take for one step (build + fan-out + tests).
+const STEP: Duration = Duration::from_secs(90);
+
+const RUNTIME: &str = r#"#!/bin/sh
+# rt: a toy runtime with two "language features".
+case "$1" in
+  add) echo $(($2 + $3)) ;;
+  upper) printf '%s\n' "$2" | tr a-z A-Z ;;
+  *) echo "rt: unknown operation $1" >&2; exit 2 ;;
+esac
+"#;
+
+const ADDER_TESTS: &str = r#"#!/bin/sh
+set -e
+test "$(rt add 2 3)" = 5
+test "$(command -v rt)" = "$TRUNKFARM_RUNTIME_PREFIX/bin/rt"
+echo "adder: all tests pass"
+"#;
+
+const SHOUTER_TESTS: &str = r#"#!/bin/sh
+fail=0
+cases=""
+check() {
+  name=$1; expected=$2; shift 2
+  got=$("$@" 2>&1)
+  if [ "$got" = "$expected" ]; then
+    cases="$cases<testcase classname=\"shouter\" name=\"$name\" time=\"0.01\"/>"
+  else
+    cases="$cases<testcase classname=\"shouter\" name=\"$name\"><failure message=\"expected $expected, got $got\"/></testcase>"
+    fail=1
+  fi
+}
+check test_upper ABC rt upper abc
+check test_add 4 rt add 2 2
+printf '<testsuites><testsuite name="shouter">%s</testsuite></testsuites>\n' "$cases" > junit.xml
+exit $fail
+"#;
+
+/// Local repositories for one upstream and its downstream projects.
+struct Repos {
+    dir: TempDir,
+}
+
+impl Repos {
+    fn new() -> Repos {
+        let r = Repos {
+            dir: temp_dir("trunkfarm-e2e-repos-"),
+        };
+        r.create("rt", &[("rt.sh", RUNTIME)], "rt: initial import");
+        r.create("adder", &[("test.sh", ADDER_TESTS)], "adder");
+        r.create("shouter", &[("test.sh", SHOUTER_TESTS)], "shouter");
+        r
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn create(&self, name: &str, files: &[(&str, &str)], message: &str) {
+        let dir = self.path(name);
+        fs::create_dir_all(&dir).unwrap();
+        git(&dir, &["init", "--quiet", "-b", "main"]);
+        for (file, text) in files {
+            fs::write(dir.join(file), text).unwrap();
+        }
+        git(&dir, &["add", "-A"]);
+        git(&dir, &["commit", "--quiet", "-m", message]);
+    }
+
+    /// Commits a change to `file` by `author`; returns the new commit.
+    fn commit(&self, name: &str, file: &str, text: &str, message: &str, author: &str) -> String {
+        let dir = self.path(name);
+        fs::write(dir.join(file), text).unwrap();
+        git(&dir, &["add", "-A"]);
+        git(&dir, &["commit", "--quiet", "--author", author, "-m", message]);
+        self.head(name)
+    }
+
+    fn head(&self, name: &str) -> String {
+        git(&self.path(name), &["rev-parse", "HEAD"])
+    }
+
+    /// The hub config for these repositories (plus `extra` projects).
+    fn config(&self, extra: &str) -> String {
+        format!(
+            r#"
+[pipeline]
+git_timeout = "30s"
+
+[[upstream]]
+name = "rt"
+url = "{rt}"
+poll_interval = "200ms"
+build = ["mkdir -p \"$PREFIX/bin\"", "cp rt.sh \"$PREFIX/bin/rt\"", "chmod +x \"$PREFIX/bin/rt\""]
+build_timeout = "1m"
+
+[[project]]
+name = "adder"
+url = "{adder}"
+poll_interval = "200ms"
+test = ["sh test.sh"]
+timeout = "1m"
+
+[[project]]
+name = "shouter"
+url = "{shouter}"
+poll_interval = "200ms"
+test = ["sh test.sh"]
+timeout = "1m"
+junit = ["junit.xml"]
+maintainers = ["shouter-dev@example.org"]
+{extra}
+"#,
+            rt = self.path("rt").display(),
+            adder = self.path("adder").display(),
+            shouter = self.path("shouter").display(),
+        )
+    }
+}
+
+/// A hub configured for `repos` with `agents` connected agents.
+fn farm(repos: &Repos, extra: &str, agents: usize) -> (Hub, Vec<Agent>) {
+    let hub = Hub::start_with(&repos.config(extra), &[]);
+    let mut list = Vec::new();
+    for i in 0..agents {
+        let mut a = Agent::enroll(&hub, &format!("p{i}"), &[]);
+        a.start(&[]);
+        list.push(a);
+    }
+    hub.wait_agents_connected(agents);
+    (hub, list)
+}
+
+fn status(hub: &Hub) -> Value {
+    hub.cli_json(&["status", "--json"])
+}
+
+/// The status cell of `project` (against upstream `rt`).
+fn cell(status: &Value, project: &str) -> Value {
+    status["cells"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| s(c, "project") == project)
+        .unwrap_or_else(|| panic!("no cell for {project} in {status:#}"))
+        .clone()
+}
+
+/// Waits until `project`'s newest run tested upstream `commit` and has
+/// finished with `want` ("green", "red" or "error").
+fn wait_run(hub: &Hub, project: &str, commit: &str, want: &str) -> Value {
+    wait_for(
+        STEP,
+        &format!("{project} to be {want} at {commit}"),
+        || {
+            let c = cell(&status(hub), project);
+            (s(&c["run"], "upstream_commit") == commit && s(&c, "status") == want).then_some(c)
+        },
+    )
+}
+
+fn transitions(hub: &Hub, project: &str) -> Vec<Value> {
+    hub.cli_json(&["transitions", "--all", "--json", "--project", project, "--limit", "100"])
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+fn kind(t: &Value) -> i64 {
+    t["kind"].as_i64().unwrap_or(0)
+}
+
+const WENT_RED: i64 = 1;
+const STILL_RED: i64 = 2;
+const FIXED: i64 = 3;
+
+#[test]
+fn trunk_breaks_one_project_and_a_fix_turns_it_green() {
+    let repos = Repos::new();
+    let c1 = repos.head("rt");
+    let (hub, _agents) = farm(&repos, "", 2);
+
+    // Commit 1: the hub polls, builds, fans out; everything green.
+    wait_run(&hub, "adder", &c1, "green");
+    let shouter = wait_run(&hub, "shouter", &c1, "green");
+    assert_eq!(u(&shouter["run"], "tests_total"), 2, "{shouter:#}");
+
+    // Commit 2 breaks `upper`, which only shouter uses.
+    let c2 = repos.commit(
+        "rt",
+        "rt.sh",
+        &RUNTIME.replace("| tr a-z A-Z", ""),
+        "rt: speed up upper",
+        "Eve Breaker <eve@example.org>",
+    );
+    let red = wait_run(&hub, "shouter", &c2, "red");
+    wait_run(&hub, "adder", &c2, "green");
+    let failing: Vec<&str> = red["run"]["failing_tests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| s(t, "name"))
+        .collect();
+    assert_eq!(failing, ["shouter.test_upper"], "{red:#}");
+    assert_eq!(s(&red["red_since"], "upstream_commit"), c2, "{red:#}");
+
+    // The breakage query names exactly commit 2 as the culprit.
+    let b = hub.cli_json(&["breakage", "--upstream", "rt", "--rev", &c2[..8], "--json"]);
+    let went_red = b["went_red"].as_array().unwrap();
+    assert_eq!(went_red.len(), 1, "{b:#}");
+    let t = &went_red[0];
+    assert_eq!(s(t, "project"), "shouter");
+    assert_eq!(s(t, "last_green_upstream_commit"), c1);
+    let culprits = t["culprits"].as_array().unwrap();
+    assert_eq!(culprits.len(), 1, "culprit range is exactly commit 2: {t:#}");
+    assert_eq!(s(&culprits[0], "sha"), c2);
+    assert_eq!(s(&culprits[0], "subject"), "rt: speed up upper");
+    assert_eq!(s(&culprits[0], "author"), "Eve Breaker <eve@example.org>");
+    assert_eq!(t["newly_failing"], serde_json::json!(["shouter.test_upper"]));
+    assert_eq!(t["project_commit_changed"], Value::Bool(false), "{t:#}");
+    // And the human form says so too.
+    let text = hub.cli_ok(&["breakage", "--upstream", "rt", "--rev", &c2]);
+    assert!(text.contains("shouter went red"), "{text}");
+    assert!(text.contains("rt: speed up upper"), "{text}");
+    assert!(text.contains("newly failing: shouter.test_upper"), "{text}");
+    let nothing = hub.cli_ok(&["breakage", "--upstream", "rt", "--rev", &c1]);
+    assert!(nothing.contains("nothing went red"), "{nothing}");
+
+    // Commit 3 fixes it.
+    let c3 = repos.commit("rt", "rt.sh", RUNTIME, "rt: fix upper", "Fay Fixer <fay@example.org>");
+    wait_run(&hub, "shouter", &c3, "green");
+    wait_run(&hub, "adder", &c3, "green");
+    let history = transitions(&hub, "shouter");
+    let kinds: Vec<i64> = history.iter().rev().map(kind).collect();
+    assert_eq!(kinds, [4, WENT_RED, FIXED], "{history:#?}");
+    assert!(
+        transitions(&hub, "adder").iter().all(|t| kind(t) == 4),
+        "adder never changed"
+    );
+
+    // Each agent downloaded each runtime at most once (3 builds, 2 agents,
+    // 2 projects: without the cache some would be fetched twice).
+    let artifacts = hub.cli_json(&["artifact", "list", "--json"]);
+    let artifacts = artifacts.as_array().unwrap();
+    assert_eq!(artifacts.len(), 3, "{artifacts:#?}");
+    let mut total = 0;
+    for a in artifacts {
+        for d in a["downloads"].as_array().unwrap() {
+            assert_eq!(u(d, "count"), 1, "downloaded twice by one agent: {a:#}");
+            total += 1;
+        }
+        assert!(!s(a, "commit").is_empty() && s(a, "upstream") == "rt", "{a:#}");
+    }
+    assert!(total >= 3, "every runtime was downloaded: {artifacts:#?}");
+
+    // The grid, as a person sees it.
+    let grid = hub.cli_ok(&["status"]);
+    assert!(grid.contains("adder") && grid.contains("shouter"), "{grid}");
+    assert!(grid.contains(&format!("green {}", &c3[..7])), "{grid}");
+}
+
+#[test]
+fn a_failed_build_is_red_and_fans_nothing_out() {
+    let repos = Repos::new();
+    let c1 = repos.head("rt");
+    let (hub, _agents) = farm(&repos, "", 1);
+    wait_run(&hub, "adder", &c1, "green");
+    // A commit that breaks the build itself.
+    git(&repos.path("rt"), &["mv", "rt.sh", "rt2.sh"]);
+    git(
+        &repos.path("rt"),
+        &["commit", "--quiet", "--author", "Eve <eve@example.org>", "-m", "rt: rename the script"],
+    );
+    let c3 = repos.head("rt");
+    let build = wait_for(STEP, "the build of commit 3 to fail", || {
+        let st = status(&hub);
+        let b = st["upstreams"][0]["latest_builds"][0].clone();
+        (s(&b, "commit") == c3 && b["state"].as_i64() == Some(3)).then_some(b)
+    });
+    assert!(s(&build, "detail").contains("exit"), "{build:#}");
+    let st = status(&hub);
+    // The good runtime is still commit 1, and no test ran against commit 3.
+    assert_eq!(s(&st["upstreams"][0]["good_builds"][0], "commit"), c1, "{st:#}");
+    for p in ["adder", "shouter"] {
+        assert_eq!(s(&cell(&st, p)["run"], "upstream_commit"), c1);
+    }
+    let jobs = hub.cli_json(&["job", "list", "--json"]);
+    let tests_at_c3 = jobs
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|j| s(j, "key").starts_with("test/") && s(j, "key").contains(&c3))
+        .count();
+    assert_eq!(tests_at_c3, 0, "tests ran against a failed build: {jobs:#}");
+    // The runtime's own transition: the build went red at commit 3.
+    let t = hub.cli_json(&["transitions", "--json", "--upstream", "rt"]);
+    let build_red = t
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| s(t, "project").is_empty() && kind(t) == WENT_RED)
+        .unwrap_or_else(|| panic!("no went-red transition for the build: {t:#}"));
+    assert_eq!(s(build_red, "upstream_commit"), c3);
+    let subjects: Vec<&str> = build_red["culprits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| s(c, "subject"))
+        .collect();
+    assert_eq!(subjects, ["rt: rename the script"]);
+}
+
+#[test]
+fn an_unclonable_project_is_an_infrastructure_error_and_others_still_run() {
+    let repos = Repos::new();
+    let c1 = repos.head("rt");
+    let missing = repos.path("does-not-exist");
+    let extra = format!(
+        r#"
+[[project]]
+name = "ghost"
+url = "{}"
+poll_interval = "200ms"
+test = ["true"]
+"#,
+        missing.display()
+    );
+    let (hub, _agents) = farm(&repos, &extra, 1);
+    wait_run(&hub, "adder", &c1, "green");
+    wait_run(&hub, "shouter", &c1, "green");
+    let ghost = wait_run(&hub, "ghost", &c1, "error");
+    assert!(
+        s(&ghost["run"], "detail").contains("checkout"),
+        "the error says the checkout failed: {ghost:#}"
+    );
+    assert!(ghost["red_since"].is_null(), "an infra error is not red: {ghost:#}");
+    // Polling it fails, and the status says why.
+    let text = hub.cli_ok(&["status"]);
+    assert!(text.contains("ghost"), "{text}");
+    // No transition for ghost: an error decides nothing.
+    assert!(transitions(&hub, "ghost").is_empty());
+}
+
+#[test]
+fn malformed_junit_keeps_the_runs_status_and_shows_the_parse_error() {
+    let repos = Repos::new();
+    repos.create(
+        "sloppy",
+        &[("test.sh", "echo '<testsuites><testcase name=' > junit.xml; rt add 1 1\n")],
+        "sloppy",
+    );
+    let c1 = repos.head("rt");
+    let extra = format!(
+        r#"
+[[project]]
+name = "sloppy"
+url = "{}"
+poll_interval = "200ms"
+test = ["sh test.sh"]
+junit = ["junit.xml", "missing.xml"]
+"#,
+        repos.path("sloppy").display()
+    );
+    let (hub, _agents) = farm(&repos, &extra, 1);
+    let c = wait_run(&hub, "sloppy", &c1, "green");
+    let err = s(&c["run"], "report_error");
+    assert!(err.contains("junit.xml"), "{c:#}");
+    assert!(err.contains("missing.xml"), "{c:#}");
+}
+
+#[test]
+fn a_new_project_commit_reruns_it_against_the_good_runtime() {
+    let repos = Repos::new();
+    let c1 = repos.head("rt");
+    let (hub, _agents) = farm(&repos, "", 1);
+    wait_run(&hub, "adder", &c1, "green");
+    let p2 = repos.commit(
+        "adder",
+        "test.sh",
+        &ADDER_TESTS.replace("= 5", "= 6"),
+        "adder: wrong expectation",
+        "Pat <pat@example.org>",
+    );
+    let red = wait_for(STEP, "adder to run at its new commit", || {
+        let c = cell(&status(&hub), "adder");
+        (s(&c["run"], "project_commit") == p2).then_some(c)
+    });
+    assert_eq!(s(&red, "status"), "red", "{red:#}");
+    assert_eq!(s(&red["run"], "upstream_commit"), c1);
+    let t = &transitions(&hub, "adder")[0];
+    assert_eq!(kind(t), WENT_RED);
+    assert_eq!(t["project_commit_changed"], Value::Bool(true), "{t:#}");
+    // Still red after a trunk commit that changes nothing for it.
+    let c2 = repos.commit("rt", "NEWS", "x", "rt: news", "Eve <eve@example.org>");
+    wait_run(&hub, "adder", &c2, "red");
+    assert_eq!(kind(&transitions(&hub, "adder")[0]), STILL_RED);
+}
+
+#[test]
+fn manual_build_of_a_rev_and_unknown_names() {
+    let repos = Repos::new();
+    let c1 = repos.head("rt");
+    let c2 = repos.commit("rt", "NEWS", "x", "rt: news", "Eve <eve@example.org>");
+    let hub = Hub::start_with(&repos.config("").replace("poll_interval = \"200ms\"\nbuild", "poll_interval = \"1h\"\nbuild"), &[]);
+    let mut a = Agent::enroll(&hub, "m", &[]);
+    a.start(&[]);
+    hub.wait_agents_connected(1);
+    let out = hub.cli_ok(&["upstream", "build", "rt", "--rev", &c1[..7]]);
+    assert_eq!(out.trim(), c1);
+    wait_run(&hub, "adder", &c1, "green");
+    let _ = c2;
+    let bad = hub.cli(&["upstream", "build", "nope"]);
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("no upstream named \"nope\"") && err.contains("rt"), "{err}");
+    let bad = hub.cli(&["upstream", "build", "rt", "--rev", "no-such-branch"]);
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("neither a branch, a tag nor a commit"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+}
