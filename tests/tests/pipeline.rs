@@ -86,7 +86,10 @@ impl Repos {
         let dir = self.path(name);
         fs::write(dir.join(file), text).unwrap();
         git(&dir, &["add", "-A"]);
-        git(&dir, &["commit", "--quiet", "--author", author, "-m", message]);
+        git(
+            &dir,
+            &["commit", "--quiet", "--author", author, "-m", message],
+        );
         self.head(name)
     }
 
@@ -163,21 +166,25 @@ fn cell(status: &Value, project: &str) -> Value {
 /// Waits until `project`'s newest run tested upstream `commit` and has
 /// finished with `want` ("green", "red" or "error").
 fn wait_run(hub: &Hub, project: &str, commit: &str, want: &str) -> Value {
-    wait_for(
-        STEP,
-        &format!("{project} to be {want} at {commit}"),
-        || {
-            let c = cell(&status(hub), project);
-            (s(&c["run"], "upstream_commit") == commit && s(&c, "status") == want).then_some(c)
-        },
-    )
+    wait_for(STEP, &format!("{project} to be {want} at {commit}"), || {
+        let c = cell(&status(hub), project);
+        (s(&c["run"], "upstream_commit") == commit && s(&c, "status") == want).then_some(c)
+    })
 }
 
 fn transitions(hub: &Hub, project: &str) -> Vec<Value> {
-    hub.cli_json(&["transitions", "--all", "--json", "--project", project, "--limit", "100"])
-        .as_array()
-        .unwrap()
-        .clone()
+    hub.cli_json(&[
+        "transitions",
+        "--all",
+        "--json",
+        "--project",
+        project,
+        "--limit",
+        "100",
+    ])
+    .as_array()
+    .unwrap()
+    .clone()
 }
 
 fn kind(t: &Value) -> i64 {
@@ -226,11 +233,18 @@ fn trunk_breaks_one_project_and_a_fix_turns_it_green() {
     assert_eq!(s(t, "project"), "shouter");
     assert_eq!(s(t, "last_green_upstream_commit"), c1);
     let culprits = t["culprits"].as_array().unwrap();
-    assert_eq!(culprits.len(), 1, "culprit range is exactly commit 2: {t:#}");
+    assert_eq!(
+        culprits.len(),
+        1,
+        "culprit range is exactly commit 2: {t:#}"
+    );
     assert_eq!(s(&culprits[0], "sha"), c2);
     assert_eq!(s(&culprits[0], "subject"), "rt: speed up upper");
     assert_eq!(s(&culprits[0], "author"), "Eve Breaker <eve@example.org>");
-    assert_eq!(t["newly_failing"], serde_json::json!(["shouter.test_upper"]));
+    assert_eq!(
+        t["newly_failing"],
+        serde_json::json!(["shouter.test_upper"])
+    );
     assert_eq!(t["project_commit_changed"], Value::Bool(false), "{t:#}");
     // And the human form says so too.
     let text = hub.cli_ok(&["breakage", "--upstream", "rt", "--rev", &c2]);
@@ -241,7 +255,13 @@ fn trunk_breaks_one_project_and_a_fix_turns_it_green() {
     assert!(nothing.contains("nothing went red"), "{nothing}");
 
     // Commit 3 fixes it.
-    let c3 = repos.commit("rt", "rt.sh", RUNTIME, "rt: fix upper", "Fay Fixer <fay@example.org>");
+    let c3 = repos.commit(
+        "rt",
+        "rt.sh",
+        RUNTIME,
+        "rt: fix upper",
+        "Fay Fixer <fay@example.org>",
+    );
     wait_run(&hub, "shouter", &c3, "green");
     wait_run(&hub, "adder", &c3, "green");
     let history = transitions(&hub, "shouter");
@@ -263,7 +283,10 @@ fn trunk_breaks_one_project_and_a_fix_turns_it_green() {
             assert_eq!(u(d, "count"), 1, "downloaded twice by one agent: {a:#}");
             total += 1;
         }
-        assert!(!s(a, "commit").is_empty() && s(a, "upstream") == "rt", "{a:#}");
+        assert!(
+            !s(a, "commit").is_empty() && s(a, "upstream") == "rt",
+            "{a:#}"
+        );
     }
     assert!(total >= 3, "every runtime was downloaded: {artifacts:#?}");
 
@@ -283,7 +306,14 @@ fn a_failed_build_is_red_and_fans_nothing_out() {
     git(&repos.path("rt"), &["mv", "rt.sh", "rt2.sh"]);
     git(
         &repos.path("rt"),
-        &["commit", "--quiet", "--author", "Eve <eve@example.org>", "-m", "rt: rename the script"],
+        &[
+            "commit",
+            "--quiet",
+            "--author",
+            "Eve <eve@example.org>",
+            "-m",
+            "rt: rename the script",
+        ],
     );
     let c3 = repos.head("rt");
     let build = wait_for(STEP, "the build of commit 3 to fail", || {
@@ -294,18 +324,32 @@ fn a_failed_build_is_red_and_fans_nothing_out() {
     assert!(s(&build, "detail").contains("exit"), "{build:#}");
     let st = status(&hub);
     // The good runtime is still commit 1, and no test ran against commit 3.
-    assert_eq!(s(&st["upstreams"][0]["good_builds"][0], "commit"), c1, "{st:#}");
+    assert_eq!(
+        s(&st["upstreams"][0]["good_builds"][0], "commit"),
+        c1,
+        "{st:#}"
+    );
     for p in ["adder", "shouter"] {
         assert_eq!(s(&cell(&st, p)["run"], "upstream_commit"), c1);
     }
     let jobs = hub.cli_json(&["job", "list", "--json"]);
-    let tests_at_c3 = jobs
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|j| s(j, "key").starts_with("test/") && s(j, "key").contains(&c3))
-        .count();
-    assert_eq!(tests_at_c3, 0, "tests ran against a failed build: {jobs:#}");
+    let tests_at = |c: &str| {
+        jobs.as_array()
+            .unwrap()
+            .iter()
+            .filter(|j| s(j, "key").starts_with("test/") && s(j, "key").contains(c))
+            .count()
+    };
+    assert_eq!(
+        tests_at(&c1),
+        2,
+        "both projects ran against commit 1: {jobs:#}"
+    );
+    assert_eq!(
+        tests_at(&c3),
+        0,
+        "tests ran against a failed build: {jobs:#}"
+    );
     // The runtime's own transition: the build went red at commit 3.
     let t = hub.cli_json(&["transitions", "--json", "--upstream", "rt"]);
     let build_red = t
@@ -347,7 +391,10 @@ test = ["true"]
         s(&ghost["run"], "detail").contains("checkout"),
         "the error says the checkout failed: {ghost:#}"
     );
-    assert!(ghost["red_since"].is_null(), "an infra error is not red: {ghost:#}");
+    assert!(
+        ghost["red_since"].is_null(),
+        "an infra error is not red: {ghost:#}"
+    );
     // Polling it fails, and the status says why.
     let text = hub.cli_ok(&["status"]);
     assert!(text.contains("ghost"), "{text}");
@@ -360,7 +407,10 @@ fn malformed_junit_keeps_the_runs_status_and_shows_the_parse_error() {
     let repos = Repos::new();
     repos.create(
         "sloppy",
-        &[("test.sh", "echo '<testsuites><testcase name=' > junit.xml; rt add 1 1\n")],
+        &[(
+            "test.sh",
+            "echo '<testsuites><testcase name=' > junit.xml; rt add 1 1\n",
+        )],
         "sloppy",
     );
     let c1 = repos.head("rt");
@@ -415,7 +465,13 @@ fn manual_build_of_a_rev_and_unknown_names() {
     let repos = Repos::new();
     let c1 = repos.head("rt");
     let c2 = repos.commit("rt", "NEWS", "x", "rt: news", "Eve <eve@example.org>");
-    let hub = Hub::start_with(&repos.config("").replace("poll_interval = \"200ms\"\nbuild", "poll_interval = \"1h\"\nbuild"), &[]);
+    let hub = Hub::start_with(
+        &repos.config("").replace(
+            "poll_interval = \"200ms\"\nbuild",
+            "poll_interval = \"1h\"\nbuild",
+        ),
+        &[],
+    );
     let mut a = Agent::enroll(&hub, "m", &[]);
     a.start(&[]);
     hub.wait_agents_connected(1);
@@ -426,7 +482,10 @@ fn manual_build_of_a_rev_and_unknown_names() {
     let bad = hub.cli(&["upstream", "build", "nope"]);
     assert!(!bad.status.success());
     let err = String::from_utf8_lossy(&bad.stderr);
-    assert!(err.contains("no upstream named \"nope\"") && err.contains("rt"), "{err}");
+    assert!(
+        err.contains("no upstream named \"nope\"") && err.contains("rt"),
+        "{err}"
+    );
     let bad = hub.cli(&["upstream", "build", "rt", "--rev", "no-such-branch"]);
     assert!(!bad.status.success());
     assert!(
@@ -434,4 +493,139 @@ fn manual_build_of_a_rev_and_unknown_names() {
         "{}",
         String::from_utf8_lossy(&bad.stderr)
     );
+}
+
+#[test]
+fn a_tampered_artifact_is_refused_quarantined_and_rebuilt() {
+    let repos = Repos::new();
+    let c1 = repos.head("rt");
+    let (hub, mut agents) = farm(&repos, "", 1);
+    wait_run(&hub, "adder", &c1, "green");
+    let artifacts = hub.cli_json(&["artifact", "list", "--json"]);
+    let sha = s(&artifacts[0], "sha256").to_string();
+    // Flip bytes in the stored runtime (same size: only the hash can tell).
+    let file = hub
+        .data_dir
+        .join("artifacts")
+        .join(format!("{sha}.tar.zst"));
+    let mut bytes = fs::read(&file).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    fs::write(&file, &bytes).unwrap();
+    // A fresh agent (empty cache) must fetch it for adder's new commit.
+    agents[0].kill9();
+    let mut fresh = Agent::enroll(&hub, "fresh", &[]);
+    fresh.start(&[]);
+    let p2 = repos.commit(
+        "adder",
+        "NOTES",
+        "x",
+        "adder: notes",
+        "Pat <pat@example.org>",
+    );
+    let run = wait_for(STEP, "adder's run against the tampered runtime", || {
+        let c = cell(&status(&hub), "adder");
+        (s(&c["run"], "project_commit") == p2).then_some(c)
+    });
+    assert_eq!(
+        s(&run, "status"),
+        "error",
+        "a tampered runtime is an infrastructure error: {run:#}"
+    );
+    let detail = s(&run["run"], "detail");
+    assert!(detail.contains("runtime"), "{detail}");
+    assert!(
+        detail.contains("corrupt")
+            || detail.contains("quarantined")
+            || detail.contains("no artifact"),
+        "{detail}"
+    );
+    // The hub moved the bad file aside and forgot it.
+    assert!(!file.exists());
+    assert!(
+        hub.data_dir
+            .join("artifacts/quarantine")
+            .read_dir()
+            .unwrap()
+            .count()
+            >= 1
+    );
+    // A forced rebuild stores the runtime again and the project is retested green.
+    hub.cli_ok(&["upstream", "build", "rt", "--force"]);
+    wait_for(STEP, "adder green again at its new commit", || {
+        let c = cell(&status(&hub), "adder");
+        (s(&c["run"], "project_commit") == p2 && s(&c, "status") == "green").then_some(())
+    });
+}
+
+#[test]
+fn hub_killed_mid_pipeline_loses_and_repeats_nothing() {
+    let repos = Repos::new();
+    let c1 = repos.head("rt");
+    let (mut hub, _agents) = farm(&repos, "", 2);
+    wait_run(&hub, "shouter", &c1, "green");
+    wait_run(&hub, "adder", &c1, "green");
+    let mut commits = vec![c1];
+    for (i, kill_after_ms) in [0u64, 150, 400].into_iter().enumerate() {
+        let text = if i % 2 == 0 {
+            RUNTIME.replace("| tr a-z A-Z", "")
+        } else {
+            RUNTIME.to_string()
+        };
+        let c = repos.commit(
+            "rt",
+            "rt.sh",
+            &format!("{text}# {i}\n"),
+            &format!("change {i}"),
+            "Eve <eve@example.org>",
+        );
+        std::thread::sleep(Duration::from_millis(kill_after_ms));
+        hub.kill9();
+        hub.restart();
+        let want = if i % 2 == 0 { "red" } else { "green" };
+        wait_run(&hub, "shouter", &c, want);
+        wait_run(&hub, "adder", &c, "green");
+        commits.push(c);
+    }
+    // Exactly one build per commit and one test run per (project, commit).
+    let jobs = hub.cli_json(&["job", "list", "--json", "--limit", "1000"]);
+    let keys: Vec<&str> = jobs
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| s(j, "key"))
+        .collect();
+    for c in &commits {
+        assert_eq!(
+            keys.iter()
+                .filter(|k| k.starts_with("build/") && k.ends_with(c.as_str()))
+                .count(),
+            1,
+            "builds of {c}: {keys:#?}"
+        );
+        for p in ["adder", "shouter"] {
+            assert_eq!(
+                keys.iter()
+                    .filter(|k| k.starts_with(&format!("test/{p}/")) && k.contains(c.as_str()))
+                    .count(),
+                1,
+                "{p} runs at {c}: {keys:#?}"
+            );
+        }
+    }
+    // One transition per finished test job: none lost, none twice.
+    for p in ["adder", "shouter"] {
+        let t = transitions(&hub, p);
+        let mut jobs: Vec<u64> = t.iter().map(|t| u(t, "job_id")).collect();
+        jobs.sort();
+        jobs.dedup();
+        assert_eq!(jobs.len(), t.len(), "a job classified twice: {t:#?}");
+        assert_eq!(t.len(), commits.len(), "{p}: {t:#?}");
+    }
+    let shouter: Vec<i64> = transitions(&hub, "shouter")
+        .iter()
+        .rev()
+        .map(kind)
+        .collect();
+    assert_eq!(shouter, [4, WENT_RED, FIXED, WENT_RED]);
 }

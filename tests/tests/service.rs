@@ -82,10 +82,19 @@ fn demo_once_runs_its_story_and_reports_it() {
         .lines()
         .find(|l| l.starts_with("demo: builds="))
         .unwrap_or_else(|| panic!("no summary line:\n{text}"));
+    // Three trunk commits (green, the break, the fix), three projects each:
+    // exactly the two projects using upper() go red, then are fixed.
     assert_eq!(
         summary,
-        "demo: builds=0 jobs=5 green=3 red=2 fixed=0 mails=0"
+        "demo: builds=3 jobs=12 green=7 red=2 fixed=2 mails=0"
     );
+    assert!(
+        text.contains("textkit went red") && text.contains("greeter went red"),
+        "{text}"
+    );
+    assert!(text.contains("newly failing: textkit.test_upper"), "{text}");
+    assert!(!text.contains("mathkit went red"), "{text}");
+    assert!(!text.contains("not as designed"), "{text}");
     // Running it again reuses (wipes) its own directory.
     let mut again = Command::new(&bins().hub);
     again

@@ -23,6 +23,13 @@ pub(crate) use trunkfarm_proto::settings::ConfigError;
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
+const GIB: u64 = 1024 * MIB;
+
+/// The smallest `[cache] size` accepted: below it hardly any runtime fits.
+const MIN_CACHE_BYTES: u64 = 64 * MIB;
+
+/// The smallest `[cache] max_unpacked_size` accepted.
+const MIN_UNPACKED_BYTES: u64 = MIB;
 
 /// The donor's settings after defaults, path resolution and validation.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -60,6 +67,48 @@ pub(crate) struct AgentConfig {
     /// The longest wait between attempts to reach an unreachable hub.
     #[serde(deserialize_with = "de::duration")]
     pub reconnect_max_backoff: Duration,
+    /// `[cache]`: where downloaded runtime artifacts are kept and how much
+    /// disk they may take.
+    pub cache: CacheConfig,
+}
+
+/// `[cache]`: the artifact cache. Test jobs run against a runtime (an
+/// interpreter, a compiler) built by an earlier job; the agent downloads it
+/// once and keeps it, so each runtime crosses the network once per machine,
+/// not once per job.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields, expecting = "a [cache] table")]
+pub(crate) struct CacheConfig {
+    /// Where artifacts are kept; `None` means `<state_dir>/cache/artifacts`.
+    pub dir: Option<PathBuf>,
+    /// The most disk the kept artifacts (compressed) may take; the least
+    /// recently used are deleted to make room. At least 64 MiB.
+    #[serde(deserialize_with = "de::byte_size")]
+    pub size: u64,
+    /// The most one artifact may take once unpacked into a job's directory:
+    /// a bound against an archive that expands to fill the disk. At least
+    /// 1 MiB.
+    #[serde(deserialize_with = "de::byte_size")]
+    pub max_unpacked_size: u64,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            dir: None,
+            size: 10 * GIB,
+            max_unpacked_size: 16 * GIB,
+        }
+    }
+}
+
+impl CacheConfig {
+    /// The directory artifacts are kept in, given the agent's state directory.
+    pub fn dir_or_default(&self, state_dir: &Path) -> PathBuf {
+        self.dir
+            .clone()
+            .unwrap_or_else(|| state_dir.join("cache").join("artifacts"))
+    }
 }
 
 impl Default for AgentConfig {
@@ -75,6 +124,7 @@ impl Default for AgentConfig {
             work_dir: None,
             drain_grace: Duration::from_secs(10 * 60),
             reconnect_max_backoff: Duration::from_secs(60),
+            cache: CacheConfig::default(),
         }
     }
 }
@@ -127,10 +177,15 @@ impl AgentConfig {
         config
             .check_paths()
             .map_err(|p| p.into_error(&file, text, &doc))?;
-        if let (Some(base), Some(dir)) = (origin.and_then(Path::parent), &mut config.work_dir)
-            && dir.is_relative()
-        {
-            *dir = base.join(&*dir);
+        if let Some(base) = origin.and_then(Path::parent) {
+            for dir in [&mut config.work_dir, &mut config.cache.dir]
+                .into_iter()
+                .flatten()
+            {
+                if dir.is_relative() {
+                    *dir = base.join(&*dir);
+                }
+            }
         }
         config
             .problems()
@@ -194,10 +249,13 @@ impl AgentConfig {
     }
 
     fn check_paths(&self) -> Result<(), Problem> {
-        match &self.work_dir {
-            Some(path) => check_path("work_dir", path),
-            None => Ok(()),
+        if let Some(path) = &self.work_dir {
+            check_path("work_dir", path)?;
         }
+        if let Some(path) = &self.cache.dir {
+            check_path("cache.dir", path)?;
+        }
+        Ok(())
     }
 
     /// The semantic rules, in key order; the first broken one is reported.
@@ -268,6 +326,26 @@ impl AgentConfig {
                 ),
             ));
         }
+        if self.cache.size < MIN_CACHE_BYTES {
+            return Err(Problem::new(
+                "cache.size",
+                format!(
+                    "{} is too small; expected at least {} so a runtime artifact fits, e.g. \"10 GiB\"",
+                    fmt_bytes(self.cache.size),
+                    fmt_bytes(MIN_CACHE_BYTES)
+                ),
+            ));
+        }
+        if self.cache.max_unpacked_size < MIN_UNPACKED_BYTES {
+            return Err(Problem::new(
+                "cache.max_unpacked_size",
+                format!(
+                    "{} is too small; expected at least {}, e.g. \"16 GiB\"",
+                    fmt_bytes(self.cache.max_unpacked_size),
+                    fmt_bytes(MIN_UNPACKED_BYTES)
+                ),
+            ));
+        }
         Ok(())
     }
 }
@@ -322,6 +400,13 @@ mod tests {
         assert_eq!(c.work_dir, None);
         assert_eq!(c.drain_grace, Duration::from_secs(600));
         assert_eq!(c.reconnect_max_backoff, Duration::from_secs(60));
+        assert_eq!(c.cache.dir, None);
+        assert_eq!(c.cache.size, 10 << 30);
+        assert_eq!(c.cache.max_unpacked_size, 16 << 30);
+        assert_eq!(
+            c.cache.dir_or_default(Path::new("/s")),
+            Path::new("/s/cache/artifacts")
+        );
         assert_eq!(parse("").unwrap(), defaults_from_file());
         assert_eq!(
             AgentConfig::from_toml("", None).unwrap(),
@@ -342,6 +427,10 @@ mod tests {
             name: Some("alice-workstation".into()),
             max_job_timeout: Some(Duration::from_secs(2 * 3600)),
             work_dir: Some("/var/tmp/trunkfarm-work".into()),
+            cache: CacheConfig {
+                dir: Some("/var/cache/trunkfarm-agent".into()),
+                ..CacheConfig::default()
+            },
             ..defaults_from_file()
         };
         assert_eq!(c, expected);
@@ -355,6 +444,9 @@ mod tests {
             "work_dir",
             "drain_grace",
             "reconnect_max_backoff",
+            "dir",
+            "size",
+            "max_unpacked_size",
         ] {
             assert!(
                 text.lines().any(|l| l.starts_with(&format!("{key} = "))),
@@ -392,6 +484,46 @@ reconnect_max_backoff = "5m"
         );
         assert_eq!(c.drain_grace, Duration::ZERO);
         assert_eq!(c.reconnect_max_backoff, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn cache_table() {
+        let c = parse(
+            "[cache]\ndir = \"artifacts\"\nsize = \"2 GiB\"\nmax_unpacked_size = \"3 GiB\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.cache,
+            CacheConfig {
+                dir: Some("/home/donor/.local/state/trunkfarm/artifacts".into()),
+                size: 2 << 30,
+                max_unpacked_size: 3 << 30,
+            }
+        );
+        assert_eq!(
+            c.cache.dir_or_default(Path::new("/s")),
+            Path::new("/home/donor/.local/state/trunkfarm/artifacts")
+        );
+        assert_eq!(
+            err("[cache]\nsise = \"1 GiB\"\n"),
+            "/home/donor/.local/state/trunkfarm/agent.toml:2: unknown key `cache.sise`, expected one of `dir`, `size`, `max_unpacked_size`"
+        );
+        assert_eq!(
+            err("[cache]\nsize = \"1 MiB\"\n"),
+            "/home/donor/.local/state/trunkfarm/agent.toml:2: invalid `cache.size`: 1.0 MiB is too small; expected at least 64.0 MiB so a runtime artifact fits, e.g. \"10 GiB\""
+        );
+        assert_eq!(
+            err("[cache]\nmax_unpacked_size = 1000\n"),
+            "/home/donor/.local/state/trunkfarm/agent.toml:2: invalid `cache.max_unpacked_size`: 1000 B is too small; expected at least 1.0 MiB, e.g. \"16 GiB\""
+        );
+        assert_eq!(
+            err("[cache]\ndir = \"~/c\"\n"),
+            "/home/donor/.local/state/trunkfarm/agent.toml:2: invalid `cache.dir`: ~/c starts with `~`, which is not expanded here; write the full path"
+        );
+        assert_eq!(
+            err("[cache]\nsize = \"lots\"\n"),
+            "/home/donor/.local/state/trunkfarm/agent.toml:2: invalid value for `cache.size`: \"lots\" is not a byte size; expected a size such as \"4 MiB\", \"512 KiB\" or a whole number of bytes (units: B, KiB, MiB, GiB, or KB, MB, GB for powers of 1000)"
+        );
     }
 
     #[test]
@@ -459,7 +591,7 @@ reconnect_max_backoff = "5m"
         assert_eq!(e.line(), Some(2));
         assert_eq!(
             e.to_string(),
-            "/home/donor/.local/state/trunkfarm/agent.toml:2: unknown key `max_paralel_jobs`, expected one of `name`, `labels`, `max_parallel_jobs`, `allowed_projects`, `max_job_timeout`, `output_cap`, `work_dir`, `drain_grace`, `reconnect_max_backoff`"
+            "/home/donor/.local/state/trunkfarm/agent.toml:2: unknown key `max_paralel_jobs`, expected one of `name`, `labels`, `max_parallel_jobs`, `allowed_projects`, `max_job_timeout`, `output_cap`, `work_dir`, `drain_grace`, `reconnect_max_backoff`, `cache`"
         );
         // `source` is not a setting.
         assert!(err("source = \"x\"\n").contains("unknown key `source`"));
@@ -470,7 +602,7 @@ reconnect_max_backoff = "5m"
         // The settings are flat: a table or dotted key is named in full.
         assert_eq!(
             err("[limits]\noutput_cap = \"1 MiB\"\n"),
-            "/home/donor/.local/state/trunkfarm/agent.toml:1: unknown key `limits`, expected one of `name`, `labels`, `max_parallel_jobs`, `allowed_projects`, `max_job_timeout`, `output_cap`, `work_dir`, `drain_grace`, `reconnect_max_backoff`"
+            "/home/donor/.local/state/trunkfarm/agent.toml:1: unknown key `limits`, expected one of `name`, `labels`, `max_parallel_jobs`, `allowed_projects`, `max_job_timeout`, `output_cap`, `work_dir`, `drain_grace`, `reconnect_max_backoff`, `cache`"
         );
         assert_eq!(
             err("name = \"a\"\nlabels.gpu = true\n"),

@@ -10,24 +10,45 @@
 //! memory or bandwidth. Whatever happens, the work directory is removed
 //! afterwards and the result comes back as an [`ExecOutcome`] value: nothing
 //! here panics or returns early on a job's input.
+//!
+//! Runtime artifacts: a job with `artifact_sha256` gets that runtime (from
+//! the [`ArtifactCache`], downloaded if needed) unpacked into
+//! `<workdir>/runtime` before its commands, exported as
+//! `TRUNKFARM_RUNTIME_PREFIX` with its `bin/` first on `PATH`. A job with
+//! `upload_prefix` gets `<workdir>/<upload_prefix>` exported as `PREFIX`;
+//! once every command passed, that directory is packed and uploaded and the
+//! result names its hash. Fetching, unpacking, packing and uploading are part
+//! of the job: the timeout and a cancel stop them too, and their failures are
+//! infrastructure errors. `report_paths` are read after the commands ran to
+//! a pass or a failure (not after a timeout, a cancel or an error, whose
+//! reports would be partial or missing anyway).
 
 use std::collections::VecDeque;
 use std::ffi::OsStr;
 use std::io;
-use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use sha2::{Digest as _, Sha256};
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::Command;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use trunkfarm_proto::v1::{JobRef, JobSpec, LogStream, Outcome, Repository};
+use trunkfarm_proto::settings::fmt_bytes;
+use trunkfarm_proto::v1::{JobRef, JobSpec, LogStream, Outcome, ReportFile, Repository};
 
+use crate::cache::{self, ArtifactCache, Lease, Source};
+use crate::fsutil::{remove_tree, remove_tree_async};
 use crate::output::{MAX_CHUNK, OutputCap};
+use crate::pack;
+use crate::reports;
+use crate::transfer::ArtifactHub;
+use crate::unpack::{self, UnpackLimits, UnpackStats};
 
 /// The shell every command runs in. An absolute path, so that a job setting
 /// its own `PATH` cannot make the agent fail to start the shell.
@@ -57,6 +78,36 @@ const DETAIL_COMMAND_MAX: usize = 200;
 /// A log chunk as the agent's session forwards it to the hub.
 type LogItem = (LogStream, Vec<u8>);
 
+/// Where a job's runtime artifact is unpacked, under its work directory.
+const RUNTIME_DIR: &str = "runtime";
+
+/// Where a build's packed artifact is written, under its work directory
+/// (created only when packing, after the job's processes are gone).
+const PACK_DIR: &str = ".trunkfarm-pack";
+
+/// `PATH` for a job's commands when neither the job nor the agent has one.
+const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+
+/// What jobs need beyond their spec to use and publish runtime artifacts.
+#[derive(Clone)]
+pub(crate) struct Artifacts {
+    /// Downloaded runtimes.
+    pub cache: ArtifactCache,
+    /// The hub's artifact store.
+    pub hub: Arc<dyn ArtifactHub>,
+    /// The most one runtime may take unpacked (`[cache] max_unpacked_size`).
+    pub max_unpacked_bytes: u64,
+}
+
+impl std::fmt::Debug for Artifacts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Artifacts")
+            .field("cache", &self.cache.dir())
+            .field("max_unpacked_bytes", &self.max_unpacked_bytes)
+            .finish_non_exhaustive()
+    }
+}
+
 /// The limits the donor and the job together put on one run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct JobLimits {
@@ -83,6 +134,10 @@ pub(crate) struct ExecOutcome {
     pub started_at_ms: u64,
     /// Log bytes cut from the middle to stay under the output cap.
     pub log_bytes_cut: u64,
+    /// SHA-256 (lowercase hex) of the artifact the job uploaded; empty if none.
+    pub artifact_sha256: String,
+    /// The job's report files, as read after its commands.
+    pub reports: Vec<ReportFile>,
 }
 
 /// Runs `spec` in a fresh directory under `work_root`, streaming capped output
@@ -93,7 +148,8 @@ pub(crate) struct ExecOutcome {
 /// draining, since a full channel eventually pauses the job's output (the
 /// timeout and `cancel` still work). If the receiver is dropped, the job keeps
 /// running and its output is discarded. Firing `cancel` kills the job and
-/// ends it as [`Outcome::Cancelled`].
+/// ends it as [`Outcome::Cancelled`]. `artifacts` provides the runtime a job
+/// names and takes the one it builds.
 pub(crate) async fn run_job(
     job: &JobRef,
     spec: &JobSpec,
@@ -101,6 +157,7 @@ pub(crate) async fn run_job(
     limits: JobLimits,
     log: mpsc::Sender<LogItem>,
     cancel: CancellationToken,
+    artifacts: &Artifacts,
 ) -> ExecOutcome {
     let started = Instant::now();
     let run_started_ms = unix_ms();
@@ -117,6 +174,8 @@ pub(crate) async fn run_job(
         deadline,
         timeout: limits.timeout,
         first_command_ms: None,
+        artifact_sha256: String::new(),
+        reports: Vec::new(),
     };
 
     let (finish, duration) = if let Some(stop) = run.stop_requested() {
@@ -126,7 +185,7 @@ pub(crate) async fn run_job(
         match WorkDir::create(work_root, &name).await {
             Err(detail) => (Finish::error(detail), started.elapsed()),
             Ok(workdir) => {
-                let finish = run.run_in(job, spec, workdir.path()).await;
+                let finish = run.run_in(job, spec, workdir.path(), artifacts).await;
                 let duration = started.elapsed();
                 let path = workdir.path().to_path_buf();
                 if let Err(e) = workdir.remove().await {
@@ -153,6 +212,8 @@ pub(crate) async fn run_job(
         duration,
         started_at_ms: run.first_command_ms.unwrap_or(run_started_ms),
         log_bytes_cut,
+        artifact_sha256: std::mem::take(&mut run.artifact_sha256),
+        reports: std::mem::take(&mut run.reports),
     }
 }
 
@@ -256,6 +317,10 @@ struct Run {
     timeout: Duration,
     /// Unix time in ms the first command was started.
     first_command_ms: Option<u64>,
+    /// The hash of the artifact the job uploaded.
+    artifact_sha256: String,
+    /// The job's reports.
+    reports: Vec<ReportFile>,
 }
 
 impl Run {
@@ -271,8 +336,30 @@ impl Run {
         }
     }
 
-    /// Checks out the repository (if any) and runs the commands in `workdir`.
-    async fn run_in(&mut self, job: &JobRef, spec: &JobSpec, workdir: &Path) -> Finish {
+    /// Checks out the repository (if any), installs the runtime (if any),
+    /// runs the commands in `workdir`, then reads the reports and publishes
+    /// the build (if any).
+    async fn run_in(
+        &mut self,
+        job: &JobRef,
+        spec: &JobSpec,
+        workdir: &Path,
+        artifacts: &Artifacts,
+    ) -> Finish {
+        let prefix = match spec.upload_prefix.as_str() {
+            "" => None,
+            given => match check_upload_prefix(given) {
+                Ok(rel) => Some(workdir.join(rel)),
+                Err(detail) => return Finish::error(detail),
+            },
+        };
+        let runtime_sha = match spec.artifact_sha256.as_str() {
+            "" => None,
+            given => match cache::parse_sha256(given) {
+                Ok(sha) => Some(sha),
+                Err(detail) => return Finish::error(format!("invalid artifact_sha256: {detail}")),
+            },
+        };
         let mut command_dir = workdir.to_path_buf();
         if let Some(repo) = spec.repository.as_ref().filter(|r| !r.url.is_empty()) {
             let src = workdir.join("src");
@@ -285,6 +372,69 @@ impl Run {
             return Finish::error(detail);
         }
 
+        // The agent's variables win over the job's, like TRUNKFARM_JOB_ID.
+        let mut env: Vec<(&str, std::ffi::OsString)> = Vec::new();
+        if let Some(sha) = &runtime_sha {
+            let runtime = workdir.join(RUNTIME_DIR);
+            if let Err(finish) = self.install_runtime(sha, &runtime, artifacts).await {
+                return finish;
+            }
+            let base_path = spec
+                .env
+                .get("PATH")
+                .map(std::ffi::OsString::from)
+                .or_else(|| std::env::var_os("PATH"))
+                .unwrap_or_else(|| DEFAULT_PATH.into());
+            let mut path = runtime.join("bin").into_os_string();
+            if !base_path.is_empty() {
+                path.push(":");
+                path.push(&base_path);
+            }
+            env.push(("PATH", path));
+            env.push(("TRUNKFARM_RUNTIME_PREFIX", runtime.into_os_string()));
+        }
+        if let Some(prefix) = &prefix {
+            if let Err(e) = tokio::fs::create_dir_all(prefix).await {
+                return Finish::error(format!(
+                    "cannot create the build's prefix {}: {e}",
+                    prefix.display()
+                ));
+            }
+            env.push(("PREFIX", prefix.clone().into_os_string()));
+        }
+
+        let finish = self
+            .run_commands(job, spec, workdir, &command_dir, &env)
+            .await;
+        if matches!(finish.outcome, Outcome::Passed | Outcome::Failed)
+            && !spec.report_paths.is_empty()
+        {
+            self.collect_reports(&command_dir, &spec.report_paths).await;
+        }
+        match (&prefix, finish.outcome) {
+            (Some(prefix), Outcome::Passed) => {
+                match self
+                    .publish(job, prefix, workdir, finish.exit_code, artifacts)
+                    .await
+                {
+                    Ok(()) => finish,
+                    Err(finish) => finish,
+                }
+            }
+            _ => finish,
+        }
+    }
+
+    /// Runs the job's commands, one after another, stopping at the first
+    /// that fails; `env` is added to each command's environment last.
+    async fn run_commands(
+        &mut self,
+        job: &JobRef,
+        spec: &JobSpec,
+        workdir: &Path,
+        command_dir: &Path,
+        env: &[(&str, std::ffi::OsString)],
+    ) -> Finish {
         let total = spec.commands.len();
         let mut last_code = None;
         for (index, command) in spec.commands.iter().enumerate() {
@@ -296,12 +446,13 @@ impl Run {
             let mut cmd = Command::new(SHELL);
             cmd.arg("-c")
                 .arg(command)
-                .current_dir(&command_dir)
+                .current_dir(command_dir)
                 .env("GIT_TERMINAL_PROMPT", "0")
                 .envs(&spec.env)
                 .env("TRUNKFARM_JOB_ID", job.job_id.to_string())
                 .env("TRUNKFARM_ATTEMPT", job.attempt.to_string())
-                .env("TRUNKFARM_WORK_DIR", workdir);
+                .env("TRUNKFARM_WORK_DIR", workdir)
+                .envs(env.iter().map(|(k, v)| (*k, v)));
             self.first_command_ms.get_or_insert_with(unix_ms);
             let end = match self
                 .run_process(cmd, LogStream::Stdout, LogStream::Stderr)
@@ -367,6 +518,181 @@ impl Run {
             }
         }
         Finish::passed(last_code)
+    }
+
+    /// Gets the runtime `sha` (cached or downloaded) and unpacks it into
+    /// `dir`. Any failure is an infrastructure error.
+    async fn install_runtime(
+        &mut self,
+        sha: &str,
+        dir: &Path,
+        artifacts: &Artifacts,
+    ) -> Result<(), Finish> {
+        let sha12 = cache::short(sha).to_owned();
+        let lease = self
+            .until_stopped(artifacts.cache.get(sha, &*artifacts.hub))
+            .await?
+            .map_err(|e| Finish::error(format!("cannot get the runtime {sha12}: {e}")))?;
+        match lease.source() {
+            Source::Cached => self
+                .sink
+                .system(&format!("[trunkfarm: runtime {sha12}: cached]\n")),
+            Source::Downloaded { bytes, .. } => self.sink.system(&format!(
+                "[trunkfarm: runtime {sha12}: downloaded {}]\n",
+                fmt_bytes(bytes)
+            )),
+        }
+        let limits = UnpackLimits {
+            max_bytes: artifacts.max_unpacked_bytes,
+            max_entries: unpack::MAX_ENTRIES,
+        };
+        let dest = dir.to_path_buf();
+        let stats = self
+            .blocking(move |cancel| unpack_cached(lease, &dest, &limits, &cancel))
+            .await?
+            .map_err(Finish::error)?;
+        self.sink.system(&format!(
+            "[trunkfarm: runtime {sha12} unpacked into {}: {} files, {}]\n",
+            dir.display(),
+            stats.files + stats.hard_links,
+            fmt_bytes(stats.bytes)
+        ));
+        Ok(())
+    }
+
+    /// Reads the job's report files (relative to `base`, the checkout) into
+    /// the result, noting in the log those that could not be read.
+    async fn collect_reports(&mut self, base: &Path, paths: &[String]) {
+        let base = base.to_path_buf();
+        let paths_owned = paths.to_vec();
+        let reports = tokio::task::spawn_blocking(move || reports::collect(&base, &paths_owned))
+            .await
+            .unwrap_or_default();
+        if paths.len() > reports::MAX_REPORT_FILES {
+            self.sink.system(&format!(
+                "[trunkfarm: only the first {} report paths are read]\n",
+                reports::MAX_REPORT_FILES
+            ));
+        }
+        for report in &reports {
+            if !report.error.is_empty() {
+                self.sink.system(&format!(
+                    "[trunkfarm: report {}: {}]\n",
+                    report.path, report.error
+                ));
+            } else if report.truncated {
+                self.sink.system(&format!(
+                    "[trunkfarm: report {}: cut to its first {}]\n",
+                    report.path,
+                    fmt_bytes(report.data.len() as u64)
+                ));
+            }
+        }
+        self.reports = reports;
+    }
+
+    /// Packs the build's `prefix` and uploads it. An empty prefix is the
+    /// build's failure; packing and upload failures are infrastructure
+    /// errors (the hub retries the build elsewhere).
+    async fn publish(
+        &mut self,
+        job: &JobRef,
+        prefix: &Path,
+        workdir: &Path,
+        exit_code: Option<i32>,
+        artifacts: &Artifacts,
+    ) -> Result<(), Finish> {
+        let out_dir = workdir.join(PACK_DIR);
+        tokio::fs::create_dir(&out_dir).await.map_err(|e| {
+            Finish::error(format!(
+                "cannot create {} to pack the build: {e}",
+                out_dir.display()
+            ))
+        })?;
+        let src = prefix.to_path_buf();
+        let out = out_dir.join("artifact.tar.zst");
+        let packed = self
+            .blocking(move |cancel| pack::pack(&src, &out, &cancel))
+            .await?
+            .map_err(|e| match e {
+                pack::PackError::NotADirectory(_) => Finish::failed(
+                    exit_code,
+                    format!("the build commands passed but $PREFIX is gone: {e}"),
+                ),
+                e => Finish::error(format!("cannot pack $PREFIX: {e}")),
+            })?;
+        for skipped in &packed.skipped {
+            self.sink.system(&format!(
+                "[trunkfarm: not packed (not a file, directory or symlink): {}]\n",
+                skipped.display()
+            ));
+        }
+        if packed.files + packed.symlinks == 0 {
+            return Err(Finish::failed(
+                exit_code,
+                "the build commands passed but installed nothing into $PREFIX".to_owned(),
+            ));
+        }
+        let sha12 = cache::short(&packed.sha256).to_owned();
+        self.sink.system(&format!(
+            "[trunkfarm: packed $PREFIX: {} files, {} symlinks, {} compressed, sha256 {sha12}]\n",
+            packed.files,
+            packed.symlinks,
+            fmt_bytes(packed.size_bytes)
+        ));
+        let response = self
+            .until_stopped(pack::upload(&*artifacts.hub, *job, &packed))
+            .await?
+            .map_err(|e| Finish::error(e.to_string()))?;
+        self.sink.system(&format!(
+            "[trunkfarm: uploaded runtime {sha12} ({}){}]\n",
+            fmt_bytes(packed.size_bytes),
+            if response.already_present {
+                "; the hub already had it"
+            } else {
+                ""
+            }
+        ));
+        self.artifact_sha256 = packed.sha256;
+        Ok(())
+    }
+
+    /// Runs `work` unless the job is stopped first (timeout or cancel), in
+    /// which case `work` is dropped and the stop is returned.
+    async fn until_stopped<F: std::future::Future>(&self, work: F) -> Result<F::Output, Finish> {
+        if let Some(stop) = self.stop_requested() {
+            return Err(Finish::stopped(stop, self.timeout));
+        }
+        tokio::select! {
+            biased;
+            () = self.cancel.cancelled() => Err(Finish::stopped(Stop::Cancelled, self.timeout)),
+            () = sleep_until(self.deadline) => Err(Finish::stopped(Stop::TimedOut, self.timeout)),
+            out = work => Ok(out),
+        }
+    }
+
+    /// Runs blocking `work` on the blocking pool. If the job is stopped
+    /// meanwhile, the flag handed to `work` is set and the work is waited for
+    /// (it must check the flag and give up), so nothing still writes into the
+    /// work directory when it is removed.
+    async fn blocking<T, F>(&self, work: F) -> Result<T, Finish>
+    where
+        T: Send + 'static,
+        F: FnOnce(Arc<AtomicBool>) -> T + Send + 'static,
+    {
+        let flag = Arc::new(AtomicBool::new(false));
+        let task_flag = flag.clone();
+        let mut task = tokio::task::spawn_blocking(move || work(task_flag));
+        match self.until_stopped(&mut task).await {
+            Ok(joined) => {
+                joined.map_err(|e| Finish::error(format!("the agent's worker thread failed: {e}")))
+            }
+            Err(stopped) => {
+                flag.store(true, Ordering::Relaxed);
+                let _ = task.await;
+                Err(stopped)
+            }
+        }
     }
 
     /// Checks `repo` out into `src` (detached at the wanted revision) with
@@ -842,58 +1168,99 @@ impl Drop for WorkDir {
     }
 }
 
-/// [`remove_tree`] on the blocking pool (a big tree takes a while).
-async fn remove_tree_async(path: PathBuf) -> io::Result<()> {
-    tokio::task::spawn_blocking(move || remove_tree(&path))
-        .await
-        .map_err(io::Error::other)?
-}
-
-/// Removes `path` whatever it is (directory tree, file, symlink; absent is
-/// fine). Build tools leave read-only directories behind (Go's module cache),
-/// which `remove_dir_all` cannot empty, so on failure the tree is made
-/// writable and removal is tried once more.
-fn remove_tree(path: &Path) -> io::Result<()> {
-    let meta = match std::fs::symlink_metadata(path) {
-        Ok(meta) => meta,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(e),
+/// Checks a job's `upload_prefix`: relative, normal components only, and
+/// clear of the directories the agent itself uses (`src`, `runtime`,
+/// `.trunkfarm*`). `Err` is the detail of an infrastructure error.
+pub(crate) fn check_upload_prefix(given: &str) -> Result<PathBuf, String> {
+    let invalid = |why: &str| {
+        Err(format!(
+            "invalid upload_prefix {given:?}: {why}; expected a relative path such as \"install\""
+        ))
     };
-    if !meta.is_dir() {
-        return std::fs::remove_file(path);
+    if given.contains('\0') {
+        return invalid("it contains a NUL byte");
     }
-    match std::fs::remove_dir_all(path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(first) => {
-            make_writable(path);
-            match std::fs::remove_dir_all(path) {
-                Ok(()) => Ok(()),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-                Err(_) => Err(first),
-            }
+    let mut rel = PathBuf::new();
+    for component in Path::new(given).components() {
+        match component {
+            std::path::Component::Normal(name) => rel.push(name),
+            std::path::Component::CurDir => {}
+            _ => return invalid("it must be relative, without `..`"),
         }
     }
+    let Some(first) = rel.components().next() else {
+        return invalid("it names the job's directory itself");
+    };
+    let first = first.as_os_str();
+    if first == "src" || first == RUNTIME_DIR {
+        return invalid(&format!(
+            "{:?} is where the agent puts the checkout or the runtime",
+            first
+        ));
+    }
+    if first.as_encoded_bytes().starts_with(b".trunkfarm") {
+        return invalid("names starting with .trunkfarm are the agent's own");
+    }
+    Ok(rel)
 }
 
-/// Gives the owner full access to every directory under `root` (not following
-/// symlinks), best effort.
-fn make_writable(root: &Path) {
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        if let Ok(meta) = std::fs::symlink_metadata(&dir) {
-            let mut perms = meta.permissions();
-            perms.set_mode(perms.mode() | 0o700);
-            let _ = std::fs::set_permissions(&dir, perms);
-        }
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            if entry.file_type().is_ok_and(|t| t.is_dir()) {
-                stack.push(entry.path());
-            }
-        }
+/// Unpacks the leased runtime into `dest`, hashing the file as it is read:
+/// a cached copy that no longer matches its hash (disk corruption) is
+/// removed from the cache and the job fails with an infrastructure error.
+/// `Err` is the job's detail.
+fn unpack_cached(
+    lease: Lease,
+    dest: &Path,
+    limits: &UnpackLimits,
+    cancel: &AtomicBool,
+) -> Result<UnpackStats, String> {
+    let sha12 = cache::short(lease.sha256()).to_owned();
+    let file = std::fs::File::open(lease.path()).map_err(|e| {
+        format!(
+            "cannot open the cached runtime {}: {e}",
+            lease.path().display()
+        )
+    })?;
+    let mut reader = HashingReader {
+        inner: file,
+        hasher: Sha256::new(),
+    };
+    let result = unpack::unpack(&mut reader, dest, limits, cancel);
+    if matches!(result, Err(unpack::UnpackError::Cancelled)) {
+        return Err("cancelled".to_owned());
+    }
+    // The decompressor may stop before the end of the file: hash the rest.
+    if let Err(e) = io::copy(&mut reader, &mut io::sink()) {
+        return Err(format!("cannot read the cached runtime {sha12}: {e}"));
+    }
+    let got = hex::encode(reader.hasher.finalize());
+    if got != lease.sha256() {
+        let _ = remove_tree(dest);
+        tracing::warn!(
+            "the cached artifact {sha12} is corrupt on disk (its SHA-256 is now {got}); deleting it"
+        );
+        lease.discard();
+        return Err(format!(
+            "the cached copy of runtime {sha12} is corrupt on disk; it was deleted and will be \
+             downloaded again when the job is retried"
+        ));
+    }
+    result.map_err(|e| format!("cannot unpack the runtime {sha12}: {e}"))
+}
+
+/// A reader that hashes (SHA-256) everything read through it.
+struct HashingReader<R> {
+    /// The file.
+    inner: R,
+    /// The hash so far.
+    hasher: Sha256,
+}
+
+impl<R: io::Read> io::Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
     }
 }
 
@@ -996,6 +1363,12 @@ mod tests {
     use super::*;
 
     use std::collections::HashMap;
+    use std::os::unix::fs::PermissionsExt as _;
+    use std::sync::atomic::Ordering::SeqCst;
+
+    use tonic::Status;
+
+    use crate::transfer::fake::FakeHub;
 
     /// The job every test runs as.
     const JOB: JobRef = JobRef {
@@ -1019,12 +1392,22 @@ mod tests {
         }
     }
 
-    /// Runs a job, collecting everything sent to the log.
-    async fn run_with(
+    /// Artifacts backed by `hub`, with a cache in `dir`.
+    fn artifacts(dir: &Path, hub: Arc<FakeHub>) -> Artifacts {
+        Artifacts {
+            cache: ArtifactCache::open(dir.join("cache"), 1 << 30).unwrap(),
+            hub,
+            max_unpacked_bytes: 1 << 30,
+        }
+    }
+
+    /// Runs a job with `artifacts`, collecting everything sent to the log.
+    async fn run_full(
         spec: &JobSpec,
         root: &Path,
         limits: JobLimits,
         cancel: CancellationToken,
+        artifacts: &Artifacts,
     ) -> (ExecOutcome, Vec<LogItem>) {
         let (tx, mut rx) = mpsc::channel(4);
         let collector = tokio::spawn(async move {
@@ -1034,9 +1417,22 @@ mod tests {
             }
             items
         });
-        let outcome = run_job(&JOB, spec, root, limits, tx, cancel).await;
+        let outcome = run_job(&JOB, spec, root, limits, tx, cancel, artifacts).await;
         let log = collector.await.expect("collector");
         (outcome, log)
+    }
+
+    /// Runs a job (with an empty in-memory hub), collecting everything sent
+    /// to the log.
+    async fn run_with(
+        spec: &JobSpec,
+        root: &Path,
+        limits: JobLimits,
+        cancel: CancellationToken,
+    ) -> (ExecOutcome, Vec<LogItem>) {
+        let cache = tempfile::tempdir().unwrap();
+        let artifacts = artifacts(cache.path(), Arc::new(FakeHub::default()));
+        run_full(spec, root, limits, cancel, &artifacts).await
     }
 
     /// Runs a job without timeout, cap or cancel.
@@ -1453,6 +1849,7 @@ mod tests {
         let mut spec = spec(&["head -c 500000 /dev/zero", r#"touch "$MARKER""#]);
         spec.env
             .insert("MARKER".to_owned(), marker.display().to_string());
+        let cache = tempfile::tempdir().unwrap();
         let out = run_job(
             &JOB,
             &spec,
@@ -1460,6 +1857,7 @@ mod tests {
             limits(Duration::from_secs(30)),
             tx,
             CancellationToken::new(),
+            &artifacts(cache.path(), Arc::new(FakeHub::default())),
         )
         .await;
         assert_eq!(out.outcome, Outcome::Passed);
@@ -1693,5 +2091,466 @@ mod tests {
         let g = ProcessGroup::of(Some(12345));
         assert_eq!(g.pgid, Some(12345));
         std::mem::forget(g);
+    }
+
+    /// A packed runtime whose `bin/rt` prints "runtime-ok", and its hash.
+    fn runtime_archive() -> Vec<u8> {
+        let tmp = tempfile::tempdir().unwrap();
+        let tree = tmp.path().join("tree");
+        std::fs::create_dir_all(tree.join("bin")).unwrap();
+        std::fs::write(tree.join("bin/rt"), "#!/bin/sh\necho runtime-ok\n").unwrap();
+        std::fs::set_permissions(tree.join("bin/rt"), std::fs::Permissions::from_mode(0o755))
+            .unwrap();
+        let out = tmp.path().join("rt.tar.zst");
+        pack::pack(&tree, &out, &AtomicBool::new(false)).unwrap();
+        std::fs::read(out).unwrap()
+    }
+
+    /// A runtime job: no repository, `artifact_sha256` set.
+    fn runtime_spec(sha: &str, commands: &[&str]) -> JobSpec {
+        JobSpec {
+            artifact_sha256: sha.to_owned(),
+            ..spec(commands)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_build_uploads_its_prefix_and_a_test_job_runs_against_it() {
+        let root = tempfile::tempdir().unwrap();
+        let side = tempfile::tempdir().unwrap();
+        let hub = Arc::new(FakeHub::default());
+        let arts = artifacts(side.path(), hub.clone());
+        let build = JobSpec {
+            upload_prefix: "install".into(),
+            ..spec(&[
+                r#"echo "$PREFIX""#,
+                r#"mkdir -p "$PREFIX/bin" && printf '#!/bin/sh\necho built-ok\n' > "$PREFIX/bin/tool" && chmod 755 "$PREFIX/bin/tool""#,
+                r#"ln -s tool "$PREFIX/bin/tool-link""#,
+            ])
+        };
+        let (out, log) = run_full(
+            &build,
+            root.path(),
+            limits(Duration::from_secs(60)),
+            CancellationToken::new(),
+            &arts,
+        )
+        .await;
+        assert_eq!(out.outcome, Outcome::Passed, "{out:?} {}", all_text(&log));
+        let dir = std::path::absolute(job_dir(root.path())).unwrap();
+        assert_eq!(
+            stream_text(&log, LogStream::Stdout),
+            format!("{}\n", dir.join("install").display())
+        );
+        assert_eq!(out.artifact_sha256.len(), 64);
+        let stored = hub.lock().get(&out.artifact_sha256).cloned().unwrap();
+        assert_eq!(hex::encode(Sha256::digest(&stored)), out.artifact_sha256);
+        let system = stream_text(&log, LogStream::System);
+        let sha12 = &out.artifact_sha256[..12];
+        assert!(
+            system.contains("[trunkfarm: packed $PREFIX: 1 files, 1 symlinks, ")
+                && system.contains(&format!(", sha256 {sha12}]\n")),
+            "{system}"
+        );
+        assert!(
+            system.contains(&format!("[trunkfarm: uploaded runtime {sha12} (")),
+            "{system}"
+        );
+        assert!(!job_dir(root.path()).exists());
+
+        // The test job gets the build as its runtime.
+        let mut test = runtime_spec(
+            &out.artifact_sha256,
+            &[
+                r#"test "$TRUNKFARM_RUNTIME_PREFIX" = "$TRUNKFARM_WORK_DIR/runtime""#,
+                "tool",
+                "tool-link",
+                r#"echo "$PATH""#,
+            ],
+        );
+        test.env
+            .insert("PATH".to_owned(), "/custom/bin:/usr/bin:/bin".to_owned());
+        let (out2, log) = run_full(
+            &test,
+            root.path(),
+            limits(Duration::from_secs(60)),
+            CancellationToken::new(),
+            &arts,
+        )
+        .await;
+        assert_eq!(out2.outcome, Outcome::Passed, "{out2:?} {}", all_text(&log));
+        assert_eq!(
+            stream_text(&log, LogStream::Stdout),
+            format!(
+                "built-ok\nbuilt-ok\n{}:/custom/bin:/usr/bin:/bin\n",
+                dir.join("runtime/bin").display()
+            )
+        );
+        let system = stream_text(&log, LogStream::System);
+        assert!(
+            system.starts_with(&format!("[trunkfarm: runtime {sha12}: downloaded ")),
+            "{system}"
+        );
+        assert!(out2.artifact_sha256.is_empty());
+
+        // A second job finds it in the cache.
+        let (out3, log) = run_full(
+            &runtime_spec(&out.artifact_sha256, &["tool"]),
+            root.path(),
+            limits(Duration::from_secs(60)),
+            CancellationToken::new(),
+            &arts,
+        )
+        .await;
+        assert_eq!(out3.outcome, Outcome::Passed, "{out3:?}");
+        assert!(
+            stream_text(&log, LogStream::System)
+                .starts_with(&format!("[trunkfarm: runtime {sha12}: cached]\n")),
+            "{}",
+            all_text(&log)
+        );
+        assert_eq!(hub.downloads.load(SeqCst), 1);
+        assert_eq!(hub.uploads.load(SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn runtime_path_goes_before_the_agents_path() {
+        let root = tempfile::tempdir().unwrap();
+        let side = tempfile::tempdir().unwrap();
+        let hub = Arc::new(FakeHub::default());
+        let sha = hub.add(runtime_archive());
+        let arts = artifacts(side.path(), hub);
+        let (out, log) = run_full(
+            &runtime_spec(&sha, &["rt", r#"echo "$PATH""#]),
+            root.path(),
+            limits(Duration::from_secs(60)),
+            CancellationToken::new(),
+            &arts,
+        )
+        .await;
+        assert_eq!(out.outcome, Outcome::Passed, "{out:?} {}", all_text(&log));
+        let dir = std::path::absolute(job_dir(root.path())).unwrap();
+        let agent_path = std::env::var("PATH").unwrap_or_else(|_| DEFAULT_PATH.to_owned());
+        assert_eq!(
+            stream_text(&log, LogStream::Stdout),
+            format!(
+                "runtime-ok\n{}:{agent_path}\n",
+                dir.join("runtime/bin").display()
+            )
+        );
+        assert!(
+            stream_text(&log, LogStream::System).contains(&format!(
+                "[trunkfarm: runtime {} unpacked into {}: 1 files, ",
+                &sha[..12],
+                dir.join("runtime").display()
+            )),
+            "{}",
+            all_text(&log)
+        );
+    }
+
+    #[tokio::test]
+    async fn an_empty_prefix_fails_the_build() {
+        let root = tempfile::tempdir().unwrap();
+        let side = tempfile::tempdir().unwrap();
+        let hub = Arc::new(FakeHub::default());
+        let arts = artifacts(side.path(), hub.clone());
+        let build = JobSpec {
+            upload_prefix: "out/usr".into(),
+            ..spec(&[r#"test -d "$PREFIX" && mkdir "$PREFIX/empty-dir""#])
+        };
+        let (out, _) = run_full(
+            &build,
+            root.path(),
+            limits(Duration::ZERO),
+            CancellationToken::new(),
+            &arts,
+        )
+        .await;
+        assert_eq!(out.outcome, Outcome::Failed);
+        assert_eq!(
+            out.detail,
+            "the build commands passed but installed nothing into $PREFIX"
+        );
+        assert_eq!(out.exit_code, Some(0));
+        assert!(out.artifact_sha256.is_empty());
+        assert_eq!(hub.uploads.load(SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn a_failed_build_uploads_nothing() {
+        let root = tempfile::tempdir().unwrap();
+        let side = tempfile::tempdir().unwrap();
+        let hub = Arc::new(FakeHub::default());
+        let arts = artifacts(side.path(), hub.clone());
+        let build = JobSpec {
+            upload_prefix: "install".into(),
+            ..spec(&[r#"touch "$PREFIX/f"; exit 2"#])
+        };
+        let (out, _) = run_full(
+            &build,
+            root.path(),
+            limits(Duration::ZERO),
+            CancellationToken::new(),
+            &arts,
+        )
+        .await;
+        assert_eq!(out.outcome, Outcome::Failed);
+        assert_eq!(hub.uploads.load(SeqCst), 0);
+        assert!(out.artifact_sha256.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_refused_upload_is_an_infrastructure_error() {
+        let root = tempfile::tempdir().unwrap();
+        let side = tempfile::tempdir().unwrap();
+        let hub = Arc::new(FakeHub::default());
+        *hub.refuse_uploads.lock().unwrap() = Some(Status::resource_exhausted(
+            "artifact too large: limit 4 GiB",
+        ));
+        let arts = artifacts(side.path(), hub);
+        let build = JobSpec {
+            upload_prefix: "install".into(),
+            ..spec(&[r#"echo x > "$PREFIX/f""#])
+        };
+        let (out, log) = run_full(
+            &build,
+            root.path(),
+            limits(Duration::ZERO),
+            CancellationToken::new(),
+            &arts,
+        )
+        .await;
+        assert_eq!(out.outcome, Outcome::Error);
+        assert!(
+            out.detail.contains("it is larger than the hub accepts"),
+            "{}",
+            out.detail
+        );
+        assert!(out.artifact_sha256.is_empty());
+        assert!(all_text(&log).ends_with(&format!("[trunkfarm: {}]\n", out.detail)));
+    }
+
+    #[tokio::test]
+    async fn bad_upload_prefixes_are_errors() {
+        let root = tempfile::tempdir().unwrap();
+        for bad in [
+            "../up",
+            "/abs",
+            "src",
+            "runtime/x",
+            ".",
+            "./src/x",
+            ".trunkfarm-pack",
+        ] {
+            let build = JobSpec {
+                upload_prefix: bad.into(),
+                ..spec(&["touch ran"])
+            };
+            let (out, _) = run(&build, root.path()).await;
+            assert_eq!(out.outcome, Outcome::Error, "{bad}");
+            assert!(
+                out.detail
+                    .starts_with(&format!("invalid upload_prefix {bad:?}: ")),
+                "{}",
+                out.detail
+            );
+        }
+        assert_eq!(
+            check_upload_prefix("./out//usr/").unwrap(),
+            Path::new("out/usr")
+        );
+    }
+
+    #[tokio::test]
+    async fn runtime_failures_are_infrastructure_errors() {
+        let root = tempfile::tempdir().unwrap();
+        let side = tempfile::tempdir().unwrap();
+        let hub = Arc::new(FakeHub::default());
+        let arts = artifacts(side.path(), hub.clone());
+        let run_rt = |spec: JobSpec| {
+            let arts = arts.clone();
+            let root = root.path().to_path_buf();
+            async move {
+                run_full(
+                    &spec,
+                    &root,
+                    limits(Duration::ZERO),
+                    CancellationToken::new(),
+                    &arts,
+                )
+                .await
+            }
+        };
+
+        let (out, _) = run_rt(runtime_spec(&"0".repeat(64), &["touch ran"])).await;
+        assert_eq!(out.outcome, Outcome::Error);
+        assert!(
+            out.detail
+                .starts_with("cannot get the runtime 000000000000: the hub has no artifact"),
+            "{}",
+            out.detail
+        );
+
+        let (out, _) = run_rt(runtime_spec("not-a-hash", &["true"])).await;
+        assert_eq!(out.outcome, Outcome::Error);
+        assert!(
+            out.detail.starts_with("invalid artifact_sha256: "),
+            "{}",
+            out.detail
+        );
+
+        let sha = hub.add(runtime_archive());
+        hub.corrupt_next.store(2, SeqCst);
+        let (out, _) = run_rt(runtime_spec(&sha, &["true"])).await;
+        assert_eq!(out.outcome, Outcome::Error);
+        assert!(
+            out.detail.contains("failed verification twice"),
+            "{}",
+            out.detail
+        );
+
+        // A hostile archive is refused before any command runs.
+        let mut builder = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_size(1);
+        h.as_old_mut().name[..6].copy_from_slice(b"../bad");
+        h.set_cksum();
+        builder.append(&h, &b"x"[..]).unwrap();
+        let hostile = zstd::encode_all(&builder.into_inner().unwrap()[..], 3).unwrap();
+        let sha = hub.add(hostile);
+        let (out, log) = run_rt(runtime_spec(&sha, &["echo never"])).await;
+        assert_eq!(out.outcome, Outcome::Error);
+        assert_eq!(
+            out.detail,
+            format!(
+                "cannot unpack the runtime {}: refused the archive: entry `../bad` has a `..` \
+                 component, which would leave the directory",
+                &sha[..12]
+            )
+        );
+        assert!(!all_text(&log).contains("never"));
+        assert!(!root.path().join("bad").exists());
+    }
+
+    #[tokio::test]
+    async fn a_cached_runtime_corrupt_on_disk_is_dropped() {
+        let root = tempfile::tempdir().unwrap();
+        let side = tempfile::tempdir().unwrap();
+        let hub = Arc::new(FakeHub::default());
+        let sha = hub.add(runtime_archive());
+        let arts = artifacts(side.path(), hub.clone());
+        let spec = runtime_spec(&sha, &["rt"]);
+        let (out, _) = run_full(
+            &spec,
+            root.path(),
+            limits(Duration::ZERO),
+            CancellationToken::new(),
+            &arts,
+        )
+        .await;
+        assert_eq!(out.outcome, Outcome::Passed, "{out:?}");
+        // Flip the last byte of the cached file (the zstd checksum region).
+        let cached = arts.cache.dir().join(format!("{sha}.tar.zst"));
+        let mut bytes = std::fs::read(&cached).unwrap();
+        if let Some(b) = bytes.last_mut() {
+            *b ^= 0x55;
+        }
+        std::fs::write(&cached, bytes).unwrap();
+        let (out, _) = run_full(
+            &spec,
+            root.path(),
+            limits(Duration::ZERO),
+            CancellationToken::new(),
+            &arts,
+        )
+        .await;
+        assert_eq!(out.outcome, Outcome::Error);
+        assert!(out.detail.contains("is corrupt on disk"), "{}", out.detail);
+        assert!(!cached.exists());
+        // The next job downloads it again.
+        let (out, _) = run_full(
+            &spec,
+            root.path(),
+            limits(Duration::ZERO),
+            CancellationToken::new(),
+            &arts,
+        )
+        .await;
+        assert_eq!(out.outcome, Outcome::Passed, "{out:?}");
+        assert_eq!(hub.downloads.load(SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn the_timeout_covers_the_download() {
+        let root = tempfile::tempdir().unwrap();
+        let side = tempfile::tempdir().unwrap();
+        let hub = Arc::new(FakeHub::default());
+        let sha = hub.add(runtime_archive());
+        *hub.delay.lock().unwrap() = Duration::from_secs(30);
+        let arts = artifacts(side.path(), hub);
+        let begun = std::time::Instant::now();
+        let (out, _) = run_full(
+            &runtime_spec(&sha, &["echo never"]),
+            root.path(),
+            limits(Duration::from_secs(1)),
+            CancellationToken::new(),
+            &arts,
+        )
+        .await;
+        assert_eq!(out.outcome, Outcome::TimedOut);
+        assert!(begun.elapsed() < Duration::from_secs(10));
+        assert!(!job_dir(root.path()).exists());
+    }
+
+    #[tokio::test]
+    async fn reports_are_read_after_a_failure() {
+        let root = tempfile::tempdir().unwrap();
+        let mut spec = spec(&["echo '<testsuite/>' > r.xml; exit 1"]);
+        spec.report_paths = vec!["r.xml".into(), "missing.xml".into(), "../x".into()];
+        let (out, log) = run(&spec, root.path()).await;
+        assert_eq!(out.outcome, Outcome::Failed);
+        assert_eq!(out.reports.len(), 3);
+        assert_eq!(out.reports[0].path, "r.xml");
+        assert_eq!(out.reports[0].data, b"<testsuite/>\n");
+        assert_eq!(out.reports[1].error, "not found");
+        assert!(out.reports[2].error.starts_with("refused"));
+        let system = stream_text(&log, LogStream::System);
+        assert!(
+            system.contains("[trunkfarm: report missing.xml: not found]\n"),
+            "{system}"
+        );
+    }
+
+    #[tokio::test]
+    async fn reports_are_relative_to_the_checkout() {
+        let (repo, _) = two_commit_repo();
+        let root = tempfile::tempdir().unwrap();
+        let mut spec = spec(&["true"]);
+        spec.repository = Some(Repository {
+            url: repo.path().display().to_string(),
+            rev: String::new(),
+        });
+        spec.report_paths = vec!["f".into()];
+        let (out, _) = run(&spec, root.path()).await;
+        assert_eq!(out.outcome, Outcome::Passed, "{out:?}");
+        assert_eq!(out.reports[0].data, b"two\n");
+    }
+
+    #[tokio::test]
+    async fn no_reports_after_a_timeout() {
+        let root = tempfile::tempdir().unwrap();
+        let mut spec = spec(&["touch r.xml; sleep 30"]);
+        spec.report_paths = vec!["r.xml".into()];
+        let (out, _) = run_with(
+            &spec,
+            root.path(),
+            limits(Duration::from_secs(1)),
+            CancellationToken::new(),
+        )
+        .await;
+        assert_eq!(out.outcome, Outcome::TimedOut);
+        assert!(out.reports.is_empty());
     }
 }

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use trunkfarm_proto::v1::{JobRef, JobResult, JobSpec, LogChunk, Outcome};
 
 use crate::config::AgentConfig;
-use crate::executor::{self, ExecOutcome, JobLimits};
+use crate::executor::{self, Artifacts, ExecOutcome, JobLimits};
 use crate::results::{JobKey, job_ref, key};
 
 /// Job events waiting for the session (each log chunk is at most 64 KiB, so
@@ -79,21 +79,6 @@ impl JobPolicy {
             return Err(format!(
                 "this donor does not accept project {}",
                 spec.project
-            ));
-        }
-        // The executor cannot fetch or publish artifacts (yet): running the
-        // commands without their runtime would only produce a misleading
-        // failure, and skipping an upload would lose the build.
-        if !spec.artifact_sha256.is_empty() {
-            return Err(format!(
-                "trunkfarm-agent {} cannot download runtime artifacts yet",
-                env!("CARGO_PKG_VERSION")
-            ));
-        }
-        if !spec.upload_prefix.is_empty() {
-            return Err(format!(
-                "trunkfarm-agent {} cannot upload artifacts yet",
-                env!("CARGO_PKG_VERSION")
             ));
         }
         if running >= self.max_parallel as usize {
@@ -163,8 +148,8 @@ pub(crate) fn job_result(
         log_bytes_cut: out.log_bytes_cut,
         started_at_ms: out.started_at_ms,
         last_log_seq,
-        artifact_sha256: String::new(),
-        reports: Vec::new(),
+        artifact_sha256: out.artifact_sha256.clone(),
+        reports: out.reports.clone(),
     }
 }
 
@@ -220,11 +205,14 @@ pub(crate) struct Jobs {
     events_rx: mpsc::Receiver<JobEvent>,
     /// Where jobs run.
     work_root: PathBuf,
+    /// Runtime artifacts: the cache and the hub's store.
+    artifacts: Artifacts,
 }
 
 impl Jobs {
-    /// No job running; jobs will run under `work_root`.
-    pub fn new(work_root: PathBuf) -> Self {
+    /// No job running; jobs will run under `work_root`, getting and
+    /// publishing runtimes through `artifacts`.
+    pub fn new(work_root: PathBuf, artifacts: Artifacts) -> Self {
         let (events_tx, events_rx) = mpsc::channel(EVENT_CHANNEL);
         Jobs {
             running: BTreeMap::new(),
@@ -233,6 +221,7 @@ impl Jobs {
             events_tx,
             events_rx,
             work_root,
+            artifacts,
         }
     }
 
@@ -266,6 +255,7 @@ impl Jobs {
             limits,
             cancel.clone(),
             self.events_tx.clone(),
+            self.artifacts.clone(),
         );
         let handle = self.tasks.spawn(task);
         self.task_jobs.insert(handle.id(), key(&job));
@@ -421,9 +411,10 @@ async fn job_task(
     limits: JobLimits,
     cancel: CancellationToken,
     events: mpsc::Sender<JobEvent>,
+    artifacts: Artifacts,
 ) {
     let (log_tx, mut log_rx) = mpsc::channel(LOG_CHANNEL);
-    let run = executor::run_job(&job, &spec, &work_root, limits, log_tx, cancel);
+    let run = executor::run_job(&job, &spec, &work_root, limits, log_tx, cancel, &artifacts);
     let forward = async {
         let mut seq = 0u64;
         while let Some((stream, data)) = log_rx.recv().await {
@@ -453,8 +444,21 @@ async fn job_task(
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
-    use trunkfarm_proto::v1::LogStream;
+    use crate::cache::ArtifactCache;
+    use crate::transfer::fake::FakeHub;
+    use trunkfarm_proto::v1::{LogStream, ReportFile};
+
+    /// Artifacts backed by an in-memory hub and a cache under `dir`.
+    fn artifacts(dir: &Path) -> Artifacts {
+        Artifacts {
+            cache: ArtifactCache::open(dir.join("cache"), 1 << 30).unwrap(),
+            hub: Arc::new(FakeHub::default()),
+            max_unpacked_bytes: 1 << 30,
+        }
+    }
 
     const JOB: JobRef = JobRef {
         job_id: 42,
@@ -528,16 +532,13 @@ mod tests {
         // A job of no project is not refused by an allowlist.
         assert!(p.admit(&spec("", 0), 0, false).is_ok());
 
+        // Runtime jobs and builds are accepted (the executor handles them).
         let artifact = JobSpec {
             artifact_sha256: "ab".repeat(32),
+            upload_prefix: "install".into(),
             ..spec("", 0)
         };
-        assert!(
-            policy()
-                .admit(&artifact, 0, false)
-                .unwrap_err()
-                .contains("cannot download runtime artifacts")
-        );
+        assert!(policy().admit(&artifact, 0, false).is_ok());
     }
 
     fn outcome(o: Outcome, detail: &str) -> ExecOutcome {
@@ -548,6 +549,8 @@ mod tests {
             duration: Duration::from_millis(1500),
             started_at_ms: 1_700_000_000_000,
             log_bytes_cut: 12,
+            artifact_sha256: String::new(),
+            reports: Vec::new(),
         }
     }
 
@@ -570,8 +573,21 @@ mod tests {
                 started_at_ms: 1_700_000_000_000,
                 last_log_seq: 4,
                 artifact_sha256: String::new(),
+                reports: Vec::new(),
             }
         );
+        let built = ExecOutcome {
+            artifact_sha256: "cd".repeat(32),
+            reports: vec![ReportFile {
+                path: "junit.xml".into(),
+                data: b"<testsuite/>".to_vec(),
+                ..ReportFile::default()
+            }],
+            ..outcome(Outcome::Passed, "")
+        };
+        let r = job_result(JOB, &built, 1, None, false);
+        assert_eq!(r.artifact_sha256, "cd".repeat(32));
+        assert_eq!(r.reports, built.reports);
         let r = job_result(
             JOB,
             &outcome(Outcome::Cancelled, "cancelled"),
@@ -601,7 +617,7 @@ mod tests {
     #[tokio::test]
     async fn job_runs_and_reports_in_order() {
         let dir = tempfile::tempdir().unwrap();
-        let mut jobs = Jobs::new(dir.path().to_path_buf());
+        let mut jobs = Jobs::new(dir.path().join("work"), artifacts(dir.path()));
         let (limits, capped) = policy().admit(&spec("", 30), 0, false).unwrap();
         let mut s = spec("", 30);
         s.commands = vec!["echo hello".into(), "echo oops >&2; exit 3".into()];
@@ -632,7 +648,7 @@ mod tests {
     #[tokio::test]
     async fn cancel_reports_the_reason() {
         let dir = tempfile::tempdir().unwrap();
-        let mut jobs = Jobs::new(dir.path().to_path_buf());
+        let mut jobs = Jobs::new(dir.path().join("work"), artifacts(dir.path()));
         let mut s = spec("", 0);
         s.commands = vec!["sleep 30".into()];
         jobs.start(

@@ -9,18 +9,24 @@
 //! hub refused this agent's protocol version.
 
 mod backoff;
+mod cache;
 mod cli;
 mod config;
 mod credential;
 mod enroll;
 mod executor;
+mod fsutil;
 mod jobs;
 mod outbox;
 mod output;
+mod pack;
+mod reports;
 mod results;
 mod session;
 mod state;
 mod sysinfo;
+mod transfer;
+mod unpack;
 
 use std::io::IsTerminal as _;
 use std::path::Path;

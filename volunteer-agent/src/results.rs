@@ -182,7 +182,38 @@ mod tests {
             started_at_ms: 1_700_000_000_000,
             last_log_seq: 9,
             artifact_sha256: String::new(),
+            reports: Vec::new(),
         }
+    }
+
+    #[test]
+    fn reports_and_artifacts_are_kept_and_old_files_still_load() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("results");
+        let mut store = ResultStore::open(dir.clone()).unwrap();
+        let full = JobResult {
+            artifact_sha256: "ab".repeat(32),
+            reports: vec![trunkfarm_proto::v1::ReportFile {
+                path: "out/junit.xml".into(),
+                data: vec![0, 1, 2, 255],
+                truncated: true,
+                error: String::new(),
+            }],
+            ..result(4, 1)
+        };
+        store.insert(full.clone());
+        // A file written by an agent that knew neither field.
+        std::fs::write(
+            dir.join("5-1.json"),
+            r#"{"job":{"job_id":5,"attempt":1},"outcome":2,"exit_code":3,"detail":"d","duration_ms":1,"log_bytes_cut":0,"started_at_ms":1,"last_log_seq":2}"#,
+        )
+        .unwrap();
+        let again = ResultStore::open(dir).unwrap();
+        let loaded: Vec<&JobResult> = again.results().collect();
+        assert_eq!(loaded[0], &full);
+        assert_eq!(loaded[1].job.unwrap().job_id, 5);
+        assert!(loaded[1].reports.is_empty());
+        assert!(loaded[1].artifact_sha256.is_empty());
     }
 
     #[test]

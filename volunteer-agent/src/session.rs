@@ -14,6 +14,7 @@ use std::fmt;
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -34,13 +35,18 @@ use trunkfarm_proto::v1::{
 };
 use trunkfarm_proto::{AUTHORIZATION, PROTOCOL_VERSION};
 
+use trunkfarm_proto::settings::fmt_bytes;
+
 use crate::backoff::Backoff;
+use crate::cache::ArtifactCache;
 use crate::config::AgentConfig;
 use crate::credential::Credential;
+use crate::executor::Artifacts;
 use crate::jobs::{self, JobPolicy, JobWake, Jobs};
 use crate::outbox::{LOG_BUFFER_CAP, Outbox};
 use crate::results::{JobKey, ResultStore, key};
 use crate::sysinfo::{self, Machine};
+use crate::transfer::GrpcHub;
 
 /// Longest wait from starting a dial to the hub's welcome.
 const WELCOME_TIMEOUT: Duration = Duration::from_secs(30);
@@ -95,6 +101,23 @@ pub(crate) async fn run(
     let fallback_name = credential.name.clone().or_else(crate::enroll::hostname);
     let caps = capabilities(&config, fallback_name.as_deref(), &sysinfo::detect());
     let bearer = credential.bearer()?;
+    let cache_dir = config.cache.dir_or_default(&state_dir);
+    let cache = ArtifactCache::open(cache_dir.clone(), config.cache.size).with_context(|| {
+        format!(
+            "cannot open the artifact cache in {} (set [cache] dir in agent.toml to use another \
+             directory)",
+            cache_dir.display()
+        )
+    })?;
+    let artifacts = Artifacts {
+        cache,
+        hub: Arc::new(GrpcHub::new(
+            &credential.hub,
+            &credential.trust(),
+            bearer.clone(),
+        )),
+        max_unpacked_bytes: config.cache.max_unpacked_size,
+    };
     let signals = Signals::new().context("cannot install the signal handlers")?;
     if !results.is_empty() {
         tracing::info!(
@@ -109,6 +132,9 @@ pub(crate) async fn run(
         labels = ?caps.labels,
         max_parallel_jobs = caps.max_parallel_jobs,
         work_dir = %policy.work_root.display(),
+        cache_dir = %artifacts.cache.dir().display(),
+        cache_size = %fmt_bytes(config.cache.size),
+        cached = %fmt_bytes(artifacts.cache.cached_bytes()),
         "starting trunkfarm-agent {}",
         env!("CARGO_PKG_VERSION")
     );
@@ -118,7 +144,7 @@ pub(crate) async fn run(
         trust: credential.trust(),
         bearer,
         caps,
-        jobs: Jobs::new(policy.work_root.clone()),
+        jobs: Jobs::new(policy.work_root.clone(), artifacts.clone()),
         policy,
         drain_grace: config.drain_grace,
         results,
@@ -131,7 +157,16 @@ pub(crate) async fn run(
         drain: Drain::default(),
         signals,
     };
-    Ok(agent.run().await)
+    let ending = agent.run().await;
+    let downloads = artifacts.cache.downloads();
+    if downloads > 0 {
+        tracing::info!(
+            "downloaded {downloads} runtime artifact(s) since the agent started; {} cached in {}",
+            fmt_bytes(artifacts.cache.cached_bytes()),
+            artifacts.cache.dir().display()
+        );
+    }
+    Ok(ending)
 }
 
 /// What this machine offers, as sent in every hello.

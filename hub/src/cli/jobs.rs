@@ -395,6 +395,9 @@ fn job_json(info: &JobInfo) -> serde_json::Value {
         })).collect::<Vec<_>>(),
         "commands": info.spec.as_ref().map(|s| s.commands.clone()).unwrap_or_default(),
         "labels": info.spec.as_ref().map(|s| s.labels.clone()).unwrap_or_default(),
+        "project": info.spec.as_ref().map(|s| s.project.clone()).unwrap_or_default(),
+        "key": info.key,
+        "artifact_sha256": r.map(|r| r.artifact_sha256.clone()),
     })
 }
 

@@ -170,8 +170,13 @@ enum AgentCommand {
 pub fn main() -> ExitCode {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
-    let serving = matches!(cli.command, Command::Serve | Command::Demo(_));
-    init_tracing(if serving { "info" } else { "warn" });
+    // The demo tells its own story on stdout; the hub's log would drown it.
+    let level = match cli.command {
+        Command::Serve => "info",
+        Command::Demo(_) => "error",
+        _ => "warn",
+    };
+    init_tracing(level);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -4,7 +4,7 @@
 //! what a finished job was for, so nothing else needs to remember it.
 //!
 //! * `build/<upstream>/<platform>/<commit>[/<nonce>]`
-//! * `test/<project>/<upstream>/<platform>/<upstream commit>/<project commit or ->[/<nonce>]`
+//! * `test/<project>/<upstream>/<platform>/<upstream commit>/<project commit or ->[/<build job id>]`
 //!
 //! Names never contain `/` (the config allows `[A-Za-z0-9._-]`).
 
@@ -36,7 +36,8 @@ pub enum JobKey {
         upstream_commit: String,
         /// The project commit, empty when unknown (the branch is checked out).
         project_commit: String,
-        /// Set for a forced re-run.
+        /// The job id of the build tested (so a forced rebuild of the same
+        /// commit is tested again).
         nonce: Option<u64>,
     },
 }

@@ -394,7 +394,9 @@ impl Pipeline {
             platform: platform.to_owned(),
             upstream_commit: build.commit.clone(),
             project_commit: project_commit.to_owned(),
-            nonce: None,
+            // The build's own job: a forced rebuild of the same commit is
+            // tested again.
+            nonce: Some(build.job_id),
         };
         let spec = test_spec(p, u, platform, build, project_commit);
         let (job_id, new) = self
@@ -705,13 +707,17 @@ impl Pipeline {
         } else {
             "was fixed"
         };
+        let culprits = if kind == TransitionKind::WentRed {
+            format!(" ({} culprit commit(s))", t.culprits.len())
+        } else {
+            String::new()
+        };
         tracing::warn!(
             transition = t.id,
-            "{what} {verb} on {} with {} {} ({} culprit commit(s))",
+            "{what} {verb} on {} with {} {}{culprits}",
             t.platform,
             t.upstream,
             short(&t.upstream_commit),
-            t.culprits.len()
         );
     }
 
