@@ -166,7 +166,7 @@ impl Default for DispatchSection {
 #[serde(default, deny_unknown_fields, expecting = "a [limits] table")]
 pub struct LimitsSection {
     /// Largest gRPC message the hub accepts or sends, in bytes (at least
-    /// 64 KiB, since log chunks and job specs must fit).
+    /// 4 MiB, since a job result carries up to 3 MiB of report files).
     #[serde(deserialize_with = "de::byte_size")]
     pub max_message_size: u64,
     /// Log bytes the hub keeps per job; beyond it the middle is cut.
@@ -472,11 +472,11 @@ impl HubConfig {
         }
 
         let l = &self.limits;
-        if l.max_message_size < 64 * KIB {
+        if l.max_message_size < 4 * MIB {
             return Err(Problem::new(
                 "limits.max_message_size",
                 format!(
-                    "{} is too small; expected at least 64 KiB so log chunks and job specs fit",
+                    "{} is too small; expected at least 4 MiB so job results with their report files (up to 3 MiB) and artifact chunks fit",
                     fmt_bytes(l.max_message_size)
                 ),
             ));
@@ -781,7 +781,7 @@ max_job_timeout = "30m"
 drain_grace = "0s"
 
 [limits]
-max_message_size = "64 KiB"
+max_message_size = "8 MiB"
 max_log_size = 1000
 
 [enrollment]
@@ -813,7 +813,7 @@ max_token_ttl = "7d"
         assert_eq!(c.dispatch.default_job_timeout, Duration::from_secs(1800));
         assert_eq!(c.dispatch.max_job_timeout, Duration::from_secs(1800));
         assert_eq!(c.dispatch.drain_grace, Duration::ZERO);
-        assert_eq!(c.limits.max_message_size, 64 * 1024);
+        assert_eq!(c.limits.max_message_size, 8 * 1024 * 1024);
         assert_eq!(c.limits.max_log_size, 1000);
         assert_eq!(c.enrollment.default_token_ttl, Duration::from_secs(5400));
         assert_eq!(c.enrollment.max_token_ttl, Duration::from_secs(7 * 86400));
@@ -954,8 +954,8 @@ max_token_ttl = "7d"
             "/etc/trunkfarm/hub.toml:2: invalid value for `limits.max_log_size`: -5 is negative; expected a size such as \"4 MiB\", \"512 KiB\" or a whole number of bytes"
         );
         let c =
-            parse("[limits]\nmax_message_size = \"1.5 MiB\"\nmax_log_size = \"2MB\"\n").unwrap();
-        assert_eq!(c.limits.max_message_size, 1536 * 1024);
+            parse("[limits]\nmax_message_size = \"4.5 MiB\"\nmax_log_size = \"2MB\"\n").unwrap();
+        assert_eq!(c.limits.max_message_size, 4608 * 1024);
         assert_eq!(c.limits.max_log_size, 2_000_000);
     }
 
@@ -1145,7 +1145,7 @@ max_token_ttl = "7d"
     fn size_limits() {
         assert_eq!(
             err("[limits]\nmax_message_size = \"32 KiB\"\n"),
-            "/etc/trunkfarm/hub.toml:2: invalid `limits.max_message_size`: 32.0 KiB is too small; expected at least 64 KiB so log chunks and job specs fit"
+            "/etc/trunkfarm/hub.toml:2: invalid `limits.max_message_size`: 32.0 KiB is too small; expected at least 4 MiB so job results with their report files (up to 3 MiB) and artifact chunks fit"
         );
         assert_eq!(
             err("[limits]\nmax_log_size = 0\n"),

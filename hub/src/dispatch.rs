@@ -501,12 +501,30 @@ impl Dispatcher {
     }
 
     /// The pipeline took in these finished jobs (durably, on its side):
-    /// they leave the inbox. Durable once the next [`Store::commit`] returns.
+    /// they leave the inbox, and their report files (parsed and stored by
+    /// the pipeline, up to megabytes each) leave the job record. Durable once
+    /// the next [`Store::commit`] returns.
     pub fn ack_finished(&self, ids: &[u64]) -> Result<(), StoreError> {
         let s = &self.shared;
         let mut batch = sled::Batch::default();
         for id in ids {
             batch.remove(&inbox_key(*id));
+            if let Some(mut rec) = self.get(*id)? {
+                let mut changed = false;
+                if let Some(result) = rec.result.as_mut() {
+                    for report in &mut result.reports {
+                        if !report.data.is_empty() {
+                            report.data = Vec::new();
+                            changed = true;
+                        }
+                    }
+                }
+                if changed {
+                    let bytes =
+                        serde_json::to_vec(&rec).map_err(|e| s.store.corrupt("(encode job)", e))?;
+                    batch.insert(&job_key(rec.id), bytes);
+                }
+            }
         }
         s.tree.apply_batch(batch).map_err(|e| s.store.err(e))
     }
@@ -859,14 +877,45 @@ impl Dispatcher {
                         result.outcome = Outcome::Error.into();
                         result.detail = format!("agent reported no outcome. {}", result.detail);
                     }
-                    rec.state = JobState::Finished;
-                    rec.finished_at_ms = now_ms();
-                    rec.result = Some(result);
-                    // Durable first: on a write error the job keeps its lease
-                    // and the agent resends the (unacknowledged) result.
-                    self.persist(&rec)?;
-                    out.finished.push((rec.id, rec.attempt));
-                    st.open.remove(&job.job_id);
+                    let retry = result.outcome == Outcome::Error as i32
+                        && !rec.cancel_requested
+                        && rec.attempt < rec.max_attempts;
+                    if retry {
+                        // An infrastructure error (checkout, download, upload,
+                        // disk) is the farm's fault, not the project's: try
+                        // again, like a lost lease, within max_attempts.
+                        if let Some(a) = rec
+                            .attempts
+                            .iter_mut()
+                            .rev()
+                            .find(|a| a.attempt == job.attempt)
+                        {
+                            a.lost_reason =
+                                format!("infrastructure error on the agent: {}", result.detail);
+                        }
+                        rec.state = JobState::Queued;
+                        // Durable first: on a write error the job keeps its
+                        // lease and the agent resends the result.
+                        self.persist(&rec)?;
+                        tracing::warn!(
+                            job = rec.id,
+                            attempt = rec.attempt,
+                            agent = agent_id,
+                            "infrastructure error, requeued: {}",
+                            result.detail
+                        );
+                        st.open.insert(job.job_id, rec);
+                        st.queue.push_front(job.job_id);
+                    } else {
+                        rec.state = JobState::Finished;
+                        rec.finished_at_ms = now_ms();
+                        rec.result = Some(result);
+                        // Durable first: on a write error the job keeps its lease
+                        // and the agent resends the (unacknowledged) result.
+                        self.persist(&rec)?;
+                        out.finished.push((rec.id, rec.attempt));
+                        st.open.remove(&job.job_id);
+                    }
                 }
                 st.leases.remove(&job.job_id);
                 if let Some(conn) = st.agents.get_mut(agent_id) {
@@ -1257,6 +1306,95 @@ mod tests {
             exit_code: Some(0),
             ..Default::default()
         }
+    }
+
+    #[tokio::test]
+    async fn an_infrastructure_error_is_retried_within_max_attempts() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_s, d) = open(dir.path(), 5000);
+        let id = d.submit(spec(&[]), 2).await.unwrap();
+        let mut rx = agent(&d, "a", 1, &[], &[]).await;
+        let error = |job| JobResult {
+            job: Some(job),
+            outcome: Outcome::Error.into(),
+            detail: "checkout failed".into(),
+            ..Default::default()
+        };
+        let first = assignments(&mut rx)[0];
+        assert!(d.record_result("a", error(first)).await.unwrap().recorded);
+        let rec = d.get(id).unwrap().unwrap();
+        assert_eq!(rec.state, JobState::Leased, "requeued and leased again");
+        assert!(rec.attempts[0].lost_reason.contains("checkout failed"));
+        let second = assignments(&mut rx)[0];
+        assert_eq!(second.attempt, 2);
+        assert!(d.record_result("a", error(second)).await.unwrap().recorded);
+        let rec = d.get(id).unwrap().unwrap();
+        assert_eq!(rec.state, JobState::Finished, "max_attempts = 2 used up");
+        assert_eq!(rec.result.unwrap().outcome, Outcome::Error as i32);
+    }
+
+    #[tokio::test]
+    async fn keyed_jobs_exist_once_and_reach_the_inbox_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (id, job) = {
+            let (_s, d) = open(dir.path(), 5000);
+            let (id, new) = d
+                .submit_keyed(spec(&[]), 0, "build/x/p/c".into())
+                .await
+                .unwrap();
+            assert!(new);
+            let (again, new) = d
+                .submit_keyed(spec(&[]), 0, "build/x/p/c".into())
+                .await
+                .unwrap();
+            assert_eq!((again, new), (id, false));
+            assert_eq!(d.open_keys("build/"), vec![("build/x/p/c".to_string(), id)]);
+            assert!(d.finished_inbox(10).unwrap().is_empty());
+            let mut rx = agent(&d, "a", 1, &[], &[]).await;
+            let job = assignments(&mut rx)[0];
+            let mut result = passed(job);
+            result.reports.push(trunkfarm_proto::v1::ReportFile {
+                path: "junit.xml".into(),
+                data: b"<testsuites/>".to_vec(),
+                ..Default::default()
+            });
+            d.record_result("a", result).await.unwrap();
+            (id, job)
+        };
+        // The inbox marker was written with the result: it survives a restart.
+        let store = crate::store::tests::reopen(dir.path()).await;
+        let logs = Arc::new(JobLogs::open(&store, 1 << 20).unwrap());
+        let d = Dispatcher::open(&store, logs, settings(5000)).unwrap();
+        let inbox = d.finished_inbox(10).unwrap();
+        assert_eq!(inbox.len(), 1);
+        assert_eq!(inbox[0].key, "build/x/p/c");
+        assert_eq!(
+            inbox[0].result.as_ref().unwrap().reports[0].data,
+            b"<testsuites/>"
+        );
+        assert_eq!(d.keyed("build/x/p/c").unwrap(), Some(id));
+        assert_eq!(
+            d.submit_keyed(spec(&[]), 0, "build/x/p/c".into())
+                .await
+                .unwrap(),
+            (id, false),
+            "a finished keyed job is not submitted again"
+        );
+        d.ack_finished(&[job.job_id]).unwrap();
+        d.sync().await.unwrap();
+        assert!(d.finished_inbox(10).unwrap().is_empty());
+        // Acknowledged report files leave the record; the result stays.
+        let rec = d.get(id).unwrap().unwrap();
+        let result = rec.result.unwrap();
+        assert_eq!(result.outcome, Outcome::Passed as i32);
+        assert!(result.reports[0].data.is_empty());
+        // A job submitted by hand never reaches the inbox.
+        let plain = d.submit(spec(&[]), 0).await.unwrap();
+        let mut rx = agent(&d, "b", 1, &[], &[]).await;
+        let job = assignments(&mut rx)[0];
+        assert_eq!(job.job_id, plain);
+        d.record_result("b", passed(job)).await.unwrap();
+        assert!(d.finished_inbox(10).unwrap().is_empty());
     }
 
     #[tokio::test]

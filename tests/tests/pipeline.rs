@@ -566,7 +566,7 @@ fn hub_killed_mid_pipeline_loses_and_repeats_nothing() {
     wait_run(&hub, "shouter", &c1, "green");
     wait_run(&hub, "adder", &c1, "green");
     let mut commits = vec![c1];
-    for (i, kill_after_ms) in [0u64, 150, 400].into_iter().enumerate() {
+    for (i, kill_after_ms) in [0u64, 30, 90, 150, 250, 400].into_iter().enumerate() {
         let text = if i % 2 == 0 {
             RUNTIME.replace("| tr a-z A-Z", "")
         } else {
@@ -627,5 +627,8 @@ fn hub_killed_mid_pipeline_loses_and_repeats_nothing() {
         .rev()
         .map(kind)
         .collect();
-    assert_eq!(shouter, [4, WENT_RED, FIXED, WENT_RED]);
+    assert_eq!(
+        shouter,
+        [4, WENT_RED, FIXED, WENT_RED, FIXED, WENT_RED, FIXED]
+    );
 }

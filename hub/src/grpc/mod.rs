@@ -88,7 +88,14 @@ pub fn job_info(rec: JobRecord) -> v1::JobInfo {
         agent_id: rec.agent_id,
         created_at_ms: rec.created_at_ms,
         finished_at_ms: rec.finished_at_ms,
-        result: rec.result,
+        // Report files are parsed into the run's results; listing jobs must
+        // not carry megabytes of XML per job.
+        result: rec.result.map(|mut r| {
+            for report in &mut r.reports {
+                report.data = Vec::new();
+            }
+            r
+        }),
         attempts: rec
             .attempts
             .into_iter()
