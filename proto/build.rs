@@ -20,6 +20,8 @@ const PERSISTED: &[&str] = &[
     "RunInfo",
     "TestCase",
     "Transition",
+    "Subscription",
+    "MailInfo",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -23,7 +23,9 @@ use trunkfarm_proto::settings::{self, Problem, check_path, fmt_bytes, fmt_durati
 
 pub use trunkfarm_proto::settings::ConfigError;
 
+mod notify;
 mod pipeline;
+pub use notify::{NotifySection, SmtpSection, SmtpSecurity, WebSection};
 pub use pipeline::{
     ArtifactsSection, DEFAULT_PLATFORM, PipelineSection, ProjectConfig, UpstreamConfig,
 };
@@ -59,6 +61,12 @@ pub struct HubConfig {
     pub upstreams: Vec<UpstreamConfig>,
     /// `[[project]]`: the downstream projects tested against them.
     pub projects: Vec<ProjectConfig>,
+    /// `[smtp]`: how mail is delivered.
+    pub smtp: SmtpSection,
+    /// `[notify]`: what is mailed, when.
+    pub notify: NotifySection,
+    /// `[web]`: the hub's HTTP endpoint (unsubscribe links).
+    pub web: WebSection,
 }
 
 /// `[hub]`: the hub's network identity and data location.
@@ -218,6 +226,9 @@ struct RawHubConfig {
     pipeline: PipelineSection,
     upstream: Vec<UpstreamConfig>,
     project: Vec<ProjectConfig>,
+    smtp: SmtpSection,
+    notify: NotifySection,
+    web: WebSection,
 }
 
 impl HubConfig {
@@ -252,6 +263,9 @@ impl HubConfig {
             pipeline: raw.pipeline,
             upstreams: raw.upstream,
             projects: raw.project,
+            smtp: raw.smtp,
+            notify: raw.notify,
+            web: raw.web,
         };
         // Check paths as written (e.g. `~`) before resolving them.
         config
@@ -284,6 +298,9 @@ impl HubConfig {
             pipeline: PipelineSection::default(),
             upstreams: Vec::new(),
             projects: Vec::new(),
+            smtp: SmtpSection::default(),
+            notify: NotifySection::default(),
+            web: WebSection::default(),
         }
     }
 
@@ -320,12 +337,15 @@ impl HubConfig {
         self.hub.data_dir.join("tls")
     }
 
-    fn path_keys(&self) -> [(&'static str, Option<&Path>); 4] {
+    fn path_keys(&self) -> [(&'static str, Option<&Path>); 7] {
         [
             ("hub.data_dir", Some(self.hub.data_dir.as_path())),
             ("tls.cert", self.tls.cert.as_deref()),
             ("tls.key", self.tls.key.as_deref()),
             ("admin.token_file", self.admin.token_file.as_deref()),
+            ("smtp.password_file", self.smtp.password_file.as_deref()),
+            ("smtp.ca_file", self.smtp.ca_file.as_deref()),
+            ("smtp.mailbox_dir", self.smtp.mailbox_dir.as_deref()),
         ]
     }
 
@@ -351,7 +371,15 @@ impl HubConfig {
         if let Some(p) = &mut self.tls.key {
             resolve(p);
         }
-        if let Some(p) = &mut self.admin.token_file {
+        for p in [
+            &mut self.admin.token_file,
+            &mut self.smtp.password_file,
+            &mut self.smtp.ca_file,
+            &mut self.smtp.mailbox_dir,
+        ]
+        .into_iter()
+        .flatten()
+        {
             resolve(p);
         }
     }
@@ -511,7 +539,8 @@ impl HubConfig {
             &self.artifacts,
             &self.pipeline,
             d.max_job_timeout,
-        )
+        )?;
+        notify::problems(&self.smtp, &self.notify)
     }
 }
 
@@ -883,11 +912,11 @@ max_token_ttl = "7d"
     fn unknown_key_at_top_level() {
         assert_eq!(
             err("[dispath]\nlease_timeout = \"1m\"\n"),
-            "/etc/trunkfarm/hub.toml:1: unknown key `dispath`, expected one of `hub`, `tls`, `admin`, `dispatch`, `limits`, `enrollment`, `artifacts`, `pipeline`, `upstream`, `project`"
+            "/etc/trunkfarm/hub.toml:1: unknown key `dispath`, expected one of `hub`, `tls`, `admin`, `dispatch`, `limits`, `enrollment`, `artifacts`, `pipeline`, `upstream`, `project`, `smtp`, `notify`, `web`"
         );
         assert_eq!(
             err("listen = \"0.0.0.0:7443\"\n"),
-            "/etc/trunkfarm/hub.toml:1: unknown key `listen`, expected one of `hub`, `tls`, `admin`, `dispatch`, `limits`, `enrollment`, `artifacts`, `pipeline`, `upstream`, `project`"
+            "/etc/trunkfarm/hub.toml:1: unknown key `listen`, expected one of `hub`, `tls`, `admin`, `dispatch`, `limits`, `enrollment`, `artifacts`, `pipeline`, `upstream`, `project`, `smtp`, `notify`, `web`"
         );
     }
 

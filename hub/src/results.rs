@@ -120,6 +120,19 @@ impl Prepared {
     }
 }
 
+/// Key/value pairs to insert into another tree.
+pub type Writes = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// Whoever must write in the same atomic transaction as a new transition
+/// (the notifier's outbox: a mail is never lost between the transition and
+/// its queueing, nor queued twice).
+pub trait TransitionSink: Send + Sync {
+    /// The tree the writes go to.
+    fn tree(&self) -> &sled::Tree;
+    /// The key/value pairs to insert for this (stored) transition.
+    fn writes(&self, t: &Transition) -> Result<Writes, StoreError>;
+}
+
 /// Owner of the `results` tree.
 #[derive(Clone)]
 pub struct Results {
@@ -264,6 +277,23 @@ impl Results {
         platform: &str,
     ) -> Result<Vec<RunRecord>, StoreError> {
         self.scan_json(&format!("r/{project}/{upstream}/{platform}/"))
+    }
+
+    /// Series that are red now, with the went-red transition each began with.
+    pub fn red_series(&self) -> Result<Vec<(String, Transition)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.tree.scan_prefix("s/") {
+            let (k, v) = item.map_err(|e| self.store.err(e))?;
+            let key = String::from_utf8_lossy(&k).into_owned();
+            let state: SeriesState = serde_json::from_slice(&v)
+                .map_err(|e| self.store.corrupt(format!("{TREE}/{key}"), e))?;
+            if let (Some(id), Some(true)) = (state.red_since, state.last.as_ref().map(|l| l.red)) {
+                if let Some(t) = self.transition(id)? {
+                    out.push((key.trim_start_matches("s/").to_owned(), t));
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// One transition.
@@ -422,6 +452,19 @@ impl Results {
         culprits: Vec<Commit>,
         culprits_error: String,
     ) -> Result<Option<Transition>, StoreError> {
+        self.commit_with(prepared, culprits, culprits_error, None)
+            .await
+    }
+
+    /// [`Results::commit`], with `sink`'s writes for the new transition in
+    /// the same atomic transaction.
+    pub async fn commit_with(
+        &self,
+        prepared: Prepared,
+        culprits: Vec<Commit>,
+        culprits_error: String,
+        sink: Option<&dyn TransitionSink>,
+    ) -> Result<Option<Transition>, StoreError> {
         let done_key = format!("p/{}", id20(prepared.job_id));
         if self
             .tree
@@ -498,9 +541,33 @@ impl Results {
             }
         }
         batch.insert(done_key.as_bytes(), &[]);
-        self.tree
-            .apply_batch(batch)
-            .map_err(|e| self.store.err(e))?;
+        let extra = match (sink, &transition) {
+            (Some(sink), Some(t)) => Some((sink.tree(), sink.writes(t)?)),
+            _ => None,
+        };
+        match extra {
+            None => self
+                .tree
+                .apply_batch(batch)
+                .map_err(|e| self.store.err(e))?,
+            Some((other, writes)) => {
+                use sled::Transactional;
+                (&self.tree, other)
+                    .transaction(|(results, other)| {
+                        results.apply_batch(&batch)?;
+                        for (k, v) in &writes {
+                            other.insert(k.as_slice(), v.as_slice())?;
+                        }
+                        Ok::<(), sled::transaction::ConflictableTransactionError<()>>(())
+                    })
+                    .map_err(|e| match e {
+                        sled::transaction::TransactionError::Storage(e) => self.store.err(e),
+                        sled::transaction::TransactionError::Abort(()) => {
+                            self.store.corrupt("(results transaction)", "aborted")
+                        }
+                    })?;
+            }
+        }
         self.store.commit().await?;
         Ok(transition)
     }
@@ -553,6 +620,11 @@ fn classify(
         previous_project_commit: previous
             .map(|p| p.commits.project.clone())
             .unwrap_or_default(),
+        red_since_id: if previous.is_some_and(|p| p.red) {
+            state.red_since.unwrap_or(0)
+        } else {
+            0
+        },
         newly_failing,
         ..Default::default()
     };

@@ -22,9 +22,11 @@ use crate::dispatch::{DispatchSettings, Dispatcher};
 use crate::grpc::admin::AdminApi;
 use crate::grpc::agent::AgentApi;
 use crate::logs::JobLogs;
+use crate::notify::Notifier;
 use crate::pipeline::Pipeline;
 use crate::results::Results;
 use crate::store::Store;
+use crate::web;
 use tokio_util::sync::CancellationToken;
 
 /// Written to `<data_dir>/hub.json` once the hub serves, so the CLI (and
@@ -41,6 +43,9 @@ pub struct HubInfo {
     pub ca_sha256: String,
     /// The hub's process id.
     pub pid: u32,
+    /// Where the web endpoint (unsubscribe links) listens.
+    #[serde(default)]
+    pub web: String,
 }
 
 /// The name of the file that says where a running hub is.
@@ -74,6 +79,9 @@ pub struct Hub {
     dispatch: Dispatcher,
     /// The trunk pipeline (for in-process callers such as the demo).
     pub pipeline: Pipeline,
+    /// The notifier (for in-process callers such as the demo).
+    pub notifier: Notifier,
+    web: Option<web::Web>,
     stop_pipeline: CancellationToken,
     store: Store,
     stop: Option<oneshot::Sender<()>>,
@@ -111,12 +119,45 @@ impl Hub {
         let admin_token = secret::load_or_create_admin_token(&cfg.admin_token_path())?;
         let results = Results::open(&store)?;
         let stop_pipeline = CancellationToken::new();
+        // The web endpoint first (its port may be picked by the OS), then the
+        // notifier whose links point at it.
+        let notifier_cell: Arc<std::sync::OnceLock<Notifier>> = Arc::default();
+        let cell = notifier_cell.clone();
+        let web = web::serve(
+            cfg.web.listen,
+            web::unsubscribe_fn(move |token| {
+                let cell = cell.clone();
+                async move {
+                    match cell.get() {
+                        Some(n) => n.unsubscribe_token(&token).await,
+                        None => Err("the hub is still starting; try again in a moment".into()),
+                    }
+                }
+            }),
+            stop_pipeline.clone(),
+        )
+        .await?;
+        let public_url = cfg
+            .notify
+            .public_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{}", web.addr));
+        let notifier = Notifier::start(
+            cfg,
+            &store,
+            results.clone(),
+            logs.clone(),
+            public_url,
+            stop_pipeline.clone(),
+        )?;
+        let _ = notifier_cell.set(notifier.clone());
         let pipeline = Pipeline::start(
             cfg,
             &store,
             dispatch.clone(),
             results,
             artifacts.clone(),
+            notifier.clone(),
             stop_pipeline.clone(),
         )?;
 
@@ -169,6 +210,7 @@ impl Hub {
             drain_grace: d.drain_grace,
             pipeline: pipeline.clone(),
             artifacts: artifacts.clone(),
+            notifier: notifier.clone(),
         };
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<AgentServiceServer<AgentApi>>().await;
@@ -211,6 +253,7 @@ impl Hub {
             tls: identity.is_some(),
             ca_sha256: ca_sha256.unwrap_or_default(),
             pid: std::process::id(),
+            web: web.addr.to_string(),
         };
         let json = serde_json::to_vec_pretty(&info)?;
         secret::write_private(&info_path, &json)
@@ -225,6 +268,8 @@ impl Hub {
             info_path,
             dispatch,
             pipeline,
+            notifier,
+            web: Some(web),
             stop_pipeline,
             store,
             stop: Some(stop_tx),
@@ -237,6 +282,9 @@ impl Hub {
     pub async fn shutdown(mut self) -> anyhow::Result<()> {
         let _ = std::fs::remove_file(&self.info_path);
         self.stop_pipeline.cancel();
+        if let Some(web) = self.web.take() {
+            web.stopped().await;
+        }
         self.dispatch.close_sessions();
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());

@@ -36,6 +36,8 @@ pub use serde_json;
 pub use tonic;
 pub use trunkfarm_proto as proto;
 
+pub mod smtp;
+
 /// How long a CLI command may take before the harness kills it.
 pub const CLI_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a hub may take to write `hub.json` after it was started.
@@ -495,7 +497,7 @@ pub struct HubInfo {
 /// is appended after them (so bare keys land in `[dispatch]`).
 fn hub_toml(listen: &str, data_dir: &Path, extra: &str) -> String {
     format!(
-        "[hub]\nlisten = \"{listen}\"\ndata_dir = \"{}\"\n\n[dispatch]\nheartbeat_interval = \"1s\"\nlease_timeout = \"3s\"\nmax_attempts = 3\n{extra}\n",
+        "[hub]\nlisten = \"{listen}\"\ndata_dir = \"{}\"\n\n[web]\nlisten = \"127.0.0.1:0\"\n\n[dispatch]\nheartbeat_interval = \"1s\"\nlease_timeout = \"3s\"\nmax_attempts = 3\n{extra}\n",
         data_dir.display()
     )
 }

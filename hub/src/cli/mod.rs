@@ -6,6 +6,7 @@
 mod client;
 mod demo;
 mod jobs;
+mod notify;
 mod pipeline;
 
 use std::path::PathBuf;
@@ -107,6 +108,25 @@ enum Command {
     Artifact {
         #[command(subcommand)]
         command: pipeline::ArtifactCommand,
+    },
+    /// Mail a maintainer when a project goes red or is fixed (or a daily
+    /// digest of an upstream with --digest).
+    Subscribe(notify::SubscriptionArgs),
+    /// Stop those mails.
+    Unsubscribe(notify::SubscriptionArgs),
+    /// List subscriptions.
+    Subscriptions {
+        /// Only this project.
+        #[arg(long)]
+        project: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Mail delivery: send a test mail, look at the outbox.
+    Mail {
+        #[command(subcommand)]
+        command: notify::MailCommand,
     },
 }
 
@@ -240,6 +260,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => pipeline::transitions(&cfg, upstream, project, limit, all, json).await,
         Command::Upstream { command } => pipeline::upstream(&cfg, command).await,
         Command::Artifact { command } => pipeline::artifact(&cfg, command).await,
+        Command::Subscribe(args) => notify::subscribe(&cfg, args).await,
+        Command::Unsubscribe(args) => notify::unsubscribe(&cfg, args).await,
+        Command::Subscriptions { project, json } => notify::list(&cfg, project, json).await,
+        Command::Mail { command } => notify::mail(&cfg, command).await,
     }
 }
 

@@ -18,6 +18,7 @@ use crate::auth::credentials::Credentials;
 use crate::auth::secret;
 use crate::dispatch::{Dispatcher, JobState};
 use crate::logs::{JobLogs, WatchEvent};
+use crate::notify::{Notifier, NotifyError};
 use crate::pipeline::{Pipeline, PipelineError};
 
 /// The longest grace period a drain may ask for (a week).
@@ -50,6 +51,18 @@ pub struct AdminApi {
     pub pipeline: Pipeline,
     /// Stored runtime artifacts.
     pub artifacts: Artifacts,
+    /// Subscriptions and the outbox.
+    pub notifier: Notifier,
+}
+
+/// Maps notifier errors to statuses.
+fn notify_status(e: NotifyError) -> Status {
+    match e {
+        NotifyError::Store(s) => store_status(s),
+        NotifyError::Invalid(m) => Status::invalid_argument(m),
+        NotifyError::NotFound(m) => Status::not_found(m),
+        NotifyError::Delivery(m) => Status::unavailable(m),
+    }
 }
 
 /// Maps pipeline errors to statuses.
@@ -80,6 +93,74 @@ impl AdminApi {
 
 #[tonic::async_trait]
 impl AdminService for AdminApi {
+    async fn subscribe(
+        &self,
+        request: Request<SubscribeRequest>,
+    ) -> Result<Response<SubscribeResponse>, Status> {
+        self.check(&request)?;
+        let sub = request.into_inner().subscription.unwrap_or_default();
+        let created = self.notifier.subscribe(sub).await.map_err(notify_status)?;
+        Ok(Response::new(SubscribeResponse { created }))
+    }
+
+    async fn unsubscribe(
+        &self,
+        request: Request<UnsubscribeRequest>,
+    ) -> Result<Response<UnsubscribeResponse>, Status> {
+        self.check(&request)?;
+        let sub = request.into_inner().subscription.unwrap_or_default();
+        let removed = self
+            .notifier
+            .unsubscribe(&sub)
+            .await
+            .map_err(notify_status)?;
+        Ok(Response::new(UnsubscribeResponse { removed }))
+    }
+
+    async fn list_subscriptions(
+        &self,
+        request: Request<ListSubscriptionsRequest>,
+    ) -> Result<Response<ListSubscriptionsResponse>, Status> {
+        self.check(&request)?;
+        let project = request.into_inner().project;
+        let subscriptions = self
+            .notifier
+            .subscriptions(&project)
+            .map_err(notify_status)?;
+        Ok(Response::new(ListSubscriptionsResponse { subscriptions }))
+    }
+
+    async fn send_test_mail(
+        &self,
+        request: Request<SendTestMailRequest>,
+    ) -> Result<Response<SendTestMailResponse>, Status> {
+        self.check(&request)?;
+        let to = request.into_inner().to;
+        let response = self.notifier.send_test(&to).await.map_err(notify_status)?;
+        Ok(Response::new(SendTestMailResponse { response }))
+    }
+
+    async fn list_mail(
+        &self,
+        request: Request<ListMailRequest>,
+    ) -> Result<Response<ListMailResponse>, Status> {
+        self.check(&request)?;
+        let req = request.into_inner();
+        let limit = if req.limit == 0 {
+            DEFAULT_LIST_LIMIT
+        } else {
+            req.limit as usize
+        };
+        let mails = self
+            .notifier
+            .mails(limit, req.state())
+            .map_err(notify_status)?;
+        Ok(Response::new(ListMailResponse {
+            mails,
+            sender: self.notifier.describe(),
+        }))
+    }
+
     async fn build_upstream(
         &self,
         request: Request<BuildUpstreamRequest>,

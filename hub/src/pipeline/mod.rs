@@ -37,6 +37,7 @@ use crate::artifacts::Artifacts;
 use crate::config::{HubConfig, ProjectConfig, UpstreamConfig};
 use crate::dispatch::{DispatchError, Dispatcher, JobRecord};
 use crate::junit;
+use crate::notify::Notifier;
 use crate::results::{Results, RunRecord, run_status};
 use crate::store::{Store, StoreError, now_ms};
 pub use git::{Git, GitError};
@@ -99,6 +100,7 @@ struct Inner {
     dispatch: Dispatcher,
     results: Results,
     artifacts: Artifacts,
+    notifier: Notifier,
     git: Git,
     /// Serialises writers of `results` (pollers and the inbox task) so a
     /// "queued" mark never overwrites a finished build.
@@ -116,6 +118,7 @@ impl Pipeline {
         dispatch: Dispatcher,
         results: Results,
         artifacts: Artifacts,
+        notifier: Notifier,
         shutdown: CancellationToken,
     ) -> Result<Pipeline, StoreError> {
         let pipeline = Pipeline {
@@ -128,6 +131,7 @@ impl Pipeline {
                 dispatch,
                 results,
                 artifacts,
+                notifier,
                 git: Git {
                     mirrors: config.data_dir().join("git"),
                     timeout: config.pipeline.git_timeout,
@@ -585,7 +589,12 @@ impl Pipeline {
                 );
                 let prepared = self.inner.results.prepare_build(build)?;
                 let (culprits, error) = self.culprits(u.as_ref(), prepared.culprit_range()).await;
-                let t = self.inner.results.commit(prepared, culprits, error).await?;
+                let t = self
+                    .inner
+                    .results
+                    .commit_with(prepared, culprits, error, Some(&self.inner.notifier))
+                    .await?;
+                self.inner.notifier.wake();
                 self.log_transition(t.as_ref());
                 self.collect_garbage().await;
             }
@@ -644,7 +653,12 @@ impl Pipeline {
                 let prepared = self.inner.results.prepare_run(run, build_job)?;
                 let u = self.upstream(&upstream).ok().cloned();
                 let (culprits, error) = self.culprits(u.as_ref(), prepared.culprit_range()).await;
-                let t = self.inner.results.commit(prepared, culprits, error).await?;
+                let t = self
+                    .inner
+                    .results
+                    .commit_with(prepared, culprits, error, Some(&self.inner.notifier))
+                    .await?;
+                self.inner.notifier.wake();
                 self.log_transition(t.as_ref());
             }
         }

@@ -19,8 +19,8 @@ use clap::Args;
 use tokio::process::{Child, Command};
 use trunkfarm_proto::v1::{
     BuildState, CreateTokenRequest, GetStatusRequest, GetStatusResponse, JobState,
-    ListAgentsRequest, ListJobsRequest, ListTransitionsRequest, RunStatus, Transition,
-    TransitionKind,
+    ListAgentsRequest, ListJobsRequest, ListMailRequest, ListTransitionsRequest, MailState,
+    RunStatus, Transition, TransitionKind,
 };
 
 use super::client::{self, AdminClient};
@@ -162,6 +162,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         }
     };
     if let Ok(line) = counts {
+        println!(
+            "demo: the maintainers' mails are in {} (one .eml file each)",
+            dir.join("mailbox").display()
+        );
         println!("{line}");
     }
     Ok(if as_designed {
@@ -178,17 +182,18 @@ fn hub_toml(story: &Story, repos: &Path) -> String {
         format!("[{}]", quoted.join(", "))
     };
     let mut toml = format!(
-        "# Written by `trunkfarm demo`.\n[hub]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"hub\"\n\n[dispatch]\nheartbeat_interval = \"2s\"\nlease_timeout = \"10s\"\n\n[[upstream]]\nname = \"{UPSTREAM}\"\nurl = {:?}\npoll_interval = \"{POLL}\"\nbuild = {}\nbuild_timeout = \"5m\"\n",
+        "# Written by `trunkfarm demo`.\n[hub]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"hub\"\n\n[web]\nlisten = \"127.0.0.1:0\"\n\n[smtp]\nmailbox_dir = \"mailbox\"\nfrom = \"trunkfarm demo <trunkfarm@demo.invalid>\"\n\n[dispatch]\nheartbeat_interval = \"2s\"\nlease_timeout = \"10s\"\n\n[[upstream]]\nname = \"{UPSTREAM}\"\nurl = {:?}\npoll_interval = \"{POLL}\"\nbuild = {}\nbuild_timeout = \"5m\"\n",
         repos.join(UPSTREAM).display().to_string(),
         list(&story.upstream.build)
     );
     for p in &story.project {
         toml.push_str(&format!(
-            "\n[[project]]\nname = {:?}\nurl = {:?}\npoll_interval = \"{POLL}\"\ntest = {}\njunit = {}\ntimeout = \"5m\"\n",
+            "\n[[project]]\nname = {:?}\nurl = {:?}\npoll_interval = \"{POLL}\"\ntest = {}\njunit = {}\ntimeout = \"5m\"\nmaintainers = [\"{}-dev@example.org\"]\n",
             p.name,
             repos.join(&p.name).display().to_string(),
             list(&p.test),
-            list(&p.junit)
+            list(&p.junit),
+            p.name
         ));
     }
     toml
@@ -474,8 +479,29 @@ async fn summary(admin: &mut AdminClient) -> anyhow::Result<String> {
     let green = count(&[TransitionKind::StillGreen, TransitionKind::Fixed]);
     let red = count(&[TransitionKind::WentRed, TransitionKind::StillRed]);
     let fixed = count(&[TransitionKind::Fixed]);
+    // Mails go out asynchronously: give the outbox a moment to drain.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mails = loop {
+        let list = admin
+            .list_mail(ListMailRequest {
+                limit: 10_000,
+                ..Default::default()
+            })
+            .await
+            .map_err(super::status_error)?
+            .into_inner()
+            .mails;
+        let pending = list.iter().any(|m| m.state == MailState::Pending as i32);
+        if !pending || Instant::now() >= deadline {
+            break list
+                .iter()
+                .filter(|m| m.state == MailState::Sent as i32)
+                .count();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     Ok(format!(
-        "demo: builds={builds} jobs={} green={green} red={red} fixed={fixed} mails=0",
+        "demo: builds={builds} jobs={} green={green} red={red} fixed={fixed} mails={mails}",
         jobs.len()
     ))
 }

@@ -1,0 +1,247 @@
+//! Maintainers' commands: `subscribe`, `unsubscribe`, `subscriptions`, and
+//! `mail test` / `mail list` for the operator.
+
+use std::process::ExitCode;
+
+use clap::{Args, Subcommand};
+use trunkfarm_proto::v1::{
+    ListMailRequest, ListSubscriptionsRequest, MailState, SendTestMailRequest, SubscribeRequest,
+    Subscription, UnsubscribeRequest,
+};
+
+use super::{status_error, when};
+use crate::config::HubConfig;
+
+/// Who subscribes to what.
+#[derive(Args)]
+pub struct SubscriptionArgs {
+    /// The address mails go to.
+    #[arg(long)]
+    email: String,
+    /// The project whose went-red and fixed events are mailed.
+    #[arg(long, required_unless_present = "digest")]
+    project: Option<String>,
+    /// Only results on this platform.
+    #[arg(long)]
+    platform: Option<String>,
+    /// Only results against this upstream (with --digest: the upstream digested).
+    #[arg(long)]
+    upstream: Option<String>,
+    /// A daily digest of everything that went red in --upstream instead.
+    #[arg(long, requires = "upstream", conflicts_with_all = ["project", "platform"])]
+    digest: bool,
+}
+
+impl SubscriptionArgs {
+    fn subscription(self) -> Subscription {
+        Subscription {
+            email: self.email,
+            project: self.project.unwrap_or_default(),
+            platform: self.platform.unwrap_or_default(),
+            upstream: self.upstream.unwrap_or_default(),
+            digest: self.digest,
+            ..Default::default()
+        }
+    }
+}
+
+/// `trunkfarm mail …`.
+#[derive(Subcommand)]
+pub enum MailCommand {
+    /// Send a test mail now with the [smtp] settings and print the server's answer.
+    Test {
+        /// The recipient.
+        #[arg(long)]
+        to: String,
+    },
+    /// The outbox: pending, sent and failed mails, newest first.
+    List {
+        /// Only mails in this state: pending, sent, failed.
+        #[arg(long)]
+        state: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `trunkfarm subscribe`.
+pub async fn subscribe(cfg: &HubConfig, args: SubscriptionArgs) -> anyhow::Result<ExitCode> {
+    let mut client = super::client::connect(cfg).await?;
+    let sub = args.subscription();
+    let created = client
+        .subscribe(SubscribeRequest {
+            subscription: Some(sub.clone()),
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner()
+        .created;
+    let what = if sub.digest {
+        format!("the {} digest", sub.upstream)
+    } else {
+        format!("{} went red / fixed mails", sub.project)
+    };
+    if created {
+        eprintln!("{} is subscribed to {what}", sub.email);
+    } else {
+        eprintln!("{} was already subscribed to {what} (updated)", sub.email);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `trunkfarm unsubscribe`.
+pub async fn unsubscribe(cfg: &HubConfig, args: SubscriptionArgs) -> anyhow::Result<ExitCode> {
+    let mut client = super::client::connect(cfg).await?;
+    let sub = args.subscription();
+    let removed = client
+        .unsubscribe(UnsubscribeRequest {
+            subscription: Some(sub.clone()),
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner()
+        .removed;
+    if removed {
+        eprintln!("{} is unsubscribed", sub.email);
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!("{} had no such subscription", sub.email);
+        Ok(ExitCode::from(1))
+    }
+}
+
+/// `trunkfarm subscriptions`.
+pub async fn list(
+    cfg: &HubConfig,
+    project: Option<String>,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let mut client = super::client::connect(cfg).await?;
+    let subs = client
+        .list_subscriptions(ListSubscriptionsRequest {
+            project: project.unwrap_or_default(),
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner()
+        .subscriptions;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&subs)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:<32} {:<20} {:<16} {:<12} SOURCE",
+        "EMAIL", "PROJECT", "PLATFORM", "UPSTREAM"
+    );
+    for s in subs {
+        let project = if s.digest {
+            "(digest)".to_owned()
+        } else {
+            s.project
+        };
+        println!(
+            "{:<32} {:<20} {:<16} {:<12} {}",
+            s.email,
+            project,
+            if s.platform.is_empty() {
+                "any"
+            } else {
+                &s.platform
+            },
+            if s.upstream.is_empty() {
+                "any"
+            } else {
+                &s.upstream
+            },
+            s.source
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn state_name(state: i32) -> &'static str {
+    match MailState::try_from(state).unwrap_or(MailState::Unspecified) {
+        MailState::Pending => "pending",
+        MailState::Sent => "sent",
+        MailState::Failed => "failed",
+        MailState::Unspecified => "?",
+    }
+}
+
+/// `trunkfarm mail …`.
+pub async fn mail(cfg: &HubConfig, command: MailCommand) -> anyhow::Result<ExitCode> {
+    let mut client = super::client::connect(cfg).await?;
+    match command {
+        MailCommand::Test { to } => {
+            let answer = client
+                .send_test_mail(SendTestMailRequest { to: to.clone() })
+                .await
+                .map_err(status_error)?
+                .into_inner()
+                .response;
+            println!("{answer}");
+            eprintln!("test mail to {to} accepted");
+        }
+        MailCommand::List { state, limit, json } => {
+            let state = match state.as_deref() {
+                None => MailState::Unspecified,
+                Some("pending") => MailState::Pending,
+                Some("sent") => MailState::Sent,
+                Some("failed") => MailState::Failed,
+                Some(other) => {
+                    anyhow::bail!("{other:?} is not a mail state; use pending, sent or failed")
+                }
+            };
+            let resp = client
+                .list_mail(ListMailRequest {
+                    limit,
+                    state: state.into(),
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::json!({
+                        "sender": resp.sender, "mails": resp.mails,
+                    }))?
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
+            println!("delivery: {}", resp.sender);
+            println!(
+                "{:<8} {:<8} {:<4} {:<22} {:<28} SUBJECT",
+                "MAIL", "STATE", "TRY", "WHEN", "TO"
+            );
+            for m in resp.mails {
+                let at = if m.sent_at_ms > 0 {
+                    m.sent_at_ms
+                } else {
+                    m.created_at_ms
+                };
+                println!(
+                    "{:<8} {:<8} {:<4} {:<22} {:<28} {}",
+                    m.id,
+                    state_name(m.state),
+                    m.attempts,
+                    when(at),
+                    m.to,
+                    m.subject
+                );
+                if !m.last_error.is_empty() {
+                    println!(
+                        "         last error: {} (next try {})",
+                        m.last_error,
+                        when(m.next_attempt_at_ms)
+                    );
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,358 @@
+//! What a mail says: subject, plain text and an HTML part, for a transition
+//! (went red, fixed), a still-red reminder, a failed runtime build, a digest
+//! and a test mail. Pure functions of their inputs, so they are easy to test.
+
+use std::fmt::Write as _;
+
+use trunkfarm_proto::v1::{Transition, TransitionKind};
+
+use crate::pipeline::short;
+
+/// Everything a mail about one transition needs besides the transition.
+pub struct Context<'a> {
+    /// The upstream's branch (for "cpython main 3f2a9c1").
+    pub branch: &'a str,
+    /// The last lines of the failing job's log.
+    pub log_tail: &'a str,
+    /// Base URL of the hub's web endpoint (no trailing slash).
+    pub public_url: &'a str,
+    /// The recipient's one-click unsubscribe link.
+    pub unsubscribe_url: &'a str,
+    /// For a reminder: how many days red, and the reminder's number.
+    pub reminder: Option<(u64, u32)>,
+}
+
+/// Subject, text and HTML of a mail.
+pub struct Rendered {
+    /// The subject line.
+    pub subject: String,
+    /// The plain-text part.
+    pub text: String,
+    /// The HTML part.
+    pub html: String,
+}
+
+fn short7(sha: &str) -> &str {
+    sha.get(..7).unwrap_or(sha)
+}
+
+/// Escapes text for HTML.
+pub fn escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// The mail for a transition (went red, fixed, or a reminder of a red one).
+pub fn transition(t: &Transition, ctx: &Context<'_>) -> Rendered {
+    let kind = TransitionKind::try_from(t.kind).unwrap_or(TransitionKind::Unspecified);
+    let subject_of = if t.project.is_empty() {
+        format!("{} {} build", t.upstream, ctx.branch)
+    } else {
+        t.project.clone()
+    };
+    let what = match (kind, ctx.reminder) {
+        (_, Some((days, _))) => format!("still red ({days} days)"),
+        (TransitionKind::WentRed, _) if t.project.is_empty() => "failed".to_owned(),
+        (TransitionKind::WentRed, _) => "went red".to_owned(),
+        (TransitionKind::Fixed, _) => "fixed".to_owned(),
+        (TransitionKind::StillRed, _) => "still red".to_owned(),
+        _ => "still green".to_owned(),
+    };
+    let subject = if t.project.is_empty() {
+        format!(
+            "[trunkfarm] {subject_of} {what} on {} at {}",
+            t.platform,
+            short7(&t.upstream_commit)
+        )
+    } else {
+        format!(
+            "[trunkfarm] {subject_of} {what} on {} with {} {} {}",
+            t.platform,
+            t.upstream,
+            ctx.branch,
+            short7(&t.upstream_commit)
+        )
+    };
+    let mut text = String::new();
+    let run_url = format!("{}/runs/{}", ctx.public_url, t.job_id);
+    let history_url = if t.project.is_empty() {
+        format!("{}/upstreams/{}", ctx.public_url, t.upstream)
+    } else {
+        format!("{}/projects/{}", ctx.public_url, t.project)
+    };
+    let _ = writeln!(
+        text,
+        "{subject_of} {what} on {} with {} {} {}.",
+        t.platform,
+        t.upstream,
+        ctx.branch,
+        short(&t.upstream_commit)
+    );
+    let _ = writeln!(text);
+    if kind == TransitionKind::WentRed || ctx.reminder.is_some() {
+        if t.last_green_upstream_commit.is_empty() {
+            let _ = writeln!(
+                text,
+                "There is no green result before this one, so the culprit range is unknown;"
+            );
+            let _ = writeln!(text, "the commit tested:");
+        } else {
+            let _ = writeln!(
+                text,
+                "Culprit range ({} commit(s) after the last green {}):",
+                t.culprits.len(),
+                short(&t.last_green_upstream_commit)
+            );
+        }
+        for c in &t.culprits {
+            if c.subject.is_empty() {
+                let _ = writeln!(text, "  {}", short(&c.sha));
+            } else {
+                let _ = writeln!(text, "  {} {} ({})", short(&c.sha), c.subject, c.author);
+            }
+        }
+        if !t.culprits_error.is_empty() {
+            let _ = writeln!(text, "  ({})", t.culprits_error);
+        }
+        let _ = writeln!(text);
+        if t.project_commit_changed {
+            let _ = writeln!(
+                text,
+                "The project's own commit changed too: {} -> {}.",
+                short(&t.previous_project_commit),
+                short(&t.project_commit)
+            );
+        } else if !t.project.is_empty() {
+            let _ = writeln!(
+                text,
+                "The project's own commit did not change ({}).",
+                if t.project_commit.is_empty() {
+                    "its branch"
+                } else {
+                    short(&t.project_commit)
+                }
+            );
+        }
+        if !t.newly_failing.is_empty() {
+            let _ = writeln!(text);
+            let _ = writeln!(text, "Newly failing tests:");
+            for name in t.newly_failing.iter().take(50) {
+                let _ = writeln!(text, "  {name}");
+            }
+            if t.newly_failing.len() > 50 {
+                let _ = writeln!(text, "  ... and {} more", t.newly_failing.len() - 50);
+            }
+        }
+        if !ctx.log_tail.trim().is_empty() {
+            let _ = writeln!(text);
+            let _ = writeln!(text, "Last lines of the log:");
+            for line in ctx.log_tail.lines() {
+                let _ = writeln!(text, "  | {line}");
+            }
+        }
+    } else if kind == TransitionKind::Fixed {
+        let _ = writeln!(text, "It is green again with this commit.");
+    }
+    let _ = writeln!(text);
+    let _ = writeln!(text, "The run:     {run_url}");
+    let _ = writeln!(text, "The history: {history_url}");
+    let _ = writeln!(text);
+    let _ = writeln!(
+        text,
+        "You get this because you subscribed to {subject_of} on this trunkfarm hub."
+    );
+    let _ = writeln!(text, "Unsubscribe: {}", ctx.unsubscribe_url);
+    let html = html_of(&subject, &text, ctx.unsubscribe_url);
+    Rendered {
+        subject,
+        text,
+        html,
+    }
+}
+
+/// A digest: everything that went red in an upstream during one period.
+pub fn digest(
+    upstream: &str,
+    went_red: &[Transition],
+    public_url: &str,
+    unsubscribe_url: &str,
+) -> Rendered {
+    let subject = format!(
+        "[trunkfarm] {upstream} digest: {} project(s) went red",
+        went_red.len()
+    );
+    let mut text = format!("What went red in {upstream} since the last digest:\n\n");
+    for t in went_red {
+        let what = if t.project.is_empty() {
+            "the runtime build".to_owned()
+        } else {
+            t.project.clone()
+        };
+        let _ = writeln!(
+            text,
+            "- {what} on {} at {} ({} culprit commit(s)){}",
+            t.platform,
+            short(&t.upstream_commit),
+            t.culprits.len(),
+            if t.newly_failing.is_empty() {
+                String::new()
+            } else {
+                format!("; newly failing: {}", t.newly_failing.join(", "))
+            }
+        );
+        for c in t.culprits.iter().take(5) {
+            let _ = writeln!(text, "    {} {} ({})", short(&c.sha), c.subject, c.author);
+        }
+        let _ = writeln!(text, "    {public_url}/runs/{}", t.job_id);
+    }
+    let _ = writeln!(text, "\nUnsubscribe from this digest: {unsubscribe_url}");
+    let html = html_of(&subject, &text, unsubscribe_url);
+    Rendered {
+        subject,
+        text,
+        html,
+    }
+}
+
+/// `trunkfarm mail test`.
+pub fn test_mail(hub: &str) -> Rendered {
+    let subject = "[trunkfarm] test mail".to_owned();
+    let text =
+        format!("This is a test mail from the trunkfarm hub {hub}: its [smtp] settings work.\n");
+    let html = html_of(&subject, &text, "");
+    Rendered {
+        subject,
+        text,
+        html,
+    }
+}
+
+/// The HTML part: the text, escaped, in a pre block, with links clickable.
+fn html_of(subject: &str, text: &str, unsubscribe_url: &str) -> String {
+    let mut body = String::new();
+    for line in text.lines() {
+        let escaped = escape(line);
+        let linked = match escaped.find("http://").or_else(|| escaped.find("https://")) {
+            Some(i) => {
+                let (before, url) = escaped.split_at(i);
+                format!("{before}<a href=\"{url}\">{url}</a>")
+            }
+            None => escaped,
+        };
+        body.push_str(&linked);
+        body.push('\n');
+    }
+    let footer = if unsubscribe_url.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "<p style=\"font-size:small\"><a href=\"{}\">Unsubscribe</a></p>",
+            escape(unsubscribe_url)
+        )
+    };
+    format!(
+        "<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>{}</title></head><body><pre style=\"font-family:monospace\">{body}</pre>{footer}</body></html>",
+        escape(subject)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use trunkfarm_proto::v1::Commit;
+
+    fn went_red() -> Transition {
+        Transition {
+            id: 7,
+            kind: TransitionKind::WentRed.into(),
+            project: "attrs".into(),
+            upstream: "cpython".into(),
+            platform: "linux-x86_64".into(),
+            upstream_commit: "3f2a9c1e2b4d".repeat(3),
+            last_green_upstream_commit: "1111111111".into(),
+            culprits: vec![Commit {
+                sha: "3f2a9c1e2b4d".repeat(3),
+                subject: "gh-1: speed up <dict>".into(),
+                author: "Ada <ada@example.org>".into(),
+                time_ms: 0,
+            }],
+            newly_failing: vec!["tests.test_x".into()],
+            job_id: 42,
+            ..Default::default()
+        }
+    }
+
+    fn ctx<'a>() -> Context<'a> {
+        Context {
+            branch: "main",
+            log_tail: "FAILED tests/test_x.py\n1 failed",
+            public_url: "https://farm.example.org",
+            unsubscribe_url: "https://farm.example.org/unsubscribe?token=abc",
+            reminder: None,
+        }
+    }
+
+    #[test]
+    fn went_red_mail_says_everything() {
+        let m = transition(&went_red(), &ctx());
+        assert_eq!(
+            m.subject,
+            "[trunkfarm] attrs went red on linux-x86_64 with cpython main 3f2a9c1"
+        );
+        for needle in [
+            "gh-1: speed up <dict> (Ada <ada@example.org>)",
+            "after the last green 1111111111",
+            "Newly failing tests:\n  tests.test_x",
+            "  | 1 failed",
+            "https://farm.example.org/runs/42",
+            "https://farm.example.org/projects/attrs",
+            "Unsubscribe: https://farm.example.org/unsubscribe?token=abc",
+            "did not change",
+        ] {
+            assert!(m.text.contains(needle), "{needle:?} not in\n{}", m.text);
+        }
+        assert!(m.html.contains("speed up &lt;dict&gt;"), "{}", m.html);
+        assert!(!m.html.contains("<dict>"));
+    }
+
+    #[test]
+    fn fixed_reminder_build_and_digest() {
+        let mut t = went_red();
+        t.kind = TransitionKind::Fixed.into();
+        let m = transition(&t, &ctx());
+        assert!(
+            m.subject.contains("attrs fixed on linux-x86_64"),
+            "{}",
+            m.subject
+        );
+        assert!(!m.text.contains("Culprit"));
+        let mut c = ctx();
+        c.reminder = Some((7, 1));
+        let m = transition(&went_red(), &c);
+        assert!(
+            m.subject.contains("attrs still red (7 days)"),
+            "{}",
+            m.subject
+        );
+        let mut b = went_red();
+        b.project.clear();
+        let m = transition(&b, &ctx());
+        assert_eq!(
+            m.subject,
+            "[trunkfarm] cpython main build failed on linux-x86_64 at 3f2a9c1"
+        );
+        let d = digest("cpython", &[went_red()], "https://x", "https://x/u");
+        assert!(d.subject.contains("1 project(s) went red"));
+        assert!(d.text.contains("- attrs on linux-x86_64"));
+    }
+}

@@ -1,0 +1,430 @@
+//! Signed one-click unsubscribe tokens.
+//!
+//! A token carries what it removes ([`Unsub`]) and when it stops working, and
+//! is signed with HMAC-SHA256 under a key only the hub knows (a 0600 file in the
+//! data dir). Nothing is stored per mail: the hub checks the signature and the
+//! expiry, then acts on what the token says.
+//!
+//! Wire form: base64url (no padding) of
+//! `version (1) | expires_at_ms (u64 BE) | digest (1) | 3 × (len u32 BE | UTF-8)
+//! (email, project, upstream) | HMAC-SHA256 (32)`, the MAC taken over a domain
+//! prefix and everything before it. About 170 characters for a typical address.
+
+use std::path::{Path, PathBuf};
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use hmac::{Hmac, Mac};
+use rand::RngCore;
+use sha2::Sha256;
+
+/// What an unsubscribe link removes.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Unsub {
+    /// The address that stops receiving mail.
+    pub email: String,
+    /// The project whose mail it stops.
+    pub project: String,
+    /// The upstream (runtime) the subscription is about.
+    pub upstream: String,
+    /// Whether the link is for the digest rather than per-event mail.
+    pub digest: bool,
+}
+
+/// Why a token was refused, or the key could not be loaded. The messages are
+/// meant for the person who clicked the link (or the operator, for the key).
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    /// Not a token at all: bad characters, cut off, or an unknown version.
+    #[error(
+        "this unsubscribe link is invalid (it was altered or cut off); use the link in a newer mail, or ask the hub's operator"
+    )]
+    Malformed,
+    /// Well-formed, but not signed by this hub's key (altered, or the key changed).
+    #[error(
+        "this unsubscribe link is invalid (it was altered or cut off, or the hub's key changed); use the link in a newer mail, or ask the hub's operator"
+    )]
+    BadSignature,
+    /// Genuine, but past its expiry.
+    #[error("this unsubscribe link expired on {}; use the link in a newer mail, or ask the hub's operator", format_date(*.expired_at_ms))]
+    Expired {
+        /// When it expired (Unix milliseconds).
+        expired_at_ms: u64,
+    },
+    /// The key file could not be read or written.
+    #[error("unsubscribe key file {}: {source}", path.display())]
+    Io {
+        /// The key file.
+        path: PathBuf,
+        /// What went wrong.
+        source: std::io::Error,
+    },
+    /// The key file exists but does not hold a key.
+    #[error("unsubscribe key file {} is corrupt (expected 64 hexadecimal digits): delete it to have the hub create a new key (unsubscribe links in mail already sent will then stop working)", path.display())]
+    CorruptKey {
+        /// The key file.
+        path: PathBuf,
+    },
+}
+
+/// The key unsubscribe tokens are signed with: 32 random bytes.
+#[derive(Clone)]
+pub struct UnsubscribeKey {
+    bytes: [u8; 32],
+}
+
+impl std::fmt::Debug for UnsubscribeKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("UnsubscribeKey(<redacted>)")
+    }
+}
+
+const VERSION: u8 = 1;
+const MAC_LEN: usize = 32;
+/// Fixed part of the payload: version, expiry, digest flag.
+const HEADER_LEN: usize = 1 + 8 + 1;
+/// Keeps these MACs distinct from anything else the key might ever sign.
+const DOMAIN: &[u8] = b"trunkfarm-unsubscribe\0";
+/// Tokens longer than this are refused before decoding.
+const MAX_TOKEN_CHARS: usize = 4096;
+
+impl UnsubscribeKey {
+    /// Loads `<path>` or creates it (32 random bytes, hex, mode 0600).
+    pub fn load_or_create(path: &Path) -> Result<UnsubscribeKey, TokenError> {
+        let io = |source: std::io::Error| TokenError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        match std::fs::read_to_string(path) {
+            Ok(text) => {
+                let mut bytes = [0u8; 32];
+                hex::decode_to_slice(text.trim(), &mut bytes).map_err(|_| {
+                    TokenError::CorruptKey {
+                        path: path.to_path_buf(),
+                    }
+                })?;
+                Ok(UnsubscribeKey { bytes })
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => Err(TokenError::CorruptKey {
+                path: path.to_path_buf(),
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    std::fs::create_dir_all(dir).map_err(io)?;
+                }
+                let mut bytes = [0u8; 32];
+                rand::rng().fill_bytes(&mut bytes);
+                crate::auth::secret::write_private(
+                    path,
+                    format!("{}\n", hex::encode(bytes)).as_bytes(),
+                )
+                .map_err(io)?;
+                Ok(UnsubscribeKey { bytes })
+            }
+            Err(e) => Err(io(e)),
+        }
+    }
+
+    /// A key from known bytes (tests).
+    pub fn from_bytes(bytes: [u8; 32]) -> UnsubscribeKey {
+        UnsubscribeKey { bytes }
+    }
+
+    fn mac(&self) -> Hmac<Sha256> {
+        let mut mac =
+            <Hmac<Sha256> as Mac>::new_from_slice(&self.bytes).expect("HMAC takes any key length");
+        mac.update(DOMAIN);
+        mac
+    }
+
+    /// A URL-safe token (base64url, no padding) carrying `unsub` and
+    /// `expires_at_ms`, signed with HMAC-SHA256.
+    pub fn sign(&self, unsub: &Unsub, expires_at_ms: u64) -> String {
+        let fields = [&unsub.email, &unsub.project, &unsub.upstream];
+        let len = HEADER_LEN + fields.iter().map(|f| 4 + f.len()).sum::<usize>() + MAC_LEN;
+        let mut buf = Vec::with_capacity(len);
+        buf.push(VERSION);
+        buf.extend_from_slice(&expires_at_ms.to_be_bytes());
+        buf.push(u8::from(unsub.digest));
+        for field in fields {
+            // Names and addresses are far below 4 GiB; saturating keeps this
+            // total (a token that long would fail to parse, not mis-parse).
+            let n = u32::try_from(field.len()).unwrap_or(u32::MAX);
+            buf.extend_from_slice(&n.to_be_bytes());
+            buf.extend_from_slice(field.as_bytes());
+        }
+        let mut mac = self.mac();
+        mac.update(&buf);
+        buf.extend_from_slice(&mac.finalize().into_bytes());
+        URL_SAFE_NO_PAD.encode(buf)
+    }
+
+    /// Checks the signature (in constant time) and the expiry, and returns what
+    /// the token removes.
+    pub fn verify(&self, token: &str, now_ms: u64) -> Result<Unsub, TokenError> {
+        let token = token.trim();
+        if token.is_empty() || token.len() > MAX_TOKEN_CHARS {
+            return Err(TokenError::Malformed);
+        }
+        let raw = URL_SAFE_NO_PAD
+            .decode(token)
+            .map_err(|_| TokenError::Malformed)?;
+        if raw.len() < HEADER_LEN + 3 * 4 + MAC_LEN {
+            return Err(TokenError::Malformed);
+        }
+        let (payload, tag) = raw.split_at(raw.len() - MAC_LEN);
+        let mut mac = self.mac();
+        mac.update(payload);
+        mac.verify_slice(tag)
+            .map_err(|_| TokenError::BadSignature)?;
+        let (unsub, expires_at_ms) = decode_payload(payload).ok_or(TokenError::Malformed)?;
+        if now_ms >= expires_at_ms {
+            return Err(TokenError::Expired {
+                expired_at_ms: expires_at_ms,
+            });
+        }
+        Ok(unsub)
+    }
+}
+
+/// Parses a signed payload; `None` if it is not one this version wrote.
+fn decode_payload(payload: &[u8]) -> Option<(Unsub, u64)> {
+    let (&version, rest) = payload.split_first()?;
+    if version != VERSION {
+        return None;
+    }
+    let (expiry, rest) = rest.split_first_chunk::<8>()?;
+    let (&digest, mut rest) = rest.split_first()?;
+    let digest = match digest {
+        0 => false,
+        1 => true,
+        _ => return None,
+    };
+    let mut next = || -> Option<String> {
+        let (len, tail) = rest.split_first_chunk::<4>()?;
+        let len = usize::try_from(u32::from_be_bytes(*len)).ok()?;
+        if len > tail.len() {
+            return None;
+        }
+        let (field, tail) = tail.split_at(len);
+        rest = tail;
+        String::from_utf8(field.to_vec()).ok()
+    };
+    let email = next()?;
+    let project = next()?;
+    let upstream = next()?;
+    if !rest.is_empty() {
+        return None;
+    }
+    Some((
+        Unsub {
+            email,
+            project,
+            upstream,
+            digest,
+        },
+        u64::from_be_bytes(*expiry),
+    ))
+}
+
+/// `2025-06-01 12:00 UTC` for a Unix-milliseconds instant.
+fn format_date(ms: u64) -> String {
+    let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
+    let text = humantime::format_rfc3339_seconds(at).to_string();
+    // "YYYY-MM-DDTHH:MM:SSZ" → "YYYY-MM-DD HH:MM UTC"
+    match (text.get(..10), text.get(11..16)) {
+        (Some(date), Some(time)) => format!("{date} {time} UTC"),
+        _ => text,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Unsub {
+        Unsub {
+            email: "alice.maintainer@example.org".into(),
+            project: "attrs".into(),
+            upstream: "cpython-main".into(),
+            digest: false,
+        }
+    }
+
+    fn key(seed: u8) -> UnsubscribeKey {
+        UnsubscribeKey::from_bytes([seed; 32])
+    }
+
+    const NOW: u64 = 1_750_000_000_000;
+    const LATER: u64 = NOW + 90 * 24 * 3600 * 1000;
+
+    #[test]
+    fn round_trip() {
+        let k = key(7);
+        for digest in [false, true] {
+            let u = Unsub { digest, ..sample() };
+            let t = k.sign(&u, LATER);
+            assert!(
+                t.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'),
+                "{t}"
+            );
+            assert_eq!(k.verify(&t, NOW).unwrap(), u);
+        }
+        // Empty and non-ASCII fields survive too.
+        let odd = Unsub {
+            email: "ünïcode@exämple.org".into(),
+            project: String::new(),
+            upstream: "x".into(),
+            digest: true,
+        };
+        assert_eq!(k.verify(&k.sign(&odd, LATER), NOW).unwrap(), odd);
+    }
+
+    #[test]
+    fn tokens_are_short_enough_for_a_url() {
+        let u = Unsub {
+            email: "a.rather.long.address+farm-notifications@mail.example-university.edu".into(),
+            project: "some-longer-project-name".into(),
+            upstream: "cpython-3.14-freethreading".into(),
+            digest: true,
+        };
+        let t = key(1).sign(&u, LATER);
+        assert!(t.len() < 400, "{} chars", t.len());
+        assert!(key(1).sign(&sample(), LATER).len() < 200);
+    }
+
+    #[test]
+    fn any_altered_character_is_refused() {
+        let k = key(3);
+        let t = k.sign(&sample(), LATER);
+        for i in 0..t.len() {
+            for replacement in ['A', 'z', '-', '%', '='] {
+                let mut bytes = t.clone().into_bytes();
+                if bytes[i] == replacement as u8 {
+                    continue;
+                }
+                bytes[i] = replacement as u8;
+                let altered = String::from_utf8(bytes).unwrap();
+                match k.verify(&altered, NOW) {
+                    Err(TokenError::BadSignature | TokenError::Malformed) => {}
+                    other => panic!("position {i} → {replacement:?}: {other:?}"),
+                }
+            }
+        }
+        // Cut off anywhere, or extended.
+        for n in 0..t.len() {
+            assert!(
+                matches!(
+                    k.verify(&t[..n], NOW),
+                    Err(TokenError::BadSignature | TokenError::Malformed)
+                ),
+                "cut at {n}"
+            );
+        }
+        assert!(k.verify(&format!("{t}AA"), NOW).is_err());
+    }
+
+    #[test]
+    fn another_key_is_refused() {
+        let t = key(1).sign(&sample(), LATER);
+        assert!(matches!(
+            key(2).verify(&t, NOW),
+            Err(TokenError::BadSignature)
+        ));
+    }
+
+    #[test]
+    fn expired_tokens_are_refused_with_the_date() {
+        let k = key(4);
+        let t = k.sign(&sample(), NOW);
+        match k.verify(&t, NOW) {
+            Err(e @ TokenError::Expired { expired_at_ms }) => {
+                assert_eq!(expired_at_ms, NOW);
+                let msg = e.to_string();
+                assert!(msg.contains("expired on 2025-06-15 15:06 UTC"), "{msg}");
+                assert!(msg.contains("newer mail"), "{msg}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(k.verify(&t, NOW - 1).is_ok());
+    }
+
+    #[test]
+    fn garbage_is_malformed() {
+        let k = key(5);
+        let long = "A".repeat(10_000);
+        for g in [
+            "",
+            " ",
+            "x",
+            "not a token",
+            "!!!!",
+            "AAAA",
+            "ÿÿÿÿ",
+            "\0",
+            long.as_str(),
+        ] {
+            assert!(
+                matches!(k.verify(g, NOW), Err(TokenError::Malformed)),
+                "{g:?}"
+            );
+        }
+        // Long enough to carry a MAC but not signed: bad signature.
+        let fake = URL_SAFE_NO_PAD.encode([0u8; 80]);
+        assert!(matches!(
+            k.verify(&fake, NOW),
+            Err(TokenError::BadSignature)
+        ));
+        let msg = TokenError::Malformed.to_string();
+        assert!(msg.contains("invalid (it was altered or cut off)"), "{msg}");
+    }
+
+    #[test]
+    fn load_or_create_makes_a_private_file_and_reloads_it() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub").join("unsubscribe.key");
+        let k1 = UnsubscribeKey::load_or_create(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text.trim().len(), 64);
+        let k2 = UnsubscribeKey::load_or_create(&path).unwrap();
+        assert_eq!(k1.bytes, k2.bytes);
+        let t = k1.sign(&sample(), LATER);
+        assert_eq!(k2.verify(&t, NOW).unwrap(), sample());
+        assert_eq!(format!("{k1:?}"), "UnsubscribeKey(<redacted>)");
+        // A fresh file gets a different key.
+        let other = UnsubscribeKey::load_or_create(&dir.path().join("k2")).unwrap();
+        assert_ne!(other.bytes, k1.bytes);
+    }
+
+    #[test]
+    fn a_corrupt_key_file_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, contents) in [
+            ("short", b"abcd\n".as_slice()),
+            ("nothex", &[b'z'; 64]),
+            ("empty", b""),
+            ("binary", &[0xff, 0xfe, 0x00]),
+        ] {
+            let path = dir.path().join(name);
+            std::fs::write(&path, contents).unwrap();
+            let err = UnsubscribeKey::load_or_create(&path).unwrap_err();
+            assert!(
+                matches!(err, TokenError::CorruptKey { .. }),
+                "{name}: {err:?}"
+            );
+            let msg = err.to_string();
+            assert!(msg.contains(&path.display().to_string()), "{msg}");
+            assert!(msg.contains("corrupt"), "{msg}");
+            // Never replaced behind the operator's back.
+            assert_eq!(std::fs::read(&path).unwrap(), contents);
+        }
+        // A directory where the file should be: an I/O error naming it.
+        let err = UnsubscribeKey::load_or_create(dir.path()).unwrap_err();
+        assert!(matches!(err, TokenError::Io { .. }), "{err:?}");
+        assert!(err.to_string().contains(&dir.path().display().to_string()));
+    }
+}

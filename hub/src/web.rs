@@ -1,0 +1,530 @@
+//! The hub's small HTTP endpoint: one-click unsubscribe links now, a dashboard
+//! later.
+//!
+//! `GET /unsubscribe?token=T` only shows a page with a button: mail scanners
+//! and link previewers follow GET links, so a GET never unsubscribes. The
+//! button (and a mail client's RFC 8058 one-click request) POSTs to the same
+//! URL, which hands the token to the notifier. The page is self-contained (no
+//! external resources), every interpolated string is HTML-escaped, and the
+//! token never reaches a log.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use tokio_util::sync::CancellationToken;
+
+/// A boxed, sendable future (what [`UnsubscribeFn`] returns).
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// What the web endpoint asks the notifier to do with a token. Returns a
+/// sentence for the page on success ("alice@example.org will no longer receive
+/// mail about attrs.") or an error sentence (shown with status 400).
+pub type UnsubscribeFn = Arc<dyn Fn(String) -> BoxFuture<Result<String, String>> + Send + Sync>;
+
+/// Builds an [`UnsubscribeFn`] from an async closure or function:
+/// `web::unsubscribe_fn(move |token| { let n = n.clone(); async move { n.unsubscribe(&token).await } })`.
+pub fn unsubscribe_fn<F, Fut>(f: F) -> UnsubscribeFn
+where
+    F: Fn(String) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<String, String>> + Send + 'static,
+{
+    Arc::new(move |token| Box::pin(f(token)))
+}
+
+/// How long open connections may keep the server task alive after shutdown
+/// is requested.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Longer tokens are refused without asking the notifier.
+const MAX_TOKEN_CHARS: usize = 4096;
+
+/// A running web endpoint.
+pub struct Web {
+    /// The bound address (useful when listening on port 0).
+    pub addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Web {
+    /// Waits for the server task to end (after `shutdown` is cancelled: in-flight
+    /// requests finish, for at most a few seconds).
+    pub async fn stopped(self) {
+        if let Err(e) = self.task.await {
+            tracing::error!("web endpoint task failed: {e}");
+        }
+    }
+}
+
+/// Binds `listen` and serves the web endpoint until `shutdown` is cancelled.
+pub async fn serve(
+    listen: SocketAddr,
+    unsubscribe: UnsubscribeFn,
+    shutdown: CancellationToken,
+) -> std::io::Result<Web> {
+    let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("cannot listen on {listen} for the web endpoint (web.listen): {e}"),
+        )
+    })?;
+    let addr = listener.local_addr()?;
+    let app = router(unsubscribe);
+    let server =
+        axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    let task = tokio::spawn(async move {
+        let deadline = async {
+            shutdown.cancelled().await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        };
+        tokio::select! {
+            result = server.into_future() => {
+                if let Err(e) = result {
+                    tracing::error!("web endpoint on {addr} stopped: {e}");
+                }
+            }
+            () = deadline => {
+                tracing::warn!(
+                    "web endpoint on {addr}: connections still open {SHUTDOWN_GRACE:?} after shutdown; not waiting for them"
+                );
+            }
+        }
+        tracing::debug!("web endpoint on {addr} stopped");
+    });
+    tracing::info!("web endpoint listening on http://{addr}");
+    Ok(Web { addr, task })
+}
+
+fn router(unsubscribe: UnsubscribeFn) -> Router {
+    Router::new()
+        .route("/unsubscribe", get(unsubscribe_page).post(unsubscribe_post))
+        .route("/healthz", get(|| async { "ok" }))
+        .fallback(|| async {
+            page(
+                StatusCode::NOT_FOUND,
+                "Not found",
+                "<p>There is nothing here.</p>",
+            )
+        })
+        .with_state(unsubscribe)
+}
+
+#[derive(serde::Deserialize)]
+struct TokenQuery {
+    token: Option<String>,
+}
+
+/// The token from the query, or the sentence explaining why there is none.
+fn token_of(query: Result<Query<TokenQuery>, QueryRejection>) -> Result<String, &'static str> {
+    let token = match query {
+        Ok(Query(TokenQuery { token: Some(t) })) if !t.trim().is_empty() => t.trim().to_string(),
+        Ok(_) => return Err("the link has no token"),
+        Err(_) => return Err("the link is malformed"),
+    };
+    if token.len() > MAX_TOKEN_CHARS {
+        return Err("this unsubscribe link is invalid (it was altered or cut off)");
+    }
+    Ok(token)
+}
+
+async fn unsubscribe_page(query: Result<Query<TokenQuery>, QueryRejection>) -> Response {
+    let token = match token_of(query) {
+        Ok(t) => t,
+        Err(sentence) => return error_page(sentence),
+    };
+    // Relative, so the form also works behind a reverse proxy's path prefix.
+    let action = format!("unsubscribe?token={}", percent_encode(&token));
+    let body = format!(
+        "<p>Press the button to stop receiving these emails.</p>\n\
+         <form method=\"post\" action=\"{}\">\n\
+         <input type=\"hidden\" name=\"List-Unsubscribe\" value=\"One-Click\">\n\
+         <button type=\"submit\">Unsubscribe</button>\n\
+         </form>",
+        escape(&action)
+    );
+    page(StatusCode::OK, "Unsubscribe", &body)
+}
+
+async fn unsubscribe_post(
+    State(unsubscribe): State<UnsubscribeFn>,
+    query: Result<Query<TokenQuery>, QueryRejection>,
+) -> Response {
+    // The body (`List-Unsubscribe=One-Click`, RFC 8058) carries nothing we
+    // need: the token is in the URL.
+    let token = match token_of(query) {
+        Ok(t) => t,
+        Err(sentence) => {
+            tracing::info!("web: unsubscribe refused: {sentence}");
+            return error_page(sentence);
+        }
+    };
+    // Spawned so a client hanging up mid-request cannot cancel the
+    // notifier's work halfway.
+    let outcome = tokio::spawn(unsubscribe(token)).await.unwrap_or_else(|e| {
+        tracing::error!("web: unsubscribe task failed: {e}");
+        Err("the hub failed to process this request; please try again later".to_string())
+    });
+    match outcome {
+        Ok(sentence) => {
+            tracing::info!("web: unsubscribed: {sentence}");
+            page(
+                StatusCode::OK,
+                "Unsubscribed",
+                &format!("<p>{}</p>", escape(&sentence)),
+            )
+        }
+        Err(sentence) => {
+            tracing::info!("web: unsubscribe refused: {sentence}");
+            error_page(&sentence)
+        }
+    }
+}
+
+fn error_page(sentence: &str) -> Response {
+    page(
+        StatusCode::BAD_REQUEST,
+        "Cannot unsubscribe",
+        &format!("<p>{}</p>", escape(sentence)),
+    )
+}
+
+/// A complete HTML page; `title` is escaped here, `body_html` must already be.
+fn page(status: StatusCode, title: &str, body_html: &str) -> Response {
+    let html = format!(
+        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n\
+         <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n\
+         <title>{title} · trunkfarm</title>\n\
+         <style>body{{font-family:sans-serif;max-width:36em;margin:3em auto;padding:0 1em;line-height:1.5}}\
+         button{{font-size:1.1em;padding:.4em 1.2em}}</style>\n\
+         </head>\n<body>\n<h1>{title}</h1>\n{body_html}\n</body>\n</html>\n",
+        title = escape(title),
+    );
+    let mut response = (status, html).into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    // The token is in the URL: never send it anywhere as a referrer.
+    headers.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'",
+        ),
+    );
+    response
+}
+
+/// Escapes text for HTML element content and quoted attribute values.
+pub fn escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Percent-encodes everything but RFC 3986 unreserved characters (a
+/// base64url token passes through unchanged).
+fn percent_encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    struct Reply {
+        status: u16,
+        headers: String,
+        body: String,
+    }
+
+    /// Sends one raw HTTP/1.1 request and reads the whole response.
+    async fn send(addr: SocketAddr, request: &str) -> Reply {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut raw = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut raw))
+            .await
+            .expect("response in time")
+            .unwrap();
+        let text = String::from_utf8(raw).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").expect("a complete response");
+        let status = head
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .expect("a status line");
+        Reply {
+            status,
+            headers: head.to_ascii_lowercase(),
+            body: body.to_string(),
+        }
+    }
+
+    async fn get(addr: SocketAddr, path: &str) -> Reply {
+        send(
+            addr,
+            &format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"),
+        )
+        .await
+    }
+
+    async fn post(addr: SocketAddr, path: &str, body: &str) -> Reply {
+        send(
+            addr,
+            &format!(
+                "POST {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
+                 Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            ),
+        )
+        .await
+    }
+
+    /// A server whose unsubscribe fn records calls and answers with `answer`.
+    async fn start(
+        answer: Result<&'static str, &'static str>,
+    ) -> (
+        Web,
+        CancellationToken,
+        Arc<AtomicUsize>,
+        Arc<std::sync::Mutex<Vec<String>>>,
+    ) {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let tokens = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let f = {
+            let calls = calls.clone();
+            let tokens = tokens.clone();
+            unsubscribe_fn(move |token| {
+                calls.fetch_add(1, Ordering::SeqCst);
+                tokens.lock().unwrap().push(token);
+                async move { answer.map(str::to_string).map_err(str::to_string) }
+            })
+        };
+        let shutdown = CancellationToken::new();
+        let web = serve("127.0.0.1:0".parse().unwrap(), f, shutdown.clone())
+            .await
+            .unwrap();
+        (web, shutdown, calls, tokens)
+    }
+
+    fn assert_html(r: &Reply) {
+        assert!(
+            r.headers.contains("content-type: text/html; charset=utf-8"),
+            "{}",
+            r.headers
+        );
+        assert!(r.body.starts_with("<!DOCTYPE html>"), "{}", r.body);
+    }
+
+    #[tokio::test]
+    async fn get_shows_a_form_and_does_not_unsubscribe() {
+        let (web, shutdown, calls, _) = start(Ok("done")).await;
+        let r = get(web.addr, "/unsubscribe?token=abc-DEF_123").await;
+        assert_eq!(r.status, 200);
+        assert_html(&r);
+        assert!(
+            r.body
+                .contains("<form method=\"post\" action=\"unsubscribe?token=abc-DEF_123\">"),
+            "{}",
+            r.body
+        );
+        assert!(r.body.contains("<button"));
+        assert!(
+            !r.body.contains("http://") && !r.body.contains("https://"),
+            "no external resources"
+        );
+        assert!(r.headers.contains("referrer-policy: no-referrer"));
+        // HEAD too.
+        let r = send(
+            web.addr,
+            "HEAD /unsubscribe?token=x HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        assert_eq!(r.status, 200);
+        assert_eq!(calls.load(Ordering::SeqCst), 0);
+        // A hostile token is encoded in the URL and escaped in the page.
+        let r = get(web.addr, "/unsubscribe?token=%22%3E%3Cscript%3E&x=1").await;
+        assert_eq!(r.status, 200);
+        assert!(!r.body.contains("<script>"), "{}", r.body);
+        assert!(
+            r.body
+                .contains("action=\"unsubscribe?token=%22%3E%3Cscript%3E\""),
+            "{}",
+            r.body
+        );
+        // No token.
+        let r = get(web.addr, "/unsubscribe").await;
+        assert_eq!(r.status, 400);
+        assert!(r.body.contains("the link has no token"), "{}", r.body);
+        assert_eq!(calls.load(Ordering::SeqCst), 0);
+        shutdown.cancel();
+        web.stopped().await;
+    }
+
+    #[tokio::test]
+    async fn post_unsubscribes_once_and_shows_the_sentence() {
+        let (web, shutdown, calls, tokens) = start(Ok(
+            "alice@example.org will no longer receive mail about attrs.",
+        ))
+        .await;
+        let r = post(
+            web.addr,
+            "/unsubscribe?token=tok_1",
+            "List-Unsubscribe=One-Click",
+        )
+        .await;
+        assert_eq!(r.status, 200);
+        assert_html(&r);
+        assert!(
+            r.body
+                .contains("<p>alice@example.org will no longer receive mail about attrs.</p>"),
+            "{}",
+            r.body
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert_eq!(*tokens.lock().unwrap(), ["tok_1"]);
+        // An empty body works too (a plain form without fields).
+        let r = post(web.addr, "/unsubscribe?token=tok_2", "").await;
+        assert_eq!(r.status, 200);
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        // No token: the fn is not called.
+        let r = post(web.addr, "/unsubscribe", "List-Unsubscribe=One-Click").await;
+        assert_eq!(r.status, 400);
+        assert!(r.body.contains("the link has no token"), "{}", r.body);
+        let r = post(web.addr, "/unsubscribe?token=", "").await;
+        assert_eq!(r.status, 400);
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        shutdown.cancel();
+        web.stopped().await;
+    }
+
+    #[tokio::test]
+    async fn a_refusal_is_a_400_with_the_message_escaped() {
+        let (web, shutdown, calls, _) = start(Err(
+            "this unsubscribe link is invalid <script>alert(1)</script> & more",
+        ))
+        .await;
+        let r = post(
+            web.addr,
+            "/unsubscribe?token=bad",
+            "List-Unsubscribe=One-Click",
+        )
+        .await;
+        assert_eq!(r.status, 400);
+        assert_html(&r);
+        assert!(!r.body.contains("<script>"), "{}", r.body);
+        assert!(
+            r.body.contains(
+                "this unsubscribe link is invalid &lt;script&gt;alert(1)&lt;/script&gt; &amp; more"
+            ),
+            "{}",
+            r.body
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        shutdown.cancel();
+        web.stopped().await;
+    }
+
+    #[tokio::test]
+    async fn success_sentences_are_escaped_too() {
+        let (web, shutdown, _, _) = start(Ok("<script>x</script>@example.org is out.")).await;
+        let r = post(web.addr, "/unsubscribe?token=t", "").await;
+        assert_eq!(r.status, 200);
+        assert!(!r.body.contains("<script>"), "{}", r.body);
+        assert!(
+            r.body
+                .contains("&lt;script&gt;x&lt;/script&gt;@example.org is out.")
+        );
+        shutdown.cancel();
+        web.stopped().await;
+    }
+
+    #[tokio::test]
+    async fn healthz_and_not_found() {
+        let (web, shutdown, calls, _) = start(Ok("done")).await;
+        let r = get(web.addr, "/healthz").await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.body, "ok");
+        for path in ["/", "/nope", "/unsubscribe/extra", "/healthz/x"] {
+            let r = get(web.addr, path).await;
+            assert_eq!(r.status, 404, "{path}");
+            assert_html(&r);
+            assert!(r.body.contains("Not found"));
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 0);
+        shutdown.cancel();
+        web.stopped().await;
+    }
+
+    #[tokio::test]
+    async fn shutdown_stops_the_server_and_bind_errors_name_the_address() {
+        let (web, shutdown, _, _) = start(Ok("done")).await;
+        let addr = web.addr;
+        let err = serve(
+            addr,
+            unsubscribe_fn(|_| async { Ok(String::new()) }),
+            CancellationToken::new(),
+        )
+        .await
+        .err()
+        .expect("the port is taken");
+        let msg = err.to_string();
+        assert!(
+            msg.contains(&format!(
+                "cannot listen on {addr} for the web endpoint (web.listen)"
+            )),
+            "{msg}"
+        );
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(10), web.stopped())
+            .await
+            .expect("stops promptly");
+        assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+    }
+
+    #[test]
+    fn escaping() {
+        assert_eq!(
+            escape(r#"<a href="x">'&'</a>"#),
+            "&lt;a href=&quot;x&quot;&gt;&#39;&amp;&#39;&lt;/a&gt;"
+        );
+        assert_eq!(percent_encode("aZ0-_.~ /&é"), "aZ0-_.~%20%2F%26%C3%A9");
+    }
+}
