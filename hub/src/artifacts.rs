@@ -218,20 +218,26 @@ impl Origin {
     pub fn from_job(job_id: u64, key: &str) -> Origin {
         let (upstream, platform, commit) = parse_build_key(key).unwrap_or_default();
         Origin {
-            upstream: upstream.to_string(),
-            platform: platform.to_string(),
-            commit: commit.to_string(),
+            upstream,
+            platform,
+            commit,
             build_job_id: job_id,
         }
     }
 }
 
-/// Splits `build/<upstream>/<platform>/<commit>` (names never hold a `/`).
-fn parse_build_key(key: &str) -> Option<(&str, &str, &str)> {
-    let mut parts = key.strip_prefix("build/")?.split('/');
-    let (upstream, platform, commit) = (parts.next()?, parts.next()?, parts.next()?);
-    let ok = parts.next().is_none() && [upstream, platform, commit].iter().all(|p| !p.is_empty());
-    ok.then_some((upstream, platform, commit))
+/// The upstream, platform and commit of a build job's key (any form,
+/// forced rebuilds included).
+fn parse_build_key(key: &str) -> Option<(String, String, String)> {
+    match crate::pipeline::JobKey::parse(key)? {
+        crate::pipeline::JobKey::Build {
+            upstream,
+            platform,
+            commit,
+            ..
+        } => Some((upstream, platform, commit)),
+        crate::pipeline::JobKey::Test { .. } => None,
+    }
 }
 
 /// The outcome of a successful upload.

@@ -477,6 +477,17 @@ impl Dispatcher {
         keys
     }
 
+    /// Runtime artifacts that unfinished jobs will download: garbage
+    /// collection must keep them.
+    pub fn open_artifacts(&self) -> std::collections::HashSet<String> {
+        self.lock()
+            .open
+            .values()
+            .filter(|r| !r.spec.artifact_sha256.is_empty())
+            .map(|r| r.spec.artifact_sha256.clone())
+            .collect()
+    }
+
     /// Finished keyed jobs the pipeline has not acknowledged yet, oldest
     /// first, at most `limit`.
     pub fn finished_inbox(&self, limit: usize) -> Result<Vec<JobRecord>, StoreError> {

@@ -244,10 +244,14 @@ impl Results {
         let bytes = self.encode(build)?;
         let mut batch = sled::Batch::default();
         batch.insert(key.as_bytes(), bytes.clone());
-        batch.insert(
-            format!("bl/{}/{}", build.upstream, build.platform).as_bytes(),
-            bytes,
-        );
+        let latest: Option<BuildInfo> =
+            self.get_json(&format!("bl/{}/{}", build.upstream, build.platform))?;
+        if build.head_seq > 0 && latest.is_none_or(|l| l.head_seq <= build.head_seq) {
+            batch.insert(
+                format!("bl/{}/{}", build.upstream, build.platform).as_bytes(),
+                bytes,
+            );
+        }
         self.tree
             .apply_batch(batch)
             .map_err(|e| self.store.err(e))?;
@@ -383,8 +387,13 @@ impl Results {
             upstream: build.commit.clone(),
             project: String::new(),
         };
-        let order = (build.job_id, 0);
-        let (transition, next) = match classify(&state, status, order, &commits, &[]) {
+        let order = (build.head_seq, 0);
+        let classified = if build.head_seq == 0 {
+            None
+        } else {
+            classify(&state, status, order, &commits, &[])
+        };
+        let (transition, next) = match classified {
             Some((mut t, d)) => {
                 t.upstream = build.upstream.clone();
                 t.platform = build.platform.clone();
@@ -403,9 +412,10 @@ impl Results {
         })
     }
 
-    /// Classifies a finished test run against its series. `build_job_id`
-    /// orders runs by the runtime build they tested.
-    pub fn prepare_run(&self, run: RunRecord, build_job_id: u64) -> Result<Prepared, StoreError> {
+    /// Classifies a finished test run against its series. `head_seq` (the
+    /// order in which its upstream commit was the head; 0 for never) orders
+    /// runs; a run with 0 is stored but decides nothing.
+    pub fn prepare_run(&self, run: RunRecord, head_seq: u64) -> Result<Prepared, StoreError> {
         let info = &run.info;
         let series_key = series_of_run(info);
         let state = self.series(&series_key)?;
@@ -415,13 +425,27 @@ impl Results {
             project: info.project_commit.clone(),
         };
         let failing: Vec<String> = {
-            let mut f: Vec<String> = info.failing_tests.iter().map(|c| c.name.clone()).collect();
+            // All cases, not the summary's capped list.
+            let mut f: Vec<String> = run
+                .cases
+                .iter()
+                .filter(|c| {
+                    c.status == trunkfarm_proto::v1::TestStatus::Failed as i32
+                        || c.status == trunkfarm_proto::v1::TestStatus::Error as i32
+                })
+                .map(|c| c.name.clone())
+                .collect();
             f.sort();
             f.dedup();
             f
         };
-        let order = (build_job_id, info.job_id);
-        let (transition, next) = match classify(&state, status, order, &commits, &failing) {
+        let order = (head_seq, info.job_id);
+        let classified = if head_seq == 0 {
+            None
+        } else {
+            classify(&state, status, order, &commits, &failing)
+        };
+        let (transition, next) = match classified {
             Some((mut t, d)) => {
                 t.project = info.project.clone();
                 t.upstream = info.upstream.clone();
@@ -499,7 +523,8 @@ impl Results {
                 // The newest pointer moves only if no newer build was queued since.
                 let latest: Option<BuildInfo> =
                     self.get_json(&format!("bl/{}/{}", b.upstream, b.platform))?;
-                if latest.is_none_or(|l| l.job_id <= b.job_id) {
+                // Only commits that were the head move the pointers, newest head first.
+                if b.head_seq > 0 && latest.is_none_or(|l| l.head_seq <= b.head_seq) {
                     batch.insert(
                         format!("bl/{}/{}", b.upstream, b.platform).as_bytes(),
                         bytes.clone(),
@@ -508,7 +533,7 @@ impl Results {
                 if b.state == BuildState::Passed as i32 {
                     let good: Option<BuildInfo> =
                         self.get_json(&format!("bg/{}/{}", b.upstream, b.platform))?;
-                    if good.is_none_or(|g| g.job_id <= b.job_id) {
+                    if b.head_seq > 0 && good.is_none_or(|g| g.head_seq <= b.head_seq) {
                         batch.insert(
                             format!("bg/{}/{}", b.upstream, b.platform).as_bytes(),
                             bytes,
@@ -681,7 +706,14 @@ mod tests {
                     .collect(),
                 ..Default::default()
             },
-            cases: Vec::new(),
+            cases: failing
+                .iter()
+                .map(|n| TestCase {
+                    name: (*n).into(),
+                    status: TestStatus::Failed.into(),
+                    ..Default::default()
+                })
+                .collect(),
         }
     }
 
@@ -809,6 +841,7 @@ mod tests {
             job_id,
             state: state.into(),
             artifact_sha256: sha.into(),
+            head_seq: job_id,
             ..Default::default()
         };
         r.build_queued(&build(1, "c1", BuildState::Pending, ""))

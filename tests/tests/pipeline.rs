@@ -141,7 +141,9 @@ fn farm(repos: &Repos, extra: &str, agents: usize) -> (Hub, Vec<Agent>) {
     let mut list = Vec::new();
     for i in 0..agents {
         let mut a = Agent::enroll(&hub, &format!("p{i}"), &[]);
-        a.start(&[]);
+        // Two slots: one agent may run two tests of one runtime at once,
+        // which must still cost one download.
+        a.start(&["--max-parallel-jobs", "2"]);
         list.push(a);
     }
     hub.wait_agents_connected(agents);
@@ -395,9 +397,16 @@ test = ["true"]
         ghost["red_since"].is_null(),
         "an infra error is not red: {ghost:#}"
     );
-    // Polling it fails, and the status says why.
+    // The grid shows why it is an error.
     let text = hub.cli_ok(&["status"]);
-    assert!(text.contains("ghost"), "{text}");
+    let line = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("ghost"))
+        .unwrap_or_else(|| panic!("no ghost row:\n{text}"));
+    assert!(
+        line.contains("error") && line.contains("checkout"),
+        "{line}"
+    );
     // No transition for ghost: an error decides nothing.
     assert!(transitions(&hub, "ghost").is_empty());
 }
@@ -475,10 +484,26 @@ fn manual_build_of_a_rev_and_unknown_names() {
     let mut a = Agent::enroll(&hub, "m", &[]);
     a.start(&[]);
     hub.wait_agents_connected(1);
+    // The poller builds the head (c2) at start; then c1 by hand.
+    wait_run(&hub, "adder", &c2, "green");
     let out = hub.cli_ok(&["upstream", "build", "rt", "--rev", &c1[..7]]);
     assert_eq!(out.trim(), c1);
     wait_run(&hub, "adder", &c1, "green");
-    let _ = c2;
+    // A build of an older commit is recorded and tested, but the runtime new
+    // project commits test against stays the head's, and nothing is classified.
+    let st = status(&hub);
+    assert_eq!(
+        s(&st["upstreams"][0]["good_builds"][0], "commit"),
+        c2,
+        "{st:#}"
+    );
+    assert_eq!(
+        s(&st["upstreams"][0]["latest_builds"][0], "commit"),
+        c2,
+        "{st:#}"
+    );
+    let t = transitions(&hub, "adder");
+    assert!(t.iter().all(|t| s(t, "upstream_commit") == c2), "{t:#?}");
     let bad = hub.cli(&["upstream", "build", "nope"]);
     assert!(!bad.status.success());
     let err = String::from_utf8_lossy(&bad.stderr);

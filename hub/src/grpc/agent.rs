@@ -213,7 +213,19 @@ impl AgentService for AgentApi {
                     attempt: job.attempt,
                 });
             }
-            let key = dispatch.get(job.job_id)?.map(|r| r.key).unwrap_or_default();
+            let rec = dispatch.get(job.job_id)?;
+            let is_build = rec
+                .as_ref()
+                .is_some_and(|r| !r.spec.upload_prefix.is_empty());
+            if !is_build {
+                // Only a build (a job with an upload_prefix) produces an artifact.
+                return Err(ArtifactError::NotHeld {
+                    agent_id: agent_id.to_string(),
+                    job_id: job.job_id,
+                    attempt: job.attempt,
+                });
+            }
+            let key = rec.map(|r| r.key).unwrap_or_default();
             Ok(Origin::from_job(job.job_id, &key))
         };
         let received = self

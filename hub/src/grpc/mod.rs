@@ -106,7 +106,15 @@ pub fn job_info(rec: JobRecord) -> v1::JobInfo {
                 lost_reason: a.lost_reason,
             })
             .collect(),
-        spec: Some(rec.spec),
+        spec: Some({
+            // Credentials in a repository URL are for agents, not for people
+            // listing jobs.
+            let mut spec = rec.spec;
+            if let Some(repo) = spec.repository.as_mut() {
+                repo.url = crate::pipeline::git::redact_url(&repo.url);
+            }
+            spec
+        }),
         key: rec.key,
     }
 }

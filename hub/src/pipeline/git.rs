@@ -50,7 +50,14 @@ pub struct Git {
     pub mirrors: PathBuf,
     /// Limit per git invocation.
     pub timeout: Duration,
+    /// One lock per mirror: two fetches into one repository fail on its ref locks.
+    pub locks: MirrorLocks,
 }
+
+/// The per-mirror locks of a [`Git`].
+pub type MirrorLocks = std::sync::Arc<
+    std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<tokio::sync::Mutex<()>>>>,
+>;
 
 /// Removes `user:password@` from a URL so it can be shown.
 pub fn redact_url(url: &str) -> String {
@@ -191,6 +198,14 @@ impl Git {
     /// Brings the commits-only mirror of `url`'s `branch` up to date and
     /// returns its path.
     pub async fn mirror(&self, name: &str, url: &str, branch: &str) -> Result<PathBuf, GitError> {
+        let lock = self
+            .locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(name.to_owned())
+            .or_default()
+            .clone();
+        let _held = lock.lock().await;
         let dir = self.mirrors.join(format!("{name}.git"));
         if !dir.join("HEAD").exists() {
             std::fs::create_dir_all(&dir).map_err(GitError::Spawn)?;
@@ -298,6 +313,14 @@ impl Git {
         branch: &str,
         spec: &str,
     ) -> Result<Vec<Commit>, GitError> {
+        if spec
+            .split("..")
+            .any(|side| side.is_empty() || side.starts_with('-'))
+        {
+            return Err(GitError::NotFound(format!(
+                "{spec:?} is not a range; expected \"A..B\" with two commits"
+            )));
+        }
         let mirror = self.mirror(name, url, branch).await?;
         let limit = format!("--max-count={MAX_RANGE_COMMITS}");
         let out = self
@@ -402,6 +425,7 @@ mod tests {
         let g = Git {
             mirrors: tmp.path().join("mirrors"),
             timeout: Duration::from_secs(30),
+            locks: Default::default(),
         };
         let url = up.to_str().unwrap();
         assert_eq!(g.head(url, "main").await.unwrap(), shas[2]);
@@ -434,6 +458,7 @@ mod tests {
         let g = Git {
             mirrors: tmp.path().join("m"),
             timeout: Duration::from_secs(30),
+            locks: Default::default(),
         };
         let e = g
             .head(tmp.path().join("missing").to_str().unwrap(), "main")

@@ -135,6 +135,7 @@ impl Pipeline {
                 git: Git {
                     mirrors: config.data_dir().join("git"),
                     timeout: config.pipeline.git_timeout,
+                    locks: Default::default(),
                 },
                 write: tokio::sync::Mutex::new(()),
                 poll_errors: Mutex::new(HashMap::new()),
@@ -222,12 +223,42 @@ impl Pipeline {
         };
         let bytes =
             serde_json::to_vec(&head).map_err(|e| self.inner.store.corrupt("(encode head)", e))?;
+        let mut batch = sled::Batch::default();
+        batch.insert(format!("h/{kind}/{name}").as_bytes(), bytes);
+        // The order heads were seen in: what results are compared by.
+        let seq_key = format!("hh/{kind}/{name}/{commit}");
+        if !self
+            .inner
+            .tree
+            .contains_key(&seq_key)
+            .map_err(|e| self.inner.store.err(e))?
+        {
+            let seq = self.inner.store.next_id()?;
+            batch.insert(seq_key.as_bytes(), &seq.to_be_bytes());
+        }
         self.inner
             .tree
-            .insert(format!("h/{kind}/{name}"), bytes)
+            .apply_batch(batch)
             .map_err(|e| self.inner.store.err(e))?;
         self.inner.store.commit().await?;
         Ok(true)
+    }
+
+    /// When polling first saw `commit` as `upstream`'s head (its order), or
+    /// 0 if it never was the head.
+    fn head_seq(&self, upstream: &str, commit: &str) -> Result<u64, StoreError> {
+        let key = format!("hh/u/{upstream}/{commit}");
+        Ok(
+            match self
+                .inner
+                .tree
+                .get(&key)
+                .map_err(|e| self.inner.store.err(e))?
+            {
+                Some(raw) => raw.as_ref().try_into().map(u64::from_be_bytes).unwrap_or(0),
+                None => 0,
+            },
+        )
     }
 
     fn set_poll_error(&self, key: String, error: String) {
@@ -310,6 +341,10 @@ impl Pipeline {
                         continue;
                     }
                     for platform in p.platforms_for(u) {
+                        // Under the write lock: GC runs after a build is
+                        // recorded, also under it, and must not delete the
+                        // runtime between this read and the submit.
+                        let _w = self.inner.write.lock().await;
                         let good = match self.inner.results.good_build(&u.name, platform) {
                             Ok(Some(good)) => good,
                             Ok(None) => continue,
@@ -372,6 +407,7 @@ impl Pipeline {
                         job_id,
                         state: BuildState::Pending.into(),
                         created_at_ms: now_ms(),
+                        head_seq: self.head_seq(&u.name, commit)?,
                         ..Default::default()
                     };
                     self.inner.results.build_queued(&b).await?;
@@ -556,6 +592,7 @@ impl Pipeline {
                     Outcome::Failed | Outcome::TimedOut => BuildState::Failed,
                     _ => BuildState::Error,
                 };
+                let head_seq = self.head_seq(&upstream, &commit)?;
                 let mut build = BuildInfo {
                     upstream: upstream.clone(),
                     platform,
@@ -572,6 +609,7 @@ impl Pipeline {
                     duration_ms: result.duration_ms,
                     detail,
                     fanned_out: 0,
+                    head_seq,
                 };
                 let u = self.upstream(&upstream).ok().cloned();
                 if state == BuildState::Passed {
@@ -640,17 +678,14 @@ impl Pipeline {
                     failing_tests: failed.into_iter().take(MAX_FAILING_IN_SUMMARY).collect(),
                     report_error: report.errors.join("; "),
                 };
-                let build_job = self
-                    .inner
-                    .results
-                    .build(&upstream, &platform, &upstream_commit)?
-                    .map(|b| b.job_id)
-                    .unwrap_or(0);
+                // Runs are compared in the order their upstream commits were
+                // the head; a run against a commit that never was decides nothing.
+                let head_seq = self.head_seq(&upstream, &upstream_commit)?;
                 let run = RunRecord {
                     info,
                     cases: report.cases,
                 };
-                let prepared = self.inner.results.prepare_run(run, build_job)?;
+                let prepared = self.inner.results.prepare_run(run, head_seq)?;
                 let u = self.upstream(&upstream).ok().cloned();
                 let (culprits, error) = self.culprits(u.as_ref(), prepared.culprit_range()).await;
                 let t = self
@@ -739,7 +774,11 @@ impl Pipeline {
     /// collection only costs disk).
     async fn collect_garbage(&self) {
         let referenced = match self.inner.results.referenced_artifacts() {
-            Ok(r) => r,
+            Ok(mut r) => {
+                // Queued and running tests still need theirs.
+                r.extend(self.inner.dispatch.open_artifacts());
+                r
+            }
             Err(e) => {
                 tracing::warn!("artifact garbage collection skipped: {e}");
                 return;
