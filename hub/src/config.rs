@@ -707,6 +707,12 @@ mod tests {
         expected.tls.cert = Some("/etc/trunkfarm/hub.crt".into());
         expected.tls.key = Some("/etc/trunkfarm/hub.key".into());
         expected.admin.token_file = Some("/etc/trunkfarm/admin.token".into());
+        expected.smtp.host = Some("smtp.example.org".into());
+        expected.smtp.port = Some(587);
+        expected.smtp.username = Some("farm".into());
+        expected.smtp.password_file = Some("/etc/trunkfarm/smtp.password".into());
+        expected.smtp.ca_file = Some("/etc/trunkfarm/smtp-ca.pem".into());
+        expected.notify.public_url = Some("https://farm.example.org".into());
         expected.upstreams = vec![UpstreamConfig {
             name: "lua".into(),
             url: "https://github.com/lua/lua.git".into(),

@@ -657,3 +657,245 @@ fn hub_killed_mid_pipeline_loses_and_repeats_nothing() {
         [4, WENT_RED, FIXED, WENT_RED, FIXED, WENT_RED, FIXED]
     );
 }
+
+// ---------------------------------------------------------------------------
+// Mail (a real SMTP server: aiosmtpd)
+// ---------------------------------------------------------------------------
+
+use trunkfarm_e2e::smtp::SmtpSink;
+
+fn smtp_toml(sink: &SmtpSink) -> String {
+    format!(
+        r#"
+[smtp]
+host = "127.0.0.1"
+port = {}
+security = "plain"
+from = "trunkfarm <farm@example.org>"
+timeout = "5s"
+
+[notify]
+retry_first = "200ms"
+retry_max = "1s"
+"#,
+        sink.port()
+    )
+}
+
+/// A raw HTTP POST to the hub's web endpoint; returns (status code, body).
+fn http_post(url: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let rest = url.strip_prefix("http://").expect("an http URL");
+    let (host, path) = rest.split_once('/').unwrap();
+    let mut stream = std::net::TcpStream::connect(host).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let body = "List-Unsubscribe=One-Click";
+    write!(
+        stream,
+        "POST /{path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    let code = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (code, response)
+}
+
+#[test]
+fn went_red_and_fixed_are_mailed_once_per_subscriber_in_one_thread() {
+    let sink = SmtpSink::start();
+    let repos = Repos::new();
+    let c1 = repos.head("rt");
+    let (hub, _agents) = farm(&repos, &smtp_toml(&sink), 2);
+    // A second subscriber at run time; a bad address is refused.
+    hub.cli_ok(&[
+        "subscribe",
+        "--project",
+        "shouter",
+        "--email",
+        "second@example.org",
+    ]);
+    let bad = hub.cli(&[
+        "subscribe",
+        "--project",
+        "shouter",
+        "--email",
+        "not-an-address",
+    ]);
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("is not an email address"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+    let bad = hub.cli(&["subscribe", "--project", "nope", "--email", "a@example.org"]);
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("no project named \"nope\""));
+    wait_run(&hub, "shouter", &c1, "green");
+
+    let c2 = repos.commit(
+        "rt",
+        "rt.sh",
+        &RUNTIME.replace("| tr a-z A-Z", ""),
+        "rt: speed up upper",
+        "Eve Breaker <eve@example.org>",
+    );
+    wait_run(&hub, "shouter", &c2, "red");
+    let mails = sink.wait_for_messages(2, STEP);
+    let mut to: Vec<String> = mails.iter().flat_map(|m| m.to()).collect();
+    to.sort();
+    assert_eq!(to, ["second@example.org", "shouter-dev@example.org"]);
+    for m in &mails {
+        assert_eq!(
+            m.subject(),
+            format!(
+                "[trunkfarm] shouter went red on linux-x86_64 with rt main {}",
+                &c2[..7]
+            )
+        );
+        assert!(
+            m.text
+                .contains("rt: speed up upper (Eve Breaker <eve@example.org>)"),
+            "{}",
+            m.text
+        );
+        assert!(m.text.contains("shouter.test_upper"), "{}", m.text);
+        assert!(m.text.contains("did not change"), "{}", m.text);
+        assert!(m.html.as_deref().unwrap_or("").contains("speed up upper"));
+        assert!(
+            m.header("List-Unsubscribe")
+                .is_some_and(|h| h.contains("/unsubscribe?token="))
+        );
+        assert!(m.header("Message-ID").is_some());
+    }
+
+    let c3 = repos.commit(
+        "rt",
+        "rt.sh",
+        RUNTIME,
+        "rt: fix upper",
+        "Fay Fixer <fay@example.org>",
+    );
+    wait_run(&hub, "shouter", &c3, "green");
+    let mails = sink.wait_for_messages(4, STEP);
+    for fixed in &mails[2..] {
+        assert_eq!(
+            fixed.subject(),
+            format!(
+                "[trunkfarm] shouter fixed on linux-x86_64 with rt main {}",
+                &c3[..7]
+            )
+        );
+        let red = mails[..2].iter().find(|m| m.to() == fixed.to()).unwrap();
+        assert_eq!(
+            fixed.header("In-Reply-To"),
+            red.header("Message-ID"),
+            "fixed answers went red in one thread"
+        );
+    }
+    // Nothing more: adder never changed, still-green and still-red are not mailed.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(sink.messages().len(), 4, "{:#?}", sink.messages());
+    let outbox = hub.cli_json(&["mail", "list", "--json"]);
+    assert!(
+        outbox["mails"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|m| m["state"] == 2),
+        "{outbox:#}"
+    );
+
+    // The one-click unsubscribe link works once; a forged one is refused.
+    let link = mails[0]
+        .header("List-Unsubscribe")
+        .unwrap()
+        .trim_matches(|c| c == '<' || c == '>')
+        .to_string();
+    let (code, body) = http_post(&link);
+    assert_eq!(code, 200, "{body}");
+    assert!(
+        body.contains("will no longer receive mail about shouter"),
+        "{body}"
+    );
+    let subs = hub.cli_json(&["subscriptions", "--json"]);
+    let left: Vec<&str> = subs
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["email"].as_str().unwrap())
+        .collect();
+    assert_eq!(left.len(), 1, "{subs:#}");
+    assert!(!mails[0].to().iter().any(|t| left.contains(&t.as_str())));
+    let forged = format!("{}x", &link[..link.len() - 3]);
+    let (code, body) = http_post(&forged);
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("invalid"), "{body}");
+}
+
+#[test]
+fn a_mail_queued_while_smtp_is_down_survives_a_hub_kill_and_arrives_once() {
+    let mut sink = SmtpSink::start();
+    let repos = Repos::new();
+    let c1 = repos.head("rt");
+    let (mut hub, _agents) = farm(&repos, &smtp_toml(&sink), 1);
+    wait_run(&hub, "shouter", &c1, "green");
+    sink.stop();
+    let c2 = repos.commit(
+        "rt",
+        "rt.sh",
+        &RUNTIME.replace("| tr a-z A-Z", ""),
+        "rt: speed up upper",
+        "Eve <eve@example.org>",
+    );
+    wait_run(&hub, "shouter", &c2, "red");
+    // The mail is queued and its delivery failed at least once.
+    let failed = wait_for(STEP, "a failed delivery attempt", || {
+        let outbox = hub.cli_json(&["mail", "list", "--json"]);
+        let m = outbox["mails"].as_array()?.first()?.clone();
+        (m["attempts"].as_u64().unwrap_or(0) >= 1).then_some(m)
+    });
+    assert_eq!(failed["state"], 1, "still pending: {failed:#}");
+    assert!(!s(&failed, "last_error").is_empty(), "{failed:#}");
+    let text = hub.cli_ok(&["mail", "list"]);
+    assert!(text.contains("last error"), "{text}");
+    hub.kill9();
+    hub.restart();
+    sink.restart();
+    let mails = sink.wait_for_messages(1, STEP);
+    assert_eq!(mails[0].to(), ["shouter-dev@example.org"]);
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        sink.messages().len(),
+        1,
+        "exactly once: {:#?}",
+        sink.messages()
+    );
+}
+
+#[test]
+fn mail_test_reports_the_servers_answer_and_failures() {
+    let mut sink = SmtpSink::start();
+    let repos = Repos::new();
+    let hub = Hub::start_with(&format!("{}{}", repos.config(""), smtp_toml(&sink)), &[]);
+    let out = hub.cli_ok(&["mail", "test", "--to", "ops@example.org"]);
+    assert!(out.starts_with("250"), "{out}");
+    let mails = sink.wait_for_messages(1, Duration::from_secs(30));
+    assert_eq!(mails[0].subject(), "[trunkfarm] test mail");
+    let bad = hub.cli(&["mail", "test", "--to", "nobody"]);
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("is not an email address"));
+    sink.stop();
+    let down = hub.cli(&["mail", "test", "--to", "ops@example.org"]);
+    assert!(!down.status.success());
+    let err = String::from_utf8_lossy(&down.stderr);
+    assert!(
+        err.contains(&format!("smtp 127.0.0.1:{}", sink.port())),
+        "{err}"
+    );
+}

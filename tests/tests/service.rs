@@ -86,7 +86,7 @@ fn demo_once_runs_its_story_and_reports_it() {
     // exactly the two projects using upper() go red, then are fixed.
     assert_eq!(
         summary,
-        "demo: builds=3 jobs=12 green=7 red=2 fixed=2 mails=0"
+        "demo: builds=3 jobs=12 green=7 red=2 fixed=2 mails=4"
     );
     assert!(
         text.contains("textkit went red") && text.contains("greeter went red"),

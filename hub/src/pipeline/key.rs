@@ -87,6 +87,9 @@ impl JobKey {
     /// Reads a key back; `None` for anything that is not a pipeline key.
     pub fn parse(key: &str) -> Option<JobKey> {
         let parts: Vec<&str> = key.split('/').collect();
+        if parts.iter().any(|p| p.is_empty()) {
+            return None;
+        }
         let nonce = |p: Option<&&str>| -> Option<Option<u64>> {
             match p {
                 None => Some(None),
