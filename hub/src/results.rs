@@ -558,9 +558,14 @@ impl Results {
                 let latest: Option<RunRecord> =
                     self.latest_run(&i.project, &i.upstream, &i.platform)?;
                 if latest.is_none_or(|l| l.info.job_id <= i.job_id) {
+                    // The grid reads these often: the summary only, not every case.
+                    let summary = RunRecord {
+                        info: i.clone(),
+                        cases: Vec::new(),
+                    };
                     batch.insert(
                         format!("rl/{}/{}/{}", i.project, i.upstream, i.platform).as_bytes(),
-                        bytes,
+                        self.encode(&summary)?,
                     );
                 }
             }

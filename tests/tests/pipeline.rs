@@ -899,3 +899,89 @@ fn mail_test_reports_the_servers_answer_and_failures() {
         "{err}"
     );
 }
+
+#[test]
+fn still_red_reminders_and_digests_follow_their_periods() {
+    let sink = SmtpSink::start();
+    let repos = Repos::new();
+    let c1 = repos.head("rt");
+    let extra = smtp_toml(&sink).replace(
+        "[notify]\n",
+        "[notify]\nreminder_after = \"2s\"\nreminder_every = \"1h\"\ndigest_every = \"3s\"\n",
+    );
+    let (hub, _agents) = farm(&repos, &extra, 1);
+    hub.cli_ok(&[
+        "subscribe",
+        "--digest",
+        "--upstream",
+        "rt",
+        "--email",
+        "core@example.org",
+    ]);
+    wait_run(&hub, "shouter", &c1, "green");
+    let c2 = repos.commit(
+        "rt",
+        "rt.sh",
+        &RUNTIME.replace("| tr a-z A-Z", ""),
+        "rt: speed up upper",
+        "Eve <eve@example.org>",
+    );
+    wait_run(&hub, "shouter", &c2, "red");
+    // went red (maintainer), a reminder 2 s later (same thread), one digest.
+    let mails = sink.wait_for_messages(3, STEP);
+    let subject = |m: &trunkfarm_e2e::smtp::Mail| m.subject();
+    let red = mails
+        .iter()
+        .find(|m| subject(m).contains("went red"))
+        .unwrap();
+    let reminder = mails
+        .iter()
+        .find(|m| subject(m).contains("still red"))
+        .unwrap_or_else(|| panic!("no reminder: {mails:#?}"));
+    assert_eq!(reminder.to(), ["shouter-dev@example.org"]);
+    assert_eq!(reminder.header("In-Reply-To"), red.header("Message-ID"));
+    let digest = mails
+        .iter()
+        .find(|m| m.to() == ["core@example.org"])
+        .unwrap_or_else(|| panic!("no digest: {mails:#?}"));
+    assert_eq!(
+        digest.subject(),
+        "[trunkfarm] rt digest: 1 project(s) went red"
+    );
+    assert!(
+        digest.text.contains("shouter on linux-x86_64"),
+        "{}",
+        digest.text
+    );
+    // Not repeated: the next reminder is an hour away, the next digest has nothing.
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(sink.messages().len(), 3, "{:#?}", sink.messages());
+}
+
+#[test]
+fn mail_over_starttls_trusts_the_configured_ca() {
+    let sink = SmtpSink::start_starttls();
+    let ca = sink.cert_pem_path().unwrap().display().to_string();
+    let repos = Repos::new();
+    let toml = smtp_toml(&sink).replace(
+        "security = \"plain\"",
+        &format!("security = \"starttls\"\nca_file = \"{ca}\""),
+    );
+    let hub = Hub::start_with(&format!("{}{toml}", repos.config("")), &[]);
+    let out = hub.cli_ok(&["mail", "test", "--to", "ops@example.org"]);
+    assert!(out.starts_with("250"), "{out}");
+    assert_eq!(sink.wait_for_messages(1, Duration::from_secs(30)).len(), 1);
+    // Without the CA the server's certificate is not trusted: refused, said why.
+    let untrusting = Hub::start_with(
+        &format!(
+            "{}{}",
+            repos.config(""),
+            smtp_toml(&sink).replace("security = \"plain\"", "security = \"starttls\"")
+        ),
+        &[],
+    );
+    let refused = untrusting.cli(&["mail", "test", "--to", "ops@example.org"]);
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("starttls"), "{err}");
+}

@@ -619,6 +619,7 @@ impl Run {
                     exit_code,
                     format!("the build commands passed but $PREFIX is gone: {e}"),
                 ),
+                e @ pack::PackError::LinkOutside { .. } => Finish::failed(exit_code, e.to_string()),
                 e => Finish::error(format!("cannot pack $PREFIX: {e}")),
             })?;
         for skipped in &packed.skipped {

@@ -71,6 +71,66 @@ pub(crate) enum PackError {
     /// The job was cancelled or timed out meanwhile.
     #[error("packing was interrupted: the job was stopped")]
     Cancelled,
+    /// A symbolic link leads outside the tree: the runtime is unpacked
+    /// elsewhere for tests (and unpacking refuses such links), so it would break.
+    #[error(
+        "$PREFIX/{} is a symbolic link to {}, outside $PREFIX: the runtime is unpacked elsewhere for tests, so make the link relative (e.g. `ln -sr`) or copy the file",
+        .link.display(),
+        .target.display()
+    )]
+    LinkOutside {
+        /// The link, relative to the tree.
+        link: PathBuf,
+        /// Where it points.
+        target: PathBuf,
+    },
+}
+
+/// Where a symlink at `rel` (relative to the packed tree `dir`) pointing at
+/// `target` should point in the archive: absolute targets inside the tree
+/// become relative; anything leading outside is an error.
+fn link_target(dir: &Path, rel: &Path, target: &Path) -> Result<PathBuf, PackError> {
+    use std::path::Component;
+    let outside = || PackError::LinkOutside {
+        link: rel.to_path_buf(),
+        target: target.to_path_buf(),
+    };
+    let parent = rel.parent().unwrap_or(Path::new(""));
+    // The target as a path inside the tree, resolved lexically.
+    let inside: PathBuf = if target.is_absolute() {
+        target
+            .strip_prefix(dir)
+            .map_err(|_| outside())?
+            .to_path_buf()
+    } else {
+        parent.join(target)
+    };
+    let mut parts: Vec<std::ffi::OsString> = Vec::new();
+    for c in inside.components() {
+        match c {
+            Component::Normal(p) => parts.push(p.to_owned()),
+            Component::CurDir => {}
+            Component::ParentDir => {
+                parts.pop().ok_or_else(outside)?;
+            }
+            Component::RootDir | Component::Prefix(_) => return Err(outside()),
+        }
+    }
+    if !target.is_absolute() {
+        return Ok(target.to_path_buf());
+    }
+    // Relative from the link's directory to the resolved target.
+    let mut out = PathBuf::new();
+    for _ in parent.components() {
+        out.push("..");
+    }
+    for p in parts {
+        out.push(p);
+    }
+    if out.as_os_str().is_empty() {
+        out.push(".");
+    }
+    Ok(out)
 }
 
 /// Packs the tree under `dir` into a new file `out` (which must not exist),
@@ -161,6 +221,7 @@ pub(crate) fn pack(dir: &Path, out: &Path, cancel: &AtomicBool) -> Result<Packed
             packed.files += 1;
         } else if kind.is_symlink() {
             let target = std::fs::read_link(&full).map_err(in_err("read the symlink"))?;
+            let target = link_target(dir, &rel, &target)?;
             header.set_entry_type(EntryType::Symlink);
             header.set_size(0);
             header.set_mode(0o777);
@@ -530,5 +591,29 @@ mod tests {
             "{e}"
         );
         assert_eq!(hub.uploads.load(SeqCst), 4);
+    }
+
+    #[test]
+    fn links_are_kept_inside_or_refused() {
+        let dir = Path::new("/job/prefix");
+        let t = |rel: &str, target: &str| link_target(dir, Path::new(rel), Path::new(target));
+        assert_eq!(t("bin/python3", "python").unwrap(), Path::new("python"));
+        assert_eq!(
+            t("lib/x/py", "../../bin/python").unwrap(),
+            Path::new("../../bin/python")
+        );
+        // Absolute into the tree: made relative.
+        assert_eq!(
+            t("lib/x/py", "/job/prefix/bin/python").unwrap(),
+            Path::new("../../bin/python")
+        );
+        assert_eq!(
+            t("python", "/job/prefix/bin/python").unwrap(),
+            Path::new("bin/python")
+        );
+        for (rel, target) in [("bin/sh", "/bin/sh"), ("bin/up", "../../etc"), ("x", "..")] {
+            let e = t(rel, target).unwrap_err().to_string();
+            assert!(e.contains("outside $PREFIX") && e.contains(rel), "{e}");
+        }
     }
 }

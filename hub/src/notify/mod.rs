@@ -281,7 +281,14 @@ impl Notifier {
         sub.created_at_ms = now_ms();
         let mut batch = sled::Batch::default();
         batch.insert(key.as_bytes(), self.encode(&sub)?);
-        if !sub.digest {
+        if sub.digest {
+            // The first digest covers what goes red from now on.
+            let period = s.settings.digest_every.as_millis().max(1) as u64;
+            let gkey = format!("g/{}/{}", sub.upstream, sub.email.to_ascii_lowercase());
+            if !s.tree.contains_key(&gkey).map_err(|e| s.store.err(e))? {
+                batch.insert(gkey.as_bytes(), self.encode(&(now_ms() / period))?);
+            }
+        } else {
             batch
                 .remove(format!("x/{}/{}", sub.project, sub.email.to_ascii_lowercase()).as_bytes());
         }
@@ -761,9 +768,19 @@ impl Notifier {
             }
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(TICK.min(self.inner.settings.reminder_every / 2).max(Duration::from_millis(50))) => {}
+                _ = tokio::time::sleep(self.tick()) => {}
             }
         }
+    }
+
+    /// How often reminders and digests are looked at: often enough for the
+    /// shortest configured period.
+    fn tick(&self) -> Duration {
+        let s = &self.inner.settings;
+        TICK.min(s.reminder_after / 2)
+            .min(s.reminder_every / 2)
+            .min(s.digest_every / 2)
+            .max(Duration::from_millis(50))
     }
 
     /// Queues a reminder for every project red longer than `reminder_after`
