@@ -136,6 +136,8 @@ pub(crate) fn unpack<R: Read>(
         dirs: Vec::new(),
         symlinks: Vec::new(),
         stats: UnpackStats::default(),
+        made: std::cell::Cell::new(0),
+        overhead: std::cell::Cell::new(0),
     };
     let result = unpacker.run(archive);
     if result.is_err()
@@ -203,9 +205,46 @@ struct Unpacker<'a> {
     symlinks: Vec<PathBuf>,
     /// Counts.
     stats: UnpackStats,
+    /// File-system objects created so far (entries and the directories made
+    /// on the way to them): each costs an inode, so each counts against the
+    /// entry cap and [`INODE_COST_BYTES`] against the size cap.
+    made: std::cell::Cell<u64>,
+    /// Bytes charged for directories and links created.
+    overhead: std::cell::Cell<u64>,
 }
 
+/// What one created directory or link is charged against the size cap (a
+/// block and an inode; a file is charged its bytes), so a small archive of a
+/// million empty directories cannot exhaust the donor's disk.
+pub(crate) const INODE_COST_BYTES: u64 = 4096;
+
 impl Unpacker<'_> {
+    /// Counts one more created object; the reason to refuse if it passes a cap.
+    /// `costs_space`: a directory or link (a file's cost is its bytes).
+    fn charge(&self, costs_space: bool) -> Result<(), String> {
+        let made = self.made.get() + 1;
+        self.made.set(made);
+        if made > self.limits.max_entries {
+            return Err(format!(
+                "creates more than {} files and directories (directories on the way count too)",
+                self.limits.max_entries
+            ));
+        }
+        if costs_space {
+            self.overhead
+                .set(self.overhead.get().saturating_add(INODE_COST_BYTES));
+        }
+        let used = self.stats.bytes.saturating_add(self.overhead.get());
+        if costs_space && used > self.limits.max_bytes {
+            return Err(format!(
+                "takes the unpacked size past the {} cap ([cache] max_unpacked_size), counting {} per directory and link",
+                fmt_bytes(self.limits.max_bytes),
+                fmt_bytes(INODE_COST_BYTES)
+            ));
+        }
+        Ok(())
+    }
+
     /// Reads every entry and writes it, then checks the symlinks as a whole
     /// and applies the directories' modes.
     fn run<R: Read>(&mut self, archive: R) -> Result<UnpackStats, UnpackError> {
@@ -361,6 +400,10 @@ impl Unpacker<'_> {
                 });
             }
         };
+        if existing.is_none() {
+            let costs_space = !matches!(kind, EntryType::Regular | EntryType::Continuous);
+            self.charge(costs_space).map_err(refuse)?;
+        }
         if let Some(meta) = &existing {
             if meta.file_type().is_symlink() {
                 return Err(refuse("would write over an existing symlink".to_owned()));
@@ -492,6 +535,7 @@ impl Unpacker<'_> {
                     )));
                 }
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    self.charge(true).map_err(Parent::Refused)?;
                     create_dir(&dir).map_err(Parent::Io)?;
                 }
                 Err(source) => {
@@ -1380,5 +1424,31 @@ mod tests {
         assert!(!lexically_inside(Path::new("l"), Path::new("/x")));
         assert!(lexically_inside(Path::new("l"), Path::new("a/../b")));
         assert_eq!(shown(&[b'x'; 300]).chars().count(), SHOWN_NAME_CHARS + 1);
+    }
+
+    #[test]
+    fn directories_made_on_the_way_count_against_the_caps() {
+        // Few entries, but each makes a deep chain of new directories.
+        let entries: Vec<Raw> = (0..20)
+            .map(|i| {
+                let deep: Vec<String> = (0..12).map(|d| format!("{i}{d}")).collect();
+                file(&format!("{}/f", deep.join("/")), "x")
+            })
+            .collect();
+        let limits = UnpackLimits {
+            max_entries: 100,
+            ..LIMITS
+        };
+        let e = refused_with(&entries, &limits);
+        assert!(
+            e.contains("creates more than 100 files and directories"),
+            "{e}"
+        );
+        let limits = UnpackLimits {
+            max_bytes: 64 * INODE_COST_BYTES,
+            ..LIMITS
+        };
+        let e = refused_with(&entries, &limits);
+        assert!(e.contains("counting 4.0 KiB per directory and link"), "{e}");
     }
 }

@@ -49,8 +49,9 @@ pub const TREE: &str = "pipeline";
 /// The directory (relative to the job's directory) a build installs into.
 pub const BUILD_PREFIX_DIR: &str = "prefix";
 
-/// Finished jobs taken from the inbox per round.
-const INBOX_BATCH: usize = 64;
+/// Finished jobs taken from the inbox per round (each record may carry a
+/// few MiB of report files).
+const INBOX_BATCH: usize = 16;
 
 /// How often the inbox is looked at even without a signal, in case one was
 /// missed (e.g. jobs that finished while the hub was down).
@@ -612,7 +613,15 @@ impl Pipeline {
                     head_seq,
                 };
                 let u = self.upstream(&upstream).ok().cloned();
-                if state == BuildState::Passed {
+                // A build overtaken by a newer head's good build (it finished
+                // late) is not tested: its results would decide nothing.
+                let superseded = build.head_seq > 0
+                    && self
+                        .inner
+                        .results
+                        .good_build(&build.upstream, &build.platform)?
+                        .is_some_and(|g| g.head_seq > build.head_seq);
+                if state == BuildState::Passed && !superseded {
                     if let Some(u) = &u {
                         build.fanned_out = self.fan_out(u, &build).await?;
                     }
@@ -644,7 +653,14 @@ impl Pipeline {
                 project_commit,
                 ..
             } => {
-                let report = junit::parse_reports(&result.reports);
+                // Parsing megabytes of XML is CPU work: off the async threads.
+                let reports = result.reports.clone();
+                let report = tokio::task::spawn_blocking(move || junit::parse_reports(&reports))
+                    .await
+                    .unwrap_or_else(|e| junit::Report {
+                        cases: Vec::new(),
+                        errors: vec![format!("the report parser failed: {e}")],
+                    });
                 let total = report.cases.len() as u32;
                 let failed: Vec<_> = report
                     .cases
