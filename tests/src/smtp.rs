@@ -3,9 +3,10 @@
 //! accepts in a Maildir, plus a minimal MIME reader for what it stored.
 //!
 //! The server runs as
-//! `python3 -m aiosmtpd -n -d -l 127.0.0.1:PORT [--tlscert CHAIN --tlskey KEY] -c aiosmtpd.handlers.Mailbox MAILDIR`
+//! `python3 -m aiosmtpd -n -d -l 127.0.0.1:PORT [--tlscert CHAIN --tlskey KEY] -c trunkfarm_sink.Sink MAILDIR`
 //! (`TRUNKFARM_E2E_PYTHON` overrides `python3`); `.ci/run` installs it.
-//! Its Mailbox handler appends `X-Peer`, `X-MailFrom` and `X-RcptTo` (the
+//! `trunkfarm_sink.Sink` (written next to the maildir) is aiosmtpd's Mailbox
+//! handler, refusing recipients whose address starts with `bounce` (550). It appends `X-Peer`, `X-MailFrom` and `X-RcptTo` (the
 //! envelope) to every message.
 
 use std::fs;
@@ -44,6 +45,19 @@ pub struct SmtpSink {
     proc: Option<Proc>,
     starts: u32,
 }
+
+/// The handler class: Maildir storage, and a permanent refusal (550) for
+/// recipients whose address starts with `bounce`.
+const SINK_HANDLER: &str = r#"
+from aiosmtpd.handlers import Mailbox
+
+class Sink(Mailbox):
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        if address.lower().startswith("bounce"):
+            return "550 5.1.1 <%s>: no such user here" % address
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+"#;
 
 fn python() -> String {
     std::env::var("TRUNKFARM_E2E_PYTHON").unwrap_or_else(|_| "python3".to_string())
@@ -189,8 +203,13 @@ impl SmtpSink {
                 .arg("--tlskey")
                 .arg(&t.key);
         }
-        cmd.args(["-c", "aiosmtpd.handlers.Mailbox"])
+        // aiosmtpd's Mailbox handler, refusing recipients whose address
+        // starts with "bounce" (550, for good) the way a real server does.
+        let module = self.dir.path().join("trunkfarm_sink.py");
+        let _ = std::fs::write(&module, SINK_HANDLER);
+        cmd.args(["-c", "trunkfarm_sink.Sink"])
             .arg(&self.maildir)
+            .env("PYTHONPATH", self.dir.path())
             .env("PYTHONUNBUFFERED", "1")
             .env("PYTHONDONTWRITEBYTECODE", "1");
         cmd

@@ -985,3 +985,41 @@ fn mail_over_starttls_trusts_the_configured_ca() {
     let err = String::from_utf8_lossy(&refused.stderr);
     assert!(err.contains("starttls"), "{err}");
 }
+
+#[test]
+fn a_recipient_refused_for_good_is_recorded_not_retried() {
+    let sink = SmtpSink::start();
+    let repos = Repos::new();
+    let c1 = repos.head("rt");
+    let (hub, _agents) = farm(&repos, &smtp_toml(&sink), 1);
+    hub.cli_ok(&[
+        "subscribe",
+        "--project",
+        "shouter",
+        "--email",
+        "bounce@example.org",
+    ]);
+    wait_run(&hub, "shouter", &c1, "green");
+    let c2 = repos.commit(
+        "rt",
+        "rt.sh",
+        &RUNTIME.replace("| tr a-z A-Z", ""),
+        "rt: speed up upper",
+        "Eve <eve@example.org>",
+    );
+    wait_run(&hub, "shouter", &c2, "red");
+    // The other subscriber still gets theirs.
+    let mails = sink.wait_for_messages(1, STEP);
+    assert_eq!(mails[0].to(), ["shouter-dev@example.org"]);
+    let failed = wait_for(STEP, "the bounced mail to be marked failed", || {
+        let outbox = hub.cli_json(&["mail", "list", "--json", "--state", "failed"]);
+        outbox["mails"].as_array()?.first().cloned()
+    });
+    assert_eq!(s(&failed, "to"), "bounce@example.org");
+    assert!(s(&failed, "last_error").contains("550"), "{failed:#}");
+    std::thread::sleep(Duration::from_secs(2));
+    let outbox = hub.cli_json(&["mail", "list", "--json", "--state", "failed"]);
+    assert_eq!(outbox["mails"][0]["attempts"], 1, "not retried: {outbox:#}");
+    let text = hub.cli_ok(&["mail", "list"]);
+    assert!(text.contains("failed") && text.contains("550"), "{text}");
+}

@@ -233,7 +233,9 @@ pub async fn mail(cfg: &HubConfig, command: MailCommand) -> anyhow::Result<ExitC
                     m.to,
                     m.subject
                 );
-                if !m.last_error.is_empty() {
+                if m.state == MailState::Failed as i32 {
+                    println!("         refused for good: {}", m.last_error);
+                } else if !m.last_error.is_empty() {
                     println!(
                         "         last error: {} (next try {})",
                         m.last_error,
