@@ -1023,3 +1023,51 @@ fn a_recipient_refused_for_good_is_recorded_not_retried() {
     let text = hub.cli_ok(&["mail", "list"]);
     assert!(text.contains("failed") && text.contains("550"), "{text}");
 }
+
+#[test]
+fn a_failed_runtime_build_is_mailed_to_the_upstreams_contacts() {
+    let sink = SmtpSink::start();
+    let repos = Repos::new();
+    let c1 = repos.head("rt");
+    let config = repos.config(&smtp_toml(&sink)).replace(
+        "build_timeout = \"1m\"",
+        "build_timeout = \"1m\"\ncontacts = [\"rt-core@example.org\"]",
+    );
+    let hub = Hub::start_with(&config, &[]);
+    let mut a = Agent::enroll(&hub, "c", &[]);
+    a.start(&[]);
+    hub.wait_agents_connected(1);
+    wait_run(&hub, "adder", &c1, "green");
+    git(&repos.path("rt"), &["mv", "rt.sh", "rt2.sh"]);
+    git(
+        &repos.path("rt"),
+        &[
+            "commit",
+            "--quiet",
+            "--author",
+            "Eve <eve@example.org>",
+            "-m",
+            "rt: rename the script",
+        ],
+    );
+    let c2 = repos.head("rt");
+    let mails = sink.wait_for_messages(1, STEP);
+    assert_eq!(mails[0].to(), ["rt-core@example.org"]);
+    assert_eq!(
+        mails[0].subject(),
+        format!(
+            "[trunkfarm] rt main build failed on linux-x86_64 at {}",
+            &c2[..7]
+        )
+    );
+    assert!(
+        mails[0]
+            .text
+            .contains("rt: rename the script (Eve <eve@example.org>)"),
+        "{}",
+        mails[0].text
+    );
+    // The projects' maintainers hear nothing: nothing was tested.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(sink.messages().len(), 1, "{:#?}", sink.messages());
+}
