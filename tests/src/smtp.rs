@@ -42,6 +42,8 @@ pub struct SmtpSink {
     dir: TempDir,
     maildir: PathBuf,
     tls: Option<TlsFiles>,
+    /// A login the server requires (plain connection).
+    auth: Option<(String, String)>,
     proc: Option<Proc>,
     starts: u32,
 }
@@ -57,6 +59,28 @@ class Sink(Mailbox):
             return "550 5.1.1 <%s>: no such user here" % address
         envelope.rcpt_tos.append(address)
         return "250 OK"
+"#;
+
+/// A server that requires `AUTH` with one login (argv: port, maildir, user,
+/// password), for the tests of the hub's SMTP credentials.
+const AUTH_SERVER: &str = r#"
+import signal, sys
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult, LoginPassword
+from trunkfarm_sink import Sink
+
+port, maildir, user, password = sys.argv[1:5]
+
+def check(server, session, envelope, mechanism, data):
+    ok = isinstance(data, LoginPassword) and data.login.decode() == user and data.password.decode() == password
+    return AuthResult(success=ok)
+
+c = Controller(Sink(maildir), hostname="127.0.0.1", port=int(port), authenticator=check,
+               auth_required=True, auth_require_tls=False)
+c.start()
+print("Server is listening on 127.0.0.1:%s" % port, flush=True)
+signal.sigwait({signal.SIGTERM, signal.SIGINT})
+c.stop()
 "#;
 
 fn python() -> String {
@@ -102,7 +126,7 @@ impl SmtpSink {
     /// Starts aiosmtpd on a free 127.0.0.1 port, storing every message in a
     /// Maildir, and waits until it answers with a 220 banner.
     pub fn start() -> SmtpSink {
-        SmtpSink::launch(false)
+        SmtpSink::launch(false, None)
     }
 
     /// Like [`SmtpSink::start`], with STARTTLS offered — and required before
@@ -111,10 +135,15 @@ impl SmtpSink {
     /// `localhost` and `127.0.0.1` and signed by a fresh CA whose PEM is at
     /// [`SmtpSink::cert_pem_path`].
     pub fn start_starttls() -> SmtpSink {
-        SmtpSink::launch(true)
+        SmtpSink::launch(true, None)
     }
 
-    fn launch(tls: bool) -> SmtpSink {
+    /// A sink that requires `AUTH PLAIN/LOGIN` with this login (no TLS).
+    pub fn start_with_auth(user: &str, password: &str) -> SmtpSink {
+        SmtpSink::launch(false, Some((user.to_string(), password.to_string())))
+    }
+
+    fn launch(tls: bool, auth: Option<(String, String)>) -> SmtpSink {
         let dir = temp_dir("trunkfarm-e2e-smtp-");
         let maildir = dir.path().join("maildir");
         let tls = tls.then(|| write_pki(dir.path()));
@@ -123,6 +152,7 @@ impl SmtpSink {
             dir,
             maildir,
             tls,
+            auth,
             proc: None,
             starts: 0,
         };
@@ -194,6 +224,24 @@ impl SmtpSink {
     }
 
     fn command(&self) -> Command {
+        let module = self.dir.path().join("trunkfarm_sink.py");
+        let _ = std::fs::write(&module, SINK_HANDLER);
+        if let Some((user, password)) = &self.auth {
+            // aiosmtpd's command line has no authenticator: a small server
+            // script with the same handler, requiring AUTH (plain connection).
+            let script = self.dir.path().join("auth_server.py");
+            let _ = std::fs::write(&script, AUTH_SERVER);
+            let mut cmd = Command::new(python());
+            cmd.arg(&script)
+                .arg(self.port.to_string())
+                .arg(&self.maildir)
+                .arg(user)
+                .arg(password)
+                .env("PYTHONPATH", self.dir.path())
+                .env("PYTHONUNBUFFERED", "1")
+                .env("PYTHONDONTWRITEBYTECODE", "1");
+            return cmd;
+        }
         let mut cmd = Command::new(python());
         cmd.args(["-m", "aiosmtpd", "-n", "-d", "-l"])
             .arg(format!("127.0.0.1:{}", self.port));
@@ -205,8 +253,6 @@ impl SmtpSink {
         }
         // aiosmtpd's Mailbox handler, refusing recipients whose address
         // starts with "bounce" (550, for good) the way a real server does.
-        let module = self.dir.path().join("trunkfarm_sink.py");
-        let _ = std::fs::write(&module, SINK_HANDLER);
         cmd.args(["-c", "trunkfarm_sink.Sink"])
             .arg(&self.maildir)
             .env("PYTHONPATH", self.dir.path())

@@ -1071,3 +1071,61 @@ fn a_failed_runtime_build_is_mailed_to_the_upstreams_contacts() {
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(sink.messages().len(), 1, "{:#?}", sink.messages());
 }
+
+#[test]
+fn smtp_login_works_and_a_rejected_login_keeps_the_mail_with_the_reason() {
+    let sink = SmtpSink::start_with_auth("farm", "s3cret-pass");
+    let repos = Repos::new();
+    let dir = trunkfarm_e2e::temp_dir("trunkfarm-e2e-smtp-pass-");
+    let good = dir.path().join("good");
+    let bad = dir.path().join("bad");
+    std::fs::write(&good, "s3cret-pass\n").unwrap();
+    std::fs::write(&bad, "wrong\n").unwrap();
+    let with_login = |file: &PathBuf| {
+        smtp_toml(&sink).replace(
+            "timeout = \"5s\"",
+            &format!(
+                "timeout = \"1s\"\nusername = \"farm\"\npassword_file = \"{}\"",
+                file.display()
+            ),
+        )
+    };
+    let hub = Hub::start_with(&format!("{}{}", repos.config(""), with_login(&good)), &[]);
+
+    let out = hub.cli_ok(&["mail", "test", "--to", "ops@example.org"]);
+    assert!(out.starts_with("250"), "{out}");
+    sink.wait_for_messages(1, Duration::from_secs(30));
+    drop(hub);
+
+    // A wrong password: the went-red mail waits in the outbox, saying why.
+    let c1 = repos.head("rt");
+    let (hub, _agents) = farm(&repos, &with_login(&bad), 1);
+    let refused = hub.cli(&["mail", "test", "--to", "ops@example.org"]);
+    assert!(!refused.status.success());
+    wait_run(&hub, "shouter", &c1, "green");
+    let c2 = repos.commit(
+        "rt",
+        "rt.sh",
+        &RUNTIME.replace("| tr a-z A-Z", ""),
+        "rt: speed up upper",
+        "Eve <eve@example.org>",
+    );
+    wait_run(&hub, "shouter", &c2, "red");
+    let pending = wait_for(STEP, "a failed delivery attempt", || {
+        let outbox = hub.cli_json(&["mail", "list", "--json", "--state", "pending"]);
+        let m = outbox["mails"].as_array()?.first()?.clone();
+        (m["attempts"].as_u64().unwrap_or(0) >= 1).then_some(m)
+    });
+    // aiosmtpd answers a wrong password slowly (it stalls): the exchange is
+    // cut off after 3 × smtp.timeout and retried later.
+    let why = s(&pending, "last_error");
+    assert!(
+        why.contains("535")
+            || why.to_lowercase().contains("auth")
+            || why.contains("did not finish"),
+        "{pending:#}"
+    );
+    assert_eq!(sink.messages().len(), 1, "only the first hub's test mail");
+    // The password is in no log.
+    assert!(!hub.logs().contains("s3cret-pass") && !hub.logs().contains("wrong\n"));
+}

@@ -29,6 +29,9 @@ pub enum Transport {
         transport: AsyncSmtpTransport<Tokio1Executor>,
         /// "smtp host:port (starttls)", for status lines.
         describe: String,
+        /// The most one delivery may take, whatever the server does (a
+        /// server that stops answering mid-dialogue must not stall the outbox).
+        limit: std::time::Duration,
     },
     /// `.eml` files in a directory.
     Mailbox {
@@ -89,6 +92,7 @@ impl Transport {
         Ok(Transport::Smtp {
             transport: builder.build(),
             describe: format!("smtp {host}:{port} ({security})"),
+            limit: smtp.timeout.saturating_mul(3),
         })
     }
 
@@ -106,14 +110,20 @@ impl Transport {
     /// Sends one message; on success, the server's answer.
     pub async fn send(&self, message: Message) -> Result<String, Failure> {
         match self {
-            Transport::Smtp { transport, .. } => match transport.send(message).await {
-                Ok(r) => Ok(format!(
+            Transport::Smtp {
+                transport, limit, ..
+            } => match tokio::time::timeout(*limit, transport.send(message)).await {
+                Err(_) => Err(Failure::Transient(format!(
+                    "the server did not finish the exchange within {} (3 × smtp.timeout)",
+                    humantime::format_duration(*limit)
+                ))),
+                Ok(Ok(r)) => Ok(format!(
                     "{} {}",
                     r.code(),
                     r.message().collect::<Vec<_>>().join(" ")
                 )),
-                Err(e) if e.is_permanent() => Err(Failure::Permanent(e.to_string())),
-                Err(e) => Err(Failure::Transient(e.to_string())),
+                Ok(Err(e)) if e.is_permanent() => Err(Failure::Permanent(e.to_string())),
+                Ok(Err(e)) => Err(Failure::Transient(e.to_string())),
             },
             Transport::Mailbox { transport, dir } => match transport.send(message).await {
                 Ok(id) => Ok(format!("written to {}/{id}.eml", dir.display())),
