@@ -135,6 +135,17 @@ maintainers = ["shouter-dev@example.org"]
     }
 }
 
+/// Lands the commit that breaks `upper` (which only shouter uses); returns it.
+fn break_upper(repos: &Repos, author: &str) -> String {
+    repos.commit(
+        "rt",
+        "rt.sh",
+        &RUNTIME.replace("| tr a-z A-Z", ""),
+        "rt: speed up upper",
+        author,
+    )
+}
+
 /// A hub configured for `repos` with `agents` connected agents.
 fn farm(repos: &Repos, extra: &str, agents: usize) -> (Hub, Vec<Agent>) {
     let hub = Hub::start_with(&repos.config(extra), &[]);
@@ -209,13 +220,7 @@ fn trunk_breaks_one_project_and_a_fix_turns_it_green() {
     assert_eq!(u(&shouter["run"], "tests_total"), 2, "{shouter:#}");
 
     // Commit 2 breaks `upper`, which only shouter uses.
-    let c2 = repos.commit(
-        "rt",
-        "rt.sh",
-        &RUNTIME.replace("| tr a-z A-Z", ""),
-        "rt: speed up upper",
-        "Eve Breaker <eve@example.org>",
-    );
+    let c2 = break_upper(&repos, "Eve Breaker <eve@example.org>");
     let red = wait_run(&hub, "shouter", &c2, "red");
     wait_run(&hub, "adder", &c2, "green");
     let failing: Vec<&str> = red["run"]["failing_tests"]
@@ -257,10 +262,12 @@ fn trunk_breaks_one_project_and_a_fix_turns_it_green() {
     assert!(nothing.contains("nothing went red"), "{nothing}");
 
     // Commit 3 fixes it.
+    // (Not byte-identical to commit 1: an identical runtime packed within
+    // the same second is the same artifact, stored once.)
     let c3 = repos.commit(
         "rt",
         "rt.sh",
-        RUNTIME,
+        &format!("{RUNTIME}# upper fixed\n"),
         "rt: fix upper",
         "Fay Fixer <fay@example.org>",
     );
@@ -739,13 +746,7 @@ fn went_red_and_fixed_are_mailed_once_per_subscriber_in_one_thread() {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("no project named \"nope\""));
     wait_run(&hub, "shouter", &c1, "green");
 
-    let c2 = repos.commit(
-        "rt",
-        "rt.sh",
-        &RUNTIME.replace("| tr a-z A-Z", ""),
-        "rt: speed up upper",
-        "Eve Breaker <eve@example.org>",
-    );
+    let c2 = break_upper(&repos, "Eve Breaker <eve@example.org>");
     wait_run(&hub, "shouter", &c2, "red");
     let mails = sink.wait_for_messages(2, STEP);
     let mut to: Vec<String> = mails.iter().flat_map(|m| m.to()).collect();
@@ -847,13 +848,7 @@ fn a_mail_queued_while_smtp_is_down_survives_a_hub_kill_and_arrives_once() {
     let (mut hub, _agents) = farm(&repos, &smtp_toml(&sink), 1);
     wait_run(&hub, "shouter", &c1, "green");
     sink.stop();
-    let c2 = repos.commit(
-        "rt",
-        "rt.sh",
-        &RUNTIME.replace("| tr a-z A-Z", ""),
-        "rt: speed up upper",
-        "Eve <eve@example.org>",
-    );
+    let c2 = break_upper(&repos, "Eve <eve@example.org>");
     wait_run(&hub, "shouter", &c2, "red");
     // The mail is queued and its delivery failed at least once.
     let failed = wait_for(STEP, "a failed delivery attempt", || {
@@ -919,13 +914,7 @@ fn still_red_reminders_and_digests_follow_their_periods() {
         "core@example.org",
     ]);
     wait_run(&hub, "shouter", &c1, "green");
-    let c2 = repos.commit(
-        "rt",
-        "rt.sh",
-        &RUNTIME.replace("| tr a-z A-Z", ""),
-        "rt: speed up upper",
-        "Eve <eve@example.org>",
-    );
+    let c2 = break_upper(&repos, "Eve <eve@example.org>");
     wait_run(&hub, "shouter", &c2, "red");
     // went red (maintainer), a reminder 2 s later (same thread), one digest.
     let mails = sink.wait_for_messages(3, STEP);
@@ -1000,13 +989,7 @@ fn a_recipient_refused_for_good_is_recorded_not_retried() {
         "bounce@example.org",
     ]);
     wait_run(&hub, "shouter", &c1, "green");
-    let c2 = repos.commit(
-        "rt",
-        "rt.sh",
-        &RUNTIME.replace("| tr a-z A-Z", ""),
-        "rt: speed up upper",
-        "Eve <eve@example.org>",
-    );
+    let c2 = break_upper(&repos, "Eve <eve@example.org>");
     wait_run(&hub, "shouter", &c2, "red");
     // The other subscriber still gets theirs.
     let mails = sink.wait_for_messages(1, STEP);
@@ -1103,13 +1086,7 @@ fn smtp_login_works_and_a_rejected_login_keeps_the_mail_with_the_reason() {
     let refused = hub.cli(&["mail", "test", "--to", "ops@example.org"]);
     assert!(!refused.status.success());
     wait_run(&hub, "shouter", &c1, "green");
-    let c2 = repos.commit(
-        "rt",
-        "rt.sh",
-        &RUNTIME.replace("| tr a-z A-Z", ""),
-        "rt: speed up upper",
-        "Eve <eve@example.org>",
-    );
+    let c2 = break_upper(&repos, "Eve <eve@example.org>");
     wait_run(&hub, "shouter", &c2, "red");
     let pending = wait_for(STEP, "a failed delivery attempt", || {
         let outbox = hub.cli_json(&["mail", "list", "--json", "--state", "pending"]);

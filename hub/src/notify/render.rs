@@ -7,6 +7,7 @@ use std::fmt::Write as _;
 use trunkfarm_proto::v1::{Transition, TransitionKind};
 
 use crate::pipeline::short;
+use crate::web::escape;
 
 /// Everything a mail about one transition needs besides the transition.
 pub struct Context<'a> {
@@ -34,22 +35,6 @@ pub struct Rendered {
 
 fn short7(sha: &str) -> &str {
     sha.get(..7).unwrap_or(sha)
-}
-
-/// Escapes text for HTML.
-pub fn escape(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
 }
 
 /// The mail for a transition (went red, fixed, or a reminder of a red one).
