@@ -25,6 +25,8 @@ pub use trunkfarm_proto::settings::ConfigError;
 
 mod notify;
 mod pipeline;
+mod pool;
+pub use pool::{PoolConfig, ProvisionerKind};
 pub use notify::{NotifySection, SmtpSection, SmtpSecurity, WebSection};
 pub use pipeline::{
     ArtifactsSection, DEFAULT_PLATFORM, PipelineSection, ProjectConfig, UpstreamConfig,
@@ -65,8 +67,10 @@ pub struct HubConfig {
     pub smtp: SmtpSection,
     /// `[notify]`: what is mailed, when.
     pub notify: NotifySection,
-    /// `[web]`: the hub's HTTP endpoint (unsubscribe links).
+        /// `[web]`: the hub's HTTP endpoint (unsubscribe links).
     pub web: WebSection,
+    /// `[[pool]]`: on-demand agents.
+    pub pools: Vec<PoolConfig>,
 }
 
 /// `[hub]`: the hub's network identity and data location.
@@ -227,8 +231,9 @@ struct RawHubConfig {
     upstream: Vec<UpstreamConfig>,
     project: Vec<ProjectConfig>,
     smtp: SmtpSection,
-    notify: NotifySection,
+        notify: NotifySection,
     web: WebSection,
+    pool: Vec<PoolConfig>,
 }
 
 impl HubConfig {
@@ -264,8 +269,9 @@ impl HubConfig {
             upstreams: raw.upstream,
             projects: raw.project,
             smtp: raw.smtp,
-            notify: raw.notify,
+                        notify: raw.notify,
             web: raw.web,
+            pools: raw.pool,
         };
         // Check paths as written (e.g. `~`) before resolving them.
         config
@@ -299,8 +305,9 @@ impl HubConfig {
             upstreams: Vec::new(),
             projects: Vec::new(),
             smtp: SmtpSection::default(),
-            notify: NotifySection::default(),
+                        notify: NotifySection::default(),
             web: WebSection::default(),
+            pools: Vec::new(),
         }
     }
 
@@ -540,7 +547,8 @@ impl HubConfig {
             &self.pipeline,
             d.max_job_timeout,
         )?;
-        notify::problems(&self.smtp, &self.notify)
+                notify::problems(&self.smtp, &self.notify)?;
+        pool::problems(&self.pools)
     }
 }
 
@@ -918,11 +926,11 @@ max_token_ttl = "7d"
     fn unknown_key_at_top_level() {
         assert_eq!(
             err("[dispath]\nlease_timeout = \"1m\"\n"),
-            "/etc/trunkfarm/hub.toml:1: unknown key `dispath`, expected one of `hub`, `tls`, `admin`, `dispatch`, `limits`, `enrollment`, `artifacts`, `pipeline`, `upstream`, `project`, `smtp`, `notify`, `web`"
+            "/etc/trunkfarm/hub.toml:1: unknown key `dispath`, expected one of `hub`, `tls`, `admin`, `dispatch`, `limits`, `enrollment`, `artifacts`, `pipeline`, `upstream`, `project`, `smtp`, `notify`, `web`, `pool`"
         );
         assert_eq!(
             err("listen = \"0.0.0.0:7443\"\n"),
-            "/etc/trunkfarm/hub.toml:1: unknown key `listen`, expected one of `hub`, `tls`, `admin`, `dispatch`, `limits`, `enrollment`, `artifacts`, `pipeline`, `upstream`, `project`, `smtp`, `notify`, `web`"
+            "/etc/trunkfarm/hub.toml:1: unknown key `listen`, expected one of `hub`, `tls`, `admin`, `dispatch`, `limits`, `enrollment`, `artifacts`, `pipeline`, `upstream`, `project`, `smtp`, `notify`, `web`, `pool`"
         );
     }
 
@@ -1316,5 +1324,20 @@ test = ["pytest"]
         assert_eq!(c.upstreams[0].name, "cpython");
         assert!(c.projects.len() >= 4);
         assert!(c.projects.iter().all(|p| p.junit == ["junit.xml"]));
+    }
+
+    #[test]
+    fn pool_rules_name_the_key() {
+        let c = parse("[[pool]]\nname = \"local\"\nprovisioner = \"local\"\nmax_instances = 3\n").unwrap();
+        assert_eq!(c.pools[0].provisioner, ProvisionerKind::Local);
+        assert_eq!(c.pools[0].idle_timeout, Duration::from_secs(600));
+        let e = err("[[pool]]\nname = \"p\"\nprovisioner = \"docker\"\n");
+        assert!(e.contains("pool[0].provisioner") && e.contains("`local`, `command`, `ec2`"), "{e}");
+        let e = err("[[pool]]\nname = \"p\"\nprovisioner = \"local\"\nmin_instances = 3\nmax_instances = 2\n");
+        assert!(e.contains("pool[0].max_instances") && e.contains("less than min_instances = 3"), "{e}");
+        let e = err("[[pool]]\nname = \"p\"\nprovisioner = \"command\"\nstart_command = \"x\"\n");
+        assert!(e.contains("pool[0].stop_command"), "{e}");
+        let e = err("[[pool]]\nname = \"p\"\nprovisioner = \"local\"\nidle = \"1m\"\n");
+        assert!(e.contains("unknown key `pool[0].idle`"), "{e}");
     }
 }

@@ -1,0 +1,190 @@
+//! `[[pool]]` entries: on-demand agents the hub starts when work waits and
+//! stops when idle.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+use trunkfarm_proto::settings::{Problem, fmt_duration};
+
+use super::de;
+
+/// How a pool's instances are started and stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProvisionerKind {
+    /// `trunkfarm-agent` processes on the hub's own machine.
+    Local,
+    /// The operator's start/stop scripts (KVM, libvirt, a private cloud...).
+    Command,
+    /// The EC2 API (or an EC2-compatible cloud).
+    Ec2,
+}
+
+/// `[[pool]]`: one group of on-demand agents.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a [[pool]] table")]
+pub struct PoolConfig {
+    /// Short name (`[A-Za-z0-9._-]`), also used in instance names and tags.
+    pub name: String,
+    /// `"local"`, `"command"` or `"ec2"`.
+    pub provisioner: ProvisionerKind,
+    /// Labels its agents carry (besides their platform labels): jobs whose
+    /// labels they cover make the pool grow.
+    #[serde(default)]
+    pub labels: Vec<String>,
+    /// Instances kept running even when idle.
+    #[serde(default, deserialize_with = "de::count")]
+    pub min_instances: u32,
+    /// Never more instances than this.
+    #[serde(default = "default_max", deserialize_with = "de::count")]
+    pub max_instances: u32,
+    /// A matching job waiting this long with no idle matching agent starts an instance.
+    #[serde(default = "default_grace", deserialize_with = "de::duration")]
+    pub pending_grace: Duration,
+    /// An instance idle this long is stopped (down to `min_instances`).
+    #[serde(default = "default_idle", deserialize_with = "de::duration")]
+    pub idle_timeout: Duration,
+    /// An instance whose agent has not connected this long after its start
+    /// is terminated and counted as a failed start.
+    #[serde(default = "default_missing", deserialize_with = "de::duration")]
+    pub missing_timeout: Duration,
+    /// After this many jobs an instance is replaced by a fresh one (0: never).
+    #[serde(default, deserialize_with = "de::count")]
+    pub max_jobs_per_instance: u32,
+    /// Failed starts back off, doubling from 10s up to this.
+    #[serde(default = "default_backoff", deserialize_with = "de::duration")]
+    pub start_backoff_max: Duration,
+    /// Jobs one instance runs at once.
+    #[serde(default = "default_parallel", deserialize_with = "de::count")]
+    pub max_parallel_jobs: u32,
+    /// `command`: the script that starts an instance. It gets the bootstrap
+    /// data in its environment (`TRUNKFARM_ENROLLMENT`, `TRUNKFARM_POOL`,
+    /// `TRUNKFARM_INSTANCE_NAME`, `TRUNKFARM_LABELS`, `TRUNKFARM_USER_DATA`)
+    /// and prints the instance id as its last line of output.
+    pub start_command: Option<String>,
+    /// `command`: the script that stops one; gets `TRUNKFARM_INSTANCE_ID`.
+    pub stop_command: Option<String>,
+    /// `command`: how long either script may run.
+    #[serde(default = "default_command_timeout", deserialize_with = "de::duration")]
+    pub command_timeout: Duration,
+    /// `local`: the agent binary (default: `trunkfarm-agent` beside
+    /// `trunkfarm`, else on PATH).
+    pub agent_binary: Option<PathBuf>,
+}
+
+fn default_max() -> u32 {
+    4
+}
+fn default_grace() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_idle() -> Duration {
+    Duration::from_secs(10 * 60)
+}
+fn default_missing() -> Duration {
+    Duration::from_secs(5 * 60)
+}
+fn default_backoff() -> Duration {
+    Duration::from_secs(30 * 60)
+}
+fn default_parallel() -> u32 {
+    1
+}
+fn default_command_timeout() -> Duration {
+    Duration::from_secs(5 * 60)
+}
+
+/// Checks the pools' rules.
+pub(super) fn problems(pools: &[PoolConfig]) -> Result<(), Problem> {
+    let mut names = HashSet::new();
+    for (i, p) in pools.iter().enumerate() {
+        let at = |key: &str| format!("pool[{i}].{key}");
+        let ok_name = !p.name.is_empty()
+            && p.name.len() <= 32
+            && p.name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+        if !ok_name {
+            return Err(Problem::new(
+                at("name"),
+                format!(
+                    "{:?} is not a valid pool name; expected 1 to 32 characters from A-Z, a-z, 0-9, '.', '_' and '-'",
+                    p.name
+                ),
+            ));
+        }
+        if !names.insert(p.name.as_str()) {
+            return Err(Problem::new(
+                at("name"),
+                format!("two pools are named {:?}; give each a different name", p.name),
+            ));
+        }
+        if p.max_instances < p.min_instances {
+            return Err(Problem::new(
+                at("max_instances"),
+                format!(
+                    "pool {:?} has max_instances = {}, less than min_instances = {}",
+                    p.name, p.max_instances, p.min_instances
+                ),
+            ));
+        }
+        if p.max_parallel_jobs == 0 {
+            return Err(Problem::new(at("max_parallel_jobs"), "must be at least 1"));
+        }
+        for (key, d) in [
+            ("idle_timeout", p.idle_timeout),
+            ("missing_timeout", p.missing_timeout),
+            ("start_backoff_max", p.start_backoff_max),
+            ("command_timeout", p.command_timeout),
+        ] {
+            if d < Duration::from_millis(100) {
+                return Err(Problem::new(
+                    at(key),
+                    format!("{} is too short; expected e.g. \"5m\"", fmt_duration(d)),
+                ));
+            }
+        }
+        for label in &p.labels {
+            if label.is_empty() || label.chars().any(|c| c.is_whitespace() || c == ',') {
+                return Err(Problem::new(
+                    at("labels"),
+                    format!("{label:?} is not a valid label: no spaces or commas, not empty"),
+                ));
+            }
+        }
+        match p.provisioner {
+            ProvisionerKind::Command => {
+                for (key, v) in [("start_command", &p.start_command), ("stop_command", &p.stop_command)] {
+                    if v.as_deref().is_none_or(|c| c.trim().is_empty()) {
+                        return Err(Problem::new(
+                            at(key),
+                            format!(
+                                "a pool with provisioner = \"command\" needs `{key}`: the script that {} an instance",
+                                if key == "start_command" { "starts" } else { "stops" }
+                            ),
+                        ));
+                    }
+                }
+            }
+            ProvisionerKind::Local | ProvisionerKind::Ec2 => {
+                for (key, v) in [("start_command", &p.start_command), ("stop_command", &p.stop_command)] {
+                    if v.is_some() {
+                        return Err(Problem::new(
+                            at(key),
+                            format!("`{key}` is only for provisioner = \"command\""),
+                        ));
+                    }
+                }
+            }
+        }
+        if p.provisioner == ProvisionerKind::Ec2 {
+            return Err(Problem::new(
+                at("provisioner"),
+                "provisioner = \"ec2\" is not available in this build of trunkfarm yet; use \"local\" or \"command\"",
+            ));
+        }
+    }
+    Ok(())
+}
