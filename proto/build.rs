@@ -22,6 +22,8 @@ const PERSISTED: &[&str] = &[
     "Transition",
     "Subscription",
     "MailInfo",
+    "PoolInfo",
+    "InstanceInfo",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -26,11 +26,11 @@ pub use trunkfarm_proto::settings::ConfigError;
 mod notify;
 mod pipeline;
 mod pool;
-pub use pool::{PoolConfig, ProvisionerKind};
 pub use notify::{NotifySection, SmtpSection, SmtpSecurity, WebSection};
 pub use pipeline::{
     ArtifactsSection, DEFAULT_PLATFORM, PipelineSection, ProjectConfig, UpstreamConfig,
 };
+pub use pool::{PoolConfig, ProvisionerKind};
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
@@ -67,7 +67,7 @@ pub struct HubConfig {
     pub smtp: SmtpSection,
     /// `[notify]`: what is mailed, when.
     pub notify: NotifySection,
-        /// `[web]`: the hub's HTTP endpoint (unsubscribe links).
+    /// `[web]`: the hub's HTTP endpoint (unsubscribe links).
     pub web: WebSection,
     /// `[[pool]]`: on-demand agents.
     pub pools: Vec<PoolConfig>,
@@ -231,7 +231,7 @@ struct RawHubConfig {
     upstream: Vec<UpstreamConfig>,
     project: Vec<ProjectConfig>,
     smtp: SmtpSection,
-        notify: NotifySection,
+    notify: NotifySection,
     web: WebSection,
     pool: Vec<PoolConfig>,
 }
@@ -269,7 +269,7 @@ impl HubConfig {
             upstreams: raw.upstream,
             projects: raw.project,
             smtp: raw.smtp,
-                        notify: raw.notify,
+            notify: raw.notify,
             web: raw.web,
             pools: raw.pool,
         };
@@ -305,7 +305,7 @@ impl HubConfig {
             upstreams: Vec::new(),
             projects: Vec::new(),
             smtp: SmtpSection::default(),
-                        notify: NotifySection::default(),
+            notify: NotifySection::default(),
             web: WebSection::default(),
             pools: Vec::new(),
         }
@@ -547,7 +547,7 @@ impl HubConfig {
             &self.pipeline,
             d.max_job_timeout,
         )?;
-                notify::problems(&self.smtp, &self.notify)?;
+        notify::problems(&self.smtp, &self.notify)?;
         pool::problems(&self.pools)
     }
 }
@@ -1328,13 +1328,22 @@ test = ["pytest"]
 
     #[test]
     fn pool_rules_name_the_key() {
-        let c = parse("[[pool]]\nname = \"local\"\nprovisioner = \"local\"\nmax_instances = 3\n").unwrap();
+        let c = parse("[[pool]]\nname = \"local\"\nprovisioner = \"local\"\nmax_instances = 3\n")
+            .unwrap();
         assert_eq!(c.pools[0].provisioner, ProvisionerKind::Local);
         assert_eq!(c.pools[0].idle_timeout, Duration::from_secs(600));
         let e = err("[[pool]]\nname = \"p\"\nprovisioner = \"docker\"\n");
-        assert!(e.contains("pool[0].provisioner") && e.contains("`local`, `command`, `ec2`"), "{e}");
-        let e = err("[[pool]]\nname = \"p\"\nprovisioner = \"local\"\nmin_instances = 3\nmax_instances = 2\n");
-        assert!(e.contains("pool[0].max_instances") && e.contains("less than min_instances = 3"), "{e}");
+        assert!(
+            e.contains("pool[0].provisioner") && e.contains("`local`, `command`, `ec2`"),
+            "{e}"
+        );
+        let e = err(
+            "[[pool]]\nname = \"p\"\nprovisioner = \"local\"\nmin_instances = 3\nmax_instances = 2\n",
+        );
+        assert!(
+            e.contains("pool[0].max_instances") && e.contains("less than min_instances = 3"),
+            "{e}"
+        );
         let e = err("[[pool]]\nname = \"p\"\nprovisioner = \"command\"\nstart_command = \"x\"\n");
         assert!(e.contains("pool[0].stop_command"), "{e}");
         let e = err("[[pool]]\nname = \"p\"\nprovisioner = \"local\"\nidle = \"1m\"\n");

@@ -477,6 +477,18 @@ impl Dispatcher {
         keys
     }
 
+    /// Queued jobs' labels and how long each has waited (ms), for the
+    /// pools deciding whether to start an instance.
+    pub fn queued_labels(&self) -> Vec<(Vec<String>, u64)> {
+        let st = self.lock();
+        let now = now_ms();
+        st.queue
+            .iter()
+            .filter_map(|id| st.open.get(id))
+            .map(|r| (r.spec.labels.clone(), now.saturating_sub(r.created_at_ms)))
+            .collect()
+    }
+
     /// Runtime artifacts that unfinished jobs will download: garbage
     /// collection must keep them.
     pub fn open_artifacts(&self) -> std::collections::HashSet<String> {

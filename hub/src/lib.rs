@@ -11,6 +11,7 @@ pub mod junit;
 pub mod logs;
 pub mod notify;
 pub mod pipeline;
+pub mod provision;
 pub mod results;
 pub mod server;
 pub mod store;

@@ -24,6 +24,7 @@ use crate::grpc::agent::AgentApi;
 use crate::logs::JobLogs;
 use crate::notify::Notifier;
 use crate::pipeline::Pipeline;
+use crate::provision::Pools;
 use crate::results::Results;
 use crate::store::Store;
 use crate::web;
@@ -190,6 +191,23 @@ impl Hub {
         };
         let ca_sha256 = identity.as_ref().map(|i| i.ca_sha256.clone());
         let max_message = usize::try_from(cfg.limits.max_message_size).unwrap_or(usize::MAX);
+        let (hub_address, hub_ca) = (public_address.clone(), ca_sha256.clone());
+        let pools = Pools::start(
+            cfg,
+            &store,
+            dispatch.clone(),
+            credentials.clone(),
+            Box::new(move |token| {
+                trunkfarm_proto::enrollment::Enrollment {
+                    hub: hub_address.clone(),
+                    token,
+                    ca_sha256: hub_ca.clone(),
+                }
+                .encode()
+            }),
+            stop_pipeline.clone(),
+        )
+        .await?;
 
         let agent_api = AgentApi {
             credentials: credentials.clone(),
@@ -211,6 +229,7 @@ impl Hub {
             pipeline: pipeline.clone(),
             artifacts: artifacts.clone(),
             notifier: notifier.clone(),
+            pools: pools.clone(),
         };
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<AgentServiceServer<AgentApi>>().await;

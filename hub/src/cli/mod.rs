@@ -5,9 +5,11 @@
 
 mod client;
 mod demo;
+pub(crate) use demo::find_agent_binary;
 mod jobs;
 mod notify;
 mod pipeline;
+mod pool;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -127,6 +129,24 @@ enum Command {
     Mail {
         #[command(subcommand)]
         command: notify::MailCommand,
+    },
+    /// On-demand agent pools.
+    Pool {
+        #[command(subcommand)]
+        command: PoolCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum PoolCommand {
+    /// Each pool's instances (starting, idle, busy, stopping), failed starts and back-off.
+    List {
+        /// Include stopped and failed instances.
+        #[arg(long)]
+        all: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -264,6 +284,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Unsubscribe(args) => notify::unsubscribe(&cfg, args).await,
         Command::Subscriptions { project, json } => notify::list(&cfg, project, json).await,
         Command::Mail { command } => notify::mail(&cfg, command).await,
+        Command::Pool {
+            command: PoolCommand::List { all, json },
+        } => pool::list(&cfg, all, json).await,
     }
 }
 

@@ -118,7 +118,10 @@ pub(super) fn problems(pools: &[PoolConfig]) -> Result<(), Problem> {
         if !names.insert(p.name.as_str()) {
             return Err(Problem::new(
                 at("name"),
-                format!("two pools are named {:?}; give each a different name", p.name),
+                format!(
+                    "two pools are named {:?}; give each a different name",
+                    p.name
+                ),
             ));
         }
         if p.max_instances < p.min_instances {
@@ -156,20 +159,30 @@ pub(super) fn problems(pools: &[PoolConfig]) -> Result<(), Problem> {
         }
         match p.provisioner {
             ProvisionerKind::Command => {
-                for (key, v) in [("start_command", &p.start_command), ("stop_command", &p.stop_command)] {
+                for (key, v) in [
+                    ("start_command", &p.start_command),
+                    ("stop_command", &p.stop_command),
+                ] {
                     if v.as_deref().is_none_or(|c| c.trim().is_empty()) {
                         return Err(Problem::new(
                             at(key),
                             format!(
                                 "a pool with provisioner = \"command\" needs `{key}`: the script that {} an instance",
-                                if key == "start_command" { "starts" } else { "stops" }
+                                if key == "start_command" {
+                                    "starts"
+                                } else {
+                                    "stops"
+                                }
                             ),
                         ));
                     }
                 }
             }
             ProvisionerKind::Local | ProvisionerKind::Ec2 => {
-                for (key, v) in [("start_command", &p.start_command), ("stop_command", &p.stop_command)] {
+                for (key, v) in [
+                    ("start_command", &p.start_command),
+                    ("stop_command", &p.stop_command),
+                ] {
                     if v.is_some() {
                         return Err(Problem::new(
                             at(key),

@@ -20,6 +20,7 @@ use crate::dispatch::{Dispatcher, JobState};
 use crate::logs::{JobLogs, WatchEvent};
 use crate::notify::{Notifier, NotifyError};
 use crate::pipeline::{Pipeline, PipelineError};
+use crate::provision::{InstanceState, Pools};
 
 /// The longest grace period a drain may ask for (a week).
 const MAX_DRAIN_GRACE: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -53,6 +54,8 @@ pub struct AdminApi {
     pub artifacts: Artifacts,
     /// Subscriptions and the outbox.
     pub notifier: Notifier,
+    /// On-demand agent pools.
+    pub pools: Pools,
 }
 
 /// Maps notifier errors to statuses.
@@ -93,6 +96,58 @@ impl AdminApi {
 
 #[tonic::async_trait]
 impl AdminService for AdminApi {
+    async fn list_pools(
+        &self,
+        request: Request<ListPoolsRequest>,
+    ) -> Result<Response<ListPoolsResponse>, Status> {
+        self.check(&request)?;
+        let all = request.into_inner().all;
+        let connected = self.dispatch.connected();
+        let mut pools = Vec::new();
+        for cfg in self.pools.configs() {
+            let backoff = self.pools.backoff(&cfg.name).map_err(store_status)?;
+            let instances = self
+                .pools
+                .instances(&cfg.name)
+                .map_err(store_status)?
+                .into_iter()
+                .filter(|i| {
+                    all || matches!(
+                        i.state,
+                        InstanceState::Starting | InstanceState::Running | InstanceState::Stopping
+                    )
+                })
+                .map(|i| InstanceInfo {
+                    busy: connected
+                        .get(&i.agent_id)
+                        .is_some_and(|c| !c.running.is_empty()),
+                    state: serde_json::to_value(i.state)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_owned))
+                        .unwrap_or_default(),
+                    id: i.id,
+                    handle: i.handle,
+                    agent_id: i.agent_id,
+                    created_at_ms: i.created_at_ms,
+                    last_busy_ms: i.last_busy_ms,
+                    detail: i.detail,
+                })
+                .collect();
+            pools.push(PoolInfo {
+                name: cfg.name.clone(),
+                provisioner: format!("{:?}", cfg.provisioner).to_lowercase(),
+                labels: cfg.labels.clone(),
+                min_instances: cfg.min_instances,
+                max_instances: cfg.max_instances,
+                instances,
+                failed_starts: backoff.failures,
+                next_start_at_ms: backoff.next_start_at_ms,
+                last_error: backoff.last_error,
+            });
+        }
+        Ok(Response::new(ListPoolsResponse { pools }))
+    }
+
     async fn subscribe(
         &self,
         request: Request<SubscribeRequest>,
