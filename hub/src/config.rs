@@ -30,7 +30,7 @@ pub use notify::{NotifySection, SmtpSection, SmtpSecurity, WebSection};
 pub use pipeline::{
     ArtifactsSection, DEFAULT_PLATFORM, PipelineSection, ProjectConfig, UpstreamConfig,
 };
-pub use pool::{PoolConfig, ProvisionerKind};
+pub use pool::{Ec2Section, PoolConfig, ProvisionerKind};
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;

@@ -69,9 +69,44 @@ pub struct PoolConfig {
     /// `command`: how long either script may run.
     #[serde(default = "default_command_timeout", deserialize_with = "de::duration")]
     pub command_timeout: Duration,
-    /// `local`: the agent binary (default: `trunkfarm-agent` beside
+        /// `local`: the agent binary (default: `trunkfarm-agent` beside
     /// `trunkfarm`, else on PATH).
     pub agent_binary: Option<PathBuf>,
+    /// `ec2`: the settings of the EC2 API and the instances.
+    #[serde(default)]
+    pub ec2: Option<Ec2Section>,
+}
+
+/// `[pool.ec2]`: where and how instances are started on EC2 (or an
+/// EC2-compatible cloud).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a [pool.ec2] table")]
+pub struct Ec2Section {
+    /// The region, e.g. `"eu-west-1"`.
+    pub region: String,
+    /// The API endpoint (default `https://ec2.<region>.amazonaws.com`);
+    /// another for EC2-compatible clouds.
+    pub endpoint: Option<String>,
+    /// The image to boot (any image with cloud-init: nothing is prepared in it).
+    pub ami: String,
+    /// The instance type, e.g. `"c6i.large"`.
+    pub instance_type: String,
+    /// The subnet to start in.
+    pub subnet_id: Option<String>,
+    /// Security groups.
+    #[serde(default)]
+    pub security_group_ids: Vec<String>,
+    /// An SSH key pair name, for debugging.
+    pub key_name: Option<String>,
+    /// A cloud-init user-data template (default: the embedded
+    /// `config/cloud-init/agent.sh`); see it for the placeholders.
+    pub user_data_template: Option<PathBuf>,
+    /// Where the instance downloads `trunkfarm-agent` from (used by the template).
+    #[serde(default)]
+    pub agent_url: String,
+    /// Extra tags on every instance.
+    #[serde(default)]
+    pub tags: std::collections::BTreeMap<String, String>,
 }
 
 fn default_max() -> u32 {
@@ -192,11 +227,38 @@ pub(super) fn problems(pools: &[PoolConfig]) -> Result<(), Problem> {
                 }
             }
         }
-        if p.provisioner == ProvisionerKind::Ec2 {
-            return Err(Problem::new(
-                at("provisioner"),
-                "provisioner = \"ec2\" is not available in this build of trunkfarm yet; use \"local\" or \"command\"",
-            ));
+                match (p.provisioner, &p.ec2) {
+            (ProvisionerKind::Ec2, None) => {
+                return Err(Problem::new(
+                    at("provisioner"),
+                    format!(
+                        "pool {:?} uses provisioner = \"ec2\" but has no [pool.ec2] table (region, ami, instance_type)",
+                        p.name
+                    ),
+                ));
+            }
+            (ProvisionerKind::Ec2, Some(e)) => {
+                for (key, v) in [("ec2.region", &e.region), ("ec2.ami", &e.ami), ("ec2.instance_type", &e.instance_type)] {
+                    if v.trim().is_empty() {
+                        return Err(Problem::new(at(key), "must not be empty"));
+                    }
+                }
+                if let Some(url) = &e.endpoint {
+                    if !(url.starts_with("http://") || url.starts_with("https://")) {
+                        return Err(Problem::new(
+                            at("ec2.endpoint"),
+                            format!("{url:?} is not an http(s) URL"),
+                        ));
+                    }
+                }
+            }
+            (_, Some(_)) => {
+                return Err(Problem::new(
+                    at("ec2"),
+                    "a [pool.ec2] table is only for provisioner = \"ec2\"",
+                ));
+            }
+            (_, None) => {}
         }
     }
     Ok(())
