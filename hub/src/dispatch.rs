@@ -154,8 +154,18 @@ struct Conn {
     draining: bool,
     last_heartbeat: Instant,
     last_assigned: u64,
+    /// Jobs assigned on this connection.
+    assigned: u64,
     agent_version: String,
     remote: String,
+}
+
+/// Whether an agent carrying a label with a job limit reached it.
+fn over_limit(limits: &HashMap<String, u64>, c: &Conn) -> bool {
+    !limits.is_empty()
+        && c.labels
+            .iter()
+            .any(|l| limits.get(l).is_some_and(|max| c.assigned >= *max))
 }
 
 impl Conn {
@@ -189,6 +199,12 @@ struct State {
     agents: HashMap<String, Conn>,
     /// When each agent was last heard from (connected or not), ms.
     last_seen: HashMap<String, u64>,
+    /// Results each agent delivered since the hub started (pools replace an
+    /// instance after `max_jobs_per_instance`).
+    completed: HashMap<String, u64>,
+    /// Agents carrying one of these labels get at most this many jobs
+    /// per connection (a pool's `max_jobs_per_instance`).
+    label_limits: HashMap<String, u64>,
     assign_counter: u64,
     next_session: u64,
 }
@@ -222,6 +238,8 @@ pub struct ConnectedAgent {
     pub agent_version: String,
     /// Its address as the hub sees it.
     pub remote: String,
+    /// Results it delivered since the hub started.
+    pub completed: u64,
 }
 
 /// The dispatcher. Cheap to clone.
@@ -477,6 +495,12 @@ impl Dispatcher {
         keys
     }
 
+    /// Gives agents carrying `label` at most `max_jobs` jobs per
+    /// connection (then they get none, and their pool replaces them).
+    pub fn limit_jobs_per_agent(&self, label: &str, max_jobs: u64) {
+        self.lock().label_limits.insert(label.to_owned(), max_jobs);
+    }
+
     /// Queued jobs' labels and how long each has waited (ms), for the
     /// pools deciding whether to start an instance.
     pub fn queued_labels(&self) -> Vec<(Vec<String>, u64)> {
@@ -590,6 +614,7 @@ impl Dispatcher {
                         && c.free_slots() > 0
                         && now.duration_since(c.last_heartbeat) < stale_after
                         && c.accepts(&rec.spec)
+                        && !over_limit(&st.label_limits, c)
                 })
                 .min_by_key(|(_, c)| {
                     (
@@ -643,6 +668,7 @@ impl Dispatcher {
             if let Some(conn) = st.agents.get_mut(&agent_id) {
                 conn.running.insert(id);
                 conn.last_assigned = counter;
+                conn.assigned += 1;
                 out.push(&conn.tx, hub_message::Msg::Assign(assignment));
             }
         }
@@ -788,6 +814,7 @@ impl Dispatcher {
                     draining,
                     last_heartbeat: Instant::now(),
                     last_assigned: 0,
+                    assigned: 0,
                     agent_version,
                     remote,
                 },
@@ -941,6 +968,7 @@ impl Dispatcher {
                     }
                 }
                 st.leases.remove(&job.job_id);
+                *st.completed.entry(agent_id.to_owned()).or_default() += 1;
                 if let Some(conn) = st.agents.get_mut(agent_id) {
                     conn.running.remove(&job.job_id);
                 }
@@ -1211,6 +1239,7 @@ impl Dispatcher {
                         draining: c.draining,
                         agent_version: c.agent_version.clone(),
                         remote: c.remote.clone(),
+                        completed: st.completed.get(id).copied().unwrap_or(0),
                     },
                 )
             })

@@ -222,3 +222,43 @@ agent_binary = "{}"
         s(&first, "handle").parse().unwrap()
     ));
 }
+
+#[test]
+fn an_instance_is_replaced_after_max_jobs_per_instance() {
+    let config = format!(
+        r#"
+[[pool]]
+name = "fresh"
+provisioner = "local"
+labels = ["fresh"]
+max_instances = 1
+max_jobs_per_instance = 2
+pending_grace = "0s"
+agent_binary = "{}"
+"#,
+        bins().agent.display()
+    );
+    let hub = Hub::start_with(&config, &[]);
+    let ids: Vec<u64> = (0..4)
+        .map(|_| hub.submit(&["--labels", "fresh", "--", "true"]))
+        .collect();
+    let mut agents = std::collections::HashSet::new();
+    for id in &ids {
+        let j = hub.wait_job_finished(*id, Duration::from_secs(90));
+        assert_eq!(s(&j, "outcome"), "passed", "{j:#}");
+        agents.insert(s(&j, "agent_id").to_string());
+    }
+    assert!(
+        agents.len() >= 2,
+        "4 jobs, 2 per instance, ran on {agents:?}"
+    );
+    let p = pools(&hub)[0].clone();
+    assert!(
+        p["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|i| s(i, "detail").contains("max_jobs_per_instance")),
+        "{p:#}"
+    );
+}

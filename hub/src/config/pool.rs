@@ -69,7 +69,7 @@ pub struct PoolConfig {
     /// `command`: how long either script may run.
     #[serde(default = "default_command_timeout", deserialize_with = "de::duration")]
     pub command_timeout: Duration,
-        /// `local`: the agent binary (default: `trunkfarm-agent` beside
+    /// `local`: the agent binary (default: `trunkfarm-agent` beside
     /// `trunkfarm`, else on PATH).
     pub agent_binary: Option<PathBuf>,
     /// `ec2`: the settings of the EC2 API and the instances.
@@ -227,7 +227,7 @@ pub(super) fn problems(pools: &[PoolConfig]) -> Result<(), Problem> {
                 }
             }
         }
-                match (p.provisioner, &p.ec2) {
+        match (p.provisioner, &p.ec2) {
             (ProvisionerKind::Ec2, None) => {
                 return Err(Problem::new(
                     at("provisioner"),
@@ -238,7 +238,11 @@ pub(super) fn problems(pools: &[PoolConfig]) -> Result<(), Problem> {
                 ));
             }
             (ProvisionerKind::Ec2, Some(e)) => {
-                for (key, v) in [("ec2.region", &e.region), ("ec2.ami", &e.ami), ("ec2.instance_type", &e.instance_type)] {
+                for (key, v) in [
+                    ("ec2.region", &e.region),
+                    ("ec2.ami", &e.ami),
+                    ("ec2.instance_type", &e.instance_type),
+                ] {
                     if v.trim().is_empty() {
                         return Err(Problem::new(at(key), "must not be empty"));
                     }

@@ -127,6 +127,8 @@ struct Inner {
     /// Serialises reconciliation (one tick at a time).
     busy: tokio::sync::Mutex<()>,
     errors: Mutex<HashMap<String, String>>,
+    /// Instances whose provisioner stop is in flight.
+    stopping: Mutex<std::collections::HashSet<String>>,
 }
 
 /// The pools (cheap to clone).
@@ -156,6 +158,12 @@ impl Pools {
                 ProvisionerKind::Command => Arc::new(local::Command::new(p.clone())),
                 ProvisionerKind::Ec2 => anyhow::bail!("provisioner = \"ec2\" is not available yet"),
             };
+            if p.max_jobs_per_instance > 0 {
+                dispatch.limit_jobs_per_agent(
+                    &format!("pool-{}", p.name),
+                    u64::from(p.max_jobs_per_instance),
+                );
+            }
             pools.push((p.clone(), provisioner));
         }
         let this = Pools {
@@ -168,6 +176,7 @@ impl Pools {
                 pools,
                 busy: tokio::sync::Mutex::new(()),
                 errors: Mutex::new(HashMap::new()),
+                stopping: Mutex::new(Default::default()),
             }),
         };
         if !this.inner.pools.is_empty() {
@@ -314,6 +323,29 @@ impl Pools {
         let now = now_ms();
         let mut live = Vec::new();
         for mut inst in self.instances(&cfg.name)? {
+            if inst.state == InstanceState::Stopping {
+                // Interrupted (hub restart) or failed: try again.
+                let in_flight = self
+                    .inner
+                    .stopping
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .contains(&inst.id);
+                if !in_flight {
+                    let end = if inst.agent_id.is_empty() {
+                        InstanceState::Failed
+                    } else {
+                        InstanceState::Gone
+                    };
+                    let why = inst.detail.clone();
+                    let this = self.clone();
+                    let (c, p) = (cfg.clone(), prov.clone());
+                    tokio::spawn(async move {
+                        let _ = this.finish_stop(&c, &p, inst, end, &why).await;
+                    });
+                }
+                continue;
+            }
             if !matches!(inst.state, InstanceState::Starting | InstanceState::Running) {
                 continue;
             }
@@ -334,6 +366,19 @@ impl Pools {
                 if !c.running.is_empty() {
                     inst.last_busy_ms = now;
                     self.put(&Self::key(&cfg.name, &inst.id), &inst)?;
+                }
+                // A fresh machine every N jobs: no new job once it served N,
+                // stopped as soon as its last one is done.
+                let max = u64::from(cfg.max_jobs_per_instance);
+                if max > 0 && c.completed >= max {
+                    self.inner.dispatch.set_draining(&inst.agent_id);
+                    if c.running.is_empty() {
+                        let why =
+                            format!("served {} job(s) (pool.max_jobs_per_instance)", c.completed);
+                        self.stop(cfg, &prov, inst, InstanceState::Gone, &why)
+                            .await?;
+                        continue;
+                    }
                 }
             }
             let missing_ms = cfg.missing_timeout.as_millis() as u64;
@@ -510,8 +555,43 @@ impl Pools {
         inst.detail = why.to_owned();
         self.put(&Self::key(&cfg.name, &inst.id), &inst)?;
         s.store.commit().await?;
-        if let Err(e) = prov.stop(&inst).await {
-            tracing::error!(pool = %cfg.name, instance = %inst.id, "stop failed (will retry at start-up): {e}");
+        // The provisioner may take a while (a draining agent, a cloud API):
+        // the pool goes on meanwhile.
+        let this = self.clone();
+        let (cfg, prov, why) = (cfg.clone(), prov.clone(), why.to_owned());
+        tokio::spawn(async move {
+            if let Err(e) = this.finish_stop(&cfg, &prov, inst, end, &why).await {
+                tracing::error!(pool = %cfg.name, "recording a stop failed: {e}");
+            }
+        });
+        Ok(())
+    }
+
+    /// The provisioner's part of a stop, then the record.
+    async fn finish_stop(
+        &self,
+        cfg: &PoolConfig,
+        prov: &Arc<dyn Provisioner>,
+        mut inst: Instance,
+        end: InstanceState,
+        why: &str,
+    ) -> Result<(), StoreError> {
+        let s = &self.inner;
+        if !s
+            .stopping
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(inst.id.clone())
+        {
+            return Ok(());
+        }
+        let result = prov.stop(&inst).await;
+        s.stopping
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&inst.id);
+        if let Err(e) = result {
+            tracing::error!(pool = %cfg.name, instance = %inst.id, "stop failed (retried later): {e}");
             return Ok(());
         }
         if !inst.agent_id.is_empty() {
