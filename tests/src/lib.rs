@@ -36,6 +36,7 @@ pub use serde_json;
 pub use tonic;
 pub use trunkfarm_proto as proto;
 
+pub mod moto;
 pub mod smtp;
 
 /// How long a CLI command may take before the harness kills it.
@@ -211,7 +212,12 @@ impl Proc {
     pub fn spawn(name: &str, mut cmd: Command, log_prefix: &Path) -> Proc {
         let stdout = log_prefix.with_extension("stdout.log");
         let stderr = log_prefix.with_extension("stderr.log");
-        let banner = format!("==== {name}: {:?} ====", cmd);
+        // The program and arguments, not the environment (it may hold secrets).
+        let banner = format!(
+            "==== {name}: {:?} {:?} ====",
+            cmd.get_program(),
+            cmd.get_args().collect::<Vec<_>>()
+        );
         harden(&mut cmd);
         cmd.stdout(append_log(&stdout, &banner))
             .stderr(append_log(&stderr, &banner));
@@ -873,6 +879,23 @@ impl Drop for Hub {
     fn drop(&mut self) {
         if let Some(p) = self.proc.as_mut() {
             p.signal(libc::SIGKILL);
+        }
+        // Agents a `local` pool started outlive a killed hub by design (a
+        // restarted hub keeps them): a finished test stops them.
+        if let Ok(pools) = fs::read_dir(self.data_dir.join("pools")) {
+            for pool in pools.flatten() {
+                for inst in fs::read_dir(pool.path()).into_iter().flatten().flatten() {
+                    if let Ok(pid) = fs::read_to_string(inst.path().join("pid"))
+                        && let Ok(pid) = pid.trim().parse::<i32>()
+                        && pid > 1
+                    {
+                        // SAFETY: kill(2) of an agent this test's hub started.
+                        unsafe {
+                            libc::kill(pid, libc::SIGKILL);
+                        }
+                    }
+                }
+            }
         }
         if std::thread::panicking() {
             let p = self.dir.path().join("hub");

@@ -166,6 +166,15 @@ stop_command = "true"
     );
     let text = hub.cli_ok(&["pool", "list"]);
     assert!(text.contains("1 failed start(s) in a row"), "{text}");
+    // The scripted agent is the test's to stop (its pid is the instance id).
+    for i in scripted["instances"].as_array().unwrap() {
+        if let Ok(pid) = s(i, "handle").parse::<i32>() {
+            // SAFETY: kill(2) of the agent the start script launched.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
+        }
+    }
 }
 
 #[test]

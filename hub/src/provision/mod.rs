@@ -17,6 +17,7 @@
 //! waited `pending_grace` with no idle matching agent, instances are started
 //! for the waiting jobs, up to `max_instances`.
 
+pub mod ec2;
 pub mod local;
 
 use std::collections::HashMap;
@@ -156,7 +157,14 @@ impl Pools {
                     p.agent_binary.clone(),
                 )?),
                 ProvisionerKind::Command => Arc::new(local::Command::new(p.clone())),
-                ProvisionerKind::Ec2 => anyhow::bail!("provisioner = \"ec2\" is not available yet"),
+                ProvisionerKind::Ec2 => Arc::new(ec2::Ec2::new(
+                    p.clone(),
+                    config
+                        .hub
+                        .hub_id
+                        .clone()
+                        .unwrap_or_else(|| "trunkfarm".into()),
+                )?),
             };
             if p.max_jobs_per_instance > 0 {
                 dispatch.limit_jobs_per_agent(
