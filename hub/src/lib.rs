@@ -9,6 +9,7 @@ pub mod dispatch;
 pub mod grpc;
 pub mod junit;
 pub mod logs;
+pub mod metrics;
 pub mod notify;
 pub mod pipeline;
 pub mod provision;

@@ -123,6 +123,9 @@ impl Hub {
         // The web endpoint first (its port may be picked by the OS), then the
         // notifier whose links point at it.
         let notifier_cell: Arc<std::sync::OnceLock<Notifier>> = Arc::default();
+        // Filled in once everything it reads exists.
+        type Render = Box<dyn Fn() -> String + Send + Sync>;
+        let metrics_cell: Arc<std::sync::OnceLock<Render>> = Arc::default();
         let cell = notifier_cell.clone();
         let web = web::serve(
             cfg.web.listen,
@@ -135,6 +138,18 @@ impl Hub {
                     }
                 }
             }),
+            {
+                let cell = metrics_cell.clone();
+                Arc::new(move || {
+                    let cell = cell.clone();
+                    Box::pin(async move {
+                        match cell.get() {
+                            Some(m) => m(),
+                            None => String::new(),
+                        }
+                    })
+                })
+            },
             stop_pipeline.clone(),
         )
         .await?;
@@ -231,6 +246,10 @@ impl Hub {
             notifier: notifier.clone(),
             pools: pools.clone(),
         };
+        {
+            let (d, n, p) = (dispatch.clone(), notifier.clone(), pools.clone());
+            let _ = metrics_cell.set(Box::new(move || crate::metrics::render(&d, &n, &p)));
+        }
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<AgentServiceServer<AgentApi>>().await;
         health.set_serving::<AdminServiceServer<AdminApi>>().await;

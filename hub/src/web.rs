@@ -68,6 +68,7 @@ impl Web {
 pub async fn serve(
     listen: SocketAddr,
     unsubscribe: UnsubscribeFn,
+    metrics: MetricsFn,
     shutdown: CancellationToken,
 ) -> std::io::Result<Web> {
     let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| {
@@ -77,7 +78,10 @@ pub async fn serve(
         )
     })?;
     let addr = listener.local_addr()?;
-    let app = router(unsubscribe);
+    let app = router(Handlers {
+        unsubscribe,
+        metrics,
+    });
     let server =
         axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
     let task = tokio::spawn(async move {
@@ -103,10 +107,21 @@ pub async fn serve(
     Ok(Web { addr, task })
 }
 
-fn router(unsubscribe: UnsubscribeFn) -> Router {
+/// What the routes call.
+#[derive(Clone)]
+struct Handlers {
+    unsubscribe: UnsubscribeFn,
+    metrics: MetricsFn,
+}
+
+/// Renders the hub's metrics in the Prometheus text format.
+pub type MetricsFn = Arc<dyn Fn() -> BoxFuture<String> + Send + Sync>;
+
+fn router(handlers: Handlers) -> Router {
     Router::new()
         .route("/unsubscribe", get(unsubscribe_page).post(unsubscribe_post))
         .route("/healthz", get(|| async { "ok" }))
+        .route("/metrics", get(metrics_page))
         .fallback(|| async {
             page(
                 StatusCode::NOT_FOUND,
@@ -114,7 +129,20 @@ fn router(unsubscribe: UnsubscribeFn) -> Router {
                 "<p>There is nothing here.</p>",
             )
         })
-        .with_state(unsubscribe)
+        .with_state(handlers)
+}
+
+/// `GET /metrics`: queue, agents, pools and outbox as Prometheus gauges.
+async fn metrics_page(State(handlers): State<Handlers>) -> Response {
+    let text = (handlers.metrics)().await;
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
 }
 
 #[derive(serde::Deserialize)]
@@ -154,7 +182,7 @@ async fn unsubscribe_page(query: Result<Query<TokenQuery>, QueryRejection>) -> R
 }
 
 async fn unsubscribe_post(
-    State(unsubscribe): State<UnsubscribeFn>,
+    State(Handlers { unsubscribe, .. }): State<Handlers>,
     query: Result<Query<TokenQuery>, QueryRejection>,
 ) -> Response {
     // The body (`List-Unsubscribe=One-Click`, RFC 8058) carries nothing we
@@ -338,7 +366,8 @@ mod tests {
             })
         };
         let shutdown = CancellationToken::new();
-        let web = serve("127.0.0.1:0".parse().unwrap(), f, shutdown.clone())
+        let metrics: MetricsFn = Arc::new(|| Box::pin(async { "m 1\n".to_string() }));
+        let web = serve("127.0.0.1:0".parse().unwrap(), f, metrics, shutdown.clone())
             .await
             .unwrap();
         (web, shutdown, calls, tokens)
@@ -482,6 +511,9 @@ mod tests {
         let r = get(web.addr, "/healthz").await;
         assert_eq!(r.status, 200);
         assert_eq!(r.body, "ok");
+        let r = get(web.addr, "/metrics").await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.body, "m 1\n");
         for path in ["/", "/nope", "/unsubscribe/extra", "/healthz/x"] {
             let r = get(web.addr, path).await;
             assert_eq!(r.status, 404, "{path}");
@@ -500,6 +532,7 @@ mod tests {
         let err = serve(
             addr,
             unsubscribe_fn(|_| async { Ok(String::new()) }),
+            Arc::new(|| Box::pin(async { String::new() })),
             CancellationToken::new(),
         )
         .await

@@ -14,6 +14,27 @@ fn pools(hub: &Hub) -> Vec<Value> {
         .clone()
 }
 
+/// `GET /metrics` from the hub's web endpoint.
+fn metrics(hub: &Hub) -> String {
+    use std::io::{Read, Write};
+    let info: Value =
+        serde_json::from_str(&std::fs::read_to_string(hub.data_dir.join("hub.json")).unwrap())
+            .unwrap();
+    let addr = info["web"].as_str().unwrap().to_string();
+    let mut stream = std::net::TcpStream::connect(&addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        stream,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    response
+}
+
 fn live(pool: &Value) -> usize {
     pool["instances"]
         .as_array()
@@ -46,10 +67,20 @@ agent_binary = "{}"
         .map(|_| hub.submit(&["--labels", "burst", "--", "sleep 0.2"]))
         .collect();
     let mut most = 0;
+    let mut seen_in_metrics = false;
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let p = &pools(&hub)[0];
         most = most.max(live(p));
+        if !seen_in_metrics && live(p) > 0 {
+            // The same is exposed as metrics.
+            let m = metrics(&hub);
+            seen_in_metrics = m.lines().any(|l| {
+                (l.starts_with("trunkfarm_pool_instances{pool=\"burst\",state=\"running\"}")
+                    || l.starts_with("trunkfarm_pool_instances{pool=\"burst\",state=\"starting\"}"))
+                    && !l.ends_with(" 0")
+            });
+        }
         let done = ids.iter().all(|id| s(&hub.job(*id), "state") == "finished");
         if done {
             break;
@@ -58,6 +89,7 @@ agent_binary = "{}"
         std::thread::sleep(Duration::from_millis(200));
     }
     assert_eq!(most, 3, "grew to max_instances and no further");
+    assert!(seen_in_metrics, "the pool's instances were not in /metrics");
     for id in &ids {
         assert_eq!(s(&hub.job(*id), "outcome"), "passed");
     }
@@ -90,6 +122,14 @@ agent_binary = "{}"
         text.contains("pool burst (local): 0 instance(s), min 0, max 3"),
         "{text}"
     );
+    let m = metrics(&hub);
+    for line in [
+        "trunkfarm_pool_instances{pool=\"burst\",state=\"running\"} 0",
+        "trunkfarm_pool_failed_starts{pool=\"burst\"} 0",
+        "trunkfarm_jobs_queued 0",
+    ] {
+        assert!(m.contains(line), "{line} not in\n{m}");
+    }
 }
 
 #[test]
@@ -124,6 +164,16 @@ labels = ["broken"]
 max_instances = 2
 pending_grace = "0s"
 start_command = "echo 'no capacity in rack 7' >&2; exit 3"
+stop_command = "true"
+
+[[pool]]
+name = "hung"
+provisioner = "command"
+labels = ["hung"]
+max_instances = 1
+pending_grace = "0s"
+command_timeout = "1s"
+start_command = "sleep 60"
 stop_command = "true"
 "#
     );
@@ -166,6 +216,21 @@ stop_command = "true"
     );
     let text = hub.cli_ok(&["pool", "list"]);
     assert!(text.contains("1 failed start(s) in a row"), "{text}");
+    // A start script that hangs is killed after command_timeout: a failed start.
+    let _hung = hub.submit(&["--labels", "hung", "--", "true"]);
+    let hung = wait_for(
+        Duration::from_secs(30),
+        "the hung start to time out",
+        || {
+            let p = pools(&hub);
+            let h = p.iter().find(|p| s(p, "name") == "hung")?.clone();
+            (u(&h, "failed_starts") >= 1).then_some(h)
+        },
+    );
+    assert!(
+        s(&hung, "last_error").contains("did not finish within 1s"),
+        "{hung:#}"
+    );
     // The scripted agent is the test's to stop (its pid is the instance id).
     for i in scripted["instances"].as_array().unwrap() {
         if let Ok(pid) = s(i, "handle").parse::<i32>() {

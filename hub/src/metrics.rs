@@ -1,0 +1,87 @@
+//! The hub's metrics in the Prometheus text format (`GET /metrics` on the
+//! web endpoint): queue, agents, pools, outbox. Gauges computed on request
+//! from the modules that own the state.
+
+use std::fmt::Write as _;
+
+use trunkfarm_proto::v1::MailState;
+
+use crate::dispatch::Dispatcher;
+use crate::notify::Notifier;
+use crate::provision::{InstanceState, Pools};
+
+/// Renders every gauge.
+pub fn render(dispatch: &Dispatcher, notifier: &Notifier, pools: &Pools) -> String {
+    let mut out = String::new();
+    let (queued, leased) = dispatch.open_counts();
+    let connected = dispatch.connected();
+    let busy = connected.values().filter(|c| !c.running.is_empty()).count();
+    let _ = writeln!(
+        out,
+        "# HELP trunkfarm_jobs_queued Jobs waiting for an agent."
+    );
+    let _ = writeln!(out, "# TYPE trunkfarm_jobs_queued gauge");
+    let _ = writeln!(out, "trunkfarm_jobs_queued {queued}");
+    let _ = writeln!(
+        out,
+        "# HELP trunkfarm_jobs_leased Jobs handed to an agent and not finished."
+    );
+    let _ = writeln!(out, "# TYPE trunkfarm_jobs_leased gauge");
+    let _ = writeln!(out, "trunkfarm_jobs_leased {leased}");
+    let _ = writeln!(
+        out,
+        "# HELP trunkfarm_agents_connected Agents with an open session, by activity."
+    );
+    let _ = writeln!(out, "# TYPE trunkfarm_agents_connected gauge");
+    let _ = writeln!(
+        out,
+        "trunkfarm_agents_connected{{activity=\"busy\"}} {busy}"
+    );
+    let _ = writeln!(
+        out,
+        "trunkfarm_agents_connected{{activity=\"idle\"}} {}",
+        connected.len() - busy
+    );
+    let _ = writeln!(
+        out,
+        "# HELP trunkfarm_pool_instances On-demand instances by pool and state."
+    );
+    let _ = writeln!(out, "# TYPE trunkfarm_pool_instances gauge");
+    let _ = writeln!(
+        out,
+        "# HELP trunkfarm_pool_failed_starts Failed starts in a row, by pool."
+    );
+    let _ = writeln!(out, "# TYPE trunkfarm_pool_failed_starts gauge");
+    for cfg in pools.configs() {
+        let instances = pools.instances(&cfg.name).unwrap_or_default();
+        for (state, name) in [
+            (InstanceState::Starting, "starting"),
+            (InstanceState::Running, "running"),
+            (InstanceState::Stopping, "stopping"),
+        ] {
+            let n = instances.iter().filter(|i| i.state == state).count();
+            let _ = writeln!(
+                out,
+                "trunkfarm_pool_instances{{pool=\"{}\",state=\"{name}\"}} {n}",
+                cfg.name
+            );
+        }
+        let failures = pools.backoff(&cfg.name).map(|b| b.failures).unwrap_or(0);
+        let _ = writeln!(
+            out,
+            "trunkfarm_pool_failed_starts{{pool=\"{}\"}} {failures}",
+            cfg.name
+        );
+    }
+    let pending = notifier
+        .mails(usize::MAX, MailState::Pending)
+        .map(|m| m.len())
+        .unwrap_or(0);
+    let _ = writeln!(
+        out,
+        "# HELP trunkfarm_mail_pending Mails waiting in the outbox."
+    );
+    let _ = writeln!(out, "# TYPE trunkfarm_mail_pending gauge");
+    let _ = writeln!(out, "trunkfarm_mail_pending {pending}");
+    out
+}
