@@ -4,8 +4,6 @@
 
 use std::fmt::Write as _;
 
-use trunkfarm_proto::v1::MailState;
-
 use crate::dispatch::Dispatcher;
 use crate::notify::Notifier;
 use crate::provision::{InstanceState, Pools};
@@ -73,10 +71,7 @@ pub fn render(dispatch: &Dispatcher, notifier: &Notifier, pools: &Pools) -> Stri
             cfg.name
         );
     }
-    let pending = notifier
-        .mails(usize::MAX, MailState::Pending)
-        .map(|m| m.len())
-        .unwrap_or(0);
+    let pending = notifier.pending_count();
     let _ = writeln!(
         out,
         "# HELP trunkfarm_mail_pending Mails waiting in the outbox."

@@ -244,18 +244,29 @@ impl Results {
         let bytes = self.encode(build)?;
         let mut batch = sled::Batch::default();
         batch.insert(key.as_bytes(), bytes.clone());
-        let latest: Option<BuildInfo> =
-            self.get_json(&format!("bl/{}/{}", build.upstream, build.platform))?;
-        if build.head_seq > 0 && latest.is_none_or(|l| l.head_seq <= build.head_seq) {
-            batch.insert(
-                format!("bl/{}/{}", build.upstream, build.platform).as_bytes(),
-                bytes,
-            );
-        }
+        self.move_pointer(&mut batch, "bl", build, &bytes)?;
         self.tree
             .apply_batch(batch)
             .map_err(|e| self.store.err(e))?;
         self.store.commit().await
+    }
+
+    /// Points `<pointer>/<upstream>/<platform>` (`bl`: newest build, `bg`:
+    /// newest passed build) at `build`, unless it points at a newer head
+    /// already. Only commits that were the head move pointers.
+    fn move_pointer(
+        &self,
+        batch: &mut sled::Batch,
+        pointer: &str,
+        build: &BuildInfo,
+        bytes: &[u8],
+    ) -> Result<(), StoreError> {
+        let key = format!("{pointer}/{}/{}", build.upstream, build.platform);
+        let current: Option<BuildInfo> = self.get_json(&key)?;
+        if build.head_seq > 0 && current.is_none_or(|c| c.head_seq <= build.head_seq) {
+            batch.insert(key.as_bytes(), bytes);
+        }
+        Ok(())
     }
 
     /// The newest run of a series.
@@ -520,25 +531,9 @@ impl Results {
                 let bytes = self.encode(&b)?;
                 let key = format!("b/{}/{}/{}", b.upstream, b.platform, b.commit);
                 batch.insert(key.as_bytes(), bytes.clone());
-                // The newest pointer moves only if no newer build was queued since.
-                let latest: Option<BuildInfo> =
-                    self.get_json(&format!("bl/{}/{}", b.upstream, b.platform))?;
-                // Only commits that were the head move the pointers, newest head first.
-                if b.head_seq > 0 && latest.is_none_or(|l| l.head_seq <= b.head_seq) {
-                    batch.insert(
-                        format!("bl/{}/{}", b.upstream, b.platform).as_bytes(),
-                        bytes.clone(),
-                    );
-                }
+                self.move_pointer(&mut batch, "bl", &b, &bytes)?;
                 if b.state == BuildState::Passed as i32 {
-                    let good: Option<BuildInfo> =
-                        self.get_json(&format!("bg/{}/{}", b.upstream, b.platform))?;
-                    if b.head_seq > 0 && good.is_none_or(|g| g.head_seq <= b.head_seq) {
-                        batch.insert(
-                            format!("bg/{}/{}", b.upstream, b.platform).as_bytes(),
-                            bytes,
-                        );
-                    }
+                    self.move_pointer(&mut batch, "bg", &b, &bytes)?;
                 }
             }
             PreparedKind::Run(run) => {

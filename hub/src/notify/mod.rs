@@ -584,6 +584,11 @@ impl Notifier {
         Ok(out)
     }
 
+    /// Mails waiting for delivery (the pending index, not the whole outbox).
+    pub fn pending_count(&self) -> usize {
+        self.inner.tree.scan_prefix("q/").count()
+    }
+
     /// How delivery is configured, for `mail list`.
     pub fn describe(&self) -> String {
         self.inner.transport.describe()

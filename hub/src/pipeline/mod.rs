@@ -142,27 +142,30 @@ impl Pipeline {
                 poll_errors: Mutex::new(HashMap::new()),
             }),
         };
-        for (i, u) in pipeline.inner.upstreams.iter().enumerate() {
+        let pollers = pipeline
+            .inner
+            .upstreams
+            .iter()
+            .enumerate()
+            .map(|(i, u)| (true, i, u.poll_interval))
+            .chain(
+                pipeline
+                    .inner
+                    .projects
+                    .iter()
+                    .enumerate()
+                    .map(|(i, p)| (false, i, p.poll_interval)),
+            );
+        for (upstream, i, every) in pollers {
             let p = pipeline.clone();
             let stop = shutdown.clone();
-            let every = u.poll_interval;
             tokio::spawn(async move {
                 loop {
-                    p.poll_upstream(i).await;
-                    tokio::select! {
-                        _ = stop.cancelled() => return,
-                        _ = tokio::time::sleep(every) => {}
+                    if upstream {
+                        p.poll_upstream(i).await;
+                    } else {
+                        p.poll_project(i).await;
                     }
-                }
-            });
-        }
-        for (i, proj) in pipeline.inner.projects.iter().enumerate() {
-            let p = pipeline.clone();
-            let stop = shutdown.clone();
-            let every = proj.poll_interval;
-            tokio::spawn(async move {
-                loop {
-                    p.poll_project(i).await;
                     tokio::select! {
                         _ = stop.cancelled() => return,
                         _ = tokio::time::sleep(every) => {}
@@ -290,30 +293,42 @@ impl Pipeline {
             .unwrap_or_default()
     }
 
+    /// Polls one branch head (`kind` is `u` for an upstream, `p` for a
+    /// project): records a new head and the poll's error state. The head,
+    /// once it is durably recorded.
+    async fn poll_head(&self, kind: &str, name: &str, url: &str, branch: &str) -> Option<String> {
+        let what = format!(
+            "{} {name}",
+            if kind == "u" { "upstream" } else { "project" }
+        );
+        match self.inner.git.head(url, branch).await {
+            Ok(commit) => {
+                self.set_poll_error(what.clone(), String::new());
+                match self.save_head(kind, name, &commit).await {
+                    Ok(true) => tracing::info!("{what}: new {branch} head {}", short(&commit)),
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::error!("{what}: cannot record the new head: {e}");
+                        return None;
+                    }
+                }
+                Some(commit)
+            }
+            Err(e) => {
+                self.set_poll_error(what, e.to_string());
+                None
+            }
+        }
+    }
+
     /// One poll of an upstream: record a new head, make sure its builds exist.
     async fn poll_upstream(&self, index: usize) {
         let u = &self.inner.upstreams[index];
-        match self.inner.git.head(&u.url, &u.branch).await {
-            Ok(commit) => {
-                self.set_poll_error(format!("upstream {}", u.name), String::new());
-                match self.save_head("u", &u.name, &commit).await {
-                    Ok(true) => tracing::info!(
-                        upstream = %u.name,
-                        "new {} head {}",
-                        u.branch,
-                        short(&commit)
-                    ),
-                    Ok(false) => {}
-                    Err(e) => {
-                        tracing::error!(upstream = %u.name, "cannot record the new head: {e}");
-                        return;
-                    }
-                }
-                if let Err(e) = self.ensure_builds(u, &commit, None).await {
-                    tracing::error!(upstream = %u.name, "cannot queue builds of {}: {e}", short(&commit));
-                }
-            }
-            Err(e) => self.set_poll_error(format!("upstream {}", u.name), e.to_string()),
+        let Some(commit) = self.poll_head("u", &u.name, &u.url, &u.branch).await else {
+            return;
+        };
+        if let Err(e) = self.ensure_builds(u, &commit, None).await {
+            tracing::error!(upstream = %u.name, "cannot queue builds of {}: {e}", short(&commit));
         }
     }
 
@@ -321,46 +336,30 @@ impl Pipeline {
     /// against each upstream's newest good runtime.
     async fn poll_project(&self, index: usize) {
         let p = &self.inner.projects[index];
-        match self.inner.git.head(&p.url, &p.branch).await {
-            Ok(commit) => {
-                self.set_poll_error(format!("project {}", p.name), String::new());
-                match self.save_head("p", &p.name, &commit).await {
-                    Ok(true) => tracing::info!(
-                        project = %p.name,
-                        "new {} head {}",
-                        p.branch,
-                        short(&commit)
-                    ),
-                    Ok(false) => {}
+        let Some(commit) = self.poll_head("p", &p.name, &p.url, &p.branch).await else {
+            return;
+        };
+        for u in &self.inner.upstreams {
+            if !p.tests_against(&u.name) {
+                continue;
+            }
+            for platform in p.platforms_for(u) {
+                // Under the write lock: GC runs after a build is
+                // recorded, also under it, and must not delete the
+                // runtime between this read and the submit.
+                let _w = self.inner.write.lock().await;
+                let good = match self.inner.results.good_build(&u.name, platform) {
+                    Ok(Some(good)) => good,
+                    Ok(None) => continue,
                     Err(e) => {
-                        tracing::error!(project = %p.name, "cannot record the new head: {e}");
-                        return;
-                    }
-                }
-                for u in &self.inner.upstreams {
-                    if !p.tests_against(&u.name) {
+                        tracing::error!("{e}");
                         continue;
                     }
-                    for platform in p.platforms_for(u) {
-                        // Under the write lock: GC runs after a build is
-                        // recorded, also under it, and must not delete the
-                        // runtime between this read and the submit.
-                        let _w = self.inner.write.lock().await;
-                        let good = match self.inner.results.good_build(&u.name, platform) {
-                            Ok(Some(good)) => good,
-                            Ok(None) => continue,
-                            Err(e) => {
-                                tracing::error!("{e}");
-                                continue;
-                            }
-                        };
-                        if let Err(e) = self.submit_test(p, u, platform, &good, &commit).await {
-                            tracing::error!(project = %p.name, "cannot queue its tests: {e}");
-                        }
-                    }
+                };
+                if let Err(e) = self.submit_test(p, u, platform, &good, &commit).await {
+                    tracing::error!(project = %p.name, "cannot queue its tests: {e}");
                 }
             }
-            Err(e) => self.set_poll_error(format!("project {}", p.name), e.to_string()),
         }
     }
 
