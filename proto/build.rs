@@ -34,7 +34,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     std::fs::write(out.join("trunkfarm_v1_descriptor.bin"), fds.encode_to_vec())?;
     let mut config = tonic_prost_build::configure()
         .build_server(true)
-        .build_client(true);
+        .build_client(true)
+        // Small per-stream buffers: an idle agent session costs the hub little.
+        .codec_path("crate::codec::LeanCodec");
     // The hub persists these as JSON in its store; `default` lets records
     // written by an older hub load after fields are added.
     for persisted in PERSISTED {

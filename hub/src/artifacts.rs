@@ -23,6 +23,7 @@
 use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
@@ -33,6 +34,7 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::Status;
 use trunkfarm_proto::v1::{AgentDownloads, ArtifactChunk, ArtifactInfo, ArtifactMeta, JobRef};
 
+use crate::space::{DataDir, SpaceError};
 use crate::store::{Store, StoreError, now_ms, trees};
 
 /// Bytes of file data per download chunk: far below any sane
@@ -57,6 +59,9 @@ const QUARANTINE_DIR: &str = "quarantine";
 /// someone can act, what to do; `grpc::agent` maps each to a status code.
 #[derive(Debug, thiserror::Error)]
 pub enum ArtifactError {
+    /// The data dir has no room for it.
+    #[error(transparent)]
+    NoRoom(#[from] SpaceError),
     /// The file system refused (disk full, permissions, read-only...).
     #[error("artifact store: cannot {action} {path}: {source} (is the disk full or read-only?)")]
     Io {
@@ -271,12 +276,42 @@ struct Inner {
     tree: sled::Tree,
     dir: PathBuf,
     max_size: u64,
+    /// The data dir's reserve: an upload that would cut into it is refused.
+    space: DataDir,
     /// Completed downloads since start: sha → agent id → count.
     downloads: Mutex<HashMap<String, HashMap<String, u32>>>,
+    /// Files whose content was hashed whole and matched, by artifact, with
+    /// the file's identity and change time then: a download of an unchanged
+    /// file is not hashed again (any write to it changes its ctime, which
+    /// no one can set back). Hashing every download cost a core per GB/s.
+    verified: Mutex<HashMap<String, (FileStamp, std::time::Instant)>>,
+    /// Downloads served to the end since start, all artifacts (`/metrics`).
+    downloads_total: AtomicU64,
+    /// Artifact bytes sent to agents since start (`/metrics`).
+    bytes_sent_total: AtomicU64,
     /// Serializes what changes which files are in place together with their
     /// records (publishing an upload, quarantine, gc), so a record and its
     /// file always appear and disappear as a pair.
     publish: tokio::sync::Mutex<()>,
+}
+
+/// How long a whole-file hash check vouches for an unchanged file: a burst
+/// of downloads (a fan-out) hashes once, and silent corruption on the disk
+/// (which changes no timestamp) is still caught within this time.
+const VERIFIED_FOR: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// What identifies one version of a file: device, inode, size and change
+/// time (seconds, nanoseconds).
+type FileStamp = (u64, u64, u64, i64, i64);
+
+fn stamp_of(meta: &std::fs::Metadata) -> FileStamp {
+    (
+        meta.dev(),
+        meta.ino(),
+        meta.len(),
+        meta.ctime(),
+        meta.ctime_nsec(),
+    )
 }
 
 /// A temp file that deletes itself unless it was moved into place, so a
@@ -299,7 +334,12 @@ impl Artifacts {
     /// Opens the store in `dir` (created if missing) with records in `store`:
     /// deletes leftover temp files and reconciles files with records. Uploads
     /// larger than `max_size` bytes are refused.
-    pub fn open(store: &Store, dir: PathBuf, max_size: u64) -> Result<Artifacts, ArtifactError> {
+    pub fn open(
+        store: &Store,
+        dir: PathBuf,
+        max_size: u64,
+        space: DataDir,
+    ) -> Result<Artifacts, ArtifactError> {
         for d in [dir.clone(), dir.join(TMP_DIR), dir.join(QUARANTINE_DIR)] {
             std::fs::create_dir_all(&d).map_err(ArtifactError::io("create directory", &d))?;
         }
@@ -309,7 +349,11 @@ impl Artifacts {
                 store: store.clone(),
                 dir,
                 max_size,
+                space,
                 downloads: Mutex::new(HashMap::new()),
+                verified: Mutex::new(HashMap::new()),
+                downloads_total: AtomicU64::new(0),
+                bytes_sent_total: AtomicU64::new(0),
                 publish: tokio::sync::Mutex::new(()),
             }),
         };
@@ -538,6 +582,23 @@ impl Artifacts {
             .unwrap_or(0)
     }
 
+    /// Downloads served to the end and bytes sent, since the hub started.
+    pub fn download_totals(&self) -> (u64, u64) {
+        (
+            self.inner.downloads_total.load(Ordering::Relaxed),
+            self.inner.bytes_sent_total.load(Ordering::Relaxed),
+        )
+    }
+
+    fn lock_verified(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<String, (FileStamp, std::time::Instant)>> {
+        self.inner
+            .verified
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     fn lock_downloads(&self) -> std::sync::MutexGuard<'_, HashMap<String, HashMap<String, u32>>> {
         // A panic while counting cannot leave the map inconsistent.
         self.inner
@@ -578,6 +639,9 @@ impl Artifacts {
         let job = job.ok_or(ArtifactError::NoJob)?;
         let origin = authorize(&job)?;
 
+        if !self.contains(&sha)? {
+            self.inner.space.admit("artifacts", size)?;
+        }
         if self.contains(&sha)? {
             drain(&mut chunks, &sha, size, first.data.len() as u64).await?;
             tracing::info!(agent = %agent_id, job = job.job_id, sha = %sha, "artifact already stored; upload discarded");
@@ -653,6 +717,11 @@ impl Artifacts {
             .map_err(ArtifactError::io("store", &path))?;
         temp.placed = true;
         sync_dir(&self.inner.dir).await?;
+        // Hashed whole on the way in: the first downloads need not again.
+        if let Ok(meta) = tokio::fs::metadata(&path).await {
+            self.lock_verified()
+                .insert(sha.clone(), (stamp_of(&meta), std::time::Instant::now()));
+        }
         let rec = ArtifactRecord {
             sha256: sha.clone(),
             size,
@@ -738,6 +807,11 @@ impl Artifacts {
             self.quarantine(&sha, identity).await?;
             return Err(ArtifactError::Corrupt(sha));
         }
+        let stamp = stamp_of(&meta);
+        let trusted = self
+            .lock_verified()
+            .get(&sha)
+            .is_some_and(|(known, at)| *known == stamp && at.elapsed() < VERIFIED_FOR);
         let (tx, rx) = mpsc::channel(DOWNLOAD_CHUNKS_IN_FLIGHT);
         let first = ArtifactChunk {
             meta: Some(ArtifactMeta {
@@ -753,25 +827,27 @@ impl Artifacts {
             sha,
             rec.size,
             file,
-            identity,
+            (stamp, trusted),
             agent_id.to_string(),
             tx,
         ));
         Ok(rx)
     }
 
-    /// Streams the file into `tx`, hashing as it goes.
+    /// Streams the file into `tx`, hashing as it goes unless this version
+    /// of it (`stamp`) was verified whole before (`trusted`).
     async fn send_file(
         self,
         sha: String,
         size: u64,
         mut file: tokio::fs::File,
-        identity: (u64, u64),
+        (stamp, trusted): (FileStamp, bool),
         agent_id: String,
         tx: mpsc::Sender<Result<ArtifactChunk, ArtifactError>>,
     ) {
+        let identity = (stamp.0, stamp.1);
         let path = self.path_of(&sha);
-        let mut hasher = Sha256::new();
+        let mut hasher = (!trusted).then(Sha256::new);
         let mut sent = 0u64;
         loop {
             let mut buf = vec![0u8; DOWNLOAD_CHUNK_BYTES];
@@ -788,8 +864,13 @@ impl Artifacts {
                 break;
             }
             buf.truncate(n);
-            hasher.update(&buf);
+            if let Some(h) = hasher.as_mut() {
+                h.update(&buf);
+            }
             sent += n as u64;
+            self.inner
+                .bytes_sent_total
+                .fetch_add(n as u64, Ordering::Relaxed);
             if sent > size {
                 break;
             }
@@ -802,7 +883,10 @@ impl Artifacts {
                 return;
             }
         }
-        let got = hex::encode(hasher.finalize());
+        let got = match hasher {
+            Some(h) => hex::encode(h.finalize()),
+            None => sha.clone(),
+        };
         if got != sha || sent != size {
             tracing::error!(
                 agent = %agent_id,
@@ -815,12 +899,17 @@ impl Artifacts {
             let _ = tx.send(Err(ArtifactError::Corrupt(sha))).await;
             return;
         }
+        if !trusted {
+            self.lock_verified()
+                .insert(sha.clone(), (stamp, std::time::Instant::now()));
+        }
         *self
             .lock_downloads()
             .entry(sha.clone())
             .or_default()
             .entry(agent_id.clone())
             .or_default() += 1;
+        self.inner.downloads_total.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(agent = %agent_id, sha = %sha, size, "artifact downloaded");
     }
 
@@ -835,6 +924,7 @@ impl Artifacts {
             Ok(m) if (m.dev(), m.ino()) == identity => {}
             _ => return Ok(()),
         }
+        self.lock_verified().remove(sha);
         let dest = self.move_to_quarantine(sha)?;
         self.inner
             .tree
@@ -1013,7 +1103,13 @@ mod tests {
 
     fn open(dir: &Path) -> (Store, Artifacts) {
         let store = Store::open(&dir.join("db")).unwrap();
-        let a = Artifacts::open(&store, dir.join("artifacts"), MAX_BYTES).unwrap();
+        let a = Artifacts::open(
+            &store,
+            dir.join("artifacts"),
+            MAX_BYTES,
+            DataDir::new(dir, 0),
+        )
+        .unwrap();
         (store, a)
     }
 
@@ -1179,7 +1275,13 @@ mod tests {
             store_one(&a, b"runtime", "lua", "p").await
         };
         let store = crate::store::tests::reopen(&dir.path().join("db")).await;
-        let a = Artifacts::open(&store, dir.path().join("artifacts"), MAX_BYTES).unwrap();
+        let a = Artifacts::open(
+            &store,
+            dir.path().join("artifacts"),
+            MAX_BYTES,
+            DataDir::new(dir.path(), 0),
+        )
+        .unwrap();
         assert_eq!(a.get(&sha).unwrap().unwrap().size, 7);
     }
 
@@ -1405,7 +1507,7 @@ mod tests {
         std::fs::write(art.join("README"), b"not ours").unwrap();
 
         let store = crate::store::tests::reopen(&dir.path().join("db")).await;
-        let a = Artifacts::open(&store, art.clone(), MAX_BYTES).unwrap();
+        let a = Artifacts::open(&store, art.clone(), MAX_BYTES, DataDir::new(&art, 0)).unwrap();
         assert!(a.contains(&kept).unwrap());
         assert!(!a.contains(&recorded_only).unwrap());
         assert!(!art.join(format!("{unrecorded}.tar.zst")).exists());
@@ -1420,10 +1522,13 @@ mod tests {
         let (_store, a) = open(dir.path());
         let data = vec![7u8; DOWNLOAD_CHUNK_BYTES + 10];
         let sha = store_one(&a, &data, "lua", "p").await;
-        // Same size, one byte flipped.
+        // Same size, one byte flipped; written as a new file, as a restore
+        // from a bad backup would (an in-place write within the same clock
+        // tick as the upload could keep the ctime the upload's check saw).
         let mut bad = data.clone();
         bad[5] ^= 1;
-        std::fs::write(a.dir().join(format!("{sha}.tar.zst")), &bad).unwrap();
+        std::fs::write(a.dir().join("bad"), &bad).unwrap();
+        std::fs::rename(a.dir().join("bad"), a.dir().join(format!("{sha}.tar.zst"))).unwrap();
 
         let err = fetch(&a, &sha, "ag_2").await.unwrap_err();
         assert!(matches!(err, ArtifactError::Corrupt(_)), "{err}");
@@ -1442,6 +1547,27 @@ mod tests {
         // A truncated file is caught before anything is streamed.
         std::fs::write(a.dir().join(format!("{sha}.tar.zst")), b"short").unwrap();
         let err = a.download(&sha, "ag_2").await.unwrap_err();
+        assert!(matches!(err, ArtifactError::Corrupt(_)), "{err}");
+        assert!(!a.contains(&sha).unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_verified_file_replaced_behind_the_stores_back_is_hashed_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_store, a) = open(dir.path());
+        let data = vec![3u8; DOWNLOAD_CHUNK_BYTES * 2];
+        let sha = store_one(&a, &data, "lua", "p").await;
+        // Verified whole once; served again unchanged.
+        assert_eq!(fetch(&a, &sha, "ag_1").await.unwrap(), data);
+        assert_eq!(fetch(&a, &sha, "ag_2").await.unwrap(), data);
+        // Another file (new inode) with the same size, one byte off.
+        let path = a.dir().join(format!("{sha}.tar.zst"));
+        let mut bad = data.clone();
+        bad[DOWNLOAD_CHUNK_BYTES] ^= 1;
+        let tmp = a.dir().join("replacement");
+        std::fs::write(&tmp, &bad).unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+        let err = fetch(&a, &sha, "ag_3").await.unwrap_err();
         assert!(matches!(err, ArtifactError::Corrupt(_)), "{err}");
         assert!(!a.contains(&sha).unwrap());
     }

@@ -90,7 +90,15 @@ pub struct HubSection {
     /// A short name for this hub (`[a-z0-9-]`, at most 32 characters), shown
     /// to agents and in notifications when one donor serves several hubs.
     pub hub_id: Option<String>,
+    /// Free space kept in reserve on the data dir's file system: below it
+    /// the hub takes no new jobs or artifacts (running jobs still report),
+    /// so the database never fills the disk.
+    #[serde(deserialize_with = "de::byte_size")]
+    pub min_free_space: u64,
 }
+
+/// The default `hub.min_free_space`, bytes.
+pub const DEFAULT_MIN_FREE_SPACE: u64 = 256 * 1024 * 1024;
 
 impl Default for HubSection {
     fn default() -> Self {
@@ -99,6 +107,7 @@ impl Default for HubSection {
             public_address: None,
             data_dir: PathBuf::from("trunkfarm-data"),
             hub_id: None,
+            min_free_space: DEFAULT_MIN_FREE_SPACE,
         }
     }
 }
@@ -960,7 +969,7 @@ max_token_ttl = "7d"
         let e = HubConfig::from_toml("[hub]\nport = 1\n", None).unwrap_err();
         assert_eq!(
             e.to_string(),
-            "<inline config>:2: unknown key `hub.port`, expected one of `listen`, `public_address`, `data_dir`, `hub_id`"
+            "<inline config>:2: unknown key `hub.port`, expected one of `listen`, `public_address`, `data_dir`, `hub_id`, `min_free_space`"
         );
     }
 
@@ -1350,3 +1359,8 @@ test = ["pytest"]
         assert!(e.contains("unknown key `pool[0].idle`"), "{e}");
     }
 }
+
+/// Property-based fuzzing of the parser; see the module. `pub(crate)` for the
+/// shared case-count settings of the hub's fuzz tests.
+#[cfg(test)]
+pub(crate) mod fuzz;

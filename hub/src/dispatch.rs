@@ -29,11 +29,17 @@ use trunkfarm_proto::v1::{
 };
 
 use crate::logs::JobLogs;
+use crate::space::{DataDir, SpaceError};
 use crate::store::{Store, StoreError, now_ms, trees};
 
-/// The channel a session task drains into its agent's stream. An `Err` ends
-/// the stream with that status (e.g. "agent revoked").
-pub type AgentTx = mpsc::UnboundedSender<Result<HubMessage, Status>>;
+/// What a session sends its agent: a message, or an `Err` that ends the
+/// stream with that status (e.g. "agent revoked"). Boxed: the channel
+/// allocates its first block of slots up front, which every idle agent
+/// would otherwise hold at the size of the largest message.
+pub type Outgoing = Box<Result<HubMessage, Status>>;
+
+/// The channel a session task drains into its agent's stream.
+pub type AgentTx = mpsc::UnboundedSender<Outgoing>;
 
 /// Settings the dispatcher needs from the hub config.
 #[derive(Clone, Debug)]
@@ -48,6 +54,8 @@ pub struct DispatchSettings {
     pub default_job_timeout: Duration,
     /// The longest timeout a job may ask for.
     pub max_job_timeout: Duration,
+    /// The data dir's reserve: new jobs are refused when it is cut into.
+    pub space: DataDir,
 }
 
 /// Where a job is in its life.
@@ -141,6 +149,9 @@ pub enum DispatchError {
     /// The agent is not connected.
     #[error("agent {0} is not connected")]
     NotConnected(String),
+    /// The data dir has no room for new work.
+    #[error(transparent)]
+    NoRoom(#[from] SpaceError),
 }
 
 /// A connected agent, as the dispatcher sees it.
@@ -212,14 +223,14 @@ struct State {
 /// Messages to send once the change that produced them is durable.
 #[derive(Default)]
 struct Outbox {
-    messages: Vec<(AgentTx, Result<HubMessage, Status>)>,
+    messages: Vec<(AgentTx, Outgoing)>,
     finished: Vec<(u64, u32)>,
 }
 
 impl Outbox {
     fn push(&mut self, tx: &AgentTx, msg: hub_message::Msg) {
         self.messages
-            .push((tx.clone(), Ok(HubMessage { msg: Some(msg) })));
+            .push((tx.clone(), Box::new(Ok(HubMessage { msg: Some(msg) }))));
     }
 }
 
@@ -256,6 +267,9 @@ struct Shared {
     state: Mutex<State>,
     /// Wakes the pipeline's inbox reader when a job finished.
     finished: Arc<tokio::sync::Notify>,
+    /// Jobs finished durably since the hub started (`/metrics`; the
+    /// benchmark's clock stops when it reaches the jobs it submitted).
+    finished_total: std::sync::atomic::AtomicU64,
 }
 
 fn job_key(id: u64) -> [u8; 9] {
@@ -276,6 +290,25 @@ fn inbox_key(id: u64) -> [u8; 9] {
     let mut k = job_key(id);
     k[0] = b'f';
     k
+}
+
+/// Adds a job record and its index entries (open marker, pipeline key,
+/// finished inbox) to `batch`: the one place the jobs tree's layout is written.
+fn stage(rec: &JobRecord, batch: &mut sled::Batch) -> Result<(), serde_json::Error> {
+    batch.insert(&job_key(rec.id), serde_json::to_vec(rec)?);
+    if rec.state == JobState::Finished {
+        batch.remove(&open_key(rec.id));
+        if !rec.key.is_empty() {
+            // In the same write as the result: the pipeline cannot miss it.
+            batch.insert(&inbox_key(rec.id), &[]);
+        }
+    } else {
+        batch.insert(&open_key(rec.id), &[]);
+        if !rec.key.is_empty() {
+            batch.insert(name_key(&rec.key), &rec.id.to_be_bytes());
+        }
+    }
+    Ok(())
 }
 
 /// Maps a pipeline key to its job id: `k` + key.
@@ -336,9 +369,17 @@ impl Dispatcher {
             settings,
             state: Mutex::new(state),
             finished: Arc::new(tokio::sync::Notify::new()),
+            finished_total: std::sync::atomic::AtomicU64::new(0),
         });
         tokio::spawn(reap_leases(Arc::downgrade(&shared)));
         Ok(Dispatcher { shared })
+    }
+
+    /// Jobs finished (and durable) since the hub started.
+    pub fn finished_total(&self) -> u64 {
+        self.shared
+            .finished_total
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Counts of open jobs, for start-up messages: (queued, leased).
@@ -358,6 +399,10 @@ impl Dispatcher {
             let _ = tx.send(msg);
         }
         if !out.finished.is_empty() {
+            self.shared.finished_total.fetch_add(
+                out.finished.len() as u64,
+                std::sync::atomic::Ordering::Relaxed,
+            );
             self.shared.finished.notify_one();
         }
         for (job, attempts) in out.finished {
@@ -368,22 +413,35 @@ impl Dispatcher {
 
     fn persist(&self, rec: &JobRecord) -> Result<(), StoreError> {
         let s = &self.shared;
-        let bytes = serde_json::to_vec(rec).map_err(|e| s.store.corrupt("(encode job)", e))?;
         let mut batch = sled::Batch::default();
-        batch.insert(&job_key(rec.id), bytes);
-        if rec.state == JobState::Finished {
-            batch.remove(&open_key(rec.id));
-            if !rec.key.is_empty() {
-                // In the same write as the result: the pipeline cannot miss it.
-                batch.insert(&inbox_key(rec.id), &[]);
-            }
-        } else {
-            batch.insert(&open_key(rec.id), &[]);
-            if !rec.key.is_empty() {
-                batch.insert(name_key(&rec.key), &rec.id.to_be_bytes());
+        stage(rec, &mut batch).map_err(|e| s.store.corrupt("(encode job)", e))?;
+        s.tree.apply_batch(batch).map_err(|e| s.store.err(e))
+    }
+
+    /// Writes job records as they are into a database no hub serves, in
+    /// batches, and flushes: how `trunkfarm bench recovery` builds a history
+    /// of a million jobs without running them. Returns how many it wrote.
+    pub fn import(
+        store: &Store,
+        records: impl IntoIterator<Item = JobRecord>,
+    ) -> Result<u64, StoreError> {
+        const BATCH: usize = 10_000;
+        let tree = store.tree(trees::JOBS)?;
+        let mut batch = sled::Batch::default();
+        let (mut staged, mut written) = (0usize, 0u64);
+        for rec in records {
+            stage(&rec, &mut batch).map_err(|e| store.corrupt("(encode job)", e))?;
+            staged += 1;
+            written += 1;
+            if staged == BATCH {
+                tree.apply_batch(std::mem::take(&mut batch))
+                    .map_err(|e| store.err(e))?;
+                staged = 0;
             }
         }
-        s.tree.apply_batch(batch).map_err(|e| s.store.err(e))
+        tree.apply_batch(batch).map_err(|e| store.err(e))?;
+        store.flush_now()?;
+        Ok(written)
     }
 
     /// Queues a new job; returns its id once it is durable.
@@ -419,6 +477,10 @@ impl Dispatcher {
                 humantime::format_duration(Duration::from_secs(spec.timeout_secs)),
                 humantime::format_duration(s.max_job_timeout)
             )));
+        }
+        // A key submitted before stores nothing new, whatever the disk says.
+        if key.is_empty() || self.keyed(&key)?.is_none() {
+            s.space.admit("jobs", 0)?;
         }
         let rec = JobRecord {
             id: self.shared.store.next_id()?,
@@ -797,9 +859,9 @@ impl Dispatcher {
                 }
             }
             if let Some(old) = st.agents.remove(agent_id) {
-                let _ = old.tx.send(Err(Status::aborted(
+                let _ = old.tx.send(Box::new(Err(Status::aborted(
                     "this agent connected again from elsewhere; closing the older session",
-                )));
+                ))));
             }
             let max_parallel = caps.max_parallel_jobs.max(1) as usize;
             st.agents.insert(
@@ -1075,11 +1137,11 @@ impl Dispatcher {
             .get_mut(agent_id)
             .ok_or_else(|| DispatchError::NotConnected(agent_id.to_string()))?;
         conn.draining = true;
-        let _ = conn.tx.send(Ok(HubMessage {
+        let _ = conn.tx.send(Box::new(Ok(HubMessage {
             msg: Some(hub_message::Msg::Drain(Drain {
                 grace_secs: grace.as_secs(),
             })),
-        }));
+        })));
         Ok(())
     }
 
@@ -1089,9 +1151,9 @@ impl Dispatcher {
         let requeued = {
             let mut st = self.lock();
             if let Some(conn) = st.agents.remove(agent_id) {
-                let _ = conn.tx.send(Err(Status::permission_denied(format!(
+                let _ = conn.tx.send(Box::new(Err(Status::permission_denied(format!(
                     "agent {agent_id} was revoked by the hub's operator and may not connect again: enroll again with a new enrollment string if the operator agrees"
-                ))));
+                )))));
             }
             let mine: Vec<u64> = st
                 .leases
@@ -1255,9 +1317,9 @@ impl Dispatcher {
     pub fn close_sessions(&self) {
         let mut st = self.lock();
         for (_, conn) in st.agents.drain() {
-            let _ = conn.tx.send(Err(Status::unavailable(
+            let _ = conn.tx.send(Box::new(Err(Status::unavailable(
                 "the hub is shutting down; reconnect later",
-            )));
+            ))));
         }
     }
 }
@@ -1291,7 +1353,7 @@ mod tests {
     use super::*;
     use trunkfarm_proto::v1::hub_message::Msg;
 
-    type Rx = mpsc::UnboundedReceiver<Result<HubMessage, Status>>;
+    type Rx = mpsc::UnboundedReceiver<super::Outgoing>;
 
     fn settings(lease_ms: u64) -> DispatchSettings {
         DispatchSettings {
@@ -1300,6 +1362,7 @@ mod tests {
             max_attempts: 2,
             default_job_timeout: Duration::from_secs(60),
             max_job_timeout: Duration::from_secs(3600),
+            space: DataDir::new(&std::env::temp_dir(), 0),
         }
     }
 
@@ -1342,11 +1405,13 @@ mod tests {
 
     fn assignments(rx: &mut Rx) -> Vec<JobRef> {
         let mut out = Vec::new();
-        while let Ok(Ok(HubMessage {
-            msg: Some(Msg::Assign(a)),
-        })) = rx.try_recv()
-        {
-            out.push(a.job.unwrap());
+        while let Ok(msg) = rx.try_recv() {
+            if let Ok(HubMessage {
+                msg: Some(Msg::Assign(a)),
+            }) = *msg
+            {
+                out.push(a.job.unwrap());
+            }
         }
         out
     }

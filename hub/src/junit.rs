@@ -34,6 +34,10 @@ pub const MAX_NAME_BYTES: usize = 500;
 pub const MAX_MESSAGE_BYTES: usize = 300;
 /// Bytes of an unexpected root element's name quoted in an error.
 const MAX_QUOTED_BYTES: usize = 100;
+/// Bytes kept of the description of malformed XML: quick-xml's messages
+/// quote names from the input (a mismatched end tag's, whole), and the
+/// error line is kept and mailed.
+const MAX_DETAIL_BYTES: usize = 300;
 
 /// What a set of JUnit files says.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -251,7 +255,13 @@ fn parse_partial(xml: &[u8]) -> (Vec<TestCase>, Option<JunitErrorKind>) {
             (std::str::from_utf8(&xml[..valid]).unwrap_or(""), Some(cut))
         }
     };
-    let mut parser = Parser::new(text);
+    // quick-xml skips a byte order mark and counts positions after it;
+    // the parser gets the text without it and adds it back to positions.
+    let (bom, text) = match text.strip_prefix('\u{feff}') {
+        Some(rest) => ('\u{feff}'.len_utf8(), rest),
+        None => (0, text),
+    };
+    let mut parser = Parser::new(text, bom);
     let result = parser.run();
     let error = match (result, cut) {
         (Ok(()), None) => None,
@@ -330,7 +340,11 @@ impl CaseBuilder {
 type Attr<'e> = (&'e [u8], Cow<'e, str>);
 
 struct Parser<'a> {
+    /// The text after the byte order mark, if there is one.
     input: &'a str,
+    /// Bytes before `input` in the file (the byte order mark): added to
+    /// every position so errors point into the file as written.
+    offset: usize,
     reader: Reader<&'a [u8]>,
     stack: Vec<Frame>,
     case: Option<CaseBuilder>,
@@ -340,7 +354,7 @@ struct Parser<'a> {
 }
 
 impl<'a> Parser<'a> {
-    fn new(input: &'a str) -> Self {
+    fn new(input: &'a str, offset: usize) -> Self {
         let mut reader = Reader::from_str(input);
         let config = reader.config_mut();
         config.check_end_names = true;
@@ -351,6 +365,7 @@ impl<'a> Parser<'a> {
         config.trim_text(false);
         Parser {
             input,
+            offset,
             reader,
             stack: Vec::new(),
             case: None,
@@ -359,21 +374,30 @@ impl<'a> Parser<'a> {
         }
     }
 
+    /// The position in the file of byte `byte` of `input`.
     fn at(&self, byte: u64) -> Position {
-        position(self.input.as_bytes(), byte)
+        let Position { byte, line } = position(self.input.as_bytes(), byte);
+        Position {
+            byte: byte.saturating_add(self.offset as u64),
+            line,
+        }
     }
 
     fn malformed(&self, byte: u64, what: impl Into<String>) -> JunitErrorKind {
+        let mut what = what.into();
+        if what.len() > MAX_DETAIL_BYTES {
+            what = format!("{}…", cut(&what, MAX_DETAIL_BYTES));
+        }
         JunitErrorKind::Malformed {
             at: self.at(byte),
-            what: what.into(),
+            what,
         }
     }
 
     /// Whether `kind` came from running out of input rather than from
     /// something wrong before the end.
     fn stopped_at_end(&self, kind: &JunitErrorKind) -> bool {
-        is_at_end(kind, self.input.len())
+        is_at_end(kind, self.offset + self.input.len())
     }
 
     fn run(&mut self) -> Result<(), JunitErrorKind> {
@@ -1048,6 +1072,41 @@ more]]></failure><system-out><![CDATA[ignored ]]> </system-out></testcase></test
     }
 
     #[test]
+    fn positions_count_the_byte_order_mark() {
+        // Found by the fuzz tests: quick-xml counts positions after a BOM,
+        // so errors pointed 3 bytes early, and a file cut in an entity
+        // reference read as a bare `&` (broken) instead of as cut.
+        let e = err(b"\xef\xbb\xbf<testsuite></x>");
+        assert!(
+            e.starts_with("junit.xml: malformed XML at byte 14 (line 1)"),
+            "{e}"
+        );
+        let e = err(b"\xef\xbb\xbf<testsuite>\n<testcase/>");
+        assert_eq!(
+            e,
+            "junit.xml: <testcase> without a name attribute at byte 15 (line 2)"
+        );
+        let xml =
+            "\u{feff}<testsuite><testcase name=\"a\"/><testcase name=\"b&#233;\"/></testsuite>";
+        let cut = xml.find("&#233;").unwrap() + 3;
+        let mut f = file("bom.xml", &xml.as_bytes()[..cut]);
+        f.truncated = true;
+        let report = parse_reports(&[f]);
+        assert_eq!(report.cases.len(), 1);
+        assert!(!report.errors[0].contains("(also:"), "{:?}", report.errors);
+    }
+
+    #[test]
+    fn error_details_are_bounded() {
+        // Found by the fuzz tests: quick-xml quotes a mismatched end tag
+        // whole, so a long name made an error line as long as the file.
+        let long = "x".repeat(100_000);
+        let e = err(format!("<testsuite></{long}>").as_bytes());
+        assert!(e.len() < 500, "{} bytes", e.len());
+        assert!(e.contains("ill-formed document") && e.ends_with('…'), "{e}");
+    }
+
+    #[test]
     fn empty() {
         assert_eq!(err(b""), "junit.xml: empty file");
         assert_eq!(err(b" \n\t "), "junit.xml: empty file");
@@ -1291,3 +1350,7 @@ more]]></failure><system-out><![CDATA[ignored ]]> </system-out></testcase></test
         }
     }
 }
+
+/// Property-based fuzzing of the parser; see the module.
+#[cfg(test)]
+mod fuzz;

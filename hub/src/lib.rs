@@ -15,5 +15,6 @@ pub mod pipeline;
 pub mod provision;
 pub mod results;
 pub mod server;
+pub mod space;
 pub mod store;
 pub mod web;

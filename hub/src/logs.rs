@@ -1,11 +1,30 @@
 //! Job logs: stored per (job, attempt, seq) in the `logs` tree, and fanned out
 //! live to whoever watches a job (`trunkfarm job run`, the dashboard).
 //!
-//! Chunks are written without waiting for the disk: the result that ends an
-//! attempt arrives after its chunks on the same ordered stream, and its commit
-//! makes them durable too (sled persists writes in order).
+//! A job's log as the agent produced it (up to the agent's output cap, and
+//! the hub's own `max_log_size`) is stored exactly once, whatever is killed
+//! or dropped:
+//!
+//! - Chunks are written without waiting for the disk (a log line must not
+//!   cost an fsync). They become durable with the next commit, at the latest
+//!   the one that records the attempt's result: the hub stores the chunks
+//!   that precede a result on its stream before it records the result, and
+//!   sled persists writes in order.
+//! - A chunk can still be lost: in flight when the agent's link drops, or
+//!   stored but not yet committed when the hub is killed. The agent therefore
+//!   keeps every chunk of an attempt until the hub acknowledges the attempt's
+//!   result, and after every reconnect sends them all again, in seq order,
+//!   before the result (`volunteer-agent/src/outbox.rs`).
+//! - So the same chunk may arrive more than once: storing is idempotent per
+//!   (job, attempt, seq), and so is the byte accounting toward the per-attempt
+//!   cap and the fan-out to live watchers. A chunk already stored is ignored.
+//!   After a restart an attempt's accounting is rebuilt from the tree the
+//!   first time one of its chunks arrives.
+//! - When a result arrives, [`JobLogs::gap`] compares its `last_log_seq` with
+//!   what is stored; a gap is only warned about (the result still counts).
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::sync::Mutex;
 
 use tokio::sync::broadcast;
@@ -26,6 +45,18 @@ pub enum WatchEvent {
 /// from the store.
 const WATCH_BUFFER_EVENTS: usize = 256;
 
+/// What is stored of one attempt's log: the cap's accounting and what
+/// [`JobLogs::gap`] compares with a result.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct AttemptLog {
+    /// Log bytes stored (a chunk's data, plus the cap notice if any).
+    bytes: u64,
+    /// Chunks stored.
+    chunks: u64,
+    /// The highest seq stored (0 if none).
+    max_seq: u64,
+}
+
 /// Owner of the `logs` tree and of the live watchers.
 pub struct JobLogs {
     store: Store,
@@ -34,7 +65,11 @@ pub struct JobLogs {
     /// (agents cap their own output well below; this guards the hub).
     max_bytes: u64,
     live: Mutex<HashMap<u64, broadcast::Sender<WatchEvent>>>,
-    sizes: Mutex<HashMap<(u64, u32), u64>>,
+    /// Per (job, attempt) touched since the hub started, until the job
+    /// finishes. Held while a chunk is checked and stored, so two copies of
+    /// one chunk (an old session still draining, a new one resending) are
+    /// stored and counted once.
+    attempts: Mutex<HashMap<(u64, u32), AttemptLog>>,
 }
 
 fn key(job_id: u64, attempt: u32, seq: u64) -> [u8; 20] {
@@ -45,6 +80,16 @@ fn key(job_id: u64, attempt: u32, seq: u64) -> [u8; 20] {
     k
 }
 
+/// The seq of a 20-byte key.
+fn seq_of(k: &[u8]) -> u64 {
+    let mut seq = [0u8; 8];
+    seq.copy_from_slice(&k[12..20]);
+    u64::from_be_bytes(seq)
+}
+
+/// At most this many missing ranges are named in a gap's description.
+const GAP_RANGES_SHOWN: usize = 5;
+
 impl JobLogs {
     /// Opens the `logs` tree.
     pub fn open(store: &Store, max_bytes: u64) -> Result<JobLogs, StoreError> {
@@ -53,45 +98,155 @@ impl JobLogs {
             tree: store.tree(trees::LOGS)?,
             max_bytes,
             live: Mutex::new(HashMap::new()),
-            sizes: Mutex::new(HashMap::new()),
+            attempts: Mutex::new(HashMap::new()),
         })
     }
 
-    /// Stores a chunk (idempotent per seq) and shows it to live watchers.
+    /// The prefix of an attempt's keys.
+    fn attempt_prefix(job_id: u64, attempt: u32) -> [u8; 12] {
+        let mut p = [0u8; 12];
+        p.copy_from_slice(&key(job_id, attempt, 0)[..12]);
+        p
+    }
+
+    /// What the tree holds of an attempt (after a restart, or for an
+    /// attempt not touched yet).
+    fn scan_attempt(&self, job_id: u64, attempt: u32) -> Result<AttemptLog, StoreError> {
+        let mut log = AttemptLog::default();
+        for item in self.tree.scan_prefix(Self::attempt_prefix(job_id, attempt)) {
+            let (k, v) = item.map_err(|e| self.store.err(e))?;
+            if k.len() != 20 || v.is_empty() {
+                return Err(self.store.corrupt("logs", "malformed log key or value"));
+            }
+            log.bytes = log.bytes.saturating_add(v.len() as u64 - 1);
+            log.chunks += 1;
+            log.max_seq = log.max_seq.max(seq_of(&k));
+        }
+        Ok(log)
+    }
+
+    /// Stores a chunk and shows it to live watchers, once per (job,
+    /// attempt, seq): a chunk already stored (an agent resending what the
+    /// hub may have lost) is neither stored, counted toward the cap, nor
+    /// shown again. Chunks past the per-attempt cap are dropped; the one
+    /// that crosses it is stored with a notice.
     pub fn append(&self, chunk: LogChunk) -> Result<(), StoreError> {
         let Some(job) = chunk.job else {
             return Ok(());
         };
-        let over_cap = {
-            let mut sizes = self.sizes.lock().unwrap_or_else(|p| p.into_inner());
-            let used = sizes.entry((job.job_id, job.attempt)).or_insert(0);
-            let before = *used;
-            *used = used.saturating_add(chunk.data.len() as u64);
-            if before >= self.max_bytes {
+        let k = key(job.job_id, job.attempt, chunk.seq);
+        {
+            let mut attempts = self.attempts.lock().unwrap_or_else(|p| p.into_inner());
+            let log = match attempts.entry((job.job_id, job.attempt)) {
+                Entry::Occupied(e) => e.into_mut(),
+                Entry::Vacant(e) => e.insert(self.scan_attempt(job.job_id, job.attempt)?),
+            };
+            if log.bytes >= self.max_bytes {
                 return Ok(());
             }
-            *used > self.max_bytes
-        };
-        let mut value = Vec::with_capacity(chunk.data.len() + 1);
-        value.push(chunk.stream as u8);
-        value.extend_from_slice(&chunk.data);
-        if over_cap {
-            value.extend_from_slice(
-                format!(
-                    "\n[trunkfarm hub: log reached the hub's limit of {} bytes; the rest is dropped]\n",
-                    self.max_bytes
-                )
-                .as_bytes(),
-            );
+            if self.tree.contains_key(k).map_err(|e| self.store.err(e))? {
+                return Ok(());
+            }
+            let len = chunk.data.len() as u64;
+            let over_cap = log.bytes.saturating_add(len) > self.max_bytes;
+            let mut value = Vec::with_capacity(chunk.data.len() + 1);
+            value.push(chunk.stream as u8);
+            value.extend_from_slice(&chunk.data);
+            if over_cap {
+                value.extend_from_slice(
+                    format!(
+                        "\n[trunkfarm hub: log reached the hub's limit of {} bytes; the rest is dropped]\n",
+                        self.max_bytes
+                    )
+                    .as_bytes(),
+                );
+            }
+            let stored = value.len() as u64 - 1;
+            self.tree.insert(k, value).map_err(|e| self.store.err(e))?;
+            log.bytes = log.bytes.saturating_add(stored);
+            log.chunks += 1;
+            log.max_seq = log.max_seq.max(chunk.seq);
         }
-        self.tree
-            .insert(key(job.job_id, job.attempt, chunk.seq), value)
-            .map_err(|e| self.store.err(e))?;
         let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(tx) = live.get(&job.job_id) {
             let _ = tx.send(WatchEvent::Log(chunk));
         }
         Ok(())
+    }
+
+    /// Compares what is stored of `job`'s log with the `last_log_seq` its
+    /// result reports (the agent numbers an attempt's chunks 1, 2, …).
+    /// `Some` describes what is missing; `None` if nothing is, if the
+    /// result names no last chunk (0: a refusal, a job whose task died), or
+    /// if the hub's own cap dropped the rest (that gap is expected and noted
+    /// in the log itself).
+    pub fn gap(&self, job: &JobRef, last_log_seq: u64) -> Result<Option<String>, StoreError> {
+        let log = {
+            let mut attempts = self.attempts.lock().unwrap_or_else(|p| p.into_inner());
+            match attempts.entry((job.job_id, job.attempt)) {
+                Entry::Occupied(e) => *e.get(),
+                Entry::Vacant(e) => *e.insert(self.scan_attempt(job.job_id, job.attempt)?),
+            }
+        };
+        if last_log_seq == 0
+            || log.bytes >= self.max_bytes
+            || (log.chunks == last_log_seq && log.max_seq <= last_log_seq)
+        {
+            return Ok(None);
+        }
+        // Rare: name the missing seqs.
+        let mut missing: Vec<(u64, u64)> = Vec::new();
+        let mut next = 1u64;
+        let mut beyond = 0u64;
+        for item in self
+            .tree
+            .scan_prefix(Self::attempt_prefix(job.job_id, job.attempt))
+        {
+            let (k, _) = item.map_err(|e| self.store.err(e))?;
+            if k.len() != 20 {
+                return Err(self.store.corrupt("logs", "malformed log key"));
+            }
+            let seq = seq_of(&k);
+            if seq > last_log_seq {
+                beyond += 1;
+                continue;
+            }
+            if seq > next {
+                missing.push((next, seq - 1));
+            }
+            next = next.max(seq + 1);
+        }
+        if next <= last_log_seq {
+            missing.push((next, last_log_seq));
+        }
+        let count: u64 = missing.iter().map(|(a, b)| b - a + 1).sum();
+        let mut parts: Vec<String> = Vec::new();
+        if count > 0 {
+            let mut ranges: Vec<String> = missing
+                .iter()
+                .take(GAP_RANGES_SHOWN)
+                .map(|&(a, b)| {
+                    if a == b {
+                        a.to_string()
+                    } else {
+                        format!("{a}..={b}")
+                    }
+                })
+                .collect();
+            if missing.len() > GAP_RANGES_SHOWN {
+                ranges.push("…".to_owned());
+            }
+            parts.push(format!(
+                "{count} of its {last_log_seq} log chunk(s) are missing (seq {})",
+                ranges.join(", ")
+            ));
+        }
+        if beyond > 0 {
+            parts.push(format!(
+                "{beyond} stored chunk(s) have a seq past the result's last_log_seq {last_log_seq}"
+            ));
+        }
+        Ok((!parts.is_empty()).then(|| parts.join("; ")))
     }
 
     /// Stored chunks of a job, in order; only `attempt` if given.
@@ -107,11 +262,9 @@ impl JobLogs {
                 return Err(self.store.corrupt("logs", "malformed log key or value"));
             }
             let attempt = u32::from_be_bytes([k[8], k[9], k[10], k[11]]);
-            let mut seq = [0u8; 8];
-            seq.copy_from_slice(&k[12..]);
             out.push(LogChunk {
                 job: Some(JobRef { job_id, attempt }),
-                seq: u64::from_be_bytes(seq),
+                seq: seq_of(&k),
                 stream: LogStream::try_from(i32::from(v[0]))
                     .unwrap_or(LogStream::Unspecified)
                     .into(),
@@ -140,9 +293,9 @@ impl JobLogs {
         {
             let _ = tx.send(WatchEvent::Finished);
         }
-        let mut sizes = self.sizes.lock().unwrap_or_else(|p| p.into_inner());
+        let mut known = self.attempts.lock().unwrap_or_else(|p| p.into_inner());
         for a in 1..=attempts {
-            sizes.remove(&(job_id, a));
+            known.remove(&(job_id, a));
         }
     }
 }
@@ -208,5 +361,98 @@ mod tests {
         assert!(text.starts_with("abcdefg"));
         assert!(text.contains("hub's limit"));
         assert!(!text.contains("never"));
+    }
+
+    fn text(logs: &JobLogs, job_id: u64) -> String {
+        logs.read(job_id, None)
+            .unwrap()
+            .iter()
+            .map(|c| String::from_utf8_lossy(&c.data).into_owned())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_resent_chunk_is_stored_counted_and_shown_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        // Room for exactly "ab" + "cd": counting "ab" twice would drop "cd".
+        let logs = JobLogs::open(&store, 4).unwrap();
+        let mut rx = logs.subscribe(5);
+        logs.append(chunk(5, 1, 1, "ab")).unwrap();
+        logs.append(chunk(5, 1, 1, "ab")).unwrap();
+        logs.append(chunk(5, 1, 2, "cd")).unwrap();
+        logs.append(chunk(5, 1, 1, "ab")).unwrap();
+        assert_eq!(text(&logs, 5), "abcd");
+        assert_eq!(logs.read(5, Some(1)).unwrap().len(), 2);
+        logs.finished(5, 1);
+        let mut shown = Vec::new();
+        while let Ok(WatchEvent::Log(c)) = rx.recv().await {
+            shown.push(c.seq);
+        }
+        assert_eq!(shown, [1, 2], "each chunk is shown to watchers once");
+    }
+
+    #[tokio::test]
+    async fn after_a_restart_the_cap_counts_what_is_stored_and_resends_are_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        JobLogs::open(&store, 6)
+            .unwrap()
+            .append(chunk(2, 1, 1, "abc"))
+            .unwrap();
+        // A fresh JobLogs knows nothing in memory, like a restarted hub.
+        let logs = JobLogs::open(&store, 6).unwrap();
+        logs.append(chunk(2, 1, 1, "abc")).unwrap();
+        logs.append(chunk(2, 1, 2, "defg")).unwrap();
+        logs.append(chunk(2, 1, 3, "never")).unwrap();
+        let t = text(&logs, 2);
+        assert!(t.starts_with("abcdefg\n"), "{t}");
+        assert_eq!(t.matches("abc").count(), 1, "{t}");
+        assert!(t.contains("hub's limit") && !t.contains("never"), "{t}");
+        // A resend of the chunk that crossed the cap changes nothing.
+        logs.append(chunk(2, 1, 2, "defg")).unwrap();
+        assert_eq!(text(&logs, 2), t);
+    }
+
+    #[tokio::test]
+    async fn a_gap_between_the_stored_chunks_and_the_result_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let logs = JobLogs::open(&store, 1 << 20).unwrap();
+        let job = JobRef {
+            job_id: 4,
+            attempt: 2,
+        };
+        for seq in [1, 2, 4] {
+            logs.append(chunk(4, 2, seq, "x")).unwrap();
+        }
+        let gap = logs.gap(&job, 6).unwrap().expect("a gap");
+        assert!(
+            gap.contains("3 of its 6") && gap.contains("seq 3, 5..=6"),
+            "{gap}"
+        );
+        logs.append(chunk(4, 2, 3, "x")).unwrap();
+        assert_eq!(logs.gap(&job, 4).unwrap(), None);
+        // Also from the tree alone (a restarted hub).
+        let fresh = JobLogs::open(&store, 1 << 20).unwrap();
+        assert_eq!(fresh.gap(&job, 4).unwrap(), None);
+        assert!(
+            fresh
+                .gap(&job, 3)
+                .unwrap()
+                .unwrap()
+                .contains("past the result")
+        );
+        assert_eq!(
+            fresh.gap(&job, 0).unwrap(),
+            None,
+            "0: the agent names no last chunk"
+        );
+        let capped = JobLogs::open(&store, 2).unwrap();
+        assert_eq!(
+            capped.gap(&job, 9).unwrap(),
+            None,
+            "the hub's cap dropped the rest"
+        );
     }
 }

@@ -1,15 +1,22 @@
 //! The hub's metrics in the Prometheus text format (`GET /metrics` on the
-//! web endpoint): queue, agents, pools, outbox. Gauges computed on request
-//! from the modules that own the state.
+//! web endpoint): queue, agents, pools, outbox as gauges computed on request
+//! from the modules that own the state; finished jobs and artifact downloads
+//! as counters since the hub started.
 
 use std::fmt::Write as _;
 
+use crate::artifacts::Artifacts;
 use crate::dispatch::Dispatcher;
 use crate::notify::Notifier;
 use crate::provision::{InstanceState, Pools};
 
 /// Renders every gauge.
-pub fn render(dispatch: &Dispatcher, notifier: &Notifier, pools: &Pools) -> String {
+pub fn render(
+    dispatch: &Dispatcher,
+    artifacts: &Artifacts,
+    notifier: &Notifier,
+    pools: &Pools,
+) -> String {
     let mut out = String::new();
     let (queued, leased) = dispatch.open_counts();
     let connected = dispatch.connected();
@@ -78,5 +85,27 @@ pub fn render(dispatch: &Dispatcher, notifier: &Notifier, pools: &Pools) -> Stri
     );
     let _ = writeln!(out, "# TYPE trunkfarm_mail_pending gauge");
     let _ = writeln!(out, "trunkfarm_mail_pending {pending}");
+    let (downloads, bytes) = artifacts.download_totals();
+    for (name, help, value) in [
+        (
+            "trunkfarm_jobs_finished_total",
+            "Jobs finished (result durably stored) since the hub started.",
+            dispatch.finished_total(),
+        ),
+        (
+            "trunkfarm_artifact_downloads_total",
+            "Runtime artifact downloads served to the end since the hub started.",
+            downloads,
+        ),
+        (
+            "trunkfarm_artifact_sent_bytes_total",
+            "Runtime artifact bytes sent to agents since the hub started.",
+            bytes,
+        ),
+    ] {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} counter");
+        let _ = writeln!(out, "{name} {value}");
+    }
     out
 }

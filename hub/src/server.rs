@@ -26,6 +26,7 @@ use crate::notify::Notifier;
 use crate::pipeline::Pipeline;
 use crate::provision::Pools;
 use crate::results::Results;
+use crate::space::DataDir;
 use crate::store::Store;
 use crate::web;
 use tokio_util::sync::CancellationToken;
@@ -66,6 +67,10 @@ impl HubInfo {
     }
 }
 
+/// How often a hub whose database failed checks whether its data dir takes
+/// writes again.
+const RECOVERY_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// A running hub.
 pub struct Hub {
     /// The bound address.
@@ -85,6 +90,7 @@ pub struct Hub {
     web: Option<web::Web>,
     stop_pipeline: CancellationToken,
     store: Store,
+    space: DataDir,
     stop: Option<oneshot::Sender<()>>,
     served: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
 }
@@ -100,6 +106,11 @@ impl Hub {
         // A stale file from a killed hub must not point clients at nothing.
         let _ = std::fs::remove_file(&info_path);
 
+        let space = DataDir::new(&data_dir, cfg.hub.min_free_space);
+        if let Err(e) = space.admit("work", 0) {
+            // Serve anyway: agents may deliver results, operators may look.
+            tracing::error!("{e}");
+        }
         let store = Store::open(&data_dir.join("db"))?;
         let credentials = Credentials::open(&store)?;
         let logs = Arc::new(JobLogs::open(&store, cfg.limits.max_log_size)?);
@@ -113,10 +124,15 @@ impl Hub {
                 max_attempts: d.max_attempts,
                 default_job_timeout: d.default_job_timeout,
                 max_job_timeout: d.max_job_timeout,
+                space: space.clone(),
             },
         )?;
-        let artifacts =
-            Artifacts::open(&store, data_dir.join("artifacts"), cfg.artifacts.max_size)?;
+        let artifacts = Artifacts::open(
+            &store,
+            data_dir.join("artifacts"),
+            cfg.artifacts.max_size,
+            space.clone(),
+        )?;
         let admin_token = secret::load_or_create_admin_token(&cfg.admin_token_path())?;
         let results = Results::open(&store)?;
         let stop_pipeline = CancellationToken::new();
@@ -247,8 +263,13 @@ impl Hub {
             pools: pools.clone(),
         };
         {
-            let (d, n, p) = (dispatch.clone(), notifier.clone(), pools.clone());
-            let _ = metrics_cell.set(Box::new(move || crate::metrics::render(&d, &n, &p)));
+            let (d, a, n, p) = (
+                dispatch.clone(),
+                artifacts.clone(),
+                notifier.clone(),
+                pools.clone(),
+            );
+            let _ = metrics_cell.set(Box::new(move || crate::metrics::render(&d, &a, &n, &p)));
         }
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<AgentServiceServer<AgentApi>>().await;
@@ -310,9 +331,22 @@ impl Hub {
             web: Some(web),
             stop_pipeline,
             store,
+            space,
             stop: Some(stop_tx),
             served,
         })
+    }
+
+    /// Resolves once the database failed (a flush could not reach the disk)
+    /// and the data dir takes writes again: the hub must then be restarted
+    /// to open the database afresh. Never resolves while all is well.
+    pub async fn database_recoverable(&self) {
+        loop {
+            tokio::time::sleep(RECOVERY_CHECK_INTERVAL).await;
+            if self.store.failed() && self.space.writable_now() {
+                return;
+            }
+        }
     }
 
     /// Stops serving: ends agent sessions (they reconnect to the next hub),

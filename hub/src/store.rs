@@ -11,6 +11,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -64,6 +65,9 @@ struct Inner {
     path: PathBuf,
     db: sled::Db,
     commits: mpsc::UnboundedSender<oneshot::Sender<Result<(), String>>>,
+    /// A flush failed. sled then refuses every later write until the
+    /// database is opened again (see [`Store::failed`]).
+    failed: Arc<AtomicBool>,
 }
 
 /// Names of the trees, one per owning module.
@@ -118,12 +122,14 @@ impl Store {
             }
         }
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(group_commit(db.clone(), rx));
+        let failed = Arc::new(AtomicBool::new(false));
+        tokio::spawn(group_commit(db.clone(), rx, failed.clone()));
         Ok(Store {
             inner: Arc::new(Inner {
                 path: dir.to_path_buf(),
                 db,
                 commits: tx,
+                failed,
             }),
         })
     }
@@ -161,6 +167,19 @@ impl Store {
         }
     }
 
+    /// Whether a flush failed (disk full, read-only, I/O error): sled then
+    /// refuses all writes until the database is opened again, which for the
+    /// hub means a restart (`serve` does it once the disk takes writes).
+    pub fn failed(&self) -> bool {
+        self.inner.failed.load(Ordering::Relaxed)
+    }
+
+    /// Flushes on this thread, without the group-commit task: for tools that
+    /// write a database no hub is serving.
+    pub fn flush_now(&self) -> Result<(), StoreError> {
+        self.inner.db.flush().map(|_| ()).map_err(|e| self.err(e))
+    }
+
     /// Wraps a sled error with the database path.
     pub fn err(&self, source: sled::Error) -> StoreError {
         StoreError::Db {
@@ -188,6 +207,7 @@ impl Store {
 async fn group_commit(
     db: sled::Db,
     mut waiters: mpsc::UnboundedReceiver<oneshot::Sender<Result<(), String>>>,
+    failed: Arc<AtomicBool>,
 ) {
     let mut batch = Vec::new();
     while let Some(first) = waiters.recv().await {
@@ -203,6 +223,13 @@ async fn group_commit(
             )),
             Err(e) => Err(format!("flush task failed: {e}")),
         };
+        if let Err(e) = &result
+            && !failed.swap(true, Ordering::Relaxed)
+        {
+            tracing::error!(
+                "hub database: {e}; nothing more can be stored until the hub restarts, which it does by itself once its data dir takes writes again"
+            );
+        }
         for waiter in batch.drain(..) {
             let _ = waiter.send(result.clone());
         }

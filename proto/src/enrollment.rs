@@ -512,3 +512,7 @@ mod tests {
         }
     }
 }
+
+/// Property-based fuzzing of the parser; see the module.
+#[cfg(test)]
+mod fuzz;

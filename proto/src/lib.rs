@@ -2,6 +2,7 @@
 //!
 //! * [`v1`]: the generated gRPC types and services (`trunkfarm.v1`).
 //! * [`enrollment`]: the one string a volunteer pastes to enroll a machine.
+//! * [`codec`]: prost with small per-stream buffers (idle sessions are cheap).
 //! * [`dial`]: connecting to a hub over TLS pinned to its CA fingerprint.
 //! * [`settings`]: strict TOML settings shared by hub and agent — errors that
 //!   name the file, line and dotted key; human durations and sizes.
@@ -9,6 +10,7 @@
 //! Both binaries depend on this crate, so what crosses the wire is defined once.
 
 pub mod addr;
+pub mod codec;
 pub mod dial;
 pub mod enrollment;
 pub mod settings;

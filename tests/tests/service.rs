@@ -115,7 +115,7 @@ fn demo_refuses_a_directory_that_is_not_its_own() {
     cmd.args(["demo", "--once", "--dir"]).arg(dir.path());
     let out = run_with_timeout(cmd, Duration::from_secs(60));
     assert!(!out.status.success());
-    assert!(combined(&out).contains("is not a trunkfarm demo directory"));
+    assert!(combined(&out).contains("was not made by an earlier run of this command"));
     assert_eq!(
         std::fs::read_to_string(dir.path().join("precious.txt")).unwrap(),
         "keep me"

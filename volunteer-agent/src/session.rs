@@ -4,8 +4,10 @@
 //! results the hub has not acknowledged ([`ResultStore`]), the messages not
 //! yet sent ([`Outbox`]) and the current connection ([`Link`]). Jobs outlive
 //! connections, so a connection only forwards: when it breaks, the agent
-//! keeps running its jobs, buffers their logs, keeps their results, and
-//! redials with backoff; after the next welcome it sends what the hub missed.
+//! keeps running its jobs, keeps their logs and results, and redials with
+//! backoff; after the next welcome it sends again whatever the hub may have
+//! missed: every log chunk and result of an attempt whose result the hub has
+//! not acknowledged (see `outbox.rs`).
 //! A single `select!` loop waits on the connection, the jobs, the signals and
 //! the drain timers, and never blocks on any one of them.
 
@@ -43,7 +45,7 @@ use crate::config::AgentConfig;
 use crate::credential::Credential;
 use crate::executor::Artifacts;
 use crate::jobs::{self, JobPolicy, JobWake, Jobs};
-use crate::outbox::{LOG_BUFFER_CAP, Outbox};
+use crate::outbox::{Outbox, kept_log_bound};
 use crate::results::{JobKey, ResultStore, key};
 use crate::sysinfo::{self, Machine};
 use crate::transfer::GrpcHub;
@@ -52,8 +54,9 @@ use crate::transfer::GrpcHub;
 const WELCOME_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Messages handed to a connection but not yet taken by the transport. Kept
-/// small: what sits here when a connection breaks is lost (results are
-/// resent anyway; log chunks are not).
+/// small: what sits here when a connection breaks is lost (and sent again
+/// after the next welcome: the outbox keeps results and log chunks until
+/// the hub acknowledges the result).
 const OUTBOUND_CHANNEL: usize = 8;
 
 /// While connected, buffered log bytes above which the jobs' output is
@@ -91,7 +94,7 @@ pub(crate) async fn run(
     credential: Credential,
     config: AgentConfig,
 ) -> anyhow::Result<Ending> {
-    let results = ResultStore::open(state_dir.join("results")).with_context(|| {
+    let mut results = ResultStore::open(state_dir.join("results")).with_context(|| {
         format!(
             "cannot open the results directory {}",
             state_dir.join("results").display()
@@ -138,6 +141,9 @@ pub(crate) async fn run(
         "starting trunkfarm-agent {}",
         env!("CARGO_PKG_VERSION")
     );
+    // Logs saved with unacknowledged results go again with them.
+    let mut outbox = Outbox::new(kept_log_bound(config.output_cap));
+    outbox.restore(results.take_logs());
     let mut agent = Agent {
         hub: credential.hub.clone(),
         agent_id: credential.agent_id.clone(),
@@ -149,7 +155,7 @@ pub(crate) async fn run(
         drain_grace: config.drain_grace,
         results,
         result_sent: HashMap::new(),
-        outbox: Outbox::new(LOG_BUFFER_CAP),
+        outbox,
         link: Link::Down {
             retry_at: Instant::now(),
         },
@@ -558,11 +564,14 @@ impl Agent {
             let ending = match wake {
                 Wake::Link(w) => self.on_link(w),
                 Wake::Job(JobWake::Log(chunk)) => {
-                    if self.outbox.push_log(chunk) && !welcomed {
+                    let job = chunk.job.unwrap_or_default();
+                    if self.outbox.push_log(chunk) {
                         tracing::warn!(
-                            "the log buffer is full ({} MiB) while the hub is unreachable: \
-                             dropping the oldest log chunks",
-                            LOG_BUFFER_CAP / (1024 * 1024)
+                            job = job.job_id,
+                            attempt = job.attempt,
+                            "the job's log passed the agent's output cap (output_cap {}): \
+                             dropping the rest of it",
+                            fmt_bytes(self.policy.output_cap)
                         );
                     }
                     None
@@ -791,28 +800,20 @@ impl Agent {
             self.hub,
             self.agent_id
         );
-        let (chunks, bytes) = self.outbox.take_dropped();
-        if chunks > 0 {
-            tracing::warn!(
-                "{chunks} log chunk(s) ({bytes} bytes) were dropped while the hub was \
-                 unreachable; those jobs' logs have gaps"
+        // The hub may lack any log chunk not covered by an acknowledged
+        // result (lost in flight, or with a killed hub): all kept chunks go
+        // again, each attempt's before its result; results without chunks
+        // go first (they free leases).
+        let held = self.held();
+        self.outbox.welcomed(self.results.results(), &held);
+        if self.outbox.log_bytes() > 0 {
+            tracing::debug!(
+                "sending again {} of log the hub may lack ({} kept in all)",
+                fmt_bytes(self.outbox.log_bytes() as u64),
+                fmt_bytes(self.outbox.kept_bytes() as u64)
             );
         }
-        // Buffered log chunks are already queued; a job's result goes after
-        // its chunks, other results before every chunk (they free leases).
-        let (behind, ahead): (Vec<&JobResult>, Vec<&JobResult>) =
-            self.results.results().partition(|r| {
-                r.job
-                    .as_ref()
-                    .is_some_and(|job| self.outbox.has_logs_of(job))
-            });
         let now = Instant::now();
-        for result in ahead.into_iter().rev() {
-            self.outbox.push_result_first(result.clone());
-        }
-        for result in behind {
-            self.outbox.push_result(result.clone());
-        }
         self.result_sent = self.results.jobs().map(|j| (key(&j), now)).collect();
         if self.drain.active {
             self.outbox.push_control(Msg::Draining(Draining {}));
@@ -869,10 +870,13 @@ impl Agent {
         self.deliver(jobs::refusal(job, detail));
     }
 
-    /// Keeps a result until acknowledged, and sends it if the session is up
-    /// (otherwise it goes after the next welcome).
+    /// Keeps a result until acknowledged (on disk, with the attempt's kept
+    /// log chunks), and sends it if the session is up (otherwise it goes
+    /// after the next welcome).
     fn deliver(&mut self, result: JobResult) {
-        self.results.insert(result.clone());
+        let job = result.job.unwrap_or_default();
+        self.results
+            .insert(result.clone(), self.outbox.kept_chunks(&job));
         if self.link.welcomed() {
             if let Some(job) = &result.job {
                 self.result_sent.insert(key(job), Instant::now());
@@ -933,12 +937,14 @@ impl Agent {
         }
     }
 
-    /// The hub acknowledged a result: stop resending it.
+    /// The hub acknowledged a result (recorded it, so the log chunks that
+    /// preceded it are durable too, or refused it for good): stop resending
+    /// it and its log.
     fn acknowledged(&mut self, ack: ResultAck) {
         let Some(job) = ack.job else {
             return;
         };
-        self.outbox.forget_result(&job);
+        self.outbox.forget(&job);
         self.result_sent.remove(&key(&job));
         let known = self.results.remove(&job);
         if !ack.recorded {

@@ -18,7 +18,8 @@
 //! * devices, FIFOs, sparse files and any other type are refused;
 //! * the entry count and the unpacked size (header sizes and bytes actually
 //!   written) are capped, and so are the GNU long-name and PAX headers that
-//!   the tar crate would otherwise read whole into memory;
+//!   the tar crate would otherwise read whole into memory; a directory or
+//!   link that claims data is refused (the tar crate would skip it, uncapped);
 //! * setuid, setgid and sticky bits are dropped; executable bits are kept.
 //!
 //! Any refusal refuses the whole archive and removes the partial prefix.
@@ -370,6 +371,19 @@ impl Unpacker<'_> {
                     "has an entry type this agent does not unpack ({:?}, byte {:?})",
                     other,
                     char::from(other.as_byte())
+                )));
+            }
+        }
+        // Only a file has data. The tar reader skips whatever size another
+        // entry's header claims, uncapped and without checking `cancel`: a
+        // directory "holding" a zstd bomb of zeros would keep the agent
+        // decompressing for hours.
+        if !matches!(kind, EntryType::Regular | EntryType::Continuous) {
+            let size = entry.header().size().map_err(damaged)?;
+            if size != 0 {
+                return Err(refuse(format!(
+                    "is a directory or link that claims {} of data, which it cannot have",
+                    fmt_bytes(size)
                 )));
             }
         }
@@ -1264,6 +1278,52 @@ mod tests {
     }
 
     #[test]
+    fn a_directory_or_link_claiming_data_is_refused() {
+        // Found by the fuzz tests: the tar reader skipped a directory's
+        // claimed data uncapped and without checking `cancel`, so 4 MiB of
+        // zeros here (a few hundred bytes compressed; 32 KiB per byte at
+        // zstd's best) unpacked "fine" past a 1 MiB cap.
+        let limits = UnpackLimits {
+            max_bytes: 1 << 20,
+            ..LIMITS
+        };
+        let e = refused_with(
+            &[Raw {
+                data: vec![0; 4 << 20],
+                ..dir("d")
+            }],
+            &limits,
+        );
+        assert_eq!(
+            e,
+            "refused the archive: entry `d` is a directory or link that claims 4.0 MiB of data, \
+             which it cannot have"
+        );
+        let e = refused(&[
+            file("f", "x"),
+            Raw {
+                data: b"data".to_vec(),
+                ..symlink("s", "f")
+            },
+        ]);
+        assert!(
+            e.contains("entry `s` is a directory or link that claims 4 B"),
+            "{e}"
+        );
+        let e = refused(&[
+            file("f", "x"),
+            Raw {
+                size: Some(1 << 40),
+                ..hard_link("h", "f")
+            },
+        ]);
+        assert!(
+            e.contains("entry `h` is a directory or link that claims 1.0 TiB"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn too_many_entries_are_refused() {
         let limits = UnpackLimits {
             max_entries: 3,
@@ -1452,3 +1512,7 @@ mod tests {
         assert!(e.contains("counting 4.0 KiB per directory and link"), "{e}");
     }
 }
+
+/// Property-based fuzzing of the unpacker; see the module.
+#[cfg(test)]
+mod fuzz;

@@ -1,8 +1,9 @@
 //! The `trunkfarm` command line: `serve` runs a hub; `token`, `agent` and
 //! `job` administer a running one over gRPC; `status`, `breakage`,
 //! `transitions`, `upstream` and `artifact` show and drive the trunk
-//! pipeline; `demo` runs the embedded demo.
+//! pipeline; `demo` runs the embedded demo; `bench` measures the hub.
 
+mod bench;
 mod client;
 mod demo;
 pub(crate) use demo::find_agent_binary;
@@ -46,6 +47,10 @@ enum Command {
     Serve,
     /// Run the embedded demo: a hub with two local agents, no config needed.
     Demo(demo::DemoArgs),
+    /// Measure the hub on this machine (throughput, latency, idle agents,
+    /// artifact fan-out, recovery) with real processes and production
+    /// durability; prints a table and one `BENCH {json}` line per figure.
+    Bench(bench::BenchArgs),
     /// Enrollment tokens: the one string a volunteer pastes to join.
     Token {
         #[command(subcommand)]
@@ -213,7 +218,7 @@ pub fn main() -> ExitCode {
     // The demo tells its own story on stdout; the hub's log would drown it.
     let level = match cli.command {
         Command::Serve => "info",
-        Command::Demo(_) => "error",
+        Command::Demo(_) | Command::Bench(_) => "error",
         _ => "warn",
     };
     init_tracing(level);
@@ -262,6 +267,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Serve => serve(cfg).await,
         Command::Demo(args) => demo::run(args).await,
+        Command::Bench(args) => bench::run(args).await,
         Command::Token { command } => token(&cfg, command).await,
         Command::Agent { command } => agent(&cfg, command).await,
         Command::Job { command } => jobs::run(&cfg, command).await,
@@ -305,10 +311,33 @@ async fn serve(cfg: HubConfig) -> anyhow::Result<ExitCode> {
             .map(|p| format!(" --config {}", p.display()))
             .unwrap_or_default()
     );
-    shutdown_signal().await;
+    tokio::select! {
+        _ = shutdown_signal() => {}
+        _ = hub.database_recoverable() => {
+            // sled refuses writes after a failed flush until it is opened
+            // again: start afresh, as after a crash (which loses nothing
+            // acknowledged). Agents reconnect by themselves.
+            tracing::warn!("the data dir takes writes again: restarting the hub to reopen its database");
+            return Err(restart_in_place());
+        }
+    }
     tracing::info!("shutting down");
     hub.shutdown().await?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Replaces this process with a fresh `trunkfarm` run with the same
+/// arguments (same pid, so a supervisor sees no exit). Returns only if that
+/// failed.
+fn restart_in_place() -> anyhow::Error {
+    use std::os::unix::process::CommandExt;
+    let mut args = std::env::args_os();
+    let arg0 = args.next().unwrap_or_else(|| "trunkfarm".into());
+    let err = std::process::Command::new("/proc/self/exe")
+        .arg0(arg0)
+        .args(args)
+        .exec();
+    anyhow::anyhow!("cannot restart the hub ({err}): restart it by hand")
 }
 
 /// Resolves on SIGTERM or Ctrl-C.

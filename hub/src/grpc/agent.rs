@@ -23,7 +23,7 @@ use trunkfarm_proto::{MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 use super::{auth_status, bearer, dispatch_status, store_status};
 use crate::artifacts::{ArtifactError, Artifacts, Origin};
 use crate::auth::credentials::Credentials;
-use crate::dispatch::Dispatcher;
+use crate::dispatch::{AgentTx, Dispatcher};
 use crate::logs::JobLogs;
 
 /// Results of one session being recorded at once; more wait (back-pressure).
@@ -62,7 +62,9 @@ pub fn artifact_status(e: ArtifactError) -> Status {
         | ArtifactError::TooLong { .. }
         | ArtifactError::TooShort { .. }
         | ArtifactError::HashMismatch { .. } => Status::invalid_argument(msg),
-        ArtifactError::TooLarge { .. } => Status::resource_exhausted(msg),
+        ArtifactError::TooLarge { .. } | ArtifactError::NoRoom(_) => {
+            Status::resource_exhausted(msg)
+        }
         ArtifactError::NotHeld { .. } => Status::permission_denied(msg),
         ArtifactError::NotFound(_) => Status::not_found(msg),
         ArtifactError::Corrupt(_) => Status::data_loss(msg),
@@ -114,7 +116,7 @@ impl AgentService for AgentApi {
         }))
     }
 
-    type SessionStream = UnboundedReceiverStream<Result<HubMessage, Status>>;
+    type SessionStream = Pin<Box<dyn Stream<Item = Result<HubMessage, Status>> + Send>>;
 
     async fn session(
         &self,
@@ -160,7 +162,7 @@ impl AgentService for AgentApi {
         labels.dedup();
         let (tx, rx) = mpsc::unbounded_channel();
         // Welcome goes first: `connect` may queue assignments right away.
-        let _ = tx.send(Ok(HubMessage {
+        let _ = tx.send(Box::new(Ok(HubMessage {
             msg: Some(hub_message::Msg::Welcome(Welcome {
                 agent_id: agent.id.clone(),
                 hub_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -168,7 +170,7 @@ impl AgentService for AgentApi {
                 heartbeat_interval_ms: self.heartbeat_interval.as_millis() as u64,
                 labels,
             })),
-        }));
+        })));
         let session = self
             .dispatch
             .connect(
@@ -192,7 +194,9 @@ impl AgentService for AgentApi {
             self.dispatch.clone(),
             self.logs.clone(),
         ));
-        Ok(Response::new(UnboundedReceiverStream::new(rx)))
+        Ok(Response::new(Box::pin(
+            UnboundedReceiverStream::new(rx).map(|msg| *msg),
+        )))
     }
 
     async fn upload_artifact(
@@ -273,7 +277,7 @@ async fn run_session(
     agent_id: String,
     session: u64,
     mut inbound: Streaming<AgentMessage>,
-    tx: mpsc::UnboundedSender<Result<HubMessage, Status>>,
+    tx: AgentTx,
     dispatch: Dispatcher,
     logs: Arc<JobLogs>,
 ) {
@@ -299,6 +303,29 @@ async fn run_session(
                 _ => Ok(()),
             },
             agent_message::Msg::Result(result) => {
+                // The chunks that preceded the result on this stream are
+                // stored by now: say so if some are missing (the agent
+                // resends unacknowledged chunks, so this should not happen;
+                // the result counts regardless).
+                if let Some(job) = result.job
+                    && dispatch.holds(&agent_id, &job)
+                {
+                    match logs.gap(&job, result.last_log_seq) {
+                        Ok(None) => {}
+                        Ok(Some(gap)) => tracing::warn!(
+                            agent = %agent_id,
+                            job = job.job_id,
+                            attempt = job.attempt,
+                            "the job's stored log is incomplete: {gap}"
+                        ),
+                        Err(e) => tracing::warn!(
+                            agent = %agent_id,
+                            job = job.job_id,
+                            attempt = job.attempt,
+                            "cannot check the job's stored log: {e}"
+                        ),
+                    }
+                }
                 // Handled concurrently so one agent's results share flushes,
                 // but boundedly: an agent flooding results waits here.
                 let Ok(permit) = in_flight.clone().acquire_owned().await else {
@@ -310,9 +337,9 @@ async fn run_session(
                 tokio::spawn(async move {
                     match dispatch.record_result(&agent_id, result).await {
                         Ok(ack) => {
-                            let _ = tx.send(Ok(HubMessage {
+                            let _ = tx.send(Box::new(Ok(HubMessage {
                                 msg: Some(hub_message::Msg::ResultAck(ack)),
-                            }));
+                            })));
                         }
                         // Not acknowledged: the agent keeps the result and resends it.
                         Err(e) => tracing::error!(agent = %agent_id, "cannot record a result: {e}"),
@@ -330,7 +357,7 @@ async fn run_session(
         };
         if let Err(e) = outcome {
             tracing::error!(agent = %agent_id, "{e}");
-            let _ = tx.send(Err(store_status(e)));
+            let _ = tx.send(Box::new(Err(store_status(e))));
             break;
         }
     }

@@ -54,6 +54,7 @@ pub fn dispatch_status(e: DispatchError) -> Status {
         DispatchError::InvalidJob(m) => Status::invalid_argument(m),
         e @ DispatchError::NoSuchJob(_) => Status::not_found(e.to_string()),
         e @ DispatchError::NotConnected(_) => Status::failed_precondition(e.to_string()),
+        e @ DispatchError::NoRoom(_) => Status::resource_exhausted(e.to_string()),
     }
 }
 

@@ -66,7 +66,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         "--version",
         "the demo's runtime is C, built from source",
     )?;
-    let dir = prepare_dir(&args.dir)?;
+    let dir = prepare_dir(&args.dir, MARKER)?;
     let agent_bin = find_agent_binary()?;
     let repos = dir.join("repos");
     let upstream_repo = repos.join(UPSTREAM);
@@ -119,7 +119,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         .enrollment;
     let mut agents = Vec::new();
     for n in 1..=AGENTS {
-        agents.push(start_agent(&agent_bin, &dir, n, &enrollment).await?);
+        agents.push(start_agent(&agent_bin, &dir, "demo", n, &enrollment, 2).await?);
     }
     wait_for_agents(&mut admin, AGENTS).await?;
     println!("demo: {AGENTS} local agents connected");
@@ -506,23 +506,24 @@ async fn summary(admin: &mut AdminClient) -> anyhow::Result<String> {
     ))
 }
 
-/// Creates (or wipes an earlier demo's) directory.
-fn prepare_dir(dir: &Path) -> anyhow::Result<PathBuf> {
+/// Creates a scratch directory, or wipes one an earlier run marked with
+/// `marker`; refuses any other non-empty directory.
+pub(crate) fn prepare_dir(dir: &Path, marker: &str) -> anyhow::Result<PathBuf> {
     if dir.exists() {
-        let is_demo = dir.join(MARKER).exists();
+        let is_demo = dir.join(marker).exists();
         let empty = std::fs::read_dir(dir)?.next().is_none();
         if is_demo {
             std::fs::remove_dir_all(dir)
                 .with_context(|| format!("cannot clear the earlier demo in {}", dir.display()))?;
         } else if !empty {
             anyhow::bail!(
-                "{} exists and is not a trunkfarm demo directory: pass another one with --dir",
+                "{} exists and was not made by an earlier run of this command: pass another directory with --dir",
                 dir.display()
             );
         }
     }
     std::fs::create_dir_all(dir)?;
-    std::fs::write(dir.join(MARKER), "")?;
+    std::fs::write(dir.join(marker), "")?;
     Ok(std::fs::canonicalize(dir)?)
 }
 
@@ -546,13 +547,24 @@ pub(crate) fn find_agent_binary() -> anyhow::Result<PathBuf> {
         })
 }
 
-async fn start_agent(bin: &Path, dir: &Path, n: usize, enrollment: &str) -> anyhow::Result<Child> {
+/// Enrolls agent `n` as `<prefix>-agent-<n>` with its state in
+/// `<dir>/agent-<n>` (log beside it) and starts it running `parallel` jobs
+/// at once; the agent is killed when the returned child is dropped.
+pub(crate) async fn start_agent(
+    bin: &Path,
+    dir: &Path,
+    prefix: &str,
+    n: usize,
+    enrollment: &str,
+    parallel: u32,
+) -> anyhow::Result<Child> {
     let state = dir.join(format!("agent-{n}"));
-    let log = std::fs::File::create(dir.join(format!("agent-{n}.log")))?;
+    let log_path = dir.join(format!("agent-{n}.log"));
+    let log = std::fs::File::create(&log_path)?;
     let status = Command::new(bin)
         .arg("enroll")
         .arg(enrollment)
-        .args(["--name", &format!("demo-agent-{n}"), "--state-dir"])
+        .args(["--name", &format!("{prefix}-agent-{n}"), "--state-dir"])
         .arg(&state)
         .stdout(Stdio::null())
         .stderr(log.try_clone()?)
@@ -560,13 +572,19 @@ async fn start_agent(bin: &Path, dir: &Path, n: usize, enrollment: &str) -> anyh
         .await?;
     if !status.success() {
         anyhow::bail!(
-            "demo agent {n} could not enroll: see {}",
-            dir.join(format!("agent-{n}.log")).display()
+            "{prefix} agent {n} could not enroll: see {}",
+            log_path.display()
         );
     }
     Ok(Command::new(bin)
-        .args(["run", "--max-parallel-jobs", "2", "--state-dir"])
+        .args([
+            "run",
+            "--max-parallel-jobs",
+            &parallel.to_string(),
+            "--state-dir",
+        ])
         .arg(&state)
+        .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log)
         .kill_on_drop(true)
