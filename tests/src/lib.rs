@@ -500,10 +500,12 @@ pub struct HubInfo {
 }
 
 /// The default `[hub]`/`[dispatch]` settings every test hub gets; extra TOML
-/// is appended after them (so bare keys land in `[dispatch]`).
+/// is appended after them (so bare keys land in `[dispatch]`). The disk
+/// reserve is small: CI machines may have little free space, and the reserve
+/// has its own test (disk.rs).
 fn hub_toml(listen: &str, data_dir: &Path, extra: &str) -> String {
     format!(
-        "[hub]\nlisten = \"{listen}\"\ndata_dir = \"{}\"\n\n[web]\nlisten = \"127.0.0.1:0\"\n\n[dispatch]\nheartbeat_interval = \"1s\"\nlease_timeout = \"3s\"\nmax_attempts = 3\n{extra}\n",
+        "[hub]\nlisten = \"{listen}\"\ndata_dir = \"{}\"\nmin_free_space = \"16 MiB\"\n\n[web]\nlisten = \"127.0.0.1:0\"\n\n[dispatch]\nheartbeat_interval = \"1s\"\nlease_timeout = \"3s\"\nmax_attempts = 3\n{extra}\n",
         data_dir.display()
     )
 }

@@ -677,7 +677,7 @@ fn check(text: &str) -> Result<(), TestCaseError> {
 }
 
 proptest! {
-    // About 3 s for the three in a debug build on two cores.
+    // About 2 s for the three in a debug build on two cores (3-4 s when busy).
     #![proptest_config(proptest_config(2500))]
 
     #[test]

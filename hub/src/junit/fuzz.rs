@@ -545,7 +545,7 @@ fn apply(xml: &mut Vec<u8>, m: &Mutation) {
 }
 
 proptest! {
-    // About 3 s for the three in a debug build on two cores.
+    // About 2 s for the three in a debug build on two cores (3-4 s when busy).
     #![proptest_config(proptest_config(2000))]
 
     #[test]

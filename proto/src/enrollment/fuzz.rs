@@ -24,7 +24,7 @@ use proptest::test_runner::Config as ProptestConfig;
 use super::*;
 
 /// Cases per property in a plain `cargo test`: about 2 s for the four in a
-/// debug build on two cores.
+/// debug build on two cores (3-4 s when busy).
 const CI_CASES: u32 = 2_000;
 
 /// The run's configuration: `TRUNKFARM_FUZZ_CASES`, else `PROPTEST_CASES`,

@@ -39,7 +39,7 @@ use tar::Header;
 use super::*;
 
 /// Cases per property in a plain `cargo test`: about 2 s for the two in a
-/// debug build on two cores.
+/// debug build on two cores (3-4 s when busy).
 const CI_CASES: u32 = 4_000;
 
 /// The run's configuration: `TRUNKFARM_FUZZ_CASES`, else `PROPTEST_CASES`,

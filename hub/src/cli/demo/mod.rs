@@ -182,7 +182,7 @@ fn hub_toml(story: &Story, repos: &Path) -> String {
         format!("[{}]", quoted.join(", "))
     };
     let mut toml = format!(
-        "# Written by `trunkfarm demo`.\n[hub]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"hub\"\n\n[web]\nlisten = \"127.0.0.1:0\"\n\n[smtp]\nmailbox_dir = \"mailbox\"\nfrom = \"trunkfarm demo <trunkfarm@demo.invalid>\"\n\n[dispatch]\nheartbeat_interval = \"2s\"\nlease_timeout = \"10s\"\n\n[[upstream]]\nname = \"{UPSTREAM}\"\nurl = {:?}\npoll_interval = \"{POLL}\"\nbuild = {}\nbuild_timeout = \"5m\"\n",
+        "# Written by `trunkfarm demo`.\n[hub]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"hub\"\n# The demo stores little: a small reserve lets it run on a nearly full disk.\nmin_free_space = \"16 MiB\"\n\n[web]\nlisten = \"127.0.0.1:0\"\n\n[smtp]\nmailbox_dir = \"mailbox\"\nfrom = \"trunkfarm demo <trunkfarm@demo.invalid>\"\n\n[dispatch]\nheartbeat_interval = \"2s\"\nlease_timeout = \"10s\"\n\n[[upstream]]\nname = \"{UPSTREAM}\"\nurl = {:?}\npoll_interval = \"{POLL}\"\nbuild = {}\nbuild_timeout = \"5m\"\n",
         repos.join(UPSTREAM).display().to_string(),
         list(&story.upstream.build)
     );
