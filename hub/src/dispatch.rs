@@ -1097,8 +1097,8 @@ impl Dispatcher {
         Ok(ack)
     }
 
-    /// Gives up every lease whose deadline passed.
-    fn expire_leases(&self) -> Result<Outbox, StoreError> {
+    /// Gives up every lease whose deadline passed; `None` when none did.
+    fn expire_leases(&self) -> Result<Option<Outbox>, StoreError> {
         let mut st = self.lock();
         let now = Instant::now();
         let expired: Vec<(u64, String)> = st
@@ -1109,7 +1109,7 @@ impl Dispatcher {
             .collect();
         let mut out = Outbox::default();
         if expired.is_empty() {
-            return Ok(out);
+            return Ok(None);
         }
         let timeout = humantime::format_duration(self.shared.settings.lease_timeout);
         for (id, agent) in expired {
@@ -1119,7 +1119,7 @@ impl Dispatcher {
         }
         let more = self.schedule(&mut st)?;
         out.messages.extend(more.messages);
-        Ok(out)
+        Ok(Some(out))
     }
 
     /// The agent is draining (SIGTERM or an operator's drain): no new jobs.
@@ -1337,8 +1337,13 @@ async fn reap_leases(shared: std::sync::Weak<Shared>) {
             return;
         };
         let d = Dispatcher { shared };
+        if d.shared.store.failed() {
+            // Nothing can be recorded until the hub restarts (see store.rs).
+            continue;
+        }
         match d.expire_leases() {
-            Ok(out) => {
+            Ok(None) => {}
+            Ok(Some(out)) => {
                 if let Err(e) = d.deliver(out).await {
                     tracing::error!("cannot record expired leases: {e}");
                 }

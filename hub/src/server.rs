@@ -337,13 +337,15 @@ impl Hub {
         })
     }
 
-    /// Resolves once the database failed (a flush could not reach the disk)
-    /// and the data dir takes writes again: the hub must then be restarted
-    /// to open the database afresh. Never resolves while all is well.
-    pub async fn database_recoverable(&self) {
-        loop {
-            tokio::time::sleep(RECOVERY_CHECK_INTERVAL).await;
-            if self.store.failed() && self.space.writable_now() {
+    /// Blocks (on the calling OS thread, not the async runtime, which a
+    /// failing database may stall) until the database failed and the data
+    /// dir takes writes again: the hub must then be restarted to open the
+    /// database afresh. Never returns while all is well.
+    pub fn wait_database_recoverable(&self) -> impl FnOnce() + Send + 'static {
+        let (store, space) = (self.store.clone(), self.space.clone());
+        move || loop {
+            std::thread::sleep(RECOVERY_CHECK_INTERVAL);
+            if store.failed() && space.writable_now() {
                 return;
             }
         }

@@ -123,7 +123,12 @@ impl Store {
         }
         let (tx, rx) = mpsc::unbounded_channel();
         let failed = Arc::new(AtomicBool::new(false));
-        tokio::spawn(group_commit(db.clone(), rx, failed.clone()));
+        tokio::spawn(group_commit(
+            db.clone(),
+            dir.to_path_buf(),
+            rx,
+            failed.clone(),
+        ));
         Ok(Store {
             inner: Arc::new(Inner {
                 path: dir.to_path_buf(),
@@ -180,8 +185,15 @@ impl Store {
         self.inner.db.flush().map(|_| ()).map_err(|e| self.err(e))
     }
 
-    /// Wraps a sled error with the database path.
+    /// Wraps a sled error with the database path. An I/O error means sled
+    /// refuses every later write: the store counts as failed.
     pub fn err(&self, source: sled::Error) -> StoreError {
+        if matches!(source, sled::Error::Io(_)) && !self.inner.failed.swap(true, Ordering::Relaxed)
+        {
+            tracing::error!(
+                "hub database: {source}; nothing more can be stored until the hub restarts, which it does by itself once its data dir takes writes again"
+            );
+        }
         StoreError::Db {
             path: self.inner.path.clone(),
             source,
@@ -206,6 +218,7 @@ impl Store {
 /// Flushes on behalf of every waiter that arrived before the flush started.
 async fn group_commit(
     db: sled::Db,
+    dir: PathBuf,
     mut waiters: mpsc::UnboundedReceiver<oneshot::Sender<Result<(), String>>>,
     failed: Arc<AtomicBool>,
 ) {
@@ -215,13 +228,10 @@ async fn group_commit(
         while let Ok(next) = waiters.try_recv() {
             batch.push(next);
         }
-        let db = db.clone();
-        let result = match tokio::task::spawn_blocking(move || db.flush()).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(format!(
-                "flush failed: {e} (is the disk full or read-only?)"
-            )),
-            Err(e) => Err(format!("flush task failed: {e}")),
+        let result = if failed.load(Ordering::Relaxed) {
+            Err("an earlier flush failed; the hub restarts once its data dir takes writes".into())
+        } else {
+            flush(&db, &dir).await
         };
         if let Err(e) = &result
             && !failed.swap(true, Ordering::Relaxed)
@@ -232,6 +242,40 @@ async fn group_commit(
         }
         for waiter in batch.drain(..) {
             let _ = waiter.send(result.clone());
+        }
+    }
+}
+
+/// How often a flush that has not finished checks whether the disk can
+/// still take it.
+const FLUSH_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// One flush. sled does not return from a flush whose write failed (it
+/// waits for the buffer to become stable forever), so a flush still running
+/// while the file system is full or read-only is given up as failed.
+async fn flush(db: &sled::Db, dir: &Path) -> Result<(), String> {
+    let db = db.clone();
+    let mut task = tokio::task::spawn_blocking(move || db.flush());
+    loop {
+        tokio::select! {
+            done = &mut task => {
+                return match done {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err(e)) => Err(format!("flush failed: {e} (is the disk full or read-only?)")),
+                    Err(e) => Err(format!("flush task failed: {e}")),
+                };
+            }
+            _ = tokio::time::sleep(FLUSH_CHECK_INTERVAL) => {
+                match crate::space::room(dir) {
+                    Ok(r) if r.read_only => {
+                        return Err("flush stuck: the file system is read-only".into());
+                    }
+                                        Ok(r) if r.free < 1024 * 1024 => {
+                        return Err("flush stuck: no space left on device".into());
+                    }
+                    _ => {}
+                }
+            }
         }
     }
 }

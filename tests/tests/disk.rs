@@ -87,6 +87,46 @@ fn remount(dir: &Path, mib: u64, again: bool, read_only: bool) {
     );
 }
 
+/// Mounts `dir` over itself, read-only.
+fn bind_read_only(dir: &Path) {
+    let target = cstr(&dir.display().to_string());
+    // SAFETY: valid NUL-terminated strings.
+    unsafe {
+        assert_eq!(
+            libc::mount(
+                target.as_ptr(),
+                target.as_ptr(),
+                std::ptr::null(),
+                libc::MS_BIND,
+                std::ptr::null()
+            ),
+            0,
+            "bind mount failed: {}",
+            std::io::Error::last_os_error()
+        );
+        assert_eq!(
+            libc::mount(
+                std::ptr::null(),
+                target.as_ptr(),
+                std::ptr::null(),
+                libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY,
+                std::ptr::null()
+            ),
+            0,
+            "read-only remount of the bind mount failed: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+/// Unmounts the topmost mount on `dir`.
+fn unmount(dir: &Path) {
+    let target = cstr(&dir.display().to_string());
+    // SAFETY: a valid NUL-terminated path.
+    let rc = unsafe { libc::umount2(target.as_ptr(), 0) };
+    assert_eq!(rc, 0, "umount failed: {}", std::io::Error::last_os_error());
+}
+
 /// Free bytes on the file system holding `dir`.
 fn free_bytes(dir: &Path) -> u64 {
     let c = cstr(&dir.display().to_string());
@@ -234,10 +274,23 @@ impl DiskHub {
         serde_json::from_str(&self.cli_ok(&["job", "show", &id.to_string(), "--json"])).unwrap()
     }
 
+    /// Polls until job `id` passed. The hub may be restarting in place
+    /// meanwhile, so a failed `job show` is retried until the deadline.
     fn wait_passed(&self, id: u64, timeout: Duration) -> Value {
         let deadline = Instant::now() + timeout;
         loop {
-            let j = self.job(id);
+            let out = self.cli(&["job", "show", &id.to_string(), "--json"]);
+            if !out.status.success() {
+                assert!(
+                    Instant::now() < deadline,
+                    "job {id}: `job show` kept failing for {timeout:?}:\n{}\n{}",
+                    describe(&out),
+                    self.logs()
+                );
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+            let j: Value = serde_json::from_slice(&out.stdout).unwrap();
             if j["state"] == "finished" {
                 assert_eq!(
                     s(&j, "outcome"),
@@ -301,7 +354,10 @@ fn a_full_then_read_only_data_dir_refuses_new_work_keeps_the_rest_and_recovers()
 
     // --- The disk fills up completely while a job runs: the hub cannot
     // store its result (its database refuses writes after a failed flush). ---
-    let during = hub.submit("sleep 2; echo five").unwrap();
+    // Megabytes of output: the database must grow while the disk is full.
+    let during = hub
+        .submit("sleep 2; echo five; head -c 3000000 /dev/zero | tr '\\0' x")
+        .unwrap();
     let ran = wait_for(Duration::from_secs(20), "job five runs", || {
         let j = hub.job(during);
         (j["state"] == "running").then_some(j)
@@ -316,7 +372,15 @@ fn a_full_then_read_only_data_dir_refuses_new_work_keeps_the_rest_and_recovers()
         "the refusal must say why: {refused}"
     );
     fs::remove_file(&filler).unwrap();
+    let freed = Instant::now();
     let done = hub.wait_passed(during, Duration::from_secs(60));
+    eprintln!(
+        "disk: job {during}'s result recorded {:.1} s after space was freed",
+        freed.elapsed().as_secs_f64()
+    );
+    if hub.logs().contains("restarting the hub") {
+        eprintln!("disk: the hub's database had failed; it restarted in place");
+    }
     assert_eq!(
         done["attempt"], ran["attempt"],
         "the attempt that ran must be the one recorded: {done:#}"
@@ -328,8 +392,25 @@ fn a_full_then_read_only_data_dir_refuses_new_work_keeps_the_rest_and_recovers()
         .expect("space is back: submits work");
     hub.wait_passed(seventh, Duration::from_secs(30));
 
-    // --- A read-only data dir: the hub will not start, says why, and
-    // starts with everything once the disk is writable again. ---
+    // --- The data dir turns read-only under the running hub: a read-only
+    // bind mount over it (the files the hub holds open stay writable, so
+    // this checks the refusal, not a failing database). ---
+    bind_read_only(&data);
+    let refused = hub
+        .submit("echo read-only")
+        .expect_err("a read-only data dir takes no new job");
+    assert!(
+        refused.contains("read-only file system") && refused.contains("takes no new jobs"),
+        "the refusal must say the data dir is read-only: {refused}"
+    );
+    unmount(&data);
+    let eighth = hub
+        .submit("echo eight")
+        .expect("writable again: submits work");
+    hub.wait_passed(eighth, Duration::from_secs(30));
+
+    // --- A read-only data dir at start: the hub will not start, says why,
+    // and starts with everything once the disk is writable again. ---
     let mut hub = hub;
     hub.stop();
     remount(&data, DISK_MIB, true, true);
@@ -341,7 +422,7 @@ fn a_full_then_read_only_data_dir_refuses_new_work_keeps_the_rest_and_recovers()
     );
     remount(&data, DISK_MIB, true, false);
     let hub = DiskHub::restart(hub, &data);
-    for id in [first, running, after, during, seventh] {
+    for id in [first, running, after, during, seventh, eighth] {
         hub.wait_passed(id, Duration::from_secs(1));
     }
     let listed: Value =
@@ -358,7 +439,7 @@ fn a_full_then_read_only_data_dir_refuses_new_work_keeps_the_rest_and_recovers()
     assert_eq!(sorted.len(), ids.len(), "a job is listed twice: {listed:#}");
     assert_eq!(
         sorted,
-        [first, running, after, during, seventh],
+        [first, running, after, during, seventh, eighth],
         "exactly the accepted jobs exist (refused ones left nothing): {listed:#}"
     );
 }

@@ -296,7 +296,30 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-async fn serve(cfg: HubConfig) -> anyhow::Result<ExitCode> {
+/// Overrides `hub.listen` (gRPC); a hub restarting itself in place sets it to
+/// keep the port it had (agents dial that one), as with `listen = "...:0"`.
+const LISTEN_ENV: &str = "TRUNKFARM_LISTEN";
+/// Overrides `web.listen`, likewise.
+const WEB_LISTEN_ENV: &str = "TRUNKFARM_WEB_LISTEN";
+
+/// Applies [`LISTEN_ENV`] and [`WEB_LISTEN_ENV`] to the config.
+fn listen_overrides(cfg: &mut HubConfig) -> anyhow::Result<()> {
+    for (var, target) in [
+        (LISTEN_ENV, &mut cfg.hub.listen),
+        (WEB_LISTEN_ENV, &mut cfg.web.listen),
+    ] {
+        if let Some(value) = std::env::var_os(var) {
+            let text = value.to_string_lossy();
+            *target = text.parse().map_err(|e| {
+                anyhow::anyhow!("{var}={text:?} is not an address such as 127.0.0.1:7443: {e}")
+            })?;
+        }
+    }
+    Ok(())
+}
+
+async fn serve(mut cfg: HubConfig) -> anyhow::Result<ExitCode> {
+    listen_overrides(&mut cfg)?;
     let hub = Hub::start(&cfg).await?;
     let how = if hub.info.tls {
         format!("TLS, CA fingerprint sha256:{}", hub.info.ca_sha256)
@@ -311,31 +334,39 @@ async fn serve(cfg: HubConfig) -> anyhow::Result<ExitCode> {
             .map(|p| format!(" --config {}", p.display()))
             .unwrap_or_default()
     );
-    tokio::select! {
-        _ = shutdown_signal() => {}
-        _ = hub.database_recoverable() => {
-            // sled refuses writes after a failed flush until it is opened
-            // again: start afresh, as after a crash (which loses nothing
-            // acknowledged). Agents reconnect by themselves.
-            tracing::warn!("the data dir takes writes again: restarting the hub to reopen its database");
-            return Err(restart_in_place());
-        }
-    }
+    // sled refuses writes after a failed write until it is opened again:
+    // once the disk takes writes, start afresh as after a crash (which loses
+    // nothing acknowledged); agents reconnect by themselves. On its own OS
+    // thread: a failing database may stall the async runtime.
+    let wait = hub.wait_database_recoverable();
+    let (listen, web) = (hub.addr.to_string(), hub.info.web.clone());
+    std::thread::spawn(move || {
+        wait();
+        tracing::warn!(
+            "the data dir takes writes again: restarting the hub to reopen its database"
+        );
+        let err = restart_in_place(&listen, &web);
+        tracing::error!("{err}");
+        std::process::exit(i32::from(EXIT_USAGE));
+    });
+    shutdown_signal().await;
     tracing::info!("shutting down");
     hub.shutdown().await?;
     Ok(ExitCode::SUCCESS)
 }
 
 /// Replaces this process with a fresh `trunkfarm` run with the same
-/// arguments (same pid, so a supervisor sees no exit). Returns only if that
-/// failed.
-fn restart_in_place() -> anyhow::Error {
+/// arguments (same pid, so a supervisor sees no exit), listening where this
+/// one did. Returns only if that failed.
+fn restart_in_place(listen: &str, web: &str) -> anyhow::Error {
     use std::os::unix::process::CommandExt;
     let mut args = std::env::args_os();
     let arg0 = args.next().unwrap_or_else(|| "trunkfarm".into());
     let err = std::process::Command::new("/proc/self/exe")
         .arg0(arg0)
         .args(args)
+        .env(LISTEN_ENV, listen)
+        .env(WEB_LISTEN_ENV, web)
         .exec();
     anyhow::anyhow!("cannot restart the hub ({err}): restart it by hand")
 }
