@@ -478,10 +478,7 @@ impl Dispatcher {
                 humantime::format_duration(s.max_job_timeout)
             )));
         }
-        // A key submitted before stores nothing new, whatever the disk says.
-        if key.is_empty() || self.keyed(&key)?.is_none() {
-            s.space.admit("jobs", 0)?;
-        }
+
         let rec = JobRecord {
             id: self.shared.store.next_id()?,
             spec,
@@ -509,6 +506,8 @@ impl Dispatcher {
                     return Ok((existing, false));
                 }
             }
+            // Only new work is refused on a full disk (a known key stores nothing).
+            s.space.admit("jobs", 0)?;
             self.persist(&rec)?;
         }
         if let Err(e) = self.shared.store.commit().await {
