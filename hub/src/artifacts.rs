@@ -639,9 +639,6 @@ impl Artifacts {
         let job = job.ok_or(ArtifactError::NoJob)?;
         let origin = authorize(&job)?;
 
-        if !self.contains(&sha)? {
-            self.inner.space.admit("artifacts", size)?;
-        }
         if self.contains(&sha)? {
             drain(&mut chunks, &sha, size, first.data.len() as u64).await?;
             tracing::info!(agent = %agent_id, job = job.job_id, sha = %sha, "artifact already stored; upload discarded");
@@ -650,6 +647,8 @@ impl Artifacts {
                 already_present: true,
             });
         }
+        // Only bytes not stored yet need room (a known hash is drained above).
+        self.inner.space.admit("artifacts", size)?;
 
         let mut temp = self.create_temp(&sha).await?;
         let mut hasher = Sha256::new();
