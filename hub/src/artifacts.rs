@@ -234,14 +234,14 @@ impl Origin {
 /// The upstream, platform and commit of a build job's key (any form,
 /// forced rebuilds included).
 fn parse_build_key(key: &str) -> Option<(String, String, String)> {
-    match crate::pipeline::JobKey::parse(key)? {
-        crate::pipeline::JobKey::Build {
+    match crate::job_key::JobKey::parse(key)? {
+        crate::job_key::JobKey::Build {
             upstream,
             platform,
             commit,
             ..
         } => Some((upstream, platform, commit)),
-        crate::pipeline::JobKey::Test { .. } => None,
+        crate::job_key::JobKey::Test { .. } => None,
     }
 }
 
@@ -363,13 +363,9 @@ impl Artifacts {
     }
 
     /// Where the store keeps its files.
+    #[cfg(test)]
     pub fn dir(&self) -> &Path {
         &self.inner.dir
-    }
-
-    /// The largest upload accepted, in bytes (`artifacts.max_size`).
-    pub fn max_size(&self) -> u64 {
-        self.inner.max_size
     }
 
     fn path_of(&self, sha: &str) -> PathBuf {
@@ -573,6 +569,7 @@ impl Artifacts {
     }
 
     /// How many times `agent_id` downloaded all of `sha` since the hub started.
+    #[cfg(test)]
     pub fn download_count(&self, sha: &str, agent_id: &str) -> u32 {
         let sha = sha.to_ascii_lowercase();
         self.lock_downloads()

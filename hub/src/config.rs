@@ -27,9 +27,7 @@ mod notify;
 mod pipeline;
 mod pool;
 pub use notify::{NotifySection, SmtpSection, SmtpSecurity, WebSection};
-pub use pipeline::{
-    ArtifactsSection, DEFAULT_PLATFORM, PipelineSection, ProjectConfig, UpstreamConfig,
-};
+pub use pipeline::{ArtifactsSection, PipelineSection, ProjectConfig, UpstreamConfig};
 pub use pool::{Ec2Section, PoolConfig, ProvisionerKind};
 
 const KIB: u64 = 1024;
@@ -322,6 +320,7 @@ impl HubConfig {
 
     /// Checks the semantic rules again, for a caller that changed fields after
     /// loading (e.g. command-line overrides). Errors name `source` but no line.
+    #[cfg(test)]
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.check_paths()
             .and_then(|()| self.problems())

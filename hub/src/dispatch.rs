@@ -293,8 +293,10 @@ fn inbox_key(id: u64) -> [u8; 9] {
 }
 
 /// Adds a job record and its index entries (open marker, pipeline key,
-/// finished inbox) to `batch`: the one place the jobs tree's layout is written.
-fn stage(rec: &JobRecord, batch: &mut sled::Batch) -> Result<(), serde_json::Error> {
+/// finished inbox) to `batch`: the one place the jobs tree's layout is
+/// written (also by `trunkfarm bench recovery`, which builds a history of a
+/// million jobs in a database no hub serves).
+pub(crate) fn stage(rec: &JobRecord, batch: &mut sled::Batch) -> Result<(), serde_json::Error> {
     batch.insert(&job_key(rec.id), serde_json::to_vec(rec)?);
     if rec.state == JobState::Finished {
         batch.remove(&open_key(rec.id));
@@ -416,32 +418,6 @@ impl Dispatcher {
         let mut batch = sled::Batch::default();
         stage(rec, &mut batch).map_err(|e| s.store.corrupt("(encode job)", e))?;
         s.tree.apply_batch(batch).map_err(|e| s.store.err(e))
-    }
-
-    /// Writes job records as they are into a database no hub serves, in
-    /// batches, and flushes: how `trunkfarm bench recovery` builds a history
-    /// of a million jobs without running them. Returns how many it wrote.
-    pub fn import(
-        store: &Store,
-        records: impl IntoIterator<Item = JobRecord>,
-    ) -> Result<u64, StoreError> {
-        const BATCH: usize = 10_000;
-        let tree = store.tree(trees::JOBS)?;
-        let mut batch = sled::Batch::default();
-        let (mut staged, mut written) = (0usize, 0u64);
-        for rec in records {
-            stage(&rec, &mut batch).map_err(|e| store.corrupt("(encode job)", e))?;
-            staged += 1;
-            written += 1;
-            if staged == BATCH {
-                tree.apply_batch(std::mem::take(&mut batch))
-                    .map_err(|e| store.err(e))?;
-                staged = 0;
-            }
-        }
-        tree.apply_batch(batch).map_err(|e| store.err(e))?;
-        store.flush_now()?;
-        Ok(written)
     }
 
     /// Queues a new job; returns its id once it is durable.
@@ -1321,6 +1297,30 @@ impl Dispatcher {
             ))));
         }
     }
+}
+
+/// Why revoking an agent failed part-way.
+#[derive(Debug, thiserror::Error)]
+pub enum RevokeError {
+    /// Its credential could not be revoked: nothing else was done.
+    #[error(transparent)]
+    Credential(#[from] crate::auth::credentials::AuthError),
+    /// The credential is revoked, but cutting the session off failed.
+    #[error("the agent's credential is revoked, but its session could not be ended: {0}")]
+    Session(#[from] DispatchError),
+}
+
+/// Revokes an agent for good, always in this order: its credential first
+/// (durably, so it cannot connect again), then its session (cut off now,
+/// its jobs requeued). Returns the requeued jobs. The one way to revoke,
+/// for the operator's `agent revoke` and for a pool's stopped instance.
+pub async fn revoke_agent(
+    credentials: &crate::auth::credentials::Credentials,
+    dispatch: &Dispatcher,
+    agent_id: &str,
+) -> Result<Vec<u64>, RevokeError> {
+    credentials.revoke_agent(agent_id).await?;
+    Ok(dispatch.revoke(agent_id).await?)
 }
 
 /// How often leases are checked for expiry, in milliseconds.

@@ -15,7 +15,6 @@
 //! checked for well-formedness and otherwise ignored.
 
 use std::borrow::Cow;
-use std::collections::HashSet;
 use std::fmt;
 
 use quick_xml::Reader;
@@ -113,6 +112,7 @@ impl fmt::Display for JunitErrorKind {
 /// A file that is not a usable JUnit report; displays as `path: what`.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{path}: {kind}")]
+#[cfg(test)]
 pub struct JunitError {
     /// The file's path, as given to [`parse`].
     pub path: String,
@@ -120,6 +120,7 @@ pub struct JunitError {
 }
 
 /// Parses one file's bytes; `path` is only used in error messages.
+#[cfg(test)]
 pub fn parse(path: &str, xml: &[u8]) -> Result<Vec<TestCase>, JunitError> {
     let (cases, error) = parse_partial(xml);
     match error {
@@ -184,20 +185,6 @@ pub fn failing(cases: &[TestCase]) -> Vec<String> {
             )
         })
         .map(|case| case.name.clone())
-        .collect();
-    names.sort_unstable();
-    names.dedup();
-    names
-}
-
-/// Cases failing in `now` that did not fail in `before` (by name); sorted,
-/// deduplicated.
-pub fn newly_failing(before: &[String], now: &[String]) -> Vec<String> {
-    let before: HashSet<&str> = before.iter().map(String::as_str).collect();
-    let mut names: Vec<String> = now
-        .iter()
-        .filter(|name| !before.contains(name.as_str()))
-        .cloned()
         .collect();
     names.sort_unstable();
     names.dedup();
@@ -1248,7 +1235,7 @@ more]]></failure><system-out><![CDATA[ignored ]]> </system-out></testcase></test
     }
 
     #[test]
-    fn failing_and_newly_failing() {
+    fn failing_names_are_sorted_and_deduplicated() {
         let cases = vec![
             case("b", TestStatus::Failed),
             case("a", TestStatus::Error),
@@ -1262,16 +1249,6 @@ more]]></failure><system-out><![CDATA[ignored ]]> </system-out></testcase></test
         ];
         assert_eq!(failing(&cases), vec!["a", "b"]);
         assert!(failing(&[]).is_empty());
-        let before = vec!["a".to_owned(), "x".to_owned()];
-        let now = vec![
-            "c".to_owned(),
-            "a".to_owned(),
-            "b".to_owned(),
-            "c".to_owned(),
-        ];
-        assert_eq!(newly_failing(&before, &now), vec!["b", "c"]);
-        assert!(newly_failing(&now, &before[..1]).is_empty());
-        assert_eq!(newly_failing(&[], &before), before);
     }
 
     /// xorshift64*: deterministic pseudo-random bytes without a dependency.

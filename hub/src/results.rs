@@ -285,6 +285,7 @@ impl Results {
     }
 
     /// The runs of a series, oldest first.
+    #[cfg(test)]
     pub fn runs(
         &self,
         project: &str,
@@ -335,29 +336,6 @@ impl Results {
                     break;
                 }
             }
-        }
-        Ok(out)
-    }
-
-    /// Transitions with an id above `after`, oldest first, at most `limit`:
-    /// the feed the notifier follows.
-    pub fn transitions_after(
-        &self,
-        after: u64,
-        limit: usize,
-    ) -> Result<Vec<Transition>, StoreError> {
-        let start = format!("t/{}", id20(after.saturating_add(1)));
-        let mut out = Vec::new();
-        for item in self
-            .tree
-            .range(start.as_bytes()..b"t0".as_slice())
-            .take(limit)
-        {
-            let (k, v) = item.map_err(|e| self.store.err(e))?;
-            out.push(serde_json::from_slice(&v).map_err(|e| {
-                self.store
-                    .corrupt(format!("{TREE}/{}", String::from_utf8_lossy(&k)), e)
-            })?);
         }
         Ok(out)
     }
@@ -435,21 +413,8 @@ impl Results {
             upstream: info.upstream_commit.clone(),
             project: info.project_commit.clone(),
         };
-        let failing: Vec<String> = {
-            // All cases, not the summary's capped list.
-            let mut f: Vec<String> = run
-                .cases
-                .iter()
-                .filter(|c| {
-                    c.status == trunkfarm_proto::v1::TestStatus::Failed as i32
-                        || c.status == trunkfarm_proto::v1::TestStatus::Error as i32
-                })
-                .map(|c| c.name.clone())
-                .collect();
-            f.sort();
-            f.dedup();
-            f
-        };
+        // All cases, not the summary's capped list.
+        let failing = crate::junit::failing(&run.cases);
         let order = (head_seq, info.job_id);
         let classified = if head_seq == 0 {
             None
@@ -475,20 +440,6 @@ impl Results {
             next,
             kind: PreparedKind::Run(Box::new(run)),
         })
-    }
-
-    /// Writes a prepared result, its transition (with the culprits the
-    /// caller listed) and the new series state in one atomic batch, and
-    /// waits until it is on disk. Recording the same job twice is a no-op.
-    /// Returns the stored transition, if any.
-    pub async fn commit(
-        &self,
-        prepared: Prepared,
-        culprits: Vec<Commit>,
-        culprits_error: String,
-    ) -> Result<Option<Transition>, StoreError> {
-        self.commit_with(prepared, culprits, culprits_error, None)
-            .await
     }
 
     /// [`Results::commit`], with `sink`'s writes for the new transition in
@@ -728,7 +679,9 @@ mod tests {
                 }]
             })
             .unwrap_or_default();
-        r.commit(p, culprits, String::new()).await.unwrap()
+        r.commit_with(p, culprits, String::new(), None)
+            .await
+            .unwrap()
     }
 
     fn kind(t: &Option<Transition>) -> TransitionKind {
@@ -783,7 +736,7 @@ mod tests {
         let all = r.transitions(10, |_| true).unwrap();
         let ids: Vec<u64> = all.iter().map(|t| t.id).collect();
         assert!(ids.windows(2).all(|w| w[0] > w[1]), "newest first: {ids:?}");
-        assert_eq!(r.transitions_after(t2.id, 10).unwrap().len(), 2);
+        assert_eq!(all.iter().filter(|t| t.id > t2.id).count(), 2);
     }
 
     #[tokio::test]
@@ -857,12 +810,16 @@ mod tests {
         let p = r
             .prepare_build(build(1, "c1", BuildState::Passed, "aaa"))
             .unwrap();
-        r.commit(p, vec![], String::new()).await.unwrap();
+        r.commit_with(p, vec![], String::new(), None).await.unwrap();
         let p = r
             .prepare_build(build(2, "c2", BuildState::Failed, ""))
             .unwrap();
         assert_eq!(p.culprit_range(), Some((Some("c1".into()), "c2".into())));
-        let t = r.commit(p, vec![], String::new()).await.unwrap().unwrap();
+        let t = r
+            .commit_with(p, vec![], String::new(), None)
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(t.kind, TransitionKind::WentRed as i32);
         assert!(t.project.is_empty());
         assert_eq!(

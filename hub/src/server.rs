@@ -77,16 +77,8 @@ pub struct Hub {
     pub addr: SocketAddr,
     /// What was written to hub.json.
     pub info: HubInfo,
-    /// The admin token (for in-process callers such as the demo).
-    pub admin_token: String,
-    /// The artifact store, for the pipeline (gc) and the admin API (list).
-    pub artifacts: Artifacts,
     info_path: PathBuf,
     dispatch: Dispatcher,
-    /// The trunk pipeline (for in-process callers such as the demo).
-    pub pipeline: Pipeline,
-    /// The notifier (for in-process callers such as the demo).
-    pub notifier: Notifier,
     web: Option<web::Web>,
     stop_pipeline: CancellationToken,
     store: Store,
@@ -322,12 +314,8 @@ impl Hub {
         Ok(Hub {
             addr,
             info,
-            admin_token,
-            artifacts,
             info_path,
             dispatch,
-            pipeline,
-            notifier,
             web: Some(web),
             stop_pipeline,
             store,

@@ -110,11 +110,6 @@ impl DataDir {
         }
     }
 
-    /// The reserve, bytes.
-    pub fn min_free(&self) -> u64 {
-        self.inner.min_free
-    }
-
     /// Whether new work of `size` bytes (0 when small) may be taken: refused
     /// when the reserve would be cut into or the dir is read-only. Logs when
     /// the answer changes.

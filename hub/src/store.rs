@@ -208,11 +208,6 @@ impl Store {
             reason: reason.to_string(),
         }
     }
-
-    /// Where the database lives.
-    pub fn path(&self) -> &Path {
-        &self.inner.path
-    }
 }
 
 /// Flushes on behalf of every waiter that arrived before the flush started.

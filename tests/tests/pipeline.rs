@@ -302,7 +302,7 @@ fn trunk_breaks_one_project_and_a_fix_turns_it_green() {
     // The grid, as a person sees it.
     let grid = hub.cli_ok(&["status"]);
     assert!(grid.contains("adder") && grid.contains("shouter"), "{grid}");
-    assert!(grid.contains(&format!("green {}", &c3[..7])), "{grid}");
+    assert!(grid.contains(&format!("green {}", &c3[..10])), "{grid}");
 }
 
 #[test]
@@ -757,7 +757,7 @@ fn went_red_and_fixed_are_mailed_once_per_subscriber_in_one_thread() {
             m.subject(),
             format!(
                 "[trunkfarm] shouter went red on linux-x86_64 with rt main {}",
-                &c2[..7]
+                &c2[..10]
             )
         );
         assert!(
@@ -790,7 +790,7 @@ fn went_red_and_fixed_are_mailed_once_per_subscriber_in_one_thread() {
             fixed.subject(),
             format!(
                 "[trunkfarm] shouter fixed on linux-x86_64 with rt main {}",
-                &c3[..7]
+                &c3[..10]
             )
         );
         let red = mails[..2].iter().find(|m| m.to() == fixed.to()).unwrap();
@@ -1040,7 +1040,7 @@ fn a_failed_runtime_build_is_mailed_to_the_upstreams_contacts() {
         mails[0].subject(),
         format!(
             "[trunkfarm] rt main build failed on linux-x86_64 at {}",
-            &c2[..7]
+            &c2[..10]
         )
     );
     assert!(

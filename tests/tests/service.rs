@@ -175,3 +175,42 @@ async fn incompatible_protocol_is_refused_with_upgrade_advice() {
     current.start(&[]);
     hub.wait_agents_connected(1);
 }
+
+/// `trunkfarm <listing> | head` must end quietly when the reader closes the
+/// pipe, not panic (exit 101) in `println!`.
+#[test]
+fn a_listing_piped_into_a_closed_reader_does_not_panic() {
+    let hub = Hub::start();
+    hub.cli_ok(&["token", "create"]);
+    for args in [
+        &["token", "list"][..],
+        &["job", "list"][..],
+        &["agent", "list"][..],
+        &["status"][..],
+    ] {
+        // A pipe whose reader is gone before the command writes a byte.
+        let mut fds = [0i32; 2];
+        // SAFETY: pipe(2) fills the two descriptors we pass.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        // SAFETY: closing the read end we own.
+        unsafe { libc::close(fds[0]) };
+        // SAFETY: the write end is ours; Stdio takes it over.
+        let stdout =
+            unsafe { <std::process::Stdio as std::os::fd::FromRawFd>::from_raw_fd(fds[1]) };
+        let out = std::process::Command::new(&trunkfarm_e2e::bins().hub)
+            .arg("--config")
+            .arg(&hub.config)
+            .args(args)
+            .stdout(stdout)
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !stderr.contains("panicked") && out.status.code() != Some(101),
+            "`trunkfarm {}` into a closed pipe: {:?}\n{stderr}",
+            args.join(" "),
+            out.status
+        );
+    }
+}

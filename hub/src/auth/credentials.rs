@@ -300,11 +300,6 @@ impl Credentials {
         Ok(rec)
     }
 
-    /// One agent's record.
-    pub fn agent(&self, id: &str) -> Result<Option<AgentRecord>, AuthError> {
-        self.get(&agent_key(id))
-    }
-
     /// Every enrolled agent.
     pub fn list_agents(&self) -> Result<Vec<AgentRecord>, AuthError> {
         self.scan(b"a/")

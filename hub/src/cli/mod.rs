@@ -3,10 +3,8 @@
 //! `transitions`, `upstream` and `artifact` show and drive the trunk
 //! pipeline; `demo` runs the embedded demo; `bench` measures the hub.
 
-mod bench;
-mod client;
-mod demo;
-pub(crate) use demo::find_agent_binary;
+pub(crate) mod client;
+
 mod jobs;
 mod notify;
 mod pipeline;
@@ -46,11 +44,11 @@ enum Command {
     /// Run the hub: serve agents and admin clients until SIGTERM or Ctrl-C.
     Serve,
     /// Run the embedded demo: a hub with two local agents, no config needed.
-    Demo(demo::DemoArgs),
+    Demo(crate::demo::DemoArgs),
     /// Measure the hub on this machine (throughput, latency, idle agents,
     /// artifact fan-out, recovery) with real processes and production
     /// durability; prints a table and one `BENCH {json}` line per figure.
-    Bench(bench::BenchArgs),
+    Bench(crate::bench::BenchArgs),
     /// Enrollment tokens: the one string a volunteer pastes to join.
     Token {
         #[command(subcommand)]
@@ -215,6 +213,12 @@ enum AgentCommand {
 pub fn main() -> ExitCode {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
+    if !matches!(
+        cli.command,
+        Command::Serve | Command::Demo(_) | Command::Bench(_)
+    ) {
+        restore_sigpipe();
+    }
     // The demo tells its own story on stdout; the hub's log would drown it.
     let level = match cli.command {
         Command::Serve => "info",
@@ -244,6 +248,19 @@ pub fn main() -> ExitCode {
     code
 }
 
+/// A listing piped into `head` ends quietly when the reader goes, as
+/// other Unix tools do, instead of panicking in `println!` (Rust ignores
+/// SIGPIPE by default). Only for the client commands: their sockets are
+/// written with MSG_NOSIGNAL by the standard library, so a closed
+/// connection still comes back as an error, not as the signal.
+fn restore_sigpipe() {
+    // SAFETY: signal(2) with the default disposition, before any thread
+    // but this one exists; no memory is involved.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn init_tracing(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
@@ -266,8 +283,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let cfg = load_config(cli.config.as_ref())?;
     match cli.command {
         Command::Serve => serve(cfg).await,
-        Command::Demo(args) => demo::run(args).await,
-        Command::Bench(args) => bench::run(args).await,
+        Command::Demo(args) => crate::demo::run(args).await,
+        Command::Bench(args) => crate::bench::run(args).await,
         Command::Token { command } => token(&cfg, command).await,
         Command::Agent { command } => agent(&cfg, command).await,
         Command::Job { command } => jobs::run(&cfg, command).await,
@@ -388,7 +405,7 @@ pub(crate) async fn shutdown_signal() {
 }
 
 /// Prints a gRPC error's message the way the hub phrased it.
-fn status_error(e: tonic::Status) -> anyhow::Error {
+pub(crate) fn status_error(e: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{}", e.message())
 }
 

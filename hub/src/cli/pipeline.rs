@@ -13,8 +13,8 @@ use trunkfarm_proto::v1::{
 };
 
 use super::{status_error, when};
+use crate::commit::short;
 use crate::config::HubConfig;
-use crate::pipeline::short;
 
 /// `trunkfarm upstream …`.
 #[derive(Subcommand)]
@@ -97,7 +97,7 @@ fn cell_text(c: &StatusCell) -> (String, &'static str) {
     if run.job_id == 0 {
         return (format!("-{pending}"), "90");
     }
-    let at = short(&run.upstream_commit).get(..7).unwrap_or("");
+    let at = short(&run.upstream_commit);
     match RunStatus::try_from(run.status).unwrap_or(RunStatus::Unspecified) {
         RunStatus::Green => (format!("green {at}{pending}"), "32"),
         RunStatus::Red => (format!("RED {at}{pending}"), "1;31"),

@@ -63,7 +63,6 @@ fn notify_status(e: NotifyError) -> Status {
     match e {
         NotifyError::Store(s) => store_status(s),
         NotifyError::Invalid(m) => Status::invalid_argument(m),
-        NotifyError::NotFound(m) => Status::not_found(m),
         NotifyError::Delivery(m) => Status::unavailable(m),
     }
 }
@@ -227,7 +226,7 @@ impl AdminService for AdminApi {
             .build(&req.upstream, req.rev.trim(), req.force)
             .await
             .map_err(pipeline_status)?;
-        tracing::info!(upstream = %req.upstream, "build of {} requested", crate::pipeline::short(&commit));
+        tracing::info!(upstream = %req.upstream, "build of {} requested", crate::commit::short(&commit));
         Ok(Response::new(BuildUpstreamResponse { commit, builds }))
     }
 
@@ -414,11 +413,12 @@ impl AdminService for AdminApi {
     ) -> Result<Response<RevokeAgentResponse>, Status> {
         self.check(&request)?;
         let id = request.into_inner().agent_id;
-        self.credentials
-            .revoke_agent(&id)
+        let requeued = crate::dispatch::revoke_agent(&self.credentials, &self.dispatch, &id)
             .await
-            .map_err(auth_status)?;
-        let requeued = self.dispatch.revoke(&id).await.map_err(dispatch_status)?;
+            .map_err(|e| match e {
+                crate::dispatch::RevokeError::Credential(e) => auth_status(e),
+                crate::dispatch::RevokeError::Session(e) => dispatch_status(e),
+            })?;
         tracing::info!(agent = %id, requeued = requeued.len(), "agent revoked");
         Ok(Response::new(RevokeAgentResponse { requeued }))
     }

@@ -53,9 +53,6 @@ pub enum NotifyError {
     /// Bad input from a person (the message says what to fix).
     #[error("{0}")]
     Invalid(String),
-    /// A subscription that does not exist.
-    #[error("{0}")]
-    NotFound(String),
     /// Delivery failed (test mail).
     #[error("{0}")]
     Delivery(String),

@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 
 use trunkfarm_proto::v1::{Transition, TransitionKind};
 
-use crate::pipeline::short;
+use crate::commit::short;
 use crate::web::escape;
 
 /// Everything a mail about one transition needs besides the transition.
@@ -33,10 +33,6 @@ pub struct Rendered {
     pub html: String,
 }
 
-fn short7(sha: &str) -> &str {
-    sha.get(..7).unwrap_or(sha)
-}
-
 /// The mail for a transition (went red, fixed, or a reminder of a red one).
 pub fn transition(t: &Transition, ctx: &Context<'_>) -> Rendered {
     let kind = TransitionKind::try_from(t.kind).unwrap_or(TransitionKind::Unspecified);
@@ -57,7 +53,7 @@ pub fn transition(t: &Transition, ctx: &Context<'_>) -> Rendered {
         format!(
             "[trunkfarm] {subject_of} {what} on {} at {}",
             t.platform,
-            short7(&t.upstream_commit)
+            short(&t.upstream_commit)
         )
     } else {
         format!(
@@ -65,7 +61,7 @@ pub fn transition(t: &Transition, ctx: &Context<'_>) -> Rendered {
             t.platform,
             t.upstream,
             ctx.branch,
-            short7(&t.upstream_commit)
+            short(&t.upstream_commit)
         )
     };
     let mut text = String::new();
@@ -292,7 +288,7 @@ mod tests {
         let m = transition(&went_red(), &ctx());
         assert_eq!(
             m.subject,
-            "[trunkfarm] attrs went red on linux-x86_64 with cpython main 3f2a9c1"
+            "[trunkfarm] attrs went red on linux-x86_64 with cpython main 3f2a9c1e2b"
         );
         for needle in [
             "gh-1: speed up <dict> (Ada <ada@example.org>)",
@@ -334,7 +330,7 @@ mod tests {
         let m = transition(&b, &ctx());
         assert_eq!(
             m.subject,
-            "[trunkfarm] cpython main build failed on linux-x86_64 at 3f2a9c1"
+            "[trunkfarm] cpython main build failed on linux-x86_64 at 3f2a9c1e2b"
         );
         let d = digest("cpython", &[went_red()], "https://x", "https://x/u");
         assert!(d.subject.contains("1 project(s) went red"));

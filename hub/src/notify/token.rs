@@ -126,6 +126,7 @@ impl UnsubscribeKey {
     }
 
     /// A key from known bytes (tests).
+    #[cfg(test)]
     pub fn from_bytes(bytes: [u8; 32]) -> UnsubscribeKey {
         UnsubscribeKey { bytes }
     }

@@ -20,7 +20,6 @@
 //! branch heads last seen by polling.
 
 pub mod git;
-pub mod key;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -34,14 +33,15 @@ use trunkfarm_proto::v1::{
 };
 
 use crate::artifacts::Artifacts;
+use crate::commit::short;
 use crate::config::{HubConfig, ProjectConfig, UpstreamConfig};
 use crate::dispatch::{DispatchError, Dispatcher, JobRecord};
+use crate::job_key::JobKey;
 use crate::junit;
 use crate::notify::Notifier;
 use crate::results::{Results, RunRecord, run_status};
 use crate::store::{Store, StoreError, now_ms};
 pub use git::{Git, GitError};
-pub use key::JobKey;
 
 /// The tree this module owns.
 pub const TREE: &str = "pipeline";
@@ -943,11 +943,6 @@ impl Pipeline {
                     || t.kind == TransitionKind::Fixed as i32)
         })?)
     }
-
-    /// The results store (for the notifier and the admin API).
-    pub fn results(&self) -> &Results {
-        &self.inner.results
-    }
 }
 
 /// The job that builds `commit` of `u` on `platform`.
@@ -1008,9 +1003,4 @@ fn test_spec(
         upload_prefix: String::new(),
         report_paths: p.junit.clone(),
     }
-}
-
-/// The first 10 characters of a commit hash, as people write them.
-pub fn short(commit: &str) -> &str {
-    commit.get(..10).unwrap_or(commit)
 }

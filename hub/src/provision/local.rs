@@ -2,8 +2,10 @@
 //! the hub's own machine (the embedded default), `command` runs the
 //! operator's start/stop scripts.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
+
+use tokio::process::Child;
 
 use super::{Instance, Provisioner, StartSpec};
 
@@ -21,7 +23,7 @@ impl Local {
     pub fn new(dir: PathBuf, agent: Option<PathBuf>) -> anyhow::Result<Local> {
         let agent = match agent {
             Some(a) => a,
-            None => crate::cli::find_agent_binary()?,
+            None => find_agent_binary()?,
         };
         std::fs::create_dir_all(&dir)?;
         Ok(Local { dir, agent })
@@ -247,4 +249,68 @@ impl Provisioner for Command {
     async fn list(&self, _pool: &str) -> Option<Vec<String>> {
         None
     }
+}
+
+/// `trunkfarm-agent` beside this binary, or on PATH.
+pub(crate) fn find_agent_binary() -> anyhow::Result<PathBuf> {
+    let beside = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|d| d.join("trunkfarm-agent")));
+    if let Some(p) = beside.filter(|p| p.is_file()) {
+        return Ok(p);
+    }
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|paths| std::env::split_paths(&paths).collect::<Vec<_>>())
+        .map(|d| d.join("trunkfarm-agent"))
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "cannot find the trunkfarm-agent binary beside trunkfarm or on PATH: build both with `cargo build --release`"
+            )
+        })
+}
+
+/// Enrolls agent `n` as `<prefix>-agent-<n>` with its state in
+/// `<dir>/agent-<n>` (log beside it) and starts it running `parallel` jobs
+/// at once; the agent is killed when the returned child is dropped.
+pub(crate) async fn start_agent(
+    bin: &Path,
+    dir: &Path,
+    prefix: &str,
+    n: usize,
+    enrollment: &str,
+    parallel: u32,
+) -> anyhow::Result<Child> {
+    let state = dir.join(format!("agent-{n}"));
+    let log_path = dir.join(format!("agent-{n}.log"));
+    let log = std::fs::File::create(&log_path)?;
+    let status = tokio::process::Command::new(bin)
+        .arg("enroll")
+        .arg(enrollment)
+        .args(["--name", &format!("{prefix}-agent-{n}"), "--state-dir"])
+        .arg(&state)
+        .stdout(Stdio::null())
+        .stderr(log.try_clone()?)
+        .status()
+        .await?;
+    if !status.success() {
+        anyhow::bail!(
+            "{prefix} agent {n} could not enroll: see {}",
+            log_path.display()
+        );
+    }
+    Ok(tokio::process::Command::new(bin)
+        .args([
+            "run",
+            "--max-parallel-jobs",
+            &parallel.to_string(),
+            "--state-dir",
+        ])
+        .arg(&state)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()?)
 }

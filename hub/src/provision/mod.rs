@@ -542,7 +542,9 @@ impl Pools {
                 inst.state = InstanceState::Failed;
                 inst.detail = format!("start failed: {why}");
                 self.put(&Self::key(&cfg.name, &id), &inst)?;
-                let _ = s.credentials.revoke_token(&token.id).await;
+                if let Err(e) = s.credentials.revoke_token(&token.id).await {
+                    tracing::error!(pool = %cfg.name, instance = %id, "cannot revoke the failed instance's enrollment token (it expires by itself): {e}");
+                }
                 self.note_failure(cfg, &inst.detail)?;
                 s.store.commit().await?;
                 Ok(false)
@@ -604,8 +606,11 @@ impl Pools {
         }
         if !inst.agent_id.is_empty() {
             // It will not come back: its credential goes too.
-            let _ = s.dispatch.revoke(&inst.agent_id).await;
-            let _ = s.credentials.revoke_agent(&inst.agent_id).await;
+            if let Err(e) =
+                crate::dispatch::revoke_agent(&s.credentials, &s.dispatch, &inst.agent_id).await
+            {
+                tracing::error!(pool = %cfg.name, instance = %inst.id, agent = %inst.agent_id, "cannot revoke the stopped instance's agent: {e}");
+            }
         }
         tracing::info!(pool = %cfg.name, instance = %inst.id, "instance stopped: {why}");
         inst.state = end;

@@ -2,7 +2,7 @@
 //! with their results, ten thousand queued) until it hands out work again.
 //!
 //! The history is written straight into the stopped hub's database with
-//! the dispatcher's own record layout ([`Dispatcher::import`]), then the
+//! the dispatcher's own record layout ([`dispatch::stage`]), then the
 //! hub is started and an agent that was enrolled before the stop dials it
 //! until it is in and has its first assignment.
 
@@ -16,8 +16,29 @@ use super::farm::BenchHub;
 use super::idle::open_session;
 use super::{BenchArgs, Figure, Target};
 use crate::config::HubConfig;
-use crate::dispatch::{AttemptRecord, Dispatcher, JobRecord, JobState};
-use crate::store::{Store, now_ms};
+use crate::dispatch::{self, AttemptRecord, JobRecord, JobState};
+use crate::store::{Store, now_ms, trees};
+
+/// Writes job records as they are, in batches, into a database no hub
+/// serves, and flushes. Returns how many it wrote.
+fn import(store: &Store, records: impl IntoIterator<Item = JobRecord>) -> anyhow::Result<u64> {
+    const BATCH: usize = 10_000;
+    let tree = store.tree(trees::JOBS)?;
+    let mut batch = sled::Batch::default();
+    let (mut staged, mut written) = (0usize, 0u64);
+    for rec in records {
+        dispatch::stage(&rec, &mut batch)?;
+        staged += 1;
+        written += 1;
+        if staged == BATCH {
+            tree.apply_batch(std::mem::take(&mut batch))?;
+            staged = 0;
+        }
+    }
+    tree.apply_batch(batch)?;
+    store.flush_now()?;
+    Ok(written)
+}
 
 /// How long the restarted hub may take before the benchmark gives up.
 const RESTART_TIMEOUT: Duration = Duration::from_secs(300);
@@ -102,11 +123,11 @@ async fn seed(db_dir: &Path, results: u64, queued: u64) -> anyhow::Result<()> {
             None
         }
     });
-    Dispatcher::import(&store, finished)?;
+    import(&store, finished)?;
     let open: Vec<JobRecord> = (0..queued)
         .map(|_| record(&store, false))
         .collect::<anyhow::Result<_>>()?;
-    Dispatcher::import(&store, open)?;
+    import(&store, open)?;
     if let Some(e) = error {
         return Err(e);
     }

@@ -33,7 +33,7 @@ const AGENTS_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Creates the benchmark's directory (wiping an earlier benchmark's).
 pub fn prepare_dir(dir: &Path) -> anyhow::Result<PathBuf> {
-    crate::cli::demo::prepare_dir(dir, MARKER)
+    crate::demo::prepare_dir(dir, MARKER)
 }
 
 /// A hub process.
@@ -237,13 +237,20 @@ impl BenchHub {
     /// Starts `n` enrolled `trunkfarm-agent` processes running `parallel`
     /// jobs each, and waits until they are connected.
     pub async fn start_agents(&self, n: usize, parallel: u32) -> anyhow::Result<Vec<Child>> {
-        let bin = crate::cli::find_agent_binary()?;
+        let bin = crate::provision::local::find_agent_binary()?;
         let enrollment = self.enrollment(n as u32).await?;
         let mut children = Vec::new();
         for i in 1..=n {
             children.push(
-                crate::cli::demo::start_agent(&bin, &self.dir, "bench", i, &enrollment, parallel)
-                    .await?,
+                crate::provision::local::start_agent(
+                    &bin,
+                    &self.dir,
+                    "bench",
+                    i,
+                    &enrollment,
+                    parallel,
+                )
+                .await?,
             );
         }
         self.wait_connected(n).await?;

@@ -11,7 +11,7 @@ use serde::Deserialize;
 /// Embeds files under `config/demo/` by their relative path.
 macro_rules! embed {
     ($($path:literal),* $(,)?) => {
-        &[$(($path, include_str!(concat!("../../../../config/demo/", $path)))),*]
+        &[$(($path, include_str!(concat!("../../../config/demo/", $path)))),*]
     };
 }
 
@@ -45,7 +45,7 @@ pub const FILES: &[(&str, &str)] = embed!(
 );
 
 /// `config/demo/story.toml`.
-pub const STORY_TOML: &str = include_str!("../../../../config/demo/story.toml");
+pub const STORY_TOML: &str = include_str!("../../../config/demo/story.toml");
 
 /// The scripted story.
 #[derive(Debug, Deserialize)]

@@ -23,9 +23,10 @@ use trunkfarm_proto::v1::{
     RunStatus, Transition, TransitionKind,
 };
 
-use super::client::{self, AdminClient};
+use crate::cli::client::{self, AdminClient};
+use crate::commit::short;
 use crate::config::HubConfig;
-use crate::pipeline::short;
+use crate::provision::local::{find_agent_binary, start_agent};
 use crate::server::Hub;
 use story::Story;
 
@@ -114,7 +115,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
             ..Default::default()
         })
         .await
-        .map_err(super::status_error)?
+        .map_err(crate::cli::status_error)?
         .into_inner()
         .enrollment;
     let mut agents = Vec::new();
@@ -137,7 +138,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         );
         println!("  trunkfarm {config_arg} breakage --upstream {UPSTREAM}");
         println!("demo: press Ctrl-C to stop");
-        super::shutdown_signal().await;
+        crate::cli::shutdown_signal().await;
         Ok(true)
     };
     let counts = if outcome.is_ok() {
@@ -260,7 +261,7 @@ async fn status(admin: &mut AdminClient) -> anyhow::Result<GetStatusResponse> {
     Ok(admin
         .get_status(GetStatusRequest::default())
         .await
-        .map_err(super::status_error)?
+        .map_err(crate::cli::status_error)?
         .into_inner())
 }
 
@@ -322,7 +323,7 @@ async fn transitions_at(admin: &mut AdminClient, commit: &str) -> anyhow::Result
             ..Default::default()
         })
         .await
-        .map_err(super::status_error)?
+        .map_err(crate::cli::status_error)?
         .into_inner()
         .transitions
         .into_iter()
@@ -456,7 +457,7 @@ async fn summary(admin: &mut AdminClient) -> anyhow::Result<String> {
             limit: 100_000,
         })
         .await
-        .map_err(super::status_error)?
+        .map_err(crate::cli::status_error)?
         .into_inner()
         .jobs;
     let builds = jobs.iter().filter(|j| j.key.starts_with("build/")).count();
@@ -467,7 +468,7 @@ async fn summary(admin: &mut AdminClient) -> anyhow::Result<String> {
             ..Default::default()
         })
         .await
-        .map_err(super::status_error)?
+        .map_err(crate::cli::status_error)?
         .into_inner()
         .transitions;
     let runs: Vec<_> = all.iter().filter(|t| !t.project.is_empty()).collect();
@@ -488,7 +489,7 @@ async fn summary(admin: &mut AdminClient) -> anyhow::Result<String> {
                 ..Default::default()
             })
             .await
-            .map_err(super::status_error)?
+            .map_err(crate::cli::status_error)?
             .into_inner()
             .mails;
         let pending = list.iter().any(|m| m.state == MailState::Pending as i32);
@@ -527,70 +528,6 @@ pub(crate) fn prepare_dir(dir: &Path, marker: &str) -> anyhow::Result<PathBuf> {
     Ok(std::fs::canonicalize(dir)?)
 }
 
-/// `trunkfarm-agent` beside this binary, or on PATH.
-pub(crate) fn find_agent_binary() -> anyhow::Result<PathBuf> {
-    let beside = std::env::current_exe()
-        .ok()
-        .and_then(|exe| exe.parent().map(|d| d.join("trunkfarm-agent")));
-    if let Some(p) = beside.filter(|p| p.is_file()) {
-        return Ok(p);
-    }
-    std::env::var_os("PATH")
-        .into_iter()
-        .flat_map(|paths| std::env::split_paths(&paths).collect::<Vec<_>>())
-        .map(|d| d.join("trunkfarm-agent"))
-        .find(|p| p.is_file())
-        .ok_or_else(|| {
-            anyhow::anyhow!(
-                "cannot find the trunkfarm-agent binary beside trunkfarm or on PATH: build both with `cargo build --release`"
-            )
-        })
-}
-
-/// Enrolls agent `n` as `<prefix>-agent-<n>` with its state in
-/// `<dir>/agent-<n>` (log beside it) and starts it running `parallel` jobs
-/// at once; the agent is killed when the returned child is dropped.
-pub(crate) async fn start_agent(
-    bin: &Path,
-    dir: &Path,
-    prefix: &str,
-    n: usize,
-    enrollment: &str,
-    parallel: u32,
-) -> anyhow::Result<Child> {
-    let state = dir.join(format!("agent-{n}"));
-    let log_path = dir.join(format!("agent-{n}.log"));
-    let log = std::fs::File::create(&log_path)?;
-    let status = Command::new(bin)
-        .arg("enroll")
-        .arg(enrollment)
-        .args(["--name", &format!("{prefix}-agent-{n}"), "--state-dir"])
-        .arg(&state)
-        .stdout(Stdio::null())
-        .stderr(log.try_clone()?)
-        .status()
-        .await?;
-    if !status.success() {
-        anyhow::bail!(
-            "{prefix} agent {n} could not enroll: see {}",
-            log_path.display()
-        );
-    }
-    Ok(Command::new(bin)
-        .args([
-            "run",
-            "--max-parallel-jobs",
-            &parallel.to_string(),
-            "--state-dir",
-        ])
-        .arg(&state)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .kill_on_drop(true)
-        .spawn()?)
-}
-
 async fn stop_agent(agent: &mut Child) {
     if let Some(pid) = agent.id() {
         // SAFETY: kill(2) with a pid we spawned; no memory is involved.
@@ -611,7 +548,7 @@ async fn wait_for_agents(admin: &mut client::AdminClient, n: usize) -> anyhow::R
         let agents = admin
             .list_agents(ListAgentsRequest {})
             .await
-            .map_err(super::status_error)?
+            .map_err(crate::cli::status_error)?
             .into_inner()
             .agents;
         if agents.iter().filter(|a| a.connected).count() >= n {
