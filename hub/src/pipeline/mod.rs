@@ -558,7 +558,10 @@ impl Pipeline {
         let Some(key) = JobKey::parse(&rec.key) else {
             return Ok(());
         };
-        let _w = self.inner.write.lock().await;
+        // Held while reading and writing results, but not across git (a
+        // slow fetch of the culprit range must not stall the pollers): only
+        // this task records, so the series cannot change in between.
+        let write = self.inner.write.lock().await;
         if self.inner.results.recorded(rec.id)? {
             return Ok(());
         }
@@ -634,7 +637,9 @@ impl Pipeline {
                     state.as_str_name().trim_start_matches("BUILD_STATE_").to_lowercase()
                 );
                 let prepared = self.inner.results.prepare_build(build)?;
+                drop(write);
                 let (culprits, error) = self.culprits(u.as_ref(), prepared.culprit_range()).await;
+                let _write = self.inner.write.lock().await;
                 let t = self
                     .inner
                     .results
@@ -702,7 +707,9 @@ impl Pipeline {
                 };
                 let prepared = self.inner.results.prepare_run(run, head_seq)?;
                 let u = self.upstream(&upstream).ok().cloned();
+                drop(write);
                 let (culprits, error) = self.culprits(u.as_ref(), prepared.culprit_range()).await;
+                let _write = self.inner.write.lock().await;
                 let t = self
                     .inner
                     .results
