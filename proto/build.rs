@@ -1,6 +1,8 @@
 //! Compiles `proto/trunkfarm/v1/*.proto` with the pure-Rust `protox` compiler
 //! (no system `protoc`), writes the descriptor set for gRPC reflection, and
-//! generates tonic clients and servers.
+//! generates tonic clients and servers. The servers are generated always but
+//! compiled only with the crate's `server` feature (the hub's), so the agent
+//! builds without tonic's server stack.
 
 use std::path::PathBuf;
 
@@ -35,6 +37,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut config = tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)
+        .server_mod_attribute(".", "#[cfg(feature = \"server\")]")
         // Small per-stream buffers: an idle agent session costs the hub little.
         .codec_path("crate::codec::LeanCodec");
     // The hub persists these as JSON in its store; `default` lets records

@@ -1,6 +1,7 @@
 //! The contract between the trunkfarm hub, its agents and its admin clients.
 //!
-//! * [`v1`]: the generated gRPC types and services (`trunkfarm.v1`).
+//! * [`v1`]: the generated gRPC types and clients (`trunkfarm.v1`); the
+//!   servers (`*_server`) only with the `server` feature (the hub's).
 //! * [`enrollment`]: the one string a volunteer pastes to enroll a machine.
 //! * [`codec`]: prost with small per-stream buffers (idle sessions are cheap).
 //! * [`dial`]: connecting to a hub over TLS pinned to its CA fingerprint.
