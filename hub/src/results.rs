@@ -36,7 +36,7 @@ use trunkfarm_proto::v1::{
 use crate::store::{Store, StoreError, now_ms};
 
 /// The tree this module owns.
-pub const TREE: &str = "results";
+const TREE: &str = crate::store::trees::RESULTS;
 
 /// A run as stored: what the status grid shows plus every test case.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]

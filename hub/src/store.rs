@@ -13,6 +13,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 use tokio::sync::{mpsc, oneshot};
 
 /// The on-disk schema this build writes. Bumped on an incompatible change,
@@ -70,18 +72,229 @@ struct Inner {
     failed: Arc<AtomicBool>,
 }
 
-/// Names of the trees, one per owning module.
+/// Every tree of the database, with its key layout. One module owns each
+/// tree (named below) and is the only one that reads or writes it, through a
+/// [`Table`]; the layouts are listed here so that one page shows the whole
+/// database. `<id>` is [`id_key`]'s 20-digit decimal (sorts like the number),
+/// `<id8>` an 8-byte big-endian id.
 pub mod trees {
-    /// Jobs: `j<id>` → job record, `o<id>` → marker for every unfinished job.
+    /// `dispatch`: `j<id8>` → job record, `o<id8>` → marker of every
+    /// unfinished job, `k<pipeline key>` → id8 of the keyed job,
+    /// `f<id8>` → marker of a finished keyed job the pipeline has not taken
+    /// in yet (the inbox).
     pub const JOBS: &str = "jobs";
-    /// Job logs: (job id, attempt, seq) → stream byte + data.
+    /// `logs`: (job id8, attempt u32, seq u64) → stream byte + data.
     pub const LOGS: &str = "logs";
-    /// Enrollment tokens and agent credentials.
+    /// `auth::credentials`: `t/<token id>` → enrollment token,
+    /// `a/<agent id>` → agent credential.
     pub const AUTH: &str = "auth";
-    /// Schema version and other hub-wide facts.
+    /// `store`: `schema_version` → u32 big-endian.
     pub const META: &str = "meta";
-    /// Runtime artifacts: `<sha256 hex>` → artifact record (the files live in `<data_dir>/artifacts`).
+    /// `artifacts`: `<sha256 hex>` → artifact record (the files live in
+    /// `<data_dir>/artifacts`).
     pub const ARTIFACTS: &str = "artifacts";
+    /// `pipeline`: `h/u/<upstream>` and `h/p/<project>` → branch head last
+    /// seen by polling.
+    pub const PIPELINE: &str = "pipeline";
+    /// `results`: `b/<upstream>/<platform>/<commit>` → build,
+    /// `bl/<upstream>/<platform>` → newest build, `bg/…` → newest passed
+    /// build, `r/<project>/<upstream>/<platform>/<job id>` → run,
+    /// `rl/<project>/<upstream>/<platform>` → newest run (summary),
+    /// `s/<project>/<upstream>/<platform>` → series state, `t/<id>` →
+    /// transition, `p/<job id>` → marker: this finished job is recorded.
+    pub const RESULTS: &str = "results";
+    /// `notify`: `s/<project>/<email>` and `d/<upstream>/<email>` →
+    /// subscription, `x/<project>/<email>` → a config maintainer who
+    /// unsubscribed, `m/<id>` → mail, `q/<id>` → marker: mail pending,
+    /// `e/<event>/<email>` → mail id, `r/<went-red id>` → reminders sent,
+    /// `g/<upstream>/<email>` → last digest period.
+    pub const NOTIFY: &str = "notify";
+    /// `provision`: `i/<pool>/<instance>` → instance, `b/<pool>` → the
+    /// pool's launch backoff.
+    pub const PROVISION: &str = "provision";
+}
+
+#[allow(dead_code)]
+/// A record id as a key part: 20 decimal digits, so keys sort like ids.
+pub fn id_key(id: u64) -> String {
+    format!("{id:020}")
+}
+
+/// One tree, read and written as JSON records: the typed layer every owning
+/// module uses instead of raw sled calls. Reads that fail to decode become
+/// [`StoreError::Corrupt`] naming the tree and key; writes are not durable
+/// until [`Store::commit`] returns.
+#[derive(Clone)]
+pub struct Table {
+    store: Store,
+    tree: sled::Tree,
+    name: &'static str,
+}
+
+// Temporary while the owning modules move onto the table (issue 11); removed
+// once every tree is reached through it.
+#[allow(dead_code)]
+impl Table {
+    /// Opens the tree `name` (one of [`trees`]).
+    pub fn open(store: &Store, name: &'static str) -> Result<Table, StoreError> {
+        Ok(Table {
+            store: store.clone(),
+            tree: store.tree(name)?,
+            name,
+        })
+    }
+
+    /// The store this table lives in (for [`Store::commit`]).
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The record at `key`, if any.
+    pub fn get<T: DeserializeOwned>(&self, key: impl AsRef<[u8]>) -> Result<Option<T>, StoreError> {
+        let key = key.as_ref();
+        match self.tree.get(key).map_err(|e| self.store.err(e))? {
+            None => Ok(None),
+            Some(raw) => self.decode(key, &raw).map(Some),
+        }
+    }
+
+    /// The raw bytes at `key` (markers, binary values).
+    pub fn get_raw(&self, key: impl AsRef<[u8]>) -> Result<Option<sled::IVec>, StoreError> {
+        self.tree.get(key).map_err(|e| self.store.err(e))
+    }
+
+    /// Whether `key` is present.
+    pub fn contains(&self, key: impl AsRef<[u8]>) -> Result<bool, StoreError> {
+        self.tree.contains_key(key).map_err(|e| self.store.err(e))
+    }
+
+    /// Writes `value` at `key` (durable after the next commit).
+    pub fn put<T: Serialize>(&self, key: impl AsRef<[u8]>, value: &T) -> Result<(), StoreError> {
+        let bytes = self.encode(value)?;
+        self.tree
+            .insert(key.as_ref(), bytes)
+            .map(|_| ())
+            .map_err(|e| self.store.err(e))
+    }
+
+    /// Writes raw bytes at `key` (markers, binary values).
+    pub fn put_raw(
+        &self,
+        key: impl AsRef<[u8]>,
+        value: impl Into<sled::IVec>,
+    ) -> Result<(), StoreError> {
+        self.tree
+            .insert(key.as_ref(), value.into())
+            .map(|_| ())
+            .map_err(|e| self.store.err(e))
+    }
+
+    /// Removes `key`.
+    pub fn remove(&self, key: impl AsRef<[u8]>) -> Result<(), StoreError> {
+        self.tree
+            .remove(key)
+            .map(|_| ())
+            .map_err(|e| self.store.err(e))
+    }
+
+    /// Adds "write `value` at `key`" to `batch`.
+    pub fn stage<T: Serialize>(
+        &self,
+        batch: &mut sled::Batch,
+        key: impl AsRef<[u8]>,
+        value: &T,
+    ) -> Result<(), StoreError> {
+        batch.insert(key.as_ref(), self.encode(value)?);
+        Ok(())
+    }
+
+    /// Applies `batch` atomically (durable after the next commit).
+    pub fn apply(&self, batch: sled::Batch) -> Result<(), StoreError> {
+        self.tree.apply_batch(batch).map_err(|e| self.store.err(e))
+    }
+
+    /// Applies `mine` to this table and `theirs` to `other` in one atomic
+    /// step (a result and the mails it causes land together or not at all).
+    pub fn apply_with(
+        &self,
+        mine: sled::Batch,
+        other: &Table,
+        theirs: sled::Batch,
+    ) -> Result<(), StoreError> {
+        use sled::Transactional;
+        (&self.tree, &other.tree)
+            .transaction(|(a, b)| {
+                a.apply_batch(&mine)?;
+                b.apply_batch(&theirs)?;
+                Ok::<(), sled::transaction::ConflictableTransactionError<()>>(())
+            })
+            .map_err(|e| match e {
+                sled::transaction::TransactionError::Storage(e) => self.store.err(e),
+                sled::transaction::TransactionError::Abort(()) => {
+                    self.corrupt("(transaction)", "aborted")
+                }
+            })
+    }
+
+    /// The records under `prefix` in key order (`.rev()` for newest first),
+    /// each with its key.
+    pub fn scan<T: DeserializeOwned>(
+        &self,
+        prefix: impl AsRef<[u8]>,
+    ) -> impl DoubleEndedIterator<Item = Result<(sled::IVec, T), StoreError>> + '_ {
+        self.tree.scan_prefix(prefix).map(move |item| {
+            let (k, v) = item.map_err(|e| self.store.err(e))?;
+            let value = self.decode(&k, &v)?;
+            Ok((k, value))
+        })
+    }
+
+    /// The keys under `prefix` in key order.
+    pub fn keys(
+        &self,
+        prefix: impl AsRef<[u8]>,
+    ) -> impl DoubleEndedIterator<Item = Result<sled::IVec, StoreError>> + '_ {
+        self.tree
+            .scan_prefix(prefix)
+            .keys()
+            .map(move |k| k.map_err(|e| self.store.err(e)))
+    }
+
+    /// The raw entries under `prefix` in key order.
+    pub fn scan_raw(
+        &self,
+        prefix: impl AsRef<[u8]>,
+    ) -> impl DoubleEndedIterator<Item = Result<(sled::IVec, sled::IVec), StoreError>> + '_ {
+        self.tree
+            .scan_prefix(prefix)
+            .map(move |item| item.map_err(|e| self.store.err(e)))
+    }
+
+    /// The number of entries in the tree.
+    pub fn len(&self) -> usize {
+        self.tree.len()
+    }
+
+    /// The sled tree itself, for the few operations the table does not
+    /// wrap (a transaction over several keys of this tree).
+    pub fn sled(&self) -> &sled::Tree {
+        &self.tree
+    }
+
+    /// The JSON encoding of `value`.
+    pub fn encode<T: Serialize>(&self, value: &T) -> Result<Vec<u8>, StoreError> {
+        serde_json::to_vec(value).map_err(|e| self.corrupt("(encoding)", e))
+    }
+
+    /// Decodes the record stored at `key`.
+    pub fn decode<T: DeserializeOwned>(&self, key: &[u8], raw: &[u8]) -> Result<T, StoreError> {
+        serde_json::from_slice(raw).map_err(|e| self.corrupt(String::from_utf8_lossy(key), e))
+    }
+
+    /// A "record unreadable" error for `key` of this tree.
+    pub fn corrupt(&self, key: impl std::fmt::Display, reason: impl ToString) -> StoreError {
+        self.store.corrupt(format!("{}/{key}", self.name), reason)
+    }
 }
 
 impl Store {
@@ -352,5 +565,61 @@ pub(crate) mod tests {
             h.await.unwrap();
         }
         assert_eq!(t.len(), 200);
+    }
+
+    #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+    struct Rec {
+        n: u32,
+    }
+
+    #[tokio::test]
+    async fn a_table_reads_writes_scans_and_stages_typed_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let t = Table::open(&store, trees::RESULTS).unwrap();
+        assert_eq!(t.get::<Rec>("a/1").unwrap(), None);
+        t.put("a/1", &Rec { n: 1 }).unwrap();
+        let mut batch = sled::Batch::default();
+        t.stage(&mut batch, "a/2", &Rec { n: 2 }).unwrap();
+        t.stage(&mut batch, "b/1", &Rec { n: 3 }).unwrap();
+        assert!(
+            !t.contains("a/2").unwrap(),
+            "a staged write waits for apply"
+        );
+        t.apply(batch).unwrap();
+        store.commit().await.unwrap();
+        let newest_first: Vec<u32> = t.scan::<Rec>("a/").rev().map(|r| r.unwrap().1.n).collect();
+        assert_eq!(newest_first, [2, 1]);
+        assert_eq!(t.keys("b/").count(), 1);
+        t.remove("a/1").unwrap();
+        assert!(!t.contains("a/1").unwrap());
+        assert_eq!(id_key(42), "00000000000000000042");
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_record_names_its_tree_and_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let t = Table::open(&store, trees::NOTIFY).unwrap();
+        t.put_raw("m/7", &b"{not json"[..]).unwrap();
+        let err = t.get::<Rec>("m/7").unwrap_err().to_string();
+        assert!(err.contains("record notify/m/7 is unreadable"), "{err}");
+        let err = t.scan::<Rec>("m/").next().unwrap().unwrap_err().to_string();
+        assert!(err.contains("notify/m/7"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn two_tables_change_together_or_not_at_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let results = Table::open(&store, trees::RESULTS).unwrap();
+        let notify = Table::open(&store, trees::NOTIFY).unwrap();
+        let mut mine = sled::Batch::default();
+        results.stage(&mut mine, "t/1", &Rec { n: 1 }).unwrap();
+        let mut theirs = sled::Batch::default();
+        notify.stage(&mut theirs, "m/1", &Rec { n: 2 }).unwrap();
+        results.apply_with(mine, &notify, theirs).unwrap();
+        assert_eq!(results.get::<Rec>("t/1").unwrap(), Some(Rec { n: 1 }));
+        assert_eq!(notify.get::<Rec>("m/1").unwrap(), Some(Rec { n: 2 }));
     }
 }

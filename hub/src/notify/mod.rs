@@ -36,7 +36,7 @@ use deliver::{Failure, Transport};
 use token::{Unsub, UnsubscribeKey};
 
 /// The tree this module owns.
-pub const TREE: &str = "notify";
+const TREE: &str = crate::store::trees::NOTIFY;
 
 /// How often reminders and digests are looked at.
 const TICK: Duration = Duration::from_secs(30);

@@ -44,7 +44,7 @@ use crate::store::{Store, StoreError, now_ms};
 pub use git::{Git, GitError};
 
 /// The tree this module owns.
-pub const TREE: &str = "pipeline";
+const TREE: &str = crate::store::trees::PIPELINE;
 
 /// The directory (relative to the job's directory) a build installs into.
 pub const BUILD_PREFIX_DIR: &str = "prefix";

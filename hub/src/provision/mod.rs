@@ -33,7 +33,7 @@ use crate::dispatch::Dispatcher;
 use crate::store::{Store, StoreError, now_ms};
 
 /// The tree this module owns.
-pub const TREE: &str = "provision";
+const TREE: &str = crate::store::trees::PROVISION;
 
 /// How often pools are reconciled.
 const TICK: Duration = Duration::from_millis(500);
