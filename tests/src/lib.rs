@@ -549,12 +549,19 @@ impl Hub {
 
     /// Starts a hub with `extra_toml` appended to its config and `env` set.
     pub fn start_with(extra_toml: &str, env: &[(&str, &str)]) -> Hub {
-        let bins = bins();
+        Hub::start_on(|_| {}, extra_toml, env)
+    }
+
+    /// Like [`Hub::start_with`], but `prepare` fills the (empty) data dir
+    /// first: a hub that opens a database written elsewhere.
+    pub fn start_on(prepare: impl FnOnce(&Path), extra_toml: &str, env: &[(&str, &str)]) -> Hub {
+        bins();
         let dir = temp_dir("trunkfarm-e2e-hub-");
         let config = dir.path().join("hub.toml");
         let data_dir = dir.path().join("data");
+        fs::create_dir_all(&data_dir).unwrap();
+        prepare(&data_dir);
         fs::write(&config, hub_toml("127.0.0.1:0", &data_dir, extra_toml)).unwrap();
-        let _ = bins;
         let mut hub = Hub {
             dir,
             config,
