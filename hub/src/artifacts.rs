@@ -1063,7 +1063,15 @@ mod tests {
     }
 
     fn open(dir: &Path) -> (Store, Artifacts) {
-        let store = Store::open(&dir.join("db")).unwrap();
+        with_store(dir, Store::open(&dir.join("db")).unwrap())
+    }
+
+    /// [`open`] again once the previous store let go of the database.
+    async fn reopen(dir: &Path) -> (Store, Artifacts) {
+        with_store(dir, crate::store::tests::reopen(&dir.join("db")).await)
+    }
+
+    fn with_store(dir: &Path, store: Store) -> (Store, Artifacts) {
         let a = Artifacts::open(
             &store,
             dir.join("artifacts"),
@@ -1235,15 +1243,37 @@ mod tests {
             let (_store, a) = open(dir.path());
             store_one(&a, b"runtime", "lua", "p").await
         };
-        let store = crate::store::tests::reopen(&dir.path().join("db")).await;
-        let a = Artifacts::open(
-            &store,
-            dir.path().join("artifacts"),
-            MAX_BYTES,
-            DataDir::new(dir.path(), 0),
-        )
-        .unwrap();
+        let (_store, a) = reopen(dir.path()).await;
         assert_eq!(a.get(&sha).unwrap().unwrap().size, 7);
+    }
+
+    #[tokio::test]
+    async fn records_keep_the_previous_releases_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let sha = sha_of(b"old runtime");
+        let old = format!(
+            r#"{{"sha256":"{sha}","size":11,"upstream":"lua","commit":"c0ffee","platform":"p","build_job_id":4,"stored_at_ms":1750000000000}}"#
+        );
+        {
+            let (store, a) = open(dir.path());
+            std::fs::write(a.path_of(&sha), b"old runtime").unwrap();
+            let table = Table::open(&store, trees::ARTIFACTS).unwrap();
+            table.put_raw(&sha, old.as_bytes()).unwrap();
+            store.commit().await.unwrap();
+        }
+        let (store, a) = reopen(dir.path()).await;
+        let rec = a.get(&sha).unwrap().expect("read as before");
+        assert_eq!((rec.size, rec.build_job_id), (11, 4));
+        assert_eq!(fetch(&a, &sha, "ag_1").await.unwrap(), b"old runtime");
+
+        let new = store_one(&a, b"new runtime", "lua", "p").await;
+        let table = Table::open(&store, trees::ARTIFACTS).unwrap();
+        let raw = table.get_raw(&new).unwrap().unwrap();
+        let text = String::from_utf8(raw.to_vec()).unwrap();
+        let expected_start = format!(
+            r#"{{"sha256":"{new}","size":11,"upstream":"lua","commit":"c0ffee","platform":"p","build_job_id":7,"stored_at_ms":"#
+        );
+        assert!(text.starts_with(&expected_start), "{text}");
     }
 
     #[tokio::test]

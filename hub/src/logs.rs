@@ -429,6 +429,42 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn chunks_keep_their_binary_layout() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let logs = JobLogs::open(&store, 1 << 20).unwrap();
+        let mut old_key = Vec::new();
+        old_key.extend_from_slice(&9u64.to_be_bytes());
+        old_key.extend_from_slice(&1u32.to_be_bytes());
+        old_key.extend_from_slice(&1u64.to_be_bytes());
+        let mut old_value = vec![LogStream::Stderr as u8];
+        old_value.extend_from_slice(b"written before");
+        logs.table.put_raw(&old_key, old_value).unwrap();
+        let read = logs.read(9, None).unwrap();
+        assert_eq!(read[0].data, b"written before");
+        assert_eq!(read[0].stream, LogStream::Stderr as i32);
+
+        logs.append(chunk(9, 1, 2, "now")).unwrap();
+        let mut new_key = old_key.clone();
+        new_key[12..].copy_from_slice(&2u64.to_be_bytes());
+        let raw = logs.table.get_raw(&new_key).unwrap().unwrap();
+        assert_eq!(
+            &raw[..],
+            &[&[LogStream::Stdout as u8][..], b"now"].concat()[..]
+        );
+
+        // A key that is not (job, attempt, seq) is named, not misread.
+        let mut short_key = 0u64.to_be_bytes().to_vec();
+        short_key.extend_from_slice(b"x");
+        logs.table.put_raw(&short_key, &b"x"[..]).unwrap();
+        let err = logs.read(0, None).unwrap_err().to_string();
+        assert!(
+            err.contains("record logs/") && err.contains("malformed"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
     async fn a_gap_between_the_stored_chunks_and_the_result_is_named() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();

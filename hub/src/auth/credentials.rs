@@ -400,6 +400,51 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn records_of_the_previous_release_still_enroll_and_verify() {
+        let (_d, c) = creds().await;
+        let token_secret = secret::new_secret();
+        // Written before tokens had a note: it reads as an empty one.
+        let old_token = format!(
+            r#"{{"id":"tok_old","hash":"{}","labels":["gpu"],"created_at_ms":1,"expires_at_ms":18446744073709551615,"uses_total":2,"uses_left":2,"revoked":false}}"#,
+            secret::hash(&token_secret)
+        );
+        c.table.put_raw("t/tok_old", old_token.as_bytes()).unwrap();
+        let agent_secret = secret::new_secret();
+        let old_agent = format!(
+            r#"{{"id":"ag_old","name":"box","hash":"{}","labels":[],"enrolled_at_ms":1,"token_id":"tok_old","revoked":false}}"#,
+            secret::hash(&agent_secret)
+        );
+        c.table.put_raw("a/ag_old", old_agent.as_bytes()).unwrap();
+
+        assert_eq!(c.list_tokens().unwrap()[0].note, "");
+        let verified = c.verify_agent(&format!("ag_old.{agent_secret}")).unwrap();
+        assert_eq!(verified.name, "box");
+        let (agent, _) = c
+            .enroll(&format!("tok_old.{token_secret}"), "new")
+            .await
+            .unwrap();
+        assert_eq!(agent.labels, ["gpu"]);
+        let raw = c.table.get_raw("t/tok_old").unwrap().unwrap();
+        assert_eq!(
+            String::from_utf8(raw.to_vec()).unwrap(),
+            old_token.replace(
+                r#""uses_left":2,"revoked":false}"#,
+                r#""uses_left":1,"revoked":false,"note":""}"#
+            ),
+            "the same fields, names and order as before"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_token_is_named_when_enrolling() {
+        let (_d, c) = creds().await;
+        c.table.put_raw("t/tok_bad", &b"{not json"[..]).unwrap();
+        let err = c.enroll("tok_bad.secret", "x").await.unwrap_err();
+        assert!(matches!(err, AuthError::Store(_)), "{err:?}");
+        assert!(err.to_string().contains("record auth/t/tok_bad"), "{err}");
+    }
+
+    #[tokio::test]
     async fn concurrent_enrollments_respect_uses() {
         let (_d, c) = creds().await;
         let (_, token) = c
