@@ -39,7 +39,7 @@ use trunkfarm_proto::v1::{MailInfo, MailState, Subscription, Transition, Transit
 
 use crate::config::{HubConfig, NotifySection, ProjectConfig, UpstreamConfig};
 use crate::logs::JobLogs;
-use crate::results::{Results, TransitionSink, Writes};
+use crate::results::{Results, TransitionSink};
 use crate::store::{Store, StoreError, Table, id_key, now_ms, trees};
 use deliver::{Failure, Mailer, Transport};
 use token::{TokenError, Unsub, UnsubscribeKey};
@@ -150,6 +150,10 @@ fn mail_key(id: u64) -> String {
 fn pending_key(id: u64) -> String {
     format!("q/{}", id_key(id))
 }
+
+/// Raw key/value writes to the `notify` tree, collected for one atomic
+/// apply (JSON values already encoded by the [`Table`]).
+type Writes = Vec<(Vec<u8>, Vec<u8>)>;
 
 /// How many mails `writes` queue.
 fn mails_in(writes: &Writes) -> usize {
