@@ -35,12 +35,12 @@ use tonic::Status;
 use trunkfarm_proto::v1::{AgentDownloads, ArtifactChunk, ArtifactInfo, ArtifactMeta, JobRef};
 
 use crate::space::{DataDir, SpaceError};
-use crate::store::{Store, StoreError, now_ms, trees};
+use crate::store::{Store, StoreError, Table, now_ms, trees};
 
 /// Bytes of file data per download chunk: far below any sane
 /// `limits.max_message_size` (default 4 MiB), large enough to keep
 /// per-message overhead negligible.
-pub const DOWNLOAD_CHUNK_BYTES: usize = 256 * 1024;
+pub(crate) const DOWNLOAD_CHUNK_BYTES: usize = 256 * 1024;
 
 /// Download chunks buffered per transfer before reading waits for the
 /// network (bounds the memory one slow agent can pin to 1 MiB).
@@ -58,7 +58,7 @@ const QUARANTINE_DIR: &str = "quarantine";
 /// Why an artifact operation failed. Messages say what is wrong and, where
 /// someone can act, what to do; `grpc::agent` maps each to a status code.
 #[derive(Debug, thiserror::Error)]
-pub enum ArtifactError {
+pub(crate) enum ArtifactError {
     /// The data dir has no room for it.
     #[error(transparent)]
     NoRoom(#[from] SpaceError),
@@ -169,21 +169,21 @@ impl ArtifactError {
 /// need a default so older records stay readable).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
-pub struct ArtifactRecord {
+pub(crate) struct ArtifactRecord {
     /// Lowercase hex SHA-256 of the file; also its name and key.
-    pub sha256: String,
+    pub(crate) sha256: String,
     /// Bytes.
-    pub size: u64,
+    pub(crate) size: u64,
     /// The upstream it is a build of; empty for an ad-hoc upload.
-    pub upstream: String,
+    pub(crate) upstream: String,
     /// The upstream commit built; empty for an ad-hoc upload.
-    pub commit: String,
+    pub(crate) commit: String,
     /// The platform built for; empty for an ad-hoc upload.
-    pub platform: String,
+    pub(crate) platform: String,
     /// The job that uploaded it.
-    pub build_job_id: u64,
+    pub(crate) build_job_id: u64,
     /// When it was stored (Unix ms); "newest" in garbage collection.
-    pub stored_at_ms: u64,
+    pub(crate) stored_at_ms: u64,
 }
 
 impl ArtifactRecord {
@@ -205,22 +205,22 @@ impl ArtifactRecord {
 /// Where an upload comes from, recorded with it so garbage collection can
 /// keep the newest builds per (upstream, platform).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Origin {
+pub(crate) struct Origin {
     /// Empty for an ad-hoc upload.
-    pub upstream: String,
+    pub(crate) upstream: String,
     /// Empty for an ad-hoc upload.
-    pub platform: String,
+    pub(crate) platform: String,
     /// Empty for an ad-hoc upload.
-    pub commit: String,
+    pub(crate) commit: String,
     /// The uploading job.
-    pub build_job_id: u64,
+    pub(crate) build_job_id: u64,
 }
 
 impl Origin {
     /// The origin of an upload by job `job_id` whose pipeline key is `key`:
     /// `build/<upstream>/<platform>/<commit>` names all three; any other key
     /// (a job submitted by hand has none) leaves them empty.
-    pub fn from_job(job_id: u64, key: &str) -> Origin {
+    pub(crate) fn from_job(job_id: u64, key: &str) -> Origin {
         let (upstream, platform, commit) = parse_build_key(key).unwrap_or_default();
         Origin {
             upstream,
@@ -247,16 +247,16 @@ fn parse_build_key(key: &str) -> Option<(String, String, String)> {
 
 /// The outcome of a successful upload.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Received {
+pub(crate) struct Received {
     /// The artifact's hash (lowercase hex).
-    pub sha256: String,
+    pub(crate) sha256: String,
     /// It was stored before; this upload was discarded.
-    pub already_present: bool,
+    pub(crate) already_present: bool,
 }
 
 /// Checks that `sha` is a hex SHA-256 and returns it in lowercase, the form
 /// used for file names and keys.
-pub fn normalize_sha256(sha: &str) -> Result<String, ArtifactError> {
+pub(crate) fn normalize_sha256(sha: &str) -> Result<String, ArtifactError> {
     if sha.len() == 64 && sha.bytes().all(|b| b.is_ascii_hexdigit()) {
         Ok(sha.to_ascii_lowercase())
     } else {
@@ -267,13 +267,13 @@ pub fn normalize_sha256(sha: &str) -> Result<String, ArtifactError> {
 /// The artifact store: a cheap handle (clone it freely) shared by the agent
 /// API (uploads, downloads), the pipeline (gc) and the admin API (list).
 #[derive(Clone)]
-pub struct Artifacts {
+pub(crate) struct Artifacts {
     inner: Arc<Inner>,
 }
 
 struct Inner {
-    store: Store,
-    tree: sled::Tree,
+    /// `<sha256>` → [`ArtifactRecord`].
+    table: Table,
     dir: PathBuf,
     max_size: u64,
     /// The data dir's reserve: an upload that would cut into it is refused.
@@ -334,7 +334,7 @@ impl Artifacts {
     /// Opens the store in `dir` (created if missing) with records in `store`:
     /// deletes leftover temp files and reconciles files with records. Uploads
     /// larger than `max_size` bytes are refused.
-    pub fn open(
+    pub(crate) fn open(
         store: &Store,
         dir: PathBuf,
         max_size: u64,
@@ -345,8 +345,7 @@ impl Artifacts {
         }
         let artifacts = Artifacts {
             inner: Arc::new(Inner {
-                tree: store.tree(trees::ARTIFACTS)?,
-                store: store.clone(),
+                table: Table::open(store, trees::ARTIFACTS)?,
                 dir,
                 max_size,
                 space,
@@ -364,7 +363,7 @@ impl Artifacts {
 
     /// Where the store keeps its files.
     #[cfg(test)]
-    pub fn dir(&self) -> &Path {
+    pub(crate) fn dir(&self) -> &Path {
         &self.inner.dir
     }
 
@@ -428,18 +427,20 @@ impl Artifacts {
                 ),
             }
         }
-        let tree = &self.inner.tree;
+        let table = &self.inner.table;
         let (mut kept, mut changed) = (0usize, false);
-        for item in tree.iter() {
-            let (key, value) = item.map_err(|e| self.inner.store.err(e))?;
+        for item in table.scan_raw("") {
+            let (key, value) = item?;
             let key_text = String::from_utf8_lossy(&key).into_owned();
-            let rec: ArtifactRecord = match serde_json::from_slice(&value) {
+            // An unreadable record is dropped here rather than failing the
+            // open: its file is then unrecorded and deleted below.
+            let rec: ArtifactRecord = match table.decode(&key, &value) {
                 Ok(rec) => rec,
                 Err(e) => {
                     tracing::error!(
-                        "artifact record {key_text:?} is unreadable ({e}); removing the record (its file, if any, is deleted as unrecorded)"
+                        "{e}; removing the record (its file, if any, is deleted as unrecorded)"
                     );
-                    tree.remove(&key).map_err(|e| self.inner.store.err(e))?;
+                    table.remove(&key)?;
                     changed = true;
                     continue;
                 }
@@ -451,7 +452,7 @@ impl Artifacts {
                         "artifact {key_text}: recorded but its file {} is missing; removing the record (a rebuild stores it again)",
                         path.display()
                     );
-                    tree.remove(&key).map_err(|e| self.inner.store.err(e))?;
+                    table.remove(&key)?;
                     changed = true;
                 }
                 Some(len) if len != rec.size => {
@@ -462,7 +463,7 @@ impl Artifacts {
                         rec.size,
                         dest.display()
                     );
-                    tree.remove(&key).map_err(|e| self.inner.store.err(e))?;
+                    table.remove(&key)?;
                     changed = true;
                 }
                 Some(_) => kept += 1,
@@ -477,7 +478,7 @@ impl Artifacts {
             std::fs::remove_file(&path).map_err(ArtifactError::io("delete", &path))?;
         }
         if changed {
-            tree.flush().map_err(|e| self.inner.store.err(e))?;
+            table.store().flush_now()?;
         }
         tracing::info!(artifacts = kept, dir = %dir.display(), "artifact store open");
         Ok(())
@@ -497,53 +498,31 @@ impl Artifacts {
     }
 
     /// The record of artifact `sha`, if stored.
-    pub fn get(&self, sha: &str) -> Result<Option<ArtifactRecord>, ArtifactError> {
+    pub(crate) fn get(&self, sha: &str) -> Result<Option<ArtifactRecord>, ArtifactError> {
         let sha = normalize_sha256(sha)?;
-        match self
-            .inner
-            .tree
-            .get(sha.as_bytes())
-            .map_err(|e| self.inner.store.err(e))?
-        {
-            None => Ok(None),
-            Some(raw) => serde_json::from_slice(&raw).map(Some).map_err(|e| {
-                self.inner
-                    .store
-                    .corrupt(format!("artifacts/{sha}"), e)
-                    .into()
-            }),
-        }
+        Ok(self.inner.table.get(&sha)?)
     }
 
     /// Whether artifact `sha` is stored (false for a malformed hash).
-    pub fn contains(&self, sha: &str) -> Result<bool, ArtifactError> {
+    pub(crate) fn contains(&self, sha: &str) -> Result<bool, ArtifactError> {
         match normalize_sha256(sha) {
-            Ok(sha) => self
-                .inner
-                .tree
-                .contains_key(sha.as_bytes())
-                .map_err(|e| self.inner.store.err(e).into()),
+            Ok(sha) => Ok(self.inner.table.contains(&sha)?),
             Err(_) => Ok(false),
         }
     }
 
     fn records(&self) -> Result<Vec<ArtifactRecord>, ArtifactError> {
-        let mut out = Vec::new();
-        for item in self.inner.tree.iter() {
-            let (key, value) = item.map_err(|e| self.inner.store.err(e))?;
-            let rec = serde_json::from_slice(&value).map_err(|e| {
-                self.inner
-                    .store
-                    .corrupt(format!("artifacts/{}", String::from_utf8_lossy(&key)), e)
-            })?;
-            out.push(rec);
-        }
-        Ok(out)
+        Ok(self
+            .inner
+            .table
+            .scan::<ArtifactRecord>("")
+            .map(|item| item.map(|(_, rec)| rec))
+            .collect::<Result<Vec<_>, _>>()?)
     }
 
     /// Every stored artifact, newest first, with its completed downloads per
     /// agent since the hub started (what `ListArtifacts` shows).
-    pub fn list(&self) -> Result<Vec<ArtifactInfo>, ArtifactError> {
+    pub(crate) fn list(&self) -> Result<Vec<ArtifactInfo>, ArtifactError> {
         let mut records = self.records()?;
         sort_newest_first(&mut records);
         let downloads = self.lock_downloads();
@@ -570,7 +549,7 @@ impl Artifacts {
 
     /// How many times `agent_id` downloaded all of `sha` since the hub started.
     #[cfg(test)]
-    pub fn download_count(&self, sha: &str, agent_id: &str) -> u32 {
+    pub(crate) fn download_count(&self, sha: &str, agent_id: &str) -> u32 {
         let sha = sha.to_ascii_lowercase();
         self.lock_downloads()
             .get(&sha)
@@ -580,7 +559,7 @@ impl Artifacts {
     }
 
     /// Downloads served to the end and bytes sent, since the hub started.
-    pub fn download_totals(&self) -> (u64, u64) {
+    pub(crate) fn download_totals(&self) -> (u64, u64) {
         (
             self.inner.downloads_total.load(Ordering::Relaxed),
             self.inner.bytes_sent_total.load(Ordering::Relaxed),
@@ -611,7 +590,7 @@ impl Artifacts {
     /// and put in place and recorded durably only if both match. An artifact
     /// already stored is not written again: the stream is drained and
     /// `already_present` answered.
-    pub async fn receive<S, F>(
+    pub(crate) async fn receive<S, F>(
         &self,
         agent_id: &str,
         mut chunks: S,
@@ -727,14 +706,9 @@ impl Artifacts {
             build_job_id: origin.build_job_id,
             stored_at_ms: now_ms(),
         };
-        let json = serde_json::to_vec(&rec)
-            .map_err(|e| self.inner.store.corrupt(format!("artifacts/{sha}"), e))?;
-        self.inner
-            .tree
-            .insert(sha.as_bytes(), json)
-            .map_err(|e| self.inner.store.err(e))?;
+        self.inner.table.put(&sha, &rec)?;
         drop(published);
-        self.inner.store.commit().await?;
+        self.inner.table.store().commit().await?;
         tracing::info!(
             agent = %agent_id, job = job.job_id, sha = %sha, size,
             upstream = %rec.upstream, platform = %rec.platform, commit = %rec.commit,
@@ -770,7 +744,7 @@ impl Artifacts {
     /// file turns out not to match its hash, a final [`ArtifactError::Corrupt`]
     /// (the file is then quarantined and its record removed). A download is
     /// counted for [`Artifacts::list`] once its last chunk was handed over.
-    pub async fn download(
+    pub(crate) async fn download(
         &self,
         sha: &str,
         agent_id: &str,
@@ -922,11 +896,8 @@ impl Artifacts {
         }
         self.lock_verified().remove(sha);
         let dest = self.move_to_quarantine(sha)?;
-        self.inner
-            .tree
-            .remove(sha.as_bytes())
-            .map_err(|e| self.inner.store.err(e))?;
-        self.inner.store.commit().await?;
+        self.inner.table.remove(sha)?;
+        self.inner.table.store().commit().await?;
         tracing::error!(
             "artifact {sha} did not match its hash: moved {} to {} and removed its record (a rebuild can store it again)",
             path.display(),
@@ -946,11 +917,8 @@ impl Artifacts {
             "artifact {sha}: recorded but its file {} is missing; removing the record (a rebuild stores it again)",
             self.path_of(sha).display()
         );
-        self.inner
-            .tree
-            .remove(sha.as_bytes())
-            .map_err(|e| self.inner.store.err(e))?;
-        self.inner.store.commit().await?;
+        self.inner.table.remove(sha)?;
+        self.inner.table.store().commit().await?;
         Ok(())
     }
 
@@ -960,7 +928,7 @@ impl Artifacts {
     /// test against);
     /// deletes the rest, records first (durably), then files. Ad-hoc uploads
     /// (no upstream) form their own group. Returns the deleted hashes.
-    pub async fn gc(
+    pub(crate) async fn gc(
         &self,
         keep_newest: u32,
         referenced: &HashSet<String>,
@@ -992,11 +960,8 @@ impl Artifacts {
         for sha in &victims {
             batch.remove(sha.as_bytes());
         }
-        self.inner
-            .tree
-            .apply_batch(batch)
-            .map_err(|e| self.inner.store.err(e))?;
-        self.inner.store.commit().await?;
+        self.inner.table.apply(batch)?;
+        self.inner.table.store().commit().await?;
         for sha in &victims {
             let path = self.path_of(sha);
             match tokio::fs::remove_file(&path).await {
@@ -1098,7 +1063,15 @@ mod tests {
     }
 
     fn open(dir: &Path) -> (Store, Artifacts) {
-        let store = Store::open(&dir.join("db")).unwrap();
+        with_store(dir, Store::open(&dir.join("db")).unwrap())
+    }
+
+    /// [`open`] again once the previous store let go of the database.
+    async fn reopen(dir: &Path) -> (Store, Artifacts) {
+        with_store(dir, crate::store::tests::reopen(&dir.join("db")).await)
+    }
+
+    fn with_store(dir: &Path, store: Store) -> (Store, Artifacts) {
         let a = Artifacts::open(
             &store,
             dir.join("artifacts"),
@@ -1270,15 +1243,37 @@ mod tests {
             let (_store, a) = open(dir.path());
             store_one(&a, b"runtime", "lua", "p").await
         };
-        let store = crate::store::tests::reopen(&dir.path().join("db")).await;
-        let a = Artifacts::open(
-            &store,
-            dir.path().join("artifacts"),
-            MAX_BYTES,
-            DataDir::new(dir.path(), 0),
-        )
-        .unwrap();
+        let (_store, a) = reopen(dir.path()).await;
         assert_eq!(a.get(&sha).unwrap().unwrap().size, 7);
+    }
+
+    #[tokio::test]
+    async fn records_keep_the_previous_releases_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let sha = sha_of(b"old runtime");
+        let old = format!(
+            r#"{{"sha256":"{sha}","size":11,"upstream":"lua","commit":"c0ffee","platform":"p","build_job_id":4,"stored_at_ms":1750000000000}}"#
+        );
+        {
+            let (store, a) = open(dir.path());
+            std::fs::write(a.path_of(&sha), b"old runtime").unwrap();
+            let table = Table::open(&store, trees::ARTIFACTS).unwrap();
+            table.put_raw(&sha, old.as_bytes()).unwrap();
+            store.commit().await.unwrap();
+        }
+        let (store, a) = reopen(dir.path()).await;
+        let rec = a.get(&sha).unwrap().expect("read as before");
+        assert_eq!((rec.size, rec.build_job_id), (11, 4));
+        assert_eq!(fetch(&a, &sha, "ag_1").await.unwrap(), b"old runtime");
+
+        let new = store_one(&a, b"new runtime", "lua", "p").await;
+        let table = Table::open(&store, trees::ARTIFACTS).unwrap();
+        let raw = table.get_raw(&new).unwrap().unwrap();
+        let text = String::from_utf8(raw.to_vec()).unwrap();
+        let expected_start = format!(
+            r#"{{"sha256":"{new}","size":11,"upstream":"lua","commit":"c0ffee","platform":"p","build_job_id":7,"stored_at_ms":"#
+        );
+        assert!(text.starts_with(&expected_start), "{text}");
     }
 
     #[tokio::test]

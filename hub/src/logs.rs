@@ -30,11 +30,11 @@ use std::sync::Mutex;
 use tokio::sync::broadcast;
 use trunkfarm_proto::v1::{JobRef, LogChunk, LogStream};
 
-use crate::store::{Store, StoreError, trees};
+use crate::store::{Store, StoreError, Table, trees};
 
 /// Live events for one job's watchers.
 #[derive(Clone, Debug)]
-pub enum WatchEvent {
+pub(crate) enum WatchEvent {
     /// A chunk was stored.
     Log(LogChunk),
     /// The job finished; read its final record.
@@ -58,9 +58,10 @@ struct AttemptLog {
 }
 
 /// Owner of the `logs` tree and of the live watchers.
-pub struct JobLogs {
-    store: Store,
-    tree: sled::Tree,
+pub(crate) struct JobLogs {
+    /// Binary keys ([`key`]) and values (stream byte + data), not JSON: read
+    /// and written raw.
+    table: Table,
     /// Log bytes the hub keeps per attempt; beyond it chunks are dropped
     /// (agents cap their own output well below; this guards the hub).
     max_bytes: u64,
@@ -92,14 +93,23 @@ const GAP_RANGES_SHOWN: usize = 5;
 
 impl JobLogs {
     /// Opens the `logs` tree.
-    pub fn open(store: &Store, max_bytes: u64) -> Result<JobLogs, StoreError> {
+    pub(crate) fn open(store: &Store, max_bytes: u64) -> Result<JobLogs, StoreError> {
         Ok(JobLogs {
-            store: store.clone(),
-            tree: store.tree(trees::LOGS)?,
+            table: Table::open(store, trees::LOGS)?,
             max_bytes,
             live: Mutex::new(HashMap::new()),
             attempts: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Refuses an entry that is not a 20-byte key with a stream byte.
+    fn check(&self, k: &[u8], v: &[u8]) -> Result<(), StoreError> {
+        if k.len() != 20 || v.is_empty() {
+            return Err(self
+                .table
+                .corrupt(hex::encode(k), "malformed log key or value"));
+        }
+        Ok(())
     }
 
     /// The prefix of an attempt's keys.
@@ -113,11 +123,9 @@ impl JobLogs {
     /// attempt not touched yet).
     fn scan_attempt(&self, job_id: u64, attempt: u32) -> Result<AttemptLog, StoreError> {
         let mut log = AttemptLog::default();
-        for item in self.tree.scan_prefix(Self::attempt_prefix(job_id, attempt)) {
-            let (k, v) = item.map_err(|e| self.store.err(e))?;
-            if k.len() != 20 || v.is_empty() {
-                return Err(self.store.corrupt("logs", "malformed log key or value"));
-            }
+        for item in self.table.scan_raw(Self::attempt_prefix(job_id, attempt)) {
+            let (k, v) = item?;
+            self.check(&k, &v)?;
             log.bytes = log.bytes.saturating_add(v.len() as u64 - 1);
             log.chunks += 1;
             log.max_seq = log.max_seq.max(seq_of(&k));
@@ -130,7 +138,7 @@ impl JobLogs {
     /// hub may have lost) is neither stored, counted toward the cap, nor
     /// shown again. Chunks past the per-attempt cap are dropped; the one
     /// that crosses it is stored with a notice.
-    pub fn append(&self, chunk: LogChunk) -> Result<(), StoreError> {
+    pub(crate) fn append(&self, chunk: LogChunk) -> Result<(), StoreError> {
         let Some(job) = chunk.job else {
             return Ok(());
         };
@@ -144,7 +152,7 @@ impl JobLogs {
             if log.bytes >= self.max_bytes {
                 return Ok(());
             }
-            if self.tree.contains_key(k).map_err(|e| self.store.err(e))? {
+            if self.table.contains(k)? {
                 return Ok(());
             }
             let len = chunk.data.len() as u64;
@@ -162,7 +170,7 @@ impl JobLogs {
                 );
             }
             let stored = value.len() as u64 - 1;
-            self.tree.insert(k, value).map_err(|e| self.store.err(e))?;
+            self.table.put_raw(k, value)?;
             log.bytes = log.bytes.saturating_add(stored);
             log.chunks += 1;
             log.max_seq = log.max_seq.max(chunk.seq);
@@ -180,7 +188,11 @@ impl JobLogs {
     /// result names no last chunk (0: a refusal, a job whose task died), or
     /// if the hub's own cap dropped the rest (that gap is expected and noted
     /// in the log itself).
-    pub fn gap(&self, job: &JobRef, last_log_seq: u64) -> Result<Option<String>, StoreError> {
+    pub(crate) fn gap(
+        &self,
+        job: &JobRef,
+        last_log_seq: u64,
+    ) -> Result<Option<String>, StoreError> {
         let log = {
             let mut attempts = self.attempts.lock().unwrap_or_else(|p| p.into_inner());
             match attempts.entry((job.job_id, job.attempt)) {
@@ -198,13 +210,13 @@ impl JobLogs {
         let mut missing: Vec<(u64, u64)> = Vec::new();
         let mut next = 1u64;
         let mut beyond = 0u64;
-        for item in self
-            .tree
-            .scan_prefix(Self::attempt_prefix(job.job_id, job.attempt))
+        for k in self
+            .table
+            .keys(Self::attempt_prefix(job.job_id, job.attempt))
         {
-            let (k, _) = item.map_err(|e| self.store.err(e))?;
+            let k = k?;
             if k.len() != 20 {
-                return Err(self.store.corrupt("logs", "malformed log key"));
+                return Err(self.table.corrupt(hex::encode(&k), "malformed log key"));
             }
             let seq = seq_of(&k);
             if seq > last_log_seq {
@@ -250,17 +262,19 @@ impl JobLogs {
     }
 
     /// Stored chunks of a job, in order; only `attempt` if given.
-    pub fn read(&self, job_id: u64, attempt: Option<u32>) -> Result<Vec<LogChunk>, StoreError> {
+    pub(crate) fn read(
+        &self,
+        job_id: u64,
+        attempt: Option<u32>,
+    ) -> Result<Vec<LogChunk>, StoreError> {
         let prefix: Vec<u8> = match attempt {
             Some(a) => key(job_id, a, 0)[..12].to_vec(),
             None => job_id.to_be_bytes().to_vec(),
         };
         let mut out = Vec::new();
-        for item in self.tree.scan_prefix(prefix) {
-            let (k, v) = item.map_err(|e| self.store.err(e))?;
-            if k.len() != 20 || v.is_empty() {
-                return Err(self.store.corrupt("logs", "malformed log key or value"));
-            }
+        for item in self.table.scan_raw(prefix) {
+            let (k, v) = item?;
+            self.check(&k, &v)?;
             let attempt = u32::from_be_bytes([k[8], k[9], k[10], k[11]]);
             out.push(LogChunk {
                 job: Some(JobRef { job_id, attempt }),
@@ -276,7 +290,7 @@ impl JobLogs {
 
     /// Starts watching a job: events from now on. Read the stored chunks
     /// *after* subscribing, so nothing falls between the two.
-    pub fn subscribe(&self, job_id: u64) -> broadcast::Receiver<WatchEvent> {
+    pub(crate) fn subscribe(&self, job_id: u64) -> broadcast::Receiver<WatchEvent> {
         let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
         live.entry(job_id)
             .or_insert_with(|| broadcast::channel(WATCH_BUFFER_EVENTS).0)
@@ -284,7 +298,7 @@ impl JobLogs {
     }
 
     /// Tells watchers the job finished and forgets its live channel.
-    pub fn finished(&self, job_id: u64, attempts: u32) {
+    pub(crate) fn finished(&self, job_id: u64, attempts: u32) {
         if let Some(tx) = self
             .live
             .lock()
@@ -412,6 +426,42 @@ mod tests {
         // A resend of the chunk that crossed the cap changes nothing.
         logs.append(chunk(2, 1, 2, "defg")).unwrap();
         assert_eq!(text(&logs, 2), t);
+    }
+
+    #[tokio::test]
+    async fn chunks_keep_their_binary_layout() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let logs = JobLogs::open(&store, 1 << 20).unwrap();
+        let mut old_key = Vec::new();
+        old_key.extend_from_slice(&9u64.to_be_bytes());
+        old_key.extend_from_slice(&1u32.to_be_bytes());
+        old_key.extend_from_slice(&1u64.to_be_bytes());
+        let mut old_value = vec![LogStream::Stderr as u8];
+        old_value.extend_from_slice(b"written before");
+        logs.table.put_raw(&old_key, old_value).unwrap();
+        let read = logs.read(9, None).unwrap();
+        assert_eq!(read[0].data, b"written before");
+        assert_eq!(read[0].stream, LogStream::Stderr as i32);
+
+        logs.append(chunk(9, 1, 2, "now")).unwrap();
+        let mut new_key = old_key.clone();
+        new_key[12..].copy_from_slice(&2u64.to_be_bytes());
+        let raw = logs.table.get_raw(&new_key).unwrap().unwrap();
+        assert_eq!(
+            &raw[..],
+            &[&[LogStream::Stdout as u8][..], b"now"].concat()[..]
+        );
+
+        // A key that is not (job, attempt, seq) is named, not misread.
+        let mut short_key = 0u64.to_be_bytes().to_vec();
+        short_key.extend_from_slice(b"x");
+        logs.table.put_raw(&short_key, &b"x"[..]).unwrap();
+        let err = logs.read(0, None).unwrap_err().to_string();
+        assert!(
+            err.contains("record logs/") && err.contains("malformed"),
+            "{err}"
+        );
     }
 
     #[tokio::test]

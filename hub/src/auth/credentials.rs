@@ -11,12 +11,12 @@ use serde::{Deserialize, Serialize};
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 
 use super::secret;
-use crate::store::{Store, StoreError, now_ms, trees};
+use crate::store::{Store, StoreError, Table, now_ms, trees};
 
 /// Why an authentication or credential operation was refused. The messages
 /// are shown to volunteers and operators as they are.
 #[derive(Debug, thiserror::Error)]
-pub enum AuthError {
+pub(crate) enum AuthError {
     /// Malformed token or credential.
     #[error(
         "the enrollment token is malformed: copy the whole enrollment string printed by `trunkfarm token create`"
@@ -75,45 +75,45 @@ pub enum AuthError {
 
 /// A stored enrollment token. The secret itself is never stored.
 #[derive(Clone, Serialize, Deserialize)]
-pub struct TokenRecord {
+pub(crate) struct TokenRecord {
     /// `tok_…`
-    pub id: String,
+    pub(crate) id: String,
     /// SHA-256 of the secret.
-    pub hash: String,
+    pub(crate) hash: String,
     /// Labels granted to agents enrolled with it.
-    pub labels: Vec<String>,
+    pub(crate) labels: Vec<String>,
     /// When it was created.
-    pub created_at_ms: u64,
+    pub(crate) created_at_ms: u64,
     /// When it stops working.
-    pub expires_at_ms: u64,
+    pub(crate) expires_at_ms: u64,
     /// How many enrollments it allows in all.
-    pub uses_total: u32,
+    pub(crate) uses_total: u32,
     /// How many remain.
-    pub uses_left: u32,
+    pub(crate) uses_left: u32,
     /// Revoked by the operator.
-    pub revoked: bool,
+    pub(crate) revoked: bool,
     /// Free text from the operator.
     #[serde(default)]
-    pub note: String,
+    pub(crate) note: String,
 }
 
 /// A stored agent identity.
 #[derive(Clone, Serialize, Deserialize)]
-pub struct AgentRecord {
+pub(crate) struct AgentRecord {
     /// `ag_…`
-    pub id: String,
+    pub(crate) id: String,
     /// The name the volunteer chose.
-    pub name: String,
+    pub(crate) name: String,
     /// SHA-256 of the agent's secret.
-    pub hash: String,
+    pub(crate) hash: String,
     /// Labels granted by its token.
-    pub labels: Vec<String>,
+    pub(crate) labels: Vec<String>,
     /// When it enrolled.
-    pub enrolled_at_ms: u64,
+    pub(crate) enrolled_at_ms: u64,
     /// The token it enrolled with.
-    pub token_id: String,
+    pub(crate) token_id: String,
     /// Revoked by the operator: refused from then on.
-    pub revoked: bool,
+    pub(crate) revoked: bool,
 }
 
 impl std::fmt::Debug for AgentRecord {
@@ -128,9 +128,8 @@ impl std::fmt::Debug for AgentRecord {
 
 /// The owner of the `auth` tree.
 #[derive(Clone)]
-pub struct Credentials {
-    store: Store,
-    tree: sled::Tree,
+pub(crate) struct Credentials {
+    table: Table,
 }
 
 fn token_key(id: &str) -> Vec<u8> {
@@ -146,17 +145,22 @@ fn abort<T>(e: AuthError) -> Result<T, ConflictableTransactionError<AuthError>> 
     Err(ConflictableTransactionError::Abort(e))
 }
 
+/// Aborts a sled transaction with a store error (a record that does not
+/// decode or encode).
+fn stored(e: StoreError) -> ConflictableTransactionError<AuthError> {
+    ConflictableTransactionError::Abort(e.into())
+}
+
 impl Credentials {
     /// Opens the `auth` tree.
-    pub fn open(store: &Store) -> Result<Credentials, StoreError> {
+    pub(crate) fn open(store: &Store) -> Result<Credentials, StoreError> {
         Ok(Credentials {
-            store: store.clone(),
-            tree: store.tree(trees::AUTH)?,
+            table: Table::open(store, trees::AUTH)?,
         })
     }
 
     /// Creates a token; returns its record and the full `<id>.<secret>` token.
-    pub async fn create_token(
+    pub(crate) async fn create_token(
         &self,
         labels: Vec<String>,
         ttl: Duration,
@@ -178,33 +182,38 @@ impl Credentials {
             revoked: false,
             note,
         };
-        self.put(&token_key(&id), &rec)?;
-        self.store.commit().await?;
+        self.table.put(token_key(&id), &rec)?;
+        self.table.store().commit().await?;
         Ok((rec, format!("{id}.{secret}")))
     }
 
     /// Every token, newest first.
-    pub fn list_tokens(&self) -> Result<Vec<TokenRecord>, AuthError> {
-        let mut out: Vec<TokenRecord> = self.scan(b"t/")?;
+    pub(crate) fn list_tokens(&self) -> Result<Vec<TokenRecord>, AuthError> {
+        let mut out = self
+            .table
+            .scan::<TokenRecord>("t/")
+            .map(|item| item.map(|(_, rec)| rec))
+            .collect::<Result<Vec<_>, _>>()?;
         out.sort_by_key(|t| std::cmp::Reverse(t.created_at_ms));
         Ok(out)
     }
 
     /// Revokes a token: it enrolls nobody from now on.
-    pub async fn revoke_token(&self, id: &str) -> Result<(), AuthError> {
+    pub(crate) async fn revoke_token(&self, id: &str) -> Result<(), AuthError> {
         let key = token_key(id);
         let mut rec: TokenRecord = self
+            .table
             .get(&key)?
             .ok_or_else(|| AuthError::NoSuchToken(id.to_string()))?;
         rec.revoked = true;
-        self.put(&key, &rec)?;
-        self.store.commit().await?;
+        self.table.put(&key, &rec)?;
+        self.table.store().commit().await?;
         Ok(())
     }
 
     /// Exchanges a token (`<id>.<secret>`) for a new agent credential.
     /// Returns the agent's record and its full `<id>.<secret>` credential.
-    pub async fn enroll(
+    pub(crate) async fn enroll(
         &self,
         token: &str,
         name: &str,
@@ -215,14 +224,13 @@ impl Credentials {
         let agent_secret = secret::new_secret();
         let now = now_ms();
         let tkey = token_key(token_id);
-        let result = self.tree.transaction(|tx| {
+        // One transaction over the token and the new agent, so concurrent
+        // enrollments cannot both take a token's last use.
+        let result = self.table.sled().transaction(|tx| {
             let Some(raw) = tx.get(&tkey)? else {
                 return abort(AuthError::TokenInvalid(token_id.to_string()));
             };
-            let mut rec: TokenRecord = match serde_json::from_slice(&raw) {
-                Ok(r) => r,
-                Err(e) => return abort(self.store.corrupt(token_id, e).into()),
-            };
+            let mut rec: TokenRecord = self.table.decode(&tkey, &raw).map_err(stored)?;
             if !secret::verify(token_secret, &rec.hash) {
                 return abort(AuthError::TokenInvalid(token_id.to_string()));
             }
@@ -256,29 +264,30 @@ impl Credentials {
                 token_id: rec.id.clone(),
                 revoked: false,
             };
-            let encode = |value: &dyn erased_serde_free::Encode| {
-                value.encode().map_err(|e| {
-                    ConflictableTransactionError::Abort(self.store.corrupt("(encode)", e).into())
-                })
-            };
-            tx.insert(tkey.as_slice(), encode(&rec)?)?;
-            tx.insert(agent_key(&agent_id), encode(&agent)?)?;
+            tx.insert(tkey.as_slice(), self.table.encode(&rec).map_err(stored)?)?;
+            tx.insert(
+                agent_key(&agent_id),
+                self.table.encode(&agent).map_err(stored)?,
+            )?;
             Ok(agent)
         });
         let agent = match result {
             Ok(agent) => agent,
             Err(TransactionError::Abort(e)) => return Err(e),
-            Err(TransactionError::Storage(e)) => return Err(self.store.err(e).into()),
+            Err(TransactionError::Storage(e)) => return Err(self.table.store().err(e).into()),
         };
-        self.store.commit().await?;
+        self.table.store().commit().await?;
         Ok((agent, format!("{agent_id}.{agent_secret}")))
     }
 
     /// Checks a presented agent credential (`<id>.<secret>`).
-    pub fn verify_agent(&self, presented: &str) -> Result<AgentRecord, AuthError> {
+    pub(crate) fn verify_agent(&self, presented: &str) -> Result<AgentRecord, AuthError> {
         let (id, secret_part) =
             secret::split_credential(presented).ok_or(AuthError::AgentInvalid)?;
-        let rec: AgentRecord = self.get(&agent_key(id))?.ok_or(AuthError::AgentInvalid)?;
+        let rec: AgentRecord = self
+            .table
+            .get(agent_key(id))?
+            .ok_or(AuthError::AgentInvalid)?;
         if !secret::verify(secret_part, &rec.hash) {
             return Err(AuthError::AgentInvalid);
         }
@@ -289,61 +298,25 @@ impl Credentials {
     }
 
     /// Marks an agent revoked, durably.
-    pub async fn revoke_agent(&self, id: &str) -> Result<AgentRecord, AuthError> {
+    pub(crate) async fn revoke_agent(&self, id: &str) -> Result<AgentRecord, AuthError> {
         let key = agent_key(id);
         let mut rec: AgentRecord = self
+            .table
             .get(&key)?
             .ok_or_else(|| AuthError::NoSuchAgent(id.to_string()))?;
         rec.revoked = true;
-        self.put(&key, &rec)?;
-        self.store.commit().await?;
+        self.table.put(&key, &rec)?;
+        self.table.store().commit().await?;
         Ok(rec)
     }
 
     /// Every enrolled agent.
-    pub fn list_agents(&self) -> Result<Vec<AgentRecord>, AuthError> {
-        self.scan(b"a/")
-    }
-
-    fn get<T: for<'de> Deserialize<'de>>(&self, key: &[u8]) -> Result<Option<T>, AuthError> {
-        match self.tree.get(key).map_err(|e| self.store.err(e))? {
-            None => Ok(None),
-            Some(raw) => serde_json::from_slice(&raw)
-                .map(Some)
-                .map_err(|e| self.store.corrupt(String::from_utf8_lossy(key), e).into()),
-        }
-    }
-
-    fn put<T: Serialize>(&self, key: &[u8], value: &T) -> Result<(), AuthError> {
-        let bytes = serde_json::to_vec(value).map_err(|e| self.store.corrupt("(encode)", e))?;
-        self.tree
-            .insert(key, bytes)
-            .map_err(|e| self.store.err(e))?;
-        Ok(())
-    }
-
-    fn scan<T: for<'de> Deserialize<'de>>(&self, prefix: &[u8]) -> Result<Vec<T>, AuthError> {
-        let mut out = Vec::new();
-        for item in self.tree.scan_prefix(prefix) {
-            let (k, v) = item.map_err(|e| self.store.err(e))?;
-            out.push(
-                serde_json::from_slice(&v)
-                    .map_err(|e| self.store.corrupt(String::from_utf8_lossy(&k), e))?,
-            );
-        }
-        Ok(out)
-    }
-}
-
-/// Lets one closure encode records of different types inside a transaction.
-mod erased_serde_free {
-    pub trait Encode {
-        fn encode(&self) -> serde_json::Result<Vec<u8>>;
-    }
-    impl<T: serde::Serialize> Encode for T {
-        fn encode(&self) -> serde_json::Result<Vec<u8>> {
-            serde_json::to_vec(self)
-        }
+    pub(crate) fn list_agents(&self) -> Result<Vec<AgentRecord>, AuthError> {
+        Ok(self
+            .table
+            .scan::<AgentRecord>("a/")
+            .map(|item| item.map(|(_, rec)| rec))
+            .collect::<Result<Vec<_>, _>>()?)
     }
 }
 
@@ -424,6 +397,51 @@ mod tests {
             c.verify_agent("ag_nope.secret"),
             Err(AuthError::AgentInvalid)
         ));
+    }
+
+    #[tokio::test]
+    async fn records_of_the_previous_release_still_enroll_and_verify() {
+        let (_d, c) = creds().await;
+        let token_secret = secret::new_secret();
+        // Written before tokens had a note: it reads as an empty one.
+        let old_token = format!(
+            r#"{{"id":"tok_old","hash":"{}","labels":["gpu"],"created_at_ms":1,"expires_at_ms":18446744073709551615,"uses_total":2,"uses_left":2,"revoked":false}}"#,
+            secret::hash(&token_secret)
+        );
+        c.table.put_raw("t/tok_old", old_token.as_bytes()).unwrap();
+        let agent_secret = secret::new_secret();
+        let old_agent = format!(
+            r#"{{"id":"ag_old","name":"box","hash":"{}","labels":[],"enrolled_at_ms":1,"token_id":"tok_old","revoked":false}}"#,
+            secret::hash(&agent_secret)
+        );
+        c.table.put_raw("a/ag_old", old_agent.as_bytes()).unwrap();
+
+        assert_eq!(c.list_tokens().unwrap()[0].note, "");
+        let verified = c.verify_agent(&format!("ag_old.{agent_secret}")).unwrap();
+        assert_eq!(verified.name, "box");
+        let (agent, _) = c
+            .enroll(&format!("tok_old.{token_secret}"), "new")
+            .await
+            .unwrap();
+        assert_eq!(agent.labels, ["gpu"]);
+        let raw = c.table.get_raw("t/tok_old").unwrap().unwrap();
+        assert_eq!(
+            String::from_utf8(raw.to_vec()).unwrap(),
+            old_token.replace(
+                r#""uses_left":2,"revoked":false}"#,
+                r#""uses_left":1,"revoked":false,"note":""}"#
+            ),
+            "the same fields, names and order as before"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_token_is_named_when_enrolling() {
+        let (_d, c) = creds().await;
+        c.table.put_raw("t/tok_bad", &b"{not json"[..]).unwrap();
+        let err = c.enroll("tok_bad.secret", "x").await.unwrap_err();
+        assert!(matches!(err, AuthError::Store(_)), "{err:?}");
+        assert!(err.to_string().contains("record auth/t/tok_bad"), "{err}");
     }
 
     #[tokio::test]

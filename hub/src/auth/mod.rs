@@ -1,6 +1,6 @@
 //! Who may talk to the hub: its TLS identity, enrollment tokens, agent
 //! credentials and the admin token.
 
-pub mod credentials;
-pub mod secret;
-pub mod tls;
+pub(crate) mod credentials;
+pub(crate) mod secret;
+pub(crate) mod tls;

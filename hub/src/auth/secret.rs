@@ -14,14 +14,14 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 /// A new random secret, URL-safe (43 characters).
-pub fn new_secret() -> String {
+pub(crate) fn new_secret() -> String {
     let mut bytes = [0u8; 32];
     rand::rng().fill_bytes(&mut bytes);
     URL_SAFE_NO_PAD.encode(bytes)
 }
 
 /// A new short random id with a prefix, e.g. `ag_3f9a0c17d2e4`.
-pub fn new_id(prefix: &str) -> String {
+pub(crate) fn new_id(prefix: &str) -> String {
     let mut bytes = [0u8; 6];
     rand::rng().fill_bytes(&mut bytes);
     let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
@@ -29,7 +29,7 @@ pub fn new_id(prefix: &str) -> String {
 }
 
 /// The stored form of a secret: hex SHA-256.
-pub fn hash(secret: &str) -> String {
+pub(crate) fn hash(secret: &str) -> String {
     Sha256::digest(secret.as_bytes())
         .iter()
         .map(|b| format!("{b:02x}"))
@@ -37,19 +37,19 @@ pub fn hash(secret: &str) -> String {
 }
 
 /// Whether `secret` matches `stored_hash`, in time independent of where they differ.
-pub fn verify(secret: &str, stored_hash: &str) -> bool {
+pub(crate) fn verify(secret: &str, stored_hash: &str) -> bool {
     hash(secret).as_bytes().ct_eq(stored_hash.as_bytes()).into()
 }
 
 /// Splits a presented credential `<id>.<secret>`.
-pub fn split_credential(presented: &str) -> Option<(&str, &str)> {
+pub(crate) fn split_credential(presented: &str) -> Option<(&str, &str)> {
     let (id, secret) = presented.trim().split_once('.')?;
     (!id.is_empty() && !secret.is_empty()).then_some((id, secret))
 }
 
 /// Writes `contents` to `path` with mode 0600, atomically, so a crash never
 /// leaves a half-written secret file.
-pub fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+pub(crate) fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     write_atomic(path, contents, 0o600)
 }
 
@@ -57,7 +57,7 @@ pub fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
 /// set explicitly, since a leftover from a crash keeps its old one), synced,
 /// renamed over `path`, then the directory synced so the rename lasts. On
 /// failure the temp file is removed and the error names the file.
-pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> std::io::Result<()> {
+pub(crate) fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> std::io::Result<()> {
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
@@ -99,7 +99,7 @@ pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> std::io::Result<
 }
 
 /// Reads the admin token from `path`, creating it (0600) on first start.
-pub fn load_or_create_admin_token(path: &Path) -> std::io::Result<String> {
+pub(crate) fn load_or_create_admin_token(path: &Path) -> std::io::Result<String> {
     match std::fs::read_to_string(path) {
         Ok(token) if !token.trim().is_empty() => Ok(token.trim().to_string()),
         Ok(_) => Err(std::io::Error::other(format!(

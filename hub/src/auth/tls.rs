@@ -34,13 +34,13 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{CertificateError, RootCertStore};
 
 /// File name of the automatic CA's certificate inside the TLS directory.
-pub const CA_CERT_FILE: &str = "ca.pem";
+pub(crate) const CA_CERT_FILE: &str = "ca.pem";
 /// File name of the automatic CA's private key inside the TLS directory.
-pub const CA_KEY_FILE: &str = "ca.key";
+pub(crate) const CA_KEY_FILE: &str = "ca.key";
 /// File name of the current server certificate chain (server, then CA).
-pub const SERVER_CERT_FILE: &str = "server.pem";
+pub(crate) const SERVER_CERT_FILE: &str = "server.pem";
 /// File name of the current server certificate's private key.
-pub const SERVER_KEY_FILE: &str = "server.key";
+pub(crate) const SERVER_KEY_FILE: &str = "server.key";
 
 /// How long the automatic CA is valid: agents pin it, so it must outlive any
 /// reasonable hub deployment.
@@ -60,14 +60,14 @@ const ALWAYS_NAMES: [&str; 3] = ["localhost", "127.0.0.1", "::1"];
 ///
 /// `Debug` shows only the fingerprint: the key must never reach a log.
 #[derive(Clone)]
-pub struct HubIdentity {
+pub(crate) struct HubIdentity {
     /// PEM certificates: the server certificate first, the CA certificate last.
-    pub cert_chain_pem: String,
+    pub(crate) cert_chain_pem: String,
     /// PEM private key of the server certificate.
-    pub key_pem: String,
+    pub(crate) key_pem: String,
     /// SHA-256 (lowercase hex) of the CA certificate's DER: the pin that goes
     /// into enrollment strings.
-    pub ca_sha256: String,
+    pub(crate) ca_sha256: String,
 }
 
 impl fmt::Debug for HubIdentity {
@@ -86,7 +86,7 @@ impl fmt::Debug for HubIdentity {
 /// Why the hub's TLS identity could not be loaded or created. Each message
 /// names the file concerned and what the operator can do.
 #[derive(Debug, thiserror::Error)]
-pub enum TlsError {
+pub(crate) enum TlsError {
     /// A file or directory could not be read, written or created.
     #[error("could not {action} {}: {source}", path.display())]
     Io {
@@ -209,7 +209,7 @@ pub enum TlsError {
 
 /// The SHA-256 (lowercase hex) of a certificate's DER encoding: the form in
 /// which agents pin a CA.
-pub fn fingerprint(der: &[u8]) -> String {
+pub(crate) fn fingerprint(der: &[u8]) -> String {
     trunkfarm_proto::dial::sha256_hex(der)
 }
 
@@ -217,7 +217,10 @@ pub fn fingerprint(der: &[u8]) -> String {
 /// start), issues a fresh server certificate for `localhost`, `127.0.0.1`,
 /// `::1` and `hostnames` (DNS names or IP literals), writes it to the
 /// directory, and returns the identity to serve.
-pub fn load_or_create(tls_dir: &Path, hostnames: &[String]) -> Result<HubIdentity, TlsError> {
+pub(crate) fn load_or_create(
+    tls_dir: &Path,
+    hostnames: &[String],
+) -> Result<HubIdentity, TlsError> {
     // Validate the configuration before touching the disk.
     let sans = subject_alt_names(hostnames)?;
     create_private_dir(tls_dir)?;
@@ -281,7 +284,7 @@ pub fn load_or_create(tls_dir: &Path, hostnames: &[String]) -> Result<HubIdentit
 
 /// Configured mode: the operator's own certificate chain (server certificate
 /// first, issuing CA last) and private key. Agents pin the last certificate.
-pub fn load_configured(cert_path: &Path, key_path: &Path) -> Result<HubIdentity, TlsError> {
+pub(crate) fn load_configured(cert_path: &Path, key_path: &Path) -> Result<HubIdentity, TlsError> {
     let cert_bytes = read(cert_path)?;
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert_bytes)
         .collect::<Result<_, _>>()

@@ -1,8 +1,14 @@
 //! Delivering one mail: over SMTP with lettre (implicit TLS, STARTTLS or
 //! plain, with a pool of connections), or as a file in a mailbox directory.
 //! Answers say whether a failure is worth retrying.
+//!
+//! The outbox hands each mail to a [`Mailer`]; [`Transport`] is the real
+//! one. The seam lets the outbox's guarantees (once per event, retried until
+//! accepted) be tested in-process with a recorder in place of a server.
 
+use std::future::Future;
 use std::path::Path;
+use std::pin::Pin;
 
 use lettre::message::{Mailbox, Message};
 use lettre::transport::smtp::PoolConfig;
@@ -12,9 +18,20 @@ use lettre::{AsyncFileTransport, AsyncSmtpTransport, AsyncTransport, Tokio1Execu
 
 use crate::config::{SmtpSection, SmtpSecurity};
 
+/// Where the outbox hands each mail.
+pub(crate) trait Mailer: Send + Sync {
+    /// Sends one message; on success, the server's answer (`250 …`).
+    fn send(&self, message: Message) -> Sending<'_>;
+    /// Where mail goes, for status lines and `mail list`.
+    fn describe(&self) -> String;
+}
+
+/// A delivery attempt in progress (boxed: [`Mailer`] is used as a trait object).
+pub(crate) type Sending<'a> = Pin<Box<dyn Future<Output = Result<String, Failure>> + Send + 'a>>;
+
 /// How a delivery attempt ended, when it did not succeed.
 #[derive(Debug)]
-pub enum Failure {
+pub(crate) enum Failure {
     /// Worth another try later: the server is down, slow, or answered 4xx.
     Transient(String),
     /// The server refused this mail for good (5xx).
@@ -22,7 +39,7 @@ pub enum Failure {
 }
 
 /// Where mail goes.
-pub enum Transport {
+pub(crate) enum Transport {
     /// An SMTP server.
     Smtp {
         /// The pooled lettre transport.
@@ -47,7 +64,7 @@ pub enum Transport {
 impl Transport {
     /// Builds the transport `[smtp]` describes. Errors (an unreadable
     /// password file, a bad CA) say which key to fix.
-    pub fn from_config(smtp: &SmtpSection) -> Result<Transport, String> {
+    pub(crate) fn from_config(smtp: &SmtpSection) -> Result<Transport, String> {
         if let Some(dir) = &smtp.mailbox_dir {
             std::fs::create_dir_all(dir)
                 .map_err(|e| format!("cannot create smtp.mailbox_dir {}: {e}", dir.display()))?;
@@ -96,19 +113,8 @@ impl Transport {
         })
     }
 
-    /// What the outbox status shows.
-    pub fn describe(&self) -> String {
-        match self {
-            Transport::Smtp { describe, .. } => describe.clone(),
-            Transport::Mailbox { dir, .. } => format!("mailbox directory {}", dir.display()),
-            Transport::None => {
-                "no [smtp] host configured: mails wait in the outbox until one is".into()
-            }
-        }
-    }
-
     /// Sends one message; on success, the server's answer.
-    pub async fn send(&self, message: Message) -> Result<String, Failure> {
+    async fn deliver(&self, message: Message) -> Result<String, Failure> {
         match self {
             Transport::Smtp {
                 transport, limit, ..
@@ -134,6 +140,22 @@ impl Transport {
     }
 }
 
+impl Mailer for Transport {
+    fn send(&self, message: Message) -> Sending<'_> {
+        Box::pin(self.deliver(message))
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Transport::Smtp { describe, .. } => describe.clone(),
+            Transport::Mailbox { dir, .. } => format!("mailbox directory {}", dir.display()),
+            Transport::None => {
+                "no [smtp] host configured: mails wait in the outbox until one is".into()
+            }
+        }
+    }
+}
+
 /// The first line of the password file.
 fn read_password(path: &Path) -> Result<String, String> {
     let text = std::fs::read_to_string(path)
@@ -146,7 +168,7 @@ fn read_password(path: &Path) -> Result<String, String> {
 }
 
 /// The sender, parsed (the config checks it too).
-pub fn sender(smtp: &SmtpSection) -> Result<Mailbox, String> {
+pub(crate) fn sender(smtp: &SmtpSection) -> Result<Mailbox, String> {
     smtp.from
         .parse()
         .map_err(|e| format!("smtp.from {:?} is not a sender address: {e}", smtp.from))

@@ -11,14 +11,23 @@
 //! "250" and that mark re-sends it once on restart — SMTP's own window, which
 //! the stable `Message-ID` lets receivers dedupe.
 //!
-//! Keys: `s/<project>/<email>` and `d/<upstream>/<email>` → [`Subscription`];
-//! `x/<project>/<email>` → a config maintainer who unsubscribed; `m/<id>` →
-//! [`OutMail`]; `q/<id>` → pending; `e/<event>/<email>` → mail id;
-//! `r/<went-red id>` → reminders sent; `g/<upstream>/<email>` → last digest period.
+//! Keys (all through [`Table`]; `<id>` is [`id_key`], `<email>` lowercase):
+//! `s/<project>/<email>` and `d/<upstream>/<email>` → [`Subscription`]
+//! (JSON); `x/<project>/<email>` → empty: a config maintainer who
+//! unsubscribed; `m/<id>` → [`OutMail`] (JSON); `q/<id>` → empty: pending;
+//! `e/<event>/<email>` → the mail's id (8 bytes, big-endian);
+//! `r/<went-red id>` → reminders sent (JSON number); `g/<upstream>/<email>` →
+//! last digest period (JSON number).
+//!
+//! Delivery goes through a [`Mailer`] (SMTP or a mailbox directory in the
+//! hub; a recorder in the tests) and time through a [`Clock`], so the tests
+//! drive the outbox in-process (`notify/tests.rs`).
 
-pub mod deliver;
-pub mod render;
-pub mod token;
+mod deliver;
+mod render;
+#[cfg(test)]
+mod tests;
+mod token;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -30,13 +39,15 @@ use trunkfarm_proto::v1::{MailInfo, MailState, Subscription, Transition, Transit
 
 use crate::config::{HubConfig, NotifySection, ProjectConfig, UpstreamConfig};
 use crate::logs::JobLogs;
-use crate::results::{Results, TransitionSink, Writes};
-use crate::store::{Store, StoreError, now_ms};
-use deliver::{Failure, Transport};
-use token::{Unsub, UnsubscribeKey};
+use crate::results::{Results, TransitionSink};
+use crate::store::{Store, StoreError, Table, id_key, now_ms, trees};
+use deliver::{Failure, Mailer, Transport};
+use token::{TokenError, Unsub, UnsubscribeKey};
 
-/// The tree this module owns.
-const TREE: &str = crate::store::trees::NOTIFY;
+/// Milliseconds since the Unix epoch, as the notifier sees them: the system
+/// clock in the hub ([`now_ms`]), a hand-moved one in the tests (reminders,
+/// digests and retry backoff without waiting).
+pub(crate) type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
 
 /// How often reminders and digests are looked at.
 const TICK: Duration = Duration::from_secs(30);
@@ -44,9 +55,23 @@ const TICK: Duration = Duration::from_secs(30);
 /// Mails the sender takes per round.
 const SEND_BATCH: usize = 32;
 
+/// Why the notifier could not start. The messages name the file or key to fix.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum StartError {
+    /// The unsubscribe key file.
+    #[error(transparent)]
+    Key(#[from] TokenError),
+    /// `[smtp]` (a password file, a CA, the sender).
+    #[error("{0}")]
+    Smtp(String),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
 /// What the notifier can fail with.
 #[derive(Debug, thiserror::Error)]
-pub enum NotifyError {
+pub(crate) enum NotifyError {
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -61,26 +86,26 @@ pub enum NotifyError {
 /// A mail in the outbox.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(default)]
-pub struct OutMail {
+struct OutMail {
     /// What `trunkfarm mail list` shows.
-    pub info: MailInfo,
+    info: MailInfo,
     /// The plain-text part.
-    pub text: String,
+    text: String,
     /// The HTML part.
-    pub html: String,
+    html: String,
     /// The one-click unsubscribe URL (List-Unsubscribe).
-    pub unsubscribe_url: String,
+    unsubscribe_url: String,
 }
 
 /// The running notifier (cheap to clone).
 #[derive(Clone)]
-pub struct Notifier {
+pub(crate) struct Notifier {
     inner: Arc<Inner>,
 }
 
 struct Inner {
-    store: Store,
-    tree: sled::Tree,
+    /// The `notify` tree (keys above).
+    table: Table,
     results: Results,
     logs: Arc<JobLogs>,
     projects: Vec<ProjectConfig>,
@@ -90,13 +115,49 @@ struct Inner {
     domain: String,
     hub_name: String,
     key: UnsubscribeKey,
-    transport: Transport,
+    mailer: Arc<dyn Mailer>,
     sender: lettre::message::Mailbox,
+    clock: Clock,
     wake: tokio::sync::Notify,
 }
 
-fn id20(id: u64) -> String {
-    format!("{id:020}")
+/// `s/<project>/<email>`: a per-event subscription to a project.
+fn project_sub_key(project: &str, email: &str) -> String {
+    format!("s/{project}/{}", email.to_ascii_lowercase())
+}
+
+/// `x/<project>/<email>`: a config maintainer who unsubscribed.
+fn tomb_key(project: &str, email: &str) -> String {
+    format!("x/{project}/{}", email.to_ascii_lowercase())
+}
+
+/// `g/<upstream>/<email>`: the last digest period of a digest subscriber.
+fn digest_period_key(upstream: &str, email: &str) -> String {
+    format!("g/{upstream}/{}", email.to_ascii_lowercase())
+}
+
+/// `e/<event>/<email>`: the mail queued for one event and recipient.
+fn event_key(event: &str, email: &str) -> String {
+    format!("e/{event}/{}", email.to_ascii_lowercase())
+}
+
+/// `m/<id>`: a mail.
+fn mail_key(id: u64) -> String {
+    format!("m/{}", id_key(id))
+}
+
+/// `q/<id>`: a mail is pending.
+fn pending_key(id: u64) -> String {
+    format!("q/{}", id_key(id))
+}
+
+/// Raw key/value writes to the `notify` tree, collected for one atomic
+/// apply (JSON values already encoded by the [`Table`]).
+type Writes = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// How many mails `writes` queue.
+fn mails_in(writes: &Writes) -> usize {
+    writes.iter().filter(|(k, _)| k.starts_with(b"m/")).count()
 }
 
 /// A short, stable tag of an address for Message-IDs (no address in headers
@@ -107,7 +168,7 @@ fn tag(email: &str) -> String {
 }
 
 /// Checks an address the way delivery will.
-pub fn check_email(email: &str) -> Result<String, NotifyError> {
+fn check_email(email: &str) -> Result<String, NotifyError> {
     let trimmed = email.trim();
     trimmed
         .parse::<lettre::Address>()
@@ -121,23 +182,54 @@ pub fn check_email(email: &str) -> Result<String, NotifyError> {
 
 impl Notifier {
     /// Opens the outbox, syncs the config's maintainers into the
-    /// subscriptions, and starts the sender and the reminder/digest task.
-    pub fn start(
+    /// subscriptions, and starts the sender (over `[smtp]`) and the
+    /// reminder/digest task.
+    pub(crate) fn start(
         config: &HubConfig,
         store: &Store,
         results: Results,
         logs: Arc<JobLogs>,
         public_url: String,
         shutdown: CancellationToken,
-    ) -> anyhow::Result<Notifier> {
+    ) -> Result<Notifier, StartError> {
+        let transport = Transport::from_config(&config.smtp).map_err(StartError::Smtp)?;
+        let notifier = Notifier::open(
+            config,
+            store,
+            results,
+            logs,
+            public_url,
+            Arc::new(transport),
+            Arc::new(now_ms),
+        )?;
+        tracing::info!(delivery = %notifier.describe(), "notifier started");
+        let n = notifier.clone();
+        let stop = shutdown.clone();
+        tokio::spawn(async move { n.send_loop(stop).await });
+        let n = notifier.clone();
+        tokio::spawn(async move { n.tick_loop(shutdown).await });
+        Ok(notifier)
+    }
+
+    /// Opens the outbox and syncs the config's maintainers into the
+    /// subscriptions, without starting any task: [`Notifier::start`] in the
+    /// hub, the tests drive [`Notifier::send_due`], [`Notifier::remind`] and
+    /// [`Notifier::digest`] themselves.
+    fn open(
+        config: &HubConfig,
+        store: &Store,
+        results: Results,
+        logs: Arc<JobLogs>,
+        public_url: String,
+        mailer: Arc<dyn Mailer>,
+        clock: Clock,
+    ) -> Result<Notifier, StartError> {
         let key = UnsubscribeKey::load_or_create(&config.data_dir().join("unsubscribe.key"))?;
-        let transport = Transport::from_config(&config.smtp).map_err(anyhow::Error::msg)?;
-        let sender = deliver::sender(&config.smtp).map_err(anyhow::Error::msg)?;
+        let sender = deliver::sender(&config.smtp).map_err(StartError::Smtp)?;
         let domain = sender.email.domain().to_owned();
         let notifier = Notifier {
             inner: Arc::new(Inner {
-                store: store.clone(),
-                tree: store.tree(TREE)?,
+                table: Table::open(store, trees::NOTIFY)?,
                 results,
                 logs,
                 projects: config.projects.clone(),
@@ -151,33 +243,59 @@ impl Notifier {
                     .clone()
                     .unwrap_or_else(|| "trunkfarm".into()),
                 key,
-                transport,
+                mailer,
                 sender,
+                clock,
                 wake: tokio::sync::Notify::new(),
             }),
         };
         notifier.sync_maintainers()?;
-        tracing::info!(delivery = %notifier.inner.transport.describe(), "notifier started");
-        let n = notifier.clone();
-        let stop = shutdown.clone();
-        tokio::spawn(async move { n.send_loop(stop).await });
-        let n = notifier.clone();
-        tokio::spawn(async move { n.tick_loop(shutdown).await });
         Ok(notifier)
     }
 
-    fn get_json<T: for<'de> Deserialize<'de>>(&self, key: &str) -> Result<Option<T>, StoreError> {
-        let s = &self.inner;
-        match s.tree.get(key).map_err(|e| s.store.err(e))? {
-            None => Ok(None),
-            Some(raw) => serde_json::from_slice(&raw)
-                .map(Some)
-                .map_err(|e| s.store.corrupt(format!("{TREE}/{key}"), e)),
-        }
+    /// Now, by the notifier's [`Clock`].
+    fn now(&self) -> u64 {
+        (self.inner.clock)()
     }
 
-    fn encode<T: Serialize>(&self, value: &T) -> Result<Vec<u8>, StoreError> {
-        serde_json::to_vec(value).map_err(|e| self.inner.store.corrupt("(encode notify)", e))
+    /// The `notify` table, for a caller that applies [`Notifier::stage`]d
+    /// outbox entries in one atomic step with its own writes
+    /// (`Table::apply_with`).
+    pub(crate) fn table(&self) -> &Table {
+        &self.inner.table
+    }
+
+    /// Stages into `batch` the outbox entries that the stored transition `t`
+    /// causes: one mail per recipient for went red and fixed (nothing for
+    /// other kinds), none for a recipient already queued for this event, so
+    /// staging a transition again after a crash queues nothing twice. Apply
+    /// `batch` to [`Notifier::table`] in the same atomic step that stores `t`,
+    /// then [`Notifier::wake`] the sender. Returns the mails staged.
+    // Results applies through `TransitionSink::writes` until it moves onto
+    // `Table::apply_with` (issue 11); the tests use this path already.
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub(crate) fn stage(
+        &self,
+        t: &Transition,
+        batch: &mut sled::Batch,
+    ) -> Result<usize, StoreError> {
+        let writes = self.transition_writes(t)?;
+        let mails = mails_in(&writes);
+        for (k, v) in writes {
+            batch.insert(k, v);
+        }
+        Ok(mails)
+    }
+
+    /// The outbox entries for transition `t` (see [`Notifier::stage`]).
+    fn transition_writes(&self, t: &Transition) -> Result<Writes, StoreError> {
+        let kind = TransitionKind::try_from(t.kind).unwrap_or(TransitionKind::Unspecified);
+        match kind {
+            TransitionKind::WentRed | TransitionKind::Fixed => {
+                self.mails_for(t, &format!("t{}", t.id), None)
+            }
+            _ => Ok(Vec::new()),
+        }
     }
 
     /// Makes the config's `maintainers` subscribers (unless they
@@ -188,53 +306,44 @@ impl Notifier {
         for p in &s.projects {
             for email in &p.maintainers {
                 if let Ok(email) = check_email(email) {
-                    wanted.insert(
-                        format!("s/{}/{}", p.name, email.to_ascii_lowercase()),
-                        (p, email),
-                    );
+                    wanted.insert(project_sub_key(&p.name, &email), (p, email));
                 }
             }
         }
         let mut batch = sled::Batch::default();
-        for item in s.tree.scan_prefix("s/") {
-            let (k, v) = item.map_err(|e| s.store.err(e))?;
-            let key = String::from_utf8_lossy(&k).into_owned();
-            let sub: Subscription = serde_json::from_slice(&v)
-                .map_err(|e| s.store.corrupt(format!("{TREE}/{key}"), e))?;
-            if sub.source == "config" && !wanted.contains_key(&key) {
+        for item in s.table.scan::<Subscription>("s/") {
+            let (k, sub) = item?;
+            if sub.source == "config" && !wanted.contains_key(String::from_utf8_lossy(&k).as_ref())
+            {
                 batch.remove(k);
             }
         }
         for (key, (p, email)) in wanted {
-            let tomb = format!("x/{}/{}", p.name, email.to_ascii_lowercase());
-            if s.tree.contains_key(&key).map_err(|e| s.store.err(e))?
-                || s.tree.contains_key(&tomb).map_err(|e| s.store.err(e))?
-            {
+            if s.table.contains(&key)? || s.table.contains(tomb_key(&p.name, &email))? {
                 continue;
             }
             let sub = Subscription {
                 email,
                 project: p.name.clone(),
                 source: "config".into(),
-                created_at_ms: now_ms(),
+                created_at_ms: self.now(),
                 ..Default::default()
             };
-            batch.insert(key.as_bytes(), self.encode(&sub)?);
+            s.table.stage(&mut batch, key, &sub)?;
         }
-        s.tree.apply_batch(batch).map_err(|e| s.store.err(e))
+        s.table.apply(batch)
     }
 
     fn sub_key(sub: &Subscription) -> String {
-        let email = sub.email.to_ascii_lowercase();
         if sub.digest {
-            format!("d/{}/{email}", sub.upstream)
+            format!("d/{}/{}", sub.upstream, sub.email.to_ascii_lowercase())
         } else {
-            format!("s/{}/{email}", sub.project)
+            project_sub_key(&sub.project, &sub.email)
         }
     }
 
     /// Adds a subscription (checked against the config); false if it existed.
-    pub async fn subscribe(&self, mut sub: Subscription) -> Result<bool, NotifyError> {
+    pub(crate) async fn subscribe(&self, mut sub: Subscription) -> Result<bool, NotifyError> {
         let s = &self.inner;
         sub.email = check_email(&sub.email)?;
         if sub.digest {
@@ -273,34 +382,32 @@ impl Notifier {
             }
         }
         let key = Self::sub_key(&sub);
-        let existed = s.tree.contains_key(&key).map_err(|e| s.store.err(e))?;
+        let existed = s.table.contains(&key)?;
         sub.source = "cli".into();
-        sub.created_at_ms = now_ms();
+        sub.created_at_ms = self.now();
         let mut batch = sled::Batch::default();
-        batch.insert(key.as_bytes(), self.encode(&sub)?);
+        s.table.stage(&mut batch, &key, &sub)?;
         if sub.digest {
             // The first digest covers what goes red from now on.
-            let period = s.settings.digest_every.as_millis().max(1) as u64;
-            let gkey = format!("g/{}/{}", sub.upstream, sub.email.to_ascii_lowercase());
-            if !s.tree.contains_key(&gkey).map_err(|e| s.store.err(e))? {
-                batch.insert(gkey.as_bytes(), self.encode(&(now_ms() / period))?);
+            let gkey = digest_period_key(&sub.upstream, &sub.email);
+            if !s.table.contains(&gkey)? {
+                s.table.stage(&mut batch, gkey, &self.digest_period())?;
             }
         } else {
-            batch
-                .remove(format!("x/{}/{}", sub.project, sub.email.to_ascii_lowercase()).as_bytes());
+            batch.remove(tomb_key(&sub.project, &sub.email).as_bytes());
         }
-        s.tree.apply_batch(batch).map_err(|e| s.store.err(e))?;
-        s.store.commit().await?;
+        s.table.apply(batch)?;
+        s.table.store().commit().await?;
         tracing::info!(project = %sub.project, upstream = %sub.upstream, digest = sub.digest, "subscription added");
         Ok(!existed)
     }
 
     /// Removes a subscription; a config maintainer stays unsubscribed
     /// across restarts. False if there was none.
-    pub async fn unsubscribe(&self, sub: &Subscription) -> Result<bool, NotifyError> {
+    pub(crate) async fn unsubscribe(&self, sub: &Subscription) -> Result<bool, NotifyError> {
         let s = &self.inner;
         let key = Self::sub_key(sub);
-        let existing: Option<Subscription> = self.get_json(&key)?;
+        let existed = s.table.contains(&key)?;
         let mut batch = sled::Batch::default();
         batch.remove(key.as_bytes());
         if !sub.digest {
@@ -311,23 +418,20 @@ impl Notifier {
                         .any(|m| m.eq_ignore_ascii_case(&sub.email))
             });
             if from_config {
-                batch.insert(
-                    format!("x/{}/{}", sub.project, sub.email.to_ascii_lowercase()).as_bytes(),
-                    &[],
-                );
+                batch.insert(tomb_key(&sub.project, &sub.email).as_bytes(), &[]);
             }
         }
-        s.tree.apply_batch(batch).map_err(|e| s.store.err(e))?;
-        s.store.commit().await?;
-        Ok(existing.is_some())
+        s.table.apply(batch)?;
+        s.table.store().commit().await?;
+        Ok(existed)
     }
 
     /// What an unsubscribe link asks for; the sentence for the web page.
-    pub async fn unsubscribe_token(&self, token: &str) -> Result<String, String> {
+    pub(crate) async fn unsubscribe_token(&self, token: &str) -> Result<String, String> {
         let unsub = self
             .inner
             .key
-            .verify(token, now_ms())
+            .verify(token, self.now())
             .map_err(|e| e.to_string())?;
         let sub = Subscription {
             email: unsub.email.clone(),
@@ -352,16 +456,11 @@ impl Notifier {
     }
 
     /// Subscriptions, optionally of one project.
-    pub fn subscriptions(&self, project: &str) -> Result<Vec<Subscription>, NotifyError> {
-        let s = &self.inner;
+    pub(crate) fn subscriptions(&self, project: &str) -> Result<Vec<Subscription>, NotifyError> {
         let mut out = Vec::new();
         for prefix in ["s/", "d/"] {
-            for item in s.tree.scan_prefix(prefix) {
-                let (k, v) = item.map_err(|e| s.store.err(e))?;
-                let sub: Subscription = serde_json::from_slice(&v).map_err(|e| {
-                    s.store
-                        .corrupt(format!("{TREE}/{}", String::from_utf8_lossy(&k)), e)
-                })?;
+            for item in self.inner.table.scan::<Subscription>(prefix) {
+                let (_, sub) = item?;
                 if project.is_empty() || sub.project == project {
                     out.push(sub);
                 }
@@ -399,7 +498,9 @@ impl Notifier {
     }
 
     fn unsubscribe_url(&self, unsub: &Unsub) -> String {
-        let expires = now_ms().saturating_add(self.inner.settings.link_ttl.as_millis() as u64);
+        let expires = self
+            .now()
+            .saturating_add(self.inner.settings.link_ttl.as_millis() as u64);
         format!(
             "{}/unsubscribe?token={}",
             self.inner.public_url,
@@ -434,12 +535,8 @@ impl Notifier {
             }
             return Ok(out);
         }
-        for item in s.tree.scan_prefix(format!("s/{}/", t.project)) {
-            let (k, v) = item.map_err(|e| s.store.err(e))?;
-            let sub: Subscription = serde_json::from_slice(&v).map_err(|e| {
-                s.store
-                    .corrupt(format!("{TREE}/{}", String::from_utf8_lossy(&k)), e)
-            })?;
+        for item in s.table.scan::<Subscription>(format!("s/{}/", t.project)) {
+            let (_, sub) = item?;
             if (!sub.platform.is_empty() && sub.platform != t.platform)
                 || (!sub.upstream.is_empty() && sub.upstream != t.upstream)
             {
@@ -497,13 +594,7 @@ impl Notifier {
             String::new()
         };
         for (email, unsub) in self.recipients(t)? {
-            let dedupe = format!("e/{event}/{}", email.to_ascii_lowercase());
-            if self
-                .inner
-                .tree
-                .contains_key(&dedupe)
-                .map_err(|e| self.inner.store.err(e))?
-            {
+            if self.inner.table.contains(event_key(event, &email))? {
                 continue;
             }
             let unsubscribe_url = self.unsubscribe_url(&unsub);
@@ -532,14 +623,14 @@ impl Notifier {
                 ),
                 _ => (self.message_id("red", t.id, &email), String::new()),
             };
-            let id = self.inner.store.next_id()?;
+            let id = self.inner.table.store().next_id()?;
             let mail = OutMail {
                 info: MailInfo {
                     id,
-                    to: email.clone(),
+                    to: email,
                     subject: r.subject,
                     state: MailState::Pending.into(),
-                    created_at_ms: now_ms(),
+                    created_at_ms: self.now(),
                     event: event.to_owned(),
                     message_id,
                     in_reply_to,
@@ -549,28 +640,50 @@ impl Notifier {
                 html: r.html,
                 unsubscribe_url,
             };
-            writes.push((format!("m/{}", id20(id)).into_bytes(), self.encode(&mail)?));
-            writes.push((format!("q/{}", id20(id)).into_bytes(), Vec::new()));
-            writes.push((dedupe.into_bytes(), id.to_be_bytes().to_vec()));
+            self.queue(&mut writes, &mail)?;
         }
         Ok(writes)
     }
 
+    /// The writes that queue `mail` (its id, event and recipient set): the
+    /// mail, its pending marker and its event key, which later attempts to
+    /// queue the same event for the same recipient find.
+    fn queue(&self, writes: &mut Writes, mail: &OutMail) -> Result<(), StoreError> {
+        let i = &mail.info;
+        let table = &self.inner.table;
+        writes.push((mail_key(i.id).into_bytes(), table.encode(mail)?));
+        writes.push((pending_key(i.id).into_bytes(), Vec::new()));
+        writes.push((
+            event_key(&i.event, &i.to).into_bytes(),
+            i.id.to_be_bytes().to_vec(),
+        ));
+        Ok(())
+    }
+
+    /// Applies `writes` to the outbox and waits until they are durable.
+    async fn apply(&self, writes: Writes) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for (k, v) in writes {
+            batch.insert(k, v);
+        }
+        self.inner.table.apply(batch)?;
+        self.inner.table.store().commit().await
+    }
+
     /// Wakes the sender (after something was queued).
-    pub fn wake(&self) {
+    pub(crate) fn wake(&self) {
         self.inner.wake.notify_one();
     }
 
     /// The outbox, newest first.
-    pub fn mails(&self, limit: usize, state: MailState) -> Result<Vec<MailInfo>, NotifyError> {
-        let s = &self.inner;
+    pub(crate) fn mails(
+        &self,
+        limit: usize,
+        state: MailState,
+    ) -> Result<Vec<MailInfo>, NotifyError> {
         let mut out = Vec::new();
-        for item in s.tree.scan_prefix("m/").rev() {
-            let (k, v) = item.map_err(|e| s.store.err(e))?;
-            let mail: OutMail = serde_json::from_slice(&v).map_err(|e| {
-                s.store
-                    .corrupt(format!("{TREE}/{}", String::from_utf8_lossy(&k)), e)
-            })?;
+        for item in self.inner.table.scan::<OutMail>("m/").rev() {
+            let (_, mail) = item?;
             if state == MailState::Unspecified || mail.info.state == state as i32 {
                 out.push(mail.info);
                 if out.len() >= limit {
@@ -582,13 +695,13 @@ impl Notifier {
     }
 
     /// Mails waiting for delivery (the pending index, not the whole outbox).
-    pub fn pending_count(&self) -> usize {
-        self.inner.tree.scan_prefix("q/").count()
+    pub(crate) fn pending_count(&self) -> usize {
+        self.inner.table.keys("q/").count()
     }
 
     /// How delivery is configured, for `mail list`.
-    pub fn describe(&self) -> String {
-        self.inner.transport.describe()
+    pub(crate) fn describe(&self) -> String {
+        self.inner.mailer.describe()
     }
 
     fn message(&self, mail: &OutMail) -> Result<lettre::Message, String> {
@@ -639,14 +752,14 @@ impl Notifier {
     }
 
     /// Sends one test mail now, outside the outbox.
-    pub async fn send_test(&self, to: &str) -> Result<String, NotifyError> {
+    pub(crate) async fn send_test(&self, to: &str) -> Result<String, NotifyError> {
         let to = check_email(to)?;
         let r = render::test_mail(&self.inner.hub_name);
         let mail = OutMail {
             info: MailInfo {
                 to,
                 subject: r.subject,
-                message_id: self.message_id("test", now_ms(), "test"),
+                message_id: self.message_id("test", self.now(), "test"),
                 ..Default::default()
             },
             text: r.text,
@@ -654,7 +767,7 @@ impl Notifier {
             unsubscribe_url: String::new(),
         };
         let message = self.message(&mail).map_err(NotifyError::Invalid)?;
-        match self.inner.transport.send(message).await {
+        match self.inner.mailer.send(message).await {
             Ok(answer) => Ok(answer),
             Err(Failure::Permanent(e)) | Err(Failure::Transient(e)) => Err(NotifyError::Delivery(
                 format!("{} refused or failed: {e}", self.describe()),
@@ -669,11 +782,11 @@ impl Notifier {
                 Ok(next) => next,
                 Err(e) => {
                     tracing::error!("outbox: {e}");
-                    Some(now_ms() + 5_000)
+                    Some(self.now() + 5_000)
                 }
             };
             let wait = next
-                .map(|at| at.saturating_sub(now_ms()))
+                .map(|at| at.saturating_sub(self.now()))
                 .unwrap_or(60_000)
                 .clamp(10, 60_000);
             tokio::select! {
@@ -687,14 +800,15 @@ impl Notifier {
     /// Sends every pending mail that is due; returns when the next one is.
     async fn send_due(&self) -> Result<Option<u64>, StoreError> {
         let s = &self.inner;
-        let now = now_ms();
+        let now = self.now();
         let mut next: Option<u64> = None;
         let mut due = Vec::new();
-        for item in s.tree.scan_prefix("q/") {
-            let (k, _) = item.map_err(|e| s.store.err(e))?;
-            let key = String::from_utf8_lossy(&k).replacen("q/", "m/", 1);
-            let Some(mail) = self.get_json::<OutMail>(&key)? else {
-                s.tree.remove(k).map_err(|e| s.store.err(e))?;
+        for k in s.table.keys("q/") {
+            let k = k?;
+            // `q/<id>` → `m/<id>`.
+            let key = [b"m/", &k[2..]].concat();
+            let Some(mail) = s.table.get::<OutMail>(&key)? else {
+                s.table.remove(&k)?;
                 continue;
             };
             if mail.info.next_attempt_at_ms <= now {
@@ -711,7 +825,7 @@ impl Notifier {
         }
         for mut mail in due {
             let result = match self.message(&mail) {
-                Ok(m) => s.transport.send(m).await,
+                Ok(m) => s.mailer.send(m).await,
                 Err(e) => Err(Failure::Permanent(e)),
             };
             mail.info.attempts += 1;
@@ -720,23 +834,23 @@ impl Notifier {
             match result {
                 Ok(answer) => {
                     mail.info.state = MailState::Sent.into();
-                    mail.info.sent_at_ms = now_ms();
+                    mail.info.sent_at_ms = self.now();
                     mail.info.response = answer;
                     mail.info.last_error.clear();
-                    batch.remove(format!("q/{}", id20(id)).as_bytes());
+                    batch.remove(pending_key(id).as_bytes());
                     tracing::info!(mail = id, event = %mail.info.event, "mail sent");
                 }
                 Err(Failure::Permanent(e)) => {
                     mail.info.state = MailState::Failed.into();
                     mail.info.last_error = e.clone();
-                    batch.remove(format!("q/{}", id20(id)).as_bytes());
+                    batch.remove(pending_key(id).as_bytes());
                     tracing::warn!(mail = id, event = %mail.info.event, "mail refused for good: {e}");
                 }
                 Err(Failure::Transient(e)) => {
                     let s = &self.inner.settings;
                     let factor = 1u32 << (mail.info.attempts.saturating_sub(1)).min(20);
                     let wait = s.retry_first.saturating_mul(factor).min(s.retry_max);
-                    mail.info.next_attempt_at_ms = now_ms() + wait.as_millis() as u64;
+                    mail.info.next_attempt_at_ms = self.now() + wait.as_millis() as u64;
                     tracing::warn!(
                         mail = id,
                         attempts = mail.info.attempts,
@@ -749,12 +863,9 @@ impl Notifier {
                     }));
                 }
             }
-            batch.insert(format!("m/{}", id20(id)).as_bytes(), self.encode(&mail)?);
-            self.inner
-                .tree
-                .apply_batch(batch)
-                .map_err(|e| self.inner.store.err(e))?;
-            self.inner.store.commit().await?;
+            s.table.stage(&mut batch, mail_key(id), &mail)?;
+            s.table.apply(batch)?;
+            s.table.store().commit().await?;
         }
         Ok(next)
     }
@@ -787,13 +898,13 @@ impl Notifier {
 
     /// Queues a reminder for every project red longer than `reminder_after`
     /// (then every `reminder_every`).
-    pub async fn remind(&self) -> Result<usize, StoreError> {
+    async fn remind(&self) -> Result<usize, StoreError> {
         let s = &self.inner;
-        let now = now_ms();
+        let now = self.now();
         let mut queued = 0;
         for (_, t) in s.results.red_series()? {
-            let key = format!("r/{}", id20(t.id));
-            let sent: u32 = self.get_json(&key)?.unwrap_or(0);
+            let key = format!("r/{}", id_key(t.id));
+            let sent: u32 = s.table.get(&key)?.unwrap_or(0);
             let after = s.settings.reminder_after.as_millis() as u64;
             let every = s.settings.reminder_every.as_millis() as u64;
             let due_at = t.at_ms + after + every * sent as u64;
@@ -803,14 +914,9 @@ impl Notifier {
             let n = sent + 1;
             let days = (now.saturating_sub(t.at_ms)) / 86_400_000;
             let mut writes = self.mails_for(&t, &format!("remind{n}.{}", t.id), Some((days, n)))?;
-            writes.push((key.into_bytes(), self.encode(&n)?));
-            queued += writes.len();
-            let mut batch = sled::Batch::default();
-            for (k, v) in writes {
-                batch.insert(k, v);
-            }
-            s.tree.apply_batch(batch).map_err(|e| s.store.err(e))?;
-            s.store.commit().await?;
+            queued += mails_in(&writes);
+            writes.push((key.into_bytes(), s.table.encode(&n)?));
+            self.apply(writes).await?;
         }
         if queued > 0 {
             self.wake();
@@ -820,22 +926,16 @@ impl Notifier {
 
     /// Queues each digest subscriber's summary once per `digest_every`
     /// period that had something go red.
-    pub async fn digest(&self) -> Result<usize, StoreError> {
+    async fn digest(&self) -> Result<usize, StoreError> {
         let s = &self.inner;
-        let period = s.settings.digest_every.as_millis().max(1) as u64;
-        let now = now_ms();
-        let current = now / period;
+        let period = self.period_ms();
+        let current = self.digest_period();
         let mut queued = 0;
-        for item in s.tree.scan_prefix("d/") {
-            let (k, v) = item.map_err(|e| s.store.err(e))?;
-            let sub: Subscription = serde_json::from_slice(&v).map_err(|e| {
-                s.store
-                    .corrupt(format!("{TREE}/{}", String::from_utf8_lossy(&k)), e)
-            })?;
-            let gkey = format!("g/{}/{}", sub.upstream, sub.email.to_ascii_lowercase());
-            let last: Option<u64> = self.get_json(&gkey)?;
-            let mut batch = sled::Batch::default();
-            match last {
+        for item in s.table.scan::<Subscription>("d/") {
+            let (_, sub) = item?;
+            let gkey = digest_period_key(&sub.upstream, &sub.email);
+            let mut writes = Writes::new();
+            match s.table.get::<u64>(&gkey)? {
                 // The first period of a new subscriber starts now.
                 None => {}
                 Some(last) if last >= current => continue,
@@ -848,10 +948,7 @@ impl Notifier {
                             && t.at_ms < to
                     })?;
                     let event = format!("digest.{}.{current}", sub.upstream);
-                    let dedupe = format!("e/{event}/{}", sub.email.to_ascii_lowercase());
-                    if !went_red.is_empty()
-                        && !s.tree.contains_key(&dedupe).map_err(|e| s.store.err(e))?
-                    {
+                    if !went_red.is_empty() && !s.table.contains(event_key(&event, &sub.email))? {
                         let unsub = Unsub {
                             email: sub.email.clone(),
                             project: String::new(),
@@ -860,15 +957,15 @@ impl Notifier {
                         };
                         let url = self.unsubscribe_url(&unsub);
                         let r = render::digest(&sub.upstream, &went_red, &s.public_url, &url);
-                        let id = s.store.next_id()?;
+                        let id = s.table.store().next_id()?;
                         let mail = OutMail {
                             info: MailInfo {
                                 id,
                                 to: sub.email.clone(),
                                 subject: r.subject,
                                 state: MailState::Pending.into(),
-                                created_at_ms: now,
-                                event: event.clone(),
+                                created_at_ms: self.now(),
+                                event,
                                 message_id: self.message_id("digest", id, &sub.email),
                                 ..Default::default()
                             },
@@ -876,36 +973,37 @@ impl Notifier {
                             html: r.html,
                             unsubscribe_url: url,
                         };
-                        batch.insert(format!("m/{}", id20(id)).as_bytes(), self.encode(&mail)?);
-                        batch.insert(format!("q/{}", id20(id)).as_bytes(), &[]);
-                        batch.insert(dedupe.as_bytes(), &id.to_be_bytes());
+                        self.queue(&mut writes, &mail)?;
                         queued += 1;
                     }
                 }
             }
-            batch.insert(gkey.as_bytes(), self.encode(&current)?);
-            s.tree.apply_batch(batch).map_err(|e| s.store.err(e))?;
-            s.store.commit().await?;
+            writes.push((gkey.into_bytes(), s.table.encode(&current)?));
+            self.apply(writes).await?;
         }
         if queued > 0 {
             self.wake();
         }
         Ok(queued)
     }
+
+    /// The length of a digest period, in milliseconds (at least 1).
+    fn period_ms(&self) -> u64 {
+        self.inner.settings.digest_every.as_millis().max(1) as u64
+    }
+
+    /// The digest period now is in (periods since the Unix epoch).
+    fn digest_period(&self) -> u64 {
+        self.now() / self.period_ms()
+    }
 }
 
 impl TransitionSink for Notifier {
     fn tree(&self) -> &sled::Tree {
-        &self.inner.tree
+        self.table().sled()
     }
 
     fn writes(&self, t: &Transition) -> Result<Writes, StoreError> {
-        let kind = TransitionKind::try_from(t.kind).unwrap_or(TransitionKind::Unspecified);
-        match kind {
-            TransitionKind::WentRed | TransitionKind::Fixed => {
-                self.mails_for(t, &format!("t{}", t.id), None)
-            }
-            _ => Ok(Vec::new()),
-        }
+        self.transition_writes(t)
     }
 }

@@ -10,31 +10,31 @@ use crate::commit::short;
 use crate::web::escape;
 
 /// Everything a mail about one transition needs besides the transition.
-pub struct Context<'a> {
+pub(crate) struct Context<'a> {
     /// The upstream's branch (for "cpython main 3f2a9c1").
-    pub branch: &'a str,
+    pub(crate) branch: &'a str,
     /// The last lines of the failing job's log.
-    pub log_tail: &'a str,
+    pub(crate) log_tail: &'a str,
     /// Base URL of the hub's web endpoint (no trailing slash).
-    pub public_url: &'a str,
+    pub(crate) public_url: &'a str,
     /// The recipient's one-click unsubscribe link.
-    pub unsubscribe_url: &'a str,
+    pub(crate) unsubscribe_url: &'a str,
     /// For a reminder: how many days red, and the reminder's number.
-    pub reminder: Option<(u64, u32)>,
+    pub(crate) reminder: Option<(u64, u32)>,
 }
 
 /// Subject, text and HTML of a mail.
-pub struct Rendered {
+pub(crate) struct Rendered {
     /// The subject line.
-    pub subject: String,
+    pub(crate) subject: String,
     /// The plain-text part.
-    pub text: String,
+    pub(crate) text: String,
     /// The HTML part.
-    pub html: String,
+    pub(crate) html: String,
 }
 
 /// The mail for a transition (went red, fixed, or a reminder of a red one).
-pub fn transition(t: &Transition, ctx: &Context<'_>) -> Rendered {
+pub(crate) fn transition(t: &Transition, ctx: &Context<'_>) -> Rendered {
     let kind = TransitionKind::try_from(t.kind).unwrap_or(TransitionKind::Unspecified);
     let subject_of = if t.project.is_empty() {
         format!("{} {} build", t.upstream, ctx.branch)
@@ -162,7 +162,7 @@ pub fn transition(t: &Transition, ctx: &Context<'_>) -> Rendered {
 }
 
 /// A digest: everything that went red in an upstream during one period.
-pub fn digest(
+pub(crate) fn digest(
     upstream: &str,
     went_red: &[Transition],
     public_url: &str,
@@ -206,7 +206,7 @@ pub fn digest(
 }
 
 /// `trunkfarm mail test`.
-pub fn test_mail(hub: &str) -> Rendered {
+pub(crate) fn test_mail(hub: &str) -> Rendered {
     let subject = "[trunkfarm] test mail".to_owned();
     let text =
         format!("This is a test mail from the trunkfarm hub {hub}: its [smtp] settings work.\n");

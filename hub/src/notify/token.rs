@@ -20,21 +20,21 @@ use sha2::Sha256;
 
 /// What an unsubscribe link removes.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Unsub {
+pub(crate) struct Unsub {
     /// The address that stops receiving mail.
-    pub email: String,
+    pub(crate) email: String,
     /// The project whose mail it stops.
-    pub project: String,
+    pub(crate) project: String,
     /// The upstream (runtime) the subscription is about.
-    pub upstream: String,
+    pub(crate) upstream: String,
     /// Whether the link is for the digest rather than per-event mail.
-    pub digest: bool,
+    pub(crate) digest: bool,
 }
 
 /// Why a token was refused, or the key could not be loaded. The messages are
 /// meant for the person who clicked the link (or the operator, for the key).
 #[derive(Debug, thiserror::Error)]
-pub enum TokenError {
+pub(crate) enum TokenError {
     /// Not a token at all: bad characters, cut off, or an unknown version.
     #[error(
         "this unsubscribe link is invalid (it was altered or cut off); use the link in a newer mail, or ask the hub's operator"
@@ -69,7 +69,7 @@ pub enum TokenError {
 
 /// The key unsubscribe tokens are signed with: 32 random bytes.
 #[derive(Clone)]
-pub struct UnsubscribeKey {
+pub(crate) struct UnsubscribeKey {
     bytes: [u8; 32],
 }
 
@@ -90,7 +90,7 @@ const MAX_TOKEN_CHARS: usize = 4096;
 
 impl UnsubscribeKey {
     /// Loads `<path>` or creates it (32 random bytes, hex, mode 0600).
-    pub fn load_or_create(path: &Path) -> Result<UnsubscribeKey, TokenError> {
+    pub(crate) fn load_or_create(path: &Path) -> Result<UnsubscribeKey, TokenError> {
         let io = |source: std::io::Error| TokenError::Io {
             path: path.to_path_buf(),
             source,
@@ -127,7 +127,7 @@ impl UnsubscribeKey {
 
     /// A key from known bytes (tests).
     #[cfg(test)]
-    pub fn from_bytes(bytes: [u8; 32]) -> UnsubscribeKey {
+    pub(crate) fn from_bytes(bytes: [u8; 32]) -> UnsubscribeKey {
         UnsubscribeKey { bytes }
     }
 
@@ -140,7 +140,7 @@ impl UnsubscribeKey {
 
     /// A URL-safe token (base64url, no padding) carrying `unsub` and
     /// `expires_at_ms`, signed with HMAC-SHA256.
-    pub fn sign(&self, unsub: &Unsub, expires_at_ms: u64) -> String {
+    pub(crate) fn sign(&self, unsub: &Unsub, expires_at_ms: u64) -> String {
         let fields = [&unsub.email, &unsub.project, &unsub.upstream];
         let len = HEADER_LEN + fields.iter().map(|f| 4 + f.len()).sum::<usize>() + MAC_LEN;
         let mut buf = Vec::with_capacity(len);
@@ -162,7 +162,7 @@ impl UnsubscribeKey {
 
     /// Checks the signature (in constant time) and the expiry, and returns what
     /// the token removes.
-    pub fn verify(&self, token: &str, now_ms: u64) -> Result<Unsub, TokenError> {
+    pub(crate) fn verify(&self, token: &str, now_ms: u64) -> Result<Unsub, TokenError> {
         let token = token.trim();
         if token.is_empty() || token.len() > MAX_TOKEN_CHARS {
             return Err(TokenError::Malformed);

@@ -1,0 +1,757 @@
+//! The outbox driven in-process: real results and logs over a temporary
+//! store, a [`Recorder`] in place of the mail server and a hand-moved
+//! [`Clock`]. No tasks run: each test calls [`Notifier::send_due`],
+//! [`Notifier::remind`] and [`Notifier::digest`] itself, as the hub's loops
+//! do.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::Path;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use lettre::Message;
+use trunkfarm_proto::v1::{BuildInfo, BuildState, JobRef, LogChunk, LogStream, RunInfo, RunStatus};
+
+use super::deliver::Sending;
+use super::*;
+use crate::results::RunRecord;
+
+const DAY: u64 = 24 * 60 * 60 * 1000;
+
+/// What the recorder kept of one accepted mail.
+#[derive(Clone, Debug)]
+struct Sent {
+    to: String,
+    subject: String,
+    message_id: String,
+    in_reply_to: String,
+    /// `List-Unsubscribe`: `<url>`.
+    unsubscribe: String,
+    /// The whole message as sent.
+    raw: String,
+}
+
+/// How the recorder answers one delivery.
+enum Answer {
+    /// 4xx: try again later.
+    Later(&'static str),
+    /// 5xx: refused for good.
+    Refuse(&'static str),
+    /// Accepts the mail and never answers: the hub dies between the
+    /// server's "250" and marking the mail sent.
+    AcceptAndHang,
+}
+
+/// The mail server of these tests: accepts and records every mail unless a
+/// scripted [`Answer`] for its recipient says otherwise.
+#[derive(Default)]
+struct Recorder {
+    sent: Mutex<Vec<Sent>>,
+    /// Delivery attempts per recipient, answered or not.
+    attempts: Mutex<HashMap<String, u32>>,
+    script: Mutex<HashMap<String, VecDeque<Answer>>>,
+    /// Signalled when an [`Answer::AcceptAndHang`] mail was accepted.
+    hung: tokio::sync::Notify,
+}
+
+impl Recorder {
+    fn then(&self, to: &str, answer: Answer) {
+        self.script
+            .lock()
+            .unwrap()
+            .entry(to.to_owned())
+            .or_default()
+            .push_back(answer);
+    }
+
+    fn sent(&self) -> Vec<Sent> {
+        self.sent.lock().unwrap().clone()
+    }
+
+    fn attempts(&self, to: &str) -> u32 {
+        self.attempts.lock().unwrap().get(to).copied().unwrap_or(0)
+    }
+
+    fn accept(&self, message: &Message) {
+        let header = |name: &str| {
+            message
+                .headers()
+                .get_raw(name)
+                .unwrap_or_default()
+                .to_owned()
+        };
+        self.sent.lock().unwrap().push(Sent {
+            to: message
+                .envelope()
+                .to()
+                .iter()
+                .map(|a| a.to_string())
+                .collect::<Vec<_>>()
+                .join(","),
+            subject: header("Subject"),
+            message_id: header("Message-ID"),
+            in_reply_to: header("In-Reply-To"),
+            unsubscribe: header("List-Unsubscribe"),
+            raw: String::from_utf8_lossy(&message.formatted()).into_owned(),
+        });
+    }
+}
+
+impl Mailer for Recorder {
+    fn send(&self, message: Message) -> Sending<'_> {
+        Box::pin(async move {
+            let to = message
+                .envelope()
+                .to()
+                .iter()
+                .map(|a| a.to_string())
+                .collect::<Vec<_>>()
+                .join(",");
+            *self.attempts.lock().unwrap().entry(to.clone()).or_default() += 1;
+            let answer = self
+                .script
+                .lock()
+                .unwrap()
+                .get_mut(&to)
+                .and_then(VecDeque::pop_front);
+            match answer {
+                None => {
+                    self.accept(&message);
+                    Ok("250 2.0.0 Ok: queued".to_owned())
+                }
+                Some(Answer::Later(e)) => Err(Failure::Transient(e.to_owned())),
+                Some(Answer::Refuse(e)) => Err(Failure::Permanent(e.to_owned())),
+                Some(Answer::AcceptAndHang) => {
+                    self.accept(&message);
+                    self.hung.notify_one();
+                    std::future::pending().await
+                }
+            }
+        })
+    }
+
+    fn describe(&self) -> String {
+        "the test recorder".into()
+    }
+}
+
+const ALICE: &str = "alice@example.org";
+const BOB: &str = "bob@example.org";
+const CAROL: &str = "carol@example.org";
+const CORE: &str = "core@example.org";
+
+/// A hub's notification side: results and logs over one store, and the
+/// notifier on top, as `server.rs` wires them (without the tasks).
+struct Farm {
+    dir: tempfile::TempDir,
+    store: Store,
+    results: Results,
+    logs: Arc<JobLogs>,
+    notifier: Notifier,
+    server: Arc<Recorder>,
+    clock: Arc<AtomicU64>,
+}
+
+impl Farm {
+    /// A farm whose project `textkit` (upstream `tiny`, one platform) is
+    /// maintained by `maintainers`; the clock starts at the real time, the
+    /// time results stamp transitions with.
+    fn new(maintainers: &[&str]) -> Farm {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db")).unwrap();
+        let clock = Arc::new(AtomicU64::new(now_ms()));
+        Farm::with(dir, store, clock, maintainers)
+    }
+
+    fn with(
+        dir: tempfile::TempDir,
+        store: Store,
+        clock: Arc<AtomicU64>,
+        maintainers: &[&str],
+    ) -> Farm {
+        let server = Arc::new(Recorder::default());
+        let config = config(dir.path(), maintainers);
+        let results = Results::open(&store).unwrap();
+        let logs = Arc::new(JobLogs::open(&store, 1 << 20).unwrap());
+        let now = clock.clone();
+        let notifier = Notifier::open(
+            &config,
+            &store,
+            results.clone(),
+            logs.clone(),
+            "https://farm.example.org".into(),
+            server.clone(),
+            Arc::new(move || now.load(Ordering::SeqCst)),
+        )
+        .unwrap();
+        Farm {
+            dir,
+            store,
+            results,
+            logs,
+            notifier,
+            server,
+            clock,
+        }
+    }
+
+    /// The hub stops (the store with it) and starts again on the same data
+    /// dir, with a fresh mail server and whatever the config now says.
+    async fn restart(self, maintainers: &[&str]) -> Farm {
+        let Farm {
+            dir,
+            store,
+            results,
+            logs,
+            notifier,
+            clock,
+            ..
+        } = self;
+        drop((notifier, logs, results, store));
+        let store = crate::store::tests::reopen(&dir.path().join("db")).await;
+        Farm::with(dir, store, clock, maintainers)
+    }
+
+    fn set_clock(&self, ms: u64) {
+        self.clock.store(ms, Ordering::SeqCst);
+    }
+
+    fn now(&self) -> u64 {
+        self.clock.load(Ordering::SeqCst)
+    }
+
+    /// Records a finished `textkit` run as the pipeline does: the result and
+    /// the mails it causes in one transaction. Job ids double as the order
+    /// in which their commits were the head.
+    async fn run(&self, job_id: u64, red: bool) -> Option<Transition> {
+        let run = RunRecord {
+            info: RunInfo {
+                project: "textkit".into(),
+                upstream: "tiny".into(),
+                platform: "linux-x86_64".into(),
+                upstream_commit: format!("{job_id:040x}"),
+                project_commit: "p1".into(),
+                status: if red {
+                    RunStatus::Red
+                } else {
+                    RunStatus::Green
+                }
+                .into(),
+                job_id,
+                ..Default::default()
+            },
+            cases: Vec::new(),
+        };
+        let prepared = self.results.prepare_run(run, job_id).unwrap();
+        self.results
+            .commit_with(prepared, Vec::new(), String::new(), Some(&self.notifier))
+            .await
+            .unwrap()
+    }
+
+    /// Records a finished build of `tiny` the same way.
+    async fn build(&self, job_id: u64, passed: bool) -> Option<Transition> {
+        let build = BuildInfo {
+            upstream: "tiny".into(),
+            platform: "linux-x86_64".into(),
+            commit: format!("{job_id:040x}"),
+            job_id,
+            head_seq: job_id,
+            state: if passed {
+                BuildState::Passed
+            } else {
+                BuildState::Failed
+            }
+            .into(),
+            ..Default::default()
+        };
+        let prepared = self.results.prepare_build(build).unwrap();
+        self.results
+            .commit_with(prepared, Vec::new(), String::new(), Some(&self.notifier))
+            .await
+            .unwrap()
+    }
+
+    /// One round of the sender.
+    async fn deliver(&self) -> Option<u64> {
+        self.notifier.send_due().await.unwrap()
+    }
+
+    fn outbox(&self, state: MailState) -> Vec<MailInfo> {
+        self.notifier.mails(1000, state).unwrap()
+    }
+}
+
+fn config(dir: &Path, maintainers: &[&str]) -> HubConfig {
+    let maintainers = maintainers
+        .iter()
+        .map(|m| format!("{m:?}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let text = format!(
+        r#"
+[hub]
+data_dir = {dir:?}
+
+[smtp]
+from = "trunkfarm <farm@example.org>"
+
+[[upstream]]
+name = "tiny"
+url = "https://example.org/tiny.git"
+build = ["make install"]
+contacts = ["{CORE}"]
+
+[[project]]
+name = "textkit"
+url = "https://example.org/textkit.git"
+test = ["make test"]
+maintainers = [{maintainers}]
+"#,
+        dir = dir.display().to_string(),
+    );
+    HubConfig::from_toml(&text, None).unwrap()
+}
+
+fn subscription(email: &str) -> Subscription {
+    Subscription {
+        email: email.into(),
+        project: "textkit".into(),
+        ..Default::default()
+    }
+}
+
+fn recipients(sent: &[Sent]) -> Vec<String> {
+    let mut to: Vec<String> = sent.iter().map(|s| s.to.clone()).collect();
+    to.sort();
+    to
+}
+
+fn log_line(job_id: u64, text: &str) -> LogChunk {
+    LogChunk {
+        job: Some(JobRef { job_id, attempt: 1 }),
+        seq: 1,
+        stream: LogStream::Stdout.into(),
+        data: format!("{text}\n").into_bytes(),
+    }
+}
+
+#[tokio::test]
+async fn went_red_mails_each_matching_subscriber_once() {
+    let farm = Farm::new(&[ALICE]);
+    farm.notifier.subscribe(subscription(BOB)).await.unwrap();
+    let elsewhere = Subscription {
+        platform: "windows-x86_64".into(),
+        ..subscription(CAROL)
+    };
+    assert!(
+        farm.notifier.subscribe(elsewhere).await.is_err(),
+        "textkit runs on no such platform"
+    );
+    farm.logs
+        .append(log_line(2, "FAILED tests/test_wrap.py::test_width"))
+        .unwrap();
+
+    let green = farm.run(1, false).await.unwrap();
+    assert_eq!(green.kind, TransitionKind::StillGreen as i32);
+    assert_eq!(farm.notifier.pending_count(), 0, "green is never mailed");
+
+    let red = farm.run(2, true).await.unwrap();
+    assert_eq!(red.kind, TransitionKind::WentRed as i32);
+    assert_eq!(farm.notifier.pending_count(), 2);
+    let mut again = sled::Batch::default();
+    assert_eq!(
+        farm.notifier.stage(&red, &mut again).unwrap(),
+        0,
+        "the same event queues nothing twice (a retry after a crash)"
+    );
+
+    farm.deliver().await;
+    let sent = farm.server.sent();
+    assert_eq!(recipients(&sent), [ALICE, BOB]);
+    for mail in &sent {
+        assert!(mail.subject.contains("textkit went red"), "{mail:?}");
+        assert!(
+            mail.raw.contains("test_wrap.py::test_width"),
+            "the log tail"
+        );
+        assert!(mail.message_id.contains(&format!("red.{}.", red.id)));
+        assert!(mail.unsubscribe.contains("/unsubscribe?token="));
+    }
+    assert_ne!(sent[0].message_id, sent[1].message_id);
+
+    farm.deliver().await;
+    assert_eq!(farm.server.sent().len(), 2, "a second round sends nothing");
+    let done = farm.outbox(MailState::Sent);
+    assert_eq!(done.len(), 2);
+    assert!(
+        done.iter()
+            .all(|m| m.attempts == 1 && m.response.starts_with("250"))
+    );
+    assert_eq!(farm.notifier.pending_count(), 0);
+
+    let farm = farm.restart(&[ALICE]).await;
+    assert!(farm.run(2, true).await.is_none(), "recorded once");
+    farm.deliver().await;
+    assert!(
+        farm.server.sent().is_empty(),
+        "nothing is sent again after a restart"
+    );
+    assert_eq!(farm.outbox(MailState::Unspecified).len(), 2);
+}
+
+#[tokio::test]
+async fn a_crash_between_the_servers_answer_and_the_mark_resends_that_mail_once() {
+    let farm = Farm::new(&[ALICE]);
+    farm.run(1, false).await;
+    farm.run(2, true).await.unwrap();
+    farm.server.then(ALICE, Answer::AcceptAndHang);
+    tokio::select! {
+        _ = farm.deliver() => panic!("the server never answers"),
+        _ = farm.server.hung.notified() => {}
+    }
+    let first = farm.server.sent();
+    assert_eq!(first.len(), 1, "the server has it");
+    // The hub dies here: the round is dropped before it marked the mail sent.
+    let farm = farm.restart(&[ALICE]).await;
+    assert_eq!(
+        farm.notifier.pending_count(),
+        1,
+        "still pending after restart"
+    );
+    farm.deliver().await;
+    farm.deliver().await;
+    let again = farm.server.sent();
+    assert_eq!(again.len(), 1, "sent once more, not twice");
+    assert_eq!(
+        again[0].message_id, first[0].message_id,
+        "the same Message-ID, so mail clients show it once"
+    );
+    let outbox = farm.outbox(MailState::Unspecified);
+    assert_eq!(outbox.len(), 1, "never queued twice");
+    assert_eq!(outbox[0].state, MailState::Sent as i32);
+}
+
+#[tokio::test]
+async fn fixed_mails_the_same_people_in_the_went_red_thread() {
+    let farm = Farm::new(&[ALICE]);
+    farm.notifier.subscribe(subscription(BOB)).await.unwrap();
+    farm.run(1, false).await;
+    farm.run(2, true).await.unwrap();
+    farm.deliver().await;
+    let red: HashMap<String, String> = farm
+        .server
+        .sent()
+        .into_iter()
+        .map(|s| (s.to, s.message_id))
+        .collect();
+
+    let still = farm.run(3, true).await.unwrap();
+    assert_eq!(still.kind, TransitionKind::StillRed as i32);
+    let fixed = farm.run(4, false).await.unwrap();
+    assert_eq!(fixed.kind, TransitionKind::Fixed as i32);
+    farm.deliver().await;
+    let sent = farm.server.sent();
+    let fixed_mails: Vec<&Sent> = sent.iter().skip(2).collect();
+    assert_eq!(fixed_mails.len(), 2, "still red is not mailed; fixed is");
+    assert_eq!(recipients(&sent[2..]), [ALICE, BOB]);
+    for mail in fixed_mails {
+        assert!(mail.subject.contains("textkit fixed"), "{mail:?}");
+        assert_eq!(mail.in_reply_to, red[&mail.to], "answers the went-red mail");
+    }
+}
+
+#[tokio::test]
+async fn a_maintainer_who_unsubscribed_gets_nothing_even_after_a_restart() {
+    let farm = Farm::new(&[ALICE, BOB]);
+    farm.run(1, false).await;
+    farm.run(2, true).await.unwrap();
+    farm.deliver().await;
+    let link = farm
+        .server
+        .sent()
+        .into_iter()
+        .find(|s| s.to == ALICE)
+        .unwrap()
+        .unsubscribe;
+    let token = link
+        .trim_matches(['<', '>'])
+        .split_once("token=")
+        .unwrap()
+        .1
+        .to_owned();
+    let said = farm.notifier.unsubscribe_token(&token).await.unwrap();
+    assert!(said.contains(ALICE) && said.contains("textkit"), "{said}");
+
+    // The config still lists her: a restart must not subscribe her again.
+    let farm = farm.restart(&[ALICE, BOB]).await;
+    let subscribed: Vec<String> = farm
+        .notifier
+        .subscriptions("textkit")
+        .unwrap()
+        .into_iter()
+        .map(|s| s.email)
+        .collect();
+    assert_eq!(subscribed, [BOB]);
+    farm.run(3, false).await.unwrap();
+    farm.deliver().await;
+    assert_eq!(recipients(&farm.server.sent()), [BOB]);
+
+    // Subscribing by hand brings her back.
+    farm.notifier.subscribe(subscription(ALICE)).await.unwrap();
+    let farm = farm.restart(&[ALICE, BOB]).await;
+    farm.run(4, true).await.unwrap();
+    farm.deliver().await;
+    assert_eq!(recipients(&farm.server.sent()), [ALICE, BOB]);
+}
+
+#[tokio::test]
+async fn a_maintainer_dropped_from_the_config_is_no_longer_mailed() {
+    let farm = Farm::new(&[ALICE, BOB]);
+    let farm = farm.restart(&[BOB]).await;
+    farm.run(1, false).await;
+    farm.run(2, true).await.unwrap();
+    farm.deliver().await;
+    assert_eq!(recipients(&farm.server.sent()), [BOB]);
+}
+
+#[tokio::test]
+async fn a_failed_delivery_is_retried_with_backoff_and_a_refusal_is_final() {
+    let farm = Farm::new(&[ALICE]);
+    farm.notifier.subscribe(subscription(BOB)).await.unwrap();
+    farm.server
+        .then(ALICE, Answer::Later("421 4.3.2 try again later"));
+    farm.server
+        .then(ALICE, Answer::Later("421 4.3.2 still busy"));
+    farm.server
+        .then(BOB, Answer::Refuse("550 5.1.1 no such user"));
+    farm.run(1, false).await;
+    farm.run(2, true).await.unwrap();
+    let first = farm.notifier.inner.settings.retry_first.as_millis() as u64;
+
+    let t0 = farm.now();
+    assert_eq!(farm.deliver().await, Some(t0 + first), "the next try");
+    let pending = farm.outbox(MailState::Pending);
+    assert_eq!(pending.len(), 1);
+    assert_eq!(pending[0].to, ALICE);
+    assert_eq!(pending[0].attempts, 1);
+    assert_eq!(pending[0].last_error, "421 4.3.2 try again later");
+    let failed = farm.outbox(MailState::Failed);
+    assert_eq!(failed.len(), 1);
+    assert_eq!(failed[0].to, BOB);
+    assert_eq!(failed[0].last_error, "550 5.1.1 no such user");
+
+    farm.deliver().await;
+    assert_eq!(farm.server.attempts(ALICE), 1, "not before its time");
+
+    farm.set_clock(t0 + first);
+    assert_eq!(
+        farm.deliver().await,
+        Some(t0 + first + 2 * first),
+        "the wait doubles"
+    );
+    farm.set_clock(t0 + 3 * first - 1);
+    farm.deliver().await;
+    assert_eq!(farm.server.attempts(ALICE), 2);
+    farm.set_clock(t0 + 3 * first);
+    assert_eq!(farm.deliver().await, None, "nothing left to send");
+
+    assert_eq!(
+        recipients(&farm.server.sent()),
+        [ALICE],
+        "delivered, not lost"
+    );
+    let sent = farm.outbox(MailState::Sent);
+    assert_eq!((sent[0].attempts, sent[0].last_error.as_str()), (3, ""));
+    assert_eq!(farm.server.attempts(BOB), 1, "a 5xx is not retried");
+}
+
+#[tokio::test]
+async fn the_retry_wait_stops_growing_at_retry_max() {
+    let farm = Farm::new(&[ALICE]);
+    for _ in 0..12 {
+        farm.server.then(ALICE, Answer::Later("421 busy"));
+    }
+    farm.run(1, false).await;
+    farm.run(2, true).await.unwrap();
+    let max = farm.notifier.inner.settings.retry_max.as_millis() as u64;
+    let mut waits = Vec::new();
+    for _ in 0..12 {
+        let now = farm.now();
+        let next = farm.deliver().await.unwrap();
+        waits.push(next - now);
+        farm.set_clock(next);
+    }
+    assert!(
+        waits.windows(2).all(|w| w[1] == (w[0] * 2).min(max)),
+        "{waits:?}"
+    );
+    assert_eq!(*waits.last().unwrap(), max);
+    farm.deliver().await;
+    assert_eq!(farm.server.sent().len(), 1);
+}
+
+#[tokio::test]
+async fn a_red_series_is_reminded_in_its_thread_once_per_period() {
+    let farm = Farm::new(&[ALICE]);
+    farm.run(1, false).await;
+    let red = farm.run(2, true).await.unwrap();
+    farm.deliver().await;
+    let red_id = farm.server.sent()[0].message_id.clone();
+    let settings = farm.notifier.inner.settings.clone();
+    let after = settings.reminder_after.as_millis() as u64;
+    let every = settings.reminder_every.as_millis() as u64;
+
+    assert_eq!(farm.notifier.remind().await.unwrap(), 0, "not yet");
+    farm.set_clock(red.at_ms + after - 1);
+    assert_eq!(farm.notifier.remind().await.unwrap(), 0, "not yet");
+    farm.set_clock(red.at_ms + after);
+    assert_eq!(farm.notifier.remind().await.unwrap(), 1);
+    assert_eq!(farm.notifier.remind().await.unwrap(), 0, "once per period");
+    farm.deliver().await;
+    let reminder = farm.server.sent()[1].clone();
+    assert!(
+        reminder
+            .subject
+            .contains(&format!("still red ({} days)", after / DAY)),
+        "{reminder:?}"
+    );
+    assert_eq!(reminder.in_reply_to, red_id);
+
+    farm.set_clock(red.at_ms + after + every);
+    let farm = farm.restart(&[ALICE]).await;
+    assert_eq!(farm.notifier.remind().await.unwrap(), 1, "the second one");
+    assert_eq!(farm.notifier.remind().await.unwrap(), 0);
+
+    farm.run(3, false).await.unwrap();
+    farm.set_clock(red.at_ms + after + 5 * every);
+    assert_eq!(farm.notifier.remind().await.unwrap(), 0, "fixed: no more");
+}
+
+#[tokio::test]
+async fn a_digest_sums_up_what_went_red_in_its_period_once() {
+    let farm = Farm::new(&[ALICE]);
+    let digest = Subscription {
+        email: CAROL.into(),
+        upstream: "tiny".into(),
+        digest: true,
+        ..Default::default()
+    };
+    farm.notifier.subscribe(digest).await.unwrap();
+    farm.run(1, false).await;
+    let red = farm.run(2, true).await.unwrap();
+    assert_eq!(
+        farm.notifier.digest().await.unwrap(),
+        0,
+        "the period is not over"
+    );
+
+    let period = farm.notifier.period_ms();
+    farm.set_clock((red.at_ms / period + 1) * period);
+    assert_eq!(farm.notifier.digest().await.unwrap(), 1);
+    assert_eq!(farm.notifier.digest().await.unwrap(), 0, "once per period");
+    farm.deliver().await;
+    let sent = farm.server.sent();
+    let digest: Vec<&Sent> = sent.iter().filter(|s| s.to == CAROL).collect();
+    assert_eq!(digest.len(), 1);
+    assert!(
+        digest[0]
+            .subject
+            .contains("tiny digest: 1 project(s) went red"),
+        "{:?}",
+        digest[0]
+    );
+    assert!(digest[0].raw.contains("textkit"));
+
+    // A quiet period sends nothing.
+    farm.set_clock(farm.now() + period);
+    assert_eq!(farm.notifier.digest().await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn a_failed_runtime_build_goes_to_the_upstreams_contacts() {
+    let farm = Farm::new(&[ALICE]);
+    farm.build(1, true).await;
+    let failed = farm.build(2, false).await.unwrap();
+    assert_eq!(failed.kind, TransitionKind::WentRed as i32);
+    farm.deliver().await;
+    let sent = farm.server.sent();
+    assert_eq!(recipients(&sent), [CORE], "not the project's maintainers");
+    assert!(
+        sent[0].subject.contains("tiny main build failed"),
+        "{:?}",
+        sent[0]
+    );
+}
+
+#[tokio::test]
+async fn staged_outbox_entries_are_one_batch_applied_with_the_transition() {
+    let farm = Farm::new(&[ALICE, BOB]);
+    // A transition as results stores it: here only its mails are applied.
+    let t = Transition {
+        id: farm.store.next_id().unwrap(),
+        kind: TransitionKind::WentRed.into(),
+        project: "textkit".into(),
+        upstream: "tiny".into(),
+        platform: "linux-x86_64".into(),
+        upstream_commit: "c".repeat(40),
+        job_id: 9,
+        at_ms: farm.now(),
+        ..Default::default()
+    };
+    let mut batch = sled::Batch::default();
+    assert_eq!(farm.notifier.stage(&t, &mut batch).unwrap(), 2);
+    assert_eq!(farm.notifier.pending_count(), 0, "nothing before the apply");
+    farm.notifier.table().apply(batch).unwrap();
+    assert_eq!(farm.notifier.pending_count(), 2);
+    let mut again = sled::Batch::default();
+    assert_eq!(farm.notifier.stage(&t, &mut again).unwrap(), 0);
+    let still_red = Transition {
+        kind: TransitionKind::StillRed.into(),
+        id: t.id + 1,
+        ..t
+    };
+    assert_eq!(farm.notifier.stage(&still_red, &mut again).unwrap(), 0);
+}
+
+#[tokio::test]
+async fn the_outbox_reads_records_written_by_the_previous_release() {
+    // Bytes as the release before the typed store wrote them.
+    let farm = Farm::new(&[]);
+    let table = farm.notifier.table();
+    table
+        .put_raw(
+            "s/textkit/dave@example.org",
+            &br#"{"email":"dave@example.org","project":"textkit","platform":"","upstream":"","digest":false,"source":"cli","created_at_ms":1750000000000}"#[..],
+        )
+        .unwrap();
+    table
+        .put_raw(
+            format!("m/{}", id_key(7)),
+            &br#"{"info":{"id":7,"to":"dave@example.org","subject":"[trunkfarm] textkit went red","state":1,"attempts":0,"next_attempt_at_ms":0,"last_error":"","created_at_ms":1750000000000,"sent_at_ms":0,"event":"t6","message_id":"<red.6.0a0b0c0d@example.org>","in_reply_to":"","response":""},"text":"red","html":"<p>red</p>","unsubscribe_url":""}"#[..],
+        )
+        .unwrap();
+    table.put_raw(format!("q/{}", id_key(7)), &b""[..]).unwrap();
+    table
+        .put_raw("e/t6/dave@example.org", &7u64.to_be_bytes()[..])
+        .unwrap();
+    assert_eq!(
+        farm.notifier.subscriptions("textkit").unwrap()[0].email,
+        "dave@example.org"
+    );
+    let pending = farm.outbox(MailState::Pending);
+    assert_eq!((pending[0].id, pending[0].event.as_str()), (7, "t6"));
+    farm.deliver().await;
+    let sent = farm.server.sent();
+    assert_eq!(sent[0].message_id, "<red.6.0a0b0c0d@example.org>");
+
+    // And writes what the previous release would have.
+    let raw = table.get_raw(format!("m/{}", id_key(7))).unwrap().unwrap();
+    let text = String::from_utf8(raw.to_vec()).unwrap();
+    assert!(
+        text.starts_with(r#"{"info":{"id":7,"to":"dave@example.org","#),
+        "{text}"
+    );
+    assert!(text.contains(r#""state":2,"attempts":1,"#), "{text}");
+    assert!(table.get_raw(format!("q/{}", id_key(7))).unwrap().is_none());
+}
