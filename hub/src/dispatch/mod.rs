@@ -625,7 +625,7 @@ async fn reap_leases(shared: std::sync::Weak<Shared>) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use tokio::sync::mpsc;
     use trunkfarm_proto::v1::hub_message::Msg;
@@ -694,7 +694,8 @@ mod tests {
         out
     }
 
-    fn passed(job: JobRef) -> JobResult {
+    /// A passed result for `job`.
+    pub(crate) fn passed(job: JobRef) -> JobResult {
         JobResult {
             job: Some(job),
             outcome: Outcome::Passed.into(),
@@ -1009,5 +1010,118 @@ mod tests {
         long.timeout_secs = 7200;
         let err = d.submit(long, 0).await.unwrap_err().to_string();
         assert!(err.contains("max_job_timeout"), "{err}");
+    }
+
+    /// Two records exactly as the release before the split wrote them
+    /// (raw keys and JSON bytes): a finished keyed job in the inbox and a
+    /// queued keyed one.
+    const OLD_FINISHED: &str = r#"{"id":7,"spec":{"commands":["make test"],"env":{},"labels":["linux"],"project":"","repository":null,"timeout_secs":60,"artifact_sha256":"","upload_prefix":"","report_paths":[]},"max_attempts":3,"created_at_ms":1700000000000,"state":"finished","attempt":1,"agent_id":"ag_1","attempts":[{"attempt":1,"agent_id":"ag_1","leased_at_ms":1700000000100,"lost_reason":""}],"result":{"job":{"job_id":7,"attempt":1},"outcome":1,"exit_code":0,"detail":"","duration_ms":0,"log_bytes_cut":0,"started_at_ms":0,"last_log_seq":0,"artifact_sha256":"","reports":[]},"finished_at_ms":1700000000200,"cancel_requested":false,"key":"build/lua/linux-x86_64/abc"}"#;
+    const OLD_QUEUED: &str = r#"{"id":8,"spec":{"commands":["make test"],"env":{},"labels":["linux"],"project":"","repository":null,"timeout_secs":60,"artifact_sha256":"","upload_prefix":"","report_paths":[]},"max_attempts":3,"created_at_ms":1700000000000,"state":"queued","attempt":0,"agent_id":"","attempts":[],"result":null,"finished_at_ms":0,"cancel_requested":false,"key":"test/p/lua/linux-x86_64/abc/def/7"}"#;
+
+    fn old_key(prefix: u8, id: u64) -> Vec<u8> {
+        let mut k = vec![prefix];
+        k.extend_from_slice(&id.to_be_bytes());
+        k
+    }
+
+    #[tokio::test]
+    async fn a_jobs_tree_written_by_the_previous_release_reads_the_same() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let raw = store.tree(crate::store::trees::JOBS).unwrap();
+        raw.insert(old_key(b'j', 7), OLD_FINISHED.as_bytes())
+            .unwrap();
+        raw.insert(old_key(b'f', 7), &[][..]).unwrap();
+        raw.insert(b"kbuild/lua/linux-x86_64/abc", &7u64.to_be_bytes()[..])
+            .unwrap();
+        raw.insert(old_key(b'j', 8), OLD_QUEUED.as_bytes()).unwrap();
+        raw.insert(old_key(b'o', 8), &[][..]).unwrap();
+        raw.insert(
+            b"ktest/p/lua/linux-x86_64/abc/def/7",
+            &8u64.to_be_bytes()[..],
+        )
+        .unwrap();
+        let logs = Arc::new(JobLogs::open(&store, 1 << 20).unwrap());
+        let d = Dispatcher::open(&store, logs, settings(5000)).unwrap();
+        assert_eq!(d.open_counts(), (1, 0));
+        let queued = d.get(8).unwrap().unwrap();
+        assert_eq!(queued.state, JobState::Queued);
+        assert_eq!(queued.spec.commands, ["make test"]);
+        assert_eq!(
+            d.open_keys("test/"),
+            [("test/p/lua/linux-x86_64/abc/def/7".to_string(), 8)]
+        );
+        let inbox = d.finished_inbox(10).unwrap();
+        assert_eq!(inbox.len(), 1);
+        assert_eq!(inbox[0].attempts[0].agent_id, "ag_1");
+        assert_eq!(
+            inbox[0].result.as_ref().unwrap().outcome,
+            Outcome::Passed as i32
+        );
+        assert_eq!(
+            d.submit_keyed(spec(&[]), 0, "build/lua/linux-x86_64/abc".into())
+                .await
+                .unwrap(),
+            (7, false)
+        );
+        // Written again, a record has the bytes it had.
+        let mut batch = sled::Batch::default();
+        d.shared.table.stage(&inbox[0], &mut batch).unwrap();
+        d.shared.table.apply(batch).unwrap();
+        assert_eq!(
+            raw.get(old_key(b'j', 7)).unwrap().unwrap().as_ref(),
+            OLD_FINISHED.as_bytes()
+        );
+        // An unreadable record is named by tree and id.
+        raw.insert(old_key(b'j', 9), &b"{broken"[..]).unwrap();
+        let err = d.get(9).unwrap_err().to_string();
+        assert!(err.contains("record jobs/j9 is unreadable"), "{err}");
+    }
+
+    /// Gives agents carrying `pool-x` a budget of `jobs`.
+    struct Budget(u64);
+
+    impl JobBudget for Budget {
+        fn jobs_for(&self, _agent: &str, labels: &HashSet<String>) -> Option<u64> {
+            labels.contains("pool-x").then_some(self.0)
+        }
+    }
+
+    #[tokio::test]
+    async fn an_agent_with_a_job_budget_drains_after_its_last_job() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_s, d) = open(dir.path(), 5000);
+        d.set_job_budget(Arc::new(Budget(2)));
+        let ids: Vec<u64> = submit_many(&d, 3).await;
+        let mut a = agent(&d, "a", 1, &["pool-x"], &[]).await;
+        let mut served = Vec::new();
+        for _ in 0..3 {
+            let got = assignments(&mut a);
+            let Some(job) = got.first().copied() else {
+                break;
+            };
+            served.push(job.job_id);
+            d.record_result("a", passed(job)).await.unwrap();
+        }
+        assert_eq!(served, ids[..2], "two jobs, then no more");
+        let seen = &d.connected()["a"];
+        assert!(seen.draining);
+        assert_eq!(seen.jobs_left, Some(0));
+        // Reconnecting does not renew the budget while the hub runs.
+        let mut a = agent(&d, "a", 1, &["pool-x"], &[]).await;
+        assert!(assignments(&mut a).is_empty());
+        assert!(d.connected()["a"].draining);
+        // An agent without a budget takes the rest.
+        let mut b = agent(&d, "b", 1, &[], &[]).await;
+        assert_eq!(assignments(&mut b)[0].job_id, ids[2]);
+        assert_eq!(d.connected()["b"].jobs_left, None);
+    }
+
+    async fn submit_many(d: &Dispatcher, n: usize) -> Vec<u64> {
+        let mut ids = Vec::new();
+        for _ in 0..n {
+            ids.push(d.submit(spec(&[]), 0).await.unwrap());
+        }
+        ids
     }
 }

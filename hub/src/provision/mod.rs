@@ -25,6 +25,8 @@
 
 pub mod ec2;
 pub mod local;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -625,6 +627,26 @@ impl Pools {
                 .remove(&id);
             s.stopped.notify_waiters();
         });
+    }
+
+    /// Returns once no stop is in flight.
+    #[cfg(test)]
+    async fn stops_settled(&self) {
+        loop {
+            let stopped = self.inner.stopped.notified();
+            tokio::pin!(stopped);
+            stopped.as_mut().enable();
+            if self
+                .inner
+                .stopping
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_empty()
+            {
+                return;
+            }
+            stopped.await;
+        }
     }
 
     /// The provisioner's part of a stop, then the agent's credential and
