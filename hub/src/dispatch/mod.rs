@@ -1082,7 +1082,7 @@ pub(crate) mod tests {
     struct Budget(u64);
 
     impl JobBudget for Budget {
-        fn jobs_for(&self, _agent: &str, labels: &HashSet<String>) -> Option<u64> {
+        fn jobs_for(&self, labels: &HashSet<String>) -> Option<u64> {
             labels.contains("pool-x").then_some(self.0)
         }
     }

@@ -29,9 +29,9 @@ pub type AgentTx = mpsc::UnboundedSender<Outgoing>;
 /// replaced). Asked once per agent, when it first connects after the hub
 /// started; dispatch counts its assignments down and drains it at zero.
 pub trait JobBudget: Send + Sync {
-    /// The jobs `agent_id`, matched by `labels`, may be given; `None` for no
+    /// The jobs an agent matched by `labels` may be given; `None` for no
     /// limit.
-    fn jobs_for(&self, agent_id: &str, labels: &HashSet<String>) -> Option<u64>;
+    fn jobs_for(&self, labels: &HashSet<String>) -> Option<u64>;
 }
 
 /// Sends `msg` now. A closed channel means the session already ended:
@@ -191,10 +191,7 @@ impl Sessions {
             );
         }
         if !self.jobs_left.contains_key(agent_id)
-            && let Some(jobs) = self
-                .budget
-                .as_ref()
-                .and_then(|b| b.jobs_for(agent_id, &hello.labels))
+            && let Some(jobs) = self.budget.as_ref().and_then(|b| b.jobs_for(&hello.labels))
         {
             self.jobs_left.insert(agent_id.to_owned(), jobs);
         }

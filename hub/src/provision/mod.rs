@@ -153,7 +153,7 @@ pub struct Pools {
 struct JobsPerInstance(Vec<(String, u64)>);
 
 impl JobBudget for JobsPerInstance {
-    fn jobs_for(&self, _agent_id: &str, labels: &HashSet<String>) -> Option<u64> {
+    fn jobs_for(&self, labels: &HashSet<String>) -> Option<u64> {
         self.0
             .iter()
             .find(|(label, _)| labels.contains(label))
