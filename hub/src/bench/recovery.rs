@@ -2,7 +2,7 @@
 //! with their results, ten thousand queued) until it hands out work again.
 //!
 //! The history is written straight into the stopped hub's database with
-//! the dispatcher's own record layout ([`dispatch::stage`]), then the
+//! the dispatcher's own record layout ([`JobTable::stage`]), then the
 //! hub is started and an agent that was enrolled before the stop dials it
 //! until it is in and has its first assignment.
 
@@ -10,32 +10,32 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use trunkfarm_proto::v1::{HubMessage, JobRef, JobResult, JobSpec, Outcome, hub_message};
+use trunkfarm_proto::v1::{HubMessage, JobResult, JobSpec, Outcome, hub_message};
 
 use super::farm::BenchHub;
 use super::idle::open_session;
 use super::{BenchArgs, Figure, Target};
 use crate::config::HubConfig;
-use crate::dispatch::{self, AttemptRecord, JobRecord, JobState};
-use crate::store::{Store, now_ms, trees};
+use crate::dispatch::{AttemptRecord, JobRecord, JobState, JobTable};
+use crate::store::{Store, now_ms};
 
 /// Writes job records as they are, in batches, into a database no hub
 /// serves, and flushes. Returns how many it wrote.
 fn import(store: &Store, records: impl IntoIterator<Item = JobRecord>) -> anyhow::Result<u64> {
     const BATCH: usize = 10_000;
-    let tree = store.tree(trees::JOBS)?;
+    let jobs = JobTable::open(store)?;
     let mut batch = sled::Batch::default();
     let (mut staged, mut written) = (0usize, 0u64);
     for rec in records {
-        dispatch::stage(&rec, &mut batch)?;
+        jobs.stage(&rec, &mut batch)?;
         staged += 1;
         written += 1;
         if staged == BATCH {
-            tree.apply_batch(std::mem::take(&mut batch))?;
+            jobs.apply(std::mem::take(&mut batch))?;
             staged = 0;
         }
     }
-    tree.apply_batch(batch)?;
+    jobs.apply(batch)?;
     store.flush_now()?;
     Ok(written)
 }
@@ -44,60 +44,36 @@ fn import(store: &Store, records: impl IntoIterator<Item = JobRecord>) -> anyhow
 const RESTART_TIMEOUT: Duration = Duration::from_secs(300);
 
 fn record(store: &Store, finished: bool) -> anyhow::Result<JobRecord> {
-    let id = store.next_id()?;
-    let now = now_ms();
     let spec = JobSpec {
         commands: vec!["true".into()],
         timeout_secs: 60,
         ..Default::default()
     };
-    if !finished {
-        return Ok(JobRecord {
-            id,
-            spec,
-            max_attempts: 3,
-            created_at_ms: now,
-            state: JobState::Queued,
-            attempt: 0,
-            agent_id: String::new(),
-            attempts: Vec::new(),
-            result: None,
-            finished_at_ms: 0,
-            cancel_requested: false,
-            key: String::new(),
-        });
-    }
-    let job = JobRef {
-        job_id: id,
-        attempt: 1,
-    };
-    Ok(JobRecord {
-        id,
-        spec,
-        max_attempts: 3,
-        created_at_ms: now,
-        state: JobState::Finished,
-        attempt: 1,
-        agent_id: "ag_benchhistory".into(),
-        attempts: vec![AttemptRecord {
+    let mut rec = JobRecord::queued(store.next_id()?, spec, 3, String::new());
+    if finished {
+        let now = now_ms();
+        let agent_id = "ag_benchhistory".to_string();
+        rec.state = JobState::Finished;
+        rec.attempt = 1;
+        rec.agent_id = agent_id.clone();
+        rec.attempts = vec![AttemptRecord {
             attempt: 1,
-            agent_id: "ag_benchhistory".into(),
+            agent_id,
             leased_at_ms: now,
             lost_reason: String::new(),
-        }],
-        result: Some(JobResult {
-            job: Some(job),
+        }];
+        rec.result = Some(JobResult {
+            job: Some(rec.job_ref()),
             outcome: Outcome::Passed.into(),
             exit_code: Some(0),
             duration_ms: 3,
             started_at_ms: now,
             last_log_seq: 1,
             ..Default::default()
-        }),
-        finished_at_ms: now,
-        cancel_requested: false,
-        key: String::new(),
-    })
+        });
+        rec.finished_at_ms = now;
+    }
+    Ok(rec)
 }
 
 /// Writes the history into the stopped hub's database.

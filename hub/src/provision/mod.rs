@@ -16,11 +16,19 @@
 //! to `min_instances` (never one running a job); and when a matching job has
 //! waited `pending_grace` with no idle matching agent, instances are started
 //! for the waiting jobs, up to `max_instances`.
+//!
+//! Quotas are the pools' alone: an instance serves at most
+//! `max_jobs_per_instance` jobs. The pools give the dispatcher a
+//! [`JobBudget`] that limits each pool agent to that many, so the agent
+//! drains once it got its last one; the pool then replaces the instance as
+//! soon as that job is done.
 
 pub mod ec2;
 pub mod local;
+#[cfg(test)]
+mod tests;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -29,11 +37,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::credentials::Credentials;
 use crate::config::{HubConfig, PoolConfig, ProvisionerKind};
-use crate::dispatch::Dispatcher;
-use crate::store::{Store, StoreError, now_ms};
-
-/// The tree this module owns.
-const TREE: &str = crate::store::trees::PROVISION;
+use crate::dispatch::{ConnectedAgent, Dispatcher, JobBudget};
+use crate::store::{Store, StoreError, Table, now_ms, trees};
 
 /// How often pools are reconciled.
 const TICK: Duration = Duration::from_millis(500);
@@ -105,7 +110,8 @@ pub struct StartSpec {
     pub enrollment: String,
 }
 
-/// Starts and stops instances.
+/// Starts and stops instances: the seam between the pools' policy and a
+/// kind of machine (local processes, scripts, EC2; a fake cloud in tests).
 #[tonic::async_trait]
 pub trait Provisioner: Send + Sync {
     /// Starts one; returns its handle.
@@ -120,22 +126,52 @@ pub trait Provisioner: Send + Sync {
 /// Everything the pools share.
 struct Inner {
     store: Store,
-    tree: sled::Tree,
+    /// The `provision` tree: `i/<pool>/<instance>` → [`Instance`],
+    /// `b/<pool>` → [`Backoff`].
+    table: Table,
     dispatch: Dispatcher,
     credentials: Credentials,
     enrollment: Box<dyn Fn(String) -> String + Send + Sync>,
     pools: Vec<(PoolConfig, Arc<dyn Provisioner>)>,
     /// Serialises reconciliation (one tick at a time).
     busy: tokio::sync::Mutex<()>,
-    errors: Mutex<HashMap<String, String>>,
-    /// Instances whose provisioner stop is in flight.
-    stopping: Mutex<std::collections::HashSet<String>>,
+    /// Instances whose stop is in flight (provisioner, then record).
+    stopping: Mutex<HashSet<String>>,
+    /// Signalled whenever an in-flight stop is recorded.
+    stopped: tokio::sync::Notify,
 }
 
 /// The pools (cheap to clone).
 #[derive(Clone)]
 pub struct Pools {
     inner: Arc<Inner>,
+}
+
+/// The pools' quota as the dispatcher applies it: an agent enrolled for a
+/// pool (its token's `pool-<name>` label) gets at most that pool's
+/// `max_jobs_per_instance` jobs.
+struct JobsPerInstance(Vec<(String, u64)>);
+
+impl JobBudget for JobsPerInstance {
+    fn jobs_for(&self, labels: &HashSet<String>) -> Option<u64> {
+        self.0
+            .iter()
+            .find(|(label, _)| labels.contains(label))
+            .map(|(_, max)| *max)
+    }
+}
+
+fn key(pool: &str, id: &str) -> String {
+    format!("i/{pool}/{id}")
+}
+
+fn backoff_key(pool: &str) -> String {
+    format!("b/{pool}")
+}
+
+/// The label every agent of a pool carries (from its enrollment token).
+fn pool_label(pool: &str) -> String {
+    format!("pool-{pool}")
 }
 
 impl Pools {
@@ -166,27 +202,9 @@ impl Pools {
                         .unwrap_or_else(|| "trunkfarm".into()),
                 )?),
             };
-            if p.max_jobs_per_instance > 0 {
-                dispatch.limit_jobs_per_agent(
-                    &format!("pool-{}", p.name),
-                    u64::from(p.max_jobs_per_instance),
-                );
-            }
             pools.push((p.clone(), provisioner));
         }
-        let this = Pools {
-            inner: Arc::new(Inner {
-                store: store.clone(),
-                tree: store.tree(TREE)?,
-                dispatch,
-                credentials,
-                enrollment,
-                pools,
-                busy: tokio::sync::Mutex::new(()),
-                errors: Mutex::new(HashMap::new()),
-                stopping: Mutex::new(Default::default()),
-            }),
-        };
+        let this = Pools::open(store, dispatch, credentials, enrollment, pools)?;
         if !this.inner.pools.is_empty() {
             let p = this.clone();
             tokio::spawn(async move {
@@ -208,43 +226,55 @@ impl Pools {
         Ok(this)
     }
 
-    fn key(pool: &str, id: &str) -> String {
-        format!("i/{pool}/{id}")
+    /// The pools over their provisioners, their quotas handed to the
+    /// dispatcher; nothing runs until [`Pools::reap_orphans`] and
+    /// [`Pools::tick`] are called.
+    fn open(
+        store: &Store,
+        dispatch: Dispatcher,
+        credentials: Credentials,
+        enrollment: Box<dyn Fn(String) -> String + Send + Sync>,
+        pools: Vec<(PoolConfig, Arc<dyn Provisioner>)>,
+    ) -> Result<Pools, StoreError> {
+        let quotas: Vec<(String, u64)> = pools
+            .iter()
+            .filter(|(c, _)| c.max_jobs_per_instance > 0)
+            .map(|(c, _)| (pool_label(&c.name), u64::from(c.max_jobs_per_instance)))
+            .collect();
+        if !quotas.is_empty() {
+            dispatch.set_job_budget(Arc::new(JobsPerInstance(quotas)));
+        }
+        Ok(Pools {
+            inner: Arc::new(Inner {
+                store: store.clone(),
+                table: Table::open(store, trees::PROVISION)?,
+                dispatch,
+                credentials,
+                enrollment,
+                pools,
+                busy: tokio::sync::Mutex::new(()),
+                stopping: Mutex::new(HashSet::new()),
+                stopped: tokio::sync::Notify::new(),
+            }),
+        })
     }
 
-    fn put<T: Serialize>(&self, key: &str, value: &T) -> Result<(), StoreError> {
-        let s = &self.inner;
-        let bytes = serde_json::to_vec(value).map_err(|e| s.store.corrupt("(encode pool)", e))?;
-        s.tree.insert(key, bytes).map_err(|e| s.store.err(e))?;
-        Ok(())
+    fn put(&self, inst: &Instance) -> Result<(), StoreError> {
+        self.inner.table.put(key(&inst.pool, &inst.id), inst)
     }
 
     /// Every recorded instance of a pool (all states).
     pub fn instances(&self, pool: &str) -> Result<Vec<Instance>, StoreError> {
-        let s = &self.inner;
-        let mut out = Vec::new();
-        for item in s.tree.scan_prefix(format!("i/{pool}/")) {
-            let (k, v) = item.map_err(|e| s.store.err(e))?;
-            out.push(serde_json::from_slice(&v).map_err(|e| {
-                s.store
-                    .corrupt(format!("{TREE}/{}", String::from_utf8_lossy(&k)), e)
-            })?);
-        }
-        Ok(out)
+        self.inner
+            .table
+            .scan(format!("i/{pool}/"))
+            .map(|item| item.map(|(_, inst)| inst))
+            .collect()
     }
 
     /// A pool's back-off state.
     pub fn backoff(&self, pool: &str) -> Result<Backoff, StoreError> {
-        let s = &self.inner;
-        match s
-            .tree
-            .get(format!("b/{pool}"))
-            .map_err(|e| s.store.err(e))?
-        {
-            None => Ok(Backoff::default()),
-            Some(raw) => serde_json::from_slice(&raw)
-                .map_err(|e| s.store.corrupt(format!("{TREE}/b/{pool}"), e)),
-        }
+        Ok(self.inner.table.get(backoff_key(pool))?.unwrap_or_default())
     }
 
     /// The configured pools.
@@ -299,23 +329,27 @@ impl Pools {
         }
     }
 
-    /// One reconciliation of every pool.
+    /// One reconciliation of every pool, now.
     async fn tick(&self) -> Result<(), StoreError> {
+        self.tick_at(now_ms()).await
+    }
+
+    /// One reconciliation of every pool as of `now` (ms since the epoch).
+    async fn tick_at(&self, now: u64) -> Result<(), StoreError> {
         let _one = self.inner.busy.lock().await;
         let agents = self.inner.credentials.list_agents().unwrap_or_default();
         let by_token: HashMap<String, String> = agents
             .into_iter()
             .map(|a| (a.token_id.clone(), a.id.clone()))
             .collect();
-        let connected = self.inner.dispatch.connected();
-        let queued = self.inner.dispatch.queued_labels();
-        for i in 0..self.inner.pools.len() {
-            let (cfg, prov) = {
-                let (c, p) = &self.inner.pools[i];
-                (c.clone(), p.clone())
-            };
-            self.reconcile(&cfg, prov, &by_token, &connected, &queued)
-                .await?;
+        let seen = Seen {
+            by_token,
+            connected: self.inner.dispatch.connected(),
+            queued: self.inner.dispatch.queued_labels(),
+            now,
+        };
+        for (cfg, prov) in &self.inner.pools {
+            self.reconcile(cfg, prov, &seen).await?;
         }
         Ok(())
     }
@@ -323,70 +357,54 @@ impl Pools {
     async fn reconcile(
         &self,
         cfg: &PoolConfig,
-        prov: Arc<dyn Provisioner>,
-        by_token: &HashMap<String, String>,
-        connected: &HashMap<String, crate::dispatch::ConnectedAgent>,
-        queued: &[(Vec<String>, u64)],
+        prov: &Arc<dyn Provisioner>,
+        seen: &Seen,
     ) -> Result<(), StoreError> {
-        let now = now_ms();
+        let now = seen.now;
         let mut live = Vec::new();
         for mut inst in self.instances(&cfg.name)? {
             if inst.state == InstanceState::Stopping {
                 // Interrupted (hub restart) or failed: try again.
-                let in_flight = self
-                    .inner
-                    .stopping
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .contains(&inst.id);
-                if !in_flight {
-                    let end = if inst.agent_id.is_empty() {
-                        InstanceState::Failed
-                    } else {
-                        InstanceState::Gone
-                    };
-                    let why = inst.detail.clone();
-                    let this = self.clone();
-                    let (c, p) = (cfg.clone(), prov.clone());
-                    tokio::spawn(async move {
-                        let _ = this.finish_stop(&c, &p, inst, end, &why).await;
-                    });
-                }
+                let end = if inst.agent_id.is_empty() {
+                    InstanceState::Failed
+                } else {
+                    InstanceState::Gone
+                };
+                let why = inst.detail.clone();
+                self.spawn_stop(cfg, prov, inst, end, why);
                 continue;
             }
             if !matches!(inst.state, InstanceState::Starting | InstanceState::Running) {
                 continue;
             }
-            if inst.agent_id.is_empty() {
-                if let Some(agent) = by_token.get(&inst.token_id) {
-                    inst.agent_id = agent.clone();
-                }
+            if inst.agent_id.is_empty()
+                && let Some(agent) = seen.by_token.get(&inst.token_id)
+            {
+                inst.agent_id = agent.clone();
             }
-            let conn = connected.get(&inst.agent_id);
+            let conn = seen.connected.get(&inst.agent_id);
             if inst.state == InstanceState::Starting && conn.is_some() {
                 inst.state = InstanceState::Running;
                 inst.last_busy_ms = now;
                 tracing::info!(pool = %cfg.name, instance = %inst.id, agent = %inst.agent_id, "instance connected");
-                self.put(&Self::key(&cfg.name, &inst.id), &inst)?;
+                self.put(&inst)?;
                 self.note_success(cfg)?;
             }
             if let Some(c) = conn {
                 if !c.running.is_empty() {
                     inst.last_busy_ms = now;
-                    self.put(&Self::key(&cfg.name, &inst.id), &inst)?;
+                    self.put(&inst)?;
                 }
-                // A fresh machine every N jobs: no new job once it served N,
-                // stopped as soon as its last one is done.
-                let max = u64::from(cfg.max_jobs_per_instance);
-                if max > 0 && c.completed >= max {
-                    self.inner.dispatch.set_draining(&inst.agent_id);
-                    if c.running.is_empty() {
-                        let why =
-                            format!("served {} job(s) (pool.max_jobs_per_instance)", c.completed);
-                        self.stop(cfg, &prov, inst, InstanceState::Gone, &why)
-                            .await?;
-                        continue;
-                    }
+                // A fresh machine every N jobs: its agent got no new job
+                // after the N-th (its budget), and goes once that is done.
+                if cfg.max_jobs_per_instance > 0 && c.jobs_left == Some(0) && c.running.is_empty() {
+                    let why = format!(
+                        "served {} job(s) (pool.max_jobs_per_instance)",
+                        cfg.max_jobs_per_instance
+                    );
+                    self.stop(cfg, prov, inst, InstanceState::Gone, &why)
+                        .await?;
+                    continue;
                 }
             }
             let missing_ms = cfg.missing_timeout.as_millis() as u64;
@@ -397,9 +415,9 @@ impl Pools {
                     "its agent did not connect within {} (pool.missing_timeout)",
                     humantime::format_duration(cfg.missing_timeout)
                 );
-                self.stop(cfg, &prov, inst, InstanceState::Failed, &why)
+                self.stop(cfg, prov, inst, InstanceState::Failed, &why)
                     .await?;
-                self.note_failure(cfg, &why)?;
+                self.note_failure(cfg, &why, now)?;
                 continue;
             }
             live.push(inst);
@@ -411,7 +429,8 @@ impl Pools {
             .iter()
             .filter(|i| {
                 i.state == InstanceState::Running
-                    && connected
+                    && seen
+                        .connected
                         .get(&i.agent_id)
                         .is_some_and(|c| c.running.is_empty())
                     && now.saturating_sub(i.last_busy_ms) > idle_ms
@@ -428,7 +447,7 @@ impl Pools {
         }
         for id in &stopped {
             if let Some(inst) = live.iter().find(|i| &i.id == id).cloned() {
-                self.stop(cfg, &prov, inst, InstanceState::Gone, "idle")
+                self.stop(cfg, prov, inst, InstanceState::Gone, "idle")
                     .await?;
             }
         }
@@ -437,14 +456,17 @@ impl Pools {
         // Demand: matching jobs waiting past the grace period, with no idle
         // matching agent to take them.
         let grace_ms = cfg.pending_grace.as_millis() as u64;
-        let covers = |labels: &[String]| labels.iter().all(|l| self.pool_labels(cfg).contains(l));
-        let waiting = queued
+        let labels = self.pool_labels(cfg);
+        let covers = |wanted: &[String]| wanted.iter().all(|l| labels.contains(l));
+        let waiting = seen
+            .queued
             .iter()
-            .filter(|(labels, waited)| *waited >= grace_ms && covers(labels))
+            .filter(|(wanted, waited)| *waited >= grace_ms && covers(wanted))
             .count() as u32;
-        let idle_capacity: u32 = connected
+        let idle_capacity: u32 = seen
+            .connected
             .values()
-            .filter(|c| !c.draining && covers_all(&c.labels, &self.pool_labels(cfg)))
+            .filter(|c| !c.draining && covers_all(&c.labels, &labels))
             .map(|c| {
                 c.caps
                     .max_parallel_jobs
@@ -469,7 +491,7 @@ impl Pools {
                 return Ok(());
             }
             for _ in 0..want {
-                if !self.start_one(cfg, &prov).await? {
+                if !self.start_one(cfg, prov, now).await? {
                     break;
                 }
             }
@@ -480,7 +502,7 @@ impl Pools {
     /// Labels a pool's agents carry (the agents add their platform labels).
     fn pool_labels(&self, cfg: &PoolConfig) -> Vec<String> {
         let mut labels = cfg.labels.clone();
-        labels.push(format!("pool-{}", cfg.name));
+        labels.push(pool_label(&cfg.name));
         if cfg.provisioner == ProvisionerKind::Local {
             let (os, arch) = (std::env::consts::OS, std::env::consts::ARCH);
             labels.extend([os.to_owned(), arch.to_owned(), format!("{os}-{arch}")]);
@@ -493,11 +515,12 @@ impl Pools {
         &self,
         cfg: &PoolConfig,
         prov: &Arc<dyn Provisioner>,
+        now: u64,
     ) -> Result<bool, StoreError> {
         let s = &self.inner;
         let id = format!("{}-{}", cfg.name, s.store.next_id()?);
         let mut labels = cfg.labels.clone();
-        labels.push(format!("pool-{}", cfg.name));
+        labels.push(pool_label(&cfg.name));
         let ttl = cfg.missing_timeout + Duration::from_secs(60);
         let (token, secret) = match s
             .credentials
@@ -517,12 +540,12 @@ impl Pools {
             handle: String::new(),
             token_id: token.id.clone(),
             agent_id: String::new(),
-            created_at_ms: now_ms(),
+            created_at_ms: now,
             last_busy_ms: 0,
             detail: String::new(),
         };
         // Durable before the provisioner acts: a crash now leaves a record.
-        self.put(&Self::key(&cfg.name, &id), &inst)?;
+        self.put(&inst)?;
         s.store.commit().await?;
         let spec = StartSpec {
             instance: id.clone(),
@@ -533,7 +556,7 @@ impl Pools {
             Ok(handle) => {
                 tracing::info!(pool = %cfg.name, instance = %id, %handle, "instance started");
                 inst.handle = handle;
-                self.put(&Self::key(&cfg.name, &id), &inst)?;
+                self.put(&inst)?;
                 s.store.commit().await?;
                 Ok(true)
             }
@@ -541,17 +564,19 @@ impl Pools {
                 tracing::warn!(pool = %cfg.name, instance = %id, "start failed: {why}");
                 inst.state = InstanceState::Failed;
                 inst.detail = format!("start failed: {why}");
-                self.put(&Self::key(&cfg.name, &id), &inst)?;
+                self.put(&inst)?;
                 if let Err(e) = s.credentials.revoke_token(&token.id).await {
                     tracing::error!(pool = %cfg.name, instance = %id, "cannot revoke the failed instance's enrollment token (it expires by itself): {e}");
                 }
-                self.note_failure(cfg, &inst.detail)?;
+                self.note_failure(cfg, &inst.detail, now)?;
                 s.store.commit().await?;
                 Ok(false)
             }
         }
     }
 
+    /// Records the instance *stopping* (durably), then has it stopped in
+    /// the background.
     async fn stop(
         &self,
         cfg: &PoolConfig,
@@ -560,24 +585,72 @@ impl Pools {
         end: InstanceState,
         why: &str,
     ) -> Result<(), StoreError> {
-        let s = &self.inner;
         inst.state = InstanceState::Stopping;
         inst.detail = why.to_owned();
-        self.put(&Self::key(&cfg.name, &inst.id), &inst)?;
-        s.store.commit().await?;
-        // The provisioner may take a while (a draining agent, a cloud API):
-        // the pool goes on meanwhile.
-        let this = self.clone();
-        let (cfg, prov, why) = (cfg.clone(), prov.clone(), why.to_owned());
-        tokio::spawn(async move {
-            if let Err(e) = this.finish_stop(&cfg, &prov, inst, end, &why).await {
-                tracing::error!(pool = %cfg.name, "recording a stop failed: {e}");
-            }
-        });
+        self.put(&inst)?;
+        self.inner.store.commit().await?;
+        self.spawn_stop(cfg, prov, inst, end, why.to_owned());
         Ok(())
     }
 
-    /// The provisioner's part of a stop, then the record.
+    /// Stops a *stopping* instance in the background (the provisioner may
+    /// take a while: a draining agent, a cloud API; the pool goes on
+    /// meanwhile), unless its stop is in flight already.
+    fn spawn_stop(
+        &self,
+        cfg: &PoolConfig,
+        prov: &Arc<dyn Provisioner>,
+        inst: Instance,
+        end: InstanceState,
+        why: String,
+    ) {
+        let s = &self.inner;
+        if !s
+            .stopping
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(inst.id.clone())
+        {
+            return;
+        }
+        let this = self.clone();
+        let (cfg, prov) = (cfg.clone(), prov.clone());
+        tokio::spawn(async move {
+            let id = inst.id.clone();
+            if let Err(e) = this.finish_stop(&cfg, &prov, inst, end, &why).await {
+                tracing::error!(pool = %cfg.name, instance = %id, "recording a stop failed (retried later): {e}");
+            }
+            let s = &this.inner;
+            s.stopping
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&id);
+            s.stopped.notify_waiters();
+        });
+    }
+
+    /// Returns once no stop is in flight.
+    #[cfg(test)]
+    async fn stops_settled(&self) {
+        loop {
+            let stopped = self.inner.stopped.notified();
+            tokio::pin!(stopped);
+            stopped.as_mut().enable();
+            if self
+                .inner
+                .stopping
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_empty()
+            {
+                return;
+            }
+            stopped.await;
+        }
+    }
+
+    /// The provisioner's part of a stop, then the agent's credential and
+    /// session, then the record.
     async fn finish_stop(
         &self,
         cfg: &PoolConfig,
@@ -587,20 +660,7 @@ impl Pools {
         why: &str,
     ) -> Result<(), StoreError> {
         let s = &self.inner;
-        if !s
-            .stopping
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(inst.id.clone())
-        {
-            return Ok(());
-        }
-        let result = prov.stop(&inst).await;
-        s.stopping
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&inst.id);
-        if let Err(e) = result {
+        if let Err(e) = prov.stop(&inst).await {
             tracing::error!(pool = %cfg.name, instance = %inst.id, "stop failed (retried later): {e}");
             return Ok(());
         }
@@ -614,33 +674,41 @@ impl Pools {
         }
         tracing::info!(pool = %cfg.name, instance = %inst.id, "instance stopped: {why}");
         inst.state = end;
-        self.put(&Self::key(&cfg.name, &inst.id), &inst)?;
+        self.put(&inst)?;
         s.store.commit().await
     }
 
-    fn note_failure(&self, cfg: &PoolConfig, why: &str) -> Result<(), StoreError> {
+    fn note_failure(&self, cfg: &PoolConfig, why: &str, now: u64) -> Result<(), StoreError> {
         let mut b = self.backoff(&cfg.name)?;
         b.failures += 1;
         let wait = FIRST_BACKOFF
             .saturating_mul(1u32 << (b.failures - 1).min(16))
             .min(cfg.start_backoff_max);
-        b.next_start_at_ms = now_ms() + wait.as_millis() as u64;
+        b.next_start_at_ms = now + wait.as_millis() as u64;
         b.last_error = why.to_owned();
-        self.inner
-            .errors
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(cfg.name.clone(), why.to_owned());
-        self.put(&format!("b/{}", cfg.name), &b)
+        self.inner.table.put(backoff_key(&cfg.name), &b)
     }
 
     fn note_success(&self, cfg: &PoolConfig) -> Result<(), StoreError> {
         let b = self.backoff(&cfg.name)?;
         if b.failures > 0 {
-            self.put(&format!("b/{}", cfg.name), &Backoff::default())?;
+            self.inner
+                .table
+                .put(backoff_key(&cfg.name), &Backoff::default())?;
         }
         Ok(())
     }
+}
+
+/// What one tick sees of the rest of the hub.
+struct Seen {
+    /// Enrolled agents by the token they enrolled with.
+    by_token: HashMap<String, String>,
+    connected: HashMap<String, ConnectedAgent>,
+    /// Queued jobs' labels and how long each waited (ms).
+    queued: Vec<(Vec<String>, u64)>,
+    /// The tick's time (ms since the epoch).
+    now: u64,
 }
 
 fn covers_all(have: &[String], want: &[String]) -> bool {

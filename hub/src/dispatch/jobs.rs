@@ -1,0 +1,811 @@
+//! The job side of dispatch: job records and the `jobs` tree's layout
+//! ([`JobTable`]), and the open jobs in memory ([`OpenJobs`]): the queue,
+//! the leases, and every state change of a job from submission to its one
+//! result.
+//!
+//! Layout (also on [`trees::JOBS`]): `j<id8>` → [`JobRecord`], `o<id8>` →
+//! marker of every unfinished job (a restart reads only these), `k<pipeline
+//! key>` → id8 of the keyed job, `f<id8>` → marker of a finished keyed job
+//! the pipeline has not taken in yet (the finished inbox). [`JobTable::stage`]
+//! is the one writer of it: a record and its markers change in one batch.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use trunkfarm_proto::v1::{Assignment, JobRef, JobResult, JobSpec, Outcome, ResultAck};
+
+use super::{DispatchError, DispatchSettings};
+use crate::store::{Store, StoreError, Table, now_ms, trees};
+
+/// Where a job is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    /// Waiting for an agent.
+    Queued,
+    /// Sent to an agent, not yet reported started.
+    Leased,
+    /// The agent reported it started.
+    Running,
+    /// Has its one result.
+    Finished,
+}
+
+/// One attempt of a job on one agent.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct AttemptRecord {
+    /// 1-based.
+    pub attempt: u32,
+    /// Who ran it.
+    pub agent_id: String,
+    /// When it was leased.
+    pub leased_at_ms: u64,
+    /// Why it ended without a result; empty if it has one.
+    pub lost_reason: String,
+}
+
+/// A job as stored: `jobs` tree, key `j` + id (big endian).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct JobRecord {
+    /// Unique, increasing.
+    pub id: u64,
+    /// What to run.
+    pub spec: JobSpec,
+    /// Attempts allowed.
+    pub max_attempts: u32,
+    /// Submission time.
+    pub created_at_ms: u64,
+    /// Current state.
+    pub state: JobState,
+    /// The current (or last) attempt; 0 before the first lease.
+    pub attempt: u32,
+    /// The agent of the current (or last) attempt.
+    #[serde(default)]
+    pub agent_id: String,
+    /// Every attempt so far.
+    #[serde(default)]
+    pub attempts: Vec<AttemptRecord>,
+    /// The one result, once finished.
+    #[serde(default)]
+    pub result: Option<JobResult>,
+    /// When it finished.
+    #[serde(default)]
+    pub finished_at_ms: u64,
+    /// An operator asked to cancel it.
+    #[serde(default)]
+    pub cancel_requested: bool,
+    /// The pipeline's name for the job (e.g. `build/lua/linux-x86_64/<sha>`),
+    /// unique among jobs; empty for a job submitted by hand. Keyed jobs are
+    /// submitted at most once, and their end is handed to the pipeline
+    /// through the finished inbox.
+    #[serde(default)]
+    pub key: String,
+}
+
+impl JobRecord {
+    /// A new queued job, its spec checked against the hub's limits (a
+    /// timeout of 0 gets the default one).
+    pub(super) fn new(
+        id: u64,
+        mut spec: JobSpec,
+        max_attempts: u32,
+        key: String,
+        s: &DispatchSettings,
+    ) -> Result<JobRecord, DispatchError> {
+        if spec.commands.is_empty() || spec.commands.iter().all(|c| c.trim().is_empty()) {
+            return Err(DispatchError::InvalidJob(
+                "the job has no command: give at least one (e.g. `trunkfarm job run -- make test`)"
+                    .into(),
+            ));
+        }
+        if spec.timeout_secs == 0 {
+            spec.timeout_secs = s.default_job_timeout.as_secs().max(1);
+        }
+        if spec.timeout_secs > s.max_job_timeout.as_secs() {
+            return Err(DispatchError::InvalidJob(format!(
+                "the job asks for a timeout of {}, more than this hub's dispatch.max_job_timeout ({})",
+                humantime::format_duration(Duration::from_secs(spec.timeout_secs)),
+                humantime::format_duration(s.max_job_timeout)
+            )));
+        }
+        let max_attempts = if max_attempts == 0 {
+            s.max_attempts
+        } else {
+            max_attempts
+        };
+        Ok(JobRecord::queued(id, spec, max_attempts, key))
+    }
+
+    /// A queued job as submitted, nothing checked (see [`JobRecord::new`]).
+    pub fn queued(id: u64, spec: JobSpec, max_attempts: u32, key: String) -> JobRecord {
+        JobRecord {
+            id,
+            spec,
+            max_attempts,
+            created_at_ms: now_ms(),
+            state: JobState::Queued,
+            attempt: 0,
+            agent_id: String::new(),
+            attempts: Vec::new(),
+            result: None,
+            finished_at_ms: 0,
+            cancel_requested: false,
+            key,
+        }
+    }
+
+    /// The (job, attempt) reference of the current attempt.
+    pub fn job_ref(&self) -> JobRef {
+        JobRef {
+            job_id: self.id,
+            attempt: self.attempt,
+        }
+    }
+
+    /// Ends the job with a result the hub makes up (lost attempts, cancel).
+    fn finish(&mut self, outcome: Outcome, detail: String) {
+        self.state = JobState::Finished;
+        self.finished_at_ms = now_ms();
+        self.result = Some(JobResult {
+            job: Some(self.job_ref()),
+            outcome: outcome.into(),
+            detail,
+            ..Default::default()
+        });
+    }
+
+    /// Notes why the given attempt ended without a result.
+    fn note_lost(&mut self, attempt: u32, reason: String) {
+        if let Some(a) = self
+            .attempts
+            .iter_mut()
+            .rev()
+            .find(|a| a.attempt == attempt)
+        {
+            a.lost_reason = reason;
+        }
+    }
+}
+
+/// `<prefix><id as 8 bytes big endian>`: sorts like the id.
+fn id_key(prefix: u8, id: u64) -> [u8; 9] {
+    let mut k = [0u8; 9];
+    k[0] = prefix;
+    k[1..].copy_from_slice(&id.to_be_bytes());
+    k
+}
+
+/// The id in a `j`, `o` or `f` key.
+fn key_id(key: &[u8]) -> Option<u64> {
+    key.get(1..9)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_be_bytes)
+}
+
+/// A key as people read it (`j42`), for "record unreadable" errors.
+fn printable(key: &[u8]) -> String {
+    match (key.first(), key_id(key)) {
+        (Some(&prefix), Some(id)) if key.len() == 9 => format!("{}{id}", prefix as char),
+        _ => String::from_utf8_lossy(key).into_owned(),
+    }
+}
+
+const RECORD: u8 = b'j';
+const OPEN: u8 = b'o';
+const INBOX: u8 = b'f';
+
+/// Maps a pipeline key to its job id: `k` + key.
+fn name_key(key: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(key.len() + 1);
+    k.push(b'k');
+    k.extend_from_slice(key.as_bytes());
+    k
+}
+
+/// The `jobs` tree. Cheap to clone; reads need no lock.
+#[derive(Clone)]
+pub struct JobTable {
+    table: Table,
+}
+
+impl JobTable {
+    /// Opens the `jobs` tree.
+    pub fn open(store: &Store) -> Result<JobTable, StoreError> {
+        Ok(JobTable {
+            table: Table::open(store, trees::JOBS)?,
+        })
+    }
+
+    /// The store the tree lives in.
+    pub(super) fn store(&self) -> &Store {
+        self.table.store()
+    }
+
+    /// Adds a job record and its index entries (open marker, pipeline key,
+    /// finished inbox) to `batch`: the one place the jobs tree's layout is
+    /// written (also by `trunkfarm bench recovery`, which builds a history of
+    /// a million jobs in a database no hub serves).
+    pub fn stage(&self, rec: &JobRecord, batch: &mut sled::Batch) -> Result<(), StoreError> {
+        self.table.stage(batch, id_key(RECORD, rec.id), rec)?;
+        if rec.state == JobState::Finished {
+            batch.remove(&id_key(OPEN, rec.id));
+            if !rec.key.is_empty() {
+                // In the same write as the result: the pipeline cannot miss it.
+                batch.insert(&id_key(INBOX, rec.id), &[]);
+            }
+        } else {
+            batch.insert(&id_key(OPEN, rec.id), &[]);
+            if !rec.key.is_empty() {
+                batch.insert(name_key(&rec.key), &rec.id.to_be_bytes());
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies a batch of [`JobTable::stage`]d records atomically.
+    pub fn apply(&self, batch: sled::Batch) -> Result<(), StoreError> {
+        self.table.apply(batch)
+    }
+
+    /// Writes one record with its index entries (durable after the next
+    /// commit).
+    fn persist(&self, rec: &JobRecord) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        self.stage(rec, &mut batch)?;
+        self.apply(batch)
+    }
+
+    /// Takes back a submission whose commit failed (nobody was told its id),
+    /// so it is not run behind the submitter's back. Best effort: the store
+    /// is failing.
+    pub(super) fn withdraw(&self, rec: &JobRecord) {
+        let mut batch = sled::Batch::default();
+        batch.remove(&id_key(RECORD, rec.id));
+        batch.remove(&id_key(OPEN, rec.id));
+        if !rec.key.is_empty() {
+            batch.remove(name_key(&rec.key));
+        }
+        if let Err(e) = self.apply(batch) {
+            tracing::warn!(job = rec.id, "cannot take back an unacknowledged job: {e}");
+        }
+    }
+
+    fn decode(&self, key: &[u8], raw: &[u8]) -> Result<JobRecord, StoreError> {
+        self.table.decode(printable(key).as_bytes(), raw)
+    }
+
+    /// One stored job record.
+    pub(super) fn load(&self, id: u64) -> Result<Option<JobRecord>, StoreError> {
+        let key = id_key(RECORD, id);
+        match self.table.get_raw(key)? {
+            None => Ok(None),
+            Some(raw) => self.decode(&key, &raw).map(Some),
+        }
+    }
+
+    /// Every unfinished job's stored record, by id.
+    fn open_records(&self) -> Result<Vec<JobRecord>, StoreError> {
+        let mut out = Vec::new();
+        for key in self.table.keys([OPEN]) {
+            let key = key?;
+            let id =
+                key_id(&key).ok_or_else(|| self.table.corrupt(printable(&key), "short key"))?;
+            let rec = self.load(id)?.ok_or_else(|| {
+                self.table
+                    .corrupt(format!("j{id}"), "open job without record")
+            })?;
+            out.push(rec);
+        }
+        Ok(out)
+    }
+
+    /// Stored jobs newest first, the live copy of open ones taken from
+    /// `open`, optionally only those in `state`.
+    pub(super) fn list(
+        &self,
+        open: &HashMap<u64, JobRecord>,
+        state: Option<JobState>,
+        limit: usize,
+    ) -> Result<Vec<JobRecord>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.table.scan_raw([RECORD]).rev() {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, v) = item?;
+            let stored = self.decode(&k, &v)?;
+            let rec = open.get(&stored.id).cloned().unwrap_or(stored);
+            if state.is_none_or(|want| want == rec.state) {
+                out.push(rec);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The job submitted under a pipeline key, if any.
+    pub(super) fn keyed(&self, key: &str) -> Result<Option<u64>, StoreError> {
+        let Some(raw) = self.table.get_raw(name_key(key))? else {
+            return Ok(None);
+        };
+        let bytes: [u8; 8] = raw
+            .as_ref()
+            .try_into()
+            .map_err(|_| self.table.corrupt(format!("k{key}"), "not an 8-byte id"))?;
+        Ok(Some(u64::from_be_bytes(bytes)))
+    }
+
+    /// Finished keyed jobs the pipeline has not acknowledged yet, oldest
+    /// first, at most `limit`.
+    pub(super) fn inbox(&self, limit: usize) -> Result<Vec<JobRecord>, StoreError> {
+        let mut out = Vec::new();
+        for key in self.table.keys([INBOX]).take(limit) {
+            let key = key?;
+            let id =
+                key_id(&key).ok_or_else(|| self.table.corrupt(printable(&key), "short key"))?;
+            match self.load(id)? {
+                Some(rec) => out.push(rec),
+                // A marker without a record cannot be handed over; drop it.
+                None => self.table.remove(key)?,
+            }
+        }
+        Ok(out)
+    }
+
+    /// The pipeline took in these finished jobs: they leave the inbox, and
+    /// their report files (parsed and stored by the pipeline, up to
+    /// megabytes each) leave the job record.
+    pub(super) fn ack_inbox(&self, ids: &[u64]) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for id in ids {
+            batch.remove(&id_key(INBOX, *id));
+            if let Some(mut rec) = self.load(*id)? {
+                let mut changed = false;
+                if let Some(result) = rec.result.as_mut() {
+                    for report in &mut result.reports {
+                        if !report.data.is_empty() {
+                            report.data = Vec::new();
+                            changed = true;
+                        }
+                    }
+                }
+                if changed {
+                    self.table.stage(&mut batch, id_key(RECORD, rec.id), &rec)?;
+                }
+            }
+        }
+        self.apply(batch)
+    }
+}
+
+/// An agent's hold on one attempt of a job. Deadlines live in memory only:
+/// a restarted hub gives every leased job a fresh lease.
+struct Lease {
+    agent_id: String,
+    attempt: u32,
+    deadline: Instant,
+}
+
+/// What ended an attempt without a result did to its job.
+pub(super) struct Lost {
+    /// The agent that held it.
+    pub agent_id: String,
+    /// `Some(attempt)` if the job finished (attempts used up, or cancelled).
+    pub finished: Option<u32>,
+}
+
+/// What recording a result did.
+pub(super) enum Recorded {
+    /// The agent does not hold that attempt: nothing changed.
+    NotHeld,
+    /// The lease ended; `Some(attempt)` if the job finished (else it was
+    /// requeued after an infrastructure error).
+    Released { finished: Option<u32> },
+}
+
+/// What cancelling an open job did.
+pub(super) enum Cancelled {
+    /// It was queued: finished as cancelled (`attempt`) at once.
+    Finished(u32),
+    /// It runs: the agent holding it (if any) is to be told.
+    Running {
+        job: JobRef,
+        agent_id: Option<String>,
+    },
+}
+
+/// The unfinished jobs: the authoritative copy of each, the queue, and the
+/// leases. Every change is written to the [`JobTable`] before memory
+/// changes, so a failing disk leaves the old state in place.
+#[derive(Default)]
+pub(super) struct OpenJobs {
+    open: HashMap<u64, JobRecord>,
+    /// Queued job ids, oldest first (requeued jobs go first).
+    queue: VecDeque<u64>,
+    leases: HashMap<u64, Lease>,
+}
+
+impl OpenJobs {
+    /// Reads every unfinished job. Leased ones get a lease until `grace`:
+    /// their agent confirms them by listing them in its `Hello`.
+    pub(super) fn load(table: &JobTable, grace: Instant) -> Result<OpenJobs, StoreError> {
+        let mut jobs = OpenJobs::default();
+        let mut queued = Vec::new();
+        for rec in table.open_records()? {
+            match rec.state {
+                JobState::Queued => queued.push(rec.id),
+                JobState::Leased | JobState::Running => {
+                    jobs.leases.insert(
+                        rec.id,
+                        Lease {
+                            agent_id: rec.agent_id.clone(),
+                            attempt: rec.attempt,
+                            deadline: grace,
+                        },
+                    );
+                }
+                JobState::Finished => continue,
+            }
+            jobs.open.insert(rec.id, rec);
+        }
+        queued.sort_unstable();
+        jobs.queue = queued.into();
+        Ok(jobs)
+    }
+
+    /// (queued, leased).
+    pub(super) fn counts(&self) -> (usize, usize) {
+        (self.queue.len(), self.leases.len())
+    }
+
+    pub(super) fn get(&self, id: u64) -> Option<&JobRecord> {
+        self.open.get(&id)
+    }
+
+    /// Every open job (for a listing that overlays them on stored records).
+    pub(super) fn records(&self) -> &HashMap<u64, JobRecord> {
+        &self.open
+    }
+
+    /// A new job, durable already, joins the back of the queue.
+    pub(super) fn add(&mut self, rec: JobRecord) {
+        self.queue.push_back(rec.id);
+        self.open.insert(rec.id, rec);
+    }
+
+    /// The oldest queued job, taken off the queue.
+    pub(super) fn pop_queued(&mut self) -> Option<u64> {
+        self.queue.pop_front()
+    }
+
+    /// Puts jobs back at the front of the queue, in the order given.
+    pub(super) fn requeue_front(&mut self, ids: Vec<u64>) {
+        for id in ids.into_iter().rev() {
+            self.queue.push_front(id);
+        }
+    }
+
+    /// Leases an open job to `agent_id` (its next attempt) until
+    /// `deadline`; `None` if it is not open. Written first: on a write error
+    /// nothing changes.
+    pub(super) fn lease(
+        &mut self,
+        table: &JobTable,
+        id: u64,
+        agent_id: &str,
+        deadline: Instant,
+    ) -> Result<Option<Assignment>, StoreError> {
+        let Some(mut rec) = self.open.get(&id).cloned() else {
+            return Ok(None);
+        };
+        rec.attempt += 1;
+        rec.state = JobState::Leased;
+        rec.agent_id = agent_id.to_owned();
+        rec.attempts.push(AttemptRecord {
+            attempt: rec.attempt,
+            agent_id: agent_id.to_owned(),
+            leased_at_ms: now_ms(),
+            lost_reason: String::new(),
+        });
+        table.persist(&rec)?;
+        let assignment = Assignment {
+            job: Some(rec.job_ref()),
+            spec: Some(rec.spec.clone()),
+        };
+        self.leases.insert(
+            id,
+            Lease {
+                agent_id: agent_id.to_owned(),
+                attempt: rec.attempt,
+                deadline,
+            },
+        );
+        self.open.insert(id, rec);
+        Ok(Some(assignment))
+    }
+
+    /// Whether `agent_id` holds the lease for exactly this attempt.
+    pub(super) fn holds(&self, agent_id: &str, job: &JobRef) -> bool {
+        self.leases
+            .get(&job.job_id)
+            .is_some_and(|l| l.agent_id == agent_id && l.attempt == job.attempt)
+    }
+
+    /// The attempt of a leased job.
+    pub(super) fn leased_attempt(&self, id: u64) -> Option<u32> {
+        self.leases.get(&id).map(|l| l.attempt)
+    }
+
+    /// The agent holding a job's lease.
+    fn holder(&self, id: u64) -> Option<&str> {
+        self.leases.get(&id).map(|l| l.agent_id.as_str())
+    }
+
+    /// The (job, attempt)s `agent_id` holds leases for.
+    pub(super) fn held_by(&self, agent_id: &str) -> Vec<(u64, u32)> {
+        self.leases
+            .iter()
+            .filter(|(_, l)| l.agent_id == agent_id)
+            .map(|(id, l)| (*id, l.attempt))
+            .collect()
+    }
+
+    /// Extends the agent's leases on these attempts until `deadline`.
+    pub(super) fn extend(&mut self, agent_id: &str, jobs: &[JobRef], deadline: Instant) {
+        for j in jobs {
+            if let Some(l) = self.leases.get_mut(&j.job_id)
+                && l.agent_id == agent_id
+                && l.attempt == j.attempt
+            {
+                l.deadline = deadline;
+            }
+        }
+    }
+
+    /// Leases whose deadline passed: (job, agent).
+    pub(super) fn expired(&self, now: Instant) -> Vec<(u64, String)> {
+        self.leases
+            .iter()
+            .filter(|(_, l)| l.deadline <= now)
+            .map(|(id, l)| (*id, l.agent_id.clone()))
+            .collect()
+    }
+
+    /// The agent started a leased job. Written without waiting for the disk:
+    /// losing it in a crash only makes the job show as leased.
+    pub(super) fn started(
+        &mut self,
+        table: &JobTable,
+        agent_id: &str,
+        job: &JobRef,
+    ) -> Result<(), StoreError> {
+        if !self.holds(agent_id, job) {
+            return Ok(());
+        }
+        if let Some(rec) = self.open.get_mut(&job.job_id) {
+            rec.state = JobState::Running;
+            table.persist(rec)?;
+        }
+        Ok(())
+    }
+
+    /// Ends an attempt without a result: requeues the job at the front, or
+    /// finishes it as an infrastructure error once its attempts are used up
+    /// (or as cancelled, if an operator asked for that). `None` if it was
+    /// not leased.
+    pub(super) fn lose(
+        &mut self,
+        table: &JobTable,
+        id: u64,
+        reason: &str,
+    ) -> Result<Option<Lost>, StoreError> {
+        let Some(lease) = self.leases.get(&id) else {
+            return Ok(None);
+        };
+        let agent_id = lease.agent_id.clone();
+        let lost_attempt = lease.attempt;
+        let Some(mut rec) = self.open.get(&id).cloned() else {
+            self.leases.remove(&id);
+            return Ok(None);
+        };
+        rec.note_lost(lost_attempt, reason.to_string());
+        let finish = rec.cancel_requested || rec.attempt >= rec.max_attempts;
+        if finish {
+            let (outcome, detail) = if rec.cancel_requested {
+                (
+                    Outcome::Cancelled,
+                    format!("cancelled by an operator ({reason})"),
+                )
+            } else {
+                (
+                    Outcome::Error,
+                    format!(
+                        "infrastructure failure: {} attempt(s) lost, the last because {reason}",
+                        rec.attempt
+                    ),
+                )
+            };
+            rec.finish(outcome, detail);
+        } else {
+            rec.state = JobState::Queued;
+        }
+        // Durable first: on a write error the lease stays and is retried.
+        table.persist(&rec)?;
+        tracing::warn!(job = id, attempt = lost_attempt, agent = %agent_id, "attempt lost: {reason}");
+        self.leases.remove(&id);
+        let finished = if finish {
+            self.open.remove(&id);
+            Some(rec.attempt)
+        } else {
+            self.open.insert(id, rec);
+            self.queue.push_front(id);
+            None
+        };
+        Ok(Some(Lost { agent_id, finished }))
+    }
+
+    /// Records the result of the attempt `agent_id` holds: finishes the job,
+    /// or requeues it after an infrastructure error while attempts are left.
+    /// Written first: on a write error the agent keeps its lease and resends
+    /// the (unacknowledged) result.
+    pub(super) fn record(
+        &mut self,
+        table: &JobTable,
+        agent_id: &str,
+        mut result: JobResult,
+    ) -> Result<Recorded, StoreError> {
+        let job = result.job.unwrap_or_default();
+        if !self.holds(agent_id, &job) {
+            return Ok(Recorded::NotHeld);
+        }
+        let mut finished = None;
+        if let Some(mut rec) = self.open.get(&job.job_id).cloned() {
+            if result.outcome == Outcome::Unspecified as i32 {
+                result.outcome = Outcome::Error.into();
+                result.detail = format!("agent reported no outcome. {}", result.detail);
+            }
+            let retry = result.outcome == Outcome::Error as i32
+                && !rec.cancel_requested
+                && rec.attempt < rec.max_attempts;
+            if retry {
+                // An infrastructure error (checkout, download, upload, disk)
+                // is the farm's fault, not the project's: try again, like a
+                // lost lease, within max_attempts.
+                rec.note_lost(
+                    job.attempt,
+                    format!("infrastructure error on the agent: {}", result.detail),
+                );
+                rec.state = JobState::Queued;
+                table.persist(&rec)?;
+                tracing::warn!(
+                    job = rec.id,
+                    attempt = rec.attempt,
+                    agent = agent_id,
+                    "infrastructure error, requeued: {}",
+                    result.detail
+                );
+                self.open.insert(job.job_id, rec);
+                self.queue.push_front(job.job_id);
+            } else {
+                rec.state = JobState::Finished;
+                rec.finished_at_ms = now_ms();
+                rec.result = Some(result);
+                table.persist(&rec)?;
+                finished = Some(rec.attempt);
+                self.open.remove(&job.job_id);
+            }
+        }
+        self.leases.remove(&job.job_id);
+        Ok(Recorded::Released { finished })
+    }
+
+    /// Marks an open job cancelled: a queued one finishes at once, a running
+    /// one waits for its agent's result. `None` if it is not open.
+    pub(super) fn cancel(
+        &mut self,
+        table: &JobTable,
+        id: u64,
+    ) -> Result<Option<Cancelled>, StoreError> {
+        let Some(mut rec) = self.open.get(&id).cloned() else {
+            return Ok(None);
+        };
+        rec.cancel_requested = true;
+        if rec.state == JobState::Queued {
+            rec.finish(
+                Outcome::Cancelled,
+                "cancelled by an operator before it started".into(),
+            );
+            table.persist(&rec)?;
+            self.open.remove(&id);
+            self.queue.retain(|q| *q != id);
+            Ok(Some(Cancelled::Finished(rec.attempt)))
+        } else {
+            table.persist(&rec)?;
+            let job = rec.job_ref();
+            self.open.insert(id, rec);
+            Ok(Some(Cancelled::Running {
+                job,
+                agent_id: self.holder(id).map(str::to_owned),
+            }))
+        }
+    }
+
+    /// Keys of unfinished keyed jobs starting with `prefix`, with their ids.
+    pub(super) fn keys(&self, prefix: &str) -> Vec<(String, u64)> {
+        let mut keys: Vec<_> = self
+            .open
+            .values()
+            .filter(|r| !r.key.is_empty() && r.key.starts_with(prefix))
+            .map(|r| (r.key.clone(), r.id))
+            .collect();
+        keys.sort_unstable();
+        keys
+    }
+
+    /// Queued jobs' labels and how long each has waited (ms).
+    pub(super) fn queued_labels(&self) -> Vec<(Vec<String>, u64)> {
+        let now = now_ms();
+        self.queue
+            .iter()
+            .filter_map(|id| self.open.get(id))
+            .map(|r| (r.spec.labels.clone(), now.saturating_sub(r.created_at_ms)))
+            .collect()
+    }
+
+    /// Runtime artifacts that unfinished jobs will download.
+    pub(super) fn artifacts(&self) -> std::collections::HashSet<String> {
+        self.open
+            .values()
+            .filter(|r| !r.spec.artifact_sha256.is_empty())
+            .map(|r| r.spec.artifact_sha256.clone())
+            .collect()
+    }
+}
+
+/// The answer to a result from an agent that no longer holds its attempt,
+/// given the job's stored record: a resend of the result already recorded
+/// is acknowledged again; anything else is refused, saying why.
+pub(super) fn resend_ack(stored: Option<JobRecord>, agent_id: &str, job: JobRef) -> ResultAck {
+    let refused = |why: String| {
+        tracing::warn!(
+            job = job.job_id,
+            attempt = job.attempt,
+            agent = agent_id,
+            "result refused: {why}"
+        );
+        ResultAck {
+            job: Some(job),
+            recorded: false,
+            detail: format!(
+                "result for job {} attempt {} refused: {why}",
+                job.job_id, job.attempt
+            ),
+        }
+    };
+    match stored {
+        None => ResultAck {
+            job: Some(job),
+            recorded: false,
+            detail: format!("job {} does not exist on this hub", job.job_id),
+        },
+        Some(rec)
+            if rec.state == JobState::Finished
+                && rec.attempt == job.attempt
+                && rec.agent_id == agent_id
+                // Not an attempt that `lose` ended (its result came too late).
+                && rec.attempts.last().is_some_and(|a| a.lost_reason.is_empty()) =>
+        {
+            ResultAck {
+                job: Some(job),
+                recorded: true,
+                detail: "already recorded".into(),
+            }
+        }
+        Some(rec) if rec.attempt > job.attempt => refused(format!(
+            "the job was requeued as attempt {} after this agent's lease on attempt {} was lost",
+            rec.attempt, job.attempt
+        )),
+        Some(_) => refused("this agent does not hold that job".to_string()),
+    }
+}

@@ -1,0 +1,1127 @@
+//! Dispatch: jobs meet agents. Two halves, tied together here:
+//! [`jobs`] (job records and the `jobs` tree, the queue, leases, pipeline
+//! keys, the finished inbox) and [`sessions`] (connected agents, matching a
+//! job to an agent, the messages sent to them).
+//!
+//! ```text
+//! queued ──lease──► leased ──started──► running ──result──► finished
+//!   ▲                  │                   │
+//!   └── lease lost (agent silent past its lease, revoked, restarted) ──┘
+//!       (attempt + 1; after max_attempts: finished as an infrastructure error)
+//! ```
+//!
+//! Every change is applied under one lock (in memory and to sled), then
+//! [`Store::commit`] makes it durable *outside* the lock, and only then is
+//! anything sent: an assignment to an agent, an acknowledgement of a result,
+//! a job id to a submitter. A crash therefore can only lose changes nobody was
+//! told about. Leases' deadlines live in memory: a restarted hub gives every
+//! leased job a fresh lease, which the agent confirms by listing the job in
+//! its `Hello` (or loses, and the job is requeued at once).
+
+mod jobs;
+mod sessions;
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use trunkfarm_proto::v1::{
+    Cancel, Capabilities, JobRef, JobResult, JobSpec, ResultAck, hub_message,
+};
+
+pub use jobs::{AttemptRecord, JobRecord, JobState, JobTable};
+pub use sessions::{AgentTx, ConnectedAgent, JobBudget};
+
+use crate::logs::JobLogs;
+use crate::space::{DataDir, SpaceError};
+use crate::store::{Store, StoreError};
+use jobs::{Cancelled, OpenJobs, Recorded};
+use sessions::{Hello, Outbox, Sessions};
+
+/// Settings the dispatcher needs from the hub config.
+#[derive(Clone, Debug)]
+pub struct DispatchSettings {
+    /// How long an agent may stay silent before its jobs are requeued.
+    pub lease_timeout: Duration,
+    /// Agents heartbeat this often; one silent for two intervals gets no new job.
+    pub heartbeat_interval: Duration,
+    /// Attempts before a job is finished as an infrastructure error.
+    pub max_attempts: u32,
+    /// Timeout given to a job that names none.
+    pub default_job_timeout: Duration,
+    /// The longest timeout a job may ask for.
+    pub max_job_timeout: Duration,
+    /// The data dir's reserve: new jobs are refused when it is cut into.
+    pub space: DataDir,
+}
+
+/// Errors callers turn into gRPC statuses.
+#[derive(Debug, thiserror::Error)]
+pub enum DispatchError {
+    /// The store failed; nothing was acknowledged.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A job spec that cannot run.
+    #[error("{0}")]
+    InvalidJob(String),
+    /// No such job.
+    #[error("no job {0}: see `trunkfarm job list`")]
+    NoSuchJob(u64),
+    /// The agent is not connected.
+    #[error("agent {0} is not connected")]
+    NotConnected(String),
+    /// The data dir has no room for new work.
+    #[error(transparent)]
+    NoRoom(#[from] SpaceError),
+}
+
+/// Everything under the dispatcher's one lock.
+struct State {
+    jobs: OpenJobs,
+    sessions: Sessions,
+}
+
+/// What a change produced, sent and announced once it is durable.
+#[derive(Default)]
+struct Effects {
+    messages: Outbox,
+    /// Jobs that finished: (job, its last attempt).
+    finished: Vec<(u64, u32)>,
+}
+
+/// The dispatcher. Cheap to clone.
+#[derive(Clone)]
+pub struct Dispatcher {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    table: JobTable,
+    logs: Arc<JobLogs>,
+    settings: DispatchSettings,
+    state: Mutex<State>,
+    /// Wakes the pipeline's inbox reader when a job finished.
+    finished: Arc<tokio::sync::Notify>,
+    /// Jobs finished durably since the hub started (`/metrics`; the
+    /// benchmark's clock stops when it reaches the jobs it submitted).
+    finished_total: std::sync::atomic::AtomicU64,
+}
+
+impl Dispatcher {
+    /// Loads every unfinished job and starts the lease reaper.
+    pub fn open(
+        store: &Store,
+        logs: Arc<JobLogs>,
+        settings: DispatchSettings,
+    ) -> Result<Dispatcher, DispatchError> {
+        let table = JobTable::open(store)?;
+        let jobs = OpenJobs::load(&table, Instant::now() + settings.lease_timeout)?;
+        let shared = Arc::new(Shared {
+            table,
+            logs,
+            state: Mutex::new(State {
+                jobs,
+                sessions: Sessions::new(settings.heartbeat_interval),
+            }),
+            settings,
+            finished: Arc::new(tokio::sync::Notify::new()),
+            finished_total: std::sync::atomic::AtomicU64::new(0),
+        });
+        tokio::spawn(reap_leases(Arc::downgrade(&shared)));
+        Ok(Dispatcher { shared })
+    }
+
+    /// Lets `budget` (the pools) limit how many jobs an agent is given.
+    pub fn set_job_budget(&self, budget: Arc<dyn JobBudget>) {
+        self.lock().sessions.set_budget(budget);
+    }
+
+    /// Jobs finished (and durable) since the hub started.
+    pub fn finished_total(&self) -> u64 {
+        self.shared
+            .finished_total
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Counts of open jobs, for start-up messages and metrics: (queued, leased).
+    pub fn open_counts(&self) -> (usize, usize) {
+        self.lock().jobs.counts()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.shared.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Makes everything durable, then sends what the change produced.
+    async fn deliver(&self, eff: Effects) -> Result<(), StoreError> {
+        self.shared.table.store().commit().await?;
+        eff.messages.send();
+        if !eff.finished.is_empty() {
+            self.shared.finished_total.fetch_add(
+                eff.finished.len() as u64,
+                std::sync::atomic::Ordering::Relaxed,
+            );
+            self.shared.finished.notify_one();
+        }
+        for (job, attempts) in eff.finished {
+            self.shared.logs.finished(job, attempts);
+        }
+        Ok(())
+    }
+
+    /// Queues a new job; returns its id once it is durable.
+    pub async fn submit(&self, spec: JobSpec, max_attempts: u32) -> Result<u64, DispatchError> {
+        self.submit_keyed(spec, max_attempts, String::new())
+            .await
+            .map(|(id, _)| id)
+    }
+
+    /// Queues a job under a pipeline key, unless a job with that key already
+    /// exists: returns its id and whether it is new. Submitting the same key
+    /// again (after a crash, a re-poll, a retried hand-off) is a no-op, so
+    /// the pipeline can re-derive its jobs from durable state at any time.
+    pub async fn submit_keyed(
+        &self,
+        spec: JobSpec,
+        max_attempts: u32,
+        key: String,
+    ) -> Result<(u64, bool), DispatchError> {
+        let s = &self.shared;
+        let rec = JobRecord::new(
+            s.table.store().next_id()?,
+            spec,
+            max_attempts,
+            key,
+            &s.settings,
+        )?;
+        let id = rec.id;
+        {
+            // Under the lock, so two submits of one key cannot both pass the check.
+            let _st = self.lock();
+            if !rec.key.is_empty()
+                && let Some(existing) = s.table.keyed(&rec.key)?
+            {
+                return Ok((existing, false));
+            }
+            // Only new work is refused on a full disk (a known key stores nothing).
+            s.settings.space.admit("jobs", 0)?;
+            let mut batch = sled::Batch::default();
+            s.table.stage(&rec, &mut batch)?;
+            s.table.apply(batch)?;
+        }
+        if let Err(e) = s.table.store().commit().await {
+            s.table.withdraw(&rec);
+            return Err(e.into());
+        }
+        let mut eff = Effects::default();
+        {
+            let mut st = self.lock();
+            st.jobs.add(rec);
+            self.schedule(&mut st, &mut eff)?;
+        }
+        self.deliver(eff).await?;
+        Ok((id, true))
+    }
+
+    /// Keys of unfinished keyed jobs starting with `prefix`, with their ids.
+    pub fn open_keys(&self, prefix: &str) -> Vec<(String, u64)> {
+        self.lock().jobs.keys(prefix)
+    }
+
+    /// Queued jobs' labels and how long each has waited (ms), for the
+    /// pools deciding whether to start an instance.
+    pub fn queued_labels(&self) -> Vec<(Vec<String>, u64)> {
+        self.lock().jobs.queued_labels()
+    }
+
+    /// Runtime artifacts that unfinished jobs will download: garbage
+    /// collection must keep them.
+    pub fn open_artifacts(&self) -> HashSet<String> {
+        self.lock().jobs.artifacts()
+    }
+
+    /// Finished keyed jobs the pipeline has not acknowledged yet, oldest
+    /// first, at most `limit`.
+    pub fn finished_inbox(&self, limit: usize) -> Result<Vec<JobRecord>, StoreError> {
+        self.shared.table.inbox(limit)
+    }
+
+    /// The pipeline took in these finished jobs (durably, on its side):
+    /// they leave the inbox, and their report files leave the job record.
+    /// Durable once the next [`Store::commit`] returns.
+    pub fn ack_finished(&self, ids: &[u64]) -> Result<(), StoreError> {
+        self.shared.table.ack_inbox(ids)
+    }
+
+    /// Notified whenever a job finished (so the pipeline's inbox may hold
+    /// something new).
+    pub fn finished_signal(&self) -> Arc<tokio::sync::Notify> {
+        self.shared.finished.clone()
+    }
+
+    /// Hands queued jobs, oldest first, to agents with free slots (see
+    /// [`Sessions::pick`] for which agent).
+    fn schedule(&self, st: &mut State, eff: &mut Effects) -> Result<(), StoreError> {
+        let State { jobs, sessions } = st;
+        let now = Instant::now();
+        let deadline = now + self.shared.settings.lease_timeout;
+        // Looked at but no agent takes them: they stay ahead of the rest.
+        let mut waiting = Vec::new();
+        let result = loop {
+            if !sessions.any_available(now) {
+                break Ok(());
+            }
+            let Some(id) = jobs.pop_queued() else {
+                break Ok(());
+            };
+            let Some(rec) = jobs.get(id) else {
+                continue;
+            };
+            let Some(agent_id) = sessions.pick(&rec.spec, now) else {
+                waiting.push(id);
+                continue;
+            };
+            match jobs.lease(&self.shared.table, id, &agent_id, deadline) {
+                Ok(Some(assignment)) => {
+                    sessions.assign(&agent_id, id, assignment, &mut eff.messages)
+                }
+                Ok(None) => {}
+                // A failing disk leaves the job queued, the queue in order.
+                Err(e) => {
+                    waiting.push(id);
+                    break Err(e);
+                }
+            }
+        };
+        jobs.requeue_front(waiting);
+        result
+    }
+
+    /// Ends an attempt without a result (see [`OpenJobs::lose`]).
+    fn lose(
+        &self,
+        st: &mut State,
+        id: u64,
+        reason: &str,
+        eff: &mut Effects,
+    ) -> Result<(), StoreError> {
+        if let Some(lost) = st.jobs.lose(&self.shared.table, id, reason)? {
+            st.sessions.release(&lost.agent_id, id);
+            if let Some(attempt) = lost.finished {
+                eff.finished.push((id, attempt));
+            }
+        }
+        Ok(())
+    }
+
+    /// Registers a new session for an authenticated agent after its Hello.
+    /// Leases it holds and lists in `held` are kept; the others are lost
+    /// (the agent restarted without them). Returns the session id.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn connect(
+        &self,
+        agent_id: &str,
+        token_labels: &[String],
+        caps: Capabilities,
+        held: &[JobRef],
+        draining: bool,
+        agent_version: String,
+        remote: String,
+        tx: AgentTx,
+    ) -> Result<u64, DispatchError> {
+        let mut eff = Effects::default();
+        let session = {
+            let mut st = self.lock();
+            let held: HashSet<(u64, u32)> = held.iter().map(|j| (j.job_id, j.attempt)).collect();
+            let deadline = Instant::now() + self.shared.settings.lease_timeout;
+            let mut running = HashSet::new();
+            let mut kept = Vec::new();
+            for (id, attempt) in st.jobs.held_by(agent_id) {
+                if held.contains(&(id, attempt)) {
+                    running.insert(id);
+                    kept.push(JobRef {
+                        job_id: id,
+                        attempt,
+                    });
+                } else {
+                    self.lose(
+                        &mut st,
+                        id,
+                        "the agent reconnected without it (restarted?)",
+                        &mut eff,
+                    )?;
+                }
+            }
+            st.jobs.extend(agent_id, &kept, deadline);
+            let mut labels: HashSet<String> = caps.labels.iter().cloned().collect();
+            labels.extend(token_labels.iter().cloned());
+            let session = st.sessions.open(
+                agent_id,
+                Hello {
+                    caps,
+                    labels,
+                    running,
+                    draining,
+                    agent_version,
+                    remote,
+                    tx,
+                },
+            );
+            self.schedule(&mut st, &mut eff)?;
+            session
+        };
+        self.deliver(eff).await?;
+        Ok(session)
+    }
+
+    /// The session ended. Its leases stay until they expire: the agent may
+    /// reconnect and keep running its jobs.
+    pub fn disconnect(&self, agent_id: &str, session: u64) {
+        self.lock().sessions.close(agent_id, session);
+    }
+
+    /// Extends the leases of the jobs the agent says it runs.
+    pub async fn heartbeat(&self, agent_id: &str, running: &[JobRef]) -> Result<(), StoreError> {
+        let mut eff = Effects::default();
+        {
+            let mut st = self.lock();
+            let deadline = Instant::now() + self.shared.settings.lease_timeout;
+            st.jobs.extend(agent_id, running, deadline);
+            if st.sessions.heard(agent_id) {
+                self.schedule(&mut st, &mut eff)?;
+            }
+        }
+        if !eff.messages.is_empty() {
+            self.deliver(eff).await?;
+        }
+        Ok(())
+    }
+
+    /// Whether `agent_id` holds the lease for this attempt (log chunks from
+    /// anyone else are dropped).
+    pub fn holds(&self, agent_id: &str, job: &JobRef) -> bool {
+        self.lock().jobs.holds(agent_id, job)
+    }
+
+    /// The agent started a leased job. Recorded without waiting for the disk:
+    /// losing it in a crash only makes the job show as leased.
+    pub fn started(&self, agent_id: &str, job: &JobRef) -> Result<(), StoreError> {
+        self.lock().jobs.started(&self.shared.table, agent_id, job)
+    }
+
+    /// Records an agent's result exactly once. A resend of an already
+    /// recorded result is acknowledged again; a result for an attempt the
+    /// agent no longer holds is refused.
+    pub async fn record_result(
+        &self,
+        agent_id: &str,
+        result: JobResult,
+    ) -> Result<ResultAck, DispatchError> {
+        let job = result.job.unwrap_or_default();
+        let mut eff = Effects::default();
+        let recorded = {
+            let mut st = self.lock();
+            match st.jobs.record(&self.shared.table, agent_id, result)? {
+                Recorded::NotHeld => false,
+                Recorded::Released { finished } => {
+                    if let Some(attempt) = finished {
+                        eff.finished.push((job.job_id, attempt));
+                    }
+                    st.sessions.release(agent_id, job.job_id);
+                    self.schedule(&mut st, &mut eff)?;
+                    true
+                }
+            }
+        };
+        let ack = if recorded {
+            ResultAck {
+                job: Some(job),
+                recorded: true,
+                detail: String::new(),
+            }
+        } else {
+            jobs::resend_ack(self.get(job.job_id)?, agent_id, job)
+        };
+        // Also for a resend: "already recorded" only once that is durable.
+        self.deliver(eff).await?;
+        Ok(ack)
+    }
+
+    /// Gives up every lease whose deadline passed; `None` when none did.
+    fn expire_leases(&self) -> Result<Option<Effects>, StoreError> {
+        let mut st = self.lock();
+        let expired = st.jobs.expired(Instant::now());
+        if expired.is_empty() {
+            return Ok(None);
+        }
+        let mut eff = Effects::default();
+        let timeout = humantime::format_duration(self.shared.settings.lease_timeout);
+        for (id, agent) in expired {
+            let reason =
+                format!("its lease expired: agent {agent} was not heard from for {timeout}");
+            self.lose(&mut st, id, &reason, &mut eff)?;
+        }
+        self.schedule(&mut st, &mut eff)?;
+        Ok(Some(eff))
+    }
+
+    /// The agent is draining (SIGTERM or an operator's drain): no new jobs.
+    pub fn set_draining(&self, agent_id: &str) {
+        self.lock().sessions.set_draining(agent_id);
+    }
+
+    /// Asks a connected agent to drain.
+    pub fn drain(&self, agent_id: &str, grace: Duration) -> Result<(), DispatchError> {
+        self.lock().sessions.drain(agent_id, grace)
+    }
+
+    /// Cuts a revoked agent off now and requeues its jobs (see
+    /// [`revoke_agent`], which revokes its credential first).
+    async fn revoke(&self, agent_id: &str) -> Result<Vec<u64>, DispatchError> {
+        let mut eff = Effects::default();
+        let requeued = {
+            let mut st = self.lock();
+            st.sessions.cut_off(agent_id);
+            let mine: Vec<u64> = st
+                .jobs
+                .held_by(agent_id)
+                .into_iter()
+                .map(|(id, _)| id)
+                .collect();
+            for id in &mine {
+                self.lose(&mut st, *id, "its agent was revoked", &mut eff)?;
+            }
+            self.schedule(&mut st, &mut eff)?;
+            mine
+        };
+        self.deliver(eff).await?;
+        Ok(requeued)
+    }
+
+    /// Cancels a job: a queued one finishes as cancelled at once, a running
+    /// one is cancelled on its agent (which reports the result).
+    pub async fn cancel(&self, job_id: u64) -> Result<(), DispatchError> {
+        let mut eff = Effects::default();
+        {
+            let mut st = self.lock();
+            match st.jobs.cancel(&self.shared.table, job_id)? {
+                // Not open: finished already, or unknown.
+                None => {
+                    return match self.shared.table.load(job_id)? {
+                        Some(_) => Ok(()),
+                        None => Err(DispatchError::NoSuchJob(job_id)),
+                    };
+                }
+                Some(Cancelled::Finished(attempt)) => eff.finished.push((job_id, attempt)),
+                Some(Cancelled::Running { job, agent_id }) => {
+                    if let Some(tx) = agent_id.and_then(|a| st.sessions.tx(&a)) {
+                        eff.messages.push(
+                            tx,
+                            hub_message::Msg::Cancel(Cancel {
+                                job: Some(job),
+                                reason: "cancelled by an operator".into(),
+                            }),
+                        );
+                    }
+                }
+            }
+        }
+        self.deliver(eff).await?;
+        Ok(())
+    }
+
+    /// Waits until every change made so far is on disk, so a reader never
+    /// shows a result that a crash could still take back.
+    pub async fn sync(&self) -> Result<(), StoreError> {
+        self.shared.table.store().commit().await
+    }
+
+    /// One job: the live copy if unfinished, else the stored one.
+    pub fn get(&self, job_id: u64) -> Result<Option<JobRecord>, StoreError> {
+        if let Some(rec) = self.lock().jobs.get(job_id) {
+            return Ok(Some(rec.clone()));
+        }
+        self.shared.table.load(job_id)
+    }
+
+    /// Jobs newest first, optionally only those in `state`.
+    pub fn list(
+        &self,
+        state: Option<JobState>,
+        limit: usize,
+    ) -> Result<Vec<JobRecord>, StoreError> {
+        let open = self.lock().jobs.records().clone();
+        self.shared.table.list(&open, state, limit)
+    }
+
+    /// Connected agents by id.
+    pub fn connected(&self) -> std::collections::HashMap<String, ConnectedAgent> {
+        let st = self.lock();
+        st.sessions.connected(|job| st.jobs.leased_attempt(job))
+    }
+
+    /// When an agent was last heard from (ms), if since this hub started.
+    pub fn last_seen(&self, agent_id: &str) -> Option<u64> {
+        self.lock().sessions.last_seen(agent_id)
+    }
+
+    /// Ends every session (hub shutdown): agents reconnect to the next hub.
+    pub fn close_sessions(&self) {
+        self.lock().sessions.close_all();
+    }
+}
+
+/// Why revoking an agent failed part-way.
+#[derive(Debug, thiserror::Error)]
+pub enum RevokeError {
+    /// Its credential could not be revoked: nothing else was done.
+    #[error(transparent)]
+    Credential(#[from] crate::auth::credentials::AuthError),
+    /// The credential is revoked, but cutting the session off failed.
+    #[error("the agent's credential is revoked, but its session could not be ended: {0}")]
+    Session(#[from] DispatchError),
+}
+
+/// Revokes an agent for good, always in this order: its credential first
+/// (durably, so it cannot connect again), then its session (cut off now,
+/// its jobs requeued). Returns the requeued jobs. The one way to revoke,
+/// for the operator's `agent revoke` and for a pool's stopped instance.
+pub async fn revoke_agent(
+    credentials: &crate::auth::credentials::Credentials,
+    dispatch: &Dispatcher,
+    agent_id: &str,
+) -> Result<Vec<u64>, RevokeError> {
+    credentials.revoke_agent(agent_id).await?;
+    Ok(dispatch.revoke(agent_id).await?)
+}
+
+/// How often leases are checked for expiry, in milliseconds.
+const LEASE_CHECK_INTERVAL_MS: u64 = 250;
+
+/// Requeues jobs whose agents went silent. Stops when the dispatcher is dropped.
+async fn reap_leases(shared: std::sync::Weak<Shared>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(LEASE_CHECK_INTERVAL_MS));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        let d = Dispatcher { shared };
+        if d.shared.table.store().failed() {
+            // Nothing can be recorded until the hub restarts (see store.rs).
+            continue;
+        }
+        match d.expire_leases() {
+            Ok(None) => {}
+            Ok(Some(eff)) => {
+                if let Err(e) = d.deliver(eff).await {
+                    tracing::error!("cannot record expired leases: {e}");
+                }
+            }
+            Err(e) => tracing::error!("cannot record expired leases: {e}"),
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use tokio::sync::mpsc;
+    use trunkfarm_proto::v1::hub_message::Msg;
+    use trunkfarm_proto::v1::{HubMessage, Outcome};
+
+    type Rx = mpsc::UnboundedReceiver<sessions::Outgoing>;
+
+    fn settings(lease_ms: u64) -> DispatchSettings {
+        DispatchSettings {
+            lease_timeout: Duration::from_millis(lease_ms),
+            heartbeat_interval: Duration::from_millis(lease_ms / 3),
+            max_attempts: 2,
+            default_job_timeout: Duration::from_secs(60),
+            max_job_timeout: Duration::from_secs(3600),
+            space: DataDir::new(&std::env::temp_dir(), 0),
+        }
+    }
+
+    fn open(dir: &std::path::Path, lease_ms: u64) -> (Store, Dispatcher) {
+        let store = Store::open(dir).unwrap();
+        let logs = Arc::new(JobLogs::open(&store, 1 << 20).unwrap());
+        let d = Dispatcher::open(&store, logs, settings(lease_ms)).unwrap();
+        (store, d)
+    }
+
+    async fn agent(d: &Dispatcher, id: &str, slots: u32, labels: &[&str], held: &[JobRef]) -> Rx {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let caps = Capabilities {
+            labels: labels.iter().map(|s| s.to_string()).collect(),
+            max_parallel_jobs: slots,
+            ..Default::default()
+        };
+        d.connect(
+            id,
+            &[],
+            caps,
+            held,
+            false,
+            "test".into(),
+            "local".into(),
+            tx,
+        )
+        .await
+        .unwrap();
+        rx
+    }
+
+    fn spec(labels: &[&str]) -> JobSpec {
+        JobSpec {
+            commands: vec!["true".into()],
+            labels: labels.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    fn assignments(rx: &mut Rx) -> Vec<JobRef> {
+        let mut out = Vec::new();
+        while let Ok(msg) = rx.try_recv() {
+            if let Ok(HubMessage {
+                msg: Some(Msg::Assign(a)),
+            }) = *msg
+            {
+                out.push(a.job.unwrap());
+            }
+        }
+        out
+    }
+
+    /// A passed result for `job`.
+    pub(crate) fn passed(job: JobRef) -> JobResult {
+        JobResult {
+            job: Some(job),
+            outcome: Outcome::Passed.into(),
+            exit_code: Some(0),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn an_infrastructure_error_is_retried_within_max_attempts() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_s, d) = open(dir.path(), 5000);
+        let id = d.submit(spec(&[]), 2).await.unwrap();
+        let mut rx = agent(&d, "a", 1, &[], &[]).await;
+        let error = |job| JobResult {
+            job: Some(job),
+            outcome: Outcome::Error.into(),
+            detail: "checkout failed".into(),
+            ..Default::default()
+        };
+        let first = assignments(&mut rx)[0];
+        assert!(d.record_result("a", error(first)).await.unwrap().recorded);
+        let rec = d.get(id).unwrap().unwrap();
+        assert_eq!(rec.state, JobState::Leased, "requeued and leased again");
+        assert!(rec.attempts[0].lost_reason.contains("checkout failed"));
+        let second = assignments(&mut rx)[0];
+        assert_eq!(second.attempt, 2);
+        assert!(d.record_result("a", error(second)).await.unwrap().recorded);
+        let rec = d.get(id).unwrap().unwrap();
+        assert_eq!(rec.state, JobState::Finished, "max_attempts = 2 used up");
+        assert_eq!(rec.result.unwrap().outcome, Outcome::Error as i32);
+    }
+
+    #[tokio::test]
+    async fn keyed_jobs_exist_once_and_reach_the_inbox_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (id, job) = {
+            let (_s, d) = open(dir.path(), 5000);
+            let (id, new) = d
+                .submit_keyed(spec(&[]), 0, "build/x/p/c".into())
+                .await
+                .unwrap();
+            assert!(new);
+            let (again, new) = d
+                .submit_keyed(spec(&[]), 0, "build/x/p/c".into())
+                .await
+                .unwrap();
+            assert_eq!((again, new), (id, false));
+            assert_eq!(d.open_keys("build/"), vec![("build/x/p/c".to_string(), id)]);
+            assert!(d.finished_inbox(10).unwrap().is_empty());
+            let mut rx = agent(&d, "a", 1, &[], &[]).await;
+            let job = assignments(&mut rx)[0];
+            let mut result = passed(job);
+            result.reports.push(trunkfarm_proto::v1::ReportFile {
+                path: "junit.xml".into(),
+                data: b"<testsuites/>".to_vec(),
+                ..Default::default()
+            });
+            d.record_result("a", result).await.unwrap();
+            (id, job)
+        };
+        // The inbox marker was written with the result: it survives a restart.
+        let store = crate::store::tests::reopen(dir.path()).await;
+        let logs = Arc::new(JobLogs::open(&store, 1 << 20).unwrap());
+        let d = Dispatcher::open(&store, logs, settings(5000)).unwrap();
+        let inbox = d.finished_inbox(10).unwrap();
+        assert_eq!(inbox.len(), 1);
+        assert_eq!(inbox[0].key, "build/x/p/c");
+        assert_eq!(
+            inbox[0].result.as_ref().unwrap().reports[0].data,
+            b"<testsuites/>"
+        );
+        assert_eq!(d.shared.table.keyed("build/x/p/c").unwrap(), Some(id));
+        assert_eq!(
+            d.submit_keyed(spec(&[]), 0, "build/x/p/c".into())
+                .await
+                .unwrap(),
+            (id, false),
+            "a finished keyed job is not submitted again"
+        );
+        d.ack_finished(&[job.job_id]).unwrap();
+        d.sync().await.unwrap();
+        assert!(d.finished_inbox(10).unwrap().is_empty());
+        // Acknowledged report files leave the record; the result stays.
+        let rec = d.get(id).unwrap().unwrap();
+        let result = rec.result.unwrap();
+        assert_eq!(result.outcome, Outcome::Passed as i32);
+        assert!(result.reports[0].data.is_empty());
+        // A job submitted by hand never reaches the inbox.
+        let plain = d.submit(spec(&[]), 0).await.unwrap();
+        let mut rx = agent(&d, "b", 1, &[], &[]).await;
+        let job = assignments(&mut rx)[0];
+        assert_eq!(job.job_id, plain);
+        d.record_result("b", passed(job)).await.unwrap();
+        assert!(d.finished_inbox(10).unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_result_is_recorded_once_and_resends_are_acknowledged() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_s, d) = open(dir.path(), 5000);
+        let id = d.submit(spec(&[]), 0).await.unwrap();
+        let mut rx = agent(&d, "a", 1, &[], &[]).await;
+        let got = assignments(&mut rx);
+        assert_eq!(
+            got,
+            vec![JobRef {
+                job_id: id,
+                attempt: 1
+            }]
+        );
+        let ack = d.record_result("a", passed(got[0])).await.unwrap();
+        assert!(ack.recorded && ack.detail.is_empty());
+        let again = d.record_result("a", passed(got[0])).await.unwrap();
+        assert!(again.recorded);
+        assert_eq!(again.detail, "already recorded");
+        let rec = d.get(id).unwrap().unwrap();
+        assert_eq!(rec.state, JobState::Finished);
+        assert_eq!(rec.attempts.len(), 1);
+        // Someone else's claim on the same job is refused.
+        let other = d.record_result("b", passed(got[0])).await.unwrap();
+        assert!(!other.recorded);
+    }
+
+    #[tokio::test]
+    async fn work_is_spread_over_agents() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_s, d) = open(dir.path(), 5000);
+        let mut a = agent(&d, "a", 4, &[], &[]).await;
+        let mut b = agent(&d, "b", 4, &[], &[]).await;
+        for _ in 0..6 {
+            d.submit(spec(&[]), 0).await.unwrap();
+        }
+        let (na, nb) = (assignments(&mut a).len(), assignments(&mut b).len());
+        assert_eq!((na, nb), (3, 3));
+    }
+
+    #[tokio::test]
+    async fn labels_and_slots_are_respected() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_s, d) = open(dir.path(), 5000);
+        let mut plain = agent(&d, "plain", 1, &["linux"], &[]).await;
+        let gpu_job = d.submit(spec(&["gpu"]), 0).await.unwrap();
+        d.submit(spec(&["linux"]), 0).await.unwrap();
+        d.submit(spec(&["linux"]), 0).await.unwrap();
+        let got = assignments(&mut plain);
+        assert_eq!(got.len(), 1, "one slot, one job");
+        assert_ne!(got[0].job_id, gpu_job);
+        let mut gpu = agent(&d, "gpu", 1, &["gpu", "linux"], &[]).await;
+        assert_eq!(assignments(&mut gpu)[0].job_id, gpu_job);
+    }
+
+    #[tokio::test]
+    async fn a_silent_agent_loses_its_lease_and_its_late_result_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_s, d) = open(dir.path(), 300);
+        let id = d.submit(spec(&[]), 0).await.unwrap();
+        let mut a = agent(&d, "a", 1, &[], &[]).await;
+        let first = assignments(&mut a)[0];
+        d.set_draining("a"); // keep the retry off agent a
+        let mut b = agent(&d, "b", 1, &[], &[]).await;
+        tokio::time::sleep(Duration::from_millis(900)).await;
+        let second = assignments(&mut b);
+        assert_eq!(
+            second,
+            vec![JobRef {
+                job_id: id,
+                attempt: 2
+            }]
+        );
+        let late = d.record_result("a", passed(first)).await.unwrap();
+        assert!(!late.recorded);
+        assert!(
+            late.detail.contains("requeued as attempt 2"),
+            "{}",
+            late.detail
+        );
+        assert!(
+            d.record_result("b", passed(second[0]))
+                .await
+                .unwrap()
+                .recorded
+        );
+        let rec = d.get(id).unwrap().unwrap();
+        assert!(rec.attempts[0].lost_reason.contains("lease expired"));
+        assert_eq!(rec.result.unwrap().outcome, Outcome::Passed as i32);
+    }
+
+    #[tokio::test]
+    async fn attempts_are_bounded_then_the_job_is_an_infrastructure_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_s, d) = open(dir.path(), 200);
+        let id = d.submit(spec(&[]), 0).await.unwrap();
+        let _a = agent(&d, "a", 1, &[], &[]).await;
+        // Never heartbeats: both attempts (max_attempts = 2) expire.
+        for _ in 0..40 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if d.get(id).unwrap().unwrap().state == JobState::Finished {
+                break;
+            }
+        }
+        let rec = d.get(id).unwrap().unwrap();
+        assert_eq!(rec.state, JobState::Finished);
+        let result = rec.result.unwrap();
+        assert_eq!(result.outcome, Outcome::Error as i32);
+        assert!(
+            result.detail.contains("2 attempt(s) lost"),
+            "{}",
+            result.detail
+        );
+    }
+
+    #[tokio::test]
+    async fn a_restarted_hub_resumes_queued_and_leased_jobs() {
+        let dir = tempfile::tempdir().unwrap();
+        let (kept, dropped, queued) = {
+            let (_s, d) = open(dir.path(), 5000);
+            let mut a = agent(&d, "a", 2, &[], &[]).await;
+            let j1 = d.submit(spec(&[]), 0).await.unwrap();
+            let j2 = d.submit(spec(&[]), 0).await.unwrap();
+            let j3 = d.submit(spec(&[]), 0).await.unwrap();
+            assert_eq!(assignments(&mut a).len(), 2);
+            (j1, j2, j3)
+        };
+        let store = crate::store::tests::reopen(dir.path()).await;
+        let logs = Arc::new(JobLogs::open(&store, 1 << 20).unwrap());
+        let d = Dispatcher::open(&store, logs, settings(5000)).unwrap();
+        assert_eq!(d.open_counts(), (1, 2));
+        // The agent comes back still holding j1 only: j2 is requeued at once.
+        let mut a = agent(
+            &d,
+            "a",
+            2,
+            &[],
+            &[JobRef {
+                job_id: kept,
+                attempt: 1,
+            }],
+        )
+        .await;
+        let got = assignments(&mut a);
+        let ids: Vec<u64> = got.iter().map(|j| j.job_id).collect();
+        // One slot is free: the requeued job goes ahead of the queued one.
+        assert_eq!(ids, vec![dropped]);
+        assert_eq!(d.get(queued).unwrap().unwrap().state, JobState::Queued);
+        let rec = d.get(dropped).unwrap().unwrap();
+        assert!(
+            rec.attempts[0]
+                .lost_reason
+                .contains("reconnected without it")
+        );
+        assert!(
+            d.record_result(
+                "a",
+                passed(JobRef {
+                    job_id: kept,
+                    attempt: 1
+                })
+            )
+            .await
+            .unwrap()
+            .recorded
+        );
+    }
+
+    #[tokio::test]
+    async fn a_late_result_for_a_lost_last_attempt_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_s, d) = open(dir.path(), 200);
+        let id = d.submit(spec(&[]), 1).await.unwrap();
+        let mut a = agent(&d, "a", 1, &[], &[]).await;
+        let first = assignments(&mut a)[0];
+        for _ in 0..40 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if d.get(id).unwrap().unwrap().state == JobState::Finished {
+                break;
+            }
+        }
+        let late = d.record_result("a", passed(first)).await.unwrap();
+        assert!(!late.recorded, "{late:?}");
+        let rec = d.get(id).unwrap().unwrap();
+        assert_eq!(rec.result.unwrap().outcome, Outcome::Error as i32);
+    }
+
+    #[tokio::test]
+    async fn cancelling_a_queued_job_finishes_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_s, d) = open(dir.path(), 5000);
+        let id = d.submit(spec(&[]), 0).await.unwrap();
+        d.cancel(id).await.unwrap();
+        let rec = d.get(id).unwrap().unwrap();
+        assert_eq!(rec.result.unwrap().outcome, Outcome::Cancelled as i32);
+        let mut a = agent(&d, "a", 1, &[], &[]).await;
+        assert!(assignments(&mut a).is_empty());
+        assert!(matches!(
+            d.cancel(9999).await,
+            Err(DispatchError::NoSuchJob(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn bad_specs_are_refused_with_advice() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_s, d) = open(dir.path(), 5000);
+        let err = d
+            .submit(JobSpec::default(), 0)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no command"), "{err}");
+        let mut long = spec(&[]);
+        long.timeout_secs = 7200;
+        let err = d.submit(long, 0).await.unwrap_err().to_string();
+        assert!(err.contains("max_job_timeout"), "{err}");
+    }
+
+    /// Two records exactly as the release before the split wrote them
+    /// (raw keys and JSON bytes): a finished keyed job in the inbox and a
+    /// queued keyed one.
+    const OLD_FINISHED: &str = r#"{"id":7,"spec":{"commands":["make test"],"env":{},"labels":["linux"],"project":"","repository":null,"timeout_secs":60,"artifact_sha256":"","upload_prefix":"","report_paths":[]},"max_attempts":3,"created_at_ms":1700000000000,"state":"finished","attempt":1,"agent_id":"ag_1","attempts":[{"attempt":1,"agent_id":"ag_1","leased_at_ms":1700000000100,"lost_reason":""}],"result":{"job":{"job_id":7,"attempt":1},"outcome":1,"exit_code":0,"detail":"","duration_ms":0,"log_bytes_cut":0,"started_at_ms":0,"last_log_seq":0,"artifact_sha256":"","reports":[]},"finished_at_ms":1700000000200,"cancel_requested":false,"key":"build/lua/linux-x86_64/abc"}"#;
+    const OLD_QUEUED: &str = r#"{"id":8,"spec":{"commands":["make test"],"env":{},"labels":["linux"],"project":"","repository":null,"timeout_secs":60,"artifact_sha256":"","upload_prefix":"","report_paths":[]},"max_attempts":3,"created_at_ms":1700000000000,"state":"queued","attempt":0,"agent_id":"","attempts":[],"result":null,"finished_at_ms":0,"cancel_requested":false,"key":"test/p/lua/linux-x86_64/abc/def/7"}"#;
+
+    fn old_key(prefix: u8, id: u64) -> Vec<u8> {
+        let mut k = vec![prefix];
+        k.extend_from_slice(&id.to_be_bytes());
+        k
+    }
+
+    #[tokio::test]
+    async fn a_jobs_tree_written_by_the_previous_release_reads_the_same() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let raw = store.tree(crate::store::trees::JOBS).unwrap();
+        raw.insert(old_key(b'j', 7), OLD_FINISHED.as_bytes())
+            .unwrap();
+        raw.insert(old_key(b'f', 7), &[][..]).unwrap();
+        raw.insert(b"kbuild/lua/linux-x86_64/abc", &7u64.to_be_bytes()[..])
+            .unwrap();
+        raw.insert(old_key(b'j', 8), OLD_QUEUED.as_bytes()).unwrap();
+        raw.insert(old_key(b'o', 8), &[][..]).unwrap();
+        raw.insert(
+            b"ktest/p/lua/linux-x86_64/abc/def/7",
+            &8u64.to_be_bytes()[..],
+        )
+        .unwrap();
+        let logs = Arc::new(JobLogs::open(&store, 1 << 20).unwrap());
+        let d = Dispatcher::open(&store, logs, settings(5000)).unwrap();
+        assert_eq!(d.open_counts(), (1, 0));
+        let queued = d.get(8).unwrap().unwrap();
+        assert_eq!(queued.state, JobState::Queued);
+        assert_eq!(queued.spec.commands, ["make test"]);
+        assert_eq!(
+            d.open_keys("test/"),
+            [("test/p/lua/linux-x86_64/abc/def/7".to_string(), 8)]
+        );
+        let inbox = d.finished_inbox(10).unwrap();
+        assert_eq!(inbox.len(), 1);
+        assert_eq!(inbox[0].attempts[0].agent_id, "ag_1");
+        assert_eq!(
+            inbox[0].result.as_ref().unwrap().outcome,
+            Outcome::Passed as i32
+        );
+        assert_eq!(
+            d.submit_keyed(spec(&[]), 0, "build/lua/linux-x86_64/abc".into())
+                .await
+                .unwrap(),
+            (7, false)
+        );
+        // Written again, a record has the bytes it had.
+        let mut batch = sled::Batch::default();
+        d.shared.table.stage(&inbox[0], &mut batch).unwrap();
+        d.shared.table.apply(batch).unwrap();
+        assert_eq!(
+            raw.get(old_key(b'j', 7)).unwrap().unwrap().as_ref(),
+            OLD_FINISHED.as_bytes()
+        );
+        // An unreadable record is named by tree and id.
+        raw.insert(old_key(b'j', 9), &b"{broken"[..]).unwrap();
+        let err = d.get(9).unwrap_err().to_string();
+        assert!(err.contains("record jobs/j9 is unreadable"), "{err}");
+    }
+
+    /// Gives agents carrying `pool-x` a budget of `jobs`.
+    struct Budget(u64);
+
+    impl JobBudget for Budget {
+        fn jobs_for(&self, labels: &HashSet<String>) -> Option<u64> {
+            labels.contains("pool-x").then_some(self.0)
+        }
+    }
+
+    #[tokio::test]
+    async fn an_agent_with_a_job_budget_drains_after_its_last_job() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_s, d) = open(dir.path(), 5000);
+        d.set_job_budget(Arc::new(Budget(2)));
+        let ids: Vec<u64> = submit_many(&d, 3).await;
+        let mut a = agent(&d, "a", 1, &["pool-x"], &[]).await;
+        let mut served = Vec::new();
+        for _ in 0..3 {
+            let got = assignments(&mut a);
+            let Some(job) = got.first().copied() else {
+                break;
+            };
+            served.push(job.job_id);
+            d.record_result("a", passed(job)).await.unwrap();
+        }
+        assert_eq!(served, ids[..2], "two jobs, then no more");
+        let seen = &d.connected()["a"];
+        assert!(seen.draining);
+        assert_eq!(seen.jobs_left, Some(0));
+        // Reconnecting does not renew the budget while the hub runs.
+        let mut a = agent(&d, "a", 1, &["pool-x"], &[]).await;
+        assert!(assignments(&mut a).is_empty());
+        assert!(d.connected()["a"].draining);
+        // An agent without a budget takes the rest.
+        let mut b = agent(&d, "b", 1, &[], &[]).await;
+        assert_eq!(assignments(&mut b)[0].job_id, ids[2]);
+        assert_eq!(d.connected()["b"].jobs_left, None);
+    }
+
+    async fn submit_many(d: &Dispatcher, n: usize) -> Vec<u64> {
+        let mut ids = Vec::new();
+        for _ in 0..n {
+            ids.push(d.submit(spec(&[]), 0).await.unwrap());
+        }
+        ids
+    }
+}

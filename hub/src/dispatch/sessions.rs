@@ -1,0 +1,400 @@
+//! The agent side of dispatch: the connected agents' sessions, matching a
+//! job to the best agent for it, the job budgets pools give their agents,
+//! and the messages a change sends once it is durable ([`Outbox`]).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tonic::Status;
+use trunkfarm_proto::v1::{
+    Assignment, Capabilities, Drain, HubMessage, JobRef, JobSpec, hub_message,
+};
+
+use super::DispatchError;
+use crate::store::now_ms;
+
+/// What a session sends its agent: a message, or an `Err` that ends the
+/// stream with that status (e.g. "agent revoked"). Boxed: the channel
+/// allocates its first block of slots up front, which every idle agent
+/// would otherwise hold at the size of the largest message.
+pub type Outgoing = Box<Result<HubMessage, Status>>;
+
+/// The channel a session task drains into its agent's stream.
+pub type AgentTx = mpsc::UnboundedSender<Outgoing>;
+
+/// Decides how many jobs an agent may be given before it drains; the pools
+/// implement it (an instance serves at most `max_jobs_per_instance`, then is
+/// replaced). Asked once per agent, when it first connects after the hub
+/// started; dispatch counts its assignments down and drains it at zero.
+pub trait JobBudget: Send + Sync {
+    /// The jobs an agent matched by `labels` may be given; `None` for no
+    /// limit.
+    fn jobs_for(&self, labels: &HashSet<String>) -> Option<u64>;
+}
+
+/// Sends `msg` now. A closed channel means the session already ended:
+/// whatever it would have said is settled by the agent's next session.
+fn tell(tx: &AgentTx, agent_id: &str, msg: Result<HubMessage, Status>) {
+    if tx.send(Box::new(msg)).is_err() {
+        tracing::debug!(agent = agent_id, "session already closed");
+    }
+}
+
+/// Messages to send once the change that produced them is durable.
+#[derive(Default)]
+pub(super) struct Outbox {
+    messages: Vec<(AgentTx, Outgoing)>,
+}
+
+impl Outbox {
+    pub(super) fn push(&mut self, tx: &AgentTx, msg: hub_message::Msg) {
+        self.messages
+            .push((tx.clone(), Box::new(Ok(HubMessage { msg: Some(msg) }))));
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.messages.is_empty()
+    }
+
+    /// Sends everything (call only once the change is durable).
+    pub(super) fn send(self) {
+        for (tx, msg) in self.messages {
+            if tx.send(msg).is_err() {
+                // The session ended; its leases expire or are confirmed on
+                // the agent's next Hello.
+                tracing::debug!("a message for a closed session was dropped");
+            }
+        }
+    }
+}
+
+/// A connected agent, as the dispatcher sees it.
+struct Conn {
+    session: u64,
+    tx: AgentTx,
+    caps: Capabilities,
+    labels: HashSet<String>,
+    max_parallel: usize,
+    /// Jobs it holds.
+    running: HashSet<u64>,
+    draining: bool,
+    last_heartbeat: Instant,
+    last_assigned: u64,
+    agent_version: String,
+    remote: String,
+}
+
+impl Conn {
+    fn free_slots(&self) -> usize {
+        self.max_parallel.saturating_sub(self.running.len())
+    }
+
+    fn accepts(&self, spec: &JobSpec) -> bool {
+        spec.labels.iter().all(|l| self.labels.contains(l))
+            && (spec.project.is_empty()
+                || self.caps.allowed_projects.is_empty()
+                || self.caps.allowed_projects.contains(&spec.project))
+            && (self.caps.max_job_timeout_secs == 0
+                || spec.timeout_secs <= self.caps.max_job_timeout_secs)
+    }
+
+    /// Takes new work: not draining, a free slot, heard from recently.
+    fn available(&self, now: Instant, stale_after: Duration) -> bool {
+        !self.draining
+            && self.free_slots() > 0
+            && now.duration_since(self.last_heartbeat) < stale_after
+    }
+}
+
+/// A snapshot of one connected agent for `agent list` and the pools.
+#[derive(Clone, Debug)]
+pub struct ConnectedAgent {
+    /// Capabilities from its Hello.
+    pub caps: Capabilities,
+    /// Labels it is matched by.
+    pub labels: Vec<String>,
+    /// Jobs it holds.
+    pub running: Vec<JobRef>,
+    /// Draining: gets no new job.
+    pub draining: bool,
+    /// Its version string.
+    pub agent_version: String,
+    /// Its address as the hub sees it.
+    pub remote: String,
+    /// Jobs it may still be given, if a [`JobBudget`] limits it (at 0 it
+    /// drains).
+    pub jobs_left: Option<u64>,
+}
+
+/// What an agent said about itself when its session opened.
+pub(super) struct Hello {
+    pub caps: Capabilities,
+    /// Its labels and its enrollment token's.
+    pub labels: HashSet<String>,
+    /// Jobs it holds whose leases it kept.
+    pub running: HashSet<u64>,
+    pub draining: bool,
+    pub agent_version: String,
+    pub remote: String,
+    pub tx: AgentTx,
+}
+
+/// The session registry.
+pub(super) struct Sessions {
+    agents: HashMap<String, Conn>,
+    /// When each agent was last heard from (connected or not), ms.
+    last_seen: HashMap<String, u64>,
+    /// Who limits agents' jobs (the pools), if anyone.
+    budget: Option<Arc<dyn JobBudget>>,
+    /// Jobs each limited agent may still be given, kept across its
+    /// reconnects while the hub runs.
+    jobs_left: HashMap<String, u64>,
+    /// Agents silent this long get no new job.
+    stale_after: Duration,
+    heartbeat_interval: Duration,
+    assign_counter: u64,
+    next_session: u64,
+}
+
+impl Sessions {
+    pub(super) fn new(heartbeat_interval: Duration) -> Sessions {
+        Sessions {
+            agents: HashMap::new(),
+            last_seen: HashMap::new(),
+            budget: None,
+            jobs_left: HashMap::new(),
+            stale_after: heartbeat_interval * 2 + Duration::from_millis(500),
+            heartbeat_interval,
+            assign_counter: 0,
+            next_session: 0,
+        }
+    }
+
+    pub(super) fn set_budget(&mut self, budget: Arc<dyn JobBudget>) {
+        self.budget = Some(budget);
+    }
+
+    /// Registers a new session, closing an older one of the same agent.
+    /// Returns the session id.
+    pub(super) fn open(&mut self, agent_id: &str, hello: Hello) -> u64 {
+        self.next_session += 1;
+        let session = self.next_session;
+        if let Some(old) = self.agents.remove(agent_id) {
+            tell(
+                &old.tx,
+                agent_id,
+                Err(Status::aborted(
+                    "this agent connected again from elsewhere; closing the older session",
+                )),
+            );
+        }
+        if !self.jobs_left.contains_key(agent_id)
+            && let Some(jobs) = self.budget.as_ref().and_then(|b| b.jobs_for(&hello.labels))
+        {
+            self.jobs_left.insert(agent_id.to_owned(), jobs);
+        }
+        let used_up = self.jobs_left.get(agent_id) == Some(&0);
+        self.agents.insert(
+            agent_id.to_owned(),
+            Conn {
+                session,
+                tx: hello.tx,
+                max_parallel: hello.caps.max_parallel_jobs.max(1) as usize,
+                caps: hello.caps,
+                labels: hello.labels,
+                running: hello.running,
+                draining: hello.draining || used_up,
+                last_heartbeat: Instant::now(),
+                last_assigned: 0,
+                agent_version: hello.agent_version,
+                remote: hello.remote,
+            },
+        );
+        self.last_seen.insert(agent_id.to_owned(), now_ms());
+        session
+    }
+
+    /// The session ended (unless a newer one replaced it already).
+    pub(super) fn close(&mut self, agent_id: &str, session: u64) {
+        if self
+            .agents
+            .get(agent_id)
+            .is_some_and(|c| c.session == session)
+        {
+            self.agents.remove(agent_id);
+            self.last_seen.insert(agent_id.to_owned(), now_ms());
+        }
+    }
+
+    /// The agent was heard from; true if it had been silent so long that it
+    /// got no new work (so a schedule may now find it).
+    pub(super) fn heard(&mut self, agent_id: &str) -> bool {
+        self.last_seen.insert(agent_id.to_owned(), now_ms());
+        match self.agents.get_mut(agent_id) {
+            Some(c) => {
+                let stale = c.last_heartbeat.elapsed() > self.heartbeat_interval * 2;
+                c.last_heartbeat = Instant::now();
+                stale
+            }
+            None => false,
+        }
+    }
+
+    /// Whether any agent takes new work at all.
+    pub(super) fn any_available(&self, now: Instant) -> bool {
+        self.agents
+            .values()
+            .any(|c| c.available(now, self.stale_after))
+    }
+
+    /// The agent a job goes to: of those that take new work and accept the
+    /// job, the least loaded (as a fraction of its slots), ties going to the
+    /// one assigned least recently, so no agent grabs every pending job.
+    pub(super) fn pick(&self, spec: &JobSpec, now: Instant) -> Option<String> {
+        self.agents
+            .iter()
+            .filter(|(_, c)| c.available(now, self.stale_after) && c.accepts(spec))
+            .min_by_key(|(_, c)| {
+                (
+                    // Load as a fraction of capacity, scaled to an integer.
+                    (c.running.len() * 1000) / c.max_parallel.max(1),
+                    c.last_assigned,
+                )
+            })
+            .map(|(id, _)| id.clone())
+    }
+
+    /// The job was leased to `agent_id`: it holds it, and is sent the
+    /// assignment once the lease is durable. An agent whose job budget is
+    /// used up drains.
+    pub(super) fn assign(
+        &mut self,
+        agent_id: &str,
+        job_id: u64,
+        assignment: Assignment,
+        out: &mut Outbox,
+    ) {
+        self.assign_counter += 1;
+        let Some(conn) = self.agents.get_mut(agent_id) else {
+            return;
+        };
+        conn.running.insert(job_id);
+        conn.last_assigned = self.assign_counter;
+        if let Some(left) = self.jobs_left.get_mut(agent_id) {
+            *left = left.saturating_sub(1);
+            if *left == 0 {
+                tracing::info!(
+                    agent = agent_id,
+                    "the agent got the last job of its budget: it drains"
+                );
+                conn.draining = true;
+            }
+        }
+        out.push(&conn.tx, hub_message::Msg::Assign(assignment));
+    }
+
+    /// The agent no longer holds the job.
+    pub(super) fn release(&mut self, agent_id: &str, job_id: u64) {
+        if let Some(conn) = self.agents.get_mut(agent_id) {
+            conn.running.remove(&job_id);
+        }
+    }
+
+    /// The session's channel, if connected.
+    pub(super) fn tx(&self, agent_id: &str) -> Option<&AgentTx> {
+        self.agents.get(agent_id).map(|c| &c.tx)
+    }
+
+    /// The agent gets no new jobs.
+    pub(super) fn set_draining(&mut self, agent_id: &str) {
+        if let Some(c) = self.agents.get_mut(agent_id) {
+            c.draining = true;
+        }
+    }
+
+    /// Asks a connected agent to drain (finish its jobs, then exit).
+    pub(super) fn drain(&mut self, agent_id: &str, grace: Duration) -> Result<(), DispatchError> {
+        let conn = self
+            .agents
+            .get_mut(agent_id)
+            .ok_or_else(|| DispatchError::NotConnected(agent_id.to_string()))?;
+        conn.draining = true;
+        let msg = hub_message::Msg::Drain(Drain {
+            grace_secs: grace.as_secs(),
+        });
+        tell(&conn.tx, agent_id, Ok(HubMessage { msg: Some(msg) }));
+        Ok(())
+    }
+
+    /// Ends a revoked agent's session now; it will not come back, so its
+    /// budget goes too.
+    pub(super) fn cut_off(&mut self, agent_id: &str) {
+        self.jobs_left.remove(agent_id);
+        if let Some(conn) = self.agents.remove(agent_id) {
+            tell(
+                &conn.tx,
+                agent_id,
+                Err(Status::permission_denied(format!(
+                    "agent {agent_id} was revoked by the hub's operator and may not connect again: enroll again with a new enrollment string if the operator agrees"
+                ))),
+            );
+        }
+    }
+
+    /// Ends every session (hub shutdown): agents reconnect to the next hub.
+    pub(super) fn close_all(&mut self) {
+        for (id, conn) in self.agents.drain() {
+            tell(
+                &conn.tx,
+                &id,
+                Err(Status::unavailable(
+                    "the hub is shutting down; reconnect later",
+                )),
+            );
+        }
+    }
+
+    /// Connected agents by id; `attempt` gives the leased attempt of a job.
+    pub(super) fn connected(
+        &self,
+        attempt: impl Fn(u64) -> Option<u32>,
+    ) -> HashMap<String, ConnectedAgent> {
+        self.agents
+            .iter()
+            .map(|(id, c)| {
+                let mut running: Vec<JobRef> = c
+                    .running
+                    .iter()
+                    .filter_map(|j| {
+                        attempt(*j).map(|attempt| JobRef {
+                            job_id: *j,
+                            attempt,
+                        })
+                    })
+                    .collect();
+                running.sort_by_key(|j| j.job_id);
+                let mut labels: Vec<String> = c.labels.iter().cloned().collect();
+                labels.sort();
+                (
+                    id.clone(),
+                    ConnectedAgent {
+                        caps: c.caps.clone(),
+                        labels,
+                        running,
+                        draining: c.draining,
+                        agent_version: c.agent_version.clone(),
+                        remote: c.remote.clone(),
+                        jobs_left: self.jobs_left.get(id).copied(),
+                    },
+                )
+            })
+            .collect()
+    }
+
+    /// When an agent was last heard from (ms), if since this hub started.
+    pub(super) fn last_seen(&self, agent_id: &str) -> Option<u64> {
+        self.last_seen.get(agent_id).copied()
+    }
+}
