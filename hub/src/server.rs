@@ -288,11 +288,7 @@ impl Hub {
                     .max_decoding_message_size(max_message)
                     .max_encoding_message_size(max_message),
             )
-            .add_service(
-                AdminServiceServer::new(admin_api)
-                    .max_decoding_message_size(max_message)
-                    .max_encoding_message_size(max_message),
-            );
+            .add_service(admin_api.into_server(max_message));
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let served = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
             let _ = stop_rx.await;

@@ -200,13 +200,14 @@ fn transitions(hub: &Hub, project: &str) -> Vec<Value> {
     .clone()
 }
 
-fn kind(t: &Value) -> i64 {
-    t["kind"].as_i64().unwrap_or(0)
+fn kind(t: &Value) -> &str {
+    s(t, "kind")
 }
 
-const WENT_RED: i64 = 1;
-const STILL_RED: i64 = 2;
-const FIXED: i64 = 3;
+const WENT_RED: &str = "went_red";
+const STILL_RED: &str = "still_red";
+const FIXED: &str = "fixed";
+const STILL_GREEN: &str = "still_green";
 
 #[test]
 fn trunk_breaks_one_project_and_a_fix_turns_it_green() {
@@ -274,10 +275,12 @@ fn trunk_breaks_one_project_and_a_fix_turns_it_green() {
     wait_run(&hub, "shouter", &c3, "green");
     wait_run(&hub, "adder", &c3, "green");
     let history = transitions(&hub, "shouter");
-    let kinds: Vec<i64> = history.iter().rev().map(kind).collect();
-    assert_eq!(kinds, [4, WENT_RED, FIXED], "{history:#?}");
+    let kinds: Vec<&str> = history.iter().rev().map(kind).collect();
+    assert_eq!(kinds, [STILL_GREEN, WENT_RED, FIXED], "{history:#?}");
     assert!(
-        transitions(&hub, "adder").iter().all(|t| kind(t) == 4),
+        transitions(&hub, "adder")
+            .iter()
+            .all(|t| kind(t) == STILL_GREEN),
         "adder never changed"
     );
 
@@ -328,7 +331,7 @@ fn a_failed_build_is_red_and_fans_nothing_out() {
     let build = wait_for(STEP, "the build of commit 3 to fail", || {
         let st = status(&hub);
         let b = st["upstreams"][0]["latest_builds"][0].clone();
-        (s(&b, "commit") == c3 && b["state"].as_i64() == Some(3)).then_some(b)
+        (s(&b, "commit") == c3 && s(&b, "state") == "failed").then_some(b)
     });
     assert!(s(&build, "detail").contains("exit"), "{build:#}");
     let st = status(&hub);
@@ -654,14 +657,22 @@ fn hub_killed_mid_pipeline_loses_and_repeats_nothing() {
         assert_eq!(jobs.len(), t.len(), "a job classified twice: {t:#?}");
         assert_eq!(t.len(), commits.len(), "{p}: {t:#?}");
     }
-    let shouter: Vec<i64> = transitions(&hub, "shouter")
+    let shouter: Vec<String> = transitions(&hub, "shouter")
         .iter()
         .rev()
-        .map(kind)
+        .map(|t| kind(t).to_owned())
         .collect();
     assert_eq!(
         shouter,
-        [4, WENT_RED, FIXED, WENT_RED, FIXED, WENT_RED, FIXED]
+        [
+            STILL_GREEN,
+            WENT_RED,
+            FIXED,
+            WENT_RED,
+            FIXED,
+            WENT_RED,
+            FIXED
+        ]
     );
 }
 
@@ -809,7 +820,7 @@ fn went_red_and_fixed_are_mailed_once_per_subscriber_in_one_thread() {
             .as_array()
             .unwrap()
             .iter()
-            .all(|m| m["state"] == 2),
+            .all(|m| m["state"] == "sent"),
         "{outbox:#}"
     );
 
@@ -856,7 +867,7 @@ fn a_mail_queued_while_smtp_is_down_survives_a_hub_kill_and_arrives_once() {
         let m = outbox["mails"].as_array()?.first()?.clone();
         (m["attempts"].as_u64().unwrap_or(0) >= 1).then_some(m)
     });
-    assert_eq!(failed["state"], 1, "still pending: {failed:#}");
+    assert_eq!(failed["state"], "pending", "still pending: {failed:#}");
     assert!(!s(&failed, "last_error").is_empty(), "{failed:#}");
     let text = hub.cli_ok(&["mail", "list"]);
     assert!(text.contains("last error"), "{text}");

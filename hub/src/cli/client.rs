@@ -15,7 +15,7 @@ use crate::server::HubInfo;
 
 /// Adds the admin token to every call.
 #[derive(Clone)]
-pub struct Bearer(MetadataValue<Ascii>);
+pub(crate) struct Bearer(MetadataValue<Ascii>);
 
 impl Interceptor for Bearer {
     fn call(
@@ -30,7 +30,7 @@ impl Interceptor for Bearer {
 }
 
 /// An authenticated admin client.
-pub type AdminClient = AdminServiceClient<InterceptedService<Channel, Bearer>>;
+pub(crate) type AdminClient = AdminServiceClient<InterceptedService<Channel, Bearer>>;
 
 /// The address a client on this machine dials for a hub bound to `address`.
 fn dialable(address: &str) -> String {
@@ -41,7 +41,7 @@ fn dialable(address: &str) -> String {
 }
 
 /// Connects to the hub described by `cfg` as its administrator.
-pub async fn connect(cfg: &HubConfig) -> anyhow::Result<AdminClient> {
+pub(crate) async fn connect(cfg: &HubConfig) -> anyhow::Result<AdminClient> {
     let info = HubInfo::read(cfg.data_dir())?;
     let token_path = cfg.admin_token_path();
     let token = std::fs::read_to_string(&token_path)

@@ -12,11 +12,12 @@ use trunkfarm_proto::v1::{
 };
 
 use super::client::{self, AdminClient};
-use super::{EXIT_USAGE, status_error, when};
+use super::output::{self, Column, Table};
+use super::{EXIT_USAGE, status_error, view, when};
 use crate::config::HubConfig;
 
 #[derive(Subcommand)]
-pub enum JobCommand {
+pub(super) enum JobCommand {
     /// Submit a job and follow it: its log on stdout, a summary on stderr.
     /// Exit code: 0 passed, 1 failed, 3 timed out, 4 infrastructure error,
     /// 5 cancelled, 2 usage or connection error.
@@ -70,7 +71,7 @@ pub enum JobCommand {
 /// spaces, like ssh); each `--command` adds another. Commands run in order
 /// with `sh -c`, stopping at the first failure.
 #[derive(Args)]
-pub struct JobArgs {
+pub(super) struct JobArgs {
     /// Labels an agent must have, comma-separated (e.g. linux-x86_64,gpu).
     #[arg(long, value_delimiter = ',')]
     labels: Vec<String>,
@@ -137,7 +138,7 @@ impl JobArgs {
 }
 
 /// Runs a `job` subcommand.
-pub async fn run(cfg: &HubConfig, command: JobCommand) -> anyhow::Result<ExitCode> {
+pub(super) async fn run(cfg: &HubConfig, command: JobCommand) -> anyhow::Result<ExitCode> {
     let mut client = client::connect(cfg).await?;
     match command {
         JobCommand::Submit(args) => {
@@ -199,28 +200,31 @@ pub async fn run(cfg: &HubConfig, command: JobCommand) -> anyhow::Result<ExitCod
                 .into_inner()
                 .jobs;
             if json {
-                let rows: Vec<_> = jobs.iter().map(job_json).collect();
-                println!("{}", serde_json::to_string_pretty(&rows)?);
-            } else {
-                println!(
-                    "{:<8} {:<9} {:<10} {:<8} {:<16} COMMAND",
-                    "JOB", "STATE", "OUTCOME", "ATTEMPT", "AGENT"
-                );
-                for j in &jobs {
-                    let v = job_json(j);
-                    println!(
-                        "{:<8} {:<9} {:<10} {:<8} {:<16} {}",
-                        j.job_id,
-                        v["state"].as_str().unwrap_or("?"),
-                        v["outcome"].as_str().unwrap_or("-"),
-                        j.attempt,
-                        j.agent_id,
-                        j.spec
-                            .as_ref()
-                            .map(|s| s.commands.join(" && "))
-                            .unwrap_or_default()
-                    );
-                }
+                output::json_list::<_, view::Job>(&jobs)?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            const COLUMNS: &[Column] = &[
+                Column::left("JOB", 8),
+                Column::left("STATE", 9),
+                Column::left("OUTCOME", 10),
+                Column::left("ATTEMPT", 8),
+                Column::left("AGENT", 16),
+                Column::last("COMMAND"),
+            ];
+            let table = Table::new(COLUMNS);
+            for j in &jobs {
+                let v = view::Job::from(j);
+                table.row(&[
+                    &j.job_id,
+                    &v.state,
+                    &v.outcome.unwrap_or("-"),
+                    &j.attempt,
+                    &j.agent_id,
+                    &j.spec
+                        .as_ref()
+                        .map(|s| s.commands.join(" && "))
+                        .unwrap_or_default(),
+                ]);
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -318,27 +322,6 @@ fn outcome(info: &JobInfo) -> Option<Outcome> {
     info.result.as_ref().map(|r| r.outcome())
 }
 
-fn outcome_name(o: Outcome) -> &'static str {
-    match o {
-        Outcome::Passed => "passed",
-        Outcome::Failed => "failed",
-        Outcome::TimedOut => "timed_out",
-        Outcome::Error => "error",
-        Outcome::Cancelled => "cancelled",
-        Outcome::Unspecified => "unknown",
-    }
-}
-
-fn state_name(s: JobState) -> &'static str {
-    match s {
-        JobState::Queued => "queued",
-        JobState::Leased => "leased",
-        JobState::Running => "running",
-        JobState::Finished => "finished",
-        JobState::Unspecified => "unknown",
-    }
-}
-
 /// The process exit code `job run` returns for a finished job.
 fn exit_code(info: &JobInfo) -> u8 {
     match outcome(info) {
@@ -354,7 +337,7 @@ fn summary(info: &JobInfo) -> String {
     let Some(r) = &info.result else {
         return format!("job {} has no result", info.job_id);
     };
-    let mut s = format!("job {} {}", info.job_id, outcome_name(r.outcome()));
+    let mut s = format!("job {} {}", info.job_id, view::outcome(r.outcome()));
     if let Some(code) = r.exit_code {
         s.push_str(&format!(" (exit {code})"));
     }
@@ -374,39 +357,11 @@ fn summary(info: &JobInfo) -> String {
     s
 }
 
-fn job_json(info: &JobInfo) -> serde_json::Value {
-    let r = info.result.as_ref();
-    serde_json::json!({
-        "job_id": info.job_id,
-        "state": state_name(info.state()),
-        "attempt": info.attempt,
-        "max_attempts": info.max_attempts,
-        "agent_id": info.agent_id,
-        "outcome": r.map(|r| outcome_name(r.outcome())),
-        "exit_code": r.and_then(|r| r.exit_code),
-        "detail": r.map(|r| r.detail.clone()),
-        "duration_ms": r.map(|r| r.duration_ms),
-        "log_bytes_cut": r.map(|r| r.log_bytes_cut),
-        "created_at_ms": info.created_at_ms,
-        "finished_at_ms": info.finished_at_ms,
-        "attempts": info.attempts.iter().map(|a| serde_json::json!({
-            "attempt": a.attempt, "agent_id": a.agent_id,
-            "leased_at_ms": a.leased_at_ms, "lost_reason": a.lost_reason,
-        })).collect::<Vec<_>>(),
-        "commands": info.spec.as_ref().map(|s| s.commands.clone()).unwrap_or_default(),
-        "labels": info.spec.as_ref().map(|s| s.labels.clone()).unwrap_or_default(),
-        "project": info.spec.as_ref().map(|s| s.project.clone()).unwrap_or_default(),
-        "key": info.key,
-        "artifact_sha256": r.map(|r| r.artifact_sha256.clone()),
-    })
-}
-
 fn print_job(info: &JobInfo, json: bool) -> anyhow::Result<()> {
     if json {
-        println!("{}", serde_json::to_string_pretty(&job_json(info))?);
-        return Ok(());
+        return output::json(&view::Job::from(info));
     }
-    println!("job {}: {}", info.job_id, state_name(info.state()));
+    println!("job {}: {}", info.job_id, view::job_state(info.state()));
     if let Some(spec) = &info.spec {
         for c in &spec.commands {
             println!("  $ {c}");

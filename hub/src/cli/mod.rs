@@ -7,8 +7,10 @@ pub(crate) mod client;
 
 mod jobs;
 mod notify;
+mod output;
 mod pipeline;
 mod pool;
+mod view;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -20,11 +22,13 @@ use trunkfarm_proto::v1::{
     RevokeAgentRequest, RevokeTokenRequest,
 };
 
+use output::{Column, Table};
+
 use crate::config::HubConfig;
 use crate::server::Hub;
 
 /// Exit code for usage, configuration and connection errors.
-pub const EXIT_USAGE: u8 = 2;
+const EXIT_USAGE: u8 = 2;
 
 /// trunkfarm: test downstream projects against a language runtime's trunk.
 #[derive(Parser)]
@@ -210,7 +214,7 @@ enum AgentCommand {
 }
 
 /// Parses the command line and runs the command.
-pub fn main() -> ExitCode {
+pub(crate) fn main() -> ExitCode {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
     if !matches!(
@@ -410,7 +414,7 @@ pub(crate) fn status_error(e: tonic::Status) -> anyhow::Error {
 }
 
 /// Formats a Unix time in ms for humans.
-pub(crate) fn when(ms: u64) -> String {
+fn when(ms: u64) -> String {
     if ms == 0 {
         return "-".into();
     }
@@ -451,36 +455,30 @@ async fn token(cfg: &HubConfig, command: TokenCommand) -> anyhow::Result<ExitCod
                 .into_inner()
                 .tokens;
             if json {
-                let rows: Vec<_> = tokens
-                    .iter()
-                    .map(|t| {
-                        serde_json::json!({
-                            "token_id": t.token_id, "labels": t.labels, "created_at_ms": t.created_at_ms,
-                            "expires_at_ms": t.expires_at_ms, "uses_left": t.uses_left,
-                            "uses_total": t.uses_total, "revoked": t.revoked, "note": t.note,
-                        })
-                    })
-                    .collect();
-                println!("{}", serde_json::to_string_pretty(&rows)?);
-            } else {
-                println!(
-                    "{:<18} {:<9} {:<22} {:<20} NOTE",
-                    "TOKEN", "USES", "EXPIRES", "LABELS"
-                );
-                for t in tokens {
-                    println!(
-                        "{:<18} {:<9} {:<22} {:<20} {}",
-                        t.token_id,
-                        if t.revoked {
-                            "revoked".to_string()
-                        } else {
-                            format!("{}/{}", t.uses_total - t.uses_left, t.uses_total)
-                        },
-                        when(t.expires_at_ms),
-                        t.labels.join(","),
-                        t.note
-                    );
-                }
+                output::json_list::<_, view::Token>(&tokens)?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            const COLUMNS: &[Column] = &[
+                Column::left("TOKEN", 18),
+                Column::left("USES", 9),
+                Column::left("EXPIRES", 22),
+                Column::left("LABELS", 20),
+                Column::last("NOTE"),
+            ];
+            let table = Table::new(COLUMNS);
+            for t in tokens {
+                let uses = if t.revoked {
+                    "revoked".to_string()
+                } else {
+                    format!("{}/{}", t.uses_total - t.uses_left, t.uses_total)
+                };
+                table.row(&[
+                    &t.token_id,
+                    &uses,
+                    &when(t.expires_at_ms),
+                    &t.labels.join(","),
+                    &t.note,
+                ]);
             }
         }
         TokenCommand::Revoke { id } => {
@@ -507,56 +505,46 @@ async fn agent(cfg: &HubConfig, command: AgentCommand) -> anyhow::Result<ExitCod
                 .into_inner()
                 .agents;
             if json {
-                let rows: Vec<_> = agents
-                    .iter()
-                    .map(|a| {
-                        let caps = a.capabilities.clone().unwrap_or_default();
-                        serde_json::json!({
-                            "agent_id": a.agent_id, "name": a.name, "labels": a.labels,
-                            "connected": a.connected, "revoked": a.revoked, "draining": a.draining,
-                            "running": a.running.iter().map(|j| serde_json::json!({"job_id": j.job_id, "attempt": j.attempt})).collect::<Vec<_>>(),
-                            "last_seen_ms": a.last_seen_ms, "enrolled_at_ms": a.enrolled_at_ms,
-                            "agent_version": a.agent_version, "remote_address": a.remote_address,
-                            "os": caps.os, "arch": caps.arch, "cores": caps.cores,
-                            "memory_bytes": caps.memory_bytes, "max_parallel_jobs": caps.max_parallel_jobs,
-                        })
-                    })
-                    .collect();
-                println!("{}", serde_json::to_string_pretty(&rows)?);
-            } else {
-                println!(
-                    "{:<16} {:<20} {:<10} {:<8} {:<22} LABELS",
-                    "AGENT", "NAME", "STATE", "JOBS", "LAST SEEN"
-                );
-                for a in agents {
-                    let state = if a.revoked {
-                        "revoked"
-                    } else if a.draining {
-                        "draining"
-                    } else if a.connected {
-                        "connected"
-                    } else {
-                        "offline"
-                    };
-                    let slots = a
-                        .capabilities
-                        .as_ref()
-                        .map(|c| c.max_parallel_jobs)
-                        .unwrap_or(0);
-                    println!(
-                        "{:<16} {:<20} {:<10} {:<8} {:<22} {}",
-                        a.agent_id,
-                        a.name,
-                        state,
-                        format!("{}/{}", a.running.len(), slots),
-                        if a.connected {
-                            "now".to_string()
-                        } else {
-                            when(a.last_seen_ms)
-                        },
-                        a.labels.join(",")
-                    );
-                }
+                output::json_list::<_, view::Agent>(&agents)?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            const COLUMNS: &[Column] = &[
+                Column::left("AGENT", 16),
+                Column::left("NAME", 20),
+                Column::left("STATE", 10),
+                Column::left("JOBS", 8),
+                Column::left("LAST SEEN", 22),
+                Column::last("LABELS"),
+            ];
+            let table = Table::new(COLUMNS);
+            for a in agents {
+                let state = if a.revoked {
+                    "revoked"
+                } else if a.draining {
+                    "draining"
+                } else if a.connected {
+                    "connected"
+                } else {
+                    "offline"
+                };
+                let slots = a
+                    .capabilities
+                    .as_ref()
+                    .map(|c| c.max_parallel_jobs)
+                    .unwrap_or(0);
+                let last_seen = if a.connected {
+                    "now".to_string()
+                } else {
+                    when(a.last_seen_ms)
+                };
+                table.row(&[
+                    &a.agent_id,
+                    &a.name,
+                    &state,
+                    &format!("{}/{}", a.running.len(), slots),
+                    &last_seen,
+                    &a.labels.join(","),
+                ]);
             }
         }
         AgentCommand::Revoke { id } => {

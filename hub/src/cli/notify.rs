@@ -9,12 +9,13 @@ use trunkfarm_proto::v1::{
     Subscription, UnsubscribeRequest,
 };
 
-use super::{status_error, when};
+use super::output::{self, Column, Table};
+use super::{status_error, view, when};
 use crate::config::HubConfig;
 
 /// Who subscribes to what.
 #[derive(Args)]
-pub struct SubscriptionArgs {
+pub(super) struct SubscriptionArgs {
     /// The address mails go to.
     #[arg(long)]
     email: String,
@@ -47,7 +48,7 @@ impl SubscriptionArgs {
 
 /// `trunkfarm mail …`.
 #[derive(Subcommand)]
-pub enum MailCommand {
+pub(super) enum MailCommand {
     /// Send a test mail now with the [smtp] settings and print the server's answer.
     Test {
         /// The recipient.
@@ -69,7 +70,7 @@ pub enum MailCommand {
 }
 
 /// `trunkfarm subscribe`.
-pub async fn subscribe(cfg: &HubConfig, args: SubscriptionArgs) -> anyhow::Result<ExitCode> {
+pub(super) async fn subscribe(cfg: &HubConfig, args: SubscriptionArgs) -> anyhow::Result<ExitCode> {
     let mut client = super::client::connect(cfg).await?;
     let sub = args.subscription();
     let created = client
@@ -94,7 +95,10 @@ pub async fn subscribe(cfg: &HubConfig, args: SubscriptionArgs) -> anyhow::Resul
 }
 
 /// `trunkfarm unsubscribe`.
-pub async fn unsubscribe(cfg: &HubConfig, args: SubscriptionArgs) -> anyhow::Result<ExitCode> {
+pub(super) async fn unsubscribe(
+    cfg: &HubConfig,
+    args: SubscriptionArgs,
+) -> anyhow::Result<ExitCode> {
     let mut client = super::client::connect(cfg).await?;
     let sub = args.subscription();
     let removed = client
@@ -115,7 +119,7 @@ pub async fn unsubscribe(cfg: &HubConfig, args: SubscriptionArgs) -> anyhow::Res
 }
 
 /// `trunkfarm subscriptions`.
-pub async fn list(
+pub(super) async fn list(
     cfg: &HubConfig,
     project: Option<String>,
     json: bool,
@@ -130,50 +134,37 @@ pub async fn list(
         .into_inner()
         .subscriptions;
     if json {
-        println!("{}", serde_json::to_string_pretty(&subs)?);
+        output::json_list::<_, view::Subscription>(&subs)?;
         return Ok(ExitCode::SUCCESS);
     }
-    println!(
-        "{:<32} {:<20} {:<16} {:<12} SOURCE",
-        "EMAIL", "PROJECT", "PLATFORM", "UPSTREAM"
-    );
+    const COLUMNS: &[Column] = &[
+        Column::left("EMAIL", 32),
+        Column::left("PROJECT", 20),
+        Column::left("PLATFORM", 16),
+        Column::left("UPSTREAM", 12),
+        Column::last("SOURCE"),
+    ];
+    let table = Table::new(COLUMNS);
+    let any = |s: &str| if s.is_empty() { "any" } else { s }.to_owned();
     for s in subs {
         let project = if s.digest {
             "(digest)".to_owned()
         } else {
             s.project
         };
-        println!(
-            "{:<32} {:<20} {:<16} {:<12} {}",
-            s.email,
-            project,
-            if s.platform.is_empty() {
-                "any"
-            } else {
-                &s.platform
-            },
-            if s.upstream.is_empty() {
-                "any"
-            } else {
-                &s.upstream
-            },
-            s.source
-        );
+        table.row(&[
+            &s.email,
+            &project,
+            &any(&s.platform),
+            &any(&s.upstream),
+            &s.source,
+        ]);
     }
     Ok(ExitCode::SUCCESS)
 }
 
-fn state_name(state: i32) -> &'static str {
-    match MailState::try_from(state).unwrap_or(MailState::Unspecified) {
-        MailState::Pending => "pending",
-        MailState::Sent => "sent",
-        MailState::Failed => "failed",
-        MailState::Unspecified => "?",
-    }
-}
-
 /// `trunkfarm mail …`.
-pub async fn mail(cfg: &HubConfig, command: MailCommand) -> anyhow::Result<ExitCode> {
+pub(super) async fn mail(cfg: &HubConfig, command: MailCommand) -> anyhow::Result<ExitCode> {
     let mut client = super::client::connect(cfg).await?;
     match command {
         MailCommand::Test { to } => {
@@ -205,34 +196,33 @@ pub async fn mail(cfg: &HubConfig, command: MailCommand) -> anyhow::Result<ExitC
                 .map_err(status_error)?
                 .into_inner();
             if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&serde_json::json!({
-                        "sender": resp.sender, "mails": resp.mails,
-                    }))?
-                );
+                output::json(&view::MailList::from(&resp))?;
                 return Ok(ExitCode::SUCCESS);
             }
             println!("delivery: {}", resp.sender);
-            println!(
-                "{:<8} {:<8} {:<4} {:<22} {:<28} SUBJECT",
-                "MAIL", "STATE", "TRY", "WHEN", "TO"
-            );
+            const COLUMNS: &[Column] = &[
+                Column::left("MAIL", 8),
+                Column::left("STATE", 8),
+                Column::left("TRY", 4),
+                Column::left("WHEN", 22),
+                Column::left("TO", 28),
+                Column::last("SUBJECT"),
+            ];
+            let table = Table::new(COLUMNS);
             for m in resp.mails {
                 let at = if m.sent_at_ms > 0 {
                     m.sent_at_ms
                 } else {
                     m.created_at_ms
                 };
-                println!(
-                    "{:<8} {:<8} {:<4} {:<22} {:<28} {}",
-                    m.id,
-                    state_name(m.state),
-                    m.attempts,
-                    when(at),
-                    m.to,
-                    m.subject
-                );
+                table.row(&[
+                    &m.id,
+                    &view::mail_state(m.state()),
+                    &m.attempts,
+                    &when(at),
+                    &m.to,
+                    &m.subject,
+                ]);
                 if m.state == MailState::Failed as i32 {
                     println!("         refused for good: {}", m.last_error);
                 } else if !m.last_error.is_empty() {

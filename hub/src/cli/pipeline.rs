@@ -12,13 +12,14 @@ use trunkfarm_proto::v1::{
     TransitionKind,
 };
 
-use super::{status_error, when};
+use super::output::{self, Column, Table};
+use super::{status_error, view, when};
 use crate::commit::short;
 use crate::config::HubConfig;
 
 /// `trunkfarm upstream …`.
 #[derive(Subcommand)]
-pub enum UpstreamCommand {
+pub(super) enum UpstreamCommand {
     /// Build an upstream now (default: its branch head) on every platform;
     /// when the build passes, every project is tested against it.
     Build {
@@ -41,7 +42,7 @@ pub enum UpstreamCommand {
 
 /// `trunkfarm artifact …`.
 #[derive(Subcommand)]
-pub enum ArtifactCommand {
+pub(super) enum ArtifactCommand {
     /// List stored runtime artifacts and their downloads per agent.
     List {
         /// Print JSON.
@@ -190,7 +191,7 @@ fn print_transition(t: &Transition, paint: &Paint) {
 }
 
 /// `trunkfarm status`.
-pub async fn status(
+pub(super) async fn status(
     cfg: &HubConfig,
     upstream: Option<String>,
     json: bool,
@@ -204,7 +205,7 @@ pub async fn status(
         .map_err(status_error)?
         .into_inner();
     if json {
-        println!("{}", serde_json::to_string_pretty(&status_json(&resp))?);
+        output::json(&view::Status::from(&resp))?;
         return Ok(ExitCode::SUCCESS);
     }
     let paint = Paint::new();
@@ -311,40 +312,8 @@ pub async fn status(
     Ok(ExitCode::SUCCESS)
 }
 
-fn status_json(resp: &trunkfarm_proto::v1::GetStatusResponse) -> serde_json::Value {
-    let upstreams: Vec<_> = resp
-        .upstreams
-        .iter()
-        .map(|u| {
-            serde_json::json!({
-                "name": u.name, "url": u.url, "branch": u.branch, "platforms": u.platforms,
-                "head": u.head, "head_seen_at_ms": u.head_seen_at_ms, "poll_error": u.poll_error,
-                "latest_builds": u.latest_builds, "good_builds": u.good_builds,
-            })
-        })
-        .collect();
-    let cells: Vec<_> = resp
-        .cells
-        .iter()
-        .map(|c| {
-            let run = c.latest.clone().unwrap_or_default();
-            let status = match RunStatus::try_from(run.status).unwrap_or(RunStatus::Unspecified) {
-                RunStatus::Green => "green",
-                RunStatus::Red => "red",
-                RunStatus::Error => "error",
-                RunStatus::Unspecified => "none",
-            };
-            serde_json::json!({
-                "project": run.project, "upstream": run.upstream, "platform": run.platform,
-                "status": status, "pending": c.pending, "run": run, "red_since": c.red_since,
-            })
-        })
-        .collect();
-    serde_json::json!({ "upstreams": upstreams, "cells": cells })
-}
-
 /// `trunkfarm breakage`.
-pub async fn breakage(
+pub(super) async fn breakage(
     cfg: &HubConfig,
     upstream: String,
     rev: Option<String>,
@@ -360,12 +329,7 @@ pub async fn breakage(
         .map_err(status_error)?
         .into_inner();
     if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&serde_json::json!({
-                "commits": resp.commits, "went_red": resp.went_red,
-            }))?
-        );
+        output::json(&view::Breakage::from(&resp))?;
         return Ok(ExitCode::SUCCESS);
     }
     let paint = Paint::new();
@@ -392,7 +356,7 @@ pub async fn breakage(
 }
 
 /// `trunkfarm transitions`.
-pub async fn transitions(
+pub(super) async fn transitions(
     cfg: &HubConfig,
     upstream: Option<String>,
     project: Option<String>,
@@ -413,7 +377,7 @@ pub async fn transitions(
         .into_inner()
         .transitions;
     if json {
-        println!("{}", serde_json::to_string_pretty(&list)?);
+        output::json_list::<_, view::Transition>(&list)?;
         return Ok(ExitCode::SUCCESS);
     }
     let paint = Paint::new();
@@ -427,7 +391,10 @@ pub async fn transitions(
 }
 
 /// `trunkfarm upstream …`.
-pub async fn upstream(cfg: &HubConfig, command: UpstreamCommand) -> anyhow::Result<ExitCode> {
+pub(super) async fn upstream(
+    cfg: &HubConfig,
+    command: UpstreamCommand,
+) -> anyhow::Result<ExitCode> {
     let mut client = super::client::connect(cfg).await?;
     match command {
         UpstreamCommand::Build { name, rev, force } => {
@@ -464,36 +431,37 @@ pub async fn upstream(cfg: &HubConfig, command: UpstreamCommand) -> anyhow::Resu
                 .map_err(status_error)?
                 .into_inner();
             if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&status_json(&resp)["upstreams"])?
-                );
+                output::json(&view::upstreams(&resp))?;
                 return Ok(ExitCode::SUCCESS);
             }
-            println!(
-                "{:<16} {:<12} {:<12} {:<16} {:<24} GOOD",
-                "UPSTREAM", "BRANCH", "HEAD", "PLATFORM", "NEWEST BUILD"
-            );
+            const COLUMNS: &[Column] = &[
+                Column::left("UPSTREAM", 16),
+                Column::left("BRANCH", 12),
+                Column::left("HEAD", 12),
+                Column::left("PLATFORM", 16),
+                Column::left("NEWEST BUILD", 24),
+                Column::last("GOOD"),
+            ];
+            let table = Table::new(COLUMNS);
             for u in &resp.upstreams {
+                let head = if u.head.is_empty() {
+                    "-"
+                } else {
+                    short(&u.head)
+                };
                 for platform in &u.platforms {
                     let latest = u.latest_builds.iter().find(|b| &b.platform == platform);
                     let good = u.good_builds.iter().find(|b| &b.platform == platform);
-                    println!(
-                        "{:<16} {:<12} {:<12} {:<16} {:<24} {}",
-                        u.name,
-                        u.branch,
-                        if u.head.is_empty() {
-                            "-"
-                        } else {
-                            short(&u.head)
-                        },
+                    table.row(&[
+                        &u.name,
+                        &u.branch,
+                        &head,
                         platform,
-                        latest
+                        &latest
                             .map(|b| format!("{} {}", build_state(b), short(&b.commit)))
                             .unwrap_or_else(|| "-".into()),
-                        good.map(|b| short(&b.commit).to_owned())
-                            .unwrap_or_else(|| "-".into())
-                    );
+                        &good.map_or("-", |b| short(&b.commit)),
+                    ]);
                 }
             }
         }
@@ -502,7 +470,10 @@ pub async fn upstream(cfg: &HubConfig, command: UpstreamCommand) -> anyhow::Resu
 }
 
 /// `trunkfarm artifact …`.
-pub async fn artifact(cfg: &HubConfig, command: ArtifactCommand) -> anyhow::Result<ExitCode> {
+pub(super) async fn artifact(
+    cfg: &HubConfig,
+    command: ArtifactCommand,
+) -> anyhow::Result<ExitCode> {
     let mut client = super::client::connect(cfg).await?;
     match command {
         ArtifactCommand::List { json } => {
@@ -513,35 +484,28 @@ pub async fn artifact(cfg: &HubConfig, command: ArtifactCommand) -> anyhow::Resu
                 .into_inner()
                 .artifacts;
             if json {
-                let rows: Vec<_> = list
-                    .iter()
-                    .map(|a| {
-                        serde_json::json!({
-                            "sha256": a.sha256, "size": a.size, "upstream": a.upstream,
-                            "commit": a.commit, "platform": a.platform,
-                            "build_job_id": a.build_job_id, "stored_at_ms": a.stored_at_ms,
-                            "downloads": a.downloads.iter().map(|d| serde_json::json!({"agent_id": d.agent_id, "count": d.count})).collect::<Vec<_>>(),
-                        })
-                    })
-                    .collect();
-                println!("{}", serde_json::to_string_pretty(&rows)?);
+                output::json_list::<_, view::Artifact>(&list)?;
                 return Ok(ExitCode::SUCCESS);
             }
-            println!(
-                "{:<14} {:>10} {:<12} {:<12} {:<16} DOWNLOADS",
-                "SHA256", "SIZE", "UPSTREAM", "COMMIT", "PLATFORM"
-            );
+            const COLUMNS: &[Column] = &[
+                Column::left("SHA256", 14),
+                Column::right("SIZE", 10),
+                Column::left("UPSTREAM", 12),
+                Column::left("COMMIT", 12),
+                Column::left("PLATFORM", 16),
+                Column::last("DOWNLOADS"),
+            ];
+            let table = Table::new(COLUMNS);
             for a in list {
                 let downloads: u32 = a.downloads.iter().map(|d| d.count).sum();
-                println!(
-                    "{:<14} {:>10} {:<12} {:<12} {:<16} {downloads} by {} agent(s)",
-                    a.sha256.get(..12).unwrap_or(&a.sha256),
-                    trunkfarm_proto::settings::fmt_bytes(a.size),
-                    a.upstream,
-                    short(&a.commit),
-                    a.platform,
-                    a.downloads.len()
-                );
+                table.row(&[
+                    &a.sha256.get(..12).unwrap_or(&a.sha256),
+                    &trunkfarm_proto::settings::fmt_bytes(a.size),
+                    &a.upstream,
+                    &short(&a.commit),
+                    &a.platform,
+                    &format!("{downloads} by {} agent(s)", a.downloads.len()),
+                ]);
             }
         }
     }

@@ -4,12 +4,12 @@ use std::process::ExitCode;
 
 use trunkfarm_proto::v1::ListPoolsRequest;
 
-use super::{status_error, when};
+use super::{output, status_error, view, when};
 use crate::config::HubConfig;
 
 /// Prints every pool: its instances (starting, running idle/busy,
 /// stopping), failed starts and back-off.
-pub async fn list(cfg: &HubConfig, all: bool, json: bool) -> anyhow::Result<ExitCode> {
+pub(super) async fn list(cfg: &HubConfig, all: bool, json: bool) -> anyhow::Result<ExitCode> {
     let mut client = super::client::connect(cfg).await?;
     let pools = client
         .list_pools(ListPoolsRequest { all })
@@ -18,7 +18,7 @@ pub async fn list(cfg: &HubConfig, all: bool, json: bool) -> anyhow::Result<Exit
         .into_inner()
         .pools;
     if json {
-        println!("{}", serde_json::to_string_pretty(&pools)?);
+        output::json_list::<_, view::Pool>(&pools)?;
         return Ok(ExitCode::SUCCESS);
     }
     if pools.is_empty() {

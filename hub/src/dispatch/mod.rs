@@ -573,7 +573,7 @@ impl Dispatcher {
 
 /// Why revoking an agent failed part-way.
 #[derive(Debug, thiserror::Error)]
-pub enum RevokeError {
+pub(crate) enum RevokeError {
     /// Its credential could not be revoked: nothing else was done.
     #[error(transparent)]
     Credential(#[from] crate::auth::credentials::AuthError),
@@ -622,6 +622,40 @@ async fn reap_leases(shared: std::sync::Weak<Shared>) {
             Err(e) => tracing::error!("cannot record expired leases: {e}"),
         }
     }
+}
+
+/// The operator's agent list: each enrolled agent's credential joined with
+/// its live session (labels, capabilities, running jobs, version, address)
+/// when it is connected, sorted by name. The join lives here, beside the
+/// sessions it reads; the admin API only passes it on.
+pub(crate) fn agent_views(
+    credentials: &crate::auth::credentials::Credentials,
+    dispatch: &Dispatcher,
+) -> Result<Vec<trunkfarm_proto::v1::AgentInfo>, crate::auth::credentials::AuthError> {
+    let connected = dispatch.connected();
+    let mut agents: Vec<_> = credentials
+        .list_agents()?
+        .into_iter()
+        .map(|a| {
+            let live = connected.get(&a.id);
+            trunkfarm_proto::v1::AgentInfo {
+                last_seen_ms: dispatch.last_seen(&a.id).unwrap_or(0),
+                connected: live.is_some(),
+                draining: live.is_some_and(|c| c.draining),
+                running: live.map(|c| c.running.clone()).unwrap_or_default(),
+                capabilities: live.map(|c| c.caps.clone()),
+                agent_version: live.map(|c| c.agent_version.clone()).unwrap_or_default(),
+                remote_address: live.map(|c| c.remote.clone()).unwrap_or_default(),
+                labels: live.map(|c| c.labels.clone()).unwrap_or(a.labels),
+                agent_id: a.id,
+                name: a.name,
+                revoked: a.revoked,
+                enrolled_at_ms: a.enrolled_at_ms,
+            }
+        })
+        .collect();
+    agents.sort_by(|a, b| a.name.cmp(&b.name).then(a.agent_id.cmp(&b.agent_id)));
+    Ok(agents)
 }
 
 #[cfg(test)]

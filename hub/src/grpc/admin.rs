@@ -1,5 +1,6 @@
 //! `AdminService`: what the operator's CLI (and later the dashboard and the
-//! benchmarks) call. Every call is checked against the admin token.
+//! benchmarks) call. Every call is checked against the admin token by
+//! [`AdminAuth`] before it reaches a handler.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -7,20 +8,22 @@ use std::time::Duration;
 
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status};
 use trunkfarm_proto::enrollment::Enrollment;
-use trunkfarm_proto::v1::admin_service_server::AdminService;
+use trunkfarm_proto::v1::admin_service_server::{AdminService, AdminServiceServer};
 use trunkfarm_proto::v1::*;
 
-use super::{auth_status, bearer, dispatch_status, job_info, state_from_proto, store_status};
+use super::{bearer, job_info, state_from_proto};
 use crate::artifacts::Artifacts;
 use crate::auth::credentials::Credentials;
 use crate::auth::secret;
 use crate::dispatch::{Dispatcher, JobState};
 use crate::logs::{JobLogs, WatchEvent};
-use crate::notify::{Notifier, NotifyError};
-use crate::pipeline::{Pipeline, PipelineError};
-use crate::provision::{InstanceState, Pools};
+use crate::notify::Notifier;
+use crate::pipeline::Pipeline;
+use crate::provision::Pools;
 
 /// The longest grace period a drain may ask for (a week).
 const MAX_DRAIN_GRACE: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -29,62 +32,68 @@ const MAX_DRAIN_GRACE: Duration = Duration::from_secs(7 * 24 * 3600);
 const DEFAULT_LIST_LIMIT: usize = 100;
 
 /// The admin-facing service.
-pub struct AdminApi {
+pub(crate) struct AdminApi {
     /// SHA-256 of the admin token.
-    pub admin_token_hash: String,
+    pub(crate) admin_token_hash: String,
     /// Tokens and agents.
-    pub credentials: Credentials,
+    pub(crate) credentials: Credentials,
     /// The job queue.
-    pub dispatch: Dispatcher,
+    pub(crate) dispatch: Dispatcher,
     /// Job logs.
-    pub logs: Arc<JobLogs>,
+    pub(crate) logs: Arc<JobLogs>,
     /// The address put in enrollment strings.
-    pub public_address: String,
+    pub(crate) public_address: String,
     /// The CA fingerprint put in enrollment strings (`None`: plaintext hub).
-    pub ca_sha256: Option<String>,
+    pub(crate) ca_sha256: Option<String>,
     /// Token lifetime when none is asked for.
-    pub default_token_ttl: Duration,
+    pub(crate) default_token_ttl: Duration,
     /// The longest token lifetime allowed.
-    pub max_token_ttl: Duration,
+    pub(crate) max_token_ttl: Duration,
     /// Drain grace when none is asked for.
-    pub drain_grace: Duration,
+    pub(crate) drain_grace: Duration,
     /// The trunk pipeline (status, breakage, builds on demand).
-    pub pipeline: Pipeline,
+    pub(crate) pipeline: Pipeline,
     /// Stored runtime artifacts.
-    pub artifacts: Artifacts,
+    pub(crate) artifacts: Artifacts,
     /// Subscriptions and the outbox.
-    pub notifier: Notifier,
+    pub(crate) notifier: Notifier,
     /// On-demand agent pools.
-    pub pools: Pools,
+    pub(crate) pools: Pools,
 }
 
-/// Maps notifier errors to statuses.
-fn notify_status(e: NotifyError) -> Status {
-    match e {
-        NotifyError::Store(s) => store_status(s),
-        NotifyError::Invalid(m) => Status::invalid_argument(m),
-        NotifyError::Delivery(m) => Status::unavailable(m),
-    }
-}
-
-/// Maps pipeline errors to statuses.
-fn pipeline_status(e: PipelineError) -> Status {
-    match e {
-        PipelineError::Store(s) => store_status(s),
-        PipelineError::Dispatch(d) => dispatch_status(d),
-        e @ PipelineError::NoSuchUpstream(..) => Status::not_found(e.to_string()),
-        e @ PipelineError::Git(crate::pipeline::GitError::NotFound(_)) => {
-            Status::not_found(e.to_string())
-        }
-        e @ PipelineError::Git(_) => Status::unavailable(e.to_string()),
-    }
-}
+/// An admin service that admits only calls carrying the admin token.
+pub(crate) type AdminServer = InterceptedService<AdminServiceServer<AdminApi>, AdminAuth>;
 
 impl AdminApi {
-    fn check<T>(&self, request: &Request<T>) -> Result<(), Status> {
-        let presented = bearer(request)?;
-        if secret::verify(presented, &self.admin_token_hash) {
-            Ok(())
+    /// The service to serve: every call passes [`AdminAuth`] first, with
+    /// messages up to `max_message` bytes either way.
+    pub(crate) fn into_server(self, max_message: usize) -> AdminServer {
+        let auth = AdminAuth {
+            token_hash: Arc::from(self.admin_token_hash.as_str()),
+        };
+        InterceptedService::new(
+            AdminServiceServer::new(self)
+                .max_decoding_message_size(max_message)
+                .max_encoding_message_size(max_message),
+            auth,
+        )
+    }
+}
+
+/// The admin token check, in front of every admin call (one place, so no
+/// handler can forget it). Agents authenticate with their own credentials
+/// in the agent service.
+#[derive(Clone)]
+pub(crate) struct AdminAuth {
+    /// SHA-256 of the admin token.
+    token_hash: Arc<str>,
+}
+
+impl Interceptor for AdminAuth {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        let presented = bearer(&request)?;
+        if secret::verify(presented, &self.token_hash) {
+            Ok(request)
         } else {
             Err(Status::unauthenticated(
                 "wrong admin token: use the one in the hub's data dir (admin.token) or its config's admin.token_file",
@@ -99,51 +108,7 @@ impl AdminService for AdminApi {
         &self,
         request: Request<ListPoolsRequest>,
     ) -> Result<Response<ListPoolsResponse>, Status> {
-        self.check(&request)?;
-        let all = request.into_inner().all;
-        let connected = self.dispatch.connected();
-        let mut pools = Vec::new();
-        for cfg in self.pools.configs() {
-            let backoff = self.pools.backoff(&cfg.name).map_err(store_status)?;
-            let instances = self
-                .pools
-                .instances(&cfg.name)
-                .map_err(store_status)?
-                .into_iter()
-                .filter(|i| {
-                    all || matches!(
-                        i.state,
-                        InstanceState::Starting | InstanceState::Running | InstanceState::Stopping
-                    )
-                })
-                .map(|i| InstanceInfo {
-                    busy: connected
-                        .get(&i.agent_id)
-                        .is_some_and(|c| !c.running.is_empty()),
-                    state: serde_json::to_value(i.state)
-                        .ok()
-                        .and_then(|v| v.as_str().map(str::to_owned))
-                        .unwrap_or_default(),
-                    id: i.id,
-                    handle: i.handle,
-                    agent_id: i.agent_id,
-                    created_at_ms: i.created_at_ms,
-                    last_busy_ms: i.last_busy_ms,
-                    detail: i.detail,
-                })
-                .collect();
-            pools.push(PoolInfo {
-                name: cfg.name.clone(),
-                provisioner: format!("{:?}", cfg.provisioner).to_lowercase(),
-                labels: cfg.labels.clone(),
-                min_instances: cfg.min_instances,
-                max_instances: cfg.max_instances,
-                instances,
-                failed_starts: backoff.failures,
-                next_start_at_ms: backoff.next_start_at_ms,
-                last_error: backoff.last_error,
-            });
-        }
+        let pools = crate::provision::pool_views(&self.pools, request.into_inner().all)?;
         Ok(Response::new(ListPoolsResponse { pools }))
     }
 
@@ -151,9 +116,8 @@ impl AdminService for AdminApi {
         &self,
         request: Request<SubscribeRequest>,
     ) -> Result<Response<SubscribeResponse>, Status> {
-        self.check(&request)?;
         let sub = request.into_inner().subscription.unwrap_or_default();
-        let created = self.notifier.subscribe(sub).await.map_err(notify_status)?;
+        let created = self.notifier.subscribe(sub).await?;
         Ok(Response::new(SubscribeResponse { created }))
     }
 
@@ -161,13 +125,8 @@ impl AdminService for AdminApi {
         &self,
         request: Request<UnsubscribeRequest>,
     ) -> Result<Response<UnsubscribeResponse>, Status> {
-        self.check(&request)?;
         let sub = request.into_inner().subscription.unwrap_or_default();
-        let removed = self
-            .notifier
-            .unsubscribe(&sub)
-            .await
-            .map_err(notify_status)?;
+        let removed = self.notifier.unsubscribe(&sub).await?;
         Ok(Response::new(UnsubscribeResponse { removed }))
     }
 
@@ -175,12 +134,8 @@ impl AdminService for AdminApi {
         &self,
         request: Request<ListSubscriptionsRequest>,
     ) -> Result<Response<ListSubscriptionsResponse>, Status> {
-        self.check(&request)?;
         let project = request.into_inner().project;
-        let subscriptions = self
-            .notifier
-            .subscriptions(&project)
-            .map_err(notify_status)?;
+        let subscriptions = self.notifier.subscriptions(&project)?;
         Ok(Response::new(ListSubscriptionsResponse { subscriptions }))
     }
 
@@ -188,9 +143,8 @@ impl AdminService for AdminApi {
         &self,
         request: Request<SendTestMailRequest>,
     ) -> Result<Response<SendTestMailResponse>, Status> {
-        self.check(&request)?;
         let to = request.into_inner().to;
-        let response = self.notifier.send_test(&to).await.map_err(notify_status)?;
+        let response = self.notifier.send_test(&to).await?;
         Ok(Response::new(SendTestMailResponse { response }))
     }
 
@@ -198,17 +152,13 @@ impl AdminService for AdminApi {
         &self,
         request: Request<ListMailRequest>,
     ) -> Result<Response<ListMailResponse>, Status> {
-        self.check(&request)?;
         let req = request.into_inner();
         let limit = if req.limit == 0 {
             DEFAULT_LIST_LIMIT
         } else {
             req.limit as usize
         };
-        let mails = self
-            .notifier
-            .mails(limit, req.state())
-            .map_err(notify_status)?;
+        let mails = self.notifier.mails(limit, req.state())?;
         Ok(Response::new(ListMailResponse {
             mails,
             sender: self.notifier.describe(),
@@ -219,13 +169,11 @@ impl AdminService for AdminApi {
         &self,
         request: Request<BuildUpstreamRequest>,
     ) -> Result<Response<BuildUpstreamResponse>, Status> {
-        self.check(&request)?;
         let req = request.into_inner();
         let (commit, builds) = self
             .pipeline
             .build(&req.upstream, req.rev.trim(), req.force)
-            .await
-            .map_err(pipeline_status)?;
+            .await?;
         tracing::info!(upstream = %req.upstream, "build of {} requested", crate::commit::short(&commit));
         Ok(Response::new(BuildUpstreamResponse { commit, builds }))
     }
@@ -234,14 +182,10 @@ impl AdminService for AdminApi {
         &self,
         request: Request<GetStatusRequest>,
     ) -> Result<Response<GetStatusResponse>, Status> {
-        self.check(&request)?;
         let req = request.into_inner();
         // Never show a result a crash could still take back.
-        self.dispatch.sync().await.map_err(store_status)?;
-        let status = self
-            .pipeline
-            .status(&req.upstream)
-            .map_err(pipeline_status)?;
+        self.dispatch.sync().await?;
+        let status = self.pipeline.status(&req.upstream)?;
         Ok(Response::new(status))
     }
 
@@ -249,13 +193,11 @@ impl AdminService for AdminApi {
         &self,
         request: Request<GetBreakageRequest>,
     ) -> Result<Response<GetBreakageResponse>, Status> {
-        self.check(&request)?;
         let req = request.into_inner();
         let resp = self
             .pipeline
             .breakage(&req.upstream, req.rev.trim())
-            .await
-            .map_err(pipeline_status)?;
+            .await?;
         Ok(Response::new(resp))
     }
 
@@ -263,7 +205,6 @@ impl AdminService for AdminApi {
         &self,
         request: Request<ListTransitionsRequest>,
     ) -> Result<Response<ListTransitionsResponse>, Status> {
-        self.check(&request)?;
         let req = request.into_inner();
         let limit = if req.limit == 0 {
             DEFAULT_LIST_LIMIT
@@ -272,16 +213,14 @@ impl AdminService for AdminApi {
         };
         let transitions = self
             .pipeline
-            .transitions(&req.upstream, &req.project, limit, req.all)
-            .map_err(pipeline_status)?;
+            .transitions(&req.upstream, &req.project, limit, req.all)?;
         Ok(Response::new(ListTransitionsResponse { transitions }))
     }
 
     async fn list_artifacts(
         &self,
-        request: Request<ListArtifactsRequest>,
+        _request: Request<ListArtifactsRequest>,
     ) -> Result<Response<ListArtifactsResponse>, Status> {
-        self.check(&request)?;
         let artifacts = self.artifacts.list().map_err(|e| {
             tracing::error!("{e}");
             Status::unavailable(format!("cannot list artifacts: {e}"))
@@ -293,7 +232,6 @@ impl AdminService for AdminApi {
         &self,
         request: Request<CreateTokenRequest>,
     ) -> Result<Response<CreateTokenResponse>, Status> {
-        self.check(&request)?;
         let req = request.into_inner();
         let ttl = if req.ttl_secs == 0 {
             self.default_token_ttl
@@ -321,8 +259,7 @@ impl AdminService for AdminApi {
         let (rec, token) = self
             .credentials
             .create_token(req.labels, ttl, req.uses, req.note)
-            .await
-            .map_err(auth_status)?;
+            .await?;
         tracing::info!(token = %rec.id, uses = rec.uses_total, "enrollment token created");
         let enrollment = Enrollment {
             hub: self.public_address.clone(),
@@ -338,13 +275,11 @@ impl AdminService for AdminApi {
 
     async fn list_tokens(
         &self,
-        request: Request<ListTokensRequest>,
+        _request: Request<ListTokensRequest>,
     ) -> Result<Response<ListTokensResponse>, Status> {
-        self.check(&request)?;
         let tokens = self
             .credentials
-            .list_tokens()
-            .map_err(auth_status)?
+            .list_tokens()?
             .into_iter()
             .map(|t| TokenInfo {
                 token_id: t.id,
@@ -364,46 +299,17 @@ impl AdminService for AdminApi {
         &self,
         request: Request<RevokeTokenRequest>,
     ) -> Result<Response<RevokeTokenResponse>, Status> {
-        self.check(&request)?;
         let id = request.into_inner().token_id;
-        self.credentials
-            .revoke_token(&id)
-            .await
-            .map_err(auth_status)?;
+        self.credentials.revoke_token(&id).await?;
         tracing::info!(token = %id, "enrollment token revoked");
         Ok(Response::new(RevokeTokenResponse {}))
     }
 
     async fn list_agents(
         &self,
-        request: Request<ListAgentsRequest>,
+        _request: Request<ListAgentsRequest>,
     ) -> Result<Response<ListAgentsResponse>, Status> {
-        self.check(&request)?;
-        let connected = self.dispatch.connected();
-        let mut agents: Vec<AgentInfo> = self
-            .credentials
-            .list_agents()
-            .map_err(auth_status)?
-            .into_iter()
-            .map(|a| {
-                let live = connected.get(&a.id);
-                AgentInfo {
-                    last_seen_ms: self.dispatch.last_seen(&a.id).unwrap_or(0),
-                    connected: live.is_some(),
-                    draining: live.is_some_and(|c| c.draining),
-                    running: live.map(|c| c.running.clone()).unwrap_or_default(),
-                    capabilities: live.map(|c| c.caps.clone()),
-                    agent_version: live.map(|c| c.agent_version.clone()).unwrap_or_default(),
-                    remote_address: live.map(|c| c.remote.clone()).unwrap_or_default(),
-                    labels: live.map(|c| c.labels.clone()).unwrap_or(a.labels),
-                    agent_id: a.id,
-                    name: a.name,
-                    revoked: a.revoked,
-                    enrolled_at_ms: a.enrolled_at_ms,
-                }
-            })
-            .collect();
-        agents.sort_by(|a, b| a.name.cmp(&b.name).then(a.agent_id.cmp(&b.agent_id)));
+        let agents = crate::dispatch::agent_views(&self.credentials, &self.dispatch)?;
         Ok(Response::new(ListAgentsResponse { agents }))
     }
 
@@ -411,14 +317,9 @@ impl AdminService for AdminApi {
         &self,
         request: Request<RevokeAgentRequest>,
     ) -> Result<Response<RevokeAgentResponse>, Status> {
-        self.check(&request)?;
         let id = request.into_inner().agent_id;
-        let requeued = crate::dispatch::revoke_agent(&self.credentials, &self.dispatch, &id)
-            .await
-            .map_err(|e| match e {
-                crate::dispatch::RevokeError::Credential(e) => auth_status(e),
-                crate::dispatch::RevokeError::Session(e) => dispatch_status(e),
-            })?;
+        let requeued =
+            crate::dispatch::revoke_agent(&self.credentials, &self.dispatch, &id).await?;
         tracing::info!(agent = %id, requeued = requeued.len(), "agent revoked");
         Ok(Response::new(RevokeAgentResponse { requeued }))
     }
@@ -427,7 +328,6 @@ impl AdminService for AdminApi {
         &self,
         request: Request<DrainAgentRequest>,
     ) -> Result<Response<DrainAgentResponse>, Status> {
-        self.check(&request)?;
         let req = request.into_inner();
         let grace = if req.grace_secs == 0 {
             self.drain_grace
@@ -441,9 +341,7 @@ impl AdminService for AdminApi {
                 humantime::format_duration(grace)
             )));
         }
-        self.dispatch
-            .drain(&req.agent_id, grace)
-            .map_err(dispatch_status)?;
+        self.dispatch.drain(&req.agent_id, grace)?;
         tracing::info!(agent = %req.agent_id, "drain requested");
         Ok(Response::new(DrainAgentResponse {}))
     }
@@ -452,27 +350,21 @@ impl AdminService for AdminApi {
         &self,
         request: Request<SubmitJobRequest>,
     ) -> Result<Response<SubmitJobResponse>, Status> {
-        self.check(&request)?;
         let req = request.into_inner();
         let spec = req
             .spec
             .ok_or_else(|| Status::invalid_argument("SubmitJob needs a spec"))?;
-        let job_id = self
-            .dispatch
-            .submit(spec, req.max_attempts)
-            .await
-            .map_err(dispatch_status)?;
+        let job_id = self.dispatch.submit(spec, req.max_attempts).await?;
         Ok(Response::new(SubmitJobResponse { job_id }))
     }
 
     async fn get_job(&self, request: Request<GetJobRequest>) -> Result<Response<JobInfo>, Status> {
-        self.check(&request)?;
         let id = request.into_inner().job_id;
-        match self.dispatch.get(id).map_err(store_status)? {
+        match self.dispatch.get(id)? {
             Some(rec) => {
                 if rec.state == JobState::Finished {
                     // Never show a result a crash could still take back.
-                    self.dispatch.sync().await.map_err(store_status)?;
+                    self.dispatch.sync().await?;
                 }
                 Ok(Response::new(job_info(rec)))
             }
@@ -486,7 +378,6 @@ impl AdminService for AdminApi {
         &self,
         request: Request<ListJobsRequest>,
     ) -> Result<Response<ListJobsResponse>, Status> {
-        self.check(&request)?;
         let req = request.into_inner();
         let state = state_from_proto(req.state());
         let limit = if req.limit == 0 {
@@ -496,8 +387,7 @@ impl AdminService for AdminApi {
         };
         let jobs = self
             .dispatch
-            .list(state, limit)
-            .map_err(store_status)?
+            .list(state, limit)?
             .into_iter()
             .map(job_info)
             .collect();
@@ -508,9 +398,8 @@ impl AdminService for AdminApi {
         &self,
         request: Request<CancelJobRequest>,
     ) -> Result<Response<CancelJobResponse>, Status> {
-        self.check(&request)?;
         let id = request.into_inner().job_id;
-        self.dispatch.cancel(id).await.map_err(dispatch_status)?;
+        self.dispatch.cancel(id).await?;
         Ok(Response::new(CancelJobResponse {}))
     }
 
@@ -520,9 +409,8 @@ impl AdminService for AdminApi {
         &self,
         request: Request<WatchJobRequest>,
     ) -> Result<Response<Self::WatchJobStream>, Status> {
-        self.check(&request)?;
         let id = request.into_inner().job_id;
-        if self.dispatch.get(id).map_err(store_status)?.is_none() {
+        if self.dispatch.get(id)?.is_none() {
             return Err(Status::not_found(format!(
                 "no job {id}: see `trunkfarm job list`"
             )));
@@ -559,16 +447,14 @@ async fn watch(
     };
     let replay = |seen: &mut HashSet<(u32, u64)>| -> Result<Vec<_>, Status> {
         Ok(logs
-            .read(id, None)
-            .map_err(store_status)?
+            .read(id, None)?
             .into_iter()
             .filter_map(|c| send_chunk(c, seen))
             .collect())
     };
     let finish = || -> Result<WatchJobEvent, Status> {
         let rec = dispatch
-            .get(id)
-            .map_err(store_status)?
+            .get(id)?
             .ok_or_else(|| Status::not_found(format!("job {id} vanished")))?;
         Ok(WatchJobEvent {
             event: Some(watch_job_event::Event::Finished(job_info(rec))),
@@ -629,8 +515,44 @@ async fn watch(
     }
     // Never show a result a crash could still take back.
     if let Err(e) = dispatch.sync().await {
-        let _ = tx.send(Err(store_status(e))).await;
+        let _ = tx.send(Err(Status::from(e))).await;
         return;
     }
     let _ = tx.send(finish()).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn call(auth: &mut AdminAuth, authorization: Option<&str>) -> Result<(), Status> {
+        let mut request = Request::new(());
+        if let Some(value) = authorization {
+            request
+                .metadata_mut()
+                .insert(trunkfarm_proto::AUTHORIZATION, value.parse().unwrap());
+        }
+        auth.call(request).map(drop)
+    }
+
+    #[test]
+    fn only_the_admin_token_passes_and_a_refusal_says_what_to_send() {
+        let mut auth = AdminAuth {
+            token_hash: Arc::from(secret::hash("right-token").as_str()),
+        };
+        assert!(call(&mut auth, Some("Bearer right-token")).is_ok());
+
+        let missing = call(&mut auth, None).unwrap_err();
+        assert_eq!(missing.code(), tonic::Code::Unauthenticated);
+        assert!(
+            missing.message().contains("authorization: Bearer"),
+            "{missing:?}"
+        );
+        let not_bearer = call(&mut auth, Some("right-token")).unwrap_err();
+        assert_eq!(not_bearer.code(), tonic::Code::Unauthenticated);
+
+        let wrong = call(&mut auth, Some("Bearer wrong-token")).unwrap_err();
+        assert_eq!(wrong.code(), tonic::Code::Unauthenticated);
+        assert!(wrong.message().contains("admin.token"), "{wrong:?}");
+    }
 }

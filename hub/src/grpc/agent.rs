@@ -20,7 +20,7 @@ use trunkfarm_proto::v1::{
 };
 use trunkfarm_proto::{MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 
-use super::{auth_status, bearer, dispatch_status, store_status};
+use super::bearer;
 use crate::artifacts::{ArtifactError, Artifacts, Origin};
 use crate::auth::credentials::Credentials;
 use crate::dispatch::{AgentTx, Dispatcher};
@@ -33,44 +33,17 @@ const RESULTS_IN_FLIGHT: usize = 64;
 const HELLO_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// The agent-facing service.
-pub struct AgentApi {
+pub(crate) struct AgentApi {
     /// Tokens and agent credentials.
-    pub credentials: Credentials,
+    pub(crate) credentials: Credentials,
     /// The job queue.
-    pub dispatch: Dispatcher,
+    pub(crate) dispatch: Dispatcher,
     /// Job logs.
-    pub logs: Arc<JobLogs>,
+    pub(crate) logs: Arc<JobLogs>,
     /// Told to agents in Welcome.
-    pub heartbeat_interval: Duration,
+    pub(crate) heartbeat_interval: Duration,
     /// Runtime artifacts agents upload and download.
-    pub artifacts: Artifacts,
-}
-
-/// Maps artifact errors to the statuses agents see; the message is shown as is.
-pub fn artifact_status(e: ArtifactError) -> Status {
-    let msg = e.to_string();
-    match e {
-        ArtifactError::Store(s) => store_status(s),
-        ArtifactError::Io { .. } => {
-            tracing::error!("{msg}");
-            Status::unavailable(format!("the hub cannot store artifacts right now: {msg}"))
-        }
-        ArtifactError::BadSha(_)
-        | ArtifactError::NoMeta
-        | ArtifactError::MetaRepeated
-        | ArtifactError::NoJob
-        | ArtifactError::TooLong { .. }
-        | ArtifactError::TooShort { .. }
-        | ArtifactError::HashMismatch { .. } => Status::invalid_argument(msg),
-        ArtifactError::TooLarge { .. } | ArtifactError::NoRoom(_) => {
-            Status::resource_exhausted(msg)
-        }
-        ArtifactError::NotHeld { .. } => Status::permission_denied(msg),
-        ArtifactError::NotFound(_) => Status::not_found(msg),
-        ArtifactError::Corrupt(_) => Status::data_loss(msg),
-        // The uploader's own stream failed: its status says why.
-        ArtifactError::Stream(status) => status,
-    }
+    pub(crate) artifacts: Artifacts,
 }
 
 /// Refuses an agent speaking a protocol this hub cannot serve.
@@ -99,11 +72,7 @@ impl AgentService for AgentApi {
         if req.protocol_version != 0 {
             check_version(req.protocol_version)?;
         }
-        let (agent, credential) = self
-            .credentials
-            .enroll(&req.token, &req.name)
-            .await
-            .map_err(auth_status)?;
+        let (agent, credential) = self.credentials.enroll(&req.token, &req.name).await?;
         tracing::info!(agent = %agent.id, name = %agent.name, token = %agent.token_id, "agent enrolled");
         let secret = credential
             .split_once('.')
@@ -126,10 +95,7 @@ impl AgentService for AgentApi {
             .remote_addr()
             .map(|a| a.to_string())
             .unwrap_or_default();
-        let agent = self
-            .credentials
-            .verify_agent(bearer(&request)?)
-            .map_err(auth_status)?;
+        let agent = self.credentials.verify_agent(bearer(&request)?)?;
         let mut inbound = request.into_inner();
         let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
             Ok(Ok(Some(AgentMessage {
@@ -183,8 +149,7 @@ impl AgentService for AgentApi {
                 remote.clone(),
                 tx.clone(),
             )
-            .await
-            .map_err(dispatch_status)?;
+            .await?;
         tracing::info!(agent = %agent.id, name = %agent.name, %remote, version = %agent_version, held = running.len(), "agent connected");
         tokio::spawn(run_session(
             agent.id,
@@ -203,10 +168,7 @@ impl AgentService for AgentApi {
         &self,
         request: Request<Streaming<ArtifactChunk>>,
     ) -> Result<Response<UploadArtifactResponse>, Status> {
-        let agent = self
-            .credentials
-            .verify_agent(bearer(&request)?)
-            .map_err(auth_status)?;
+        let agent = self.credentials.verify_agent(bearer(&request)?)?;
         let dispatch = &self.dispatch;
         let agent_id = agent.id.as_str();
         let authorize = |job: &JobRef| -> Result<Origin, ArtifactError> {
@@ -238,7 +200,7 @@ impl AgentService for AgentApi {
             .await
             .map_err(|e| {
                 tracing::warn!(agent = %agent_id, "artifact upload refused: {e}");
-                artifact_status(e)
+                Status::from(e)
             })?;
         Ok(Response::new(UploadArtifactResponse {
             sha256: received.sha256,
@@ -252,10 +214,7 @@ impl AgentService for AgentApi {
         &self,
         request: Request<DownloadArtifactRequest>,
     ) -> Result<Response<Self::DownloadArtifactStream>, Status> {
-        let agent = self
-            .credentials
-            .verify_agent(bearer(&request)?)
-            .map_err(auth_status)?;
+        let agent = self.credentials.verify_agent(bearer(&request)?)?;
         let sha = request.into_inner().sha256;
         let chunks = self
             .artifacts
@@ -263,11 +222,11 @@ impl AgentService for AgentApi {
             .await
             .map_err(|e| {
                 tracing::warn!(agent = %agent.id, "artifact download refused: {e}");
-                artifact_status(e)
+                Status::from(e)
             })?;
         tracing::debug!(agent = %agent.id, sha = %sha, "artifact download started");
         Ok(Response::new(Box::pin(
-            ReceiverStream::new(chunks).map(|c| c.map_err(artifact_status)),
+            ReceiverStream::new(chunks).map(|c| c.map_err(Status::from)),
         )))
     }
 }
@@ -357,7 +316,7 @@ async fn run_session(
         };
         if let Err(e) = outcome {
             tracing::error!(agent = %agent_id, "{e}");
-            let _ = tx.send(Box::new(Err(store_status(e))));
+            let _ = tx.send(Box::new(Err(Status::from(e))));
             break;
         }
     }

@@ -1,18 +1,24 @@
 //! The gRPC services: thin translations between the wire types and the
-//! modules that own the state (credentials, dispatch, logs).
+//! modules that own the state (credentials, dispatch, logs). The admin
+//! token is checked once, by [`admin::AdminAuth`], for every admin call;
+//! each module's error becomes a status through one `From` impl here, so a
+//! handler only writes `?`.
 
-pub mod admin;
-pub mod agent;
+pub(crate) mod admin;
+pub(crate) mod agent;
 
 use tonic::{Request, Status};
 use trunkfarm_proto::v1;
 
+use crate::artifacts::ArtifactError;
 use crate::auth::credentials::AuthError;
-use crate::dispatch::{DispatchError, JobRecord, JobState};
+use crate::dispatch::{DispatchError, JobRecord, JobState, RevokeError};
+use crate::notify::NotifyError;
+use crate::pipeline::{GitError, PipelineError};
 use crate::store::StoreError;
 
 /// The credential in `authorization: Bearer <credential>`.
-pub fn bearer<T>(request: &Request<T>) -> Result<&str, Status> {
+fn bearer<T>(request: &Request<T>) -> Result<&str, Status> {
     request
         .metadata()
         .get(trunkfarm_proto::AUTHORIZATION)
@@ -25,41 +31,110 @@ pub fn bearer<T>(request: &Request<T>) -> Result<&str, Status> {
         })
 }
 
-/// Maps credential errors to statuses; the message is shown as is.
-pub fn auth_status(e: AuthError) -> Status {
-    let msg = e.to_string();
-    match e {
-        AuthError::Store(s) => store_status(s),
-        AuthError::AgentRevoked(_) | AuthError::TokenRevoked(_) => Status::permission_denied(msg),
-        AuthError::TokenExpired { .. } | AuthError::TokenUsedUp { .. } => {
-            Status::permission_denied(msg)
-        }
-        AuthError::NoSuchAgent(_) | AuthError::NoSuchToken(_) => Status::not_found(msg),
-        AuthError::TokenMalformed | AuthError::TokenInvalid(_) | AuthError::AgentInvalid => {
-            Status::unauthenticated(msg)
+/// A store failure: the hub could not make the change durable. Logged
+/// here, since the caller only sees that it should try again.
+impl From<StoreError> for Status {
+    fn from(e: StoreError) -> Status {
+        tracing::error!("{e}");
+        Status::unavailable(format!("the hub cannot record this right now: {e}"))
+    }
+}
+
+/// Credential errors; the message is shown as is.
+impl From<AuthError> for Status {
+    fn from(e: AuthError) -> Status {
+        let msg = e.to_string();
+        match e {
+            AuthError::Store(s) => s.into(),
+            AuthError::AgentRevoked(_) | AuthError::TokenRevoked(_) => {
+                Status::permission_denied(msg)
+            }
+            AuthError::TokenExpired { .. } | AuthError::TokenUsedUp { .. } => {
+                Status::permission_denied(msg)
+            }
+            AuthError::NoSuchAgent(_) | AuthError::NoSuchToken(_) => Status::not_found(msg),
+            AuthError::TokenMalformed | AuthError::TokenInvalid(_) | AuthError::AgentInvalid => {
+                Status::unauthenticated(msg)
+            }
         }
     }
 }
 
-/// A store failure: the hub could not make the change durable.
-pub fn store_status(e: StoreError) -> Status {
-    tracing::error!("{e}");
-    Status::unavailable(format!("the hub cannot record this right now: {e}"))
+impl From<DispatchError> for Status {
+    fn from(e: DispatchError) -> Status {
+        match e {
+            DispatchError::Store(s) => s.into(),
+            DispatchError::InvalidJob(m) => Status::invalid_argument(m),
+            e @ DispatchError::NoSuchJob(_) => Status::not_found(e.to_string()),
+            e @ DispatchError::NotConnected(_) => Status::failed_precondition(e.to_string()),
+            e @ DispatchError::NoRoom(_) => Status::resource_exhausted(e.to_string()),
+        }
+    }
 }
 
-/// Maps dispatch errors to statuses.
-pub fn dispatch_status(e: DispatchError) -> Status {
-    match e {
-        DispatchError::Store(s) => store_status(s),
-        DispatchError::InvalidJob(m) => Status::invalid_argument(m),
-        e @ DispatchError::NoSuchJob(_) => Status::not_found(e.to_string()),
-        e @ DispatchError::NotConnected(_) => Status::failed_precondition(e.to_string()),
-        e @ DispatchError::NoRoom(_) => Status::resource_exhausted(e.to_string()),
+/// Revoking an agent: the credential's error, or the session's.
+impl From<RevokeError> for Status {
+    fn from(e: RevokeError) -> Status {
+        match e {
+            RevokeError::Credential(e) => e.into(),
+            RevokeError::Session(e) => e.into(),
+        }
+    }
+}
+
+impl From<NotifyError> for Status {
+    fn from(e: NotifyError) -> Status {
+        match e {
+            NotifyError::Store(s) => s.into(),
+            NotifyError::Invalid(m) => Status::invalid_argument(m),
+            NotifyError::Delivery(m) => Status::unavailable(m),
+        }
+    }
+}
+
+impl From<PipelineError> for Status {
+    fn from(e: PipelineError) -> Status {
+        match e {
+            PipelineError::Store(s) => s.into(),
+            PipelineError::Dispatch(d) => d.into(),
+            e @ PipelineError::NoSuchUpstream(..) => Status::not_found(e.to_string()),
+            e @ PipelineError::Git(GitError::NotFound(_)) => Status::not_found(e.to_string()),
+            e @ PipelineError::Git(_) => Status::unavailable(e.to_string()),
+        }
+    }
+}
+
+/// Artifact errors as agents see them; the message is shown as is.
+impl From<ArtifactError> for Status {
+    fn from(e: ArtifactError) -> Status {
+        let msg = e.to_string();
+        match e {
+            ArtifactError::Store(s) => s.into(),
+            ArtifactError::Io { .. } => {
+                tracing::error!("{msg}");
+                Status::unavailable(format!("the hub cannot store artifacts right now: {msg}"))
+            }
+            ArtifactError::BadSha(_)
+            | ArtifactError::NoMeta
+            | ArtifactError::MetaRepeated
+            | ArtifactError::NoJob
+            | ArtifactError::TooLong { .. }
+            | ArtifactError::TooShort { .. }
+            | ArtifactError::HashMismatch { .. } => Status::invalid_argument(msg),
+            ArtifactError::TooLarge { .. } | ArtifactError::NoRoom(_) => {
+                Status::resource_exhausted(msg)
+            }
+            ArtifactError::NotHeld { .. } => Status::permission_denied(msg),
+            ArtifactError::NotFound(_) => Status::not_found(msg),
+            ArtifactError::Corrupt(_) => Status::data_loss(msg),
+            // The uploader's own stream failed: its status says why.
+            ArtifactError::Stream(status) => status,
+        }
     }
 }
 
 /// The wire form of a job state.
-pub fn state_to_proto(state: JobState) -> v1::JobState {
+fn state_to_proto(state: JobState) -> v1::JobState {
     match state {
         JobState::Queued => v1::JobState::Queued,
         JobState::Leased => v1::JobState::Leased,
@@ -69,7 +144,7 @@ pub fn state_to_proto(state: JobState) -> v1::JobState {
 }
 
 /// The stored form of a wire job state (`None` for "any").
-pub fn state_from_proto(state: v1::JobState) -> Option<JobState> {
+fn state_from_proto(state: v1::JobState) -> Option<JobState> {
     match state {
         v1::JobState::Unspecified => None,
         v1::JobState::Queued => Some(JobState::Queued),
@@ -80,7 +155,7 @@ pub fn state_from_proto(state: v1::JobState) -> Option<JobState> {
 }
 
 /// A job record as the admin API shows it.
-pub fn job_info(rec: JobRecord) -> v1::JobInfo {
+fn job_info(rec: JobRecord) -> v1::JobInfo {
     v1::JobInfo {
         job_id: rec.id,
         state: state_to_proto(rec.state).into(),

@@ -716,3 +716,59 @@ fn covers_all(have: &[String], want: &[String]) -> bool {
         .filter(|l| l.starts_with("pool-"))
         .all(|l| have.contains(l))
 }
+
+/// The operator's pool list: each configured pool with its back-off and
+/// its instances (only starting, running and stopping ones unless `all`),
+/// an instance being busy when its agent's session holds a job. The join
+/// lives here, beside the records it reads; the admin API only passes it on.
+pub(crate) fn pool_views(
+    pools: &Pools,
+    all: bool,
+) -> Result<Vec<trunkfarm_proto::v1::PoolInfo>, StoreError> {
+    let connected = pools.inner.dispatch.connected();
+    let mut views = Vec::new();
+    for cfg in pools.configs() {
+        let backoff = pools.backoff(&cfg.name)?;
+        let instances = pools
+            .instances(&cfg.name)?
+            .into_iter()
+            .filter(|i| {
+                all || matches!(
+                    i.state,
+                    InstanceState::Starting | InstanceState::Running | InstanceState::Stopping
+                )
+            })
+            .map(|i| trunkfarm_proto::v1::InstanceInfo {
+                busy: connected
+                    .get(&i.agent_id)
+                    .is_some_and(|c| !c.running.is_empty()),
+                state: match i.state {
+                    InstanceState::Starting => "starting",
+                    InstanceState::Running => "running",
+                    InstanceState::Stopping => "stopping",
+                    InstanceState::Gone => "gone",
+                    InstanceState::Failed => "failed",
+                }
+                .to_owned(),
+                id: i.id,
+                handle: i.handle,
+                agent_id: i.agent_id,
+                created_at_ms: i.created_at_ms,
+                last_busy_ms: i.last_busy_ms,
+                detail: i.detail,
+            })
+            .collect();
+        views.push(trunkfarm_proto::v1::PoolInfo {
+            name: cfg.name.clone(),
+            provisioner: format!("{:?}", cfg.provisioner).to_lowercase(),
+            labels: cfg.labels.clone(),
+            min_instances: cfg.min_instances,
+            max_instances: cfg.max_instances,
+            instances,
+            failed_starts: backoff.failures,
+            next_start_at_ms: backoff.next_start_at_ms,
+            last_error: backoff.last_error,
+        });
+    }
+    Ok(views)
+}
