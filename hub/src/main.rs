@@ -24,6 +24,7 @@ mod space;
 mod store;
 
 // The edges: the wire, the web, the command line.
+mod admin_client;
 mod cli;
 mod grpc;
 mod server;

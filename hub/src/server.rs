@@ -361,3 +361,23 @@ impl Hub {
         Ok(())
     }
 }
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub(crate) async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(e) => {
+            tracing::warn!("cannot listen for SIGTERM ({e}); only Ctrl-C stops the hub");
+            if let Err(e) = tokio::signal::ctrl_c().await {
+                tracing::error!("cannot listen for Ctrl-C either ({e}); stop the hub with SIGKILL");
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+}

@@ -13,7 +13,7 @@ use trunkfarm_proto::v1::{
 
 use super::farm::{BenchHub, cpu_seconds};
 use super::{BenchArgs, Figure, Target, percentile};
-use crate::cli::client::AdminClient;
+use crate::admin_client::AdminClient;
 
 /// Submissions in flight at once during the throughput run.
 const SUBMITS_IN_FLIGHT: usize = 128;

@@ -22,7 +22,7 @@ use trunkfarm_proto::v1::{
 
 use super::farm::BenchHub;
 use super::{BenchArgs, Figure, Target};
-use crate::cli::client::AdminClient;
+use crate::admin_client::AdminClient;
 
 /// How long one job of this benchmark may take.
 const JOB_TIMEOUT: Duration = Duration::from_secs(600);

@@ -14,7 +14,7 @@ use trunkfarm_proto::dial::{self, DialOptions, HubTrust};
 use trunkfarm_proto::v1::agent_service_client::AgentServiceClient;
 use trunkfarm_proto::v1::{CreateTokenRequest, EnrollRequest, ListAgentsRequest};
 
-use crate::cli::client::{self, AdminClient};
+use crate::admin_client::{self as client, AdminClient};
 use crate::config::HubConfig;
 use crate::server::HubInfo;
 

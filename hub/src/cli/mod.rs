@@ -3,15 +3,14 @@
 //! `transitions`, `upstream` and `artifact` show and drive the trunk
 //! pipeline; `demo` runs the embedded demo; `bench` measures the hub.
 
-pub(crate) mod client;
-
-mod jobs;
+pub(crate) mod jobs;
 mod notify;
 mod output;
 mod pipeline;
 mod pool;
 mod view;
 
+use crate::admin_client::{self as client, status_error};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -370,7 +369,7 @@ async fn serve(mut cfg: HubConfig) -> anyhow::Result<ExitCode> {
         tracing::error!("{err}");
         std::process::exit(i32::from(EXIT_USAGE));
     });
-    shutdown_signal().await;
+    crate::server::shutdown_signal().await;
     tracing::info!("shutting down");
     hub.shutdown().await?;
     Ok(ExitCode::SUCCESS)
@@ -390,27 +389,6 @@ fn restart_in_place(listen: &str, web: &str) -> anyhow::Error {
         .env(WEB_LISTEN_ENV, web)
         .exec();
     anyhow::anyhow!("cannot restart the hub ({err}): restart it by hand")
-}
-
-/// Resolves on SIGTERM or Ctrl-C.
-pub(crate) async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
-}
-
-/// Prints a gRPC error's message the way the hub phrased it.
-pub(crate) fn status_error(e: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{}", e.message())
 }
 
 /// Formats a Unix time in ms for humans.

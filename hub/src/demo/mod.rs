@@ -23,7 +23,7 @@ use trunkfarm_proto::v1::{
     RunStatus, Transition, TransitionKind,
 };
 
-use crate::cli::client::{self, AdminClient};
+use crate::admin_client::{self as client, AdminClient};
 use crate::commit::short;
 use crate::config::HubConfig;
 use crate::provision::local::{find_agent_binary, start_agent};
@@ -115,7 +115,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
             ..Default::default()
         })
         .await
-        .map_err(crate::cli::status_error)?
+        .map_err(crate::admin_client::status_error)?
         .into_inner()
         .enrollment;
     let mut agents = Vec::new();
@@ -138,7 +138,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         );
         println!("  trunkfarm {config_arg} breakage --upstream {UPSTREAM}");
         println!("demo: press Ctrl-C to stop");
-        crate::cli::shutdown_signal().await;
+        crate::server::shutdown_signal().await;
         Ok(true)
     };
     let counts = if outcome.is_ok() {
@@ -261,7 +261,7 @@ async fn status(admin: &mut AdminClient) -> anyhow::Result<GetStatusResponse> {
     Ok(admin
         .get_status(GetStatusRequest::default())
         .await
-        .map_err(crate::cli::status_error)?
+        .map_err(crate::admin_client::status_error)?
         .into_inner())
 }
 
@@ -323,7 +323,7 @@ async fn transitions_at(admin: &mut AdminClient, commit: &str) -> anyhow::Result
             ..Default::default()
         })
         .await
-        .map_err(crate::cli::status_error)?
+        .map_err(crate::admin_client::status_error)?
         .into_inner()
         .transitions
         .into_iter()
@@ -457,7 +457,7 @@ async fn summary(admin: &mut AdminClient) -> anyhow::Result<String> {
             limit: 100_000,
         })
         .await
-        .map_err(crate::cli::status_error)?
+        .map_err(crate::admin_client::status_error)?
         .into_inner()
         .jobs;
     let builds = jobs.iter().filter(|j| j.key.starts_with("build/")).count();
@@ -468,7 +468,7 @@ async fn summary(admin: &mut AdminClient) -> anyhow::Result<String> {
             ..Default::default()
         })
         .await
-        .map_err(crate::cli::status_error)?
+        .map_err(crate::admin_client::status_error)?
         .into_inner()
         .transitions;
     let runs: Vec<_> = all.iter().filter(|t| !t.project.is_empty()).collect();
@@ -489,7 +489,7 @@ async fn summary(admin: &mut AdminClient) -> anyhow::Result<String> {
                 ..Default::default()
             })
             .await
-            .map_err(crate::cli::status_error)?
+            .map_err(crate::admin_client::status_error)?
             .into_inner()
             .mails;
         let pending = list.iter().any(|m| m.state == MailState::Pending as i32);
@@ -548,7 +548,7 @@ async fn wait_for_agents(admin: &mut client::AdminClient, n: usize) -> anyhow::R
         let agents = admin
             .list_agents(ListAgentsRequest {})
             .await
-            .map_err(crate::cli::status_error)?
+            .map_err(crate::admin_client::status_error)?
             .into_inner()
             .agents;
         if agents.iter().filter(|a| a.connected).count() >= n {

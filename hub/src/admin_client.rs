@@ -1,4 +1,5 @@
-//! How CLI commands reach a running hub: its address and CA fingerprint from
+//! How a client on this machine (the CLI, the demo, the benchmarks) reaches
+//! a running hub as its administrator: its address and CA fingerprint from
 //! `<data_dir>/hub.json`, the admin token from the data dir (or the config's
 //! `admin.token_file`).
 
@@ -64,4 +65,9 @@ pub(crate) async fn connect(cfg: &HubConfig) -> anyhow::Result<AdminClient> {
     Ok(AdminServiceClient::with_interceptor(channel, Bearer(value))
         .max_decoding_message_size(max)
         .max_encoding_message_size(max))
+}
+
+/// Prints a gRPC error's message the way the hub phrased it.
+pub(crate) fn status_error(e: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{}", e.message())
 }
