@@ -825,8 +825,17 @@ fn agent_churn_loses_and_duplicates_nothing() {
         );
         // Off the beat of the runs file: anywhere in a job's life.
         std::thread::sleep(rng.millis(0, 200));
-        revive_due(&mut agents, &mut back_at);
-        let up: Vec<usize> = (0..AGENTS).filter(|i| back_at[*i].is_none()).collect();
+        // Every agent may be down at this moment (several long absences in
+        // a row): the kill waits for the first one to come back.
+        let up: Vec<usize> = deadline.wait_for(
+            &format!("waiting for an agent to be up for kill #{k}"),
+            Duration::from_millis(20),
+            || {
+                revive_due(&mut agents, &mut back_at);
+                let up: Vec<usize> = (0..AGENTS).filter(|i| back_at[*i].is_none()).collect();
+                (!up.is_empty()).then_some(up)
+            },
+        );
         let victim = up[rng.below(up.len() as u64) as usize];
         // Most come back at once (the hub learns from the hello that the
         // jobs are gone); every fourth stays away past the 3 s lease (the
