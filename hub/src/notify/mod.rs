@@ -31,7 +31,7 @@ use trunkfarm_proto::v1::{MailInfo, MailState, Subscription, Transition, Transit
 use crate::config::{HubConfig, NotifySection, ProjectConfig, UpstreamConfig};
 use crate::logs::JobLogs;
 use crate::results::{Results, TransitionSink, Writes};
-use crate::store::{Store, StoreError, now_ms};
+use crate::store::{Store, StoreError, Table, now_ms};
 use deliver::{Failure, Transport};
 use token::{Unsub, UnsubscribeKey};
 
@@ -81,6 +81,7 @@ pub struct Notifier {
 struct Inner {
     store: Store,
     tree: sled::Tree,
+    table: Table,
     results: Results,
     logs: Arc<JobLogs>,
     projects: Vec<ProjectConfig>,
@@ -138,6 +139,7 @@ impl Notifier {
             inner: Arc::new(Inner {
                 store: store.clone(),
                 tree: store.tree(TREE)?,
+                table: Table::open(store, TREE)?,
                 results,
                 logs,
                 projects: config.projects.clone(),
@@ -895,17 +897,22 @@ impl Notifier {
 }
 
 impl TransitionSink for Notifier {
-    fn tree(&self) -> &sled::Tree {
-        &self.inner.tree
+    fn table(&self) -> &Table {
+        &self.inner.table
     }
 
-    fn writes(&self, t: &Transition) -> Result<Writes, StoreError> {
+    fn stage(&self, t: &Transition, batch: &mut sled::Batch) -> Result<usize, StoreError> {
         let kind = TransitionKind::try_from(t.kind).unwrap_or(TransitionKind::Unspecified);
-        match kind {
+        let writes = match kind {
             TransitionKind::WentRed | TransitionKind::Fixed => {
-                self.mails_for(t, &format!("t{}", t.id), None)
+                self.mails_for(t, &format!("t{}", t.id), None)?
             }
-            _ => Ok(Vec::new()),
+            _ => Vec::new(),
+        };
+        let staged = writes.len();
+        for (k, v) in writes {
+            batch.insert(k, v);
         }
+        Ok(staged)
     }
 }
