@@ -901,18 +901,13 @@ impl TransitionSink for Notifier {
         &self.inner.table
     }
 
-    fn stage(&self, t: &Transition, batch: &mut sled::Batch) -> Result<usize, StoreError> {
+    fn stage(&self, t: &Transition, batch: &mut sled::Batch) -> Result<(), StoreError> {
         let kind = TransitionKind::try_from(t.kind).unwrap_or(TransitionKind::Unspecified);
-        let writes = match kind {
-            TransitionKind::WentRed | TransitionKind::Fixed => {
-                self.mails_for(t, &format!("t{}", t.id), None)?
+        if matches!(kind, TransitionKind::WentRed | TransitionKind::Fixed) {
+            for (k, v) in self.mails_for(t, &format!("t{}", t.id), None)? {
+                batch.insert(k, v);
             }
-            _ => Vec::new(),
-        };
-        let staged = writes.len();
-        for (k, v) in writes {
-            batch.insert(k, v);
         }
-        Ok(staged)
+        Ok(())
     }
 }

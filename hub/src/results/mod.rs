@@ -101,9 +101,9 @@ pub(crate) type Writes = Vec<(Vec<u8>, Vec<u8>)>;
 pub(crate) trait TransitionSink: Send + Sync {
     /// The table the staged writes go to.
     fn table(&self) -> &Table;
-    /// Stages into `batch` what the stored transition `t` causes; returns
-    /// how many entries were staged.
-    fn stage(&self, t: &Transition, batch: &mut sled::Batch) -> Result<usize, StoreError>;
+    /// Stages into `batch` what the stored transition `t` causes (for
+    /// [`TransitionSink::table`], applied atomically with `t`).
+    fn stage(&self, t: &Transition, batch: &mut sled::Batch) -> Result<(), StoreError>;
 }
 
 /// Owner of the `results` tree (cheap to clone; clones share the locks).

@@ -36,9 +36,9 @@ impl TransitionSink for Marks {
         &self.0
     }
 
-    fn stage(&self, t: &Transition, batch: &mut sled::Batch) -> Result<usize, StoreError> {
+    fn stage(&self, t: &Transition, batch: &mut sled::Batch) -> Result<(), StoreError> {
         batch.insert(format!("x/{}", t.id).as_bytes(), &[][..]);
-        Ok(1)
+        Ok(())
     }
 }
 
