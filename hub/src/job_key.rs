@@ -10,6 +10,9 @@
 
 use std::fmt;
 
+/// What every test job's key starts with (to find them among open jobs).
+pub(crate) const TEST_PREFIX: &str = "test/";
+
 /// What a pipeline job is for.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum JobKey {
@@ -72,7 +75,7 @@ impl fmt::Display for JobKey {
                 };
                 write!(
                     f,
-                    "test/{project}/{upstream}/{platform}/{upstream_commit}/{pc}"
+                    "{TEST_PREFIX}{project}/{upstream}/{platform}/{upstream_commit}/{pc}"
                 )?;
                 if let Some(n) = nonce {
                     write!(f, "/{n}")?;
@@ -160,7 +163,10 @@ mod tests {
                 nonce: Some(3),
             },
         ] {
-            assert_eq!(JobKey::parse(&key.to_string()), Some(key));
+            let text = key.to_string();
+            let is_test = matches!(key, JobKey::Test { .. });
+            assert_eq!(text.starts_with(TEST_PREFIX), is_test, "{text}");
+            assert_eq!(JobKey::parse(&text), Some(key));
         }
         assert_eq!(JobKey::parse(""), None);
         assert_eq!(JobKey::parse("build/a/b"), None);

@@ -94,7 +94,8 @@ pub mod trees {
     /// `<data_dir>/artifacts`).
     pub const ARTIFACTS: &str = "artifacts";
     /// `pipeline`: `h/u/<upstream>` and `h/p/<project>` → branch head last
-    /// seen by polling.
+    /// seen by polling, `hh/u/<upstream>/<commit>` (and `hh/p/…`) → 8-byte
+    /// big-endian sequence number: when polling first saw it as the head.
     pub const PIPELINE: &str = "pipeline";
     /// `results`: `b/<upstream>/<platform>/<commit>` → build,
     /// `bl/<upstream>/<platform>` → newest build, `bg/…` → newest passed

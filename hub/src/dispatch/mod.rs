@@ -30,6 +30,9 @@ use trunkfarm_proto::v1::{
 };
 
 pub use jobs::{AttemptRecord, JobRecord, JobState, JobTable};
+/// What a session's channel carries (the in-process tests read it).
+#[cfg(test)]
+pub(crate) use sessions::Outgoing;
 pub use sessions::{AgentTx, ConnectedAgent, JobBudget};
 
 use crate::logs::JobLogs;
@@ -665,7 +668,7 @@ pub(crate) mod tests {
     use trunkfarm_proto::v1::hub_message::Msg;
     use trunkfarm_proto::v1::{HubMessage, Outcome};
 
-    type Rx = mpsc::UnboundedReceiver<sessions::Outgoing>;
+    type Rx = mpsc::UnboundedReceiver<Outgoing>;
 
     fn settings(lease_ms: u64) -> DispatchSettings {
         DispatchSettings {

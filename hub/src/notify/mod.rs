@@ -271,9 +271,6 @@ impl Notifier {
     /// staging a transition again after a crash queues nothing twice. Apply
     /// `batch` to [`Notifier::table`] in the same atomic step that stores `t`,
     /// then [`Notifier::wake`] the sender. Returns the mails staged.
-    // Results applies through `TransitionSink::writes` until it moves onto
-    // `Table::apply_with` (issue 11); the tests use this path already.
-    #[cfg_attr(not(test), allow(dead_code))]
     pub(crate) fn stage(
         &self,
         t: &Transition,
@@ -999,11 +996,11 @@ impl Notifier {
 }
 
 impl TransitionSink for Notifier {
-    fn tree(&self) -> &sled::Tree {
-        self.table().sled()
+    fn table(&self) -> &Table {
+        Notifier::table(self)
     }
 
-    fn writes(&self, t: &Transition) -> Result<Writes, StoreError> {
-        self.transition_writes(t)
+    fn stage(&self, t: &Transition, batch: &mut sled::Batch) -> Result<(), StoreError> {
+        Notifier::stage(self, t, batch).map(|_mails| ())
     }
 }

@@ -14,7 +14,18 @@ use trunkfarm_proto::v1::{BuildInfo, BuildState, JobRef, LogChunk, LogStream, Ru
 
 use super::deliver::Sending;
 use super::*;
-use crate::results::RunRecord;
+use crate::results::{CulpritRange, Culprits, Finished, Recorded, RunRecord};
+use trunkfarm_proto::v1::Commit;
+
+/// The notifier does not look at culprits: a went-red result lists none.
+struct NoCulprits;
+
+#[tonic::async_trait]
+impl Culprits for NoCulprits {
+    async fn list(&self, _range: &CulpritRange) -> (Vec<Commit>, String) {
+        (Vec::new(), String::new())
+    }
+}
 
 const DAY: u64 = 24 * 60 * 60 * 1000;
 
@@ -242,11 +253,11 @@ impl Farm {
             },
             cases: Vec::new(),
         };
-        let prepared = self.results.prepare_run(run, job_id).unwrap();
-        self.results
-            .commit_with(prepared, Vec::new(), String::new(), Some(&self.notifier))
-            .await
-            .unwrap()
+        self.record(Finished::Run {
+            run,
+            head_seq: job_id,
+        })
+        .await
     }
 
     /// Records a finished build of `tiny` the same way.
@@ -265,11 +276,21 @@ impl Farm {
             .into(),
             ..Default::default()
         };
-        let prepared = self.results.prepare_build(build).unwrap();
-        self.results
-            .commit_with(prepared, Vec::new(), String::new(), Some(&self.notifier))
+        self.record(Finished::Build(build)).await
+    }
+
+    /// Records `finished` with the notifier as the transition's sink: the
+    /// transition it caused (none when the job was recorded before).
+    async fn record(&self, finished: Finished) -> Option<Transition> {
+        match self
+            .results
+            .record(finished, &NoCulprits, &self.notifier)
             .await
             .unwrap()
+        {
+            Recorded::New(t) => t.map(|t| *t),
+            Recorded::Already => None,
+        }
     }
 
     /// One round of the sender.

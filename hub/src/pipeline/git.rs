@@ -14,11 +14,11 @@ use trunkfarm_proto::v1::Commit;
 
 /// The most commits a culprit range lists; beyond it the oldest are left out
 /// (and the caller says so).
-pub const MAX_RANGE_COMMITS: usize = 500;
+pub(crate) const MAX_RANGE_COMMITS: usize = 500;
 
 /// What went wrong talking to git. Messages show the URL without credentials.
 #[derive(Debug, thiserror::Error)]
-pub enum GitError {
+pub(crate) enum GitError {
     /// git could not be started.
     #[error("cannot run git: {0} (is git installed and on PATH?)")]
     Spawn(std::io::Error),
@@ -45,22 +45,22 @@ pub enum GitError {
 
 /// Runs git with a timeout and the given arguments.
 #[derive(Clone, Debug)]
-pub struct Git {
+pub(crate) struct Git {
     /// Where commit mirrors are kept: `<dir>/<name>.git`.
-    pub mirrors: PathBuf,
+    mirrors: PathBuf,
     /// Limit per git invocation.
-    pub timeout: Duration,
+    timeout: Duration,
     /// One lock per mirror: two fetches into one repository fail on its ref locks.
-    pub locks: MirrorLocks,
+    locks: MirrorLocks,
 }
 
 /// The per-mirror locks of a [`Git`].
-pub type MirrorLocks = std::sync::Arc<
+type MirrorLocks = std::sync::Arc<
     std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<tokio::sync::Mutex<()>>>>,
 >;
 
 /// Removes `user:password@` from a URL so it can be shown.
-pub fn redact_url(url: &str) -> String {
+pub(crate) fn redact_url(url: &str) -> String {
     if let Some((scheme, rest)) = url.split_once("://") {
         let (authority, path) = match rest.find('/') {
             Some(i) => rest.split_at(i),
@@ -78,6 +78,15 @@ fn is_full_hash(rev: &str) -> bool {
 }
 
 impl Git {
+    /// Git keeping its mirrors in `mirrors`, each call limited to `timeout`.
+    pub(crate) fn new(mirrors: PathBuf, timeout: Duration) -> Git {
+        Git {
+            mirrors,
+            timeout,
+            locks: MirrorLocks::default(),
+        }
+    }
+
     async fn run(
         &self,
         dir: Option<&Path>,
@@ -120,8 +129,90 @@ impl Git {
         Ok(String::from_utf8_lossy(&output.stdout).into_owned())
     }
 
+    /// Brings the commits-only mirror of `url`'s `branch` up to date and
+    /// returns its path.
+    async fn mirror(&self, name: &str, url: &str, branch: &str) -> Result<PathBuf, GitError> {
+        let lock = self
+            .locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(name.to_owned())
+            .or_default()
+            .clone();
+        let _held = lock.lock().await;
+        let dir = self.mirrors.join(format!("{name}.git"));
+        if !dir.join("HEAD").exists() {
+            std::fs::create_dir_all(&dir).map_err(GitError::Spawn)?;
+            self.run(
+                Some(&dir),
+                &["init", "--bare", "--quiet"],
+                "init --bare".into(),
+            )
+            .await?;
+        }
+        let refspec = format!("+refs/heads/{branch}:refs/heads/{branch}");
+        let fetch = |filter: bool| {
+            let mut args = vec!["fetch", "--quiet", "--no-tags"];
+            if filter {
+                args.push("--filter=tree:0");
+            }
+            args.extend(["--", url, refspec.as_str()]);
+            args.into_iter().map(str::to_owned).collect::<Vec<_>>()
+        };
+        let what = format!("fetch {}", redact_url(url));
+        let args = fetch(true);
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        if let Err(first) = self.run(Some(&dir), &argv, what.clone()).await {
+            // Some servers refuse partial clones: fetch commits and trees then.
+            let args = fetch(false);
+            let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+            self.run(Some(&dir), &argv, what).await.map_err(|_| first)?;
+        }
+        Ok(dir)
+    }
+}
+
+/// The git operations the pipeline needs, behind one seam so that its tests
+/// run against a fake; [`Git`] is the real one.
+#[tonic::async_trait]
+pub(crate) trait Repos: Send + Sync {
+    /// The commit a branch points at.
+    async fn head(&self, url: &str, branch: &str) -> Result<String, GitError>;
+
+    /// Resolves a rev given by a person to a full commit hash.
+    async fn resolve(
+        &self,
+        name: &str,
+        url: &str,
+        branch: &str,
+        rev: &str,
+    ) -> Result<String, GitError>;
+
+    /// The commits in `(from, to]`, oldest first, and whether some were
+    /// left out; without `from`, just `to` itself.
+    async fn range(
+        &self,
+        name: &str,
+        url: &str,
+        branch: &str,
+        from: Option<&str>,
+        to: &str,
+    ) -> Result<(Vec<Commit>, bool), GitError>;
+
+    /// The commits of `spec` (`A..B`), newest first.
+    async fn log(
+        &self,
+        name: &str,
+        url: &str,
+        branch: &str,
+        spec: &str,
+    ) -> Result<Vec<Commit>, GitError>;
+}
+
+#[tonic::async_trait]
+impl Repos for Git {
     /// The commit a branch points at, from `git ls-remote` (no clone).
-    pub async fn head(&self, url: &str, branch: &str) -> Result<String, GitError> {
+    async fn head(&self, url: &str, branch: &str) -> Result<String, GitError> {
         let refname = format!("refs/heads/{branch}");
         let out = self
             .run(
@@ -144,7 +235,7 @@ impl Git {
 
     /// Resolves a rev given by a person (a full hash, a branch, a tag, or
     /// an abbreviated hash) to a full commit hash.
-    pub async fn resolve(
+    async fn resolve(
         &self,
         name: &str,
         url: &str,
@@ -195,52 +286,10 @@ impl Git {
         }
     }
 
-    /// Brings the commits-only mirror of `url`'s `branch` up to date and
-    /// returns its path.
-    pub async fn mirror(&self, name: &str, url: &str, branch: &str) -> Result<PathBuf, GitError> {
-        let lock = self
-            .locks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(name.to_owned())
-            .or_default()
-            .clone();
-        let _held = lock.lock().await;
-        let dir = self.mirrors.join(format!("{name}.git"));
-        if !dir.join("HEAD").exists() {
-            std::fs::create_dir_all(&dir).map_err(GitError::Spawn)?;
-            self.run(
-                Some(&dir),
-                &["init", "--bare", "--quiet"],
-                "init --bare".into(),
-            )
-            .await?;
-        }
-        let refspec = format!("+refs/heads/{branch}:refs/heads/{branch}");
-        let fetch = |filter: bool| {
-            let mut args = vec!["fetch", "--quiet", "--no-tags"];
-            if filter {
-                args.push("--filter=tree:0");
-            }
-            args.extend(["--", url, refspec.as_str()]);
-            args.into_iter().map(str::to_owned).collect::<Vec<_>>()
-        };
-        let what = format!("fetch {}", redact_url(url));
-        let args = fetch(true);
-        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-        if let Err(first) = self.run(Some(&dir), &argv, what.clone()).await {
-            // Some servers refuse partial clones: fetch commits and trees then.
-            let args = fetch(false);
-            let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-            self.run(Some(&dir), &argv, what).await.map_err(|_| first)?;
-        }
-        Ok(dir)
-    }
-
     /// The commits in `(from, to]`, oldest first (at most
     /// [`MAX_RANGE_COMMITS`], the newest ones), and whether some were left
     /// out. Without `from`, just `to` itself.
-    pub async fn range(
+    async fn range(
         &self,
         name: &str,
         url: &str,
@@ -306,7 +355,7 @@ impl Git {
 
     /// The commits of `spec` (`A..B`), newest first, at most
     /// [`MAX_RANGE_COMMITS`].
-    pub async fn log(
+    async fn log(
         &self,
         name: &str,
         url: &str,

@@ -1,10 +1,13 @@
 //! The trunk pipeline: notices new upstream and project commits, queues
-//! runtime builds, fans a good runtime out to every project's tests, and
-//! hands each finished job to [`crate::results`] for classification.
+//! runtime builds, takes each finished job in and has [`crate::results`]
+//! record it, and fans a good runtime out to every project's tests.
 //!
 //! ```text
-//! poll upstream ─► build job ─► artifact ─► fan-out ─► test jobs ─► results ─► transitions
-//!      poll project ──────────────────────────┘
+//! poll.rs     poll upstream ─► jobs.rs: build jobs ─► (agents) ─► dispatch's inbox
+//! intake.rs   finished job ─► build or run outcome ─► results.record (culprits.rs: git, no poller lock)
+//! jobs.rs     recorded passed build ─► fan-out: test jobs ─► (agents) ─► inbox ─► intake …
+//! poll.rs     poll project ─► test jobs against the newest good runtime
+//! gc.rs       after each build: delete runtime artifacts nothing refers to
 //! ```
 //!
 //! Everything is *level-triggered*: each poll re-derives the jobs that
@@ -13,41 +16,43 @@
 //! dispatch stores at most once. A crash at any moment therefore loses
 //! nothing and duplicates nothing: the next poll submits what is missing.
 //! Finished jobs come back through dispatch's durable *inbox*; the pipeline
-//! records each (idempotently, keyed by job id) and only then acknowledges
-//! it, so a result is neither lost nor classified twice.
+//! records each (idempotently, keyed by job id), fans a passed build out
+//! (keyed too: also when the inbox hands over a build recorded before a
+//! crash), and only then acknowledges it, so a result is neither lost nor
+//! classified twice, and no fan-out is lost.
 //!
-//! Owns the `pipeline` tree: `h/u/<name>` and `h/p/<name>` → [`Head`], the
-//! branch heads last seen by polling.
+//! Owns the `pipeline` tree (branch heads and their order; see `poll.rs`).
 
-pub mod git;
+mod culprits;
+mod gc;
+pub(crate) mod git;
+mod intake;
+mod jobs;
+mod poll;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 use trunkfarm_proto::v1::{
-    BuildInfo, BuildState, Commit, GetBreakageResponse, GetStatusResponse, JobSpec, Outcome,
-    Repository, RunInfo, StatusCell, TestStatus, Transition, TransitionKind, UpstreamInfo,
+    BuildInfo, BuildState, Commit, GetBreakageResponse, GetStatusResponse, JobResult, Transition,
+    TransitionKind, UpstreamInfo,
 };
 
 use crate::artifacts::Artifacts;
 use crate::commit::short;
 use crate::config::{HubConfig, ProjectConfig, UpstreamConfig};
 use crate::dispatch::{DispatchError, Dispatcher, JobRecord};
-use crate::job_key::JobKey;
-use crate::junit;
+use crate::job_key::{JobKey, TEST_PREFIX};
 use crate::notify::Notifier;
-use crate::results::{Results, RunRecord, run_status};
-use crate::store::{Store, StoreError, now_ms};
-pub use git::{Git, GitError};
-
-/// The tree this module owns.
-const TREE: &str = crate::store::trees::PIPELINE;
-
-/// The directory (relative to the job's directory) a build installs into.
-pub const BUILD_PREFIX_DIR: &str = "prefix";
+use crate::results::{Finished, GridSeries, Recorded, Results};
+use crate::store::{Store, StoreError, Table, trees};
+pub(crate) use git::GitError;
+use git::{Git, Repos};
+use poll::Repo;
 
 /// Finished jobs taken from the inbox per round (each record may carry a
 /// few MiB of report files).
@@ -57,12 +62,9 @@ const INBOX_BATCH: usize = 16;
 /// missed (e.g. jobs that finished while the hub was down).
 const INBOX_TICK: Duration = Duration::from_secs(1);
 
-/// Failing test cases kept in a run's summary (all cases are kept in its record).
-const MAX_FAILING_IN_SUMMARY: usize = 200;
-
 /// What the pipeline can fail with.
 #[derive(Debug, thiserror::Error)]
-pub enum PipelineError {
+pub(crate) enum PipelineError {
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -77,18 +79,9 @@ pub enum PipelineError {
     NoSuchUpstream(String, String),
 }
 
-/// A branch head as last seen.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub struct Head {
-    /// Full commit hash.
-    pub commit: String,
-    /// When polling first saw it, ms.
-    pub seen_at_ms: u64,
-}
-
 /// The running pipeline (cheap to clone).
 #[derive(Clone)]
-pub struct Pipeline {
+pub(crate) struct Pipeline {
     inner: Arc<Inner>,
 }
 
@@ -96,24 +89,24 @@ struct Inner {
     upstreams: Vec<UpstreamConfig>,
     projects: Vec<ProjectConfig>,
     keep_artifacts: u32,
-    store: Store,
-    tree: sled::Tree,
+    /// The `pipeline` tree: branch heads.
+    heads: Table,
     dispatch: Dispatcher,
     results: Results,
     artifacts: Artifacts,
     notifier: Notifier,
-    git: Git,
-    /// Serialises writers of `results` (pollers and the inbox task) so a
-    /// "queued" mark never overwrites a finished build.
-    write: tokio::sync::Mutex<()>,
-    /// The last poll error per `u/<name>` or `p/<name>` (empty: fine).
+    git: Arc<dyn Repos>,
+    /// Held by a poller from choosing a good runtime until its tests are
+    /// queued, and by garbage collection: no runtime is deleted in between.
+    runtimes: tokio::sync::Mutex<()>,
+    /// The last poll error per upstream or project (empty: fine).
     poll_errors: Mutex<HashMap<String, String>>,
 }
 
 impl Pipeline {
     /// Opens the pipeline's state and starts its pollers and inbox reader;
     /// they stop when `shutdown` is cancelled.
-    pub fn start(
+    pub(crate) fn start(
         config: &HubConfig,
         store: &Store,
         dispatch: Dispatcher,
@@ -122,49 +115,28 @@ impl Pipeline {
         notifier: Notifier,
         shutdown: CancellationToken,
     ) -> Result<Pipeline, StoreError> {
-        let pipeline = Pipeline {
-            inner: Arc::new(Inner {
-                upstreams: config.upstreams.clone(),
-                projects: config.projects.clone(),
-                keep_artifacts: config.artifacts.keep,
-                store: store.clone(),
-                tree: store.tree(TREE)?,
-                dispatch,
-                results,
-                artifacts,
-                notifier,
-                git: Git {
-                    mirrors: config.data_dir().join("git"),
-                    timeout: config.pipeline.git_timeout,
-                    locks: Default::default(),
-                },
-                write: tokio::sync::Mutex::new(()),
-                poll_errors: Mutex::new(HashMap::new()),
-            }),
-        };
-        let pollers = pipeline
-            .inner
-            .upstreams
-            .iter()
-            .enumerate()
-            .map(|(i, u)| (true, i, u.poll_interval))
-            .chain(
-                pipeline
-                    .inner
-                    .projects
-                    .iter()
-                    .enumerate()
-                    .map(|(i, p)| (false, i, p.poll_interval)),
-            );
-        for (upstream, i, every) in pollers {
+        let git = Git::new(config.data_dir().join("git"), config.pipeline.git_timeout);
+        let pipeline = Pipeline::open(
+            config,
+            store,
+            dispatch,
+            results,
+            artifacts,
+            notifier,
+            Arc::new(git),
+        )?;
+        let upstreams = pipeline.inner.upstreams.iter().map(|u| u.poll_interval);
+        let projects = pipeline.inner.projects.iter().map(|p| p.poll_interval);
+        let pollers = (upstreams.map(|every| (Repo::Upstream, every)).enumerate())
+            .chain(projects.map(|every| (Repo::Project, every)).enumerate());
+        for (i, (repo, every)) in pollers {
             let p = pipeline.clone();
             let stop = shutdown.clone();
             tokio::spawn(async move {
                 loop {
-                    if upstream {
-                        p.poll_upstream(i).await;
-                    } else {
-                        p.poll_project(i).await;
+                    match repo {
+                        Repo::Upstream => p.poll_upstream(i).await,
+                        Repo::Project => p.poll_project(i).await,
                     }
                     tokio::select! {
                         _ = stop.cancelled() => return,
@@ -176,6 +148,33 @@ impl Pipeline {
         let p = pipeline.clone();
         tokio::spawn(async move { p.read_inbox(shutdown).await });
         Ok(pipeline)
+    }
+
+    /// The pipeline without its tasks, talking to repositories through `git`.
+    fn open(
+        config: &HubConfig,
+        store: &Store,
+        dispatch: Dispatcher,
+        results: Results,
+        artifacts: Artifacts,
+        notifier: Notifier,
+        git: Arc<dyn Repos>,
+    ) -> Result<Pipeline, StoreError> {
+        Ok(Pipeline {
+            inner: Arc::new(Inner {
+                upstreams: config.upstreams.clone(),
+                projects: config.projects.clone(),
+                keep_artifacts: config.artifacts.keep,
+                heads: Table::open(store, trees::PIPELINE)?,
+                dispatch,
+                results,
+                artifacts,
+                notifier,
+                git,
+                runtimes: tokio::sync::Mutex::new(()),
+                poll_errors: Mutex::new(HashMap::new()),
+            }),
+        })
     }
 
     fn upstream(&self, name: &str) -> Result<&UpstreamConfig, PipelineError> {
@@ -201,285 +200,9 @@ impl Pipeline {
             })
     }
 
-    /// The head last seen for `kind` (`u` or `p`) and `name`.
-    pub fn head(&self, kind: &str, name: &str) -> Result<Option<Head>, StoreError> {
-        let key = format!("h/{kind}/{name}");
-        let Some(raw) = self
-            .inner
-            .tree
-            .get(&key)
-            .map_err(|e| self.inner.store.err(e))?
-        else {
-            return Ok(None);
-        };
-        serde_json::from_slice(&raw)
-            .map(Some)
-            .map_err(|e| self.inner.store.corrupt(format!("{TREE}/{key}"), e))
-    }
-
-    async fn save_head(&self, kind: &str, name: &str, commit: &str) -> Result<bool, StoreError> {
-        if self.head(kind, name)?.is_some_and(|h| h.commit == commit) {
-            return Ok(false);
-        }
-        let head = Head {
-            commit: commit.to_owned(),
-            seen_at_ms: now_ms(),
-        };
-        let bytes =
-            serde_json::to_vec(&head).map_err(|e| self.inner.store.corrupt("(encode head)", e))?;
-        let mut batch = sled::Batch::default();
-        batch.insert(format!("h/{kind}/{name}").as_bytes(), bytes);
-        // The order heads were seen in: what results are compared by.
-        let seq_key = format!("hh/{kind}/{name}/{commit}");
-        if !self
-            .inner
-            .tree
-            .contains_key(&seq_key)
-            .map_err(|e| self.inner.store.err(e))?
-        {
-            let seq = self.inner.store.next_id()?;
-            batch.insert(seq_key.as_bytes(), &seq.to_be_bytes());
-        }
-        self.inner
-            .tree
-            .apply_batch(batch)
-            .map_err(|e| self.inner.store.err(e))?;
-        self.inner.store.commit().await?;
-        Ok(true)
-    }
-
-    /// When polling first saw `commit` as `upstream`'s head (its order), or
-    /// 0 if it never was the head.
-    fn head_seq(&self, upstream: &str, commit: &str) -> Result<u64, StoreError> {
-        let key = format!("hh/u/{upstream}/{commit}");
-        Ok(
-            match self
-                .inner
-                .tree
-                .get(&key)
-                .map_err(|e| self.inner.store.err(e))?
-            {
-                Some(raw) => raw.as_ref().try_into().map(u64::from_be_bytes).unwrap_or(0),
-                None => 0,
-            },
-        )
-    }
-
-    fn set_poll_error(&self, key: String, error: String) {
-        let mut errors = self
-            .inner
-            .poll_errors
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        let previous = errors
-            .insert(key.clone(), error.clone())
-            .unwrap_or_default();
-        if previous != error {
-            if error.is_empty() {
-                tracing::info!("polling {key} works again");
-            } else {
-                tracing::warn!("polling {key} failed: {error}");
-            }
-        }
-    }
-
-    fn poll_error(&self, key: &str) -> String {
-        self.inner
-            .poll_errors
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(key)
-            .cloned()
-            .unwrap_or_default()
-    }
-
-    /// Polls one branch head (`kind` is `u` for an upstream, `p` for a
-    /// project): records a new head and the poll's error state. The head,
-    /// once it is durably recorded.
-    async fn poll_head(&self, kind: &str, name: &str, url: &str, branch: &str) -> Option<String> {
-        let what = format!(
-            "{} {name}",
-            if kind == "u" { "upstream" } else { "project" }
-        );
-        match self.inner.git.head(url, branch).await {
-            Ok(commit) => {
-                self.set_poll_error(what.clone(), String::new());
-                match self.save_head(kind, name, &commit).await {
-                    Ok(true) => tracing::info!("{what}: new {branch} head {}", short(&commit)),
-                    Ok(false) => {}
-                    Err(e) => {
-                        tracing::error!("{what}: cannot record the new head: {e}");
-                        return None;
-                    }
-                }
-                Some(commit)
-            }
-            Err(e) => {
-                self.set_poll_error(what, e.to_string());
-                None
-            }
-        }
-    }
-
-    /// One poll of an upstream: record a new head, make sure its builds exist.
-    async fn poll_upstream(&self, index: usize) {
-        let u = &self.inner.upstreams[index];
-        let Some(commit) = self.poll_head("u", &u.name, &u.url, &u.branch).await else {
-            return;
-        };
-        if let Err(e) = self.ensure_builds(u, &commit, None).await {
-            tracing::error!(upstream = %u.name, "cannot queue builds of {}: {e}", short(&commit));
-        }
-    }
-
-    /// One poll of a project: record a new head, make sure it is tested
-    /// against each upstream's newest good runtime.
-    async fn poll_project(&self, index: usize) {
-        let p = &self.inner.projects[index];
-        let Some(commit) = self.poll_head("p", &p.name, &p.url, &p.branch).await else {
-            return;
-        };
-        for u in &self.inner.upstreams {
-            if !p.tests_against(&u.name) {
-                continue;
-            }
-            for platform in p.platforms_for(u) {
-                // Under the write lock: GC runs after a build is
-                // recorded, also under it, and must not delete the
-                // runtime between this read and the submit.
-                let _w = self.inner.write.lock().await;
-                let good = match self.inner.results.good_build(&u.name, platform) {
-                    Ok(Some(good)) => good,
-                    Ok(None) => continue,
-                    Err(e) => {
-                        tracing::error!("{e}");
-                        continue;
-                    }
-                };
-                if let Err(e) = self.submit_test(p, u, platform, &good, &commit).await {
-                    tracing::error!(project = %p.name, "cannot queue its tests: {e}");
-                }
-            }
-        }
-    }
-
-    /// Makes sure `commit` of `u` is built on every platform; returns the
-    /// builds (new or existing).
-    async fn ensure_builds(
-        &self,
-        u: &UpstreamConfig,
-        commit: &str,
-        nonce: Option<u64>,
-    ) -> Result<Vec<BuildInfo>, PipelineError> {
-        let mut builds = Vec::new();
-        for platform in &u.platforms {
-            let key = JobKey::Build {
-                upstream: u.name.clone(),
-                platform: platform.clone(),
-                commit: commit.to_owned(),
-                nonce,
-            };
-            let (job_id, new) = self
-                .inner
-                .dispatch
-                .submit_keyed(build_spec(u, platform, commit), 0, key.to_string())
-                .await?;
-            if new {
-                tracing::info!(
-                    upstream = %u.name,
-                    platform = %platform,
-                    job = job_id,
-                    "building {}",
-                    short(commit)
-                );
-            }
-            let _w = self.inner.write.lock().await;
-            let existing = self.inner.results.build(&u.name, platform, commit)?;
-            let build = match existing {
-                Some(b) if b.job_id == job_id => b,
-                // New, or queued before a crash took the mark with it.
-                _ if self.inner.results.recorded(job_id)? => continue,
-                _ => {
-                    let b = BuildInfo {
-                        upstream: u.name.clone(),
-                        platform: platform.clone(),
-                        commit: commit.to_owned(),
-                        job_id,
-                        state: BuildState::Pending.into(),
-                        created_at_ms: now_ms(),
-                        head_seq: self.head_seq(&u.name, commit)?,
-                        ..Default::default()
-                    };
-                    self.inner.results.build_queued(&b).await?;
-                    b
-                }
-            };
-            builds.push(build);
-        }
-        Ok(builds)
-    }
-
-    /// Queues one project's tests against a built runtime (once per key).
-    async fn submit_test(
-        &self,
-        p: &ProjectConfig,
-        u: &UpstreamConfig,
-        platform: &str,
-        build: &BuildInfo,
-        project_commit: &str,
-    ) -> Result<bool, PipelineError> {
-        let key = JobKey::Test {
-            project: p.name.clone(),
-            upstream: u.name.clone(),
-            platform: platform.to_owned(),
-            upstream_commit: build.commit.clone(),
-            project_commit: project_commit.to_owned(),
-            // The build's own job: a forced rebuild of the same commit is
-            // tested again.
-            nonce: Some(build.job_id),
-        };
-        let spec = test_spec(p, u, platform, build, project_commit);
-        let (job_id, new) = self
-            .inner
-            .dispatch
-            .submit_keyed(spec, 0, key.to_string())
-            .await?;
-        if new {
-            tracing::info!(
-                project = %p.name,
-                upstream = %u.name,
-                platform = %platform,
-                job = job_id,
-                "testing {} against {} {}",
-                if project_commit.is_empty() { p.branch.as_str() } else { short(project_commit) },
-                u.name,
-                short(&build.commit)
-            );
-        }
-        Ok(new)
-    }
-
-    /// Queues every project's tests against a build that passed.
-    async fn fan_out(&self, u: &UpstreamConfig, build: &BuildInfo) -> Result<u32, PipelineError> {
-        let mut count = 0;
-        for p in &self.inner.projects {
-            if !p.tests_against(&u.name) || !p.platforms_for(u).contains(&build.platform.as_str()) {
-                continue;
-            }
-            let commit = self
-                .head("p", &p.name)?
-                .map(|h| h.commit)
-                .unwrap_or_default();
-            self.submit_test(p, u, &build.platform, build, &commit)
-                .await?;
-            count += 1;
-        }
-        Ok(count)
-    }
-
     /// Builds `rev` (default: the branch head) of an upstream now, on every
     /// platform. Without `force`, a commit already built is not built again.
-    pub async fn build(
+    pub(crate) async fn build(
         &self,
         upstream: &str,
         rev: &str,
@@ -493,7 +216,7 @@ impl Pipeline {
             git.resolve(&u.name, &u.url, &u.branch, rev).await?
         };
         let nonce = if force {
-            Some(self.inner.store.next_id()?)
+            Some(self.inner.heads.store().next_id()?)
         } else {
             None
         };
@@ -546,292 +269,119 @@ impl Pipeline {
             }
         }
         self.inner.dispatch.ack_finished(&done)?;
-        self.inner.store.commit().await?;
+        self.inner.heads.store().commit().await?;
         match failure {
             Some(e) => Err(e),
             None => Ok(done.len()),
         }
     }
 
-    /// Records one finished pipeline job (a no-op if it already was).
+    /// Takes one finished pipeline job in: [`Pipeline::record_job`], then,
+    /// for a build, [`Pipeline::follow_build`].
     async fn take_in(&self, rec: &JobRecord) -> Result<(), PipelineError> {
-        let Some(key) = JobKey::parse(&rec.key) else {
-            return Ok(());
-        };
-        // Held while reading and writing results, but not across git (a
-        // slow fetch of the culprit range must not stall the pollers): only
-        // this task records, so the series cannot change in between.
-        let write = self.inner.write.lock().await;
-        if self.inner.results.recorded(rec.id)? {
-            return Ok(());
-        }
-        let result = rec.result.clone().unwrap_or_default();
-        let outcome = Outcome::try_from(result.outcome).unwrap_or(Outcome::Error);
-        match key {
-            JobKey::Build {
-                upstream,
-                platform,
-                commit,
-                ..
-            } => {
-                let mut detail = result.detail.clone();
-                let state = match outcome {
-                    Outcome::Passed => {
-                        let stored = !result.artifact_sha256.is_empty()
-                            && self
-                                .inner
-                                .artifacts
-                                .get(&result.artifact_sha256)
-                                .ok()
-                                .flatten()
-                                .is_some();
-                        if stored {
-                            BuildState::Passed
-                        } else {
-                            detail = "the build passed but its runtime artifact is not on the hub (upload lost?)".into();
-                            BuildState::Error
-                        }
-                    }
-                    Outcome::Failed | Outcome::TimedOut => BuildState::Failed,
-                    _ => BuildState::Error,
-                };
-                let head_seq = self.head_seq(&upstream, &commit)?;
-                let mut build = BuildInfo {
-                    upstream: upstream.clone(),
-                    platform,
-                    commit,
-                    job_id: rec.id,
-                    state: state.into(),
-                    artifact_sha256: if state == BuildState::Passed {
-                        result.artifact_sha256.clone()
-                    } else {
-                        String::new()
-                    },
-                    created_at_ms: rec.created_at_ms,
-                    finished_at_ms: rec.finished_at_ms,
-                    duration_ms: result.duration_ms,
-                    detail,
-                    fanned_out: 0,
-                    head_seq,
-                };
-                let u = self.upstream(&upstream).ok().cloned();
-                // A build overtaken by a newer head's good build (it finished
-                // late) is not tested: its results would decide nothing.
-                let superseded = build.head_seq > 0
-                    && self
-                        .inner
-                        .results
-                        .good_build(&build.upstream, &build.platform)?
-                        .is_some_and(|g| g.head_seq > build.head_seq);
-                if state == BuildState::Passed && !superseded {
-                    if let Some(u) = &u {
-                        build.fanned_out = self.fan_out(u, &build).await?;
-                    }
-                }
-                tracing::info!(
-                    upstream = %build.upstream,
-                    platform = %build.platform,
-                    job = rec.id,
-                    "build of {} {}",
-                    short(&build.commit),
-                    state.as_str_name().trim_start_matches("BUILD_STATE_").to_lowercase()
-                );
-                let prepared = self.inner.results.prepare_build(build)?;
-                drop(write);
-                let (culprits, error) = self.culprits(u.as_ref(), prepared.culprit_range()).await;
-                let _write = self.inner.write.lock().await;
-                let t = self
-                    .inner
-                    .results
-                    .commit_with(prepared, culprits, error, Some(&self.inner.notifier))
-                    .await?;
-                self.inner.notifier.wake();
-                self.log_transition(t.as_ref());
-                self.collect_garbage().await;
-            }
-            JobKey::Test {
-                project,
-                upstream,
-                platform,
-                upstream_commit,
-                project_commit,
-                ..
-            } => {
-                // Parsing megabytes of XML is CPU work: off the async threads.
-                let reports = result.reports.clone();
-                let report = tokio::task::spawn_blocking(move || junit::parse_reports(&reports))
-                    .await
-                    .unwrap_or_else(|e| junit::Report {
-                        cases: Vec::new(),
-                        errors: vec![format!("the report parser failed: {e}")],
-                    });
-                let total = report.cases.len() as u32;
-                let failed: Vec<_> = report
-                    .cases
-                    .iter()
-                    .filter(|c| {
-                        c.status == TestStatus::Failed as i32
-                            || c.status == TestStatus::Error as i32
-                    })
-                    .cloned()
-                    .collect();
-                let skipped = report
-                    .cases
-                    .iter()
-                    .filter(|c| c.status == TestStatus::Skipped as i32)
-                    .count() as u32;
-                let info = RunInfo {
-                    project,
-                    upstream: upstream.clone(),
-                    platform: platform.clone(),
-                    upstream_commit: upstream_commit.clone(),
-                    project_commit,
-                    status: run_status(outcome).into(),
-                    outcome: outcome.into(),
-                    job_id: rec.id,
-                    duration_ms: result.duration_ms,
-                    finished_at_ms: rec.finished_at_ms,
-                    detail: result.detail.clone(),
-                    tests_total: total,
-                    tests_failed: failed.len() as u32,
-                    tests_skipped: skipped,
-                    failing_tests: failed.into_iter().take(MAX_FAILING_IN_SUMMARY).collect(),
-                    report_error: report.errors.join("; "),
-                };
-                // Runs are compared in the order their upstream commits were
-                // the head; a run against a commit that never was decides nothing.
-                let head_seq = self.head_seq(&upstream, &upstream_commit)?;
-                let run = RunRecord {
-                    info,
-                    cases: report.cases,
-                };
-                let prepared = self.inner.results.prepare_run(run, head_seq)?;
-                let u = self.upstream(&upstream).ok().cloned();
-                drop(write);
-                let (culprits, error) = self.culprits(u.as_ref(), prepared.culprit_range()).await;
-                let _write = self.inner.write.lock().await;
-                let t = self
-                    .inner
-                    .results
-                    .commit_with(prepared, culprits, error, Some(&self.inner.notifier))
-                    .await?;
-                self.inner.notifier.wake();
-                self.log_transition(t.as_ref());
-            }
+        if let Some(build) = self.record_job(rec).await? {
+            self.follow_build(&build).await?;
         }
         Ok(())
     }
 
-    /// Lists a culprit range's commits; on failure, just the last commit and why.
-    async fn culprits(
-        &self,
-        u: Option<&UpstreamConfig>,
-        range: Option<(Option<String>, String)>,
-    ) -> (Vec<Commit>, String) {
-        let Some((from, to)) = range else {
-            return (Vec::new(), String::new());
+    /// Intake, then one record into results (a no-op if the job was
+    /// recorded before). Returns the build, if the job was one.
+    async fn record_job(&self, rec: &JobRecord) -> Result<Option<BuildInfo>, PipelineError> {
+        let Some(key) = JobKey::parse(&rec.key) else {
+            return Ok(None);
         };
-        let only_to = || {
-            vec![Commit {
-                sha: to.clone(),
-                ..Default::default()
-            }]
-        };
-        let Some(u) = u else {
-            return (only_to(), "the upstream is no longer configured".into());
-        };
-        match self
-            .inner
-            .git
-            .range(&u.name, &u.url, &u.branch, from.as_deref(), &to)
-            .await
-        {
-            Ok((commits, false)) if !commits.is_empty() => (commits, String::new()),
-            Ok((commits, true)) => (
-                commits,
-                format!(
-                    "the range holds more than {} commits; only the newest are listed",
-                    git::MAX_RANGE_COMMITS
-                ),
-            ),
-            Ok(_) => (only_to(), "git listed no commit in the range".into()),
-            Err(e) => {
-                tracing::warn!(upstream = %u.name, "cannot list the culprit range: {e}");
-                (only_to(), e.to_string())
+        let facts = self.facts(&key, rec.result.as_ref())?;
+        let mut finished = {
+            let (job, job_key) = (rec.clone(), key.clone());
+            // Parsing megabytes of XML is CPU work: off the async threads.
+            match tokio::task::spawn_blocking(move || intake::finished(&job, job_key, facts)).await
+            {
+                Ok(finished) => finished,
+                Err(e) => intake::unparsed(rec, key, facts, &e.to_string()),
             }
+        };
+        let build = match &mut finished {
+            Finished::Build(b) => {
+                if b.state == BuildState::Passed as i32 && !self.superseded(b)? {
+                    if let Ok(u) = self.upstream(&b.upstream) {
+                        b.fanned_out = self.fan_out_targets(u, &b.platform).count() as u32;
+                    }
+                }
+                Some(b.clone())
+            }
+            Finished::Run { .. } => None,
+        };
+        let recorded = self
+            .inner
+            .results
+            .record(finished, self, &self.inner.notifier)
+            .await?;
+        if let Recorded::New(t) = &recorded {
+            self.inner.notifier.wake();
+            if let Some(b) = &build {
+                log_build(b);
+            }
+            log_transition(t.as_deref());
         }
+        Ok(build)
     }
 
-    fn log_transition(&self, t: Option<&Transition>) {
-        let Some(t) = t else { return };
-        let kind = TransitionKind::try_from(t.kind).unwrap_or(TransitionKind::Unspecified);
-        if !matches!(kind, TransitionKind::WentRed | TransitionKind::Fixed) {
-            return;
+    /// After a build's result is recorded: its fan-out, if it passed and is
+    /// not superseded (idempotent, so it also runs for a build recorded
+    /// before a crash took the inbox's ack), then garbage collection.
+    async fn follow_build(&self, build: &BuildInfo) -> Result<(), PipelineError> {
+        if build.fanned_out > 0 {
+            self.fan_out(self.upstream(&build.upstream)?, build).await?;
         }
-        let what = if t.project.is_empty() {
-            format!("the {} build", t.upstream)
-        } else {
-            t.project.clone()
-        };
-        let verb = if kind == TransitionKind::WentRed {
-            "went red"
-        } else {
-            "was fixed"
-        };
-        let culprits = if kind == TransitionKind::WentRed {
-            format!(" ({} culprit commit(s))", t.culprits.len())
-        } else {
-            String::new()
-        };
-        tracing::warn!(
-            transition = t.id,
-            "{what} {verb} on {} with {} {}{culprits}",
-            t.platform,
-            t.upstream,
-            short(&t.upstream_commit),
-        );
+        self.collect_garbage().await;
+        Ok(())
     }
 
-    /// Deletes artifacts no one needs any more (errors are logged: a failed
-    /// collection only costs disk).
-    async fn collect_garbage(&self) {
-        let referenced = match self.inner.results.referenced_artifacts() {
-            Ok(mut r) => {
-                // Queued and running tests still need theirs.
-                r.extend(self.inner.dispatch.open_artifacts());
-                r
-            }
-            Err(e) => {
-                tracing::warn!("artifact garbage collection skipped: {e}");
-                return;
-            }
+    /// What intake needs from the store for a finished job.
+    fn facts(&self, key: &JobKey, result: Option<&JobResult>) -> Result<intake::Facts, StoreError> {
+        let (upstream, commit, build) = match key {
+            JobKey::Build {
+                upstream, commit, ..
+            } => (upstream, commit, true),
+            JobKey::Test {
+                upstream,
+                upstream_commit,
+                ..
+            } => (upstream, upstream_commit, false),
         };
-        match self
-            .inner
-            .artifacts
-            .gc(self.inner.keep_artifacts, &referenced)
-            .await
-        {
-            Ok(deleted) if !deleted.is_empty() => {
-                tracing::info!("deleted {} old runtime artifact(s)", deleted.len())
-            }
-            Ok(_) => {}
-            Err(e) => tracing::warn!("artifact garbage collection failed: {e}"),
-        }
+        let sha = result.map(|r| r.artifact_sha256.as_str()).unwrap_or("");
+        Ok(intake::Facts {
+            // Results are compared in the order their upstream commits were
+            // the head; one of a commit that never was decides nothing.
+            head_seq: self.head_seq(upstream, commit)?,
+            artifact_stored: build
+                && !sha.is_empty()
+                && self.inner.artifacts.get(sha).ok().flatten().is_some(),
+        })
+    }
+
+    /// Whether a newer head's good build overtook `b` (it finished late):
+    /// then it is not tested, as its results would decide nothing.
+    fn superseded(&self, b: &BuildInfo) -> Result<bool, StoreError> {
+        Ok(b.head_seq > 0
+            && self
+                .inner
+                .results
+                .good_build(&b.upstream, &b.platform)?
+                .is_some_and(|g| g.head_seq > b.head_seq))
     }
 
     /// The grid: every upstream with its builds, every configured
     /// (project, upstream, platform) with its newest run.
-    pub fn status(&self, only_upstream: &str) -> Result<GetStatusResponse, PipelineError> {
+    pub(crate) fn status(&self, only_upstream: &str) -> Result<GetStatusResponse, PipelineError> {
         if !only_upstream.is_empty() {
             self.upstream(only_upstream)?;
         }
-        let results = &self.inner.results;
-        let mut out = GetStatusResponse::default();
-        let pending: HashSet<String> = self
+        let pending: HashSet<(String, String, String)> = self
             .inner
             .dispatch
-            .open_keys("test/")
+            .open_keys(TEST_PREFIX)
             .into_iter()
             .filter_map(|(k, _)| match JobKey::parse(&k) {
                 Some(JobKey::Test {
@@ -839,66 +389,50 @@ impl Pipeline {
                     upstream,
                     platform,
                     ..
-                }) => Some(format!("{project}/{upstream}/{platform}")),
+                }) => Some((project, upstream, platform)),
                 _ => None,
             })
             .collect();
+        let mut rows = Vec::new();
         for u in &self.inner.upstreams {
             if !only_upstream.is_empty() && u.name != only_upstream {
                 continue;
             }
-            let head = self.head("u", &u.name)?;
-            let mut info = UpstreamInfo {
+            let head = self.head(Repo::Upstream, &u.name)?;
+            let info = UpstreamInfo {
                 name: u.name.clone(),
                 url: git::redact_url(&u.url),
                 branch: u.branch.clone(),
                 platforms: u.platforms.clone(),
                 head: head.as_ref().map(|h| h.commit.clone()).unwrap_or_default(),
                 head_seen_at_ms: head.map(|h| h.seen_at_ms).unwrap_or_default(),
-                poll_error: self.poll_error(&format!("upstream {}", u.name)),
+                poll_error: self.poll_error(Repo::Upstream, &u.name),
                 ..Default::default()
             };
-            for platform in &u.platforms {
-                if let Some(b) = results.latest_build(&u.name, platform)? {
-                    info.latest_builds.push(b);
-                }
-                if let Some(b) = results.good_build(&u.name, platform)? {
-                    info.good_builds.push(b);
-                }
-            }
-            out.upstreams.push(info);
-            for p in &self.inner.projects {
-                if !p.tests_against(&u.name) {
-                    continue;
-                }
+            let mut series = Vec::new();
+            for p in self
+                .inner
+                .projects
+                .iter()
+                .filter(|p| p.tests_against(&u.name))
+            {
                 for platform in p.platforms_for(u) {
-                    let latest = results.latest_run(&p.name, &u.name, platform)?;
-                    let series = results.series(&format!("{}/{}/{platform}", p.name, u.name))?;
-                    let red_since = match series.red_since {
-                        Some(id) if series.last.as_ref().is_some_and(|l| l.red) => {
-                            results.transition(id)?
-                        }
-                        _ => None,
-                    };
-                    out.cells.push(StatusCell {
-                        latest: Some(latest.map(|r| r.info).unwrap_or_else(|| RunInfo {
-                            project: p.name.clone(),
-                            upstream: u.name.clone(),
-                            platform: platform.to_owned(),
-                            ..Default::default()
-                        })),
-                        red_since,
-                        pending: pending.contains(&format!("{}/{}/{platform}", p.name, u.name)),
+                    let id = (p.name.clone(), u.name.clone(), platform.to_owned());
+                    series.push(GridSeries {
+                        project: &p.name,
+                        platform,
+                        pending: pending.contains(&id),
                     });
                 }
             }
+            rows.push((info, series));
         }
-        Ok(out)
+        Ok(self.inner.results.status(rows)?)
     }
 
     /// Which projects went red at an upstream commit (or a prefix of its
     /// hash), in a range `A..B`, or at the newest head when `rev` is empty.
-    pub async fn breakage(
+    pub(crate) async fn breakage(
         &self,
         upstream: &str,
         rev: &str,
@@ -909,7 +443,7 @@ impl Pipeline {
             git.log(&u.name, &u.url, &u.branch, rev).await?
         } else {
             let sha = if rev.is_empty() {
-                match self.head("u", &u.name)? {
+                match self.head(Repo::Upstream, &u.name)? {
                     Some(h) => h.commit,
                     None => git.head(&u.url, &u.branch).await?,
                 }
@@ -924,90 +458,62 @@ impl Pipeline {
                 }],
             }
         };
-        let wanted: HashSet<&str> = commits.iter().map(|c| c.sha.as_str()).collect();
-        let went_red = self.inner.results.transitions(usize::MAX, |t| {
-            t.upstream == u.name
-                && t.kind == TransitionKind::WentRed as i32
-                && (wanted.contains(t.upstream_commit.as_str())
-                    || t.culprits.iter().any(|c| wanted.contains(c.sha.as_str())))
-        })?;
-        Ok(GetBreakageResponse { commits, went_red })
+        Ok(self.inner.results.breakage(&u.name, commits)?)
     }
 
     /// Stored transitions, newest first.
-    pub fn transitions(
+    pub(crate) fn transitions(
         &self,
         upstream: &str,
         project: &str,
         limit: usize,
         all: bool,
     ) -> Result<Vec<Transition>, PipelineError> {
-        Ok(self.inner.results.transitions(limit, |t| {
-            (upstream.is_empty() || t.upstream == upstream)
-                && (project.is_empty() || t.project == project)
-                && (all
-                    || t.kind == TransitionKind::WentRed as i32
-                    || t.kind == TransitionKind::Fixed as i32)
-        })?)
+        Ok(self
+            .inner
+            .results
+            .transitions_of(upstream, project, limit, all)?)
     }
 }
 
-/// The job that builds `commit` of `u` on `platform`.
-fn build_spec(u: &UpstreamConfig, platform: &str, commit: &str) -> JobSpec {
-    let mut env: HashMap<String, String> = u.env.clone().into_iter().collect();
-    env.insert("TRUNKFARM_UPSTREAM".into(), u.name.clone());
-    env.insert("TRUNKFARM_UPSTREAM_COMMIT".into(), commit.to_owned());
-    env.insert("TRUNKFARM_PLATFORM".into(), platform.to_owned());
-    let mut labels = vec![platform.to_owned()];
-    labels.extend(u.labels.iter().cloned());
-    JobSpec {
-        commands: u.build.clone(),
-        env,
-        labels,
-        project: u.name.clone(),
-        repository: Some(Repository {
-            url: u.url.clone(),
-            rev: commit.to_owned(),
-        }),
-        timeout_secs: u.build_timeout.as_secs().max(1),
-        artifact_sha256: String::new(),
-        upload_prefix: BUILD_PREFIX_DIR.into(),
-        report_paths: Vec::new(),
-    }
+fn log_build(b: &BuildInfo) {
+    let state = BuildState::try_from(b.state).unwrap_or(BuildState::Error);
+    tracing::info!(
+        upstream = %b.upstream,
+        platform = %b.platform,
+        job = b.job_id,
+        "build of {} {}",
+        short(&b.commit),
+        state.as_str_name().trim_start_matches("BUILD_STATE_").to_lowercase()
+    );
 }
 
-/// The job that tests `p` at `project_commit` (its branch when unknown)
-/// against the runtime of `build`.
-fn test_spec(
-    p: &ProjectConfig,
-    u: &UpstreamConfig,
-    platform: &str,
-    build: &BuildInfo,
-    project_commit: &str,
-) -> JobSpec {
-    let mut env: HashMap<String, String> = p.env.clone().into_iter().collect();
-    env.insert("TRUNKFARM_PROJECT".into(), p.name.clone());
-    env.insert("TRUNKFARM_UPSTREAM".into(), u.name.clone());
-    env.insert("TRUNKFARM_UPSTREAM_COMMIT".into(), build.commit.clone());
-    env.insert("TRUNKFARM_PLATFORM".into(), platform.to_owned());
-    let mut labels = vec![platform.to_owned()];
-    labels.extend(p.labels.iter().cloned());
-    JobSpec {
-        commands: p.test.clone(),
-        env,
-        labels,
-        project: p.name.clone(),
-        repository: Some(Repository {
-            url: p.url.clone(),
-            rev: if project_commit.is_empty() {
-                p.branch.clone()
-            } else {
-                project_commit.to_owned()
-            },
-        }),
-        timeout_secs: p.timeout.as_secs().max(1),
-        artifact_sha256: build.artifact_sha256.clone(),
-        upload_prefix: String::new(),
-        report_paths: p.junit.clone(),
+fn log_transition(t: Option<&Transition>) {
+    let Some(t) = t else { return };
+    let kind = TransitionKind::try_from(t.kind).unwrap_or(TransitionKind::Unspecified);
+    if !matches!(kind, TransitionKind::WentRed | TransitionKind::Fixed) {
+        return;
     }
+    let what = if t.project.is_empty() {
+        format!("the {} build", t.upstream)
+    } else {
+        t.project.clone()
+    };
+    let verb = if kind == TransitionKind::WentRed {
+        "went red"
+    } else {
+        "was fixed"
+    };
+    let culprits = if kind == TransitionKind::WentRed {
+        format!(" ({} culprit commit(s))", t.culprits.len())
+    } else {
+        String::new()
+    };
+    tracing::warn!(
+        transition = t.id,
+        "{what} {verb} on {} with {} {}{culprits}",
+        t.platform,
+        t.upstream,
+        short(&t.upstream_commit),
+    );
 }

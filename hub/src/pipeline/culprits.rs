@@ -1,0 +1,44 @@
+//! Culprit ranges: the upstream commits between a series' last green result
+//! and the one that went red, listed with git while results records (no
+//! lock a poller takes is held meanwhile: a slow fetch stalls no poll).
+
+use trunkfarm_proto::v1::Commit;
+
+use super::Pipeline;
+use super::git::MAX_RANGE_COMMITS;
+use crate::results::{CulpritRange, Culprits};
+
+#[tonic::async_trait]
+impl Culprits for Pipeline {
+    /// Lists the range's commits; on failure, just the last commit and why.
+    async fn list(&self, range: &CulpritRange) -> (Vec<Commit>, String) {
+        let only_to = || {
+            vec![Commit {
+                sha: range.to.clone(),
+                ..Default::default()
+            }]
+        };
+        let Ok(u) = self.upstream(&range.upstream) else {
+            return (only_to(), "the upstream is no longer configured".into());
+        };
+        match self
+            .inner
+            .git
+            .range(&u.name, &u.url, &u.branch, range.from.as_deref(), &range.to)
+            .await
+        {
+            Ok((commits, false)) if !commits.is_empty() => (commits, String::new()),
+            Ok((commits, true)) => (
+                commits,
+                format!(
+                    "the range holds more than {MAX_RANGE_COMMITS} commits; only the newest are listed"
+                ),
+            ),
+            Ok(_) => (only_to(), "git listed no commit in the range".into()),
+            Err(e) => {
+                tracing::warn!(upstream = %u.name, "cannot list the culprit range: {e}");
+                (only_to(), e.to_string())
+            }
+        }
+    }
+}

@@ -1,0 +1,257 @@
+//! Intake: a finished pipeline job (its record, with spec and result) turned
+//! into what [`crate::results`] records — a build, or a run with its JUnit
+//! summary. Pure: what it needs from the store comes in as [`Facts`].
+
+use trunkfarm_proto::v1::{BuildInfo, BuildState, Outcome, RunInfo, TestStatus};
+
+use crate::dispatch::JobRecord;
+use crate::job_key::JobKey;
+use crate::junit;
+use crate::results::{Finished, RunRecord, run_status};
+
+/// Failing test cases kept in a run's summary (all cases are kept in its record).
+const MAX_FAILING_IN_SUMMARY: usize = 200;
+
+/// What the pipeline knows about a finished job besides its record.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Facts {
+    /// When the job's upstream commit was the head (0: never).
+    pub(super) head_seq: u64,
+    /// Whether the artifact the result names is stored on the hub (builds).
+    pub(super) artifact_stored: bool,
+}
+
+/// The build or run `rec` amounts to (`key` is its parsed pipeline key).
+/// Parses the JUnit reports of a test: CPU work, so call it off the async
+/// threads.
+pub(super) fn finished(rec: &JobRecord, key: JobKey, facts: Facts) -> Finished {
+    let result = rec.result.clone().unwrap_or_default();
+    let outcome = Outcome::try_from(result.outcome).unwrap_or(Outcome::Error);
+    match key {
+        JobKey::Build {
+            upstream,
+            platform,
+            commit,
+            ..
+        } => {
+            let mut detail = result.detail;
+            let state = match outcome {
+                Outcome::Passed if !result.artifact_sha256.is_empty() && facts.artifact_stored => {
+                    BuildState::Passed
+                }
+                Outcome::Passed => {
+                    detail = "the build passed but its runtime artifact is not on the hub (upload lost?)".into();
+                    BuildState::Error
+                }
+                Outcome::Failed | Outcome::TimedOut => BuildState::Failed,
+                _ => BuildState::Error,
+            };
+            Finished::Build(BuildInfo {
+                upstream,
+                platform,
+                commit,
+                job_id: rec.id,
+                state: state.into(),
+                artifact_sha256: if state == BuildState::Passed {
+                    result.artifact_sha256
+                } else {
+                    String::new()
+                },
+                created_at_ms: rec.created_at_ms,
+                finished_at_ms: rec.finished_at_ms,
+                duration_ms: result.duration_ms,
+                detail,
+                fanned_out: 0,
+                head_seq: facts.head_seq,
+            })
+        }
+        JobKey::Test {
+            project,
+            upstream,
+            platform,
+            upstream_commit,
+            project_commit,
+            ..
+        } => {
+            let report = junit::parse_reports(&result.reports);
+            let is = |c: &trunkfarm_proto::v1::TestCase, s: TestStatus| c.status == s as i32;
+            let failed: Vec<_> = report
+                .cases
+                .iter()
+                .filter(|c| is(c, TestStatus::Failed) || is(c, TestStatus::Error))
+                .cloned()
+                .collect();
+            let info = RunInfo {
+                project,
+                upstream,
+                platform,
+                upstream_commit,
+                project_commit,
+                status: run_status(outcome).into(),
+                outcome: outcome.into(),
+                job_id: rec.id,
+                duration_ms: result.duration_ms,
+                finished_at_ms: rec.finished_at_ms,
+                detail: result.detail,
+                tests_total: report.cases.len() as u32,
+                tests_failed: failed.len() as u32,
+                tests_skipped: report
+                    .cases
+                    .iter()
+                    .filter(|c| is(c, TestStatus::Skipped))
+                    .count() as u32,
+                failing_tests: failed.into_iter().take(MAX_FAILING_IN_SUMMARY).collect(),
+                report_error: report.errors.join("; "),
+            };
+            Finished::Run {
+                run: RunRecord {
+                    info,
+                    cases: report.cases,
+                },
+                head_seq: facts.head_seq,
+            }
+        }
+    }
+}
+
+/// [`finished`] when the report parser failed (it panicked): the run
+/// without test cases, saying why.
+pub(super) fn unparsed(rec: &JobRecord, key: JobKey, facts: Facts, why: &str) -> Finished {
+    let mut rec = rec.clone();
+    if let Some(result) = rec.result.as_mut() {
+        result.reports.clear();
+    }
+    let mut finished = finished(&rec, key, facts);
+    if let Finished::Run { run, .. } = &mut finished {
+        run.info.report_error = format!("the report parser failed: {why}");
+    }
+    finished
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dispatch::JobState;
+    use trunkfarm_proto::v1::{JobResult, JobSpec, ReportFile, RunStatus};
+
+    fn record(outcome: Outcome, sha: &str, reports: Vec<ReportFile>) -> JobRecord {
+        JobRecord {
+            id: 42,
+            spec: JobSpec::default(),
+            max_attempts: 1,
+            created_at_ms: 1,
+            state: JobState::Finished,
+            attempt: 1,
+            agent_id: "a".into(),
+            attempts: Vec::new(),
+            result: Some(JobResult {
+                outcome: outcome.into(),
+                artifact_sha256: sha.into(),
+                duration_ms: 5,
+                detail: "exit 0".into(),
+                reports,
+                ..Default::default()
+            }),
+            finished_at_ms: 9,
+            cancel_requested: false,
+            key: String::new(),
+        }
+    }
+
+    fn build_key() -> JobKey {
+        JobKey::Build {
+            upstream: "rt".into(),
+            platform: "linux".into(),
+            commit: "c1".into(),
+            nonce: None,
+        }
+    }
+
+    fn facts(artifact_stored: bool) -> Facts {
+        Facts {
+            head_seq: 3,
+            artifact_stored,
+        }
+    }
+
+    fn build_of(f: Finished) -> BuildInfo {
+        match f {
+            Finished::Build(b) => b,
+            Finished::Run { .. } => panic!("a build key makes a build"),
+        }
+    }
+
+    #[test]
+    fn a_passed_build_counts_only_with_its_artifact_stored() {
+        let b = build_of(finished(
+            &record(Outcome::Passed, "aa", vec![]),
+            build_key(),
+            facts(true),
+        ));
+        assert_eq!(b.state, BuildState::Passed as i32);
+        assert_eq!((b.artifact_sha256.as_str(), b.head_seq), ("aa", 3));
+        let lost = build_of(finished(
+            &record(Outcome::Passed, "aa", vec![]),
+            build_key(),
+            facts(false),
+        ));
+        assert_eq!(lost.state, BuildState::Error as i32);
+        assert!(lost.artifact_sha256.is_empty());
+        assert!(lost.detail.contains("not on the hub"), "{}", lost.detail);
+        let timed_out = build_of(finished(
+            &record(Outcome::TimedOut, "", vec![]),
+            build_key(),
+            facts(true),
+        ));
+        assert_eq!(timed_out.state, BuildState::Failed as i32);
+        let cancelled = build_of(finished(
+            &record(Outcome::Cancelled, "", vec![]),
+            build_key(),
+            facts(true),
+        ));
+        assert_eq!(cancelled.state, BuildState::Error as i32);
+    }
+
+    #[test]
+    fn a_run_summarises_its_junit_reports() {
+        let xml = br#"<testsuite name="s">
+            <testcase classname="s" name="ok"/>
+            <testcase classname="s" name="bad"><failure message="no"/></testcase>
+            <testcase classname="s" name="later"><skipped/></testcase>
+        </testsuite>"#;
+        let reports = vec![
+            ReportFile {
+                path: "junit.xml".into(),
+                data: xml.to_vec(),
+                ..Default::default()
+            },
+            ReportFile {
+                path: "broken.xml".into(),
+                data: b"<testsuite".to_vec(),
+                ..Default::default()
+            },
+        ];
+        let key = JobKey::Test {
+            project: "adder".into(),
+            upstream: "rt".into(),
+            platform: "linux".into(),
+            upstream_commit: "c1".into(),
+            project_commit: String::new(),
+            nonce: Some(7),
+        };
+        let Finished::Run { run, head_seq } =
+            finished(&record(Outcome::Failed, "", reports), key, facts(true))
+        else {
+            panic!("a test key makes a run");
+        };
+        let i = &run.info;
+        assert_eq!(head_seq, 3);
+        assert_eq!(i.status, RunStatus::Red as i32);
+        assert_eq!((i.tests_total, i.tests_failed, i.tests_skipped), (3, 1, 1));
+        assert_eq!(i.failing_tests.len(), 1);
+        assert!(i.failing_tests[0].name.contains("bad"));
+        assert!(i.report_error.contains("broken.xml"), "{}", i.report_error);
+        assert_eq!(run.cases.len(), 3);
+        assert_eq!((i.job_id, i.finished_at_ms), (42, 9));
+    }
+}

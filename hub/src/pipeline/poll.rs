@@ -1,0 +1,197 @@
+//! Polling: each upstream's and project's branch head, as `git ls-remote`
+//! shows it, recorded in the `pipeline` tree (the layout is in
+//! [`crate::store::trees::PIPELINE`]), and what a new head sets off: an
+//! upstream's builds, a project's tests against the newest good runtime.
+
+use serde::{Deserialize, Serialize};
+
+use super::Pipeline;
+use crate::commit::short;
+use crate::store::{StoreError, now_ms};
+
+/// A branch head as last seen.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub(crate) struct Head {
+    /// Full commit hash.
+    pub(crate) commit: String,
+    /// When polling first saw it, ms.
+    pub(crate) seen_at_ms: u64,
+}
+
+/// Whose branch a head is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Repo {
+    /// An `[[upstream]]`.
+    Upstream,
+    /// A `[[project]]`.
+    Project,
+}
+
+impl Repo {
+    /// The key part: `u` or `p`.
+    fn tag(self) -> &'static str {
+        match self {
+            Repo::Upstream => "u",
+            Repo::Project => "p",
+        }
+    }
+
+    /// What the poll error and logs call it.
+    fn describe(self, name: &str) -> String {
+        match self {
+            Repo::Upstream => format!("upstream {name}"),
+            Repo::Project => format!("project {name}"),
+        }
+    }
+}
+
+/// `h/<u|p>/<name>` → the [`Head`] last seen.
+fn head_key(repo: Repo, name: &str) -> String {
+    format!("h/{}/{name}", repo.tag())
+}
+
+/// `hh/<u|p>/<name>/<commit>` → when polling first saw `commit` as the head
+/// (8-byte big-endian sequence number; what results are ordered by).
+fn seq_key(repo: Repo, name: &str, commit: &str) -> String {
+    format!("hh/{}/{name}/{commit}", repo.tag())
+}
+
+impl Pipeline {
+    /// The head last seen of an upstream's or project's branch.
+    pub(super) fn head(&self, repo: Repo, name: &str) -> Result<Option<Head>, StoreError> {
+        self.inner.heads.get(head_key(repo, name))
+    }
+
+    /// Records `commit` as the head (durably); false if it already was.
+    async fn save_head(&self, repo: Repo, name: &str, commit: &str) -> Result<bool, StoreError> {
+        if self.head(repo, name)?.is_some_and(|h| h.commit == commit) {
+            return Ok(false);
+        }
+        let heads = &self.inner.heads;
+        let head = Head {
+            commit: commit.to_owned(),
+            seen_at_ms: now_ms(),
+        };
+        let mut batch = sled::Batch::default();
+        heads.stage(&mut batch, head_key(repo, name), &head)?;
+        // The order heads were seen in: what results are compared by.
+        let seq_key = seq_key(repo, name, commit);
+        if !heads.contains(&seq_key)? {
+            let seq = heads.store().next_id()?;
+            batch.insert(seq_key.as_bytes(), &seq.to_be_bytes());
+        }
+        heads.apply(batch)?;
+        heads.store().commit().await?;
+        Ok(true)
+    }
+
+    /// When polling first saw `commit` as `upstream`'s head (its order), or
+    /// 0 if it never was the head.
+    pub(super) fn head_seq(&self, upstream: &str, commit: &str) -> Result<u64, StoreError> {
+        let key = seq_key(Repo::Upstream, upstream, commit);
+        Ok(match self.inner.heads.get_raw(&key)? {
+            Some(raw) => raw.as_ref().try_into().map(u64::from_be_bytes).unwrap_or(0),
+            None => 0,
+        })
+    }
+
+    fn set_poll_error(&self, what: String, error: String) {
+        let mut errors = self
+            .inner
+            .poll_errors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let previous = errors
+            .insert(what.clone(), error.clone())
+            .unwrap_or_default();
+        if previous != error {
+            if error.is_empty() {
+                tracing::info!("polling {what} works again");
+            } else {
+                tracing::warn!("polling {what} failed: {error}");
+            }
+        }
+    }
+
+    /// The last poll's error for an upstream or project (empty: it worked).
+    pub(super) fn poll_error(&self, repo: Repo, name: &str) -> String {
+        self.inner
+            .poll_errors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&repo.describe(name))
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Polls one branch head: records a new head and the poll's error
+    /// state. The head, once it is durably recorded.
+    async fn poll_head(&self, repo: Repo, name: &str, url: &str, branch: &str) -> Option<String> {
+        let what = repo.describe(name);
+        match self.inner.git.head(url, branch).await {
+            Ok(commit) => {
+                self.set_poll_error(what.clone(), String::new());
+                match self.save_head(repo, name, &commit).await {
+                    Ok(true) => tracing::info!("{what}: new {branch} head {}", short(&commit)),
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::error!("{what}: cannot record the new head: {e}");
+                        return None;
+                    }
+                }
+                Some(commit)
+            }
+            Err(e) => {
+                self.set_poll_error(what, e.to_string());
+                None
+            }
+        }
+    }
+
+    /// One poll of an upstream: record a new head, make sure its builds exist.
+    pub(super) async fn poll_upstream(&self, index: usize) {
+        let u = &self.inner.upstreams[index];
+        let Some(commit) = self
+            .poll_head(Repo::Upstream, &u.name, &u.url, &u.branch)
+            .await
+        else {
+            return;
+        };
+        if let Err(e) = self.ensure_builds(u, &commit, None).await {
+            tracing::error!(upstream = %u.name, "cannot queue builds of {}: {e}", short(&commit));
+        }
+    }
+
+    /// One poll of a project: record a new head, make sure it is tested
+    /// against each upstream's newest good runtime.
+    pub(super) async fn poll_project(&self, index: usize) {
+        let p = &self.inner.projects[index];
+        let Some(commit) = self
+            .poll_head(Repo::Project, &p.name, &p.url, &p.branch)
+            .await
+        else {
+            return;
+        };
+        for u in &self.inner.upstreams {
+            if !p.tests_against(&u.name) {
+                continue;
+            }
+            for platform in p.platforms_for(u) {
+                // Garbage collection must not delete the runtime between
+                // choosing it here and the submit.
+                let _runtimes = self.inner.runtimes.lock().await;
+                let good = match self.inner.results.good_build(&u.name, platform) {
+                    Ok(Some(good)) => good,
+                    Ok(None) => continue,
+                    Err(e) => {
+                        tracing::error!("{e}");
+                        continue;
+                    }
+                };
+                if let Err(e) = self.submit_test(p, u, platform, &good, &commit).await {
+                    tracing::error!(project = %p.name, "cannot queue its tests: {e}");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,721 @@
+//! The pipeline in-process: polling → build jobs → intake → record →
+//! fan-out → test jobs → intake → record, against a temporary store, a fake
+//! git ([`FakeGit`]) and a dispatcher driven directly through its public API
+//! (one agent session whose assignments the test finishes itself).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use tokio::sync::{Notify, mpsc};
+use trunkfarm_proto::v1::hub_message::Msg;
+use trunkfarm_proto::v1::{
+    ArtifactChunk, ArtifactMeta, Capabilities, HubMessage, JobRef, MailState, Outcome, ReportFile,
+};
+
+use super::*;
+use crate::artifacts::Origin;
+use crate::dispatch::{DispatchSettings, Outgoing};
+use crate::logs::JobLogs;
+use crate::space::DataDir;
+
+/// Repositories in memory: each URL's branch history, oldest first.
+#[derive(Default)]
+struct FakeGit {
+    repos: Mutex<HashMap<String, Vec<Commit>>>,
+    next: AtomicU64,
+    /// URLs every call to fails for (an unreachable server).
+    broken: Mutex<HashSet<String>>,
+    /// While set, `range` announces itself on `stalled` and waits for
+    /// `released` (a fetch that takes long).
+    stall: AtomicBool,
+    stalled: Notify,
+    released: Notify,
+}
+
+impl FakeGit {
+    /// Lands a new commit on `url`'s branch; its hash.
+    fn commit(&self, url: &str) -> String {
+        let n = self.next.fetch_add(1, Ordering::Relaxed) + 1;
+        let sha = hex::encode(Sha256::digest(format!("{url} {n}")))[..40].to_owned();
+        self.repos
+            .lock()
+            .unwrap()
+            .entry(url.to_owned())
+            .or_default()
+            .push(Commit {
+                sha: sha.clone(),
+                subject: format!("change {n}"),
+                author: "Ada <ada@example.org>".into(),
+                time_ms: n,
+            });
+        sha
+    }
+
+    fn history(&self, url: &str) -> Result<Vec<Commit>, GitError> {
+        if self.broken.lock().unwrap().contains(url) {
+            return Err(GitError::Failed {
+                what: format!("ls-remote {url}"),
+                stderr: "fatal: could not read from remote repository".into(),
+            });
+        }
+        Ok(self
+            .repos
+            .lock()
+            .unwrap()
+            .get(url)
+            .cloned()
+            .unwrap_or_default())
+    }
+}
+
+#[tonic::async_trait]
+impl Repos for FakeGit {
+    async fn head(&self, url: &str, branch: &str) -> Result<String, GitError> {
+        let history = self.history(url)?;
+        let last = history.last();
+        last.map(|c| c.sha.clone())
+            .ok_or_else(|| GitError::NotFound(format!("branch {branch:?} does not exist")))
+    }
+
+    async fn resolve(
+        &self,
+        _name: &str,
+        url: &str,
+        _branch: &str,
+        rev: &str,
+    ) -> Result<String, GitError> {
+        let history = self.history(url)?;
+        let found = history.iter().find(|c| c.sha.starts_with(rev));
+        found
+            .map(|c| c.sha.clone())
+            .ok_or_else(|| GitError::NotFound(format!("{rev:?} is not a commit")))
+    }
+
+    async fn range(
+        &self,
+        _name: &str,
+        url: &str,
+        _branch: &str,
+        from: Option<&str>,
+        to: &str,
+    ) -> Result<(Vec<Commit>, bool), GitError> {
+        if self.stall.load(Ordering::Relaxed) {
+            self.stalled.notify_one();
+            self.released.notified().await;
+        }
+        let history = self.history(url)?;
+        let end = history.iter().position(|c| c.sha == to);
+        let start = match from {
+            Some(from) => history.iter().position(|c| c.sha == from).map(|i| i + 1),
+            None => end,
+        };
+        match (start, end) {
+            (Some(start), Some(end)) if start <= end => Ok((history[start..=end].to_vec(), false)),
+            _ => Ok((Vec::new(), false)),
+        }
+    }
+
+    async fn log(
+        &self,
+        name: &str,
+        url: &str,
+        branch: &str,
+        spec: &str,
+    ) -> Result<Vec<Commit>, GitError> {
+        let (from, to) = spec
+            .split_once("..")
+            .ok_or_else(|| GitError::NotFound(format!("{spec:?} is not a range")))?;
+        let from = self.resolve(name, url, branch, from).await?;
+        let to = self.resolve(name, url, branch, to).await?;
+        let (mut commits, _) = self.range(name, url, branch, Some(&from), &to).await?;
+        commits.reverse();
+        Ok(commits)
+    }
+}
+
+const RT: &str = "fake:rt";
+const ADDER: &str = "fake:adder";
+const SHOUTER: &str = "fake:shouter";
+
+/// One upstream built on two platforms; adder tests on both, shouter (with
+/// a maintainer and JUnit reports) on linux only.
+const CONFIG: &str = r#"
+[hub]
+data_dir = "DATA"
+
+[[upstream]]
+name = "rt"
+url = "fake:rt"
+platforms = ["linux", "mac"]
+build = ["make install"]
+
+[[project]]
+name = "adder"
+url = "fake:adder"
+test = ["make test"]
+
+[[project]]
+name = "shouter"
+url = "fake:shouter"
+platforms = ["linux"]
+test = ["make test"]
+junit = ["junit.xml"]
+maintainers = ["shouter-dev@example.org"]
+"#;
+
+/// A hub's pipeline without its tasks or server, and one agent session.
+struct Farm {
+    dir: tempfile::TempDir,
+    config: HubConfig,
+    store: Store,
+    logs: Arc<JobLogs>,
+    git: Arc<FakeGit>,
+    dispatch: Dispatcher,
+    results: Results,
+    artifacts: Artifacts,
+    notifier: Notifier,
+    pipeline: Pipeline,
+    agent: mpsc::UnboundedReceiver<Outgoing>,
+}
+
+fn dispatch_settings(dir: &std::path::Path) -> DispatchSettings {
+    DispatchSettings {
+        lease_timeout: Duration::from_secs(600),
+        heartbeat_interval: Duration::from_secs(200),
+        max_attempts: 1,
+        default_job_timeout: Duration::from_secs(60),
+        max_job_timeout: Duration::from_secs(3600),
+        space: DataDir::new(dir, 0),
+    }
+}
+
+impl Farm {
+    async fn new() -> Farm {
+        let dir = tempfile::tempdir().unwrap();
+        let text = CONFIG.replace("DATA", dir.path().to_str().unwrap());
+        let config = HubConfig::from_toml(&text, None).unwrap();
+        let store = Store::open(&dir.path().join("db")).unwrap();
+        let logs = Arc::new(JobLogs::open(&store, 1 << 20).unwrap());
+        let artifacts = Artifacts::open(
+            &store,
+            dir.path().join("artifacts"),
+            1 << 20,
+            DataDir::new(dir.path(), 0),
+        )
+        .unwrap();
+        let results = Results::open(&store).unwrap();
+        let notifier = Notifier::start(
+            &config,
+            &store,
+            results.clone(),
+            logs.clone(),
+            "http://hub.test".into(),
+            CancellationToken::new(),
+        )
+        .unwrap();
+        let git = Arc::new(FakeGit::default());
+        let dispatch =
+            Dispatcher::open(&store, logs.clone(), dispatch_settings(dir.path())).unwrap();
+        let pipeline = Pipeline::open(
+            &config,
+            &store,
+            dispatch.clone(),
+            results.clone(),
+            artifacts.clone(),
+            notifier.clone(),
+            git.clone(),
+        )
+        .unwrap();
+        let agent = connect(&dispatch).await;
+        Farm {
+            dir,
+            config,
+            store,
+            logs,
+            git,
+            dispatch,
+            results,
+            artifacts,
+            notifier,
+            pipeline,
+            agent,
+        }
+    }
+
+    /// The hub's in-memory parts start over on the same database, as after
+    /// a crash (dispatch reloads its open jobs, the pipeline its heads).
+    async fn restart(&mut self) {
+        self.dispatch = Dispatcher::open(
+            &self.store,
+            self.logs.clone(),
+            dispatch_settings(self.dir.path()),
+        )
+        .unwrap();
+        self.pipeline = Pipeline::open(
+            &self.config,
+            &self.store,
+            self.dispatch.clone(),
+            self.results.clone(),
+            self.artifacts.clone(),
+            self.notifier.clone(),
+            self.git.clone(),
+        )
+        .unwrap();
+        self.agent = connect(&self.dispatch).await;
+    }
+
+    /// The jobs assigned to the agent since last asked, with their keys.
+    fn assigned(&mut self) -> Vec<(JobRef, JobRecord, JobKey)> {
+        let mut out = Vec::new();
+        while let Ok(msg) = self.agent.try_recv() {
+            if let Ok(HubMessage {
+                msg: Some(Msg::Assign(a)),
+            }) = *msg
+            {
+                let job = a.job.unwrap();
+                let rec = self.dispatch.get(job.job_id).unwrap().unwrap();
+                let key = JobKey::parse(&rec.key).unwrap();
+                out.push((job, rec, key));
+            }
+        }
+        out
+    }
+
+    /// Finishes a job as the agent would: a passed build uploads its
+    /// runtime first.
+    async fn finish(&self, job: JobRef, key: &JobKey, outcome: Outcome, reports: Vec<ReportFile>) {
+        let mut sha = String::new();
+        if matches!(key, JobKey::Build { .. }) && outcome == Outcome::Passed {
+            let data = format!("the runtime built by job {}", job.job_id).into_bytes();
+            sha = hex::encode(Sha256::digest(&data));
+            let chunks = vec![
+                Ok(ArtifactChunk {
+                    meta: Some(ArtifactMeta {
+                        sha256: sha.clone(),
+                        size: data.len() as u64,
+                        job: Some(job),
+                    }),
+                    data: Vec::new(),
+                }),
+                Ok(ArtifactChunk { meta: None, data }),
+            ];
+            let text = key.to_string();
+            self.artifacts
+                .receive("a", tokio_stream::iter(chunks), |j| {
+                    Ok(Origin::from_job(j.job_id, &text))
+                })
+                .await
+                .unwrap();
+        }
+        let result = JobResult {
+            job: Some(job),
+            outcome: outcome.into(),
+            artifact_sha256: sha,
+            reports,
+            ..Default::default()
+        };
+        assert!(
+            self.dispatch
+                .record_result("a", result)
+                .await
+                .unwrap()
+                .recorded
+        );
+    }
+
+    /// Finishes every assigned job with what `decide` says; returns their keys.
+    async fn run_jobs(
+        &mut self,
+        decide: impl Fn(&JobKey) -> (Outcome, Vec<ReportFile>),
+    ) -> Vec<JobKey> {
+        let mut keys = Vec::new();
+        for (job, _, key) in self.assigned() {
+            let (outcome, reports) = decide(&key);
+            self.finish(job, &key, outcome, reports).await;
+            keys.push(key);
+        }
+        keys
+    }
+
+    /// Takes in everything finished.
+    async fn take_in(&self) {
+        while self.pipeline.take_inbox().await.unwrap() > 0 {}
+    }
+
+    fn transitions(&self, project: &str) -> Vec<Transition> {
+        self.results
+            .transitions_of("rt", project, 100, true)
+            .unwrap()
+    }
+}
+
+async fn connect(d: &Dispatcher) -> mpsc::UnboundedReceiver<Outgoing> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let caps = Capabilities {
+        labels: vec!["linux".into(), "mac".into()],
+        max_parallel_jobs: 64,
+        ..Default::default()
+    };
+    d.connect(
+        "a",
+        &[],
+        caps,
+        &[],
+        false,
+        "test".into(),
+        "local".into(),
+        tx,
+    )
+    .await
+    .unwrap();
+    rx
+}
+
+fn passed(_: &JobKey) -> (Outcome, Vec<ReportFile>) {
+    (Outcome::Passed, Vec::new())
+}
+
+/// A JUnit report with one case, failing or not.
+fn junit(name: &str, failing: bool) -> Vec<ReportFile> {
+    let body = if failing {
+        r#"<failure message="expected ABC"/>"#
+    } else {
+        ""
+    };
+    let xml = format!(
+        r#"<testsuite name="s"><testcase classname="s" name="{name}">{body}</testcase></testsuite>"#
+    );
+    vec![ReportFile {
+        path: "junit.xml".into(),
+        data: xml.into_bytes(),
+        ..Default::default()
+    }]
+}
+
+fn test_keys(keys: &[JobKey]) -> Vec<(String, String, String)> {
+    let mut out: Vec<_> = keys
+        .iter()
+        .filter_map(|k| match k {
+            JobKey::Test {
+                project,
+                platform,
+                upstream_commit,
+                ..
+            } => Some((project.clone(), platform.clone(), upstream_commit.clone())),
+            JobKey::Build { .. } => None,
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+fn kind(t: &Transition) -> TransitionKind {
+    TransitionKind::try_from(t.kind).unwrap()
+}
+
+/// Polls the projects, then lands and builds `c1` green with green tests.
+async fn green_trunk(f: &mut Farm) -> String {
+    f.git.commit(ADDER);
+    f.git.commit(SHOUTER);
+    f.pipeline.poll_project(0).await;
+    f.pipeline.poll_project(1).await;
+    let c1 = f.git.commit(RT);
+    f.pipeline.poll_upstream(0).await;
+    f.run_jobs(passed).await;
+    f.take_in().await;
+    f.run_jobs(|_| (Outcome::Passed, junit("upper", false)))
+        .await;
+    f.take_in().await;
+    c1
+}
+
+#[tokio::test]
+async fn a_new_upstream_commit_is_built_once_on_each_platform() {
+    let mut f = Farm::new().await;
+    let c1 = f.git.commit(RT);
+    f.pipeline.poll_upstream(0).await;
+    let jobs = f.assigned();
+    let mut builds: Vec<(String, String)> = jobs
+        .iter()
+        .map(|(_, rec, key)| match key {
+            JobKey::Build {
+                platform, commit, ..
+            } => {
+                assert!(rec.spec.labels.contains(platform));
+                assert_eq!(rec.spec.repository.as_ref().unwrap().rev, *commit);
+                assert_eq!(rec.spec.upload_prefix, "prefix");
+                (platform.clone(), commit.clone())
+            }
+            JobKey::Test { .. } => panic!("no runtime yet: no tests"),
+        })
+        .collect();
+    builds.sort();
+    assert_eq!(
+        builds,
+        [
+            ("linux".to_string(), c1.clone()),
+            ("mac".to_string(), c1.clone())
+        ]
+    );
+    let status = f.pipeline.status("").unwrap();
+    let rt = &status.upstreams[0];
+    assert_eq!(rt.head, c1);
+    assert_eq!(rt.latest_builds.len(), 2);
+    assert!(
+        rt.latest_builds
+            .iter()
+            .all(|b| b.state == BuildState::Pending as i32)
+    );
+    // Polled again: nothing new.
+    f.pipeline.poll_upstream(0).await;
+    assert!(f.assigned().is_empty(), "each build exists once");
+    let (again, builds) = f.pipeline.build("rt", &c1[..8], false).await.unwrap();
+    assert_eq!((again, builds.len()), (c1, 2));
+    assert!(
+        f.assigned().is_empty(),
+        "a manual build of a built commit builds nothing"
+    );
+}
+
+#[tokio::test]
+async fn a_passed_build_fans_test_jobs_out_to_subscribed_projects() {
+    let mut f = Farm::new().await;
+    let adder = f.git.commit(ADDER);
+    f.pipeline.poll_project(0).await;
+    f.pipeline.poll_project(1).await;
+    assert!(
+        f.assigned().is_empty(),
+        "no good runtime to test against yet"
+    );
+    let c1 = f.git.commit(RT);
+    f.pipeline.poll_upstream(0).await;
+    // mac fails, linux passes.
+    f.run_jobs(|k| match k {
+        JobKey::Build { platform, .. } if platform == "mac" => (Outcome::Failed, Vec::new()),
+        _ => (Outcome::Passed, Vec::new()),
+    })
+    .await;
+    f.take_in().await;
+    let jobs = f.assigned();
+    let keys: Vec<JobKey> = jobs.iter().map(|(_, _, k)| k.clone()).collect();
+    // Shouter has no commit yet: its branch is tested.
+    assert_eq!(
+        test_keys(&keys),
+        [
+            ("adder".to_string(), "linux".to_string(), c1.clone()),
+            ("shouter".to_string(), "linux".to_string(), c1.clone()),
+        ]
+    );
+    let good = f.results.good_build("rt", "linux").unwrap().unwrap();
+    assert_eq!(good.fanned_out, 2);
+    for (_, rec, key) in &jobs {
+        assert_eq!(rec.spec.artifact_sha256, good.artifact_sha256);
+        if let JobKey::Test {
+            project,
+            project_commit,
+            ..
+        } = key
+        {
+            let want = if project == "adder" {
+                adder.as_str()
+            } else {
+                ""
+            };
+            assert_eq!(project_commit, want);
+        }
+    }
+    let mac = f.results.latest_build("rt", "mac").unwrap().unwrap();
+    assert_eq!((mac.state, mac.fanned_out), (BuildState::Failed as i32, 0));
+    assert!(f.results.good_build("rt", "mac").unwrap().is_none());
+    let status = f.pipeline.status("rt").unwrap();
+    assert_eq!(
+        status.cells.len(),
+        3,
+        "adder on two platforms, shouter on one"
+    );
+    assert_eq!(status.cells.iter().filter(|c| c.pending).count(), 2);
+}
+
+#[tokio::test]
+async fn a_failed_run_after_a_green_one_went_red_naming_the_culprit_range() {
+    let mut f = Farm::new().await;
+    let c1 = green_trunk(&mut f).await;
+    assert_eq!(
+        kind(&f.transitions("shouter")[0]),
+        TransitionKind::StillGreen
+    );
+    // Two commits land; polling sees only the second as the head.
+    let c2 = f.git.commit(RT);
+    let c3 = f.git.commit(RT);
+    f.pipeline.poll_upstream(0).await;
+    f.run_jobs(passed).await;
+    f.take_in().await;
+    f.run_jobs(|k| match k {
+        JobKey::Test { project, .. } if project == "shouter" => {
+            (Outcome::Failed, junit("upper", true))
+        }
+        _ => (Outcome::Passed, Vec::new()),
+    })
+    .await;
+    f.take_in().await;
+    let t = &f.transitions("shouter")[0];
+    assert_eq!(kind(t), TransitionKind::WentRed);
+    assert_eq!(t.last_green_upstream_commit, c1);
+    let culprits: Vec<&str> = t.culprits.iter().map(|c| c.sha.as_str()).collect();
+    assert_eq!(culprits, [c2.as_str(), c3.as_str()]);
+    assert!(t.culprits_error.is_empty());
+    assert_eq!(t.newly_failing.len(), 1);
+    assert!(
+        f.transitions("adder")
+            .iter()
+            .all(|t| kind(t) != TransitionKind::WentRed)
+    );
+    // The maintainer's mail was queued with it.
+    let mails = f.notifier.mails(10, MailState::Pending).unwrap();
+    assert_eq!(mails.len(), 1);
+    assert_eq!(mails[0].to, "shouter-dev@example.org");
+    // Breakage at the middle commit names it.
+    let b = f.pipeline.breakage("rt", &c2[..8]).await.unwrap();
+    assert_eq!(b.went_red.len(), 1);
+    let status = f.pipeline.status("").unwrap();
+    let shouter = status
+        .cells
+        .iter()
+        .find(|c| c.latest.as_ref().unwrap().project == "shouter")
+        .unwrap();
+    assert_eq!(shouter.red_since.as_ref().unwrap().id, t.id);
+}
+
+#[tokio::test]
+async fn a_redelivered_finished_build_fans_out_once_and_records_once() {
+    let mut f = Farm::new().await;
+    f.git.commit(ADDER);
+    f.pipeline.poll_project(0).await;
+    let c1 = f.git.commit(RT);
+    f.pipeline.poll_upstream(0).await;
+    f.run_jobs(passed).await;
+    // The first build is recorded, then the hub dies: no fan-out, no ack.
+    let inbox = f.dispatch.finished_inbox(10).unwrap();
+    assert_eq!(inbox.len(), 2);
+    let first = f.pipeline.record_job(&inbox[0]).await.unwrap().unwrap();
+    assert!(first.fanned_out > 0);
+    assert!(
+        f.assigned().is_empty(),
+        "nothing fanned out before the crash"
+    );
+    f.restart().await;
+    // The inbox hands both builds over again.
+    f.take_in().await;
+    let mut keys: Vec<JobKey> = f.assigned().into_iter().map(|(_, _, k)| k).collect();
+    assert_eq!(
+        test_keys(&keys),
+        [
+            ("adder".to_string(), "linux".to_string(), c1.clone()),
+            ("adder".to_string(), "mac".to_string(), c1.clone()),
+            ("shouter".to_string(), "linux".to_string(), c1.clone()),
+        ]
+    );
+    assert!(
+        f.dispatch.finished_inbox(10).unwrap().is_empty(),
+        "acknowledged"
+    );
+    let builds = f
+        .results
+        .transitions(100, |t| t.project.is_empty())
+        .unwrap();
+    assert_eq!(builds.len(), 2, "one transition per platform: {builds:?}");
+    // Handed over yet again (a crash after the fan-out, before the ack):
+    // nothing new.
+    f.pipeline.take_in(&inbox[0]).await.unwrap();
+    keys.extend(f.assigned().into_iter().map(|(_, _, k)| k));
+    assert_eq!(keys.len(), 3);
+    assert_eq!(f.results.transitions(100, |_| true).unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn a_slow_culprit_fetch_leaves_the_pollers_unblocked() {
+    let mut f = Farm::new().await;
+    green_trunk(&mut f).await;
+    let c2 = f.git.commit(RT);
+    f.pipeline.poll_upstream(0).await;
+    // linux's build fails: listing its culprit range hangs in git.
+    f.run_jobs(|k| match k {
+        JobKey::Build { platform, .. } if platform == "linux" => (Outcome::Failed, Vec::new()),
+        _ => (Outcome::Passed, Vec::new()),
+    })
+    .await;
+    f.git.stall.store(true, Ordering::Relaxed);
+    let pipeline = f.pipeline.clone();
+    let intake = tokio::spawn(async move { pipeline.take_inbox().await });
+    f.git.stalled.notified().await;
+    // Meanwhile every poller still gets through: new heads, new builds,
+    // tests of a new project commit against the good runtime.
+    let guard = Duration::from_secs(10);
+    let c3 = f.git.commit(RT);
+    f.git.commit(ADDER);
+    tokio::time::timeout(guard, f.pipeline.poll_upstream(0))
+        .await
+        .expect("the upstream poller is not blocked");
+    tokio::time::timeout(guard, f.pipeline.poll_project(0))
+        .await
+        .expect("the project poller is not blocked");
+    let keys: Vec<JobKey> = f.assigned().into_iter().map(|(_, _, k)| k).collect();
+    assert!(
+        keys.iter()
+            .any(|k| matches!(k, JobKey::Build { commit, .. } if *commit == c3))
+    );
+    assert!(
+        keys.iter()
+            .any(|k| matches!(k, JobKey::Test { project, .. } if project == "adder"))
+    );
+    f.git.released.notify_one();
+    intake.await.unwrap().unwrap();
+    let t = f
+        .results
+        .transitions(1, |t| t.project.is_empty() && t.platform == "linux")
+        .unwrap();
+    assert_eq!(kind(&t[0]), TransitionKind::WentRed);
+    assert_eq!(t[0].culprits[0].sha, c2);
+}
+
+#[tokio::test]
+async fn a_git_failure_is_shown_and_decides_nothing_else() {
+    let mut f = Farm::new().await;
+    let c1 = green_trunk(&mut f).await;
+    let c2 = f.git.commit(RT);
+    f.pipeline.poll_upstream(0).await;
+    f.run_jobs(|_| (Outcome::Failed, Vec::new())).await;
+    // The server goes away: the culprit range cannot be listed, the
+    // upstream cannot be polled.
+    f.git.broken.lock().unwrap().insert(RT.into());
+    f.take_in().await;
+    let t = f.results.transitions(1, |t| t.project.is_empty()).unwrap();
+    assert_eq!(kind(&t[0]), TransitionKind::WentRed);
+    assert_eq!(t[0].last_green_upstream_commit, c1);
+    let culprits: Vec<&str> = t[0].culprits.iter().map(|c| c.sha.as_str()).collect();
+    assert_eq!(culprits, [c2.as_str()], "only the commit that went red");
+    assert!(
+        t[0].culprits_error.contains("could not read"),
+        "{}",
+        t[0].culprits_error
+    );
+    f.git.commit(RT);
+    f.pipeline.poll_upstream(0).await;
+    let status = f.pipeline.status("").unwrap();
+    assert!(status.upstreams[0].poll_error.contains("could not read"));
+    assert_eq!(status.upstreams[0].head, c2, "the last head seen stays");
+    // Projects are polled as before.
+    f.git.commit(ADDER);
+    f.pipeline.poll_project(0).await;
+    assert!(!f.assigned().is_empty(), "adder's new commit is tested");
+    f.git.broken.lock().unwrap().clear();
+    f.pipeline.poll_upstream(0).await;
+    assert!(
+        f.pipeline.status("").unwrap().upstreams[0]
+            .poll_error
+            .is_empty()
+    );
+}

@@ -1,0 +1,84 @@
+//! The `results` tree's key layout, in one place (the whole database's
+//! layout is listed in [`crate::store::trees::RESULTS`]). Names never
+//! contain `/` (the config allows `[A-Za-z0-9._-]`), so every prefix below
+//! selects exactly its records.
+
+use crate::store::id_key;
+
+/// `b/<upstream>/<platform>/<commit>` → the newest build of that commit.
+pub(super) fn build(upstream: &str, platform: &str, commit: &str) -> String {
+    format!("b/{upstream}/{platform}/{commit}")
+}
+
+/// The two build pointers per (upstream, platform).
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Pointer {
+    /// `bl/<upstream>/<platform>` → the newest build.
+    Latest,
+    /// `bg/<upstream>/<platform>` → the newest passed build.
+    Good,
+}
+
+impl Pointer {
+    /// The prefix all of this pointer's keys share.
+    pub(super) fn prefix(self) -> &'static str {
+        match self {
+            Pointer::Latest => "bl/",
+            Pointer::Good => "bg/",
+        }
+    }
+
+    /// The pointer's key for one (upstream, platform).
+    pub(super) fn key(self, upstream: &str, platform: &str) -> String {
+        format!("{}{upstream}/{platform}", self.prefix())
+    }
+}
+
+/// `r/<project>/<upstream>/<platform>/` → the runs of a series.
+pub(super) fn runs(project: &str, upstream: &str, platform: &str) -> String {
+    format!("r/{project}/{upstream}/{platform}/")
+}
+
+/// `r/<project>/<upstream>/<platform>/<job id>` → one run.
+pub(super) fn run(project: &str, upstream: &str, platform: &str, job_id: u64) -> String {
+    format!("{}{}", runs(project, upstream, platform), id_key(job_id))
+}
+
+/// The prefix of every series' newest run.
+pub(super) const LATEST_RUNS: &str = "rl/";
+
+/// `rl/<project>/<upstream>/<platform>` → the newest run's summary.
+pub(super) fn latest_run(project: &str, upstream: &str, platform: &str) -> String {
+    format!("{LATEST_RUNS}{project}/{upstream}/{platform}")
+}
+
+/// The prefix of every series' state.
+pub(super) const SERIES: &str = "s/";
+
+/// A run series' name: `<project>/<upstream>/<platform>`.
+pub(super) fn run_series(project: &str, upstream: &str, platform: &str) -> String {
+    format!("{project}/{upstream}/{platform}")
+}
+
+/// A build series' name: `/<upstream>/<platform>` (no project).
+pub(super) fn build_series(upstream: &str, platform: &str) -> String {
+    format!("/{upstream}/{platform}")
+}
+
+/// `s/<series>` → the series' state.
+pub(super) fn series(name: &str) -> String {
+    format!("{SERIES}{name}")
+}
+
+/// The prefix of every transition.
+pub(super) const TRANSITIONS: &str = "t/";
+
+/// `t/<id>` → one transition (ids increase: key order is id order).
+pub(super) fn transition(id: u64) -> String {
+    format!("{TRANSITIONS}{}", id_key(id))
+}
+
+/// `p/<job id>` → marker: this finished job is recorded.
+pub(super) fn recorded(job_id: u64) -> String {
+    format!("p/{}", id_key(job_id))
+}

@@ -1,0 +1,311 @@
+//! Results of the trunk pipeline: runtime builds, downstream test runs, and
+//! the transitions between them (went red, still red, fixed, still green)
+//! with culprit ranges. Owns the `results` tree.
+//!
+//! A *series* is what gets compared over time: one (project, upstream,
+//! platform) for test runs, one (upstream, platform) for the runtime's own
+//! builds. Each new decisive result (green or red; infrastructure errors
+//! are recorded but decide nothing) is classified against the series'
+//! previous one, and the transition is stored in the same atomic write as
+//! the result, under a fresh increasing id: the notifier reads transitions
+//! in id order.
+//!
+//! * `classify.rs` — the pure part: a result against its series' state.
+//! * `keys.rs` — the tree's key layout.
+//! * `query.rs` — the read models: status grid, breakage, transitions,
+//!   red series, artifacts still referenced.
+//! * here — the records and the one recorder, [`Results::record`].
+//!
+//! The recorder owns its locks: records run one at a time (the series read
+//! before classifying cannot change before the write), and every
+//! read-modify-write of the tree (a record's write, a build queued by a
+//! poller) is serialised, so a "queued" mark never overwrites a finished
+//! build. Listing the culprit range with git happens between classifying and
+//! writing, holding only the records' lock, which no poller takes.
+
+mod classify;
+mod keys;
+mod query;
+#[cfg(test)]
+mod tests;
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use serde::{Deserialize, Serialize};
+use trunkfarm_proto::v1::{BuildInfo, BuildState, Commit, RunInfo, TestCase, Transition};
+
+pub(crate) use classify::{CulpritRange, SeriesState, run_status};
+pub(crate) use query::GridSeries;
+
+use crate::store::{StoreError, Table, now_ms};
+use keys::Pointer;
+
+/// A run as stored: what the status grid shows plus every test case.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub(crate) struct RunRecord {
+    /// The summary (its `failing_tests` holds the failing cases only).
+    pub(crate) info: RunInfo,
+    /// Every test case the JUnit reports named.
+    pub(crate) cases: Vec<TestCase>,
+}
+
+/// A finished pipeline job, as the pipeline took it in: what is recorded.
+#[derive(Clone, Debug)]
+pub(crate) enum Finished {
+    /// A runtime build (its `head_seq` orders it in its series).
+    Build(BuildInfo),
+    /// A test run; `head_seq` is when its upstream commit was the head
+    /// (0: never, the run is stored but decides nothing).
+    Run {
+        /// The run.
+        run: RunRecord,
+        /// Its upstream commit's head sequence.
+        head_seq: u64,
+    },
+}
+
+impl Finished {
+    fn job_id(&self) -> u64 {
+        match self {
+            Finished::Build(b) => b.job_id,
+            Finished::Run { run, .. } => run.info.job_id,
+        }
+    }
+}
+
+/// What [`Results::record`] did.
+#[derive(Debug)]
+pub(crate) enum Recorded {
+    /// The job was recorded before (the inbox hands a job over again after
+    /// a crash between record and ack): nothing was written.
+    Already,
+    /// Recorded now, with the transition it caused, if it decided anything.
+    New(Option<Box<Transition>>),
+}
+
+/// Lists a went-red result's culprit commits (git, for the pipeline).
+#[tonic::async_trait]
+pub(crate) trait Culprits: Send + Sync {
+    /// The range's commits, oldest first, and why the list is incomplete
+    /// (empty when it is not).
+    async fn list(&self, range: &CulpritRange) -> (Vec<Commit>, String);
+}
+
+/// Whoever must write in the same atomic transaction as a new transition
+/// (the notifier's outbox: a mail is never lost between the transition and
+/// its queueing, nor queued twice).
+pub(crate) trait TransitionSink: Send + Sync {
+    /// The table the staged writes go to.
+    fn table(&self) -> &Table;
+    /// Stages into `batch` what the stored transition `t` causes (for
+    /// [`TransitionSink::table`], applied atomically with `t`).
+    fn stage(&self, t: &Transition, batch: &mut sled::Batch) -> Result<(), StoreError>;
+}
+
+/// Owner of the `results` tree (cheap to clone; clones share the locks).
+#[derive(Clone)]
+pub(crate) struct Results {
+    table: Table,
+    /// Held for a whole [`Results::record`]: one record at a time.
+    recording: Arc<tokio::sync::Mutex<()>>,
+    /// Held for every read-modify-write of the tree (never across an await).
+    writing: Arc<Mutex<()>>,
+}
+
+impl Results {
+    /// Opens the `results` tree.
+    pub(crate) fn open(store: &crate::store::Store) -> Result<Results, StoreError> {
+        Ok(Results {
+            table: Table::open(store, crate::store::trees::RESULTS)?,
+            recording: Arc::default(),
+            writing: Arc::default(),
+        })
+    }
+
+    fn write_lock(&self) -> MutexGuard<'_, ()> {
+        self.writing.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether the finished job `job_id` was already recorded.
+    fn recorded(&self, job_id: u64) -> Result<bool, StoreError> {
+        self.table.contains(keys::recorded(job_id))
+    }
+
+    /// A build as last recorded.
+    pub(crate) fn build(
+        &self,
+        upstream: &str,
+        platform: &str,
+        commit: &str,
+    ) -> Result<Option<BuildInfo>, StoreError> {
+        self.table.get(keys::build(upstream, platform, commit))
+    }
+
+    /// The newest build of an upstream on a platform.
+    pub(crate) fn latest_build(
+        &self,
+        upstream: &str,
+        platform: &str,
+    ) -> Result<Option<BuildInfo>, StoreError> {
+        self.table.get(Pointer::Latest.key(upstream, platform))
+    }
+
+    /// The newest passed build (what new project commits test against).
+    pub(crate) fn good_build(
+        &self,
+        upstream: &str,
+        platform: &str,
+    ) -> Result<Option<BuildInfo>, StoreError> {
+        self.table.get(Pointer::Good.key(upstream, platform))
+    }
+
+    /// The newest run of a series.
+    pub(crate) fn latest_run(
+        &self,
+        project: &str,
+        upstream: &str,
+        platform: &str,
+    ) -> Result<Option<RunRecord>, StoreError> {
+        self.table
+            .get(keys::latest_run(project, upstream, platform))
+    }
+
+    /// A series' remembered state.
+    fn series(&self, name: &str) -> Result<SeriesState, StoreError> {
+        Ok(self.table.get(keys::series(name))?.unwrap_or_default())
+    }
+
+    /// One transition.
+    fn transition(&self, id: u64) -> Result<Option<Transition>, StoreError> {
+        self.table.get(keys::transition(id))
+    }
+
+    /// Marks a build job queued (state pending) so the status shows it
+    /// before it finishes; not a decisive result. Returns what the build
+    /// shows now: the stored build if it already is this job's (maybe
+    /// finished), the pending mark, or `None` when this job was recorded
+    /// already and a newer build of the commit has taken its place.
+    pub(crate) async fn build_queued(
+        &self,
+        build: BuildInfo,
+    ) -> Result<Option<BuildInfo>, StoreError> {
+        {
+            let _w = self.write_lock();
+            if let Some(existing) = self.build(&build.upstream, &build.platform, &build.commit)?
+                && existing.job_id == build.job_id
+            {
+                return Ok(Some(existing));
+            }
+            if self.recorded(build.job_id)? {
+                return Ok(None);
+            }
+            let mut batch = sled::Batch::default();
+            self.stage_build(&mut batch, &build)?;
+            self.table.apply(batch)?;
+        }
+        self.table.store().commit().await?;
+        Ok(Some(build))
+    }
+
+    /// Stages `b` under its commit and moves the newest-build pointer (and
+    /// the newest-passed one, if it passed) to it, unless they point at a
+    /// newer head already. Only commits that were the head move pointers.
+    fn stage_build(&self, batch: &mut sled::Batch, b: &BuildInfo) -> Result<(), StoreError> {
+        self.table
+            .stage(batch, keys::build(&b.upstream, &b.platform, &b.commit), b)?;
+        let mut pointers = vec![Pointer::Latest];
+        if b.state == BuildState::Passed as i32 {
+            pointers.push(Pointer::Good);
+        }
+        for pointer in pointers {
+            let key = pointer.key(&b.upstream, &b.platform);
+            let current: Option<BuildInfo> = self.table.get(&key)?;
+            if b.head_seq > 0 && current.is_none_or(|c| c.head_seq <= b.head_seq) {
+                self.table.stage(batch, key, b)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Records a finished job once: classifies it against its series, lists
+    /// the culprits of a went-red result (`culprits`, without any lock the
+    /// pollers take), and writes the result, its transition, the series'
+    /// next state, the "recorded" marker and `sink`'s writes for the
+    /// transition in one atomic step, durable when this returns. A job
+    /// recorded before is [`Recorded::Already`].
+    pub(crate) async fn record(
+        &self,
+        finished: Finished,
+        culprits: &dyn Culprits,
+        sink: &dyn TransitionSink,
+    ) -> Result<Recorded, StoreError> {
+        let _one = self.recording.lock().await;
+        let job_id = finished.job_id();
+        if self.recorded(job_id)? {
+            return Ok(Recorded::Already);
+        }
+        let series_name = classify::series_of(&finished);
+        let mut state = self.series(&series_name)?;
+        let verdict = classify::judge(&state, &finished);
+        let (listed, listed_error) = match verdict.as_ref().and_then(|v| v.culprit_range()) {
+            Some(range) => culprits.list(&range).await,
+            None => (Vec::new(), String::new()),
+        };
+        let transition = {
+            let _w = self.write_lock();
+            let mut batch = sled::Batch::default();
+            let transition = match verdict {
+                Some(verdict) => {
+                    let mut t = verdict.transition.clone();
+                    t.id = self.table.store().next_id()?;
+                    t.at_ms = now_ms();
+                    t.culprits = listed;
+                    t.culprits_error = listed_error;
+                    classify::advance(&mut state, &t, verdict);
+                    self.table.stage(&mut batch, keys::transition(t.id), &t)?;
+                    self.table
+                        .stage(&mut batch, keys::series(&series_name), &state)?;
+                    Some(t)
+                }
+                None => None,
+            };
+            match &finished {
+                Finished::Build(b) => self.stage_build(&mut batch, b)?,
+                Finished::Run { run, .. } => {
+                    let i = &run.info;
+                    self.table.stage(
+                        &mut batch,
+                        keys::run(&i.project, &i.upstream, &i.platform, i.job_id),
+                        run,
+                    )?;
+                    let latest = self.latest_run(&i.project, &i.upstream, &i.platform)?;
+                    if latest.is_none_or(|l| l.info.job_id <= i.job_id) {
+                        // The grid reads these often: the summary only, not every case.
+                        let summary = RunRecord {
+                            info: i.clone(),
+                            cases: Vec::new(),
+                        };
+                        self.table.stage(
+                            &mut batch,
+                            keys::latest_run(&i.project, &i.upstream, &i.platform),
+                            &summary,
+                        )?;
+                    }
+                }
+            }
+            batch.insert(keys::recorded(job_id).as_bytes(), &[][..]);
+            match &transition {
+                None => self.table.apply(batch)?,
+                Some(t) => {
+                    let mut theirs = sled::Batch::default();
+                    sink.stage(t, &mut theirs)?;
+                    self.table.apply_with(batch, sink.table(), theirs)?;
+                }
+            }
+            transition
+        };
+        self.table.store().commit().await?;
+        Ok(Recorded::New(transition.map(Box::new)))
+    }
+}
