@@ -21,14 +21,14 @@ use std::time::Duration;
 use serde::Deserialize;
 use trunkfarm_proto::settings::{self, Problem, check_path, fmt_bytes, fmt_duration};
 
-pub use trunkfarm_proto::settings::ConfigError;
+pub(crate) use trunkfarm_proto::settings::ConfigError;
 
 mod notify;
 mod pipeline;
 mod pool;
-pub use notify::{NotifySection, SmtpSection, SmtpSecurity, WebSection};
-pub use pipeline::{ArtifactsSection, PipelineSection, ProjectConfig, UpstreamConfig};
-pub use pool::{Ec2Section, PoolConfig, ProvisionerKind};
+pub(crate) use notify::{NotifySection, SmtpSection, SmtpSecurity, WebSection};
+pub(crate) use pipeline::{ArtifactsSection, PipelineSection, ProjectConfig, UpstreamConfig};
+pub(crate) use pool::{Ec2Section, PoolConfig, ProvisionerKind};
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
@@ -37,66 +37,66 @@ const MIB: u64 = 1024 * KIB;
 /// validation. Built by [`HubConfig::load`], [`HubConfig::from_toml`] or
 /// [`HubConfig::default_for`].
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HubConfig {
+pub(crate) struct HubConfig {
     /// The file this configuration came from, so later errors (and `config
     /// show`) can point the operator at it; `None` for defaults or inline text.
-    pub source: Option<PathBuf>,
+    pub(crate) source: Option<PathBuf>,
     /// `[hub]`: where the hub listens and keeps its data.
-    pub hub: HubSection,
+    pub(crate) hub: HubSection,
     /// `[tls]`: how agents' connections are secured.
-    pub tls: TlsSection,
+    pub(crate) tls: TlsSection,
     /// `[admin]`: how the operator's CLI authenticates.
-    pub admin: AdminSection,
+    pub(crate) admin: AdminSection,
     /// `[dispatch]`: leases, heartbeats, retries and job timeouts.
-    pub dispatch: DispatchSection,
+    pub(crate) dispatch: DispatchSection,
     /// `[limits]`: message and log sizes.
-    pub limits: LimitsSection,
+    pub(crate) limits: LimitsSection,
     /// `[enrollment]`: lifetimes of enrollment tokens.
-    pub enrollment: EnrollmentSection,
+    pub(crate) enrollment: EnrollmentSection,
     /// `[artifacts]`: how many runtime artifacts are kept, how large they may be.
-    pub artifacts: ArtifactsSection,
+    pub(crate) artifacts: ArtifactsSection,
     /// `[pipeline]`: how the hub talks to git.
-    pub pipeline: PipelineSection,
+    pub(crate) pipeline: PipelineSection,
     /// `[[upstream]]`: the runtimes whose trunk is built.
-    pub upstreams: Vec<UpstreamConfig>,
+    pub(crate) upstreams: Vec<UpstreamConfig>,
     /// `[[project]]`: the downstream projects tested against them.
-    pub projects: Vec<ProjectConfig>,
+    pub(crate) projects: Vec<ProjectConfig>,
     /// `[smtp]`: how mail is delivered.
-    pub smtp: SmtpSection,
+    pub(crate) smtp: SmtpSection,
     /// `[notify]`: what is mailed, when.
-    pub notify: NotifySection,
+    pub(crate) notify: NotifySection,
     /// `[web]`: the hub's HTTP endpoint (unsubscribe links).
-    pub web: WebSection,
+    pub(crate) web: WebSection,
     /// `[[pool]]`: on-demand agents.
-    pub pools: Vec<PoolConfig>,
+    pub(crate) pools: Vec<PoolConfig>,
 }
 
 /// `[hub]`: the hub's network identity and data location.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields, expecting = "a [hub] table")]
-pub struct HubSection {
+pub(crate) struct HubSection {
     /// Address the gRPC server binds. Port 0 picks a free port (tests, demos).
     #[serde(deserialize_with = "de::socket_addr")]
-    pub listen: SocketAddr,
+    pub(crate) listen: SocketAddr,
     /// The `host:port` agents dial, when it differs from `listen` (NAT, proxy,
     /// `0.0.0.0` binds); printed in enrollment strings.
-    pub public_address: Option<String>,
+    pub(crate) public_address: Option<String>,
     /// Where the database, generated TLS material and the admin token live.
     /// Relative paths are resolved against the config file's directory (or
     /// the working directory when there is no file).
-    pub data_dir: PathBuf,
+    pub(crate) data_dir: PathBuf,
     /// A short name for this hub (`[a-z0-9-]`, at most 32 characters), shown
     /// to agents and in notifications when one donor serves several hubs.
-    pub hub_id: Option<String>,
+    pub(crate) hub_id: Option<String>,
     /// Free space kept in reserve on the data dir's file system: below it
     /// the hub takes no new jobs or artifacts (running jobs still report),
     /// so the database never fills the disk.
     #[serde(deserialize_with = "de::byte_size")]
-    pub min_free_space: u64,
+    pub(crate) min_free_space: u64,
 }
 
 /// The default `hub.min_free_space`, bytes.
-pub const DEFAULT_MIN_FREE_SPACE: u64 = 256 * 1024 * 1024;
+pub(crate) const DEFAULT_MIN_FREE_SPACE: u64 = 256 * 1024 * 1024;
 
 impl Default for HubSection {
     fn default() -> Self {
@@ -113,58 +113,58 @@ impl Default for HubSection {
 /// `[tls]`: transport security for agent and admin connections.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
 #[serde(default, deny_unknown_fields, expecting = "a [tls] table")]
-pub struct TlsSection {
+pub(crate) struct TlsSection {
     /// Serve plain HTTP/2 instead of TLS. Only for a hub behind a proxy that
     /// terminates TLS itself: agent secrets would otherwise cross the network
     /// in clear text.
-    pub plaintext: bool,
+    pub(crate) plaintext: bool,
     /// The operator's own PEM certificate chain (ending with the issuing CA,
     /// which agents pin). With neither `cert` nor `key` the hub creates its
     /// own CA and certificate in `<data_dir>/tls`.
-    pub cert: Option<PathBuf>,
+    pub(crate) cert: Option<PathBuf>,
     /// The PEM private key for `cert`.
-    pub key: Option<PathBuf>,
+    pub(crate) key: Option<PathBuf>,
     /// Extra DNS names and IP addresses to put in the certificate the hub
     /// generates (it always includes `localhost`, `127.0.0.1` and `::1`).
     /// Not allowed together with `cert`, which it would not affect.
-    pub hostnames: Vec<String>,
+    pub(crate) hostnames: Vec<String>,
 }
 
 /// `[admin]`: the operator's credential.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
 #[serde(default, deny_unknown_fields, expecting = "an [admin] table")]
-pub struct AdminSection {
+pub(crate) struct AdminSection {
     /// Where the admin token is kept; `None` means `<data_dir>/admin.token`.
     /// See [`HubConfig::admin_token_path`].
-    pub token_file: Option<PathBuf>,
+    pub(crate) token_file: Option<PathBuf>,
 }
 
 /// `[dispatch]`: how jobs are leased to agents and when they are given up on.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields, expecting = "a [dispatch] table")]
-pub struct DispatchSection {
+pub(crate) struct DispatchSection {
     /// How often agents must send a heartbeat; sent to agents in `Welcome`.
     #[serde(deserialize_with = "de::duration")]
-    pub heartbeat_interval: Duration,
+    pub(crate) heartbeat_interval: Duration,
     /// How long a lease survives without a heartbeat before its job is
     /// requeued. At least twice `heartbeat_interval`, so one lost heartbeat
     /// does not cost a job.
     #[serde(deserialize_with = "de::duration")]
-    pub lease_timeout: Duration,
+    pub(crate) lease_timeout: Duration,
     /// How many times a job is started before it is reported as an error
     /// (lost leases and infrastructure errors count; test failures do not).
     #[serde(deserialize_with = "de::count")]
-    pub max_attempts: u32,
+    pub(crate) max_attempts: u32,
     /// Timeout for a job whose project does not set one.
     #[serde(deserialize_with = "de::duration")]
-    pub default_job_timeout: Duration,
+    pub(crate) default_job_timeout: Duration,
     /// The longest timeout a project may ask for.
     #[serde(deserialize_with = "de::duration")]
-    pub max_job_timeout: Duration,
+    pub(crate) max_job_timeout: Duration,
     /// On shutdown, how long running jobs may finish before they are
     /// cancelled.
     #[serde(deserialize_with = "de::duration")]
-    pub drain_grace: Duration,
+    pub(crate) drain_grace: Duration,
 }
 
 impl Default for DispatchSection {
@@ -183,14 +183,14 @@ impl Default for DispatchSection {
 /// `[limits]`: sizes, in bytes.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields, expecting = "a [limits] table")]
-pub struct LimitsSection {
+pub(crate) struct LimitsSection {
     /// Largest gRPC message the hub accepts or sends, in bytes (at least
     /// 4 MiB, since a job result carries up to 3 MiB of report files).
     #[serde(deserialize_with = "de::byte_size")]
-    pub max_message_size: u64,
+    pub(crate) max_message_size: u64,
     /// Log bytes the hub keeps per job; beyond it the middle is cut.
     #[serde(deserialize_with = "de::byte_size")]
-    pub max_log_size: u64,
+    pub(crate) max_log_size: u64,
 }
 
 impl Default for LimitsSection {
@@ -205,13 +205,13 @@ impl Default for LimitsSection {
 /// `[enrollment]`: lifetimes of the one-time tokens that enroll agents.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields, expecting = "an [enrollment] table")]
-pub struct EnrollmentSection {
+pub(crate) struct EnrollmentSection {
     /// Lifetime of a token created without `--ttl`.
     #[serde(deserialize_with = "de::duration")]
-    pub default_token_ttl: Duration,
+    pub(crate) default_token_ttl: Duration,
     /// The longest lifetime a token may be given.
     #[serde(deserialize_with = "de::duration")]
-    pub max_token_ttl: Duration,
+    pub(crate) max_token_ttl: Duration,
 }
 
 impl Default for EnrollmentSection {
@@ -246,7 +246,7 @@ struct RawHubConfig {
 impl HubConfig {
     /// Reads, parses and validates the config file at `path`. A missing file
     /// is an error naming it: the operator asked for that file.
-    pub fn load(path: &Path) -> Result<HubConfig, ConfigError> {
+    pub(crate) fn load(path: &Path) -> Result<HubConfig, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             path: path.to_path_buf(),
             error,
@@ -258,7 +258,7 @@ impl HubConfig {
     /// came from: it names the file in messages and is the base for relative
     /// paths (without it, relative paths stay relative to the working
     /// directory).
-    pub fn from_toml(text: &str, origin: Option<&Path>) -> Result<HubConfig, ConfigError> {
+    pub(crate) fn from_toml(text: &str, origin: Option<&Path>) -> Result<HubConfig, ConfigError> {
         let file = origin.map(Path::to_path_buf);
         let doc = settings::document(text, &file)?;
         let raw: RawHubConfig = settings::deserialize(text, &doc, &file)?;
@@ -295,7 +295,7 @@ impl HubConfig {
 
     /// The configuration with every default and no file: for a hub started
     /// without `--config`, and for tests.
-    pub fn default_for(data_dir: PathBuf) -> HubConfig {
+    pub(crate) fn default_for(data_dir: PathBuf) -> HubConfig {
         HubConfig {
             source: None,
             hub: HubSection {
@@ -321,7 +321,7 @@ impl HubConfig {
     /// Checks the semantic rules again, for a caller that changed fields after
     /// loading (e.g. command-line overrides). Errors name `source` but no line.
     #[cfg(test)]
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         self.check_paths()
             .and_then(|()| self.problems())
             .map_err(|p| ConfigError::Invalid {
@@ -333,13 +333,13 @@ impl HubConfig {
     }
 
     /// The directory holding the hub's database and generated files.
-    pub fn data_dir(&self) -> &Path {
+    pub(crate) fn data_dir(&self) -> &Path {
         &self.hub.data_dir
     }
 
     /// The file holding the admin token: `admin.token_file`, or
     /// `<data_dir>/admin.token` when that is not set.
-    pub fn admin_token_path(&self) -> PathBuf {
+    pub(crate) fn admin_token_path(&self) -> PathBuf {
         match &self.admin.token_file {
             Some(path) => path.clone(),
             None => self.hub.data_dir.join("admin.token"),
@@ -348,7 +348,7 @@ impl HubConfig {
 
     /// Where the hub keeps the CA and certificate it generates when the
     /// operator supplies none.
-    pub fn generated_tls_dir(&self) -> PathBuf {
+    pub(crate) fn generated_tls_dir(&self) -> PathBuf {
         self.hub.data_dir.join("tls")
     }
 

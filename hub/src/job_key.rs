@@ -15,7 +15,7 @@ pub(crate) const TEST_PREFIX: &str = "test/";
 
 /// What a pipeline job is for.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum JobKey {
+pub(crate) enum JobKey {
     /// Build an upstream commit on a platform.
     Build {
         /// Upstream name.
@@ -88,7 +88,7 @@ impl fmt::Display for JobKey {
 
 impl JobKey {
     /// Reads a key back; `None` for anything that is not a pipeline key.
-    pub fn parse(key: &str) -> Option<JobKey> {
+    pub(crate) fn parse(key: &str) -> Option<JobKey> {
         let parts: Vec<&str> = key.split('/').collect();
         if parts.iter().any(|p| p.is_empty()) {
             return None;

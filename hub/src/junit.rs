@@ -24,13 +24,13 @@ use quick_xml::events::{BytesRef, BytesStart, Event};
 use trunkfarm_proto::v1::{ReportFile, TestCase, TestStatus};
 
 /// Test cases one file may hold; beyond it the file is refused.
-pub const MAX_CASES: usize = 100_000;
+pub(crate) const MAX_CASES: usize = 100_000;
 /// Element nesting the parser accepts (the root is depth 1).
-pub const MAX_DEPTH: usize = 64;
+pub(crate) const MAX_DEPTH: usize = 64;
 /// Bytes kept of a test case's name.
-pub const MAX_NAME_BYTES: usize = 500;
+pub(crate) const MAX_NAME_BYTES: usize = 500;
 /// Bytes kept of a failure's message.
-pub const MAX_MESSAGE_BYTES: usize = 300;
+pub(crate) const MAX_MESSAGE_BYTES: usize = 300;
 /// Bytes of an unexpected root element's name quoted in an error.
 const MAX_QUOTED_BYTES: usize = 100;
 /// Bytes kept of the description of malformed XML: quick-xml's messages
@@ -40,20 +40,20 @@ const MAX_DETAIL_BYTES: usize = 300;
 
 /// What a set of JUnit files says.
 #[derive(Clone, Debug, Default, PartialEq)]
-pub struct Report {
+pub(crate) struct Report {
     /// Cases from every usable file, in file order then document order.
-    pub cases: Vec<TestCase>,
+    pub(crate) cases: Vec<TestCase>,
     /// One human-readable line per file that could not be used (fully).
-    pub errors: Vec<String>,
+    pub(crate) errors: Vec<String>,
 }
 
 /// Where in a file something went wrong.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Position {
+pub(crate) struct Position {
     /// Byte offset from the start of the file.
-    pub byte: u64,
+    pub(crate) byte: u64,
     /// 1-based line number.
-    pub line: u64,
+    pub(crate) line: u64,
 }
 
 impl fmt::Display for Position {
@@ -64,7 +64,7 @@ impl fmt::Display for Position {
 
 /// Why a file is not a usable JUnit report.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum JunitErrorKind {
+pub(crate) enum JunitErrorKind {
     /// No bytes (or only whitespace).
     Empty,
     /// Not well-formed XML (including invalid UTF-8 and unknown entities).
@@ -113,15 +113,15 @@ impl fmt::Display for JunitErrorKind {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{path}: {kind}")]
 #[cfg(test)]
-pub struct JunitError {
+pub(crate) struct JunitError {
     /// The file's path, as given to [`parse`].
-    pub path: String,
-    pub kind: JunitErrorKind,
+    pub(crate) path: String,
+    pub(crate) kind: JunitErrorKind,
 }
 
 /// Parses one file's bytes; `path` is only used in error messages.
 #[cfg(test)]
-pub fn parse(path: &str, xml: &[u8]) -> Result<Vec<TestCase>, JunitError> {
+pub(crate) fn parse(path: &str, xml: &[u8]) -> Result<Vec<TestCase>, JunitError> {
     let (cases, error) = parse_partial(xml);
     match error {
         None => Ok(cases),
@@ -136,7 +136,7 @@ pub fn parse(path: &str, xml: &[u8]) -> Result<Vec<TestCase>, JunitError> {
 /// per bad one: files the agent could not read (`error` set), malformed files
 /// (whose cases are dropped), and truncated files (whose cases before the cut
 /// are kept, but which are flagged). One bad file never hides the others.
-pub fn parse_reports(files: &[ReportFile]) -> Report {
+pub(crate) fn parse_reports(files: &[ReportFile]) -> Report {
     let mut report = Report::default();
     for file in files {
         let path = if file.path.is_empty() {
@@ -175,7 +175,7 @@ pub fn parse_reports(files: &[ReportFile]) -> Report {
 }
 
 /// The names of failing (failed or error) cases, sorted, deduplicated.
-pub fn failing(cases: &[TestCase]) -> Vec<String> {
+pub(crate) fn failing(cases: &[TestCase]) -> Vec<String> {
     let mut names: Vec<String> = cases
         .iter()
         .filter(|case| {

@@ -4,35 +4,64 @@
 //! A binary crate on purpose: nothing is exported, so the compiler reports
 //! every item nothing uses.
 
+// `pub(crate)` by default: a bare `pub` would claim an API nobody outside
+// could use (clippy runs with -D warnings, so this is enforced).
+#![warn(unreachable_pub)]
+
 // Shared leaf types: what a job is for, how a commit is written for people.
 mod commit;
 mod job_key;
 
-// State and its owners, along the data path.
-mod artifacts;
-mod auth;
-mod config;
-mod dispatch;
-mod junit;
-mod logs;
-mod metrics;
-mod notify;
-mod pipeline;
-mod provision;
-mod results;
-mod space;
+// Under everything: the database, the config, the disk's reserve.
 mod store;
 
+mod config;
+
+mod space;
+
+// The data path, in order.
+// Watch trunk and projects; make build and test jobs; take finished ones in.
+mod pipeline;
+
+// Jobs meet agents: queue, leases, sessions, the one result.
+mod dispatch;
+
+// The runtimes the builds upload and the test jobs download.
+mod artifacts;
+
+// What the jobs printed, and their JUnit reports.
+mod logs;
+
+mod junit;
+
+// Builds, runs, series and the transitions they cause.
+mod results;
+
+// Subscriptions, the outbox and the mail.
+mod notify;
+
+// Beside the path: on-demand machines, who may connect, what is measured.
+mod provision;
+
+mod auth;
+
+mod metrics;
+
 // The edges: the wire, the web, the command line.
-mod admin_client;
-mod cli;
 mod grpc;
-mod server;
+
 mod web;
 
+mod server;
+
+mod admin_client;
+
+mod cli;
+
 // Tools beside the product: the embedded demo and the benchmarks.
-mod bench;
 mod demo;
+
+mod bench;
 
 fn main() -> std::process::ExitCode {
     cli::main()

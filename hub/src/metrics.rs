@@ -11,7 +11,7 @@ use crate::notify::Notifier;
 use crate::provision::{InstanceState, Pools};
 
 /// Renders every gauge.
-pub fn render(
+pub(crate) fn render(
     dispatch: &Dispatcher,
     artifacts: &Artifacts,
     notifier: &Notifier,

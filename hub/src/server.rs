@@ -34,28 +34,28 @@ use tokio_util::sync::CancellationToken;
 /// Written to `<data_dir>/hub.json` once the hub serves, so the CLI (and
 /// tests, and scripts) find a hub started on port 0.
 #[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct HubInfo {
+pub(crate) struct HubInfo {
     /// The bound address.
-    pub address: String,
+    pub(crate) address: String,
     /// The address in enrollment strings.
-    pub public_address: String,
+    pub(crate) public_address: String,
     /// Whether it speaks TLS.
-    pub tls: bool,
+    pub(crate) tls: bool,
     /// The CA fingerprint agents pin (hex SHA-256); empty for plaintext.
-    pub ca_sha256: String,
+    pub(crate) ca_sha256: String,
     /// The hub's process id.
-    pub pid: u32,
+    pub(crate) pid: u32,
     /// Where the web endpoint (unsubscribe links) listens.
     #[serde(default)]
-    pub web: String,
+    pub(crate) web: String,
 }
 
 /// The name of the file that says where a running hub is.
-pub const HUB_INFO_FILE: &str = "hub.json";
+pub(crate) const HUB_INFO_FILE: &str = "hub.json";
 
 impl HubInfo {
     /// Reads the file a running hub wrote into `data_dir`.
-    pub fn read(data_dir: &Path) -> anyhow::Result<HubInfo> {
+    pub(crate) fn read(data_dir: &Path) -> anyhow::Result<HubInfo> {
         let path = data_dir.join(HUB_INFO_FILE);
         let text = std::fs::read_to_string(&path).with_context(|| {
             format!(
@@ -72,11 +72,11 @@ impl HubInfo {
 const RECOVERY_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A running hub.
-pub struct Hub {
+pub(crate) struct Hub {
     /// The bound address.
-    pub addr: SocketAddr,
+    pub(crate) addr: SocketAddr,
     /// What was written to hub.json.
-    pub info: HubInfo,
+    pub(crate) info: HubInfo,
     info_path: PathBuf,
     dispatch: Dispatcher,
     web: Option<web::Web>,
@@ -90,7 +90,7 @@ pub struct Hub {
 impl Hub {
     /// Opens the data dir and starts serving. Returns once the listener is
     /// bound and `hub.json` is written.
-    pub async fn start(cfg: &HubConfig) -> anyhow::Result<Hub> {
+    pub(crate) async fn start(cfg: &HubConfig) -> anyhow::Result<Hub> {
         let data_dir = cfg.data_dir().to_path_buf();
         std::fs::create_dir_all(&data_dir)
             .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
@@ -325,7 +325,7 @@ impl Hub {
     /// failing database may stall) until the database failed and the data
     /// dir takes writes again: the hub must then be restarted to open the
     /// database afresh. Never returns while all is well.
-    pub fn wait_database_recoverable(&self) -> impl FnOnce() + Send + 'static {
+    pub(crate) fn wait_database_recoverable(&self) -> impl FnOnce() + Send + 'static {
         let (store, space) = (self.store.clone(), self.space.clone());
         move || loop {
             std::thread::sleep(RECOVERY_CHECK_INTERVAL);
@@ -337,7 +337,7 @@ impl Hub {
 
     /// Stops serving: ends agent sessions (they reconnect to the next hub),
     /// waits for in-flight calls, and makes sure everything is on disk.
-    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+    pub(crate) async fn shutdown(mut self) -> anyhow::Result<()> {
         let _ = std::fs::remove_file(&self.info_path);
         self.stop_pipeline.cancel();
         if let Some(web) = self.web.take() {

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Why new work is refused. The message says what is wrong and what to do.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum SpaceError {
+pub(crate) enum SpaceError {
     /// Free space is below the reserve.
     #[error(
         "the hub's data dir {dir} has {free} free, below hub.min_free_space ({min}): it takes no new {what} until space is freed there (or the reserve lowered); nothing it holds is lost, and running jobs still report"
@@ -53,15 +53,15 @@ pub enum SpaceError {
 
 /// What `statvfs` says about a directory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Room {
+pub(crate) struct Room {
     /// Bytes an unprivileged writer may still use.
-    pub free: u64,
+    pub(crate) free: u64,
     /// Mounted read-only.
-    pub read_only: bool,
+    pub(crate) read_only: bool,
 }
 
 /// `statvfs(dir)`.
-pub fn room(dir: &Path) -> std::io::Result<Room> {
+pub(crate) fn room(dir: &Path) -> std::io::Result<Room> {
     use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(dir.as_os_str().as_bytes())
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
@@ -82,7 +82,7 @@ pub fn room(dir: &Path) -> std::io::Result<Room> {
 
 /// The hub's data dir and its reserve. Cheap to clone.
 #[derive(Clone, Debug)]
-pub struct DataDir {
+pub(crate) struct DataDir {
     inner: Arc<Inner>,
 }
 
@@ -100,7 +100,7 @@ fn human(bytes: u64) -> String {
 
 impl DataDir {
     /// Watches `dir`, keeping `min_free` bytes in reserve.
-    pub fn new(dir: &Path, min_free: u64) -> DataDir {
+    pub(crate) fn new(dir: &Path, min_free: u64) -> DataDir {
         DataDir {
             inner: Arc::new(Inner {
                 dir: dir.to_path_buf(),
@@ -113,7 +113,7 @@ impl DataDir {
     /// Whether new work of `size` bytes (0 when small) may be taken: refused
     /// when the reserve would be cut into or the dir is read-only. Logs when
     /// the answer changes.
-    pub fn admit(&self, what: &'static str, size: u64) -> Result<(), SpaceError> {
+    pub(crate) fn admit(&self, what: &'static str, size: u64) -> Result<(), SpaceError> {
         let dir = self.inner.dir.display().to_string();
         let verdict = match room(&self.inner.dir) {
             Err(e) => Err(SpaceError::Unknown {
@@ -144,7 +144,7 @@ impl DataDir {
 
     /// Whether the dir takes writes now: room above the reserve, not
     /// read-only, and a probe file written, synced and removed.
-    pub fn writable_now(&self) -> bool {
+    pub(crate) fn writable_now(&self) -> bool {
         if self.admit("work", 0).is_err() {
             return false;
         }

@@ -19,11 +19,11 @@ use tokio::sync::{mpsc, oneshot};
 
 /// The on-disk schema this build writes. Bumped on an incompatible change,
 /// with a migration in [`Store::open`]; an older hub refuses a newer schema.
-pub const SCHEMA_VERSION: u32 = 1;
+pub(crate) const SCHEMA_VERSION: u32 = 1;
 
 /// Errors from the store. The message always says what the operator can do.
 #[derive(Debug, thiserror::Error)]
-pub enum StoreError {
+pub(crate) enum StoreError {
     /// sled failed (disk full, read-only file system, corruption...).
     #[error("hub database {path}: {source} (is the disk full or read-only?)")]
     Db {
@@ -59,7 +59,7 @@ pub enum StoreError {
 
 /// A cloneable handle to the database and its trees.
 #[derive(Clone)]
-pub struct Store {
+pub(crate) struct Store {
     inner: Arc<Inner>,
 }
 
@@ -77,47 +77,46 @@ struct Inner {
 /// [`Table`]; the layouts are listed here so that one page shows the whole
 /// database. `<id>` is [`id_key`]'s 20-digit decimal (sorts like the number),
 /// `<id8>` an 8-byte big-endian id.
-pub mod trees {
+pub(crate) mod trees {
     /// `dispatch`: `j<id8>` → job record, `o<id8>` → marker of every
     /// unfinished job, `k<pipeline key>` → id8 of the keyed job,
     /// `f<id8>` → marker of a finished keyed job the pipeline has not taken
     /// in yet (the inbox).
-    pub const JOBS: &str = "jobs";
+    pub(crate) const JOBS: &str = "jobs";
     /// `logs`: (job id8, attempt u32, seq u64) → stream byte + data.
-    pub const LOGS: &str = "logs";
+    pub(crate) const LOGS: &str = "logs";
     /// `auth::credentials`: `t/<token id>` → enrollment token,
     /// `a/<agent id>` → agent credential.
-    pub const AUTH: &str = "auth";
+    pub(crate) const AUTH: &str = "auth";
     /// `store`: `schema_version` → u32 big-endian.
-    pub const META: &str = "meta";
+    pub(crate) const META: &str = "meta";
     /// `artifacts`: `<sha256 hex>` → artifact record (the files live in
     /// `<data_dir>/artifacts`).
-    pub const ARTIFACTS: &str = "artifacts";
+    pub(crate) const ARTIFACTS: &str = "artifacts";
     /// `pipeline`: `h/u/<upstream>` and `h/p/<project>` → branch head last
     /// seen by polling, `hh/u/<upstream>/<commit>` (and `hh/p/…`) → 8-byte
     /// big-endian sequence number: when polling first saw it as the head.
-    pub const PIPELINE: &str = "pipeline";
+    pub(crate) const PIPELINE: &str = "pipeline";
     /// `results`: `b/<upstream>/<platform>/<commit>` → build,
     /// `bl/<upstream>/<platform>` → newest build, `bg/…` → newest passed
     /// build, `r/<project>/<upstream>/<platform>/<job id>` → run,
     /// `rl/<project>/<upstream>/<platform>` → newest run (summary),
     /// `s/<project>/<upstream>/<platform>` → series state, `t/<id>` →
     /// transition, `p/<job id>` → marker: this finished job is recorded.
-    pub const RESULTS: &str = "results";
+    pub(crate) const RESULTS: &str = "results";
     /// `notify`: `s/<project>/<email>` and `d/<upstream>/<email>` →
     /// subscription, `x/<project>/<email>` → a config maintainer who
     /// unsubscribed, `m/<id>` → mail, `q/<id>` → marker: mail pending,
     /// `e/<event>/<email>` → mail id, `r/<went-red id>` → reminders sent,
     /// `g/<upstream>/<email>` → last digest period.
-    pub const NOTIFY: &str = "notify";
+    pub(crate) const NOTIFY: &str = "notify";
     /// `provision`: `i/<pool>/<instance>` → instance, `b/<pool>` → the
     /// pool's launch backoff.
-    pub const PROVISION: &str = "provision";
+    pub(crate) const PROVISION: &str = "provision";
 }
 
-#[allow(dead_code)]
 /// A record id as a key part: 20 decimal digits, so keys sort like ids.
-pub fn id_key(id: u64) -> String {
+pub(crate) fn id_key(id: u64) -> String {
     format!("{id:020}")
 }
 
@@ -126,18 +125,15 @@ pub fn id_key(id: u64) -> String {
 /// [`StoreError::Corrupt`] naming the tree and key; writes are not durable
 /// until [`Store::commit`] returns.
 #[derive(Clone)]
-pub struct Table {
+pub(crate) struct Table {
     store: Store,
     tree: sled::Tree,
     name: &'static str,
 }
 
-// Temporary while the owning modules move onto the table (issue 11); removed
-// once every tree is reached through it.
-#[allow(dead_code)]
 impl Table {
     /// Opens the tree `name` (one of [`trees`]).
-    pub fn open(store: &Store, name: &'static str) -> Result<Table, StoreError> {
+    pub(crate) fn open(store: &Store, name: &'static str) -> Result<Table, StoreError> {
         Ok(Table {
             store: store.clone(),
             tree: store.tree(name)?,
@@ -146,12 +142,15 @@ impl Table {
     }
 
     /// The store this table lives in (for [`Store::commit`]).
-    pub fn store(&self) -> &Store {
+    pub(crate) fn store(&self) -> &Store {
         &self.store
     }
 
     /// The record at `key`, if any.
-    pub fn get<T: DeserializeOwned>(&self, key: impl AsRef<[u8]>) -> Result<Option<T>, StoreError> {
+    pub(crate) fn get<T: DeserializeOwned>(
+        &self,
+        key: impl AsRef<[u8]>,
+    ) -> Result<Option<T>, StoreError> {
         let key = key.as_ref();
         match self.tree.get(key).map_err(|e| self.store.err(e))? {
             None => Ok(None),
@@ -160,17 +159,21 @@ impl Table {
     }
 
     /// The raw bytes at `key` (markers, binary values).
-    pub fn get_raw(&self, key: impl AsRef<[u8]>) -> Result<Option<sled::IVec>, StoreError> {
+    pub(crate) fn get_raw(&self, key: impl AsRef<[u8]>) -> Result<Option<sled::IVec>, StoreError> {
         self.tree.get(key).map_err(|e| self.store.err(e))
     }
 
     /// Whether `key` is present.
-    pub fn contains(&self, key: impl AsRef<[u8]>) -> Result<bool, StoreError> {
+    pub(crate) fn contains(&self, key: impl AsRef<[u8]>) -> Result<bool, StoreError> {
         self.tree.contains_key(key).map_err(|e| self.store.err(e))
     }
 
     /// Writes `value` at `key` (durable after the next commit).
-    pub fn put<T: Serialize>(&self, key: impl AsRef<[u8]>, value: &T) -> Result<(), StoreError> {
+    pub(crate) fn put<T: Serialize>(
+        &self,
+        key: impl AsRef<[u8]>,
+        value: &T,
+    ) -> Result<(), StoreError> {
         let bytes = self.encode(value)?;
         self.tree
             .insert(key.as_ref(), bytes)
@@ -179,7 +182,7 @@ impl Table {
     }
 
     /// Writes raw bytes at `key` (markers, binary values).
-    pub fn put_raw(
+    pub(crate) fn put_raw(
         &self,
         key: impl AsRef<[u8]>,
         value: impl Into<sled::IVec>,
@@ -191,7 +194,7 @@ impl Table {
     }
 
     /// Removes `key`.
-    pub fn remove(&self, key: impl AsRef<[u8]>) -> Result<(), StoreError> {
+    pub(crate) fn remove(&self, key: impl AsRef<[u8]>) -> Result<(), StoreError> {
         self.tree
             .remove(key)
             .map(|_| ())
@@ -199,7 +202,7 @@ impl Table {
     }
 
     /// Adds "write `value` at `key`" to `batch`.
-    pub fn stage<T: Serialize>(
+    pub(crate) fn stage<T: Serialize>(
         &self,
         batch: &mut sled::Batch,
         key: impl AsRef<[u8]>,
@@ -210,13 +213,13 @@ impl Table {
     }
 
     /// Applies `batch` atomically (durable after the next commit).
-    pub fn apply(&self, batch: sled::Batch) -> Result<(), StoreError> {
+    pub(crate) fn apply(&self, batch: sled::Batch) -> Result<(), StoreError> {
         self.tree.apply_batch(batch).map_err(|e| self.store.err(e))
     }
 
     /// Applies `mine` to this table and `theirs` to `other` in one atomic
     /// step (a result and the mails it causes land together or not at all).
-    pub fn apply_with(
+    pub(crate) fn apply_with(
         &self,
         mine: sled::Batch,
         other: &Table,
@@ -239,7 +242,7 @@ impl Table {
 
     /// The records under `prefix` in key order (`.rev()` for newest first),
     /// each with its key.
-    pub fn scan<T: DeserializeOwned>(
+    pub(crate) fn scan<T: DeserializeOwned>(
         &self,
         prefix: impl AsRef<[u8]>,
     ) -> impl DoubleEndedIterator<Item = Result<(sled::IVec, T), StoreError>> + '_ {
@@ -251,7 +254,7 @@ impl Table {
     }
 
     /// The keys under `prefix` in key order.
-    pub fn keys(
+    pub(crate) fn keys(
         &self,
         prefix: impl AsRef<[u8]>,
     ) -> impl DoubleEndedIterator<Item = Result<sled::IVec, StoreError>> + '_ {
@@ -262,7 +265,7 @@ impl Table {
     }
 
     /// The raw entries under `prefix` in key order.
-    pub fn scan_raw(
+    pub(crate) fn scan_raw(
         &self,
         prefix: impl AsRef<[u8]>,
     ) -> impl DoubleEndedIterator<Item = Result<(sled::IVec, sled::IVec), StoreError>> + '_ {
@@ -271,29 +274,28 @@ impl Table {
             .map(move |item| item.map_err(|e| self.store.err(e)))
     }
 
-    /// The number of entries in the tree.
-    pub fn len(&self) -> usize {
-        self.tree.len()
-    }
-
     /// The sled tree itself, for the few operations the table does not
     /// wrap (a transaction over several keys of this tree).
-    pub fn sled(&self) -> &sled::Tree {
+    pub(crate) fn sled(&self) -> &sled::Tree {
         &self.tree
     }
 
     /// The JSON encoding of `value`.
-    pub fn encode<T: Serialize>(&self, value: &T) -> Result<Vec<u8>, StoreError> {
+    pub(crate) fn encode<T: Serialize>(&self, value: &T) -> Result<Vec<u8>, StoreError> {
         serde_json::to_vec(value).map_err(|e| self.corrupt("(encoding)", e))
     }
 
     /// Decodes the record stored at `key`.
-    pub fn decode<T: DeserializeOwned>(&self, key: &[u8], raw: &[u8]) -> Result<T, StoreError> {
+    pub(crate) fn decode<T: DeserializeOwned>(
+        &self,
+        key: &[u8],
+        raw: &[u8],
+    ) -> Result<T, StoreError> {
         serde_json::from_slice(raw).map_err(|e| self.corrupt(String::from_utf8_lossy(key), e))
     }
 
     /// A "record unreadable" error for `key` of this tree.
-    pub fn corrupt(&self, key: impl std::fmt::Display, reason: impl ToString) -> StoreError {
+    pub(crate) fn corrupt(&self, key: impl std::fmt::Display, reason: impl ToString) -> StoreError {
         self.store.corrupt(format!("{}/{key}", self.name), reason)
     }
 }
@@ -301,7 +303,7 @@ impl Table {
 impl Store {
     /// Opens (or creates) the database in `dir` and starts its group-commit
     /// task. Must be called inside a tokio runtime.
-    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+    pub(crate) fn open(dir: &Path) -> Result<Store, StoreError> {
         let db_err = |source| StoreError::Db {
             path: dir.to_path_buf(),
             source,
@@ -354,12 +356,12 @@ impl Store {
     }
 
     /// Opens one of the [`trees`].
-    pub fn tree(&self, name: &str) -> Result<sled::Tree, StoreError> {
+    pub(crate) fn tree(&self, name: &str) -> Result<sled::Tree, StoreError> {
         self.inner.db.open_tree(name).map_err(|e| self.err(e))
     }
 
     /// A fresh id, unique across restarts (sled persists its counter).
-    pub fn next_id(&self) -> Result<u64, StoreError> {
+    pub(crate) fn next_id(&self) -> Result<u64, StoreError> {
         // sled's ids start at 0; trunkfarm's start at 1 so 0 can mean "none".
         self.inner
             .db
@@ -369,7 +371,7 @@ impl Store {
     }
 
     /// Waits until every write made before this call is on disk.
-    pub async fn commit(&self) -> Result<(), StoreError> {
+    pub(crate) async fn commit(&self) -> Result<(), StoreError> {
         let (tx, rx) = oneshot::channel();
         self.inner
             .commits
@@ -389,19 +391,19 @@ impl Store {
     /// Whether a flush failed (disk full, read-only, I/O error): sled then
     /// refuses all writes until the database is opened again, which for the
     /// hub means a restart (`serve` does it once the disk takes writes).
-    pub fn failed(&self) -> bool {
+    pub(crate) fn failed(&self) -> bool {
         self.inner.failed.load(Ordering::Relaxed)
     }
 
     /// Flushes on this thread, without the group-commit task: for tools that
     /// write a database no hub is serving.
-    pub fn flush_now(&self) -> Result<(), StoreError> {
+    pub(crate) fn flush_now(&self) -> Result<(), StoreError> {
         self.inner.db.flush().map(|_| ()).map_err(|e| self.err(e))
     }
 
     /// Wraps a sled error with the database path. An I/O error means sled
     /// refuses every later write: the store counts as failed.
-    pub fn err(&self, source: sled::Error) -> StoreError {
+    pub(crate) fn err(&self, source: sled::Error) -> StoreError {
         if matches!(source, sled::Error::Io(_)) && !self.inner.failed.swap(true, Ordering::Relaxed)
         {
             tracing::error!(
@@ -415,7 +417,7 @@ impl Store {
     }
 
     /// A decoding error for `key`.
-    pub fn corrupt(&self, key: impl Into<String>, reason: impl ToString) -> StoreError {
+    pub(crate) fn corrupt(&self, key: impl Into<String>, reason: impl ToString) -> StoreError {
         StoreError::Corrupt {
             path: self.inner.path.clone(),
             key: key.into(),
@@ -490,7 +492,7 @@ async fn flush(db: &sled::Db, dir: &Path) -> Result<(), String> {
 }
 
 /// Milliseconds since the Unix epoch, the timestamp unit of every record.
-pub fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)

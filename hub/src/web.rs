@@ -23,16 +23,17 @@ use axum::routing::get;
 use tokio_util::sync::CancellationToken;
 
 /// A boxed, sendable future (what [`UnsubscribeFn`] returns).
-pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
 /// What the web endpoint asks the notifier to do with a token. Returns a
 /// sentence for the page on success ("alice@example.org will no longer receive
 /// mail about attrs.") or an error sentence (shown with status 400).
-pub type UnsubscribeFn = Arc<dyn Fn(String) -> BoxFuture<Result<String, String>> + Send + Sync>;
+pub(crate) type UnsubscribeFn =
+    Arc<dyn Fn(String) -> BoxFuture<Result<String, String>> + Send + Sync>;
 
 /// Builds an [`UnsubscribeFn`] from an async closure or function:
 /// `web::unsubscribe_fn(move |token| { let n = n.clone(); async move { n.unsubscribe(&token).await } })`.
-pub fn unsubscribe_fn<F, Fut>(f: F) -> UnsubscribeFn
+pub(crate) fn unsubscribe_fn<F, Fut>(f: F) -> UnsubscribeFn
 where
     F: Fn(String) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<String, String>> + Send + 'static,
@@ -48,16 +49,16 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 const MAX_TOKEN_CHARS: usize = 4096;
 
 /// A running web endpoint.
-pub struct Web {
+pub(crate) struct Web {
     /// The bound address (useful when listening on port 0).
-    pub addr: SocketAddr,
+    pub(crate) addr: SocketAddr,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Web {
     /// Waits for the server task to end (after `shutdown` is cancelled: in-flight
     /// requests finish, for at most a few seconds).
-    pub async fn stopped(self) {
+    pub(crate) async fn stopped(self) {
         if let Err(e) = self.task.await {
             tracing::error!("web endpoint task failed: {e}");
         }
@@ -65,7 +66,7 @@ impl Web {
 }
 
 /// Binds `listen` and serves the web endpoint until `shutdown` is cancelled.
-pub async fn serve(
+pub(crate) async fn serve(
     listen: SocketAddr,
     unsubscribe: UnsubscribeFn,
     metrics: MetricsFn,
@@ -115,7 +116,7 @@ struct Handlers {
 }
 
 /// Renders the hub's metrics in the Prometheus text format.
-pub type MetricsFn = Arc<dyn Fn() -> BoxFuture<String> + Send + Sync>;
+pub(crate) type MetricsFn = Arc<dyn Fn() -> BoxFuture<String> + Send + Sync>;
 
 fn router(handlers: Handlers) -> Router {
     Router::new()
@@ -261,7 +262,7 @@ fn page(status: StatusCode, title: &str, body_html: &str) -> Response {
 }
 
 /// Escapes text for HTML element content and quoted attribute values.
-pub fn escape(text: &str) -> String {
+pub(crate) fn escape(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
         match c {

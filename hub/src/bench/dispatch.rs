@@ -70,7 +70,7 @@ async fn wait_finished(hub: &BenchHub, total: f64) -> anyhow::Result<()> {
 
 /// K agents, N `true` jobs: jobs per second from the first submit to the
 /// last result durably stored.
-pub async fn throughput(args: &BenchArgs, dir: &Path) -> anyhow::Result<Vec<Figure>> {
+pub(super) async fn throughput(args: &BenchArgs, dir: &Path) -> anyhow::Result<Vec<Figure>> {
     let (k, n) = (args.agents, args.jobs);
     println!(
         "throughput: {k} agent processes x {} slots, {n} `true` jobs over TLS",
@@ -210,7 +210,7 @@ fn fifo_clock(path: &Path) -> anyhow::Result<std::sync::mpsc::Receiver<Instant>>
 
 /// One agent, one job at a time: submit → the command runs, and submit →
 /// the result is stored (the hub's WatchJob reports it only once durable).
-pub async fn latency(args: &BenchArgs, dir: &Path) -> anyhow::Result<Vec<Figure>> {
+pub(super) async fn latency(args: &BenchArgs, dir: &Path) -> anyhow::Result<Vec<Figure>> {
     let samples = args.samples.max(1);
     println!("latency: 1 agent, {samples} jobs one at a time");
     let hub = BenchHub::start(dir, "").await?;

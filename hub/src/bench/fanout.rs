@@ -59,7 +59,7 @@ async fn run_job(admin: &AdminClient, spec: JobSpec) -> anyhow::Result<JobInfo> 
 }
 
 /// Builds a `size`-byte runtime on an agent, serves it to F agents at once.
-pub async fn run(args: &BenchArgs, dir: &Path) -> anyhow::Result<Vec<Figure>> {
+pub(super) async fn run(args: &BenchArgs, dir: &Path) -> anyhow::Result<Vec<Figure>> {
     let f = args.fanout_agents.max(1);
     let size = args.artifact_mib * 1024 * 1024;
     println!(

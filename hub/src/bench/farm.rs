@@ -23,7 +23,7 @@ const MARKER: &str = ".trunkfarm-bench";
 
 /// Names a profiler command the hub is started under (its output lands
 /// where that tool puts it); the hub's own pid, from hub.json, is measured.
-pub const WRAP_ENV: &str = "TRUNKFARM_BENCH_WRAP";
+pub(super) const WRAP_ENV: &str = "TRUNKFARM_BENCH_WRAP";
 
 /// How long a hub may take to write `hub.json`.
 const HUB_START_TIMEOUT: Duration = Duration::from_secs(120);
@@ -32,25 +32,25 @@ const HUB_START_TIMEOUT: Duration = Duration::from_secs(120);
 const AGENTS_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Creates the benchmark's directory (wiping an earlier benchmark's).
-pub fn prepare_dir(dir: &Path) -> anyhow::Result<PathBuf> {
+pub(super) fn prepare_dir(dir: &Path) -> anyhow::Result<PathBuf> {
     crate::demo::prepare_dir(dir, MARKER)
 }
 
 /// A hub process.
-pub struct BenchHub {
+pub(super) struct BenchHub {
     /// Its directory (config, data, logs).
-    pub dir: PathBuf,
+    pub(crate) dir: PathBuf,
     /// Its config.
-    pub cfg: HubConfig,
+    pub(crate) cfg: HubConfig,
     /// What it wrote to hub.json.
-    pub info: HubInfo,
+    pub(crate) info: HubInfo,
     child: Child,
     http: reqwest::Client,
 }
 
 impl BenchHub {
     /// Writes a config with `extra` TOML appended and starts the hub.
-    pub async fn start(dir: &Path, extra: &str) -> anyhow::Result<BenchHub> {
+    pub(super) async fn start(dir: &Path, extra: &str) -> anyhow::Result<BenchHub> {
         std::fs::create_dir_all(dir)?;
         let config = dir.join("hub.toml");
         std::fs::write(
@@ -64,13 +64,13 @@ impl BenchHub {
     }
 
     /// Starts the hub of `cfg` (again) and waits for it to serve.
-    pub async fn spawn(dir: &Path, cfg: HubConfig) -> anyhow::Result<BenchHub> {
+    pub(super) async fn spawn(dir: &Path, cfg: HubConfig) -> anyhow::Result<BenchHub> {
         let (child, info, _) = Self::spawn_timed(dir, &cfg).await?;
         Ok(Self::adopt(dir, cfg, child, info))
     }
 
     /// A hub started with [`BenchHub::spawn_timed`].
-    pub fn adopt(dir: &Path, cfg: HubConfig, child: Child, info: HubInfo) -> BenchHub {
+    pub(super) fn adopt(dir: &Path, cfg: HubConfig, child: Child, info: HubInfo) -> BenchHub {
         BenchHub {
             dir: dir.to_path_buf(),
             cfg,
@@ -81,7 +81,7 @@ impl BenchHub {
     }
 
     /// Starts the hub and returns it with the time it took to write hub.json.
-    pub async fn spawn_timed(
+    pub(super) async fn spawn_timed(
         dir: &Path,
         cfg: &HubConfig,
     ) -> anyhow::Result<(Child, HubInfo, Duration)> {
@@ -142,22 +142,22 @@ impl BenchHub {
     }
 
     /// An admin client.
-    pub async fn admin(&self) -> anyhow::Result<AdminClient> {
+    pub(super) async fn admin(&self) -> anyhow::Result<AdminClient> {
         client::connect(&self.cfg).await
     }
 
     /// The hub's process id.
-    pub fn pid(&self) -> u32 {
+    pub(super) fn pid(&self) -> u32 {
         self.info.pid
     }
 
     /// Resident memory of the hub process, bytes.
-    pub fn rss_bytes(&self) -> anyhow::Result<u64> {
+    pub(super) fn rss_bytes(&self) -> anyhow::Result<u64> {
         rss_bytes(self.pid())
     }
 
     /// One counter or gauge from `/metrics` (the first sample of `name`).
-    pub async fn metric(&self, name: &str) -> anyhow::Result<f64> {
+    pub(super) async fn metric(&self, name: &str) -> anyhow::Result<f64> {
         let text = self
             .http
             .get(format!("http://{}/metrics", self.info.web))
@@ -176,7 +176,7 @@ impl BenchHub {
     }
 
     /// Stops the hub: SIGTERM, then waits (it flushes and exits).
-    pub async fn stop(mut self) -> anyhow::Result<()> {
+    pub(super) async fn stop(mut self) -> anyhow::Result<()> {
         // The hub itself (hub.json's pid), which may be a profiler's child.
         let pid = self.info.pid;
         if pid != 0 && self.child.id().is_some() {
@@ -199,7 +199,7 @@ impl BenchHub {
     }
 
     /// An enrollment string for `uses` agents.
-    pub async fn enrollment(&self, uses: u32) -> anyhow::Result<String> {
+    pub(super) async fn enrollment(&self, uses: u32) -> anyhow::Result<String> {
         Ok(self
             .admin()
             .await?
@@ -214,7 +214,7 @@ impl BenchHub {
     }
 
     /// Waits until `n` agents are connected.
-    pub async fn wait_connected(&self, n: usize) -> anyhow::Result<()> {
+    pub(super) async fn wait_connected(&self, n: usize) -> anyhow::Result<()> {
         let mut admin = self.admin().await?;
         let deadline = Instant::now() + AGENTS_TIMEOUT;
         loop {
@@ -236,7 +236,7 @@ impl BenchHub {
 
     /// Starts `n` enrolled `trunkfarm-agent` processes running `parallel`
     /// jobs each, and waits until they are connected.
-    pub async fn start_agents(&self, n: usize, parallel: u32) -> anyhow::Result<Vec<Child>> {
+    pub(super) async fn start_agents(&self, n: usize, parallel: u32) -> anyhow::Result<Vec<Child>> {
         let bin = crate::provision::local::find_agent_binary()?;
         let enrollment = self.enrollment(n as u32).await?;
         let mut children = Vec::new();
@@ -259,7 +259,7 @@ impl BenchHub {
 
     /// Enrolls `n` agent identities for sessions this process holds itself,
     /// `concurrency` enrollments at a time.
-    pub async fn enroll_identities(
+    pub(super) async fn enroll_identities(
         &self,
         n: usize,
         concurrency: usize,
@@ -295,12 +295,12 @@ impl BenchHub {
     }
 
     /// A new TLS connection to the hub, as agents make it.
-    pub async fn agent_channel(&self) -> anyhow::Result<Channel> {
+    pub(super) async fn agent_channel(&self) -> anyhow::Result<Channel> {
         self.dialer().channel().await
     }
 
     /// How agents reach this hub (the same after a restart on its port).
-    pub fn dialer(&self) -> Dialer {
+    pub(super) fn dialer(&self) -> Dialer {
         Dialer {
             address: self.info.address.clone(),
             ca_sha256: self.info.ca_sha256.clone(),
@@ -310,16 +310,16 @@ impl BenchHub {
 
 /// A hub's address and CA pin: what an agent dials.
 #[derive(Clone, Debug)]
-pub struct Dialer {
+pub(super) struct Dialer {
     /// `127.0.0.1:PORT`.
-    pub address: String,
+    pub(crate) address: String,
     /// The pinned CA's SHA-256, hex.
-    pub ca_sha256: String,
+    pub(crate) ca_sha256: String,
 }
 
 impl Dialer {
     /// A new TLS connection, as agents make it.
-    pub async fn channel(&self) -> anyhow::Result<Channel> {
+    pub(super) async fn channel(&self) -> anyhow::Result<Channel> {
         let trust = HubTrust::PinnedCa {
             sha256: self.ca_sha256.clone(),
         };
@@ -329,9 +329,9 @@ impl Dialer {
 
 /// An enrolled agent's credential.
 #[derive(Clone)]
-pub struct Identity {
+pub(super) struct Identity {
     /// The `authorization` metadata value.
-    pub bearer: MetadataValue<Ascii>,
+    pub(crate) bearer: MetadataValue<Ascii>,
 }
 
 impl Identity {
@@ -342,7 +342,7 @@ impl Identity {
     }
 
     /// `request` with this agent's credential.
-    pub fn request<T>(&self, message: T) -> tonic::Request<T> {
+    pub(super) fn request<T>(&self, message: T) -> tonic::Request<T> {
         let mut r = tonic::Request::new(message);
         r.metadata_mut()
             .insert(trunkfarm_proto::AUTHORIZATION, self.bearer.clone());
@@ -353,7 +353,7 @@ impl Identity {
 /// CPU time (user + system) process `pid` used so far, with that of the
 /// children it waited for (an agent's job commands), seconds; 0 if it cannot
 /// be read.
-pub fn cpu_seconds(pid: u32) -> f64 {
+pub(super) fn cpu_seconds(pid: u32) -> f64 {
     // SAFETY: sysconf has no preconditions.
     let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -373,7 +373,7 @@ pub fn cpu_seconds(pid: u32) -> f64 {
 }
 
 /// Resident memory of process `pid`, bytes (`VmRSS`).
-pub fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
+pub(super) fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     status
         .lines()

@@ -26,16 +26,16 @@ const CONNECTS_IN_FLIGHT: usize = 64;
 const SETTLE: Duration = Duration::from_secs(2);
 
 /// An open, idle agent session.
-pub struct Session {
+pub(super) struct Session {
     /// Keeps the agent's side of the stream open.
     _outbound: mpsc::Sender<AgentMessage>,
     /// The hub's side.
-    pub inbound: Streaming<HubMessage>,
+    pub(crate) inbound: Streaming<HubMessage>,
     _channel: Channel,
 }
 
 /// Opens a session as `identity` on a new connection and waits for Welcome.
-pub async fn open_session(
+pub(super) async fn open_session(
     hub: &Dialer,
     identity: &Identity,
     slots: u32,
@@ -74,7 +74,7 @@ pub async fn open_session(
 }
 
 /// Connects C idle agents; reports hub RSS per agent and connects per second.
-pub async fn run(args: &BenchArgs, dir: &Path) -> anyhow::Result<Vec<Figure>> {
+pub(super) async fn run(args: &BenchArgs, dir: &Path) -> anyhow::Result<Vec<Figure>> {
     let c = args.connections.max(1);
     println!("idle: {c} agents, each its own TLS connection and session");
     let hub = BenchHub::start(dir, "").await?;

@@ -29,11 +29,11 @@ use clap::{Args, ValueEnum};
 use serde::Serialize;
 
 /// What `trunkfarm bench` prints before any figure.
-pub const DURABILITY: &str = "durability: production settings (every acknowledged submit and result is fsynced before the reply, with group commit); nothing relaxed for the benchmark";
+pub(crate) const DURABILITY: &str = "durability: production settings (every acknowledged submit and result is fsynced before the reply, with group commit); nothing relaxed for the benchmark";
 
 /// One benchmark.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum Which {
+pub(crate) enum Which {
     /// Jobs per second across K agent processes.
     Throughput,
     /// Per-job latency, one job at a time.
@@ -50,65 +50,65 @@ pub enum Which {
 
 /// Options of `trunkfarm bench`.
 #[derive(Args, Clone, Debug)]
-pub struct BenchArgs {
+pub(crate) struct BenchArgs {
     /// Which benchmarks to run.
     #[arg(value_enum, default_value = "all")]
-    pub which: Vec<Which>,
+    pub(crate) which: Vec<Which>,
     /// Where the benchmark keeps its hubs and agents. An earlier benchmark
     /// there is wiped first; any other non-empty directory is refused.
     #[arg(long, default_value = "trunkfarm-bench")]
-    pub dir: PathBuf,
+    pub(crate) dir: PathBuf,
     /// throughput: agent processes.
     #[arg(long, default_value_t = 8)]
-    pub agents: usize,
+    pub(crate) agents: usize,
     /// throughput: jobs.
     #[arg(long, default_value_t = 2000)]
-    pub jobs: usize,
+    pub(crate) jobs: usize,
     /// throughput: jobs each agent runs at once.
     #[arg(long, default_value_t = 4)]
-    pub parallel: u32,
+    pub(crate) parallel: u32,
     /// latency: jobs, one at a time.
     #[arg(long, default_value_t = 300)]
-    pub samples: usize,
+    pub(crate) samples: usize,
     /// idle: agent connections.
     #[arg(long, default_value_t = 10_000)]
-    pub connections: usize,
+    pub(crate) connections: usize,
     /// fanout: artifact size in MiB.
     #[arg(long, default_value_t = 200)]
-    pub artifact_mib: u64,
+    pub(crate) artifact_mib: u64,
     /// fanout: agents downloading at once.
     #[arg(long, default_value_t = 16)]
-    pub fanout_agents: usize,
+    pub(crate) fanout_agents: usize,
     /// recovery: finished jobs (with their results) stored before the restart.
     #[arg(long, default_value_t = 1_000_000)]
-    pub results: u64,
+    pub(crate) results: u64,
     /// recovery: queued jobs stored before the restart.
     #[arg(long, default_value_t = 10_000)]
-    pub queued: u64,
+    pub(crate) queued: u64,
 }
 
 /// One measured figure.
 #[derive(Clone, Debug, Serialize)]
-pub struct Figure {
+pub(crate) struct Figure {
     /// The benchmark (`throughput`, ...).
-    pub bench: &'static str,
+    pub(crate) bench: &'static str,
     /// What was measured (`jobs_per_s`, ...).
-    pub name: &'static str,
+    pub(crate) name: &'static str,
     /// The value.
-    pub value: f64,
+    pub(crate) value: f64,
     /// Its unit.
-    pub unit: &'static str,
+    pub(crate) unit: &'static str,
     /// The target, as text (`>= 600`), empty when there is none.
-    pub target: String,
+    pub(crate) target: String,
     /// Whether the target was met (`None` without a target).
-    pub met: Option<bool>,
+    pub(crate) met: Option<bool>,
     /// The conditions (agents, jobs, ...).
-    pub setup: String,
+    pub(crate) setup: String,
 }
 
 /// Targets are "at least" or "at most" a value.
 #[derive(Clone, Copy, Debug)]
-pub enum Target {
+pub(crate) enum Target {
     /// No target: the figure is information.
     None,
     /// The value must be at least this.
@@ -119,7 +119,7 @@ pub enum Target {
 
 impl Figure {
     /// A figure checked against `target`.
-    pub fn new(
+    pub(crate) fn new(
         bench: &'static str,
         name: &'static str,
         value: f64,
@@ -154,7 +154,7 @@ impl Figure {
 
 /// Runs the chosen benchmarks; exit code 0 even when a target is missed (the
 /// figures are the product; the table says which missed), 2 on errors.
-pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
+pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     let dir = farm::prepare_dir(&args.dir)?;
     let mut which: Vec<Which> = args.which.clone();
     if which.contains(&Which::All) {
@@ -247,7 +247,7 @@ fn format_value(v: f64) -> String {
 }
 
 /// The `p`-th percentile (0..=100) of `sorted` by nearest rank.
-pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }

@@ -141,7 +141,7 @@ fn dir_size(path: &Path) -> u64 {
 }
 
 /// Seeds a history, restarts the hub, times until the first assignment.
-pub async fn run(args: &BenchArgs, dir: &Path) -> anyhow::Result<Vec<Figure>> {
+pub(super) async fn run(args: &BenchArgs, dir: &Path) -> anyhow::Result<Vec<Figure>> {
     println!(
         "recovery: restart with {} stored results and {} queued jobs",
         args.results, args.queued

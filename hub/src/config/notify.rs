@@ -14,7 +14,7 @@ use super::de;
 /// How the SMTP connection is secured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum SmtpSecurity {
+pub(crate) enum SmtpSecurity {
     /// TLS from the first byte (port 465).
     Tls,
     /// Plain connection upgraded with STARTTLS, which must succeed (port 587).
@@ -26,33 +26,33 @@ pub enum SmtpSecurity {
 /// `[smtp]`: where mail goes.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields, expecting = "an [smtp] table")]
-pub struct SmtpSection {
+pub(crate) struct SmtpSection {
     /// The SMTP server. Without it (and without `mailbox_dir`) mails wait in
     /// the outbox and `trunkfarm mail list` says why.
-    pub host: Option<String>,
+    pub(crate) host: Option<String>,
     /// Its port; default 465 for `tls`, 587 for `starttls`, 25 for `plain`.
-    pub port: Option<u16>,
+    pub(crate) port: Option<u16>,
     /// `"tls"`, `"starttls"` or `"plain"`.
-    pub security: SmtpSecurity,
+    pub(crate) security: SmtpSecurity,
     /// The login, if the server wants one.
-    pub username: Option<String>,
+    pub(crate) username: Option<String>,
     /// A file holding the password (only its first line is used), so the
     /// secret is not in the config.
-    pub password_file: Option<PathBuf>,
+    pub(crate) password_file: Option<PathBuf>,
     /// The sender, e.g. `"trunkfarm <farm@example.org>"`.
-    pub from: String,
+    pub(crate) from: String,
     /// How long one SMTP exchange may take.
     #[serde(deserialize_with = "de::duration")]
-    pub timeout: Duration,
+    pub(crate) timeout: Duration,
     /// A PEM CA certificate to trust besides the usual roots (a relay with
     /// its own CA).
-    pub ca_file: Option<PathBuf>,
+    pub(crate) ca_file: Option<PathBuf>,
     /// Instead of SMTP, write each mail as a `.eml` file into this
     /// directory (a local mailbox: demos, air-gapped hubs).
-    pub mailbox_dir: Option<PathBuf>,
+    pub(crate) mailbox_dir: Option<PathBuf>,
     /// Connections kept open to the server.
     #[serde(deserialize_with = "de::count")]
-    pub max_connections: u32,
+    pub(crate) max_connections: u32,
 }
 
 impl Default for SmtpSection {
@@ -74,7 +74,7 @@ impl Default for SmtpSection {
 
 impl SmtpSection {
     /// The port to dial.
-    pub fn effective_port(&self) -> u16 {
+    pub(crate) fn effective_port(&self) -> u16 {
         self.port.unwrap_or(match self.security {
             SmtpSecurity::Tls => 465,
             SmtpSecurity::Starttls => 587,
@@ -86,32 +86,32 @@ impl SmtpSection {
 /// `[notify]`: what is mailed, when.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields, expecting = "a [notify] table")]
-pub struct NotifySection {
+pub(crate) struct NotifySection {
     /// The hub's web address as people reach it, for links in mails
     /// (default: `http://<web.listen>`).
-    pub public_url: Option<String>,
+    pub(crate) public_url: Option<String>,
     /// A project still red this long after it went red gets a reminder.
     #[serde(deserialize_with = "de::duration")]
-    pub reminder_after: Duration,
+    pub(crate) reminder_after: Duration,
     /// Then another reminder this often while it stays red.
     #[serde(deserialize_with = "de::duration")]
-    pub reminder_every: Duration,
+    pub(crate) reminder_every: Duration,
     /// How often digest subscribers get their summary.
     #[serde(deserialize_with = "de::duration")]
-    pub digest_every: Duration,
+    pub(crate) digest_every: Duration,
     /// The first retry after a failed delivery; each next one waits twice
     /// as long, up to `retry_max`.
     #[serde(deserialize_with = "de::duration")]
-    pub retry_first: Duration,
+    pub(crate) retry_first: Duration,
     /// The longest wait between two delivery attempts.
     #[serde(deserialize_with = "de::duration")]
-    pub retry_max: Duration,
+    pub(crate) retry_max: Duration,
     /// Lines of the job log quoted in a went-red mail.
     #[serde(deserialize_with = "de::count")]
-    pub log_tail_lines: u32,
+    pub(crate) log_tail_lines: u32,
     /// How long an unsubscribe link in a mail stays valid.
     #[serde(deserialize_with = "de::duration")]
-    pub link_ttl: Duration,
+    pub(crate) link_ttl: Duration,
 }
 
 impl Default for NotifySection {
@@ -133,10 +133,10 @@ impl Default for NotifySection {
 /// `[web]`: the hub's HTTP endpoint (unsubscribe links, later the dashboard).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields, expecting = "a [web] table")]
-pub struct WebSection {
+pub(crate) struct WebSection {
     /// Address the web endpoint binds; port 0 picks a free one.
     #[serde(deserialize_with = "super::de::socket_addr")]
-    pub listen: SocketAddr,
+    pub(crate) listen: SocketAddr,
 }
 
 impl Default for WebSection {

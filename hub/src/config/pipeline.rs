@@ -17,95 +17,95 @@ use super::{MIB, de};
 
 /// The platform a build or test runs on when an entry names none: the
 /// platform label agents derive from `os-arch`.
-pub const DEFAULT_PLATFORM: &str = "linux-x86_64";
+pub(super) const DEFAULT_PLATFORM: &str = "linux-x86_64";
 
 /// `[[upstream]]`: a language runtime whose trunk the hub builds.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, expecting = "an [[upstream]] table")]
-pub struct UpstreamConfig {
+pub(crate) struct UpstreamConfig {
     /// Short name used in commands, keys and mails (`[A-Za-z0-9._-]`).
-    pub name: String,
+    pub(crate) name: String,
     /// Where `git ls-remote` and agents fetch it (https, ssh, file or a path).
-    pub url: String,
+    pub(crate) url: String,
     /// The branch to follow.
     #[serde(default = "default_branch")]
-    pub branch: String,
+    pub(crate) branch: String,
     /// How often the branch head is polled.
     #[serde(default = "default_upstream_poll", deserialize_with = "de::duration")]
-    pub poll_interval: Duration,
+    pub(crate) poll_interval: Duration,
     /// Platforms to build for; each is a label build agents must carry
     /// (agents label themselves `os-arch`, e.g. `linux-x86_64`).
     #[serde(default = "default_platforms")]
-    pub platforms: Vec<String>,
+    pub(crate) platforms: Vec<String>,
     /// Shell commands, run in the checkout, that build the runtime and install
     /// it into `$PREFIX`. The hub packs `$PREFIX` when they all pass.
-    pub build: Vec<String>,
+    pub(crate) build: Vec<String>,
     /// How long one build may take.
     #[serde(default = "default_build_timeout", deserialize_with = "de::duration")]
-    pub build_timeout: Duration,
+    pub(crate) build_timeout: Duration,
     /// Extra environment for the build commands.
     #[serde(default)]
-    pub env: BTreeMap<String, String>,
+    pub(crate) env: BTreeMap<String, String>,
     /// Extra labels a build agent must carry (e.g. `big-memory`).
     #[serde(default)]
-    pub labels: Vec<String>,
+    pub(crate) labels: Vec<String>,
     /// Who hears about a failing build of the runtime itself.
     #[serde(default)]
-    pub contacts: Vec<String>,
+    pub(crate) contacts: Vec<String>,
 }
 
 /// `[[project]]`: a downstream project whose tests run against the runtime.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, expecting = "a [[project]] table")]
-pub struct ProjectConfig {
+pub(crate) struct ProjectConfig {
     /// Short name used in commands, keys and mails (`[A-Za-z0-9._-]`).
-    pub name: String,
+    pub(crate) name: String,
     /// Where agents clone it.
-    pub url: String,
+    pub(crate) url: String,
     /// The branch to follow.
     #[serde(default = "default_branch")]
-    pub branch: String,
+    pub(crate) branch: String,
     /// How often the branch head is polled (a new commit re-runs the project
     /// against the latest good runtime).
     #[serde(default = "default_project_poll", deserialize_with = "de::duration")]
-    pub poll_interval: Duration,
+    pub(crate) poll_interval: Duration,
     /// The upstreams it is tested against; empty means every upstream.
     #[serde(default)]
-    pub upstreams: Vec<String>,
+    pub(crate) upstreams: Vec<String>,
     /// Platforms to test on; empty means each upstream's platforms.
     #[serde(default)]
-    pub platforms: Vec<String>,
+    pub(crate) platforms: Vec<String>,
     /// Shell commands, run in the checkout with the runtime's `bin/` first on
     /// `PATH` and `TRUNKFARM_RUNTIME_PREFIX` set.
-    pub test: Vec<String>,
+    pub(crate) test: Vec<String>,
     /// How long one test run may take.
     #[serde(default = "default_test_timeout", deserialize_with = "de::duration")]
-    pub timeout: Duration,
+    pub(crate) timeout: Duration,
     /// JUnit XML files the test commands write, relative to the checkout.
     #[serde(default)]
-    pub junit: Vec<String>,
+    pub(crate) junit: Vec<String>,
     /// Who hears when it goes red or is fixed.
     #[serde(default)]
-    pub maintainers: Vec<String>,
+    pub(crate) maintainers: Vec<String>,
     /// Extra labels a test agent must carry.
     #[serde(default)]
-    pub labels: Vec<String>,
+    pub(crate) labels: Vec<String>,
     /// Extra environment for the test commands.
     #[serde(default)]
-    pub env: BTreeMap<String, String>,
+    pub(crate) env: BTreeMap<String, String>,
 }
 
 /// `[artifacts]`: the runtime artifacts the hub stores.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields, expecting = "an [artifacts] table")]
-pub struct ArtifactsSection {
+pub(crate) struct ArtifactsSection {
     /// Newest artifacts kept per (upstream, platform); older ones are deleted
     /// unless a project's last known result still refers to them.
     #[serde(deserialize_with = "de::count")]
-    pub keep: u32,
+    pub(crate) keep: u32,
     /// The largest artifact an agent may upload, in bytes.
     #[serde(deserialize_with = "de::byte_size")]
-    pub max_size: u64,
+    pub(crate) max_size: u64,
 }
 
 impl Default for ArtifactsSection {
@@ -120,10 +120,10 @@ impl Default for ArtifactsSection {
 /// `[pipeline]`: how the hub watches repositories.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields, expecting = "a [pipeline] table")]
-pub struct PipelineSection {
+pub(crate) struct PipelineSection {
     /// How long one `git ls-remote` or metadata fetch may take.
     #[serde(deserialize_with = "de::duration")]
-    pub git_timeout: Duration,
+    pub(crate) git_timeout: Duration,
 }
 
 impl Default for PipelineSection {
@@ -155,7 +155,7 @@ fn default_test_timeout() -> Duration {
 
 /// The shortest poll interval accepted: polling is `git ls-remote` against
 /// someone else's server.
-pub const MIN_POLL_INTERVAL: Duration = Duration::from_millis(100);
+pub(super) const MIN_POLL_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Checks the pipeline's rules; `max_job_timeout` is `dispatch.max_job_timeout`.
 pub(super) fn problems(
@@ -455,13 +455,13 @@ fn check_relative(key: &str, path: &str) -> Result<(), Problem> {
 
 impl ProjectConfig {
     /// Whether this project is tested against `upstream`.
-    pub fn tests_against(&self, upstream: &str) -> bool {
+    pub(crate) fn tests_against(&self, upstream: &str) -> bool {
         self.upstreams.is_empty() || self.upstreams.iter().any(|u| u == upstream)
     }
 
     /// The platforms it runs on against `upstream`: its own list (restricted
     /// to the upstream's), or the upstream's.
-    pub fn platforms_for<'a>(&'a self, upstream: &'a UpstreamConfig) -> Vec<&'a str> {
+    pub(crate) fn platforms_for<'a>(&'a self, upstream: &'a UpstreamConfig) -> Vec<&'a str> {
         upstream
             .platforms
             .iter()

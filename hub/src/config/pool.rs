@@ -13,7 +13,7 @@ use super::de;
 /// How a pool's instances are started and stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum ProvisionerKind {
+pub(crate) enum ProvisionerKind {
     /// `trunkfarm-agent` processes on the hub's own machine.
     Local,
     /// The operator's start/stop scripts (KVM, libvirt, a private cloud...).
@@ -25,88 +25,88 @@ pub enum ProvisionerKind {
 /// `[[pool]]`: one group of on-demand agents.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, expecting = "a [[pool]] table")]
-pub struct PoolConfig {
+pub(crate) struct PoolConfig {
     /// Short name (`[A-Za-z0-9._-]`), also used in instance names and tags.
-    pub name: String,
+    pub(crate) name: String,
     /// `"local"`, `"command"` or `"ec2"`.
-    pub provisioner: ProvisionerKind,
+    pub(crate) provisioner: ProvisionerKind,
     /// Labels its agents carry (besides their platform labels): jobs whose
     /// labels they cover make the pool grow.
     #[serde(default)]
-    pub labels: Vec<String>,
+    pub(crate) labels: Vec<String>,
     /// Instances kept running even when idle.
     #[serde(default, deserialize_with = "de::count")]
-    pub min_instances: u32,
+    pub(crate) min_instances: u32,
     /// Never more instances than this.
     #[serde(default = "default_max", deserialize_with = "de::count")]
-    pub max_instances: u32,
+    pub(crate) max_instances: u32,
     /// A matching job waiting this long with no idle matching agent starts an instance.
     #[serde(default = "default_grace", deserialize_with = "de::duration")]
-    pub pending_grace: Duration,
+    pub(crate) pending_grace: Duration,
     /// An instance idle this long is stopped (down to `min_instances`).
     #[serde(default = "default_idle", deserialize_with = "de::duration")]
-    pub idle_timeout: Duration,
+    pub(crate) idle_timeout: Duration,
     /// An instance whose agent has not connected this long after its start
     /// is terminated and counted as a failed start.
     #[serde(default = "default_missing", deserialize_with = "de::duration")]
-    pub missing_timeout: Duration,
+    pub(crate) missing_timeout: Duration,
     /// After this many jobs an instance is replaced by a fresh one (0: never).
     #[serde(default, deserialize_with = "de::count")]
-    pub max_jobs_per_instance: u32,
+    pub(crate) max_jobs_per_instance: u32,
     /// Failed starts back off, doubling from 10s up to this.
     #[serde(default = "default_backoff", deserialize_with = "de::duration")]
-    pub start_backoff_max: Duration,
+    pub(crate) start_backoff_max: Duration,
     /// Jobs one instance runs at once.
     #[serde(default = "default_parallel", deserialize_with = "de::count")]
-    pub max_parallel_jobs: u32,
+    pub(crate) max_parallel_jobs: u32,
     /// `command`: the script that starts an instance. It gets the bootstrap
     /// data in its environment (`TRUNKFARM_ENROLLMENT`, `TRUNKFARM_POOL`,
     /// `TRUNKFARM_INSTANCE_NAME`, `TRUNKFARM_LABELS`, `TRUNKFARM_USER_DATA`)
     /// and prints the instance id as its last line of output.
-    pub start_command: Option<String>,
+    pub(crate) start_command: Option<String>,
     /// `command`: the script that stops one; gets `TRUNKFARM_INSTANCE_ID`.
-    pub stop_command: Option<String>,
+    pub(crate) stop_command: Option<String>,
     /// `command`: how long either script may run.
     #[serde(default = "default_command_timeout", deserialize_with = "de::duration")]
-    pub command_timeout: Duration,
+    pub(crate) command_timeout: Duration,
     /// `local`: the agent binary (default: `trunkfarm-agent` beside
     /// `trunkfarm`, else on PATH).
-    pub agent_binary: Option<PathBuf>,
+    pub(crate) agent_binary: Option<PathBuf>,
     /// `ec2`: the settings of the EC2 API and the instances.
     #[serde(default)]
-    pub ec2: Option<Ec2Section>,
+    pub(crate) ec2: Option<Ec2Section>,
 }
 
 /// `[pool.ec2]`: where and how instances are started on EC2 (or an
 /// EC2-compatible cloud).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, expecting = "a [pool.ec2] table")]
-pub struct Ec2Section {
+pub(crate) struct Ec2Section {
     /// The region, e.g. `"eu-west-1"`.
-    pub region: String,
+    pub(crate) region: String,
     /// The API endpoint (default `https://ec2.<region>.amazonaws.com`);
     /// another for EC2-compatible clouds.
-    pub endpoint: Option<String>,
+    pub(crate) endpoint: Option<String>,
     /// The image to boot (any image with cloud-init: nothing is prepared in it).
-    pub ami: String,
+    pub(crate) ami: String,
     /// The instance type, e.g. `"c6i.large"`.
-    pub instance_type: String,
+    pub(crate) instance_type: String,
     /// The subnet to start in.
-    pub subnet_id: Option<String>,
+    pub(crate) subnet_id: Option<String>,
     /// Security groups.
     #[serde(default)]
-    pub security_group_ids: Vec<String>,
+    pub(crate) security_group_ids: Vec<String>,
     /// An SSH key pair name, for debugging.
-    pub key_name: Option<String>,
+    pub(crate) key_name: Option<String>,
     /// A cloud-init user-data template (default: the embedded
     /// `config/cloud-init/agent.sh`); see it for the placeholders.
-    pub user_data_template: Option<PathBuf>,
+    pub(crate) user_data_template: Option<PathBuf>,
     /// Where the instance downloads `trunkfarm-agent` from (used by the template).
     #[serde(default)]
-    pub agent_url: String,
+    pub(crate) agent_url: String,
     /// Extra tags on every instance.
     #[serde(default)]
-    pub tags: std::collections::BTreeMap<String, String>,
+    pub(crate) tags: std::collections::BTreeMap<String, String>,
 }
 
 fn default_max() -> u32 {

@@ -47,7 +47,7 @@ const STEP_TIMEOUT: Duration = Duration::from_secs(180);
 
 /// Options of `trunkfarm demo`.
 #[derive(Args)]
-pub struct DemoArgs {
+pub(crate) struct DemoArgs {
     /// Where the demo keeps its repositories, hub and agents. An earlier
     /// demo there is wiped first; any other non-empty directory is refused.
     #[arg(long, default_value = "trunkfarm-demo")]
@@ -59,7 +59,7 @@ pub struct DemoArgs {
 }
 
 /// Runs the demo.
-pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
+pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let story = Story::load().context("the embedded demo story is malformed")?;
     check_tool("git", "--version", "the demo keeps its repositories in git")?;
     check_tool(

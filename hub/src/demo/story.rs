@@ -17,7 +17,7 @@ macro_rules! embed {
 
 /// Every file of the upstream (`runtime/…`) and of the projects
 /// (`projects/<name>/…`). A unit test checks this list against the directory.
-pub const FILES: &[(&str, &str)] = embed!(
+pub(super) const FILES: &[(&str, &str)] = embed!(
     "projects/greeter/greeter.tiny",
     "projects/greeter/run-tests.sh",
     "projects/greeter/tests/test_greet.tiny",
@@ -45,72 +45,72 @@ pub const FILES: &[(&str, &str)] = embed!(
 );
 
 /// `config/demo/story.toml`.
-pub const STORY_TOML: &str = include_str!("../../../config/demo/story.toml");
+pub(super) const STORY_TOML: &str = include_str!("../../../config/demo/story.toml");
 
 /// The scripted story.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Story {
+pub(super) struct Story {
     /// How the runtime is built and its first commit.
-    pub upstream: UpstreamStory,
+    pub(crate) upstream: UpstreamStory,
     /// The downstream projects.
-    pub project: Vec<ProjectStory>,
+    pub(crate) project: Vec<ProjectStory>,
     /// The commit that breaks a language feature.
     #[serde(rename = "break")]
-    pub breaks: Change,
+    pub(crate) breaks: Change,
     /// The commit that fixes it.
-    pub fix: Change,
+    pub(crate) fix: Change,
 }
 
 /// The upstream's build and first commit.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct UpstreamStory {
+pub(super) struct UpstreamStory {
     /// Build commands (install into `$PREFIX`).
-    pub build: Vec<String>,
+    pub(crate) build: Vec<String>,
     /// Subject of the first commit.
-    pub first_message: String,
+    pub(crate) first_message: String,
     /// Its author, `Name <email>`.
-    pub first_author: String,
+    pub(crate) first_author: String,
 }
 
 /// One downstream project.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ProjectStory {
+pub(super) struct ProjectStory {
     /// Its name (and directory under `projects/`).
-    pub name: String,
+    pub(crate) name: String,
     /// Its test commands.
-    pub test: Vec<String>,
+    pub(crate) test: Vec<String>,
     /// Its JUnit files.
-    pub junit: Vec<String>,
+    pub(crate) junit: Vec<String>,
 }
 
 /// A commit that replaces one snippet of one file.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Change {
+pub(super) struct Change {
     /// The file, relative to the runtime's directory.
-    pub file: String,
+    pub(crate) file: String,
     /// The snippet to replace (occurs exactly once).
-    pub find: String,
+    pub(crate) find: String,
     /// What replaces it.
-    pub replace: String,
+    pub(crate) replace: String,
     /// The commit's subject.
-    pub message: String,
+    pub(crate) message: String,
     /// Its author, `Name <email>`.
-    pub author: String,
+    pub(crate) author: String,
     /// Projects that must be red after this commit.
     #[serde(default)]
-    pub expect_red: Vec<String>,
+    pub(crate) expect_red: Vec<String>,
     /// Tests (`classname.name`) that must newly fail.
     #[serde(default)]
-    pub expect_newly_failing: Vec<String>,
+    pub(crate) expect_newly_failing: Vec<String>,
 }
 
 impl Story {
     /// The embedded story.
-    pub fn load() -> anyhow::Result<Story> {
+    pub(super) fn load() -> anyhow::Result<Story> {
         Ok(toml::from_str(STORY_TOML)?)
     }
 }
@@ -118,7 +118,7 @@ impl Story {
 impl Change {
     /// Applies the change to the file in `repo`; an error if the snippet is
     /// not there exactly once.
-    pub fn apply(&self, repo: &Path) -> anyhow::Result<()> {
+    pub(super) fn apply(&self, repo: &Path) -> anyhow::Result<()> {
         let path = repo.join(&self.file);
         let text = std::fs::read_to_string(&path)?;
         anyhow::ensure!(
@@ -132,7 +132,7 @@ impl Change {
 }
 
 /// Writes the embedded files under `prefix` (e.g. `runtime/`) into `dir`.
-pub fn write_tree(prefix: &str, dir: &Path) -> anyhow::Result<usize> {
+pub(super) fn write_tree(prefix: &str, dir: &Path) -> anyhow::Result<usize> {
     let mut n = 0;
     for (path, text) in FILES {
         let Some(rel) = path.strip_prefix(prefix) else {

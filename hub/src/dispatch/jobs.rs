@@ -21,7 +21,7 @@ use crate::store::{Store, StoreError, Table, now_ms, trees};
 /// Where a job is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum JobState {
+pub(crate) enum JobState {
     /// Waiting for an agent.
     Queued,
     /// Sent to an agent, not yet reported started.
@@ -35,53 +35,53 @@ pub enum JobState {
 /// One attempt of a job on one agent.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(default)]
-pub struct AttemptRecord {
+pub(crate) struct AttemptRecord {
     /// 1-based.
-    pub attempt: u32,
+    pub(crate) attempt: u32,
     /// Who ran it.
-    pub agent_id: String,
+    pub(crate) agent_id: String,
     /// When it was leased.
-    pub leased_at_ms: u64,
+    pub(crate) leased_at_ms: u64,
     /// Why it ended without a result; empty if it has one.
-    pub lost_reason: String,
+    pub(crate) lost_reason: String,
 }
 
 /// A job as stored: `jobs` tree, key `j` + id (big endian).
 #[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct JobRecord {
+pub(crate) struct JobRecord {
     /// Unique, increasing.
-    pub id: u64,
+    pub(crate) id: u64,
     /// What to run.
-    pub spec: JobSpec,
+    pub(crate) spec: JobSpec,
     /// Attempts allowed.
-    pub max_attempts: u32,
+    pub(crate) max_attempts: u32,
     /// Submission time.
-    pub created_at_ms: u64,
+    pub(crate) created_at_ms: u64,
     /// Current state.
-    pub state: JobState,
+    pub(crate) state: JobState,
     /// The current (or last) attempt; 0 before the first lease.
-    pub attempt: u32,
+    pub(crate) attempt: u32,
     /// The agent of the current (or last) attempt.
     #[serde(default)]
-    pub agent_id: String,
+    pub(crate) agent_id: String,
     /// Every attempt so far.
     #[serde(default)]
-    pub attempts: Vec<AttemptRecord>,
+    pub(crate) attempts: Vec<AttemptRecord>,
     /// The one result, once finished.
     #[serde(default)]
-    pub result: Option<JobResult>,
+    pub(crate) result: Option<JobResult>,
     /// When it finished.
     #[serde(default)]
-    pub finished_at_ms: u64,
+    pub(crate) finished_at_ms: u64,
     /// An operator asked to cancel it.
     #[serde(default)]
-    pub cancel_requested: bool,
+    pub(crate) cancel_requested: bool,
     /// The pipeline's name for the job (e.g. `build/lua/linux-x86_64/<sha>`),
     /// unique among jobs; empty for a job submitted by hand. Keyed jobs are
     /// submitted at most once, and their end is handed to the pipeline
     /// through the finished inbox.
     #[serde(default)]
-    pub key: String,
+    pub(crate) key: String,
 }
 
 impl JobRecord {
@@ -119,7 +119,7 @@ impl JobRecord {
     }
 
     /// A queued job as submitted, nothing checked (see [`JobRecord::new`]).
-    pub fn queued(id: u64, spec: JobSpec, max_attempts: u32, key: String) -> JobRecord {
+    pub(crate) fn queued(id: u64, spec: JobSpec, max_attempts: u32, key: String) -> JobRecord {
         JobRecord {
             id,
             spec,
@@ -137,7 +137,7 @@ impl JobRecord {
     }
 
     /// The (job, attempt) reference of the current attempt.
-    pub fn job_ref(&self) -> JobRef {
+    pub(crate) fn job_ref(&self) -> JobRef {
         JobRef {
             job_id: self.id,
             attempt: self.attempt,
@@ -206,13 +206,13 @@ fn name_key(key: &str) -> Vec<u8> {
 
 /// The `jobs` tree. Cheap to clone; reads need no lock.
 #[derive(Clone)]
-pub struct JobTable {
+pub(crate) struct JobTable {
     table: Table,
 }
 
 impl JobTable {
     /// Opens the `jobs` tree.
-    pub fn open(store: &Store) -> Result<JobTable, StoreError> {
+    pub(crate) fn open(store: &Store) -> Result<JobTable, StoreError> {
         Ok(JobTable {
             table: Table::open(store, trees::JOBS)?,
         })
@@ -227,7 +227,7 @@ impl JobTable {
     /// finished inbox) to `batch`: the one place the jobs tree's layout is
     /// written (also by `trunkfarm bench recovery`, which builds a history of
     /// a million jobs in a database no hub serves).
-    pub fn stage(&self, rec: &JobRecord, batch: &mut sled::Batch) -> Result<(), StoreError> {
+    pub(crate) fn stage(&self, rec: &JobRecord, batch: &mut sled::Batch) -> Result<(), StoreError> {
         self.table.stage(batch, id_key(RECORD, rec.id), rec)?;
         if rec.state == JobState::Finished {
             batch.remove(&id_key(OPEN, rec.id));
@@ -245,7 +245,7 @@ impl JobTable {
     }
 
     /// Applies a batch of [`JobTable::stage`]d records atomically.
-    pub fn apply(&self, batch: sled::Batch) -> Result<(), StoreError> {
+    pub(crate) fn apply(&self, batch: sled::Batch) -> Result<(), StoreError> {
         self.table.apply(batch)
     }
 
@@ -390,9 +390,9 @@ struct Lease {
 /// What ended an attempt without a result did to its job.
 pub(super) struct Lost {
     /// The agent that held it.
-    pub agent_id: String,
+    pub(crate) agent_id: String,
     /// `Some(attempt)` if the job finished (attempts used up, or cancelled).
-    pub finished: Option<u32>,
+    pub(crate) finished: Option<u32>,
 }
 
 /// What recording a result did.

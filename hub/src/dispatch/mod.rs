@@ -29,11 +29,11 @@ use trunkfarm_proto::v1::{
     Cancel, Capabilities, JobRef, JobResult, JobSpec, ResultAck, hub_message,
 };
 
-pub use jobs::{AttemptRecord, JobRecord, JobState, JobTable};
+pub(crate) use jobs::{AttemptRecord, JobRecord, JobState, JobTable};
 /// What a session's channel carries (the in-process tests read it).
 #[cfg(test)]
 pub(crate) use sessions::Outgoing;
-pub use sessions::{AgentTx, ConnectedAgent, JobBudget};
+pub(crate) use sessions::{AgentTx, ConnectedAgent, JobBudget};
 
 use crate::logs::JobLogs;
 use crate::space::{DataDir, SpaceError};
@@ -43,24 +43,24 @@ use sessions::{Hello, Outbox, Sessions};
 
 /// Settings the dispatcher needs from the hub config.
 #[derive(Clone, Debug)]
-pub struct DispatchSettings {
+pub(crate) struct DispatchSettings {
     /// How long an agent may stay silent before its jobs are requeued.
-    pub lease_timeout: Duration,
+    pub(crate) lease_timeout: Duration,
     /// Agents heartbeat this often; one silent for two intervals gets no new job.
-    pub heartbeat_interval: Duration,
+    pub(crate) heartbeat_interval: Duration,
     /// Attempts before a job is finished as an infrastructure error.
-    pub max_attempts: u32,
+    pub(crate) max_attempts: u32,
     /// Timeout given to a job that names none.
-    pub default_job_timeout: Duration,
+    pub(crate) default_job_timeout: Duration,
     /// The longest timeout a job may ask for.
-    pub max_job_timeout: Duration,
+    pub(crate) max_job_timeout: Duration,
     /// The data dir's reserve: new jobs are refused when it is cut into.
-    pub space: DataDir,
+    pub(crate) space: DataDir,
 }
 
 /// Errors callers turn into gRPC statuses.
 #[derive(Debug, thiserror::Error)]
-pub enum DispatchError {
+pub(crate) enum DispatchError {
     /// The store failed; nothing was acknowledged.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -94,7 +94,7 @@ struct Effects {
 
 /// The dispatcher. Cheap to clone.
 #[derive(Clone)]
-pub struct Dispatcher {
+pub(crate) struct Dispatcher {
     shared: Arc<Shared>,
 }
 
@@ -112,7 +112,7 @@ struct Shared {
 
 impl Dispatcher {
     /// Loads every unfinished job and starts the lease reaper.
-    pub fn open(
+    pub(crate) fn open(
         store: &Store,
         logs: Arc<JobLogs>,
         settings: DispatchSettings,
@@ -135,19 +135,19 @@ impl Dispatcher {
     }
 
     /// Lets `budget` (the pools) limit how many jobs an agent is given.
-    pub fn set_job_budget(&self, budget: Arc<dyn JobBudget>) {
+    pub(crate) fn set_job_budget(&self, budget: Arc<dyn JobBudget>) {
         self.lock().sessions.set_budget(budget);
     }
 
     /// Jobs finished (and durable) since the hub started.
-    pub fn finished_total(&self) -> u64 {
+    pub(crate) fn finished_total(&self) -> u64 {
         self.shared
             .finished_total
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Counts of open jobs, for start-up messages and metrics: (queued, leased).
-    pub fn open_counts(&self) -> (usize, usize) {
+    pub(crate) fn open_counts(&self) -> (usize, usize) {
         self.lock().jobs.counts()
     }
 
@@ -173,7 +173,11 @@ impl Dispatcher {
     }
 
     /// Queues a new job; returns its id once it is durable.
-    pub async fn submit(&self, spec: JobSpec, max_attempts: u32) -> Result<u64, DispatchError> {
+    pub(crate) async fn submit(
+        &self,
+        spec: JobSpec,
+        max_attempts: u32,
+    ) -> Result<u64, DispatchError> {
         self.submit_keyed(spec, max_attempts, String::new())
             .await
             .map(|(id, _)| id)
@@ -183,7 +187,7 @@ impl Dispatcher {
     /// exists: returns its id and whether it is new. Submitting the same key
     /// again (after a crash, a re-poll, a retried hand-off) is a no-op, so
     /// the pipeline can re-derive its jobs from durable state at any time.
-    pub async fn submit_keyed(
+    pub(crate) async fn submit_keyed(
         &self,
         spec: JobSpec,
         max_attempts: u32,
@@ -227,38 +231,38 @@ impl Dispatcher {
     }
 
     /// Keys of unfinished keyed jobs starting with `prefix`, with their ids.
-    pub fn open_keys(&self, prefix: &str) -> Vec<(String, u64)> {
+    pub(crate) fn open_keys(&self, prefix: &str) -> Vec<(String, u64)> {
         self.lock().jobs.keys(prefix)
     }
 
     /// Queued jobs' labels and how long each has waited (ms), for the
     /// pools deciding whether to start an instance.
-    pub fn queued_labels(&self) -> Vec<(Vec<String>, u64)> {
+    pub(crate) fn queued_labels(&self) -> Vec<(Vec<String>, u64)> {
         self.lock().jobs.queued_labels()
     }
 
     /// Runtime artifacts that unfinished jobs will download: garbage
     /// collection must keep them.
-    pub fn open_artifacts(&self) -> HashSet<String> {
+    pub(crate) fn open_artifacts(&self) -> HashSet<String> {
         self.lock().jobs.artifacts()
     }
 
     /// Finished keyed jobs the pipeline has not acknowledged yet, oldest
     /// first, at most `limit`.
-    pub fn finished_inbox(&self, limit: usize) -> Result<Vec<JobRecord>, StoreError> {
+    pub(crate) fn finished_inbox(&self, limit: usize) -> Result<Vec<JobRecord>, StoreError> {
         self.shared.table.inbox(limit)
     }
 
     /// The pipeline took in these finished jobs (durably, on its side):
     /// they leave the inbox, and their report files leave the job record.
     /// Durable once the next [`Store::commit`] returns.
-    pub fn ack_finished(&self, ids: &[u64]) -> Result<(), StoreError> {
+    pub(crate) fn ack_finished(&self, ids: &[u64]) -> Result<(), StoreError> {
         self.shared.table.ack_inbox(ids)
     }
 
     /// Notified whenever a job finished (so the pipeline's inbox may hold
     /// something new).
-    pub fn finished_signal(&self) -> Arc<tokio::sync::Notify> {
+    pub(crate) fn finished_signal(&self) -> Arc<tokio::sync::Notify> {
         self.shared.finished.clone()
     }
 
@@ -321,7 +325,7 @@ impl Dispatcher {
     /// Leases it holds and lists in `held` are kept; the others are lost
     /// (the agent restarted without them). Returns the session id.
     #[allow(clippy::too_many_arguments)]
-    pub async fn connect(
+    pub(crate) async fn connect(
         &self,
         agent_id: &str,
         token_labels: &[String],
@@ -379,12 +383,16 @@ impl Dispatcher {
 
     /// The session ended. Its leases stay until they expire: the agent may
     /// reconnect and keep running its jobs.
-    pub fn disconnect(&self, agent_id: &str, session: u64) {
+    pub(crate) fn disconnect(&self, agent_id: &str, session: u64) {
         self.lock().sessions.close(agent_id, session);
     }
 
     /// Extends the leases of the jobs the agent says it runs.
-    pub async fn heartbeat(&self, agent_id: &str, running: &[JobRef]) -> Result<(), StoreError> {
+    pub(crate) async fn heartbeat(
+        &self,
+        agent_id: &str,
+        running: &[JobRef],
+    ) -> Result<(), StoreError> {
         let mut eff = Effects::default();
         {
             let mut st = self.lock();
@@ -402,20 +410,20 @@ impl Dispatcher {
 
     /// Whether `agent_id` holds the lease for this attempt (log chunks from
     /// anyone else are dropped).
-    pub fn holds(&self, agent_id: &str, job: &JobRef) -> bool {
+    pub(crate) fn holds(&self, agent_id: &str, job: &JobRef) -> bool {
         self.lock().jobs.holds(agent_id, job)
     }
 
     /// The agent started a leased job. Recorded without waiting for the disk:
     /// losing it in a crash only makes the job show as leased.
-    pub fn started(&self, agent_id: &str, job: &JobRef) -> Result<(), StoreError> {
+    pub(crate) fn started(&self, agent_id: &str, job: &JobRef) -> Result<(), StoreError> {
         self.lock().jobs.started(&self.shared.table, agent_id, job)
     }
 
     /// Records an agent's result exactly once. A resend of an already
     /// recorded result is acknowledged again; a result for an attempt the
     /// agent no longer holds is refused.
-    pub async fn record_result(
+    pub(crate) async fn record_result(
         &self,
         agent_id: &str,
         result: JobResult,
@@ -469,12 +477,12 @@ impl Dispatcher {
     }
 
     /// The agent is draining (SIGTERM or an operator's drain): no new jobs.
-    pub fn set_draining(&self, agent_id: &str) {
+    pub(crate) fn set_draining(&self, agent_id: &str) {
         self.lock().sessions.set_draining(agent_id);
     }
 
     /// Asks a connected agent to drain.
-    pub fn drain(&self, agent_id: &str, grace: Duration) -> Result<(), DispatchError> {
+    pub(crate) fn drain(&self, agent_id: &str, grace: Duration) -> Result<(), DispatchError> {
         self.lock().sessions.drain(agent_id, grace)
     }
 
@@ -503,7 +511,7 @@ impl Dispatcher {
 
     /// Cancels a job: a queued one finishes as cancelled at once, a running
     /// one is cancelled on its agent (which reports the result).
-    pub async fn cancel(&self, job_id: u64) -> Result<(), DispatchError> {
+    pub(crate) async fn cancel(&self, job_id: u64) -> Result<(), DispatchError> {
         let mut eff = Effects::default();
         {
             let mut st = self.lock();
@@ -535,12 +543,12 @@ impl Dispatcher {
 
     /// Waits until every change made so far is on disk, so a reader never
     /// shows a result that a crash could still take back.
-    pub async fn sync(&self) -> Result<(), StoreError> {
+    pub(crate) async fn sync(&self) -> Result<(), StoreError> {
         self.shared.table.store().commit().await
     }
 
     /// One job: the live copy if unfinished, else the stored one.
-    pub fn get(&self, job_id: u64) -> Result<Option<JobRecord>, StoreError> {
+    pub(crate) fn get(&self, job_id: u64) -> Result<Option<JobRecord>, StoreError> {
         if let Some(rec) = self.lock().jobs.get(job_id) {
             return Ok(Some(rec.clone()));
         }
@@ -548,7 +556,7 @@ impl Dispatcher {
     }
 
     /// Jobs newest first, optionally only those in `state`.
-    pub fn list(
+    pub(crate) fn list(
         &self,
         state: Option<JobState>,
         limit: usize,
@@ -558,18 +566,18 @@ impl Dispatcher {
     }
 
     /// Connected agents by id.
-    pub fn connected(&self) -> std::collections::HashMap<String, ConnectedAgent> {
+    pub(crate) fn connected(&self) -> std::collections::HashMap<String, ConnectedAgent> {
         let st = self.lock();
         st.sessions.connected(|job| st.jobs.leased_attempt(job))
     }
 
     /// When an agent was last heard from (ms), if since this hub started.
-    pub fn last_seen(&self, agent_id: &str) -> Option<u64> {
+    pub(crate) fn last_seen(&self, agent_id: &str) -> Option<u64> {
         self.lock().sessions.last_seen(agent_id)
     }
 
     /// Ends every session (hub shutdown): agents reconnect to the next hub.
-    pub fn close_sessions(&self) {
+    pub(crate) fn close_sessions(&self) {
         self.lock().sessions.close_all();
     }
 }
@@ -589,7 +597,7 @@ pub(crate) enum RevokeError {
 /// (durably, so it cannot connect again), then its session (cut off now,
 /// its jobs requeued). Returns the requeued jobs. The one way to revoke,
 /// for the operator's `agent revoke` and for a pool's stopped instance.
-pub async fn revoke_agent(
+pub(crate) async fn revoke_agent(
     credentials: &crate::auth::credentials::Credentials,
     dispatch: &Dispatcher,
     agent_id: &str,

@@ -19,16 +19,16 @@ use crate::store::now_ms;
 /// stream with that status (e.g. "agent revoked"). Boxed: the channel
 /// allocates its first block of slots up front, which every idle agent
 /// would otherwise hold at the size of the largest message.
-pub type Outgoing = Box<Result<HubMessage, Status>>;
+pub(crate) type Outgoing = Box<Result<HubMessage, Status>>;
 
 /// The channel a session task drains into its agent's stream.
-pub type AgentTx = mpsc::UnboundedSender<Outgoing>;
+pub(crate) type AgentTx = mpsc::UnboundedSender<Outgoing>;
 
 /// Decides how many jobs an agent may be given before it drains; the pools
 /// implement it (an instance serves at most `max_jobs_per_instance`, then is
 /// replaced). Asked once per agent, when it first connects after the hub
 /// started; dispatch counts its assignments down and drains it at zero.
-pub trait JobBudget: Send + Sync {
+pub(crate) trait JobBudget: Send + Sync {
     /// The jobs an agent matched by `labels` may be given; `None` for no
     /// limit.
     fn jobs_for(&self, labels: &HashSet<String>) -> Option<u64>;
@@ -110,35 +110,35 @@ impl Conn {
 
 /// A snapshot of one connected agent for `agent list` and the pools.
 #[derive(Clone, Debug)]
-pub struct ConnectedAgent {
+pub(crate) struct ConnectedAgent {
     /// Capabilities from its Hello.
-    pub caps: Capabilities,
+    pub(crate) caps: Capabilities,
     /// Labels it is matched by.
-    pub labels: Vec<String>,
+    pub(crate) labels: Vec<String>,
     /// Jobs it holds.
-    pub running: Vec<JobRef>,
+    pub(crate) running: Vec<JobRef>,
     /// Draining: gets no new job.
-    pub draining: bool,
+    pub(crate) draining: bool,
     /// Its version string.
-    pub agent_version: String,
+    pub(crate) agent_version: String,
     /// Its address as the hub sees it.
-    pub remote: String,
+    pub(crate) remote: String,
     /// Jobs it may still be given, if a [`JobBudget`] limits it (at 0 it
     /// drains).
-    pub jobs_left: Option<u64>,
+    pub(crate) jobs_left: Option<u64>,
 }
 
 /// What an agent said about itself when its session opened.
 pub(super) struct Hello {
-    pub caps: Capabilities,
+    pub(crate) caps: Capabilities,
     /// Its labels and its enrollment token's.
-    pub labels: HashSet<String>,
+    pub(crate) labels: HashSet<String>,
     /// Jobs it holds whose leases it kept.
-    pub running: HashSet<u64>,
-    pub draining: bool,
-    pub agent_version: String,
-    pub remote: String,
-    pub tx: AgentTx,
+    pub(crate) running: HashSet<u64>,
+    pub(crate) draining: bool,
+    pub(crate) agent_version: String,
+    pub(crate) remote: String,
+    pub(crate) tx: AgentTx,
 }
 
 /// The session registry.

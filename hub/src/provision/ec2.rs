@@ -30,29 +30,29 @@ use super::{Instance, Provisioner, StartSpec};
 use crate::config::{Ec2Section, PoolConfig};
 
 /// The EC2 API version every request names.
-pub const API_VERSION: &str = "2016-11-15";
+pub(crate) const API_VERSION: &str = "2016-11-15";
 /// How long one EC2 call may take, answer included.
-pub const HTTP_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const HTTP_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long connecting to the endpoint may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The default user-data template.
-pub const DEFAULT_TEMPLATE: &str = include_str!("../../../config/cloud-init/agent.sh");
+pub(crate) const DEFAULT_TEMPLATE: &str = include_str!("../../../config/cloud-init/agent.sh");
 /// EC2's limit on user data (before base64).
-pub const MAX_USER_DATA: usize = 16 * 1024;
+pub(crate) const MAX_USER_DATA: usize = 16 * 1024;
 /// The largest answer read from the endpoint.
 const MAX_ANSWER: usize = 8 << 20;
 /// Pages of `DescribeInstances` read at most.
 const MAX_PAGES: usize = 100;
 
 /// The tag naming the hub that started an instance.
-pub const TAG_HUB: &str = "trunkfarm:hub";
+pub(crate) const TAG_HUB: &str = "trunkfarm:hub";
 /// The tag naming its pool.
-pub const TAG_POOL: &str = "trunkfarm:pool";
+pub(crate) const TAG_POOL: &str = "trunkfarm:pool";
 /// The tag naming the instance (as the hub knows it).
-pub const TAG_INSTANCE: &str = "trunkfarm:instance";
+pub(crate) const TAG_INSTANCE: &str = "trunkfarm:instance";
 
 /// The template's placeholders, without braces.
-pub const PLACEHOLDERS: [&str; 6] = [
+pub(crate) const PLACEHOLDERS: [&str; 6] = [
     "ENROLLMENT",
     "AGENT_URL",
     "POOL",
@@ -70,13 +70,13 @@ const LISTED_STATES: [&str; 4] = ["pending", "running", "stopping", "stopped"];
 
 /// An access key. `Debug` shows only the key id.
 #[derive(Clone, PartialEq, Eq)]
-pub struct AwsCredentials {
+pub(crate) struct AwsCredentials {
     /// `AKIA…` / `ASIA…`.
-    pub access_key_id: String,
+    pub(crate) access_key_id: String,
     /// The secret: never logged.
-    pub secret_access_key: String,
+    pub(crate) secret_access_key: String,
     /// For temporary credentials.
-    pub session_token: Option<String>,
+    pub(crate) session_token: Option<String>,
 }
 
 impl fmt::Debug for AwsCredentials {
@@ -94,7 +94,7 @@ impl fmt::Debug for AwsCredentials {
 
 /// Where the credentials came from (a file is re-read before each call).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum CredentialSource {
+pub(crate) enum CredentialSource {
     /// `AWS_ACCESS_KEY_ID` and friends.
     Env,
     /// A profile of a shared credentials file.
@@ -113,7 +113,7 @@ const HOW_TO_SET: &str = "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and A
 
 /// Finds credentials: the environment first, then the shared credentials
 /// file. `env` looks a variable up (empty counts as unset).
-pub fn load_credentials(
+pub(crate) fn load_credentials(
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<(AwsCredentials, CredentialSource), String> {
     let var = |k: &str| env(k).filter(|v| !v.trim().is_empty());
@@ -181,7 +181,7 @@ pub fn load_credentials(
 /// Reads one profile of a shared credentials file (INI: `[profile]`, then
 /// `key = value` lines; `#` and `;` start comments). Errors never quote a
 /// value.
-pub fn parse_credentials_file(text: &str, profile: &str) -> Result<AwsCredentials, String> {
+pub(crate) fn parse_credentials_file(text: &str, profile: &str) -> Result<AwsCredentials, String> {
     let mut sections: Vec<String> = Vec::new();
     let mut current: Option<String> = None;
     let mut keys: BTreeMap<String, String> = BTreeMap::new();
@@ -238,7 +238,7 @@ pub fn parse_credentials_file(text: &str, profile: &str) -> Result<AwsCredential
 // ---------------------------------------------------------------------------
 
 /// The `{{NAME}}` placeholders in `template` that are not ours.
-pub fn unknown_placeholders(template: &str) -> Vec<String> {
+pub(crate) fn unknown_placeholders(template: &str) -> Vec<String> {
     let mut out = Vec::new();
     let mut rest = template;
     while let Some(start) = rest.find("{{") {
@@ -256,23 +256,23 @@ pub fn unknown_placeholders(template: &str) -> Vec<String> {
 }
 
 /// What the placeholders stand for, for one instance.
-pub struct TemplateValues<'a> {
+pub(crate) struct TemplateValues<'a> {
     /// The single-use enrollment string (a secret).
-    pub enrollment: &'a str,
+    pub(crate) enrollment: &'a str,
     /// `pool.ec2.agent_url`.
-    pub agent_url: &'a str,
+    pub(crate) agent_url: &'a str,
     /// The pool's name.
-    pub pool: &'a str,
+    pub(crate) pool: &'a str,
     /// The instance's name.
-    pub instance: &'a str,
+    pub(crate) instance: &'a str,
     /// The pool's labels and `pool-<name>`.
-    pub labels: &'a [String],
+    pub(crate) labels: &'a [String],
     /// `pool.max_parallel_jobs`.
-    pub max_parallel_jobs: u32,
+    pub(crate) max_parallel_jobs: u32,
 }
 
 /// Fills the placeholders in.
-pub fn render(template: &str, v: &TemplateValues<'_>) -> String {
+pub(crate) fn render(template: &str, v: &TemplateValues<'_>) -> String {
     template
         .replace("{{AGENT_URL}}", v.agent_url)
         .replace("{{POOL}}", v.pool)
@@ -284,7 +284,7 @@ pub fn render(template: &str, v: &TemplateValues<'_>) -> String {
 }
 
 /// The labels an instance's agent carries: the pool's and `pool-<name>`.
-pub fn instance_labels(pool: &PoolConfig) -> Vec<String> {
+pub(crate) fn instance_labels(pool: &PoolConfig) -> Vec<String> {
     let mut labels = pool.labels.clone();
     labels.push(format!("pool-{}", pool.name));
     labels
@@ -316,7 +316,7 @@ fn text_of(node: Option<roxmltree::Node<'_, '_>>) -> String {
 /// EC2's error answer (`<Response><Errors><Error><Code/><Message/>`, or
 /// `<ErrorResponse><Error>…` from other Query APIs): the first error's code
 /// and message.
-pub fn parse_error(xml: &str) -> Option<(String, String)> {
+pub(crate) fn parse_error(xml: &str) -> Option<(String, String)> {
     let doc = roxmltree::Document::parse(xml).ok()?;
     let err = doc.descendants().find(|n| {
         n.is_element() && n.tag_name().name() == "Error" && child(*n, "Code").is_some()
@@ -327,7 +327,7 @@ pub fn parse_error(xml: &str) -> Option<(String, String)> {
 }
 
 /// The instance id in a `RunInstancesResponse`.
-pub fn parse_run_instances(xml: &str) -> Result<String, String> {
+pub(crate) fn parse_run_instances(xml: &str) -> Result<String, String> {
     let doc = roxmltree::Document::parse(xml).map_err(|e| format!("not XML ({e})"))?;
     let root = doc.root_element();
     if root.tag_name().name() != "RunInstancesResponse" {
@@ -348,18 +348,20 @@ pub fn parse_run_instances(xml: &str) -> Result<String, String> {
 
 /// One instance as `DescribeInstances` shows it.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Described {
+pub(crate) struct Described {
     /// `i-…`.
-    pub id: String,
+    pub(crate) id: String,
     /// `pending`, `running`, `terminated`…
-    pub state: String,
+    pub(crate) state: String,
     /// Its tags.
-    pub tags: BTreeMap<String, String>,
+    pub(crate) tags: BTreeMap<String, String>,
 }
 
 /// The instances in one page of a `DescribeInstancesResponse`, and the token
 /// of the next page.
-pub fn parse_describe_instances(xml: &str) -> Result<(Vec<Described>, Option<String>), String> {
+pub(crate) fn parse_describe_instances(
+    xml: &str,
+) -> Result<(Vec<Described>, Option<String>), String> {
     let doc = roxmltree::Document::parse(xml).map_err(|e| format!("not XML ({e})"))?;
     let root = doc.root_element();
     if root.tag_name().name() != "DescribeInstancesResponse" {
@@ -400,7 +402,7 @@ pub fn parse_describe_instances(xml: &str) -> Result<(Vec<Described>, Option<Str
 
 /// Why an EC2 call failed.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ApiError {
+pub(crate) enum ApiError {
     /// EC2 answered with an error.
     Refused {
         /// The action.
@@ -443,7 +445,7 @@ pub enum ApiError {
 }
 
 /// What to check for an EC2 error code.
-pub fn hint(code: &str, action: &str) -> Option<String> {
+pub(crate) fn hint(code: &str, action: &str) -> Option<String> {
     let creds = "check the hub's AWS credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, \
                  or the profile in ~/.aws/credentials)";
     let h = match code {
@@ -568,7 +570,7 @@ fn snippet(body: &str, n: usize) -> String {
 // ---------------------------------------------------------------------------
 
 /// Percent-encodes as AWS wants it (RFC 3986: only `A-Za-z0-9-_.~` stay).
-pub fn aws_encode(s: &str) -> String {
+pub(crate) fn aws_encode(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
@@ -581,7 +583,7 @@ pub fn aws_encode(s: &str) -> String {
 }
 
 /// `Action=…&Version=…&<params>` as a form body.
-pub fn form_body(action: &str, params: &[(String, String)]) -> String {
+pub(crate) fn form_body(action: &str, params: &[(String, String)]) -> String {
     let mut parts = vec![
         format!("Action={}", aws_encode(action)),
         format!("Version={API_VERSION}"),
@@ -598,7 +600,7 @@ const CONTENT_TYPE: &str = "application/x-www-form-urlencoded; charset=utf-8";
 
 /// The SigV4 headers (`authorization`, `x-amz-date`, maybe
 /// `x-amz-security-token`) for a POST of `body` to `url`.
-pub fn sign(
+pub(crate) fn sign(
     url: &str,
     body: &str,
     region: &str,
@@ -766,7 +768,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 // ---------------------------------------------------------------------------
 
 /// Instances of one pool on EC2.
-pub struct Ec2 {
+pub(crate) struct Ec2 {
     pool: String,
     settings: Ec2Section,
     hub_tag: String,
@@ -792,14 +794,14 @@ impl Ec2 {
     /// The provisioner of `pool` (which has a `[pool.ec2]` table), tagging
     /// its instances with `hub_tag`. Credentials come from the environment
     /// or the shared credentials file; none is an error.
-    pub fn new(pool: PoolConfig, hub_tag: String) -> anyhow::Result<Ec2> {
+    pub(crate) fn new(pool: PoolConfig, hub_tag: String) -> anyhow::Result<Ec2> {
         let (creds, source) = load_credentials(&|k| std::env::var(k).ok())
             .map_err(|e| anyhow::anyhow!("pool {:?} (provisioner = \"ec2\"): {e}", pool.name))?;
         Ec2::with_credentials(pool, hub_tag, creds, source)
     }
 
     /// Like [`Ec2::new`] with the credentials given.
-    pub fn with_credentials(
+    pub(crate) fn with_credentials(
         pool: PoolConfig,
         hub_tag: String,
         creds: AwsCredentials,

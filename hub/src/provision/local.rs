@@ -13,14 +13,14 @@ use super::{Instance, Provisioner, StartSpec};
 const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// `trunkfarm-agent` processes under `<data_dir>/pools/<pool>/<instance>/`.
-pub struct Local {
+pub(crate) struct Local {
     dir: PathBuf,
     agent: PathBuf,
 }
 
 impl Local {
     /// A provisioner keeping its instances under `dir`.
-    pub fn new(dir: PathBuf, agent: Option<PathBuf>) -> anyhow::Result<Local> {
+    pub(crate) fn new(dir: PathBuf, agent: Option<PathBuf>) -> anyhow::Result<Local> {
         let agent = match agent {
             Some(a) => a,
             None => find_agent_binary()?,
@@ -149,13 +149,13 @@ impl Provisioner for Local {
 }
 
 /// The operator's `start_command` / `stop_command`.
-pub struct Command {
+pub(crate) struct Command {
     pool: crate::config::PoolConfig,
 }
 
 impl Command {
     /// A provisioner running `pool`'s scripts.
-    pub fn new(pool: crate::config::PoolConfig) -> Command {
+    pub(crate) fn new(pool: crate::config::PoolConfig) -> Command {
         Command { pool }
     }
 }

@@ -23,8 +23,8 @@
 //! drains once it got its last one; the pool then replaces the instance as
 //! soon as that job is done.
 
-pub mod ec2;
-pub mod local;
+pub(crate) mod ec2;
+pub(crate) mod local;
 #[cfg(test)]
 mod tests;
 
@@ -49,7 +49,7 @@ const FIRST_BACKOFF: Duration = Duration::from_secs(10);
 /// Where an instance is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum InstanceState {
+pub(crate) enum InstanceState {
     /// Asked to start; its agent has not connected yet.
     Starting,
     /// Its agent connected.
@@ -64,56 +64,56 @@ pub enum InstanceState {
 
 /// One instance, as recorded.
 #[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Instance {
+pub(crate) struct Instance {
     /// `<pool>-<n>`.
-    pub id: String,
+    pub(crate) id: String,
     /// The pool.
-    pub pool: String,
+    pub(crate) pool: String,
     /// Where it is.
-    pub state: InstanceState,
+    pub(crate) state: InstanceState,
     /// The provisioner's handle (a pid, a cloud instance id), once started.
     #[serde(default)]
-    pub handle: String,
+    pub(crate) handle: String,
     /// The single-use token it enrolls with.
-    pub token_id: String,
+    pub(crate) token_id: String,
     /// Its agent, once enrolled.
     #[serde(default)]
-    pub agent_id: String,
+    pub(crate) agent_id: String,
     /// When it was asked to start.
-    pub created_at_ms: u64,
+    pub(crate) created_at_ms: u64,
     /// When its agent last ran a job (or connected).
     #[serde(default)]
-    pub last_busy_ms: u64,
+    pub(crate) last_busy_ms: u64,
     /// Why it was stopped or failed.
     #[serde(default)]
-    pub detail: String,
+    pub(crate) detail: String,
 }
 
 /// Failed starts of a pool and when the next start is allowed.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub struct Backoff {
+pub(crate) struct Backoff {
     /// Failed starts in a row.
-    pub failures: u32,
+    pub(crate) failures: u32,
     /// No start before this (ms).
-    pub next_start_at_ms: u64,
+    pub(crate) next_start_at_ms: u64,
     /// The last failure's reason.
-    pub last_error: String,
+    pub(crate) last_error: String,
 }
 
 /// What a provisioner needs to start one instance.
-pub struct StartSpec {
+pub(crate) struct StartSpec {
     /// The instance's name.
-    pub instance: String,
+    pub(crate) instance: String,
     /// The pool's config.
-    pub pool: PoolConfig,
+    pub(crate) pool: PoolConfig,
     /// The one-time enrollment string (a secret: never log it).
-    pub enrollment: String,
+    pub(crate) enrollment: String,
 }
 
 /// Starts and stops instances: the seam between the pools' policy and a
 /// kind of machine (local processes, scripts, EC2; a fake cloud in tests).
 #[tonic::async_trait]
-pub trait Provisioner: Send + Sync {
+pub(crate) trait Provisioner: Send + Sync {
     /// Starts one; returns its handle.
     async fn start(&self, spec: &StartSpec) -> Result<String, String>;
     /// Stops one (idempotent).
@@ -143,7 +143,7 @@ struct Inner {
 
 /// The pools (cheap to clone).
 #[derive(Clone)]
-pub struct Pools {
+pub(crate) struct Pools {
     inner: Arc<Inner>,
 }
 
@@ -177,7 +177,7 @@ fn pool_label(pool: &str) -> String {
 impl Pools {
     /// Opens the records, terminates instances the hub does not know, and
     /// starts reconciling every pool until `shutdown`.
-    pub async fn start(
+    pub(crate) async fn start(
         config: &HubConfig,
         store: &Store,
         dispatch: Dispatcher,
@@ -264,7 +264,7 @@ impl Pools {
     }
 
     /// Every recorded instance of a pool (all states).
-    pub fn instances(&self, pool: &str) -> Result<Vec<Instance>, StoreError> {
+    pub(crate) fn instances(&self, pool: &str) -> Result<Vec<Instance>, StoreError> {
         self.inner
             .table
             .scan(format!("i/{pool}/"))
@@ -273,12 +273,12 @@ impl Pools {
     }
 
     /// A pool's back-off state.
-    pub fn backoff(&self, pool: &str) -> Result<Backoff, StoreError> {
+    pub(crate) fn backoff(&self, pool: &str) -> Result<Backoff, StoreError> {
         Ok(self.inner.table.get(backoff_key(pool))?.unwrap_or_default())
     }
 
     /// The configured pools.
-    pub fn configs(&self) -> Vec<PoolConfig> {
+    pub(crate) fn configs(&self) -> Vec<PoolConfig> {
         self.inner.pools.iter().map(|(c, _)| c.clone()).collect()
     }
 

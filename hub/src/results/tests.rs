@@ -234,7 +234,7 @@ async fn errors_and_stale_results_decide_nothing() {
     let t = f.record_new(run(40, 7, RED, &[])).await;
     assert_eq!(kind(&t), TransitionKind::WentRed);
     assert_eq!(t.unwrap().last_green_upstream_commit, "c5");
-    assert_eq!(f.sink.0.len(), 2, "one outbox mark per transition");
+    assert_eq!(f.sink.0.sled().len(), 2, "one outbox mark per transition");
 }
 
 #[tokio::test]
