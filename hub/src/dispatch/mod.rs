@@ -676,7 +676,7 @@ pub(crate) mod tests {
     use trunkfarm_proto::v1::hub_message::Msg;
     use trunkfarm_proto::v1::{HubMessage, Outcome};
 
-    type Rx = mpsc::UnboundedReceiver<Outgoing>;
+    pub(crate) type Rx = mpsc::UnboundedReceiver<Outgoing>;
 
     fn settings(lease_ms: u64) -> DispatchSettings {
         DispatchSettings {
@@ -696,7 +696,15 @@ pub(crate) mod tests {
         (store, d)
     }
 
-    async fn agent(d: &Dispatcher, id: &str, slots: u32, labels: &[&str], held: &[JobRef]) -> Rx {
+    /// Connects agent `id` with `slots` and `labels`, holding `held`; its
+    /// channel gets what the hub sends it (the pipeline's tests use it too).
+    pub(crate) async fn agent(
+        d: &Dispatcher,
+        id: &str,
+        slots: u32,
+        labels: &[&str],
+        held: &[JobRef],
+    ) -> Rx {
         let (tx, rx) = mpsc::unbounded_channel();
         let caps = Capabilities {
             labels: labels.iter().map(|s| s.to_string()).collect(),

@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{Notify, mpsc};
 use trunkfarm_proto::v1::hub_message::Msg;
 use trunkfarm_proto::v1::{
-    ArtifactChunk, ArtifactMeta, Capabilities, HubMessage, JobRef, MailState, Outcome, ReportFile,
+    ArtifactChunk, ArtifactMeta, HubMessage, JobRef, MailState, Outcome, ReportFile,
 };
 
 use super::*;
@@ -353,25 +353,7 @@ impl Farm {
 }
 
 async fn connect(d: &Dispatcher) -> mpsc::UnboundedReceiver<Outgoing> {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let caps = Capabilities {
-        labels: vec!["linux".into(), "mac".into()],
-        max_parallel_jobs: 64,
-        ..Default::default()
-    };
-    d.connect(
-        "a",
-        &[],
-        caps,
-        &[],
-        false,
-        "test".into(),
-        "local".into(),
-        tx,
-    )
-    .await
-    .unwrap();
-    rx
+    crate::dispatch::tests::agent(d, "a", 64, &["linux", "mac"], &[]).await
 }
 
 fn passed(_: &JobKey) -> (Outcome, Vec<ReportFile>) {
