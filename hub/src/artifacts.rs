@@ -56,7 +56,7 @@ const TMP_DIR: &str = "tmp";
 const QUARANTINE_DIR: &str = "quarantine";
 
 /// Why an artifact operation failed. Messages say what is wrong and, where
-/// someone can act, what to do; `grpc::agent` maps each to a status code.
+/// someone can act, what to do; `grpc/mod.rs` maps each to a status code.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum ArtifactError {
     /// The data dir has no room for it.
