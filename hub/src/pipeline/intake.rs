@@ -95,10 +95,7 @@ pub(super) fn finished(rec: &JobRecord, key: JobKey, facts: Facts) -> Finished {
                 detail: result.detail,
                 tests_total: cases.len() as u32,
                 tests_failed: failed.len() as u32,
-                tests_skipped: cases
-                    .iter()
-                    .filter(|c| is(c, TestStatus::Skipped))
-                    .count() as u32,
+                tests_skipped: cases.iter().filter(|c| is(c, TestStatus::Skipped)).count() as u32,
                 failing_tests: failed.into_iter().take(MAX_FAILING_IN_SUMMARY).collect(),
                 report_error: report.errors.join("; "),
             };
