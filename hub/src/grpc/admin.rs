@@ -175,7 +175,10 @@ impl AdminService for AdminApi {
             .build(&req.upstream, req.rev.trim(), req.force)
             .await?;
         tracing::info!(upstream = %req.upstream, "build of {} requested", crate::commit::short(&commit));
-        Ok(Response::new(BuildUpstreamResponse { commit, builds }))
+        Ok(Response::new(BuildUpstreamResponse {
+            commit,
+            builds: builds.into_iter().map(Into::into).collect(),
+        }))
     }
 
     async fn get_status(
@@ -186,7 +189,7 @@ impl AdminService for AdminApi {
         // Never show a result a crash could still take back.
         self.dispatch.sync().await?;
         let status = self.pipeline.status(&req.upstream)?;
-        Ok(Response::new(status))
+        Ok(Response::new(status.into()))
     }
 
     async fn get_breakage(
@@ -198,7 +201,7 @@ impl AdminService for AdminApi {
             .pipeline
             .breakage(&req.upstream, req.rev.trim())
             .await?;
-        Ok(Response::new(resp))
+        Ok(Response::new(resp.into()))
     }
 
     async fn list_transitions(
@@ -214,7 +217,9 @@ impl AdminService for AdminApi {
         let transitions = self
             .pipeline
             .transitions(&req.upstream, &req.project, limit, req.all)?;
-        Ok(Response::new(ListTransitionsResponse { transitions }))
+        Ok(Response::new(ListTransitionsResponse {
+            transitions: transitions.into_iter().map(Into::into).collect(),
+        }))
     }
 
     async fn list_artifacts(

@@ -35,11 +35,11 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
-use trunkfarm_proto::v1::{MailInfo, MailState, Subscription, Transition, TransitionKind};
+use trunkfarm_proto::v1::{MailInfo, MailState, Subscription, TransitionKind};
 
 use crate::config::{HubConfig, NotifySection, ProjectConfig, UpstreamConfig};
 use crate::logs::JobLogs;
-use crate::results::{Results, TransitionSink};
+use crate::results::{Results, Transition, TransitionSink};
 use crate::store::{Store, StoreError, Table, id_key, now_ms, trees};
 use deliver::{Failure, Mailer, Transport};
 use token::{TokenError, Unsub, UnsubscribeKey};

@@ -4,9 +4,10 @@
 
 use std::fmt::Write as _;
 
-use trunkfarm_proto::v1::{Transition, TransitionKind};
+use trunkfarm_proto::v1::TransitionKind;
 
 use crate::commit::short;
+use crate::results::Transition;
 use crate::web::escape;
 
 /// Everything a mail about one transition needs besides the transition.
@@ -250,7 +251,7 @@ fn html_of(subject: &str, text: &str, unsubscribe_url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use trunkfarm_proto::v1::Commit;
+    use crate::results::Commit;
 
     fn went_red() -> Transition {
         Transition {

@@ -10,12 +10,13 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use lettre::Message;
-use trunkfarm_proto::v1::{BuildInfo, BuildState, JobRef, LogChunk, LogStream, RunInfo, RunStatus};
+use trunkfarm_proto::v1::{BuildState, JobRef, LogChunk, LogStream, RunStatus};
 
 use super::deliver::Sending;
 use super::*;
-use crate::results::{CulpritRange, Culprits, Finished, Recorded, RunRecord};
-use trunkfarm_proto::v1::Commit;
+use crate::results::{
+    BuildInfo, Commit, CulpritRange, Culprits, Finished, Recorded, RunInfo, RunRecord,
+};
 
 /// The notifier does not look at culprits: a went-red result lists none.
 struct NoCulprits;

@@ -2,11 +2,9 @@
 //! and the one that went red, listed with git while results records (no
 //! lock a poller takes is held meanwhile: a slow fetch stalls no poll).
 
-use trunkfarm_proto::v1::Commit;
-
 use super::Pipeline;
 use super::git::MAX_RANGE_COMMITS;
-use crate::results::{CulpritRange, Culprits};
+use crate::results::{Commit, CulpritRange, Culprits};
 
 #[tonic::async_trait]
 impl Culprits for Pipeline {

@@ -10,7 +10,8 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use tokio::process::Command;
-use trunkfarm_proto::v1::Commit;
+
+use crate::results::Commit;
 
 /// The most commits a culprit range lists; beyond it the oldest are left out
 /// (and the caller says so).

@@ -2,12 +2,12 @@
 //! into what [`crate::results`] records — a build, or a run with its JUnit
 //! summary. Pure: what it needs from the store comes in as [`Facts`].
 
-use trunkfarm_proto::v1::{BuildInfo, BuildState, Outcome, RunInfo, TestStatus};
+use trunkfarm_proto::v1::{BuildState, Outcome, TestStatus};
 
 use crate::dispatch::JobRecord;
 use crate::job_key::JobKey;
 use crate::junit;
-use crate::results::{Finished, RunRecord, run_status};
+use crate::results::{BuildInfo, Finished, RunInfo, RunRecord, TestCase, run_status};
 
 /// Failing test cases kept in a run's summary (all cases are kept in its record).
 const MAX_FAILING_IN_SUMMARY: usize = 200;
@@ -74,9 +74,9 @@ pub(super) fn finished(rec: &JobRecord, key: JobKey, facts: Facts) -> Finished {
             ..
         } => {
             let report = junit::parse_reports(&result.reports);
-            let is = |c: &trunkfarm_proto::v1::TestCase, s: TestStatus| c.status == s as i32;
-            let failed: Vec<_> = report
-                .cases
+            let cases: Vec<TestCase> = report.cases.into_iter().map(TestCase::from).collect();
+            let is = |c: &TestCase, s: TestStatus| c.status == s as i32;
+            let failed: Vec<_> = cases
                 .iter()
                 .filter(|c| is(c, TestStatus::Failed) || is(c, TestStatus::Error))
                 .cloned()
@@ -93,21 +93,14 @@ pub(super) fn finished(rec: &JobRecord, key: JobKey, facts: Facts) -> Finished {
                 duration_ms: result.duration_ms,
                 finished_at_ms: rec.finished_at_ms,
                 detail: result.detail,
-                tests_total: report.cases.len() as u32,
+                tests_total: cases.len() as u32,
                 tests_failed: failed.len() as u32,
-                tests_skipped: report
-                    .cases
-                    .iter()
-                    .filter(|c| is(c, TestStatus::Skipped))
-                    .count() as u32,
+                tests_skipped: cases.iter().filter(|c| is(c, TestStatus::Skipped)).count() as u32,
                 failing_tests: failed.into_iter().take(MAX_FAILING_IN_SUMMARY).collect(),
                 report_error: report.errors.join("; "),
             };
             Finished::Run {
-                run: RunRecord {
-                    info,
-                    cases: report.cases,
-                },
+                run: RunRecord { info, cases },
                 head_seq: facts.head_seq,
             }
         }

@@ -6,13 +6,14 @@
 
 use std::collections::HashMap;
 
-use trunkfarm_proto::v1::{BuildInfo, BuildState, JobSpec, Repository};
+use trunkfarm_proto::v1::{BuildState, JobSpec, Repository};
 
 use super::poll::Repo;
 use super::{Pipeline, PipelineError};
 use crate::commit::short;
 use crate::config::{ProjectConfig, UpstreamConfig};
 use crate::job_key::JobKey;
+use crate::results::BuildInfo;
 use crate::store::now_ms;
 
 /// The directory (relative to the job's directory) a build installs into.

@@ -37,10 +37,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
-use trunkfarm_proto::v1::{
-    BuildInfo, BuildState, Commit, GetBreakageResponse, GetStatusResponse, JobResult, Transition,
-    TransitionKind, UpstreamInfo,
-};
+use trunkfarm_proto::v1::{BuildState, JobResult, TransitionKind};
 
 use crate::artifacts::Artifacts;
 use crate::commit::short;
@@ -48,7 +45,10 @@ use crate::config::{HubConfig, ProjectConfig, UpstreamConfig};
 use crate::dispatch::{DispatchError, Dispatcher, JobRecord};
 use crate::job_key::{JobKey, TEST_PREFIX};
 use crate::notify::Notifier;
-use crate::results::{Finished, GridSeries, Recorded, Results};
+use crate::results::{
+    Breakage, BuildInfo, Commit, Finished, Grid, GridSeries, Recorded, Results, Transition,
+    UpstreamRow,
+};
 use crate::store::{Store, StoreError, Table, trees};
 pub(crate) use git::GitError;
 use git::{Git, Repos};
@@ -374,7 +374,7 @@ impl Pipeline {
 
     /// The grid: every upstream with its builds, every configured
     /// (project, upstream, platform) with its newest run.
-    pub(crate) fn status(&self, only_upstream: &str) -> Result<GetStatusResponse, PipelineError> {
+    pub(crate) fn status(&self, only_upstream: &str) -> Result<Grid, PipelineError> {
         if !only_upstream.is_empty() {
             self.upstream(only_upstream)?;
         }
@@ -399,7 +399,7 @@ impl Pipeline {
                 continue;
             }
             let head = self.head(Repo::Upstream, &u.name)?;
-            let info = UpstreamInfo {
+            let info = UpstreamRow {
                 name: u.name.clone(),
                 url: git::redact_url(&u.url),
                 branch: u.branch.clone(),
@@ -436,7 +436,7 @@ impl Pipeline {
         &self,
         upstream: &str,
         rev: &str,
-    ) -> Result<GetBreakageResponse, PipelineError> {
+    ) -> Result<Breakage, PipelineError> {
         let u = self.upstream(upstream)?.clone();
         let git = &self.inner.git;
         let commits: Vec<Commit> = if rev.contains("..") {

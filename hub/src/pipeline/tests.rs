@@ -566,7 +566,7 @@ async fn a_failed_run_after_a_green_one_went_red_naming_the_culprit_range() {
     let shouter = status
         .cells
         .iter()
-        .find(|c| c.latest.as_ref().unwrap().project == "shouter")
+        .find(|c| c.latest.project == "shouter")
         .unwrap();
     assert_eq!(shouter.red_since.as_ref().unwrap().id, t.id);
 }

@@ -4,9 +4,9 @@
 //! state and the result, and says what to store.
 
 use serde::{Deserialize, Serialize};
-use trunkfarm_proto::v1::{BuildState, Outcome, RunStatus, Transition, TransitionKind};
+use trunkfarm_proto::v1::{BuildState, Outcome, RunStatus, TransitionKind};
 
-use super::{Finished, keys};
+use super::{Finished, Transition, keys};
 
 /// What a series remembers between results.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]

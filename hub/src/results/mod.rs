@@ -14,7 +14,10 @@
 //! * `keys.rs` — the tree's key layout.
 //! * `query.rs` — the read models: status grid, breakage, transitions,
 //!   red series, artifacts still referenced.
-//! * here — the records and the one recorder, [`Results::record`].
+//! * `records.rs` — the stored records (this module's own serde types, in
+//!   the bytes older releases wrote) and their conversions to the wire.
+//! * here — the run record, what is recorded, and the one recorder,
+//!   [`Results::record`].
 //!
 //! The recorder owns its locks: records run one at a time (the series read
 //! before classifying cannot change before the write), and every
@@ -26,16 +29,18 @@
 mod classify;
 mod keys;
 mod query;
+mod records;
 #[cfg(test)]
 mod tests;
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
-use trunkfarm_proto::v1::{BuildInfo, BuildState, Commit, RunInfo, TestCase, Transition};
+use trunkfarm_proto::v1::BuildState;
 
 pub(crate) use classify::{CulpritRange, SeriesState, run_status};
-pub(crate) use query::GridSeries;
+pub(crate) use query::{Breakage, Grid, GridSeries, UpstreamRow};
+pub(crate) use records::{BuildInfo, Commit, RunInfo, TestCase, Transition};
 
 use crate::store::{StoreError, Table, now_ms};
 use keys::Pointer;

@@ -4,13 +4,10 @@
 
 use std::collections::HashSet;
 
-use trunkfarm_proto::v1::{
-    BuildInfo, Commit, GetBreakageResponse, GetStatusResponse, RunInfo, StatusCell, Transition,
-    TransitionKind, UpstreamInfo,
-};
+use trunkfarm_proto::v1::{self, TransitionKind};
 
 use super::keys::{self, Pointer};
-use super::{Results, RunRecord, SeriesState};
+use super::{BuildInfo, Commit, Results, RunInfo, RunRecord, SeriesState, Transition};
 use crate::store::StoreError;
 
 /// One series of runs the status grid shows.
@@ -24,6 +21,121 @@ pub(crate) struct GridSeries<'a> {
     pub(crate) pending: bool,
 }
 
+/// The status grid: every upstream with its builds, and one cell per series.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Grid {
+    /// The upstreams, in the order asked.
+    pub(crate) upstreams: Vec<UpstreamRow>,
+    /// Every upstream's series, in the order asked.
+    pub(crate) cells: Vec<Cell>,
+}
+
+/// An upstream as the grid shows it: what the caller describes (from the
+/// config and polling) and its builds, which [`Results::status`] adds.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct UpstreamRow {
+    /// Its name.
+    pub(crate) name: String,
+    /// Its URL, with any credentials removed.
+    pub(crate) url: String,
+    /// The branch followed.
+    pub(crate) branch: String,
+    /// The platforms it is built on.
+    pub(crate) platforms: Vec<String>,
+    /// The branch head last seen by polling.
+    pub(crate) head: String,
+    /// When that head was first seen, ms.
+    pub(crate) head_seen_at_ms: u64,
+    /// Empty when the last poll worked.
+    pub(crate) poll_error: String,
+    /// The newest build per platform.
+    pub(crate) latest_builds: Vec<BuildInfo>,
+    /// The newest passed build per platform (what new project commits test against).
+    pub(crate) good_builds: Vec<BuildInfo>,
+}
+
+/// One series' cell of the grid.
+#[derive(Clone, Debug)]
+pub(crate) struct Cell {
+    /// Its newest run (only its names set when it has none yet).
+    pub(crate) latest: RunInfo,
+    /// The went-red transition it is red since, if it is red.
+    pub(crate) red_since: Option<Transition>,
+    /// A newer run is queued or running.
+    pub(crate) pending: bool,
+}
+
+/// Which series went red at some upstream commits.
+#[derive(Clone, Debug)]
+pub(crate) struct Breakage {
+    /// The commits asked about.
+    pub(crate) commits: Vec<Commit>,
+    /// The went-red transitions at one of them (or naming one as a culprit), newest first.
+    pub(crate) went_red: Vec<Transition>,
+}
+
+impl From<Grid> for v1::GetStatusResponse {
+    fn from(g: Grid) -> v1::GetStatusResponse {
+        let Grid { upstreams, cells } = g;
+        v1::GetStatusResponse {
+            upstreams: upstreams.into_iter().map(Into::into).collect(),
+            cells: cells.into_iter().map(Into::into).collect(),
+        }
+    }
+}
+
+impl From<UpstreamRow> for v1::UpstreamInfo {
+    fn from(u: UpstreamRow) -> v1::UpstreamInfo {
+        let UpstreamRow {
+            name,
+            url,
+            branch,
+            platforms,
+            head,
+            head_seen_at_ms,
+            poll_error,
+            latest_builds,
+            good_builds,
+        } = u;
+        v1::UpstreamInfo {
+            name,
+            url,
+            branch,
+            platforms,
+            head,
+            head_seen_at_ms,
+            poll_error,
+            latest_builds: latest_builds.into_iter().map(Into::into).collect(),
+            good_builds: good_builds.into_iter().map(Into::into).collect(),
+        }
+    }
+}
+
+impl From<Cell> for v1::StatusCell {
+    fn from(c: Cell) -> v1::StatusCell {
+        let Cell {
+            latest,
+            red_since,
+            pending,
+        } = c;
+        v1::StatusCell {
+            latest: Some(latest.into()),
+            red_since: red_since.map(Into::into),
+            pending,
+        }
+    }
+}
+
+impl From<Breakage> for v1::GetBreakageResponse {
+    fn from(b: Breakage) -> v1::GetBreakageResponse {
+        let Breakage { commits, went_red } = b;
+        v1::GetBreakageResponse {
+            commits: commits.into_iter().map(Into::into).collect(),
+            went_red: went_red.into_iter().map(Into::into).collect(),
+        }
+    }
+}
+
 impl Results {
     /// The status grid: for each upstream (in order, as the caller describes
     /// it), its newest and newest passed build per platform, then the newest
@@ -31,9 +143,9 @@ impl Results {
     /// red since.
     pub(crate) fn status(
         &self,
-        rows: Vec<(UpstreamInfo, Vec<GridSeries<'_>>)>,
-    ) -> Result<GetStatusResponse, StoreError> {
-        let mut out = GetStatusResponse::default();
+        rows: Vec<(UpstreamRow, Vec<GridSeries<'_>>)>,
+    ) -> Result<Grid, StoreError> {
+        let mut out = Grid::default();
         for (mut info, series) in rows {
             for platform in &info.platforms {
                 if let Some(b) = self.latest_build(&info.name, platform)? {
@@ -51,20 +163,20 @@ impl Results {
         Ok(out)
     }
 
-    fn cell(&self, s: GridSeries<'_>, upstream: &str) -> Result<StatusCell, StoreError> {
+    fn cell(&self, s: GridSeries<'_>, upstream: &str) -> Result<Cell, StoreError> {
         let latest = self.latest_run(s.project, upstream, s.platform)?;
         let state = self.series(&keys::run_series(s.project, upstream, s.platform))?;
         let red_since = match state.red_now() {
             Some(id) => self.transition(id)?,
             None => None,
         };
-        Ok(StatusCell {
-            latest: Some(latest.map(|r| r.info).unwrap_or_else(|| RunInfo {
+        Ok(Cell {
+            latest: latest.map(|r| r.info).unwrap_or_else(|| RunInfo {
                 project: s.project.to_owned(),
                 upstream: upstream.to_owned(),
                 platform: s.platform.to_owned(),
                 ..Default::default()
-            })),
+            }),
             red_since,
             pending: s.pending,
         })
@@ -76,7 +188,7 @@ impl Results {
         &self,
         upstream: &str,
         commits: Vec<Commit>,
-    ) -> Result<GetBreakageResponse, StoreError> {
+    ) -> Result<Breakage, StoreError> {
         let wanted: HashSet<&str> = commits.iter().map(|c| c.sha.as_str()).collect();
         let went_red = self.transitions(usize::MAX, |t| {
             t.upstream == upstream
@@ -84,7 +196,7 @@ impl Results {
                 && (wanted.contains(t.upstream_commit.as_str())
                     || t.culprits.iter().any(|c| wanted.contains(c.sha.as_str())))
         })?;
-        Ok(GetBreakageResponse { commits, went_red })
+        Ok(Breakage { commits, went_red })
     }
 
     /// Stored transitions of `upstream` and `project` (empty: any), newest

@@ -1,0 +1,339 @@
+//! The records the `results` tree stores, owned here so that the storage
+//! schema is not the wire contract: a field added to the `.proto` changes
+//! nothing stored, and a record can grow without touching the wire.
+//!
+//! Each has exactly the JSON the proto-derived types wrote before (prost's
+//! snake_case field names in `.proto` order, enums as their numbers so an
+//! unknown one still reads, `default` for absent fields), so a database
+//! written by an older release reads the same and records are rewritten in
+//! the same bytes (`tests::records_keep_the_layout_and_bytes_of_older_databases`,
+//! `tests::old_records_decode_to_the_same_bytes`).
+//!
+//! The wire types are made at the edges, through the `From`s below: they
+//! destructure every field on both sides, so a field added to either is a
+//! compile error here until someone decides whether it is stored.
+
+use serde::{Deserialize, Serialize};
+use trunkfarm_proto::v1;
+
+/// A commit, as a culprit range lists it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub(crate) struct Commit {
+    /// Full hash.
+    pub(crate) sha: String,
+    /// The first line of its message.
+    pub(crate) subject: String,
+    /// "Name <email>".
+    pub(crate) author: String,
+    /// Commit time, Unix milliseconds.
+    pub(crate) time_ms: u64,
+}
+
+/// A runtime build of one upstream commit on one platform.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub(crate) struct BuildInfo {
+    /// The upstream built.
+    pub(crate) upstream: String,
+    /// The platform built on.
+    pub(crate) platform: String,
+    /// The upstream commit built.
+    pub(crate) commit: String,
+    /// The build job.
+    pub(crate) job_id: u64,
+    /// A `v1::BuildState` number.
+    pub(crate) state: i32,
+    /// Hex SHA-256 of the runtime artifact, once passed.
+    pub(crate) artifact_sha256: String,
+    /// When the job was submitted, ms.
+    pub(crate) created_at_ms: u64,
+    /// When it finished, ms.
+    pub(crate) finished_at_ms: u64,
+    /// How long it ran, ms.
+    pub(crate) duration_ms: u64,
+    /// What went wrong, if anything.
+    pub(crate) detail: String,
+    /// Test jobs queued against it.
+    pub(crate) fanned_out: u32,
+    /// When polling saw its commit as the head (0: never; see
+    /// [`super::Finished::Build`]).
+    pub(crate) head_seq: u64,
+}
+
+/// A test run's summary: what the status grid shows.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub(crate) struct RunInfo {
+    /// The project tested.
+    pub(crate) project: String,
+    /// The upstream it was tested against.
+    pub(crate) upstream: String,
+    /// The platform tested on.
+    pub(crate) platform: String,
+    /// The upstream commit of the runtime.
+    pub(crate) upstream_commit: String,
+    /// The project commit tested.
+    pub(crate) project_commit: String,
+    /// A `v1::RunStatus` number.
+    pub(crate) status: i32,
+    /// A `v1::Outcome` number: the job's own outcome.
+    pub(crate) outcome: i32,
+    /// The test job.
+    pub(crate) job_id: u64,
+    /// How long it ran, ms.
+    pub(crate) duration_ms: u64,
+    /// When it finished, ms.
+    pub(crate) finished_at_ms: u64,
+    /// What went wrong, if anything.
+    pub(crate) detail: String,
+    /// Cases in the JUnit reports, when the project gives them.
+    pub(crate) tests_total: u32,
+    /// Of those, failed or errored.
+    pub(crate) tests_failed: u32,
+    /// Of those, skipped.
+    pub(crate) tests_skipped: u32,
+    /// The failing cases (capped; the run's record keeps every case).
+    pub(crate) failing_tests: Vec<TestCase>,
+    /// Why a report could not be used (the run's status stands regardless).
+    pub(crate) report_error: String,
+}
+
+/// One test case of a run, as its JUnit report gave it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub(crate) struct TestCase {
+    /// "classname.name" when the report gives a class name.
+    pub(crate) name: String,
+    /// A `v1::TestStatus` number.
+    pub(crate) status: i32,
+    /// How long it ran, ms.
+    pub(crate) time_ms: u64,
+    /// The failure's message, cut to a few hundred bytes.
+    pub(crate) message: String,
+}
+
+/// What a decisive result did to its series (went red, still red, fixed,
+/// still green), under an increasing id.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub(crate) struct Transition {
+    /// Increasing: the notifier reads transitions in id order.
+    pub(crate) id: u64,
+    /// A `v1::TransitionKind` number.
+    pub(crate) kind: i32,
+    /// Empty for the runtime build itself.
+    pub(crate) project: String,
+    /// The series' upstream.
+    pub(crate) upstream: String,
+    /// The series' platform.
+    pub(crate) platform: String,
+    /// The upstream commit of the result.
+    pub(crate) upstream_commit: String,
+    /// The last green upstream commit (exclusive end of the culprit range);
+    /// empty when there was none.
+    pub(crate) last_green_upstream_commit: String,
+    /// Went red: the culprit range, oldest first, ending at `upstream_commit`.
+    pub(crate) culprits: Vec<Commit>,
+    /// The project commit of the result.
+    pub(crate) project_commit: String,
+    /// The project commit of the series' previous decisive result.
+    pub(crate) previous_project_commit: String,
+    /// The project's own commit changed since the last green run, too.
+    pub(crate) project_commit_changed: bool,
+    /// Tests that fail now and did not in the previous run.
+    pub(crate) newly_failing: Vec<String>,
+    /// The job of the result.
+    pub(crate) job_id: u64,
+    /// When it was recorded, ms.
+    pub(crate) at_ms: u64,
+    /// This is the series' first result.
+    pub(crate) first: bool,
+    /// A `v1::RunStatus` number: the result's.
+    pub(crate) status: i32,
+    /// Why the culprit range could not be listed, if it could not.
+    pub(crate) culprits_error: String,
+    /// Still red / fixed: the went-red transition this red spell began with.
+    pub(crate) red_since_id: u64,
+}
+
+impl From<Commit> for v1::Commit {
+    fn from(c: Commit) -> v1::Commit {
+        let Commit {
+            sha,
+            subject,
+            author,
+            time_ms,
+        } = c;
+        v1::Commit {
+            sha,
+            subject,
+            author,
+            time_ms,
+        }
+    }
+}
+
+impl From<BuildInfo> for v1::BuildInfo {
+    fn from(b: BuildInfo) -> v1::BuildInfo {
+        let BuildInfo {
+            upstream,
+            platform,
+            commit,
+            job_id,
+            state,
+            artifact_sha256,
+            created_at_ms,
+            finished_at_ms,
+            duration_ms,
+            detail,
+            fanned_out,
+            head_seq,
+        } = b;
+        v1::BuildInfo {
+            upstream,
+            platform,
+            commit,
+            job_id,
+            state,
+            artifact_sha256,
+            created_at_ms,
+            finished_at_ms,
+            duration_ms,
+            detail,
+            fanned_out,
+            head_seq,
+        }
+    }
+}
+
+impl From<RunInfo> for v1::RunInfo {
+    fn from(r: RunInfo) -> v1::RunInfo {
+        let RunInfo {
+            project,
+            upstream,
+            platform,
+            upstream_commit,
+            project_commit,
+            status,
+            outcome,
+            job_id,
+            duration_ms,
+            finished_at_ms,
+            detail,
+            tests_total,
+            tests_failed,
+            tests_skipped,
+            failing_tests,
+            report_error,
+        } = r;
+        v1::RunInfo {
+            project,
+            upstream,
+            platform,
+            upstream_commit,
+            project_commit,
+            status,
+            outcome,
+            job_id,
+            duration_ms,
+            finished_at_ms,
+            detail,
+            tests_total,
+            tests_failed,
+            tests_skipped,
+            failing_tests: failing_tests.into_iter().map(Into::into).collect(),
+            report_error,
+        }
+    }
+}
+
+impl From<TestCase> for v1::TestCase {
+    fn from(c: TestCase) -> v1::TestCase {
+        let TestCase {
+            name,
+            status,
+            time_ms,
+            message,
+        } = c;
+        v1::TestCase {
+            name,
+            status,
+            time_ms,
+            message,
+        }
+    }
+}
+
+/// A case as the JUnit parser gives it, taken in to be stored.
+impl From<v1::TestCase> for TestCase {
+    fn from(c: v1::TestCase) -> TestCase {
+        let v1::TestCase {
+            name,
+            status,
+            time_ms,
+            message,
+        } = c;
+        TestCase {
+            name,
+            status,
+            time_ms,
+            message,
+        }
+    }
+}
+
+impl crate::junit::Case for TestCase {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn status(&self) -> i32 {
+        self.status
+    }
+}
+
+impl From<Transition> for v1::Transition {
+    fn from(t: Transition) -> v1::Transition {
+        let Transition {
+            id,
+            kind,
+            project,
+            upstream,
+            platform,
+            upstream_commit,
+            last_green_upstream_commit,
+            culprits,
+            project_commit,
+            previous_project_commit,
+            project_commit_changed,
+            newly_failing,
+            job_id,
+            at_ms,
+            first,
+            status,
+            culprits_error,
+            red_since_id,
+        } = t;
+        v1::Transition {
+            id,
+            kind,
+            project,
+            upstream,
+            platform,
+            upstream_commit,
+            last_green_upstream_commit,
+            culprits: culprits.into_iter().map(Into::into).collect(),
+            project_commit,
+            previous_project_commit,
+            project_commit_changed,
+            newly_failing,
+            job_id,
+            at_ms,
+            first,
+            status,
+            culprits_error,
+            red_since_id,
+        }
+    }
+}
