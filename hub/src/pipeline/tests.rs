@@ -12,7 +12,8 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{Notify, mpsc};
 use trunkfarm_proto::v1::hub_message::Msg;
 use trunkfarm_proto::v1::{
-    ArtifactChunk, ArtifactMeta, Capabilities, HubMessage, JobRef, MailState, Outcome, ReportFile,
+    ArtifactChunk, ArtifactMeta, Capabilities, HubMessage, JobRef, JobResult, MailState, Outcome,
+    ReportFile,
 };
 
 use super::*;
