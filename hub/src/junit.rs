@@ -21,7 +21,9 @@ use quick_xml::Reader;
 use quick_xml::escape::EscapeError;
 use quick_xml::events::attributes::AttrError;
 use quick_xml::events::{BytesRef, BytesStart, Event};
-use trunkfarm_proto::v1::{ReportFile, TestCase, TestStatus};
+use trunkfarm_proto::v1::{TestCase, TestStatus};
+
+use crate::dispatch::ReportFileRecord;
 
 /// Test cases one file may hold; beyond it the file is refused.
 pub(crate) const MAX_CASES: usize = 100_000;
@@ -136,7 +138,7 @@ pub(crate) fn parse(path: &str, xml: &[u8]) -> Result<Vec<TestCase>, JunitError>
 /// per bad one: files the agent could not read (`error` set), malformed files
 /// (whose cases are dropped), and truncated files (whose cases before the cut
 /// are kept, but which are flagged). One bad file never hides the others.
-pub(crate) fn parse_reports(files: &[ReportFile]) -> Report {
+pub(crate) fn parse_reports(files: &[ReportFileRecord]) -> Report {
     let mut report = Report::default();
     for file in files {
         let path = if file.path.is_empty() {
@@ -780,8 +782,8 @@ mod tests {
         parse("junit.xml", xml).unwrap_err().to_string()
     }
 
-    fn file(path: &str, data: &[u8]) -> ReportFile {
-        ReportFile {
+    fn file(path: &str, data: &[u8]) -> ReportFileRecord {
+        ReportFileRecord {
             path: path.to_owned(),
             data: data.to_vec(),
             truncated: false,

@@ -10,13 +10,15 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use trunkfarm_proto::v1::{HubMessage, JobResult, JobSpec, Outcome, hub_message};
+use trunkfarm_proto::v1::{HubMessage, Outcome, hub_message};
 
 use super::farm::BenchHub;
 use super::idle::open_session;
 use super::{BenchArgs, Figure, Target};
 use crate::config::HubConfig;
-use crate::dispatch::{AttemptRecord, JobRecord, JobState, JobTable};
+use crate::dispatch::{
+    AttemptRecord, JobRecord, JobResultRecord, JobSpecRecord, JobState, JobTable,
+};
 use crate::store::{Store, now_ms};
 
 /// Writes job records as they are, in batches, into a database no hub
@@ -44,7 +46,7 @@ fn import(store: &Store, records: impl IntoIterator<Item = JobRecord>) -> anyhow
 const RESTART_TIMEOUT: Duration = Duration::from_secs(300);
 
 fn record(store: &Store, finished: bool) -> anyhow::Result<JobRecord> {
-    let spec = JobSpec {
+    let spec = JobSpecRecord {
         commands: vec!["true".into()],
         timeout_secs: 60,
         ..Default::default()
@@ -62,8 +64,8 @@ fn record(store: &Store, finished: bool) -> anyhow::Result<JobRecord> {
             leased_at_ms: now,
             lost_reason: String::new(),
         }];
-        rec.result = Some(JobResult {
-            job: Some(rec.job_ref()),
+        rec.result = Some(JobResultRecord {
+            job: Some(rec.job_ref().into()),
             outcome: Outcome::Passed.into(),
             exit_code: Some(0),
             duration_ms: 3,

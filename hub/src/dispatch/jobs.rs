@@ -13,8 +13,9 @@ use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use trunkfarm_proto::v1::{Assignment, JobRef, JobResult, JobSpec, Outcome, ResultAck};
+use trunkfarm_proto::v1::{Assignment, JobRef, JobSpec, Outcome, ResultAck};
 
+use super::records::{JobResultRecord, JobSpecRecord};
 use super::{DispatchError, DispatchSettings};
 use crate::store::{Store, StoreError, Table, now_ms, trees};
 
@@ -52,7 +53,7 @@ pub(crate) struct JobRecord {
     /// Unique, increasing.
     pub(crate) id: u64,
     /// What to run.
-    pub(crate) spec: JobSpec,
+    pub(crate) spec: JobSpecRecord,
     /// Attempts allowed.
     pub(crate) max_attempts: u32,
     /// Submission time.
@@ -69,7 +70,7 @@ pub(crate) struct JobRecord {
     pub(crate) attempts: Vec<AttemptRecord>,
     /// The one result, once finished.
     #[serde(default)]
-    pub(crate) result: Option<JobResult>,
+    pub(crate) result: Option<JobResultRecord>,
     /// When it finished.
     #[serde(default)]
     pub(crate) finished_at_ms: u64,
@@ -85,15 +86,17 @@ pub(crate) struct JobRecord {
 }
 
 impl JobRecord {
-    /// A new queued job, its spec checked against the hub's limits (a
-    /// timeout of 0 gets the default one).
+    /// A new queued job, its spec (from the admin API or the pipeline)
+    /// checked against the hub's limits (a timeout of 0 gets the default
+    /// one) and taken over as stored.
     pub(super) fn new(
         id: u64,
-        mut spec: JobSpec,
+        spec: JobSpec,
         max_attempts: u32,
         key: String,
         s: &DispatchSettings,
     ) -> Result<JobRecord, DispatchError> {
+        let mut spec = JobSpecRecord::from(spec);
         if spec.commands.is_empty() || spec.commands.iter().all(|c| c.trim().is_empty()) {
             return Err(DispatchError::InvalidJob(
                 "the job has no command: give at least one (e.g. `trunkfarm job run -- make test`)"
@@ -119,7 +122,12 @@ impl JobRecord {
     }
 
     /// A queued job as submitted, nothing checked (see [`JobRecord::new`]).
-    pub(crate) fn queued(id: u64, spec: JobSpec, max_attempts: u32, key: String) -> JobRecord {
+    pub(crate) fn queued(
+        id: u64,
+        spec: JobSpecRecord,
+        max_attempts: u32,
+        key: String,
+    ) -> JobRecord {
         JobRecord {
             id,
             spec,
@@ -148,8 +156,8 @@ impl JobRecord {
     fn finish(&mut self, outcome: Outcome, detail: String) {
         self.state = JobState::Finished;
         self.finished_at_ms = now_ms();
-        self.result = Some(JobResult {
-            job: Some(self.job_ref()),
+        self.result = Some(JobResultRecord {
+            job: Some(self.job_ref().into()),
             outcome: outcome.into(),
             detail,
             ..Default::default()
@@ -511,7 +519,7 @@ impl OpenJobs {
         table.persist(&rec)?;
         let assignment = Assignment {
             job: Some(rec.job_ref()),
-            spec: Some(rec.spec.clone()),
+            spec: Some(rec.spec.clone().into()),
         };
         self.leases.insert(
             id,
@@ -653,9 +661,9 @@ impl OpenJobs {
         &mut self,
         table: &JobTable,
         agent_id: &str,
-        mut result: JobResult,
+        mut result: JobResultRecord,
     ) -> Result<Recorded, StoreError> {
-        let job = result.job.unwrap_or_default();
+        let job: JobRef = result.job.unwrap_or_default().into();
         if !self.holds(agent_id, &job) {
             return Ok(Recorded::NotHeld);
         }

@@ -19,6 +19,7 @@
 //! its `Hello` (or loses, and the job is requeued at once).
 
 mod jobs;
+mod records;
 mod sessions;
 
 use std::collections::HashSet;
@@ -30,6 +31,7 @@ use trunkfarm_proto::v1::{
 };
 
 pub(crate) use jobs::{AttemptRecord, JobRecord, JobState, JobTable};
+pub(crate) use records::{JobResultRecord, JobSpecRecord, ReportFileRecord};
 /// What a session's channel carries (the in-process tests read it).
 #[cfg(test)]
 pub(crate) use sessions::Outgoing;
@@ -429,6 +431,8 @@ impl Dispatcher {
         result: JobResult,
     ) -> Result<ResultAck, DispatchError> {
         let job = result.job.unwrap_or_default();
+        // Taken over as stored; the report files are moved, not copied.
+        let result = JobResultRecord::from(result);
         let mut eff = Effects::default();
         let recorded = {
             let mut st = self.lock();
@@ -1129,6 +1133,74 @@ pub(crate) mod tests {
         raw.insert(old_key(b'j', 9), &b"{broken"[..]).unwrap();
         let err = d.get(9).unwrap_err().to_string();
         assert!(err.contains("record jobs/j9 is unreadable"), "{err}");
+    }
+
+    /// A finished job with every stored field set (a repository, env, a
+    /// lost attempt, no exit code, report files with and without data)
+    /// exactly as the proto-derived types wrote it, before the job record
+    /// had types of its own.
+    const OLD_EVERY_FIELD: &str = r#"{"id":12,"spec":{"commands":["make","make check"],"env":{"LANG":"C"},"labels":["linux-x86_64"],"project":"textkit","repository":{"url":"https://example.org/t.git","rev":"def"},"timeout_secs":600,"artifact_sha256":"abababababababababababababababababababababababababababababababab","upload_prefix":"","report_paths":["junit.xml","missing.xml"]},"max_attempts":2,"created_at_ms":1700000000000,"state":"finished","attempt":2,"agent_id":"ag_2","attempts":[{"attempt":1,"agent_id":"ag_1","leased_at_ms":1700000000100,"lost_reason":"its lease expired"},{"attempt":2,"agent_id":"ag_2","leased_at_ms":1700000000300,"lost_reason":""}],"result":{"job":{"job_id":12,"attempt":2},"outcome":2,"exit_code":null,"detail":"exit 1","duration_ms":1234,"log_bytes_cut":5,"started_at_ms":1700000000400,"last_log_seq":9,"artifact_sha256":"","reports":[{"path":"junit.xml","data":"PHRlc3RzdWl0ZSBuYW1lPSJzIi8+","truncated":true,"error":""},{"path":"missing.xml","data":"","truncated":false,"error":"not found"}]},"finished_at_ms":1700000002000,"cancel_requested":true,"key":"test/textkit/tiny/linux-x86_64/abc/def/7"}"#;
+
+    #[tokio::test]
+    async fn a_record_with_every_field_set_reads_and_writes_the_same_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let raw = store.tree(crate::store::trees::JOBS).unwrap();
+        raw.insert(old_key(b'j', 12), OLD_EVERY_FIELD.as_bytes())
+            .unwrap();
+        let table = JobTable::open(&store).unwrap();
+        let rec = table.load(12).unwrap().unwrap();
+        let mut batch = sled::Batch::default();
+        table.stage(&rec, &mut batch).unwrap();
+        table.apply(batch).unwrap();
+        let written = raw.get(old_key(b'j', 12)).unwrap().unwrap();
+        assert_eq!(std::str::from_utf8(&written).unwrap(), OLD_EVERY_FIELD);
+        // What an agent is sent and the admin API shows carries every field
+        // to its own place on the wire, and comes back as it was.
+        let spec = JobSpec::from(rec.spec.clone());
+        let repo = spec.repository.clone().unwrap();
+        assert_eq!(
+            (repo.url.as_str(), repo.rev.as_str()),
+            ("https://example.org/t.git", "def")
+        );
+        assert_eq!(spec.commands, ["make", "make check"]);
+        assert_eq!(spec.env["LANG"], "C");
+        assert_eq!((spec.labels.len(), spec.project.as_str()), (1, "textkit"));
+        assert_eq!(spec.timeout_secs, 600);
+        assert_eq!(spec.artifact_sha256, "ab".repeat(32));
+        assert_eq!(spec.report_paths, ["junit.xml", "missing.xml"]);
+        assert_eq!(JobSpecRecord::from(spec), rec.spec);
+        let result = rec.result.clone().unwrap();
+        let wire = JobResult::from(result.clone());
+        assert_eq!(
+            wire.job,
+            Some(JobRef {
+                job_id: 12,
+                attempt: 2
+            })
+        );
+        assert_eq!(
+            (wire.outcome, wire.exit_code, wire.detail.as_str()),
+            (Outcome::Failed as i32, None, "exit 1")
+        );
+        assert_eq!(
+            (
+                wire.duration_ms,
+                wire.log_bytes_cut,
+                wire.started_at_ms,
+                wire.last_log_seq
+            ),
+            (1234, 5, 1_700_000_000_400, 9)
+        );
+        let (junit, missing) = (&wire.reports[0], &wire.reports[1]);
+        assert_eq!(junit.path, "junit.xml");
+        assert_eq!(junit.data, br#"<testsuite name="s"/>"#);
+        assert!(junit.truncated && junit.error.is_empty());
+        assert_eq!(
+            (missing.error.as_str(), missing.truncated),
+            ("not found", false)
+        );
+        assert_eq!(JobResultRecord::from(wire), result);
     }
 
     /// Gives agents carrying `pool-x` a budget of `jobs`.

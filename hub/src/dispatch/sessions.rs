@@ -8,11 +8,10 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 use tonic::Status;
-use trunkfarm_proto::v1::{
-    Assignment, Capabilities, Drain, HubMessage, JobRef, JobSpec, hub_message,
-};
+use trunkfarm_proto::v1::{Assignment, Capabilities, Drain, HubMessage, JobRef, hub_message};
 
 use super::DispatchError;
+use super::records::JobSpecRecord;
 use crate::store::now_ms;
 
 /// What a session sends its agent: a message, or an `Err` that ends the
@@ -91,7 +90,7 @@ impl Conn {
         self.max_parallel.saturating_sub(self.running.len())
     }
 
-    fn accepts(&self, spec: &JobSpec) -> bool {
+    fn accepts(&self, spec: &JobSpecRecord) -> bool {
         spec.labels.iter().all(|l| self.labels.contains(l))
             && (spec.project.is_empty()
                 || self.caps.allowed_projects.is_empty()
@@ -252,7 +251,7 @@ impl Sessions {
     /// The agent a job goes to: of those that take new work and accept the
     /// job, the least loaded (as a fraction of its slots), ties going to the
     /// one assigned least recently, so no agent grabs every pending job.
-    pub(super) fn pick(&self, spec: &JobSpec, now: Instant) -> Option<String> {
+    pub(super) fn pick(&self, spec: &JobSpecRecord, now: Instant) -> Option<String> {
         self.agents
             .iter()
             .filter(|(_, c)| c.available(now, self.stale_after) && c.accepts(spec))

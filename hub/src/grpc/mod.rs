@@ -170,7 +170,7 @@ fn job_info(rec: JobRecord) -> v1::JobInfo {
             for report in &mut r.reports {
                 report.data = Vec::new();
             }
-            r
+            r.into()
         }),
         attempts: rec
             .attempts
@@ -189,7 +189,7 @@ fn job_info(rec: JobRecord) -> v1::JobInfo {
             if let Some(repo) = spec.repository.as_mut() {
                 repo.url = crate::pipeline::git::redact_url(&repo.url);
             }
-            spec
+            spec.into()
         }),
         key: rec.key,
     }

@@ -423,7 +423,7 @@ fn check_any(xml: &[u8]) -> Result<(), TestCaseError> {
     let result = parse("fuzz.xml", xml);
     check_limits(xml, &result)?;
     for truncated in [false, true] {
-        let report = parse_reports(&[ReportFile {
+        let report = parse_reports(&[ReportFileRecord {
             path: "fuzz.xml".into(),
             data: xml.to_vec(),
             truncated,
@@ -583,7 +583,7 @@ proptest! {
         // line that reads as a cut.
         for cut in cuts {
             let cut = cut % (xml.len() + 1);
-            let report = parse_reports(&[ReportFile {
+            let report = parse_reports(&[ReportFileRecord {
                 path: "fuzz.xml".into(),
                 data: xml.as_bytes()[..cut].to_vec(),
                 truncated: true,

@@ -124,20 +124,20 @@ pub(super) fn unparsed(rec: &JobRecord, key: JobKey, facts: Facts, why: &str) ->
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dispatch::JobState;
-    use trunkfarm_proto::v1::{JobResult, JobSpec, ReportFile, RunStatus};
+    use crate::dispatch::{JobResultRecord, JobState, ReportFileRecord};
+    use trunkfarm_proto::v1::RunStatus;
 
-    fn record(outcome: Outcome, sha: &str, reports: Vec<ReportFile>) -> JobRecord {
+    fn record(outcome: Outcome, sha: &str, reports: Vec<ReportFileRecord>) -> JobRecord {
         JobRecord {
             id: 42,
-            spec: JobSpec::default(),
+            spec: Default::default(),
             max_attempts: 1,
             created_at_ms: 1,
             state: JobState::Finished,
             attempt: 1,
             agent_id: "a".into(),
             attempts: Vec::new(),
-            result: Some(JobResult {
+            result: Some(JobResultRecord {
                 outcome: outcome.into(),
                 artifact_sha256: sha.into(),
                 duration_ms: 5,
@@ -213,12 +213,12 @@ mod tests {
             <testcase classname="s" name="later"><skipped/></testcase>
         </testsuite>"#;
         let reports = vec![
-            ReportFile {
+            ReportFileRecord {
                 path: "junit.xml".into(),
                 data: xml.to_vec(),
                 ..Default::default()
             },
-            ReportFile {
+            ReportFileRecord {
                 path: "broken.xml".into(),
                 data: b"<testsuite".to_vec(),
                 ..Default::default()

@@ -37,12 +37,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
-use trunkfarm_proto::v1::{BuildState, JobResult, TransitionKind};
+use trunkfarm_proto::v1::{BuildState, TransitionKind};
 
 use crate::artifacts::Artifacts;
 use crate::commit::short;
 use crate::config::{HubConfig, ProjectConfig, UpstreamConfig};
-use crate::dispatch::{DispatchError, Dispatcher, JobRecord};
+use crate::dispatch::{DispatchError, Dispatcher, JobRecord, JobResultRecord};
 use crate::job_key::{JobKey, TEST_PREFIX};
 use crate::notify::Notifier;
 use crate::results::{
@@ -339,7 +339,11 @@ impl Pipeline {
     }
 
     /// What intake needs from the store for a finished job.
-    fn facts(&self, key: &JobKey, result: Option<&JobResult>) -> Result<intake::Facts, StoreError> {
+    fn facts(
+        &self,
+        key: &JobKey,
+        result: Option<&JobResultRecord>,
+    ) -> Result<intake::Facts, StoreError> {
         let (upstream, commit, build) = match key {
             JobKey::Build {
                 upstream, commit, ..

@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{Notify, mpsc};
 use trunkfarm_proto::v1::hub_message::Msg;
 use trunkfarm_proto::v1::{
-    ArtifactChunk, ArtifactMeta, HubMessage, JobRef, MailState, Outcome, ReportFile,
+    ArtifactChunk, ArtifactMeta, HubMessage, JobRef, JobResult, MailState, Outcome, ReportFile,
 };
 
 use super::*;
