@@ -108,7 +108,10 @@ impl AdminService for AdminApi {
         &self,
         request: Request<ListPoolsRequest>,
     ) -> Result<Response<ListPoolsResponse>, Status> {
-        let pools = crate::provision::pool_views(&self.pools, request.into_inner().all)?;
+        let pools = crate::provision::pool_views(&self.pools, request.into_inner().all)?
+            .into_iter()
+            .map(PoolInfo::from)
+            .collect();
         Ok(Response::new(ListPoolsResponse { pools }))
     }
 
@@ -117,7 +120,7 @@ impl AdminService for AdminApi {
         request: Request<SubscribeRequest>,
     ) -> Result<Response<SubscribeResponse>, Status> {
         let sub = request.into_inner().subscription.unwrap_or_default();
-        let created = self.notifier.subscribe(sub).await?;
+        let created = self.notifier.subscribe(sub.into()).await?;
         Ok(Response::new(SubscribeResponse { created }))
     }
 
@@ -126,7 +129,7 @@ impl AdminService for AdminApi {
         request: Request<UnsubscribeRequest>,
     ) -> Result<Response<UnsubscribeResponse>, Status> {
         let sub = request.into_inner().subscription.unwrap_or_default();
-        let removed = self.notifier.unsubscribe(&sub).await?;
+        let removed = self.notifier.unsubscribe(&sub.into()).await?;
         Ok(Response::new(UnsubscribeResponse { removed }))
     }
 
@@ -135,7 +138,12 @@ impl AdminService for AdminApi {
         request: Request<ListSubscriptionsRequest>,
     ) -> Result<Response<ListSubscriptionsResponse>, Status> {
         let project = request.into_inner().project;
-        let subscriptions = self.notifier.subscriptions(&project)?;
+        let subscriptions = self
+            .notifier
+            .subscriptions(&project)?
+            .into_iter()
+            .map(Subscription::from)
+            .collect();
         Ok(Response::new(ListSubscriptionsResponse { subscriptions }))
     }
 
@@ -158,7 +166,12 @@ impl AdminService for AdminApi {
         } else {
             req.limit as usize
         };
-        let mails = self.notifier.mails(limit, req.state())?;
+        let mails = self
+            .notifier
+            .mails(limit, req.state())?
+            .into_iter()
+            .map(MailInfo::from)
+            .collect();
         Ok(Response::new(ListMailResponse {
             mails,
             sender: self.notifier.describe(),

@@ -17,13 +17,17 @@
 //! unsubscribed; `m/<id>` → [`OutMail`] (JSON); `q/<id>` → empty: pending;
 //! `e/<event>/<email>` → the mail's id (8 bytes, big-endian);
 //! `r/<went-red id>` → reminders sent (JSON number); `g/<upstream>/<email>` →
-//! last digest period (JSON number).
+//! last digest period (JSON number). The records are this module's own
+//! serde types (`record.rs`, [`OutMail`]), not proto messages: the admin API
+//! converts them to its wire types, so a field added to the .proto does not
+//! change what is stored.
 //!
 //! Delivery goes through a [`Mailer`] (SMTP or a mailbox directory in the
 //! hub; a recorder in the tests) and time through a [`Clock`], so the tests
 //! drive the outbox in-process (`notify/tests.rs`).
 
 mod deliver;
+mod record;
 mod render;
 #[cfg(test)]
 mod tests;
@@ -35,13 +39,14 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
-use trunkfarm_proto::v1::{MailInfo, MailState, Subscription, TransitionKind};
+use trunkfarm_proto::v1::{MailState, TransitionKind};
 
 use crate::config::{HubConfig, NotifySection, ProjectConfig, UpstreamConfig};
 use crate::logs::JobLogs;
 use crate::results::{Results, Transition, TransitionSink};
 use crate::store::{Store, StoreError, Table, id_key, now_ms, trees};
 use deliver::{Failure, Mailer, Transport};
+pub(crate) use record::{MailInfo, Subscription};
 use token::{TokenError, Unsub, UnsubscribeKey};
 
 /// Milliseconds since the Unix epoch, as the notifier sees them: the system

@@ -34,6 +34,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
+use trunkfarm_proto::v1;
 
 use crate::auth::credentials::Credentials;
 use crate::config::{HubConfig, PoolConfig, ProvisionerKind};
@@ -717,20 +718,45 @@ fn covers_all(have: &[String], want: &[String]) -> bool {
         .all(|l| have.contains(l))
 }
 
+/// One configured pool as the operator's list shows it.
+pub(crate) struct PoolView {
+    pub(crate) config: PoolConfig,
+    pub(crate) backoff: Backoff,
+    pub(crate) instances: Vec<InstanceView>,
+}
+
+/// One instance in [`PoolView`].
+pub(crate) struct InstanceView {
+    pub(crate) instance: Instance,
+    /// Its agent's session holds a job right now.
+    pub(crate) busy: bool,
+}
+
+impl InstanceState {
+    /// The word the operator sees (as the record spells it).
+    fn as_str(self) -> &'static str {
+        match self {
+            InstanceState::Starting => "starting",
+            InstanceState::Running => "running",
+            InstanceState::Stopping => "stopping",
+            InstanceState::Gone => "gone",
+            InstanceState::Failed => "failed",
+        }
+    }
+}
+
 /// The operator's pool list: each configured pool with its back-off and
 /// its instances (only starting, running and stopping ones unless `all`),
 /// an instance being busy when its agent's session holds a job. The join
-/// lives here, beside the records it reads; the admin API only passes it on.
-pub(crate) fn pool_views(
-    pools: &Pools,
-    all: bool,
-) -> Result<Vec<trunkfarm_proto::v1::PoolInfo>, StoreError> {
+/// lives here, beside the records it reads; the admin API converts it to
+/// its wire type ([`v1::PoolInfo`]).
+pub(crate) fn pool_views(pools: &Pools, all: bool) -> Result<Vec<PoolView>, StoreError> {
     let connected = pools.inner.dispatch.connected();
     let mut views = Vec::new();
-    for cfg in pools.configs() {
-        let backoff = pools.backoff(&cfg.name)?;
+    for config in pools.configs() {
+        let backoff = pools.backoff(&config.name)?;
         let instances = pools
-            .instances(&cfg.name)?
+            .instances(&config.name)?
             .into_iter()
             .filter(|i| {
                 all || matches!(
@@ -738,37 +764,50 @@ pub(crate) fn pool_views(
                     InstanceState::Starting | InstanceState::Running | InstanceState::Stopping
                 )
             })
-            .map(|i| trunkfarm_proto::v1::InstanceInfo {
+            .map(|instance| InstanceView {
                 busy: connected
-                    .get(&i.agent_id)
+                    .get(&instance.agent_id)
                     .is_some_and(|c| !c.running.is_empty()),
-                state: match i.state {
-                    InstanceState::Starting => "starting",
-                    InstanceState::Running => "running",
-                    InstanceState::Stopping => "stopping",
-                    InstanceState::Gone => "gone",
-                    InstanceState::Failed => "failed",
-                }
-                .to_owned(),
-                id: i.id,
-                handle: i.handle,
-                agent_id: i.agent_id,
-                created_at_ms: i.created_at_ms,
-                last_busy_ms: i.last_busy_ms,
-                detail: i.detail,
+                instance,
             })
             .collect();
-        views.push(trunkfarm_proto::v1::PoolInfo {
-            name: cfg.name.clone(),
-            provisioner: format!("{:?}", cfg.provisioner).to_lowercase(),
-            labels: cfg.labels.clone(),
-            min_instances: cfg.min_instances,
-            max_instances: cfg.max_instances,
+        views.push(PoolView {
+            config,
+            backoff,
             instances,
-            failed_starts: backoff.failures,
-            next_start_at_ms: backoff.next_start_at_ms,
-            last_error: backoff.last_error,
         });
     }
     Ok(views)
+}
+
+impl From<PoolView> for v1::PoolInfo {
+    fn from(p: PoolView) -> Self {
+        v1::PoolInfo {
+            provisioner: format!("{:?}", p.config.provisioner).to_lowercase(),
+            name: p.config.name,
+            labels: p.config.labels,
+            min_instances: p.config.min_instances,
+            max_instances: p.config.max_instances,
+            instances: p.instances.into_iter().map(Into::into).collect(),
+            failed_starts: p.backoff.failures,
+            next_start_at_ms: p.backoff.next_start_at_ms,
+            last_error: p.backoff.last_error,
+        }
+    }
+}
+
+impl From<InstanceView> for v1::InstanceInfo {
+    fn from(v: InstanceView) -> Self {
+        let i = v.instance;
+        v1::InstanceInfo {
+            state: i.state.as_str().to_owned(),
+            id: i.id,
+            handle: i.handle,
+            agent_id: i.agent_id,
+            created_at_ms: i.created_at_ms,
+            last_busy_ms: i.last_busy_ms,
+            busy: v.busy,
+            detail: i.detail,
+        }
+    }
 }
