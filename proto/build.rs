@@ -8,25 +8,10 @@ use std::path::PathBuf;
 
 use prost::Message;
 
-/// Messages the hub stores as they are (job specs, results, capabilities,
-/// the pipeline's builds, runs and transitions).
-const PERSISTED: &[&str] = &[
-    "JobSpec",
-    "Repository",
-    "JobResult",
-    "ReportFile",
-    "JobRef",
-    "Capabilities",
-    "Commit",
-    "BuildInfo",
-    "RunInfo",
-    "TestCase",
-    "Transition",
-    "Subscription",
-    "MailInfo",
-    "PoolInfo",
-    "InstanceInfo",
-];
+/// Messages stored as they are: the agent keeps a finished job's result on
+/// disk until the hub acknowledges it. The hub stores its own types (each
+/// owner's `records`), so the wire is not its database schema.
+const PERSISTED: &[&str] = &["JobResult", "ReportFile", "JobRef"];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let proto = "proto/trunkfarm/v1/trunkfarm.proto";
@@ -40,8 +25,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .server_mod_attribute(".", "#[cfg(feature = \"server\")]")
         // Small per-stream buffers: an idle agent session costs the hub little.
         .codec_path("crate::codec::LeanCodec");
-    // The hub persists these as JSON in its store; `default` lets records
-    // written by an older hub load after fields are added.
+    // Stored as JSON; `default` lets records written by an older agent load
+    // after fields are added.
     for persisted in PERSISTED {
         let path = format!(".trunkfarm.v1.{persisted}");
         config = config
