@@ -36,6 +36,7 @@ pub use serde_json;
 pub use tonic;
 pub use trunkfarm_proto as proto;
 
+pub mod farm;
 pub mod moto;
 pub mod smtp;
 

@@ -20,15 +20,16 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
+use trunkfarm_e2e::farm::{
+    FIXED, RUNTIME, Repos, SHOUTER_MAINTAINER, STILL_GREEN, WENT_RED, broken_runtime, smtp_toml,
+};
 use trunkfarm_e2e::proto::enrollment::Enrollment;
 use trunkfarm_e2e::proto::v1::{
     GetJobRequest, JobInfo, JobSpec, JobState, ListJobsRequest, Outcome, SubmitJobRequest,
     WatchJobRequest, watch_job_event,
 };
 use trunkfarm_e2e::smtp::SmtpSink;
-use trunkfarm_e2e::{
-    AdminClient, Agent, Hub, attempts, git, lines_with, read_lossy, s, temp_dir, u,
-};
+use trunkfarm_e2e::{AdminClient, Agent, Hub, attempts, lines_with, read_lossy, s, temp_dir, u};
 
 // ---------------------------------------------------------------------------
 // Seeded randomness and the hard deadline
@@ -875,100 +876,9 @@ fn agent_churn_loses_and_duplicates_nothing() {
 // ---------------------------------------------------------------------------
 
 /// The toy runtime of pipeline.rs: `upper` is what a break breaks.
-const RUNTIME: &str = r#"#!/bin/sh
-case "$1" in
-  add) echo $(($2 + $3)) ;;
-  upper) printf '%s\n' "$2" | tr a-z A-Z ;;
-  *) echo "rt: unknown operation $1" >&2; exit 2 ;;
-esac
-"#;
-
-/// A project testing `upper` (with a JUnit report, like pipeline.rs's).
-const SHOUTER_TESTS: &str = r#"#!/bin/sh
-got=$(rt upper abc 2>&1)
-if [ "$got" = ABC ]; then
-  printf '<testsuites><testsuite name="shouter"><testcase classname="shouter" name="test_upper"/></testsuite></testsuites>\n' > junit.xml
-  exit 0
-fi
-printf '<testsuites><testsuite name="shouter"><testcase classname="shouter" name="test_upper"><failure message="got %s"/></testcase></testsuite></testsuites>\n' "$got" > junit.xml
-exit 1
-"#;
-
-const WENT_RED: &str = "went_red";
-const FIXED: &str = "fixed";
-const STILL_GREEN: &str = "still_green";
-
 /// The subscribers of shouter: its configured maintainer and one added at
 /// run time.
-const SUBSCRIBERS: [&str; 2] = ["shouter-dev@example.org", "second@example.org"];
-
-/// One upstream (`rt`) and one downstream project (`shouter`) in local git
-/// repositories, a hub polling them fast, and an SMTP sink.
-fn pipeline_config(rt: &Path, shouter: &Path, sink: &SmtpSink) -> String {
-    format!(
-        r#"
-[pipeline]
-git_timeout = "30s"
-
-[[upstream]]
-name = "rt"
-url = "{rt}"
-poll_interval = "200ms"
-build = ["mkdir -p \"$PREFIX/bin\"", "cp rt.sh \"$PREFIX/bin/rt\"", "chmod +x \"$PREFIX/bin/rt\""]
-build_timeout = "1m"
-
-[[project]]
-name = "shouter"
-url = "{shouter}"
-poll_interval = "200ms"
-test = ["sh test.sh"]
-timeout = "1m"
-junit = ["junit.xml"]
-maintainers = ["{maintainer}"]
-
-[smtp]
-host = "127.0.0.1"
-port = {port}
-security = "plain"
-from = "trunkfarm <farm@example.org>"
-timeout = "5s"
-
-[notify]
-retry_first = "200ms"
-retry_max = "1s"
-"#,
-        rt = rt.display(),
-        shouter = shouter.display(),
-        maintainer = SUBSCRIBERS[0],
-        port = sink.port(),
-    )
-}
-
-fn new_repo(dir: &Path, file: &str, text: &str) {
-    fs::create_dir_all(dir).unwrap();
-    git(dir, &["init", "--quiet", "-b", "main"]);
-    fs::write(dir.join(file), text).unwrap();
-    git(dir, &["add", "-A"]);
-    git(dir, &["commit", "--quiet", "-m", "initial import"]);
-}
-
-/// Commits `text` as the runtime; returns the new head.
-fn commit_runtime(dir: &Path, text: &str, message: &str) -> String {
-    fs::write(dir.join("rt.sh"), text).unwrap();
-    git(dir, &["add", "-A"]);
-    git(
-        dir,
-        &[
-            "commit",
-            "--quiet",
-            "--author",
-            "Eve <eve@example.org>",
-            "-m",
-            message,
-        ],
-    );
-    git(dir, &["rev-parse", "HEAD"])
-}
+const SUBSCRIBERS: [&str; 2] = [SHOUTER_MAINTAINER, "second@example.org"];
 
 /// Waits until shouter's newest run tested `commit` and is `want`.
 fn wait_shouter(hub: &Hub, commit: &str, want: &str, deadline: &Deadline) {
@@ -1008,11 +918,8 @@ fn pipeline_crash_loop_records_and_mails_each_transition_once() {
         Duration::from_secs(90),
     );
     let sink = SmtpSink::start();
-    let repos = temp_dir("trunkfarm-e2e-faults-repos-");
-    let (rt_dir, shouter_dir) = (repos.path().join("rt"), repos.path().join("shouter"));
-    new_repo(&rt_dir, "rt.sh", RUNTIME);
-    new_repo(&shouter_dir, "test.sh", SHOUTER_TESTS);
-    let mut hub = Hub::start_with(&pipeline_config(&rt_dir, &shouter_dir, &sink), &[]);
+    let repos = Repos::with(&["shouter"]);
+    let mut hub = Hub::start_with(&repos.config(&smtp_toml(&sink)), &[]);
     let _agents = start_agents(&hub, "pipe-", 2);
     hub.cli_ok(&[
         "subscribe",
@@ -1021,7 +928,7 @@ fn pipeline_crash_loop_records_and_mails_each_transition_once() {
         "--email",
         SUBSCRIBERS[1],
     ]);
-    let c0 = git(&rt_dir, &["rev-parse", "HEAD"]);
+    let c0 = repos.head("rt");
     wait_shouter(&hub, &c0, "green", &deadline);
 
     // Ten kills spread over the six commits (at least one each), each at a
@@ -1037,14 +944,16 @@ fn pipeline_crash_loop_records_and_mails_each_transition_once() {
         let breaking = step % 2 == 0;
         // Each commit differs (a trailer), so each build is a new artifact.
         let text = if breaking {
-            RUNTIME.replace("| tr a-z A-Z", "")
+            broken_runtime()
         } else {
             RUNTIME.to_string()
         };
-        let c = commit_runtime(
-            &rt_dir,
+        let c = repos.commit(
+            "rt",
+            "rt.sh",
             &format!("{text}# step {step}\n"),
             &format!("step {step}: {}", if breaking { "break" } else { "fix" }),
+            "Eve <eve@example.org>",
         );
         for k in 0..*kills {
             std::thread::sleep(rng.millis(0, 2000));

@@ -9,142 +9,13 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use serde_json::Value;
-use tempfile::TempDir;
-use trunkfarm_e2e::{Agent, Hub, git, s, temp_dir, u, wait_for};
+use trunkfarm_e2e::farm::{
+    ADDER_TESTS, FIXED, RUNTIME, Repos, STILL_GREEN, STILL_RED, WENT_RED, broken_runtime, smtp_toml,
+};
+use trunkfarm_e2e::{Agent, Hub, git, s, u, wait_for};
 
 /// How long the pipeline may take for one step (build + fan-out + tests).
 const STEP: Duration = Duration::from_secs(90);
-
-const RUNTIME: &str = r#"#!/bin/sh
-# rt: a toy runtime with two "language features".
-case "$1" in
-  add) echo $(($2 + $3)) ;;
-  upper) printf '%s\n' "$2" | tr a-z A-Z ;;
-  *) echo "rt: unknown operation $1" >&2; exit 2 ;;
-esac
-"#;
-
-const ADDER_TESTS: &str = r#"#!/bin/sh
-set -e
-test "$(rt add 2 3)" = 5
-test "$(command -v rt)" = "$TRUNKFARM_RUNTIME_PREFIX/bin/rt"
-echo "adder: all tests pass"
-"#;
-
-const SHOUTER_TESTS: &str = r#"#!/bin/sh
-fail=0
-cases=""
-check() {
-  name=$1; expected=$2; shift 2
-  got=$("$@" 2>&1)
-  if [ "$got" = "$expected" ]; then
-    cases="$cases<testcase classname=\"shouter\" name=\"$name\" time=\"0.01\"/>"
-  else
-    cases="$cases<testcase classname=\"shouter\" name=\"$name\"><failure message=\"expected $expected, got $got\"/></testcase>"
-    fail=1
-  fi
-}
-check test_upper ABC rt upper abc
-check test_add 4 rt add 2 2
-printf '<testsuites><testsuite name="shouter">%s</testsuite></testsuites>\n' "$cases" > junit.xml
-exit $fail
-"#;
-
-/// Local repositories for one upstream and its downstream projects.
-struct Repos {
-    dir: TempDir,
-}
-
-impl Repos {
-    fn new() -> Repos {
-        let r = Repos {
-            dir: temp_dir("trunkfarm-e2e-repos-"),
-        };
-        r.create("rt", &[("rt.sh", RUNTIME)], "rt: initial import");
-        r.create("adder", &[("test.sh", ADDER_TESTS)], "adder");
-        r.create("shouter", &[("test.sh", SHOUTER_TESTS)], "shouter");
-        r
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    fn create(&self, name: &str, files: &[(&str, &str)], message: &str) {
-        let dir = self.path(name);
-        fs::create_dir_all(&dir).unwrap();
-        git(&dir, &["init", "--quiet", "-b", "main"]);
-        for (file, text) in files {
-            fs::write(dir.join(file), text).unwrap();
-        }
-        git(&dir, &["add", "-A"]);
-        git(&dir, &["commit", "--quiet", "-m", message]);
-    }
-
-    /// Commits a change to `file` by `author`; returns the new commit.
-    fn commit(&self, name: &str, file: &str, text: &str, message: &str, author: &str) -> String {
-        let dir = self.path(name);
-        fs::write(dir.join(file), text).unwrap();
-        git(&dir, &["add", "-A"]);
-        git(
-            &dir,
-            &["commit", "--quiet", "--author", author, "-m", message],
-        );
-        self.head(name)
-    }
-
-    fn head(&self, name: &str) -> String {
-        git(&self.path(name), &["rev-parse", "HEAD"])
-    }
-
-    /// The hub config for these repositories (plus `extra` projects).
-    fn config(&self, extra: &str) -> String {
-        format!(
-            r#"
-[pipeline]
-git_timeout = "30s"
-
-[[upstream]]
-name = "rt"
-url = "{rt}"
-poll_interval = "200ms"
-build = ["mkdir -p \"$PREFIX/bin\"", "cp rt.sh \"$PREFIX/bin/rt\"", "chmod +x \"$PREFIX/bin/rt\""]
-build_timeout = "1m"
-
-[[project]]
-name = "adder"
-url = "{adder}"
-poll_interval = "200ms"
-test = ["sh test.sh"]
-timeout = "1m"
-
-[[project]]
-name = "shouter"
-url = "{shouter}"
-poll_interval = "200ms"
-test = ["sh test.sh"]
-timeout = "1m"
-junit = ["junit.xml"]
-maintainers = ["shouter-dev@example.org"]
-{extra}
-"#,
-            rt = self.path("rt").display(),
-            adder = self.path("adder").display(),
-            shouter = self.path("shouter").display(),
-        )
-    }
-}
-
-/// Lands the commit that breaks `upper` (which only shouter uses); returns it.
-fn break_upper(repos: &Repos, author: &str) -> String {
-    repos.commit(
-        "rt",
-        "rt.sh",
-        &RUNTIME.replace("| tr a-z A-Z", ""),
-        "rt: speed up upper",
-        author,
-    )
-}
 
 /// A hub configured for `repos` with `agents` connected agents.
 fn farm(repos: &Repos, extra: &str, agents: usize) -> (Hub, Vec<Agent>) {
@@ -204,11 +75,6 @@ fn kind(t: &Value) -> &str {
     s(t, "kind")
 }
 
-const WENT_RED: &str = "went_red";
-const STILL_RED: &str = "still_red";
-const FIXED: &str = "fixed";
-const STILL_GREEN: &str = "still_green";
-
 #[test]
 fn trunk_breaks_one_project_and_a_fix_turns_it_green() {
     let repos = Repos::new();
@@ -221,7 +87,7 @@ fn trunk_breaks_one_project_and_a_fix_turns_it_green() {
     assert_eq!(u(&shouter["run"], "tests_total"), 2, "{shouter:#}");
 
     // Commit 2 breaks `upper`, which only shouter uses.
-    let c2 = break_upper(&repos, "Eve Breaker <eve@example.org>");
+    let c2 = repos.break_upper("Eve Breaker <eve@example.org>");
     let red = wait_run(&hub, "shouter", &c2, "red");
     wait_run(&hub, "adder", &c2, "green");
     let failing: Vec<&str> = red["run"]["failing_tests"]
@@ -603,7 +469,7 @@ fn hub_killed_mid_pipeline_loses_and_repeats_nothing() {
     let mut commits = vec![c1];
     for (i, kill_after_ms) in [0u64, 30, 90, 150, 250, 400].into_iter().enumerate() {
         let text = if i % 2 == 0 {
-            RUNTIME.replace("| tr a-z A-Z", "")
+            broken_runtime()
         } else {
             RUNTIME.to_string()
         };
@@ -682,24 +548,6 @@ fn hub_killed_mid_pipeline_loses_and_repeats_nothing() {
 
 use trunkfarm_e2e::smtp::SmtpSink;
 
-fn smtp_toml(sink: &SmtpSink) -> String {
-    format!(
-        r#"
-[smtp]
-host = "127.0.0.1"
-port = {}
-security = "plain"
-from = "trunkfarm <farm@example.org>"
-timeout = "5s"
-
-[notify]
-retry_first = "200ms"
-retry_max = "1s"
-"#,
-        sink.port()
-    )
-}
-
 /// A raw HTTP POST to the hub's web endpoint; returns (status code, body).
 fn http_post(url: &str) -> (u16, String) {
     use std::io::{Read, Write};
@@ -757,7 +605,7 @@ fn went_red_and_fixed_are_mailed_once_per_subscriber_in_one_thread() {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("no project named \"nope\""));
     wait_run(&hub, "shouter", &c1, "green");
 
-    let c2 = break_upper(&repos, "Eve Breaker <eve@example.org>");
+    let c2 = repos.break_upper("Eve Breaker <eve@example.org>");
     wait_run(&hub, "shouter", &c2, "red");
     let mails = sink.wait_for_messages(2, STEP);
     let mut to: Vec<String> = mails.iter().flat_map(|m| m.to()).collect();
@@ -859,7 +707,7 @@ fn a_mail_queued_while_smtp_is_down_survives_a_hub_kill_and_arrives_once() {
     let (mut hub, _agents) = farm(&repos, &smtp_toml(&sink), 1);
     wait_run(&hub, "shouter", &c1, "green");
     sink.stop();
-    let c2 = break_upper(&repos, "Eve <eve@example.org>");
+    let c2 = repos.break_upper("Eve <eve@example.org>");
     wait_run(&hub, "shouter", &c2, "red");
     // The mail is queued and its delivery failed at least once.
     let failed = wait_for(STEP, "a failed delivery attempt", || {
@@ -925,7 +773,7 @@ fn still_red_reminders_and_digests_follow_their_periods() {
         "core@example.org",
     ]);
     wait_run(&hub, "shouter", &c1, "green");
-    let c2 = break_upper(&repos, "Eve <eve@example.org>");
+    let c2 = repos.break_upper("Eve <eve@example.org>");
     wait_run(&hub, "shouter", &c2, "red");
     // went red (maintainer), a reminder 2 s later (same thread), one digest.
     let mails = sink.wait_for_messages(3, STEP);
@@ -1000,7 +848,7 @@ fn a_recipient_refused_for_good_is_recorded_not_retried() {
         "bounce@example.org",
     ]);
     wait_run(&hub, "shouter", &c1, "green");
-    let c2 = break_upper(&repos, "Eve <eve@example.org>");
+    let c2 = repos.break_upper("Eve <eve@example.org>");
     wait_run(&hub, "shouter", &c2, "red");
     // The other subscriber still gets theirs.
     let mails = sink.wait_for_messages(1, STEP);
@@ -1097,7 +945,7 @@ fn smtp_login_works_and_a_rejected_login_keeps_the_mail_with_the_reason() {
     let refused = hub.cli(&["mail", "test", "--to", "ops@example.org"]);
     assert!(!refused.status.success());
     wait_run(&hub, "shouter", &c1, "green");
-    let c2 = break_upper(&repos, "Eve <eve@example.org>");
+    let c2 = repos.break_upper("Eve <eve@example.org>");
     wait_run(&hub, "shouter", &c2, "red");
     let pending = wait_for(STEP, "a failed delivery attempt", || {
         let outbox = hub.cli_json(&["mail", "list", "--json", "--state", "pending"]);

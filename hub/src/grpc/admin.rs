@@ -28,8 +28,16 @@ use crate::provision::Pools;
 /// The longest grace period a drain may ask for (a week).
 const MAX_DRAIN_GRACE: Duration = Duration::from_secs(7 * 24 * 3600);
 
-/// Default number of jobs `ListJobs` returns.
+/// How many entries a listing returns when the request names no limit.
 const DEFAULT_LIST_LIMIT: usize = 100;
+
+/// A listing's limit: the request's, or the default for 0 (unset).
+fn list_limit(requested: u32) -> usize {
+    match requested {
+        0 => DEFAULT_LIST_LIMIT,
+        n => n as usize,
+    }
+}
 
 /// The admin-facing service.
 pub(crate) struct AdminApi {
@@ -161,11 +169,7 @@ impl AdminService for AdminApi {
         request: Request<ListMailRequest>,
     ) -> Result<Response<ListMailResponse>, Status> {
         let req = request.into_inner();
-        let limit = if req.limit == 0 {
-            DEFAULT_LIST_LIMIT
-        } else {
-            req.limit as usize
-        };
+        let limit = list_limit(req.limit);
         let mails = self
             .notifier
             .mails(limit, req.state())?
@@ -222,11 +226,7 @@ impl AdminService for AdminApi {
         request: Request<ListTransitionsRequest>,
     ) -> Result<Response<ListTransitionsResponse>, Status> {
         let req = request.into_inner();
-        let limit = if req.limit == 0 {
-            DEFAULT_LIST_LIMIT
-        } else {
-            req.limit as usize
-        };
+        let limit = list_limit(req.limit);
         let transitions = self
             .pipeline
             .transitions(&req.upstream, &req.project, limit, req.all)?;
@@ -398,11 +398,7 @@ impl AdminService for AdminApi {
     ) -> Result<Response<ListJobsResponse>, Status> {
         let req = request.into_inner();
         let state = state_from_proto(req.state());
-        let limit = if req.limit == 0 {
-            DEFAULT_LIST_LIMIT
-        } else {
-            req.limit as usize
-        };
+        let limit = list_limit(req.limit);
         let jobs = self
             .dispatch
             .list(state, limit)?
