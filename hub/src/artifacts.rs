@@ -616,7 +616,9 @@ impl Artifacts {
         let origin = authorize(&job)?;
 
         if self.contains(&sha)? {
-            drain(&mut chunks, &sha, size, first.data.len() as u64).await?;
+            // Nothing is written, but every byte is hashed: an upload proves
+            // its job made these bytes, and naming a stored hash is not that.
+            drain(&mut chunks, &sha, size, first.data).await?;
             tracing::info!(agent = %agent_id, job = job.job_id, sha = %sha, "artifact already stored; upload discarded");
             return Ok(Received {
                 sha256: sha,
@@ -1010,15 +1012,13 @@ where
 /// Reads and discards the rest of an upload whose artifact is already stored
 /// (answering before the stream ends could fail the uploader's send), still
 /// refusing more than the announced size.
-async fn drain<S>(
-    chunks: &mut S,
-    sha: &str,
-    size: u64,
-    mut received: u64,
-) -> Result<(), ArtifactError>
+async fn drain<S>(chunks: &mut S, sha: &str, size: u64, first: Vec<u8>) -> Result<(), ArtifactError>
 where
     S: Stream<Item = Result<ArtifactChunk, Status>> + Unpin,
 {
+    let mut hasher = Sha256::new();
+    let mut received = first.len() as u64;
+    hasher.update(&first);
     while let Some(chunk) = next_chunk(chunks).await? {
         received += chunk.data.len() as u64;
         if received > size {
@@ -1027,6 +1027,21 @@ where
                 announced: size,
             });
         }
+        hasher.update(&chunk.data);
+    }
+    if received != size {
+        return Err(ArtifactError::TooShort {
+            sha256: sha.to_string(),
+            announced: size,
+            received,
+        });
+    }
+    let got = hex::encode(hasher.finalize());
+    if got != sha {
+        return Err(ArtifactError::HashMismatch {
+            announced: sha.to_string(),
+            received: got,
+        });
     }
     Ok(())
 }

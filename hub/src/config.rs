@@ -165,6 +165,12 @@ pub(crate) struct DispatchSection {
     /// cancelled.
     #[serde(deserialize_with = "de::duration")]
     pub(crate) drain_grace: Duration,
+    /// How long past its timeout a job may run before the hub ends it
+    /// itself, whatever its agent says (an honest agent kills it at the
+    /// timeout and reports that first). The job is requeued, or finished
+    /// as an error once its attempts are used up.
+    #[serde(deserialize_with = "de::duration")]
+    pub(crate) timeout_grace: Duration,
 }
 
 impl Default for DispatchSection {
@@ -176,6 +182,7 @@ impl Default for DispatchSection {
             default_job_timeout: Duration::from_secs(60 * 60),
             max_job_timeout: Duration::from_secs(24 * 60 * 60),
             drain_grace: Duration::from_secs(10 * 60),
+            timeout_grace: Duration::from_secs(60),
         }
     }
 }
@@ -212,6 +219,11 @@ pub(crate) struct EnrollmentSection {
     /// The longest lifetime a token may be given.
     #[serde(deserialize_with = "de::duration")]
     pub(crate) max_token_ttl: Duration,
+    /// The most jobs at once an agent is given when its token sets no cap
+    /// (`token create --max-parallel-jobs`); an agent claiming more is
+    /// clamped.
+    #[serde(deserialize_with = "de::count")]
+    pub(crate) default_max_parallel_jobs: u32,
 }
 
 impl Default for EnrollmentSection {
@@ -219,6 +231,7 @@ impl Default for EnrollmentSection {
         Self {
             default_token_ttl: Duration::from_secs(24 * 60 * 60),
             max_token_ttl: Duration::from_secs(30 * 24 * 60 * 60),
+            default_max_parallel_jobs: 4,
         }
     }
 }
@@ -489,6 +502,12 @@ impl HubConfig {
                     fmt_duration(d.heartbeat_interval),
                     fmt_duration(d.heartbeat_interval.saturating_mul(2)),
                 ),
+            ));
+        }
+        if self.enrollment.default_max_parallel_jobs < 1 {
+            return Err(Problem::new(
+                "enrollment.default_max_parallel_jobs",
+                "must be at least 1 (an agent given no slot runs nothing), e.g. 4",
             ));
         }
         if d.max_attempts < 1 {
@@ -778,10 +797,12 @@ mod tests {
             "default_job_timeout",
             "max_job_timeout",
             "drain_grace",
+            "timeout_grace",
             "max_message_size",
             "max_log_size",
             "default_token_ttl",
             "max_token_ttl",
+            "default_max_parallel_jobs",
             "keep",
             "max_size",
             "git_timeout",
@@ -950,7 +971,7 @@ max_token_ttl = "7d"
         assert_eq!(e.line(), Some(4));
         assert_eq!(
             e.to_string(),
-            "/etc/trunkfarm/hub.toml:4: unknown key `dispatch.lease_timout`, expected one of `heartbeat_interval`, `lease_timeout`, `max_attempts`, `default_job_timeout`, `max_job_timeout`, `drain_grace`"
+            "/etc/trunkfarm/hub.toml:4: unknown key `dispatch.lease_timout`, expected one of `heartbeat_interval`, `lease_timeout`, `max_attempts`, `default_job_timeout`, `max_job_timeout`, `drain_grace`, `timeout_grace`"
         );
         // Dotted keys and inline tables are checked the same way.
         assert_eq!(

@@ -7,11 +7,36 @@
 //! * `test/<project>/<upstream>/<platform>/<upstream commit>/<project commit or ->[/<build job id>]`
 //!
 //! Names never contain `/` (the config allows `[A-Za-z0-9._-]`).
+//!
+//! Jobs submitted by hand with an idempotency key are stored under
+//! `submit/<key>` (see [`submit_key`]): the same once-only guarantee, in a
+//! namespace the pipeline's keys never use.
 
 use std::fmt;
 
 /// What every test job's key starts with (to find them among open jobs).
 pub(crate) const TEST_PREFIX: &str = "test/";
+
+/// The longest idempotency key a submit may carry, in bytes.
+pub(crate) const MAX_IDEMPOTENCY_KEY_BYTES: usize = 200;
+
+/// The dispatch key of a hand-submitted job with idempotency key `key`, or
+/// why the key is unusable.
+pub(crate) fn submit_key(key: &str) -> Result<String, String> {
+    if key.len() > MAX_IDEMPOTENCY_KEY_BYTES {
+        return Err(format!(
+            "the idempotency key is {} bytes long; use at most {MAX_IDEMPOTENCY_KEY_BYTES} (e.g. a UUID)",
+            key.len()
+        ));
+    }
+    if key.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(
+            "the idempotency key contains spaces or control characters; use printable characters (e.g. a UUID)"
+                .into(),
+        );
+    }
+    Ok(format!("submit/{key}"))
+}
 
 /// What a pipeline job is for.
 #[derive(Clone, Debug, PartialEq, Eq)]

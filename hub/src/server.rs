@@ -116,6 +116,7 @@ impl Hub {
                 max_attempts: d.max_attempts,
                 default_job_timeout: d.default_job_timeout,
                 max_job_timeout: d.max_job_timeout,
+                timeout_grace: d.timeout_grace,
                 space: space.clone(),
             },
         )?;
@@ -238,6 +239,7 @@ impl Hub {
             logs: logs.clone(),
             heartbeat_interval: d.heartbeat_interval,
             artifacts: artifacts.clone(),
+            default_max_parallel_jobs: cfg.enrollment.default_max_parallel_jobs,
         };
         let admin_api = AdminApi {
             admin_token_hash: secret::hash(&admin_token),

@@ -14,6 +14,7 @@ pub mod addr;
 pub mod codec;
 pub mod dial;
 pub mod enrollment;
+pub mod platform;
 pub mod settings;
 
 /// Generated from `proto/trunkfarm/v1/trunkfarm.proto`.

@@ -37,8 +37,19 @@ pub use tonic;
 pub use trunkfarm_proto as proto;
 
 pub mod farm;
+pub mod hostile;
 pub mod moto;
 pub mod smtp;
+
+/// A two-thread tokio runtime for the gRPC calls of a synchronous test
+/// (processes are spawned from the test's own thread, as the harness requires).
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+}
 
 /// How long a CLI command may take before the harness kills it.
 pub const CLI_TIMEOUT: Duration = Duration::from_secs(30);

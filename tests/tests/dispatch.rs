@@ -87,6 +87,7 @@ async fn hundred_concurrent_jobs_run_once_each_and_spread_over_all_agents() {
                 client.submit_job(SubmitJobRequest {
                     spec: Some(spec),
                     max_attempts: 0,
+                    ..Default::default()
                 }),
             )
             .await;

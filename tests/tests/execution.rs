@@ -331,6 +331,7 @@ async fn oversized_request_is_refused_clearly_and_the_hub_survives() {
                 ..Default::default()
             }),
             max_attempts: 0,
+            ..Default::default()
         }),
     )
     .await
@@ -367,6 +368,7 @@ async fn oversized_request_is_refused_clearly_and_the_hub_survives() {
                 ..Default::default()
             }),
             max_attempts: 0,
+            ..Default::default()
         })
         .await
         .expect("SubmitJob on the same client after the oversized one")
@@ -381,6 +383,7 @@ async fn oversized_request_is_refused_clearly_and_the_hub_survives() {
                 ..Default::default()
             }),
             max_attempts: 0,
+            ..Default::default()
         })
         .await
         .expect("SubmitJob on a new client after the oversized one")

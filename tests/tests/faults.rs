@@ -29,7 +29,9 @@ use trunkfarm_e2e::proto::v1::{
     WatchJobRequest, watch_job_event,
 };
 use trunkfarm_e2e::smtp::SmtpSink;
-use trunkfarm_e2e::{AdminClient, Agent, Hub, attempts, lines_with, read_lossy, s, temp_dir, u};
+use trunkfarm_e2e::{
+    AdminClient, Agent, Hub, attempts, lines_with, read_lossy, runtime, s, temp_dir, u,
+};
 
 // ---------------------------------------------------------------------------
 // Seeded randomness and the hard deadline
@@ -135,16 +137,6 @@ impl Deadline {
     }
 }
 
-/// A runtime for the admin gRPC calls of a synchronous test (processes are
-/// spawned from the test's own thread, as the harness requires).
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("a tokio runtime")
-}
-
 // ---------------------------------------------------------------------------
 // Jobs that leave a trace of every run
 // ---------------------------------------------------------------------------
@@ -169,6 +161,7 @@ fn traced_job(n: usize, runs: &Path) -> SubmitJobRequest {
         // Far more than a job can lose here: each must end Passed, not
         // "attempts used up".
         max_attempts: 20,
+        ..Default::default()
     }
 }
 
@@ -572,10 +565,11 @@ fn wait_all_finished(
     }
 }
 
-/// Enrolls and starts `n` agents with two slots each.
+/// Enrolls and starts `n` trusted agents (they may build runtimes) with
+/// two slots each.
 fn start_agents(hub: &Hub, prefix: &str, n: usize) -> Vec<Agent> {
     let mut agents: Vec<Agent> = (0..n)
-        .map(|i| Agent::enroll(hub, &format!("{prefix}{i}"), &[]))
+        .map(|i| Agent::enroll(hub, &format!("{prefix}{i}"), &["--trusted"]))
         .collect();
     for a in &mut agents {
         a.start(AGENT_ARGS);
@@ -1242,8 +1236,9 @@ impl Relay {
     }
 
     /// An enrollment string of `hub` that makes the agent dial this relay.
-    fn enrollment(&self, hub: &Hub) -> String {
-        let mut e = Enrollment::parse(&hub.create_token(&[])).expect("a valid enrollment string");
+    fn enrollment(&self, hub: &Hub, token_args: &[&str]) -> String {
+        let mut e =
+            Enrollment::parse(&hub.create_token(token_args)).expect("a valid enrollment string");
         e.hub = self.addr.clone();
         e.encode()
     }
@@ -1305,10 +1300,14 @@ fn a_result_held_up_by_a_stalled_link_is_refused_and_recorded_once() {
     );
     let hub = Hub::start();
     let relay = Relay::start(hub.address());
-    let mut a = Agent::enroll_with(&relay.enrollment(&hub), "stall-a", &[]);
-    let mut b = Agent::enroll(&hub, "stall-b", &[]);
+    let mut a = Agent::enroll_with(
+        &relay.enrollment(&hub, &["--labels", "net,only-a"]),
+        "stall-a",
+        &[],
+    );
+    let mut b = Agent::enroll(&hub, "stall-b", &["--labels", "net"]);
     let (a_id, b_id) = (a.id(&hub), b.id(&hub));
-    a.start(&["--labels", "net,only-a", "--max-parallel-jobs", "1"]);
+    a.start(&["--max-parallel-jobs", "1"]);
     hub.wait_agents_connected(1);
     let scratch = temp_dir("trunkfarm-e2e-faults-");
     let runs_file = scratch.path().join("runs");
@@ -1329,7 +1328,7 @@ fn a_result_held_up_by_a_stalled_link_is_refused_and_recorded_once() {
     });
     assert_eq!(s(&j, "agent_id"), a_id, "the job should run on A: {j:#}");
     relay.stall();
-    b.start(&["--labels", "net"]);
+    b.start(&[]);
 
     // The lease runs out; B runs attempt 2.
     let j = hub.wait_job_finished(id, Duration::from_secs(30));
@@ -1457,7 +1456,7 @@ fn a_log_line_sent_into_a_dropped_link_is_not_lost() {
     );
     let hub = Hub::start();
     let relay = Relay::start(hub.address());
-    let mut a = Agent::enroll_with(&relay.enrollment(&hub), "cut-a", &[]);
+    let mut a = Agent::enroll_with(&relay.enrollment(&hub, &[]), "cut-a", &[]);
     a.start(&[]);
     hub.wait_agents_connected(1);
     let scratch = temp_dir("trunkfarm-e2e-faults-");
@@ -1521,7 +1520,7 @@ fn a_dropped_link_keeps_the_lease_and_a_flapping_one_loses_nothing() {
     let rt = runtime();
     let hub = Hub::start();
     let relay = Relay::start(hub.address());
-    let mut a = Agent::enroll_with(&relay.enrollment(&hub), "flap-a", &[]);
+    let mut a = Agent::enroll_with(&relay.enrollment(&hub, &[]), "flap-a", &[]);
     let a_id = a.id(&hub);
     a.start(&["--max-parallel-jobs", "2"]);
     hub.wait_agents_connected(1);

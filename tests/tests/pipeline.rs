@@ -22,7 +22,7 @@ fn farm(repos: &Repos, extra: &str, agents: usize) -> (Hub, Vec<Agent>) {
     let hub = Hub::start_with(&repos.config(extra), &[]);
     let mut list = Vec::new();
     for i in 0..agents {
-        let mut a = Agent::enroll(&hub, &format!("p{i}"), &[]);
+        let mut a = Agent::enroll(&hub, &format!("p{i}"), &["--trusted"]);
         // Two slots: one agent may run two tests of one runtime at once,
         // which must still cost one download.
         a.start(&["--max-parallel-jobs", "2"]);
@@ -357,7 +357,7 @@ fn manual_build_of_a_rev_and_unknown_names() {
         ),
         &[],
     );
-    let mut a = Agent::enroll(&hub, "m", &[]);
+    let mut a = Agent::enroll(&hub, "m", &["--trusted"]);
     a.start(&[]);
     hub.wait_agents_connected(1);
     // The poller builds the head (c2) at start; then c1 by hand.
@@ -415,7 +415,7 @@ fn a_tampered_artifact_is_refused_quarantined_and_rebuilt() {
     fs::write(&file, &bytes).unwrap();
     // A fresh agent (empty cache) must fetch it for adder's new commit.
     agents[0].kill9();
-    let mut fresh = Agent::enroll(&hub, "fresh", &[]);
+    let mut fresh = Agent::enroll(&hub, "fresh", &["--trusted"]);
     fresh.start(&[]);
     let p2 = repos.commit(
         "adder",
@@ -876,7 +876,7 @@ fn a_failed_runtime_build_is_mailed_to_the_upstreams_contacts() {
         "build_timeout = \"1m\"\ncontacts = [\"rt-core@example.org\"]",
     );
     let hub = Hub::start_with(&config, &[]);
-    let mut a = Agent::enroll(&hub, "c", &[]);
+    let mut a = Agent::enroll(&hub, "c", &["--trusted"]);
     a.start(&[]);
     hub.wait_agents_connected(1);
     wait_run(&hub, "adder", &c1, "green");

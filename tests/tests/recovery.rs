@@ -12,11 +12,11 @@ use trunkfarm_e2e::{Agent, Hub, attempts, lines_with, s, u};
 #[test]
 fn job_of_a_killed_agent_is_requeued_and_passes_elsewhere() {
     let hub = Hub::start();
-    let mut a = Agent::enroll(&hub, "r-a", &[]);
-    let mut b = Agent::enroll(&hub, "r-b", &[]);
+    let mut a = Agent::enroll(&hub, "r-a", &["--labels", "long"]);
+    let mut b = Agent::enroll(&hub, "r-b", &["--labels", "long"]);
     let (a_id, b_id) = (a.id(&hub), b.id(&hub));
     // Only A runs at first, so the job lands on A.
-    a.start(&["--labels", "long"]);
+    a.start(&[]);
     hub.wait_agents_connected(1);
 
     let id = hub.submit(&[
@@ -35,7 +35,7 @@ fn job_of_a_killed_agent_is_requeued_and_passes_elsewhere() {
     std::thread::sleep(Duration::from_millis(500));
     a.kill9();
     let killed_at = Instant::now();
-    b.start(&["--labels", "long"]);
+    b.start(&[]);
 
     let j = hub.wait_job_finished(id, Duration::from_secs(30));
     eprintln!("finished {:?} after the kill: {j:#}", killed_at.elapsed());
@@ -90,6 +90,7 @@ async fn hub_killed_with_work_in_flight_loses_nothing() {
             .submit_job(SubmitJobRequest {
                 spec: Some(spec),
                 max_attempts: 5,
+                ..Default::default()
             })
             .await
             .unwrap_or_else(|s| panic!("SubmitJob {n}: {s}"))
@@ -240,10 +241,10 @@ async fn hub_killed_with_work_in_flight_loses_nothing() {
 #[test]
 fn late_result_of_a_frozen_agent_is_refused() {
     let hub = Hub::start();
-    let mut a = Agent::enroll(&hub, "f-a", &[]);
-    let mut b = Agent::enroll(&hub, "f-b", &[]);
+    let mut a = Agent::enroll(&hub, "f-a", &["--labels", "freeze"]);
+    let mut b = Agent::enroll(&hub, "f-b", &["--labels", "freeze"]);
     let (a_id, b_id) = (a.id(&hub), b.id(&hub));
-    a.start(&["--labels", "freeze"]);
+    a.start(&[]);
     hub.wait_agents_connected(1);
 
     let id = hub.submit(&[
@@ -260,7 +261,7 @@ fn late_result_of_a_frozen_agent_is_refused() {
     assert_eq!(s(&j, "agent_id"), a_id, "{j:#}");
     a.sigstop();
     let stopped_at = Instant::now();
-    b.start(&["--labels", "freeze"]);
+    b.start(&[]);
 
     let j = hub.wait_job_finished(id, Duration::from_secs(30));
     eprintln!("finished {:?} after SIGSTOP: {j:#}", stopped_at.elapsed());

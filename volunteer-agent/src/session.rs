@@ -186,7 +186,10 @@ pub(crate) fn capabilities(
         .labels
         .iter()
         .cloned()
-        .chain(sysinfo::platform_labels(machine))
+        .chain(trunkfarm_proto::platform::labels(
+            &machine.os,
+            &machine.arch,
+        ))
     {
         if !labels.contains(&label) {
             labels.push(label);

@@ -57,22 +57,6 @@ fn parse_meminfo_total(text: &str) -> Option<u64> {
     }
 }
 
-/// The labels a machine carries by virtue of its platform, so a job can ask
-/// for `linux`, `aarch64` or exactly `linux-aarch64`.
-pub(crate) fn platform_labels(machine: &Machine) -> Vec<String> {
-    let mut labels = Vec::with_capacity(3);
-    for label in [
-        machine.os.clone(),
-        machine.arch.clone(),
-        format!("{}-{}", machine.os, machine.arch),
-    ] {
-        if !label.is_empty() && !label.starts_with('-') && !label.ends_with('-') {
-            labels.push(label);
-        }
-    }
-    labels
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -102,27 +86,5 @@ mod tests {
             None,
             "overflow is unknown, not a panic"
         );
-    }
-
-    #[test]
-    fn labels_for_a_platform() {
-        let m = Machine {
-            os: "linux".into(),
-            arch: "x86_64".into(),
-            cores: 4,
-            memory_bytes: 0,
-        };
-        assert_eq!(platform_labels(&m), ["linux", "x86_64", "linux-x86_64"]);
-        let m = Machine {
-            os: "linux".into(),
-            arch: "aarch64".into(),
-            ..m
-        };
-        assert_eq!(platform_labels(&m), ["linux", "aarch64", "linux-aarch64"]);
-        let m = Machine {
-            os: String::new(),
-            ..m
-        };
-        assert_eq!(platform_labels(&m), ["aarch64"]);
     }
 }

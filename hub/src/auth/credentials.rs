@@ -5,10 +5,12 @@
 //! Each token use and each enrollment is one sled transaction, so a token with
 //! `uses = 1` can never enroll two agents, even with concurrent attempts.
 
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use sled::transaction::{ConflictableTransactionError, TransactionError};
+use trunkfarm_proto::v1::Capabilities;
 
 use super::secret;
 use crate::store::{Store, StoreError, Table, now_ms, trees};
@@ -80,8 +82,10 @@ pub(crate) struct TokenRecord {
     pub(crate) id: String,
     /// SHA-256 of the secret.
     pub(crate) hash: String,
-    /// Labels granted to agents enrolled with it.
-    pub(crate) labels: Vec<String>,
+    /// What agents enrolled with it are granted (in the place `labels` had
+    /// before trust levels, so older records keep their bytes).
+    #[serde(flatten)]
+    pub(crate) grant: Grant,
     /// When it was created.
     pub(crate) created_at_ms: u64,
     /// When it stops working.
@@ -97,6 +101,66 @@ pub(crate) struct TokenRecord {
     pub(crate) note: String,
 }
 
+/// What the hub grants an agent, fixed by the operator when the token is
+/// made (the agent only asks: its own claims are capped by this).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Grant {
+    /// Labels it carries whatever it claims.
+    pub(crate) labels: Vec<String>,
+    /// Trusted: may build runtimes, its verdicts need no confirmation.
+    /// Records from before trust levels read as volunteers.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub(crate) trusted: bool,
+    /// The most jobs at once it is given; 0 means the hub's default.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub(crate) max_parallel_jobs: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+impl Grant {
+    /// A volunteer's grant with these labels.
+    #[cfg(test)]
+    pub(crate) fn volunteer(labels: Vec<String>) -> Grant {
+        Grant {
+            labels,
+            ..Grant::default()
+        }
+    }
+
+    /// What an agent whose session opens with `caps` gets: the labels of
+    /// its grant and of the platform it reports (a claimed label outside
+    /// those is refused), and its claimed slots capped by the grant (or by
+    /// `default_cap` when the grant sets none).
+    pub(crate) fn grant(&self, caps: &Capabilities, default_cap: u32) -> Granted {
+        let platform = trunkfarm_proto::platform::labels(&caps.os, &caps.arch);
+        let mut labels: BTreeSet<String> = self.labels.iter().cloned().collect();
+        let mut refused = Vec::new();
+        for claimed in &caps.labels {
+            if platform.contains(claimed) {
+                labels.insert(claimed.clone());
+            } else if !labels.contains(claimed) {
+                refused.push(claimed.clone());
+            }
+        }
+        labels.extend(platform);
+        let cap = match self.max_parallel_jobs {
+            0 => default_cap.max(1),
+            n => n,
+        };
+        let claimed = caps.max_parallel_jobs.max(1);
+        Granted {
+            labels: labels.into_iter().collect(),
+            refused,
+            trusted: self.trusted,
+            max_parallel_jobs: claimed.min(cap),
+            clamped_from: (claimed > cap).then_some(claimed),
+        }
+    }
+}
+
 /// A stored agent identity.
 #[derive(Clone, Serialize, Deserialize)]
 pub(crate) struct AgentRecord {
@@ -106,8 +170,9 @@ pub(crate) struct AgentRecord {
     pub(crate) name: String,
     /// SHA-256 of the agent's secret.
     pub(crate) hash: String,
-    /// Labels granted by its token.
-    pub(crate) labels: Vec<String>,
+    /// What its token granted.
+    #[serde(flatten)]
+    pub(crate) grant: Grant,
     /// When it enrolled.
     pub(crate) enrolled_at_ms: u64,
     /// The token it enrolled with.
@@ -124,6 +189,20 @@ impl std::fmt::Debug for AgentRecord {
             .field("revoked", &self.revoked)
             .finish_non_exhaustive()
     }
+}
+
+/// What the hub gives an agent for one session (see [`Grant::grant`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Granted {
+    /// The labels it is matched by, sorted.
+    pub(crate) labels: Vec<String>,
+    /// Labels it claimed that it was not granted (ignored).
+    pub(crate) refused: Vec<String>,
+    pub(crate) trusted: bool,
+    /// Jobs at once.
+    pub(crate) max_parallel_jobs: u32,
+    /// It claimed more slots than that.
+    pub(crate) clamped_from: Option<u32>,
 }
 
 /// The owner of the `auth` tree.
@@ -162,7 +241,7 @@ impl Credentials {
     /// Creates a token; returns its record and the full `<id>.<secret>` token.
     pub(crate) async fn create_token(
         &self,
-        labels: Vec<String>,
+        grant: Grant,
         ttl: Duration,
         uses: u32,
         note: String,
@@ -174,7 +253,7 @@ impl Credentials {
         let rec = TokenRecord {
             id: id.clone(),
             hash: secret::hash(&secret),
-            labels,
+            grant,
             created_at_ms: now,
             expires_at_ms: now.saturating_add(ttl.as_millis() as u64),
             uses_total: uses,
@@ -259,7 +338,7 @@ impl Credentials {
                     name.trim().to_string()
                 },
                 hash: secret::hash(&agent_secret),
-                labels: rec.labels.clone(),
+                grant: rec.grant.clone(),
                 enrolled_at_ms: now,
                 token_id: rec.id.clone(),
                 revoked: false,
@@ -336,7 +415,11 @@ mod tests {
         let (_d, c) = creds().await;
         let (_, token) = c
             .create_token(
-                vec!["gpu".into()],
+                Grant {
+                    labels: vec!["gpu".into()],
+                    trusted: true,
+                    max_parallel_jobs: 3,
+                },
                 Duration::from_secs(60),
                 1,
                 String::new(),
@@ -344,17 +427,64 @@ mod tests {
             .await
             .unwrap();
         let (agent, cred) = c.enroll(&token, "box").await.unwrap();
-        assert_eq!(agent.labels, vec!["gpu".to_string()]);
+        // The agent holds what its token granted, and keeps it on disk.
+        let stored = c.verify_agent(&cred).unwrap();
+        assert_eq!(stored.grant.labels, vec!["gpu".to_string()]);
+        assert!(stored.grant.trusted);
+        assert_eq!(stored.grant.max_parallel_jobs, 3);
         assert_eq!(c.verify_agent(&cred).unwrap().id, agent.id);
         let err = c.enroll(&token, "box2").await.unwrap_err().to_string();
         assert!(err.contains("already been used 1 time"), "{err}");
+    }
+
+    /// The agent asks, the hub grants: claimed labels outside the token's
+    /// and the platform's are refused, slots are capped.
+    #[test]
+    fn an_agent_gets_what_its_token_grants_not_what_it_claims() {
+        let caps = Capabilities {
+            labels: vec!["linux-x86_64".into(), "gpu".into(), "big-memory".into()],
+            os: "linux".into(),
+            arch: "x86_64".into(),
+            max_parallel_jobs: 4_000_000_000,
+            ..Default::default()
+        };
+        let volunteer = Grant::volunteer(vec!["gpu".into()]);
+        let got = volunteer.grant(&caps, 4);
+        assert_eq!(got.labels, ["gpu", "linux", "linux-x86_64", "x86_64"]);
+        assert_eq!(got.refused, ["big-memory"]);
+        assert!(!got.trusted);
+        assert_eq!(got.max_parallel_jobs, 4, "the hub's default cap");
+        assert_eq!(got.clamped_from, Some(4_000_000_000));
+        let pool = Grant {
+            labels: vec![],
+            trusted: true,
+            max_parallel_jobs: 16,
+        };
+        let modest = Capabilities {
+            max_parallel_jobs: 2,
+            ..caps
+        };
+        let got = pool.grant(&modest, 4);
+        assert!(got.trusted);
+        assert_eq!(got.max_parallel_jobs, 2, "a claim under the cap stands");
+        assert_eq!(got.clamped_from, None);
+        assert_eq!(got.refused, ["gpu", "big-memory"]);
+    }
+
+    /// Records written before trust levels (no `trusted`, no cap) read as
+    /// volunteers with the hub's default cap, and keep their labels.
+    #[test]
+    fn records_from_before_trust_levels_are_volunteers() {
+        let old = br#"{"id":"ag_x","name":"box","hash":"h","labels":["gpu"],"enrolled_at_ms":1,"token_id":"tok_y","revoked":false}"#;
+        let rec: AgentRecord = serde_json::from_slice(old).unwrap();
+        assert_eq!(rec.grant, Grant::volunteer(vec!["gpu".into()]));
     }
 
     #[tokio::test]
     async fn wrong_expired_and_revoked_tokens_are_refused() {
         let (_d, c) = creds().await;
         let (rec, token) = c
-            .create_token(vec![], Duration::from_secs(60), 5, String::new())
+            .create_token(Grant::default(), Duration::from_secs(60), 5, String::new())
             .await
             .unwrap();
         let wrong = format!("{}.{}", rec.id, secret::new_secret());
@@ -372,7 +502,7 @@ mod tests {
             Err(AuthError::TokenRevoked(_))
         ));
         let (_, expired) = c
-            .create_token(vec![], Duration::ZERO, 1, String::new())
+            .create_token(Grant::default(), Duration::ZERO, 1, String::new())
             .await
             .unwrap();
         let err = c.enroll(&expired, "x").await.unwrap_err().to_string();
@@ -383,7 +513,7 @@ mod tests {
     async fn revoked_agents_are_refused() {
         let (_d, c) = creds().await;
         let (_, token) = c
-            .create_token(vec![], Duration::from_secs(60), 1, String::new())
+            .create_token(Grant::default(), Duration::from_secs(60), 1, String::new())
             .await
             .unwrap();
         let (agent, cred) = c.enroll(&token, "").await.unwrap();
@@ -423,7 +553,7 @@ mod tests {
             .enroll(&format!("tok_old.{token_secret}"), "new")
             .await
             .unwrap();
-        assert_eq!(agent.labels, ["gpu"]);
+        assert_eq!(agent.grant.labels, ["gpu"]);
         let raw = c.table.get_raw("t/tok_old").unwrap().unwrap();
         assert_eq!(
             String::from_utf8(raw.to_vec()).unwrap(),
@@ -448,7 +578,7 @@ mod tests {
     async fn concurrent_enrollments_respect_uses() {
         let (_d, c) = creds().await;
         let (_, token) = c
-            .create_token(vec![], Duration::from_secs(60), 3, String::new())
+            .create_token(Grant::default(), Duration::from_secs(60), 3, String::new())
             .await
             .unwrap();
         let mut handles = Vec::new();

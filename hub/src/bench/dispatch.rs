@@ -31,7 +31,7 @@ fn job(command: &str) -> SubmitJobRequest {
             timeout_secs: 60,
             ..Default::default()
         }),
-        max_attempts: 0,
+        ..Default::default()
     }
 }
 

@@ -33,6 +33,7 @@ async fn run_job(admin: &AdminClient, spec: JobSpec) -> anyhow::Result<JobInfo> 
         .submit_job(SubmitJobRequest {
             spec: Some(spec),
             max_attempts: 1,
+            ..Default::default()
         })
         .await?
         .into_inner()

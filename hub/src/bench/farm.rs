@@ -206,6 +206,10 @@ impl BenchHub {
             .create_token(CreateTokenRequest {
                 uses,
                 note: "trunkfarm bench".into(),
+                // The bench's own machines: trusted, and given the slots
+                // they claim (the figures measure dispatch, not the cap).
+                trusted: true,
+                max_parallel_jobs: u32::MAX,
                 ..Default::default()
             })
             .await?

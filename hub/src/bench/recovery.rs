@@ -63,6 +63,7 @@ fn record(store: &Store, finished: bool) -> anyhow::Result<JobRecord> {
             agent_id,
             leased_at_ms: now,
             lost_reason: String::new(),
+            uploaded_sha256: String::new(),
         }];
         rec.result = Some(JobResultRecord {
             job: Some(rec.job_ref().into()),

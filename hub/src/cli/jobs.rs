@@ -93,6 +93,14 @@ pub(super) struct JobArgs {
     /// Attempts before the job counts as an infrastructure failure.
     #[arg(long)]
     max_attempts: Option<u32>,
+    /// Only a trusted agent may run it (see `token create --trusted`).
+    #[arg(long)]
+    trusted_only: bool,
+    /// Submitting again with the same key returns the first job instead of
+    /// queuing another (for scripts that retry a submit whose answer they
+    /// did not get).
+    #[arg(long, value_name = "KEY")]
+    idempotency_key: Option<String>,
     /// A command to run (repeatable; runs before the words after `--`).
     #[arg(long = "command", value_name = "CMD")]
     commands: Vec<String>,
@@ -130,9 +138,11 @@ impl JobArgs {
                     rev: self.rev.unwrap_or_default(),
                 }),
                 timeout_secs: self.timeout.map(|t| t.as_secs().max(1)).unwrap_or(0),
+                trusted_only: self.trusted_only,
                 ..Default::default()
             }),
             max_attempts: self.max_attempts.unwrap_or(0),
+            idempotency_key: self.idempotency_key.unwrap_or_default(),
         })
     }
 }

@@ -172,6 +172,15 @@ enum TokenCommand {
         /// A note for `token list` (who it was for).
         #[arg(long, default_value = "")]
         note: String,
+        /// Agents enrolled with it are trusted: they may build runtimes and
+        /// their verdicts need no confirmation. Only for machines you
+        /// control; a volunteer's machine stays a volunteer.
+        #[arg(long)]
+        trusted: bool,
+        /// The most jobs at once such an agent is given, whatever it claims
+        /// (default: enrollment.default_max_parallel_jobs).
+        #[arg(long)]
+        max_parallel_jobs: Option<u32>,
     },
     /// List tokens.
     List {
@@ -399,6 +408,14 @@ fn when(ms: u64) -> String {
     humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(ms)).to_string()
 }
 
+/// A token's cap on parallel jobs as `token list` prints it.
+fn parallel(max_parallel_jobs: u32) -> String {
+    match max_parallel_jobs {
+        0 => "default".into(),
+        n => n.to_string(),
+    }
+}
+
 async fn token(cfg: &HubConfig, command: TokenCommand) -> anyhow::Result<ExitCode> {
     let mut client = client::connect(cfg).await?;
     match command {
@@ -407,13 +424,22 @@ async fn token(cfg: &HubConfig, command: TokenCommand) -> anyhow::Result<ExitCod
             ttl,
             uses,
             note,
+            trusted,
+            max_parallel_jobs,
         } => {
+            if max_parallel_jobs == Some(0) {
+                anyhow::bail!(
+                    "--max-parallel-jobs 0 would give its agents no slot: give at least 1, or leave it out for the hub's default"
+                );
+            }
             let resp = client
                 .create_token(CreateTokenRequest {
                     labels,
                     ttl_secs: ttl.map(|d| d.as_secs().max(1)).unwrap_or(0),
                     uses,
                     note,
+                    trusted,
+                    max_parallel_jobs: max_parallel_jobs.unwrap_or(0),
                 })
                 .await
                 .map_err(status_error)?
@@ -439,6 +465,8 @@ async fn token(cfg: &HubConfig, command: TokenCommand) -> anyhow::Result<ExitCod
             const COLUMNS: &[Column] = &[
                 Column::left("TOKEN", 18),
                 Column::left("USES", 9),
+                Column::left("TRUST", 10),
+                Column::left("JOBS", 5),
                 Column::left("EXPIRES", 22),
                 Column::left("LABELS", 20),
                 Column::last("NOTE"),
@@ -453,6 +481,8 @@ async fn token(cfg: &HubConfig, command: TokenCommand) -> anyhow::Result<ExitCod
                 table.row(&[
                     &t.token_id,
                     &uses,
+                    &view::trust(t.trusted),
+                    &parallel(t.max_parallel_jobs),
                     &when(t.expires_at_ms),
                     &t.labels.join(","),
                     &t.note,
@@ -490,6 +520,7 @@ async fn agent(cfg: &HubConfig, command: AgentCommand) -> anyhow::Result<ExitCod
                 Column::left("AGENT", 16),
                 Column::left("NAME", 20),
                 Column::left("STATE", 10),
+                Column::left("TRUST", 10),
                 Column::left("JOBS", 8),
                 Column::left("LAST SEEN", 22),
                 Column::last("LABELS"),
@@ -505,11 +536,8 @@ async fn agent(cfg: &HubConfig, command: AgentCommand) -> anyhow::Result<ExitCod
                 } else {
                     "offline"
                 };
-                let slots = a
-                    .capabilities
-                    .as_ref()
-                    .map(|c| c.max_parallel_jobs)
-                    .unwrap_or(0);
+                // What the hub gives it, not what it claims.
+                let slots = a.max_parallel_jobs;
                 let last_seen = if a.connected {
                     "now".to_string()
                 } else {
@@ -519,6 +547,7 @@ async fn agent(cfg: &HubConfig, command: AgentCommand) -> anyhow::Result<ExitCod
                     &a.agent_id,
                     &a.name,
                     &state,
+                    &view::trust(a.trusted),
                     &format!("{}/{}", a.running.len(), slots),
                     &last_seen,
                     &a.labels.join(","),

@@ -95,6 +95,14 @@ pub(super) struct Token<'a> {
     uses_total: u32,
     revoked: bool,
     note: &'a str,
+    trust: &'static str,
+    /// 0: the hub's default.
+    max_parallel_jobs: u32,
+}
+
+/// "trusted" or "volunteer".
+pub(super) fn trust(trusted: bool) -> &'static str {
+    if trusted { "trusted" } else { "volunteer" }
 }
 
 impl<'a> From<&'a v1::TokenInfo> for Token<'a> {
@@ -108,6 +116,8 @@ impl<'a> From<&'a v1::TokenInfo> for Token<'a> {
             uses_total: t.uses_total,
             revoked: t.revoked,
             note: &t.note,
+            trust: trust(t.trusted),
+            max_parallel_jobs: t.max_parallel_jobs,
         }
     }
 }
@@ -137,7 +147,11 @@ pub(super) struct Agent<'a> {
     arch: &'a str,
     cores: u32,
     memory_bytes: u64,
+    /// What the hub gives it (its claim capped by its token).
     max_parallel_jobs: u32,
+    /// What it claimed.
+    claimed_parallel_jobs: u32,
+    trust: &'static str,
 }
 
 impl<'a> From<&'a v1::AgentInfo> for Agent<'a> {
@@ -166,7 +180,9 @@ impl<'a> From<&'a v1::AgentInfo> for Agent<'a> {
             arch: caps.map_or("", |c| &c.arch),
             cores: caps.map_or(0, |c| c.cores),
             memory_bytes: caps.map_or(0, |c| c.memory_bytes),
-            max_parallel_jobs: caps.map_or(0, |c| c.max_parallel_jobs),
+            max_parallel_jobs: a.max_parallel_jobs,
+            claimed_parallel_jobs: caps.map_or(0, |c| c.max_parallel_jobs),
+            trust: trust(a.trusted),
         }
     }
 }

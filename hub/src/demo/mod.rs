@@ -112,6 +112,8 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         .create_token(CreateTokenRequest {
             uses: AGENTS as u32,
             note: "trunkfarm demo".into(),
+            // The demo's agents are the operator's: they build the runtime.
+            trusted: true,
             ..Default::default()
         })
         .await

@@ -45,6 +45,10 @@ pub(crate) struct AttemptRecord {
     pub(crate) leased_at_ms: u64,
     /// Why it ended without a result; empty if it has one.
     pub(crate) lost_reason: String,
+    /// The artifact this attempt uploaded (a build's result counts only
+    /// with it). Not written when empty: older records keep their bytes.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub(crate) uploaded_sha256: String,
 }
 
 /// A job as stored: `jobs` tree, key `j` + id (big endian).
@@ -166,14 +170,46 @@ impl JobRecord {
 
     /// Notes why the given attempt ended without a result.
     fn note_lost(&mut self, attempt: u32, reason: String) {
-        if let Some(a) = self
-            .attempts
+        if let Some(a) = self.attempt_mut(attempt) {
+            a.lost_reason = reason;
+        }
+    }
+
+    fn attempt_mut(&mut self, attempt: u32) -> Option<&mut AttemptRecord> {
+        self.attempts
             .iter_mut()
             .rev()
             .find(|a| a.attempt == attempt)
-        {
-            a.lost_reason = reason;
+    }
+
+    /// Why a passed result of a build attempt does not count: it names an
+    /// artifact this attempt did not upload. `None` when it counts (or is
+    /// not a passed build).
+    fn unproven_artifact(&self, result: &JobResultRecord) -> Option<String> {
+        if self.spec.upload_prefix.is_empty() || result.outcome != Outcome::Passed as i32 {
+            return None;
         }
+        let attempt = result.job.map_or(0, |j| j.attempt);
+        let uploaded = self
+            .attempts
+            .iter()
+            .rev()
+            .find(|a| a.attempt == attempt)
+            .map_or("", |a| a.uploaded_sha256.as_str());
+        if !uploaded.is_empty() && uploaded == result.artifact_sha256 {
+            return None;
+        }
+        Some(if uploaded.is_empty() {
+            format!(
+                "the agent reported a passed build with artifact {:?} but uploaded none in this attempt; a build counts only with the artifact its attempt uploaded",
+                result.artifact_sha256
+            )
+        } else {
+            format!(
+                "the agent reported a passed build with artifact {:?} but this attempt uploaded {uploaded}; a build counts only with the artifact its attempt uploaded",
+                result.artifact_sha256
+            )
+        })
     }
 }
 
@@ -392,7 +428,32 @@ impl JobTable {
 struct Lease {
     agent_id: String,
     attempt: u32,
+    /// Heartbeats move it on.
     deadline: Instant,
+    /// The job's timeout plus the hub's grace from when it was leased:
+    /// nothing the agent says moves it.
+    ends_at: Instant,
+}
+
+/// Why a lease is over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Expiry {
+    /// Its agent was not heard from within the lease timeout.
+    Silent,
+    /// The job ran past its timeout plus the hub's grace.
+    Overran,
+}
+
+/// When a job leased at `leased_at_ms` must end at the latest, as an
+/// instant: its timeout plus `grace`, counted from the lease (wall clock,
+/// so a restarted hub keeps the deadline of a lease it loads).
+fn ends_at(timeout_secs: u64, leased_at_ms: u64, grace: Duration) -> Instant {
+    let allowed = Duration::from_secs(timeout_secs).saturating_add(grace);
+    let elapsed = Duration::from_millis(now_ms().saturating_sub(leased_at_ms));
+    let left = allowed.saturating_sub(elapsed);
+    let now = Instant::now();
+    now.checked_add(left)
+        .unwrap_or(now + Duration::from_secs(365 * 24 * 3600))
 }
 
 /// What ended an attempt without a result did to its job.
@@ -437,19 +498,25 @@ pub(super) struct OpenJobs {
 impl OpenJobs {
     /// Reads every unfinished job. Leased ones get a lease until `grace`:
     /// their agent confirms them by listing them in its `Hello`.
-    pub(super) fn load(table: &JobTable, grace: Instant) -> Result<OpenJobs, StoreError> {
+    pub(super) fn load(
+        table: &JobTable,
+        grace: Instant,
+        timeout_grace: Duration,
+    ) -> Result<OpenJobs, StoreError> {
         let mut jobs = OpenJobs::default();
         let mut queued = Vec::new();
         for rec in table.open_records()? {
             match rec.state {
                 JobState::Queued => queued.push(rec.id),
                 JobState::Leased | JobState::Running => {
+                    let leased_at_ms = rec.attempts.last().map_or(0, |a| a.leased_at_ms);
                     jobs.leases.insert(
                         rec.id,
                         Lease {
                             agent_id: rec.agent_id.clone(),
                             attempt: rec.attempt,
                             deadline: grace,
+                            ends_at: ends_at(rec.spec.timeout_secs, leased_at_ms, timeout_grace),
                         },
                     );
                 }
@@ -495,14 +562,15 @@ impl OpenJobs {
     }
 
     /// Leases an open job to `agent_id` (its next attempt) until
-    /// `deadline`; `None` if it is not open. Written first: on a write error
-    /// nothing changes.
+    /// `deadline`, and at most for its timeout plus `timeout_grace`; `None`
+    /// if it is not open. Written first: on a write error nothing changes.
     pub(super) fn lease(
         &mut self,
         table: &JobTable,
         id: u64,
         agent_id: &str,
         deadline: Instant,
+        timeout_grace: Duration,
     ) -> Result<Option<Assignment>, StoreError> {
         let Some(mut rec) = self.open.get(&id).cloned() else {
             return Ok(None);
@@ -510,11 +578,13 @@ impl OpenJobs {
         rec.attempt += 1;
         rec.state = JobState::Leased;
         rec.agent_id = agent_id.to_owned();
+        let leased_at_ms = now_ms();
         rec.attempts.push(AttemptRecord {
             attempt: rec.attempt,
             agent_id: agent_id.to_owned(),
-            leased_at_ms: now_ms(),
+            leased_at_ms,
             lost_reason: String::new(),
+            uploaded_sha256: String::new(),
         });
         table.persist(&rec)?;
         let assignment = Assignment {
@@ -527,6 +597,7 @@ impl OpenJobs {
                 agent_id: agent_id.to_owned(),
                 attempt: rec.attempt,
                 deadline,
+                ends_at: ends_at(rec.spec.timeout_secs, leased_at_ms, timeout_grace),
             },
         );
         self.open.insert(id, rec);
@@ -571,13 +642,44 @@ impl OpenJobs {
         }
     }
 
-    /// Leases whose deadline passed: (job, agent).
-    pub(super) fn expired(&self, now: Instant) -> Vec<(u64, String)> {
+    /// Leases that are over: (job, attempt, agent, why). A job past its
+    /// end counts as overrun even while its agent heartbeats.
+    pub(super) fn expired(&self, now: Instant) -> Vec<(u64, u32, String, Expiry)> {
         self.leases
             .iter()
-            .filter(|(_, l)| l.deadline <= now)
-            .map(|(id, l)| (*id, l.agent_id.clone()))
+            .filter_map(|(id, l)| {
+                let why = if l.ends_at <= now {
+                    Expiry::Overran
+                } else if l.deadline <= now {
+                    Expiry::Silent
+                } else {
+                    return None;
+                };
+                Some((*id, l.attempt, l.agent_id.clone(), why))
+            })
             .collect()
+    }
+
+    /// The agent holding this attempt uploaded artifact `sha256` for it
+    /// (verified byte for byte); false if it does not hold the attempt.
+    pub(super) fn uploaded(
+        &mut self,
+        table: &JobTable,
+        agent_id: &str,
+        job: &JobRef,
+        sha256: &str,
+    ) -> Result<bool, StoreError> {
+        if !self.holds(agent_id, job) {
+            return Ok(false);
+        }
+        if let Some(mut rec) = self.open.get(&job.job_id).cloned() {
+            if let Some(a) = rec.attempt_mut(job.attempt) {
+                a.uploaded_sha256 = sha256.to_owned();
+            }
+            table.persist(&rec)?;
+            self.open.insert(job.job_id, rec);
+        }
+        Ok(true)
     }
 
     /// The agent started a leased job. Written without waiting for the disk:
@@ -672,6 +774,17 @@ impl OpenJobs {
             if result.outcome == Outcome::Unspecified as i32 {
                 result.outcome = Outcome::Error.into();
                 result.detail = format!("agent reported no outcome. {}", result.detail);
+            }
+            if let Some(why) = rec.unproven_artifact(&result) {
+                tracing::warn!(
+                    job = rec.id,
+                    attempt = job.attempt,
+                    agent = agent_id,
+                    "build result not counted: {why}"
+                );
+                result.outcome = Outcome::Error.into();
+                result.detail = why;
+                result.artifact_sha256.clear();
             }
             let retry = result.outcome == Outcome::Error as i32
                 && !rec.cancel_requested

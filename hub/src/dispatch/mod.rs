@@ -26,22 +26,21 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use trunkfarm_proto::v1::{
-    Cancel, Capabilities, JobRef, JobResult, JobSpec, ResultAck, hub_message,
-};
+use trunkfarm_proto::v1::{Cancel, JobRef, JobResult, JobSpec, ResultAck, hub_message};
 
+use jobs::Expiry;
 pub(crate) use jobs::{AttemptRecord, JobRecord, JobState, JobTable};
 pub(crate) use records::{JobResultRecord, JobSpecRecord, ReportFileRecord};
 /// What a session's channel carries (the in-process tests read it).
 #[cfg(test)]
 pub(crate) use sessions::Outgoing;
-pub(crate) use sessions::{AgentTx, ConnectedAgent, JobBudget};
+pub(crate) use sessions::{AgentTx, ConnectedAgent, Hello, JobBudget};
 
 use crate::logs::JobLogs;
 use crate::space::{DataDir, SpaceError};
 use crate::store::{Store, StoreError};
 use jobs::{Cancelled, OpenJobs, Recorded};
-use sessions::{Hello, Outbox, Sessions};
+use sessions::{Outbox, Sessions};
 
 /// Settings the dispatcher needs from the hub config.
 #[derive(Clone, Debug)]
@@ -56,6 +55,8 @@ pub(crate) struct DispatchSettings {
     pub(crate) default_job_timeout: Duration,
     /// The longest timeout a job may ask for.
     pub(crate) max_job_timeout: Duration,
+    /// How long past its timeout a job may run before the hub ends it.
+    pub(crate) timeout_grace: Duration,
     /// The data dir's reserve: new jobs are refused when it is cut into.
     pub(crate) space: DataDir,
 }
@@ -120,7 +121,11 @@ impl Dispatcher {
         settings: DispatchSettings,
     ) -> Result<Dispatcher, DispatchError> {
         let table = JobTable::open(store)?;
-        let jobs = OpenJobs::load(&table, Instant::now() + settings.lease_timeout)?;
+        let jobs = OpenJobs::load(
+            &table,
+            Instant::now() + settings.lease_timeout,
+            settings.timeout_grace,
+        )?;
         let shared = Arc::new(Shared {
             table,
             logs,
@@ -290,7 +295,13 @@ impl Dispatcher {
                 waiting.push(id);
                 continue;
             };
-            match jobs.lease(&self.shared.table, id, &agent_id, deadline) {
+            match jobs.lease(
+                &self.shared.table,
+                id,
+                &agent_id,
+                deadline,
+                self.shared.settings.timeout_grace,
+            ) {
                 Ok(Some(assignment)) => {
                     sessions.assign(&agent_id, id, assignment, &mut eff.messages)
                 }
@@ -326,17 +337,11 @@ impl Dispatcher {
     /// Registers a new session for an authenticated agent after its Hello.
     /// Leases it holds and lists in `held` are kept; the others are lost
     /// (the agent restarted without them). Returns the session id.
-    #[allow(clippy::too_many_arguments)]
     pub(crate) async fn connect(
         &self,
         agent_id: &str,
-        token_labels: &[String],
-        caps: Capabilities,
         held: &[JobRef],
-        draining: bool,
-        agent_version: String,
-        remote: String,
-        tx: AgentTx,
+        hello: Hello,
     ) -> Result<u64, DispatchError> {
         let mut eff = Effects::default();
         let session = {
@@ -362,20 +367,7 @@ impl Dispatcher {
                 }
             }
             st.jobs.extend(agent_id, &kept, deadline);
-            let mut labels: HashSet<String> = caps.labels.iter().cloned().collect();
-            labels.extend(token_labels.iter().cloned());
-            let session = st.sessions.open(
-                agent_id,
-                Hello {
-                    caps,
-                    labels,
-                    running,
-                    draining,
-                    agent_version,
-                    remote,
-                    tx,
-                },
-            );
+            let session = st.sessions.open(agent_id, hello, running);
             self.schedule(&mut st, &mut eff)?;
             session
         };
@@ -414,6 +406,23 @@ impl Dispatcher {
     /// anyone else are dropped).
     pub(crate) fn holds(&self, agent_id: &str, job: &JobRef) -> bool {
         self.lock().jobs.holds(agent_id, job)
+    }
+
+    /// The agent holding `job` uploaded (and the hub verified) artifact
+    /// `sha256` for it: the attempt's build result may name it. Durable
+    /// before it returns, so the result that follows can rely on it.
+    pub(crate) async fn uploaded(
+        &self,
+        agent_id: &str,
+        job: &JobRef,
+        sha256: &str,
+    ) -> Result<bool, StoreError> {
+        let held = self
+            .lock()
+            .jobs
+            .uploaded(&self.shared.table, agent_id, job, sha256)?;
+        self.shared.table.store().commit().await?;
+        Ok(held)
     }
 
     /// The agent started a leased job. Recorded without waiting for the disk:
@@ -464,16 +473,48 @@ impl Dispatcher {
 
     /// Gives up every lease whose deadline passed; `None` when none did.
     fn expire_leases(&self) -> Result<Option<Effects>, StoreError> {
+        self.expire_leases_at(Instant::now())
+    }
+
+    /// [`Dispatcher::expire_leases`] as of `now`.
+    fn expire_leases_at(&self, now: Instant) -> Result<Option<Effects>, StoreError> {
         let mut st = self.lock();
-        let expired = st.jobs.expired(Instant::now());
+        let expired = st.jobs.expired(now);
         if expired.is_empty() {
             return Ok(None);
         }
         let mut eff = Effects::default();
-        let timeout = humantime::format_duration(self.shared.settings.lease_timeout);
-        for (id, agent) in expired {
-            let reason =
-                format!("its lease expired: agent {agent} was not heard from for {timeout}");
+        let settings = &self.shared.settings;
+        let timeout = humantime::format_duration(settings.lease_timeout);
+        for (id, attempt, agent, why) in expired {
+            let reason = match why {
+                Expiry::Silent => {
+                    format!("its lease expired: agent {agent} was not heard from for {timeout}")
+                }
+                Expiry::Overran => {
+                    let limit = st.jobs.get(id).map_or(0, |r| r.spec.timeout_secs);
+                    let reason = format!(
+                        "the hub ended it: it ran past its timeout ({}) plus dispatch.timeout_grace ({}) on agent {agent}, which had not reported",
+                        humantime::format_duration(Duration::from_secs(limit)),
+                        humantime::format_duration(settings.timeout_grace),
+                    );
+                    // The agent is told to stop; whatever it reports later
+                    // is refused (it no longer holds the attempt).
+                    if let Some(tx) = st.sessions.tx(&agent) {
+                        eff.messages.push(
+                            tx,
+                            hub_message::Msg::Cancel(Cancel {
+                                job: Some(JobRef {
+                                    job_id: id,
+                                    attempt,
+                                }),
+                                reason: reason.clone(),
+                            }),
+                        );
+                    }
+                    reason
+                }
+            };
             self.lose(&mut st, id, &reason, &mut eff)?;
         }
         self.schedule(&mut st, &mut eff)?;
@@ -661,7 +702,9 @@ pub(crate) fn agent_views(
                 capabilities: live.map(|c| c.caps.clone()),
                 agent_version: live.map(|c| c.agent_version.clone()).unwrap_or_default(),
                 remote_address: live.map(|c| c.remote.clone()).unwrap_or_default(),
-                labels: live.map(|c| c.labels.clone()).unwrap_or(a.labels),
+                max_parallel_jobs: live.map_or(a.grant.max_parallel_jobs, |c| c.max_parallel),
+                trusted: a.grant.trusted,
+                labels: live.map(|c| c.labels.clone()).unwrap_or(a.grant.labels),
                 agent_id: a.id,
                 name: a.name,
                 revoked: a.revoked,
@@ -677,6 +720,7 @@ pub(crate) fn agent_views(
 pub(crate) mod tests {
     use super::*;
     use tokio::sync::mpsc;
+    use trunkfarm_proto::v1::Capabilities;
     use trunkfarm_proto::v1::hub_message::Msg;
     use trunkfarm_proto::v1::{HubMessage, Outcome};
 
@@ -689,6 +733,7 @@ pub(crate) mod tests {
             max_attempts: 2,
             default_job_timeout: Duration::from_secs(60),
             max_job_timeout: Duration::from_secs(3600),
+            timeout_grace: Duration::from_secs(60),
             space: DataDir::new(&std::env::temp_dir(), 0),
         }
     }
@@ -700,8 +745,9 @@ pub(crate) mod tests {
         (store, d)
     }
 
-    /// Connects agent `id` with `slots` and `labels`, holding `held`; its
-    /// channel gets what the hub sends it (the pipeline's tests use it too).
+    /// Connects trusted agent `id` with `slots` and `labels`, holding
+    /// `held`; its channel gets what the hub sends it (the pipeline's tests
+    /// use it too).
     pub(crate) async fn agent(
         d: &Dispatcher,
         id: &str,
@@ -709,24 +755,35 @@ pub(crate) mod tests {
         labels: &[&str],
         held: &[JobRef],
     ) -> Rx {
+        join(d, id, slots, labels, held, true).await
+    }
+
+    /// Connects agent `id`, trusted or a volunteer.
+    async fn join(
+        d: &Dispatcher,
+        id: &str,
+        slots: u32,
+        labels: &[&str],
+        held: &[JobRef],
+        trusted: bool,
+    ) -> Rx {
         let (tx, rx) = mpsc::unbounded_channel();
-        let caps = Capabilities {
-            labels: labels.iter().map(|s| s.to_string()).collect(),
-            max_parallel_jobs: slots,
-            ..Default::default()
-        };
-        d.connect(
-            id,
-            &[],
-            caps,
-            held,
-            false,
-            "test".into(),
-            "local".into(),
+        let labels: Vec<String> = labels.iter().map(|s| s.to_string()).collect();
+        let hello = Hello {
+            caps: Capabilities {
+                labels: labels.clone(),
+                max_parallel_jobs: slots,
+                ..Default::default()
+            },
+            labels: labels.into_iter().collect(),
+            trusted,
+            max_parallel: slots,
+            draining: false,
+            agent_version: "test".into(),
+            remote: "local".into(),
             tx,
-        )
-        .await
-        .unwrap();
+        };
+        d.connect(id, held, hello).await.unwrap();
         rx
     }
 
@@ -903,6 +960,151 @@ pub(crate) mod tests {
         assert_ne!(got[0].job_id, gpu_job);
         let mut gpu = agent(&d, "gpu", 1, &["gpu", "linux"], &[]).await;
         assert_eq!(assignments(&mut gpu)[0].job_id, gpu_job);
+    }
+
+    #[tokio::test]
+    async fn a_volunteer_gets_no_trusted_only_job() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_s, d) = open(dir.path(), 5000);
+        let build = d
+            .submit(
+                JobSpec {
+                    trusted_only: true,
+                    ..spec(&["linux"])
+                },
+                0,
+            )
+            .await
+            .unwrap();
+        let test = d.submit(spec(&["linux"]), 0).await.unwrap();
+        let mut volunteer = join(&d, "v", 4, &["linux"], &[], false).await;
+        let got: Vec<u64> = assignments(&mut volunteer)
+            .iter()
+            .map(|j| j.job_id)
+            .collect();
+        assert_eq!(got, [test], "the volunteer takes the test job only");
+        let mut trusted = agent(&d, "t", 4, &["linux"], &[]).await;
+        assert_eq!(assignments(&mut trusted)[0].job_id, build);
+    }
+
+    #[tokio::test]
+    async fn a_build_counts_only_with_the_artifact_its_attempt_uploaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_s, d) = open(dir.path(), 5000);
+        let build = || JobSpec {
+            upload_prefix: "prefix".into(),
+            ..spec(&[])
+        };
+        let good = "a".repeat(64);
+        let with_artifact = |job, sha: &str| JobResult {
+            artifact_sha256: sha.into(),
+            ..passed(job)
+        };
+        let id = d.submit(build(), 3).await.unwrap();
+        let mut a = agent(&d, "a", 1, &[], &[]).await;
+        // 1: a passed build naming an artifact it never uploaded.
+        let first = assignments(&mut a)[0];
+        assert!(
+            d.record_result("a", with_artifact(first, &good))
+                .await
+                .unwrap()
+                .recorded
+        );
+        // 2: it uploaded one artifact and names another.
+        let second = assignments(&mut a)[0];
+        assert_eq!(
+            second.attempt, 2,
+            "the unproven result was an error, retried"
+        );
+        assert!(d.uploaded("a", &second, &"b".repeat(64)).await.unwrap());
+        assert!(
+            d.record_result("a", with_artifact(second, &good))
+                .await
+                .unwrap()
+                .recorded
+        );
+        // 3: the artifact it uploaded.
+        let third = assignments(&mut a)[0];
+        assert!(d.uploaded("a", &third, &good).await.unwrap());
+        assert!(
+            d.record_result("a", with_artifact(third, &good))
+                .await
+                .unwrap()
+                .recorded
+        );
+        let rec = d.get(id).unwrap().unwrap();
+        assert!(
+            rec.attempts[0].lost_reason.contains("uploaded none"),
+            "{:?}",
+            rec.attempts
+        );
+        assert!(
+            rec.attempts[1]
+                .lost_reason
+                .contains(&format!("uploaded {}", "b".repeat(64))),
+            "{:?}",
+            rec.attempts
+        );
+        let result = rec.result.unwrap();
+        assert_eq!(result.outcome, Outcome::Passed as i32);
+        assert_eq!(result.artifact_sha256, good);
+        // Only the holder of an attempt can prove an upload for it.
+        assert!(!d.uploaded("b", &third, &good).await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn the_hub_ends_a_job_past_its_timeout_whatever_its_agent_says() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_s, d) = open(dir.path(), 120_000);
+        let id = d
+            .submit(
+                JobSpec {
+                    timeout_secs: 10,
+                    ..spec(&[])
+                },
+                0,
+            )
+            .await
+            .unwrap();
+        let mut a = agent(&d, "a", 1, &[], &[]).await;
+        let first = assignments(&mut a)[0];
+        d.set_draining("a");
+        let mut b = agent(&d, "b", 1, &[], &[]).await;
+        // It heartbeats, but heartbeats do not move the job's end.
+        d.heartbeat("a", &[first]).await.unwrap();
+        let now = Instant::now();
+        assert!(
+            d.expire_leases_at(now + Duration::from_secs(30))
+                .unwrap()
+                .is_none()
+        );
+        let eff = d
+            .expire_leases_at(now + Duration::from_secs(71))
+            .unwrap()
+            .expect("10s timeout + 60s grace have passed");
+        d.deliver(eff).await.unwrap();
+        let mut cancelled = Vec::new();
+        while let Ok(msg) = a.try_recv() {
+            if let Ok(HubMessage {
+                msg: Some(Msg::Cancel(c)),
+            }) = *msg
+            {
+                cancelled.push(c);
+            }
+        }
+        assert_eq!(cancelled.len(), 1, "the agent is told to stop");
+        assert_eq!(cancelled[0].job, Some(first));
+        assert_eq!(assignments(&mut b)[0].attempt, 2, "requeued elsewhere");
+        let late = d.record_result("a", passed(first)).await.unwrap();
+        assert!(!late.recorded, "its late word is refused");
+        let rec = d.get(id).unwrap().unwrap();
+        assert!(
+            rec.attempts[0]
+                .lost_reason
+                .contains("ran past its timeout (10s)"),
+            "{:?}",
+            rec.attempts
+        );
     }
 
     #[tokio::test]

@@ -48,6 +48,10 @@ pub(crate) struct JobSpecRecord {
     pub(crate) upload_prefix: String,
     /// Report files (JUnit XML) the agent sends back with the result.
     pub(crate) report_paths: Vec<String>,
+    /// Only a trusted agent may take it. Not written when false, so records
+    /// of jobs anyone may take keep the bytes older hubs wrote.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub(crate) trusted_only: bool,
 }
 
 /// One report file a job produced, capped by the agent (`v1::ReportFile`).
@@ -141,6 +145,7 @@ both_ways!(
         artifact_sha256,
         upload_prefix,
         report_paths,
+        trusted_only,
     }
 );
 both_ways!(

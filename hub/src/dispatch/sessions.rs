@@ -75,6 +75,7 @@ struct Conn {
     tx: AgentTx,
     caps: Capabilities,
     labels: HashSet<String>,
+    trusted: bool,
     max_parallel: usize,
     /// Jobs it holds.
     running: HashSet<u64>,
@@ -91,7 +92,8 @@ impl Conn {
     }
 
     fn accepts(&self, spec: &JobSpecRecord) -> bool {
-        spec.labels.iter().all(|l| self.labels.contains(l))
+        (self.trusted || !spec.trusted_only)
+            && spec.labels.iter().all(|l| self.labels.contains(l))
             && (spec.project.is_empty()
                 || self.caps.allowed_projects.is_empty()
                 || self.caps.allowed_projects.contains(&spec.project))
@@ -114,6 +116,8 @@ pub(crate) struct ConnectedAgent {
     pub(crate) caps: Capabilities,
     /// Labels it is matched by.
     pub(crate) labels: Vec<String>,
+    /// Jobs at once it is given.
+    pub(crate) max_parallel: u32,
     /// Jobs it holds.
     pub(crate) running: Vec<JobRef>,
     /// Draining: gets no new job.
@@ -127,13 +131,17 @@ pub(crate) struct ConnectedAgent {
     pub(crate) jobs_left: Option<u64>,
 }
 
-/// What an agent said about itself when its session opened.
-pub(super) struct Hello {
+/// An agent whose session opens: what it said about itself, and what the
+/// hub grants it (see `auth::credentials::Grant::grant`).
+pub(crate) struct Hello {
+    /// What it claimed (shown as claimed; matching uses the grants below).
     pub(crate) caps: Capabilities,
-    /// Its labels and its enrollment token's.
+    /// The labels it is matched by: its token's and its platform's.
     pub(crate) labels: HashSet<String>,
-    /// Jobs it holds whose leases it kept.
-    pub(crate) running: HashSet<u64>,
+    /// Trusted: may take `trusted_only` jobs (runtime builds).
+    pub(crate) trusted: bool,
+    /// Jobs at once it is given: its claim, capped by its token.
+    pub(crate) max_parallel: u32,
     pub(crate) draining: bool,
     pub(crate) agent_version: String,
     pub(crate) remote: String,
@@ -177,7 +185,7 @@ impl Sessions {
 
     /// Registers a new session, closing an older one of the same agent.
     /// Returns the session id.
-    pub(super) fn open(&mut self, agent_id: &str, hello: Hello) -> u64 {
+    pub(super) fn open(&mut self, agent_id: &str, hello: Hello, running: HashSet<u64>) -> u64 {
         self.next_session += 1;
         let session = self.next_session;
         if let Some(old) = self.agents.remove(agent_id) {
@@ -200,10 +208,11 @@ impl Sessions {
             Conn {
                 session,
                 tx: hello.tx,
-                max_parallel: hello.caps.max_parallel_jobs.max(1) as usize,
+                max_parallel: hello.max_parallel.max(1) as usize,
                 caps: hello.caps,
                 labels: hello.labels,
-                running: hello.running,
+                trusted: hello.trusted,
+                running,
                 draining: hello.draining || used_up,
                 last_heartbeat: Instant::now(),
                 last_assigned: 0,
@@ -380,6 +389,7 @@ impl Sessions {
                     id.clone(),
                     ConnectedAgent {
                         caps: c.caps.clone(),
+                        max_parallel: c.max_parallel as u32,
                         labels,
                         running,
                         draining: c.draining,

@@ -17,7 +17,7 @@ use trunkfarm_proto::v1::*;
 
 use super::{bearer, job_info, state_from_proto};
 use crate::artifacts::Artifacts;
-use crate::auth::credentials::Credentials;
+use crate::auth::credentials::{Credentials, Grant};
 use crate::auth::secret;
 use crate::dispatch::{Dispatcher, JobState};
 use crate::logs::{JobLogs, WatchEvent};
@@ -276,9 +276,18 @@ impl AdminService for AdminApi {
         }
         let (rec, token) = self
             .credentials
-            .create_token(req.labels, ttl, req.uses, req.note)
+            .create_token(
+                Grant {
+                    labels: req.labels,
+                    trusted: req.trusted,
+                    max_parallel_jobs: req.max_parallel_jobs,
+                },
+                ttl,
+                req.uses,
+                req.note,
+            )
             .await?;
-        tracing::info!(token = %rec.id, uses = rec.uses_total, "enrollment token created");
+        tracing::info!(token = %rec.id, uses = rec.uses_total, trusted = rec.grant.trusted, "enrollment token created");
         let enrollment = Enrollment {
             hub: self.public_address.clone(),
             token,
@@ -301,7 +310,9 @@ impl AdminService for AdminApi {
             .into_iter()
             .map(|t| TokenInfo {
                 token_id: t.id,
-                labels: t.labels,
+                labels: t.grant.labels,
+                trusted: t.grant.trusted,
+                max_parallel_jobs: t.grant.max_parallel_jobs,
                 created_at_ms: t.created_at_ms,
                 expires_at_ms: t.expires_at_ms,
                 uses_left: t.uses_left,
@@ -372,7 +383,17 @@ impl AdminService for AdminApi {
         let spec = req
             .spec
             .ok_or_else(|| Status::invalid_argument("SubmitJob needs a spec"))?;
-        let job_id = self.dispatch.submit(spec, req.max_attempts).await?;
+        if req.idempotency_key.is_empty() {
+            let job_id = self.dispatch.submit(spec, req.max_attempts).await?;
+            return Ok(Response::new(SubmitJobResponse { job_id }));
+        }
+        let key =
+            crate::job_key::submit_key(&req.idempotency_key).map_err(Status::invalid_argument)?;
+        // A retry of a submit whose answer was lost gets the first job.
+        let (job_id, _new) = self
+            .dispatch
+            .submit_keyed(spec, req.max_attempts, key)
+            .await?;
         Ok(Response::new(SubmitJobResponse { job_id }))
     }
 

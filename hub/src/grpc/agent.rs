@@ -23,7 +23,7 @@ use trunkfarm_proto::{MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 use super::bearer;
 use crate::artifacts::{ArtifactError, Artifacts, Origin};
 use crate::auth::credentials::Credentials;
-use crate::dispatch::{AgentTx, Dispatcher};
+use crate::dispatch::{AgentTx, Dispatcher, Hello as DispatchHello};
 use crate::logs::JobLogs;
 
 /// Results of one session being recorded at once; more wait (back-pressure).
@@ -44,6 +44,8 @@ pub(crate) struct AgentApi {
     pub(crate) heartbeat_interval: Duration,
     /// Runtime artifacts agents upload and download.
     pub(crate) artifacts: Artifacts,
+    /// Jobs at once for an agent whose token sets no cap.
+    pub(crate) default_max_parallel_jobs: u32,
 }
 
 /// Refuses an agent speaking a protocol this hub cannot serve.
@@ -81,7 +83,8 @@ impl AgentService for AgentApi {
         Ok(Response::new(EnrollResponse {
             agent_id: agent.id,
             secret,
-            labels: agent.labels,
+            labels: agent.grant.labels,
+            trusted: agent.grant.trusted,
         }))
     }
 
@@ -122,10 +125,15 @@ impl AgentService for AgentApi {
             ..
         } = hello;
         let caps = capabilities.unwrap_or_default();
-        let mut labels = caps.labels.clone();
-        labels.extend(agent.labels.iter().cloned());
-        labels.sort();
-        labels.dedup();
+        // The agent asks; the hub grants.
+        let granted = agent.grant.grant(&caps, self.default_max_parallel_jobs);
+        if !granted.refused.is_empty() {
+            tracing::warn!(agent = %agent.id, refused = ?granted.refused, "the agent claims labels its token does not grant; they are ignored (grant them with `trunkfarm token create --labels`)");
+        }
+        if let Some(claimed) = granted.clamped_from {
+            tracing::warn!(agent = %agent.id, claimed, granted = granted.max_parallel_jobs, "the agent claims more parallel jobs than its token allows; it gets the cap");
+        }
+        let labels = granted.labels;
         let (tx, rx) = mpsc::unbounded_channel();
         // Welcome goes first: `connect` may queue assignments right away.
         let _ = tx.send(Box::new(Ok(HubMessage {
@@ -134,20 +142,24 @@ impl AgentService for AgentApi {
                 hub_version: env!("CARGO_PKG_VERSION").to_string(),
                 protocol_version: PROTOCOL_VERSION,
                 heartbeat_interval_ms: self.heartbeat_interval.as_millis() as u64,
-                labels,
+                labels: labels.clone(),
             })),
         })));
         let session = self
             .dispatch
             .connect(
                 &agent.id,
-                &agent.labels,
-                caps,
                 &running,
-                draining,
-                agent_version.clone(),
-                remote.clone(),
-                tx.clone(),
+                DispatchHello {
+                    caps,
+                    labels: labels.into_iter().collect(),
+                    trusted: granted.trusted,
+                    max_parallel: granted.max_parallel_jobs,
+                    draining,
+                    agent_version: agent_version.clone(),
+                    remote: remote.clone(),
+                    tx: tx.clone(),
+                },
             )
             .await?;
         tracing::info!(agent = %agent.id, name = %agent.name, %remote, version = %agent_version, held = running.len(), "agent connected");
@@ -171,7 +183,9 @@ impl AgentService for AgentApi {
         let agent = self.credentials.verify_agent(bearer(&request)?)?;
         let dispatch = &self.dispatch;
         let agent_id = agent.id.as_str();
+        let mut for_job = None;
         let authorize = |job: &JobRef| -> Result<Origin, ArtifactError> {
+            for_job = Some(*job);
             if !dispatch.holds(agent_id, job) {
                 return Err(ArtifactError::NotHeld {
                     agent_id: agent_id.to_string(),
@@ -202,6 +216,16 @@ impl AgentService for AgentApi {
                 tracing::warn!(agent = %agent_id, "artifact upload refused: {e}");
                 Status::from(e)
             })?;
+        // Every byte was hashed (also for an artifact stored before): the
+        // attempt's build result may now name it, and only it.
+        if let Some(job) = for_job
+            && !dispatch.uploaded(agent_id, &job, &received.sha256).await?
+        {
+            return Err(Status::failed_precondition(format!(
+                "agent {agent_id} no longer holds job {} attempt {}: the upload does not count",
+                job.job_id, job.attempt
+            )));
+        }
         Ok(Response::new(UploadArtifactResponse {
             sha256: received.sha256,
             already_present: received.already_present,

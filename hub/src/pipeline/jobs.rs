@@ -160,6 +160,9 @@ fn build_spec(u: &UpstreamConfig, platform: &str, commit: &str) -> JobSpec {
         artifact_sha256: String::new(),
         upload_prefix: BUILD_PREFIX_DIR.into(),
         report_paths: Vec::new(),
+        // What a runtime is may not rest on a volunteer's word: its
+        // artifact runs inside every test job on every donor's machine.
+        trusted_only: true,
     }
 }
 
@@ -196,5 +199,6 @@ fn test_spec(
         artifact_sha256: build.artifact_sha256.clone(),
         upload_prefix: String::new(),
         report_paths: p.junit.clone(),
+        trusted_only: false,
     }
 }

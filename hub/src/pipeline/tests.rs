@@ -188,6 +188,7 @@ fn dispatch_settings(dir: &std::path::Path) -> DispatchSettings {
         max_attempts: 1,
         default_job_timeout: Duration::from_secs(60),
         max_job_timeout: Duration::from_secs(3600),
+        timeout_grace: Duration::from_secs(60),
         space: DataDir::new(dir, 0),
     }
 }
@@ -309,6 +310,8 @@ impl Farm {
                 })
                 .await
                 .unwrap();
+            // As the agent service does once an upload is verified.
+            assert!(self.dispatch.uploaded("a", &job, &sha).await.unwrap());
         }
         let result = JobResult {
             job: Some(job),

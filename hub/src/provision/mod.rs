@@ -36,7 +36,7 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 use trunkfarm_proto::v1;
 
-use crate::auth::credentials::Credentials;
+use crate::auth::credentials::{Credentials, Grant};
 use crate::config::{HubConfig, PoolConfig, ProvisionerKind};
 use crate::dispatch::{ConnectedAgent, Dispatcher, JobBudget};
 use crate::store::{Store, StoreError, Table, now_ms, trees};
@@ -505,8 +505,10 @@ impl Pools {
         let mut labels = cfg.labels.clone();
         labels.push(pool_label(&cfg.name));
         if cfg.provisioner == ProvisionerKind::Local {
-            let (os, arch) = (std::env::consts::OS, std::env::consts::ARCH);
-            labels.extend([os.to_owned(), arch.to_owned(), format!("{os}-{arch}")]);
+            labels.extend(trunkfarm_proto::platform::labels(
+                std::env::consts::OS,
+                std::env::consts::ARCH,
+            ));
         }
         labels
     }
@@ -525,7 +527,17 @@ impl Pools {
         let ttl = cfg.missing_timeout + Duration::from_secs(60);
         let (token, secret) = match s
             .credentials
-            .create_token(labels, ttl, 1, format!("pool {} instance {id}", cfg.name))
+            .create_token(
+                // The operator's own machines: trusted, with the pool's slots.
+                Grant {
+                    labels,
+                    trusted: true,
+                    max_parallel_jobs: cfg.max_parallel_jobs,
+                },
+                ttl,
+                1,
+                format!("pool {} instance {id}", cfg.name),
+            )
             .await
         {
             Ok(t) => t,

@@ -9,8 +9,8 @@ use trunkfarm_proto::v1::hub_message::Msg;
 use trunkfarm_proto::v1::{Capabilities, HubMessage, JobRef, JobSpec};
 
 use super::*;
-use crate::dispatch::DispatchSettings;
 use crate::dispatch::tests::passed;
+use crate::dispatch::{DispatchSettings, Hello};
 use crate::logs::JobLogs;
 use crate::space::DataDir;
 
@@ -135,6 +135,7 @@ fn hub(store: &Store, cloud: &Arc<Cloud>, cfg: &PoolConfig) -> Hub {
             max_attempts: 3,
             default_job_timeout: Duration::from_secs(60),
             max_job_timeout: Duration::from_secs(3600),
+            timeout_grace: Duration::from_secs(60),
             space: DataDir::new(&std::env::temp_dir(), 0),
         },
     )
@@ -175,26 +176,33 @@ impl Hub {
             .enroll(&machine.enrollment, &machine.instance)
             .await
             .unwrap();
-        let rx = self.connect(&agent.id, &agent.labels).await;
+        let rx = self.connect(&agent.id, &agent.grant).await;
         (agent.id, rx)
     }
 
-    async fn connect(&self, agent_id: &str, token_labels: &[String]) -> Rx {
+    /// Connects the agent as the agent service does: with what its grant
+    /// gives a one-slot machine.
+    async fn connect(&self, agent_id: &str, grant: &Grant) -> Rx {
         let (tx, rx) = mpsc::unbounded_channel();
         let caps = Capabilities {
             max_parallel_jobs: 1,
             ..Default::default()
         };
+        let granted = grant.grant(&caps, 1);
         self.dispatch
             .connect(
                 agent_id,
-                token_labels,
-                caps,
                 &[],
-                false,
-                "test".into(),
-                "cloud".into(),
-                tx,
+                Hello {
+                    caps,
+                    labels: granted.labels.into_iter().collect(),
+                    trusted: granted.trusted,
+                    max_parallel: granted.max_parallel_jobs,
+                    draining: false,
+                    agent_version: "test".into(),
+                    remote: "cloud".into(),
+                    tx,
+                },
             )
             .await
             .unwrap();
@@ -353,7 +361,7 @@ async fn a_restarted_hub_keeps_its_recorded_instances_and_stops_unknown_ones() {
             .into_iter()
             .find(|a| a.id == agent_id)
             .unwrap()
-            .labels;
+            .grant;
         (agent_id, labels)
     };
     assert_eq!(cloud.running().len(), 2);
