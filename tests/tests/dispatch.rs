@@ -295,3 +295,32 @@ async fn hundred_concurrent_jobs_run_once_each_and_spread_over_all_agents() {
     }
     drop(agents);
 }
+
+/// A submit retried with its idempotency key returns the first job; a
+/// malformed key is refused with what to use instead.
+#[test]
+fn a_retried_submit_with_its_idempotency_key_queues_one_job() {
+    let hub = Hub::start();
+    let first = hub.submit(&["--idempotency-key", "nightly-42", "--", "true"]);
+    let again = hub.submit(&["--idempotency-key", "nightly-42", "--", "true"]);
+    assert_eq!(first, again, "the retry names the first job");
+    let other = hub.submit(&["--idempotency-key", "nightly-43", "--", "true"]);
+    assert_ne!(other, first);
+    let jobs = hub.cli_json(&["job", "list", "--json"]);
+    assert_eq!(
+        jobs.as_array().map(Vec::len),
+        Some(2),
+        "two keys, two jobs: {jobs:#}"
+    );
+    let out = hub.cli(&[
+        "job",
+        "submit",
+        "--idempotency-key",
+        "has space",
+        "--",
+        "true",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("use printable characters"), "{err}");
+}
