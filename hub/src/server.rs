@@ -92,6 +92,8 @@ pub(crate) struct Hub {
     stop_pipeline: CancellationToken,
     store: Store,
     space: DataDir,
+    /// Stops the gRPC accept loop (just before `stop`).
+    stop_accepting: CancellationToken,
     stop: Option<oneshot::Sender<()>>,
     served: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
 }
@@ -304,6 +306,7 @@ impl Hub {
             .build_v1()?;
 
         let net = &cfg.network;
+        let stop_accepting = CancellationToken::new();
         let max_connections =
             listener::connection_cap(net.max_connections, open_files, cfg.web.max_connections);
         tracing::info!(
@@ -318,7 +321,7 @@ impl Hub {
                 tls_handshake_timeout: net.tls_handshake_timeout,
                 unauthenticated_timeout: net.unauthenticated_timeout,
             },
-            stop_pipeline.clone(),
+            stop_accepting.clone(),
         );
         // Flow-control windows bound what one connection can make the hub
         // buffer before anything reads it; the stream limit bounds its calls.
@@ -365,6 +368,7 @@ impl Hub {
             stop_pipeline,
             store,
             space,
+            stop_accepting,
             stop: Some(stop_tx),
             served,
         })
@@ -393,6 +397,7 @@ impl Hub {
             web.stopped().await;
         }
         self.dispatch.close_sessions();
+        self.stop_accepting.cancel();
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
