@@ -117,13 +117,20 @@ async fn raw_h2(hub: &Hub, source: Option<IpAddr>) -> h2::client::SendRequest<By
 }
 
 fn grpc_request(path: &str) -> http::Request<()> {
-    http::Request::builder()
+    grpc_request_with(path, None)
+}
+
+/// A gRPC request's headers, with `authorization: Bearer <bearer>` if given.
+fn grpc_request_with(path: &str, bearer: Option<&str>) -> http::Request<()> {
+    let mut b = http::Request::builder()
         .method("POST")
         .uri(format!("https://127.0.0.1{path}"))
         .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(())
-        .unwrap()
+        .header("te", "trailers");
+    if let Some(token) = bearer {
+        b = b.header("authorization", format!("Bearer {token}"));
+    }
+    b.body(()).unwrap()
 }
 
 /// One length-prefixed gRPC message.
@@ -163,14 +170,21 @@ async fn enroll(send: &mut h2::client::SendRequest<Bytes>, token: &str) -> (u32,
         protocol_version: trunkfarm_e2e::proto::PROTOCOL_VERSION,
         agent_version: "test".into(),
     };
+    unary(send, grpc_request(ENROLL), &req.encode_to_vec()).await
+}
+
+/// One unary call over `send`: the status code and message.
+async fn unary(
+    send: &mut h2::client::SendRequest<Bytes>,
+    request: http::Request<()>,
+    message: &[u8],
+) -> (u32, String) {
     let mut ready = send.clone().ready().await.unwrap();
-    let (response, mut stream) = ready.send_request(grpc_request(ENROLL), false).unwrap();
-    stream
-        .send_data(grpc_frame(&req.encode_to_vec()), true)
-        .unwrap();
+    let (response, mut stream) = ready.send_request(request, false).unwrap();
+    stream.send_data(grpc_frame(message), true).unwrap();
     let response = tokio::time::timeout(Duration::from_secs(10), response)
         .await
-        .expect("an answer to Enroll")
+        .expect("an answer to the call")
         .unwrap();
     let status_of = |h: &http::HeaderMap| {
         h.get("grpc-status").map(|v| {
@@ -519,4 +533,58 @@ fn metrics_with_a_token_file_require_the_bearer_token() {
     assert_eq!(status(&ok), "200", "{ok}");
     assert!(ok.contains("trunkfarm_"), "the metrics themselves: {ok}");
     assert!(!hub.logs().contains("metrics-s3cret"));
+}
+
+#[test]
+fn a_connection_that_never_authenticates_is_closed_and_an_authenticated_one_stays() {
+    let hub = Hub::start_with(
+        "\n[network]\ntls_handshake_timeout = \"1s\"\nunauthenticated_timeout = \"2s\"\n",
+        &[],
+    );
+    let admin_token = hub.admin_token();
+    let list_agents = "/trunkfarm.v1.AdminService/ListAgents";
+    runtime().block_on(async {
+        let idle = raw_h2(&hub, None).await;
+        // A health check does not authenticate a connection either.
+        let mut prober = raw_h2(&hub, None).await;
+        let (code, msg) = unary(
+            &mut prober,
+            grpc_request("/grpc.health.v1.Health/Check"),
+            &[],
+        )
+        .await;
+        assert_eq!(code, 0, "{msg}");
+        // A wrong admin token is no authentication.
+        let mut pretender = raw_h2(&hub, None).await;
+        let (code, _) = unary(
+            &mut pretender,
+            grpc_request_with(list_agents, Some("not-the-token")),
+            &[],
+        )
+        .await;
+        assert_eq!(code, 16);
+        let mut admin = raw_h2(&hub, None).await;
+        let (code, msg) = unary(
+            &mut admin,
+            grpc_request_with(list_agents, Some(&admin_token)),
+            &[],
+        )
+        .await;
+        assert_eq!(code, 0, "{msg}");
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        for (name, conn) in [("idle", idle), ("prober", prober), ("pretender", pretender)] {
+            let r = tokio::time::timeout(Duration::from_secs(5), conn.ready()).await;
+            assert!(
+                matches!(r, Ok(Err(_))),
+                "the {name} connection is still open after network.unauthenticated_timeout"
+            );
+        }
+        let (code, msg) = unary(
+            &mut admin,
+            grpc_request_with(list_agents, Some(&admin_token)),
+            &[],
+        )
+        .await;
+        assert_eq!(code, 0, "the authenticated connection was closed: {msg}");
+    });
 }
