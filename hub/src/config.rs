@@ -23,9 +23,11 @@ use trunkfarm_proto::settings::{self, Problem, check_path, fmt_bytes, fmt_durati
 
 pub(crate) use trunkfarm_proto::settings::ConfigError;
 
+mod network;
 mod notify;
 mod pipeline;
 mod pool;
+pub(crate) use network::{ConnectionCap, NetworkSection};
 pub(crate) use notify::{NotifySection, SmtpSection, SmtpSecurity, WebSection};
 pub(crate) use pipeline::{ArtifactsSection, PipelineSection, ProjectConfig, UpstreamConfig};
 pub(crate) use pool::{Ec2Section, PoolConfig, ProvisionerKind};
@@ -67,6 +69,8 @@ pub(crate) struct HubConfig {
     pub(crate) notify: NotifySection,
     /// `[web]`: the hub's HTTP endpoint (unsubscribe links).
     pub(crate) web: WebSection,
+    /// `[network]`: the gRPC listener's limits against hostile clients.
+    pub(crate) network: NetworkSection,
     /// `[[pool]]`: on-demand agents.
     pub(crate) pools: Vec<PoolConfig>,
 }
@@ -253,6 +257,7 @@ struct RawHubConfig {
     smtp: SmtpSection,
     notify: NotifySection,
     web: WebSection,
+    network: NetworkSection,
     pool: Vec<PoolConfig>,
 }
 
@@ -291,6 +296,7 @@ impl HubConfig {
             smtp: raw.smtp,
             notify: raw.notify,
             web: raw.web,
+            network: raw.network,
             pools: raw.pool,
         };
         // Check paths as written (e.g. `~`) before resolving them.
@@ -327,6 +333,7 @@ impl HubConfig {
             smtp: SmtpSection::default(),
             notify: NotifySection::default(),
             web: WebSection::default(),
+            network: NetworkSection::default(),
             pools: Vec::new(),
         }
     }
@@ -365,7 +372,7 @@ impl HubConfig {
         self.hub.data_dir.join("tls")
     }
 
-    fn path_keys(&self) -> [(&'static str, Option<&Path>); 7] {
+    fn path_keys(&self) -> [(&'static str, Option<&Path>); 8] {
         [
             ("hub.data_dir", Some(self.hub.data_dir.as_path())),
             ("tls.cert", self.tls.cert.as_deref()),
@@ -374,6 +381,10 @@ impl HubConfig {
             ("smtp.password_file", self.smtp.password_file.as_deref()),
             ("smtp.ca_file", self.smtp.ca_file.as_deref()),
             ("smtp.mailbox_dir", self.smtp.mailbox_dir.as_deref()),
+            (
+                "web.metrics_token_file",
+                self.web.metrics_token_file.as_deref(),
+            ),
         ]
     }
 
@@ -404,6 +415,7 @@ impl HubConfig {
             &mut self.smtp.password_file,
             &mut self.smtp.ca_file,
             &mut self.smtp.mailbox_dir,
+            &mut self.web.metrics_token_file,
         ]
         .into_iter()
         .flatten()
@@ -575,6 +587,8 @@ impl HubConfig {
             d.max_job_timeout,
         )?;
         notify::problems(&self.smtp, &self.notify)?;
+        notify::web_problems(&self.web)?;
+        network::problems(&self.network, l.max_message_size)?;
         pool::problems(&self.pools)
     }
 }
@@ -748,6 +762,7 @@ mod tests {
         expected.smtp.password_file = Some("/etc/trunkfarm/smtp.password".into());
         expected.smtp.ca_file = Some("/etc/trunkfarm/smtp-ca.pem".into());
         expected.notify.public_url = Some("https://farm.example.org".into());
+        expected.web.metrics_token_file = Some("/etc/trunkfarm/metrics.token".into());
         expected.upstreams = vec![UpstreamConfig {
             name: "lua".into(),
             url: "https://github.com/lua/lua.git".into(),
@@ -819,6 +834,16 @@ mod tests {
             "timeout",
             "junit",
             "maintainers",
+            "metrics_token_file",
+            "header_read_timeout",
+            "request_timeout",
+            "max_connections",
+            "tls_handshake_timeout",
+            "unauthenticated_timeout",
+            "max_concurrent_streams",
+            "max_unauthenticated_message_size",
+            "enroll_failures",
+            "enroll_failure_window",
         ] {
             assert!(
                 text.lines().any(|l| l.starts_with(&format!("{key} = "))),
@@ -955,11 +980,11 @@ max_token_ttl = "7d"
     fn unknown_key_at_top_level() {
         assert_eq!(
             err("[dispath]\nlease_timeout = \"1m\"\n"),
-            "/etc/trunkfarm/hub.toml:1: unknown key `dispath`, expected one of `hub`, `tls`, `admin`, `dispatch`, `limits`, `enrollment`, `artifacts`, `pipeline`, `upstream`, `project`, `smtp`, `notify`, `web`, `pool`"
+            "/etc/trunkfarm/hub.toml:1: unknown key `dispath`, expected one of `hub`, `tls`, `admin`, `dispatch`, `limits`, `enrollment`, `artifacts`, `pipeline`, `upstream`, `project`, `smtp`, `notify`, `web`, `network`, `pool`"
         );
         assert_eq!(
             err("listen = \"0.0.0.0:7443\"\n"),
-            "/etc/trunkfarm/hub.toml:1: unknown key `listen`, expected one of `hub`, `tls`, `admin`, `dispatch`, `limits`, `enrollment`, `artifacts`, `pipeline`, `upstream`, `project`, `smtp`, `notify`, `web`, `pool`"
+            "/etc/trunkfarm/hub.toml:1: unknown key `listen`, expected one of `hub`, `tls`, `admin`, `dispatch`, `limits`, `enrollment`, `artifacts`, `pipeline`, `upstream`, `project`, `smtp`, `notify`, `web`, `network`, `pool`"
         );
     }
 

@@ -2,6 +2,8 @@
 //! together, serves gRPC (agents, admin, health, reflection) over TLS, and
 //! shuts down gracefully.
 
+mod listener;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -9,13 +11,13 @@ use std::sync::Arc;
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
-use tonic::transport::server::TcpIncoming;
-use tonic::transport::{Identity, Server, ServerTlsConfig};
+use tonic::transport::Server;
 use trunkfarm_proto::v1::admin_service_server::AdminServiceServer;
 use trunkfarm_proto::v1::agent_service_server::AgentServiceServer;
 
 use crate::artifacts::Artifacts;
 use crate::auth::credentials::Credentials;
+use crate::auth::throttle::FailedEnrollments;
 use crate::auth::{secret, tls};
 use crate::config::HubConfig;
 use crate::dispatch::{DispatchSettings, Dispatcher};
@@ -67,6 +69,13 @@ impl HubInfo {
     }
 }
 
+/// HTTP/2 flow-control windows of the gRPC server: at most this much of a
+/// call's (or a connection's) data waits unread in the hub.
+const STREAM_WINDOW: u32 = 1024 * 1024;
+const CONNECTION_WINDOW: u32 = 2 * 1024 * 1024;
+/// The most header bytes one call may send (credentials are ~100 bytes).
+const MAX_HEADER_LIST: u32 = 16 * 1024;
+
 /// How often a hub whose database failed checks whether its data dir takes
 /// writes again.
 const RECOVERY_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
@@ -83,6 +92,8 @@ pub(crate) struct Hub {
     stop_pipeline: CancellationToken,
     store: Store,
     space: DataDir,
+    /// Stops the gRPC accept loop (just before `stop`).
+    stop_accepting: CancellationToken,
     stop: Option<oneshot::Sender<()>>,
     served: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
 }
@@ -91,6 +102,26 @@ impl Hub {
     /// Opens the data dir and starts serving. Returns once the listener is
     /// bound and `hub.json` is written.
     pub(crate) async fn start(cfg: &HubConfig) -> anyhow::Result<Hub> {
+        // First, before the database and the listeners take descriptors.
+        let open_files = match listener::raise_open_files_limit() {
+            Ok(f) => {
+                if f.soft > f.before {
+                    tracing::info!(
+                        limit = f.soft,
+                        was = f.before,
+                        hard = f.hard,
+                        "raised the open-files limit to its hard limit"
+                    );
+                } else {
+                    tracing::info!(limit = f.soft, hard = f.hard, "open-files limit");
+                }
+                f.soft
+            }
+            Err(e) => {
+                tracing::warn!("cannot read or raise the open-files limit ({e}); assuming 1024");
+                1024
+            }
+        };
         let data_dir = cfg.data_dir().to_path_buf();
         std::fs::create_dir_all(&data_dir)
             .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
@@ -137,7 +168,7 @@ impl Hub {
         let metrics_cell: Arc<std::sync::OnceLock<Render>> = Arc::default();
         let cell = notifier_cell.clone();
         let web = web::serve(
-            cfg.web.listen,
+            web::Settings::from_config(&cfg.web)?,
             web::unsubscribe_fn(move |token| {
                 let cell = cell.clone();
                 async move {
@@ -197,11 +228,10 @@ impl Hub {
             )?)
         };
 
-        let incoming = TcpIncoming::bind(cfg.hub.listen)
-            .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.hub.listen))?
-            .with_nodelay(Some(true))
-            .with_keepalive(Some(std::time::Duration::from_secs(60)));
-        let addr = incoming.local_addr()?;
+        let tcp = tokio::net::TcpListener::bind(cfg.hub.listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.hub.listen))?;
+        let addr = tcp.local_addr()?;
         let public_address = match &cfg.hub.public_address {
             Some(a) => a.clone(),
             None if addr.ip().is_unspecified() => {
@@ -240,6 +270,10 @@ impl Hub {
             heartbeat_interval: d.heartbeat_interval,
             artifacts: artifacts.clone(),
             default_max_parallel_jobs: cfg.enrollment.default_max_parallel_jobs,
+            enroll_failures: FailedEnrollments::new(
+                cfg.network.enroll_failures,
+                cfg.network.enroll_failure_window,
+            ),
         };
         let admin_api = AdminApi {
             admin_token_hash: secret::hash(&admin_token),
@@ -273,16 +307,34 @@ impl Hub {
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1()?;
 
-        let mut builder = Server::builder()
+        let net = &cfg.network;
+        let stop_accepting = CancellationToken::new();
+        let max_connections =
+            listener::connection_cap(net.max_connections, open_files, cfg.web.max_connections);
+        tracing::info!(
+            max_connections,
+            "gRPC connections capped (network.max_connections)"
+        );
+        let incoming = listener::incoming(
+            tcp,
+            identity.as_ref().map(listener::tls_acceptor).transpose()?,
+            listener::Limits {
+                max_connections,
+                tls_handshake_timeout: net.tls_handshake_timeout,
+                unauthenticated_timeout: net.unauthenticated_timeout,
+            },
+            stop_accepting.clone(),
+        );
+        // Flow-control windows bound what one connection can make the hub
+        // buffer before anything reads it; the stream limit bounds its calls.
+        let router = Server::builder()
             .http2_keepalive_interval(Some(std::time::Duration::from_secs(20)))
-            .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)));
-        if let Some(id) = &identity {
-            builder = builder.tls_config(
-                ServerTlsConfig::new()
-                    .identity(Identity::from_pem(&id.cert_chain_pem, &id.key_pem)),
-            )?;
-        }
-        let router = builder
+            .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
+            .max_concurrent_streams(net.max_concurrent_streams)
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .http2_max_header_list_size(MAX_HEADER_LIST)
+            .layer(listener::GuardLayer::new(net))
             .add_service(health_service)
             .add_service(reflection)
             .add_service(
@@ -318,6 +370,7 @@ impl Hub {
             stop_pipeline,
             store,
             space,
+            stop_accepting,
             stop: Some(stop_tx),
             served,
         })
@@ -346,6 +399,7 @@ impl Hub {
             web.stopped().await;
         }
         self.dispatch.close_sessions();
+        self.stop_accepting.cancel();
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }

@@ -7,9 +7,16 @@
 //! URL, which hands the token to the notifier. The page is self-contained (no
 //! external resources), every interpolated string is HTML-escaped, and the
 //! token never reaches a log.
+//!
+//! The endpoint faces the internet (mail links point at it), so it holds at
+//! most `web.max_connections` connections, drops a client that has not sent
+//! a request's headers within `web.header_read_timeout` (slowloris), answers
+//! 408 to a request that takes longer than `web.request_timeout`, and, with
+//! `web.metrics_token_file`, serves `/metrics` only to a bearer of that token.
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,10 +24,15 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio_util::sync::CancellationToken;
+use tower::ServiceExt as _;
+
+use crate::auth::secret;
+use crate::config::WebSection;
 
 /// A boxed, sendable future (what [`UnsubscribeFn`] returns).
 pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
@@ -65,47 +77,212 @@ impl Web {
     }
 }
 
-/// Binds `listen` and serves the web endpoint until `shutdown` is cancelled.
+/// Why the web endpoint cannot start.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum WebError {
+    /// `web.listen` cannot be bound.
+    #[error("cannot listen on {addr} for the web endpoint (web.listen): {error}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        error: std::io::Error,
+    },
+    /// `web.metrics_token_file` cannot be read or holds no token.
+    #[error("web.metrics_token_file {}: {message}", path.display())]
+    MetricsToken {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong and what to do.
+        message: String,
+    },
+}
+
+/// How the endpoint serves: `[web]` with the metrics token read.
+pub(crate) struct Settings {
+    pub(crate) listen: SocketAddr,
+    pub(crate) header_read_timeout: Duration,
+    pub(crate) request_timeout: Duration,
+    pub(crate) max_connections: u32,
+    /// The token `/metrics` requires, if any (kept only as its hash).
+    pub(crate) metrics_token: Option<String>,
+}
+
+impl Settings {
+    /// The `[web]` settings, reading `web.metrics_token_file` now.
+    pub(crate) fn from_config(web: &WebSection) -> Result<Settings, WebError> {
+        Ok(Settings {
+            listen: web.listen,
+            header_read_timeout: web.header_read_timeout,
+            request_timeout: web.request_timeout,
+            max_connections: web.max_connections,
+            metrics_token: web
+                .metrics_token_file
+                .as_deref()
+                .map(read_metrics_token)
+                .transpose()?,
+        })
+    }
+}
+
+/// The first line of the metrics token file. A file other users may read
+/// is warned about (the token is then theirs too), not refused: it guards
+/// counters, not credentials.
+fn read_metrics_token(path: &Path) -> Result<String, WebError> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let fail = |message: String| WebError::MetricsToken {
+        path: path.to_path_buf(),
+        message,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| fail(format!("cannot read it: {e}")))?;
+    let token = text.lines().next().unwrap_or("").trim();
+    if token.is_empty() {
+        return Err(fail(
+            "it is empty; put the token /metrics requires on its first line (e.g. `head -c 32 /dev/urandom | base64 > FILE`)".into(),
+        ));
+    }
+    match std::fs::metadata(path) {
+        Ok(m) if m.permissions().mode() & 0o077 != 0 => tracing::warn!(
+            "web.metrics_token_file {} is readable by other users (mode {:o}): `chmod 600` it",
+            path.display(),
+            m.permissions().mode() & 0o777
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(
+            "cannot check the permissions of web.metrics_token_file {}: {e}",
+            path.display()
+        ),
+    }
+    Ok(token.to_string())
+}
+
+/// Binds `settings.listen` and serves the web endpoint until `shutdown` is
+/// cancelled.
 pub(crate) async fn serve(
-    listen: SocketAddr,
+    settings: Settings,
     unsubscribe: UnsubscribeFn,
     metrics: MetricsFn,
     shutdown: CancellationToken,
-) -> std::io::Result<Web> {
-    let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| {
-        std::io::Error::new(
-            e.kind(),
-            format!("cannot listen on {listen} for the web endpoint (web.listen): {e}"),
-        )
+) -> Result<Web, WebError> {
+    let listen = settings.listen;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|error| WebError::Listen {
+            addr: listen,
+            error,
+        })?;
+    let addr = listener.local_addr().map_err(|error| WebError::Listen {
+        addr: listen,
+        error,
     })?;
-    let addr = listener.local_addr()?;
     let app = router(Handlers {
         unsubscribe,
         metrics,
+        metrics_token_hash: settings.metrics_token.as_deref().map(secret::hash),
     });
-    let server =
-        axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
-    let task = tokio::spawn(async move {
-        let deadline = async {
-            shutdown.cancelled().await;
-            tokio::time::sleep(SHUTDOWN_GRACE).await;
-        };
-        tokio::select! {
-            result = server.into_future() => {
-                if let Err(e) = result {
-                    tracing::error!("web endpoint on {addr} stopped: {e}");
-                }
-            }
-            () = deadline => {
-                tracing::warn!(
-                    "web endpoint on {addr}: connections still open {SHUTDOWN_GRACE:?} after shutdown; not waiting for them"
-                );
-            }
-        }
-        tracing::debug!("web endpoint on {addr} stopped");
-    });
+    let task = tokio::spawn(accept_loop(listener, app, settings, addr, shutdown));
     tracing::info!("web endpoint listening on http://{addr}");
     Ok(Web { addr, task })
+}
+
+/// Accepts connections until `shutdown`, then lets open ones finish for at
+/// most [`SHUTDOWN_GRACE`].
+async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    settings: Settings,
+    addr: SocketAddr,
+    shutdown: CancellationToken,
+) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(
+        settings.max_connections as usize,
+    ));
+    // Every connection task holds a receiver; all gone = all closed.
+    let (closed_tx, closed_rx) = tokio::sync::watch::channel(());
+    let mut refused: u64 = 0;
+    let mut last_refusal_log: Option<std::time::Instant> = None;
+    loop {
+        let (tcp, peer) = tokio::select! {
+            () = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::debug!("web endpoint on {addr}: accept failed: {e}");
+                    // Out of descriptors: the connection waits in the queue.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            drop(tcp);
+            refused += 1;
+            if last_refusal_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                tracing::warn!(
+                    "web endpoint on {addr}: {refused} connection(s) closed on arrival, all {} slots taken (web.max_connections)",
+                    settings.max_connections
+                );
+                refused = 0;
+                last_refusal_log = Some(std::time::Instant::now());
+            }
+            continue;
+        };
+        let (app, limit) = (app.clone(), settings.request_timeout);
+        let service = hyper::service::service_fn(move |req| {
+            let app = app.clone();
+            async move { Ok::<_, std::convert::Infallible>(respond(app, req, limit).await) }
+        });
+        let mut http = hyper::server::conn::http1::Builder::new();
+        http.timer(TokioTimer::new())
+            .header_read_timeout(settings.header_read_timeout);
+        let (shutdown, closed_rx) = (shutdown.clone(), closed_rx.clone());
+        tokio::spawn(async move {
+            let conn = http.serve_connection(TokioIo::new(tcp), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                result = conn.as_mut() => {
+                    if let Err(e) = result {
+                        tracing::debug!(%peer, "web connection ended: {e}");
+                    }
+                }
+                () = shutdown.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    if let Err(e) = conn.await {
+                        tracing::debug!(%peer, "web connection ended: {e}");
+                    }
+                }
+            }
+            drop((slot, closed_rx));
+        });
+    }
+    drop(listener);
+    drop(closed_rx);
+    if tokio::time::timeout(SHUTDOWN_GRACE, closed_tx.closed())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "web endpoint on {addr}: connections still open {SHUTDOWN_GRACE:?} after shutdown; not waiting for them"
+        );
+    }
+    tracing::debug!("web endpoint on {addr} stopped");
+}
+
+/// `app`'s answer to `req`, or 408 if it has none within `limit`.
+async fn respond(
+    app: Router,
+    req: axum::http::Request<hyper::body::Incoming>,
+    limit: Duration,
+) -> Response {
+    match tokio::time::timeout(limit, app.oneshot(req)).await {
+        Ok(Ok(response)) => response,
+        Ok(Err(never)) => match never {},
+        Err(_) => page(
+            StatusCode::REQUEST_TIMEOUT,
+            "Request timeout",
+            "<p>The request took too long.</p>",
+        ),
+    }
 }
 
 /// What the routes call.
@@ -113,6 +290,8 @@ pub(crate) async fn serve(
 struct Handlers {
     unsubscribe: UnsubscribeFn,
     metrics: MetricsFn,
+    /// SHA-256 of the token `/metrics` requires, if any.
+    metrics_token_hash: Option<String>,
 }
 
 /// Renders the hub's metrics in the Prometheus text format.
@@ -133,8 +312,25 @@ fn router(handlers: Handlers) -> Router {
         .with_state(handlers)
 }
 
-/// `GET /metrics`: queue, agents, pools and outbox as Prometheus gauges.
-async fn metrics_page(State(handlers): State<Handlers>) -> Response {
+/// `GET /metrics`: queue, agents, pools and outbox as Prometheus gauges;
+/// with a metrics token, only for `Authorization: Bearer <token>`.
+async fn metrics_page(State(handlers): State<Handlers>, headers: HeaderMap) -> Response {
+    if let Some(hash) = &handlers.metrics_token_hash {
+        let presented = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim);
+        // Compared as hashes, in constant time.
+        if !presented.is_some_and(|t| secret::verify(t, hash)) {
+            return (
+                StatusCode::UNAUTHORIZED,
+                [(header::WWW_AUTHENTICATE, "Bearer realm=\"trunkfarm metrics\"")],
+                "/metrics needs `Authorization: Bearer <token>` with the token in the hub's web.metrics_token_file\n",
+            )
+                .into_response();
+        }
+    }
     let text = (handlers.metrics)().await;
     (
         [(
@@ -346,9 +542,30 @@ mod tests {
         .await
     }
 
+    /// The default `[web]` settings on a free port.
+    fn settings() -> Settings {
+        Settings::from_config(&WebSection {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            ..WebSection::default()
+        })
+        .unwrap()
+    }
+
     /// A server whose unsubscribe fn records calls and answers with `answer`.
     async fn start(
         answer: Result<&'static str, &'static str>,
+    ) -> (
+        Web,
+        CancellationToken,
+        Arc<AtomicUsize>,
+        Arc<std::sync::Mutex<Vec<String>>>,
+    ) {
+        start_with(answer, settings()).await
+    }
+
+    async fn start_with(
+        answer: Result<&'static str, &'static str>,
+        settings: Settings,
     ) -> (
         Web,
         CancellationToken,
@@ -368,9 +585,7 @@ mod tests {
         };
         let shutdown = CancellationToken::new();
         let metrics: MetricsFn = Arc::new(|| Box::pin(async { "m 1\n".to_string() }));
-        let web = serve("127.0.0.1:0".parse().unwrap(), f, metrics, shutdown.clone())
-            .await
-            .unwrap();
+        let web = serve(settings, f, metrics, shutdown.clone()).await.unwrap();
         (web, shutdown, calls, tokens)
     }
 
@@ -531,7 +746,10 @@ mod tests {
         let (web, shutdown, _, _) = start(Ok("done")).await;
         let addr = web.addr;
         let err = serve(
-            addr,
+            Settings {
+                listen: addr,
+                ..settings()
+            },
             unsubscribe_fn(|_| async { Ok(String::new()) }),
             Arc::new(|| Box::pin(async { String::new() })),
             CancellationToken::new(),
@@ -551,6 +769,135 @@ mod tests {
             .await
             .expect("stops promptly");
         assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn metrics_with_a_token_file_need_the_bearer_token() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("metrics.token");
+        std::fs::write(&file, "s3cret-token\n").unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let web_cfg = WebSection {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            metrics_token_file: Some(file.clone()),
+            ..WebSection::default()
+        };
+        let (web, shutdown, _, _) =
+            start_with(Ok("done"), Settings::from_config(&web_cfg).unwrap()).await;
+        let with = |auth: &str| {
+            format!("GET /metrics HTTP/1.1\r\nHost: localhost\r\n{auth}Connection: close\r\n\r\n")
+        };
+        let r = send(web.addr, &with("")).await;
+        assert_eq!(r.status, 401);
+        assert!(
+            r.headers.contains("www-authenticate: bearer"),
+            "{}",
+            r.headers
+        );
+        assert!(!r.body.contains("m 1"));
+        for wrong in [
+            "Bearer nope\r\n",
+            "Bearer s3cret-toke\r\n",
+            "Basic s3cret-token\r\n",
+        ] {
+            let r = send(web.addr, &with(&format!("Authorization: {wrong}"))).await;
+            assert_eq!(r.status, 401, "{wrong}");
+        }
+        let r = send(web.addr, &with("Authorization: Bearer s3cret-token\r\n")).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.body, "m 1\n");
+        // The other pages stay open.
+        assert_eq!(get(web.addr, "/healthz").await.status, 200);
+        shutdown.cancel();
+        web.stopped().await;
+        // An empty token file stops the start, naming the key.
+        std::fs::write(&file, "\n").unwrap();
+        let err = Settings::from_config(&web_cfg).err().unwrap().to_string();
+        assert!(
+            err.contains("web.metrics_token_file") && err.contains("empty"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_client_dripping_its_headers_is_cut_off() {
+        let (web, shutdown, _, _) = start_with(
+            Ok("done"),
+            Settings {
+                header_read_timeout: Duration::from_millis(500),
+                ..settings()
+            },
+        )
+        .await;
+        let mut stream = tokio::net::TcpStream::connect(web.addr).await.unwrap();
+        let started = std::time::Instant::now();
+        let request = b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n\r\n";
+        let mut cut_off = false;
+        for b in request {
+            if stream.write_all(&[*b]).await.is_err() {
+                cut_off = true;
+                break;
+            }
+            let mut buf = [0u8; 256];
+            match tokio::time::timeout(Duration::from_millis(100), stream.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => {
+                    cut_off = true;
+                    break;
+                }
+                Ok(Ok(_)) => panic!("answered a request whose headers never ended"),
+                Err(_) => {}
+            }
+        }
+        assert!(cut_off, "still connected after {:?}", started.elapsed());
+        // An idle connection goes the same way; a prompt client is served.
+        let mut idle = tokio::net::TcpStream::connect(web.addr).await.unwrap();
+        let mut buf = [0u8; 16];
+        let n = tokio::time::timeout(Duration::from_secs(5), idle.read(&mut buf))
+            .await
+            .expect("the idle connection is closed")
+            .unwrap_or(0);
+        assert_eq!(n, 0);
+        assert_eq!(get(web.addr, "/healthz").await.status, 200);
+        shutdown.cancel();
+        web.stopped().await;
+    }
+
+    #[tokio::test]
+    async fn a_slow_request_gets_408_and_connections_beyond_the_cap_are_closed() {
+        let f = unsubscribe_fn(|_| async {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            Ok(String::new())
+        });
+        let shutdown = CancellationToken::new();
+        let metrics: MetricsFn = Arc::new(|| Box::pin(async { String::new() }));
+        let web = serve(
+            Settings {
+                request_timeout: Duration::from_millis(300),
+                max_connections: 2,
+                ..settings()
+            },
+            f,
+            metrics,
+            shutdown.clone(),
+        )
+        .await
+        .unwrap();
+        let r = post(web.addr, "/unsubscribe?token=t", "").await;
+        assert_eq!(r.status, 408);
+        // Two connections held open take both slots: a third is closed.
+        let _a = tokio::net::TcpStream::connect(web.addr).await.unwrap();
+        let _b = tokio::net::TcpStream::connect(web.addr).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut c = tokio::net::TcpStream::connect(web.addr).await.unwrap();
+        let mut buf = [0u8; 16];
+        let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut buf))
+            .await
+            .expect("closed at once")
+            .unwrap_or(0);
+        assert_eq!(n, 0);
+        shutdown.cancel();
+        web.stopped().await;
     }
 
     #[test]

@@ -515,11 +515,21 @@ pub struct HubInfo {
 /// is appended after them (so bare keys land in `[dispatch]`). The disk
 /// reserve is small: CI machines may have little free space, and the reserve
 /// has its own test (disk.rs).
-fn hub_toml(listen: &str, data_dir: &Path, extra: &str) -> String {
+fn hub_toml(listen: &str, data_dir: &Path, web: &str, extra: &str) -> String {
     format!(
-        "[hub]\nlisten = \"{listen}\"\ndata_dir = \"{}\"\nmin_free_space = \"16 MiB\"\n\n[web]\nlisten = \"127.0.0.1:0\"\n\n[dispatch]\nheartbeat_interval = \"1s\"\nlease_timeout = \"3s\"\nmax_attempts = 3\n{extra}\n",
+        "[hub]\nlisten = \"{listen}\"\ndata_dir = \"{}\"\nmin_free_space = \"16 MiB\"\n\n[web]\nlisten = \"127.0.0.1:0\"\n{web}\n\n[dispatch]\nheartbeat_interval = \"1s\"\nlease_timeout = \"3s\"\nmax_attempts = 3\n{extra}\n",
         data_dir.display()
     )
+}
+
+/// Less common ways to start a test hub.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HubOptions<'a> {
+    /// Keys added to the hub's `[web]` section.
+    pub web_toml: &'a str,
+    /// Start the hub under this open-files limit, soft and hard alike (so
+    /// it cannot raise it): a hub on a host with the usual 1024.
+    pub open_files: Option<u64>,
 }
 
 /// A running hub in its own temporary directory.
@@ -532,6 +542,10 @@ pub struct Hub {
     pub data_dir: PathBuf,
     extra_toml: String,
     env: Vec<(String, String)>,
+    /// Extra `[web]` keys.
+    web_toml: String,
+    /// RLIMIT_NOFILE (soft = hard) the hub is started under, if set.
+    open_files: Option<u64>,
     proc: Option<Proc>,
     /// The contents of `hub.json` of the current run.
     pub info: HubInfo,
@@ -567,13 +581,31 @@ impl Hub {
     /// Like [`Hub::start_with`], but `prepare` fills the (empty) data dir
     /// first: a hub that opens a database written elsewhere.
     pub fn start_on(prepare: impl FnOnce(&Path), extra_toml: &str, env: &[(&str, &str)]) -> Hub {
+        Hub::start_limited(prepare, extra_toml, env, HubOptions::default())
+    }
+
+    /// Like [`Hub::start_with`], with the [`HubOptions`].
+    pub fn start_opts(extra_toml: &str, opts: HubOptions<'_>) -> Hub {
+        Hub::start_limited(|_| {}, extra_toml, &[], opts)
+    }
+
+    fn start_limited(
+        prepare: impl FnOnce(&Path),
+        extra_toml: &str,
+        env: &[(&str, &str)],
+        opts: HubOptions<'_>,
+    ) -> Hub {
         bins();
         let dir = temp_dir("trunkfarm-e2e-hub-");
         let config = dir.path().join("hub.toml");
         let data_dir = dir.path().join("data");
         fs::create_dir_all(&data_dir).unwrap();
         prepare(&data_dir);
-        fs::write(&config, hub_toml("127.0.0.1:0", &data_dir, extra_toml)).unwrap();
+        fs::write(
+            &config,
+            hub_toml("127.0.0.1:0", &data_dir, opts.web_toml, extra_toml),
+        )
+        .unwrap();
         let mut hub = Hub {
             dir,
             config,
@@ -583,6 +615,8 @@ impl Hub {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            web_toml: opts.web_toml.to_string(),
+            open_files: opts.open_files,
             proc: None,
             info: HubInfo {
                 address: String::new(),
@@ -606,6 +640,21 @@ impl Hub {
         cmd.arg("serve").arg("--config").arg(&self.config);
         for (k, v) in &self.env {
             cmd.env(k, v);
+        }
+        if let Some(limit) = self.open_files {
+            let lim = libc::rlimit {
+                rlim_cur: limit as libc::rlim_t,
+                rlim_max: limit as libc::rlim_t,
+            };
+            // SAFETY: setrlimit is async-signal-safe; it reads our struct.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
         }
         let proc = Proc::spawn(
             &format!("hub (start #{})", self.starts),
@@ -690,7 +739,7 @@ impl Hub {
         let listen = self.info.address.clone();
         fs::write(
             &self.config,
-            hub_toml(&listen, &self.data_dir, &self.extra_toml),
+            hub_toml(&listen, &self.data_dir, &self.web_toml, &self.extra_toml),
         )
         .unwrap();
         let _ = fs::remove_file(self.hub_json());

@@ -137,14 +137,53 @@ pub(crate) struct WebSection {
     /// Address the web endpoint binds; port 0 picks a free one.
     #[serde(deserialize_with = "super::de::socket_addr")]
     pub(crate) listen: SocketAddr,
+    /// A file holding the token `GET /metrics` requires (as `Authorization:
+    /// Bearer <token>`; only its first line counts). Without it `/metrics`
+    /// is open to whoever reaches `listen`.
+    pub(crate) metrics_token_file: Option<PathBuf>,
+    /// How long a client may take to send a request's headers (and how long
+    /// an idle keep-alive connection stays open), so a client dripping its
+    /// headers byte by byte cannot hold a connection.
+    #[serde(deserialize_with = "de::duration")]
+    pub(crate) header_read_timeout: Duration,
+    /// How long one request may take from its headers to its response.
+    #[serde(deserialize_with = "de::duration")]
+    pub(crate) request_timeout: Duration,
+    /// Connections the web endpoint holds open at once; more are closed on
+    /// arrival.
+    #[serde(deserialize_with = "de::count")]
+    pub(crate) max_connections: u32,
 }
 
 impl Default for WebSection {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 7480)),
+            metrics_token_file: None,
+            header_read_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(30),
+            max_connections: 128,
         }
     }
+}
+
+/// Checks the `[web]` rules.
+pub(super) fn web_problems(web: &WebSection) -> Result<(), Problem> {
+    for (key, d) in [
+        ("web.header_read_timeout", web.header_read_timeout),
+        ("web.request_timeout", web.request_timeout),
+    ] {
+        if d.is_zero() {
+            return Err(Problem::new(key, "must be greater than zero, e.g. \"10s\""));
+        }
+    }
+    if web.max_connections == 0 {
+        return Err(Problem::new(
+            "web.max_connections",
+            "must be at least 1, e.g. 128",
+        ));
+    }
+    Ok(())
 }
 
 /// Checks the notifier's rules.

@@ -7,7 +7,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::{ReceiverStream, UnboundedReceiverStream};
@@ -22,7 +22,8 @@ use trunkfarm_proto::{MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 
 use super::bearer;
 use crate::artifacts::{ArtifactError, Artifacts, Origin};
-use crate::auth::credentials::Credentials;
+use crate::auth::credentials::{AuthError, Credentials};
+use crate::auth::throttle::FailedEnrollments;
 use crate::dispatch::{AgentTx, Dispatcher, Hello as DispatchHello};
 use crate::logs::JobLogs;
 
@@ -46,6 +47,27 @@ pub(crate) struct AgentApi {
     pub(crate) artifacts: Artifacts,
     /// Jobs at once for an agent whose token sets no cap.
     pub(crate) default_max_parallel_jobs: u32,
+    /// Failed enrollments per address (`network.enroll_failures`).
+    pub(crate) enroll_failures: FailedEnrollments,
+}
+
+/// Why an enrollment was refused, for the hub's log: the kind of failure and
+/// ids from the hub's own records, never text the client chose (its token
+/// id, its name) nor anything of the token's secret. `None` for a failure
+/// that is the hub's, not the client's (it is not charged to the address).
+fn enroll_failure(e: &AuthError) -> Option<String> {
+    Some(match e {
+        AuthError::TokenMalformed => "malformed token".to_string(),
+        AuthError::TokenInvalid(_) => "unknown token or wrong secret".to_string(),
+        AuthError::TokenExpired { id, .. } => format!("token {id} expired"),
+        AuthError::TokenUsedUp { id, .. } => format!("token {id} is used up"),
+        AuthError::TokenRevoked(id) => format!("token {id} is revoked"),
+        AuthError::Store(_)
+        | AuthError::NoSuchToken(_)
+        | AuthError::AgentInvalid
+        | AuthError::AgentRevoked(_)
+        | AuthError::NoSuchAgent(_) => return None,
+    })
 }
 
 /// Refuses an agent speaking a protocol this hub cannot serve.
@@ -70,12 +92,43 @@ impl AgentService for AgentApi {
         &self,
         request: Request<EnrollRequest>,
     ) -> Result<Response<EnrollResponse>, Status> {
+        let peer = request.remote_addr().map(|a| a.ip());
+        // Refused before the token is looked at: an address guessing tokens
+        // gets no answer about them until its allowance refills.
+        if let Some(ip) = peer
+            && let Err(refused) = self.enroll_failures.check(ip, Instant::now())
+        {
+            // Whole seconds, rounded up: "try again in 0s" would be wrong.
+            let wait = refused.retry_after.as_secs_f64().ceil().max(1.0) as u64;
+            if refused.first {
+                tracing::warn!(
+                    peer = %ip,
+                    "enrollment refused: too many failed enrollments from this address; refusing its enrollments for {wait}s"
+                );
+            }
+            return Err(Status::resource_exhausted(format!(
+                "too many failed enrollments from {ip}: try again in {wait}s (check the enrollment string with the hub's operator)"
+            )));
+        }
+        let peer_text = peer.map_or_else(|| "unknown".to_string(), |ip| ip.to_string());
         let req = request.into_inner();
         if req.protocol_version != 0 {
             check_version(req.protocol_version)?;
         }
-        let (agent, credential) = self.credentials.enroll(&req.token, &req.name).await?;
-        tracing::info!(agent = %agent.id, name = %agent.name, token = %agent.token_id, "agent enrolled");
+        let (agent, credential) = match self.credentials.enroll(&req.token, &req.name).await {
+            Ok(enrolled) => enrolled,
+            Err(e) => {
+                if let Some(reason) = enroll_failure(&e) {
+                    tracing::warn!(peer = %peer_text, "enrollment refused: {reason}");
+                    if let Some(ip) = peer {
+                        self.enroll_failures.failed(ip, Instant::now());
+                    }
+                }
+                return Err(e.into());
+            }
+        };
+        // The name is the client's text: Debug-quoted, so it cannot forge log lines.
+        tracing::info!(agent = %agent.id, name = ?agent.name, token = %agent.token_id, peer = %peer_text, "agent enrolled");
         let secret = credential
             .split_once('.')
             .map(|(_, s)| s.to_string())
