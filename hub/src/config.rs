@@ -760,6 +760,7 @@ mod tests {
             maintainers: vec!["lpeg-dev@example.org".into()],
             labels: vec![],
             env: Default::default(),
+            network: false,
         }];
         assert_eq!(c, expected);
         for key in [
@@ -798,6 +799,7 @@ mod tests {
             "timeout",
             "junit",
             "maintainers",
+            "network",
         ] {
             assert!(
                 text.lines().any(|l| l.starts_with(&format!("{key} = "))),

@@ -48,6 +48,10 @@ pub(crate) struct JobSpecRecord {
     pub(crate) upload_prefix: String,
     /// Report files (JUnit XML) the agent sends back with the result.
     pub(crate) report_paths: Vec<String>,
+    /// The job needs the network. Left out of the JSON when false, so the
+    /// records of jobs without it read and write as before.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub(crate) network: bool,
 }
 
 /// One report file a job produced, capped by the agent (`v1::ReportFile`).
@@ -141,6 +145,7 @@ both_ways!(
         artifact_sha256,
         upload_prefix,
         report_paths,
+        network,
     }
 );
 both_ways!(

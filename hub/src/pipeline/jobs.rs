@@ -160,6 +160,7 @@ fn build_spec(u: &UpstreamConfig, platform: &str, commit: &str) -> JobSpec {
         artifact_sha256: String::new(),
         upload_prefix: BUILD_PREFIX_DIR.into(),
         report_paths: Vec::new(),
+        network: false,
     }
 }
 
@@ -196,5 +197,6 @@ fn test_spec(
         artifact_sha256: build.artifact_sha256.clone(),
         upload_prefix: String::new(),
         report_paths: p.junit.clone(),
+        network: p.network,
     }
 }
