@@ -7,7 +7,10 @@
 //! timeout, on cancel, and after the command itself exits (a stray
 //! `sleep 1000 &` must not outlive the job on a volunteer's machine). Output
 //! goes through an [`OutputCap`] so a chatty job cannot exhaust the donor's
-//! memory or bandwidth. Whatever happens, the work directory is removed
+//! memory or bandwidth. Each command runs confined by the agent's
+//! [`Sandbox`] (bubblewrap and job limits; see `sandbox.rs`), and what of the
+//! job still runs after its last command is killed with its cgroup. Whatever
+//! happens, the work directory is removed
 //! afterwards and the result comes back as an [`ExecOutcome`] value: nothing
 //! here panics or returns early on a job's input.
 //!

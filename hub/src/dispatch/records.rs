@@ -172,3 +172,26 @@ both_ways!(
         reports as vec,
     }
 );
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn network_is_stored_only_when_asked_and_older_specs_read_without_it() {
+        let old = r#"{"commands":["true"],"env":{},"labels":[],"project":"p","repository":null,"timeout_secs":60,"artifact_sha256":"","upload_prefix":"","report_paths":[]}"#;
+        let rec: JobSpecRecord = serde_json::from_str(old).unwrap();
+        assert!(!rec.network);
+        // A job without the network writes the same bytes as before.
+        assert_eq!(serde_json::to_string(&rec).unwrap(), old);
+        let wire = v1::JobSpec {
+            network: true,
+            ..v1::JobSpec::from(rec)
+        };
+        let rec = JobSpecRecord::from(wire);
+        let text = serde_json::to_string(&rec).unwrap();
+        assert!(text.ends_with(r#","network":true}"#), "{text}");
+        let back: JobSpecRecord = serde_json::from_str(&text).unwrap();
+        assert!(v1::JobSpec::from(back).network);
+    }
+}
