@@ -794,6 +794,7 @@ mod tests {
             maintainers: vec!["lpeg-dev@example.org".into()],
             labels: vec![],
             env: Default::default(),
+            network: false,
         }];
         assert_eq!(c, expected);
         for key in [
@@ -844,6 +845,7 @@ mod tests {
             "max_unauthenticated_message_size",
             "enroll_failures",
             "enroll_failure_window",
+            "network",
         ] {
             assert!(
                 text.lines().any(|l| l.starts_with(&format!("{key} = "))),

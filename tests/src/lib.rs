@@ -1053,10 +1053,12 @@ impl Agent {
     }
 
     /// Makes the agent reconnect quickly after a hub restart (the default
-    /// backoff ceiling is 60 s): `<state_dir>/agent.toml`.
+    /// backoff ceiling is 60 s), and run jobs unsandboxed, since most tests
+    /// watch their jobs from outside (pid files, shared counters; the
+    /// sandbox tests choose bubblewrap): `<state_dir>/agent.toml`.
     fn write_settings(&self) {
         let path = self.state_dir.join("agent.toml");
-        let line = "reconnect_max_backoff = \"2s\"\n";
+        let line = "reconnect_max_backoff = \"2s\"\nsandbox = \"none\"\n";
         let existing = fs::read_to_string(&path).unwrap_or_default();
         if existing.contains("reconnect_max_backoff") {
             return;

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::Overrides;
+use crate::config::{Overrides, SandboxMode};
 
 /// The trunkfarm volunteer agent: lends this machine to a trunkfarm CI hub.
 ///
@@ -95,6 +95,13 @@ pub(crate) struct RunArgs {
     /// [default: <state-dir>/work].
     #[arg(long, value_name = "DIR")]
     pub work_dir: Option<PathBuf>,
+    /// How jobs are confined: auto, bwrap or none (overrides `sandbox`).
+    #[arg(long, value_name = "MODE")]
+    pub sandbox: Option<SandboxMode>,
+    /// Give jobs whose project needs the network access to it (overrides
+    /// `allow_network`).
+    #[arg(long)]
+    pub allow_network: bool,
 }
 
 impl RunArgs {
@@ -116,6 +123,8 @@ impl RunArgs {
             max_job_timeout: self.max_job_timeout,
             output_cap: self.output_cap,
             work_dir: self.work_dir.clone(),
+            sandbox: self.sandbox,
+            allow_network: self.allow_network.then_some(true),
         }
     }
 }
@@ -188,6 +197,9 @@ mod tests {
             "/w",
             "--name",
             "n",
+            "--sandbox",
+            "bwrap",
+            "--allow-network",
         ])
         .unwrap();
         let Command::Run(a) = cli.command else {
@@ -204,6 +216,8 @@ mod tests {
                 max_job_timeout: Some(Duration::from_secs(7200)),
                 output_cap: Some(4 * 1024 * 1024),
                 work_dir: Some("/w".into()),
+                sandbox: Some(SandboxMode::Bwrap),
+                allow_network: Some(true),
             }
         );
     }
@@ -226,6 +240,7 @@ mod tests {
             &["run", "--max-job-timeout", "soon"][..],
             &["run", "--output-cap", "lots"],
             &["run", "--max-parallel-jobs", "-1"],
+            &["run", "--sandbox", "off"],
         ] {
             let e = parse(args).unwrap_err();
             assert_eq!(e.exit_code(), 2, "{args:?}");

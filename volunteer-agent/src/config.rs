@@ -31,6 +31,18 @@ const MIN_CACHE_BYTES: u64 = 64 * MIB;
 /// The smallest `[cache] max_unpacked_size` accepted.
 const MIN_UNPACKED_BYTES: u64 = MIB;
 
+/// The smallest `job_memory` accepted.
+const MIN_JOB_MEMORY: u64 = 64 * MIB;
+
+/// The fewest `job_processes` accepted.
+const MIN_JOB_PROCESSES: u32 = 16;
+
+/// The smallest `job_disk` accepted.
+const MIN_JOB_DISK: u64 = 16 * MIB;
+
+/// The fewest `job_open_files` accepted.
+const MIN_JOB_OPEN_FILES: u32 = 64;
+
 /// The donor's settings after defaults, path resolution and validation.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields, expecting = "a table of agent settings")]
@@ -67,9 +79,63 @@ pub(crate) struct AgentConfig {
     /// The longest wait between attempts to reach an unreachable hub.
     #[serde(deserialize_with = "de::duration")]
     pub reconnect_max_backoff: Duration,
+    /// How jobs are confined: `auto` (bubblewrap when it works here,
+    /// otherwise no job is accepted), `bwrap` (bubblewrap or the agent does
+    /// not start) or `none` (jobs run with this agent's rights).
+    pub sandbox: SandboxMode,
+    /// Whether a job whose project asks for network access (`network = true`
+    /// on the hub) gets it; without this, sandboxed jobs have no network.
+    pub allow_network: bool,
+    /// The most memory one job's processes may use together (a cgroup where
+    /// the agent can make one; otherwise each process's address space).
+    #[serde(deserialize_with = "de::byte_size")]
+    pub job_memory: u64,
+    /// The most processes (and threads) one job may have at once.
+    #[serde(deserialize_with = "de::count")]
+    pub job_processes: u32,
+    /// The most disk one job may use in its work directory and `/tmp`
+    /// together; also the largest file it may write.
+    #[serde(deserialize_with = "de::byte_size")]
+    pub job_disk: u64,
+    /// The most files one process of a job may have open.
+    #[serde(deserialize_with = "de::count")]
+    pub job_open_files: u32,
     /// `[cache]`: where downloaded runtime artifacts are kept and how much
     /// disk they may take.
     pub cache: CacheConfig,
+}
+
+/// `sandbox`: how the agent confines a job (see the README's sandbox
+/// section for what each mode protects).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(
+    rename_all = "lowercase",
+    expecting = "\"auto\", \"bwrap\" or \"none\""
+)]
+pub(crate) enum SandboxMode {
+    /// bubblewrap when it is installed and works; otherwise every job is
+    /// refused (a stranger's code never runs unconfined by accident).
+    #[default]
+    Auto,
+    /// bubblewrap; the agent does not start without a working one.
+    Bwrap,
+    /// No sandbox: chosen explicitly, warned about at every start.
+    None,
+}
+
+impl std::str::FromStr for SandboxMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim() {
+            "auto" => Ok(SandboxMode::Auto),
+            "bwrap" => Ok(SandboxMode::Bwrap),
+            "none" => Ok(SandboxMode::None),
+            other => Err(format!(
+                "{other:?} is not a sandbox mode; expected \"auto\", \"bwrap\" or \"none\""
+            )),
+        }
+    }
 }
 
 /// `[cache]`: the artifact cache. Test jobs run against a runtime (an
@@ -124,6 +190,12 @@ impl Default for AgentConfig {
             work_dir: None,
             drain_grace: Duration::from_secs(10 * 60),
             reconnect_max_backoff: Duration::from_secs(60),
+            sandbox: SandboxMode::Auto,
+            allow_network: false,
+            job_memory: 4 * GIB,
+            job_processes: 1024,
+            job_disk: 10 * GIB,
+            job_open_files: 4096,
             cache: CacheConfig::default(),
         }
     }
@@ -148,9 +220,20 @@ pub(crate) struct Overrides {
     /// Overrides `work_dir`; a relative path stays relative to the working
     /// directory.
     pub work_dir: Option<PathBuf>,
+    /// Overrides `sandbox`.
+    pub sandbox: Option<SandboxMode>,
+    /// Overrides `allow_network`.
+    pub allow_network: Option<bool>,
 }
 
 impl AgentConfig {
+    /// Where jobs' work directories go: `work_dir`, or `<state_dir>/work`.
+    pub fn work_root(&self, state_dir: &Path) -> PathBuf {
+        self.work_dir
+            .clone()
+            .unwrap_or_else(|| state_dir.join("work"))
+    }
+
     /// Reads, parses and validates the settings file. A missing file gives the
     /// defaults unless `must_exist` (the donor named the file explicitly, so
     /// its absence is a mistake to report).
@@ -226,6 +309,14 @@ impl AgentConfig {
         if let Some(v) = o.work_dir {
             next.work_dir = Some(v);
             overridden.push("work_dir");
+        }
+        if let Some(v) = o.sandbox {
+            next.sandbox = v;
+            overridden.push("sandbox");
+        }
+        if let Some(v) = o.allow_network {
+            next.allow_network = v;
+            overridden.push("allow_network");
         }
         next.check_paths()
             .and_then(|()| next.problems())
@@ -323,6 +414,44 @@ impl AgentConfig {
                 format!(
                     "{} is too short; expected at least 1s so an unreachable hub is not hammered",
                     fmt_duration(self.reconnect_max_backoff)
+                ),
+            ));
+        }
+        if self.job_memory < MIN_JOB_MEMORY {
+            return Err(Problem::new(
+                "job_memory",
+                format!(
+                    "{} is too small; expected at least {} so a shell and a test runner fit, e.g. \"4 GiB\"",
+                    fmt_bytes(self.job_memory),
+                    fmt_bytes(MIN_JOB_MEMORY)
+                ),
+            ));
+        }
+        if self.job_processes < MIN_JOB_PROCESSES {
+            return Err(Problem::new(
+                "job_processes",
+                format!(
+                    "{} is too few; expected at least {MIN_JOB_PROCESSES} (the sandbox and the job's shell count too), e.g. 1024",
+                    self.job_processes
+                ),
+            ));
+        }
+        if self.job_disk < MIN_JOB_DISK {
+            return Err(Problem::new(
+                "job_disk",
+                format!(
+                    "{} is too small; expected at least {} for a checkout and its build, e.g. \"10 GiB\"",
+                    fmt_bytes(self.job_disk),
+                    fmt_bytes(MIN_JOB_DISK)
+                ),
+            ));
+        }
+        if self.job_open_files < MIN_JOB_OPEN_FILES {
+            return Err(Problem::new(
+                "job_open_files",
+                format!(
+                    "{} is too few; expected at least {MIN_JOB_OPEN_FILES}, e.g. 4096",
+                    self.job_open_files
                 ),
             ));
         }
@@ -444,6 +573,12 @@ mod tests {
             "work_dir",
             "drain_grace",
             "reconnect_max_backoff",
+            "sandbox",
+            "allow_network",
+            "job_memory",
+            "job_processes",
+            "job_disk",
+            "job_open_files",
             "dir",
             "size",
             "max_unpacked_size",
@@ -591,7 +726,7 @@ reconnect_max_backoff = "5m"
         assert_eq!(e.line(), Some(2));
         assert_eq!(
             e.to_string(),
-            "/home/donor/.local/state/trunkfarm/agent.toml:2: unknown key `max_paralel_jobs`, expected one of `name`, `labels`, `max_parallel_jobs`, `allowed_projects`, `max_job_timeout`, `output_cap`, `work_dir`, `drain_grace`, `reconnect_max_backoff`, `cache`"
+            "/home/donor/.local/state/trunkfarm/agent.toml:2: unknown key `max_paralel_jobs`, expected one of `name`, `labels`, `max_parallel_jobs`, `allowed_projects`, `max_job_timeout`, `output_cap`, `work_dir`, `drain_grace`, `reconnect_max_backoff`, `sandbox`, `allow_network`, `job_memory`, `job_processes`, `job_disk`, `job_open_files`, `cache`"
         );
         // `source` is not a setting.
         assert!(err("source = \"x\"\n").contains("unknown key `source`"));
@@ -602,7 +737,7 @@ reconnect_max_backoff = "5m"
         // The settings are flat: a table or dotted key is named in full.
         assert_eq!(
             err("[limits]\noutput_cap = \"1 MiB\"\n"),
-            "/home/donor/.local/state/trunkfarm/agent.toml:1: unknown key `limits`, expected one of `name`, `labels`, `max_parallel_jobs`, `allowed_projects`, `max_job_timeout`, `output_cap`, `work_dir`, `drain_grace`, `reconnect_max_backoff`, `cache`"
+            "/home/donor/.local/state/trunkfarm/agent.toml:1: unknown key `limits`, expected one of `name`, `labels`, `max_parallel_jobs`, `allowed_projects`, `max_job_timeout`, `output_cap`, `work_dir`, `drain_grace`, `reconnect_max_backoff`, `sandbox`, `allow_network`, `job_memory`, `job_processes`, `job_disk`, `job_open_files`, `cache`"
         );
         assert_eq!(
             err("name = \"a\"\nlabels.gpu = true\n"),
@@ -746,8 +881,12 @@ reconnect_max_backoff = "5m"
             max_job_timeout: Some(Duration::from_secs(60)),
             output_cap: Some(8192),
             work_dir: Some("rel".into()),
+            sandbox: Some(SandboxMode::None),
+            allow_network: Some(true),
         })
         .unwrap();
+        assert_eq!(c.sandbox, SandboxMode::None);
+        assert!(c.allow_network);
         assert_eq!(c.name.as_deref(), Some("cli"));
         assert_eq!(c.labels, ["b", "c"]);
         assert_eq!(c.max_parallel_jobs, 3);
@@ -810,5 +949,55 @@ reconnect_max_backoff = "5m"
             e.to_string(),
             "/home/donor/.local/state/trunkfarm/agent.toml: invalid `labels`: \"x y\" is not a valid label; expected letters, digits, '.', '_' and '-' only, e.g. \"gpu\" or \"linux-x86_64\""
         );
+    }
+
+    #[test]
+    fn sandbox_and_job_limits() {
+        let c = AgentConfig::default();
+        assert_eq!(c.sandbox, SandboxMode::Auto);
+        assert!(!c.allow_network);
+        assert_eq!(c.job_memory, 4 << 30);
+        assert_eq!(c.job_processes, 1024);
+        assert_eq!(c.job_disk, 10 << 30);
+        assert_eq!(c.job_open_files, 4096);
+        let c = parse(
+            "sandbox = \"bwrap\"\nallow_network = true\njob_memory = \"512 MiB\"\njob_processes = 64\njob_disk = \"1 GiB\"\njob_open_files = 256\n",
+        )
+        .unwrap();
+        assert_eq!(c.sandbox, SandboxMode::Bwrap);
+        assert!(c.allow_network);
+        assert_eq!(c.job_memory, 512 << 20);
+        assert_eq!(c.job_processes, 64);
+        assert_eq!(c.job_disk, 1 << 30);
+        assert_eq!(c.job_open_files, 256);
+        assert_eq!(
+            parse("sandbox = \"none\"\n").unwrap().sandbox,
+            SandboxMode::None
+        );
+        assert_eq!(
+            err("sandbox = \"bubblewrap\"\n"),
+            "/home/donor/.local/state/trunkfarm/agent.toml:1: invalid value for `sandbox`: unknown variant `bubblewrap`, expected one of `auto`, `bwrap`, `none`"
+        );
+        assert_eq!(
+            err("sandbox = false\n"),
+            "/home/donor/.local/state/trunkfarm/agent.toml:1: invalid value for `sandbox`: wanted string or table"
+        );
+        assert_eq!(
+            err("job_memory = \"1 MiB\"\n"),
+            "/home/donor/.local/state/trunkfarm/agent.toml:1: invalid `job_memory`: 1.0 MiB is too small; expected at least 64.0 MiB so a shell and a test runner fit, e.g. \"4 GiB\""
+        );
+        assert_eq!(
+            err("job_processes = 2\n"),
+            "/home/donor/.local/state/trunkfarm/agent.toml:1: invalid `job_processes`: 2 is too few; expected at least 16 (the sandbox and the job's shell count too), e.g. 1024"
+        );
+        assert!(err("job_disk = 1000\n").contains("invalid `job_disk`: 1000 B is too small"));
+        assert!(err("job_open_files = 3\n").contains("invalid `job_open_files`: 3 is too few"));
+        assert_eq!("none".parse::<SandboxMode>(), Ok(SandboxMode::None));
+        assert_eq!(
+            "off".parse::<SandboxMode>().unwrap_err(),
+            "\"off\" is not a sandbox mode; expected \"auto\", \"bwrap\" or \"none\""
+        );
+        assert_eq!(" bwrap".parse::<SandboxMode>(), Ok(SandboxMode::Bwrap));
+        assert_eq!("auto".parse::<SandboxMode>(), Ok(SandboxMode::Auto));
     }
 }

@@ -7,7 +7,10 @@
 //! timeout, on cancel, and after the command itself exits (a stray
 //! `sleep 1000 &` must not outlive the job on a volunteer's machine). Output
 //! goes through an [`OutputCap`] so a chatty job cannot exhaust the donor's
-//! memory or bandwidth. Whatever happens, the work directory is removed
+//! memory or bandwidth. Each command runs confined by the agent's
+//! [`Sandbox`] (bubblewrap and job limits; see `sandbox.rs`), and what of the
+//! job still runs after its last command is killed with its cgroup. Whatever
+//! happens, the work directory is removed
 //! afterwards and the result comes back as an [`ExecOutcome`] value: nothing
 //! here panics or returns early on a job's input.
 //!
@@ -47,6 +50,7 @@ use crate::fsutil::{remove_tree, remove_tree_async};
 use crate::output::{MAX_CHUNK, OutputCap};
 use crate::pack;
 use crate::reports;
+use crate::sandbox::{Confinement, Sandbox};
 use crate::transfer::ArtifactHub;
 use crate::unpack::{self, UnpackLimits, UnpackStats};
 
@@ -88,7 +92,8 @@ const PACK_DIR: &str = ".trunkfarm-pack";
 /// `PATH` for a job's commands when neither the job nor the agent has one.
 const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
 
-/// What jobs need beyond their spec to use and publish runtime artifacts.
+/// What jobs need beyond their spec: the runtime artifacts they use and
+/// publish, and the sandbox their commands run in.
 #[derive(Clone)]
 pub(crate) struct Artifacts {
     /// Downloaded runtimes.
@@ -97,6 +102,8 @@ pub(crate) struct Artifacts {
     pub hub: Arc<dyn ArtifactHub>,
     /// The most one runtime may take unpacked (`[cache] max_unpacked_size`).
     pub max_unpacked_bytes: u64,
+    /// How commands are confined and limited.
+    pub sandbox: Arc<Sandbox>,
 }
 
 impl std::fmt::Debug for Artifacts {
@@ -104,6 +111,7 @@ impl std::fmt::Debug for Artifacts {
         f.debug_struct("Artifacts")
             .field("cache", &self.cache.dir())
             .field("max_unpacked_bytes", &self.max_unpacked_bytes)
+            .field("sandbox", &self.sandbox.name())
             .finish_non_exhaustive()
     }
 }
@@ -264,6 +272,7 @@ impl Finish {
                 format!("timed out after {}", humantime::format_duration(timeout)),
             ),
             Stop::Cancelled => (Outcome::Cancelled, "cancelled".to_owned()),
+            Stop::Disk { used, limit } => (Outcome::Failed, disk_detail(used, limit)),
         };
         Finish {
             outcome,
@@ -280,6 +289,23 @@ enum Stop {
     TimedOut,
     /// The cancel token fired.
     Cancelled,
+    /// The job's directories took more disk than `job_disk` allows.
+    Disk {
+        /// Bytes they took.
+        used: u64,
+        /// `job_disk`.
+        limit: u64,
+    },
+}
+
+/// The detail of a job stopped for its disk use.
+fn disk_detail(used: u64, limit: u64) -> String {
+    format!(
+        "the job used {} of disk in its work directory and /tmp, more than this donor's \
+         job_disk = {}",
+        fmt_bytes(used),
+        fmt_bytes(limit)
+    )
 }
 
 /// How one process (a git step or a command) ended.
@@ -404,7 +430,7 @@ impl Run {
         }
 
         let finish = self
-            .run_commands(job, spec, workdir, &command_dir, &env)
+            .run_commands(job, spec, workdir, &command_dir, &env, &artifacts.sandbox)
             .await;
         if matches!(finish.outcome, Outcome::Passed | Outcome::Failed)
             && !spec.report_paths.is_empty()
@@ -425,8 +451,10 @@ impl Run {
         }
     }
 
-    /// Runs the job's commands, one after another, stopping at the first
-    /// that fails; `env` is added to each command's environment last.
+    /// Runs the job's commands in its sandbox (see [`Sandbox::confine`]),
+    /// one after another, stopping at the first that fails; `env` is added
+    /// to each command's environment last. Whatever of the job still runs
+    /// afterwards is killed.
     async fn run_commands(
         &mut self,
         job: &JobRef,
@@ -434,6 +462,51 @@ impl Run {
         workdir: &Path,
         command_dir: &Path,
         env: &[(&str, std::ffi::OsString)],
+        sandbox: &Sandbox,
+    ) -> Finish {
+        // The runtime the agent unpacked is not the job's to change.
+        let read_only = if spec.artifact_sha256.is_empty() {
+            Vec::new()
+        } else {
+            vec![workdir.join(RUNTIME_DIR)]
+        };
+        let name = format!("job-{}-{}", job.job_id, job.attempt);
+        let mut confinement = match sandbox.confine(&name, workdir, read_only) {
+            Ok(confinement) => confinement,
+            Err(detail) => return Finish::error(detail),
+        };
+        if confinement.sandboxed() {
+            let limits = confinement.limits();
+            let network = match (spec.network, confinement.network_allowed()) {
+                (true, true) => "network",
+                (true, false) => {
+                    "no network (the job asks for it; this donor does not allow it: allow_network)"
+                }
+                (false, _) => "no network",
+            };
+            self.sink.system(&format!(
+                "[trunkfarm: sandbox: bubblewrap, {network}, memory {}, {} processes, {} of disk]\n",
+                fmt_bytes(limits.memory),
+                limits.processes,
+                fmt_bytes(limits.disk)
+            ));
+        }
+        let finish = self
+            .run_confined(job, spec, workdir, command_dir, env, &mut confinement)
+            .await;
+        confinement.close().await;
+        finish
+    }
+
+    /// [`Run::run_commands`] once the job is confined.
+    async fn run_confined(
+        &mut self,
+        job: &JobRef,
+        spec: &JobSpec,
+        workdir: &Path,
+        command_dir: &Path,
+        env: &[(&str, std::ffi::OsString)],
+        confinement: &mut Confinement<'_>,
     ) -> Finish {
         let total = spec.commands.len();
         let mut last_code = None;
@@ -443,10 +516,20 @@ impl Run {
                 return Finish::stopped(stop, self.timeout);
             }
             self.sink.system(&format!("$ {command}\n"));
-            let mut cmd = Command::new(SHELL);
-            cmd.arg("-c")
-                .arg(command)
-                .current_dir(command_dir)
+            let cannot_start = |e: io::Error| {
+                format!("cannot start command {number} of {total} with {SHELL}: {e}")
+            };
+            let mut launch = match confinement.command(
+                SHELL,
+                &[OsStr::new("-c"), OsStr::new(command)],
+                command_dir,
+                spec.network,
+            ) {
+                Ok(launch) => launch,
+                Err(e) => return Finish::error(cannot_start(e)),
+            };
+            launch
+                .cmd
                 .env("GIT_TERMINAL_PROMPT", "0")
                 .envs(&spec.env)
                 .env("TRUNKFARM_JOB_ID", job.job_id.to_string())
@@ -455,18 +538,36 @@ impl Run {
                 .envs(env.iter().map(|(k, v)| (*k, v)));
             self.first_command_ms.get_or_insert_with(unix_ms);
             let end = match self
-                .run_process(cmd, LogStream::Stdout, LogStream::Stderr)
+                .run_process(
+                    launch.cmd,
+                    LogStream::Stdout,
+                    LogStream::Stderr,
+                    Some(&*confinement),
+                )
                 .await
             {
                 Ok(end) => end,
-                Err(e) => {
-                    return Finish::error(format!(
-                        "cannot start command {number} of {total} with {SHELL}: {e}"
-                    ));
-                }
+                Err(e) => return Finish::error(cannot_start(e)),
             };
+            let notes = confinement.limit_notes();
+            for note in &notes {
+                self.sink.system(&format!("[trunkfarm: {note}]\n"));
+            }
             if let Some(stop) = end.stop {
                 return Finish::stopped(stop, self.timeout);
+            }
+            if !launch.probe.sandbox_started() {
+                return Finish::error(format!(
+                    "the sandbox could not start command {number} of {total}: {}",
+                    String::from_utf8_lossy(&end.stderr_tail).trim()
+                ));
+            }
+            let limit = confinement.limits().disk;
+            if limit != u64::MAX {
+                let used = confinement.disk_used().await;
+                if used > limit {
+                    return Finish::failed(None, disk_detail(used, limit));
+                }
             }
             let status = match end.status {
                 Some(Ok(status)) => status,
@@ -481,10 +582,18 @@ impl Run {
                     ));
                 }
             };
+            // A failure at a limit says so (the kernel's SIGKILL alone does not).
+            let failed = |code: Option<i32>, detail: String| {
+                if notes.is_empty() {
+                    Finish::failed(code, detail)
+                } else {
+                    Finish::failed(code, format!("{detail}: {}", notes.join("; ")))
+                }
+            };
             match (status.code(), status.signal()) {
                 (Some(0), _) => last_code = Some(0),
                 (Some(127), _) => {
-                    return Finish::failed(
+                    return failed(
                         Some(127),
                         format!("command not found (exit 127): {}", short(command)),
                     );
@@ -495,14 +604,14 @@ impl Run {
                         .and_then(signal_name)
                         .map(|name| format!(" (the shell's way of saying killed by {name})"))
                         .unwrap_or_default();
-                    return Finish::failed(
+                    return failed(
                         Some(code),
                         format!("command {number} of {total} exited with status {code}{hint}"),
                     );
                 }
                 (None, Some(signal)) => {
                     let name = signal_name(signal).unwrap_or("an unknown signal");
-                    return Finish::failed(
+                    return failed(
                         None,
                         format!(
                             "command {number} of {total} was killed by signal {signal} ({name})"
@@ -510,7 +619,7 @@ impl Run {
                     );
                 }
                 (None, None) => {
-                    return Finish::failed(
+                    return failed(
                         None,
                         format!("command {number} of {total} ended with {status}"),
                     );
@@ -836,7 +945,7 @@ impl Run {
             cmd.env("GIT_SSH_COMMAND", "ssh -o BatchMode=yes");
         }
         match self
-            .run_process(cmd, LogStream::System, LogStream::System)
+            .run_process(cmd, LogStream::System, LogStream::System, None)
             .await
         {
             Ok(end) => match end.stop {
@@ -856,6 +965,7 @@ impl Run {
         mut cmd: Command,
         out_stream: LogStream,
         err_stream: LogStream,
+        confinement: Option<&Confinement<'_>>,
     ) -> io::Result<ProcEnd> {
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -879,6 +989,13 @@ impl Run {
         tokio::pin!(cancelled);
         let timed_out = sleep_until(self.deadline);
         tokio::pin!(timed_out);
+        let disk_full = async {
+            match confinement {
+                Some(c) => (c.disk_exceeded().await, c.limits().disk),
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(disk_full);
 
         loop {
             let leader_done = status.is_some();
@@ -899,6 +1016,11 @@ impl Run {
                 () = &mut timed_out, if running => {
                     group.kill();
                     stop = Some(Stop::TimedOut);
+                    give_up = Some(Instant::now() + KILL_GRACE);
+                }
+                (used, limit) = &mut disk_full, if running => {
+                    group.kill();
+                    stop = Some(Stop::Disk { used, limit });
                     give_up = Some(Instant::now() + KILL_GRACE);
                 }
                 () = sleep_until(give_up), if give_up.is_some() => {
@@ -1399,6 +1521,7 @@ mod tests {
             cache: ArtifactCache::open(dir.join("cache"), 1 << 30).unwrap(),
             hub,
             max_unpacked_bytes: 1 << 30,
+            sandbox: Arc::new(Sandbox::unconfined()),
         }
     }
 

@@ -41,6 +41,8 @@ pub(crate) struct JobPolicy {
     pub output_cap: u64,
     /// Where jobs' work directories go.
     pub work_root: PathBuf,
+    /// Set when every job is refused (no working sandbox): the detail.
+    pub refuse_all: Option<&'static str>,
 }
 
 impl JobPolicy {
@@ -52,10 +54,8 @@ impl JobPolicy {
             allowed_projects: config.allowed_projects.clone(),
             max_job_timeout: config.max_job_timeout,
             output_cap: config.output_cap,
-            work_root: config
-                .work_dir
-                .clone()
-                .unwrap_or_else(|| state_dir.join("work")),
+            work_root: config.work_root(state_dir),
+            refuse_all: None,
         }
     }
 
@@ -71,6 +71,9 @@ impl JobPolicy {
     ) -> Result<(JobLimits, bool), String> {
         if draining {
             return Err("agent is draining".to_owned());
+        }
+        if let Some(why) = self.refuse_all {
+            return Err(why.to_owned());
         }
         if !spec.project.is_empty()
             && !self.allowed_projects.is_empty()
@@ -457,6 +460,7 @@ mod tests {
             cache: ArtifactCache::open(dir.join("cache"), 1 << 30).unwrap(),
             hub: Arc::new(FakeHub::default()),
             max_unpacked_bytes: 1 << 30,
+            sandbox: Arc::new(crate::sandbox::Sandbox::unconfined()),
         }
     }
 
@@ -472,6 +476,7 @@ mod tests {
             max_job_timeout: None,
             output_cap: 8192,
             work_root: PathBuf::from("/w"),
+            refuse_all: None,
         }
     }
 
@@ -516,6 +521,15 @@ mod tests {
             p.admit(&spec("", 30), 2, false).unwrap_err(),
             "agent has no free slot"
         );
+
+        // Without a sandbox every job is refused, saying what to do.
+        let p = JobPolicy {
+            refuse_all: Some(crate::sandbox::NO_SANDBOX_REFUSAL),
+            ..policy()
+        };
+        let refused = p.admit(&spec("", 30), 0, false).unwrap_err();
+        assert!(refused.contains("apt install bubblewrap"), "{refused}");
+        assert!(refused.contains("sandbox = \"none\""), "{refused}");
 
         let p = JobPolicy {
             allowed_projects: vec!["cpython".into()],

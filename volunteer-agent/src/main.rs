@@ -22,6 +22,7 @@ mod output;
 mod pack;
 mod reports;
 mod results;
+mod sandbox;
 mod session;
 mod state;
 mod sysinfo;
@@ -45,7 +46,8 @@ use crate::session::Ending;
 /// A failure that is not the volunteer's input (the hub unreachable at
 /// enrollment, an I/O error).
 const EXIT_FAILURE: u8 = 1;
-/// A usage, settings or "not enrolled" error: fix the command or the file.
+/// A usage, settings or "not enrolled" error (or `sandbox = "bwrap"` without
+/// a working bubblewrap): fix the command or the file.
 const EXIT_USAGE: u8 = 2;
 /// The hub refused the credential (revoked or unknown): enroll again.
 const EXIT_REFUSED: u8 = 3;
@@ -150,7 +152,18 @@ async fn run_command(args: RunArgs) -> u8 {
         eprintln!("error: {e}");
         return EXIT_USAGE;
     }
-    match session::run(dir, credential, config).await {
+    let cache_dir = config.cache.dir_or_default(&dir);
+    let work_root = config.work_root(&dir);
+    let mut private = vec![dir.as_path(), cache_dir.as_path(), work_root.as_path()];
+    private.extend(config.source.as_deref());
+    let sandbox = match sandbox::Sandbox::open(&config, &private).await {
+        Ok(sandbox) => sandbox,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    match session::run(dir, credential, config, sandbox).await {
         Ok(Ending::Drained) => 0,
         Ok(Ending::Refused(message)) => {
             eprintln!("error: the hub refused this agent: {message}");

@@ -47,6 +47,7 @@ use crate::executor::Artifacts;
 use crate::jobs::{self, JobPolicy, JobWake, Jobs};
 use crate::outbox::{Outbox, kept_log_bound};
 use crate::results::{JobKey, ResultStore, key};
+use crate::sandbox::Sandbox;
 use crate::sysinfo::{self, Machine};
 use crate::transfer::GrpcHub;
 
@@ -93,6 +94,7 @@ pub(crate) async fn run(
     state_dir: PathBuf,
     credential: Credential,
     config: AgentConfig,
+    sandbox: Sandbox,
 ) -> anyhow::Result<Ending> {
     let mut results = ResultStore::open(state_dir.join("results")).with_context(|| {
         format!(
@@ -100,9 +102,11 @@ pub(crate) async fn run(
             state_dir.join("results").display()
         )
     })?;
-    let policy = JobPolicy::from_config(&config, &state_dir);
+    let mut policy = JobPolicy::from_config(&config, &state_dir);
+    policy.refuse_all = sandbox.refusal();
     let fallback_name = credential.name.clone().or_else(crate::enroll::hostname);
-    let caps = capabilities(&config, fallback_name.as_deref(), &sysinfo::detect());
+    let mut caps = capabilities(&config, fallback_name.as_deref(), &sysinfo::detect());
+    caps.sandbox = sandbox.name().to_owned();
     let bearer = credential.bearer()?;
     let cache_dir = config.cache.dir_or_default(&state_dir);
     let cache = ArtifactCache::open(cache_dir.clone(), config.cache.size).with_context(|| {
@@ -120,6 +124,7 @@ pub(crate) async fn run(
             bearer.clone(),
         )),
         max_unpacked_bytes: config.cache.max_unpacked_size,
+        sandbox: Arc::new(sandbox),
     };
     let signals = Signals::new().context("cannot install the signal handlers")?;
     if !results.is_empty() {
@@ -134,6 +139,7 @@ pub(crate) async fn run(
         name = %caps.name,
         labels = ?caps.labels,
         max_parallel_jobs = caps.max_parallel_jobs,
+        sandbox = %caps.sandbox,
         work_dir = %policy.work_root.display(),
         cache_dir = %artifacts.cache.dir().display(),
         cache_size = %fmt_bytes(config.cache.size),
@@ -213,6 +219,8 @@ pub(crate) fn capabilities(
             .max_job_timeout
             .map_or(0, |d| d.as_secs() + u64::from(d.subsec_nanos() > 0)),
         output_cap_bytes: config.output_cap,
+        // Set by `run` once the sandbox is known.
+        sandbox: String::new(),
     }
 }
 
@@ -1078,6 +1086,7 @@ mod tests {
                 allowed_projects: vec!["cpython".into()],
                 max_job_timeout_secs: 5401,
                 output_cap_bytes: 8192,
+                sandbox: String::new(),
             }
         );
         let named = AgentConfig {

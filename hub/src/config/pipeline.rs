@@ -93,6 +93,10 @@ pub(crate) struct ProjectConfig {
     /// Extra environment for the test commands.
     #[serde(default)]
     pub(crate) env: BTreeMap<String, String>,
+    /// The tests need the network; sandboxed agents give it only where the
+    /// donor allows it (`allow_network`), so leave it off unless needed.
+    #[serde(default)]
+    pub(crate) network: bool,
 }
 
 /// `[artifacts]`: the runtime artifacts the hub stores.

@@ -988,6 +988,32 @@ pub(crate) mod tests {
     }
 
     #[tokio::test]
+    async fn an_agent_without_a_sandbox_gets_no_job() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_s, d) = open(dir.path(), 5000);
+        let id = d.submit(spec(&[]), 0).await.unwrap();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let hello = Hello {
+            caps: Capabilities {
+                max_parallel_jobs: 1,
+                sandbox: "unavailable".into(),
+                ..Default::default()
+            },
+            labels: HashSet::new(),
+            trusted: true,
+            max_parallel: 1,
+            draining: false,
+            agent_version: "test".into(),
+            remote: "local".into(),
+            tx,
+        };
+        d.connect("bare", &[], hello).await.unwrap();
+        assert!(assignments(&mut rx).is_empty(), "it would only refuse it");
+        let mut sandboxed = agent(&d, "boxed", 1, &[], &[]).await;
+        assert_eq!(assignments(&mut sandboxed)[0].job_id, id);
+    }
+
+    #[tokio::test]
     async fn a_build_counts_only_with_the_artifact_its_attempt_uploaded() {
         let dir = tempfile::tempdir().unwrap();
         let (_s, d) = open(dir.path(), 5000);

@@ -52,6 +52,10 @@ pub(crate) struct JobSpecRecord {
     /// of jobs anyone may take keep the bytes older hubs wrote.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub(crate) trusted_only: bool,
+    /// The job needs the network. Left out of the JSON when false, so the
+    /// records of jobs without it read and write as before.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub(crate) network: bool,
 }
 
 /// One report file a job produced, capped by the agent (`v1::ReportFile`).
@@ -146,6 +150,7 @@ both_ways!(
         upload_prefix,
         report_paths,
         trusted_only,
+        network,
     }
 );
 both_ways!(
@@ -172,3 +177,26 @@ both_ways!(
         reports as vec,
     }
 );
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn network_is_stored_only_when_asked_and_older_specs_read_without_it() {
+        let old = r#"{"commands":["true"],"env":{},"labels":[],"project":"p","repository":null,"timeout_secs":60,"artifact_sha256":"","upload_prefix":"","report_paths":[]}"#;
+        let rec: JobSpecRecord = serde_json::from_str(old).unwrap();
+        assert!(!rec.network);
+        // A job without the network writes the same bytes as before.
+        assert_eq!(serde_json::to_string(&rec).unwrap(), old);
+        let wire = v1::JobSpec {
+            network: true,
+            ..v1::JobSpec::from(rec)
+        };
+        let rec = JobSpecRecord::from(wire);
+        let text = serde_json::to_string(&rec).unwrap();
+        assert!(text.ends_with(r#","network":true}"#), "{text}");
+        let back: JobSpecRecord = serde_json::from_str(&text).unwrap();
+        assert!(v1::JobSpec::from(back).network);
+    }
+}

@@ -69,6 +69,10 @@ impl Outbox {
     }
 }
 
+/// What an agent reports as its sandbox when it has none it may run jobs
+/// under (`sandbox = "auto"` without bubblewrap).
+const SANDBOX_UNAVAILABLE: &str = "unavailable";
+
 /// A connected agent, as the dispatcher sees it.
 struct Conn {
     session: u64,
@@ -92,7 +96,9 @@ impl Conn {
     }
 
     fn accepts(&self, spec: &JobSpecRecord) -> bool {
-        (self.trusted || !spec.trusted_only)
+        // An agent without a sandbox it trusts refuses every job: give it none.
+        self.caps.sandbox != SANDBOX_UNAVAILABLE
+            && (self.trusted || !spec.trusted_only)
             && spec.labels.iter().all(|l| self.labels.contains(l))
             && (spec.project.is_empty()
                 || self.caps.allowed_projects.is_empty()

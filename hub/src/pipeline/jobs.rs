@@ -163,6 +163,7 @@ fn build_spec(u: &UpstreamConfig, platform: &str, commit: &str) -> JobSpec {
         // What a runtime is may not rest on a volunteer's word: its
         // artifact runs inside every test job on every donor's machine.
         trusted_only: true,
+        network: false,
     }
 }
 
@@ -200,5 +201,6 @@ fn test_spec(
         upload_prefix: String::new(),
         report_paths: p.junit.clone(),
         trusted_only: false,
+        network: p.network,
     }
 }

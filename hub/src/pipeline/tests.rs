@@ -164,6 +164,7 @@ platforms = ["linux"]
 test = ["make test"]
 junit = ["junit.xml"]
 maintainers = ["shouter-dev@example.org"]
+network = true
 "#;
 
 /// A hub's pipeline without its tasks or server, and one agent session.
@@ -432,6 +433,7 @@ async fn a_new_upstream_commit_is_built_once_on_each_platform() {
                 assert!(rec.spec.labels.contains(platform));
                 assert_eq!(rec.spec.repository.as_ref().unwrap().rev, *commit);
                 assert_eq!(rec.spec.upload_prefix, "prefix");
+                assert!(!rec.spec.network, "builds never ask for the network");
                 (platform.clone(), commit.clone())
             }
             JobKey::Test { .. } => panic!("no runtime yet: no tests"),
@@ -510,6 +512,8 @@ async fn a_passed_build_fans_test_jobs_out_to_subscribed_projects() {
                 ""
             };
             assert_eq!(project_commit, want);
+            // Only the project that says it needs the network asks for it.
+            assert_eq!(rec.spec.network, project == "shouter", "{project}");
         }
     }
     let mac = f.results.latest_build("rt", "mac").unwrap().unwrap();
