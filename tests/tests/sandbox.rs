@@ -345,10 +345,11 @@ fn without_bubblewrap_auto_refuses_jobs_and_says_how_to_fix_it() {
     let _proc = Proc::spawn("agent sb-nobwrap", cmd, &agent.dir.path().join("agent"));
     hub.wait_agents_connected(1);
     let id = hub.submit(&["--", "echo should-not-run"]);
-    let j = hub.wait_job_finished(id, Duration::from_secs(30));
-    assert_eq!(s(&j, "outcome"), "error", "{j:#}");
-    assert!(s(&j, "detail").contains("apt install bubblewrap"), "{j:#}");
-    assert!(!hub.job_log(id).contains("should-not-run\n"));
+    // It reports no usable sandbox, so the hub gives it nothing to refuse:
+    // the job waits for an agent that can run it.
+    std::thread::sleep(Duration::from_secs(3));
+    let j = hub.cli_json(&["job", "show", &id.to_string(), "--json"]);
+    assert_eq!(s(&j, "state"), "queued", "{j:#}");
     let logs = agent.logs();
     assert!(
         logs.contains("no sandbox: bubblewrap (`bwrap`) is not installed"),
