@@ -168,6 +168,7 @@ fn valid_config() -> impl Strategy<Value = (Vec<Section>, Expected)> {
                         ("default_job_timeout", quoted(&format!("{default_min}m"))),
                         ("max_job_timeout", quoted(&format!("{max_h}h"))),
                         ("drain_grace", quoted(&format!("{grace}s"))),
+                        ("timeout_grace", quoted(&format!("{}s", grace + 1))),
                     ],
                 ),
                 attempts,
@@ -196,6 +197,7 @@ fn valid_config() -> impl Strategy<Value = (Vec<Section>, Expected)> {
                     vec![
                         ("default_token_ttl", quoted(&format!("{ttl_h}h"))),
                         ("max_token_ttl", quoted(&format!("{max_d}d"))),
+                        ("default_max_parallel_jobs", keep.to_string()),
                     ],
                 ),
                 Section::new(
@@ -249,9 +251,56 @@ fn valid_config() -> impl Strategy<Value = (Vec<Section>, Expected)> {
                         ("link_ttl", quoted("180d")),
                     ],
                 ),
-                Section::new("web", false, vec![("listen", quoted("127.0.0.1:7480"))]),
+                Section::new(
+                    "web",
+                    false,
+                    vec![
+                        ("listen", quoted("127.0.0.1:7480")),
+                        ("header_read_timeout", quoted("10s")),
+                        ("request_timeout", quoted("30s")),
+                        ("max_connections", "128".to_owned()),
+                    ],
+                ),
             ]
         });
+    // Every rule of `[network]` holds: the handshake fits in the time to
+    // authenticate, enough streams, a pre-auth cap between 1 KiB and 4 MiB
+    // (the smallest `limits.max_message_size` drawn above).
+    let network = (
+        prop_oneof![
+            Just("\"auto\"".to_owned()),
+            (1u32..100_000).prop_map(|n| n.to_string())
+        ],
+        1u64..60,
+        0u64..600,
+        8u32..1000,
+        1u64..=4096,
+        1u32..100,
+        1u64..120,
+    )
+        .prop_map(
+            |(conns, handshake, extra, streams, kib, failures, window)| {
+                Section::new(
+                    "network",
+                    false,
+                    vec![
+                        ("max_connections", conns),
+                        ("tls_handshake_timeout", quoted(&format!("{handshake}s"))),
+                        (
+                            "unauthenticated_timeout",
+                            quoted(&format!("{}s", handshake + extra)),
+                        ),
+                        ("max_concurrent_streams", streams.to_string()),
+                        (
+                            "max_unauthenticated_message_size",
+                            quoted(&format!("{kib} KiB")),
+                        ),
+                        ("enroll_failures", failures.to_string()),
+                        ("enroll_failure_window", quoted(&format!("{window}m"))),
+                    ],
+                )
+            },
+        );
     let pipeline = (1usize..=3, 0usize..=3).prop_map(|(ups, projects)| {
         let mut out = Vec::new();
         for i in 0..ups {
@@ -330,34 +379,38 @@ fn valid_config() -> impl Strategy<Value = (Vec<Section>, Expected)> {
         let n = kinds.len();
         (out, n)
     });
-    (hub, tls, dispatch, limits, rest, mail, pipeline, pools).prop_map(
-        |(
-            hub,
-            tls,
-            (dispatch, max_attempts),
-            (limits, max_log_size),
-            rest,
-            mail,
-            pipeline,
-            pools,
-        )| {
-            let (pipeline, upstreams, projects) = pipeline;
-            let (pools, npools) = pools;
-            let mut sections = vec![hub, tls, dispatch, limits];
-            sections.extend(rest);
-            sections.extend(mail);
-            sections.extend(pipeline);
-            sections.extend(pools);
-            let expected = Expected {
-                max_attempts,
-                upstreams,
-                projects,
-                pools: npools,
-                max_log_size,
-            };
-            (sections, expected)
-        },
+    (
+        hub, tls, dispatch, limits, rest, mail, network, pipeline, pools,
     )
+        .prop_map(
+            |(
+                hub,
+                tls,
+                (dispatch, max_attempts),
+                (limits, max_log_size),
+                rest,
+                mail,
+                network,
+                pipeline,
+                pools,
+            )| {
+                let (pipeline, upstreams, projects) = pipeline;
+                let (pools, npools) = pools;
+                let mut sections = vec![hub, tls, dispatch, limits, network];
+                sections.extend(rest);
+                sections.extend(mail);
+                sections.extend(pipeline);
+                sections.extend(pools);
+                let expected = Expected {
+                    max_attempts,
+                    upstreams,
+                    projects,
+                    pools: npools,
+                    max_log_size,
+                };
+                (sections, expected)
+            },
+        )
 }
 
 /// A TOML value of any type, for a key that expects another: numbers at the
