@@ -29,6 +29,11 @@ struct Farm {
 
 impl Farm {
     fn start(name: &str) -> Farm {
+        Farm::start_with(name, "")
+    }
+
+    /// A farm whose donor adds `extra` to the agent's `agent.toml`.
+    fn start_with(name: &str, extra: &str) -> Farm {
         assert!(
             Path::new("/usr/bin/bwrap").exists() || which("bwrap"),
             "these tests need bubblewrap: `apt install bubblewrap` (.ci/run installs it)"
@@ -37,8 +42,10 @@ impl Farm {
         let agent = Agent::enroll(&hub, name, &[]);
         std::fs::write(
             agent.state_dir.join("agent.toml"),
-            "reconnect_max_backoff = \"2s\"\nsandbox = \"bwrap\"\nmax_parallel_jobs = 2\n\
-             job_memory = \"256 MiB\"\njob_processes = 64\njob_disk = \"64 MiB\"\n",
+            format!(
+                "reconnect_max_backoff = \"2s\"\nsandbox = \"bwrap\"\nmax_parallel_jobs = 2\n\
+             job_memory = \"256 MiB\"\njob_processes = 64\njob_disk = \"64 MiB\"\n{extra}"
+            ),
         )
         .unwrap();
         let home = temp_dir("trunkfarm-e2e-donor-home-");
@@ -355,4 +362,35 @@ fn without_bubblewrap_auto_refuses_jobs_and_says_how_to_fix_it() {
         logs.contains("no sandbox: bubblewrap (`bwrap`) is not installed"),
         "{logs}"
     );
+}
+
+#[test]
+fn a_job_gets_the_network_only_when_it_asks_and_the_donor_allows() {
+    let farm = Farm::start_with("sb-network", "allow_network = true\n");
+    // A service on this machine the job may reach only with the network.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            drop(conn);
+        }
+    });
+    let connect = format!(
+        "python3 -c 'import socket; socket.create_connection((\"127.0.0.1\", {port}), 3); print(\"REACHED-\" + \"SERVICE\")' 2>&1 | tail -1"
+    );
+    // Submitted with the CLI, as an operator would: `--network` asks for it.
+    let with = farm
+        .hub
+        .cli_ok(&["job", "submit", "--network", "--", &connect]);
+    let without = farm.hub.cli_ok(&["job", "submit", "--", &connect]);
+    let (j, log) = farm.finished(with.trim().parse().unwrap());
+    assert_eq!(s(&j, "outcome"), "passed", "{j:#}\n{log}");
+    assert!(
+        log.contains("[trunkfarm: sandbox: bubblewrap, network,"),
+        "{log}"
+    );
+    assert!(log.contains("REACHED-SERVICE"), "asked and allowed:\n{log}");
+    let (_, log) = farm.finished(without.trim().parse().unwrap());
+    assert_sandboxed(&log);
+    assert!(!log.contains("REACHED-SERVICE"), "not asked for:\n{log}");
 }

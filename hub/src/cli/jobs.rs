@@ -96,6 +96,10 @@ pub(super) struct JobArgs {
     /// Only a trusted agent may run it (see `token create --trusted`).
     #[arg(long)]
     trusted_only: bool,
+    /// Let the job reach the network (it gets one only on agents whose donor
+    /// allows it, `allow_network = true`; otherwise it has none).
+    #[arg(long)]
+    network: bool,
     /// Submitting again with the same key returns the first job instead of
     /// queuing another (for scripts that retry a submit whose answer they
     /// did not get).
@@ -139,6 +143,7 @@ impl JobArgs {
                 }),
                 timeout_secs: self.timeout.map(|t| t.as_secs().max(1)).unwrap_or(0),
                 trusted_only: self.trusted_only,
+                network: self.network,
                 ..Default::default()
             }),
             max_attempts: self.max_attempts.unwrap_or(0),
