@@ -132,14 +132,21 @@ fn check_reachable(path: &Path, user: &AgentUser, what: &str) -> Result<(), Stri
 }
 
 /// Creates `dir` (mode 0700) for `user`'s agent, or makes an existing one
-/// so; the directories above it that are missing are created 0711 (passable,
-/// not listable).
+/// so; the directories above it that are missing are created 0711
+/// (passable, not listable), whatever the hub's umask.
 fn create_agent_dir(dir: &Path, user: Option<&AgentUser>) -> std::io::Result<()> {
-    if let Some(parent) = dir.parent() {
-        DirBuilder::new()
-            .recursive(true)
-            .mode(0o711)
-            .create(parent)?;
+    use std::os::unix::fs::PermissionsExt as _;
+    let missing: Vec<&Path> = dir
+        .ancestors()
+        .skip(1)
+        .take_while(|p| !p.as_os_str().is_empty() && !p.exists())
+        .collect();
+    for parent in missing.into_iter().rev() {
+        match DirBuilder::new().mode(0o711).create(parent) {
+            Ok(()) => std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o711))?,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
     }
     match DirBuilder::new().mode(0o700).create(dir) {
         Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(e),
@@ -148,7 +155,7 @@ fn create_agent_dir(dir: &Path, user: Option<&AgentUser>) -> std::io::Result<()>
     if let Some(u) = user {
         std::os::unix::fs::chown(dir, Some(u.uid), Some(u.gid))?;
     }
-    std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
 }
 
 /// How the hub starts `trunkfarm-agent`: as whom, with what environment,
@@ -781,6 +788,8 @@ mod tests {
         );
         let meta = std::fs::metadata(&state).unwrap();
         assert_eq!(meta.mode() & 0o777, 0o700);
+        let parent = std::fs::metadata(dir.path().join("pool")).unwrap();
+        assert_eq!(parent.mode() & 0o777, 0o711, "passable, not listable");
         let uid = user.as_ref().map_or_else(|| meta.uid(), |u| u.uid);
         assert_eq!(meta.uid(), uid, "the state dir is the agent's");
         assert!(out.contains(&format!("uid: {uid}\n")), "{out}");
