@@ -88,8 +88,10 @@ pub(crate) struct PoolConfig {
     pub(crate) max_parallel_jobs: u32,
     /// `command`: the script that starts an instance. It gets the bootstrap
     /// data in its environment (`TRUNKFARM_ENROLLMENT`, `TRUNKFARM_POOL`,
-    /// `TRUNKFARM_INSTANCE_NAME`, `TRUNKFARM_LABELS`, `TRUNKFARM_USER_DATA`)
-    /// and prints the instance id as its last line of output.
+    /// `TRUNKFARM_INSTANCE_NAME`, `TRUNKFARM_LABELS`,
+    /// `TRUNKFARM_MAX_PARALLEL_JOBS`) beside the little it keeps of the
+    /// hub's (see `pass_env`), and prints the instance id as its last line
+    /// of output.
     pub(crate) start_command: Option<String>,
     /// `command`: the script that stops one; gets `TRUNKFARM_INSTANCE_ID`.
     pub(crate) stop_command: Option<String>,
