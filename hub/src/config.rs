@@ -1423,6 +1423,10 @@ test = ["pytest"]
             Path::new("/etc/trunkfarm/trunkfarm-data-pools/p")
         );
         assert_eq!(c.pools[0].sandbox, AgentSandbox::Auto);
+        assert_eq!(
+            c.pools[0].local_dir(Path::new("/var/lib/trunkfarm/")),
+            Path::new("/var/lib/trunkfarm-pools/p")
+        );
         let c = parse(&format!("{local}dir = \"pools/p\"\nsandbox = \"none\"\n")).unwrap();
         assert_eq!(
             c.pools[0].local_dir(&data),

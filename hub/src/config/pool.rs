@@ -184,9 +184,13 @@ impl PoolConfig {
         if let Some(dir) = &self.dir {
             return dir.clone();
         }
-        let mut sibling = data_dir.as_os_str().to_owned();
+        let mut sibling = data_dir.file_name().unwrap_or_default().to_owned();
         sibling.push("-pools");
-        PathBuf::from(sibling).join(&self.name)
+        data_dir
+            .parent()
+            .unwrap_or(Path::new("/"))
+            .join(sibling)
+            .join(&self.name)
     }
 }
 
