@@ -730,6 +730,56 @@ mod tests {
         );
     }
 
+    /// A `local` pool with `extra` TOML keys.
+    fn local_pool(extra: &str) -> PoolConfig {
+        toml::from_str(&format!(
+            "name = \"p\"\nprovisioner = \"local\"\nagent_binary = \"/bin/true\"\n{extra}"
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_root_hub_refuses_a_missing_or_unreachable_pool_user() {
+        // SAFETY: geteuid(2) has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            // Not root: nobody to switch to; the agents are the hub's user.
+            let l = Launcher::for_pool(&local_pool("user = \"nobody\"")).unwrap();
+            assert_eq!(l.user, None);
+            return;
+        }
+        let e = Launcher::for_pool(&local_pool("user = \"no-such-user-trunkfarm\"")).unwrap_err();
+        assert!(
+            e.contains("\"no-such-user-trunkfarm\", which does not exist") && e.contains("useradd"),
+            "{e}"
+        );
+        // The default user, where the machine has none.
+        if lookup_user(DEFAULT_POOL_USER).unwrap().is_none() {
+            let e = Launcher::for_pool(&local_pool("")).unwrap_err();
+            assert!(e.contains(&format!("{DEFAULT_POOL_USER:?}")), "{e}");
+        }
+        let l = Launcher::for_pool(&local_pool("user = \"nobody\"")).unwrap();
+        assert_eq!(l.user.as_ref().map(|u| u.uid), Some(65534));
+        // A dir nobody cannot reach (a 0700 directory above it).
+        let closed = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(closed.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        let data = closed.path().join("data");
+        let e = Local::new(
+            data.join("pools/p"),
+            &local_pool(&format!(
+                "user = \"nobody\"\ndir = \"{}\"",
+                closed.path().join("states").display()
+            )),
+            &data,
+        )
+        .err()
+        .expect("an unreachable dir is refused")
+        .to_string();
+        assert!(
+            e.starts_with("pool \"p\": user \"nobody\" cannot reach its state dirs in"),
+            "{e}"
+        );
+    }
+
     /// A stand-in for `trunkfarm-agent` in a directory anyone may enter:
     /// it writes what it was given (arguments, environment, user, the first
     /// line of its input) to `$HOME/<command>.out`.
