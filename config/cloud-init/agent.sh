@@ -29,6 +29,9 @@ POOL='{{POOL}}'
 NAME='{{INSTANCE}}'
 LABELS='{{LABELS}}'
 JOBS='{{MAX_PARALLEL_JOBS}}'
+# Given to `enroll` in its environment, never as an argument: arguments show
+# in `ps` (/proc/<pid>/cmdline) to every user of the machine.
+ENROLLMENT='{{ENROLLMENT}}'
 
 # Where things go, and who runs the agent. cloud-init sets none of these
 # variables; they let the script be tried outside an instance.
@@ -79,7 +82,8 @@ if id "$USER_NAME" >/dev/null 2>&1; then RUN_AS=$USER_NAME; else RUN_AS=$(id -un
 # 3. Enroll (this spends the single-use enrollment string).
 mkdir -p "$STATE"
 chmod 0700 "$STATE"
-"$BIN" enroll '{{ENROLLMENT}}' --name "$NAME" --state-dir "$STATE"
+TRUNKFARM_ENROLLMENT=$ENROLLMENT "$BIN" enroll --name "$NAME" --state-dir "$STATE"
+unset ENROLLMENT
 if [ "$RUN_AS" != "$(id -un)" ]; then
     chown -R "$RUN_AS" "$STATE"
 fi

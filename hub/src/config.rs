@@ -30,7 +30,7 @@ mod pool;
 pub(crate) use network::{ConnectionCap, NetworkSection};
 pub(crate) use notify::{NotifySection, SmtpSection, SmtpSecurity, WebSection};
 pub(crate) use pipeline::{ArtifactsSection, PipelineSection, ProjectConfig, UpstreamConfig};
-pub(crate) use pool::{Ec2Section, PoolConfig, ProvisionerKind};
+pub(crate) use pool::{AgentSandbox, DEFAULT_POOL_USER, Ec2Section, PoolConfig, ProvisionerKind};
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
@@ -422,6 +422,11 @@ impl HubConfig {
         {
             resolve(p);
         }
+        for pool in &mut self.pools {
+            if let Some(p) = &mut pool.dir {
+                resolve(p);
+            }
+        }
     }
 
     /// The semantic rules, in file order; the first broken one is reported.
@@ -589,7 +594,7 @@ impl HubConfig {
         notify::problems(&self.smtp, &self.notify)?;
         notify::web_problems(&self.web)?;
         network::problems(&self.network, l.max_message_size)?;
-        pool::problems(&self.pools)
+        pool::problems(&self.pools, &self.hub.data_dir)
     }
 }
 
@@ -1404,6 +1409,66 @@ test = ["pytest"]
         assert!(e.contains("pool[0].stop_command"), "{e}");
         let e = err("[[pool]]\nname = \"p\"\nprovisioner = \"local\"\nidle = \"1m\"\n");
         assert!(e.contains("unknown key `pool[0].idle`"), "{e}");
+    }
+
+    #[test]
+    fn a_local_pool_keeps_its_agents_out_of_the_data_dir() {
+        let local = "[[pool]]\nname = \"p\"\nprovisioner = \"local\"\n";
+        // By default beside the data dir, not in it; a relative `dir` is the
+        // config file's.
+        let c = parse(local).unwrap();
+        let data = c.data_dir().to_path_buf();
+        assert_eq!(
+            c.pools[0].local_dir(&data),
+            Path::new("/etc/trunkfarm/trunkfarm-data-pools/p")
+        );
+        assert_eq!(c.pools[0].sandbox, AgentSandbox::Auto);
+        assert_eq!(
+            c.pools[0].local_dir(Path::new("/var/lib/trunkfarm/")),
+            Path::new("/var/lib/trunkfarm-pools/p")
+        );
+        let c = parse(&format!("{local}dir = \"pools/p\"\nsandbox = \"none\"\n")).unwrap();
+        assert_eq!(
+            c.pools[0].local_dir(&data),
+            Path::new("/etc/trunkfarm/pools/p")
+        );
+        assert_eq!(c.pools[0].sandbox.as_arg(), "none");
+        for dir in [
+            "trunkfarm-data/pools",
+            "trunkfarm-data",
+            "/etc",
+            "/etc/trunkfarm/",
+        ] {
+            let e = err(&format!("{local}dir = \"{dir}\"\n"));
+            assert!(
+                e.contains("pool[0].dir") && e.contains("overlaps the hub's data dir"),
+                "{dir}: {e}"
+            );
+        }
+        for user in ["root", ""] {
+            let e = err(&format!("{local}user = \"{user}\"\n"));
+            assert!(
+                e.contains("pool[0].user") && e.contains("an unprivileged user"),
+                "{e}"
+            );
+        }
+        // Each provisioner's own keys.
+        let command = "[[pool]]\nname = \"p\"\nprovisioner = \"command\"\nstart_command = \"a\"\nstop_command = \"b\"\n";
+        for key in [
+            "user = \"u\"",
+            "dir = \"/d\"",
+            "sandbox = \"none\"",
+            "agent_binary = \"/a\"",
+        ] {
+            let e = err(&format!("{command}{key}\n"));
+            assert!(e.contains("only for provisioner = \"local\""), "{key}: {e}");
+        }
+        let c = parse(&format!("{command}pass_env = [\"LIBVIRT_DEFAULT_URI\"]\n")).unwrap();
+        assert_eq!(c.pools[0].pass_env, ["LIBVIRT_DEFAULT_URI"]);
+        let e = err(&format!("{command}pass_env = [\"A=B\"]\n"));
+        assert!(e.contains("not an environment variable's name"), "{e}");
+        let e = err(&format!("{local}pass_env = [\"X\"]\n"));
+        assert!(e.contains("only for provisioner = \"command\""), "{e}");
     }
 }
 

@@ -142,9 +142,9 @@ const LIVE: &[&str] = &["pending", "running", "stopping", "stopped"];
 /// The enrollment string in a user-data script made from the default template.
 fn enrollment_in(script: &str) -> String {
     let start = script
-        .find("enroll 'tf1_")
+        .find("ENROLLMENT='tf1_")
         .unwrap_or_else(|| panic!("no enrollment in the user data:\n{script}"))
-        + "enroll '".len();
+        + "ENROLLMENT='".len();
     let len = script[start..].find('\'').expect("closing quote");
     script[start..start + len].to_string()
 }

@@ -7,6 +7,30 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use trunkfarm_e2e::{Hub, bins, s, temp_dir, u, wait_for};
 
+/// Whether the tests run as root (then a `local` pool's agents run as
+/// `nobody`, as [`local_pool_keys`] says).
+fn is_root() -> bool {
+    // SAFETY: geteuid(2) has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// The keys every `local` pool of these tests has: the agent binary under
+/// test, the user its agents run as when the hub runs as root (`nobody`:
+/// the default `trunkfarm-pool` is not on test machines), and their state
+/// dirs in a directory that user can reach, apart from the hub's.
+/// Keep the returned directory while the hub runs.
+fn local_pool_keys(pool: &str) -> (tempfile::TempDir, String) {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = temp_dir("trunkfarm-e2e-pool-states-");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    let keys = format!(
+        "agent_binary = \"{}\"\nuser = \"nobody\"\ndir = \"{}\"\n",
+        bins().agent.display(),
+        dir.path().join(pool).display()
+    );
+    (dir, keys)
+}
+
 fn pools(hub: &Hub) -> Vec<Value> {
     hub.cli_json(&["pool", "list", "--json", "--all"])
         .as_array()
@@ -46,6 +70,7 @@ fn live(pool: &Value) -> usize {
 
 #[test]
 fn local_pool_grows_to_max_for_a_burst_and_shrinks_to_min_when_idle() {
+    let (_states, keys) = local_pool_keys("burst");
     let config = format!(
         r#"
 [[pool]]
@@ -57,9 +82,7 @@ max_instances = 3
 pending_grace = "0s"
 idle_timeout = "2s"
 missing_timeout = "60s"
-agent_binary = "{}"
-"#,
-        bins().agent.display()
+{keys}"#
     );
     let hub = Hub::start_with(&config, &[]);
     // An empty hub: no agent at all, 20 jobs that only the pool can run.
@@ -140,7 +163,7 @@ fn command_pool_starts_agents_with_scripts_and_backs_off_a_failing_start() {
     let start = format!(
         r#"set -e
 d="{dir}/$TRUNKFARM_INSTANCE_NAME"
-"{agent}" enroll "$TRUNKFARM_ENROLLMENT" --name "$TRUNKFARM_INSTANCE_NAME" --state-dir "$d" >/dev/null 2>&1
+"{agent}" enroll --name "$TRUNKFARM_INSTANCE_NAME" --state-dir "$d" >/dev/null 2>&1
 "{agent}" run --state-dir "$d" > "$d.log" 2>&1 &
 echo "starting $TRUNKFARM_INSTANCE_NAME" >&2
 echo $!"#
@@ -244,6 +267,7 @@ stop_command = "true"
 
 #[test]
 fn a_restarted_hub_keeps_its_instances_and_terminates_unknown_ones() {
+    let (_states, keys) = local_pool_keys("steady");
     let config = format!(
         r#"
 [[pool]]
@@ -252,9 +276,7 @@ provisioner = "local"
 min_instances = 1
 max_instances = 1
 pending_grace = "0s"
-agent_binary = "{}"
-"#,
-        bins().agent.display()
+{keys}"#
     );
     let mut hub = Hub::start_with(&config, &[]);
     let first = wait_for(
@@ -299,6 +321,7 @@ agent_binary = "{}"
 
 #[test]
 fn an_instance_is_replaced_after_max_jobs_per_instance() {
+    let (_states, keys) = local_pool_keys("fresh");
     let config = format!(
         r#"
 [[pool]]
@@ -308,9 +331,7 @@ labels = ["fresh"]
 max_instances = 1
 max_jobs_per_instance = 2
 pending_grace = "0s"
-agent_binary = "{}"
-"#,
-        bins().agent.display()
+{keys}"#
     );
     let hub = Hub::start_with(&config, &[]);
     let ids: Vec<u64> = (0..4)
@@ -334,5 +355,286 @@ agent_binary = "{}"
             .iter()
             .any(|i| s(i, "detail").contains("max_jobs_per_instance")),
         "{p:#}"
+    );
+}
+
+/// The parent of `pid`, from `/proc/<pid>/stat`.
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// What [`watch_cmdlines`] saw of the hub's descendants.
+#[derive(Debug, Default)]
+struct Cmdlines {
+    /// Command lines that held an enrollment string.
+    leaked: Vec<String>,
+    /// `trunkfarm-agent enroll` processes seen (the scan was in time).
+    enrolls: usize,
+}
+
+/// Scans `/proc/*/cmdline` of `hub`'s descendants (`/proc/<pid>/cmdline`
+/// is world-readable: `ps` shows it to every user) until `stop` is set.
+fn watch_cmdlines(
+    hub: u32,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<Cmdlines> {
+    std::thread::spawn(move || {
+        let mut seen = Cmdlines::default();
+        let mut enrolls = std::collections::HashSet::new();
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+                let Some(pid) = entry
+                    .file_name()
+                    .to_str()
+                    .and_then(|p| p.parse::<u32>().ok())
+                else {
+                    continue;
+                };
+                let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+                    continue;
+                };
+                let args: Vec<String> = cmdline
+                    .split(|b| *b == 0)
+                    .map(|a| String::from_utf8_lossy(a).into_owned())
+                    .collect();
+                if !args.iter().any(|a| a.contains("tf1_") || a == "enroll") {
+                    continue;
+                }
+                // Only the hub's own descendants: other programs on this
+                // machine are not this test's business.
+                let mut up = pid;
+                let mut descends = false;
+                for _ in 0..8 {
+                    match parent_of(up) {
+                        Some(p) if p == hub => {
+                            descends = true;
+                            break;
+                        }
+                        Some(p) if p > 1 => up = p,
+                        _ => break,
+                    }
+                }
+                if !descends {
+                    continue;
+                }
+                if args.iter().any(|a| a.contains("tf1_")) {
+                    seen.leaked.push(args.join(" "));
+                }
+                if args.iter().any(|a| a == "enroll") && enrolls.insert(pid) {
+                    seen.enrolls += 1;
+                }
+            }
+        }
+        seen
+    })
+}
+
+/// A job on a `local` pool's agent sees none of the hub's secrets: not the
+/// hub's environment (cloud credentials, an SMTP password, the hub's own
+/// `TRUNKFARM_*`), and, when the hub runs as root (its agents then run as
+/// `nobody`), not the admin token, the CA key, the unsubscribe key or a
+/// listing of the data dir; its work dir is outside the data dir; and no
+/// process shows the pool instance's enrollment string in its command line.
+///
+/// The pool's agent runs with `sandbox = "none"`: what keeps the secrets
+/// from the job here is the launcher alone (cleared environment, state
+/// outside the data dir, another user), not bubblewrap, which would hide
+/// `/var`, `/proc` of other processes and the agent's environment too.
+#[test]
+fn a_local_pool_job_sees_none_of_the_hubs_secrets() {
+    let (states, keys) = local_pool_keys("secrets");
+    // The agent through a wrapper that waits a second before it becomes
+    // the agent, with the same arguments: long enough for the scan below
+    // to see every command line the hub gives it.
+    let wrapper = states.path().join("slow-agent");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nsleep 1\nexec {} \"$@\"\n",
+            bins().agent.display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let keys = keys.replace(
+        &format!("agent_binary = \"{}\"", bins().agent.display()),
+        &format!("agent_binary = \"{}\"", wrapper.display()),
+    );
+    assert!(keys.contains("slow-agent"), "{keys}");
+    let config = format!(
+        r#"
+[[pool]]
+name = "secrets"
+provisioner = "local"
+labels = ["secrets"]
+max_instances = 1
+pending_grace = "0s"
+idle_timeout = "1h"
+sandbox = "none"
+{keys}"#
+    );
+    let secrets = [
+        ("AWS_ACCESS_KEY_ID", "AKIAE2EHUBSECRETID"),
+        ("AWS_SECRET_ACCESS_KEY", "aws-secret-e2e-4f7d1c"),
+        ("SMTP_PASSWORD", "smtp-password-e2e-9b2a"),
+        ("TRUNKFARM_SMTP_PASSWORD", "trunkfarm-smtp-e2e-77e1"),
+        ("GITHUB_TOKEN", "ghp_e2ehubsecret0123"),
+    ];
+    let hub = Hub::start_with(&config, &secrets);
+    let data = hub.data_dir.display().to_string();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = watch_cmdlines(hub.pid(), stop.clone());
+
+    // The job's log starts with its script: the words checked below are
+    // only ever put together when the script runs ($no, "end of" env).
+    let script = format!(
+        r#"no=DENIED; yes=READ
+echo "uid: $(id -u)"
+echo "cwd: $(pwd)"
+echo "---- env"; env; echo "---- end of" env
+for f in {data}/admin.token {data}/tls/ca.key {data}/unsubscribe.key; do
+    if cat "$f"; then echo "$yes $f"; else echo "$no $f"; fi
+done
+if ls -la {data}; then echo "$yes the data dir"; else echo "$no the data dir"; fi
+if tr '\0' '\n' < /proc/{hub_pid}/environ; then echo "$yes the hub's environ"; else echo "$no the hub's environ"; fi
+true"#,
+        hub_pid = hub.pid()
+    );
+    let id = hub.submit(&["--labels", "secrets", "--", &script]);
+    let job = hub.wait_job_finished(id, Duration::from_secs(90));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let cmdlines = watcher.join().unwrap();
+    assert_eq!(s(&job, "outcome"), "passed", "{job:#}");
+    let log = hub.job_log(id);
+    assert!(log.contains("---- end of env"), "{log}");
+
+    // Every check below adds what it found to `problems`, so one run shows
+    // every way a secret got through.
+    let mut problems = Vec::new();
+    let mut check = |ok: bool, what: String| {
+        if !ok {
+            problems.push(what);
+        }
+    };
+    // The enrollment string reached the agent by its standard input.
+    check(
+        cmdlines.leaked.is_empty(),
+        format!(
+            "an enrollment string in a command line: {:?}",
+            cmdlines.leaked
+        ),
+    );
+    check(
+        cmdlines.enrolls > 0,
+        "the scan never saw the agent enroll".into(),
+    );
+    // Nothing of the hub's environment.
+    for (name, value) in secrets {
+        check(
+            !log.contains(value) && !log.contains(&format!("{name}=")),
+            format!("{name} reached the job"),
+        );
+    }
+    // Its state, and so its work dir, are the pool's, outside the data dir.
+    let cwd = log
+        .lines()
+        .find_map(|l| l.strip_prefix("cwd: "))
+        .expect("the job's directory");
+    check(
+        cwd.starts_with(&states.path().display().to_string()) && !cwd.starts_with(&data),
+        format!("the job ran in {cwd}"),
+    );
+    let pool_dir = states.path().join("secrets");
+    let instance = std::fs::read_dir(&pool_dir)
+        .unwrap()
+        .next()
+        .expect("the instance's state dir")
+        .unwrap();
+    use std::os::unix::fs::MetadataExt as _;
+    let meta = instance.metadata().unwrap();
+    check(
+        meta.mode() & 0o777 == 0o700,
+        format!(
+            "{} is mode {:o}",
+            instance.path().display(),
+            meta.mode() & 0o777
+        ),
+    );
+
+    if is_root() {
+        // As root the agent, and its job, run as nobody, and so cannot
+        // read the hub's files or its environment.
+        let nobody = "65534";
+        check(
+            log.contains(&format!("uid: {nobody}\n")),
+            "the job did not run as nobody".into(),
+        );
+        let handle: u32 = s(&pools(&hub)[0]["instances"][0], "handle")
+            .parse()
+            .unwrap();
+        let status = std::fs::read_to_string(format!("/proc/{handle}/status")).unwrap();
+        let uid = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+        check(
+            uid.split_whitespace().skip(1).all(|u| u == nobody),
+            format!("the agent runs as {uid}"),
+        );
+        check(
+            meta.uid().to_string() == nobody,
+            format!("its state dir belongs to uid {}", meta.uid()),
+        );
+        for f in ["admin.token", "tls/ca.key", "unsubscribe.key"] {
+            check(
+                log.contains(&format!("DENIED {data}/{f}")),
+                format!("{f} was read"),
+            );
+        }
+        // Whether others may list the data dir is the hub's own business
+        // (it keeps it 0700, issue 12 item 7); the pool's part is that the
+        // job's user is not its owner.
+        let data_meta = std::fs::metadata(&hub.data_dir).unwrap();
+        check(
+            data_meta.uid().to_string() != nobody,
+            "the job's user owns the data dir".into(),
+        );
+        if data_meta.mode() & 0o005 == 0 {
+            check(
+                log.contains("DENIED the data dir"),
+                "the data dir was listed".into(),
+            );
+        } else {
+            eprintln!(
+                "the data dir is mode {:o}, open to every user: its listing is not checked",
+                data_meta.mode() & 0o777
+            );
+        }
+        check(
+            log.contains("DENIED the hub's environ"),
+            "the hub's environment was read".into(),
+        );
+        for (name, path) in [
+            ("admin.token", "admin.token"),
+            ("the CA key", "tls/ca.key"),
+            ("unsubscribe.key", "unsubscribe.key"),
+        ] {
+            let text = std::fs::read_to_string(hub.data_dir.join(path)).unwrap();
+            let line = text.lines().nth(1).unwrap_or(text.as_str()).trim();
+            check(
+                !line.is_empty() && !log.contains(line),
+                format!("{name}'s contents reached the job"),
+            );
+        }
+    } else {
+        eprintln!(
+            "not root: the pool's agent runs as the hub's own user, so only bubblewrap keeps an \
+             unsandboxed job from the data dir and the hub's /proc; checked the environment, the \
+             command lines and the directories only"
+        );
+    }
+    assert!(
+        problems.is_empty(),
+        "{problems:#?}\n---- the job's log ----\n{log}"
     );
 }

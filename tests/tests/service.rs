@@ -214,3 +214,52 @@ fn a_listing_piped_into_a_closed_reader_does_not_panic() {
         );
     }
 }
+
+/// The packaged systemd units (`config/systemd/`) are ones systemd accepts:
+/// `systemd-analyze verify` reports nothing, not even an unknown key (which
+/// systemd would only warn about, and ignore: a hardening line with a typo
+/// protects nothing). `ExecStart=` names the binaries just built, since
+/// verify checks that they exist. Skipped where systemd-analyze is missing.
+#[test]
+fn the_systemd_units_verify_cleanly() {
+    let probe = Command::new("systemd-analyze").arg("--version").output();
+    if !probe.is_ok_and(|o| o.status.success()) {
+        eprintln!("skipped: systemd-analyze is not installed (Debian: apt install systemd)");
+        return;
+    }
+    let units = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/systemd");
+    let dir = temp_dir("trunkfarm-e2e-units-");
+    let mut names = Vec::new();
+    for (name, bin) in [
+        ("trunkfarm.service", &bins().hub),
+        ("trunkfarm-agent.service", &bins().agent),
+    ] {
+        let text = std::fs::read_to_string(units.join(name)).unwrap();
+        let installed = format!(
+            "/usr/local/bin/{}",
+            bin.file_name().unwrap().to_string_lossy()
+        );
+        assert!(text.contains(&installed), "{name} does not run {installed}");
+        for key in [
+            "DynamicUser=yes",
+            "NoNewPrivileges=yes",
+            "ProtectSystem=strict",
+            "ProtectHome=yes",
+            "PrivateTmp=yes",
+            "StateDirectory=",
+        ] {
+            assert!(text.contains(&format!("\n{key}")), "{name} has no {key}");
+        }
+        let path = dir.path().join(name);
+        std::fs::write(&path, text.replace(&installed, &bin.display().to_string())).unwrap();
+        names.push(path);
+    }
+    let mut cmd = Command::new("systemd-analyze");
+    cmd.args(["verify", "--man=no"]).args(&names);
+    let out = run_with_timeout(cmd, Duration::from_secs(60));
+    assert!(
+        out.status.success() && combined(&out).trim().is_empty(),
+        "systemd-analyze verify:\n{}",
+        combined(&out)
+    );
+}

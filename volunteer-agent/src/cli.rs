@@ -38,10 +38,16 @@ pub(crate) enum Command {
 /// `trunkfarm-agent enroll`.
 #[derive(Debug, Args)]
 pub(crate) struct EnrollArgs {
-    /// The enrollment string (`tf1_...`). It contains a one-time secret:
-    /// prefer pasting it over keeping it in shell history.
+    /// The enrollment string (`tf1_...`), or `-` to read it from the first
+    /// line of standard input. It contains a one-time secret, and a string
+    /// given here shows in `ps` to every user of this machine while the
+    /// agent enrolls: prefer `-`, `--enrollment-file` or the environment
+    /// variable `TRUNKFARM_ENROLLMENT` (exactly one of the four).
     #[arg(value_name = "STRING")]
-    pub enrollment: String,
+    pub enrollment: Option<String>,
+    /// Read the enrollment string from this file (its first line).
+    #[arg(long, value_name = "PATH")]
+    pub enrollment_file: Option<PathBuf>,
     /// The name shown for this machine in the hub's agent list [default: the
     /// host name].
     #[arg(long, value_name = "NAME")]
@@ -168,11 +174,22 @@ mod tests {
         let Command::Enroll(a) = cli.command else {
             panic!("not enroll");
         };
-        assert_eq!(a.enrollment, "tf1_abc");
+        assert_eq!(a.enrollment.as_deref(), Some("tf1_abc"));
         assert_eq!(a.name.as_deref(), Some("box"));
         assert!(a.force);
         assert!(a.state_dir.is_none());
-        assert!(parse(&["enroll"]).is_err());
+        // The string may come from elsewhere (checked by `enroll`).
+        let Command::Enroll(a) = parse(&["enroll", "--enrollment-file", "/e"])
+            .unwrap()
+            .command
+        else {
+            panic!("not enroll");
+        };
+        assert_eq!(a.enrollment, None);
+        assert_eq!(
+            a.enrollment_file.as_deref(),
+            Some(std::path::Path::new("/e"))
+        );
     }
 
     #[test]

@@ -5,6 +5,8 @@
 //! directory, an existing credential) is checked before the hub is called,
 //! because the call consumes the token.
 
+use std::ffi::OsString;
+use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -62,11 +64,101 @@ impl Enrolled {
     }
 }
 
-/// Enrolls this machine with the hub named by `args.enrollment`, storing the
-/// credential in `state_dir`.
-pub(crate) async fn enroll(args: &EnrollArgs, state_dir: &Path) -> Result<Enrolled, EnrollError> {
+/// The environment variable `enroll` takes the enrollment string from when
+/// neither an argument nor `--enrollment-file` gives it.
+pub(crate) const ENROLLMENT_ENV: &str = "TRUNKFARM_ENROLLMENT";
+
+/// The most read from standard input or a file for the enrollment string
+/// (a string is a few hundred bytes).
+const MAX_ENROLLMENT_READ: u64 = 64 * 1024;
+
+/// The enrollment string from exactly one of its sources: the argument
+/// (`-`: the first line of `stdin`), `--enrollment-file`, or `env` (the
+/// value of [`ENROLLMENT_ENV`]; empty counts as unset). A process's
+/// arguments are world-readable (`/proc/<pid>/cmdline`, `ps`); its
+/// environment and standard input are not, which is why a program starting
+/// the agent should use them.
+pub(crate) fn enrollment_string(
+    args: &EnrollArgs,
+    env: Option<OsString>,
+    stdin: impl BufRead,
+) -> Result<String, EnrollError> {
+    let env = env.filter(|v| !v.is_empty());
+    let mut given = Vec::new();
+    if args.enrollment.is_some() {
+        given.push("the argument");
+    }
+    if args.enrollment_file.is_some() {
+        given.push("--enrollment-file");
+    }
+    if env.is_some() {
+        given.push(ENROLLMENT_ENV);
+    }
+    let (text, from) = match (&args.enrollment, &args.enrollment_file, env) {
+        _ if given.len() > 1 => {
+            return Err(EnrollError::Usage(format!(
+                "the enrollment string was given {} ways ({}); give it exactly one way",
+                given.len(),
+                given.join(", ")
+            )));
+        }
+        (Some(arg), _, _) if arg == "-" => (first_line(stdin)?, "standard input".to_owned()),
+        (Some(arg), _, _) => (arg.clone(), "the argument".to_owned()),
+        (_, Some(path), _) => {
+            let file = std::fs::File::open(path).map_err(|e| {
+                EnrollError::Usage(format!(
+                    "cannot read the enrollment file {}: {e}",
+                    path.display()
+                ))
+            })?;
+            (
+                first_line(std::io::BufReader::new(file))?,
+                path.display().to_string(),
+            )
+        }
+        (_, _, Some(value)) => (
+            value
+                .into_string()
+                .map_err(|_| EnrollError::Usage(format!("{ENROLLMENT_ENV} is not valid UTF-8")))?,
+            ENROLLMENT_ENV.to_owned(),
+        ),
+        (None, None, None) => {
+            return Err(EnrollError::Usage(format!(
+                "no enrollment string: pass `-` and give it on standard input, \
+                 --enrollment-file PATH, the environment variable {ENROLLMENT_ENV}, or the \
+                 string itself as the argument (it then shows in `ps` while the agent enrolls)"
+            )));
+        }
+    };
+    let text = text.trim();
+    if text.is_empty() {
+        return Err(EnrollError::Usage(format!(
+            "the enrollment string from {from} is empty; ask the hub's operator for one \
+             (`trunkfarm token create`)"
+        )));
+    }
+    Ok(text.to_owned())
+}
+
+/// The first line of `input` (at most [`MAX_ENROLLMENT_READ`] bytes).
+fn first_line(input: impl BufRead) -> Result<String, EnrollError> {
+    let mut line = String::new();
+    input
+        .take(MAX_ENROLLMENT_READ)
+        .read_line(&mut line)
+        .map_err(|e| EnrollError::Usage(format!("cannot read the enrollment string: {e}")))?;
+    Ok(line)
+}
+
+/// Enrolls this machine with the hub named by the `enrollment` string (see
+/// [`enrollment_string`]), storing the credential in `state_dir`.
+pub(crate) async fn enroll(
+    enrollment: &str,
+    args: &EnrollArgs,
+    state_dir: &Path,
+) -> Result<Enrolled, EnrollError> {
     let enrollment =
-        Enrollment::parse(&args.enrollment).map_err(|e| EnrollError::Usage(e.to_string()))?;
+        Enrollment::parse(enrollment).map_err(|e| EnrollError::Usage(e.to_string()))?;
     let name = match &args.name {
         Some(name) => name.clone(),
         None => hostname().unwrap_or_default(),
@@ -291,13 +383,67 @@ mod tests {
         assert!(status_message(&tonic::Status::internal("")).starts_with("the hub answered: "));
     }
 
-    fn args(enrollment: &str, force: bool) -> EnrollArgs {
+    fn args(force: bool) -> EnrollArgs {
         EnrollArgs {
-            enrollment: enrollment.into(),
+            enrollment: None,
+            enrollment_file: None,
             name: Some("box".into()),
             state_dir: None,
             force,
         }
+    }
+
+    /// `enrollment_string` with `arg`, `file`, `env` and `stdin`.
+    fn from(
+        arg: Option<&str>,
+        file: Option<&Path>,
+        env: Option<&str>,
+        stdin: &str,
+    ) -> Result<String, EnrollError> {
+        let a = EnrollArgs {
+            enrollment: arg.map(str::to_owned),
+            enrollment_file: file.map(Path::to_path_buf),
+            ..args(false)
+        };
+        enrollment_string(&a, env.map(OsString::from), stdin.as_bytes())
+    }
+
+    #[test]
+    fn the_enrollment_string_comes_from_exactly_one_source() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("enrollment");
+        std::fs::write(&file, "tf1_file\nignored second line\n").unwrap();
+        let ok = |r: Result<String, EnrollError>| r.unwrap();
+        assert_eq!(ok(from(Some("tf1_arg"), None, None, "")), "tf1_arg");
+        assert_eq!(ok(from(Some("-"), None, None, " tf1_in \nmore")), "tf1_in");
+        assert_eq!(ok(from(None, Some(&file), None, "")), "tf1_file");
+        assert_eq!(ok(from(None, None, Some("tf1_env\n"), "")), "tf1_env");
+        // An empty variable is no source: the argument alone is given.
+        assert_eq!(ok(from(Some("tf1_arg"), None, Some(""), "")), "tf1_arg");
+
+        let usage = |r: Result<String, EnrollError>| match r {
+            Err(EnrollError::Usage(m)) => m,
+            other => panic!("not a usage error: {other:?}"),
+        };
+        let none = usage(from(None, None, None, "tf1_unasked"));
+        assert!(none.starts_with("no enrollment string"), "{none}");
+        assert!(none.contains("--enrollment-file") && none.contains(ENROLLMENT_ENV));
+        let two = usage(from(Some("tf1_a"), None, Some("tf1_b"), ""));
+        assert!(
+            two.contains("2 ways (the argument, TRUNKFARM_ENROLLMENT)"),
+            "{two}"
+        );
+        let three = usage(from(Some("-"), Some(&file), Some("tf1_b"), ""));
+        assert!(three.contains("3 ways"), "{three}");
+        let empty = usage(from(Some("-"), None, None, "\n"));
+        assert!(empty.contains("from standard input is empty"), "{empty}");
+        let missing = usage(from(None, Some(&dir.path().join("nope")), None, ""));
+        assert!(
+            missing.contains("cannot read the enrollment file"),
+            "{missing}"
+        );
+        // No message repeats a string it was given.
+        assert!(!two.contains("tf1_") && !three.contains("tf1_"));
     }
 
     /// A string for a hub on a port nothing listens on.
@@ -318,19 +464,21 @@ mod tests {
     #[tokio::test]
     async fn local_problems_are_usage_errors_found_before_dialing() {
         let dir = tempfile::tempdir().unwrap();
-        let e = enroll(&args("nonsense", false), dir.path())
+        let e = enroll("nonsense", &args(false), dir.path())
             .await
             .unwrap_err();
         assert!(matches!(e, EnrollError::Usage(_)), "{e}");
         assert!(e.to_string().contains("tf1_"), "{e}");
 
-        let mut a = args(&unreachable_enrollment(), false);
+        let mut a = args(false);
         a.name = Some(" ".into());
-        let e = enroll(&a, dir.path()).await.unwrap_err();
+        let e = enroll(&unreachable_enrollment(), &a, dir.path())
+            .await
+            .unwrap_err();
         assert!(e.to_string().contains("invalid `name`"), "{e}");
 
         std::fs::write(Credential::path(dir.path()), b"{}").unwrap();
-        let e = enroll(&args(&unreachable_enrollment(), false), dir.path())
+        let e = enroll(&unreachable_enrollment(), &args(false), dir.path())
             .await
             .unwrap_err();
         assert!(matches!(e, EnrollError::Usage(_)), "{e}");
@@ -338,7 +486,7 @@ mod tests {
 
         // With --force it gets as far as the hub, which is not there; the
         // token's secret is in no message.
-        let e = enroll(&args(&unreachable_enrollment(), true), dir.path())
+        let e = enroll(&unreachable_enrollment(), &args(true), dir.path())
             .await
             .unwrap_err();
         assert!(matches!(e, EnrollError::Failed(_)), "{e}");

@@ -109,7 +109,18 @@ async fn enroll_command(args: EnrollArgs) -> u8 {
         Ok(dir) => dir,
         Err(code) => return code,
     };
-    match enroll::enroll(&args, &dir).await {
+    let enrollment = match enroll::enrollment_string(
+        &args,
+        std::env::var_os(enroll::ENROLLMENT_ENV),
+        std::io::stdin().lock(),
+    ) {
+        Ok(enrollment) => enrollment,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    match enroll::enroll(&enrollment, &args, &dir).await {
         Ok(enrolled) => {
             println!("{}", enrolled.summary());
             0

@@ -446,7 +446,7 @@ async fn token(cfg: &HubConfig, command: TokenCommand) -> anyhow::Result<ExitCod
                 .into_inner();
             println!("{}", resp.enrollment);
             eprintln!(
-                "token {} valid until {} for {uses} enrollment(s); on the volunteer's machine run:\n  trunkfarm-agent enroll <the string above>",
+                "token {} valid until {} for {uses} enrollment(s); on the volunteer's machine run:\n  trunkfarm-agent enroll -\nand paste the string above (given as an argument instead, it shows in `ps`)",
                 resp.token_id,
                 when(resp.expires_at_ms)
             );

@@ -2,7 +2,7 @@
 //! stops when idle.
 
 use std::collections::HashSet;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -20,6 +20,33 @@ pub(crate) enum ProvisionerKind {
     Command,
     /// The EC2 API (or an EC2-compatible cloud).
     Ec2,
+}
+
+/// The user `local` pool agents run as when the hub runs as root.
+pub(crate) const DEFAULT_POOL_USER: &str = "trunkfarm-pool";
+
+/// `[[pool]] sandbox`: the `--sandbox` a `local` pool's agents run with.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum AgentSandbox {
+    /// bubblewrap where it works; without it the agent refuses every job.
+    #[default]
+    Auto,
+    /// bubblewrap, or the agent does not start.
+    Bwrap,
+    /// No sandbox: jobs run with the agent's rights.
+    None,
+}
+
+impl AgentSandbox {
+    /// The value of `trunkfarm-agent run --sandbox`.
+    pub(crate) fn as_arg(self) -> &'static str {
+        match self {
+            AgentSandbox::Auto => "auto",
+            AgentSandbox::Bwrap => "bwrap",
+            AgentSandbox::None => "none",
+        }
+    }
 }
 
 /// `[[pool]]`: one group of on-demand agents.
@@ -61,17 +88,36 @@ pub(crate) struct PoolConfig {
     pub(crate) max_parallel_jobs: u32,
     /// `command`: the script that starts an instance. It gets the bootstrap
     /// data in its environment (`TRUNKFARM_ENROLLMENT`, `TRUNKFARM_POOL`,
-    /// `TRUNKFARM_INSTANCE_NAME`, `TRUNKFARM_LABELS`, `TRUNKFARM_USER_DATA`)
-    /// and prints the instance id as its last line of output.
+    /// `TRUNKFARM_INSTANCE_NAME`, `TRUNKFARM_LABELS`,
+    /// `TRUNKFARM_MAX_PARALLEL_JOBS`) beside the little it keeps of the
+    /// hub's (see `pass_env`), and prints the instance id as its last line
+    /// of output.
     pub(crate) start_command: Option<String>,
     /// `command`: the script that stops one; gets `TRUNKFARM_INSTANCE_ID`.
     pub(crate) stop_command: Option<String>,
     /// `command`: how long either script may run.
     #[serde(default = "default_command_timeout", deserialize_with = "de::duration")]
     pub(crate) command_timeout: Duration,
+    /// `command`: variables of the hub's environment the scripts get too
+    /// (e.g. `["LIBVIRT_DEFAULT_URI"]`); every other is removed, so the
+    /// hub's secrets do not reach an agent a script starts.
+    #[serde(default)]
+    pub(crate) pass_env: Vec<String>,
     /// `local`: the agent binary (default: `trunkfarm-agent` beside
     /// `trunkfarm`, else on PATH).
     pub(crate) agent_binary: Option<PathBuf>,
+    /// `local`: the user the agents run as when the hub runs as root
+    /// (default [`DEFAULT_POOL_USER`]); a hub running as any other user
+    /// cannot switch, and its agents run as itself.
+    pub(crate) user: Option<String>,
+    /// `local`: where the instances' state dirs (credential, work dirs,
+    /// cache) are (default `<data_dir>-pools/<name>`); never inside the
+    /// data dir, whose secrets their jobs must not reach.
+    pub(crate) dir: Option<PathBuf>,
+    /// `local`: how the agents confine their jobs (`trunkfarm-agent run
+    /// --sandbox`): `"auto"` (default), `"bwrap"` or `"none"`.
+    #[serde(default)]
+    pub(crate) sandbox: AgentSandbox,
     /// `ec2`: the settings of the EC2 API and the instances.
     #[serde(default)]
     pub(crate) ec2: Option<Ec2Section>,
@@ -131,8 +177,25 @@ fn default_command_timeout() -> Duration {
     Duration::from_secs(5 * 60)
 }
 
-/// Checks the pools' rules.
-pub(super) fn problems(pools: &[PoolConfig]) -> Result<(), Problem> {
+impl PoolConfig {
+    /// `local`: where the instances' state dirs are (`dir`, else
+    /// `<data_dir>-pools/<name>`: beside the data dir, not in it).
+    pub(crate) fn local_dir(&self, data_dir: &Path) -> PathBuf {
+        if let Some(dir) = &self.dir {
+            return dir.clone();
+        }
+        let mut sibling = data_dir.file_name().unwrap_or_default().to_owned();
+        sibling.push("-pools");
+        data_dir
+            .parent()
+            .unwrap_or(Path::new("/"))
+            .join(sibling)
+            .join(&self.name)
+    }
+}
+
+/// Checks the pools' rules; `data_dir` is the hub's (absolute).
+pub(super) fn problems(pools: &[PoolConfig], data_dir: &Path) -> Result<(), Problem> {
     let mut names = HashSet::new();
     for (i, p) in pools.iter().enumerate() {
         let at = |key: &str| format!("pool[{i}].{key}");
@@ -214,16 +277,68 @@ pub(super) fn problems(pools: &[PoolConfig]) -> Result<(), Problem> {
                 }
             }
             ProvisionerKind::Local | ProvisionerKind::Ec2 => {
-                for (key, v) in [
-                    ("start_command", &p.start_command),
-                    ("stop_command", &p.stop_command),
+                for (key, set) in [
+                    ("start_command", p.start_command.is_some()),
+                    ("stop_command", p.stop_command.is_some()),
+                    ("pass_env", !p.pass_env.is_empty()),
                 ] {
-                    if v.is_some() {
+                    if set {
                         return Err(Problem::new(
                             at(key),
                             format!("`{key}` is only for provisioner = \"command\""),
                         ));
                     }
+                }
+            }
+        }
+        for name in &p.pass_env {
+            let ok = !name.is_empty()
+                && !name.starts_with(|c: char| c.is_ascii_digit())
+                && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !ok {
+                return Err(Problem::new(
+                    at("pass_env"),
+                    format!("{name:?} is not an environment variable's name (A-Z, a-z, 0-9, '_')"),
+                ));
+            }
+        }
+        if p.provisioner == ProvisionerKind::Local {
+            if let Some(user) = &p.user {
+                if user.is_empty() || user == "root" || user.contains(['/', ':', '\0']) {
+                    return Err(Problem::new(
+                        at("user"),
+                        format!(
+                            "{user:?} cannot run pool agents: name an unprivileged user (default \
+                             {DEFAULT_POOL_USER:?})"
+                        ),
+                    ));
+                }
+            }
+            let dir = std::path::absolute(p.local_dir(data_dir)).unwrap_or_default();
+            if dir.starts_with(data_dir) || data_dir.starts_with(&dir) {
+                return Err(Problem::new(
+                    at("dir"),
+                    format!(
+                        "{} overlaps the hub's data dir {}: its agents' jobs could reach the \
+                         hub's secrets; choose a directory outside it (the default is \
+                         <data_dir>-pools/<name>)",
+                        dir.display(),
+                        data_dir.display()
+                    ),
+                ));
+            }
+        } else {
+            for (key, set) in [
+                ("agent_binary", p.agent_binary.is_some()),
+                ("user", p.user.is_some()),
+                ("dir", p.dir.is_some()),
+                ("sandbox", p.sandbox != AgentSandbox::default()),
+            ] {
+                if set {
+                    return Err(Problem::new(
+                        at(key),
+                        format!("`{key}` is only for provisioner = \"local\""),
+                    ));
                 }
             }
         }

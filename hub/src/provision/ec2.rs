@@ -1213,7 +1213,9 @@ tags = { team = "ci" }
         assert!(out.contains("LABELS='linux,big,pool-cloud'"));
         assert!(out.contains("JOBS='3'"));
         assert!(out.contains("NAME='cloud-7'"));
-        assert!(out.contains("enroll 'tf1_abc-_DEF'"));
+        // In the environment of `enroll`, never on its command line.
+        assert!(out.contains("ENROLLMENT='tf1_abc-_DEF'"));
+        assert!(out.contains("TRUNKFARM_ENROLLMENT=$ENROLLMENT \"$BIN\" enroll --name"));
         assert_eq!(out.matches("tf1_abc-_DEF").count(), 1);
         assert!(unknown_placeholders(DEFAULT_TEMPLATE).is_empty());
         assert!(DEFAULT_TEMPLATE.len() < MAX_USER_DATA - 1024);

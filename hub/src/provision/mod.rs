@@ -191,7 +191,8 @@ impl Pools {
             let provisioner: Arc<dyn Provisioner> = match p.provisioner {
                 ProvisionerKind::Local => Arc::new(local::Local::new(
                     config.data_dir().join("pools").join(&p.name),
-                    p.agent_binary.clone(),
+                    p,
+                    config.data_dir(),
                 )?),
                 ProvisionerKind::Command => Arc::new(local::Command::new(p.clone())),
                 ProvisionerKind::Ec2 => Arc::new(ec2::Ec2::new(
