@@ -174,7 +174,7 @@ timeout = "1m"
     assert!(jobs.len() >= 3, "a build and two tests: {jobs:#?}");
     let mut shown = format!("{jobs:#?}");
     for job in jobs {
-        let id = job["id"].as_u64().unwrap().to_string();
+        let id = job["job_id"].as_u64().unwrap().to_string();
         shown.push_str(&hub.cli_ok(&["job", "show", &id, "--json"]));
         shown.push_str(&hub.cli_ok(&["job", "log", &id]));
     }
