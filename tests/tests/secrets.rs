@@ -208,7 +208,7 @@ timeout = "1m"
 }
 
 #[test]
-fn the_hubs_data_and_mailbox_are_its_own() {
+fn the_hubs_data_and_mailbox_and_the_agents_state_are_their_own() {
     let mailbox = temp_dir("trunkfarm-e2e-mailbox-");
     let mail_dir = mailbox.path().join("mail");
     let hub = Hub::start_with(
@@ -232,15 +232,18 @@ fn the_hubs_data_and_mailbox_are_its_own() {
             .flatten()
             .find(|e| e.path().extension().is_some_and(|x| x == "eml"))
     });
-    // A job, its log and its result in the database too.
+    // A job, its log and its result in the database too, and the agent's
+    // state, cache and work dir; the job's own files get the usual umask.
     let mut agent = Agent::enroll(&hub, "a", &[]);
     agent.start(&[]);
     hub.wait_agents_connected(1);
-    let id = hub.submit(&["--", "echo", "hello"]);
-    hub.wait_job_finished(id, Duration::from_secs(60));
+    let id = hub.submit(&["--", "test \"$(umask)\" = 0022"]);
+    let job = hub.wait_job_finished(id, Duration::from_secs(60));
+    assert_eq!(job["outcome"], "passed", "{job:#}");
     let open: Vec<String> = open_to_others(&hub.data_dir)
         .into_iter()
         .chain(open_to_others(&mail_dir))
+        .chain(open_to_others(&agent.state_dir))
         .collect();
     assert!(
         open.is_empty(),

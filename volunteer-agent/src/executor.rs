@@ -963,15 +963,13 @@ impl Run {
         if let Some(remote) = remote {
             cmd.envs(remote.env());
         }
-        // The checkout's files get the donor's umask, as the job's do.
-        if let Some(mask) = crate::fsutil::job_umask() {
-            // SAFETY: umask(2) is async-signal-safe and allocates nothing.
-            unsafe {
-                cmd.pre_exec(move || {
-                    libc::umask(mask);
-                    Ok(())
-                });
-            }
+        // The checkout's files get the job's umask, as its commands' do.
+        // SAFETY: umask(2) is async-signal-safe and allocates nothing.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::umask(crate::fsutil::JOB_UMASK);
+                Ok(())
+            });
         }
         // ssh asks about unknown host keys on the terminal; never wait for it.
         if std::env::var_os("GIT_SSH_COMMAND").is_none() && std::env::var_os("GIT_SSH").is_none() {

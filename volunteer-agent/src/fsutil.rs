@@ -1,7 +1,7 @@
 //! File-system helpers shared by the executor, the artifact cache and the
 //! archive code: removing whole trees (including the read-only directories
 //! build tools leave behind) and making a rename durable; the agent's
-//! private umask and the donor's one its jobs keep.
+//! private umask and the one its jobs run with.
 
 use std::fs::File;
 use std::io;
@@ -9,27 +9,18 @@ use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 
-/// The umask the agent was started with, once [`private_umask`] replaced
-/// it; `u32::MAX` before.
-static DONOR_UMASK: AtomicU32 = AtomicU32::new(u32::MAX);
+/// The umask of a job's processes (its checkout and its commands): the
+/// usual 022 whatever umask the agent was started with (a donor's, systemd's
+/// `UMask=`, a hub's 077 for its pool agents), so that a build installs, and
+/// its runtime packs, the same file modes on every agent.
+pub(crate) const JOB_UMASK: libc::mode_t = 0o022;
 
 /// Gives the agent the umask 077: its state, results, logs, cache and
-/// jobs' directories are its user's alone. The donor's own umask is kept
-/// for the jobs ([`job_umask`]): what a build installs, and so the bytes of
-/// the runtime it packs, must not change with the agent's privacy.
+/// jobs' directories are its user's alone. Jobs' processes get
+/// [`JOB_UMASK`] instead.
 pub(crate) fn private_umask() {
     // SAFETY: umask(2) only swaps the process's file mode mask; it cannot fail.
-    let donor = unsafe { libc::umask(0o077) };
-    DONOR_UMASK.store(u32::from(donor), Ordering::Relaxed);
-}
-
-/// The umask a job's processes (its checkout and its commands) run with:
-/// the donor's, if [`private_umask`] replaced it.
-pub(crate) fn job_umask() -> Option<libc::mode_t> {
-    match DONOR_UMASK.load(Ordering::Relaxed) {
-        u32::MAX => None,
-        mask => libc::mode_t::try_from(mask).ok(),
-    }
+    unsafe { libc::umask(0o077) };
 }
 
 /// [`remove_tree`] on the blocking pool (a big tree takes a while).

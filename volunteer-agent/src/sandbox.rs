@@ -564,17 +564,14 @@ impl Confinement<'_> {
             .collect::<Result<_, _>>()
             .map_err(io::Error::other)?;
         let rlimits = self.rlimits.clone();
-        let umask = crate::fsutil::job_umask();
         let info_fd = info.as_ref().map(|(_, w)| w.as_raw_fd());
         // SAFETY: the closure runs between fork and exec and only makes
         // async-signal-safe calls (umask, open, write, close, setrlimit,
         // dup2, fcntl) on data prepared before the fork; it allocates nothing.
         unsafe {
             cmd.pre_exec(move || {
-                // The donor's umask, not the agent's private one.
-                if let Some(mask) = umask {
-                    libc::umask(mask);
-                }
+                // The job's umask, not the agent's private one.
+                libc::umask(crate::fsutil::JOB_UMASK);
                 for path in &join {
                     let fd = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
                     if fd < 0 {

@@ -16,7 +16,7 @@ use std::fmt::Write as _;
 use trunkfarm_proto::v1::TransitionKind;
 
 use crate::commit::short;
-use crate::results::Transition;
+use crate::results::{Commit, Transition};
 use crate::web::escape;
 
 /// Everything a mail about one transition needs besides the transition.
@@ -109,13 +109,7 @@ pub(crate) fn transition(t: &Transition, ctx: &Context<'_>) -> Rendered {
             if c.subject.is_empty() {
                 let _ = writeln!(text, "  {}", short(&c.sha));
             } else {
-                let _ = writeln!(
-                    text,
-                    "  {} {} ({})",
-                    short(&c.sha),
-                    untrusted(&c.subject),
-                    untrusted(&c.author)
-                );
+                let _ = writeln!(text, "  {}", culprit(c));
             }
         }
         if !t.culprits_error.is_empty() {
@@ -220,13 +214,7 @@ pub(crate) fn digest(
             }
         );
         for c in t.culprits.iter().take(5) {
-            let _ = writeln!(
-                text,
-                "    {} {} ({})",
-                short(&c.sha),
-                untrusted(&c.subject),
-                untrusted(&c.author)
-            );
+            let _ = writeln!(text, "    {}", culprit(c));
         }
         let _ = writeln!(text, "    {run_url}");
     }
@@ -252,6 +240,17 @@ pub(crate) fn test_mail(hub: &str) -> Rendered {
         text,
         html,
     }
+}
+
+/// A culprit commit as a mail lists it: short hash, subject, author (the
+/// last two written by whoever committed).
+fn culprit(c: &Commit) -> String {
+    format!(
+        "{} {} ({})",
+        short(&c.sha),
+        untrusted(&c.subject),
+        untrusted(&c.author)
+    )
 }
 
 /// The HTML part: the text, escaped, in a pre block, where only `links`
@@ -391,7 +390,6 @@ fn defang(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::results::Commit;
 
     fn went_red() -> Transition {
         Transition {

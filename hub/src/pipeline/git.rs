@@ -483,6 +483,7 @@ mod tests {
                 .env("GIT_HTTP_USER", user)
                 .env("GIT_HTTP_PASSWORD", password)
                 .stdout(Stdio::piped())
+                .stderr(Stdio::null())
                 .spawn()
                 .unwrap();
             let mut port = String::new();
