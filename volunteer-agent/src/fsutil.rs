@@ -7,7 +7,6 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
 
 /// The umask of a job's processes (its checkout and its commands): the
 /// usual 022 whatever umask the agent was started with (a donor's, systemd's
