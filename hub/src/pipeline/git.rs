@@ -2,8 +2,9 @@
 //! (no clone), and a commits-only mirror (`--filter=tree:0`, no file
 //! contents) to name the commits of a culprit range.
 //!
-//! Every call has a timeout, never prompts for credentials, and never shows
-//! a URL's password in an error or a log.
+//! Every call has a timeout, never prompts for credentials, never puts a
+//! URL's credentials on its command line (they reach git through its
+//! environment: `proto::gitauth`), and never shows them in an error or a log.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
