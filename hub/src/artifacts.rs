@@ -49,6 +49,9 @@ const DOWNLOAD_CHUNKS_IN_FLIGHT: usize = 4;
 /// The name every artifact file ends with.
 const FILE_SUFFIX: &str = ".tar.zst";
 
+/// How many bytes an upload writes between two checks of the reserve.
+const RECHECK_BYTES: u64 = 8 * 1024 * 1024;
+
 /// Subdirectory for uploads in progress.
 const TMP_DIR: &str = "tmp";
 
@@ -625,8 +628,11 @@ impl Artifacts {
                 already_present: true,
             });
         }
-        // Only bytes not stored yet need room (a known hash is drained above).
-        self.inner.space.admit("artifacts", size)?;
+        // Only bytes not stored yet need room (a known hash is drained
+        // above); they stay promised until written, so that concurrent
+        // uploads together cannot cut into the reserve.
+        let mut promise = self.inner.space.reserve("artifacts", size)?;
+        let mut checked = 0u64;
 
         let mut temp = self.create_temp(&sha).await?;
         let mut hasher = Sha256::new();
@@ -655,6 +661,12 @@ impl Artifacts {
                 .write_all(&data)
                 .await
                 .map_err(ArtifactError::io("write", &temp.path))?;
+            promise.wrote(data.len() as u64);
+            if received - checked >= RECHECK_BYTES {
+                // Something else may have filled the disk meanwhile.
+                checked = received;
+                promise.still_fits()?;
+            }
         }
         if received != size {
             return Err(ArtifactError::TooShort {
@@ -1144,6 +1156,78 @@ mod tests {
             .unwrap();
         assert!(!got.already_present);
         sha
+    }
+
+    #[tokio::test]
+    async fn concurrent_uploads_that_fit_alone_but_not_together_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db")).unwrap();
+        // 100 KiB free above a 10 KiB reserve (a disk nothing else writes
+        // to, and which does not see what the uploads write).
+        let space = DataDir::with_free_space(dir.path(), 10 << 10, || 110 << 10);
+        let a = Artifacts::open(&store, dir.path().join("artifacts"), MAX_BYTES, space).unwrap();
+        let first = vec![1u8; 60 << 10];
+        let second = vec![2u8; 60 << 10];
+
+        // The first upload announces 60 KiB, then stalls before its data.
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tx.send(Ok(ArtifactChunk {
+            meta: Some(ArtifactMeta {
+                sha256: sha_of(&first),
+                size: first.len() as u64,
+                job: Some(JobRef {
+                    job_id: 7,
+                    attempt: 1,
+                }),
+            }),
+            data: Vec::new(),
+        }))
+        .await
+        .unwrap();
+        let receiving = {
+            let a = a.clone();
+            tokio::spawn(async move {
+                a.receive(
+                    "ag_1",
+                    tokio_stream::wrappers::ReceiverStream::new(rx),
+                    build("rt", "linux"),
+                )
+                .await
+            })
+        };
+        let promised = async {
+            while a.inner.space.admit("jobs", 50 << 10).is_ok() {
+                tokio::task::yield_now().await;
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(10), promised)
+            .await
+            .expect("the first upload promises its bytes");
+
+        // The second fits alone, not beside the first's 60 KiB still to come.
+        let e = a
+            .receive(
+                "ag_2",
+                upload(&sha_of(&second), second.len() as u64, &second, 1000),
+                build("rt", "linux"),
+            )
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("below hub.min_free_space"), "{e}");
+        assert!(e.contains("promised to uploads in progress"), "{e}");
+
+        tx.send(Ok(ArtifactChunk {
+            meta: None,
+            data: first.clone(),
+        }))
+        .await
+        .unwrap();
+        drop(tx);
+        assert!(!receiving.await.unwrap().unwrap().already_present);
+        // Once the first is written (the fake disk did not shrink), the
+        // second has room again.
+        store_one(&a, &second, "rt", "linux").await;
     }
 
     async fn fetch(a: &Artifacts, sha: &str, agent: &str) -> Result<Vec<u8>, ArtifactError> {

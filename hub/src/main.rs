@@ -8,9 +8,11 @@
 // could use (clippy runs with -D warnings, so this is enforced).
 #![warn(unreachable_pub)]
 
-// Shared leaf types: what a job is for, how a commit is written for people.
+// Shared leaf types: what a job is for, how a commit is written for people,
+// the configured repositories' credentials.
 mod commit;
 mod job_key;
+mod repo_credentials;
 
 // Under everything: the database, the config, the disk's reserve.
 mod store;
@@ -64,5 +66,10 @@ mod demo;
 mod bench;
 
 fn main() -> std::process::ExitCode {
+    // Whatever the hub writes (database, artifacts, logs, mails, pool
+    // agents' dirs, demo and bench files) is its user's alone, whatever
+    // umask it was started with.
+    // SAFETY: umask(2) only swaps the process's file mode mask; it cannot fail.
+    unsafe { libc::umask(0o077) };
     cli::main()
 }

@@ -27,6 +27,7 @@ use crate::logs::JobLogs;
 use crate::notify::Notifier;
 use crate::pipeline::Pipeline;
 use crate::provision::Pools;
+use crate::repo_credentials::RepoCredentials;
 use crate::results::Results;
 use crate::space::DataDir;
 use crate::store::Store;
@@ -123,8 +124,16 @@ impl Hub {
             }
         };
         let data_dir = cfg.data_dir().to_path_buf();
-        std::fs::create_dir_all(&data_dir)
+        // The database, artifacts, logs and pool agents' state are the
+        // hub's alone (the process umask is 077 too: see main.rs).
+        let opened = secret::private_dir(&data_dir)
             .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
+        if let Some(mode) = opened {
+            tracing::warn!(
+                "the data dir {} was open to other users (mode {mode:o}); it is now 0700",
+                data_dir.display()
+            );
+        }
         let info_path = data_dir.join(HUB_INFO_FILE);
         // A stale file from a killed hub must not point clients at nothing.
         let _ = std::fs::remove_file(&info_path);
@@ -149,6 +158,12 @@ impl Hub {
                 max_job_timeout: d.max_job_timeout,
                 timeout_grace: d.timeout_grace,
                 space: space.clone(),
+                repo_credentials: RepoCredentials::from_urls(
+                    cfg.upstreams
+                        .iter()
+                        .map(|u| u.url.as_str())
+                        .chain(cfg.projects.iter().map(|p| p.url.as_str())),
+                ),
             },
         )?;
         let artifacts = Artifacts::open(

@@ -9,23 +9,31 @@
 //! work (cheap: one system call), and if the database failed anyway, `serve`
 //! restarts the process once the data dir takes writes again (see
 //! [`DataDir::writable_now`]).
+//!
+//! An upload's bytes are promised before they are written
+//! ([`DataDir::reserve`]): each check counts what uploads in progress
+//! announced and have not written yet, so that many uploads, each fitting
+//! alone, cannot together cut into the reserve.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 /// Why new work is refused. The message says what is wrong and what to do.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub(crate) enum SpaceError {
     /// Free space is below the reserve.
     #[error(
-        "the hub's data dir {dir} has {free} free, below hub.min_free_space ({min}): it takes no new {what} until space is freed there (or the reserve lowered); nothing it holds is lost, and running jobs still report"
+        "the hub's data dir {dir} has {free} free{promised}, below hub.min_free_space ({min}): it takes no new {what} until space is freed there (or the reserve lowered); nothing it holds is lost, and running jobs still report"
     )]
     Low {
         /// The data dir.
         dir: String,
         /// Free bytes, human.
         free: String,
+        /// What of it uploads in progress will still write, as
+        /// `" (… of it promised to uploads in progress)"`, or empty.
+        promised: String,
         /// The reserve, human.
         min: String,
         /// What was refused ("jobs", "artifacts", ...).
@@ -86,12 +94,62 @@ pub(crate) struct DataDir {
     inner: Arc<Inner>,
 }
 
-#[derive(Debug)]
+/// How the room of the data dir is read: [`room`], or a test's own.
+type Probe = Arc<dyn Fn(&Path) -> std::io::Result<Room> + Send + Sync>;
+
 struct Inner {
     dir: PathBuf,
     min_free: u64,
     /// Whether the last check refused (so a change is logged once).
     refusing: AtomicBool,
+    /// Bytes uploads in progress announced and have not written yet; each
+    /// check holds the lock from reading the room to promising more.
+    promised: Mutex<u64>,
+    probe: Probe,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DataDir")
+            .field("dir", &self.dir)
+            .field("min_free", &self.min_free)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Bytes of one upload promised against the reserve until written (or the
+/// upload ends, when what is left is released).
+#[derive(Debug)]
+pub(crate) struct Promise {
+    space: DataDir,
+    what: &'static str,
+    /// Promised and not written yet.
+    left: u64,
+}
+
+impl Promise {
+    /// `n` more bytes were written: the file system counts them now.
+    pub(crate) fn wrote(&mut self, n: u64) {
+        let n = n.min(self.left);
+        self.left -= n;
+        let mut promised = self.space.promised();
+        *promised = promised.saturating_sub(n);
+    }
+
+    /// Checks the reserve again while the upload streams (something else
+    /// may have filled the disk meanwhile); this upload's own bytes still
+    /// to come count.
+    pub(crate) fn still_fits(&self) -> Result<(), SpaceError> {
+        let promised = self.space.promised();
+        self.space.verdict(self.what, 0, *promised)
+    }
+}
+
+impl Drop for Promise {
+    fn drop(&mut self) {
+        let mut promised = self.space.promised();
+        *promised = promised.saturating_sub(self.left);
+    }
 }
 
 fn human(bytes: u64) -> String {
@@ -101,29 +159,99 @@ fn human(bytes: u64) -> String {
 impl DataDir {
     /// Watches `dir`, keeping `min_free` bytes in reserve.
     pub(crate) fn new(dir: &Path, min_free: u64) -> DataDir {
+        DataDir::with_probe(dir, min_free, Arc::new(room))
+    }
+
+    /// [`DataDir::new`] reading the room with `probe`.
+    fn with_probe(dir: &Path, min_free: u64, probe: Probe) -> DataDir {
         DataDir {
             inner: Arc::new(Inner {
                 dir: dir.to_path_buf(),
                 min_free,
                 refusing: AtomicBool::new(false),
+                promised: Mutex::new(0),
+                probe,
             }),
         }
     }
 
+    /// A data dir whose free space is whatever `free` says (tests of
+    /// concurrent uploads need a disk that does not change under them).
+    #[cfg(test)]
+    pub(crate) fn with_free_space(
+        dir: &Path,
+        min_free: u64,
+        free: impl Fn() -> u64 + Send + Sync + 'static,
+    ) -> DataDir {
+        DataDir::with_probe(
+            dir,
+            min_free,
+            Arc::new(move |_: &Path| {
+                Ok(Room {
+                    free: free(),
+                    read_only: false,
+                })
+            }),
+        )
+    }
+
+    fn promised(&self) -> MutexGuard<'_, u64> {
+        // A plain number: a panic elsewhere cannot leave it half-written.
+        self.inner
+            .promised
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     /// Whether new work of `size` bytes (0 when small) may be taken: refused
-    /// when the reserve would be cut into or the dir is read-only. Logs when
-    /// the answer changes.
+    /// when the reserve would be cut into (counting what uploads in
+    /// progress will still write) or the dir is read-only. Logs when the
+    /// answer changes.
     pub(crate) fn admit(&self, what: &'static str, size: u64) -> Result<(), SpaceError> {
+        let promised = self.promised();
+        self.verdict(what, size, *promised)
+    }
+
+    /// Like [`DataDir::admit`] for an upload of `size` bytes, which are then
+    /// promised (counted by every later check) until written or the
+    /// returned [`Promise`] is dropped.
+    pub(crate) fn reserve(&self, what: &'static str, size: u64) -> Result<Promise, SpaceError> {
+        let mut promised = self.promised();
+        self.verdict(what, size, *promised)?;
+        *promised = promised.saturating_add(size);
+        Ok(Promise {
+            space: self.clone(),
+            what,
+            left: size,
+        })
+    }
+
+    /// The check itself, with `promised` bytes still to be written by
+    /// uploads in progress.
+    fn verdict(&self, what: &'static str, size: u64, promised: u64) -> Result<(), SpaceError> {
         let dir = self.inner.dir.display().to_string();
-        let verdict = match room(&self.inner.dir) {
+        let needed = self
+            .inner
+            .min_free
+            .saturating_add(size)
+            .saturating_add(promised);
+        let verdict = match (self.inner.probe)(&self.inner.dir) {
             Err(e) => Err(SpaceError::Unknown {
                 dir,
                 reason: e.to_string(),
             }),
             Ok(r) if r.read_only => Err(SpaceError::ReadOnly { dir, what }),
-            Ok(r) if r.free < self.inner.min_free.saturating_add(size) => Err(SpaceError::Low {
+            Ok(r) if r.free < needed => Err(SpaceError::Low {
                 dir,
                 free: human(r.free),
+                promised: if promised == 0 {
+                    String::new()
+                } else {
+                    format!(
+                        " ({} of it promised to uploads in progress)",
+                        human(promised)
+                    )
+                },
                 min: human(self.inner.min_free),
                 what,
             }),
@@ -187,6 +315,36 @@ mod tests {
         assert!(d.writable_now());
         // The probe leaves nothing behind.
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn bytes_promised_to_uploads_count_until_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let free = Arc::new(std::sync::atomic::AtomicU64::new(100));
+        let d = {
+            let free = free.clone();
+            DataDir::with_free_space(dir.path(), 10, move || free.load(Ordering::Relaxed))
+        };
+        let mut first = d.reserve("artifacts", 60).unwrap();
+        let e = d.reserve("artifacts", 60).unwrap_err().to_string();
+        assert!(
+            e.contains("has 100 B free (60 B of it promised to uploads in progress), below hub.min_free_space (10 B)"),
+            "{e}"
+        );
+        assert!(d.admit("jobs", 0).is_ok());
+        // Written bytes leave the promise as the file system counts them.
+        first.wrote(50);
+        free.store(50, Ordering::Relaxed);
+        first.still_fits().unwrap();
+        assert!(d.reserve("artifacts", 31).is_err());
+        let second = d.reserve("artifacts", 30).unwrap();
+        // Something else filled the disk: the streams learn it.
+        free.store(30, Ordering::Relaxed);
+        assert!(first.still_fits().is_err());
+        drop(first);
+        drop(second);
+        assert_eq!(*d.promised(), 0);
+        d.reserve("artifacts", 20).unwrap();
     }
 
     #[test]

@@ -5,6 +5,8 @@
 //! * [`enrollment`]: the one string a volunteer pastes to enroll a machine.
 //! * [`codec`]: prost with small per-stream buffers (idle sessions are cheap).
 //! * [`dial`]: connecting to a hub over TLS pinned to its CA fingerprint.
+//! * [`gitauth`]: credentials in git URLs handed to git through the
+//!   environment, never its command line; URL redaction.
 //! * [`settings`]: strict TOML settings shared by hub and agent — errors that
 //!   name the file, line and dotted key; human durations and sizes.
 //!
@@ -14,6 +16,7 @@ pub mod addr;
 pub mod codec;
 pub mod dial;
 pub mod enrollment;
+pub mod gitauth;
 pub mod platform;
 pub mod settings;
 

@@ -99,6 +99,11 @@ impl Repos {
         self.dir.path().join(name)
     }
 
+    /// The directory holding every repository (what a server serves).
+    pub fn root(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
     /// A new repository `name` with `files`, in one commit.
     pub fn create(&self, name: &str, files: &[(&str, &str)], message: &str) {
         let dir = self.path(name);
@@ -149,6 +154,16 @@ impl Repos {
     /// The hub config polling these repositories every 200 ms (plus
     /// `extra`, appended as it is).
     pub fn config(&self, extra: &str) -> String {
+        self.config_with(|name| self.path(name).display().to_string(), extra)
+    }
+
+    /// [`Repos::config`] with the repositories reached at
+    /// `<base_url>/<name>` (a server serving [`Repos::root`]).
+    pub fn config_served(&self, base_url: &str, extra: &str) -> String {
+        self.config_with(|name| format!("{base_url}/{name}"), extra)
+    }
+
+    fn config_with(&self, url: impl Fn(&str) -> String, extra: &str) -> String {
         let mut toml = format!(
             r#"
 [pipeline]
@@ -161,7 +176,7 @@ poll_interval = "200ms"
 build = ["mkdir -p \"$PREFIX/bin\"", "cp rt.sh \"$PREFIX/bin/rt\"", "chmod +x \"$PREFIX/bin/rt\""]
 build_timeout = "1m"
 "#,
-            rt = self.path("rt").display(),
+            rt = url("rt"),
         );
         for p in &self.projects {
             toml.push_str(&format!(
@@ -173,7 +188,7 @@ poll_interval = "200ms"
 test = ["sh test.sh"]
 timeout = "1m"
 "#,
-                url = self.path(p).display(),
+                url = url(p),
             ));
             if *p == "shouter" {
                 toml.push_str(&format!(

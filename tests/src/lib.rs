@@ -37,6 +37,7 @@ pub use tonic;
 pub use trunkfarm_proto as proto;
 
 pub mod farm;
+pub mod git_http;
 pub mod hostile;
 pub mod moto;
 pub mod smtp;

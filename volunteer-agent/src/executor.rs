@@ -42,6 +42,7 @@ use tokio::process::Command;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use trunkfarm_proto::gitauth::{GitRemote, redact_url};
 use trunkfarm_proto::settings::fmt_bytes;
 use trunkfarm_proto::v1::{JobRef, JobSpec, LogStream, Outcome, ReportFile, Repository};
 
@@ -830,6 +831,10 @@ impl Run {
         if rev.starts_with('-') || rev.chars().any(|c| c.is_control() || c.is_whitespace()) {
             return Err(fail(format!("invalid revision {rev:?}")));
         }
+        // The URL's credentials go to the fetches through their environment,
+        // never their arguments (`ps` shows those to every local user).
+        let remote = GitRemote::parse(url).map_err(|e| fail(e.to_string()))?;
+        let url = remote.url();
         self.sink.system(&format!(
             "[trunkfarm: checking out {shown_url} at {shown_rev}]\n"
         ));
@@ -838,6 +843,7 @@ impl Run {
             .git(
                 workdir,
                 [OsStr::new("init"), OsStr::new("-q"), src.as_os_str()],
+                None,
             )
             .await?;
         if !end.succeeded() {
@@ -849,6 +855,7 @@ impl Run {
             .git(
                 src,
                 ["fetch", "--depth", "1", "--no-tags", "--", url, wanted].map(OsStr::new),
+                Some(&remote),
             )
             .await?;
         let commit = if shallow.succeeded() {
@@ -866,7 +873,9 @@ impl Run {
             if rev.is_empty() {
                 args.push("+HEAD:refs/trunkfarm/default");
             }
-            let full = self.git(src, args.iter().map(OsStr::new)).await?;
+            let full = self
+                .git(src, args.iter().map(OsStr::new), Some(&remote))
+                .await?;
             if !full.succeeded() {
                 return Err(fail(git_error(&full)));
             }
@@ -886,6 +895,7 @@ impl Run {
                     .git(
                         src,
                         ["rev-parse", "--verify", "--quiet", &spec].map(OsStr::new),
+                        None,
                     )
                     .await?;
                 if end.succeeded() {
@@ -914,12 +924,15 @@ impl Run {
                     &commit,
                 ]
                 .map(OsStr::new),
+                None,
             )
             .await?;
         if !end.succeeded() {
             return Err(fail(git_error(&end)));
         }
-        let end = self.git(src, ["rev-parse", "HEAD"].map(OsStr::new)).await?;
+        let end = self
+            .git(src, ["rev-parse", "HEAD"].map(OsStr::new), None)
+            .await?;
         let head = String::from_utf8_lossy(&end.stdout_tail).trim().to_owned();
         self.sink
             .system(&format!("[trunkfarm: checked out {head}]\n"));
@@ -927,8 +940,15 @@ impl Run {
     }
 
     /// Runs one git command in `dir`, its output going to the log as system
-    /// lines. A stop or a git that cannot be started ends the job (`Err`).
-    async fn git<I, S>(&mut self, dir: &Path, args: I) -> Result<ProcEnd, Finish>
+    /// lines. A command talking to `remote` gets its credentials through its
+    /// own environment (only git's: the job's commands never see them). A
+    /// stop or a git that cannot be started ends the job (`Err`).
+    async fn git<I, S>(
+        &mut self,
+        dir: &Path,
+        args: I,
+        remote: Option<&GitRemote>,
+    ) -> Result<ProcEnd, Finish>
     where
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
@@ -940,6 +960,17 @@ impl Run {
         cmd.args(args)
             .current_dir(dir)
             .env("GIT_TERMINAL_PROMPT", "0");
+        if let Some(remote) = remote {
+            cmd.envs(remote.env());
+        }
+        // The checkout's files get the job's umask, as its commands' do.
+        // SAFETY: umask(2) is async-signal-safe and allocates nothing.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::umask(crate::fsutil::JOB_UMASK);
+                Ok(())
+            });
+        }
         // ssh asks about unknown host keys on the terminal; never wait for it.
         if std::env::var_os("GIT_SSH_COMMAND").is_none() && std::env::var_os("GIT_SSH").is_none() {
             cmd.env("GIT_SSH_COMMAND", "ssh -o BatchMode=yes");
@@ -1423,19 +1454,6 @@ fn git_error(end: &ProcEnd) -> String {
         Some(Err(e)) => format!("git: {e}"),
         None => "git did not exit".to_owned(),
     }
-}
-
-/// Hides the credentials of a URL (`https://user:token@host/...`) before it
-/// is written to a log or a detail.
-fn redact_url(url: &str) -> String {
-    if let Some(scheme_end) = url.find("://") {
-        let rest = &url[scheme_end + 3..];
-        let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-        if let Some(at) = rest[..authority_end].rfind('@') {
-            return format!("{}://***@{}", &url[..scheme_end], &rest[at + 1..]);
-        }
-    }
-    url.to_owned()
 }
 
 /// A command shortened for a detail: trimmed, at most [`DETAIL_COMMAND_MAX`]
@@ -2174,17 +2192,6 @@ mod tests {
         spec.repository = Some(Repository::default());
         let (out, _) = run(&spec, root.path()).await;
         assert_eq!(out.outcome, Outcome::Passed, "{out:?}");
-    }
-
-    #[test]
-    fn urls_are_redacted() {
-        assert_eq!(
-            redact_url("https://u:tok@host/r.git"),
-            "https://***@host/r.git"
-        );
-        assert_eq!(redact_url("https://host/r@x"), "https://host/r@x");
-        assert_eq!(redact_url("git@host:r.git"), "git@host:r.git");
-        assert_eq!(redact_url("/local/path"), "/local/path");
     }
 
     #[test]

@@ -1,11 +1,26 @@
 //! File-system helpers shared by the executor, the artifact cache and the
 //! archive code: removing whole trees (including the read-only directories
-//! build tools leave behind) and making a rename durable.
+//! build tools leave behind) and making a rename durable; the agent's
+//! private umask and the one its jobs run with.
 
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
+
+/// The umask of a job's processes (its checkout and its commands): the
+/// usual 022 whatever umask the agent was started with (a donor's, systemd's
+/// `UMask=`, a hub's 077 for its pool agents), so that a build installs, and
+/// its runtime packs, the same file modes on every agent.
+pub(crate) const JOB_UMASK: libc::mode_t = 0o022;
+
+/// Gives the agent the umask 077: its state, results, logs, cache and
+/// jobs' directories are its user's alone. Jobs' processes get
+/// [`JOB_UMASK`] instead.
+pub(crate) fn private_umask() {
+    // SAFETY: umask(2) only swaps the process's file mode mask; it cannot fail.
+    unsafe { libc::umask(0o077) };
+}
 
 /// [`remove_tree`] on the blocking pool (a big tree takes a while).
 pub(crate) async fn remove_tree_async(path: PathBuf) -> io::Result<()> {

@@ -65,6 +65,7 @@ fn main() -> ExitCode {
     // On a usage error clap prints it and exits with code 2.
     let cli = Cli::parse();
     init_tracing();
+    fsutil::private_umask();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -566,10 +566,12 @@ impl Confinement<'_> {
         let rlimits = self.rlimits.clone();
         let info_fd = info.as_ref().map(|(_, w)| w.as_raw_fd());
         // SAFETY: the closure runs between fork and exec and only makes
-        // async-signal-safe calls (open, write, close, setrlimit, dup2,
-        // fcntl) on data prepared before the fork; it allocates nothing.
+        // async-signal-safe calls (umask, open, write, close, setrlimit,
+        // dup2, fcntl) on data prepared before the fork; it allocates nothing.
         unsafe {
             cmd.pre_exec(move || {
+                // The job's umask, not the agent's private one.
+                libc::umask(crate::fsutil::JOB_UMASK);
                 for path in &join {
                     let fd = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
                     if fd < 0 {

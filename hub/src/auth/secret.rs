@@ -47,6 +47,25 @@ pub(crate) fn split_credential(presented: &str) -> Option<(&str, &str)> {
     (!id.is_empty() && !secret.is_empty()).then_some((id, secret))
 }
 
+/// Makes `dir` (and its missing parents) a directory only its owner may
+/// enter: created with mode 0700, or, if it exists with group or other
+/// permissions (an older hub, a directory made by hand), closed to 0700.
+/// Returns the mode it had when that was wider, for the caller to warn
+/// about under its own config key.
+pub(crate) fn private_dir(dir: &Path) -> std::io::Result<Option<u32>> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let mode = std::fs::metadata(dir)?.permissions().mode() & 0o7777;
+    if mode & 0o077 == 0 {
+        return Ok(None);
+    }
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    Ok(Some(mode))
+}
+
 /// Writes `contents` to `path` with mode 0600, atomically, so a crash never
 /// leaves a half-written secret file.
 pub(crate) fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
@@ -140,6 +159,23 @@ mod tests {
         assert_eq!(split_credential("ag_1.xyz"), Some(("ag_1", "xyz")));
         assert_eq!(split_credential("ag_1."), None);
         assert_eq!(split_credential("nodot"), None);
+    }
+
+    #[test]
+    fn a_private_dir_is_created_closed_and_an_open_one_is_closed() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let fresh = tmp.path().join("a/b");
+        assert_eq!(private_dir(&fresh).unwrap(), None);
+        let mode = std::fs::metadata(&fresh).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+        let open = tmp.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert_eq!(private_dir(&open).unwrap(), Some(0o755));
+        let mode = std::fs::metadata(&open).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+        assert_eq!(private_dir(&open).unwrap(), None);
     }
 
     #[test]

@@ -277,7 +277,9 @@ pub(crate) fn load_or_create(
     write_atomic(
         &tls_dir.join(SERVER_CERT_FILE),
         identity.cert_chain_pem.as_bytes(),
-        0o644,
+        // Public, yet the hub's like all of its data dir (nothing under it
+        // is open to other users).
+        0o600,
     )?;
     Ok(identity)
 }
@@ -426,7 +428,7 @@ fn create_ca(cert_path: &Path, key_path: &Path) -> Result<Ca, TlsError> {
     let pem = cert.pem();
     // Key first: `ca.pem` appearing is what marks the CA as existing.
     write_atomic(key_path, key.serialize_pem().as_bytes(), 0o600)?;
-    write_atomic(cert_path, pem.as_bytes(), 0o644)?;
+    write_atomic(cert_path, pem.as_bytes(), 0o600)?;
     Ok(Ca {
         pem,
         der: cert.der().clone(),

@@ -304,6 +304,10 @@ fn check_url(key: &str, url: &str) -> Result<(), Problem> {
             format!("{url:?} starts with '-', which git would read as an option"),
         ));
     }
+    // Credentials in the URL go to git through its environment; say now if
+    // they cannot.
+    trunkfarm_proto::gitauth::GitRemote::parse(url)
+        .map_err(|e| Problem::new(key.to_owned(), e.to_string()))?;
     Ok(())
 }
 

@@ -101,6 +101,11 @@ impl JobRecord {
         s: &DispatchSettings,
     ) -> Result<JobRecord, DispatchError> {
         let mut spec = JobSpecRecord::from(spec);
+        if let Some(repo) = spec.repository.as_mut()
+            && let Some(plain) = s.repo_credentials.strip(&repo.url)
+        {
+            repo.url = plain;
+        }
         if spec.commands.is_empty() || spec.commands.iter().all(|c| c.trim().is_empty()) {
             return Err(DispatchError::InvalidJob(
                 "the job has no command: give at least one (e.g. `trunkfarm job run -- make test`)"
@@ -564,13 +569,15 @@ impl OpenJobs {
     /// Leases an open job to `agent_id` (its next attempt) until
     /// `deadline`, and at most for its timeout plus `timeout_grace`; `None`
     /// if it is not open. Written first: on a write error nothing changes.
+    /// The assignment's repository URL gets back the configured credentials
+    /// the stored spec was stripped of.
     pub(super) fn lease(
         &mut self,
         table: &JobTable,
         id: u64,
         agent_id: &str,
         deadline: Instant,
-        timeout_grace: Duration,
+        settings: &DispatchSettings,
     ) -> Result<Option<Assignment>, StoreError> {
         let Some(mut rec) = self.open.get(&id).cloned() else {
             return Ok(None);
@@ -587,9 +594,15 @@ impl OpenJobs {
             uploaded_sha256: String::new(),
         });
         table.persist(&rec)?;
+        let mut spec: JobSpec = rec.spec.clone().into();
+        if let Some(repo) = spec.repository.as_mut()
+            && let Some(full) = settings.repo_credentials.restore(&repo.url)
+        {
+            repo.url = full.to_owned();
+        }
         let assignment = Assignment {
             job: Some(rec.job_ref()),
-            spec: Some(rec.spec.clone().into()),
+            spec: Some(spec),
         };
         self.leases.insert(
             id,
@@ -597,7 +610,7 @@ impl OpenJobs {
                 agent_id: agent_id.to_owned(),
                 attempt: rec.attempt,
                 deadline,
-                ends_at: ends_at(rec.spec.timeout_secs, leased_at_ms, timeout_grace),
+                ends_at: ends_at(rec.spec.timeout_secs, leased_at_ms, settings.timeout_grace),
             },
         );
         self.open.insert(id, rec);

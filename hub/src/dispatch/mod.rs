@@ -37,6 +37,7 @@ pub(crate) use sessions::Outgoing;
 pub(crate) use sessions::{AgentTx, ConnectedAgent, Hello, JobBudget};
 
 use crate::logs::JobLogs;
+use crate::repo_credentials::RepoCredentials;
 use crate::space::{DataDir, SpaceError};
 use crate::store::{Store, StoreError};
 use jobs::{Cancelled, OpenJobs, Recorded};
@@ -59,6 +60,9 @@ pub(crate) struct DispatchSettings {
     pub(crate) timeout_grace: Duration,
     /// The data dir's reserve: new jobs are refused when it is cut into.
     pub(crate) space: DataDir,
+    /// The configured repositories' credentials: stripped from stored job
+    /// specs, put back into assignments.
+    pub(crate) repo_credentials: RepoCredentials,
 }
 
 /// Errors callers turn into gRPC statuses.
@@ -300,7 +304,7 @@ impl Dispatcher {
                 id,
                 &agent_id,
                 deadline,
-                self.shared.settings.timeout_grace,
+                &self.shared.settings,
             ) {
                 Ok(Some(assignment)) => {
                     sessions.assign(&agent_id, id, assignment, &mut eff.messages)
@@ -735,6 +739,7 @@ pub(crate) mod tests {
             max_job_timeout: Duration::from_secs(3600),
             timeout_grace: Duration::from_secs(60),
             space: DataDir::new(&std::env::temp_dir(), 0),
+            repo_credentials: Default::default(),
         }
     }
 
@@ -816,6 +821,57 @@ pub(crate) mod tests {
             exit_code: Some(0),
             ..Default::default()
         }
+    }
+
+    #[tokio::test]
+    async fn configured_repository_credentials_reach_the_agent_but_not_the_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let full = "https://ci:pw-Secret9@git.example.org/rt.git";
+        let store = Store::open(dir.path()).unwrap();
+        let logs = Arc::new(JobLogs::open(&store, 1 << 20).unwrap());
+        let d = Dispatcher::open(
+            &store,
+            logs,
+            DispatchSettings {
+                repo_credentials: RepoCredentials::from_urls([full]),
+                ..settings(5000)
+            },
+        )
+        .unwrap();
+        let mut with_repo = spec(&[]);
+        with_repo.repository = Some(trunkfarm_proto::v1::Repository {
+            url: full.into(),
+            rev: "main".into(),
+        });
+        let id = d.submit(with_repo, 1).await.unwrap();
+        let stored = d.get(id).unwrap().unwrap();
+        assert_eq!(
+            stored.spec.repository.unwrap().url,
+            "https://git.example.org/rt.git"
+        );
+        store.commit().await.unwrap();
+        let mut bytes = Vec::new();
+        for entry in std::fs::read_dir(dir.path()).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_file() {
+                bytes.extend(std::fs::read(&path).unwrap());
+            }
+        }
+        assert!(
+            !String::from_utf8_lossy(&bytes).contains("pw-Secret9"),
+            "the database holds the password"
+        );
+
+        let mut rx = agent(&d, "a", 1, &[], &[]).await;
+        let sent = std::iter::from_fn(|| rx.try_recv().ok())
+            .find_map(|msg| match *msg {
+                Ok(HubMessage {
+                    msg: Some(Msg::Assign(a)),
+                }) => a.spec,
+                _ => None,
+            })
+            .expect("the job is assigned");
+        assert_eq!(sent.repository.unwrap().url, full);
     }
 
     #[tokio::test]

@@ -66,8 +66,15 @@ impl Transport {
     /// password file, a bad CA) say which key to fix.
     pub(crate) fn from_config(smtp: &SmtpSection) -> Result<Transport, String> {
         if let Some(dir) = &smtp.mailbox_dir {
-            std::fs::create_dir_all(dir)
+            // Its mails hold working unsubscribe links: the hub's user only.
+            let opened = crate::auth::secret::private_dir(dir)
                 .map_err(|e| format!("cannot create smtp.mailbox_dir {}: {e}", dir.display()))?;
+            if let Some(mode) = opened {
+                tracing::warn!(
+                    "smtp.mailbox_dir {} was open to other users (mode {mode:o}); it is now 0700",
+                    dir.display()
+                );
+            }
             return Ok(Transport::Mailbox {
                 transport: AsyncFileTransport::new(dir),
                 dir: dir.clone(),

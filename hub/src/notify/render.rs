@@ -1,13 +1,22 @@
 //! What a mail says: subject, plain text and an HTML part, for a transition
 //! (went red, fixed), a still-red reminder, a failed runtime build, a digest
 //! and a test mail. Pure functions of their inputs, so they are easy to test.
+//!
+//! Much of a mail is written by others: the log tail and the test names
+//! come from a job (a hostile test suite can print anything), commit
+//! subjects and authors from a repository, a culprit error from git. All of
+//! it goes through [`untrusted`] — terminal escapes and other control
+//! characters removed, URLs defanged (`https[:]//…`) so that a mail client
+//! that links plain text does not — and in the HTML part only the URLs the
+//! hub made (the run, the history, unsubscribe) are links: a job cannot put
+//! a phishing link into a mail that comes from the hub.
 
 use std::fmt::Write as _;
 
 use trunkfarm_proto::v1::TransitionKind;
 
 use crate::commit::short;
-use crate::results::Transition;
+use crate::results::{Commit, Transition};
 use crate::web::escape;
 
 /// Everything a mail about one transition needs besides the transition.
@@ -100,11 +109,11 @@ pub(crate) fn transition(t: &Transition, ctx: &Context<'_>) -> Rendered {
             if c.subject.is_empty() {
                 let _ = writeln!(text, "  {}", short(&c.sha));
             } else {
-                let _ = writeln!(text, "  {} {} ({})", short(&c.sha), c.subject, c.author);
+                let _ = writeln!(text, "  {}", culprit(c));
             }
         }
         if !t.culprits_error.is_empty() {
-            let _ = writeln!(text, "  ({})", t.culprits_error);
+            let _ = writeln!(text, "  ({})", untrusted(&t.culprits_error));
         }
         let _ = writeln!(text);
         if t.project_commit_changed {
@@ -129,7 +138,7 @@ pub(crate) fn transition(t: &Transition, ctx: &Context<'_>) -> Rendered {
             let _ = writeln!(text);
             let _ = writeln!(text, "Newly failing tests:");
             for name in t.newly_failing.iter().take(50) {
-                let _ = writeln!(text, "  {name}");
+                let _ = writeln!(text, "  {}", untrusted(name));
             }
             if t.newly_failing.len() > 50 {
                 let _ = writeln!(text, "  ... and {} more", t.newly_failing.len() - 50);
@@ -138,7 +147,7 @@ pub(crate) fn transition(t: &Transition, ctx: &Context<'_>) -> Rendered {
         if !ctx.log_tail.trim().is_empty() {
             let _ = writeln!(text);
             let _ = writeln!(text, "Last lines of the log:");
-            for line in ctx.log_tail.lines() {
+            for line in untrusted(ctx.log_tail).lines() {
                 let _ = writeln!(text, "  | {line}");
             }
         }
@@ -154,7 +163,12 @@ pub(crate) fn transition(t: &Transition, ctx: &Context<'_>) -> Rendered {
         "You get this because you subscribed to {subject_of} on this trunkfarm hub."
     );
     let _ = writeln!(text, "Unsubscribe: {}", ctx.unsubscribe_url);
-    let html = html_of(&subject, &text, ctx.unsubscribe_url);
+    let html = html_of(
+        &subject,
+        &text,
+        &[&run_url, &history_url, ctx.unsubscribe_url],
+        ctx.unsubscribe_url,
+    );
     Rendered {
         subject,
         text,
@@ -174,7 +188,11 @@ pub(crate) fn digest(
         went_red.len()
     );
     let mut text = format!("What went red in {upstream} since the last digest:\n\n");
-    for t in went_red {
+    let run_urls: Vec<String> = went_red
+        .iter()
+        .map(|t| format!("{public_url}/runs/{}", t.job_id))
+        .collect();
+    for (t, run_url) in went_red.iter().zip(&run_urls) {
         let what = if t.project.is_empty() {
             "the runtime build".to_owned()
         } else {
@@ -189,16 +207,21 @@ pub(crate) fn digest(
             if t.newly_failing.is_empty() {
                 String::new()
             } else {
-                format!("; newly failing: {}", t.newly_failing.join(", "))
+                format!(
+                    "; newly failing: {}",
+                    untrusted(&t.newly_failing.join(", "))
+                )
             }
         );
         for c in t.culprits.iter().take(5) {
-            let _ = writeln!(text, "    {} {} ({})", short(&c.sha), c.subject, c.author);
+            let _ = writeln!(text, "    {}", culprit(c));
         }
-        let _ = writeln!(text, "    {public_url}/runs/{}", t.job_id);
+        let _ = writeln!(text, "    {run_url}");
     }
     let _ = writeln!(text, "\nUnsubscribe from this digest: {unsubscribe_url}");
-    let html = html_of(&subject, &text, unsubscribe_url);
+    let mut links: Vec<&str> = run_urls.iter().map(String::as_str).collect();
+    links.push(unsubscribe_url);
+    let html = html_of(&subject, &text, &links, unsubscribe_url);
     Rendered {
         subject,
         text,
@@ -211,7 +234,7 @@ pub(crate) fn test_mail(hub: &str) -> Rendered {
     let subject = "[trunkfarm] test mail".to_owned();
     let text =
         format!("This is a test mail from the trunkfarm hub {hub}: its [smtp] settings work.\n");
-    let html = html_of(&subject, &text, "");
+    let html = html_of(&subject, &text, &[], "");
     Rendered {
         subject,
         text,
@@ -219,19 +242,34 @@ pub(crate) fn test_mail(hub: &str) -> Rendered {
     }
 }
 
-/// The HTML part: the text, escaped, in a pre block, with links clickable.
-fn html_of(subject: &str, text: &str, unsubscribe_url: &str) -> String {
+/// A culprit commit as a mail lists it: short hash, subject, author (the
+/// last two written by whoever committed).
+fn culprit(c: &Commit) -> String {
+    format!(
+        "{} {} ({})",
+        short(&c.sha),
+        untrusted(&c.subject),
+        untrusted(&c.author)
+    )
+}
+
+/// The HTML part: the text, escaped, in a pre block, where only `links`
+/// (URLs the hub made) are clickable, each where it ends a line of the text
+/// (as the hub writes them); nothing else in the text becomes a link.
+fn html_of(subject: &str, text: &str, links: &[&str], unsubscribe_url: &str) -> String {
     let mut body = String::new();
     for line in text.lines() {
-        let escaped = escape(line);
-        let linked = match escaped.find("http://").or_else(|| escaped.find("https://")) {
-            Some(i) => {
-                let (before, url) = escaped.split_at(i);
-                format!("{before}<a href=\"{url}\">{url}</a>")
+        let link = links
+            .iter()
+            .filter(|url| !url.is_empty())
+            .find_map(|url| Some((line.strip_suffix(*url)?, *url)));
+        match link {
+            Some((before, url)) => {
+                let url = escape(url);
+                let _ = write!(body, "{}<a href=\"{url}\">{url}</a>", escape(before));
             }
-            None => escaped,
-        };
-        body.push_str(&linked);
+            None => body.push_str(&escape(line)),
+        }
         body.push('\n');
     }
     let footer = if unsubscribe_url.is_empty() {
@@ -248,10 +286,110 @@ fn html_of(subject: &str, text: &str, unsubscribe_url: &str) -> String {
     )
 }
 
+/// Text someone else wrote, made safe to quote in a mail: terminal escape
+/// sequences (CSI such as colours, OSC such as titles and `OSC 8`
+/// hyperlinks, DCS and the like) and every other control character but
+/// newline and tab removed, as are the bidirectional overrides that make
+/// text read otherwise than it is; then URLs defanged — `scheme://` becomes
+/// `scheme[:]//` and a `www.` that starts a word `www[.]` — so that a mail
+/// client that turns plain text into links does not. What is left still
+/// reads the same to a person.
+pub(crate) fn untrusted(text: &str) -> String {
+    let mut plain = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\n' | '\t' => plain.push(c),
+            '\u{1b}' => match chars.peek() {
+                Some('[') => {
+                    chars.next();
+                    skip_csi(&mut chars);
+                }
+                Some(']' | 'P' | 'X' | '^' | '_') => {
+                    chars.next();
+                    skip_string(&mut chars);
+                }
+                // Other escapes: intermediate bytes, then one final byte
+                // (a line break is not one: it stays).
+                Some(_) => {
+                    while chars
+                        .next_if(|c| ('\u{20}'..='\u{2f}').contains(c))
+                        .is_some()
+                    {}
+                    chars.next_if(|c| *c != '\n');
+                }
+                None => {}
+            },
+            '\u{9b}' => skip_csi(&mut chars),
+            '\u{90}' | '\u{98}' | '\u{9d}' | '\u{9e}' | '\u{9f}' => skip_string(&mut chars),
+            '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' => {}
+            c if c.is_control() => {}
+            c => plain.push(c),
+        }
+    }
+    defang(&plain)
+}
+
+/// Skips a CSI sequence's parameter and intermediate bytes and its final
+/// byte (anything else ends it and stays).
+fn skip_csi(chars: &mut std::iter::Peekable<std::str::Chars<'_>>) {
+    while chars
+        .next_if(|c| ('\u{20}'..='\u{3f}').contains(c))
+        .is_some()
+    {}
+    chars.next_if(|c| ('\u{40}'..='\u{7e}').contains(c));
+}
+
+/// Skips an OSC, DCS, SOS, PM or APC string up to its terminator (BEL,
+/// `ESC \\` or ST), or to the end of the line if it has none.
+fn skip_string(chars: &mut std::iter::Peekable<std::str::Chars<'_>>) {
+    while let Some(&c) = chars.peek() {
+        match c {
+            '\n' => return,
+            '\u{7}' | '\u{9c}' => {
+                chars.next();
+                return;
+            }
+            '\u{1b}' => {
+                chars.next();
+                if chars.peek() == Some(&'\\') {
+                    chars.next();
+                }
+                return;
+            }
+            _ => {
+                chars.next();
+            }
+        }
+    }
+}
+
+/// Defangs URLs: `scheme://` → `scheme[:]//`, a word-initial `www.` →
+/// `www[.]`.
+fn defang(text: &str) -> String {
+    let text = text.replace("://", "[:]//");
+    // ASCII lower-casing keeps every byte where it was.
+    let lower = text.to_ascii_lowercase();
+    let mut out = String::with_capacity(text.len());
+    let mut done = 0;
+    for (i, _) in lower.match_indices("www.") {
+        let starts_word = text[..i]
+            .chars()
+            .next_back()
+            .is_none_or(|c| !c.is_alphanumeric());
+        if starts_word {
+            out.push_str(&text[done..i + 3]);
+            out.push_str("[.]");
+            done = i + 4;
+        }
+    }
+    out.push_str(&text[done..]);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::results::Commit;
 
     fn went_red() -> Transition {
         Transition {
@@ -305,6 +443,69 @@ mod tests {
         }
         assert!(m.html.contains("speed up &lt;dict&gt;"), "{}", m.html);
         assert!(!m.html.contains("<dict>"));
+    }
+
+    /// A hostile test suite's output: colours, an OSC 8 hyperlink, a window
+    /// title, a bare phishing URL, HTML in a test name, a C1 CSI, a bidi
+    /// override.
+    const HOSTILE_LOG: &str = "\u{1b}[1;31mFAILED\u{1b}[0m tests/test_x.py\n\
+        \u{1b}]8;;https://phish.example/login\u{7}click here\u{1b}]8;;\u{7} to fix\n\
+        \u{1b}]0;pwned title\u{7}please log in at https://phish.example/login now\n\
+        \u{9b}2Jsee www.phish.example \u{202e}txt.exe\u{8}\u{7}\r\n\u{1b}(Bend";
+
+    #[test]
+    fn untrusted_text_in_a_mail_is_plain_and_links_nowhere() {
+        let mut t = went_red();
+        t.newly_failing = vec![
+            "tests.test_login <a href=\"https://phish.example/login\">reset your password</a>"
+                .into(),
+        ];
+        t.culprits[0].subject = "fix \u{1b}[8mhidden\u{1b}[0m http://phish.example".into();
+        let mut c = ctx();
+        c.log_tail = HOSTILE_LOG;
+        let m = transition(&t, &c);
+        let d = digest(
+            "cpython",
+            &[t],
+            "https://farm.example.org",
+            "https://farm.example.org/u",
+        );
+        for part in [&m.text, &m.html, &d.text, &d.html] {
+            assert!(
+                !part
+                    .chars()
+                    .any(|c| c.is_control() && c != '\n' && c != '\t'),
+                "a control character in {part:?}"
+            );
+            assert!(!part.contains("://phish"), "a phishing URL in\n{part}");
+            assert!(!part.contains('\u{202e}'));
+        }
+        for needle in [
+            "  | FAILED tests/test_x.py",
+            "  | click here to fix",
+            "  | please log in at https[:]//phish.example/login now",
+            "  | see www[.]phish.example txt.exe",
+            "  | end",
+            "tests.test_login <a href=\"https[:]//phish.example/login\">reset your password</a>",
+            "fix hidden http[:]//phish.example",
+        ] {
+            assert!(m.text.contains(needle), "{needle:?} not in\n{}", m.text);
+        }
+        assert!(!m.text.contains("pwned title"), "{}", m.text);
+        // In HTML, the only links are the hub's: run, history, unsubscribe
+        // (in the text and the footer).
+        let hrefs: Vec<&str> = m.html.split("<a href=\"").skip(1).collect();
+        assert_eq!(hrefs.len(), 4, "{}", m.html);
+        for href in hrefs {
+            assert!(href.starts_with("https://farm.example.org/"), "{href}");
+        }
+        assert!(
+            m.html
+                .contains("&lt;a href=&quot;https[:]//phish.example/login&quot;&gt;"),
+            "{}",
+            m.html
+        );
+        assert_eq!(d.html.matches("<a href=").count(), 3, "{}", d.html);
     }
 
     #[test]

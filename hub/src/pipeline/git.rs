@@ -2,14 +2,17 @@
 //! (no clone), and a commits-only mirror (`--filter=tree:0`, no file
 //! contents) to name the commits of a culprit range.
 //!
-//! Every call has a timeout, never prompts for credentials, and never shows
-//! a URL's password in an error or a log.
+//! Every call has a timeout, never prompts for credentials, never puts a
+//! URL's credentials on its command line (they reach git through its
+//! environment: `proto::gitauth`), and never shows them in an error or a log.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
 use tokio::process::Command;
+pub(crate) use trunkfarm_proto::gitauth::redact_url;
+use trunkfarm_proto::gitauth::{GitAuthError, GitRemote, redact_text};
 
 use crate::results::Commit;
 
@@ -42,6 +45,9 @@ pub(crate) enum GitError {
     /// The branch or rev does not exist there.
     #[error("{0}")]
     NotFound(String),
+    /// The URL's credentials cannot be handed to git.
+    #[error(transparent)]
+    Url(#[from] GitAuthError),
 }
 
 /// Runs git with a timeout and the given arguments.
@@ -60,20 +66,6 @@ type MirrorLocks = std::sync::Arc<
     std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<tokio::sync::Mutex<()>>>>,
 >;
 
-/// Removes `user:password@` from a URL so it can be shown.
-pub(crate) fn redact_url(url: &str) -> String {
-    if let Some((scheme, rest)) = url.split_once("://") {
-        let (authority, path) = match rest.find('/') {
-            Some(i) => rest.split_at(i),
-            None => (rest, ""),
-        };
-        if let Some((_, host)) = authority.rsplit_once('@') {
-            return format!("{scheme}://***@{host}{path}");
-        }
-    }
-    url.to_owned()
-}
-
 fn is_full_hash(rev: &str) -> bool {
     (rev.len() == 40 || rev.len() == 64) && rev.bytes().all(|b| b.is_ascii_hexdigit())
 }
@@ -88,15 +80,22 @@ impl Git {
         }
     }
 
+    /// Runs git in `dir` with `args`; `what` names the call in errors. A
+    /// call that talks to `remote` gets its credentials through the
+    /// environment (`args` name only [`GitRemote::url`]).
     async fn run(
         &self,
         dir: Option<&Path>,
         args: &[&str],
         what: String,
+        remote: Option<&GitRemote>,
     ) -> Result<String, GitError> {
         let mut cmd = Command::new("git");
         if let Some(dir) = dir {
             cmd.current_dir(dir);
+        }
+        if let Some(remote) = remote {
+            cmd.envs(remote.env());
         }
         cmd.args(args)
             .env("GIT_TERMINAL_PROMPT", "0")
@@ -124,15 +123,28 @@ impl Git {
             let tail = lines[lines.len().saturating_sub(3)..].join(" / ");
             return Err(GitError::Failed {
                 what,
-                stderr: redact_all(&tail),
+                stderr: redact_text(&tail),
             });
         }
         Ok(String::from_utf8_lossy(&output.stdout).into_owned())
     }
 
+    /// `git ls-remote` of `url`'s refs matching `pattern` (no clone).
+    async fn ls_remote(&self, url: &str, pattern: &str) -> Result<String, GitError> {
+        let remote = GitRemote::parse(url)?;
+        self.run(
+            None,
+            &["ls-remote", "--", remote.url(), pattern],
+            format!("ls-remote {}", redact_url(url)),
+            Some(&remote),
+        )
+        .await
+    }
+
     /// Brings the commits-only mirror of `url`'s `branch` up to date and
     /// returns its path.
     async fn mirror(&self, name: &str, url: &str, branch: &str) -> Result<PathBuf, GitError> {
+        let remote = GitRemote::parse(url)?;
         let lock = self
             .locks
             .lock()
@@ -142,12 +154,23 @@ impl Git {
             .clone();
         let _held = lock.lock().await;
         let dir = self.mirrors.join(format!("{name}.git"));
+        if dir.join("HEAD").exists() && config_names_credentials(&dir) {
+            // Hubs before credentials went through the environment fetched
+            // the URL as given, and git named a config section after it. The
+            // mirror is only a cache: start it again.
+            tracing::warn!(
+                mirror = %dir.display(),
+                "the commit mirror's git config holds a URL with credentials; recreating the mirror"
+            );
+            std::fs::remove_dir_all(&dir).map_err(GitError::Spawn)?;
+        }
         if !dir.join("HEAD").exists() {
             std::fs::create_dir_all(&dir).map_err(GitError::Spawn)?;
             self.run(
                 Some(&dir),
                 &["init", "--bare", "--quiet"],
                 "init --bare".into(),
+                None,
             )
             .await?;
         }
@@ -157,20 +180,30 @@ impl Git {
             if filter {
                 args.push("--filter=tree:0");
             }
-            args.extend(["--", url, refspec.as_str()]);
-            args.into_iter().map(str::to_owned).collect::<Vec<_>>()
+            args.extend(["--", remote.url(), refspec.as_str()]);
+            args
         };
         let what = format!("fetch {}", redact_url(url));
-        let args = fetch(true);
-        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-        if let Err(first) = self.run(Some(&dir), &argv, what.clone()).await {
+        let run = |args| self.run(Some(&dir), args, what.clone(), Some(&remote));
+        if let Err(first) = run(&fetch(true)).await {
             // Some servers refuse partial clones: fetch commits and trees then.
-            let args = fetch(false);
-            let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-            self.run(Some(&dir), &argv, what).await.map_err(|_| first)?;
+            run(&fetch(false)).await.map_err(|_| first)?;
         }
         Ok(dir)
     }
+}
+
+/// Whether a mirror's git config names a URL with credentials (a
+/// `[remote "https://user:pw@…"]` section git wrote for a partial fetch).
+/// An unreadable config counts as clean: git itself will complain.
+fn config_names_credentials(mirror: &Path) -> bool {
+    std::fs::read_to_string(mirror.join("config")).is_ok_and(|config| {
+        config.lines().any(|line| {
+            line.trim_start()
+                .strip_prefix("[remote \"")
+                .is_some_and(|name| redact_url(name) != name)
+        })
+    })
 }
 
 /// The git operations the pipeline needs, behind one seam so that its tests
@@ -215,13 +248,7 @@ impl Repos for Git {
     /// The commit a branch points at, from `git ls-remote` (no clone).
     async fn head(&self, url: &str, branch: &str) -> Result<String, GitError> {
         let refname = format!("refs/heads/{branch}");
-        let out = self
-            .run(
-                None,
-                &["ls-remote", "--", url, &refname],
-                format!("ls-remote {}", redact_url(url)),
-            )
-            .await?;
+        let out = self.ls_remote(url, &refname).await?;
         out.lines()
             .filter_map(|l| l.split_once('\t'))
             .find(|(_, r)| *r == refname)
@@ -249,13 +276,7 @@ impl Repos for Git {
         if is_full_hash(rev) {
             return Ok(rev.to_ascii_lowercase());
         }
-        let out = self
-            .run(
-                None,
-                &["ls-remote", "--", url, rev],
-                format!("ls-remote {}", redact_url(url)),
-            )
-            .await?;
+        let out = self.ls_remote(url, rev).await?;
         let wanted = [
             format!("refs/heads/{rev}"),
             format!("refs/tags/{rev}^{{}}"),
@@ -276,6 +297,7 @@ impl Repos for Git {
                 Some(&mirror),
                 &["rev-parse", "--verify", "--quiet", &spec],
                 format!("rev-parse {rev}"),
+                None,
             )
             .await
         {
@@ -299,6 +321,7 @@ impl Repos for Git {
         to: &str,
     ) -> Result<(Vec<Commit>, bool), GitError> {
         let mirror = self.mirror(name, url, branch).await?;
+        let remote = GitRemote::parse(url)?;
         if !is_full_hash(to) || from.is_some_and(|f| !is_full_hash(f)) {
             return Err(GitError::NotFound("commits must be full hashes".into()));
         }
@@ -309,11 +332,13 @@ impl Repos for Git {
                     Some(&mirror),
                     &["cat-file", "-e", &format!("{sha}^{{commit}}")],
                     "cat-file".into(),
+                    None,
                 )
                 .await
                 .is_ok();
             if !have {
-                let _ = self
+                // Best effort: `git log` below says what is still missing.
+                if let Err(e) = self
                     .run(
                         Some(&mirror),
                         &[
@@ -322,12 +347,16 @@ impl Repos for Git {
                             "--no-tags",
                             "--filter=tree:0",
                             "--",
-                            url,
+                            remote.url(),
                             sha,
                         ],
                         format!("fetch {} {sha}", redact_url(url)),
+                        Some(&remote),
                     )
-                    .await;
+                    .await
+                {
+                    tracing::debug!(error = %e, "cannot fetch a commit no longer on the branch");
+                }
             }
         }
         let range = match from {
@@ -345,7 +374,7 @@ impl Repos for Git {
         }
         args.extend([range.as_str(), "--"]);
         let out = self
-            .run(Some(&mirror), &args, format!("log {range}"))
+            .run(Some(&mirror), &args, format!("log {range}"), None)
             .await?;
         let mut commits: Vec<Commit> = out.lines().filter_map(parse_log_line).collect();
         let truncated = commits.len() > MAX_RANGE_COMMITS;
@@ -384,6 +413,7 @@ impl Repos for Git {
                     "--",
                 ],
                 format!("log {spec}"),
+                None,
             )
             .await?;
         Ok(out.lines().filter_map(parse_log_line).collect())
@@ -402,20 +432,6 @@ fn parse_log_line(line: &str) -> Option<Commit> {
         author,
         time_ms: time.saturating_mul(1000),
     })
-}
-
-/// Redacts every URL with credentials inside a message.
-fn redact_all(text: &str) -> String {
-    text.split(' ')
-        .map(|w| {
-            if w.contains("://") {
-                redact_url(w)
-            } else {
-                w.to_owned()
-            }
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
 }
 
 #[cfg(test)]
@@ -452,18 +468,94 @@ mod tests {
         shas
     }
 
-    #[test]
-    fn urls_lose_their_credentials() {
+    /// `tests/fixtures/git-http-server.py` serving `root` with basic auth
+    /// for `user:password`; killed on drop. Returns its base URL.
+    struct HttpGit(std::process::Child);
+
+    impl HttpGit {
+        fn start(root: &Path, user: &str, password: &str) -> (HttpGit, String) {
+            use std::io::BufRead as _;
+            let script = concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../tests/fixtures/git-http-server.py"
+            );
+            let mut child = std::process::Command::new("python3")
+                .args([script, root.to_str().unwrap()])
+                .env("GIT_HTTP_USER", user)
+                .env("GIT_HTTP_PASSWORD", password)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            let mut port = String::new();
+            std::io::BufReader::new(child.stdout.take().unwrap())
+                .read_line(&mut port)
+                .unwrap();
+            (HttpGit(child), format!("127.0.0.1:{}", port.trim()))
+        }
+    }
+
+    impl Drop for HttpGit {
+        fn drop(&mut self) {
+            if let Err(e) = self.0.kill().and_then(|()| self.0.wait().map(drop)) {
+                eprintln!("cannot stop the git server: {e}");
+            }
+        }
+    }
+
+    /// Every file under `dir`, as text where it is one.
+    fn contents(dir: &Path) -> String {
+        let mut all = String::new();
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                all.push_str(&contents(&path));
+            } else {
+                all.push_str(&String::from_utf8_lossy(&std::fs::read(&path).unwrap()));
+            }
+        }
+        all
+    }
+
+    #[tokio::test]
+    async fn credentials_in_a_url_reach_git_through_the_environment_only() {
+        let tmp = tempfile::tempdir().unwrap();
+        let up = tmp.path().join("up");
+        std::fs::create_dir(&up).unwrap();
+        let shas = repo(&up);
+        let secret = "pw-7f3kQ";
+        let (_server, host) = HttpGit::start(tmp.path(), "ci", secret);
+        let g = Git::new(tmp.path().join("mirrors"), Duration::from_secs(30));
+
+        // The server refuses a wrong password: the right one did reach git.
+        let wrong = format!("http://ci:nope@{host}/up");
+        let e = g.head(&wrong, "main").await.unwrap_err().to_string();
+        assert!(!e.contains("nope"), "{e}");
+        let url = format!("http://ci:{secret}@{host}/up");
+        assert_eq!(g.head(&url, "main").await.unwrap(), shas[2]);
+
+        // A mirror an older hub made names the URL with its password in
+        // its config: it is made again, clean.
+        let mirror = tmp.path().join("mirrors/up.git");
+        std::fs::create_dir_all(&mirror).unwrap();
+        git(&mirror, &["init", "--bare", "--quiet"]);
+        std::fs::write(
+            mirror.join("config"),
+            format!("[core]\n\tbare = true\n[remote \"{url}\"]\n\tpromisor = true\n"),
+        )
+        .unwrap();
+        let (commits, _) = g
+            .range("up", &url, "main", Some(&shas[0]), &shas[2])
+            .await
+            .unwrap();
+        assert_eq!(commits.len(), 2);
         assert_eq!(
-            redact_url("https://user:hunter2@example.org/x.git"),
-            "https://***@example.org/x.git"
+            g.resolve("up", &url, "main", &shas[1][..8]).await.unwrap(),
+            shas[1]
         );
-        assert_eq!(
-            redact_url("https://example.org/x.git"),
-            "https://example.org/x.git"
-        );
-        assert_eq!(redact_url("/srv/git/x"), "/srv/git/x");
-        assert!(!redact_all("fatal: https://a:secret@h/x not found").contains("secret"));
+        let stored = contents(&mirror);
+        assert!(stored.contains(&format!("http://{host}/up")), "{stored}");
+        assert!(!stored.contains(secret), "the mirror keeps the password");
     }
 
     #[tokio::test]

@@ -191,6 +191,7 @@ fn dispatch_settings(dir: &std::path::Path) -> DispatchSettings {
         max_job_timeout: Duration::from_secs(3600),
         timeout_grace: Duration::from_secs(60),
         space: DataDir::new(dir, 0),
+        repo_credentials: Default::default(),
     }
 }
 

@@ -137,6 +137,7 @@ fn hub(store: &Store, cloud: &Arc<Cloud>, cfg: &PoolConfig) -> Hub {
             max_job_timeout: Duration::from_secs(3600),
             timeout_grace: Duration::from_secs(60),
             space: DataDir::new(&std::env::temp_dir(), 0),
+            repo_credentials: Default::default(),
         },
     )
     .unwrap();
