@@ -38,9 +38,6 @@ const AGENT_ENV: &[&str] = &["PATH", "LANG", "LANGUAGE", "TZ"];
 /// the hub itself holds.
 const SCRIPT_ENV: &[&str] = &["PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ"];
 
-/// The umask an agent starts with.
-const AGENT_UMASK: libc::mode_t = 0o022;
-
 /// `PATH` for an agent when the hub has none.
 const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
 
@@ -228,18 +225,6 @@ impl Launcher {
         if let Some(u) = &self.user {
             // std also drops the supplementary groups when it switches.
             cmd.uid(u.uid).gid(u.gid);
-        }
-        // A donor's usual umask, not the hub's (which may be 077): the
-        // agent gives its jobs the umask it starts with, and what a build
-        // installs, so the runtime it packs, must not depend on which
-        // machine built it.
-        // SAFETY: umask(2) is async-signal-safe and changes only the child
-        // between fork and exec.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::umask(AGENT_UMASK);
-                Ok(())
-            });
         }
         cmd
     }
@@ -790,7 +775,6 @@ mod tests {
             &bin,
             "#!/bin/sh\n\
              { echo \"args: $*\"; echo \"uid: $(id -u)\"; echo \"pwd: $(pwd)\";\n\
-               echo \"umask: $(umask)\";\n\
                IFS= read -r line; echo \"stdin: $line\"; env | sed 's/^/env: /'; } \
                > \"$HOME/$1.out\" 2>&1\n",
         )
@@ -830,7 +814,6 @@ mod tests {
             "{out}"
         );
         assert!(out.contains("stdin: tf1_SECRET\n"), "{out}");
-        assert!(out.contains("umask: 0022\n"), "{out}");
         assert_eq!(out.matches("tf1_SECRET").count(), 1, "{out}");
         assert!(
             out.contains(&format!("pwd: {}\n", state.display())),
