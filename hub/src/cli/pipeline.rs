@@ -99,6 +99,21 @@ fn cell_text(c: &StatusCell) -> (String, &'static str) {
         return (format!("-{pending}"), "90");
     }
     let at = short(&run.upstream_commit);
+    // A verdict that does not count (yet): not painted as a result.
+    match run.confirmation.as_str() {
+        "awaiting" => {
+            let said = if run.status == RunStatus::Red as i32 {
+                "red"
+            } else {
+                "green"
+            };
+            return (format!("{said}? {at}{pending}"), "33");
+        }
+        "overruled" | "unconfirmed" => {
+            return (format!("{} {at}{pending}", run.confirmation), "90");
+        }
+        _ => {}
+    }
     match RunStatus::try_from(run.status).unwrap_or(RunStatus::Unspecified) {
         RunStatus::Green => (format!("green {at}{pending}"), "32"),
         RunStatus::Red => (format!("RED {at}{pending}"), "1;31"),
@@ -300,6 +315,9 @@ pub(super) async fn status(
                         }
                         if !run.report_error.is_empty() {
                             notes.push(format!("report: {}", run.report_error));
+                        }
+                        if !run.confirmation_detail.is_empty() {
+                            notes.push(run.confirmation_detail.clone());
                         }
                     }
                     None => print!("{:<22}", ""),

@@ -257,6 +257,7 @@ impl Farm {
         self.record(Finished::Run {
             run,
             head_seq: job_id,
+            unconfirmed: None,
         })
         .await
     }

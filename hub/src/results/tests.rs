@@ -106,6 +106,7 @@ pub(super) fn run(job_id: u64, head_seq: u64, status: RunStatus, failing: &[&str
             cases,
         },
         head_seq,
+        unconfirmed: None,
     }
 }
 
