@@ -30,7 +30,8 @@ mod pool;
 pub(crate) use network::{ConnectionCap, NetworkSection};
 pub(crate) use notify::{NotifySection, SmtpSection, SmtpSecurity, WebSection};
 pub(crate) use pipeline::{
-    ArtifactsSection, Confirm, PipelineSection, ProjectConfig, TrustSection, UpstreamConfig,
+    ArtifactsSection, BuildOn, Confirm, PipelineSection, ProjectConfig, TrustSection,
+    UpstreamConfig,
 };
 pub(crate) use pool::{Ec2Section, PoolConfig, ProvisionerKind};
 

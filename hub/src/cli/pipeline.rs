@@ -246,6 +246,16 @@ pub(super) async fn status(
             let latest = u.latest_builds.iter().find(|b| &b.platform == platform);
             let good = u.good_builds.iter().find(|b| &b.platform == platform);
             let text = match latest {
+                // A volunteer's build not (yet) confirmed by another one.
+                Some(b) if !b.confirmation.is_empty() && b.confirmation != "confirmed" => {
+                    format!(
+                        "{} {} ({}: {})",
+                        build_state(b),
+                        short(&b.commit),
+                        b.confirmation,
+                        b.confirmation_detail
+                    )
+                }
                 Some(b) => format!("{} {}", build_state(b), short(&b.commit)),
                 None => "no build yet".into(),
             };

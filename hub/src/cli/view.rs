@@ -335,6 +335,10 @@ struct Build<'a> {
     detail: &'a str,
     fanned_out: u32,
     head_seq: u64,
+    /// A volunteer's build: where its confirmation stands (`null`: it
+    /// counted alone).
+    confirmation: Option<&'a str>,
+    confirmation_detail: &'a str,
 }
 
 impl<'a> From<&'a v1::BuildInfo> for Build<'a> {
@@ -352,6 +356,8 @@ impl<'a> From<&'a v1::BuildInfo> for Build<'a> {
             detail: &b.detail,
             fanned_out: b.fanned_out,
             head_seq: b.head_seq,
+            confirmation: (!b.confirmation.is_empty()).then_some(b.confirmation.as_str()),
+            confirmation_detail: &b.confirmation_detail,
         }
     }
 }

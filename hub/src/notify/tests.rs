@@ -257,7 +257,6 @@ impl Farm {
         self.record(Finished::Run {
             run,
             head_seq: job_id,
-            unconfirmed: None,
         })
         .await
     }
@@ -286,7 +285,7 @@ impl Farm {
     async fn record(&self, finished: Finished) -> Option<Transition> {
         match self
             .results
-            .record(finished, &NoCulprits, &self.notifier)
+            .record(finished, None, &NoCulprits, &self.notifier)
             .await
             .unwrap()
         {

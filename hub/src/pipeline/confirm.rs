@@ -18,7 +18,9 @@ use crate::commit::short;
 use crate::config::Confirm;
 use crate::dispatch::{JobRecord, Placement};
 use crate::job_key::{JobKey, RerunKind};
-use crate::results::{BuildInfo, Confirmation, Finished, Judged, Recorded, Rerun, Said};
+use crate::results::{
+    BuildInfo, ConfirmState, Confirmation, Finished, Judged, Recorded, Rerun, Said,
+};
 
 /// What a finished job said, and who said it: the agent of the attempt
 /// that produced its result, trusted or not when it was leased.
@@ -59,19 +61,22 @@ impl Pipeline {
             .unwrap_or_default()
     }
 
-    /// The verdict of a finished test `rec` of `project` with run status
-    /// `status`, when the project's policy wants it confirmed before it may
-    /// change a series.
-    pub(super) fn unconfirmed_run(
-        &self,
-        rec: &JobRecord,
-        project: &str,
-        status: i32,
-    ) -> Option<Box<Said>> {
-        let said = said(rec, status, "");
-        self.confirm_policy(project)
-            .needed(said.trusted)
-            .then(|| Box::new(said))
+    /// The verdict of `finished` (job `rec`), when it must be confirmed
+    /// before it counts: a test's under its project's `confirm` policy; a
+    /// volunteer's build (only an upstream with `build_on = "any"` gives it
+    /// one).
+    pub(super) fn unconfirmed(&self, rec: &JobRecord, finished: &Finished) -> Option<Said> {
+        match finished {
+            Finished::Run { run, .. } => {
+                let said = said(rec, run.info.status, "");
+                let policy = self.confirm_policy(&run.info.project);
+                policy.needed(said.trusted).then_some(said)
+            }
+            Finished::Build(b) => {
+                let said = said(rec, build_verdict(b).into(), &b.artifact_sha256);
+                (!said.trusted).then_some(said)
+            }
+        }
     }
 
     /// Records a finished re-run of job `original`.
@@ -86,10 +91,11 @@ impl Pipeline {
             Finished::Run { run, .. } => said(rec, run.info.status, ""),
             Finished::Build(b) => said(rec, build_verdict(b).into(), &b.artifact_sha256),
         };
+        let rerun = Rerun { kind, said };
         let recorded = self
             .inner
             .results
-            .record_rerun(original, Rerun { kind, said }, self, &self.inner.notifier)
+            .record_rerun(original, rerun, finished, self, &self.inner.notifier)
             .await?;
         if let Recorded::New(Some(t)) = &recorded {
             self.inner.notifier.wake();
@@ -108,9 +114,30 @@ impl Pipeline {
         for judged in c.judged() {
             self.count(&judged).await?;
         }
-        if let Some(n) = c.wanted_rerun() {
-            self.submit_confirmation(original, &c, n).await?;
+        match c.wanted_rerun() {
+            Some(n) => self.submit_confirmation(original, &c, n).await?,
+            None if c.project.is_empty() => self.follow_settled_build(&c).await?,
+            None => {}
         }
+        Ok(())
+    }
+
+    /// A held build's confirmation settled: the commit's build that counts
+    /// now (the confirmed original, or a trusted agent's build that
+    /// overruled it) fans out, idempotently like every fan-out.
+    async fn follow_settled_build(&self, c: &Confirmation) -> Result<(), PipelineError> {
+        let Some(b) = self
+            .inner
+            .results
+            .build(&c.upstream, &c.platform, &c.commit)?
+        else {
+            return Ok(());
+        };
+        let counts = b.confirmation.is_empty() || b.confirmation == ConfirmState::Confirmed.word();
+        if b.state == BuildState::Passed as i32 && counts && !self.superseded(&b)? {
+            self.fan_out(self.upstream(&c.upstream)?, &b).await?;
+        }
+        self.collect_garbage().await;
         Ok(())
     }
 

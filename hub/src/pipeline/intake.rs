@@ -63,6 +63,8 @@ pub(super) fn finished(rec: &JobRecord, key: JobKey, facts: Facts) -> Finished {
                 detail,
                 fanned_out: 0,
                 head_seq: facts.head_seq,
+                confirmation: String::new(),
+                confirmation_detail: String::new(),
             })
         }
         // A re-run is what it re-runs.
@@ -106,7 +108,6 @@ pub(super) fn finished(rec: &JobRecord, key: JobKey, facts: Facts) -> Finished {
             Finished::Run {
                 run: RunRecord { info, cases },
                 head_seq: facts.head_seq,
-                unconfirmed: None,
             }
         }
     }

@@ -321,15 +321,14 @@ impl Pipeline {
             return self.record_rerun(rec, finished, *kind, *job).await;
         }
         let mut finished = self.intake(rec, key).await?;
-        if let Finished::Run {
-            run, unconfirmed, ..
-        } = &mut finished
-        {
-            *unconfirmed = self.unconfirmed_run(rec, &run.info.project, run.info.status);
-        }
+        let unconfirmed = self.unconfirmed(rec, &finished);
         let build = match &mut finished {
             Finished::Build(b) => {
-                if b.state == BuildState::Passed as i32 && !self.superseded(b)? {
+                // A held build fans out once it is confirmed.
+                if b.state == BuildState::Passed as i32
+                    && unconfirmed.is_none()
+                    && !self.superseded(b)?
+                {
                     if let Ok(u) = self.upstream(&b.upstream) {
                         b.fanned_out = self.fan_out_targets(u, &b.platform).count() as u32;
                     }
@@ -341,7 +340,7 @@ impl Pipeline {
         let recorded = self
             .inner
             .results
-            .record(finished, self, &self.inner.notifier)
+            .record(finished, unconfirmed, self, &self.inner.notifier)
             .await?;
         if let Recorded::New(t) = &recorded {
             self.inner.notifier.wake();

@@ -1173,3 +1173,124 @@ async fn a_volunteer_overruled_again_and_again_is_quarantined() {
     assert!(!f.verdicts(&v).quarantined());
     assert_eq!(f.verdicts(&v).disagreed, 3, "the totals stay");
 }
+
+// ---- build_on = "any": a volunteer's build counts once an independent
+// build gave the same artifact ----
+
+/// `CONFIG` with the runtime built on any agent.
+fn built_anywhere() -> String {
+    CONFIG.replace(
+        "build = [\"make install\"]",
+        "build = [\"make install\"]\nbuild_on = \"any\"",
+    )
+}
+
+impl Farm {
+    /// Lands a runtime commit and has volunteer `v` build it on every
+    /// platform, packing `runtime(platform)`; returns the commit.
+    async fn volunteer_builds(&mut self, v: &str, runtime: impl Fn(&str) -> String) -> String {
+        self.git.commit(ADDER);
+        self.pipeline.poll_project(0).await;
+        self.only(v).await;
+        let c = self.git.commit(RT);
+        self.pipeline.poll_upstream(0).await;
+        let builds = self.assigned();
+        assert_eq!(builds.len(), 2, "a volunteer may build: {builds:?}");
+        for (job, rec, key) in builds {
+            assert!(!rec.spec.trusted_only);
+            let JobKey::Build { platform, .. } = &key else {
+                panic!("a build: {key:?}");
+            };
+            let bytes = runtime(platform);
+            self.finish_built(job, &key, Outcome::Passed, Vec::new(), Some(&bytes))
+                .await;
+        }
+        self.take_in().await;
+        c
+    }
+
+    /// Has the trusted `a` run the confirmation builds, packing
+    /// `runtime(platform)`.
+    async fn trusted_confirms_builds(&mut self, runtime: impl Fn(&str) -> String) {
+        self.only("a").await;
+        let reruns = self.assigned();
+        assert_eq!(reruns.len(), 2, "{reruns:?}");
+        for (job, rec, key) in reruns {
+            assert_eq!(rec.agent_id, "a");
+            let JobKey::Build { platform, .. } = key.base() else {
+                panic!("a build's confirmation: {key:?}");
+            };
+            let bytes = runtime(platform);
+            self.finish_built(job, &key, Outcome::Passed, Vec::new(), Some(&bytes))
+                .await;
+        }
+        self.take_in().await;
+    }
+}
+
+fn reproducible(platform: &str) -> String {
+    format!("the runtime, reproducibly built for {platform}")
+}
+
+#[tokio::test]
+async fn a_volunteers_build_counts_once_another_build_has_the_same_hash() {
+    let mut f = Farm::with_config(&built_anywhere()).await;
+    let v = f.join("builder", false).await;
+    f.volunteer_builds(&v, reproducible).await;
+    // Stored, but not the good build, and nothing tested against it.
+    assert!(f.results.good_build("rt", "linux").unwrap().is_none());
+    let held = f.results.latest_build("rt", "linux").unwrap().unwrap();
+    assert_eq!(held.confirmation, "awaiting");
+    f.trusted_confirms_builds(reproducible).await;
+    let good = f.results.good_build("rt", "linux").unwrap().unwrap();
+    assert_eq!(good.job_id, held.job_id, "the volunteer's own build counts");
+    assert_eq!(good.confirmation, "confirmed");
+    let tests: Vec<(JobRef, JobRecord, JobKey)> = f.assigned();
+    let keys: Vec<JobKey> = tests.iter().map(|(_, _, k)| k.clone()).collect();
+    assert_eq!(
+        test_keys(&keys).len(),
+        3,
+        "fanned out once confirmed: {keys:?}"
+    );
+    assert!(
+        tests
+            .iter()
+            .filter(|(_, r, _)| r.spec.labels.contains(&"linux".to_string()))
+            .all(|(_, r, _)| r.spec.artifact_sha256 == good.artifact_sha256)
+    );
+    assert_eq!(f.verdicts(&v).agreed, 2, "one per platform");
+}
+
+#[tokio::test]
+async fn a_volunteers_build_with_another_hash_does_not_count_and_the_trusted_one_does() {
+    let mut f = Farm::with_config(&built_anywhere()).await;
+    let v = f.join("trojan", false).await;
+    f.volunteer_builds(&v, |p| format!("a trojan for {p}"))
+        .await;
+    let held = f.results.latest_build("rt", "linux").unwrap().unwrap();
+    f.trusted_confirms_builds(reproducible).await;
+    let overruled = f
+        .results
+        .build("rt", "linux", &held.commit)
+        .unwrap()
+        .unwrap();
+    assert_ne!(
+        overruled.job_id, held.job_id,
+        "the trusted build took its place"
+    );
+    let good = f.results.good_build("rt", "linux").unwrap().unwrap();
+    assert_eq!(good.job_id, overruled.job_id);
+    assert_ne!(good.artifact_sha256, held.artifact_sha256);
+    let tests = f.assigned();
+    assert!(!tests.is_empty());
+    assert!(
+        tests
+            .iter()
+            .all(|(_, r, _)| r.spec.artifact_sha256 != held.artifact_sha256),
+        "nothing runs the volunteer's artifact"
+    );
+    let counted = f.verdicts(&v);
+    assert_eq!((counted.agreed, counted.disagreed), (0, 2));
+    let c = f.results.confirmation(held.job_id).unwrap().unwrap();
+    assert_eq!(c.state, crate::results::ConfirmState::Overruled);
+}

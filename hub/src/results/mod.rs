@@ -69,9 +69,6 @@ pub(crate) enum Finished {
         run: RunRecord,
         /// Its upstream commit's head sequence.
         head_seq: u64,
-        /// Its verdict, when the verdict may change the series only once
-        /// a re-run on another agent agrees (see `confirm.rs`).
-        unconfirmed: Option<Box<Said>>,
     },
 }
 
@@ -80,14 +77,6 @@ impl Finished {
         match self {
             Finished::Build(b) => b.job_id,
             Finished::Run { run, .. } => run.info.job_id,
-        }
-    }
-
-    /// Its verdict, if it needs confirming before it changes its series.
-    fn unconfirmed(&self) -> Option<&Said> {
-        match self {
-            Finished::Build(_) => None,
-            Finished::Run { unconfirmed, .. } => unconfirmed.as_deref(),
         }
     }
 
@@ -123,9 +112,27 @@ impl Finished {
 
     /// Shows where its confirmation stands.
     fn show_confirmation(&mut self, c: &Confirmation) {
-        if let Finished::Run { run, .. } = self {
-            run.info.confirmation = c.state.word().into();
-            run.info.confirmation_detail = c.detail();
+        let (confirmation, detail) = match self {
+            Finished::Build(b) => (&mut b.confirmation, &mut b.confirmation_detail),
+            Finished::Run { run, .. } => (
+                &mut run.info.confirmation,
+                &mut run.info.confirmation_detail,
+            ),
+        };
+        *confirmation = c.state.word().into();
+        *detail = c.detail();
+    }
+
+    /// Whether a held verdict changes its series when it counts: a run's
+    /// went red or fixed (still green and still red count alone); any
+    /// decisive build (a volunteer's passed build is what every test would
+    /// run, its failed one turns the runtime red).
+    fn held_if(&self, verdict: Option<&classify::Verdict>) -> bool {
+        match self {
+            Finished::Build(b) => {
+                b.state == BuildState::Passed as i32 || b.state == BuildState::Failed as i32
+            }
+            Finished::Run { .. } => verdict.is_some_and(|v| v.changes_series()),
         }
     }
 }
@@ -271,7 +278,9 @@ impl Results {
         self.table
             .stage(batch, keys::build(&b.upstream, &b.platform, &b.commit), b)?;
         let mut pointers = vec![Pointer::Latest];
-        if b.state == BuildState::Passed as i32 {
+        // A volunteer's build counts only once confirmed.
+        let counts = b.confirmation.is_empty() || b.confirmation == ConfirmState::Confirmed.word();
+        if b.state == BuildState::Passed as i32 && counts {
             pointers.push(Pointer::Good);
         }
         for pointer in pointers {
@@ -291,13 +300,15 @@ impl Results {
     /// transition in one atomic step, durable when this returns. A job
     /// recorded before is [`Recorded::Already`].
     ///
-    /// A result whose verdict needs confirming (see `confirm.rs`) and
-    /// would change its series is stored *awaiting confirmation* with a
-    /// `c/<job>` record instead: no transition, the series unchanged; the
+    /// A result whose verdict (`unconfirmed`: what it said and who said it)
+    /// needs confirming (see `confirm.rs`) and would change its series is
+    /// stored *awaiting confirmation* with a `c/<job>` record instead: no
+    /// transition, the series unchanged, a build not the good one; the
     /// pipeline queues the re-run [`Confirmation::wanted_rerun`] asks for.
     pub(crate) async fn record(
         &self,
         mut finished: Finished,
+        unconfirmed: Option<Said>,
         culprits: &dyn Culprits,
         sink: &dyn TransitionSink,
     ) -> Result<Recorded, StoreError> {
@@ -310,10 +321,10 @@ impl Results {
         let state = self.series(&series_name)?;
         let mut verdict = classify::judge(&state, &finished);
         let mut held = None;
-        if let Some(said) = finished.unconfirmed()
-            && verdict.as_ref().is_some_and(|v| v.changes_series())
+        if let Some(said) = unconfirmed
+            && finished.held_if(verdict.as_ref())
         {
-            let c = finished.confirmation(said.clone());
+            let c = finished.confirmation(said);
             finished.show_confirmation(&c);
             verdict = None;
             held = Some(c);
@@ -337,16 +348,18 @@ impl Results {
     }
 
     /// Records a finished re-run of job `original` once (like
-    /// [`Results::record`]): settles its confirmation, and when the re-run
-    /// agreed, classifies the original result against its series as it is
-    /// now (transition, culprits, mails in the same atomic write; a result
-    /// older than the series' last classified one decides nothing, as any
-    /// late result). Disagreeing leaves the series as it is and the
-    /// original shown overruled.
+    /// [`Results::record`]; `result` is the re-run's own): settles its
+    /// confirmation, and when the re-run agreed, classifies the original
+    /// result against its series as it is now (transition, culprits, mails
+    /// in the same atomic write; a result older than the series' last
+    /// classified one decides nothing, as any late result). Disagreeing
+    /// leaves the original shown overruled and a run's series as it is; a
+    /// build re-run by a trusted agent then counts in the original's place.
     pub(crate) async fn record_rerun(
         &self,
         original: u64,
         rerun: Rerun,
+        result: Finished,
         culprits: &dyn Culprits,
         sink: &dyn TransitionSink,
     ) -> Result<Recorded, StoreError> {
@@ -372,26 +385,39 @@ impl Results {
         };
         c.settle(rerun);
         let mut finished = self.held_result(&c)?;
-        let series_name = finished.as_ref().map(classify::series_of);
-        let state = match &series_name {
-            Some(name) => self.series(name)?,
-            None => SeriesState::default(),
-        };
-        let mut verdict = None;
         if let Some(f) = &mut finished {
             f.show_confirmation(&c);
-            if c.state == ConfirmState::Confirmed {
-                verdict = classify::judge(&state, f);
-                if let (Some(v), Some(by)) = (&mut verdict, c.decisive_rerun()) {
-                    v.transition.confirmed_by_job = by.job_id;
-                }
-            }
         }
-        let series_name = series_name.unwrap_or_default();
+        // What counts now: the original once confirmed; a build overruled
+        // by a trusted agent's, that one.
+        let trusted_rerun = c.decisive_rerun().is_some_and(|r| r.trusted);
+        let counts = match c.state {
+            ConfirmState::Confirmed => finished.as_ref(),
+            ConfirmState::Overruled if trusted_rerun && matches!(result, Finished::Build(_)) => {
+                Some(&result)
+            }
+            _ => None,
+        };
+        let series_name = counts.map(classify::series_of).unwrap_or_default();
+        let state = match counts {
+            Some(_) => self.series(&series_name)?,
+            None => SeriesState::default(),
+        };
+        let mut verdict = counts.and_then(|f| classify::judge(&state, f));
+        if let (Some(v), Some(by), ConfirmState::Confirmed) =
+            (&mut verdict, c.decisive_rerun(), c.state)
+        {
+            v.transition.confirmed_by_job = by.job_id;
+        }
+        let replaced = (c.state == ConfirmState::Overruled && counts.is_some()).then_some(&result);
         let transition = self
             .write(verdict, state, &series_name, culprits, sink, |batch| {
                 if let Some(f) = &finished {
                     self.stage_finished(batch, f)?;
+                }
+                // Staged after the original: the commit's build from now on.
+                if let Some(r) = replaced {
+                    self.stage_finished(batch, r)?;
                 }
                 self.table.stage(batch, keys::confirmation(original), &c)?;
                 mark(batch);
@@ -402,14 +428,20 @@ impl Results {
     }
 
     /// The stored result a confirmation holds, as recording took it in
-    /// (`None` when it is gone: the run was never stored).
+    /// (`None` when it is gone: never stored, or a newer build of the
+    /// commit took its place).
     fn held_result(&self, c: &Confirmation) -> Result<Option<Finished>, StoreError> {
+        if c.project.is_empty() {
+            let build = self.build(&c.upstream, &c.platform, &c.commit)?;
+            return Ok(build
+                .filter(|b| b.job_id == c.original.job_id)
+                .map(Finished::Build));
+        }
         let key = keys::run(&c.project, &c.upstream, &c.platform, c.original.job_id);
         let run: Option<RunRecord> = self.table.get(key)?;
         Ok(run.map(|run| Finished::Run {
             run,
             head_seq: c.head_seq,
-            unconfirmed: None,
         }))
     }
 

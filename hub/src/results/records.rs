@@ -59,6 +59,13 @@ pub(crate) struct BuildInfo {
     /// When polling saw its commit as the head (0: never; see
     /// [`super::Finished::Build`]).
     pub(crate) head_seq: u64,
+    /// Where the confirmation of a volunteer's build stands (see
+    /// [`RunInfo::confirmation`]); empty when it counted alone.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub(crate) confirmation: String,
+    /// Both verdicts, in words.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub(crate) confirmation_detail: String,
 }
 
 /// A test run's summary: what the status grid shows.
@@ -205,6 +212,8 @@ impl From<BuildInfo> for v1::BuildInfo {
             detail,
             fanned_out,
             head_seq,
+            confirmation,
+            confirmation_detail,
         } = b;
         v1::BuildInfo {
             upstream,
@@ -219,6 +228,8 @@ impl From<BuildInfo> for v1::BuildInfo {
             detail,
             fanned_out,
             head_seq,
+            confirmation,
+            confirmation_detail,
         }
     }
 }
