@@ -175,6 +175,12 @@ fn print_transition(t: &Transition, paint: &Paint) {
         when(t.at_ms),
         if t.first { ", first result" } else { "" }
     );
+    if t.confirmed_by_job != 0 {
+        println!(
+            "  confirmed by job {} on another agent before it counted",
+            t.confirmed_by_job
+        );
+    }
     if t.kind == TransitionKind::WentRed as i32 {
         if t.last_green_upstream_commit.is_empty() {
             println!("  culprit range: no green result before this one");
