@@ -1294,3 +1294,37 @@ async fn a_volunteers_build_with_another_hash_does_not_count_and_the_trusted_one
     let c = f.results.confirmation(held.job_id).unwrap().unwrap();
     assert_eq!(c.state, crate::results::ConfirmState::Overruled);
 }
+
+#[tokio::test]
+async fn a_volunteers_failed_build_turns_the_runtime_red_only_once_confirmed() {
+    let mut f = Farm::with_config(&built_anywhere()).await;
+    let v = f.join("builder", false).await;
+    f.volunteer_builds(&v, reproducible).await;
+    f.trusted_confirms_builds(reproducible).await;
+    f.assigned();
+    // The next commit "fails" on the volunteer: held, nothing red yet.
+    f.only(&v).await;
+    f.git.commit(RT);
+    f.pipeline.poll_upstream(0).await;
+    f.run_jobs(|_| (Outcome::Failed, Vec::new())).await;
+    f.take_in().await;
+    let red = |f: &Farm| {
+        f.results
+            .transitions(100, |t| {
+                t.project.is_empty() && t.kind == TransitionKind::WentRed as i32
+            })
+            .unwrap()
+    };
+    assert!(red(&f).is_empty(), "a volunteer's failed build waits");
+    let held = f.results.latest_build("rt", "linux").unwrap().unwrap();
+    assert_eq!(held.confirmation, "awaiting");
+    // The trusted agent's build fails too: now the runtime is red.
+    f.only("a").await;
+    let reruns = f.run_jobs(|_| (Outcome::Failed, Vec::new())).await;
+    assert!(reruns.iter().all(|k| matches!(k, JobKey::Rerun { .. })));
+    f.take_in().await;
+    let went_red = red(&f);
+    assert_eq!(went_red.len(), 2, "linux and mac: {went_red:?}");
+    assert!(went_red.iter().all(|t| t.confirmed_by_job != 0));
+    assert_eq!(f.verdicts(&v).agreed, 4);
+}
