@@ -396,6 +396,36 @@ fn a_hostile_volunteers_false_red_and_false_green_are_overruled_and_it_is_quaran
     assert_eq!(kinds(&hub).iter().filter(|k| *k == FIXED).count(), 1);
     let mails = sink.wait_for_messages(2, STEP);
     assert_eq!(mails.len(), 2, "went red and fixed, nothing for the lies");
+
+    // The quarantine is the credential's: a new session is quarantined too.
+    let mut again = rt.block_on(hostile.session(Capabilities {
+        max_parallel_jobs: 1,
+        ..greedy_caps()
+    }));
+    let waiting: Vec<u64> = (0..2)
+        .map(|_| hub.submit(&["--labels", &platform(), "--", "sleep 10"]))
+        .collect();
+    assert!(
+        rt.block_on(again.assignments(Duration::from_secs(2)))
+            .is_empty(),
+        "quarantined across sessions"
+    );
+    // Released by the operator, it gets work again.
+    hub.cli_ok(&["agent", "release", &hostile.id]);
+    let given = rt
+        .block_on(async {
+            again.heartbeat(&[]).await;
+            again.next_assignment(Duration::from_secs(10)).await
+        })
+        .expect("a released agent gets a job");
+    assert!(waiting.contains(&given.job.expect("a job ref").job_id));
+    let me = agent(&hub, &hostile.id);
+    assert_eq!(me["quarantined"], Value::Bool(false), "{me:#}");
+    assert_eq!(
+        u(&me, "confirmations_disagreed"),
+        2,
+        "the totals stay: {me:#}"
+    );
 }
 
 fn hex(data: &[u8]) -> String {
