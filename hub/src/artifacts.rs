@@ -237,14 +237,15 @@ impl Origin {
 /// The upstream, platform and commit of a build job's key (any form,
 /// forced rebuilds included).
 fn parse_build_key(key: &str) -> Option<(String, String, String)> {
-    match crate::job_key::JobKey::parse(key)? {
+    // A build's confirmation build uploads the same runtime.
+    match crate::job_key::JobKey::parse(key)?.base() {
         crate::job_key::JobKey::Build {
             upstream,
             platform,
             commit,
             ..
-        } => Some((upstream, platform, commit)),
-        crate::job_key::JobKey::Test { .. } => None,
+        } => Some((upstream.clone(), platform.clone(), commit.clone())),
+        _ => None,
     }
 }
 

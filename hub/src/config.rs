@@ -29,7 +29,10 @@ mod pipeline;
 mod pool;
 pub(crate) use network::{ConnectionCap, NetworkSection};
 pub(crate) use notify::{NotifySection, SmtpSection, SmtpSecurity, WebSection};
-pub(crate) use pipeline::{ArtifactsSection, PipelineSection, ProjectConfig, UpstreamConfig};
+pub(crate) use pipeline::{
+    ArtifactsSection, BuildOn, Confirm, PipelineSection, ProjectConfig, TrustSection,
+    UpstreamConfig,
+};
 pub(crate) use pool::{AgentSandbox, DEFAULT_POOL_USER, Ec2Section, PoolConfig, ProvisionerKind};
 
 const KIB: u64 = 1024;
@@ -59,6 +62,8 @@ pub(crate) struct HubConfig {
     pub(crate) artifacts: ArtifactsSection,
     /// `[pipeline]`: how the hub talks to git.
     pub(crate) pipeline: PipelineSection,
+    /// `[trust]`: when disagreeing with confirmation runs quarantines an agent.
+    pub(crate) trust: TrustSection,
     /// `[[upstream]]`: the runtimes whose trunk is built.
     pub(crate) upstreams: Vec<UpstreamConfig>,
     /// `[[project]]`: the downstream projects tested against them.
@@ -252,6 +257,7 @@ struct RawHubConfig {
     enrollment: EnrollmentSection,
     artifacts: ArtifactsSection,
     pipeline: PipelineSection,
+    trust: TrustSection,
     upstream: Vec<UpstreamConfig>,
     project: Vec<ProjectConfig>,
     smtp: SmtpSection,
@@ -291,6 +297,7 @@ impl HubConfig {
             enrollment: raw.enrollment,
             artifacts: raw.artifacts,
             pipeline: raw.pipeline,
+            trust: raw.trust,
             upstreams: raw.upstream,
             projects: raw.project,
             smtp: raw.smtp,
@@ -328,6 +335,7 @@ impl HubConfig {
             enrollment: EnrollmentSection::default(),
             artifacts: ArtifactsSection::default(),
             pipeline: PipelineSection::default(),
+            trust: TrustSection::default(),
             upstreams: Vec::new(),
             projects: Vec::new(),
             smtp: SmtpSection::default(),
@@ -589,6 +597,7 @@ impl HubConfig {
             &self.projects,
             &self.artifacts,
             &self.pipeline,
+            &self.trust,
             d.max_job_timeout,
         )?;
         notify::problems(&self.smtp, &self.notify)?;
@@ -782,6 +791,7 @@ mod tests {
             env: [("MYCFLAGS".to_string(), "-O2".to_string())].into(),
             labels: vec![],
             contacts: vec!["lua-core@example.org".into()],
+            build_on: pipeline::BuildOn::Trusted,
         }];
         expected.projects = vec![ProjectConfig {
             name: "lpeg".into(),
@@ -800,6 +810,7 @@ mod tests {
             labels: vec![],
             env: Default::default(),
             network: false,
+            confirm: Confirm::Volunteer,
         }];
         assert_eq!(c, expected);
         for key in [
@@ -987,11 +998,11 @@ max_token_ttl = "7d"
     fn unknown_key_at_top_level() {
         assert_eq!(
             err("[dispath]\nlease_timeout = \"1m\"\n"),
-            "/etc/trunkfarm/hub.toml:1: unknown key `dispath`, expected one of `hub`, `tls`, `admin`, `dispatch`, `limits`, `enrollment`, `artifacts`, `pipeline`, `upstream`, `project`, `smtp`, `notify`, `web`, `network`, `pool`"
+            "/etc/trunkfarm/hub.toml:1: unknown key `dispath`, expected one of `hub`, `tls`, `admin`, `dispatch`, `limits`, `enrollment`, `artifacts`, `pipeline`, `trust`, `upstream`, `project`, `smtp`, `notify`, `web`, `network`, `pool`"
         );
         assert_eq!(
             err("listen = \"0.0.0.0:7443\"\n"),
-            "/etc/trunkfarm/hub.toml:1: unknown key `listen`, expected one of `hub`, `tls`, `admin`, `dispatch`, `limits`, `enrollment`, `artifacts`, `pipeline`, `upstream`, `project`, `smtp`, `notify`, `web`, `network`, `pool`"
+            "/etc/trunkfarm/hub.toml:1: unknown key `listen`, expected one of `hub`, `tls`, `admin`, `dispatch`, `limits`, `enrollment`, `artifacts`, `pipeline`, `trust`, `upstream`, `project`, `smtp`, `notify`, `web`, `network`, `pool`"
         );
     }
 
@@ -1376,6 +1387,53 @@ test = ["pytest"]
 
         let e = err("[artifacts]\nkeep = 0\n");
         assert!(e.contains("artifacts.keep"), "{e}");
+
+        let e = err(&format!("{PIPELINE}confirm = \"sometimes\"\n"));
+        assert!(
+            e.contains("project[0].confirm")
+                && e.contains("`volunteer`, `always`")
+                && e.contains("`never`"),
+            "{e}"
+        );
+
+        let e = err(&PIPELINE.replace(
+            "build = [\"make install\"]",
+            "build = [\"make install\"]\nbuild_on = \"volunteers\"",
+        ));
+        assert!(
+            e.contains("upstream[0].build_on") && e.contains("`trusted` or `any`"),
+            "{e}"
+        );
+
+        let e = err("[trust]\nquarantine_after = 5\nquarantine_window = 4\n");
+        assert!(
+            e.contains("trust.quarantine_window") && e.contains("quarantine_after` (5)"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn confirmation_and_build_trust_are_set_per_entry() {
+        let c = parse(&format!(
+            "{}confirm = \"always\"\n[trust]\nquarantine_after = 0\n",
+            PIPELINE.replace(
+                "build = [\"make install\"]",
+                "build = [\"make install\"]\nbuild_on = \"any\"",
+            )
+        ))
+        .unwrap();
+        assert_eq!(c.upstreams[0].build_on, pipeline::BuildOn::Any);
+        assert_eq!(c.projects[0].confirm, Confirm::Always);
+        assert_eq!(c.trust.quarantine_after, 0, "0: never quarantine");
+        let d = parse(PIPELINE).unwrap();
+        assert_eq!(
+            (d.upstreams[0].build_on, d.projects[0].confirm),
+            (pipeline::BuildOn::Trusted, Confirm::Volunteer)
+        );
+        assert_eq!(
+            (d.trust.quarantine_after, d.trust.quarantine_window),
+            (3, 10)
+        );
     }
 
     #[test]

@@ -5,6 +5,9 @@
 //!
 //! * `build/<upstream>/<platform>/<commit>[/<nonce>]`
 //! * `test/<project>/<upstream>/<platform>/<upstream commit>/<project commit or ->[/<build job id>]`
+//! * `<a build or test key>/<re-run kind>/<its job id>/<n>`: the `n`th
+//!   re-run of that job, of that kind (`confirm`: another agent's run of the
+//!   same spec, before a volunteer's verdict counts; see `results::confirm`)
 //!
 //! Names never contain `/` (the config allows `[A-Za-z0-9._-]`).
 //!
@@ -68,6 +71,44 @@ pub(crate) enum JobKey {
         /// commit is tested again).
         nonce: Option<u64>,
     },
+    /// A re-run of a finished build or test job, checking its verdict.
+    Rerun {
+        /// The key of the job re-run (a build or a test, never a re-run).
+        of: Box<JobKey>,
+        /// What the re-run is for.
+        kind: RerunKind,
+        /// The job re-run.
+        job: u64,
+        /// 1 for its first re-run of this kind, 2 for the next (the first
+        /// ended in an infrastructure error), …
+        n: u32,
+    },
+}
+
+/// Why a job is re-run. Each kind's word is part of its re-runs' keys.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum RerunKind {
+    /// The same spec on another agent, trusted where one fits: a
+    /// volunteer's verdict counts only when it agrees.
+    #[default]
+    Confirm,
+}
+
+impl RerunKind {
+    /// The word in keys.
+    fn word(self) -> &'static str {
+        match self {
+            RerunKind::Confirm => "confirm",
+        }
+    }
+
+    fn from_word(word: &str) -> Option<RerunKind> {
+        match word {
+            "confirm" => Some(RerunKind::Confirm),
+            _ => None,
+        }
+    }
 }
 
 impl fmt::Display for JobKey {
@@ -107,13 +148,46 @@ impl fmt::Display for JobKey {
                 }
                 Ok(())
             }
+            JobKey::Rerun { of, kind, job, n } => {
+                write!(f, "{of}/{}/{job}/{n}", kind.word())
+            }
         }
     }
 }
 
 impl JobKey {
+    /// The build or test job this key is about: itself, or the job a
+    /// re-run re-runs.
+    pub(crate) fn base(&self) -> &JobKey {
+        match self {
+            JobKey::Rerun { of, .. } => of,
+            _ => self,
+        }
+    }
+
     /// Reads a key back; `None` for anything that is not a pipeline key.
     pub(crate) fn parse(key: &str) -> Option<JobKey> {
+        let parts: Vec<&str> = key.split('/').collect();
+        if parts.iter().any(|p| p.is_empty()) {
+            return None;
+        }
+        if let [head @ .., kind, job, n] = parts.as_slice()
+            && let Some(kind) = RerunKind::from_word(kind)
+            && let (Ok(job), Ok(n)) = (job.parse(), n.parse())
+            && let Some(of) = JobKey::parse_plain(&head.join("/"))
+        {
+            return Some(JobKey::Rerun {
+                of: Box::new(of),
+                kind,
+                job,
+                n,
+            });
+        }
+        JobKey::parse_plain(key)
+    }
+
+    /// A build or test key (not a re-run).
+    fn parse_plain(key: &str) -> Option<JobKey> {
         let parts: Vec<&str> = key.split('/').collect();
         if parts.iter().any(|p| p.is_empty()) {
             return None;
@@ -193,6 +267,23 @@ mod tests {
             assert_eq!(text.starts_with(TEST_PREFIX), is_test, "{text}");
             assert_eq!(JobKey::parse(&text), Some(key));
         }
+        let test = JobKey::parse(&format!("test/p/rt/linux/{}/-/7", "cd".repeat(20))).unwrap();
+        let rerun = JobKey::Rerun {
+            of: Box::new(test.clone()),
+            kind: RerunKind::Confirm,
+            job: 42,
+            n: 2,
+        };
+        let text = rerun.to_string();
+        assert!(text.ends_with("/-/7/confirm/42/2"), "{text}");
+        assert!(text.starts_with(TEST_PREFIX));
+        let back = JobKey::parse(&text).unwrap();
+        assert_eq!(back.base(), &test);
+        assert_eq!(back, rerun);
+        // A platform named like a re-run kind is still a test key.
+        let odd = "test/p/rt/confirm/c1/-";
+        assert!(matches!(JobKey::parse(odd), Some(JobKey::Test { .. })));
+        assert_eq!(JobKey::parse("test/p/rt/linux/c1/-/confirm/x/1"), None);
         assert_eq!(JobKey::parse(""), None);
         assert_eq!(JobKey::parse("build/a/b"), None);
         assert_eq!(JobKey::parse("build/a/b/c/notanumber"), None);

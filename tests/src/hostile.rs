@@ -2,7 +2,8 @@
 //! speaks the wire protocol itself, so it can claim what it likes (labels,
 //! slots), keep jobs past their timeout and report results it never earned.
 //! The trust tests use it to check that the hub grants and verifies instead
-//! of believing.
+//! of believing; [`Session::serve`] keeps one in the background (heart-beating
+//! like an honest agent) while the test decides what it answers.
 
 use std::time::{Duration, Instant};
 
@@ -122,6 +123,24 @@ impl HostileAgent {
     }
 }
 
+/// A [`Session`] running in the background (see [`Session::serve`]).
+pub struct Served {
+    given: std::sync::mpsc::Receiver<Assignment>,
+    answer: mpsc::UnboundedSender<JobResult>,
+}
+
+impl Served {
+    /// The next job the hub gives it, waiting up to `timeout`.
+    pub fn next(&self, timeout: Duration) -> Option<Assignment> {
+        self.given.recv_timeout(timeout).ok()
+    }
+
+    /// Reports `result` (its job names the job).
+    pub fn answer(&self, result: JobResult) {
+        self.answer.send(result).expect("the session is served");
+    }
+}
+
 impl Session {
     /// Everything the hub sends within `window`.
     pub async fn messages(&mut self, window: Duration) -> Vec<hub_message::Msg> {
@@ -175,6 +194,42 @@ impl Session {
     /// Reports `result`.
     pub async fn report(&self, result: JobResult) {
         self.send(agent_message::Msg::Result(result)).await;
+    }
+
+    /// Runs the session in the background (call inside a tokio runtime):
+    /// it heartbeats every 300 ms for the jobs it holds, so the hub keeps
+    /// giving it work, hands every assignment to the test, and reports the
+    /// results the test gives it.
+    pub fn serve(mut self) -> Served {
+        let (given_tx, given) = std::sync::mpsc::channel();
+        let (answer, mut answers) = mpsc::unbounded_channel::<JobResult>();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(300));
+            let mut running: Vec<JobRef> = Vec::new();
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => self.heartbeat(&running).await,
+                    msg = self.rx.message() => match msg {
+                        Ok(Some(HubMessage { msg: Some(hub_message::Msg::Assign(a)) })) => {
+                            running.extend(a.job);
+                            if given_tx.send(a).is_err() {
+                                return;
+                            }
+                        }
+                        Ok(Some(_)) => {}
+                        Ok(None) | Err(_) => return,
+                    },
+                    result = answers.recv() => match result {
+                        Some(result) => {
+                            running.retain(|j| Some(*j) != result.job);
+                            self.report(result).await;
+                        }
+                        None => return,
+                    },
+                }
+            }
+        });
+        Served { given, answer }
     }
 
     async fn send(&self, msg: agent_message::Msg) {

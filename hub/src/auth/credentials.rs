@@ -179,7 +179,74 @@ pub(crate) struct AgentRecord {
     pub(crate) token_id: String,
     /// Revoked by the operator: refused from then on.
     pub(crate) revoked: bool,
+    /// How its verdicts fared against confirmation runs, and whether that
+    /// quarantined it. Not written while empty (older records keep their
+    /// bytes).
+    #[serde(default, skip_serializing_if = "Verdicts::is_empty")]
+    pub(crate) verdicts: Verdicts,
 }
+
+/// An agent's record of confirmations: a volunteer's verdict that would
+/// change a series is re-run on another agent (see `pipeline`), and each
+/// re-run agrees with it or not.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub(crate) struct Verdicts {
+    /// Confirmations that agreed with it, ever.
+    pub(crate) agreed: u64,
+    /// Confirmations that disagreed with it, ever.
+    pub(crate) disagreed: u64,
+    /// The latest confirmations, oldest first: (the re-run's job id,
+    /// agreed). The job id makes counting idempotent (a finished job handed
+    /// over again after a crash is not counted twice).
+    pub(crate) recent: Vec<(u64, bool)>,
+    /// Why it is quarantined (given no job); empty when it is not.
+    pub(crate) quarantined: String,
+    /// When it was quarantined, ms.
+    pub(crate) quarantined_at_ms: u64,
+}
+
+impl Verdicts {
+    fn is_empty(&self) -> bool {
+        *self == Verdicts::default()
+    }
+
+    /// Whether it is quarantined now.
+    pub(crate) fn quarantined(&self) -> bool {
+        !self.quarantined.is_empty()
+    }
+
+    /// Disagreements among the latest `window` confirmations.
+    fn recent_disagreements(&self, window: usize) -> usize {
+        let skip = self.recent.len().saturating_sub(window);
+        self.recent[skip..].iter().filter(|(_, a)| !a).count()
+    }
+}
+
+/// When disagreement quarantines an agent (`[trust]` in the hub config).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct QuarantineRule {
+    /// Disagreements among its latest `window` confirmations that
+    /// quarantine an agent; 0: never.
+    pub(crate) after: u32,
+    /// How many of its latest confirmations count.
+    pub(crate) window: u32,
+}
+
+/// What counting one confirmation did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Counted {
+    /// This re-run was counted before: nothing changed.
+    Before,
+    /// Counted now; the agent is not (newly) quarantined.
+    Now,
+    /// Counted, and it quarantined the agent (the reason).
+    Quarantined(String),
+}
+
+/// How many confirmations an agent's record keeps (at least the window):
+/// enough to recognise a re-run handed over again after a crash.
+const RECENT_KEPT: usize = 64;
 
 impl std::fmt::Debug for AgentRecord {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -342,6 +409,7 @@ impl Credentials {
                 enrolled_at_ms: now,
                 token_id: rec.id.clone(),
                 revoked: false,
+                verdicts: Verdicts::default(),
             };
             tx.insert(tkey.as_slice(), self.table.encode(&rec).map_err(stored)?)?;
             tx.insert(
@@ -378,15 +446,94 @@ impl Credentials {
 
     /// Marks an agent revoked, durably.
     pub(crate) async fn revoke_agent(&self, id: &str) -> Result<AgentRecord, AuthError> {
+        self.update_agent(id, |rec| {
+            rec.revoked = true;
+            Some(())
+        })
+        .await
+        .map(|(rec, _)| rec)
+    }
+
+    /// Changes agent `id`'s record with `change`, durably, unless it
+    /// returns `None` (nothing to write). Returns the record and what
+    /// `change` said.
+    async fn update_agent<T>(
+        &self,
+        id: &str,
+        change: impl FnOnce(&mut AgentRecord) -> Option<T>,
+    ) -> Result<(AgentRecord, Option<T>), AuthError> {
         let key = agent_key(id);
         let mut rec: AgentRecord = self
             .table
             .get(&key)?
             .ok_or_else(|| AuthError::NoSuchAgent(id.to_string()))?;
-        rec.revoked = true;
-        self.table.put(&key, &rec)?;
-        self.table.store().commit().await?;
-        Ok(rec)
+        let said = change(&mut rec);
+        if said.is_some() {
+            self.table.put(&key, &rec)?;
+            self.table.store().commit().await?;
+        }
+        Ok((rec, said))
+    }
+
+    /// Counts one confirmation of agent `id`'s verdict: re-run `job`
+    /// `agreed` with it or not. Idempotent per re-run. Disagreements
+    /// reaching `rule.after` among its latest `rule.window` confirmations
+    /// quarantine it (durably; the caller tells dispatch).
+    pub(crate) async fn count_confirmation(
+        &self,
+        id: &str,
+        job: u64,
+        agreed: bool,
+        rule: QuarantineRule,
+    ) -> Result<Counted, AuthError> {
+        let (_, counted) = self
+            .update_agent(id, |rec| {
+                let v = &mut rec.verdicts;
+                if v.recent.iter().any(|(j, _)| *j == job) {
+                    return None;
+                }
+                if agreed {
+                    v.agreed += 1;
+                } else {
+                    v.disagreed += 1;
+                }
+                v.recent.push((job, agreed));
+                let keep = RECENT_KEPT.max(rule.window as usize);
+                if v.recent.len() > keep {
+                    v.recent.drain(..v.recent.len() - keep);
+                }
+                let bad = v.recent_disagreements(rule.window as usize);
+                if rule.after == 0 || bad < rule.after as usize || v.quarantined() {
+                    return Some(Counted::Now);
+                }
+                v.quarantined = format!(
+                    "{bad} of its last {} confirmation runs disagreed with its verdict (trust.quarantine_after = {})",
+                    v.recent.len().min(rule.window as usize),
+                    rule.after
+                );
+                v.quarantined_at_ms = now_ms();
+                Some(Counted::Quarantined(v.quarantined.clone()))
+            })
+            .await?;
+        Ok(counted.unwrap_or(Counted::Before))
+    }
+
+    /// Lifts an agent's quarantine (the operator's `agent release`): it
+    /// gets jobs again, and its disagreements so far no longer count
+    /// towards the next quarantine (its totals stay). Returns the record.
+    pub(crate) async fn release_agent(&self, id: &str) -> Result<AgentRecord, AuthError> {
+        self.update_agent(id, |rec| {
+            let v = &mut rec.verdicts;
+            v.quarantined.clear();
+            v.quarantined_at_ms = 0;
+            for (_, agreed) in &mut v.recent {
+                // Kept for idempotence, no longer held against it.
+                *agreed = true;
+            }
+            Some(())
+        })
+        .await
+        .map(|(rec, _)| rec)
     }
 
     /// Every enrolled agent.
@@ -408,6 +555,52 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let c = Credentials::open(&store).unwrap();
         (dir, c)
+    }
+
+    #[tokio::test]
+    async fn disagreements_within_the_window_quarantine_and_each_rerun_counts_once() {
+        let (_d, c) = creds().await;
+        let (_, token) = c
+            .create_token(Grant::default(), Duration::from_secs(60), 1, String::new())
+            .await
+            .unwrap();
+        let (agent, _) = c.enroll(&token, "donor").await.unwrap();
+        let rule = QuarantineRule {
+            after: 2,
+            window: 3,
+        };
+        let count = |job, agreed| c.count_confirmation(&agent.id, job, agreed, rule);
+        assert_eq!(count(1, false).await.unwrap(), Counted::Now);
+        assert_eq!(
+            count(1, false).await.unwrap(),
+            Counted::Before,
+            "re-delivered"
+        );
+        // Job 1's disagreement leaves the window of 3: still one.
+        for job in [2, 3] {
+            assert_eq!(count(job, true).await.unwrap(), Counted::Now);
+        }
+        assert_eq!(count(4, false).await.unwrap(), Counted::Now);
+        let Counted::Quarantined(why) = count(5, false).await.unwrap() else {
+            panic!("two of the last three disagreed");
+        };
+        assert!(why.contains("2 of its last 3"), "{why}");
+        let rec = c.verify_agent(&format!("{}.x", agent.id));
+        assert!(rec.is_err(), "a wrong secret is still refused");
+        let listed = c.list_agents().unwrap();
+        let v = &listed[0].verdicts;
+        assert!(v.quarantined());
+        assert_eq!((v.agreed, v.disagreed), (2, 3));
+        // Released: the old disagreements no longer count, the totals stay.
+        let released = c.release_agent(&agent.id).await.unwrap();
+        assert!(!released.verdicts.quarantined());
+        assert_eq!(released.verdicts.disagreed, 3);
+        assert_eq!(count(6, false).await.unwrap(), Counted::Now);
+        assert_eq!(count(5, false).await.unwrap(), Counted::Before);
+        assert!(matches!(
+            c.count_confirmation("ag_nobody", 7, false, rule).await,
+            Err(AuthError::NoSuchAgent(_))
+        ));
     }
 
     #[tokio::test]

@@ -64,6 +64,7 @@ fn record(store: &Store, finished: bool) -> anyhow::Result<JobRecord> {
             leased_at_ms: now,
             lost_reason: String::new(),
             uploaded_sha256: String::new(),
+            trusted: false,
         }];
         rec.result = Some(JobResultRecord {
             job: Some(rec.job_ref().into()),

@@ -18,7 +18,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use trunkfarm_proto::v1::{
     CreateTokenRequest, DrainAgentRequest, ListAgentsRequest, ListTokensRequest,
-    RevokeAgentRequest, RevokeTokenRequest,
+    ReleaseAgentRequest, RevokeAgentRequest, RevokeTokenRequest,
 };
 
 use output::{Column, Table};
@@ -206,6 +206,12 @@ enum AgentCommand {
     /// Revoke an agent: it is disconnected now and refused from then on; its
     /// running jobs are requeued.
     Revoke {
+        /// The agent id (ag_…).
+        id: String,
+    },
+    /// Release a quarantined agent: it gets jobs again (its disagreements so
+    /// far no longer count towards the next quarantine).
+    Release {
         /// The agent id (ag_…).
         id: String,
     },
@@ -521,14 +527,18 @@ async fn agent(cfg: &HubConfig, command: AgentCommand) -> anyhow::Result<ExitCod
                 Column::left("NAME", 20),
                 Column::left("STATE", 10),
                 Column::left("TRUST", 10),
+                Column::left("CONFIRMED", 10),
                 Column::left("JOBS", 8),
                 Column::left("LAST SEEN", 22),
                 Column::last("LABELS"),
             ];
             let table = Table::new(COLUMNS);
+            let mut quarantined = Vec::new();
             for a in agents {
                 let state = if a.revoked {
                     "revoked"
+                } else if !a.quarantined.is_empty() {
+                    "quarantined"
                 } else if a.draining {
                     "draining"
                 } else if a.connected {
@@ -548,11 +558,28 @@ async fn agent(cfg: &HubConfig, command: AgentCommand) -> anyhow::Result<ExitCod
                     &a.name,
                     &state,
                     &view::trust(a.trusted),
+                    // Agreed / disagreed confirmation runs.
+                    &format!("{}/{}", a.confirmations_agreed, a.confirmations_disagreed),
                     &format!("{}/{}", a.running.len(), slots),
                     &last_seen,
                     &a.labels.join(","),
                 ]);
+                if !a.quarantined.is_empty() {
+                    quarantined.push(format!("{}: {}", a.agent_id, a.quarantined));
+                }
             }
+            for q in quarantined {
+                println!("quarantined {q} (`trunkfarm agent release <id>` or `agent revoke <id>`)");
+            }
+        }
+        AgentCommand::Release { id } => {
+            client
+                .release_agent(ReleaseAgentRequest {
+                    agent_id: id.clone(),
+                })
+                .await
+                .map_err(status_error)?;
+            eprintln!("agent {id} released from quarantine: it gets jobs again");
         }
         AgentCommand::Revoke { id } => {
             let resp = client

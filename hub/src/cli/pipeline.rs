@@ -99,6 +99,21 @@ fn cell_text(c: &StatusCell) -> (String, &'static str) {
         return (format!("-{pending}"), "90");
     }
     let at = short(&run.upstream_commit);
+    // A verdict that does not count (yet): not painted as a result.
+    match run.confirmation.as_str() {
+        "awaiting" => {
+            let said = if run.status == RunStatus::Red as i32 {
+                "red"
+            } else {
+                "green"
+            };
+            return (format!("{said}? {at}{pending}"), "33");
+        }
+        "overruled" | "unconfirmed" => {
+            return (format!("{} {at}{pending}", run.confirmation), "90");
+        }
+        _ => {}
+    }
     match RunStatus::try_from(run.status).unwrap_or(RunStatus::Unspecified) {
         RunStatus::Green => (format!("green {at}{pending}"), "32"),
         RunStatus::Red => (format!("RED {at}{pending}"), "1;31"),
@@ -160,6 +175,12 @@ fn print_transition(t: &Transition, paint: &Paint) {
         when(t.at_ms),
         if t.first { ", first result" } else { "" }
     );
+    if t.confirmed_by_job != 0 {
+        println!(
+            "  confirmed by job {} on another agent before it counted",
+            t.confirmed_by_job
+        );
+    }
     if t.kind == TransitionKind::WentRed as i32 {
         if t.last_green_upstream_commit.is_empty() {
             println!("  culprit range: no green result before this one");
@@ -231,6 +252,16 @@ pub(super) async fn status(
             let latest = u.latest_builds.iter().find(|b| &b.platform == platform);
             let good = u.good_builds.iter().find(|b| &b.platform == platform);
             let text = match latest {
+                // A volunteer's build not (yet) confirmed by another one.
+                Some(b) if !b.confirmation.is_empty() && b.confirmation != "confirmed" => {
+                    format!(
+                        "{} {} ({}: {})",
+                        build_state(b),
+                        short(&b.commit),
+                        b.confirmation,
+                        b.confirmation_detail
+                    )
+                }
                 Some(b) => format!("{} {}", build_state(b), short(&b.commit)),
                 None => "no build yet".into(),
             };
@@ -300,6 +331,9 @@ pub(super) async fn status(
                         }
                         if !run.report_error.is_empty() {
                             notes.push(format!("report: {}", run.report_error));
+                        }
+                        if !run.confirmation_detail.is_empty() {
+                            notes.push(run.confirmation_detail.clone());
                         }
                     }
                     None => print!("{:<22}", ""),

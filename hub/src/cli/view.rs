@@ -152,6 +152,14 @@ pub(super) struct Agent<'a> {
     /// What it claimed.
     claimed_parallel_jobs: u32,
     trust: &'static str,
+    /// Confirmation runs that agreed with its verdicts.
+    confirmations_agreed: u64,
+    /// Confirmation runs that disagreed with its verdicts.
+    confirmations_disagreed: u64,
+    /// Quarantined: given no job until released.
+    quarantined: bool,
+    /// Why (empty when not quarantined).
+    quarantine_reason: &'a str,
 }
 
 impl<'a> From<&'a v1::AgentInfo> for Agent<'a> {
@@ -183,6 +191,10 @@ impl<'a> From<&'a v1::AgentInfo> for Agent<'a> {
             max_parallel_jobs: a.max_parallel_jobs,
             claimed_parallel_jobs: caps.map_or(0, |c| c.max_parallel_jobs),
             trust: trust(a.trusted),
+            confirmations_agreed: a.confirmations_agreed,
+            confirmations_disagreed: a.confirmations_disagreed,
+            quarantined: !a.quarantined.is_empty(),
+            quarantine_reason: &a.quarantined,
         }
     }
 }
@@ -323,6 +335,10 @@ struct Build<'a> {
     detail: &'a str,
     fanned_out: u32,
     head_seq: u64,
+    /// A volunteer's build: where its confirmation stands (`null`: it
+    /// counted alone).
+    confirmation: Option<&'a str>,
+    confirmation_detail: &'a str,
 }
 
 impl<'a> From<&'a v1::BuildInfo> for Build<'a> {
@@ -340,6 +356,8 @@ impl<'a> From<&'a v1::BuildInfo> for Build<'a> {
             detail: &b.detail,
             fanned_out: b.fanned_out,
             head_seq: b.head_seq,
+            confirmation: (!b.confirmation.is_empty()).then_some(b.confirmation.as_str()),
+            confirmation_detail: &b.confirmation_detail,
         }
     }
 }
@@ -391,6 +409,11 @@ struct Run<'a> {
     tests_skipped: u32,
     failing_tests: Vec<TestCase<'a>>,
     report_error: &'a str,
+    /// Where the confirmation of its verdict stands: `awaiting`,
+    /// `confirmed`, `overruled`, `unconfirmed`; `null` when it counted alone.
+    confirmation: Option<&'a str>,
+    /// Both verdicts, in words.
+    confirmation_detail: &'a str,
 }
 
 impl<'a> From<&'a v1::RunInfo> for Run<'a> {
@@ -412,6 +435,8 @@ impl<'a> From<&'a v1::RunInfo> for Run<'a> {
             tests_skipped: r.tests_skipped,
             failing_tests: r.failing_tests.iter().map(TestCase::from).collect(),
             report_error: &r.report_error,
+            confirmation: (!r.confirmation.is_empty()).then_some(r.confirmation.as_str()),
+            confirmation_detail: &r.confirmation_detail,
         }
     }
 }
@@ -457,6 +482,8 @@ pub(super) struct Transition<'a> {
     status: &'static str,
     culprits_error: &'a str,
     red_since_id: u64,
+    /// The re-run that confirmed it before it counted; 0: it counted alone.
+    confirmed_by_job: u64,
 }
 
 impl<'a> From<&'a v1::Transition> for Transition<'a> {
@@ -480,6 +507,7 @@ impl<'a> From<&'a v1::Transition> for Transition<'a> {
             status: run_status(t.status()),
             culprits_error: &t.culprits_error,
             red_since_id: t.red_since_id,
+            confirmed_by_job: t.confirmed_by_job,
         }
     }
 }

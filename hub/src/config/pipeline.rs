@@ -52,6 +52,50 @@ pub(crate) struct UpstreamConfig {
     /// Who hears about a failing build of the runtime itself.
     #[serde(default)]
     pub(crate) contacts: Vec<String>,
+    /// Which agents may build it: only trusted ones (the default), or any,
+    /// a volunteer's build then counting only once another agent's build of
+    /// the same commit gave the same artifact hash.
+    #[serde(default)]
+    pub(crate) build_on: BuildOn,
+}
+
+/// `[[upstream]] build_on`: who may build a runtime.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum BuildOn {
+    /// Only trusted agents: a runtime runs inside every test job on every
+    /// donor's machine.
+    #[default]
+    Trusted,
+    /// Any agent; a volunteer's build counts once an independent agent's
+    /// build of the same commit has the same artifact hash.
+    Any,
+}
+
+/// `[[project]] confirm`: whose verdict that would change a series (went
+/// red, fixed) is re-run on another agent before it counts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum Confirm {
+    /// A volunteer's (the default): a trusted agent's counts alone.
+    #[default]
+    Volunteer,
+    /// Every agent's.
+    Always,
+    /// Nobody's: every verdict counts alone.
+    Never,
+}
+
+impl Confirm {
+    /// Whether a verdict of an agent (trusted or not) needs a confirmation
+    /// run before it may change a series.
+    pub(crate) fn needed(self, trusted: bool) -> bool {
+        match self {
+            Confirm::Volunteer => !trusted,
+            Confirm::Always => true,
+            Confirm::Never => false,
+        }
+    }
 }
 
 /// `[[project]]`: a downstream project whose tests run against the runtime.
@@ -97,6 +141,10 @@ pub(crate) struct ProjectConfig {
     /// donor allows it (`allow_network`), so leave it off unless needed.
     #[serde(default)]
     pub(crate) network: bool,
+    /// Whose went-red or fixed verdict is confirmed by a re-run on another
+    /// agent before it counts.
+    #[serde(default)]
+    pub(crate) confirm: Confirm,
 }
 
 /// `[artifacts]`: the runtime artifacts the hub stores.
@@ -117,6 +165,30 @@ impl Default for ArtifactsSection {
         Self {
             keep: 5,
             max_size: 4096 * MIB,
+        }
+    }
+}
+
+/// `[trust]`: when disagreeing with confirmation runs quarantines an agent.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields, expecting = "a [trust] table")]
+pub(crate) struct TrustSection {
+    /// Disagreements among an agent's latest `quarantine_window`
+    /// confirmations that quarantine it (no more jobs until the operator
+    /// releases it); 0 never quarantines.
+    #[serde(deserialize_with = "de::count")]
+    pub(crate) quarantine_after: u32,
+    /// How many of an agent's latest confirmations count, so an honest
+    /// donor's occasional flaky test does not add up over months.
+    #[serde(deserialize_with = "de::count")]
+    pub(crate) quarantine_window: u32,
+}
+
+impl Default for TrustSection {
+    fn default() -> Self {
+        Self {
+            quarantine_after: 3,
+            quarantine_window: 10,
         }
     }
 }
@@ -167,6 +239,7 @@ pub(super) fn problems(
     projects: &[ProjectConfig],
     artifacts: &ArtifactsSection,
     pipeline: &PipelineSection,
+    trust: &TrustSection,
     max_job_timeout: Duration,
 ) -> Result<(), Problem> {
     let mut names = HashSet::new();
@@ -260,6 +333,15 @@ pub(super) fn problems(
             format!(
                 "{} is too small for a runtime; expected at least 1 MiB, e.g. \"4 GiB\"",
                 fmt_bytes(artifacts.max_size)
+            ),
+        ));
+    }
+    if trust.quarantine_window < 1 || trust.quarantine_window < trust.quarantine_after {
+        return Err(Problem::new(
+            "trust.quarantine_window",
+            format!(
+                "must be at least 1 and at least `trust.quarantine_after` ({}): it is how many of an agent's latest confirmations are counted, e.g. 10",
+                trust.quarantine_after
             ),
         ));
     }

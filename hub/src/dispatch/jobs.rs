@@ -49,6 +49,32 @@ pub(crate) struct AttemptRecord {
     /// with it). Not written when empty: older records keep their bytes.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub(crate) uploaded_sha256: String,
+    /// Its agent was trusted when the job was leased to it: whose verdict
+    /// the result is, even after the agent is revoked or quarantined. Not
+    /// written when false (older records read as volunteers').
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub(crate) trusted: bool,
+}
+
+/// Which agents a job may go to, beyond what its spec asks (never sent to
+/// an agent): a re-run that must come from another agent than the one it
+/// checks, preferably a trusted one.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub(crate) struct Placement {
+    /// Never given to these agents.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub(crate) exclude_agents: Vec<String>,
+    /// Among the agents that take it now, a trusted one first.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub(crate) prefer_trusted: bool,
+}
+
+impl Placement {
+    /// Whether it says nothing (every job but re-runs).
+    fn is_empty(&self) -> bool {
+        *self == Placement::default()
+    }
 }
 
 /// A job as stored: `jobs` tree, key `j` + id (big endian).
@@ -87,6 +113,10 @@ pub(crate) struct JobRecord {
     /// through the finished inbox.
     #[serde(default)]
     pub(crate) key: String,
+    /// Which agents it may go to besides what its spec asks. Not written
+    /// when empty, so other records keep their bytes.
+    #[serde(default, skip_serializing_if = "Placement::is_empty")]
+    pub(crate) placement: Placement,
 }
 
 impl JobRecord {
@@ -150,6 +180,7 @@ impl JobRecord {
             finished_at_ms: 0,
             cancel_requested: false,
             key,
+            placement: Placement::default(),
         }
     }
 
@@ -576,6 +607,7 @@ impl OpenJobs {
         table: &JobTable,
         id: u64,
         agent_id: &str,
+        trusted: bool,
         deadline: Instant,
         settings: &DispatchSettings,
     ) -> Result<Option<Assignment>, StoreError> {
@@ -592,6 +624,7 @@ impl OpenJobs {
             leased_at_ms,
             lost_reason: String::new(),
             uploaded_sha256: String::new(),
+            trusted,
         });
         table.persist(&rec)?;
         let mut spec: JobSpec = rec.spec.clone().into();

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use trunkfarm_proto::v1::{Cancel, JobRef, JobResult, JobSpec, ResultAck, hub_message};
 
 use jobs::Expiry;
-pub(crate) use jobs::{AttemptRecord, JobRecord, JobState, JobTable};
+pub(crate) use jobs::{AttemptRecord, JobRecord, JobState, JobTable, Placement};
 pub(crate) use records::{JobResultRecord, JobSpecRecord, ReportFileRecord};
 /// What a session's channel carries (the in-process tests read it).
 #[cfg(test)]
@@ -204,14 +204,28 @@ impl Dispatcher {
         max_attempts: u32,
         key: String,
     ) -> Result<(u64, bool), DispatchError> {
+        self.submit_placed(spec, max_attempts, key, Placement::default())
+            .await
+    }
+
+    /// [`Dispatcher::submit_keyed`] with a [`Placement`]: the agents the job
+    /// must not go to, and whether a trusted one is preferred (re-runs).
+    pub(crate) async fn submit_placed(
+        &self,
+        spec: JobSpec,
+        max_attempts: u32,
+        key: String,
+        placement: Placement,
+    ) -> Result<(u64, bool), DispatchError> {
         let s = &self.shared;
-        let rec = JobRecord::new(
+        let mut rec = JobRecord::new(
             s.table.store().next_id()?,
             spec,
             max_attempts,
             key,
             &s.settings,
         )?;
+        rec.placement = placement;
         let id = rec.id;
         {
             // Under the lock, so two submits of one key cannot both pass the check.
@@ -295,7 +309,7 @@ impl Dispatcher {
             let Some(rec) = jobs.get(id) else {
                 continue;
             };
-            let Some(agent_id) = sessions.pick(&rec.spec, now) else {
+            let Some((agent_id, trusted)) = sessions.pick(&rec.spec, &rec.placement, now) else {
                 waiting.push(id);
                 continue;
             };
@@ -303,6 +317,7 @@ impl Dispatcher {
                 &self.shared.table,
                 id,
                 &agent_id,
+                trusted,
                 deadline,
                 &self.shared.settings,
             ) {
@@ -530,6 +545,29 @@ impl Dispatcher {
         self.lock().sessions.set_draining(agent_id);
     }
 
+    /// Quarantines a connected agent (it keeps its session and its running
+    /// jobs but is given no new one) or lifts its quarantine. The durable
+    /// mark is its credential's (`auth::credentials`); this is the live
+    /// session's copy, set again from the credential at every connect.
+    pub(crate) async fn set_quarantined(
+        &self,
+        agent_id: &str,
+        quarantined: bool,
+    ) -> Result<(), StoreError> {
+        let mut eff = Effects::default();
+        {
+            let mut st = self.lock();
+            st.sessions.set_quarantined(agent_id, quarantined);
+            if !quarantined {
+                self.schedule(&mut st, &mut eff)?;
+            }
+        }
+        if !eff.messages.is_empty() {
+            self.deliver(eff).await?;
+        }
+        Ok(())
+    }
+
     /// Asks a connected agent to drain.
     pub(crate) fn drain(&self, agent_id: &str, grace: Duration) -> Result<(), DispatchError> {
         self.lock().sessions.drain(agent_id, grace)
@@ -655,6 +693,20 @@ pub(crate) async fn revoke_agent(
     Ok(dispatch.revoke(agent_id).await?)
 }
 
+/// Lifts an agent's quarantine: its credential first (durably), then its
+/// live session, which is given jobs again. The operator's `agent release`.
+pub(crate) async fn release_agent(
+    credentials: &crate::auth::credentials::Credentials,
+    dispatch: &Dispatcher,
+    agent_id: &str,
+) -> Result<(), RevokeError> {
+    credentials.release_agent(agent_id).await?;
+    dispatch
+        .set_quarantined(agent_id, false)
+        .await
+        .map_err(|e| RevokeError::Session(e.into()))
+}
+
 /// How often leases are checked for expiry, in milliseconds.
 const LEASE_CHECK_INTERVAL_MS: u64 = 250;
 
@@ -708,6 +760,9 @@ pub(crate) fn agent_views(
                 remote_address: live.map(|c| c.remote.clone()).unwrap_or_default(),
                 max_parallel_jobs: live.map_or(a.grant.max_parallel_jobs, |c| c.max_parallel),
                 trusted: a.grant.trusted,
+                confirmations_agreed: a.verdicts.agreed,
+                confirmations_disagreed: a.verdicts.disagreed,
+                quarantined: a.verdicts.quarantined.clone(),
                 labels: live.map(|c| c.labels.clone()).unwrap_or(a.grant.labels),
                 agent_id: a.id,
                 name: a.name,
@@ -763,8 +818,9 @@ pub(crate) mod tests {
         join(d, id, slots, labels, held, true).await
     }
 
-    /// Connects agent `id`, trusted or a volunteer.
-    async fn join(
+    /// Connects agent `id`, trusted or a volunteer (the pipeline's tests
+    /// use it too).
+    pub(crate) async fn join(
         d: &Dispatcher,
         id: &str,
         slots: u32,
@@ -782,6 +838,7 @@ pub(crate) mod tests {
             },
             labels: labels.into_iter().collect(),
             trusted,
+            quarantined: false,
             max_parallel: slots,
             draining: false,
             agent_version: "test".into(),
@@ -1019,6 +1076,47 @@ pub(crate) mod tests {
     }
 
     #[tokio::test]
+    async fn a_placed_job_skips_excluded_agents_and_prefers_trusted_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_s, d) = open(dir.path(), 5000);
+        let mut checked = join(&d, "checked", 4, &["linux"], &[], false).await;
+        let mut other = join(&d, "other", 4, &["linux"], &[], false).await;
+        let placement = Placement {
+            exclude_agents: vec!["checked".into()],
+            prefer_trusted: true,
+        };
+        let submit =
+            |key: &str| d.submit_placed(spec(&["linux"]), 0, key.to_string(), placement.clone());
+        // Both volunteers free: never the excluded one.
+        let (first, _) = submit("k1").await.unwrap();
+        assert!(assignments(&mut checked).is_empty());
+        assert_eq!(assignments(&mut other)[0].job_id, first);
+        let rec = d.get(first).unwrap().unwrap();
+        assert_eq!(rec.placement, placement, "stored with the job");
+        assert!(!rec.attempts[0].trusted, "leased to a volunteer");
+        // A busier trusted agent is preferred to an idle volunteer.
+        let mut trusted = agent(&d, "trusted", 4, &["linux"], &[]).await;
+        let build = JobSpec {
+            trusted_only: true,
+            ..spec(&["linux"])
+        };
+        d.submit(build, 0).await.unwrap();
+        assert_eq!(assignments(&mut trusted).len(), 1);
+        let (second, _) = submit("k2").await.unwrap();
+        assert_eq!(assignments(&mut trusted)[0].job_id, second);
+        assert!(assignments(&mut other).is_empty());
+        assert!(d.get(second).unwrap().unwrap().attempts[0].trusted);
+        // With only the excluded agent left, it waits.
+        d.set_quarantined("trusted", true).await.unwrap();
+        d.set_quarantined("other", true).await.unwrap();
+        let (third, _) = submit("k3").await.unwrap();
+        assert!(assignments(&mut checked).is_empty());
+        assert_eq!(d.get(third).unwrap().unwrap().state, JobState::Queued);
+        d.set_quarantined("other", false).await.unwrap();
+        assert_eq!(assignments(&mut other)[0].job_id, third);
+    }
+
+    #[tokio::test]
     async fn a_volunteer_gets_no_trusted_only_job() {
         let dir = tempfile::tempdir().unwrap();
         let (_s, d) = open(dir.path(), 5000);
@@ -1057,6 +1155,7 @@ pub(crate) mod tests {
             },
             labels: HashSet::new(),
             trusted: true,
+            quarantined: false,
             max_parallel: 1,
             draining: false,
             agent_version: "test".into(),

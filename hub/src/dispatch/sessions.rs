@@ -11,6 +11,7 @@ use tonic::Status;
 use trunkfarm_proto::v1::{Assignment, Capabilities, Drain, HubMessage, JobRef, hub_message};
 
 use super::DispatchError;
+use super::jobs::Placement;
 use super::records::JobSpecRecord;
 use crate::store::now_ms;
 
@@ -80,6 +81,8 @@ struct Conn {
     caps: Capabilities,
     labels: HashSet<String>,
     trusted: bool,
+    /// Disagreed with confirmation runs too often: given no new job.
+    quarantined: bool,
     max_parallel: usize,
     /// Jobs it holds.
     running: HashSet<u64>,
@@ -107,9 +110,11 @@ impl Conn {
                 || spec.timeout_secs <= self.caps.max_job_timeout_secs)
     }
 
-    /// Takes new work: not draining, a free slot, heard from recently.
+    /// Takes new work: not draining or quarantined, a free slot, heard
+    /// from recently.
     fn available(&self, now: Instant, stale_after: Duration) -> bool {
         !self.draining
+            && !self.quarantined
             && self.free_slots() > 0
             && now.duration_since(self.last_heartbeat) < stale_after
     }
@@ -146,6 +151,8 @@ pub(crate) struct Hello {
     pub(crate) labels: HashSet<String>,
     /// Trusted: may take `trusted_only` jobs (runtime builds).
     pub(crate) trusted: bool,
+    /// Quarantined by its credential: connected, but given no job.
+    pub(crate) quarantined: bool,
     /// Jobs at once it is given: its claim, capped by its token.
     pub(crate) max_parallel: u32,
     pub(crate) draining: bool,
@@ -218,6 +225,7 @@ impl Sessions {
                 caps: hello.caps,
                 labels: hello.labels,
                 trusted: hello.trusted,
+                quarantined: hello.quarantined,
                 running,
                 draining: hello.draining || used_up,
                 last_heartbeat: Instant::now(),
@@ -263,21 +271,33 @@ impl Sessions {
             .any(|c| c.available(now, self.stale_after))
     }
 
-    /// The agent a job goes to: of those that take new work and accept the
-    /// job, the least loaded (as a fraction of its slots), ties going to the
-    /// one assigned least recently, so no agent grabs every pending job.
-    pub(super) fn pick(&self, spec: &JobSpecRecord, now: Instant) -> Option<String> {
+    /// The agent a job goes to, and whether it is trusted: of those that
+    /// take new work, accept the job and are not excluded by its placement,
+    /// the least loaded (as a fraction of its slots), ties going to the one
+    /// assigned least recently, so no agent grabs every pending job. A
+    /// placement preferring trusted agents puts them first.
+    pub(super) fn pick(
+        &self,
+        spec: &JobSpecRecord,
+        placement: &Placement,
+        now: Instant,
+    ) -> Option<(String, bool)> {
         self.agents
             .iter()
-            .filter(|(_, c)| c.available(now, self.stale_after) && c.accepts(spec))
+            .filter(|(id, c)| {
+                c.available(now, self.stale_after)
+                    && c.accepts(spec)
+                    && !placement.exclude_agents.contains(id)
+            })
             .min_by_key(|(_, c)| {
                 (
+                    placement.prefer_trusted && !c.trusted,
                     // Load as a fraction of capacity, scaled to an integer.
                     (c.running.len() * 1000) / c.max_parallel.max(1),
                     c.last_assigned,
                 )
             })
-            .map(|(id, _)| id.clone())
+            .map(|(id, c)| (id.clone(), c.trusted))
     }
 
     /// The job was leased to `agent_id`: it holds it, and is sent the
@@ -319,6 +339,13 @@ impl Sessions {
     /// The session's channel, if connected.
     pub(super) fn tx(&self, agent_id: &str) -> Option<&AgentTx> {
         self.agents.get(agent_id).map(|c| &c.tx)
+    }
+
+    /// The agent is (or is no longer) quarantined.
+    pub(super) fn set_quarantined(&mut self, agent_id: &str, quarantined: bool) {
+        if let Some(c) = self.agents.get_mut(agent_id) {
+            c.quarantined = quarantined;
+        }
     }
 
     /// The agent gets no new jobs.

@@ -353,6 +353,16 @@ impl AdminService for AdminApi {
         Ok(Response::new(RevokeAgentResponse { requeued }))
     }
 
+    async fn release_agent(
+        &self,
+        request: Request<ReleaseAgentRequest>,
+    ) -> Result<Response<ReleaseAgentResponse>, Status> {
+        let id = request.into_inner().agent_id;
+        crate::dispatch::release_agent(&self.credentials, &self.dispatch, &id).await?;
+        tracing::info!(agent = %id, "agent released from quarantine");
+        Ok(Response::new(ReleaseAgentResponse {}))
+    }
+
     async fn drain_agent(
         &self,
         request: Request<DrainAgentRequest>,

@@ -207,6 +207,7 @@ impl AgentService for AgentApi {
                     caps,
                     labels: labels.into_iter().collect(),
                     trusted: granted.trusted,
+                    quarantined: agent.verdicts.quarantined(),
                     max_parallel: granted.max_parallel_jobs,
                     draining,
                     agent_version: agent_version.clone(),

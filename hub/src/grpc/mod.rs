@@ -100,6 +100,7 @@ impl From<PipelineError> for Status {
             e @ PipelineError::NoSuchUpstream(..) => Status::not_found(e.to_string()),
             e @ PipelineError::Git(GitError::NotFound(_)) => Status::not_found(e.to_string()),
             e @ PipelineError::Git(_) => Status::unavailable(e.to_string()),
+            PipelineError::Auth(a) => a.into(),
         }
     }
 }

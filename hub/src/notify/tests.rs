@@ -285,7 +285,7 @@ impl Farm {
     async fn record(&self, finished: Finished) -> Option<Transition> {
         match self
             .results
-            .record(finished, &NoCulprits, &self.notifier)
+            .record(finished, None, &NoCulprits, &self.notifier)
             .await
             .unwrap()
         {

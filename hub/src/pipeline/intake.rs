@@ -13,7 +13,7 @@ use crate::results::{BuildInfo, Finished, RunInfo, RunRecord, TestCase, run_stat
 const MAX_FAILING_IN_SUMMARY: usize = 200;
 
 /// What the pipeline knows about a finished job besides its record.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, Default)]
 pub(super) struct Facts {
     /// When the job's upstream commit was the head (0: never).
     pub(super) head_seq: u64,
@@ -63,8 +63,12 @@ pub(super) fn finished(rec: &JobRecord, key: JobKey, facts: Facts) -> Finished {
                 detail,
                 fanned_out: 0,
                 head_seq: facts.head_seq,
+                confirmation: String::new(),
+                confirmation_detail: String::new(),
             })
         }
+        // A re-run is what it re-runs.
+        JobKey::Rerun { of, .. } => finished(rec, *of, facts),
         JobKey::Test {
             project,
             upstream,
@@ -98,6 +102,8 @@ pub(super) fn finished(rec: &JobRecord, key: JobKey, facts: Facts) -> Finished {
                 tests_skipped: cases.iter().filter(|c| is(c, TestStatus::Skipped)).count() as u32,
                 failing_tests: failed.into_iter().take(MAX_FAILING_IN_SUMMARY).collect(),
                 report_error: report.errors.join("; "),
+                confirmation: String::new(),
+                confirmation_detail: String::new(),
             };
             Finished::Run {
                 run: RunRecord { info, cases },
@@ -148,6 +154,7 @@ mod tests {
             finished_at_ms: 9,
             cancel_requested: false,
             key: String::new(),
+            placement: Default::default(),
         }
     }
 
@@ -232,7 +239,7 @@ mod tests {
             project_commit: String::new(),
             nonce: Some(7),
         };
-        let Finished::Run { run, head_seq } =
+        let Finished::Run { run, head_seq, .. } =
             finished(&record(Outcome::Failed, "", reports), key, facts(true))
         else {
             panic!("a test key makes a run");

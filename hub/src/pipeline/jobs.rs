@@ -11,7 +11,7 @@ use trunkfarm_proto::v1::{BuildState, JobSpec, Repository};
 use super::poll::Repo;
 use super::{Pipeline, PipelineError};
 use crate::commit::short;
-use crate::config::{ProjectConfig, UpstreamConfig};
+use crate::config::{BuildOn, ProjectConfig, UpstreamConfig};
 use crate::job_key::JobKey;
 use crate::results::BuildInfo;
 use crate::store::now_ms;
@@ -160,9 +160,11 @@ fn build_spec(u: &UpstreamConfig, platform: &str, commit: &str) -> JobSpec {
         artifact_sha256: String::new(),
         upload_prefix: BUILD_PREFIX_DIR.into(),
         report_paths: Vec::new(),
-        // What a runtime is may not rest on a volunteer's word: its
+        // What a runtime is may not rest on a volunteer's word alone: its
         // artifact runs inside every test job on every donor's machine.
-        trusted_only: true,
+        // With `build_on = "any"` a volunteer's build is held until an
+        // independent build of the commit gives the same artifact.
+        trusted_only: u.build_on == BuildOn::Trusted,
         network: false,
     }
 }

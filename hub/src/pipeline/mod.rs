@@ -10,6 +10,12 @@
 //! gc.rs       after each build: delete runtime artifacts nothing refers to
 //! ```
 //!
+//! A volunteer's verdict that would change a series (went red, fixed) is
+//! not taken alone: `confirm.rs` queues a re-run of the job on another
+//! agent (keyed under the original's key), and only when it agrees does the
+//! recorder classify the original; every settled re-run is counted on the
+//! agents it judged, and repeated disagreement quarantines an agent.
+//!
 //! Everything is *level-triggered*: each poll re-derives the jobs that
 //! should exist (the upstream head's builds, each project head's runs against
 //! the newest good runtime) and submits them under their [`JobKey`], which
@@ -23,6 +29,7 @@
 //!
 //! Owns the `pipeline` tree (branch heads and their order; see `poll.rs`).
 
+mod confirm;
 mod culprits;
 mod gc;
 pub(crate) mod git;
@@ -40,6 +47,7 @@ use tokio_util::sync::CancellationToken;
 use trunkfarm_proto::v1::{BuildState, TransitionKind};
 
 use crate::artifacts::Artifacts;
+use crate::auth::credentials::{Credentials, QuarantineRule};
 use crate::commit::short;
 use crate::config::{HubConfig, ProjectConfig, UpstreamConfig};
 use crate::dispatch::{DispatchError, Dispatcher, JobRecord, JobResultRecord};
@@ -74,6 +82,9 @@ pub(crate) enum PipelineError {
     /// Git failed.
     #[error(transparent)]
     Git(#[from] GitError),
+    /// An agent's record could not be updated.
+    #[error(transparent)]
+    Auth(#[from] crate::auth::credentials::AuthError),
     /// No such upstream in the config.
     #[error("no upstream named {0:?} is configured; known upstreams: {1}")]
     NoSuchUpstream(String, String),
@@ -89,6 +100,10 @@ struct Inner {
     upstreams: Vec<UpstreamConfig>,
     projects: Vec<ProjectConfig>,
     keep_artifacts: u32,
+    /// When disagreeing with confirmation runs quarantines an agent.
+    quarantine: QuarantineRule,
+    /// Agents' records: confirmations are counted there.
+    credentials: Credentials,
     /// The `pipeline` tree: branch heads.
     heads: Table,
     dispatch: Dispatcher,
@@ -165,6 +180,11 @@ impl Pipeline {
                 upstreams: config.upstreams.clone(),
                 projects: config.projects.clone(),
                 keep_artifacts: config.artifacts.keep,
+                quarantine: QuarantineRule {
+                    after: config.trust.quarantine_after,
+                    window: config.trust.quarantine_window,
+                },
+                credentials: Credentials::open(store)?,
                 heads: Table::open(store, trees::PIPELINE)?,
                 dispatch,
                 results,
@@ -277,12 +297,17 @@ impl Pipeline {
     }
 
     /// Takes one finished pipeline job in: [`Pipeline::record_job`], then,
-    /// for a build, [`Pipeline::follow_build`].
+    /// for a build, [`Pipeline::follow_build`], and for a held verdict (the
+    /// job's own or the one a re-run checks), [`Pipeline::follow_confirmation`].
     async fn take_in(&self, rec: &JobRecord) -> Result<(), PipelineError> {
         if let Some(build) = self.record_job(rec).await? {
             self.follow_build(&build).await?;
         }
-        Ok(())
+        match JobKey::parse(&rec.key) {
+            Some(JobKey::Rerun { job, .. }) => self.follow_confirmation(job).await,
+            Some(_) => self.follow_confirmation(rec.id).await,
+            None => Ok(()),
+        }
     }
 
     /// Intake, then one record into results (a no-op if the job was
@@ -291,19 +316,19 @@ impl Pipeline {
         let Some(key) = JobKey::parse(&rec.key) else {
             return Ok(None);
         };
-        let facts = self.facts(&key, rec.result.as_ref())?;
-        let mut finished = {
-            let (job, job_key) = (rec.clone(), key.clone());
-            // Parsing megabytes of XML is CPU work: off the async threads.
-            match tokio::task::spawn_blocking(move || intake::finished(&job, job_key, facts)).await
-            {
-                Ok(finished) => finished,
-                Err(e) => intake::unparsed(rec, key, facts, &e.to_string()),
-            }
-        };
+        if let JobKey::Rerun { of, kind, job, .. } = &key {
+            let finished = self.intake(rec, (**of).clone()).await?;
+            return self.record_rerun(rec, finished, *kind, *job).await;
+        }
+        let mut finished = self.intake(rec, key).await?;
+        let unconfirmed = self.unconfirmed(rec, &finished);
         let build = match &mut finished {
             Finished::Build(b) => {
-                if b.state == BuildState::Passed as i32 && !self.superseded(b)? {
+                // A held build fans out once it is confirmed.
+                if b.state == BuildState::Passed as i32
+                    && unconfirmed.is_none()
+                    && !self.superseded(b)?
+                {
                     if let Ok(u) = self.upstream(&b.upstream) {
                         b.fanned_out = self.fan_out_targets(u, &b.platform).count() as u32;
                     }
@@ -315,7 +340,7 @@ impl Pipeline {
         let recorded = self
             .inner
             .results
-            .record(finished, self, &self.inner.notifier)
+            .record(finished, unconfirmed, self, &self.inner.notifier)
             .await?;
         if let Recorded::New(t) = &recorded {
             self.inner.notifier.wake();
@@ -325,6 +350,20 @@ impl Pipeline {
             log_transition(t.as_deref());
         }
         Ok(build)
+    }
+
+    /// A finished job, as results records it (`key`: what it was for).
+    async fn intake(&self, rec: &JobRecord, key: JobKey) -> Result<Finished, PipelineError> {
+        let facts = self.facts(&key, rec.result.as_ref())?;
+        let (job, job_key) = (rec.clone(), key.clone());
+        // Parsing megabytes of XML is CPU work: off the async threads.
+        Ok(
+            match tokio::task::spawn_blocking(move || intake::finished(&job, job_key, facts)).await
+            {
+                Ok(finished) => finished,
+                Err(e) => intake::unparsed(rec, key, facts, &e.to_string()),
+            },
+        )
     }
 
     /// After a build's result is recorded: its fan-out, if it passed and is
@@ -344,7 +383,7 @@ impl Pipeline {
         key: &JobKey,
         result: Option<&JobResultRecord>,
     ) -> Result<intake::Facts, StoreError> {
-        let (upstream, commit, build) = match key {
+        let (upstream, commit, build) = match key.base() {
             JobKey::Build {
                 upstream, commit, ..
             } => (upstream, commit, true),
@@ -353,6 +392,7 @@ impl Pipeline {
                 upstream_commit,
                 ..
             } => (upstream, upstream_commit, false),
+            JobKey::Rerun { .. } => return Ok(intake::Facts::default()),
         };
         let sha = result.map(|r| r.artifact_sha256.as_str()).unwrap_or("");
         Ok(intake::Facts {

@@ -180,6 +180,9 @@ struct Farm {
     notifier: Notifier,
     pipeline: Pipeline,
     agent: mpsc::UnboundedReceiver<Outgoing>,
+    /// Agents joined besides `a` (see [`Farm::join`]): id, channel.
+    others: Vec<(String, mpsc::UnboundedReceiver<Outgoing>)>,
+    credentials: crate::auth::credentials::Credentials,
 }
 
 fn dispatch_settings(dir: &std::path::Path) -> DispatchSettings {
@@ -197,8 +200,13 @@ fn dispatch_settings(dir: &std::path::Path) -> DispatchSettings {
 
 impl Farm {
     async fn new() -> Farm {
+        Farm::with_config(CONFIG).await
+    }
+
+    /// A farm whose hub reads `config` (`DATA`: the data dir).
+    async fn with_config(config: &str) -> Farm {
         let dir = tempfile::tempdir().unwrap();
-        let text = CONFIG.replace("DATA", dir.path().to_str().unwrap());
+        let text = config.replace("DATA", dir.path().to_str().unwrap());
         let config = HubConfig::from_toml(&text, None).unwrap();
         let store = Store::open(&dir.path().join("db")).unwrap();
         let logs = Arc::new(JobLogs::open(&store, 1 << 20).unwrap());
@@ -233,7 +241,10 @@ impl Farm {
         )
         .unwrap();
         let agent = connect(&dispatch).await;
+        let credentials = crate::auth::credentials::Credentials::open(&store).unwrap();
         Farm {
+            others: Vec::new(),
+            credentials,
             dir,
             config,
             store,
@@ -268,31 +279,93 @@ impl Farm {
         )
         .unwrap();
         self.agent = connect(&self.dispatch).await;
+        self.others.clear();
     }
 
-    /// The jobs assigned to the agent since last asked, with their keys.
+    /// Enrolls an agent (with a trusted token or a volunteer's) and
+    /// connects it; returns its id.
+    async fn join(&mut self, name: &str, trusted: bool) -> String {
+        let grant = crate::auth::credentials::Grant {
+            trusted,
+            ..Default::default()
+        };
+        let (_, token) = self
+            .credentials
+            .create_token(grant, Duration::from_secs(60), 1, String::new())
+            .await
+            .unwrap();
+        let (agent, _) = self.credentials.enroll(&token, name).await.unwrap();
+        let rx = crate::dispatch::tests::join(
+            &self.dispatch,
+            &agent.id,
+            64,
+            &["linux", "mac"],
+            &[],
+            trusted,
+        )
+        .await;
+        self.others.push((agent.id.clone(), rx));
+        agent.id
+    }
+
+    /// Only agent `id` gets new jobs from now on (the others are held
+    /// back the way a quarantine holds an agent back).
+    async fn only(&self, id: &str) {
+        let all = std::iter::once("a").chain(self.others.iter().map(|(o, _)| o.as_str()));
+        for other in all {
+            self.dispatch
+                .set_quarantined(other, other != id)
+                .await
+                .unwrap();
+        }
+    }
+
+    /// The jobs assigned to any agent since last asked, with their keys
+    /// (the record names the agent).
     fn assigned(&mut self) -> Vec<(JobRef, JobRecord, JobKey)> {
         let mut out = Vec::new();
-        while let Ok(msg) = self.agent.try_recv() {
-            if let Ok(HubMessage {
-                msg: Some(Msg::Assign(a)),
-            }) = *msg
-            {
-                let job = a.job.unwrap();
-                let rec = self.dispatch.get(job.job_id).unwrap().unwrap();
-                let key = JobKey::parse(&rec.key).unwrap();
-                out.push((job, rec, key));
+        let channels =
+            std::iter::once(&mut self.agent).chain(self.others.iter_mut().map(|(_, rx)| rx));
+        for rx in channels {
+            while let Ok(msg) = rx.try_recv() {
+                if let Ok(HubMessage {
+                    msg: Some(Msg::Assign(a)),
+                }) = *msg
+                {
+                    let job = a.job.unwrap();
+                    let rec = self.dispatch.get(job.job_id).unwrap().unwrap();
+                    let key = JobKey::parse(&rec.key).unwrap();
+                    out.push((job, rec, key));
+                }
             }
         }
         out
     }
 
-    /// Finishes a job as the agent would: a passed build uploads its
+    /// Finishes a job as its agent would: a passed build uploads its
     /// runtime first.
     async fn finish(&self, job: JobRef, key: &JobKey, outcome: Outcome, reports: Vec<ReportFile>) {
+        self.finish_built(job, key, outcome, reports, None).await
+    }
+
+    /// [`Farm::finish`], a passed build uploading `runtime` (default: bytes
+    /// naming its job).
+    async fn finish_built(
+        &self,
+        job: JobRef,
+        key: &JobKey,
+        outcome: Outcome,
+        reports: Vec<ReportFile>,
+        runtime: Option<&str>,
+    ) {
+        let agent = self.dispatch.get(job.job_id).unwrap().unwrap().agent_id;
+        let agent = agent.as_str();
         let mut sha = String::new();
-        if matches!(key, JobKey::Build { .. }) && outcome == Outcome::Passed {
-            let data = format!("the runtime built by job {}", job.job_id).into_bytes();
+        if matches!(key.base(), JobKey::Build { .. }) && outcome == Outcome::Passed {
+            let data = match runtime {
+                Some(r) => r.as_bytes().to_vec(),
+                None => format!("the runtime built by job {}", job.job_id).into_bytes(),
+            };
             sha = hex::encode(Sha256::digest(&data));
             let chunks = vec![
                 Ok(ArtifactChunk {
@@ -307,13 +380,13 @@ impl Farm {
             ];
             let text = key.to_string();
             self.artifacts
-                .receive("a", tokio_stream::iter(chunks), |j| {
+                .receive(agent, tokio_stream::iter(chunks), |j| {
                     Ok(Origin::from_job(j.job_id, &text))
                 })
                 .await
                 .unwrap();
             // As the agent service does once an upload is verified.
-            assert!(self.dispatch.uploaded("a", &job, &sha).await.unwrap());
+            assert!(self.dispatch.uploaded(agent, &job, &sha).await.unwrap());
         }
         let result = JobResult {
             job: Some(job),
@@ -324,7 +397,7 @@ impl Farm {
         };
         assert!(
             self.dispatch
-                .record_result("a", result)
+                .record_result(agent, result)
                 .await
                 .unwrap()
                 .recorded
@@ -392,7 +465,7 @@ fn test_keys(keys: &[JobKey]) -> Vec<(String, String, String)> {
                 upstream_commit,
                 ..
             } => Some((project.clone(), platform.clone(), upstream_commit.clone())),
-            JobKey::Build { .. } => None,
+            JobKey::Build { .. } | JobKey::Rerun { .. } => None,
         })
         .collect();
     out.sort();
@@ -437,7 +510,7 @@ async fn a_new_upstream_commit_is_built_once_on_each_platform() {
                 assert!(!rec.spec.network, "builds never ask for the network");
                 (platform.clone(), commit.clone())
             }
-            JobKey::Test { .. } => panic!("no runtime yet: no tests"),
+            _ => panic!("no runtime yet: no tests"),
         })
         .collect();
     builds.sort();
@@ -708,4 +781,551 @@ async fn a_git_failure_is_shown_and_decides_nothing_else() {
             .poll_error
             .is_empty()
     );
+}
+
+// ---- A volunteer's verdict is never taken alone (issue 12 item 3) ----
+
+/// Shouter fails, everything else passes.
+fn shouter_red(k: &JobKey) -> (Outcome, Vec<ReportFile>) {
+    match k.base() {
+        JobKey::Test { project, .. } if project == "shouter" => {
+            (Outcome::Failed, junit("upper", true))
+        }
+        _ => (Outcome::Passed, junit("upper", false)),
+    }
+}
+
+/// Every test passes (shouter with its report).
+fn all_green(_: &JobKey) -> (Outcome, Vec<ReportFile>) {
+    (Outcome::Passed, junit("upper", false))
+}
+
+impl Farm {
+    /// Lands an upstream commit, builds it on the trusted `a`, and fans it
+    /// out to `tester` only; returns the commit.
+    async fn land_tested_by(&mut self, tester: &str) -> String {
+        self.only("a").await;
+        let c = self.git.commit(RT);
+        self.pipeline.poll_upstream(0).await;
+        let built = self.run_jobs(passed).await;
+        assert!(built.iter().all(|k| matches!(k, JobKey::Build { .. })));
+        self.only(tester).await;
+        self.take_in().await;
+        c
+    }
+
+    /// A new upstream commit, tested by volunteer `v` only: shouter red,
+    /// the rest green; taken in (shouter's red is held). Returns the commit.
+    async fn volunteer_says_shouter_is_red(&mut self, v: &str) -> String {
+        let c = self.land_tested_by(v).await;
+        self.run_jobs(shouter_red).await;
+        self.take_in().await;
+        c
+    }
+
+    /// The newest run of `project` on linux, as the grid shows it.
+    fn cell(&self, project: &str) -> crate::results::RunInfo {
+        let status = self.pipeline.status("").unwrap();
+        status
+            .cells
+            .into_iter()
+            .find(|c| c.latest.project == project && c.latest.platform == "linux")
+            .unwrap()
+            .latest
+    }
+
+    fn went_red(&self, project: &str) -> Vec<Transition> {
+        let all = self.transitions(project);
+        all.into_iter()
+            .filter(|t| kind(t) == TransitionKind::WentRed)
+            .collect()
+    }
+
+    fn pending_mails(&self) -> usize {
+        self.notifier.mails(100, MailState::Pending).unwrap().len()
+    }
+
+    /// Open confirmation runs' keys.
+    fn open_confirmations(&self) -> Vec<String> {
+        let keys = self.dispatch.open_keys(crate::job_key::TEST_PREFIX);
+        keys.into_iter()
+            .map(|(k, _)| k)
+            .filter(|k| matches!(JobKey::parse(k), Some(JobKey::Rerun { .. })))
+            .collect()
+    }
+
+    fn verdicts(&self, agent: &str) -> crate::auth::credentials::Verdicts {
+        let agents = self.credentials.list_agents().unwrap();
+        agents.into_iter().find(|a| a.id == agent).unwrap().verdicts
+    }
+}
+
+#[tokio::test]
+async fn a_volunteers_went_red_counts_only_once_another_agent_agrees() {
+    let mut f = Farm::new().await;
+    let v = f.join("volunteer", false).await;
+    let c1 = green_trunk(&mut f).await;
+    let c2 = f.land_tested_by(&v).await;
+    let ran = f.assigned();
+    assert!(ran.iter().all(|(_, rec, _)| rec.agent_id == v));
+    let original = ran
+        .iter()
+        .find(|(_, _, k)| matches!(k, JobKey::Test { project, platform, .. } if project == "shouter" && platform == "linux"))
+        .map(|(_, rec, _)| rec.clone())
+        .unwrap();
+    for (job, _, key) in ran {
+        let (outcome, reports) = shouter_red(&key);
+        f.finish(job, &key, outcome, reports).await;
+    }
+    f.take_in().await;
+    // Held: no transition, no mail, shown as awaiting.
+    assert!(f.went_red("shouter").is_empty());
+    assert_eq!(f.pending_mails(), 0);
+    let cell = f.cell("shouter");
+    assert_eq!(cell.confirmation, "awaiting");
+    assert!(
+        cell.confirmation_detail.contains(&v),
+        "{}",
+        cell.confirmation_detail
+    );
+    // The confirmation is queued, and never given to the agent it checks.
+    assert_eq!(f.open_confirmations().len(), 1);
+    assert!(
+        f.assigned().is_empty(),
+        "only the volunteer may take jobs now"
+    );
+    f.only("a").await;
+    let rerun = f.assigned();
+    assert_eq!(rerun.len(), 1);
+    let (job, rec, key) = rerun.into_iter().next().unwrap();
+    assert_eq!(rec.agent_id, "a");
+    assert_eq!(rec.placement.exclude_agents, std::slice::from_ref(&v));
+    assert!(rec.placement.prefer_trusted);
+    assert_eq!(rec.spec, original.spec, "the same job, on another agent");
+    assert!(matches!(&key, JobKey::Rerun { job, n: 1, .. } if *job == original.id));
+    f.finish(job, &key, Outcome::Failed, junit("upper", true))
+        .await;
+    f.take_in().await;
+    let red = f.went_red("shouter");
+    assert_eq!(red.len(), 1, "one transition once they agree");
+    assert_eq!(red[0].job_id, original.id, "the original result counts");
+    assert_eq!(red[0].confirmed_by_job, job.job_id);
+    assert_eq!(red[0].last_green_upstream_commit, c1);
+    let culprits: Vec<&str> = red[0].culprits.iter().map(|c| c.sha.as_str()).collect();
+    assert_eq!(culprits, [c2.as_str()]);
+    assert_eq!(f.pending_mails(), 1, "the maintainer's mail, once");
+    assert_eq!(f.cell("shouter").confirmation, "confirmed");
+    let counted = f.verdicts(&v);
+    assert_eq!((counted.agreed, counted.disagreed), (1, 0));
+    // Handed over again (a crash before the ack): nothing twice.
+    let again = f.dispatch.get(job.job_id).unwrap().unwrap();
+    f.pipeline.take_in(&again).await.unwrap();
+    assert_eq!(f.went_red("shouter").len(), 1);
+    assert_eq!(f.verdicts(&v).agreed, 1);
+}
+
+#[tokio::test]
+async fn a_volunteers_false_red_is_overruled_and_held_against_it() {
+    let mut f = Farm::new().await;
+    let v = f.join("volunteer", false).await;
+    green_trunk(&mut f).await;
+    f.volunteer_says_shouter_is_red(&v).await;
+    f.only("a").await;
+    // The trusted re-run passes: the volunteer lied (or flaked).
+    f.run_jobs(all_green).await;
+    f.take_in().await;
+    assert!(f.went_red("shouter").is_empty());
+    assert_eq!(f.pending_mails(), 0, "no went-red mail");
+    let cell = f.cell("shouter");
+    assert_eq!(cell.confirmation, "overruled");
+    assert!(
+        cell.confirmation_detail.contains("red on")
+            && cell.confirmation_detail.contains("green on a (trusted"),
+        "both verdicts shown: {}",
+        cell.confirmation_detail
+    );
+    let counted = f.verdicts(&v);
+    assert_eq!((counted.agreed, counted.disagreed), (0, 1));
+    assert!(!counted.quarantined(), "once is not enough");
+    // The series is as green as before: the next red from a trusted agent
+    // goes red with the range after the last green.
+    let status = f.pipeline.status("").unwrap();
+    assert!(status.cells.iter().all(|c| c.red_since.is_none()));
+}
+
+#[tokio::test]
+async fn a_volunteers_false_green_does_not_fix_a_red_series() {
+    let mut f = Farm::new().await;
+    let v = f.join("volunteer", false).await;
+    green_trunk(&mut f).await;
+    // A trusted agent's red counts alone.
+    f.land_tested_by("a").await;
+    f.run_jobs(shouter_red).await;
+    f.take_in().await;
+    assert_eq!(f.went_red("shouter").len(), 1);
+    assert!(
+        f.open_confirmations().is_empty(),
+        "a trusted verdict is not confirmed"
+    );
+    assert_eq!(f.pending_mails(), 1);
+    // The volunteer says it is fixed; the trusted re-run says it is not.
+    f.land_tested_by(&v).await;
+    f.run_jobs(all_green).await;
+    f.take_in().await;
+    assert_eq!(f.cell("shouter").confirmation, "awaiting");
+    f.only("a").await;
+    f.run_jobs(shouter_red).await;
+    f.take_in().await;
+    let fixed = f.transitions("shouter");
+    assert!(fixed.iter().all(|t| kind(t) != TransitionKind::Fixed));
+    assert_eq!(f.cell("shouter").confirmation, "overruled");
+    assert_eq!(f.pending_mails(), 1, "no fixed mail");
+    assert_eq!(f.verdicts(&v).disagreed, 1);
+    let status = f.pipeline.status("").unwrap();
+    let shouter = status
+        .cells
+        .iter()
+        .find(|c| c.latest.project == "shouter")
+        .unwrap();
+    assert!(shouter.red_since.is_some(), "still red");
+}
+
+#[tokio::test]
+async fn confirm_never_takes_a_volunteer_alone_and_always_confirms_a_trusted_agent() {
+    let config = CONFIG
+        .replace(
+            "url = \"fake:adder\"",
+            "url = \"fake:adder\"\nconfirm = \"never\"",
+        )
+        .replace(
+            "url = \"fake:shouter\"",
+            "url = \"fake:shouter\"\nconfirm = \"always\"",
+        );
+    let mut f = Farm::with_config(&config).await;
+    let v = f.join("volunteer", false).await;
+    let t = f.join("trusted", true).await;
+    green_trunk(&mut f).await;
+    // adder (never): the volunteer's red counts at once.
+    f.land_tested_by(&v).await;
+    f.run_jobs(|k| match k.base() {
+        JobKey::Test { project, .. } if project == "adder" => (Outcome::Failed, Vec::new()),
+        _ => (Outcome::Passed, junit("upper", false)),
+    })
+    .await;
+    f.take_in().await;
+    assert_eq!(f.went_red("adder").len(), 2, "linux and mac, unconfirmed");
+    assert!(f.open_confirmations().is_empty());
+    // shouter (always): even a trusted agent's red waits for another agent.
+    f.land_tested_by("a").await;
+    f.run_jobs(shouter_red).await;
+    f.take_in().await;
+    assert!(f.went_red("shouter").is_empty());
+    assert_eq!(f.cell("shouter").confirmation, "awaiting");
+    f.only(&t).await;
+    let rerun = f.assigned();
+    assert_eq!(rerun.len(), 1);
+    assert_eq!(rerun[0].1.agent_id, t);
+    assert_eq!(rerun[0].1.placement.exclude_agents, ["a".to_string()]);
+    let (job, _, key) = rerun.into_iter().next().unwrap();
+    f.finish(job, &key, Outcome::Failed, junit("upper", true))
+        .await;
+    f.take_in().await;
+    assert_eq!(f.went_red("shouter").len(), 1);
+}
+
+#[tokio::test]
+async fn a_crash_between_holding_a_verdict_and_the_ack_makes_one_confirmation() {
+    let mut f = Farm::new().await;
+    let v = f.join("volunteer", false).await;
+    green_trunk(&mut f).await;
+    f.land_tested_by(&v).await;
+    f.run_jobs(shouter_red).await;
+    // The red run is recorded (held), then the hub dies: no re-run yet.
+    let inbox = f.dispatch.finished_inbox(10).unwrap();
+    let shouter = inbox
+        .iter()
+        .find(|r| matches!(JobKey::parse(&r.key), Some(JobKey::Test { project, .. }) if project == "shouter"))
+        .unwrap()
+        .clone();
+    f.pipeline.record_job(&shouter).await.unwrap();
+    assert!(f.open_confirmations().is_empty());
+    f.restart().await;
+    // The inbox hands everything over again: one confirmation.
+    f.take_in().await;
+    assert_eq!(f.open_confirmations().len(), 1);
+    f.pipeline.take_in(&shouter).await.unwrap();
+    assert_eq!(f.open_confirmations().len(), 1, "submitted once per key");
+    let rerun = f.assigned();
+    assert_eq!(rerun.len(), 1, "{rerun:?}");
+    assert_eq!(rerun[0].1.agent_id, "a");
+}
+
+#[tokio::test]
+async fn a_confirmation_that_errors_is_tried_once_more_then_the_verdict_stays_unconfirmed() {
+    let mut f = Farm::new().await;
+    let v = f.join("volunteer", false).await;
+    green_trunk(&mut f).await;
+    f.volunteer_says_shouter_is_red(&v).await;
+    f.only("a").await;
+    let first = f.run_jobs(|_| (Outcome::Error, Vec::new())).await;
+    assert!(matches!(first[..], [JobKey::Rerun { n: 1, .. }]));
+    f.take_in().await;
+    assert_eq!(f.cell("shouter").confirmation, "awaiting");
+    let second = f.run_jobs(|_| (Outcome::Error, Vec::new())).await;
+    assert!(
+        matches!(second[..], [JobKey::Rerun { n: 2, .. }]),
+        "{second:?}"
+    );
+    f.take_in().await;
+    assert!(f.open_confirmations().is_empty(), "no third try");
+    let cell = f.cell("shouter");
+    assert_eq!(cell.confirmation, "unconfirmed");
+    assert!(f.went_red("shouter").is_empty());
+    let counted = f.verdicts(&v);
+    assert_eq!(
+        (counted.agreed, counted.disagreed),
+        (0, 0),
+        "an error blames nobody"
+    );
+}
+
+#[tokio::test]
+async fn a_newer_result_decides_while_an_older_one_awaits_and_nothing_is_blamed_twice() {
+    let mut f = Farm::new().await;
+    let v = f.join("volunteer", false).await;
+    let c1 = green_trunk(&mut f).await;
+    // c2's red comes from the volunteer: held.
+    let c2 = f.volunteer_says_shouter_is_red(&v).await;
+    // c3 lands; its build and the confirmation both go to `a`; only the
+    // build finishes now.
+    f.only("a").await;
+    let c3 = f.git.commit(RT);
+    f.pipeline.poll_upstream(0).await;
+    let mut confirmation = None;
+    for (job, _, key) in f.assigned() {
+        match key {
+            JobKey::Rerun { .. } => confirmation = Some((job, key)),
+            _ => f.finish(job, &key, Outcome::Passed, Vec::new()).await,
+        }
+    }
+    let (rerun, rerun_key) = confirmation.expect("the confirmation was queued");
+    f.take_in().await;
+    // c3's red from the trusted agent counts: its range holds c2 too.
+    f.run_jobs(shouter_red).await;
+    f.take_in().await;
+    let red = f.went_red("shouter");
+    assert_eq!(red.len(), 1);
+    assert_eq!(red[0].last_green_upstream_commit, c1);
+    let culprits: Vec<&str> = red[0].culprits.iter().map(|c| c.sha.as_str()).collect();
+    assert_eq!(culprits, [c2.as_str(), c3.as_str()]);
+    // The older held red is confirmed late: it decides nothing more.
+    f.finish(rerun, &rerun_key, Outcome::Failed, junit("upper", true))
+        .await;
+    f.take_in().await;
+    assert_eq!(f.went_red("shouter").len(), 1, "one went-red, one mail");
+    assert_eq!(f.pending_mails(), 1);
+    assert_eq!(f.verdicts(&v).agreed, 1);
+}
+
+#[tokio::test]
+async fn a_volunteer_overruled_again_and_again_is_quarantined() {
+    let mut f = Farm::new().await;
+    let v = f.join("liar", false).await;
+    green_trunk(&mut f).await;
+    for round in 1..=3 {
+        f.volunteer_says_shouter_is_red(&v).await;
+        f.only("a").await;
+        f.run_jobs(all_green).await;
+        f.take_in().await;
+        let counted = f.verdicts(&v);
+        assert_eq!(counted.disagreed, round);
+        assert_eq!(counted.quarantined(), round == 3, "round {round}");
+    }
+    assert!(f.went_red("shouter").is_empty());
+    assert_eq!(f.pending_mails(), 0);
+    assert!(f.verdicts(&v).quarantined.contains("3 of its last 3"));
+    // It stays connected but gets nothing, even with nobody else to take it.
+    f.dispatch.set_quarantined("a", true).await.unwrap();
+    let job = f
+        .dispatch
+        .submit(
+            trunkfarm_proto::v1::JobSpec {
+                commands: vec!["true".into()],
+                labels: vec!["linux".into()],
+                ..Default::default()
+            },
+            0,
+        )
+        .await
+        .unwrap();
+    let queued = f.dispatch.get(job).unwrap().unwrap();
+    assert_eq!(
+        queued.state,
+        crate::dispatch::JobState::Queued,
+        "a quarantined agent gets no job"
+    );
+    // The operator releases it: it gets work again.
+    crate::dispatch::release_agent(&f.credentials, &f.dispatch, &v)
+        .await
+        .unwrap();
+    let given = f.dispatch.get(job).unwrap().unwrap();
+    assert_eq!(given.state, crate::dispatch::JobState::Leased);
+    assert_eq!(given.agent_id, v);
+    assert!(!f.verdicts(&v).quarantined());
+    assert_eq!(f.verdicts(&v).disagreed, 3, "the totals stay");
+}
+
+// ---- build_on = "any": a volunteer's build counts once an independent
+// build gave the same artifact ----
+
+/// `CONFIG` with the runtime built on any agent.
+fn built_anywhere() -> String {
+    CONFIG.replace(
+        "build = [\"make install\"]",
+        "build = [\"make install\"]\nbuild_on = \"any\"",
+    )
+}
+
+impl Farm {
+    /// Lands a runtime commit and has volunteer `v` build it on every
+    /// platform, packing `runtime(platform)`; returns the commit.
+    async fn volunteer_builds(&mut self, v: &str, runtime: impl Fn(&str) -> String) -> String {
+        self.git.commit(ADDER);
+        self.pipeline.poll_project(0).await;
+        self.only(v).await;
+        let c = self.git.commit(RT);
+        self.pipeline.poll_upstream(0).await;
+        let builds = self.assigned();
+        assert_eq!(builds.len(), 2, "a volunteer may build: {builds:?}");
+        for (job, rec, key) in builds {
+            assert!(!rec.spec.trusted_only);
+            let JobKey::Build { platform, .. } = &key else {
+                panic!("a build: {key:?}");
+            };
+            let bytes = runtime(platform);
+            self.finish_built(job, &key, Outcome::Passed, Vec::new(), Some(&bytes))
+                .await;
+        }
+        self.take_in().await;
+        c
+    }
+
+    /// Has the trusted `a` run the confirmation builds, packing
+    /// `runtime(platform)`.
+    async fn trusted_confirms_builds(&mut self, runtime: impl Fn(&str) -> String) {
+        self.only("a").await;
+        let reruns = self.assigned();
+        assert_eq!(reruns.len(), 2, "{reruns:?}");
+        for (job, rec, key) in reruns {
+            assert_eq!(rec.agent_id, "a");
+            let JobKey::Build { platform, .. } = key.base() else {
+                panic!("a build's confirmation: {key:?}");
+            };
+            let bytes = runtime(platform);
+            self.finish_built(job, &key, Outcome::Passed, Vec::new(), Some(&bytes))
+                .await;
+        }
+        self.take_in().await;
+    }
+}
+
+fn reproducible(platform: &str) -> String {
+    format!("the runtime, reproducibly built for {platform}")
+}
+
+#[tokio::test]
+async fn a_volunteers_build_counts_once_another_build_has_the_same_hash() {
+    let mut f = Farm::with_config(&built_anywhere()).await;
+    let v = f.join("builder", false).await;
+    f.volunteer_builds(&v, reproducible).await;
+    // Stored, but not the good build, and nothing tested against it.
+    assert!(f.results.good_build("rt", "linux").unwrap().is_none());
+    let held = f.results.latest_build("rt", "linux").unwrap().unwrap();
+    assert_eq!(held.confirmation, "awaiting");
+    f.trusted_confirms_builds(reproducible).await;
+    let good = f.results.good_build("rt", "linux").unwrap().unwrap();
+    assert_eq!(good.job_id, held.job_id, "the volunteer's own build counts");
+    assert_eq!(good.confirmation, "confirmed");
+    let tests: Vec<(JobRef, JobRecord, JobKey)> = f.assigned();
+    let keys: Vec<JobKey> = tests.iter().map(|(_, _, k)| k.clone()).collect();
+    assert_eq!(
+        test_keys(&keys).len(),
+        3,
+        "fanned out once confirmed: {keys:?}"
+    );
+    assert!(
+        tests
+            .iter()
+            .filter(|(_, r, _)| r.spec.labels.contains(&"linux".to_string()))
+            .all(|(_, r, _)| r.spec.artifact_sha256 == good.artifact_sha256)
+    );
+    assert_eq!(f.verdicts(&v).agreed, 2, "one per platform");
+}
+
+#[tokio::test]
+async fn a_volunteers_build_with_another_hash_does_not_count_and_the_trusted_one_does() {
+    let mut f = Farm::with_config(&built_anywhere()).await;
+    let v = f.join("trojan", false).await;
+    f.volunteer_builds(&v, |p| format!("a trojan for {p}"))
+        .await;
+    let held = f.results.latest_build("rt", "linux").unwrap().unwrap();
+    f.trusted_confirms_builds(reproducible).await;
+    let overruled = f
+        .results
+        .build("rt", "linux", &held.commit)
+        .unwrap()
+        .unwrap();
+    assert_ne!(
+        overruled.job_id, held.job_id,
+        "the trusted build took its place"
+    );
+    let good = f.results.good_build("rt", "linux").unwrap().unwrap();
+    assert_eq!(good.job_id, overruled.job_id);
+    assert_ne!(good.artifact_sha256, held.artifact_sha256);
+    let tests = f.assigned();
+    assert!(!tests.is_empty());
+    assert!(
+        tests
+            .iter()
+            .all(|(_, r, _)| r.spec.artifact_sha256 != held.artifact_sha256),
+        "nothing runs the volunteer's artifact"
+    );
+    let counted = f.verdicts(&v);
+    assert_eq!((counted.agreed, counted.disagreed), (0, 2));
+    let c = f.results.confirmation(held.job_id).unwrap().unwrap();
+    assert_eq!(c.state, crate::results::ConfirmState::Overruled);
+}
+
+#[tokio::test]
+async fn a_volunteers_failed_build_turns_the_runtime_red_only_once_confirmed() {
+    let mut f = Farm::with_config(&built_anywhere()).await;
+    let v = f.join("builder", false).await;
+    f.volunteer_builds(&v, reproducible).await;
+    f.trusted_confirms_builds(reproducible).await;
+    f.assigned();
+    // The next commit "fails" on the volunteer: held, nothing red yet.
+    f.only(&v).await;
+    f.git.commit(RT);
+    f.pipeline.poll_upstream(0).await;
+    f.run_jobs(|_| (Outcome::Failed, Vec::new())).await;
+    f.take_in().await;
+    let red = |f: &Farm| {
+        f.results
+            .transitions(100, |t| {
+                t.project.is_empty() && t.kind == TransitionKind::WentRed as i32
+            })
+            .unwrap()
+    };
+    assert!(red(&f).is_empty(), "a volunteer's failed build waits");
+    let held = f.results.latest_build("rt", "linux").unwrap().unwrap();
+    assert_eq!(held.confirmation, "awaiting");
+    // The trusted agent's build fails too: now the runtime is red.
+    f.only("a").await;
+    let reruns = f.run_jobs(|_| (Outcome::Failed, Vec::new())).await;
+    assert!(reruns.iter().all(|k| matches!(k, JobKey::Rerun { .. })));
+    f.take_in().await;
+    let went_red = red(&f);
+    assert_eq!(went_red.len(), 2, "linux and mac: {went_red:?}");
+    assert!(went_red.iter().all(|t| t.confirmed_by_job != 0));
+    assert_eq!(f.verdicts(&v).agreed, 4);
 }

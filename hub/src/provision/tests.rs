@@ -198,6 +198,7 @@ impl Hub {
                     caps,
                     labels: granted.labels.into_iter().collect(),
                     trusted: granted.trusted,
+                    quarantined: false,
                     max_parallel: granted.max_parallel_jobs,
                     draining: false,
                     agent_version: "test".into(),

@@ -95,6 +95,13 @@ pub(crate) struct CulpritRange {
 }
 
 impl Verdict {
+    /// Whether it changes the series (went red or fixed): what a verdict
+    /// that needs confirming may do only once a re-run agrees.
+    pub(super) fn changes_series(&self) -> bool {
+        let k = self.transition.kind;
+        k == TransitionKind::WentRed as i32 || k == TransitionKind::Fixed as i32
+    }
+
     /// The range to list as culprits, when the result went red.
     pub(super) fn culprit_range(&self) -> Option<CulpritRange> {
         let t = &self.transition;
@@ -133,7 +140,7 @@ pub(super) fn judge(state: &SeriesState, finished: &Finished) -> Option<Verdict>
             },
             Vec::new(),
         ),
-        Finished::Run { run, head_seq } => {
+        Finished::Run { run, head_seq, .. } => {
             let i = &run.info;
             (
                 RunStatus::try_from(i.status).unwrap_or(RunStatus::Error),

@@ -82,3 +82,8 @@ pub(super) fn transition(id: u64) -> String {
 pub(super) fn recorded(job_id: u64) -> String {
     format!("p/{}", id_key(job_id))
 }
+
+/// `c/<job id>` → the confirmation of that job's held verdict.
+pub(super) fn confirmation(job_id: u64) -> String {
+    format!("c/{}", id_key(job_id))
+}

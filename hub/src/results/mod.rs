@@ -27,6 +27,7 @@
 //! writing, holding only the records' lock, which no poller takes.
 
 mod classify;
+mod confirm;
 mod keys;
 mod query;
 mod records;
@@ -39,6 +40,7 @@ use serde::{Deserialize, Serialize};
 use trunkfarm_proto::v1::BuildState;
 
 pub(crate) use classify::{CulpritRange, SeriesState, run_status};
+pub(crate) use confirm::{ConfirmState, Confirmation, Judged, Rerun, Said};
 pub(crate) use query::{Breakage, Grid, GridSeries, UpstreamRow};
 pub(crate) use records::{BuildInfo, Commit, RunInfo, TestCase, Transition};
 
@@ -75,6 +77,62 @@ impl Finished {
         match self {
             Finished::Build(b) => b.job_id,
             Finished::Run { run, .. } => run.info.job_id,
+        }
+    }
+
+    /// A confirmation for its verdict, in `state`.
+    fn confirmation(&self, original: Said) -> Confirmation {
+        let (project, upstream, platform, commit, head_seq) = match self {
+            Finished::Build(b) => (
+                String::new(),
+                b.upstream.clone(),
+                b.platform.clone(),
+                b.commit.clone(),
+                b.head_seq,
+            ),
+            Finished::Run { run, head_seq, .. } => (
+                run.info.project.clone(),
+                run.info.upstream.clone(),
+                run.info.platform.clone(),
+                run.info.upstream_commit.clone(),
+                *head_seq,
+            ),
+        };
+        Confirmation {
+            original,
+            project,
+            upstream,
+            platform,
+            commit,
+            head_seq,
+            state: ConfirmState::Awaiting,
+            reruns: Vec::new(),
+        }
+    }
+
+    /// Shows where its confirmation stands.
+    fn show_confirmation(&mut self, c: &Confirmation) {
+        let (confirmation, detail) = match self {
+            Finished::Build(b) => (&mut b.confirmation, &mut b.confirmation_detail),
+            Finished::Run { run, .. } => (
+                &mut run.info.confirmation,
+                &mut run.info.confirmation_detail,
+            ),
+        };
+        *confirmation = c.state.word().into();
+        *detail = c.detail();
+    }
+
+    /// Whether a held verdict changes its series when it counts: a run's
+    /// went red or fixed (still green and still red count alone); any
+    /// decisive build (a volunteer's passed build is what every test would
+    /// run, its failed one turns the runtime red).
+    fn held_if(&self, verdict: Option<&classify::Verdict>) -> bool {
+        match self {
+            Finished::Build(b) => {
+                b.state == BuildState::Passed as i32 || b.state == BuildState::Failed as i32
+            }
+            Finished::Run { .. } => verdict.is_some_and(|v| v.changes_series()),
         }
     }
 }
@@ -220,7 +278,9 @@ impl Results {
         self.table
             .stage(batch, keys::build(&b.upstream, &b.platform, &b.commit), b)?;
         let mut pointers = vec![Pointer::Latest];
-        if b.state == BuildState::Passed as i32 {
+        // A volunteer's build counts only once confirmed.
+        let counts = b.confirmation.is_empty() || b.confirmation == ConfirmState::Confirmed.word();
+        if b.state == BuildState::Passed as i32 && counts {
             pointers.push(Pointer::Good);
         }
         for pointer in pointers {
@@ -239,9 +299,16 @@ impl Results {
     /// next state, the "recorded" marker and `sink`'s writes for the
     /// transition in one atomic step, durable when this returns. A job
     /// recorded before is [`Recorded::Already`].
+    ///
+    /// A result whose verdict (`unconfirmed`: what it said and who said it)
+    /// needs confirming (see `confirm.rs`) and would change its series is
+    /// stored *awaiting confirmation* with a `c/<job>` record instead: no
+    /// transition, the series unchanged, a build not the good one; the
+    /// pipeline queues the re-run [`Confirmation::wanted_rerun`] asks for.
     pub(crate) async fn record(
         &self,
-        finished: Finished,
+        mut finished: Finished,
+        unconfirmed: Option<Said>,
         culprits: &dyn Culprits,
         sink: &dyn TransitionSink,
     ) -> Result<Recorded, StoreError> {
@@ -251,8 +318,179 @@ impl Results {
             return Ok(Recorded::Already);
         }
         let series_name = classify::series_of(&finished);
-        let mut state = self.series(&series_name)?;
-        let verdict = classify::judge(&state, &finished);
+        let state = self.series(&series_name)?;
+        let mut verdict = classify::judge(&state, &finished);
+        let mut held = None;
+        if let Some(said) = unconfirmed
+            && finished.held_if(verdict.as_ref())
+        {
+            let c = finished.confirmation(said);
+            finished.show_confirmation(&c);
+            verdict = None;
+            held = Some(c);
+        }
+        let transition = self
+            .write(verdict, state, &series_name, culprits, sink, |batch| {
+                self.stage_finished(batch, &finished)?;
+                if let Some(c) = &held {
+                    self.table.stage(batch, keys::confirmation(job_id), c)?;
+                }
+                batch.insert(keys::recorded(job_id).as_bytes(), &[][..]);
+                Ok(())
+            })
+            .await?;
+        Ok(Recorded::New(transition.map(Box::new)))
+    }
+
+    /// A held verdict's confirmation, if job `job_id` has one.
+    pub(crate) fn confirmation(&self, job_id: u64) -> Result<Option<Confirmation>, StoreError> {
+        self.table.get(keys::confirmation(job_id))
+    }
+
+    /// Records a finished re-run of job `original` once (like
+    /// [`Results::record`]; `result` is the re-run's own): settles its
+    /// confirmation, and when the re-run agreed, classifies the original
+    /// result against its series as it is now (transition, culprits, mails
+    /// in the same atomic write; a result older than the series' last
+    /// classified one decides nothing, as any late result). Disagreeing
+    /// leaves the original shown overruled and a run's series as it is; a
+    /// build re-run by a trusted agent then counts in the original's place.
+    pub(crate) async fn record_rerun(
+        &self,
+        original: u64,
+        rerun: Rerun,
+        result: Finished,
+        culprits: &dyn Culprits,
+        sink: &dyn TransitionSink,
+    ) -> Result<Recorded, StoreError> {
+        let _one = self.recording.lock().await;
+        let job_id = rerun.said.job_id;
+        if self.recorded(job_id)? {
+            return Ok(Recorded::Already);
+        }
+        let mark = |batch: &mut sled::Batch| {
+            batch.insert(keys::recorded(job_id).as_bytes(), &[][..]);
+        };
+        let held = self.confirmation(original)?;
+        let Some(mut c) = held.filter(|c| c.state == ConfirmState::Awaiting) else {
+            // Settled already (or never held): nothing to decide.
+            let mut batch = sled::Batch::default();
+            mark(&mut batch);
+            {
+                let _w = self.write_lock();
+                self.table.apply(batch)?;
+            }
+            self.table.store().commit().await?;
+            return Ok(Recorded::New(None));
+        };
+        c.settle(rerun);
+        let mut finished = self.held_result(&c)?;
+        if let Some(f) = &mut finished {
+            f.show_confirmation(&c);
+        }
+        // What counts now: the original once confirmed; a build overruled
+        // by a trusted agent's, that one.
+        let trusted_rerun = c.decisive_rerun().is_some_and(|r| r.trusted);
+        let counts = match c.state {
+            ConfirmState::Confirmed => finished.as_ref(),
+            ConfirmState::Overruled if trusted_rerun && matches!(result, Finished::Build(_)) => {
+                Some(&result)
+            }
+            _ => None,
+        };
+        let series_name = counts.map(classify::series_of).unwrap_or_default();
+        let state = match counts {
+            Some(_) => self.series(&series_name)?,
+            None => SeriesState::default(),
+        };
+        let mut verdict = counts.and_then(|f| classify::judge(&state, f));
+        if let (Some(v), Some(by), ConfirmState::Confirmed) =
+            (&mut verdict, c.decisive_rerun(), c.state)
+        {
+            v.transition.confirmed_by_job = by.job_id;
+        }
+        let replaced = (c.state == ConfirmState::Overruled && counts.is_some()).then_some(&result);
+        let transition = self
+            .write(verdict, state, &series_name, culprits, sink, |batch| {
+                if let Some(f) = &finished {
+                    self.stage_finished(batch, f)?;
+                }
+                // Staged after the original: the commit's build from now on.
+                if let Some(r) = replaced {
+                    self.stage_finished(batch, r)?;
+                }
+                self.table.stage(batch, keys::confirmation(original), &c)?;
+                mark(batch);
+                Ok(())
+            })
+            .await?;
+        Ok(Recorded::New(transition.map(Box::new)))
+    }
+
+    /// The stored result a confirmation holds, as recording took it in
+    /// (`None` when it is gone: never stored, or a newer build of the
+    /// commit took its place).
+    fn held_result(&self, c: &Confirmation) -> Result<Option<Finished>, StoreError> {
+        if c.project.is_empty() {
+            let build = self.build(&c.upstream, &c.platform, &c.commit)?;
+            return Ok(build
+                .filter(|b| b.job_id == c.original.job_id)
+                .map(Finished::Build));
+        }
+        let key = keys::run(&c.project, &c.upstream, &c.platform, c.original.job_id);
+        let run: Option<RunRecord> = self.table.get(key)?;
+        Ok(run.map(|run| Finished::Run {
+            run,
+            head_seq: c.head_seq,
+        }))
+    }
+
+    /// Stages a finished build or run: its record and the pointers to the
+    /// newest (summary only for runs: the grid reads them often).
+    fn stage_finished(
+        &self,
+        batch: &mut sled::Batch,
+        finished: &Finished,
+    ) -> Result<(), StoreError> {
+        match finished {
+            Finished::Build(b) => self.stage_build(batch, b),
+            Finished::Run { run, .. } => {
+                let i = &run.info;
+                self.table.stage(
+                    batch,
+                    keys::run(&i.project, &i.upstream, &i.platform, i.job_id),
+                    run,
+                )?;
+                let latest = self.latest_run(&i.project, &i.upstream, &i.platform)?;
+                if latest.is_none_or(|l| l.info.job_id <= i.job_id) {
+                    let summary = RunRecord {
+                        info: i.clone(),
+                        cases: Vec::new(),
+                    };
+                    self.table.stage(
+                        batch,
+                        keys::latest_run(&i.project, &i.upstream, &i.platform),
+                        &summary,
+                    )?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Writes one decision: `verdict`'s transition (culprits listed first,
+    /// holding no write lock) and the series' next state, what `stage` adds,
+    /// and `sink`'s writes for the transition, in one atomic step; durable
+    /// when this returns. Call holding the recording lock.
+    async fn write(
+        &self,
+        verdict: Option<classify::Verdict>,
+        mut state: SeriesState,
+        series_name: &str,
+        culprits: &dyn Culprits,
+        sink: &dyn TransitionSink,
+        stage: impl FnOnce(&mut sled::Batch) -> Result<(), StoreError>,
+    ) -> Result<Option<Transition>, StoreError> {
         let (listed, listed_error) = match verdict.as_ref().and_then(|v| v.culprit_range()) {
             Some(range) => culprits.list(&range).await,
             None => (Vec::new(), String::new()),
@@ -270,36 +508,12 @@ impl Results {
                     classify::advance(&mut state, &t, verdict);
                     self.table.stage(&mut batch, keys::transition(t.id), &t)?;
                     self.table
-                        .stage(&mut batch, keys::series(&series_name), &state)?;
+                        .stage(&mut batch, keys::series(series_name), &state)?;
                     Some(t)
                 }
                 None => None,
             };
-            match &finished {
-                Finished::Build(b) => self.stage_build(&mut batch, b)?,
-                Finished::Run { run, .. } => {
-                    let i = &run.info;
-                    self.table.stage(
-                        &mut batch,
-                        keys::run(&i.project, &i.upstream, &i.platform, i.job_id),
-                        run,
-                    )?;
-                    let latest = self.latest_run(&i.project, &i.upstream, &i.platform)?;
-                    if latest.is_none_or(|l| l.info.job_id <= i.job_id) {
-                        // The grid reads these often: the summary only, not every case.
-                        let summary = RunRecord {
-                            info: i.clone(),
-                            cases: Vec::new(),
-                        };
-                        self.table.stage(
-                            &mut batch,
-                            keys::latest_run(&i.project, &i.upstream, &i.platform),
-                            &summary,
-                        )?;
-                    }
-                }
-            }
-            batch.insert(keys::recorded(job_id).as_bytes(), &[][..]);
+            stage(&mut batch)?;
             match &transition {
                 None => self.table.apply(batch)?,
                 Some(t) => {
@@ -311,6 +525,6 @@ impl Results {
             transition
         };
         self.table.store().commit().await?;
-        Ok(Recorded::New(transition.map(Box::new)))
+        Ok(transition)
     }
 }

@@ -59,6 +59,13 @@ pub(crate) struct BuildInfo {
     /// When polling saw its commit as the head (0: never; see
     /// [`super::Finished::Build`]).
     pub(crate) head_seq: u64,
+    /// Where the confirmation of a volunteer's build stands (see
+    /// [`RunInfo::confirmation`]); empty when it counted alone.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub(crate) confirmation: String,
+    /// Both verdicts, in words.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub(crate) confirmation_detail: String,
 }
 
 /// A test run's summary: what the status grid shows.
@@ -97,6 +104,14 @@ pub(crate) struct RunInfo {
     pub(crate) failing_tests: Vec<TestCase>,
     /// Why a report could not be used (the run's status stands regardless).
     pub(crate) report_error: String,
+    /// Where the confirmation of its verdict stands (`ConfirmState`'s
+    /// word); empty when it counted alone. Not written when empty: older
+    /// records keep their bytes.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub(crate) confirmation: String,
+    /// Both verdicts, in words, once the confirmation settled.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub(crate) confirmation_detail: String,
 }
 
 /// One test case of a run, as its JUnit report gave it.
@@ -155,6 +170,14 @@ pub(crate) struct Transition {
     pub(crate) culprits_error: String,
     /// Still red / fixed: the went-red transition this red spell began with.
     pub(crate) red_since_id: u64,
+    /// The re-run that confirmed the result before it counted (0: it
+    /// counted alone). Not written when 0.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub(crate) confirmed_by_job: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl From<Commit> for v1::Commit {
@@ -189,6 +212,8 @@ impl From<BuildInfo> for v1::BuildInfo {
             detail,
             fanned_out,
             head_seq,
+            confirmation,
+            confirmation_detail,
         } = b;
         v1::BuildInfo {
             upstream,
@@ -203,6 +228,8 @@ impl From<BuildInfo> for v1::BuildInfo {
             detail,
             fanned_out,
             head_seq,
+            confirmation,
+            confirmation_detail,
         }
     }
 }
@@ -226,6 +253,8 @@ impl From<RunInfo> for v1::RunInfo {
             tests_skipped,
             failing_tests,
             report_error,
+            confirmation,
+            confirmation_detail,
         } = r;
         v1::RunInfo {
             project,
@@ -244,6 +273,8 @@ impl From<RunInfo> for v1::RunInfo {
             tests_skipped,
             failing_tests: failing_tests.into_iter().map(Into::into).collect(),
             report_error,
+            confirmation,
+            confirmation_detail,
         }
     }
 }
@@ -314,6 +345,7 @@ impl From<Transition> for v1::Transition {
             status,
             culprits_error,
             red_since_id,
+            confirmed_by_job,
         } = t;
         v1::Transition {
             id,
@@ -334,6 +366,7 @@ impl From<Transition> for v1::Transition {
             status,
             culprits_error,
             red_since_id,
+            confirmed_by_job,
         }
     }
 }

@@ -65,7 +65,7 @@ fn open() -> Fixture {
 impl Fixture {
     async fn record(&self, finished: Finished) -> Recorded {
         self.results
-            .record(finished, &self.culprits, &self.sink)
+            .record(finished, None, &self.culprits, &self.sink)
             .await
             .unwrap()
     }
@@ -193,11 +193,11 @@ async fn recording_a_job_twice_is_a_no_op_and_survives_reopen() {
         let store = Store::open(dir.path()).unwrap();
         let r = Results::open(&store).unwrap();
         let sink = sink(&store);
-        r.record(run(10, 1, GREEN, &[]), &culprits, &sink)
+        r.record(run(10, 1, GREEN, &[]), None, &culprits, &sink)
             .await
             .unwrap();
         assert!(r.recorded(10).unwrap());
-        let again = r.record(run(10, 1, RED, &[]), &culprits, &sink).await;
+        let again = r.record(run(10, 1, RED, &[]), None, &culprits, &sink).await;
         assert!(matches!(again.unwrap(), Recorded::Already));
         assert_eq!(r.transitions(10, |_| true).unwrap().len(), 1);
     }
@@ -205,7 +205,7 @@ async fn recording_a_job_twice_is_a_no_op_and_survives_reopen() {
     let r = Results::open(&store).unwrap();
     assert!(r.recorded(10).unwrap());
     let t = match r
-        .record(run(20, 2, RED, &["x"]), &culprits, &sink(&store))
+        .record(run(20, 2, RED, &["x"]), None, &culprits, &sink(&store))
         .await
         .unwrap()
     {

@@ -1,0 +1,234 @@
+//! Confirmation runs: the pipeline's side of a held verdict (the record and
+//! its rules are `results::confirm`). A finished test whose verdict needs
+//! confirming under its project's `confirm` policy goes to the recorder
+//! with its verdict ([`Said`]); the recorder holds it if it would change the
+//! series. Then, level-triggered like every pipeline job, whenever the
+//! original or one of its re-runs is taken in: the re-run the confirmation
+//! wants is submitted under `<original key>/confirm/<original job>/<n>`
+//! (once per key, so a crash or a re-delivery makes no second one), to any
+//! agent but those that already judged it, trusted ones first; and each
+//! settled re-run is counted on the agents it judged (once per re-run),
+//! which may quarantine one.
+
+use trunkfarm_proto::v1::{BuildState, JobSpec, RunStatus};
+
+use super::{Pipeline, PipelineError, log_transition};
+use crate::auth::credentials::{AuthError, Counted};
+use crate::commit::short;
+use crate::config::Confirm;
+use crate::dispatch::{JobRecord, Placement};
+use crate::job_key::{JobKey, RerunKind};
+use crate::results::{
+    BuildInfo, ConfirmState, Confirmation, Finished, Judged, Recorded, Rerun, Said,
+};
+
+/// What a finished job said, and who said it: the agent of the attempt
+/// that produced its result, trusted or not when it was leased.
+pub(super) fn said(rec: &JobRecord, status: i32, artifact_sha256: &str) -> Said {
+    let attempt = rec
+        .result
+        .as_ref()
+        .and_then(|r| r.job)
+        .map_or(rec.attempt, |j| j.attempt);
+    let by = rec.attempts.iter().rev().find(|a| a.attempt == attempt);
+    Said {
+        job_id: rec.id,
+        agent_id: by.map_or_else(|| rec.agent_id.clone(), |a| a.agent_id.clone()),
+        trusted: by.is_some_and(|a| a.trusted),
+        status,
+        artifact_sha256: artifact_sha256.to_owned(),
+    }
+}
+
+/// The status a build's state gives its verdict.
+fn build_verdict(b: &BuildInfo) -> RunStatus {
+    match BuildState::try_from(b.state).unwrap_or(BuildState::Error) {
+        BuildState::Passed => RunStatus::Green,
+        BuildState::Failed => RunStatus::Red,
+        _ => RunStatus::Error,
+    }
+}
+
+impl Pipeline {
+    /// A project's `confirm` policy (the default for a project no longer
+    /// configured).
+    fn confirm_policy(&self, project: &str) -> Confirm {
+        self.inner
+            .projects
+            .iter()
+            .find(|p| p.name == project)
+            .map(|p| p.confirm)
+            .unwrap_or_default()
+    }
+
+    /// The verdict of `finished` (job `rec`), when it must be confirmed
+    /// before it counts: a test's under its project's `confirm` policy; a
+    /// volunteer's build (only an upstream with `build_on = "any"` gives it
+    /// one).
+    pub(super) fn unconfirmed(&self, rec: &JobRecord, finished: &Finished) -> Option<Said> {
+        match finished {
+            Finished::Run { run, .. } => {
+                let said = said(rec, run.info.status, "");
+                let policy = self.confirm_policy(&run.info.project);
+                policy.needed(said.trusted).then_some(said)
+            }
+            Finished::Build(b) => {
+                let said = said(rec, build_verdict(b).into(), &b.artifact_sha256);
+                (!said.trusted).then_some(said)
+            }
+        }
+    }
+
+    /// Records a finished re-run of job `original`.
+    pub(super) async fn record_rerun(
+        &self,
+        rec: &JobRecord,
+        finished: Finished,
+        kind: RerunKind,
+        original: u64,
+    ) -> Result<Option<BuildInfo>, PipelineError> {
+        let said = match &finished {
+            Finished::Run { run, .. } => said(rec, run.info.status, ""),
+            Finished::Build(b) => said(rec, build_verdict(b).into(), &b.artifact_sha256),
+        };
+        let rerun = Rerun { kind, said };
+        let recorded = self
+            .inner
+            .results
+            .record_rerun(original, rerun, finished, self, &self.inner.notifier)
+            .await?;
+        if let Recorded::New(Some(t)) = &recorded {
+            self.inner.notifier.wake();
+            log_transition(Some(t));
+        }
+        Ok(None)
+    }
+
+    /// Follows job `original`'s held verdict, if it has one: counts the
+    /// settled re-run on the agents it judged, and queues the re-run the
+    /// confirmation still wants. Idempotent.
+    pub(super) async fn follow_confirmation(&self, original: u64) -> Result<(), PipelineError> {
+        let Some(c) = self.inner.results.confirmation(original)? else {
+            return Ok(());
+        };
+        for judged in c.judged() {
+            self.count(&judged).await?;
+        }
+        match c.wanted_rerun() {
+            Some(n) => self.submit_confirmation(original, &c, n).await?,
+            None if c.project.is_empty() => self.follow_settled_build(&c).await?,
+            None => {}
+        }
+        Ok(())
+    }
+
+    /// A held build's confirmation settled: the commit's build that counts
+    /// now (the confirmed original, or a trusted agent's build that
+    /// overruled it) fans out, idempotently like every fan-out.
+    async fn follow_settled_build(&self, c: &Confirmation) -> Result<(), PipelineError> {
+        let Some(b) = self
+            .inner
+            .results
+            .build(&c.upstream, &c.platform, &c.commit)?
+        else {
+            return Ok(());
+        };
+        let counts = b.confirmation.is_empty() || b.confirmation == ConfirmState::Confirmed.word();
+        if b.state == BuildState::Passed as i32 && counts && !self.superseded(&b)? {
+            self.fan_out(self.upstream(&c.upstream)?, &b).await?;
+        }
+        self.collect_garbage().await;
+        Ok(())
+    }
+
+    /// Counts one judged verdict on its agent's record; quarantines the
+    /// agent when that says so.
+    async fn count(&self, j: &Judged) -> Result<(), PipelineError> {
+        let counted = match self
+            .inner
+            .credentials
+            .count_confirmation(&j.agent_id, j.rerun_job, j.agreed, self.inner.quarantine)
+            .await
+        {
+            Ok(counted) => counted,
+            Err(AuthError::Store(e)) => return Err(e.into()),
+            Err(e) => {
+                tracing::warn!(agent = %j.agent_id, "cannot count a confirmation run on the agent: {e}");
+                return Ok(());
+            }
+        };
+        if counted == Counted::Before {
+            return Ok(());
+        }
+        if !j.agreed {
+            tracing::warn!(
+                agent = %j.agent_id,
+                job = j.rerun_job,
+                "a confirmation run disagreed with the agent's verdict: {}",
+                j.detail
+            );
+        }
+        if let Counted::Quarantined(why) = counted {
+            tracing::warn!(
+                agent = %j.agent_id,
+                "agent quarantined, it gets no job until the operator runs `trunkfarm agent release {}` (or revokes it): {why}",
+                j.agent_id
+            );
+            self.inner
+                .dispatch
+                .set_quarantined(&j.agent_id, true)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Submits confirmation run `n` of job `original` (once per key): the
+    /// same spec, to another agent than any that judged it, trusted first.
+    async fn submit_confirmation(
+        &self,
+        original: u64,
+        c: &Confirmation,
+        n: u32,
+    ) -> Result<(), PipelineError> {
+        let Some(rec) = self.inner.dispatch.get(original)? else {
+            tracing::warn!(
+                job = original,
+                "the job whose verdict awaits confirmation is gone"
+            );
+            return Ok(());
+        };
+        let Some(of) = JobKey::parse(&rec.key) else {
+            return Ok(());
+        };
+        let key = JobKey::Rerun {
+            of: Box::new(of.base().clone()),
+            kind: RerunKind::Confirm,
+            job: original,
+            n,
+        };
+        let mut spec = JobSpec::from(rec.spec.clone());
+        // A build held for confirmation came from a volunteer: the upstream
+        // builds on any agent, and so does its confirmation.
+        spec.trusted_only = false;
+        let placement = Placement {
+            exclude_agents: c.exclude_agents(),
+            prefer_trusted: true,
+        };
+        let (job, new) = self
+            .inner
+            .dispatch
+            .submit_placed(spec, 0, key.to_string(), placement)
+            .await?;
+        if new {
+            tracing::info!(
+                job,
+                original,
+                upstream = %c.upstream,
+                "confirming the verdict of job {original} ({} at {}) on another agent",
+                if c.project.is_empty() { "the build" } else { c.project.as_str() },
+                short(&c.commit),
+            );
+        }
+        Ok(())
+    }
+}
