@@ -479,6 +479,26 @@ pub fn temp_dir(prefix: &str) -> TempDir {
     b.tempdir().expect("create temp dir")
 }
 
+/// The `[[pool]]` keys a `local` pool needs under a root hub, whose
+/// agents run as `nobody`: that user, a copy of the agent binary and the
+/// agents' state dirs in a temporary directory it can reach (the checkout
+/// itself may sit below a directory only root may enter, as `/root` is).
+/// Keep the returned directory while the hub runs.
+pub fn local_pool_keys(pool: &str) -> (TempDir, String) {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = temp_dir("trunkfarm-e2e-pool-");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    let agent = dir.path().join("trunkfarm-agent");
+    std::fs::copy(&bins().agent, &agent).expect("copy the agent binary");
+    std::fs::set_permissions(&agent, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let keys = format!(
+        "agent_binary = \"{}\"\nuser = \"nobody\"\ndir = \"{}\"\n",
+        agent.display(),
+        dir.path().join("states").join(pool).display()
+    );
+    (dir, keys)
+}
+
 /// Whether `pid` is gone: no such process, or a zombie (PID 1 in this sandbox
 /// does not reap orphans, so a killed orphan stays a zombie).
 pub fn pid_gone(pid: i32) -> bool {

@@ -173,6 +173,9 @@ async fn read_everything(hub: &Hub) -> String {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_database_written_by_an_older_hub_reads_the_same() {
     let fixture = fixture_dir();
+    // The pool's agents' user, binary and dir (a root hub refuses a pool
+    // whose user does not exist).
+    let (_pool_dir, pool_keys) = trunkfarm_e2e::local_pool_keys("fixture");
     let hub = Hub::start_on(
         |data_dir| {
             let status = Command::new("tar")
@@ -184,7 +187,10 @@ async fn a_database_written_by_an_older_hub_reads_the_same() {
                 .expect("run tar");
             assert!(status.success(), "tar could not unpack the fixture");
         },
-        CONFIG,
+        &CONFIG.replace(
+            "max_jobs_per_instance = 1\n",
+            &format!("max_jobs_per_instance = 1\n{pool_keys}"),
+        ),
         &[],
     );
     let got = read_everything(&hub).await;

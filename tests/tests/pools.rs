@@ -5,30 +5,13 @@
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use trunkfarm_e2e::{Hub, bins, s, temp_dir, u, wait_for};
+use trunkfarm_e2e::{Hub, bins, local_pool_keys, s, temp_dir, u, wait_for};
 
 /// Whether the tests run as root (then a `local` pool's agents run as
-/// `nobody`, as [`local_pool_keys`] says).
+/// `nobody`, as `trunkfarm_e2e::local_pool_keys` says).
 fn is_root() -> bool {
     // SAFETY: geteuid(2) has no preconditions.
     unsafe { libc::geteuid() == 0 }
-}
-
-/// The keys every `local` pool of these tests has: the agent binary under
-/// test, the user its agents run as when the hub runs as root (`nobody`:
-/// the default `trunkfarm-pool` is not on test machines), and their state
-/// dirs in a directory that user can reach, apart from the hub's.
-/// Keep the returned directory while the hub runs.
-fn local_pool_keys(pool: &str) -> (tempfile::TempDir, String) {
-    use std::os::unix::fs::PermissionsExt as _;
-    let dir = temp_dir("trunkfarm-e2e-pool-states-");
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
-    let keys = format!(
-        "agent_binary = \"{}\"\nuser = \"nobody\"\ndir = \"{}\"\n",
-        bins().agent.display(),
-        dir.path().join(pool).display()
-    );
-    (dir, keys)
 }
 
 fn pools(hub: &Hub) -> Vec<Value> {
@@ -448,19 +431,17 @@ fn a_local_pool_job_sees_none_of_the_hubs_secrets() {
     // The agent through a wrapper that waits a second before it becomes
     // the agent, with the same arguments: long enough for the scan below
     // to see every command line the hub gives it.
+    let agent = states.path().join("trunkfarm-agent");
     let wrapper = states.path().join("slow-agent");
     std::fs::write(
         &wrapper,
-        format!(
-            "#!/bin/sh\nsleep 1\nexec {} \"$@\"\n",
-            bins().agent.display()
-        ),
+        format!("#!/bin/sh\nsleep 1\nexec {} \"$@\"\n", agent.display()),
     )
     .unwrap();
     use std::os::unix::fs::PermissionsExt as _;
     std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
     let keys = keys.replace(
-        &format!("agent_binary = \"{}\"", bins().agent.display()),
+        &format!("agent_binary = \"{}\"", agent.display()),
         &format!("agent_binary = \"{}\"", wrapper.display()),
     );
     assert!(keys.contains("slow-agent"), "{keys}");
