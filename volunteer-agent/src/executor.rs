@@ -90,6 +90,10 @@ const RUNTIME_DIR: &str = "runtime";
 /// (created only when packing, after the job's processes are gone).
 const PACK_DIR: &str = ".trunkfarm-pack";
 
+/// The reproducible-builds variable: a build's fixed time (seconds since
+/// the epoch), <https://reproducible-builds.org/specs/source-date-epoch/>.
+const SOURCE_DATE_EPOCH: &str = "SOURCE_DATE_EPOCH";
+
 /// `PATH` for a job's commands when neither the job nor the agent has one.
 const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
 
@@ -388,10 +392,12 @@ impl Run {
             },
         };
         let mut command_dir = workdir.to_path_buf();
+        let mut commit_time = None;
         if let Some(repo) = spec.repository.as_ref().filter(|r| !r.url.is_empty()) {
             let src = workdir.join("src");
-            if let Err(finish) = self.checkout(repo, workdir, &src).await {
-                return finish;
+            match self.checkout(repo, workdir, &src).await {
+                Ok(time) => commit_time = time,
+                Err(finish) => return finish,
             }
             command_dir = src;
         }
@@ -429,6 +435,19 @@ impl Run {
             }
             env.push(("PREFIX", prefix.clone().into_os_string()));
         }
+        // A build's file times: the job's SOURCE_DATE_EPOCH, else its
+        // commit's time, given to the build (tools that honour it embed it)
+        // and the newest mtime the packer writes, so two honest builds of
+        // one commit pack to the same bytes (`build_on = "any"`).
+        let clamp_mtime = prefix.as_ref().and_then(|_| {
+            spec.env
+                .get(SOURCE_DATE_EPOCH)
+                .and_then(|v| v.trim().parse().ok())
+                .or(commit_time)
+        });
+        if let Some(time) = clamp_mtime.filter(|_| !spec.env.contains_key(SOURCE_DATE_EPOCH)) {
+            env.push((SOURCE_DATE_EPOCH, time.to_string().into()));
+        }
 
         let finish = self
             .run_commands(job, spec, workdir, &command_dir, &env, &artifacts.sandbox)
@@ -441,7 +460,14 @@ impl Run {
         match (&prefix, finish.outcome) {
             (Some(prefix), Outcome::Passed) => {
                 match self
-                    .publish(job, prefix, workdir, finish.exit_code, artifacts)
+                    .publish(
+                        job,
+                        prefix,
+                        clamp_mtime,
+                        workdir,
+                        finish.exit_code,
+                        artifacts,
+                    )
                     .await
                 {
                     Ok(()) => finish,
@@ -701,13 +727,15 @@ impl Run {
         self.reports = reports;
     }
 
-    /// Packs the build's `prefix` and uploads it. An empty prefix is the
-    /// build's failure; packing and upload failures are infrastructure
-    /// errors (the hub retries the build elsewhere).
+    /// Packs the build's `prefix` (file times clamped to `clamp_mtime`) and
+    /// uploads it. An empty prefix is the build's failure; packing and
+    /// upload failures are infrastructure errors (the hub retries the build
+    /// elsewhere).
     async fn publish(
         &mut self,
         job: &JobRef,
         prefix: &Path,
+        clamp_mtime: Option<u64>,
         workdir: &Path,
         exit_code: Option<i32>,
         artifacts: &Artifacts,
@@ -722,7 +750,7 @@ impl Run {
         let src = prefix.to_path_buf();
         let out = out_dir.join("artifact.tar.zst");
         let packed = self
-            .blocking(move |cancel| pack::pack(&src, &out, &cancel))
+            .blocking(move |cancel| pack::pack(&src, &out, clamp_mtime, &cancel))
             .await?
             .map_err(|e| match e {
                 pack::PackError::NotADirectory(_) => Finish::failed(
@@ -808,12 +836,14 @@ impl Run {
 
     /// Checks `repo` out into `src` (detached at the wanted revision) with
     /// the git CLI. Any failure is an infrastructure error, not the job's.
+    /// Returns the commit's committer time (seconds since the epoch), when
+    /// git tells it: a build's `SOURCE_DATE_EPOCH`.
     async fn checkout(
         &mut self,
         repo: &Repository,
         workdir: &Path,
         src: &Path,
-    ) -> Result<(), Finish> {
+    ) -> Result<Option<u64>, Finish> {
         let url = repo.url.as_str();
         let shown_url = redact_url(url);
         let rev = repo.rev.as_str();
@@ -931,12 +961,17 @@ impl Run {
             return Err(fail(git_error(&end)));
         }
         let end = self
-            .git(src, ["rev-parse", "HEAD"].map(OsStr::new), None)
+            .git(
+                src,
+                ["show", "-s", "--format=%H %ct", "HEAD"].map(OsStr::new),
+                None,
+            )
             .await?;
-        let head = String::from_utf8_lossy(&end.stdout_tail).trim().to_owned();
+        let shown = String::from_utf8_lossy(&end.stdout_tail);
+        let (head, time) = shown.trim().split_once(' ').unwrap_or((shown.trim(), ""));
         self.sink
             .system(&format!("[trunkfarm: checked out {head}]\n"));
-        Ok(())
+        Ok(time.parse().ok())
     }
 
     /// Runs one git command in `dir`, its output going to the log as system
@@ -2126,6 +2161,50 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn two_builds_of_one_commit_at_other_times_upload_the_same_artifact() {
+        let (repo, _) = two_commit_repo();
+        let committed = git(repo.path(), &["show", "-s", "--format=%ct", "HEAD"]);
+        let side = tempfile::tempdir().unwrap();
+        let hub = Arc::new(FakeHub::default());
+        let arts = artifacts(side.path(), hub.clone());
+        let mut shas = Vec::new();
+        for later in [1_000, 2_000] {
+            let root = tempfile::tempdir().unwrap();
+            let mut build = JobSpec {
+                upload_prefix: "install".into(),
+                ..spec(&[
+                    r#"echo "epoch $SOURCE_DATE_EPOCH""#,
+                    r#"mkdir -p "$PREFIX/bin" && cp f "$PREFIX/bin/f""#,
+                    // Built later: file times after the commit's.
+                    &format!(
+                        r#"touch -d "@$(($SOURCE_DATE_EPOCH + {later}))" "$PREFIX/bin/f" "$PREFIX/bin""#
+                    ),
+                ])
+            };
+            build.repository = Some(Repository {
+                url: repo.path().display().to_string(),
+                rev: String::new(),
+            });
+            let (out, log) = run_full(
+                &build,
+                root.path(),
+                limits(Duration::from_secs(60)),
+                CancellationToken::new(),
+                &arts,
+            )
+            .await;
+            assert_eq!(out.outcome, Outcome::Passed, "{out:?} {}", all_text(&log));
+            assert_eq!(
+                stream_text(&log, LogStream::Stdout),
+                format!("epoch {}\n", committed.trim())
+            );
+            shas.push(out.artifact_sha256);
+        }
+        assert_eq!(shas[0].len(), 64);
+        assert_eq!(shas[0], shas[1]);
+    }
+
+    #[tokio::test]
     async fn checks_out_a_specific_commit() {
         let (repo, first) = two_commit_repo();
         let url = repo.path().display().to_string();
@@ -2233,7 +2312,7 @@ mod tests {
         std::fs::set_permissions(tree.join("bin/rt"), std::fs::Permissions::from_mode(0o755))
             .unwrap();
         let out = tmp.path().join("rt.tar.zst");
-        pack::pack(&tree, &out, &AtomicBool::new(false)).unwrap();
+        pack::pack(&tree, &out, None, &AtomicBool::new(false)).unwrap();
         std::fs::read(out).unwrap()
     }
 

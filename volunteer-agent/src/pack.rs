@@ -4,10 +4,13 @@
 //! packs that directory into one `.tar.zst` file, hashing the compressed
 //! bytes (SHA-256) as they are written, and streams the file to the hub with
 //! `UploadArtifact`. Entries are stored in sorted order (the same tree packs
-//! to the same bytes, timestamps aside): directories, regular files, and
+//! to the same bytes): directories, regular files, and
 //! symlinks as symlinks (never followed). Hard links are stored as separate
 //! files. Sockets, FIFOs and devices are skipped and reported. Ownership is
-//! not stored; setuid, setgid and sticky bits are dropped.
+//! not stored; setuid, setgid and sticky bits are dropped. File times newer
+//! than a build's `SOURCE_DATE_EPOCH` are stored as it (like tar's
+//! `--clamp-mtime`), so two honest builds of one commit pack to the same
+//! bytes when the build itself is reproducible.
 
 use std::ffi::OsString;
 use std::fs::{File, OpenOptions};
@@ -134,8 +137,14 @@ fn link_target(dir: &Path, rel: &Path, target: &Path) -> Result<PathBuf, PackErr
 }
 
 /// Packs the tree under `dir` into a new file `out` (which must not exist),
-/// checking `cancel` between entries and while reading files.
-pub(crate) fn pack(dir: &Path, out: &Path, cancel: &AtomicBool) -> Result<Packed, PackError> {
+/// checking `cancel` between entries and while reading files. File times
+/// later than `clamp_mtime` (seconds since the epoch) are stored as it.
+pub(crate) fn pack(
+    dir: &Path,
+    out: &Path,
+    clamp_mtime: Option<u64>,
+    cancel: &AtomicBool,
+) -> Result<Packed, PackError> {
     if !std::fs::symlink_metadata(dir).is_ok_and(|m| m.is_dir()) {
         return Err(PackError::NotADirectory(dir.to_path_buf()));
     }
@@ -183,7 +192,8 @@ pub(crate) fn pack(dir: &Path, out: &Path, cancel: &AtomicBool) -> Result<Packed
         let kind = meta.file_type();
         let mut header = Header::new_gnu();
         header.set_mode(meta.mode() & 0o777);
-        header.set_mtime(u64::try_from(meta.mtime()).unwrap_or(0));
+        let mtime = u64::try_from(meta.mtime()).unwrap_or(0);
+        header.set_mtime(clamp_mtime.map_or(mtime, |newest| mtime.min(newest)));
         header.set_uid(0);
         header.set_gid(0);
         if kind.is_dir() {
@@ -481,7 +491,7 @@ mod tests {
         let src = tmp.path().join("prefix");
         sample_tree(&src);
         let out = tmp.path().join("a.tar.zst");
-        let packed = pack(&src, &out, &AtomicBool::new(false)).unwrap();
+        let packed = pack(&src, &out, None, &AtomicBool::new(false)).unwrap();
         let bytes = std::fs::read(&out).unwrap();
         assert_eq!(packed.sha256, hex::encode(Sha256::digest(&bytes)));
         assert_eq!(packed.size_bytes, bytes.len() as u64);
@@ -504,9 +514,67 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let src = tmp.path().join("prefix");
         sample_tree(&src);
-        let a = pack(&src, &tmp.path().join("a"), &AtomicBool::new(false)).unwrap();
-        let b = pack(&src, &tmp.path().join("b"), &AtomicBool::new(false)).unwrap();
+        let a = pack(&src, &tmp.path().join("a"), None, &AtomicBool::new(false)).unwrap();
+        let b = pack(&src, &tmp.path().join("b"), None, &AtomicBool::new(false)).unwrap();
         assert_eq!(a.sha256, b.sha256);
+    }
+
+    #[test]
+    fn file_times_past_the_clamp_pack_to_the_same_bytes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+        sample_tree(&a);
+        sample_tree(&b);
+        // The same tree built at another time: every mtime later.
+        let set_times = |root: &Path, secs: i64| {
+            for (rel, ..) in listing(root) {
+                let c =
+                    std::ffi::CString::new(root.join(rel).as_os_str().as_encoded_bytes()).unwrap();
+                let t = libc::timespec {
+                    tv_sec: secs,
+                    tv_nsec: 0,
+                };
+                // SAFETY: a valid NUL-terminated path and two timespecs;
+                // AT_SYMLINK_NOFOLLOW sets a link's own time.
+                let rc = unsafe {
+                    libc::utimensat(
+                        libc::AT_FDCWD,
+                        c.as_ptr(),
+                        [t, t].as_ptr(),
+                        libc::AT_SYMLINK_NOFOLLOW,
+                    )
+                };
+                assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+            }
+        };
+        set_times(&a, 1_700_000_000);
+        set_times(&b, 1_800_000_000);
+        let no = AtomicBool::new(false);
+        let pa = pack(&a, &tmp.path().join("a.tar.zst"), None, &no).unwrap();
+        let pb = pack(&b, &tmp.path().join("b.tar.zst"), None, &no).unwrap();
+        assert_ne!(pa.sha256, pb.sha256, "the times are in the archive");
+        let clamp = Some(1_600_000_000);
+        let ca = pack(&a, &tmp.path().join("ca.tar.zst"), clamp, &no).unwrap();
+        let cb = pack(&b, &tmp.path().join("cb.tar.zst"), clamp, &no).unwrap();
+        assert_eq!(ca.sha256, cb.sha256);
+        // An older time than the clamp is kept.
+        let dst = tmp.path().join("unpacked");
+        let bytes = std::fs::read(tmp.path().join("a.tar.zst")).unwrap();
+        let late = pack(
+            &a,
+            &tmp.path().join("late.tar.zst"),
+            Some(1_900_000_000),
+            &no,
+        )
+        .unwrap();
+        assert_eq!(late.sha256, pa.sha256);
+        let limits = UnpackLimits {
+            max_bytes: 1 << 30,
+            max_entries: 1000,
+        };
+        unpack(&bytes[..], &dst, &limits, &no).unwrap();
+        let mtime = std::fs::metadata(dst.join("bin/python")).unwrap().mtime();
+        assert_eq!(mtime, 1_700_000_000);
     }
 
     #[test]
@@ -519,7 +587,7 @@ mod tests {
         let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
         // SAFETY: mkfifo takes a valid NUL-terminated path.
         assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
-        let packed = pack(&src, &tmp.path().join("a"), &AtomicBool::new(false)).unwrap();
+        let packed = pack(&src, &tmp.path().join("a"), None, &AtomicBool::new(false)).unwrap();
         assert_eq!(packed.skipped, [PathBuf::from("fifo")]);
         assert_eq!(packed.files, 1);
     }
@@ -530,6 +598,7 @@ mod tests {
         let e = pack(
             &tmp.path().join("nope"),
             &tmp.path().join("a"),
+            None,
             &AtomicBool::new(false),
         )
         .unwrap_err();
@@ -537,9 +606,9 @@ mod tests {
         let src = tmp.path().join("prefix");
         std::fs::create_dir(&src).unwrap();
         std::fs::write(tmp.path().join("a"), "taken").unwrap();
-        let e = pack(&src, &tmp.path().join("a"), &AtomicBool::new(false)).unwrap_err();
+        let e = pack(&src, &tmp.path().join("a"), None, &AtomicBool::new(false)).unwrap_err();
         assert!(e.to_string().starts_with("cannot create"), "{e}");
-        let e = pack(&src, &tmp.path().join("b"), &AtomicBool::new(true)).map(|p| p.files);
+        let e = pack(&src, &tmp.path().join("b"), None, &AtomicBool::new(true)).map(|p| p.files);
         // An empty tree has nothing to interrupt.
         assert_eq!(e.unwrap(), 0);
     }
@@ -549,7 +618,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let src = tmp.path().join("prefix");
         sample_tree(&src);
-        let packed = pack(&src, &tmp.path().join("a"), &AtomicBool::new(false)).unwrap();
+        let packed = pack(&src, &tmp.path().join("a"), None, &AtomicBool::new(false)).unwrap();
         let hub = FakeHub::default();
         let job = JobRef {
             job_id: 5,
