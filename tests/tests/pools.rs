@@ -528,7 +528,7 @@ true"#,
         cwd.starts_with(&states.path().display().to_string()) && !cwd.starts_with(&data),
         format!("the job ran in {cwd}"),
     );
-    let pool_dir = states.path().join("secrets");
+    let pool_dir = states.path().join("states/secrets");
     let instance = std::fs::read_dir(&pool_dir)
         .unwrap()
         .next()
