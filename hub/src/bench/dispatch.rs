@@ -73,11 +73,12 @@ async fn wait_finished(hub: &BenchHub, total: f64) -> anyhow::Result<()> {
 pub(super) async fn throughput(args: &BenchArgs, dir: &Path) -> anyhow::Result<Vec<Figure>> {
     let (k, n) = (args.agents, args.jobs);
     println!(
-        "throughput: {k} agent processes x {} slots, {n} `true` jobs over TLS",
-        args.parallel
+        "throughput: {k} agent processes x {} slots (sandbox {}), {n} `true` jobs over TLS",
+        args.parallel,
+        args.sandbox.as_arg()
     );
     let hub = BenchHub::start(dir, "").await?;
-    let _agents = hub.start_agents(k, args.parallel).await?;
+    let _agents = hub.start_agents(k, args.parallel, args.sandbox).await?;
     let admin = hub.admin().await?;
 
     // Warm up: every agent has run jobs before the clock starts.
@@ -131,7 +132,11 @@ pub(super) async fn throughput(args: &BenchArgs, dir: &Path) -> anyhow::Result<V
     }
     hub.stop().await?;
 
-    let setup = format!("{k} agents x {} slots, {n} jobs", args.parallel);
+    let setup = format!(
+        "{k} agents x {} slots, {n} jobs, sandbox {}",
+        args.parallel,
+        args.sandbox.as_arg()
+    );
     let rate = n as f64 / elapsed.as_secs_f64();
     println!(
         "throughput: {n} jobs in {:.2} s = {rate:.0} jobs/s (all submitted after {:.2} s); CPU per job: hub {:.2} ms, agents with their commands {:.2} ms",
@@ -212,9 +217,12 @@ fn fifo_clock(path: &Path) -> anyhow::Result<std::sync::mpsc::Receiver<Instant>>
 /// the result is stored (the hub's WatchJob reports it only once durable).
 pub(super) async fn latency(args: &BenchArgs, dir: &Path) -> anyhow::Result<Vec<Figure>> {
     let samples = args.samples.max(1);
-    println!("latency: 1 agent, {samples} jobs one at a time");
+    println!(
+        "latency: 1 agent (sandbox {}), {samples} jobs one at a time",
+        args.sandbox.as_arg()
+    );
     let hub = BenchHub::start(dir, "").await?;
-    let _agent = hub.start_agents(1, 1).await?;
+    let _agent = hub.start_agents(1, 1, args.sandbox).await?;
     let mut admin = hub.admin().await?;
     let fifo = dir.join("started.fifo");
     let clock = fifo_clock(&fifo)?;
@@ -250,7 +258,10 @@ pub(super) async fn latency(args: &BenchArgs, dir: &Path) -> anyhow::Result<Vec<
     hub.stop().await?;
     to_start.sort_by(f64::total_cmp);
     to_result.sort_by(f64::total_cmp);
-    let setup = format!("1 agent, {samples} jobs one at a time");
+    let setup = format!(
+        "1 agent, {samples} jobs one at a time, sandbox {}",
+        args.sandbox.as_arg()
+    );
     println!(
         "latency: to start p50 {:.2} ms p99 {:.2} ms; end to end p50 {:.2} ms p99 {:.2} ms",
         percentile(&to_start, 50.0),

@@ -77,7 +77,7 @@ pub(super) async fn run(args: &BenchArgs, dir: &Path) -> anyhow::Result<Vec<Figu
         )
         .await?,
     );
-    let _agents = hub.start_agents(f, 1).await?;
+    let _agents = hub.start_agents(f, 1, args.sandbox).await?;
     let admin = hub.admin().await?;
 
     // The runtime: incompressible bytes, built into $PREFIX by an agent.

@@ -2,6 +2,7 @@
 //! its memory and restarts are its own), `trunkfarm-agent` processes, and
 //! agent identities this process uses for sessions it holds itself.
 
+use crate::config::AgentSandbox;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -239,8 +240,13 @@ impl BenchHub {
     }
 
     /// Starts `n` enrolled `trunkfarm-agent` processes running `parallel`
-    /// jobs each, and waits until they are connected.
-    pub(super) async fn start_agents(&self, n: usize, parallel: u32) -> anyhow::Result<Vec<Child>> {
+    /// jobs each under `sandbox`, and waits until they are connected.
+    pub(super) async fn start_agents(
+        &self,
+        n: usize,
+        parallel: u32,
+        sandbox: AgentSandbox,
+    ) -> anyhow::Result<Vec<Child>> {
         let bin = crate::provision::local::find_agent_binary()?;
         let enrollment = self.enrollment(n as u32).await?;
         let mut children = Vec::new();
@@ -253,6 +259,7 @@ impl BenchHub {
                     i,
                     &enrollment,
                     parallel,
+                    Some(sandbox),
                 )
                 .await?,
             );

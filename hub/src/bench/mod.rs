@@ -67,6 +67,12 @@ pub(crate) struct BenchArgs {
     /// throughput: jobs each agent runs at once.
     #[arg(long, default_value_t = 4)]
     pub(crate) parallel: u32,
+    /// throughput, latency, fanout: how the agent processes confine their
+    /// jobs. `none` (the default) measures the hub's dispatch; `bwrap` adds
+    /// bubblewrap's set-up for every job (namespaces, cgroup, limits) on the
+    /// same two cores (latency then cannot reach its FIFO: throughput only).
+    #[arg(long, value_enum, default_value = "none")]
+    pub(crate) sandbox: crate::config::AgentSandbox,
     /// latency: jobs, one at a time.
     #[arg(long, default_value_t = 300)]
     pub(crate) samples: usize,

@@ -26,7 +26,7 @@ pub(crate) enum ProvisionerKind {
 pub(crate) const DEFAULT_POOL_USER: &str = "trunkfarm-pool";
 
 /// `[[pool]] sandbox`: the `--sandbox` a `local` pool's agents run with.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub(crate) enum AgentSandbox {
     /// bubblewrap where it works; without it the agent refuses every job.

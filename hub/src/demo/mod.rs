@@ -122,7 +122,7 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         .enrollment;
     let mut agents = Vec::new();
     for n in 1..=AGENTS {
-        agents.push(start_agent(&agent_bin, &dir, "demo", n, &enrollment, 2).await?);
+        agents.push(start_agent(&agent_bin, &dir, "demo", n, &enrollment, 2, None).await?);
     }
     wait_for_agents(&mut admin, AGENTS).await?;
     println!("demo: {AGENTS} local agents connected");

@@ -604,6 +604,7 @@ pub(crate) async fn start_agent(
     n: usize,
     enrollment: &str,
     parallel: u32,
+    sandbox: Option<AgentSandbox>,
 ) -> anyhow::Result<Child> {
     let launcher = Launcher::new(bin.to_path_buf());
     let state = dir.join(format!("agent-{n}"));
@@ -616,7 +617,7 @@ pub(crate) async fn start_agent(
         anyhow::bail!("{prefix} agent {n}: {e}: see {}", log_path.display());
     }
     Ok(launcher
-        .run(&state, parallel, None, log)
+        .run(&state, parallel, sandbox, log)
         .kill_on_drop(true)
         .spawn()?)
 }
