@@ -131,10 +131,9 @@ fn check_reachable(path: &Path, user: &AgentUser, what: &str) -> Result<(), Stri
     Ok(())
 }
 
-/// Creates `dir` (mode 0700) for `user`'s agent, or makes an existing one
-/// so; the directories above it that are missing are created 0711
-/// (passable, not listable), whatever the hub's umask.
-fn create_agent_dir(dir: &Path, user: Option<&AgentUser>) -> std::io::Result<()> {
+/// Creates the missing directories above `dir`, 0711 (passable, not
+/// listable) whatever the hub's umask, owned by the hub.
+fn create_parents(dir: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt as _;
     let missing: Vec<&Path> = dir
         .ancestors()
@@ -148,14 +147,44 @@ fn create_agent_dir(dir: &Path, user: Option<&AgentUser>) -> std::io::Result<()>
             Err(e) => return Err(e),
         }
     }
+    Ok(())
+}
+
+/// Creates `dir` (or takes the existing one) with `mode`, owned by `user`
+/// (`None`: the hub's). Never follows a symbolic link: the directory is
+/// opened with `O_NOFOLLOW` and changed through that handle, so a link a
+/// job planted where an agent's directory will be cannot make a root hub
+/// hand some other file to the agents' user.
+fn create_owned_dir(dir: &Path, mode: u32, user: Option<&AgentUser>) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    create_parents(dir)?;
     match DirBuilder::new().mode(0o700).create(dir) {
         Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(e),
         _ => {}
     }
+    let handle = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+        .open(dir)
+        .map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!(
+                    "{} is not a directory of its own (a link?): {e}",
+                    dir.display()
+                ),
+            )
+        })?;
     if let Some(u) = user {
-        std::os::unix::fs::chown(dir, Some(u.uid), Some(u.gid))?;
+        std::os::unix::fs::fchown(&handle, Some(u.uid), Some(u.gid))?;
     }
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+    handle.set_permissions(std::fs::Permissions::from_mode(mode))
+}
+
+/// Creates `dir` (mode 0700) for `user`'s agent, or makes an existing one
+/// so (see [`create_owned_dir`]).
+fn create_agent_dir(dir: &Path, user: Option<&AgentUser>) -> std::io::Result<()> {
+    create_owned_dir(dir, 0o700, user)
 }
 
 /// How the hub starts `trunkfarm-agent`: as whom, with what environment,
@@ -331,7 +360,10 @@ impl Local {
             .recursive(true)
             .mode(0o700)
             .create(&records)?;
-        create_agent_dir(&states, launcher.user.as_ref())
+        // The hub's, passable but not writable for the agents' user: no
+        // agent or job can create (or plant a link at) a future instance's
+        // directory.
+        create_owned_dir(&states, 0o711, None)
             .map_err(|e| at(format!("cannot create {}: {e}", states.display())))?;
         if let Some(user) = &launcher.user {
             check_reachable(&states, user, "its state dirs in").map_err(at)?;
@@ -764,6 +796,48 @@ mod tests {
             e.starts_with("pool \"p\": user \"nobody\" cannot reach its state dirs in"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_link_planted_where_an_agents_dir_goes_is_refused_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        // SAFETY: geteuid(2) has no preconditions.
+        let user = if unsafe { libc::geteuid() } == 0 {
+            lookup_user("nobody").unwrap()
+        } else {
+            None
+        };
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "the hub's").unwrap();
+        std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let before = std::fs::metadata(&victim).unwrap();
+        let planted = dir.path().join("states/pool-7");
+        create_owned_dir(&dir.path().join("states"), 0o711, None).unwrap();
+        std::os::unix::fs::symlink(&victim, &planted).unwrap();
+        let e = create_agent_dir(&planted, user.as_ref()).unwrap_err();
+        assert!(
+            e.to_string().contains("is not a directory of its own"),
+            "{e}"
+        );
+        let after = std::fs::metadata(&victim).unwrap();
+        assert_eq!(
+            (after.uid(), after.mode() & 0o7777),
+            (before.uid(), 0o600),
+            "the link's target was changed"
+        );
+        // The pool's dir is the hub's: passable, not writable for agents.
+        let states = std::fs::metadata(dir.path().join("states")).unwrap();
+        // SAFETY: geteuid(2) has no preconditions.
+        assert_eq!(states.uid(), unsafe { libc::geteuid() });
+        assert_eq!(states.mode() & 0o7777, 0o711);
+        // A real directory is taken and handed over.
+        let real = dir.path().join("states/pool-8");
+        create_agent_dir(&real, user.as_ref()).unwrap();
+        let meta = std::fs::metadata(&real).unwrap();
+        assert_eq!(meta.mode() & 0o7777, 0o700);
+        if let Some(u) = &user {
+            assert_eq!(meta.uid(), u.uid);
+        }
     }
 
     /// A stand-in for `trunkfarm-agent` in a directory anyone may enter:
