@@ -1117,6 +1117,26 @@ pub(crate) mod tests {
     }
 
     #[tokio::test]
+    async fn a_session_opened_with_a_stale_credential_stays_quarantined() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_s, d) = open(dir.path(), 5000);
+        let mut first = join(&d, "liar", 2, &["linux"], &[], false).await;
+        d.set_quarantined("liar", true).await.unwrap();
+        // A second stream read the credential before the quarantine was
+        // stored and says Hello only now: it takes the session over.
+        let mut second = join(&d, "liar", 2, &["linux"], &[], false).await;
+        d.submit(spec(&["linux"]), 0).await.unwrap();
+        assert!(
+            assignments(&mut second).is_empty(),
+            "a quarantined agent got a job"
+        );
+        assert!(assignments(&mut first).is_empty());
+        // Released, the same session gets work.
+        d.set_quarantined("liar", false).await.unwrap();
+        assert_eq!(assignments(&mut second).len(), 1);
+    }
+
+    #[tokio::test]
     async fn a_volunteer_gets_no_trusted_only_job() {
         let dir = tempfile::tempdir().unwrap();
         let (_s, d) = open(dir.path(), 5000);

@@ -171,6 +171,11 @@ pub(super) struct Sessions {
     /// Jobs each limited agent may still be given, kept across its
     /// reconnects while the hub runs.
     jobs_left: HashMap<String, u64>,
+    /// Agents quarantined while this hub runs. A session opened with a
+    /// credential read before its quarantine was stored (a second stream
+    /// that authenticated, then waited to say `Hello`) still gets none;
+    /// after a restart the stored credential says it.
+    quarantined: HashSet<String>,
     /// Agents silent this long get no new job.
     stale_after: Duration,
     heartbeat_interval: Duration,
@@ -185,6 +190,7 @@ impl Sessions {
             last_seen: HashMap::new(),
             budget: None,
             jobs_left: HashMap::new(),
+            quarantined: HashSet::new(),
             stale_after: heartbeat_interval * 2 + Duration::from_millis(500),
             heartbeat_interval,
             assign_counter: 0,
@@ -225,7 +231,7 @@ impl Sessions {
                 caps: hello.caps,
                 labels: hello.labels,
                 trusted: hello.trusted,
-                quarantined: hello.quarantined,
+                quarantined: hello.quarantined || self.quarantined.contains(agent_id),
                 running,
                 draining: hello.draining || used_up,
                 last_heartbeat: Instant::now(),
@@ -343,6 +349,11 @@ impl Sessions {
 
     /// The agent is (or is no longer) quarantined.
     pub(super) fn set_quarantined(&mut self, agent_id: &str, quarantined: bool) {
+        if quarantined {
+            self.quarantined.insert(agent_id.to_owned());
+        } else {
+            self.quarantined.remove(agent_id);
+        }
         if let Some(c) = self.agents.get_mut(agent_id) {
             c.quarantined = quarantined;
         }
