@@ -536,6 +536,25 @@ impl Credentials {
         .map(|(rec, _)| rec)
     }
 
+    /// The other agents enrolled with the token `agent_id` enrolled with
+    /// (one donor's machines, or one person's second identity): no
+    /// independent word on that agent's verdict.
+    pub(crate) fn enrolled_alongside(&self, agent_id: &str) -> Result<Vec<String>, AuthError> {
+        let agents = self.list_agents()?;
+        let Some(token) = agents
+            .iter()
+            .find(|a| a.id == agent_id)
+            .map(|a| a.token_id.clone())
+        else {
+            return Ok(Vec::new());
+        };
+        Ok(agents
+            .into_iter()
+            .filter(|a| a.token_id == token && a.id != agent_id)
+            .map(|a| a.id)
+            .collect())
+    }
+
     /// Every enrolled agent.
     pub(crate) fn list_agents(&self) -> Result<Vec<AgentRecord>, AuthError> {
         Ok(self

@@ -210,8 +210,15 @@ impl Pipeline {
         // A build held for confirmation came from a volunteer: the upstream
         // builds on any agent, and so does its confirmation.
         spec.trusted_only = false;
+        // Not the agent it checks, nor one enrolled with the same token.
+        let mut exclude_agents = c.exclude_agents();
+        let alongside = self
+            .inner
+            .credentials
+            .enrolled_alongside(&c.original.agent_id)?;
+        exclude_agents.extend(alongside);
         let placement = Placement {
-            exclude_agents: c.exclude_agents(),
+            exclude_agents,
             prefer_trusted: true,
         };
         let (job, new) = self

@@ -861,6 +861,53 @@ impl Farm {
 }
 
 #[tokio::test]
+async fn a_verdict_is_never_confirmed_by_an_agent_enrolled_with_the_same_token() {
+    let mut f = Farm::new().await;
+    // One person, two identities from one token (uses = 2).
+    let (_, token) = f
+        .credentials
+        .create_token(
+            crate::auth::credentials::Grant::default(),
+            Duration::from_secs(60),
+            2,
+            String::new(),
+        )
+        .await
+        .unwrap();
+    let mut twins = Vec::new();
+    for name in ["liar", "twin"] {
+        let (agent, _) = f.credentials.enroll(&token, name).await.unwrap();
+        let rx =
+            crate::dispatch::tests::join(&f.dispatch, &agent.id, 64, &["linux", "mac"], &[], false)
+                .await;
+        f.others.push((agent.id.clone(), rx));
+        twins.push(agent.id);
+    }
+    let (liar, twin) = (twins[0].clone(), twins[1].clone());
+    green_trunk(&mut f).await;
+    f.land_tested_by(&liar).await;
+    for (job, _, key) in f.assigned() {
+        let (outcome, reports) = shouter_red(&key);
+        f.finish(job, &key, outcome, reports).await;
+    }
+    f.take_in().await;
+    assert_eq!(f.cell("shouter").confirmation, "awaiting");
+    // The twin is idle and free, yet the re-run waits for someone else.
+    f.only(&twin).await;
+    assert!(f.assigned().is_empty(), "the twin took the re-run");
+    f.only("a").await;
+    let rerun = f.assigned();
+    assert_eq!(rerun.len(), 1);
+    let (_, rec, _) = &rerun[0];
+    assert_eq!(rec.agent_id, "a");
+    assert!(
+        rec.placement.exclude_agents.contains(&twin),
+        "{:?}",
+        rec.placement
+    );
+}
+
+#[tokio::test]
 async fn a_volunteers_went_red_counts_only_once_another_agent_agrees() {
     let mut f = Farm::new().await;
     let v = f.join("volunteer", false).await;
