@@ -628,7 +628,11 @@ impl OpenJobs {
         });
         table.persist(&rec)?;
         let mut spec: JobSpec = rec.spec.clone().into();
-        if let Some(repo) = spec.repository.as_mut()
+        // The operator's repository credentials go to machines they control
+        // only: a volunteer checks out without them (a private repository
+        // then fails there as an infrastructure error, retried elsewhere).
+        if trusted
+            && let Some(repo) = spec.repository.as_mut()
             && let Some(full) = settings.repo_credentials.restore(&repo.url)
         {
             repo.url = full.to_owned();

@@ -929,6 +929,28 @@ pub(crate) mod tests {
             })
             .expect("the job is assigned");
         assert_eq!(sent.repository.unwrap().url, full);
+
+        // A volunteer's copy has none.
+        let mut other = spec(&["volunteer-only"]);
+        other.repository = Some(trunkfarm_proto::v1::Repository {
+            url: full.into(),
+            rev: "main".into(),
+        });
+        d.submit(other, 1).await.unwrap();
+        let mut rx = join(&d, "v", 1, &["volunteer-only"], &[], false).await;
+        let sent = std::iter::from_fn(|| rx.try_recv().ok())
+            .find_map(|msg| match *msg {
+                Ok(HubMessage {
+                    msg: Some(Msg::Assign(a)),
+                }) => a.spec,
+                _ => None,
+            })
+            .expect("the job is assigned");
+        assert_eq!(
+            sent.repository.unwrap().url,
+            "https://git.example.org/rt.git",
+            "a volunteer was sent the operator's credentials"
+        );
     }
 
     #[tokio::test]
