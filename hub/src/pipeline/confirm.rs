@@ -16,7 +16,7 @@ use super::{Pipeline, PipelineError, log_transition};
 use crate::auth::credentials::{AuthError, Counted};
 use crate::commit::short;
 use crate::config::Confirm;
-use crate::dispatch::{JobRecord, Placement};
+use crate::dispatch::{DispatchError, JobRecord, Placement};
 use crate::job_key::{JobKey, RerunKind};
 use crate::results::{
     BuildInfo, ConfirmState, Confirmation, Finished, Judged, Recorded, Rerun, Said,
@@ -206,10 +206,10 @@ impl Pipeline {
             job: original,
             n,
         };
-        let mut spec = JobSpec::from(rec.spec.clone());
-        // A build held for confirmation came from a volunteer: the upstream
-        // builds on any agent, and so does its confirmation.
-        spec.trusted_only = false;
+        // The same spec: a build of an upstream that builds on any agent
+        // is not trusted-only, and neither is its confirmation; one that
+        // is (a verdict held from an older record) stays so.
+        let spec = JobSpec::from(rec.spec.clone());
         // Not the agent it checks, nor one enrolled with the same token.
         let mut exclude_agents = c.exclude_agents();
         let alongside = self
@@ -221,11 +221,25 @@ impl Pipeline {
             exclude_agents,
             prefer_trusted: true,
         };
-        let (job, new) = self
+        let (job, new) = match self
             .inner
             .dispatch
             .submit_placed(spec, 0, key.to_string(), placement)
-            .await?;
+            .await
+        {
+            Ok(submitted) => submitted,
+            // The original's spec no longer passes (the operator lowered
+            // dispatch.max_job_timeout since): no retry makes it pass, so
+            // say so and let the inbox go on; the verdict stays awaiting.
+            Err(DispatchError::InvalidJob(why)) => {
+                tracing::warn!(
+                    job = original,
+                    "cannot queue the confirmation of job {original}: {why}; its verdict stays awaiting confirmation"
+                );
+                return Ok(());
+            }
+            Err(e) => return Err(e.into()),
+        };
         if new {
             tracing::info!(
                 job,
