@@ -24,15 +24,20 @@ const PASSWORD_VAR: &str = "TRUNKFARM_GIT_PASSWORD";
 /// The variable naming the only host (`host[:port]`) the helper answers for,
 /// so a redirect to another host is not handed the credentials.
 const HOST_VAR: &str = "TRUNKFARM_GIT_HOST";
+/// The variable naming the only protocol (`https` or `http`) the helper
+/// answers for, so a redirect from https to plain http on the same host is
+/// not handed the credentials in the clear.
+const PROTOCOL_VAR: &str = "TRUNKFARM_GIT_PROTOCOL";
 
-/// The credential helper: answers `get` for [`HOST_VAR`]'s host with the
+/// The credential helper: answers `get` for [`HOST_VAR`]'s host over
+/// [`PROTOCOL_VAR`]'s protocol with the
 /// user name and password from the environment, ignores `store` and `erase`.
 /// git runs it with `sh -c`, so `read` and `printf` are shell built-ins and
 /// no process ever has the secret in its arguments.
 const HELPER: &str = concat!(
-    "!f() { test \"$1\" = get || exit 0; h=; ",
-    "while IFS= read -r l && test -n \"$l\"; do case \"$l\" in host=*) h=${l#host=};; esac; done; ",
-    "test \"$h\" = \"$TRUNKFARM_GIT_HOST\" || exit 0; ",
+    "!f() { test \"$1\" = get || exit 0; h=; p=; ",
+    "while IFS= read -r l && test -n \"$l\"; do case \"$l\" in host=*) h=${l#host=};; protocol=*) p=${l#protocol=};; esac; done; ",
+    "test \"$h\" = \"$TRUNKFARM_GIT_HOST\" && test \"$p\" = \"$TRUNKFARM_GIT_PROTOCOL\" || exit 0; ",
     "printf 'username=%s\\npassword=%s\\n' \"$TRUNKFARM_GIT_USERNAME\" \"$TRUNKFARM_GIT_PASSWORD\"; }; f"
 );
 
@@ -68,8 +73,8 @@ impl fmt::Debug for Credentials {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GitRemote {
     url: String,
-    /// The credentials and the `host[:port]` they are for.
-    auth: Option<(Credentials, String)>,
+    /// The credentials, and the `host[:port]` and protocol they are for.
+    auth: Option<(Credentials, String, String)>,
 }
 
 impl GitRemote {
@@ -109,7 +114,7 @@ impl GitRemote {
         }
         Ok(GitRemote {
             url: format!("{scheme}://{host}{path}"),
-            auth: Some((credentials, host.to_owned())),
+            auth: Some((credentials, host.to_owned(), scheme.to_ascii_lowercase())),
         })
     }
 
@@ -130,7 +135,7 @@ impl GitRemote {
     /// job's commands.
     pub fn env(&self) -> Vec<(&'static str, String)> {
         let mut env = vec![("GIT_TERMINAL_PROMPT", "0".to_owned())];
-        if let Some((credentials, host)) = &self.auth {
+        if let Some((credentials, host, protocol)) = &self.auth {
             env.extend([
                 ("GIT_CONFIG_COUNT", "2".to_owned()),
                 // An empty value resets the list of helpers from git config.
@@ -141,6 +146,7 @@ impl GitRemote {
                 (USERNAME_VAR, credentials.username.clone()),
                 (PASSWORD_VAR, credentials.password.clone()),
                 (HOST_VAR, host.clone()),
+                (PROTOCOL_VAR, protocol.clone()),
             ]);
         }
         env
@@ -214,6 +220,44 @@ mod tests {
         assert_eq!(get("GIT_TERMINAL_PROMPT"), Some("0"));
         assert!(!format!("{r:?}").contains("s3cr"), "{r:?}");
         assert!(!HELPER.contains("s3cr"));
+    }
+
+    /// What the helper answers git's `get` request `request`, run as git
+    /// runs it (`sh -c`, the request on stdin), with `remote`'s environment.
+    fn helper_answer(remote: &GitRemote, request: &str) -> String {
+        use std::io::Write as _;
+        let script = HELPER.strip_prefix('!').unwrap();
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", &format!("{script} \"$@\""), "helper", "get"])
+            .envs(remote.env())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(request.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    #[test]
+    fn the_helper_answers_only_its_host_over_its_protocol() {
+        let r = GitRemote::parse("https://ci:pw@git.example.org/x.git").unwrap();
+        assert_eq!(
+            helper_answer(&r, "protocol=https\nhost=git.example.org\n\n"),
+            "username=ci\npassword=pw\n"
+        );
+        for other in [
+            "protocol=http\nhost=git.example.org\n\n",
+            "protocol=https\nhost=evil.example\n\n",
+            "host=git.example.org\n\n",
+        ] {
+            assert_eq!(helper_answer(&r, other), "", "{other:?}");
+        }
     }
 
     #[test]
