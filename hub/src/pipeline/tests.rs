@@ -1175,6 +1175,44 @@ async fn a_newer_result_decides_while_an_older_one_awaits_and_nothing_is_blamed_
 }
 
 #[tokio::test]
+async fn a_newer_green_that_counts_alone_does_not_swallow_an_older_red_awaiting_confirmation() {
+    let mut f = Farm::new().await;
+    let v = f.join("volunteer", false).await;
+    let c1 = green_trunk(&mut f).await;
+    // c2's red comes from the volunteer: held.
+    let c2 = f.volunteer_says_shouter_is_red(&v).await;
+    // c3 lands; its build and the confirmation both go to `a`; only the
+    // build finishes now.
+    f.only("a").await;
+    f.git.commit(RT);
+    f.pipeline.poll_upstream(0).await;
+    let mut confirmation = None;
+    for (job, _, key) in f.assigned() {
+        match key {
+            JobKey::Rerun { .. } => confirmation = Some((job, key)),
+            _ => f.finish(job, &key, Outcome::Passed, Vec::new()).await,
+        }
+    }
+    let (rerun, rerun_key) = confirmation.expect("the confirmation was queued");
+    f.take_in().await;
+    // c3's results from the trusted agent: all green, shouter included
+    // (still green, counted alone). It must not move the series past c2.
+    f.run_jobs(all_green).await;
+    f.take_in().await;
+    assert!(f.went_red("shouter").is_empty());
+    // c2's red is confirmed: it counts, blaming c2 alone.
+    f.finish(rerun, &rerun_key, Outcome::Failed, junit("upper", true))
+        .await;
+    f.take_in().await;
+    let red = f.went_red("shouter");
+    assert_eq!(red.len(), 1, "the confirmed red was swallowed");
+    assert_eq!(red[0].last_green_upstream_commit, c1);
+    let culprits: Vec<&str> = red[0].culprits.iter().map(|c| c.sha.as_str()).collect();
+    assert_eq!(culprits, [c2.as_str()]);
+    assert_eq!(f.pending_mails(), 1);
+}
+
+#[tokio::test]
 async fn a_volunteer_overruled_again_and_again_is_quarantined() {
     let mut f = Farm::new().await;
     let v = f.join("liar", false).await;

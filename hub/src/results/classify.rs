@@ -23,6 +23,14 @@ pub(crate) struct SeriesState {
     pub(crate) last_green: Option<Commits>,
     /// The went-red transition the series is red since.
     pub(crate) red_since: Option<u64>,
+    /// Verdicts of this series held for confirmation: (the held job, its
+    /// order). While one is held, a newer result that would not change the
+    /// series (still green, still red) is stored but not classified: moving
+    /// the series past the held verdict would make it "late" once confirmed,
+    /// so a real went-red (or fixed) would be lost to a later result that
+    /// counted alone.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub(crate) awaiting: Vec<(u64, (u64, u64))>,
 }
 
 impl SeriesState {
@@ -204,6 +212,10 @@ fn classify(
         (Some(true), false) => TransitionKind::Fixed,
         (None | Some(false), false) => TransitionKind::StillGreen,
     };
+    let changes = matches!(kind, TransitionKind::WentRed | TransitionKind::Fixed);
+    if !changes && state.awaiting.iter().any(|(_, held)| *held < order) {
+        return None;
+    }
     let newly_failing = match previous {
         Some(p) => failing
             .iter()

@@ -137,6 +137,15 @@ impl Finished {
     }
 }
 
+/// The series one recording writes: its name, its state as this recording
+/// leaves it, and whether the verdicts it holds for confirmation changed
+/// (then the state is written even when nothing is classified).
+struct Series<'a> {
+    name: &'a str,
+    state: SeriesState,
+    held_changed: bool,
+}
+
 /// What [`Results::record`] did.
 #[derive(Debug)]
 pub(crate) enum Recorded {
@@ -318,26 +327,38 @@ impl Results {
             return Ok(Recorded::Already);
         }
         let series_name = classify::series_of(&finished);
-        let state = self.series(&series_name)?;
+        let mut state = self.series(&series_name)?;
         let mut verdict = classify::judge(&state, &finished);
         let mut held = None;
         if let Some(said) = unconfirmed
             && finished.held_if(verdict.as_ref())
+            && let Some(v) = verdict.take()
         {
             let c = finished.confirmation(said);
             finished.show_confirmation(&c);
-            verdict = None;
+            state.awaiting.push((job_id, v.order));
             held = Some(c);
         }
+        let state_changed = held.is_some();
         let transition = self
-            .write(verdict, state, &series_name, culprits, sink, |batch| {
-                self.stage_finished(batch, &finished)?;
-                if let Some(c) = &held {
-                    self.table.stage(batch, keys::confirmation(job_id), c)?;
-                }
-                batch.insert(keys::recorded(job_id).as_bytes(), &[][..]);
-                Ok(())
-            })
+            .write(
+                verdict,
+                Series {
+                    name: &series_name,
+                    state,
+                    held_changed: state_changed,
+                },
+                culprits,
+                sink,
+                |batch| {
+                    self.stage_finished(batch, &finished)?;
+                    if let Some(c) = &held {
+                        self.table.stage(batch, keys::confirmation(job_id), c)?;
+                    }
+                    batch.insert(keys::recorded(job_id).as_bytes(), &[][..]);
+                    Ok(())
+                },
+            )
             .await?;
         Ok(Recorded::New(transition.map(Box::new)))
     }
@@ -398,11 +419,21 @@ impl Results {
             }
             _ => None,
         };
-        let series_name = counts.map(classify::series_of).unwrap_or_default();
-        let state = match counts {
-            Some(_) => self.series(&series_name)?,
-            None => SeriesState::default(),
+        let series_name = finished
+            .as_ref()
+            .or(counts)
+            .map(classify::series_of)
+            .unwrap_or_default();
+        let mut state = match series_name.is_empty() {
+            false => self.series(&series_name)?,
+            true => SeriesState::default(),
         };
+        // Settled: the series no longer waits for it.
+        let held_before = state.awaiting.len();
+        if c.state != ConfirmState::Awaiting {
+            state.awaiting.retain(|(job, _)| *job != original);
+        }
+        let state_changed = state.awaiting.len() != held_before;
         let mut verdict = counts.and_then(|f| classify::judge(&state, f));
         if let (Some(v), Some(by), ConfirmState::Confirmed) =
             (&mut verdict, c.decisive_rerun(), c.state)
@@ -411,18 +442,28 @@ impl Results {
         }
         let replaced = (c.state == ConfirmState::Overruled && counts.is_some()).then_some(&result);
         let transition = self
-            .write(verdict, state, &series_name, culprits, sink, |batch| {
-                if let Some(f) = &finished {
-                    self.stage_finished(batch, f)?;
-                }
-                // Staged after the original: the commit's build from now on.
-                if let Some(r) = replaced {
-                    self.stage_finished(batch, r)?;
-                }
-                self.table.stage(batch, keys::confirmation(original), &c)?;
-                mark(batch);
-                Ok(())
-            })
+            .write(
+                verdict,
+                Series {
+                    name: &series_name,
+                    state,
+                    held_changed: state_changed,
+                },
+                culprits,
+                sink,
+                |batch| {
+                    if let Some(f) = &finished {
+                        self.stage_finished(batch, f)?;
+                    }
+                    // Staged after the original: the commit's build from now on.
+                    if let Some(r) = replaced {
+                        self.stage_finished(batch, r)?;
+                    }
+                    self.table.stage(batch, keys::confirmation(original), &c)?;
+                    mark(batch);
+                    Ok(())
+                },
+            )
             .await?;
         Ok(Recorded::New(transition.map(Box::new)))
     }
@@ -485,12 +526,16 @@ impl Results {
     async fn write(
         &self,
         verdict: Option<classify::Verdict>,
-        mut state: SeriesState,
-        series_name: &str,
+        series: Series<'_>,
         culprits: &dyn Culprits,
         sink: &dyn TransitionSink,
         stage: impl FnOnce(&mut sled::Batch) -> Result<(), StoreError>,
     ) -> Result<Option<Transition>, StoreError> {
+        let Series {
+            name: series_name,
+            mut state,
+            held_changed,
+        } = series;
         let (listed, listed_error) = match verdict.as_ref().and_then(|v| v.culprit_range()) {
             Some(range) => culprits.list(&range).await,
             None => (Vec::new(), String::new()),
@@ -511,7 +556,13 @@ impl Results {
                         .stage(&mut batch, keys::series(series_name), &state)?;
                     Some(t)
                 }
-                None => None,
+                None => {
+                    if held_changed {
+                        self.table
+                            .stage(&mut batch, keys::series(series_name), &state)?;
+                    }
+                    None
+                }
             };
             stage(&mut batch)?;
             match &transition {
