@@ -823,6 +823,25 @@ impl Farm {
         c
     }
 
+    /// A new upstream commit lands while an older verdict awaits: its
+    /// build and the confirmation both go to `a`, only the build finishes
+    /// and is taken in. Returns the commit and the confirmation, unfinished.
+    async fn land_while_a_confirmation_waits(&mut self) -> (String, JobRef, JobKey) {
+        self.only("a").await;
+        let c = self.git.commit(RT);
+        self.pipeline.poll_upstream(0).await;
+        let mut confirmation = None;
+        for (job, _, key) in self.assigned() {
+            match key {
+                JobKey::Rerun { .. } => confirmation = Some((job, key)),
+                _ => self.finish(job, &key, Outcome::Passed, Vec::new()).await,
+            }
+        }
+        let (rerun, key) = confirmation.expect("the confirmation was queued");
+        self.take_in().await;
+        (c, rerun, key)
+    }
+
     /// The newest run of `project` on linux, as the grid shows it.
     fn cell(&self, project: &str) -> crate::results::RunInfo {
         let status = self.pipeline.status("").unwrap();
@@ -1145,18 +1164,7 @@ async fn a_newer_result_decides_while_an_older_one_awaits_and_nothing_is_blamed_
     let c2 = f.volunteer_says_shouter_is_red(&v).await;
     // c3 lands; its build and the confirmation both go to `a`; only the
     // build finishes now.
-    f.only("a").await;
-    let c3 = f.git.commit(RT);
-    f.pipeline.poll_upstream(0).await;
-    let mut confirmation = None;
-    for (job, _, key) in f.assigned() {
-        match key {
-            JobKey::Rerun { .. } => confirmation = Some((job, key)),
-            _ => f.finish(job, &key, Outcome::Passed, Vec::new()).await,
-        }
-    }
-    let (rerun, rerun_key) = confirmation.expect("the confirmation was queued");
-    f.take_in().await;
+    let (c3, rerun, rerun_key) = f.land_while_a_confirmation_waits().await;
     // c3's red from the trusted agent counts: its range holds c2 too.
     f.run_jobs(shouter_red).await;
     f.take_in().await;
@@ -1183,18 +1191,7 @@ async fn a_newer_green_that_counts_alone_does_not_swallow_an_older_red_awaiting_
     let c2 = f.volunteer_says_shouter_is_red(&v).await;
     // c3 lands; its build and the confirmation both go to `a`; only the
     // build finishes now.
-    f.only("a").await;
-    f.git.commit(RT);
-    f.pipeline.poll_upstream(0).await;
-    let mut confirmation = None;
-    for (job, _, key) in f.assigned() {
-        match key {
-            JobKey::Rerun { .. } => confirmation = Some((job, key)),
-            _ => f.finish(job, &key, Outcome::Passed, Vec::new()).await,
-        }
-    }
-    let (rerun, rerun_key) = confirmation.expect("the confirmation was queued");
-    f.take_in().await;
+    let (_, rerun, rerun_key) = f.land_while_a_confirmation_waits().await;
     // c3's results from the trusted agent: all green, shouter included
     // (still green, counted alone). It must not move the series past c2.
     f.run_jobs(all_green).await;
