@@ -880,6 +880,18 @@ pub(crate) mod tests {
         }
     }
 
+    /// The spec of the first job assigned on `rx`.
+    fn assigned_spec(rx: &mut Rx) -> JobSpec {
+        std::iter::from_fn(|| rx.try_recv().ok())
+            .find_map(|msg| match *msg {
+                Ok(HubMessage {
+                    msg: Some(Msg::Assign(a)),
+                }) => a.spec,
+                _ => None,
+            })
+            .expect("the job is assigned")
+    }
+
     #[tokio::test]
     async fn configured_repository_credentials_reach_the_agent_but_not_the_database() {
         let dir = tempfile::tempdir().unwrap();
@@ -920,14 +932,7 @@ pub(crate) mod tests {
         );
 
         let mut rx = agent(&d, "a", 1, &[], &[]).await;
-        let sent = std::iter::from_fn(|| rx.try_recv().ok())
-            .find_map(|msg| match *msg {
-                Ok(HubMessage {
-                    msg: Some(Msg::Assign(a)),
-                }) => a.spec,
-                _ => None,
-            })
-            .expect("the job is assigned");
+        let sent = assigned_spec(&mut rx);
         assert_eq!(sent.repository.unwrap().url, full);
 
         // A volunteer's copy has none.
@@ -938,14 +943,7 @@ pub(crate) mod tests {
         });
         d.submit(other, 1).await.unwrap();
         let mut rx = join(&d, "v", 1, &["volunteer-only"], &[], false).await;
-        let sent = std::iter::from_fn(|| rx.try_recv().ok())
-            .find_map(|msg| match *msg {
-                Ok(HubMessage {
-                    msg: Some(Msg::Assign(a)),
-                }) => a.spec,
-                _ => None,
-            })
-            .expect("the job is assigned");
+        let sent = assigned_spec(&mut rx);
         assert_eq!(
             sent.repository.unwrap().url,
             "https://git.example.org/rt.git",
