@@ -174,6 +174,103 @@ pub(crate) struct Transition {
     /// counted alone). Not written when 0.
     #[serde(skip_serializing_if = "is_zero")]
     pub(crate) confirmed_by_job: u64,
+    /// What confirming the result found (see [`Class`]); `None` when it
+    /// counted without being classed (older records). Not written when `None`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) class: Option<Class>,
+    /// The bisection of a went-red (or suspicious) result's culprit range,
+    /// when it has more than one commit: where it stands and what it found.
+    /// Not written when `None`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) bisect: Option<Bisect>,
+}
+
+/// What a result that would change its series turned out to be, once its
+/// re-runs are in (the signal-quality rules: `results::confirm`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[allow(dead_code)] // until every slice of the signal-quality work uses it (removed at merge)
+pub(crate) enum Class {
+    /// Fails again on the new runtime and passes on the series' last good
+    /// one (the baseline), same project commit: the runtime broke it.
+    Regressed,
+    /// Passed on an identical re-run: not red; its failing tests are
+    /// counted as flaky.
+    Flaky,
+    /// Failed for the machine's sake (timeout, out of memory, disk full,
+    /// network, sandbox kill, agent lost): not red.
+    Spurious,
+    /// Fails on the baseline runtime too, and the project's own commit
+    /// changed: the project broke itself (mailed to its maintainers, no
+    /// upstream culprit).
+    ProjectSide,
+    /// Fails on both runtimes, the project unchanged: shown, not mailed as
+    /// a regression.
+    Broken,
+    /// Green, but its JUnit shows far fewer tests executed (or far more
+    /// skipped, or none reported) than the series' previous runs.
+    Suspicious,
+}
+
+impl Class {
+    /// The word shown and stored.
+    pub(crate) fn word(self) -> &'static str {
+        match self {
+            Class::Regressed => "regressed",
+            Class::Flaky => "flaky",
+            Class::Spurious => "spurious",
+            Class::ProjectSide => "project_side",
+            Class::Broken => "broken",
+            Class::Suspicious => "suspicious",
+        }
+    }
+}
+
+/// Where the bisection of a transition's culprit range stands.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[allow(dead_code)] // until every slice of the signal-quality work uses it (removed at merge)
+pub(crate) enum BisectState {
+    /// Builds and runs inside the range are under way.
+    #[default]
+    Running,
+    /// One commit is left: [`Bisect::first_bad`].
+    Found,
+    /// Commits that did not build leave several candidates:
+    /// [`Bisect::candidates`].
+    Range,
+    /// It stopped without an answer ([`Bisect::detail`] says why: the
+    /// build budget, the upstream no longer configured, …).
+    GaveUp,
+}
+
+impl BisectState {
+    /// The word shown.
+    pub(crate) fn word(self) -> &'static str {
+        match self {
+            BisectState::Running => "running",
+            BisectState::Found => "found",
+            BisectState::Range => "range",
+            BisectState::GaveUp => "gave_up",
+        }
+    }
+}
+
+/// A transition's bisection, as the transition shows it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+#[allow(dead_code)] // until every slice of the signal-quality work uses it (removed at merge)
+pub(crate) struct Bisect {
+    /// Where it stands.
+    pub(crate) state: BisectState,
+    /// Found: the first bad commit.
+    pub(crate) first_bad: Option<Commit>,
+    /// Range: the commits one of which is the first bad one, oldest first.
+    pub(crate) candidates: Vec<Commit>,
+    /// Runtime builds it made (builds already stored are not counted).
+    pub(crate) builds: u32,
+    /// In words, for people (why it gave up, which commits did not build).
+    pub(crate) detail: String,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -346,6 +443,8 @@ impl From<Transition> for v1::Transition {
             culprits_error,
             red_since_id,
             confirmed_by_job,
+            class,
+            bisect,
         } = t;
         v1::Transition {
             id,
@@ -367,6 +466,27 @@ impl From<Transition> for v1::Transition {
             culprits_error,
             red_since_id,
             confirmed_by_job,
+            class: class.map(|c| c.word().to_owned()).unwrap_or_default(),
+            bisect: bisect.map(Into::into),
+        }
+    }
+}
+
+impl From<Bisect> for v1::BisectInfo {
+    fn from(b: Bisect) -> v1::BisectInfo {
+        let Bisect {
+            state,
+            first_bad,
+            candidates,
+            builds,
+            detail,
+        } = b;
+        v1::BisectInfo {
+            state: state.word().to_owned(),
+            first_bad: first_bad.map(Into::into),
+            candidates: candidates.into_iter().map(Into::into).collect(),
+            builds,
+            detail,
         }
     }
 }
