@@ -811,6 +811,7 @@ mod tests {
             env: Default::default(),
             network: false,
             confirm: Confirm::Volunteer,
+            confirm_runs: 1,
         }];
         assert_eq!(c, expected);
         for key in [
@@ -1425,11 +1426,21 @@ test = ["pytest"]
         assert_eq!(c.upstreams[0].build_on, pipeline::BuildOn::Any);
         assert_eq!(c.projects[0].confirm, Confirm::Always);
         assert_eq!(c.trust.quarantine_after, 0, "0: never quarantine");
+        let runs = parse(&format!("{PIPELINE}confirm_runs = 3\n")).unwrap();
+        assert_eq!(runs.projects[0].confirm_runs, 3);
+        let e = parse(&format!("{PIPELINE}confirm_runs = 0\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("confirm_runs") && e.contains("use 1 to 10"),
+            "{e}"
+        );
         let d = parse(PIPELINE).unwrap();
         assert_eq!(
             (d.upstreams[0].build_on, d.projects[0].confirm),
             (pipeline::BuildOn::Trusted, Confirm::Volunteer)
         );
+        assert_eq!(d.projects[0].confirm_runs, 1);
         assert_eq!(
             (d.trust.quarantine_after, d.trust.quarantine_window),
             (3, 10)

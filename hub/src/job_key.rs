@@ -7,7 +7,9 @@
 //! * `test/<project>/<upstream>/<platform>/<upstream commit>/<project commit or ->[/<build job id>]`
 //! * `<a build or test key>/<re-run kind>/<its job id>/<n>`: the `n`th
 //!   re-run of that job, of that kind (`confirm`: another agent's run of the
-//!   same spec, before a volunteer's verdict counts; see `results::confirm`)
+//!   same spec, before a volunteer's verdict counts; `again`: the same spec
+//!   again; `baseline`: the same project commit on the series' last good
+//!   runtime; see `results::confirm`)
 //!
 //! Names never contain `/` (the config allows `[A-Za-z0-9._-]`).
 //!
@@ -90,9 +92,17 @@ pub(crate) enum JobKey {
 #[serde(rename_all = "snake_case")]
 pub(crate) enum RerunKind {
     /// The same spec on another agent, trusted where one fits: a
-    /// volunteer's verdict counts only when it agrees.
+    /// volunteer's verdict counts only when it agrees (what hubs before
+    /// the signal-quality classes queued; still read, and taken as
+    /// [`RerunKind::Again`] for a test).
     #[default]
     Confirm,
+    /// The same spec again (same project commit, same runtime), on another
+    /// agent where one fits: does the result repeat?
+    Again,
+    /// The same project commit on the series' last good runtime (the
+    /// baseline): did the runtime break it, or the project itself?
+    Baseline,
 }
 
 impl RerunKind {
@@ -100,12 +110,16 @@ impl RerunKind {
     fn word(self) -> &'static str {
         match self {
             RerunKind::Confirm => "confirm",
+            RerunKind::Again => "again",
+            RerunKind::Baseline => "baseline",
         }
     }
 
     fn from_word(word: &str) -> Option<RerunKind> {
         match word {
             "confirm" => Some(RerunKind::Confirm),
+            "again" => Some(RerunKind::Again),
+            "baseline" => Some(RerunKind::Baseline),
             _ => None,
         }
     }
@@ -280,6 +294,17 @@ mod tests {
         let back = JobKey::parse(&text).unwrap();
         assert_eq!(back.base(), &test);
         assert_eq!(back, rerun);
+        for kind in [RerunKind::Again, RerunKind::Baseline] {
+            let rerun = JobKey::Rerun {
+                of: Box::new(test.clone()),
+                kind,
+                job: 42,
+                n: 1,
+            };
+            let text = rerun.to_string();
+            assert!(text.ends_with(&format!("/{}/42/1", kind.word())), "{text}");
+            assert_eq!(JobKey::parse(&text), Some(rerun));
+        }
         // A platform named like a re-run kind is still a test key.
         let odd = "test/p/rt/confirm/c1/-";
         assert!(matches!(JobKey::parse(odd), Some(JobKey::Test { .. })));

@@ -72,31 +72,41 @@ pub(crate) enum BuildOn {
     Any,
 }
 
-/// `[[project]] confirm`: whose verdict that would change a series (went
-/// red, fixed) is re-run on another agent before it counts.
+/// `[[project]] confirm`: how a result that would change a series (went
+/// red, fixed) is confirmed before it counts. Under `volunteer` and
+/// `always` every such result is held and re-run (`confirm_runs` times
+/// the same, plus once on the series' last good runtime for a went red)
+/// and classed (`results::confirm`); they differ in where the identical
+/// re-runs may go.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub(crate) enum Confirm {
-    /// A volunteer's (the default): a trusted agent's counts alone.
+    /// The default: never on a volunteer's own agent (nor one enrolled
+    /// with its token); a trusted agent's result is re-run elsewhere when
+    /// another agent fits, on itself otherwise.
     #[default]
     Volunteer,
-    /// Every agent's.
+    /// Never on the original's agent, trusted or not.
     Always,
-    /// Nobody's: every verdict counts alone.
+    /// Nothing is re-run: every result counts alone, unclassed (fastest).
     Never,
 }
 
 impl Confirm {
-    /// Whether a verdict of an agent (trusted or not) needs a confirmation
-    /// run before it may change a series.
-    pub(crate) fn needed(self, trusted: bool) -> bool {
-        match self {
-            Confirm::Volunteer => !trusted,
-            Confirm::Always => true,
-            Confirm::Never => false,
-        }
+    /// Whether a verdict that would change a series is held and re-run.
+    pub(crate) fn holds(self) -> bool {
+        self != Confirm::Never
+    }
+
+    /// Whether the re-runs of a verdict by an agent (trusted or not) may
+    /// go to that agent when no other fits.
+    pub(crate) fn may_rerun_on_original(self, trusted: bool) -> bool {
+        self == Confirm::Volunteer && trusted
     }
 }
+
+/// The most identical re-runs `confirm_runs` may ask for.
+pub(crate) const MAX_CONFIRM_RUNS: u32 = 10;
 
 /// `[[project]]`: a downstream project whose tests run against the runtime.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -141,10 +151,14 @@ pub(crate) struct ProjectConfig {
     /// donor allows it (`allow_network`), so leave it off unless needed.
     #[serde(default)]
     pub(crate) network: bool,
-    /// Whose went-red or fixed verdict is confirmed by a re-run on another
-    /// agent before it counts.
+    /// How a went-red or fixed verdict is confirmed by re-runs before it
+    /// counts.
     #[serde(default)]
     pub(crate) confirm: Confirm,
+    /// How many identical re-runs a went red or fixed needs (each must
+    /// repeat it: one that does not makes the result flaky).
+    #[serde(default = "default_confirm_runs", deserialize_with = "de::count")]
+    pub(crate) confirm_runs: u32,
 }
 
 /// `[artifacts]`: the runtime artifacts the hub stores.
@@ -225,6 +239,10 @@ fn default_platforms() -> Vec<String> {
 fn default_build_timeout() -> Duration {
     Duration::from_secs(60 * 60)
 }
+fn default_confirm_runs() -> u32 {
+    1
+}
+
 fn default_test_timeout() -> Duration {
     Duration::from_secs(30 * 60)
 }
@@ -314,6 +332,15 @@ pub(super) fn problems(
             "the commands that run the project's tests, e.g. [\"make test\"]",
         )?;
         check_timeout(&at("timeout"), p.timeout, max_job_timeout)?;
+        if !(1..=MAX_CONFIRM_RUNS).contains(&p.confirm_runs) {
+            return Err(Problem::new(
+                at("confirm_runs"),
+                format!(
+                    "{} is out of range: it is how many identical re-runs must repeat a went red or fixed before it counts; use 1 to {MAX_CONFIRM_RUNS} (or confirm = \"never\" to count results alone)",
+                    p.confirm_runs
+                ),
+            ));
+        }
         for path in &p.junit {
             check_relative(&at("junit"), path)?;
         }

@@ -68,6 +68,10 @@ pub(crate) struct Placement {
     /// Among the agents that take it now, a trusted one first.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub(crate) prefer_trusted: bool,
+    /// Given to these agents only when no other takes it now (a trusted
+    /// agent's result re-run: another agent where one fits).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub(crate) avoid_agents: Vec<String>,
 }
 
 impl Placement {

@@ -1104,6 +1104,7 @@ pub(crate) mod tests {
         let placement = Placement {
             exclude_agents: vec!["checked".into()],
             prefer_trusted: true,
+            ..Default::default()
         };
         let submit =
             |key: &str| d.submit_placed(spec(&["linux"]), 0, key.to_string(), placement.clone());
@@ -1134,6 +1135,29 @@ pub(crate) mod tests {
         assert_eq!(d.get(third).unwrap().unwrap().state, JobState::Queued);
         d.set_quarantined("other", false).await.unwrap();
         assert_eq!(assignments(&mut other)[0].job_id, third);
+    }
+
+    #[tokio::test]
+    async fn a_placed_job_goes_to_an_avoided_agent_only_when_no_other_takes_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_s, d) = open(dir.path(), 5000);
+        let mut original = agent(&d, "original", 4, &["linux"], &[]).await;
+        let mut other = join(&d, "other", 4, &["linux"], &[], false).await;
+        let placement = Placement {
+            prefer_trusted: true,
+            avoid_agents: vec!["original".into()],
+            ..Default::default()
+        };
+        let submit =
+            |key: &str| d.submit_placed(spec(&["linux"]), 0, key.to_string(), placement.clone());
+        // Another agent (even a volunteer) before the avoided trusted one.
+        let (first, _) = submit("k1").await.unwrap();
+        assert!(assignments(&mut original).is_empty());
+        assert_eq!(assignments(&mut other)[0].job_id, first);
+        // No other agent takes it now: the avoided one does.
+        d.set_quarantined("other", true).await.unwrap();
+        let (second, _) = submit("k2").await.unwrap();
+        assert_eq!(assignments(&mut original)[0].job_id, second);
     }
 
     #[tokio::test]

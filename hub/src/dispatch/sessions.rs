@@ -281,7 +281,8 @@ impl Sessions {
     /// take new work, accept the job and are not excluded by its placement,
     /// the least loaded (as a fraction of its slots), ties going to the one
     /// assigned least recently, so no agent grabs every pending job. A
-    /// placement preferring trusted agents puts them first.
+    /// placement's avoided agents come last, and among the rest a placement
+    /// preferring trusted agents puts them first.
     pub(super) fn pick(
         &self,
         spec: &JobSpecRecord,
@@ -295,8 +296,9 @@ impl Sessions {
                     && c.accepts(spec)
                     && !placement.exclude_agents.contains(id)
             })
-            .min_by_key(|(_, c)| {
+            .min_by_key(|(id, c)| {
                 (
+                    placement.avoid_agents.contains(id),
                     placement.prefer_trusted && !c.trusted,
                     // Load as a fraction of capacity, scaled to an integer.
                     (c.running.len() * 1000) / c.max_parallel.max(1),

@@ -19,7 +19,7 @@ use crate::config::Confirm;
 use crate::dispatch::{DispatchError, JobRecord, Placement};
 use crate::job_key::{JobKey, RerunKind};
 use crate::results::{
-    BuildInfo, ConfirmState, Confirmation, Finished, Judged, Recorded, Rerun, Said,
+    BuildInfo, ConfirmState, Confirmation, Finished, Hold, Judged, Recorded, Rerun, Rules, Said,
 };
 
 /// What a finished job said, and who said it: the agent of the attempt
@@ -37,6 +37,8 @@ pub(super) fn said(rec: &JobRecord, status: i32, artifact_sha256: &str) -> Said 
         trusted: by.is_some_and(|a| a.trusted),
         status,
         artifact_sha256: artifact_sha256.to_owned(),
+        // Filled in by the recorder, which has the run's outcome.
+        machine: String::new(),
     }
 }
 
@@ -50,31 +52,33 @@ fn build_verdict(b: &BuildInfo) -> RunStatus {
 }
 
 impl Pipeline {
-    /// A project's `confirm` policy (the default for a project no longer
-    /// configured).
-    fn confirm_policy(&self, project: &str) -> Confirm {
-        self.inner
-            .projects
-            .iter()
-            .find(|p| p.name == project)
-            .map(|p| p.confirm)
-            .unwrap_or_default()
+    /// A project's `confirm` policy and `confirm_runs` (the defaults for a
+    /// project no longer configured).
+    fn confirm_policy(&self, project: &str) -> (Confirm, u32) {
+        let p = self.inner.projects.iter().find(|p| p.name == project);
+        p.map_or((Confirm::default(), 1), |p| (p.confirm, p.confirm_runs))
     }
 
-    /// The verdict of `finished` (job `rec`), when it must be confirmed
-    /// before it counts: a test's under its project's `confirm` policy; a
-    /// volunteer's build (only an upstream with `build_on = "any"` gives it
-    /// one).
-    pub(super) fn unconfirmed(&self, rec: &JobRecord, finished: &Finished) -> Option<Said> {
+    /// The verdict of `finished` (job `rec`) and how it is confirmed, when
+    /// it must be before it counts: a test's under its project's `confirm`
+    /// policy (classed re-runs); a volunteer's build (only an upstream with
+    /// `build_on = "any"` gives it one: the same artifact from another).
+    pub(super) fn unconfirmed(&self, rec: &JobRecord, finished: &Finished) -> Option<Hold> {
         match finished {
             Finished::Run { run, .. } => {
                 let said = said(rec, run.info.status, "");
-                let policy = self.confirm_policy(&run.info.project);
-                policy.needed(said.trusted).then_some(said)
+                let (policy, runs) = self.confirm_policy(&run.info.project);
+                let rules = Rules {
+                    classify: true,
+                    runs,
+                    may_rerun_on_original: policy.may_rerun_on_original(said.trusted),
+                };
+                policy.holds().then_some(Hold { said, rules })
             }
             Finished::Build(b) => {
                 let said = said(rec, build_verdict(b).into(), &b.artifact_sha256);
-                (!said.trusted).then_some(said)
+                let rules = Rules::default();
+                (!said.trusted).then_some(Hold { said, rules })
             }
         }
     }
@@ -91,7 +95,11 @@ impl Pipeline {
             Finished::Run { run, .. } => said(rec, run.info.status, ""),
             Finished::Build(b) => said(rec, build_verdict(b).into(), &b.artifact_sha256),
         };
-        let rerun = Rerun { kind, said };
+        let rerun = Rerun {
+            kind,
+            said,
+            ..Default::default()
+        };
         let recorded = self
             .inner
             .results
@@ -108,18 +116,92 @@ impl Pipeline {
     /// settled re-run on the agents it judged, and queues the re-run the
     /// confirmation still wants. Idempotent.
     pub(super) async fn follow_confirmation(&self, original: u64) -> Result<(), PipelineError> {
-        let Some(c) = self.inner.results.confirmation(original)? else {
+        let Some(mut c) = self.inner.results.confirmation(original)? else {
             return Ok(());
         };
+        if c.state == ConfirmState::Awaiting
+            && c.wants_baseline_run()
+            && !c.baseline_given_up()
+            && let Some(why) = self.baseline_missing(&c)?
+        {
+            tracing::warn!(
+                job = original,
+                project = %c.project,
+                "the baseline run of job {original} cannot run: {why}; it is classed without"
+            );
+            let recorded = (self.inner.results)
+                .baseline_not_run(original, why, self, &self.inner.notifier)
+                .await?;
+            if let Recorded::New(Some(t)) = &recorded {
+                self.inner.notifier.wake();
+                log_transition(Some(t));
+            }
+            let Some(now) = self.inner.results.confirmation(original)? else {
+                return Ok(());
+            };
+            c = now;
+        }
         for judged in c.judged() {
             self.count(&judged).await?;
         }
-        match c.wanted_rerun() {
-            Some(n) => self.submit_confirmation(original, &c, n).await?,
-            None if c.project.is_empty() => self.follow_settled_build(&c).await?,
-            None => {}
+        let wanted = c.wanted_reruns();
+        for (kind, n) in &wanted {
+            self.submit_confirmation(original, &c, *kind, *n).await?;
+        }
+        if wanted.is_empty() && c.project.is_empty() {
+            self.follow_settled_build(&c).await?;
         }
         Ok(())
+    }
+
+    /// Why the baseline run of `c` cannot run (`None`: it can): its project
+    /// or upstream is no longer configured, or the baseline runtime's build
+    /// or artifact is gone (deleted by artifact GC).
+    fn baseline_missing(&self, c: &Confirmation) -> Result<Option<String>, PipelineError> {
+        Ok(self.baseline_spec(c)?.err())
+    }
+
+    /// The baseline run's spec: the original's project commit on the
+    /// series' last good runtime; or why there is none.
+    fn baseline_spec(&self, c: &Confirmation) -> Result<Result<JobSpec, String>, PipelineError> {
+        let Some(p) = self.inner.projects.iter().find(|p| p.name == c.project) else {
+            return Ok(Err(format!("project {:?} is no longer configured", c.project)));
+        };
+        let Ok(u) = self.upstream(&c.upstream) else {
+            return Ok(Err(format!("upstream {:?} is no longer configured", c.upstream)));
+        };
+        let build = self
+            .inner
+            .results
+            .build(&c.upstream, &c.platform, &c.baseline)?;
+        let Some(build) = build.filter(|b| !b.artifact_sha256.is_empty()) else {
+            return Ok(Err(format!(
+                "no build of the baseline runtime {} is recorded",
+                short(&c.baseline)
+            )));
+        };
+        let stored = match self.inner.artifacts.contains(&build.artifact_sha256) {
+            Ok(stored) => stored,
+            Err(e) => return Ok(Err(format!("its artifact cannot be looked up: {e}"))),
+        };
+        if !stored {
+            return Ok(Err(format!(
+                "the baseline runtime {}'s artifact was deleted (artifact GC; raise artifacts.keep to keep more)",
+                short(&c.baseline)
+            )));
+        }
+        let Some(orig) = self.inner.dispatch.get(c.original.job_id)? else {
+            return Ok(Err("the original job is gone".into()));
+        };
+        let project_commit = orig
+            .spec
+            .repository
+            .as_ref()
+            .map(|r| r.rev.clone())
+            .unwrap_or_default();
+        // The original's checkout (its commit), whatever the branch is now.
+        let spec = super::jobs::test_spec(p, u, &c.platform, &build, &project_commit);
+        Ok(Ok(spec))
     }
 
     /// A held build's confirmation settled: the commit's build that counts
@@ -182,12 +264,16 @@ impl Pipeline {
         Ok(())
     }
 
-    /// Submits confirmation run `n` of job `original` (once per key): the
-    /// same spec, to another agent than any that judged it, trusted first.
+    /// Submits re-run `n` of `kind` of job `original` (once per key): the
+    /// same spec (or, for the baseline, the same project commit on the
+    /// series' last good runtime), to another agent than the original's
+    /// (where its rules only prefer another: the original's when no other
+    /// fits), trusted first.
     async fn submit_confirmation(
         &self,
         original: u64,
         c: &Confirmation,
+        kind: RerunKind,
         n: u32,
     ) -> Result<(), PipelineError> {
         let Some(rec) = self.inner.dispatch.get(original)? else {
@@ -202,24 +288,40 @@ impl Pipeline {
         };
         let key = JobKey::Rerun {
             of: Box::new(of.base().clone()),
-            kind: RerunKind::Confirm,
+            kind,
             job: original,
             n,
         };
-        // The same spec: a build of an upstream that builds on any agent
-        // is not trusted-only, and neither is its confirmation; one that
-        // is (a verdict held from an older record) stays so.
-        let spec = JobSpec::from(rec.spec.clone());
-        // Not the agent it checks, nor one enrolled with the same token.
-        let mut exclude_agents = c.exclude_agents();
-        let alongside = self
-            .inner
-            .credentials
-            .enrolled_alongside(&c.original.agent_id)?;
-        exclude_agents.extend(alongside);
-        let placement = Placement {
-            exclude_agents,
-            prefer_trusted: true,
+        let spec = match kind {
+            RerunKind::Baseline => match self.baseline_spec(c)? {
+                Ok(spec) => spec,
+                // Gone since it was checked: the next follow says so.
+                Err(_) => return Ok(()),
+            },
+            // The same spec: a build of an upstream that builds on any agent
+            // is not trusted-only, and neither is its confirmation; one that
+            // is (a verdict held from an older record) stays so.
+            RerunKind::Confirm | RerunKind::Again => JobSpec::from(rec.spec.clone()),
+        };
+        // Not the agent it checks, nor one enrolled with the same token;
+        // or, where its rules allow it, those only when no other fits.
+        let mut others = vec![c.original.agent_id.clone()];
+        others.extend(
+            self.inner
+                .credentials
+                .enrolled_alongside(&c.original.agent_id)?,
+        );
+        let placement = match c.exclude_agents().is_empty() {
+            true => Placement {
+                avoid_agents: others,
+                prefer_trusted: true,
+                ..Default::default()
+            },
+            false => Placement {
+                exclude_agents: others,
+                prefer_trusted: true,
+                ..Default::default()
+            },
         };
         let (job, new) = match self
             .inner
@@ -245,9 +347,13 @@ impl Pipeline {
                 job,
                 original,
                 upstream = %c.upstream,
-                "confirming the verdict of job {original} ({} at {}) on another agent",
+                "re-running job {original} ({} at {}): {}",
                 if c.project.is_empty() { "the build" } else { c.project.as_str() },
                 short(&c.commit),
+                match kind {
+                    RerunKind::Baseline => format!("the same project commit on the baseline runtime {}", short(&c.baseline)),
+                    _ => format!("the same spec again (#{n})"),
+                },
             );
         }
         Ok(())

@@ -171,7 +171,7 @@ fn build_spec(u: &UpstreamConfig, platform: &str, commit: &str) -> JobSpec {
 
 /// The job that tests `p` at `project_commit` (its branch when unknown)
 /// against the runtime of `build`.
-fn test_spec(
+pub(super) fn test_spec(
     p: &ProjectConfig,
     u: &UpstreamConfig,
     platform: &str,

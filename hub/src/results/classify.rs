@@ -6,7 +6,7 @@
 use serde::{Deserialize, Serialize};
 use trunkfarm_proto::v1::{BuildState, Outcome, RunStatus, TransitionKind};
 
-use super::{Finished, Transition, keys};
+use super::{Class, Finished, Transition, keys};
 
 /// What a series remembers between results.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -31,6 +31,15 @@ pub(crate) struct SeriesState {
     /// counted alone.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub(crate) awaiting: Vec<(u64, (u64, u64))>,
+    /// How often a result of this series was classed flaky between trusted
+    /// agents alone (see `confirm.rs`: a volunteer contradicted by a re-run
+    /// of a series that flips in honest hands is not held to it).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub(crate) flaky_on_trusted: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl SeriesState {
@@ -88,6 +97,9 @@ pub(super) struct Verdict {
     pub(super) transition: Transition,
     pub(super) decisive: Decisive,
     pub(super) order: (u64, u64),
+    /// Whether the series moves past it (not for a result classed flaky or
+    /// spurious: see [`Verdict::leave_series`]).
+    pub(super) advances: bool,
 }
 
 /// The upstream range `(from, to]` whose commits are a went-red result's
@@ -110,10 +122,28 @@ impl Verdict {
         k == TransitionKind::WentRed as i32 || k == TransitionKind::Fixed as i32
     }
 
-    /// The range to list as culprits, when the result went red.
+    /// Classed flaky or spurious: stored as a transition that leaves the
+    /// series as it was (a went red becomes still green, a fixed still
+    /// red), keeping the failing tests; the series does not move past it.
+    pub(super) fn leave_series(&mut self, class: Class) {
+        let t = &mut self.transition;
+        t.class = Some(class);
+        if t.kind == TransitionKind::WentRed as i32 {
+            t.kind = TransitionKind::StillGreen.into();
+        } else if t.kind == TransitionKind::Fixed as i32 {
+            t.kind = TransitionKind::StillRed.into();
+        }
+        t.project_commit_changed = false;
+        self.advances = false;
+    }
+
+    /// The range to list as culprits, when the result went red because of
+    /// the upstream: not when its re-runs found the project broke itself or
+    /// is broken on the last good runtime too (no upstream commit is blamed).
     pub(super) fn culprit_range(&self) -> Option<CulpritRange> {
         let t = &self.transition;
-        (t.kind == TransitionKind::WentRed as i32).then(|| CulpritRange {
+        let own = matches!(t.class, Some(Class::ProjectSide | Class::Broken));
+        (t.kind == TransitionKind::WentRed as i32 && !own).then(|| CulpritRange {
             upstream: t.upstream.clone(),
             from: (!t.last_green_upstream_commit.is_empty())
                 .then(|| t.last_green_upstream_commit.clone()),
@@ -184,6 +214,7 @@ pub(super) fn judge(state: &SeriesState, finished: &Finished) -> Option<Verdict>
         transition,
         decisive,
         order,
+        advances: true,
     })
 }
 
@@ -257,8 +288,14 @@ fn classify(
 /// Moves a series past its stored transition `t` (its id set).
 pub(super) fn advance(state: &mut SeriesState, t: &Transition, verdict: Verdict) {
     let Verdict {
-        decisive, order, ..
+        decisive,
+        order,
+        advances,
+        ..
     } = verdict;
+    if !advances {
+        return;
+    }
     if decisive.red {
         if t.kind == TransitionKind::WentRed as i32 {
             state.red_since = Some(t.id);

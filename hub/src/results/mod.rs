@@ -37,16 +37,17 @@ mod tests;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
-use trunkfarm_proto::v1::BuildState;
+use trunkfarm_proto::v1::{BuildState, RunStatus};
 
 pub(crate) use classify::{CulpritRange, SeriesState, run_status};
-pub(crate) use confirm::{ConfirmState, Confirmation, Judged, Rerun, Said};
+pub(crate) use confirm::{ConfirmState, Confirmation, Hold, Judged, Rerun, Rules, Said};
 pub(crate) use query::{Breakage, Grid, GridSeries, UpstreamRow};
 // Until every slice of the signal-quality work uses them (removed at merge).
 #[allow(unused_imports)]
-pub(crate) use records::{Bisect, BisectState, Class};
-pub(crate) use records::{BuildInfo, Commit, RunInfo, TestCase, Transition};
+pub(crate) use records::{Bisect, BisectState};
+pub(crate) use records::{BuildInfo, Class, Commit, RunInfo, TestCase, Transition};
 
+use crate::job_key::RerunKind;
 use crate::store::{StoreError, Table, now_ms};
 use keys::Pointer;
 
@@ -83,8 +84,34 @@ impl Finished {
         }
     }
 
-    /// A confirmation for its verdict, in `state`.
-    fn confirmation(&self, original: Said) -> Confirmation {
+    /// Why it failed for the machine's sake (a red run only; empty: it did
+    /// not, or it is a build).
+    fn machine_failure(&self) -> String {
+        match self {
+            Finished::Run { run, .. } if run.info.status == RunStatus::Red as i32 => {
+                confirm::machine_failure(run.info.outcome, &run.info.detail)
+            }
+            _ => String::new(),
+        }
+    }
+
+    /// A confirmation for its verdict, held against its series' `series`.
+    fn confirmation(&self, hold: Hold, series: &SeriesState) -> Confirmation {
+        let Hold { mut said, rules } = hold;
+        said.machine = self.machine_failure();
+        let mut c = self.awaiting(said);
+        if let (true, Some(green), Finished::Run { run, .. }) =
+            (rules.classify, &series.last_green, self)
+        {
+            c.baseline = green.upstream.clone();
+            c.project_changed = green.project != run.info.project_commit;
+        }
+        c.rules = rules;
+        c
+    }
+
+    /// An awaiting confirmation of `original`'s verdict on it.
+    fn awaiting(&self, original: Said) -> Confirmation {
         let (project, upstream, platform, commit, head_seq) = match self {
             Finished::Build(b) => (
                 String::new(),
@@ -109,7 +136,7 @@ impl Finished {
             commit,
             head_seq,
             state: ConfirmState::Awaiting,
-            reruns: Vec::new(),
+            ..Default::default()
         }
     }
 
@@ -329,7 +356,7 @@ impl Results {
     pub(crate) async fn record(
         &self,
         mut finished: Finished,
-        unconfirmed: Option<Said>,
+        unconfirmed: Option<Hold>,
         culprits: &dyn Culprits,
         sink: &dyn TransitionSink,
     ) -> Result<Recorded, StoreError> {
@@ -342,11 +369,11 @@ impl Results {
         let mut state = self.series(&series_name)?;
         let mut verdict = classify::judge(&state, &finished);
         let mut held = None;
-        if let Some(said) = unconfirmed
+        if let Some(hold) = unconfirmed
             && finished.held_if(verdict.as_ref())
             && let Some(v) = verdict.take()
         {
-            let c = finished.confirmation(said);
+            let c = finished.confirmation(hold, &state);
             finished.show_confirmation(&c);
             state.awaiting.push((job_id, v.order));
             held = Some(c);
@@ -382,33 +409,77 @@ impl Results {
 
     /// Records a finished re-run of job `original` once (like
     /// [`Results::record`]; `result` is the re-run's own): settles its
-    /// confirmation, and when the re-run agreed, classifies the original
-    /// result against its series as it is now (transition, culprits, mails
-    /// in the same atomic write; a result older than the series' last
-    /// classified one decides nothing, as any late result). Disagreeing
-    /// leaves the original shown overruled and a run's series as it is; a
-    /// build re-run by a trusted agent then counts in the original's place.
+    /// confirmation (see `confirm.rs`), and once settled writes what it
+    /// found in the same atomic write: a result that counts (confirmed,
+    /// classed regressed, project_side or broken) is classified against its
+    /// series as it is now (transition, culprits, mails; a result older
+    /// than the series' last classified one decides nothing, as any late
+    /// result); one classed flaky or spurious is stored as a transition
+    /// that leaves the series as it was; an overruled or unconfirmed one
+    /// changes nothing but what the run shows. A build re-run by a trusted
+    /// agent that overrules a volunteer's counts in the original's place.
     pub(crate) async fn record_rerun(
         &self,
         original: u64,
-        rerun: Rerun,
+        mut rerun: Rerun,
         result: Finished,
+        culprits: &dyn Culprits,
+        sink: &dyn TransitionSink,
+    ) -> Result<Recorded, StoreError> {
+        rerun.said.machine = result.machine_failure();
+        self.settle(original, rerun, Some(result), culprits, sink)
+            .await
+    }
+
+    /// The baseline run job `original`'s confirmation wants cannot run
+    /// (`why`: its runtime's artifact is gone): the confirmation goes on
+    /// without it (see `confirm.rs`), settling like [`Results::record_rerun`].
+    /// Once given up, calling again changes nothing.
+    pub(crate) async fn baseline_not_run(
+        &self,
+        original: u64,
+        why: String,
+        culprits: &dyn Culprits,
+        sink: &dyn TransitionSink,
+    ) -> Result<Recorded, StoreError> {
+        let rerun = Rerun::not_run(RerunKind::Baseline, why);
+        self.settle(original, rerun, None, culprits, sink).await
+    }
+
+    /// [`Results::record_rerun`] and [`Results::baseline_not_run`]: `rerun`
+    /// with job id 0 and no `result` is one that did not run.
+    async fn settle(
+        &self,
+        original: u64,
+        rerun: Rerun,
+        result: Option<Finished>,
         culprits: &dyn Culprits,
         sink: &dyn TransitionSink,
     ) -> Result<Recorded, StoreError> {
         let _one = self.recording.lock().await;
         let job_id = rerun.said.job_id;
-        if self.recorded(job_id)? {
+        if job_id != 0 && self.recorded(job_id)? {
             return Ok(Recorded::Already);
         }
+        let identical = matches!(rerun.kind, RerunKind::Again | RerunKind::Confirm);
         let mark = |batch: &mut sled::Batch| {
-            batch.insert(keys::recorded(job_id).as_bytes(), &[][..]);
+            if job_id != 0 {
+                batch.insert(keys::recorded(job_id).as_bytes(), &[][..]);
+            }
         };
         let held = self.confirmation(original)?;
-        let Some(mut c) = held.filter(|c| c.state == ConfirmState::Awaiting) else {
-            // Settled already (or never held): nothing to decide.
+        let awaiting = held.as_ref().is_some_and(|c| {
+            c.state == ConfirmState::Awaiting && (job_id != 0 || !c.baseline_given_up())
+        });
+        let (Some(mut c), true) = (held, awaiting) else {
+            // Settled already (or never held): nothing to decide, but an
+            // identical re-run is still a second run of the same spec.
             let mut batch = sled::Batch::default();
             mark(&mut batch);
+            if let (true, Some(c)) = (identical, self.confirmation(original)?) {
+                let first = self.held_result(&c)?;
+                self.identical_runs(&mut batch, first.as_ref(), result.as_ref())?;
+            }
             {
                 let _w = self.write_lock();
                 self.table.apply(batch)?;
@@ -421,13 +492,17 @@ impl Results {
         if let Some(f) = &mut finished {
             f.show_confirmation(&c);
         }
-        // What counts now: the original once confirmed; a build overruled
-        // by a trusted agent's, that one.
+        // What counts now: the original once confirmed, or classed flaky
+        // or spurious (a transition leaving the series as it was); a build
+        // overruled by a trusted agent's, that one.
         let trusted_rerun = c.decisive_rerun().is_some_and(|r| r.trusted);
         let counts = match c.state {
             ConfirmState::Confirmed => finished.as_ref(),
-            ConfirmState::Overruled if trusted_rerun && matches!(result, Finished::Build(_)) => {
-                Some(&result)
+            ConfirmState::Overruled if c.class.is_some() => finished.as_ref(),
+            ConfirmState::Overruled
+                if trusted_rerun && matches!(result, Some(Finished::Build(_))) =>
+            {
+                result.as_ref()
             }
             _ => None,
         };
@@ -444,15 +519,27 @@ impl Results {
         let held_before = state.awaiting.len();
         if c.state != ConfirmState::Awaiting {
             state.awaiting.retain(|(job, _)| *job != original);
+            c.known_flaky = state.flaky_on_trusted > 0;
         }
-        let state_changed = state.awaiting.len() != held_before;
+        let mut state_changed = state.awaiting.len() != held_before;
+        if c.flaky_on_trusted() {
+            state.flaky_on_trusted += 1;
+            state_changed = true;
+        }
         let mut verdict = counts.and_then(|f| classify::judge(&state, f));
-        if let (Some(v), Some(by), ConfirmState::Confirmed) =
-            (&mut verdict, c.decisive_rerun(), c.state)
-        {
-            v.transition.confirmed_by_job = by.job_id;
+        if let Some(v) = &mut verdict {
+            match (c.state, c.class) {
+                (ConfirmState::Confirmed, class) => {
+                    v.transition.class = class;
+                    v.transition.confirmed_by_job = c.decisive_rerun().map_or(0, |r| r.job_id);
+                }
+                (ConfirmState::Overruled, Some(class)) => v.leave_series(class),
+                _ => {}
+            }
         }
-        let replaced = (c.state == ConfirmState::Overruled && counts.is_some()).then_some(&result);
+        let replaced = (c.state == ConfirmState::Overruled && c.class.is_none())
+            .then_some(counts)
+            .flatten();
         let transition = self
             .write(
                 verdict,
@@ -471,6 +558,9 @@ impl Results {
                     if let Some(r) = replaced {
                         self.stage_finished(batch, r)?;
                     }
+                    if identical {
+                        self.identical_runs(batch, finished.as_ref(), result.as_ref())?;
+                    }
                     self.table.stage(batch, keys::confirmation(original), &c)?;
                     mark(batch);
                     Ok(())
@@ -478,6 +568,29 @@ impl Results {
             )
             .await?;
         Ok(Recorded::New(transition.map(Box::new)))
+    }
+
+    /// Two runs of the same spec (same project commit, same runtime): a
+    /// held original and its identical re-run, in the write that takes the
+    /// re-run in (whether or not it settled the confirmation). The one
+    /// place the noise record (how often a project's tests flip on an
+    /// identical re-run) is to be counted: it stages into `batch`. Builds
+    /// (and a missing original) are not counted.
+    fn identical_runs(
+        &self,
+        batch: &mut sled::Batch,
+        original: Option<&Finished>,
+        rerun: Option<&Finished>,
+    ) -> Result<(), StoreError> {
+        let (Some(Finished::Run { run: _first, .. }), Some(Finished::Run { run: _second, .. })) =
+            (original, rerun)
+        else {
+            return Ok(());
+        };
+        // TODO(noise slice): count the flips of `_first` against `_second`
+        // per project and test, staged into `batch`.
+        let _ = batch;
+        Ok(())
     }
 
     /// The stored result a confirmation holds, as recording took it in
