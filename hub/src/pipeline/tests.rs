@@ -17,6 +17,8 @@ use trunkfarm_proto::v1::{
 
 use super::*;
 use crate::artifacts::Origin;
+use crate::job_key::RerunKind;
+use crate::results::Class;
 use crate::dispatch::{DispatchSettings, Outgoing};
 use crate::logs::JobLogs;
 use crate::space::DataDir;
@@ -624,8 +626,14 @@ async fn a_failed_run_after_a_green_one_went_red_naming_the_culprit_range() {
     })
     .await;
     f.take_in().await;
+    // Held until its re-runs are in: it fails again, passes on c1's runtime.
+    assert!(f.went_red("shouter").is_empty());
+    let reruns = f.run_jobs(regressed).await;
+    assert_eq!(reruns.len(), 2, "again and on the baseline: {reruns:?}");
+    f.take_in().await;
     let t = &f.transitions("shouter")[0];
     assert_eq!(kind(t), TransitionKind::WentRed);
+    assert_eq!(t.class, Some(Class::Regressed));
     assert_eq!(t.last_green_upstream_commit, c1);
     let culprits: Vec<&str> = t.culprits.iter().map(|c| c.sha.as_str()).collect();
     assert_eq!(culprits, [c2.as_str(), c3.as_str()]);
@@ -800,6 +808,25 @@ fn all_green(_: &JobKey) -> (Outcome, Vec<ReportFile>) {
     (Outcome::Passed, junit("upper", false))
 }
 
+/// Whether a job is a baseline re-run.
+fn is_baseline(k: &JobKey) -> bool {
+    matches!(
+        k,
+        JobKey::Rerun {
+            kind: RerunKind::Baseline,
+            ..
+        }
+    )
+}
+
+/// Shouter fails, but passes on the baseline runtime (a regression).
+fn regressed(k: &JobKey) -> (Outcome, Vec<ReportFile>) {
+    match is_baseline(k) {
+        true => all_green(k),
+        false => shouter_red(k),
+    }
+}
+
 impl Farm {
     /// Lands an upstream commit, builds it on the trusted `a`, and fans it
     /// out to `tester` only; returns the commit.
@@ -824,22 +851,35 @@ impl Farm {
     }
 
     /// A new upstream commit lands while an older verdict awaits: its
-    /// build and the confirmation both go to `a`, only the build finishes
-    /// and is taken in. Returns the commit and the confirmation, unfinished.
-    async fn land_while_a_confirmation_waits(&mut self) -> (String, JobRef, JobKey) {
+    /// build and the re-runs both go to `a`, only the build finishes and is
+    /// taken in. Returns the commit and the re-runs, unfinished.
+    async fn land_while_a_confirmation_waits(&mut self) -> (String, Vec<(JobRef, JobKey)>) {
         self.only("a").await;
         let c = self.git.commit(RT);
         self.pipeline.poll_upstream(0).await;
-        let mut confirmation = None;
+        let mut reruns = Vec::new();
         for (job, _, key) in self.assigned() {
             match key {
-                JobKey::Rerun { .. } => confirmation = Some((job, key)),
+                JobKey::Rerun { .. } => reruns.push((job, key)),
                 _ => self.finish(job, &key, Outcome::Passed, Vec::new()).await,
             }
         }
-        let (rerun, key) = confirmation.expect("the confirmation was queued");
+        assert_eq!(reruns.len(), 2, "again and on the baseline: {reruns:?}");
         self.take_in().await;
-        (c, rerun, key)
+        (c, reruns)
+    }
+
+    /// Finishes re-runs handed out earlier as `decide` says; takes them in.
+    async fn finish_reruns(
+        &mut self,
+        reruns: Vec<(JobRef, JobKey)>,
+        decide: impl Fn(&JobKey) -> (Outcome, Vec<ReportFile>),
+    ) {
+        for (job, key) in reruns {
+            let (outcome, reports) = decide(&key);
+            self.finish(job, &key, outcome, reports).await;
+        }
+        self.take_in().await;
     }
 
     /// The newest run of `project` on linux, as the grid shows it.
@@ -915,15 +955,16 @@ async fn a_verdict_is_never_confirmed_by_an_agent_enrolled_with_the_same_token()
     f.only(&twin).await;
     assert!(f.assigned().is_empty(), "the twin took the re-run");
     f.only("a").await;
-    let rerun = f.assigned();
-    assert_eq!(rerun.len(), 1);
-    let (_, rec, _) = &rerun[0];
-    assert_eq!(rec.agent_id, "a");
-    assert!(
-        rec.placement.exclude_agents.contains(&twin),
-        "{:?}",
-        rec.placement
-    );
+    let reruns = f.assigned();
+    assert_eq!(reruns.len(), 2, "again and on the baseline");
+    for (_, rec, _) in &reruns {
+        assert_eq!(rec.agent_id, "a");
+        assert!(
+            rec.placement.exclude_agents.contains(&twin),
+            "{:?}",
+            rec.placement
+        );
+    }
 }
 
 #[tokio::test]
@@ -954,28 +995,40 @@ async fn a_volunteers_went_red_counts_only_once_another_agent_agrees() {
         "{}",
         cell.confirmation_detail
     );
-    // The confirmation is queued, and never given to the agent it checks.
-    assert_eq!(f.open_confirmations().len(), 1);
+    // The re-runs are queued, and never given to the agent it checks.
+    assert_eq!(f.open_confirmations().len(), 2);
     assert!(
         f.assigned().is_empty(),
         "only the volunteer may take jobs now"
     );
     f.only("a").await;
-    let rerun = f.assigned();
-    assert_eq!(rerun.len(), 1);
-    let (job, rec, key) = rerun.into_iter().next().unwrap();
-    assert_eq!(rec.agent_id, "a");
-    assert_eq!(rec.placement.exclude_agents, std::slice::from_ref(&v));
-    assert!(rec.placement.prefer_trusted);
-    assert_eq!(rec.spec, original.spec, "the same job, on another agent");
-    assert!(matches!(&key, JobKey::Rerun { job, n: 1, .. } if *job == original.id));
-    f.finish(job, &key, Outcome::Failed, junit("upper", true))
-        .await;
+    let reruns = f.assigned();
+    assert_eq!(reruns.len(), 2, "again and on the baseline");
+    let mut again = None;
+    for (job, rec, key) in reruns {
+        assert_eq!(rec.agent_id, "a");
+        assert_eq!(rec.placement.exclude_agents, std::slice::from_ref(&v));
+        assert!(rec.placement.prefer_trusted);
+        assert!(matches!(&key, JobKey::Rerun { job, n: 1, .. } if *job == original.id));
+        if is_baseline(&key) {
+            // The same project commit on c1's runtime.
+            let good = f.results.build("rt", "linux", &c1).unwrap().unwrap();
+            assert_eq!(rec.spec.artifact_sha256, good.artifact_sha256);
+            assert_eq!(rec.spec.repository, original.spec.repository);
+        } else {
+            assert_eq!(rec.spec, original.spec, "the same job, on another agent");
+            again = Some(job);
+        }
+        let (outcome, reports) = regressed(&key);
+        f.finish(job, &key, outcome, reports).await;
+    }
+    let job = again.unwrap();
     f.take_in().await;
     let red = f.went_red("shouter");
     assert_eq!(red.len(), 1, "one transition once they agree");
     assert_eq!(red[0].job_id, original.id, "the original result counts");
     assert_eq!(red[0].confirmed_by_job, job.job_id);
+    assert_eq!(red[0].class, Some(Class::Regressed));
     assert_eq!(red[0].last_green_upstream_commit, c1);
     let culprits: Vec<&str> = red[0].culprits.iter().map(|c| c.sha.as_str()).collect();
     assert_eq!(culprits, [c2.as_str()]);
@@ -1024,15 +1077,14 @@ async fn a_volunteers_false_green_does_not_fix_a_red_series() {
     let mut f = Farm::new().await;
     let v = f.join("volunteer", false).await;
     green_trunk(&mut f).await;
-    // A trusted agent's red counts alone.
+    // A trusted agent's red counts once its re-runs say it regressed.
     f.land_tested_by("a").await;
     f.run_jobs(shouter_red).await;
     f.take_in().await;
+    f.run_jobs(regressed).await;
+    f.take_in().await;
     assert_eq!(f.went_red("shouter").len(), 1);
-    assert!(
-        f.open_confirmations().is_empty(),
-        "a trusted verdict is not confirmed"
-    );
+    assert!(f.open_confirmations().is_empty());
     assert_eq!(f.pending_mails(), 1);
     // The volunteer says it is fixed; the trusted re-run says it is not.
     f.land_tested_by(&v).await;
@@ -1088,13 +1140,14 @@ async fn confirm_never_takes_a_volunteer_alone_and_always_confirms_a_trusted_age
     assert!(f.went_red("shouter").is_empty());
     assert_eq!(f.cell("shouter").confirmation, "awaiting");
     f.only(&t).await;
-    let rerun = f.assigned();
-    assert_eq!(rerun.len(), 1);
-    assert_eq!(rerun[0].1.agent_id, t);
-    assert_eq!(rerun[0].1.placement.exclude_agents, ["a".to_string()]);
-    let (job, _, key) = rerun.into_iter().next().unwrap();
-    f.finish(job, &key, Outcome::Failed, junit("upper", true))
-        .await;
+    let reruns = f.assigned();
+    assert_eq!(reruns.len(), 2, "again and on the baseline");
+    for (job, rec, key) in reruns {
+        assert_eq!(rec.agent_id, t);
+        assert_eq!(rec.placement.exclude_agents, ["a".to_string()]);
+        let (outcome, reports) = regressed(&key);
+        f.finish(job, &key, outcome, reports).await;
+    }
     f.take_in().await;
     assert_eq!(f.went_red("shouter").len(), 1);
 }
@@ -1118,12 +1171,12 @@ async fn a_crash_between_holding_a_verdict_and_the_ack_makes_one_confirmation() 
     f.restart().await;
     // The inbox hands everything over again: one confirmation.
     f.take_in().await;
-    assert_eq!(f.open_confirmations().len(), 1);
+    assert_eq!(f.open_confirmations().len(), 2, "again and on the baseline");
     f.pipeline.take_in(&shouter).await.unwrap();
-    assert_eq!(f.open_confirmations().len(), 1, "submitted once per key");
-    let rerun = f.assigned();
-    assert_eq!(rerun.len(), 1, "{rerun:?}");
-    assert_eq!(rerun[0].1.agent_id, "a");
+    assert_eq!(f.open_confirmations().len(), 2, "submitted once per key");
+    let reruns = f.assigned();
+    assert_eq!(reruns.len(), 2, "{reruns:?}");
+    assert!(reruns.iter().all(|(_, rec, _)| rec.agent_id == "a"));
 }
 
 #[tokio::test]
@@ -1134,12 +1187,14 @@ async fn a_confirmation_that_errors_is_tried_once_more_then_the_verdict_stays_un
     f.volunteer_says_shouter_is_red(&v).await;
     f.only("a").await;
     let first = f.run_jobs(|_| (Outcome::Error, Vec::new())).await;
-    assert!(matches!(first[..], [JobKey::Rerun { n: 1, .. }]));
+    assert_eq!(first.len(), 2, "again and on the baseline: {first:?}");
+    assert!(first.iter().all(|k| matches!(k, JobKey::Rerun { n: 1, .. })));
     f.take_in().await;
     assert_eq!(f.cell("shouter").confirmation, "awaiting");
     let second = f.run_jobs(|_| (Outcome::Error, Vec::new())).await;
+    assert_eq!(second.len(), 2, "{second:?}");
     assert!(
-        matches!(second[..], [JobKey::Rerun { n: 2, .. }]),
+        second.iter().all(|k| matches!(k, JobKey::Rerun { n: 2, .. })),
         "{second:?}"
     );
     f.take_in().await;
@@ -1164,9 +1219,12 @@ async fn a_newer_result_decides_while_an_older_one_awaits_and_nothing_is_blamed_
     let c2 = f.volunteer_says_shouter_is_red(&v).await;
     // c3 lands; its build and the confirmation both go to `a`; only the
     // build finishes now.
-    let (c3, rerun, rerun_key) = f.land_while_a_confirmation_waits().await;
-    // c3's red from the trusted agent counts: its range holds c2 too.
+    let (c3, reruns) = f.land_while_a_confirmation_waits().await;
+    // c3's red from the trusted agent counts once its re-runs say it
+    // regressed: its range holds c2 too.
     f.run_jobs(shouter_red).await;
+    f.take_in().await;
+    f.run_jobs(regressed).await;
     f.take_in().await;
     let red = f.went_red("shouter");
     assert_eq!(red.len(), 1);
@@ -1174,9 +1232,7 @@ async fn a_newer_result_decides_while_an_older_one_awaits_and_nothing_is_blamed_
     let culprits: Vec<&str> = red[0].culprits.iter().map(|c| c.sha.as_str()).collect();
     assert_eq!(culprits, [c2.as_str(), c3.as_str()]);
     // The older held red is confirmed late: it decides nothing more.
-    f.finish(rerun, &rerun_key, Outcome::Failed, junit("upper", true))
-        .await;
-    f.take_in().await;
+    f.finish_reruns(reruns, regressed).await;
     assert_eq!(f.went_red("shouter").len(), 1, "one went-red, one mail");
     assert_eq!(f.pending_mails(), 1);
     assert_eq!(f.verdicts(&v).agreed, 1);
@@ -1191,16 +1247,14 @@ async fn a_newer_green_that_counts_alone_does_not_swallow_an_older_red_awaiting_
     let c2 = f.volunteer_says_shouter_is_red(&v).await;
     // c3 lands; its build and the confirmation both go to `a`; only the
     // build finishes now.
-    let (_, rerun, rerun_key) = f.land_while_a_confirmation_waits().await;
+    let (_, reruns) = f.land_while_a_confirmation_waits().await;
     // c3's results from the trusted agent: all green, shouter included
     // (still green, counted alone). It must not move the series past c2.
     f.run_jobs(all_green).await;
     f.take_in().await;
     assert!(f.went_red("shouter").is_empty());
     // c2's red is confirmed: it counts, blaming c2 alone.
-    f.finish(rerun, &rerun_key, Outcome::Failed, junit("upper", true))
-        .await;
-    f.take_in().await;
+    f.finish_reruns(reruns, regressed).await;
     let red = f.went_red("shouter");
     assert_eq!(red.len(), 1, "the confirmed red was swallowed");
     assert_eq!(red[0].last_green_upstream_commit, c1);

@@ -807,10 +807,10 @@ mod tests {
     #[test]
     fn a_rerun_that_agrees_confirms_and_one_that_does_not_overrules() {
         let mut c = held(RunStatus::Red);
-        assert_eq!(c.wanted_rerun(), Some(1));
+        assert_eq!(c.wanted_reruns(), [(RerunKind::Confirm, 1)]);
         c.settle(rerun(said(2, "t", true, RunStatus::Red)));
         assert_eq!(c.state, ConfirmState::Confirmed);
-        assert_eq!(c.wanted_rerun(), None);
+        assert!(c.wanted_reruns().is_empty());
         let judged = c.judged();
         assert_eq!(judged.len(), 1);
         assert!(judged[0].agreed && judged[0].agent_id == "v");
@@ -829,12 +829,12 @@ mod tests {
     fn infrastructure_errors_are_retried_once_then_the_verdict_stays_unconfirmed() {
         let mut c = held(RunStatus::Green);
         c.settle(rerun(said(2, "t", true, RunStatus::Error)));
-        assert_eq!(c.wanted_rerun(), Some(2));
+        assert_eq!(c.wanted_reruns(), [(RerunKind::Confirm, 2)]);
         assert_eq!(c.exclude_agents(), ["v"]);
         assert!(c.judged().is_empty());
         c.settle(rerun(said(3, "u", true, RunStatus::Error)));
         assert_eq!(c.state, ConfirmState::Unconfirmed);
-        assert_eq!(c.wanted_rerun(), None);
+        assert!(c.wanted_reruns().is_empty());
         assert!(c.judged().is_empty(), "nobody is blamed for an error");
     }
 

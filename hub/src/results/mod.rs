@@ -352,7 +352,7 @@ impl Results {
     /// needs confirming (see `confirm.rs`) and would change its series is
     /// stored *awaiting confirmation* with a `c/<job>` record instead: no
     /// transition, the series unchanged, a build not the good one; the
-    /// pipeline queues the re-run [`Confirmation::wanted_rerun`] asks for.
+    /// pipeline queues the re-runs [`Confirmation::wanted_reruns`] asks for.
     pub(crate) async fn record(
         &self,
         mut finished: Finished,
