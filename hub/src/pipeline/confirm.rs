@@ -165,10 +165,16 @@ impl Pipeline {
     /// series' last good runtime; or why there is none.
     fn baseline_spec(&self, c: &Confirmation) -> Result<Result<JobSpec, String>, PipelineError> {
         let Some(p) = self.inner.projects.iter().find(|p| p.name == c.project) else {
-            return Ok(Err(format!("project {:?} is no longer configured", c.project)));
+            return Ok(Err(format!(
+                "project {:?} is no longer configured",
+                c.project
+            )));
         };
         let Ok(u) = self.upstream(&c.upstream) else {
-            return Ok(Err(format!("upstream {:?} is no longer configured", c.upstream)));
+            return Ok(Err(format!(
+                "upstream {:?} is no longer configured",
+                c.upstream
+            )));
         };
         let build = self
             .inner

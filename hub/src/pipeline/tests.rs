@@ -17,10 +17,10 @@ use trunkfarm_proto::v1::{
 
 use super::*;
 use crate::artifacts::Origin;
-use crate::job_key::RerunKind;
-use crate::results::Class;
 use crate::dispatch::{DispatchSettings, Outgoing};
+use crate::job_key::RerunKind;
 use crate::logs::JobLogs;
+use crate::results::Class;
 use crate::space::DataDir;
 
 /// Repositories in memory: each URL's branch history, oldest first.
@@ -1188,13 +1188,19 @@ async fn a_confirmation_that_errors_is_tried_once_more_then_the_verdict_stays_un
     f.only("a").await;
     let first = f.run_jobs(|_| (Outcome::Error, Vec::new())).await;
     assert_eq!(first.len(), 2, "again and on the baseline: {first:?}");
-    assert!(first.iter().all(|k| matches!(k, JobKey::Rerun { n: 1, .. })));
+    assert!(
+        first
+            .iter()
+            .all(|k| matches!(k, JobKey::Rerun { n: 1, .. }))
+    );
     f.take_in().await;
     assert_eq!(f.cell("shouter").confirmation, "awaiting");
     let second = f.run_jobs(|_| (Outcome::Error, Vec::new())).await;
     assert_eq!(second.len(), 2, "{second:?}");
     assert!(
-        second.iter().all(|k| matches!(k, JobKey::Rerun { n: 2, .. })),
+        second
+            .iter()
+            .all(|k| matches!(k, JobKey::Rerun { n: 2, .. })),
         "{second:?}"
     );
     f.take_in().await;
@@ -1464,4 +1470,302 @@ async fn a_volunteers_failed_build_turns_the_runtime_red_only_once_confirmed() {
     assert_eq!(went_red.len(), 2, "linux and mac: {went_red:?}");
     assert!(went_red.iter().all(|t| t.confirmed_by_job != 0));
     assert_eq!(f.verdicts(&v).agreed, 4);
+}
+
+// ---- Confirm before it counts: what a red (or a fix) turns out to be
+// (issue 13 item 1) ----
+
+/// Shouter's tests time out (the agent killed them), everything else passes.
+fn shouter_times_out(k: &JobKey) -> (Outcome, Vec<ReportFile>) {
+    match k.base() {
+        JobKey::Test { project, .. } if project == "shouter" => (Outcome::TimedOut, Vec::new()),
+        _ => (Outcome::Passed, junit("upper", false)),
+    }
+}
+
+impl Farm {
+    /// A new upstream commit, tested by the trusted `a` (the only agent):
+    /// `decide` says how each test ends; taken in. Returns the commit.
+    async fn trusted_tests_a_new_commit(
+        &mut self,
+        decide: impl Fn(&JobKey) -> (Outcome, Vec<ReportFile>),
+    ) -> String {
+        let c = self.land_tested_by("a").await;
+        self.run_jobs(decide).await;
+        self.take_in().await;
+        c
+    }
+
+    /// Runs the re-runs queued now as `decide` says and takes them in;
+    /// returns their keys.
+    async fn rerun(
+        &mut self,
+        decide: impl Fn(&JobKey) -> (Outcome, Vec<ReportFile>),
+    ) -> Vec<JobKey> {
+        let keys = self.run_jobs(decide).await;
+        assert!(
+            keys.iter().all(|k| matches!(k, JobKey::Rerun { .. })),
+            "only re-runs were queued: {keys:?}"
+        );
+        self.take_in().await;
+        keys
+    }
+
+    /// The newest transition of shouter's series.
+    fn last_shouter(&self) -> Transition {
+        self.transitions("shouter").into_iter().next().unwrap()
+    }
+
+    fn shouter_red_since(&self) -> bool {
+        let status = self.pipeline.status("").unwrap();
+        let cell = status
+            .cells
+            .into_iter()
+            .find(|c| c.latest.project == "shouter");
+        cell.unwrap().red_since.is_some()
+    }
+}
+
+#[tokio::test]
+async fn a_red_that_fails_again_and_passes_on_the_last_good_runtime_regressed() {
+    let mut f = Farm::new().await;
+    let c1 = green_trunk(&mut f).await;
+    let c2 = f.trusted_tests_a_new_commit(shouter_red).await;
+    // Held: nothing red, nothing mailed, the run shows it waits.
+    assert!(f.went_red("shouter").is_empty());
+    assert_eq!(f.pending_mails(), 0);
+    assert_eq!(f.cell("shouter").confirmation, "awaiting");
+    let reruns = f.rerun(regressed).await;
+    assert_eq!(reruns.len(), 2);
+    let t = f.last_shouter();
+    assert_eq!(
+        (kind(&t), t.class),
+        (TransitionKind::WentRed, Some(Class::Regressed))
+    );
+    assert_eq!(t.last_green_upstream_commit, c1);
+    assert_eq!(
+        t.culprits.iter().map(|c| c.sha.clone()).collect::<Vec<_>>(),
+        [c2]
+    );
+    assert_eq!(f.pending_mails(), 1);
+    let cell = f.cell("shouter");
+    assert_eq!(cell.confirmation, "confirmed");
+    assert!(
+        cell.confirmation_detail
+            .contains("on the baseline runtime: green")
+            && cell.confirmation_detail.contains("(regressed)"),
+        "{}",
+        cell.confirmation_detail
+    );
+}
+
+#[tokio::test]
+async fn a_red_that_passes_on_its_rerun_is_flaky_not_red_and_a_redelivery_changes_nothing() {
+    let mut f = Farm::new().await;
+    green_trunk(&mut f).await;
+    f.trusted_tests_a_new_commit(shouter_red).await;
+    // The identical re-run passes (so does the baseline).
+    let mut again = None;
+    for (job, rec, key) in f.assigned() {
+        if !is_baseline(&key) {
+            again = Some(rec.id);
+        }
+        f.finish(job, &key, Outcome::Passed, junit("upper", false))
+            .await;
+    }
+    f.take_in().await;
+    assert!(f.went_red("shouter").is_empty());
+    assert_eq!(f.pending_mails(), 0, "no mail for a flaky test");
+    let t = f.last_shouter();
+    assert_eq!(
+        (kind(&t), t.class),
+        (TransitionKind::StillGreen, Some(Class::Flaky))
+    );
+    assert_eq!(t.status, trunkfarm_proto::v1::RunStatus::Red as i32);
+    assert_eq!(t.newly_failing.len(), 1, "the failing test is kept: {t:?}");
+    assert!(t.culprits.is_empty());
+    assert!(!f.shouter_red_since());
+    assert_eq!(f.cell("shouter").confirmation, "overruled");
+    // The re-run handed over again (a crash before its ack): nothing twice.
+    let count = f.transitions("shouter").len();
+    let rec = f.dispatch.get(again.unwrap()).unwrap().unwrap();
+    f.pipeline.take_in(&rec).await.unwrap();
+    assert_eq!(f.transitions("shouter").len(), count);
+    assert!(f.open_confirmations().is_empty());
+    // The series went on green: a real red later blames only what came after c1.
+    let c3 = f.trusted_tests_a_new_commit(shouter_red).await;
+    f.rerun(regressed).await;
+    let red = f.went_red("shouter");
+    assert_eq!(red.len(), 1);
+    assert_eq!(red[0].culprits.last().unwrap().sha, c3);
+}
+
+#[tokio::test]
+async fn a_volunteer_is_not_held_to_a_flaky_red_of_a_series_that_flips_on_trusted_agents() {
+    let mut f = Farm::new().await;
+    let v = f.join("honest", false).await;
+    green_trunk(&mut f).await;
+    // Trusted agents see the test flip: red, then green on the re-run.
+    f.trusted_tests_a_new_commit(shouter_red).await;
+    f.rerun(all_green).await;
+    assert_eq!(f.last_shouter().class, Some(Class::Flaky));
+    // The volunteer hits the same flaky test: flaky, and not counted.
+    f.volunteer_says_shouter_is_red(&v).await;
+    f.only("a").await;
+    f.rerun(all_green).await;
+    assert_eq!(f.last_shouter().class, Some(Class::Flaky));
+    let counted = f.verdicts(&v);
+    assert_eq!((counted.agreed, counted.disagreed), (0, 0));
+    assert_eq!(f.pending_mails(), 0);
+}
+
+#[tokio::test]
+async fn a_run_killed_at_its_timeout_twice_is_spurious_and_mails_nobody() {
+    let mut f = Farm::new().await;
+    green_trunk(&mut f).await;
+    f.trusted_tests_a_new_commit(shouter_times_out).await;
+    assert!(f.went_red("shouter").is_empty());
+    f.rerun(shouter_times_out).await;
+    let t = f.last_shouter();
+    assert_eq!(
+        (kind(&t), t.class),
+        (TransitionKind::StillGreen, Some(Class::Spurious))
+    );
+    assert_eq!(f.pending_mails(), 0);
+    assert!(!f.shouter_red_since());
+    assert!(
+        f.cell("shouter")
+            .confirmation_detail
+            .contains("for the machine's sake"),
+        "{}",
+        f.cell("shouter").confirmation_detail
+    );
+}
+
+#[tokio::test]
+async fn a_project_that_broke_itself_while_the_upstream_moved_is_project_side_blaming_no_upstream_commit()
+ {
+    let mut f = Farm::new().await;
+    let c1 = green_trunk(&mut f).await;
+    // Shouter's own new commit: polled, its run against c1 is lost to
+    // the farm (decides nothing).
+    f.git.commit(SHOUTER);
+    f.only("a").await;
+    f.pipeline.poll_project(1).await;
+    f.run_jobs(|_| (Outcome::Error, Vec::new())).await;
+    f.take_in().await;
+    // The upstream moves too; shouter fails on c2 and on c1's runtime.
+    f.trusted_tests_a_new_commit(shouter_red).await;
+    let reruns = f.rerun(shouter_red).await;
+    assert!(reruns.iter().any(is_baseline));
+    let t = f.last_shouter();
+    assert_eq!(
+        (kind(&t), t.class),
+        (TransitionKind::WentRed, Some(Class::ProjectSide))
+    );
+    assert!(t.project_commit_changed);
+    assert!(
+        t.culprits.is_empty(),
+        "no upstream commit blamed: {:?}",
+        t.culprits
+    );
+    assert_eq!(t.last_green_upstream_commit, c1);
+    assert!(f.shouter_red_since());
+}
+
+#[tokio::test]
+async fn a_project_that_fails_on_the_last_good_runtime_too_unchanged_is_broken() {
+    let mut f = Farm::new().await;
+    green_trunk(&mut f).await;
+    f.trusted_tests_a_new_commit(shouter_red).await;
+    f.rerun(shouter_red).await;
+    let t = f.last_shouter();
+    assert_eq!(
+        (kind(&t), t.class),
+        (TransitionKind::WentRed, Some(Class::Broken))
+    );
+    assert!(!t.project_commit_changed);
+    assert!(t.culprits.is_empty());
+}
+
+#[tokio::test]
+async fn a_baseline_whose_runtime_is_gone_is_said_and_the_red_classed_without_it() {
+    let mut f = Farm::new().await;
+    green_trunk(&mut f).await;
+    f.only("a").await;
+    f.git.commit(RT);
+    f.pipeline.poll_upstream(0).await;
+    f.run_jobs(passed).await;
+    f.take_in().await;
+    // c1's runtime is deleted before shouter's red comes in.
+    let deleted = f.artifacts.gc(1, &HashSet::new()).await.unwrap();
+    assert!(!deleted.is_empty());
+    f.run_jobs(shouter_red).await;
+    f.take_in().await;
+    let reruns = f.rerun(shouter_red).await;
+    assert!(!reruns.iter().any(is_baseline), "{reruns:?}");
+    let t = f.last_shouter();
+    assert_eq!(
+        (kind(&t), t.class),
+        (TransitionKind::WentRed, Some(Class::Regressed))
+    );
+    let detail = f.cell("shouter").confirmation_detail;
+    assert!(
+        detail.contains("artifact was deleted") && detail.contains("without a baseline run"),
+        "{detail}"
+    );
+}
+
+#[tokio::test]
+async fn a_fix_counts_once_its_rerun_passes_and_a_flaky_pass_does_not_close_a_red() {
+    let mut f = Farm::new().await;
+    green_trunk(&mut f).await;
+    f.trusted_tests_a_new_commit(shouter_red).await;
+    f.rerun(regressed).await;
+    assert_eq!(f.pending_mails(), 1);
+    // A pass whose re-run fails: flaky, the series stays red.
+    f.trusted_tests_a_new_commit(all_green).await;
+    let reruns = f.rerun(shouter_red).await;
+    assert_eq!(reruns.len(), 1, "no baseline for a fix: {reruns:?}");
+    let t = f.last_shouter();
+    assert_eq!(
+        (kind(&t), t.class),
+        (TransitionKind::StillRed, Some(Class::Flaky))
+    );
+    assert!(f.shouter_red_since());
+    assert_eq!(f.pending_mails(), 1, "no fixed mail");
+    // A pass that passes again: fixed.
+    f.trusted_tests_a_new_commit(all_green).await;
+    assert!(f.shouter_red_since(), "held until its re-run passes");
+    f.rerun(all_green).await;
+    let t = f.last_shouter();
+    assert_eq!(kind(&t), TransitionKind::Fixed);
+    assert_ne!(t.confirmed_by_job, 0);
+    assert!(!f.shouter_red_since());
+    assert_eq!(f.pending_mails(), 2, "the fixed mail");
+}
+
+#[tokio::test]
+async fn confirm_runs_asks_for_that_many_identical_reruns_and_any_pass_is_flaky() {
+    let config = CONFIG.replace(
+        "url = \"fake:shouter\"",
+        "url = \"fake:shouter\"\nconfirm_runs = 3",
+    );
+    let mut f = Farm::with_config(&config).await;
+    green_trunk(&mut f).await;
+    f.trusted_tests_a_new_commit(shouter_red).await;
+    let jobs = f.assigned();
+    let again: Vec<_> = jobs.iter().filter(|(_, _, k)| !is_baseline(k)).collect();
+    assert_eq!(again.len(), 3, "{jobs:?}");
+    // Two fail again, one passes.
+    for (i, (job, _, key)) in jobs.iter().enumerate() {
+        let (outcome, reports) = match (is_baseline(key), i) {
+            (false, 0) => all_green(key),
+            _ => regressed(key),
+        };
+        f.finish(*job, key, outcome, reports).await;
+    }
+    f.take_in().await;
+    assert_eq!(f.last_shouter().class, Some(Class::Flaky));
+    assert!(f.went_red("shouter").is_empty());
 }

@@ -463,9 +463,10 @@ impl Confirmation {
             return Some(own);
         }
         let baseline = self.reruns.iter().filter(|r| r.kind == RerunKind::Baseline);
-        match baseline.map(|r| r.said.says()).find(|s| {
-            matches!(s, Says::Green | Says::Red)
-        }) {
+        match baseline
+            .map(|r| r.said.says())
+            .find(|s| matches!(s, Says::Green | Says::Red))
+        {
             Some(Says::Green) => Some(Class::Regressed),
             Some(_) => Some(own),
             None if self.baseline_given_up() => Some(Class::Regressed),
@@ -671,15 +672,29 @@ mod tests {
                 (RerunKind::Baseline, 1)
             ]
         );
-        assert!(c.exclude_agents().is_empty(), "a trusted original may re-run itself");
+        assert!(
+            c.exclude_agents().is_empty(),
+            "a trusted original may re-run itself"
+        );
         c.settle(baseline(4, RunStatus::Green));
         c.settle(again(2, RunStatus::Red));
-        assert_eq!(c.state, ConfirmState::Awaiting, "two identical re-runs wanted");
+        assert_eq!(
+            c.state,
+            ConfirmState::Awaiting,
+            "two identical re-runs wanted"
+        );
         c.settle(again(3, RunStatus::Red));
-        assert_eq!((c.state, c.class), (ConfirmState::Confirmed, Some(Class::Regressed)));
+        assert_eq!(
+            (c.state, c.class),
+            (ConfirmState::Confirmed, Some(Class::Regressed))
+        );
         assert!(c.wanted_reruns().is_empty());
         assert_eq!(c.decisive_rerun().unwrap().job_id, 2);
-        assert!(c.detail().contains("on the baseline runtime: green"), "{}", c.detail());
+        assert!(
+            c.detail().contains("on the baseline runtime: green"),
+            "{}",
+            c.detail()
+        );
     }
 
     #[test]
@@ -709,17 +724,39 @@ mod tests {
     #[test]
     fn a_baseline_that_cannot_run_is_classed_without() {
         let mut c = classed(RunStatus::Red, 1);
-        c.settle(Rerun::not_run(RerunKind::Baseline, "its runtime is gone".into()));
-        assert_eq!(c.wanted_reruns(), [(RerunKind::Again, 1)], "no baseline any more");
+        c.settle(Rerun::not_run(
+            RerunKind::Baseline,
+            "its runtime is gone".into(),
+        ));
+        assert_eq!(
+            c.wanted_reruns(),
+            [(RerunKind::Again, 1)],
+            "no baseline any more"
+        );
         c.settle(again(2, RunStatus::Red));
         assert_eq!(c.class, Some(Class::Regressed));
-        assert!(c.detail().contains("not run, its runtime is gone"), "{}", c.detail());
-        assert!(c.detail().contains("without a baseline run"), "{}", c.detail());
+        assert!(
+            c.detail().contains("not run, its runtime is gone"),
+            "{}",
+            c.detail()
+        );
+        assert!(
+            c.detail().contains("without a baseline run"),
+            "{}",
+            c.detail()
+        );
         // Errors twice on the baseline: the same.
         let mut c = classed(RunStatus::Red, 1);
         c.settle(again(2, RunStatus::Red));
         c.settle(baseline(3, RunStatus::Error));
-        assert_eq!(c.wanted_reruns(), [(RerunKind::Again, 1), (RerunKind::Baseline, 1), (RerunKind::Baseline, 2)]);
+        assert_eq!(
+            c.wanted_reruns(),
+            [
+                (RerunKind::Again, 1),
+                (RerunKind::Baseline, 1),
+                (RerunKind::Baseline, 2)
+            ]
+        );
         c.settle(baseline(4, RunStatus::Error));
         assert_eq!(c.class, Some(Class::Regressed));
     }
@@ -729,11 +766,18 @@ mod tests {
         let mut c = classed(RunStatus::Red, 3);
         c.settle(again(2, RunStatus::Red));
         c.settle(again(3, RunStatus::Green));
-        assert_eq!((c.state, c.class), (ConfirmState::Overruled, Some(Class::Flaky)));
+        assert_eq!(
+            (c.state, c.class),
+            (ConfirmState::Overruled, Some(Class::Flaky))
+        );
         assert_eq!(c.contradicting().unwrap().job_id, 3);
         assert!(c.flaky_on_trusted());
         let mut fixed = classed(RunStatus::Green, 1);
-        assert_eq!(fixed.wanted_reruns(), [(RerunKind::Again, 1)], "no baseline for a fixed");
+        assert_eq!(
+            fixed.wanted_reruns(),
+            [(RerunKind::Again, 1)],
+            "no baseline for a fixed"
+        );
         fixed.settle(again(2, RunStatus::Red));
         assert_eq!(fixed.class, Some(Class::Flaky));
         let mut fixed = classed(RunStatus::Green, 1);
@@ -749,7 +793,10 @@ mod tests {
         let mut c = classed(RunStatus::Red, 1);
         timeout(&mut c);
         c.settle(timed_out(again(2, RunStatus::Red)));
-        assert_eq!((c.state, c.class), (ConfirmState::Overruled, Some(Class::Spurious)));
+        assert_eq!(
+            (c.state, c.class),
+            (ConfirmState::Overruled, Some(Class::Spurious))
+        );
         let mut c = classed(RunStatus::Red, 1);
         timeout(&mut c);
         c.settle(again(2, RunStatus::Green));
@@ -758,7 +805,11 @@ mod tests {
         timeout(&mut c);
         c.settle(again(2, RunStatus::Red));
         c.settle(baseline(3, RunStatus::Green));
-        assert_eq!(c.class, Some(Class::Regressed), "a genuine failure goes on as a red");
+        assert_eq!(
+            c.class,
+            Some(Class::Regressed),
+            "a genuine failure goes on as a red"
+        );
         // A genuine red whose re-run timed out: that re-run said nothing.
         let mut c = classed(RunStatus::Red, 1);
         c.settle(timed_out(again(2, RunStatus::Red)));
@@ -767,13 +818,26 @@ mod tests {
         c.settle(timed_out(again(3, RunStatus::Red)));
         assert_eq!(c.state, ConfirmState::Unconfirmed);
         // What the agent reports.
-        assert!(machine_failure(Outcome::Failed as i32, "command 1 of 1 exited with status 1").is_empty());
-        assert!(!machine_failure(Outcome::Failed as i32, "exited with status 137: out of memory: the kernel killed 1 process(es)").is_empty());
+        assert!(
+            machine_failure(
+                Outcome::Failed as i32,
+                "command 1 of 1 exited with status 1"
+            )
+            .is_empty()
+        );
+        assert!(
+            !machine_failure(
+                Outcome::Failed as i32,
+                "exited with status 137: out of memory: the kernel killed 1 process(es)"
+            )
+            .is_empty()
+        );
         assert!(machine_failure(Outcome::Passed as i32, "").is_empty());
     }
 
     #[test]
-    fn a_volunteer_is_held_to_a_flaky_result_only_against_a_trusted_rerun_of_a_series_not_known_flaky() {
+    fn a_volunteer_is_held_to_a_flaky_result_only_against_a_trusted_rerun_of_a_series_not_known_flaky()
+     {
         let volunteer = |c: &mut Confirmation| {
             c.original = said(1, "v", false, RunStatus::Red);
             c.rules.may_rerun_on_original = false;
