@@ -48,11 +48,13 @@ fn cell(status: &Value, project: &str) -> Value {
 }
 
 /// Waits until `project`'s newest run tested upstream `commit` and has
-/// finished with `want` ("green", "red" or "error").
+/// finished with `want` ("green", "red" or "error"), its verdict no longer
+/// held for its re-runs (a went red or fixed counts once they class it).
 fn wait_run(hub: &Hub, project: &str, commit: &str, want: &str) -> Value {
     wait_for(STEP, &format!("{project} to be {want} at {commit}"), || {
         let c = cell(&status(hub), project);
-        (s(&c["run"], "upstream_commit") == commit && s(&c, "status") == want).then_some(c)
+        let held = s(&c["run"], "confirmation") == "awaiting";
+        (s(&c["run"], "upstream_commit") == commit && s(&c, "status") == want && !held).then_some(c)
     })
 }
 
@@ -332,13 +334,17 @@ fn a_new_project_commit_reruns_it_against_the_good_runtime() {
     );
     let red = wait_for(STEP, "adder to run at its new commit", || {
         let c = cell(&status(&hub), "adder");
-        (s(&c["run"], "project_commit") == p2).then_some(c)
+        let counted = s(&c["run"], "confirmation") != "awaiting";
+        (s(&c["run"], "project_commit") == p2 && counted).then_some(c)
     });
     assert_eq!(s(&red, "status"), "red", "{red:#}");
     assert_eq!(s(&red["run"], "upstream_commit"), c1);
     let t = &transitions(&hub, "adder")[0];
     assert_eq!(kind(t), WENT_RED);
     assert_eq!(t["project_commit_changed"], Value::Bool(true), "{t:#}");
+    // Failing again on the runtime it passed on: the project broke itself.
+    assert_eq!(s(t, "class"), "project_side", "{t:#}");
+    assert!(t["culprits"].as_array().unwrap().is_empty(), "{t:#}");
     // Still red after a trunk commit that changes nothing for it.
     let c2 = repos.commit("rt", "NEWS", "x", "rt: news", "Eve <eve@example.org>");
     wait_run(&hub, "adder", &c2, "red");
@@ -488,7 +494,8 @@ fn hub_killed_mid_pipeline_loses_and_repeats_nothing() {
         wait_run(&hub, "adder", &c, "green");
         commits.push(c);
     }
-    // Exactly one build per commit and one test run per (project, commit).
+    // Exactly one build per commit and one test run per (project, commit),
+    // besides the re-runs of each went red and fixed (once per key).
     let jobs = hub.cli_json(&["job", "list", "--json", "--limit", "1000"]);
     let keys: Vec<&str> = jobs
         .as_array()
@@ -508,10 +515,26 @@ fn hub_killed_mid_pipeline_loses_and_repeats_nothing() {
             assert_eq!(
                 keys.iter()
                     .filter(|k| k.starts_with(&format!("test/{p}/")) && k.contains(c.as_str()))
+                    .filter(|k| !k.contains("/again/") && !k.contains("/baseline/"))
                     .count(),
                 1,
                 "{p} runs at {c}: {keys:#?}"
             );
+            for kind in ["again", "baseline"] {
+                let reruns: Vec<_> = keys
+                    .iter()
+                    .filter(|k| k.starts_with(&format!("test/{p}/")) && k.contains(c.as_str()))
+                    .filter(|k| k.contains(&format!("/{kind}/")))
+                    .collect();
+                let mut unique = reruns.clone();
+                unique.sort();
+                unique.dedup();
+                assert_eq!(
+                    unique.len(),
+                    reruns.len(),
+                    "{kind} re-runs twice: {keys:#?}"
+                );
+            }
         }
     }
     // One transition per finished test job: none lost, none twice.

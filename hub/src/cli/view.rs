@@ -484,6 +484,9 @@ pub(super) struct Transition<'a> {
     red_since_id: u64,
     /// The re-run that confirmed it before it counted; 0: it counted alone.
     confirmed_by_job: u64,
+    /// What its re-runs found ("regressed", "flaky", "spurious",
+    /// "project_side", "broken"); empty: it counted without being classed.
+    class: &'a str,
 }
 
 impl<'a> From<&'a v1::Transition> for Transition<'a> {
@@ -508,6 +511,7 @@ impl<'a> From<&'a v1::Transition> for Transition<'a> {
             culprits_error: &t.culprits_error,
             red_since_id: t.red_since_id,
             confirmed_by_job: t.confirmed_by_job,
+            class: &t.class,
         }
     }
 }
