@@ -378,7 +378,8 @@ fn a_hostile_volunteers_false_red_and_false_green_are_overruled_and_it_is_quaran
     assert!(table.contains("quarantined"), "{table}");
 
     // c5 fixes upper: the liar gets nothing now; the honest agent's green
-    // counts alone and fixes the series.
+    // is re-run (on itself: no other agent takes the job) and, passing
+    // again, fixes the series.
     let c5 = repos.commit(
         "rt",
         "rt.sh",
@@ -386,8 +387,10 @@ fn a_hostile_volunteers_false_red_and_false_green_are_overruled_and_it_is_quaran
         "rt: fix upper",
         "Fay Fixer <fay@example.org>",
     );
-    let cell = wait_shouter(&hub, &c5, "green", |c| s(c, "status") == "green");
-    assert!(cell["run"]["confirmation"].is_null(), "{cell:#}");
+    let cell = wait_shouter(&hub, &c5, "green, confirmed", |c| {
+        s(c, "status") == "green" && s(&c["run"], "confirmation") == "confirmed"
+    });
+    assert!(cell["red_since"].is_null(), "{cell:#}");
     assert!(
         liar.next(Duration::from_secs(1)).is_none(),
         "a quarantined agent gets no job"

@@ -294,7 +294,11 @@ async fn wait_step(
             }
         }
         let runs: Vec<_> = st.cells.iter().filter_map(|c| c.latest.as_ref()).collect();
-        if !runs.is_empty() && runs.iter().all(|r| r.upstream_commit == commit) {
+        // A went red or fixed counts once its re-runs class it.
+        let settled = |r: &&trunkfarm_proto::v1::RunInfo| {
+            r.upstream_commit == commit && r.confirmation != "awaiting"
+        };
+        if !runs.is_empty() && runs.iter().all(settled) {
             return Ok(runs
                 .iter()
                 .map(|r| {
