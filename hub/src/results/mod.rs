@@ -578,7 +578,7 @@ impl Results {
     /// (and a missing original) are not counted.
     fn identical_runs(
         &self,
-        batch: &mut sled::Batch,
+        _batch: &mut sled::Batch,
         original: Option<&Finished>,
         rerun: Option<&Finished>,
     ) -> Result<(), StoreError> {
@@ -587,9 +587,8 @@ impl Results {
         else {
             return Ok(());
         };
-        // TODO(noise slice): count the flips of `_first` against `_second`
-        // per project and test, staged into `batch`.
-        let _ = batch;
+        // TODO(noise slice, lead): count the flips of `_first` against
+        // `_second` per project and test, staged into `_batch`.
         Ok(())
     }
 
