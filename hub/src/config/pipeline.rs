@@ -14,6 +14,8 @@ use serde::Deserialize;
 use trunkfarm_proto::settings::{Problem, fmt_bytes, fmt_duration};
 
 use super::{MIB, de};
+use crate::output::Pattern;
+use crate::results::Class;
 
 /// The platform a build or test runs on when an entry names none: the
 /// platform label agents derive from `os-arch`.
@@ -57,6 +59,10 @@ pub(crate) struct UpstreamConfig {
     /// the same commit gave the same artifact hash.
     #[serde(default)]
     pub(crate) build_on: BuildOn,
+    /// The author of a commit a bisection finds to be the first bad one
+    /// gets one mail per commit, listing the projects it broke.
+    #[serde(default)]
+    pub(crate) notify_authors: bool,
 }
 
 /// `[[upstream]] build_on`: who may build a runtime.
@@ -145,6 +151,18 @@ pub(crate) struct ProjectConfig {
     /// agent before it counts.
     #[serde(default)]
     pub(crate) confirm: Confirm,
+    /// A regular expression over the run's output: where it matches, the
+    /// run is red whatever its exit code (suites that exit 0 on failure).
+    #[serde(default)]
+    pub(crate) fail_pattern: Option<Pattern>,
+    /// A regular expression the output of a passing run must match: where
+    /// it matches nothing, the run is red.
+    #[serde(default)]
+    pub(crate) pass_pattern: Option<Pattern>,
+    /// Which classes of went-red results are mailed (a result no class was
+    /// given to is mailed as always).
+    #[serde(default = "default_mail_classes")]
+    pub(crate) mail_classes: Vec<Class>,
 }
 
 /// `[artifacts]`: the runtime artifacts the hub stores.
@@ -210,6 +228,9 @@ impl Default for PipelineSection {
     }
 }
 
+fn default_mail_classes() -> Vec<Class> {
+    vec![Class::Regressed, Class::ProjectSide, Class::Suspicious]
+}
 fn default_branch() -> String {
     "main".into()
 }
@@ -320,6 +341,7 @@ pub(super) fn problems(
         check_emails(&at("maintainers"), &p.maintainers)?;
         check_labels(&at("labels"), &p.labels)?;
         check_env(&at("env"), &p.env)?;
+        check_mail_classes(&at("mail_classes"), &p.mail_classes)?;
     }
     if artifacts.keep < 1 {
         return Err(Problem::new(
@@ -518,6 +540,23 @@ fn check_emails(key: &str, emails: &[String]) -> Result<(), Problem> {
             return Err(Problem::new(
                 key.to_owned(),
                 format!("{email:?} is not an email address; expected e.g. \"dev@example.org\""),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Classes a went-red result can have: flaky and spurious results leave
+/// their series as it was, so there is nothing to mail.
+fn check_mail_classes(key: &str, classes: &[Class]) -> Result<(), Problem> {
+    for class in classes {
+        if matches!(class, Class::Flaky | Class::Spurious) {
+            return Err(Problem::new(
+                key.to_owned(),
+                format!(
+                    "{:?} results never turn a project red, so they are never mailed; choose from \"regressed\", \"project_side\", \"broken\" and \"suspicious\"",
+                    class.word()
+                ),
             ));
         }
     }
