@@ -783,7 +783,9 @@ fn joined(classname: &str, name: &str) -> String {
     // name keeps at least one part of its own).
     let overlap = (1..=class.len().min(parts.len().saturating_sub(1)))
         .rev()
-        .find(|&k| class[class.len() - k..] == parts[..k])
+        .find(|&k| {
+            class[class.len() - k..] == parts[..k] && parts[..k].iter().all(|p| !p.is_empty())
+        })
         .unwrap_or(0);
     let mut full = class;
     full.extend_from_slice(&parts[overlap..]);

@@ -435,6 +435,11 @@ impl Notifier {
                 mail.info.attempts = i.attempts;
                 mail.info.last_error = i.last_error.clone();
                 writes.push((mail_key(id).into_bytes(), s.table.encode(&mail)?));
+                // It says the result: no follow-up is due for it.
+                writes.push((
+                    event_key(&follow_up, &i.to).into_bytes(),
+                    id.to_be_bytes().to_vec(),
+                ));
             } else if (pending || i.state == MailState::Sent as i32)
                 && !s.table.contains(event_key(&follow_up, &i.to))?
             {

@@ -741,6 +741,81 @@ mod tests {
     }
 
     #[test]
+    fn a_found_bisection_names_the_first_bad_commit_and_the_class() {
+        let mut t = went_red();
+        let innocent = Commit {
+            sha: "2".repeat(40),
+            subject: "gh-2: innocent".into(),
+            author: "Bo <bo@example.org>".into(),
+            time_ms: 0,
+        };
+        t.culprits.insert(0, innocent);
+        t.class = Some(Class::Regressed);
+        t.bisect = Some(crate::results::Bisect {
+            state: BisectState::Found,
+            first_bad: Some(t.culprits[1].clone()),
+            builds: 1,
+            ..Default::default()
+        });
+        let m = transition(&t, &ctx());
+        assert!(
+            m.text.contains(
+                "\nFirst bad commit: 3f2a9c1e2b gh-1: speed up <dict> (Ada <ada@example.org>)\n"
+            ),
+            "{}",
+            m.text
+        );
+        assert!(m.text.contains("\nClass: regressed\n"), "{}", m.text);
+        assert!(
+            !m.text.contains("innocent"),
+            "the others are not blamed: {}",
+            m.text
+        );
+        // While it runs, the range is what is known; a range left is listed.
+        t.bisect = Some(crate::results::Bisect::default());
+        let m = transition(&t, &ctx());
+        assert!(m.text.contains("Bisecting the 2 commits"), "{}", m.text);
+        assert!(m.text.contains("innocent"), "{}", m.text);
+        assert!(!m.text.contains("First bad commit"), "{}", m.text);
+        t.bisect = Some(crate::results::Bisect {
+            state: BisectState::Range,
+            candidates: t.culprits.clone(),
+            ..Default::default()
+        });
+        let m = transition(&t, &ctx());
+        assert!(m.text.contains("narrowed it to 2 commits"), "{}", m.text);
+        // Unclassed (older) transitions say no class.
+        assert!(!transition(&went_red(), &ctx()).text.contains("Class:"));
+    }
+
+    #[test]
+    fn the_failing_tests_messages_come_before_the_log() {
+        let failing = [TestCase {
+            name: "tests.test_x".into(),
+            status: 3,
+            time_ms: 1,
+            message: "AssertionError: 3 != 4".into(),
+        }];
+        let mut c = ctx();
+        c.failing = &failing;
+        let m = transition(&went_red(), &c);
+        let said = m
+            .text
+            .find("What the failing tests said:\n  tests.test_x\n    AssertionError: 3 != 4\n");
+        let tail = m.text.find("Last lines of the log:");
+        assert!(said.is_some() && said < tail, "{}", m.text);
+        let excerpt = Quote::Excerpt("[fail] test_x".into());
+        c.log = &excerpt;
+        let m = transition(&went_red(), &c);
+        assert!(
+            m.text
+                .contains("From the log, around the first failures:\n  | [fail] test_x\n"),
+            "{}",
+            m.text
+        );
+    }
+
+    #[test]
     fn fixed_reminder_build_and_digest() {
         let mut t = went_red();
         t.kind = TransitionKind::Fixed.into();
