@@ -599,3 +599,49 @@ impl ProjectConfig {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::HubConfig;
+
+    /// One upstream and one project with `keys` added to the project.
+    fn project_with(keys: &str) -> Result<HubConfig, String> {
+        let text = format!(
+            "[[upstream]]\nname = \"rt\"\nurl = \"https://example.org/rt.git\"\nbuild = [\"make\"]\n\n[[project]]\nname = \"quiet\"\nurl = \"https://example.org/quiet.git\"\ntest = [\"sh test.sh\"]\n{keys}\n"
+        );
+        HubConfig::from_toml(&text, None).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn output_patterns_are_checked_when_the_config_is_read() {
+        let c = project_with("fail_pattern = '^\\[fail\\]'\npass_pattern = 'OK'").unwrap();
+        let p = &c.projects[0];
+        assert_eq!(
+            p.fail_pattern.as_ref().map(|p| p.as_str()),
+            Some("^\\[fail\\]")
+        );
+        assert_eq!(p.pass_pattern.as_ref().map(|p| p.as_str()), Some("OK"));
+        let e = project_with("fail_pattern = '[fail'").unwrap_err();
+        assert!(e.contains("project[0].fail_pattern"), "{e}");
+        assert!(e.contains("\"[fail\" is not a regular expression"), "{e}");
+        assert!(project_with("pass_pattern = 3").is_err());
+    }
+
+    #[test]
+    fn mail_classes_default_and_refuse_what_never_goes_red() {
+        use crate::results::Class;
+        let c = project_with("").unwrap();
+        assert_eq!(
+            c.projects[0].mail_classes,
+            [Class::Regressed, Class::ProjectSide, Class::Suspicious]
+        );
+        assert!(!c.upstreams[0].notify_authors);
+        let c = project_with("mail_classes = [\"broken\"]").unwrap();
+        assert_eq!(c.projects[0].mail_classes, [Class::Broken]);
+        let e = project_with("mail_classes = [\"flaky\"]").unwrap_err();
+        assert!(e.contains("project[0].mail_classes"), "{e}");
+        assert!(e.contains("never turn a project red"), "{e}");
+        let e = project_with("mail_classes = [\"sometimes\"]").unwrap_err();
+        assert!(e.contains("regressed"), "{e}");
+    }
+}

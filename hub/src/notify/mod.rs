@@ -483,20 +483,15 @@ impl Notifier {
     /// write.
     async fn mail_authors(&self) -> Result<usize, StoreError> {
         let s = &self.inner;
-        let mut by_commit: Vec<(String, Vec<(Vec<u8>, AuthorMark)>)> = Vec::new();
-        for item in s.table.scan::<AuthorMark>("a/") {
-            let (k, mark) = item?;
-            match by_commit.last_mut() {
-                Some((sha, marks)) if *sha == mark.commit.sha => marks.push((k.to_vec(), mark)),
-                _ => by_commit.push((mark.commit.sha.clone(), vec![(k.to_vec(), mark)])),
-            }
-        }
+        // Keyed by commit first: each commit's marks are neighbours.
+        let all: Vec<(sled::IVec, AuthorMark)> =
+            s.table.scan::<AuthorMark>("a/").collect::<Result<_, _>>()?;
         let mut queued = 0;
-        for (sha, marks) in by_commit {
+        for marks in all.chunk_by(|(_, a), (_, b)| a.commit.sha == b.commit.sha) {
             let mut writes = Writes::new();
             let mut batch = sled::Batch::default();
-            for (k, _) in &marks {
-                batch.remove(k.as_slice());
+            for (k, _) in marks {
+                batch.remove(k);
             }
             let first = &marks[0].1;
             let author = first
@@ -506,12 +501,12 @@ impl Notifier {
                 .map(|m| m.email.to_string());
             match author {
                 Err(e) => tracing::warn!(
-                    commit = %sha,
+                    commit = %first.commit.sha,
                     "the first bad commit's author {:?} has no address to mail ({e})",
                     first.commit.author
                 ),
                 Ok(email) => {
-                    let event = format!("author.{sha}");
+                    let event = format!("author.{}", first.commit.sha);
                     if !s.table.contains(event_key(&event, &email))? {
                         let mut broke: Vec<(String, String, String)> = marks
                             .iter()

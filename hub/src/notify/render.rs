@@ -154,10 +154,7 @@ pub(crate) fn transition(t: &Transition, ctx: &Context<'_>) -> Rendered {
         }
         why_it_failed(&mut text, t, ctx);
     } else if kind == TransitionKind::WentRed || ctx.reminder.is_some() {
-        let found = t.bisect.as_ref().and_then(|b| match b.state {
-            BisectState::Found => b.first_bad.as_ref(),
-            _ => None,
-        });
+        let found = first_bad(t);
         if let Some(c) = found {
             let _ = writeln!(text, "First bad commit: {}", culprit(c));
             let builds = t.bisect.as_ref().map_or(0, |b| b.builds);
@@ -319,6 +316,15 @@ fn why_it_failed(text: &mut String, t: &Transition, ctx: &Context<'_>) {
     }
 }
 
+/// The first bad commit, when `t`'s bisection found one.
+fn first_bad(t: &Transition) -> Option<&Commit> {
+    let b = t
+        .bisect
+        .as_ref()
+        .filter(|b| b.state == BisectState::Found)?;
+    b.first_bad.as_ref()
+}
+
 /// What a class means, in a few words for the mail.
 fn class_means(class: Class, upstream: &str) -> String {
     match class {
@@ -439,8 +445,15 @@ pub(crate) fn digest(
                 )
             }
         );
-        for c in t.culprits.iter().take(5) {
-            let _ = writeln!(text, "    {}", culprit(c));
+        match first_bad(t) {
+            Some(c) => {
+                let _ = writeln!(text, "    First bad commit: {}", culprit(c));
+            }
+            None => {
+                for c in t.culprits.iter().take(5) {
+                    let _ = writeln!(text, "    {}", culprit(c));
+                }
+            }
         }
         let _ = writeln!(text, "    {run_url}");
     }
