@@ -205,9 +205,9 @@ fn pending_key(id: u64) -> String {
 /// apply (JSON values already encoded by the [`Table`]).
 type Writes = Vec<(Vec<u8>, Vec<u8>)>;
 
-/// How many mails `writes` queue.
+/// How many mails `writes` queue (a mail changed in place is not counted).
 fn mails_in(writes: &Writes) -> usize {
-    writes.iter().filter(|(k, _)| k.starts_with(b"m/")).count()
+    writes.iter().filter(|(k, _)| k.starts_with(b"q/")).count()
 }
 
 /// A short, stable tag of an address for Message-IDs (no address in headers
@@ -353,7 +353,44 @@ impl Notifier {
         if !mailed {
             return Ok(Vec::new());
         }
-        self.mails_for(t, &format!("t{}", t.id), About::Transition)
+        let mut writes = Writes::new();
+        if kind == TransitionKind::Fixed && t.red_since_id != 0 {
+            // A went-red mail still held for its bisection goes first: the
+            // fixed answers it.
+            for mut red in self.red_mails(t.red_since_id)? {
+                if self.held(&red) {
+                    red.info.next_attempt_at_ms = 0;
+                    let key = mail_key(red.info.id).into_bytes();
+                    writes.push((key, self.inner.table.encode(&red)?));
+                }
+            }
+        }
+        writes.extend(self.mails_for(t, &format!("t{}", t.id), About::Transition)?);
+        Ok(writes)
+    }
+
+    /// The went-red mails of transition `id`, one per recipient.
+    fn red_mails(&self, id: u64) -> Result<Vec<OutMail>, StoreError> {
+        let s = &self.inner;
+        let mut out = Vec::new();
+        for item in s.table.scan_raw(format!("e/t{id}/")) {
+            let (_, id) = item?;
+            let Ok(id) = <[u8; 8]>::try_from(id.as_ref()).map(u64::from_be_bytes) else {
+                continue;
+            };
+            if let Some(mail) = s.table.get::<OutMail>(mail_key(id))? {
+                out.push(mail);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Whether `mail` is pending and due far enough ahead that the sender
+    /// cannot be delivering it ([`RELEASE_MARGIN_MS`]): it may be changed
+    /// in place.
+    fn held(&self, mail: &OutMail) -> bool {
+        mail.info.state == MailState::Pending as i32
+            && mail.info.next_attempt_at_ms > self.now() + RELEASE_MARGIN_MS
     }
 
     /// Whether a went-red of `t`'s class is mailed: its project's
@@ -403,24 +440,17 @@ impl Notifier {
         else {
             return Ok(writes);
         };
-        let now = self.now();
         let follow_up = format!("bisect.{}", t.id);
         let mut evidence = None;
-        for item in s.table.scan_raw(format!("e/t{}/", t.id)) {
-            let (_, id) = item?;
-            let Ok(id) = <[u8; 8]>::try_from(id.as_ref()).map(u64::from_be_bytes) else {
-                continue;
-            };
-            let Some(red) = s.table.get::<OutMail>(mail_key(id))? else {
-                continue;
-            };
+        for red in self.red_mails(t.id)? {
+            let id = red.info.id;
             let evidence = match &mut evidence {
                 Some(e) => &*e,
                 None => evidence.insert(self.evidence(t, About::Bisected)?),
             };
             let i = &red.info;
             let pending = i.state == MailState::Pending as i32;
-            if pending && i.next_attempt_at_ms > now + RELEASE_MARGIN_MS {
+            if self.held(&red) {
                 // Still held (or waiting to retry): it goes now, and says it.
                 let mut mail = self.transition_mail(
                     t,

@@ -1218,3 +1218,32 @@ fn decode_qp(body: &str) -> String {
     }
     String::from_utf8_lossy(&out).into_owned()
 }
+
+#[tokio::test]
+async fn a_fix_releases_the_went_red_mail_it_answers() {
+    let farm = Farm::new(&[ALICE]);
+    let red = went_red(&farm, "textkit", 9, Some(Class::Regressed));
+    assert_eq!(farm.stage_went_red(&red), 1);
+    farm.deliver().await;
+    assert!(farm.server.sent().is_empty(), "held while bisecting");
+    // Fixed before the bisection ends: the red mail goes first, then the fix
+    // answering it.
+    let fixed = Transition {
+        id: farm.store.next_id().unwrap(),
+        kind: TransitionKind::Fixed.into(),
+        red_since_id: red.id,
+        job_id: 10,
+        bisect: None,
+        ..red.clone()
+    };
+    assert_eq!(farm.stage_went_red(&fixed), 1);
+    farm.deliver().await;
+    let sent = farm.server.sent();
+    assert_eq!(sent.len(), 2, "{sent:?}");
+    assert!(
+        sent[0].subject.contains("went red"),
+        "the red mail first: {sent:?}"
+    );
+    assert!(sent[1].subject.contains("fixed"), "{sent:?}");
+    assert_eq!(sent[1].in_reply_to, sent[0].message_id);
+}
