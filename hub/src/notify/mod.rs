@@ -53,7 +53,7 @@ use trunkfarm_proto::v1::{MailState, TransitionKind};
 use crate::config::{HubConfig, NotifySection, ProjectConfig, UpstreamConfig};
 use crate::logs::JobLogs;
 use crate::output;
-use crate::results::{BisectState, Class, Commit, Results, TestCase, Transition, TransitionSink};
+use crate::results::{BisectState, Class, Commit, Results, RunInfo, Transition, TransitionSink};
 use crate::store::{Store, StoreError, Table, id_key, now_ms, trees};
 use deliver::{Failure, Mailer, Transport};
 pub(crate) use record::{MailInfo, Subscription};
@@ -101,7 +101,8 @@ struct AuthorMark {
 /// What a went-red mail shows of why: failing tests' messages and the log.
 #[derive(Default)]
 struct Evidence {
-    failing: Vec<TestCase>,
+    /// The run (without its cases): failing tests with messages, counts.
+    run: Option<RunInfo>,
     log: render::Quote,
 }
 
@@ -863,14 +864,14 @@ impl Notifier {
         if kind != TransitionKind::WentRed && about == About::Transition {
             return Ok(Evidence::default());
         }
-        let failing = match t.project.is_empty() {
-            true => Vec::new(),
+        let run = match t.project.is_empty() {
+            true => None,
             false => s
                 .results
                 .run(&t.project, &t.upstream, &t.platform, t.job_id)?
-                .map(|r| r.info.failing_tests)
-                .unwrap_or_default(),
+                .map(|r| r.info),
         };
+        let failing = run.as_ref().map_or(&[][..], |r| &r.failing_tests[..]);
         let log = output::log_text(&s.logs, t.job_id, None)?;
         let lines = s.settings.log_tail_lines as usize;
         let said = failing.iter().any(|c| !c.message.trim().is_empty());
@@ -889,7 +890,7 @@ impl Notifier {
                 render::Quote::Tail(all[all.len().saturating_sub(lines)..].join("\n"))
             }
         };
-        Ok(Evidence { failing, log })
+        Ok(Evidence { run, log })
     }
 
     /// The outbox writes for one mail to each recipient of an event; a
@@ -941,7 +942,7 @@ impl Notifier {
             &render::Context {
                 branch: &branch,
                 log: &evidence.log,
-                failing: &evidence.failing,
+                run: evidence.run.as_ref(),
                 public_url: &self.inner.public_url,
                 unsubscribe_url: &unsubscribe_url,
                 reminder: match about {

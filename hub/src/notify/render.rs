@@ -16,7 +16,7 @@ use std::fmt::Write as _;
 use trunkfarm_proto::v1::TransitionKind;
 
 use crate::commit::short;
-use crate::results::{BisectState, Class, Commit, TestCase, Transition};
+use crate::results::{BisectState, Class, Commit, RunInfo, TestCase, Transition};
 use crate::web::escape;
 
 /// Failing tests whose messages a mail quotes.
@@ -28,9 +28,9 @@ pub(crate) struct Context<'a> {
     pub(crate) branch: &'a str,
     /// What a went-red mail quotes of the failing job's log.
     pub(crate) log: &'a Quote,
-    /// The run's failing tests with their messages (JUnit), quoted before
-    /// the log.
-    pub(crate) failing: &'a [TestCase],
+    /// The failing run (its failing tests' JUnit messages are quoted before
+    /// the log; a suspicious one's test counts are shown).
+    pub(crate) run: Option<&'a RunInfo>,
     /// Base URL of the hub's web endpoint (no trailing slash).
     pub(crate) public_url: &'a str,
     /// The recipient's one-click unsubscribe link.
@@ -284,8 +284,16 @@ fn why_it_failed(text: &mut String, t: &Transition, ctx: &Context<'_>) {
             let _ = writeln!(text, "  ... and {} more", t.newly_failing.len() - 50);
         }
     }
-    let said: Vec<&TestCase> = ctx
-        .failing
+    if let (Some(Class::Suspicious), Some(r)) = (t.class, ctx.run) {
+        let _ = writeln!(text);
+        let _ = writeln!(
+            text,
+            "Its JUnit reports: {} test(s), {} failed, {} skipped.",
+            r.tests_total, r.tests_failed, r.tests_skipped
+        );
+    }
+    let failing = ctx.run.map_or(&[][..], |r| &r.failing_tests[..]);
+    let said: Vec<&TestCase> = failing
         .iter()
         .filter(|c| !c.message.trim().is_empty())
         .collect();
@@ -658,7 +666,7 @@ mod tests {
         Context {
             branch: "main",
             log: &TAIL,
-            failing: &[],
+            run: None,
             public_url: "https://farm.example.org",
             unsubscribe_url: "https://farm.example.org/unsubscribe?token=abc",
             reminder: None,
@@ -803,14 +811,17 @@ mod tests {
 
     #[test]
     fn the_failing_tests_messages_come_before_the_log() {
-        let failing = [TestCase {
-            name: "tests.test_x".into(),
-            status: 3,
-            time_ms: 1,
-            message: "AssertionError: 3 != 4".into(),
-        }];
+        let run = RunInfo {
+            failing_tests: vec![TestCase {
+                name: "tests.test_x".into(),
+                status: 3,
+                time_ms: 1,
+                message: "AssertionError: 3 != 4".into(),
+            }],
+            ..Default::default()
+        };
         let mut c = ctx();
-        c.failing = &failing;
+        c.run = Some(&run);
         let m = transition(&went_red(), &c);
         let said = m
             .text
@@ -823,6 +834,22 @@ mod tests {
         assert!(
             m.text
                 .contains("From the log, around the first failures:\n  | [fail] test_x\n"),
+            "{}",
+            m.text
+        );
+        // A suspicious green shows its counts.
+        let counts = RunInfo {
+            tests_total: 20,
+            tests_skipped: 20,
+            ..Default::default()
+        };
+        c.run = Some(&counts);
+        let mut t = went_red();
+        t.class = Some(Class::Suspicious);
+        let m = transition(&t, &c);
+        assert!(
+            m.text
+                .contains("Its JUnit reports: 20 test(s), 0 failed, 20 skipped."),
             "{}",
             m.text
         );
