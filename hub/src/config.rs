@@ -792,6 +792,7 @@ mod tests {
             labels: vec![],
             contacts: vec!["lua-core@example.org".into()],
             build_on: pipeline::BuildOn::Trusted,
+            notify_authors: false,
         }];
         expected.projects = vec![ProjectConfig {
             name: "lpeg".into(),
@@ -812,6 +813,13 @@ mod tests {
             network: false,
             confirm: Confirm::Volunteer,
             confirm_runs: 1,
+            fail_pattern: Some(crate::output::Pattern::new(r"^\[fail\]").unwrap()),
+            pass_pattern: Some(crate::output::Pattern::new("^OK$").unwrap()),
+            mail_classes: vec![
+                crate::results::Class::Regressed,
+                crate::results::Class::ProjectSide,
+                crate::results::Class::Suspicious,
+            ],
         }];
         assert_eq!(c, expected);
         for key in [

@@ -33,6 +33,8 @@ pub(crate) const MAX_DEPTH: usize = 64;
 pub(crate) const MAX_NAME_BYTES: usize = 500;
 /// Bytes kept of a failure's message.
 pub(crate) const MAX_MESSAGE_BYTES: usize = 300;
+/// Bytes of a failure's text read for its message (a trace's first lines).
+const MAX_TEXT_BYTES: usize = 4096;
 /// Bytes of an unexpected root element's name quoted in an error.
 const MAX_QUOTED_BYTES: usize = 100;
 /// Bytes kept of the description of malformed XML: quick-xml's messages
@@ -308,14 +310,18 @@ struct CaseBuilder {
     status: TestStatus,
     /// From the deciding failure/error's `message` attribute.
     message: Option<String>,
-    /// The deciding failure/error's text, trimmed at the start, kept up to the
-    /// first line break (or a little over the message cap).
+    /// The deciding failure/error's `type` attribute: some runners put the
+    /// message there (busted-style `type="spec.lua:3: expected 2"`), most an
+    /// exception class (`AssertionError`).
+    kind: Option<String>,
+    /// The deciding failure/error's text, trimmed at the start, its first
+    /// [`MAX_TEXT_BYTES`] kept (where the message is looked for).
     text: String,
 }
 
 impl CaseBuilder {
     fn push_text(&mut self, chunk: &str) {
-        if self.text.contains('\n') || self.text.len() > MAX_MESSAGE_BYTES {
+        if self.text.len() >= MAX_TEXT_BYTES {
             return;
         }
         let chunk = if self.text.is_empty() {
@@ -323,16 +329,32 @@ impl CaseBuilder {
         } else {
             chunk
         };
-        let room = MAX_MESSAGE_BYTES + 1 - self.text.len();
+        let room = MAX_TEXT_BYTES - self.text.len();
         self.text.push_str(cut(chunk, room));
     }
 
+    /// The case's message: the `message` attribute; else a `type` that reads
+    /// as a message (it has a space: not a bare class name); else the
+    /// element text's first line that says something (not a bare
+    /// "stack traceback:" header); else a bare `type`.
     fn finish(self) -> TestCase {
-        let message = match self.message {
-            Some(message) => message,
-            None => {
-                let line = self.text.lines().next().unwrap_or("").trim_end();
-                cut(line, MAX_MESSAGE_BYTES).to_owned()
+        let is_message = |kind: &&String| kind.contains(char::is_whitespace);
+        let message = match (self.message, self.kind) {
+            (Some(message), _) => message,
+            (None, Some(kind)) if is_message(&&kind) => kind,
+            (None, kind) => {
+                let lines = || self.text.lines().map(str::trim);
+                // `ValueError` + a Python trace: its "ValueError: bad" line.
+                let of_kind = kind.as_deref().and_then(|k| {
+                    lines().find(|l| l.strip_prefix(k).is_some_and(|r| r.starts_with(':')))
+                });
+                let line = of_kind
+                    .or_else(|| lines().find(|l| !l.is_empty() && !is_trace_header(l)))
+                    .unwrap_or("");
+                match (line, kind) {
+                    ("", Some(kind)) => kind,
+                    (line, _) => cut(line, MAX_MESSAGE_BYTES).to_owned(),
+                }
             }
         };
         TestCase {
@@ -546,17 +568,13 @@ impl<'a> Parser<'a> {
         let Some(name) = name else {
             return Err(JunitErrorKind::MissingName { at: self.at(start) });
         };
-        let name = if classname.is_empty() {
-            name
-        } else {
-            let full = format!("{classname}.{name}");
-            cut(&full, MAX_NAME_BYTES).to_owned()
-        };
+        let name = cut(&joined(classname, &name), MAX_NAME_BYTES).to_owned();
         self.case = Some(CaseBuilder {
             name,
             time_ms,
             status: TestStatus::Passed,
             message: None,
+            kind: None,
             text: String::new(),
         });
         Ok(())
@@ -578,19 +596,21 @@ impl<'a> Parser<'a> {
         if !decides {
             return Frame::Outcome { collect: false };
         }
-        let message = match status {
+        let attr = |name: &[u8]| match status {
             TestStatus::Skipped => None,
             _ => attrs
                 .iter()
-                .find(|(key, _)| *key == b"message")
-                .map(|(_, value)| value.trim())
-                .filter(|value| !value.is_empty())
-                .map(|value| cut(value, MAX_MESSAGE_BYTES).to_owned()),
+                .find(|(key, _)| *key == name)
+                .map(|(_, value)| first_lines(value))
+                .filter(|value| !value.is_empty()),
         };
+        let message = attr(b"message");
+        let kind = attr(b"type");
         let collect = status != TestStatus::Skipped && message.is_none();
         if let Some(case) = &mut self.case {
             case.status = status;
             case.message = message;
+            case.kind = kind;
             case.text.clear();
         }
         Frame::Outcome { collect }
@@ -747,6 +767,43 @@ fn cut(s: &str, max: usize) -> &str {
         end -= 1;
     }
     &s[..end]
+}
+
+/// A case's full name, `classname.name`, without saying a suite twice: a
+/// runner whose `name` already starts with the class name (or with its last
+/// parts: `tests.TestX` + `TestX.test_a`) gives `tests.TestX.test_a`, not
+/// `tests.TestX.TestX.test_a`.
+fn joined(classname: &str, name: &str) -> String {
+    if classname.is_empty() {
+        return name.to_owned();
+    }
+    let class: Vec<&str> = classname.split('.').collect();
+    let parts: Vec<&str> = name.split('.').collect();
+    // The longest tail of the class name that the name starts with (the
+    // name keeps at least one part of its own).
+    let overlap = (1..=class.len().min(parts.len().saturating_sub(1)))
+        .rev()
+        .find(|&k| {
+            class[class.len() - k..] == parts[..k] && parts[..k].iter().all(|p| !p.is_empty())
+        })
+        .unwrap_or(0);
+    let mut full = class;
+    full.extend_from_slice(&parts[overlap..]);
+    full.join(".")
+}
+
+/// Whether a line only announces a trace to come (Lua's "stack traceback:",
+/// Python's "Traceback (most recent call last):"): not a message.
+fn is_trace_header(line: &str) -> bool {
+    let lower = line.to_ascii_lowercase();
+    lower == "stack traceback:" || lower.starts_with("traceback (most recent call last)")
+}
+
+/// An attribute's text as a message: trimmed, its first non-empty line (the
+/// rest of a multi-line attribute is a trace), cut to the message cap.
+fn first_lines(value: &str) -> String {
+    let line = value.lines().map(str::trim).find(|l| !l.is_empty());
+    cut(line.unwrap_or(""), MAX_MESSAGE_BYTES).to_owned()
 }
 
 /// A JUnit `time` attribute (seconds, fractional) in milliseconds; anything
@@ -946,6 +1003,57 @@ E       ZeroDivisionError: division by zero</failure>
         // An empty message attribute falls back to the text too.
         let xml = b"<testsuite><testcase name=\"t\"><failure message=\"\">first\nsecond</failure></testcase></testsuite>";
         assert_eq!(parse("t.xml", xml).unwrap()[0].message, "first");
+    }
+
+    #[test]
+    fn a_message_in_the_type_attribute_is_the_message() {
+        // A runner (busted-style) that puts the message in `type` and a
+        // Lua traceback in the text: the message, not "stack traceback:".
+        let xml = br#"<testsuite><testcase classname="spec" name="adds"><failure type="spec/add_spec.lua:3: Expected objects to be the same.&#10;Passed in: (number) 5">stack traceback:
+	spec/add_spec.lua:3: in function &lt;spec/add_spec.lua:2&gt;</failure></testcase></testsuite>"#;
+        let cases = parse("t.xml", xml).unwrap();
+        assert_eq!(
+            cases[0].message,
+            "spec/add_spec.lua:3: Expected objects to be the same."
+        );
+        // A bare class name in `type` is not a message: the text says more.
+        let xml = b"<testsuite><testcase name=\"t\"><error type=\"ValueError\">Traceback (most recent call last):\n  File \"x.py\", line 1\nValueError: bad</error></testcase></testsuite>";
+        assert_eq!(parse("t.xml", xml).unwrap()[0].message, "ValueError: bad");
+        // With nothing else, the bare type still says something.
+        let xml = b"<testsuite><testcase name=\"t\"><failure type=\"AssertionError\"/></testcase></testsuite>";
+        assert_eq!(parse("t.xml", xml).unwrap()[0].message, "AssertionError");
+        // A header-only text is skipped for the next line.
+        let xml = b"<testsuite><testcase name=\"t\"><failure>stack traceback:\n  boom.lua:1: oops</failure></testcase></testsuite>";
+        assert_eq!(parse("t.xml", xml).unwrap()[0].message, "boom.lua:1: oops");
+        // A multi-line message attribute is cut to its first line.
+        let xml = b"<testsuite><testcase name=\"t\"><failure message=\"assert 1 == 2&#10;  where 1 = f()\"/></testcase></testsuite>";
+        assert_eq!(parse("t.xml", xml).unwrap()[0].message, "assert 1 == 2");
+    }
+
+    #[test]
+    fn a_name_that_holds_its_class_is_not_doubled() {
+        let xml = br#"<testsuite name="TestParser">
+  <testcase classname="TestParser" name="TestParser.test_x"/>
+  <testcase classname="tests.test_parse.TestParser" name="TestParser.test_y"/>
+  <testcase classname="tests.TestParser" name="test_z"/>
+  <testcase classname="TestParser" name="TestParser"/>
+  <testcase classname="a.b" name="b.c.d"/>
+</testsuite>"#;
+        let names: Vec<String> = parse("t.xml", xml)
+            .unwrap()
+            .into_iter()
+            .map(|c| c.name)
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "TestParser.test_x",
+                "tests.test_parse.TestParser.test_y",
+                "tests.TestParser.test_z",
+                "TestParser.TestParser",
+                "a.b.c.d",
+            ]
+        );
     }
 
     #[test]

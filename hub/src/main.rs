@@ -36,6 +36,9 @@ mod logs;
 
 mod junit;
 
+// What a run's output says: output patterns, excerpts for mails.
+mod output;
+
 // Builds, runs, series and the transitions they cause.
 mod results;
 

@@ -5,11 +5,13 @@
 
 use std::fs;
 use std::path::PathBuf;
+use std::time::Duration;
 
+use serde_json::Value;
 use tempfile::TempDir;
 
 use crate::smtp::SmtpSink;
-use crate::{git, temp_dir};
+use crate::{Hub, git, s, temp_dir, wait_for};
 
 /// The transition kinds as the CLI's `--json` prints them.
 pub const WENT_RED: &str = "went_red";
@@ -223,5 +225,33 @@ retry_first = "200ms"
 retry_max = "1s"
 "#,
         sink.port()
+    )
+}
+
+/// The status cell of `project` in `status --json`'s answer.
+pub fn cell(status: &Value, project: &str) -> Value {
+    status["cells"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| s(c, "project") == project)
+        .unwrap_or_else(|| panic!("no cell for {project} in {status:#}"))
+        .clone()
+}
+
+/// Waits (up to `within`) until `project`'s newest run tested upstream
+/// `commit` and has finished with `want` ("green", "red" or "error"), its
+/// verdict no longer held for its re-runs (a went red or fixed counts once
+/// they class it); its cell.
+pub fn wait_run(hub: &Hub, project: &str, commit: &str, want: &str, within: Duration) -> Value {
+    wait_for(
+        within,
+        &format!("{project} to be {want} at {commit}"),
+        || {
+            let c = cell(&hub.cli_json(&["status", "--json"]), project);
+            let held = s(&c["run"], "confirmation") == "awaiting";
+            (s(&c["run"], "upstream_commit") == commit && s(&c, "status") == want && !held)
+                .then_some(c)
+        },
     )
 }

@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use serde_json::Value;
 use trunkfarm_e2e::farm::{
-    ADDER_TESTS, FIXED, RUNTIME, Repos, STILL_GREEN, STILL_RED, WENT_RED, broken_runtime, smtp_toml,
+    self, ADDER_TESTS, FIXED, RUNTIME, Repos, STILL_GREEN, STILL_RED, WENT_RED, broken_runtime,
+    cell, smtp_toml,
 };
 use trunkfarm_e2e::{Agent, Hub, git, s, u, wait_for};
 
@@ -36,26 +37,11 @@ fn status(hub: &Hub) -> Value {
     hub.cli_json(&["status", "--json"])
 }
 
-/// The status cell of `project` (against upstream `rt`).
-fn cell(status: &Value, project: &str) -> Value {
-    status["cells"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| s(c, "project") == project)
-        .unwrap_or_else(|| panic!("no cell for {project} in {status:#}"))
-        .clone()
-}
-
 /// Waits until `project`'s newest run tested upstream `commit` and has
 /// finished with `want` ("green", "red" or "error"), its verdict no longer
 /// held for its re-runs (a went red or fixed counts once they class it).
 fn wait_run(hub: &Hub, project: &str, commit: &str, want: &str) -> Value {
-    wait_for(STEP, &format!("{project} to be {want} at {commit}"), || {
-        let c = cell(&status(hub), project);
-        let held = s(&c["run"], "confirmation") == "awaiting";
-        (s(&c["run"], "upstream_commit") == commit && s(&c, "status") == want && !held).then_some(c)
-    })
+    farm::wait_run(hub, project, commit, want, STEP)
 }
 
 fn transitions(hub: &Hub, project: &str) -> Vec<Value> {

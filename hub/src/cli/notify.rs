@@ -231,6 +231,16 @@ pub(super) async fn mail(cfg: &HubConfig, command: MailCommand) -> anyhow::Resul
                         m.last_error,
                         when(m.next_attempt_at_ms)
                     );
+                } else if m.state == MailState::Pending as i32
+                    && m.attempts == 0
+                    && m.next_attempt_at_ms > 0
+                {
+                    // Only a went-red mail waiting for its bisection is
+                    // due later without having been tried.
+                    println!(
+                        "         held for the bisection's first bad commit until {}",
+                        when(m.next_attempt_at_ms)
+                    );
                 }
             }
         }

@@ -112,6 +112,11 @@ pub(crate) struct NotifySection {
     /// How long an unsubscribe link in a mail stays valid.
     #[serde(deserialize_with = "de::duration")]
     pub(crate) link_ttl: Duration,
+    /// How long a went-red mail waits for its range's bisection to name
+    /// the first bad commit before it goes out with what is known (zero:
+    /// it never waits).
+    #[serde(deserialize_with = "de::duration")]
+    pub(crate) bisect_wait: Duration,
 }
 
 impl Default for NotifySection {
@@ -126,6 +131,7 @@ impl Default for NotifySection {
             retry_max: Duration::from_secs(60 * 60),
             log_tail_lines: 40,
             link_ttl: Duration::from_secs(180 * DAY),
+            bisect_wait: Duration::from_secs(30 * 60),
         }
     }
 }

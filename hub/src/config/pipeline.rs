@@ -14,6 +14,8 @@ use serde::Deserialize;
 use trunkfarm_proto::settings::{Problem, fmt_bytes, fmt_duration};
 
 use super::{MIB, de};
+use crate::output::Pattern;
+use crate::results::Class;
 
 /// The platform a build or test runs on when an entry names none: the
 /// platform label agents derive from `os-arch`.
@@ -57,6 +59,10 @@ pub(crate) struct UpstreamConfig {
     /// the same commit gave the same artifact hash.
     #[serde(default)]
     pub(crate) build_on: BuildOn,
+    /// The author of a commit a bisection finds to be the first bad one
+    /// gets one mail per commit, listing the projects it broke.
+    #[serde(default)]
+    pub(crate) notify_authors: bool,
 }
 
 /// `[[upstream]] build_on`: who may build a runtime.
@@ -159,6 +165,18 @@ pub(crate) struct ProjectConfig {
     /// repeat it: one that does not makes the result flaky).
     #[serde(default = "default_confirm_runs", deserialize_with = "de::count")]
     pub(crate) confirm_runs: u32,
+    /// A regular expression over the run's output: where it matches, the
+    /// run is red whatever its exit code (suites that exit 0 on failure).
+    #[serde(default)]
+    pub(crate) fail_pattern: Option<Pattern>,
+    /// A regular expression the output of a passing run must match: where
+    /// it matches nothing, the run is red.
+    #[serde(default)]
+    pub(crate) pass_pattern: Option<Pattern>,
+    /// Which classes of went-red results are mailed (a result no class was
+    /// given to is mailed as always).
+    #[serde(default = "default_mail_classes")]
+    pub(crate) mail_classes: Vec<Class>,
 }
 
 /// `[artifacts]`: the runtime artifacts the hub stores.
@@ -224,6 +242,9 @@ impl Default for PipelineSection {
     }
 }
 
+fn default_mail_classes() -> Vec<Class> {
+    vec![Class::Regressed, Class::ProjectSide, Class::Suspicious]
+}
 fn default_branch() -> String {
     "main".into()
 }
@@ -347,6 +368,7 @@ pub(super) fn problems(
         check_emails(&at("maintainers"), &p.maintainers)?;
         check_labels(&at("labels"), &p.labels)?;
         check_env(&at("env"), &p.env)?;
+        check_mail_classes(&at("mail_classes"), &p.mail_classes)?;
     }
     if artifacts.keep < 1 {
         return Err(Problem::new(
@@ -551,6 +573,23 @@ fn check_emails(key: &str, emails: &[String]) -> Result<(), Problem> {
     Ok(())
 }
 
+/// Classes a went-red result can have: flaky and spurious results leave
+/// their series as it was, so there is nothing to mail.
+fn check_mail_classes(key: &str, classes: &[Class]) -> Result<(), Problem> {
+    for class in classes {
+        if matches!(class, Class::Flaky | Class::Spurious) {
+            return Err(Problem::new(
+                key.to_owned(),
+                format!(
+                    "{:?} results never turn a project red, so they are never mailed; choose from \"regressed\", \"project_side\", \"broken\" and \"suspicious\"",
+                    class.word()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn check_relative(key: &str, path: &str) -> Result<(), Problem> {
     let p = std::path::Path::new(path);
     let escapes = p.components().any(|c| {
@@ -585,5 +624,51 @@ impl ProjectConfig {
             .filter(|p| self.platforms.is_empty() || self.platforms.contains(p))
             .map(String::as_str)
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::HubConfig;
+
+    /// One upstream and one project with `keys` added to the project.
+    fn project_with(keys: &str) -> Result<HubConfig, String> {
+        let text = format!(
+            "[[upstream]]\nname = \"rt\"\nurl = \"https://example.org/rt.git\"\nbuild = [\"make\"]\n\n[[project]]\nname = \"quiet\"\nurl = \"https://example.org/quiet.git\"\ntest = [\"sh test.sh\"]\n{keys}\n"
+        );
+        HubConfig::from_toml(&text, None).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn output_patterns_are_checked_when_the_config_is_read() {
+        let c = project_with("fail_pattern = '^\\[fail\\]'\npass_pattern = 'OK'").unwrap();
+        let p = &c.projects[0];
+        assert_eq!(
+            p.fail_pattern.as_ref().map(|p| p.as_str()),
+            Some("^\\[fail\\]")
+        );
+        assert_eq!(p.pass_pattern.as_ref().map(|p| p.as_str()), Some("OK"));
+        let e = project_with("fail_pattern = '[fail'").unwrap_err();
+        assert!(e.contains("project[0].fail_pattern"), "{e}");
+        assert!(e.contains("\"[fail\" is not a regular expression"), "{e}");
+        assert!(project_with("pass_pattern = 3").is_err());
+    }
+
+    #[test]
+    fn mail_classes_default_and_refuse_what_never_goes_red() {
+        use crate::results::Class;
+        let c = project_with("").unwrap();
+        assert_eq!(
+            c.projects[0].mail_classes,
+            [Class::Regressed, Class::ProjectSide, Class::Suspicious]
+        );
+        assert!(!c.upstreams[0].notify_authors);
+        let c = project_with("mail_classes = [\"broken\"]").unwrap();
+        assert_eq!(c.projects[0].mail_classes, [Class::Broken]);
+        let e = project_with("mail_classes = [\"flaky\"]").unwrap_err();
+        assert!(e.contains("project[0].mail_classes"), "{e}");
+        assert!(e.contains("never turn a project red"), "{e}");
+        let e = project_with("mail_classes = [\"sometimes\"]").unwrap_err();
+        assert!(e.contains("regressed"), "{e}");
     }
 }

@@ -285,6 +285,12 @@ impl Dispatcher {
         self.shared.table.ack_inbox(ids)
     }
 
+    /// The job logs it stores (the pipeline's intake reads a finished
+    /// run's output there: `fail_pattern` / `pass_pattern`).
+    pub(crate) fn logs(&self) -> &Arc<JobLogs> {
+        &self.shared.logs
+    }
+
     /// Notified whenever a job finished (so the pipeline's inbox may hold
     /// something new).
     pub(crate) fn finished_signal(&self) -> Arc<tokio::sync::Notify> {

@@ -181,8 +181,10 @@ fn expected(children: &[Node], out: &mut Vec<(String, TestStatus)>) {
                 let name = if classname.is_empty() {
                     name
                 } else {
+                    // Joined without doubling the class (unit-tested in
+                    // `a_name_that_holds_its_class_is_not_doubled`).
                     keep(
-                        &format!("{}.{name}", keep(classname, MAX_NAME_BYTES)),
+                        &super::joined(&keep(classname, MAX_NAME_BYTES), &name),
                         MAX_NAME_BYTES,
                     )
                 };

@@ -17,7 +17,16 @@
 //! unsubscribed; `m/<id>` → [`OutMail`] (JSON); `q/<id>` → empty: pending;
 //! `e/<event>/<email>` → the mail's id (8 bytes, big-endian);
 //! `r/<went-red id>` → reminders sent (JSON number); `g/<upstream>/<email>` →
-//! last digest period (JSON number). The records are this module's own
+//! last digest period (JSON number); `a/<commit>/<transition id>` →
+//! [`AuthorMark`]: a bisection found `commit` to break the transition's
+//! project, its author not yet mailed (`notify_authors`).
+//!
+//! A went-red mail whose culprit range is being bisected (`Transition.bisect`
+//! running) is queued *held*: due `notify.bisect_wait` later, saying what is
+//! known. When the bisection ends ([`TransitionSink::stage_bisected`], in
+//! the transition's update), a held mail not yet due is re-rendered with the
+//! result and released; one that may be out already gets one follow-up in
+//! its thread (event `bisect.<id>`). The records are this module's own
 //! serde types (`record.rs`, [`OutMail`]), not proto messages: the admin API
 //! converts them to its wire types, so a field added to the .proto does not
 //! change what is stored.
@@ -43,7 +52,8 @@ use trunkfarm_proto::v1::{MailState, TransitionKind};
 
 use crate::config::{HubConfig, NotifySection, ProjectConfig, UpstreamConfig};
 use crate::logs::JobLogs;
-use crate::results::{Results, Transition, TransitionSink};
+use crate::output;
+use crate::results::{BisectState, Class, Commit, Results, RunInfo, Transition, TransitionSink};
 use crate::store::{Store, StoreError, Table, id_key, now_ms, trees};
 use deliver::{Failure, Mailer, Transport};
 pub(crate) use record::{MailInfo, Subscription};
@@ -59,6 +69,42 @@ const TICK: Duration = Duration::from_secs(30);
 
 /// Mails the sender takes per round.
 const SEND_BATCH: usize = 32;
+
+/// A held mail due later than this is surely not being delivered: the end
+/// of its bisection re-renders it in place. One due sooner may be out
+/// already, so it gets a follow-up instead.
+const RELEASE_MARGIN_MS: u64 = 1_000;
+
+/// What a mail about a transition is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum About {
+    /// The transition itself: went red, fixed.
+    Transition,
+    /// A reminder of a red series: days red, its number.
+    Reminder(u64, u32),
+    /// The follow-up of a went-red mail, once its bisection ended.
+    Bisected,
+}
+
+/// A first bad commit whose author is to be mailed (`a/<sha>/<id>`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
+struct AuthorMark {
+    upstream: String,
+    project: String,
+    platform: String,
+    /// The went-red run.
+    job_id: u64,
+    commit: Commit,
+}
+
+/// What a went-red mail shows of why: failing tests' messages and the log.
+#[derive(Default)]
+struct Evidence {
+    /// The run (without its cases): failing tests with messages, counts.
+    run: Option<RunInfo>,
+    log: render::Quote,
+}
 
 /// Why the notifier could not start. The messages name the file or key to fix.
 #[derive(Debug, thiserror::Error)]
@@ -160,9 +206,9 @@ fn pending_key(id: u64) -> String {
 /// apply (JSON values already encoded by the [`Table`]).
 type Writes = Vec<(Vec<u8>, Vec<u8>)>;
 
-/// How many mails `writes` queue.
+/// How many mails `writes` queue (a mail changed in place is not counted).
 fn mails_in(writes: &Writes) -> usize {
-    writes.iter().filter(|(k, _)| k.starts_with(b"m/")).count()
+    writes.iter().filter(|(k, _)| k.starts_with(b"q/")).count()
 }
 
 /// A short, stable tag of an address for Message-IDs (no address in headers
@@ -292,12 +338,254 @@ impl Notifier {
     /// The outbox entries for transition `t` (see [`Notifier::stage`]).
     fn transition_writes(&self, t: &Transition) -> Result<Writes, StoreError> {
         let kind = TransitionKind::try_from(t.kind).unwrap_or(TransitionKind::Unspecified);
-        match kind {
-            TransitionKind::WentRed | TransitionKind::Fixed => {
-                self.mails_for(t, &format!("t{}", t.id), None)
-            }
-            _ => Ok(Vec::new()),
+        let mailed = match kind {
+            TransitionKind::WentRed => self.mails_class(t),
+            // A fixed is mailed when its red spell was.
+            TransitionKind::Fixed => match t.red_since_id {
+                0 => true,
+                id => self
+                    .inner
+                    .results
+                    .transition(id)?
+                    .is_none_or(|red| self.mails_class(&red)),
+            },
+            _ => false,
+        };
+        if !mailed {
+            return Ok(Vec::new());
         }
+        let mut writes = Writes::new();
+        if kind == TransitionKind::Fixed && t.red_since_id != 0 {
+            // A went-red mail still held for its bisection goes first: the
+            // fixed answers it.
+            for mut red in self.red_mails(t.red_since_id)? {
+                if self.held(&red) {
+                    red.info.next_attempt_at_ms = 0;
+                    let key = mail_key(red.info.id).into_bytes();
+                    writes.push((key, self.inner.table.encode(&red)?));
+                }
+            }
+        }
+        writes.extend(self.mails_for(t, &format!("t{}", t.id), About::Transition)?);
+        Ok(writes)
+    }
+
+    /// The went-red mails of transition `id`, one per recipient.
+    fn red_mails(&self, id: u64) -> Result<Vec<OutMail>, StoreError> {
+        let s = &self.inner;
+        let mut out = Vec::new();
+        for item in s.table.scan_raw(format!("e/t{id}/")) {
+            let (_, id) = item?;
+            let Ok(id) = <[u8; 8]>::try_from(id.as_ref()).map(u64::from_be_bytes) else {
+                continue;
+            };
+            if let Some(mail) = s.table.get::<OutMail>(mail_key(id))? {
+                out.push(mail);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Whether `mail` is pending and due far enough ahead that the sender
+    /// cannot be delivering it ([`RELEASE_MARGIN_MS`]): it may be changed
+    /// in place.
+    fn held(&self, mail: &OutMail) -> bool {
+        mail.info.state == MailState::Pending as i32
+            && mail.info.next_attempt_at_ms > self.now() + RELEASE_MARGIN_MS
+    }
+
+    /// Whether a went-red of `t`'s class is mailed: its project's
+    /// `mail_classes` (a result without a class, from before classes, is;
+    /// flaky and spurious ones never are).
+    fn mails_class(&self, t: &Transition) -> bool {
+        match t.class {
+            None => true,
+            Some(Class::Flaky | Class::Spurious) => false,
+            Some(class) => self
+                .inner
+                .projects
+                .iter()
+                .find(|p| p.name == t.project)
+                .is_none_or(|p| p.mail_classes.contains(&class)),
+        }
+    }
+
+    /// Stages into `batch` what the end of `t`'s bisection causes (see
+    /// [`TransitionSink::stage_bisected`]): each recipient's went-red mail
+    /// re-rendered with the result and released when it is still held, else
+    /// one follow-up in its thread; and, when a first bad commit was found
+    /// and the upstream says `notify_authors`, the mark that mails its
+    /// author. Staging again queues nothing twice. Returns the mails staged
+    /// or changed.
+    pub(crate) fn stage_bisected(
+        &self,
+        t: &Transition,
+        batch: &mut sled::Batch,
+    ) -> Result<usize, StoreError> {
+        let writes = self.bisected_writes(t)?;
+        let mails = writes.iter().filter(|(k, _)| k.starts_with(b"m/")).count();
+        for (k, v) in writes {
+            batch.insert(k, v);
+        }
+        Ok(mails)
+    }
+
+    /// The writes of [`Notifier::stage_bisected`].
+    fn bisected_writes(&self, t: &Transition) -> Result<Writes, StoreError> {
+        let s = &self.inner;
+        let mut writes = Writes::new();
+        let Some(b) = t
+            .bisect
+            .as_ref()
+            .filter(|b| b.state != BisectState::Running)
+        else {
+            return Ok(writes);
+        };
+        let follow_up = format!("bisect.{}", t.id);
+        let mut evidence = None;
+        for red in self.red_mails(t.id)? {
+            let id = red.info.id;
+            let evidence = match &mut evidence {
+                Some(e) => &*e,
+                None => evidence.insert(self.evidence(t, About::Bisected)?),
+            };
+            let i = &red.info;
+            let pending = i.state == MailState::Pending as i32;
+            if self.held(&red) {
+                // Still held (or waiting to retry): it goes now, and says it.
+                let mut mail = self.transition_mail(
+                    t,
+                    i.id,
+                    &i.event,
+                    About::Transition,
+                    &i.to,
+                    red.unsubscribe_url.clone(),
+                    evidence,
+                );
+                mail.info.created_at_ms = i.created_at_ms;
+                mail.info.attempts = i.attempts;
+                mail.info.last_error = i.last_error.clone();
+                writes.push((mail_key(id).into_bytes(), s.table.encode(&mail)?));
+                // It says the result: no follow-up is due for it.
+                writes.push((
+                    event_key(&follow_up, &i.to).into_bytes(),
+                    id.to_be_bytes().to_vec(),
+                ));
+            } else if (pending || i.state == MailState::Sent as i32)
+                && !s.table.contains(event_key(&follow_up, &i.to))?
+            {
+                let id = s.table.store().next_id()?;
+                let mail = self.transition_mail(
+                    t,
+                    id,
+                    &follow_up,
+                    About::Bisected,
+                    &i.to,
+                    red.unsubscribe_url.clone(),
+                    evidence,
+                );
+                self.queue(&mut writes, &mail)?;
+            }
+        }
+        let notify_authors = s
+            .upstreams
+            .iter()
+            .any(|u| u.name == t.upstream && u.notify_authors);
+        if let (BisectState::Found, Some(c), true) = (b.state, &b.first_bad, notify_authors)
+            && !t.project.is_empty()
+            && self.mails_class(t)
+        {
+            let mark = AuthorMark {
+                upstream: t.upstream.clone(),
+                project: t.project.clone(),
+                platform: t.platform.clone(),
+                job_id: t.job_id,
+                commit: c.clone(),
+            };
+            let key = format!("a/{}/{}", c.sha, id_key(t.id));
+            writes.push((key.into_bytes(), s.table.encode(&mark)?));
+        }
+        Ok(writes)
+    }
+
+    /// Queues one mail to the author of each first bad commit marked since
+    /// (`a/…`), listing every project marked for it; a commit whose author
+    /// was mailed before is not mailed again. The marks go in the same
+    /// write.
+    async fn mail_authors(&self) -> Result<usize, StoreError> {
+        let s = &self.inner;
+        // Keyed by commit first: each commit's marks are neighbours.
+        let all: Vec<(sled::IVec, AuthorMark)> =
+            s.table.scan::<AuthorMark>("a/").collect::<Result<_, _>>()?;
+        let mut queued = 0;
+        for marks in all.chunk_by(|(_, a), (_, b)| a.commit.sha == b.commit.sha) {
+            let mut writes = Writes::new();
+            let mut batch = sled::Batch::default();
+            for (k, _) in marks {
+                batch.remove(k);
+            }
+            let first = &marks[0].1;
+            let author = first
+                .commit
+                .author
+                .parse::<lettre::message::Mailbox>()
+                .map(|m| m.email.to_string());
+            match author {
+                Err(e) => tracing::warn!(
+                    commit = %first.commit.sha,
+                    "the first bad commit's author {:?} has no address to mail ({e})",
+                    first.commit.author
+                ),
+                Ok(email) => {
+                    let event = format!("author.{}", first.commit.sha);
+                    if !s.table.contains(event_key(&event, &email))? {
+                        let mut broke: Vec<(String, String, String)> = marks
+                            .iter()
+                            .map(|(_, m)| {
+                                let url = format!("{}/runs/{}", s.public_url, m.job_id);
+                                (m.project.clone(), m.platform.clone(), url)
+                            })
+                            .collect();
+                        broke.sort();
+                        broke.dedup_by(|a, b| a.0 == b.0 && a.1 == b.1);
+                        let branch = self.branch_of(&first.upstream);
+                        let r = render::first_bad_author(
+                            &first.upstream,
+                            &branch,
+                            &first.commit,
+                            &broke,
+                        );
+                        let id = s.table.store().next_id()?;
+                        let mail = OutMail {
+                            info: MailInfo {
+                                id,
+                                to: email.clone(),
+                                subject: r.subject,
+                                state: MailState::Pending.into(),
+                                created_at_ms: self.now(),
+                                event,
+                                message_id: self.message_id("author", id, &email),
+                                ..Default::default()
+                            },
+                            text: r.text,
+                            html: r.html,
+                            unsubscribe_url: String::new(),
+                        };
+                        self.queue(&mut writes, &mail)?;
+                        queued += 1;
+                    }
+                }
+            }
+            for (k, v) in writes {
+                batch.insert(k, v);
+            }
+            s.table.apply(batch)?;
+            s.table.store().commit().await?;
+        }
+        if queued > 0 {
+            self.wake();
+        }
+        Ok(queued)
     }
 
     /// Makes the config's `maintainers` subscribers (unless they
@@ -566,85 +854,136 @@ impl Notifier {
             .unwrap_or_default()
     }
 
-    fn log_tail(&self, job_id: u64) -> String {
-        let lines = self.inner.settings.log_tail_lines as usize;
-        let Ok(chunks) = self.inner.logs.read(job_id, None) else {
-            return String::new();
-        };
-        let mut bytes = Vec::new();
-        for c in chunks {
-            bytes.extend_from_slice(&c.data);
+    /// Why `t`'s run failed, as a went-red mail (or its reminder or
+    /// follow-up) shows it: the failing tests with their JUnit messages, and
+    /// the log around the first failures (the project's `fail_pattern` or
+    /// common markers) when no test said anything, else its tail.
+    fn evidence(&self, t: &Transition, about: About) -> Result<Evidence, StoreError> {
+        let s = &self.inner;
+        let kind = TransitionKind::try_from(t.kind).unwrap_or(TransitionKind::Unspecified);
+        if kind != TransitionKind::WentRed && about == About::Transition {
+            return Ok(Evidence::default());
         }
-        let text = String::from_utf8_lossy(&bytes);
-        let all: Vec<&str> = text.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
+        let run = match t.project.is_empty() {
+            true => None,
+            false => s
+                .results
+                .run(&t.project, &t.upstream, &t.platform, t.job_id)?
+                .map(|r| r.info),
+        };
+        let failing = run.as_ref().map_or(&[][..], |r| &r.failing_tests[..]);
+        let log = output::log_text(&s.logs, t.job_id, None)?;
+        let lines = s.settings.log_tail_lines as usize;
+        let said = failing.iter().any(|c| !c.message.trim().is_empty());
+        let fail = s
+            .projects
+            .iter()
+            .find(|p| p.name == t.project)
+            .and_then(|p| p.fail_pattern.as_ref());
+        let excerpt = (!said)
+            .then(|| output::excerpt(&log, fail, lines))
+            .flatten();
+        let log = match excerpt {
+            Some(lines) => render::Quote::Excerpt(lines),
+            None => {
+                let all: Vec<&str> = log.lines().collect();
+                render::Quote::Tail(all[all.len().saturating_sub(lines)..].join("\n"))
+            }
+        };
+        Ok(Evidence { run, log })
     }
 
-    /// The outbox writes for one mail to each recipient of an event.
-    fn mails_for(
-        &self,
-        t: &Transition,
-        event: &str,
-        reminder: Option<(u64, u32)>,
-    ) -> Result<Writes, StoreError> {
+    /// The outbox writes for one mail to each recipient of an event; a
+    /// went-red mail whose range is being bisected is held
+    /// `notify.bisect_wait`.
+    fn mails_for(&self, t: &Transition, event: &str, about: About) -> Result<Writes, StoreError> {
         let kind = TransitionKind::try_from(t.kind).unwrap_or(TransitionKind::Unspecified);
         let mut writes = Vec::new();
-        let branch = self.branch_of(&t.upstream);
-        let tail = if kind == TransitionKind::WentRed || reminder.is_some() {
-            self.log_tail(t.job_id)
-        } else {
-            String::new()
-        };
+        let evidence = self.evidence(t, about)?;
+        let wait = self.inner.settings.bisect_wait.as_millis() as u64;
+        let held = about == About::Transition
+            && kind == TransitionKind::WentRed
+            && wait > 0
+            && t.bisect
+                .as_ref()
+                .is_some_and(|b| b.state == BisectState::Running);
         for (email, unsub) in self.recipients(t)? {
             if self.inner.table.contains(event_key(event, &email))? {
                 continue;
             }
             let unsubscribe_url = self.unsubscribe_url(&unsub);
-            let r = render::transition(
-                t,
-                &render::Context {
-                    branch: &branch,
-                    log_tail: &tail,
-                    public_url: &self.inner.public_url,
-                    unsubscribe_url: &unsubscribe_url,
-                    reminder,
-                },
-            );
-            let (message_id, in_reply_to) = match (kind, reminder) {
-                (_, Some((_, n))) => (
-                    self.message_id(&format!("remind{n}"), t.id, &email),
-                    self.message_id("red", t.id, &email),
-                ),
-                (TransitionKind::Fixed, _) => (
-                    self.message_id("fixed", t.id, &email),
-                    if t.red_since_id == 0 {
-                        String::new()
-                    } else {
-                        self.message_id("red", t.red_since_id, &email)
-                    },
-                ),
-                _ => (self.message_id("red", t.id, &email), String::new()),
-            };
             let id = self.inner.table.store().next_id()?;
-            let mail = OutMail {
-                info: MailInfo {
-                    id,
-                    to: email,
-                    subject: r.subject,
-                    state: MailState::Pending.into(),
-                    created_at_ms: self.now(),
-                    event: event.to_owned(),
-                    message_id,
-                    in_reply_to,
-                    ..Default::default()
-                },
-                text: r.text,
-                html: r.html,
-                unsubscribe_url,
-            };
+            let mut mail =
+                self.transition_mail(t, id, event, about, &email, unsubscribe_url, &evidence);
+            if held {
+                mail.info.next_attempt_at_ms = self.now() + wait;
+            }
             self.queue(&mut writes, &mail)?;
         }
         Ok(writes)
+    }
+
+    /// The mail `id` about `t` to `email`, pending and due now.
+    #[allow(clippy::too_many_arguments)]
+    fn transition_mail(
+        &self,
+        t: &Transition,
+        id: u64,
+        event: &str,
+        about: About,
+        email: &str,
+        unsubscribe_url: String,
+        evidence: &Evidence,
+    ) -> OutMail {
+        let kind = TransitionKind::try_from(t.kind).unwrap_or(TransitionKind::Unspecified);
+        let branch = self.branch_of(&t.upstream);
+        let r = render::transition(
+            t,
+            &render::Context {
+                branch: &branch,
+                log: &evidence.log,
+                run: evidence.run.as_ref(),
+                public_url: &self.inner.public_url,
+                unsubscribe_url: &unsubscribe_url,
+                reminder: match about {
+                    About::Reminder(days, n) => Some((days, n)),
+                    _ => None,
+                },
+                follow_up: about == About::Bisected,
+            },
+        );
+        let red = || self.message_id("red", t.id, email);
+        let (message_id, in_reply_to) = match (about, kind) {
+            (About::Reminder(_, n), _) => {
+                (self.message_id(&format!("remind{n}"), t.id, email), red())
+            }
+            (About::Bisected, _) => (self.message_id("bisect", t.id, email), red()),
+            (About::Transition, TransitionKind::Fixed) => (
+                self.message_id("fixed", t.id, email),
+                if t.red_since_id == 0 {
+                    String::new()
+                } else {
+                    self.message_id("red", t.red_since_id, email)
+                },
+            ),
+            (About::Transition, _) => (red(), String::new()),
+        };
+        OutMail {
+            info: MailInfo {
+                id,
+                to: email.to_owned(),
+                subject: r.subject,
+                state: MailState::Pending.into(),
+                created_at_ms: self.now(),
+                event: event.to_owned(),
+                message_id,
+                in_reply_to,
+                ..Default::default()
+            },
+            text: r.text,
+            html: r.html,
+            unsubscribe_url,
+        }
     }
 
     /// The writes that queue `mail` (its id, event and recipient set): the
@@ -881,6 +1220,9 @@ impl Notifier {
             if let Err(e) = self.digest().await {
                 tracing::error!("digests: {e}");
             }
+            if let Err(e) = self.mail_authors().await {
+                tracing::error!("mails to first bad commits' authors: {e}");
+            }
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(self.tick()) => {}
@@ -905,6 +1247,9 @@ impl Notifier {
         let now = self.now();
         let mut queued = 0;
         for (_, t) in s.results.red_series()? {
+            if !self.mails_class(&t) {
+                continue;
+            }
             let key = format!("r/{}", id_key(t.id));
             let sent: u32 = s.table.get(&key)?.unwrap_or(0);
             let after = s.settings.reminder_after.as_millis() as u64;
@@ -915,7 +1260,8 @@ impl Notifier {
             }
             let n = sent + 1;
             let days = (now.saturating_sub(t.at_ms)) / 86_400_000;
-            let mut writes = self.mails_for(&t, &format!("remind{n}.{}", t.id), Some((days, n)))?;
+            let mut writes =
+                self.mails_for(&t, &format!("remind{n}.{}", t.id), About::Reminder(days, n))?;
             queued += mails_in(&writes);
             writes.push((key.into_bytes(), s.table.encode(&n)?));
             self.apply(writes).await?;
@@ -946,6 +1292,9 @@ impl Notifier {
                     let went_red = s.results.transitions(10_000, |t| {
                         t.upstream == sub.upstream
                             && t.kind == TransitionKind::WentRed as i32
+                            // What the upstream broke: not a project's own.
+                            && self.mails_class(t)
+                            && !matches!(t.class, Some(Class::ProjectSide | Class::Broken))
                             && t.at_ms >= from
                             && t.at_ms < to
                     })?;
@@ -1007,5 +1356,9 @@ impl TransitionSink for Notifier {
 
     fn stage(&self, t: &Transition, batch: &mut sled::Batch) -> Result<(), StoreError> {
         Notifier::stage(self, t, batch).map(|_mails| ())
+    }
+
+    fn stage_bisected(&self, t: &Transition, batch: &mut sled::Batch) -> Result<(), StoreError> {
+        Notifier::stage_bisected(self, t, batch).map(|_mails| ())
     }
 }

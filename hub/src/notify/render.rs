@@ -16,21 +16,41 @@ use std::fmt::Write as _;
 use trunkfarm_proto::v1::TransitionKind;
 
 use crate::commit::short;
-use crate::results::{Commit, Transition};
+use crate::results::{BisectState, Class, Commit, RunInfo, TestCase, Transition};
 use crate::web::escape;
+
+/// Failing tests whose messages a mail quotes.
+const QUOTED_TESTS: usize = 10;
 
 /// Everything a mail about one transition needs besides the transition.
 pub(crate) struct Context<'a> {
     /// The upstream's branch (for "cpython main 3f2a9c1").
     pub(crate) branch: &'a str,
-    /// The last lines of the failing job's log.
-    pub(crate) log_tail: &'a str,
+    /// What a went-red mail quotes of the failing job's log.
+    pub(crate) log: &'a Quote,
+    /// The failing run (its failing tests' JUnit messages are quoted before
+    /// the log; a suspicious one's test counts are shown).
+    pub(crate) run: Option<&'a RunInfo>,
     /// Base URL of the hub's web endpoint (no trailing slash).
     pub(crate) public_url: &'a str,
     /// The recipient's one-click unsubscribe link.
     pub(crate) unsubscribe_url: &'a str,
     /// For a reminder: how many days red, and the reminder's number.
     pub(crate) reminder: Option<(u64, u32)>,
+    /// The follow-up of a went-red mail, once its bisection ended.
+    pub(crate) follow_up: bool,
+}
+
+/// The lines of a job's log a mail quotes.
+#[derive(Debug, Default)]
+pub(crate) enum Quote {
+    /// Nothing (no log, or not a went-red mail).
+    #[default]
+    Nothing,
+    /// The lines around the first failures (fail pattern or markers).
+    Excerpt(String),
+    /// The last lines.
+    Tail(String),
 }
 
 /// Subject, text and HTML of a mail.
@@ -59,11 +79,18 @@ pub(crate) fn transition(t: &Transition, ctx: &Context<'_>) -> Rendered {
         (TransitionKind::StillRed, _) => "still red".to_owned(),
         _ => "still green".to_owned(),
     };
+    let project_side = t.class == Some(Class::ProjectSide);
     let subject = if t.project.is_empty() {
         format!(
             "[trunkfarm] {subject_of} {what} on {} at {}",
             t.platform,
             short(&t.upstream_commit)
+        )
+    } else if project_side {
+        format!(
+            "[trunkfarm] {subject_of} {what} on {}: its own commit {}",
+            t.platform,
+            short(&t.project_commit)
         )
     } else {
         format!(
@@ -81,6 +108,15 @@ pub(crate) fn transition(t: &Transition, ctx: &Context<'_>) -> Rendered {
     } else {
         format!("{}/projects/{}", ctx.public_url, t.project)
     };
+    let subject = if ctx.follow_up {
+        format!("Re: {subject}")
+    } else {
+        subject
+    };
+    if ctx.follow_up {
+        let _ = writeln!(text, "{}", bisection_ended(t));
+        let _ = writeln!(text);
+    }
     let _ = writeln!(
         text,
         "{subject_of} {what} on {} with {} {} {}.",
@@ -89,30 +125,104 @@ pub(crate) fn transition(t: &Transition, ctx: &Context<'_>) -> Rendered {
         ctx.branch,
         short(&t.upstream_commit)
     );
+    if let Some(class) = t.class {
+        let _ = writeln!(text, "Class: {}", class.word());
+        let _ = writeln!(text, "  ({})", class_means(class, &t.upstream));
+    }
     let _ = writeln!(text);
-    if kind == TransitionKind::WentRed || ctx.reminder.is_some() {
-        if t.last_green_upstream_commit.is_empty() {
+    let upstream_blamed = !matches!(t.class, Some(Class::ProjectSide | Class::Broken));
+    if (kind == TransitionKind::WentRed || ctx.reminder.is_some()) && !upstream_blamed {
+        if project_side {
+            let _ = writeln!(
+                text,
+                "The project's own commit {} broke it: it fails on the previous runtime too.",
+                short(&t.project_commit)
+            );
+            if !t.previous_project_commit.is_empty() {
+                let _ = writeln!(
+                    text,
+                    "(Its previous commit was {}.)",
+                    short(&t.previous_project_commit)
+                );
+            }
+        } else {
+            let _ = writeln!(
+                text,
+                "It fails on the previous runtime too, and the project's commit did not change:"
+            );
+            let _ = writeln!(text, "no {} commit is blamed.", t.upstream);
+        }
+        why_it_failed(&mut text, t, ctx);
+    } else if kind == TransitionKind::WentRed || ctx.reminder.is_some() {
+        let found = first_bad(t);
+        if let Some(c) = found {
+            let _ = writeln!(text, "First bad commit: {}", culprit(c));
+            let builds = t.bisect.as_ref().map_or(0, |b| b.builds);
+            let _ = writeln!(
+                text,
+                "  (found by bisecting the {} commit(s) after the last green {}; {builds} build(s))",
+                t.culprits.len(),
+                short(&t.last_green_upstream_commit)
+            );
+        } else if t.last_green_upstream_commit.is_empty() {
             let _ = writeln!(
                 text,
                 "There is no green result before this one, so the culprit range is unknown;"
             );
             let _ = writeln!(text, "the commit tested:");
         } else {
-            let _ = writeln!(
-                text,
-                "Culprit range ({} commit(s) after the last green {}):",
-                t.culprits.len(),
-                short(&t.last_green_upstream_commit)
-            );
+            match &t.bisect {
+                Some(b) if b.state == BisectState::Running => {
+                    let _ = writeln!(
+                        text,
+                        "Bisecting the {} commits after the last green {}...",
+                        t.culprits.len(),
+                        short(&t.last_green_upstream_commit)
+                    );
+                    let _ = writeln!(
+                        text,
+                        "A follow-up in this thread will name the first bad commit. The range:"
+                    );
+                }
+                Some(b) if b.state == BisectState::Range => {
+                    let _ = writeln!(
+                        text,
+                        "Bisection narrowed it to {} commits (the others did not build):",
+                        b.candidates.len()
+                    );
+                }
+                Some(b) if b.state == BisectState::GaveUp => {
+                    let _ = writeln!(text, "Bisection gave up: {}", untrusted(&b.detail));
+                    let _ = writeln!(
+                        text,
+                        "Culprit range ({} commit(s) after the last green {}):",
+                        t.culprits.len(),
+                        short(&t.last_green_upstream_commit)
+                    );
+                }
+                _ => {
+                    let _ = writeln!(
+                        text,
+                        "Culprit range ({} commit(s) after the last green {}):",
+                        t.culprits.len(),
+                        short(&t.last_green_upstream_commit)
+                    );
+                }
+            }
         }
-        for c in &t.culprits {
+        let listed = match &t.bisect {
+            _ if found.is_some() => &[][..],
+            Some(b) if b.state == BisectState::Range => &b.candidates[..],
+            _ => &t.culprits[..],
+        };
+        for c in listed {
             if c.subject.is_empty() {
                 let _ = writeln!(text, "  {}", short(&c.sha));
             } else {
                 let _ = writeln!(text, "  {}", culprit(c));
             }
         }
-        if !t.culprits_error.is_empty() {
+        if !t.culprits_error.is_empty() && found.is_none() {
             let _ = writeln!(text, "  ({})", untrusted(&t.culprits_error));
         }
         let _ = writeln!(text);
@@ -134,23 +244,7 @@ pub(crate) fn transition(t: &Transition, ctx: &Context<'_>) -> Rendered {
                 }
             );
         }
-        if !t.newly_failing.is_empty() {
-            let _ = writeln!(text);
-            let _ = writeln!(text, "Newly failing tests:");
-            for name in t.newly_failing.iter().take(50) {
-                let _ = writeln!(text, "  {}", untrusted(name));
-            }
-            if t.newly_failing.len() > 50 {
-                let _ = writeln!(text, "  ... and {} more", t.newly_failing.len() - 50);
-            }
-        }
-        if !ctx.log_tail.trim().is_empty() {
-            let _ = writeln!(text);
-            let _ = writeln!(text, "Last lines of the log:");
-            for line in untrusted(ctx.log_tail).lines() {
-                let _ = writeln!(text, "  | {line}");
-            }
-        }
+        why_it_failed(&mut text, t, ctx);
     } else if kind == TransitionKind::Fixed {
         let _ = writeln!(text, "It is green again with this commit.");
     }
@@ -169,6 +263,152 @@ pub(crate) fn transition(t: &Transition, ctx: &Context<'_>) -> Rendered {
         &[&run_url, &history_url, ctx.unsubscribe_url],
         ctx.unsubscribe_url,
     );
+    Rendered {
+        subject,
+        text,
+        html,
+    }
+}
+
+/// A went-red mail's evidence: the newly failing tests, what the failing
+/// tests said (JUnit messages), then the log (the lines around the first
+/// failures, or its tail).
+fn why_it_failed(text: &mut String, t: &Transition, ctx: &Context<'_>) {
+    if !t.newly_failing.is_empty() {
+        let _ = writeln!(text);
+        let _ = writeln!(text, "Newly failing tests:");
+        for name in t.newly_failing.iter().take(50) {
+            let _ = writeln!(text, "  {}", untrusted(name));
+        }
+        if t.newly_failing.len() > 50 {
+            let _ = writeln!(text, "  ... and {} more", t.newly_failing.len() - 50);
+        }
+    }
+    if let (Some(Class::Suspicious), Some(r)) = (t.class, ctx.run) {
+        let _ = writeln!(text);
+        let _ = writeln!(
+            text,
+            "Its JUnit reports: {} test(s), {} failed, {} skipped.",
+            r.tests_total, r.tests_failed, r.tests_skipped
+        );
+    }
+    let failing = ctx.run.map_or(&[][..], |r| &r.failing_tests[..]);
+    let said: Vec<&TestCase> = failing
+        .iter()
+        .filter(|c| !c.message.trim().is_empty())
+        .collect();
+    if !said.is_empty() {
+        let _ = writeln!(text);
+        let _ = writeln!(text, "What the failing tests said:");
+        for case in said.iter().take(QUOTED_TESTS) {
+            let _ = writeln!(text, "  {}", untrusted(&case.name));
+            for line in untrusted(&case.message).lines() {
+                let _ = writeln!(text, "    {line}");
+            }
+        }
+        if said.len() > QUOTED_TESTS {
+            let _ = writeln!(text, "  ... and {} more", said.len() - QUOTED_TESTS);
+        }
+    }
+    let (heading, lines) = match ctx.log {
+        Quote::Excerpt(lines) => ("From the log, around the first failures:", lines),
+        Quote::Tail(lines) => ("Last lines of the log:", lines),
+        Quote::Nothing => return,
+    };
+    if !lines.trim().is_empty() {
+        let _ = writeln!(text);
+        let _ = writeln!(text, "{heading}");
+        for line in untrusted(lines).lines() {
+            let _ = writeln!(text, "  | {line}");
+        }
+    }
+}
+
+/// The first bad commit, when `t`'s bisection found one.
+fn first_bad(t: &Transition) -> Option<&Commit> {
+    let b = t
+        .bisect
+        .as_ref()
+        .filter(|b| b.state == BisectState::Found)?;
+    b.first_bad.as_ref()
+}
+
+/// What a class means, in a few words for the mail.
+fn class_means(class: Class, upstream: &str) -> String {
+    match class {
+        Class::Regressed => {
+            format!("confirmed: it fails again on a re-run and passes on the last good {upstream}")
+        }
+        Class::Flaky => "it passed on an identical re-run".to_owned(),
+        Class::Spurious => "the machine failed, not the tests".to_owned(),
+        Class::ProjectSide => {
+            "the project broke itself: it fails on the previous runtime too".to_owned()
+        }
+        Class::Broken => {
+            "it fails on the previous runtime too and the project did not change".to_owned()
+        }
+        Class::Suspicious => {
+            "green, but far fewer of its tests ran (or many more were skipped) than before"
+                .to_owned()
+        }
+    }
+}
+
+/// The first line of a follow-up: how the bisection ended.
+fn bisection_ended(t: &Transition) -> String {
+    let Some(b) = &t.bisect else {
+        return "Bisection finished.".to_owned();
+    };
+    match (b.state, &b.first_bad) {
+        (BisectState::Found, Some(c)) => format!(
+            "Bisection finished: the first bad commit is {}.",
+            short(&c.sha)
+        ),
+        (BisectState::Range, _) => format!(
+            "Bisection finished: one of {} commits is the first bad one.",
+            b.candidates.len()
+        ),
+        (BisectState::GaveUp, _) => "Bisection gave up without an answer.".to_owned(),
+        _ => "Bisection finished.".to_owned(),
+    }
+}
+
+/// The mail to the author of a first bad commit: the projects it broke.
+/// `broke` is (project, platform, run URL) per project.
+pub(crate) fn first_bad_author(
+    upstream: &str,
+    branch: &str,
+    commit: &Commit,
+    broke: &[(String, String, String)],
+) -> Rendered {
+    let subject = format!(
+        "[trunkfarm] your {upstream} commit {} broke {} project(s)",
+        short(&commit.sha),
+        broke.len()
+    );
+    let mut text = String::new();
+    let _ = writeln!(
+        text,
+        "Bisection found your commit to be the first bad one in {upstream} {branch}:"
+    );
+    let _ = writeln!(text);
+    let _ = writeln!(text, "First bad commit: {}", culprit(commit));
+    let _ = writeln!(text);
+    let _ = writeln!(text, "Projects it broke:");
+    for (project, platform, run_url) in broke {
+        let _ = writeln!(text, "  {project} on {platform}: {run_url}");
+    }
+    let _ = writeln!(text);
+    let _ = writeln!(
+        text,
+        "You get this because {upstream} mails the authors of commits its bisections find"
+    );
+    let _ = writeln!(
+        text,
+        "(notify_authors); projects found later for the same commit are not mailed again."
+    );
+    let links: Vec<&str> = broke.iter().map(|(_, _, url)| url.as_str()).collect();
+    let html = html_of(&subject, &text, &links, "");
     Rendered {
         subject,
         text,
@@ -213,8 +453,15 @@ pub(crate) fn digest(
                 )
             }
         );
-        for c in t.culprits.iter().take(5) {
-            let _ = writeln!(text, "    {}", culprit(c));
+        match first_bad(t) {
+            Some(c) => {
+                let _ = writeln!(text, "    First bad commit: {}", culprit(c));
+            }
+            None => {
+                for c in t.culprits.iter().take(5) {
+                    let _ = writeln!(text, "    {}", culprit(c));
+                }
+            }
         }
         let _ = writeln!(text, "    {run_url}");
     }
@@ -412,13 +659,18 @@ mod tests {
         }
     }
 
+    static TAIL: std::sync::LazyLock<Quote> =
+        std::sync::LazyLock::new(|| Quote::Tail("FAILED tests/test_x.py\n1 failed".into()));
+
     fn ctx<'a>() -> Context<'a> {
         Context {
             branch: "main",
-            log_tail: "FAILED tests/test_x.py\n1 failed",
+            log: &TAIL,
+            run: None,
             public_url: "https://farm.example.org",
             unsubscribe_url: "https://farm.example.org/unsubscribe?token=abc",
             reminder: None,
+            follow_up: false,
         }
     }
 
@@ -462,7 +714,8 @@ mod tests {
         ];
         t.culprits[0].subject = "fix \u{1b}[8mhidden\u{1b}[0m http://phish.example".into();
         let mut c = ctx();
-        c.log_tail = HOSTILE_LOG;
+        let hostile = Quote::Tail(HOSTILE_LOG.into());
+        c.log = &hostile;
         let m = transition(&t, &c);
         let d = digest(
             "cpython",
@@ -506,6 +759,100 @@ mod tests {
             m.html
         );
         assert_eq!(d.html.matches("<a href=").count(), 3, "{}", d.html);
+    }
+
+    #[test]
+    fn a_found_bisection_names_the_first_bad_commit_and_the_class() {
+        let mut t = went_red();
+        let innocent = Commit {
+            sha: "2".repeat(40),
+            subject: "gh-2: innocent".into(),
+            author: "Bo <bo@example.org>".into(),
+            time_ms: 0,
+        };
+        t.culprits.insert(0, innocent);
+        t.class = Some(Class::Regressed);
+        t.bisect = Some(crate::results::Bisect {
+            state: BisectState::Found,
+            first_bad: Some(t.culprits[1].clone()),
+            builds: 1,
+            ..Default::default()
+        });
+        let m = transition(&t, &ctx());
+        assert!(
+            m.text.contains(
+                "\nFirst bad commit: 3f2a9c1e2b gh-1: speed up <dict> (Ada <ada@example.org>)\n"
+            ),
+            "{}",
+            m.text
+        );
+        assert!(m.text.contains("\nClass: regressed\n"), "{}", m.text);
+        assert!(
+            !m.text.contains("innocent"),
+            "the others are not blamed: {}",
+            m.text
+        );
+        // While it runs, the range is what is known; a range left is listed.
+        t.bisect = Some(crate::results::Bisect::default());
+        let m = transition(&t, &ctx());
+        assert!(m.text.contains("Bisecting the 2 commits"), "{}", m.text);
+        assert!(m.text.contains("innocent"), "{}", m.text);
+        assert!(!m.text.contains("First bad commit"), "{}", m.text);
+        t.bisect = Some(crate::results::Bisect {
+            state: BisectState::Range,
+            candidates: t.culprits.clone(),
+            ..Default::default()
+        });
+        let m = transition(&t, &ctx());
+        assert!(m.text.contains("narrowed it to 2 commits"), "{}", m.text);
+        // Unclassed (older) transitions say no class.
+        assert!(!transition(&went_red(), &ctx()).text.contains("Class:"));
+    }
+
+    #[test]
+    fn the_failing_tests_messages_come_before_the_log() {
+        let run = RunInfo {
+            failing_tests: vec![TestCase {
+                name: "tests.test_x".into(),
+                status: 3,
+                time_ms: 1,
+                message: "AssertionError: 3 != 4".into(),
+            }],
+            ..Default::default()
+        };
+        let mut c = ctx();
+        c.run = Some(&run);
+        let m = transition(&went_red(), &c);
+        let said = m
+            .text
+            .find("What the failing tests said:\n  tests.test_x\n    AssertionError: 3 != 4\n");
+        let tail = m.text.find("Last lines of the log:");
+        assert!(said.is_some() && said < tail, "{}", m.text);
+        let excerpt = Quote::Excerpt("[fail] test_x".into());
+        c.log = &excerpt;
+        let m = transition(&went_red(), &c);
+        assert!(
+            m.text
+                .contains("From the log, around the first failures:\n  | [fail] test_x\n"),
+            "{}",
+            m.text
+        );
+        // A suspicious green shows its counts.
+        let counts = RunInfo {
+            tests_total: 20,
+            tests_skipped: 20,
+            ..Default::default()
+        };
+        c.run = Some(&counts);
+        let mut t = went_red();
+        t.class = Some(Class::Suspicious);
+        let m = transition(&t, &c);
+        assert!(
+            m.text
+                .contains("Its JUnit reports: 20 test(s), 0 failed, 20 skipped."),
+            "{}",
+            m.text
+        );
     }
 
     #[test]

@@ -14,6 +14,7 @@ use trunkfarm_proto::v1::{BuildState, JobRef, LogChunk, LogStream, RunStatus};
 
 use super::deliver::Sending;
 use super::*;
+use crate::results::{BisectState, Class};
 use crate::results::{
     BuildInfo, Commit, CulpritRange, Culprits, Finished, Recorded, RunInfo, RunRecord,
 };
@@ -169,10 +170,17 @@ impl Farm {
     /// maintained by `maintainers`; the clock starts at the real time, the
     /// time results stamp transitions with.
     fn new(maintainers: &[&str]) -> Farm {
+        Farm::configured(maintainers, "", "")
+    }
+
+    /// [`Farm::new`] with `upstream` keys added to `tiny`'s table and
+    /// `project` keys to `textkit`'s.
+    fn configured(maintainers: &[&str], upstream: &str, project: &str) -> Farm {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("db")).unwrap();
         let clock = Arc::new(AtomicU64::new(now_ms()));
-        Farm::with(dir, store, clock, maintainers)
+        let config = config_with(dir.path(), maintainers, upstream, project);
+        Farm::with_config(dir, store, clock, config)
     }
 
     fn with(
@@ -181,8 +189,17 @@ impl Farm {
         clock: Arc<AtomicU64>,
         maintainers: &[&str],
     ) -> Farm {
-        let server = Arc::new(Recorder::default());
         let config = config(dir.path(), maintainers);
+        Farm::with_config(dir, store, clock, config)
+    }
+
+    fn with_config(
+        dir: tempfile::TempDir,
+        store: Store,
+        clock: Arc<AtomicU64>,
+        config: HubConfig,
+    ) -> Farm {
+        let server = Arc::new(Recorder::default());
         let results = Results::open(&store).unwrap();
         let logs = Arc::new(JobLogs::open(&store, 1 << 20).unwrap());
         let now = clock.clone();
@@ -305,6 +322,12 @@ impl Farm {
 }
 
 fn config(dir: &Path, maintainers: &[&str]) -> HubConfig {
+    config_with(dir, maintainers, "", "")
+}
+
+/// [`config`] with `upstream` keys added to `tiny` and `project` keys to
+/// `textkit`, and a second project, `wordkit`, maintained by nobody.
+fn config_with(dir: &Path, maintainers: &[&str], upstream: &str, project: &str) -> HubConfig {
     let maintainers = maintainers
         .iter()
         .map(|m| format!("{m:?}"))
@@ -323,12 +346,19 @@ name = "tiny"
 url = "https://example.org/tiny.git"
 build = ["make install"]
 contacts = ["{CORE}"]
+{upstream}
 
 [[project]]
 name = "textkit"
 url = "https://example.org/textkit.git"
 test = ["make test"]
 maintainers = [{maintainers}]
+{project}
+
+[[project]]
+name = "wordkit"
+url = "https://example.org/wordkit.git"
+test = ["make test"]
 "#,
         dir = dir.display().to_string(),
     );
@@ -838,4 +868,382 @@ async fn every_field_of_a_stored_record_reads_and_writes_back_the_same_bytes() {
         String::from_utf8(table.encode(&s).unwrap()).unwrap(),
         r#"{"email":"fay@example.org","project":"textkit","platform":"","upstream":"","digest":false,"source":"","created_at_ms":0}"#
     );
+}
+
+/// Commits of `tiny` as a culprit range lists them; the fourth is by Dave.
+fn range() -> Vec<Commit> {
+    (1..=4)
+        .map(|n| Commit {
+            sha: format!("{n}{}", "abcdef0123".repeat(4))[..40].to_owned(),
+            subject: format!("tiny: change {n}"),
+            author: if n == 4 {
+                "Dave Breaker <dave@example.org>".into()
+            } else {
+                format!("Dev {n} <dev{n}@example.org>")
+            },
+            time_ms: n,
+        })
+        .collect()
+}
+
+/// A went-red transition of `project` (job `job_id`) as results stores it,
+/// classed `class`, its four-commit range being bisected.
+fn went_red(farm: &Farm, project: &str, job_id: u64, class: Option<Class>) -> Transition {
+    Transition {
+        id: farm.store.next_id().unwrap(),
+        kind: TransitionKind::WentRed.into(),
+        project: project.into(),
+        upstream: "tiny".into(),
+        platform: "linux-x86_64".into(),
+        upstream_commit: range()[3].sha.clone(),
+        last_green_upstream_commit: "0".repeat(40),
+        culprits: range(),
+        project_commit: "b".repeat(40),
+        previous_project_commit: "a".repeat(40),
+        job_id,
+        at_ms: farm.now(),
+        class,
+        bisect: Some(crate::results::Bisect::default()),
+        ..Default::default()
+    }
+}
+
+/// `t` as its bisection leaves it: the fourth commit found.
+fn found(mut t: Transition) -> Transition {
+    t.bisect = Some(crate::results::Bisect {
+        state: BisectState::Found,
+        first_bad: Some(range()[3].clone()),
+        builds: 2,
+        ..Default::default()
+    });
+    t
+}
+
+impl Farm {
+    /// Stores `t`'s mails as results would (with the transition): how many.
+    fn stage_went_red(&self, t: &Transition) -> usize {
+        let mut batch = sled::Batch::default();
+        let n = self.notifier.stage(t, &mut batch).unwrap();
+        self.notifier.table().apply(batch).unwrap();
+        n
+    }
+
+    /// Stores what the end of `t`'s bisection causes: mails staged or changed.
+    fn stage_bisected(&self, t: &Transition) -> usize {
+        let mut batch = sled::Batch::default();
+        let n = self.notifier.stage_bisected(t, &mut batch).unwrap();
+        self.notifier.table().apply(batch).unwrap();
+        n
+    }
+
+    fn bisect_wait(&self) -> u64 {
+        self.notifier.inner.settings.bisect_wait.as_millis() as u64
+    }
+}
+
+const FIRST_BAD: &str =
+    "First bad commit: 4abcdef012 tiny: change 4 (Dave Breaker <dave@example.org>)";
+
+#[tokio::test]
+async fn a_went_red_mail_waits_for_its_bisection_and_goes_with_the_first_bad_commit() {
+    let farm = Farm::new(&[ALICE, BOB]);
+    let t = went_red(&farm, "textkit", 9, Some(Class::Regressed));
+    assert_eq!(farm.stage_went_red(&t), 2);
+    farm.deliver().await;
+    assert!(farm.server.sent().is_empty(), "held while bisecting");
+    assert_eq!(farm.notifier.pending_count(), 2);
+
+    // The bisection ends before notify.bisect_wait: the held mails go now,
+    // saying what it found; no follow-up.
+    farm.set_clock(farm.now() + farm.bisect_wait() / 2);
+    assert_eq!(farm.stage_bisected(&found(t.clone())), 2);
+    farm.deliver().await;
+    let sent = farm.server.sent();
+    assert_eq!(recipients(&sent), [ALICE, BOB]);
+    for mail in &sent {
+        let text = mail_text(mail);
+        assert!(text.contains(FIRST_BAD), "{text}");
+        assert!(text.contains("Class: regressed"), "{text}");
+        assert!(
+            !text.contains("tiny: change 2"),
+            "no other commit is blamed: {text}"
+        );
+        assert!(!text.contains("Bisecting"), "{text}");
+        assert!(mail.message_id.contains(&format!("red.{}.", t.id)));
+        assert!(mail.in_reply_to.is_empty());
+    }
+    // Staging the end again queues nothing: the mails said it already.
+    assert_eq!(farm.stage_bisected(&found(t)), 0);
+    farm.deliver().await;
+    assert_eq!(farm.server.sent().len(), 2);
+}
+
+#[tokio::test]
+async fn a_held_mail_goes_after_bisect_wait_and_the_result_follows_in_its_thread_once() {
+    let farm = Farm::new(&[ALICE]);
+    let t = went_red(&farm, "textkit", 9, None);
+    farm.stage_went_red(&t);
+    let due = farm.now() + farm.bisect_wait();
+    assert_eq!(
+        farm.deliver().await,
+        Some(due),
+        "the sender wakes when it is due"
+    );
+    farm.set_clock(due);
+    farm.deliver().await;
+    let sent = farm.server.sent();
+    assert_eq!(sent.len(), 1);
+    let red = mail_text(&sent[0]);
+    assert!(
+        red.contains("Bisecting the 4 commits after the last green 0000000000"),
+        "{red}"
+    );
+    assert!(
+        red.contains("tiny: change 2"),
+        "what is known: the range: {red}"
+    );
+    assert!(!red.contains("Class:"), "no class: {red}");
+
+    let farm = farm.restart(&[ALICE]).await;
+    assert_eq!(farm.stage_bisected(&found(t.clone())), 1);
+    assert_eq!(
+        farm.stage_bisected(&found(t.clone())),
+        0,
+        "once per recipient"
+    );
+    farm.deliver().await;
+    let sent = farm.server.sent();
+    assert_eq!(sent.len(), 1);
+    let follow_up = &sent[0];
+    assert_eq!(
+        follow_up.in_reply_to,
+        farm.notifier.message_id("red", t.id, ALICE),
+        "in the went-red mail's thread"
+    );
+    assert!(
+        follow_up
+            .subject
+            .starts_with("Re: [trunkfarm] textkit went red"),
+        "{follow_up:?}"
+    );
+    let text = mail_text(follow_up);
+    assert!(
+        text.contains("Bisection finished: the first bad commit is 4abcdef012."),
+        "{text}"
+    );
+    assert!(text.contains(FIRST_BAD), "{text}");
+}
+
+#[tokio::test]
+async fn notify_authors_mails_each_first_bad_commits_author_once_listing_what_it_broke() {
+    let farm = Farm::configured(&[ALICE], "notify_authors = true", "");
+    let textkit = went_red(&farm, "textkit", 9, Some(Class::Regressed));
+    let wordkit = went_red(&farm, "wordkit", 10, Some(Class::Regressed));
+    farm.stage_went_red(&textkit);
+    farm.stage_went_red(&wordkit);
+    // Both bisections end in one write (they shared the builds).
+    let mut batch = sled::Batch::default();
+    for t in [&textkit, &wordkit] {
+        farm.notifier
+            .stage_bisected(&found(t.clone()), &mut batch)
+            .unwrap();
+    }
+    farm.notifier.table().apply(batch).unwrap();
+    assert_eq!(farm.notifier.mail_authors().await.unwrap(), 1);
+    assert_eq!(farm.notifier.mail_authors().await.unwrap(), 0);
+    farm.deliver().await;
+    let dave: Vec<Sent> = farm
+        .server
+        .sent()
+        .into_iter()
+        .filter(|m| m.to == "dave@example.org")
+        .collect();
+    assert_eq!(dave.len(), 1, "one mail per commit");
+    assert!(
+        dave[0]
+            .subject
+            .contains("your tiny commit 4abcdef012 broke 2 project(s)"),
+        "{:?}",
+        dave[0]
+    );
+    let text = mail_text(&dave[0]);
+    assert!(text.contains("textkit on linux-x86_64"), "{text}");
+    assert!(text.contains("wordkit on linux-x86_64"), "{text}");
+    assert!(text.contains(FIRST_BAD), "{text}");
+
+    // A third project found later for the same commit mails nobody again.
+    let later = went_red(&farm, "textkit", 11, Some(Class::Regressed));
+    farm.stage_bisected(&found(later));
+    assert_eq!(farm.notifier.mail_authors().await.unwrap(), 0);
+    assert!(
+        farm.notifier.table().keys("a/").next().is_none(),
+        "marks consumed"
+    );
+
+    // Without notify_authors, authors get nothing.
+    let quiet = Farm::new(&[ALICE]);
+    let t = went_red(&quiet, "textkit", 9, Some(Class::Regressed));
+    quiet.stage_bisected(&found(t));
+    assert_eq!(quiet.notifier.mail_authors().await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn mail_classes_decide_which_went_red_is_mailed_and_how() {
+    let farm = Farm::new(&[ALICE]);
+    let mut project_side = went_red(&farm, "textkit", 9, Some(Class::ProjectSide));
+    project_side.bisect = None;
+    project_side.project_commit_changed = true;
+    assert_eq!(
+        farm.stage_went_red(&project_side),
+        1,
+        "project_side is mailed"
+    );
+    let mut broken = went_red(&farm, "textkit", 10, Some(Class::Broken));
+    broken.bisect = None;
+    assert_eq!(
+        farm.stage_went_red(&broken),
+        0,
+        "broken is shown, not mailed"
+    );
+    for class in [Class::Flaky, Class::Spurious] {
+        let t = went_red(&farm, "textkit", 11, Some(class));
+        assert_eq!(farm.stage_went_red(&t), 0, "{class:?}");
+    }
+    let suspicious = went_red(&farm, "textkit", 12, Some(Class::Suspicious));
+    assert_eq!(farm.stage_went_red(&suspicious), 1);
+    farm.deliver().await;
+    farm.set_clock(farm.now() + farm.bisect_wait());
+    farm.deliver().await;
+    let sent = farm.server.sent();
+    assert_eq!(sent.len(), 2);
+    let own = &sent[0];
+    assert_eq!(
+        own.subject,
+        "[trunkfarm] textkit went red on linux-x86_64: its own commit bbbbbbbbbb"
+    );
+    let text = mail_text(own);
+    assert!(
+        text.contains(
+            "The project's own commit bbbbbbbbbb broke it: it fails on the previous runtime too."
+        ),
+        "{text}"
+    );
+    assert!(text.contains("Class: project_side"), "{text}");
+    assert!(
+        !text.contains("tiny: change"),
+        "no upstream commit is blamed: {text}"
+    );
+    assert!(!text.contains("Culprit range"), "{text}");
+    assert!(mail_text(&sent[1]).contains("Class: suspicious"));
+
+    // A project that mails only regressions.
+    let farm = Farm::configured(&[ALICE], "", r#"mail_classes = ["regressed"]"#);
+    let t = went_red(&farm, "textkit", 9, Some(Class::ProjectSide));
+    assert_eq!(farm.stage_went_red(&t), 0);
+    let t = went_red(&farm, "textkit", 10, Some(Class::Regressed));
+    assert_eq!(farm.stage_went_red(&t), 1);
+    let t = went_red(&farm, "textkit", 11, None);
+    assert_eq!(
+        farm.stage_went_red(&t),
+        1,
+        "unclassed results mail as before"
+    );
+}
+
+#[tokio::test]
+async fn a_went_red_mail_quotes_the_failing_tests_then_the_log_around_the_failure() {
+    let farm = Farm::configured(&[ALICE], "", r#"fail_pattern = '^\[fail\]'"#);
+    farm.run(1, false).await;
+    let mut lines: Vec<String> = (1..=80).map(|i| format!("Starting test {i}")).collect();
+    lines[20] = "[fail] test_wrap: width 3 != 4".into();
+    farm.logs.append(log_line(2, &lines.join("\n"))).unwrap();
+    farm.run(2, true).await.unwrap();
+    farm.deliver().await;
+    let text = mail_text(&farm.server.sent()[0]);
+    assert!(
+        text.contains("From the log, around the first failures:"),
+        "{text}"
+    );
+    assert!(
+        text.contains("  | [fail] test_wrap: width 3 != 4"),
+        "{text}"
+    );
+    assert!(text.contains("  | Starting test 18"), "{text}");
+    assert!(
+        !text.contains("Starting test 80"),
+        "not a blind tail: {text}"
+    );
+}
+
+/// The plain-text part of a recorded mail, decoded.
+fn mail_text(mail: &Sent) -> String {
+    let raw = mail.raw.replace("\r\n", "\n");
+    let part = raw
+        .split("Content-Type: text/plain")
+        .nth(1)
+        .and_then(|p| p.split("\n--").next())
+        .unwrap_or(&raw);
+    let (headers, body) = part.split_once("\n\n").unwrap_or(("", part));
+    if headers.contains("quoted-printable") {
+        decode_qp(body)
+    } else if headers.contains("base64") {
+        use base64::Engine;
+        let joined: String = body.split_whitespace().collect();
+        String::from_utf8(
+            base64::engine::general_purpose::STANDARD
+                .decode(joined)
+                .unwrap(),
+        )
+        .unwrap()
+    } else {
+        body.to_owned()
+    }
+}
+
+fn decode_qp(body: &str) -> String {
+    let mut out = Vec::new();
+    let bytes = body.replace("=\n", "").into_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'='
+            && i + 2 < bytes.len()
+            && let Ok(b) = u8::from_str_radix(&String::from_utf8_lossy(&bytes[i + 1..i + 3]), 16)
+        {
+            out.push(b);
+            i += 3;
+            continue;
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn a_fix_releases_the_went_red_mail_it_answers() {
+    let farm = Farm::new(&[ALICE]);
+    let red = went_red(&farm, "textkit", 9, Some(Class::Regressed));
+    assert_eq!(farm.stage_went_red(&red), 1);
+    farm.deliver().await;
+    assert!(farm.server.sent().is_empty(), "held while bisecting");
+    // Fixed before the bisection ends: the red mail goes first, then the fix
+    // answering it.
+    let fixed = Transition {
+        id: farm.store.next_id().unwrap(),
+        kind: TransitionKind::Fixed.into(),
+        red_since_id: red.id,
+        job_id: 10,
+        bisect: None,
+        ..red.clone()
+    };
+    assert_eq!(farm.stage_went_red(&fixed), 1);
+    farm.deliver().await;
+    let sent = farm.server.sent();
+    assert_eq!(sent.len(), 2, "{sent:?}");
+    assert!(
+        sent[0].subject.contains("went red"),
+        "the red mail first: {sent:?}"
+    );
+    assert!(sent[1].subject.contains("fixed"), "{sent:?}");
+    assert_eq!(sent[1].in_reply_to, sent[0].message_id);
 }

@@ -2,11 +2,12 @@
 //! into what [`crate::results`] records — a build, or a run with its JUnit
 //! summary. Pure: what it needs from the store comes in as [`Facts`].
 
-use trunkfarm_proto::v1::{BuildState, Outcome, TestStatus};
+use trunkfarm_proto::v1::{BuildState, Outcome, RunStatus, TestStatus};
 
 use crate::dispatch::JobRecord;
 use crate::job_key::JobKey;
 use crate::junit;
+use crate::output::{self, Pattern};
 use crate::results::{BuildInfo, Finished, RunInfo, RunRecord, TestCase, run_status};
 
 /// Failing test cases kept in a run's summary (all cases are kept in its record).
@@ -21,10 +22,29 @@ pub(super) struct Facts {
     pub(super) artifact_stored: bool,
 }
 
-/// The build or run `rec` amounts to (`key` is its parsed pipeline key).
-/// Parses the JUnit reports of a test: CPU work, so call it off the async
-/// threads.
-pub(super) fn finished(rec: &JobRecord, key: JobKey, facts: Facts) -> Finished {
+/// A project's output patterns and the finished run's log they judge (the
+/// hub's stored log of the attempt that gave the result, bounded by the
+/// output caps).
+#[derive(Clone, Debug, Default)]
+pub(super) struct Output {
+    /// `[[project]] fail_pattern`.
+    pub(super) fail: Option<Pattern>,
+    /// `[[project]] pass_pattern`.
+    pub(super) pass: Option<Pattern>,
+    /// The run's output.
+    pub(super) log: String,
+}
+
+/// The build or run `rec` amounts to (`key` is its parsed pipeline key);
+/// a run that passed by its exit code is red when its `output` says so
+/// (the detail names the pattern). Parses the JUnit reports of a test and
+/// matches patterns: CPU work, so call it off the async threads.
+pub(super) fn finished(
+    rec: &JobRecord,
+    key: JobKey,
+    facts: Facts,
+    output: Option<&Output>,
+) -> Finished {
     let result = rec.result.clone().unwrap_or_default();
     let outcome = Outcome::try_from(result.outcome).unwrap_or(Outcome::Error);
     match key {
@@ -68,7 +88,7 @@ pub(super) fn finished(rec: &JobRecord, key: JobKey, facts: Facts) -> Finished {
             })
         }
         // A re-run is what it re-runs.
-        JobKey::Rerun { of, .. } => finished(rec, *of, facts),
+        JobKey::Rerun { of, .. } => finished(rec, *of, facts, output),
         JobKey::Test {
             project,
             upstream,
@@ -85,18 +105,31 @@ pub(super) fn finished(rec: &JobRecord, key: JobKey, facts: Facts) -> Finished {
                 .filter(|c| is(c, TestStatus::Failed) || is(c, TestStatus::Error))
                 .cloned()
                 .collect();
+            let mut status = run_status(outcome);
+            let mut detail = result.detail;
+            if status == RunStatus::Green
+                && let Some(o) = output
+                && let Some(why) = output::judge(&o.log, o.fail.as_ref(), o.pass.as_ref())
+            {
+                status = RunStatus::Red;
+                detail = if detail.is_empty() {
+                    why
+                } else {
+                    format!("{detail}; {why}")
+                };
+            }
             let info = RunInfo {
                 project,
                 upstream,
                 platform,
                 upstream_commit,
                 project_commit,
-                status: run_status(outcome).into(),
+                status: status.into(),
                 outcome: outcome.into(),
                 job_id: rec.id,
                 duration_ms: result.duration_ms,
                 finished_at_ms: rec.finished_at_ms,
-                detail: result.detail,
+                detail,
                 tests_total: cases.len() as u32,
                 tests_failed: failed.len() as u32,
                 tests_skipped: cases.iter().filter(|c| is(c, TestStatus::Skipped)).count() as u32,
@@ -115,12 +148,18 @@ pub(super) fn finished(rec: &JobRecord, key: JobKey, facts: Facts) -> Finished {
 
 /// [`finished`] when the report parser failed (it panicked): the run
 /// without test cases, saying why.
-pub(super) fn unparsed(rec: &JobRecord, key: JobKey, facts: Facts, why: &str) -> Finished {
+pub(super) fn unparsed(
+    rec: &JobRecord,
+    key: JobKey,
+    facts: Facts,
+    output: Option<&Output>,
+    why: &str,
+) -> Finished {
     let mut rec = rec.clone();
     if let Some(result) = rec.result.as_mut() {
         result.reports.clear();
     }
-    let mut finished = finished(&rec, key, facts);
+    let mut finished = finished(&rec, key, facts, output);
     if let Finished::Run { run, .. } = &mut finished {
         run.info.report_error = format!("the report parser failed: {why}");
     }
@@ -187,6 +226,7 @@ mod tests {
             &record(Outcome::Passed, "aa", vec![]),
             build_key(),
             facts(true),
+            None,
         ));
         assert_eq!(b.state, BuildState::Passed as i32);
         assert_eq!((b.artifact_sha256.as_str(), b.head_seq), ("aa", 3));
@@ -194,6 +234,7 @@ mod tests {
             &record(Outcome::Passed, "aa", vec![]),
             build_key(),
             facts(false),
+            None,
         ));
         assert_eq!(lost.state, BuildState::Error as i32);
         assert!(lost.artifact_sha256.is_empty());
@@ -202,14 +243,87 @@ mod tests {
             &record(Outcome::TimedOut, "", vec![]),
             build_key(),
             facts(true),
+            None,
         ));
         assert_eq!(timed_out.state, BuildState::Failed as i32);
         let cancelled = build_of(finished(
             &record(Outcome::Cancelled, "", vec![]),
             build_key(),
             facts(true),
+            None,
         ));
         assert_eq!(cancelled.state, BuildState::Error as i32);
+    }
+
+    fn test_key() -> JobKey {
+        JobKey::Test {
+            project: "quiet".into(),
+            upstream: "rt".into(),
+            platform: "linux".into(),
+            upstream_commit: "c1".into(),
+            project_commit: String::new(),
+            nonce: None,
+        }
+    }
+
+    fn run_of(f: Finished) -> RunInfo {
+        match f {
+            Finished::Run { run, .. } => run.info,
+            Finished::Build(_) => panic!("a test key makes a run"),
+        }
+    }
+
+    #[test]
+    fn a_run_that_exits_0_is_red_when_its_output_says_so() {
+        let output = |fail: Option<&str>, pass: Option<&str>, log: &str| Output {
+            fail: fail.map(|p| Pattern::new(p).unwrap()),
+            pass: pass.map(|p| Pattern::new(p).unwrap()),
+            log: log.into(),
+        };
+        let passed = record(Outcome::Passed, "", vec![]);
+        let log = "[ok] a\n[fail] b: expected 2, got 3\n";
+        let judged = output(Some(r"\[fail\]"), None, log);
+        let red = run_of(finished(&passed, test_key(), facts(true), Some(&judged)));
+        assert_eq!(red.status, RunStatus::Red as i32);
+        assert_eq!(red.outcome, Outcome::Passed as i32, "the job's own outcome");
+        assert_eq!(
+            red.detail,
+            r#"exit 0; red by fail_pattern '\[fail\]', which matched line 2: "[fail] b: expected 2, got 3""#
+        );
+        // Without the pattern, or when it matches nothing, it is green.
+        let green = run_of(finished(&passed, test_key(), facts(true), None));
+        assert_eq!(green.status, RunStatus::Green as i32);
+        let quiet = output(Some(r"\[fail\]"), None, "[ok] a\n");
+        let green = run_of(finished(&passed, test_key(), facts(true), Some(&quiet)));
+        assert_eq!(
+            (green.status, green.detail.as_str()),
+            (RunStatus::Green as i32, "exit 0")
+        );
+        // A pass pattern the output does not match.
+        let unfinished = output(None, Some(r"^\d+ passed$"), "[ok] a\n");
+        let red = run_of(finished(
+            &passed,
+            test_key(),
+            facts(true),
+            Some(&unfinished),
+        ));
+        assert_eq!(red.status, RunStatus::Red as i32);
+        assert!(red.detail.contains("pass_pattern"), "{}", red.detail);
+        // A re-run is judged the same way; a failed exit stays red.
+        let rerun = JobKey::Rerun {
+            of: Box::new(test_key()),
+            kind: crate::job_key::RerunKind::Confirm,
+            job: 42,
+            n: 1,
+        };
+        let red = run_of(finished(&passed, rerun, facts(true), Some(&judged)));
+        assert_eq!(red.status, RunStatus::Red as i32);
+        let failed = record(Outcome::Failed, "", vec![]);
+        let red = run_of(finished(&failed, test_key(), facts(true), Some(&quiet)));
+        assert_eq!(
+            (red.status, red.detail.as_str()),
+            (RunStatus::Red as i32, "exit 0")
+        );
     }
 
     #[test]
@@ -239,9 +353,12 @@ mod tests {
             project_commit: String::new(),
             nonce: Some(7),
         };
-        let Finished::Run { run, head_seq, .. } =
-            finished(&record(Outcome::Failed, "", reports), key, facts(true))
-        else {
+        let Finished::Run { run, head_seq, .. } = finished(
+            &record(Outcome::Failed, "", reports),
+            key,
+            facts(true),
+            None,
+        ) else {
             panic!("a test key makes a run");
         };
         let i = &run.info;

@@ -355,15 +355,39 @@ impl Pipeline {
     /// A finished job, as results records it (`key`: what it was for).
     async fn intake(&self, rec: &JobRecord, key: JobKey) -> Result<Finished, PipelineError> {
         let facts = self.facts(&key, rec.result.as_ref())?;
-        let (job, job_key) = (rec.clone(), key.clone());
+        let output = self.output(rec, &key)?;
+        let (job, job_key, judged) = (rec.clone(), key.clone(), output.clone());
         // Parsing megabytes of XML is CPU work: off the async threads.
         Ok(
-            match tokio::task::spawn_blocking(move || intake::finished(&job, job_key, facts)).await
+            match tokio::task::spawn_blocking(move || {
+                intake::finished(&job, job_key, facts, judged.as_ref())
+            })
+            .await
             {
                 Ok(finished) => finished,
-                Err(e) => intake::unparsed(rec, key, facts, &e.to_string()),
+                Err(e) => intake::unparsed(rec, key, facts, output.as_ref(), &e.to_string()),
             },
         )
+    }
+
+    /// A test job's project's output patterns with the log of the attempt
+    /// that gave its result (`None` for builds and projects without them).
+    fn output(&self, rec: &JobRecord, key: &JobKey) -> Result<Option<intake::Output>, StoreError> {
+        let JobKey::Test { project, .. } = key.base() else {
+            return Ok(None);
+        };
+        let Some(p) = self.inner.projects.iter().find(|p| &p.name == project) else {
+            return Ok(None);
+        };
+        if p.fail_pattern.is_none() && p.pass_pattern.is_none() {
+            return Ok(None);
+        }
+        let logs = self.inner.dispatch.logs();
+        Ok(Some(intake::Output {
+            fail: p.fail_pattern.clone(),
+            pass: p.pass_pattern.clone(),
+            log: crate::output::log_text(logs, rec.id, Some(rec.attempt))?,
+        }))
     }
 
     /// After a build's result is recorded: its fan-out, if it passed and is

@@ -288,8 +288,21 @@ impl Results {
     }
 
     /// One transition.
-    fn transition(&self, id: u64) -> Result<Option<Transition>, StoreError> {
+    pub(crate) fn transition(&self, id: u64) -> Result<Option<Transition>, StoreError> {
         self.table.get(keys::transition(id))
+    }
+
+    /// One run of a series, with every test case (what a went-red mail
+    /// quotes: the failing tests' messages).
+    pub(crate) fn run(
+        &self,
+        project: &str,
+        upstream: &str,
+        platform: &str,
+        job_id: u64,
+    ) -> Result<Option<RunRecord>, StoreError> {
+        self.table
+            .get(keys::run(project, upstream, platform, job_id))
     }
 
     /// Marks a build job queued (state pending) so the status shows it

@@ -189,7 +189,6 @@ pub(crate) struct Transition {
 /// re-runs are in (the signal-quality rules: `results::confirm`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-#[allow(dead_code)] // until every slice of the signal-quality work uses it (removed at merge)
 pub(crate) enum Class {
     /// Fails again on the new runtime and passes on the series' last good
     /// one (the baseline), same project commit: the runtime broke it.
@@ -229,7 +228,6 @@ impl Class {
 /// Where the bisection of a transition's culprit range stands.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-#[allow(dead_code)] // until every slice of the signal-quality work uses it (removed at merge)
 pub(crate) enum BisectState {
     /// Builds and runs inside the range are under way.
     #[default]
@@ -259,7 +257,6 @@ impl BisectState {
 /// A transition's bisection, as the transition shows it.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
-#[allow(dead_code)] // until every slice of the signal-quality work uses it (removed at merge)
 pub(crate) struct Bisect {
     /// Where it stands.
     pub(crate) state: BisectState,
