@@ -7,7 +7,9 @@
 //! * `test/<project>/<upstream>/<platform>/<upstream commit>/<project commit or ->[/<build job id>]`
 //! * `<a build or test key>/<re-run kind>/<its job id>/<n>`: the `n`th
 //!   re-run of that job, of that kind (`confirm`: another agent's run of the
-//!   same spec, before a volunteer's verdict counts; see `results::confirm`)
+//!   same spec, before a volunteer's verdict counts; see `results::confirm`;
+//!   `calibrate`: `trunkfarm calibrate`'s N identical runs, counted in the
+//!   project's noise record, never classified)
 //!
 //! Names never contain `/` (the config allows `[A-Za-z0-9._-]`).
 //!
@@ -93,6 +95,9 @@ pub(crate) enum RerunKind {
     /// volunteer's verdict counts only when it agrees.
     #[default]
     Confirm,
+    /// The same spec again, `trunkfarm calibrate`'s `n`th run: measures
+    /// how often the result flips (`results::noise`), decides nothing.
+    Calibrate,
 }
 
 impl RerunKind {
@@ -100,12 +105,14 @@ impl RerunKind {
     fn word(self) -> &'static str {
         match self {
             RerunKind::Confirm => "confirm",
+            RerunKind::Calibrate => "calibrate",
         }
     }
 
     fn from_word(word: &str) -> Option<RerunKind> {
         match word {
             "confirm" => Some(RerunKind::Confirm),
+            "calibrate" => Some(RerunKind::Calibrate),
             _ => None,
         }
     }
@@ -280,6 +287,15 @@ mod tests {
         let back = JobKey::parse(&text).unwrap();
         assert_eq!(back.base(), &test);
         assert_eq!(back, rerun);
+        let calibrate = JobKey::Rerun {
+            of: Box::new(test.clone()),
+            kind: RerunKind::Calibrate,
+            job: 42,
+            n: 6,
+        };
+        let text = calibrate.to_string();
+        assert!(text.ends_with("/-/7/calibrate/42/6"), "{text}");
+        assert_eq!(JobKey::parse(&text), Some(calibrate));
         // A platform named like a re-run kind is still a test key.
         let odd = "test/p/rt/confirm/c1/-";
         assert!(matches!(JobKey::parse(odd), Some(JobKey::Test { .. })));

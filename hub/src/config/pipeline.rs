@@ -145,6 +145,19 @@ pub(crate) struct ProjectConfig {
     /// agent before it counts.
     #[serde(default)]
     pub(crate) confirm: Confirm,
+    /// Flips on identical re-runs (a test failing once and passing once on
+    /// the same project commit and runtime) after which a test is known
+    /// flaky; 0: never.
+    #[serde(default = "default_flaky_after", deserialize_with = "de::count")]
+    pub(crate) flaky_after: u32,
+    /// Whether known flaky tests failing alone still turn the project red
+    /// (by default such a run is recorded as flaky and the series stays).
+    #[serde(default)]
+    pub(crate) flaky_counts_alone: bool,
+}
+
+fn default_flaky_after() -> u32 {
+    2
 }
 
 /// `[artifacts]`: the runtime artifacts the hub stores.
@@ -544,6 +557,15 @@ fn check_relative(key: &str, path: &str) -> Result<(), Problem> {
 }
 
 impl ProjectConfig {
+    /// When one of its tests is known flaky (`flaky_after`,
+    /// `flaky_counts_alone`).
+    pub(crate) fn flaky_rule(&self) -> crate::results::FlakyRule {
+        crate::results::FlakyRule {
+            after: self.flaky_after,
+            counts_alone: self.flaky_counts_alone,
+        }
+    }
+
     /// Whether this project is tested against `upstream`.
     pub(crate) fn tests_against(&self, upstream: &str) -> bool {
         self.upstreams.is_empty() || self.upstreams.iter().any(|u| u == upstream)

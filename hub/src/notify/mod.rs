@@ -43,7 +43,7 @@ use trunkfarm_proto::v1::{MailState, TransitionKind};
 
 use crate::config::{HubConfig, NotifySection, ProjectConfig, UpstreamConfig};
 use crate::logs::JobLogs;
-use crate::results::{Results, Transition, TransitionSink};
+use crate::results::{Class, Results, Transition, TransitionSink};
 use crate::store::{Store, StoreError, Table, id_key, now_ms, trees};
 use deliver::{Failure, Mailer, Transport};
 pub(crate) use record::{MailInfo, Subscription};
@@ -294,6 +294,11 @@ impl Notifier {
         let kind = TransitionKind::try_from(t.kind).unwrap_or(TransitionKind::Unspecified);
         match kind {
             TransitionKind::WentRed | TransitionKind::Fixed => {
+                self.mails_for(t, &format!("t{}", t.id), None)
+            }
+            // A suspicious green: results makes one such transition per
+            // spell, so its maintainers get one mail (render::suspicious).
+            TransitionKind::StillGreen if t.class == Some(Class::Suspicious) => {
                 self.mails_for(t, &format!("t{}", t.id), None)
             }
             _ => Ok(Vec::new()),

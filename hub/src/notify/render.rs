@@ -16,7 +16,7 @@ use std::fmt::Write as _;
 use trunkfarm_proto::v1::TransitionKind;
 
 use crate::commit::short;
-use crate::results::{Commit, Transition};
+use crate::results::{Class, Commit, Transition};
 use crate::web::escape;
 
 /// Everything a mail about one transition needs besides the transition.
@@ -45,6 +45,9 @@ pub(crate) struct Rendered {
 
 /// The mail for a transition (went red, fixed, or a reminder of a red one).
 pub(crate) fn transition(t: &Transition, ctx: &Context<'_>) -> Rendered {
+    if t.class == Some(Class::Suspicious) && ctx.reminder.is_none() {
+        return suspicious(t, ctx);
+    }
     let kind = TransitionKind::try_from(t.kind).unwrap_or(TransitionKind::Unspecified);
     let subject_of = if t.project.is_empty() {
         format!("{} {} build", t.upstream, ctx.branch)
@@ -161,6 +164,98 @@ pub(crate) fn transition(t: &Transition, ctx: &Context<'_>) -> Rendered {
     let _ = writeln!(
         text,
         "You get this because you subscribed to {subject_of} on this trunkfarm hub."
+    );
+    let _ = writeln!(text, "Unsubscribe: {}", ctx.unsubscribe_url);
+    let html = html_of(
+        &subject,
+        &text,
+        &[&run_url, &history_url, ctx.unsubscribe_url],
+        ctx.unsubscribe_url,
+    );
+    Rendered {
+        subject,
+        text,
+        html,
+    }
+}
+
+/// The mail for a suspicious green (once per spell): green, but its JUnit
+/// counts fell against the series' previous runs. Says the counts, the
+/// upstream commit and the commits since the last usual run.
+fn suspicious(t: &Transition, ctx: &Context<'_>) -> Rendered {
+    let subject = format!(
+        "[trunkfarm] {} looks suspicious on {} with {} {} {}: {}",
+        t.project,
+        t.platform,
+        t.upstream,
+        ctx.branch,
+        short(&t.upstream_commit),
+        untrusted(&t.suspicious)
+    );
+    let run_url = format!("{}/runs/{}", ctx.public_url, t.job_id);
+    let history_url = format!("{}/projects/{}", ctx.public_url, t.project);
+    let mut text = String::new();
+    let _ = writeln!(
+        text,
+        "{} passed on {} with {} {} {}, but its test reports changed sharply:",
+        t.project,
+        t.platform,
+        t.upstream,
+        ctx.branch,
+        short(&t.upstream_commit)
+    );
+    let _ = writeln!(text);
+    let _ = writeln!(text, "  {}", untrusted(&t.suspicious));
+    let _ = writeln!(text);
+    let _ = writeln!(
+        text,
+        "(its usual counts are the median of its previous runs). Tests that are skipped or no longer"
+    );
+    let _ = writeln!(
+        text,
+        "reported are not tested: a trunk change may have made the suite skip them."
+    );
+    let _ = writeln!(text);
+    if t.last_green_upstream_commit.is_empty() {
+        let _ = writeln!(text, "The upstream commit: {}", short(&t.upstream_commit));
+    } else {
+        let _ = writeln!(
+            text,
+            "Upstream commits since the last usual run {} ({}):",
+            short(&t.last_green_upstream_commit),
+            t.culprits.len()
+        );
+    }
+    for c in &t.culprits {
+        match c.subject.is_empty() {
+            true => writeln!(text, "  {}", short(&c.sha)),
+            false => writeln!(text, "  {}", culprit(c)),
+        }
+        .ok();
+    }
+    if !t.culprits_error.is_empty() {
+        let _ = writeln!(text, "  ({})", untrusted(&t.culprits_error));
+    }
+    if t.project_commit != t.previous_project_commit && !t.previous_project_commit.is_empty() {
+        let _ = writeln!(
+            text,
+            "The project's own commit changed too: {} -> {}.",
+            short(&t.previous_project_commit),
+            short(&t.project_commit)
+        );
+    }
+    let _ = writeln!(text);
+    let _ = writeln!(
+        text,
+        "You get one mail per suspicious spell: none for the next such runs."
+    );
+    let _ = writeln!(text, "The run:     {run_url}");
+    let _ = writeln!(text, "The history: {history_url}");
+    let _ = writeln!(text);
+    let _ = writeln!(
+        text,
+        "You get this because you subscribed to {} on this trunkfarm hub.",
+        t.project
     );
     let _ = writeln!(text, "Unsubscribe: {}", ctx.unsubscribe_url);
     let html = html_of(

@@ -31,6 +31,15 @@ pub(crate) struct SeriesState {
     /// counted alone.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub(crate) awaiting: Vec<(u64, (u64, u64))>,
+    /// The JUnit counts of its last runs that were not suspicious, oldest
+    /// first (at most `suspicious::BASELINE_RUNS`): what a green run's
+    /// counts are compared with (`suspicious.rs`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub(crate) baseline: Vec<super::suspicious::Counts>,
+    /// Its last classified run was a suspicious green: a suspicious spell
+    /// is mailed once, when it begins.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub(crate) suspicious: bool,
 }
 
 impl SeriesState {
@@ -110,10 +119,12 @@ impl Verdict {
         k == TransitionKind::WentRed as i32 || k == TransitionKind::Fixed as i32
     }
 
-    /// The range to list as culprits, when the result went red.
+    /// The range to list as culprits, when the result went red (or is the
+    /// first suspicious green of a spell: since the last usual green run).
     pub(super) fn culprit_range(&self) -> Option<CulpritRange> {
         let t = &self.transition;
-        (t.kind == TransitionKind::WentRed as i32).then(|| CulpritRange {
+        let suspicious = t.class == Some(super::Class::Suspicious);
+        (t.kind == TransitionKind::WentRed as i32 || suspicious).then(|| CulpritRange {
             upstream: t.upstream.clone(),
             from: (!t.last_green_upstream_commit.is_empty())
                 .then(|| t.last_green_upstream_commit.clone()),
@@ -252,6 +263,32 @@ fn classify(
         failing: failing.to_vec(),
     };
     Some((transition, decisive))
+}
+
+/// Makes `v` leave its series as it was, classed `class` (a red result
+/// excused as flaky): its transition says still green (or still red) and
+/// the series keeps its last decisive result. False (nothing changed) when
+/// the series has no decisive result yet to keep.
+pub(super) fn keep_series(state: &SeriesState, v: &mut Verdict, class: super::Class) -> bool {
+    let Some(previous) = &state.last else {
+        return false;
+    };
+    let t = &mut v.transition;
+    t.kind = if previous.red {
+        TransitionKind::StillRed
+    } else {
+        TransitionKind::StillGreen
+    }
+    .into();
+    t.class = Some(class);
+    t.project_commit_changed = false;
+    t.red_since_id = if previous.red {
+        state.red_since.unwrap_or(0)
+    } else {
+        0
+    };
+    v.decisive = previous.clone();
+    true
 }
 
 /// Moves a series past its stored transition `t` (its id set).

@@ -29,11 +29,14 @@
 mod classify;
 mod confirm;
 mod keys;
+mod noise;
 mod query;
 mod records;
+mod suspicious;
 #[cfg(test)]
 mod tests;
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
@@ -41,7 +44,9 @@ use trunkfarm_proto::v1::BuildState;
 
 pub(crate) use classify::{CulpritRange, SeriesState, run_status};
 pub(crate) use confirm::{ConfirmState, Confirmation, Judged, Rerun, Said};
+pub(crate) use noise::{FlakyRule, Noise};
 pub(crate) use query::{Breakage, Grid, GridSeries, UpstreamRow};
+pub(crate) use suspicious::{Counts, suspicious};
 // Until every slice of the signal-quality work uses them (removed at merge).
 #[allow(unused_imports)]
 pub(crate) use records::{Bisect, BisectState, Class};
@@ -195,6 +200,8 @@ pub(crate) struct Results {
     recording: Arc<tokio::sync::Mutex<()>>,
     /// Held for every read-modify-write of the tree (never across an await).
     writing: Arc<Mutex<()>>,
+    /// Per project: when a test is known flaky (the default for others).
+    flaky: Arc<HashMap<String, FlakyRule>>,
 }
 
 impl Results {
@@ -204,7 +211,20 @@ impl Results {
             table: Table::open(store, crate::store::trees::RESULTS)?,
             recording: Arc::default(),
             writing: Arc::default(),
+            flaky: Arc::default(),
         })
+    }
+
+    /// The same, judging known flaky tests per project by `rules`
+    /// (`[[project]] flaky_after`, `flaky_counts_alone`).
+    pub(crate) fn with_flaky_rules(mut self, rules: HashMap<String, FlakyRule>) -> Results {
+        self.flaky = Arc::new(rules);
+        self
+    }
+
+    /// A project's known-flaky rule.
+    pub(crate) fn flaky_rule(&self, project: &str) -> FlakyRule {
+        self.flaky.get(project).copied().unwrap_or_default()
     }
 
     fn write_lock(&self) -> MutexGuard<'_, ()> {
@@ -253,6 +273,18 @@ impl Results {
     ) -> Result<Option<RunRecord>, StoreError> {
         self.table
             .get(keys::latest_run(project, upstream, platform))
+    }
+
+    /// One run of a series (with every case).
+    pub(crate) fn run(
+        &self,
+        project: &str,
+        upstream: &str,
+        platform: &str,
+        job_id: u64,
+    ) -> Result<Option<RunRecord>, StoreError> {
+        self.table
+            .get(keys::run(project, upstream, platform, job_id))
     }
 
     /// A series' remembered state.
@@ -341,6 +373,8 @@ impl Results {
         let series_name = classify::series_of(&finished);
         let mut state = self.series(&series_name)?;
         let mut verdict = classify::judge(&state, &finished);
+        // Known flaky tests alone do not turn a project red (noise.rs).
+        self.excuse_flaky(&state, verdict.as_mut())?;
         let mut held = None;
         if let Some(said) = unconfirmed
             && finished.held_if(verdict.as_ref())
@@ -351,6 +385,8 @@ impl Results {
             state.awaiting.push((job_id, v.order));
             held = Some(c);
         }
+        // A green run whose JUnit counts look wrong (suspicious.rs).
+        suspicious::watch(&mut state, verdict.as_mut(), &mut finished);
         let state_changed = held.is_some();
         let transition = self
             .write(

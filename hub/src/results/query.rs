@@ -63,6 +63,8 @@ pub(crate) struct Cell {
     pub(crate) red_since: Option<Transition>,
     /// A newer run is queued or running.
     pub(crate) pending: bool,
+    /// Its project's known flaky tests (`noise.rs`).
+    pub(crate) flaky_tests: u32,
 }
 
 /// Which series went red at some upstream commits.
@@ -117,11 +119,13 @@ impl From<Cell> for v1::StatusCell {
             latest,
             red_since,
             pending,
+            flaky_tests,
         } = c;
         v1::StatusCell {
             latest: Some(latest.into()),
             red_since: red_since.map(Into::into),
             pending,
+            flaky_tests,
         }
     }
 }
@@ -179,6 +183,10 @@ impl Results {
             }),
             red_since,
             pending: s.pending,
+            flaky_tests: self
+                .noise(s.project)?
+                .flaky(self.flaky_rule(s.project))
+                .len() as u32,
         })
     }
 

@@ -1,0 +1,208 @@
+//! `trunkfarm calibrate`: measure a project's noise on demand. The
+//! project's latest run (or a named one) is re-run N times with the same
+//! spec — same project commit, same runtime — as keyed re-runs
+//! `<its key>/calibrate/<its job>/<n>`: asking again (the CLI polls, an
+//! operator repeats the command, the hub restarted) submits nothing twice.
+//! Each finished run is counted against the original in the project's
+//! noise record (`results::noise`) and stored; none is classified.
+
+use trunkfarm_proto::v1::JobSpec;
+
+use super::{Pipeline, PipelineError};
+use crate::job_key::{JobKey, RerunKind};
+use crate::results::{Recorded, RunInfo, RunRecord};
+
+/// The most runs one calibration may ask for.
+pub(crate) const MAX_CALIBRATION_RUNS: u32 = 100;
+
+/// What a calibration asks for.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct CalibrateRequest {
+    /// The project (required).
+    pub(crate) project: String,
+    /// Only its runs against this upstream (empty: any).
+    pub(crate) upstream: String,
+    /// Only its runs on this platform (empty: any).
+    pub(crate) platform: String,
+    /// How many identical runs.
+    pub(crate) runs: u32,
+    /// The run to repeat (its job id); 0: the project's latest run.
+    pub(crate) job: u64,
+}
+
+/// Where a calibration stands.
+#[derive(Clone, Debug)]
+pub(crate) struct Calibration {
+    /// The run repeated.
+    pub(crate) original: RunInfo,
+    /// How many runs were asked for.
+    pub(crate) runs: u32,
+    /// The calibration runs' job ids, run 1 first.
+    pub(crate) jobs: Vec<u64>,
+    /// The runs recorded so far (number, run), of those asked for.
+    pub(crate) done: Vec<(u32, RunRecord)>,
+}
+
+impl Pipeline {
+    /// Queues (once per key) and reports a calibration.
+    pub(crate) async fn calibrate(
+        &self,
+        req: &CalibrateRequest,
+    ) -> Result<Calibration, PipelineError> {
+        if req.runs == 0 || req.runs > MAX_CALIBRATION_RUNS {
+            return Err(PipelineError::Invalid(format!(
+                "--runs {} is out of range: ask for 1 to {MAX_CALIBRATION_RUNS} runs (e.g. 5)",
+                req.runs
+            )));
+        }
+        let original = self.run_to_calibrate(req)?;
+        let Some(rec) = self.inner.dispatch.get(original.job_id)? else {
+            return Err(PipelineError::Invalid(format!(
+                "job {} (the run of {} to repeat) is no longer stored; calibrate the latest run instead (omit --job)",
+                original.job_id, original.project
+            )));
+        };
+        let Some(of @ JobKey::Test { .. }) = JobKey::parse(&rec.key) else {
+            return Err(PipelineError::Invalid(format!(
+                "job {} is not a pipeline test run; name a test run of {}",
+                rec.id, original.project
+            )));
+        };
+        let mut jobs = Vec::new();
+        for n in 1..=req.runs {
+            let key = JobKey::Rerun {
+                of: Box::new(of.clone()),
+                kind: RerunKind::Calibrate,
+                job: rec.id,
+                n,
+            };
+            let spec = JobSpec::from(rec.spec.clone());
+            let (job, new) = self
+                .inner
+                .dispatch
+                .submit_keyed(spec, 0, key.to_string())
+                .await?;
+            if new {
+                tracing::info!(
+                    job,
+                    original = rec.id,
+                    project = %original.project,
+                    "calibration run {n} of {} queued",
+                    req.runs
+                );
+            }
+            jobs.push(job);
+        }
+        let done = self
+            .inner
+            .results
+            .calibration(rec.id)?
+            .into_iter()
+            .filter(|(n, _)| (1..=req.runs).contains(n))
+            .collect();
+        Ok(Calibration {
+            original,
+            runs: req.runs,
+            jobs,
+            done,
+        })
+    }
+
+    /// The run a calibration repeats: the one named, or the project's
+    /// newest (by job id) among its series that match the request.
+    fn run_to_calibrate(&self, req: &CalibrateRequest) -> Result<RunInfo, PipelineError> {
+        let Some(p) = self.inner.projects.iter().find(|p| p.name == req.project) else {
+            let known: Vec<_> = self
+                .inner
+                .projects
+                .iter()
+                .map(|p| p.name.as_str())
+                .collect();
+            return Err(PipelineError::Invalid(format!(
+                "no project named {:?} is configured; known projects: {}",
+                req.project,
+                if known.is_empty() {
+                    "none (add [[project]] entries to the hub config)".to_owned()
+                } else {
+                    known.join(", ")
+                }
+            )));
+        };
+        if !req.upstream.is_empty() {
+            self.upstream(&req.upstream)?;
+        }
+        let mut newest: Option<RunInfo> = None;
+        for u in self
+            .inner
+            .upstreams
+            .iter()
+            .filter(|u| p.tests_against(&u.name))
+        {
+            if !req.upstream.is_empty() && u.name != req.upstream {
+                continue;
+            }
+            for platform in p.platforms_for(u) {
+                if !req.platform.is_empty() && platform != req.platform {
+                    continue;
+                }
+                let Some(run) = self.inner.results.latest_run(&p.name, &u.name, platform)? else {
+                    continue;
+                };
+                if req.job != 0 {
+                    let key = (&p.name, &u.name, platform);
+                    if let Some(r) = self.inner.results.run(key.0, key.1, key.2, req.job)? {
+                        return Ok(r.info);
+                    }
+                    continue;
+                }
+                if newest.as_ref().is_none_or(|n| n.job_id < run.info.job_id) {
+                    newest = Some(run.info);
+                }
+            }
+        }
+        if req.job != 0 {
+            return Err(PipelineError::Invalid(format!(
+                "job {} is not a recorded run of {} (matching --upstream/--platform)",
+                req.job, p.name
+            )));
+        }
+        newest.ok_or_else(|| {
+            PipelineError::Invalid(format!(
+                "{} has no recorded run{} yet to repeat; wait for one (`trunkfarm status`) and try again",
+                p.name,
+                match (req.upstream.as_str(), req.platform.as_str()) {
+                    ("", "") => String::new(),
+                    (u, "") => format!(" against {u}"),
+                    ("", pl) => format!(" on {pl}"),
+                    (u, pl) => format!(" against {u} on {pl}"),
+                }
+            ))
+        })
+    }
+
+    /// Records a finished calibration run `n` of job `original`.
+    pub(super) async fn record_calibration(
+        &self,
+        finished: crate::results::Finished,
+        original: u64,
+        n: u32,
+    ) -> Result<(), PipelineError> {
+        let crate::results::Finished::Run { run, .. } = finished else {
+            tracing::warn!(
+                job = original,
+                "a calibration of a build is not supported; ignored"
+            );
+            return Ok(());
+        };
+        let job = run.info.job_id;
+        if let Recorded::New(_) = self
+            .inner
+            .results
+            .record_calibration(original, n, run)
+            .await?
+        {
+            tracing::info!(job, original, "calibration run {n} recorded");
+        }
+        Ok(())
+    }
+}
