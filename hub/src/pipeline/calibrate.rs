@@ -6,11 +6,16 @@
 //! Each finished run is counted against the original in the project's
 //! noise record (`results::noise`) and stored; none is classified.
 
-use trunkfarm_proto::v1::JobSpec;
+use std::collections::BTreeMap;
+
+use trunkfarm_proto::v1::{self, JobSpec, RunStatus, TestStatus};
 
 use super::{Pipeline, PipelineError};
 use crate::job_key::{JobKey, RerunKind};
-use crate::results::{Recorded, RunInfo, RunRecord};
+use crate::results::{FlakyRule, Noise, Recorded, RunInfo, RunRecord};
+
+/// Runs per calibration when the request names none.
+pub(crate) const DEFAULT_CALIBRATION_RUNS: u32 = 5;
 
 /// The most runs one calibration may ask for.
 pub(crate) const MAX_CALIBRATION_RUNS: u32 = 100;
@@ -43,7 +48,101 @@ pub(crate) struct Calibration {
     pub(crate) done: Vec<(u32, RunRecord)>,
 }
 
+impl Calibration {
+    /// What the admin API answers: per test, in how many recorded runs it
+    /// failed and ran (only tests that failed at least once), judged
+    /// against the project's noise record `noise` under `rule`.
+    pub(crate) fn summary(self, noise: &Noise, rule: FlakyRule) -> v1::CalibrateResponse {
+        let status = |r: &RunRecord| RunStatus::try_from(r.info.status).unwrap_or(RunStatus::Error);
+        let mut tests: BTreeMap<&str, (u32, u32)> = BTreeMap::new();
+        for (_, run) in &self.done {
+            for c in &run.cases {
+                let failed = match TestStatus::try_from(c.status) {
+                    Ok(TestStatus::Failed | TestStatus::Error) => true,
+                    Ok(TestStatus::Passed) => false,
+                    _ => continue,
+                };
+                let t = tests.entry(c.name.as_str()).or_default();
+                t.0 += u32::from(failed);
+                t.1 += 1;
+            }
+        }
+        let tests = tests
+            .into_iter()
+            .filter(|(_, (failed, _))| *failed > 0)
+            .map(|(name, (failed, ran))| v1::CalibratedTest {
+                name: name.to_owned(),
+                failed,
+                ran,
+                flaky: failed < ran,
+                known_flaky: noise.tests.get(name).is_some_and(|t| rule.known_flaky(t)),
+            })
+            .collect();
+        v1::CalibrateResponse {
+            finished: self.done.len() as u32,
+            red: self
+                .done
+                .iter()
+                .filter(|(_, r)| status(r) == RunStatus::Red)
+                .count() as u32,
+            errors: self
+                .done
+                .iter()
+                .filter(|(_, r)| status(r) == RunStatus::Error)
+                .count() as u32,
+            original: Some(self.original.into()),
+            runs: self.runs,
+            jobs: self.jobs,
+            tests,
+        }
+    }
+}
+
 impl Pipeline {
+    /// Every configured project's noise record (or `project`'s), with its
+    /// known-flaky rule.
+    pub(crate) fn flaky(&self, project: &str) -> Result<Vec<v1::ProjectNoise>, PipelineError> {
+        if !project.is_empty() && !self.inner.projects.iter().any(|p| p.name == project) {
+            return Err(self.no_such_project(project));
+        }
+        let mut out = Vec::new();
+        for p in &self.inner.projects {
+            if project.is_empty() || p.name == project {
+                let noise = self.inner.results.noise(&p.name)?;
+                out.push(crate::results::noise_wire(&p.name, &noise, p.flaky_rule()));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The calibration asked for, as the admin API answers it.
+    pub(crate) async fn calibration_summary(
+        &self,
+        req: &CalibrateRequest,
+    ) -> Result<v1::CalibrateResponse, PipelineError> {
+        let c = self.calibrate(req).await?;
+        let noise = self.inner.results.noise(&c.original.project)?;
+        let rule = self.inner.results.flaky_rule(&c.original.project);
+        Ok(c.summary(&noise, rule))
+    }
+
+    fn no_such_project(&self, name: &str) -> PipelineError {
+        let known: Vec<_> = self
+            .inner
+            .projects
+            .iter()
+            .map(|p| p.name.as_str())
+            .collect();
+        PipelineError::Invalid(format!(
+            "no project named {name:?} is configured; known projects: {}",
+            if known.is_empty() {
+                "none (add [[project]] entries to the hub config)".to_owned()
+            } else {
+                known.join(", ")
+            }
+        ))
+    }
+
     /// Queues (once per key) and reports a calibration.
     pub(crate) async fn calibrate(
         &self,

@@ -44,8 +44,10 @@ use trunkfarm_proto::v1::BuildState;
 
 pub(crate) use classify::{CulpritRange, SeriesState, run_status};
 pub(crate) use confirm::{ConfirmState, Confirmation, Judged, Rerun, Said};
-pub(crate) use noise::{FlakyRule, Noise};
+pub(crate) use noise::{FlakyRule, Noise, wire as noise_wire};
 pub(crate) use query::{Breakage, Grid, GridSeries, UpstreamRow};
+// The bisect slice judges a commit's run with the same predicate.
+#[allow(unused_imports)]
 pub(crate) use suspicious::{Counts, suspicious};
 // Until every slice of the signal-quality work uses them (removed at merge).
 #[allow(unused_imports)]

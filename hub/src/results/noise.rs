@@ -15,7 +15,7 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
-use trunkfarm_proto::v1::{RunStatus, TestStatus, TransitionKind};
+use trunkfarm_proto::v1::{self, RunStatus, TestStatus, TransitionKind};
 
 use super::classify::{self, SeriesState, Verdict};
 use super::{Class, Recorded, Results, RunInfo, RunRecord, keys};
@@ -135,6 +135,31 @@ impl Noise {
     }
 }
 
+/// A project's noise as the admin API shows it: every test that flipped at
+/// least once, most flips first.
+pub(crate) fn wire(project: &str, noise: &Noise, rule: FlakyRule) -> v1::ProjectNoise {
+    let mut tests: Vec<v1::TestNoise> = noise
+        .tests
+        .iter()
+        .filter(|(_, t)| t.flips > 0)
+        .map(|(name, t)| v1::TestNoise {
+            name: name.clone(),
+            runs: t.runs,
+            flips: t.flips,
+            last_flip_ms: t.last_flip_ms,
+            known_flaky: rule.known_flaky(t),
+        })
+        .collect();
+    tests.sort_by(|a, b| b.flips.cmp(&a.flips).then_with(|| a.name.cmp(&b.name)));
+    v1::ProjectNoise {
+        project: project.to_owned(),
+        runs: noise.runs,
+        flips: noise.flips,
+        flaky_after: rule.after,
+        tests,
+    }
+}
+
 /// Whether a red result failing `failing` (every failing test's name) is
 /// excused under `rule`: every one of them is known flaky, and known flaky
 /// tests do not count alone. A red result without failing test names (no
@@ -151,17 +176,6 @@ impl Results {
     /// A project's noise record (empty when nothing was observed yet).
     pub(crate) fn noise(&self, project: &str) -> Result<Noise, StoreError> {
         Ok(self.table.get(keys::noise(project))?.unwrap_or_default())
-    }
-
-    /// Every project's noise record, by project name.
-    pub(crate) fn all_noise(&self) -> Result<Vec<(String, Noise)>, StoreError> {
-        let mut out = Vec::new();
-        for item in self.table.scan::<Noise>(keys::NOISE) {
-            let (k, n) = item?;
-            let key = String::from_utf8_lossy(&k);
-            out.push((key.trim_start_matches(keys::NOISE).to_owned(), n));
-        }
-        Ok(out)
     }
 
     /// Stages into `batch` the identical re-run pair (`a`, then its re-run

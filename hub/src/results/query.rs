@@ -208,7 +208,7 @@ impl Results {
     }
 
     /// Stored transitions of `upstream` and `project` (empty: any), newest
-    /// first, at most `limit`; only went red and fixed unless `all`.
+    /// first, at most `limit`; only went red, fixed and suspicious unless `all`.
     pub(crate) fn transitions_of(
         &self,
         upstream: &str,
@@ -221,7 +221,8 @@ impl Results {
                 && (project.is_empty() || t.project == project)
                 && (all
                     || t.kind == TransitionKind::WentRed as i32
-                    || t.kind == TransitionKind::Fixed as i32)
+                    || t.kind == TransitionKind::Fixed as i32
+                    || t.class == Some(super::Class::Suspicious))
         })
     }
 
