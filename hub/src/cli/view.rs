@@ -814,6 +814,7 @@ mod tests {
                 }),
                 red_since: Some(went_red.clone()),
                 pending: false,
+                flaky_tests: 2,
             }],
         };
         let j = to_json(Status::from(&status));
@@ -827,6 +828,7 @@ mod tests {
         assert_eq!(cell["run"]["outcome"], "failed");
         assert_eq!(cell["run"]["failing_tests"][0]["status"], "error");
         assert_eq!(cell["red_since"]["kind"], "went_red");
+        assert_eq!(cell["flaky_tests"], 2);
         assert_eq!(cell["red_since"]["culprits"][0]["sha"], "c2");
         assert_eq!(to_json(upstreams(&status)), j["upstreams"]);
 

@@ -171,7 +171,7 @@ mod tests {
         );
         assert_eq!(
             suspicious(&[c(100, 2, 0)], c(100, 40, 0)).as_deref(),
-            Some("98 passed → 60 passed, 40 skipped"),
+            Some("98 passed, 2 skipped → 60 passed, 40 skipped"),
             "skipped rose sharply"
         );
         assert_eq!(suspicious(&usual, c(19, 1, 0)), None, "ordinary wobble");
