@@ -6,10 +6,11 @@
 use std::fs;
 use std::path::PathBuf;
 
+use serde_json::Value;
 use tempfile::TempDir;
 
 use crate::smtp::SmtpSink;
-use crate::{git, temp_dir};
+use crate::{git, s, temp_dir};
 
 /// The transition kinds as the CLI's `--json` prints them.
 pub const WENT_RED: &str = "went_red";
@@ -224,4 +225,15 @@ retry_max = "1s"
 "#,
         sink.port()
     )
+}
+
+/// The cell of `project` in `status --json` output.
+pub fn cell(status: &Value, project: &str) -> Value {
+    status["cells"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| s(c, "project") == project)
+        .unwrap_or_else(|| panic!("no cell for {project} in {status:#}"))
+        .clone()
 }

@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use serde_json::Value;
-use trunkfarm_e2e::farm::{Repos, broken_runtime, smtp_toml};
+use trunkfarm_e2e::farm::{Repos, broken_runtime, cell, smtp_toml};
 use trunkfarm_e2e::smtp::SmtpSink;
 use trunkfarm_e2e::{Agent, Hub, s, temp_dir, u, wait_for};
 
@@ -40,21 +40,14 @@ fn farm(repos: &Repos, extra: &str) -> (Hub, Agent) {
 }
 
 /// `project`'s status cell.
-fn cell(hub: &Hub, project: &str) -> Value {
-    let status = hub.cli_json(&["status", "--json"]);
-    status["cells"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| s(c, "project") == project)
-        .unwrap_or_else(|| panic!("no cell for {project} in {status:#}"))
-        .clone()
+fn status_cell(hub: &Hub, project: &str) -> Value {
+    cell(&hub.cli_json(&["status", "--json"]), project)
 }
 
 /// Waits until `project`'s newest run tested upstream `commit` and is green.
 fn wait_green(hub: &Hub, project: &str, commit: &str) -> Value {
     wait_for(STEP, &format!("{project} to be green at {commit}"), || {
-        let c = cell(hub, project);
+        let c = status_cell(hub, project);
         (s(&c["run"], "upstream_commit") == commit && s(&c, "status") == "green").then_some(c)
     })
 }
@@ -234,7 +227,7 @@ junit = ["junit.xml"]
     let t = &flaky[0]["tests"][0];
     assert_eq!(s(t, "name"), "flipper.test_flip", "{flaky:#}");
     assert_eq!((u(t, "flips"), u(t, "runs")), (2, 6), "{flaky:#}");
-    assert_eq!(u(&cell(&hub, "flipper"), "flaky_tests"), 1);
+    assert_eq!(u(&status_cell(&hub, "flipper"), "flaky_tests"), 1);
     assert!(hub.cli_ok(&["status"]).contains("1 flaky test"));
     let history = hub.cli_json(&["transitions", "--all", "--project", "flipper", "--json"]);
     assert_eq!(history.as_array().unwrap().len(), 1, "{history:#}");

@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use serde_json::Value;
 use trunkfarm_e2e::farm::{
-    ADDER_TESTS, FIXED, RUNTIME, Repos, STILL_GREEN, STILL_RED, WENT_RED, broken_runtime, smtp_toml,
+    ADDER_TESTS, FIXED, RUNTIME, Repos, STILL_GREEN, STILL_RED, WENT_RED, broken_runtime, cell,
+    smtp_toml,
 };
 use trunkfarm_e2e::{Agent, Hub, git, s, u, wait_for};
 
@@ -34,17 +35,6 @@ fn farm(repos: &Repos, extra: &str, agents: usize) -> (Hub, Vec<Agent>) {
 
 fn status(hub: &Hub) -> Value {
     hub.cli_json(&["status", "--json"])
-}
-
-/// The status cell of `project` (against upstream `rt`).
-fn cell(status: &Value, project: &str) -> Value {
-    status["cells"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| s(c, "project") == project)
-        .unwrap_or_else(|| panic!("no cell for {project} in {status:#}"))
-        .clone()
 }
 
 /// Waits until `project`'s newest run tested upstream `commit` and has

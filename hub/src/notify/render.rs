@@ -158,6 +158,26 @@ pub(crate) fn transition(t: &Transition, ctx: &Context<'_>) -> Rendered {
         let _ = writeln!(text, "It is green again with this commit.");
     }
     let _ = writeln!(text);
+    signed(
+        subject,
+        text,
+        &subject_of,
+        &run_url,
+        &history_url,
+        ctx.unsubscribe_url,
+    )
+}
+
+/// Ends a transition's mail: the links to the run and the history, why
+/// the recipient gets it and how to stop; and makes its HTML part.
+fn signed(
+    subject: String,
+    mut text: String,
+    subject_of: &str,
+    run_url: &str,
+    history_url: &str,
+    unsubscribe_url: &str,
+) -> Rendered {
     let _ = writeln!(text, "The run:     {run_url}");
     let _ = writeln!(text, "The history: {history_url}");
     let _ = writeln!(text);
@@ -165,12 +185,12 @@ pub(crate) fn transition(t: &Transition, ctx: &Context<'_>) -> Rendered {
         text,
         "You get this because you subscribed to {subject_of} on this trunkfarm hub."
     );
-    let _ = writeln!(text, "Unsubscribe: {}", ctx.unsubscribe_url);
+    let _ = writeln!(text, "Unsubscribe: {unsubscribe_url}");
     let html = html_of(
         &subject,
         &text,
-        &[&run_url, &history_url, ctx.unsubscribe_url],
-        ctx.unsubscribe_url,
+        &[run_url, history_url, unsubscribe_url],
+        unsubscribe_url,
     );
     Rendered {
         subject,
@@ -249,26 +269,14 @@ fn suspicious(t: &Transition, ctx: &Context<'_>) -> Rendered {
         text,
         "You get one mail per suspicious spell: none for the next such runs."
     );
-    let _ = writeln!(text, "The run:     {run_url}");
-    let _ = writeln!(text, "The history: {history_url}");
-    let _ = writeln!(text);
-    let _ = writeln!(
-        text,
-        "You get this because you subscribed to {} on this trunkfarm hub.",
-        t.project
-    );
-    let _ = writeln!(text, "Unsubscribe: {}", ctx.unsubscribe_url);
-    let html = html_of(
-        &subject,
-        &text,
-        &[&run_url, &history_url, ctx.unsubscribe_url],
-        ctx.unsubscribe_url,
-    );
-    Rendered {
+    signed(
         subject,
         text,
-        html,
-    }
+        &t.project,
+        &run_url,
+        &history_url,
+        ctx.unsubscribe_url,
+    )
 }
 
 /// A digest: everything that went red in an upstream during one period.

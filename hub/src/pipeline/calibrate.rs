@@ -211,21 +211,7 @@ impl Pipeline {
     /// newest (by job id) among its series that match the request.
     fn run_to_calibrate(&self, req: &CalibrateRequest) -> Result<RunInfo, PipelineError> {
         let Some(p) = self.inner.projects.iter().find(|p| p.name == req.project) else {
-            let known: Vec<_> = self
-                .inner
-                .projects
-                .iter()
-                .map(|p| p.name.as_str())
-                .collect();
-            return Err(PipelineError::Invalid(format!(
-                "no project named {:?} is configured; known projects: {}",
-                req.project,
-                if known.is_empty() {
-                    "none (add [[project]] entries to the hub config)".to_owned()
-                } else {
-                    known.join(", ")
-                }
-            )));
+            return Err(self.no_such_project(&req.project));
         };
         if !req.upstream.is_empty() {
             self.upstream(&req.upstream)?;
