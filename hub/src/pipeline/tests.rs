@@ -1618,3 +1618,30 @@ async fn a_green_run_that_skips_every_test_is_suspicious_and_mailed_once_per_spe
     assert_eq!(suspicious(&f), 2);
     assert_eq!(f.pending_mails(), 2);
 }
+
+#[tokio::test]
+async fn a_test_that_confirmation_runs_saw_flip_twice_is_known_flaky_and_its_next_failure_is_not_held()
+ {
+    let mut f = Farm::new().await;
+    let v = f.join("volunteer", false).await;
+    green_trunk(&mut f).await;
+    for flips in 1..=2 {
+        // The volunteer's red, overruled by the trusted agent's green re-run.
+        f.volunteer_says_shouter_is_red(&v).await;
+        f.only("a").await;
+        f.run_jobs(all_green).await;
+        f.take_in().await;
+        let noise = f.results.noise("shouter").unwrap();
+        assert_eq!((noise.runs, noise.flips), (flips, flips));
+        assert_eq!(noise.tests["s.upper"].flips, flips);
+    }
+    // Known flaky now: its next failure alone is recorded as flaky at once.
+    f.volunteer_says_shouter_is_red(&v).await;
+    assert!(f.open_confirmations().is_empty(), "nothing held");
+    let t = &f.transitions("shouter")[0];
+    assert_eq!(t.class, Some(crate::results::Class::Flaky));
+    assert_eq!(kind(t), TransitionKind::StillGreen);
+    assert!(f.went_red("shouter").is_empty());
+    assert_eq!(f.pending_mails(), 0);
+    assert_eq!(f.pipeline.flaky("shouter").unwrap()[0].tests[0].flips, 2);
+}

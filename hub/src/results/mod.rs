@@ -510,6 +510,12 @@ impl Results {
                         self.stage_finished(batch, r)?;
                     }
                     self.table.stage(batch, keys::confirmation(original), &c)?;
+                    // An identical re-run: counted in the noise record (noise.rs).
+                    if let (Some(Finished::Run { run: a, .. }), Finished::Run { run: b, .. }) =
+                        (&finished, &result)
+                    {
+                        self.stage_noise(batch, a, b)?;
+                    }
                     mark(batch);
                     Ok(())
                 },
