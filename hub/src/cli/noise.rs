@@ -109,6 +109,9 @@ fn print_calibration(c: &CalibrateResponse, no_wait: bool) {
             c.finished, c.runs
         );
     }
+    if c.finished == 0 {
+        return;
+    }
     println!(
         "  red in {} of {} recorded run(s){}",
         c.red,

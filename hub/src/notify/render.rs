@@ -641,4 +641,31 @@ mod tests {
         assert!(d.subject.contains("1 project(s) went red"));
         assert!(d.text.contains("- attrs on linux-x86_64"));
     }
+
+    #[test]
+    fn a_suspicious_green_says_the_counts_and_the_commits_not_the_log() {
+        let mut t = went_red();
+        t.kind = TransitionKind::StillGreen.into();
+        t.class = Some(Class::Suspicious);
+        t.suspicious = "20 passed → 0 passed, 20 skipped".into();
+        let mut c = ctx();
+        c.log_tail = HOSTILE_LOG;
+        let m = transition(&t, &c);
+        assert_eq!(
+            m.subject,
+            "[trunkfarm] attrs looks suspicious on linux-x86_64 with cpython main 3f2a9c1e2b: 20 passed → 0 passed, 20 skipped"
+        );
+        for needle in [
+            "  20 passed → 0 passed, 20 skipped",
+            "Upstream commits since the last usual run 1111111111 (1):",
+            "  3f2a9c1e2b gh-1: speed up <dict> (Ada <ada@example.org>)",
+            "You get one mail per suspicious spell",
+            "The run:     https://farm.example.org/runs/42",
+            "Unsubscribe: ",
+        ] {
+            assert!(m.text.contains(needle), "{needle:?} not in\n{}", m.text);
+        }
+        assert!(!m.text.contains("FAILED tests"), "no log tail: {}", m.text);
+        assert!(m.html.contains("speed up &lt;dict&gt;"), "{}", m.html);
+    }
 }
