@@ -244,8 +244,7 @@ impl Results {
             return Ok(Recorded::Already);
         }
         let i = &run.info;
-        let key = keys::run(&i.project, &i.upstream, &i.platform, original);
-        let before: Option<RunRecord> = self.table.get(key)?;
+        let before = self.run(&i.project, &i.upstream, &i.platform, original)?;
         {
             let _w = self.write_lock();
             let mut batch = sled::Batch::default();
