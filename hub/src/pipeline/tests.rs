@@ -1617,6 +1617,20 @@ async fn a_green_run_that_skips_every_test_is_suspicious_and_mailed_once_per_spe
     f.land_with_shouter((Outcome::Passed, twenty("skip"))).await;
     assert_eq!(suspicious(&f), 2);
     assert_eq!(f.pending_mails(), 2);
+    // A spell of five suspicious runs: the sixth's counts are the usual ones.
+    let marked = |f: &Farm| {
+        let run = f.results.latest_run("shouter", "rt", "linux").unwrap();
+        !run.unwrap().info.suspicious.is_empty()
+    };
+    for _ in 2..=5 {
+        f.land_with_shouter((Outcome::Passed, twenty("skip"))).await;
+        assert!(marked(&f));
+    }
+    for _ in 6..=7 {
+        f.land_with_shouter((Outcome::Passed, twenty("skip"))).await;
+        assert!(!marked(&f), "accepted after a spell of five");
+    }
+    assert_eq!((suspicious(&f), f.pending_mails()), (2, 2));
 }
 
 #[tokio::test]

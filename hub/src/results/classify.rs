@@ -36,10 +36,14 @@ pub(crate) struct SeriesState {
     /// counts are compared with (`suspicious.rs`).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub(crate) baseline: Vec<super::suspicious::Counts>,
-    /// Its last classified run was a suspicious green: a suspicious spell
-    /// is mailed once, when it begins.
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    pub(crate) suspicious: bool,
+    /// Suspicious greens in a row up to its last classified run (the
+    /// spell): a spell is mailed once, when it begins.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub(crate) suspicious: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl SeriesState {

@@ -104,8 +104,11 @@ pub(crate) fn suspicious(before: &[Counts], now: Counts) -> Option<String> {
 /// green run is marked on its run (`RunInfo::suspicious`); the first of a
 /// spell (the series was not suspicious already) makes the transition one
 /// of class suspicious with the counts in words. Any other classified run
-/// ends the spell and joins the baseline. Builds, results deciding nothing
-/// and runs whose report could not be read are left alone.
+/// ends the spell and joins the baseline; so does the run after
+/// [`BASELINE_RUNS`] suspicious ones in a row, whose counts then become the
+/// only baseline (a suite that really shrank is not marked forever).
+/// Builds, results deciding nothing and runs whose report could not be
+/// read are left alone.
 pub(super) fn watch(
     state: &mut SeriesState,
     verdict: Option<&mut Verdict>,
@@ -121,19 +124,33 @@ pub(super) fn watch(
     let green = v.transition.status == RunStatus::Green as i32;
     let detail = green.then(|| suspicious(&state.baseline, now)).flatten();
     let Some(detail) = detail else {
-        state.suspicious = false;
-        state.baseline.push(now);
-        let over = state.baseline.len().saturating_sub(BASELINE_RUNS);
-        state.baseline.drain(..over);
+        state.suspicious = 0;
+        learn(state, now);
         return;
     };
+    if state.suspicious as usize >= BASELINE_RUNS {
+        // The spell lasted (and was mailed when it began): these counts
+        // are the usual ones now.
+        state.suspicious = 0;
+        state.baseline.clear();
+        learn(state, now);
+        return;
+    }
     run.info.suspicious = detail.clone();
     let t = &mut v.transition;
-    if !state.suspicious && t.kind == TransitionKind::StillGreen as i32 && t.class.is_none() {
+    if state.suspicious == 0 && t.kind == TransitionKind::StillGreen as i32 && t.class.is_none() {
         t.class = Some(Class::Suspicious);
         t.suspicious = detail;
     }
-    state.suspicious = true;
+    state.suspicious += 1;
+}
+
+/// Adds a run's counts to the series' baseline (the newest
+/// [`BASELINE_RUNS`] are kept).
+fn learn(state: &mut SeriesState, now: Counts) {
+    state.baseline.push(now);
+    let over = state.baseline.len().saturating_sub(BASELINE_RUNS);
+    state.baseline.drain(..over);
 }
 
 #[cfg(test)]
