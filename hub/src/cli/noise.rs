@@ -34,7 +34,8 @@ pub(super) struct CalibrateArgs {
     /// Repeat this run (its job id) instead of the newest.
     #[arg(long)]
     job: Option<u64>,
-    /// Only queue the runs; `calibrate` again (same arguments) to see them.
+    /// Only queue the runs; `calibrate` again (with `--job` of the run it
+    /// names) to see how far they got.
     #[arg(long)]
     no_wait: bool,
     /// Print JSON.
@@ -105,8 +106,8 @@ fn print_calibration(c: &CalibrateResponse, no_wait: bool) {
     );
     if no_wait && c.finished < c.runs {
         println!(
-            "  {} of {} recorded so far; run the same command again to wait for the rest",
-            c.finished, c.runs
+            "  {} of {} recorded so far; add --job {} (without --no-wait) to wait for the rest",
+            c.finished, c.runs, o.job_id
         );
     }
     if c.finished == 0 {
