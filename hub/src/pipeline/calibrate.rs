@@ -10,7 +10,9 @@ use std::collections::BTreeMap;
 
 use trunkfarm_proto::v1::{self, JobSpec, RunStatus, TestStatus};
 
+use super::confirm::said;
 use super::{Pipeline, PipelineError};
+use crate::dispatch::JobRecord;
 use crate::job_key::{JobKey, RerunKind};
 use crate::results::{FlakyRule, Noise, Recorded, RunInfo, RunRecord};
 
@@ -265,9 +267,12 @@ impl Pipeline {
         })
     }
 
-    /// Records a finished calibration run `n` of job `original`.
+    /// Records a finished calibration run `n` (job `rec`) of job
+    /// `original`; it counts in the noise record only when both runs came
+    /// from trusted agents.
     pub(super) async fn record_calibration(
         &self,
+        rec: &JobRecord,
         finished: crate::results::Finished,
         original: u64,
         n: u32,
@@ -279,14 +284,30 @@ impl Pipeline {
             );
             return Ok(());
         };
+        let trusted = |r: &JobRecord| said(r, 0, "").trusted;
+        let original_trusted = self
+            .inner
+            .dispatch
+            .get(original)?
+            .is_some_and(|o| trusted(&o));
+        let trusted_pair = original_trusted && trusted(rec);
         let job = run.info.job_id;
         if let Recorded::New(_) = self
             .inner
             .results
-            .record_calibration(original, n, run)
+            .record_calibration(original, n, run, trusted_pair)
             .await?
         {
-            tracing::info!(job, original, "calibration run {n} recorded");
+            tracing::info!(
+                job,
+                original,
+                "calibration run {n} recorded{}",
+                if trusted_pair {
+                    ""
+                } else {
+                    " (not counted as noise: a volunteer ran one of the two)"
+                }
+            );
         }
         Ok(())
     }

@@ -327,7 +327,7 @@ impl Pipeline {
         if let JobKey::Rerun { of, kind, job, n } = &key {
             let finished = self.intake(rec, (**of).clone()).await?;
             if *kind == RerunKind::Calibrate {
-                self.record_calibration(finished, *job, *n).await?;
+                self.record_calibration(rec, finished, *job, *n).await?;
                 return Ok(None);
             }
             return self.record_rerun(rec, finished, *kind, *job).await;

@@ -1634,15 +1634,30 @@ async fn a_green_run_that_skips_every_test_is_suspicious_and_mailed_once_per_spe
 }
 
 #[tokio::test]
-async fn a_test_that_confirmation_runs_saw_flip_twice_is_known_flaky_and_its_next_failure_is_not_held()
+async fn a_test_that_trusted_confirmation_runs_saw_flip_twice_is_known_flaky_and_its_next_failure_is_not_held()
  {
-    let mut f = Farm::new().await;
+    let config = CONFIG.replace(
+        "url = \"fake:shouter\"",
+        "url = \"fake:shouter\"\nconfirm = \"always\"",
+    );
+    let mut f = Farm::with_config(&config).await;
     let v = f.join("volunteer", false).await;
+    let t = f.join("trusted", true).await;
     green_trunk(&mut f).await;
+    // A volunteer's red overruled by a trusted re-run: a lie or a flake,
+    // nobody knows, so it measures nothing.
+    f.volunteer_says_shouter_is_red(&v).await;
+    f.only("a").await;
+    f.run_jobs(all_green).await;
+    f.take_in().await;
+    assert_eq!(f.results.noise("shouter").unwrap().runs, 0);
     for flips in 1..=2 {
-        // The volunteer's red, overruled by the trusted agent's green re-run.
-        f.volunteer_says_shouter_is_red(&v).await;
-        f.only("a").await;
+        // The trusted a's red, overruled by the trusted t's green re-run.
+        f.land_tested_by("a").await;
+        f.run_jobs(shouter_red).await;
+        f.take_in().await;
+        assert_eq!(f.open_confirmations().len(), 1, "held");
+        f.only(&t).await;
         f.run_jobs(all_green).await;
         f.take_in().await;
         let noise = f.results.noise("shouter").unwrap();
@@ -1650,11 +1665,13 @@ async fn a_test_that_confirmation_runs_saw_flip_twice_is_known_flaky_and_its_nex
         assert_eq!(noise.tests["s.upper"].flips, flips);
     }
     // Known flaky now: its next failure alone is recorded as flaky at once.
-    f.volunteer_says_shouter_is_red(&v).await;
+    f.land_tested_by("a").await;
+    f.run_jobs(shouter_red).await;
+    f.take_in().await;
     assert!(f.open_confirmations().is_empty(), "nothing held");
-    let t = &f.transitions("shouter")[0];
-    assert_eq!(t.class, Some(crate::results::Class::Flaky));
-    assert_eq!(kind(t), TransitionKind::StillGreen);
+    let last = &f.transitions("shouter")[0];
+    assert_eq!(last.class, Some(crate::results::Class::Flaky));
+    assert_eq!(kind(last), TransitionKind::StillGreen);
     assert!(f.went_red("shouter").is_empty());
     assert_eq!(f.pending_mails(), 0);
     assert_eq!(f.pipeline.flaky("shouter").unwrap()[0].tests[0].flips, 2);

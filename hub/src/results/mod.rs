@@ -454,6 +454,9 @@ impl Results {
             self.table.store().commit().await?;
             return Ok(Recorded::New(None));
         };
+        // Only trusted agents' word measures noise: a volunteer's false red
+        // must not make a test "known flaky" (noise.rs).
+        let trusted_pair = c.original.trusted && rerun.said.trusted;
         c.settle(rerun);
         let mut finished = self.held_result(&c)?;
         if let Some(f) = &mut finished {
@@ -511,8 +514,11 @@ impl Results {
                     }
                     self.table.stage(batch, keys::confirmation(original), &c)?;
                     // An identical re-run: counted in the noise record (noise.rs).
-                    if let (Some(Finished::Run { run: a, .. }), Finished::Run { run: b, .. }) =
-                        (&finished, &result)
+                    if let (
+                        Some(Finished::Run { run: a, .. }),
+                        Finished::Run { run: b, .. },
+                        true,
+                    ) = (&finished, &result, trusted_pair)
                     {
                         self.stage_noise(batch, a, b)?;
                     }

@@ -7,7 +7,9 @@
 //!
 //! Pure: [`Noise::observe`], [`excused`]. The store side is the `impl
 //! Results` below: [`Results::stage_noise`] (idempotent per re-run job: a
-//! re-delivered re-run is not counted twice), the recorder's question
+//! re-delivered re-run is not counted twice; only pairs of trusted agents'
+//! results are counted, so a volunteer's lies cannot make a test known
+//! flaky and its real failures excused), the recorder's question
 //! [`Results::excuse_flaky`], and calibration runs (`trunkfarm calibrate`:
 //! the same job re-run N times, each counted against it, stored under
 //! `k/<job>/<n>`, never classified).
@@ -228,15 +230,17 @@ impl Results {
     }
 
     /// Records calibration run `n` of job `original` once (the inbox may
-    /// hand it over again): stores it under `k/<original>/<n>` and counts
-    /// it against the original run in the noise record, in one atomic
-    /// write with its "recorded" marker. Not classified: no transition, the
-    /// series untouched.
+    /// hand it over again): stores it under `k/<original>/<n>` and, when
+    /// both runs came from trusted agents (`trusted_pair`: a volunteer's
+    /// word does not measure noise), counts it against the original run in
+    /// the noise record, in one atomic write with its "recorded" marker.
+    /// Not classified: no transition, the series untouched.
     pub(crate) async fn record_calibration(
         &self,
         original: u64,
         n: u32,
         run: RunRecord,
+        trusted_pair: bool,
     ) -> Result<Recorded, StoreError> {
         let _one = self.recording.lock().await;
         let job_id = run.info.job_id;
@@ -248,7 +252,7 @@ impl Results {
         {
             let _w = self.write_lock();
             let mut batch = sled::Batch::default();
-            if let Some(a) = &before {
+            if let (Some(a), true) = (&before, trusted_pair) {
                 self.stage_noise(&mut batch, a, &run)?;
             }
             self.table

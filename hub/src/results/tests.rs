@@ -458,13 +458,13 @@ async fn a_rerun_is_counted_in_the_noise_record_once() {
     // A calibration run, delivered twice (a crash before the inbox's ack).
     let first = f
         .results
-        .record_calibration(1, 1, red.clone())
+        .record_calibration(1, 1, red.clone(), true)
         .await
         .unwrap();
     assert!(matches!(first, Recorded::New(None)));
     let again = f
         .results
-        .record_calibration(1, 1, red.clone())
+        .record_calibration(1, 1, red.clone(), true)
         .await
         .unwrap();
     assert!(matches!(again, Recorded::Already));
@@ -472,6 +472,15 @@ async fn a_rerun_is_counted_in_the_noise_record_once() {
     assert_eq!((noise.runs, noise.flips), (1, 1));
     assert!(noise.tests.is_empty(), "no case ran in both runs");
     assert_eq!(f.results.calibration(1).unwrap().len(), 1);
+    // A volunteer's calibration run is stored but measures nothing.
+    red.info.job_id = 3;
+    f.results
+        .record_calibration(1, 2, red.clone(), false)
+        .await
+        .unwrap();
+    assert_eq!(f.results.noise("textkit").unwrap().runs, 1);
+    assert_eq!(f.results.calibration(1).unwrap().len(), 2);
+    red.info.job_id = 2;
     // Staged again by another write: counted once still.
     let mut batch = sled::Batch::default();
     assert!(!f.results.stage_noise(&mut batch, &green, &red).unwrap());
