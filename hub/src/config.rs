@@ -268,6 +268,16 @@ struct RawHubConfig {
 }
 
 impl HubConfig {
+    /// Each project's known-flaky rule, by name (what results judges with).
+    pub(crate) fn flaky_rules(
+        &self,
+    ) -> std::collections::HashMap<String, crate::results::FlakyRule> {
+        self.projects
+            .iter()
+            .map(|p| (p.name.clone(), p.flaky_rule()))
+            .collect()
+    }
+
     /// Reads, parses and validates the config file at `path`. A missing file
     /// is an error naming it: the operator asked for that file.
     pub(crate) fn load(path: &Path) -> Result<HubConfig, ConfigError> {
@@ -820,6 +830,8 @@ mod tests {
                 crate::results::Class::ProjectSide,
                 crate::results::Class::Suspicious,
             ],
+            flaky_after: 2,
+            flaky_counts_alone: false,
         }];
         assert_eq!(c, expected);
         for key in [

@@ -9,7 +9,8 @@
 //!   re-run of that job, of that kind (`confirm`: another agent's run of the
 //!   same spec, before a volunteer's verdict counts; `again`: the same spec
 //!   again; `baseline`: the same project commit on the series' last good
-//!   runtime; see `results::confirm`)
+//!   runtime; see `results::confirm`; `calibrate`: `trunkfarm calibrate`'s N
+//!   identical runs, counted in the project's noise record, never classified)
 //!
 //! Names never contain `/` (the config allows `[A-Za-z0-9._-]`).
 //!
@@ -103,6 +104,9 @@ pub(crate) enum RerunKind {
     /// The same project commit on the series' last good runtime (the
     /// baseline): did the runtime break it, or the project itself?
     Baseline,
+    /// The same spec again, `trunkfarm calibrate`'s `n`th run: measures
+    /// how often the result flips (`results::noise`), decides nothing.
+    Calibrate,
 }
 
 impl RerunKind {
@@ -112,6 +116,7 @@ impl RerunKind {
             RerunKind::Confirm => "confirm",
             RerunKind::Again => "again",
             RerunKind::Baseline => "baseline",
+            RerunKind::Calibrate => "calibrate",
         }
     }
 
@@ -120,6 +125,7 @@ impl RerunKind {
             "confirm" => Some(RerunKind::Confirm),
             "again" => Some(RerunKind::Again),
             "baseline" => Some(RerunKind::Baseline),
+            "calibrate" => Some(RerunKind::Calibrate),
             _ => None,
         }
     }
@@ -305,6 +311,15 @@ mod tests {
             assert!(text.ends_with(&format!("/{}/42/1", kind.word())), "{text}");
             assert_eq!(JobKey::parse(&text), Some(rerun));
         }
+        let calibrate = JobKey::Rerun {
+            of: Box::new(test.clone()),
+            kind: RerunKind::Calibrate,
+            job: 42,
+            n: 6,
+        };
+        let text = calibrate.to_string();
+        assert!(text.ends_with("/-/7/calibrate/42/6"), "{text}");
+        assert_eq!(JobKey::parse(&text), Some(calibrate));
         // A platform named like a re-run kind is still a test key.
         let odd = "test/p/rt/confirm/c1/-";
         assert!(matches!(JobKey::parse(odd), Some(JobKey::Test { .. })));

@@ -173,7 +173,7 @@ impl Hub {
             space.clone(),
         )?;
         let admin_token = secret::load_or_create_admin_token(&cfg.admin_token_path())?;
-        let results = Results::open(&store)?;
+        let results = Results::open(&store)?.with_flaky_rules(cfg.flaky_rules());
         let stop_pipeline = CancellationToken::new();
         // The web endpoint first (its port may be picked by the OS), then the
         // notifier whose links point at it.

@@ -102,7 +102,10 @@ pub(crate) mod trees {
     /// build, `r/<project>/<upstream>/<platform>/<job id>` → run,
     /// `rl/<project>/<upstream>/<platform>` → newest run (summary),
     /// `s/<project>/<upstream>/<platform>` → series state, `t/<id>` →
-    /// transition, `p/<job id>` → marker: this finished job is recorded.
+    /// transition, `p/<job id>` → marker: this finished job is recorded,
+    /// `n/<project>` → flips on identical re-runs (per project and test),
+    /// `nx/<job id>` → marker: this re-run is counted there, `k/<job
+    /// id>/<n>` → calibration run `n` of that job.
     pub(crate) const RESULTS: &str = "results";
     /// `notify`: `s/<project>/<email>` and `d/<upstream>/<email>` →
     /// subscription, `x/<project>/<email>` → a config maintainer who

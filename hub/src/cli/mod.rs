@@ -4,6 +4,7 @@
 //! pipeline; `demo` runs the embedded demo; `bench` measures the hub.
 
 pub(crate) mod jobs;
+mod noise;
 mod notify;
 mod output;
 mod pipeline;
@@ -103,6 +104,19 @@ enum Command {
         /// Also still-red and still-green results.
         #[arg(long)]
         all: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Measure a project's noise: re-run its newest run N times (same
+    /// project commit, same runtime) and say per test how often it failed.
+    Calibrate(noise::CalibrateArgs),
+    /// Tests that flipped on identical re-runs, per project (flips/runs,
+    /// last flip, known flaky or not).
+    Flaky {
+        /// Only this project.
+        #[arg(long)]
+        project: Option<String>,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -319,6 +333,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             all,
             json,
         } => pipeline::transitions(&cfg, upstream, project, limit, all, json).await,
+        Command::Calibrate(args) => noise::calibrate(&cfg, args).await,
+        Command::Flaky { project, json } => noise::flaky(&cfg, project, json).await,
         Command::Upstream { command } => pipeline::upstream(&cfg, command).await,
         Command::Artifact { command } => pipeline::artifact(&cfg, command).await,
         Command::Subscribe(args) => notify::subscribe(&cfg, args).await,

@@ -175,6 +175,9 @@ fn print_transition(t: &Transition, paint: &Paint) {
         when(t.at_ms),
         if t.first { ", first result" } else { "" }
     );
+    if !t.suspicious.is_empty() {
+        println!("  suspicious: {}", t.suspicious);
+    }
     if t.confirmed_by_job != 0 {
         println!(
             "  confirmed by job {} on another agent before it counted",
@@ -308,6 +311,7 @@ pub(super) async fn status(
         for project in projects {
             print!("  {project:<width$}");
             let mut notes = Vec::new();
+            let mut flaky = 0;
             for platform in &u.platforms {
                 let cell = cells.iter().find(|c| {
                     c.latest
@@ -335,9 +339,18 @@ pub(super) async fn status(
                         if !run.confirmation_detail.is_empty() {
                             notes.push(run.confirmation_detail.clone());
                         }
+                        if !run.suspicious.is_empty() {
+                            notes.push(format!("suspicious: {}", run.suspicious));
+                        }
+                        flaky = c.flaky_tests;
                     }
                     None => print!("{:<22}", ""),
                 }
+            }
+            match flaky {
+                0 => {}
+                1 => notes.push("1 flaky test".into()),
+                n => notes.push(format!("{n} flaky tests")),
             }
             println!("{}", notes.join("; "));
         }

@@ -373,6 +373,8 @@ struct Cell<'a> {
     pending: bool,
     run: Option<Run<'a>>,
     red_since: Option<Transition<'a>>,
+    /// The project's known flaky tests (see `flaky`).
+    flaky_tests: u32,
 }
 
 impl<'a> From<&'a v1::StatusCell> for Cell<'a> {
@@ -386,6 +388,7 @@ impl<'a> From<&'a v1::StatusCell> for Cell<'a> {
             pending: c.pending,
             run: run.map(Run::from),
             red_since: c.red_since.as_ref().map(Transition::from),
+            flaky_tests: c.flaky_tests,
         }
     }
 }
@@ -414,6 +417,9 @@ struct Run<'a> {
     confirmation: Option<&'a str>,
     /// Both verdicts, in words.
     confirmation_detail: &'a str,
+    /// A suspicious green: its counts against the usual ones, in words;
+    /// `null` otherwise.
+    suspicious: Option<&'a str>,
 }
 
 impl<'a> From<&'a v1::RunInfo> for Run<'a> {
@@ -437,6 +443,7 @@ impl<'a> From<&'a v1::RunInfo> for Run<'a> {
             report_error: &r.report_error,
             confirmation: (!r.confirmation.is_empty()).then_some(r.confirmation.as_str()),
             confirmation_detail: &r.confirmation_detail,
+            suspicious: (!r.suspicious.is_empty()).then_some(r.suspicious.as_str()),
         }
     }
 }
@@ -487,6 +494,8 @@ pub(super) struct Transition<'a> {
     /// What its re-runs found ("regressed", "flaky", "spurious",
     /// "project_side", "broken"); empty: it counted without being classed.
     class: &'a str,
+    /// Class suspicious: the counts in words; `null` otherwise.
+    suspicious: Option<&'a str>,
 }
 
 impl<'a> From<&'a v1::Transition> for Transition<'a> {
@@ -512,6 +521,7 @@ impl<'a> From<&'a v1::Transition> for Transition<'a> {
             red_since_id: t.red_since_id,
             confirmed_by_job: t.confirmed_by_job,
             class: &t.class,
+            suspicious: (!t.suspicious.is_empty()).then_some(t.suspicious.as_str()),
         }
     }
 }
@@ -808,6 +818,7 @@ mod tests {
                 }),
                 red_since: Some(went_red.clone()),
                 pending: false,
+                flaky_tests: 2,
             }],
         };
         let j = to_json(Status::from(&status));
@@ -821,6 +832,7 @@ mod tests {
         assert_eq!(cell["run"]["outcome"], "failed");
         assert_eq!(cell["run"]["failing_tests"][0]["status"], "error");
         assert_eq!(cell["red_since"]["kind"], "went_red");
+        assert_eq!(cell["flaky_tests"], 2);
         assert_eq!(cell["red_since"]["culprits"][0]["sha"], "c2");
         assert_eq!(to_json(upstreams(&status)), j["upstreams"]);
 
@@ -874,5 +886,99 @@ mod tests {
         let m = to_json(MailList::from(&mails));
         assert_eq!(m["mails"][0]["state"], "sent", "{m:#}");
         assert_eq!(m["sender"], "smtp");
+    }
+}
+
+/// `flaky --json`: one project's noise.
+#[derive(Serialize)]
+pub(super) struct ProjectNoise<'a> {
+    project: &'a str,
+    /// Identical re-run pairs observed, and how many flipped.
+    runs: u64,
+    flips: u64,
+    /// Flips after which a test is known flaky (0: never).
+    flaky_after: u32,
+    /// Tests that flipped at least once, most flips first.
+    tests: Vec<TestNoise<'a>>,
+}
+
+/// One test's flips on identical re-runs.
+#[derive(Serialize)]
+struct TestNoise<'a> {
+    name: &'a str,
+    runs: u64,
+    flips: u64,
+    last_flip_ms: u64,
+    known_flaky: bool,
+}
+
+impl<'a> From<&'a v1::ProjectNoise> for ProjectNoise<'a> {
+    fn from(p: &'a v1::ProjectNoise) -> Self {
+        ProjectNoise {
+            project: &p.project,
+            runs: p.runs,
+            flips: p.flips,
+            flaky_after: p.flaky_after,
+            tests: p
+                .tests
+                .iter()
+                .map(|t| TestNoise {
+                    name: &t.name,
+                    runs: t.runs,
+                    flips: t.flips,
+                    last_flip_ms: t.last_flip_ms,
+                    known_flaky: t.known_flaky,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// `calibrate --json`: where a calibration stands.
+#[derive(Serialize)]
+pub(super) struct Calibration<'a> {
+    /// The run repeated.
+    original: Option<Run<'a>>,
+    runs: u32,
+    jobs: &'a [u64],
+    /// Runs recorded so far; of those, red and infrastructure errors.
+    finished: u32,
+    red: u32,
+    errors: u32,
+    /// Tests that failed in at least one recorded run.
+    tests: Vec<CalibratedTest<'a>>,
+}
+
+/// One test across a calibration's runs.
+#[derive(Serialize)]
+struct CalibratedTest<'a> {
+    name: &'a str,
+    failed: u32,
+    ran: u32,
+    flaky: bool,
+    known_flaky: bool,
+}
+
+impl<'a> From<&'a v1::CalibrateResponse> for Calibration<'a> {
+    fn from(c: &'a v1::CalibrateResponse) -> Self {
+        Calibration {
+            original: c.original.as_ref().map(Run::from),
+            runs: c.runs,
+            jobs: &c.jobs,
+            finished: c.finished,
+            red: c.red,
+            errors: c.errors,
+            tests: c
+                .tests
+                .iter()
+                .map(|t| CalibratedTest {
+                    name: &t.name,
+                    failed: t.failed,
+                    ran: t.ran,
+                    flaky: t.flaky,
+                    known_flaky: t.known_flaky,
+                })
+                .collect(),
+        }
     }
 }

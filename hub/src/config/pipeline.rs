@@ -177,6 +177,19 @@ pub(crate) struct ProjectConfig {
     /// given to is mailed as always).
     #[serde(default = "default_mail_classes")]
     pub(crate) mail_classes: Vec<Class>,
+    /// Flips on identical re-runs (a test failing once and passing once on
+    /// the same project commit and runtime) after which a test is known
+    /// flaky; 0: never.
+    #[serde(default = "default_flaky_after", deserialize_with = "de::count")]
+    pub(crate) flaky_after: u32,
+    /// Whether known flaky tests failing alone still turn the project red
+    /// (by default such a run is recorded as flaky and the series stays).
+    #[serde(default)]
+    pub(crate) flaky_counts_alone: bool,
+}
+
+fn default_flaky_after() -> u32 {
+    2
 }
 
 /// `[artifacts]`: the runtime artifacts the hub stores.
@@ -610,6 +623,15 @@ fn check_relative(key: &str, path: &str) -> Result<(), Problem> {
 }
 
 impl ProjectConfig {
+    /// When one of its tests is known flaky (`flaky_after`,
+    /// `flaky_counts_alone`).
+    pub(crate) fn flaky_rule(&self) -> crate::results::FlakyRule {
+        crate::results::FlakyRule {
+            after: self.flaky_after,
+            counts_alone: self.flaky_counts_alone,
+        }
+    }
+
     /// Whether this project is tested against `upstream`.
     pub(crate) fn tests_against(&self, upstream: &str) -> bool {
         self.upstreams.is_empty() || self.upstreams.iter().any(|u| u == upstream)

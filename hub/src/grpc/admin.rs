@@ -235,6 +235,39 @@ impl AdminService for AdminApi {
         }))
     }
 
+    async fn calibrate(
+        &self,
+        request: Request<CalibrateRequest>,
+    ) -> Result<Response<CalibrateResponse>, Status> {
+        let req = request.into_inner();
+        // Never report a run a crash could still take back.
+        self.dispatch.sync().await?;
+        let asked = crate::pipeline::calibrate::CalibrateRequest {
+            project: req.project,
+            upstream: req.upstream,
+            platform: req.platform,
+            runs: match req.runs {
+                0 => crate::pipeline::calibrate::DEFAULT_CALIBRATION_RUNS,
+                n => n,
+            },
+            job: req.job,
+        };
+        Ok(Response::new(
+            self.pipeline.calibration_summary(&asked).await?,
+        ))
+    }
+
+    async fn list_flaky(
+        &self,
+        request: Request<ListFlakyRequest>,
+    ) -> Result<Response<ListFlakyResponse>, Status> {
+        let req = request.into_inner();
+        self.dispatch.sync().await?;
+        Ok(Response::new(ListFlakyResponse {
+            projects: self.pipeline.flaky(&req.project)?,
+        }))
+    }
+
     async fn list_artifacts(
         &self,
         _request: Request<ListArtifactsRequest>,

@@ -98,6 +98,7 @@ impl From<PipelineError> for Status {
             PipelineError::Store(s) => s.into(),
             PipelineError::Dispatch(d) => d.into(),
             e @ PipelineError::NoSuchUpstream(..) => Status::not_found(e.to_string()),
+            PipelineError::Invalid(why) => Status::invalid_argument(why),
             e @ PipelineError::Git(GitError::NotFound(_)) => Status::not_found(e.to_string()),
             e @ PipelineError::Git(_) => Status::unavailable(e.to_string()),
             PipelineError::Auth(a) => a.into(),

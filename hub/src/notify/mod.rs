@@ -340,6 +340,9 @@ impl Notifier {
         let kind = TransitionKind::try_from(t.kind).unwrap_or(TransitionKind::Unspecified);
         let mailed = match kind {
             TransitionKind::WentRed => self.mails_class(t),
+            // A suspicious green: results makes one such transition per
+            // spell, so its maintainers get one mail (render::suspicious).
+            TransitionKind::StillGreen if t.class == Some(Class::Suspicious) => self.mails_class(t),
             // A fixed is mailed when its red spell was.
             TransitionKind::Fixed => match t.red_since_id {
                 0 => true,

@@ -65,6 +65,9 @@ pub(crate) struct Rendered {
 
 /// The mail for a transition (went red, fixed, or a reminder of a red one).
 pub(crate) fn transition(t: &Transition, ctx: &Context<'_>) -> Rendered {
+    if t.class == Some(Class::Suspicious) && ctx.reminder.is_none() {
+        return suspicious(t, ctx);
+    }
     let kind = TransitionKind::try_from(t.kind).unwrap_or(TransitionKind::Unspecified);
     let subject_of = if t.project.is_empty() {
         format!("{} {} build", t.upstream, ctx.branch)
@@ -249,6 +252,26 @@ pub(crate) fn transition(t: &Transition, ctx: &Context<'_>) -> Rendered {
         let _ = writeln!(text, "It is green again with this commit.");
     }
     let _ = writeln!(text);
+    signed(
+        subject,
+        text,
+        &subject_of,
+        &run_url,
+        &history_url,
+        ctx.unsubscribe_url,
+    )
+}
+
+/// Ends a transition's mail: the links to the run and the history, why
+/// the recipient gets it and how to stop; and makes its HTML part.
+fn signed(
+    subject: String,
+    mut text: String,
+    subject_of: &str,
+    run_url: &str,
+    history_url: &str,
+    unsubscribe_url: &str,
+) -> Rendered {
     let _ = writeln!(text, "The run:     {run_url}");
     let _ = writeln!(text, "The history: {history_url}");
     let _ = writeln!(text);
@@ -256,12 +279,12 @@ pub(crate) fn transition(t: &Transition, ctx: &Context<'_>) -> Rendered {
         text,
         "You get this because you subscribed to {subject_of} on this trunkfarm hub."
     );
-    let _ = writeln!(text, "Unsubscribe: {}", ctx.unsubscribe_url);
+    let _ = writeln!(text, "Unsubscribe: {unsubscribe_url}");
     let html = html_of(
         &subject,
         &text,
-        &[&run_url, &history_url, ctx.unsubscribe_url],
-        ctx.unsubscribe_url,
+        &[run_url, history_url, unsubscribe_url],
+        unsubscribe_url,
     );
     Rendered {
         subject,
@@ -414,6 +437,86 @@ pub(crate) fn first_bad_author(
         text,
         html,
     }
+}
+
+/// The mail for a suspicious green (once per spell): green, but its JUnit
+/// counts fell against the series' previous runs. Says the counts, the
+/// upstream commit and the commits since the last usual run.
+fn suspicious(t: &Transition, ctx: &Context<'_>) -> Rendered {
+    let subject = format!(
+        "[trunkfarm] {} looks suspicious on {} with {} {} {}: {}",
+        t.project,
+        t.platform,
+        t.upstream,
+        ctx.branch,
+        short(&t.upstream_commit),
+        untrusted(&t.suspicious)
+    );
+    let run_url = format!("{}/runs/{}", ctx.public_url, t.job_id);
+    let history_url = format!("{}/projects/{}", ctx.public_url, t.project);
+    let mut text = String::new();
+    let _ = writeln!(
+        text,
+        "{} passed on {} with {} {} {}, but its test reports changed sharply:",
+        t.project,
+        t.platform,
+        t.upstream,
+        ctx.branch,
+        short(&t.upstream_commit)
+    );
+    let _ = writeln!(text);
+    let _ = writeln!(text, "  {}", untrusted(&t.suspicious));
+    let _ = writeln!(text);
+    let _ = writeln!(
+        text,
+        "(its usual counts are the median of its previous runs). Tests that are skipped or no longer"
+    );
+    let _ = writeln!(
+        text,
+        "reported are not tested: a trunk change may have made the suite skip them."
+    );
+    let _ = writeln!(text);
+    if t.last_green_upstream_commit.is_empty() {
+        let _ = writeln!(text, "The upstream commit: {}", short(&t.upstream_commit));
+    } else {
+        let _ = writeln!(
+            text,
+            "Upstream commits since the last usual run {} ({}):",
+            short(&t.last_green_upstream_commit),
+            t.culprits.len()
+        );
+    }
+    for c in &t.culprits {
+        match c.subject.is_empty() {
+            true => writeln!(text, "  {}", short(&c.sha)),
+            false => writeln!(text, "  {}", culprit(c)),
+        }
+        .ok();
+    }
+    if !t.culprits_error.is_empty() {
+        let _ = writeln!(text, "  ({})", untrusted(&t.culprits_error));
+    }
+    if t.project_commit != t.previous_project_commit && !t.previous_project_commit.is_empty() {
+        let _ = writeln!(
+            text,
+            "The project's own commit changed too: {} -> {}.",
+            short(&t.previous_project_commit),
+            short(&t.project_commit)
+        );
+    }
+    let _ = writeln!(text);
+    let _ = writeln!(
+        text,
+        "You get one mail per suspicious spell: none for the next such runs."
+    );
+    signed(
+        subject,
+        text,
+        &t.project,
+        &run_url,
+        &history_url,
+        ctx.unsubscribe_url,
+    )
 }
 
 /// A digest: everything that went red in an upstream during one period.
@@ -884,5 +987,33 @@ mod tests {
         let d = digest("cpython", &[went_red()], "https://x", "https://x/u");
         assert!(d.subject.contains("1 project(s) went red"));
         assert!(d.text.contains("- attrs on linux-x86_64"));
+    }
+
+    #[test]
+    fn a_suspicious_green_says_the_counts_and_the_commits_not_the_log() {
+        let mut t = went_red();
+        t.kind = TransitionKind::StillGreen.into();
+        t.class = Some(Class::Suspicious);
+        t.suspicious = "20 passed → 0 passed, 20 skipped".into();
+        let hostile = Quote::Tail(HOSTILE_LOG.to_owned());
+        let mut c = ctx();
+        c.log = &hostile;
+        let m = transition(&t, &c);
+        assert_eq!(
+            m.subject,
+            "[trunkfarm] attrs looks suspicious on linux-x86_64 with cpython main 3f2a9c1e2b: 20 passed → 0 passed, 20 skipped"
+        );
+        for needle in [
+            "  20 passed → 0 passed, 20 skipped",
+            "Upstream commits since the last usual run 1111111111 (1):",
+            "  3f2a9c1e2b gh-1: speed up <dict> (Ada <ada@example.org>)",
+            "You get one mail per suspicious spell",
+            "The run:     https://farm.example.org/runs/42",
+            "Unsubscribe: ",
+        ] {
+            assert!(m.text.contains(needle), "{needle:?} not in\n{}", m.text);
+        }
+        assert!(!m.text.contains("FAILED tests"), "no log tail: {}", m.text);
+        assert!(m.html.contains("speed up &lt;dict&gt;"), "{}", m.html);
     }
 }

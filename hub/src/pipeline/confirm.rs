@@ -307,7 +307,9 @@ impl Pipeline {
             // The same spec: a build of an upstream that builds on any agent
             // is not trusted-only, and neither is its confirmation; one that
             // is (a verdict held from an older record) stays so.
-            RerunKind::Confirm | RerunKind::Again => JobSpec::from(rec.spec.clone()),
+            RerunKind::Confirm | RerunKind::Again | RerunKind::Calibrate => {
+                JobSpec::from(rec.spec.clone())
+            }
         };
         // Not the agent it checks, nor one enrolled with the same token;
         // or, where its rules allow it, those only when no other fits.

@@ -137,6 +137,8 @@ pub(super) fn finished(
                 report_error: report.errors.join("; "),
                 confirmation: String::new(),
                 confirmation_detail: String::new(),
+                // The recorder judges it against the series (results::suspicious).
+                suspicious: String::new(),
             };
             Finished::Run {
                 run: RunRecord { info, cases },

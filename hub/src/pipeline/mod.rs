@@ -29,6 +29,7 @@
 //!
 //! Owns the `pipeline` tree (branch heads and their order; see `poll.rs`).
 
+pub(crate) mod calibrate;
 mod confirm;
 mod culprits;
 mod gc;
@@ -51,7 +52,7 @@ use crate::auth::credentials::{Credentials, QuarantineRule};
 use crate::commit::short;
 use crate::config::{HubConfig, ProjectConfig, UpstreamConfig};
 use crate::dispatch::{DispatchError, Dispatcher, JobRecord, JobResultRecord};
-use crate::job_key::{JobKey, TEST_PREFIX};
+use crate::job_key::{JobKey, RerunKind, TEST_PREFIX};
 use crate::notify::Notifier;
 use crate::results::{
     Breakage, BuildInfo, Commit, Finished, Grid, GridSeries, Recorded, Results, Transition,
@@ -88,6 +89,9 @@ pub(crate) enum PipelineError {
     /// No such upstream in the config.
     #[error("no upstream named {0:?} is configured; known upstreams: {1}")]
     NoSuchUpstream(String, String),
+    /// A request that cannot be carried out as asked (says what to do).
+    #[error("{0}")]
+    Invalid(String),
 }
 
 /// The running pipeline (cheap to clone).
@@ -304,6 +308,10 @@ impl Pipeline {
             self.follow_build(&build).await?;
         }
         match JobKey::parse(&rec.key) {
+            Some(JobKey::Rerun {
+                kind: RerunKind::Calibrate,
+                ..
+            }) => Ok(()),
             Some(JobKey::Rerun { job, .. }) => self.follow_confirmation(job).await,
             Some(_) => self.follow_confirmation(rec.id).await,
             None => Ok(()),
@@ -316,8 +324,12 @@ impl Pipeline {
         let Some(key) = JobKey::parse(&rec.key) else {
             return Ok(None);
         };
-        if let JobKey::Rerun { of, kind, job, .. } = &key {
+        if let JobKey::Rerun { of, kind, job, n } = &key {
             let finished = self.intake(rec, (**of).clone()).await?;
+            if *kind == RerunKind::Calibrate {
+                self.record_calibration(rec, finished, *job, *n).await?;
+                return Ok(None);
+            }
             return self.record_rerun(rec, finished, *kind, *job).await;
         }
         let mut finished = self.intake(rec, key).await?;

@@ -1769,3 +1769,268 @@ async fn confirm_runs_asks_for_that_many_identical_reruns_and_any_pass_is_flaky(
     assert_eq!(f.last_shouter().class, Some(Class::Flaky));
     assert!(f.went_red("shouter").is_empty());
 }
+
+// ---- Know the noise; green is not always green (issue 13 items 2 and 7) ----
+
+/// A JUnit report of `cases` (name, status: "pass", "fail" or "skip").
+fn junit_cases(cases: &[(&str, &str)]) -> Vec<ReportFile> {
+    let mut xml = String::from(r#"<testsuite name="s">"#);
+    for (name, status) in cases {
+        let body = match *status {
+            "fail" => r#"<failure message="expected ABC"/>"#,
+            "skip" => "<skipped/>",
+            _ => "",
+        };
+        xml.push_str(&format!(
+            r#"<testcase classname="s" name="{name}">{body}</testcase>"#
+        ));
+    }
+    xml.push_str("</testsuite>");
+    vec![ReportFile {
+        path: "junit.xml".into(),
+        data: xml.into_bytes(),
+        ..Default::default()
+    }]
+}
+
+/// Twenty tests, all with `status`.
+fn twenty(status: &str) -> Vec<ReportFile> {
+    let names: Vec<String> = (1..=20).map(|i| format!("t{i:02}")).collect();
+    let cases: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), status)).collect();
+    junit_cases(&cases)
+}
+
+impl Farm {
+    /// Lands an upstream commit, builds it and runs every project's tests:
+    /// shouter's as `shouter` says, the rest pass. Returns the commit.
+    async fn land_with_shouter(&mut self, shouter: (Outcome, Vec<ReportFile>)) -> String {
+        let c = self.git.commit(RT);
+        self.pipeline.poll_upstream(0).await;
+        self.run_jobs(passed).await;
+        self.take_in().await;
+        self.run_jobs(|k| match k {
+            JobKey::Test { project, .. } if project == "shouter" => shouter.clone(),
+            _ => (Outcome::Passed, Vec::new()),
+        })
+        .await;
+        self.take_in().await;
+        c
+    }
+
+    fn queued_mails(&self) -> Vec<crate::notify::MailInfo> {
+        self.notifier.mails(100, MailState::Pending).unwrap()
+    }
+}
+
+fn calibrate(runs: u32) -> calibrate::CalibrateRequest {
+    calibrate::CalibrateRequest {
+        project: "shouter".into(),
+        runs,
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn a_test_that_flipped_on_calibration_runs_no_longer_turns_its_project_red_alone() {
+    let mut f = Farm::new().await;
+    green_trunk(&mut f).await;
+    let before = f.transitions("shouter").len();
+    // Calibrate shouter's green run 4 times: "upper" fails in runs 1 and 3.
+    let c = f.pipeline.calibrate(&calibrate(4)).await.unwrap();
+    assert_eq!((c.jobs.len(), c.done.len()), (4, 0));
+    let jobs = f.assigned();
+    assert_eq!(jobs.len(), 4);
+    for (job, _, key) in jobs {
+        let JobKey::Rerun {
+            kind: RerunKind::Calibrate,
+            n,
+            ..
+        } = key
+        else {
+            panic!("only calibration runs: {key}");
+        };
+        let red = n % 2 == 1;
+        let outcome = if red {
+            Outcome::Failed
+        } else {
+            Outcome::Passed
+        };
+        let report = junit_cases(&[
+            ("upper", if red { "fail" } else { "pass" }),
+            ("lower", "pass"),
+        ]);
+        f.finish(job, &key, outcome, report).await;
+    }
+    f.take_in().await;
+    // Asked again (the CLI polls): nothing queued twice, all four in.
+    let c = f.pipeline.calibration_summary(&calibrate(4)).await.unwrap();
+    assert!(f.assigned().is_empty(), "each calibration run exists once");
+    assert_eq!((c.finished, c.red, c.errors), (4, 2, 0));
+    assert_eq!(c.tests.len(), 1, "only tests that failed: {:?}", c.tests);
+    let upper = &c.tests[0];
+    assert_eq!(
+        (upper.name.as_str(), upper.failed, upper.ran),
+        ("s.upper", 2, 4)
+    );
+    assert!(upper.flaky && upper.known_flaky);
+    let noise = f.results.noise("shouter").unwrap();
+    assert_eq!((noise.runs, noise.flips), (4, 2));
+    assert_eq!(
+        f.transitions("shouter").len(),
+        before,
+        "calibration classifies nothing"
+    );
+    let listed = f.pipeline.flaky("shouter").unwrap();
+    assert_eq!(listed[0].tests.len(), 1);
+    assert_eq!((listed[0].tests[0].flips, listed[0].tests[0].runs), (2, 4));
+    // Now "upper" alone fails after an upstream commit: flaky, not red.
+    f.land_with_shouter((
+        Outcome::Failed,
+        junit_cases(&[("upper", "fail"), ("lower", "pass")]),
+    ))
+    .await;
+    let t = &f.transitions("shouter")[0];
+    assert_eq!(kind(t), TransitionKind::StillGreen);
+    assert_eq!(t.class, Some(crate::results::Class::Flaky));
+    assert!(t.culprits.is_empty(), "nobody is blamed");
+    let status = f.pipeline.status("rt").unwrap();
+    let cell = status
+        .cells
+        .iter()
+        .find(|c| c.latest.project == "shouter")
+        .unwrap();
+    assert!(cell.red_since.is_none(), "the series stays green");
+    assert_eq!(cell.flaky_tests, 1);
+    assert!(f.pending_mails() == 0, "no flake mail");
+    // A known flaky test failing with another one still turns it red.
+    f.land_with_shouter((
+        Outcome::Failed,
+        junit_cases(&[("upper", "fail"), ("lower", "fail")]),
+    ))
+    .await;
+    let t = &f.transitions("shouter")[0];
+    assert_eq!(kind(t), TransitionKind::WentRed);
+    assert_eq!(f.pending_mails(), 1);
+}
+
+#[tokio::test]
+async fn a_green_run_that_skips_every_test_is_suspicious_and_mailed_once_per_spell() {
+    let mut f = Farm::new().await;
+    f.git.commit(ADDER);
+    f.git.commit(SHOUTER);
+    f.pipeline.poll_project(0).await;
+    f.pipeline.poll_project(1).await;
+    f.land_with_shouter((Outcome::Passed, twenty("pass"))).await;
+    let usual = f.land_with_shouter((Outcome::Passed, twenty("pass"))).await;
+    assert!(f.pending_mails() == 0);
+    // Every test skipped, still green.
+    let culprit = f.land_with_shouter((Outcome::Passed, twenty("skip"))).await;
+    let t = f.transitions("shouter")[0].clone();
+    assert_eq!(kind(&t), TransitionKind::StillGreen);
+    assert_eq!(t.class, Some(crate::results::Class::Suspicious));
+    assert_eq!(t.suspicious, "20 passed → 0 passed, 20 skipped");
+    assert_eq!(t.last_green_upstream_commit, usual);
+    let culprits: Vec<&str> = t.culprits.iter().map(|c| c.sha.as_str()).collect();
+    assert_eq!(culprits, [culprit.as_str()]);
+    let run = f
+        .results
+        .latest_run("shouter", "rt", "linux")
+        .unwrap()
+        .unwrap();
+    assert_eq!(run.info.suspicious, t.suspicious, "the run is marked");
+    let mails = f.queued_mails();
+    assert_eq!(mails.len(), 1, "{mails:?}");
+    assert_eq!(mails[0].to, "shouter-dev@example.org");
+    assert!(
+        mails[0].subject.contains("suspicious"),
+        "{}",
+        mails[0].subject
+    );
+    assert!(
+        mails[0]
+            .subject
+            .contains("20 passed → 0 passed, 20 skipped"),
+        "{}",
+        mails[0].subject
+    );
+    assert!(mails[0].subject.contains(crate::commit::short(&culprit)));
+    // Still skipping: marked, but no second transition of its class, no mail.
+    f.land_with_shouter((Outcome::Passed, twenty("skip"))).await;
+    let suspicious = |f: &Farm| {
+        f.transitions("shouter")
+            .iter()
+            .filter(|t| t.class == Some(crate::results::Class::Suspicious))
+            .count()
+    };
+    assert_eq!(suspicious(&f), 1);
+    let run = f
+        .results
+        .latest_run("shouter", "rt", "linux")
+        .unwrap()
+        .unwrap();
+    assert!(!run.info.suspicious.is_empty());
+    assert_eq!(f.pending_mails(), 1, "one mail per spell");
+    // Back to normal, then skipping again: a new spell, a new mail.
+    f.land_with_shouter((Outcome::Passed, twenty("pass"))).await;
+    f.land_with_shouter((Outcome::Passed, twenty("skip"))).await;
+    assert_eq!(suspicious(&f), 2);
+    assert_eq!(f.pending_mails(), 2);
+    // A spell of five suspicious runs: the sixth's counts are the usual ones.
+    let marked = |f: &Farm| {
+        let run = f.results.latest_run("shouter", "rt", "linux").unwrap();
+        !run.unwrap().info.suspicious.is_empty()
+    };
+    for _ in 2..=5 {
+        f.land_with_shouter((Outcome::Passed, twenty("skip"))).await;
+        assert!(marked(&f));
+    }
+    for _ in 6..=7 {
+        f.land_with_shouter((Outcome::Passed, twenty("skip"))).await;
+        assert!(!marked(&f), "accepted after a spell of five");
+    }
+    assert_eq!((suspicious(&f), f.pending_mails()), (2, 2));
+}
+
+#[tokio::test]
+async fn a_test_that_trusted_confirmation_runs_saw_flip_twice_is_known_flaky_and_its_next_failure_is_not_held()
+ {
+    let config = CONFIG.replace(
+        "url = \"fake:shouter\"",
+        "url = \"fake:shouter\"\nconfirm = \"always\"",
+    );
+    let mut f = Farm::with_config(&config).await;
+    let v = f.join("volunteer", false).await;
+    let t = f.join("trusted", true).await;
+    green_trunk(&mut f).await;
+    // A volunteer's red overruled by a trusted re-run: a lie or a flake,
+    // nobody knows, so it measures nothing.
+    f.volunteer_says_shouter_is_red(&v).await;
+    f.only("a").await;
+    f.run_jobs(all_green).await;
+    f.take_in().await;
+    assert_eq!(f.results.noise("shouter").unwrap().runs, 0);
+    for flips in 1..=2 {
+        // The trusted a's red, overruled by the trusted t's green re-run.
+        f.land_tested_by("a").await;
+        f.run_jobs(shouter_red).await;
+        f.take_in().await;
+        assert_eq!(f.open_confirmations().len(), 1, "held");
+        f.only(&t).await;
+        f.run_jobs(all_green).await;
+        f.take_in().await;
+        let noise = f.results.noise("shouter").unwrap();
+        assert_eq!((noise.runs, noise.flips), (flips, flips));
+        assert_eq!(noise.tests["s.upper"].flips, flips);
+    }
+    // Known flaky now: its next failure alone is recorded as flaky at once.
+    f.land_tested_by("a").await;
+    f.run_jobs(shouter_red).await;
+    f.take_in().await;
+    assert!(f.open_confirmations().is_empty(), "nothing held");
+    let last = &f.transitions("shouter")[0];
+    assert_eq!(last.class, Some(crate::results::Class::Flaky));
+    assert_eq!(kind(last), TransitionKind::StillGreen);
+    assert!(f.went_red("shouter").is_empty());
+    assert_eq!(f.pending_mails(), 0);
+    assert_eq!(f.pipeline.flaky("shouter").unwrap()[0].tests[0].flips, 2);
+}

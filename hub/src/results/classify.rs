@@ -36,6 +36,15 @@ pub(crate) struct SeriesState {
     /// of a series that flips in honest hands is not held to it).
     #[serde(skip_serializing_if = "is_zero")]
     pub(crate) flaky_on_trusted: u32,
+    /// The JUnit counts of its last runs that were not suspicious, oldest
+    /// first (at most `suspicious::BASELINE_RUNS`): what a green run's
+    /// counts are compared with (`suspicious.rs`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub(crate) baseline: Vec<super::suspicious::Counts>,
+    /// Suspicious greens in a row up to its last classified run (the
+    /// spell): a spell is mailed once, when it begins.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub(crate) suspicious: u32,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -139,11 +148,13 @@ impl Verdict {
 
     /// The range to list as culprits, when the result went red because of
     /// the upstream: not when its re-runs found the project broke itself or
-    /// is broken on the last good runtime too (no upstream commit is blamed).
+    /// is broken on the last good runtime too (no upstream commit is blamed);
+    /// and for the first suspicious green of a spell (since the last usual run).
     pub(super) fn culprit_range(&self) -> Option<CulpritRange> {
         let t = &self.transition;
         let own = matches!(t.class, Some(Class::ProjectSide | Class::Broken));
-        (t.kind == TransitionKind::WentRed as i32 && !own).then(|| CulpritRange {
+        let suspicious = t.class == Some(Class::Suspicious);
+        ((t.kind == TransitionKind::WentRed as i32 && !own) || suspicious).then(|| CulpritRange {
             upstream: t.upstream.clone(),
             from: (!t.last_green_upstream_commit.is_empty())
                 .then(|| t.last_green_upstream_commit.clone()),

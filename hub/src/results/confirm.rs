@@ -219,6 +219,7 @@ impl Rerun {
         let kind = match self.kind {
             RerunKind::Baseline => "on the baseline runtime",
             RerunKind::Again | RerunKind::Confirm => "again",
+            RerunKind::Calibrate => "calibration run",
         };
         match self.note.is_empty() {
             true => format!("{kind}: {}", self.said.words()),

@@ -87,3 +87,28 @@ pub(super) fn recorded(job_id: u64) -> String {
 pub(super) fn confirmation(job_id: u64) -> String {
     format!("c/{}", id_key(job_id))
 }
+
+/// `n/<project>` → how often the project's results and tests flipped on
+/// identical re-runs (`noise.rs`).
+pub(super) fn noise(project: &str) -> String {
+    format!("{NOISE}{project}")
+}
+
+/// The prefix of every project's noise record.
+pub(super) const NOISE: &str = "n/";
+
+/// `nx/<re-run job id>` → marker: that re-run is counted in its project's
+/// noise record (so it is counted once).
+pub(super) fn noise_counted(job_id: u64) -> String {
+    format!("nx/{}", id_key(job_id))
+}
+
+/// `k/<job id>/` → the calibration runs of that job.
+pub(super) fn calibration_runs(job_id: u64) -> String {
+    format!("k/{}/", id_key(job_id))
+}
+
+/// `k/<job id>/<n>` → calibration run `n` of that job (with every case).
+pub(super) fn calibration_run(job_id: u64, n: u32) -> String {
+    format!("{}{}", calibration_runs(job_id), id_key(u64::from(n)))
+}

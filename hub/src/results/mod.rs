@@ -29,11 +29,14 @@
 mod classify;
 mod confirm;
 mod keys;
+mod noise;
 mod query;
 mod records;
+mod suspicious;
 #[cfg(test)]
 mod tests;
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
@@ -41,7 +44,11 @@ use trunkfarm_proto::v1::{BuildState, RunStatus};
 
 pub(crate) use classify::{CulpritRange, SeriesState, run_status};
 pub(crate) use confirm::{ConfirmState, Confirmation, Hold, Judged, Rerun, Rules, Said};
+pub(crate) use noise::{FlakyRule, Noise, wire as noise_wire};
 pub(crate) use query::{Breakage, Grid, GridSeries, UpstreamRow};
+// The bisect slice judges a commit's run with the same predicate.
+#[allow(unused_imports)]
+pub(crate) use suspicious::{Counts, suspicious};
 // Until every slice of the signal-quality work uses them (removed at merge).
 #[allow(unused_imports)]
 pub(crate) use records::{Bisect, BisectState};
@@ -222,6 +229,8 @@ pub(crate) struct Results {
     recording: Arc<tokio::sync::Mutex<()>>,
     /// Held for every read-modify-write of the tree (never across an await).
     writing: Arc<Mutex<()>>,
+    /// Per project: when a test is known flaky (the default for others).
+    flaky: Arc<HashMap<String, FlakyRule>>,
 }
 
 impl Results {
@@ -231,7 +240,20 @@ impl Results {
             table: Table::open(store, crate::store::trees::RESULTS)?,
             recording: Arc::default(),
             writing: Arc::default(),
+            flaky: Arc::default(),
         })
+    }
+
+    /// The same, judging known flaky tests per project by `rules`
+    /// (`[[project]] flaky_after`, `flaky_counts_alone`).
+    pub(crate) fn with_flaky_rules(mut self, rules: HashMap<String, FlakyRule>) -> Results {
+        self.flaky = Arc::new(rules);
+        self
+    }
+
+    /// A project's known-flaky rule.
+    pub(crate) fn flaky_rule(&self, project: &str) -> FlakyRule {
+        self.flaky.get(project).copied().unwrap_or_default()
     }
 
     fn write_lock(&self) -> MutexGuard<'_, ()> {
@@ -282,16 +304,6 @@ impl Results {
             .get(keys::latest_run(project, upstream, platform))
     }
 
-    /// A series' remembered state.
-    fn series(&self, name: &str) -> Result<SeriesState, StoreError> {
-        Ok(self.table.get(keys::series(name))?.unwrap_or_default())
-    }
-
-    /// One transition.
-    pub(crate) fn transition(&self, id: u64) -> Result<Option<Transition>, StoreError> {
-        self.table.get(keys::transition(id))
-    }
-
     /// One run of a series, with every test case (what a went-red mail
     /// quotes: the failing tests' messages).
     pub(crate) fn run(
@@ -303,6 +315,16 @@ impl Results {
     ) -> Result<Option<RunRecord>, StoreError> {
         self.table
             .get(keys::run(project, upstream, platform, job_id))
+    }
+
+    /// A series' remembered state.
+    fn series(&self, name: &str) -> Result<SeriesState, StoreError> {
+        Ok(self.table.get(keys::series(name))?.unwrap_or_default())
+    }
+
+    /// One transition.
+    pub(crate) fn transition(&self, id: u64) -> Result<Option<Transition>, StoreError> {
+        self.table.get(keys::transition(id))
     }
 
     /// Marks a build job queued (state pending) so the status shows it
@@ -381,6 +403,8 @@ impl Results {
         let series_name = classify::series_of(&finished);
         let mut state = self.series(&series_name)?;
         let mut verdict = classify::judge(&state, &finished);
+        // Known flaky tests alone do not turn a project red (noise.rs).
+        self.excuse_flaky(verdict.as_mut())?;
         let mut held = None;
         if let Some(hold) = unconfirmed
             && finished.held_if(verdict.as_ref())
@@ -391,6 +415,8 @@ impl Results {
             state.awaiting.push((job_id, v.order));
             held = Some(c);
         }
+        // A green run whose JUnit counts look wrong (suspicious.rs).
+        suspicious::watch(&mut state, verdict.as_mut(), &mut finished);
         let state_changed = held.is_some();
         let transition = self
             .write(
@@ -491,7 +517,8 @@ impl Results {
             mark(&mut batch);
             if let (true, Some(c)) = (identical, self.confirmation(original)?) {
                 let first = self.held_result(&c)?;
-                self.identical_runs(&mut batch, first.as_ref(), result.as_ref())?;
+                let trusted_pair = c.original.trusted && rerun.said.trusted;
+                self.identical_runs(&mut batch, (first.as_ref(), result.as_ref()), trusted_pair)?;
             }
             {
                 let _w = self.write_lock();
@@ -500,6 +527,9 @@ impl Results {
             self.table.store().commit().await?;
             return Ok(Recorded::New(None));
         };
+        // Only trusted agents' word measures noise: a volunteer's false red
+        // must not make a test "known flaky" (noise.rs).
+        let trusted_pair = c.original.trusted && rerun.said.trusted;
         c.settle(rerun);
         let mut finished = self.held_result(&c)?;
         if let Some(f) = &mut finished {
@@ -572,7 +602,8 @@ impl Results {
                         self.stage_finished(batch, r)?;
                     }
                     if identical {
-                        self.identical_runs(batch, finished.as_ref(), result.as_ref())?;
+                        let pair = (finished.as_ref(), result.as_ref());
+                        self.identical_runs(batch, pair, trusted_pair)?;
                     }
                     self.table.stage(batch, keys::confirmation(original), &c)?;
                     mark(batch);
@@ -585,23 +616,22 @@ impl Results {
 
     /// Two runs of the same spec (same project commit, same runtime): a
     /// held original and its identical re-run, in the write that takes the
-    /// re-run in (whether or not it settled the confirmation). The one
-    /// place the noise record (how often a project's tests flip on an
-    /// identical re-run) is to be counted: it stages into `batch`. Builds
-    /// (and a missing original) are not counted.
+    /// re-run in (whether or not it settled the confirmation): counted in
+    /// the project's noise record (how often its tests flip on an identical
+    /// re-run, `noise.rs`) when both came from trusted agents
+    /// (`trusted_pair`: a volunteer's false red must not make a test known
+    /// flaky). Builds (and a missing original) are not counted.
     fn identical_runs(
         &self,
-        _batch: &mut sled::Batch,
-        original: Option<&Finished>,
-        rerun: Option<&Finished>,
+        batch: &mut sled::Batch,
+        (original, rerun): (Option<&Finished>, Option<&Finished>),
+        trusted_pair: bool,
     ) -> Result<(), StoreError> {
-        let (Some(Finished::Run { run: _first, .. }), Some(Finished::Run { run: _second, .. })) =
-            (original, rerun)
-        else {
-            return Ok(());
-        };
-        // TODO(noise slice, lead): count the flips of `_first` against
-        // `_second` per project and test, staged into `_batch`.
+        if let (Some(Finished::Run { run: a, .. }), Some(Finished::Run { run: b, .. }), true) =
+            (original, rerun, trusted_pair)
+        {
+            self.stage_noise(batch, a, b)?;
+        }
         Ok(())
     }
 

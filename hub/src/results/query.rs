@@ -63,6 +63,8 @@ pub(crate) struct Cell {
     pub(crate) red_since: Option<Transition>,
     /// A newer run is queued or running.
     pub(crate) pending: bool,
+    /// Its project's known flaky tests (`noise.rs`).
+    pub(crate) flaky_tests: u32,
 }
 
 /// Which series went red at some upstream commits.
@@ -117,11 +119,13 @@ impl From<Cell> for v1::StatusCell {
             latest,
             red_since,
             pending,
+            flaky_tests,
         } = c;
         v1::StatusCell {
             latest: Some(latest.into()),
             red_since: red_since.map(Into::into),
             pending,
+            flaky_tests,
         }
     }
 }
@@ -179,6 +183,10 @@ impl Results {
             }),
             red_since,
             pending: s.pending,
+            flaky_tests: self
+                .noise(s.project)?
+                .flaky(self.flaky_rule(s.project))
+                .len() as u32,
         })
     }
 
@@ -200,7 +208,7 @@ impl Results {
     }
 
     /// Stored transitions of `upstream` and `project` (empty: any), newest
-    /// first, at most `limit`; only went red and fixed unless `all`.
+    /// first, at most `limit`; only went red, fixed and suspicious unless `all`.
     pub(crate) fn transitions_of(
         &self,
         upstream: &str,
@@ -213,7 +221,8 @@ impl Results {
                 && (project.is_empty() || t.project == project)
                 && (all
                     || t.kind == TransitionKind::WentRed as i32
-                    || t.kind == TransitionKind::Fixed as i32)
+                    || t.kind == TransitionKind::Fixed as i32
+                    || t.class == Some(super::Class::Suspicious))
         })
     }
 

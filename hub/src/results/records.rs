@@ -112,6 +112,11 @@ pub(crate) struct RunInfo {
     /// Both verdicts, in words, once the confirmation settled.
     #[serde(skip_serializing_if = "String::is_empty")]
     pub(crate) confirmation_detail: String,
+    /// A green run whose JUnit counts look wrong against its series'
+    /// previous runs: the counts in words ("20 passed → 0 passed, 20
+    /// skipped"); empty otherwise (not written then).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub(crate) suspicious: String,
 }
 
 /// One test case of a run, as its JUnit report gave it.
@@ -183,6 +188,10 @@ pub(crate) struct Transition {
     /// Not written when `None`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) bisect: Option<Bisect>,
+    /// Class suspicious: the counts in words ("20 passed → 0 passed, 20
+    /// skipped"). Not written when empty.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub(crate) suspicious: String,
 }
 
 /// What a result that would change its series turned out to be, once its
@@ -349,6 +358,7 @@ impl From<RunInfo> for v1::RunInfo {
             report_error,
             confirmation,
             confirmation_detail,
+            suspicious,
         } = r;
         v1::RunInfo {
             project,
@@ -369,6 +379,7 @@ impl From<RunInfo> for v1::RunInfo {
             report_error,
             confirmation,
             confirmation_detail,
+            suspicious,
         }
     }
 }
@@ -442,6 +453,7 @@ impl From<Transition> for v1::Transition {
             confirmed_by_job,
             class,
             bisect,
+            suspicious,
         } = t;
         v1::Transition {
             id,
@@ -465,6 +477,7 @@ impl From<Transition> for v1::Transition {
             confirmed_by_job,
             class: class.map(|c| c.word().to_owned()).unwrap_or_default(),
             bisect: bisect.map(Into::into),
+            suspicious,
         }
     }
 }

@@ -439,3 +439,51 @@ fn records_reach_the_wire_field_for_field() {
     let wire = trunkfarm_proto::v1::BuildInfo::from(build);
     assert_eq!((wire.fanned_out, wire.detail.as_str()), (3, "ok"));
 }
+
+#[tokio::test]
+async fn a_rerun_is_counted_in_the_noise_record_once() {
+    let f = open();
+    let Finished::Run { run: green, .. } = run(1, 1, GREEN, &[]) else {
+        unreachable!()
+    };
+    f.record_new(run(1, 1, GREEN, &[])).await;
+    let Finished::Run { run: mut red, .. } = run(2, 1, RED, &["t"]) else {
+        unreachable!()
+    };
+    red.cases.push(TestCase {
+        name: "u".into(),
+        status: TestStatus::Passed.into(),
+        ..Default::default()
+    });
+    // A calibration run, delivered twice (a crash before the inbox's ack).
+    let first = f
+        .results
+        .record_calibration(1, 1, red.clone(), true)
+        .await
+        .unwrap();
+    assert!(matches!(first, Recorded::New(None)));
+    let again = f
+        .results
+        .record_calibration(1, 1, red.clone(), true)
+        .await
+        .unwrap();
+    assert!(matches!(again, Recorded::Already));
+    let noise = f.results.noise("textkit").unwrap();
+    assert_eq!((noise.runs, noise.flips), (1, 1));
+    assert!(noise.tests.is_empty(), "no case ran in both runs");
+    assert_eq!(f.results.calibration(1).unwrap().len(), 1);
+    // A volunteer's calibration run is stored but measures nothing.
+    red.info.job_id = 3;
+    f.results
+        .record_calibration(1, 2, red.clone(), false)
+        .await
+        .unwrap();
+    assert_eq!(f.results.noise("textkit").unwrap().runs, 1);
+    assert_eq!(f.results.calibration(1).unwrap().len(), 2);
+    red.info.job_id = 2;
+    // Staged again by another write: counted once still.
+    let mut batch = sled::Batch::default();
+    assert!(!f.results.stage_noise(&mut batch, &green, &red).unwrap());
+    let history = f.results.transitions_of("", "textkit", 100, true).unwrap();
+    assert_eq!(history.len(), 1, "calibration classifies nothing");
+}
