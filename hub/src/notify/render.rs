@@ -307,14 +307,6 @@ fn why_it_failed(text: &mut String, t: &Transition, ctx: &Context<'_>) {
             let _ = writeln!(text, "  ... and {} more", t.newly_failing.len() - 50);
         }
     }
-    if let (Some(Class::Suspicious), Some(r)) = (t.class, ctx.run) {
-        let _ = writeln!(text);
-        let _ = writeln!(
-            text,
-            "Its JUnit reports: {} test(s), {} failed, {} skipped.",
-            r.tests_total, r.tests_failed, r.tests_skipped
-        );
-    }
     let failing = ctx.run.map_or(&[][..], |r| &r.failing_tests[..]);
     let said: Vec<&TestCase> = failing
         .iter()
@@ -464,6 +456,7 @@ fn suspicious(t: &Transition, ctx: &Context<'_>) -> Rendered {
         ctx.branch,
         short(&t.upstream_commit)
     );
+    let _ = writeln!(text, "Class: {}", Class::Suspicious.word());
     let _ = writeln!(text);
     let _ = writeln!(text, "  {}", untrusted(&t.suspicious));
     let _ = writeln!(text);
@@ -940,19 +933,14 @@ mod tests {
             "{}",
             m.text
         );
-        // A suspicious green shows its counts.
-        let counts = RunInfo {
-            tests_total: 20,
-            tests_skipped: 20,
-            ..Default::default()
-        };
-        c.run = Some(&counts);
+        // A suspicious green says its counts against the usual ones.
         let mut t = went_red();
         t.class = Some(Class::Suspicious);
+        t.suspicious = "20 passed → 0 passed, 20 skipped".into();
         let m = transition(&t, &c);
         assert!(
-            m.text
-                .contains("Its JUnit reports: 20 test(s), 0 failed, 20 skipped."),
+            m.text.contains("Class: suspicious\n")
+                && m.text.contains("  20 passed → 0 passed, 20 skipped"),
             "{}",
             m.text
         );

@@ -1902,13 +1902,23 @@ async fn a_test_that_flipped_on_calibration_runs_no_longer_turns_its_project_red
     assert!(cell.red_since.is_none(), "the series stays green");
     assert_eq!(cell.flaky_tests, 1);
     assert!(f.pending_mails() == 0, "no flake mail");
-    // A known flaky test failing with another one still turns it red.
-    f.land_with_shouter((
-        Outcome::Failed,
-        junit_cases(&[("upper", "fail"), ("lower", "fail")]),
-    ))
+    // A known flaky test failing with another one still turns it red, once
+    // its re-runs class it: it fails again, and passes on the last good runtime.
+    let both_fail = || junit_cases(&[("upper", "fail"), ("lower", "fail")]);
+    f.land_with_shouter((Outcome::Failed, both_fail())).await;
+    f.rerun(|k| match k {
+        JobKey::Rerun {
+            kind: RerunKind::Baseline,
+            ..
+        } => (
+            Outcome::Passed,
+            junit_cases(&[("upper", "pass"), ("lower", "pass")]),
+        ),
+        _ => (Outcome::Failed, both_fail()),
+    })
     .await;
     let t = &f.transitions("shouter")[0];
+    assert_eq!(t.class, Some(crate::results::Class::Regressed));
     assert_eq!(kind(t), TransitionKind::WentRed);
     assert_eq!(f.pending_mails(), 1);
 }
@@ -2014,7 +2024,8 @@ async fn a_test_that_trusted_confirmation_runs_saw_flip_twice_is_known_flaky_and
         f.land_tested_by("a").await;
         f.run_jobs(shouter_red).await;
         f.take_in().await;
-        assert_eq!(f.open_confirmations().len(), 1, "held");
+        // Held: its identical re-run and its baseline run are queued.
+        assert_eq!(f.open_confirmations().len(), 2, "held");
         f.only(&t).await;
         f.run_jobs(all_green).await;
         f.take_in().await;
