@@ -220,6 +220,7 @@ impl Pipeline {
         let placement = Placement {
             exclude_agents,
             prefer_trusted: true,
+            ..Default::default()
         };
         let (job, new) = match self
             .inner

@@ -67,8 +67,8 @@ pub(super) fn finished(rec: &JobRecord, key: JobKey, facts: Facts) -> Finished {
                 confirmation_detail: String::new(),
             })
         }
-        // A re-run is what it re-runs.
-        JobKey::Rerun { of, .. } => finished(rec, *of, facts),
+        // A re-run is what it re-runs, a bisection's job what it builds or runs.
+        JobKey::Rerun { of, .. } | JobKey::Bisect { of, .. } => finished(rec, *of, facts),
         JobKey::Test {
             project,
             upstream,

@@ -229,7 +229,6 @@ impl Class {
 /// Where the bisection of a transition's culprit range stands.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-#[allow(dead_code)] // until every slice of the signal-quality work uses it (removed at merge)
 pub(crate) enum BisectState {
     /// Builds and runs inside the range are under way.
     #[default]
@@ -259,7 +258,6 @@ impl BisectState {
 /// A transition's bisection, as the transition shows it.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
-#[allow(dead_code)] // until every slice of the signal-quality work uses it (removed at merge)
 pub(crate) struct Bisect {
     /// Where it stands.
     pub(crate) state: BisectState,
