@@ -102,7 +102,9 @@ pub(crate) mod trees {
     /// build, `r/<project>/<upstream>/<platform>/<job id>` → run,
     /// `rl/<project>/<upstream>/<platform>` → newest run (summary),
     /// `s/<project>/<upstream>/<platform>` → series state, `t/<id>` →
-    /// transition, `p/<job id>` → marker: this finished job is recorded.
+    /// transition, `p/<job id>` → marker: this finished job is recorded,
+    /// `c/<job id>` → a held verdict's confirmation, `x/<upstream>/<platform>/<last
+    /// good>/<bad>` → a bisection of that culprit range.
     pub(crate) const RESULTS: &str = "results";
     /// `notify`: `s/<project>/<email>` and `d/<upstream>/<email>` →
     /// subscription, `x/<project>/<email>` → a config maintainer who

@@ -1,5 +1,5 @@
 //! Bisections' records: keys `x/<upstream>/<platform>/<last good>/<bad>` of
-//! the `results` tree, one per (upstream, platform, culprit range), shared
+//! the `results` tree (`keys::bisection`), one per (upstream, platform, culprit range), shared
 //! by every went-red transition of that range (its *members*). Kept in this
 //! tree so that a member joins in the same atomic write as its transition,
 //! and a member's answer lands on its transition (and the notifier's
@@ -16,17 +16,10 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use trunkfarm_proto::v1::TransitionKind;
 
+use super::keys;
 use super::records::{Bisect, BisectState, Class, Commit, Transition};
-use super::{Results, TransitionSink, keys};
+use super::{Results, TransitionSink};
 use crate::store::{StoreError, Table, now_ms};
-
-/// The prefix of every bisection.
-const BISECTIONS: &str = "x/";
-
-/// `x/<upstream>/<platform>/<last good>/<bad>` → one bisection.
-fn key(upstream: &str, platform: &str, good: &str, bad: &str) -> String {
-    format!("{BISECTIONS}{upstream}/{platform}/{good}/{bad}")
-}
 
 /// One bisection of a culprit range.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -81,7 +74,7 @@ impl Bisection {
     /// Its key.
     pub(crate) fn key(&self) -> String {
         let bad = self.commits.last().map_or("", |c| c.sha.as_str());
-        key(&self.upstream, &self.platform, &self.good, bad)
+        keys::bisection(&self.upstream, &self.platform, &self.good, bad)
     }
 
     /// Whether a member still waits for its answer.
@@ -129,7 +122,7 @@ pub(super) fn join(
     if !bisected(t) {
         return Ok(());
     }
-    let k = key(
+    let k = keys::bisection(
         &t.upstream,
         &t.platform,
         &t.last_green_upstream_commit,
@@ -168,7 +161,7 @@ impl Results {
     /// Every bisection with a member still waiting for its answer.
     pub(crate) fn running_bisections(&self) -> Result<Vec<Bisection>, StoreError> {
         let mut out = Vec::new();
-        for item in self.table.scan::<Bisection>(BISECTIONS) {
+        for item in self.table.scan::<Bisection>(keys::BISECTIONS) {
             let (_, b) = item?;
             if b.running() {
                 out.push(b);

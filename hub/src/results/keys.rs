@@ -87,3 +87,12 @@ pub(super) fn recorded(job_id: u64) -> String {
 pub(super) fn confirmation(job_id: u64) -> String {
     format!("c/{}", id_key(job_id))
 }
+
+/// The prefix of every bisection.
+pub(super) const BISECTIONS: &str = "x/";
+
+/// `x/<upstream>/<platform>/<last good>/<bad>` → the bisection of that
+/// culprit range (see `bisection.rs`).
+pub(super) fn bisection(upstream: &str, platform: &str, good: &str, bad: &str) -> String {
+    format!("{BISECTIONS}{upstream}/{platform}/{good}/{bad}")
+}
