@@ -58,8 +58,10 @@ fn push(repos: &Repos, unbuildable: &[usize]) -> Vec<String> {
                 "Ann Other <ann@example.org>",
             ),
         };
-        // Each commit differs: a trailer.
+        // Each commit differs (a trailer, and a note that survives a
+        // removed rt.sh), so each build is a new artifact.
         std::fs::write(dir.join("rt.sh"), format!("{text}# change {}\n", i + 1)).unwrap();
+        std::fs::write(dir.join("CHANGES"), format!("change {}\n", i + 1)).unwrap();
         if unbuildable.contains(&i) {
             std::fs::remove_file(dir.join("rt.sh")).unwrap();
         }
@@ -280,19 +282,25 @@ fn a_hub_killed_during_a_bisection_finds_the_same_commit_building_each_once() {
             .then_some(())
     });
     let commits = push(&repos, &[]);
-    // Six kills at random moments from the push on: polling, the head's
-    // build and run, the went-red, and the bisection's builds and runs.
-    for kill in 0..6 {
-        std::thread::sleep(rng.millis(500, 4000));
-        let bisecting = went_red(&hub)
+    // Kills at random moments from the push on (polling, the head's build
+    // and run, the went-red, the bisection's builds and runs) until the
+    // bisection has ended, at most twelve.
+    let mut during = 0;
+    for kill in 0..12 {
+        std::thread::sleep(rng.millis(200, 1500));
+        let state = went_red(&hub)
             .first()
-            .map(|t| t["bisect"]["state"].to_string())
-            .unwrap_or_default();
-        eprintln!("kill {kill} (bisection: {bisecting})");
+            .and_then(|t| t["bisect"]["state"].as_str().map(str::to_owned));
+        if state.as_deref().is_some_and(|s| s != "running") {
+            break;
+        }
+        during += usize::from(state.is_some());
+        eprintln!("kill {kill} (bisection: {state:?})");
         hub.kill9();
         std::thread::sleep(rng.millis(0, 300));
         hub.restart();
     }
+    assert!(during >= 2, "only {during} kill(s) while the bisection ran");
     let t = wait_bisected(&hub, BISECTION);
     let b = &t["bisect"];
     assert_eq!(s(b, "state"), "found", "{t:#}");
