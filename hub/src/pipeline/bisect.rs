@@ -38,7 +38,8 @@ use crate::config::UpstreamConfig;
 use crate::dispatch::{JobRecord, Placement};
 use crate::job_key::JobKey;
 use crate::results::{
-    Bisect, BisectState, Bisection, BuildInfo, Commit, Finished, Member, PointBuild, Recorded,
+    Bisect, BisectState, Bisection, BuildInfo, Class, Commit, Finished, Member, PointBuild,
+    PointRun, Recorded,
 };
 
 /// Tries of a member's run at one commit before an infrastructure error
@@ -76,18 +77,10 @@ pub(super) enum Step {
 /// first bad one; the next try is the candidate nearest their middle that
 /// was not skipped.
 pub(super) fn step(said: &[Option<Point>]) -> Step {
-    let n = said.len();
-    if n == 0 {
+    if said.is_empty() {
         return Step::Found(0);
     }
-    let hi = said[..n - 1]
-        .iter()
-        .position(|p| *p == Some(Point::Bad))
-        .unwrap_or(n - 1);
-    let lo = said[..hi]
-        .iter()
-        .rposition(|p| *p == Some(Point::Good))
-        .map_or(0, |i| i + 1);
+    let (lo, hi) = bounds(said);
     if lo == hi {
         return Step::Found(lo);
     }
@@ -116,9 +109,12 @@ fn span(commits: &[Commit], from: usize, to: usize) -> Vec<Commit> {
 
 /// What a member's runs at one commit said: the last run's verdict; a run
 /// that ended in an error counts once the run was tried [`RUN_TRIES`] times.
-fn run_point(said: &[(u64, i32)]) -> Option<Point> {
-    let (_, last) = said.last()?;
-    match RunStatus::try_from(*last).unwrap_or(RunStatus::Error) {
+/// `suspicious`: the tests the member's suspicious run executed; then a
+/// green run executing no more than that shows the same drop (bad).
+fn run_point(said: &[PointRun], suspicious: Option<u32>) -> Option<Point> {
+    let last = said.last()?;
+    match RunStatus::try_from(last.status).unwrap_or(RunStatus::Error) {
+        RunStatus::Green if suspicious.is_some_and(|n| last.executed <= n) => Some(Point::Bad),
         RunStatus::Green => Some(Point::Good),
         RunStatus::Red => Some(Point::Bad),
         _ if said.len() >= RUN_TRIES => Some(Point::Skip),
@@ -179,7 +175,11 @@ impl Pipeline {
             }
             Finished::Run { run, .. } => {
                 let i = &run.info;
-                let (job, status) = (rec.id, i.status);
+                let said = PointRun {
+                    job: rec.id,
+                    status: i.status,
+                    executed: i.tests_total.saturating_sub(i.tests_skipped),
+                };
                 for b in self.inner.results.running_bisections()? {
                     let answers = b.upstream == i.upstream
                         && b.platform == i.platform
@@ -200,9 +200,9 @@ impl Pipeline {
                             for m in b.members.iter_mut().filter(|m| {
                                 !m.ended && &m.project == project && &m.project_commit == pc
                             }) {
-                                let said = m.said.entry(commit.clone()).or_default();
-                                if !said.iter().any(|(j, _)| *j == job) {
-                                    said.push((job, status));
+                                let runs = m.said.entry(commit.clone()).or_default();
+                                if !runs.iter().any(|r| r.job == said.job) {
+                                    runs.push(said.clone());
                                     changed = true;
                                 }
                             }
@@ -262,12 +262,16 @@ impl Pipeline {
 
     /// A member's next step, from the bisection's record and the builds stored.
     fn next(&self, b: &Bisection, m: &Member) -> Result<Next, PipelineError> {
+        let suspicious = match m.class {
+            Some(Class::Suspicious) => self.executed_by(b, m)?,
+            _ => None,
+        };
         let mut said = Vec::with_capacity(b.commits.len());
         for c in &b.commits {
             said.push(match b.builds.get(&c.sha) {
                 None => None,
                 Some(pb) => match self.usable_build(b, &c.sha, pb)? {
-                    Usable::Yes(_) => m.said.get(&c.sha).and_then(|s| run_point(s)),
+                    Usable::Yes(_) => m.said.get(&c.sha).and_then(|s| run_point(s, suspicious)),
                     Usable::No => Some(Point::Skip),
                     Usable::NotYet => None,
                 },
@@ -314,7 +318,7 @@ impl Pipeline {
                 match b.builds.get(sha) {
                     None if self.stored_build(b, sha)?.is_some() => Next::Build(i),
                     None if made >= self.inner.bisect_max_builds => {
-                        let (from, to) = narrowed(&said);
+                        let (from, to) = bounds(&said);
                         Next::End(answer(
                             BisectState::GaveUp,
                             None,
@@ -336,6 +340,20 @@ impl Pipeline {
                 }
             }
         })
+    }
+
+    /// The tests member `m`'s own went-red run executed.
+    fn executed_by(&self, b: &Bisection, m: &Member) -> Result<Option<u32>, PipelineError> {
+        let Some(t) = self
+            .inner
+            .results
+            .transitions(1, |t| t.id == m.transition)?
+            .pop()
+        else {
+            return Ok(None);
+        };
+        let run = (self.inner.results).run(&m.project, &b.upstream, &b.platform, t.job_id)?;
+        Ok(run.map(|r| r.info.tests_total.saturating_sub(r.info.tests_skipped)))
     }
 
     /// A stored passed build of `commit` whose artifact is on the hub (any
@@ -538,10 +556,11 @@ enum Usable {
     NotYet,
 }
 
-/// The candidates a search has narrowed to so far: after the last good
-/// commit up to the first bad one.
-fn narrowed(said: &[Option<Point>]) -> (usize, usize) {
-    let n = said.len().max(1);
+/// The candidates a search has narrowed to so far (`said` not empty):
+/// after the last good commit before the first bad one, up to that bad one
+/// (the range's last commit is bad whatever it said).
+fn bounds(said: &[Option<Point>]) -> (usize, usize) {
+    let n = said.len();
     let hi = said[..n - 1]
         .iter()
         .position(|p| *p == Some(Point::Bad))
@@ -630,22 +649,34 @@ mod tests {
 
     #[test]
     fn what_a_commit_said_is_read_from_its_runs() {
-        let (g, r, e) = (
-            RunStatus::Green as i32,
-            RunStatus::Red as i32,
-            RunStatus::Error as i32,
-        );
-        assert_eq!(run_point(&[]), None);
-        assert_eq!(run_point(&[(1, g)]), Some(Point::Good));
-        assert_eq!(run_point(&[(1, r)]), Some(Point::Bad));
+        let run = |job, status: RunStatus, executed| PointRun {
+            job,
+            status: status as i32,
+            executed,
+        };
+        let (g, r, e) = (RunStatus::Green, RunStatus::Red, RunStatus::Error);
+        assert_eq!(run_point(&[], None), None);
+        assert_eq!(run_point(&[run(1, g, 20)], None), Some(Point::Good));
+        assert_eq!(run_point(&[run(1, r, 20)], None), Some(Point::Bad));
         // An infrastructure error is tried once more, then skipped.
-        assert_eq!(run_point(&[(1, e)]), None);
-        assert_eq!(run_point(&[(1, e), (2, r)]), Some(Point::Bad));
-        assert_eq!(run_point(&[(1, e), (2, e)]), Some(Point::Skip));
+        assert_eq!(run_point(&[run(1, e, 0)], None), None);
+        assert_eq!(
+            run_point(&[run(1, e, 0), run(2, r, 20)], None),
+            Some(Point::Bad)
+        );
+        assert_eq!(
+            run_point(&[run(1, e, 0), run(2, e, 0)], None),
+            Some(Point::Skip)
+        );
+        // A suspicious green (0 of 20 tests executed): green runs showing
+        // the same drop are bad, those executing more are good.
+        assert_eq!(run_point(&[run(1, g, 0)], Some(0)), Some(Point::Bad));
+        assert_eq!(run_point(&[run(1, g, 20)], Some(0)), Some(Point::Good));
+        assert_eq!(run_point(&[run(1, r, 20)], Some(0)), Some(Point::Bad));
         // The budget's narrowed range: after the last good, to the first bad.
         let mut said = vec![None; 10];
         said[2] = Some(Point::Good);
         said[7] = Some(Point::Bad);
-        assert_eq!(narrowed(&said), (3, 7));
+        assert_eq!(bounds(&said), (3, 7));
     }
 }

@@ -63,11 +63,26 @@ pub(crate) struct Member {
     /// The project commit it went red with: every run uses it (empty: the
     /// branch, as the went-red run did).
     pub(crate) project_commit: String,
-    /// What its runs said, by upstream commit: (run job, `v1::RunStatus`
-    /// number), in the order taken in.
-    pub(crate) said: BTreeMap<String, Vec<(u64, i32)>>,
+    /// The transition's class (a suspicious one is judged by its tests
+    /// executed, not its status alone).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) class: Option<Class>,
+    /// What its runs said, by upstream commit, in the order taken in.
+    pub(crate) said: BTreeMap<String, Vec<PointRun>>,
     /// Its transition shows the answer.
     pub(crate) ended: bool,
+}
+
+/// What one run of a member against a commit's build said.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub(crate) struct PointRun {
+    /// The run's job (a job taken in twice counts once).
+    pub(crate) job: u64,
+    /// A `v1::RunStatus` number.
+    pub(crate) status: i32,
+    /// Tests its JUnit reports show executed (not skipped).
+    pub(crate) executed: u32,
 }
 
 impl Bisection {
@@ -141,6 +156,7 @@ pub(super) fn join(
             transition: t.id,
             project: t.project.clone(),
             project_commit: t.project_commit.clone(),
+            class: t.class,
             ..Default::default()
         });
     }

@@ -40,14 +40,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use serde::{Deserialize, Serialize};
 use trunkfarm_proto::v1::BuildState;
 
-pub(crate) use bisection::{Bisection, Member, PointBuild};
+pub(crate) use bisection::{Bisection, Member, PointBuild, PointRun};
 pub(crate) use classify::{CulpritRange, SeriesState, run_status};
 pub(crate) use confirm::{ConfirmState, Confirmation, Judged, Rerun, Said};
 pub(crate) use query::{Breakage, Grid, GridSeries, UpstreamRow};
-pub(crate) use records::{Bisect, BisectState};
-// Until every slice of the signal-quality work uses it (removed at merge).
-#[allow(unused_imports)]
 pub(crate) use records::Class;
+pub(crate) use records::{Bisect, BisectState};
 pub(crate) use records::{BuildInfo, Commit, RunInfo, TestCase, Transition};
 
 use crate::store::{StoreError, Table, now_ms};
@@ -263,13 +261,25 @@ impl Results {
             .get(keys::latest_run(project, upstream, platform))
     }
 
+    /// One stored run of a series.
+    pub(crate) fn run(
+        &self,
+        project: &str,
+        upstream: &str,
+        platform: &str,
+        job_id: u64,
+    ) -> Result<Option<RunRecord>, StoreError> {
+        self.table
+            .get(keys::run(project, upstream, platform, job_id))
+    }
+
     /// A series' remembered state.
     fn series(&self, name: &str) -> Result<SeriesState, StoreError> {
         Ok(self.table.get(keys::series(name))?.unwrap_or_default())
     }
 
     /// One transition.
-    fn transition(&self, id: u64) -> Result<Option<Transition>, StoreError> {
+    pub(crate) fn transition(&self, id: u64) -> Result<Option<Transition>, StoreError> {
         self.table.get(keys::transition(id))
     }
 
@@ -498,8 +508,7 @@ impl Results {
                 .filter(|b| b.job_id == c.original.job_id)
                 .map(Finished::Build));
         }
-        let key = keys::run(&c.project, &c.upstream, &c.platform, c.original.job_id);
-        let run: Option<RunRecord> = self.table.get(key)?;
+        let run = self.run(&c.project, &c.upstream, &c.platform, c.original.job_id)?;
         Ok(run.map(|run| Finished::Run {
             run,
             head_seq: c.head_seq,
