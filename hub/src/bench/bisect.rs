@@ -30,6 +30,12 @@ const TIMEOUT: Duration = Duration::from_secs(600);
 
 pub(super) async fn run(_args: &BenchArgs, dir: &Path) -> anyhow::Result<Vec<Figure>> {
     let story = Story::load().context("the embedded demo story is malformed")?;
+    demo::check_tool("git", "--version", "the benchmark's repositories are git's")?;
+    demo::check_tool(
+        "cc",
+        "--version",
+        "the demo runtime is C, built from source",
+    )?;
     let repos = dir.join("repos");
     let upstream = demo::write_repos(&story, &repos).await?;
     let config = dir.join("hub.toml");

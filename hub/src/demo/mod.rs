@@ -210,7 +210,7 @@ pub(crate) fn hub_toml(story: &Story, repos: &Path) -> String {
 }
 
 /// Fails early, with a reason, when a tool the demo needs is missing.
-fn check_tool(tool: &str, arg: &str, why: &str) -> anyhow::Result<()> {
+pub(crate) fn check_tool(tool: &str, arg: &str, why: &str) -> anyhow::Result<()> {
     match std::process::Command::new(tool)
         .arg(arg)
         .stdout(Stdio::null())

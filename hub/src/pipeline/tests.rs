@@ -1495,19 +1495,25 @@ impl Farm {
     }
 
     /// Runs every job as `push` says until nothing is left; returns the
-    /// keys of the bisection's builds and runs, in order.
+    /// keys of the bisection's builds and runs, in order (each checked to
+    /// be the bisection's, queued ahead of ordinary work).
     async fn bisect(&mut self, push: &Push) -> Vec<JobKey> {
         let mut seen = Vec::new();
         loop {
-            let keys = self.run_jobs(|k| push.decide(k)).await;
-            if keys.is_empty() {
+            let jobs = self.assigned();
+            if jobs.is_empty() {
                 return seen;
             }
-            assert!(
-                keys.iter().all(|k| matches!(k, JobKey::Bisect { .. })),
-                "only the bisection works: {keys:?}"
-            );
-            seen.extend(keys);
+            for (job, rec, key) in jobs {
+                assert!(
+                    matches!(key, JobKey::Bisect { .. }) && rec.placement.ahead,
+                    "only the bisection works, ahead of other work: {key} {:?}",
+                    rec.placement
+                );
+                let (outcome, reports) = push.decide(&key);
+                self.finish(job, &key, outcome, reports).await;
+                seen.push(key);
+            }
             self.take_in().await;
         }
     }
