@@ -135,19 +135,28 @@ enum Next {
 }
 
 impl Pipeline {
-    /// Every running bisection, one step further where it can go (a tick;
-    /// errors are logged, the next tick tries again).
+    /// Every running bisection, one step further where it can go. Errors
+    /// are logged (one bisection's do not stop the others) and the next
+    /// job taken in or tick tries again.
     pub(super) async fn follow_bisections(&self) {
-        if let Err(e) = self.try_follow_bisections().await {
-            tracing::warn!("cannot follow the bisections (will retry): {e}");
+        let running = match self.inner.results.running_bisections() {
+            Ok(running) => running,
+            Err(e) => {
+                tracing::warn!("cannot read the bisections (will retry): {e}");
+                return;
+            }
+        };
+        for b in running {
+            if let Err(e) = self.follow_bisection(&b.key()).await {
+                tracing::warn!(
+                    upstream = %b.upstream,
+                    platform = %b.platform,
+                    "cannot follow the bisection of {}..{} (will retry): {e}",
+                    short(&b.good),
+                    b.commits.last().map_or("", |c| short(&c.sha)),
+                );
+            }
         }
-    }
-
-    pub(super) async fn try_follow_bisections(&self) -> Result<(), PipelineError> {
-        for b in self.inner.results.running_bisections()? {
-            self.follow_bisection(&b.key()).await?;
-        }
-        Ok(())
     }
 
     /// Takes a finished bisection job in (`of`: what it builds or runs):
@@ -212,7 +221,8 @@ impl Pipeline {
                 }
             }
         }
-        self.try_follow_bisections().await?;
+        // Best effort, as after any job (see `take_in`).
+        self.follow_bisections().await;
         self.collect_garbage().await;
         Ok(())
     }

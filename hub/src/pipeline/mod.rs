@@ -331,7 +331,10 @@ impl Pipeline {
             Some(_) => self.follow_confirmation(rec.id).await?,
             None => {}
         }
-        self.try_follow_bisections().await
+        // Best effort: a tick retries, and a bisection's trouble (a full
+        // disk refusing its jobs) never holds the inbox up.
+        self.follow_bisections().await;
+        Ok(())
     }
 
     /// Intake, then one record into results (a no-op if the job was

@@ -508,7 +508,8 @@ impl Results {
                 .filter(|b| b.job_id == c.original.job_id)
                 .map(Finished::Build));
         }
-        let run = self.run(&c.project, &c.upstream, &c.platform, c.original.job_id)?;
+        let key = keys::run(&c.project, &c.upstream, &c.platform, c.original.job_id);
+        let run: Option<RunRecord> = self.table.get(key)?;
         Ok(run.map(|run| Finished::Run {
             run,
             head_seq: c.head_seq,
