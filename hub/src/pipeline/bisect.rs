@@ -326,7 +326,7 @@ impl Pipeline {
             Step::Try(i) => {
                 let sha = &b.commits[i].sha;
                 match b.builds.get(sha) {
-                    None if self.stored_build(b, sha)?.is_some() => Next::Build(i),
+                    None if self.reusable(b, sha)?.is_some() => Next::Build(i),
                     None if made >= self.inner.bisect_max_builds => {
                         let (from, to) = bounds(&said);
                         Next::End(answer(
@@ -388,6 +388,19 @@ impl Pipeline {
         Ok((build.state == BuildState::Passed as i32 && counts && stored).then_some(build))
     }
 
+    /// The job of a stored build of `commit` that answers without a new
+    /// build: passed with its artifact on the hub, or failed (the commit
+    /// does not build: skipped).
+    fn reusable(&self, b: &Bisection, commit: &str) -> Result<Option<u64>, PipelineError> {
+        if let Some(build) = self.stored_build(b, commit)? {
+            return Ok(Some(build.job_id));
+        }
+        let stored = self.inner.results.build(&b.upstream, &b.platform, commit)?;
+        Ok(stored
+            .filter(|s| s.state == BuildState::Failed as i32)
+            .map(|s| s.job_id))
+    }
+
     /// Whether the build a bisection chose for `commit` can be tested against.
     fn usable_build(
         &self,
@@ -410,8 +423,9 @@ impl Pipeline {
         })
     }
 
-    /// Chooses commit `i`'s build: a stored one reused, or the bisection's
-    /// own queued (once per key) and counted.
+    /// Chooses commit `i`'s build: a stored one reused (see
+    /// [`Pipeline::reusable`]), or the bisection's own queued (once per
+    /// key) and counted.
     async fn choose_build(
         &self,
         u: &UpstreamConfig,
@@ -419,9 +433,9 @@ impl Pipeline {
         i: usize,
     ) -> Result<(), PipelineError> {
         let sha = b.commits[i].sha.clone();
-        let chosen = match self.stored_build(b, &sha)? {
-            Some(build) => PointBuild {
-                job_id: build.job_id,
+        let chosen = match self.reusable(b, &sha)? {
+            Some(job_id) => PointBuild {
+                job_id,
                 made: false,
             },
             None => {

@@ -1686,30 +1686,48 @@ async fn a_bisection_stops_at_its_build_budget_with_the_range_narrowed() {
 
 #[tokio::test]
 async fn a_stored_build_inside_the_range_is_reused_and_not_counted() {
-    let mut f = Farm::with_config(&bisect_config(12)).await;
-    green_trunk(&mut f).await;
-    let commits: Vec<String> = (0..4).map(|_| f.git.commit(RT)).collect();
-    // Someone built the second commit by hand before the head was polled.
-    f.pipeline.build("rt", &commits[1], false).await.unwrap();
-    f.run_jobs(passed).await;
-    f.take_in().await;
-    let push = Push {
-        index: commits.iter().cloned().zip(0..).collect(),
-        commits,
-        breaks: [("shouter", 2)].into_iter().collect(),
-        broken: HashSet::new(),
-    };
-    f.pipeline.poll_upstream(0).await;
-    f.run_jobs(|k| push.decide(k)).await;
-    f.take_in().await;
-    f.run_jobs(|k| push.decide(k)).await;
-    f.take_in().await;
-    let keys = f.bisect(&push).await;
-    let b = bisect_of(&f.went_red("shouter")[0]).clone();
-    assert_eq!(b.first_bad.unwrap().sha, push.commits[2]);
-    // Commit 1 (the middle) was tried with the stored build, commit 2 built.
-    assert_eq!(bisect_builds(&keys).len(), 1, "{keys:?}");
-    assert_eq!(b.builds, 1);
+    for outcome in [Outcome::Passed, Outcome::Failed] {
+        let mut f = Farm::with_config(&bisect_config(12)).await;
+        green_trunk(&mut f).await;
+        let commits: Vec<String> = (0..4).map(|_| f.git.commit(RT)).collect();
+        // Someone built the second commit by hand before the head was polled.
+        f.pipeline.build("rt", &commits[1], false).await.unwrap();
+        f.run_jobs(|_| (outcome, Vec::new())).await;
+        f.take_in().await;
+        let push = Push {
+            index: commits.iter().cloned().zip(0..).collect(),
+            commits,
+            breaks: [("shouter", 2)].into_iter().collect(),
+            broken: HashSet::new(),
+        };
+        f.pipeline.poll_upstream(0).await;
+        f.run_jobs(|k| push.decide(k)).await;
+        f.take_in().await;
+        f.run_jobs(|k| push.decide(k)).await;
+        f.take_in().await;
+        let keys = f.bisect(&push).await;
+        let b = bisect_of(&f.went_red("shouter")[0]).clone();
+        // Commit 1 (the middle) is never built again.
+        let built: Vec<&JobKey> = bisect_builds(&keys);
+        assert!(
+            built
+                .iter()
+                .all(|k| !k.to_string().contains(&push.commits[1])),
+            "{keys:?}"
+        );
+        assert_eq!(b.builds as usize, built.len());
+        if outcome == Outcome::Passed {
+            // Tried with the stored build (good), then commit 2 built (bad).
+            assert_eq!(b.first_bad.unwrap().sha, push.commits[2]);
+            assert_eq!(b.builds, 1);
+        } else {
+            // The stored failure is a skip: 2 is bad, 0 good, 1 cannot tell.
+            assert_eq!(b.state, BisectState::Range, "{b:?}");
+            let candidates: Vec<&str> = b.candidates.iter().map(|c| c.sha.as_str()).collect();
+            assert_eq!(candidates, [&push.commits[1], &push.commits[2]]);
+            assert_eq!(b.builds, 2);
+        }
+    }
 }
 
 #[tokio::test]
