@@ -859,6 +859,7 @@ mod tests {
             "keep",
             "max_size",
             "git_timeout",
+            "bisect_max_builds",
             "branch",
             "poll_interval",
             "platforms",

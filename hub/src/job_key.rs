@@ -11,6 +11,11 @@
 //!   again; `baseline`: the same project commit on the series' last good
 //!   runtime; see `results::confirm`; `calibrate`: `trunkfarm calibrate`'s N
 //!   identical runs, counted in the project's noise record, never classified)
+//! * `<a build or test key>/bisect/<n>`: a bisection's build of a commit
+//!   inside a culprit range, or its run of a project against one (`n`: 1,
+//!   then 2 for the retry of a run that ended in an infrastructure error);
+//!   see `pipeline::bisect`. Its own key: a bisection build never fans out
+//!   and a bisection run is never classified into its series.
 //!
 //! Names never contain `/` (the config allows `[A-Za-z0-9._-]`).
 //!
@@ -86,7 +91,17 @@ pub(crate) enum JobKey {
         /// ended in an infrastructure error), …
         n: u32,
     },
+    /// A bisection's build or run (see `pipeline::bisect`).
+    Bisect {
+        /// The build or test it is (never a re-run or another bisection's).
+        of: Box<JobKey>,
+        /// 1, or 2 for the retry of a run that ended in an infrastructure error.
+        n: u32,
+    },
 }
+
+/// The word that marks a bisection's key.
+const BISECT: &str = "bisect";
 
 /// Why a job is re-run. Each kind's word is part of its re-runs' keys.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -171,16 +186,17 @@ impl fmt::Display for JobKey {
             JobKey::Rerun { of, kind, job, n } => {
                 write!(f, "{of}/{}/{job}/{n}", kind.word())
             }
+            JobKey::Bisect { of, n } => write!(f, "{of}/{BISECT}/{n}"),
         }
     }
 }
 
 impl JobKey {
     /// The build or test job this key is about: itself, or the job a
-    /// re-run re-runs.
+    /// re-run re-runs, or what a bisection builds or runs.
     pub(crate) fn base(&self) -> &JobKey {
         match self {
-            JobKey::Rerun { of, .. } => of,
+            JobKey::Rerun { of, .. } | JobKey::Bisect { of, .. } => of,
             _ => self,
         }
     }
@@ -200,6 +216,16 @@ impl JobKey {
                 of: Box::new(of),
                 kind,
                 job,
+                n,
+            });
+        }
+        if let [head @ .., word, n] = parts.as_slice()
+            && *word == BISECT
+            && let Ok(n) = n.parse()
+            && let Some(of) = JobKey::parse_plain(&head.join("/"))
+        {
+            return Some(JobKey::Bisect {
+                of: Box::new(of),
                 n,
             });
         }
@@ -325,6 +351,26 @@ mod tests {
         assert!(matches!(JobKey::parse(odd), Some(JobKey::Test { .. })));
         assert_eq!(JobKey::parse("test/p/rt/linux/c1/-/confirm/x/1"), None);
         assert_eq!(JobKey::parse(""), None);
+        // A bisection's run and build.
+        let bisect = JobKey::Bisect {
+            of: Box::new(test.clone()),
+            n: 2,
+        };
+        let text = bisect.to_string();
+        assert!(text.ends_with("/-/7/bisect/2"), "{text}");
+        assert_eq!(JobKey::parse(&text), Some(bisect.clone()));
+        assert_eq!(JobKey::parse(&text).unwrap().base(), &test);
+        let build = JobKey::parse(&format!("build/rt/linux/{}/bisect/1", "ab".repeat(20)));
+        assert!(
+            matches!(&build, Some(JobKey::Bisect { of, n: 1 }) if matches!(**of, JobKey::Build { nonce: None, .. })),
+            "{build:?}"
+        );
+        // A platform named "bisect" is still a build key.
+        assert!(matches!(
+            JobKey::parse("build/rt/bisect/1"),
+            Some(JobKey::Build { .. })
+        ));
+        assert_eq!(JobKey::parse("build/rt/linux/c1/bisect/x"), None);
         assert_eq!(JobKey::parse("build/a/b"), None);
         assert_eq!(JobKey::parse("build/a/b/c/notanumber"), None);
         assert_eq!(JobKey::parse("deploy/a/b/c"), None);

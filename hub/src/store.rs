@@ -103,6 +103,8 @@ pub(crate) mod trees {
     /// `rl/<project>/<upstream>/<platform>` → newest run (summary),
     /// `s/<project>/<upstream>/<platform>` → series state, `t/<id>` →
     /// transition, `p/<job id>` → marker: this finished job is recorded,
+    /// `c/<job id>` → a held verdict's confirmation, `x/<upstream>/<platform>/<last
+    /// good>/<bad>` → a bisection of that culprit range,
     /// `n/<project>` → flips on identical re-runs (per project and test),
     /// `nx/<job id>` → marker: this re-run is counted there, `k/<job
     /// id>/<n>` → calibration run `n` of that job.

@@ -15,7 +15,10 @@
 //! - `fanout`: one runtime artifact downloaded by many agents at once.
 //! - `recovery`: a hub restarted over a million stored results and ten
 //!   thousand queued jobs: time until dispatch resumes.
+//! - `bisect`: the demo runtime, a 64-commit push with one break: push →
+//!   bisection ended, and the builds it made.
 
+mod bisect;
 mod dispatch;
 mod fanout;
 mod farm;
@@ -44,6 +47,8 @@ pub(crate) enum Which {
     Fanout,
     /// Restart over a large history until dispatch resumes.
     Recovery,
+    /// A 64-commit push with one break bisected on the demo runtime.
+    Bisect,
     /// All of the above, in that order.
     All,
 }
@@ -170,6 +175,7 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             Which::Idle,
             Which::Fanout,
             Which::Recovery,
+            Which::Bisect,
         ];
     }
     println!(
@@ -188,6 +194,7 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             Which::Idle => idle::run(&args, &sub).await?,
             Which::Fanout => fanout::run(&args, &sub).await?,
             Which::Recovery => recovery::run(&args, &sub).await?,
+            Which::Bisect => bisect::run(&args, &sub).await?,
             Which::All => Vec::new(),
         };
         for f in &got {

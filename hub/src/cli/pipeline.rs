@@ -201,6 +201,7 @@ fn print_transition(t: &Transition, paint: &Paint) {
         if !t.culprits_error.is_empty() {
             println!("  ({})", t.culprits_error);
         }
+        print_bisection(t);
         if t.project_commit_changed {
             println!(
                 "  the project's own commit changed too: {} -> {}",
@@ -211,6 +212,35 @@ fn print_transition(t: &Transition, paint: &Paint) {
     }
     if !t.newly_failing.is_empty() {
         println!("  newly failing: {}", t.newly_failing.join(", "));
+    }
+}
+
+/// A went-red transition's bisection, if its range is bisected.
+fn print_bisection(t: &Transition) {
+    let Some(b) = &t.bisect else { return };
+    match b.state.as_str() {
+        "running" => println!("  bisection running over the {} commits", t.culprits.len()),
+        "found" => {
+            if let Some(c) = &b.first_bad {
+                println!("  first bad commit: {}", commit_line(c));
+            }
+            println!("  (bisection: {})", b.detail);
+        }
+        _ => {
+            let what = if b.state == "range" {
+                "left"
+            } else {
+                "gave up with"
+            };
+            println!(
+                "  bisection {what} {} candidate(s): {}",
+                b.candidates.len(),
+                b.detail
+            );
+            for c in &b.candidates {
+                println!("    {}", commit_line(c));
+            }
+        }
     }
 }
 
@@ -388,7 +418,7 @@ pub(super) async fn breakage(
             .map(commit_line)
             .unwrap_or_else(|| "the head".into()),
     };
-    if resp.went_red.is_empty() {
+    if resp.went_red.is_empty() && resp.cleared.is_empty() {
         println!("{upstream}: nothing went red at {what}");
         return Ok(ExitCode::SUCCESS);
     }
@@ -398,6 +428,17 @@ pub(super) async fn breakage(
     );
     for t in &resp.went_red {
         print_transition(t, &paint);
+    }
+    // Bisection found another commit of their range: never blamed here.
+    for t in &resp.cleared {
+        if let Some(bad) = view::first_bad(t) {
+            println!(
+                "{what} is innocent for {} on {}: bisection found {}",
+                t.project,
+                t.platform,
+                commit_line(bad)
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -496,6 +496,51 @@ pub(super) struct Transition<'a> {
     class: &'a str,
     /// Class suspicious: the counts in words; `null` otherwise.
     suspicious: Option<&'a str>,
+    /// The first bad commit its bisection found; `null` while unknown
+    /// (no bisection, running, or it left several candidates).
+    first_bad: Option<FirstBad<'a>>,
+    /// Its bisection, if its range is bisected.
+    bisect: Option<BisectView<'a>>,
+}
+
+/// `first_bad` of a went-red transition.
+#[derive(Serialize)]
+struct FirstBad<'a> {
+    commit: &'a str,
+    subject: &'a str,
+    author: &'a str,
+}
+
+/// A transition's bisection.
+#[derive(Serialize)]
+struct BisectView<'a> {
+    /// "running", "found", "range" or "gave_up".
+    state: &'a str,
+    /// Found: the first bad commit.
+    first_bad: Option<Commit<'a>>,
+    /// Range or gave up: the commits one of which is the first bad one.
+    candidates: Vec<Commit<'a>>,
+    /// Runtime builds it made.
+    builds: u32,
+    detail: &'a str,
+}
+
+impl<'a> From<&'a v1::BisectInfo> for BisectView<'a> {
+    fn from(b: &'a v1::BisectInfo) -> Self {
+        BisectView {
+            state: &b.state,
+            first_bad: b.first_bad.as_ref().map(Commit::from),
+            candidates: b.candidates.iter().map(Commit::from).collect(),
+            builds: b.builds,
+            detail: &b.detail,
+        }
+    }
+}
+
+/// The first bad commit a transition's bisection found, if it found one.
+pub(super) fn first_bad(t: &v1::Transition) -> Option<&v1::Commit> {
+    let b = t.bisect.as_ref().filter(|b| b.state == "found")?;
+    b.first_bad.as_ref()
 }
 
 impl<'a> From<&'a v1::Transition> for Transition<'a> {
@@ -522,6 +567,12 @@ impl<'a> From<&'a v1::Transition> for Transition<'a> {
             confirmed_by_job: t.confirmed_by_job,
             class: &t.class,
             suspicious: (!t.suspicious.is_empty()).then_some(t.suspicious.as_str()),
+            first_bad: first_bad(t).map(|c| FirstBad {
+                commit: &c.sha,
+                subject: &c.subject,
+                author: &c.author,
+            }),
+            bisect: t.bisect.as_ref().map(BisectView::from),
         }
     }
 }
@@ -546,12 +597,14 @@ impl<'a> From<&'a v1::Commit> for Commit<'a> {
     }
 }
 
-/// `breakage --json`: the commits asked about, newest first, and the
-/// went-red transitions whose culprit range holds one of them.
+/// `breakage --json`: the commits asked about, newest first, the went-red
+/// transitions that blame one of them, and those whose bisection cleared
+/// them (found another first bad commit in the range).
 #[derive(Serialize)]
 pub(super) struct Breakage<'a> {
     commits: Vec<Commit<'a>>,
     went_red: Vec<Transition<'a>>,
+    cleared: Vec<Transition<'a>>,
 }
 
 impl<'a> From<&'a v1::GetBreakageResponse> for Breakage<'a> {
@@ -559,6 +612,7 @@ impl<'a> From<&'a v1::GetBreakageResponse> for Breakage<'a> {
         Breakage {
             commits: b.commits.iter().map(Commit::from).collect(),
             went_red: b.went_red.iter().map(Transition::from).collect(),
+            cleared: b.cleared.iter().map(Transition::from).collect(),
         }
     }
 }
@@ -836,11 +890,32 @@ mod tests {
         assert_eq!(cell["red_since"]["culprits"][0]["sha"], "c2");
         assert_eq!(to_json(upstreams(&status)), j["upstreams"]);
 
+        let mut found = went_red.clone();
+        found.bisect = Some(v1::BisectInfo {
+            state: "found".into(),
+            first_bad: Some(v1::Commit {
+                sha: "c2".into(),
+                subject: "break it".into(),
+                author: "Ada <ada@example.org>".into(),
+                time_ms: 0,
+            }),
+            builds: 3,
+            ..Default::default()
+        });
         let breakage = v1::GetBreakageResponse {
             commits: Vec::new(),
-            went_red: vec![went_red.clone()],
+            went_red: vec![went_red.clone(), found],
+            cleared: Vec::new(),
         };
         let b = to_json(Breakage::from(&breakage));
+        assert!(b["went_red"][0]["first_bad"].is_null(), "unknown: {b:#}");
+        assert_eq!(
+            b["went_red"][1]["first_bad"],
+            json!({"commit": "c2", "subject": "break it", "author": "Ada <ada@example.org>"})
+        );
+        assert_eq!(b["went_red"][1]["bisect"]["state"], "found");
+        assert_eq!(b["went_red"][1]["bisect"]["builds"], 3);
+        assert_eq!(b["cleared"], json!([]));
         assert_eq!(b["went_red"][0]["kind"], "went_red", "{b:#}");
         assert_eq!(b["went_red"][0]["status"], "red", "{b:#}");
         assert_eq!(b["went_red"][0], to_json(Transition::from(&went_red)));

@@ -245,12 +245,18 @@ pub(crate) struct PipelineSection {
     /// How long one `git ls-remote` or metadata fetch may take.
     #[serde(deserialize_with = "de::duration")]
     pub(crate) git_timeout: Duration,
+    /// The most runtime builds one bisection of a culprit range may make
+    /// (builds already stored are reused and not counted); past it the
+    /// bisection gives up with the range narrowed so far. 0: no bisection.
+    #[serde(deserialize_with = "de::count")]
+    pub(crate) bisect_max_builds: u32,
 }
 
 impl Default for PipelineSection {
     fn default() -> Self {
         Self {
             git_timeout: Duration::from_secs(120),
+            bisect_max_builds: 12,
         }
     }
 }

@@ -7,7 +7,7 @@
 //! language feature, checks that exactly the projects using it go red with
 //! the right culprit, lands the fix, checks they turn green, and exits.
 
-mod story;
+pub(crate) mod story;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -37,7 +37,7 @@ const MARKER: &str = ".trunkfarm-demo";
 const AGENTS: usize = 2;
 
 /// The upstream's name in the demo's hub config.
-const UPSTREAM: &str = "tiny";
+pub(crate) const UPSTREAM: &str = "tiny";
 
 /// How often the demo hub polls its repositories.
 const POLL: &str = "500ms";
@@ -70,24 +70,7 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let dir = prepare_dir(&args.dir, MARKER)?;
     let agent_bin = find_agent_binary()?;
     let repos = dir.join("repos");
-    let upstream_repo = repos.join(UPSTREAM);
-    story::write_tree("runtime/", &upstream_repo)?;
-    git_init(
-        &upstream_repo,
-        &story.upstream.first_message,
-        &story.upstream.first_author,
-    )
-    .await?;
-    for p in &story.project {
-        let repo = repos.join(&p.name);
-        story::write_tree(&format!("projects/{}/", p.name), &repo)?;
-        git_init(
-            &repo,
-            &format!("{}: initial import", p.name),
-            &story.upstream.first_author,
-        )
-        .await?;
-    }
+    let upstream_repo = write_repos(&story, &repos).await?;
     let config_path = dir.join("hub.toml");
     std::fs::write(&config_path, hub_toml(&story, &repos))?;
     let cfg = HubConfig::load(&config_path)?;
@@ -178,8 +161,32 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
+/// Writes the upstream and the projects of `story` as git repositories
+/// under `repos` (one commit each); returns the upstream's.
+pub(crate) async fn write_repos(story: &Story, repos: &Path) -> anyhow::Result<PathBuf> {
+    let upstream_repo = repos.join(UPSTREAM);
+    story::write_tree("runtime/", &upstream_repo)?;
+    git_init(
+        &upstream_repo,
+        &story.upstream.first_message,
+        &story.upstream.first_author,
+    )
+    .await?;
+    for p in &story.project {
+        let repo = repos.join(&p.name);
+        story::write_tree(&format!("projects/{}/", p.name), &repo)?;
+        git_init(
+            &repo,
+            &format!("{}: initial import", p.name),
+            &story.upstream.first_author,
+        )
+        .await?;
+    }
+    Ok(upstream_repo)
+}
+
 /// The demo hub's config: the upstream and projects as local repositories.
-fn hub_toml(story: &Story, repos: &Path) -> String {
+pub(crate) fn hub_toml(story: &Story, repos: &Path) -> String {
     let list = |items: &[String]| {
         let quoted: Vec<String> = items.iter().map(|i| format!("{i:?}")).collect();
         format!("[{}]", quoted.join(", "))
@@ -203,7 +210,7 @@ fn hub_toml(story: &Story, repos: &Path) -> String {
 }
 
 /// Fails early, with a reason, when a tool the demo needs is missing.
-fn check_tool(tool: &str, arg: &str, why: &str) -> anyhow::Result<()> {
+pub(crate) fn check_tool(tool: &str, arg: &str, why: &str) -> anyhow::Result<()> {
     match std::process::Command::new(tool)
         .arg(arg)
         .stdout(Stdio::null())
@@ -216,7 +223,11 @@ fn check_tool(tool: &str, arg: &str, why: &str) -> anyhow::Result<()> {
 }
 
 /// Runs git in `repo` with a fixed identity (nothing from the user's config).
-async fn git(repo: &Path, args: &[&str], author: Option<&str>) -> anyhow::Result<String> {
+pub(crate) async fn git(
+    repo: &Path,
+    args: &[&str],
+    author: Option<&str>,
+) -> anyhow::Result<String> {
     let mut cmd = Command::new("git");
     cmd.current_dir(repo)
         .args([
@@ -253,7 +264,7 @@ async fn git_init(repo: &Path, message: &str, author: &str) -> anyhow::Result<St
     commit(repo, message, author).await
 }
 
-async fn commit(repo: &Path, message: &str, author: &str) -> anyhow::Result<String> {
+pub(crate) async fn commit(repo: &Path, message: &str, author: &str) -> anyhow::Result<String> {
     git(repo, &["add", "-A"], None).await?;
     git(repo, &["commit", "--quiet", "-m", message], Some(author)).await?;
     git(repo, &["rev-parse", "HEAD"], None).await

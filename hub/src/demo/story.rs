@@ -50,7 +50,7 @@ pub(super) const STORY_TOML: &str = include_str!("../../../config/demo/story.tom
 /// The scripted story.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(super) struct Story {
+pub(crate) struct Story {
     /// How the runtime is built and its first commit.
     pub(crate) upstream: UpstreamStory,
     /// The downstream projects.
@@ -65,7 +65,7 @@ pub(super) struct Story {
 /// The upstream's build and first commit.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(super) struct UpstreamStory {
+pub(crate) struct UpstreamStory {
     /// Build commands (install into `$PREFIX`).
     pub(crate) build: Vec<String>,
     /// Subject of the first commit.
@@ -77,7 +77,7 @@ pub(super) struct UpstreamStory {
 /// One downstream project.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(super) struct ProjectStory {
+pub(crate) struct ProjectStory {
     /// Its name (and directory under `projects/`).
     pub(crate) name: String,
     /// Its test commands.
@@ -89,7 +89,7 @@ pub(super) struct ProjectStory {
 /// A commit that replaces one snippet of one file.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(super) struct Change {
+pub(crate) struct Change {
     /// The file, relative to the runtime's directory.
     pub(crate) file: String,
     /// The snippet to replace (occurs exactly once).
@@ -110,7 +110,7 @@ pub(super) struct Change {
 
 impl Story {
     /// The embedded story.
-    pub(super) fn load() -> anyhow::Result<Story> {
+    pub(crate) fn load() -> anyhow::Result<Story> {
         Ok(toml::from_str(STORY_TOML)?)
     }
 }
@@ -118,7 +118,7 @@ impl Story {
 impl Change {
     /// Applies the change to the file in `repo`; an error if the snippet is
     /// not there exactly once.
-    pub(super) fn apply(&self, repo: &Path) -> anyhow::Result<()> {
+    pub(crate) fn apply(&self, repo: &Path) -> anyhow::Result<()> {
         let path = repo.join(&self.file);
         let text = std::fs::read_to_string(&path)?;
         anyhow::ensure!(
@@ -132,7 +132,7 @@ impl Change {
 }
 
 /// Writes the embedded files under `prefix` (e.g. `runtime/`) into `dir`.
-pub(super) fn write_tree(prefix: &str, dir: &Path) -> anyhow::Result<usize> {
+pub(crate) fn write_tree(prefix: &str, dir: &Path) -> anyhow::Result<usize> {
     let mut n = 0;
     for (path, text) in FILES {
         let Some(rel) = path.strip_prefix(prefix) else {

@@ -56,9 +56,10 @@ pub(crate) struct AttemptRecord {
     pub(crate) trusted: bool,
 }
 
-/// Which agents a job may go to, beyond what its spec asks (never sent to
-/// an agent): a re-run that must come from another agent than the one it
-/// checks, preferably a trusted one.
+/// Which agents a job may go to, beyond what its spec asks, and where it
+/// queues (never sent to an agent): a re-run that must come from another
+/// agent than the one it checks, preferably a trusted one; a bisection's
+/// build or run, ahead of ordinary work.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub(crate) struct Placement {
@@ -72,10 +73,15 @@ pub(crate) struct Placement {
     /// agent's result re-run: another agent where one fits).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub(crate) avoid_agents: Vec<String>,
+    /// Queued ahead of every job queued without it (behind those queued
+    /// with it before): a bisection's work is waited for by a held mail,
+    /// ordinary fan-out is not.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub(crate) ahead: bool,
 }
 
 impl Placement {
-    /// Whether it says nothing (every job but re-runs).
+    /// Whether it says nothing (every job but re-runs and bisections).
     fn is_empty(&self) -> bool {
         *self == Placement::default()
     }
@@ -564,7 +570,8 @@ impl OpenJobs {
             }
             jobs.open.insert(rec.id, rec);
         }
-        queued.sort_unstable();
+        // Jobs queued ahead first, each group oldest first.
+        queued.sort_unstable_by_key(|id| (!jobs.open[id].placement.ahead, *id));
         jobs.queue = queued.into();
         Ok(jobs)
     }
@@ -583,9 +590,20 @@ impl OpenJobs {
         &self.open
     }
 
-    /// A new job, durable already, joins the back of the queue.
+    /// A new job, durable already, joins the back of the queue, or one
+    /// placed `ahead` the back of the jobs queued ahead at its front.
     pub(super) fn add(&mut self, rec: JobRecord) {
-        self.queue.push_back(rec.id);
+        if rec.placement.ahead {
+            let open = &self.open;
+            let at = self
+                .queue
+                .iter()
+                .position(|id| open.get(id).is_none_or(|r| !r.placement.ahead))
+                .unwrap_or(self.queue.len());
+            self.queue.insert(at, rec.id);
+        } else {
+            self.queue.push_back(rec.id);
+        }
         self.open.insert(rec.id, rec);
     }
 

@@ -1167,6 +1167,60 @@ pub(crate) mod tests {
     }
 
     #[tokio::test]
+    async fn a_job_placed_ahead_is_handed_out_before_ordinary_work_also_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let ahead = Placement {
+            ahead: true,
+            ..Default::default()
+        };
+        let submitted = {
+            let (_s, d) = open(dir.path(), 5000);
+            let mut ids = Vec::new();
+            ids.push(d.submit(spec(&["linux"]), 0).await.unwrap());
+            ids.push(d.submit(spec(&["linux"]), 0).await.unwrap());
+            for key in ["b1", "b2"] {
+                let placed = d.submit_placed(spec(&["linux"]), 0, key.into(), ahead.clone());
+                ids.push(placed.await.unwrap().0);
+            }
+            ids.push(d.submit(spec(&["linux"]), 0).await.unwrap());
+            // Nobody took them yet: queued in this order.
+            let mut a = agent(&d, "a", 5, &["linux"], &[]).await;
+            let got: Vec<u64> = assignments(&mut a).iter().map(|j| j.job_id).collect();
+            assert_eq!(got, [ids[2], ids[3], ids[0], ids[1], ids[4]]);
+            assert!(d.get(ids[2]).unwrap().unwrap().placement.ahead, "stored");
+            ids
+        };
+        // Fresh database, same submissions, read back by a restarted hub.
+        let dir2 = tempfile::tempdir().unwrap();
+        {
+            let (_s, d) = open(dir2.path(), 5000);
+            for (i, _) in submitted.iter().enumerate() {
+                if i == 2 || i == 3 {
+                    let placed =
+                        d.submit_placed(spec(&["linux"]), 0, format!("b{i}"), ahead.clone());
+                    placed.await.unwrap();
+                } else {
+                    d.submit(spec(&["linux"]), 0).await.unwrap();
+                }
+            }
+        }
+        let store = crate::store::tests::reopen(dir2.path()).await;
+        let logs = Arc::new(JobLogs::open(&store, 1 << 20).unwrap());
+        let d = Dispatcher::open(&store, logs, settings(5000)).unwrap();
+        let mut a = agent(&d, "a", 5, &["linux"], &[]).await;
+        let got = assignments(&mut a);
+        let keys: Vec<String> = got
+            .iter()
+            .map(|j| d.get(j.job_id).unwrap().unwrap().key)
+            .collect();
+        assert_eq!(
+            keys,
+            ["b2", "b3", "", "", ""],
+            "ahead ones first after a restart"
+        );
+    }
+
+    #[tokio::test]
     async fn a_session_opened_with_a_stale_credential_stays_quarantined() {
         let dir = tempfile::tempdir().unwrap();
         let (_s, d) = open(dir.path(), 5000);

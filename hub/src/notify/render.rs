@@ -447,6 +447,14 @@ fn suspicious(t: &Transition, ctx: &Context<'_>) -> Rendered {
     let run_url = format!("{}/runs/{}", ctx.public_url, t.job_id);
     let history_url = format!("{}/projects/{}", ctx.public_url, t.project);
     let mut text = String::new();
+    let subject = match ctx.follow_up {
+        true => format!("Re: {subject}"),
+        false => subject,
+    };
+    if ctx.follow_up {
+        let _ = writeln!(text, "{}", bisection_ended(t));
+        let _ = writeln!(text);
+    }
     let _ = writeln!(
         text,
         "{} passed on {} with {} {} {}, but its test reports changed sharply:",
@@ -469,7 +477,17 @@ fn suspicious(t: &Transition, ctx: &Context<'_>) -> Rendered {
         "reported are not tested: a trunk change may have made the suite skip them."
     );
     let _ = writeln!(text);
-    if t.last_green_upstream_commit.is_empty() {
+    let found = first_bad(t);
+    if let Some(c) = found {
+        // Bisected like a regression: the commit after which it changed.
+        let _ = writeln!(text, "First bad commit: {}", culprit(c));
+        let _ = writeln!(
+            text,
+            "  (found by bisecting the {} commit(s) after the last usual run {})",
+            t.culprits.len(),
+            short(&t.last_green_upstream_commit)
+        );
+    } else if t.last_green_upstream_commit.is_empty() {
         let _ = writeln!(text, "The upstream commit: {}", short(&t.upstream_commit));
     } else {
         let _ = writeln!(
@@ -479,7 +497,7 @@ fn suspicious(t: &Transition, ctx: &Context<'_>) -> Rendered {
             t.culprits.len()
         );
     }
-    for c in &t.culprits {
+    for c in t.culprits.iter().filter(|_| found.is_none()) {
         match c.subject.is_empty() {
             true => writeln!(text, "  {}", short(&c.sha)),
             false => writeln!(text, "  {}", culprit(c)),

@@ -39,4 +39,8 @@ impl Culprits for Pipeline {
             }
         }
     }
+
+    fn bisects(&self) -> bool {
+        self.inner.bisect_max_builds > 0
+    }
 }

@@ -87,8 +87,8 @@ pub(super) fn finished(
                 confirmation_detail: String::new(),
             })
         }
-        // A re-run is what it re-runs.
-        JobKey::Rerun { of, .. } => finished(rec, *of, facts, output),
+        // A re-run is what it re-runs, a bisection's job what it builds or runs.
+        JobKey::Rerun { of, .. } | JobKey::Bisect { of, .. } => finished(rec, *of, facts, output),
         JobKey::Test {
             project,
             upstream,

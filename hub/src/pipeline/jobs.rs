@@ -140,7 +140,7 @@ impl Pipeline {
 }
 
 /// The job that builds `commit` of `u` on `platform`.
-fn build_spec(u: &UpstreamConfig, platform: &str, commit: &str) -> JobSpec {
+pub(super) fn build_spec(u: &UpstreamConfig, platform: &str, commit: &str) -> JobSpec {
     let mut env: HashMap<String, String> = u.env.clone().into_iter().collect();
     env.insert("TRUNKFARM_UPSTREAM".into(), u.name.clone());
     env.insert("TRUNKFARM_UPSTREAM_COMMIT".into(), commit.to_owned());

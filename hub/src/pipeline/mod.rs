@@ -8,6 +8,7 @@
 //! jobs.rs     recorded passed build ─► fan-out: test jobs ─► (agents) ─► inbox ─► intake …
 //! poll.rs     poll project ─► test jobs against the newest good runtime
 //! gc.rs       after each build: delete runtime artifacts nothing refers to
+//! bisect.rs   went red over several commits ─► builds and runs inside the range ─► first bad commit
 //! ```
 //!
 //! A volunteer's verdict that would change a series (went red, fixed) is
@@ -27,8 +28,13 @@
 //! crash), and only then acknowledges it, so a result is neither lost nor
 //! classified twice, and no fan-out is lost.
 //!
+//! A went-red result whose culprit range holds several upstream commits is
+//! bisected (`bisect.rs`): its bisection's record is `results`', every step
+//! is derived again from it on each bisection job taken in and on a tick.
+//!
 //! Owns the `pipeline` tree (branch heads and their order; see `poll.rs`).
 
+mod bisect;
 pub(crate) mod calibrate;
 mod confirm;
 mod culprits;
@@ -71,6 +77,10 @@ const INBOX_BATCH: usize = 16;
 /// missed (e.g. jobs that finished while the hub was down).
 const INBOX_TICK: Duration = Duration::from_secs(1);
 
+/// How often running bisections are derived again without a job taken in
+/// (and at start-up): what a crash interrupted goes on.
+const BISECT_TICK: Duration = Duration::from_secs(10);
+
 /// What the pipeline can fail with.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum PipelineError {
@@ -104,6 +114,8 @@ struct Inner {
     upstreams: Vec<UpstreamConfig>,
     projects: Vec<ProjectConfig>,
     keep_artifacts: u32,
+    /// `pipeline.bisect_max_builds` (0: no bisection).
+    bisect_max_builds: u32,
     /// When disagreeing with confirmation runs quarantines an agent.
     quarantine: QuarantineRule,
     /// Agents' records: confirmations are counted there.
@@ -184,6 +196,7 @@ impl Pipeline {
                 upstreams: config.upstreams.clone(),
                 projects: config.projects.clone(),
                 keep_artifacts: config.artifacts.keep,
+                bisect_max_builds: config.pipeline.bisect_max_builds,
                 quarantine: QuarantineRule {
                     after: config.trust.quarantine_after,
                     window: config.trust.quarantine_window,
@@ -251,7 +264,12 @@ impl Pipeline {
     /// Takes finished jobs from dispatch's inbox and records them, until shutdown.
     async fn read_inbox(&self, shutdown: CancellationToken) {
         let signal = self.inner.dispatch.finished_signal();
+        let mut bisected_at: Option<tokio::time::Instant> = None;
         loop {
+            if bisected_at.is_none_or(|at| at.elapsed() >= BISECT_TICK) {
+                self.follow_bisections().await;
+                bisected_at = Some(tokio::time::Instant::now());
+            }
             loop {
                 match self.take_inbox().await {
                     Ok(0) => break,
@@ -303,7 +321,12 @@ impl Pipeline {
     /// Takes one finished pipeline job in: [`Pipeline::record_job`], then,
     /// for a build, [`Pipeline::follow_build`], and for a held verdict (the
     /// job's own or the one a re-run checks), [`Pipeline::follow_confirmation`].
+    /// A bisection's job goes to [`Pipeline::take_in_bisection`]; after any
+    /// job, running bisections go on (one may have begun with it).
     async fn take_in(&self, rec: &JobRecord) -> Result<(), PipelineError> {
+        if let Some(JobKey::Bisect { of, .. }) = JobKey::parse(&rec.key) {
+            return self.take_in_bisection(rec, &of).await;
+        }
         if let Some(build) = self.record_job(rec).await? {
             self.follow_build(&build).await?;
         }
@@ -311,11 +334,15 @@ impl Pipeline {
             Some(JobKey::Rerun {
                 kind: RerunKind::Calibrate,
                 ..
-            }) => Ok(()),
-            Some(JobKey::Rerun { job, .. }) => self.follow_confirmation(job).await,
-            Some(_) => self.follow_confirmation(rec.id).await,
-            None => Ok(()),
+            }) => {}
+            Some(JobKey::Rerun { job, .. }) => self.follow_confirmation(job).await?,
+            Some(_) => self.follow_confirmation(rec.id).await?,
+            None => {}
         }
+        // Best effort: a tick retries, and a bisection's trouble (a full
+        // disk refusing its jobs) never holds the inbox up.
+        self.follow_bisections().await;
+        Ok(())
     }
 
     /// Intake, then one record into results (a no-op if the job was
@@ -428,7 +455,9 @@ impl Pipeline {
                 upstream_commit,
                 ..
             } => (upstream, upstream_commit, false),
-            JobKey::Rerun { .. } => return Ok(intake::Facts::default()),
+            JobKey::Rerun { .. } | JobKey::Bisect { .. } => {
+                return Ok(intake::Facts::default());
+            }
         };
         let sha = result.map(|r| r.artifact_sha256.as_str()).unwrap_or("");
         Ok(intake::Facts {

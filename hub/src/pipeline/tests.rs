@@ -20,7 +20,7 @@ use crate::artifacts::Origin;
 use crate::dispatch::{DispatchSettings, Outgoing};
 use crate::job_key::RerunKind;
 use crate::logs::JobLogs;
-use crate::results::Class;
+use crate::results::{BisectState, Class};
 use crate::space::DataDir;
 
 /// Repositories in memory: each URL's branch history, oldest first.
@@ -467,7 +467,7 @@ fn test_keys(keys: &[JobKey]) -> Vec<(String, String, String)> {
                 upstream_commit,
                 ..
             } => Some((project.clone(), platform.clone(), upstream_commit.clone())),
-            JobKey::Build { .. } | JobKey::Rerun { .. } => None,
+            _ => None,
         })
         .collect();
     out.sort();
@@ -618,13 +618,9 @@ async fn a_failed_run_after_a_green_one_went_red_naming_the_culprit_range() {
     f.pipeline.poll_upstream(0).await;
     f.run_jobs(passed).await;
     f.take_in().await;
-    f.run_jobs(|k| match k {
-        JobKey::Test { project, .. } if project == "shouter" => {
-            (Outcome::Failed, junit("upper", true))
-        }
-        _ => (Outcome::Passed, Vec::new()),
-    })
-    .await;
+    // (adder reports its one test as before: a suite reporting none would
+    // be a suspicious green.)
+    f.run_jobs(shouter_red).await;
     f.take_in().await;
     // Held until its re-runs are in: it fails again, passes on c1's runtime.
     assert!(f.went_red("shouter").is_empty());
@@ -2044,4 +2040,368 @@ async fn a_test_that_trusted_confirmation_runs_saw_flip_twice_is_known_flaky_and
     assert!(f.went_red("shouter").is_empty());
     assert_eq!(f.pending_mails(), 0);
     assert_eq!(f.pipeline.flaky("shouter").unwrap()[0].tests[0].flips, 2);
+}
+
+// ---- Bisection: the first bad commit (issue 13 item 3) ----
+
+/// [`CONFIG`] with the upstream on linux only, and
+/// `pipeline.bisect_max_builds = max`.
+fn bisect_config(max: u32) -> String {
+    CONFIG
+        .replace(
+            r#"platforms = ["linux", "mac"]"#,
+            r#"platforms = ["linux"]"#,
+        )
+        .replacen(
+            "[[upstream]]",
+            &format!("[pipeline]\nbisect_max_builds = {max}\n\n[[upstream]]"),
+            1,
+        )
+}
+
+/// A push of many upstream commits at once and what each is.
+struct Push {
+    /// The commits, oldest first.
+    commits: Vec<String>,
+    /// Index of each commit.
+    index: HashMap<String, usize>,
+    /// The first bad commit's index, per project that it breaks.
+    breaks: HashMap<&'static str, usize>,
+    /// Commits that do not build.
+    broken: HashSet<usize>,
+}
+
+impl Push {
+    /// What a job of this push does: builds pass but for the broken
+    /// commits; a project fails from its first bad commit on.
+    fn decide(&self, k: &JobKey) -> (Outcome, Vec<ReportFile>) {
+        let at = |c: &str| self.index.get(c).copied();
+        if is_baseline(k) {
+            // On the last good runtime (before the push): it passes.
+            return all_green(k);
+        }
+        match k.base() {
+            JobKey::Build { commit, .. } => match at(commit) {
+                Some(i) if self.broken.contains(&i) => (Outcome::Failed, Vec::new()),
+                _ => (Outcome::Passed, Vec::new()),
+            },
+            JobKey::Test {
+                project,
+                upstream_commit,
+                ..
+            } => {
+                let bad = self.breaks.get(project.as_str()).copied();
+                match (at(upstream_commit), bad) {
+                    (Some(i), Some(bad)) if i >= bad => (Outcome::Failed, junit("upper", true)),
+                    _ => (Outcome::Passed, junit("upper", false)),
+                }
+            }
+            JobKey::Rerun { .. } | JobKey::Bisect { .. } => unreachable!("base() is plain"),
+        }
+    }
+}
+
+impl Farm {
+    /// A green trunk, then `n` upstream commits pushed at once: polling
+    /// sees the last as the head; it is built and tested (the projects in
+    /// `breaks` fail from their first bad commit on), each red re-run and
+    /// classed, and taken in.
+    async fn push_at_once(
+        &mut self,
+        n: usize,
+        breaks: &[(&'static str, usize)],
+        broken: &[usize],
+    ) -> Push {
+        green_trunk(self).await;
+        let commits: Vec<String> = (0..n).map(|_| self.git.commit(RT)).collect();
+        let push = Push {
+            index: commits.iter().cloned().zip(0..).collect(),
+            commits,
+            breaks: breaks.iter().copied().collect(),
+            broken: broken.iter().copied().collect(),
+        };
+        self.pipeline.poll_upstream(0).await;
+        self.run_jobs(|k| push.decide(k)).await;
+        self.take_in().await;
+        self.run_jobs(|k| push.decide(k)).await;
+        self.take_in().await;
+        // A red is classed before it counts: again, and on the baseline.
+        self.run_jobs(|k| push.decide(k)).await;
+        self.take_in().await;
+        push
+    }
+
+    /// Runs every job as `push` says until nothing is left; returns the
+    /// keys of the bisection's builds and runs, in order (each checked to
+    /// be the bisection's, queued ahead of ordinary work).
+    async fn bisect(&mut self, push: &Push) -> Vec<JobKey> {
+        let mut seen = Vec::new();
+        loop {
+            let jobs = self.assigned();
+            if jobs.is_empty() {
+                return seen;
+            }
+            for (job, rec, key) in jobs {
+                assert!(
+                    matches!(key, JobKey::Bisect { .. }) && rec.placement.ahead,
+                    "only the bisection works, ahead of other work: {key} {:?}",
+                    rec.placement
+                );
+                let (outcome, reports) = push.decide(&key);
+                self.finish(job, &key, outcome, reports).await;
+                seen.push(key);
+            }
+            self.take_in().await;
+        }
+    }
+}
+
+/// The builds among a bisection's jobs.
+fn bisect_builds(keys: &[JobKey]) -> Vec<&JobKey> {
+    keys.iter()
+        .filter(|k| matches!(k.base(), JobKey::Build { .. }))
+        .collect()
+}
+
+fn bisect_of(t: &Transition) -> &crate::results::Bisect {
+    t.bisect.as_ref().expect("the transition is bisected")
+}
+
+#[tokio::test]
+async fn a_64_commit_push_broken_at_37_is_bisected_to_it_in_at_most_6_builds() {
+    let mut f = Farm::with_config(&bisect_config(12)).await;
+    let push = f.push_at_once(64, &[("shouter", 36)], &[]).await;
+    let red = f.went_red("shouter");
+    assert_eq!(red.len(), 1);
+    assert_eq!(red[0].culprits.len(), 64);
+    assert_eq!(bisect_of(&red[0]).state, BisectState::Running);
+    let head_run = f.cell("shouter");
+    let keys = f.bisect(&push).await;
+    let builds = bisect_builds(&keys);
+    assert!(builds.len() <= 6, "{} builds: {builds:?}", builds.len());
+    let t = &f.went_red("shouter")[0];
+    let b = bisect_of(t);
+    assert_eq!(b.state, BisectState::Found, "{b:?}");
+    let first_bad = b.first_bad.as_ref().unwrap();
+    assert_eq!(first_bad.sha, push.commits[36]);
+    assert!(!first_bad.subject.is_empty() && !first_bad.author.is_empty());
+    assert_eq!(b.builds as usize, builds.len());
+    // Only shouter ran, against each build once, on the went-red's project commit.
+    let runs: Vec<_> = keys
+        .iter()
+        .filter_map(|k| match k.base() {
+            JobKey::Test {
+                project,
+                project_commit,
+                ..
+            } => Some((project.clone(), project_commit.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(runs.len(), builds.len());
+    assert!(
+        runs.iter()
+            .all(|(p, pc)| p == "shouter" && *pc == t.project_commit)
+    );
+    // A bisection's runs are not the series': the grid still shows the head's.
+    assert_eq!(f.cell("shouter").job_id, head_run.job_id);
+    assert_eq!(f.went_red("shouter").len(), 1, "nothing else classified");
+    // A bisection build fans nothing out and moves no build pointer.
+    let good = f.results.good_build("rt", "linux").unwrap().unwrap();
+    assert_eq!(good.commit, push.commits[63]);
+    // breakage: the first bad commit is blamed, an innocent one of the range never.
+    let at = f
+        .pipeline
+        .breakage("rt", &push.commits[36][..10])
+        .await
+        .unwrap();
+    assert_eq!((at.went_red.len(), at.cleared.len()), (1, 0));
+    for innocent in [10, 35, 37, 63] {
+        let at = f
+            .pipeline
+            .breakage("rt", &push.commits[innocent])
+            .await
+            .unwrap();
+        assert!(at.went_red.is_empty(), "commit {innocent} is innocent");
+        assert_eq!(at.cleared.len(), 1);
+    }
+    // Nothing is left to do: a tick queues nothing.
+    f.pipeline.follow_bisections().await;
+    assert!(f.assigned().is_empty());
+    assert!(f.results.running_bisections().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn commits_that_do_not_build_are_skipped_and_the_answer_stays_exact_or_an_honest_range() {
+    let mut f = Farm::with_config(&bisect_config(12)).await;
+    // The first two commits bisection would try do not build.
+    let push = f.push_at_once(64, &[("shouter", 36)], &[31, 32]).await;
+    let keys = f.bisect(&push).await;
+    let t = &f.went_red("shouter")[0];
+    let b = bisect_of(t);
+    assert_eq!(b.state, BisectState::Found, "{b:?}");
+    assert_eq!(b.first_bad.as_ref().unwrap().sha, push.commits[36]);
+    assert!(bisect_builds(&keys).len() <= 6 + 2, "{keys:?}");
+    assert!(b.detail.contains("skipped"), "{}", b.detail);
+
+    // A commit that does not build right before the first bad one hides it.
+    let mut f = Farm::with_config(&bisect_config(12)).await;
+    let push = f.push_at_once(8, &[("shouter", 5)], &[4]).await;
+    f.bisect(&push).await;
+    let t = &f.went_red("shouter")[0];
+    let b = bisect_of(t);
+    assert_eq!(b.state, BisectState::Range, "{b:?}");
+    let candidates: Vec<&str> = b.candidates.iter().map(|c| c.sha.as_str()).collect();
+    assert_eq!(
+        candidates,
+        [push.commits[4].as_str(), push.commits[5].as_str()]
+    );
+    assert!(b.first_bad.is_none());
+    // Both candidates are blamed, the others are not.
+    let at = f.pipeline.breakage("rt", &push.commits[4]).await.unwrap();
+    assert_eq!(at.went_red.len(), 1);
+    let at = f.pipeline.breakage("rt", &push.commits[2]).await.unwrap();
+    assert!(at.went_red.is_empty());
+}
+
+#[tokio::test]
+async fn two_projects_that_went_red_in_one_range_share_the_builds() {
+    let mut f = Farm::with_config(&bisect_config(12)).await;
+    // Adder breaks at 20, shouter at 36: one bisection, builds shared.
+    let push = f
+        .push_at_once(64, &[("adder", 20), ("shouter", 36)], &[])
+        .await;
+    assert_eq!(f.results.running_bisections().unwrap().len(), 1);
+    let keys = f.bisect(&push).await;
+    let builds = bisect_builds(&keys);
+    let distinct: HashSet<String> = builds.iter().map(|k| k.to_string()).collect();
+    assert_eq!(distinct.len(), builds.len(), "each build once");
+    // Both searches start at the same commit: the first build serves both,
+    // and every build counts against the one budget.
+    assert!(builds.len() <= 12, "{}", builds.len());
+    let adder = bisect_of(&f.went_red("adder")[0]).clone();
+    let shouter = bisect_of(&f.went_red("shouter")[0]).clone();
+    assert_eq!(adder.first_bad.unwrap().sha, push.commits[20]);
+    assert_eq!(shouter.first_bad.unwrap().sha, push.commits[36]);
+    let first = builds[0].to_string();
+    let runs_on_first = keys
+        .iter()
+        .filter(|k| match k.base() {
+            JobKey::Test {
+                upstream_commit, ..
+            } => first.contains(upstream_commit.as_str()),
+            _ => false,
+        })
+        .count();
+    assert_eq!(
+        runs_on_first, 2,
+        "both projects ran against the first build"
+    );
+}
+
+#[tokio::test]
+async fn a_bisection_stops_at_its_build_budget_with_the_range_narrowed() {
+    let mut f = Farm::with_config(&bisect_config(2)).await;
+    let push = f.push_at_once(64, &[("shouter", 36)], &[]).await;
+    let keys = f.bisect(&push).await;
+    assert_eq!(bisect_builds(&keys).len(), 2);
+    let b = bisect_of(&f.went_red("shouter")[0]).clone();
+    assert_eq!(b.state, BisectState::GaveUp, "{b:?}");
+    assert_eq!(b.builds, 2);
+    // 31 good, 47 bad: 32..=47 left.
+    let candidates: Vec<&str> = b.candidates.iter().map(|c| c.sha.as_str()).collect();
+    let want: Vec<&str> = push.commits[32..=47].iter().map(String::as_str).collect();
+    assert_eq!(candidates, want);
+    assert!(b.detail.contains("bisect_max_builds"), "{}", b.detail);
+
+    // 0 turns bisection off.
+    let mut f = Farm::with_config(&bisect_config(0)).await;
+    f.push_at_once(8, &[("shouter", 3)], &[]).await;
+    assert!(f.went_red("shouter")[0].bisect.is_none());
+    assert!(f.assigned().is_empty());
+}
+
+#[tokio::test]
+async fn a_stored_build_inside_the_range_is_reused_and_not_counted() {
+    for outcome in [Outcome::Passed, Outcome::Failed] {
+        let mut f = Farm::with_config(&bisect_config(12)).await;
+        green_trunk(&mut f).await;
+        let commits: Vec<String> = (0..4).map(|_| f.git.commit(RT)).collect();
+        // Someone built the second commit by hand before the head was polled.
+        f.pipeline.build("rt", &commits[1], false).await.unwrap();
+        f.run_jobs(|_| (outcome, Vec::new())).await;
+        f.take_in().await;
+        let push = Push {
+            index: commits.iter().cloned().zip(0..).collect(),
+            commits,
+            breaks: [("shouter", 2)].into_iter().collect(),
+            broken: HashSet::new(),
+        };
+        f.pipeline.poll_upstream(0).await;
+        // Built, tested, the red re-run and classed (again, baseline).
+        for _ in 0..3 {
+            f.run_jobs(|k| push.decide(k)).await;
+            f.take_in().await;
+        }
+        let keys = f.bisect(&push).await;
+        let b = bisect_of(&f.went_red("shouter")[0]).clone();
+        // Commit 1 (the middle) is never built again.
+        let built: Vec<&JobKey> = bisect_builds(&keys);
+        assert!(
+            built
+                .iter()
+                .all(|k| !k.to_string().contains(&push.commits[1])),
+            "{keys:?}"
+        );
+        assert_eq!(b.builds as usize, built.len());
+        if outcome == Outcome::Passed {
+            // Tried with the stored build (good), then commit 2 built (bad).
+            assert_eq!(b.first_bad.unwrap().sha, push.commits[2]);
+            assert_eq!(b.builds, 1);
+        } else {
+            // The stored failure is a skip: 2 is bad, 0 good, 1 cannot tell.
+            assert_eq!(b.state, BisectState::Range, "{b:?}");
+            let candidates: Vec<&str> = b.candidates.iter().map(|c| c.sha.as_str()).collect();
+            assert_eq!(candidates, [&push.commits[1], &push.commits[2]]);
+            assert_eq!(b.builds, 2);
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_bisection_redelivered_and_restarted_at_every_step_repeats_nothing() {
+    let mut f = Farm::with_config(&bisect_config(12)).await;
+    let push = f
+        .push_at_once(64, &[("adder", 36), ("shouter", 36)], &[40])
+        .await;
+    let mut seen: Vec<JobKey> = Vec::new();
+    loop {
+        let keys = f.run_jobs(|k| push.decide(k)).await;
+        if keys.is_empty() {
+            break;
+        }
+        seen.extend(keys);
+        // The hub dies with every job finished, none taken in; after the
+        // restart it takes each in and dies again before the ack (handed
+        // over again), and its tick runs in between.
+        f.restart().await;
+        f.pipeline.follow_bisections().await;
+        let inbox = f.dispatch.finished_inbox(100).unwrap();
+        for rec in &inbox {
+            f.pipeline.take_in(rec).await.unwrap();
+        }
+        f.pipeline.follow_bisections().await;
+        f.take_in().await;
+        f.pipeline.follow_bisections().await;
+    }
+    let distinct: HashSet<String> = seen.iter().map(|k| k.to_string()).collect();
+    assert_eq!(distinct.len(), seen.len(), "each job once: {seen:?}");
+    let builds = bisect_builds(&seen).len();
+    for project in ["adder", "shouter"] {
+        let b = bisect_of(&f.went_red(project)[0]).clone();
+        assert_eq!(b.state, BisectState::Found, "{b:?}");
+        assert_eq!(b.first_bad.unwrap().sha, push.commits[36]);
+        assert_eq!(b.builds as usize, builds, "one count of the builds made");
+    }
+    assert!(builds <= 7, "{builds}");
 }

@@ -112,3 +112,12 @@ pub(super) fn calibration_runs(job_id: u64) -> String {
 pub(super) fn calibration_run(job_id: u64, n: u32) -> String {
     format!("{}{}", calibration_runs(job_id), id_key(u64::from(n)))
 }
+
+/// The prefix of every bisection.
+pub(super) const BISECTIONS: &str = "x/";
+
+/// `x/<upstream>/<platform>/<last good>/<bad>` → the bisection of that
+/// culprit range (see `bisection.rs`).
+pub(super) fn bisection(upstream: &str, platform: &str, good: &str, bad: &str) -> String {
+    format!("{BISECTIONS}{upstream}/{platform}/{good}/{bad}")
+}

@@ -26,6 +26,7 @@
 //! build. Listing the culprit range with git happens between classifying and
 //! writing, holding only the records' lock, which no poller takes.
 
+mod bisection;
 mod classify;
 mod confirm;
 mod keys;
@@ -42,15 +43,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use serde::{Deserialize, Serialize};
 use trunkfarm_proto::v1::{BuildState, RunStatus};
 
+pub(crate) use bisection::{Bisection, Member, PointBuild, PointRun};
 pub(crate) use classify::{CulpritRange, SeriesState, run_status};
 pub(crate) use confirm::{ConfirmState, Confirmation, Hold, Judged, Rerun, Rules, Said};
 pub(crate) use noise::{FlakyRule, Noise, wire as noise_wire};
 pub(crate) use query::{Breakage, Grid, GridSeries, UpstreamRow};
-// The bisect slice judges a commit's run with the same predicate.
-#[allow(unused_imports)]
-pub(crate) use suspicious::{Counts, suspicious};
-// Until every slice of the signal-quality work uses them (removed at merge).
-#[allow(unused_imports)]
 pub(crate) use records::{Bisect, BisectState};
 pub(crate) use records::{BuildInfo, Class, Commit, RunInfo, TestCase, Transition};
 
@@ -199,6 +196,12 @@ pub(crate) trait Culprits: Send + Sync {
     /// The range's commits, oldest first, and why the list is incomplete
     /// (empty when it is not).
     async fn list(&self, range: &CulpritRange) -> (Vec<Commit>, String);
+
+    /// Whether a went-red range of several commits is bisected
+    /// (`pipeline.bisect_max_builds` > 0; see `bisection.rs`).
+    fn bisects(&self) -> bool {
+        false
+    }
 }
 
 /// Whoever must write in the same atomic transaction as a new transition
@@ -214,7 +217,6 @@ pub(crate) trait TransitionSink: Send + Sync {
     /// ending causes (`t.bisect` settled: found, range or gave up), applied
     /// atomically with `t`'s update: the held went-red mail released with
     /// the first bad commit, or a follow-up in its thread.
-    #[allow(dead_code)] // until the bisection slice calls it (removed at merge)
     fn stage_bisected(&self, t: &Transition, batch: &mut sled::Batch) -> Result<(), StoreError> {
         let _ = (t, batch);
         Ok(())
@@ -717,6 +719,9 @@ impl Results {
                     t.at_ms = now_ms();
                     t.culprits = listed;
                     t.culprits_error = listed_error;
+                    if culprits.bisects() {
+                        bisection::join(&self.table, &mut batch, &mut t)?;
+                    }
                     classify::advance(&mut state, &t, verdict);
                     self.table.stage(&mut batch, keys::transition(t.id), &t)?;
                     self.table

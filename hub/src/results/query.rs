@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use trunkfarm_proto::v1::{self, TransitionKind};
 
 use super::keys::{self, Pointer};
-use super::{BuildInfo, Commit, Results, RunInfo, RunRecord, SeriesState, Transition};
+use super::{BisectState, BuildInfo, Commit, Results, RunInfo, RunRecord, SeriesState, Transition};
 use crate::store::StoreError;
 
 /// One series of runs the status grid shows.
@@ -72,8 +72,30 @@ pub(crate) struct Cell {
 pub(crate) struct Breakage {
     /// The commits asked about.
     pub(crate) commits: Vec<Commit>,
-    /// The went-red transitions at one of them (or naming one as a culprit), newest first.
+    /// The went-red transitions that blame one of them, newest first (see
+    /// [`blames`]).
     pub(crate) went_red: Vec<Transition>,
+    /// Went-red transitions whose range holds one of them but whose
+    /// bisection found another first bad commit, newest first.
+    pub(crate) cleared: Vec<Transition>,
+}
+
+/// Whether went-red `t` blames one of `commits` (`None`: its range holds
+/// none of them). Once its bisection answered, only the first bad commit (or
+/// the candidates it left) is blamed, never the rest of the range; before,
+/// every commit of the range is.
+fn blames(t: &Transition, commits: &HashSet<&str>) -> Option<bool> {
+    let in_range = commits.contains(t.upstream_commit.as_str())
+        || t.culprits.iter().any(|c| commits.contains(c.sha.as_str()));
+    if !in_range {
+        return None;
+    }
+    let named = |c: &Commit| commits.contains(c.sha.as_str());
+    Some(match &t.bisect {
+        Some(b) if b.state == BisectState::Found => b.first_bad.as_ref().is_some_and(named),
+        Some(b) if !b.candidates.is_empty() => b.candidates.iter().any(named),
+        _ => true,
+    })
 }
 
 impl From<Grid> for v1::GetStatusResponse {
@@ -132,10 +154,15 @@ impl From<Cell> for v1::StatusCell {
 
 impl From<Breakage> for v1::GetBreakageResponse {
     fn from(b: Breakage) -> v1::GetBreakageResponse {
-        let Breakage { commits, went_red } = b;
+        let Breakage {
+            commits,
+            went_red,
+            cleared,
+        } = b;
         v1::GetBreakageResponse {
             commits: commits.into_iter().map(Into::into).collect(),
             went_red: went_red.into_iter().map(Into::into).collect(),
+            cleared: cleared.into_iter().map(Into::into).collect(),
         }
     }
 }
@@ -190,21 +217,28 @@ impl Results {
         })
     }
 
-    /// Which series of `upstream` went red at one of `commits` (or with one
-    /// of them among the culprits).
+    /// Which series of `upstream` went red blaming one of `commits` (at
+    /// one, or with one among the culprits until a bisection answered), and
+    /// which were cleared of them by a bisection.
     pub(crate) fn breakage(
         &self,
         upstream: &str,
         commits: Vec<Commit>,
     ) -> Result<Breakage, StoreError> {
         let wanted: HashSet<&str> = commits.iter().map(|c| c.sha.as_str()).collect();
-        let went_red = self.transitions(usize::MAX, |t| {
+        let touched = self.transitions(usize::MAX, |t| {
             t.upstream == upstream
                 && t.kind == TransitionKind::WentRed as i32
-                && (wanted.contains(t.upstream_commit.as_str())
-                    || t.culprits.iter().any(|c| wanted.contains(c.sha.as_str())))
+                && blames(t, &wanted).is_some()
         })?;
-        Ok(Breakage { commits, went_red })
+        let (went_red, cleared) = touched
+            .into_iter()
+            .partition(|t| blames(t, &wanted) == Some(true));
+        Ok(Breakage {
+            commits,
+            went_red,
+            cleared,
+        })
     }
 
     /// Stored transitions of `upstream` and `project` (empty: any), newest
@@ -282,6 +316,7 @@ impl Results {
                 keep.insert(b.artifact_sha256);
             }
         }
+        keep.extend(self.bisection_artifacts()?);
         Ok(keep)
     }
 }
