@@ -230,7 +230,12 @@ env = {{ FLAKY_COUNTER = "{counter}" }}
             .all(|t| t["newly_failing"] == serde_json::json!(["flaky.test_sometimes"])),
         "{flaky:#?}"
     );
-    // TODO(noise slice, lead): the test is listed as flaky with its rate
-    // (`status`, the project's history).
+    // Listed as flaky with its rate: `flaky` and `status`.
+    let noise = hub.cli_json(&["flaky", "--project", "flaky", "--json"]);
+    let t = &noise[0]["tests"][0];
+    assert_eq!(s(t, "name"), "flaky.test_sometimes", "{noise:#}");
+    assert!(t["flips"].as_u64().unwrap() >= 2, "{noise:#}");
+    assert_eq!(t["known_flaky"], serde_json::Value::Bool(true), "{noise:#}");
+    assert!(hub.cli_ok(&["status"]).contains("1 flaky test"));
     assert_no_mail(&sink);
 }

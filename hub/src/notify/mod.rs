@@ -904,8 +904,10 @@ impl Notifier {
         let mut writes = Vec::new();
         let evidence = self.evidence(t, about)?;
         let wait = self.inner.settings.bisect_wait.as_millis() as u64;
+        // A suspicious green is bisected like a went red: its one mail
+        // waits for the first bad commit the same way.
         let held = about == About::Transition
-            && kind == TransitionKind::WentRed
+            && (kind == TransitionKind::WentRed || t.class == Some(Class::Suspicious))
             && wait > 0
             && t.bisect
                 .as_ref()

@@ -979,6 +979,27 @@ async fn a_went_red_mail_waits_for_its_bisection_and_goes_with_the_first_bad_com
 }
 
 #[tokio::test]
+async fn a_suspicious_greens_one_mail_waits_for_its_bisection_and_names_the_first_bad_commit() {
+    let farm = Farm::new(&[ALICE]);
+    let mut t = went_red(&farm, "textkit", 9, Some(Class::Suspicious));
+    t.kind = TransitionKind::StillGreen.into();
+    t.suspicious = "20 passed → 0 passed, 20 skipped".into();
+    assert_eq!(farm.stage_went_red(&t), 1);
+    farm.deliver().await;
+    assert!(farm.server.sent().is_empty(), "held while bisecting");
+    assert_eq!(farm.stage_bisected(&found(t.clone())), 1);
+    farm.deliver().await;
+    let sent = farm.server.sent();
+    assert_eq!(sent.len(), 1, "one mail");
+    let text = mail_text(&sent[0]);
+    assert!(text.contains(FIRST_BAD), "{text}");
+    assert!(text.contains("Class: suspicious"), "{text}");
+    assert!(text.contains("20 passed → 0 passed, 20 skipped"), "{text}");
+    assert!(!text.contains("tiny: change 2"), "{text}");
+    assert_eq!(farm.stage_bisected(&found(t)), 0);
+}
+
+#[tokio::test]
 async fn a_held_mail_goes_after_bisect_wait_and_the_result_follows_in_its_thread_once() {
     let farm = Farm::new(&[ALICE]);
     let t = went_red(&farm, "textkit", 9, None);

@@ -33,14 +33,20 @@
 use trunkfarm_proto::v1::{BuildState, RunStatus};
 
 use super::{Pipeline, PipelineError};
+use crate::store::now_ms;
 use crate::commit::short;
 use crate::config::UpstreamConfig;
 use crate::dispatch::{JobRecord, Placement};
 use crate::job_key::JobKey;
 use crate::results::{
     Bisect, BisectState, Bisection, BuildInfo, Class, Commit, Finished, Member, PointBuild,
-    PointRun, Recorded,
+    PointRun, Recorded, RunRecord,
 };
+
+/// How long a bisection may take before it gives up with the range it
+/// narrowed (its builds and runs are queued ahead of other work; this only
+/// ends one whose jobs never come: no trusted agent, a stuck build), in ms.
+const MAX_BISECTION_MS: u64 = 48 * 3600 * 1000;
 
 /// Tries of a member's run at one commit before an infrastructure error
 /// makes it a skipped commit.
@@ -182,48 +188,53 @@ impl Pipeline {
                     tracing::info!(job = rec.id, "bisection build taken in");
                 }
             }
-            Finished::Run { run, .. } => {
-                let i = &run.info;
-                let said = PointRun {
-                    job: rec.id,
-                    status: i.status,
-                    executed: i.tests_total.saturating_sub(i.tests_skipped),
-                };
-                for b in self.inner.results.running_bisections()? {
-                    let answers = b.upstream == i.upstream
-                        && b.platform == i.platform
-                        && b.builds.contains_key(&i.upstream_commit)
-                        && b.members.iter().any(|m| {
-                            !m.ended
-                                && m.project == i.project
-                                && m.project_commit == i.project_commit
-                        });
-                    if !answers {
-                        continue;
-                    }
-                    let (project, pc, commit) = (&i.project, &i.project_commit, &i.upstream_commit);
-                    self.inner
-                        .results
-                        .update_bisection(&b.key(), |b| {
-                            let mut changed = false;
-                            for m in b.members.iter_mut().filter(|m| {
-                                !m.ended && &m.project == project && &m.project_commit == pc
-                            }) {
-                                let runs = m.said.entry(commit.clone()).or_default();
-                                if !runs.iter().any(|r| r.job == said.job) {
-                                    runs.push(said.clone());
-                                    changed = true;
-                                }
-                            }
-                            changed
-                        })
-                        .await?;
-                }
-            }
+            Finished::Run { run, .. } => self.note_bisect_run(rec.id, run).await?,
         }
         // Best effort, as after any job (see `take_in`).
         self.follow_bisections().await;
         self.collect_garbage().await;
+        Ok(())
+    }
+
+    /// Writes what bisection run `job` said into every running bisection
+    /// it answers (once per job: a redelivered or re-read run adds nothing).
+    async fn note_bisect_run(&self, job: u64, run: &RunRecord) -> Result<(), PipelineError> {
+        let i = &run.info;
+        let said = PointRun {
+            job,
+            status: i.status,
+            executed: i.tests_total.saturating_sub(i.tests_skipped),
+        };
+        for b in self.inner.results.running_bisections()? {
+            let answers = b.upstream == i.upstream
+                && b.platform == i.platform
+                && b.builds.contains_key(&i.upstream_commit)
+                && b.members.iter().any(|m| {
+                    !m.ended
+                        && m.project == i.project
+                        && m.project_commit == i.project_commit
+                });
+            if !answers {
+                continue;
+            }
+            let (project, pc, commit) = (&i.project, &i.project_commit, &i.upstream_commit);
+            self.inner
+                .results
+                .update_bisection(&b.key(), |b| {
+                    let mut changed = false;
+                    for m in b.members.iter_mut().filter(|m| {
+                        !m.ended && &m.project == project && &m.project_commit == pc
+                    }) {
+                        let runs = m.said.entry(commit.clone()).or_default();
+                        if !runs.iter().any(|r| r.job == said.job) {
+                            runs.push(said.clone());
+                            changed = true;
+                        }
+                    }
+                    changed
+                })
+                .await?;
+        }
         Ok(())
     }
 
@@ -323,6 +334,21 @@ impl Pipeline {
                     to - from + 1
                 ),
             )),
+            Step::Try(_) if now_ms().saturating_sub(b.started_at_ms) > MAX_BISECTION_MS => {
+                // Its builds or runs never came (no trusted agent, a build
+                // stuck elsewhere): say what is known rather than wait forever.
+                let (from, to) = bounds(&said);
+                Next::End(answer(
+                    BisectState::GaveUp,
+                    None,
+                    span(&b.commits, from, to),
+                    format!(
+                        "no answer within {}: {} candidate(s) left{skipped_words}",
+                        humantime::format_duration(std::time::Duration::from_millis(MAX_BISECTION_MS)),
+                        to - from + 1
+                    ),
+                ))
+            }
             Step::Try(i) => {
                 let sha = &b.commits[i].sha;
                 match b.builds.get(sha) {
@@ -525,12 +551,25 @@ impl Pipeline {
             }),
             n,
         };
-        let spec = super::jobs::test_spec(p, u, &b.platform, build, &m.project_commit);
+        let mut spec = super::jobs::test_spec(p, u, &b.platform, build, &m.project_commit);
+        // One run decides a commit, and so the first bad commit named in
+        // mails and `breakage`: a volunteer's word alone must not.
+        spec.trusted_only = true;
         let (job, new) = self
             .inner
             .dispatch
             .submit_placed(spec, 0, key.to_string(), ahead())
             .await?;
+        if !new
+            && let Some(rec) = self.inner.dispatch.get(job)?
+            && rec.result.is_some()
+        {
+            // Run before for another member of the same project commit
+            // (the inbox handed it over then): what it said counts here too.
+            if let Finished::Run { run, .. } = self.intake(&rec, key.base().clone()).await? {
+                self.note_bisect_run(job, &run).await?;
+            }
+        }
         if new {
             tracing::info!(
                 project = %p.name,

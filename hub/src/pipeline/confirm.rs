@@ -298,7 +298,7 @@ impl Pipeline {
             job: original,
             n,
         };
-        let spec = match kind {
+        let mut spec = match kind {
             RerunKind::Baseline => match self.baseline_spec(c)? {
                 Ok(spec) => spec,
                 // Gone since it was checked: the next follow says so.
@@ -311,6 +311,13 @@ impl Pipeline {
                 JobSpec::from(rec.spec.clone())
             }
         };
+        // A trusted agent's result is judged by trusted agents only: a
+        // volunteer's re-run would otherwise decide its class (a lying
+        // "green" makes a real regression flaky; a lying baseline makes it
+        // the project's own), and nothing would hold it to that.
+        if c.original.trusted {
+            spec.trusted_only = true;
+        }
         // Not the agent it checks, nor one enrolled with the same token;
         // or, where its rules allow it, those only when no other fits.
         let mut others = vec![c.original.agent_id.clone()];

@@ -1531,6 +1531,13 @@ async fn a_red_that_fails_again_and_passes_on_the_last_good_runtime_regressed() 
     assert!(f.went_red("shouter").is_empty());
     assert_eq!(f.pending_mails(), 0);
     assert_eq!(f.cell("shouter").confirmation, "awaiting");
+    // A trusted agent's red is judged by trusted agents only.
+    let open = f.dispatch.open_keys(crate::job_key::TEST_PREFIX);
+    assert_eq!(open.len(), 2, "again and on the baseline: {open:?}");
+    for (key, id) in open {
+        let rec = f.dispatch.get(id).unwrap().unwrap();
+        assert!(rec.spec.trusted_only, "{key}");
+    }
     let reruns = f.rerun(regressed).await;
     assert_eq!(reruns.len(), 2);
     let t = f.last_shouter();
@@ -1667,6 +1674,10 @@ async fn a_project_that_broke_itself_while_the_upstream_moved_is_project_side_bl
     );
     assert_eq!(t.last_green_upstream_commit, c1);
     assert!(f.shouter_red_since());
+    // `breakage` at the upstream commit tested blames it for nothing.
+    let b = f.pipeline.breakage("rt", &t.upstream_commit).await.unwrap();
+    assert!(b.went_red.is_empty(), "{:?}", b.went_red);
+    assert_eq!(b.cleared.len(), 1);
 }
 
 #[tokio::test]
@@ -1920,6 +1931,36 @@ async fn a_test_that_flipped_on_calibration_runs_no_longer_turns_its_project_red
 }
 
 #[tokio::test]
+async fn a_volunteers_green_that_skips_every_test_is_neither_suspicious_nor_learnt() {
+    let mut f = Farm::new().await;
+    f.git.commit(ADDER);
+    f.git.commit(SHOUTER);
+    f.pipeline.poll_project(0).await;
+    f.pipeline.poll_project(1).await;
+    for _ in 0..3 {
+        f.land_with_shouter((Outcome::Passed, twenty("pass"))).await;
+    }
+    let v = f.join("volunteer", false).await;
+    // The volunteer reports every test skipped: not believed, not mailed,
+    // and not what the next runs are compared with.
+    f.land_tested_by(&v).await;
+    f.run_jobs(|_| (Outcome::Passed, twenty("skip"))).await;
+    f.take_in().await;
+    let suspicious = |f: &Farm| {
+        f.transitions("shouter")
+            .iter()
+            .filter(|t| t.class == Some(Class::Suspicious))
+            .count()
+    };
+    assert_eq!(suspicious(&f), 0);
+    assert_eq!(f.pending_mails(), 0);
+    // A trusted agent's run of the same is.
+    f.only("a").await;
+    f.land_with_shouter((Outcome::Passed, twenty("skip"))).await;
+    assert_eq!(suspicious(&f), 1);
+}
+
+#[tokio::test]
 async fn a_green_run_that_skips_every_test_is_suspicious_and_mailed_once_per_spell() {
     let mut f = Farm::new().await;
     f.git.commit(ADDER);
@@ -2147,6 +2188,9 @@ impl Farm {
                     "only the bisection works, ahead of other work: {key} {:?}",
                     rec.placement
                 );
+                // What a commit is, and what a project said of it, rests on
+                // trusted agents only: one run decides a commit.
+                assert!(rec.spec.trusted_only, "{key}");
                 let (outcome, reports) = push.decide(&key);
                 self.finish(job, &key, outcome, reports).await;
                 seen.push(key);

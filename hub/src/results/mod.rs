@@ -407,6 +407,7 @@ impl Results {
         let mut verdict = classify::judge(&state, &finished);
         // Known flaky tests alone do not turn a project red (noise.rs).
         self.excuse_flaky(verdict.as_mut())?;
+        let trusted = unconfirmed.as_ref().is_none_or(|h| h.said.trusted);
         let mut held = None;
         if let Some(hold) = unconfirmed
             && finished.held_if(verdict.as_ref())
@@ -417,8 +418,13 @@ impl Results {
             state.awaiting.push((job_id, v.order));
             held = Some(c);
         }
-        // A green run whose JUnit counts look wrong (suspicious.rs).
-        suspicious::watch(&mut state, verdict.as_mut(), &mut finished);
+        // A green run whose JUnit counts look wrong (suspicious.rs): only a
+        // trusted agent's run is watched and learnt from (a volunteer's
+        // could mail maintainers, start a bisection or skew the usual
+        // counts); under `confirm = "never"` every run counts alone.
+        if trusted {
+            suspicious::watch(&mut state, verdict.as_mut(), &mut finished);
+        }
         let state_changed = held.is_some();
         let transition = self
             .write(

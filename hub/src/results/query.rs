@@ -7,7 +7,9 @@ use std::collections::HashSet;
 use trunkfarm_proto::v1::{self, TransitionKind};
 
 use super::keys::{self, Pointer};
-use super::{BisectState, BuildInfo, Commit, Results, RunInfo, RunRecord, SeriesState, Transition};
+use super::{
+    BisectState, BuildInfo, Class, Commit, Results, RunInfo, RunRecord, SeriesState, Transition,
+};
 use crate::store::StoreError;
 
 /// One series of runs the status grid shows.
@@ -83,12 +85,18 @@ pub(crate) struct Breakage {
 /// Whether went-red `t` blames one of `commits` (`None`: its range holds
 /// none of them). Once its bisection answered, only the first bad commit (or
 /// the candidates it left) is blamed, never the rest of the range; before,
-/// every commit of the range is.
+/// every commit of the range is. A project that broke itself (or is broken
+/// on the last good runtime too) blames none.
 fn blames(t: &Transition, commits: &HashSet<&str>) -> Option<bool> {
     let in_range = commits.contains(t.upstream_commit.as_str())
         || t.culprits.iter().any(|c| commits.contains(c.sha.as_str()));
     if !in_range {
         return None;
+    }
+    // Its re-runs found the project broke itself, or fails on the last good
+    // runtime too: no upstream commit is to blame.
+    if matches!(t.class, Some(Class::ProjectSide | Class::Broken)) {
+        return Some(false);
     }
     let named = |c: &Commit| commits.contains(c.sha.as_str());
     Some(match &t.bisect {
@@ -228,7 +236,8 @@ impl Results {
         let wanted: HashSet<&str> = commits.iter().map(|c| c.sha.as_str()).collect();
         let touched = self.transitions(usize::MAX, |t| {
             t.upstream == upstream
-                && t.kind == TransitionKind::WentRed as i32
+                && (t.kind == TransitionKind::WentRed as i32
+                    || t.class == Some(Class::Suspicious))
                 && blames(t, &wanted).is_some()
         })?;
         let (went_red, cleared) = touched
@@ -256,7 +265,7 @@ impl Results {
                 && (all
                     || t.kind == TransitionKind::WentRed as i32
                     || t.kind == TransitionKind::Fixed as i32
-                    || t.class == Some(super::Class::Suspicious))
+                    || t.class == Some(Class::Suspicious))
         })
     }
 
