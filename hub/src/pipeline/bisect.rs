@@ -33,7 +33,6 @@
 use trunkfarm_proto::v1::{BuildState, RunStatus};
 
 use super::{Pipeline, PipelineError};
-use crate::store::now_ms;
 use crate::commit::short;
 use crate::config::UpstreamConfig;
 use crate::dispatch::{JobRecord, Placement};
@@ -42,6 +41,7 @@ use crate::results::{
     Bisect, BisectState, Bisection, BuildInfo, Class, Commit, Finished, Member, PointBuild,
     PointRun, Recorded, RunRecord,
 };
+use crate::store::now_ms;
 
 /// How long a bisection may take before it gives up with the range it
 /// narrowed (its builds and runs are queued ahead of other work; this only
@@ -210,9 +210,7 @@ impl Pipeline {
                 && b.platform == i.platform
                 && b.builds.contains_key(&i.upstream_commit)
                 && b.members.iter().any(|m| {
-                    !m.ended
-                        && m.project == i.project
-                        && m.project_commit == i.project_commit
+                    !m.ended && m.project == i.project && m.project_commit == i.project_commit
                 });
             if !answers {
                 continue;
@@ -222,9 +220,11 @@ impl Pipeline {
                 .results
                 .update_bisection(&b.key(), |b| {
                     let mut changed = false;
-                    for m in b.members.iter_mut().filter(|m| {
-                        !m.ended && &m.project == project && &m.project_commit == pc
-                    }) {
+                    for m in b
+                        .members
+                        .iter_mut()
+                        .filter(|m| !m.ended && &m.project == project && &m.project_commit == pc)
+                    {
                         let runs = m.said.entry(commit.clone()).or_default();
                         if !runs.iter().any(|r| r.job == said.job) {
                             runs.push(said.clone());
@@ -344,7 +344,9 @@ impl Pipeline {
                     span(&b.commits, from, to),
                     format!(
                         "no answer within {}: {} candidate(s) left{skipped_words}",
-                        humantime::format_duration(std::time::Duration::from_millis(MAX_BISECTION_MS)),
+                        humantime::format_duration(std::time::Duration::from_millis(
+                            MAX_BISECTION_MS
+                        )),
                         to - from + 1
                     ),
                 ))

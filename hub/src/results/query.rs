@@ -236,8 +236,7 @@ impl Results {
         let wanted: HashSet<&str> = commits.iter().map(|c| c.sha.as_str()).collect();
         let touched = self.transitions(usize::MAX, |t| {
             t.upstream == upstream
-                && (t.kind == TransitionKind::WentRed as i32
-                    || t.class == Some(Class::Suspicious))
+                && (t.kind == TransitionKind::WentRed as i32 || t.class == Some(Class::Suspicious))
                 && blames(t, &wanted).is_some()
         })?;
         let (went_red, cleared) = touched
