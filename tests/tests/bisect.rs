@@ -146,12 +146,8 @@ fn one_went_red_mail(sink: &SmtpSink) {
     assert_eq!(went_red(), 1, "one went-red mail per maintainer");
 }
 
-#[test]
-fn a_64_commit_push_broken_at_37_is_bisected_to_it_in_at_most_6_builds() {
-    let sink = SmtpSink::start();
-    let repos = Repos::with(&["shouter"]);
-    let (hub, _agents) = farm(&repos, &sink);
-    let c0 = repos.head("rt");
+/// Waits until shouter's series has its first result, at `c0`.
+fn wait_first_result(hub: &Hub, c0: &str) {
     wait_for(BISECTION, "shouter green at the first commit", || {
         let t = hub.cli_json(&["transitions", "--all", "--json", "--project", "shouter"]);
         t.as_array()?
@@ -159,6 +155,15 @@ fn a_64_commit_push_broken_at_37_is_bisected_to_it_in_at_most_6_builds() {
             .any(|t| s(t, "upstream_commit") == c0)
             .then_some(())
     });
+}
+
+#[test]
+fn a_64_commit_push_broken_at_37_is_bisected_to_it_in_at_most_6_builds() {
+    let sink = SmtpSink::start();
+    let repos = Repos::with(&["shouter"]);
+    let (hub, _agents) = farm(&repos, &sink);
+    let c0 = repos.head("rt");
+    wait_first_result(&hub, &c0);
     let pushed_at = Instant::now();
     let commits = push(&repos, &[]);
     let t = wait_bisected(&hub, BISECTION);
@@ -215,13 +220,7 @@ fn two_commits_that_do_not_build_leave_the_answer_at_37() {
     let repos = Repos::with(&["shouter"]);
     let (hub, _agents) = farm(&repos, &sink);
     let c0 = repos.head("rt");
-    wait_for(BISECTION, "shouter green at the first commit", || {
-        let t = hub.cli_json(&["transitions", "--all", "--json", "--project", "shouter"]);
-        t.as_array()?
-            .iter()
-            .any(|t| s(t, "upstream_commit") == c0)
-            .then_some(())
-    });
+    wait_first_result(&hub, &c0);
     // The first two commits the search would try do not build.
     let commits = push(&repos, &[31, 32]);
     let t = wait_bisected(&hub, BISECTION);
@@ -274,13 +273,7 @@ fn a_hub_killed_during_a_bisection_finds_the_same_commit_building_each_once() {
     let repos = Repos::with(&["shouter"]);
     let (mut hub, _agents) = farm(&repos, &sink);
     let c0 = repos.head("rt");
-    wait_for(BISECTION, "shouter green at the first commit", || {
-        let t = hub.cli_json(&["transitions", "--all", "--json", "--project", "shouter"]);
-        t.as_array()?
-            .iter()
-            .any(|t| s(t, "upstream_commit") == c0)
-            .then_some(())
-    });
+    wait_first_result(&hub, &c0);
     let commits = push(&repos, &[]);
     // Kills at random moments from the push on (polling, the head's build
     // and run, the went-red, the bisection's builds and runs) until the

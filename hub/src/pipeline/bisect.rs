@@ -48,6 +48,18 @@ use crate::store::now_ms;
 /// ends one whose jobs never come: no trusted agent, a stuck build), in ms.
 const MAX_BISECTION_MS: u64 = 48 * 3600 * 1000;
 
+/// A member's answer when its bisection cannot go on at all (`why`):
+/// every commit of the range is still a candidate.
+fn gave_up(b: &Bisection, why: &str) -> Bisect {
+    Bisect {
+        state: BisectState::GaveUp,
+        candidates: b.commits.clone(),
+        builds: b.made(),
+        detail: why.to_owned(),
+        ..Default::default()
+    }
+}
+
 /// Tries of a member's run at one commit before an infrastructure error
 /// makes it a skipped commit.
 const RUN_TRIES: usize = 2;
@@ -248,13 +260,7 @@ impl Pipeline {
             };
             let Ok(u) = self.upstream(&b.upstream).cloned() else {
                 for m in b.members.iter().filter(|m| !m.ended) {
-                    let answer = Bisect {
-                        state: BisectState::GaveUp,
-                        candidates: b.commits.clone(),
-                        builds: b.made(),
-                        detail: "the upstream is no longer configured".into(),
-                        ..Default::default()
-                    };
+                    let answer = gave_up(&b, "the upstream is no longer configured");
                     self.end(key, m.transition, answer).await?;
                 }
                 return Ok(());
@@ -533,13 +539,7 @@ impl Pipeline {
         n: u32,
     ) -> Result<(), PipelineError> {
         let Some(p) = self.inner.projects.iter().find(|p| p.name == m.project) else {
-            let answer = Bisect {
-                state: BisectState::GaveUp,
-                candidates: b.commits.clone(),
-                builds: b.made(),
-                detail: "the project is no longer configured".into(),
-                ..Default::default()
-            };
+            let answer = gave_up(b, "the project is no longer configured");
             return self.end(&b.key(), m.transition, answer).await;
         };
         let key = JobKey::Bisect {
