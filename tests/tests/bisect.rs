@@ -280,7 +280,13 @@ fn a_hub_killed_during_a_bisection_finds_the_same_commit_building_each_once() {
     // bisection has ended, at most twelve.
     let mut during = 0;
     for kill in 0..12 {
-        std::thread::sleep(rng.millis(200, 1500));
+        // Sooner once the bisection runs: it takes a few seconds only, and
+        // at least two kills must land inside it.
+        let pause = match during {
+            0 => rng.millis(200, 1500),
+            _ => rng.millis(50, 600),
+        };
+        std::thread::sleep(pause);
         let state = went_red(&hub)
             .first()
             .and_then(|t| t["bisect"]["state"].as_str().map(str::to_owned));
