@@ -326,15 +326,19 @@ impl Pipeline {
                 .credentials
                 .enrolled_alongside(&c.original.agent_id)?,
         );
+        // Ahead of ordinary work: a held verdict's mail (or its absence)
+        // waits for these runs, fan-out of newer commits does not.
         let placement = match c.exclude_agents().is_empty() {
             true => Placement {
                 avoid_agents: others,
                 prefer_trusted: true,
+                ahead: true,
                 ..Default::default()
             },
             false => Placement {
                 exclude_agents: others,
                 prefer_trusted: true,
+                ahead: true,
                 ..Default::default()
             },
         };

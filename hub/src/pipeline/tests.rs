@@ -1537,6 +1537,7 @@ async fn a_red_that_fails_again_and_passes_on_the_last_good_runtime_regressed() 
     for (key, id) in open {
         let rec = f.dispatch.get(id).unwrap().unwrap();
         assert!(rec.spec.trusted_only, "{key}");
+        assert!(rec.placement.ahead, "ahead of ordinary fan-out: {key}");
     }
     let reruns = f.rerun(regressed).await;
     assert_eq!(reruns.len(), 2);
