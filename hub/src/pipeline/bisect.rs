@@ -320,6 +320,16 @@ impl Pipeline {
             0 => String::new(),
             _ => format!("; skipped (did not build or run): {}", skipped.join(", ")),
         };
+        // Gave up (`why`) with the range narrowed so far as the candidates.
+        let narrowed = |why: &str| {
+            let (from, to) = bounds(&said);
+            Next::End(answer(
+                BisectState::GaveUp,
+                None,
+                span(&b.commits, from, to),
+                format!("{why}: {} candidate(s) left{skipped_words}", to - from + 1),
+            ))
+        };
         Ok(match step(&said) {
             Step::Found(i) => Next::End(answer(
                 BisectState::Found,
@@ -343,36 +353,17 @@ impl Pipeline {
             Step::Try(_) if now_ms().saturating_sub(b.started_at_ms) > MAX_BISECTION_MS => {
                 // Its builds or runs never came (no trusted agent, a build
                 // stuck elsewhere): say what is known rather than wait forever.
-                let (from, to) = bounds(&said);
-                Next::End(answer(
-                    BisectState::GaveUp,
-                    None,
-                    span(&b.commits, from, to),
-                    format!(
-                        "no answer within {}: {} candidate(s) left{skipped_words}",
-                        humantime::format_duration(std::time::Duration::from_millis(
-                            MAX_BISECTION_MS
-                        )),
-                        to - from + 1
-                    ),
-                ))
+                let limit = std::time::Duration::from_millis(MAX_BISECTION_MS);
+                let why = format!("no answer within {}", humantime::format_duration(limit));
+                narrowed(&why)
             }
             Step::Try(i) => {
                 let sha = &b.commits[i].sha;
                 match b.builds.get(sha) {
                     None if self.reusable(b, sha)?.is_some() => Next::Build(i),
-                    None if made >= self.inner.bisect_max_builds => {
-                        let (from, to) = bounds(&said);
-                        Next::End(answer(
-                            BisectState::GaveUp,
-                            None,
-                            span(&b.commits, from, to),
-                            format!(
-                                "stopped after {made} build(s) (pipeline.bisect_max_builds): {} candidate(s) left{skipped_words}",
-                                to - from + 1
-                            ),
-                        ))
-                    }
+                    None if made >= self.inner.bisect_max_builds => narrowed(&format!(
+                        "stopped after {made} build(s) (pipeline.bisect_max_builds)"
+                    )),
                     None => Next::Build(i),
                     Some(pb) => match self.usable_build(b, sha, pb)? {
                         Usable::Yes(build) => {

@@ -2367,6 +2367,35 @@ async fn a_bisection_stops_at_its_build_budget_with_the_range_narrowed() {
 }
 
 #[tokio::test]
+async fn a_bisection_whose_jobs_never_come_gives_up_after_48_hours() {
+    let mut f = Farm::with_config(&bisect_config(12)).await;
+    f.push_at_once(8, &[("shouter", 3)], &[]).await;
+    // Its first build is queued, but nobody runs it (no trusted agent
+    // free, say) — and two days pass.
+    let running = f.results.running_bisections().unwrap();
+    assert_eq!(running.len(), 1);
+    let key = running[0].key();
+    let long_ago = crate::store::now_ms() - 49 * 3600 * 1000;
+    f.results
+        .update_bisection(&key, |b| {
+            b.started_at_ms = long_ago;
+            true
+        })
+        .await
+        .unwrap();
+    f.pipeline.follow_bisections().await;
+    let b = bisect_of(&f.went_red("shouter")[0]).clone();
+    assert_eq!(b.state, BisectState::GaveUp, "{b:?}");
+    assert!(
+        b.detail.starts_with("no answer within 2days"),
+        "{}",
+        b.detail
+    );
+    assert_eq!(b.candidates.len(), 8, "nothing narrowed yet");
+    assert!(f.results.running_bisections().unwrap().is_empty());
+}
+
+#[tokio::test]
 async fn a_stored_build_inside_the_range_is_reused_and_not_counted() {
     for outcome in [Outcome::Passed, Outcome::Failed] {
         let mut f = Farm::with_config(&bisect_config(12)).await;
