@@ -472,6 +472,7 @@ async fn summary(admin: &mut AdminClient) -> anyhow::Result<String> {
         .list_jobs(ListJobsRequest {
             state: JobState::Finished.into(),
             limit: 100_000,
+            ..Default::default()
         })
         .await
         .map_err(crate::admin_client::status_error)?

@@ -648,14 +648,15 @@ impl Dispatcher {
         self.shared.table.load(job_id)
     }
 
-    /// Jobs newest first, optionally only those in `state`.
+    /// Jobs newest first, only those `keep` keeps (the admin API filters
+    /// by state and project; the limit counts kept jobs).
     pub(crate) fn list(
         &self,
-        state: Option<JobState>,
+        keep: impl Fn(&JobRecord) -> bool,
         limit: usize,
     ) -> Result<Vec<JobRecord>, StoreError> {
         let open = self.lock().jobs.records().clone();
-        self.shared.table.list(&open, state, limit)
+        self.shared.table.list(&open, keep, limit)
     }
 
     /// Connected agents by id.

@@ -104,6 +104,17 @@ pub(crate) enum PipelineError {
     Invalid(String),
 }
 
+/// What [`Pipeline::build`] did.
+#[derive(Debug)]
+pub(crate) struct ManualBuild {
+    /// The full commit hash built.
+    pub(crate) commit: String,
+    /// Its build per platform: queued now, or as it stands.
+    pub(crate) builds: Vec<BuildInfo>,
+    /// Every platform's build existed before (nothing new was queued).
+    pub(crate) already_built: bool,
+}
+
 /// The running pipeline (cheap to clone).
 #[derive(Clone)]
 pub(crate) struct Pipeline {
@@ -238,13 +249,14 @@ impl Pipeline {
     }
 
     /// Builds `rev` (default: the branch head) of an upstream now, on every
-    /// platform. Without `force`, a commit already built is not built again.
+    /// platform. Without `force`, a commit already built is not built again
+    /// (the answer says so, for `upstream build` to tell its user).
     pub(crate) async fn build(
         &self,
         upstream: &str,
         rev: &str,
         force: bool,
-    ) -> Result<(String, Vec<BuildInfo>), PipelineError> {
+    ) -> Result<ManualBuild, PipelineError> {
         let u = self.upstream(upstream)?.clone();
         let git = &self.inner.git;
         let commit = if rev.is_empty() {
@@ -257,8 +269,25 @@ impl Pipeline {
         } else {
             None
         };
+        // Only for the answer's words: submitting below is keyed, so a
+        // build that exists is not submitted again either way.
+        let mut already_built = !force;
+        for platform in &u.platforms {
+            if self
+                .inner
+                .results
+                .build(&u.name, platform, &commit)?
+                .is_none()
+            {
+                already_built = false;
+            }
+        }
         let builds = self.ensure_builds(&u, &commit, nonce).await?;
-        Ok((commit, builds))
+        Ok(ManualBuild {
+            commit,
+            builds,
+            already_built,
+        })
     }
 
     /// Takes finished jobs from dispatch's inbox and records them, until shutdown.

@@ -535,11 +535,30 @@ async fn a_new_upstream_commit_is_built_once_on_each_platform() {
     // Polled again: nothing new.
     f.pipeline.poll_upstream(0).await;
     assert!(f.assigned().is_empty(), "each build exists once");
-    let (again, builds) = f.pipeline.build("rt", &c1[..8], false).await.unwrap();
-    assert_eq!((again, builds.len()), (c1, 2));
+    let again = f.pipeline.build("rt", &c1[..8], false).await.unwrap();
+    assert_eq!((&again.commit, again.builds.len()), (&c1, 2));
+    assert!(
+        again.already_built,
+        "`upstream build` says the commit was built (and by which jobs)"
+    );
+    let mut built_by: Vec<u64> = jobs.iter().map(|(job, ..)| job.job_id).collect();
+    built_by.sort();
+    let mut named: Vec<u64> = again.builds.iter().map(|b| b.job_id).collect();
+    named.sort();
+    assert_eq!(named, built_by, "the answer names the jobs that built it");
     assert!(
         f.assigned().is_empty(),
         "a manual build of a built commit builds nothing"
+    );
+    // A new commit built by hand is new; forced, a built one is built again.
+    let c2 = f.git.commit(RT);
+    let fresh = f.pipeline.build("rt", &c2, false).await.unwrap();
+    assert!(!fresh.already_built);
+    let forced = f.pipeline.build("rt", &c1, true).await.unwrap();
+    assert!(!forced.already_built);
+    assert!(
+        forced.builds.iter().all(|b| !built_by.contains(&b.job_id)),
+        "forced: built again by new jobs"
     );
 }
 
