@@ -462,6 +462,43 @@ fn the_cli_names_projects_marks_tokens_and_ends_quietly_when_its_reader_goes() {
         );
     }
 
+    // `status --watch` into a pipe: one picture after the other, each dated.
+    let mut watch = std::process::Command::new(&trunkfarm_e2e::bins().hub)
+        .arg("--config")
+        .arg(&hub.config)
+        .args(["status", "--watch", "1s"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn status --watch");
+    let pipe = watch.stdout.take().expect("stdout piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(pipe).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut pictures = 0;
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while pictures < 2 && Instant::now() < deadline {
+        if let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
+            pictures += usize::from(line.starts_with("status at "));
+            seen.push(line);
+        }
+    }
+    watch.kill().expect("kill status --watch");
+    watch.wait().expect("reap status --watch");
+    assert_eq!(pictures, 2, "two dated pictures:\n{}", seen.join("\n"));
+    assert!(
+        !seen.iter().any(|l| l.contains('\x1b')),
+        "no escape codes into a pipe: {seen:?}"
+    );
+
     for (shell, mark) in [
         ("bash", "complete"),
         ("zsh", "#compdef"),
