@@ -445,6 +445,17 @@ fn the_cli_names_projects_marks_tokens_and_ends_quietly_when_its_reader_goes() {
         "{as_json:#}"
     );
 
+    // Durations as people write them, not in humantime's months.
+    let long = hub.cli(&["token", "create", "--ttl", "90d"]);
+    let said = String::from_utf8_lossy(&long.stderr);
+    assert!(
+        !long.status.success() && said.contains("at most 30d") && said.contains("asked for 90d"),
+        "{said}"
+    );
+    let two_days = hub.cli(&["token", "create", "--ttl", "2d"]);
+    let said = String::from_utf8_lossy(&two_days.stderr);
+    assert!(said.contains("valid for 2d (until "), "{said}");
+
     // `trunkfarm status | head -1`, `trunkfarm job list --json | head -c 10`.
     for args in [
         &["status"][..],
