@@ -271,11 +271,21 @@ pub(super) async fn status(
     let paint = Paint::new();
     let terminal = std::io::stdout().is_terminal();
     loop {
-        let resp = client
-            .get_status(request.clone())
-            .await
-            .map_err(status_error)?
-            .into_inner();
+        let answer = client.get_status(request.clone()).await;
+        let resp = match (answer, watch) {
+            (Ok(resp), _) => resp.into_inner(),
+            (Err(e), None) => return Err(status_error(e)),
+            // Watching: a hub that restarts is back in a moment.
+            (Err(e), Some(every)) => {
+                eprintln!(
+                    "{:#} (trying again in {})",
+                    status_error(e),
+                    fmt_duration(every)
+                );
+                tokio::time::sleep(every).await;
+                continue;
+            }
+        };
         let Some(every) = watch else {
             if json {
                 output::json(&view::Status::from(&resp))?;
