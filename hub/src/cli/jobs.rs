@@ -377,6 +377,9 @@ fn print_job(info: &JobInfo, json: bool) -> anyhow::Result<()> {
         return output::json(&view::Job::from(info));
     }
     println!("job {}: {}", info.job_id, view::job_state(info.state()));
+    if !info.waiting.is_empty() {
+        println!("  waiting: {}", info.waiting);
+    }
     if let Some(spec) = &info.spec {
         for c in &spec.commands {
             println!("  $ {c}");

@@ -83,6 +83,8 @@ fn kind_name(kind: i32) -> &'static str {
 
 fn build_state(b: &BuildInfo) -> &'static str {
     match BuildState::try_from(b.state).unwrap_or(BuildState::Unspecified) {
+        // Nobody has its job yet: it waits (`waiting` says why).
+        BuildState::Pending if !b.waiting.is_empty() => "queued",
         BuildState::Pending => "building",
         BuildState::Passed => "passed",
         BuildState::Failed => "FAILED",
@@ -294,6 +296,10 @@ pub(super) async fn status(
                         b.confirmation,
                         b.confirmation_detail
                     )
+                }
+                // Queued: say why no agent has it.
+                Some(b) if !b.waiting.is_empty() => {
+                    format!("{} {} ({})", build_state(b), short(&b.commit), b.waiting)
                 }
                 Some(b) => format!("{} {}", build_state(b), short(&b.commit)),
                 None => "no build yet".into(),
