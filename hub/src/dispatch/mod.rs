@@ -655,8 +655,10 @@ impl Dispatcher {
     pub(crate) fn waiting(&self, job_id: u64) -> Option<String> {
         let st = self.lock();
         let rec = st.jobs.get(job_id)?;
-        (rec.state == JobState::Queued)
-            .then(|| st.sessions.why_waiting(&rec.spec, &rec.placement, Instant::now()))
+        (rec.state == JobState::Queued).then(|| {
+            st.sessions
+                .why_waiting(&rec.spec, &rec.placement, Instant::now())
+        })
     }
 
     /// Jobs newest first, optionally only those in `state`.
@@ -1884,7 +1886,10 @@ pub(crate) mod tests {
         let second = d.submit(spec(&["linux"]), 0).await.unwrap();
         assert_eq!(assignments(&mut a)[0].job_id, first);
         assert_eq!(d.waiting(first), None, "leased: no longer waiting");
-        assert_eq!(waiting(&d, second), "every matching agent is busy (1 running)");
+        assert_eq!(
+            waiting(&d, second),
+            "every matching agent is busy (1 running)"
+        );
     }
 
     #[tokio::test]

@@ -422,23 +422,44 @@ impl Sessions {
         }
         let mut parts = Vec::new();
         if !free.is_empty() {
-            parts.push(say(&free, "takes it at the next schedule", "take it at the next schedule"));
+            parts.push(say(
+                &free,
+                "takes it at the next schedule",
+                "take it at the next schedule",
+            ));
         }
-        let full: Vec<&str> = busy.iter().filter(|(b, _)| *b == Busy::Full).map(|(_, id)| *id).collect();
+        let full: Vec<&str> = busy
+            .iter()
+            .filter(|(b, _)| *b == Busy::Full)
+            .map(|(_, id)| *id)
+            .collect();
         if !full.is_empty() {
             let running: usize = full.iter().map(|id| self.agents[*id].running.len()).sum();
             if full.len() == busy.len() && free.is_empty() {
                 parts.push(format!("every matching agent is busy ({running} running)"));
             } else {
-                parts.push(format!("{} ({running} running)", say(&full, "is busy", "are busy")));
+                parts.push(format!(
+                    "{} ({running} running)",
+                    say(&full, "is busy", "are busy")
+                ));
             }
         }
         for (kind, words) in [
             (Busy::Quarantined, ("is quarantined", "are quarantined")),
             (Busy::Draining, ("is draining", "are draining")),
-            (Busy::Silent, ("has not been heard from lately", "have not been heard from lately")),
+            (
+                Busy::Silent,
+                (
+                    "has not been heard from lately",
+                    "have not been heard from lately",
+                ),
+            ),
         ] {
-            let who: Vec<&str> = busy.iter().filter(|(b, _)| *b == kind).map(|(_, id)| *id).collect();
+            let who: Vec<&str> = busy
+                .iter()
+                .filter(|(b, _)| *b == kind)
+                .map(|(_, id)| *id)
+                .collect();
             if !who.is_empty() {
                 parts.push(say(&who, words.0, words.1));
             }
@@ -450,7 +471,11 @@ impl Sessions {
                 "may not take it (it checks those agents' results)",
             ));
         }
-        let timeouts: Vec<&str> = refused.iter().filter(|(r, _)| *r == Refusal::Timeout).map(|(_, id)| *id).collect();
+        let timeouts: Vec<&str> = refused
+            .iter()
+            .filter(|(r, _)| *r == Refusal::Timeout)
+            .map(|(_, id)| *id)
+            .collect();
         if !timeouts.is_empty() {
             let most = timeouts
                 .iter()
@@ -479,10 +504,26 @@ impl Sessions {
             }
         }
         for (kind, words) in [
-            (Refusal::Untrusted, ("is not trusted (the job is for trusted agents only)", "are not trusted (the job is for trusted agents only)")),
-            (Refusal::NoSandbox, ("has no sandbox to run jobs in", "have no sandbox to run jobs in")),
+            (
+                Refusal::Untrusted,
+                (
+                    "is not trusted (the job is for trusted agents only)",
+                    "are not trusted (the job is for trusted agents only)",
+                ),
+            ),
+            (
+                Refusal::NoSandbox,
+                (
+                    "has no sandbox to run jobs in",
+                    "have no sandbox to run jobs in",
+                ),
+            ),
         ] {
-            let who: Vec<&str> = refused.iter().filter(|(r, _)| *r == kind).map(|(_, id)| *id).collect();
+            let who: Vec<&str> = refused
+                .iter()
+                .filter(|(r, _)| *r == kind)
+                .map(|(_, id)| *id)
+                .collect();
             if !who.is_empty() {
                 parts.push(say(&who, words.0, words.1));
             }

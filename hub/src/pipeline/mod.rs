@@ -537,7 +537,10 @@ impl Pipeline {
             rows.push((info, series));
         }
         let dispatch = &self.inner.dispatch;
-        Ok(self.inner.results.status(rows, |job| dispatch.waiting(job))?)
+        Ok(self
+            .inner
+            .results
+            .status(rows, |job| dispatch.waiting(job))?)
     }
 
     /// Which projects went red at an upstream commit (or a prefix of its

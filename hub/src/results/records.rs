@@ -333,6 +333,8 @@ impl From<BuildInfo> for v1::BuildInfo {
             head_seq,
             confirmation,
             confirmation_detail,
+            // Not stored: `Results::status` asks dispatch for a pending one.
+            waiting: String::new(),
         }
     }
 }
