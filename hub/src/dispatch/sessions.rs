@@ -147,7 +147,7 @@ impl Conn {
 }
 
 /// Why an agent may never run a job (see [`Conn::refuses`]).
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 enum Refusal {
     /// It has no sandbox it may run jobs under.
     NoSandbox,
@@ -177,6 +177,14 @@ fn agents_named(ids: &[&str]) -> (String, bool) {
         1 => (format!("agent {}", names[0]), false),
         _ => (format!("agents {}", names.join(", ")), true),
     }
+}
+
+/// The agents listed with `kind`.
+fn of_kind<'a, K: PartialEq>(list: &[(K, &'a str)], kind: &K) -> Vec<&'a str> {
+    list.iter()
+        .filter(|(k, _)| k == kind)
+        .map(|(_, id)| *id)
+        .collect()
 }
 
 /// `ids` named, then `singular` or `plural` (e.g. "is quarantined" / "are quarantined").
@@ -411,11 +419,11 @@ impl Sessions {
         for id in ids {
             let c = &self.agents[id];
             if let Some(r) = c.refuses(spec) {
-                refused.push((r, id));
+                refused.push((r, id.as_str()));
             } else if placement.exclude_agents.contains(id) {
                 excluded.push(id.as_str());
             } else if let Some(b) = c.busy(now, self.stale_after) {
-                busy.push((b, id));
+                busy.push((b, id.as_str()));
             } else {
                 free.push(id.as_str());
             }
@@ -428,11 +436,7 @@ impl Sessions {
                 "take it at the next schedule",
             ));
         }
-        let full: Vec<&str> = busy
-            .iter()
-            .filter(|(b, _)| *b == Busy::Full)
-            .map(|(_, id)| *id)
-            .collect();
+        let full: Vec<&str> = of_kind(&busy, &Busy::Full);
         if !full.is_empty() {
             let running: usize = full.iter().map(|id| self.agents[*id].running.len()).sum();
             if full.len() == busy.len() && free.is_empty() {
@@ -455,11 +459,7 @@ impl Sessions {
                 ),
             ),
         ] {
-            let who: Vec<&str> = busy
-                .iter()
-                .filter(|(b, _)| *b == kind)
-                .map(|(_, id)| *id)
-                .collect();
+            let who: Vec<&str> = of_kind(&busy, &kind);
             if !who.is_empty() {
                 parts.push(say(&who, words.0, words.1));
             }
@@ -471,11 +471,7 @@ impl Sessions {
                 "may not take it (it checks those agents' results)",
             ));
         }
-        let timeouts: Vec<&str> = refused
-            .iter()
-            .filter(|(r, _)| *r == Refusal::Timeout)
-            .map(|(_, id)| *id)
-            .collect();
+        let timeouts: Vec<&str> = of_kind(&refused, &Refusal::Timeout);
         if !timeouts.is_empty() {
             let most = timeouts
                 .iter()
@@ -519,11 +515,7 @@ impl Sessions {
                 ),
             ),
         ] {
-            let who: Vec<&str> = refused
-                .iter()
-                .filter(|(r, _)| *r == kind)
-                .map(|(_, id)| *id)
-                .collect();
+            let who: Vec<&str> = of_kind(&refused, &kind);
             if !who.is_empty() {
                 parts.push(say(&who, words.0, words.1));
             }
