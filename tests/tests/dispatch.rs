@@ -296,6 +296,15 @@ async fn hundred_concurrent_jobs_run_once_each_and_spread_over_all_agents() {
             a.name
         );
     }
+
+    // A job none of them can take says why it waits.
+    let gpu = hub.submit(&["--labels", "gpu", "--", "true"]);
+    let job = hub.job(gpu);
+    assert_eq!(job["state"], "queued", "{job:#}");
+    assert_eq!(
+        job["waiting"], "no connected agent has label `gpu`",
+        "{job:#}"
+    );
     drop(agents);
 }
 

@@ -399,6 +399,9 @@ fn job_text(info: &JobInfo) -> String {
         info.job_id,
         view::job_state(info.state())
     )];
+    if !info.waiting.is_empty() {
+        lines.push(format!("  waiting: {}", info.waiting));
+    }
     if let Some(spec) = &info.spec {
         lines.push(format!("  project  {}", or_dash(&spec.project)));
         for c in &spec.commands {

@@ -86,6 +86,8 @@ fn kind_name(kind: i32) -> &'static str {
 
 fn build_state(b: &BuildInfo) -> &'static str {
     match BuildState::try_from(b.state).unwrap_or(BuildState::Unspecified) {
+        // Nobody has its job yet: it waits (`waiting` says why).
+        BuildState::Pending if !b.waiting.is_empty() => "queued",
         BuildState::Pending => "building",
         BuildState::Passed => "passed",
         BuildState::Failed => "FAILED",
@@ -351,6 +353,10 @@ fn print_status(resp: &GetStatusResponse, paint: &Paint) {
                         b.confirmation,
                         b.confirmation_detail
                     )
+                }
+                // Queued: say why no agent has it.
+                Some(b) if !b.waiting.is_empty() => {
+                    format!("{} {} ({})", build_state(b), short(&b.commit), b.waiting)
                 }
                 Some(b) => format!("{} {}", build_state(b), short(&b.commit)),
                 None => "no build yet".into(),

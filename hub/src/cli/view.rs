@@ -238,6 +238,8 @@ pub(super) struct Job<'a> {
     pub(super) project: &'a str,
     key: &'a str,
     artifact_sha256: Option<&'a str>,
+    /// Queued: why it waits (`null` once an agent has it).
+    waiting: Option<&'a str>,
 }
 
 /// One attempt of a job.
@@ -281,6 +283,7 @@ impl<'a> From<&'a v1::JobInfo> for Job<'a> {
             project: spec.map_or("", |s| &s.project),
             key: &info.key,
             artifact_sha256: r.map(|r| r.artifact_sha256.as_str()),
+            waiting: (!info.waiting.is_empty()).then_some(info.waiting.as_str()),
         }
     }
 }
@@ -356,6 +359,8 @@ struct Build<'a> {
     /// counted alone).
     confirmation: Option<&'a str>,
     confirmation_detail: &'a str,
+    /// Pending and no agent has its job yet: why it waits (`null` otherwise).
+    waiting: Option<&'a str>,
 }
 
 impl<'a> From<&'a v1::BuildInfo> for Build<'a> {
@@ -375,6 +380,7 @@ impl<'a> From<&'a v1::BuildInfo> for Build<'a> {
             head_seq: b.head_seq,
             confirmation: (!b.confirmation.is_empty()).then_some(b.confirmation.as_str()),
             confirmation_detail: &b.confirmation_detail,
+            waiting: (!b.waiting.is_empty()).then_some(b.waiting.as_str()),
         }
     }
 }

@@ -444,7 +444,9 @@ impl AdminService for AdminApi {
                     // Never show a result a crash could still take back.
                     self.dispatch.sync().await?;
                 }
-                Ok(Response::new(job_info(rec)))
+                let mut info = job_info(rec);
+                info.waiting = self.dispatch.waiting(id).unwrap_or_default();
+                Ok(Response::new(info))
             }
             None => Err(Status::not_found(format!(
                 "no job {id}: see `trunkfarm job list`"
@@ -468,7 +470,11 @@ impl AdminService for AdminApi {
             .dispatch
             .list(keep, limit)?
             .into_iter()
-            .map(job_info)
+            .map(|rec| {
+                let mut info = job_info(rec);
+                info.waiting = self.dispatch.waiting(info.job_id).unwrap_or_default();
+                info
+            })
             .collect();
         Ok(Response::new(ListJobsResponse { jobs }))
     }

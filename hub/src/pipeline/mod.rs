@@ -565,7 +565,11 @@ impl Pipeline {
             }
             rows.push((info, series));
         }
-        Ok(self.inner.results.status(rows)?)
+        let dispatch = &self.inner.dispatch;
+        Ok(self
+            .inner
+            .results
+            .status(rows, |job| dispatch.waiting(job))?)
     }
 
     /// Which projects went red at an upstream commit (or a prefix of its

@@ -66,6 +66,10 @@ pub(crate) struct BuildInfo {
     /// Both verdicts, in words.
     #[serde(skip_serializing_if = "String::is_empty")]
     pub(crate) confirmation_detail: String,
+    /// Pending and no agent has its job yet: why it waits. Never stored:
+    /// `Results::status` asks dispatch when it shows the build.
+    #[serde(skip)]
+    pub(crate) waiting: String,
 }
 
 /// A test run's summary: what the status grid shows.
@@ -317,6 +321,7 @@ impl From<BuildInfo> for v1::BuildInfo {
             head_seq,
             confirmation,
             confirmation_detail,
+            waiting,
         } = b;
         v1::BuildInfo {
             upstream,
@@ -333,6 +338,7 @@ impl From<BuildInfo> for v1::BuildInfo {
             head_seq,
             confirmation,
             confirmation_detail,
+            waiting,
         }
     }
 }
