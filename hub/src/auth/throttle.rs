@@ -167,10 +167,7 @@ impl<K: BucketKey> Buckets<K> {
     fn make_room(&self, map: &mut HashMap<K, Bucket>, now: Instant) {
         map.retain(|_, b| self.refilled(b, now) < self.burst);
         if map.len() >= self.max_tracked
-            && let Some(oldest) = map
-                .iter()
-                .min_by_key(|(_, b)| b.at)
-                .map(|(k, _)| k.clone())
+            && let Some(oldest) = map.iter().min_by_key(|(_, b)| b.at).map(|(k, _)| k.clone())
         {
             map.remove(&oldest);
         }
@@ -250,7 +247,10 @@ mod tests {
         f.charge(&ip("10.0.0.5"), t0 + Duration::from_secs(6));
         assert_eq!(f.lock().len(), 3);
         assert!(!f.lock().contains_key(&ip("10.0.0.2")));
-        assert!(f.check(&ip("10.0.0.4"), t0 + Duration::from_secs(6)).is_ok());
+        assert!(
+            f.check(&ip("10.0.0.4"), t0 + Duration::from_secs(6))
+                .is_ok()
+        );
     }
 
     #[test]

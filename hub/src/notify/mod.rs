@@ -59,8 +59,8 @@ use crate::store::{Store, StoreError, Table, id_key, now_ms, trees};
 use deliver::{Failure, Mailer, Transport};
 pub(crate) use record::{MailInfo, Subscription};
 pub(crate) use subscribe::{ConfirmRefused, RequestError};
-pub(crate) use token::{ConfirmError, TokenError, Unsub};
 use token::UnsubscribeKey;
+pub(crate) use token::{ConfirmError, TokenError, Unsub};
 
 /// Milliseconds since the Unix epoch, as the notifier sees them: the system
 /// clock in the hub ([`now_ms`]), a hand-moved one in the tests (reminders,

@@ -111,9 +111,7 @@ async fn request(
         Ok(Ok(email)) => sentence(
             StatusCode::OK,
             "Check your mail",
-            &format!(
-                "We sent a link to {email}; nothing is subscribed until you follow it."
-            ),
+            &format!("We sent a link to {email}; nothing is subscribed until you follow it."),
             "",
         ),
         Ok(Err((e, project))) => request_refused(&e, &project),
@@ -138,7 +136,12 @@ fn request_refused(e: &RequestError, project: &str) -> Response {
             sentence(StatusCode::BAD_REQUEST, "Cannot subscribe", &text, project)
         }
         RequestError::TooMany { retry_after, .. } => {
-            let mut r = sentence(StatusCode::TOO_MANY_REQUESTS, "Too many requests", &text, "");
+            let mut r = sentence(
+                StatusCode::TOO_MANY_REQUESTS,
+                "Too many requests",
+                &text,
+                "",
+            );
             if let Ok(v) = HeaderValue::from_str(&retry_after.as_secs().to_string()) {
                 r.headers_mut().insert(header::RETRY_AFTER, v);
             }
@@ -146,7 +149,12 @@ fn request_refused(e: &RequestError, project: &str) -> Response {
         }
         RequestError::Store(err) => {
             tracing::error!("web: cannot queue a subscription confirmation: {err}");
-            sentence(StatusCode::SERVICE_UNAVAILABLE, "Cannot subscribe", &text, "")
+            sentence(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Cannot subscribe",
+                &text,
+                "",
+            )
         }
     }
 }
@@ -199,8 +207,7 @@ async fn confirm(
         Err(starting) => return starting.into_response(),
     };
     let notifier = site.notifier.clone();
-    let outcome =
-        tokio::spawn(async move { notifier.confirm_subscription(&token).await }).await;
+    let outcome = tokio::spawn(async move { notifier.confirm_subscription(&token).await }).await;
     match outcome {
         Ok(Ok(done)) => sentence(
             StatusCode::OK,
@@ -243,7 +250,12 @@ fn link_refused(e: &ConfirmRefused, why: &str) -> Response {
         ConfirmRefused::UnknownProject(_) => view::error(StatusCode::NOT_FOUND, "Not found", &text),
         ConfirmRefused::Store(err) => {
             tracing::error!("web: cannot record a subscription: {err}");
-            sentence(StatusCode::SERVICE_UNAVAILABLE, "Cannot subscribe", &text, "")
+            sentence(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Cannot subscribe",
+                &text,
+                "",
+            )
         }
     }
 }
