@@ -231,4 +231,22 @@ fn a_confirmation_link_subscribes_only_when_followed_by_a_post() {
         "{page}"
     );
     assert_eq!(subscribers(&hub), [SHOUTER_MAINTAINER]);
+
+    // Three confirmation mails per address and hour: carol had one.
+    for _ in 0..2 {
+        assert_eq!(ask(web, "shouter", CAROL).0, 200);
+    }
+    let (code, page) = ask(web, "shouter", CAROL);
+    assert_eq!(code, 429, "{page}");
+    // About 20 minutes (one mail refills every 20), less what has passed.
+    let retry_after: u64 = page
+        .lines()
+        .find_map(|l| l.strip_prefix("retry-after: "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no Retry-After in {page}"));
+    assert!((15 * 60..=20 * 60).contains(&retry_after), "{page}");
+    assert!(
+        page.contains("Too many confirmation mails went to this address lately; try again in "),
+        "{page}"
+    );
 }

@@ -7,12 +7,12 @@
 //! renders (an askama template in `hub/templates/`) and its API route
 //! serializes ([`view`]), so both always say the same.
 //!
-//! `GET /unsubscribe?token=T` only shows a page with a button: mail scanners
-//! and link previewers follow GET links, so a GET never unsubscribes. The
-//! button (and a mail client's RFC 8058 one-click request) POSTs to the same
-//! URL, which hands the token to the notifier. The page is self-contained (no
-//! external resources), every interpolated string is HTML-escaped, and the
-//! token never reaches a log.
+//! Links in mails act only on a POST: `GET /unsubscribe?token=T`
+//! (`unsubscribe.rs`) and `GET /subscribe/confirm?token=T` (`subscribe.rs`,
+//! self-service subscription) show a page naming the address and the project
+//! with a button, because mail scanners and link previewers follow GET
+//! links. Every interpolated string is HTML-escaped (askama), and tokens
+//! never reach a log.
 //!
 //! The endpoint faces the internet (mail links point at it), so it holds at
 //! most `web.max_connections` connections, drops a client that has not sent
