@@ -41,7 +41,9 @@ use crate::auth::secret;
 use crate::config::WebSection;
 
 pub(crate) mod agents;
+pub(crate) mod project;
 pub(crate) mod site;
+pub(crate) mod upstream;
 pub(crate) mod view;
 
 use site::{Site, SiteCell};
@@ -351,6 +353,8 @@ impl IntoResponse for Starting {
 fn router(handlers: Handlers) -> Router {
     Router::new()
         .merge(agents::routes())
+        .merge(project::routes())
+        .merge(upstream::routes())
         .route(
             "/static/style.css",
             get(|| async { view::asset("text/css; charset=utf-8", view::STYLE_CSS) }),
