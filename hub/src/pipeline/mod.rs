@@ -45,7 +45,7 @@ mod jobs;
 mod poll;
 mod query;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -41,6 +41,8 @@ use crate::auth::secret;
 use crate::config::WebSection;
 
 pub(crate) mod agents;
+#[cfg(test)]
+mod page_tests;
 pub(crate) mod project;
 pub(crate) mod site;
 pub(crate) mod upstream;
