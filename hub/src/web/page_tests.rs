@@ -378,7 +378,7 @@ async fn the_upstream_page_and_its_api_show_builds_breakage_and_bisections() {
     let upstreams = &all["upstreams"];
     assert_eq!(each(upstreams, "name"), ["rt"]);
     assert_eq!(attrs(&html, "data-upstream"), ["rt"]);
-    assert_eq!(attrs(&html, "data-head"), [next.clone()]);
+    assert_eq!(attrs(&html, "data-head"), [next.as_str()]);
     assert_eq!(upstreams[0]["head"], next.as_str());
     assert_eq!(
         attrs(&html, "data-build"),
