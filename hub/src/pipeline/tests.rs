@@ -293,23 +293,26 @@ impl Farm {
             trusted,
             ..Default::default()
         };
+        let id = self.enroll(name, grant).await;
+        let rx =
+            crate::dispatch::tests::join(&self.dispatch, &id, 64, &["linux", "mac"], &[], trusted)
+                .await;
+        self.others.push((id.clone(), rx));
+        id
+    }
+
+    /// Enrolls an agent with a token granting `grant`; returns its id.
+    pub(crate) async fn enroll(
+        &self,
+        name: &str,
+        grant: crate::auth::credentials::Grant,
+    ) -> String {
         let (_, token) = self
             .credentials
             .create_token(grant, Duration::from_secs(60), 1, String::new())
             .await
             .unwrap();
-        let (agent, _) = self.credentials.enroll(&token, name).await.unwrap();
-        let rx = crate::dispatch::tests::join(
-            &self.dispatch,
-            &agent.id,
-            64,
-            &["linux", "mac"],
-            &[],
-            trusted,
-        )
-        .await;
-        self.others.push((agent.id.clone(), rx));
-        agent.id
+        self.credentials.enroll(&token, name).await.unwrap().0.id
     }
 
     /// Only agent `id` gets new jobs from now on (the others are held

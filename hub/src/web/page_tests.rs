@@ -6,7 +6,6 @@
 //! what the API says.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
@@ -430,17 +429,7 @@ async fn the_agents_page_and_its_api_count_jobs_done_and_show_the_donors_limits(
     let mut f = Farm::with_config(CONFIG).await;
     let donor = f.join("donor", true).await;
     // A donor limiting its machine: 2 jobs at once, 30m each, adder only.
-    let (_, token) = f
-        .credentials
-        .create_token(
-            crate::auth::credentials::Grant::default(),
-            Duration::from_secs(60),
-            1,
-            String::new(),
-        )
-        .await
-        .unwrap();
-    let (limited, _) = f.credentials.enroll(&token, "limited").await.unwrap();
+    let limited = f.enroll("limited", Default::default()).await;
     let (tx, _rx) = mpsc::unbounded_channel();
     let caps = Capabilities {
         max_parallel_jobs: 2,
@@ -460,7 +449,7 @@ async fn the_agents_page_and_its_api_count_jobs_done_and_show_the_donors_limits(
         remote: "192.0.2.7:4242".into(),
         tx,
     };
-    f.dispatch.connect(&limited.id, &[], hello).await.unwrap();
+    f.dispatch.connect(&limited, &[], hello).await.unwrap();
     // Only the donor works: two builds, three runs.
     f.only(&donor).await;
     green_trunk(&mut f).await;
@@ -493,9 +482,9 @@ async fn the_agents_page_and_its_api_count_jobs_done_and_show_the_donors_limits(
     assert_eq!(l["allowed_projects"], serde_json::json!(["adder"]));
     assert!(html.contains("jobs up to 30m"), "{html}");
     assert!(html.contains("only adder"));
-    // Never an address or a secret.
+    // Never an address or an agent's id (its credential's name).
     for body in [html.as_str(), &json.to_string()] {
         assert!(!body.contains("192.0.2.7"), "{body}");
-        assert!(!body.contains(&token), "{body}");
+        assert!(!body.contains(&limited), "{body}");
     }
 }

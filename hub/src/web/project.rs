@@ -318,14 +318,14 @@ impl From<&ProjectFacts> for ProjectView {
 
 #[derive(Template)]
 #[template(path = "project.html")]
-struct ProjectPage<'a> {
-    view: &'a ProjectView,
+struct ProjectPage {
+    view: ProjectView,
 }
 
 #[derive(Template)]
 #[template(path = "projects.html")]
-struct ProjectsPage<'a> {
-    view: &'a ProjectsView,
+struct ProjectsPage {
+    view: ProjectsView,
 }
 
 pub(super) fn routes() -> Router<Handlers> {
@@ -361,7 +361,7 @@ pub(crate) fn projects(site: &Site) -> Result<ProjectsView, PipelineError> {
 }
 
 /// The status a pipeline error answers with: 404 for an unknown name.
-pub(super) fn status_of(e: &PipelineError) -> StatusCode {
+fn status_of(e: &PipelineError) -> StatusCode {
     match e {
         PipelineError::NoSuchProject(..) | PipelineError::NoSuchUpstream(..) => {
             StatusCode::NOT_FOUND
@@ -371,7 +371,7 @@ pub(super) fn status_of(e: &PipelineError) -> StatusCode {
 }
 
 /// An error page: "Not found" naming the configured ones, or the error.
-pub(super) fn error_page(title: &str, e: &PipelineError) -> Response {
+fn error_page(title: &str, e: &PipelineError) -> Response {
     let status = status_of(e);
     let title = if status == StatusCode::NOT_FOUND {
         "Not found"
@@ -381,34 +381,52 @@ pub(super) fn error_page(title: &str, e: &PipelineError) -> Response {
     view::error(status, title, &format!("{e}."))
 }
 
-async fn page(State(handlers): State<Handlers>, Path(name): Path<String>) -> Response {
-    match handlers.site().map(|s| project(s, &name)) {
-        Ok(Ok(v)) => view::html(&ProjectPage { view: &v }),
-        Ok(Err(e)) => error_page("Project", &e),
+/// The page `render` makes of the view `build` reads, or the error page
+/// (an unknown name: 404 naming the configured ones).
+pub(super) fn page_of<V, T: Template>(
+    handlers: &Handlers,
+    title: &str,
+    build: impl FnOnce(&Site) -> Result<V, PipelineError>,
+    render: impl FnOnce(V) -> T,
+) -> Response {
+    match handlers.site().map(build) {
+        Ok(Ok(v)) => view::html(&render(v)),
+        Ok(Err(e)) => error_page(title, &e),
         Err(starting) => starting.into_response(),
     }
+}
+
+/// The same view as JSON, or the API's error.
+pub(super) fn api_of<V: Serialize>(
+    handlers: &Handlers,
+    build: impl FnOnce(&Site) -> Result<V, PipelineError>,
+) -> Response {
+    match handlers.site_api().map(build) {
+        Ok(Ok(v)) => view::json(&v),
+        Ok(Err(e)) => view::json_error(status_of(&e), &e.to_string()),
+        Err(starting) => starting.into_response(),
+    }
+}
+
+async fn page(State(handlers): State<Handlers>, Path(name): Path<String>) -> Response {
+    page_of(
+        &handlers,
+        "Project",
+        |s| project(s, &name),
+        |v| ProjectPage { view: v },
+    )
 }
 
 async fn api(State(handlers): State<Handlers>, Path(name): Path<String>) -> Response {
-    match handlers.site_api().map(|s| project(s, &name)) {
-        Ok(Ok(v)) => view::json(&v),
-        Ok(Err(e)) => view::json_error(status_of(&e), &e.to_string()),
-        Err(starting) => starting.into_response(),
-    }
+    api_of(&handlers, |s| project(s, &name))
 }
 
 async fn list_page(State(handlers): State<Handlers>) -> Response {
-    match handlers.site().map(projects) {
-        Ok(Ok(v)) => view::html(&ProjectsPage { view: &v }),
-        Ok(Err(e)) => error_page("Projects", &e),
-        Err(starting) => starting.into_response(),
-    }
+    page_of(&handlers, "Projects", projects, |v| ProjectsPage {
+        view: v,
+    })
 }
 
 async fn list_api(State(handlers): State<Handlers>) -> Response {
-    match handlers.site_api().map(projects) {
-        Ok(Ok(v)) => view::json(&v),
-        Ok(Err(e)) => view::json_error(status_of(&e), &e.to_string()),
-        Err(starting) => starting.into_response(),
-    }
+    api_of(&handlers, projects)
 }

@@ -8,13 +8,13 @@
 use askama::Template;
 use axum::Router;
 use axum::extract::{Path, State};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use axum::routing::get;
 use serde::Serialize;
 use trunkfarm_proto::v1::BuildState;
 
 use super::Handlers;
-use super::project::{CommitView, TransitionView, error_page, status_of};
+use super::project::{CommitView, TransitionView, api_of, page_of};
 use super::site::Site;
 use super::view;
 use crate::commit::short;
@@ -218,14 +218,14 @@ impl From<&UpstreamFacts> for UpstreamView {
 
 #[derive(Template)]
 #[template(path = "upstream.html")]
-struct UpstreamPage<'a> {
-    view: &'a UpstreamView,
+struct UpstreamPage {
+    view: UpstreamView,
 }
 
 #[derive(Template)]
 #[template(path = "upstreams.html")]
-struct UpstreamsPage<'a> {
-    view: &'a UpstreamsView,
+struct UpstreamsPage {
+    view: UpstreamsView,
 }
 
 pub(super) fn routes() -> Router<Handlers> {
@@ -269,33 +269,24 @@ pub(crate) fn upstreams(site: &Site) -> Result<UpstreamsView, PipelineError> {
 }
 
 async fn page(State(handlers): State<Handlers>, Path(name): Path<String>) -> Response {
-    match handlers.site().map(|s| upstream(s, &name)) {
-        Ok(Ok(v)) => view::html(&UpstreamPage { view: &v }),
-        Ok(Err(e)) => error_page("Upstream", &e),
-        Err(starting) => starting.into_response(),
-    }
+    page_of(
+        &handlers,
+        "Upstream",
+        |s| upstream(s, &name),
+        |v| UpstreamPage { view: v },
+    )
 }
 
 async fn api(State(handlers): State<Handlers>, Path(name): Path<String>) -> Response {
-    match handlers.site_api().map(|s| upstream(s, &name)) {
-        Ok(Ok(v)) => view::json(&v),
-        Ok(Err(e)) => view::json_error(status_of(&e), &e.to_string()),
-        Err(starting) => starting.into_response(),
-    }
+    api_of(&handlers, |s| upstream(s, &name))
 }
 
 async fn list_page(State(handlers): State<Handlers>) -> Response {
-    match handlers.site().map(upstreams) {
-        Ok(Ok(v)) => view::html(&UpstreamsPage { view: &v }),
-        Ok(Err(e)) => error_page("Upstreams", &e),
-        Err(starting) => starting.into_response(),
-    }
+    page_of(&handlers, "Upstreams", upstreams, |v| UpstreamsPage {
+        view: v,
+    })
 }
 
 async fn list_api(State(handlers): State<Handlers>) -> Response {
-    match handlers.site_api().map(upstreams) {
-        Ok(Ok(v)) => view::json(&v),
-        Ok(Err(e)) => view::json_error(status_of(&e), &e.to_string()),
-        Err(starting) => starting.into_response(),
-    }
+    api_of(&handlers, upstreams)
 }
