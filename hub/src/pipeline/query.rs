@@ -124,11 +124,13 @@ impl Pipeline {
     }
 
     /// Project `name`'s page: every series with its newest `history` runs
-    /// and their transitions, its red spell, its flaky tests.
+    /// (and their transitions when `marks`: one scan back to the oldest
+    /// run), its red spell, its flaky tests.
     pub(crate) fn project_facts(
         &self,
         name: &str,
         history: usize,
+        marks: bool,
     ) -> Result<ProjectFacts, PipelineError> {
         let p = self
             .inner
@@ -166,7 +168,8 @@ impl Pipeline {
             .iter()
             .filter_map(|s| s.history.last())
             .map(|r| r.finished_at_ms)
-            .min();
+            .min()
+            .filter(|_| marks);
         if let Some(since) = since {
             let jobs: HashMap<u64, usize> = series
                 .iter()

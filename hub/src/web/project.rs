@@ -339,7 +339,7 @@ pub(super) fn routes() -> Router<Handlers> {
 /// Project `name`'s view.
 pub(crate) fn project(site: &Site, name: &str) -> Result<ProjectView, PipelineError> {
     Ok(ProjectView::from(
-        &site.pipeline.project_facts(name, HISTORY)?,
+        &site.pipeline.project_facts(name, HISTORY, true)?,
     ))
 }
 
@@ -347,7 +347,7 @@ pub(crate) fn project(site: &Site, name: &str) -> Result<ProjectView, PipelineEr
 pub(crate) fn projects(site: &Site) -> Result<ProjectsView, PipelineError> {
     let mut projects = Vec::new();
     for name in site.pipeline.project_names() {
-        let p = site.pipeline.project_facts(&name, 1)?;
+        let p = site.pipeline.project_facts(&name, 1, false)?;
         projects.push(ProjectSummary {
             series: p.series.iter().map(series_now).collect(),
             flaky_tests: p.flaky.len(),
