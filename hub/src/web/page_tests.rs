@@ -204,10 +204,6 @@ async fn the_project_page_and_its_api_show_the_same_history() {
 
     let json = api(&app, "/api/v1/projects/shouter").await;
     let html = page(&app, "/projects/shouter").await;
-    if let Ok(dir) = std::env::var("PAGES_DUMP") {
-        std::fs::write(format!("{dir}/project.html"), &html).unwrap();
-        std::fs::write(format!("{dir}/project.json"), json.to_string()).unwrap();
-    }
     assert_eq!(json["name"], "shouter");
     assert_eq!(json["url"], SHOUTER);
     assert_eq!(attrs(&html, "data-url"), [SHOUTER]);
@@ -343,9 +339,6 @@ async fn the_upstream_page_and_its_api_show_builds_breakage_and_bisections() {
     f.git.broken.lock().unwrap().insert(RT.to_owned());
     let json = api(&app, "/api/v1/upstreams/rt").await;
     let html = page(&app, "/upstreams/rt").await;
-    if let Ok(dir) = std::env::var("PAGES_DUMP") {
-        std::fs::write(format!("{dir}/upstream.html"), &html).unwrap();
-    }
     assert!(json["bisections"].as_array().unwrap().is_empty());
     assert!(attrs(&html, "data-bisection").is_empty());
     let commits = &json["commits"];
