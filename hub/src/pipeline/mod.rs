@@ -69,7 +69,7 @@ use crate::store::{Store, StoreError, Table, trees};
 pub(crate) use git::GitError;
 use git::{Git, Repos};
 use poll::Repo;
-pub(crate) use query::{ProjectFacts, SeriesFacts, UpstreamFacts};
+pub(crate) use query::{ProjectFacts, RepoFacts, SeriesFacts, UpstreamFacts};
 
 /// Finished jobs taken from the inbox per round (each record may carry a
 /// few MiB of report files).

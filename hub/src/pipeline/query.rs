@@ -16,17 +16,23 @@ use crate::results::{Bisection, BuildInfo, Commit, RunInfo, TestNoise, Transitio
 /// transition that classified them (a clock step between agent and hub).
 const SLACK_MS: u64 = 60_000;
 
-/// A configured project as its page shows it.
+/// A configured repository (project or upstream) as polling sees it.
 #[derive(Clone, Debug, Default)]
-pub(crate) struct ProjectFacts {
-    pub(crate) name: String,
-    /// Its repository, without credentials.
+pub(crate) struct RepoFacts {
+    /// Its URL, without credentials.
     pub(crate) url: String,
     pub(crate) branch: String,
     /// Its branch head as polling last saw it.
     pub(crate) head: Option<Head>,
     /// Empty when its last poll worked.
     pub(crate) poll_error: String,
+}
+
+/// A configured project as its page shows it.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct ProjectFacts {
+    pub(crate) name: String,
+    pub(crate) repo: RepoFacts,
     /// One per (upstream, platform) it is tested on, in config order.
     pub(crate) series: Vec<SeriesFacts>,
     /// Its known flaky tests (most flips first) and the rule's threshold.
@@ -53,12 +59,8 @@ pub(crate) struct SeriesFacts {
 #[derive(Clone, Debug, Default)]
 pub(crate) struct UpstreamFacts {
     pub(crate) name: String,
-    /// Its repository, without credentials.
-    pub(crate) url: String,
-    pub(crate) branch: String,
+    pub(crate) repo: RepoFacts,
     pub(crate) platforms: Vec<String>,
-    pub(crate) head: Option<Head>,
-    pub(crate) poll_error: String,
     /// The heads polling saw, newest first.
     pub(crate) commits: Vec<CommitFacts>,
     /// Its bisections still under way.
@@ -103,6 +105,22 @@ impl Pipeline {
             .iter()
             .map(|u| u.name.clone())
             .collect()
+    }
+
+    /// A configured repository's polling state.
+    fn repo_facts(
+        &self,
+        repo: Repo,
+        name: &str,
+        url: &str,
+        branch: &str,
+    ) -> Result<RepoFacts, PipelineError> {
+        Ok(RepoFacts {
+            url: git::redact_url(url),
+            branch: branch.to_owned(),
+            head: self.head(repo, name)?,
+            poll_error: self.poll_error(repo, name),
+        })
     }
 
     /// Open test jobs by series (project, upstream, platform): the job id.
@@ -190,10 +208,7 @@ impl Pipeline {
         let noise = results.noise(&p.name)?;
         Ok(ProjectFacts {
             name: p.name.clone(),
-            url: git::redact_url(&p.url),
-            branch: p.branch.clone(),
-            head: self.head(Repo::Project, &p.name)?,
-            poll_error: self.poll_error(Repo::Project, &p.name),
+            repo: self.repo_facts(Repo::Project, &p.name, &p.url, &p.branch)?,
             series,
             flaky: noise
                 .flaky(rule)
@@ -292,11 +307,8 @@ impl Pipeline {
         }
         Ok(UpstreamFacts {
             name: u.name.clone(),
-            url: git::redact_url(&u.url),
-            branch: u.branch.clone(),
+            repo: self.repo_facts(Repo::Upstream, &u.name, &u.url, &u.branch)?,
             platforms: u.platforms.clone(),
-            head: self.head(Repo::Upstream, &u.name)?,
-            poll_error: self.poll_error(Repo::Upstream, &u.name),
             commits: rows,
             bisections,
         })

@@ -18,7 +18,7 @@ use super::Handlers;
 use super::site::Site;
 use super::view;
 use crate::commit::short;
-use crate::pipeline::{PipelineError, ProjectFacts, SeriesFacts};
+use crate::pipeline::{PipelineError, ProjectFacts, RepoFacts, SeriesFacts};
 use crate::results::{Class, Commit, RunInfo, Transition};
 
 /// Runs shown per series on a project's page.
@@ -28,7 +28,19 @@ const HISTORY: usize = 30;
 #[derive(Clone, Debug, Default, Serialize)]
 pub(crate) struct ProjectView {
     pub(crate) name: String,
-    /// Its repository, without credentials.
+    #[serde(flatten)]
+    pub(crate) repo: RepoView,
+    pub(crate) series: Vec<SeriesView>,
+    /// Its known flaky tests, most flips first.
+    pub(crate) flaky_tests: Vec<FlakyTestView>,
+    /// Flips on identical re-runs that make a test known flaky.
+    pub(crate) flaky_after: u32,
+}
+
+/// A configured repository (project or upstream) as polling sees it.
+#[derive(Clone, Debug, Default, Serialize)]
+pub(crate) struct RepoView {
+    /// Its URL, without credentials.
     pub(crate) url: String,
     pub(crate) branch: String,
     /// Its branch head as polling last saw it (empty: not yet).
@@ -39,11 +51,6 @@ pub(crate) struct ProjectView {
     pub(crate) head_seen_at: String,
     /// Why its last poll failed (empty: it worked).
     pub(crate) poll_error: String,
-    pub(crate) series: Vec<SeriesView>,
-    /// Its known flaky tests, most flips first.
-    pub(crate) flaky_tests: Vec<FlakyTestView>,
-    /// Flips on identical re-runs that make a test known flaky.
-    pub(crate) flaky_after: u32,
 }
 
 /// A series' state now (also what `/api/v1/projects` lists).
@@ -159,11 +166,28 @@ pub(crate) struct ProjectsView {
 #[derive(Clone, Debug, Default, Serialize)]
 pub(crate) struct ProjectSummary {
     pub(crate) name: String,
-    pub(crate) url: String,
-    pub(crate) branch: String,
-    pub(crate) poll_error: String,
+    #[serde(flatten)]
+    pub(crate) repo: RepoView,
     pub(crate) series: Vec<SeriesNow>,
     pub(crate) flaky_tests: usize,
+}
+
+impl From<&RepoFacts> for RepoView {
+    fn from(r: &RepoFacts) -> RepoView {
+        let head = r.head.as_ref();
+        let seen = head.map_or(0, |h| h.seen_at_ms);
+        RepoView {
+            url: r.url.clone(),
+            branch: r.branch.clone(),
+            head: head.map(|h| h.commit.clone()).unwrap_or_default(),
+            head_short: head
+                .map(|h| short(&h.commit).to_owned())
+                .unwrap_or_default(),
+            head_seen_at_ms: seen,
+            head_seen_at: view::rfc3339(seen),
+            poll_error: r.poll_error.clone(),
+        }
+    }
 }
 
 impl From<&Commit> for CommitView {
@@ -274,18 +298,9 @@ fn series_now(s: &SeriesFacts) -> SeriesNow {
 
 impl From<&ProjectFacts> for ProjectView {
     fn from(p: &ProjectFacts) -> ProjectView {
-        let head = p.head.as_ref();
         ProjectView {
             name: p.name.clone(),
-            url: p.url.clone(),
-            branch: p.branch.clone(),
-            head: head.map(|h| h.commit.clone()).unwrap_or_default(),
-            head_short: head
-                .map(|h| short(&h.commit).to_owned())
-                .unwrap_or_default(),
-            head_seen_at_ms: head.map_or(0, |h| h.seen_at_ms),
-            head_seen_at: view::rfc3339(head.map_or(0, |h| h.seen_at_ms)),
-            poll_error: p.poll_error.clone(),
+            repo: RepoView::from(&p.repo),
             series: p
                 .series
                 .iter()
@@ -351,10 +366,8 @@ pub(crate) fn projects(site: &Site) -> Result<ProjectsView, PipelineError> {
         projects.push(ProjectSummary {
             series: p.series.iter().map(series_now).collect(),
             flaky_tests: p.flaky.len(),
+            repo: RepoView::from(&p.repo),
             name: p.name,
-            url: p.url,
-            branch: p.branch,
-            poll_error: p.poll_error,
         });
     }
     Ok(ProjectsView { projects })

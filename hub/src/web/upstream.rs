@@ -14,7 +14,7 @@ use serde::Serialize;
 use trunkfarm_proto::v1::BuildState;
 
 use super::Handlers;
-use super::project::{CommitView, TransitionView, api_of, page_of};
+use super::project::{CommitView, RepoView, TransitionView, api_of, page_of};
 use super::site::Site;
 use super::view;
 use crate::commit::short;
@@ -28,18 +28,9 @@ const COMMITS: usize = 30;
 #[derive(Clone, Debug, Default, Serialize)]
 pub(crate) struct UpstreamView {
     pub(crate) name: String,
-    /// Its repository, without credentials.
-    pub(crate) url: String,
-    pub(crate) branch: String,
+    #[serde(flatten)]
+    pub(crate) repo: RepoView,
     pub(crate) platforms: Vec<String>,
-    /// Its branch head as polling last saw it (empty: not yet).
-    pub(crate) head: String,
-    #[serde(skip)]
-    pub(crate) head_short: String,
-    pub(crate) head_seen_at_ms: u64,
-    pub(crate) head_seen_at: String,
-    /// Why its last poll failed (empty: it worked).
-    pub(crate) poll_error: String,
     /// The heads polling saw, newest first (at most 30).
     pub(crate) commits: Vec<UpstreamCommitView>,
     /// Bisections of its culprit ranges under way.
@@ -116,13 +107,9 @@ pub(crate) struct UpstreamsView {
 #[derive(Clone, Debug, Default, Serialize)]
 pub(crate) struct UpstreamSummary {
     pub(crate) name: String,
-    pub(crate) url: String,
-    pub(crate) branch: String,
+    #[serde(flatten)]
+    pub(crate) repo: RepoView,
     pub(crate) platforms: Vec<String>,
-    pub(crate) head: String,
-    #[serde(skip)]
-    pub(crate) head_short: String,
-    pub(crate) poll_error: String,
     /// The newest head's builds.
     pub(crate) head_builds: Vec<BuildView>,
     pub(crate) bisections: usize,
@@ -157,19 +144,10 @@ fn build_view(platform: &str, b: Option<&BuildInfo>) -> BuildView {
 
 impl From<&UpstreamFacts> for UpstreamView {
     fn from(u: &UpstreamFacts) -> UpstreamView {
-        let head = u.head.as_ref();
         UpstreamView {
             name: u.name.clone(),
-            url: u.url.clone(),
-            branch: u.branch.clone(),
+            repo: RepoView::from(&u.repo),
             platforms: u.platforms.clone(),
-            head: head.map(|h| h.commit.clone()).unwrap_or_default(),
-            head_short: head
-                .map(|h| short(&h.commit).to_owned())
-                .unwrap_or_default(),
-            head_seen_at_ms: head.map_or(0, |h| h.seen_at_ms),
-            head_seen_at: view::rfc3339(head.map_or(0, |h| h.seen_at_ms)),
-            poll_error: u.poll_error.clone(),
             commits: u
                 .commits
                 .iter()
@@ -255,12 +233,8 @@ pub(crate) fn upstreams(site: &Site) -> Result<UpstreamsView, PipelineError> {
             .unwrap_or_default();
         upstreams.push(UpstreamSummary {
             name: u.name,
-            url: u.url,
-            branch: u.branch,
+            repo: u.repo,
             platforms: u.platforms,
-            head: u.head,
-            head_short: u.head_short,
-            poll_error: u.poll_error,
             head_builds,
             bisections: u.bisections.len(),
         });
