@@ -95,6 +95,27 @@ impl Pipeline {
         })
     }
 
+    /// The commits polling saw as `upstream`'s head, newest first, at most
+    /// `limit`. Reads every `hh/u/<upstream>/…` key (one small key per head
+    /// ever seen: the order is their values, not their keys).
+    pub(super) fn recent_heads(
+        &self,
+        upstream: &str,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        let prefix = seq_key(Repo::Upstream, upstream, "");
+        let mut heads = Vec::new();
+        for item in self.inner.heads.scan_raw(&prefix) {
+            let (k, v) = item?;
+            let seq = v.as_ref().try_into().map(u64::from_be_bytes).unwrap_or(0);
+            let commit = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+            heads.push((seq, commit));
+        }
+        heads.sort_unstable_by(|a, b| b.cmp(a));
+        heads.truncate(limit);
+        Ok(heads.into_iter().map(|(_, c)| c).collect())
+    }
+
     fn set_poll_error(&self, what: String, error: String) {
         let mut errors = self
             .inner

@@ -41,9 +41,13 @@ use crate::auth::secret;
 use crate::config::WebSection;
 
 pub(crate) mod agents;
+#[cfg(test)]
+mod page_tests;
+pub(crate) mod project;
 pub(crate) mod site;
 pub(crate) mod subscribe;
 pub(crate) mod unsubscribe;
+pub(crate) mod upstream;
 pub(crate) mod view;
 
 use site::{Site, SiteCell};
@@ -358,6 +362,8 @@ fn router(handlers: Handlers) -> Router {
         .merge(agents::routes())
         .merge(subscribe::routes())
         .merge(unsubscribe::routes())
+        .merge(project::routes())
+        .merge(upstream::routes())
         .route(
             "/static/style.css",
             get(|| async { view::asset("text/css; charset=utf-8", view::STYLE_CSS) }),
