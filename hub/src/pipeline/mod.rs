@@ -43,8 +43,9 @@ pub(crate) mod git;
 mod intake;
 mod jobs;
 mod poll;
+mod runs;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -68,6 +69,7 @@ use crate::store::{Store, StoreError, Table, trees};
 pub(crate) use git::GitError;
 use git::{Git, Repos};
 use poll::Repo;
+pub(crate) use runs::RunFacts;
 
 /// Finished jobs taken from the inbox per round (each record may carry a
 /// few MiB of report files).

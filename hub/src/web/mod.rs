@@ -41,6 +41,7 @@ use crate::auth::secret;
 use crate::config::WebSection;
 
 pub(crate) mod agents;
+pub(crate) mod run;
 pub(crate) mod site;
 pub(crate) mod view;
 
@@ -351,6 +352,7 @@ impl IntoResponse for Starting {
 fn router(handlers: Handlers) -> Router {
     Router::new()
         .merge(agents::routes())
+        .merge(run::routes())
         .route(
             "/static/style.css",
             get(|| async { view::asset("text/css; charset=utf-8", view::STYLE_CSS) }),
