@@ -16,8 +16,8 @@ pub(crate) struct RunFacts {
     pub(crate) key: Option<JobKey>,
     /// A test job's run with every test case: as `results` recorded it,
     /// or, for a job whose run is not in its series (a re-run, a
-    /// bisection's run, one not taken in yet), read from its own reports
-    /// the way intake reads them.
+    /// bisection's run) while its record still holds its reports (until the
+    /// pipeline took it in), read from them the way intake reads them.
     pub(crate) run: Option<RunRecord>,
     /// The run is the one `results` recorded (not read from the reports).
     pub(crate) recorded: bool,
@@ -71,7 +71,14 @@ impl Pipeline {
                     _ => 0,
                 };
                 facts.build = build.filter(|b| b.job_id == facts.runtime_job);
-                if facts.run.is_none() && rec.result.is_some() {
+                // Report files leave a job's record once the pipeline took
+                // it in (`dispatch::JobTable::ack_inbox`): a re-run's cases
+                // are only there until then.
+                let reports = rec
+                    .result
+                    .as_ref()
+                    .is_some_and(|r| r.reports.iter().any(|f| !f.data.is_empty()));
+                if facts.run.is_none() && reports {
                     facts.run = Self::run_of_reports(rec, key.clone()).await;
                 }
             }

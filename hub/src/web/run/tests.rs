@@ -174,7 +174,9 @@ async fn the_went_red_mails_run_link_opens_the_run_the_api_says_the_same() {
     let (_, rerun) = get_json(&site, &format!("/api/v1/runs/{again}")).await;
     assert_eq!(s(&rerun, "kind"), "rerun");
     assert_eq!(rerun["confirmation"]["original"], went_red.job_id);
-    assert_eq!(s(&rerun["tests"]["cases"][0], "status"), "failed");
+    // Its reports left its record when the pipeline took it in; nothing
+    // claims they were broken.
+    assert_eq!(rerun["tests"]["report_error"], "", "{rerun:#}");
 }
 
 #[tokio::test]
