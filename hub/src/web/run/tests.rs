@@ -229,6 +229,12 @@ async fn a_queued_job_says_why_it_waits_and_an_unknown_one_is_404() {
     }
     let (status, body) = get(&site, &format!("/api/v1/runs/{id}/log?offset=-1")).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    // The live tail's script is served by the hub itself.
+    let (status, script) = get(&site, "/static/tail.js").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(script.contains("next_offset"));
+    let (_, page) = get(&site, &format!("/runs/{id}")).await;
+    assert!(page.contains("<script src=\"/static/tail.js\" defer></script>"));
 }
 
 #[tokio::test]
@@ -249,7 +255,7 @@ async fn the_log_is_paged_from_its_end_and_the_api_pages_it_the_same() {
     for n in 0..20_000 {
         log.push_str(&format!("line {n:05}\n"));
     }
-    log.insert_str(LOG_PAGE as usize - 1, "é");
+    log.insert(LOG_PAGE as usize - 1, 'é');
     for (seq, piece) in log.as_bytes().chunks(10 * 1024).enumerate() {
         site.logs
             .append(LogChunk {
