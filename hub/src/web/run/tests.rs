@@ -54,6 +54,30 @@ fn s<'a>(v: &'a Value, key: &str) -> &'a str {
     v[key].as_str().unwrap_or_else(|| panic!("{key} in {v:#}"))
 }
 
+/// The "The run:" link of the mail about transition `t`, as a path.
+fn mail_run_link(t: &crate::results::Transition) -> String {
+    let mail = render::transition(
+        t,
+        &render::Context {
+            branch: "main",
+            log: &render::Quote::Nothing,
+            run: None,
+            public_url: "http://hub.test",
+            unsubscribe_url: "http://hub.test/unsubscribe?token=x",
+            reminder: None,
+            follow_up: false,
+        },
+    );
+    mail.text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("The run:"))
+        .unwrap_or_else(|| panic!("{}", mail.text))
+        .trim()
+        .strip_prefix("http://hub.test")
+        .unwrap()
+        .to_owned()
+}
+
 #[tokio::test]
 async fn the_went_red_mails_run_link_opens_the_run_the_api_says_the_same() {
     let f: Farm = regressed_farm().await;
@@ -66,27 +90,7 @@ async fn the_went_red_mails_run_link_opens_the_run_the_api_says_the_same() {
         .find(|t| t.kind == TransitionKind::WentRed as i32)
         .unwrap();
     // The link the went-red mail carries.
-    let mail = render::transition(
-        &went_red,
-        &render::Context {
-            branch: "main",
-            log: &render::Quote::Nothing,
-            run: None,
-            public_url: "http://hub.test",
-            unsubscribe_url: "http://hub.test/unsubscribe?token=x",
-            reminder: None,
-            follow_up: false,
-        },
-    );
-    let link = mail
-        .text
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("The run:"))
-        .unwrap_or_else(|| panic!("{}", mail.text))
-        .trim()
-        .strip_prefix("http://hub.test")
-        .unwrap()
-        .to_owned();
+    let link = mail_run_link(&went_red);
     assert_eq!(link, format!("/runs/{}", went_red.job_id));
 
     let (status, page) = get(&site, &link).await;
@@ -174,6 +178,18 @@ async fn the_went_red_mails_run_link_opens_the_run_the_api_says_the_same() {
     let (_, rerun) = get_json(&site, &format!("/api/v1/runs/{again}")).await;
     assert_eq!(s(&rerun, "kind"), "rerun");
     assert_eq!(rerun["confirmation"]["original"], went_red.job_id);
+    // A runtime build's mail links its build's page.
+    let build_t = site
+        .pipeline
+        .transitions("rt", "", 100, true)
+        .unwrap()
+        .into_iter()
+        .find(|t| t.project.is_empty())
+        .unwrap();
+    let (status, b) = get_json(&site, &format!("/api/v1{}", mail_run_link(&build_t))).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(s(&b, "kind"), "build");
+    assert_eq!(b["id"], build_t.job_id);
     // Its reports left its record when the pipeline took it in; nothing
     // claims they were broken.
     assert_eq!(rerun["tests"]["report_error"], "", "{rerun:#}");
