@@ -37,7 +37,7 @@
 
 mod deliver;
 mod record;
-mod render;
+pub(crate) mod render;
 mod subscribe;
 #[cfg(test)]
 mod tests;

@@ -44,6 +44,7 @@ mod intake;
 mod jobs;
 mod poll;
 mod query;
+mod runs;
 #[cfg(test)]
 pub(crate) mod tests;
 
@@ -70,6 +71,7 @@ pub(crate) use git::GitError;
 use git::{Git, Repos};
 use poll::Repo;
 pub(crate) use query::{ProjectFacts, RepoFacts, SeriesFacts, UpstreamFacts};
+pub(crate) use runs::RunFacts;
 
 /// Finished jobs taken from the inbox per round (each record may carry a
 /// few MiB of report files).

@@ -2519,3 +2519,39 @@ async fn a_bisection_redelivered_and_restarted_at_every_step_repeats_nothing() {
     }
     assert!(builds <= 7, "{builds}");
 }
+
+/// For the dashboard's tests (`web/`): the farm's owners as the pages read
+/// them.
+impl Farm {
+    pub(crate) fn site(&self) -> crate::web::site::Site {
+        crate::web::site::Site {
+            pipeline: self.pipeline.clone(),
+            dispatch: self.dispatch.clone(),
+            credentials: self.credentials.clone(),
+            notifier: self.notifier.clone(),
+            logs: self.logs.clone(),
+        }
+    }
+}
+
+/// For the dashboard's tests: shouter green on a first runtime, then red on
+/// the next one and classed regressed by its re-runs (a went-red mailed to
+/// its maintainer), run by two enrolled trusted agents, `alice-box` and
+/// `bob-box` (the unnamed `a` is held back).
+pub(crate) async fn regressed_farm() -> Farm {
+    let mut f = Farm::new().await;
+    f.join("alice-box", true).await;
+    f.join("bob-box", true).await;
+    f.dispatch.set_quarantined("a", true).await.unwrap();
+    green_trunk(&mut f).await;
+    f.git.commit(RT);
+    f.pipeline.poll_upstream(0).await;
+    f.run_jobs(passed).await;
+    f.take_in().await;
+    f.run_jobs(shouter_red).await;
+    f.take_in().await;
+    f.run_jobs(regressed).await;
+    f.take_in().await;
+    assert_eq!(f.went_red("shouter").len(), 1);
+    f
+}

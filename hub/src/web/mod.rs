@@ -44,6 +44,7 @@ pub(crate) mod agents;
 #[cfg(test)]
 mod page_tests;
 pub(crate) mod project;
+pub(crate) mod run;
 pub(crate) mod site;
 pub(crate) mod subscribe;
 pub(crate) mod unsubscribe;
@@ -364,6 +365,7 @@ fn router(handlers: Handlers) -> Router {
         .merge(unsubscribe::routes())
         .merge(project::routes())
         .merge(upstream::routes())
+        .merge(run::routes())
         .route(
             "/static/style.css",
             get(|| async { view::asset("text/css; charset=utf-8", view::STYLE_CSS) }),
