@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use trunkfarm_e2e::browser::{self, Browser, DESKTOP, GridCell, PHONE};
 use trunkfarm_e2e::farm::{self, RUNTIME, Repos};
-use trunkfarm_e2e::{Agent, Hub, s, u};
+use trunkfarm_e2e::{Agent, Hub, HubOptions, s, u};
 
 /// How long the pipeline may take for one step (build, fan-out, tests and
 /// their re-runs).
@@ -122,8 +122,9 @@ fn dom_shouter_at<'a>(cells: &'a [GridCell], commit: &str) -> &'a GridCell {
         .unwrap_or_else(|| panic!("no cell at {commit}: {cells:#?}"))
 }
 
-/// Opens `/events` and returns the connection once the response started.
-fn open_events(web: &str) -> TcpStream {
+/// Opens `/events`: the connection once the stream started, or the
+/// status it was refused with.
+fn try_events(web: &str) -> Result<TcpStream, String> {
     let host = web.trim_start_matches("http://");
     let mut stream = TcpStream::connect(host).unwrap();
     write!(stream, "GET /events HTTP/1.1\r\nHost: {host}\r\n\r\n").unwrap();
@@ -131,14 +132,35 @@ fn open_events(web: &str) -> TcpStream {
         .set_read_timeout(Some(Duration::from_millis(500)))
         .unwrap();
     let head = read_until(&mut stream, "\r\n\r\n", Duration::from_secs(10));
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    if !head.starts_with("HTTP/1.1 200") {
+        return Err(head);
+    }
     assert!(
         head.to_ascii_lowercase()
             .contains("content-type: text/event-stream"),
         "{head}"
     );
-    stream
+    Ok(stream)
 }
+
+/// Opens `/events`, waiting for a free stream slot: the browser's own
+/// streams hold theirs until the hub notices the browser is gone.
+fn open_events(web: &str) -> TcpStream {
+    let start = Instant::now();
+    loop {
+        match try_events(web) {
+            Ok(stream) => return stream,
+            Err(head) if head.starts_with("HTTP/1.1 503") && start.elapsed() < STREAM_SLOT => {
+                std::thread::sleep(Duration::from_millis(300));
+            }
+            Err(head) => panic!("/events refused: {head}"),
+        }
+    }
+}
+
+/// How long a closed stream may hold its slot (the keep-alive interval,
+/// when the hub writes and notices, with room).
+const STREAM_SLOT: Duration = Duration::from_secs(40);
 
 /// Reads until `needle` arrived (or `within` passed: panics).
 fn read_until(stream: &mut TcpStream, needle: &str, within: Duration) -> String {
@@ -166,7 +188,14 @@ fn the_grid_after_green_red_and_fixed_in_a_browser() {
         return;
     };
     let repos = Repos::with(&["shouter"]);
-    let hub = Hub::start_with(&repos.config(""), &[]);
+    // 8 web connections: at most 4 live streams.
+    let hub = Hub::start_opts(
+        &repos.config(""),
+        HubOptions {
+            web_toml: "max_connections = 8",
+            ..HubOptions::default()
+        },
+    );
     let mut agents = Vec::new();
     for i in 0..2 {
         let mut a = Agent::enroll(&hub, &format!("d{i}"), &["--trusted"]);
@@ -258,10 +287,20 @@ fn the_grid_after_green_red_and_fixed_in_a_browser() {
             jobs.as_array()
                 .unwrap()
                 .iter()
-                .any(|j| u(j, "id") == job || u(j, "job_id") == job),
+                .any(|j| j["job_id"].as_u64() == Some(job)),
             "job {job} not in job list: {jobs:#}"
         );
     }
+
+    // Live streams may take half the web connections, not more: the fifth
+    // is refused, and pages are still served.
+    let streams: Vec<TcpStream> = (1..4).map(|_| open_events(&web)).collect();
+    let (code, body) = browser::http_get(&format!("{web}/events"));
+    assert_eq!(code, 503, "{body}");
+    assert_eq!(browser::http_get(&format!("{web}/")).0, 200);
+    drop((streams, events));
+    // Their slots come back once they are closed.
+    open_events(&web);
 
     for (name, size) in [("grid-desktop.png", DESKTOP), ("grid-phone.png", PHONE)] {
         browser.screenshot(&format!("{web}/"), &browser::artifact(name), size);
