@@ -681,7 +681,7 @@ async fn the_dashboards_history_shows_the_last_heads_their_builds_and_what_each_
     let c1 = green_trunk(&mut f).await;
     let c2 = f.git.commit(RT);
     let c3 = f.git.commit(RT);
-    let mut changed = f.pipeline.changes();
+    let changed = f.pipeline.changes();
     f.pipeline.poll_upstream(0).await;
     assert!(
         changed.has_changed().unwrap(),
