@@ -189,7 +189,7 @@ fn the_grid_after_green_red_and_fixed_in_a_browser() {
     };
     let repos = Repos::with(&["shouter"]);
     // 8 web connections: at most 4 live streams.
-    let hub = Hub::start_opts(
+    let mut hub = Hub::start_opts(
         &repos.config(""),
         HubOptions {
             web_toml: "max_connections = 8",
@@ -305,4 +305,32 @@ fn the_grid_after_green_red_and_fixed_in_a_browser() {
     for (name, size) in [("grid-desktop.png", DESKTOP), ("grid-phone.png", PHONE)] {
         browser.screenshot(&format!("{web}/"), &browser::artifact(name), size);
     }
+
+    // A stream ends when the hub shuts down (it does not hold the shutdown
+    // up until the web endpoint gives up waiting).
+    let mut live = open_events(&web);
+    // SAFETY: kill(2) on the hub's pid, which this test started.
+    assert_eq!(unsafe { libc::kill(hub.pid() as i32, libc::SIGTERM) }, 0);
+    let start = Instant::now();
+    let mut buf = [0u8; 1024];
+    loop {
+        match live.read(&mut buf) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(_) => {}
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(4),
+            "the stream outlived the hub's shutdown"
+        );
+    }
+    trunkfarm_e2e::wait_until(Duration::from_secs(20), "the hub to exit", || {
+        !hub.is_running()
+    });
+    assert!(
+        !hub.logs().contains("connections still open"),
+        "{}",
+        hub.logs()
+    );
 }
