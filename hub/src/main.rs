@@ -17,6 +17,9 @@ mod repo_credentials;
 // Under everything: the database, the config, the disk's reserve.
 mod store;
 
+// "Something shown changed": the dashboard's live updates.
+mod changes;
+
 mod config;
 
 mod space;

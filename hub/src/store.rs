@@ -95,7 +95,9 @@ pub(crate) mod trees {
     pub(crate) const ARTIFACTS: &str = "artifacts";
     /// `pipeline`: `h/u/<upstream>` and `h/p/<project>` → branch head last
     /// seen by polling, `hh/u/<upstream>/<commit>` (and `hh/p/…`) → 8-byte
-    /// big-endian sequence number: when polling first saw it as the head.
+    /// big-endian sequence number: when polling first saw it as the head,
+    /// `hs/u/<upstream>/<sequence>` → that commit (the heads in the order
+    /// seen: the dashboard's newest columns).
     pub(crate) const PIPELINE: &str = "pipeline";
     /// `results`: `b/<upstream>/<platform>/<commit>` → build,
     /// `bl/<upstream>/<platform>` → newest build, `bg/…` → newest passed

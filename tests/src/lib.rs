@@ -36,6 +36,7 @@ pub use serde_json;
 pub use tonic;
 pub use trunkfarm_proto as proto;
 
+pub mod browser;
 pub mod farm;
 pub mod git_http;
 pub mod hostile;
@@ -128,6 +129,13 @@ fn profile_dir() -> (PathBuf, String) {
         })
         .unwrap_or_else(|| workspace_root().join("target"));
     (target.join("debug"), "debug".into())
+}
+
+/// The cargo target directory (`target/`) the tests were built in:
+/// where test artifacts go (`target/test-artifacts/`).
+pub fn target_dir() -> PathBuf {
+    let (profile, _) = profile_dir();
+    profile.parent().map(Path::to_path_buf).unwrap_or(profile)
 }
 
 fn build_bins() -> Result<Bins, String> {

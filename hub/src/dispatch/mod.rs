@@ -118,6 +118,8 @@ struct Shared {
     /// Jobs finished durably since the hub started (`/metrics`; the
     /// benchmark's clock stops when it reaches the jobs it submitted).
     finished_total: std::sync::atomic::AtomicU64,
+    /// Bumped once a change of jobs is durable (the dashboard's live updates).
+    changes: crate::changes::Changes,
 }
 
 impl Dispatcher {
@@ -144,6 +146,7 @@ impl Dispatcher {
             settings,
             finished: Arc::new(tokio::sync::Notify::new()),
             finished_total: std::sync::atomic::AtomicU64::new(0),
+            changes: crate::changes::Changes::default(),
         });
         tokio::spawn(reap_leases(Arc::downgrade(&shared)));
         Ok(Dispatcher { shared })
@@ -173,6 +176,7 @@ impl Dispatcher {
     /// Makes everything durable, then sends what the change produced.
     async fn deliver(&self, eff: Effects) -> Result<(), StoreError> {
         self.shared.table.store().commit().await?;
+        self.shared.changes.bump();
         eff.messages.send();
         if !eff.finished.is_empty() {
             self.shared.finished_total.fetch_add(
@@ -457,7 +461,18 @@ impl Dispatcher {
     /// The agent started a leased job. Recorded without waiting for the disk:
     /// losing it in a crash only makes the job show as leased.
     pub(crate) fn started(&self, agent_id: &str, job: &JobRef) -> Result<(), StoreError> {
-        self.lock().jobs.started(&self.shared.table, agent_id, job)
+        self.lock()
+            .jobs
+            .started(&self.shared.table, agent_id, job)?;
+        self.shared.changes.bump();
+        Ok(())
+    }
+
+    /// Bumped whenever jobs changed durably (queued, leased, started,
+    /// finished, cancelled) or an agent connected: what the dashboard's
+    /// live updates watch.
+    pub(crate) fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.shared.changes.subscribe()
     }
 
     /// Records an agent's result exactly once. A resend of an already

@@ -60,11 +60,11 @@ use crate::auth::credentials::{Credentials, QuarantineRule};
 use crate::commit::short;
 use crate::config::{HubConfig, ProjectConfig, UpstreamConfig};
 use crate::dispatch::{DispatchError, Dispatcher, JobRecord, JobResultRecord};
-use crate::job_key::{JobKey, RerunKind};
+use crate::job_key::{JobKey, RerunKind, TEST_PREFIX};
 use crate::notify::Notifier;
 use crate::results::{
-    Breakage, BuildInfo, Commit, Finished, Grid, GridSeries, Recorded, Results, Transition,
-    UpstreamRow,
+    Breakage, BuildInfo, Commit, Finished, Grid, GridSeries, HistoryRequest, OpenRun, Recorded,
+    Results, Transition, UpstreamHistory, UpstreamRow,
 };
 use crate::store::{Store, StoreError, Table, trees};
 pub(crate) use git::GitError;
@@ -109,6 +109,15 @@ pub(crate) enum PipelineError {
     /// A request that cannot be carried out as asked (says what to do).
     #[error("{0}")]
     Invalid(String),
+}
+
+/// An unfinished test job, as its key names it.
+struct OpenTest {
+    project: String,
+    upstream: String,
+    platform: String,
+    upstream_commit: String,
+    job_id: u64,
 }
 
 /// What [`Pipeline::build`] did.
@@ -209,7 +218,7 @@ impl Pipeline {
         notifier: Notifier,
         git: Arc<dyn Repos>,
     ) -> Result<Pipeline, StoreError> {
-        Ok(Pipeline {
+        let pipeline = Pipeline {
             inner: Arc::new(Inner {
                 upstreams: config.upstreams.clone(),
                 projects: config.projects.clone(),
@@ -229,7 +238,11 @@ impl Pipeline {
                 runtimes: tokio::sync::Mutex::new(()),
                 poll_errors: Mutex::new(HashMap::new()),
             }),
-        })
+        };
+        for u in &pipeline.inner.upstreams {
+            pipeline.index_head_order(&u.name)?;
+        }
+        Ok(pipeline)
     }
 
     fn upstream(&self, name: &str) -> Result<&UpstreamConfig, PipelineError> {
@@ -529,17 +542,7 @@ impl Pipeline {
             if !only_upstream.is_empty() && u.name != only_upstream {
                 continue;
             }
-            let head = self.head(Repo::Upstream, &u.name)?;
-            let info = UpstreamRow {
-                name: u.name.clone(),
-                url: git::redact_url(&u.url),
-                branch: u.branch.clone(),
-                platforms: u.platforms.clone(),
-                head: head.as_ref().map(|h| h.commit.clone()).unwrap_or_default(),
-                head_seen_at_ms: head.map(|h| h.seen_at_ms).unwrap_or_default(),
-                poll_error: self.poll_error(Repo::Upstream, &u.name),
-                ..Default::default()
-            };
+            let info = self.upstream_row(u)?;
             let mut series = Vec::new();
             for p in self
                 .inner
@@ -563,6 +566,106 @@ impl Pipeline {
             .inner
             .results
             .status(rows, |job| dispatch.waiting(job))?)
+    }
+
+    /// An upstream as the status grid and the dashboard describe it (its
+    /// builds not filled).
+    fn upstream_row(&self, u: &UpstreamConfig) -> Result<UpstreamRow, StoreError> {
+        let head = self.head(Repo::Upstream, &u.name)?;
+        Ok(UpstreamRow {
+            name: u.name.clone(),
+            url: git::redact_url(&u.url),
+            branch: u.branch.clone(),
+            platforms: u.platforms.clone(),
+            head: head.as_ref().map(|h| h.commit.clone()).unwrap_or_default(),
+            head_seen_at_ms: head.map(|h| h.seen_at_ms).unwrap_or_default(),
+            poll_error: self.poll_error(Repo::Upstream, &u.name),
+            ..Default::default()
+        })
+    }
+
+    /// The unfinished test jobs (not their re-runs or bisection runs), from
+    /// dispatch's open keys.
+    fn open_tests(&self) -> Vec<OpenTest> {
+        self.inner
+            .dispatch
+            .open_keys(TEST_PREFIX)
+            .into_iter()
+            .filter_map(|(k, job_id)| match JobKey::parse(&k) {
+                Some(JobKey::Test {
+                    project,
+                    upstream,
+                    platform,
+                    upstream_commit,
+                    ..
+                }) => Some(OpenTest {
+                    project,
+                    upstream,
+                    platform,
+                    upstream_commit,
+                    job_id,
+                }),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The dashboard's grid: per upstream, the last `commits` heads polling
+    /// saw (newest first) with their builds, and every configured (project,
+    /// platform) with its newest runs and open test jobs. Bounded: `commits`
+    /// heads and builds per platform, `4 × commits` runs per series.
+    pub(crate) fn history(&self, commits: usize) -> Result<Vec<UpstreamHistory>, PipelineError> {
+        let open = self.open_tests();
+        let dispatch = &self.inner.dispatch;
+        let mut asked = Vec::new();
+        for u in &self.inner.upstreams {
+            let heads = self.recent_heads(&u.name, commits)?;
+            let mut series = Vec::new();
+            for p in self
+                .inner
+                .projects
+                .iter()
+                .filter(|p| p.tests_against(&u.name))
+            {
+                for platform in p.platforms_for(u) {
+                    let open = open
+                        .iter()
+                        .filter(|t| {
+                            t.project == p.name && t.upstream == u.name && t.platform == platform
+                        })
+                        .map(|t| OpenRun {
+                            upstream_commit: t.upstream_commit.clone(),
+                            job_id: t.job_id,
+                            waiting: dispatch.waiting(t.job_id),
+                        })
+                        .collect();
+                    series.push((p.name.clone(), platform.to_owned(), open));
+                }
+            }
+            asked.push(HistoryRequest {
+                row: self.upstream_row(u)?,
+                commits: heads
+                    .into_iter()
+                    .map(|h| Commit {
+                        sha: h.commit,
+                        ..Default::default()
+                    })
+                    .collect(),
+                series,
+            });
+        }
+        Ok(self
+            .inner
+            .results
+            .history(asked, commits.saturating_mul(4), |job| {
+                dispatch.waiting(job)
+            })?)
+    }
+
+    /// Woken whenever a result, a build or a new upstream head is recorded
+    /// (the dashboard's live updates; jobs' own changes are dispatch's).
+    pub(crate) fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.results.changes().subscribe()
     }
 
     /// Which projects went red at an upstream commit (or a prefix of its

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::Pipeline;
 use crate::commit::short;
-use crate::store::{StoreError, now_ms};
+use crate::store::{StoreError, id_key, now_ms};
 
 /// A branch head as last seen.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -56,7 +56,78 @@ fn seq_key(repo: Repo, name: &str, commit: &str) -> String {
     format!("hh/{}/{name}/{commit}", repo.tag())
 }
 
+/// `hs/u/<upstream>/<sequence>` → the commit polling saw as the head then
+/// (sequence as `id_key`: key order is the order heads were seen in), so
+/// the dashboard reads the newest heads without scanning them all.
+fn order_key(upstream: &str, seq: u64) -> String {
+    format!("{}{}", order_prefix(upstream), id_key(seq))
+}
+
+fn order_prefix(upstream: &str) -> String {
+    format!("hs/u/{upstream}/")
+}
+
+/// An upstream commit that was the head, as [`Pipeline::recent_heads`]
+/// lists it.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct SeenHead {
+    /// Full commit hash.
+    pub(crate) commit: String,
+    /// Its place in the order heads were seen in.
+    pub(crate) seq: u64,
+}
+
 impl Pipeline {
+    /// The last `n` commits polling saw as `upstream`'s head, newest first
+    /// (at most `n` keys read).
+    pub(crate) fn recent_heads(
+        &self,
+        upstream: &str,
+        n: usize,
+    ) -> Result<Vec<SeenHead>, StoreError> {
+        let mut out = Vec::new();
+        for item in self
+            .inner
+            .heads
+            .scan_raw(order_prefix(upstream))
+            .rev()
+            .take(n)
+        {
+            let (k, v) = item?;
+            let seq = String::from_utf8_lossy(&k)
+                .rsplit('/')
+                .next()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0);
+            out.push(SeenHead {
+                commit: String::from_utf8_lossy(&v).into_owned(),
+                seq,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Writes the `hs/` order of `upstream`'s heads from their `hh/`
+    /// sequence numbers when it has none (a database from before the
+    /// order was kept). Idempotent; durable with the next commit.
+    pub(super) fn index_head_order(&self, upstream: &str) -> Result<(), StoreError> {
+        let heads = &self.inner.heads;
+        if heads.keys(order_prefix(upstream)).next().is_some() {
+            return Ok(());
+        }
+        let prefix = format!("hh/{}/{upstream}/", Repo::Upstream.tag());
+        let mut batch = sled::Batch::default();
+        for item in heads.scan_raw(&prefix) {
+            let (k, v) = item?;
+            let key = String::from_utf8_lossy(&k);
+            let commit = key.trim_start_matches(&prefix);
+            if let Ok(seq) = v.as_ref().try_into().map(u64::from_be_bytes) {
+                batch.insert(order_key(upstream, seq).as_bytes(), commit.as_bytes());
+            }
+        }
+        heads.apply(batch)
+    }
+
     /// The head last seen of an upstream's or project's branch.
     pub(super) fn head(&self, repo: Repo, name: &str) -> Result<Option<Head>, StoreError> {
         self.inner.heads.get(head_key(repo, name))
@@ -79,9 +150,13 @@ impl Pipeline {
         if !heads.contains(&seq_key)? {
             let seq = heads.store().next_id()?;
             batch.insert(seq_key.as_bytes(), &seq.to_be_bytes());
+            if repo == Repo::Upstream {
+                batch.insert(order_key(name, seq).as_bytes(), commit.as_bytes());
+            }
         }
         heads.apply(batch)?;
         heads.store().commit().await?;
+        self.inner.results.changes().bump();
         Ok(true)
     }
 
@@ -93,27 +168,6 @@ impl Pipeline {
             Some(raw) => raw.as_ref().try_into().map(u64::from_be_bytes).unwrap_or(0),
             None => 0,
         })
-    }
-
-    /// The commits polling saw as `upstream`'s head, newest first, at most
-    /// `limit`. Reads every `hh/u/<upstream>/…` key (one small key per head
-    /// ever seen: the order is their values, not their keys).
-    pub(super) fn recent_heads(
-        &self,
-        upstream: &str,
-        limit: usize,
-    ) -> Result<Vec<String>, StoreError> {
-        let prefix = seq_key(Repo::Upstream, upstream, "");
-        let mut heads = Vec::new();
-        for item in self.inner.heads.scan_raw(&prefix) {
-            let (k, v) = item?;
-            let seq = v.as_ref().try_into().map(u64::from_be_bytes).unwrap_or(0);
-            let commit = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
-            heads.push((seq, commit));
-        }
-        heads.sort_unstable_by(|a, b| b.cmp(a));
-        heads.truncate(limit);
-        Ok(heads.into_iter().map(|(_, c)| c).collect())
     }
 
     fn set_poll_error(&self, what: String, error: String) {

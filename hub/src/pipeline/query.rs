@@ -9,7 +9,7 @@ use trunkfarm_proto::v1::BuildState;
 
 use super::poll::{Head, Repo};
 use super::{Pipeline, PipelineError, git};
-use crate::job_key::{JobKey, TEST_PREFIX};
+
 use crate::results::{Bisection, BuildInfo, Commit, RunInfo, TestNoise, Transition};
 
 /// A series' runs that may have been recorded up to this long before the
@@ -125,19 +125,9 @@ impl Pipeline {
 
     /// Open test jobs by series (project, upstream, platform): the job id.
     pub(super) fn pending_tests(&self) -> HashMap<(String, String, String), u64> {
-        self.inner
-            .dispatch
-            .open_keys(TEST_PREFIX)
+        self.open_tests()
             .into_iter()
-            .filter_map(|(k, id)| match JobKey::parse(&k) {
-                Some(JobKey::Test {
-                    project,
-                    upstream,
-                    platform,
-                    ..
-                }) => Some(((project, upstream, platform), id)),
-                _ => None,
-            })
+            .map(|t| ((t.project, t.upstream, t.platform), t.job_id))
             .collect()
     }
 
@@ -230,7 +220,11 @@ impl Pipeline {
         let results = &self.inner.results;
         let dispatch = &self.inner.dispatch;
         let mut rows = Vec::new();
-        for sha in self.recent_heads(&u.name, commits)? {
+        for sha in self
+            .recent_heads(&u.name, commits)?
+            .into_iter()
+            .map(|h| h.commit)
+        {
             let mut builds = Vec::new();
             for platform in &u.platforms {
                 let mut b = results.build(&u.name, platform, &sha)?;

@@ -697,6 +697,79 @@ async fn a_failed_run_after_a_green_one_went_red_naming_the_culprit_range() {
 }
 
 #[tokio::test]
+async fn the_dashboards_history_shows_the_last_heads_their_builds_and_what_each_run_caused() {
+    let mut f = Farm::new().await;
+    let c1 = green_trunk(&mut f).await;
+    let c2 = f.git.commit(RT);
+    let c3 = f.git.commit(RT);
+    let changed = f.pipeline.changes();
+    f.pipeline.poll_upstream(0).await;
+    assert!(
+        changed.has_changed().unwrap(),
+        "a new head wakes the dashboard"
+    );
+    f.run_jobs(passed).await;
+    f.take_in().await;
+    // shouter's test of c3 is open: the history says so, with no reason
+    // to wait (an agent is connected and takes it).
+    let open = f.pipeline.history(8).unwrap();
+    let shouter = open[0]
+        .series
+        .iter()
+        .find(|s| s.project == "shouter")
+        .unwrap();
+    assert_eq!(shouter.open.len(), 1, "{shouter:?}");
+    assert_eq!(shouter.open[0].upstream_commit, c3);
+    f.run_jobs(shouter_red).await;
+    f.take_in().await;
+    f.run_jobs(regressed).await;
+    f.take_in().await;
+
+    let h = f.pipeline.history(8).unwrap();
+    assert_eq!(h.len(), 1);
+    let rt = &h[0];
+    // Polling saw c1 and c3 (never c2): newest first; c3's subject is
+    // known from the went-red's culprit range.
+    let shas: Vec<&str> = rt.commits.iter().map(|c| c.sha.as_str()).collect();
+    assert_eq!(shas, [c3.as_str(), c1.as_str()]);
+    assert!(!rt.commits[0].subject.is_empty(), "{:?}", rt.commits[0]);
+    // Both commits built on both platforms.
+    assert_eq!(rt.builds.len(), 4, "{:?}", rt.builds);
+    let shouter = rt.series.iter().find(|s| s.project == "shouter").unwrap();
+    assert!(shouter.open.is_empty());
+    let red = &shouter.runs[0];
+    assert_eq!(red.upstream_commit, c3);
+    let t = shouter
+        .transitions
+        .iter()
+        .find(|t| t.job_id == red.job_id)
+        .expect("the red run's transition");
+    assert_eq!(kind(t), TransitionKind::WentRed);
+    let culprits: Vec<&str> = t.culprits.iter().map(|c| c.sha.as_str()).collect();
+    assert_eq!(culprits, [c2.as_str(), c3.as_str()]);
+    assert_eq!(shouter.runs.last().unwrap().upstream_commit, c1);
+    // Bounded: one head asked, one head given.
+    assert_eq!(f.pipeline.history(1).unwrap()[0].commits.len(), 1);
+
+    // A database from before the heads' order was kept gets it at start.
+    let order: Vec<_> = f.pipeline.inner.heads.keys("hs/").collect();
+    assert_eq!(order.len(), 2);
+    for k in order {
+        f.pipeline.inner.heads.sled().remove(k.unwrap()).unwrap();
+    }
+    assert!(f.pipeline.recent_heads("rt", 8).unwrap().is_empty());
+    f.restart().await;
+    let heads: Vec<String> = f
+        .pipeline
+        .recent_heads("rt", 8)
+        .unwrap()
+        .into_iter()
+        .map(|h| h.commit)
+        .collect();
+    assert_eq!(heads, [c3, c1]);
+}
+
+#[tokio::test]
 async fn a_redelivered_finished_build_fans_out_once_and_records_once() {
     let mut f = Farm::new().await;
     f.git.commit(ADDER);

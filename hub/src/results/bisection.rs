@@ -203,7 +203,7 @@ impl Results {
             }
             self.table.put(key, &b)?;
         }
-        self.table.store().commit().await
+        self.committed().await
     }
 
     /// A member's answer: its transition shows `answer`, the member is
@@ -237,7 +237,7 @@ impl Results {
             self.table.apply_with(batch, sink.table(), theirs)?;
             t
         };
-        self.table.store().commit().await?;
+        self.committed().await?;
         Ok(Some(t))
     }
 

@@ -47,10 +47,14 @@ pub(crate) use bisection::{Bisection, Member, PointBuild, PointRun};
 pub(crate) use classify::{CulpritRange, SeriesState, run_status};
 pub(crate) use confirm::{ConfirmState, Confirmation, Hold, Judged, Rerun, Rules, Said};
 pub(crate) use noise::{FlakyRule, Noise, TestNoise, wire as noise_wire};
-pub(crate) use query::{Breakage, Grid, GridSeries, UpstreamRow};
+pub(crate) use query::{
+    Breakage, Grid, GridSeries, HistoryRequest, OpenRun, SeriesHistory, UpstreamHistory,
+    UpstreamRow,
+};
 pub(crate) use records::{Bisect, BisectState};
 pub(crate) use records::{BuildInfo, Class, Commit, RunInfo, TestCase, Transition};
 
+use crate::changes::Changes;
 use crate::job_key::RerunKind;
 use crate::store::{StoreError, Table, now_ms};
 use keys::Pointer;
@@ -233,6 +237,8 @@ pub(crate) struct Results {
     writing: Arc<Mutex<()>>,
     /// Per project: when a test is known flaky (the default for others).
     flaky: Arc<HashMap<String, FlakyRule>>,
+    /// Bumped after every durable write (the dashboard's live updates).
+    changes: Changes,
 }
 
 impl Results {
@@ -243,7 +249,22 @@ impl Results {
             recording: Arc::default(),
             writing: Arc::default(),
             flaky: Arc::default(),
+            changes: Changes::default(),
         })
+    }
+
+    /// Makes the writes applied so far durable, then says so to
+    /// [`Results::changes`]' watchers.
+    async fn committed(&self) -> Result<(), StoreError> {
+        self.table.store().commit().await?;
+        self.changes.bump();
+        Ok(())
+    }
+
+    /// Bumped after every durable write of this tree (and by the pipeline
+    /// for a new upstream head): what the dashboard's live updates watch.
+    pub(crate) fn changes(&self) -> &Changes {
+        &self.changes
     }
 
     /// The same, judging known flaky tests per project by `rules`
@@ -352,7 +373,7 @@ impl Results {
             self.stage_build(&mut batch, &build)?;
             self.table.apply(batch)?;
         }
-        self.table.store().commit().await?;
+        self.committed().await?;
         Ok(Some(build))
     }
 
@@ -532,7 +553,7 @@ impl Results {
                 let _w = self.write_lock();
                 self.table.apply(batch)?;
             }
-            self.table.store().commit().await?;
+            self.committed().await?;
             return Ok(Recorded::New(None));
         };
         // Only trusted agents' word measures noise: a volunteer's false red
@@ -753,7 +774,7 @@ impl Results {
             }
             transition
         };
-        self.table.store().commit().await?;
+        self.committed().await?;
         Ok(transition)
     }
 }

@@ -72,6 +72,66 @@ pub(crate) struct Cell {
     pub(crate) flaky_tests: u32,
 }
 
+/// What the dashboard's grid shows of one upstream: its recent heads, their
+/// builds, and the recent history of each series tested against it.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct UpstreamHistory {
+    /// The upstream as the status grid describes it (builds not filled).
+    pub(crate) row: UpstreamRow,
+    /// The last heads polling saw, newest first; the subject when a loaded
+    /// transition's culprit range or bisection names the commit.
+    pub(crate) commits: Vec<Commit>,
+    /// The builds of those commits, every platform that has one; a pending
+    /// one whose job no agent has yet says why it waits.
+    pub(crate) builds: Vec<BuildInfo>,
+    /// Every series tested against it, in the order asked.
+    pub(crate) series: Vec<SeriesHistory>,
+}
+
+/// A series' recent history.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct SeriesHistory {
+    /// The project tested.
+    pub(crate) project: String,
+    /// The platform tested on.
+    pub(crate) platform: String,
+    /// Its newest runs, newest first (summaries, at most the limit asked).
+    pub(crate) runs: Vec<RunInfo>,
+    /// The transitions those runs caused (by `job_id`), and the went-red
+    /// transitions the red ones are red since (by `id`).
+    pub(crate) transitions: Vec<Transition>,
+    /// Its unfinished test jobs (the caller's, from dispatch), each with
+    /// why it waits when no agent has it yet.
+    pub(crate) open: Vec<OpenRun>,
+}
+
+/// An unfinished test job of a series.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct OpenRun {
+    /// The upstream commit of the runtime it tests.
+    pub(crate) upstream_commit: String,
+    /// Its job.
+    pub(crate) job_id: u64,
+    /// Queued: why no agent has it (dispatch's words); `None`: running.
+    pub(crate) waiting: Option<String>,
+}
+
+/// What [`Results::history`] is asked about one upstream.
+#[derive(Clone, Debug)]
+pub(crate) struct HistoryRequest {
+    /// The upstream's row (name, platforms, poll error, …).
+    pub(crate) row: UpstreamRow,
+    /// The commits shown, newest first.
+    pub(crate) commits: Vec<Commit>,
+    /// The series shown: (project, platform, its open test jobs).
+    pub(crate) series: Vec<(String, String, Vec<OpenRun>)>,
+}
+
+/// How many of the newest transitions [`Results::history`] reads at most
+/// (each run shown finds the transition it caused among them; older ones
+/// are not looked for).
+const HISTORY_TRANSITIONS: usize = 2000;
+
 /// Which series went red at some upstream commits.
 #[derive(Clone, Debug)]
 pub(crate) struct Breakage {
@@ -107,6 +167,28 @@ fn blames(t: &Transition, commits: &HashSet<&str>) -> Option<bool> {
         Some(b) if !b.candidates.is_empty() => b.candidates.iter().any(named),
         _ => true,
     })
+}
+
+/// Fills in the subjects of `commits` that `transitions`' culprit ranges
+/// or bisections name (polling sees hashes only).
+fn name_subjects<'a>(commits: &mut [Commit], transitions: impl Iterator<Item = &'a Transition>) {
+    let mut subjects: std::collections::HashMap<&str, &Commit> = Default::default();
+    for t in transitions {
+        let bisect = t
+            .bisect
+            .iter()
+            .flat_map(|b| b.first_bad.iter().chain(&b.candidates));
+        for c in t.culprits.iter().chain(bisect) {
+            subjects.insert(c.sha.as_str(), c);
+        }
+    }
+    for c in commits.iter_mut().filter(|c| c.subject.is_empty()) {
+        if let Some(known) = subjects.get(c.sha.as_str()) {
+            c.subject = known.subject.clone();
+            c.author = known.author.clone();
+            c.time_ms = known.time_ms;
+        }
+    }
 }
 
 impl From<Grid> for v1::GetStatusResponse {
@@ -230,6 +312,114 @@ impl Results {
         })
     }
 
+    /// The recent history of every upstream asked: each shown commit's
+    /// builds and each series' newest `runs_per_series` runs with the
+    /// transitions they caused. Bounded: per upstream, commits × platforms
+    /// builds and `runs_per_series` runs per series, and at most
+    /// [`HISTORY_TRANSITIONS`] transitions read in all (plus the went-red
+    /// transitions of red runs, one read each).
+    pub(crate) fn history(
+        &self,
+        asked: Vec<HistoryRequest>,
+        runs_per_series: usize,
+        waiting: impl Fn(u64) -> Option<String>,
+    ) -> Result<Vec<UpstreamHistory>, StoreError> {
+        let upstreams: HashSet<&str> = asked.iter().map(|a| a.row.name.as_str()).collect();
+        let mut by_job: std::collections::HashMap<u64, Transition> = Default::default();
+        for item in self
+            .table
+            .scan::<Transition>(keys::TRANSITIONS)
+            .rev()
+            .take(HISTORY_TRANSITIONS)
+        {
+            let (_, t) = item?;
+            if upstreams.contains(t.upstream.as_str()) && !t.project.is_empty() {
+                by_job.entry(t.job_id).or_insert(t);
+            }
+        }
+        let mut out = Vec::new();
+        for HistoryRequest {
+            row,
+            mut commits,
+            series,
+        } in asked
+        {
+            let mut builds = Vec::new();
+            for c in &commits {
+                for platform in &row.platforms {
+                    if let Some(mut b) = self.build(&row.name, platform, &c.sha)? {
+                        if b.state == v1::BuildState::Pending as i32 {
+                            b.waiting = waiting(b.job_id).unwrap_or_default();
+                        }
+                        builds.push(b);
+                    }
+                }
+            }
+            let mut shown = Vec::new();
+            for (project, platform, open) in series {
+                let runs = self.recent_runs(&project, &row.name, &platform, runs_per_series)?;
+                let mut transitions: Vec<Transition> = Vec::new();
+                for r in &runs {
+                    let Some(t) = by_job.get(&r.job_id) else {
+                        continue;
+                    };
+                    let since = t.red_since_id;
+                    transitions.push(t.clone());
+                    if since != 0 && !transitions.iter().any(|x| x.id == since) {
+                        let known = by_job.values().find(|x| x.id == since).cloned();
+                        if let Some(went_red) =
+                            known.map_or_else(|| self.transition(since), |t| Ok(Some(t)))?
+                        {
+                            transitions.push(went_red);
+                        }
+                    }
+                }
+                shown.push(SeriesHistory {
+                    project,
+                    platform,
+                    runs,
+                    transitions,
+                    open,
+                });
+            }
+            name_subjects(&mut commits, shown.iter().flat_map(|s| &s.transitions));
+            out.push(UpstreamHistory {
+                row,
+                commits,
+                builds,
+                series: shown,
+            });
+        }
+        Ok(out)
+    }
+
+    /// A series' newest `limit` runs, newest first (summaries: the test
+    /// cases are skipped while reading).
+    pub(crate) fn recent_runs(
+        &self,
+        project: &str,
+        upstream: &str,
+        platform: &str,
+        limit: usize,
+    ) -> Result<Vec<RunInfo>, StoreError> {
+        /// A stored run read without its cases.
+        #[derive(serde::Deserialize)]
+        struct Summary {
+            #[serde(default)]
+            info: RunInfo,
+        }
+        let mut out = Vec::new();
+        for item in self
+            .table
+            .scan::<Summary>(keys::runs(project, upstream, platform))
+            .rev()
+            .take(limit)
+        {
+            out.push(item?.1.info);
+        }
+        Ok(out)
+    }
+
     /// Which series of `upstream` went red blaming one of `commits` (at
     /// one, or with one among the culprits until a bisection answered), and
     /// which were cleared of them by a bisection.
@@ -316,24 +506,6 @@ impl Results {
                     break;
                 }
             }
-        }
-        Ok(out)
-    }
-
-    /// A series' newest runs, newest first, at most `limit` (each with its
-    /// summary only).
-    pub(crate) fn recent_runs(
-        &self,
-        project: &str,
-        upstream: &str,
-        platform: &str,
-        limit: usize,
-    ) -> Result<Vec<RunInfo>, StoreError> {
-        let prefix = keys::runs(project, upstream, platform);
-        let mut out = Vec::new();
-        for item in self.table.scan::<RunRecord>(prefix).rev().take(limit) {
-            let (_, run) = item?;
-            out.push(run.info);
         }
         Ok(out)
     }

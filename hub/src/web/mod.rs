@@ -41,6 +41,8 @@ use crate::auth::secret;
 use crate::config::WebSection;
 
 pub(crate) mod agents;
+pub(crate) mod events;
+pub(crate) mod grid;
 #[cfg(test)]
 mod page_tests;
 pub(crate) mod project;
@@ -200,6 +202,7 @@ pub(crate) async fn serve(
         metrics,
         site,
         metrics_token_hash: settings.metrics_token.as_deref().map(secret::hash),
+        events: events::Streams::new(settings.max_connections, shutdown.clone()),
     });
     let task = tokio::spawn(accept_loop(listener, app, settings, addr, shutdown));
     tracing::info!("web endpoint listening on http://{addr}");
@@ -318,6 +321,8 @@ pub(crate) struct Handlers {
     site: SiteCell,
     /// SHA-256 of the token `/metrics` requires, if any.
     metrics_token_hash: Option<String>,
+    /// `/events` streams: their cap and the shutdown that ends them.
+    events: events::Streams,
 }
 
 /// Renders the hub's metrics in the Prometheus text format.
@@ -333,6 +338,21 @@ impl Handlers {
     pub(crate) fn site_api(&self) -> Result<&Site, Starting> {
         self.site.get().ok_or(Starting::Api)
     }
+}
+
+/// The router over `site` as the hub serves it, for in-process page tests
+/// (no unsubscribe, no metrics, the default `/events` cap).
+#[cfg(test)]
+pub(crate) fn test_router(site: Site) -> Router {
+    let cell = SiteCell::default();
+    assert!(cell.set(site).is_ok());
+    router(Handlers {
+        unsubscribe: unsubscribe_fn(|_| async { Err("not here".to_string()) }),
+        metrics: Arc::new(|| Box::pin(async { String::new() })),
+        site: cell,
+        metrics_token_hash: None,
+        events: events::Streams::new(64, CancellationToken::new()),
+    })
 }
 
 /// The hub has not finished starting: 503, as a page or as JSON.
@@ -366,6 +386,7 @@ fn router(handlers: Handlers) -> Router {
         .merge(project::routes())
         .merge(upstream::routes())
         .merge(run::routes())
+        .merge(grid::routes())
         .route(
             "/static/style.css",
             get(|| async { view::asset("text/css; charset=utf-8", view::STYLE_CSS) }),
@@ -693,12 +714,22 @@ mod tests {
         let r = get(web.addr, "/metrics").await;
         assert_eq!(r.status, 200);
         assert_eq!(r.body, "m 1\n");
-        for path in ["/", "/nope", "/unsubscribe/extra", "/healthz/x"] {
+        for path in ["/nope", "/unsubscribe/extra", "/healthz/x"] {
             let r = get(web.addr, path).await;
             assert_eq!(r.status, 404, "{path}");
             assert_html(&r);
             assert!(r.body.contains("Not found"));
         }
+        // The dashboard's pages wait for the hub to start (the site is
+        // never filled here).
+        for path in ["/", "/grid/fragment", "/events"] {
+            let r = get(web.addr, path).await;
+            assert_eq!(r.status, 503, "{path}");
+            assert_html(&r);
+        }
+        let r = get(web.addr, "/api/v1/status").await;
+        assert_eq!(r.status, 503);
+        assert!(r.body.contains("still starting"), "{}", r.body);
         assert_eq!(calls.load(Ordering::SeqCst), 0);
         shutdown.cancel();
         web.stopped().await;

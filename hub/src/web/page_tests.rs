@@ -5,8 +5,6 @@
 //! and every fact a page shows (its `data-` attributes) is compared with
 //! what the API says.
 
-use std::sync::Arc;
-
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use serde_json::Value;
@@ -14,8 +12,6 @@ use tokio::sync::mpsc;
 use tower::ServiceExt as _;
 use trunkfarm_proto::v1::{Capabilities, Outcome, ReportFile};
 
-use super::site::{Site, SiteCell};
-use super::{Handlers, MetricsFn, router, unsubscribe_fn};
 use crate::job_key::JobKey;
 use crate::pipeline::tests::{
     CONFIG, Farm, RT, SHOUTER, bisect_config, green_trunk, is_baseline, junit, shouter_red,
@@ -23,24 +19,7 @@ use crate::pipeline::tests::{
 
 /// The hub's router over the farm's owners.
 fn app(f: &Farm) -> axum::Router {
-    let site = SiteCell::default();
-    let filled = site
-        .set(Site {
-            pipeline: f.pipeline.clone(),
-            dispatch: f.dispatch.clone(),
-            credentials: f.credentials.clone(),
-            notifier: f.notifier.clone(),
-            logs: f.logs.clone(),
-        })
-        .is_ok();
-    assert!(filled);
-    let metrics: MetricsFn = Arc::new(|| Box::pin(async { String::new() }));
-    router(Handlers {
-        unsubscribe: unsubscribe_fn(|_| async { Err("no".to_string()) }),
-        metrics,
-        site,
-        metrics_token_hash: None,
-    })
+    super::test_router(f.site())
 }
 
 /// GET `path`: status, content type and body.

@@ -2,8 +2,6 @@
 //! temporary store, dispatch, results, notifier, logs), through the web
 //! endpoint's own router.
 
-use std::sync::Arc;
-
 use axum::body::Body;
 use axum::http::Request;
 use serde_json::Value;
@@ -13,21 +11,10 @@ use trunkfarm_proto::v1::{JobSpec, LogChunk, LogStream, Repository, TransitionKi
 use super::*;
 use crate::notify::render;
 use crate::pipeline::tests::{Farm, regressed_farm};
-use crate::web::site::SiteCell;
-use crate::web::{Handlers, MetricsFn, router, unsubscribe_fn};
 
 /// `GET path` from the web endpoint's router over `site`.
 async fn get(site: &Site, path: &str) -> (StatusCode, String) {
-    let cell = SiteCell::default();
-    assert!(cell.set(site.clone()).is_ok());
-    let metrics: MetricsFn = Arc::new(|| Box::pin(async { String::new() }));
-    let handlers = Handlers {
-        unsubscribe: unsubscribe_fn(|_| async { Err("not here".to_string()) }),
-        metrics,
-        site: cell,
-        metrics_token_hash: None,
-    };
-    let response = router(handlers)
+    let response = crate::web::test_router(site.clone())
         .oneshot(Request::builder().uri(path).body(Body::empty()).unwrap())
         .await
         .unwrap();
