@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use trunkfarm_e2e::browser::{self, Browser, DESKTOP, GridCell, PHONE};
-use trunkfarm_e2e::farm::{self, RUNTIME, Repos};
+use trunkfarm_e2e::farm::{self, RUNTIME, Repos, smtp_toml};
+use trunkfarm_e2e::smtp::SmtpSink;
 use trunkfarm_e2e::{Agent, Hub, HubOptions, s, u};
 
 /// How long the pipeline may take for one step (build, fan-out, tests and
@@ -122,6 +123,49 @@ fn dom_shouter_at<'a>(cells: &'a [GridCell], commit: &str) -> &'a GridCell {
         .unwrap_or_else(|| panic!("no cell at {commit}: {cells:#?}"))
 }
 
+/// Following the red cell opens its run page, which shows the failing test
+/// with its message and the log; the went-red mail's "The run:" link opens
+/// that same page. A screenshot of it is kept.
+fn follow_the_red_cell(browser: &Browser, web: &str, sink: &SmtpSink, href: &str, job: u64) {
+    let page = browser.dump_dom(&format!("{web}{href}"));
+    assert!(page.contains(&format!("Run {job}")), "{page}");
+    assert!(
+        page.contains("shouter.test_upper") && page.contains("expected ABC, got abc"),
+        "the run page does not show the failing test and its message:\n{page}"
+    );
+    // The log the page shows is the run's own (the API pages the same).
+    let (code, body) = browser::http_get(&format!("{web}/api/v1/runs/{job}/log"));
+    assert_eq!(code, 200, "{body}");
+    let log: Value = serde_json::from_str(&body).unwrap();
+    let last_line = s(&log, "text")
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty() && !l.contains(['<', '>', '&', '"', '\'']))
+        .unwrap_or_else(|| panic!("an empty log: {log:#}"))
+        .trim()
+        .to_string();
+    assert!(
+        page.contains(&last_line),
+        "the page's log lacks {last_line:?}:\n{page}"
+    );
+    // The went-red mail links that same page.
+    let mails = sink.wait_for_messages(1, STEP);
+    let went_red = mails
+        .iter()
+        .find(|m| m.header("Subject").is_some_and(|s| s.contains("went red")))
+        .unwrap_or_else(|| panic!("no went-red mail among {} mails", mails.len()));
+    let link = went_red
+        .text
+        .lines()
+        .find_map(|l| l.strip_prefix("The run:"))
+        .map(str::trim)
+        .unwrap_or_else(|| panic!("no run link in:\n{}", went_red.text));
+    assert_eq!(link, format!("{web}{href}"), "the mail links another page");
+    let from_mail = browser.dump_dom(link);
+    assert!(from_mail.contains(&format!("Run {job}")), "{from_mail}");
+    browser.screenshot(link, &browser::artifact("run-red.png"), DESKTOP);
+}
+
 /// Opens `/events`: the connection once the stream started, or the
 /// status it was refused with.
 fn try_events(web: &str) -> Result<TcpStream, String> {
@@ -188,9 +232,10 @@ fn the_grid_after_green_red_and_fixed_in_a_browser() {
         return;
     };
     let repos = Repos::with(&["shouter"]);
+    let sink = SmtpSink::start();
     // 8 web connections: at most 4 live streams.
     let mut hub = Hub::start_opts(
-        &repos.config(""),
+        &repos.config(&smtp_toml(&sink)),
         HubOptions {
             web_toml: "max_connections = 8",
             ..HubOptions::default()
@@ -253,6 +298,7 @@ fn the_grid_after_green_red_and_fixed_in_a_browser() {
         "rt: speed up upper"
     );
     assert_eq!(dom_shouter_at(&cells, &c1).class, "green");
+    follow_the_red_cell(&browser, &web, &sink, &cell.href, red_job);
 
     // Fixed, while a page listens to /events: it hears of the change.
     let mut events = open_events(&web);
