@@ -790,7 +790,7 @@ mod tests {
         expected.upstreams = vec![UpstreamConfig {
             name: "lua".into(),
             url: "https://github.com/lua/lua.git".into(),
-            branch: "master".into(),
+            branch: Some("master".into()),
             poll_interval: Duration::from_secs(60),
             platforms: vec!["linux-x86_64".into()],
             build: vec![
@@ -807,7 +807,7 @@ mod tests {
         expected.projects = vec![ProjectConfig {
             name: "lpeg".into(),
             url: "https://github.com/roberto-ieru/LPeg.git".into(),
-            branch: "master".into(),
+            branch: Some("master".into()),
             poll_interval: Duration::from_secs(300),
             upstreams: vec!["lua".into()],
             platforms: vec![],
@@ -1328,7 +1328,10 @@ test = ["pytest"]
     fn pipeline_defaults() {
         let c = parse(PIPELINE).unwrap();
         let u = &c.upstreams[0];
-        assert_eq!(u.branch, "main");
+        assert_eq!(
+            u.branch, None,
+            "the default branch is asked of the repository"
+        );
         assert_eq!(u.platforms, ["linux-x86_64"]);
         assert_eq!(u.poll_interval, Duration::from_secs(60));
         let p = &c.projects[0];

@@ -853,7 +853,7 @@ impl Notifier {
             .upstreams
             .iter()
             .find(|u| u.name == upstream)
-            .map(|u| u.branch.clone())
+            .map(|u| u.branch.clone().unwrap_or_else(|| "default branch".into()))
             .unwrap_or_default()
     }
 

@@ -19,12 +19,16 @@ impl Culprits for Pipeline {
         let Ok(u) = self.upstream(&range.upstream) else {
             return (only_to(), "the upstream is no longer configured".into());
         };
-        match self
-            .inner
-            .git
-            .range(&u.name, &u.url, &u.branch, range.from.as_deref(), &range.to)
-            .await
-        {
+        let listed = match self.upstream_branch(u).await {
+            Ok(branch) => {
+                self.inner
+                    .git
+                    .range(&u.name, &u.url, &branch, range.from.as_deref(), &range.to)
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        match listed {
             Ok((commits, false)) if !commits.is_empty() => (commits, String::new()),
             Ok((commits, true)) => (
                 commits,

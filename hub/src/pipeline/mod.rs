@@ -130,8 +130,9 @@ struct Inner {
     /// Held by a poller from choosing a good runtime until its tests are
     /// queued, and by garbage collection: no runtime is deleted in between.
     runtimes: tokio::sync::Mutex<()>,
-    /// The last poll error per upstream or project (empty: fine).
-    poll_errors: Mutex<HashMap<String, String>>,
+    /// What the last poll of each upstream and project found (its error,
+    /// the branch followed), by [`Repo::describe`](poll::Repo).
+    polls: Mutex<HashMap<String, poll::PollState>>,
 }
 
 impl Pipeline {
@@ -209,7 +210,7 @@ impl Pipeline {
                 notifier,
                 git,
                 runtimes: tokio::sync::Mutex::new(()),
-                poll_errors: Mutex::new(HashMap::new()),
+                polls: Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -248,9 +249,10 @@ impl Pipeline {
         let u = self.upstream(upstream)?.clone();
         let git = &self.inner.git;
         let commit = if rev.is_empty() {
-            git.head(&u.url, &u.branch).await?
+            git.head(&u.url, u.branch.as_deref()).await?.commit
         } else {
-            git.resolve(&u.name, &u.url, &u.branch, rev).await?
+            let branch = self.upstream_branch(&u).await?;
+            git.resolve(&u.name, &u.url, &branch, rev).await?
         };
         let nonce = if force {
             Some(self.inner.heads.store().next_id()?)
@@ -511,7 +513,7 @@ impl Pipeline {
             let info = UpstreamRow {
                 name: u.name.clone(),
                 url: git::redact_url(&u.url),
-                branch: u.branch.clone(),
+                branch: self.branch_shown(Repo::Upstream, &u.name, u.branch.as_deref()),
                 platforms: u.platforms.clone(),
                 head: head.as_ref().map(|h| h.commit.clone()).unwrap_or_default(),
                 head_seen_at_ms: head.map(|h| h.seen_at_ms).unwrap_or_default(),
@@ -536,7 +538,13 @@ impl Pipeline {
             }
             rows.push((info, series));
         }
-        Ok(self.inner.results.status(rows)?)
+        let mut grid = self.inner.results.status(rows)?;
+        for p in &self.inner.projects {
+            if only_upstream.is_empty() || p.tests_against(only_upstream) {
+                grid.projects.push(self.project_row(p)?);
+            }
+        }
+        Ok(grid)
     }
 
     /// Which projects went red at an upstream commit (or a prefix of its
@@ -548,18 +556,19 @@ impl Pipeline {
     ) -> Result<Breakage, PipelineError> {
         let u = self.upstream(upstream)?.clone();
         let git = &self.inner.git;
+        let branch = self.upstream_branch(&u).await?;
         let commits: Vec<Commit> = if rev.contains("..") {
-            git.log(&u.name, &u.url, &u.branch, rev).await?
+            git.log(&u.name, &u.url, &branch, rev).await?
         } else {
             let sha = if rev.is_empty() {
                 match self.head(Repo::Upstream, &u.name)? {
                     Some(h) => h.commit,
-                    None => git.head(&u.url, &u.branch).await?,
+                    None => git.head(&u.url, Some(&branch)).await?.commit,
                 }
             } else {
-                git.resolve(&u.name, &u.url, &u.branch, rev).await?
+                git.resolve(&u.name, &u.url, &branch, rev).await?
             };
-            match git.range(&u.name, &u.url, &u.branch, None, &sha).await {
+            match git.range(&u.name, &u.url, &branch, None, &sha).await {
                 Ok((c, _)) if !c.is_empty() => c,
                 _ => vec![Commit {
                     sha,

@@ -6,7 +6,10 @@
 use serde::{Deserialize, Serialize};
 
 use super::Pipeline;
+use super::git::GitError;
 use crate::commit::short;
+use crate::config::{ProjectConfig, UpstreamConfig};
+use crate::results::ProjectRow;
 use crate::store::{StoreError, now_ms};
 
 /// A branch head as last seen.
@@ -16,6 +19,17 @@ pub(crate) struct Head {
     pub(crate) commit: String,
     /// When polling first saw it, ms.
     pub(crate) seen_at_ms: u64,
+}
+
+/// What the last poll of an upstream or project found. Kept in memory only:
+/// a restarted hub polls again before anyone asks.
+#[derive(Clone, Debug, Default)]
+pub(super) struct PollState {
+    /// Why the last poll failed; empty: it worked.
+    error: String,
+    /// The branch the last successful poll followed (the configured one, or
+    /// the repository's default branch when none is configured).
+    branch: String,
 }
 
 /// Whose branch a head is.
@@ -95,15 +109,11 @@ impl Pipeline {
         })
     }
 
+    /// Records a poll's error (empty: it worked); logs only its changes.
     fn set_poll_error(&self, what: String, error: String) {
-        let mut errors = self
-            .inner
-            .poll_errors
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        let previous = errors
-            .insert(what.clone(), error.clone())
-            .unwrap_or_default();
+        let mut polls = self.inner.polls.lock().unwrap_or_else(|p| p.into_inner());
+        let state = polls.entry(what.clone()).or_default();
+        let previous = std::mem::replace(&mut state.error, error.clone());
         if previous != error {
             if error.is_empty() {
                 tracing::info!("polling {what} works again");
@@ -113,10 +123,43 @@ impl Pipeline {
         }
     }
 
+    /// Records the branch a poll followed (the default branch found, when
+    /// none is configured).
+    fn set_branch(&self, what: String, branch: &str) {
+        let mut polls = self.inner.polls.lock().unwrap_or_else(|p| p.into_inner());
+        branch.clone_into(&mut polls.entry(what).or_default().branch);
+    }
+
     /// The last poll's error for an upstream or project (empty: it worked).
     pub(super) fn poll_error(&self, repo: Repo, name: &str) -> String {
+        self.poll_state(repo, name).error
+    }
+
+    /// The branch followed, as `status` shows it: the configured one, else
+    /// the default branch the last poll found (empty: not polled yet).
+    pub(super) fn branch_shown(&self, repo: Repo, name: &str, configured: Option<&str>) -> String {
+        match configured {
+            Some(branch) => branch.to_owned(),
+            None => self.poll_state(repo, name).branch,
+        }
+    }
+
+    /// A project as `status` shows it: its branch, head and poll error.
+    pub(super) fn project_row(&self, p: &ProjectConfig) -> Result<ProjectRow, StoreError> {
+        let head = self.head(Repo::Project, &p.name)?.unwrap_or_default();
+        Ok(ProjectRow {
+            name: p.name.clone(),
+            url: super::git::redact_url(&p.url),
+            branch: self.branch_shown(Repo::Project, &p.name, p.branch.as_deref()),
+            head: head.commit,
+            head_seen_at_ms: head.seen_at_ms,
+            poll_error: self.poll_error(Repo::Project, &p.name),
+        })
+    }
+
+    fn poll_state(&self, repo: Repo, name: &str) -> PollState {
         self.inner
-            .poll_errors
+            .polls
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(&repo.describe(name))
@@ -124,15 +167,39 @@ impl Pipeline {
             .unwrap_or_default()
     }
 
-    /// Polls one branch head: records a new head and the poll's error
-    /// state. The head, once it is durably recorded.
-    async fn poll_head(&self, repo: Repo, name: &str, url: &str, branch: &str) -> Option<String> {
+    /// The branch of an upstream that its commit mirror fetches: the
+    /// configured one, else the default branch the last poll found, else
+    /// asked of the repository now.
+    pub(super) async fn upstream_branch(&self, u: &UpstreamConfig) -> Result<String, GitError> {
+        let known = self.branch_shown(Repo::Upstream, &u.name, u.branch.as_deref());
+        if !known.is_empty() {
+            return Ok(known);
+        }
+        let tip = self.inner.git.head(&u.url, None).await?;
+        self.set_branch(Repo::Upstream.describe(&u.name), &tip.branch);
+        Ok(tip.branch)
+    }
+
+    /// Polls one branch head (without `branch`: the repository's default
+    /// branch): records a new head and the poll's state. The head, once it
+    /// is durably recorded.
+    async fn poll_head(
+        &self,
+        repo: Repo,
+        name: &str,
+        url: &str,
+        branch: Option<&str>,
+    ) -> Option<String> {
         let what = repo.describe(name);
         match self.inner.git.head(url, branch).await {
-            Ok(commit) => {
+            Ok(tip) => {
                 self.set_poll_error(what.clone(), String::new());
+                self.set_branch(what.clone(), &tip.branch);
+                let commit = tip.commit;
                 match self.save_head(repo, name, &commit).await {
-                    Ok(true) => tracing::info!("{what}: new {branch} head {}", short(&commit)),
+                    Ok(true) => {
+                        tracing::info!("{what}: new {} head {}", tip.branch, short(&commit));
+                    }
                     Ok(false) => {}
                     Err(e) => {
                         tracing::error!("{what}: cannot record the new head: {e}");
@@ -152,7 +219,7 @@ impl Pipeline {
     pub(super) async fn poll_upstream(&self, index: usize) {
         let u = &self.inner.upstreams[index];
         let Some(commit) = self
-            .poll_head(Repo::Upstream, &u.name, &u.url, &u.branch)
+            .poll_head(Repo::Upstream, &u.name, &u.url, u.branch.as_deref())
             .await
         else {
             return;
@@ -167,7 +234,7 @@ impl Pipeline {
     pub(super) async fn poll_project(&self, index: usize) {
         let p = &self.inner.projects[index];
         let Some(commit) = self
-            .poll_head(Repo::Project, &p.name, &p.url, &p.branch)
+            .poll_head(Repo::Project, &p.name, &p.url, p.branch.as_deref())
             .await
         else {
             return;

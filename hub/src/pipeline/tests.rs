@@ -15,6 +15,7 @@ use trunkfarm_proto::v1::{
     ArtifactChunk, ArtifactMeta, HubMessage, JobRef, JobResult, MailState, Outcome, ReportFile,
 };
 
+use super::git::Tip;
 use super::*;
 use crate::artifacts::Origin;
 use crate::dispatch::{DispatchSettings, Outgoing};
@@ -75,11 +76,19 @@ impl FakeGit {
 
 #[tonic::async_trait]
 impl Repos for FakeGit {
-    async fn head(&self, url: &str, branch: &str) -> Result<String, GitError> {
+    /// Every fake repository has one branch, `main`, its default.
+    async fn head(&self, url: &str, branch: Option<&str>) -> Result<Tip, GitError> {
         let history = self.history(url)?;
-        let last = history.last();
-        last.map(|c| c.sha.clone())
-            .ok_or_else(|| GitError::NotFound(format!("branch {branch:?} does not exist")))
+        let branch = branch.unwrap_or("main");
+        match history.last() {
+            Some(c) if branch == "main" => Ok(Tip {
+                branch: branch.to_owned(),
+                commit: c.sha.clone(),
+            }),
+            _ => Err(GitError::NotFound(format!(
+                "branch {branch:?} does not exist"
+            ))),
+        }
     }
 
     async fn resolve(
@@ -2478,4 +2487,55 @@ async fn a_bisection_redelivered_and_restarted_at_every_step_repeats_nothing() {
         assert_eq!(b.builds as usize, builds, "one count of the builds made");
     }
     assert!(builds <= 7, "{builds}");
+}
+
+// ---- Errors in the open (issue 14 item 5) ----
+
+/// A project whose poll fails says why in `status` (and its JSON), not only
+/// in the hub's log; a project without `branch` follows the repository's
+/// default branch, and `status` names the branch found.
+#[tokio::test]
+async fn a_projects_poll_error_is_shown_in_status() {
+    let config = CONFIG.replace(
+        "name = \"shouter\"\n",
+        "name = \"shouter\"\nbranch = \"trunk\"\n",
+    );
+    let f = Farm::with_config(&config).await;
+    let adder = f.git.commit(ADDER);
+    f.git.commit(SHOUTER);
+    let before = f.pipeline.status("").unwrap();
+    assert_eq!(before.projects[0].branch, "", "not polled yet");
+    f.pipeline.poll_project(0).await;
+    f.pipeline.poll_project(1).await;
+
+    let status = f.pipeline.status("rt").unwrap();
+    let names: Vec<&str> = status.projects.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, ["adder", "shouter"]);
+    let (a, s) = (&status.projects[0], &status.projects[1]);
+    assert_eq!(a.branch, "main", "the default branch polling found");
+    assert_eq!(a.head, adder);
+    assert!(a.poll_error.is_empty(), "{}", a.poll_error);
+    assert_eq!(s.branch, "trunk", "the configured branch");
+    assert!(s.head.is_empty());
+    assert!(
+        s.poll_error.contains("branch \"trunk\" does not exist"),
+        "{}",
+        s.poll_error
+    );
+
+    // adder's server goes away: its last head stays, the error is shown,
+    // over the wire too.
+    f.git.broken.lock().unwrap().insert(ADDER.into());
+    f.pipeline.poll_project(0).await;
+    let wire = trunkfarm_proto::v1::GetStatusResponse::from(f.pipeline.status("").unwrap());
+    let a = &wire.projects[0];
+    assert_eq!(a.head, adder);
+    assert!(a.poll_error.contains("could not read"), "{}", a.poll_error);
+    f.git.broken.lock().unwrap().clear();
+    f.pipeline.poll_project(0).await;
+    assert!(
+        f.pipeline.status("").unwrap().projects[0]
+            .poll_error
+            .is_empty()
+    );
 }
