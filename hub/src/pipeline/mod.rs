@@ -131,7 +131,7 @@ struct Inner {
     /// queued, and by garbage collection: no runtime is deleted in between.
     runtimes: tokio::sync::Mutex<()>,
     /// What the last poll of each upstream and project found (its error,
-    /// the branch followed), by [`Repo::describe`](poll::Repo).
+    /// the branch followed), by `Repo::describe`.
     polls: Mutex<HashMap<String, poll::PollState>>,
 }
 
@@ -563,7 +563,7 @@ impl Pipeline {
             let sha = if rev.is_empty() {
                 match self.head(Repo::Upstream, &u.name)? {
                     Some(h) => h.commit,
-                    None => git.head(&u.url, Some(&branch)).await?.commit,
+                    None => git.head(&u.url, Some(branch.as_str())).await?.commit,
                 }
             } else {
                 git.resolve(&u.name, &u.url, &branch, rev).await?
