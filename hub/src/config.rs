@@ -1270,7 +1270,7 @@ max_token_ttl = "7d"
     fn job_timeouts() {
         assert_eq!(
             err("[dispatch]\ndefault_job_timeout = \"2d\"\n"),
-            "/etc/trunkfarm/hub.toml:2: invalid `dispatch.default_job_timeout`: 2days is longer than `dispatch.max_job_timeout` (1day); the default must be within the maximum"
+            "/etc/trunkfarm/hub.toml:2: invalid `dispatch.default_job_timeout`: 2d is longer than `dispatch.max_job_timeout` (1d); the default must be within the maximum"
         );
         assert_eq!(
             err("[dispatch]\ndefault_job_timeout = \"0s\"\n"),
@@ -1294,7 +1294,7 @@ max_token_ttl = "7d"
     fn token_ttls() {
         assert_eq!(
             err("[enrollment]\nmax_token_ttl = \"1h\"\n"),
-            "/etc/trunkfarm/hub.toml: invalid `enrollment.default_token_ttl`: 1day is longer than `enrollment.max_token_ttl` (1h); the default must be within the maximum"
+            "/etc/trunkfarm/hub.toml: invalid `enrollment.default_token_ttl`: 1d is longer than `enrollment.max_token_ttl` (1h); the default must be within the maximum"
         );
         assert_eq!(
             err("[enrollment]\ndefault_token_ttl = \"0s\"\n"),

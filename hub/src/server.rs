@@ -181,6 +181,7 @@ impl Hub {
         // Filled in once everything it reads exists.
         type Render = Box<dyn Fn() -> String + Send + Sync>;
         let metrics_cell: Arc<std::sync::OnceLock<Render>> = Arc::default();
+        let site_cell = web::site::SiteCell::default();
         let cell = notifier_cell.clone();
         let web = web::serve(
             web::Settings::from_config(&cfg.web)?,
@@ -205,6 +206,7 @@ impl Hub {
                     })
                 })
             },
+            site_cell.clone(),
             stop_pipeline.clone(),
         )
         .await?;
@@ -231,6 +233,14 @@ impl Hub {
             notifier.clone(),
             stop_pipeline.clone(),
         )?;
+        // The pages read from here on (they answered 503 until now).
+        let _ = site_cell.set(web::site::Site {
+            pipeline: pipeline.clone(),
+            dispatch: dispatch.clone(),
+            credentials: credentials.clone(),
+            notifier: notifier.clone(),
+            logs: logs.clone(),
+        });
 
         let identity = if cfg.tls.plaintext {
             None

@@ -180,9 +180,21 @@ pub fn check_path(key: &'static str, path: &Path) -> Result<(), Problem> {
     Ok(())
 }
 
-/// A duration as messages show it, e.g. `1m 20s`.
+/// A duration as messages show it, as people write it: `1m 20s`, `90d`,
+/// `2d 3h`. Whole days stay days: humantime alone would print 90 days as
+/// `2months 29days 2h 52m 48s` (its month is 30.44 days).
 pub fn fmt_duration(d: Duration) -> String {
-    humantime::format_duration(d).to_string()
+    const DAY: u64 = 86_400;
+    let days = d.as_secs() / DAY;
+    if days == 0 {
+        return humantime::format_duration(d).to_string();
+    }
+    let rest = d - Duration::from_secs(days * DAY);
+    if rest.is_zero() {
+        format!("{days}d")
+    } else {
+        format!("{days}d {}", humantime::format_duration(rest))
+    }
 }
 
 /// A byte count as messages show it, e.g. `32.0 KiB`.
@@ -389,6 +401,20 @@ pub mod de {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_print_as_people_write_them() {
+        let d = |s: &str| humantime::parse_duration(s).unwrap();
+        assert_eq!(fmt_duration(d("90d")), "90d");
+        assert_eq!(fmt_duration(d("1d")), "1d");
+        assert_eq!(fmt_duration(d("2d 3h")), "2d 3h");
+        assert_eq!(fmt_duration(d("1h 30m")), "1h 30m");
+        assert_eq!(fmt_duration(d("45s")), "45s");
+        // What it prints parses back to the same duration.
+        for text in ["90d", "400d 1m", "7d 12h 30m 5s"] {
+            assert_eq!(d(&fmt_duration(d(text))), d(text));
+        }
+    }
 
     #[test]
     fn line_of_counts_newlines_before_the_offset() {

@@ -117,6 +117,7 @@ async fn hundred_concurrent_jobs_run_once_each_and_spread_over_all_agents() {
             .list_jobs(ListJobsRequest {
                 state: JobState::Finished as i32,
                 limit: 1000,
+                ..Default::default()
             })
             .await
             .expect("ListJobs")
@@ -135,6 +136,7 @@ async fn hundred_concurrent_jobs_run_once_each_and_spread_over_all_agents() {
                 .list_jobs(ListJobsRequest {
                     state: 0,
                     limit: 1000,
+                    ..Default::default()
                 })
                 .await
                 .expect("ListJobs")
@@ -156,6 +158,7 @@ async fn hundred_concurrent_jobs_run_once_each_and_spread_over_all_agents() {
         .list_jobs(ListJobsRequest {
             state: 0,
             limit: 1000,
+            ..Default::default()
         })
         .await
         .expect("ListJobs")
@@ -293,6 +296,15 @@ async fn hundred_concurrent_jobs_run_once_each_and_spread_over_all_agents() {
             a.name
         );
     }
+
+    // A job none of them can take says why it waits.
+    let gpu = hub.submit(&["--labels", "gpu", "--", "true"]);
+    let job = hub.job(gpu);
+    assert_eq!(job["state"], "queued", "{job:#}");
+    assert_eq!(
+        job["waiting"], "no connected agent has label `gpu`",
+        "{job:#}"
+    );
     drop(agents);
 }
 
@@ -323,4 +335,199 @@ fn a_retried_submit_with_its_idempotency_key_queues_one_job() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("use printable characters"), "{err}");
+}
+
+/// Runs `trunkfarm <args>` whose reader has gone before it writes a byte,
+/// as `trunkfarm status | head -1` once head has its line: stdout is a
+/// pipe with its read end closed.
+fn cli_to_a_gone_reader(hub: &Hub, args: &[&str]) -> std::process::Output {
+    use std::io::Read;
+    let mut child = std::process::Command::new(&trunkfarm_e2e::bins().hub)
+        .arg("--config")
+        .arg(&hub.config)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn trunkfarm");
+    drop(child.stdout.take());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            child.kill().expect("kill a hung trunkfarm");
+            panic!("`trunkfarm {}` hung on a closed stdout", args.join(" "));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let mut stderr = Vec::new();
+    if let Some(mut pipe) = child.stderr.take() {
+        pipe.read_to_end(&mut stderr).expect("read stderr");
+    }
+    std::process::Output {
+        status,
+        stdout: Vec::new(),
+        stderr,
+    }
+}
+
+/// The CLI as an operator meets it: jobs name their project and can be
+/// listed by it; a revoked token says which one it was and an expired one
+/// is marked; a listing piped into `head` ends with exit 0, not a panic;
+/// completion scripts are printed for bash, zsh and fish.
+#[test]
+fn the_cli_names_projects_marks_tokens_and_ends_quietly_when_its_reader_goes() {
+    let hub = Hub::start();
+    let lib = hub.submit(&["--project", "libfoo", "--", "true"]);
+    let other = hub.submit(&["--project", "barapp", "--", "true"]);
+    let bare = hub.submit(&["--", "true"]);
+
+    let only = hub.cli_json(&["job", "list", "--json", "--project", "libfoo"]);
+    let ids: Vec<u64> = only
+        .as_array()
+        .expect("a JSON array")
+        .iter()
+        .map(|j| j["job_id"].as_u64().expect("job_id"))
+        .collect();
+    assert_eq!(ids, [lib], "--project keeps that project's jobs: {only:#}");
+    assert_eq!(only[0]["project"], "libfoo", "{only:#}");
+    let table = hub.cli_ok(&["job", "list"]);
+    let header = table.lines().next().unwrap_or_default();
+    assert!(header.contains("PROJECT"), "{table}");
+    let row = |id: u64| {
+        table
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(&id.to_string()))
+            .unwrap_or_else(|| panic!("job {id} not listed:\n{table}"))
+            .to_owned()
+    };
+    assert!(row(other).contains("barapp"), "{table}");
+    assert!(
+        !row(bare).contains("libfoo") && !row(bare).contains("barapp"),
+        "{table}"
+    );
+    let shown = hub.cli_ok(&["job", "show", &lib.to_string()]);
+    assert!(shown.contains("project  libfoo"), "{shown}");
+
+    // Tokens: what `revoke` revoked; `list` marks expired ones.
+    hub.create_token(&["--note", "for-ada"]);
+    hub.create_token(&["--note", "short-lived", "--ttl", "1s"]);
+    let tokens = hub.cli_json(&["token", "list", "--json"]);
+    let id_of = |note: &str| {
+        tokens
+            .as_array()
+            .and_then(|a| a.iter().find(|t| t["note"] == note))
+            .and_then(|t| t["token_id"].as_str())
+            .unwrap_or_else(|| panic!("no token {note}: {tokens:#}"))
+            .to_owned()
+    };
+    let ada = id_of("for-ada");
+    let said = hub.cli_ok(&["token", "revoke", &ada]);
+    assert!(
+        said.contains(&format!("revoked token {ada}")) && said.contains("for-ada"),
+        "{said}"
+    );
+    std::thread::sleep(Duration::from_millis(1100));
+    let listed = hub.cli_ok(&["token", "list"]);
+    let line = |id: &str| {
+        listed
+            .lines()
+            .find(|l| l.starts_with(id))
+            .unwrap_or_else(|| panic!("token {id} not listed:\n{listed}"))
+            .to_owned()
+    };
+    assert!(line(&ada).contains("revoked"), "{listed}");
+    assert!(line(&id_of("short-lived")).contains("expired"), "{listed}");
+    let as_json = hub.cli_json(&["token", "list", "--json"]);
+    let states: HashSet<&str> = as_json
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|t| t["state"].as_str())
+        .collect();
+    assert_eq!(
+        states,
+        ["revoked", "expired"].into_iter().collect(),
+        "{as_json:#}"
+    );
+
+    // Durations as people write them, not in humantime's months.
+    let long = hub.cli(&["token", "create", "--ttl", "90d"]);
+    let said = String::from_utf8_lossy(&long.stderr);
+    assert!(
+        !long.status.success() && said.contains("at most 30d") && said.contains("asked for 90d"),
+        "{said}"
+    );
+    let two_days = hub.cli(&["token", "create", "--ttl", "2d"]);
+    let said = String::from_utf8_lossy(&two_days.stderr);
+    assert!(said.contains("valid for 2d (until "), "{said}");
+
+    // `trunkfarm status | head -1`, `trunkfarm job list --json | head -c 10`.
+    for args in [
+        &["status"][..],
+        &["job", "list", "--json"],
+        &["job", "list"],
+        &["completions", "bash"],
+    ] {
+        let out = cli_to_a_gone_reader(&hub, args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && !stderr.contains("panicked"),
+            "`trunkfarm {}` to a reader that is gone: {}\n{stderr}",
+            args.join(" "),
+            out.status
+        );
+    }
+
+    // `status --watch` into a pipe: one picture after the other, each dated.
+    let mut watch = std::process::Command::new(&trunkfarm_e2e::bins().hub)
+        .arg("--config")
+        .arg(&hub.config)
+        .args(["status", "--watch", "1s"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn status --watch");
+    let pipe = watch.stdout.take().expect("stdout piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(pipe).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut pictures = 0;
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while pictures < 2 && Instant::now() < deadline {
+        if let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
+            pictures += usize::from(line.starts_with("status at "));
+            seen.push(line);
+        }
+    }
+    watch.kill().expect("kill status --watch");
+    watch.wait().expect("reap status --watch");
+    assert_eq!(pictures, 2, "two dated pictures:\n{}", seen.join("\n"));
+    assert!(
+        !seen.iter().any(|l| l.contains('\x1b')),
+        "no escape codes into a pipe: {seen:?}"
+    );
+
+    for (shell, mark) in [
+        ("bash", "complete"),
+        ("zsh", "#compdef"),
+        ("fish", "complete -c"),
+    ] {
+        let script = hub.cli_ok(&["completions", shell]);
+        assert!(
+            script.contains(mark) && script.contains("breakage") && script.contains("completions"),
+            "{shell}:\n{script}"
+        );
+    }
 }

@@ -203,6 +203,7 @@ async fn list_all(admin: &AdminClient) -> Result<Vec<JobInfo>, tonic::Status> {
         .list_jobs(ListJobsRequest {
             state: 0,
             limit: 100_000,
+            ..Default::default()
         })
         .await?
         .into_inner()

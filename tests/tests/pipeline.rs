@@ -372,6 +372,18 @@ fn manual_build_of_a_rev_and_unknown_names() {
     );
     let t = transitions(&hub, "adder");
     assert!(t.iter().all(|t| s(t, "upstream_commit") == c2), "{t:#?}");
+    // Built before: it says so and by which job; the only upstream needs no
+    // name, here nor in `breakage`.
+    let again = hub.cli(&["upstream", "build", "--rev", &c1[..7]]);
+    let said = String::from_utf8_lossy(&again.stderr);
+    assert!(
+        again.status.success()
+            && said.contains("is already built (job ")
+            && said.contains("use --force to build it again"),
+        "{said}"
+    );
+    let b = hub.cli_json(&["breakage", "--rev", &c2[..8], "--json"]);
+    assert!(b["went_red"].as_array().is_some(), "{b:#}");
     let bad = hub.cli(&["upstream", "build", "nope"]);
     assert!(!bad.status.success());
     let err = String::from_utf8_lossy(&bad.stderr);
@@ -751,6 +763,13 @@ fn mail_test_reports_the_servers_answer_and_failures() {
     assert!(out.starts_with("250"), "{out}");
     let mails = sink.wait_for_messages(1, Duration::from_secs(30));
     assert_eq!(mails[0].subject(), "[trunkfarm] test mail");
+    // It says whose [smtp] that was: the running hub's.
+    let again = hub.cli(&["mail", "test", "--to", "ops@example.org"]);
+    let said = String::from_utf8_lossy(&again.stderr);
+    assert!(
+        said.contains("sent by the running hub with its own [smtp]: smtp 127.0.0.1:"),
+        "{said}"
+    );
     let bad = hub.cli(&["mail", "test", "--to", "nobody"]);
     assert!(String::from_utf8_lossy(&bad.stderr).contains("is not an email address"));
     sink.stop();

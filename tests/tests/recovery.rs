@@ -107,6 +107,7 @@ async fn hub_killed_with_work_in_flight_loses_nothing() {
             .list_jobs(ListJobsRequest {
                 state: 0,
                 limit: 1000,
+                ..Default::default()
             })
             .await
             .expect("ListJobs")
@@ -152,6 +153,7 @@ async fn hub_killed_with_work_in_flight_loses_nothing() {
             .list_jobs(ListJobsRequest {
                 state: 0,
                 limit: 1000,
+                ..Default::default()
             })
             .await
             .expect("ListJobs after restart")

@@ -344,8 +344,9 @@ impl Credentials {
         Ok(out)
     }
 
-    /// Revokes a token: it enrolls nobody from now on.
-    pub(crate) async fn revoke_token(&self, id: &str) -> Result<(), AuthError> {
+    /// Revokes a token: it enrolls nobody from now on. Returns its record
+    /// as revoked (for the operator to see which token that was).
+    pub(crate) async fn revoke_token(&self, id: &str) -> Result<TokenRecord, AuthError> {
         let key = token_key(id);
         let mut rec: TokenRecord = self
             .table
@@ -354,7 +355,7 @@ impl Credentials {
         rec.revoked = true;
         self.table.put(&key, &rec)?;
         self.table.store().commit().await?;
-        Ok(())
+        Ok(rec)
     }
 
     /// Exchanges a token (`<id>.<secret>`) for a new agent credential.

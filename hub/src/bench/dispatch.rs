@@ -111,6 +111,7 @@ pub(super) async fn throughput(args: &BenchArgs, dir: &Path) -> anyhow::Result<V
         .list_jobs(ListJobsRequest {
             state: JobState::Finished as i32,
             limit: (n + warmup + 10) as u32,
+            ..Default::default()
         })
         .await?
         .into_inner()

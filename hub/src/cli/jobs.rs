@@ -42,6 +42,9 @@ pub(super) enum JobCommand {
         /// Only jobs in this state: queued, leased, running, finished.
         #[arg(long)]
         state: Option<String>,
+        /// Only jobs of this project (the job spec's project).
+        #[arg(long)]
+        project: Option<String>,
         /// At most this many.
         #[arg(long, default_value_t = 100)]
         limit: u32,
@@ -195,7 +198,12 @@ pub(super) async fn run(cfg: &HubConfig, command: JobCommand) -> anyhow::Result<
             }
             Ok(ExitCode::SUCCESS)
         }
-        JobCommand::List { state, limit, json } => {
+        JobCommand::List {
+            state,
+            project,
+            limit,
+            json,
+        } => {
             let state = match state.as_deref() {
                 None => JobState::Unspecified,
                 Some(s) => JobState::from_str_name(&format!("JOB_STATE_{}", s.to_uppercase()))
@@ -209,6 +217,7 @@ pub(super) async fn run(cfg: &HubConfig, command: JobCommand) -> anyhow::Result<
                 .list_jobs(ListJobsRequest {
                     state: state.into(),
                     limit,
+                    project: project.unwrap_or_default(),
                 })
                 .await
                 .map_err(status_error)?
@@ -223,6 +232,7 @@ pub(super) async fn run(cfg: &HubConfig, command: JobCommand) -> anyhow::Result<
                 Column::left("STATE", 9),
                 Column::left("OUTCOME", 10),
                 Column::left("ATTEMPT", 8),
+                Column::left("PROJECT", 16),
                 Column::left("AGENT", 16),
                 Column::last("COMMAND"),
             ];
@@ -234,7 +244,8 @@ pub(super) async fn run(cfg: &HubConfig, command: JobCommand) -> anyhow::Result<
                     &v.state,
                     &v.outcome.unwrap_or("-"),
                     &j.attempt,
-                    &j.agent_id,
+                    &or_dash(v.project),
+                    &or_dash(&j.agent_id),
                     &j.spec
                         .as_ref()
                         .map(|s| s.commands.join(" && "))
@@ -249,7 +260,7 @@ pub(super) async fn run(cfg: &HubConfig, command: JobCommand) -> anyhow::Result<
                 Err(_) => {
                     eprintln!(
                         "job {id} did not finish within {}",
-                        humantime::format_duration(timeout)
+                        trunkfarm_proto::settings::fmt_duration(timeout)
                     );
                     return Ok(ExitCode::from(EXIT_USAGE));
                 }
@@ -333,6 +344,11 @@ async fn follow(client: &mut AdminClient, id: u64) -> anyhow::Result<JobInfo> {
     anyhow::bail!("the hub ended the watch of job {id} without a result")
 }
 
+/// An empty cell as people read it: `-`.
+fn or_dash(text: &str) -> &str {
+    if text.is_empty() { "-" } else { text }
+}
+
 fn outcome(info: &JobInfo) -> Option<Outcome> {
     info.result.as_ref().map(|r| r.outcome())
 }
@@ -359,11 +375,7 @@ fn summary(info: &JobInfo) -> String {
     s.push_str(&format!(
         " in {:.1}s on {}, attempt {}",
         r.duration_ms as f64 / 1000.0,
-        if info.agent_id.is_empty() {
-            "-"
-        } else {
-            &info.agent_id
-        },
+        or_dash(&info.agent_id),
         info.attempt
     ));
     if !r.detail.is_empty() {
@@ -376,28 +388,69 @@ fn print_job(info: &JobInfo, json: bool) -> anyhow::Result<()> {
     if json {
         return output::json(&view::Job::from(info));
     }
-    println!("job {}: {}", info.job_id, view::job_state(info.state()));
+    print!("{}", job_text(info));
+    Ok(())
+}
+
+/// What `job show` prints for people.
+fn job_text(info: &JobInfo) -> String {
+    let mut lines = vec![format!(
+        "job {}: {}",
+        info.job_id,
+        view::job_state(info.state())
+    )];
+    if !info.waiting.is_empty() {
+        lines.push(format!("  waiting: {}", info.waiting));
+    }
     if let Some(spec) = &info.spec {
+        lines.push(format!("  project  {}", or_dash(&spec.project)));
         for c in &spec.commands {
-            println!("  $ {c}");
+            lines.push(format!("  $ {c}"));
         }
     }
-    println!("  created  {}", when(info.created_at_ms));
+    lines.push(format!("  created  {}", when(info.created_at_ms)));
     for a in &info.attempts {
         let lost = if a.lost_reason.is_empty() {
             String::new()
         } else {
             format!(" — lost: {}", a.lost_reason)
         };
-        println!(
+        lines.push(format!(
             "  attempt {} on {} at {}{lost}",
             a.attempt,
             a.agent_id,
             when(a.leased_at_ms)
-        );
+        ));
     }
     if info.result.is_some() {
-        println!("  {}", summary(info));
+        lines.push(format!("  {}", summary(info)));
     }
-    Ok(())
+    lines.push(String::new());
+    lines.join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn job_show_names_the_project_or_a_dash() {
+        let mut info = JobInfo {
+            job_id: 7,
+            spec: Some(JobSpec {
+                project: "libfoo".into(),
+                commands: vec!["make test".into()],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let text = job_text(&info);
+        assert!(text.starts_with("job 7: "), "{text}");
+        assert!(
+            text.contains("\n  project  libfoo\n  $ make test\n"),
+            "{text}"
+        );
+        info.spec = Some(JobSpec::default());
+        assert!(job_text(&info).contains("\n  project  -\n"));
+    }
 }

@@ -23,6 +23,7 @@ use trunkfarm_proto::v1::{
 };
 
 use output::{Column, Table};
+use trunkfarm_proto::settings::fmt_duration;
 
 use crate::config::HubConfig;
 use crate::server::Hub;
@@ -73,16 +74,20 @@ enum Command {
         /// Only this upstream.
         #[arg(long)]
         upstream: Option<String>,
-        /// Print JSON.
+        /// Print JSON (with --watch: one document per line).
         #[arg(long)]
         json: bool,
+        /// Show it again every INTERVAL until Ctrl-C: redrawn in place in a
+        /// terminal, printed one after the other into a pipe or file.
+        #[arg(long, value_name = "INTERVAL", value_parser = humantime::parse_duration, num_args = 0..=1, default_missing_value = "5s")]
+        watch: Option<Duration>,
     },
     /// Which projects went red at an upstream commit (or in a range), with
     /// their newly failing tests.
     Breakage {
-        /// The upstream's name in the hub config.
+        /// The upstream's name in the hub config (default: the only one).
         #[arg(long)]
-        upstream: String,
+        upstream: Option<String>,
         /// A commit (or its prefix), or a range "A..B"; default: the branch head.
         #[arg(long)]
         rev: Option<String>,
@@ -154,6 +159,14 @@ enum Command {
     Pool {
         #[command(subcommand)]
         command: PoolCommand,
+    },
+    /// Print a shell completion script, e.g. for bash:
+    /// `trunkfarm completions bash > /etc/bash_completion.d/trunkfarm`
+    /// (zsh: a file `_trunkfarm` on $fpath; fish:
+    /// ~/.config/fish/completions/trunkfarm.fish).
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
     },
 }
 
@@ -245,11 +258,17 @@ enum AgentCommand {
 pub(crate) fn main() -> ExitCode {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
+    // Needs no config, no hub and no runtime.
+    if let Command::Completions { shell } = cli.command {
+        exit_quietly_on_closed_stdout();
+        completions(shell, &mut std::io::stdout());
+        return ExitCode::SUCCESS;
+    }
     if !matches!(
         cli.command,
         Command::Serve | Command::Demo(_) | Command::Bench(_)
     ) {
-        restore_sigpipe();
+        exit_quietly_on_closed_stdout();
     }
     // The demo tells its own story on stdout; the hub's log would drown it.
     let level = match cli.command {
@@ -280,16 +299,26 @@ pub(crate) fn main() -> ExitCode {
     code
 }
 
-/// A listing piped into `head` ends quietly when the reader goes, as
-/// other Unix tools do, instead of panicking in `println!` (Rust ignores
-/// SIGPIPE by default). Only for the client commands: their sockets are
-/// written with MSG_NOSIGNAL by the standard library, so a closed
-/// connection still comes back as an error, not as the signal.
-fn restore_sigpipe() {
-    // SAFETY: signal(2) with the default disposition, before any thread
-    // but this one exists; no memory is involved.
+/// A listing piped into `head` ends quietly and successfully (exit 0)
+/// when the reader goes: the reader took what it wanted, so a closed stdout
+/// is not an error, and Rust's default (SIGPIPE ignored) would panic in
+/// `println!` instead. Handled here once, for every client command's
+/// output, by ending the process on SIGPIPE. Only for the client commands:
+/// their sockets are written with MSG_NOSIGNAL by the standard library, so
+/// a closed connection still comes back as an error, not as the signal.
+fn exit_quietly_on_closed_stdout() {
+    extern "C" fn exit_quietly(_signal: libc::c_int) {
+        // SAFETY: _exit(2) is async-signal-safe; nothing is left to flush
+        // for a reader that is gone.
+        unsafe { libc::_exit(0) }
+    }
+    // SAFETY: signal(2) installs a handler that only calls _exit; no
+    // memory is shared with it.
     unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        libc::signal(
+            libc::SIGPIPE,
+            exit_quietly as extern "C" fn(libc::c_int) as libc::sighandler_t,
+        );
     }
 }
 
@@ -320,7 +349,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Token { command } => token(&cfg, command).await,
         Command::Agent { command } => agent(&cfg, command).await,
         Command::Job { command } => jobs::run(&cfg, command).await,
-        Command::Status { upstream, json } => pipeline::status(&cfg, upstream, json).await,
+        Command::Status {
+            upstream,
+            json,
+            watch,
+        } => pipeline::status(&cfg, upstream, json, watch).await,
         Command::Breakage {
             upstream,
             rev,
@@ -344,7 +377,17 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Pool {
             command: PoolCommand::List { all, json },
         } => pool::list(&cfg, all, json).await,
+        Command::Completions { shell } => {
+            completions(shell, &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
     }
+}
+
+/// Writes the completion script of every command and flag for `shell`.
+fn completions(shell: clap_complete::Shell, out: &mut dyn std::io::Write) {
+    use clap::CommandFactory;
+    clap_complete::generate(shell, &mut Cli::command(), "trunkfarm", out);
 }
 
 /// Overrides `hub.listen` (gRPC); a hub restarting itself in place sets it to
@@ -430,6 +473,28 @@ fn when(ms: u64) -> String {
     humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(ms)).to_string()
 }
 
+/// What `token revoke` prints: which token it was, and that agents
+/// enrolled with it keep their own credentials.
+fn revoked_text(t: &trunkfarm_proto::v1::TokenInfo) -> String {
+    let mut text = format!(
+        "revoked token {} ({}, {}/{} enrollment(s) used",
+        t.token_id,
+        view::trust(t.trusted),
+        t.uses_total - t.uses_left,
+        t.uses_total
+    );
+    if !t.labels.is_empty() {
+        text.push_str(&format!(", labels {}", t.labels.join(",")));
+    }
+    if !t.note.is_empty() {
+        text.push_str(&format!(", note {:?}", t.note));
+    }
+    text.push_str(
+        "): nobody enrolls with it any more; agents enrolled with it stay (`trunkfarm agent revoke <id>` cuts one off)",
+    );
+    text
+}
+
 /// A token's cap on parallel jobs as `token list` prints it.
 fn parallel(max_parallel_jobs: u32) -> String {
     match max_parallel_jobs {
@@ -467,10 +532,17 @@ async fn token(cfg: &HubConfig, command: TokenCommand) -> anyhow::Result<ExitCod
                 .map_err(status_error)?
                 .into_inner();
             println!("{}", resp.enrollment);
+            let valid = match ttl {
+                Some(ttl) => format!(
+                    "valid for {} (until {})",
+                    fmt_duration(ttl),
+                    when(resp.expires_at_ms)
+                ),
+                None => format!("valid until {}", when(resp.expires_at_ms)),
+            };
             eprintln!(
-                "token {} valid until {} for {uses} enrollment(s); on the volunteer's machine run:\n  trunkfarm-agent enroll -\nand paste the string above (given as an argument instead, it shows in `ps`)",
+                "token {} {valid} for {uses} enrollment(s); on the volunteer's machine run:\n  trunkfarm-agent enroll -\nand paste the string above (given as an argument instead, it shows in `ps`)",
                 resp.token_id,
-                when(resp.expires_at_ms)
             );
         }
         TokenCommand::List { json } => {
@@ -486,7 +558,8 @@ async fn token(cfg: &HubConfig, command: TokenCommand) -> anyhow::Result<ExitCod
             }
             const COLUMNS: &[Column] = &[
                 Column::left("TOKEN", 18),
-                Column::left("USES", 9),
+                Column::left("STATE", 8),
+                Column::left("USES", 6),
                 Column::left("TRUST", 10),
                 Column::left("JOBS", 5),
                 Column::left("EXPIRES", 22),
@@ -494,15 +567,12 @@ async fn token(cfg: &HubConfig, command: TokenCommand) -> anyhow::Result<ExitCod
                 Column::last("NOTE"),
             ];
             let table = Table::new(COLUMNS);
+            let now = crate::store::now_ms();
             for t in tokens {
-                let uses = if t.revoked {
-                    "revoked".to_string()
-                } else {
-                    format!("{}/{}", t.uses_total - t.uses_left, t.uses_total)
-                };
                 table.row(&[
                     &t.token_id,
-                    &uses,
+                    &view::token_state(&t, now),
+                    &format!("{}/{}", t.uses_total - t.uses_left, t.uses_total),
                     &view::trust(t.trusted),
                     &parallel(t.max_parallel_jobs),
                     &when(t.expires_at_ms),
@@ -512,13 +582,16 @@ async fn token(cfg: &HubConfig, command: TokenCommand) -> anyhow::Result<ExitCod
             }
         }
         TokenCommand::Revoke { id } => {
-            client
+            let token = client
                 .revoke_token(RevokeTokenRequest {
                     token_id: id.clone(),
                 })
                 .await
-                .map_err(status_error)?;
-            eprintln!("token {id} revoked");
+                .map_err(status_error)?
+                .into_inner()
+                .token
+                .unwrap_or_default();
+            println!("{}", revoked_text(&token));
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -622,4 +695,43 @@ async fn agent(cfg: &HubConfig, command: AgentCommand) -> anyhow::Result<ExitCod
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use trunkfarm_proto::v1::TokenInfo;
+
+    #[test]
+    fn revoke_says_which_token_it_revoked() {
+        let text = revoked_text(&TokenInfo {
+            token_id: "tok_abc".into(),
+            labels: vec!["gpu".into()],
+            uses_total: 3,
+            uses_left: 2,
+            note: "for ada".into(),
+            revoked: true,
+            ..Default::default()
+        });
+        assert!(
+            text.starts_with("revoked token tok_abc (volunteer, 1/3 enrollment(s) used, labels gpu, note \"for ada\")"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn completion_scripts_know_every_command() {
+        for shell in [
+            clap_complete::Shell::Bash,
+            clap_complete::Shell::Zsh,
+            clap_complete::Shell::Fish,
+        ] {
+            let mut script = Vec::new();
+            completions(shell, &mut script);
+            let script = String::from_utf8(script).unwrap();
+            for word in ["breakage", "upstream", "completions", "project"] {
+                assert!(script.contains(word), "{shell}: no {word}");
+            }
+        }
+    }
 }

@@ -9,7 +9,9 @@ use trunkfarm_proto::v1::{
     Subscription, UnsubscribeRequest,
 };
 
+use super::client::AdminClient;
 use super::output::{self, Column, Table};
+use super::pipeline::upstream_or_only;
 use super::{status_error, view, when};
 use crate::config::HubConfig;
 
@@ -28,28 +30,38 @@ pub(super) struct SubscriptionArgs {
     /// Only results against this upstream (with --digest: the upstream digested).
     #[arg(long)]
     upstream: Option<String>,
-    /// A daily digest of everything that went red in --upstream instead.
-    #[arg(long, requires = "upstream", conflicts_with_all = ["project", "platform"])]
+    /// A daily digest of everything that went red in --upstream (default:
+    /// the only one) instead.
+    #[arg(long, conflicts_with_all = ["project", "platform"])]
     digest: bool,
 }
 
 impl SubscriptionArgs {
-    fn subscription(self) -> Subscription {
-        Subscription {
+    /// The subscription meant; a digest is of the only upstream unless one
+    /// is named.
+    async fn subscription(self, client: &mut AdminClient) -> anyhow::Result<Subscription> {
+        let upstream = if self.digest {
+            upstream_or_only(client, self.upstream, "--upstream NAME").await?
+        } else {
+            self.upstream.unwrap_or_default()
+        };
+        Ok(Subscription {
             email: self.email,
             project: self.project.unwrap_or_default(),
             platform: self.platform.unwrap_or_default(),
-            upstream: self.upstream.unwrap_or_default(),
+            upstream,
             digest: self.digest,
             ..Default::default()
-        }
+        })
     }
 }
 
 /// `trunkfarm mail …`.
 #[derive(Subcommand)]
 pub(super) enum MailCommand {
-    /// Send a test mail now with the [smtp] settings and print the server's answer.
+    /// Send a test mail now with the running hub's [smtp] settings (not
+    /// those of the --config given, if they differ) and print the server's
+    /// answer.
     Test {
         /// The recipient.
         #[arg(long)]
@@ -72,7 +84,7 @@ pub(super) enum MailCommand {
 /// `trunkfarm subscribe`.
 pub(super) async fn subscribe(cfg: &HubConfig, args: SubscriptionArgs) -> anyhow::Result<ExitCode> {
     let mut client = super::client::connect(cfg).await?;
-    let sub = args.subscription();
+    let sub = args.subscription(&mut client).await?;
     let created = client
         .subscribe(SubscribeRequest {
             subscription: Some(sub.clone()),
@@ -100,7 +112,7 @@ pub(super) async fn unsubscribe(
     args: SubscriptionArgs,
 ) -> anyhow::Result<ExitCode> {
     let mut client = super::client::connect(cfg).await?;
-    let sub = args.subscription();
+    let sub = args.subscription(&mut client).await?;
     let removed = client
         .unsubscribe(UnsubscribeRequest {
             subscription: Some(sub.clone()),
@@ -163,6 +175,21 @@ pub(super) async fn list(
     Ok(ExitCode::SUCCESS)
 }
 
+/// Says whose `[smtp]` sent the test mail: the running hub's, which may
+/// not be what the `--config` file given to this command says.
+fn test_mail_note(to: &str, sender: &str, cfg: &HubConfig) -> String {
+    let mut note = format!(
+        "test mail to {to} accepted, sent by the running hub with its own [smtp]: {sender}"
+    );
+    if let Some(path) = &cfg.source {
+        note.push_str(&format!(
+            "\n(if the [smtp] in {} differs, the hub uses it only once restarted with it)",
+            path.display()
+        ));
+    }
+    note
+}
+
 /// `trunkfarm mail …`.
 pub(super) async fn mail(cfg: &HubConfig, command: MailCommand) -> anyhow::Result<ExitCode> {
     let mut client = super::client::connect(cfg).await?;
@@ -172,10 +199,9 @@ pub(super) async fn mail(cfg: &HubConfig, command: MailCommand) -> anyhow::Resul
                 .send_test_mail(SendTestMailRequest { to: to.clone() })
                 .await
                 .map_err(status_error)?
-                .into_inner()
-                .response;
-            println!("{answer}");
-            eprintln!("test mail to {to} accepted");
+                .into_inner();
+            println!("{}", answer.response);
+            eprintln!("{}", test_mail_note(&to, &answer.sender, cfg));
         }
         MailCommand::List { state, limit, json } => {
             let state = match state.as_deref() {
@@ -246,4 +272,27 @@ pub(super) async fn mail(cfg: &HubConfig, command: MailCommand) -> anyhow::Resul
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    #[test]
+    fn a_test_mail_says_it_went_by_the_running_hubs_smtp() {
+        let sender = "smtp relay.example.org:587 (starttls)";
+        let mut cfg = HubConfig::default_for(PathBuf::from("data"));
+        let note = test_mail_note("ada@example.org", sender, &cfg);
+        assert!(
+            note.contains("running hub with its own [smtp]: smtp relay.example.org:587"),
+            "{note}"
+        );
+        cfg.source = Some(PathBuf::from("other.toml"));
+        let note = test_mail_note("ada@example.org", sender, &cfg);
+        assert!(
+            note.contains("if the [smtp] in other.toml differs"),
+            "{note}"
+        );
+    }
 }

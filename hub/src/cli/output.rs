@@ -1,7 +1,7 @@
 //! How listings print: JSON of a serde view (see `view`) for `--json`, or
 //! a table for people. Both write with `println!`: on a closed stdout the
-//! client commands end quietly by SIGPIPE (see `restore_sigpipe`) instead
-//! of panicking.
+//! client commands exit 0 on SIGPIPE (see `exit_quietly_on_closed_stdout`)
+//! instead of panicking.
 
 use std::fmt::Display;
 

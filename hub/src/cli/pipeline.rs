@@ -2,20 +2,23 @@
 //! trunk change broke), `transitions` (history), `upstream build` (build
 //! now) and `artifact list`.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::Subcommand;
 use trunkfarm_proto::v1::{
-    BuildInfo, BuildState, BuildUpstreamRequest, GetBreakageRequest, GetStatusRequest,
-    ListArtifactsRequest, ListTransitionsRequest, RunInfo, RunStatus, StatusCell, Transition,
-    TransitionKind,
+    BuildInfo, BuildState, BuildUpstreamRequest, BuildUpstreamResponse, GetBreakageRequest,
+    GetStatusRequest, GetStatusResponse, ListArtifactsRequest, ListTransitionsRequest, RunInfo,
+    RunStatus, StatusCell, Transition, TransitionKind,
 };
 
+use super::client::AdminClient;
 use super::output::{self, Column, Table};
 use super::{status_error, view, when};
 use crate::commit::short;
 use crate::config::HubConfig;
+use trunkfarm_proto::settings::fmt_duration;
 
 /// `trunkfarm upstream …`.
 #[derive(Subcommand)]
@@ -23,8 +26,8 @@ pub(super) enum UpstreamCommand {
     /// Build an upstream now (default: its branch head) on every platform;
     /// when the build passes, every project is tested against it.
     Build {
-        /// The upstream's name in the hub config.
-        name: String,
+        /// The upstream's name in the hub config (default: the only one).
+        name: Option<String>,
         /// A commit (full or abbreviated), branch or tag.
         #[arg(long)]
         rev: Option<String>,
@@ -83,6 +86,8 @@ fn kind_name(kind: i32) -> &'static str {
 
 fn build_state(b: &BuildInfo) -> &'static str {
     match BuildState::try_from(b.state).unwrap_or(BuildState::Unspecified) {
+        // Nobody has its job yet: it waits (`waiting` says why).
+        BuildState::Pending if !b.waiting.is_empty() => "queued",
         BuildState::Pending => "building",
         BuildState::Passed => "passed",
         BuildState::Failed => "FAILED",
@@ -244,25 +249,79 @@ fn print_bisection(t: &Transition) {
     }
 }
 
-/// `trunkfarm status`.
+/// `trunkfarm status`; with `watch`, again and again at that interval
+/// until interrupted: redrawn in place in a terminal, printed one after
+/// the other (each under a dated line) otherwise.
 pub(super) async fn status(
     cfg: &HubConfig,
     upstream: Option<String>,
     json: bool,
+    watch: Option<Duration>,
 ) -> anyhow::Result<ExitCode> {
-    let mut client = super::client::connect(cfg).await?;
-    let resp = client
-        .get_status(GetStatusRequest {
-            upstream: upstream.unwrap_or_default(),
-        })
-        .await
-        .map_err(status_error)?
-        .into_inner();
-    if json {
-        output::json(&view::Status::from(&resp))?;
-        return Ok(ExitCode::SUCCESS);
+    if let Some(every) = watch
+        && every < Duration::from_secs(1)
+    {
+        anyhow::bail!(
+            "--watch {} would ask the hub without pause: give at least 1s, e.g. --watch 5s",
+            fmt_duration(every)
+        );
     }
+    let mut client = super::client::connect(cfg).await?;
+    let request = GetStatusRequest {
+        upstream: upstream.unwrap_or_default(),
+    };
     let paint = Paint::new();
+    let terminal = std::io::stdout().is_terminal();
+    loop {
+        let answer = client.get_status(request.clone()).await;
+        let resp = match (answer, watch) {
+            (Ok(resp), _) => resp.into_inner(),
+            (Err(e), None) => return Err(status_error(e)),
+            // Watching: a hub that restarts is back in a moment.
+            (Err(e), Some(every)) => {
+                eprintln!(
+                    "{:#} (trying again in {})",
+                    status_error(e),
+                    fmt_duration(every)
+                );
+                tokio::time::sleep(every).await;
+                continue;
+            }
+        };
+        let Some(every) = watch else {
+            if json {
+                output::json(&view::Status::from(&resp))?;
+            } else {
+                print_status(&resp, &paint);
+            }
+            return Ok(ExitCode::SUCCESS);
+        };
+        let at = when(crate::store::now_ms());
+        if terminal && !json {
+            // Home and clear: the next picture replaces this one.
+            print!("\x1b[H\x1b[2J");
+            println!(
+                "{}",
+                paint.code(
+                    "90",
+                    &format!("status at {at}, every {}; Ctrl-C ends", fmt_duration(every))
+                )
+            );
+            print_status(&resp, &paint);
+        } else if json {
+            // One JSON document per line: a stream other tools can read.
+            println!("{}", serde_json::to_string(&view::Status::from(&resp))?);
+        } else {
+            println!("status at {at}");
+            print_status(&resp, &paint);
+        }
+        std::io::stdout().flush()?;
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// The grid for people: per upstream its builds, then a row per project.
+fn print_status(resp: &GetStatusResponse, paint: &Paint) {
     if resp.upstreams.is_empty() {
         println!(
             "no upstream is configured: add [[upstream]] and [[project]] entries to the hub config"
@@ -293,6 +352,10 @@ pub(super) async fn status(
                         b.confirmation,
                         b.confirmation_detail
                     )
+                }
+                // Queued: say why no agent has it.
+                Some(b) if !b.waiting.is_empty() => {
+                    format!("{} {} ({})", build_state(b), short(&b.commit), b.waiting)
                 }
                 Some(b) => format!("{} {}", build_state(b), short(&b.commit)),
                 None => "no build yet".into(),
@@ -408,7 +471,44 @@ pub(super) async fn status(
             );
         }
     }
-    Ok(ExitCode::SUCCESS)
+}
+
+/// The upstream a command is about: the one given, or else the only one
+/// the running hub has configured (`how` tells how to name one when there
+/// are several).
+pub(super) async fn upstream_or_only(
+    client: &mut AdminClient,
+    given: Option<String>,
+    how: &str,
+) -> anyhow::Result<String> {
+    if let Some(name) = given {
+        return Ok(name);
+    }
+    let status = client
+        .get_status(GetStatusRequest::default())
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    only_upstream(status.upstreams.iter().map(|u| u.name.as_str()), how)
+}
+
+/// The only name of `names`, or an error that lists them.
+fn only_upstream<'a>(
+    names: impl IntoIterator<Item = &'a str>,
+    how: &str,
+) -> anyhow::Result<String> {
+    let names: Vec<&str> = names.into_iter().collect();
+    match names[..] {
+        [only] => Ok(only.to_owned()),
+        [] => anyhow::bail!(
+            "the hub has no upstream configured: add an [[upstream]] entry to its config"
+        ),
+        _ => anyhow::bail!(
+            "the hub has {} upstreams ({}): name one with {how}",
+            names.len(),
+            names.join(", ")
+        ),
+    }
 }
 
 /// "main @ abc1234 (seen …)": the branch followed (the default branch
@@ -429,11 +529,12 @@ fn branch_head(branch: &str, head: &str, seen_at_ms: u64) -> String {
 /// `trunkfarm breakage`.
 pub(super) async fn breakage(
     cfg: &HubConfig,
-    upstream: String,
+    upstream: Option<String>,
     rev: Option<String>,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
     let mut client = super::client::connect(cfg).await?;
+    let upstream = upstream_or_only(&mut client, upstream, "--upstream NAME").await?;
     let resp = client
         .get_breakage(GetBreakageRequest {
             upstream: upstream.clone(),
@@ -523,6 +624,8 @@ pub(super) async fn upstream(
     let mut client = super::client::connect(cfg).await?;
     match command {
         UpstreamCommand::Build { name, rev, force } => {
+            let name =
+                upstream_or_only(&mut client, name, "`trunkfarm upstream build NAME`").await?;
             let resp = client
                 .build_upstream(BuildUpstreamRequest {
                     upstream: name.clone(),
@@ -533,21 +636,7 @@ pub(super) async fn upstream(
                 .map_err(status_error)?
                 .into_inner();
             println!("{}", resp.commit);
-            for b in &resp.builds {
-                eprintln!(
-                    "{name} {} on {}: job {} ({})",
-                    short(&b.commit),
-                    b.platform,
-                    b.job_id,
-                    build_state(b)
-                );
-            }
-            if resp.builds.is_empty() {
-                eprintln!(
-                    "{name} {} was built before; use --force to build it again",
-                    short(&resp.commit)
-                );
-            }
+            eprintln!("{}", build_answer(&name, &resp));
         }
         UpstreamCommand::List { json } => {
             let resp = client
@@ -594,6 +683,27 @@ pub(super) async fn upstream(
     Ok(ExitCode::SUCCESS)
 }
 
+/// What `upstream build` tells its user (on stderr: stdout has the commit).
+fn build_answer(name: &str, resp: &BuildUpstreamResponse) -> String {
+    let commit = short(&resp.commit);
+    let jobs = |b: &BuildInfo| format!("job {} on {}, {}", b.job_id, b.platform, build_state(b));
+    if resp.already_built {
+        let each: Vec<String> = resp.builds.iter().map(jobs).collect();
+        return format!(
+            "{name} {commit} is already built ({}); use --force to build it again",
+            each.join("; ")
+        );
+    }
+    let mut lines = Vec::new();
+    for b in &resp.builds {
+        lines.push(format!("{name} {commit}: {}", jobs(b)));
+    }
+    if lines.is_empty() {
+        lines.push(format!("{name} {commit}: no platform to build on"));
+    }
+    lines.join("\n")
+}
+
 /// `trunkfarm artifact …`.
 pub(super) async fn artifact(
     cfg: &HubConfig,
@@ -635,4 +745,56 @@ pub(super) async fn artifact(
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_upstream_defaults_to_the_only_one_and_otherwise_the_error_lists_them() {
+        assert_eq!(
+            only_upstream(["cpython"], "--upstream NAME").unwrap(),
+            "cpython"
+        );
+        let several = only_upstream(["cpython", "lua"], "--upstream NAME")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            several,
+            "the hub has 2 upstreams (cpython, lua): name one with --upstream NAME"
+        );
+        let none = only_upstream([], "--upstream NAME")
+            .unwrap_err()
+            .to_string();
+        assert!(none.contains("[[upstream]]"), "{none}");
+    }
+
+    #[test]
+    fn a_commit_built_before_says_by_which_job_and_how_to_build_it_again() {
+        let build = |platform: &str, job_id| BuildInfo {
+            platform: platform.into(),
+            commit: "0123456789abcdef".into(),
+            job_id,
+            state: BuildState::Passed.into(),
+            ..Default::default()
+        };
+        let mut resp = BuildUpstreamResponse {
+            commit: "0123456789abcdef".into(),
+            builds: vec![build("linux", 12)],
+            already_built: true,
+        };
+        let said = build_answer("lua", &resp);
+        assert!(
+            said.contains("already built (job 12 on linux, passed)")
+                && said.ends_with("use --force to build it again"),
+            "{said}"
+        );
+        resp.already_built = false;
+        resp.builds.push(build("mac", 13));
+        let said = build_answer("lua", &resp);
+        assert_eq!(said.lines().count(), 2, "{said}");
+        assert!(!said.contains("already"), "{said}");
+        assert!(said.contains("job 13 on mac"), "{said}");
+    }
 }

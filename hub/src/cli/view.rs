@@ -84,10 +84,26 @@ pub(super) fn mail_state(s: v1::MailState) -> &'static str {
     }
 }
 
+/// Whether a token still enrolls anyone: `revoked`, `expired`, `used`
+/// (no use left) or `active`.
+pub(super) fn token_state(t: &v1::TokenInfo, now_ms: u64) -> &'static str {
+    if t.revoked {
+        "revoked"
+    } else if now_ms >= t.expires_at_ms {
+        "expired"
+    } else if t.uses_left == 0 {
+        "used"
+    } else {
+        "active"
+    }
+}
+
 /// `token list --json`.
 #[derive(Serialize)]
 pub(super) struct Token<'a> {
     token_id: &'a str,
+    /// [`token_state`] now.
+    state: &'static str,
     labels: &'a [String],
     created_at_ms: u64,
     expires_at_ms: u64,
@@ -109,6 +125,7 @@ impl<'a> From<&'a v1::TokenInfo> for Token<'a> {
     fn from(t: &'a v1::TokenInfo) -> Self {
         Token {
             token_id: &t.token_id,
+            state: token_state(t, crate::store::now_ms()),
             labels: &t.labels,
             created_at_ms: t.created_at_ms,
             expires_at_ms: t.expires_at_ms,
@@ -218,9 +235,11 @@ pub(super) struct Job<'a> {
     attempts: Vec<Attempt<'a>>,
     commands: &'a [String],
     labels: &'a [String],
-    project: &'a str,
+    pub(super) project: &'a str,
     key: &'a str,
     artifact_sha256: Option<&'a str>,
+    /// Queued: why it waits (`null` once an agent has it).
+    waiting: Option<&'a str>,
 }
 
 /// One attempt of a job.
@@ -264,6 +283,7 @@ impl<'a> From<&'a v1::JobInfo> for Job<'a> {
             project: spec.map_or("", |s| &s.project),
             key: &info.key,
             artifact_sha256: r.map(|r| r.artifact_sha256.as_str()),
+            waiting: (!info.waiting.is_empty()).then_some(info.waiting.as_str()),
         }
     }
 }
@@ -368,6 +388,8 @@ struct Build<'a> {
     /// counted alone).
     confirmation: Option<&'a str>,
     confirmation_detail: &'a str,
+    /// Pending and no agent has its job yet: why it waits (`null` otherwise).
+    waiting: Option<&'a str>,
 }
 
 impl<'a> From<&'a v1::BuildInfo> for Build<'a> {
@@ -387,6 +409,7 @@ impl<'a> From<&'a v1::BuildInfo> for Build<'a> {
             head_seq: b.head_seq,
             confirmation: (!b.confirmation.is_empty()).then_some(b.confirmation.as_str()),
             confirmation_detail: &b.confirmation_detail,
+            waiting: (!b.waiting.is_empty()).then_some(b.waiting.as_str()),
         }
     }
 }
@@ -999,6 +1022,46 @@ mod tests {
         let m = to_json(MailList::from(&mails));
         assert_eq!(m["mails"][0]["state"], "sent", "{m:#}");
         assert_eq!(m["sender"], "smtp");
+    }
+
+    #[test]
+    fn a_job_names_its_project() {
+        let job = v1::JobInfo {
+            spec: Some(v1::JobSpec {
+                project: "libfoo".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert_eq!(to_json(Job::from(&job))["project"], "libfoo");
+    }
+
+    #[test]
+    fn a_token_says_whether_it_still_enrolls_anyone() {
+        let now = 1_000_000;
+        let token = v1::TokenInfo {
+            expires_at_ms: now + 1,
+            uses_total: 2,
+            uses_left: 1,
+            ..Default::default()
+        };
+        assert_eq!(token_state(&token, now), "active");
+        assert_eq!(token_state(&token, now + 1), "expired");
+        let used = v1::TokenInfo {
+            uses_left: 0,
+            ..token.clone()
+        };
+        assert_eq!(token_state(&used, now), "used");
+        let revoked = v1::TokenInfo {
+            revoked: true,
+            ..token.clone()
+        };
+        assert_eq!(
+            token_state(&revoked, now + 1),
+            "revoked",
+            "revoked comes first"
+        );
+        assert_eq!(to_json(Token::from(&revoked))["state"], "revoked");
     }
 }
 

@@ -392,11 +392,11 @@ impl JobTable {
     }
 
     /// Stored jobs newest first, the live copy of open ones taken from
-    /// `open`, optionally only those in `state`.
+    /// `open`, only those `keep` keeps (the limit counts kept ones).
     pub(super) fn list(
         &self,
         open: &HashMap<u64, JobRecord>,
-        state: Option<JobState>,
+        keep: impl Fn(&JobRecord) -> bool,
         limit: usize,
     ) -> Result<Vec<JobRecord>, StoreError> {
         let mut out = Vec::new();
@@ -407,7 +407,7 @@ impl JobTable {
             let (k, v) = item?;
             let stored = self.decode(&k, &v)?;
             let rec = open.get(&stored.id).cloned().unwrap_or(stored);
-            if state.is_none_or(|want| want == rec.state) {
+            if keep(&rec) {
                 out.push(rec);
             }
         }

@@ -648,14 +648,28 @@ impl Dispatcher {
         self.shared.table.load(job_id)
     }
 
-    /// Jobs newest first, optionally only those in `state`.
+    /// Why job `job_id` waits, if it is queued (no agent has it yet): in
+    /// words, from the connected sessions now (see
+    /// [`Sessions::why_waiting`]); never stored. `None` for any other
+    /// state or an unknown job.
+    pub(crate) fn waiting(&self, job_id: u64) -> Option<String> {
+        let st = self.lock();
+        let rec = st.jobs.get(job_id)?;
+        (rec.state == JobState::Queued).then(|| {
+            st.sessions
+                .why_waiting(&rec.spec, &rec.placement, Instant::now())
+        })
+    }
+
+    /// Jobs newest first, only those `keep` keeps (the admin API filters
+    /// by state and project; the limit counts kept jobs).
     pub(crate) fn list(
         &self,
-        state: Option<JobState>,
+        keep: impl Fn(&JobRecord) -> bool,
         limit: usize,
     ) -> Result<Vec<JobRecord>, StoreError> {
         let open = self.lock().jobs.records().clone();
-        self.shared.table.list(&open, state, limit)
+        self.shared.table.list(&open, keep, limit)
     }
 
     /// Connected agents by id.
@@ -1755,5 +1769,137 @@ pub(crate) mod tests {
             ids.push(d.submit(spec(&[]), 0).await.unwrap());
         }
         ids
+    }
+
+    /// Connects agent `id` (labels `linux`, one slot) whose donor set `caps`
+    /// (`allowed_projects`, `max_job_timeout_secs`).
+    async fn donor(d: &Dispatcher, id: &str, caps: Capabilities, trusted: bool) -> Rx {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let hello = Hello {
+            caps: Capabilities {
+                labels: vec!["linux".into()],
+                max_parallel_jobs: 1,
+                ..caps
+            },
+            labels: HashSet::from(["linux".to_owned()]),
+            trusted,
+            quarantined: false,
+            max_parallel: 1,
+            draining: false,
+            agent_version: "test".into(),
+            remote: "local".into(),
+            tx,
+        };
+        d.connect(id, &[], hello).await.unwrap();
+        rx
+    }
+
+    fn waiting(d: &Dispatcher, id: u64) -> String {
+        d.waiting(id).expect("the job is queued")
+    }
+
+    #[tokio::test]
+    async fn a_job_waiting_without_agents_says_none_is_connected() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_s, d) = open(dir.path(), 5000);
+        let id = d.submit(spec(&["linux"]), 0).await.unwrap();
+        assert_eq!(waiting(&d, id), "no agent connected");
+    }
+
+    #[tokio::test]
+    async fn a_job_waiting_for_a_label_names_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_s, d) = open(dir.path(), 5000);
+        let _a = agent(&d, "a", 1, &["linux"], &[]).await;
+        let id = d.submit(spec(&["linux", "gpu"]), 0).await.unwrap();
+        assert_eq!(waiting(&d, id), "no connected agent has label `gpu`");
+        // An agent with the label but another one's missing: said per agent.
+        let _b = agent(&d, "b", 1, &["gpu"], &[]).await;
+        assert_eq!(
+            waiting(&d, id),
+            "agent `a` lacks label `gpu`; agent `b` lacks label `linux`"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_job_longer_than_the_donors_allow_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_s, d) = open(dir.path(), 5000);
+        let mut rx = Vec::new();
+        for id in ["a", "b", "c"] {
+            let caps = Capabilities {
+                max_job_timeout_secs: 1800,
+                ..Default::default()
+            };
+            rx.push(donor(&d, id, caps, true).await);
+        }
+        let long = JobSpec {
+            timeout_secs: 3600,
+            ..spec(&["linux"])
+        };
+        let id = d.submit(long, 0).await.unwrap();
+        assert_eq!(
+            waiting(&d, id),
+            "3 agents match the labels but their donors allow at most 30m (job asks 1h)"
+        );
+        assert!(rx.iter_mut().all(|rx| assignments(rx).is_empty()));
+    }
+
+    #[tokio::test]
+    async fn a_job_of_a_project_the_donor_refuses_names_what_it_accepts() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_s, d) = open(dir.path(), 5000);
+        let caps = Capabilities {
+            allowed_projects: vec!["lua".into(), "luajit".into()],
+            ..Default::default()
+        };
+        let _box = donor(&d, "box", caps, true).await;
+        let other = JobSpec {
+            project: "penlight".into(),
+            ..spec(&["linux"])
+        };
+        let id = d.submit(other, 0).await.unwrap();
+        assert_eq!(
+            waiting(&d, id),
+            "agent `box` only accepts projects lua, luajit (job is for `penlight`)"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_trusted_only_job_with_volunteers_only_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_s, d) = open(dir.path(), 5000);
+        let _v = join(&d, "v", 1, &["linux"], &[], false).await;
+        let build = JobSpec {
+            trusted_only: true,
+            ..spec(&["linux"])
+        };
+        let id = d.submit(build, 0).await.unwrap();
+        assert_eq!(waiting(&d, id), "trusted agents only: none connected");
+    }
+
+    #[tokio::test]
+    async fn a_job_behind_busy_agents_counts_what_they_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_s, d) = open(dir.path(), 5000);
+        let mut a = agent(&d, "a", 1, &["linux"], &[]).await;
+        let first = d.submit(spec(&["linux"]), 0).await.unwrap();
+        let second = d.submit(spec(&["linux"]), 0).await.unwrap();
+        assert_eq!(assignments(&mut a)[0].job_id, first);
+        assert_eq!(d.waiting(first), None, "leased: no longer waiting");
+        assert_eq!(
+            waiting(&d, second),
+            "every matching agent is busy (1 running)"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_job_whose_only_agent_is_quarantined_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_s, d) = open(dir.path(), 5000);
+        let _a = agent(&d, "a", 1, &["linux"], &[]).await;
+        d.set_quarantined("a", true).await.unwrap();
+        let id = d.submit(spec(&["linux"]), 0).await.unwrap();
+        assert_eq!(waiting(&d, id), "agent `a` is quarantined");
     }
 }

@@ -14,6 +14,7 @@ use super::DispatchError;
 use super::jobs::Placement;
 use super::records::JobSpecRecord;
 use crate::store::now_ms;
+use trunkfarm_proto::settings::fmt_duration;
 
 /// What a session sends its agent: a message, or an `Err` that ends the
 /// stream with that status (e.g. "agent revoked"). Boxed: the channel
@@ -98,26 +99,98 @@ impl Conn {
         self.max_parallel.saturating_sub(self.running.len())
     }
 
-    fn accepts(&self, spec: &JobSpecRecord) -> bool {
-        // An agent without a sandbox it trusts refuses every job: give it none.
-        self.caps.sandbox != SANDBOX_UNAVAILABLE
-            && (self.trusted || !spec.trusted_only)
-            && spec.labels.iter().all(|l| self.labels.contains(l))
-            && (spec.project.is_empty()
-                || self.caps.allowed_projects.is_empty()
-                || self.caps.allowed_projects.contains(&spec.project))
-            && (self.caps.max_job_timeout_secs == 0
-                || spec.timeout_secs <= self.caps.max_job_timeout_secs)
+    /// Why it may not run `spec` at all, whatever its load; `None` if it
+    /// may. The one place matching checks what an agent accepts: [`Sessions::pick`]
+    /// and [`Sessions::why_waiting`] both ask it.
+    fn refuses(&self, spec: &JobSpecRecord) -> Option<Refusal> {
+        if self.caps.sandbox == SANDBOX_UNAVAILABLE {
+            // An agent without a sandbox it trusts refuses every job: give it none.
+            Some(Refusal::NoSandbox)
+        } else if spec.trusted_only && !self.trusted {
+            Some(Refusal::Untrusted)
+        } else if let Some(l) = spec.labels.iter().find(|l| !self.labels.contains(*l)) {
+            Some(Refusal::Label(l.clone()))
+        } else if !spec.project.is_empty()
+            && !self.caps.allowed_projects.is_empty()
+            && !self.caps.allowed_projects.contains(&spec.project)
+        {
+            Some(Refusal::Project)
+        } else if self.caps.max_job_timeout_secs != 0
+            && spec.timeout_secs > self.caps.max_job_timeout_secs
+        {
+            Some(Refusal::Timeout)
+        } else {
+            None
+        }
     }
 
-    /// Takes new work: not draining or quarantined, a free slot, heard
-    /// from recently.
-    fn available(&self, now: Instant, stale_after: Duration) -> bool {
-        !self.draining
-            && !self.quarantined
-            && self.free_slots() > 0
-            && now.duration_since(self.last_heartbeat) < stale_after
+    /// Why it takes no new work now; `None` if it does (not draining or
+    /// quarantined, a free slot, heard from recently).
+    fn busy(&self, now: Instant, stale_after: Duration) -> Option<Busy> {
+        if self.quarantined {
+            Some(Busy::Quarantined)
+        } else if self.draining {
+            Some(Busy::Draining)
+        } else if now.duration_since(self.last_heartbeat) >= stale_after {
+            Some(Busy::Silent)
+        } else if self.free_slots() == 0 {
+            Some(Busy::Full)
+        } else {
+            None
+        }
     }
+
+    /// Takes new work now.
+    fn available(&self, now: Instant, stale_after: Duration) -> bool {
+        self.busy(now, stale_after).is_none()
+    }
+}
+
+/// Why an agent may never run a job (see [`Conn::refuses`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Refusal {
+    /// It has no sandbox it may run jobs under.
+    NoSandbox,
+    /// The job is for trusted agents only.
+    Untrusted,
+    /// It lacks this label of the job's.
+    Label(String),
+    /// Its donor allows other projects only (`allowed_projects`).
+    Project,
+    /// Its donor allows shorter jobs only (`max_job_timeout`).
+    Timeout,
+}
+
+/// Why an agent that may run a job takes no new work now (see [`Conn::busy`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Busy {
+    Quarantined,
+    Draining,
+    Silent,
+    Full,
+}
+
+/// `agent `a`` or `agents `a`, `b``, and whether the subject is plural.
+fn agents_named(ids: &[&str]) -> (String, bool) {
+    let names: Vec<String> = ids.iter().map(|id| format!("`{id}`")).collect();
+    match names.len() {
+        1 => (format!("agent {}", names[0]), false),
+        _ => (format!("agents {}", names.join(", ")), true),
+    }
+}
+
+/// The agents listed with `kind`.
+fn of_kind<'a, K: PartialEq>(list: &[(K, &'a str)], kind: &K) -> Vec<&'a str> {
+    list.iter()
+        .filter(|(k, _)| k == kind)
+        .map(|(_, id)| *id)
+        .collect()
+}
+
+/// `ids` named, then `singular` or `plural` (e.g. "is quarantined" / "are quarantined").
+fn say(ids: &[&str], singular: &str, plural: &str) -> String {
+    let (who, many) = agents_named(ids);
+    format!("{who} {}", if many { plural } else { singular })
 }
 
 /// A snapshot of one connected agent for `agent list` and the pools.
@@ -293,7 +366,7 @@ impl Sessions {
             .iter()
             .filter(|(id, c)| {
                 c.available(now, self.stale_after)
-                    && c.accepts(spec)
+                    && c.refuses(spec).is_none()
                     && !placement.exclude_agents.contains(id)
             })
             .min_by_key(|(id, c)| {
@@ -306,6 +379,148 @@ impl Sessions {
                 )
             })
             .map(|(id, c)| (id.clone(), c.trusted))
+    }
+
+    /// Why a queued job waits, in words, from the same checks as
+    /// [`Sessions::pick`] (computed when asked, never stored): no agent
+    /// connected, no agent with its labels, agents whose donors refuse it
+    /// (timeout, projects), none trusted, the matching ones quarantined,
+    /// draining, silent or busy. Reasons for different agents are joined
+    /// with "; ".
+    pub(super) fn why_waiting(
+        &self,
+        spec: &JobSpecRecord,
+        placement: &Placement,
+        now: Instant,
+    ) -> String {
+        if self.agents.is_empty() {
+            return "no agent connected".into();
+        }
+        if spec.trusted_only && !self.agents.values().any(|c| c.trusted) {
+            return "trusted agents only: none connected".into();
+        }
+        let unheld: Vec<String> = spec
+            .labels
+            .iter()
+            .filter(|l| !self.agents.values().any(|c| c.labels.contains(*l)))
+            .map(|l| format!("`{l}`"))
+            .collect();
+        match unheld.len() {
+            0 => {}
+            1 => return format!("no connected agent has label {}", unheld[0]),
+            _ => return format!("no connected agent has labels {}", unheld.join(", ")),
+        }
+        let mut ids: Vec<&String> = self.agents.keys().collect();
+        ids.sort();
+        let mut refused: Vec<(Refusal, &str)> = Vec::new();
+        let mut excluded = Vec::new();
+        let mut busy: Vec<(Busy, &str)> = Vec::new();
+        let mut free = Vec::new();
+        for id in ids {
+            let c = &self.agents[id];
+            if let Some(r) = c.refuses(spec) {
+                refused.push((r, id.as_str()));
+            } else if placement.exclude_agents.contains(id) {
+                excluded.push(id.as_str());
+            } else if let Some(b) = c.busy(now, self.stale_after) {
+                busy.push((b, id.as_str()));
+            } else {
+                free.push(id.as_str());
+            }
+        }
+        let mut parts = Vec::new();
+        if !free.is_empty() {
+            parts.push(say(
+                &free,
+                "takes it at the next schedule",
+                "take it at the next schedule",
+            ));
+        }
+        let full: Vec<&str> = of_kind(&busy, &Busy::Full);
+        if !full.is_empty() {
+            let running: usize = full.iter().map(|id| self.agents[*id].running.len()).sum();
+            if full.len() == busy.len() && free.is_empty() {
+                parts.push(format!("every matching agent is busy ({running} running)"));
+            } else {
+                parts.push(format!(
+                    "{} ({running} running)",
+                    say(&full, "is busy", "are busy")
+                ));
+            }
+        }
+        for (kind, words) in [
+            (Busy::Quarantined, ("is quarantined", "are quarantined")),
+            (Busy::Draining, ("is draining", "are draining")),
+            (
+                Busy::Silent,
+                (
+                    "has not been heard from lately",
+                    "have not been heard from lately",
+                ),
+            ),
+        ] {
+            let who: Vec<&str> = of_kind(&busy, &kind);
+            if !who.is_empty() {
+                parts.push(say(&who, words.0, words.1));
+            }
+        }
+        if !excluded.is_empty() {
+            parts.push(say(
+                &excluded,
+                "may not take it (it checks that agent's result)",
+                "may not take it (it checks those agents' results)",
+            ));
+        }
+        let timeouts: Vec<&str> = of_kind(&refused, &Refusal::Timeout);
+        if !timeouts.is_empty() {
+            let most = timeouts
+                .iter()
+                .map(|id| self.agents[*id].caps.max_job_timeout_secs)
+                .max()
+                .unwrap_or_default();
+            let (n, verb, whose, allow) = match timeouts.len() {
+                1 => ("1 agent".to_owned(), "matches", "its donor", "allows"),
+                n => (format!("{n} agents"), "match", "their donors", "allow"),
+            };
+            parts.push(format!(
+                "{n} {verb} the labels but {whose} {allow} at most {} (job asks {})",
+                fmt_duration(Duration::from_secs(most)),
+                fmt_duration(Duration::from_secs(spec.timeout_secs)),
+            ));
+        }
+        for (r, id) in &refused {
+            match r {
+                Refusal::Project => parts.push(format!(
+                    "agent `{id}` only accepts projects {} (job is for `{}`)",
+                    self.agents[*id].caps.allowed_projects.join(", "),
+                    spec.project
+                )),
+                Refusal::Label(l) => parts.push(format!("agent `{id}` lacks label `{l}`")),
+                _ => {}
+            }
+        }
+        for (kind, words) in [
+            (
+                Refusal::Untrusted,
+                (
+                    "is not trusted (the job is for trusted agents only)",
+                    "are not trusted (the job is for trusted agents only)",
+                ),
+            ),
+            (
+                Refusal::NoSandbox,
+                (
+                    "has no sandbox to run jobs in",
+                    "have no sandbox to run jobs in",
+                ),
+            ),
+        ] {
+            let who: Vec<&str> = of_kind(&refused, &kind);
+            if !who.is_empty() {
+                parts.push(say(&who, words.0, words.1));
+            }
+        }
+        parts.join("; ")
     }
 
     /// The job was leased to `agent_id`: it holds it, and is sent the

@@ -12,6 +12,7 @@ use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status};
 use trunkfarm_proto::enrollment::Enrollment;
+use trunkfarm_proto::settings::fmt_duration;
 use trunkfarm_proto::v1::admin_service_server::{AdminService, AdminServiceServer};
 use trunkfarm_proto::v1::*;
 
@@ -161,7 +162,10 @@ impl AdminService for AdminApi {
     ) -> Result<Response<SendTestMailResponse>, Status> {
         let to = request.into_inner().to;
         let response = self.notifier.send_test(&to).await?;
-        Ok(Response::new(SendTestMailResponse { response }))
+        Ok(Response::new(SendTestMailResponse {
+            response,
+            sender: self.notifier.describe(),
+        }))
     }
 
     async fn list_mail(
@@ -187,14 +191,15 @@ impl AdminService for AdminApi {
         request: Request<BuildUpstreamRequest>,
     ) -> Result<Response<BuildUpstreamResponse>, Status> {
         let req = request.into_inner();
-        let (commit, builds) = self
+        let built = self
             .pipeline
             .build(&req.upstream, req.rev.trim(), req.force)
             .await?;
-        tracing::info!(upstream = %req.upstream, "build of {} requested", crate::commit::short(&commit));
+        tracing::info!(upstream = %req.upstream, "build of {} requested", crate::commit::short(&built.commit));
         Ok(Response::new(BuildUpstreamResponse {
-            commit,
-            builds: builds.into_iter().map(Into::into).collect(),
+            commit: built.commit,
+            builds: built.builds.into_iter().map(Into::into).collect(),
+            already_built: built.already_built,
         }))
     }
 
@@ -292,8 +297,8 @@ impl AdminService for AdminApi {
         if ttl > self.max_token_ttl {
             return Err(Status::invalid_argument(format!(
                 "a token may live at most {} (enrollment.max_token_ttl); asked for {}",
-                humantime::format_duration(self.max_token_ttl),
-                humantime::format_duration(ttl)
+                fmt_duration(self.max_token_ttl),
+                fmt_duration(ttl)
             )));
         }
         for label in &req.labels {
@@ -341,18 +346,7 @@ impl AdminService for AdminApi {
             .credentials
             .list_tokens()?
             .into_iter()
-            .map(|t| TokenInfo {
-                token_id: t.id,
-                labels: t.grant.labels,
-                trusted: t.grant.trusted,
-                max_parallel_jobs: t.grant.max_parallel_jobs,
-                created_at_ms: t.created_at_ms,
-                expires_at_ms: t.expires_at_ms,
-                uses_left: t.uses_left,
-                uses_total: t.uses_total,
-                revoked: t.revoked,
-                note: t.note,
-            })
+            .map(token_info)
             .collect();
         Ok(Response::new(ListTokensResponse { tokens }))
     }
@@ -362,9 +356,11 @@ impl AdminService for AdminApi {
         request: Request<RevokeTokenRequest>,
     ) -> Result<Response<RevokeTokenResponse>, Status> {
         let id = request.into_inner().token_id;
-        self.credentials.revoke_token(&id).await?;
+        let token = self.credentials.revoke_token(&id).await?;
         tracing::info!(token = %id, "enrollment token revoked");
-        Ok(Response::new(RevokeTokenResponse {}))
+        Ok(Response::new(RevokeTokenResponse {
+            token: Some(token_info(token)),
+        }))
     }
 
     async fn list_agents(
@@ -409,8 +405,8 @@ impl AdminService for AdminApi {
         if grace > MAX_DRAIN_GRACE {
             return Err(Status::invalid_argument(format!(
                 "a drain's grace period may be at most {}; asked for {}",
-                humantime::format_duration(MAX_DRAIN_GRACE),
-                humantime::format_duration(grace)
+                fmt_duration(MAX_DRAIN_GRACE),
+                fmt_duration(grace)
             )));
         }
         self.dispatch.drain(&req.agent_id, grace)?;
@@ -448,7 +444,9 @@ impl AdminService for AdminApi {
                     // Never show a result a crash could still take back.
                     self.dispatch.sync().await?;
                 }
-                Ok(Response::new(job_info(rec)))
+                let mut info = job_info(rec);
+                info.waiting = self.dispatch.waiting(id).unwrap_or_default();
+                Ok(Response::new(info))
             }
             None => Err(Status::not_found(format!(
                 "no job {id}: see `trunkfarm job list`"
@@ -463,11 +461,20 @@ impl AdminService for AdminApi {
         let req = request.into_inner();
         let state = state_from_proto(req.state());
         let limit = list_limit(req.limit);
+        let project = req.project.trim();
+        let keep = |job: &crate::dispatch::JobRecord| {
+            state.is_none_or(|want| want == job.state)
+                && (project.is_empty() || job.spec.project == project)
+        };
         let jobs = self
             .dispatch
-            .list(state, limit)?
+            .list(keep, limit)?
             .into_iter()
-            .map(job_info)
+            .map(|rec| {
+                let mut info = job_info(rec);
+                info.waiting = self.dispatch.waiting(info.job_id).unwrap_or_default();
+                info
+            })
             .collect();
         Ok(Response::new(ListJobsResponse { jobs }))
     }
@@ -597,6 +604,22 @@ async fn watch(
         return;
     }
     let _ = tx.send(finish()).await;
+}
+
+/// A token as the admin API shows it (never its secret).
+fn token_info(t: crate::auth::credentials::TokenRecord) -> TokenInfo {
+    TokenInfo {
+        token_id: t.id,
+        labels: t.grant.labels,
+        trusted: t.grant.trusted,
+        max_parallel_jobs: t.grant.max_parallel_jobs,
+        created_at_ms: t.created_at_ms,
+        expires_at_ms: t.expires_at_ms,
+        uses_left: t.uses_left,
+        uses_total: t.uses_total,
+        revoked: t.revoked,
+        note: t.note,
+    }
 }
 
 #[cfg(test)]

@@ -194,5 +194,7 @@ fn job_info(rec: JobRecord) -> v1::JobInfo {
             spec.into()
         }),
         key: rec.key,
+        // Asked of dispatch by whoever shows a queued job (`Dispatcher::waiting`).
+        waiting: String::new(),
     }
 }

@@ -96,6 +96,9 @@ struct AuthorMark {
     /// The went-red run.
     job_id: u64,
     commit: Commit,
+    /// The upstream's branch (the transition's; empty in older marks).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    branch: String,
 }
 
 /// What a went-red mail shows of why: failing tests' messages and the log.
@@ -504,6 +507,7 @@ impl Notifier {
                 platform: t.platform.clone(),
                 job_id: t.job_id,
                 commit: c.clone(),
+                branch: t.branch.clone(),
             };
             let key = format!("a/{}/{}", c.sha, id_key(t.id));
             writes.push((key.into_bytes(), s.table.encode(&mark)?));
@@ -551,7 +555,7 @@ impl Notifier {
                             .collect();
                         broke.sort();
                         broke.dedup_by(|a, b| a.0 == b.0 && a.1 == b.1);
-                        let branch = self.branch_of(&first.upstream);
+                        let branch = self.branch_of(&first.upstream, &first.branch);
                         let r = render::first_bad_author(
                             &first.upstream,
                             &branch,
@@ -848,13 +852,20 @@ impl Notifier {
         Ok(out)
     }
 
-    fn branch_of(&self, upstream: &str) -> String {
+    /// The branch a mail about `upstream` names: the one recorded with the
+    /// transition (`recorded`: the branch its head was polled on, the
+    /// repository's default branch when none is configured), else the
+    /// configured one, else `main` (what older hubs followed by default).
+    fn branch_of(&self, upstream: &str, recorded: &str) -> String {
+        if !recorded.is_empty() {
+            return recorded.to_owned();
+        }
         self.inner
             .upstreams
             .iter()
             .find(|u| u.name == upstream)
-            .map(|u| u.branch.clone().unwrap_or_else(|| "default branch".into()))
-            .unwrap_or_default()
+            .and_then(|u| u.branch.clone())
+            .unwrap_or_else(|| "main".into())
     }
 
     /// Why `t`'s run failed, as a went-red mail (or its reminder or
@@ -941,7 +952,7 @@ impl Notifier {
         evidence: &Evidence,
     ) -> OutMail {
         let kind = TransitionKind::try_from(t.kind).unwrap_or(TransitionKind::Unspecified);
-        let branch = self.branch_of(&t.upstream);
+        let branch = self.branch_of(&t.upstream, &t.branch);
         let r = render::transition(
             t,
             &render::Context {

@@ -85,6 +85,7 @@ pub(super) fn finished(
                 head_seq: facts.head_seq,
                 confirmation: String::new(),
                 confirmation_detail: String::new(),
+                waiting: String::new(),
             })
         }
         // A re-run is what it re-runs, a bisection's job what it builds or runs.

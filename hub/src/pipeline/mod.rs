@@ -104,6 +104,17 @@ pub(crate) enum PipelineError {
     Invalid(String),
 }
 
+/// What [`Pipeline::build`] did.
+#[derive(Debug)]
+pub(crate) struct ManualBuild {
+    /// The full commit hash built.
+    pub(crate) commit: String,
+    /// Its build per platform: queued now, or as it stands.
+    pub(crate) builds: Vec<BuildInfo>,
+    /// Every platform's build existed before (nothing new was queued).
+    pub(crate) already_built: bool,
+}
+
 /// The running pipeline (cheap to clone).
 #[derive(Clone)]
 pub(crate) struct Pipeline {
@@ -130,9 +141,9 @@ struct Inner {
     /// Held by a poller from choosing a good runtime until its tests are
     /// queued, and by garbage collection: no runtime is deleted in between.
     runtimes: tokio::sync::Mutex<()>,
-    /// What the last poll of each upstream and project found (its error,
-    /// the branch followed), by `Repo::describe`.
-    polls: Mutex<HashMap<String, poll::PollState>>,
+    /// The last poll error per upstream or project (empty: fine), by
+    /// `Repo::describe`.
+    poll_errors: Mutex<HashMap<String, String>>,
 }
 
 impl Pipeline {
@@ -210,7 +221,7 @@ impl Pipeline {
                 notifier,
                 git,
                 runtimes: tokio::sync::Mutex::new(()),
-                polls: Mutex::new(HashMap::new()),
+                poll_errors: Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -239,13 +250,14 @@ impl Pipeline {
     }
 
     /// Builds `rev` (default: the branch head) of an upstream now, on every
-    /// platform. Without `force`, a commit already built is not built again.
+    /// platform. Without `force`, a commit already built is not built again
+    /// (the answer says so, for `upstream build` to tell its user).
     pub(crate) async fn build(
         &self,
         upstream: &str,
         rev: &str,
         force: bool,
-    ) -> Result<(String, Vec<BuildInfo>), PipelineError> {
+    ) -> Result<ManualBuild, PipelineError> {
         let u = self.upstream(upstream)?.clone();
         let git = &self.inner.git;
         let commit = if rev.is_empty() {
@@ -259,8 +271,25 @@ impl Pipeline {
         } else {
             None
         };
+        // Only for the answer's words: submitting below is keyed, so a
+        // build that exists is not submitted again either way.
+        let mut already_built = !force;
+        for platform in &u.platforms {
+            if self
+                .inner
+                .results
+                .build(&u.name, platform, &commit)?
+                .is_none()
+            {
+                already_built = false;
+            }
+        }
         let builds = self.ensure_builds(&u, &commit, nonce).await?;
-        Ok((commit, builds))
+        Ok(ManualBuild {
+            commit,
+            builds,
+            already_built,
+        })
     }
 
     /// Takes finished jobs from dispatch's inbox and records them, until shutdown.
@@ -513,7 +542,9 @@ impl Pipeline {
             let info = UpstreamRow {
                 name: u.name.clone(),
                 url: git::redact_url(&u.url),
-                branch: self.branch_shown(Repo::Upstream, &u.name, u.branch.as_deref()),
+                branch: self
+                    .known_branch(Repo::Upstream, &u.name, u.branch.as_deref())?
+                    .unwrap_or_default(),
                 platforms: u.platforms.clone(),
                 head: head.as_ref().map(|h| h.commit.clone()).unwrap_or_default(),
                 head_seen_at_ms: head.map(|h| h.seen_at_ms).unwrap_or_default(),
@@ -538,7 +569,11 @@ impl Pipeline {
             }
             rows.push((info, series));
         }
-        let mut grid = self.inner.results.status(rows)?;
+        let dispatch = &self.inner.dispatch;
+        let mut grid = self
+            .inner
+            .results
+            .status(rows, |job| dispatch.waiting(job))?;
         for p in &self.inner.projects {
             if only_upstream.is_empty() || p.tests_against(only_upstream) {
                 grid.projects.push(self.project_row(p)?);

@@ -6,7 +6,8 @@
 use serde::{Deserialize, Serialize};
 
 use super::Pipeline;
-use super::git::GitError;
+use super::PipelineError;
+use super::git::Tip;
 use crate::commit::short;
 use crate::config::{ProjectConfig, UpstreamConfig};
 use crate::results::ProjectRow;
@@ -19,18 +20,17 @@ pub(crate) struct Head {
     pub(crate) commit: String,
     /// When polling first saw it, ms.
     pub(crate) seen_at_ms: u64,
+    /// The branch it is the head of: the configured one, or the
+    /// repository's default branch when none is configured. Empty in a
+    /// head an older hub wrote: it followed `main` unless configured
+    /// otherwise (see [`OLD_DEFAULT_BRANCH`]).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub(crate) branch: String,
 }
 
-/// What the last poll of an upstream or project found. Kept in memory only:
-/// a restarted hub polls again before anyone asks.
-#[derive(Clone, Debug, Default)]
-pub(super) struct PollState {
-    /// Why the last poll failed; empty: it worked.
-    error: String,
-    /// The branch the last successful poll followed (the configured one, or
-    /// the repository's default branch when none is configured).
-    branch: String,
-}
+/// The branch hubs before the default-branch lookup followed when none was
+/// configured: what a head they stored without its branch is the head of.
+const OLD_DEFAULT_BRANCH: &str = "main";
 
 /// Whose branch a head is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -76,15 +76,26 @@ impl Pipeline {
         self.inner.heads.get(head_key(repo, name))
     }
 
-    /// Records `commit` as the head (durably); false if it already was.
-    async fn save_head(&self, repo: Repo, name: &str, commit: &str) -> Result<bool, StoreError> {
-        if self.head(repo, name)?.is_some_and(|h| h.commit == commit) {
+    /// Records `tip` as the head (durably); false if its commit already
+    /// was (a default branch renamed on the same commit is recorded, too).
+    async fn save_head(&self, repo: Repo, name: &str, tip: &Tip) -> Result<bool, StoreError> {
+        let old = self.head(repo, name)?;
+        if old
+            .as_ref()
+            .is_some_and(|h| h.commit == tip.commit && h.branch == tip.branch)
+        {
             return Ok(false);
         }
+        let new_commit = old.as_ref().is_none_or(|h| h.commit != tip.commit);
+        let commit = tip.commit.as_str();
         let heads = &self.inner.heads;
         let head = Head {
             commit: commit.to_owned(),
-            seen_at_ms: now_ms(),
+            seen_at_ms: match old {
+                Some(h) if !new_commit => h.seen_at_ms,
+                _ => now_ms(),
+            },
+            branch: tip.branch.clone(),
         };
         let mut batch = sled::Batch::default();
         heads.stage(&mut batch, head_key(repo, name), &head)?;
@@ -96,7 +107,7 @@ impl Pipeline {
         }
         heads.apply(batch)?;
         heads.store().commit().await?;
-        Ok(true)
+        Ok(new_commit)
     }
 
     /// When polling first saw `commit` as `upstream`'s head (its order), or
@@ -111,9 +122,14 @@ impl Pipeline {
 
     /// Records a poll's error (empty: it worked); logs only its changes.
     fn set_poll_error(&self, what: String, error: String) {
-        let mut polls = self.inner.polls.lock().unwrap_or_else(|p| p.into_inner());
-        let state = polls.entry(what.clone()).or_default();
-        let previous = std::mem::replace(&mut state.error, error.clone());
+        let mut errors = self
+            .inner
+            .poll_errors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let previous = errors
+            .insert(what.clone(), error.clone())
+            .unwrap_or_default();
         if previous != error {
             if error.is_empty() {
                 tracing::info!("polling {what} works again");
@@ -123,43 +139,10 @@ impl Pipeline {
         }
     }
 
-    /// Records the branch a poll followed (the default branch found, when
-    /// none is configured).
-    fn set_branch(&self, what: String, branch: &str) {
-        let mut polls = self.inner.polls.lock().unwrap_or_else(|p| p.into_inner());
-        branch.clone_into(&mut polls.entry(what).or_default().branch);
-    }
-
     /// The last poll's error for an upstream or project (empty: it worked).
     pub(super) fn poll_error(&self, repo: Repo, name: &str) -> String {
-        self.poll_state(repo, name).error
-    }
-
-    /// The branch followed, as `status` shows it: the configured one, else
-    /// the default branch the last poll found (empty: not polled yet).
-    pub(super) fn branch_shown(&self, repo: Repo, name: &str, configured: Option<&str>) -> String {
-        match configured {
-            Some(branch) => branch.to_owned(),
-            None => self.poll_state(repo, name).branch,
-        }
-    }
-
-    /// A project as `status` shows it: its branch, head and poll error.
-    pub(super) fn project_row(&self, p: &ProjectConfig) -> Result<ProjectRow, StoreError> {
-        let head = self.head(Repo::Project, &p.name)?.unwrap_or_default();
-        Ok(ProjectRow {
-            name: p.name.clone(),
-            url: super::git::redact_url(&p.url),
-            branch: self.branch_shown(Repo::Project, &p.name, p.branch.as_deref()),
-            head: head.commit,
-            head_seen_at_ms: head.seen_at_ms,
-            poll_error: self.poll_error(Repo::Project, &p.name),
-        })
-    }
-
-    fn poll_state(&self, repo: Repo, name: &str) -> PollState {
         self.inner
-            .polls
+            .poll_errors
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(&repo.describe(name))
@@ -167,17 +150,52 @@ impl Pipeline {
             .unwrap_or_default()
     }
 
-    /// The branch of an upstream that its commit mirror fetches: the
-    /// configured one, else the default branch the last poll found, else
-    /// asked of the repository now.
-    pub(super) async fn upstream_branch(&self, u: &UpstreamConfig) -> Result<String, GitError> {
-        let known = self.branch_shown(Repo::Upstream, &u.name, u.branch.as_deref());
-        if !known.is_empty() {
-            return Ok(known);
+    /// The branch followed without asking git: the configured one, else
+    /// the one stored with the head (the default branch a poll found);
+    /// `None` before the first poll of a repository with no branch
+    /// configured.
+    pub(super) fn known_branch(
+        &self,
+        repo: Repo,
+        name: &str,
+        configured: Option<&str>,
+    ) -> Result<Option<String>, StoreError> {
+        if let Some(branch) = configured {
+            return Ok(Some(branch.to_owned()));
         }
-        let tip = self.inner.git.head(&u.url, None).await?;
-        self.set_branch(Repo::Upstream.describe(&u.name), &tip.branch);
-        Ok(tip.branch)
+        Ok(self.head(repo, name)?.map(|h| match h.branch.is_empty() {
+            true => OLD_DEFAULT_BRANCH.to_owned(),
+            false => h.branch,
+        }))
+    }
+
+    /// A project as `status` shows it: its branch (empty: not polled yet),
+    /// head and poll error.
+    pub(super) fn project_row(&self, p: &ProjectConfig) -> Result<ProjectRow, StoreError> {
+        let head = self.head(Repo::Project, &p.name)?.unwrap_or_default();
+        Ok(ProjectRow {
+            name: p.name.clone(),
+            url: super::git::redact_url(&p.url),
+            branch: self
+                .known_branch(Repo::Project, &p.name, p.branch.as_deref())?
+                .unwrap_or_default(),
+            head: head.commit,
+            head_seen_at_ms: head.seen_at_ms,
+            poll_error: self.poll_error(Repo::Project, &p.name),
+        })
+    }
+
+    /// The branch of an upstream that its commit mirror fetches: the
+    /// configured one, else the one stored with its head, else asked of the
+    /// repository now (it was never polled).
+    pub(super) async fn upstream_branch(
+        &self,
+        u: &UpstreamConfig,
+    ) -> Result<String, PipelineError> {
+        if let Some(branch) = self.known_branch(Repo::Upstream, &u.name, u.branch.as_deref())? {
+            return Ok(branch);
+        }
+        Ok(self.inner.git.head(&u.url, None).await?.branch)
     }
 
     /// Polls one branch head (without `branch`: the repository's default
@@ -194,11 +212,9 @@ impl Pipeline {
         match self.inner.git.head(url, branch).await {
             Ok(tip) => {
                 self.set_poll_error(what.clone(), String::new());
-                self.set_branch(what.clone(), &tip.branch);
-                let commit = tip.commit;
-                match self.save_head(repo, name, &commit).await {
+                match self.save_head(repo, name, &tip).await {
                     Ok(true) => {
-                        tracing::info!("{what}: new {} head {}", tip.branch, short(&commit));
+                        tracing::info!("{what}: new {} head {}", tip.branch, short(&tip.commit));
                     }
                     Ok(false) => {}
                     Err(e) => {
@@ -206,7 +222,7 @@ impl Pipeline {
                         return None;
                     }
                 }
-                Some(commit)
+                Some(tip.commit)
             }
             Err(e) => {
                 self.set_poll_error(what, e.to_string());

@@ -36,6 +36,8 @@ struct FakeGit {
     stall: AtomicBool,
     stalled: Notify,
     released: Notify,
+    /// The one branch every repository has, its default; empty: `main`.
+    default_branch: Mutex<String>,
 }
 
 impl FakeGit {
@@ -76,12 +78,17 @@ impl FakeGit {
 
 #[tonic::async_trait]
 impl Repos for FakeGit {
-    /// Every fake repository has one branch, `main`, its default.
+    /// Every fake repository has one branch, its default
+    /// (`default_branch`, `main` unless set).
     async fn head(&self, url: &str, branch: Option<&str>) -> Result<Tip, GitError> {
         let history = self.history(url)?;
-        let branch = branch.unwrap_or("main");
+        let default = match self.default_branch.lock().unwrap().as_str() {
+            "" => "main".to_owned(),
+            set => set.to_owned(),
+        };
+        let branch = branch.unwrap_or(&default);
         match history.last() {
-            Some(c) if branch == "main" => Ok(Tip {
+            Some(c) if branch == default => Ok(Tip {
                 branch: branch.to_owned(),
                 commit: c.sha.clone(),
             }),
@@ -544,11 +551,30 @@ async fn a_new_upstream_commit_is_built_once_on_each_platform() {
     // Polled again: nothing new.
     f.pipeline.poll_upstream(0).await;
     assert!(f.assigned().is_empty(), "each build exists once");
-    let (again, builds) = f.pipeline.build("rt", &c1[..8], false).await.unwrap();
-    assert_eq!((again, builds.len()), (c1, 2));
+    let again = f.pipeline.build("rt", &c1[..8], false).await.unwrap();
+    assert_eq!((&again.commit, again.builds.len()), (&c1, 2));
+    assert!(
+        again.already_built,
+        "`upstream build` says the commit was built (and by which jobs)"
+    );
+    let mut built_by: Vec<u64> = jobs.iter().map(|(job, ..)| job.job_id).collect();
+    built_by.sort();
+    let mut named: Vec<u64> = again.builds.iter().map(|b| b.job_id).collect();
+    named.sort();
+    assert_eq!(named, built_by, "the answer names the jobs that built it");
     assert!(
         f.assigned().is_empty(),
         "a manual build of a built commit builds nothing"
+    );
+    // A new commit built by hand is new; forced, a built one is built again.
+    let c2 = f.git.commit(RT);
+    let fresh = f.pipeline.build("rt", &c2, false).await.unwrap();
+    assert!(!fresh.already_built);
+    let forced = f.pipeline.build("rt", &c1, true).await.unwrap();
+    assert!(!forced.already_built);
+    assert!(
+        forced.builds.iter().all(|b| !built_by.contains(&b.job_id)),
+        "forced: built again by new jobs"
     );
 }
 
@@ -2538,4 +2564,39 @@ async fn a_projects_poll_error_is_shown_in_status() {
             .poll_error
             .is_empty()
     );
+}
+
+/// An upstream without `branch` follows its repository's default branch;
+/// the branch found is stored with its head, and the went-red mail names
+/// it (it used to name the config's, "default branch"), also after the
+/// hub restarted (nothing polled yet).
+#[tokio::test]
+async fn a_went_red_mail_names_the_default_branch_polling_found() {
+    let mut f = Farm::new().await;
+    *f.git.default_branch.lock().unwrap() = "trunk".into();
+    green_trunk(&mut f).await;
+    f.git.commit(RT);
+    f.pipeline.poll_upstream(0).await;
+    f.run_jobs(passed).await;
+    f.take_in().await;
+    f.run_jobs(shouter_red).await;
+    f.take_in().await;
+    f.run_jobs(regressed).await;
+    f.take_in().await;
+    let t = &f.transitions("shouter")[0];
+    assert_eq!(kind(t), TransitionKind::WentRed);
+    assert_eq!(t.branch, "trunk");
+    let mails = f.queued_mails();
+    let red = mails
+        .iter()
+        .find(|m| m.subject.contains("went red"))
+        .unwrap_or_else(|| panic!("{mails:?}"));
+    assert!(red.subject.contains("with rt trunk "), "{}", red.subject);
+
+    // A restarted hub knows the branch from the stored head before it
+    // polls (breakage and status need no git for it).
+    f.restart().await;
+    *f.git.broken.lock().unwrap() = [RT.to_owned()].into();
+    assert_eq!(f.pipeline.status("").unwrap().upstreams[0].branch, "trunk");
+    f.pipeline.breakage("rt", "").await.unwrap();
 }

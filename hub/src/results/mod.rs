@@ -202,6 +202,13 @@ pub(crate) trait Culprits: Send + Sync {
     fn bisects(&self) -> bool {
         false
     }
+
+    /// The upstream's branch as its head was last polled (the default
+    /// branch found, when none is configured; empty when unknown): stored
+    /// with each transition for the mails that name it.
+    fn branch(&self, _upstream: &str) -> String {
+        String::new()
+    }
 }
 
 /// Whoever must write in the same atomic transaction as a new transition
@@ -725,6 +732,7 @@ impl Results {
                     t.at_ms = now_ms();
                     t.culprits = listed;
                     t.culprits_error = listed_error;
+                    t.branch = culprits.branch(&t.upstream);
                     if culprits.bisects() {
                         bisection::join(&self.table, &mut batch, &mut t)?;
                     }

@@ -225,15 +225,21 @@ impl Results {
     /// The status grid: for each upstream (in order, as the caller describes
     /// it), its newest and newest passed build per platform, then the newest
     /// run of each of its series with the went-red transition the series is
-    /// red since.
+    /// red since. A pending newest build whose job no agent has yet says
+    /// why it waits (`waiting`: dispatch's words for a queued job, asked
+    /// now, never stored), so it shows as queued, not building.
     pub(crate) fn status(
         &self,
         rows: Vec<(UpstreamRow, Vec<GridSeries<'_>>)>,
+        waiting: impl Fn(u64) -> Option<String>,
     ) -> Result<Grid, StoreError> {
         let mut out = Grid::default();
         for (mut info, series) in rows {
             for platform in &info.platforms {
-                if let Some(b) = self.latest_build(&info.name, platform)? {
+                if let Some(mut b) = self.latest_build(&info.name, platform)? {
+                    if b.state == v1::BuildState::Pending as i32 {
+                        b.waiting = waiting(b.job_id).unwrap_or_default();
+                    }
                     info.latest_builds.push(b);
                 }
                 if let Some(b) = self.good_build(&info.name, platform)? {

@@ -66,6 +66,10 @@ pub(crate) struct BuildInfo {
     /// Both verdicts, in words.
     #[serde(skip_serializing_if = "String::is_empty")]
     pub(crate) confirmation_detail: String,
+    /// Pending and no agent has its job yet: why it waits. Never stored:
+    /// `Results::status` asks dispatch when it shows the build.
+    #[serde(skip)]
+    pub(crate) waiting: String,
 }
 
 /// A test run's summary: what the status grid shows.
@@ -192,6 +196,11 @@ pub(crate) struct Transition {
     /// skipped"). Not written when empty.
     #[serde(skip_serializing_if = "String::is_empty")]
     pub(crate) suspicious: String,
+    /// The upstream's branch when it was recorded (the default branch its
+    /// poll found, when none is configured): what mails name. Empty in
+    /// older records and when unknown. Not written when empty.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub(crate) branch: String,
 }
 
 /// What a result that would change its series turned out to be, once its
@@ -317,6 +326,7 @@ impl From<BuildInfo> for v1::BuildInfo {
             head_seq,
             confirmation,
             confirmation_detail,
+            waiting,
         } = b;
         v1::BuildInfo {
             upstream,
@@ -333,6 +343,7 @@ impl From<BuildInfo> for v1::BuildInfo {
             head_seq,
             confirmation,
             confirmation_detail,
+            waiting,
         }
     }
 }
@@ -454,6 +465,8 @@ impl From<Transition> for v1::Transition {
             class,
             bisect,
             suspicious,
+            // Mails name it; the admin API's transitions do not (yet).
+            branch: _,
         } = t;
         v1::Transition {
             id,

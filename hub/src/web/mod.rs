@@ -1,5 +1,11 @@
-//! The hub's small HTTP endpoint: one-click unsubscribe links now, a dashboard
-//! later.
+//! The hub's HTTP endpoint: the dashboard every mail link lands on, its JSON
+//! API under `/api/v1/`, one-click unsubscribe links, `/healthz` and
+//! `/metrics`.
+//!
+//! Pages: one module per page (`agents.rs`, …), each with a view struct
+//! built from the owners' queries ([`site::Site`]) that its HTML page
+//! renders (an askama template in `hub/templates/`) and its API route
+//! serializes ([`view`]), so both always say the same.
 //!
 //! `GET /unsubscribe?token=T` only shows a page with a button: mail scanners
 //! and link previewers follow GET links, so a GET never unsubscribes. The
@@ -33,6 +39,12 @@ use tower::ServiceExt as _;
 
 use crate::auth::secret;
 use crate::config::WebSection;
+
+pub(crate) mod agents;
+pub(crate) mod site;
+pub(crate) mod view;
+
+use site::{Site, SiteCell};
 
 /// A boxed, sendable future (what [`UnsubscribeFn`] returns).
 pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
@@ -162,6 +174,7 @@ pub(crate) async fn serve(
     settings: Settings,
     unsubscribe: UnsubscribeFn,
     metrics: MetricsFn,
+    site: SiteCell,
     shutdown: CancellationToken,
 ) -> Result<Web, WebError> {
     let listen = settings.listen;
@@ -178,6 +191,7 @@ pub(crate) async fn serve(
     let app = router(Handlers {
         unsubscribe,
         metrics,
+        site,
         metrics_token_hash: settings.metrics_token.as_deref().map(secret::hash),
     });
     let task = tokio::spawn(accept_loop(listener, app, settings, addr, shutdown));
@@ -287,9 +301,11 @@ async fn respond(
 
 /// What the routes call.
 #[derive(Clone)]
-struct Handlers {
+pub(crate) struct Handlers {
     unsubscribe: UnsubscribeFn,
     metrics: MetricsFn,
+    /// The owners the pages read, once the hub has started.
+    site: SiteCell,
     /// SHA-256 of the token `/metrics` requires, if any.
     metrics_token_hash: Option<String>,
 }
@@ -297,8 +313,52 @@ struct Handlers {
 /// Renders the hub's metrics in the Prometheus text format.
 pub(crate) type MetricsFn = Arc<dyn Fn() -> BoxFuture<String> + Send + Sync>;
 
+impl Handlers {
+    /// The owners the pages read, or [`Starting`] while the hub starts.
+    pub(crate) fn site(&self) -> Result<&Site, Starting> {
+        self.site.get().ok_or(Starting::Page)
+    }
+
+    /// The same for the API (its 503 is JSON).
+    pub(crate) fn site_api(&self) -> Result<&Site, Starting> {
+        self.site.get().ok_or(Starting::Api)
+    }
+}
+
+/// The hub has not finished starting: 503, as a page or as JSON.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Starting {
+    Page,
+    Api,
+}
+
+impl IntoResponse for Starting {
+    fn into_response(self) -> Response {
+        match self {
+            Starting::Page => view::error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Starting",
+                "The hub is still starting; try again in a moment.",
+            ),
+            Starting::Api => view::json_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the hub is still starting; try again in a moment",
+            ),
+        }
+    }
+}
+
 fn router(handlers: Handlers) -> Router {
     Router::new()
+        .merge(agents::routes())
+        .route(
+            "/static/style.css",
+            get(|| async { view::asset("text/css; charset=utf-8", view::STYLE_CSS) }),
+        )
+        .route(
+            "/static/live.js",
+            get(|| async { view::asset("text/javascript; charset=utf-8", view::LIVE_JS) }),
+        )
         .route("/unsubscribe", get(unsubscribe_page).post(unsubscribe_post))
         .route("/healthz", get(|| async { "ok" }))
         .route("/metrics", get(metrics_page))
@@ -585,7 +645,9 @@ mod tests {
         };
         let shutdown = CancellationToken::new();
         let metrics: MetricsFn = Arc::new(|| Box::pin(async { "m 1\n".to_string() }));
-        let web = serve(settings, f, metrics, shutdown.clone()).await.unwrap();
+        let web = serve(settings, f, metrics, SiteCell::default(), shutdown.clone())
+            .await
+            .unwrap();
         (web, shutdown, calls, tokens)
     }
 
@@ -752,6 +814,7 @@ mod tests {
             },
             unsubscribe_fn(|_| async { Ok(String::new()) }),
             Arc::new(|| Box::pin(async { String::new() })),
+            SiteCell::default(),
             CancellationToken::new(),
         )
         .await
@@ -879,6 +942,7 @@ mod tests {
             },
             f,
             metrics,
+            SiteCell::default(),
             shutdown.clone(),
         )
         .await

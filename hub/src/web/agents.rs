@@ -1,0 +1,125 @@
+//! `/agents` and `/api/v1/agents`: volunteers' agents and pool instances,
+//! their trust, status, why one is unavailable, when it was last seen and
+//! what it did. Never an address, a credential or a token.
+
+use askama::Template;
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde::Serialize;
+
+use super::Handlers;
+use super::site::Site;
+use super::view;
+
+/// Every enrolled agent, connected ones first.
+#[derive(Clone, Debug, Default, Serialize)]
+pub(crate) struct AgentsView {
+    pub(crate) agents: Vec<AgentView>,
+    /// How many are connected now.
+    pub(crate) connected: usize,
+}
+
+/// One agent as the page and the API show it.
+#[derive(Clone, Debug, Default, Serialize)]
+pub(crate) struct AgentView {
+    /// The display name its donor chose (or the pool instance's).
+    pub(crate) name: String,
+    /// `trusted` (an operator's or pool machine) or `volunteer`.
+    pub(crate) trust: String,
+    /// `connected`, `draining`, `quarantined`, `offline` or `revoked`.
+    pub(crate) status: String,
+    /// Why it takes no work now, in words; empty when it may.
+    pub(crate) unavailable: String,
+    pub(crate) last_seen_ms: u64,
+    pub(crate) last_seen: String,
+    /// `last_seen` as people say it ("3m ago").
+    #[serde(skip)]
+    pub(crate) last_seen_ago: String,
+    /// The jobs it runs now.
+    pub(crate) running: Vec<u64>,
+    pub(crate) labels: Vec<String>,
+    pub(crate) enrolled_at_ms: u64,
+    pub(crate) enrolled_at: String,
+}
+
+#[derive(Template)]
+#[template(path = "agents.html")]
+struct AgentsPage<'a> {
+    view: &'a AgentsView,
+}
+
+pub(super) fn routes() -> Router<Handlers> {
+    Router::new()
+        .route("/agents", get(page))
+        .route("/api/v1/agents", get(api))
+}
+
+async fn page(State(handlers): State<Handlers>) -> Response {
+    match handlers.site().map(agents) {
+        Ok(Ok(v)) => view::html(&AgentsPage { view: &v }),
+        Ok(Err(e)) => view::error(StatusCode::INTERNAL_SERVER_ERROR, "Agents", &e),
+        Err(starting) => starting.into_response(),
+    }
+}
+
+async fn api(State(handlers): State<Handlers>) -> Response {
+    match handlers.site_api().map(agents) {
+        Ok(Ok(v)) => view::json(&v),
+        Ok(Err(e)) => view::json_error(StatusCode::INTERNAL_SERVER_ERROR, &e),
+        Err(starting) => starting.into_response(),
+    }
+}
+
+/// The agents view, from credentials (everyone enrolled) and dispatch
+/// (who is connected and what runs).
+pub(crate) fn agents(site: &Site) -> Result<AgentsView, String> {
+    let now_ms = crate::store::now_ms();
+    let infos = crate::dispatch::agent_views(&site.credentials, &site.dispatch)
+        .map_err(|e| format!("cannot read the agents: {e}"))?;
+    let mut agents: Vec<AgentView> = infos
+        .into_iter()
+        .map(|a| {
+            let status = if a.revoked {
+                "revoked"
+            } else if !a.quarantined.is_empty() {
+                "quarantined"
+            } else if a.draining {
+                "draining"
+            } else if a.connected {
+                "connected"
+            } else {
+                "offline"
+            };
+            let unavailable = match status {
+                "revoked" => "its credential was revoked".to_string(),
+                "quarantined" => format!("quarantined: {}", a.quarantined),
+                "draining" => "draining: finishing its jobs, then leaving".to_string(),
+                "offline" => "not connected".to_string(),
+                _ => String::new(),
+            };
+            AgentView {
+                name: a.name,
+                trust: if a.trusted { "trusted" } else { "volunteer" }.to_string(),
+                status: status.to_string(),
+                unavailable,
+                last_seen: view::rfc3339(a.last_seen_ms),
+                last_seen_ago: if a.connected {
+                    "now".to_string()
+                } else {
+                    view::ago(a.last_seen_ms, now_ms)
+                },
+                last_seen_ms: a.last_seen_ms,
+                running: a.running.iter().map(|j| j.job_id).collect(),
+                labels: a.labels,
+                enrolled_at: view::rfc3339(a.enrolled_at_ms),
+                enrolled_at_ms: a.enrolled_at_ms,
+            }
+        })
+        .collect();
+    agents.sort_by_key(|a| (a.status != "connected", a.name.clone()));
+    let connected = agents.iter().filter(|a| a.status == "connected").count();
+    Ok(AgentsView { agents, connected })
+}
