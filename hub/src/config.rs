@@ -794,11 +794,14 @@ mod tests {
             poll_interval: Duration::from_secs(60),
             platforms: vec!["linux-x86_64".into()],
             build: vec![
-                "make -j4 linux".into(),
-                "make install INSTALL_TOP=\"$PREFIX\"".into(),
+                "make -j4 CFLAGS='-O2 -std=c99 -DLUA_USE_LINUX' MYLIBS=-ldl".into(),
+                "install -D -m 755 lua \"$PREFIX/bin/lua\"".into(),
+                "install -D -m 644 -t \"$PREFIX/include\" lua.h luaconf.h lualib.h lauxlib.h"
+                    .into(),
+                "install -D -m 644 liblua.a \"$PREFIX/lib/liblua.a\"".into(),
             ],
             build_timeout: Duration::from_secs(3600),
-            env: [("MYCFLAGS".to_string(), "-O2".to_string())].into(),
+            env: [("LC_ALL".to_string(), "C".to_string())].into(),
             labels: vec![],
             contacts: vec!["lua-core@example.org".into()],
             build_on: pipeline::BuildOn::Trusted,
