@@ -347,20 +347,19 @@ async fn wait_step(
 
 /// Newest-first transitions of projects at `commit`.
 async fn transitions_at(admin: &mut AdminClient, commit: &str) -> anyhow::Result<Vec<Transition>> {
-    Ok(admin
-        .list_transitions(ListTransitionsRequest {
+    Ok(list_transitions(
+        admin,
+        ListTransitionsRequest {
             upstream: UPSTREAM.into(),
             all: true,
             limit: 1000,
             ..Default::default()
-        })
-        .await
-        .map_err(crate::admin_client::status_error)?
-        .into_inner()
-        .transitions
-        .into_iter()
-        .filter(|t| t.upstream_commit == commit && !t.project.is_empty())
-        .collect())
+        },
+    )
+    .await?
+    .into_iter()
+    .filter(|t| t.upstream_commit == commit && !t.project.is_empty())
+    .collect())
 }
 
 fn words(runs: &BTreeMap<String, RunStatus>) -> String {
@@ -414,15 +413,14 @@ async fn new_transitions(
     admin: &mut AdminClient,
     after: Option<u64>,
 ) -> anyhow::Result<(Vec<String>, u64)> {
-    let mut transitions = admin
-        .list_transitions(ListTransitionsRequest {
+    let mut transitions = list_transitions(
+        admin,
+        ListTransitionsRequest {
             limit: 1000,
             ..Default::default()
-        })
-        .await
-        .map_err(crate::admin_client::status_error)?
-        .into_inner()
-        .transitions;
+        },
+    )
+    .await?;
     let newest = transitions.iter().map(|t| t.id).max().unwrap_or(0);
     let Some(after) = after else {
         return Ok((Vec::new(), newest));
@@ -433,15 +431,7 @@ async fn new_transitions(
     }
     transitions.sort_by_key(|t| t.id);
     // Mails are queued with their transition, in the same write.
-    let mails = admin
-        .list_mail(ListMailRequest {
-            limit: 1000,
-            ..Default::default()
-        })
-        .await
-        .map_err(crate::admin_client::status_error)?
-        .into_inner()
-        .mails;
+    let mails = list_mail(admin, 1000).await?;
     let lines = transitions
         .iter()
         .filter_map(|t| transition_line(t, &mails))
@@ -476,7 +466,7 @@ fn transition_line(t: &Transition, mails: &[trunkfarm_proto::v1::MailInfo]) -> O
     if !t.class.is_empty() && t.class != "regressed" {
         line.push_str(&format!("; class {}", t.class));
     }
-    let event = format!("transition {}", t.id);
+    let event = crate::notify::transition_event(t.id);
     let to: Vec<&str> = mails
         .iter()
         .filter(|m| m.event == event)
@@ -487,6 +477,35 @@ fn transition_line(t: &Transition, mails: &[trunkfarm_proto::v1::MailInfo]) -> O
         false => line.push_str(&format!("; mail to {}", to.join(", "))),
     }
     Some(line)
+}
+
+/// The hub's transitions, newest first.
+async fn list_transitions(
+    admin: &mut AdminClient,
+    request: ListTransitionsRequest,
+) -> anyhow::Result<Vec<Transition>> {
+    Ok(admin
+        .list_transitions(request)
+        .await
+        .map_err(crate::admin_client::status_error)?
+        .into_inner()
+        .transitions)
+}
+
+/// The hub's `limit` newest mails.
+async fn list_mail(
+    admin: &mut AdminClient,
+    limit: u32,
+) -> anyhow::Result<Vec<trunkfarm_proto::v1::MailInfo>> {
+    Ok(admin
+        .list_mail(ListMailRequest {
+            limit,
+            ..Default::default()
+        })
+        .await
+        .map_err(crate::admin_client::status_error)?
+        .into_inner()
+        .mails)
 }
 
 /// `ms` as the UTC time of day, `12:03:04`.
@@ -619,16 +638,15 @@ async fn summary(admin: &mut AdminClient) -> anyhow::Result<String> {
         .into_inner()
         .jobs;
     let builds = jobs.iter().filter(|j| j.key.starts_with("build/")).count();
-    let all = admin
-        .list_transitions(ListTransitionsRequest {
+    let all = list_transitions(
+        admin,
+        ListTransitionsRequest {
             all: true,
             limit: 100_000,
             ..Default::default()
-        })
-        .await
-        .map_err(crate::admin_client::status_error)?
-        .into_inner()
-        .transitions;
+        },
+    )
+    .await?;
     let runs: Vec<_> = all.iter().filter(|t| !t.project.is_empty()).collect();
     let count = |kinds: &[TransitionKind]| {
         runs.iter()
@@ -641,15 +659,7 @@ async fn summary(admin: &mut AdminClient) -> anyhow::Result<String> {
     // Mails go out asynchronously: give the outbox a moment to drain.
     let deadline = Instant::now() + Duration::from_secs(30);
     let mails = loop {
-        let list = admin
-            .list_mail(ListMailRequest {
-                limit: 10_000,
-                ..Default::default()
-            })
-            .await
-            .map_err(crate::admin_client::status_error)?
-            .into_inner()
-            .mails;
+        let list = list_mail(admin, 10_000).await?;
         let pending = list.iter().any(|m| m.state == MailState::Pending as i32);
         if !pending || Instant::now() >= deadline {
             break list
@@ -744,12 +754,12 @@ mod tests {
         let mails = [
             MailInfo {
                 to: "textkit-dev@example.org".into(),
-                event: "transition 42".into(),
+                event: "t42".into(),
                 ..Default::default()
             },
             MailInfo {
                 to: "other@example.org".into(),
-                event: "transition 7".into(),
+                event: "t7".into(),
                 ..Default::default()
             },
         ];

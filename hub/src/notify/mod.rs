@@ -190,6 +190,12 @@ fn digest_period_key(upstream: &str, email: &str) -> String {
     format!("g/{upstream}/{}", email.to_ascii_lowercase())
 }
 
+/// The event of the mails a transition queues (`t<id>`; `mail list`
+/// shows it): how the demo finds who was mailed about one.
+pub(crate) fn transition_event(id: u64) -> String {
+    format!("t{id}")
+}
+
 /// `e/<event>/<email>`: the mail queued for one event and recipient.
 fn event_key(event: &str, email: &str) -> String {
     format!("e/{event}/{}", email.to_ascii_lowercase())
@@ -372,7 +378,7 @@ impl Notifier {
                 }
             }
         }
-        writes.extend(self.mails_for(t, &format!("t{}", t.id), About::Transition)?);
+        writes.extend(self.mails_for(t, &transition_event(t.id), About::Transition)?);
         Ok(writes)
     }
 
