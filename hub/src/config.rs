@@ -1270,6 +1270,28 @@ max_token_ttl = "7d"
     }
 
     #[test]
+    fn self_service_subscription_keys() {
+        let c = parse("[notify]\nself_subscribe = false\nsubscribe_link_ttl = \"2h\"\nsubscribe_per_address = 1\nsubscribe_per_client = 50\n").unwrap();
+        assert!(!c.notify.self_subscribe);
+        assert_eq!(c.notify.subscribe_link_ttl, Duration::from_secs(2 * 3600));
+        assert_eq!(
+            (
+                c.notify.subscribe_per_address,
+                c.notify.subscribe_per_client
+            ),
+            (1, 50)
+        );
+        assert_eq!(
+            err("[notify]\nsubscribe_per_address = 0\n"),
+            "/etc/trunkfarm/hub.toml:2: invalid `notify.subscribe_per_address`: must be at least 1 (to stop self-service subscription, set `notify.self_subscribe = false`)"
+        );
+        assert_eq!(
+            err("[notify]\nsubscribe_link_ttl = \"0s\"\n"),
+            "/etc/trunkfarm/hub.toml:2: invalid `notify.subscribe_link_ttl`: 0s is too short; expected e.g. \"7d\""
+        );
+    }
+
+    #[test]
     fn job_timeouts() {
         assert_eq!(
             err("[dispatch]\ndefault_job_timeout = \"2d\"\n"),

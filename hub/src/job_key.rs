@@ -126,7 +126,7 @@ pub(crate) enum RerunKind {
 
 impl RerunKind {
     /// The word in keys.
-    fn word(self) -> &'static str {
+    pub(crate) fn word(self) -> &'static str {
         match self {
             RerunKind::Confirm => "confirm",
             RerunKind::Again => "again",

@@ -41,6 +41,19 @@ pub(crate) enum WatchEvent {
     Finished,
 }
 
+/// A byte range of one attempt's log ([`JobLogs::range`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct LogRange {
+    /// Where `data` starts in the log.
+    pub(crate) offset: u64,
+    /// The bytes (fewer than asked at the end of the log).
+    pub(crate) data: Vec<u8>,
+    /// Where the next range starts (`offset + data.len()`).
+    pub(crate) next_offset: u64,
+    /// The log's size now.
+    pub(crate) total: u64,
+}
+
 /// How many live events a slow watcher may lag behind before it re-reads
 /// from the store.
 const WATCH_BUFFER_EVENTS: usize = 256;
@@ -288,6 +301,61 @@ impl JobLogs {
         Ok(out)
     }
 
+    /// Bytes `offset..offset + limit` of one attempt's log (its chunks'
+    /// data in seq order, as [`JobLogs::read`] would concatenate them) and
+    /// the log's total size; `offset` `None`: the last `limit` bytes.
+    ///
+    /// Only the chunks that overlap the range are copied: the others are
+    /// only measured (sled hands out shared views of stored values), so a
+    /// page of a 100 MB log costs its own size, not the log's.
+    pub(crate) fn range(
+        &self,
+        job_id: u64,
+        attempt: u32,
+        offset: Option<u64>,
+        limit: u64,
+    ) -> Result<LogRange, StoreError> {
+        let prefix = Self::attempt_prefix(job_id, attempt);
+        let offset = match offset {
+            Some(o) => o,
+            None => self.size(job_id, attempt)?.saturating_sub(limit),
+        };
+        let end = offset.saturating_add(limit);
+        let mut data = Vec::new();
+        let mut pos = 0u64;
+        for item in self.table.scan_raw(prefix) {
+            let (k, v) = item?;
+            self.check(&k, &v)?;
+            let chunk = &v[1..];
+            let (start, stop) = (pos, pos + chunk.len() as u64);
+            if stop > offset && start < end {
+                let from = offset.saturating_sub(start) as usize;
+                let to = (end.min(stop) - start) as usize;
+                data.extend_from_slice(&chunk[from..to]);
+            }
+            pos = stop;
+        }
+        let offset = offset.min(pos);
+        Ok(LogRange {
+            offset,
+            next_offset: offset + data.len() as u64,
+            data,
+            total: pos,
+        })
+    }
+
+    /// The size of one attempt's stored log, in bytes (measured, nothing
+    /// copied).
+    pub(crate) fn size(&self, job_id: u64, attempt: u32) -> Result<u64, StoreError> {
+        let mut total = 0u64;
+        for item in self.table.scan_raw(Self::attempt_prefix(job_id, attempt)) {
+            let (k, v) = item?;
+            self.check(&k, &v)?;
+            total += v.len() as u64 - 1;
+        }
+        Ok(total)
+    }
+
     /// Starts watching a job: events from now on. Read the stored chunks
     /// *after* subscribing, so nothing falls between the two.
     pub(crate) fn subscribe(&self, job_id: u64) -> broadcast::Receiver<WatchEvent> {
@@ -462,6 +530,32 @@ mod tests {
             err.contains("record logs/") && err.contains("malformed"),
             "{err}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_range_reads_only_its_bytes_across_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let logs = JobLogs::open(&store, 1 << 20).unwrap();
+        logs.append(chunk(6, 1, 1, "abc")).unwrap();
+        logs.append(chunk(6, 1, 2, "defg")).unwrap();
+        logs.append(chunk(6, 1, 3, "hi")).unwrap();
+        logs.append(chunk(6, 2, 1, "other attempt")).unwrap();
+        let r = logs.range(6, 1, Some(2), 4).unwrap();
+        assert_eq!(
+            (r.data.as_slice(), r.offset, r.next_offset, r.total),
+            (&b"cdef"[..], 2, 6, 9)
+        );
+        let tail = logs.range(6, 1, None, 3).unwrap();
+        assert_eq!(
+            (tail.data.as_slice(), tail.offset, tail.total),
+            (&b"ghi"[..], 6, 9)
+        );
+        let past = logs.range(6, 1, Some(50), 3).unwrap();
+        assert_eq!((past.data.len(), past.offset, past.next_offset), (0, 9, 9));
+        assert_eq!(logs.range(6, 1, Some(0), 100).unwrap().data, b"abcdefghi");
+        assert_eq!(logs.size(6, 2).unwrap(), 13);
+        assert_eq!(logs.size(7, 1).unwrap(), 0);
     }
 
     #[tokio::test]

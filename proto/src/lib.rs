@@ -19,6 +19,7 @@ pub mod enrollment;
 pub mod gitauth;
 pub mod platform;
 pub mod settings;
+pub mod shell;
 
 /// Generated from `proto/trunkfarm/v1/trunkfarm.proto`.
 #[allow(clippy::all, missing_docs)]

@@ -14,6 +14,7 @@ use tonic::Code;
 use trunkfarm_proto::PROTOCOL_VERSION;
 use trunkfarm_proto::dial::{self, DialOptions, HubTrust};
 use trunkfarm_proto::enrollment::Enrollment;
+use trunkfarm_proto::shell::quote as shell_quote;
 use trunkfarm_proto::v1::EnrollRequest;
 use trunkfarm_proto::v1::agent_service_client::AgentServiceClient;
 
@@ -322,19 +323,6 @@ fn uname_nodename() -> Option<String> {
         .collect();
     let name = String::from_utf8_lossy(&bytes).trim().to_owned();
     (!name.is_empty()).then_some(name)
-}
-
-/// Quotes `s` for a POSIX shell if it needs it, so the printed command can be
-/// pasted as is.
-fn shell_quote(s: &str) -> String {
-    let plain = !s.is_empty()
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || "/._-+:,@%=".contains(c));
-    if plain {
-        s.to_owned()
-    } else {
-        format!("'{}'", s.replace('\'', r"'\''"))
-    }
 }
 
 #[cfg(test)]

@@ -1,28 +1,33 @@
-//! Failed enrollments per address: a token bucket each, in memory.
+//! Token buckets per key, in memory: failed enrollments per client address,
+//! and (`notify::subscribe`) self-service subscription requests per client
+//! and confirmation mails per address.
 //!
-//! Only failures draw from an address's allowance, so a farm of machines
-//! behind one NAT enrolling with good tokens is never slowed; an address that
-//! keeps presenting bad tokens is refused (before its token is looked at)
-//! until the allowance refills. The map is bounded: when it is full, the
-//! addresses whose allowance is whole again (which carry no state) are
-//! forgotten first, then the one that failed longest ago. An IPv6 address
-//! counts as its /64, the block one subscriber usually gets.
+//! A check is free; what is charged is the caller's choice: enrollment
+//! charges only failures, so a farm of machines behind one NAT enrolling with
+//! good tokens is never slowed, and an address that keeps presenting bad
+//! tokens is refused (before its token is looked at) until the allowance
+//! refills; a subscription request takes one from each of its buckets
+//! ([`Buckets::take`]). The map is bounded: when it is full, the keys whose
+//! allowance is whole again (which carry no state) are forgotten first, then
+//! the one charged longest ago. An IPv6 address counts as its /64, the block
+//! one subscriber usually gets; a mail address counts in lower case.
 //!
-//! Not `governor`: its keyed limiter charges every check, and here a check
-//! must be free and only a failure charged.
+//! Not `governor`: its keyed limiter charges every check, and enrollment
+//! must check for free and charge only a failure.
 
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::net::{IpAddr, Ipv6Addr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// Addresses tracked at once; beyond it the least useful entries go.
+/// Keys tracked at once; beyond it the least useful entries go.
 const MAX_TRACKED: usize = 10_000;
 
-/// One address's allowance.
+/// One key's allowance.
 #[derive(Clone, Copy)]
 struct Bucket {
-    /// Failures it may still make now (fractional while refilling).
+    /// Charges it may still take now (fractional while refilling).
     tokens: f64,
     /// When `tokens` was last brought up to date.
     at: Instant,
@@ -31,7 +36,7 @@ struct Bucket {
     refusal_logged: bool,
 }
 
-/// What [`FailedEnrollments::check`] says about an address that must wait.
+/// What [`Buckets::check`] says about a key that must wait.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Refused {
     /// How long until it may try again.
@@ -40,22 +45,55 @@ pub(crate) struct Refused {
     pub(crate) first: bool,
 }
 
-/// Failed enrollments by address. Cheap to clone (one shared map).
+/// What a bucket is kept under: the same client or recipient always maps
+/// to the same key.
+pub(crate) trait BucketKey: Eq + Hash + Clone {
+    /// The key this one is counted under.
+    fn normalized(&self) -> Self;
+}
+
+/// IPv4 as is (also when mapped into IPv6), IPv6 by its /64.
+impl BucketKey for IpAddr {
+    fn normalized(&self) -> IpAddr {
+        match *self {
+            IpAddr::V4(_) => *self,
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => IpAddr::V4(v4),
+                None => {
+                    let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+                    IpAddr::V6(Ipv6Addr::from(prefix))
+                }
+            },
+        }
+    }
+}
+
+/// A mail address, case-insensitively (as the `notify` tree keys it).
+impl BucketKey for String {
+    fn normalized(&self) -> String {
+        self.trim().to_ascii_lowercase()
+    }
+}
+
+/// Token buckets by key. Cheap to clone (one shared map).
 #[derive(Clone)]
-pub(crate) struct FailedEnrollments {
-    buckets: Arc<Mutex<HashMap<IpAddr, Bucket>>>,
+pub(crate) struct Buckets<K> {
+    buckets: Arc<Mutex<HashMap<K, Bucket>>>,
     burst: f64,
     /// Tokens regained per second.
     refill: f64,
     max_tracked: usize,
 }
 
-impl FailedEnrollments {
-    /// At most `burst` failures at once per address, refilling completely
-    /// over `window`.
-    pub(crate) fn new(burst: u32, window: Duration) -> FailedEnrollments {
+/// Failed enrollments by client address (`network.enroll_failures`).
+pub(crate) type FailedEnrollments = Buckets<IpAddr>;
+
+impl<K: BucketKey> Buckets<K> {
+    /// At most `burst` charges at once per key, refilling completely over
+    /// `window`.
+    pub(crate) fn new(burst: u32, window: Duration) -> Buckets<K> {
         let burst = f64::from(burst.max(1));
-        FailedEnrollments {
+        Buckets {
             buckets: Arc::default(),
             burst,
             refill: burst / window.as_secs_f64().max(0.001),
@@ -63,7 +101,7 @@ impl FailedEnrollments {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, Bucket>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<K, Bucket>> {
         // A panic while holding this lock leaves only counters behind.
         self.buckets.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -72,10 +110,13 @@ impl FailedEnrollments {
         (b.tokens + now.saturating_duration_since(b.at).as_secs_f64() * self.refill).min(self.burst)
     }
 
-    /// Whether `addr` may try to enroll now.
-    pub(crate) fn check(&self, addr: IpAddr, now: Instant) -> Result<(), Refused> {
-        let mut map = self.lock();
-        let Some(b) = map.get_mut(&key(addr)) else {
+    /// Whether `key` may be charged now (charges nothing).
+    pub(crate) fn check(&self, key: &K, now: Instant) -> Result<(), Refused> {
+        self.check_in(&mut self.lock(), &key.normalized(), now)
+    }
+
+    fn check_in(&self, map: &mut HashMap<K, Bucket>, k: &K, now: Instant) -> Result<(), Refused> {
+        let Some(b) = map.get_mut(k) else {
             return Ok(());
         };
         let tokens = self.refilled(b, now);
@@ -91,12 +132,14 @@ impl FailedEnrollments {
         })
     }
 
-    /// Charges one failed enrollment to `addr`.
-    pub(crate) fn failed(&self, addr: IpAddr, now: Instant) {
-        let k = key(addr);
-        let mut map = self.lock();
+    /// Charges one to `key` (e.g. a failed enrollment).
+    pub(crate) fn charge(&self, key: &K, now: Instant) {
+        self.charge_in(&mut self.lock(), key.normalized(), now);
+    }
+
+    fn charge_in(&self, map: &mut HashMap<K, Bucket>, k: K, now: Instant) {
         if !map.contains_key(&k) && map.len() >= self.max_tracked {
-            self.make_room(&mut map, now);
+            self.make_room(map, now);
         }
         let burst = self.burst;
         let b = map.entry(k).or_insert(Bucket {
@@ -109,30 +152,25 @@ impl FailedEnrollments {
         b.at = now;
     }
 
-    /// Forgets the addresses whose allowance is whole again; if none is,
-    /// the one that failed longest ago.
-    fn make_room(&self, map: &mut HashMap<IpAddr, Bucket>, now: Instant) {
+    /// Charges one to `key` if it has room (check and charge under one
+    /// lock, so concurrent requests cannot both take the last one).
+    pub(crate) fn take(&self, key: &K, now: Instant) -> Result<(), Refused> {
+        let k = key.normalized();
+        let mut map = self.lock();
+        self.check_in(&mut map, &k, now)?;
+        self.charge_in(&mut map, k, now);
+        Ok(())
+    }
+
+    /// Forgets the keys whose allowance is whole again; if none is, the one
+    /// charged longest ago.
+    fn make_room(&self, map: &mut HashMap<K, Bucket>, now: Instant) {
         map.retain(|_, b| self.refilled(b, now) < self.burst);
         if map.len() >= self.max_tracked
-            && let Some(oldest) = map.iter().min_by_key(|(_, b)| b.at).map(|(k, _)| *k)
+            && let Some(oldest) = map.iter().min_by_key(|(_, b)| b.at).map(|(k, _)| k.clone())
         {
             map.remove(&oldest);
         }
-    }
-}
-
-/// The key an address is counted under: IPv4 as is (also when mapped into
-/// IPv6), IPv6 by its /64.
-fn key(addr: IpAddr) -> IpAddr {
-    match addr {
-        IpAddr::V4(_) => addr,
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => {
-                let prefix = u128::from(v6) & !((1u128 << 64) - 1);
-                IpAddr::V6(Ipv6Addr::from(prefix))
-            }
-        },
     }
 }
 
@@ -150,23 +188,23 @@ mod tests {
         let t0 = Instant::now();
         let a = ip("192.0.2.1");
         for _ in 0..3 {
-            assert!(f.check(a, t0).is_ok());
-            f.failed(a, t0);
+            assert!(f.check(&a, t0).is_ok());
+            f.charge(&a, t0);
         }
-        let refused = f.check(a, t0).unwrap_err();
+        let refused = f.check(&a, t0).unwrap_err();
         assert!(refused.first);
         // One failure refills every 10 s.
         assert_eq!(refused.retry_after.as_secs_f64().round(), 10.0);
-        let again = f.check(a, t0 + Duration::from_secs(4)).unwrap_err();
+        let again = f.check(&a, t0 + Duration::from_secs(4)).unwrap_err();
         assert!(!again.first, "a flood of refusals is logged once");
         assert_eq!(again.retry_after.as_secs_f64().round(), 6.0);
         // Another address is not affected.
-        assert!(f.check(ip("192.0.2.2"), t0).is_ok());
+        assert!(f.check(&ip("192.0.2.2"), t0).is_ok());
         // After the wait, one more try.
         let later = t0 + Duration::from_secs(10);
-        assert!(f.check(a, later).is_ok());
-        f.failed(a, later);
-        assert!(f.check(a, later).is_err());
+        assert!(f.check(&a, later).is_ok());
+        f.charge(&a, later);
+        assert!(f.check(&a, later).is_err());
     }
 
     #[test]
@@ -175,21 +213,21 @@ mod tests {
         let t0 = Instant::now();
         let a = ip("198.51.100.7");
         for _ in 0..100 {
-            assert!(f.check(a, t0).is_ok());
+            assert!(f.check(&a, t0).is_ok());
         }
-        f.failed(a, t0);
-        assert!(f.check(a, t0).is_err());
+        f.charge(&a, t0);
+        assert!(f.check(&a, t0).is_err());
     }
 
     #[test]
     fn ipv6_counts_by_its_64_and_mapped_ipv4_as_ipv4() {
         let f = FailedEnrollments::new(1, Duration::from_secs(60));
         let t0 = Instant::now();
-        f.failed(ip("2001:db8:1:2::1"), t0);
-        assert!(f.check(ip("2001:db8:1:2:ffff::9"), t0).is_err());
-        assert!(f.check(ip("2001:db8:1:3::1"), t0).is_ok());
-        f.failed(ip("::ffff:192.0.2.9"), t0);
-        assert!(f.check(ip("192.0.2.9"), t0).is_err());
+        f.charge(&ip("2001:db8:1:2::1"), t0);
+        assert!(f.check(&ip("2001:db8:1:2:ffff::9"), t0).is_err());
+        assert!(f.check(&ip("2001:db8:1:3::1"), t0).is_ok());
+        f.charge(&ip("::ffff:192.0.2.9"), t0);
+        assert!(f.check(&ip("192.0.2.9"), t0).is_err());
     }
 
     #[test]
@@ -197,18 +235,40 @@ mod tests {
         let mut f = FailedEnrollments::new(2, Duration::from_secs(10));
         f.max_tracked = 3;
         let t0 = Instant::now();
-        f.failed(ip("10.0.0.1"), t0);
-        f.failed(ip("10.0.0.2"), t0 + Duration::from_secs(1));
-        f.failed(ip("10.0.0.2"), t0 + Duration::from_secs(1));
-        f.failed(ip("10.0.0.3"), t0 + Duration::from_secs(2));
+        f.charge(&ip("10.0.0.1"), t0);
+        f.charge(&ip("10.0.0.2"), t0 + Duration::from_secs(1));
+        f.charge(&ip("10.0.0.2"), t0 + Duration::from_secs(1));
+        f.charge(&ip("10.0.0.3"), t0 + Duration::from_secs(2));
         // At t0+6s, 10.0.0.1 has refilled (5 s for one failure): forgotten.
-        f.failed(ip("10.0.0.4"), t0 + Duration::from_secs(6));
+        f.charge(&ip("10.0.0.4"), t0 + Duration::from_secs(6));
         assert_eq!(f.lock().len(), 3);
         assert!(!f.lock().contains_key(&ip("10.0.0.1")));
         // Nothing refilled: the one that failed longest ago goes.
-        f.failed(ip("10.0.0.5"), t0 + Duration::from_secs(6));
+        f.charge(&ip("10.0.0.5"), t0 + Duration::from_secs(6));
         assert_eq!(f.lock().len(), 3);
         assert!(!f.lock().contains_key(&ip("10.0.0.2")));
-        assert!(f.check(ip("10.0.0.4"), t0 + Duration::from_secs(6)).is_ok());
+        assert!(
+            f.check(&ip("10.0.0.4"), t0 + Duration::from_secs(6))
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn take_charges_only_when_there_is_room_and_addresses_ignore_case() {
+        let f: Buckets<String> = Buckets::new(3, Duration::from_secs(3600));
+        let t0 = Instant::now();
+        let alice = "Alice@Example.org".to_string();
+        for _ in 0..3 {
+            assert!(f.take(&alice, t0).is_ok());
+        }
+        let refused = f.take(&" alice@example.ORG".to_string(), t0).unwrap_err();
+        // One mail refills every 20 minutes.
+        assert_eq!(refused.retry_after.as_secs(), 20 * 60);
+        // A refused take charged nothing: the wait does not grow.
+        let again = f.take(&alice, t0).unwrap_err();
+        assert_eq!(again.retry_after, refused.retry_after);
+        assert!(f.take(&"bob@example.org".to_string(), t0).is_ok());
+        assert!(f.take(&alice, t0 + Duration::from_secs(20 * 60)).is_ok());
+        assert!(f.take(&alice, t0 + Duration::from_secs(20 * 60)).is_err());
     }
 }

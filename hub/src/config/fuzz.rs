@@ -249,6 +249,10 @@ fn valid_config() -> impl Strategy<Value = (Vec<Section>, Expected)> {
                         ("retry_max", quoted("1h")),
                         ("log_tail_lines", "40".to_owned()),
                         ("link_ttl", quoted("180d")),
+                        ("self_subscribe", "true".to_owned()),
+                        ("subscribe_link_ttl", quoted("24h")),
+                        ("subscribe_per_address", "3".to_owned()),
+                        ("subscribe_per_client", "10".to_owned()),
                     ],
                 ),
                 Section::new(

@@ -117,6 +117,20 @@ pub(crate) struct NotifySection {
     /// it never waits).
     #[serde(deserialize_with = "de::duration")]
     pub(crate) bisect_wait: Duration,
+    /// Whether maintainers may subscribe themselves on a project's page
+    /// (double opt-in: a mailed link they must follow); when false the form
+    /// says the operator subscribes people (`trunkfarm subscribe`).
+    pub(crate) self_subscribe: bool,
+    /// How long the link in a subscription confirmation mail stays valid.
+    #[serde(deserialize_with = "de::duration")]
+    pub(crate) subscribe_link_ttl: Duration,
+    /// Confirmation mails one address may be sent per hour.
+    #[serde(deserialize_with = "de::count")]
+    pub(crate) subscribe_per_address: u32,
+    /// Subscription requests one client (IP address, IPv6 by /64) may make
+    /// per hour.
+    #[serde(deserialize_with = "de::count")]
+    pub(crate) subscribe_per_client: u32,
 }
 
 impl Default for NotifySection {
@@ -132,6 +146,10 @@ impl Default for NotifySection {
             log_tail_lines: 40,
             link_ttl: Duration::from_secs(180 * DAY),
             bisect_wait: Duration::from_secs(30 * 60),
+            self_subscribe: true,
+            subscribe_link_ttl: Duration::from_secs(DAY),
+            subscribe_per_address: 3,
+            subscribe_per_client: 10,
         }
     }
 }
@@ -254,11 +272,23 @@ pub(super) fn problems(smtp: &SmtpSection, notify: &NotifySection) -> Result<(),
         ("notify.digest_every", notify.digest_every),
         ("notify.retry_first", notify.retry_first),
         ("notify.link_ttl", notify.link_ttl),
+        ("notify.subscribe_link_ttl", notify.subscribe_link_ttl),
     ] {
         if d < Duration::from_millis(100) {
             return Err(Problem::new(
                 key,
                 format!("{} is too short; expected e.g. \"7d\"", fmt_duration(d)),
+            ));
+        }
+    }
+    for (key, n) in [
+        ("notify.subscribe_per_address", notify.subscribe_per_address),
+        ("notify.subscribe_per_client", notify.subscribe_per_client),
+    ] {
+        if n == 0 {
+            return Err(Problem::new(
+                key,
+                "must be at least 1 (to stop self-service subscription, set `notify.self_subscribe = false`)",
             ));
         }
     }

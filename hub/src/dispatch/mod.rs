@@ -22,7 +22,7 @@ mod jobs;
 mod records;
 mod sessions;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -89,6 +89,9 @@ pub(crate) enum DispatchError {
 struct State {
     jobs: OpenJobs,
     sessions: Sessions,
+    /// Per agent id: results it reported that were recorded (any outcome)
+    /// since the hub started; in memory, for the agents page.
+    jobs_done: HashMap<String, u64>,
 }
 
 /// What a change produced, sent and announced once it is durable.
@@ -136,6 +139,7 @@ impl Dispatcher {
             state: Mutex::new(State {
                 jobs,
                 sessions: Sessions::new(settings.heartbeat_interval),
+                jobs_done: HashMap::new(),
             }),
             settings,
             finished: Arc::new(tokio::sync::Notify::new()),
@@ -300,7 +304,7 @@ impl Dispatcher {
     /// Hands queued jobs, oldest first, to agents with free slots (see
     /// [`Sessions::pick`] for which agent).
     fn schedule(&self, st: &mut State, eff: &mut Effects) -> Result<(), StoreError> {
-        let State { jobs, sessions } = st;
+        let State { jobs, sessions, .. } = st;
         let now = Instant::now();
         let deadline = now + self.shared.settings.lease_timeout;
         // Looked at but no agent takes them: they stay ahead of the rest.
@@ -473,6 +477,7 @@ impl Dispatcher {
             match st.jobs.record(&self.shared.table, agent_id, result)? {
                 Recorded::NotHeld => false,
                 Recorded::Released { finished } => {
+                    *st.jobs_done.entry(agent_id.to_owned()).or_default() += 1;
                     if let Some(attempt) = finished {
                         eff.finished.push((job.job_id, attempt));
                     }
@@ -670,6 +675,13 @@ impl Dispatcher {
     ) -> Result<Vec<JobRecord>, StoreError> {
         let open = self.lock().jobs.records().clone();
         self.shared.table.list(&open, keep, limit)
+    }
+
+    /// Per agent id: the results it reported that were recorded (a job
+    /// attempt it ran to the end, whatever the outcome) since the hub
+    /// started. Agents without one are absent.
+    pub(crate) fn jobs_done(&self) -> HashMap<String, u64> {
+        self.lock().jobs_done.clone()
     }
 
     /// Connected agents by id.

@@ -96,7 +96,7 @@ impl AgentService for AgentApi {
         // Refused before the token is looked at: an address guessing tokens
         // gets no answer about them until its allowance refills.
         if let Some(ip) = peer
-            && let Err(refused) = self.enroll_failures.check(ip, Instant::now())
+            && let Err(refused) = self.enroll_failures.check(&ip, Instant::now())
         {
             // Whole seconds, rounded up: "try again in 0s" would be wrong.
             let wait = refused.retry_after.as_secs_f64().ceil().max(1.0) as u64;
@@ -121,7 +121,7 @@ impl AgentService for AgentApi {
                 if let Some(reason) = enroll_failure(&e) {
                     tracing::warn!(peer = %peer_text, "enrollment refused: {reason}");
                     if let Some(ip) = peer {
-                        self.enroll_failures.failed(ip, Instant::now());
+                        self.enroll_failures.charge(&ip, Instant::now());
                     }
                 }
                 return Err(e.into());

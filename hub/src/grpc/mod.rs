@@ -97,7 +97,9 @@ impl From<PipelineError> for Status {
         match e {
             PipelineError::Store(s) => s.into(),
             PipelineError::Dispatch(d) => d.into(),
-            e @ PipelineError::NoSuchUpstream(..) => Status::not_found(e.to_string()),
+            e @ (PipelineError::NoSuchUpstream(..) | PipelineError::NoSuchProject(..)) => {
+                Status::not_found(e.to_string())
+            }
             PipelineError::Invalid(why) => Status::invalid_argument(why),
             e @ PipelineError::Git(GitError::NotFound(_)) => Status::not_found(e.to_string()),
             e @ PipelineError::Git(_) => Status::unavailable(e.to_string()),

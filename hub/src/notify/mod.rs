@@ -37,7 +37,8 @@
 
 mod deliver;
 mod record;
-mod render;
+pub(crate) mod render;
+mod subscribe;
 #[cfg(test)]
 mod tests;
 mod token;
@@ -57,7 +58,9 @@ use crate::results::{BisectState, Class, Commit, Results, RunInfo, Transition, T
 use crate::store::{Store, StoreError, Table, id_key, now_ms, trees};
 use deliver::{Failure, Mailer, Transport};
 pub(crate) use record::{MailInfo, Subscription};
-use token::{TokenError, Unsub, UnsubscribeKey};
+pub(crate) use subscribe::{ConfirmRefused, RequestError};
+use token::UnsubscribeKey;
+pub(crate) use token::{ConfirmError, TokenError, Unsub};
 
 /// Milliseconds since the Unix epoch, as the notifier sees them: the system
 /// clock in the hub ([`now_ms`]), a hand-moved one in the tests (reminders,
@@ -173,6 +176,8 @@ struct Inner {
     sender: lettre::message::Mailbox,
     clock: Clock,
     wake: tokio::sync::Notify,
+    /// Self-service subscription requests' rate limits (in memory).
+    limits: subscribe::Limits,
 }
 
 /// `s/<project>/<email>`: a per-event subscription to a project.
@@ -307,6 +312,10 @@ impl Notifier {
                 sender,
                 clock,
                 wake: tokio::sync::Notify::new(),
+                limits: subscribe::Limits::new(
+                    config.notify.subscribe_per_address,
+                    config.notify.subscribe_per_client,
+                ),
             }),
         };
         notifier.sync_maintainers()?;
@@ -727,6 +736,12 @@ impl Notifier {
         s.table.apply(batch)?;
         s.table.store().commit().await?;
         Ok(existed)
+    }
+
+    /// What an unsubscribe link would remove, if this hub signed it and it
+    /// has not expired (for the page a GET shows; it removes nothing).
+    pub(crate) fn unsubscribe_link(&self, token: &str) -> Result<Unsub, TokenError> {
+        self.inner.key.verify(token, self.now())
     }
 
     /// What an unsubscribe link asks for; the sentence for the web page.

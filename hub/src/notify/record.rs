@@ -20,7 +20,8 @@ pub(crate) struct Subscription {
     pub(crate) upstream: String,
     /// A digest of everything that went red in `upstream`.
     pub(crate) digest: bool,
-    /// "config" (the hub config's maintainers) or "cli".
+    /// "config" (the hub config's maintainers), "cli" or "web" (self-service,
+    /// after its confirmation link was followed).
     pub(crate) source: String,
     pub(crate) created_at_ms: u64,
 }
@@ -41,7 +42,8 @@ pub(crate) struct MailInfo {
     pub(crate) last_error: String,
     pub(crate) created_at_ms: u64,
     pub(crate) sent_at_ms: u64,
-    /// What caused it: `t<transition id>`, `remind<n>.<id>`, `digest.<upstream>.<period>`.
+    /// What caused it: `t<transition id>`, `remind<n>.<id>`, `digest.<upstream>.<period>`,
+    /// `confirm.<project>.<id>` (a self-service subscription request).
     pub(crate) event: String,
     pub(crate) message_id: String,
     pub(crate) in_reply_to: String,

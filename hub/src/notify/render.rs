@@ -17,7 +17,6 @@ use trunkfarm_proto::v1::TransitionKind;
 
 use crate::commit::short;
 use crate::results::{BisectState, Class, Commit, RunInfo, TestCase, Transition};
-use crate::web::escape;
 
 /// Failing tests whose messages a mail quotes.
 const QUOTED_TESTS: usize = 10;
@@ -590,6 +589,49 @@ pub(crate) fn digest(
     }
 }
 
+/// What a subscription confirmation mail links to and says.
+pub(crate) struct Confirmation<'a> {
+    /// The hub's name (`hub.hub_id`).
+    pub(crate) hub: &'a str,
+    /// The address that asked, which this mail goes to.
+    pub(crate) email: &'a str,
+    pub(crate) project: &'a str,
+    /// The signed link that subscribes (after a button press).
+    pub(crate) link: &'a str,
+    /// The project's page.
+    pub(crate) project_url: &'a str,
+    /// How long the link works, as people say it ("24h").
+    pub(crate) lifetime: &'a str,
+    /// When it stops working ("2026-12-08 06:20 UTC").
+    pub(crate) expires: &'a str,
+}
+
+/// The mail that asks an address to confirm its self-service subscription
+/// (double opt-in): who asked cannot be known, so it says how to ignore it.
+pub(crate) fn confirm_subscription(c: &Confirmation<'_>) -> Rendered {
+    let subject = format!("[trunkfarm] confirm your subscription to {}", c.project);
+    let email = untrusted(c.email);
+    let text = format!(
+        "Someone (we hope you) asked the trunkfarm hub {hub} to mail {email} when {project} goes red or is fixed.\n\n\
+         To subscribe, open this link and press the button on the page. It works for {lifetime}, until {expires}:\n\
+         {link}\n\n\
+         Nothing is subscribed until then. If you did not ask for this, ignore this mail: you will hear nothing more.\n\n\
+         {project}'s page: {project_url}\n",
+        hub = c.hub,
+        project = c.project,
+        lifetime = c.lifetime,
+        expires = c.expires,
+        link = c.link,
+        project_url = c.project_url,
+    );
+    let html = html_of(&subject, &text, &[c.link, c.project_url], "");
+    Rendered {
+        subject,
+        text,
+        html,
+    }
+}
+
 /// `trunkfarm mail test`.
 pub(crate) fn test_mail(hub: &str) -> Rendered {
     let subject = "[trunkfarm] test mail".to_owned();
@@ -745,6 +787,22 @@ fn defang(text: &str) -> String {
         }
     }
     out.push_str(&text[done..]);
+    out
+}
+
+/// Escapes text for HTML element content and quoted attribute values.
+fn escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
     out
 }
 

@@ -1269,3 +1269,240 @@ async fn a_fix_releases_the_went_red_mail_it_answers() {
     assert!(sent[1].subject.contains("fixed"), "{sent:?}");
     assert_eq!(sent[1].in_reply_to, sent[0].message_id);
 }
+
+// Self-service subscription (double opt-in).
+
+/// The token of the confirmation link in `mail`.
+fn confirm_token(mail: &Sent) -> String {
+    let text = mail_text(mail);
+    let (_, after) = text
+        .split_once("https://farm.example.org/subscribe/confirm?token=")
+        .unwrap_or_else(|| panic!("no confirmation link in {text}"));
+    after
+        .chars()
+        .take_while(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_'))
+        .collect()
+}
+
+fn client(ip: &str) -> Option<std::net::IpAddr> {
+    Some(ip.parse().unwrap())
+}
+
+fn web_subscribers(farm: &Farm) -> Vec<String> {
+    let mut out: Vec<String> = farm
+        .notifier
+        .subscriptions("textkit")
+        .unwrap()
+        .into_iter()
+        .filter(|s| s.source == "web")
+        .map(|s| s.email)
+        .collect();
+    out.sort();
+    out
+}
+
+#[tokio::test]
+async fn a_subscription_request_mails_a_link_and_only_its_post_subscribes() {
+    let farm = Farm::new(&[ALICE]);
+    let n = &farm.notifier;
+    let to = n
+        .request_subscription("textkit", "  bob@example.org ", client("192.0.2.1"))
+        .await
+        .unwrap();
+    assert_eq!(to, BOB);
+    // An address subscribed already gets the same answer (and a mail).
+    assert_eq!(
+        n.request_subscription("textkit", ALICE, client("192.0.2.1"))
+            .await
+            .unwrap(),
+        ALICE
+    );
+    assert!(web_subscribers(&farm).is_empty(), "nothing before the link");
+    // Durable before the answer: a crash now still sends both, once.
+    let farm = farm.restart(&[ALICE]).await;
+    assert_eq!(farm.notifier.pending_count(), 2);
+    farm.deliver().await;
+    farm.deliver().await;
+    let sent = farm.server.sent();
+    assert_eq!(recipients(&sent), [ALICE, BOB]);
+    let mail = sent.iter().find(|m| m.to == BOB).unwrap();
+    assert_eq!(
+        mail.subject,
+        "[trunkfarm] confirm your subscription to textkit"
+    );
+    assert!(
+        mail.unsubscribe.is_empty(),
+        "nothing to unsubscribe from yet"
+    );
+    let text = mail_text(mail);
+    assert!(
+        text.contains("to mail bob@example.org when textkit goes red"),
+        "{text}"
+    );
+    assert!(text.contains("It works for 1d, until "), "{text}");
+    assert!(text.contains("Nothing is subscribed until then."), "{text}");
+    assert!(
+        text.contains("textkit's page: https://farm.example.org/projects/textkit"),
+        "{text}"
+    );
+    let token = confirm_token(mail);
+
+    // What a GET shows subscribes nothing.
+    let n = &farm.notifier;
+    let c = n.confirmation(&token).unwrap();
+    assert_eq!((c.email.as_str(), c.project.as_str()), (BOB, "textkit"));
+    assert!(web_subscribers(&farm).is_empty());
+    // The POST does, once however often it comes.
+    let done = n.confirm_subscription(&token).await.unwrap();
+    assert_eq!(
+        (done.email.as_str(), done.project.as_str(), done.added),
+        (BOB, "textkit", true)
+    );
+    assert!(!n.confirm_subscription(&token).await.unwrap().added);
+    assert_eq!(web_subscribers(&farm), [BOB]);
+    assert_eq!(
+        n.subscriptions("textkit").unwrap().len(),
+        2,
+        "alice (config) and bob"
+    );
+
+    // One character changed: refused, naming nothing.
+    let mut forged = token.clone().into_bytes();
+    let last = forged.len() - 1;
+    forged[last] = if forged[last] == b'A' { b'B' } else { b'A' };
+    let forged = String::from_utf8(forged).unwrap();
+    assert!(matches!(
+        n.confirm_subscription(&forged).await,
+        Err(ConfirmRefused::Token(ConfirmError::Invalid))
+    ));
+    // A day later the link has expired and says where to ask again.
+    farm.set_clock(farm.now() + DAY);
+    match n.confirmation(&token) {
+        Err(ConfirmRefused::Token(e @ ConfirmError::Expired { .. })) => {
+            assert!(
+                e.to_string().contains("subscribe again on textkit's page"),
+                "{e}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(farm.server.sent().len(), 2, "nothing sent twice");
+}
+
+#[tokio::test]
+async fn bad_requests_say_what_is_wrong_and_queue_nothing() {
+    let farm = Farm::new(&[]);
+    let n = &farm.notifier;
+    for (address, says) in [
+        ("", "the address is empty"),
+        ("bob.example.org", "\"bob.example.org\" has no @"),
+        ("bob@", "is not an email address"),
+        ("a b@example.org", "is not an email address"),
+    ] {
+        let e = n
+            .request_subscription("textkit", address, None)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, RequestError::BadAddress(_)),
+            "{address:?}: {e:?}"
+        );
+        assert!(e.to_string().contains(says), "{address:?}: {e}");
+    }
+    let long = format!("{}@example.org", "a".repeat(250));
+    assert!(
+        n.request_subscription("textkit", &long, None)
+            .await
+            .is_err()
+    );
+    let e = n.request_subscription("nope", BOB, None).await.unwrap_err();
+    assert!(matches!(e, RequestError::UnknownProject(_)), "{e:?}");
+    assert_eq!(
+        e.to_string(),
+        "there is no project named \"nope\" on this hub"
+    );
+    assert_eq!(n.pending_count(), 0);
+}
+
+#[tokio::test]
+async fn subscription_requests_are_rate_limited_per_address_and_per_client() {
+    let farm = Farm::new(&[]);
+    let n = &farm.notifier;
+    // Three confirmation mails per address and hour, whoever asks.
+    for i in 1..=3 {
+        n.request_subscription("textkit", CAROL, client(&format!("198.51.100.{i}")))
+            .await
+            .unwrap();
+    }
+    let e = n
+        .request_subscription("wordkit", "Carol@Example.org", client("198.51.100.9"))
+        .await
+        .unwrap_err();
+    match &e {
+        RequestError::TooMany { retry_after, .. } => {
+            assert_eq!(*retry_after, Duration::from_secs(20 * 60))
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        e.to_string(),
+        "too many confirmation mails went to this address lately; try again in 20m"
+    );
+    assert_eq!(n.pending_count(), 3);
+    // Ten requests per client and hour, an IPv6 client counted by its /64.
+    for i in 0..10 {
+        n.request_subscription(
+            "textkit",
+            &format!("dev{i}@example.org"),
+            client("2001:db8:1:2::1"),
+        )
+        .await
+        .unwrap();
+    }
+    let e = n
+        .request_subscription(
+            "textkit",
+            "other@example.org",
+            client("2001:db8:1:2:ffff::7"),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .starts_with("too many subscription requests from your network; try again in "),
+        "{e}"
+    );
+    // A refused client does not use up the address's allowance.
+    n.request_subscription("textkit", "other@example.org", client("2001:db8:1:3::1"))
+        .await
+        .unwrap();
+    assert_eq!(n.pending_count(), 14);
+}
+
+#[tokio::test]
+async fn with_self_subscribe_off_the_operator_subscribes_people() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("db")).unwrap();
+    let clock = Arc::new(AtomicU64::new(now_ms()));
+    let config = config_with(dir.path(), &[], "", "[notify]\nself_subscribe = false\n");
+    let farm = Farm::with_config(dir, store, clock, config);
+    let n = &farm.notifier;
+    let e = n
+        .request_subscription("textkit", BOB, None)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, RequestError::Off), "{e:?}");
+    assert!(e.to_string().contains("operator subscribes people"), "{e}");
+    // A link mailed before it was turned off no longer subscribes.
+    let token = n.inner.key.sign_confirm(&token::Confirm {
+        email: BOB.into(),
+        project: "textkit".into(),
+        expires_at_ms: farm.now() + DAY,
+    });
+    assert!(matches!(
+        n.confirm_subscription(&token).await,
+        Err(ConfirmRefused::Off)
+    ));
+    assert!(n.subscriptions("textkit").unwrap().is_empty());
+    assert_eq!(n.pending_count(), 0);
+}

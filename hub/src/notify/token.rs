@@ -1,9 +1,13 @@
-//! Signed one-click unsubscribe tokens.
+//! Signed one-click unsubscribe tokens, and signed subscription
+//! confirmation tokens (self-service double opt-in).
 //!
-//! A token carries what it removes ([`Unsub`]) and when it stops working, and
-//! is signed with HMAC-SHA256 under a key only the hub knows (a 0600 file in the
-//! data dir). Nothing is stored per mail: the hub checks the signature and the
-//! expiry, then acts on what the token says.
+//! A token carries what it removes ([`Unsub`]) or adds ([`Confirm`]) and when
+//! it stops working, and is signed with HMAC-SHA256 under a key only the hub
+//! knows (a 0600 file in the data dir). Nothing is stored per mail: the hub
+//! checks the signature and the expiry, then acts on what the token says. The
+//! two kinds share the wire form and the key but not the MAC's domain
+//! prefix, so an unsubscribe token is never a valid confirmation token nor
+//! the other way round.
 //!
 //! Wire form: base64url (no padding) of
 //! `version (1) | expires_at_ms (u64 BE) | digest (1) | 3 × (len u32 BE | UTF-8)
@@ -67,6 +71,36 @@ pub(crate) enum TokenError {
     },
 }
 
+/// What a confirmation link subscribes: per-event mail about a project.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Confirm {
+    /// The address that asked (and that the link was mailed to).
+    pub(crate) email: String,
+    /// The project it wants mail about.
+    pub(crate) project: String,
+    /// When the link stops working (Unix milliseconds).
+    pub(crate) expires_at_ms: u64,
+}
+
+/// Why a confirmation token was refused; the page says what to do.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum ConfirmError {
+    /// Altered, cut off, not this hub's (or its key changed), or an
+    /// unsubscribe token.
+    #[error(
+        "this confirmation link is invalid (it was altered or cut off, or the hub's key changed); subscribe again on the project's page"
+    )]
+    Invalid,
+    /// Genuine but past its expiry.
+    #[error("this link expired on {}; subscribe again on {project}'s page", format_date(*.expired_at_ms))]
+    Expired {
+        /// The project it was for.
+        project: String,
+        /// When it expired (Unix milliseconds).
+        expired_at_ms: u64,
+    },
+}
+
 /// The key unsubscribe tokens are signed with: 32 random bytes.
 #[derive(Clone)]
 pub(crate) struct UnsubscribeKey {
@@ -85,6 +119,8 @@ const MAC_LEN: usize = 32;
 const HEADER_LEN: usize = 1 + 8 + 1;
 /// Keeps these MACs distinct from anything else the key might ever sign.
 const DOMAIN: &[u8] = b"trunkfarm-unsubscribe\0";
+/// The same for subscription confirmation tokens.
+const CONFIRM_DOMAIN: &[u8] = b"trunkfarm-confirm-subscription\0";
 /// Tokens longer than this are refused before decoding.
 const MAX_TOKEN_CHARS: usize = 4096;
 
@@ -131,16 +167,64 @@ impl UnsubscribeKey {
         UnsubscribeKey { bytes }
     }
 
-    fn mac(&self) -> Hmac<Sha256> {
+    fn mac(&self, domain: &[u8]) -> Hmac<Sha256> {
         let mut mac =
             <Hmac<Sha256> as Mac>::new_from_slice(&self.bytes).expect("HMAC takes any key length");
-        mac.update(DOMAIN);
+        mac.update(domain);
         mac
     }
 
     /// A URL-safe token (base64url, no padding) carrying `unsub` and
     /// `expires_at_ms`, signed with HMAC-SHA256.
     pub(crate) fn sign(&self, unsub: &Unsub, expires_at_ms: u64) -> String {
+        self.sign_in(DOMAIN, unsub, expires_at_ms)
+    }
+
+    /// Checks the signature (in constant time) and the expiry, and returns what
+    /// the token removes.
+    pub(crate) fn verify(&self, token: &str, now_ms: u64) -> Result<Unsub, TokenError> {
+        let (unsub, expires_at_ms) = self.open(DOMAIN, token)?;
+        if now_ms >= expires_at_ms {
+            return Err(TokenError::Expired {
+                expired_at_ms: expires_at_ms,
+            });
+        }
+        Ok(unsub)
+    }
+
+    /// A confirmation token: `confirm`'s address and project, signed like an
+    /// unsubscribe token under the confirmation domain.
+    pub(crate) fn sign_confirm(&self, confirm: &Confirm) -> String {
+        let as_fields = Unsub {
+            email: confirm.email.clone(),
+            project: confirm.project.clone(),
+            upstream: String::new(),
+            digest: false,
+        };
+        self.sign_in(CONFIRM_DOMAIN, &as_fields, confirm.expires_at_ms)
+    }
+
+    /// What a confirmation token asks for, if this hub signed it and it has
+    /// not expired. An expired one still says its project (it is genuine),
+    /// so the page can point at where to subscribe again.
+    pub(crate) fn verify_confirm(&self, token: &str, now_ms: u64) -> Result<Confirm, ConfirmError> {
+        let (fields, expires_at_ms) = self
+            .open(CONFIRM_DOMAIN, token)
+            .map_err(|_| ConfirmError::Invalid)?;
+        if now_ms >= expires_at_ms {
+            return Err(ConfirmError::Expired {
+                project: fields.project,
+                expired_at_ms: expires_at_ms,
+            });
+        }
+        Ok(Confirm {
+            email: fields.email,
+            project: fields.project,
+            expires_at_ms,
+        })
+    }
+
+    fn sign_in(&self, domain: &[u8], unsub: &Unsub, expires_at_ms: u64) -> String {
         let fields = [&unsub.email, &unsub.project, &unsub.upstream];
         let len = HEADER_LEN + fields.iter().map(|f| 4 + f.len()).sum::<usize>() + MAC_LEN;
         let mut buf = Vec::with_capacity(len);
@@ -154,15 +238,15 @@ impl UnsubscribeKey {
             buf.extend_from_slice(&n.to_be_bytes());
             buf.extend_from_slice(field.as_bytes());
         }
-        let mut mac = self.mac();
+        let mut mac = self.mac(domain);
         mac.update(&buf);
         buf.extend_from_slice(&mac.finalize().into_bytes());
         URL_SAFE_NO_PAD.encode(buf)
     }
 
-    /// Checks the signature (in constant time) and the expiry, and returns what
-    /// the token removes.
-    pub(crate) fn verify(&self, token: &str, now_ms: u64) -> Result<Unsub, TokenError> {
+    /// Checks the signature (in constant time) under `domain` and returns
+    /// the fields and the expiry (not checked here).
+    fn open(&self, domain: &[u8], token: &str) -> Result<(Unsub, u64), TokenError> {
         let token = token.trim();
         if token.is_empty() || token.len() > MAX_TOKEN_CHARS {
             return Err(TokenError::Malformed);
@@ -174,17 +258,11 @@ impl UnsubscribeKey {
             return Err(TokenError::Malformed);
         }
         let (payload, tag) = raw.split_at(raw.len() - MAC_LEN);
-        let mut mac = self.mac();
+        let mut mac = self.mac(domain);
         mac.update(payload);
         mac.verify_slice(tag)
             .map_err(|_| TokenError::BadSignature)?;
-        let (unsub, expires_at_ms) = decode_payload(payload).ok_or(TokenError::Malformed)?;
-        if now_ms >= expires_at_ms {
-            return Err(TokenError::Expired {
-                expired_at_ms: expires_at_ms,
-            });
-        }
-        Ok(unsub)
+        decode_payload(payload).ok_or(TokenError::Malformed)
     }
 }
 
@@ -229,7 +307,7 @@ fn decode_payload(payload: &[u8]) -> Option<(Unsub, u64)> {
 }
 
 /// `2025-06-01 12:00 UTC` for a Unix-milliseconds instant.
-fn format_date(ms: u64) -> String {
+pub(crate) fn format_date(ms: u64) -> String {
     let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
     let text = humantime::format_rfc3339_seconds(at).to_string();
     // "YYYY-MM-DDTHH:MM:SSZ" → "YYYY-MM-DD HH:MM UTC"
@@ -427,5 +505,69 @@ mod tests {
         let err = UnsubscribeKey::load_or_create(dir.path()).unwrap_err();
         assert!(matches!(err, TokenError::Io { .. }), "{err:?}");
         assert!(err.to_string().contains(&dir.path().display().to_string()));
+    }
+
+    fn confirm() -> Confirm {
+        Confirm {
+            email: "alice.maintainer@example.org".into(),
+            project: "attrs".into(),
+            expires_at_ms: LATER,
+        }
+    }
+
+    #[test]
+    fn confirmation_tokens_round_trip_and_expire_naming_their_project() {
+        let k = key(8);
+        let t = k.sign_confirm(&confirm());
+        assert_eq!(k.verify_confirm(&t, NOW).unwrap(), confirm());
+        assert!(t.len() < 200, "{} chars", t.len());
+        match k.verify_confirm(&t, LATER) {
+            Err(e @ ConfirmError::Expired { .. }) => {
+                assert_eq!(
+                    e,
+                    ConfirmError::Expired {
+                        project: "attrs".into(),
+                        expired_at_ms: LATER
+                    }
+                );
+                let msg = e.to_string();
+                assert!(msg.starts_with("this link expired on "), "{msg}");
+                assert!(msg.contains("subscribe again on attrs's page"), "{msg}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(k.verify_confirm(&t, LATER - 1).is_ok());
+    }
+
+    #[test]
+    fn a_forged_or_foreign_confirmation_token_is_invalid() {
+        let k = key(9);
+        let t = k.sign_confirm(&confirm());
+        // One character changed anywhere.
+        for i in 0..t.len() {
+            let mut bytes = t.clone().into_bytes();
+            bytes[i] = if bytes[i] == b'A' { b'B' } else { b'A' };
+            let altered = String::from_utf8(bytes).unwrap();
+            assert_eq!(
+                k.verify_confirm(&altered, NOW),
+                Err(ConfirmError::Invalid),
+                "position {i}"
+            );
+        }
+        // Another hub's key.
+        assert_eq!(key(10).verify_confirm(&t, NOW), Err(ConfirmError::Invalid));
+        // The two kinds are not interchangeable, though their fields match.
+        let unsub = Unsub {
+            email: confirm().email,
+            project: confirm().project,
+            upstream: String::new(),
+            digest: false,
+        };
+        let u = k.sign(&unsub, LATER);
+        assert_eq!(k.verify_confirm(&u, NOW), Err(ConfirmError::Invalid));
+        assert!(matches!(k.verify(&t, NOW), Err(TokenError::BadSignature)));
+        for g in ["", "x", "!!!!"] {
+            assert_eq!(k.verify_confirm(g, NOW), Err(ConfirmError::Invalid));
+        }
     }
 }

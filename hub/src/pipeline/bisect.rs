@@ -287,8 +287,9 @@ impl Pipeline {
         Ok(())
     }
 
-    /// A member's next step, from the bisection's record and the builds stored.
-    fn next(&self, b: &Bisection, m: &Member) -> Result<Next, PipelineError> {
+    /// What each commit of the range said for member `m` so far, from the
+    /// bisection's record and the builds stored.
+    fn said(&self, b: &Bisection, m: &Member) -> Result<Vec<Option<Point>>, PipelineError> {
         let suspicious = match m.class {
             Some(Class::Suspicious) => self.executed_by(b, m)?,
             _ => None,
@@ -304,6 +305,22 @@ impl Pipeline {
                 },
             });
         }
+        Ok(said)
+    }
+
+    /// The commits member `m`'s search has narrowed its range to so far
+    /// (the pages show a bisection in progress with them).
+    pub(super) fn narrowed(&self, b: &Bisection, m: &Member) -> Result<Vec<Commit>, PipelineError> {
+        if b.commits.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (from, to) = bounds(&self.said(b, m)?);
+        Ok(span(&b.commits, from, to))
+    }
+
+    /// A member's next step, from the bisection's record and the builds stored.
+    fn next(&self, b: &Bisection, m: &Member) -> Result<Next, PipelineError> {
+        let said = self.said(b, m)?;
         let made = b.made();
         let answer = |state, first_bad, candidates, detail| Bisect {
             state,
@@ -379,12 +396,7 @@ impl Pipeline {
 
     /// The tests member `m`'s own went-red run executed.
     fn executed_by(&self, b: &Bisection, m: &Member) -> Result<Option<u32>, PipelineError> {
-        let Some(t) = self
-            .inner
-            .results
-            .transitions(1, |t| t.id == m.transition)?
-            .pop()
-        else {
+        let Some(t) = self.inner.results.transition(m.transition)? else {
             return Ok(None);
         };
         let run = (self.inner.results).run(&m.project, &b.upstream, &b.platform, t.job_id)?;

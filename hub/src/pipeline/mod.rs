@@ -43,10 +43,12 @@ pub(crate) mod git;
 mod intake;
 mod jobs;
 mod poll;
+mod query;
+mod runs;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -58,7 +60,7 @@ use crate::auth::credentials::{Credentials, QuarantineRule};
 use crate::commit::short;
 use crate::config::{HubConfig, ProjectConfig, UpstreamConfig};
 use crate::dispatch::{DispatchError, Dispatcher, JobRecord, JobResultRecord};
-use crate::job_key::{JobKey, RerunKind, TEST_PREFIX};
+use crate::job_key::{JobKey, RerunKind};
 use crate::notify::Notifier;
 use crate::results::{
     Breakage, BuildInfo, Commit, Finished, Grid, GridSeries, Recorded, Results, Transition,
@@ -68,6 +70,8 @@ use crate::store::{Store, StoreError, Table, trees};
 pub(crate) use git::GitError;
 use git::{Git, Repos};
 use poll::Repo;
+pub(crate) use query::{ProjectFacts, RepoFacts, SeriesFacts, UpstreamFacts};
+pub(crate) use runs::RunFacts;
 
 /// Finished jobs taken from the inbox per round (each record may carry a
 /// few MiB of report files).
@@ -99,6 +103,9 @@ pub(crate) enum PipelineError {
     /// No such upstream in the config.
     #[error("no upstream named {0:?} is configured; known upstreams: {1}")]
     NoSuchUpstream(String, String),
+    /// No such project in the config.
+    #[error("no project named {0:?} is configured; known projects: {1}")]
+    NoSuchProject(String, String),
     /// A request that cannot be carried out as asked (says what to do).
     #[error("{0}")]
     Invalid(String),
@@ -518,21 +525,7 @@ impl Pipeline {
         if !only_upstream.is_empty() {
             self.upstream(only_upstream)?;
         }
-        let pending: HashSet<(String, String, String)> = self
-            .inner
-            .dispatch
-            .open_keys(TEST_PREFIX)
-            .into_iter()
-            .filter_map(|(k, _)| match JobKey::parse(&k) {
-                Some(JobKey::Test {
-                    project,
-                    upstream,
-                    platform,
-                    ..
-                }) => Some((project, upstream, platform)),
-                _ => None,
-            })
-            .collect();
+        let pending = self.pending_tests();
         let mut rows = Vec::new();
         for u in &self.inner.upstreams {
             if !only_upstream.is_empty() && u.name != only_upstream {
@@ -563,7 +556,7 @@ impl Pipeline {
                     series.push(GridSeries {
                         project: &p.name,
                         platform,
-                        pending: pending.contains(&id),
+                        pending: pending.contains_key(&id),
                     });
                 }
             }

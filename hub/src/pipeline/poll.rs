@@ -120,6 +120,27 @@ impl Pipeline {
         })
     }
 
+    /// The commits polling saw as `upstream`'s head, newest first, at most
+    /// `limit`. Reads every `hh/u/<upstream>/…` key (one small key per head
+    /// ever seen: the order is their values, not their keys).
+    pub(super) fn recent_heads(
+        &self,
+        upstream: &str,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        let prefix = seq_key(Repo::Upstream, upstream, "");
+        let mut heads = Vec::new();
+        for item in self.inner.heads.scan_raw(&prefix) {
+            let (k, v) = item?;
+            let seq = v.as_ref().try_into().map(u64::from_be_bytes).unwrap_or(0);
+            let commit = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+            heads.push((seq, commit));
+        }
+        heads.sort_unstable_by(|a, b| b.cmp(a));
+        heads.truncate(limit);
+        Ok(heads.into_iter().map(|(_, c)| c).collect())
+    }
+
     /// Records a poll's error (empty: it worked); logs only its changes.
     fn set_poll_error(&self, what: String, error: String) {
         let mut errors = self
@@ -171,17 +192,16 @@ impl Pipeline {
 
     /// A project as `status` shows it: its branch (empty: not polled yet),
     /// head and poll error.
-    pub(super) fn project_row(&self, p: &ProjectConfig) -> Result<ProjectRow, StoreError> {
-        let head = self.head(Repo::Project, &p.name)?.unwrap_or_default();
+    pub(super) fn project_row(&self, p: &ProjectConfig) -> Result<ProjectRow, PipelineError> {
+        let facts = self.repo_facts(Repo::Project, &p.name, &p.url, p.branch.as_deref())?;
+        let head = facts.head.unwrap_or_default();
         Ok(ProjectRow {
             name: p.name.clone(),
-            url: super::git::redact_url(&p.url),
-            branch: self
-                .known_branch(Repo::Project, &p.name, p.branch.as_deref())?
-                .unwrap_or_default(),
+            url: facts.url,
+            branch: facts.branch,
             head: head.commit,
             head_seen_at_ms: head.seen_at_ms,
-            poll_error: self.poll_error(Repo::Project, &p.name),
+            poll_error: facts.poll_error,
         })
     }
 

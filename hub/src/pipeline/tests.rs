@@ -26,11 +26,11 @@ use crate::space::DataDir;
 
 /// Repositories in memory: each URL's branch history, oldest first.
 #[derive(Default)]
-struct FakeGit {
+pub(crate) struct FakeGit {
     repos: Mutex<HashMap<String, Vec<Commit>>>,
     next: AtomicU64,
     /// URLs every call to fails for (an unreachable server).
-    broken: Mutex<HashSet<String>>,
+    pub(crate) broken: Mutex<HashSet<String>>,
     /// While set, `range` announces itself on `stalled` and waits for
     /// `released` (a fetch that takes long).
     stall: AtomicBool,
@@ -42,7 +42,7 @@ struct FakeGit {
 
 impl FakeGit {
     /// Lands a new commit on `url`'s branch; its hash.
-    fn commit(&self, url: &str) -> String {
+    pub(crate) fn commit(&self, url: &str) -> String {
         let n = self.next.fetch_add(1, Ordering::Relaxed) + 1;
         let sha = hex::encode(Sha256::digest(format!("{url} {n}")))[..40].to_owned();
         self.repos
@@ -154,13 +154,13 @@ impl Repos for FakeGit {
     }
 }
 
-const RT: &str = "fake:rt";
-const ADDER: &str = "fake:adder";
-const SHOUTER: &str = "fake:shouter";
+pub(crate) const RT: &str = "fake:rt";
+pub(crate) const ADDER: &str = "fake:adder";
+pub(crate) const SHOUTER: &str = "fake:shouter";
 
 /// One upstream built on two platforms; adder tests on both, shouter (with
 /// a maintainer and JUnit reports) on linux only.
-const CONFIG: &str = r#"
+pub(crate) const CONFIG: &str = r#"
 [hub]
 data_dir = "DATA"
 
@@ -186,21 +186,21 @@ network = true
 "#;
 
 /// A hub's pipeline without its tasks or server, and one agent session.
-struct Farm {
+pub(crate) struct Farm {
     dir: tempfile::TempDir,
     config: HubConfig,
     store: Store,
-    logs: Arc<JobLogs>,
-    git: Arc<FakeGit>,
-    dispatch: Dispatcher,
+    pub(crate) logs: Arc<JobLogs>,
+    pub(crate) git: Arc<FakeGit>,
+    pub(crate) dispatch: Dispatcher,
     results: Results,
     artifacts: Artifacts,
-    notifier: Notifier,
-    pipeline: Pipeline,
+    pub(crate) notifier: Notifier,
+    pub(crate) pipeline: Pipeline,
     agent: mpsc::UnboundedReceiver<Outgoing>,
     /// Agents joined besides `a` (see [`Farm::join`]): id, channel.
     others: Vec<(String, mpsc::UnboundedReceiver<Outgoing>)>,
-    credentials: crate::auth::credentials::Credentials,
+    pub(crate) credentials: crate::auth::credentials::Credentials,
 }
 
 fn dispatch_settings(dir: &std::path::Path) -> DispatchSettings {
@@ -217,12 +217,12 @@ fn dispatch_settings(dir: &std::path::Path) -> DispatchSettings {
 }
 
 impl Farm {
-    async fn new() -> Farm {
+    pub(crate) async fn new() -> Farm {
         Farm::with_config(CONFIG).await
     }
 
     /// A farm whose hub reads `config` (`DATA`: the data dir).
-    async fn with_config(config: &str) -> Farm {
+    pub(crate) async fn with_config(config: &str) -> Farm {
         let dir = tempfile::tempdir().unwrap();
         let text = config.replace("DATA", dir.path().to_str().unwrap());
         let config = HubConfig::from_toml(&text, None).unwrap();
@@ -235,7 +235,9 @@ impl Farm {
             DataDir::new(dir.path(), 0),
         )
         .unwrap();
-        let results = Results::open(&store).unwrap();
+        let results = Results::open(&store)
+            .unwrap()
+            .with_flaky_rules(config.flaky_rules());
         let notifier = Notifier::start(
             &config,
             &store,
@@ -302,33 +304,36 @@ impl Farm {
 
     /// Enrolls an agent (with a trusted token or a volunteer's) and
     /// connects it; returns its id.
-    async fn join(&mut self, name: &str, trusted: bool) -> String {
+    pub(crate) async fn join(&mut self, name: &str, trusted: bool) -> String {
         let grant = crate::auth::credentials::Grant {
             trusted,
             ..Default::default()
         };
+        let id = self.enroll(name, grant).await;
+        let rx =
+            crate::dispatch::tests::join(&self.dispatch, &id, 64, &["linux", "mac"], &[], trusted)
+                .await;
+        self.others.push((id.clone(), rx));
+        id
+    }
+
+    /// Enrolls an agent with a token granting `grant`; returns its id.
+    pub(crate) async fn enroll(
+        &self,
+        name: &str,
+        grant: crate::auth::credentials::Grant,
+    ) -> String {
         let (_, token) = self
             .credentials
             .create_token(grant, Duration::from_secs(60), 1, String::new())
             .await
             .unwrap();
-        let (agent, _) = self.credentials.enroll(&token, name).await.unwrap();
-        let rx = crate::dispatch::tests::join(
-            &self.dispatch,
-            &agent.id,
-            64,
-            &["linux", "mac"],
-            &[],
-            trusted,
-        )
-        .await;
-        self.others.push((agent.id.clone(), rx));
-        agent.id
+        self.credentials.enroll(&token, name).await.unwrap().0.id
     }
 
     /// Only agent `id` gets new jobs from now on (the others are held
     /// back the way a quarantine holds an agent back).
-    async fn only(&self, id: &str) {
+    pub(crate) async fn only(&self, id: &str) {
         let all = std::iter::once("a").chain(self.others.iter().map(|(o, _)| o.as_str()));
         for other in all {
             self.dispatch
@@ -340,7 +345,7 @@ impl Farm {
 
     /// The jobs assigned to any agent since last asked, with their keys
     /// (the record names the agent).
-    fn assigned(&mut self) -> Vec<(JobRef, JobRecord, JobKey)> {
+    pub(crate) fn assigned(&mut self) -> Vec<(JobRef, JobRecord, JobKey)> {
         let mut out = Vec::new();
         let channels =
             std::iter::once(&mut self.agent).chain(self.others.iter_mut().map(|(_, rx)| rx));
@@ -362,7 +367,13 @@ impl Farm {
 
     /// Finishes a job as its agent would: a passed build uploads its
     /// runtime first.
-    async fn finish(&self, job: JobRef, key: &JobKey, outcome: Outcome, reports: Vec<ReportFile>) {
+    pub(crate) async fn finish(
+        &self,
+        job: JobRef,
+        key: &JobKey,
+        outcome: Outcome,
+        reports: Vec<ReportFile>,
+    ) {
         self.finish_built(job, key, outcome, reports, None).await
     }
 
@@ -423,7 +434,7 @@ impl Farm {
     }
 
     /// Finishes every assigned job with what `decide` says; returns their keys.
-    async fn run_jobs(
+    pub(crate) async fn run_jobs(
         &mut self,
         decide: impl Fn(&JobKey) -> (Outcome, Vec<ReportFile>),
     ) -> Vec<JobKey> {
@@ -436,8 +447,18 @@ impl Farm {
         keys
     }
 
+    /// One poll of upstream `i` (for tests outside the pipeline).
+    pub(crate) async fn poll_upstream(&self, i: usize) {
+        self.pipeline.poll_upstream(i).await
+    }
+
+    /// One poll of project `i` (for tests outside the pipeline).
+    pub(crate) async fn poll_project(&self, i: usize) {
+        self.pipeline.poll_project(i).await
+    }
+
     /// Takes in everything finished.
-    async fn take_in(&self) {
+    pub(crate) async fn take_in(&self) {
         while self.pipeline.take_inbox().await.unwrap() > 0 {}
     }
 
@@ -452,12 +473,12 @@ async fn connect(d: &Dispatcher) -> mpsc::UnboundedReceiver<Outgoing> {
     crate::dispatch::tests::agent(d, "a", 64, &["linux", "mac"], &[]).await
 }
 
-fn passed(_: &JobKey) -> (Outcome, Vec<ReportFile>) {
+pub(crate) fn passed(_: &JobKey) -> (Outcome, Vec<ReportFile>) {
     (Outcome::Passed, Vec::new())
 }
 
 /// A JUnit report with one case, failing or not.
-fn junit(name: &str, failing: bool) -> Vec<ReportFile> {
+pub(crate) fn junit(name: &str, failing: bool) -> Vec<ReportFile> {
     let body = if failing {
         r#"<failure message="expected ABC"/>"#
     } else {
@@ -495,7 +516,7 @@ fn kind(t: &Transition) -> TransitionKind {
 }
 
 /// Polls the projects, then lands and builds `c1` green with green tests.
-async fn green_trunk(f: &mut Farm) -> String {
+pub(crate) async fn green_trunk(f: &mut Farm) -> String {
     f.git.commit(ADDER);
     f.git.commit(SHOUTER);
     f.pipeline.poll_project(0).await;
@@ -825,7 +846,7 @@ async fn a_git_failure_is_shown_and_decides_nothing_else() {
 // ---- A volunteer's verdict is never taken alone (issue 12 item 3) ----
 
 /// Shouter fails, everything else passes.
-fn shouter_red(k: &JobKey) -> (Outcome, Vec<ReportFile>) {
+pub(crate) fn shouter_red(k: &JobKey) -> (Outcome, Vec<ReportFile>) {
     match k.base() {
         JobKey::Test { project, .. } if project == "shouter" => {
             (Outcome::Failed, junit("upper", true))
@@ -840,7 +861,7 @@ fn all_green(_: &JobKey) -> (Outcome, Vec<ReportFile>) {
 }
 
 /// Whether a job is a baseline re-run.
-fn is_baseline(k: &JobKey) -> bool {
+pub(crate) fn is_baseline(k: &JobKey) -> bool {
     matches!(
         k,
         JobKey::Rerun {
@@ -1517,7 +1538,7 @@ fn shouter_times_out(k: &JobKey) -> (Outcome, Vec<ReportFile>) {
 impl Farm {
     /// A new upstream commit, tested by the trusted `a` (the only agent):
     /// `decide` says how each test ends; taken in. Returns the commit.
-    async fn trusted_tests_a_new_commit(
+    pub(crate) async fn trusted_tests_a_new_commit(
         &mut self,
         decide: impl Fn(&JobKey) -> (Outcome, Vec<ReportFile>),
     ) -> String {
@@ -2123,7 +2144,7 @@ async fn a_test_that_trusted_confirmation_runs_saw_flip_twice_is_known_flaky_and
 
 /// [`CONFIG`] with the upstream on linux only, and
 /// `pipeline.bisect_max_builds = max`.
-fn bisect_config(max: u32) -> String {
+pub(crate) fn bisect_config(max: u32) -> String {
     CONFIG
         .replace(
             r#"platforms = ["linux", "mac"]"#,
@@ -2515,6 +2536,48 @@ async fn a_bisection_redelivered_and_restarted_at_every_step_repeats_nothing() {
     assert!(builds <= 7, "{builds}");
 }
 
+/// For the dashboard's tests (`web/`): the farm's owners as the pages read
+/// them.
+impl Farm {
+    pub(crate) fn site(&self) -> crate::web::site::Site {
+        crate::web::site::Site {
+            pipeline: self.pipeline.clone(),
+            dispatch: self.dispatch.clone(),
+            credentials: self.credentials.clone(),
+            notifier: self.notifier.clone(),
+            logs: self.logs.clone(),
+        }
+    }
+}
+
+/// For the dashboard's tests: shouter green on a first runtime, then red on
+/// the next one and classed regressed by its re-runs (a went-red mailed to
+/// its maintainer), run by two enrolled trusted agents, `alice-box` and
+/// `bob-box` (the unnamed `a` is held back).
+pub(crate) async fn regressed_farm() -> Farm {
+    let mut f = Farm::new().await;
+    f.join("alice-box", true).await;
+    f.join("bob-box", true).await;
+    f.dispatch.set_quarantined("a", true).await.unwrap();
+    green_then_regressed(&mut f).await;
+    assert_eq!(f.went_red("shouter").len(), 1);
+    f
+}
+
+/// Shouter green on a first runtime, then red on the next one and classed
+/// regressed by its re-runs.
+async fn green_then_regressed(f: &mut Farm) {
+    green_trunk(f).await;
+    f.git.commit(RT);
+    f.pipeline.poll_upstream(0).await;
+    f.run_jobs(passed).await;
+    f.take_in().await;
+    f.run_jobs(shouter_red).await;
+    f.take_in().await;
+    f.run_jobs(regressed).await;
+    f.take_in().await;
+}
+
 // ---- Errors in the open (issue 14 item 5) ----
 
 /// A project whose poll fails says why in `status` (and its JSON), not only
@@ -2574,15 +2637,7 @@ async fn a_projects_poll_error_is_shown_in_status() {
 async fn a_went_red_mail_names_the_default_branch_polling_found() {
     let mut f = Farm::new().await;
     *f.git.default_branch.lock().unwrap() = "trunk".into();
-    green_trunk(&mut f).await;
-    f.git.commit(RT);
-    f.pipeline.poll_upstream(0).await;
-    f.run_jobs(passed).await;
-    f.take_in().await;
-    f.run_jobs(shouter_red).await;
-    f.take_in().await;
-    f.run_jobs(regressed).await;
-    f.take_in().await;
+    green_then_regressed(&mut f).await;
     let t = &f.transitions("shouter")[0];
     assert_eq!(kind(t), TransitionKind::WentRed);
     assert_eq!(t.branch, "trunk");

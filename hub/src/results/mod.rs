@@ -46,7 +46,7 @@ use trunkfarm_proto::v1::{BuildState, RunStatus};
 pub(crate) use bisection::{Bisection, Member, PointBuild, PointRun};
 pub(crate) use classify::{CulpritRange, SeriesState, run_status};
 pub(crate) use confirm::{ConfirmState, Confirmation, Hold, Judged, Rerun, Rules, Said};
-pub(crate) use noise::{FlakyRule, Noise, wire as noise_wire};
+pub(crate) use noise::{FlakyRule, Noise, TestNoise, wire as noise_wire};
 pub(crate) use query::{Breakage, Grid, GridSeries, ProjectRow, UpstreamRow};
 pub(crate) use records::{Bisect, BisectState};
 pub(crate) use records::{BuildInfo, Class, Commit, RunInfo, TestCase, Transition};

@@ -12,6 +12,9 @@ use super::{
 };
 use crate::store::StoreError;
 
+/// The most transitions a page's query looks at ([`Results::transitions_since`]).
+pub(crate) const MAX_SCANNED: usize = 20_000;
+
 /// One series of runs the status grid shows.
 #[derive(Clone, Debug)]
 pub(crate) struct GridSeries<'a> {
@@ -256,11 +259,7 @@ impl Results {
 
     fn cell(&self, s: GridSeries<'_>, upstream: &str) -> Result<Cell, StoreError> {
         let latest = self.latest_run(s.project, upstream, s.platform)?;
-        let state = self.series(&keys::run_series(s.project, upstream, s.platform))?;
-        let red_since = match state.red_now() {
-            Some(id) => self.transition(id)?,
-            None => None,
-        };
+        let red_since = self.red_since(s.project, upstream, s.platform)?;
         Ok(Cell {
             latest: latest.map(|r| r.info).unwrap_or_else(|| RunInfo {
                 project: s.project.to_owned(),
@@ -337,6 +336,68 @@ impl Results {
             }
         }
         Ok(out)
+    }
+
+    /// Transitions recorded at or after `since_ms`, newest first, that
+    /// pass `keep`; at most `limit` kept and [`MAX_SCANNED`] looked at. The
+    /// scan stops at the first older one: a page asking about recent runs
+    /// or commits reads the transitions since then, not the whole history
+    /// (ids increase with the time they are recorded).
+    pub(crate) fn transitions_since(
+        &self,
+        since_ms: u64,
+        limit: usize,
+        mut keep: impl FnMut(&Transition) -> bool,
+    ) -> Result<Vec<Transition>, StoreError> {
+        let mut out = Vec::new();
+        let scan = self.table.scan::<Transition>(keys::TRANSITIONS).rev();
+        for item in scan.take(MAX_SCANNED) {
+            let (_, t) = item?;
+            if t.at_ms < since_ms {
+                break;
+            }
+            if keep(&t) {
+                out.push(t);
+                if out.len() >= limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// A series' newest runs, newest first, at most `limit` (each with its
+    /// summary only).
+    pub(crate) fn recent_runs(
+        &self,
+        project: &str,
+        upstream: &str,
+        platform: &str,
+        limit: usize,
+    ) -> Result<Vec<RunInfo>, StoreError> {
+        let prefix = keys::runs(project, upstream, platform);
+        let mut out = Vec::new();
+        for item in self.table.scan::<RunRecord>(prefix).rev().take(limit) {
+            let (_, run) = item?;
+            out.push(run.info);
+        }
+        Ok(out)
+    }
+
+    /// The went-red transition a series is red since, if it is red now.
+    pub(crate) fn red_since(
+        &self,
+        project: &str,
+        upstream: &str,
+        platform: &str,
+    ) -> Result<Option<Transition>, StoreError> {
+        match self
+            .series(&keys::run_series(project, upstream, platform))?
+            .red_now()
+        {
+            Some(id) => self.transition(id),
+            None => Ok(None),
+        }
     }
 
     /// Series that are red now, with the went-red transition each began with.

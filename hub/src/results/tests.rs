@@ -182,6 +182,26 @@ async fn green_red_red_green() {
     let shown = r.transitions_of("tiny", "textkit", 10, false).unwrap();
     assert_eq!(shown.len(), 2, "went red and fixed only: {shown:?}");
     assert!(r.transitions_of("other", "", 10, true).unwrap().is_empty());
+    // What the pages read: the newest runs, transitions since a time.
+    let recent = r.recent_runs("textkit", "tiny", "linux-x86_64", 2).unwrap();
+    let jobs: Vec<u64> = recent.iter().map(|i| i.job_id).collect();
+    assert_eq!(jobs, [40, 30]);
+    assert!(
+        r.red_since("textkit", "tiny", "linux-x86_64")
+            .unwrap()
+            .is_none()
+    );
+    let since = r.transitions_since(0, usize::MAX, |_| true).unwrap();
+    assert_eq!(since, all);
+    let newest = all[0].at_ms;
+    assert!(
+        r.transitions_since(newest + 1, 10, |_| true)
+            .unwrap()
+            .is_empty()
+    );
+    let kept = r.transitions_since(0, 1, |t| t.job_id == 20).unwrap();
+    assert_eq!(kept.len(), 1);
+    assert_eq!(kept[0].id, t2.id);
 }
 
 #[tokio::test]

@@ -41,6 +41,19 @@ pub(crate) struct AgentView {
     /// The jobs it runs now.
     pub(crate) running: Vec<u64>,
     pub(crate) labels: Vec<String>,
+    /// Jobs it ran to the end (results it reported that the hub recorded,
+    /// whatever their outcome) since the hub started.
+    pub(crate) jobs_done: u64,
+    /// The most jobs at once the hub gives it (its donor's claim, capped
+    /// by its token).
+    pub(crate) max_parallel_jobs: u32,
+    /// Its donor's ceiling on a job's timeout (0: none, or not connected:
+    /// the hub knows a donor's limits only from a live session).
+    pub(crate) max_job_timeout_secs: u64,
+    #[serde(skip)]
+    pub(crate) max_job_timeout: String,
+    /// Projects its donor accepts (empty: any).
+    pub(crate) allowed_projects: Vec<String>,
     pub(crate) enrolled_at_ms: u64,
     pub(crate) enrolled_at: String,
 }
@@ -79,11 +92,23 @@ pub(crate) fn agents(site: &Site) -> Result<AgentsView, String> {
     let now_ms = crate::store::now_ms();
     let infos = crate::dispatch::agent_views(&site.credentials, &site.dispatch)
         .map_err(|e| format!("cannot read the agents: {e}"))?;
+    let done = site.dispatch.jobs_done();
     let mut agents: Vec<AgentView> = infos
         .into_iter()
         .map(|a| {
             let (status, unavailable) = crate::dispatch::availability(&a);
+            let caps = a.capabilities.unwrap_or_default();
             AgentView {
+                jobs_done: done.get(&a.agent_id).copied().unwrap_or(0),
+                max_parallel_jobs: a.max_parallel_jobs,
+                max_job_timeout: match caps.max_job_timeout_secs {
+                    0 => String::new(),
+                    secs => trunkfarm_proto::settings::fmt_duration(
+                        std::time::Duration::from_secs(secs),
+                    ),
+                },
+                max_job_timeout_secs: caps.max_job_timeout_secs,
+                allowed_projects: caps.allowed_projects,
                 name: a.name,
                 trust: if a.trusted { "trusted" } else { "volunteer" }.to_string(),
                 status: status.to_string(),

@@ -7,12 +7,12 @@
 //! renders (an askama template in `hub/templates/`) and its API route
 //! serializes ([`view`]), so both always say the same.
 //!
-//! `GET /unsubscribe?token=T` only shows a page with a button: mail scanners
-//! and link previewers follow GET links, so a GET never unsubscribes. The
-//! button (and a mail client's RFC 8058 one-click request) POSTs to the same
-//! URL, which hands the token to the notifier. The page is self-contained (no
-//! external resources), every interpolated string is HTML-escaped, and the
-//! token never reaches a log.
+//! Links in mails act only on a POST: `GET /unsubscribe?token=T`
+//! (`unsubscribe.rs`) and `GET /subscribe/confirm?token=T` (`subscribe.rs`,
+//! self-service subscription) show a page naming the address and the project
+//! with a button, because mail scanners and link previewers follow GET
+//! links. Every interpolated string is HTML-escaped (askama), and tokens
+//! never reach a log.
 //!
 //! The endpoint faces the internet (mail links point at it), so it holds at
 //! most `web.max_connections` connections, drops a client that has not sent
@@ -30,7 +30,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -41,7 +41,14 @@ use crate::auth::secret;
 use crate::config::WebSection;
 
 pub(crate) mod agents;
+#[cfg(test)]
+mod page_tests;
+pub(crate) mod project;
+pub(crate) mod run;
 pub(crate) mod site;
+pub(crate) mod subscribe;
+pub(crate) mod unsubscribe;
+pub(crate) mod upstream;
 pub(crate) mod view;
 
 use site::{Site, SiteCell};
@@ -242,7 +249,10 @@ async fn accept_loop(
             continue;
         };
         let (app, limit) = (app.clone(), settings.request_timeout);
-        let service = hyper::service::service_fn(move |req| {
+        let service = hyper::service::service_fn(move |mut req: axum::http::Request<_>| {
+            // Who asked, for per-client rate limits (subscription requests).
+            req.extensions_mut()
+                .insert(axum::extract::ConnectInfo(peer));
             let app = app.clone();
             async move { Ok::<_, std::convert::Infallible>(respond(app, req, limit).await) }
         });
@@ -291,10 +301,10 @@ async fn respond(
     match tokio::time::timeout(limit, app.oneshot(req)).await {
         Ok(Ok(response)) => response,
         Ok(Err(never)) => match never {},
-        Err(_) => page(
+        Err(_) => view::error(
             StatusCode::REQUEST_TIMEOUT,
             "Request timeout",
-            "<p>The request took too long.</p>",
+            "The request took too long.",
         ),
     }
 }
@@ -351,6 +361,11 @@ impl IntoResponse for Starting {
 fn router(handlers: Handlers) -> Router {
     Router::new()
         .merge(agents::routes())
+        .merge(subscribe::routes())
+        .merge(unsubscribe::routes())
+        .merge(project::routes())
+        .merge(upstream::routes())
+        .merge(run::routes())
         .route(
             "/static/style.css",
             get(|| async { view::asset("text/css; charset=utf-8", view::STYLE_CSS) }),
@@ -359,15 +374,10 @@ fn router(handlers: Handlers) -> Router {
             "/static/live.js",
             get(|| async { view::asset("text/javascript; charset=utf-8", view::LIVE_JS) }),
         )
-        .route("/unsubscribe", get(unsubscribe_page).post(unsubscribe_post))
         .route("/healthz", get(|| async { "ok" }))
         .route("/metrics", get(metrics_page))
         .fallback(|| async {
-            page(
-                StatusCode::NOT_FOUND,
-                "Not found",
-                "<p>There is nothing here.</p>",
-            )
+            view::error(StatusCode::NOT_FOUND, "Not found", "There is nothing here.")
         })
         .with_state(handlers)
 }
@@ -402,140 +412,30 @@ async fn metrics_page(State(handlers): State<Handlers>, headers: HeaderMap) -> R
         .into_response()
 }
 
+/// A link's `?token=…` (unsubscribe, subscription confirmation).
 #[derive(serde::Deserialize)]
-struct TokenQuery {
+pub(super) struct TokenQuery {
     token: Option<String>,
 }
 
 /// The token from the query, or the sentence explaining why there is none.
-fn token_of(query: Result<Query<TokenQuery>, QueryRejection>) -> Result<String, &'static str> {
+pub(super) fn token_of(
+    query: Result<Query<TokenQuery>, QueryRejection>,
+) -> Result<String, &'static str> {
     let token = match query {
         Ok(Query(TokenQuery { token: Some(t) })) if !t.trim().is_empty() => t.trim().to_string(),
         Ok(_) => return Err("the link has no token"),
         Err(_) => return Err("the link is malformed"),
     };
     if token.len() > MAX_TOKEN_CHARS {
-        return Err("this unsubscribe link is invalid (it was altered or cut off)");
+        return Err("this link is invalid (it was altered or cut off)");
     }
     Ok(token)
 }
 
-async fn unsubscribe_page(query: Result<Query<TokenQuery>, QueryRejection>) -> Response {
-    let token = match token_of(query) {
-        Ok(t) => t,
-        Err(sentence) => return error_page(sentence),
-    };
-    // Relative, so the form also works behind a reverse proxy's path prefix.
-    let action = format!("unsubscribe?token={}", percent_encode(&token));
-    let body = format!(
-        "<p>Press the button to stop receiving these emails.</p>\n\
-         <form method=\"post\" action=\"{}\">\n\
-         <input type=\"hidden\" name=\"List-Unsubscribe\" value=\"One-Click\">\n\
-         <button type=\"submit\">Unsubscribe</button>\n\
-         </form>",
-        escape(&action)
-    );
-    page(StatusCode::OK, "Unsubscribe", &body)
-}
-
-async fn unsubscribe_post(
-    State(Handlers { unsubscribe, .. }): State<Handlers>,
-    query: Result<Query<TokenQuery>, QueryRejection>,
-) -> Response {
-    // The body (`List-Unsubscribe=One-Click`, RFC 8058) carries nothing we
-    // need: the token is in the URL.
-    let token = match token_of(query) {
-        Ok(t) => t,
-        Err(sentence) => {
-            tracing::info!("web: unsubscribe refused: {sentence}");
-            return error_page(sentence);
-        }
-    };
-    // Spawned so a client hanging up mid-request cannot cancel the
-    // notifier's work halfway.
-    let outcome = tokio::spawn(unsubscribe(token)).await.unwrap_or_else(|e| {
-        tracing::error!("web: unsubscribe task failed: {e}");
-        Err("the hub failed to process this request; please try again later".to_string())
-    });
-    match outcome {
-        Ok(sentence) => {
-            tracing::info!("web: unsubscribed: {sentence}");
-            page(
-                StatusCode::OK,
-                "Unsubscribed",
-                &format!("<p>{}</p>", escape(&sentence)),
-            )
-        }
-        Err(sentence) => {
-            tracing::info!("web: unsubscribe refused: {sentence}");
-            error_page(&sentence)
-        }
-    }
-}
-
-fn error_page(sentence: &str) -> Response {
-    page(
-        StatusCode::BAD_REQUEST,
-        "Cannot unsubscribe",
-        &format!("<p>{}</p>", escape(sentence)),
-    )
-}
-
-/// A complete HTML page; `title` is escaped here, `body_html` must already be.
-fn page(status: StatusCode, title: &str, body_html: &str) -> Response {
-    let html = format!(
-        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n\
-         <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n\
-         <title>{title} · trunkfarm</title>\n\
-         <style>body{{font-family:sans-serif;max-width:36em;margin:3em auto;padding:0 1em;line-height:1.5}}\
-         button{{font-size:1.1em;padding:.4em 1.2em}}</style>\n\
-         </head>\n<body>\n<h1>{title}</h1>\n{body_html}\n</body>\n</html>\n",
-        title = escape(title),
-    );
-    let mut response = (status, html).into_response();
-    let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/html; charset=utf-8"),
-    );
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    headers.insert(
-        header::X_CONTENT_TYPE_OPTIONS,
-        HeaderValue::from_static("nosniff"),
-    );
-    // The token is in the URL: never send it anywhere as a referrer.
-    headers.insert(
-        header::REFERRER_POLICY,
-        HeaderValue::from_static("no-referrer"),
-    );
-    headers.insert(
-        header::CONTENT_SECURITY_POLICY,
-        HeaderValue::from_static(
-            "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'",
-        ),
-    );
-    response
-}
-
-/// Escapes text for HTML element content and quoted attribute values.
-pub(crate) fn escape(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
-}
-
 /// Percent-encodes everything but RFC 3986 unreserved characters (a
 /// base64url token passes through unchanged).
-fn percent_encode(text: &str) -> String {
+pub(super) fn percent_encode(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for b in text.bytes() {
         if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
@@ -758,8 +658,9 @@ mod tests {
         assert_html(&r);
         assert!(!r.body.contains("<script>"), "{}", r.body);
         assert!(
+            // askama's entities.
             r.body.contains(
-                "this unsubscribe link is invalid &lt;script&gt;alert(1)&lt;/script&gt; &amp; more"
+                "this unsubscribe link is invalid &#60;script&#62;alert(1)&#60;/script&#62; &#38; more"
             ),
             "{}",
             r.body
@@ -777,7 +678,7 @@ mod tests {
         assert!(!r.body.contains("<script>"), "{}", r.body);
         assert!(
             r.body
-                .contains("&lt;script&gt;x&lt;/script&gt;@example.org is out.")
+                .contains("&#60;script&#62;x&#60;/script&#62;@example.org is out.")
         );
         shutdown.cancel();
         web.stopped().await;
@@ -965,11 +866,7 @@ mod tests {
     }
 
     #[test]
-    fn escaping() {
-        assert_eq!(
-            escape(r#"<a href="x">'&'</a>"#),
-            "&lt;a href=&quot;x&quot;&gt;&#39;&amp;&#39;&lt;/a&gt;"
-        );
+    fn percent_encoding() {
         assert_eq!(percent_encode("aZ0-_.~ /&é"), "aZ0-_.~%20%2F%26%C3%A9");
     }
 }

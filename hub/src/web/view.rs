@@ -45,6 +45,23 @@ pub(crate) fn ago(ms: u64, now_ms: u64) -> String {
     )
 }
 
+/// A proto enum value's name as pages and the API say it: the name
+/// without its prefix, lowercase (`RUN_STATUS_GREEN` → `green`).
+pub(crate) fn word(name: &str, prefix: &str) -> String {
+    name.strip_prefix(prefix)
+        .unwrap_or(name)
+        .to_ascii_lowercase()
+}
+
+/// A duration of `ms` as people say it, to the second ("2m 5s").
+pub(crate) fn duration(ms: u64) -> String {
+    let d = std::time::Duration::from_secs(ms / 1000);
+    if d.is_zero() {
+        return format!("{ms}ms");
+    }
+    trunkfarm_proto::settings::fmt_duration(d)
+}
+
 /// A rendered page (status 200) with the headers every page carries.
 pub(crate) fn html(template: &impl Template) -> Response {
     match template.render() {
@@ -168,5 +185,8 @@ mod tests {
         assert_eq!(ago(0, 5), "never");
         assert_eq!(ago(1_000, 1_500), "just now");
         assert_eq!(ago(1_000, 1_000 + 90_000), "1m 30s ago");
+        assert_eq!(duration(450), "450ms");
+        assert_eq!(duration(125_900), "2m 5s");
+        assert_eq!(word("RUN_STATUS_GREEN", "RUN_STATUS_"), "green");
     }
 }

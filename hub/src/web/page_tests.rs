@@ -1,0 +1,510 @@
+//! The project, upstream and agent pages and their API over a real store:
+//! the pipeline's in-process [`Farm`] drives a real story (green, a flaky
+//! red, a push that breaks a project and is bisected, a build no agent
+//! takes), then the hub's own router answers each page and each API route,
+//! and every fact a page shows (its `data-` attributes) is compared with
+//! what the API says.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use serde_json::Value;
+use tokio::sync::mpsc;
+use tower::ServiceExt as _;
+use trunkfarm_proto::v1::{Capabilities, Outcome, ReportFile};
+
+use super::site::{Site, SiteCell};
+use super::{Handlers, MetricsFn, router, unsubscribe_fn};
+use crate::job_key::JobKey;
+use crate::pipeline::tests::{
+    CONFIG, Farm, RT, SHOUTER, bisect_config, green_trunk, is_baseline, junit, shouter_red,
+};
+
+/// The hub's router over the farm's owners.
+fn app(f: &Farm) -> axum::Router {
+    let site = SiteCell::default();
+    let filled = site
+        .set(Site {
+            pipeline: f.pipeline.clone(),
+            dispatch: f.dispatch.clone(),
+            credentials: f.credentials.clone(),
+            notifier: f.notifier.clone(),
+            logs: f.logs.clone(),
+        })
+        .is_ok();
+    assert!(filled);
+    let metrics: MetricsFn = Arc::new(|| Box::pin(async { String::new() }));
+    router(Handlers {
+        unsubscribe: unsubscribe_fn(|_| async { Err("no".to_string()) }),
+        metrics,
+        site,
+        metrics_token_hash: None,
+    })
+}
+
+/// GET `path`: status, content type and body.
+async fn get(app: &axum::Router, path: &str) -> (StatusCode, String, String) {
+    let request = Request::get(path).body(Body::empty()).unwrap();
+    let response = app.clone().oneshot(request).await.unwrap();
+    let status = response.status();
+    let kind = response
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    let body = axum::body::to_bytes(response.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    (status, kind, String::from_utf8(body.to_vec()).unwrap())
+}
+
+/// The page at `path` (200, HTML).
+async fn page(app: &axum::Router, path: &str) -> String {
+    let (status, kind, body) = get(app, path).await;
+    assert_eq!(status, StatusCode::OK, "{path}: {body}");
+    assert!(kind.starts_with("text/html"), "{path}: {kind}");
+    body
+}
+
+/// The API answer at `path` (200, JSON).
+async fn api(app: &axum::Router, path: &str) -> Value {
+    let (status, kind, body) = get(app, path).await;
+    assert_eq!(status, StatusCode::OK, "{path}: {body}");
+    assert_eq!(kind, "application/json", "{path}");
+    serde_json::from_str(&body).unwrap()
+}
+
+/// Every value of attribute `name` in the page, in document order,
+/// unescaped.
+fn attrs(html: &str, name: &str) -> Vec<String> {
+    let needle = format!(" {name}=\"");
+    let mut out = Vec::new();
+    let mut rest = html;
+    while let Some(at) = rest.find(&needle) {
+        rest = &rest[at + needle.len()..];
+        let end = rest.find('"').expect("a closed attribute");
+        out.push(unescape(&rest[..end]));
+        rest = &rest[end..];
+    }
+    out
+}
+
+fn unescape(s: &str) -> String {
+    s.replace("&lt;", "<")
+        .replace("&gt;", ">")
+        .replace("&quot;", "\"")
+        .replace("&#39;", "'")
+        .replace("&#x27;", "'")
+        .replace("&#x2f;", "/")
+        .replace("&#60;", "<")
+        .replace("&#62;", ">")
+        .replace("&#34;", "\"")
+        .replace("&amp;", "&")
+        .replace("&#38;", "&")
+}
+
+/// `items[*][key]` as strings (numbers written as the page writes them).
+fn each(items: &Value, key: &str) -> Vec<String> {
+    items
+        .as_array()
+        .unwrap_or_else(|| panic!("not a list: {items}"))
+        .iter()
+        .map(|v| text(&v[key]))
+        .collect()
+}
+
+fn text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => String::new(),
+        other => other.to_string(),
+    }
+}
+
+/// Every element of every `items[*][key]` list.
+fn flat(items: &Value, key: &str) -> Vec<Value> {
+    items
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|v| v[key].as_array().unwrap().clone())
+        .collect()
+}
+
+/// Shouter's runs fail its `lower` test against `bad`; every other run
+/// passes (the baseline too), every build passes.
+fn breaks_at(bad: &str, k: &JobKey) -> (Outcome, Vec<ReportFile>) {
+    if is_baseline(k) {
+        return (Outcome::Passed, junit("upper", false));
+    }
+    match k.base() {
+        JobKey::Test {
+            project,
+            upstream_commit,
+            ..
+        } if project == "shouter" && upstream_commit == bad => {
+            (Outcome::Failed, junit("lower", true))
+        }
+        _ => (Outcome::Passed, junit("upper", false)),
+    }
+}
+
+/// The story: c1 green; c2 a red of shouter's `upper` that passes on its
+/// re-runs (flaky, and with `flaky_after = 1` known flaky); a push of
+/// three commits whose head breaks shouter's `lower` test, classed
+/// regressed and bisected (the bisection is left running); the farm and
+/// the pushed commits.
+async fn story() -> (Farm, Vec<String>) {
+    let config = bisect_config(12).replace(
+        "url = \"fake:shouter\"",
+        "url = \"fake:shouter\"\nflaky_after = 1",
+    );
+    let mut f = Farm::with_config(&config).await;
+    green_trunk(&mut f).await;
+    f.trusted_tests_a_new_commit(shouter_red).await;
+    f.run_jobs(|_| (Outcome::Passed, junit("upper", false)))
+        .await;
+    f.take_in().await;
+    let push: Vec<String> = (0..3).map(|_| f.git.commit(RT)).collect();
+    let bad = push[2].clone();
+    f.poll_upstream(0).await;
+    // Builds, tests (shouter's red held), its re-runs (regressed).
+    for _ in 0..3 {
+        f.run_jobs(|k| breaks_at(&bad, k)).await;
+        f.take_in().await;
+    }
+    (f, push)
+}
+
+/// Runs the bisection's jobs until none is left.
+async fn finish_bisection(f: &mut Farm, bad: &str) {
+    loop {
+        let jobs = f.assigned();
+        if jobs.is_empty() {
+            return;
+        }
+        for (job, _, key) in jobs {
+            let (outcome, reports) = breaks_at(bad, &key);
+            f.finish(job, &key, outcome, reports).await;
+        }
+        f.take_in().await;
+    }
+}
+
+#[tokio::test]
+async fn the_project_page_and_its_api_show_the_same_history() {
+    let (mut f, push) = story().await;
+    let bad = push[2].clone();
+    finish_bisection(&mut f, &bad).await;
+    // A new project commit no agent takes: its run waits, saying why.
+    f.dispatch.set_quarantined("a", true).await.unwrap();
+    f.git.commit(SHOUTER);
+    f.poll_project(1).await;
+    // Pages read stored records only: git failing changes nothing.
+    f.git.broken.lock().unwrap().insert(SHOUTER.to_owned());
+    f.git.broken.lock().unwrap().insert(RT.to_owned());
+    let app = app(&f);
+
+    let json = api(&app, "/api/v1/projects/shouter").await;
+    let html = page(&app, "/projects/shouter").await;
+    assert_eq!(json["name"], "shouter");
+    assert_eq!(json["url"], SHOUTER);
+    assert_eq!(attrs(&html, "data-url"), [SHOUTER]);
+    assert_eq!(attrs(&html, "data-branch"), [text(&json["branch"])]);
+    let series = &json["series"];
+    assert_eq!(
+        attrs(&html, "data-series"),
+        series
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| format!("{}/{}", text(&s["upstream"]), text(&s["platform"])))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(attrs(&html, "data-series"), ["rt/linux"]);
+    let s = &series[0];
+    // Red since the push's head, newly failing `lower`; its next run queued.
+    assert_eq!(s["state"], "red");
+    assert_eq!(attrs(&html, "data-state"), each(series, "state"));
+    assert_eq!(s["pending"], "queued");
+    assert_eq!(attrs(&html, "data-pending"), each(series, "pending"));
+    assert!(!text(&s["waiting"]).is_empty(), "{s}");
+    assert!(html.contains(&html_escaped(&text(&s["waiting"]))));
+    assert!(s["red_since"].as_u64().unwrap() > 0);
+    assert_eq!(attrs(&html, "data-red-since"), each(series, "red_since"));
+    assert_eq!(s["went_red"]["class"], "regressed");
+    assert_eq!(s["went_red"]["first_bad"]["sha"], bad.as_str());
+    assert_eq!(s["went_red"]["bisect"], "found");
+    assert_eq!(s["newly_failing"], serde_json::json!(["s.lower"]));
+    assert_eq!(attrs(&html, "data-test"), ["s.lower"]);
+    // The history, newest first, each linking its run.
+    let history = &s["history"];
+    let jobs = each(history, "job_id");
+    assert!(jobs.len() >= 3, "{history}");
+    assert_eq!(attrs(&html, "data-job"), jobs);
+    assert_eq!(attrs(&html, "data-status"), each(history, "status"));
+    for job in &jobs {
+        assert!(html.contains(&format!("href=\"/runs/{job}\"")), "{job}");
+    }
+    let mut sorted = jobs.clone();
+    sorted.sort_by_key(|j| std::cmp::Reverse(j.parse::<u64>().unwrap()));
+    assert_eq!(jobs, sorted, "newest first");
+    assert_eq!(history[0]["upstream_commit"], bad.as_str());
+    assert_eq!(history[0]["status"], "red");
+    // Transitions marked: the went red, and the flaky red before it.
+    let marked: Vec<String> = history
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| !r["transition"].is_null())
+        .map(|r| text(&r["transition"]["kind"]))
+        .collect();
+    assert_eq!(attrs(&html, "data-transition"), marked);
+    assert_eq!(marked, ["went_red", "still_green"]);
+    let flaky_red = history
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["transition"]["class"] == "flaky")
+        .expect("the flaky red is marked");
+    assert_eq!(flaky_red["status"], "red");
+    // Its known flaky test.
+    assert_eq!(each(&json["flaky_tests"], "name"), ["s.upper"]);
+    assert_eq!(attrs(&html, "data-flaky"), ["s.upper"]);
+    assert_eq!(json["flaky_tests"][0]["flips"], 1);
+    // The subscription form, posting to the project.
+    assert!(html.contains("action=\"/projects/shouter/subscribe\""));
+    // Times as RFC 3339 beside every `_ms`.
+    assert!(text(&history[0]["finished_at"]).ends_with('Z'));
+
+    // The list: every configured project with its series' states.
+    let all = api(&app, "/api/v1/projects").await;
+    let html = page(&app, "/projects").await;
+    let projects = &all["projects"];
+    assert_eq!(each(projects, "name"), ["adder", "shouter"]);
+    assert_eq!(attrs(&html, "data-project"), each(projects, "name"));
+    let states = flat(projects, "series");
+    assert_eq!(
+        attrs(&html, "data-state"),
+        states.iter().map(|s| text(&s["state"])).collect::<Vec<_>>()
+    );
+    let shouter = &projects[1]["series"][0];
+    assert_eq!(
+        (text(&shouter["state"]), text(&shouter["pending"])),
+        ("red".into(), "queued".into())
+    );
+    assert_eq!(projects[1]["flaky_tests"], 1);
+    assert_eq!(projects[0]["series"][0]["state"], "green");
+}
+
+#[tokio::test]
+async fn the_upstream_page_and_its_api_show_builds_breakage_and_bisections() {
+    let (mut f, push) = story().await;
+    let bad = push[2].clone();
+    f.git.broken.lock().unwrap().insert(RT.to_owned());
+    let app = app(&f);
+    // The bisection is under way.
+    let json = api(&app, "/api/v1/upstreams/rt").await;
+    let html = page(&app, "/upstreams/rt").await;
+    let bisections = &json["bisections"];
+    assert_eq!(bisections.as_array().unwrap().len(), 1, "{json}");
+    let b = &bisections[0];
+    assert_eq!(b["bad"], bad.as_str());
+    // From the last green (c1; c2's red was flaky) to the push's head.
+    assert_eq!(b["commits"], 4);
+    assert_eq!(
+        attrs(&html, "data-bisection"),
+        [format!(
+            "{}/{}/{}",
+            text(&b["platform"]),
+            text(&b["good"]),
+            text(&b["bad"])
+        )]
+    );
+    assert_eq!(
+        attrs(&html, "data-builds-made"),
+        each(bisections, "builds_made")
+    );
+    let members = &b["members"];
+    assert_eq!(each(members, "project"), ["shouter"]);
+    assert_eq!(attrs(&html, "data-member"), ["shouter"]);
+    let narrowed = members[0]["narrowed_to"].as_array().unwrap().len();
+    assert!((1..=4).contains(&narrowed), "{members}");
+    assert_eq!(attrs(&html, "data-narrowed"), [narrowed.to_string()]);
+    assert!(f.git.broken.lock().unwrap().remove(RT));
+    finish_bisection(&mut f, &bad).await;
+
+    // Done: the head broke shouter, and its bisection blamed the head.
+    // A new head no agent builds: queued, saying why.
+    f.dispatch.set_quarantined("a", true).await.unwrap();
+    let next = f.git.commit(RT);
+    f.poll_upstream(0).await;
+    f.git.broken.lock().unwrap().insert(RT.to_owned());
+    let json = api(&app, "/api/v1/upstreams/rt").await;
+    let html = page(&app, "/upstreams/rt").await;
+    assert!(json["bisections"].as_array().unwrap().is_empty());
+    assert!(attrs(&html, "data-bisection").is_empty());
+    let commits = &json["commits"];
+    let shas = each(commits, "sha");
+    assert_eq!(attrs(&html, "data-commit"), shas);
+    // Heads only, newest first: c1, c2, the push's head, the new one.
+    assert_eq!(shas.len(), 4, "{shas:?}");
+    assert_eq!(shas[0], next);
+    assert_eq!(shas[1], bad);
+    assert!(!shas.contains(&push[0]) && !shas.contains(&push[1]));
+    let builds = flat(commits, "builds");
+    assert_eq!(
+        attrs(&html, "data-build"),
+        builds.iter().map(|b| text(&b["state"])).collect::<Vec<_>>()
+    );
+    let newest = &commits[0]["builds"][0];
+    assert_eq!(newest["state"], "queued");
+    assert!(!text(&newest["waiting"]).is_empty());
+    assert!(html.contains(&html_escaped(&text(&newest["waiting"]))));
+    assert_eq!(commits[1]["builds"][0]["state"], "passed");
+    assert_eq!(attrs(&html, "data-broke"), each_len(commits, "broke"));
+    assert_eq!(attrs(&html, "data-blamed"), each_len(commits, "blamed"));
+    assert_eq!(each(&commits[1]["broke"], "project"), ["shouter"]);
+    assert_eq!(each(&commits[1]["blamed"], "project"), ["shouter"]);
+    assert_eq!(commits[1]["broke"][0]["first_bad"]["sha"], bad.as_str());
+    assert!(
+        !text(&commits[1]["subject"]).is_empty(),
+        "the culprit range names it"
+    );
+    // The flaky red's commit broke nothing.
+    assert!(commits[2]["broke"].as_array().unwrap().is_empty());
+
+    // The list.
+    let all = api(&app, "/api/v1/upstreams").await;
+    let html = page(&app, "/upstreams").await;
+    let upstreams = &all["upstreams"];
+    assert_eq!(each(upstreams, "name"), ["rt"]);
+    assert_eq!(attrs(&html, "data-upstream"), ["rt"]);
+    assert_eq!(attrs(&html, "data-head"), [next.as_str()]);
+    assert_eq!(upstreams[0]["head"], next.as_str());
+    assert_eq!(
+        attrs(&html, "data-build"),
+        each(&upstreams[0]["head_builds"], "state")
+    );
+    assert_eq!(upstreams[0]["head_builds"][0]["state"], "queued");
+}
+
+fn each_len(items: &Value, key: &str) -> Vec<String> {
+    items
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v[key].as_array().unwrap().len().to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn unknown_projects_and_upstreams_are_404_naming_the_configured_ones() {
+    let f = Farm::with_config(CONFIG).await;
+    let app = app(&f);
+    for (path, names) in [
+        ("/projects/nope", "adder, shouter"),
+        ("/upstreams/nope", "rt"),
+    ] {
+        let (status, kind, body) = get(&app, path).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{path}");
+        assert!(kind.starts_with("text/html"));
+        assert!(body.contains(names), "{path}: {body}");
+        let (status, kind, body) = get(&app, &format!("/api/v1{path}")).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{path}");
+        assert_eq!(kind, "application/json");
+        let error: Value = serde_json::from_str(&body).unwrap();
+        assert!(text(&error["error"]).contains(names), "{body}");
+    }
+    // A hostile name is escaped.
+    let (status, _, body) = get(&app, "/projects/%3Cscript%3E").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(!body.contains("<script>"), "{body}");
+    // Before anything ran: pages say so.
+    let html = page(&app, "/upstreams/rt").await;
+    assert!(html.contains("Polling has not seen a head yet."));
+    let json = api(&app, "/api/v1/projects/adder").await;
+    assert_eq!(json["series"][0]["state"], "none");
+}
+
+#[tokio::test]
+async fn the_agents_page_and_its_api_count_jobs_done_and_show_the_donors_limits() {
+    let mut f = Farm::with_config(CONFIG).await;
+    let donor = f.join("donor", true).await;
+    // A donor limiting its machine: 2 jobs at once, 30m each, adder only.
+    let limited = f.enroll("limited", Default::default()).await;
+    let (tx, _rx) = mpsc::unbounded_channel();
+    let caps = Capabilities {
+        max_parallel_jobs: 2,
+        max_job_timeout_secs: 1800,
+        allowed_projects: vec!["adder".into()],
+        ..Default::default()
+    };
+    let hello = crate::dispatch::Hello {
+        caps,
+        labels: ["linux".to_string()].into_iter().collect(),
+        trusted: false,
+        // Takes no job: the donor does them all.
+        quarantined: true,
+        max_parallel: 2,
+        draining: false,
+        agent_version: "test".into(),
+        remote: "192.0.2.7:4242".into(),
+        tx,
+    };
+    f.dispatch.connect(&limited, &[], hello).await.unwrap();
+    // Only the donor works: two builds, three runs.
+    f.only(&donor).await;
+    green_trunk(&mut f).await;
+    let app = app(&f);
+    let json = api(&app, "/api/v1/agents").await;
+    let html = page(&app, "/agents").await;
+    let agents = &json["agents"];
+    assert_eq!(attrs(&html, "data-agent"), each(agents, "name"));
+    assert_eq!(attrs(&html, "data-jobs-done"), each(agents, "jobs_done"));
+    assert_eq!(
+        attrs(&html, "data-max-parallel"),
+        each(agents, "max_parallel_jobs")
+    );
+    assert_eq!(attrs(&html, "data-status"), each(agents, "status"));
+    let find = |name: &str| {
+        agents
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["name"] == name)
+            .unwrap()
+            .clone()
+    };
+    let d = find("donor");
+    assert_eq!(d["jobs_done"], 5, "{d}");
+    let l = find("limited");
+    assert_eq!(l["jobs_done"], 0);
+    assert_eq!(l["max_parallel_jobs"], 2);
+    assert_eq!(l["max_job_timeout_secs"], 1800);
+    assert_eq!(l["allowed_projects"], serde_json::json!(["adder"]));
+    assert!(html.contains("jobs up to 30m"), "{html}");
+    assert!(html.contains("only adder"));
+    // Never an address or an agent's id (its credential's name).
+    for body in [html.as_str(), &json.to_string()] {
+        assert!(!body.contains("192.0.2.7"), "{body}");
+        assert!(!body.contains(&limited), "{body}");
+    }
+}
+
+/// `text` as askama's HTML escaper writes it (how a page shows it).
+fn html_escaped(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&#38;"),
+            '<' => out.push_str("&#60;"),
+            '>' => out.push_str("&#62;"),
+            '"' => out.push_str("&#34;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}

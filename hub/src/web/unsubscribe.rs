@@ -1,0 +1,123 @@
+//! `/unsubscribe?token=T`: the one-click unsubscribe link every mail carries.
+//!
+//! A GET only shows a page naming the address and what it stops (read from
+//! the signed token, which is checked but not acted on) with a button: mail
+//! scanners and link previewers follow GET links, so a GET never
+//! unsubscribes. The button (and a mail client's RFC 8058 one-click request)
+//! POSTs to the same URL, which hands the token to the notifier. Every
+//! interpolated string is HTML-escaped (askama), and the token never reaches
+//! a log.
+
+use axum::Router;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::response::Response;
+use axum::routing::get;
+
+use super::subscribe::LinkPage;
+use super::{Handlers, TokenQuery, percent_encode, token_of};
+use crate::notify::Unsub;
+
+pub(super) fn routes() -> Router<Handlers> {
+    Router::new().route("/unsubscribe", get(page).post(unsubscribe))
+}
+
+/// A page with one sentence.
+fn say(status: StatusCode, title: &str, sentence: &str) -> Response {
+    LinkPage {
+        title,
+        sentence,
+        action: "",
+        hidden: None,
+        button: "",
+        project: "",
+    }
+    .respond(status)
+}
+
+fn refused(sentence: &str) -> Response {
+    say(StatusCode::BAD_REQUEST, "Cannot unsubscribe", sentence)
+}
+
+/// What pressing the button stops, in words.
+fn what_it_stops(u: &Unsub) -> String {
+    if u.digest {
+        format!(
+            "Press the button to stop mailing {} the {} digest.",
+            u.email, u.upstream
+        )
+    } else if u.project.is_empty() {
+        format!(
+            "Press the button to stop mailing {} about {}'s failed builds.",
+            u.email, u.upstream
+        )
+    } else {
+        format!(
+            "Press the button to stop mailing {} about {}.",
+            u.email, u.project
+        )
+    }
+}
+
+/// `GET /unsubscribe?token=T`: what the link stops, and a button.
+async fn page(
+    State(handlers): State<Handlers>,
+    query: Result<Query<TokenQuery>, QueryRejection>,
+) -> Response {
+    let token = match token_of(query) {
+        Ok(t) => t,
+        Err(sentence) => return refused(sentence),
+    };
+    let sentence = match handlers.site() {
+        Ok(site) => match site.notifier.unsubscribe_link(&token) {
+            Ok(unsub) => what_it_stops(&unsub),
+            Err(e) => return refused(&e.to_string()),
+        },
+        // The notifier checks the token when the button is pressed.
+        Err(_starting) => "Press the button to stop receiving these emails.".to_string(),
+    };
+    // Relative, so the form also works behind a reverse proxy's path prefix.
+    let action = format!("unsubscribe?token={}", percent_encode(&token));
+    LinkPage {
+        title: "Unsubscribe",
+        sentence: &sentence,
+        action: &action,
+        hidden: Some(("List-Unsubscribe", "One-Click")),
+        button: "Unsubscribe",
+        project: "",
+    }
+    .respond(StatusCode::OK)
+}
+
+/// `POST /unsubscribe?token=T`: the notifier removes what the token says.
+async fn unsubscribe(
+    State(Handlers { unsubscribe, .. }): State<Handlers>,
+    query: Result<Query<TokenQuery>, QueryRejection>,
+) -> Response {
+    // The body (`List-Unsubscribe=One-Click`, RFC 8058) carries nothing we
+    // need: the token is in the URL.
+    let token = match token_of(query) {
+        Ok(t) => t,
+        Err(sentence) => {
+            tracing::info!("web: unsubscribe refused: {sentence}");
+            return refused(sentence);
+        }
+    };
+    // Spawned so a client hanging up mid-request cannot cancel the
+    // notifier's work halfway.
+    let outcome = tokio::spawn(unsubscribe(token)).await.unwrap_or_else(|e| {
+        tracing::error!("web: unsubscribe task failed: {e}");
+        Err("the hub failed to process this request; please try again later".to_string())
+    });
+    match outcome {
+        Ok(sentence) => {
+            tracing::info!("web: unsubscribed: {sentence}");
+            say(StatusCode::OK, "Unsubscribed", &sentence)
+        }
+        Err(sentence) => {
+            tracing::info!("web: unsubscribe refused: {sentence}");
+            refused(&sentence)
+        }
+    }
+}
