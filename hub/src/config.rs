@@ -790,15 +790,18 @@ mod tests {
         expected.upstreams = vec![UpstreamConfig {
             name: "lua".into(),
             url: "https://github.com/lua/lua.git".into(),
-            branch: "master".into(),
+            branch: Some("master".into()),
             poll_interval: Duration::from_secs(60),
             platforms: vec!["linux-x86_64".into()],
             build: vec![
-                "make -j4 linux".into(),
-                "make install INSTALL_TOP=\"$PREFIX\"".into(),
+                "make -j4 CFLAGS='-O2 -std=c99 -DLUA_USE_LINUX' MYLIBS=-ldl".into(),
+                "install -D -m 755 lua \"$PREFIX/bin/lua\"".into(),
+                "install -D -m 644 -t \"$PREFIX/include\" lua.h luaconf.h lualib.h lauxlib.h"
+                    .into(),
+                "install -D -m 644 liblua.a \"$PREFIX/lib/liblua.a\"".into(),
             ],
             build_timeout: Duration::from_secs(3600),
-            env: [("MYCFLAGS".to_string(), "-O2".to_string())].into(),
+            env: [("LC_ALL".to_string(), "C".to_string())].into(),
             labels: vec![],
             contacts: vec!["lua-core@example.org".into()],
             build_on: pipeline::BuildOn::Trusted,
@@ -807,7 +810,7 @@ mod tests {
         expected.projects = vec![ProjectConfig {
             name: "lpeg".into(),
             url: "https://github.com/roberto-ieru/LPeg.git".into(),
-            branch: "master".into(),
+            branch: Some("master".into()),
             poll_interval: Duration::from_secs(300),
             upstreams: vec!["lua".into()],
             platforms: vec![],
@@ -1350,7 +1353,10 @@ test = ["pytest"]
     fn pipeline_defaults() {
         let c = parse(PIPELINE).unwrap();
         let u = &c.upstreams[0];
-        assert_eq!(u.branch, "main");
+        assert_eq!(
+            u.branch, None,
+            "the default branch is asked of the repository"
+        );
         assert_eq!(u.platforms, ["linux-x86_64"]);
         assert_eq!(u.poll_interval, Duration::from_secs(60));
         let p = &c.projects[0];

@@ -19,7 +19,30 @@ use tokio::sync::{mpsc, oneshot};
 
 /// The on-disk schema this build writes. Bumped on an incompatible change,
 /// with a migration in [`Store::open`]; an older hub refuses a newer schema.
-pub(crate) const SCHEMA_VERSION: u32 = 1;
+/// 2: ids are persisted every [`ID_PERSIST_INTERVAL`] (1: sled's default).
+pub(crate) const SCHEMA_VERSION: u32 = 2;
+
+/// How many ids sled hands out between two durable writes of its id
+/// counter. A start (after a clean stop or a `kill -9` alike) resumes 2×
+/// this above the last written count, so no id is ever given twice, and
+/// ids skip at most that many at each start. sled's default (a million)
+/// made job ids jump by millions at every restart; this costs one small
+/// blocking `fsync` every hundred ids.
+const ID_PERSIST_INTERVAL: u64 = 100;
+
+/// sled's default interval, which schema 1 databases ran with: their ids
+/// may run up to 2× this above the count on disk.
+const OLD_ID_PERSIST_INTERVAL: u64 = 1_000_000;
+
+/// Opens sled in `dir` with ids persisted every `id_interval`.
+fn open_sled(dir: &Path, id_interval: u64) -> sled::Result<sled::Db> {
+    sled::Config::new()
+        .path(dir)
+        // We flush explicitly (group commit); no background timer needed.
+        .flush_every_ms(None)
+        .idgen_persist_interval(id_interval)
+        .open()
+}
 
 /// Errors from the store. The message always says what the operator can do.
 #[derive(Debug, thiserror::Error)]
@@ -307,6 +330,37 @@ impl Table {
     }
 }
 
+/// Schema 1 → 2: a database that ran with sled's default id interval may
+/// have given ids up to 2 million above its count on disk, more than a
+/// start with [`ID_PERSIST_INTERVAL`] skips. Opened once more with the old
+/// interval, one id (above every id given) is taken and written durably;
+/// the database is then opened with the new interval, which starts above
+/// it. (Ids jump once more, by about two million, at this one start.)
+fn migrate_ids(dir: &Path) -> sled::Result<sled::Db> {
+    {
+        let old = reopen_sled(dir, OLD_ID_PERSIST_INTERVAL)?;
+        old.generate_id()?;
+        old.flush()?;
+    }
+    reopen_sled(dir, ID_PERSIST_INTERVAL)
+}
+
+/// [`open_sled`] right after this process dropped its handle: sled's
+/// background I/O may hold the database's lock for a moment longer.
+fn reopen_sled(dir: &Path, id_interval: u64) -> sled::Result<sled::Db> {
+    let mut tries = 0;
+    loop {
+        match open_sled(dir, id_interval) {
+            Err(e) if tries < 100 => {
+                tracing::debug!("reopening the hub database: {e}");
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            done => return done,
+        }
+    }
+}
+
 impl Store {
     /// Opens (or creates) the database in `dir` and starts its group-commit
     /// task. Must be called inside a tokio runtime.
@@ -315,13 +369,8 @@ impl Store {
             path: dir.to_path_buf(),
             source,
         };
-        let db = sled::Config::new()
-            .path(dir)
-            // We flush explicitly (group commit); no background timer needed.
-            .flush_every_ms(None)
-            .open()
-            .map_err(db_err)?;
-        let meta = db.open_tree(trees::META).map_err(db_err)?;
+        let mut db = open_sled(dir, ID_PERSIST_INTERVAL).map_err(db_err)?;
+        let mut meta = db.open_tree(trees::META).map_err(db_err)?;
         match meta.get("schema_version").map_err(db_err)? {
             None => {
                 meta.insert("schema_version", &SCHEMA_VERSION.to_be_bytes())
@@ -341,6 +390,14 @@ impl Store {
                         path: dir.to_path_buf(),
                         found,
                     });
+                }
+                if found < 2 {
+                    drop((meta, db));
+                    db = migrate_ids(dir).map_err(db_err)?;
+                    meta = db.open_tree(trees::META).map_err(db_err)?;
+                    meta.insert("schema_version", &SCHEMA_VERSION.to_be_bytes())
+                        .map_err(db_err)?;
+                    db.flush().map_err(db_err)?;
                 }
             }
         }
@@ -542,6 +599,67 @@ pub(crate) mod tests {
         let a = store.next_id().unwrap();
         let b = store.next_id().unwrap();
         assert!(a > 0 && b > a);
+    }
+
+    /// Job ids jumped by millions after each restart (sled's default id
+    /// interval); a restart now skips at most a few hundred, and a kill
+    /// (no clean close) still never gives an id twice.
+    #[tokio::test]
+    async fn ids_skip_little_at_a_restart_and_are_never_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut last = 0;
+        for _ in 0..3 {
+            let store = reopen(dir.path()).await;
+            let first = store.next_id().unwrap();
+            assert!(first > last, "{first} after {last}");
+            assert!(
+                first - last <= 2 * ID_PERSIST_INTERVAL + 1,
+                "{first} after {last}"
+            );
+            for _ in 0..250 {
+                last = store.next_id().unwrap();
+            }
+            // Closed or killed alike: sled starts above the count its
+            // id generator wrote itself (nothing is written at close).
+            drop(store);
+        }
+    }
+
+    /// A database written with sled's default interval (schema 1) may have
+    /// given ids far above its count on disk: its first start with the new
+    /// interval starts above every one of them.
+    #[tokio::test]
+    async fn a_schema_1_database_never_gives_an_old_id_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let given = {
+            let db = open_sled(dir.path(), OLD_ID_PERSIST_INTERVAL).unwrap();
+            db.open_tree(trees::META)
+                .unwrap()
+                .insert("schema_version", &1u32.to_be_bytes())
+                .unwrap();
+            let mut last = 0;
+            for _ in 0..1000 {
+                last = db.generate_id().unwrap();
+            }
+            db.flush().unwrap();
+            // Restarted: sled starts 2 million above its count on disk.
+            drop(db);
+            let db = open_sled(dir.path(), OLD_ID_PERSIST_INTERVAL).unwrap();
+            let again = db.generate_id().unwrap();
+            assert!(again > last);
+            for _ in 0..1000 {
+                last = db.generate_id().unwrap();
+            }
+            last + 1
+        };
+        let store = Store::open(dir.path()).unwrap();
+        let id = store.next_id().unwrap();
+        assert!(id > given, "{id} ≤ {given}");
+        let meta = store.tree(trees::META).unwrap();
+        assert_eq!(
+            meta.get("schema_version").unwrap().as_deref(),
+            Some(&SCHEMA_VERSION.to_be_bytes()[..])
+        );
     }
 
     #[tokio::test]

@@ -530,4 +530,38 @@ fn the_cli_names_projects_marks_tokens_and_ends_quietly_when_its_reader_goes() {
             "{shell}:\n{script}"
         );
     }
+
+    // `job wait` (and `job run`) of a queued job say why it waits, once
+    // per reason, on stderr; they used to say nothing until it ended.
+    let queued = hub.submit(&["--labels", "gpu", "--", "true"]);
+    let waited = hub.cli(&["job", "wait", &queued.to_string(), "--timeout", "3s"]);
+    let said = String::from_utf8_lossy(&waited.stderr);
+    assert_eq!(
+        said.matches("[trunkfarm: queued: no agent connected]")
+            .count(),
+        1,
+        "{said}"
+    );
+    assert!(said.contains("did not finish within 3s"), "{said}");
+
+    // `trunkfarm job run … | head -1`: the reader goes after the job's
+    // first line; `job run` ends quietly with 0.
+    let mut agent = Agent::enroll(&hub, "runner", &[]);
+    agent.start(&[]);
+    hub.wait_agents_connected(1);
+    let out = cli_to_a_gone_reader(
+        &hub,
+        &[
+            "job",
+            "run",
+            "--",
+            "echo one; sleep 1; echo two; echo three",
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && !stderr.contains("panicked"),
+        "`trunkfarm job run` to a reader that is gone: {}\n{stderr}",
+        out.status
+    );
 }

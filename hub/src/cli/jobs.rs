@@ -298,21 +298,20 @@ async fn get(client: &mut AdminClient, id: u64) -> anyhow::Result<JobInfo> {
 
 /// Waits for the job's final record without printing its log.
 pub(super) async fn wait(client: &mut AdminClient, id: u64) -> anyhow::Result<JobInfo> {
-    let mut stream = client
-        .watch_job(WatchJobRequest { job_id: id })
-        .await
-        .map_err(status_error)?
-        .into_inner();
-    while let Some(ev) = stream.message().await.map_err(status_error)? {
-        if let Some(watch_job_event::Event::Finished(info)) = ev.event {
-            return Ok(info);
-        }
-    }
-    anyhow::bail!("the hub ended the watch of job {id} without a result")
+    watch(client, id, false).await
 }
 
 /// Prints a job's log as it arrives; returns its final record.
 async fn follow(client: &mut AdminClient, id: u64) -> anyhow::Result<JobInfo> {
+    watch(client, id, true).await
+}
+
+/// How often a job that has not started is asked why it waits.
+const WAITING_POLL: Duration = Duration::from_secs(1);
+
+/// Watches job `id` until its final record, printing its log (`log`), and,
+/// while it is queued, why it waits on stderr, once per reason.
+async fn watch(client: &mut AdminClient, id: u64, log: bool) -> anyhow::Result<JobInfo> {
     let mut stream = client
         .watch_job(WatchJobRequest { job_id: id })
         .await
@@ -320,9 +319,23 @@ async fn follow(client: &mut AdminClient, id: u64) -> anyhow::Result<JobInfo> {
         .into_inner();
     let mut attempt = 0;
     let mut out = std::io::stdout();
-    while let Some(ev) = stream.message().await.map_err(status_error)? {
+    let mut waiting = Waiting::default();
+    let mut tick = tokio::time::interval(WAITING_POLL);
+    loop {
+        let ev = tokio::select! {
+            // Cancel-safe: a message half received stays in the stream.
+            ev = stream.message() => ev.map_err(status_error)?,
+            _ = tick.tick(), if !waiting.started => {
+                waiting.ask(client, id).await;
+                continue;
+            }
+        };
+        let Some(ev) = ev else {
+            anyhow::bail!("the hub ended the watch of job {id} without a result")
+        };
         match ev.event {
-            Some(watch_job_event::Event::Log(chunk)) => {
+            Some(watch_job_event::Event::Log(chunk)) if log => {
+                waiting.started = true;
                 let a = chunk.job.map(|j| j.attempt).unwrap_or(0);
                 if a != attempt {
                     if attempt != 0 {
@@ -338,14 +351,53 @@ async fn follow(client: &mut AdminClient, id: u64) -> anyhow::Result<JobInfo> {
                 }
             }
             Some(watch_job_event::Event::Finished(info)) => return Ok(info),
-            None => {}
+            _ => {}
         }
     }
-    anyhow::bail!("the hub ended the watch of job {id} without a result")
+}
+
+/// What was said of a queued job's wait, so that each reason is said once.
+#[derive(Default)]
+struct Waiting {
+    /// The reason last said (empty: none yet).
+    said: String,
+    /// An agent took it: nothing more to ask.
+    started: bool,
+}
+
+impl Waiting {
+    /// Asks the hub about job `id`; says on stderr why it waits when that
+    /// changed. A failed ask says nothing (the watch itself reports a hub
+    /// that is gone).
+    async fn ask(&mut self, client: &mut AdminClient, id: u64) {
+        let info = match get(client, id).await {
+            Ok(info) => info,
+            Err(e) => {
+                tracing::debug!("cannot ask why job {id} waits: {e:#}");
+                return;
+            }
+        };
+        if info.state() != JobState::Queued {
+            self.started = true;
+            return;
+        }
+        if let Some(line) = self.next(&info.waiting) {
+            eprintln!("{line}");
+        }
+    }
+
+    /// The line to say for a queued job waiting for `reason`, if it is new.
+    fn next(&mut self, reason: &str) -> Option<String> {
+        if reason.is_empty() || reason == self.said {
+            return None;
+        }
+        reason.clone_into(&mut self.said);
+        Some(format!("[trunkfarm: queued: {reason}]"))
+    }
 }
 
 /// An empty cell as people read it: `-`.
-fn or_dash(text: &str) -> &str {
+pub(super) fn or_dash(text: &str) -> &str {
     if text.is_empty() { "-" } else { text }
 }
 
@@ -432,6 +484,21 @@ fn job_text(info: &JobInfo) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_waiting_reason_is_said_once_per_change() {
+        let mut w = Waiting::default();
+        assert_eq!(w.next(""), None, "no reason known yet");
+        assert_eq!(
+            w.next("no agent connected").as_deref(),
+            Some("[trunkfarm: queued: no agent connected]")
+        );
+        assert_eq!(w.next("no agent connected"), None, "said already");
+        assert_eq!(
+            w.next("no connected agent has label `gpu`").as_deref(),
+            Some("[trunkfarm: queued: no connected agent has label `gpu`]")
+        );
+    }
 
     #[test]
     fn job_show_names_the_project_or_a_dash() {

@@ -619,22 +619,13 @@ async fn agent(cfg: &HubConfig, command: AgentCommand) -> anyhow::Result<ExitCod
                 Column::left("CONFIRMED", 10),
                 Column::left("JOBS", 8),
                 Column::left("LAST SEEN", 22),
-                Column::last("LABELS"),
+                Column::left("LABELS", 24),
+                Column::last("UNAVAILABLE"),
             ];
             let table = Table::new(COLUMNS);
             let mut quarantined = Vec::new();
             for a in agents {
-                let state = if a.revoked {
-                    "revoked"
-                } else if !a.quarantined.is_empty() {
-                    "quarantined"
-                } else if a.draining {
-                    "draining"
-                } else if a.connected {
-                    "connected"
-                } else {
-                    "offline"
-                };
+                let (state, unavailable) = crate::dispatch::availability(&a);
                 // What the hub gives it, not what it claims.
                 let slots = a.max_parallel_jobs;
                 let last_seen = if a.connected {
@@ -651,7 +642,8 @@ async fn agent(cfg: &HubConfig, command: AgentCommand) -> anyhow::Result<ExitCod
                     &format!("{}/{}", a.confirmations_agreed, a.confirmations_disagreed),
                     &format!("{}/{}", a.running.len(), slots),
                     &last_seen,
-                    &a.labels.join(","),
+                    &jobs::or_dash(&a.labels.join(",")),
+                    &jobs::or_dash(&unavailable),
                 ]);
                 if !a.quarantined.is_empty() {
                     quarantined.push(format!("{}: {}", a.agent_id, a.quarantined));

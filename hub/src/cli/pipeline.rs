@@ -328,12 +328,11 @@ fn print_status(resp: &GetStatusResponse, paint: &Paint) {
         );
     }
     for u in &resp.upstreams {
-        let head = if u.head.is_empty() {
-            "not polled yet".to_owned()
-        } else {
-            format!("{} (seen {})", short(&u.head), when(u.head_seen_at_ms))
-        };
-        println!("{} {} @ {head}", paint.code("1", &u.name), u.branch);
+        println!(
+            "{} {}",
+            paint.code("1", &u.name),
+            branch_head(&u.branch, &u.head, u.head_seen_at_ms)
+        );
         if !u.poll_error.is_empty() {
             println!(
                 "  {}",
@@ -445,9 +444,32 @@ fn print_status(resp: &GetStatusResponse, paint: &Paint) {
                 1 => notes.push("1 flaky test".into()),
                 n => notes.push(format!("{n} flaky tests")),
             }
+            if resp
+                .projects
+                .iter()
+                .any(|p| p.name == project && !p.poll_error.is_empty())
+            {
+                notes.push("polling it fails (see below)".into());
+            }
             println!("{}", notes.join("; "));
         }
         println!();
+    }
+    if !resp.projects.is_empty() {
+        println!("{}", paint.code("1", "projects"));
+    }
+    for p in &resp.projects {
+        println!(
+            "  {} {}",
+            p.name,
+            branch_head(&p.branch, &p.head, p.head_seen_at_ms)
+        );
+        if !p.poll_error.is_empty() {
+            println!(
+                "    {}",
+                paint.code("33", &format!("poll error: {}", p.poll_error))
+            );
+        }
     }
 }
 
@@ -486,6 +508,21 @@ fn only_upstream<'a>(
             names.len(),
             names.join(", ")
         ),
+    }
+}
+
+/// "main @ abc1234 (seen …)": the branch followed (the default branch
+/// polling found when none is configured) and its head.
+fn branch_head(branch: &str, head: &str, seen_at_ms: u64) -> String {
+    let branch = if branch.is_empty() {
+        "(default branch)"
+    } else {
+        branch
+    };
+    if head.is_empty() {
+        format!("{branch} @ not polled yet")
+    } else {
+        format!("{branch} @ {} (seen {})", short(head), when(seen_at_ms))
     }
 }
 

@@ -288,11 +288,12 @@ impl<'a> From<&'a v1::JobInfo> for Job<'a> {
     }
 }
 
-/// `status --json`: the upstreams and the grid's cells.
+/// `status --json`: the upstreams, the grid's cells and the projects.
 #[derive(Serialize)]
 pub(super) struct Status<'a> {
     upstreams: Vec<Upstream<'a>>,
     cells: Vec<Cell<'a>>,
+    projects: Vec<Project<'a>>,
 }
 
 impl<'a> From<&'a v1::GetStatusResponse> for Status<'a> {
@@ -300,6 +301,34 @@ impl<'a> From<&'a v1::GetStatusResponse> for Status<'a> {
         Status {
             upstreams: upstreams(s),
             cells: s.cells.iter().map(Cell::from).collect(),
+            projects: s.projects.iter().map(Project::from).collect(),
+        }
+    }
+}
+
+/// One project as polling sees it (`status --json`'s `projects`).
+#[derive(Serialize)]
+struct Project<'a> {
+    name: &'a str,
+    url: &'a str,
+    /// The configured branch, or the default branch polling found (empty:
+    /// not polled yet).
+    branch: &'a str,
+    head: &'a str,
+    head_seen_at_ms: u64,
+    /// Empty when the last poll worked.
+    poll_error: &'a str,
+}
+
+impl<'a> From<&'a v1::ProjectInfo> for Project<'a> {
+    fn from(p: &'a v1::ProjectInfo) -> Self {
+        Project {
+            name: &p.name,
+            url: &p.url,
+            branch: &p.branch,
+            head: &p.head,
+            head_seen_at_ms: p.head_seen_at_ms,
+            poll_error: &p.poll_error,
         }
     }
 }
@@ -897,8 +926,17 @@ mod tests {
                 pending: false,
                 flaky_tests: 2,
             }],
+            projects: vec![v1::ProjectInfo {
+                name: "shouter".into(),
+                branch: "master".into(),
+                poll_error: "branch \"main\" does not exist".into(),
+                ..Default::default()
+            }],
         };
         let j = to_json(Status::from(&status));
+        let p = &j["projects"][0];
+        assert_eq!(p["branch"], "master", "{j:#}");
+        assert_eq!(p["poll_error"], "branch \"main\" does not exist");
         let u = &j["upstreams"][0];
         assert_eq!(u["latest_builds"][0]["state"], "failed", "{j:#}");
         assert_eq!(u["good_builds"][0]["state"], "passed", "{j:#}");

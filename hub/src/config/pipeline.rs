@@ -29,9 +29,11 @@ pub(crate) struct UpstreamConfig {
     pub(crate) name: String,
     /// Where `git ls-remote` and agents fetch it (https, ssh, file or a path).
     pub(crate) url: String,
-    /// The branch to follow.
-    #[serde(default = "default_branch")]
-    pub(crate) branch: String,
+    /// The branch to follow; unset: the repository's default branch (its
+    /// `HEAD`, asked at every poll), since `git init` makes `master` on many
+    /// machines and `main` on others.
+    #[serde(default)]
+    pub(crate) branch: Option<String>,
     /// How often the branch head is polled.
     #[serde(default = "default_upstream_poll", deserialize_with = "de::duration")]
     pub(crate) poll_interval: Duration,
@@ -122,9 +124,11 @@ pub(crate) struct ProjectConfig {
     pub(crate) name: String,
     /// Where agents clone it.
     pub(crate) url: String,
-    /// The branch to follow.
-    #[serde(default = "default_branch")]
-    pub(crate) branch: String,
+    /// The branch to follow; unset: the repository's default branch (its
+    /// `HEAD`, asked at every poll), since `git init` makes `master` on many
+    /// machines and `main` on others.
+    #[serde(default)]
+    pub(crate) branch: Option<String>,
     /// How often the branch head is polled (a new commit re-runs the project
     /// against the latest good runtime).
     #[serde(default = "default_project_poll", deserialize_with = "de::duration")]
@@ -264,9 +268,6 @@ impl Default for PipelineSection {
 fn default_mail_classes() -> Vec<Class> {
     vec![Class::Regressed, Class::ProjectSide, Class::Suspicious]
 }
-fn default_branch() -> String {
-    "main".into()
-}
 fn default_upstream_poll() -> Duration {
     Duration::from_secs(60)
 }
@@ -314,7 +315,9 @@ pub(super) fn problems(
             ));
         }
         check_url(&at("url"), &u.url)?;
-        check_branch(&at("branch"), &u.branch)?;
+        if let Some(branch) = &u.branch {
+            check_branch(&at("branch"), branch)?;
+        }
         check_poll(&at("poll_interval"), u.poll_interval)?;
         check_platforms(&at("platforms"), &u.platforms, false)?;
         check_commands(
@@ -341,7 +344,9 @@ pub(super) fn problems(
             ));
         }
         check_url(&at("url"), &p.url)?;
-        check_branch(&at("branch"), &p.branch)?;
+        if let Some(branch) = &p.branch {
+            check_branch(&at("branch"), branch)?;
+        }
         check_poll(&at("poll_interval"), p.poll_interval)?;
         if upstreams.is_empty() {
             return Err(Problem::new(

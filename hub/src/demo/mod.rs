@@ -42,6 +42,12 @@ pub(crate) const UPSTREAM: &str = "tiny";
 /// How often the demo hub polls its repositories.
 const POLL: &str = "500ms";
 
+/// The demo hub's `smtp.mailbox_dir`, in the demo's directory.
+const MAILBOX: &str = "mailbox";
+
+/// How often the long-running demo asks the hub for new transitions.
+const WATCH_EVERY: Duration = Duration::from_secs(1);
+
 /// How long one step of the story (build + tests) may take.
 const STEP_TIMEOUT: Duration = Duration::from_secs(180);
 
@@ -79,6 +85,11 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         "demo: hub on {}; repositories, hub data and logs in {}",
         hub.addr,
         dir.display()
+    );
+    println!("demo: dashboard: http://{}/", hub.info.web);
+    println!(
+        "demo: mailbox: {} (one .eml file per mail, named by its time and subject)",
+        dir.join(MAILBOX).display()
     );
     println!(
         "demo: upstream {UPSTREAM} (a small interpreted language in C) and projects {}",
@@ -122,8 +133,12 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
             upstream_repo.display()
         );
         println!("  trunkfarm {config_arg} breakage --upstream {UPSTREAM}");
+        println!("demo: each project going red or fixed is said below as it happens (times UTC)");
         println!("demo: press Ctrl-C to stop");
-        crate::server::shutdown_signal().await;
+        tokio::select! {
+            _ = crate::server::shutdown_signal() => {}
+            _ = say_transitions(&mut admin) => {}
+        }
         Ok(true)
     };
     let counts = if outcome.is_ok() {
@@ -150,7 +165,7 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     if let Ok(line) = counts {
         println!(
             "demo: the maintainers' mails are in {} (one .eml file each)",
-            dir.join("mailbox").display()
+            dir.join(MAILBOX).display()
         );
         println!("{line}");
     }
@@ -192,7 +207,7 @@ pub(crate) fn hub_toml(story: &Story, repos: &Path) -> String {
         format!("[{}]", quoted.join(", "))
     };
     let mut toml = format!(
-        "# Written by `trunkfarm demo`.\n[hub]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"hub\"\n# The demo stores little: a small reserve lets it run on a nearly full disk.\nmin_free_space = \"16 MiB\"\n\n[web]\nlisten = \"127.0.0.1:0\"\n\n[smtp]\nmailbox_dir = \"mailbox\"\nfrom = \"trunkfarm demo <trunkfarm@demo.invalid>\"\n\n[dispatch]\nheartbeat_interval = \"2s\"\nlease_timeout = \"10s\"\n\n[[upstream]]\nname = \"{UPSTREAM}\"\nurl = {:?}\npoll_interval = \"{POLL}\"\nbuild = {}\nbuild_timeout = \"5m\"\n",
+        "# Written by `trunkfarm demo`.\n[hub]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"hub\"\n# The demo stores little: a small reserve lets it run on a nearly full disk.\nmin_free_space = \"16 MiB\"\n\n[web]\nlisten = \"127.0.0.1:0\"\n\n[smtp]\nmailbox_dir = \"{MAILBOX}\"\nfrom = \"trunkfarm demo <trunkfarm@demo.invalid>\"\n\n[dispatch]\nheartbeat_interval = \"2s\"\nlease_timeout = \"10s\"\n\n[[upstream]]\nname = \"{UPSTREAM}\"\nurl = {:?}\npoll_interval = \"{POLL}\"\nbuild = {}\nbuild_timeout = \"5m\"\n",
         repos.join(UPSTREAM).display().to_string(),
         list(&story.upstream.build)
     );
@@ -332,20 +347,19 @@ async fn wait_step(
 
 /// Newest-first transitions of projects at `commit`.
 async fn transitions_at(admin: &mut AdminClient, commit: &str) -> anyhow::Result<Vec<Transition>> {
-    Ok(admin
-        .list_transitions(ListTransitionsRequest {
+    Ok(list_transitions(
+        admin,
+        ListTransitionsRequest {
             upstream: UPSTREAM.into(),
             all: true,
             limit: 1000,
             ..Default::default()
-        })
-        .await
-        .map_err(crate::admin_client::status_error)?
-        .into_inner()
-        .transitions
-        .into_iter()
-        .filter(|t| t.upstream_commit == commit && !t.project.is_empty())
-        .collect())
+        },
+    )
+    .await?
+    .into_iter()
+    .filter(|t| t.upstream_commit == commit && !t.project.is_empty())
+    .collect())
 }
 
 fn words(runs: &BTreeMap<String, RunStatus>) -> String {
@@ -362,6 +376,151 @@ fn words(runs: &BTreeMap<String, RunStatus>) -> String {
         })
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// Prints one line per went-red and fixed as the hub records them, read
+/// through the admin API once a second, until cancelled. It starts after
+/// the newest transition there is, and moves past each one it printed (by
+/// id, which only grows): nothing is said twice.
+async fn say_transitions(admin: &mut AdminClient) {
+    let mut after = None;
+    let mut last_error = String::new();
+    loop {
+        match new_transitions(admin, after).await {
+            Ok((lines, newest)) => {
+                for line in lines {
+                    println!("{line}");
+                }
+                after = Some(newest);
+                last_error.clear();
+            }
+            Err(e) => {
+                let e = format!("{e:#}");
+                if e != last_error {
+                    eprintln!("demo: cannot read the hub's transitions (trying again): {e}");
+                    last_error = e;
+                }
+            }
+        }
+        tokio::time::sleep(WATCH_EVERY).await;
+    }
+}
+
+/// The lines for went-red and fixed transitions after id `after` (all of
+/// them are only skipped on the first call: `None`), oldest first, and
+/// the newest id seen.
+async fn new_transitions(
+    admin: &mut AdminClient,
+    after: Option<u64>,
+) -> anyhow::Result<(Vec<String>, u64)> {
+    let mut transitions = list_transitions(
+        admin,
+        ListTransitionsRequest {
+            limit: 1000,
+            ..Default::default()
+        },
+    )
+    .await?;
+    let newest = transitions.iter().map(|t| t.id).max().unwrap_or(0);
+    let Some(after) = after else {
+        return Ok((Vec::new(), newest));
+    };
+    transitions.retain(|t| t.id > after);
+    if transitions.is_empty() {
+        return Ok((Vec::new(), after));
+    }
+    transitions.sort_by_key(|t| t.id);
+    // Mails are queued with their transition, in the same write.
+    let mails = list_mail(admin, 1000).await?;
+    let lines = transitions
+        .iter()
+        .filter_map(|t| transition_line(t, &mails))
+        .collect();
+    Ok((lines, newest.max(after)))
+}
+
+/// "12:03:04 textkit went red on linux-x86_64 at 1a2b3c4d5e (Make upper()
+/// branch-free); mail to textkit-dev@example.org", for a went-red or fixed
+/// transition (`None` for the others).
+fn transition_line(t: &Transition, mails: &[trunkfarm_proto::v1::MailInfo]) -> Option<String> {
+    let what = match TransitionKind::try_from(t.kind) {
+        Ok(TransitionKind::WentRed) => "went red",
+        Ok(TransitionKind::Fixed) => "is fixed",
+        _ => return None,
+    };
+    let who = match t.project.is_empty() {
+        true => format!("{} build", t.upstream),
+        false => t.project.clone(),
+    };
+    let mut line = format!(
+        "{} {who} {what} on {} at {}",
+        clock(t.at_ms),
+        t.platform,
+        short(&t.upstream_commit)
+    );
+    if let Some(c) = t.culprits.iter().find(|c| c.sha == t.upstream_commit)
+        && !c.subject.is_empty()
+    {
+        line.push_str(&format!(" ({})", cut(&c.subject, 40)));
+    }
+    if !t.class.is_empty() && t.class != "regressed" {
+        line.push_str(&format!("; class {}", t.class));
+    }
+    let event = crate::notify::transition_event(t.id);
+    let to: Vec<&str> = mails
+        .iter()
+        .filter(|m| m.event == event)
+        .map(|m| m.to.as_str())
+        .collect();
+    match to.is_empty() {
+        true => line.push_str("; no mail"),
+        false => line.push_str(&format!("; mail to {}", to.join(", "))),
+    }
+    Some(line)
+}
+
+/// The hub's transitions, newest first.
+async fn list_transitions(
+    admin: &mut AdminClient,
+    request: ListTransitionsRequest,
+) -> anyhow::Result<Vec<Transition>> {
+    Ok(admin
+        .list_transitions(request)
+        .await
+        .map_err(crate::admin_client::status_error)?
+        .into_inner()
+        .transitions)
+}
+
+/// The hub's `limit` newest mails.
+async fn list_mail(
+    admin: &mut AdminClient,
+    limit: u32,
+) -> anyhow::Result<Vec<trunkfarm_proto::v1::MailInfo>> {
+    Ok(admin
+        .list_mail(ListMailRequest {
+            limit,
+            ..Default::default()
+        })
+        .await
+        .map_err(crate::admin_client::status_error)?
+        .into_inner()
+        .mails)
+}
+
+/// `ms` as the UTC time of day, `12:03:04`.
+fn clock(ms: u64) -> String {
+    let t = std::time::UNIX_EPOCH + Duration::from_millis(ms);
+    let full = humantime::format_rfc3339_seconds(t).to_string();
+    full.get(11..19).unwrap_or(&full).to_owned()
+}
+
+/// `text` cut to at most `max` characters, with `…` when cut.
+fn cut(text: &str, max: usize) -> String {
+    match text.char_indices().nth(max) {
+        Some((at, _)) => format!("{}…", &text[..at]),
+        None => text.to_owned(),
+    }
 }
 
 /// Plays the story; `Ok(true)` when everything happened as designed.
@@ -479,16 +638,15 @@ async fn summary(admin: &mut AdminClient) -> anyhow::Result<String> {
         .into_inner()
         .jobs;
     let builds = jobs.iter().filter(|j| j.key.starts_with("build/")).count();
-    let all = admin
-        .list_transitions(ListTransitionsRequest {
+    let all = list_transitions(
+        admin,
+        ListTransitionsRequest {
             all: true,
             limit: 100_000,
             ..Default::default()
-        })
-        .await
-        .map_err(crate::admin_client::status_error)?
-        .into_inner()
-        .transitions;
+        },
+    )
+    .await?;
     let runs: Vec<_> = all.iter().filter(|t| !t.project.is_empty()).collect();
     let count = |kinds: &[TransitionKind]| {
         runs.iter()
@@ -501,15 +659,7 @@ async fn summary(admin: &mut AdminClient) -> anyhow::Result<String> {
     // Mails go out asynchronously: give the outbox a moment to drain.
     let deadline = Instant::now() + Duration::from_secs(30);
     let mails = loop {
-        let list = admin
-            .list_mail(ListMailRequest {
-                limit: 10_000,
-                ..Default::default()
-            })
-            .await
-            .map_err(crate::admin_client::status_error)?
-            .into_inner()
-            .mails;
+        let list = list_mail(admin, 10_000).await?;
         let pending = list.iter().any(|m| m.state == MailState::Pending as i32);
         if !pending || Instant::now() >= deadline {
             break list
@@ -575,4 +725,61 @@ async fn wait_for_agents(admin: &mut client::AdminClient, n: usize) -> anyhow::R
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     anyhow::bail!("the demo agents did not connect within 30s: see their logs in the demo dir")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use trunkfarm_proto::v1::{Commit, MailInfo};
+
+    #[test]
+    fn a_went_red_is_one_line_with_its_commit_and_mail() {
+        let sha = "1a2b3c4d5e".repeat(4);
+        let t = Transition {
+            id: 42,
+            kind: TransitionKind::WentRed as i32,
+            project: "textkit".into(),
+            upstream: UPSTREAM.into(),
+            platform: "linux-x86_64".into(),
+            upstream_commit: sha.clone(),
+            at_ms: 1_796_644_984_000,
+            culprits: vec![Commit {
+                sha: sha.clone(),
+                subject: "Make upper() branch-free for speed, as measured on the bench".into(),
+                ..Default::default()
+            }],
+            class: "regressed".into(),
+            ..Default::default()
+        };
+        let mails = [
+            MailInfo {
+                to: "textkit-dev@example.org".into(),
+                event: "t42".into(),
+                ..Default::default()
+            },
+            MailInfo {
+                to: "other@example.org".into(),
+                event: "t7".into(),
+                ..Default::default()
+            },
+        ];
+        assert_eq!(
+            transition_line(&t, &mails).unwrap(),
+            "12:03:04 textkit went red on linux-x86_64 at 1a2b3c4d5e (Make upper() branch-free for speed, as m…); mail to textkit-dev@example.org"
+        );
+        let fixed = Transition {
+            kind: TransitionKind::Fixed as i32,
+            culprits: Vec::new(),
+            ..t.clone()
+        };
+        assert_eq!(
+            transition_line(&fixed, &[]).unwrap(),
+            "12:03:04 textkit is fixed on linux-x86_64 at 1a2b3c4d5e; no mail"
+        );
+        let still = Transition {
+            kind: TransitionKind::StillRed as i32,
+            ..t
+        };
+        assert_eq!(transition_line(&still, &mails), None);
+    }
 }

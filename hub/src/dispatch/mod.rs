@@ -822,6 +822,27 @@ pub(crate) fn agent_views(
     Ok(agents)
 }
 
+/// An agent's status word (`revoked`, `quarantined`, `draining`,
+/// `connected` or `offline`) and, when it takes no job now, why in words
+/// (empty when it may): one reading for `agent list`, the agents page and
+/// its API.
+pub(crate) fn availability(a: &trunkfarm_proto::v1::AgentInfo) -> (&'static str, String) {
+    if a.revoked {
+        ("revoked", "its credential was revoked".into())
+    } else if !a.quarantined.is_empty() {
+        ("quarantined", format!("quarantined: {}", a.quarantined))
+    } else if a.draining {
+        (
+            "draining",
+            "draining: finishing its jobs, then leaving".into(),
+        )
+    } else if a.connected {
+        ("connected", String::new())
+    } else {
+        ("offline", "not connected".into())
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;

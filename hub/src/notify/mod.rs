@@ -99,6 +99,9 @@ struct AuthorMark {
     /// The went-red run.
     job_id: u64,
     commit: Commit,
+    /// The upstream's branch (the transition's; empty in older marks).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    branch: String,
 }
 
 /// What a went-red mail shows of why: failing tests' messages and the log.
@@ -190,6 +193,12 @@ fn tomb_key(project: &str, email: &str) -> String {
 /// `g/<upstream>/<email>`: the last digest period of a digest subscriber.
 fn digest_period_key(upstream: &str, email: &str) -> String {
     format!("g/{upstream}/{}", email.to_ascii_lowercase())
+}
+
+/// The event of the mails a transition queues (`t<id>`; `mail list`
+/// shows it): how the demo finds who was mailed about one.
+pub(crate) fn transition_event(id: u64) -> String {
+    format!("t{id}")
 }
 
 /// `e/<event>/<email>`: the mail queued for one event and recipient.
@@ -378,7 +387,7 @@ impl Notifier {
                 }
             }
         }
-        writes.extend(self.mails_for(t, &format!("t{}", t.id), About::Transition)?);
+        writes.extend(self.mails_for(t, &transition_event(t.id), About::Transition)?);
         Ok(writes)
     }
 
@@ -513,6 +522,7 @@ impl Notifier {
                 platform: t.platform.clone(),
                 job_id: t.job_id,
                 commit: c.clone(),
+                branch: t.branch.clone(),
             };
             let key = format!("a/{}/{}", c.sha, id_key(t.id));
             writes.push((key.into_bytes(), s.table.encode(&mark)?));
@@ -560,7 +570,7 @@ impl Notifier {
                             .collect();
                         broke.sort();
                         broke.dedup_by(|a, b| a.0 == b.0 && a.1 == b.1);
-                        let branch = self.branch_of(&first.upstream);
+                        let branch = self.branch_of(&first.upstream, &first.branch);
                         let r = render::first_bad_author(
                             &first.upstream,
                             &branch,
@@ -863,13 +873,20 @@ impl Notifier {
         Ok(out)
     }
 
-    fn branch_of(&self, upstream: &str) -> String {
+    /// The branch a mail about `upstream` names: the one recorded with the
+    /// transition (`recorded`: the branch its head was polled on, the
+    /// repository's default branch when none is configured), else the
+    /// configured one, else `main` (what older hubs followed by default).
+    fn branch_of(&self, upstream: &str, recorded: &str) -> String {
+        if !recorded.is_empty() {
+            return recorded.to_owned();
+        }
         self.inner
             .upstreams
             .iter()
             .find(|u| u.name == upstream)
-            .map(|u| u.branch.clone())
-            .unwrap_or_default()
+            .and_then(|u| u.branch.clone())
+            .unwrap_or_else(|| "main".into())
     }
 
     /// Why `t`'s run failed, as a went-red mail (or its reminder or
@@ -956,7 +973,7 @@ impl Notifier {
         evidence: &Evidence,
     ) -> OutMail {
         let kind = TransitionKind::try_from(t.kind).unwrap_or(TransitionKind::Unspecified);
-        let branch = self.branch_of(&t.upstream);
+        let branch = self.branch_of(&t.upstream, &t.branch);
         let r = render::transition(
             t,
             &render::Context {

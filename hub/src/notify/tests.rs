@@ -344,6 +344,7 @@ from = "trunkfarm <farm@example.org>"
 [[upstream]]
 name = "tiny"
 url = "https://example.org/tiny.git"
+branch = "main"
 build = ["make install"]
 contacts = ["{CORE}"]
 {upstream}

@@ -2,8 +2,9 @@
 //! and the one that went red, listed with git while results records (no
 //! lock a poller takes is held meanwhile: a slow fetch stalls no poll).
 
-use super::Pipeline;
 use super::git::MAX_RANGE_COMMITS;
+use super::poll::Repo;
+use super::{Pipeline, PipelineError};
 use crate::results::{Commit, CulpritRange, Culprits};
 
 #[tonic::async_trait]
@@ -19,12 +20,16 @@ impl Culprits for Pipeline {
         let Ok(u) = self.upstream(&range.upstream) else {
             return (only_to(), "the upstream is no longer configured".into());
         };
-        match self
-            .inner
-            .git
-            .range(&u.name, &u.url, &u.branch, range.from.as_deref(), &range.to)
-            .await
-        {
+        let listed = match self.upstream_branch(u).await {
+            Ok(branch) => self
+                .inner
+                .git
+                .range(&u.name, &u.url, &branch, range.from.as_deref(), &range.to)
+                .await
+                .map_err(PipelineError::from),
+            Err(e) => Err(e),
+        };
+        match listed {
             Ok((commits, false)) if !commits.is_empty() => (commits, String::new()),
             Ok((commits, true)) => (
                 commits,
@@ -42,5 +47,21 @@ impl Culprits for Pipeline {
 
     fn bisects(&self) -> bool {
         self.inner.bisect_max_builds > 0
+    }
+
+    /// The branch stored with the upstream's head (the default branch its
+    /// poll found, when none is configured): what its mails name.
+    fn branch(&self, upstream: &str) -> String {
+        let configured = self
+            .upstream(upstream)
+            .ok()
+            .and_then(|u| u.branch.as_deref());
+        match self.known_branch(Repo::Upstream, upstream, configured) {
+            Ok(branch) => branch.unwrap_or_default(),
+            Err(e) => {
+                tracing::warn!(upstream, "cannot read the branch its head is on: {e}");
+                String::new()
+            }
+        }
     }
 }

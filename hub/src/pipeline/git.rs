@@ -131,14 +131,39 @@ impl Git {
 
     /// `git ls-remote` of `url`'s refs matching `pattern` (no clone).
     async fn ls_remote(&self, url: &str, pattern: &str) -> Result<String, GitError> {
+        self.ls_remote_with(url, &[], &[pattern]).await
+    }
+
+    /// `git ls-remote <options> -- url <patterns>` (no clone).
+    async fn ls_remote_with(
+        &self,
+        url: &str,
+        options: &[&str],
+        patterns: &[&str],
+    ) -> Result<String, GitError> {
         let remote = GitRemote::parse(url)?;
+        let mut args = vec!["ls-remote"];
+        args.extend(options);
+        args.extend(["--", remote.url()]);
+        args.extend(patterns);
         self.run(
             None,
-            &["ls-remote", "--", remote.url(), pattern],
+            &args,
             format!("ls-remote {}", redact_url(url)),
             Some(&remote),
         )
         .await
+    }
+
+    /// The error for a configured branch `url` does not have: it names a
+    /// few of the branches it has, so that the config can be fixed.
+    async fn missing_branch(&self, url: &str, branch: &str) -> GitError {
+        let shown = redact_url(url);
+        let branches = match self.ls_remote_with(url, &["--heads"], &[]).await {
+            Ok(out) => branch_names(&out),
+            Err(e) => return e,
+        };
+        GitError::NotFound(missing_branch_message(&shown, branch, &branches))
     }
 
     /// Brings the commits-only mirror of `url`'s `branch` up to date and
@@ -193,6 +218,62 @@ impl Git {
     }
 }
 
+/// How many branch names a missing-branch error lists.
+const LISTED_BRANCHES: usize = 8;
+
+/// The branch names in `git ls-remote --heads` output, sorted.
+fn branch_names(ls_remote: &str) -> Vec<String> {
+    let mut names: Vec<String> = ls_remote
+        .lines()
+        .filter_map(|l| l.split_once('\t'))
+        .filter_map(|(_, r)| r.strip_prefix("refs/heads/"))
+        .map(str::to_owned)
+        .collect();
+    names.sort();
+    names
+}
+
+/// "branch X does not exist in URL", the branches it has (a few) and how to
+/// fix the config.
+fn missing_branch_message(url: &str, branch: &str, branches: &[String]) -> String {
+    let has = match branches {
+        [] => "it has no branches yet (push one, or fix `url`)".to_owned(),
+        _ => {
+            let mut listed = branches[..branches.len().min(LISTED_BRANCHES)].join(", ");
+            if branches.len() > LISTED_BRANCHES {
+                listed.push_str(&format!(" and {} more", branches.len() - LISTED_BRANCHES));
+            }
+            format!(
+                "it has: {listed}; set `branch` to one of them, or leave `branch` out to follow its default branch"
+            )
+        }
+    };
+    format!("branch {branch:?} does not exist in {url}: {has}")
+}
+
+/// The default branch and its commit from `git ls-remote --symref URL HEAD`
+/// output (`ref: refs/heads/X\tHEAD` then `<sha>\tHEAD`).
+fn default_tip(ls_remote: &str) -> Option<Tip> {
+    let mut branch = None;
+    let mut commit = None;
+    for line in ls_remote.lines() {
+        let Some((left, name)) = line.split_once('\t') else {
+            continue;
+        };
+        if name != "HEAD" {
+            continue;
+        }
+        match left.strip_prefix("ref: ") {
+            Some(target) => branch = target.strip_prefix("refs/heads/").map(str::to_owned),
+            None => commit = Some(left.to_owned()),
+        }
+    }
+    Some(Tip {
+        branch: branch?,
+        commit: commit?,
+    })
+}
+
 /// Whether a mirror's git config names a URL with credentials (a
 /// `[remote "https://user:pw@…"]` section git wrote for a partial fetch).
 /// An unreadable config counts as clean: git itself will complain.
@@ -206,12 +287,22 @@ fn config_names_credentials(mirror: &Path) -> bool {
     })
 }
 
+/// A branch head as the repository shows it now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Tip {
+    /// The branch: the one configured, or the repository's default branch.
+    pub(crate) branch: String,
+    /// The commit it points at (full hash).
+    pub(crate) commit: String,
+}
+
 /// The git operations the pipeline needs, behind one seam so that its tests
 /// run against a fake; [`Git`] is the real one.
 #[tonic::async_trait]
 pub(crate) trait Repos: Send + Sync {
-    /// The commit a branch points at.
-    async fn head(&self, url: &str, branch: &str) -> Result<String, GitError>;
+    /// The commit `branch` points at; without a branch, the repository's
+    /// default branch (its `HEAD`) and its commit.
+    async fn head(&self, url: &str, branch: Option<&str>) -> Result<Tip, GitError>;
 
     /// Resolves a rev given by a person to a full commit hash.
     async fn resolve(
@@ -245,20 +336,32 @@ pub(crate) trait Repos: Send + Sync {
 
 #[tonic::async_trait]
 impl Repos for Git {
-    /// The commit a branch points at, from `git ls-remote` (no clone).
-    async fn head(&self, url: &str, branch: &str) -> Result<String, GitError> {
-        let refname = format!("refs/heads/{branch}");
-        let out = self.ls_remote(url, &refname).await?;
-        out.lines()
-            .filter_map(|l| l.split_once('\t'))
-            .find(|(_, r)| *r == refname)
-            .map(|(sha, _)| sha.to_owned())
-            .ok_or_else(|| {
+    /// The commit a branch points at, from `git ls-remote` (no clone);
+    /// without a branch, the default branch from `git ls-remote --symref`.
+    async fn head(&self, url: &str, branch: Option<&str>) -> Result<Tip, GitError> {
+        let Some(branch) = branch else {
+            let out = self.ls_remote_with(url, &["--symref"], &["HEAD"]).await?;
+            return default_tip(&out).ok_or_else(|| {
                 GitError::NotFound(format!(
-                    "branch {branch:?} does not exist in {}",
+                    "{} does not name a default branch (it has no HEAD, or no commit yet): set `branch` in its config",
                     redact_url(url)
                 ))
-            })
+            });
+        };
+        let refname = format!("refs/heads/{branch}");
+        let out = self.ls_remote(url, &refname).await?;
+        let found = out
+            .lines()
+            .filter_map(|l| l.split_once('\t'))
+            .find(|(_, r)| *r == refname)
+            .map(|(sha, _)| sha.to_owned());
+        match found {
+            Some(commit) => Ok(Tip {
+                branch: branch.to_owned(),
+                commit,
+            }),
+            None => Err(self.missing_branch(url, branch).await),
+        }
     }
 
     /// Resolves a rev given by a person (a full hash, a branch, a tag, or
@@ -457,7 +560,12 @@ mod tests {
     }
 
     fn repo(dir: &Path) -> Vec<String> {
-        git(dir, &["init", "--quiet", "-b", "main"]);
+        repo_on(dir, "main")
+    }
+
+    /// A repository whose only branch is `branch`, with three commits.
+    fn repo_on(dir: &Path, branch: &str) -> Vec<String> {
+        git(dir, &["init", "--quiet", "-b", branch]);
         let mut shas = Vec::new();
         for i in 1..=3 {
             std::fs::write(dir.join("f"), format!("{i}")).unwrap();
@@ -529,10 +637,10 @@ mod tests {
 
         // The server refuses a wrong password: the right one did reach git.
         let wrong = format!("http://ci:nope@{host}/up");
-        let e = g.head(&wrong, "main").await.unwrap_err().to_string();
+        let e = g.head(&wrong, Some("main")).await.unwrap_err().to_string();
         assert!(!e.contains("nope"), "{e}");
         let url = format!("http://ci:{secret}@{host}/up");
-        assert_eq!(g.head(&url, "main").await.unwrap(), shas[2]);
+        assert_eq!(g.head(&url, Some("main")).await.unwrap().commit, shas[2]);
 
         // A mirror an older hub made names the URL with its password in
         // its config: it is made again, clean.
@@ -570,8 +678,8 @@ mod tests {
             locks: Default::default(),
         };
         let url = up.to_str().unwrap();
-        assert_eq!(g.head(url, "main").await.unwrap(), shas[2]);
-        let e = g.head(url, "nope").await.unwrap_err().to_string();
+        assert_eq!(g.head(url, Some("main")).await.unwrap().commit, shas[2]);
+        let e = g.head(url, Some("nope")).await.unwrap_err().to_string();
         assert!(e.contains("branch \"nope\" does not exist"), "{e}");
 
         let (commits, cut) = g
@@ -603,10 +711,77 @@ mod tests {
             locks: Default::default(),
         };
         let e = g
-            .head(tmp.path().join("missing").to_str().unwrap(), "main")
+            .head(tmp.path().join("missing").to_str().unwrap(), Some("main"))
             .await
             .unwrap_err()
             .to_string();
         assert!(e.contains("git ls-remote"), "{e}");
+    }
+
+    /// `git init` makes `master` on many machines, and a config often names
+    /// no branch: the repository's default branch is followed.
+    #[tokio::test]
+    async fn without_a_branch_the_default_branch_is_followed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let up = tmp.path().join("up");
+        std::fs::create_dir(&up).unwrap();
+        let shas = repo_on(&up, "master");
+        let g = Git::new(tmp.path().join("mirrors"), Duration::from_secs(30));
+        let url = up.to_str().unwrap();
+        let tip = g.head(url, None).await.unwrap();
+        assert_eq!(
+            tip,
+            Tip {
+                branch: "master".into(),
+                commit: shas[2].clone()
+            }
+        );
+        // The branch found serves the commit mirror like a configured one.
+        let (commits, _) = g
+            .range("up", url, &tip.branch, Some(&shas[0]), &shas[2])
+            .await
+            .unwrap();
+        assert_eq!(commits.len(), 2);
+
+        // An empty repository has no default branch to follow yet.
+        let empty = tmp.path().join("empty");
+        std::fs::create_dir(&empty).unwrap();
+        git(&empty, &["init", "--quiet", "-b", "main"]);
+        let e = g
+            .head(empty.to_str().unwrap(), None)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("set `branch`"), "{e}");
+    }
+
+    /// The default used to be `main`: a repository on `master` failed with
+    /// an error that did not say what to write instead.
+    #[tokio::test]
+    async fn a_missing_branch_names_the_branches_there_are() {
+        let tmp = tempfile::tempdir().unwrap();
+        let up = tmp.path().join("up");
+        std::fs::create_dir(&up).unwrap();
+        repo_on(&up, "master");
+        git(&up, &["branch", "develop"]);
+        let g = Git::new(tmp.path().join("mirrors"), Duration::from_secs(30));
+        let e = g
+            .head(up.to_str().unwrap(), Some("main"))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("branch \"main\" does not exist"), "{e}");
+        assert!(e.contains("it has: develop, master;"), "{e}");
+        assert!(e.contains("set `branch` to one of them"), "{e}");
+    }
+
+    #[test]
+    fn a_long_branch_list_is_cut() {
+        let many: Vec<String> = (0..20).map(|i| format!("b{i:02}")).collect();
+        let m = missing_branch_message("u", "main", &many);
+        assert!(m.contains("b07 and 12 more"), "{m}");
+        assert!(!m.contains("b08"), "{m}");
+        let m = missing_branch_message("u", "main", &[]);
+        assert!(m.contains("no branches yet"), "{m}");
     }
 }

@@ -100,7 +100,7 @@ impl Pipeline {
                 platform = %platform,
                 job = job_id,
                 "testing {} against {} {}",
-                if project_commit.is_empty() { p.branch.as_str() } else { short(project_commit) },
+                if project_commit.is_empty() { p.branch.as_deref().unwrap_or("its default branch") } else { short(project_commit) },
                 u.name,
                 short(&build.commit)
             );
@@ -192,8 +192,9 @@ pub(super) fn test_spec(
         project: p.name.clone(),
         repository: Some(Repository {
             url: p.url.clone(),
+            // Empty: the agent checks out the default branch.
             rev: if project_commit.is_empty() {
-                p.branch.clone()
+                p.branch.clone().unwrap_or_default()
             } else {
                 project_commit.to_owned()
             },

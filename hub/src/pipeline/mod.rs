@@ -157,7 +157,8 @@ struct Inner {
     /// Held by a poller from choosing a good runtime until its tests are
     /// queued, and by garbage collection: no runtime is deleted in between.
     runtimes: tokio::sync::Mutex<()>,
-    /// The last poll error per upstream or project (empty: fine).
+    /// The last poll error per upstream or project (empty: fine), by
+    /// `Repo::describe`.
     poll_errors: Mutex<HashMap<String, String>>,
 }
 
@@ -280,9 +281,10 @@ impl Pipeline {
         let u = self.upstream(upstream)?.clone();
         let git = &self.inner.git;
         let commit = if rev.is_empty() {
-            git.head(&u.url, &u.branch).await?
+            git.head(&u.url, u.branch.as_deref()).await?.commit
         } else {
-            git.resolve(&u.name, &u.url, &u.branch, rev).await?
+            let branch = self.upstream_branch(&u).await?;
+            git.resolve(&u.name, &u.url, &branch, rev).await?
         };
         let nonce = if force {
             Some(self.inner.heads.store().next_id()?)
@@ -562,10 +564,16 @@ impl Pipeline {
             rows.push((info, series));
         }
         let dispatch = &self.inner.dispatch;
-        Ok(self
+        let mut grid = self
             .inner
             .results
-            .status(rows, |job| dispatch.waiting(job))?)
+            .status(rows, |job| dispatch.waiting(job))?;
+        for p in &self.inner.projects {
+            if only_upstream.is_empty() || p.tests_against(only_upstream) {
+                grid.projects.push(self.project_row(p)?);
+            }
+        }
+        Ok(grid)
     }
 
     /// An upstream as the status grid and the dashboard describe it (its
@@ -575,7 +583,9 @@ impl Pipeline {
         Ok(UpstreamRow {
             name: u.name.clone(),
             url: git::redact_url(&u.url),
-            branch: u.branch.clone(),
+            branch: self
+                .known_branch(Repo::Upstream, &u.name, u.branch.as_deref())?
+                .unwrap_or_default(),
             platforms: u.platforms.clone(),
             head: head.as_ref().map(|h| h.commit.clone()).unwrap_or_default(),
             head_seen_at_ms: head.map(|h| h.seen_at_ms).unwrap_or_default(),
@@ -677,18 +687,19 @@ impl Pipeline {
     ) -> Result<Breakage, PipelineError> {
         let u = self.upstream(upstream)?.clone();
         let git = &self.inner.git;
+        let branch = self.upstream_branch(&u).await?;
         let commits: Vec<Commit> = if rev.contains("..") {
-            git.log(&u.name, &u.url, &u.branch, rev).await?
+            git.log(&u.name, &u.url, &branch, rev).await?
         } else {
             let sha = if rev.is_empty() {
                 match self.head(Repo::Upstream, &u.name)? {
                     Some(h) => h.commit,
-                    None => git.head(&u.url, &u.branch).await?,
+                    None => git.head(&u.url, Some(branch.as_str())).await?.commit,
                 }
             } else {
-                git.resolve(&u.name, &u.url, &u.branch, rev).await?
+                git.resolve(&u.name, &u.url, &branch, rev).await?
             };
-            match git.range(&u.name, &u.url, &u.branch, None, &sha).await {
+            match git.range(&u.name, &u.url, &branch, None, &sha).await {
                 Ok((c, _)) if !c.is_empty() => c,
                 _ => vec![Commit {
                     sha,

@@ -6,7 +6,11 @@
 use serde::{Deserialize, Serialize};
 
 use super::Pipeline;
+use super::PipelineError;
+use super::git::Tip;
 use crate::commit::short;
+use crate::config::{ProjectConfig, UpstreamConfig};
+use crate::results::ProjectRow;
 use crate::store::{StoreError, id_key, now_ms};
 
 /// A branch head as last seen.
@@ -16,7 +20,17 @@ pub(crate) struct Head {
     pub(crate) commit: String,
     /// When polling first saw it, ms.
     pub(crate) seen_at_ms: u64,
+    /// The branch it is the head of: the configured one, or the
+    /// repository's default branch when none is configured. Empty in a
+    /// head an older hub wrote: it followed `main` unless configured
+    /// otherwise (see [`OLD_DEFAULT_BRANCH`]).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub(crate) branch: String,
 }
+
+/// The branch hubs before the default-branch lookup followed when none was
+/// configured: what a head they stored without its branch is the head of.
+const OLD_DEFAULT_BRANCH: &str = "main";
 
 /// Whose branch a head is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -133,15 +147,26 @@ impl Pipeline {
         self.inner.heads.get(head_key(repo, name))
     }
 
-    /// Records `commit` as the head (durably); false if it already was.
-    async fn save_head(&self, repo: Repo, name: &str, commit: &str) -> Result<bool, StoreError> {
-        if self.head(repo, name)?.is_some_and(|h| h.commit == commit) {
+    /// Records `tip` as the head (durably); false if its commit already
+    /// was (a default branch renamed on the same commit is recorded, too).
+    async fn save_head(&self, repo: Repo, name: &str, tip: &Tip) -> Result<bool, StoreError> {
+        let old = self.head(repo, name)?;
+        if old
+            .as_ref()
+            .is_some_and(|h| h.commit == tip.commit && h.branch == tip.branch)
+        {
             return Ok(false);
         }
+        let new_commit = old.as_ref().is_none_or(|h| h.commit != tip.commit);
+        let commit = tip.commit.as_str();
         let heads = &self.inner.heads;
         let head = Head {
             commit: commit.to_owned(),
-            seen_at_ms: now_ms(),
+            seen_at_ms: match old {
+                Some(h) if !new_commit => h.seen_at_ms,
+                _ => now_ms(),
+            },
+            branch: tip.branch.clone(),
         };
         let mut batch = sled::Batch::default();
         heads.stage(&mut batch, head_key(repo, name), &head)?;
@@ -157,7 +182,7 @@ impl Pipeline {
         heads.apply(batch)?;
         heads.store().commit().await?;
         self.inner.results.changes().bump();
-        Ok(true)
+        Ok(new_commit)
     }
 
     /// When polling first saw `commit` as `upstream`'s head (its order), or
@@ -170,6 +195,7 @@ impl Pipeline {
         })
     }
 
+    /// Records a poll's error (empty: it worked); logs only its changes.
     fn set_poll_error(&self, what: String, error: String) {
         let mut errors = self
             .inner
@@ -199,22 +225,78 @@ impl Pipeline {
             .unwrap_or_default()
     }
 
-    /// Polls one branch head: records a new head and the poll's error
-    /// state. The head, once it is durably recorded.
-    async fn poll_head(&self, repo: Repo, name: &str, url: &str, branch: &str) -> Option<String> {
+    /// The branch followed without asking git: the configured one, else
+    /// the one stored with the head (the default branch a poll found);
+    /// `None` before the first poll of a repository with no branch
+    /// configured.
+    pub(super) fn known_branch(
+        &self,
+        repo: Repo,
+        name: &str,
+        configured: Option<&str>,
+    ) -> Result<Option<String>, StoreError> {
+        if let Some(branch) = configured {
+            return Ok(Some(branch.to_owned()));
+        }
+        Ok(self.head(repo, name)?.map(|h| match h.branch.is_empty() {
+            true => OLD_DEFAULT_BRANCH.to_owned(),
+            false => h.branch,
+        }))
+    }
+
+    /// A project as `status` shows it: its branch (empty: not polled yet),
+    /// head and poll error.
+    pub(super) fn project_row(&self, p: &ProjectConfig) -> Result<ProjectRow, PipelineError> {
+        let facts = self.repo_facts(Repo::Project, &p.name, &p.url, p.branch.as_deref())?;
+        let head = facts.head.unwrap_or_default();
+        Ok(ProjectRow {
+            name: p.name.clone(),
+            url: facts.url,
+            branch: facts.branch,
+            head: head.commit,
+            head_seen_at_ms: head.seen_at_ms,
+            poll_error: facts.poll_error,
+        })
+    }
+
+    /// The branch of an upstream that its commit mirror fetches: the
+    /// configured one, else the one stored with its head, else asked of the
+    /// repository now (it was never polled).
+    pub(super) async fn upstream_branch(
+        &self,
+        u: &UpstreamConfig,
+    ) -> Result<String, PipelineError> {
+        if let Some(branch) = self.known_branch(Repo::Upstream, &u.name, u.branch.as_deref())? {
+            return Ok(branch);
+        }
+        Ok(self.inner.git.head(&u.url, None).await?.branch)
+    }
+
+    /// Polls one branch head (without `branch`: the repository's default
+    /// branch): records a new head and the poll's state. The head, once it
+    /// is durably recorded.
+    async fn poll_head(
+        &self,
+        repo: Repo,
+        name: &str,
+        url: &str,
+        branch: Option<&str>,
+    ) -> Option<String> {
         let what = repo.describe(name);
         match self.inner.git.head(url, branch).await {
-            Ok(commit) => {
+            Ok(tip) => {
                 self.set_poll_error(what.clone(), String::new());
-                match self.save_head(repo, name, &commit).await {
-                    Ok(true) => tracing::info!("{what}: new {branch} head {}", short(&commit)),
+                match self.save_head(repo, name, &tip).await {
+                    Ok(true) => {
+                        tracing::info!("{what}: new {} head {}", tip.branch, short(&tip.commit));
+                    }
                     Ok(false) => {}
                     Err(e) => {
                         tracing::error!("{what}: cannot record the new head: {e}");
                         return None;
                     }
                 }
-                Some(commit)
+                Some(tip.commit)
             }
             Err(e) => {
                 self.set_poll_error(what, e.to_string());
@@ -227,7 +309,7 @@ impl Pipeline {
     pub(super) async fn poll_upstream(&self, index: usize) {
         let u = &self.inner.upstreams[index];
         let Some(commit) = self
-            .poll_head(Repo::Upstream, &u.name, &u.url, &u.branch)
+            .poll_head(Repo::Upstream, &u.name, &u.url, u.branch.as_deref())
             .await
         else {
             return;
@@ -242,7 +324,7 @@ impl Pipeline {
     pub(super) async fn poll_project(&self, index: usize) {
         let p = &self.inner.projects[index];
         let Some(commit) = self
-            .poll_head(Repo::Project, &p.name, &p.url, &p.branch)
+            .poll_head(Repo::Project, &p.name, &p.url, p.branch.as_deref())
             .await
         else {
             return;

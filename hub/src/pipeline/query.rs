@@ -107,17 +107,21 @@ impl Pipeline {
             .collect()
     }
 
-    /// A configured repository's polling state.
-    fn repo_facts(
+    /// A configured repository's polling state; its branch is the
+    /// configured one, else the default branch polling found (empty before
+    /// the first poll).
+    pub(super) fn repo_facts(
         &self,
         repo: Repo,
         name: &str,
         url: &str,
-        branch: &str,
+        configured: Option<&str>,
     ) -> Result<RepoFacts, PipelineError> {
         Ok(RepoFacts {
             url: git::redact_url(url),
-            branch: branch.to_owned(),
+            branch: self
+                .known_branch(repo, name, configured)?
+                .unwrap_or_default(),
             head: self.head(repo, name)?,
             poll_error: self.poll_error(repo, name),
         })
@@ -198,7 +202,7 @@ impl Pipeline {
         let noise = results.noise(&p.name)?;
         Ok(ProjectFacts {
             name: p.name.clone(),
-            repo: self.repo_facts(Repo::Project, &p.name, &p.url, &p.branch)?,
+            repo: self.repo_facts(Repo::Project, &p.name, &p.url, p.branch.as_deref())?,
             series,
             flaky: noise
                 .flaky(rule)
@@ -301,7 +305,7 @@ impl Pipeline {
         }
         Ok(UpstreamFacts {
             name: u.name.clone(),
-            repo: self.repo_facts(Repo::Upstream, &u.name, &u.url, &u.branch)?,
+            repo: self.repo_facts(Repo::Upstream, &u.name, &u.url, u.branch.as_deref())?,
             platforms: u.platforms.clone(),
             commits: rows,
             bisections,

@@ -15,6 +15,7 @@ use trunkfarm_proto::v1::{
     ArtifactChunk, ArtifactMeta, HubMessage, JobRef, JobResult, MailState, Outcome, ReportFile,
 };
 
+use super::git::Tip;
 use super::*;
 use crate::artifacts::Origin;
 use crate::dispatch::{DispatchSettings, Outgoing};
@@ -35,6 +36,8 @@ pub(crate) struct FakeGit {
     stall: AtomicBool,
     stalled: Notify,
     released: Notify,
+    /// The one branch every repository has, its default; empty: `main`.
+    default_branch: Mutex<String>,
 }
 
 impl FakeGit {
@@ -75,11 +78,24 @@ impl FakeGit {
 
 #[tonic::async_trait]
 impl Repos for FakeGit {
-    async fn head(&self, url: &str, branch: &str) -> Result<String, GitError> {
+    /// Every fake repository has one branch, its default
+    /// (`default_branch`, `main` unless set).
+    async fn head(&self, url: &str, branch: Option<&str>) -> Result<Tip, GitError> {
         let history = self.history(url)?;
-        let last = history.last();
-        last.map(|c| c.sha.clone())
-            .ok_or_else(|| GitError::NotFound(format!("branch {branch:?} does not exist")))
+        let default = match self.default_branch.lock().unwrap().as_str() {
+            "" => "main".to_owned(),
+            set => set.to_owned(),
+        };
+        let branch = branch.unwrap_or(&default);
+        match history.last() {
+            Some(c) if branch == default => Ok(Tip {
+                branch: branch.to_owned(),
+                commit: c.sha.clone(),
+            }),
+            _ => Err(GitError::NotFound(format!(
+                "branch {branch:?} does not exist"
+            ))),
+        }
     }
 
     async fn resolve(
@@ -2616,7 +2632,15 @@ pub(crate) async fn regressed_farm() -> Farm {
     f.join("alice-box", true).await;
     f.join("bob-box", true).await;
     f.dispatch.set_quarantined("a", true).await.unwrap();
-    green_trunk(&mut f).await;
+    green_then_regressed(&mut f).await;
+    assert_eq!(f.went_red("shouter").len(), 1);
+    f
+}
+
+/// Shouter green on a first runtime, then red on the next one and classed
+/// regressed by its re-runs.
+async fn green_then_regressed(f: &mut Farm) {
+    green_trunk(f).await;
     f.git.commit(RT);
     f.pipeline.poll_upstream(0).await;
     f.run_jobs(passed).await;
@@ -2625,6 +2649,82 @@ pub(crate) async fn regressed_farm() -> Farm {
     f.take_in().await;
     f.run_jobs(regressed).await;
     f.take_in().await;
-    assert_eq!(f.went_red("shouter").len(), 1);
-    f
+}
+
+// ---- Errors in the open (issue 14 item 5) ----
+
+/// A project whose poll fails says why in `status` (and its JSON), not only
+/// in the hub's log; a project without `branch` follows the repository's
+/// default branch, and `status` names the branch found.
+#[tokio::test]
+async fn a_projects_poll_error_is_shown_in_status() {
+    let config = CONFIG.replace(
+        "name = \"shouter\"\n",
+        "name = \"shouter\"\nbranch = \"trunk\"\n",
+    );
+    let f = Farm::with_config(&config).await;
+    let adder = f.git.commit(ADDER);
+    f.git.commit(SHOUTER);
+    let before = f.pipeline.status("").unwrap();
+    assert_eq!(before.projects[0].branch, "", "not polled yet");
+    f.pipeline.poll_project(0).await;
+    f.pipeline.poll_project(1).await;
+
+    let status = f.pipeline.status("rt").unwrap();
+    let names: Vec<&str> = status.projects.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, ["adder", "shouter"]);
+    let (a, s) = (&status.projects[0], &status.projects[1]);
+    assert_eq!(a.branch, "main", "the default branch polling found");
+    assert_eq!(a.head, adder);
+    assert!(a.poll_error.is_empty(), "{}", a.poll_error);
+    assert_eq!(s.branch, "trunk", "the configured branch");
+    assert!(s.head.is_empty());
+    assert!(
+        s.poll_error.contains("branch \"trunk\" does not exist"),
+        "{}",
+        s.poll_error
+    );
+
+    // adder's server goes away: its last head stays, the error is shown,
+    // over the wire too.
+    f.git.broken.lock().unwrap().insert(ADDER.into());
+    f.pipeline.poll_project(0).await;
+    let wire = trunkfarm_proto::v1::GetStatusResponse::from(f.pipeline.status("").unwrap());
+    let a = &wire.projects[0];
+    assert_eq!(a.head, adder);
+    assert!(a.poll_error.contains("could not read"), "{}", a.poll_error);
+    f.git.broken.lock().unwrap().clear();
+    f.pipeline.poll_project(0).await;
+    assert!(
+        f.pipeline.status("").unwrap().projects[0]
+            .poll_error
+            .is_empty()
+    );
+}
+
+/// An upstream without `branch` follows its repository's default branch;
+/// the branch found is stored with its head, and the went-red mail names
+/// it (it used to name the config's, "default branch"), also after the
+/// hub restarted (nothing polled yet).
+#[tokio::test]
+async fn a_went_red_mail_names_the_default_branch_polling_found() {
+    let mut f = Farm::new().await;
+    *f.git.default_branch.lock().unwrap() = "trunk".into();
+    green_then_regressed(&mut f).await;
+    let t = &f.transitions("shouter")[0];
+    assert_eq!(kind(t), TransitionKind::WentRed);
+    assert_eq!(t.branch, "trunk");
+    let mails = f.queued_mails();
+    let red = mails
+        .iter()
+        .find(|m| m.subject.contains("went red"))
+        .unwrap_or_else(|| panic!("{mails:?}"));
+    assert!(red.subject.contains("with rt trunk "), "{}", red.subject);
+
+    // A restarted hub knows the branch from the stored head before it
+    // polls (breakage and status need no git for it).
+    f.restart().await;
+    *f.git.broken.lock().unwrap() = [RT.to_owned()].into();
+    assert_eq!(f.pipeline.status("").unwrap().upstreams[0].branch, "trunk");
+    f.pipeline.breakage("rt", "").await.unwrap();
 }

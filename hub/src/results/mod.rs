@@ -48,8 +48,8 @@ pub(crate) use classify::{CulpritRange, SeriesState, run_status};
 pub(crate) use confirm::{ConfirmState, Confirmation, Hold, Judged, Rerun, Rules, Said};
 pub(crate) use noise::{FlakyRule, Noise, TestNoise, wire as noise_wire};
 pub(crate) use query::{
-    Breakage, Grid, GridSeries, HistoryRequest, OpenRun, SeriesHistory, UpstreamHistory,
-    UpstreamRow,
+    Breakage, Grid, GridSeries, HistoryRequest, OpenRun, ProjectRow, SeriesHistory,
+    UpstreamHistory, UpstreamRow,
 };
 pub(crate) use records::{Bisect, BisectState};
 pub(crate) use records::{BuildInfo, Class, Commit, RunInfo, TestCase, Transition};
@@ -205,6 +205,13 @@ pub(crate) trait Culprits: Send + Sync {
     /// (`pipeline.bisect_max_builds` > 0; see `bisection.rs`).
     fn bisects(&self) -> bool {
         false
+    }
+
+    /// The upstream's branch as its head was last polled (the default
+    /// branch found, when none is configured; empty when unknown): stored
+    /// with each transition for the mails that name it.
+    fn branch(&self, _upstream: &str) -> String {
+        String::new()
     }
 }
 
@@ -746,6 +753,7 @@ impl Results {
                     t.at_ms = now_ms();
                     t.culprits = listed;
                     t.culprits_error = listed_error;
+                    t.branch = culprits.branch(&t.upstream);
                     if culprits.bisects() {
                         bisection::join(&self.table, &mut batch, &mut t)?;
                     }

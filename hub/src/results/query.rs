@@ -33,6 +33,26 @@ pub(crate) struct Grid {
     pub(crate) upstreams: Vec<UpstreamRow>,
     /// Every upstream's series, in the order asked.
     pub(crate) cells: Vec<Cell>,
+    /// The projects of those series, as polling sees them (what the caller
+    /// describes; nothing of it is stored in results).
+    pub(crate) projects: Vec<ProjectRow>,
+}
+
+/// A project as the grid shows it: its branch and whether polling it works.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct ProjectRow {
+    /// Its name.
+    pub(crate) name: String,
+    /// Its URL, with any credentials removed.
+    pub(crate) url: String,
+    /// The configured branch, or the default branch the last poll found.
+    pub(crate) branch: String,
+    /// The branch head last seen by polling.
+    pub(crate) head: String,
+    /// When that head was first seen, ms.
+    pub(crate) head_seen_at_ms: u64,
+    /// Empty when the last poll worked.
+    pub(crate) poll_error: String,
 }
 
 /// An upstream as the grid shows it: what the caller describes (from the
@@ -193,10 +213,36 @@ fn name_subjects<'a>(commits: &mut [Commit], transitions: impl Iterator<Item = &
 
 impl From<Grid> for v1::GetStatusResponse {
     fn from(g: Grid) -> v1::GetStatusResponse {
-        let Grid { upstreams, cells } = g;
+        let Grid {
+            upstreams,
+            cells,
+            projects,
+        } = g;
         v1::GetStatusResponse {
             upstreams: upstreams.into_iter().map(Into::into).collect(),
             cells: cells.into_iter().map(Into::into).collect(),
+            projects: projects.into_iter().map(Into::into).collect(),
+        }
+    }
+}
+
+impl From<ProjectRow> for v1::ProjectInfo {
+    fn from(p: ProjectRow) -> v1::ProjectInfo {
+        let ProjectRow {
+            name,
+            url,
+            branch,
+            head,
+            head_seen_at_ms,
+            poll_error,
+        } = p;
+        v1::ProjectInfo {
+            name,
+            url,
+            branch,
+            head,
+            head_seen_at_ms,
+            poll_error,
         }
     }
 }

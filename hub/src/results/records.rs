@@ -196,6 +196,11 @@ pub(crate) struct Transition {
     /// skipped"). Not written when empty.
     #[serde(skip_serializing_if = "String::is_empty")]
     pub(crate) suspicious: String,
+    /// The upstream's branch when it was recorded (the default branch its
+    /// poll found, when none is configured): what mails name. Empty in
+    /// older records and when unknown. Not written when empty.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub(crate) branch: String,
 }
 
 /// What a result that would change its series turned out to be, once its
@@ -460,6 +465,8 @@ impl From<Transition> for v1::Transition {
             class,
             bisect,
             suspicious,
+            // Mails name it; the admin API's transitions do not (yet).
+            branch: _,
         } = t;
         v1::Transition {
             id,

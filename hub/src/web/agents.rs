@@ -96,24 +96,7 @@ pub(crate) fn agents(site: &Site) -> Result<AgentsView, String> {
     let mut agents: Vec<AgentView> = infos
         .into_iter()
         .map(|a| {
-            let status = if a.revoked {
-                "revoked"
-            } else if !a.quarantined.is_empty() {
-                "quarantined"
-            } else if a.draining {
-                "draining"
-            } else if a.connected {
-                "connected"
-            } else {
-                "offline"
-            };
-            let unavailable = match status {
-                "revoked" => "its credential was revoked".to_string(),
-                "quarantined" => format!("quarantined: {}", a.quarantined),
-                "draining" => "draining: finishing its jobs, then leaving".to_string(),
-                "offline" => "not connected".to_string(),
-                _ => String::new(),
-            };
+            let (status, unavailable) = crate::dispatch::availability(&a);
             let caps = a.capabilities.unwrap_or_default();
             AgentView {
                 jobs_done: done.get(&a.agent_id).copied().unwrap_or(0),
