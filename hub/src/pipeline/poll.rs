@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::Pipeline;
 use super::PipelineError;
-use super::git::Tip;
+use super::git::{GitError, Tip};
 use crate::commit::short;
 use crate::config::{ProjectConfig, UpstreamConfig};
 use crate::results::ProjectRow;
@@ -275,6 +275,12 @@ impl Pipeline {
     /// Polls one branch head (without `branch`: the repository's default
     /// branch): records a new head and the poll's state. The head, once it
     /// is durably recorded.
+    ///
+    /// The default branch is looked up once and then followed by name (it
+    /// is stored with the head): a repository whose HEAD points elsewhere
+    /// for a while (a checkout of a work branch in a non-bare repository)
+    /// does not make the hub follow that branch. Only when the followed
+    /// branch is gone (renamed) is the default looked up again.
     async fn poll_head(
         &self,
         repo: Repo,
@@ -283,7 +289,29 @@ impl Pipeline {
         branch: Option<&str>,
     ) -> Option<String> {
         let what = repo.describe(name);
-        match self.inner.git.head(url, branch).await {
+        let followed = match branch {
+            Some(_) => None,
+            None => match self.head(repo, name) {
+                Ok(h) => h.map(|h| h.branch).filter(|b| !b.is_empty()),
+                Err(e) => {
+                    tracing::error!("{what}: cannot read the stored head: {e}");
+                    return None;
+                }
+            },
+        };
+        let polled = match self
+            .inner
+            .git
+            .head(url, branch.or(followed.as_deref()))
+            .await
+        {
+            Err(GitError::NotFound(gone)) if followed.is_some() => {
+                tracing::info!("{what}: {gone}; following the default branch again");
+                self.inner.git.head(url, None).await
+            }
+            polled => polled,
+        };
+        match polled {
             Ok(tip) => {
                 self.set_poll_error(what.clone(), String::new());
                 match self.save_head(repo, name, &tip).await {

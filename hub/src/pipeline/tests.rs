@@ -38,6 +38,8 @@ pub(crate) struct FakeGit {
     released: Notify,
     /// The one branch every repository has, its default; empty: `main`.
     default_branch: Mutex<String>,
+    /// Other branch names that exist, at the same commits as the default.
+    other_branches: Mutex<HashSet<String>>,
 }
 
 impl FakeGit {
@@ -88,10 +90,14 @@ impl Repos for FakeGit {
         };
         let branch = branch.unwrap_or(&default);
         match history.last() {
-            Some(c) if branch == default => Ok(Tip {
-                branch: branch.to_owned(),
-                commit: c.sha.clone(),
-            }),
+            Some(c)
+                if branch == default || self.other_branches.lock().unwrap().contains(branch) =>
+            {
+                Ok(Tip {
+                    branch: branch.to_owned(),
+                    commit: c.sha.clone(),
+                })
+            }
             _ => Err(GitError::NotFound(format!(
                 "branch {branch:?} does not exist"
             ))),
@@ -2727,4 +2733,28 @@ async fn a_went_red_mail_names_the_default_branch_polling_found() {
     *f.git.broken.lock().unwrap() = [RT.to_owned()].into();
     assert_eq!(f.pipeline.status("").unwrap().upstreams[0].branch, "trunk");
     f.pipeline.breakage("rt", "").await.unwrap();
+}
+
+/// The default branch is followed by name once found (a HEAD pointing
+/// elsewhere for a while changes nothing); when it is renamed (the old name
+/// gone), the default is looked up again.
+#[tokio::test]
+async fn a_renamed_default_branch_is_found_again() {
+    let f = Farm::new().await;
+    *f.git.default_branch.lock().unwrap() = "trunk".into();
+    f.git.commit(RT);
+    f.poll_upstream(0).await;
+    assert_eq!(f.pipeline.status("").unwrap().upstreams[0].branch, "trunk");
+    // HEAD points at a work branch for a while: trunk is still followed.
+    f.git.other_branches.lock().unwrap().insert("trunk".into());
+    *f.git.default_branch.lock().unwrap() = "push".into();
+    f.poll_upstream(0).await;
+    assert_eq!(f.pipeline.status("").unwrap().upstreams[0].branch, "trunk");
+    // trunk renamed to main: the default is looked up again.
+    f.git.other_branches.lock().unwrap().clear();
+    *f.git.default_branch.lock().unwrap() = "main".into();
+    f.poll_upstream(0).await;
+    let row = &f.pipeline.status("").unwrap().upstreams[0];
+    assert_eq!(row.branch, "main");
+    assert_eq!(row.poll_error, "", "{row:?}");
 }
