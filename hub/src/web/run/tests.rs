@@ -240,6 +240,49 @@ async fn a_queued_job_says_why_it_waits_and_an_unknown_one_is_404() {
     assert!(page.contains("<script src=\"/static/tail.js\" defer></script>"));
 }
 
+/// Why a job waits names the agents that refuse it by their display
+/// names: an agent's id is half its credential (`{id}.{secret}`), and the
+/// run page is public.
+#[tokio::test]
+async fn why_a_job_waits_names_agents_by_name_never_by_id() {
+    let f = regressed_farm().await;
+    let site = f.site();
+    // An agent with the label `gpu` but not `linux`; the others have
+    // `linux` only: each refuses the job for a reason of its own.
+    let gpu = f.enroll("gpu-box", Default::default()).await;
+    let _rx =
+        crate::dispatch::tests::join_as(&site.dispatch, &gpu, "gpu-box", 1, &["gpu"], &[], true)
+            .await;
+    let id = site
+        .dispatch
+        .submit(
+            JobSpec {
+                commands: vec!["nvidia-smi".into()],
+                labels: vec!["linux".into(), "gpu".into()],
+                ..Default::default()
+            },
+            1,
+        )
+        .await
+        .unwrap();
+    let (_, json) = get_json(&site, &format!("/api/v1/runs/{id}")).await;
+    let waiting = s(&json, "waiting");
+    assert_eq!(
+        waiting,
+        "agent `A` lacks label `gpu`; agent `alice-box` lacks label `gpu`; \
+         agent `bob-box` lacks label `gpu`; agent `gpu-box` lacks label `linux`"
+    );
+    let (_, page) = get(&site, &format!("/runs/{id}")).await;
+    assert!(page.contains(&shown(waiting)), "{page}");
+    let agents = site.credentials.list_agents().unwrap();
+    assert_eq!(agents.len(), 3);
+    for a in agents {
+        assert!(a.id.starts_with("ag_"), "{}", a.id);
+        assert!(!page.contains(&a.id), "{} on the page:\n{page}", a.id);
+        assert!(!json.to_string().contains(&a.id), "{} in {json:#}", a.id);
+    }
+}
+
 #[tokio::test]
 async fn the_log_is_paged_from_its_end_and_the_api_pages_it_the_same() {
     let f = regressed_farm().await;
