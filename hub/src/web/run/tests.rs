@@ -283,6 +283,49 @@ async fn why_a_job_waits_names_agents_by_name_never_by_id() {
     }
 }
 
+/// The transition a run made is looked for among those recorded since its
+/// job was created, not in the whole history: a job that made none costs
+/// the transitions since it.
+#[tokio::test]
+async fn a_runs_transition_is_looked_for_only_since_its_job_was_created() {
+    let f = regressed_farm().await;
+    let site = f.site();
+    let all = site.pipeline.transitions("", "", usize::MAX, true).unwrap();
+    let went_red = all
+        .iter()
+        .find(|t| t.kind == TransitionKind::WentRed as i32)
+        .unwrap();
+    let rec = site.dispatch.get(went_red.job_id).unwrap().unwrap();
+    let facts = site.pipeline.run_facts(&rec).await.unwrap();
+    assert_eq!(facts.transition.map(|t| t.id), Some(went_red.id));
+    // The same job, had it been created after the transition was recorded:
+    // the scan stops before reaching it.
+    let later = JobRecord {
+        created_at_ms: went_red.at_ms + 1,
+        ..rec
+    };
+    let facts = site.pipeline.run_facts(&later).await.unwrap();
+    assert!(facts.transition.is_none(), "{:?}", facts.transition);
+    // A finished job that made no transition: its page says none.
+    let quiet = site
+        .dispatch
+        .list(
+            |j| {
+                j.result.is_some()
+                    && !all
+                        .iter()
+                        .any(|t| t.job_id == j.id || t.confirmed_by_job == j.id)
+            },
+            1,
+        )
+        .unwrap()
+        .pop()
+        .expect("a job without a transition");
+    let (status, json) = get_json(&site, &format!("/api/v1/runs/{}", quiet.id)).await;
+    assert_eq!(status, StatusCode::OK, "{json:#}");
+    assert_eq!(json["transition"], "", "{json:#}");
+}
+
 #[tokio::test]
 async fn the_log_is_paged_from_its_end_and_the_api_pages_it_the_same() {
     let f = regressed_farm().await;
