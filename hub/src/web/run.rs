@@ -709,7 +709,9 @@ fn confirmation_words(c: &ConfirmationView, original: bool) -> String {
 /// runtime unpacked where the agent puts it, its repository at its commit,
 /// its environment, and each command the way the agent runs it (`sh -c`,
 /// stopping at the first failure). Credentials never appear: the stored
-/// spec has none, and URLs are redacted again in case.
+/// spec has none, URLs are redacted again in case, and the values of
+/// variables whose names look secret ([`secret_name`]) are not shown (the
+/// page is public). Names and values are shell-quoted.
 fn reproduce(rec: &JobRecord, facts: &RunFacts) -> String {
     let spec = &rec.spec;
     let mut s = format!(
@@ -746,12 +748,38 @@ fn reproduce(rec: &JobRecord, facts: &RunFacts) -> String {
     let mut env: Vec<_> = spec.env.iter().collect();
     env.sort();
     for (k, val) in env {
-        s.push_str(&format!("export {k}={}\n", quote(&redact_text(val))));
+        let shown = match secret_name(k) {
+            true => REDACTED.to_owned(),
+            false => redact_text(val),
+        };
+        s.push_str(&format!("export {}={}\n", quote(k), quote(&shown)));
     }
     for c in &spec.commands {
         s.push_str(&format!("sh -c {}\n", quote(&redact_text(c))));
     }
     s
+}
+
+/// What the run page shows instead of a secret-looking variable's value.
+const REDACTED: &str = "<redacted>";
+
+/// Words in an environment variable's name (any case) that mark its value
+/// as a secret the public run page must not show.
+const SECRET_WORDS: [&str; 7] = [
+    "TOKEN",
+    "SECRET",
+    "PASSWORD",
+    "PASSWD",
+    "KEY",
+    "CREDENTIAL",
+    "AUTH",
+];
+
+/// Whether environment variable `name` looks like it holds a secret
+/// (`GITHUB_TOKEN`, `api_key`, `DB_PASSWD`, …): its value is redacted.
+fn secret_name(name: &str) -> bool {
+    let upper = name.to_ascii_uppercase();
+    SECRET_WORDS.iter().any(|w| upper.contains(w))
 }
 
 fn human(ms: u64) -> String {

@@ -326,6 +326,60 @@ async fn a_runs_transition_is_looked_for_only_since_its_job_was_created() {
     assert_eq!(json["transition"], "", "{json:#}");
 }
 
+/// The reproduce-it-locally commands are public: a secret-looking
+/// variable's value is not shown, and names and values are shell-quoted.
+#[tokio::test]
+async fn reproducing_a_job_hides_secret_looking_env_values_and_quotes_the_rest() {
+    let f = regressed_farm().await;
+    let site = f.site();
+    let env = [
+        ("GITHUB_TOKEN", "ghp_t0ken"),
+        ("api_key", "k3y-value"),
+        ("Db_Passwd", "hunter2"),
+        ("AWS_SECRET_ACCESS_KEY", "s3cr3t"),
+        ("NPM_AUTH", "npm-auth-value"),
+        ("CREDENTIALS_JSON", "{\"c\": 1}"),
+        ("MODE", "fast and loose"),
+        ("X$(id)", "it's"),
+    ];
+    let id = site
+        .dispatch
+        .submit(
+            JobSpec {
+                commands: vec!["make test".into()],
+                labels: vec!["gpu".into()],
+                env: env
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                ..Default::default()
+            },
+            1,
+        )
+        .await
+        .unwrap();
+    let (_, json) = get_json(&site, &format!("/api/v1/runs/{id}")).await;
+    let reproduce = s(&json, "reproduce");
+    let (_, page) = get(&site, &format!("/runs/{id}")).await;
+    assert!(page.contains(&shown(reproduce)), "{page}");
+    for (name, value) in &env[..6] {
+        assert!(
+            reproduce.contains(&format!("export {name}='<redacted>'\n")),
+            "{name}: {reproduce}"
+        );
+        assert!(!reproduce.contains(value), "{value}: {reproduce}");
+        assert!(!page.contains(&shown(value)), "{value} on the page");
+    }
+    assert!(
+        reproduce.contains("export MODE='fast and loose'\n"),
+        "{reproduce}"
+    );
+    assert!(
+        reproduce.contains("export 'X$(id)'='it'\\''s'\n"),
+        "{reproduce}"
+    );
+}
+
 #[tokio::test]
 async fn the_log_is_paged_from_its_end_and_the_api_pages_it_the_same() {
     let f = regressed_farm().await;
