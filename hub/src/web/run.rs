@@ -304,7 +304,7 @@ async fn log_api(
         let rec = record(site, id)?;
         let info = log_info(&rec, q.attempt)?;
         let limit = q.limit.unwrap_or(LOG_PAGE);
-        read_log(site, id, &info, q.offset, limit)
+        read_log(site, id, &info, q.offset, limit, None)
     };
     match answer.await {
         Ok(page) => view::json(&page),
@@ -347,20 +347,22 @@ fn log_info(rec: &JobRecord, asked: Option<u32>) -> Result<LogInfo, Refusal> {
 }
 
 /// One page of the log `info` names: `limit` bytes (capped) from
-/// `offset`, or the last ones.
+/// `offset`, or the last ones (of `size`, when this request measured the
+/// log already: its chunks are walked once more, not twice).
 fn read_log(
     site: &Site,
     id: u64,
     info: &LogInfo,
     offset: Option<u64>,
     limit: u64,
+    size: Option<u64>,
 ) -> Result<LogPage, Refusal> {
     let limit = limit.clamp(1, MAX_LOG_LIMIT);
     let range = if info.attempt == 0 {
         LogRange::default()
     } else {
         site.logs
-            .range(id, info.attempt, offset, limit)
+            .range(id, info.attempt, offset, limit, size)
             .map_err(|e| {
                 (
                     StatusCode::INTERNAL_SERVER_ERROR,
@@ -380,7 +382,8 @@ fn read_log(
     })
 }
 
-/// The page of the log the run page shows.
+/// The page of the log the run page shows. The view measured its current
+/// attempt's log ([`run`]): that size is passed on, not measured again.
 fn log_page(
     site: &Site,
     view: &RunView,
@@ -390,7 +393,8 @@ fn log_page(
 ) -> Result<LogPage, Refusal> {
     let rec = record(site, view.id)?;
     let info = log_info(&rec, attempt)?;
-    read_log(site, view.id, &info, offset, limit)
+    let measured = (info.attempt == view.log.attempt).then_some(view.log.size);
+    read_log(site, view.id, &info, offset, limit, measured)
 }
 
 /// A range's bytes as text, without the pieces of a character its ends

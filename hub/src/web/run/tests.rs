@@ -415,8 +415,12 @@ async fn the_log_is_paged_from_its_end_and_the_api_pages_it_the_same() {
     let stored = site.logs.size(id, attempt).unwrap();
     assert!(stored >= log.len() as u64);
 
-    // The page shows the end, with a link to the page before.
+    // The page shows the end, with a link to the page before; it walks the
+    // attempt's chunks twice (measuring the log once, then reading its page).
+    let walks = || site.logs.walks.load(std::sync::atomic::Ordering::Relaxed);
+    let before = walks();
     let (_, page) = get(&site, &format!("/runs/{id}")).await;
+    assert_eq!(walks() - before, 2);
     assert!(page.contains("line 19999"));
     assert!(!page.contains("line 00000"));
     let earlier = stored - 2 * LOG_PAGE;
