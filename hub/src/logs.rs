@@ -84,6 +84,10 @@ pub(crate) struct JobLogs {
     /// one chunk (an old session still draining, a new one resending) are
     /// stored and counted once.
     attempts: Mutex<HashMap<(u64, u32), AttemptLog>>,
+    /// Walks of an attempt's chunks ([`JobLogs::range`], [`JobLogs::size`]):
+    /// tests count what one request reads.
+    #[cfg(test)]
+    pub(crate) walks: std::sync::atomic::AtomicUsize,
 }
 
 fn key(job_id: u64, attempt: u32, seq: u64) -> [u8; 20] {
@@ -112,6 +116,8 @@ impl JobLogs {
             max_bytes,
             live: Mutex::new(HashMap::new()),
             attempts: Mutex::new(HashMap::new()),
+            #[cfg(test)]
+            walks: Default::default(),
         })
     }
 
@@ -303,7 +309,10 @@ impl JobLogs {
 
     /// Bytes `offset..offset + limit` of one attempt's log (its chunks'
     /// data in seq order, as [`JobLogs::read`] would concatenate them) and
-    /// the log's total size; `offset` `None`: the last `limit` bytes.
+    /// the log's total size; `offset` `None`: the last `limit` bytes of
+    /// the log's `size`, measured here unless the caller did already (a
+    /// request that measured it once passes it on rather than walking the
+    /// chunks again).
     ///
     /// Only the chunks that overlap the range are copied: the others are
     /// only measured (sled hands out shared views of stored values), so a
@@ -314,12 +323,17 @@ impl JobLogs {
         attempt: u32,
         offset: Option<u64>,
         limit: u64,
+        size: Option<u64>,
     ) -> Result<LogRange, StoreError> {
         let prefix = Self::attempt_prefix(job_id, attempt);
-        let offset = match offset {
-            Some(o) => o,
-            None => self.size(job_id, attempt)?.saturating_sub(limit),
+        let offset = match (offset, size) {
+            (Some(o), _) => o,
+            (None, Some(size)) => size.saturating_sub(limit),
+            (None, None) => self.size(job_id, attempt)?.saturating_sub(limit),
         };
+        #[cfg(test)]
+        self.walks
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let end = offset.saturating_add(limit);
         let mut data = Vec::new();
         let mut pos = 0u64;
@@ -347,6 +361,9 @@ impl JobLogs {
     /// The size of one attempt's stored log, in bytes (measured, nothing
     /// copied).
     pub(crate) fn size(&self, job_id: u64, attempt: u32) -> Result<u64, StoreError> {
+        #[cfg(test)]
+        self.walks
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut total = 0u64;
         for item in self.table.scan_raw(Self::attempt_prefix(job_id, attempt)) {
             let (k, v) = item?;
@@ -541,19 +558,28 @@ mod tests {
         logs.append(chunk(6, 1, 2, "defg")).unwrap();
         logs.append(chunk(6, 1, 3, "hi")).unwrap();
         logs.append(chunk(6, 2, 1, "other attempt")).unwrap();
-        let r = logs.range(6, 1, Some(2), 4).unwrap();
+        let r = logs.range(6, 1, Some(2), 4, None).unwrap();
         assert_eq!(
             (r.data.as_slice(), r.offset, r.next_offset, r.total),
             (&b"cdef"[..], 2, 6, 9)
         );
-        let tail = logs.range(6, 1, None, 3).unwrap();
+        let tail = logs.range(6, 1, None, 3, None).unwrap();
         assert_eq!(
             (tail.data.as_slice(), tail.offset, tail.total),
             (&b"ghi"[..], 6, 9)
         );
-        let past = logs.range(6, 1, Some(50), 3).unwrap();
+        // The size measured already is not measured again: one walk.
+        let walks = || logs.walks.load(std::sync::atomic::Ordering::Relaxed);
+        let before = walks();
+        let known = logs.range(6, 1, None, 3, Some(9)).unwrap();
+        assert_eq!((known.data, known.offset), (tail.data, tail.offset));
+        assert_eq!(walks() - before, 1);
+        let past = logs.range(6, 1, Some(50), 3, None).unwrap();
         assert_eq!((past.data.len(), past.offset, past.next_offset), (0, 9, 9));
-        assert_eq!(logs.range(6, 1, Some(0), 100).unwrap().data, b"abcdefghi");
+        assert_eq!(
+            logs.range(6, 1, Some(0), 100, None).unwrap().data,
+            b"abcdefghi"
+        );
         assert_eq!(logs.size(6, 2).unwrap(), 13);
         assert_eq!(logs.size(7, 1).unwrap(), 0);
     }

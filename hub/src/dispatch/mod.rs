@@ -886,6 +886,12 @@ pub(crate) mod tests {
         join(d, id, slots, labels, held, true).await
     }
 
+    /// The display name these tests give agent `id`: its id in capitals,
+    /// so words that name an agent show which of the two they use.
+    fn name_of(id: &str) -> String {
+        id.to_uppercase()
+    }
+
     /// Connects agent `id`, trusted or a volunteer (the pipeline's tests
     /// use it too).
     pub(crate) async fn join(
@@ -896,9 +902,24 @@ pub(crate) mod tests {
         held: &[JobRef],
         trusted: bool,
     ) -> Rx {
+        join_as(d, id, &name_of(id), slots, labels, held, trusted).await
+    }
+
+    /// [`join`], for an agent whose display name is `name` (an enrolled
+    /// one's).
+    pub(crate) async fn join_as(
+        d: &Dispatcher,
+        id: &str,
+        name: &str,
+        slots: u32,
+        labels: &[&str],
+        held: &[JobRef],
+        trusted: bool,
+    ) -> Rx {
         let (tx, rx) = mpsc::unbounded_channel();
         let labels: Vec<String> = labels.iter().map(|s| s.to_string()).collect();
         let hello = Hello {
+            name: name.to_owned(),
             caps: Capabilities {
                 labels: labels.clone(),
                 max_parallel_jobs: slots,
@@ -1334,6 +1355,7 @@ pub(crate) mod tests {
         let id = d.submit(spec(&[]), 0).await.unwrap();
         let (tx, mut rx) = mpsc::unbounded_channel();
         let hello = Hello {
+            name: name_of("bare"),
             caps: Capabilities {
                 max_parallel_jobs: 1,
                 sandbox: "unavailable".into(),
@@ -1824,6 +1846,7 @@ pub(crate) mod tests {
     async fn donor(d: &Dispatcher, id: &str, caps: Capabilities, trusted: bool) -> Rx {
         let (tx, rx) = mpsc::unbounded_channel();
         let hello = Hello {
+            name: name_of(id),
             caps: Capabilities {
                 labels: vec!["linux".into()],
                 max_parallel_jobs: 1,
@@ -1865,7 +1888,7 @@ pub(crate) mod tests {
         let _b = agent(&d, "b", 1, &["gpu"], &[]).await;
         assert_eq!(
             waiting(&d, id),
-            "agent `a` lacks label `gpu`; agent `b` lacks label `linux`"
+            "agent `A` lacks label `gpu`; agent `B` lacks label `linux`"
         );
     }
 
@@ -1909,7 +1932,7 @@ pub(crate) mod tests {
         let id = d.submit(other, 0).await.unwrap();
         assert_eq!(
             waiting(&d, id),
-            "agent `box` only accepts projects lua, luajit (job is for `penlight`)"
+            "agent `BOX` only accepts projects lua, luajit (job is for `penlight`)"
         );
     }
 
@@ -1948,6 +1971,6 @@ pub(crate) mod tests {
         let _a = agent(&d, "a", 1, &["linux"], &[]).await;
         d.set_quarantined("a", true).await.unwrap();
         let id = d.submit(spec(&["linux"]), 0).await.unwrap();
-        assert_eq!(waiting(&d, id), "agent `a` is quarantined");
+        assert_eq!(waiting(&d, id), "agent `A` is quarantined");
     }
 }

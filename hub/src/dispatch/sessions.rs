@@ -78,6 +78,8 @@ const SANDBOX_UNAVAILABLE: &str = "unavailable";
 /// A connected agent, as the dispatcher sees it.
 struct Conn {
     session: u64,
+    /// Its display name (see [`Hello::name`]): what words about it say.
+    name: String,
     tx: AgentTx,
     caps: Capabilities,
     labels: HashSet<String>,
@@ -170,9 +172,11 @@ enum Busy {
     Full,
 }
 
-/// `agent `a`` or `agents `a`, `b``, and whether the subject is plural.
-fn agents_named(ids: &[&str]) -> (String, bool) {
-    let names: Vec<String> = ids.iter().map(|id| format!("`{id}`")).collect();
+/// `agent `a`` or `agents `a`, `b``, and whether the subject is plural:
+/// agents named by their display names, never their ids (an id is half
+/// an agent's credential, and these words reach public pages).
+fn agents_named(conns: &[&Conn]) -> (String, bool) {
+    let names: Vec<String> = conns.iter().map(|c| format!("`{}`", c.name)).collect();
     match names.len() {
         1 => (format!("agent {}", names[0]), false),
         _ => (format!("agents {}", names.join(", ")), true),
@@ -180,16 +184,16 @@ fn agents_named(ids: &[&str]) -> (String, bool) {
 }
 
 /// The agents listed with `kind`.
-fn of_kind<'a, K: PartialEq>(list: &[(K, &'a str)], kind: &K) -> Vec<&'a str> {
+fn of_kind<'a, K: PartialEq>(list: &[(K, &'a Conn)], kind: &K) -> Vec<&'a Conn> {
     list.iter()
         .filter(|(k, _)| k == kind)
-        .map(|(_, id)| *id)
+        .map(|(_, c)| *c)
         .collect()
 }
 
-/// `ids` named, then `singular` or `plural` (e.g. "is quarantined" / "are quarantined").
-fn say(ids: &[&str], singular: &str, plural: &str) -> String {
-    let (who, many) = agents_named(ids);
+/// `conns` named, then `singular` or `plural` (e.g. "is quarantined" / "are quarantined").
+fn say(conns: &[&Conn], singular: &str, plural: &str) -> String {
+    let (who, many) = agents_named(conns);
     format!("{who} {}", if many { plural } else { singular })
 }
 
@@ -218,6 +222,10 @@ pub(crate) struct ConnectedAgent {
 /// An agent whose session opens: what it said about itself, and what the
 /// hub grants it (see `auth::credentials::Grant::grant`).
 pub(crate) struct Hello {
+    /// The display name its donor chose (its credential's `name`). Words
+    /// about the agent that others may read (why a job waits) name it by
+    /// this, never by its id, which is half its credential.
+    pub(crate) name: String,
     /// What it claimed (shown as claimed; matching uses the grants below).
     pub(crate) caps: Capabilities,
     /// The labels it is matched by: its token's and its platform's.
@@ -299,6 +307,7 @@ impl Sessions {
             agent_id.to_owned(),
             Conn {
                 session,
+                name: hello.name,
                 tx: hello.tx,
                 max_parallel: hello.max_parallel.max(1) as usize,
                 caps: hello.caps,
@@ -410,22 +419,22 @@ impl Sessions {
             1 => return format!("no connected agent has label {}", unheld[0]),
             _ => return format!("no connected agent has labels {}", unheld.join(", ")),
         }
-        let mut ids: Vec<&String> = self.agents.keys().collect();
-        ids.sort();
-        let mut refused: Vec<(Refusal, &str)> = Vec::new();
+        // By name (then id, for a stable order among equal names).
+        let mut agents: Vec<(&String, &Conn)> = self.agents.iter().collect();
+        agents.sort_by_key(|(id, c)| (&c.name, *id));
+        let mut refused: Vec<(Refusal, &Conn)> = Vec::new();
         let mut excluded = Vec::new();
-        let mut busy: Vec<(Busy, &str)> = Vec::new();
+        let mut busy: Vec<(Busy, &Conn)> = Vec::new();
         let mut free = Vec::new();
-        for id in ids {
-            let c = &self.agents[id];
+        for (id, c) in agents {
             if let Some(r) = c.refuses(spec) {
-                refused.push((r, id.as_str()));
+                refused.push((r, c));
             } else if placement.exclude_agents.contains(id) {
-                excluded.push(id.as_str());
+                excluded.push(c);
             } else if let Some(b) = c.busy(now, self.stale_after) {
-                busy.push((b, id.as_str()));
+                busy.push((b, c));
             } else {
-                free.push(id.as_str());
+                free.push(c);
             }
         }
         let mut parts = Vec::new();
@@ -436,9 +445,9 @@ impl Sessions {
                 "take it at the next schedule",
             ));
         }
-        let full: Vec<&str> = of_kind(&busy, &Busy::Full);
+        let full: Vec<&Conn> = of_kind(&busy, &Busy::Full);
         if !full.is_empty() {
-            let running: usize = full.iter().map(|id| self.agents[*id].running.len()).sum();
+            let running: usize = full.iter().map(|c| c.running.len()).sum();
             if full.len() == busy.len() && free.is_empty() {
                 parts.push(format!("every matching agent is busy ({running} running)"));
             } else {
@@ -459,7 +468,7 @@ impl Sessions {
                 ),
             ),
         ] {
-            let who: Vec<&str> = of_kind(&busy, &kind);
+            let who: Vec<&Conn> = of_kind(&busy, &kind);
             if !who.is_empty() {
                 parts.push(say(&who, words.0, words.1));
             }
@@ -471,11 +480,11 @@ impl Sessions {
                 "may not take it (it checks those agents' results)",
             ));
         }
-        let timeouts: Vec<&str> = of_kind(&refused, &Refusal::Timeout);
+        let timeouts: Vec<&Conn> = of_kind(&refused, &Refusal::Timeout);
         if !timeouts.is_empty() {
             let most = timeouts
                 .iter()
-                .map(|id| self.agents[*id].caps.max_job_timeout_secs)
+                .map(|c| c.caps.max_job_timeout_secs)
                 .max()
                 .unwrap_or_default();
             let (n, verb, whose, allow) = match timeouts.len() {
@@ -488,14 +497,17 @@ impl Sessions {
                 fmt_duration(Duration::from_secs(spec.timeout_secs)),
             ));
         }
-        for (r, id) in &refused {
+        for (r, c) in &refused {
             match r {
                 Refusal::Project => parts.push(format!(
-                    "agent `{id}` only accepts projects {} (job is for `{}`)",
-                    self.agents[*id].caps.allowed_projects.join(", "),
+                    "{} only accepts projects {} (job is for `{}`)",
+                    agents_named(&[c]).0,
+                    c.caps.allowed_projects.join(", "),
                     spec.project
                 )),
-                Refusal::Label(l) => parts.push(format!("agent `{id}` lacks label `{l}`")),
+                Refusal::Label(l) => {
+                    parts.push(format!("{} lacks label `{l}`", agents_named(&[c]).0))
+                }
                 _ => {}
             }
         }
@@ -515,7 +527,7 @@ impl Sessions {
                 ),
             ),
         ] {
-            let who: Vec<&str> = of_kind(&refused, &kind);
+            let who: Vec<&Conn> = of_kind(&refused, &kind);
             if !who.is_empty() {
                 parts.push(say(&who, words.0, words.1));
             }

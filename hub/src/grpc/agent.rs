@@ -204,6 +204,7 @@ impl AgentService for AgentApi {
                 &agent.id,
                 &running,
                 DispatchHello {
+                    name: agent.name.clone(),
                     caps,
                     labels: labels.into_iter().collect(),
                     trusted: granted.trusted,

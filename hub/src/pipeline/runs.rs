@@ -90,8 +90,14 @@ impl Pipeline {
         };
         facts.confirmation = results.confirmation(judged)?;
         if rec.result.is_some() {
+            // Recorded once the job's result (or the re-run confirming it)
+            // was taken in, so never before the job was created: the scan
+            // stops there, and a job that made no transition costs the
+            // transitions since it, not the whole history.
             facts.transition = results
-                .transitions(1, |t| t.job_id == rec.id || t.confirmed_by_job == rec.id)?
+                .transitions_since(rec.created_at_ms, 1, |t| {
+                    t.job_id == rec.id || t.confirmed_by_job == rec.id
+                })?
                 .into_iter()
                 .next();
         }

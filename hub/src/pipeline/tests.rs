@@ -316,9 +316,16 @@ impl Farm {
             ..Default::default()
         };
         let id = self.enroll(name, grant).await;
-        let rx =
-            crate::dispatch::tests::join(&self.dispatch, &id, 64, &["linux", "mac"], &[], trusted)
-                .await;
+        let rx = crate::dispatch::tests::join_as(
+            &self.dispatch,
+            &id,
+            name,
+            64,
+            &["linux", "mac"],
+            &[],
+            trusted,
+        )
+        .await;
         self.others.push((id.clone(), rx));
         id
     }

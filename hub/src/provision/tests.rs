@@ -195,6 +195,7 @@ impl Hub {
                 agent_id,
                 &[],
                 Hello {
+                    name: agent_id.to_uppercase(),
                     caps,
                     labels: granted.labels.into_iter().collect(),
                     trusted: granted.trusted,

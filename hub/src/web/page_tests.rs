@@ -421,6 +421,7 @@ async fn the_agents_page_and_its_api_count_jobs_done_and_show_the_donors_limits(
         ..Default::default()
     };
     let hello = crate::dispatch::Hello {
+        name: "limited".into(),
         caps,
         labels: ["linux".to_string()].into_iter().collect(),
         trusted: false,

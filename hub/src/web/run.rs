@@ -304,7 +304,7 @@ async fn log_api(
         let rec = record(site, id)?;
         let info = log_info(&rec, q.attempt)?;
         let limit = q.limit.unwrap_or(LOG_PAGE);
-        read_log(site, id, &info, q.offset, limit)
+        read_log(site, id, &info, q.offset, limit, None)
     };
     match answer.await {
         Ok(page) => view::json(&page),
@@ -347,20 +347,22 @@ fn log_info(rec: &JobRecord, asked: Option<u32>) -> Result<LogInfo, Refusal> {
 }
 
 /// One page of the log `info` names: `limit` bytes (capped) from
-/// `offset`, or the last ones.
+/// `offset`, or the last ones (of `size`, when this request measured the
+/// log already: its chunks are walked once more, not twice).
 fn read_log(
     site: &Site,
     id: u64,
     info: &LogInfo,
     offset: Option<u64>,
     limit: u64,
+    size: Option<u64>,
 ) -> Result<LogPage, Refusal> {
     let limit = limit.clamp(1, MAX_LOG_LIMIT);
     let range = if info.attempt == 0 {
         LogRange::default()
     } else {
         site.logs
-            .range(id, info.attempt, offset, limit)
+            .range(id, info.attempt, offset, limit, size)
             .map_err(|e| {
                 (
                     StatusCode::INTERNAL_SERVER_ERROR,
@@ -380,7 +382,8 @@ fn read_log(
     })
 }
 
-/// The page of the log the run page shows.
+/// The page of the log the run page shows. The view measured its current
+/// attempt's log ([`run`]): that size is passed on, not measured again.
 fn log_page(
     site: &Site,
     view: &RunView,
@@ -390,7 +393,8 @@ fn log_page(
 ) -> Result<LogPage, Refusal> {
     let rec = record(site, view.id)?;
     let info = log_info(&rec, attempt)?;
-    read_log(site, view.id, &info, offset, limit)
+    let measured = (info.attempt == view.log.attempt).then_some(view.log.size);
+    read_log(site, view.id, &info, offset, limit, measured)
 }
 
 /// A range's bytes as text, without the pieces of a character its ends
@@ -709,7 +713,9 @@ fn confirmation_words(c: &ConfirmationView, original: bool) -> String {
 /// runtime unpacked where the agent puts it, its repository at its commit,
 /// its environment, and each command the way the agent runs it (`sh -c`,
 /// stopping at the first failure). Credentials never appear: the stored
-/// spec has none, and URLs are redacted again in case.
+/// spec has none, URLs are redacted again in case, and the values of
+/// variables whose names look secret ([`secret_name`]) are not shown (the
+/// page is public). Names and values are shell-quoted.
 fn reproduce(rec: &JobRecord, facts: &RunFacts) -> String {
     let spec = &rec.spec;
     let mut s = format!(
@@ -746,12 +752,38 @@ fn reproduce(rec: &JobRecord, facts: &RunFacts) -> String {
     let mut env: Vec<_> = spec.env.iter().collect();
     env.sort();
     for (k, val) in env {
-        s.push_str(&format!("export {k}={}\n", quote(&redact_text(val))));
+        let shown = match secret_name(k) {
+            true => REDACTED.to_owned(),
+            false => redact_text(val),
+        };
+        s.push_str(&format!("export {}={}\n", quote(k), quote(&shown)));
     }
     for c in &spec.commands {
         s.push_str(&format!("sh -c {}\n", quote(&redact_text(c))));
     }
     s
+}
+
+/// What the run page shows instead of a secret-looking variable's value.
+const REDACTED: &str = "<redacted>";
+
+/// Words in an environment variable's name (any case) that mark its value
+/// as a secret the public run page must not show.
+const SECRET_WORDS: [&str; 7] = [
+    "TOKEN",
+    "SECRET",
+    "PASSWORD",
+    "PASSWD",
+    "KEY",
+    "CREDENTIAL",
+    "AUTH",
+];
+
+/// Whether environment variable `name` looks like it holds a secret
+/// (`GITHUB_TOKEN`, `api_key`, `DB_PASSWD`, …): its value is redacted.
+fn secret_name(name: &str) -> bool {
+    let upper = name.to_ascii_uppercase();
+    SECRET_WORDS.iter().any(|w| upper.contains(w))
 }
 
 fn human(ms: u64) -> String {

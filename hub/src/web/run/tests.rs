@@ -240,6 +240,146 @@ async fn a_queued_job_says_why_it_waits_and_an_unknown_one_is_404() {
     assert!(page.contains("<script src=\"/static/tail.js\" defer></script>"));
 }
 
+/// Why a job waits names the agents that refuse it by their display
+/// names: an agent's id is half its credential (`{id}.{secret}`), and the
+/// run page is public.
+#[tokio::test]
+async fn why_a_job_waits_names_agents_by_name_never_by_id() {
+    let f = regressed_farm().await;
+    let site = f.site();
+    // An agent with the label `gpu` but not `linux`; the others have
+    // `linux` only: each refuses the job for a reason of its own.
+    let gpu = f.enroll("gpu-box", Default::default()).await;
+    let _rx =
+        crate::dispatch::tests::join_as(&site.dispatch, &gpu, "gpu-box", 1, &["gpu"], &[], true)
+            .await;
+    let id = site
+        .dispatch
+        .submit(
+            JobSpec {
+                commands: vec!["nvidia-smi".into()],
+                labels: vec!["linux".into(), "gpu".into()],
+                ..Default::default()
+            },
+            1,
+        )
+        .await
+        .unwrap();
+    let (_, json) = get_json(&site, &format!("/api/v1/runs/{id}")).await;
+    let waiting = s(&json, "waiting");
+    assert_eq!(
+        waiting,
+        "agent `A` lacks label `gpu`; agent `alice-box` lacks label `gpu`; \
+         agent `bob-box` lacks label `gpu`; agent `gpu-box` lacks label `linux`"
+    );
+    let (_, page) = get(&site, &format!("/runs/{id}")).await;
+    assert!(page.contains(&shown(waiting)), "{page}");
+    let agents = site.credentials.list_agents().unwrap();
+    assert_eq!(agents.len(), 3);
+    for a in agents {
+        assert!(a.id.starts_with("ag_"), "{}", a.id);
+        assert!(!page.contains(&a.id), "{} on the page:\n{page}", a.id);
+        assert!(!json.to_string().contains(&a.id), "{} in {json:#}", a.id);
+    }
+}
+
+/// The transition a run made is looked for among those recorded since its
+/// job was created, not in the whole history: a job that made none costs
+/// the transitions since it.
+#[tokio::test]
+async fn a_runs_transition_is_looked_for_only_since_its_job_was_created() {
+    let f = regressed_farm().await;
+    let site = f.site();
+    let all = site.pipeline.transitions("", "", usize::MAX, true).unwrap();
+    let went_red = all
+        .iter()
+        .find(|t| t.kind == TransitionKind::WentRed as i32)
+        .unwrap();
+    let rec = site.dispatch.get(went_red.job_id).unwrap().unwrap();
+    let facts = site.pipeline.run_facts(&rec).await.unwrap();
+    assert_eq!(facts.transition.map(|t| t.id), Some(went_red.id));
+    // The same job, had it been created after the transition was recorded:
+    // the scan stops before reaching it.
+    let later = JobRecord {
+        created_at_ms: went_red.at_ms + 1,
+        ..rec
+    };
+    let facts = site.pipeline.run_facts(&later).await.unwrap();
+    assert!(facts.transition.is_none(), "{:?}", facts.transition);
+    // A finished job that made no transition: its page says none.
+    let quiet = site
+        .dispatch
+        .list(
+            |j| {
+                j.result.is_some()
+                    && !all
+                        .iter()
+                        .any(|t| t.job_id == j.id || t.confirmed_by_job == j.id)
+            },
+            1,
+        )
+        .unwrap()
+        .pop()
+        .expect("a job without a transition");
+    let (status, json) = get_json(&site, &format!("/api/v1/runs/{}", quiet.id)).await;
+    assert_eq!(status, StatusCode::OK, "{json:#}");
+    assert_eq!(json["transition"], "", "{json:#}");
+}
+
+/// The reproduce-it-locally commands are public: a secret-looking
+/// variable's value is not shown, and names and values are shell-quoted.
+#[tokio::test]
+async fn reproducing_a_job_hides_secret_looking_env_values_and_quotes_the_rest() {
+    let f = regressed_farm().await;
+    let site = f.site();
+    let env = [
+        ("GITHUB_TOKEN", "ghp_t0ken"),
+        ("api_key", "k3y-value"),
+        ("Db_Passwd", "hunter2"),
+        ("AWS_SECRET_ACCESS_KEY", "s3cr3t"),
+        ("NPM_AUTH", "npm-auth-value"),
+        ("CREDENTIALS_JSON", "{\"c\": 1}"),
+        ("MODE", "fast and loose"),
+        ("X$(id)", "it's"),
+    ];
+    let id = site
+        .dispatch
+        .submit(
+            JobSpec {
+                commands: vec!["make test".into()],
+                labels: vec!["gpu".into()],
+                env: env
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                ..Default::default()
+            },
+            1,
+        )
+        .await
+        .unwrap();
+    let (_, json) = get_json(&site, &format!("/api/v1/runs/{id}")).await;
+    let reproduce = s(&json, "reproduce");
+    let (_, page) = get(&site, &format!("/runs/{id}")).await;
+    assert!(page.contains(&shown(reproduce)), "{page}");
+    for (name, value) in &env[..6] {
+        assert!(
+            reproduce.contains(&format!("export {name}='<redacted>'\n")),
+            "{name}: {reproduce}"
+        );
+        assert!(!reproduce.contains(value), "{value}: {reproduce}");
+        assert!(!page.contains(&shown(value)), "{value} on the page");
+    }
+    assert!(
+        reproduce.contains("export MODE='fast and loose'\n"),
+        "{reproduce}"
+    );
+    assert!(
+        reproduce.contains("export 'X$(id)'='it'\\''s'\n"),
+        "{reproduce}"
+    );
+}
+
 #[tokio::test]
 async fn the_log_is_paged_from_its_end_and_the_api_pages_it_the_same() {
     let f = regressed_farm().await;
@@ -275,8 +415,12 @@ async fn the_log_is_paged_from_its_end_and_the_api_pages_it_the_same() {
     let stored = site.logs.size(id, attempt).unwrap();
     assert!(stored >= log.len() as u64);
 
-    // The page shows the end, with a link to the page before.
+    // The page shows the end, with a link to the page before; it walks the
+    // attempt's chunks twice (measuring the log once, then reading its page).
+    let walks = || site.logs.walks.load(std::sync::atomic::Ordering::Relaxed);
+    let before = walks();
     let (_, page) = get(&site, &format!("/runs/{id}")).await;
+    assert_eq!(walks() - before, 2);
     assert!(page.contains("line 19999"));
     assert!(!page.contains("line 00000"));
     let earlier = stored - 2 * LOG_PAGE;
