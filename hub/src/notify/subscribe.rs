@@ -21,7 +21,7 @@ use super::token::{Confirm, ConfirmError, format_date};
 use super::{
     MailInfo, Notifier, OutMail, Subscription, check_email, project_sub_key, render, tomb_key,
 };
-use crate::auth::throttle::Buckets;
+use crate::auth::throttle::{Buckets, Refused};
 use crate::store::StoreError;
 
 /// The window both rate limits count over.
@@ -128,19 +128,13 @@ impl Notifier {
             s.limits
                 .per_client
                 .take(&ip, now)
-                .map_err(|r| RequestError::TooMany {
-                    what: "too many subscription requests from your network",
-                    retry_after: round_up(r.retry_after),
-                })?;
+                .map_err(|r| too_many(r, "too many subscription requests from your network"))?;
         }
         let email = valid_address(address)?;
         s.limits
             .per_address
             .take(&email, now)
-            .map_err(|r| RequestError::TooMany {
-                what: "too many confirmation mails went to this address lately",
-                retry_after: round_up(r.retry_after),
-            })?;
+            .map_err(|r| too_many(r, "too many confirmation mails went to this address lately"))?;
         let ttl = s.settings.subscribe_link_ttl;
         let expires_at_ms = self.now().saturating_add(ttl.as_millis() as u64);
         let token = s.key.sign_confirm(&Confirm {
@@ -253,6 +247,19 @@ fn valid_address(address: &str) -> Result<String, RequestError> {
         )));
     }
     check_email(trimmed).map_err(|e| RequestError::BadAddress(e.to_string()))
+}
+
+/// The refusal a rate limit's `r` makes: `what` when it is the key's own
+/// allowance, "right now" when the limit's map is full of others' charges.
+fn too_many(r: Refused, what: &'static str) -> RequestError {
+    RequestError::TooMany {
+        what: if r.full {
+            "too many requests right now"
+        } else {
+            what
+        },
+        retry_after: round_up(r.retry_after),
+    }
 }
 
 /// Whole seconds, at least one, and whole minutes beyond a minute (people
