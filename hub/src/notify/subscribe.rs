@@ -88,6 +88,14 @@ pub(crate) enum ConfirmRefused {
         "this hub's operator subscribes people to its mail and no longer takes these links; ask them"
     )]
     Off,
+    /// The address unsubscribed from the project after the link was mailed.
+    #[error(
+        "you unsubscribed from {project} after this link was sent; subscribe again on {project}'s page"
+    )]
+    UnsubscribedSince {
+        /// The project (whose page to link).
+        project: String,
+    },
     /// The project left the config since the link was mailed.
     #[error("there is no project named {0:?} on this hub any more")]
     UnknownProject(String),
@@ -140,6 +148,7 @@ impl Notifier {
         let token = s.key.sign_confirm(&Confirm {
             email: email.clone(),
             project: project.to_owned(),
+            issued_at_ms: self.now(),
             expires_at_ms,
         });
         let link = format!("{}/subscribe/confirm?token={token}", s.public_url);
@@ -180,7 +189,9 @@ impl Notifier {
     }
 
     /// What a confirmation link would subscribe (for the page a GET shows;
-    /// it subscribes nothing).
+    /// it subscribes nothing). A link mailed before the address last
+    /// unsubscribed from the project is refused: unsubscribing ends what
+    /// earlier links could do.
     pub(crate) fn confirmation(&self, token: &str) -> Result<Confirm, ConfirmRefused> {
         let s = &self.inner;
         let confirm = s.key.verify_confirm(token, self.now())?;
@@ -189,6 +200,14 @@ impl Notifier {
         }
         if !s.projects.iter().any(|p| p.name == confirm.project) {
             return Err(ConfirmRefused::UnknownProject(confirm.project));
+        }
+        if self
+            .unsubscribed_at(&confirm.project, &confirm.email)?
+            .is_some_and(|at| confirm.issued_at_ms <= at)
+        {
+            return Err(ConfirmRefused::UnsubscribedSince {
+                project: confirm.project,
+            });
         }
         Ok(confirm)
     }

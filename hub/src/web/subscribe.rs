@@ -243,6 +243,9 @@ fn link_refused(e: &ConfirmRefused, why: &str) -> Response {
         ConfirmRefused::Token(ConfirmError::Expired { project, .. }) => {
             sentence(StatusCode::GONE, "Link expired", &text, project)
         }
+        ConfirmRefused::UnsubscribedSince { project } => {
+            sentence(StatusCode::GONE, "Link no longer valid", &text, project)
+        }
         ConfirmRefused::Token(ConfirmError::Invalid) => {
             sentence(StatusCode::BAD_REQUEST, "Invalid link", &text, "")
         }
