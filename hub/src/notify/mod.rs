@@ -751,6 +751,12 @@ impl Notifier {
         Ok(existed)
     }
 
+    /// The hub's address as mail links name it (`notify.public_url`, or the
+    /// web endpoint's), without a trailing slash.
+    pub(crate) fn public_url(&self) -> &str {
+        &self.inner.public_url
+    }
+
     /// When `email` last unsubscribed from `project` (Unix ms), if ever:
     /// a confirmation link mailed before then no longer subscribes.
     pub(crate) fn unsubscribed_at(
