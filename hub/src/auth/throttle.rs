@@ -8,9 +8,14 @@
 //! tokens is refused (before its token is looked at) until the allowance
 //! refills; a subscription request takes one from each of its buckets
 //! ([`Buckets::take`]). The map is bounded: when it is full, the keys whose
-//! allowance is whole again (which carry no state) are forgotten first, then
-//! the one charged longest ago. An IPv6 address counts as its /64, the block
-//! one subscriber usually gets; a mail address counts in lower case.
+//! allowance is whole again (which carry no state) are forgotten first.
+//! If none is, [`Buckets::take`] refuses the new key ([`Refused::full`])
+//! rather than forget a charged one: forgetting would hand that key its
+//! whole allowance back, so a client with many /64s could reset the limit
+//! on a victim's mail address by filling the map. [`Buckets::charge`] (a
+//! failure that already happened) forgets the one charged longest ago
+//! instead. An IPv6 address counts as its /64, the block one subscriber
+//! usually gets; a mail address counts in lower case.
 //!
 //! Not `governor`: its keyed limiter charges every check, and enrollment
 //! must check for free and charge only a failure.
@@ -43,6 +48,9 @@ pub(crate) struct Refused {
     pub(crate) retry_after: Duration,
     /// Whether this is the first refusal since it last had room (log it).
     pub(crate) first: bool,
+    /// Whether the key was refused not for its own allowance but because
+    /// the map is full of keys still charged ([`Buckets::take`] only).
+    pub(crate) full: bool,
 }
 
 /// What a bucket is kept under: the same client or recipient always maps
@@ -129,6 +137,7 @@ impl<K: BucketKey> Buckets<K> {
         Err(Refused {
             retry_after: Duration::from_secs_f64((1.0 - tokens) / self.refill),
             first,
+            full: false,
         })
     }
 
@@ -138,8 +147,12 @@ impl<K: BucketKey> Buckets<K> {
     }
 
     fn charge_in(&self, map: &mut HashMap<K, Bucket>, k: K, now: Instant) {
-        if !map.contains_key(&k) && map.len() >= self.max_tracked {
-            self.make_room(map, now);
+        if !map.contains_key(&k)
+            && map.len() >= self.max_tracked
+            && self.forget_refilled(map, now).is_some()
+            && let Some(oldest) = map.iter().min_by_key(|(_, b)| b.at).map(|(k, _)| k.clone())
+        {
+            map.remove(&oldest);
         }
         let burst = self.burst;
         let b = map.entry(k).or_insert(Bucket {
@@ -153,24 +166,42 @@ impl<K: BucketKey> Buckets<K> {
     }
 
     /// Charges one to `key` if it has room (check and charge under one
-    /// lock, so concurrent requests cannot both take the last one).
+    /// lock, so concurrent requests cannot both take the last one). A new
+    /// key is refused ([`Refused::full`]) while the map is full of keys
+    /// still charged: none is forgotten before its allowance is whole.
     pub(crate) fn take(&self, key: &K, now: Instant) -> Result<(), Refused> {
         let k = key.normalized();
         let mut map = self.lock();
         self.check_in(&mut map, &k, now)?;
+        if !map.contains_key(&k)
+            && map.len() >= self.max_tracked
+            && let Some(retry_after) = self.forget_refilled(&mut map, now)
+        {
+            return Err(Refused {
+                retry_after,
+                first: true,
+                full: true,
+            });
+        }
         self.charge_in(&mut map, k, now);
         Ok(())
     }
 
-    /// Forgets the keys whose allowance is whole again; if none is, the one
-    /// charged longest ago.
-    fn make_room(&self, map: &mut HashMap<K, Bucket>, now: Instant) {
+    /// Forgets the keys whose allowance is whole again (they carry no
+    /// state). If the map is still full, how long until the first of the
+    /// others is whole again.
+    fn forget_refilled(&self, map: &mut HashMap<K, Bucket>, now: Instant) -> Option<Duration> {
         map.retain(|_, b| self.refilled(b, now) < self.burst);
-        if map.len() >= self.max_tracked
-            && let Some(oldest) = map.iter().min_by_key(|(_, b)| b.at).map(|(k, _)| k.clone())
-        {
-            map.remove(&oldest);
+        if map.len() < self.max_tracked {
+            return None;
         }
+        let most = map
+            .values()
+            .map(|b| self.refilled(b, now))
+            .fold(0.0, f64::max);
+        Some(Duration::from_secs_f64(
+            ((self.burst - most) / self.refill).max(0.0),
+        ))
     }
 }
 
@@ -251,6 +282,38 @@ mod tests {
             f.check(&ip("10.0.0.4"), t0 + Duration::from_secs(6))
                 .is_ok()
         );
+    }
+
+    #[test]
+    fn a_full_map_refuses_new_keys_to_take_rather_than_forget_a_charged_one() {
+        let mut f: Buckets<String> = Buckets::new(2, Duration::from_secs(100));
+        f.max_tracked = 3;
+        let t0 = Instant::now();
+        let victim = "victim@example.org".to_string();
+        f.take(&victim, t0).unwrap();
+        f.take(&victim, t0).unwrap();
+        assert!(f.take(&victim, t0).is_err());
+        // Others fill the map (one charge each: not whole again for 50 s).
+        for i in 0..2 {
+            f.take(&format!("filler{i}@example.org"), t0).unwrap();
+        }
+        let later = t0 + Duration::from_secs(10);
+        let refused = f.take(&"new@example.org".to_string(), later).unwrap_err();
+        assert!(refused.full, "{refused:?}");
+        // The fillers are whole again 50 s after their charge: 40 s from now.
+        assert_eq!(refused.retry_after.as_secs_f64().round(), 40.0);
+        assert_eq!(f.lock().len(), 3);
+        // The victim's bucket was kept: still refused for its own allowance.
+        let own = f.take(&victim, later).unwrap_err();
+        assert!(!own.full);
+        // Once the fillers are whole again they are forgotten, and a new key
+        // is taken; the victim is still charged.
+        let whole = t0 + Duration::from_secs(60);
+        f.take(&"new@example.org".to_string(), whole).unwrap();
+        assert!(f.lock().contains_key(&victim));
+        assert!(f.check(&victim, whole).is_ok(), "one refilled after 50 s");
+        f.take(&victim, whole).unwrap();
+        assert!(f.take(&victim, whole).is_err());
     }
 
     #[test]

@@ -14,7 +14,9 @@
 //! Keys (all through [`Table`]; `<id>` is [`id_key`], `<email>` lowercase):
 //! `s/<project>/<email>` and `d/<upstream>/<email>` → [`Subscription`]
 //! (JSON); `x/<project>/<email>` → empty: a config maintainer who
-//! unsubscribed; `m/<id>` → [`OutMail`] (JSON); `q/<id>` → empty: pending;
+//! unsubscribed; `u/<project>/<email>` → when the address last
+//! unsubscribed from the project (JSON number, Unix ms: confirmation links
+//! mailed before it no longer subscribe); `m/<id>` → [`OutMail`] (JSON); `q/<id>` → empty: pending;
 //! `e/<event>/<email>` → the mail's id (8 bytes, big-endian);
 //! `r/<went-red id>` → reminders sent (JSON number); `g/<upstream>/<email>` →
 //! last digest period (JSON number); `a/<commit>/<transition id>` →
@@ -188,6 +190,11 @@ fn project_sub_key(project: &str, email: &str) -> String {
 /// `x/<project>/<email>`: a config maintainer who unsubscribed.
 fn tomb_key(project: &str, email: &str) -> String {
     format!("x/{project}/{}", email.to_ascii_lowercase())
+}
+
+/// `u/<project>/<email>`: when an address last unsubscribed from a project.
+fn unsubscribed_key(project: &str, email: &str) -> String {
+    format!("u/{project}/{}", email.to_ascii_lowercase())
 }
 
 /// `g/<upstream>/<email>`: the last digest period of a digest subscriber.
@@ -715,7 +722,8 @@ impl Notifier {
     }
 
     /// Removes a subscription; a config maintainer stays unsubscribed
-    /// across restarts. False if there was none.
+    /// across restarts, and when an address left a project is kept (see
+    /// [`Notifier::unsubscribed_at`]). False if there was none.
     pub(crate) async fn unsubscribe(&self, sub: &Subscription) -> Result<bool, NotifyError> {
         let s = &self.inner;
         let key = Self::sub_key(sub);
@@ -732,10 +740,31 @@ impl Notifier {
             if from_config {
                 batch.insert(tomb_key(&sub.project, &sub.email).as_bytes(), &[]);
             }
+            s.table.stage(
+                &mut batch,
+                unsubscribed_key(&sub.project, &sub.email),
+                &self.now(),
+            )?;
         }
         s.table.apply(batch)?;
         s.table.store().commit().await?;
         Ok(existed)
+    }
+
+    /// The hub's address as mail links name it (`notify.public_url`, or the
+    /// web endpoint's), without a trailing slash.
+    pub(crate) fn public_url(&self) -> &str {
+        &self.inner.public_url
+    }
+
+    /// When `email` last unsubscribed from `project` (Unix ms), if ever:
+    /// a confirmation link mailed before then no longer subscribes.
+    pub(crate) fn unsubscribed_at(
+        &self,
+        project: &str,
+        email: &str,
+    ) -> Result<Option<u64>, StoreError> {
+        self.inner.table.get(unsubscribed_key(project, email))
     }
 
     /// What an unsubscribe link would remove, if this hub signed it and it

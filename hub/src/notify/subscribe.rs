@@ -21,7 +21,7 @@ use super::token::{Confirm, ConfirmError, format_date};
 use super::{
     MailInfo, Notifier, OutMail, Subscription, check_email, project_sub_key, render, tomb_key,
 };
-use crate::auth::throttle::Buckets;
+use crate::auth::throttle::{Buckets, Refused};
 use crate::store::StoreError;
 
 /// The window both rate limits count over.
@@ -88,6 +88,14 @@ pub(crate) enum ConfirmRefused {
         "this hub's operator subscribes people to its mail and no longer takes these links; ask them"
     )]
     Off,
+    /// The address unsubscribed from the project after the link was mailed.
+    #[error(
+        "you unsubscribed from {project} after this link was sent; subscribe again on {project}'s page"
+    )]
+    UnsubscribedSince {
+        /// The project (whose page to link).
+        project: String,
+    },
     /// The project left the config since the link was mailed.
     #[error("there is no project named {0:?} on this hub any more")]
     UnknownProject(String),
@@ -128,24 +136,19 @@ impl Notifier {
             s.limits
                 .per_client
                 .take(&ip, now)
-                .map_err(|r| RequestError::TooMany {
-                    what: "too many subscription requests from your network",
-                    retry_after: round_up(r.retry_after),
-                })?;
+                .map_err(|r| too_many(r, "too many subscription requests from your network"))?;
         }
         let email = valid_address(address)?;
         s.limits
             .per_address
             .take(&email, now)
-            .map_err(|r| RequestError::TooMany {
-                what: "too many confirmation mails went to this address lately",
-                retry_after: round_up(r.retry_after),
-            })?;
+            .map_err(|r| too_many(r, "too many confirmation mails went to this address lately"))?;
         let ttl = s.settings.subscribe_link_ttl;
         let expires_at_ms = self.now().saturating_add(ttl.as_millis() as u64);
         let token = s.key.sign_confirm(&Confirm {
             email: email.clone(),
             project: project.to_owned(),
+            issued_at_ms: self.now(),
             expires_at_ms,
         });
         let link = format!("{}/subscribe/confirm?token={token}", s.public_url);
@@ -186,7 +189,9 @@ impl Notifier {
     }
 
     /// What a confirmation link would subscribe (for the page a GET shows;
-    /// it subscribes nothing).
+    /// it subscribes nothing). A link mailed before the address last
+    /// unsubscribed from the project is refused: unsubscribing ends what
+    /// earlier links could do.
     pub(crate) fn confirmation(&self, token: &str) -> Result<Confirm, ConfirmRefused> {
         let s = &self.inner;
         let confirm = s.key.verify_confirm(token, self.now())?;
@@ -195,6 +200,14 @@ impl Notifier {
         }
         if !s.projects.iter().any(|p| p.name == confirm.project) {
             return Err(ConfirmRefused::UnknownProject(confirm.project));
+        }
+        if self
+            .unsubscribed_at(&confirm.project, &confirm.email)?
+            .is_some_and(|at| confirm.issued_at_ms <= at)
+        {
+            return Err(ConfirmRefused::UnsubscribedSince {
+                project: confirm.project,
+            });
         }
         Ok(confirm)
     }
@@ -253,6 +266,19 @@ fn valid_address(address: &str) -> Result<String, RequestError> {
         )));
     }
     check_email(trimmed).map_err(|e| RequestError::BadAddress(e.to_string()))
+}
+
+/// The refusal a rate limit's `r` makes: `what` when it is the key's own
+/// allowance, "right now" when the limit's map is full of others' charges.
+fn too_many(r: Refused, what: &'static str) -> RequestError {
+    RequestError::TooMany {
+        what: if r.full {
+            "too many requests right now"
+        } else {
+            what
+        },
+        retry_after: round_up(r.retry_after),
+    }
 }
 
 /// Whole seconds, at least one, and whole minutes beyond a minute (people

@@ -1497,6 +1497,7 @@ async fn with_self_subscribe_off_the_operator_subscribes_people() {
     let token = n.inner.key.sign_confirm(&token::Confirm {
         email: BOB.into(),
         project: "textkit".into(),
+        issued_at_ms: farm.now(),
         expires_at_ms: farm.now() + DAY,
     });
     assert!(matches!(
@@ -1505,4 +1506,55 @@ async fn with_self_subscribe_off_the_operator_subscribes_people() {
     ));
     assert!(n.subscriptions("textkit").unwrap().is_empty());
     assert_eq!(n.pending_count(), 0);
+}
+
+#[tokio::test]
+async fn a_confirmation_link_mailed_before_an_unsubscribe_no_longer_subscribes() {
+    let farm = Farm::new(&[]);
+    let n = &farm.notifier;
+    n.request_subscription("textkit", BOB, client("192.0.2.1"))
+        .await
+        .unwrap();
+    farm.deliver().await;
+    let sent = farm.server.sent();
+    let old = confirm_token(sent.iter().find(|m| m.to == BOB).unwrap());
+    assert!(n.confirm_subscription(&old).await.unwrap().added);
+    assert_eq!(web_subscribers(&farm), [BOB]);
+    // Bob unsubscribes (the link in a mail, or the operator).
+    farm.set_clock(farm.now() + 1000);
+    let bob = Subscription {
+        email: BOB.into(),
+        project: "textkit".into(),
+        ..Default::default()
+    };
+    assert!(n.unsubscribe(&bob).await.unwrap());
+    assert_eq!(
+        n.unsubscribed_at("textkit", "Bob@Example.org").unwrap(),
+        Some(farm.now())
+    );
+    // The old link, still within its lifetime, neither shows nor subscribes.
+    farm.set_clock(farm.now() + 1000);
+    for refused in [
+        n.confirmation(&old).map(|_| ()),
+        n.confirm_subscription(&old).await.map(|_| ()),
+    ] {
+        match refused {
+            Err(e @ ConfirmRefused::UnsubscribedSince { .. }) => assert_eq!(
+                e.to_string(),
+                "you unsubscribed from textkit after this link was sent; subscribe again on textkit's page"
+            ),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(web_subscribers(&farm).is_empty());
+    // A link asked for after the unsubscribe works.
+    n.request_subscription("textkit", BOB, client("192.0.2.1"))
+        .await
+        .unwrap();
+    farm.deliver().await;
+    let sent = farm.server.sent();
+    let new = confirm_token(sent.iter().rfind(|m| m.to == BOB).unwrap());
+    assert_ne!(new, old);
+    assert!(n.confirm_subscription(&new).await.unwrap().added);
+    assert_eq!(web_subscribers(&farm), [BOB]);
 }

@@ -13,6 +13,9 @@
 //! `version (1) | expires_at_ms (u64 BE) | digest (1) | 3 × (len u32 BE | UTF-8)
 //! (email, project, upstream) | HMAC-SHA256 (32)`, the MAC taken over a domain
 //! prefix and everything before it. About 170 characters for a typical address.
+//! Confirmation tokens are version 2: `issued_at_ms (u64 BE)` follows the
+//! expiry, so a link mailed before the address unsubscribed can be told
+//! from one mailed after.
 
 use std::path::{Path, PathBuf};
 
@@ -78,6 +81,10 @@ pub(crate) struct Confirm {
     pub(crate) email: String,
     /// The project it wants mail about.
     pub(crate) project: String,
+    /// When the link was mailed (Unix milliseconds); 0 for a version-1
+    /// link, mailed before links carried it (it then counts as older than
+    /// any unsubscribe).
+    pub(crate) issued_at_ms: u64,
     /// When the link stops working (Unix milliseconds).
     pub(crate) expires_at_ms: u64,
 }
@@ -114,6 +121,8 @@ impl std::fmt::Debug for UnsubscribeKey {
 }
 
 const VERSION: u8 = 1;
+/// Confirmation tokens carrying their issue time.
+const VERSION_ISSUED: u8 = 2;
 const MAC_LEN: usize = 32;
 /// Fixed part of the payload: version, expiry, digest flag.
 const HEADER_LEN: usize = 1 + 8 + 1;
@@ -177,13 +186,13 @@ impl UnsubscribeKey {
     /// A URL-safe token (base64url, no padding) carrying `unsub` and
     /// `expires_at_ms`, signed with HMAC-SHA256.
     pub(crate) fn sign(&self, unsub: &Unsub, expires_at_ms: u64) -> String {
-        self.sign_in(DOMAIN, unsub, expires_at_ms)
+        self.sign_in(DOMAIN, unsub, expires_at_ms, None)
     }
 
     /// Checks the signature (in constant time) and the expiry, and returns what
     /// the token removes.
     pub(crate) fn verify(&self, token: &str, now_ms: u64) -> Result<Unsub, TokenError> {
-        let (unsub, expires_at_ms) = self.open(DOMAIN, token)?;
+        let (unsub, expires_at_ms, _) = self.open(DOMAIN, token)?;
         if now_ms >= expires_at_ms {
             return Err(TokenError::Expired {
                 expired_at_ms: expires_at_ms,
@@ -192,8 +201,8 @@ impl UnsubscribeKey {
         Ok(unsub)
     }
 
-    /// A confirmation token: `confirm`'s address and project, signed like an
-    /// unsubscribe token under the confirmation domain.
+    /// A confirmation token: `confirm`'s address, project and issue time,
+    /// signed like an unsubscribe token under the confirmation domain.
     pub(crate) fn sign_confirm(&self, confirm: &Confirm) -> String {
         let as_fields = Unsub {
             email: confirm.email.clone(),
@@ -201,14 +210,19 @@ impl UnsubscribeKey {
             upstream: String::new(),
             digest: false,
         };
-        self.sign_in(CONFIRM_DOMAIN, &as_fields, confirm.expires_at_ms)
+        self.sign_in(
+            CONFIRM_DOMAIN,
+            &as_fields,
+            confirm.expires_at_ms,
+            Some(confirm.issued_at_ms),
+        )
     }
 
     /// What a confirmation token asks for, if this hub signed it and it has
     /// not expired. An expired one still says its project (it is genuine),
     /// so the page can point at where to subscribe again.
     pub(crate) fn verify_confirm(&self, token: &str, now_ms: u64) -> Result<Confirm, ConfirmError> {
-        let (fields, expires_at_ms) = self
+        let (fields, expires_at_ms, issued_at_ms) = self
             .open(CONFIRM_DOMAIN, token)
             .map_err(|_| ConfirmError::Invalid)?;
         if now_ms >= expires_at_ms {
@@ -220,16 +234,32 @@ impl UnsubscribeKey {
         Ok(Confirm {
             email: fields.email,
             project: fields.project,
+            issued_at_ms: issued_at_ms.unwrap_or(0),
             expires_at_ms,
         })
     }
 
-    fn sign_in(&self, domain: &[u8], unsub: &Unsub, expires_at_ms: u64) -> String {
+    /// Signs `unsub` and `expires_at_ms`, and `issued_at_ms` if given
+    /// (then as version 2).
+    fn sign_in(
+        &self,
+        domain: &[u8],
+        unsub: &Unsub,
+        expires_at_ms: u64,
+        issued_at_ms: Option<u64>,
+    ) -> String {
         let fields = [&unsub.email, &unsub.project, &unsub.upstream];
-        let len = HEADER_LEN + fields.iter().map(|f| 4 + f.len()).sum::<usize>() + MAC_LEN;
+        let len = HEADER_LEN + 8 + fields.iter().map(|f| 4 + f.len()).sum::<usize>() + MAC_LEN;
         let mut buf = Vec::with_capacity(len);
-        buf.push(VERSION);
+        buf.push(if issued_at_ms.is_some() {
+            VERSION_ISSUED
+        } else {
+            VERSION
+        });
         buf.extend_from_slice(&expires_at_ms.to_be_bytes());
+        if let Some(issued) = issued_at_ms {
+            buf.extend_from_slice(&issued.to_be_bytes());
+        }
         buf.push(u8::from(unsub.digest));
         for field in fields {
             // Names and addresses are far below 4 GiB; saturating keeps this
@@ -245,8 +275,9 @@ impl UnsubscribeKey {
     }
 
     /// Checks the signature (in constant time) under `domain` and returns
-    /// the fields and the expiry (not checked here).
-    fn open(&self, domain: &[u8], token: &str) -> Result<(Unsub, u64), TokenError> {
+    /// the fields, the expiry (not checked here) and the issue time if the
+    /// token carries one.
+    fn open(&self, domain: &[u8], token: &str) -> Result<(Unsub, u64, Option<u64>), TokenError> {
         let token = token.trim();
         if token.is_empty() || token.len() > MAX_TOKEN_CHARS {
             return Err(TokenError::Malformed);
@@ -266,13 +297,19 @@ impl UnsubscribeKey {
     }
 }
 
-/// Parses a signed payload; `None` if it is not one this version wrote.
-fn decode_payload(payload: &[u8]) -> Option<(Unsub, u64)> {
+/// Parses a signed payload (expiry, issue time when version 2); `None` if
+/// it is not one this version wrote.
+fn decode_payload(payload: &[u8]) -> Option<(Unsub, u64, Option<u64>)> {
     let (&version, rest) = payload.split_first()?;
-    if version != VERSION {
-        return None;
-    }
     let (expiry, rest) = rest.split_first_chunk::<8>()?;
+    let (issued, rest) = match version {
+        VERSION => (None, rest),
+        VERSION_ISSUED => {
+            let (issued, rest) = rest.split_first_chunk::<8>()?;
+            (Some(u64::from_be_bytes(*issued)), rest)
+        }
+        _ => return None,
+    };
     let (&digest, mut rest) = rest.split_first()?;
     let digest = match digest {
         0 => false,
@@ -303,6 +340,7 @@ fn decode_payload(payload: &[u8]) -> Option<(Unsub, u64)> {
             digest,
         },
         u64::from_be_bytes(*expiry),
+        issued,
     ))
 }
 
@@ -511,6 +549,7 @@ mod tests {
         Confirm {
             email: "alice.maintainer@example.org".into(),
             project: "attrs".into(),
+            issued_at_ms: NOW - 1000,
             expires_at_ms: LATER,
         }
     }
@@ -537,6 +576,30 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(k.verify_confirm(&t, LATER - 1).is_ok());
+    }
+
+    #[test]
+    fn a_confirmation_token_carries_its_issue_time_and_an_old_one_counts_as_oldest() {
+        let k = key(8);
+        let t = k.sign_confirm(&confirm());
+        assert_eq!(k.verify_confirm(&t, NOW).unwrap().issued_at_ms, NOW - 1000);
+        // A version-1 link (no issue time) from before: still genuine, and
+        // issued at 0, so any unsubscribe recorded since refuses it.
+        let as_fields = Unsub {
+            email: confirm().email,
+            project: confirm().project,
+            upstream: String::new(),
+            digest: false,
+        };
+        let old = k.sign_in(CONFIRM_DOMAIN, &as_fields, LATER, None);
+        let c = k.verify_confirm(&old, NOW).unwrap();
+        assert_eq!(
+            c,
+            Confirm {
+                issued_at_ms: 0,
+                ..confirm()
+            }
+        );
     }
 
     #[test]

@@ -488,3 +488,119 @@ fn html_escaped(text: &str) -> String {
     }
     out
 }
+
+/// POSTs `body` as a form to `path` with `headers`: status and body.
+async fn post_form(
+    app: &axum::Router,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (StatusCode, String) {
+    let mut request = Request::post(path)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("host", "farm.internal:8080");
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let response = app
+        .clone()
+        .oneshot(request.body(Body::from(body.to_owned())).unwrap())
+        .await
+        .unwrap();
+    let status = response.status();
+    let body = axum::body::to_bytes(response.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    (status, String::from_utf8(body.to_vec()).unwrap())
+}
+
+#[tokio::test]
+async fn subscription_forms_posted_from_another_site_are_refused() {
+    let f = Farm::with_config(CONFIG).await;
+    let app = app(&f);
+    // The farm's notify.public_url is http://hub.test; the request's Host
+    // is farm.internal:8080 (a proxy's view).
+    let cross = [
+        vec![("origin", "https://evil.example")],
+        vec![("origin", "null")],
+        // Host's name under another port is another origin.
+        vec![("origin", "http://farm.internal")],
+        vec![("sec-fetch-site", "cross-site")],
+    ];
+    let own = [
+        vec![],
+        vec![("origin", "http://farm.internal:8080")],
+        vec![("origin", "http://HUB.test")],
+        vec![("sec-fetch-site", "same-origin")],
+        vec![
+            ("origin", "http://hub.test"),
+            ("sec-fetch-site", "same-origin"),
+        ],
+    ];
+    for (i, headers) in cross.iter().enumerate() {
+        let body = format!("address=cross{i}%40example.org");
+        let (status, html) = post_form(&app, "/projects/shouter/subscribe", headers, &body).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{headers:?}: {html}");
+        assert!(
+            html.contains("This form was sent from another website"),
+            "{html}"
+        );
+        let (status, html) = post_form(&app, "/subscribe/confirm?token=abc", headers, "").await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{headers:?}: {html}");
+        // The one-click exemption is for /unsubscribe only.
+        let (status, _) = post_form(
+            &app,
+            "/subscribe/confirm?token=abc",
+            headers,
+            "List-Unsubscribe=One-Click",
+        )
+        .await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{headers:?}");
+    }
+    for (i, headers) in own.iter().enumerate() {
+        let body = format!("address=own{i}%40example.org");
+        let (status, html) = post_form(&app, "/projects/shouter/subscribe", headers, &body).await;
+        assert_eq!(status, StatusCode::OK, "{headers:?}: {html}");
+        assert!(html.contains("We sent a link to own"), "{html}");
+        // Past the check, the notifier judges the token.
+        let (status, html) = post_form(&app, "/subscribe/confirm?token=abc", headers, "").await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{headers:?}: {html}");
+        assert!(html.contains("confirmation link is invalid"), "{html}");
+    }
+}
+
+#[tokio::test]
+async fn unsubscribe_posts_from_another_site_are_refused_unless_one_click() {
+    let f = Farm::with_config(CONFIG).await;
+    let app = app(&f);
+    let evil = [("origin", "https://evil.example")];
+    // A form-style POST from another site: refused before the token is read.
+    let (status, html) = post_form(&app, "/unsubscribe?token=abc", &evil, "").await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{html}");
+    let (status, _) = post_form(
+        &app,
+        "/unsubscribe?token=abc",
+        &[("sec-fetch-site", "cross-site")],
+        "x=1",
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    // RFC 8058's one-click body passes from anywhere, URL-encoded or
+    // multipart, and so do requests from the hub's pages or without any
+    // origin: the token decides (here the test router's, which refuses).
+    let multipart = "--b\r\nContent-Disposition: form-data; name=\"List-Unsubscribe\"\r\n\r\nOne-Click\r\n--b--\r\n";
+    for (headers, body) in [
+        (&evil[..], "List-Unsubscribe=One-Click"),
+        (&evil[..], multipart),
+        (&[][..], ""),
+        (&[("origin", "http://hub.test")][..], ""),
+    ] {
+        let (status, html) = post_form(&app, "/unsubscribe?token=abc", headers, body).await;
+        assert_eq!(
+            status,
+            StatusCode::BAD_REQUEST,
+            "{headers:?} {body:?}: {html}"
+        );
+        assert!(html.contains("not here"), "{html}");
+    }
+}

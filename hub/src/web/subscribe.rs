@@ -8,13 +8,18 @@
 //!
 //! The answer to a request is the same whether or not the address is
 //! subscribed already, so the form cannot be used to learn who is.
+//!
+//! Every form POST here (and `/unsubscribe`'s, except a one-click one) must
+//! come from the hub's own pages ([`refuse_cross_site`]): otherwise any web
+//! page could make its visitors' browsers post the form, each from its own
+//! address, past the per-client limit.
 
 use std::net::SocketAddr;
 
 use askama::Template;
 use axum::extract::rejection::{FormRejection, QueryRejection};
 use axum::extract::{ConnectInfo, Form, Path, Query, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Router};
@@ -63,6 +68,62 @@ fn sentence(status: StatusCode, title: &str, sentence: &str, project: &str) -> R
     .respond(status)
 }
 
+/// The 403 page for a form posted from another site, or `None` when the
+/// request may be from the hub's own pages. A browser says where a form
+/// came from in `Origin` (compared with the request's `Host` and with
+/// `notify.public_url`, for a hub behind a proxy that rewrites `Host`), or,
+/// without it, in `Sec-Fetch-Site`. A request carrying neither (curl, a
+/// script, a mail provider's one-click unsubscribe) is not a browser
+/// tricked by another page, and is let through.
+pub(super) fn refuse_cross_site(headers: &HeaderMap, handlers: &Handlers) -> Option<Response> {
+    let public_url = handlers.site().ok().map(|s| s.notifier.public_url());
+    if !is_cross_site(headers, public_url) {
+        return None;
+    }
+    tracing::info!("web: refused a form posted from another site");
+    Some(sentence(
+        StatusCode::FORBIDDEN,
+        "Refused",
+        "This form was sent from another website; the hub only takes it from its own pages. Open the link or the project's page yourself and press the button there.",
+        "",
+    ))
+}
+
+/// Whether `headers` say a browser sent the request from another site
+/// than the hub (see [`refuse_cross_site`]).
+fn is_cross_site(headers: &HeaderMap, public_url: Option<&str>) -> bool {
+    let text = |name| headers.get(name).map(|v| v.to_str().unwrap_or("").trim());
+    match text(header::ORIGIN) {
+        Some(origin) => {
+            let own_host = text(header::HOST)
+                .filter(|h| !h.is_empty())
+                .is_some_and(|host| {
+                    authority(origin).is_some_and(|a| a.eq_ignore_ascii_case(host))
+                });
+            let own_url = public_url
+                .and_then(url_origin)
+                .is_some_and(|o| o.eq_ignore_ascii_case(origin));
+            // "null" (a sandboxed or privacy-sensitive context) is no site of ours.
+            !(own_host || own_url)
+        }
+        None => text(header::HeaderName::from_static("sec-fetch-site"))
+            .is_some_and(|s| s.eq_ignore_ascii_case("cross-site")),
+    }
+}
+
+/// `host[:port]` of an origin (`scheme://host[:port]`), if it is one.
+fn authority(origin: &str) -> Option<&str> {
+    let (_, rest) = origin.split_once("://")?;
+    (!rest.is_empty() && !rest.contains('/')).then_some(rest)
+}
+
+/// The origin (`scheme://host[:port]`) of an http(s) URL.
+fn url_origin(url: &str) -> Option<&str> {
+    let (scheme, rest) = url.split_once("://")?;
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    (end > 0).then(|| &url[..scheme.len() + 3 + end])
+}
+
 pub(super) fn routes() -> Router<Handlers> {
     Router::new()
         .route("/projects/{name}/subscribe", post(request))
@@ -79,8 +140,12 @@ async fn request(
     State(handlers): State<Handlers>,
     Path(project): Path<String>,
     client: Option<Extension<ConnectInfo<SocketAddr>>>,
+    headers: HeaderMap,
     form: Result<Form<SubscribeForm>, FormRejection>,
 ) -> Response {
+    if let Some(refused) = refuse_cross_site(&headers, &handlers) {
+        return refused;
+    }
     let site = match handlers.site() {
         Ok(site) => site,
         Err(starting) => return starting.into_response(),
@@ -196,8 +261,12 @@ async fn confirm_page(
 /// `POST /subscribe/confirm?token=…`: subscribes (once).
 async fn confirm(
     State(handlers): State<Handlers>,
+    headers: HeaderMap,
     query: Result<Query<TokenQuery>, QueryRejection>,
 ) -> Response {
+    if let Some(refused) = refuse_cross_site(&headers, &handlers) {
+        return refused;
+    }
     let token = match token_of(query) {
         Ok(t) => t,
         Err(why) => return link_refused(&ConfirmRefused::Token(ConfirmError::Invalid), why),
@@ -242,6 +311,9 @@ fn link_refused(e: &ConfirmRefused, why: &str) -> Response {
     match e {
         ConfirmRefused::Token(ConfirmError::Expired { project, .. }) => {
             sentence(StatusCode::GONE, "Link expired", &text, project)
+        }
+        ConfirmRefused::UnsubscribedSince { project } => {
+            sentence(StatusCode::GONE, "Link no longer valid", &text, project)
         }
         ConfirmRefused::Token(ConfirmError::Invalid) => {
             sentence(StatusCode::BAD_REQUEST, "Invalid link", &text, "")

@@ -4,18 +4,22 @@
 //! the signed token, which is checked but not acted on) with a button: mail
 //! scanners and link previewers follow GET links, so a GET never
 //! unsubscribes. The button (and a mail client's RFC 8058 one-click request)
-//! POSTs to the same URL, which hands the token to the notifier. Every
+//! POSTs to the same URL, which hands the token to the notifier. A POST
+//! from another website's page is refused unless its body is the one-click
+//! `List-Unsubscribe=One-Click` (a mail provider's, which may come from
+//! anywhere). Every
 //! interpolated string is HTML-escaped (askama), and the token never reaches
 //! a log.
 
 use axum::Router;
+use axum::body::Bytes;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use axum::routing::get;
 
-use super::subscribe::LinkPage;
+use super::subscribe::{LinkPage, refuse_cross_site};
 use super::{Handlers, TokenQuery, percent_encode, token_of};
 use crate::notify::Unsub;
 
@@ -92,11 +96,20 @@ async fn page(
 
 /// `POST /unsubscribe?token=T`: the notifier removes what the token says.
 async fn unsubscribe(
-    State(Handlers { unsubscribe, .. }): State<Handlers>,
+    State(handlers): State<Handlers>,
+    headers: HeaderMap,
     query: Result<Query<TokenQuery>, QueryRejection>,
+    body: Bytes,
 ) -> Response {
     // The body (`List-Unsubscribe=One-Click`, RFC 8058) carries nothing we
-    // need: the token is in the URL.
+    // need, the token is in the URL; it only exempts the request from the
+    // same-site check, which a browser's form post must pass.
+    if !is_one_click(&body)
+        && let Some(refused) = refuse_cross_site(&headers, &handlers)
+    {
+        return refused;
+    }
+    let Handlers { unsubscribe, .. } = handlers;
     let token = match token_of(query) {
         Ok(t) => t,
         Err(sentence) => {
@@ -120,4 +133,17 @@ async fn unsubscribe(
             refused(&sentence)
         }
     }
+}
+
+/// Whether a POST body is RFC 8058's one-click request: the form field
+/// `List-Unsubscribe=One-Click`, URL-encoded or as a multipart part.
+fn is_one_click(body: &[u8]) -> bool {
+    let text = String::from_utf8_lossy(body);
+    let text = text.trim();
+    text.split('&')
+        .any(|pair| pair == "List-Unsubscribe=One-Click")
+        || text
+            .split_once("name=\"List-Unsubscribe\"")
+            .and_then(|(_, part)| part.split_once("\r\n\r\n"))
+            .is_some_and(|(_, value)| value.starts_with("One-Click\r\n"))
 }
