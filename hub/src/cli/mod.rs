@@ -630,6 +630,8 @@ async fn agent(cfg: &HubConfig, command: AgentCommand) -> anyhow::Result<ExitCod
                     "quarantined"
                 } else if a.draining {
                     "draining"
+                } else if !a.paused.is_empty() {
+                    "paused"
                 } else if a.connected {
                     "connected"
                 } else {
