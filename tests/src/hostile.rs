@@ -80,6 +80,7 @@ impl HostileAgent {
                 capabilities: Some(caps),
                 running: Vec::new(),
                 draining: false,
+                paused: None,
             })),
         })
         .await

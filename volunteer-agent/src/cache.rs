@@ -624,6 +624,7 @@ impl ArtifactCache {
             .into());
         }
         let reservation = self.reserve(sha, meta.size)?;
+        let progress = crate::donor::Download::start(&sha12, meta.size);
 
         let dir = &self.inner.dir;
         let tmp_path = dir.join(format!(
@@ -657,6 +658,7 @@ impl ArtifactCache {
                 )));
             }
             hasher.update(&data);
+            progress.advance(data.len() as u64);
             file.write_all(&data)
                 .await
                 .map_err(io_err("write", &tmp_path))?;
@@ -701,6 +703,7 @@ impl ArtifactCache {
         let mut reservation = reservation;
         reservation.bytes = 0;
         let downloads = self.inner.downloads.fetch_add(1, Ordering::Relaxed) + 1;
+        progress.done(took);
         tracing::info!(
             downloads,
             "downloaded artifact {sha12} ({} in {})",

@@ -1,7 +1,8 @@
-//! The command line: `trunkfarm-agent enroll` and `trunkfarm-agent run`.
+//! The command line: `trunkfarm-agent enroll`, `run`, and the donor's
+//! `status`, `pause`, `resume` and `unenroll`.
 //!
-//! Only parsing lives here; the commands themselves are in [`crate::enroll`]
-//! and [`crate::session`]. Options of `run` that change a setting become
+//! Only parsing lives here; the commands themselves are in [`crate::enroll`],
+//! [`crate::session`] and [`crate::commands`]. Options of `run` that change a setting become
 //! [`Overrides`] of the settings file, so the command line and the file are
 //! validated by the same rules.
 
@@ -22,6 +23,11 @@ pub(crate) struct Cli {
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
+    /// Log the agent's detail on stderr: -v info, -vv debug (`RUST_LOG`
+    /// overrides). Without it, a terminal gets only warnings and the plain
+    /// lines on stdout; a service (stderr not a terminal) logs info.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
 }
 
 /// The agent's commands.
@@ -33,6 +39,65 @@ pub(crate) enum Command {
     /// Connect to the hub and run jobs until stopped (SIGTERM/Ctrl-C drain
     /// gracefully: running jobs may finish; a second signal cancels them).
     Run(RunArgs),
+    /// Show what the agent does: its hub, the jobs running now, the jobs of
+    /// the last day, its pause, its cache (exit 0; 6 when no agent runs:
+    /// then what the state directory tells).
+    Status(StatusArgs),
+    /// Take no new job (running jobs finish; `--now` hands them back to the
+    /// hub to run elsewhere). Kept across restarts until `resume`.
+    Pause(PauseArgs),
+    /// Take work again after `pause`.
+    Resume(StateArgs),
+    /// Leave the hub: revoke this agent's credential there, then delete its
+    /// local state (your agent.toml is kept). A running agent hands its
+    /// jobs back and stops first.
+    Unenroll(UnenrollArgs),
+}
+
+/// A command that only needs the state directory.
+#[derive(Debug, Args)]
+pub(crate) struct StateArgs {
+    /// Where the agent keeps its credential and state [default:
+    /// $TRUNKFARM_AGENT_STATE_DIR, else $XDG_STATE_HOME/trunkfarm-agent,
+    /// else ~/.local/state/trunkfarm-agent].
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+}
+
+/// `trunkfarm-agent status`.
+#[derive(Debug, Args)]
+pub(crate) struct StatusArgs {
+    #[command(flatten)]
+    pub state: StateArgs,
+    /// Print the status as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `trunkfarm-agent pause`.
+#[derive(Debug, Args)]
+pub(crate) struct PauseArgs {
+    #[command(flatten)]
+    pub state: StateArgs,
+    /// Resume by itself after this long, e.g. "2h" or "30m" [default:
+    /// until `trunkfarm-agent resume`].
+    #[arg(long = "for", value_name = "DURATION", value_parser = parse_duration)]
+    pub for_: Option<Duration>,
+    /// Hand the running jobs back to the hub at once (they run elsewhere)
+    /// instead of letting them finish.
+    #[arg(long)]
+    pub now: bool,
+}
+
+/// `trunkfarm-agent unenroll`.
+#[derive(Debug, Args)]
+pub(crate) struct UnenrollArgs {
+    #[command(flatten)]
+    pub state: StateArgs,
+    /// Delete the local state even when the hub cannot be told (it then
+    /// still lists this agent until its operator revokes it).
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// `trunkfarm-agent enroll`.
@@ -249,6 +314,42 @@ mod tests {
             panic!("not run");
         };
         assert_eq!(a.overrides().labels, Some(vec![]));
+    }
+
+    #[test]
+    fn the_donors_commands() {
+        let Command::Pause(a) = parse(&["pause", "--for", "2h", "--now", "-v"])
+            .unwrap()
+            .command
+        else {
+            panic!("not pause");
+        };
+        assert_eq!(a.for_, Some(Duration::from_secs(7200)));
+        assert!(a.now);
+        let Command::Status(a) = parse(&["status", "--json", "--state-dir", "/s"])
+            .unwrap()
+            .command
+        else {
+            panic!("not status");
+        };
+        assert!(a.json);
+        assert_eq!(
+            a.state.state_dir.as_deref(),
+            Some(std::path::Path::new("/s"))
+        );
+        assert!(matches!(
+            parse(&["resume"]).unwrap().command,
+            Command::Resume(_)
+        ));
+        let Command::Unenroll(a) = parse(&["unenroll", "--force"]).unwrap().command else {
+            panic!("not unenroll");
+        };
+        assert!(a.force);
+        assert_eq!(parse(&["-vv", "run"]).unwrap().verbose, 2);
+        assert_eq!(
+            parse(&["pause", "--for", "soon"]).unwrap_err().exit_code(),
+            2
+        );
     }
 
     #[test]

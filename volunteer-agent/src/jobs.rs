@@ -153,6 +153,7 @@ pub(crate) fn job_result(
         last_log_seq,
         artifact_sha256: out.artifact_sha256.clone(),
         reports: out.reports.clone(),
+        handed_back: false,
     }
 }
 
@@ -588,6 +589,7 @@ mod tests {
                 last_log_seq: 4,
                 artifact_sha256: String::new(),
                 reports: Vec::new(),
+                handed_back: false,
             }
         );
         let built = ExecOutcome {

@@ -1,22 +1,31 @@
 //! `trunkfarm-agent`: the volunteer agent.
 //!
 //! `enroll` trades an enrollment string for this machine's credential;
-//! `run` connects out to the hub and runs the jobs it sends until drained.
+//! `run` connects out to the hub and runs the jobs it sends until drained;
+//! `status`, `pause`, `resume` and `unenroll` are the donor's controls
+//! (`commands.rs`), talking to the running agent over its control socket.
 //!
-//! Exit codes: 0 after a drain (or a successful enroll); 1 a failure
-//! (unreachable hub at enrollment, I/O); 2 a usage, settings or "not
-//! enrolled" error; 3 the hub refused the credential (revoked, unknown); 4 the
-//! hub refused this agent's protocol version.
+//! Exit codes (every command): 0 success (`run`: after a drain); 1 a failure
+//! (the hub unreachable at `enroll` or `unenroll`, the hub refused the
+//! enrollment token, I/O); 2 a usage, settings or "not enrolled" error; 3
+//! the hub refused the credential (`run`: revoked, unknown); 4 the hub
+//! refused this agent's protocol version; 5 another agent holds the state
+//! directory (`run`, `enroll`, `unenroll`); 6 `status`: no agent runs (what
+//! the state directory tells is shown).
 
 mod backoff;
 mod cache;
 mod cli;
+mod commands;
 mod config;
+mod control;
 mod credential;
+mod donor;
 mod enroll;
 mod executor;
 mod fsutil;
 mod jobs;
+mod lock;
 mod outbox;
 mod output;
 mod pack;
@@ -45,14 +54,18 @@ use crate::session::Ending;
 
 /// A failure that is not the volunteer's input (the hub unreachable at
 /// enrollment, an I/O error).
-const EXIT_FAILURE: u8 = 1;
+pub(crate) const EXIT_FAILURE: u8 = 1;
 /// A usage, settings or "not enrolled" error (or `sandbox = "bwrap"` without
 /// a working bubblewrap): fix the command or the file.
-const EXIT_USAGE: u8 = 2;
+pub(crate) const EXIT_USAGE: u8 = 2;
 /// The hub refused the credential (revoked or unknown): enroll again.
 const EXIT_REFUSED: u8 = 3;
 /// The hub refused this agent's protocol version: upgrade the agent.
 const EXIT_INCOMPATIBLE: u8 = 4;
+/// Another agent holds the state directory's lock (`lock.rs`).
+pub(crate) const EXIT_LOCKED: u8 = 5;
+/// `status`: no agent runs on the state directory.
+pub(crate) const EXIT_NOT_RUNNING: u8 = 6;
 
 /// How long, at exit, cleanup still running on the blocking pool (removing a
 /// job's work directory) may delay the process.
@@ -64,7 +77,7 @@ fn main() -> ExitCode {
     let _ = rustls::crypto::ring::default_provider().install_default();
     // On a usage error clap prints it and exits with code 2.
     let cli = Cli::parse();
-    init_tracing();
+    init_tracing(cli.verbose);
     fsutil::private_umask();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -80,15 +93,38 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Enroll(args) => enroll_command(args).await,
             Command::Run(args) => run_command(args).await,
+            Command::Status(args) => match state_dir(args.state.state_dir.as_deref()) {
+                Ok(dir) => commands::status(&dir, args.json).await,
+                Err(code) => code,
+            },
+            Command::Pause(args) => match state_dir(args.state.state_dir.as_deref()) {
+                Ok(dir) => commands::pause(&dir, args.for_, args.now).await,
+                Err(code) => code,
+            },
+            Command::Resume(args) => match state_dir(args.state_dir.as_deref()) {
+                Ok(dir) => commands::resume(&dir).await,
+                Err(code) => code,
+            },
+            Command::Unenroll(args) => match state_dir(args.state.state_dir.as_deref()) {
+                Ok(dir) => commands::unenroll(&dir, args.force).await,
+                Err(code) => code,
+            },
         }
     });
     runtime.shutdown_timeout(SHUTDOWN_WAIT);
     ExitCode::from(code)
 }
 
-/// Logs go to stderr, at `info` unless `RUST_LOG` says otherwise.
-fn init_tracing() {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+/// Logs go to stderr: `RUST_LOG` if set, else by `-v` (info, `-vv` debug);
+/// without either, a terminal gets warnings only (the donor reads the plain
+/// lines on stdout) and a service's journal gets info.
+fn init_tracing(verbose: u8) {
+    let level = match verbose {
+        0 if std::io::stderr().is_terminal() => "warn",
+        0 | 1 => "info",
+        _ => "debug",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -109,6 +145,15 @@ async fn enroll_command(args: EnrollArgs) -> u8 {
     let dir = match state_dir(args.state_dir.as_deref()) {
         Ok(dir) => dir,
         Err(code) => return code,
+    };
+    // An agent running on this state directory would lose its credential.
+    let _lock = if dir.is_dir() {
+        match lock::acquire(&dir, "enroll") {
+            Ok(lock) => Some(lock),
+            Err(e) => return lock_refused(&e),
+        }
+    } else {
+        None
     };
     let enrollment = match enroll::enrollment_string(
         &args,
@@ -136,6 +181,15 @@ async fn enroll_command(args: EnrollArgs) -> u8 {
     }
 }
 
+/// Says why the state directory's lock was not taken; the exit code.
+fn lock_refused(e: &lock::LockError) -> u8 {
+    eprintln!("error: {e}");
+    match e {
+        lock::LockError::Held { .. } => EXIT_LOCKED,
+        lock::LockError::Io { .. } => EXIT_FAILURE,
+    }
+}
+
 /// `trunkfarm-agent run`.
 async fn run_command(args: RunArgs) -> u8 {
     let dir = match state_dir(args.state_dir.as_deref()) {
@@ -148,6 +202,11 @@ async fn run_command(args: RunArgs) -> u8 {
             eprintln!("error: {e}");
             return EXIT_USAGE;
         }
+    };
+    // Held until the process exits (the kernel releases it however it ends).
+    let _lock = match lock::acquire(&dir, "run") {
+        Ok(lock) => lock,
+        Err(e) => return lock_refused(&e),
     };
     let (path, must_exist) = match &args.config {
         Some(path) => (path.clone(), true),

@@ -344,6 +344,7 @@ mod tests {
                 Msg::Started(_) => "started".into(),
                 Msg::Draining(_) => "draining".into(),
                 Msg::Hello(_) => "hello".into(),
+                Msg::Paused(_) => "paused".into(),
             })
             .collect()
     }

@@ -315,6 +315,7 @@ mod tests {
             last_log_seq: 9,
             artifact_sha256: String::new(),
             reports: Vec::new(),
+            handed_back: false,
         }
     }
 

@@ -33,7 +33,7 @@ use trunkfarm_proto::v1::agent_service_client::AgentServiceClient;
 use trunkfarm_proto::v1::hub_message::Msg as HubMsg;
 use trunkfarm_proto::v1::{
     AgentMessage, Assignment, Cancel, Capabilities, Draining, Heartbeat, Hello, HubMessage, JobRef,
-    JobResult, JobStarted, ResultAck, Welcome,
+    JobResult, JobStarted, Outcome, Paused, ResultAck, Welcome,
 };
 use trunkfarm_proto::{AUTHORIZATION, PROTOCOL_VERSION};
 
@@ -42,7 +42,9 @@ use trunkfarm_proto::settings::fmt_bytes;
 use crate::backoff::Backoff;
 use crate::cache::ArtifactCache;
 use crate::config::AgentConfig;
+use crate::control::{self, Answer, Control, Request, Status as AgentStatus};
 use crate::credential::Credential;
+use crate::donor::{self, JobInfo, Pause, say};
 use crate::executor::Artifacts;
 use crate::jobs::{self, JobPolicy, JobWake, Jobs};
 use crate::outbox::{Outbox, kept_log_bound};
@@ -127,6 +129,31 @@ pub(crate) async fn run(
         sandbox: Arc::new(sandbox),
     };
     let signals = Signals::new().context("cannot install the signal handlers")?;
+    // The caller holds the state directory's lock: a socket there is stale.
+    let (control_tx, control) = mpsc::channel(8);
+    let _server = match control::serve(&state_dir, control_tx) {
+        Ok(server) => Some(server),
+        Err(e) => {
+            tracing::warn!(
+                "cannot open the control socket in {}: {e}; `trunkfarm-agent status`, `pause` \
+                 and `resume` cannot reach this agent",
+                state_dir.display()
+            );
+            None
+        }
+    };
+    let pause = donor::load_pause(&state_dir).with_context(|| {
+        format!(
+            "cannot read the donor's pause in {}",
+            state_dir.join(donor::PAUSE_FILE).display()
+        )
+    })?;
+    if let Some(pause) = &pause {
+        say(&format!(
+            "This agent is {}: it takes no job until `trunkfarm-agent resume`.",
+            pause.describe()
+        ));
+    }
     if !results.is_empty() {
         tracing::info!(
             "{} job result(s) from an earlier run wait for delivery to the hub",
@@ -168,6 +195,15 @@ pub(crate) async fn run(
         backoff: Backoff::new(config.reconnect_max_backoff),
         drain: Drain::default(),
         signals,
+        control,
+        pause_ends: pause.as_ref().and_then(|p| p.until_ms).map(instant_at),
+        pause,
+        handing_back: BTreeSet::new(),
+        running: HashMap::new(),
+        state_dir,
+        started_ms: crate::lock::now_ms(),
+        connected_since_ms: None,
+        cache: artifacts.cache.clone(),
     };
     let ending = agent.run().await;
     let downloads = artifacts.cache.downloads();
@@ -226,14 +262,47 @@ pub(crate) fn capabilities(
 
 /// The hello that opens a session. `held` lists the jobs whose leases the
 /// agent still needs: running ones and those whose result is unacknowledged.
-pub(crate) fn hello(caps: &Capabilities, held: Vec<JobRef>, draining: bool) -> Hello {
+pub(crate) fn hello(
+    caps: &Capabilities,
+    held: Vec<JobRef>,
+    draining: bool,
+    pause: Option<&Pause>,
+) -> Hello {
     Hello {
         protocol_version: PROTOCOL_VERSION,
         agent_version: env!("CARGO_PKG_VERSION").to_owned(),
         capabilities: Some(caps.clone()),
         running: held,
         draining,
+        paused: pause.map(paused),
     }
+}
+
+/// What the hub is told of the donor's pause (`None`: resumed).
+pub(crate) fn paused(pause: &Pause) -> Paused {
+    Paused {
+        paused: true,
+        reason: pause.reason().to_owned(),
+        until_ms: pause.until_ms.unwrap_or(0),
+    }
+}
+
+/// The tokio instant of a Unix ms time (now, if it passed).
+fn instant_at(ms: u64) -> Instant {
+    let ahead = ms.saturating_sub(crate::lock::now_ms());
+    // Capped like a drain's grace: never overflow.
+    Instant::now() + Duration::from_millis(ahead.min(365 * 24 * 3600 * 1000))
+}
+
+/// A job handed back to the hub unfinished: it runs elsewhere without
+/// using up an attempt (`JobResult.handed_back`).
+fn handed_back(mut result: JobResult, why: &str) -> JobResult {
+    result.outcome = Outcome::Error as i32;
+    result.handed_back = true;
+    result.detail = format!("handed back: {why}");
+    result.exit_code = None;
+    result.artifact_sha256.clear();
+    result
 }
 
 /// The union of running and unacknowledged jobs, ordered, without repeats.
@@ -517,6 +586,10 @@ enum Wake {
     GraceOver,
     /// The drained agent waited long enough for acknowledgements.
     AckWaitOver,
+    /// A donor's command on the control socket.
+    Control(Control),
+    /// The donor's `pause --for` ran out.
+    PauseOver,
 }
 
 /// The agent: all its state, owned by one task.
@@ -551,6 +624,25 @@ struct Agent {
     drain: Drain,
     /// Signal handlers.
     signals: Signals,
+    /// The donor's commands (`control.rs`).
+    control: mpsc::Receiver<Control>,
+    /// The donor's pause: no new job while set (kept in the state dir).
+    pause: Option<Pause>,
+    /// When a `pause --for` ends.
+    pause_ends: Option<Instant>,
+    /// Jobs cancelled to be handed back (`pause --now`, `unenroll`): their
+    /// cancelled results go to the hub as handed back.
+    handing_back: BTreeSet<JobKey>,
+    /// What each running job is, for the donor.
+    running: HashMap<JobKey, JobInfo>,
+    /// The state directory (the journal, the pause).
+    state_dir: PathBuf,
+    /// When this agent started (Unix ms).
+    started_ms: u64,
+    /// When the current session was welcomed (Unix ms).
+    connected_since_ms: Option<u64>,
+    /// The artifact cache, for `status`.
+    cache: ArtifactCache,
 }
 
 impl Agent {
@@ -571,6 +663,8 @@ impl Agent {
                 s = self.signals.next() => Wake::Signal(s),
                 () = sleep_opt(self.drain.grace_deadline) => Wake::GraceOver,
                 () = sleep_opt(self.drain.ack_deadline) => Wake::AckWaitOver,
+                Some(c) = self.control.recv() => Wake::Control(c),
+                () = sleep_opt(self.pause_ends) => Wake::PauseOver,
             };
             let ending = match wake {
                 Wake::Link(w) => self.on_link(w),
@@ -588,7 +682,19 @@ impl Agent {
                     None
                 }
                 Wake::Job(JobWake::Finished(result)) => {
-                    self.deliver(result);
+                    self.finished(result);
+                    None
+                }
+                Wake::Control((request, reply)) => {
+                    let answer = self.on_control(request);
+                    if reply.send(answer).is_err() {
+                        tracing::debug!("the donor's command left before its answer");
+                    }
+                    None
+                }
+                Wake::PauseOver => {
+                    say("The pause is over: this agent takes work again.");
+                    self.set_pause(None);
                     None
                 }
                 Wake::Signal(name) => self.on_signal(name),
@@ -705,7 +811,12 @@ impl Agent {
     /// Starts dialing, with a hello describing the agent as it is now.
     fn start_connect(&mut self) {
         let (tx, rx) = mpsc::channel(OUTBOUND_CHANNEL);
-        let hello = hello(&self.caps, self.held(), self.drain.active);
+        let hello = hello(
+            &self.caps,
+            self.held(),
+            self.drain.active,
+            self.pause.as_ref(),
+        );
         // A fresh channel has room for its first message.
         let _ = tx.try_send(AgentMessage {
             msg: Some(Msg::Hello(hello)),
@@ -729,6 +840,7 @@ impl Agent {
         let was_welcomed = self.link.welcomed();
         self.outbox.disconnected();
         self.result_sent.clear();
+        self.connected_since_ms = None;
         let delay = self.backoff.next_delay();
         self.link = Link::Down {
             retry_at: Instant::now() + delay,
@@ -811,6 +923,17 @@ impl Agent {
             self.hub,
             self.agent_id
         );
+        self.connected_since_ms = Some(crate::lock::now_ms());
+        say(&format!(
+            "Connected to hub {} as agent {}{}.",
+            self.hub,
+            self.agent_id,
+            if self.pause.is_some() {
+                " (paused: it takes no job)"
+            } else {
+                ""
+            }
+        ));
         // The hub may lack any log chunk not covered by an acknowledged
         // result (lost in flight, or with a killed hub): all kept chunks go
         // again, each attempt's before its result; results without chunks
@@ -854,6 +977,19 @@ impl Agent {
             self.refuse(job, "the assignment carried no job spec".to_owned());
             return;
         };
+        if self.pause.is_some() {
+            // Sent before the hub heard of the pause: it runs elsewhere.
+            tracing::info!(
+                job = job.job_id,
+                attempt = job.attempt,
+                "handing back a job: the donor paused this agent"
+            );
+            self.deliver(handed_back(
+                jobs::refusal(job, String::new()),
+                "the agent's donor paused it",
+            ));
+            return;
+        }
         match self.policy.admit(&spec, self.jobs.len(), self.drain.active) {
             Ok((limits, donor_capped)) => {
                 tracing::info!(
@@ -863,6 +999,9 @@ impl Agent {
                     commands = spec.commands.len(),
                     "starting job"
                 );
+                let info = JobInfo::starting(job, &spec);
+                say(&info.started_line());
+                self.running.insert(key(&job), info);
                 self.jobs.start(job, spec, limits, donor_capped);
                 self.outbox
                     .push_control(Msg::Started(JobStarted { job: Some(job) }));
@@ -975,6 +1114,137 @@ impl Agent {
                 attempt = job.attempt,
                 "result acknowledged"
             );
+        }
+    }
+
+    /// A job ended: a job being handed back goes back as such (unless it
+    /// finished first), the donor is told, the journal keeps it, and the
+    /// result goes to the hub.
+    fn finished(&mut self, mut result: JobResult) {
+        let job = result.job.unwrap_or_default();
+        if self.handing_back.remove(&key(&job)) && result.outcome == Outcome::Cancelled as i32 {
+            result = handed_back(result, "the agent's donor took it back");
+        }
+        let mut info = self.running.remove(&key(&job)).unwrap_or_else(|| JobInfo {
+            job_id: job.job_id,
+            attempt: job.attempt,
+            ..JobInfo::default()
+        });
+        info.finish(&result);
+        say(&info.finished_line());
+        if let Err(e) = donor::record(&self.state_dir, &info) {
+            tracing::warn!(
+                "cannot keep the job in {}: {e}",
+                self.state_dir.join(donor::HISTORY_FILE).display()
+            );
+        }
+        self.deliver(result);
+    }
+
+    /// Answers a donor's command.
+    fn on_control(&mut self, request: Request) -> Answer {
+        let message = match request {
+            Request::Status => String::new(),
+            Request::Pause { for_secs, now } => {
+                let now_ms = crate::lock::now_ms();
+                let pause = Pause {
+                    since_ms: self.pause.as_ref().map_or(now_ms, |p| p.since_ms),
+                    until_ms: for_secs.map(|s| now_ms.saturating_add(s.saturating_mul(1000))),
+                };
+                let mut message = format!("This agent is {}.", pause.describe());
+                self.set_pause(Some(pause));
+                if now && !self.jobs.is_empty() {
+                    let n = self.hand_back_all();
+                    message.push_str(&format!(
+                        " Its {n} running job(s) go back to the hub to run elsewhere."
+                    ));
+                } else if !self.jobs.is_empty() {
+                    message.push_str(&format!(
+                        " Its {} running job(s) finish first (`pause --now` hands them back).",
+                        self.jobs.len()
+                    ));
+                }
+                say(&message);
+                message
+            }
+            Request::Resume => {
+                let message = if self.pause.is_some() {
+                    "This agent takes work again."
+                } else {
+                    "This agent was not paused: it takes work."
+                };
+                self.set_pause(None);
+                say(message);
+                message.to_owned()
+            }
+            Request::Leave => {
+                let n = self.hand_back_all();
+                self.start_drain(Duration::ZERO, "its donor unenrolls it");
+                let message = format!(
+                    "The agent hands back its {n} running job(s) and stops once the hub has \
+                     their results."
+                );
+                say(&message);
+                message
+            }
+        };
+        Answer {
+            message,
+            status: Some(self.status()),
+        }
+    }
+
+    /// Pauses (or resumes, `None`): kept in the state dir, told to the hub.
+    fn set_pause(&mut self, pause: Option<Pause>) {
+        if let Err(e) = donor::save_pause(&self.state_dir, pause.as_ref()) {
+            tracing::warn!(
+                "cannot keep the pause in {} (it ends when the agent stops): {e}",
+                self.state_dir.join(donor::PAUSE_FILE).display()
+            );
+        }
+        self.pause_ends = pause.as_ref().and_then(|p| p.until_ms).map(instant_at);
+        let told = pause.as_ref().map_or_else(Paused::default, paused);
+        self.pause = pause;
+        if self.link.welcomed() {
+            self.outbox.push_control(Msg::Paused(told));
+        }
+    }
+
+    /// Cancels every running job to hand it back; how many.
+    fn hand_back_all(&mut self) -> usize {
+        let running: Vec<JobRef> = self.jobs.jobs().collect();
+        for job in &running {
+            self.handing_back.insert(key(job));
+            self.jobs
+                .cancel(job, "handed back: the agent's donor took it back");
+        }
+        running.len()
+    }
+
+    /// What `status` shows.
+    fn status(&self) -> AgentStatus {
+        let mut jobs: Vec<JobInfo> = self.running.values().cloned().collect();
+        jobs.sort_by_key(|j| (j.job_id, j.attempt));
+        AgentStatus {
+            running: true,
+            pid: Some(std::process::id()),
+            started_ms: Some(self.started_ms),
+            state_dir: self.state_dir.clone(),
+            hub: self.hub.clone(),
+            agent_id: self.agent_id.clone(),
+            name: self.caps.name.clone(),
+            connected: self.link.welcomed(),
+            connected_since_ms: self.connected_since_ms,
+            paused: self.pause.clone(),
+            draining: self.drain.active,
+            jobs,
+            last_day: donor::recent(&self.state_dir).unwrap_or_else(|e| {
+                tracing::warn!("cannot read the jobs of the last day: {e}");
+                Vec::new()
+            }),
+            cache_dir: self.cache.dir().to_path_buf(),
+            cache_bytes: self.cache.cached_bytes(),
+            undelivered_results: self.results.len(),
         }
     }
 
@@ -1104,7 +1374,7 @@ mod tests {
             [j(9, 2), j(5, 1)].into_iter(),
         );
         assert_eq!(held, [j(2, 1), j(5, 1), j(9, 2)]);
-        let h = hello(&caps, held.clone(), true);
+        let h = hello(&caps, held.clone(), true, None);
         assert_eq!(h.protocol_version, PROTOCOL_VERSION);
         assert_eq!(h.agent_version, env!("CARGO_PKG_VERSION"));
         assert_eq!(h.capabilities.as_ref(), Some(&caps));

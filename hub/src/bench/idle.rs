@@ -53,6 +53,7 @@ pub(super) async fn open_session(
             }),
             running: Vec::new(),
             draining: false,
+            paused: None,
         })),
     })
     .await?;

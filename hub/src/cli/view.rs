@@ -155,6 +155,9 @@ pub(super) struct Agent<'a> {
     connected: bool,
     revoked: bool,
     draining: bool,
+    /// Why its donor has it take no new job ("paused by its donor until
+    /// …"); empty when it takes work.
+    paused: &'a str,
     running: Vec<JobRef>,
     last_seen_ms: u64,
     enrolled_at_ms: u64,
@@ -189,6 +192,7 @@ impl<'a> From<&'a v1::AgentInfo> for Agent<'a> {
             connected: a.connected,
             revoked: a.revoked,
             draining: a.draining,
+            paused: &a.paused,
             running: a
                 .running
                 .iter()

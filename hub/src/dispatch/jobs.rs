@@ -858,16 +858,25 @@ impl OpenJobs {
                 result.detail = why;
                 result.artifact_sha256.clear();
             }
-            let retry = result.outcome == Outcome::Error as i32
-                && !rec.cancel_requested
-                && rec.attempt < rec.max_attempts;
+            let error = result.outcome == Outcome::Error as i32;
+            // A job its agent's donor handed back was not tried: it runs
+            // elsewhere without using up one of its attempts.
+            let handed_back = error && result.handed_back && !rec.cancel_requested;
+            if handed_back {
+                rec.max_attempts = rec.max_attempts.saturating_add(1);
+            }
+            let retry = error && !rec.cancel_requested && rec.attempt < rec.max_attempts;
             if retry {
                 // An infrastructure error (checkout, download, upload, disk)
                 // is the farm's fault, not the project's: try again, like a
                 // lost lease, within max_attempts.
                 rec.note_lost(
                     job.attempt,
-                    format!("infrastructure error on the agent: {}", result.detail),
+                    if handed_back {
+                        format!("handed back by agent {agent_id}: {}", result.detail)
+                    } else {
+                        format!("infrastructure error on the agent: {}", result.detail)
+                    },
                 );
                 rec.state = JobState::Queued;
                 table.persist(&rec)?;

@@ -34,7 +34,7 @@ pub(crate) use records::{JobResultRecord, JobSpecRecord, ReportFileRecord};
 /// What a session's channel carries (the in-process tests read it).
 #[cfg(test)]
 pub(crate) use sessions::Outgoing;
-pub(crate) use sessions::{AgentTx, ConnectedAgent, Hello, JobBudget};
+pub(crate) use sessions::{AgentTx, ConnectedAgent, Hello, JobBudget, pause_words};
 
 use crate::logs::JobLogs;
 use crate::repo_credentials::RepoCredentials;
@@ -571,6 +571,29 @@ impl Dispatcher {
         self.lock().sessions.set_draining(agent_id);
     }
 
+    /// The agent's donor paused it (no new job; what it runs finishes or
+    /// comes back as a handed-back result) or resumed it (`paused.paused`
+    /// false: queued work may go to it now).
+    pub(crate) async fn set_paused(
+        &self,
+        agent_id: &str,
+        paused: &trunkfarm_proto::v1::Paused,
+    ) -> Result<(), StoreError> {
+        let words = sessions::pause_words(paused);
+        let mut eff = Effects::default();
+        {
+            let mut st = self.lock();
+            let resumed = words.is_none();
+            if st.sessions.set_paused(agent_id, words) && resumed {
+                self.schedule(&mut st, &mut eff)?;
+            }
+        }
+        if !eff.messages.is_empty() {
+            self.deliver(eff).await?;
+        }
+        Ok(())
+    }
+
     /// Quarantines a connected agent (it keeps its session and its running
     /// jobs but is given no new one) or lifts its quarantine. The durable
     /// mark is its credential's (`auth::credentials`); this is the live
@@ -801,6 +824,7 @@ pub(crate) fn agent_views(
                 last_seen_ms: dispatch.last_seen(&a.id).unwrap_or(0),
                 connected: live.is_some(),
                 draining: live.is_some_and(|c| c.draining),
+                paused: live.and_then(|c| c.paused.clone()).unwrap_or_default(),
                 running: live.map(|c| c.running.clone()).unwrap_or_default(),
                 capabilities: live.map(|c| c.caps.clone()),
                 agent_version: live.map(|c| c.agent_version.clone()).unwrap_or_default(),
@@ -836,6 +860,8 @@ pub(crate) fn availability(a: &trunkfarm_proto::v1::AgentInfo) -> (&'static str,
             "draining",
             "draining: finishing its jobs, then leaving".into(),
         )
+    } else if !a.paused.is_empty() {
+        ("paused", a.paused.clone())
     } else if a.connected {
         ("connected", String::new())
     } else {
@@ -930,6 +956,7 @@ pub(crate) mod tests {
             quarantined: false,
             max_parallel: slots,
             draining: false,
+            paused: None,
             agent_version: "test".into(),
             remote: "local".into(),
             tx,
@@ -1366,6 +1393,7 @@ pub(crate) mod tests {
             quarantined: false,
             max_parallel: 1,
             draining: false,
+            paused: None,
             agent_version: "test".into(),
             remote: "local".into(),
             tx,
@@ -1857,6 +1885,7 @@ pub(crate) mod tests {
             quarantined: false,
             max_parallel: 1,
             draining: false,
+            paused: None,
             agent_version: "test".into(),
             remote: "local".into(),
             tx,
@@ -1972,5 +2001,80 @@ pub(crate) mod tests {
         d.set_quarantined("a", true).await.unwrap();
         let id = d.submit(spec(&["linux"]), 0).await.unwrap();
         assert_eq!(waiting(&d, id), "agent `A` is quarantined");
+    }
+
+    #[tokio::test]
+    async fn a_paused_agent_gets_no_job_says_why_and_takes_work_once_resumed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_s, d) = open(dir.path(), 5000);
+        let mut rx = agent(&d, "box", 1, &["linux"], &[]).await;
+        // 2026-05-01 14:00 UTC.
+        let paused = trunkfarm_proto::v1::Paused {
+            paused: true,
+            reason: "paused by its donor\u{1b}[2J".into(),
+            until_ms: 1_777_644_000_000,
+        };
+        d.set_paused("box", &paused).await.unwrap();
+        let id = d.submit(spec(&["linux"]), 0).await.unwrap();
+        assert!(
+            assignments(&mut rx).is_empty(),
+            "a paused agent gets nothing"
+        );
+        assert_eq!(
+            waiting(&d, id),
+            "agent `box` is paused by its donor[2J until 2026-05-01 14:00 UTC"
+        );
+        assert_eq!(
+            d.connected()["box"].paused.as_deref(),
+            Some("paused by its donor[2J until 2026-05-01 14:00 UTC")
+        );
+        let resumed = trunkfarm_proto::v1::Paused::default();
+        d.set_paused("box", &resumed).await.unwrap();
+        assert_eq!(
+            assignments(&mut rx)[0].job_id,
+            id,
+            "resumed: it takes the job"
+        );
+        assert_eq!(d.connected()["box"].paused, None);
+    }
+
+    #[tokio::test]
+    async fn a_job_handed_back_runs_elsewhere_without_using_up_an_attempt() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_s, d) = open(dir.path(), 5000);
+        // One attempt only: an infrastructure error would finish it.
+        let id = d.submit(spec(&[]), 1).await.unwrap();
+        let mut a = agent(&d, "a", 1, &[], &[]).await;
+        let first = assignments(&mut a)[0];
+        let paused = trunkfarm_proto::v1::Paused {
+            paused: true,
+            ..Default::default()
+        };
+        d.set_paused("a", &paused).await.unwrap();
+        let back = JobResult {
+            job: Some(first),
+            outcome: Outcome::Error.into(),
+            detail: "handed back: the agent's donor took it back".into(),
+            handed_back: true,
+            ..Default::default()
+        };
+        assert!(d.record_result("a", back).await.unwrap().recorded);
+        let rec = d.get(id).unwrap().unwrap();
+        assert_eq!(rec.state, JobState::Queued, "requeued, not finished");
+        assert!(
+            rec.attempts[0]
+                .lost_reason
+                .starts_with("handed back by agent a"),
+            "{:?}",
+            rec.attempts[0]
+        );
+        assert_eq!(waiting(&d, id), "agent `a` is paused");
+        let mut b = agent(&d, "b", 1, &[], &[]).await;
+        let second = assignments(&mut b)[0];
+        assert_eq!(
+            (second.job_id, second.attempt),
+            (id, 2),
+            "it runs elsewhere"
+        );
     }
 }

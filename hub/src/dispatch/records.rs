@@ -97,6 +97,11 @@ pub(crate) struct JobResultRecord {
     pub(crate) artifact_sha256: String,
     /// The spec's report files as found after the commands ran.
     pub(crate) reports: Vec<ReportFileRecord>,
+    /// The agent gave the job back unfinished (its donor paused it now or
+    /// unenrolled). Left out of the JSON when false, so results read and
+    /// write as before.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub(crate) handed_back: bool,
 }
 
 /// One field converted: as it is, or an optional (`opt`) or repeated
@@ -175,6 +180,7 @@ both_ways!(
         last_log_seq,
         artifact_sha256,
         reports as vec,
+        handed_back,
     }
 );
 

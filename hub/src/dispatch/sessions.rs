@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 use tonic::Status;
-use trunkfarm_proto::v1::{Assignment, Capabilities, Drain, HubMessage, JobRef, hub_message};
+use trunkfarm_proto::v1::{
+    Assignment, Capabilities, Drain, HubMessage, JobRef, Paused, hub_message,
+};
 
 use super::DispatchError;
 use super::jobs::Placement;
@@ -90,6 +92,9 @@ struct Conn {
     /// Jobs it holds.
     running: HashSet<u64>,
     draining: bool,
+    /// Why its donor has it take no new job, in words ([`pause_words`]);
+    /// `None` while it takes work.
+    paused: Option<String>,
     last_heartbeat: Instant,
     last_assigned: u64,
     agent_version: String,
@@ -126,13 +131,15 @@ impl Conn {
         }
     }
 
-    /// Why it takes no new work now; `None` if it does (not draining or
-    /// quarantined, a free slot, heard from recently).
+    /// Why it takes no new work now; `None` if it does (not draining,
+    /// paused or quarantined, a free slot, heard from recently).
     fn busy(&self, now: Instant, stale_after: Duration) -> Option<Busy> {
         if self.quarantined {
             Some(Busy::Quarantined)
         } else if self.draining {
             Some(Busy::Draining)
+        } else if self.paused.is_some() {
+            Some(Busy::Paused)
         } else if now.duration_since(self.last_heartbeat) >= stale_after {
             Some(Busy::Silent)
         } else if self.free_slots() == 0 {
@@ -168,6 +175,8 @@ enum Refusal {
 enum Busy {
     Quarantined,
     Draining,
+    /// Its donor paused it (`Conn::paused` says why and until when).
+    Paused,
     Silent,
     Full,
 }
@@ -197,6 +206,39 @@ fn say(conns: &[&Conn], singular: &str, plural: &str) -> String {
     format!("{who} {}", if many { plural } else { singular })
 }
 
+/// Longest pause reason kept from an agent (its words reach the operator).
+const PAUSE_REASON_MAX: usize = 200;
+
+/// What an agent's `Paused` says, in words after its name: its reason
+/// ("paused by its donor"; controls removed, capped) and until when (UTC);
+/// `None` when it is not paused.
+pub(crate) fn pause_words(paused: &Paused) -> Option<String> {
+    if !paused.paused {
+        return None;
+    }
+    let reason: String = paused
+        .reason
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(PAUSE_REASON_MAX)
+        .collect();
+    let mut words = match reason.trim() {
+        "" => "paused".to_owned(),
+        r => r.to_owned(),
+    };
+    if paused.until_ms != 0 {
+        let until = std::time::UNIX_EPOCH + Duration::from_millis(paused.until_ms);
+        // "2026-05-01T14:00:00Z" → "2026-05-01 14:00 UTC".
+        let stamp = humantime::format_rfc3339_seconds(until).to_string();
+        let (day, time) = stamp.split_once('T').unwrap_or((&stamp, ""));
+        words.push_str(&format!(
+            " until {day} {} UTC",
+            time.get(..5).unwrap_or(time)
+        ));
+    }
+    Some(words)
+}
+
 /// A snapshot of one connected agent for `agent list` and the pools.
 #[derive(Clone, Debug)]
 pub(crate) struct ConnectedAgent {
@@ -210,6 +252,8 @@ pub(crate) struct ConnectedAgent {
     pub(crate) running: Vec<JobRef>,
     /// Draining: gets no new job.
     pub(crate) draining: bool,
+    /// Paused by its donor, in words ([`pause_words`]): gets no new job.
+    pub(crate) paused: Option<String>,
     /// Its version string.
     pub(crate) agent_version: String,
     /// Its address as the hub sees it.
@@ -237,6 +281,8 @@ pub(crate) struct Hello {
     /// Jobs at once it is given: its claim, capped by its token.
     pub(crate) max_parallel: u32,
     pub(crate) draining: bool,
+    /// Paused by its donor (its Hello's `paused`).
+    pub(crate) paused: Option<Paused>,
     pub(crate) agent_version: String,
     pub(crate) remote: String,
     pub(crate) tx: AgentTx,
@@ -316,6 +362,7 @@ impl Sessions {
                 quarantined: hello.quarantined || self.quarantined.contains(agent_id),
                 running,
                 draining: hello.draining || used_up,
+                paused: hello.paused.as_ref().and_then(pause_words),
                 last_heartbeat: Instant::now(),
                 last_assigned: 0,
                 agent_version: hello.agent_version,
@@ -457,6 +504,10 @@ impl Sessions {
                 ));
             }
         }
+        for id in of_kind(&busy, &Busy::Paused) {
+            let words = self.agents[id].paused.as_deref().unwrap_or("paused");
+            parts.push(format!("agent `{id}` is {words}"));
+        }
         for (kind, words) in [
             (Busy::Quarantined, ("is quarantined", "are quarantined")),
             (Busy::Draining, ("is draining", "are draining")),
@@ -595,6 +646,18 @@ impl Sessions {
         }
     }
 
+    /// The agent is paused by its donor (or resumed, `None`); true if it
+    /// is connected.
+    pub(super) fn set_paused(&mut self, agent_id: &str, paused: Option<String>) -> bool {
+        match self.agents.get_mut(agent_id) {
+            Some(c) => {
+                c.paused = paused;
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Asks a connected agent to drain (finish its jobs, then exit).
     pub(super) fn drain(&mut self, agent_id: &str, grace: Duration) -> Result<(), DispatchError> {
         let conn = self
@@ -666,6 +729,7 @@ impl Sessions {
                         labels,
                         running,
                         draining: c.draining,
+                        paused: c.paused.clone(),
                         agent_version: c.agent_version.clone(),
                         remote: c.remote.clone(),
                         jobs_left: self.jobs_left.get(id).copied(),

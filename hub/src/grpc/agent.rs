@@ -16,7 +16,8 @@ use tonic::{Request, Response, Status, Streaming};
 use trunkfarm_proto::v1::agent_service_server::AgentService;
 use trunkfarm_proto::v1::{
     AgentMessage, ArtifactChunk, DownloadArtifactRequest, EnrollRequest, EnrollResponse, Hello,
-    HubMessage, JobRef, UploadArtifactResponse, Welcome, agent_message, hub_message,
+    HubMessage, JobRef, UnenrollRequest, UnenrollResponse, UploadArtifactResponse, Welcome,
+    agent_message, hub_message,
 };
 use trunkfarm_proto::{MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 
@@ -24,7 +25,7 @@ use super::bearer;
 use crate::artifacts::{ArtifactError, Artifacts, Origin};
 use crate::auth::credentials::{AuthError, Credentials};
 use crate::auth::throttle::FailedEnrollments;
-use crate::dispatch::{AgentTx, Dispatcher, Hello as DispatchHello};
+use crate::dispatch::{AgentTx, Dispatcher, Hello as DispatchHello, revoke_agent};
 use crate::logs::JobLogs;
 
 /// Results of one session being recorded at once; more wait (back-pressure).
@@ -175,6 +176,7 @@ impl AgentService for AgentApi {
             capabilities,
             running,
             draining,
+            paused,
             ..
         } = hello;
         let caps = capabilities.unwrap_or_default();
@@ -211,6 +213,7 @@ impl AgentService for AgentApi {
                     quarantined: agent.verdicts.quarantined(),
                     max_parallel: granted.max_parallel_jobs,
                     draining,
+                    paused,
                     agent_version: agent_version.clone(),
                     remote: remote.clone(),
                     tx: tx.clone(),
@@ -285,6 +288,25 @@ impl AgentService for AgentApi {
             sha256: received.sha256,
             already_present: received.already_present,
         }))
+    }
+
+    async fn unenroll(
+        &self,
+        request: Request<UnenrollRequest>,
+    ) -> Result<Response<UnenrollResponse>, Status> {
+        let agent = self.credentials.verify_agent(bearer(&request)?)?;
+        // The one way to revoke: the credential first, then the session.
+        let requeued = revoke_agent(&self.credentials, &self.dispatch, &agent.id)
+            .await
+            .map_err(|e| {
+                tracing::error!(agent = %agent.id, "cannot unenroll the agent: {e}");
+                Status::internal(format!(
+                    "the hub could not unenroll agent {}: {e}",
+                    agent.id
+                ))
+            })?;
+        tracing::info!(agent = %agent.id, name = %agent.name, requeued = requeued.len(), "agent unenrolled by its donor: its credential is revoked");
+        Ok(Response::new(UnenrollResponse { requeued }))
     }
 
     type DownloadArtifactStream = Pin<Box<dyn Stream<Item = Result<ArtifactChunk, Status>> + Send>>;
@@ -390,6 +412,13 @@ async fn run_session(
                 tracing::info!(agent = %agent_id, "agent is draining");
                 dispatch.set_draining(&agent_id);
                 Ok(())
+            }
+            agent_message::Msg::Paused(paused) => {
+                match crate::dispatch::pause_words(&paused) {
+                    Some(words) => tracing::info!(agent = %agent_id, "agent is {words}"),
+                    None => tracing::info!(agent = %agent_id, "agent takes work again"),
+                }
+                dispatch.set_paused(&agent_id, &paused).await
             }
             agent_message::Msg::Hello(_) => Ok(()),
         };

@@ -202,6 +202,7 @@ impl Hub {
                     quarantined: false,
                     max_parallel: granted.max_parallel_jobs,
                     draining: false,
+                    paused: None,
                     agent_version: "test".into(),
                     remote: "cloud".into(),
                     tx,
