@@ -84,11 +84,11 @@ fn kind_name(kind: i32) -> &'static str {
     }
 }
 
-fn build_state(b: &BuildInfo) -> &'static str {
+fn build_state(b: &BuildInfo) -> &str {
     match BuildState::try_from(b.state).unwrap_or(BuildState::Unspecified) {
-        // Nobody has its job yet: it waits (`waiting` says why).
-        BuildState::Pending if !b.waiting.is_empty() => "queued",
-        BuildState::Pending => "building",
+        // The hub's phase of its job (queued, starting, running), the word
+        // the dashboard shows too; `waiting` says why a queued one waits.
+        BuildState::Pending => crate::web::view::pending_build(&b.phase),
         BuildState::Passed => "passed",
         BuildState::Failed => "FAILED",
         BuildState::Error => "error",
