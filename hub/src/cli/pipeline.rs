@@ -771,6 +771,18 @@ mod tests {
     }
 
     #[test]
+    fn a_pending_build_says_its_jobs_phase_as_the_dashboard_does() {
+        for phase in ["queued", "starting", "running"] {
+            let b = BuildInfo {
+                state: BuildState::Pending.into(),
+                phase: phase.into(),
+                ..Default::default()
+            };
+            assert_eq!(build_state(&b), phase);
+        }
+    }
+
+    #[test]
     fn a_commit_built_before_says_by_which_job_and_how_to_build_it_again() {
         let build = |platform: &str, job_id| BuildInfo {
             platform: platform.into(),
