@@ -350,11 +350,11 @@ fn run_cell(s: &SeriesHistory, commit: &str) -> CellView {
         .iter()
         .filter(|o| o.upstream_commit == commit)
         .max_by_key(|o| o.job_id);
-    let own = run.and_then(|r| s.transitions.iter().find(|t| t.job_id == r.job_id));
-    cell.state = series_state(
-        run.map(|r| (r, own.and_then(|t| t.class))),
-        open.map(|o| (o.job_id, o.phase.as_ref())),
-    );
+    let judged = run.map(|r| {
+        let own = s.transitions.iter().find(|t| t.job_id == r.job_id);
+        Judged::new(r, own, |id| s.transitions.iter().find(|t| t.id == id))
+    });
+    cell.state = series_state(judged, open.map(|o| (o.job_id, o.phase.as_ref())));
     if let (Some(o), CellState::Queued | CellState::Starting | CellState::Running) =
         (open, cell.state)
     {
@@ -366,64 +366,109 @@ fn run_cell(s: &SeriesHistory, commit: &str) -> CellView {
             .unwrap_or_default();
         return cell;
     }
-    let Some(run) = run else {
+    let Some(judged) = judged else {
         cell.why = "no run at this commit".into();
         return cell;
     };
-    cell.job_id = run.job_id;
-    fill_from_run(&mut cell, run, own, |id| {
-        s.transitions.iter().find(|t| t.id == id)
-    });
+    cell.job_id = judged.run.job_id;
+    fill_from_run(&mut cell, judged);
     cell
+}
+
+/// A finished run with what decides its state beside its status.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Judged<'a> {
+    pub(crate) run: &'a RunInfo,
+    /// The transition it caused (its re-runs' class on it), if known.
+    pub(crate) own: Option<&'a Transition>,
+    /// The went-red of its red spell ([`red_spell`]), if red.
+    pub(crate) spell: Option<&'a Transition>,
+}
+
+impl<'a> Judged<'a> {
+    /// Run `run` of a series whose transitions `find` looks up by id.
+    pub(crate) fn new(
+        run: &'a RunInfo,
+        own: Option<&'a Transition>,
+        find: impl Fn(u64) -> Option<&'a Transition>,
+    ) -> Judged<'a> {
+        Judged {
+            run,
+            own,
+            spell: red_spell(own, find),
+        }
+    }
+}
+
+/// The went-red a run's red spell began with: its own transition when it
+/// went red, else the one its transition is red since (`find`: by id).
+pub(crate) fn red_spell<'a>(
+    own: Option<&'a Transition>,
+    find: impl Fn(u64) -> Option<&'a Transition>,
+) -> Option<&'a Transition> {
+    match own {
+        Some(t) if t.kind == TransitionKind::WentRed as i32 => Some(t),
+        Some(t) if t.red_since_id != 0 => find(t.red_since_id),
+        _ => None,
+    }
 }
 
 /// A series' state at one commit, the one word the grid, the project
 /// page and their APIs show: an open job newer than its run (`open`: its
 /// job and dispatch's phase) is queued, starting or running; else the run
-/// (with the class its re-runs gave it) decides ([`run_state`]); else not
-/// run.
+/// decides ([`run_state`]); else not run.
 pub(crate) fn series_state(
-    run: Option<(&RunInfo, Option<Class>)>,
+    run: Option<Judged<'_>>,
     open: Option<(u64, Option<&Phase>)>,
 ) -> CellState {
     match (run, open) {
-        (run, Some((job, phase))) if run.is_none_or(|(r, _)| job > r.job_id) => {
+        (run, Some((job, phase))) if run.is_none_or(|j| job > j.run.job_id) => {
             CellState::of_phase(phase)
         }
-        (Some((r, class)), _) => run_state(r, class),
+        (Some(j), _) => run_state(j),
         (None, _) => CellState::NotRun,
     }
 }
 
 /// A finished run's state: its status, except that a red run its re-runs
-/// classed flaky (an identical re-run passed) is `flaky` and one they
-/// classed spurious (the machine failed, not the tests) is an infra error.
-pub(crate) fn run_state(run: &RunInfo, class: Option<Class>) -> CellState {
-    match RunStatus::try_from(run.status).unwrap_or(RunStatus::Error) {
+/// classed flaky (an identical re-run passed) is `flaky`, one they classed
+/// spurious (the machine failed, not the tests) an infra error, and a red
+/// run of a spell whose culprit range is being bisected `bisecting` (unless
+/// the project broke itself: nothing upstream to bisect).
+pub(crate) fn run_state(j: Judged<'_>) -> CellState {
+    let class = j.own.and_then(|t| t.class);
+    match RunStatus::try_from(j.run.status).unwrap_or(RunStatus::Error) {
         RunStatus::Green => CellState::Green,
         RunStatus::Red => match class {
             Some(Class::Flaky) => CellState::Flaky,
             Some(Class::Spurious) => CellState::Error,
-            _ => CellState::Red,
+            Some(Class::ProjectSide | Class::Broken) => CellState::Red,
+            _ => match j.spell {
+                Some(t)
+                    if !matches!(t.class, Some(Class::ProjectSide | Class::Broken))
+                        && t.bisect
+                            .as_ref()
+                            .is_some_and(|b| b.state == BisectState::Running) =>
+                {
+                    CellState::Bisecting
+                }
+                _ => CellState::Red,
+            },
         },
         RunStatus::Error | RunStatus::Unspecified => CellState::Error,
     }
 }
 
-/// A finished run's state: its status, what its re-runs classed it as,
-/// and for a red one the went-red it is red since (`went_red` finds a
-/// transition by id): its bisection or culprit range.
-fn fill_from_run<'a>(
-    cell: &mut CellView,
-    run: &RunInfo,
-    own: Option<&'a Transition>,
-    went_red: impl Fn(u64) -> Option<&'a Transition>,
-) {
+/// A finished run's cell beside its state: what it says, what its
+/// re-runs classed it as, and for a red one its red spell's bisection or
+/// culprit range.
+fn fill_from_run(cell: &mut CellView, j: Judged<'_>) {
+    let run = j.run;
     cell.why = view::detail(&run.detail);
     if run.confirmation == "awaiting" {
         cell.why = "its re-runs are checking this result".into();
     }
-    let class = own.and_then(|t| t.class);
+    let class = j.own.and_then(|t| t.class);
     if let Some(class) = class {
         cell.why = match class {
             Class::Suspicious => format!("suspicious: {}", run.suspicious),
@@ -439,15 +484,12 @@ fn fill_from_run<'a>(
             Class::Regressed => std::mem::take(&mut cell.why),
         };
     }
-    if cell.state != CellState::Red || matches!(class, Some(Class::ProjectSide | Class::Broken)) {
+    if !matches!(cell.state, CellState::Red | CellState::Bisecting)
+        || matches!(class, Some(Class::ProjectSide | Class::Broken))
+    {
         return;
     }
-    let spell = match own {
-        Some(t) if t.kind == TransitionKind::WentRed as i32 => Some(t),
-        Some(t) if t.red_since_id != 0 => went_red(t.red_since_id),
-        _ => None,
-    };
-    let Some(t) = spell else { return };
+    let Some(t) = j.spell else { return };
     if matches!(t.class, Some(Class::ProjectSide | Class::Broken)) {
         return;
     }
@@ -459,10 +501,7 @@ fn fill_from_run<'a>(
                 cell.first_bad = short(&c.sha).to_owned();
             }
         }
-        Some(b) if b.state == BisectState::Running => {
-            cell.state = CellState::Bisecting;
-            cell.culprits = shorts(&t.culprits);
-        }
+        Some(b) if b.state == BisectState::Running => cell.culprits = shorts(&t.culprits),
         Some(b) if !b.candidates.is_empty() => cell.culprits = shorts(&b.candidates),
         _ => cell.culprits = shorts(&t.culprits),
     }

@@ -532,7 +532,7 @@ fn grid_cell_class(html: &str, row: &str, commit: &str) -> String {
 
 #[tokio::test]
 async fn a_flaky_red_reads_flaky_on_the_grid_the_project_page_and_both_apis() {
-    let (f, _push) = story().await;
+    let (f, push) = story().await;
     let app = app(&f);
     let project = api(&app, "/api/v1/projects/shouter").await;
     let project_html = page(&app, "/projects/shouter").await;
@@ -563,6 +563,22 @@ async fn a_flaky_red_reads_flaky_on_the_grid_the_project_page_and_both_apis() {
         grid_cell_class(&grid, "<a href=\"/projects/shouter\"", &commit),
         "flaky"
     );
+    // The push's red, its culprit range being bisected: `bisecting` on
+    // the grid, the project page, the project list and their APIs.
+    let bad = &push[2];
+    let cell = status_cell(&status, Some("shouter"), bad);
+    assert_eq!(cell["state"], "bisecting", "{cell}");
+    assert_eq!(
+        grid_cell_class(&grid, "<a href=\"/projects/shouter\"", bad),
+        "bisecting"
+    );
+    let series = &project["series"][0];
+    assert_eq!(series["state"], "bisecting", "{series}");
+    assert_eq!(history[0]["upstream_commit"], bad.as_str());
+    assert_eq!(history[0]["status"], "bisecting");
+    assert_eq!(attrs(&project_html, "data-state"), ["bisecting"]);
+    let list = api(&app, "/api/v1/projects").await;
+    assert_eq!(list["projects"][1]["series"][0]["state"], "bisecting");
 }
 
 #[tokio::test]

@@ -248,20 +248,23 @@ fn marked(t: &Transition) -> bool {
         || t.class.is_some()
 }
 
-/// The class its re-runs gave run `r`, from its series' transitions.
-fn class_of(r: &RunInfo, transitions: &[Transition]) -> Option<Class> {
-    transitions
-        .iter()
-        .find(|t| t.job_id == r.job_id)
-        .and_then(|t| t.class)
+/// Run `r` of series `s` with what decides its state word (the grid's
+/// [`grid::run_state`]): its transition and its red spell's went-red.
+fn judged<'a>(r: &'a RunInfo, s: &'a SeriesFacts) -> grid::Judged<'a> {
+    let find = |id: u64| {
+        s.transitions
+            .iter()
+            .find(|t| t.id == id)
+            .or(s.red_since.as_ref().filter(|t| t.id == id))
+    };
+    grid::Judged::new(r, s.transitions.iter().find(|t| t.job_id == r.job_id), find)
 }
 
-fn row(r: &RunInfo, transitions: &[Transition]) -> RunRowView {
+fn row(r: &RunInfo, s: &SeriesFacts) -> RunRowView {
+    let transitions = &s.transitions;
     RunRowView {
         job_id: r.job_id,
-        status: grid::run_state(r, class_of(r, transitions))
-            .word()
-            .to_owned(),
+        status: grid::run_state(judged(r, s)).word().to_owned(),
         upstream_short: short(&r.upstream_commit).to_owned(),
         upstream_commit: r.upstream_commit.clone(),
         project_short: short(&r.project_commit).to_owned(),
@@ -298,7 +301,7 @@ fn series_now(s: &SeriesFacts) -> SeriesNow {
         state: latest.map_or_else(
             || "none".into(),
             |r| {
-                grid::series_state(Some((r, class_of(r, &s.transitions))), None)
+                grid::series_state(Some(judged(r, s)), None)
                     .word()
                     .to_owned()
             },
@@ -327,7 +330,7 @@ impl From<&ProjectFacts> for ProjectView {
                         .as_ref()
                         .map(|t| t.newly_failing.clone())
                         .unwrap_or_default(),
-                    history: s.history.iter().map(|r| row(r, &s.transitions)).collect(),
+                    history: s.history.iter().map(|r| row(r, s)).collect(),
                 })
                 .collect(),
             flaky_tests: p
