@@ -84,11 +84,11 @@ fn kind_name(kind: i32) -> &'static str {
     }
 }
 
-fn build_state(b: &BuildInfo) -> &'static str {
+fn build_state(b: &BuildInfo) -> &str {
     match BuildState::try_from(b.state).unwrap_or(BuildState::Unspecified) {
-        // Nobody has its job yet: it waits (`waiting` says why).
-        BuildState::Pending if !b.waiting.is_empty() => "queued",
-        BuildState::Pending => "building",
+        // The hub's phase of its job (queued, starting, running), the word
+        // the dashboard shows too; `waiting` says why a queued one waits.
+        BuildState::Pending => crate::web::view::pending_build(&b.phase),
         BuildState::Passed => "passed",
         BuildState::Failed => "FAILED",
         BuildState::Error => "error",
@@ -768,6 +768,18 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(none.contains("[[upstream]]"), "{none}");
+    }
+
+    #[test]
+    fn a_pending_build_says_its_jobs_phase_as_the_dashboard_does() {
+        for phase in ["queued", "starting", "running"] {
+            let b = BuildInfo {
+                state: BuildState::Pending.into(),
+                phase: phase.into(),
+                ..Default::default()
+            };
+            assert_eq!(build_state(&b), phase);
+        }
     }
 
     #[test]

@@ -394,6 +394,9 @@ struct Build<'a> {
     confirmation_detail: &'a str,
     /// Pending and no agent has its job yet: why it waits (`null` otherwise).
     waiting: Option<&'a str>,
+    /// Pending: its job's phase, `queued`, `starting` or `running` (the
+    /// dashboard's word; `null` otherwise).
+    phase: Option<&'a str>,
 }
 
 impl<'a> From<&'a v1::BuildInfo> for Build<'a> {
@@ -414,6 +417,7 @@ impl<'a> From<&'a v1::BuildInfo> for Build<'a> {
             confirmation: (!b.confirmation.is_empty()).then_some(b.confirmation.as_str()),
             confirmation_detail: &b.confirmation_detail,
             waiting: (!b.waiting.is_empty()).then_some(b.waiting.as_str()),
+            phase: (!b.phase.is_empty()).then_some(b.phase.as_str()),
         }
     }
 }

@@ -102,6 +102,36 @@ struct Effects {
     finished: Vec<(u64, u32)>,
 }
 
+/// Where an unfinished job stands, as every page and the CLI say it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Phase {
+    /// No agent has it yet: why, in words (see [`Sessions::why_waiting`]).
+    Queued(String),
+    /// An agent was given it and has not said it started.
+    Starting,
+    /// An agent runs it.
+    Running,
+}
+
+impl Phase {
+    /// The word shown: `queued`, `starting` or `running`.
+    pub(crate) fn word(&self) -> &'static str {
+        match self {
+            Phase::Queued(_) => "queued",
+            Phase::Starting => "starting",
+            Phase::Running => "running",
+        }
+    }
+
+    /// Why it waits (empty unless queued).
+    pub(crate) fn why(&self) -> &str {
+        match self {
+            Phase::Queued(why) => why,
+            _ => "",
+        }
+    }
+}
+
 /// The dispatcher. Cheap to clone.
 #[derive(Clone)]
 pub(crate) struct Dispatcher {
@@ -696,12 +726,40 @@ impl Dispatcher {
     /// [`Sessions::why_waiting`]); never stored. `None` for any other
     /// state or an unknown job.
     pub(crate) fn waiting(&self, job_id: u64) -> Option<String> {
+        match self.phase(job_id) {
+            Some(Phase::Queued(why)) => Some(why),
+            _ => None,
+        }
+    }
+
+    /// Where unfinished job `job_id` stands (see [`Dispatcher::phases`]).
+    pub(crate) fn phase(&self, job_id: u64) -> Option<Phase> {
+        self.phases(&[job_id]).pop().flatten()
+    }
+
+    /// Where each of these unfinished jobs stands, in the order asked
+    /// (`None`: finished or unknown), under one lock: the one word every
+    /// page and the CLI use for a job not finished, so a leased job no
+    /// agent has started yet reads `starting` everywhere.
+    pub(crate) fn phases(&self, job_ids: &[u64]) -> Vec<Option<Phase>> {
         let st = self.lock();
-        let rec = st.jobs.get(job_id)?;
-        (rec.state == JobState::Queued).then(|| {
-            st.sessions
-                .why_waiting(&rec.spec, &rec.placement, Instant::now())
-        })
+        let now = Instant::now();
+        job_ids
+            .iter()
+            .map(|id| {
+                let rec = st.jobs.get(*id)?;
+                match rec.state {
+                    JobState::Queued => Some(Phase::Queued(st.sessions.why_waiting(
+                        &rec.spec,
+                        &rec.placement,
+                        now,
+                    ))),
+                    JobState::Leased => Some(Phase::Starting),
+                    JobState::Running => Some(Phase::Running),
+                    JobState::Finished => None,
+                }
+            })
+            .collect()
     }
 
     /// Jobs newest first, only those `keep` keeps (the admin API filters
@@ -1896,6 +1954,28 @@ pub(crate) mod tests {
 
     fn waiting(d: &Dispatcher, id: u64) -> String {
         d.waiting(id).expect("the job is queued")
+    }
+
+    #[tokio::test]
+    async fn phases_say_queued_with_why_starting_then_running_in_the_order_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_s, d) = open(dir.path(), 5000);
+        let mut rx = agent(&d, "a", 1, &["linux"], &[]).await;
+        let leased = d.submit(spec(&["linux"]), 0).await.unwrap();
+        let queued = d.submit(spec(&["linux"]), 0).await.unwrap();
+        let job = assignments(&mut rx)
+            .pop()
+            .expect("the first job is given to `a`");
+        assert_eq!(job.job_id, leased);
+        let waits = d.waiting(queued).expect("queued");
+        assert_eq!(
+            d.phases(&[queued, leased, 999]),
+            [Some(Phase::Queued(waits)), Some(Phase::Starting), None]
+        );
+        assert_eq!(d.waiting(leased), None);
+        d.started("a", &job).unwrap();
+        assert_eq!(d.phase(leased), Some(Phase::Running));
+        assert_eq!(d.phase(leased).map(|p| p.word()), Some("running"));
     }
 
     #[tokio::test]

@@ -504,9 +504,9 @@ impl Sessions {
                 ));
             }
         }
-        for id in of_kind(&busy, &Busy::Paused) {
-            let words = self.agents[id].paused.as_deref().unwrap_or("paused");
-            parts.push(format!("agent `{id}` is {words}"));
+        for c in of_kind(&busy, &Busy::Paused) {
+            let words = c.paused.as_deref().unwrap_or("paused");
+            parts.push(format!("agent `{}` is {words}", c.name));
         }
         for (kind, words) in [
             (Busy::Quarantined, ("is quarantined", "are quarantined")),

@@ -86,6 +86,7 @@ pub(super) fn finished(
                 confirmation: String::new(),
                 confirmation_detail: String::new(),
                 waiting: String::new(),
+                phase: String::new(),
             })
         }
         // A re-run is what it re-runs, a bisection's job what it builds or runs.

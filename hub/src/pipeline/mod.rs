@@ -563,11 +563,11 @@ impl Pipeline {
             }
             rows.push((info, series));
         }
-        let dispatch = &self.inner.dispatch;
-        let mut grid = self
-            .inner
-            .results
-            .status(rows, |job| dispatch.waiting(job))?;
+        let mut grid = self.inner.results.status(rows)?;
+        self.fill_phases(
+            grid.upstreams.iter_mut().flat_map(|u| &mut u.latest_builds),
+            std::iter::empty(),
+        );
         for p in &self.inner.projects {
             if only_upstream.is_empty() || p.tests_against(only_upstream) {
                 grid.projects.push(self.project_row(p)?);
@@ -626,50 +626,100 @@ impl Pipeline {
     /// heads and builds per platform, `4 × commits` runs per series.
     pub(crate) fn history(&self, commits: usize) -> Result<Vec<UpstreamHistory>, PipelineError> {
         let open = self.open_tests();
-        let dispatch = &self.inner.dispatch;
         let mut asked = Vec::new();
+        let mut rows = Vec::new();
         for u in &self.inner.upstreams {
-            let heads = self.recent_heads(&u.name, commits)?;
+            let heads: Vec<Commit> = self
+                .recent_heads(&u.name, commits)?
+                .into_iter()
+                .map(|h| Commit {
+                    sha: h.commit,
+                    ..Default::default()
+                })
+                .collect();
             let mut series = Vec::new();
+            let mut projects = Vec::new();
             for p in self
                 .inner
                 .projects
                 .iter()
                 .filter(|p| p.tests_against(&u.name))
             {
+                projects.push(self.project_row(p)?);
                 for platform in p.platforms_for(u) {
+                    // Only the jobs at the commits shown: their phases are
+                    // asked of dispatch below, all under one lock.
                     let open = open
                         .iter()
                         .filter(|t| {
-                            t.project == p.name && t.upstream == u.name && t.platform == platform
+                            t.project == p.name
+                                && t.upstream == u.name
+                                && t.platform == platform
+                                && heads.iter().any(|c| c.sha == t.upstream_commit)
                         })
                         .map(|t| OpenRun {
                             upstream_commit: t.upstream_commit.clone(),
                             job_id: t.job_id,
-                            waiting: dispatch.waiting(t.job_id),
+                            phase: None,
                         })
                         .collect();
                     series.push((p.name.clone(), platform.to_owned(), open));
                 }
             }
+            rows.push(projects);
             asked.push(HistoryRequest {
                 row: self.upstream_row(u)?,
-                commits: heads
-                    .into_iter()
-                    .map(|h| Commit {
-                        sha: h.commit,
-                        ..Default::default()
-                    })
-                    .collect(),
+                commits: heads,
                 series,
             });
         }
-        Ok(self
+        let mut history = self
             .inner
             .results
-            .history(asked, commits.saturating_mul(4), |job| {
-                dispatch.waiting(job)
-            })?)
+            .history(asked, commits.saturating_mul(4))?;
+        for (h, projects) in history.iter_mut().zip(rows) {
+            h.projects = projects;
+        }
+        let (builds, series): (Vec<_>, Vec<_>) = history
+            .iter_mut()
+            .map(|h| (&mut h.builds, &mut h.series))
+            .unzip();
+        self.fill_phases(
+            builds.into_iter().flatten(),
+            series.into_iter().flatten().flat_map(|s| &mut s.open),
+        );
+        Ok(history)
+    }
+
+    /// Asks dispatch, under one lock, where the jobs of these pending
+    /// builds and open test runs stand (a finished build keeps none).
+    fn fill_phases<'a>(
+        &self,
+        builds: impl IntoIterator<Item = &'a mut BuildInfo>,
+        open: impl IntoIterator<Item = &'a mut OpenRun>,
+    ) {
+        let builds: Vec<&mut BuildInfo> = builds
+            .into_iter()
+            .filter(|b| b.state == BuildState::Pending as i32)
+            .collect();
+        let open: Vec<&mut OpenRun> = open.into_iter().collect();
+        let ids: Vec<u64> = builds
+            .iter()
+            .map(|b| b.job_id)
+            .chain(open.iter().map(|o| o.job_id))
+            .collect();
+        let mut phases = self.inner.dispatch.phases(&ids).into_iter();
+        for b in builds {
+            let phase = phases.next().flatten();
+            b.waiting = phase
+                .as_ref()
+                .map(|p| p.why().to_owned())
+                .unwrap_or_default();
+            b.phase = phase.map(|p| p.word().to_owned()).unwrap_or_default();
+        }
+        for o in open {
+            o.phase = phases.next().flatten();
+        }
     }
 
     /// Woken whenever a result, a build or a new upstream head is recorded

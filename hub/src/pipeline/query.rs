@@ -5,11 +5,10 @@
 
 use std::collections::HashMap;
 
-use trunkfarm_proto::v1::BuildState;
-
 use super::poll::{Head, Repo};
 use super::{Pipeline, PipelineError, git};
 
+use crate::dispatch::Phase;
 use crate::results::{Bisection, BuildInfo, Commit, RunInfo, TestNoise, Transition};
 
 /// A series' runs that may have been recorded up to this long before the
@@ -49,8 +48,9 @@ pub(crate) struct SeriesFacts {
     pub(crate) history: Vec<RunInfo>,
     /// The went-red transition it is red since, if it is red now.
     pub(crate) red_since: Option<Transition>,
-    /// A run of it is open: its job, and why it waits while queued.
-    pub(crate) pending: Option<(u64, Option<String>)>,
+    /// A run of it is open: its job, and where it stands (dispatch's
+    /// phase; `None`: it just finished).
+    pub(crate) pending: Option<(u64, Option<Phase>)>,
     /// Transitions of the runs in `history` (matched by job id).
     pub(crate) transitions: Vec<Transition>,
 }
@@ -74,7 +74,7 @@ pub(crate) struct CommitFacts {
     /// names it; empty otherwise).
     pub(crate) commit: Commit,
     /// Its build per platform (in the upstream's order; `None`: none).
-    /// A pending build no agent has yet carries `waiting`.
+    /// A pending build carries its job's phase (and `waiting`).
     pub(crate) builds: Vec<(String, Option<BuildInfo>)>,
     /// Went-red transitions recorded at this commit.
     pub(crate) went_red: Vec<Transition>,
@@ -136,13 +136,13 @@ impl Pipeline {
     }
 
     /// Project `name`'s page: every series with its newest `history` runs
-    /// (and their transitions when `marks`: one scan back to the oldest
-    /// run), its red spell, its flaky tests.
+    /// and their transitions (one scan back to the oldest run: a run's
+    /// state word needs its class, the list's too), its red spell, its
+    /// flaky tests.
     pub(crate) fn project_facts(
         &self,
         name: &str,
         history: usize,
-        marks: bool,
     ) -> Result<ProjectFacts, PipelineError> {
         let p = self
             .inner
@@ -170,7 +170,7 @@ impl Pipeline {
                     red_since: results.red_since(&p.name, &u.name, platform)?,
                     pending: pending
                         .get(&id)
-                        .map(|job| (*job, self.inner.dispatch.waiting(*job))),
+                        .map(|job| (*job, self.inner.dispatch.phase(*job))),
                     transitions: Vec::new(),
                 });
             }
@@ -180,8 +180,7 @@ impl Pipeline {
             .iter()
             .filter_map(|s| s.history.last())
             .map(|r| r.finished_at_ms)
-            .min()
-            .filter(|_| marks);
+            .min();
         if let Some(since) = since {
             let jobs: HashMap<u64, usize> = series
                 .iter()
@@ -222,7 +221,6 @@ impl Pipeline {
     ) -> Result<UpstreamFacts, PipelineError> {
         let u = self.upstream(name)?;
         let results = &self.inner.results;
-        let dispatch = &self.inner.dispatch;
         let mut rows = Vec::new();
         for sha in self
             .recent_heads(&u.name, commits)?
@@ -231,11 +229,7 @@ impl Pipeline {
         {
             let mut builds = Vec::new();
             for platform in &u.platforms {
-                let mut b = results.build(&u.name, platform, &sha)?;
-                if let Some(b) = b.as_mut().filter(|b| b.state == BuildState::Pending as i32) {
-                    b.waiting = dispatch.waiting(b.job_id).unwrap_or_default();
-                }
-                builds.push((platform.clone(), b));
+                builds.push((platform.clone(), results.build(&u.name, platform, &sha)?));
             }
             rows.push(CommitFacts {
                 commit: Commit {
@@ -246,6 +240,11 @@ impl Pipeline {
                 ..Default::default()
             });
         }
+        self.fill_phases(
+            rows.iter_mut()
+                .flat_map(|c| c.builds.iter_mut().filter_map(|(_, b)| b.as_mut())),
+            std::iter::empty(),
+        );
         // Whatever happened at these commits was recorded after their
         // builds were queued: read the transitions since the oldest.
         let since = rows

@@ -18,7 +18,7 @@ use trunkfarm_proto::v1::{
 use super::git::Tip;
 use super::*;
 use crate::artifacts::Origin;
-use crate::dispatch::{DispatchSettings, Outgoing};
+use crate::dispatch::{DispatchSettings, Outgoing, Phase};
 use crate::job_key::RerunKind;
 use crate::logs::JobLogs;
 use crate::results::{BisectState, Class};
@@ -796,6 +796,45 @@ async fn the_dashboards_history_shows_the_last_heads_their_builds_and_what_each_
         .map(|h| h.commit)
         .collect();
     assert_eq!(heads, [c3, c1]);
+}
+
+#[tokio::test]
+async fn the_dashboards_history_asks_dispatch_only_about_the_jobs_at_the_commits_it_shows() {
+    let mut f = Farm::new().await;
+    green_trunk(&mut f).await;
+    // c2 built: its test jobs are given to agent `a`, not started.
+    let c2 = f.git.commit(RT);
+    f.pipeline.poll_upstream(0).await;
+    f.run_jobs(passed).await;
+    f.take_in().await;
+    // c3's builds are given to `a` too; c2's tests stay open.
+    let c3 = f.git.commit(RT);
+    f.pipeline.poll_upstream(0).await;
+    let h = f.pipeline.history(2).unwrap();
+    let shas: Vec<&str> = h[0].commits.iter().map(|c| c.sha.as_str()).collect();
+    assert_eq!(shas, [c3.as_str(), c2.as_str()]);
+    let open: Vec<&OpenRun> = h[0].series.iter().flat_map(|s| &s.open).collect();
+    assert!(!open.is_empty());
+    for o in open {
+        assert_eq!(o.upstream_commit, c2);
+        assert_eq!(o.phase, Some(Phase::Starting), "{o:?}");
+    }
+    let c3_builds: Vec<&str> = h[0]
+        .builds
+        .iter()
+        .filter(|b| b.commit == c3)
+        .map(|b| b.phase.as_str())
+        .collect();
+    assert_eq!(c3_builds, ["starting", "starting"]);
+    // Only c3 shown: c2's open jobs are not asked about (nor listed).
+    let h = f.pipeline.history(1).unwrap();
+    assert_eq!(h[0].commits.len(), 1);
+    assert!(
+        h[0].series.iter().all(|s| s.open.is_empty()),
+        "{:?}",
+        h[0].series
+    );
+    assert_eq!(h[0].builds.len(), 2);
 }
 
 #[tokio::test]

@@ -102,10 +102,13 @@ pub(crate) struct UpstreamHistory {
     /// transition's culprit range or bisection names the commit.
     pub(crate) commits: Vec<Commit>,
     /// The builds of those commits, every platform that has one; a pending
-    /// one whose job no agent has yet says why it waits.
+    /// one carries its job's phase (the pipeline adds it).
     pub(crate) builds: Vec<BuildInfo>,
     /// Every series tested against it, in the order asked.
     pub(crate) series: Vec<SeriesHistory>,
+    /// The projects tested against it as polling sees them (their branch,
+    /// their poll error), in config order; the pipeline adds them.
+    pub(crate) projects: Vec<ProjectRow>,
 }
 
 /// A series' recent history.
@@ -132,8 +135,8 @@ pub(crate) struct OpenRun {
     pub(crate) upstream_commit: String,
     /// Its job.
     pub(crate) job_id: u64,
-    /// Queued: why no agent has it (dispatch's words); `None`: running.
-    pub(crate) waiting: Option<String>,
+    /// Where its job stands (dispatch's phase; `None`: it just finished).
+    pub(crate) phase: Option<crate::dispatch::Phase>,
 }
 
 /// What [`Results::history`] is asked about one upstream.
@@ -310,21 +313,16 @@ impl Results {
     /// The status grid: for each upstream (in order, as the caller describes
     /// it), its newest and newest passed build per platform, then the newest
     /// run of each of its series with the went-red transition the series is
-    /// red since. A pending newest build whose job no agent has yet says
-    /// why it waits (`waiting`: dispatch's words for a queued job, asked
-    /// now, never stored), so it shows as queued, not building.
+    /// red since. A pending build's phase (queued and why, starting,
+    /// running) is dispatch's, which the caller adds.
     pub(crate) fn status(
         &self,
         rows: Vec<(UpstreamRow, Vec<GridSeries<'_>>)>,
-        waiting: impl Fn(u64) -> Option<String>,
     ) -> Result<Grid, StoreError> {
         let mut out = Grid::default();
         for (mut info, series) in rows {
             for platform in &info.platforms {
-                if let Some(mut b) = self.latest_build(&info.name, platform)? {
-                    if b.state == v1::BuildState::Pending as i32 {
-                        b.waiting = waiting(b.job_id).unwrap_or_default();
-                    }
+                if let Some(b) = self.latest_build(&info.name, platform)? {
                     info.latest_builds.push(b);
                 }
                 if let Some(b) = self.good_build(&info.name, platform)? {
@@ -368,7 +366,6 @@ impl Results {
         &self,
         asked: Vec<HistoryRequest>,
         runs_per_series: usize,
-        waiting: impl Fn(u64) -> Option<String>,
     ) -> Result<Vec<UpstreamHistory>, StoreError> {
         let upstreams: HashSet<&str> = asked.iter().map(|a| a.row.name.as_str()).collect();
         let mut by_job: std::collections::HashMap<u64, Transition> = Default::default();
@@ -393,10 +390,7 @@ impl Results {
             let mut builds = Vec::new();
             for c in &commits {
                 for platform in &row.platforms {
-                    if let Some(mut b) = self.build(&row.name, platform, &c.sha)? {
-                        if b.state == v1::BuildState::Pending as i32 {
-                            b.waiting = waiting(b.job_id).unwrap_or_default();
-                        }
+                    if let Some(b) = self.build(&row.name, platform, &c.sha)? {
                         builds.push(b);
                     }
                 }
@@ -434,6 +428,7 @@ impl Results {
                 commits,
                 builds,
                 series: shown,
+                projects: Vec::new(),
             });
         }
         Ok(out)

@@ -67,9 +67,13 @@ pub(crate) struct BuildInfo {
     #[serde(skip_serializing_if = "String::is_empty")]
     pub(crate) confirmation_detail: String,
     /// Pending and no agent has its job yet: why it waits. Never stored:
-    /// `Results::status` asks dispatch when it shows the build.
+    /// the pipeline asks dispatch when it shows the build.
     #[serde(skip)]
     pub(crate) waiting: String,
+    /// Pending: its job's phase word (`Phase::word`: queued, starting,
+    /// running). Never stored, asked with `waiting`.
+    #[serde(skip)]
+    pub(crate) phase: String,
 }
 
 /// A test run's summary: what the status grid shows.
@@ -327,6 +331,7 @@ impl From<BuildInfo> for v1::BuildInfo {
             confirmation,
             confirmation_detail,
             waiting,
+            phase,
         } = b;
         v1::BuildInfo {
             upstream,
@@ -344,6 +349,7 @@ impl From<BuildInfo> for v1::BuildInfo {
             confirmation,
             confirmation_detail,
             waiting,
+            phase,
         }
     }
 }

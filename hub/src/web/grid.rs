@@ -20,6 +20,7 @@ use super::Handlers;
 use super::site::Site;
 use super::view;
 use crate::commit::short;
+use crate::dispatch::Phase;
 use crate::results::{
     BisectState, BuildInfo, Class, RunInfo, SeriesHistory, Transition, UpstreamHistory,
 };
@@ -34,7 +35,6 @@ pub(crate) struct StatusView {
     pub(crate) generated_at: String,
     /// Every configured upstream, in the config's order.
     pub(crate) upstreams: Vec<UpstreamGrid>,
-    // Projects' poll errors go here (issue 14 item 5: errors in the open).
 }
 
 /// One upstream's part of the grid.
@@ -72,6 +72,11 @@ pub(crate) struct CommitColumn {
 #[derive(Clone, Debug, Default, Serialize)]
 pub(crate) struct ProjectRow {
     pub(crate) name: String,
+    /// The branch polling follows (the configured one, else the default
+    /// branch it found; empty before the first poll).
+    pub(crate) branch: String,
+    /// Why its last poll failed (empty: it worked), shown under its name.
+    pub(crate) poll_error: String,
     pub(crate) cells: Vec<CellView>,
 }
 
@@ -83,6 +88,8 @@ pub(crate) enum CellState {
     Green,
     /// Failed (a regression, the project's own breakage or a broken one).
     Red,
+    /// An agent was given it and has not said it started.
+    Starting,
     /// An agent runs it.
     Running,
     /// No agent has taken it yet (`why` says why).
@@ -105,12 +112,23 @@ impl CellState {
         match self {
             CellState::Green => "green",
             CellState::Red => "red",
+            CellState::Starting => "starting",
             CellState::Running => "running",
             CellState::Queued => "queued",
             CellState::Error => "error",
             CellState::Flaky => "flaky",
             CellState::Bisecting => "bisecting",
             CellState::NotRun => "not_run",
+        }
+    }
+
+    /// An unfinished job's state: dispatch's phase (`None`: it finished
+    /// a moment ago, its result not read yet: still running here).
+    pub(crate) fn of_phase(phase: Option<&Phase>) -> CellState {
+        match phase {
+            Some(Phase::Queued(_)) => CellState::Queued,
+            Some(Phase::Starting) => CellState::Starting,
+            Some(Phase::Running) | None => CellState::Running,
         }
     }
 
@@ -222,6 +240,7 @@ fn upstream_grid(h: UpstreamHistory) -> UpstreamGrid {
         commits,
         builds,
         series,
+        projects: polled,
     } = h;
     let platforms = row.platforms.clone();
     let columns = commits
@@ -268,8 +287,11 @@ fn upstream_grid(h: UpstreamHistory) -> UpstreamGrid {
                 cells.push(cell);
             }
         }
+        let polled = polled.iter().find(|p| p.name == name);
         projects.push(ProjectRow {
             name: name.to_owned(),
+            branch: polled.map(|p| p.branch.clone()).unwrap_or_default(),
+            poll_error: polled.map(|p| p.poll_error.clone()).unwrap_or_default(),
             cells,
         });
     }
@@ -297,13 +319,16 @@ fn build_cell(platform: &str, commit: &str, build: Option<&BuildInfo>) -> CellVi
         return cell;
     };
     cell.job_id = b.job_id;
-    cell.why = b.detail.clone();
+    cell.why = view::detail(&b.detail);
     cell.state = match BuildState::try_from(b.state).unwrap_or(BuildState::Error) {
-        BuildState::Pending if !b.waiting.is_empty() => {
+        BuildState::Pending => {
             cell.why = b.waiting.clone();
-            CellState::Queued
+            match view::pending_build(&b.phase) {
+                "queued" => CellState::Queued,
+                "starting" => CellState::Starting,
+                _ => CellState::Running,
+            }
         }
-        BuildState::Pending => CellState::Running,
         BuildState::Passed => CellState::Green,
         BuildState::Failed => CellState::Red,
         BuildState::Error | BuildState::Unspecified => CellState::Error,
@@ -325,47 +350,125 @@ fn run_cell(s: &SeriesHistory, commit: &str) -> CellView {
         .iter()
         .filter(|o| o.upstream_commit == commit)
         .max_by_key(|o| o.job_id);
-    if let Some(o) = open
-        && run.is_none_or(|r| o.job_id > r.job_id)
+    let judged = run.map(|r| {
+        let own = s.transitions.iter().find(|t| t.job_id == r.job_id);
+        Judged::new(r, own, |id| s.transitions.iter().find(|t| t.id == id))
+    });
+    cell.state = series_state(judged, open.map(|o| (o.job_id, o.phase.as_ref())));
+    if let (Some(o), CellState::Queued | CellState::Starting | CellState::Running) =
+        (open, cell.state)
     {
         cell.job_id = o.job_id;
-        (cell.state, cell.why) = match &o.waiting {
-            Some(why) => (CellState::Queued, why.clone()),
-            None => (CellState::Running, String::new()),
-        };
+        cell.why = o
+            .phase
+            .as_ref()
+            .map(|p| p.why().to_owned())
+            .unwrap_or_default();
         return cell;
     }
-    let Some(run) = run else {
+    let Some(judged) = judged else {
         cell.why = "no run at this commit".into();
         return cell;
     };
-    cell.job_id = run.job_id;
-    let own = s.transitions.iter().find(|t| t.job_id == run.job_id);
-    fill_from_run(&mut cell, run, own, |id| {
-        s.transitions.iter().find(|t| t.id == id)
-    });
+    cell.job_id = judged.run.job_id;
+    fill_from_run(&mut cell, judged);
     cell
 }
 
-/// A finished run's state: its status, what its re-runs classed it as,
-/// and for a red one the went-red it is red since (`went_red` finds a
-/// transition by id): its bisection or culprit range.
-fn fill_from_run<'a>(
-    cell: &mut CellView,
-    run: &RunInfo,
+/// A finished run with what decides its state beside its status.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Judged<'a> {
+    pub(crate) run: &'a RunInfo,
+    /// The transition it caused (its re-runs' class on it), if known.
+    pub(crate) own: Option<&'a Transition>,
+    /// The went-red of its red spell ([`red_spell`]), if red.
+    pub(crate) spell: Option<&'a Transition>,
+}
+
+impl<'a> Judged<'a> {
+    /// Run `run` of a series whose transitions `find` looks up by id.
+    pub(crate) fn new(
+        run: &'a RunInfo,
+        own: Option<&'a Transition>,
+        find: impl Fn(u64) -> Option<&'a Transition>,
+    ) -> Judged<'a> {
+        Judged {
+            run,
+            own,
+            spell: red_spell(own, find),
+        }
+    }
+}
+
+/// The went-red a run's red spell began with: its own transition when it
+/// went red, else the one its transition is red since (`find`: by id).
+pub(crate) fn red_spell<'a>(
     own: Option<&'a Transition>,
-    went_red: impl Fn(u64) -> Option<&'a Transition>,
-) {
-    cell.why = run.detail.clone();
+    find: impl Fn(u64) -> Option<&'a Transition>,
+) -> Option<&'a Transition> {
+    match own {
+        Some(t) if t.kind == TransitionKind::WentRed as i32 => Some(t),
+        Some(t) if t.red_since_id != 0 => find(t.red_since_id),
+        _ => None,
+    }
+}
+
+/// A series' state at one commit, the one word the grid, the project
+/// page and their APIs show: an open job newer than its run (`open`: its
+/// job and dispatch's phase) is queued, starting or running; else the run
+/// decides ([`run_state`]); else not run.
+pub(crate) fn series_state(
+    run: Option<Judged<'_>>,
+    open: Option<(u64, Option<&Phase>)>,
+) -> CellState {
+    match (run, open) {
+        (run, Some((job, phase))) if run.is_none_or(|j| job > j.run.job_id) => {
+            CellState::of_phase(phase)
+        }
+        (Some(j), _) => run_state(j),
+        (None, _) => CellState::NotRun,
+    }
+}
+
+/// A finished run's state: its status, except that a red run its re-runs
+/// classed flaky (an identical re-run passed) is `flaky`, one they classed
+/// spurious (the machine failed, not the tests) an infra error, and a red
+/// run of a spell whose culprit range is being bisected `bisecting` (unless
+/// the project broke itself: nothing upstream to bisect).
+pub(crate) fn run_state(j: Judged<'_>) -> CellState {
+    let class = j.own.and_then(|t| t.class);
+    match RunStatus::try_from(j.run.status).unwrap_or(RunStatus::Error) {
+        RunStatus::Green => CellState::Green,
+        RunStatus::Red => match class {
+            Some(Class::Flaky) => CellState::Flaky,
+            Some(Class::Spurious) => CellState::Error,
+            Some(Class::ProjectSide | Class::Broken) => CellState::Red,
+            _ => match j.spell {
+                Some(t)
+                    if !matches!(t.class, Some(Class::ProjectSide | Class::Broken))
+                        && t.bisect
+                            .as_ref()
+                            .is_some_and(|b| b.state == BisectState::Running) =>
+                {
+                    CellState::Bisecting
+                }
+                _ => CellState::Red,
+            },
+        },
+        RunStatus::Error | RunStatus::Unspecified => CellState::Error,
+    }
+}
+
+/// A finished run's cell beside its state: what it says, what its
+/// re-runs classed it as, and for a red one its red spell's bisection or
+/// culprit range.
+fn fill_from_run(cell: &mut CellView, j: Judged<'_>) {
+    let run = j.run;
+    cell.why = view::detail(&run.detail);
     if run.confirmation == "awaiting" {
         cell.why = "its re-runs are checking this result".into();
     }
-    cell.state = match RunStatus::try_from(run.status).unwrap_or(RunStatus::Error) {
-        RunStatus::Green => CellState::Green,
-        RunStatus::Red => CellState::Red,
-        RunStatus::Error | RunStatus::Unspecified => CellState::Error,
-    };
-    let class = own.and_then(|t| t.class);
+    let class = j.own.and_then(|t| t.class);
     if let Some(class) = class {
         cell.why = match class {
             Class::Suspicious => format!("suspicious: {}", run.suspicious),
@@ -374,31 +477,19 @@ fn fill_from_run<'a>(
             }
             Class::Broken => "fails on the last good runtime too (project unchanged)".into(),
             Class::Flaky => "flaky: an identical re-run passed".into(),
-            Class::Spurious => format!("spurious (the machine's failure): {}", run.detail),
+            Class::Spurious => format!(
+                "spurious (the machine's failure): {}",
+                view::detail(&run.detail)
+            ),
             Class::Regressed => std::mem::take(&mut cell.why),
         };
     }
-    if cell.state != CellState::Red {
+    if !matches!(cell.state, CellState::Red | CellState::Bisecting)
+        || matches!(class, Some(Class::ProjectSide | Class::Broken))
+    {
         return;
     }
-    match class {
-        Some(Class::Flaky) => {
-            cell.state = CellState::Flaky;
-            return;
-        }
-        Some(Class::Spurious) => {
-            cell.state = CellState::Error;
-            return;
-        }
-        Some(Class::ProjectSide | Class::Broken) => return,
-        _ => {}
-    }
-    let spell = match own {
-        Some(t) if t.kind == TransitionKind::WentRed as i32 => Some(t),
-        Some(t) if t.red_since_id != 0 => went_red(t.red_since_id),
-        _ => None,
-    };
-    let Some(t) = spell else { return };
+    let Some(t) = j.spell else { return };
     if matches!(t.class, Some(Class::ProjectSide | Class::Broken)) {
         return;
     }
@@ -410,10 +501,7 @@ fn fill_from_run<'a>(
                 cell.first_bad = short(&c.sha).to_owned();
             }
         }
-        Some(b) if b.state == BisectState::Running => {
-            cell.state = CellState::Bisecting;
-            cell.culprits = shorts(&t.culprits);
-        }
+        Some(b) if b.state == BisectState::Running => cell.culprits = shorts(&t.culprits),
         Some(b) if !b.candidates.is_empty() => cell.culprits = shorts(&b.candidates),
         _ => cell.culprits = shorts(&t.culprits),
     }
@@ -473,12 +561,12 @@ mod tests {
             OpenRun {
                 upstream_commit: "c3".into(),
                 job_id: 30,
-                waiting: Some("no agent connected".into()),
+                phase: Some(Phase::Queued("no agent connected".into())),
             },
             OpenRun {
                 upstream_commit: "c2".into(),
                 job_id: 21,
-                waiting: None,
+                phase: Some(Phase::Running),
             },
         ];
         let s = series(
@@ -574,6 +662,7 @@ mod tests {
             job_id: 3,
             state: BuildState::Pending as i32,
             waiting: "no connected agent has label `gpu`".into(),
+            phase: "queued".into(),
             ..Default::default()
         };
         let c = build_cell("linux", "c1", Some(&b));
@@ -582,6 +671,12 @@ mod tests {
             (CellState::Queued, "no connected agent has label `gpu`")
         );
         b.waiting.clear();
+        b.phase = "starting".into();
+        assert_eq!(
+            build_cell("linux", "c1", Some(&b)).state,
+            CellState::Starting
+        );
+        b.phase = "running".into();
         assert_eq!(
             build_cell("linux", "c1", Some(&b)).state,
             CellState::Running

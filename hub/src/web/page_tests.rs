@@ -247,7 +247,7 @@ async fn the_project_page_and_its_api_show_the_same_history() {
         .iter()
         .find(|r| r["transition"]["class"] == "flaky")
         .expect("the flaky red is marked");
-    assert_eq!(flaky_red["status"], "red");
+    assert_eq!(flaky_red["status"], "flaky", "the grid's word for it");
     // Its known flaky test.
     assert_eq!(each(&json["flaky_tests"], "name"), ["s.upper"]);
     assert_eq!(attrs(&html, "data-flaky"), ["s.upper"]);
@@ -431,6 +431,7 @@ async fn the_agents_page_and_its_api_count_jobs_done_and_show_the_donors_limits(
         draining: false,
         agent_version: "test".into(),
         remote: "192.0.2.7:4242".into(),
+        paused: None,
         tx,
     };
     f.dispatch.connect(&limited, &[], hello).await.unwrap();
@@ -603,4 +604,176 @@ async fn unsubscribe_posts_from_another_site_are_refused_unless_one_click() {
         );
         assert!(html.contains("not here"), "{html}");
     }
+}
+
+/// The grid's cell of `project` (or of the upstream's builds: `None`) at
+/// `commit` on linux, from `/api/v1/status`.
+fn status_cell(status: &Value, project: Option<&str>, commit: &str) -> Value {
+    let u = &status["upstreams"][0];
+    let cells = match project {
+        Some(name) => u["projects"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == name)
+            .map(|p| p["cells"].clone())
+            .unwrap(),
+        None => u["commits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["sha"] == commit)
+            .map(|c| c["builds"].clone())
+            .unwrap(),
+    };
+    cells
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["commit"] == commit && c["platform"] == "linux")
+        .cloned()
+        .unwrap_or_else(|| panic!("no cell at {commit}: {status}"))
+}
+
+/// The class of the grid cell at `commit` in the first row whose header
+/// starts with `row` (`<a href="/projects/NAME"` or `rt build`).
+fn grid_cell_class(html: &str, row: &str, commit: &str) -> String {
+    let at = html.find(row).unwrap_or_else(|| panic!("no row {row}"));
+    let rest = &html[at..];
+    let rest = &rest[..rest.find("</tr>").unwrap()];
+    let cell = rest
+        .find(&format!("data-commit=\"{commit}\""))
+        .unwrap_or_else(|| panic!("no cell at {commit} in {rest}"));
+    let open = rest[..cell].rfind("class=\"cell ").unwrap() + "class=\"cell ".len();
+    rest[open..open + rest[open..].find('"').unwrap()].to_owned()
+}
+
+#[tokio::test]
+async fn a_flaky_red_reads_flaky_on_the_grid_the_project_page_and_both_apis() {
+    let (f, push) = story().await;
+    let app = app(&f);
+    let project = api(&app, "/api/v1/projects/shouter").await;
+    let project_html = page(&app, "/projects/shouter").await;
+    let history = &project["series"][0]["history"];
+    let flaky = history
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["transition"]["class"] == "flaky")
+        .expect("the flaky red is marked");
+    assert_eq!(flaky["status"], "flaky");
+    let job = text(&flaky["job_id"]);
+    let at = attrs(&project_html, "data-job")
+        .iter()
+        .position(|j| *j == job)
+        .unwrap();
+    assert_eq!(attrs(&project_html, "data-status")[at], "flaky");
+    // The grid's cell of that run says the same.
+    let commit = text(&flaky["upstream_commit"]);
+    let status = api(&app, "/api/v1/status").await;
+    let cell = status_cell(&status, Some("shouter"), &commit);
+    assert_eq!(
+        (text(&cell["job_id"]), text(&cell["state"])),
+        (job, "flaky".into())
+    );
+    let grid = page(&app, "/").await;
+    assert_eq!(
+        grid_cell_class(&grid, "<a href=\"/projects/shouter\"", &commit),
+        "flaky"
+    );
+    // The push's red, its culprit range being bisected: `bisecting` on
+    // the grid, the project page, the project list and their APIs.
+    let bad = &push[2];
+    let cell = status_cell(&status, Some("shouter"), bad);
+    assert_eq!(cell["state"], "bisecting", "{cell}");
+    assert_eq!(
+        grid_cell_class(&grid, "<a href=\"/projects/shouter\"", bad),
+        "bisecting"
+    );
+    let series = &project["series"][0];
+    assert_eq!(series["state"], "bisecting", "{series}");
+    assert_eq!(history[0]["upstream_commit"], bad.as_str());
+    assert_eq!(history[0]["status"], "bisecting");
+    assert_eq!(attrs(&project_html, "data-state"), ["bisecting"]);
+    let list = api(&app, "/api/v1/projects").await;
+    assert_eq!(list["projects"][1]["series"][0]["state"], "bisecting");
+}
+
+#[tokio::test]
+async fn a_leased_build_reads_starting_everywhere_and_a_project_poll_error_shows() {
+    let mut f = Farm::new().await;
+    green_trunk(&mut f).await;
+    // A new head: its build is given to agent `a`, which has not started it.
+    let head = f.git.commit(RT);
+    f.poll_upstream(0).await;
+    let leased: Vec<u64> = f.assigned().iter().map(|(j, _, _)| j.job_id).collect();
+    assert!(!leased.is_empty(), "its builds are leased");
+    // Shouter's repository goes away: its poll fails.
+    f.git.broken.lock().unwrap().insert(SHOUTER.to_owned());
+    f.poll_project(1).await;
+    let app = app(&f);
+
+    let status = api(&app, "/api/v1/status").await;
+    let build = status_cell(&status, None, &head);
+    assert_eq!(text(&build["state"]), "starting");
+    let job = build["job_id"].as_u64().unwrap();
+    assert!(leased.contains(&job), "{build}");
+    let grid = page(&app, "/").await;
+    assert_eq!(
+        grid_cell_class(&grid, "<th>rt build</th>", &head),
+        "starting"
+    );
+    let upstream = api(&app, "/api/v1/upstreams/rt").await;
+    let newest = &upstream["commits"][0];
+    assert_eq!(newest["sha"], head.as_str());
+    let builds = newest["builds"].as_array().unwrap();
+    assert_eq!(builds.len(), leased.len(), "{newest}");
+    for b in builds {
+        assert_eq!(b["state"], "starting", "{b}");
+    }
+    let upstream_html = page(&app, "/upstreams/rt").await;
+    assert!(
+        attrs(&upstream_html, "data-build")[..builds.len()]
+            .iter()
+            .all(|s| s == "starting")
+    );
+    let run = api(&app, &format!("/api/v1/runs/{job}")).await;
+    assert_eq!(run["status"], "starting");
+    // What the CLI's `status` is sent and prints.
+    let grid_rpc = f.pipeline.status("").unwrap();
+    for b in &grid_rpc.upstreams[0].latest_builds {
+        let sent: trunkfarm_proto::v1::BuildInfo = b.clone().into();
+        assert_eq!(sent.commit, head);
+        assert_eq!(crate::web::view::pending_build(&sent.phase), "starting");
+    }
+
+    // Shouter's poll error, on the grid's page and in its API.
+    let shouter = status["upstreams"][0]["projects"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "shouter")
+        .cloned()
+        .unwrap();
+    let error = text(&shouter["poll_error"]);
+    assert!(!error.is_empty(), "{shouter}");
+    assert!(!text(&shouter["branch"]).is_empty(), "{shouter}");
+    let adder = &status["upstreams"][0]["projects"][0];
+    assert_eq!(
+        (adder["name"].as_str(), adder["poll_error"].as_str()),
+        (Some("adder"), Some(""))
+    );
+    let row = &grid[grid.find("<a href=\"/projects/shouter\"").unwrap()..];
+    let row = &row[..row.find("</th>").unwrap()];
+    assert!(
+        row.contains("class=\"poll-error\"") && row.contains(&html_escaped(&error)),
+        "{row}"
+    );
+    assert!(
+        !grid[grid.find("<a href=\"/projects/adder\"").unwrap()..]
+            .split("</th>")
+            .next()
+            .unwrap()
+            .contains("poll-error")
+    );
 }

@@ -12,9 +12,10 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde::Serialize;
-use trunkfarm_proto::v1::{RunStatus, TransitionKind};
+use trunkfarm_proto::v1::TransitionKind;
 
 use super::Handlers;
+use super::grid;
 use super::site::Site;
 use super::view;
 use crate::commit::short;
@@ -58,12 +59,13 @@ pub(crate) struct RepoView {
 pub(crate) struct SeriesNow {
     pub(crate) upstream: String,
     pub(crate) platform: String,
-    /// Its newest run's status: `green`, `red`, `error`, or `none` (no run yet).
+    /// Its newest run's state, the grid's word for it (`green`, `red`,
+    /// `flaky`, `error`, …: `grid::run_state`), or `none` (no run yet).
     pub(crate) state: String,
     /// Its newest run's job (0: none).
     pub(crate) latest_job: u64,
     /// A newer run: `queued` (no agent has it: `waiting` says why),
-    /// `running`, or empty.
+    /// `starting` (an agent has it, not started), `running`, or empty.
     pub(crate) pending: String,
     pub(crate) pending_job: u64,
     pub(crate) waiting: String,
@@ -88,7 +90,7 @@ pub(crate) struct SeriesView {
 #[derive(Clone, Debug, Default, Serialize)]
 pub(crate) struct RunRowView {
     pub(crate) job_id: u64,
-    /// `green`, `red` or `error`.
+    /// Its state, the grid's word (`green`, `red`, `flaky`, `error`).
     pub(crate) status: String,
     pub(crate) upstream_commit: String,
     #[serde(skip)]
@@ -238,16 +240,6 @@ impl From<&Transition> for TransitionView {
     }
 }
 
-/// A run's status in words (`none` for no run).
-pub(crate) fn run_status(status: i32) -> String {
-    RunStatus::try_from(status)
-        .map_or_else(
-            |_| "none".into(),
-            |s| view::word(s.as_str_name(), "RUN_STATUS_"),
-        )
-        .replace("unspecified", "none")
-}
-
 /// Whether a transition is marked in a history: it changed the series or
 /// its re-runs classed it.
 fn marked(t: &Transition) -> bool {
@@ -256,10 +248,23 @@ fn marked(t: &Transition) -> bool {
         || t.class.is_some()
 }
 
-fn row(r: &RunInfo, transitions: &[Transition]) -> RunRowView {
+/// Run `r` of series `s` with what decides its state word (the grid's
+/// [`grid::run_state`]): its transition and its red spell's went-red.
+fn judged<'a>(r: &'a RunInfo, s: &'a SeriesFacts) -> grid::Judged<'a> {
+    let find = |id: u64| {
+        s.transitions
+            .iter()
+            .find(|t| t.id == id)
+            .or(s.red_since.as_ref().filter(|t| t.id == id))
+    };
+    grid::Judged::new(r, s.transitions.iter().find(|t| t.job_id == r.job_id), find)
+}
+
+fn row(r: &RunInfo, s: &SeriesFacts) -> RunRowView {
+    let transitions = &s.transitions;
     RunRowView {
         job_id: r.job_id,
-        status: run_status(r.status),
+        status: grid::run_state(judged(r, s)).word().to_owned(),
         upstream_short: short(&r.upstream_commit).to_owned(),
         upstream_commit: r.upstream_commit.clone(),
         project_short: short(&r.project_commit).to_owned(),
@@ -280,14 +285,27 @@ fn row(r: &RunInfo, transitions: &[Transition]) -> RunRowView {
 fn series_now(s: &SeriesFacts) -> SeriesNow {
     let latest = s.history.first();
     let (pending, pending_job, waiting) = match &s.pending {
-        Some((job, Some(why))) => ("queued", *job, why.clone()),
-        Some((job, None)) => ("running", *job, String::new()),
+        Some((job, phase)) => (
+            grid::series_state(None, Some((*job, phase.as_ref()))).word(),
+            *job,
+            phase
+                .as_ref()
+                .map(|p| p.why().to_owned())
+                .unwrap_or_default(),
+        ),
         None => ("", 0, String::new()),
     };
     SeriesNow {
         upstream: s.upstream.clone(),
         platform: s.platform.clone(),
-        state: latest.map_or_else(|| "none".into(), |r| run_status(r.status)),
+        state: latest.map_or_else(
+            || "none".into(),
+            |r| {
+                grid::series_state(Some(judged(r, s)), None)
+                    .word()
+                    .to_owned()
+            },
+        ),
         latest_job: latest.map_or(0, |r| r.job_id),
         pending: pending.to_owned(),
         pending_job,
@@ -312,7 +330,7 @@ impl From<&ProjectFacts> for ProjectView {
                         .as_ref()
                         .map(|t| t.newly_failing.clone())
                         .unwrap_or_default(),
-                    history: s.history.iter().map(|r| row(r, &s.transitions)).collect(),
+                    history: s.history.iter().map(|r| row(r, s)).collect(),
                 })
                 .collect(),
             flaky_tests: p
@@ -354,7 +372,7 @@ pub(super) fn routes() -> Router<Handlers> {
 /// Project `name`'s view.
 pub(crate) fn project(site: &Site, name: &str) -> Result<ProjectView, PipelineError> {
     Ok(ProjectView::from(
-        &site.pipeline.project_facts(name, HISTORY, true)?,
+        &site.pipeline.project_facts(name, HISTORY)?,
     ))
 }
 
@@ -362,7 +380,7 @@ pub(crate) fn project(site: &Site, name: &str) -> Result<ProjectView, PipelineEr
 pub(crate) fn projects(site: &Site) -> Result<ProjectsView, PipelineError> {
     let mut projects = Vec::new();
     for name in site.pipeline.project_names() {
-        let p = site.pipeline.project_facts(&name, 1, false)?;
+        let p = site.pipeline.project_facts(&name, 1)?;
         projects.push(ProjectSummary {
             series: p.series.iter().map(series_now).collect(),
             flaky_tests: p.flaky.len(),

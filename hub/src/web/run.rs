@@ -29,7 +29,7 @@ use trunkfarm_proto::v1::{Outcome, RunStatus, TestStatus};
 use super::Handlers;
 use super::site::Site;
 use super::view;
-use crate::dispatch::{JobRecord, JobState};
+use crate::dispatch::{JobRecord, JobState, Phase};
 use crate::job_key::{JobKey, RerunKind};
 use crate::logs::LogRange;
 use crate::pipeline::RunFacts;
@@ -472,7 +472,7 @@ pub(crate) async fn run(site: &Site, id: u64) -> Result<RunView, Refusal> {
     Ok(build_view(
         &rec,
         &facts,
-        site.dispatch.waiting(id),
+        site.dispatch.phase(id),
         &name,
         log,
     ))
@@ -482,7 +482,7 @@ pub(crate) async fn run(site: &Site, id: u64) -> Result<RunView, Refusal> {
 fn build_view(
     rec: &JobRecord,
     facts: &RunFacts,
-    waiting: Option<String>,
+    phase: Option<Phase>,
     name: &dyn Fn(&str) -> String,
     log: LogInfo,
 ) -> RunView {
@@ -504,11 +504,8 @@ fn build_view(
         (None, JobState::Leased | JobState::Running) => now.saturating_sub(started_at_ms),
         _ => 0,
     };
-    let status = match rec.state {
-        JobState::Queued => "queued",
-        JobState::Leased => "starting",
-        JobState::Running => "running",
-        JobState::Finished => {
+    let status = match (rec.state, &phase) {
+        (JobState::Finished, _) => {
             match Outcome::try_from(result.map_or(0, |r| r.outcome)).unwrap_or(Outcome::Error) {
                 Outcome::Passed => "passed",
                 Outcome::Failed => "failed",
@@ -517,13 +514,19 @@ fn build_view(
                 _ => "error",
             }
         }
+        // Unfinished: dispatch's phase, the word every page shows.
+        (_, Some(p)) => p.word(),
+        (_, None) => "running",
     };
     let mut v = RunView {
         id: rec.id,
         key: rec.key.clone(),
         status: status.into(),
-        waiting: waiting.unwrap_or_default(),
-        detail: result.map(|r| redact_text(&r.detail)).unwrap_or_default(),
+        waiting: phase
+            .as_ref()
+            .map(|p| p.why().to_owned())
+            .unwrap_or_default(),
+        detail: result.map(|r| view::detail(&r.detail)).unwrap_or_default(),
         exit_code: result.and_then(|r| r.exit_code),
         agent: name(&rec.agent_id),
         attempt: rec.attempt,
@@ -552,7 +555,7 @@ fn build_view(
         v.verdict = build_state_word(b.state).into();
         v.artifact_sha256 = b.artifact_sha256.clone();
         if !b.detail.is_empty() {
-            v.detail = redact_text(&b.detail);
+            v.detail = view::detail(&b.detail);
         }
     }
     if matches!(
@@ -569,7 +572,7 @@ fn build_view(
         v.project_commit = info.project_commit.clone();
         if facts.recorded {
             v.verdict = run_status_word(info.status).into();
-            v.detail = redact_text(&info.detail);
+            v.detail = view::detail(&info.detail);
         }
         let mut cases: Vec<CaseView> = run
             .cases

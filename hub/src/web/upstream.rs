@@ -54,7 +54,7 @@ pub(crate) struct UpstreamCommitView {
 #[derive(Clone, Debug, Default, Serialize)]
 pub(crate) struct BuildView {
     pub(crate) platform: String,
-    /// `none` (no build), `queued` (`waiting` says why), `building`,
+    /// `none` (no build), `queued` (`waiting` says why), `starting`, `running`,
     /// `passed`, `failed` or `error`.
     pub(crate) state: String,
     pub(crate) job_id: u64,
@@ -124,8 +124,7 @@ fn build_view(platform: &str, b: Option<&BuildInfo>) -> BuildView {
         };
     };
     let state = match BuildState::try_from(b.state) {
-        Ok(BuildState::Pending) if !b.waiting.is_empty() => "queued".to_owned(),
-        Ok(BuildState::Pending) => "building".to_owned(),
+        Ok(BuildState::Pending) => view::pending_build(&b.phase).to_owned(),
         Ok(s) => view::word(s.as_str_name(), "BUILD_STATE_"),
         Err(_) => "unknown".to_owned(),
     };
@@ -138,7 +137,7 @@ fn build_view(platform: &str, b: Option<&BuildInfo>) -> BuildView {
         duration_ms: b.duration_ms,
         finished_at: view::rfc3339(b.finished_at_ms),
         finished_at_ms: b.finished_at_ms,
-        detail: b.detail.clone(),
+        detail: view::detail(&b.detail),
     }
 }
 

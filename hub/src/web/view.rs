@@ -174,6 +174,19 @@ pub(crate) fn asset(content_type: &'static str, body: &'static str) -> Response 
     response
 }
 
+/// A result's or a build's detail as any page shows it: credentials in
+/// URLs it quotes removed (the one place pages redact it).
+pub(crate) fn detail(text: &str) -> String {
+    trunkfarm_proto::gitauth::redact_text(text)
+}
+
+/// A pending build's word, the one every page and the CLI show:
+/// dispatch's phase (`queued`, `starting`, `running`; see
+/// `Dispatcher::phases`), `running` when its job finished a moment ago.
+pub(crate) fn pending_build(phase: &str) -> &str {
+    if phase.is_empty() { "running" } else { phase }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
