@@ -2102,7 +2102,7 @@ pub(crate) mod tests {
         );
         assert_eq!(
             waiting(&d, id),
-            "agent `box` is paused by its donor[2J until 2026-05-01 14:00 UTC"
+            "agent `BOX` is paused by its donor[2J until 2026-05-01 14:00 UTC"
         );
         assert_eq!(
             d.connected()["box"].paused.as_deref(),
@@ -2148,7 +2148,7 @@ pub(crate) mod tests {
             "{:?}",
             rec.attempts[0]
         );
-        assert_eq!(waiting(&d, id), "agent `a` is paused");
+        assert_eq!(waiting(&d, id), "agent `A` is paused");
         let mut b = agent(&d, "b", 1, &[], &[]).await;
         let second = assignments(&mut b)[0];
         assert_eq!(
