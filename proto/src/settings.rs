@@ -381,6 +381,11 @@ pub mod de {
         d.deserialize_any(V)
     }
 
+    /// An optional [`count`] (the key may be left out).
+    pub fn opt_count<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+        count(d).map(Some)
+    }
+
     /// A non-negative whole number that fits a `u32`.
     pub fn count<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
         struct V;

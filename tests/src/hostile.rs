@@ -81,6 +81,7 @@ impl HostileAgent {
                 running: Vec::new(),
                 draining: false,
                 paused: None,
+                slots: None,
             })),
         })
         .await

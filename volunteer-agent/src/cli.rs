@@ -50,8 +50,12 @@ pub(crate) enum Command {
     Resume(StateArgs),
     /// Leave the hub: revoke this agent's credential there, then delete its
     /// local state (your agent.toml is kept). A running agent hands its
-    /// jobs back and stops first.
+    /// jobs back and stops first. With several hubs, `--hub NAME` leaves
+    /// that one only (the agent goes on with the others).
     Unenroll(UnenrollArgs),
+    /// List the hubs this machine is enrolled with: name, address, agent
+    /// id, share and whether the running agent is connected to each.
+    Hubs(StatusArgs),
 }
 
 /// A command that only needs the state directory.
@@ -98,6 +102,10 @@ pub(crate) struct UnenrollArgs {
     /// still lists this agent until its operator revokes it).
     #[arg(long)]
     pub force: bool,
+    /// The hub to leave, by its name (`trunkfarm-agent hubs`) or address;
+    /// required when this machine serves several hubs.
+    #[arg(long, value_name = "NAME")]
+    pub hub: Option<String>,
 }
 
 /// `trunkfarm-agent enroll`.
@@ -122,10 +130,15 @@ pub(crate) struct EnrollArgs {
     /// else ~/.local/state/trunkfarm-agent].
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
-    /// Replace an existing credential (this machine then becomes a new agent
-    /// for the hub; results the old one had not delivered are discarded).
+    /// Replace the credential for this hub (this machine then becomes a new
+    /// agent for the hub; results the old one had not delivered are
+    /// discarded). Another hub's string adds that hub instead.
     #[arg(long)]
     pub force: bool,
+    /// This hub's name on this machine, used by `[hubs.NAME]` in agent.toml
+    /// and `unenroll --hub` [default: its address, `host-port`].
+    #[arg(long, value_name = "NAME")]
+    pub hub_name: Option<String>,
 }
 
 /// `trunkfarm-agent run`.
@@ -345,6 +358,15 @@ mod tests {
             panic!("not unenroll");
         };
         assert!(a.force);
+        assert_eq!(a.hub, None);
+        let Command::Unenroll(a) = parse(&["unenroll", "--hub", "ci"]).unwrap().command else {
+            panic!("not unenroll");
+        };
+        assert_eq!(a.hub.as_deref(), Some("ci"));
+        let Command::Hubs(a) = parse(&["hubs", "--json"]).unwrap().command else {
+            panic!("not hubs");
+        };
+        assert!(a.json);
         assert_eq!(parse(&["-vv", "run"]).unwrap().verbose, 2);
         assert_eq!(
             parse(&["pause", "--for", "soon"]).unwrap_err().exit_code(),

@@ -17,8 +17,9 @@ use trunkfarm_proto::v1::UnenrollRequest;
 use trunkfarm_proto::v1::agent_service_client::AgentServiceClient;
 
 use crate::config::AgentConfig;
-use crate::control::{self, AskError, Request, Status};
+use crate::control::{self, Answer, AskError, HubStatus, Request, Status};
 use crate::credential::Credential;
+use crate::hubs::{self, EnrolledHub};
 use crate::donor::{self, Pause, seconds};
 use crate::lock::{self, LockError, now_ms, utc};
 use crate::{EXIT_FAILURE, EXIT_LOCKED, EXIT_NOT_RUNNING, EXIT_USAGE};
@@ -30,9 +31,9 @@ const LEAVE_WAIT: Duration = Duration::from_secs(60);
 /// How long `unenroll` waits for the hub's answer.
 const UNENROLL_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// The credential, or the exit code after saying it is missing.
-fn enrolled(dir: &Path) -> Result<Credential, u8> {
-    Credential::load(dir).map_err(|e| {
+/// The enrolled hubs (at least one), or the exit code after saying none is.
+fn enrolled(dir: &Path) -> Result<Vec<EnrolledHub>, u8> {
+    hubs::enrolled(dir).map_err(|e| {
         eprintln!("error: {e}");
         EXIT_USAGE
     })
@@ -60,11 +61,11 @@ pub(crate) async fn status(dir: &Path, json: bool) -> u8 {
                 );
                 return EXIT_FAILURE;
             }
-            let credential = match enrolled(dir) {
-                Ok(c) => c,
+            let enrolled = match enrolled(dir) {
+                Ok(hubs) => hubs,
                 Err(code) => return code,
             };
-            (offline(dir, &credential), EXIT_NOT_RUNNING)
+            (offline(dir, &enrolled), EXIT_NOT_RUNNING)
         }
         Err(e) => {
             eprintln!("error: {e}");
@@ -86,30 +87,49 @@ pub(crate) async fn status(dir: &Path, json: bool) -> u8 {
 }
 
 /// What the state directory tells with no agent running.
-fn offline(dir: &Path, credential: &Credential) -> Status {
+fn offline(dir: &Path, enrolled: &[EnrolledHub]) -> Status {
     let config = AgentConfig::load(&dir.join("agent.toml"), false).unwrap_or_default();
     let cache_dir = config.cache.dir_or_default(dir);
+    let hubs: Vec<HubStatus> = enrolled
+        .iter()
+        .map(|h| HubStatus {
+            name: h.name.clone(),
+            hub: h.credential.hub.clone(),
+            agent_id: h.credential.agent_id.clone(),
+            share: config.hub_terms(&h.name).share,
+            undelivered_results: saved_results(&h.dir.join("results")),
+            ..HubStatus::default()
+        })
+        .collect();
+    let first = &enrolled[0].credential;
     Status {
         running: false,
         state_dir: dir.to_path_buf(),
-        hub: credential.hub.clone(),
-        agent_id: credential.agent_id.clone(),
+        hub: first.hub.clone(),
+        agent_id: first.agent_id.clone(),
         name: config
             .name
-            .or_else(|| credential.name.clone())
+            .clone()
+            .or_else(|| first.name.clone())
             .unwrap_or_default(),
         paused: donor::load_pause(dir).ok().flatten(),
         last_day: donor::recent(dir).unwrap_or_default(),
         cache_bytes: files_bytes(&cache_dir),
         cache_dir,
-        undelivered_results: std::fs::read_dir(dir.join("results")).map_or(0, |entries| {
-            entries
-                .filter_map(Result::ok)
-                .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
-                .count()
-        }),
+        undelivered_results: hubs.iter().map(|h| h.undelivered_results).sum(),
+        hubs,
         ..Status::default()
     }
+}
+
+/// Results kept in a results directory.
+fn saved_results(dir: &Path) -> usize {
+    std::fs::read_dir(dir).map_or(0, |entries| {
+        entries
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
+            .count()
+    })
 }
 
 /// Bytes in the files directly in `dir` (the cache keeps its packed
@@ -133,7 +153,27 @@ pub(crate) fn render(s: &Status) -> String {
     } else {
         format!(" ({})", s.name)
     };
-    if s.running {
+    if s.hubs.len() > 1 {
+        // One agent id per hub: the hub lines say them.
+        let state = if s.running {
+            format!(
+                "running (pid {}, since {})",
+                s.pid.unwrap_or_default(),
+                utc(s.started_ms.unwrap_or_default())
+            )
+        } else {
+            "not running".to_owned()
+        };
+        let _ = writeln!(
+            out,
+            "Agent{name}: {state} on {}, serving {} hubs:",
+            s.state_dir.display(),
+            s.hubs.len()
+        );
+        for h in &s.hubs {
+            let _ = writeln!(out, "  {}", hub_line(h, s.running));
+        }
+    } else if s.running {
         let _ = writeln!(
             out,
             "Agent {}{name}: running (pid {}, since {}) on {}.",
@@ -240,6 +280,87 @@ pub(crate) fn render(s: &Status) -> String {
     out
 }
 
+/// One hub in words: `ci` (hub:7443) as ag_1, share 2: connected since …,
+/// 1 job running, 2 slots offered, 5 jobs waiting.
+fn hub_line(h: &HubStatus, running: bool) -> String {
+    let mut line = format!(
+        "`{}` ({}) as {}, share {}",
+        h.name, h.hub, h.agent_id, h.share
+    );
+    if !running {
+        line.push('.');
+    } else if let Some(why) = &h.refused {
+        line.push_str(&format!(": refused this agent ({why})."));
+    } else {
+        match h.connected_since_ms {
+            Some(since) if h.connected => {
+                line.push_str(&format!(": connected since {}", utc(since)))
+            }
+            _ => line.push_str(": not connected now (it retries)"),
+        }
+        line.push_str(&format!(", {} job(s) running", h.running));
+        if let Some(offered) = h.offered {
+            line.push_str(&format!(", {offered} slot(s) offered"));
+        }
+        if let Some(backlog) = h.backlog {
+            line.push_str(&format!(", {backlog} job(s) waiting for it there"));
+        }
+        if h.leaving {
+            line.push_str(", leaving");
+        }
+        line.push('.');
+    }
+    if h.undelivered_results > 0 {
+        line.push_str(&format!(
+            " Results not yet delivered: {}.",
+            h.undelivered_results
+        ));
+    }
+    line
+}
+
+/// `trunkfarm-agent hubs`: the enrolled hubs, with the running agent's
+/// view of each when it runs.
+pub(crate) async fn hubs(dir: &Path, json: bool) -> u8 {
+    let enrolled = match enrolled(dir) {
+        Ok(hubs) => hubs,
+        Err(code) => return code,
+    };
+    let (hubs, running) = match control::ask(dir, &Request::Status).await {
+        Ok(Answer {
+            status: Some(status),
+            ..
+        }) => {
+            // The running agent's view, plus hubs enrolled since it started.
+            let mut hubs = status.hubs;
+            for h in offline(dir, &enrolled).hubs {
+                if !hubs.iter().any(|r| r.name == h.name) {
+                    hubs.push(h);
+                }
+            }
+            (hubs, true)
+        }
+        _ => (offline(dir, &enrolled).hubs, false),
+    };
+    if json {
+        match serde_json::to_string_pretty(&hubs) {
+            Ok(text) => println!("{text}"),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return EXIT_FAILURE;
+            }
+        }
+    } else {
+        for h in &hubs {
+            println!("{}", hub_line(h, running));
+        }
+        if !running {
+            println!("(no agent runs on {}: connections not shown)", dir.display());
+        }
+    }
+    0
+}
+
 /// `trunkfarm-agent pause`.
 pub(crate) async fn pause(dir: &Path, for_: Option<Duration>, now: bool) -> u8 {
     let for_secs = for_.map(|d| d.as_secs().max(1));
@@ -304,18 +425,41 @@ pub(crate) async fn resume(dir: &Path) -> u8 {
 }
 
 /// `trunkfarm-agent unenroll`: a running agent hands its jobs back and
-/// stops; then the hub revokes the credential and the local state goes.
-/// With the hub unreachable nothing is deleted (unless `force`).
-pub(crate) async fn unenroll(dir: &Path, force: bool) -> u8 {
-    let credential = match enrolled(dir) {
-        Ok(c) => c,
+/// stops (with several hubs: hands back that hub's jobs and stops serving
+/// it, going on with the others); then the hub revokes the credential and
+/// the local state goes (with several hubs, that hub's only). With the hub
+/// unreachable nothing is deleted (unless `force`).
+pub(crate) async fn unenroll(dir: &Path, force: bool, hub: Option<&str>) -> u8 {
+    let enrolled = match enrolled(dir) {
+        Ok(hubs) => hubs,
         Err(code) => return code,
     };
-    let _lock = match take_over(dir).await {
-        Ok(lock) => lock,
-        Err(code) => return code,
+    let chosen = match hubs::choose(&enrolled, hub) {
+        Ok(chosen) => chosen.clone(),
+        Err(e) => {
+            eprintln!("error: {e}");
+            return EXIT_USAGE;
+        }
     };
-    match tell_hub(&credential).await {
+    let only = enrolled.len() == 1;
+    let credential = &chosen.credential;
+    let _lock = if only {
+        match take_over(dir).await {
+            Ok(lock) => Some(lock),
+            Err(code) => return code,
+        }
+    } else {
+        match leave_hub(dir, &chosen.name).await {
+            Ok(lock) => lock,
+            Err(code) => return code,
+        }
+    };
+    let again = if only {
+        "`trunkfarm-agent unenroll`".to_owned()
+    } else {
+        format!("`trunkfarm-agent unenroll --hub {}`", chosen.name)
+    };
+    match tell_hub(credential).await {
         Ok(requeued) => {
             println!(
                 "The hub at {} revoked this agent ({}){}.",
@@ -341,9 +485,9 @@ pub(crate) async fn unenroll(dir: &Path, force: bool) -> u8 {
             );
             if !force {
                 eprintln!(
-                    "error: cannot tell the hub at {}: {message}. Nothing was deleted: run \
-                     `trunkfarm-agent unenroll` again when the hub is reachable, or pass --force \
-                     to delete the local state anyway ({remains}).",
+                    "error: cannot tell the hub at {}: {message}. Nothing was deleted: run {again} \
+                     again when the hub is reachable, or pass --force to delete the local state \
+                     anyway ({remains}).",
                     credential.hub
                 );
                 return EXIT_FAILURE;
@@ -355,20 +499,97 @@ pub(crate) async fn unenroll(dir: &Path, force: bool) -> u8 {
             );
         }
     }
-    match delete_state(dir) {
-        Ok(()) => {
-            println!(
+    let deleted = if only {
+        delete_state(dir).map(|()| {
+            format!(
                 "Deleted the agent's state in {} (your settings agent.toml, if any, are kept).",
                 dir.display()
-            );
+            )
+        })
+    } else {
+        hubs::remove(dir, &chosen).map(|()| {
+            format!(
+                "Deleted hub {}'s credential and results in {}; this machine serves {} other \
+                 hub(s) (`trunkfarm-agent hubs`).",
+                chosen.name,
+                chosen.dir.display(),
+                enrolled.len() - 1
+            )
+        })
+    };
+    match deleted {
+        Ok(message) => {
+            println!("{message}");
             0
         }
         Err(e) => {
             eprintln!(
-                "error: the agent is unenrolled, but its state in {} could not be deleted: {e}",
-                dir.display()
+                "error: the agent is unenrolled from {}, but its state in {} could not be \
+                 deleted: {e}",
+                credential.hub,
+                chosen.dir.display()
             );
             EXIT_FAILURE
+        }
+    }
+}
+
+/// With several hubs: makes sure no agent serves hub `name` any more. A
+/// running agent is asked to hand that hub's jobs back and leave it (it
+/// goes on with the others; `None`); with none running, the state
+/// directory's lock is taken, so none starts meanwhile.
+async fn leave_hub(dir: &Path, name: &str) -> Result<Option<lock::StateLock>, u8> {
+    match lock::acquire(dir, "unenroll") {
+        Ok(lock) => return Ok(Some(lock)),
+        Err(LockError::Held {
+            holder: Some(holder),
+            ..
+        }) if holder.command == "run" => {
+            match control::ask(
+                dir,
+                &Request::LeaveHub {
+                    hub: name.to_owned(),
+                },
+            )
+            .await
+            {
+                Ok(answer) => println!("{}", answer.message),
+                Err(e) => {
+                    eprintln!("error: {e}; stop {} first", holder.describe());
+                    return Err(EXIT_FAILURE);
+                }
+            }
+        }
+        Err(e @ LockError::Held { .. }) => {
+            eprintln!("error: {e}");
+            return Err(EXIT_LOCKED);
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Err(EXIT_FAILURE);
+        }
+    }
+    let deadline = Instant::now() + LEAVE_WAIT;
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        match control::ask(dir, &Request::Status).await {
+            Ok(Answer {
+                status: Some(status),
+                ..
+            }) if status.hubs.iter().any(|h| h.name == name) => {}
+            // Left it (or stopped): nothing serves the hub any more.
+            Ok(_) | Err(AskError::NotRunning(_)) => return Ok(None),
+            Err(e) => {
+                eprintln!("error: {e}; nothing was revoked");
+                return Err(EXIT_FAILURE);
+            }
+        }
+        if Instant::now() >= deadline {
+            eprintln!(
+                "error: the agent did not leave hub {name} within {}s; nothing was revoked",
+                LEAVE_WAIT.as_secs()
+            );
+            return Err(EXIT_FAILURE);
         }
     }
 }

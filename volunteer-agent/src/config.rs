@@ -13,6 +13,7 @@
 //! the file are resolved against the file's directory; relative paths given on
 //! the command line stay relative to the working directory.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -103,6 +104,52 @@ pub(crate) struct AgentConfig {
     /// `[cache]`: where downloaded runtime artifacts are kept and how much
     /// disk they may take.
     pub cache: CacheConfig,
+    /// `[hubs.NAME]`: one hub's share of the slots and its own limits, by
+    /// the hub's name on this machine (`trunkfarm-agent hubs`).
+    pub hubs: BTreeMap<String, HubConfig>,
+}
+
+/// `[hubs.NAME]`: what one hub gets when this machine serves several.
+/// Limits left out are the top-level ones.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields, expecting = "a [hubs.NAME] table")]
+pub(crate) struct HubConfig {
+    /// Its share of the slots while other hubs have work too (at least 1;
+    /// a hub with share 2 gets twice the slots of a hub with share 1).
+    #[serde(deserialize_with = "de::count")]
+    pub share: u32,
+    /// Jobs of this hub's that may run at once (at most `max_parallel_jobs`).
+    #[serde(deserialize_with = "de::opt_count")]
+    pub max_parallel_jobs: Option<u32>,
+    /// Projects accepted from this hub (replaces `allowed_projects`).
+    pub allowed_projects: Option<Vec<String>>,
+    /// The ceiling on this hub's jobs' run time (replaces `max_job_timeout`).
+    #[serde(deserialize_with = "de::opt_duration")]
+    pub max_job_timeout: Option<Duration>,
+}
+
+impl Default for HubConfig {
+    fn default() -> Self {
+        HubConfig {
+            share: 1,
+            max_parallel_jobs: None,
+            allowed_projects: None,
+            max_job_timeout: None,
+        }
+    }
+}
+
+/// One hub's terms: `[hubs.NAME]` merged over the top-level keys.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct HubTerms {
+    /// Its share of the slots.
+    pub share: u32,
+    /// Its jobs at once (at most the machine's `max_parallel_jobs`).
+    pub max_parallel_jobs: u32,
+    /// Projects accepted from it; empty: any.
+    pub allowed_projects: Vec<String>,
+    /// The ceiling on its jobs' run time.
+    pub max_job_timeout: Option<Duration>,
 }
 
 /// `sandbox`: how the agent confines a job (see the README's sandbox
@@ -197,6 +244,7 @@ impl Default for AgentConfig {
             job_disk: 10 * GIB,
             job_open_files: 4096,
             cache: CacheConfig::default(),
+            hubs: BTreeMap::new(),
         }
     }
 }
@@ -232,6 +280,23 @@ impl AgentConfig {
         self.work_dir
             .clone()
             .unwrap_or_else(|| state_dir.join("work"))
+    }
+
+    /// The terms of the hub named `hub`: its `[hubs.NAME]` over the
+    /// top-level keys.
+    pub fn hub_terms(&self, hub: &str) -> HubTerms {
+        let own = self.hubs.get(hub).cloned().unwrap_or_default();
+        HubTerms {
+            share: own.share.max(1),
+            max_parallel_jobs: own
+                .max_parallel_jobs
+                .unwrap_or(self.max_parallel_jobs)
+                .min(self.max_parallel_jobs),
+            allowed_projects: own
+                .allowed_projects
+                .unwrap_or_else(|| self.allowed_projects.clone()),
+            max_job_timeout: own.max_job_timeout.or(self.max_job_timeout),
+        }
     }
 
     /// Reads, parses and validates the settings file. A missing file gives the
@@ -454,6 +519,41 @@ impl AgentConfig {
                     self.job_open_files
                 ),
             ));
+        }
+        for (name, hub) in &self.hubs {
+            crate::hubs::check_name(name).map_err(|e| Problem::new(format!("hubs.{name}"), e))?;
+            if hub.share < 1 {
+                return Err(Problem::new(
+                    format!("hubs.{name}.share"),
+                    "must be at least 1 (a hub with share 2 gets twice the slots of one with \
+                     share 1; to take no work from a hub, unenroll it)",
+                ));
+            }
+            if hub.max_parallel_jobs.is_some_and(|n| n < 1) {
+                return Err(Problem::new(
+                    format!("hubs.{name}.max_parallel_jobs"),
+                    "must be at least 1 (leave it out for the machine's max_parallel_jobs)",
+                ));
+            }
+            for project in hub.allowed_projects.iter().flatten() {
+                if project.is_empty()
+                    || project.chars().any(|c| c.is_whitespace() || c.is_control())
+                {
+                    return Err(Problem::new(
+                        format!("hubs.{name}.allowed_projects"),
+                        format!(
+                            "{project:?} is not a valid project name; expected a non-empty name \
+                             without spaces (an empty list allows every project)"
+                        ),
+                    ));
+                }
+            }
+            if hub.max_job_timeout.is_some_and(|d| d.is_zero()) {
+                return Err(Problem::new(
+                    format!("hubs.{name}.max_job_timeout"),
+                    "must be greater than zero, e.g. \"2h\"",
+                ));
+            }
         }
         if self.cache.size < MIN_CACHE_BYTES {
             return Err(Problem::new(
@@ -726,7 +826,7 @@ reconnect_max_backoff = "5m"
         assert_eq!(e.line(), Some(2));
         assert_eq!(
             e.to_string(),
-            "/home/donor/.local/state/trunkfarm/agent.toml:2: unknown key `max_paralel_jobs`, expected one of `name`, `labels`, `max_parallel_jobs`, `allowed_projects`, `max_job_timeout`, `output_cap`, `work_dir`, `drain_grace`, `reconnect_max_backoff`, `sandbox`, `allow_network`, `job_memory`, `job_processes`, `job_disk`, `job_open_files`, `cache`"
+            "/home/donor/.local/state/trunkfarm/agent.toml:2: unknown key `max_paralel_jobs`, expected one of `name`, `labels`, `max_parallel_jobs`, `allowed_projects`, `max_job_timeout`, `output_cap`, `work_dir`, `drain_grace`, `reconnect_max_backoff`, `sandbox`, `allow_network`, `job_memory`, `job_processes`, `job_disk`, `job_open_files`, `cache`, `hubs`"
         );
         // `source` is not a setting.
         assert!(err("source = \"x\"\n").contains("unknown key `source`"));
@@ -737,7 +837,7 @@ reconnect_max_backoff = "5m"
         // The settings are flat: a table or dotted key is named in full.
         assert_eq!(
             err("[limits]\noutput_cap = \"1 MiB\"\n"),
-            "/home/donor/.local/state/trunkfarm/agent.toml:1: unknown key `limits`, expected one of `name`, `labels`, `max_parallel_jobs`, `allowed_projects`, `max_job_timeout`, `output_cap`, `work_dir`, `drain_grace`, `reconnect_max_backoff`, `sandbox`, `allow_network`, `job_memory`, `job_processes`, `job_disk`, `job_open_files`, `cache`"
+            "/home/donor/.local/state/trunkfarm/agent.toml:1: unknown key `limits`, expected one of `name`, `labels`, `max_parallel_jobs`, `allowed_projects`, `max_job_timeout`, `output_cap`, `work_dir`, `drain_grace`, `reconnect_max_backoff`, `sandbox`, `allow_network`, `job_memory`, `job_processes`, `job_disk`, `job_open_files`, `cache`, `hubs`"
         );
         assert_eq!(
             err("name = \"a\"\nlabels.gpu = true\n"),

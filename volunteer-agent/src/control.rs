@@ -42,6 +42,10 @@ pub(crate) enum Request {
     /// `unenroll`: hand the running jobs back and exit, so the command can
     /// revoke the credential and delete the state.
     Leave,
+    /// `unenroll --hub`: hand that hub's running jobs back and stop serving
+    /// it once it has their results (it then leaves `Status::hubs`); the
+    /// other hubs go on.
+    LeaveHub { hub: String },
 }
 
 /// The agent's answer.
@@ -83,8 +87,40 @@ pub(crate) struct Status {
     /// The artifact cache: where, and bytes in it.
     pub cache_dir: PathBuf,
     pub cache_bytes: u64,
-    /// Results the hub has not acknowledged yet.
+    /// Results the hub has not acknowledged yet (all hubs').
     pub undelivered_results: usize,
+    /// The machine's slots (`max_parallel_jobs`), while it runs.
+    pub max_parallel_jobs: Option<u32>,
+    /// Each hub it serves (the fields above about "the hub" are the
+    /// first's, as before an agent could serve several).
+    pub hubs: Vec<HubStatus>,
+}
+
+/// One hub in `status` and `hubs`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub(crate) struct HubStatus {
+    /// Its name on this machine, its address, this agent's id there.
+    pub name: String,
+    pub hub: String,
+    pub agent_id: String,
+    /// Its share of the slots (`[hubs.NAME] share`).
+    pub share: u32,
+    /// Connected now (while the agent runs), and since when (Unix ms).
+    pub connected: bool,
+    pub connected_since_ms: Option<u64>,
+    /// Its jobs running here.
+    pub running: usize,
+    /// The slots it may fill now (several hubs: its `Slots`), and the
+    /// queued jobs it has for this agent (its `Backlog`), while connected.
+    pub offered: Option<u32>,
+    pub backlog: Option<u32>,
+    /// Its results not yet acknowledged.
+    pub undelivered_results: usize,
+    /// Being left (`unenroll --hub`).
+    pub leaving: bool,
+    /// Why it refused this agent for good, if it did.
+    pub refused: Option<String>,
 }
 
 /// A request from a command, with where its answer goes.

@@ -41,6 +41,11 @@ pub(crate) struct Credential {
     /// them itself).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub labels: Vec<String>,
+    /// The hub's name on this machine (`enroll --hub-name`, else made from
+    /// its address; see `hubs.rs`); `None` in a credential written before
+    /// an agent could serve several hubs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hub_name: Option<String>,
 }
 
 impl fmt::Debug for Credential {
@@ -53,6 +58,7 @@ impl fmt::Debug for Credential {
             .field("enrolled_at", &self.enrolled_at)
             .field("name", &self.name)
             .field("labels", &self.labels)
+            .field("hub_name", &self.hub_name)
             .finish()
     }
 }
@@ -201,6 +207,7 @@ mod tests {
             enrolled_at: "2025-01-02T03:04:05Z".into(),
             name: Some("box".into()),
             labels: vec!["gpu".into()],
+            hub_name: None,
         }
     }
 

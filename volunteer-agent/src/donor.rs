@@ -49,6 +49,10 @@ pub(crate) struct JobInfo {
     pub outcome: String,
     pub ended_ms: u64,
     pub duration_ms: u64,
+    /// The hub it came from, by its name here, when the agent serves
+    /// several (empty with one).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub hub: String,
 }
 
 impl JobInfo {
@@ -112,18 +116,29 @@ impl JobInfo {
     /// The line said when it starts.
     pub fn started_line(&self) -> String {
         format!(
-            "Started job {} (attempt {}): {}.",
+            "Started job {} (attempt {}){}: {}.",
             self.job_id,
             self.attempt,
+            self.of_hub(),
             self.what()
         )
+    }
+
+    /// " of hub `ci`" when the agent serves several hubs.
+    fn of_hub(&self) -> String {
+        if self.hub.is_empty() {
+            String::new()
+        } else {
+            format!(" of hub `{}`", self.hub)
+        }
     }
 
     /// The line said when it ends.
     pub fn finished_line(&self) -> String {
         format!(
-            "Finished job {}: {}: {} after {}.",
+            "Finished job {}{}: {}: {} after {}.",
             self.job_id,
+            self.of_hub(),
             self.what(),
             self.outcome,
             seconds(self.duration_ms)

@@ -21,6 +21,7 @@ use trunkfarm_proto::v1::agent_service_client::AgentServiceClient;
 use crate::cli::EnrollArgs;
 use crate::config::{AgentConfig, Overrides};
 use crate::credential::Credential;
+use crate::hubs;
 use crate::state;
 
 /// How long the hub may take to answer the enrollment.
@@ -50,13 +51,25 @@ pub(crate) struct Enrolled {
     pub hub: String,
     /// The state directory holding the credential.
     pub state_dir: PathBuf,
+    /// The hub's name on this machine.
+    pub hub_name: String,
+    /// How many other hubs this machine serves.
+    pub other_hubs: usize,
 }
 
 impl Enrolled {
     /// The two lines printed on success.
     pub fn summary(&self) -> String {
+        let also = match self.other_hubs {
+            0 => String::new(),
+            n => format!(
+                " (hub name `{}`; this machine now serves {} hubs, see `trunkfarm-agent hubs`)",
+                self.hub_name,
+                n + 1
+            ),
+        };
         format!(
-            "enrolled as {} (\"{}\") with hub {}\nstart it with: trunkfarm-agent run --state-dir {}",
+            "enrolled as {} (\"{}\") with hub {}{also}\nstart it with: trunkfarm-agent run --state-dir {}",
             self.agent_id,
             self.name,
             self.hub,
@@ -173,23 +186,20 @@ pub(crate) async fn enroll(
             .map_err(|e| EnrollError::Usage(e.to_string()))?;
     }
 
-    let cred_path = Credential::path(state_dir);
-    if !args.force && std::fs::symlink_metadata(&cred_path).is_ok() {
-        let who = match Credential::load(state_dir) {
-            Ok(c) => format!(" as {} with hub {}", c.agent_id, c.hub),
-            Err(_) => String::new(),
-        };
-        return Err(EnrollError::Usage(format!(
-            "this machine is already enrolled{who} (credential in {}); to replace it with a new \
-             agent, run the same command with --force",
-            cred_path.display()
-        )));
-    }
+    let hub_name = match &args.hub_name {
+        Some(given) => {
+            hubs::check_name(given).map_err(EnrollError::Usage)?;
+            given.clone()
+        }
+        None => hubs::default_name(&enrollment.hub),
+    };
+    let (dir, hub_name, others) = target(state_dir, &enrollment.hub, hub_name, args.force)?;
+    let cred_path = Credential::path(&dir);
     // Fail on an unusable state directory now, not after spending the token.
-    state::create_private_dir(state_dir).map_err(|e| {
+    state::create_private_dir(&dir).map_err(|e| {
         EnrollError::Usage(format!(
             "cannot create the state directory {}: {e}",
-            state_dir.display()
+            dir.display()
         ))
     })?;
 
@@ -249,6 +259,7 @@ pub(crate) async fn enroll(
         enrolled_at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
         name: (!name.is_empty()).then(|| name.clone()),
         labels: response.labels,
+        hub_name: Some(hub_name.clone()),
     };
     if credential.bearer().is_err() {
         return Err(EnrollError::Failed(format!(
@@ -257,7 +268,7 @@ pub(crate) async fn enroll(
             enrollment.hub
         )));
     }
-    credential.save(state_dir).map_err(|e| {
+    credential.save(&dir).map_err(|e| {
         EnrollError::Failed(format!(
             "the hub enrolled this machine as {agent_id}, but its credential could not be saved \
              to {}: {e}; fix that, then ask the hub's operator for a new enrollment string (and \
@@ -268,7 +279,7 @@ pub(crate) async fn enroll(
     if args.force {
         // Results the previous identity had not delivered can no longer be:
         // the hub only takes a job's result from the agent holding it.
-        let _ = std::fs::remove_dir_all(state_dir.join("results"));
+        let _ = std::fs::remove_dir_all(dir.join("results"));
     }
     tracing::debug!(credential = ?credential, "saved the agent's credential");
     Ok(Enrolled {
@@ -280,7 +291,60 @@ pub(crate) async fn enroll(
         agent_id,
         hub: enrollment.hub,
         state_dir: state_dir.to_path_buf(),
+        hub_name,
+        other_hubs: others,
     })
+}
+
+/// Where the credential for the hub at `address` goes, its name, and how
+/// many other hubs stay enrolled: the state directory itself for the first
+/// hub, `hubs/<name>/` for another; the same hub again only with `force`
+/// (it then becomes a new agent for that hub, in the same place).
+fn target(
+    state_dir: &Path,
+    address: &str,
+    name: String,
+    force: bool,
+) -> Result<(PathBuf, String, usize), EnrollError> {
+    let enrolled = match hubs::list(state_dir) {
+        Ok(enrolled) => enrolled,
+        // A damaged credential is replaced only when asked to (the first
+        // hub's is the one this can be: others are listed by directory).
+        Err(_) if force && Credential::load(state_dir).is_err() => {
+            return Ok((state_dir.to_path_buf(), name, 0));
+        }
+        Err(e) => return Err(EnrollError::Usage(e.to_string())),
+    };
+    let others = enrolled.len().saturating_sub(1);
+    if let Some(same) = enrolled.iter().find(|h| h.credential.hub == address) {
+        if force {
+            return Ok((same.dir.clone(), same.name.clone(), others));
+        }
+        return Err(EnrollError::Usage(format!(
+            "this machine is already enrolled as {} with hub {} (hub name `{}`, credential in \
+             {}); to replace it with a new agent, run the same command with --force",
+            same.credential.agent_id,
+            same.credential.hub,
+            same.name,
+            Credential::path(&same.dir).display()
+        )));
+    }
+    if let Some(clash) = enrolled.iter().find(|h| h.name == name) {
+        return Err(EnrollError::Usage(format!(
+            "a hub named `{name}` is enrolled already (at {}); give this one another name with \
+             --hub-name NAME",
+            clash.credential.hub
+        )));
+    }
+    if enrolled.is_empty() {
+        Ok((state_dir.to_path_buf(), name, 0))
+    } else {
+        Ok((
+            state_dir.join(hubs::HUBS_DIR).join(&name),
+            name,
+            enrolled.len(),
+        ))
+    }
 }
 
 /// What to print for a status the hub returned: its message (the hub's
@@ -337,6 +401,8 @@ mod tests {
             name: "box".into(),
             hub: "hub:7443".into(),
             state_dir: "/var/lib/ta".into(),
+            hub_name: "hub-7443".into(),
+            other_hubs: 0,
         };
         assert_eq!(
             e.summary(),
@@ -378,6 +444,7 @@ mod tests {
             name: Some("box".into()),
             state_dir: None,
             force,
+            hub_name: None,
         }
     }
 

@@ -2,13 +2,16 @@
 //!
 //! `enroll` trades an enrollment string for this machine's credential;
 //! `run` connects out to the hub and runs the jobs it sends until drained;
-//! `status`, `pause`, `resume` and `unenroll` are the donor's controls
-//! (`commands.rs`), talking to the running agent over its control socket.
+//! `status`, `pause`, `resume`, `unenroll` and `hubs` are the donor's
+//! controls (`commands.rs`), talking to the running agent over its control
+//! socket. Another hub's enrollment string adds that hub (`hubs.rs`): the
+//! agent then serves each, sharing its slots (`slots.rs`).
 //!
 //! Exit codes (every command): 0 success (`run`: after a drain); 1 a failure
 //! (the hub unreachable at `enroll` or `unenroll`, the hub refused the
 //! enrollment token, I/O); 2 a usage, settings or "not enrolled" error; 3
-//! the hub refused the credential (`run`: revoked, unknown); 4 the hub
+//! the hub refused the credential (`run`: revoked, unknown; with several
+//! hubs, once every hub refused it, the others serving on meanwhile); 4 the hub
 //! refused this agent's protocol version; 5 another agent holds the state
 //! directory (`run`, `enroll`, `unenroll`); 6 `status`: no agent runs (what
 //! the state directory tells is shown).
@@ -24,6 +27,7 @@ mod donor;
 mod enroll;
 mod executor;
 mod fsutil;
+mod hubs;
 mod jobs;
 mod lock;
 mod outbox;
@@ -33,6 +37,7 @@ mod reports;
 mod results;
 mod sandbox;
 mod session;
+mod slots;
 mod state;
 mod sysinfo;
 mod transfer;
@@ -48,7 +53,6 @@ use tracing_subscriber::EnvFilter;
 
 use crate::cli::{Cli, Command, EnrollArgs, RunArgs};
 use crate::config::AgentConfig;
-use crate::credential::Credential;
 use crate::enroll::EnrollError;
 use crate::session::Ending;
 
@@ -106,7 +110,11 @@ fn main() -> ExitCode {
                 Err(code) => code,
             },
             Command::Unenroll(args) => match state_dir(args.state.state_dir.as_deref()) {
-                Ok(dir) => commands::unenroll(&dir, args.force).await,
+                Ok(dir) => commands::unenroll(&dir, args.force, args.hub.as_deref()).await,
+                Err(code) => code,
+            },
+            Command::Hubs(args) => match state_dir(args.state.state_dir.as_deref()) {
+                Ok(dir) => commands::hubs(&dir, args.json).await,
                 Err(code) => code,
             },
         }
@@ -196,8 +204,8 @@ async fn run_command(args: RunArgs) -> u8 {
         Ok(dir) => dir,
         Err(code) => return code,
     };
-    let credential = match Credential::load(&dir) {
-        Ok(credential) => credential,
+    let enrolled = match hubs::enrolled(&dir) {
+        Ok(enrolled) => enrolled,
         Err(e) => {
             eprintln!("error: {e}");
             return EXIT_USAGE;
@@ -234,7 +242,7 @@ async fn run_command(args: RunArgs) -> u8 {
             return EXIT_USAGE;
         }
     };
-    match session::run(dir, credential, config, sandbox).await {
+    match session::run(dir, enrolled, config, sandbox).await {
         Ok(Ending::Drained) => 0,
         Ok(Ending::Refused(message)) => {
             eprintln!("error: the hub refused this agent: {message}");

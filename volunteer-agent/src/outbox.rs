@@ -128,6 +128,13 @@ impl Outbox {
         self.control.push_back(Msg::Heartbeat(heartbeat));
     }
 
+    /// Queues an offer of slots, replacing one still waiting: only the
+    /// newest offer matters.
+    pub fn push_slots(&mut self, slots: trunkfarm_proto::v1::Slots) {
+        self.control.retain(|m| !matches!(m, Msg::Slots(_)));
+        self.control.push_back(Msg::Slots(slots));
+    }
+
     /// Keeps a log chunk until its attempt's result is acknowledged, and
     /// queues it if a session is up (otherwise the next welcome does). A
     /// chunk past the attempt's bound is dropped: returns true for the

@@ -1,15 +1,20 @@
 //! `trunkfarm-agent run`: the agent's life, from the first dial to the drain.
 //!
-//! One task owns everything (no locks): the running jobs ([`Jobs`]), the
-//! results the hub has not acknowledged ([`ResultStore`]), the messages not
-//! yet sent ([`Outbox`]) and the current connection ([`Link`]). Jobs outlive
+//! One task owns everything (no locks). For each hub it serves ([`Hub`]):
+//! its running jobs ([`Jobs`]), the results it has not acknowledged
+//! ([`ResultStore`]), the messages not yet sent to it ([`Outbox`]) and its
+//! connection ([`Link`]); agent-wide: the donor's pause, the drain, the
+//! control socket and, with several hubs, how the slots are divided among
+//! them ([`Slots`], stride scheduling: each hub is offered slots with
+//! `Slots` while it has work, told by its `Backlog`). Jobs outlive
 //! connections, so a connection only forwards: when it breaks, the agent
 //! keeps running its jobs, keeps their logs and results, and redials with
 //! backoff; after the next welcome it sends again whatever the hub may have
 //! missed: every log chunk and result of an attempt whose result the hub has
 //! not acknowledged (see `outbox.rs`).
-//! A single `select!` loop waits on the connection, the jobs, the signals and
-//! the drain timers, and never blocks on any one of them.
+//! A single `select!` loop waits on every hub's connection and jobs (taking
+//! turns), the signals and the drain timers, and never blocks on any one of
+//! them: a hub that is down or slow holds up nothing of another's.
 
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
@@ -33,7 +38,7 @@ use trunkfarm_proto::v1::agent_service_client::AgentServiceClient;
 use trunkfarm_proto::v1::hub_message::Msg as HubMsg;
 use trunkfarm_proto::v1::{
     AgentMessage, Assignment, Cancel, Capabilities, Draining, Heartbeat, Hello, HubMessage, JobRef,
-    JobResult, JobStarted, Outcome, Paused, ResultAck, Welcome,
+    JobResult, JobStarted, Outcome, Paused, ResultAck, Slots as SlotsMsg, Welcome,
 };
 use trunkfarm_proto::{AUTHORIZATION, PROTOCOL_VERSION};
 
@@ -42,14 +47,15 @@ use trunkfarm_proto::settings::fmt_bytes;
 use crate::backoff::Backoff;
 use crate::cache::ArtifactCache;
 use crate::config::AgentConfig;
-use crate::control::{self, Answer, Control, Request, Status as AgentStatus};
-use crate::credential::Credential;
+use crate::control::{self, Answer, Control, HubStatus, Request, Status as AgentStatus};
+use crate::hubs::EnrolledHub;
 use crate::donor::{self, JobInfo, Pause, say};
 use crate::executor::Artifacts;
 use crate::jobs::{self, JobPolicy, JobWake, Jobs};
 use crate::outbox::{Outbox, kept_log_bound};
 use crate::results::{JobKey, ResultStore, key};
 use crate::sandbox::Sandbox;
+use crate::slots::{Demand, Slots};
 use crate::sysinfo::{self, Machine};
 use crate::transfer::GrpcHub;
 
@@ -91,25 +97,13 @@ pub(crate) enum Ending {
     Incompatible(String),
 }
 
-/// Runs the agent until it is drained or the hub refuses it for good.
+/// Runs the agent until it is drained or every hub refused it for good.
 pub(crate) async fn run(
     state_dir: PathBuf,
-    credential: Credential,
+    enrolled: Vec<EnrolledHub>,
     config: AgentConfig,
     sandbox: Sandbox,
 ) -> anyhow::Result<Ending> {
-    let mut results = ResultStore::open(state_dir.join("results")).with_context(|| {
-        format!(
-            "cannot open the results directory {}",
-            state_dir.join("results").display()
-        )
-    })?;
-    let mut policy = JobPolicy::from_config(&config, &state_dir);
-    policy.refuse_all = sandbox.refusal();
-    let fallback_name = credential.name.clone().or_else(crate::enroll::hostname);
-    let mut caps = capabilities(&config, fallback_name.as_deref(), &sysinfo::detect());
-    caps.sandbox = sandbox.name().to_owned();
-    let bearer = credential.bearer()?;
     let cache_dir = config.cache.dir_or_default(&state_dir);
     let cache = ArtifactCache::open(cache_dir.clone(), config.cache.size).with_context(|| {
         format!(
@@ -118,16 +112,114 @@ pub(crate) async fn run(
             cache_dir.display()
         )
     })?;
-    let artifacts = Artifacts {
-        cache,
-        hub: Arc::new(GrpcHub::new(
-            &credential.hub,
-            &credential.trust(),
-            bearer.clone(),
-        )),
-        max_unpacked_bytes: config.cache.max_unpacked_size,
-        sandbox: Arc::new(sandbox),
-    };
+    let refuse_all = sandbox.refusal();
+    let sandbox_name = sandbox.name().to_owned();
+    let sandbox = Arc::new(sandbox);
+    let machine = sysinfo::detect();
+    let work_root = config.work_root(&state_dir);
+    for name in config.hubs.keys() {
+        if !enrolled.iter().any(|h| &h.name == name) {
+            tracing::warn!(
+                "agent.toml has [hubs.{name}] but no hub of that name is enrolled (enrolled: {}); \
+                 it is not used",
+                enrolled
+                    .iter()
+                    .map(|h| h.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+    }
+    let several = enrolled.len() > 1;
+    let mut hubs = Vec::new();
+    for hub in enrolled {
+        let results_dir = hub.dir.join("results");
+        let mut results = ResultStore::open(results_dir.clone()).with_context(|| {
+            format!(
+                "cannot open the results directory {}",
+                results_dir.display()
+            )
+        })?;
+        let terms = config.hub_terms(&hub.name);
+        let mut policy = JobPolicy::from_config(&config, &state_dir);
+        policy.refuse_all = refuse_all;
+        policy.max_parallel = terms.max_parallel_jobs;
+        policy.allowed_projects = terms.allowed_projects.clone();
+        policy.max_job_timeout = terms.max_job_timeout;
+        policy.work_root = hub.work_root(&state_dir, &work_root);
+        let credential = &hub.credential;
+        let fallback_name = credential.name.clone().or_else(crate::enroll::hostname);
+        let hub_config = AgentConfig {
+            max_parallel_jobs: terms.max_parallel_jobs,
+            allowed_projects: terms.allowed_projects,
+            max_job_timeout: terms.max_job_timeout,
+            ..config.clone()
+        };
+        let mut caps = capabilities(&hub_config, fallback_name.as_deref(), &machine);
+        caps.sandbox = sandbox_name.clone();
+        let bearer = credential.bearer()?;
+        let artifacts = Artifacts {
+            cache: cache.clone(),
+            hub: Arc::new(GrpcHub::new(
+                &credential.hub,
+                &credential.trust(),
+                bearer.clone(),
+            )),
+            max_unpacked_bytes: config.cache.max_unpacked_size,
+            sandbox: sandbox.clone(),
+        };
+        if !results.is_empty() {
+            tracing::info!(
+                hub = %credential.hub,
+                "{} job result(s) from an earlier run wait for delivery to the hub",
+                results.len()
+            );
+        }
+        tracing::info!(
+            hub = %credential.hub,
+            hub_name = %hub.name,
+            agent = %credential.agent_id,
+            name = %caps.name,
+            labels = ?caps.labels,
+            max_parallel_jobs = caps.max_parallel_jobs,
+            share = terms.share,
+            work_dir = %policy.work_root.display(),
+            "serving hub"
+        );
+        // Logs saved with unacknowledged results go again with them.
+        let mut outbox = Outbox::new(kept_log_bound(config.output_cap));
+        outbox.restore(results.take_logs());
+        hubs.push(Hub {
+            name: hub.name.clone(),
+            address: credential.hub.clone(),
+            agent_id: credential.agent_id.clone(),
+            trust: credential.trust(),
+            bearer,
+            caps,
+            share: terms.share,
+            jobs: Jobs::new(policy.work_root.clone(), artifacts),
+            policy,
+            results,
+            result_sent: HashMap::new(),
+            outbox,
+            link: Link::Down {
+                retry_at: Instant::now(),
+            },
+            backoff: Backoff::new(config.reconnect_max_backoff),
+            connected_since_ms: None,
+            handing_back: BTreeSet::new(),
+            running: HashMap::new(),
+            backlog: 0,
+            offered_told: None,
+            leaving: None,
+            ended: None,
+            label: if several {
+                hub.name.clone()
+            } else {
+                String::new()
+            },
+        });
+    }
     let signals = Signals::new().context("cannot install the signal handlers")?;
     // The caller holds the state directory's lock: a socket there is stale.
     let (control_tx, control) = mpsc::channel(8);
@@ -154,64 +246,40 @@ pub(crate) async fn run(
             pause.describe()
         ));
     }
-    if !results.is_empty() {
-        tracing::info!(
-            "{} job result(s) from an earlier run wait for delivery to the hub",
-            results.len()
-        );
-    }
     tracing::info!(
-        hub = %credential.hub,
-        agent = %credential.agent_id,
-        name = %caps.name,
-        labels = ?caps.labels,
-        max_parallel_jobs = caps.max_parallel_jobs,
-        sandbox = %caps.sandbox,
-        work_dir = %policy.work_root.display(),
-        cache_dir = %artifacts.cache.dir().display(),
+        hubs = hubs.len(),
+        max_parallel_jobs = config.max_parallel_jobs,
+        sandbox = %sandbox_name,
+        cache_dir = %cache.dir().display(),
         cache_size = %fmt_bytes(config.cache.size),
-        cached = %fmt_bytes(artifacts.cache.cached_bytes()),
+        cached = %fmt_bytes(cache.cached_bytes()),
         "starting trunkfarm-agent {}",
         env!("CARGO_PKG_VERSION")
     );
-    // Logs saved with unacknowledged results go again with them.
-    let mut outbox = Outbox::new(kept_log_bound(config.output_cap));
-    outbox.restore(results.take_logs());
+    let shares: Vec<u32> = hubs.iter().map(|h| h.share).collect();
     let mut agent = Agent {
-        hub: credential.hub.clone(),
-        agent_id: credential.agent_id.clone(),
-        trust: credential.trust(),
-        bearer,
-        caps,
-        jobs: Jobs::new(policy.work_root.clone(), artifacts.clone()),
-        policy,
+        slots: several.then(|| Slots::new(config.max_parallel_jobs, &shares)),
+        hubs,
+        max_parallel: config.max_parallel_jobs,
         drain_grace: config.drain_grace,
-        results,
-        result_sent: HashMap::new(),
-        outbox,
-        link: Link::Down {
-            retry_at: Instant::now(),
-        },
-        backoff: Backoff::new(config.reconnect_max_backoff),
         drain: Drain::default(),
         signals,
         control,
         pause_ends: pause.as_ref().and_then(|p| p.until_ms).map(instant_at),
         pause,
-        handing_back: BTreeSet::new(),
-        running: HashMap::new(),
         state_dir,
         started_ms: crate::lock::now_ms(),
-        connected_since_ms: None,
-        cache: artifacts.cache.clone(),
+        cache: cache.clone(),
+        turn: 0,
+        first_ending: None,
     };
     let ending = agent.run().await;
-    let downloads = artifacts.cache.downloads();
+    let downloads = cache.downloads();
     if downloads > 0 {
         tracing::info!(
             "downloaded {downloads} runtime artifact(s) since the agent started; {} cached in {}",
-            fmt_bytes(artifacts.cache.cached_bytes()),
-            artifacts.cache.dir().display()
+            fmt_bytes(cache.cached_bytes()),
+            cache.dir().display()
         );
     }
     Ok(ending)
@@ -261,12 +329,14 @@ pub(crate) fn capabilities(
 }
 
 /// The hello that opens a session. `held` lists the jobs whose leases the
-/// agent still needs: running ones and those whose result is unacknowledged.
+/// agent still needs: running ones and those whose result is unacknowledged;
+/// `slots`, what an agent serving several hubs offers this one.
 pub(crate) fn hello(
     caps: &Capabilities,
     held: Vec<JobRef>,
     draining: bool,
     pause: Option<&Pause>,
+    slots: Option<u32>,
 ) -> Hello {
     Hello {
         protocol_version: PROTOCOL_VERSION,
@@ -275,6 +345,7 @@ pub(crate) fn hello(
         running: held,
         draining,
         paused: pause.map(paused),
+        slots: slots.map(|offered| SlotsMsg { offered }),
     }
 }
 
@@ -445,6 +516,8 @@ enum Link {
     },
     /// The session is open.
     Up(Box<Session>),
+    /// The hub refused this agent for good: never dialled again.
+    Closed,
 }
 
 /// An open session.
@@ -496,6 +569,7 @@ impl Link {
                 tokio::time::sleep_until(*retry_at).await;
                 LinkWake::RetryDue
             }
+            Link::Closed => std::future::pending().await,
             Link::Connecting {
                 future, deadline, ..
             } => tokio::select! {
@@ -576,10 +650,8 @@ impl Signals {
 
 /// What woke the agent's loop.
 enum Wake {
-    /// The link.
-    Link(LinkWake),
-    /// A job.
-    Job(JobWake),
+    /// Hub `.0`'s link or jobs.
+    Hub(usize, HubWake),
     /// A signal, by name.
     Signal(&'static str),
     /// The drain's grace period is over.
@@ -590,36 +662,82 @@ enum Wake {
     Control(Control),
     /// The donor's `pause --for` ran out.
     PauseOver,
+    /// A hub being left (`unenroll --hub`) waited long enough for its
+    /// acknowledgements.
+    LeaveOver,
 }
 
-/// The agent: all its state, owned by one task.
-struct Agent {
-    /// The hub address.
-    hub: String,
-    /// This agent's id.
+/// What one hub's link or jobs have to say.
+enum HubWake {
+    /// The link.
+    Link(LinkWake),
+    /// One of its jobs.
+    Job(JobWake),
+}
+
+/// One hub the agent serves: its own connection, jobs, results and
+/// outbox. A hub that is down or slow holds up nothing of another's.
+struct Hub {
+    /// Its name on this machine (`hubs.rs`).
+    name: String,
+    /// Its address.
+    address: String,
+    /// This agent's id there.
     agent_id: String,
-    /// How to trust the hub.
+    /// How to trust it.
     trust: HubTrust,
     /// The `authorization` value (sensitive).
     bearer: MetadataValue<Ascii>,
-    /// What the hello advertises.
+    /// What the hello advertises to it (its limits).
     caps: Capabilities,
-    /// What jobs are accepted and how they run.
+    /// Its share of the slots (`[hubs.NAME] share`).
+    share: u32,
+    /// What jobs of its are accepted and how they run.
     policy: JobPolicy,
-    /// Grace period of a signal-initiated drain.
-    drain_grace: Duration,
-    /// Running jobs.
+    /// Its running jobs.
     jobs: Jobs,
-    /// Results not yet acknowledged.
+    /// Its results not yet acknowledged.
     results: ResultStore,
     /// When each unacknowledged result was last queued on this session.
     result_sent: HashMap<JobKey, Instant>,
-    /// Messages not yet sent.
+    /// Messages not yet sent to it.
     outbox: Outbox,
     /// The connection.
     link: Link,
     /// Redial pacing.
     backoff: Backoff,
+    /// When the current session was welcomed (Unix ms).
+    connected_since_ms: Option<u64>,
+    /// Jobs cancelled to be handed back (`pause --now`, `unenroll`): their
+    /// cancelled results go to the hub as handed back.
+    handing_back: BTreeSet<JobKey>,
+    /// What each running job is, for the donor.
+    running: HashMap<JobKey, JobInfo>,
+    /// Queued jobs it has for this agent (its last `Backlog`; 0 while down).
+    backlog: u32,
+    /// The slots it was last offered (`Slots` or the hello's), this session.
+    offered_told: Option<u32>,
+    /// Being left (`unenroll --hub`): no new job; it goes once its jobs are
+    /// done and its results acknowledged, or at this deadline once no job
+    /// runs.
+    leaving: Option<Option<Instant>>,
+    /// The hub refused this agent for good: it is not dialled again.
+    ended: Option<Ending>,
+    /// Its name in the donor's lines when the agent serves several hubs.
+    label: String,
+}
+
+/// The agent: all its state, owned by one task.
+struct Agent {
+    /// The hubs it serves, in `hubs::list` order.
+    hubs: Vec<Hub>,
+    /// How the slots are divided among several hubs; `None` with one hub
+    /// (it gets every slot, as its capabilities say).
+    slots: Option<Slots>,
+    /// The machine's slots (`max_parallel_jobs`).
+    max_parallel: u32,
+    /// Grace period of a signal-initiated drain.
+    drain_grace: Duration,
     /// Drain progress.
     drain: Drain,
     /// Signal handlers.
@@ -630,394 +748,59 @@ struct Agent {
     pause: Option<Pause>,
     /// When a `pause --for` ends.
     pause_ends: Option<Instant>,
-    /// Jobs cancelled to be handed back (`pause --now`, `unenroll`): their
-    /// cancelled results go to the hub as handed back.
-    handing_back: BTreeSet<JobKey>,
-    /// What each running job is, for the donor.
-    running: HashMap<JobKey, JobInfo>,
     /// The state directory (the journal, the pause).
     state_dir: PathBuf,
     /// When this agent started (Unix ms).
     started_ms: u64,
-    /// When the current session was welcomed (Unix ms).
-    connected_since_ms: Option<u64>,
     /// The artifact cache, for `status`.
     cache: ArtifactCache,
+    /// Which hub's events are looked at first (turns, so a busy hub cannot
+    /// starve another's).
+    turn: usize,
+    /// The first hub's refusal, reported once every hub refused.
+    first_ending: Option<Ending>,
 }
 
-impl Agent {
-    /// The main loop.
-    async fn run(&mut self) -> Ending {
-        loop {
-            if let Some(ending) = self.check_drained() {
-                return ending;
+/// The next event of any hub, looking at `hubs[turn]` first. Cancel-safe
+/// (each hub's wait is).
+async fn next_hub(hubs: &mut [Hub], turn: usize) -> (usize, HubWake) {
+    let n = hubs.len();
+    if n == 0 {
+        return std::future::pending().await;
+    }
+    let mut waits: Vec<Pin<Box<dyn Future<Output = HubWake> + '_>>> = hubs
+        .iter_mut()
+        .map(|h| Box::pin(h.next()) as Pin<Box<dyn Future<Output = HubWake> + '_>>)
+        .collect();
+    std::future::poll_fn(|cx| {
+        for k in 0..n {
+            let i = (turn % n + k) % n;
+            if let std::task::Poll::Ready(w) = waits[i].as_mut().poll(cx) {
+                return std::task::Poll::Ready((i, w));
             }
-            let welcomed = self.link.welcomed();
-            // Back-pressure while the network is the bottleneck; buffer (with
-            // a cap) while disconnected, so jobs are never held up by it.
-            let accept = !(welcomed && self.outbox.log_bytes() >= SEND_HIGH_WATER);
-            let want_send = !self.outbox.is_empty();
-            let wake = tokio::select! {
-                w = self.link.next(want_send) => Wake::Link(w),
-                w = self.jobs.next(accept) => Wake::Job(w),
-                s = self.signals.next() => Wake::Signal(s),
-                () = sleep_opt(self.drain.grace_deadline) => Wake::GraceOver,
-                () = sleep_opt(self.drain.ack_deadline) => Wake::AckWaitOver,
-                Some(c) = self.control.recv() => Wake::Control(c),
-                () = sleep_opt(self.pause_ends) => Wake::PauseOver,
-            };
-            let ending = match wake {
-                Wake::Link(w) => self.on_link(w),
-                Wake::Job(JobWake::Log(chunk)) => {
-                    let job = chunk.job.unwrap_or_default();
-                    if self.outbox.push_log(chunk) {
-                        tracing::warn!(
-                            job = job.job_id,
-                            attempt = job.attempt,
-                            "the job's log passed the agent's output cap (output_cap {}): \
-                             dropping the rest of it",
-                            fmt_bytes(self.policy.output_cap)
-                        );
-                    }
-                    None
-                }
-                Wake::Job(JobWake::Finished(result)) => {
-                    self.finished(result);
-                    None
-                }
-                Wake::Control((request, reply)) => {
-                    let answer = self.on_control(request);
-                    if reply.send(answer).is_err() {
-                        tracing::debug!("the donor's command left before its answer");
-                    }
-                    None
-                }
-                Wake::PauseOver => {
-                    say("The pause is over: this agent takes work again.");
-                    self.set_pause(None);
-                    None
-                }
-                Wake::Signal(name) => self.on_signal(name),
-                Wake::GraceOver => {
-                    self.drain.grace_deadline = None;
-                    if !self.jobs.is_empty() {
-                        tracing::info!(
-                            "the drain's grace period is over: cancelling {} running job(s)",
-                            self.jobs.len()
-                        );
-                    }
-                    self.jobs.cancel_all(
-                        "cancelled: the agent was draining and the job outlived the grace period",
-                    );
-                    None
-                }
-                Wake::AckWaitOver => {
-                    tracing::warn!(
-                        "the hub did not acknowledge {} result(s) within {}s; they are kept in \
-                         {} and delivered on the next start",
-                        self.results.len(),
-                        ACK_WAIT.as_secs(),
-                        self.results.dir().display()
-                    );
-                    Some(Ending::Drained)
-                }
-            };
-            if let Some(ending) = ending {
-                if ending != Ending::Drained {
-                    self.jobs
-                        .abandon("cancelled: the hub refused this agent", ABANDON_WAIT)
-                        .await;
-                }
-                return ending;
-            }
+        }
+        std::task::Poll::Pending
+    })
+    .await
+}
+
+impl Hub {
+    /// Its link's or jobs' next event. Cancel-safe.
+    async fn next(&mut self) -> HubWake {
+        let welcomed = self.link.welcomed();
+        // Back-pressure while the network is the bottleneck; buffer (with
+        // a cap) while disconnected, so jobs are never held up by it.
+        let accept = !(welcomed && self.outbox.log_bytes() >= SEND_HIGH_WATER);
+        let want_send = !self.outbox.is_empty();
+        tokio::select! {
+            w = self.link.next(want_send) => HubWake::Link(w),
+            w = self.jobs.next(accept) => HubWake::Job(w),
         }
     }
 
-    /// Ends a drain once no job runs and every result is acknowledged (or
-    /// starts the bounded wait for the acknowledgements).
-    fn check_drained(&mut self) -> Option<Ending> {
-        if !self.drain.active || !self.jobs.is_empty() {
-            return None;
-        }
-        if self.results.is_empty() {
-            tracing::info!("drained: no job is running and every result was delivered");
-            return Some(Ending::Drained);
-        }
-        if self.drain.ack_deadline.is_none() {
-            tracing::info!(
-                "waiting up to {}s for the hub to acknowledge {} result(s)",
-                ACK_WAIT.as_secs(),
-                self.results.len()
-            );
-            self.drain.ack_deadline = Some(Instant::now() + ACK_WAIT);
-        }
-        None
-    }
-
-    /// Handles a link event; `Some` ends the agent.
-    fn on_link(&mut self, wake: LinkWake) -> Option<Ending> {
-        match wake {
-            LinkWake::RetryDue => {
-                self.start_connect();
-                None
-            }
-            LinkWake::Connected(Ok((inbound, channel))) => {
-                let old = std::mem::replace(
-                    &mut self.link,
-                    Link::Down {
-                        retry_at: Instant::now(),
-                    },
-                );
-                if let Link::Connecting { tx, deadline, .. } = old {
-                    self.link = Link::Up(Box::new(Session {
-                        tx,
-                        inbound,
-                        _channel: channel,
-                        welcomed: false,
-                        deadline,
-                        heartbeat: None,
-                        tx_closed: false,
-                    }));
-                }
-                None
-            }
-            LinkWake::Connected(Err(e)) => self.link_failed(e),
-            LinkWake::WelcomeOverdue => self.link_failed(LinkError::Timeout),
-            LinkWake::Inbound(Ok(Some(message))) => self.on_message(message),
-            LinkWake::Inbound(Ok(None)) => self.link_failed(LinkError::Closed),
-            LinkWake::Inbound(Err(status)) => self.link_failed(LinkError::Status(status)),
-            LinkWake::HeartbeatDue => {
-                self.outbox.push_heartbeat(Heartbeat {
-                    running: self.held(),
-                });
-                self.resend_stale_results();
-                None
-            }
-            LinkWake::Permit(Ok(permit)) => {
-                if let Some(message) = self.outbox.pop() {
-                    permit.send(message);
-                }
-                None
-            }
-            LinkWake::Permit(Err(_)) => {
-                if let Link::Up(s) = &mut self.link {
-                    s.tx_closed = true;
-                }
-                None
-            }
-        }
-    }
-
-    /// Starts dialing, with a hello describing the agent as it is now.
-    fn start_connect(&mut self) {
-        let (tx, rx) = mpsc::channel(OUTBOUND_CHANNEL);
-        let hello = hello(
-            &self.caps,
-            self.held(),
-            self.drain.active,
-            self.pause.as_ref(),
-        );
-        // A fresh channel has room for its first message.
-        let _ = tx.try_send(AgentMessage {
-            msg: Some(Msg::Hello(hello)),
-        });
-        tracing::debug!(hub = %self.hub, "connecting");
-        self.link = Link::Connecting {
-            tx,
-            future: connect(
-                self.hub.clone(),
-                self.trust.clone(),
-                self.bearer.clone(),
-                rx,
-            ),
-            deadline: Instant::now() + WELCOME_TIMEOUT,
-        };
-    }
-
-    /// The connection failed or ended: give up for good if the hub refused
-    /// us, otherwise schedule a redial.
-    fn link_failed(&mut self, error: LinkError) -> Option<Ending> {
-        let was_welcomed = self.link.welcomed();
-        self.outbox.disconnected();
-        self.result_sent.clear();
-        self.connected_since_ms = None;
-        let delay = self.backoff.next_delay();
-        self.link = Link::Down {
-            retry_at: Instant::now() + delay,
-        };
-        if let Some(ending) = error.fatal() {
-            return Some(ending);
-        }
-        let delay = humantime::format_duration(Duration::from_millis(
-            u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
-        ));
-        let what = if was_welcomed {
-            "lost the session with the hub"
-        } else {
-            "cannot connect to the hub"
-        };
-        if error.needs_operator() {
-            tracing::error!(hub = %self.hub, "{what}: {error}; retrying in {delay}");
-        } else {
-            tracing::warn!(hub = %self.hub, "{what}: {error}; retrying in {delay}");
-        }
-        None
-    }
-
-    /// Handles a message from the hub.
-    fn on_message(&mut self, message: HubMessage) -> Option<Ending> {
-        let Some(msg) = message.msg else {
-            tracing::debug!("ignoring an empty message from the hub");
-            return None;
-        };
-        if !self.link.welcomed() {
-            return match msg {
-                HubMsg::Welcome(welcome) => {
-                    self.welcomed(welcome);
-                    None
-                }
-                _ => self.link_failed(LinkError::Protocol(
-                    "the hub sent a message before its welcome".to_owned(),
-                )),
-            };
-        }
-        match msg {
-            HubMsg::Welcome(_) => tracing::warn!("ignoring a second welcome from the hub"),
-            HubMsg::Assign(assignment) => self.assign(assignment),
-            HubMsg::Cancel(cancel) => self.cancel(cancel),
-            HubMsg::Drain(drain) => self.start_drain(
-                Duration::from_secs(drain.grace_secs),
-                "the hub asked this agent to drain",
-            ),
-            HubMsg::ResultAck(ack) => self.acknowledged(ack),
-        }
-        None
-    }
-
-    /// The hub welcomed us: the session is usable; send what it missed.
-    fn welcomed(&mut self, welcome: Welcome) {
-        self.backoff.reset();
-        let interval = match welcome.heartbeat_interval_ms {
-            0 => DEFAULT_HEARTBEAT,
-            ms => {
-                Duration::from_millis(ms).clamp(Duration::from_secs(1), Duration::from_secs(3600))
-            }
-        };
-        if let Link::Up(s) = &mut self.link {
-            s.welcomed = true;
-            let mut heartbeat = tokio::time::interval_at(Instant::now() + interval, interval);
-            heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
-            s.heartbeat = Some(heartbeat);
-        }
-        if !welcome.agent_id.is_empty() && welcome.agent_id != self.agent_id {
-            tracing::warn!(
-                "the hub welcomed this agent as {}, but its credential says {}",
-                welcome.agent_id,
-                self.agent_id
-            );
-        }
-        tracing::info!(
-            hub_version = %welcome.hub_version,
-            labels = ?welcome.labels,
-            "connected to hub {} as {}",
-            self.hub,
-            self.agent_id
-        );
-        self.connected_since_ms = Some(crate::lock::now_ms());
-        say(&format!(
-            "Connected to hub {} as agent {}{}.",
-            self.hub,
-            self.agent_id,
-            if self.pause.is_some() {
-                " (paused: it takes no job)"
-            } else {
-                ""
-            }
-        ));
-        // The hub may lack any log chunk not covered by an acknowledged
-        // result (lost in flight, or with a killed hub): all kept chunks go
-        // again, each attempt's before its result; results without chunks
-        // go first (they free leases).
-        let held = self.held();
-        self.outbox.welcomed(self.results.results(), &held);
-        if self.outbox.log_bytes() > 0 {
-            tracing::debug!(
-                "sending again {} of log the hub may lack ({} kept in all)",
-                fmt_bytes(self.outbox.log_bytes() as u64),
-                fmt_bytes(self.outbox.kept_bytes() as u64)
-            );
-        }
-        let now = Instant::now();
-        self.result_sent = self.results.jobs().map(|j| (key(&j), now)).collect();
-        if self.drain.active {
-            self.outbox.push_control(Msg::Draining(Draining {}));
-        }
-    }
-
-    /// The jobs whose leases this agent holds: running or unacknowledged.
+    /// The jobs whose leases this agent holds here: running or unacknowledged.
     fn held(&self) -> Vec<JobRef> {
         held_jobs(self.jobs.jobs(), self.results.jobs())
-    }
-
-    /// Runs (or refuses) an assigned job.
-    fn assign(&mut self, assignment: Assignment) {
-        let Some(job) = assignment.job else {
-            tracing::warn!("ignoring an assignment without a job reference");
-            return;
-        };
-        if self.jobs.contains(&job) || self.results.contains(&job) {
-            tracing::debug!(
-                job = job.job_id,
-                attempt = job.attempt,
-                "ignoring a repeated assignment"
-            );
-            return;
-        }
-        let Some(spec) = assignment.spec else {
-            self.refuse(job, "the assignment carried no job spec".to_owned());
-            return;
-        };
-        if self.pause.is_some() {
-            // Sent before the hub heard of the pause: it runs elsewhere.
-            tracing::info!(
-                job = job.job_id,
-                attempt = job.attempt,
-                "handing back a job: the donor paused this agent"
-            );
-            self.deliver(handed_back(
-                jobs::refusal(job, String::new()),
-                "the agent's donor paused it",
-            ));
-            return;
-        }
-        match self.policy.admit(&spec, self.jobs.len(), self.drain.active) {
-            Ok((limits, donor_capped)) => {
-                tracing::info!(
-                    job = job.job_id,
-                    attempt = job.attempt,
-                    project = %spec.project,
-                    commands = spec.commands.len(),
-                    "starting job"
-                );
-                let info = JobInfo::starting(job, &spec);
-                say(&info.started_line());
-                self.running.insert(key(&job), info);
-                self.jobs.start(job, spec, limits, donor_capped);
-                self.outbox
-                    .push_control(Msg::Started(JobStarted { job: Some(job) }));
-            }
-            Err(detail) => self.refuse(job, detail),
-        }
-    }
-
-    /// Reports that this agent will not run `job`.
-    fn refuse(&mut self, job: JobRef, detail: String) {
-        tracing::info!(
-            job = job.job_id,
-            attempt = job.attempt,
-            "refusing job: {detail}"
-        );
-        self.deliver(jobs::refusal(job, detail));
     }
 
     /// Keeps a result until acknowledged (on disk, with the attempt's kept
@@ -1033,6 +816,17 @@ impl Agent {
             }
             self.outbox.push_result(result);
         }
+    }
+
+    /// Reports that this agent will not run `job`.
+    fn refuse(&mut self, job: JobRef, detail: String) {
+        tracing::info!(
+            hub = %self.address,
+            job = job.job_id,
+            attempt = job.attempt,
+            "refusing job: {detail}"
+        );
+        self.deliver(jobs::refusal(job, detail));
     }
 
     /// Sends again the results the hub has not acknowledged for a while (it
@@ -1117,17 +911,585 @@ impl Agent {
         }
     }
 
-    /// A job ended: a job being handed back goes back as such (unless it
-    /// finished first), the donor is told, the journal keeps it, and the
-    /// result goes to the hub.
-    fn finished(&mut self, mut result: JobResult) {
+    /// Cancels every running job to hand it back; how many.
+    fn hand_back_all(&mut self) -> usize {
+        let running: Vec<JobRef> = self.jobs.jobs().collect();
+        for job in &running {
+            self.handing_back.insert(key(job));
+            self.jobs
+                .cancel(job, "handed back: the agent's donor took it back");
+        }
+        running.len()
+    }
+
+    /// Starts dialing, with a hello describing the agent as it is now;
+    /// `slots`: what it offers this hub (an agent serving several).
+    fn start_connect(&mut self, draining: bool, pause: Option<&Pause>, slots: Option<u32>) {
+        let (tx, rx) = mpsc::channel(OUTBOUND_CHANNEL);
+        let hello = hello(&self.caps, self.held(), draining, pause, slots);
+        self.offered_told = slots;
+        // A fresh channel has room for its first message.
+        let _ = tx.try_send(AgentMessage {
+            msg: Some(Msg::Hello(hello)),
+        });
+        tracing::debug!(hub = %self.address, "connecting");
+        self.link = Link::Connecting {
+            tx,
+            future: connect(
+                self.address.clone(),
+                self.trust.clone(),
+                self.bearer.clone(),
+                rx,
+            ),
+            deadline: Instant::now() + WELCOME_TIMEOUT,
+        };
+    }
+
+    /// The connection failed or ended: the ending if the hub refused us
+    /// for good, otherwise a redial is scheduled.
+    fn link_failed(&mut self, error: LinkError) -> Option<Ending> {
+        let was_welcomed = self.link.welcomed();
+        self.outbox.disconnected();
+        self.result_sent.clear();
+        self.connected_since_ms = None;
+        // A hub that is down has no work for anyone.
+        self.backlog = 0;
+        self.offered_told = None;
+        let delay = self.backoff.next_delay();
+        self.link = Link::Down {
+            retry_at: Instant::now() + delay,
+        };
+        if let Some(ending) = error.fatal() {
+            return Some(ending);
+        }
+        let delay = humantime::format_duration(Duration::from_millis(
+            u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+        ));
+        let what = if was_welcomed {
+            "lost the session with the hub"
+        } else {
+            "cannot connect to the hub"
+        };
+        if error.needs_operator() {
+            tracing::error!(hub = %self.address, "{what}: {error}; retrying in {delay}");
+        } else {
+            tracing::warn!(hub = %self.address, "{what}: {error}; retrying in {delay}");
+        }
+        None
+    }
+
+    /// The hub welcomed us: the session is usable; send what it missed.
+    fn welcomed(&mut self, welcome: Welcome, draining: bool, paused: bool) {
+        self.backoff.reset();
+        let interval = match welcome.heartbeat_interval_ms {
+            0 => DEFAULT_HEARTBEAT,
+            ms => {
+                Duration::from_millis(ms).clamp(Duration::from_secs(1), Duration::from_secs(3600))
+            }
+        };
+        if let Link::Up(s) = &mut self.link {
+            s.welcomed = true;
+            let mut heartbeat = tokio::time::interval_at(Instant::now() + interval, interval);
+            heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
+            s.heartbeat = Some(heartbeat);
+        }
+        if !welcome.agent_id.is_empty() && welcome.agent_id != self.agent_id {
+            tracing::warn!(
+                "the hub welcomed this agent as {}, but its credential says {}",
+                welcome.agent_id,
+                self.agent_id
+            );
+        }
+        tracing::info!(
+            hub_version = %welcome.hub_version,
+            labels = ?welcome.labels,
+            "connected to hub {} as {}",
+            self.address,
+            self.agent_id
+        );
+        self.connected_since_ms = Some(crate::lock::now_ms());
+        say(&format!(
+            "Connected to hub {} as agent {}{}.",
+            self.address,
+            self.agent_id,
+            if paused {
+                " (paused: it takes no job)"
+            } else {
+                ""
+            }
+        ));
+        // The hub may lack any log chunk not covered by an acknowledged
+        // result (lost in flight, or with a killed hub): all kept chunks go
+        // again, each attempt's before its result; results without chunks
+        // go first (they free leases).
+        let held = self.held();
+        self.outbox.welcomed(self.results.results(), &held);
+        if self.outbox.log_bytes() > 0 {
+            tracing::debug!(
+                "sending again {} of log the hub may lack ({} kept in all)",
+                fmt_bytes(self.outbox.log_bytes() as u64),
+                fmt_bytes(self.outbox.kept_bytes() as u64)
+            );
+        }
+        let now = Instant::now();
+        self.result_sent = self.results.jobs().map(|j| (key(&j), now)).collect();
+        if draining || self.leaving.is_some() {
+            self.outbox.push_control(Msg::Draining(Draining {}));
+        }
+    }
+
+    /// Its line in `status`.
+    fn status(&self) -> HubStatus {
+        HubStatus {
+            name: self.name.clone(),
+            hub: self.address.clone(),
+            agent_id: self.agent_id.clone(),
+            share: self.share,
+            connected: self.link.welcomed(),
+            connected_since_ms: self.connected_since_ms,
+            running: self.jobs.len(),
+            offered: self.offered_told,
+            // Only an agent serving several hubs hears of their backlogs.
+            backlog: self.offered_told.map(|_| self.backlog),
+            undelivered_results: self.results.len(),
+            leaving: self.leaving.is_some(),
+            refused: self.ended.as_ref().map(|e| match e {
+                Ending::Refused(m) | Ending::Incompatible(m) => m.clone(),
+                Ending::Drained => String::new(),
+            }),
+        }
+    }
+}
+
+impl Agent {
+    /// The main loop.
+    async fn run(&mut self) -> Ending {
+        loop {
+            if let Some(ending) = self.check_drained() {
+                return ending;
+            }
+            self.retire_left_hubs();
+            if self.hubs.is_empty() {
+                return Ending::Drained;
+            }
+            if self.hubs.iter().all(|h| h.ended.is_some()) {
+                for hub in &mut self.hubs {
+                    hub.jobs
+                        .abandon("cancelled: the hub refused this agent", ABANDON_WAIT)
+                        .await;
+                }
+                return self.first_ending.clone().unwrap_or(Ending::Drained);
+            }
+            self.divide_slots();
+            let turn = self.turn;
+            self.turn = self.turn.wrapping_add(1);
+            let leave_over = self.leave_deadline();
+            let wake = tokio::select! {
+                (i, w) = next_hub(&mut self.hubs, turn) => Wake::Hub(i, w),
+                s = self.signals.next() => Wake::Signal(s),
+                () = sleep_opt(self.drain.grace_deadline) => Wake::GraceOver,
+                () = sleep_opt(self.drain.ack_deadline) => Wake::AckWaitOver,
+                Some(c) = self.control.recv() => Wake::Control(c),
+                () = sleep_opt(self.pause_ends) => Wake::PauseOver,
+                () = sleep_opt(leave_over) => Wake::LeaveOver,
+            };
+            let ending = match wake {
+                Wake::Hub(i, HubWake::Link(w)) => self.on_link(i, w),
+                Wake::Hub(i, HubWake::Job(JobWake::Log(chunk))) => {
+                    let hub = &mut self.hubs[i];
+                    let job = chunk.job.unwrap_or_default();
+                    if hub.outbox.push_log(chunk) {
+                        tracing::warn!(
+                            job = job.job_id,
+                            attempt = job.attempt,
+                            "the job's log passed the agent's output cap (output_cap {}): \
+                             dropping the rest of it",
+                            fmt_bytes(hub.policy.output_cap)
+                        );
+                    }
+                    None
+                }
+                Wake::Hub(i, HubWake::Job(JobWake::Finished(result))) => {
+                    self.finished(i, result);
+                    None
+                }
+                Wake::Control((request, reply)) => {
+                    let answer = self.on_control(request);
+                    if reply.send(answer).is_err() {
+                        tracing::debug!("the donor's command left before its answer");
+                    }
+                    None
+                }
+                Wake::PauseOver => {
+                    say("The pause is over: this agent takes work again.");
+                    self.set_pause(None);
+                    None
+                }
+                Wake::Signal(name) => self.on_signal(name),
+                Wake::GraceOver => {
+                    self.drain.grace_deadline = None;
+                    let running = self.running_jobs();
+                    if running > 0 {
+                        tracing::info!(
+                            "the drain's grace period is over: cancelling {running} running job(s)"
+                        );
+                    }
+                    for hub in &mut self.hubs {
+                        hub.jobs.cancel_all(
+                            "cancelled: the agent was draining and the job outlived the grace \
+                             period",
+                        );
+                    }
+                    None
+                }
+                Wake::AckWaitOver => {
+                    for hub in self.hubs.iter().filter(|h| !h.results.is_empty()) {
+                        tracing::warn!(
+                            hub = %hub.address,
+                            "the hub did not acknowledge {} result(s) within {}s; they are kept \
+                             in {} and delivered on the next start",
+                            hub.results.len(),
+                            ACK_WAIT.as_secs(),
+                            hub.results.dir().display()
+                        );
+                    }
+                    Some(Ending::Drained)
+                }
+                Wake::LeaveOver => {
+                    for hub in &mut self.hubs {
+                        if let Some(Some(at)) = hub.leaving
+                            && at <= Instant::now()
+                        {
+                            tracing::warn!(
+                                hub = %hub.address,
+                                "the hub did not acknowledge {} result(s) within {}s; leaving it \
+                                 anyway",
+                                hub.results.len(),
+                                ACK_WAIT.as_secs()
+                            );
+                            hub.leaving = Some(None);
+                            hub.ended = Some(Ending::Drained);
+                        }
+                    }
+                    None
+                }
+            };
+            if let Some(ending) = ending {
+                if ending != Ending::Drained {
+                    for hub in &mut self.hubs {
+                        hub.jobs
+                            .abandon("cancelled: the hub refused this agent", ABANDON_WAIT)
+                            .await;
+                    }
+                }
+                return ending;
+            }
+        }
+    }
+
+    /// Jobs running here, for every hub.
+    fn running_jobs(&self) -> usize {
+        self.hubs.iter().map(|h| h.jobs.len()).sum()
+    }
+
+    /// Ends a drain once no job runs and every result is acknowledged (or
+    /// starts the bounded wait for the acknowledgements).
+    fn check_drained(&mut self) -> Option<Ending> {
+        if !self.drain.active || self.running_jobs() > 0 {
+            return None;
+        }
+        let undelivered: usize = self
+            .hubs
+            .iter()
+            .filter(|h| h.ended.is_none())
+            .map(|h| h.results.len())
+            .sum();
+        if undelivered == 0 {
+            tracing::info!("drained: no job is running and every result was delivered");
+            return Some(Ending::Drained);
+        }
+        if self.drain.ack_deadline.is_none() {
+            tracing::info!(
+                "waiting up to {}s for the hub to acknowledge {undelivered} result(s)",
+                ACK_WAIT.as_secs()
+            );
+            self.drain.ack_deadline = Some(Instant::now() + ACK_WAIT);
+        }
+        None
+    }
+
+    /// The earliest deadline of a hub being left once its jobs are done.
+    fn leave_deadline(&self) -> Option<Instant> {
+        self.hubs
+            .iter()
+            .filter_map(|h| h.leaving.flatten())
+            .min()
+    }
+
+    /// Drops the hubs being left (`unenroll --hub`) once nothing of theirs
+    /// runs and their results are acknowledged (or waited for long enough):
+    /// `status` stops listing them, which the command waits for.
+    fn retire_left_hubs(&mut self) {
+        let mut i = 0;
+        while i < self.hubs.len() {
+            let hub = &mut self.hubs[i];
+            if hub.leaving.is_some() && hub.jobs.is_empty() {
+                if hub.results.is_empty() || hub.ended.is_some() {
+                    say(&format!(
+                        "Left hub {} ({}): it gets no more work from this agent.",
+                        hub.name, hub.address
+                    ));
+                    self.hubs.remove(i);
+                    if let Some(slots) = &mut self.slots {
+                        slots.remove(i);
+                    }
+                    continue;
+                }
+                if hub.leaving == Some(None) {
+                    hub.leaving = Some(Some(Instant::now() + ACK_WAIT));
+                }
+            }
+            i += 1;
+        }
+    }
+
+    /// With several hubs: divides the free slots again and tells each hub
+    /// what it may fill now (`Slots`), when that changed.
+    fn divide_slots(&mut self) {
+        let Some(slots) = &mut self.slots else {
+            return;
+        };
+        let takes_work = self.pause.is_none() && !self.drain.active;
+        let demand: Vec<Demand> = self
+            .hubs
+            .iter()
+            .map(|h| Demand {
+                running: h.jobs.len() as u32,
+                backlog: h.backlog,
+                cap: h.policy.max_parallel,
+                open: takes_work && h.link.welcomed() && h.leaving.is_none() && h.ended.is_none(),
+            })
+            .collect();
+        slots.divide(&demand);
+        for (i, hub) in self.hubs.iter_mut().enumerate() {
+            if !hub.link.welcomed() {
+                continue;
+            }
+            let offered = slots.offered(i, hub.jobs.len() as u32);
+            if hub.offered_told != Some(offered) {
+                hub.offered_told = Some(offered);
+                hub.outbox.push_slots(SlotsMsg { offered });
+            }
+        }
+    }
+
+    /// What the hello offers hub `i`: its running jobs (more once it says
+    /// it has work), with several hubs; `None` with one.
+    fn hello_slots(&self, i: usize) -> Option<u32> {
+        self.slots
+            .as_ref()
+            .map(|s| s.offered(i, self.hubs[i].jobs.len() as u32))
+    }
+
+    /// Handles hub `i`'s link event; `Some` ends the agent.
+    fn on_link(&mut self, i: usize, wake: LinkWake) -> Option<Ending> {
+        match wake {
+            LinkWake::RetryDue => {
+                let slots = self.hello_slots(i);
+                let (draining, pause) = (self.drain.active, self.pause.as_ref());
+                self.hubs[i].start_connect(draining, pause, slots);
+                None
+            }
+            LinkWake::Connected(Ok((inbound, channel))) => {
+                let hub = &mut self.hubs[i];
+                let old = std::mem::replace(
+                    &mut hub.link,
+                    Link::Down {
+                        retry_at: Instant::now(),
+                    },
+                );
+                if let Link::Connecting { tx, deadline, .. } = old {
+                    hub.link = Link::Up(Box::new(Session {
+                        tx,
+                        inbound,
+                        _channel: channel,
+                        welcomed: false,
+                        deadline,
+                        heartbeat: None,
+                        tx_closed: false,
+                    }));
+                }
+                None
+            }
+            LinkWake::Connected(Err(e)) => self.link_failed(i, e),
+            LinkWake::WelcomeOverdue => self.link_failed(i, LinkError::Timeout),
+            LinkWake::Inbound(Ok(Some(message))) => self.on_message(i, message),
+            LinkWake::Inbound(Ok(None)) => self.link_failed(i, LinkError::Closed),
+            LinkWake::Inbound(Err(status)) => self.link_failed(i, LinkError::Status(status)),
+            LinkWake::HeartbeatDue => {
+                let hub = &mut self.hubs[i];
+                hub.outbox.push_heartbeat(Heartbeat {
+                    running: hub.held(),
+                });
+                hub.resend_stale_results();
+                None
+            }
+            LinkWake::Permit(Ok(permit)) => {
+                if let Some(message) = self.hubs[i].outbox.pop() {
+                    permit.send(message);
+                }
+                None
+            }
+            LinkWake::Permit(Err(_)) => {
+                if let Link::Up(s) = &mut self.hubs[i].link {
+                    s.tx_closed = true;
+                }
+                None
+            }
+        }
+    }
+
+    /// Hub `i`'s connection failed or ended. A refusal ends the agent when
+    /// it serves that hub alone; with several, only that hub is given up
+    /// (its jobs cancelled), and the agent ends once every hub refused it.
+    fn link_failed(&mut self, i: usize, error: LinkError) -> Option<Ending> {
+        let ending = self.hubs[i].link_failed(error)?;
+        if self.hubs.len() == 1 {
+            return Some(ending);
+        }
+        let hub = &mut self.hubs[i];
+        let message = match &ending {
+            Ending::Refused(m) => format!("the hub refused this agent: {m}"),
+            Ending::Incompatible(m) => {
+                format!("the hub refused this agent's protocol version: {m}")
+            }
+            Ending::Drained => String::new(),
+        };
+        tracing::error!(
+            hub = %hub.address,
+            "{message}; this agent goes on with its other hubs (`trunkfarm-agent unenroll --hub {}` \
+             removes this one)",
+            hub.name
+        );
+        hub.jobs.cancel_all("cancelled: the hub refused this agent");
+        hub.link = Link::Closed;
+        hub.ended = Some(ending.clone());
+        // Once every hub refused, the loop ends the agent with the first refusal.
+        self.first_ending.get_or_insert(ending);
+        None
+    }
+
+    /// Handles a message from hub `i`.
+    fn on_message(&mut self, i: usize, message: HubMessage) -> Option<Ending> {
+        let Some(msg) = message.msg else {
+            tracing::debug!("ignoring an empty message from the hub");
+            return None;
+        };
+        if !self.hubs[i].link.welcomed() {
+            return match msg {
+                HubMsg::Welcome(welcome) => {
+                    let (draining, paused) = (self.drain.active, self.pause.is_some());
+                    self.hubs[i].welcomed(welcome, draining, paused);
+                    None
+                }
+                _ => self.link_failed(
+                    i,
+                    LinkError::Protocol("the hub sent a message before its welcome".to_owned()),
+                ),
+            };
+        }
+        match msg {
+            HubMsg::Welcome(_) => tracing::warn!("ignoring a second welcome from the hub"),
+            HubMsg::Assign(assignment) => self.assign(i, assignment),
+            HubMsg::Cancel(cancel) => self.hubs[i].cancel(cancel),
+            HubMsg::Drain(drain) => self.start_drain(
+                Duration::from_secs(drain.grace_secs),
+                "the hub asked this agent to drain",
+            ),
+            HubMsg::ResultAck(ack) => self.hubs[i].acknowledged(ack),
+            HubMsg::Backlog(backlog) => self.hubs[i].backlog = backlog.jobs,
+        }
+        None
+    }
+
+    /// Runs (or refuses, or hands back) a job hub `i` assigned.
+    fn assign(&mut self, i: usize, assignment: Assignment) {
+        let running_here = self.running_jobs();
+        let hub = &mut self.hubs[i];
+        let Some(job) = assignment.job else {
+            tracing::warn!("ignoring an assignment without a job reference");
+            return;
+        };
+        if hub.jobs.contains(&job) || hub.results.contains(&job) {
+            tracing::debug!(
+                job = job.job_id,
+                attempt = job.attempt,
+                "ignoring a repeated assignment"
+            );
+            return;
+        }
+        let Some(spec) = assignment.spec else {
+            hub.refuse(job, "the assignment carried no job spec".to_owned());
+            return;
+        };
+        let given_back = if self.pause.is_some() {
+            // Sent before the hub heard of the pause: it runs elsewhere.
+            Some("the agent's donor paused it")
+        } else if hub.leaving.is_some() {
+            Some("the agent's donor leaves this hub")
+        } else if self.slots.is_some() && running_here >= self.max_parallel as usize {
+            // Assigned across a withdrawn offer: the slot went to another hub.
+            Some("the agent's slots are taken by its other hubs")
+        } else {
+            None
+        };
+        if let Some(why) = given_back {
+            tracing::info!(
+                job = job.job_id,
+                attempt = job.attempt,
+                "handing back a job: {why}"
+            );
+            hub.deliver(handed_back(jobs::refusal(job, String::new()), why));
+            return;
+        }
+        match hub.policy.admit(&spec, hub.jobs.len(), self.drain.active) {
+            Ok((limits, donor_capped)) => {
+                tracing::info!(
+                    hub = %hub.address,
+                    job = job.job_id,
+                    attempt = job.attempt,
+                    project = %spec.project,
+                    commands = spec.commands.len(),
+                    "starting job"
+                );
+                let mut info = JobInfo::starting(job, &spec);
+                info.hub = hub.label.clone();
+                say(&info.started_line());
+                hub.running.insert(key(&job), info);
+                hub.jobs.start(job, spec, limits, donor_capped);
+                hub.outbox
+                    .push_control(Msg::Started(JobStarted { job: Some(job) }));
+                if let Some(slots) = &mut self.slots {
+                    slots.started(i);
+                }
+            }
+            Err(detail) => hub.refuse(job, detail),
+        }
+    }
+
+    /// A job of hub `i` ended: a job being handed back goes back as such
+    /// (unless it finished first), the donor is told, the journal keeps it,
+    /// and the result goes to the hub.
+    fn finished(&mut self, i: usize, mut result: JobResult) {
+        let hub = &mut self.hubs[i];
         let job = result.job.unwrap_or_default();
-        if self.handing_back.remove(&key(&job)) && result.outcome == Outcome::Cancelled as i32 {
+        if hub.handing_back.remove(&key(&job)) && result.outcome == Outcome::Cancelled as i32 {
             result = handed_back(result, "the agent's donor took it back");
         }
-        let mut info = self.running.remove(&key(&job)).unwrap_or_else(|| JobInfo {
+        let mut info = hub.running.remove(&key(&job)).unwrap_or_else(|| JobInfo {
             job_id: job.job_id,
             attempt: job.attempt,
+            hub: hub.label.clone(),
             ..JobInfo::default()
         });
         info.finish(&result);
@@ -1138,7 +1500,7 @@ impl Agent {
                 self.state_dir.join(donor::HISTORY_FILE).display()
             );
         }
-        self.deliver(result);
+        hub.deliver(result);
     }
 
     /// Answers a donor's command.
@@ -1153,15 +1515,16 @@ impl Agent {
                 };
                 let mut message = format!("This agent is {}.", pause.describe());
                 self.set_pause(Some(pause));
-                if now && !self.jobs.is_empty() {
-                    let n = self.hand_back_all();
+                let running = self.running_jobs();
+                if now && running > 0 {
+                    let n: usize = self.hubs.iter_mut().map(Hub::hand_back_all).sum();
                     message.push_str(&format!(
                         " Its {n} running job(s) go back to the hub to run elsewhere."
                     ));
-                } else if !self.jobs.is_empty() {
+                } else if running > 0 {
                     message.push_str(&format!(
-                        " Its {} running job(s) finish first (`pause --now` hands them back).",
-                        self.jobs.len()
+                        " Its {running} running job(s) finish first (`pause --now` hands them \
+                         back)."
                     ));
                 }
                 say(&message);
@@ -1178,7 +1541,7 @@ impl Agent {
                 message.to_owned()
             }
             Request::Leave => {
-                let n = self.hand_back_all();
+                let n: usize = self.hubs.iter_mut().map(Hub::hand_back_all).sum();
                 self.start_drain(Duration::ZERO, "its donor unenrolls it");
                 let message = format!(
                     "The agent hands back its {n} running job(s) and stops once the hub has \
@@ -1187,6 +1550,7 @@ impl Agent {
                 say(&message);
                 message
             }
+            Request::LeaveHub { hub: name } => self.leave_hub(&name),
         };
         Answer {
             message,
@@ -1194,7 +1558,33 @@ impl Agent {
         }
     }
 
-    /// Pauses (or resumes, `None`): kept in the state dir, told to the hub.
+    /// `unenroll --hub`: hands back that hub's jobs and stops taking its
+    /// work; the hub is dropped once it has their results (see
+    /// [`Agent::retire_left_hubs`]). The other hubs go on.
+    fn leave_hub(&mut self, name: &str) -> String {
+        if self.hubs.len() == 1 && self.hubs[0].name == name {
+            return self.on_control(Request::Leave).message;
+        }
+        let Some(hub) = self.hubs.iter_mut().find(|h| h.name == name) else {
+            return format!("This agent does not serve a hub named `{name}` (any more).");
+        };
+        let n = hub.hand_back_all();
+        if hub.leaving.is_none() {
+            hub.leaving = Some(None);
+            if hub.link.welcomed() {
+                hub.outbox.push_control(Msg::Draining(Draining {}));
+            }
+        }
+        let message = format!(
+            "The agent hands back its {n} running job(s) of hub {} and leaves it once the hub \
+             has their results; it goes on with its other hubs.",
+            hub.name
+        );
+        say(&message);
+        message
+    }
+
+    /// Pauses (or resumes, `None`): kept in the state dir, told to every hub.
     fn set_pause(&mut self, pause: Option<Pause>) {
         if let Err(e) = donor::save_pause(&self.state_dir, pause.as_ref()) {
             tracing::warn!(
@@ -1205,36 +1595,32 @@ impl Agent {
         self.pause_ends = pause.as_ref().and_then(|p| p.until_ms).map(instant_at);
         let told = pause.as_ref().map_or_else(Paused::default, paused);
         self.pause = pause;
-        if self.link.welcomed() {
-            self.outbox.push_control(Msg::Paused(told));
+        for hub in &mut self.hubs {
+            if hub.link.welcomed() {
+                hub.outbox.push_control(Msg::Paused(told.clone()));
+            }
         }
-    }
-
-    /// Cancels every running job to hand it back; how many.
-    fn hand_back_all(&mut self) -> usize {
-        let running: Vec<JobRef> = self.jobs.jobs().collect();
-        for job in &running {
-            self.handing_back.insert(key(job));
-            self.jobs
-                .cancel(job, "handed back: the agent's donor took it back");
-        }
-        running.len()
     }
 
     /// What `status` shows.
     fn status(&self) -> AgentStatus {
-        let mut jobs: Vec<JobInfo> = self.running.values().cloned().collect();
-        jobs.sort_by_key(|j| (j.job_id, j.attempt));
+        let mut jobs: Vec<JobInfo> = self
+            .hubs
+            .iter()
+            .flat_map(|h| h.running.values().cloned())
+            .collect();
+        jobs.sort_by_key(|j| (j.started_ms, j.job_id, j.attempt));
+        let first = self.hubs.first();
         AgentStatus {
             running: true,
             pid: Some(std::process::id()),
             started_ms: Some(self.started_ms),
             state_dir: self.state_dir.clone(),
-            hub: self.hub.clone(),
-            agent_id: self.agent_id.clone(),
-            name: self.caps.name.clone(),
-            connected: self.link.welcomed(),
-            connected_since_ms: self.connected_since_ms,
+            hub: first.map(|h| h.address.clone()).unwrap_or_default(),
+            agent_id: first.map(|h| h.agent_id.clone()).unwrap_or_default(),
+            name: first.map(|h| h.caps.name.clone()).unwrap_or_default(),
+            connected: first.is_some_and(|h| h.link.welcomed()),
+            connected_since_ms: first.and_then(|h| h.connected_since_ms),
             paused: self.pause.clone(),
             draining: self.drain.active,
             jobs,
@@ -1244,7 +1630,9 @@ impl Agent {
             }),
             cache_dir: self.cache.dir().to_path_buf(),
             cache_bytes: self.cache.cached_bytes(),
-            undelivered_results: self.results.len(),
+            undelivered_results: self.hubs.iter().map(|h| h.results.len()).sum(),
+            max_parallel_jobs: Some(self.max_parallel),
+            hubs: self.hubs.iter().map(Hub::status).collect(),
         }
     }
 
@@ -1252,17 +1640,19 @@ impl Agent {
     fn start_drain(&mut self, grace: Duration, why: &str) {
         if !self.drain.active {
             self.drain.active = true;
-            if self.jobs.is_empty() {
+            let running = self.running_jobs();
+            if running == 0 {
                 tracing::info!("{why}: draining");
             } else {
                 tracing::info!(
-                    "{why}: draining; {} running job(s) may finish within {}",
-                    self.jobs.len(),
+                    "{why}: draining; {running} running job(s) may finish within {}",
                     humantime::format_duration(grace)
                 );
             }
-            if self.link.welcomed() {
-                self.outbox.push_control(Msg::Draining(Draining {}));
+            for hub in &mut self.hubs {
+                if hub.link.welcomed() {
+                    hub.outbox.push_control(Msg::Draining(Draining {}));
+                }
             }
         }
         // A grace from the network may be absurd: never overflow, cap at a year.
@@ -1284,7 +1674,7 @@ impl Agent {
         match self.signals.count {
             1 => {
                 self.start_drain(self.drain_grace, &format!("received {name}"));
-                if !self.jobs.is_empty() {
+                if self.running_jobs() > 0 {
                     tracing::info!("send the signal again to cancel the running jobs now");
                 }
                 None
@@ -1292,22 +1682,24 @@ impl Agent {
             2 => {
                 // The first signal started the drain; this one ends its grace.
                 self.drain.grace_deadline = None;
-                if !self.jobs.is_empty() {
-                    tracing::info!(
-                        "received {name} again: cancelling {} running job(s)",
-                        self.jobs.len()
-                    );
+                let running = self.running_jobs();
+                if running > 0 {
+                    tracing::info!("received {name} again: cancelling {running} running job(s)");
                 }
-                self.jobs
-                    .cancel_all("cancelled: the agent was stopped by its operator");
+                for hub in &mut self.hubs {
+                    hub.jobs
+                        .cancel_all("cancelled: the agent was stopped by its operator");
+                }
                 None
             }
             _ => {
-                tracing::warn!(
-                    "received {name} a third time: exiting now; undelivered results stay in {} \
-                     and are sent on the next start",
-                    self.results.dir().display()
-                );
+                for hub in self.hubs.iter().filter(|h| !h.results.is_empty()) {
+                    tracing::warn!(
+                        "received {name} a third time: exiting now; undelivered results stay in \
+                         {} and are sent on the next start",
+                        hub.results.dir().display()
+                    );
+                }
                 Some(Ending::Drained)
             }
         }
@@ -1374,7 +1766,8 @@ mod tests {
             [j(9, 2), j(5, 1)].into_iter(),
         );
         assert_eq!(held, [j(2, 1), j(5, 1), j(9, 2)]);
-        let h = hello(&caps, held.clone(), true, None);
+        let h = hello(&caps, held.clone(), true, None, Some(2));
+        assert_eq!(h.slots, Some(SlotsMsg { offered: 2 }));
         assert_eq!(h.protocol_version, PROTOCOL_VERSION);
         assert_eq!(h.agent_version, env!("CARGO_PKG_VERSION"));
         assert_eq!(h.capabilities.as_ref(), Some(&caps));

@@ -54,6 +54,7 @@ pub(super) async fn open_session(
             running: Vec::new(),
             draining: false,
             paused: None,
+            slots: None,
         })),
     })
     .await?;

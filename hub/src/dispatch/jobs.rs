@@ -607,6 +607,11 @@ impl OpenJobs {
         self.open.insert(rec.id, rec);
     }
 
+    /// The queued jobs, in queue order.
+    pub(super) fn queued(&self) -> impl Iterator<Item = &JobRecord> + Clone {
+        self.queue.iter().filter_map(|id| self.open.get(id))
+    }
+
     /// The oldest queued job, taken off the queue.
     pub(super) fn pop_queued(&mut self) -> Option<u64> {
         self.queue.pop_front()

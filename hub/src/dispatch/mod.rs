@@ -377,6 +377,7 @@ impl Dispatcher {
             }
         };
         jobs.requeue_front(waiting);
+        sessions.tell_backlogs(jobs.queued(), &mut eff.messages);
         result
     }
 
@@ -615,6 +616,22 @@ impl Dispatcher {
             let mut st = self.lock();
             let resumed = words.is_none();
             if st.sessions.set_paused(agent_id, words) && resumed {
+                self.schedule(&mut st, &mut eff)?;
+            }
+        }
+        if !eff.messages.is_empty() {
+            self.deliver(eff).await?;
+        }
+        Ok(())
+    }
+
+    /// An agent serving several hubs offers this hub `offered` slots from
+    /// now on (`Slots`): more may give it queued work now.
+    pub(crate) async fn set_offered(&self, agent_id: &str, offered: u32) -> Result<(), StoreError> {
+        let mut eff = Effects::default();
+        {
+            let mut st = self.lock();
+            if st.sessions.set_offered(agent_id, offered) {
                 self.schedule(&mut st, &mut eff)?;
             }
         }
@@ -1015,6 +1032,7 @@ pub(crate) mod tests {
             max_parallel: slots,
             draining: false,
             paused: None,
+            offered: None,
             agent_version: "test".into(),
             remote: "local".into(),
             tx,
@@ -1452,6 +1470,7 @@ pub(crate) mod tests {
             max_parallel: 1,
             draining: false,
             paused: None,
+            offered: None,
             agent_version: "test".into(),
             remote: "local".into(),
             tx,
@@ -1944,6 +1963,7 @@ pub(crate) mod tests {
             max_parallel: 1,
             draining: false,
             paused: None,
+            offered: None,
             agent_version: "test".into(),
             remote: "local".into(),
             tx,
@@ -2081,6 +2101,88 @@ pub(crate) mod tests {
         d.set_quarantined("a", true).await.unwrap();
         let id = d.submit(spec(&["linux"]), 0).await.unwrap();
         assert_eq!(waiting(&d, id), "agent `A` is quarantined");
+    }
+
+    /// The `Backlog`s sent on `rx` so far, in order.
+    fn backlogs(rx: &mut Rx) -> (Vec<u32>, Vec<JobRef>) {
+        let mut told = Vec::new();
+        let mut assigned = Vec::new();
+        while let Ok(msg) = rx.try_recv() {
+            match *msg {
+                Ok(HubMessage {
+                    msg: Some(Msg::Backlog(b)),
+                }) => told.push(b.jobs),
+                Ok(HubMessage {
+                    msg: Some(Msg::Assign(a)),
+                }) => assigned.push(a.job.unwrap()),
+                _ => {}
+            }
+        }
+        (told, assigned)
+    }
+
+    #[tokio::test]
+    async fn an_agent_serving_several_hubs_gets_what_it_offers_and_hears_of_waiting_work() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_s, d) = open(dir.path(), 5000);
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let hello = Hello {
+            name: "BOX".into(),
+            caps: Capabilities {
+                labels: vec!["linux".into()],
+                max_parallel_jobs: 3,
+                ..Default::default()
+            },
+            labels: HashSet::from(["linux".to_owned()]),
+            trusted: false,
+            quarantined: false,
+            max_parallel: 3,
+            draining: false,
+            paused: None,
+            // Nothing offered yet: it waits to hear of work.
+            offered: Some(0),
+            agent_version: "test".into(),
+            remote: "local".into(),
+            tx,
+        };
+        d.connect("box", &[], hello).await.unwrap();
+        assert_eq!(backlogs(&mut rx), (vec![0], vec![]), "told: nothing waits");
+        let ids = submit_many(&d, 4).await;
+        let (told, assigned) = backlogs(&mut rx);
+        assert!(assigned.is_empty(), "no slot offered, no job: {assigned:?}");
+        // Counted up to its slots, and said once per change.
+        assert_eq!(told, [1, 2, 3]);
+        assert_eq!(
+            waiting(&d, ids[0]),
+            "agent `BOX` gives its free slots to its other hubs"
+        );
+        // It offers two slots: two jobs go, the backlog says what is left.
+        d.set_offered("box", 2).await.unwrap();
+        let (told, assigned) = backlogs(&mut rx);
+        assert_eq!(
+            assigned.iter().map(|j| j.job_id).collect::<Vec<_>>(),
+            ids[..2]
+        );
+        // Two queued, but its slots here allow one more.
+        assert_eq!(told, [1]);
+        assert_eq!(
+            waiting(&d, ids[2]),
+            "agent `BOX` gives its free slots to its other hubs"
+        );
+        // Never more than its slots, whatever it offers.
+        d.set_offered("box", 9).await.unwrap();
+        let (told, assigned) = backlogs(&mut rx);
+        assert_eq!(assigned.len(), 1);
+        assert_eq!(told, [0]);
+        assert_eq!(
+            waiting(&d, ids[3]),
+            "every matching agent is busy (3 running)"
+        );
+        // An agent serving only this hub is told nothing.
+        let mut other = agent(&d, "solo", 1, &["linux"], &[]).await;
+        let (told, assigned) = backlogs(&mut other);
+        assert!(told.is_empty());
+        assert_eq!(assigned.len(), 1);
     }
 
     #[tokio::test]

@@ -9,11 +9,11 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tonic::Status;
 use trunkfarm_proto::v1::{
-    Assignment, Capabilities, Drain, HubMessage, JobRef, Paused, hub_message,
+    Assignment, Backlog, Capabilities, Drain, HubMessage, JobRef, Paused, hub_message,
 };
 
 use super::DispatchError;
-use super::jobs::Placement;
+use super::jobs::{JobRecord, Placement};
 use super::records::JobSpecRecord;
 use crate::store::now_ms;
 use trunkfarm_proto::settings::fmt_duration;
@@ -89,6 +89,12 @@ struct Conn {
     /// Disagreed with confirmation runs too often: given no new job.
     quarantined: bool,
     max_parallel: usize,
+    /// The slots an agent serving several hubs offers this hub now (its
+    /// `Slots`), at most `max_parallel`; `None` for an agent serving only
+    /// this hub (all of `max_parallel`).
+    offered: Option<usize>,
+    /// The backlog it was last told (`Backlog`), for agents that offer slots.
+    backlog_told: Option<u32>,
     /// Jobs it holds.
     running: HashSet<u64>,
     draining: bool,
@@ -102,8 +108,15 @@ struct Conn {
 }
 
 impl Conn {
+    /// The jobs it may hold at once now: its slots, or those it offers
+    /// this hub when it serves several.
+    fn capacity(&self) -> usize {
+        self.offered
+            .map_or(self.max_parallel, |o| o.min(self.max_parallel))
+    }
+
     fn free_slots(&self) -> usize {
-        self.max_parallel.saturating_sub(self.running.len())
+        self.capacity().saturating_sub(self.running.len())
     }
 
     /// Why it may not run `spec` at all, whatever its load; `None` if it
@@ -142,6 +155,8 @@ impl Conn {
             Some(Busy::Paused)
         } else if now.duration_since(self.last_heartbeat) >= stale_after {
             Some(Busy::Silent)
+        } else if self.free_slots() == 0 && self.running.len() < self.max_parallel {
+            Some(Busy::Given)
         } else if self.free_slots() == 0 {
             Some(Busy::Full)
         } else {
@@ -179,6 +194,8 @@ enum Busy {
     Paused,
     Silent,
     Full,
+    /// It serves other hubs too and gives them its free slots now.
+    Given,
 }
 
 /// `agent `a`` or `agents `a`, `b``, and whether the subject is plural:
@@ -283,6 +300,9 @@ pub(crate) struct Hello {
     pub(crate) draining: bool,
     /// Paused by its donor (its Hello's `paused`).
     pub(crate) paused: Option<Paused>,
+    /// The slots an agent serving several hubs offers this one to start
+    /// with (its Hello's `slots`); `None`: all of `max_parallel`.
+    pub(crate) offered: Option<u32>,
     pub(crate) agent_version: String,
     pub(crate) remote: String,
     pub(crate) tx: AgentTx,
@@ -356,6 +376,8 @@ impl Sessions {
                 name: hello.name,
                 tx: hello.tx,
                 max_parallel: hello.max_parallel.max(1) as usize,
+                offered: hello.offered.map(|o| o as usize),
+                backlog_told: None,
                 caps: hello.caps,
                 labels: hello.labels,
                 trusted: hello.trusted,
@@ -430,7 +452,7 @@ impl Sessions {
                     placement.avoid_agents.contains(id),
                     placement.prefer_trusted && !c.trusted,
                     // Load as a fraction of capacity, scaled to an integer.
-                    (c.running.len() * 1000) / c.max_parallel.max(1),
+                    (c.running.len() * 1000) / c.capacity().max(1),
                     c.last_assigned,
                 )
             })
@@ -503,6 +525,15 @@ impl Sessions {
                     say(&full, "is busy", "are busy")
                 ));
             }
+        }
+        let given = of_kind(&busy, &Busy::Given);
+        if !given.is_empty() {
+            // Never which hubs, nor what they run: only that this one waits.
+            parts.push(say(
+                &given,
+                "gives its free slots to its other hubs",
+                "give their free slots to their other hubs",
+            ));
         }
         for c in of_kind(&busy, &Busy::Paused) {
             let words = c.paused.as_deref().unwrap_or("paused");
@@ -655,6 +686,46 @@ impl Sessions {
                 true
             }
             None => false,
+        }
+    }
+
+    /// An agent serving several hubs offers this one `offered` slots from
+    /// now on; true if it is connected.
+    pub(super) fn set_offered(&mut self, agent_id: &str, offered: u32) -> bool {
+        match self.agents.get_mut(agent_id) {
+            Some(c) => {
+                c.offered = Some(offered as usize);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Tells each agent that offers slots (serving several hubs) how many
+    /// more jobs it could start now if it offered the slots, when that
+    /// changed: it offers its free slots to the hubs that have work for
+    /// it. Queued jobs counted with the same checks as [`Sessions::pick`],
+    /// up to the slots this hub grants it less the jobs it holds.
+    pub(super) fn tell_backlogs<'a>(
+        &mut self,
+        queued: impl Iterator<Item = &'a JobRecord> + Clone,
+        out: &mut Outbox,
+    ) {
+        for (id, c) in &mut self.agents {
+            if c.offered.is_none() {
+                continue;
+            }
+            let jobs = queued
+                .clone()
+                .filter(|rec| {
+                    c.refuses(&rec.spec).is_none() && !rec.placement.exclude_agents.contains(id)
+                })
+                .take(c.max_parallel.saturating_sub(c.running.len()))
+                .count() as u32;
+            if c.backlog_told != Some(jobs) {
+                c.backlog_told = Some(jobs);
+                out.push(&c.tx, hub_message::Msg::Backlog(Backlog { jobs }));
+            }
         }
     }
 

@@ -177,6 +177,7 @@ impl AgentService for AgentApi {
             running,
             draining,
             paused,
+            slots,
             ..
         } = hello;
         let caps = capabilities.unwrap_or_default();
@@ -214,6 +215,7 @@ impl AgentService for AgentApi {
                     max_parallel: granted.max_parallel_jobs,
                     draining,
                     paused,
+                    offered: slots.map(|s| s.offered),
                     agent_version: agent_version.clone(),
                     remote: remote.clone(),
                     tx: tx.clone(),
@@ -419,6 +421,10 @@ async fn run_session(
                     None => tracing::info!(agent = %agent_id, "agent takes work again"),
                 }
                 dispatch.set_paused(&agent_id, &paused).await
+            }
+            agent_message::Msg::Slots(slots) => {
+                tracing::debug!(agent = %agent_id, offered = slots.offered, "agent offers slots");
+                dispatch.set_offered(&agent_id, slots.offered).await
             }
             agent_message::Msg::Hello(_) => Ok(()),
         };

@@ -203,6 +203,7 @@ impl Hub {
                     max_parallel: granted.max_parallel_jobs,
                     draining: false,
                     paused: None,
+                    offered: None,
                     agent_version: "test".into(),
                     remote: "cloud".into(),
                     tx,

@@ -432,6 +432,7 @@ async fn the_agents_page_and_its_api_count_jobs_done_and_show_the_donors_limits(
         agent_version: "test".into(),
         remote: "192.0.2.7:4242".into(),
         paused: None,
+        offered: None,
         tx,
     };
     f.dispatch.connect(&limited, &[], hello).await.unwrap();
