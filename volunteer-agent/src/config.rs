@@ -971,6 +971,54 @@ reconnect_max_backoff = "5m"
     }
 
     #[test]
+    fn each_hub_has_a_share_and_its_own_limits_over_the_top_level_ones() {
+        let c = parse(
+            "max_parallel_jobs = 3\nallowed_projects = [\"cpython\"]\nmax_job_timeout = \"2h\"\n\
+             [hubs.work]\nshare = 2\n\
+             [hubs.\"oss.example-7443\"]\nmax_parallel_jobs = 5\nallowed_projects = []\n\
+             max_job_timeout = \"30m\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.hub_terms("work"),
+            HubTerms {
+                share: 2,
+                max_parallel_jobs: 3,
+                allowed_projects: vec!["cpython".into()],
+                max_job_timeout: Some(Duration::from_secs(7200)),
+            }
+        );
+        // Never more than the machine's slots; an empty list allows any project.
+        assert_eq!(
+            c.hub_terms("oss.example-7443"),
+            HubTerms {
+                share: 1,
+                max_parallel_jobs: 3,
+                allowed_projects: vec![],
+                max_job_timeout: Some(Duration::from_secs(1800)),
+            }
+        );
+        // A hub without a table gets the top-level terms and share 1.
+        assert_eq!(c.hub_terms("other").share, 1);
+        assert_eq!(c.hub_terms("other").max_parallel_jobs, 3);
+
+        assert_eq!(
+            err("[hubs.work]\nshare = 0\n"),
+            format!(
+                "{FILE}:2: invalid `hubs.work.share`: must be at least 1 (a hub with share 2 gets \
+                 twice the slots of one with share 1; to take no work from a hub, unenroll it)"
+            )
+        );
+        assert!(
+            err("[hubs.work]\nshares = 2\n").contains("unknown key `hubs.work.shares`"),
+            "{}",
+            err("[hubs.work]\nshares = 2\n")
+        );
+        assert!(err("[hubs.\".bad\"]\nshare = 1\n").contains("not a usable hub name"));
+        assert!(err("[hubs.w]\nmax_parallel_jobs = 0\n").contains("hubs.w.max_parallel_jobs"));
+    }
+
+    #[test]
     fn overrides_replace_file_values() {
         let mut c = parse("name = \"file\"\nlabels = [\"a\"]\nwork_dir = \"w\"\n").unwrap();
         c.apply(Overrides {

@@ -516,6 +516,43 @@ mod tests {
         .encode()
     }
 
+    #[test]
+    fn another_hub_is_added_under_hubs_and_the_same_hub_twice_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let state = tmp.path();
+        // The first hub goes at the top, as before several hubs.
+        let (dir, name, others) = target(state, "a.example:1", "a".into(), false).unwrap();
+        assert_eq!((dir.as_path(), name.as_str(), others), (state, "a", 0));
+        let cred = |hub: &str, name: &str| Credential {
+            hub: hub.into(),
+            agent_id: "ag_1".into(),
+            secret: "s3cr3t-Value_0123456789abcdefghijklmnopqrstu".into(),
+            ca_sha256: None,
+            enrolled_at: "2025-01-02T03:04:05Z".into(),
+            name: None,
+            labels: Vec::new(),
+            hub_name: Some(name.into()),
+        };
+        cred("a.example:1", "a").save(state).unwrap();
+        // Another hub goes under hubs/<name>.
+        let (dir, name, others) = target(state, "b.example:2", "b".into(), false).unwrap();
+        assert_eq!(dir, state.join("hubs").join("b"));
+        assert_eq!((name.as_str(), others), ("b", 1));
+        // The same hub again: refused, unless replaced with --force (in place).
+        let e = target(state, "a.example:1", "a2".into(), false).unwrap_err();
+        assert!(matches!(e, EnrollError::Usage(_)), "{e}");
+        assert!(
+            e.to_string().contains("already enrolled as ag_1 with hub a.example:1")
+                && e.to_string().contains("--force"),
+            "{e}"
+        );
+        let (dir, name, _) = target(state, "a.example:1", "a2".into(), true).unwrap();
+        assert_eq!((dir.as_path(), name.as_str()), (state, "a"));
+        // A name taken by another hub: refused, saying how to choose one.
+        let e = target(state, "c.example:3", "a".into(), false).unwrap_err();
+        assert!(e.to_string().contains("--hub-name"), "{e}");
+    }
+
     #[tokio::test]
     async fn local_problems_are_usage_errors_found_before_dialing() {
         let dir = tempfile::tempdir().unwrap();

@@ -55,19 +55,17 @@ impl EnrolledHub {
     }
 }
 
-/// The name a hub gets from its address: `host:port` with every character
-/// but letters, digits, `.`, `_` and `-` turned into `-`.
+/// The name a hub gets from its address: `host:port` with every run of
+/// characters but letters, digits, `.`, `_` and `-` turned into one `-`.
 pub(crate) fn default_name(address: &str) -> String {
-    let name: String = address
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
-                c
-            } else {
-                '-'
-            }
-        })
-        .collect();
+    let mut name = String::new();
+    for c in address.chars() {
+        if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+            name.push(c);
+        } else if !name.ends_with('-') {
+            name.push('-');
+        }
+    }
     let name = name.trim_matches(|c| c == '-' || c == '.').to_owned();
     if name.is_empty() {
         "hub".to_owned()

@@ -352,6 +352,7 @@ mod tests {
                 Msg::Draining(_) => "draining".into(),
                 Msg::Hello(_) => "hello".into(),
                 Msg::Paused(_) => "paused".into(),
+                Msg::Slots(s) => format!("slots{}", s.offered),
             })
             .collect()
     }
@@ -373,7 +374,15 @@ mod tests {
         o.push_heartbeat(Heartbeat {
             running: vec![job(2)],
         });
+        // Only the newest offer of slots goes.
+        o.push_slots(trunkfarm_proto::v1::Slots { offered: 1 });
+        o.push_slots(trunkfarm_proto::v1::Slots { offered: 3 });
         let out = drain(&mut o);
+        assert_eq!(brief(&out[2..3]), ["slots3"], "{out:?}");
+        let out: Vec<Msg> = out
+            .into_iter()
+            .filter(|m| !matches!(m, Msg::Slots(_)))
+            .collect();
         assert_eq!(out.len(), 4, "{out:?}");
         assert!(matches!(out[0], Msg::Started(_)));
         assert!(matches!(&out[1], Msg::Heartbeat(h) if h.running == [job(2)]));

@@ -300,7 +300,7 @@ mod tests {
     fn a_hub_that_rejoins_gets_its_share_not_a_burst() {
         let mut slots = Slots::new(1, &[1, 1]);
         let mut running = [0u32, 0];
-        let mut demand = |running: [u32; 2], busy0: bool| {
+        let demand = |running: [u32; 2], busy0: bool| {
             [
                 Demand {
                     running: running[0],
