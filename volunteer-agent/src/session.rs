@@ -210,6 +210,7 @@ pub(crate) async fn run(
             handing_back: BTreeSet::new(),
             running: HashMap::new(),
             backlog: 0,
+            granted: 0,
             offered_told: None,
             leaving: None,
             ended: None,
@@ -715,6 +716,9 @@ struct Hub {
     running: HashMap<JobKey, JobInfo>,
     /// Queued jobs it has for this agent (its last `Backlog`; 0 while down).
     backlog: u32,
+    /// The jobs it lets this agent hold at once (its `Backlog`'s
+    /// `max_jobs`; 0: not said).
+    granted: u32,
     /// The slots it was last offered (`Slots` or the hello's), this session.
     offered_told: Option<u32>,
     /// Being left (`unenroll --hub`): no new job; it goes once its jobs are
@@ -1266,7 +1270,11 @@ impl Agent {
             .map(|h| Demand {
                 running: h.jobs.len() as u32,
                 backlog: h.backlog,
-                cap: h.policy.max_parallel,
+                // Its own cap, and the hub's on what it gives this agent.
+                cap: match h.granted {
+                    0 => h.policy.max_parallel,
+                    granted => h.policy.max_parallel.min(granted),
+                },
                 open: takes_work && h.link.welcomed() && h.leaving.is_none() && h.ended.is_none(),
             })
             .collect();
@@ -1407,7 +1415,11 @@ impl Agent {
                 "the hub asked this agent to drain",
             ),
             HubMsg::ResultAck(ack) => self.hubs[i].acknowledged(ack),
-            HubMsg::Backlog(backlog) => self.hubs[i].backlog = backlog.jobs,
+            HubMsg::Backlog(backlog) => {
+                let hub = &mut self.hubs[i];
+                hub.backlog = backlog.jobs;
+                hub.granted = backlog.max_jobs;
+            }
         }
         None
     }

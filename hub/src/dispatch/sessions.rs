@@ -702,10 +702,11 @@ impl Sessions {
     }
 
     /// Tells each agent that offers slots (serving several hubs) how many
-    /// more jobs it could start now if it offered the slots, when that
-    /// changed: it offers its free slots to the hubs that have work for
-    /// it. Queued jobs counted with the same checks as [`Sessions::pick`],
-    /// up to the slots this hub grants it less the jobs it holds.
+    /// queued jobs it could run, when that changed: it offers its free
+    /// slots to the hubs that have work for it. Counted with the same
+    /// checks as [`Sessions::pick`], up to the slots this hub grants it
+    /// (not less what it holds: the agent knows what it runs before this
+    /// hub has recorded what it finished).
     pub(super) fn tell_backlogs<'a>(
         &mut self,
         queued: impl Iterator<Item = &'a JobRecord> + Clone,
@@ -720,11 +721,15 @@ impl Sessions {
                 .filter(|rec| {
                     c.refuses(&rec.spec).is_none() && !rec.placement.exclude_agents.contains(id)
                 })
-                .take(c.max_parallel.saturating_sub(c.running.len()))
+                .take(c.max_parallel)
                 .count() as u32;
             if c.backlog_told != Some(jobs) {
                 c.backlog_told = Some(jobs);
-                out.push(&c.tx, hub_message::Msg::Backlog(Backlog { jobs }));
+                let max_jobs = c.max_parallel as u32;
+                out.push(
+                    &c.tx,
+                    hub_message::Msg::Backlog(Backlog { jobs, max_jobs }),
+                );
             }
         }
     }
