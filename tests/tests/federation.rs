@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use trunkfarm_e2e::proto::v1::{JobSpec, JobState, ListJobsRequest, SubmitJobRequest};
 use trunkfarm_e2e::{
-    Agent, AdminClient, Hub, bins, combined, run_with_timeout, runtime, s, temp_dir, wait_for,
+    AdminClient, Agent, Hub, bins, combined, run_with_timeout, runtime, s, temp_dir, wait_for,
     wait_until,
 };
 
@@ -237,7 +237,10 @@ fn a_second_hub_is_enrolled_listed_and_left_alone() {
     let said = combined(&out);
     assert!(said.contains("Nothing was deleted"), "{said}");
     assert!(said.contains("unenroll --hub a"), "{said}");
-    assert!(said.contains(&format!("trunkfarm agent revoke {a_id}")), "{said}");
+    assert!(
+        said.contains(&format!("trunkfarm agent revoke {a_id}")),
+        "{said}"
+    );
     assert_eq!(hubs_json(&agent.state_dir).len(), 2);
 
     // Both up, the agent serving both: `unenroll --hub b` leaves b (its
@@ -249,7 +252,9 @@ fn a_second_hub_is_enrolled_listed_and_left_alone() {
     let b_id = s(&hub_entry(&agent.state_dir, "b"), "agent_id").to_owned();
     let b_credential = std::fs::read(agent.state_dir.join("hubs/b/credential.json")).unwrap();
     let long = b.submit(&["--", "sleep 30"]);
-    b.wait_job(long, WAIT, "it runs on the agent", |j| s(j, "state") == "running");
+    b.wait_job(long, WAIT, "it runs on the agent", |j| {
+        s(j, "state") == "running"
+    });
     let out = agent_cmd(&agent.state_dir, &["unenroll", "--hub", "b"]);
     assert_eq!(out.status.code(), Some(0), "{}", combined(&out));
     let said = combined(&out);

@@ -19,8 +19,8 @@ use trunkfarm_proto::v1::agent_service_client::AgentServiceClient;
 use crate::config::AgentConfig;
 use crate::control::{self, Answer, AskError, HubStatus, Request, Status};
 use crate::credential::Credential;
-use crate::hubs::{self, EnrolledHub};
 use crate::donor::{self, Pause, seconds};
+use crate::hubs::{self, EnrolledHub};
 use crate::lock::{self, LockError, now_ms, utc};
 use crate::{EXIT_FAILURE, EXIT_LOCKED, EXIT_NOT_RUNNING, EXIT_USAGE};
 
@@ -355,7 +355,10 @@ pub(crate) async fn hubs(dir: &Path, json: bool) -> u8 {
             println!("{}", hub_line(h, running));
         }
         if !running {
-            println!("(no agent runs on {}: connections not shown)", dir.display());
+            println!(
+                "(no agent runs on {}: connections not shown)",
+                dir.display()
+            );
         }
     }
     0

@@ -542,7 +542,8 @@ mod tests {
         let e = target(state, "a.example:1", "a2".into(), false).unwrap_err();
         assert!(matches!(e, EnrollError::Usage(_)), "{e}");
         assert!(
-            e.to_string().contains("already enrolled as ag_1 with hub a.example:1")
+            e.to_string()
+                .contains("already enrolled as ag_1 with hub a.example:1")
                 && e.to_string().contains("--force"),
             "{e}"
         );

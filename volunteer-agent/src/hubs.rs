@@ -261,7 +261,10 @@ mod tests {
         assert_eq!(choose(&hubs, Some("beta")).unwrap().name, "beta");
         assert_eq!(choose(&hubs, Some("z.example:1")).unwrap().name, "zed");
         let e = choose(&hubs, None).unwrap_err();
-        assert!(e.contains("--hub NAME") && e.contains("`beta` (b.example:2)"), "{e}");
+        assert!(
+            e.contains("--hub NAME") && e.contains("`beta` (b.example:2)"),
+            "{e}"
+        );
         let e = choose(&hubs, Some("nope")).unwrap_err();
         assert!(e.contains("no hub named `nope`"), "{e}");
 

@@ -48,9 +48,9 @@ use crate::backoff::Backoff;
 use crate::cache::ArtifactCache;
 use crate::config::AgentConfig;
 use crate::control::{self, Answer, Control, HubStatus, Request, Status as AgentStatus};
-use crate::hubs::EnrolledHub;
 use crate::donor::{self, JobInfo, Pause, say};
 use crate::executor::Artifacts;
+use crate::hubs::EnrolledHub;
 use crate::jobs::{self, JobPolicy, JobWake, Jobs};
 use crate::outbox::{Outbox, kept_log_bound};
 use crate::results::{JobKey, ResultStore, key};
@@ -651,8 +651,8 @@ impl Signals {
 
 /// What woke the agent's loop.
 enum Wake {
-    /// Hub `.0`'s link or jobs.
-    Hub(usize, HubWake),
+    /// Hub `.0`'s link or jobs (boxed: a log chunk or a result is large).
+    Hub(usize, Box<HubWake>),
     /// A signal, by name.
     Signal(&'static str),
     /// The drain's grace period is over.
@@ -1089,7 +1089,7 @@ impl Agent {
             self.turn = self.turn.wrapping_add(1);
             let leave_over = self.leave_deadline();
             let wake = tokio::select! {
-                (i, w) = next_hub(&mut self.hubs, turn) => Wake::Hub(i, w),
+                (i, w) = next_hub(&mut self.hubs, turn) => Wake::Hub(i, Box::new(w)),
                 s = self.signals.next() => Wake::Signal(s),
                 () = sleep_opt(self.drain.grace_deadline) => Wake::GraceOver,
                 () = sleep_opt(self.drain.ack_deadline) => Wake::AckWaitOver,
@@ -1098,25 +1098,7 @@ impl Agent {
                 () = sleep_opt(leave_over) => Wake::LeaveOver,
             };
             let ending = match wake {
-                Wake::Hub(i, HubWake::Link(w)) => self.on_link(i, w),
-                Wake::Hub(i, HubWake::Job(JobWake::Log(chunk))) => {
-                    let hub = &mut self.hubs[i];
-                    let job = chunk.job.unwrap_or_default();
-                    if hub.outbox.push_log(chunk) {
-                        tracing::warn!(
-                            job = job.job_id,
-                            attempt = job.attempt,
-                            "the job's log passed the agent's output cap (output_cap {}): \
-                             dropping the rest of it",
-                            fmt_bytes(hub.policy.output_cap)
-                        );
-                    }
-                    None
-                }
-                Wake::Hub(i, HubWake::Job(JobWake::Finished(result))) => {
-                    self.finished(i, result);
-                    None
-                }
+                Wake::Hub(i, w) => self.on_hub(i, *w),
                 Wake::Control((request, reply)) => {
                     let answer = self.on_control(request);
                     if reply.send(answer).is_err() {
@@ -1191,6 +1173,31 @@ impl Agent {
         }
     }
 
+    /// Handles hub `i`'s link or job event; `Some` ends the agent.
+    fn on_hub(&mut self, i: usize, wake: HubWake) -> Option<Ending> {
+        match wake {
+            HubWake::Link(w) => self.on_link(i, w),
+            HubWake::Job(JobWake::Log(chunk)) => {
+                let hub = &mut self.hubs[i];
+                let job = chunk.job.unwrap_or_default();
+                if hub.outbox.push_log(chunk) {
+                    tracing::warn!(
+                        job = job.job_id,
+                        attempt = job.attempt,
+                        "the job's log passed the agent's output cap (output_cap {}): dropping \
+                         the rest of it",
+                        fmt_bytes(hub.policy.output_cap)
+                    );
+                }
+                None
+            }
+            HubWake::Job(JobWake::Finished(result)) => {
+                self.finished(i, result);
+                None
+            }
+        }
+    }
+
     /// Jobs running here, for every hub.
     fn running_jobs(&self) -> usize {
         self.hubs.iter().map(|h| h.jobs.len()).sum()
@@ -1224,10 +1231,7 @@ impl Agent {
 
     /// The earliest deadline of a hub being left once its jobs are done.
     fn leave_deadline(&self) -> Option<Instant> {
-        self.hubs
-            .iter()
-            .filter_map(|h| h.leaving.flatten())
-            .min()
+        self.hubs.iter().filter_map(|h| h.leaving.flatten()).min()
     }
 
     /// Drops the hubs being left (`unenroll --hub`) once nothing of theirs

@@ -132,12 +132,7 @@ impl Slots {
             }
         }
         // A hub that rejoins starts level with the least-served active one.
-        let floor = self
-            .hubs
-            .iter()
-            .filter(|h| h.active)
-            .map(|h| h.pass)
-            .min();
+        let floor = self.hubs.iter().filter(|h| h.active).map(|h| h.pass).min();
         for (h, d) in self.hubs.iter_mut().zip(demand).take(n) {
             let active = d.open && (d.backlog > 0 || d.running > 0);
             if active && !h.active {

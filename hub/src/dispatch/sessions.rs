@@ -726,10 +726,7 @@ impl Sessions {
             if c.backlog_told != Some(jobs) {
                 c.backlog_told = Some(jobs);
                 let max_jobs = c.max_parallel as u32;
-                out.push(
-                    &c.tx,
-                    hub_message::Msg::Backlog(Backlog { jobs, max_jobs }),
-                );
+                out.push(&c.tx, hub_message::Msg::Backlog(Backlog { jobs, max_jobs }));
             }
         }
     }
