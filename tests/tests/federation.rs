@@ -3,8 +3,9 @@
 //! finished jobs 2:1; a hub whose queue is empty leaves every slot to the
 //! other; a hub killed with `kill -9` does not hold up the other. `enroll`
 //! with a second hub's string adds it (the same hub twice is refused),
-//! `hubs` lists them, `unenroll --hub` leaves one while the agent goes on
-//! with the other, and with that hub down fails cleanly saying what remains.
+//! `hubs` lists them, `[hubs.NAME]` gives one its own allowlist,
+//! `unenroll --hub` leaves one while the agent goes on with the other, and
+//! with that hub down fails cleanly saying what remains.
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -246,9 +247,20 @@ fn a_second_hub_is_enrolled_listed_and_left_alone() {
     // Both up, the agent serving both: `unenroll --hub b` leaves b (its
     // running job handed back), the hub revokes it, the agent goes on with a.
     a.restart();
+    // Per-hub terms: hub b's jobs only of project `only-b`.
+    settings(&agent, "[hubs.b]\nallowed_projects = [\"only-b\"]\n");
     agent.start(&[]);
     a.wait_agents_connected(1);
     b.wait_agents_connected(1);
+    let other = b.submit(&["--project", "other", "--", "true"]);
+    let j = b.wait_job(other, WAIT, "it says why it waits", |j| {
+        s(j, "waiting").contains("only accepts projects only-b")
+    });
+    assert_eq!(
+        s(&j, "waiting"),
+        "agent `many` only accepts projects only-b (job is for `other`)",
+        "{j:#}"
+    );
     let b_id = s(&hub_entry(&agent.state_dir, "b"), "agent_id").to_owned();
     let b_credential = std::fs::read(agent.state_dir.join("hubs/b/credential.json")).unwrap();
     let long = b.submit(&["--", "sleep 30"]);
@@ -279,8 +291,8 @@ fn a_second_hub_is_enrolled_listed_and_left_alone() {
         s(&j["attempts"][0], "lost_reason").contains("handed back"),
         "{j:#}"
     );
-    // Hub a still gets its jobs done.
-    let id = a.submit(&["--", "true"]);
+    // Hub a still gets its jobs done, of any project (the top-level terms).
+    let id = a.submit(&["--project", "other", "--", "true"]);
     let done = a.wait_job_finished(id, WAIT);
     assert_eq!(s(&done, "outcome"), "passed", "{done:#}");
 

@@ -223,9 +223,10 @@ pub(crate) fn render(s: &Status) -> String {
             for j in &s.jobs {
                 let _ = writeln!(
                     out,
-                    "  job {} (attempt {}): {}, since {} ({}).",
+                    "  job {} (attempt {}){}: {}, since {} ({}).",
                     j.job_id,
                     j.attempt,
+                    j.of_hub(),
                     j.what(),
                     utc(j.started_ms),
                     seconds(now_ms().saturating_sub(j.started_ms))
@@ -255,9 +256,10 @@ pub(crate) fn render(s: &Status) -> String {
         for j in &s.last_day {
             let _ = writeln!(
                 out,
-                "  {} job {}: {}: {} after {}.",
+                "  {} job {}{}: {}: {} after {}.",
                 utc(j.ended_ms),
                 j.job_id,
+                j.of_hub(),
                 j.what(),
                 j.outcome,
                 seconds(j.duration_ms)
@@ -307,6 +309,8 @@ fn hub_line(h: &HubStatus, running: bool) -> String {
         }
         if h.leaving {
             line.push_str(", leaving");
+        } else if h.draining {
+            line.push_str(", draining (it asked)");
         }
         line.push('.');
     }
@@ -691,4 +695,77 @@ fn delete_state(dir: &Path) -> std::io::Result<()> {
         crate::fsutil::remove_tree(&entry.path())?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::donor::JobInfo;
+
+    #[test]
+    fn status_with_several_hubs_lists_each_and_names_the_hub_of_each_job() {
+        let hub = |name: &str, connected: bool| HubStatus {
+            name: name.into(),
+            hub: format!("{name}.example:7443"),
+            agent_id: format!("ag_{name}"),
+            share: if name == "work" { 2 } else { 1 },
+            connected,
+            connected_since_ms: connected.then_some(1_777_644_000_000),
+            running: usize::from(connected),
+            offered: connected.then_some(2),
+            backlog: connected.then_some(5),
+            undelivered_results: usize::from(!connected),
+            ..HubStatus::default()
+        };
+        let status = Status {
+            running: true,
+            pid: Some(42),
+            started_ms: Some(1_777_644_000_000),
+            state_dir: "/s".into(),
+            name: "box".into(),
+            jobs: vec![JobInfo {
+                job_id: 7,
+                attempt: 1,
+                kind: "test".into(),
+                project: "alpha".into(),
+                started_ms: now_ms(),
+                hub: "work".into(),
+                ..JobInfo::default()
+            }],
+            hubs: vec![hub("work", true), hub("oss", false)],
+            ..Status::default()
+        };
+        let text = render(&status);
+        assert!(
+            text.starts_with(
+                "Agent (box): running (pid 42, since 2026-05-01 14:00:00 UTC) on /s, serving 2 \
+                 hubs:\n  `work` (work.example:7443) as ag_work, share 2: connected since \
+                 2026-05-01 14:00:00 UTC, 1 job(s) running, 2 slot(s) offered, 5 job(s) waiting \
+                 for it there.\n  `oss` (oss.example:7443) as ag_oss, share 1: not connected \
+                 now (it retries), 0 job(s) running. Results not yet delivered: 1.\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("  job 7 (attempt 1) of hub `work`: test of alpha, since "),
+            "{text}"
+        );
+        // One hub: as before several hubs.
+        let one = Status {
+            hubs: vec![hub("work", true)],
+            hub: "work.example:7443".into(),
+            agent_id: "ag_work".into(),
+            connected: true,
+            connected_since_ms: Some(1_777_644_000_000),
+            ..status
+        };
+        assert!(
+            render(&one).starts_with(
+                "Agent ag_work (box): running (pid 42, since 2026-05-01 14:00:00 UTC) on /s.\nHub: \
+                 work.example:7443, connected since 2026-05-01 14:00:00 UTC.\n"
+            ),
+            "{}",
+            render(&one)
+        );
+    }
 }

@@ -119,6 +119,8 @@ pub(crate) struct HubStatus {
     pub undelivered_results: usize,
     /// Being left (`unenroll --hub`).
     pub leaving: bool,
+    /// It asked this agent to drain: none of its jobs is taken any more.
+    pub draining: bool,
     /// Why it refused this agent for good, if it did.
     pub refused: Option<String>,
 }

@@ -125,7 +125,7 @@ impl JobInfo {
     }
 
     /// " of hub `ci`" when the agent serves several hubs.
-    fn of_hub(&self) -> String {
+    pub fn of_hub(&self) -> String {
         if self.hub.is_empty() {
             String::new()
         } else {

@@ -214,6 +214,7 @@ pub(crate) async fn run(
             offered_told: None,
             leaving: None,
             ended: None,
+            drained: false,
             label: if several {
                 hub.name.clone()
             } else {
@@ -727,6 +728,9 @@ struct Hub {
     leaving: Option<Option<Instant>>,
     /// The hub refused this agent for good: it is not dialled again.
     ended: Option<Ending>,
+    /// The hub asked this agent to drain while it serves others too: none
+    /// of its jobs is taken any more (`hub_drains`).
+    drained: bool,
     /// Its name in the donor's lines when the agent serves several hubs.
     label: String,
 }
@@ -1037,7 +1041,7 @@ impl Hub {
         }
         let now = Instant::now();
         self.result_sent = self.results.jobs().map(|j| (key(&j), now)).collect();
-        if draining || self.leaving.is_some() {
+        if draining || self.drained || self.leaving.is_some() {
             self.outbox.push_control(Msg::Draining(Draining {}));
         }
     }
@@ -1057,6 +1061,7 @@ impl Hub {
             backlog: self.offered_told.map(|_| self.backlog),
             undelivered_results: self.results.len(),
             leaving: self.leaving.is_some(),
+            draining: self.drained,
             refused: self.ended.as_ref().map(|e| match e {
                 Ending::Refused(m) | Ending::Incompatible(m) => m.clone(),
                 Ending::Drained => String::new(),
@@ -1279,7 +1284,11 @@ impl Agent {
                     0 => h.policy.max_parallel,
                     granted => h.policy.max_parallel.min(granted),
                 },
-                open: takes_work && h.link.welcomed() && h.leaving.is_none() && h.ended.is_none(),
+                open: takes_work
+                    && h.link.welcomed()
+                    && h.leaving.is_none()
+                    && h.ended.is_none()
+                    && !h.drained,
             })
             .collect();
         slots.divide(&demand);
@@ -1308,8 +1317,9 @@ impl Agent {
         match wake {
             LinkWake::RetryDue => {
                 let slots = self.hello_slots(i);
-                let (draining, pause) = (self.drain.active, self.pause.as_ref());
-                self.hubs[i].start_connect(draining, pause, slots);
+                let hub = &mut self.hubs[i];
+                let draining = self.drain.active || hub.drained || hub.leaving.is_some();
+                hub.start_connect(draining, self.pause.as_ref(), slots);
                 None
             }
             LinkWake::Connected(Ok((inbound, channel))) => {
@@ -1414,10 +1424,7 @@ impl Agent {
             HubMsg::Welcome(_) => tracing::warn!("ignoring a second welcome from the hub"),
             HubMsg::Assign(assignment) => self.assign(i, assignment),
             HubMsg::Cancel(cancel) => self.hubs[i].cancel(cancel),
-            HubMsg::Drain(drain) => self.start_drain(
-                Duration::from_secs(drain.grace_secs),
-                "the hub asked this agent to drain",
-            ),
+            HubMsg::Drain(drain) => self.hub_drains(i, Duration::from_secs(drain.grace_secs)),
             HubMsg::ResultAck(ack) => self.hubs[i].acknowledged(ack),
             HubMsg::Backlog(backlog) => {
                 let hub = &mut self.hubs[i];
@@ -1426,6 +1433,30 @@ impl Agent {
             }
         }
         None
+    }
+
+    /// Hub `i` asks this agent to drain (its operator's `agent drain`, a
+    /// pool's budget). Serving that hub alone, the agent drains and exits,
+    /// as always; serving several, it takes no more of that hub's work and
+    /// goes on with the others, draining once every hub asked.
+    fn hub_drains(&mut self, i: usize, grace: Duration) {
+        if self.hubs.len() == 1 {
+            self.start_drain(grace, "the hub asked this agent to drain");
+            return;
+        }
+        let hub = &mut self.hubs[i];
+        if !hub.drained {
+            hub.drained = true;
+            say(&format!(
+                "Hub {} asked this agent to drain: it takes no more of that hub's jobs (its \
+                 running ones finish) and goes on with its other hubs.",
+                hub.name
+            ));
+            hub.outbox.push_control(Msg::Draining(Draining {}));
+        }
+        if self.hubs.iter().all(|h| h.drained) {
+            self.start_drain(grace, "every hub asked this agent to drain");
+        }
     }
 
     /// Runs (or refuses, or hands back) a job hub `i` assigned.
@@ -1468,7 +1499,10 @@ impl Agent {
             hub.deliver(handed_back(jobs::refusal(job, String::new()), why));
             return;
         }
-        match hub.policy.admit(&spec, hub.jobs.len(), self.drain.active) {
+        match hub
+            .policy
+            .admit(&spec, hub.jobs.len(), self.drain.active || hub.drained)
+        {
             Ok((limits, donor_capped)) => {
                 tracing::info!(
                     hub = %hub.address,

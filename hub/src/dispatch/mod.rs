@@ -706,7 +706,12 @@ impl Dispatcher {
                         None => Err(DispatchError::NoSuchJob(job_id)),
                     };
                 }
-                Some(Cancelled::Finished(attempt)) => eff.finished.push((job_id, attempt)),
+                Some(Cancelled::Finished(attempt)) => {
+                    eff.finished.push((job_id, attempt));
+                    // One queued job fewer: agents serving several hubs hear it.
+                    let State { jobs, sessions, .. } = &mut *st;
+                    sessions.tell_backlogs(jobs.queued(), &mut eff.messages);
+                }
                 Some(Cancelled::Running { job, agent_id }) => {
                     if let Some(tx) = agent_id.and_then(|a| st.sessions.tx(&a)) {
                         eff.messages.push(
