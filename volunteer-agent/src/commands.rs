@@ -450,7 +450,9 @@ pub(crate) async fn unenroll(dir: &Path, force: bool, hub: Option<&str>) -> u8 {
     };
     let only = enrolled.len() == 1;
     let credential = &chosen.credential;
-    let _lock = if only {
+    // Held until the end (`None`: the running agent holds the state dir):
+    // no `run` starts while the hub's files go.
+    let lock = if only {
         match take_over(dir).await {
             Ok(lock) => Some(lock),
             Err(code) => return code,
@@ -463,6 +465,13 @@ pub(crate) async fn unenroll(dir: &Path, force: bool, hub: Option<&str>) -> u8 {
     };
     let again = if only {
         "`trunkfarm-agent unenroll`".to_owned()
+    } else if lock.is_none() {
+        // The running agent left the hub already; its files stay.
+        format!(
+            "`trunkfarm-agent unenroll --hub {}` (the running agent no longer serves that hub; \
+             it does again once restarted)",
+            chosen.name
+        )
     } else {
         format!("`trunkfarm-agent unenroll --hub {}`", chosen.name)
     };
