@@ -3,9 +3,10 @@
 //! finished jobs 2:1; a hub whose queue is empty leaves every slot to the
 //! other; a hub killed with `kill -9` does not hold up the other. `enroll`
 //! with a second hub's string adds it (the same hub twice is refused),
-//! `hubs` lists them, `[hubs.NAME]` gives one its own allowlist,
-//! `unenroll --hub` leaves one while the agent goes on with the other, and
-//! with that hub down fails cleanly saying what remains.
+//! `hubs` lists them, `[hubs.NAME]` gives one its own allowlist, a hub's
+//! drain stops its work only, `unenroll --hub` leaves one while the agent
+//! goes on with the other, and with that hub down fails cleanly saying what
+//! remains.
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -267,6 +268,13 @@ fn a_second_hub_is_enrolled_listed_and_left_alone() {
     b.wait_job(long, WAIT, "it runs on the agent", |j| {
         s(j, "state") == "running"
     });
+    // Hub b's operator drains the agent: that stops b's work only.
+    b.cli_ok(&["agent", "drain", &b_id]);
+    wait_until(WAIT, "the agent hears hub b's drain", || {
+        hub_entry(&agent.state_dir, "b")["draining"] == true
+    });
+    assert!(agent.is_running(), "the agent goes on with hub a");
+    assert_eq!(hub_entry(&agent.state_dir, "a")["draining"], false);
     let out = agent_cmd(&agent.state_dir, &["unenroll", "--hub", "b"]);
     assert_eq!(out.status.code(), Some(0), "{}", combined(&out));
     let said = combined(&out);
