@@ -1,7 +1,8 @@
 //! One agent, many hubs (issue 15 item 4): two real hubs and one real agent
 //! enrolled with both. Shares 2:1 with long queues on both split the
 //! finished jobs 2:1; a hub whose queue is empty leaves every slot to the
-//! other; a hub killed with `kill -9` does not hold up the other. `enroll`
+//! other; a hub that stops answering (SIGSTOP) or is killed with `kill -9`
+//! does not hold up the other. `enroll`
 //! with a second hub's string adds it (the same hub twice is refused),
 //! `hubs` lists them, `[hubs.NAME]` gives one its own allowlist, a hub's
 //! drain stops its work only, `unenroll --hub` leaves one while the agent
@@ -186,6 +187,19 @@ fn shares_split_the_slots_an_idle_hub_leaves_them_all_and_a_dead_hub_blocks_noth
     std::thread::sleep(Duration::from_secs(2));
     let with_a = rate(Duration::from_secs(6));
     assert!(with_a > 0, "b finished nothing while a ran");
+    // Hub a stops answering (SIGSTOP: connected, but silent): the slots it
+    // leaves unfilled go to b once the agent's offer wait (15 s) is over.
+    // SAFETY: kill(2) on the hub process this test started.
+    assert_eq!(unsafe { libc::kill(a.pid() as i32, libc::SIGSTOP) }, 0);
+    std::thread::sleep(Duration::from_secs(17));
+    let while_stuck = rate(Duration::from_secs(4));
+    // Per second, at least half of what b did beside a working hub a.
+    assert!(
+        while_stuck * 6 * 2 >= with_a * 4,
+        "with hub a stuck, b finished {while_stuck} jobs in 4 s against {with_a} in 6 s before: \
+         held up\n{}",
+        agent.logs()
+    );
     a.kill9();
     std::thread::sleep(Duration::from_secs(1));
     let without_a = rate(Duration::from_secs(6));

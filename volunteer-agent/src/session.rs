@@ -83,6 +83,14 @@ const RESULT_RESEND: Duration = Duration::from_secs(60);
 /// How long a drained agent waits for the hub to acknowledge its results.
 const ACK_WAIT: Duration = Duration::from_secs(30);
 
+/// How long a hub serving beside others may leave the slots offered to it
+/// unfilled before they go to the other hubs (it is slow or stuck: it said
+/// it has work but sends none).
+const OFFER_WAIT: Duration = Duration::from_secs(15);
+
+/// How long such a hub is then offered no slot.
+const SLOW_PAUSE: Duration = Duration::from_secs(30);
+
 /// How long to wait for cancelled jobs to clean up when the agent must stop.
 const ABANDON_WAIT: Duration = Duration::from_secs(10);
 
@@ -215,6 +223,8 @@ pub(crate) async fn run(
             leaving: None,
             ended: None,
             drained: false,
+            offered_since: None,
+            slow_until: None,
             label: if several {
                 hub.name.clone()
             } else {
@@ -667,6 +677,9 @@ enum Wake {
     /// A hub being left (`unenroll --hub`) waited long enough for its
     /// acknowledgements.
     LeaveOver,
+    /// A hub left its offered slots unfilled too long, or its time out
+    /// for that ended.
+    OfferCheck,
 }
 
 /// What one hub's link or jobs have to say.
@@ -733,6 +746,11 @@ struct Hub {
     drained: bool,
     /// Its name in the donor's lines when the agent serves several hubs.
     label: String,
+    /// Since when slots offered to it wait unfilled (several hubs).
+    offered_since: Option<Instant>,
+    /// It left offered slots unfilled for [`OFFER_WAIT`]: offered none
+    /// until then.
+    slow_until: Option<Instant>,
 }
 
 /// The agent: all its state, owned by one task.
@@ -1093,6 +1111,7 @@ impl Agent {
             let turn = self.turn;
             self.turn = self.turn.wrapping_add(1);
             let leave_over = self.leave_deadline();
+            let offer_check = self.offer_deadline();
             let wake = tokio::select! {
                 (i, w) = next_hub(&mut self.hubs, turn) => Wake::Hub(i, Box::new(w)),
                 s = self.signals.next() => Wake::Signal(s),
@@ -1101,6 +1120,7 @@ impl Agent {
                 Some(c) = self.control.recv() => Wake::Control(c),
                 () = sleep_opt(self.pause_ends) => Wake::PauseOver,
                 () = sleep_opt(leave_over) => Wake::LeaveOver,
+                () = sleep_opt(offer_check) => Wake::OfferCheck,
             };
             let ending = match wake {
                 Wake::Hub(i, w) => self.on_hub(i, *w),
@@ -1145,6 +1165,10 @@ impl Agent {
                         );
                     }
                     Some(Ending::Drained)
+                }
+                Wake::OfferCheck => {
+                    self.check_offers();
+                    None
                 }
                 Wake::LeaveOver => {
                     for hub in &mut self.hubs {
@@ -1234,6 +1258,38 @@ impl Agent {
         None
     }
 
+    /// When the next hub's unfilled offer times out, or a slow hub's
+    /// pause ends (several hubs).
+    fn offer_deadline(&self) -> Option<Instant> {
+        self.hubs
+            .iter()
+            .filter_map(|h| h.slow_until.or(h.offered_since.map(|t| t + OFFER_WAIT)))
+            .min()
+    }
+
+    /// A hub that leaves its offered slots unfilled for [`OFFER_WAIT`] is
+    /// slow or stuck: its slots go to the others for [`SLOW_PAUSE`], so it
+    /// never holds them up. Once that is over it is offered slots again.
+    fn check_offers(&mut self) {
+        let now = Instant::now();
+        for hub in &mut self.hubs {
+            if hub.slow_until.is_some_and(|t| t <= now) {
+                hub.slow_until = None;
+            }
+            if hub.offered_since.is_some_and(|t| t + OFFER_WAIT <= now) {
+                hub.offered_since = None;
+                hub.slow_until = Some(now + SLOW_PAUSE);
+                tracing::warn!(
+                    hub = %hub.address,
+                    "the hub said it has work for this agent but filled none of the slots \
+                     offered to it within {}s: they go to the other hubs for {}s",
+                    OFFER_WAIT.as_secs(),
+                    SLOW_PAUSE.as_secs()
+                );
+            }
+        }
+    }
+
     /// The earliest deadline of a hub being left once its jobs are done.
     fn leave_deadline(&self) -> Option<Instant> {
         self.hubs.iter().filter_map(|h| h.leaving.flatten()).min()
@@ -1288,11 +1344,17 @@ impl Agent {
                     && h.link.welcomed()
                     && h.leaving.is_none()
                     && h.ended.is_none()
-                    && !h.drained,
+                    && !h.drained
+                    && h.slow_until.is_none(),
             })
             .collect();
         slots.divide(&demand);
         for (i, hub) in self.hubs.iter_mut().enumerate() {
+            if slots.outstanding(i) == 0 {
+                hub.offered_since = None;
+            } else if hub.offered_since.is_none() {
+                hub.offered_since = Some(Instant::now());
+            }
             if !hub.link.welcomed() {
                 continue;
             }
@@ -1521,6 +1583,8 @@ impl Agent {
                     .push_control(Msg::Started(JobStarted { job: Some(job) }));
                 if let Some(slots) = &mut self.slots {
                     slots.started(i);
+                    // It fills its offers: the wait for the rest starts again.
+                    hub.offered_since = None;
                 }
             }
             Err(detail) => hub.refuse(job, detail),

@@ -91,6 +91,11 @@ impl Slots {
         running + self.hubs.get(i).map_or(0, |h| h.outstanding)
     }
 
+    /// The slots offered to hub `i` and not filled yet.
+    pub fn outstanding(&self, i: usize) -> u32 {
+        self.hubs.get(i).map_or(0, |h| h.outstanding)
+    }
+
     /// A job of hub `i` started: it filled an offer, or (assigned across a
     /// withdrawal) is charged now.
     pub fn started(&mut self, i: usize) {
