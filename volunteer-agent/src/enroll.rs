@@ -308,10 +308,21 @@ fn target(
 ) -> Result<(PathBuf, String, usize), EnrollError> {
     let enrolled = match hubs::list(state_dir) {
         Ok(enrolled) => enrolled,
-        // A damaged credential is replaced only when asked to (the first
-        // hub's is the one this can be: others are listed by directory).
-        Err(_) if force && Credential::load(state_dir).is_err() => {
-            return Ok((state_dir.to_path_buf(), name, 0));
+        // A damaged credential is replaced only when asked to: the first
+        // hub's, or the one of the hub of this name.
+        Err(e) if force => {
+            let named = state_dir.join(hubs::HUBS_DIR).join(&name);
+            let damaged = |dir: &Path| {
+                std::fs::symlink_metadata(Credential::path(dir)).is_ok()
+                    && Credential::load(dir).is_err()
+            };
+            if damaged(state_dir) {
+                return Ok((state_dir.to_path_buf(), name, 0));
+            }
+            if damaged(&named) {
+                return Ok((named, name, 0));
+            }
+            return Err(EnrollError::Usage(e.to_string()));
         }
         Err(e) => return Err(EnrollError::Usage(e.to_string())),
     };
