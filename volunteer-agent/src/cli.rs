@@ -155,6 +155,24 @@ pub(crate) struct RunArgs {
     /// `allowed_projects`).
     #[arg(long = "allow-project", value_name = "PROJECT")]
     pub allow_projects: Vec<String>,
+    /// Never take jobs of this project; repeat for more (replaces
+    /// `denied_projects`).
+    #[arg(long = "deny-project", value_name = "PROJECT")]
+    pub deny_projects: Vec<String>,
+    /// CPU cores offered, e.g. 4 (overrides `cores`) [default: all].
+    #[arg(long, value_name = "N")]
+    pub cores: Option<u32>,
+    /// Memory offered to all jobs together, e.g. "8 GiB" (overrides
+    /// `memory`) [default: the machine's].
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub memory: Option<u64>,
+    /// When this machine takes work, e.g. "Mon-Fri 22:00-07:00"; repeat for
+    /// more windows (replaces `schedule`) [default: any time].
+    #[arg(long = "schedule", value_name = "WINDOW")]
+    pub schedule: Vec<String>,
+    /// Take work only while the machine is idle (overrides `only_when_idle`).
+    #[arg(long)]
+    pub only_when_idle: bool,
     /// Your ceiling on any one job's run time, e.g. "2h" or "90m" (overrides
     /// `max_job_timeout`).
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
@@ -192,6 +210,11 @@ impl RunArgs {
             allowed_projects: (!self.allow_projects.is_empty())
                 .then(|| self.allow_projects.clone()),
             max_job_timeout: self.max_job_timeout,
+            cores: self.cores,
+            memory: self.memory,
+            denied_projects: (!self.deny_projects.is_empty()).then(|| self.deny_projects.clone()),
+            schedule: (!self.schedule.is_empty()).then(|| self.schedule.clone()),
+            only_when_idle: self.only_when_idle.then_some(true),
             output_cap: self.output_cap,
             work_dir: self.work_dir.clone(),
             sandbox: self.sandbox,
@@ -282,6 +305,17 @@ mod tests {
             "--sandbox",
             "bwrap",
             "--allow-network",
+            "--deny-project",
+            "beta",
+            "--cores",
+            "2",
+            "--memory",
+            "8 GiB",
+            "--schedule",
+            "Mon-Fri 22:00-07:00",
+            "--schedule",
+            "Sat-Sun",
+            "--only-when-idle",
         ])
         .unwrap();
         let Command::Run(a) = cli.command else {
@@ -300,6 +334,11 @@ mod tests {
                 work_dir: Some("/w".into()),
                 sandbox: Some(SandboxMode::Bwrap),
                 allow_network: Some(true),
+                cores: Some(2),
+                memory: Some(8 << 30),
+                denied_projects: Some(vec!["beta".into()]),
+                schedule: Some(vec!["Mon-Fri 22:00-07:00".into(), "Sat-Sun".into()]),
+                only_when_idle: Some(true),
             }
         );
     }

@@ -74,6 +74,9 @@ pub(crate) struct Status {
     pub connected_since_ms: Option<u64>,
     /// The donor's pause, if paused.
     pub paused: Option<Pause>,
+    /// Why its donor's limits (schedule, only_when_idle) keep it from new
+    /// work now, and until when in the donor's time; `None`: they do not.
+    pub unavailable: Option<String>,
     /// Draining: finishing its jobs, then exiting.
     pub draining: bool,
     /// The jobs running now.

@@ -25,6 +25,7 @@ mod enroll;
 mod executor;
 mod fsutil;
 mod jobs;
+mod limits;
 mod lock;
 mod outbox;
 mod output;

@@ -47,6 +47,7 @@ use crate::credential::Credential;
 use crate::donor::{self, JobInfo, Pause, say};
 use crate::executor::Artifacts;
 use crate::jobs::{self, JobPolicy, JobWake, Jobs};
+use crate::limits::Gate;
 use crate::outbox::{Outbox, kept_log_bound};
 use crate::results::{JobKey, ResultStore, key};
 use crate::sandbox::Sandbox;
@@ -107,8 +108,11 @@ pub(crate) async fn run(
     let mut policy = JobPolicy::from_config(&config, &state_dir);
     policy.refuse_all = sandbox.refusal();
     let fallback_name = credential.name.clone().or_else(crate::enroll::hostname);
-    let mut caps = capabilities(&config, fallback_name.as_deref(), &sysinfo::detect());
+    let machine = sysinfo::detect();
+    let mut caps = capabilities(&config, fallback_name.as_deref(), &machine);
     caps.sandbox = sandbox.name().to_owned();
+    // The donor's schedule and only_when_idle (`limits.rs`).
+    let limits = crate::limits::start(&config, machine.cores, &mut caps).map_err(anyhow::Error::msg)?;
     let bearer = credential.bearer()?;
     let cache_dir = config.cache.dir_or_default(&state_dir);
     let cache = ArtifactCache::open(cache_dir.clone(), config.cache.size).with_context(|| {
@@ -198,6 +202,7 @@ pub(crate) async fn run(
         control,
         pause_ends: pause.as_ref().and_then(|p| p.until_ms).map(instant_at),
         pause,
+        limits,
         handing_back: BTreeSet::new(),
         running: HashMap::new(),
         state_dir,
@@ -246,27 +251,37 @@ pub(crate) fn capabilities(
         labels,
         os: machine.os.clone(),
         arch: machine.arch.clone(),
-        cores: machine.cores,
-        memory_bytes: machine.memory_bytes,
+        // What the donor offers, never more than there is.
+        cores: config.cores.map_or(machine.cores, |c| c.min(machine.cores)),
+        memory_bytes: match (config.memory, machine.memory_bytes) {
+            (Some(offered), 0) => offered,
+            (Some(offered), there) => offered.min(there),
+            (None, there) => there,
+        },
         max_parallel_jobs: config.max_parallel_jobs,
         allowed_projects: config.allowed_projects.clone(),
+        denied_projects: config.denied_projects.clone(),
+        cache_bytes: config.cache.size,
         // Rounded up: a sub-second remainder must not turn into "no ceiling".
         max_job_timeout_secs: config
             .max_job_timeout
             .map_or(0, |d| d.as_secs() + u64::from(d.subsec_nanos() > 0)),
         output_cap_bytes: config.output_cap,
-        // Set by `run` once the sandbox is known.
+        // Set by `run` once the sandbox and the donor's limits are known.
         sandbox: String::new(),
+        schedule: String::new(),
+        only_when_idle: String::new(),
     }
 }
 
 /// The hello that opens a session. `held` lists the jobs whose leases the
-/// agent still needs: running ones and those whose result is unacknowledged.
+/// agent still needs: running ones and those whose result is unacknowledged;
+/// `paused` why it takes no new job (its donor's pause or limits).
 pub(crate) fn hello(
     caps: &Capabilities,
     held: Vec<JobRef>,
     draining: bool,
-    pause: Option<&Pause>,
+    paused: Option<Paused>,
 ) -> Hello {
     Hello {
         protocol_version: PROTOCOL_VERSION,
@@ -274,7 +289,7 @@ pub(crate) fn hello(
         capabilities: Some(caps.clone()),
         running: held,
         draining,
-        paused: pause.map(paused),
+        paused,
     }
 }
 
@@ -590,6 +605,8 @@ enum Wake {
     Control(Control),
     /// The donor's `pause --for` ran out.
     PauseOver,
+    /// Time to look at the donor's limits again (`limits.rs`).
+    Limits,
 }
 
 /// The agent: all its state, owned by one task.
@@ -630,6 +647,9 @@ struct Agent {
     pause: Option<Pause>,
     /// When a `pause --for` ends.
     pause_ends: Option<Instant>,
+    /// The donor's schedule and `only_when_idle`: no new job while they
+    /// say so (a pause wins over them).
+    limits: Gate,
     /// Jobs cancelled to be handed back (`pause --now`, `unenroll`): their
     /// cancelled results go to the hub as handed back.
     handing_back: BTreeSet<JobKey>,
@@ -665,6 +685,7 @@ impl Agent {
                 () = sleep_opt(self.drain.ack_deadline) => Wake::AckWaitOver,
                 Some(c) = self.control.recv() => Wake::Control(c),
                 () = sleep_opt(self.pause_ends) => Wake::PauseOver,
+                () = sleep_opt(self.limits.due()) => Wake::Limits,
             };
             let ending = match wake {
                 Wake::Link(w) => self.on_link(w),
@@ -695,6 +716,12 @@ impl Agent {
                 Wake::PauseOver => {
                     say("The pause is over: this agent takes work again.");
                     self.set_pause(None);
+                    None
+                }
+                Wake::Limits => {
+                    if self.limits.check(self.jobs.len()) {
+                        self.limits_changed();
+                    }
                     None
                 }
                 Wake::Signal(name) => self.on_signal(name),
@@ -815,7 +842,7 @@ impl Agent {
             &self.caps,
             self.held(),
             self.drain.active,
-            self.pause.as_ref(),
+            self.paused_now(),
         );
         // A fresh channel has room for its first message.
         let _ = tx.try_send(AgentMessage {
@@ -928,7 +955,7 @@ impl Agent {
             "Connected to hub {} as agent {}{}.",
             self.hub,
             self.agent_id,
-            if self.pause.is_some() {
+            if self.paused_now().is_some() {
                 " (paused: it takes no job)"
             } else {
                 ""
@@ -977,16 +1004,17 @@ impl Agent {
             self.refuse(job, "the assignment carried no job spec".to_owned());
             return;
         };
-        if self.pause.is_some() {
+        if let Some(paused) = self.paused_now() {
             // Sent before the hub heard of the pause: it runs elsewhere.
             tracing::info!(
                 job = job.job_id,
                 attempt = job.attempt,
-                "handing back a job: the donor paused this agent"
+                "handing back a job: the agent is {}",
+                paused.reason
             );
             self.deliver(handed_back(
                 jobs::refusal(job, String::new()),
-                "the agent's donor paused it",
+                &format!("the agent is {}", paused.reason),
             ));
             return;
         }
@@ -1203,10 +1231,37 @@ impl Agent {
             );
         }
         self.pause_ends = pause.as_ref().and_then(|p| p.until_ms).map(instant_at);
-        let told = pause.as_ref().map_or_else(Paused::default, paused);
         self.pause = pause;
+        self.tell_paused();
+    }
+
+    /// Why it takes no new job now, as the hub is told: the donor's pause,
+    /// else the donor's limits; `None`: it takes work.
+    fn paused_now(&self) -> Option<Paused> {
+        match &self.pause {
+            Some(pause) => Some(paused(pause)),
+            None => self.limits.unavailable().map(|u| u.paused()),
+        }
+    }
+
+    /// Tells the hub whether it takes work now (if connected; else the
+    /// next hello says it).
+    fn tell_paused(&mut self) {
         if self.link.welcomed() {
+            let told = self.paused_now().unwrap_or_default();
             self.outbox.push_control(Msg::Paused(told));
+        }
+    }
+
+    /// The donor's limits changed their answer: say so to the donor and,
+    /// unless the donor's pause covers it, to the hub.
+    fn limits_changed(&mut self) {
+        match self.limits.unavailable() {
+            Some(u) => say(&format!("This agent takes no new job: it is {}.", u.describe())),
+            None => say("This agent's limits let it take work again."),
+        }
+        if self.pause.is_none() {
+            self.tell_paused();
         }
     }
 
@@ -1236,6 +1291,7 @@ impl Agent {
             connected: self.link.welcomed(),
             connected_since_ms: self.connected_since_ms,
             paused: self.pause.clone(),
+            unavailable: self.limits.unavailable().map(|u| u.describe()),
             draining: self.drain.active,
             jobs,
             last_day: donor::recent(&self.state_dir).unwrap_or_else(|e| {

@@ -904,6 +904,54 @@ pub(crate) fn agent_views(
     Ok(agents)
 }
 
+/// Its donor's limits in words, one each ("4 cores", "8.0 GiB",
+/// "jobs up to 30m", "only lua, luajit", "not beta", "Mon-Fri 22:00-07:00
+/// (Europe/Berlin)", "when idle: load under 1.0", "cache 10.0 GiB"); empty
+/// for an agent not connected (a donor's limits are known from its live
+/// session only): one reading for `agent list`, the agents page and its API.
+pub(crate) fn donor_limits(caps: &trunkfarm_proto::v1::Capabilities) -> Vec<String> {
+    use trunkfarm_proto::settings::{fmt_bytes, fmt_duration};
+    let mut words = Vec::new();
+    if caps.cores != 0 {
+        words.push(match caps.cores {
+            1 => "1 core".to_owned(),
+            n => format!("{n} cores"),
+        });
+    }
+    if caps.memory_bytes != 0 {
+        words.push(fmt_bytes(caps.memory_bytes));
+    }
+    if caps.max_job_timeout_secs != 0 {
+        words.push(format!(
+            "jobs up to {}",
+            fmt_duration(Duration::from_secs(caps.max_job_timeout_secs))
+        ));
+    }
+    if !caps.allowed_projects.is_empty() {
+        words.push(format!("only {}", caps.allowed_projects.join(", ")));
+    }
+    if !caps.denied_projects.is_empty() {
+        words.push(format!("not {}", caps.denied_projects.join(", ")));
+    }
+    // The agent's own words, shown as text: controls removed, capped.
+    let said = |text: &str| -> String {
+        text.chars()
+            .filter(|c| !c.is_control())
+            .take(200)
+            .collect()
+    };
+    if !caps.schedule.is_empty() {
+        words.push(said(&caps.schedule));
+    }
+    if !caps.only_when_idle.is_empty() {
+        words.push(format!("when idle: {}", said(&caps.only_when_idle)));
+    }
+    if caps.cache_bytes != 0 {
+        words.push(format!("cache {}", fmt_bytes(caps.cache_bytes)));
+    }
+    words
+}
+
 /// An agent's status word (`revoked`, `quarantined`, `draining`,
 /// `connected` or `offline`) and, when it takes no job now, why in words
 /// (empty when it may): one reading for `agent list`, the agents page and
@@ -2042,6 +2090,65 @@ pub(crate) mod tests {
         assert_eq!(
             waiting(&d, id),
             "agent `BOX` only accepts projects lua, luajit (job is for `penlight`)"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_job_of_a_project_the_donor_denies_says_so_and_goes_elsewhere() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_s, d) = open(dir.path(), 5000);
+        let caps = Capabilities {
+            denied_projects: vec!["beta".into()],
+            ..Default::default()
+        };
+        let mut rx = donor(&d, "box", caps, true).await;
+        let beta = JobSpec {
+            project: "beta".into(),
+            ..spec(&["linux"])
+        };
+        let id = d.submit(beta, 0).await.unwrap();
+        assert!(assignments(&mut rx).is_empty(), "its donor denies beta");
+        assert_eq!(
+            waiting(&d, id),
+            "agent `BOX` does not accept project `beta` (its donor denies it)"
+        );
+        // Another project goes to it; the denied one to an agent without the denial.
+        let alpha = JobSpec {
+            project: "alpha".into(),
+            ..spec(&["linux"])
+        };
+        let other = d.submit(alpha, 0).await.unwrap();
+        assert_eq!(assignments(&mut rx)[0].job_id, other);
+        let mut free = donor(&d, "free", Capabilities::default(), true).await;
+        assert_eq!(assignments(&mut free)[0].job_id, id);
+    }
+
+    #[test]
+    fn a_donors_limits_read_as_words() {
+        assert!(donor_limits(&Capabilities::default()).is_empty());
+        let caps = Capabilities {
+            cores: 4,
+            memory_bytes: 8 << 30,
+            max_job_timeout_secs: 1800,
+            allowed_projects: vec!["lua".into(), "luajit".into()],
+            denied_projects: vec!["beta".into()],
+            schedule: "Mon-Fri 22:00-07:00, Sat-Sun (Europe/Berlin)\u{1b}[2J".into(),
+            only_when_idle: "load under 1.0".into(),
+            cache_bytes: 10 << 30,
+            ..Default::default()
+        };
+        assert_eq!(
+            donor_limits(&caps),
+            [
+                "4 cores",
+                "8.0 GiB",
+                "jobs up to 30m",
+                "only lua, luajit",
+                "not beta",
+                "Mon-Fri 22:00-07:00, Sat-Sun (Europe/Berlin)[2J",
+                "when idle: load under 1.0",
+                "cache 10.0 GiB",
+            ]
         );
     }
 

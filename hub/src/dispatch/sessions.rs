@@ -122,6 +122,8 @@ impl Conn {
             && !self.caps.allowed_projects.contains(&spec.project)
         {
             Some(Refusal::Project)
+        } else if !spec.project.is_empty() && self.caps.denied_projects.contains(&spec.project) {
+            Some(Refusal::DeniedProject)
         } else if self.caps.max_job_timeout_secs != 0
             && spec.timeout_secs > self.caps.max_job_timeout_secs
         {
@@ -166,6 +168,8 @@ enum Refusal {
     Label(String),
     /// Its donor allows other projects only (`allowed_projects`).
     Project,
+    /// Its donor denies the job's project (`denied_projects`).
+    DeniedProject,
     /// Its donor allows shorter jobs only (`max_job_timeout`).
     Timeout,
 }
@@ -440,7 +444,7 @@ impl Sessions {
     /// Why a queued job waits, in words, from the same checks as
     /// [`Sessions::pick`] (computed when asked, never stored): no agent
     /// connected, no agent with its labels, agents whose donors refuse it
-    /// (timeout, projects), none trusted, the matching ones quarantined,
+    /// (timeout, allowed or denied projects), none trusted, the matching ones quarantined,
     /// draining, silent or busy. Reasons for different agents are joined
     /// with "; ".
     pub(super) fn why_waiting(
@@ -554,6 +558,11 @@ impl Sessions {
                     "{} only accepts projects {} (job is for `{}`)",
                     agents_named(&[c]).0,
                     c.caps.allowed_projects.join(", "),
+                    spec.project
+                )),
+                Refusal::DeniedProject => parts.push(format!(
+                    "{} does not accept project `{}` (its donor denies it)",
+                    agents_named(&[c]).0,
                     spec.project
                 )),
                 Refusal::Label(l) => {
