@@ -23,7 +23,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use jiff::civil::{Date, Weekday};
+use jiff::civil::Date;
 use jiff::tz::TimeZone;
 use jiff::{Timestamp, Zoned};
 use trunkfarm_proto::settings::fmt_duration;
@@ -657,11 +657,6 @@ impl Gate {
     /// Why no new job may start now; `None`: it may.
     pub fn unavailable(&self) -> Option<&Unavailable> {
         self.state.as_ref()
-    }
-
-    /// The rules.
-    pub fn limits(&self) -> &Limits {
-        &self.limits
     }
 }
 

@@ -287,6 +287,14 @@ impl Sandbox {
             allow_network: config.allow_network,
             cpus: offered_cpus(config.cores),
         };
+        if let Some(memory) = config.memory {
+            tracing::info!(
+                "memory = {}: each of up to {} job(s) at once may use {}",
+                fmt_bytes(memory),
+                config.max_parallel_jobs,
+                fmt_bytes(sandbox.limits.memory)
+            );
+        }
         if let Some(cpus) = &sandbox.cpus {
             tracing::info!(
                 "cores = {}: jobs run on the first {} CPUs this agent may use",
