@@ -785,9 +785,9 @@ mod tests {
         );
         assert_eq!(u.until_ms(), 1_796_680_800_000);
         // Inside: available; rechecked at the window's end at the latest.
-        let inside = utc("2026-12-08T06:50:00Z");
+        let inside = utc("2026-12-08T06:55:00Z");
         assert_eq!(l.check(inside, &idle()), None);
-        assert_eq!(l.recheck(inside), Some(Duration::from_millis(600_500)));
+        assert_eq!(l.recheck(inside), Some(Duration::from_millis(300_500)));
         // Outside, far from the edge: looked at again within MAX_RECHECK.
         assert_eq!(l.recheck(now), Some(MAX_RECHECK));
         assert_eq!(
