@@ -102,16 +102,16 @@ fn limits_keep_work_away_and_the_hub_says_why() {
     );
     assert_eq!(i["denied_projects"], serde_json::json!(["beta"]), "{i:#}");
     assert_eq!(i["cores"], 1, "{i:#}");
-    assert!(
-        s(&i, "only_when_idle").starts_with("load under "),
-        "{i:#}"
-    );
+    assert!(s(&i, "only_when_idle").starts_with("load under "), "{i:#}");
     let text = hub.cli_ok(&["agent", "list"]);
     assert!(
         text.contains("(night): ") && text.contains(&format!("; {day} (UTC); ")),
         "{text}"
     );
-    assert!(text.contains("; not beta; when idle: load under "), "{text}");
+    assert!(
+        text.contains("; not beta; when idle: load under "),
+        "{text}"
+    );
 
     // A job nobody takes says why, per agent.
     let any = hub.submit(&["--", "true"]);
@@ -120,7 +120,10 @@ fn limits_keep_work_away_and_the_hub_says_why() {
     let job = hub.job(any);
     assert_eq!(s(&job, "state"), "queued", "{job:#}");
     let why = s(&job, "waiting");
-    assert!(why.contains(&format!("agent `night` is {closed}")), "{job:#}");
+    assert!(
+        why.contains(&format!("agent `night` is {closed}")),
+        "{job:#}"
+    );
     assert!(
         why.contains("agent `idle` is waiting for the machine to be idle (load 999.0 > "),
         "{job:#}"
@@ -131,16 +134,17 @@ fn limits_keep_work_away_and_the_hub_says_why() {
         why.contains("agent `idle` does not accept project `beta` (its donor denies it)"),
         "{job:#}"
     );
-    assert!(why.contains(&format!("agent `night` is {closed}")), "{job:#}");
+    assert!(
+        why.contains(&format!("agent `night` is {closed}")),
+        "{job:#}"
+    );
 
     // The donor's own `status` says it too, in its time zone.
     let out = agent_cmd(&night.state_dir, &["status"]);
     assert_eq!(out.status.code(), Some(0), "{}", combined(&out));
     let said = String::from_utf8_lossy(&out.stdout);
     assert!(
-        said.contains(&format!(
-            "Takes work: not now: {closed}{day} 00:00."
-        )),
+        said.contains(&format!("Takes work: not now: {closed}{day} 00:00.")),
         "{said}"
     );
     let out = agent_cmd(&idle.state_dir, &["status", "--json"]);
@@ -157,7 +161,8 @@ fn limits_keep_work_away_and_the_hub_says_why() {
     assert_eq!(s(&done, "agent_id"), idle.id(&hub), "{done:#}");
     assert_eq!(s(&listed(&hub, "idle"), "paused"), "");
     assert!(
-        idle.logs().contains("This agent's limits let it take work again."),
+        idle.logs()
+            .contains("This agent's limits let it take work again."),
         "{}",
         idle.logs()
     );

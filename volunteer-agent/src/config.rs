@@ -342,8 +342,8 @@ impl AgentConfig {
                 &mut config.cache.dir,
                 &mut config.loadavg_file,
             ]
-                .into_iter()
-                .flatten()
+            .into_iter()
+            .flatten()
             {
                 if dir.is_relative() {
                     *dir = base.join(&*dir);
@@ -500,7 +500,9 @@ impl AgentConfig {
             if project.is_empty() || project.chars().any(|c| c.is_whitespace() || c.is_control()) {
                 return Err(Problem::new(
                     "denied_projects",
-                    format!("{project:?} is not a valid project name; expected a non-empty name without spaces"),
+                    format!(
+                        "{project:?} is not a valid project name; expected a non-empty name without spaces"
+                    ),
                 ));
             }
             if self.allowed_projects.contains(project) {

@@ -70,7 +70,11 @@ impl Window {
         };
         let words: Vec<&str> = entry.split_whitespace().collect();
         let (days, time) = match words.as_slice() {
-            [] => return Err(fail("is empty; write e.g. \"Mon-Fri 22:00-07:00\" or \"Sat-Sun\"".into())),
+            [] => {
+                return Err(fail(
+                    "is empty; write e.g. \"Mon-Fri 22:00-07:00\" or \"Sat-Sun\"".into(),
+                ));
+            }
             [one] if one.contains(':') => (None, Some(*one)),
             [one] => (Some(*one), None),
             [days, time] => (Some(*days), Some(*time)),
@@ -180,7 +184,8 @@ fn parse_span(text: &str) -> Result<(u16, u16), String> {
 
 /// `HH:MM` as minutes after midnight.
 fn parse_clock(text: &str, end: bool) -> Result<u16, String> {
-    let bad = || format!("`{text}` is not a time of day; write HH:MM on a 24-hour clock, e.g. 07:30");
+    let bad =
+        || format!("`{text}` is not a time of day; write HH:MM on a 24-hour clock, e.g. 07:30");
     let (h, m) = text.split_once(':').ok_or_else(bad)?;
     if h.is_empty() || h.len() > 2 || m.len() != 2 {
         return Err(bad());
@@ -212,7 +217,10 @@ impl Schedule {
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Schedule {
             windows,
-            entries: entries.iter().map(|e| e.split_whitespace().collect::<Vec<_>>().join(" ")).collect(),
+            entries: entries
+                .iter()
+                .map(|e| e.split_whitespace().collect::<Vec<_>>().join(" "))
+                .collect(),
             tz,
         })
     }
@@ -404,7 +412,7 @@ impl Limits {
         let schedule = Schedule::parse(&config.schedule, tz).map_err(|e| e.to_string())?;
         Ok(Limits {
             schedule,
-            idle: config.only_when_idle.then(|| IdleRule {
+            idle: config.only_when_idle.then_some(IdleRule {
                 load_per_core: config.idle_load,
                 cores,
                 idle_for: config.idle_for,
@@ -790,10 +798,7 @@ mod tests {
         assert_eq!(l.recheck(inside), Some(Duration::from_millis(300_500)));
         // Outside, far from the edge: looked at again within MAX_RECHECK.
         assert_eq!(l.recheck(now), Some(MAX_RECHECK));
-        assert_eq!(
-            l.schedule_words(),
-            "Mon-Fri 22:00-07:00, Sat-Sun (UTC)"
-        );
+        assert_eq!(l.schedule_words(), "Mon-Fri 22:00-07:00, Sat-Sun (UTC)");
     }
 
     #[test]
@@ -870,10 +875,16 @@ mod tests {
             running_jobs: 0,
         };
         let u = l.check(utc("2026-12-07T12:00:00Z"), &busy).unwrap();
-        assert!(u.reason.starts_with("outside its donor's schedule"), "{u:?}");
+        assert!(
+            u.reason.starts_with("outside its donor's schedule"),
+            "{u:?}"
+        );
         // In the window: the load decides; terminals are not looked at (idle_for 0).
         let u = l.check(utc("2026-12-12T12:00:00Z"), &busy).unwrap();
-        assert_eq!(u.reason, "waiting for the machine to be idle (load 9.0 > 0.5)");
+        assert_eq!(
+            u.reason,
+            "waiting for the machine to be idle (load 9.0 > 0.5)"
+        );
         let calm = Readings {
             load1: Ok(0.2),
             ..busy
@@ -915,7 +926,11 @@ mod tests {
         assert!(err("Mon - Fri").contains("expected days and a time range"));
         assert!(err("Mon,,Fri").contains("a day is missing"));
         assert!(err("Mon 24:00-07:00").contains("`24:00` is not a time of day"));
-        assert!(time_zone(Some("Mars/Olympus")).unwrap_err().contains("unknown time zone \"Mars/Olympus\""));
+        assert!(
+            time_zone(Some("Mars/Olympus"))
+                .unwrap_err()
+                .contains("unknown time zone \"Mars/Olympus\"")
+        );
         assert!(time_zone(Some("Europe/Berlin")).is_ok());
     }
 
@@ -931,6 +946,10 @@ mod tests {
         let path = dir.path().join("loadavg");
         std::fs::write(&path, "4.00 1.00 1.00 1/1 1\n").unwrap();
         assert_eq!(read_load(&path), Ok(4.0));
-        assert!(read_load(&dir.path().join("missing")).unwrap_err().contains("missing"));
+        assert!(
+            read_load(&dir.path().join("missing"))
+                .unwrap_err()
+                .contains("missing")
+        );
     }
 }

@@ -215,8 +215,7 @@ fn offered_cpus(cores: Option<u32>) -> Option<CpuSet> {
     // SAFETY: an all-zero cpu_set_t is a valid (empty) set.
     let mut mine: libc::cpu_set_t = unsafe { std::mem::zeroed() };
     // SAFETY: `mine` is a cpu_set_t of the size passed.
-    if unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut mine) }
-        != 0
+    if unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut mine) } != 0
     {
         tracing::warn!(
             "cannot read this process's CPUs ({}): `cores = {want}` is told to the hub but not \

@@ -112,7 +112,8 @@ pub(crate) async fn run(
     let mut caps = capabilities(&config, fallback_name.as_deref(), &machine);
     caps.sandbox = sandbox.name().to_owned();
     // The donor's schedule and only_when_idle (`limits.rs`).
-    let limits = crate::limits::start(&config, machine.cores, &mut caps).map_err(anyhow::Error::msg)?;
+    let limits =
+        crate::limits::start(&config, machine.cores, &mut caps).map_err(anyhow::Error::msg)?;
     let bearer = credential.bearer()?;
     let cache_dir = config.cache.dir_or_default(&state_dir);
     let cache = ArtifactCache::open(cache_dir.clone(), config.cache.size).with_context(|| {
@@ -1257,7 +1258,10 @@ impl Agent {
     /// unless the donor's pause covers it, to the hub.
     fn limits_changed(&mut self) {
         match self.limits.unavailable() {
-            Some(u) => say(&format!("This agent takes no new job: it is {}.", u.describe())),
+            Some(u) => say(&format!(
+                "This agent takes no new job: it is {}.",
+                u.describe()
+            )),
             None => say("This agent's limits let it take work again."),
         }
         if self.pause.is_none() {

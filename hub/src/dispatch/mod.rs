@@ -927,19 +927,16 @@ pub(crate) fn donor_limits(caps: &trunkfarm_proto::v1::Capabilities) -> Vec<Stri
             fmt_duration(Duration::from_secs(caps.max_job_timeout_secs))
         ));
     }
+    // The agent's own words (project names, its schedule), shown as text:
+    // controls removed, capped.
+    let said =
+        |text: &str| -> String { text.chars().filter(|c| !c.is_control()).take(200).collect() };
     if !caps.allowed_projects.is_empty() {
-        words.push(format!("only {}", caps.allowed_projects.join(", ")));
+        words.push(format!("only {}", said(&caps.allowed_projects.join(", "))));
     }
     if !caps.denied_projects.is_empty() {
-        words.push(format!("not {}", caps.denied_projects.join(", ")));
+        words.push(format!("not {}", said(&caps.denied_projects.join(", "))));
     }
-    // The agent's own words, shown as text: controls removed, capped.
-    let said = |text: &str| -> String {
-        text.chars()
-            .filter(|c| !c.is_control())
-            .take(200)
-            .collect()
-    };
     if !caps.schedule.is_empty() {
         words.push(said(&caps.schedule));
     }
@@ -2131,7 +2128,7 @@ pub(crate) mod tests {
             memory_bytes: 8 << 30,
             max_job_timeout_secs: 1800,
             allowed_projects: vec!["lua".into(), "luajit".into()],
-            denied_projects: vec!["beta".into()],
+            denied_projects: vec!["beta\u{7}".into()],
             schedule: "Mon-Fri 22:00-07:00, Sat-Sun (Europe/Berlin)\u{1b}[2J".into(),
             only_when_idle: "load under 1.0".into(),
             cache_bytes: 10 << 30,
