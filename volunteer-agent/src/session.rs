@@ -1197,14 +1197,18 @@ impl Agent {
                 message
             }
             Request::Resume => {
-                let message = if self.pause.is_some() {
-                    "This agent takes work again."
+                let mut message = if self.pause.is_some() {
+                    "This agent takes work again".to_owned()
                 } else {
-                    "This agent was not paused: it takes work."
+                    "This agent was not paused: it takes work".to_owned()
                 };
+                if let Some(u) = self.limits.unavailable() {
+                    message.push_str(&format!(" once its limits allow: it is {}", u.describe()));
+                }
+                message.push('.');
                 self.set_pause(None);
-                say(message);
-                message.to_owned()
+                say(&message);
+                message
             }
             Request::Leave => {
                 let n = self.hand_back_all();
