@@ -3,8 +3,8 @@
 //! when; an agent set `only_when_idle` takes nothing while its load (read
 //! from a file the test writes: `loadavg_file`) is high and takes the job
 //! once it falls; a denied project stays away from the agent that denies
-//! it, and the waiting reason says so; `agent list` (text and JSON) and the
-//! agent's own `status` show the limits.
+//! it, the waiting reason says so and the donor is told; `agent list` (text
+//! and JSON) and the agent's own `status` show the limits.
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -173,6 +173,14 @@ fn limits_keep_work_away_and_the_hub_says_why() {
         s(&job, "waiting").contains("agent `idle` does not accept project `beta`"),
         "{job:#}"
     );
+    // Its donor is told why the beta job stays away.
+    wait_for(WAIT, "the donor of `idle` is told about beta", || {
+        idle.logs()
+            .contains(
+                "The hub says: A job of project `beta` waits that your denied_projects refuse.",
+            )
+            .then_some(())
+    });
     // `night` never ran anything.
     assert!(!night.logs().contains("Started job"), "{}", night.logs());
 }

@@ -918,6 +918,7 @@ impl Agent {
                 "the hub asked this agent to drain",
             ),
             HubMsg::ResultAck(ack) => self.acknowledged(ack),
+            HubMsg::Notice(notice) => donor::hub_notice(&notice.text),
         }
         None
     }

@@ -354,6 +354,7 @@ impl Dispatcher {
                 continue;
             };
             let Some((agent_id, trusted)) = sessions.pick(&rec.spec, &rec.placement, now) else {
+                sessions.tell_donors(&rec.spec, now, &mut eff.messages);
                 waiting.push(id);
                 continue;
             };
@@ -2118,6 +2119,79 @@ pub(crate) mod tests {
         assert_eq!(assignments(&mut rx)[0].job_id, other);
         let mut free = donor(&d, "free", Capabilities::default(), true).await;
         assert_eq!(assignments(&mut free)[0].job_id, id);
+    }
+
+    #[tokio::test]
+    async fn a_donor_whose_limits_refuse_waiting_jobs_is_told_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_s, d) = open(dir.path(), 5000);
+        let caps = Capabilities {
+            allowed_projects: vec!["beta".into()],
+            max_job_timeout_secs: 1800,
+            ..Default::default()
+        };
+        let mut rx = donor(&d, "box", caps, true).await;
+        let notices = |rx: &mut Rx| -> Vec<String> {
+            let mut said = Vec::new();
+            while let Ok(m) = rx.try_recv() {
+                if let Ok(HubMessage {
+                    msg: Some(Msg::Notice(n)),
+                }) = *m
+                {
+                    said.push(n.text);
+                }
+            }
+            said
+        };
+        let alpha = || JobSpec {
+            project: "alpha".into(),
+            ..spec(&["linux"])
+        };
+        d.submit(alpha(), 0).await.unwrap();
+        d.submit(alpha(), 0).await.unwrap();
+        let long = JobSpec {
+            project: "beta".into(),
+            timeout_secs: 3600,
+            ..spec(&["linux"])
+        };
+        d.submit(long, 0).await.unwrap();
+        assert_eq!(
+            notices(&mut rx),
+            [
+                "A job of project `alpha` waits that your allowed_projects (beta) refuse.",
+                "A job that may run 1h waits that your max_job_timeout (30m) refuses.",
+            ],
+            "each sentence once"
+        );
+        // A busy (here: paused) agent is not told: its limits are not why it waits.
+        let paused = trunkfarm_proto::v1::Paused {
+            paused: true,
+            ..Default::default()
+        };
+        d.set_paused("box", &paused).await.unwrap();
+        let delta = JobSpec {
+            project: "delta".into(),
+            ..spec(&["linux"])
+        };
+        d.submit(delta, 0).await.unwrap();
+        assert!(notices(&mut rx).is_empty());
+        // A denied project is said too.
+        let dir2 = tempfile::tempdir().unwrap();
+        let (_s2, d2) = open(dir2.path(), 5000);
+        let denied = Capabilities {
+            denied_projects: vec!["gamma".into()],
+            ..Default::default()
+        };
+        let mut rx2 = donor(&d2, "denier", denied, true).await;
+        let gamma = JobSpec {
+            project: "gamma".into(),
+            ..spec(&["linux"])
+        };
+        d2.submit(gamma, 0).await.unwrap();
+        assert_eq!(
+            notices(&mut rx2),
+            ["A job of project `gamma` waits that your denied_projects refuse."]
+        );
     }
 
     #[test]

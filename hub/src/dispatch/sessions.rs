@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tonic::Status;
 use trunkfarm_proto::v1::{
-    Assignment, Capabilities, Drain, HubMessage, JobRef, Paused, hub_message,
+    Assignment, Capabilities, Drain, HubMessage, JobRef, Notice, Paused, hub_message,
 };
 
 use super::DispatchError;
@@ -99,7 +99,12 @@ struct Conn {
     last_assigned: u64,
     agent_version: String,
     remote: String,
+    /// The notices its donor was sent this session ([`Sessions::tell_donors`]).
+    told: HashSet<String>,
 }
+
+/// The most notices one session's donor is sent: a hint, never a flood.
+const NOTICES_PER_SESSION: usize = 16;
 
 impl Conn {
     fn free_slots(&self) -> usize {
@@ -154,6 +159,28 @@ impl Conn {
     /// Takes new work now.
     fn available(&self, now: Instant, stale_after: Duration) -> bool {
         self.busy(now, stale_after).is_none()
+    }
+
+    /// A sentence for its donor when only the donor's own limits (allowed
+    /// or denied projects, `max_job_timeout`) keep `spec` from it.
+    fn donor_notice(&self, spec: &JobSpecRecord) -> Option<String> {
+        match self.refuses(spec)? {
+            Refusal::Project => Some(format!(
+                "A job of project `{}` waits that your allowed_projects ({}) refuse.",
+                spec.project,
+                self.caps.allowed_projects.join(", ")
+            )),
+            Refusal::DeniedProject => Some(format!(
+                "A job of project `{}` waits that your denied_projects refuse.",
+                spec.project
+            )),
+            Refusal::Timeout => Some(format!(
+                "A job that may run {} waits that your max_job_timeout ({}) refuses.",
+                fmt_duration(Duration::from_secs(spec.timeout_secs)),
+                fmt_duration(Duration::from_secs(self.caps.max_job_timeout_secs))
+            )),
+            _ => None,
+        }
     }
 }
 
@@ -371,6 +398,7 @@ impl Sessions {
                 last_assigned: 0,
                 agent_version: hello.agent_version,
                 remote: hello.remote,
+                told: HashSet::new(),
             },
         );
         self.last_seen.insert(agent_id.to_owned(), now_ms());
@@ -439,6 +467,25 @@ impl Sessions {
                 )
             })
             .map(|(id, c)| (id.clone(), c.trusted))
+    }
+
+    /// `spec` found no agent: tells each agent that takes work now but
+    /// whose donor's own limits refuse it (its allowed or denied projects,
+    /// its `max_job_timeout`) so, in a [`Notice`] — each sentence once per
+    /// session, at most [`NOTICES_PER_SESSION`] — so a donor who gets no
+    /// work learns why (the operator reads the same in `why_waiting`).
+    pub(super) fn tell_donors(&mut self, spec: &JobSpecRecord, now: Instant, out: &mut Outbox) {
+        let stale_after = self.stale_after;
+        for c in self.agents.values_mut() {
+            if c.told.len() >= NOTICES_PER_SESSION || !c.available(now, stale_after) {
+                continue;
+            }
+            if let Some(text) = c.donor_notice(spec)
+                && c.told.insert(text.clone())
+            {
+                out.push(&c.tx, hub_message::Msg::Notice(Notice { text }));
+            }
+        }
     }
 
     /// Why a queued job waits, in words, from the same checks as
