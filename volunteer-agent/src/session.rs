@@ -715,7 +715,14 @@ impl Agent {
                     None
                 }
                 Wake::PauseOver => {
-                    say("The pause is over: this agent takes work again.");
+                    match self.limits.unavailable() {
+                        Some(u) => say(&format!(
+                            "The pause is over: this agent takes work again once its limits \
+                             allow: it is {}.",
+                            u.describe()
+                        )),
+                        None => say("The pause is over: this agent takes work again."),
+                    }
                     self.set_pause(None);
                     None
                 }
