@@ -550,8 +550,17 @@ fn parse_load(text: &str) -> Option<f64> {
 /// Since the newest input on a terminal (the access time of `/dev/pts/<n>`
 /// and `/dev/tty<n>`, as `w` reads it); `None` when there is none.
 fn terminal_idle(now: Timestamp) -> Option<Duration> {
+    idle_since(
+        &[(Path::new("/dev/pts"), ""), (Path::new("/dev"), "tty")],
+        now,
+    )
+}
+
+/// Since the newest access time of the files in `dirs` named their prefix
+/// and a number (`3`, `tty4`; not `ptmx`, `tty`, `ttyS0`).
+fn idle_since(dirs: &[(&Path, &str)], now: Timestamp) -> Option<Duration> {
     let mut newest: Option<std::time::SystemTime> = None;
-    for (dir, prefix) in [("/dev/pts", ""), ("/dev", "tty")] {
+    for &(dir, prefix) in dirs {
         let Ok(entries) = std::fs::read_dir(dir) else {
             continue;
         };
@@ -932,6 +941,31 @@ mod tests {
                 .contains("unknown time zone \"Mars/Olympus\"")
         );
         assert!(time_zone(Some("Europe/Berlin")).is_ok());
+    }
+
+    #[test]
+    fn terminal_idle_time_is_the_newest_numbered_terminals_access() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = std::time::SystemTime::now();
+        let touch = |name: &str, ago: u64| {
+            let f = std::fs::File::create(dir.path().join(name)).unwrap();
+            let at = now - Duration::from_secs(ago);
+            f.set_times(std::fs::FileTimes::new().set_accessed(at).set_modified(at))
+                .unwrap();
+        };
+        let idle = || {
+            idle_since(&[(dir.path(), "tty")], Timestamp::try_from(now).unwrap())
+                .map(|d| d.as_secs())
+        };
+        assert_eq!(idle(), None, "no terminal: unknown");
+        touch("tty", 1);
+        touch("ttyS0", 2);
+        touch("ttyx", 3);
+        assert_eq!(idle(), None, "not numbered terminals");
+        touch("tty7", 600);
+        assert_eq!(idle(), Some(600));
+        touch("tty2", 120);
+        assert_eq!(idle(), Some(120), "the newest counts");
     }
 
     #[test]
