@@ -470,10 +470,10 @@ impl Sessions {
     }
 
     /// `spec` found no agent: tells each agent that takes work now but
-    /// whose donor's own limits refuse it (its allowed or denied projects,
-    /// its `max_job_timeout`) so, in a [`Notice`] — each sentence once per
-    /// session, at most [`NOTICES_PER_SESSION`] — so a donor who gets no
-    /// work learns why (the operator reads the same in `why_waiting`).
+    /// whose donor's own limits (allowed or denied projects,
+    /// `max_job_timeout`) refuse it, in a [`Notice`] (each sentence once
+    /// per session, at most [`NOTICES_PER_SESSION`]), so a donor who gets
+    /// no work learns why; the operator reads the same in `why_waiting`.
     pub(super) fn tell_donors(&mut self, spec: &JobSpecRecord, now: Instant, out: &mut Outbox) {
         let stale_after = self.stale_after;
         for c in self.agents.values_mut() {
@@ -491,8 +491,9 @@ impl Sessions {
     /// Why a queued job waits, in words, from the same checks as
     /// [`Sessions::pick`] (computed when asked, never stored): no agent
     /// connected, no agent with its labels, agents whose donors refuse it
-    /// (timeout, allowed or denied projects), none trusted, the matching ones quarantined,
-    /// draining, silent or busy. Reasons for different agents are joined
+    /// (timeout, allowed or denied projects), none trusted, the matching
+    /// ones quarantined, draining, paused (by the donor or its limits),
+    /// silent or busy. Reasons for different agents are joined
     /// with "; ".
     pub(super) fn why_waiting(
         &self,
