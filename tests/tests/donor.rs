@@ -74,7 +74,7 @@ fn a_donor_pauses_resumes_hands_back_and_leaves() {
     assert_eq!(s(&job, "state"), "queued", "{job:#}");
     let why = s(&job, "waiting");
     assert!(
-        why.contains(&format!("agent `{a_id}` is paused by its donor until ")),
+        why.contains("agent `box` is paused by its donor until "),
         "{job:#}"
     );
 
