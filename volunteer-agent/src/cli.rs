@@ -1,5 +1,5 @@
 //! The command line: `trunkfarm-agent enroll`, `run`, and the donor's
-//! `status`, `pause`, `resume` and `unenroll`.
+//! `status`, `pause`, `resume` and `unenroll`, and `service`.
 //!
 //! Only parsing lives here; the commands themselves are in [`crate::enroll`],
 //! [`crate::session`] and [`crate::commands`]. Options of `run` that change a setting become
@@ -52,6 +52,40 @@ pub(crate) enum Command {
     /// local state (your agent.toml is kept). A running agent hands its
     /// jobs back and stops first.
     Unenroll(UnenrollArgs),
+    /// Run the agent as a systemd service, started now and at every boot
+    /// (`install`), or no longer (`uninstall`).
+    #[command(subcommand)]
+    Service(ServiceCommand),
+}
+
+/// `trunkfarm-agent service`.
+#[derive(Debug, Subcommand)]
+pub(crate) enum ServiceCommand {
+    /// Write a systemd unit that runs `trunkfarm-agent run` on this state
+    /// directory, and enable and start it (a user service by default; exit
+    /// 1 with the unit written when systemctl cannot be asked).
+    Install(ServiceArgs),
+    /// Stop and disable the service and remove its unit (the enrollment
+    /// and settings stay).
+    Uninstall(ServiceArgs),
+}
+
+/// `trunkfarm-agent service install|uninstall`.
+#[derive(Debug, Args)]
+pub(crate) struct ServiceArgs {
+    /// Where the agent keeps its credential and state [default:
+    /// $TRUNKFARM_AGENT_STATE_DIR, else /var/lib/trunkfarm-agent with
+    /// --system, else $XDG_STATE_HOME/trunkfarm-agent, else
+    /// ~/.local/state/trunkfarm-agent].
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// A system service (as root, run as a user systemd makes for it, state
+    /// in /var/lib) instead of your user service.
+    #[arg(long)]
+    pub system: bool,
+    /// Print the unit and the commands instead of installing (`install`).
+    #[arg(long)]
+    pub print: bool,
 }
 
 /// A command that only needs the state directory.
