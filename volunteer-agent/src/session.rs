@@ -136,7 +136,7 @@ pub(crate) async fn run(
     let signals = Signals::new().context("cannot install the signal handlers")?;
     // The caller holds the state directory's lock: a socket there is stale.
     let (control_tx, control) = mpsc::channel(8);
-    let _server = match control::serve(&state_dir, control_tx) {
+    let server = match control::serve(&state_dir, control_tx) {
         Ok(server) => Some(server),
         Err(e) => {
             tracing::warn!(
@@ -212,6 +212,9 @@ pub(crate) async fn run(
         cache: artifacts.cache.clone(),
     };
     let ending = agent.run().await;
+    if let Some(server) = server {
+        server.close().await;
+    }
     let downloads = artifacts.cache.downloads();
     if downloads > 0 {
         tracing::info!(
