@@ -194,6 +194,15 @@ async fn a_database_written_by_an_older_hub_reads_the_same() {
         &[],
     );
     let got = read_everything(&hub).await;
+    // Fields the protocol gained after the fixture was recorded: the old hub
+    // could not answer them, and at their default values they say nothing
+    // the old hub did not. Any other value of them is a difference.
+    const ADDED_SINCE: &[&str] = &["handed_back: false,", "paused: \"\","];
+    let got: String = got
+        .lines()
+        .filter(|line| !ADDED_SINCE.contains(&line.trim()))
+        .map(|line| format!("{line}\n"))
+        .collect();
     let expected_path = fixture.join("expected.txt");
     if std::env::var_os("TRUNKFARM_FIXTURE_RECORD").is_some() {
         std::fs::write(&expected_path, &got).expect("write expected.txt");

@@ -265,3 +265,136 @@ fn the_systemd_units_verify_cleanly() {
         combined(&out)
     );
 }
+
+/// `trunkfarm-agent service install`, the donor's third command: it writes
+/// a user unit running this very binary on the enrolled state directory and
+/// asks systemd to start it. Where systemctl cannot be asked (here: not on
+/// PATH) the unit stays written, the exit code is 1 and the donor is told
+/// the exact commands. The unit (user and system alike) is one systemd
+/// accepts; an agent already running on the state directory, or one not
+/// enrolled, is refused before anything is written; `uninstall` removes it.
+#[test]
+fn the_agent_installs_itself_as_a_systemd_service() {
+    use trunkfarm_e2e::Agent;
+    let hub = Hub::start();
+    let mut agent = Agent::enroll(&hub, "svc", &[]);
+    let config = temp_dir("trunkfarm-e2e-svc-config-");
+    let no_path = temp_dir("trunkfarm-e2e-svc-path-");
+    let service = |args: &[&str], state_dir: &std::path::Path| {
+        let mut cmd = Command::new(&bins().agent);
+        cmd.arg("service")
+            .args(args)
+            .arg("--state-dir")
+            .arg(state_dir)
+            .env("XDG_CONFIG_HOME", config.path())
+            .env("PATH", no_path.path());
+        run_with_timeout(cmd, Duration::from_secs(30))
+    };
+    let unit = config.path().join("systemd/user/trunkfarm-agent.service");
+    let exec = format!(
+        "ExecStart=\"{}\" run --state-dir \"{}\"",
+        bins().agent.display(),
+        agent.state_dir.display()
+    );
+
+    // --print shows the unit and the commands, and writes nothing.
+    let out = service(&["install", "--print"], &agent.state_dir);
+    assert!(out.status.success(), "{}", combined(&out));
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(printed.contains(&exec), "{printed}");
+    assert!(
+        printed.contains("# then: systemctl --user enable --now trunkfarm-agent.service"),
+        "{printed}"
+    );
+    assert!(!unit.exists());
+
+    // Not enrolled: refused, nothing written.
+    let stranger = temp_dir("trunkfarm-e2e-svc-stranger-");
+    let out = service(&["install"], stranger.path());
+    assert_eq!(out.status.code(), Some(2), "{}", combined(&out));
+    assert!(combined(&out).contains("enroll"), "{}", combined(&out));
+    assert!(!unit.exists());
+
+    // An agent runs on the state directory: the service could not take it.
+    agent.start(&[]);
+    hub.wait_agents_connected(1);
+    let out = service(&["install"], &agent.state_dir);
+    assert_eq!(out.status.code(), Some(5), "{}", combined(&out));
+    assert!(
+        combined(&out).contains("trunkfarm-agent run (pid"),
+        "{}",
+        combined(&out)
+    );
+    assert!(!unit.exists());
+    agent.sigterm();
+    agent.wait_exit(Duration::from_secs(30));
+
+    // No systemctl: the unit is written, the donor told how to start it.
+    let out = service(&["install"], &agent.state_dir);
+    assert_eq!(out.status.code(), Some(1), "{}", combined(&out));
+    let said = combined(&out);
+    assert!(said.contains("systemctl is not installed"), "{said}");
+    assert!(
+        said.contains(
+            "start it yourself with: systemctl --user daemon-reload && systemctl --user enable \
+             --now trunkfarm-agent.service"
+        ),
+        "{said}"
+    );
+    let written = std::fs::read_to_string(&unit).expect("the unit is written");
+    assert!(written.contains(&exec), "{written}");
+
+    // systemd accepts the unit it wrote, and the system unit it would write.
+    let system = {
+        let mut cmd = Command::new(&bins().agent);
+        cmd.args(["service", "install", "--system", "--print"])
+            .args(["--state-dir", "/var/lib/tf-e2e"]);
+        run_with_timeout(cmd, Duration::from_secs(30))
+    };
+    assert!(system.status.success(), "{}", combined(&system));
+    let system_text: String = String::from_utf8_lossy(&system.stdout)
+        .lines()
+        .filter(|l| !l.starts_with("# /etc") && !l.starts_with("# then:"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert!(
+        system_text.contains("StateDirectory=tf-e2e\n"),
+        "{system_text}"
+    );
+    let probe = Command::new("systemd-analyze").arg("--version").output();
+    if probe.is_ok_and(|o| o.status.success()) {
+        let check = temp_dir("trunkfarm-e2e-svc-verify-");
+        let system_unit = check.path().join("trunkfarm-agent.service");
+        std::fs::write(&system_unit, &system_text).unwrap();
+        for path in [&unit, &system_unit] {
+            let mut cmd = Command::new("systemd-analyze");
+            cmd.args(["verify", "--man=no"]).arg(path);
+            let out = run_with_timeout(cmd, Duration::from_secs(60));
+            assert!(
+                out.status.success() && combined(&out).trim().is_empty(),
+                "systemd-analyze verify {}:\n{}",
+                path.display(),
+                combined(&out)
+            );
+        }
+    } else {
+        eprintln!("systemd-analyze is not installed: the units were not verified");
+    }
+
+    // Uninstall removes the unit; without systemctl it says how to stop it.
+    let out = service(&["uninstall"], &agent.state_dir);
+    assert_eq!(out.status.code(), Some(1), "{}", combined(&out));
+    assert!(!unit.exists());
+    assert!(
+        combined(&out).contains("systemctl --user stop trunkfarm-agent.service"),
+        "{}",
+        combined(&out)
+    );
+    let out = service(&["uninstall"], &agent.state_dir);
+    assert_eq!(out.status.code(), Some(2), "{}", combined(&out));
+    assert!(
+        combined(&out).contains("no user service is installed"),
+        "{}",
+        combined(&out)
+    );
+}

@@ -1,5 +1,5 @@
 //! The command line: `trunkfarm-agent enroll`, `run`, and the donor's
-//! `status`, `pause`, `resume` and `unenroll`.
+//! `status`, `pause`, `resume` and `unenroll`, and `service`.
 //!
 //! Only parsing lives here; the commands themselves are in [`crate::enroll`],
 //! [`crate::session`] and [`crate::commands`]. Options of `run` that change a setting become
@@ -56,6 +56,40 @@ pub(crate) enum Command {
     /// List the hubs this machine is enrolled with: name, address, agent
     /// id, share and whether the running agent is connected to each.
     Hubs(StatusArgs),
+    /// Run the agent as a systemd service, started now and at every boot
+    /// (`install`), or no longer (`uninstall`).
+    #[command(subcommand)]
+    Service(ServiceCommand),
+}
+
+/// `trunkfarm-agent service`.
+#[derive(Debug, Subcommand)]
+pub(crate) enum ServiceCommand {
+    /// Write a systemd unit that runs `trunkfarm-agent run` on this state
+    /// directory, and enable and start it (a user service by default; exit
+    /// 1 with the unit written when systemctl cannot be asked).
+    Install(ServiceArgs),
+    /// Stop and disable the service and remove its unit (the enrollment
+    /// and settings stay).
+    Uninstall(ServiceArgs),
+}
+
+/// `trunkfarm-agent service install|uninstall`.
+#[derive(Debug, Args)]
+pub(crate) struct ServiceArgs {
+    /// Where the agent keeps its credential and state [default:
+    /// $TRUNKFARM_AGENT_STATE_DIR, else /var/lib/trunkfarm-agent with
+    /// --system, else $XDG_STATE_HOME/trunkfarm-agent, else
+    /// ~/.local/state/trunkfarm-agent].
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// A system service (as root, run as a user systemd makes for it, state
+    /// in /var/lib) instead of your user service.
+    #[arg(long)]
+    pub system: bool,
+    /// Print the unit and the commands instead of installing (`install`).
+    #[arg(long)]
+    pub print: bool,
 }
 
 /// A command that only needs the state directory.
@@ -168,6 +202,24 @@ pub(crate) struct RunArgs {
     /// `allowed_projects`).
     #[arg(long = "allow-project", value_name = "PROJECT")]
     pub allow_projects: Vec<String>,
+    /// Never take jobs of this project; repeat for more (replaces
+    /// `denied_projects`).
+    #[arg(long = "deny-project", value_name = "PROJECT")]
+    pub deny_projects: Vec<String>,
+    /// CPU cores offered, e.g. 4 (overrides `cores`) [default: all].
+    #[arg(long, value_name = "N")]
+    pub cores: Option<u32>,
+    /// Memory offered to all jobs together, e.g. "8 GiB" (overrides
+    /// `memory`) [default: the machine's].
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub memory: Option<u64>,
+    /// When this machine takes work, e.g. "Mon-Fri 22:00-07:00"; repeat for
+    /// more windows (replaces `schedule`) [default: any time].
+    #[arg(long = "schedule", value_name = "WINDOW")]
+    pub schedule: Vec<String>,
+    /// Take work only while the machine is idle (overrides `only_when_idle`).
+    #[arg(long)]
+    pub only_when_idle: bool,
     /// Your ceiling on any one job's run time, e.g. "2h" or "90m" (overrides
     /// `max_job_timeout`).
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
@@ -205,6 +257,11 @@ impl RunArgs {
             allowed_projects: (!self.allow_projects.is_empty())
                 .then(|| self.allow_projects.clone()),
             max_job_timeout: self.max_job_timeout,
+            cores: self.cores,
+            memory: self.memory,
+            denied_projects: (!self.deny_projects.is_empty()).then(|| self.deny_projects.clone()),
+            schedule: (!self.schedule.is_empty()).then(|| self.schedule.clone()),
+            only_when_idle: self.only_when_idle.then_some(true),
             output_cap: self.output_cap,
             work_dir: self.work_dir.clone(),
             sandbox: self.sandbox,
@@ -295,6 +352,17 @@ mod tests {
             "--sandbox",
             "bwrap",
             "--allow-network",
+            "--deny-project",
+            "beta",
+            "--cores",
+            "2",
+            "--memory",
+            "8 GiB",
+            "--schedule",
+            "Mon-Fri 22:00-07:00",
+            "--schedule",
+            "Sat-Sun",
+            "--only-when-idle",
         ])
         .unwrap();
         let Command::Run(a) = cli.command else {
@@ -313,6 +381,11 @@ mod tests {
                 work_dir: Some("/w".into()),
                 sandbox: Some(SandboxMode::Bwrap),
                 allow_network: Some(true),
+                cores: Some(2),
+                memory: Some(8 << 30),
+                denied_projects: Some(vec!["beta".into()]),
+                schedule: Some(vec!["Mon-Fri 22:00-07:00".into(), "Sat-Sun".into()]),
+                only_when_idle: Some(true),
             }
         );
     }

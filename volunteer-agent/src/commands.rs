@@ -210,6 +210,13 @@ pub(crate) fn render(s: &Status) -> String {
         None if s.draining => {
             let _ = writeln!(out, "Draining: it finishes its jobs, then stops.");
         }
+        None if s.unavailable.is_some() => {
+            let _ = writeln!(
+                out,
+                "Takes work: not now: {}.",
+                s.unavailable.as_deref().unwrap_or_default()
+            );
+        }
         None if s.running => {
             let _ = writeln!(out, "Takes work: yes.");
         }

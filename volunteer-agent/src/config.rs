@@ -45,7 +45,7 @@ const MIN_JOB_DISK: u64 = 16 * MIB;
 const MIN_JOB_OPEN_FILES: u32 = 64;
 
 /// The donor's settings after defaults, path resolution and validation.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields, expecting = "a table of agent settings")]
 pub(crate) struct AgentConfig {
     /// The file the settings came from, for messages; `None` when there was
@@ -63,10 +63,45 @@ pub(crate) struct AgentConfig {
     pub max_parallel_jobs: u32,
     /// Projects the donor accepts jobs from; empty means any project.
     pub allowed_projects: Vec<String>,
+    /// Projects the donor never runs jobs of (checked after
+    /// `allowed_projects`).
+    pub denied_projects: Vec<String>,
     /// The donor's ceiling on any one job's run time, on top of the job's
     /// own timeout; `None` means no ceiling of the donor's own.
     #[serde(deserialize_with = "de::opt_duration")]
     pub max_job_timeout: Option<Duration>,
+    /// CPU cores offered to the farm; `None`: every core this process may
+    /// use. Told to the hub (never more than there are) and held by the
+    /// jobs' CPU affinity.
+    #[serde(deserialize_with = "opt_count")]
+    pub cores: Option<u32>,
+    /// Memory offered to the farm, all jobs together; `None`: the machine's.
+    /// Told to the hub (never more than there is) and held by capping each
+    /// job's `job_memory` at this divided by `max_parallel_jobs`.
+    #[serde(deserialize_with = "opt_bytes")]
+    pub memory: Option<u64>,
+    /// When the machine takes work, in windows of the week (`limits.rs`):
+    /// `["Mon-Fri 22:00-07:00", "Sat-Sun"]`; empty means any time.
+    pub schedule: Vec<String>,
+    /// The time zone `schedule` is read in (an IANA name such as
+    /// "Europe/Berlin"); `None`: the system's.
+    pub timezone: Option<String>,
+    /// Take work only while the machine is idle: its load under `idle_load`
+    /// per core and no terminal used for `idle_for`.
+    pub only_when_idle: bool,
+    /// `only_when_idle`: the highest 1-minute load average per core (less
+    /// the agent's own running jobs) that counts as idle.
+    pub idle_load: f64,
+    /// `only_when_idle`: how long no terminal (ttys, ssh sessions) must have
+    /// been used; "0s" looks at the load only.
+    #[serde(deserialize_with = "de::duration")]
+    pub idle_for: Duration,
+    /// `only_when_idle`: how often the load and terminals are looked at.
+    #[serde(deserialize_with = "de::duration")]
+    pub idle_check: Duration,
+    /// For tests: the load average is read from this file (the format of
+    /// `/proc/loadavg`) instead of `/proc/loadavg`.
+    pub loadavg_file: Option<PathBuf>,
     /// Log bytes kept per job (head and tail; the middle is cut), at least
     /// 4 KiB.
     #[serde(deserialize_with = "de::byte_size")]
@@ -232,7 +267,17 @@ impl Default for AgentConfig {
             labels: Vec::new(),
             max_parallel_jobs: 1,
             allowed_projects: Vec::new(),
+            denied_projects: Vec::new(),
             max_job_timeout: None,
+            cores: None,
+            memory: None,
+            schedule: Vec::new(),
+            timezone: None,
+            only_when_idle: false,
+            idle_load: 0.5,
+            idle_for: Duration::from_secs(10 * 60),
+            idle_check: Duration::from_secs(30),
+            loadavg_file: None,
             output_cap: 4 * MIB,
             work_dir: None,
             drain_grace: Duration::from_secs(10 * 60),
@@ -253,6 +298,16 @@ impl Default for AgentConfig {
 /// likely to change for a single run; `None` leaves the file's value.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct Overrides {
+    /// Overrides `cores`.
+    pub cores: Option<u32>,
+    /// Overrides `memory`, in bytes.
+    pub memory: Option<u64>,
+    /// Replaces `denied_projects`.
+    pub denied_projects: Option<Vec<String>>,
+    /// Replaces `schedule`.
+    pub schedule: Option<Vec<String>>,
+    /// Overrides `only_when_idle`.
+    pub only_when_idle: Option<bool>,
     /// Overrides `name`.
     pub name: Option<String>,
     /// Replaces `labels` (not added to them).
@@ -274,7 +329,28 @@ pub(crate) struct Overrides {
     pub allow_network: Option<bool>,
 }
 
+/// [`de::count`] for a setting that may be left out.
+fn opt_count<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    de::count(d).map(Some)
+}
+
+/// [`de::byte_size`] for a setting that may be left out.
+fn opt_bytes<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    de::byte_size(d).map(Some)
+}
+
 impl AgentConfig {
+    /// One job's memory ceiling: `job_memory`, within the donor's `memory`
+    /// shared by `max_parallel_jobs` jobs (so together they never pass it).
+    pub fn job_memory_offered(&self) -> u64 {
+        match self.memory {
+            Some(memory) => self
+                .job_memory
+                .min(memory / u64::from(self.max_parallel_jobs.max(1))),
+            None => self.job_memory,
+        }
+    }
+
     /// Where jobs' work directories go: `work_dir`, or `<state_dir>/work`.
     pub fn work_root(&self, state_dir: &Path) -> PathBuf {
         self.work_dir
@@ -326,9 +402,13 @@ impl AgentConfig {
             .check_paths()
             .map_err(|p| p.into_error(&file, text, &doc))?;
         if let Some(base) = origin.and_then(Path::parent) {
-            for dir in [&mut config.work_dir, &mut config.cache.dir]
-                .into_iter()
-                .flatten()
+            for dir in [
+                &mut config.work_dir,
+                &mut config.cache.dir,
+                &mut config.loadavg_file,
+            ]
+            .into_iter()
+            .flatten()
             {
                 if dir.is_relative() {
                     *dir = base.join(&*dir);
@@ -366,6 +446,26 @@ impl AgentConfig {
         if let Some(v) = o.max_job_timeout {
             next.max_job_timeout = Some(v);
             overridden.push("max_job_timeout");
+        }
+        if let Some(v) = o.cores {
+            next.cores = Some(v);
+            overridden.push("cores");
+        }
+        if let Some(v) = o.memory {
+            next.memory = Some(v);
+            overridden.push("memory");
+        }
+        if let Some(v) = o.denied_projects {
+            next.denied_projects = v;
+            overridden.push("denied_projects");
+        }
+        if let Some(v) = o.schedule {
+            next.schedule = v;
+            overridden.push("schedule");
+        }
+        if let Some(v) = o.only_when_idle {
+            next.only_when_idle = v;
+            overridden.push("only_when_idle");
         }
         if let Some(v) = o.output_cap {
             next.output_cap = v;
@@ -410,6 +510,9 @@ impl AgentConfig {
         }
         if let Some(path) = &self.cache.dir {
             check_path("cache.dir", path)?;
+        }
+        if let Some(path) = &self.loadavg_file {
+            check_path("loadavg_file", path)?;
         }
         Ok(())
     }
@@ -458,10 +561,67 @@ impl AgentConfig {
                 ));
             }
         }
+        for project in &self.denied_projects {
+            if project.is_empty() || project.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(Problem::new(
+                    "denied_projects",
+                    format!(
+                        "{project:?} is not a valid project name; expected a non-empty name without spaces"
+                    ),
+                ));
+            }
+            if self.allowed_projects.contains(project) {
+                return Err(Problem::new(
+                    "denied_projects",
+                    format!("{project:?} is in allowed_projects too; keep it in one of the two"),
+                ));
+            }
+        }
         if self.max_job_timeout.is_some_and(|d| d.is_zero()) {
             return Err(Problem::new(
                 "max_job_timeout",
                 "must be greater than zero, e.g. \"2h\" (leave it out for no ceiling of your own)",
+            ));
+        }
+        if self.cores == Some(0) {
+            return Err(Problem::new(
+                "cores",
+                "must be at least 1 (to stop taking jobs, pause or stop the agent)",
+            ));
+        }
+        if let Some(memory) = self.memory
+            && memory < MIN_JOB_MEMORY.saturating_mul(u64::from(self.max_parallel_jobs))
+        {
+            return Err(Problem::new(
+                "memory",
+                format!(
+                    "{} is too small; expected at least {} for each of max_parallel_jobs ({}), e.g. \"8 GiB\"",
+                    fmt_bytes(memory),
+                    fmt_bytes(MIN_JOB_MEMORY),
+                    self.max_parallel_jobs
+                ),
+            ));
+        }
+        let zone = crate::limits::time_zone(self.timezone.as_deref())
+            .map_err(|e| Problem::new("timezone", e))?;
+        crate::limits::Schedule::parse(&self.schedule, zone)
+            .map_err(|e| Problem::new("schedule", e.to_string()))?;
+        if !(self.idle_load.is_finite() && self.idle_load > 0.0) {
+            return Err(Problem::new(
+                "idle_load",
+                format!(
+                    "{} is not a load per core; expected a number above 0, e.g. 0.5 (half the cores busy)",
+                    self.idle_load
+                ),
+            ));
+        }
+        if self.idle_check < Duration::from_secs(1) {
+            return Err(Problem::new(
+                "idle_check",
+                format!(
+                    "{} is too short; expected at least 1s, e.g. \"30s\"",
+                    fmt_duration(self.idle_check)
+                ),
             ));
         }
         if self.output_cap < 4 * KIB {
@@ -655,6 +815,10 @@ mod tests {
         let expected = AgentConfig {
             name: Some("alice-workstation".into()),
             max_job_timeout: Some(Duration::from_secs(2 * 3600)),
+            cores: Some(4),
+            memory: Some(8 << 30),
+            timezone: Some("Europe/Berlin".into()),
+            loadavg_file: Some("/proc/loadavg".into()),
             work_dir: Some("/var/tmp/trunkfarm-work".into()),
             cache: CacheConfig {
                 dir: Some("/var/cache/trunkfarm-agent".into()),
@@ -668,7 +832,17 @@ mod tests {
             "labels",
             "max_parallel_jobs",
             "allowed_projects",
+            "denied_projects",
             "max_job_timeout",
+            "cores",
+            "memory",
+            "schedule",
+            "timezone",
+            "only_when_idle",
+            "idle_load",
+            "idle_for",
+            "idle_check",
+            "loadavg_file",
             "output_cap",
             "work_dir",
             "drain_grace",
@@ -826,7 +1000,7 @@ reconnect_max_backoff = "5m"
         assert_eq!(e.line(), Some(2));
         assert_eq!(
             e.to_string(),
-            "/home/donor/.local/state/trunkfarm/agent.toml:2: unknown key `max_paralel_jobs`, expected one of `name`, `labels`, `max_parallel_jobs`, `allowed_projects`, `max_job_timeout`, `output_cap`, `work_dir`, `drain_grace`, `reconnect_max_backoff`, `sandbox`, `allow_network`, `job_memory`, `job_processes`, `job_disk`, `job_open_files`, `cache`, `hubs`"
+            "/home/donor/.local/state/trunkfarm/agent.toml:2: unknown key `max_paralel_jobs`, expected one of `name`, `labels`, `max_parallel_jobs`, `allowed_projects`, `denied_projects`, `max_job_timeout`, `cores`, `memory`, `schedule`, `timezone`, `only_when_idle`, `idle_load`, `idle_for`, `idle_check`, `loadavg_file`, `output_cap`, `work_dir`, `drain_grace`, `reconnect_max_backoff`, `sandbox`, `allow_network`, `job_memory`, `job_processes`, `job_disk`, `job_open_files`, `cache`, `hubs`"
         );
         // `source` is not a setting.
         assert!(err("source = \"x\"\n").contains("unknown key `source`"));
@@ -837,7 +1011,7 @@ reconnect_max_backoff = "5m"
         // The settings are flat: a table or dotted key is named in full.
         assert_eq!(
             err("[limits]\noutput_cap = \"1 MiB\"\n"),
-            "/home/donor/.local/state/trunkfarm/agent.toml:1: unknown key `limits`, expected one of `name`, `labels`, `max_parallel_jobs`, `allowed_projects`, `max_job_timeout`, `output_cap`, `work_dir`, `drain_grace`, `reconnect_max_backoff`, `sandbox`, `allow_network`, `job_memory`, `job_processes`, `job_disk`, `job_open_files`, `cache`, `hubs`"
+            "/home/donor/.local/state/trunkfarm/agent.toml:1: unknown key `limits`, expected one of `name`, `labels`, `max_parallel_jobs`, `allowed_projects`, `denied_projects`, `max_job_timeout`, `cores`, `memory`, `schedule`, `timezone`, `only_when_idle`, `idle_load`, `idle_for`, `idle_check`, `loadavg_file`, `output_cap`, `work_dir`, `drain_grace`, `reconnect_max_backoff`, `sandbox`, `allow_network`, `job_memory`, `job_processes`, `job_disk`, `job_open_files`, `cache`, `hubs`"
         );
         assert_eq!(
             err("name = \"a\"\nlabels.gpu = true\n"),
@@ -1031,8 +1205,18 @@ reconnect_max_backoff = "5m"
             work_dir: Some("rel".into()),
             sandbox: Some(SandboxMode::None),
             allow_network: Some(true),
+            cores: Some(2),
+            memory: Some(8 << 30),
+            denied_projects: Some(vec!["beta".into()]),
+            schedule: Some(vec!["Sat-Sun".into()]),
+            only_when_idle: Some(true),
         })
         .unwrap();
+        assert_eq!(c.cores, Some(2));
+        assert_eq!(c.memory, Some(8 << 30));
+        assert_eq!(c.denied_projects, ["beta"]);
+        assert_eq!(c.schedule, ["Sat-Sun"]);
+        assert!(c.only_when_idle);
         assert_eq!(c.sandbox, SandboxMode::None);
         assert!(c.allow_network);
         assert_eq!(c.name.as_deref(), Some("cli"));
@@ -1147,5 +1331,67 @@ reconnect_max_backoff = "5m"
         );
         assert_eq!(" bwrap".parse::<SandboxMode>(), Ok(SandboxMode::Bwrap));
         assert_eq!("auto".parse::<SandboxMode>(), Ok(SandboxMode::Auto));
+    }
+
+    #[test]
+    fn donor_limits() {
+        let c = AgentConfig::default();
+        assert_eq!((c.cores, c.memory), (None, None));
+        assert!(c.schedule.is_empty() && !c.only_when_idle);
+        assert_eq!(c.idle_load, 0.5);
+        assert_eq!(c.idle_for, Duration::from_secs(600));
+        assert_eq!(c.idle_check, Duration::from_secs(30));
+        let c = parse(
+            "cores = 4\nmemory = \"8 GiB\"\ndenied_projects = [\"beta\"]\nschedule = [\"Mon-Fri 22:00-07:00\", \"Sat-Sun\"]\ntimezone = \"Europe/Berlin\"\nonly_when_idle = true\nidle_load = 1\nidle_for = \"0s\"\nidle_check = \"5s\"\nloadavg_file = \"load\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.cores, Some(4));
+        assert_eq!(c.memory, Some(8 << 30));
+        assert_eq!(c.denied_projects, ["beta"]);
+        assert_eq!(c.schedule, ["Mon-Fri 22:00-07:00", "Sat-Sun"]);
+        assert_eq!(c.timezone.as_deref(), Some("Europe/Berlin"));
+        assert!(c.only_when_idle);
+        assert_eq!(c.idle_load, 1.0);
+        assert_eq!(c.idle_for, Duration::ZERO);
+        assert_eq!(c.idle_check, Duration::from_secs(5));
+        assert_eq!(
+            c.loadavg_file.as_deref(),
+            Some(Path::new("/home/donor/.local/state/trunkfarm/load"))
+        );
+        assert_eq!(
+            err("schedule = [\"Sat-Sun\", \"Mon-Fry 22:00\"]\n"),
+            "/home/donor/.local/state/trunkfarm/agent.toml:1: invalid `schedule`: schedule entry `Mon-Fry 22:00`: unknown day `Fry`, use Mon Tue Wed Thu Fri Sat Sun"
+        );
+        assert!(
+            err("timezone = \"Mars/Olympus\"\n").starts_with(
+                "/home/donor/.local/state/trunkfarm/agent.toml:1: invalid `timezone`: unknown time zone \"Mars/Olympus\""
+            ),
+            "{}",
+            err("timezone = \"Mars/Olympus\"\n")
+        );
+        assert_eq!(
+            err("cores = 0\n"),
+            "/home/donor/.local/state/trunkfarm/agent.toml:1: invalid `cores`: must be at least 1 (to stop taking jobs, pause or stop the agent)"
+        );
+        assert!(err("memory = \"1 MiB\"\n").contains("invalid `memory`: 1.0 MiB is too small"));
+        assert!(err("idle_load = 0\n").contains("invalid `idle_load`: 0 is not a load per core"));
+        assert!(err("idle_load = -1.5\n").contains("invalid `idle_load`"));
+        assert!(err("idle_check = \"10ms\"\n").contains("invalid `idle_check`: 10ms is too short"));
+        assert_eq!(
+            err("allowed_projects = [\"a\"]\ndenied_projects = [\"a\"]\n"),
+            "/home/donor/.local/state/trunkfarm/agent.toml:2: invalid `denied_projects`: \"a\" is in allowed_projects too; keep it in one of the two"
+        );
+        assert!(err("denied_projects = [\"\"]\n").contains("is not a valid project name"));
+        // A bad schedule from the command line blames it.
+        let mut c = parse("").unwrap();
+        assert_eq!(
+            c.apply(Overrides {
+                schedule: Some(vec!["Sun 7-9".into()]),
+                ..Overrides::default()
+            })
+            .unwrap_err()
+            .to_string(),
+            "invalid `schedule` from the command line: schedule entry `Sun 7-9`: `7` is not a time of day; write HH:MM on a 24-hour clock, e.g. 07:30"
+        );
     }
 }

@@ -78,6 +78,9 @@ pub(crate) struct Status {
     pub connected_since_ms: Option<u64>,
     /// The donor's pause, if paused.
     pub paused: Option<Pause>,
+    /// Why its donor's limits (schedule, only_when_idle) keep it from new
+    /// work now, and until when in the donor's time; `None`: they do not.
+    pub unavailable: Option<String>,
     /// Draining: finishing its jobs, then exiting.
     pub draining: bool,
     /// The jobs running now.
@@ -133,6 +136,28 @@ pub(crate) type Control = (Request, oneshot::Sender<Answer>);
 pub(crate) struct Server {
     path: PathBuf,
     task: tokio::task::JoinHandle<()>,
+    /// Closed once every answer being written is done: each answer's task
+    /// holds a sender, so `recv` returns `None` when the last one ends.
+    in_flight: mpsc::Receiver<()>,
+}
+
+/// How long a stopping agent waits for the answers it is still writing
+/// (`unenroll`'s "stops once the hub has their results" must reach the
+/// donor before the process exits).
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
+
+impl Server {
+    /// Stops listening and waits (up to [`CLOSE_WAIT`]) for the answers
+    /// being written; then the socket file is removed.
+    pub(crate) async fn close(mut self) {
+        self.task.abort();
+        if tokio::time::timeout(CLOSE_WAIT, self.in_flight.recv())
+            .await
+            .is_err()
+        {
+            tracing::debug!("an answer on the control socket was still being written at exit");
+        }
+    }
 }
 
 impl Drop for Server {
@@ -160,11 +185,12 @@ pub(crate) fn serve(dir: &Path, tx: mpsc::Sender<Control>) -> io::Result<Server>
     let listener = UnixListener::bind(&path)?;
     use std::os::unix::fs::PermissionsExt as _;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    let (guard, in_flight) = mpsc::channel::<()>(1);
     let task = tokio::spawn(async move {
         loop {
             match listener.accept().await {
                 Ok((stream, _)) => {
-                    tokio::spawn(answer(stream, tx.clone()));
+                    tokio::spawn(answer(stream, tx.clone(), guard.clone()));
                 }
                 Err(e) => {
                     tracing::warn!("the control socket failed: {e}");
@@ -173,11 +199,16 @@ pub(crate) fn serve(dir: &Path, tx: mpsc::Sender<Control>) -> io::Result<Server>
             }
         }
     });
-    Ok(Server { path, task })
+    Ok(Server {
+        path,
+        task,
+        in_flight,
+    })
 }
 
-/// Reads one request, has the agent answer it, writes the answer.
-async fn answer(stream: UnixStream, tx: mpsc::Sender<Control>) {
+/// Reads one request, has the agent answer it, writes the answer; holds
+/// `_in_flight` until done (see [`Server::close`]).
+async fn answer(stream: UnixStream, tx: mpsc::Sender<Control>, _in_flight: mpsc::Sender<()>) {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     let mut reader = BufReader::new(tokio::io::AsyncReadExt::take(read, MAX_LINE));

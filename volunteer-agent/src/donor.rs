@@ -175,6 +175,16 @@ pub(crate) fn say(line: &str) {
     }
 }
 
+/// Says the hub's notice to the donor ("The hub says: a job of project
+/// `alpha` waits that your allowed_projects (beta) refuse."): its words
+/// without control characters, capped.
+pub(crate) fn hub_notice(text: &str) {
+    let text: String = text.chars().filter(|c| !c.is_control()).take(300).collect();
+    if !text.trim().is_empty() {
+        say(&format!("The hub says: {}", text.trim()));
+    }
+}
+
 /// One runtime download as the donor sees it: a progress bar on stderr
 /// when it is a terminal, plain lines on stdout otherwise; the line saying
 /// it is done either way.

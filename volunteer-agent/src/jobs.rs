@@ -35,6 +35,8 @@ pub(crate) struct JobPolicy {
     pub max_parallel: u32,
     /// Projects accepted; empty means any.
     pub allowed_projects: Vec<String>,
+    /// Projects never accepted.
+    pub denied_projects: Vec<String>,
     /// The donor's ceiling on a job's run time.
     pub max_job_timeout: Option<Duration>,
     /// Log bytes kept per job.
@@ -52,6 +54,7 @@ impl JobPolicy {
         JobPolicy {
             max_parallel: config.max_parallel_jobs,
             allowed_projects: config.allowed_projects.clone(),
+            denied_projects: config.denied_projects.clone(),
             max_job_timeout: config.max_job_timeout,
             output_cap: config.output_cap,
             work_root: config.work_root(state_dir),
@@ -81,6 +84,12 @@ impl JobPolicy {
         {
             return Err(format!(
                 "this donor does not accept project {}",
+                spec.project
+            ));
+        }
+        if self.denied_projects.contains(&spec.project) {
+            return Err(format!(
+                "this donor does not accept project {} (its donor denies it)",
                 spec.project
             ));
         }
@@ -474,6 +483,7 @@ mod tests {
         JobPolicy {
             max_parallel: 2,
             allowed_projects: Vec::new(),
+            denied_projects: Vec::new(),
             max_job_timeout: None,
             output_cap: 8192,
             work_root: PathBuf::from("/w"),
@@ -546,6 +556,17 @@ mod tests {
         assert!(capped);
         // A job of no project is not refused by an allowlist.
         assert!(p.admit(&spec("", 0), 0, false).is_ok());
+
+        // A denied project is refused even when the hub sends it anyway.
+        let p = JobPolicy {
+            denied_projects: vec!["beta".into()],
+            ..policy()
+        };
+        assert_eq!(
+            p.admit(&spec("beta", 0), 0, false).unwrap_err(),
+            "this donor does not accept project beta (its donor denies it)"
+        );
+        assert!(p.admit(&spec("alpha", 0), 0, false).is_ok());
 
         // Runtime jobs and builds are accepted (the executor handles them).
         let artifact = JobSpec {

@@ -29,6 +29,7 @@ mod executor;
 mod fsutil;
 mod hubs;
 mod jobs;
+mod limits;
 mod lock;
 mod outbox;
 mod output;
@@ -36,6 +37,7 @@ mod pack;
 mod reports;
 mod results;
 mod sandbox;
+mod service;
 mod session;
 mod slots;
 mod state;
@@ -51,7 +53,7 @@ use std::time::Duration;
 use clap::Parser as _;
 use tracing_subscriber::EnvFilter;
 
-use crate::cli::{Cli, Command, EnrollArgs, RunArgs};
+use crate::cli::{Cli, Command, EnrollArgs, RunArgs, ServiceArgs, ServiceCommand};
 use crate::config::AgentConfig;
 use crate::enroll::EnrollError;
 use crate::session::Ending;
@@ -117,6 +119,14 @@ fn main() -> ExitCode {
                 Ok(dir) => commands::hubs(&dir, args.json).await,
                 Err(code) => code,
             },
+            Command::Service(ServiceCommand::Install(args)) => match service_scope(&args) {
+                Ok((scope, dir)) => service::install(scope, &dir, args.print),
+                Err(code) => code,
+            },
+            Command::Service(ServiceCommand::Uninstall(args)) => match service_scope(&args) {
+                Ok((scope, _)) => service::uninstall(scope),
+                Err(code) => code,
+            },
         }
     });
     runtime.shutdown_timeout(SHUTDOWN_WAIT);
@@ -146,6 +156,24 @@ fn state_dir(cli: Option<&Path>) -> Result<std::path::PathBuf, u8> {
         eprintln!("error: {e}");
         EXIT_USAGE
     })
+}
+
+/// The service's scope and state directory: a system service's defaults to
+/// `/var/lib/trunkfarm-agent` (root's home is hidden from it).
+fn service_scope(args: &ServiceArgs) -> Result<(service::Scope, std::path::PathBuf), u8> {
+    if !args.system {
+        return Ok((service::Scope::User, state_dir(args.state_dir.as_deref())?));
+    }
+    let given = args
+        .state_dir
+        .clone()
+        .or_else(|| {
+            std::env::var_os(state::STATE_DIR_ENV)
+                .filter(|v| !v.is_empty())
+                .map(Into::into)
+        })
+        .unwrap_or_else(|| service::SYSTEM_STATE_DIR.into());
+    Ok((service::Scope::System, state_dir(Some(&given))?))
 }
 
 /// `trunkfarm-agent enroll`.

@@ -128,10 +128,11 @@ pub(crate) struct Limits {
 }
 
 impl Limits {
-    /// The limits `config` sets.
+    /// The limits `config` sets (`job_memory` within the donor's `memory`
+    /// shared by `max_parallel_jobs`).
     pub fn from_config(config: &AgentConfig) -> Limits {
         Limits {
-            memory: config.job_memory,
+            memory: config.job_memory_offered(),
             processes: config.job_processes,
             disk: config.job_disk,
             open_files: config.job_open_files,
@@ -191,6 +192,53 @@ pub(crate) struct Sandbox {
     network_mounts: Vec<Mount>,
     /// The donor allows jobs that need the network to have it.
     allow_network: bool,
+    /// The CPUs jobs run on when the donor offers fewer cores than the
+    /// agent may use (`cores`); `None`: all of them.
+    cpus: Option<CpuSet>,
+}
+
+/// A CPU affinity mask and how many CPUs it holds.
+#[derive(Clone, Copy)]
+struct CpuSet(libc::cpu_set_t, u32);
+
+impl std::fmt::Debug for CpuSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CpuSet({} cpus)", self.1)
+    }
+}
+
+/// The first `cores` CPUs of those this process may run on, when it may
+/// run on more; `None` when there is nothing to hold (no `cores`, or no
+/// more CPUs than offered) or the mask cannot be read (said in the log).
+fn offered_cpus(cores: Option<u32>) -> Option<CpuSet> {
+    let want = cores?;
+    // SAFETY: an all-zero cpu_set_t is a valid (empty) set.
+    let mut mine: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `mine` is a cpu_set_t of the size passed.
+    if unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut mine) } != 0
+    {
+        tracing::warn!(
+            "cannot read this process's CPUs ({}): `cores = {want}` is told to the hub but not \
+             held on jobs",
+            io::Error::last_os_error()
+        );
+        return None;
+    }
+    // SAFETY: as above.
+    let mut kept: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    let mut n = 0u32;
+    for cpu in 0..libc::CPU_SETSIZE as usize {
+        // SAFETY: `cpu` is below CPU_SETSIZE, the sets' size.
+        if unsafe { libc::CPU_ISSET(cpu, &mine) } {
+            if n == want {
+                return Some(CpuSet(kept, n));
+            }
+            // SAFETY: as above.
+            unsafe { libc::CPU_SET(cpu, &mut kept) };
+            n += 1;
+        }
+    }
+    None
 }
 
 impl Sandbox {
@@ -236,7 +284,23 @@ impl Sandbox {
             system: system_mounts(&hidden),
             network_mounts: resolver_mounts(),
             allow_network: config.allow_network,
+            cpus: offered_cpus(config.cores),
         };
+        if let Some(memory) = config.memory {
+            tracing::info!(
+                "memory = {}: each of up to {} job(s) at once may use {}",
+                fmt_bytes(memory),
+                config.max_parallel_jobs,
+                fmt_bytes(sandbox.limits.memory)
+            );
+        }
+        if let Some(cpus) = &sandbox.cpus {
+            tracing::info!(
+                "cores = {}: jobs run on the first {} CPUs this agent may use",
+                cpus.1,
+                cpus.1
+            );
+        }
         if let Kind::Bwrap(path, features) = &sandbox.kind {
             tracing::info!(
                 bwrap = %path.display(),
@@ -279,6 +343,7 @@ impl Sandbox {
             system: Vec::new(),
             network_mounts: Vec::new(),
             allow_network: true,
+            cpus: None,
         }
     }
 
@@ -295,6 +360,7 @@ impl Sandbox {
             system: system_mounts(&hidden),
             network_mounts: Vec::new(),
             allow_network: false,
+            cpus: None,
         }
     }
 
@@ -564,10 +630,12 @@ impl Confinement<'_> {
             .collect::<Result<_, _>>()
             .map_err(io::Error::other)?;
         let rlimits = self.rlimits.clone();
+        let cpus = self.sandbox.cpus;
         let info_fd = info.as_ref().map(|(_, w)| w.as_raw_fd());
         // SAFETY: the closure runs between fork and exec and only makes
         // async-signal-safe calls (umask, open, write, close, setrlimit,
-        // dup2, fcntl) on data prepared before the fork; it allocates nothing.
+        // sched_setaffinity, dup2, fcntl) on data prepared before the fork;
+        // it allocates nothing.
         unsafe {
             cmd.pre_exec(move || {
                 // The job's umask, not the agent's private one.
@@ -592,6 +660,12 @@ impl Confinement<'_> {
                     if libc::setrlimit(*resource, &limit) != 0 {
                         return Err(io::Error::last_os_error());
                     }
+                }
+                // The donor's `cores`: the job and all it starts inherit it.
+                if let Some(CpuSet(set, _)) = &cpus
+                    && libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), set) != 0
+                {
+                    return Err(io::Error::last_os_error());
                 }
                 if let Some(fd) = info_fd {
                     let ok = if fd == INFO_FD {

@@ -52,6 +52,7 @@ use crate::donor::{self, JobInfo, Pause, say};
 use crate::executor::Artifacts;
 use crate::hubs::EnrolledHub;
 use crate::jobs::{self, JobPolicy, JobWake, Jobs};
+use crate::limits::Gate;
 use crate::outbox::{Outbox, kept_log_bound};
 use crate::results::{JobKey, ResultStore, key};
 use crate::sandbox::Sandbox;
@@ -124,6 +125,11 @@ pub(crate) async fn run(
     let sandbox_name = sandbox.name().to_owned();
     let sandbox = Arc::new(sandbox);
     let machine = sysinfo::detect();
+    // The donor's schedule and only_when_idle (`limits.rs`), the machine's:
+    // every hub is told them in words.
+    let mut limit_words = Capabilities::default();
+    let limits = crate::limits::start(&config, machine.cores, &mut limit_words)
+        .map_err(anyhow::Error::msg)?;
     let work_root = config.work_root(&state_dir);
     for name in config.hubs.keys() {
         if !enrolled.iter().any(|h| &h.name == name) {
@@ -165,6 +171,8 @@ pub(crate) async fn run(
         };
         let mut caps = capabilities(&hub_config, fallback_name.as_deref(), &machine);
         caps.sandbox = sandbox_name.clone();
+        caps.schedule = limit_words.schedule.clone();
+        caps.only_when_idle = limit_words.only_when_idle.clone();
         let bearer = credential.bearer()?;
         let artifacts = Artifacts {
             cache: cache.clone(),
@@ -235,7 +243,7 @@ pub(crate) async fn run(
     let signals = Signals::new().context("cannot install the signal handlers")?;
     // The caller holds the state directory's lock: a socket there is stale.
     let (control_tx, control) = mpsc::channel(8);
-    let _server = match control::serve(&state_dir, control_tx) {
+    let server = match control::serve(&state_dir, control_tx) {
         Ok(server) => Some(server),
         Err(e) => {
             tracing::warn!(
@@ -279,6 +287,7 @@ pub(crate) async fn run(
         control,
         pause_ends: pause.as_ref().and_then(|p| p.until_ms).map(instant_at),
         pause,
+        limits,
         state_dir,
         started_ms: crate::lock::now_ms(),
         cache: cache.clone(),
@@ -286,6 +295,9 @@ pub(crate) async fn run(
         first_ending: None,
     };
     let ending = agent.run().await;
+    if let Some(server) = server {
+        server.close().await;
+    }
     let downloads = cache.downloads();
     if downloads > 0 {
         tracing::info!(
@@ -326,28 +338,38 @@ pub(crate) fn capabilities(
         labels,
         os: machine.os.clone(),
         arch: machine.arch.clone(),
-        cores: machine.cores,
-        memory_bytes: machine.memory_bytes,
+        // What the donor offers, never more than there is.
+        cores: config.cores.map_or(machine.cores, |c| c.min(machine.cores)),
+        memory_bytes: match (config.memory, machine.memory_bytes) {
+            (Some(offered), 0) => offered,
+            (Some(offered), there) => offered.min(there),
+            (None, there) => there,
+        },
         max_parallel_jobs: config.max_parallel_jobs,
         allowed_projects: config.allowed_projects.clone(),
+        denied_projects: config.denied_projects.clone(),
+        cache_bytes: config.cache.size,
         // Rounded up: a sub-second remainder must not turn into "no ceiling".
         max_job_timeout_secs: config
             .max_job_timeout
             .map_or(0, |d| d.as_secs() + u64::from(d.subsec_nanos() > 0)),
         output_cap_bytes: config.output_cap,
-        // Set by `run` once the sandbox is known.
+        // Set by `run` once the sandbox and the donor's limits are known.
         sandbox: String::new(),
+        schedule: String::new(),
+        only_when_idle: String::new(),
     }
 }
 
 /// The hello that opens a session. `held` lists the jobs whose leases the
 /// agent still needs: running ones and those whose result is unacknowledged;
-/// `slots`, what an agent serving several hubs offers this one.
+/// `paused` why it takes no new job (its donor's pause or limits); `slots`,
+/// what an agent serving several hubs offers this one.
 pub(crate) fn hello(
     caps: &Capabilities,
     held: Vec<JobRef>,
     draining: bool,
-    pause: Option<&Pause>,
+    paused: Option<Paused>,
     slots: Option<u32>,
 ) -> Hello {
     Hello {
@@ -356,7 +378,7 @@ pub(crate) fn hello(
         capabilities: Some(caps.clone()),
         running: held,
         draining,
-        paused: pause.map(paused),
+        paused,
         slots: slots.map(|offered| SlotsMsg { offered }),
     }
 }
@@ -674,6 +696,8 @@ enum Wake {
     Control(Control),
     /// The donor's `pause --for` ran out.
     PauseOver,
+    /// Time to look at the donor's limits again (`limits.rs`).
+    Limits,
     /// A hub being left (`unenroll --hub`) waited long enough for its
     /// acknowledgements.
     LeaveOver,
@@ -774,6 +798,9 @@ struct Agent {
     pause: Option<Pause>,
     /// When a `pause --for` ends.
     pause_ends: Option<Instant>,
+    /// The donor's schedule and `only_when_idle`: no new job while they
+    /// say so (a pause wins over them).
+    limits: Gate,
     /// The state directory (the journal, the pause).
     state_dir: PathBuf,
     /// When this agent started (Unix ms).
@@ -950,9 +977,9 @@ impl Hub {
 
     /// Starts dialing, with a hello describing the agent as it is now;
     /// `slots`: what it offers this hub (an agent serving several).
-    fn start_connect(&mut self, draining: bool, pause: Option<&Pause>, slots: Option<u32>) {
+    fn start_connect(&mut self, draining: bool, paused: Option<Paused>, slots: Option<u32>) {
         let (tx, rx) = mpsc::channel(OUTBOUND_CHANNEL);
-        let hello = hello(&self.caps, self.held(), draining, pause, slots);
+        let hello = hello(&self.caps, self.held(), draining, paused, slots);
         self.offered_told = slots;
         // A fresh channel has room for its first message.
         let _ = tx.try_send(AgentMessage {
@@ -1119,6 +1146,7 @@ impl Agent {
                 () = sleep_opt(self.drain.ack_deadline) => Wake::AckWaitOver,
                 Some(c) = self.control.recv() => Wake::Control(c),
                 () = sleep_opt(self.pause_ends) => Wake::PauseOver,
+                () = sleep_opt(self.limits.due()) => Wake::Limits,
                 () = sleep_opt(leave_over) => Wake::LeaveOver,
                 () = sleep_opt(offer_check) => Wake::OfferCheck,
             };
@@ -1132,8 +1160,21 @@ impl Agent {
                     None
                 }
                 Wake::PauseOver => {
-                    say("The pause is over: this agent takes work again.");
+                    match self.limits.unavailable() {
+                        Some(u) => say(&format!(
+                            "The pause is over: this agent takes work again once its limits \
+                             allow: it is {}.",
+                            u.describe()
+                        )),
+                        None => say("The pause is over: this agent takes work again."),
+                    }
                     self.set_pause(None);
+                    None
+                }
+                Wake::Limits => {
+                    if self.limits.check(self.running_jobs()) {
+                        self.limits_changed();
+                    }
                     None
                 }
                 Wake::Signal(name) => self.on_signal(name),
@@ -1328,7 +1369,7 @@ impl Agent {
         let Some(slots) = &mut self.slots else {
             return;
         };
-        let takes_work = self.pause.is_none() && !self.drain.active;
+        let takes_work = self.paused_now().is_none() && !self.drain.active;
         let demand: Vec<Demand> = self
             .hubs
             .iter()
@@ -1379,9 +1420,10 @@ impl Agent {
         match wake {
             LinkWake::RetryDue => {
                 let slots = self.hello_slots(i);
+                let paused = self.paused_now();
                 let hub = &mut self.hubs[i];
                 let draining = self.drain.active || hub.drained || hub.leaving.is_some();
-                hub.start_connect(draining, self.pause.as_ref(), slots);
+                hub.start_connect(draining, paused, slots);
                 None
             }
             LinkWake::Connected(Ok((inbound, channel))) => {
@@ -1472,7 +1514,7 @@ impl Agent {
         if !self.hubs[i].link.welcomed() {
             return match msg {
                 HubMsg::Welcome(welcome) => {
-                    let (draining, paused) = (self.drain.active, self.pause.is_some());
+                    let (draining, paused) = (self.drain.active, self.paused_now().is_some());
                     self.hubs[i].welcomed(welcome, draining, paused);
                     None
                 }
@@ -1488,6 +1530,7 @@ impl Agent {
             HubMsg::Cancel(cancel) => self.hubs[i].cancel(cancel),
             HubMsg::Drain(drain) => self.hub_drains(i, Duration::from_secs(drain.grace_secs)),
             HubMsg::ResultAck(ack) => self.hubs[i].acknowledged(ack),
+            HubMsg::Notice(notice) => donor::hub_notice(&notice.text),
             HubMsg::Backlog(backlog) => {
                 let hub = &mut self.hubs[i];
                 hub.backlog = backlog.jobs;
@@ -1524,6 +1567,7 @@ impl Agent {
     /// Runs (or refuses, or hands back) a job hub `i` assigned.
     fn assign(&mut self, i: usize, assignment: Assignment) {
         let running_here = self.running_jobs();
+        let paused_now = self.paused_now();
         let hub = &mut self.hubs[i];
         let Some(job) = assignment.job else {
             tracing::warn!("ignoring an assignment without a job reference");
@@ -1541,14 +1585,14 @@ impl Agent {
             hub.refuse(job, "the assignment carried no job spec".to_owned());
             return;
         };
-        let given_back = if self.pause.is_some() {
+        let given_back = if let Some(paused) = &paused_now {
             // Sent before the hub heard of the pause: it runs elsewhere.
-            Some("the agent's donor paused it")
+            Some(format!("the agent is {}", paused.reason))
         } else if hub.leaving.is_some() {
-            Some("the agent's donor leaves this hub")
+            Some("the agent's donor leaves this hub".to_owned())
         } else if self.slots.is_some() && running_here >= self.max_parallel as usize {
             // Assigned across a withdrawn offer: the slot went to another hub.
-            Some("the agent's slots are taken by its other hubs")
+            Some("the agent's slots are taken by its other hubs".to_owned())
         } else {
             None
         };
@@ -1558,7 +1602,7 @@ impl Agent {
                 attempt = job.attempt,
                 "handing back a job: {why}"
             );
-            hub.deliver(handed_back(jobs::refusal(job, String::new()), why));
+            hub.deliver(handed_back(jobs::refusal(job, String::new()), &why));
             return;
         }
         match hub
@@ -1645,14 +1689,18 @@ impl Agent {
                 message
             }
             Request::Resume => {
-                let message = if self.pause.is_some() {
-                    "This agent takes work again."
+                let mut message = if self.pause.is_some() {
+                    "This agent takes work again".to_owned()
                 } else {
-                    "This agent was not paused: it takes work."
+                    "This agent was not paused: it takes work".to_owned()
                 };
+                if let Some(u) = self.limits.unavailable() {
+                    message.push_str(&format!(" once its limits allow: it is {}", u.describe()));
+                }
+                message.push('.');
                 self.set_pause(None);
-                say(message);
-                message.to_owned()
+                say(&message);
+                message
             }
             Request::Leave => {
                 let n: usize = self.hubs.iter_mut().map(Hub::hand_back_all).sum();
@@ -1707,12 +1755,42 @@ impl Agent {
             );
         }
         self.pause_ends = pause.as_ref().and_then(|p| p.until_ms).map(instant_at);
-        let told = pause.as_ref().map_or_else(Paused::default, paused);
         self.pause = pause;
+        self.tell_paused();
+    }
+
+    /// Why it takes no new job now, as the hubs are told: the donor's
+    /// pause, else the donor's limits; `None`: it takes work.
+    fn paused_now(&self) -> Option<Paused> {
+        match &self.pause {
+            Some(pause) => Some(paused(pause)),
+            None => self.limits.unavailable().map(|u| u.paused()),
+        }
+    }
+
+    /// Tells every connected hub whether it takes work now (the next hello
+    /// tells the others).
+    fn tell_paused(&mut self) {
+        let told = self.paused_now().unwrap_or_default();
         for hub in &mut self.hubs {
             if hub.link.welcomed() {
                 hub.outbox.push_control(Msg::Paused(told.clone()));
             }
+        }
+    }
+
+    /// The donor's limits changed their answer: say so to the donor and,
+    /// unless the donor's pause covers it, to the hubs.
+    fn limits_changed(&mut self) {
+        match self.limits.unavailable() {
+            Some(u) => say(&format!(
+                "This agent takes no new job: it is {}.",
+                u.describe()
+            )),
+            None => say("This agent's limits let it take work again."),
+        }
+        if self.pause.is_none() {
+            self.tell_paused();
         }
     }
 
@@ -1736,6 +1814,7 @@ impl Agent {
             connected: first.is_some_and(|h| h.link.welcomed()),
             connected_since_ms: first.and_then(|h| h.connected_since_ms),
             paused: self.pause.clone(),
+            unavailable: self.limits.unavailable().map(|u| u.describe()),
             draining: self.drain.active,
             jobs,
             last_day: donor::recent(&self.state_dir).unwrap_or_else(|e| {

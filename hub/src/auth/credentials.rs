@@ -457,20 +457,32 @@ impl Credentials {
 
     /// Changes agent `id`'s record with `change`, durably, unless it
     /// returns `None` (nothing to write). Returns the record and what
-    /// `change` said.
+    /// `change` said. One sled transaction: two changes at once (a
+    /// confirmation counted while the agent is revoked) both hold; `change`
+    /// may run again on a fresh copy when sled retries a conflict.
     async fn update_agent<T>(
         &self,
         id: &str,
-        change: impl FnOnce(&mut AgentRecord) -> Option<T>,
+        change: impl Fn(&mut AgentRecord) -> Option<T>,
     ) -> Result<(AgentRecord, Option<T>), AuthError> {
         let key = agent_key(id);
-        let mut rec: AgentRecord = self
-            .table
-            .get(&key)?
-            .ok_or_else(|| AuthError::NoSuchAgent(id.to_string()))?;
-        let said = change(&mut rec);
+        let result = self.table.sled().transaction(|tx| {
+            let Some(raw) = tx.get(&key)? else {
+                return abort(AuthError::NoSuchAgent(id.to_string()));
+            };
+            let mut rec: AgentRecord = self.table.decode(&key, &raw).map_err(stored)?;
+            let said = change(&mut rec);
+            if said.is_some() {
+                tx.insert(key.as_slice(), self.table.encode(&rec).map_err(stored)?)?;
+            }
+            Ok((rec, said))
+        });
+        let (rec, said) = match result {
+            Ok(done) => done,
+            Err(TransactionError::Abort(e)) => return Err(e),
+            Err(TransactionError::Storage(e)) => return Err(self.table.store().err(e).into()),
+        };
         if said.is_some() {
-            self.table.put(&key, &rec)?;
             self.table.store().commit().await?;
         }
         Ok((rec, said))
@@ -808,5 +820,46 @@ mod tests {
         }
         assert_eq!(ok, 3);
         assert_eq!(c.list_agents().unwrap().len(), 3);
+    }
+
+    /// Confirmations counted on several threads at once while the agent is
+    /// revoked: every count and the revocation hold (each change is one
+    /// transaction, not a read then a write that another change undoes).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_changes_to_one_agent_all_hold() {
+        let (_d, c) = creds().await;
+        let (_, token) = c
+            .create_token(Grant::default(), Duration::from_secs(60), 1, String::new())
+            .await
+            .unwrap();
+        let (agent, _) = c.enroll(&token, "donor").await.unwrap();
+        let rule = QuarantineRule {
+            after: 0,
+            window: 3,
+        };
+        let mut handles = Vec::new();
+        for job in 0..200u64 {
+            let c = c.clone();
+            let id = agent.id.clone();
+            handles.push(tokio::spawn(async move {
+                if job == 100 {
+                    c.revoke_agent(&id).await.map(|_| ())
+                } else {
+                    c.count_confirmation(&id, job, job % 2 == 0, rule)
+                        .await
+                        .map(|_| ())
+                }
+            }));
+        }
+        for h in handles {
+            h.await.unwrap().unwrap();
+        }
+        let rec = &c.list_agents().unwrap()[0];
+        assert!(rec.revoked, "the revocation was undone");
+        assert_eq!(
+            (rec.verdicts.agreed, rec.verdicts.disagreed),
+            (99, 100),
+            "a count was lost"
+        );
     }
 }

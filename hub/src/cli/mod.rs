@@ -624,6 +624,7 @@ async fn agent(cfg: &HubConfig, command: AgentCommand) -> anyhow::Result<ExitCod
             ];
             let table = Table::new(COLUMNS);
             let mut quarantined = Vec::new();
+            let mut limits = Vec::new();
             for a in agents {
                 let (state, unavailable) = crate::dispatch::availability(&a);
                 // What the hub gives it, not what it claims.
@@ -648,6 +649,18 @@ async fn agent(cfg: &HubConfig, command: AgentCommand) -> anyhow::Result<ExitCod
                 if !a.quarantined.is_empty() {
                     quarantined.push(format!("{}: {}", a.agent_id, a.quarantined));
                 }
+                let words = a
+                    .capabilities
+                    .as_ref()
+                    .map(crate::dispatch::donor_limits)
+                    .unwrap_or_default();
+                if !words.is_empty() {
+                    limits.push(format!("{} ({}): {}", a.agent_id, a.name, words.join("; ")));
+                }
+            }
+            // Each connected agent's donor limits, a line each (too long for a column).
+            for l in limits {
+                println!("limits of {l}");
             }
             for q in quarantined {
                 println!("quarantined {q} (`trunkfarm agent release <id>` or `agent revoke <id>`)");

@@ -165,8 +165,20 @@ pub(super) struct Agent<'a> {
     remote_address: &'a str,
     os: &'a str,
     arch: &'a str,
+    /// The cores and memory its donor offers (never more than it has).
     cores: u32,
     memory_bytes: u64,
+    /// Its donor's limits (known while it is connected): the ceiling on a
+    /// job's timeout (0: none), projects accepted (empty: any) and denied,
+    /// the schedule (empty: any time), `only_when_idle` (empty: not set),
+    /// the cache's size, and all of them in words (`limits`).
+    max_job_timeout_secs: u64,
+    allowed_projects: &'a [String],
+    denied_projects: &'a [String],
+    schedule: &'a str,
+    only_when_idle: &'a str,
+    cache_bytes: u64,
+    limits: Vec<String>,
     /// What the hub gives it (its claim capped by its token).
     max_parallel_jobs: u32,
     /// What it claimed.
@@ -209,6 +221,13 @@ impl<'a> From<&'a v1::AgentInfo> for Agent<'a> {
             arch: caps.map_or("", |c| &c.arch),
             cores: caps.map_or(0, |c| c.cores),
             memory_bytes: caps.map_or(0, |c| c.memory_bytes),
+            max_job_timeout_secs: caps.map_or(0, |c| c.max_job_timeout_secs),
+            allowed_projects: caps.map_or(&[], |c| &c.allowed_projects),
+            denied_projects: caps.map_or(&[], |c| &c.denied_projects),
+            schedule: caps.map_or("", |c| &c.schedule),
+            only_when_idle: caps.map_or("", |c| &c.only_when_idle),
+            cache_bytes: caps.map_or(0, |c| c.cache_bytes),
+            limits: caps.map(crate::dispatch::donor_limits).unwrap_or_default(),
             max_parallel_jobs: a.max_parallel_jobs,
             claimed_parallel_jobs: caps.map_or(0, |c| c.max_parallel_jobs),
             trust: trust(a.trusted),

@@ -354,6 +354,7 @@ impl Dispatcher {
                 continue;
             };
             let Some((agent_id, trusted)) = sessions.pick(&rec.spec, &rec.placement, now) else {
+                sessions.tell_donors(&rec.spec, now, &mut eff.messages);
                 waiting.push(id);
                 continue;
             };
@@ -924,6 +925,51 @@ pub(crate) fn agent_views(
         .collect();
     agents.sort_by(|a, b| a.name.cmp(&b.name).then(a.agent_id.cmp(&b.agent_id)));
     Ok(agents)
+}
+
+/// Its donor's limits in words, one each ("4 cores", "8.0 GiB",
+/// "jobs up to 30m", "only lua, luajit", "not beta", "Mon-Fri 22:00-07:00
+/// (Europe/Berlin)", "when idle: load under 1.0", "cache 10.0 GiB"); empty
+/// for an agent not connected (a donor's limits are known from its live
+/// session only): one reading for `agent list`, the agents page and its API.
+pub(crate) fn donor_limits(caps: &trunkfarm_proto::v1::Capabilities) -> Vec<String> {
+    use trunkfarm_proto::settings::{fmt_bytes, fmt_duration};
+    let mut words = Vec::new();
+    if caps.cores != 0 {
+        words.push(match caps.cores {
+            1 => "1 core".to_owned(),
+            n => format!("{n} cores"),
+        });
+    }
+    if caps.memory_bytes != 0 {
+        words.push(fmt_bytes(caps.memory_bytes));
+    }
+    if caps.max_job_timeout_secs != 0 {
+        words.push(format!(
+            "jobs up to {}",
+            fmt_duration(Duration::from_secs(caps.max_job_timeout_secs))
+        ));
+    }
+    // The agent's own words (project names, its schedule), shown as text:
+    // controls removed, capped.
+    let said =
+        |text: &str| -> String { text.chars().filter(|c| !c.is_control()).take(200).collect() };
+    if !caps.allowed_projects.is_empty() {
+        words.push(format!("only {}", said(&caps.allowed_projects.join(", "))));
+    }
+    if !caps.denied_projects.is_empty() {
+        words.push(format!("not {}", said(&caps.denied_projects.join(", "))));
+    }
+    if !caps.schedule.is_empty() {
+        words.push(said(&caps.schedule));
+    }
+    if !caps.only_when_idle.is_empty() {
+        words.push(format!("when idle: {}", said(&caps.only_when_idle)));
+    }
+    if caps.cache_bytes != 0 {
+        words.push(format!("cache {}", fmt_bytes(caps.cache_bytes)));
+    }
+    words
 }
 
 /// An agent's status word (`revoked`, `quarantined`, `draining`,
@@ -2067,6 +2113,138 @@ pub(crate) mod tests {
         assert_eq!(
             waiting(&d, id),
             "agent `BOX` only accepts projects lua, luajit (job is for `penlight`)"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_job_of_a_project_the_donor_denies_says_so_and_goes_elsewhere() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_s, d) = open(dir.path(), 5000);
+        let caps = Capabilities {
+            denied_projects: vec!["beta".into()],
+            ..Default::default()
+        };
+        let mut rx = donor(&d, "box", caps, true).await;
+        let beta = JobSpec {
+            project: "beta".into(),
+            ..spec(&["linux"])
+        };
+        let id = d.submit(beta, 0).await.unwrap();
+        assert!(assignments(&mut rx).is_empty(), "its donor denies beta");
+        assert_eq!(
+            waiting(&d, id),
+            "agent `BOX` does not accept project `beta` (its donor denies it)"
+        );
+        // Another project goes to it; the denied one to an agent without the denial.
+        let alpha = JobSpec {
+            project: "alpha".into(),
+            ..spec(&["linux"])
+        };
+        let other = d.submit(alpha, 0).await.unwrap();
+        assert_eq!(assignments(&mut rx)[0].job_id, other);
+        let mut free = donor(&d, "free", Capabilities::default(), true).await;
+        assert_eq!(assignments(&mut free)[0].job_id, id);
+    }
+
+    #[tokio::test]
+    async fn a_donor_whose_limits_refuse_waiting_jobs_is_told_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_s, d) = open(dir.path(), 5000);
+        let caps = Capabilities {
+            allowed_projects: vec!["beta".into()],
+            max_job_timeout_secs: 1800,
+            ..Default::default()
+        };
+        let mut rx = donor(&d, "box", caps, true).await;
+        let notices = |rx: &mut Rx| -> Vec<String> {
+            let mut said = Vec::new();
+            while let Ok(m) = rx.try_recv() {
+                if let Ok(HubMessage {
+                    msg: Some(Msg::Notice(n)),
+                }) = *m
+                {
+                    said.push(n.text);
+                }
+            }
+            said
+        };
+        let alpha = || JobSpec {
+            project: "alpha".into(),
+            ..spec(&["linux"])
+        };
+        d.submit(alpha(), 0).await.unwrap();
+        d.submit(alpha(), 0).await.unwrap();
+        let long = JobSpec {
+            project: "beta".into(),
+            timeout_secs: 3600,
+            ..spec(&["linux"])
+        };
+        d.submit(long, 0).await.unwrap();
+        assert_eq!(
+            notices(&mut rx),
+            [
+                "A job of project `alpha` waits that your allowed_projects (beta) refuse.",
+                "A job that may run 1h waits that your max_job_timeout (30m) refuses.",
+            ],
+            "each sentence once"
+        );
+        // A busy (here: paused) agent is not told: its limits are not why it waits.
+        let paused = trunkfarm_proto::v1::Paused {
+            paused: true,
+            ..Default::default()
+        };
+        d.set_paused("box", &paused).await.unwrap();
+        let delta = JobSpec {
+            project: "delta".into(),
+            ..spec(&["linux"])
+        };
+        d.submit(delta, 0).await.unwrap();
+        assert!(notices(&mut rx).is_empty());
+        // A denied project is said too.
+        let dir2 = tempfile::tempdir().unwrap();
+        let (_s2, d2) = open(dir2.path(), 5000);
+        let denied = Capabilities {
+            denied_projects: vec!["gamma".into()],
+            ..Default::default()
+        };
+        let mut rx2 = donor(&d2, "denier", denied, true).await;
+        let gamma = JobSpec {
+            project: "gamma".into(),
+            ..spec(&["linux"])
+        };
+        d2.submit(gamma, 0).await.unwrap();
+        assert_eq!(
+            notices(&mut rx2),
+            ["A job of project `gamma` waits that your denied_projects refuse."]
+        );
+    }
+
+    #[test]
+    fn a_donors_limits_read_as_words() {
+        assert!(donor_limits(&Capabilities::default()).is_empty());
+        let caps = Capabilities {
+            cores: 4,
+            memory_bytes: 8 << 30,
+            max_job_timeout_secs: 1800,
+            allowed_projects: vec!["lua".into(), "luajit".into()],
+            denied_projects: vec!["beta\u{7}".into()],
+            schedule: "Mon-Fri 22:00-07:00, Sat-Sun (Europe/Berlin)\u{1b}[2J".into(),
+            only_when_idle: "load under 1.0".into(),
+            cache_bytes: 10 << 30,
+            ..Default::default()
+        };
+        assert_eq!(
+            donor_limits(&caps),
+            [
+                "4 cores",
+                "8.0 GiB",
+                "jobs up to 30m",
+                "only lua, luajit",
+                "not beta",
+                "Mon-Fri 22:00-07:00, Sat-Sun (Europe/Berlin)[2J",
+                "when idle: load under 1.0",
+                "cache 10.0 GiB",
+            ]
         );
     }
 

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tonic::Status;
 use trunkfarm_proto::v1::{
-    Assignment, Backlog, Capabilities, Drain, HubMessage, JobRef, Paused, hub_message,
+    Assignment, Backlog, Capabilities, Drain, HubMessage, JobRef, Notice, Paused, hub_message,
 };
 
 use super::DispatchError;
@@ -105,7 +105,12 @@ struct Conn {
     last_assigned: u64,
     agent_version: String,
     remote: String,
+    /// The notices its donor was sent this session ([`Sessions::tell_donors`]).
+    told: HashSet<String>,
 }
+
+/// The most notices one session's donor is sent: a hint, never a flood.
+const NOTICES_PER_SESSION: usize = 16;
 
 impl Conn {
     /// The jobs it may hold at once now: its slots, or those it offers
@@ -135,6 +140,8 @@ impl Conn {
             && !self.caps.allowed_projects.contains(&spec.project)
         {
             Some(Refusal::Project)
+        } else if !spec.project.is_empty() && self.caps.denied_projects.contains(&spec.project) {
+            Some(Refusal::DeniedProject)
         } else if self.caps.max_job_timeout_secs != 0
             && spec.timeout_secs > self.caps.max_job_timeout_secs
         {
@@ -168,6 +175,28 @@ impl Conn {
     fn available(&self, now: Instant, stale_after: Duration) -> bool {
         self.busy(now, stale_after).is_none()
     }
+
+    /// A sentence for its donor when only the donor's own limits (allowed
+    /// or denied projects, `max_job_timeout`) keep `spec` from it.
+    fn donor_notice(&self, spec: &JobSpecRecord) -> Option<String> {
+        match self.refuses(spec)? {
+            Refusal::Project => Some(format!(
+                "A job of project `{}` waits that your allowed_projects ({}) refuse.",
+                spec.project,
+                self.caps.allowed_projects.join(", ")
+            )),
+            Refusal::DeniedProject => Some(format!(
+                "A job of project `{}` waits that your denied_projects refuse.",
+                spec.project
+            )),
+            Refusal::Timeout => Some(format!(
+                "A job that may run {} waits that your max_job_timeout ({}) refuses.",
+                fmt_duration(Duration::from_secs(spec.timeout_secs)),
+                fmt_duration(Duration::from_secs(self.caps.max_job_timeout_secs))
+            )),
+            _ => None,
+        }
+    }
 }
 
 /// Why an agent may never run a job (see [`Conn::refuses`]).
@@ -181,6 +210,8 @@ enum Refusal {
     Label(String),
     /// Its donor allows other projects only (`allowed_projects`).
     Project,
+    /// Its donor denies the job's project (`denied_projects`).
+    DeniedProject,
     /// Its donor allows shorter jobs only (`max_job_timeout`).
     Timeout,
 }
@@ -389,6 +420,7 @@ impl Sessions {
                 last_assigned: 0,
                 agent_version: hello.agent_version,
                 remote: hello.remote,
+                told: HashSet::new(),
             },
         );
         self.last_seen.insert(agent_id.to_owned(), now_ms());
@@ -459,11 +491,31 @@ impl Sessions {
             .map(|(id, c)| (id.clone(), c.trusted))
     }
 
+    /// `spec` found no agent: tells each agent that takes work now but
+    /// whose donor's own limits (allowed or denied projects,
+    /// `max_job_timeout`) refuse it, in a [`Notice`] (each sentence once
+    /// per session, at most [`NOTICES_PER_SESSION`]), so a donor who gets
+    /// no work learns why; the operator reads the same in `why_waiting`.
+    pub(super) fn tell_donors(&mut self, spec: &JobSpecRecord, now: Instant, out: &mut Outbox) {
+        let stale_after = self.stale_after;
+        for c in self.agents.values_mut() {
+            if c.told.len() >= NOTICES_PER_SESSION || !c.available(now, stale_after) {
+                continue;
+            }
+            if let Some(text) = c.donor_notice(spec)
+                && c.told.insert(text.clone())
+            {
+                out.push(&c.tx, hub_message::Msg::Notice(Notice { text }));
+            }
+        }
+    }
+
     /// Why a queued job waits, in words, from the same checks as
     /// [`Sessions::pick`] (computed when asked, never stored): no agent
     /// connected, no agent with its labels, agents whose donors refuse it
-    /// (timeout, projects), none trusted, the matching ones quarantined,
-    /// draining, silent or busy. Reasons for different agents are joined
+    /// (timeout, allowed or denied projects), none trusted, the matching
+    /// ones quarantined, draining, paused (by the donor or its limits),
+    /// silent or busy. Reasons for different agents are joined
     /// with "; ".
     pub(super) fn why_waiting(
         &self,
@@ -585,6 +637,11 @@ impl Sessions {
                     "{} only accepts projects {} (job is for `{}`)",
                     agents_named(&[c]).0,
                     c.caps.allowed_projects.join(", "),
+                    spec.project
+                )),
+                Refusal::DeniedProject => parts.push(format!(
+                    "{} does not accept project `{}` (its donor denies it)",
+                    agents_named(&[c]).0,
                     spec.project
                 )),
                 Refusal::Label(l) => {

@@ -693,10 +693,12 @@ fn html_of(subject: &str, text: &str, links: &[&str], unsubscribe_url: &str) -> 
 /// sequences (CSI such as colours, OSC such as titles and `OSC 8`
 /// hyperlinks, DCS and the like) and every other control character but
 /// newline and tab removed, as are the bidirectional overrides that make
-/// text read otherwise than it is; then URLs defanged — `scheme://` becomes
-/// `scheme[:]//` and a `www.` that starts a word `www[.]` — so that a mail
-/// client that turns plain text into links does not. What is left still
-/// reads the same to a person.
+/// text read otherwise than it is and the invisible ones (zero-width spaces
+/// and joiners, direction marks); then URLs defanged — `scheme://` becomes
+/// `scheme[:]//`, `mailto:` `mailto[:]`, a `www.` that starts a word
+/// `www[.]` and a bare host `phish.example[.]com` — so that a mail client
+/// that turns plain text into links does not. What is left still reads the
+/// same to a person.
 pub(crate) fn untrusted(text: &str) -> String {
     let mut plain = String::with_capacity(text.len());
     let mut chars = text.chars().peekable();
@@ -726,6 +728,9 @@ pub(crate) fn untrusted(text: &str) -> String {
             '\u{9b}' => skip_csi(&mut chars),
             '\u{90}' | '\u{98}' | '\u{9d}' | '\u{9e}' | '\u{9f}' => skip_string(&mut chars),
             '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' => {}
+            // Invisible characters that hide a link's real text: zero-width
+            // spaces and joiners, direction marks, word joiner, BOM.
+            '\u{200b}'..='\u{200f}' | '\u{2060}'..='\u{2064}' | '\u{feff}' | '\u{061c}' => {}
             c if c.is_control() => {}
             c => plain.push(c),
         }
@@ -767,10 +772,22 @@ fn skip_string(chars: &mut std::iter::Peekable<std::str::Chars<'_>>) {
     }
 }
 
-/// Defangs URLs: `scheme://` → `scheme[:]//`, a word-initial `www.` →
-/// `www[.]`.
+/// Top-level domains that mail clients turn into links on their own
+/// (`example.com`), and that test output rarely ends a word with: file
+/// names end in `.py`, `.rs`, `.md`, which are country domains too, and
+/// stay as they are.
+const LINKED_TLDS: &[&str] = &[
+    "com", "net", "org", "info", "biz", "xyz", "top", "online", "site", "app", "io", "co", "me",
+    "ly", "click", "link", "live", "shop",
+];
+
+/// Defangs URLs: `scheme://` → `scheme[:]//`, `mailto:` → `mailto[:]`, a
+/// word-initial `www.` → `www[.]`, and a bare host a mail client would link
+/// (`phish.example.com`, `evil.io/login`; any `host.tld/path` whose top
+/// label is letters) gets its last dot as `[.]`.
 fn defang(text: &str) -> String {
     let text = text.replace("://", "[:]//");
+    let text = bracket_colon(&text, "mailto:");
     // ASCII lower-casing keeps every byte where it was.
     let lower = text.to_ascii_lowercase();
     let mut out = String::with_capacity(text.len());
@@ -787,7 +804,86 @@ fn defang(text: &str) -> String {
         }
     }
     out.push_str(&text[done..]);
+    defang_hosts(&out)
+}
+
+/// The colon ending `prefix` (in any ASCII case) as `[:]`, wherever it
+/// occurs; the rest keeps its case.
+fn bracket_colon(text: &str, prefix: &str) -> String {
+    let lower = text.to_ascii_lowercase();
+    let mut out = String::with_capacity(text.len());
+    let mut done = 0;
+    for (i, _) in lower.match_indices(prefix) {
+        let colon = i + prefix.len() - 1;
+        out.push_str(&text[done..colon]);
+        out.push_str("[:]");
+        done = colon + 1;
+    }
+    out.push_str(&text[done..]);
     out
+}
+
+/// Each word that is a bare host a mail client would link gets its last
+/// dot as `[.]` (see [`defang`]).
+fn defang_hosts(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut word_start = None;
+    let is_word = |c: char| c.is_alphanumeric() || "-._/~%?=&#+:@".contains(c);
+    let flush = |out: &mut String, word: &str| match host_dot(word) {
+        Some(dot) => {
+            out.push_str(&word[..dot]);
+            out.push_str("[.]");
+            out.push_str(&word[dot + 1..]);
+        }
+        None => out.push_str(word),
+    };
+    for (i, c) in text.char_indices() {
+        match (is_word(c), word_start) {
+            (true, None) => word_start = Some(i),
+            (false, Some(start)) => {
+                flush(&mut out, &text[start..i]);
+                word_start = None;
+                out.push(c);
+            }
+            (false, None) => out.push(c),
+            (true, Some(_)) => {}
+        }
+    }
+    if let Some(start) = word_start {
+        flush(&mut out, &text[start..]);
+    }
+    out
+}
+
+/// Where the last dot of `word`'s host is, when the word is a host a mail
+/// client would link: `name.tld` with a linked TLD, or `name.tld/…` with
+/// any alphabetic TLD; an address (`a@b.org`) is left alone.
+fn host_dot(word: &str) -> Option<usize> {
+    if word.contains('@') {
+        return None;
+    }
+    let word = word.trim_end_matches(['.', ',', ':', ';', '?', '!']);
+    let (host, path) = match word.find('/') {
+        Some(slash) => (&word[..slash], true),
+        None => (word, false),
+    };
+    let host = host.split(':').next().unwrap_or(host);
+    if !host
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+    {
+        return None;
+    }
+    let dot = host.rfind('.')?;
+    let (name, tld) = (&host[..dot], &host[dot + 1..]);
+    if name.is_empty() || name.ends_with('.') || !(2..=12).contains(&tld.len()) {
+        return None;
+    }
+    if !tld.chars().all(|c| c.is_ascii_alphabetic()) {
+        return None;
+    }
+    let linked = LINKED_TLDS.contains(&tld.to_ascii_lowercase().as_str());
+    (linked || path).then_some(dot)
 }
 
 /// Escapes text for HTML element content and quoted attribute values.
@@ -809,6 +905,33 @@ fn escape(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bare_hosts_mailto_and_invisible_characters_are_defanged() {
+        for (raw, want) in [
+            ("see phish.example.com now", "see phish.example[.]com now"),
+            ("log in: evil.io/login?x=1.", "log in: evil[.]io/login?x=1."),
+            ("go to Evil.Example/reset", "go to Evil[.]Example/reset"),
+            ("(mirror.org)", "(mirror[.]org)"),
+            ("MailTo:boss@corp.example", "MailTo[:]boss@corp.example"),
+            // Hidden inside a word: removed, then the word is defanged.
+            ("phish\u{200b}.com", "phish[.]com"),
+            ("a\u{200d}b\u{200e}c\u{feff}", "abc"),
+            // What test output is made of stays as it is.
+            (
+                "FAILED tests/test_x.py::test_upper",
+                "FAILED tests/test_x.py::test_upper",
+            ),
+            (
+                "textkit.test_upper os.path 0.5s e.g. README.md",
+                "textkit.test_upper os.path 0.5s e.g. README.md",
+            ),
+            ("./run.sh ../lib.rs v1.2.3/", "./run.sh ../lib.rs v1.2.3/"),
+            ("ada@example.org", "ada@example.org"),
+        ] {
+            assert_eq!(untrusted(raw), want, "{raw:?}");
+        }
+    }
 
     fn went_red() -> Transition {
         Transition {

@@ -50,10 +50,21 @@ pub(crate) struct AgentView {
     /// Its donor's ceiling on a job's timeout (0: none, or not connected:
     /// the hub knows a donor's limits only from a live session).
     pub(crate) max_job_timeout_secs: u64,
-    #[serde(skip)]
-    pub(crate) max_job_timeout: String,
     /// Projects its donor accepts (empty: any).
     pub(crate) allowed_projects: Vec<String>,
+    /// Projects its donor denies.
+    pub(crate) denied_projects: Vec<String>,
+    /// The cores and memory its donor offers (0: unknown or not connected).
+    pub(crate) cores: u32,
+    pub(crate) memory_bytes: u64,
+    /// When its donor lets it take work, in words (empty: any time).
+    pub(crate) schedule: String,
+    /// Its donor's `only_when_idle`, in words (empty: not set).
+    pub(crate) only_when_idle: String,
+    /// The most disk its runtime cache takes (0: unknown).
+    pub(crate) cache_bytes: u64,
+    /// Every donor limit above in words (`dispatch::donor_limits`).
+    pub(crate) limits: Vec<String>,
     pub(crate) enrolled_at_ms: u64,
     pub(crate) enrolled_at: String,
 }
@@ -101,13 +112,14 @@ pub(crate) fn agents(site: &Site) -> Result<AgentsView, String> {
             AgentView {
                 jobs_done: done.get(&a.agent_id).copied().unwrap_or(0),
                 max_parallel_jobs: a.max_parallel_jobs,
-                max_job_timeout: match caps.max_job_timeout_secs {
-                    0 => String::new(),
-                    secs => trunkfarm_proto::settings::fmt_duration(
-                        std::time::Duration::from_secs(secs),
-                    ),
-                },
                 max_job_timeout_secs: caps.max_job_timeout_secs,
+                limits: crate::dispatch::donor_limits(&caps),
+                denied_projects: caps.denied_projects,
+                cores: caps.cores,
+                memory_bytes: caps.memory_bytes,
+                schedule: caps.schedule,
+                only_when_idle: caps.only_when_idle,
+                cache_bytes: caps.cache_bytes,
                 allowed_projects: caps.allowed_projects,
                 name: a.name,
                 trust: if a.trusted { "trusted" } else { "volunteer" }.to_string(),

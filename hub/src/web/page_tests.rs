@@ -411,13 +411,20 @@ async fn unknown_projects_and_upstreams_are_404_naming_the_configured_ones() {
 async fn the_agents_page_and_its_api_count_jobs_done_and_show_the_donors_limits() {
     let mut f = Farm::with_config(CONFIG).await;
     let donor = f.join("donor", true).await;
-    // A donor limiting its machine: 2 jobs at once, 30m each, adder only.
+    // A donor limiting its machine: 2 jobs at once, 30m each, adder only,
+    // 4 cores and 8 GiB, never beta, at night, when idle.
     let limited = f.enroll("limited", Default::default()).await;
     let (tx, _rx) = mpsc::unbounded_channel();
     let caps = Capabilities {
         max_parallel_jobs: 2,
         max_job_timeout_secs: 1800,
         allowed_projects: vec!["adder".into()],
+        denied_projects: vec!["beta".into()],
+        cores: 4,
+        memory_bytes: 8 << 30,
+        schedule: "Mon-Fri 22:00-07:00 (Europe/Berlin)".into(),
+        only_when_idle: "load under 2.0".into(),
+        cache_bytes: 10 << 30,
         ..Default::default()
     };
     let hello = crate::dispatch::Hello {
@@ -450,6 +457,21 @@ async fn the_agents_page_and_its_api_count_jobs_done_and_show_the_donors_limits(
         each(agents, "max_parallel_jobs")
     );
     assert_eq!(attrs(&html, "data-status"), each(agents, "status"));
+    let limits: Vec<String> = agents
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            let words: Vec<&str> = a["limits"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|w| w.as_str().unwrap())
+                .collect();
+            words.join("; ")
+        })
+        .collect();
+    assert_eq!(attrs(&html, "data-limits"), limits);
     let find = |name: &str| {
         agents
             .as_array()
@@ -468,6 +490,22 @@ async fn the_agents_page_and_its_api_count_jobs_done_and_show_the_donors_limits(
     assert_eq!(l["allowed_projects"], serde_json::json!(["adder"]));
     assert!(html.contains("jobs up to 30m"), "{html}");
     assert!(html.contains("only adder"));
+    assert_eq!(l["denied_projects"], serde_json::json!(["beta"]));
+    assert_eq!(l["cores"], 4);
+    assert_eq!(l["memory_bytes"], 8u64 << 30);
+    assert_eq!(l["schedule"], "Mon-Fri 22:00-07:00 (Europe/Berlin)");
+    assert_eq!(l["only_when_idle"], "load under 2.0");
+    assert_eq!(l["cache_bytes"], 10u64 << 30);
+    for words in [
+        "4 cores",
+        "8.0 GiB",
+        "not beta",
+        "Mon-Fri 22:00-07:00 (Europe/Berlin)",
+        "when idle: load under 2.0",
+        "cache 10.0 GiB",
+    ] {
+        assert!(html.contains(words), "{words}: {html}");
+    }
     // Never an address or an agent's id (its credential's name).
     for body in [html.as_str(), &json.to_string()] {
         assert!(!body.contains("192.0.2.7"), "{body}");

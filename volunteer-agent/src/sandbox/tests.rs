@@ -210,12 +210,17 @@ async fn run_sandboxed(
     limits: Limits,
     private: &[&Path],
 ) -> (ExecOutcome, String) {
+    run_in(spec, root, Sandbox::bwrap_for_tests(limits, private)).await
+}
+
+/// Runs `spec` in `sandbox`; returns the outcome and the whole log as text.
+async fn run_in(spec: &JobSpec, root: &Path, sandbox: Sandbox) -> (ExecOutcome, String) {
     let side = tempfile::tempdir().unwrap();
     let artifacts = Artifacts {
         cache: ArtifactCache::open(side.path().join("cache"), 1 << 30).unwrap(),
         hub: Arc::new(FakeHub::default()),
         max_unpacked_bytes: 1 << 30,
-        sandbox: Arc::new(Sandbox::bwrap_for_tests(limits, private)),
+        sandbox: Arc::new(sandbox),
     };
     let (tx, mut rx) = mpsc::channel::<(LogStream, Vec<u8>)>(4);
     let collector = tokio::spawn(async move {
@@ -425,4 +430,23 @@ async fn a_sandbox_that_cannot_start_is_the_agents_error_not_the_jobs_failure() 
     assert_eq!(out.status.code(), Some(3), "{out:?}");
     assert!(launch.probe.sandbox_started());
     confinement.close().await;
+}
+
+#[tokio::test]
+async fn a_donors_cores_hold_the_jobs_cpu_affinity() {
+    assert!(offered_cpus(None).is_none(), "no `cores`: every CPU");
+    assert!(
+        offered_cpus(Some(u32::MAX)).is_none(),
+        "more cores than there are: nothing to hold"
+    );
+    let root = tempfile::tempdir().unwrap();
+    let sandbox = Sandbox {
+        cpus: offered_cpus(Some(1)),
+        ..Sandbox::unconfined()
+    };
+    // `nproc` counts the CPUs its affinity allows; what the job starts inherits it.
+    let (out, log) = run_in(&spec(&["nproc", "sh -c nproc"]), root.path(), sandbox).await;
+    assert_eq!(out.outcome, Outcome::Passed, "{out:?}\n{log}");
+    let counts: Vec<&str> = log.lines().filter(|l| !l.starts_with('$')).collect();
+    assert_eq!(counts, ["1", "1"], "{log}");
 }
