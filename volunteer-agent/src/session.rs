@@ -1366,10 +1366,10 @@ impl Agent {
     /// With several hubs: divides the free slots again and tells each hub
     /// what it may fill now (`Slots`), when that changed.
     fn divide_slots(&mut self) {
+        let takes_work = self.paused_now().is_none() && !self.drain.active;
         let Some(slots) = &mut self.slots else {
             return;
         };
-        let takes_work = self.paused_now().is_none() && !self.drain.active;
         let demand: Vec<Demand> = self
             .hubs
             .iter()
@@ -1942,8 +1942,29 @@ mod tests {
                 max_job_timeout_secs: 5401,
                 output_cap_bytes: 8192,
                 sandbox: String::new(),
+                denied_projects: Vec::new(),
+                schedule: String::new(),
+                only_when_idle: String::new(),
+                cache_bytes: 10 << 30,
             }
         );
+        // What the donor offers, never more than the machine has.
+        let offered = AgentConfig {
+            cores: Some(4),
+            memory: Some(8 << 30),
+            denied_projects: vec!["beta".into()],
+            ..AgentConfig::default()
+        };
+        let caps3 = capabilities(&offered, None, &machine());
+        assert_eq!((caps3.cores, caps3.memory_bytes), (4, 8 << 30));
+        assert_eq!(caps3.denied_projects, ["beta"]);
+        let greedy = AgentConfig {
+            cores: Some(64),
+            memory: Some(1 << 40),
+            ..AgentConfig::default()
+        };
+        let caps4 = capabilities(&greedy, None, &machine());
+        assert_eq!((caps4.cores, caps4.memory_bytes), (8, 16 << 30));
         let named = AgentConfig {
             name: Some("cfg-name".into()),
             ..AgentConfig::default()
