@@ -158,6 +158,8 @@ pub(crate) struct HubConfig {
     pub max_parallel_jobs: Option<u32>,
     /// Projects accepted from this hub (replaces `allowed_projects`).
     pub allowed_projects: Option<Vec<String>>,
+    /// Projects refused from this hub (replaces `denied_projects`).
+    pub denied_projects: Option<Vec<String>>,
     /// The ceiling on this hub's jobs' run time (replaces `max_job_timeout`).
     #[serde(deserialize_with = "de::opt_duration")]
     pub max_job_timeout: Option<Duration>,
@@ -169,6 +171,7 @@ impl Default for HubConfig {
             share: 1,
             max_parallel_jobs: None,
             allowed_projects: None,
+            denied_projects: None,
             max_job_timeout: None,
         }
     }
@@ -183,6 +186,8 @@ pub(crate) struct HubTerms {
     pub max_parallel_jobs: u32,
     /// Projects accepted from it; empty: any.
     pub allowed_projects: Vec<String>,
+    /// Projects refused from it.
+    pub denied_projects: Vec<String>,
     /// The ceiling on its jobs' run time.
     pub max_job_timeout: Option<Duration>,
 }
@@ -371,6 +376,9 @@ impl AgentConfig {
             allowed_projects: own
                 .allowed_projects
                 .unwrap_or_else(|| self.allowed_projects.clone()),
+            denied_projects: own
+                .denied_projects
+                .unwrap_or_else(|| self.denied_projects.clone()),
             max_job_timeout: own.max_job_timeout.or(self.max_job_timeout),
         }
     }
@@ -1150,7 +1158,7 @@ reconnect_max_backoff = "5m"
             "max_parallel_jobs = 3\nallowed_projects = [\"cpython\"]\nmax_job_timeout = \"2h\"\n\
              [hubs.work]\nshare = 2\n\
              [hubs.\"oss.example-7443\"]\nmax_parallel_jobs = 5\nallowed_projects = []\n\
-             max_job_timeout = \"30m\"\n",
+             denied_projects = [\"secret-sauce\"]\nmax_job_timeout = \"30m\"\n",
         )
         .unwrap();
         assert_eq!(
@@ -1159,6 +1167,7 @@ reconnect_max_backoff = "5m"
                 share: 2,
                 max_parallel_jobs: 3,
                 allowed_projects: vec!["cpython".into()],
+                denied_projects: vec![],
                 max_job_timeout: Some(Duration::from_secs(7200)),
             }
         );
@@ -1169,6 +1178,7 @@ reconnect_max_backoff = "5m"
                 share: 1,
                 max_parallel_jobs: 3,
                 allowed_projects: vec![],
+                denied_projects: vec!["secret-sauce".into()],
                 max_job_timeout: Some(Duration::from_secs(1800)),
             }
         );

@@ -159,6 +159,7 @@ pub(crate) async fn run(
         policy.refuse_all = refuse_all;
         policy.max_parallel = terms.max_parallel_jobs;
         policy.allowed_projects = terms.allowed_projects.clone();
+        policy.denied_projects = terms.denied_projects.clone();
         policy.max_job_timeout = terms.max_job_timeout;
         policy.work_root = hub.work_root(&state_dir, &work_root);
         let credential = &hub.credential;
@@ -166,6 +167,7 @@ pub(crate) async fn run(
         let hub_config = AgentConfig {
             max_parallel_jobs: terms.max_parallel_jobs,
             allowed_projects: terms.allowed_projects,
+            denied_projects: terms.denied_projects,
             max_job_timeout: terms.max_job_timeout,
             ..config.clone()
         };
