@@ -121,3 +121,35 @@ pub(super) const BISECTIONS: &str = "x/";
 pub(super) fn bisection(upstream: &str, platform: &str, good: &str, bad: &str) -> String {
     format!("{BISECTIONS}{upstream}/{platform}/{good}/{bad}")
 }
+
+/// `tc/<upstream>/<commit>/` → the transitions that name `commit` (as the
+/// commit of their result or in their culprit range): `breakage`'s index.
+pub(super) fn transitions_at(upstream: &str, commit: &str) -> String {
+    format!("tc/{upstream}/{commit}/")
+}
+
+/// `tc/<upstream>/<commit>/<id>` → empty: transition `id` names `commit`.
+pub(super) fn transition_at(upstream: &str, commit: &str, id: u64) -> String {
+    format!("{}{}", transitions_at(upstream, commit), id_key(id))
+}
+
+/// `tp/<project>/` → the transitions of a project's series: the listing's
+/// index.
+pub(super) fn transitions_of(project: &str) -> String {
+    format!("tp/{project}/")
+}
+
+/// `tp/<project>/<id>` → empty: transition `id` is of `project`.
+pub(super) fn transition_of(project: &str, id: u64) -> String {
+    format!("{}{}", transitions_of(project), id_key(id))
+}
+
+/// `ti` → marker: the `tc/` and `tp/` indexes hold every transition (written
+/// once they were built for a database from before them).
+pub(super) const INDEXED: &str = "ti";
+
+/// The id at the end of an index key (`…/<id>`).
+pub(super) fn id_at_end(key: &[u8]) -> Option<u64> {
+    let tail = key.rsplit(|b| *b == b'/').next()?;
+    std::str::from_utf8(tail).ok()?.parse().ok()
+}

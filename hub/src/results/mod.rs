@@ -29,6 +29,7 @@
 mod bisection;
 mod classify;
 mod confirm;
+mod index;
 mod keys;
 mod noise;
 mod query;
@@ -251,8 +252,12 @@ pub(crate) struct Results {
 impl Results {
     /// Opens the `results` tree.
     pub(crate) fn open(store: &crate::store::Store) -> Result<Results, StoreError> {
+        let table = Table::open(store, crate::store::trees::RESULTS)?;
+        if let Some(n) = index::build_once(&table)? {
+            tracing::info!(transitions = n, "indexed the stored transitions by commit and project");
+        }
         Ok(Results {
-            table: Table::open(store, crate::store::trees::RESULTS)?,
+            table,
             recording: Arc::default(),
             writing: Arc::default(),
             flaky: Arc::default(),
@@ -759,6 +764,7 @@ impl Results {
                     }
                     classify::advance(&mut state, &t, verdict);
                     self.table.stage(&mut batch, keys::transition(t.id), &t)?;
+                    index::stage(&mut batch, &t);
                     self.table
                         .stage(&mut batch, keys::series(series_name), &state)?;
                     Some(t)

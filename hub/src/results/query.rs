@@ -6,6 +6,7 @@ use std::collections::HashSet;
 
 use trunkfarm_proto::v1::{self, TransitionKind};
 
+use super::index;
 use super::keys::{self, Pointer};
 use super::{
     BisectState, BuildInfo, Class, Commit, Results, RunInfo, RunRecord, SeriesState, Transition,
@@ -470,11 +471,24 @@ impl Results {
         commits: Vec<Commit>,
     ) -> Result<Breakage, StoreError> {
         let wanted: HashSet<&str> = commits.iter().map(|c| c.sha.as_str()).collect();
-        let touched = self.transitions(usize::MAX, |t| {
-            t.upstream == upstream
+        // Through the commit index: only the transitions naming one of
+        // the commits are read.
+        let mut ids = std::collections::BTreeSet::new();
+        for sha in &wanted {
+            for id in index::ids(&self.table, keys::transitions_at(upstream, sha)) {
+                ids.insert(id?);
+            }
+        }
+        let mut touched = Vec::new();
+        for id in ids.into_iter().rev() {
+            if let Some(t) = self.transition(id)?
+                && t.upstream == upstream
                 && (t.kind == TransitionKind::WentRed as i32 || t.class == Some(Class::Suspicious))
-                && blames(t, &wanted).is_some()
-        })?;
+                && blames(&t, &wanted).is_some()
+            {
+                touched.push(t);
+            }
+        }
         let (went_red, cleared) = touched
             .into_iter()
             .partition(|t| blames(t, &wanted) == Some(true));
@@ -494,14 +508,30 @@ impl Results {
         limit: usize,
         all: bool,
     ) -> Result<Vec<Transition>, StoreError> {
-        self.transitions(limit, |t| {
+        let keep = |t: &Transition| {
             (upstream.is_empty() || t.upstream == upstream)
                 && (project.is_empty() || t.project == project)
                 && (all
                     || t.kind == TransitionKind::WentRed as i32
                     || t.kind == TransitionKind::Fixed as i32
                     || t.class == Some(Class::Suspicious))
-        })
+        };
+        if project.is_empty() {
+            return self.transitions(limit, keep);
+        }
+        // A project's: through the project index, not every transition.
+        let mut out = Vec::new();
+        for id in index::ids(&self.table, keys::transitions_of(project)) {
+            if let Some(t) = self.transition(id?)?
+                && keep(&t)
+            {
+                out.push(t);
+                if out.len() >= limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Transitions, newest first, that pass `keep`, at most `limit`.
