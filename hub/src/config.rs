@@ -27,12 +27,14 @@ mod network;
 mod notify;
 mod pipeline;
 mod pool;
+mod retention;
 pub(crate) use network::{ConnectionCap, NetworkSection};
 pub(crate) use notify::{NotifySection, SmtpSection, SmtpSecurity, WebSection};
 pub(crate) use pipeline::{
     ArtifactsSection, BuildOn, Confirm, PipelineSection, ProjectConfig, TrustSection,
     UpstreamConfig,
 };
+pub(crate) use retention::RetentionSection;
 pub(crate) use pool::{AgentSandbox, DEFAULT_POOL_USER, Ec2Section, PoolConfig, ProvisionerKind};
 
 const KIB: u64 = 1024;
@@ -76,6 +78,8 @@ pub(crate) struct HubConfig {
     pub(crate) web: WebSection,
     /// `[network]`: the gRPC listener's limits against hostile clients.
     pub(crate) network: NetworkSection,
+    /// `[retention]`.
+    pub(crate) retention: RetentionSection,
     /// `[[pool]]`: on-demand agents.
     pub(crate) pools: Vec<PoolConfig>,
 }
@@ -264,6 +268,7 @@ struct RawHubConfig {
     notify: NotifySection,
     web: WebSection,
     network: NetworkSection,
+    retention: RetentionSection,
     pool: Vec<PoolConfig>,
 }
 
@@ -314,6 +319,7 @@ impl HubConfig {
             notify: raw.notify,
             web: raw.web,
             network: raw.network,
+            retention: raw.retention,
             pools: raw.pool,
         };
         // Check paths as written (e.g. `~`) before resolving them.
@@ -352,6 +358,7 @@ impl HubConfig {
             notify: NotifySection::default(),
             web: WebSection::default(),
             network: NetworkSection::default(),
+            retention: RetentionSection::default(),
             pools: Vec::new(),
         }
     }
@@ -613,6 +620,7 @@ impl HubConfig {
         notify::problems(&self.smtp, &self.notify)?;
         notify::web_problems(&self.web)?;
         network::problems(&self.network, l.max_message_size)?;
+        retention::problems(&self.retention)?;
         pool::problems(&self.pools, &self.hub.data_dir)
     }
 }
@@ -1313,6 +1321,32 @@ max_token_ttl = "7d"
             err("[limits]\nmax_log_size = 0\n"),
             "/etc/trunkfarm/hub.toml:2: invalid `limits.max_log_size`: must be greater than zero, e.g. \"16 MiB\""
         );
+    }
+
+    #[test]
+    fn retention_rules() {
+        let c = parse("").unwrap();
+        assert_eq!(c.retention.runs, Duration::from_secs(180 * 86400));
+        assert_eq!(c.retention.test_cases, Duration::from_secs(30 * 86400));
+        assert_eq!(c.retention.logs, Duration::from_secs(90 * 86400));
+        assert_eq!(c.retention.keep_last, 50);
+        let c = parse("[retention]\nruns = \"2h\"\ntest_cases = \"30m\"\nkeep_last = 3\n").unwrap();
+        assert_eq!(c.retention.runs, Duration::from_secs(7200));
+        assert_eq!(c.retention.keep_last, 3);
+        assert_eq!(
+            err("[retention]\nlogs = \"0s\"\n"),
+            "/etc/trunkfarm/hub.toml:2: invalid `retention.logs`: must be greater than zero, e.g. \"90d\""
+        );
+        assert_eq!(
+            err("[retention]\nkeep_last = 0\n"),
+            "/etc/trunkfarm/hub.toml:2: invalid `retention.keep_last`: must be at least 1 (each series' latest result is always kept), e.g. 50"
+        );
+        assert_eq!(
+            err("[retention]\nruns = \"7d\"\n"),
+            "/etc/trunkfarm/hub.toml: invalid `retention.test_cases`: 30d is longer than `retention.runs` (7d); a run's test cases go with the run, so keep them at most as long"
+        );
+        assert!(err("[retention]\nrun = \"7d\"\n").contains("unknown field `run`"));
+        assert!(err("[retention]\nruns = \"soon\"\n").contains("retention.runs"));
     }
 
     #[test]

@@ -382,6 +382,37 @@ impl JobLogs {
             .subscribe()
     }
 
+    /// The first job at or after `from` with a stored log (retention walks
+    /// the logs in job order, which is the order they were made).
+    pub(crate) fn next_job(&self, from: u64) -> Result<Option<u64>, StoreError> {
+        let start = key(from, 0, 0);
+        let Some(item) = self.table.sled().range(start..).next() else {
+            return Ok(None);
+        };
+        let (k, v) = item.map_err(|e| self.table.store().err(e))?;
+        self.check(&k, &v)?;
+        let mut id = [0u8; 8];
+        id.copy_from_slice(&k[..8]);
+        Ok(Some(u64::from_be_bytes(id)))
+    }
+
+    /// Removes up to `max` stored chunks of `job_id`'s log (every attempt)
+    /// in one atomic write, durable after the next commit; returns how many.
+    /// Retention calls it for finished jobs only, until it returns less
+    /// than `max`.
+    pub(crate) fn remove(&self, job_id: u64, max: usize) -> Result<usize, StoreError> {
+        let mut batch = sled::Batch::default();
+        let mut n = 0;
+        for k in self.table.keys(job_id.to_be_bytes()).take(max) {
+            batch.remove(k?);
+            n += 1;
+        }
+        if n > 0 {
+            self.table.apply(batch)?;
+        }
+        Ok(n)
+    }
+
     /// Tells watchers the job finished and forgets its live channel.
     pub(crate) fn finished(&self, job_id: u64, attempts: u32) {
         if let Some(tx) = self

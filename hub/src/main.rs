@@ -44,6 +44,8 @@ mod output;
 
 // Builds, runs, series and the transitions they cause.
 mod results;
+// Pruning what expired, in the background (results, logs, job records).
+mod retention;
 
 // Subscriptions, the outbox and the mail.
 mod notify;

@@ -91,6 +91,8 @@ pub(crate) struct Hub {
     dispatch: Dispatcher,
     web: Option<web::Web>,
     stop_pipeline: CancellationToken,
+    /// The retention task (ends once `stop_pipeline` is cancelled).
+    retention: Option<tokio::task::JoinHandle<()>>,
     store: Store,
     space: DataDir,
     /// Stops the gRPC accept loop (just before `stop`).
@@ -224,6 +226,13 @@ impl Hub {
             stop_pipeline.clone(),
         )?;
         let _ = notifier_cell.set(notifier.clone());
+        let retention = crate::retention::Retention::new(
+            results.clone(),
+            dispatch.clone(),
+            logs.clone(),
+            cfg.retention.clone(),
+        )
+        .start(stop_pipeline.clone());
         let pipeline = Pipeline::start(
             cfg,
             &store,
@@ -393,6 +402,7 @@ impl Hub {
             dispatch,
             web: Some(web),
             stop_pipeline,
+            retention: Some(retention),
             store,
             space,
             stop_accepting,
@@ -420,6 +430,11 @@ impl Hub {
     pub(crate) async fn shutdown(mut self) -> anyhow::Result<()> {
         let _ = std::fs::remove_file(&self.info_path);
         self.stop_pipeline.cancel();
+        if let Some(retention) = self.retention.take()
+            && let Err(e) = retention.await
+        {
+            tracing::warn!("the retention task failed: {e}");
+        }
         if let Some(web) = self.web.take() {
             web.stopped().await;
         }

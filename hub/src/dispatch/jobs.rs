@@ -375,6 +375,56 @@ impl JobTable {
         }
     }
 
+    /// Removes finished jobs' records (finished before `before_ms`, taken
+    /// in by the pipeline, not in `kept`) with ids from `from` on, looking at
+    /// most at `max` records, in one atomic write (durable after the next
+    /// commit). Their `k<key>` stays, so a pipeline key is still submitted
+    /// at most once. Returns how many it removed and where the next call
+    /// starts (`None`: it got to the jobs made since `before_ms`, which
+    /// cannot have finished before it, or to the end).
+    pub(crate) fn prune(
+        &self,
+        before_ms: u64,
+        kept: &std::collections::HashSet<u64>,
+        from: u64,
+        max: usize,
+    ) -> Result<(usize, Option<u64>), StoreError> {
+        let mut batch = sled::Batch::default();
+        let mut removed = 0;
+        let end = id_key(RECORD, u64::MAX);
+        let mut looked = 0;
+        for item in self.table.sled().range(id_key(RECORD, from)..=end) {
+            let (k, raw) = item.map_err(|e| self.table.store().err(e))?;
+            let rec = self.decode(&k, &raw)?;
+            if rec.created_at_ms >= before_ms {
+                break;
+            }
+            if looked == max {
+                self.apply_pruned(batch, removed)?;
+                return Ok((removed, Some(rec.id)));
+            }
+            looked += 1;
+            let finished = rec.finished_at_ms != 0 && rec.finished_at_ms < before_ms;
+            if finished
+                && !kept.contains(&rec.id)
+                && !self.table.contains(id_key(OPEN, rec.id))?
+                && !self.table.contains(id_key(INBOX, rec.id))?
+            {
+                batch.remove(&k);
+                removed += 1;
+            }
+        }
+        self.apply_pruned(batch, removed)?;
+        Ok((removed, None))
+    }
+
+    fn apply_pruned(&self, batch: sled::Batch, removed: usize) -> Result<(), StoreError> {
+        if removed > 0 {
+            self.table.apply(batch)?;
+        }
+        Ok(())
+    }
+
     /// Every unfinished job's stored record, by id.
     fn open_records(&self) -> Result<Vec<JobRecord>, StoreError> {
         let mut out = Vec::new();

@@ -736,6 +736,24 @@ impl Dispatcher {
         self.shared.table.store().commit().await
     }
 
+    /// Retention: removes finished jobs' records older than `before_ms`
+    /// (see [`JobTable::prune`]; at most `max` looked at), durable when
+    /// this returns. Without dispatch's lock: a finished record with no
+    /// open or inbox marker is never written again.
+    pub(crate) async fn prune_jobs(
+        &self,
+        before_ms: u64,
+        kept: &HashSet<u64>,
+        from: u64,
+        max: usize,
+    ) -> Result<(usize, Option<u64>), StoreError> {
+        let pruned = self.shared.table.prune(before_ms, kept, from, max)?;
+        if pruned.0 > 0 {
+            self.shared.table.store().commit().await?;
+        }
+        Ok(pruned)
+    }
+
     /// One job: the live copy if unfinished, else the stored one.
     pub(crate) fn get(&self, job_id: u64) -> Result<Option<JobRecord>, StoreError> {
         if let Some(rec) = self.lock().jobs.get(job_id) {

@@ -34,6 +34,9 @@ impl Pointer {
     }
 }
 
+/// The prefix of every run.
+pub(super) const RUNS: &str = "r/";
+
 /// `r/<project>/<upstream>/<platform>/` → the runs of a series.
 pub(super) fn runs(project: &str, upstream: &str, platform: &str) -> String {
     format!("r/{project}/{upstream}/{platform}/")
@@ -82,6 +85,9 @@ pub(super) fn transition(id: u64) -> String {
 pub(super) fn recorded(job_id: u64) -> String {
     format!("p/{}", id_key(job_id))
 }
+
+/// The prefix of every held verdict's confirmation.
+pub(super) const CONFIRMATIONS: &str = "c/";
 
 /// `c/<job id>` → the confirmation of that job's held verdict.
 pub(super) fn confirmation(job_id: u64) -> String {

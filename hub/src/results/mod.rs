@@ -34,6 +34,7 @@ mod keys;
 mod noise;
 mod query;
 mod records;
+mod retention;
 mod suspicious;
 #[cfg(test)]
 mod tests;
@@ -53,6 +54,7 @@ pub(crate) use query::{
     UpstreamHistory, UpstreamRow,
 };
 pub(crate) use records::{Bisect, BisectState};
+pub(crate) use retention::{Cursor, Policy, Pruned};
 pub(crate) use records::{BuildInfo, Class, Commit, RunInfo, TestCase, Transition};
 
 use crate::changes::Changes;

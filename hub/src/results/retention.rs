@@ -1,0 +1,306 @@
+//! Retention's part in the `results` tree: old runs removed, old runs'
+//! test cases dropped (the summary stays), old transitions removed with
+//! their index entries — a few at a time (`max_ops` per step, each step one
+//! atomic write under the write lock, then durable), resuming where the
+//! last step stopped. What is still needed is never touched, whatever its
+//! age ([`Results::kept`]): each series' newest `keep_last` runs (its
+//! latest result and what the dashboard's grid and project pages show),
+//! the result of a series' open went-red (not yet fixed), of a running
+//! bisection's members and of a verdict awaiting its re-runs, and a
+//! transition whose run is still stored (the grid marks runs with theirs).
+//! The time is an argument: tests move it.
+
+use std::collections::HashSet;
+
+use serde::Deserialize;
+
+use super::keys::{self, Pointer};
+use super::{BuildInfo, ConfirmState, Results, RunInfo, RunRecord, SeriesState, Transition, index};
+use crate::store::StoreError;
+
+/// What has expired, as times (ms) before which it goes.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Policy {
+    /// Runs (and transitions) finished before this go.
+    pub(crate) runs_before_ms: u64,
+    /// Test cases of runs finished before this go.
+    pub(crate) cases_before_ms: u64,
+    /// Each series' newest runs kept whatever their age (at least 1).
+    pub(crate) keep_last: usize,
+}
+
+/// What one step removed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Pruned {
+    /// Runs removed.
+    pub(crate) runs: usize,
+    /// Runs whose test cases were dropped.
+    pub(crate) cases: usize,
+    /// Transitions removed.
+    pub(crate) transitions: usize,
+}
+
+impl Pruned {
+    fn ops(&self) -> usize {
+        self.runs + self.cases + self.transitions
+    }
+
+    /// Adds `other`'s counts.
+    pub(crate) fn add(&mut self, other: Pruned) {
+        self.runs += other.runs;
+        self.cases += other.cases;
+        self.transitions += other.transitions;
+    }
+}
+
+/// Where a pass stands between steps (start a pass with the default).
+#[derive(Clone, Debug, Default)]
+pub(crate) enum Cursor {
+    /// Runs, from this key on (the start of a series).
+    #[default]
+    Start,
+    /// Runs, from the series at or after this key.
+    Runs(String),
+    /// Transitions, after this id.
+    Transitions(u64),
+    /// The pass is over.
+    Done,
+}
+
+/// What nothing prunes, whatever its age.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Kept {
+    /// Jobs whose run (and log) is still needed.
+    pub(crate) jobs: HashSet<u64>,
+    /// Transitions still needed.
+    pub(crate) transitions: HashSet<u64>,
+}
+
+/// A stored run read without decoding its cases (only counted).
+#[derive(Deserialize)]
+struct Shape {
+    #[serde(default)]
+    info: RunInfo,
+    #[serde(default)]
+    cases: Vec<serde::de::IgnoredAny>,
+}
+
+/// A held verdict's state alone.
+#[derive(Deserialize)]
+struct Held {
+    #[serde(default)]
+    state: ConfirmState,
+}
+
+impl Results {
+    /// What retention must keep now: the latest results (each series'
+    /// newest run, each upstream's newest and newest passed build), each red
+    /// series' went-red and its result, each running bisection's members and their results, each
+    /// verdict awaiting its re-runs. (Each series' newest runs are kept by
+    /// position, in [`Results::prune_step`].)
+    pub(crate) fn kept(&self) -> Result<Kept, StoreError> {
+        let mut kept = Kept::default();
+        let keep_transition = |kept: &mut Kept, id: u64| -> Result<(), StoreError> {
+            kept.transitions.insert(id);
+            if let Some(t) = self.transition(id)? {
+                kept.jobs.insert(t.job_id);
+            }
+            Ok(())
+        };
+        // The latest results: each series' newest run and each upstream's
+        // newest and newest passed build (their logs and job records).
+        for item in self.table.scan::<Shape>(keys::LATEST_RUNS) {
+            kept.jobs.insert(item?.1.info.job_id);
+        }
+        for pointer in [Pointer::Latest, Pointer::Good] {
+            for item in self.table.scan::<BuildInfo>(pointer.prefix()) {
+                kept.jobs.insert(item?.1.job_id);
+            }
+        }
+        for item in self.table.scan::<SeriesState>(keys::SERIES) {
+            let (_, state) = item?;
+            if let Some(id) = state.red_now() {
+                keep_transition(&mut kept, id)?;
+            }
+        }
+        for b in self.running_bisections()? {
+            for m in &b.members {
+                keep_transition(&mut kept, m.transition)?;
+            }
+        }
+        for item in self.table.scan::<Held>(keys::CONFIRMATIONS) {
+            let (k, held) = item?;
+            if held.state == ConfirmState::Awaiting
+                && let Some(job) = keys::id_at_end(&k)
+            {
+                kept.jobs.insert(job);
+            }
+        }
+        Ok(kept)
+    }
+
+    /// One step of a pass: at most about `max_ops` removals or rewrites,
+    /// applied atomically and durable when this returns. Advances `cursor`
+    /// ([`Cursor::Done`] once the pass is over).
+    pub(crate) async fn prune_step(
+        &self,
+        policy: Policy,
+        kept: &Kept,
+        cursor: &mut Cursor,
+        max_ops: usize,
+    ) -> Result<Pruned, StoreError> {
+        let mut pruned = Pruned::default();
+        let mut batch = sled::Batch::default();
+        {
+            let _w = self.write_lock();
+            loop {
+                if pruned.ops() >= max_ops {
+                    break;
+                }
+                match cursor.clone() {
+                    Cursor::Start => *cursor = Cursor::Runs(keys::RUNS.to_owned()),
+                    Cursor::Runs(from) => {
+                        let Some(series) = self.next_series(&from)? else {
+                            *cursor = Cursor::Transitions(0);
+                            continue;
+                        };
+                        let finished = self.prune_series(
+                            &series,
+                            policy,
+                            kept,
+                            &mut batch,
+                            &mut pruned,
+                            max_ops,
+                        )?;
+                        if finished {
+                            // Past every key of this series ('~' sorts
+                            // after the ids' digits and before any longer
+                            // name sharing the prefix: names hold no '/').
+                            *cursor = Cursor::Runs(format!("{series}~"));
+                        } else {
+                            *cursor = Cursor::Runs(series);
+                        }
+                    }
+                    Cursor::Transitions(after) => {
+                        let next = self.prune_transitions(
+                            after,
+                            policy,
+                            kept,
+                            &mut batch,
+                            &mut pruned,
+                            max_ops,
+                        )?;
+                        *cursor = match next {
+                            Some(id) => Cursor::Transitions(id),
+                            None => Cursor::Done,
+                        };
+                    }
+                    Cursor::Done => break,
+                }
+            }
+            if pruned.ops() > 0 {
+                self.table.apply(batch)?;
+            }
+        }
+        if pruned.ops() > 0 {
+            self.committed().await?;
+        }
+        Ok(pruned)
+    }
+
+    /// The prefix of the first series of runs whose keys are at or after
+    /// `from`.
+    fn next_series(&self, from: &str) -> Result<Option<String>, StoreError> {
+        let mut range = self.table.sled().range(from.as_bytes()..);
+        let Some(item) = range.next() else {
+            return Ok(None);
+        };
+        let (k, _) = item.map_err(|e| self.table.store().err(e))?;
+        let key = String::from_utf8_lossy(&k);
+        if !key.starts_with(keys::RUNS) {
+            return Ok(None);
+        }
+        match key.rsplit_once('/') {
+            Some((series, _)) => Ok(Some(format!("{series}/"))),
+            None => Err(self.table.corrupt(key, "a run key without a job id")),
+        }
+    }
+
+    /// Stages one series' expired runs and test cases (newest `keep_last`
+    /// and kept jobs aside). Returns whether it got to the end of the series
+    /// (false: `max_ops` was reached first).
+    fn prune_series(
+        &self,
+        series: &str,
+        policy: Policy,
+        kept: &Kept,
+        batch: &mut sled::Batch,
+        pruned: &mut Pruned,
+        max_ops: usize,
+    ) -> Result<bool, StoreError> {
+        let runs = self.table.scan::<Shape>(series).rev();
+        for item in runs.skip(policy.keep_last.max(1)) {
+            if pruned.ops() >= max_ops {
+                return Ok(false);
+            }
+            let (k, run) = item?;
+            let i = &run.info;
+            if kept.jobs.contains(&i.job_id) || i.finished_at_ms == 0 {
+                continue;
+            }
+            if i.finished_at_ms < policy.runs_before_ms {
+                batch.remove(k);
+                pruned.runs += 1;
+            } else if i.finished_at_ms < policy.cases_before_ms && !run.cases.is_empty() {
+                let Some(mut full) = self.table.get::<RunRecord>(&k)? else {
+                    continue;
+                };
+                full.cases = Vec::new();
+                self.table.stage(batch, &k, &full)?;
+                pruned.cases += 1;
+            }
+        }
+        Ok(true)
+    }
+
+    /// Stages expired transitions after id `after`, oldest first; returns
+    /// the last id looked at when `max_ops` was reached, `None` once it got
+    /// to the first one not expired (ids grow with time) or the end.
+    fn prune_transitions(
+        &self,
+        after: u64,
+        policy: Policy,
+        kept: &Kept,
+        batch: &mut sled::Batch,
+        pruned: &mut Pruned,
+        max_ops: usize,
+    ) -> Result<Option<u64>, StoreError> {
+        let from = keys::transition(after.saturating_add(1));
+        let end = keys::transition(u64::MAX);
+        let mut last = after;
+        for item in self.table.sled().range(from.as_bytes()..=end.as_bytes()) {
+            let (k, v) = item.map_err(|e| self.table.store().err(e))?;
+            let t: Transition = self.table.decode(&k, &v)?;
+            if t.at_ms >= policy.runs_before_ms {
+                return Ok(None);
+            }
+            if pruned.ops() >= max_ops {
+                return Ok(Some(last));
+            }
+            let still_shown = !t.project.is_empty()
+                && self.table.contains(keys::run(
+                    &t.project,
+                    &t.upstream,
+                    &t.platform,
+                    t.job_id,
+                ))?;
+            if !kept.transitions.contains(&t.id) && !still_shown {
+                batch.remove(k);
+                index::unstage(batch, &t);
+                pruned.transitions += 1;
+            }
+            last = t.id;
+        }
+        Ok(None)
+    }
+}

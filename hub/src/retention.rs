@@ -1,0 +1,181 @@
+//! Retention: the background task that prunes what piles up with every job
+//! — old runs and their test cases and transitions (`results`), finished
+//! jobs' logs (`logs`) and job records (`dispatch`) — as `[retention]`
+//! says. Each owner removes its own records (`Results::prune_step`,
+//! `JobLogs::remove`, `Dispatcher::prune_jobs`); this module holds the
+//! policy and the pace: a pass every `retention.interval`, in steps of at
+//! most [`STEP`] records, each one atomic write made durable, with a pause
+//! between steps, so no lock is held for long and dispatch never waits on
+//! a big delete. What is still needed — `Results::kept`: the latest
+//! results, open went-reds, running bisections, held verdicts — is never
+//! removed, whatever its age. A pass ends early at shutdown; the next one
+//! starts over (every step is idempotent).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::config::RetentionSection;
+use crate::dispatch::Dispatcher;
+use crate::logs::JobLogs;
+use crate::results::{Cursor, Policy, Pruned, Results};
+use crate::store::{StoreError, now_ms};
+
+/// The most records one step removes or rewrites (log chunks, runs, job
+/// records): one small write.
+pub(crate) const STEP: usize = 64;
+
+/// The pause between two steps of a pass in the hub.
+const STEP_PAUSE: Duration = Duration::from_millis(10);
+
+/// What one pass removed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Report {
+    /// Runs, test cases and transitions.
+    pub(crate) results: Pruned,
+    /// Jobs whose logs were removed.
+    pub(crate) logs: usize,
+    /// Finished jobs' records removed.
+    pub(crate) jobs: usize,
+}
+
+/// The pruner: the owners it asks and the policy.
+#[derive(Clone)]
+pub(crate) struct Retention {
+    results: Results,
+    dispatch: Dispatcher,
+    logs: Arc<JobLogs>,
+    settings: RetentionSection,
+}
+
+/// `now_ms` less `d` (0 when `d` reaches before the epoch).
+fn before(now_ms: u64, d: Duration) -> u64 {
+    now_ms.saturating_sub(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+impl Retention {
+    /// A pruner of these owners' records under `settings`.
+    pub(crate) fn new(
+        results: Results,
+        dispatch: Dispatcher,
+        logs: Arc<JobLogs>,
+        settings: RetentionSection,
+    ) -> Retention {
+        Retention {
+            results,
+            dispatch,
+            logs,
+            settings,
+        }
+    }
+
+    /// Starts the background task: a pass every `retention.interval` until
+    /// `stop`; the handle ends once it stopped (the hub awaits it at
+    /// shutdown).
+    pub(crate) fn start(self, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => break,
+                    () = tokio::time::sleep(self.settings.interval) => {}
+                }
+                match self.pass(now_ms(), STEP_PAUSE, &stop).await {
+                    Ok(r) if r != Report::default() => tracing::info!(
+                        runs = r.results.runs,
+                        test_cases = r.results.cases,
+                        transitions = r.results.transitions,
+                        logs = r.logs,
+                        jobs = r.jobs,
+                        "retention pruned what expired"
+                    ),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(
+                        "retention could not prune ({e}); it tries again in {}",
+                        trunkfarm_proto::settings::fmt_duration(self.settings.interval)
+                    ),
+                }
+            }
+        })
+    }
+
+    /// One pass at time `now_ms`: results, then logs, then job records,
+    /// `pause` between steps; ends early (what it did stays done) once
+    /// `stop` is cancelled.
+    pub(crate) async fn pass(
+        &self,
+        now_ms: u64,
+        pause: Duration,
+        stop: &CancellationToken,
+    ) -> Result<Report, StoreError> {
+        let s = &self.settings;
+        let kept = self.results.kept()?;
+        let mut report = Report::default();
+        let step_pause = || async {
+            if !pause.is_zero() {
+                tokio::time::sleep(pause).await;
+            }
+            tokio::task::yield_now().await;
+        };
+
+        let policy = Policy {
+            runs_before_ms: before(now_ms, s.runs),
+            cases_before_ms: before(now_ms, s.test_cases),
+            keep_last: usize::try_from(s.keep_last).unwrap_or(usize::MAX),
+        };
+        let mut cursor = Cursor::default();
+        while !matches!(cursor, Cursor::Done) && !stop.is_cancelled() {
+            let pruned = self
+                .results
+                .prune_step(policy, &kept, &mut cursor, STEP)
+                .await?;
+            report.results.add(pruned);
+            step_pause().await;
+        }
+
+        // Logs, in job order (the order they were made): a finished job's
+        // before the cutoff goes, unless it is kept; a log whose job record
+        // is gone (pruned: finished long ago) goes too.
+        let logs_before = before(now_ms, s.logs);
+        let mut next = self.logs.next_job(0)?;
+        while let Some(job) = next {
+            if stop.is_cancelled() {
+                return Ok(report);
+            }
+            let expired = match self.dispatch.get(job)? {
+                Some(rec) if rec.created_at_ms >= logs_before => break,
+                Some(rec) => rec.finished_at_ms != 0 && rec.finished_at_ms < logs_before,
+                None => true,
+            };
+            if expired && !kept.jobs.contains(&job) {
+                while self.logs.remove(job, STEP)? == STEP {
+                    self.dispatch.sync().await?;
+                    step_pause().await;
+                }
+                self.dispatch.sync().await?;
+                report.logs += 1;
+                step_pause().await;
+            }
+            next = match job.checked_add(1) {
+                Some(from) => self.logs.next_job(from)?,
+                None => None,
+            };
+        }
+
+        let jobs_before = before(now_ms, s.jobs);
+        let mut from = Some(0);
+        while let Some(start) = from {
+            if stop.is_cancelled() {
+                break;
+            }
+            let (removed, more) = self
+                .dispatch
+                .prune_jobs(jobs_before, &kept.jobs, start, STEP)
+                .await?;
+            report.jobs += removed;
+            from = more;
+            step_pause().await;
+        }
+        Ok(report)
+    }
+}
