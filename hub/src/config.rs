@@ -1345,7 +1345,10 @@ max_token_ttl = "7d"
             err("[retention]\nruns = \"7d\"\n"),
             "/etc/trunkfarm/hub.toml: invalid `retention.test_cases`: 30d is longer than `retention.runs` (7d); a run's test cases go with the run, so keep them at most as long"
         );
-        assert!(err("[retention]\nrun = \"7d\"\n").contains("unknown field `run`"));
+            assert_eq!(
+            err("[retention]\nrun = \"7d\"\n"),
+            "/etc/trunkfarm/hub.toml:2: unknown key `retention.run`, expected one of `runs`, `keep_last`, `test_cases`, `logs`, `jobs`, `interval`"
+        );
         assert!(err("[retention]\nruns = \"soon\"\n").contains("retention.runs"));
     }
 

@@ -195,11 +195,11 @@ network = true
 pub(crate) struct Farm {
     dir: tempfile::TempDir,
     config: HubConfig,
-    store: Store,
+    pub(crate) store: Store,
     pub(crate) logs: Arc<JobLogs>,
     pub(crate) git: Arc<FakeGit>,
     pub(crate) dispatch: Dispatcher,
-    results: Results,
+    pub(crate) results: Results,
     artifacts: Artifacts,
     pub(crate) notifier: Notifier,
     pub(crate) pipeline: Pipeline,
@@ -997,7 +997,7 @@ pub(crate) fn is_baseline(k: &JobKey) -> bool {
 }
 
 /// Shouter fails, but passes on the baseline runtime (a regression).
-fn regressed(k: &JobKey) -> (Outcome, Vec<ReportFile>) {
+pub(crate) fn regressed(k: &JobKey) -> (Outcome, Vec<ReportFile>) {
     match is_baseline(k) {
         true => all_green(k),
         false => shouter_red(k),

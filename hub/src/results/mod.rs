@@ -50,7 +50,7 @@ pub(crate) use classify::{CulpritRange, SeriesState, run_status};
 pub(crate) use confirm::{ConfirmState, Confirmation, Hold, Judged, Rerun, Rules, Said};
 pub(crate) use noise::{FlakyRule, Noise, TestNoise, wire as noise_wire};
 pub(crate) use query::{
-    Breakage, Grid, GridSeries, HistoryRequest, OpenRun, ProjectRow, SeriesHistory,
+    Breakage, PAGE_RUNS, Grid, GridSeries, HistoryRequest, OpenRun, ProjectRow, SeriesHistory,
     UpstreamHistory, UpstreamRow,
 };
 pub(crate) use records::{Bisect, BisectState};

@@ -13,6 +13,11 @@ use super::{
 };
 use crate::store::StoreError;
 
+/// The most runs per series a page reads (the dashboard's grid: its 8
+/// heads × 4; a project page 30): retention keeps at least these, whatever
+/// `retention.keep_last` says, so the pages stay complete.
+pub(crate) const PAGE_RUNS: usize = 32;
+
 /// The most transitions a page's query looks at ([`Results::transitions_since`]).
 pub(crate) const MAX_SCANNED: usize = 20_000;
 

@@ -25,7 +25,8 @@ pub(crate) struct Policy {
     pub(crate) runs_before_ms: u64,
     /// Test cases of runs finished before this go.
     pub(crate) cases_before_ms: u64,
-    /// Each series' newest runs kept whatever their age (at least 1).
+    /// Each series' newest runs kept whatever their age (at least 1; the
+    /// retention task asks for at least [`super::PAGE_RUNS`]).
     pub(crate) keep_last: usize,
 }
 
@@ -161,8 +162,10 @@ impl Results {
                     Cursor::Start => *cursor = Cursor::Runs(keys::RUNS.to_owned()),
                     Cursor::Runs(from) => {
                         let Some(series) = self.next_series(&from)? else {
+                            // The step ends with the runs, so the
+                            // transitions' step sees the runs removed.
                             *cursor = Cursor::Transitions(0);
-                            continue;
+                            break;
                         };
                         let finished = self.prune_series(
                             &series,
@@ -226,8 +229,9 @@ impl Results {
         }
     }
 
-    /// Stages one series' expired runs and test cases (newest `keep_last`
-    /// and kept jobs aside). Returns whether it got to the end of the series
+    /// Stages one series' expired runs (its newest `keep_last` and kept
+    /// jobs aside) and expired test cases (kept jobs' aside: the pages read
+    /// runs' summaries only). Returns whether it got to the end of the series
     /// (false: `max_ops` was reached first).
     fn prune_series(
         &self,
@@ -238,8 +242,9 @@ impl Results {
         pruned: &mut Pruned,
         max_ops: usize,
     ) -> Result<bool, StoreError> {
+        let keep_last = policy.keep_last.max(1);
         let runs = self.table.scan::<Shape>(series).rev();
-        for item in runs.skip(policy.keep_last.max(1)) {
+        for (newer, item) in runs.enumerate() {
             if pruned.ops() >= max_ops {
                 return Ok(false);
             }
@@ -248,7 +253,7 @@ impl Results {
             if kept.jobs.contains(&i.job_id) || i.finished_at_ms == 0 {
                 continue;
             }
-            if i.finished_at_ms < policy.runs_before_ms {
+            if newer >= keep_last && i.finished_at_ms < policy.runs_before_ms {
                 batch.remove(k);
                 pruned.runs += 1;
             } else if i.finished_at_ms < policy.cases_before_ms && !run.cases.is_empty() {

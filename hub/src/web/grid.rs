@@ -27,6 +27,8 @@ use crate::results::{
 
 /// How many of an upstream's newest heads the grid shows.
 pub(crate) const COMMITS: usize = 8;
+// Retention keeps at least the runs per series this page reads.
+const _: () = assert!(COMMITS * 4 <= crate::results::PAGE_RUNS);
 
 /// The grid, as the page shows it and `/api/v1/status` answers it.
 #[derive(Clone, Debug, Default, Serialize)]

@@ -24,6 +24,8 @@ use crate::results::{Class, Commit, RunInfo, Transition};
 
 /// Runs shown per series on a project's page.
 const HISTORY: usize = 30;
+// Retention keeps at least the runs per series this page reads.
+const _: () = assert!(HISTORY <= crate::results::PAGE_RUNS);
 
 /// One project's page.
 #[derive(Clone, Debug, Default, Serialize)]

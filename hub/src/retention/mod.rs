@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::RetentionSection;
 use crate::dispatch::Dispatcher;
 use crate::logs::JobLogs;
-use crate::results::{Cursor, Policy, Pruned, Results};
+use crate::results::{Cursor, PAGE_RUNS, Policy, Pruned, Results};
 use crate::store::{StoreError, now_ms};
 
 /// The most records one step removes or rewrites (log chunks, runs, job
@@ -47,6 +47,31 @@ pub(crate) struct Retention {
     dispatch: Dispatcher,
     logs: Arc<JobLogs>,
     settings: RetentionSection,
+}
+
+/// The times (ms) before which each kind of record has expired.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Cutoffs {
+    /// Runs (beyond each series' newest) and transitions.
+    pub(crate) runs: u64,
+    /// Runs' test cases.
+    pub(crate) test_cases: u64,
+    /// Finished jobs' logs.
+    pub(crate) logs: u64,
+    /// Finished jobs' records.
+    pub(crate) jobs: u64,
+}
+
+impl Cutoffs {
+    /// The cutoffs at `now_ms` under `s`.
+    pub(crate) fn at(now_ms: u64, s: &RetentionSection) -> Cutoffs {
+        Cutoffs {
+            runs: before(now_ms, s.runs),
+            test_cases: before(now_ms, s.test_cases),
+            logs: before(now_ms, s.logs),
+            jobs: before(now_ms, s.jobs),
+        }
+    }
 }
 
 /// `now_ms` less `d` (0 when `d` reaches before the epoch).
@@ -99,16 +124,26 @@ impl Retention {
         })
     }
 
-    /// One pass at time `now_ms`: results, then logs, then job records,
-    /// `pause` between steps; ends early (what it did stays done) once
-    /// `stop` is cancelled.
+    /// One pass at time `now_ms` (see [`Retention::prune`]).
     pub(crate) async fn pass(
         &self,
         now_ms: u64,
         pause: Duration,
         stop: &CancellationToken,
     ) -> Result<Report, StoreError> {
-        let s = &self.settings;
+        self.prune(Cutoffs::at(now_ms, &self.settings), pause, stop)
+            .await
+    }
+
+    /// One pass with these cutoffs: results, then logs, then job records,
+    /// `pause` between steps; ends early (what it did stays done) once
+    /// `stop` is cancelled.
+    pub(crate) async fn prune(
+        &self,
+        cut: Cutoffs,
+        pause: Duration,
+        stop: &CancellationToken,
+    ) -> Result<Report, StoreError> {
         let kept = self.results.kept()?;
         let mut report = Report::default();
         let step_pause = || async {
@@ -119,9 +154,11 @@ impl Retention {
         };
 
         let policy = Policy {
-            runs_before_ms: before(now_ms, s.runs),
-            cases_before_ms: before(now_ms, s.test_cases),
-            keep_last: usize::try_from(s.keep_last).unwrap_or(usize::MAX),
+            runs_before_ms: cut.runs,
+            cases_before_ms: cut.test_cases,
+            keep_last: usize::try_from(self.settings.keep_last)
+                .unwrap_or(usize::MAX)
+                .max(PAGE_RUNS),
         };
         let mut cursor = Cursor::default();
         while !matches!(cursor, Cursor::Done) && !stop.is_cancelled() {
@@ -136,7 +173,7 @@ impl Retention {
         // Logs, in job order (the order they were made): a finished job's
         // before the cutoff goes, unless it is kept; a log whose job record
         // is gone (pruned: finished long ago) goes too.
-        let logs_before = before(now_ms, s.logs);
+        let logs_before = cut.logs;
         let mut next = self.logs.next_job(0)?;
         while let Some(job) = next {
             if stop.is_cancelled() {
@@ -162,7 +199,7 @@ impl Retention {
             };
         }
 
-        let jobs_before = before(now_ms, s.jobs);
+        let jobs_before = cut.jobs;
         let mut from = Some(0);
         while let Some(start) = from {
             if stop.is_cancelled() {
@@ -179,3 +216,6 @@ impl Retention {
         Ok(report)
     }
 }
+
+#[cfg(test)]
+mod tests;

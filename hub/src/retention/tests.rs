@@ -1,0 +1,233 @@
+//! Retention over a real pipeline (`pipeline::tests::Farm`: fake git, a
+//! dispatcher driven directly, a temporary store): a series goes red and
+//! stays red while another takes a steady load of runs with test cases and
+//! logs; pruning after every round, with cutoffs at the times earlier
+//! rounds ended (the injected clock), removes what expired and keeps the
+//! latest results, the open went-red, the grid's runs, the indexes'
+//! answers — and the database stops growing.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use trunkfarm_proto::v1::{JobRef, LogChunk, LogStream, Outcome, ReportFile, TransitionKind};
+
+use super::{Cutoffs, Retention};
+use crate::config::RetentionSection;
+use crate::job_key::JobKey;
+use crate::pipeline::tests::{ADDER, Farm, regressed_farm};
+use crate::results::PAGE_RUNS;
+use crate::store::now_ms;
+
+/// A passing JUnit report with `n` cases.
+fn many_cases(n: usize) -> Vec<ReportFile> {
+    let cases: String = (0..n)
+        .map(|i| format!(r#"<testcase classname="adder.suite" name="adds_case_number_{i}"/>"#))
+        .collect();
+    vec![ReportFile {
+        path: "junit.xml".into(),
+        data: format!(r#"<testsuite name="s">{cases}</testsuite>"#).into_bytes(),
+        ..Default::default()
+    }]
+}
+
+/// Lands an adder commit and runs what it sets off (each job logging 4 KiB
+/// and reporting 20 passing cases); returns the jobs run.
+async fn adder_round(f: &mut Farm) -> Vec<u64> {
+    f.git.commit(ADDER);
+    f.poll_project(0).await;
+    let mut jobs = Vec::new();
+    for (job, _, key) in f.assigned() {
+        assert!(matches!(key.base(), JobKey::Test { project, .. } if project == "adder"));
+        f.logs.append(log(job, 1)).unwrap();
+        f.finish(job, &key, Outcome::Passed, many_cases(20)).await;
+        jobs.push(job.job_id);
+    }
+    f.take_in().await;
+    jobs
+}
+
+fn log(job: JobRef, seq: u64) -> LogChunk {
+    LogChunk {
+        job: Some(job),
+        seq,
+        stream: LogStream::Stdout.into(),
+        data: vec![b'x'; 4096],
+    }
+}
+
+/// A time strictly after everything recorded so far, and strictly before
+/// anything recorded after it returns.
+async fn mark() -> u64 {
+    tokio::time::sleep(Duration::from_millis(2)).await;
+    let t = now_ms();
+    tokio::time::sleep(Duration::from_millis(2)).await;
+    t
+}
+
+fn retention(f: &Farm, keep_last: u32) -> Retention {
+    Retention::new(
+        f.results.clone(),
+        f.dispatch.clone(),
+        f.logs.clone(),
+        RetentionSection {
+            keep_last,
+            ..RetentionSection::default()
+        },
+    )
+}
+
+#[tokio::test]
+async fn old_runs_logs_and_cases_go_the_latest_open_red_and_grid_stay_and_the_database_stops_growing()
+ {
+    let mut f = regressed_farm().await;
+    let went_red = f
+        .results
+        .transitions_of("rt", "shouter", 10, false)
+        .unwrap()
+        .into_iter()
+        .find(|t| t.kind == TransitionKind::WentRed as i32)
+        .unwrap();
+    let red_job = went_red.job_id;
+    f.logs
+        .append(log(
+            JobRef {
+                job_id: red_job,
+                attempt: 1,
+            },
+            1,
+        ))
+        .unwrap();
+
+    // keep_last 1: the pages' floor (PAGE_RUNS) is what keeps runs.
+    let r = retention(&f, 1);
+    let stop = CancellationToken::new();
+    const ROUNDS: usize = 80;
+    let mut ends = Vec::new();
+    let mut jobs = Vec::new();
+    let mut sizes = Vec::new();
+    let mut pruned = super::Report::default();
+    for round in 0..ROUNDS {
+        jobs.push(adder_round(&mut f).await);
+        ends.push(mark().await);
+        // The clock: runs and job records expire 6 rounds later, test
+        // cases and logs 3 rounds later.
+        if round >= 6 {
+            let cut = Cutoffs {
+                runs: ends[round - 6],
+                test_cases: ends[round - 3],
+                logs: ends[round - 3],
+                jobs: ends[round - 6],
+            };
+            let report = r.prune(cut, Duration::ZERO, &stop).await.unwrap();
+            pruned.results.add(report.results);
+            pruned.logs += report.logs;
+            pruned.jobs += report.jobs;
+        }
+        sizes.push(f.store.live_bytes());
+    }
+    assert!(jobs.iter().all(|j| j.len() == 2), "adder runs on linux and mac");
+    assert!(pruned.results.runs > 0 && pruned.results.cases > 0 && pruned.logs > 0);
+    assert!(pruned.results.transitions > 0 && pruned.jobs > 0, "{pruned:?}");
+
+    // The newest PAGE_RUNS runs of each adder series stay, older ones are
+    // gone with their job records, transitions and logs.
+    let last = ROUNDS - 1;
+    for platform in ["linux", "mac"] {
+        let runs = f
+            .results
+            .recent_runs("adder", "rt", platform, usize::MAX)
+            .unwrap();
+        assert_eq!(runs.len(), PAGE_RUNS, "{platform}");
+    }
+    let kept_jobs: HashSet<u64> = jobs[ROUNDS - PAGE_RUNS..].iter().flatten().copied().collect();
+    for (round, round_jobs) in jobs.iter().enumerate() {
+        for &job in round_jobs {
+            let rec = f.dispatch.get(job).unwrap();
+            let run = ["linux", "mac"]
+                .iter()
+                .find_map(|p| f.results.run("adder", "rt", p, job).unwrap());
+            let has_log = f.logs.size(job, 1).unwrap() > 0;
+            assert_eq!(run.is_some(), kept_jobs.contains(&job), "round {round}'s run");
+            // The last prune cut job records at the end of round last - 6,
+            // logs and cases at the end of round last - 3.
+            assert_eq!(rec.is_some(), round + 6 > last, "round {round}'s job record");
+            assert_eq!(has_log, round + 3 > last, "round {round}'s log");
+            if let Some(run) = run {
+                let newest = round == last;
+                assert_eq!(
+                    !run.cases.is_empty(),
+                    round + 3 > last || newest,
+                    "round {round}'s cases"
+                );
+            }
+        }
+    }
+
+    // Transitions only of runs still stored: a project's listing through
+    // its index finds no pruned one.
+    let listed = f
+        .results
+        .transitions_of("", "adder", usize::MAX, true)
+        .unwrap();
+    assert!(!listed.is_empty());
+    for t in &listed {
+        assert!(
+            kept_jobs.contains(&t.job_id),
+            "{t:?} {:?}",
+            f.results.run("adder", "rt", &t.platform, t.job_id).unwrap().map(|r| r.info)
+        );
+    }
+
+    // The open went-red, its run (with its cases), its log and its job
+    // record stay, and breakage still finds it through the commit index.
+    assert_eq!(f.results.transition(went_red.id).unwrap(), Some(went_red.clone()));
+    let red_run = f
+        .results
+        .run("shouter", "rt", "linux", red_job)
+        .unwrap()
+        .expect("the red run");
+    assert!(!red_run.cases.is_empty());
+    assert!(f.logs.size(red_job, 1).unwrap() > 0);
+    assert!(f.dispatch.get(red_job).unwrap().is_some());
+    let b = f
+        .pipeline
+        .breakage("rt", &went_red.upstream_commit)
+        .await
+        .unwrap();
+    assert_eq!(
+        b.went_red.iter().map(|t| t.id).collect::<Vec<_>>(),
+        [went_red.id]
+    );
+
+    // The grid: every series' latest result, shouter red since its went-red;
+    // the history the dashboard draws holds its runs.
+    let grid = f.pipeline.status("").unwrap();
+    assert_eq!(grid.cells.len(), 3);
+    for cell in &grid.cells {
+        assert!(cell.latest.job_id != 0, "{cell:?}");
+    }
+    let shouter = grid
+        .cells
+        .iter()
+        .find(|c| c.latest.project == "shouter")
+        .unwrap();
+    assert_eq!(shouter.latest.job_id, red_job);
+    assert_eq!(shouter.red_since.as_ref().map(|t| t.id), Some(went_red.id));
+    let history = f.pipeline.history(8).unwrap();
+    for s in &history[0].series {
+        assert!(!s.runs.is_empty(), "{} {}", s.project, s.platform);
+    }
+    assert!(!f.pipeline.transitions("rt", "shouter", 10, false).unwrap().is_empty());
+
+    // The size stops growing: once runs are pruned (after PAGE_RUNS
+    // rounds), the next rounds add nearly nothing, while an unpruned round
+    // adds a run's cases, two logs, job records and transitions.
+    let unpruned_round = sizes[5].saturating_sub(sizes[4]);
+    let steady = sizes[last].saturating_sub(sizes[PAGE_RUNS + 8]);
+    let steady_rounds = (last - PAGE_RUNS - 8) as u64;
+    assert!(
+        steady < unpruned_round * steady_rounds / 20,
+        "{steady} bytes over {steady_rounds} steady rounds; an unpruned round adds {unpruned_round}"
+    );
+}
