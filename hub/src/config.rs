@@ -1031,11 +1031,11 @@ max_token_ttl = "7d"
     fn unknown_key_at_top_level() {
         assert_eq!(
             err("[dispath]\nlease_timeout = \"1m\"\n"),
-            "/etc/trunkfarm/hub.toml:1: unknown key `dispath`, expected one of `hub`, `tls`, `admin`, `dispatch`, `limits`, `enrollment`, `artifacts`, `pipeline`, `trust`, `upstream`, `project`, `smtp`, `notify`, `web`, `network`, `pool`"
+            "/etc/trunkfarm/hub.toml:1: unknown key `dispath`, expected one of `hub`, `tls`, `admin`, `dispatch`, `limits`, `enrollment`, `artifacts`, `pipeline`, `trust`, `upstream`, `project`, `smtp`, `notify`, `web`, `network`, `retention`, `pool`"
         );
         assert_eq!(
             err("listen = \"0.0.0.0:7443\"\n"),
-            "/etc/trunkfarm/hub.toml:1: unknown key `listen`, expected one of `hub`, `tls`, `admin`, `dispatch`, `limits`, `enrollment`, `artifacts`, `pipeline`, `trust`, `upstream`, `project`, `smtp`, `notify`, `web`, `network`, `pool`"
+            "/etc/trunkfarm/hub.toml:1: unknown key `listen`, expected one of `hub`, `tls`, `admin`, `dispatch`, `limits`, `enrollment`, `artifacts`, `pipeline`, `trust`, `upstream`, `project`, `smtp`, `notify`, `web`, `network`, `retention`, `pool`"
         );
     }
 

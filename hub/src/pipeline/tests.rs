@@ -2804,3 +2804,48 @@ async fn a_renamed_default_branch_is_found_again() {
     assert_eq!(row.branch, "main");
     assert_eq!(row.poll_error, "", "{row:?}");
 }
+
+// ---- Retention and indexes (issue 16 item 4) ----
+
+/// A database from before the transitions' indexes (no `tc/`, `tp/` or
+/// `ti` keys) gets them built once when results opens it: breakage and a
+/// project's listing answer as before.
+#[tokio::test]
+async fn a_database_without_transition_indexes_gets_them_built_at_open() {
+    let f = regressed_farm().await;
+    let went_red = f.went_red("shouter").remove(0);
+    let listed = f.transitions("shouter");
+    let tree = f.store.tree(crate::store::trees::RESULTS).unwrap();
+    let index: Vec<_> = ["tc/", "tp/", "ti"]
+        .iter()
+        .flat_map(|p| tree.scan_prefix(p).keys().map(|k| k.unwrap()))
+        .collect();
+    assert!(index.len() > listed.len(), "{} index keys", index.len());
+    for k in &index {
+        tree.remove(k).unwrap();
+    }
+    let commit = |sha: &str| Commit {
+        sha: sha.to_owned(),
+        ..Default::default()
+    };
+    let unindexed = f
+        .results
+        .breakage("rt", vec![commit(&went_red.upstream_commit)])
+        .unwrap();
+    assert!(unindexed.went_red.is_empty(), "the index is gone");
+
+    let reopened = Results::open(&f.store).unwrap();
+    let b = reopened
+        .breakage("rt", vec![commit(&went_red.upstream_commit)])
+        .unwrap();
+    assert_eq!(b.went_red, vec![went_red]);
+    assert_eq!(
+        reopened.transitions_of("rt", "shouter", 100, true).unwrap(),
+        listed
+    );
+    let rebuilt = ["tc/", "tp/", "ti"]
+        .iter()
+        .map(|p| tree.scan_prefix(p).count())
+        .sum::<usize>();
+    assert_eq!(rebuilt, index.len());
+}
