@@ -132,7 +132,10 @@ pub(crate) mod trees {
     /// good>/<bad>` → a bisection of that culprit range,
     /// `n/<project>` → flips on identical re-runs (per project and test),
     /// `nx/<job id>` → marker: this re-run is counted there, `k/<job
-    /// id>/<n>` → calibration run `n` of that job.
+    /// id>/<n>` → calibration run `n` of that job, `tc/<upstream>/<commit>/<id>`
+    /// and `tp/<project>/<id>` → empty: the transitions' indexes by commit
+    /// (the result's and each culprit) and by project, `ti` → marker: the
+    /// indexes are built.
     pub(crate) const RESULTS: &str = "results";
     /// `notify`: `s/<project>/<email>` and `d/<upstream>/<email>` →
     /// subscription, `x/<project>/<email>` → a config maintainer who

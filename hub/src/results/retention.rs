@@ -152,8 +152,10 @@ impl Results {
     ) -> Result<Pruned, StoreError> {
         let mut pruned = Pruned::default();
         let mut batch = sled::Batch::default();
+        // Decided without the write lock (runs and transitions this removes
+        // or rewrites are written by nobody else: old, not kept), applied
+        // under it.
         {
-            let _w = self.write_lock();
             loop {
                 if pruned.ops() >= max_ops {
                     break;
@@ -202,6 +204,7 @@ impl Results {
                 }
             }
             if pruned.ops() > 0 {
+                let _w = self.write_lock();
                 self.table.apply(batch)?;
             }
         }
@@ -242,28 +245,63 @@ impl Results {
         pruned: &mut Pruned,
         max_ops: usize,
     ) -> Result<bool, StoreError> {
+        // The newest `keep_last` runs stay: find the oldest of them (a
+        // bounded reverse read), then walk the older runs oldest first,
+        // stopping at the first whose cases have not expired (job ids, and
+        // so keys, grow with time).
         let keep_last = policy.keep_last.max(1);
-        let runs = self.table.scan::<Shape>(series).rev();
-        for (newer, item) in runs.enumerate() {
+        let boundary = match self.table.keys(series).rev().nth(keep_last - 1) {
+            None => return Ok(true),
+            Some(k) => k?,
+        };
+        let older = self
+            .table
+            .sled()
+            .range(series.as_bytes()..boundary.as_ref());
+        for item in older {
+            if pruned.ops() >= max_ops {
+                return Ok(false);
+            }
+            let (k, v) = item.map_err(|e| self.table.store().err(e))?;
+            let run: Shape = self.table.decode(&k, &v)?;
+            let i = &run.info;
+            if i.finished_at_ms >= policy.cases_before_ms.max(policy.runs_before_ms) {
+                break;
+            }
+            if kept.jobs.contains(&i.job_id) || i.finished_at_ms == 0 {
+                continue;
+            }
+            if i.finished_at_ms < policy.runs_before_ms {
+                batch.remove(k);
+                pruned.runs += 1;
+            } else if i.finished_at_ms < policy.cases_before_ms && !run.cases.is_empty() {
+                let mut full: RunRecord = self.table.decode(&k, &v)?;
+                full.cases = Vec::new();
+                self.table.stage(batch, &k, &full)?;
+                pruned.cases += 1;
+            }
+        }
+        // The newest runs' cases expire too (the pages read summaries),
+        // unless their job is kept (the latest run's is).
+        for item in self.table.scan::<Shape>(series).rev().take(keep_last) {
             if pruned.ops() >= max_ops {
                 return Ok(false);
             }
             let (k, run) = item?;
             let i = &run.info;
-            if kept.jobs.contains(&i.job_id) || i.finished_at_ms == 0 {
+            if kept.jobs.contains(&i.job_id)
+                || i.finished_at_ms == 0
+                || i.finished_at_ms >= policy.cases_before_ms
+                || run.cases.is_empty()
+            {
                 continue;
             }
-            if newer >= keep_last && i.finished_at_ms < policy.runs_before_ms {
-                batch.remove(k);
-                pruned.runs += 1;
-            } else if i.finished_at_ms < policy.cases_before_ms && !run.cases.is_empty() {
-                let Some(mut full) = self.table.get::<RunRecord>(&k)? else {
-                    continue;
-                };
-                full.cases = Vec::new();
-                self.table.stage(batch, &k, &full)?;
-                pruned.cases += 1;
-            }
+            let Some(mut full) = self.table.get::<RunRecord>(&k)? else {
+                continue;
+            };
+            full.cases = Vec::new();
+            self.table.stage(batch, &k, &full)?;
+            pruned.cases += 1;
         }
         Ok(true)
     }

@@ -16,7 +16,7 @@ use super::{Cutoffs, Retention};
 use crate::config::RetentionSection;
 use crate::job_key::JobKey;
 use crate::pipeline::tests::{ADDER, Farm, regressed_farm};
-use crate::results::PAGE_RUNS;
+use crate::results::{Cursor, PAGE_RUNS, Policy};
 use crate::store::now_ms;
 
 /// A passing JUnit report with `n` cases.
@@ -233,4 +233,53 @@ async fn old_runs_logs_and_cases_go_the_latest_open_red_and_grid_stay_and_the_da
         steady < unpruned_round * steady_rounds / 20,
         "{steady} bytes over {steady_rounds} steady rounds; an unpruned round adds {unpruned_round}"
     );
+
+    // Ten more rounds unpruned, then everything expires: a pass goes in
+    // steps of at most max_ops (small atomic writes), and still keeps the
+    // latest, the open went-red and the pages' runs.
+    for _ in 0..10 {
+        adder_round(&mut f).await;
+    }
+    let now = mark().await;
+    let kept = f.results.kept().unwrap();
+    assert!(kept.jobs.contains(&red_job) && kept.transitions.contains(&went_red.id));
+    let policy = Policy {
+        runs_before_ms: now,
+        cases_before_ms: now,
+        keep_last: PAGE_RUNS,
+    };
+    let mut cursor = Cursor::default();
+    let mut steps = 0;
+    let mut total = 0;
+    while !matches!(cursor, Cursor::Done) {
+        let p = f
+            .results
+            .prune_step(policy, &kept, &mut cursor, 5)
+            .await
+            .unwrap();
+        let ops = p.runs + p.cases + p.transitions;
+        assert!(ops <= 5, "{p:?}");
+        total += ops;
+        steps += 1;
+    }
+    // Per adder series: the 10 runs pushed beyond the newest PAGE_RUNS and
+    // their transitions, and the cases of the 13 runs that still had them
+    // (the 10 new ones, the 3 the last prune left) but the latest.
+    assert_eq!(total, 2 * (10 + 10 + 12), "{total} in {steps} steps");
+    assert!(steps >= total / 5, "{total} in {steps} steps");
+    for platform in ["linux", "mac"] {
+        let runs = f
+            .results
+            .recent_runs("adder", "rt", platform, usize::MAX)
+            .unwrap();
+        assert_eq!(runs.len(), PAGE_RUNS);
+        let newest = f
+            .results
+            .run("adder", "rt", platform, runs[0].job_id)
+            .unwrap()
+            .unwrap();
+        assert!(!newest.cases.is_empty(), "the latest run keeps its cases");
+    }
+    assert!(!f.results.run("shouter", "rt", "linux", red_job).unwrap().unwrap().cases.is_empty());
+    assert_eq!(f.results.transition(went_red.id).unwrap(), Some(went_red));
 }
