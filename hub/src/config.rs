@@ -34,8 +34,8 @@ pub(crate) use pipeline::{
     ArtifactsSection, BuildOn, Confirm, PipelineSection, ProjectConfig, TrustSection,
     UpstreamConfig,
 };
-pub(crate) use retention::RetentionSection;
 pub(crate) use pool::{AgentSandbox, DEFAULT_POOL_USER, Ec2Section, PoolConfig, ProvisionerKind};
+pub(crate) use retention::RetentionSection;
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
@@ -1345,7 +1345,7 @@ max_token_ttl = "7d"
             err("[retention]\nruns = \"7d\"\n"),
             "/etc/trunkfarm/hub.toml: invalid `retention.test_cases`: 30d is longer than `retention.runs` (7d); a run's test cases go with the run, so keep them at most as long"
         );
-            assert_eq!(
+        assert_eq!(
             err("[retention]\nrun = \"7d\"\n"),
             "/etc/trunkfarm/hub.toml:2: unknown key `retention.run`, expected one of `runs`, `keep_last`, `test_cases`, `logs`, `jobs`, `interval`"
         );

@@ -392,8 +392,8 @@ impl JobTable {
         let mut batch = sled::Batch::default();
         let mut removed = 0;
         let end = id_key(RECORD, u64::MAX);
-        let mut looked = 0;
-        for item in self.table.sled().range(id_key(RECORD, from)..=end) {
+        let records = self.table.sled().range(id_key(RECORD, from)..=end);
+        for (looked, item) in records.enumerate() {
             let (k, raw) = item.map_err(|e| self.table.store().err(e))?;
             let rec = self.decode(&k, &raw)?;
             if rec.created_at_ms >= before_ms {
@@ -403,7 +403,6 @@ impl JobTable {
                 self.apply_pruned(batch, removed)?;
                 return Ok((removed, Some(rec.id)));
             }
-            looked += 1;
             let finished = rec.finished_at_ms != 0 && rec.finished_at_ms < before_ms;
             if finished
                 && !kept.contains(&rec.id)

@@ -50,12 +50,12 @@ pub(crate) use classify::{CulpritRange, SeriesState, run_status};
 pub(crate) use confirm::{ConfirmState, Confirmation, Hold, Judged, Rerun, Rules, Said};
 pub(crate) use noise::{FlakyRule, Noise, TestNoise, wire as noise_wire};
 pub(crate) use query::{
-    Breakage, PAGE_RUNS, Grid, GridSeries, HistoryRequest, OpenRun, ProjectRow, SeriesHistory,
+    Breakage, Grid, GridSeries, HistoryRequest, OpenRun, PAGE_RUNS, ProjectRow, SeriesHistory,
     UpstreamHistory, UpstreamRow,
 };
 pub(crate) use records::{Bisect, BisectState};
-pub(crate) use retention::{Cursor, Policy, Pruned};
 pub(crate) use records::{BuildInfo, Class, Commit, RunInfo, TestCase, Transition};
+pub(crate) use retention::{Cursor, Policy, Pruned};
 
 use crate::changes::Changes;
 use crate::job_key::RerunKind;
@@ -256,7 +256,10 @@ impl Results {
     pub(crate) fn open(store: &crate::store::Store) -> Result<Results, StoreError> {
         let table = Table::open(store, crate::store::trees::RESULTS)?;
         if let Some(n) = index::build_once(&table)? {
-            tracing::info!(transitions = n, "indexed the stored transitions by commit and project");
+            tracing::info!(
+                transitions = n,
+                "indexed the stored transitions by commit and project"
+            );
         }
         Ok(Results {
             table,

@@ -126,9 +126,15 @@ async fn old_runs_logs_and_cases_go_the_latest_open_red_and_grid_stay_and_the_da
         }
         sizes.push(f.store.live_bytes());
     }
-    assert!(jobs.iter().all(|j| j.len() == 2), "adder runs on linux and mac");
+    assert!(
+        jobs.iter().all(|j| j.len() == 2),
+        "adder runs on linux and mac"
+    );
     assert!(pruned.results.runs > 0 && pruned.results.cases > 0 && pruned.logs > 0);
-    assert!(pruned.results.transitions > 0 && pruned.jobs > 0, "{pruned:?}");
+    assert!(
+        pruned.results.transitions > 0 && pruned.jobs > 0,
+        "{pruned:?}"
+    );
 
     // The newest PAGE_RUNS runs of each adder series stay, older ones are
     // gone with their job records, transitions and logs.
@@ -140,7 +146,11 @@ async fn old_runs_logs_and_cases_go_the_latest_open_red_and_grid_stay_and_the_da
             .unwrap();
         assert_eq!(runs.len(), PAGE_RUNS, "{platform}");
     }
-    let kept_jobs: HashSet<u64> = jobs[ROUNDS - PAGE_RUNS..].iter().flatten().copied().collect();
+    let kept_jobs: HashSet<u64> = jobs[ROUNDS - PAGE_RUNS..]
+        .iter()
+        .flatten()
+        .copied()
+        .collect();
     for (round, round_jobs) in jobs.iter().enumerate() {
         for &job in round_jobs {
             let rec = f.dispatch.get(job).unwrap();
@@ -148,10 +158,18 @@ async fn old_runs_logs_and_cases_go_the_latest_open_red_and_grid_stay_and_the_da
                 .iter()
                 .find_map(|p| f.results.run("adder", "rt", p, job).unwrap());
             let has_log = f.logs.size(job, 1).unwrap() > 0;
-            assert_eq!(run.is_some(), kept_jobs.contains(&job), "round {round}'s run");
+            assert_eq!(
+                run.is_some(),
+                kept_jobs.contains(&job),
+                "round {round}'s run"
+            );
             // The last prune cut job records at the end of round last - 6,
             // logs and cases at the end of round last - 3.
-            assert_eq!(rec.is_some(), round + 6 > last, "round {round}'s job record");
+            assert_eq!(
+                rec.is_some(),
+                round + 6 > last,
+                "round {round}'s job record"
+            );
             assert_eq!(has_log, round + 3 > last, "round {round}'s log");
             if let Some(run) = run {
                 let newest = round == last;
@@ -175,13 +193,19 @@ async fn old_runs_logs_and_cases_go_the_latest_open_red_and_grid_stay_and_the_da
         assert!(
             kept_jobs.contains(&t.job_id),
             "{t:?} {:?}",
-            f.results.run("adder", "rt", &t.platform, t.job_id).unwrap().map(|r| r.info)
+            f.results
+                .run("adder", "rt", &t.platform, t.job_id)
+                .unwrap()
+                .map(|r| r.info)
         );
     }
 
     // The open went-red, its run (with its cases), its log and its job
     // record stay, and breakage still finds it through the commit index.
-    assert_eq!(f.results.transition(went_red.id).unwrap(), Some(went_red.clone()));
+    assert_eq!(
+        f.results.transition(went_red.id).unwrap(),
+        Some(went_red.clone())
+    );
     let red_run = f
         .results
         .run("shouter", "rt", "linux", red_job)
@@ -218,7 +242,12 @@ async fn old_runs_logs_and_cases_go_the_latest_open_red_and_grid_stay_and_the_da
     for s in &history[0].series {
         assert!(!s.runs.is_empty(), "{} {}", s.project, s.platform);
     }
-    assert!(!f.pipeline.transitions("rt", "shouter", 10, false).unwrap().is_empty());
+    assert!(
+        !f.pipeline
+            .transitions("rt", "shouter", 10, false)
+            .unwrap()
+            .is_empty()
+    );
 
     // The size stops growing: once runs are pruned (after PAGE_RUNS
     // rounds), a round adds under 5% of what an unpruned round adds (its
@@ -280,6 +309,13 @@ async fn old_runs_logs_and_cases_go_the_latest_open_red_and_grid_stay_and_the_da
             .unwrap();
         assert!(!newest.cases.is_empty(), "the latest run keeps its cases");
     }
-    assert!(!f.results.run("shouter", "rt", "linux", red_job).unwrap().unwrap().cases.is_empty());
+    assert!(
+        !f.results
+            .run("shouter", "rt", "linux", red_job)
+            .unwrap()
+            .unwrap()
+            .cases
+            .is_empty()
+    );
     assert_eq!(f.results.transition(went_red.id).unwrap(), Some(went_red));
 }
