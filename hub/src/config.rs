@@ -1350,6 +1350,14 @@ max_token_ttl = "7d"
             "/etc/trunkfarm/hub.toml:2: unknown key `retention.run`, expected one of `runs`, `keep_last`, `test_cases`, `logs`, `jobs`, `interval`"
         );
         assert!(err("[retention]\nruns = \"soon\"\n").contains("retention.runs"));
+        assert_eq!(
+            err("[retention]\njobs = \"1d\"\nlogs = \"1d\"\n"),
+            "/etc/trunkfarm/hub.toml:2: invalid `retention.jobs`: 1d is too short; expected at least 2d, the longest a bisection runs (it reads its jobs' records until it answers)"
+        );
+        assert_eq!(
+            err("[retention]\njobs = \"3d\"\n"),
+            "/etc/trunkfarm/hub.toml: invalid `retention.logs`: 90d is longer than `retention.jobs` (3d); a job's log goes with its record, so keep it at most as long"
+        );
     }
 
     #[test]

@@ -83,6 +83,17 @@ pub(super) fn problems(r: &RetentionSection) -> Result<(), Problem> {
             ),
         ));
     }
+    let bisection = Duration::from_millis(crate::pipeline::MAX_BISECTION_MS);
+    if r.jobs < bisection {
+        return Err(Problem::new(
+            "retention.jobs",
+            format!(
+                "{} is too short; expected at least {}, the longest a bisection runs (it reads its jobs' records until it answers)",
+                fmt_duration(r.jobs),
+                fmt_duration(bisection),
+            ),
+        ));
+    }
     if r.logs > r.jobs {
         return Err(Problem::new(
             "retention.logs",

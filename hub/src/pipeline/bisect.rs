@@ -46,7 +46,7 @@ use crate::store::now_ms;
 /// How long a bisection may take before it gives up with the range it
 /// narrowed (its builds and runs are queued ahead of other work; this only
 /// ends one whose jobs never come: no trusted agent, a stuck build), in ms.
-const MAX_BISECTION_MS: u64 = 48 * 3600 * 1000;
+pub(crate) const MAX_BISECTION_MS: u64 = 48 * 3600 * 1000;
 
 /// A member's answer when its bisection cannot go on at all (`why`):
 /// every commit of the range is still a candidate.

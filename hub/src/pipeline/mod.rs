@@ -35,6 +35,7 @@
 //! Owns the `pipeline` tree (branch heads and their order; see `poll.rs`).
 
 mod bisect;
+pub(crate) use bisect::MAX_BISECTION_MS;
 pub(crate) mod calibrate;
 mod confirm;
 mod culprits;
