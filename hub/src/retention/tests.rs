@@ -252,9 +252,10 @@ async fn old_runs_logs_and_cases_go_the_latest_open_red_and_grid_stay_and_the_da
     // The size stops growing: once runs are pruned (after PAGE_RUNS
     // rounds), a round adds under 5% of what an unpruned round adds (its
     // runs' cases, two logs, job records, transitions: about 16 KB here).
-    // What is left (about 330 bytes a round) are the once-only markers kept
-    // by design: dispatch's `k<pipeline key>`, the pipeline's `hh/`/`hs/`
-    // head sequences and results' `p/<job>` "recorded" markers.
+    // What is left (about 330 bytes a round of two jobs) are the once-only
+    // markers kept by design: dispatch's `k<pipeline key>` (about 220),
+    // the pipeline's `hh/` head sequences (about 60) and results' `p/<job>`
+    // "recorded" markers (about 45).
     let unpruned_round = sizes[5].saturating_sub(sizes[4]);
     let steady = sizes[last].saturating_sub(sizes[PAGE_RUNS + 8]);
     let steady_rounds = (last - PAGE_RUNS - 8) as u64;
