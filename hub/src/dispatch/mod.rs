@@ -2370,6 +2370,73 @@ pub(crate) mod tests {
         assert_eq!(assigned.len(), 1);
     }
 
+    /// An agent serving several hubs that offers this hub no slot because
+    /// only work its donor refuses waits here is still told why (the
+    /// notice), and a quarantined one is told nothing waits (so it offers
+    /// its slots to its other hubs instead of leaving them unfilled).
+    #[tokio::test]
+    async fn a_sharing_agent_hears_of_refused_work_and_of_none_while_quarantined() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_s, d) = open(dir.path(), 5000);
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let hello = Hello {
+            name: "BOX".into(),
+            caps: Capabilities {
+                labels: vec!["linux".into()],
+                max_parallel_jobs: 3,
+                allowed_projects: vec!["beta".into()],
+                ..Default::default()
+            },
+            labels: HashSet::from(["linux".to_owned()]),
+            trusted: false,
+            quarantined: false,
+            max_parallel: 3,
+            draining: false,
+            paused: None,
+            offered: Some(0),
+            agent_version: "test".into(),
+            remote: "local".into(),
+            tx,
+        };
+        d.connect("box", &[], hello).await.unwrap();
+        let alpha = JobSpec {
+            project: "alpha".into(),
+            ..spec(&["linux"])
+        };
+        d.submit(alpha, 0).await.unwrap();
+        let mut notices = Vec::new();
+        let mut told = Vec::new();
+        while let Ok(m) = rx.try_recv() {
+            match *m {
+                Ok(HubMessage {
+                    msg: Some(Msg::Notice(n)),
+                }) => notices.push(n.text),
+                Ok(HubMessage {
+                    msg: Some(Msg::Backlog(b)),
+                }) => told.push(b.jobs),
+                _ => {}
+            }
+        }
+        assert_eq!(
+            notices,
+            ["A job of project `alpha` waits that your allowed_projects (beta) refuse."]
+        );
+        assert_eq!(told, [0], "nothing it would take waits");
+        let beta = || JobSpec {
+            project: "beta".into(),
+            ..spec(&["linux"])
+        };
+        d.submit(beta(), 0).await.unwrap();
+        assert_eq!(backlogs(&mut rx), (vec![1], vec![]));
+        d.set_quarantined("box", true).await.unwrap();
+        d.submit(beta(), 0).await.unwrap();
+        assert_eq!(
+            backlogs(&mut rx),
+            (vec![0], vec![]),
+            "quarantined here: nothing for it"
+        );
+    }
+
     #[tokio::test]
     async fn a_paused_agent_gets_no_job_says_why_and_takes_work_once_resumed() {
         let dir = tempfile::tempdir().unwrap();
