@@ -2307,16 +2307,17 @@ pub(crate) mod tests {
         (told, assigned)
     }
 
-    #[tokio::test]
-    async fn an_agent_serving_several_hubs_gets_what_it_offers_and_hears_of_waiting_work() {
-        let dir = tempfile::tempdir().unwrap();
-        let (_s, d) = open(dir.path(), 5000);
-        let (tx, mut rx) = mpsc::unbounded_channel();
+    /// Connects agent `box` ("BOX": 3 slots, label linux, accepting
+    /// `allowed` projects) as one serving several hubs: it has offered
+    /// nothing yet and waits to hear of work.
+    async fn sharing_agent(d: &Dispatcher, allowed: Vec<String>) -> Rx {
+        let (tx, rx) = mpsc::unbounded_channel();
         let hello = Hello {
             name: "BOX".into(),
             caps: Capabilities {
                 labels: vec!["linux".into()],
                 max_parallel_jobs: 3,
+                allowed_projects: allowed,
                 ..Default::default()
             },
             labels: HashSet::from(["linux".to_owned()]),
@@ -2325,13 +2326,20 @@ pub(crate) mod tests {
             max_parallel: 3,
             draining: false,
             paused: None,
-            // Nothing offered yet: it waits to hear of work.
             offered: Some(0),
             agent_version: "test".into(),
             remote: "local".into(),
             tx,
         };
         d.connect("box", &[], hello).await.unwrap();
+        rx
+    }
+
+    #[tokio::test]
+    async fn an_agent_serving_several_hubs_gets_what_it_offers_and_hears_of_waiting_work() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_s, d) = open(dir.path(), 5000);
+        let mut rx = sharing_agent(&d, Vec::new()).await;
         assert_eq!(backlogs(&mut rx), (vec![0], vec![]), "told: nothing waits");
         let ids = submit_many(&d, 4).await;
         let (told, assigned) = backlogs(&mut rx);
@@ -2378,27 +2386,7 @@ pub(crate) mod tests {
     async fn a_sharing_agent_hears_of_refused_work_and_of_none_while_quarantined() {
         let dir = tempfile::tempdir().unwrap();
         let (_s, d) = open(dir.path(), 5000);
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        let hello = Hello {
-            name: "BOX".into(),
-            caps: Capabilities {
-                labels: vec!["linux".into()],
-                max_parallel_jobs: 3,
-                allowed_projects: vec!["beta".into()],
-                ..Default::default()
-            },
-            labels: HashSet::from(["linux".to_owned()]),
-            trusted: false,
-            quarantined: false,
-            max_parallel: 3,
-            draining: false,
-            paused: None,
-            offered: Some(0),
-            agent_version: "test".into(),
-            remote: "local".into(),
-            tx,
-        };
-        d.connect("box", &[], hello).await.unwrap();
+        let mut rx = sharing_agent(&d, vec!["beta".into()]).await;
         let alpha = JobSpec {
             project: "alpha".into(),
             ..spec(&["linux"])
