@@ -175,14 +175,26 @@ pub(crate) fn say(line: &str) {
     }
 }
 
-/// Says the hub's notice to the donor ("The hub says: a job of project
-/// `alpha` waits that your allowed_projects (beta) refuse."): its words
-/// without control characters, capped.
-pub(crate) fn hub_notice(text: &str) {
+/// Says hub `hub`'s notice to the donor ("The hub says: a job of project
+/// `alpha` waits that your allowed_projects (beta) refuse."; "Hub oss says:
+/// …" when it serves `several`, and where to find that hub's own terms when
+/// it has some): its words without control characters, capped.
+pub(crate) fn hub_notice(hub: &str, several: bool, own_terms: bool, text: &str) {
     let text: String = text.chars().filter(|c| !c.is_control()).take(300).collect();
-    if !text.trim().is_empty() {
-        say(&format!("The hub says: {}", text.trim()));
+    if text.trim().is_empty() {
+        return;
     }
+    let mut line = if several {
+        format!("Hub {hub} says: {}", text.trim())
+    } else {
+        format!("The hub says: {}", text.trim())
+    };
+    if own_terms {
+        line.push_str(&format!(
+            " (the terms for this hub are in [hubs.{hub}] of agent.toml)"
+        ));
+    }
+    say(&line);
 }
 
 /// One runtime download as the donor sees it: a progress bar on stderr

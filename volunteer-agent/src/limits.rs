@@ -362,6 +362,8 @@ pub(crate) struct Readings {
 /// Why the agent takes no new job now.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Unavailable {
+    /// Which rule: outside the schedule (`true`) or not idle (`false`).
+    pub scheduled_off: bool,
     /// In words after the agent's name: "outside its donor's schedule (…)",
     /// "waiting for the machine to be idle (…)".
     pub reason: String,
@@ -432,6 +434,7 @@ impl Limits {
         if !self.schedule.open_at(now) {
             let until = self.schedule.next_change(now);
             return Some(Unavailable {
+                scheduled_off: true,
                 reason: format!(
                     "outside its donor's schedule ({}, {} time)",
                     self.schedule.text(),
@@ -444,6 +447,7 @@ impl Limits {
         let rule = self.idle.as_ref()?;
         let busy = |why: String| {
             Some(Unavailable {
+                scheduled_off: false,
                 reason: format!("waiting for the machine to be idle ({why})"),
                 until: None,
                 until_local: None,
@@ -665,8 +669,11 @@ impl Gate {
             .limits
             .recheck(now)
             .map(|d| tokio::time::Instant::now() + d);
-        // Only the reason counts as a change (the local end follows it).
-        let changed = next.as_ref().map(|u| &u.reason) != self.state.as_ref().map(|u| &u.reason);
+        // Only the rule and its end count as a change: the live figures in
+        // the words (the load, a terminal's idle time) change at every look
+        // and would re-announce it to the donor and every hub each time.
+        let rule = |u: &Option<Unavailable>| u.as_ref().map(|u| (u.scheduled_off, u.until));
+        let changed = rule(&next) != rule(&self.state);
         self.state = next;
         changed
     }

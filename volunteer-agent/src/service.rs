@@ -21,7 +21,6 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::credential::Credential;
 use crate::lock::{self, LockError};
 use crate::{EXIT_FAILURE, EXIT_LOCKED, EXIT_USAGE};
 
@@ -266,7 +265,7 @@ fn shell_line(argv: &[String]) -> String {
 /// running on the state directory (the service would be refused its
 /// lock), root for a system unit.
 fn preflight(scope: Scope, state_dir: &Path) -> Result<(), u8> {
-    if let Err(e) = Credential::load(state_dir) {
+    if let Err(e) = crate::hubs::enrolled(state_dir) {
         eprintln!("error: {e}");
         return Err(EXIT_USAGE);
     }

@@ -230,6 +230,8 @@ pub(crate) async fn run(
             backlog: 0,
             granted: 0,
             offered_told: None,
+            hello_paused: None,
+            own_terms: config.hubs.contains_key(&hub.name),
             leaving: None,
             ended: None,
             drained: false,
@@ -761,6 +763,11 @@ struct Hub {
     granted: u32,
     /// The slots it was last offered (`Slots` or the hello's), this session.
     offered_told: Option<u32>,
+    /// It has its own `[hubs.NAME]` terms in agent.toml.
+    own_terms: bool,
+    /// What the last hello said of the pause: a change before the welcome
+    /// is sent once welcomed.
+    hello_paused: Option<Paused>,
     /// Being left (`unenroll --hub`): no new job; it goes once its jobs are
     /// done and its results acknowledged, or at this deadline once no job
     /// runs.
@@ -981,6 +988,7 @@ impl Hub {
     /// `slots`: what it offers this hub (an agent serving several).
     fn start_connect(&mut self, draining: bool, paused: Option<Paused>, slots: Option<u32>) {
         let (tx, rx) = mpsc::channel(OUTBOUND_CHANNEL);
+        self.hello_paused = paused.clone();
         let hello = hello(&self.caps, self.held(), draining, paused, slots);
         self.offered_told = slots;
         // A fresh channel has room for its first message.
@@ -1034,7 +1042,7 @@ impl Hub {
     }
 
     /// The hub welcomed us: the session is usable; send what it missed.
-    fn welcomed(&mut self, welcome: Welcome, draining: bool, paused: bool) {
+    fn welcomed(&mut self, welcome: Welcome, draining: bool, paused: Option<Paused>) {
         self.backoff.reset();
         let interval = match welcome.heartbeat_interval_ms {
             0 => DEFAULT_HEARTBEAT,
@@ -1067,7 +1075,7 @@ impl Hub {
             "Connected to hub {} as agent {}{}.",
             self.address,
             self.agent_id,
-            if paused {
+            if paused.is_some() {
                 " (paused: it takes no job)"
             } else {
                 ""
@@ -1090,6 +1098,13 @@ impl Hub {
         self.result_sent = self.results.jobs().map(|j| (key(&j), now)).collect();
         if draining || self.drained || self.leaving.is_some() {
             self.outbox.push_control(Msg::Draining(Draining {}));
+        }
+        // Paused or resumed (by the donor or the limits) while dialling:
+        // the hello said otherwise.
+        if paused != self.hello_paused {
+            self.outbox
+                .push_control(Msg::Paused(paused.clone().unwrap_or_default()));
+            self.hello_paused = paused;
         }
     }
 
@@ -1516,7 +1531,21 @@ impl Agent {
         if !self.hubs[i].link.welcomed() {
             return match msg {
                 HubMsg::Welcome(welcome) => {
-                    let (draining, paused) = (self.drain.active, self.paused_now().is_some());
+                    if self.slots.is_some() && !welcome.shares_slots {
+                        // It would assign past this agent's slots, and every
+                        // job would come straight back.
+                        let name = self.hubs[i].name.clone();
+                        return self.link_failed(
+                            i,
+                            LinkError::Status(Status::failed_precondition(format!(
+                                "hub {name} is too old to share this agent with other hubs (it \
+                                 does not take the agent's slot offers): ask its operator to \
+                                 upgrade trunkfarm, or leave it with `trunkfarm-agent unenroll \
+                                 --hub {name}`"
+                            ))),
+                        );
+                    }
+                    let (draining, paused) = (self.drain.active, self.paused_now());
                     self.hubs[i].welcomed(welcome, draining, paused);
                     None
                 }
@@ -1532,7 +1561,12 @@ impl Agent {
             HubMsg::Cancel(cancel) => self.hubs[i].cancel(cancel),
             HubMsg::Drain(drain) => self.hub_drains(i, Duration::from_secs(drain.grace_secs)),
             HubMsg::ResultAck(ack) => self.hubs[i].acknowledged(ack),
-            HubMsg::Notice(notice) => donor::hub_notice(&notice.text),
+            HubMsg::Notice(notice) => donor::hub_notice(
+                &self.hubs[i].name,
+                self.slots.is_some(),
+                self.hubs[i].own_terms,
+                &notice.text,
+            ),
             HubMsg::Backlog(backlog) => {
                 let hub = &mut self.hubs[i];
                 hub.backlog = backlog.jobs;
@@ -1561,7 +1595,11 @@ impl Agent {
             ));
             hub.outbox.push_control(Msg::Draining(Draining {}));
         }
-        if self.hubs.iter().all(|h| h.drained) {
+        if self
+            .hubs
+            .iter()
+            .all(|h| h.drained || h.ended.is_some() || h.leaving.is_some())
+        {
             self.start_drain(grace, "every hub asked this agent to drain");
         }
     }

@@ -147,13 +147,29 @@ impl Slots {
             }
             h.active = active;
         }
-        let used: u32 = self
+        let mut used: u32 = self
             .hubs
             .iter()
             .zip(demand)
             .take(n)
             .map(|(h, d)| d.running + h.outstanding)
             .sum();
+        // A job that started across a withdrawn offer can fill the machine
+        // while another hub's offer still stands: withdraw offers (the
+        // best-served hub's first) until running jobs and offers fit, or
+        // that hub's assignments would only come back to it.
+        while used > self.total {
+            let pick = (0..n)
+                .filter(|&i| self.hubs[i].outstanding > 0)
+                .max_by_key(|&i| (self.hubs[i].pass, i));
+            let Some(i) = pick else {
+                break;
+            };
+            let h = &mut self.hubs[i];
+            h.outstanding -= 1;
+            h.pass = h.pass.saturating_sub(h.stride());
+            used -= 1;
+        }
         let mut free = self.total.saturating_sub(used);
         while free > 0 {
             let pick = (0..n)
@@ -173,6 +189,28 @@ impl Slots {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Hub 0's job crossed the withdrawal of its offer and started: the
+    /// machine is full, so hub 1's standing offer is withdrawn too (else
+    /// each of its assignments would be handed straight back).
+    #[test]
+    fn offers_never_exceed_the_free_slots() {
+        let mut slots = Slots::new(1, &[1, 1]);
+        let d = |running, backlog| Demand {
+            running,
+            backlog,
+            cap: 1,
+            open: true,
+        };
+        slots.divide(&[d(0, 1), d(0, 0)]);
+        assert_eq!((slots.outstanding(0), slots.outstanding(1)), (1, 0));
+        slots.divide(&[d(0, 0), d(0, 1)]);
+        assert_eq!((slots.outstanding(0), slots.outstanding(1)), (0, 1));
+        slots.started(0);
+        slots.divide(&[d(1, 0), d(0, 1)]);
+        assert_eq!(slots.offered(1, 0), 0, "the machine is full");
+        assert_eq!(slots.offered(0, 1), 1);
+    }
 
     /// Runs `rounds` job starts on a machine of `total` slots where every
     /// hub in `busy` has endless work: each round, the divided offers are

@@ -2325,16 +2325,17 @@ pub(crate) mod tests {
         (told, assigned)
     }
 
-    #[tokio::test]
-    async fn an_agent_serving_several_hubs_gets_what_it_offers_and_hears_of_waiting_work() {
-        let dir = tempfile::tempdir().unwrap();
-        let (_s, d) = open(dir.path(), 5000);
-        let (tx, mut rx) = mpsc::unbounded_channel();
+    /// Connects agent `box` ("BOX": 3 slots, label linux, accepting
+    /// `allowed` projects) as one serving several hubs: it has offered
+    /// nothing yet and waits to hear of work.
+    async fn sharing_agent(d: &Dispatcher, allowed: Vec<String>) -> Rx {
+        let (tx, rx) = mpsc::unbounded_channel();
         let hello = Hello {
             name: "BOX".into(),
             caps: Capabilities {
                 labels: vec!["linux".into()],
                 max_parallel_jobs: 3,
+                allowed_projects: allowed,
                 ..Default::default()
             },
             labels: HashSet::from(["linux".to_owned()]),
@@ -2343,13 +2344,20 @@ pub(crate) mod tests {
             max_parallel: 3,
             draining: false,
             paused: None,
-            // Nothing offered yet: it waits to hear of work.
             offered: Some(0),
             agent_version: "test".into(),
             remote: "local".into(),
             tx,
         };
         d.connect("box", &[], hello).await.unwrap();
+        rx
+    }
+
+    #[tokio::test]
+    async fn an_agent_serving_several_hubs_gets_what_it_offers_and_hears_of_waiting_work() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_s, d) = open(dir.path(), 5000);
+        let mut rx = sharing_agent(&d, Vec::new()).await;
         assert_eq!(backlogs(&mut rx), (vec![0], vec![]), "told: nothing waits");
         let ids = submit_many(&d, 4).await;
         let (told, assigned) = backlogs(&mut rx);
@@ -2386,6 +2394,53 @@ pub(crate) mod tests {
         let (told, assigned) = backlogs(&mut other);
         assert!(told.is_empty());
         assert_eq!(assigned.len(), 1);
+    }
+
+    /// An agent serving several hubs that offers this hub no slot because
+    /// only work its donor refuses waits here is still told why (the
+    /// notice), and a quarantined one is told nothing waits (so it offers
+    /// its slots to its other hubs instead of leaving them unfilled).
+    #[tokio::test]
+    async fn a_sharing_agent_hears_of_refused_work_and_of_none_while_quarantined() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_s, d) = open(dir.path(), 5000);
+        let mut rx = sharing_agent(&d, vec!["beta".into()]).await;
+        let alpha = JobSpec {
+            project: "alpha".into(),
+            ..spec(&["linux"])
+        };
+        d.submit(alpha, 0).await.unwrap();
+        let mut notices = Vec::new();
+        let mut told = Vec::new();
+        while let Ok(m) = rx.try_recv() {
+            match *m {
+                Ok(HubMessage {
+                    msg: Some(Msg::Notice(n)),
+                }) => notices.push(n.text),
+                Ok(HubMessage {
+                    msg: Some(Msg::Backlog(b)),
+                }) => told.push(b.jobs),
+                _ => {}
+            }
+        }
+        assert_eq!(
+            notices,
+            ["A job of project `alpha` waits that your allowed_projects (beta) refuse."]
+        );
+        assert_eq!(told, [0], "nothing it would take waits");
+        let beta = || JobSpec {
+            project: "beta".into(),
+            ..spec(&["linux"])
+        };
+        d.submit(beta(), 0).await.unwrap();
+        assert_eq!(backlogs(&mut rx), (vec![1], vec![]));
+        d.set_quarantined("box", true).await.unwrap();
+        d.submit(beta(), 0).await.unwrap();
+        assert_eq!(
+            backlogs(&mut rx),
+            (vec![0], vec![]),
+            "quarantined here: nothing for it"
+        );
     }
 
     #[tokio::test]

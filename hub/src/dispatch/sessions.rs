@@ -112,6 +112,10 @@ struct Conn {
 /// The most notices one session's donor is sent: a hint, never a flood.
 const NOTICES_PER_SESSION: usize = 16;
 
+/// Queued jobs looked at for an agent serving several hubs' notices, per
+/// schedule (its donor hears of refused work waiting here).
+const NOTICE_SCAN: usize = 64;
+
 impl Conn {
     /// The jobs it may hold at once now: its slots, or those it offers
     /// this hub when it serves several.
@@ -499,7 +503,14 @@ impl Sessions {
     pub(super) fn tell_donors(&mut self, spec: &JobSpecRecord, now: Instant, out: &mut Outbox) {
         let stale_after = self.stale_after;
         for c in self.agents.values_mut() {
-            if c.told.len() >= NOTICES_PER_SESSION || !c.available(now, stale_after) {
+            // An agent that would take work but for its donor's terms: free,
+            // full, or (serving several hubs) offering this hub no slot
+            // because only refused work waits here.
+            let could_take = matches!(
+                c.busy(now, stale_after),
+                None | Some(Busy::Full | Busy::Given)
+            );
+            if c.told.len() >= NOTICES_PER_SESSION || !could_take {
                 continue;
             }
             if let Some(text) = c.donor_notice(spec)
@@ -773,13 +784,33 @@ impl Sessions {
             if c.offered.is_none() {
                 continue;
             }
-            let jobs = queued
-                .clone()
-                .filter(|rec| {
-                    c.refuses(&rec.spec).is_none() && !rec.placement.exclude_agents.contains(id)
-                })
-                .take(c.max_parallel)
-                .count() as u32;
+            // Quarantined or draining here: nothing for it, so it offers its
+            // slots to its other hubs instead of leaving them unfilled.
+            let jobs = if c.quarantined || c.draining {
+                0
+            } else {
+                // Such an agent offers no slot here while only work its
+                // donor refuses waits, so `schedule` never looks at it for
+                // that work: its donor hears why from here (of the first
+                // queued jobs only).
+                for rec in queued.clone().take(NOTICE_SCAN) {
+                    if c.told.len() >= NOTICES_PER_SESSION {
+                        break;
+                    }
+                    if let Some(text) = c.donor_notice(&rec.spec)
+                        && c.told.insert(text.clone())
+                    {
+                        out.push(&c.tx, hub_message::Msg::Notice(Notice { text }));
+                    }
+                }
+                queued
+                    .clone()
+                    .filter(|rec| {
+                        c.refuses(&rec.spec).is_none() && !rec.placement.exclude_agents.contains(id)
+                    })
+                    .take(c.max_parallel)
+                    .count() as u32
+            };
             if c.backlog_told != Some(jobs) {
                 c.backlog_told = Some(jobs);
                 let max_jobs = c.max_parallel as u32;

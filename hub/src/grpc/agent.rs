@@ -199,6 +199,7 @@ impl AgentService for AgentApi {
                 protocol_version: PROTOCOL_VERSION,
                 heartbeat_interval_ms: self.heartbeat_interval.as_millis() as u64,
                 labels: labels.clone(),
+                shares_slots: true,
             })),
         })));
         let session = self
