@@ -562,35 +562,11 @@ pub(crate) async fn unenroll(dir: &Path, force: bool, hub: Option<&str>) -> u8 {
 /// goes on with the others; `None`); with none running, the state
 /// directory's lock is taken, so none starts meanwhile.
 async fn leave_hub(dir: &Path, name: &str) -> Result<Option<lock::StateLock>, u8> {
-    match lock::acquire(dir, "unenroll") {
-        Ok(lock) => return Ok(Some(lock)),
-        Err(LockError::Held {
-            holder: Some(holder),
-            ..
-        }) if holder.command == "run" => {
-            match control::ask(
-                dir,
-                &Request::LeaveHub {
-                    hub: name.to_owned(),
-                },
-            )
-            .await
-            {
-                Ok(answer) => println!("{}", answer.message),
-                Err(e) => {
-                    eprintln!("error: {e}; stop {} first", holder.describe());
-                    return Err(EXIT_FAILURE);
-                }
-            }
-        }
-        Err(e @ LockError::Held { .. }) => {
-            eprintln!("error: {e}");
-            return Err(EXIT_LOCKED);
-        }
-        Err(e) => {
-            eprintln!("error: {e}");
-            return Err(EXIT_FAILURE);
-        }
+    let request = Request::LeaveHub {
+        hub: name.to_owned(),
+    };
+    if let Some(lock) = lock_or_ask(dir, &request).await? {
+        return Ok(Some(lock));
     }
     let deadline = Instant::now() + LEAVE_WAIT;
     loop {
@@ -620,26 +596,8 @@ async fn leave_hub(dir: &Path, name: &str) -> Result<Option<lock::StateLock>, u8
 /// Takes the state directory's lock, asking a running agent to hand its
 /// jobs back and stop first.
 async fn take_over(dir: &Path) -> Result<lock::StateLock, u8> {
-    match lock::acquire(dir, "unenroll") {
-        Ok(lock) => return Ok(lock),
-        Err(LockError::Held {
-            holder: Some(holder),
-            ..
-        }) if holder.command == "run" => match control::ask(dir, &Request::Leave).await {
-            Ok(answer) => println!("{}", answer.message),
-            Err(e) => {
-                eprintln!("error: {e}; stop {} first", holder.describe());
-                return Err(EXIT_FAILURE);
-            }
-        },
-        Err(e @ LockError::Held { .. }) => {
-            eprintln!("error: {e}");
-            return Err(EXIT_LOCKED);
-        }
-        Err(e) => {
-            eprintln!("error: {e}");
-            return Err(EXIT_FAILURE);
-        }
+    if let Some(lock) = lock_or_ask(dir, &Request::Leave).await? {
+        return Ok(lock);
     }
     let deadline = Instant::now() + LEAVE_WAIT;
     loop {
@@ -658,6 +616,37 @@ async fn take_over(dir: &Path) -> Result<lock::StateLock, u8> {
                 eprintln!("error: {e}");
                 return Err(EXIT_FAILURE);
             }
+        }
+    }
+}
+
+/// The state directory's lock for `unenroll` when no agent runs on it
+/// (`Some`); else the running agent is sent `request` and its answer
+/// printed (`None`: the caller waits for it to act). The exit code when
+/// neither works.
+async fn lock_or_ask(dir: &Path, request: &Request) -> Result<Option<lock::StateLock>, u8> {
+    match lock::acquire(dir, "unenroll") {
+        Ok(lock) => Ok(Some(lock)),
+        Err(LockError::Held {
+            holder: Some(holder),
+            ..
+        }) if holder.command == "run" => match control::ask(dir, request).await {
+            Ok(answer) => {
+                println!("{}", answer.message);
+                Ok(None)
+            }
+            Err(e) => {
+                eprintln!("error: {e}; stop {} first", holder.describe());
+                Err(EXIT_FAILURE)
+            }
+        },
+        Err(e @ LockError::Held { .. }) => {
+            eprintln!("error: {e}");
+            Err(EXIT_LOCKED)
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            Err(EXIT_FAILURE)
         }
     }
 }
