@@ -290,6 +290,11 @@ fn a_hub_killed_during_a_bisection_finds_the_same_commit_building_each_once() {
     // and run, the went-red, the bisection's builds and runs) until the
     // bisection has ended, at most twelve.
     let mut during = 0;
+    let bisection = |hub: &Hub| {
+        went_red(hub)
+            .first()
+            .and_then(|t| t["bisect"]["state"].as_str().map(str::to_owned))
+    };
     for kill in 0..12 {
         // Sooner once the bisection runs: it takes a few seconds only (less
         // on a quiet machine, where it may end within a restart or two).
@@ -299,10 +304,18 @@ fn a_hub_killed_during_a_bisection_finds_the_same_commit_building_each_once() {
             0 => rng.millis(200, 1500),
             _ => rng.millis(50, 600),
         };
-        std::thread::sleep(pause);
-        let state = went_red(&hub)
-            .first()
-            .and_then(|t| t["bisect"]["state"].as_str().map(str::to_owned));
+        // Until the first kill inside the bisection, the pause ends early
+        // once it starts, so one kill always lands inside it.
+        let until = std::time::Instant::now() + pause;
+        let mut state = bisection(&hub);
+        while during == 0 && state.is_none() && std::time::Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(20));
+            state = bisection(&hub);
+        }
+        if during > 0 || state.is_none() {
+            std::thread::sleep(until.saturating_duration_since(std::time::Instant::now()));
+            state = bisection(&hub);
+        }
         if state.as_deref().is_some_and(|s| s != "running") {
             break;
         }
@@ -312,9 +325,10 @@ fn a_hub_killed_during_a_bisection_finds_the_same_commit_building_each_once() {
         std::thread::sleep(rng.millis(0, 300));
         hub.restart();
     }
-    // At least one kill must land inside the bisection (usually several
-    // do; a fast machine may finish it after the first restart, and the
-    // moments are random: requiring two failed about one run in five).
+    // At least one kill lands inside the bisection (usually several do; a
+    // fast machine may finish it after the first restart: requiring two
+    // failed about one run in five, and a random first pause could miss it
+    // altogether).
     assert!(during >= 1, "no kill while the bisection ran");
     eprintln!("{during} kill(s) while the bisection ran");
     let t = wait_bisected(&hub, BISECTION);
