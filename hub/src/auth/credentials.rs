@@ -589,14 +589,19 @@ mod tests {
         (dir, c)
     }
 
-    #[tokio::test]
-    async fn disagreements_within_the_window_quarantine_and_each_rerun_counts_once() {
-        let (_d, c) = creds().await;
+    /// An agent "donor" enrolled with a fresh one-use token.
+    async fn donor(c: &Credentials) -> AgentRecord {
         let (_, token) = c
             .create_token(Grant::default(), Duration::from_secs(60), 1, String::new())
             .await
             .unwrap();
-        let (agent, _) = c.enroll(&token, "donor").await.unwrap();
+        c.enroll(&token, "donor").await.unwrap().0
+    }
+
+    #[tokio::test]
+    async fn disagreements_within_the_window_quarantine_and_each_rerun_counts_once() {
+        let (_d, c) = creds().await;
+        let agent = donor(&c).await;
         let rule = QuarantineRule {
             after: 2,
             window: 3,
@@ -828,11 +833,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn concurrent_changes_to_one_agent_all_hold() {
         let (_d, c) = creds().await;
-        let (_, token) = c
-            .create_token(Grant::default(), Duration::from_secs(60), 1, String::new())
-            .await
-            .unwrap();
-        let (agent, _) = c.enroll(&token, "donor").await.unwrap();
+        let agent = donor(&c).await;
         let rule = QuarantineRule {
             after: 0,
             window: 3,

@@ -585,21 +585,7 @@ impl Notifier {
                             &broke,
                         );
                         let id = s.table.store().next_id()?;
-                        let mail = OutMail {
-                            info: MailInfo {
-                                id,
-                                to: email.clone(),
-                                subject: r.subject,
-                                state: MailState::Pending.into(),
-                                created_at_ms: self.now(),
-                                event,
-                                message_id: self.message_id("author", id, &email),
-                                ..Default::default()
-                            },
-                            text: r.text,
-                            html: r.html,
-                            unsubscribe_url: String::new(),
-                        };
+                        let mail = self.pending(id, &email, r, event, "author", String::new());
                         self.queue(&mut writes, &mail)?;
                         queued += 1;
                     }
@@ -1052,6 +1038,34 @@ impl Notifier {
         }
     }
 
+    /// A mail `id` to `to` of `r`, pending, for `event`; its `Message-ID`
+    /// says `kind` (a mail with no thread to join: author, digest, confirm).
+    fn pending(
+        &self,
+        id: u64,
+        to: &str,
+        r: render::Rendered,
+        event: String,
+        kind: &str,
+        unsubscribe_url: String,
+    ) -> OutMail {
+        OutMail {
+            info: MailInfo {
+                id,
+                to: to.to_owned(),
+                subject: r.subject,
+                state: MailState::Pending.into(),
+                created_at_ms: self.now(),
+                event,
+                message_id: self.message_id(kind, id, to),
+                ..Default::default()
+            },
+            text: r.text,
+            html: r.html,
+            unsubscribe_url,
+        }
+    }
+
     /// The writes that queue `mail` (its id, event and recipient set): the
     /// mail, its pending marker and its event key, which later attempts to
     /// queue the same event for the same recipient find.
@@ -1375,21 +1389,7 @@ impl Notifier {
                         let url = self.unsubscribe_url(&unsub);
                         let r = render::digest(&sub.upstream, &went_red, &s.public_url, &url);
                         let id = s.table.store().next_id()?;
-                        let mail = OutMail {
-                            info: MailInfo {
-                                id,
-                                to: sub.email.clone(),
-                                subject: r.subject,
-                                state: MailState::Pending.into(),
-                                created_at_ms: self.now(),
-                                event,
-                                message_id: self.message_id("digest", id, &sub.email),
-                                ..Default::default()
-                            },
-                            text: r.text,
-                            html: r.html,
-                            unsubscribe_url: url,
-                        };
+                        let mail = self.pending(id, &sub.email, r, event, "digest", url);
                         self.queue(&mut writes, &mail)?;
                         queued += 1;
                     }

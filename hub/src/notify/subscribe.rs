@@ -15,12 +15,9 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use trunkfarm_proto::settings::fmt_duration;
-use trunkfarm_proto::v1::MailState;
 
 use super::token::{Confirm, ConfirmError, format_date};
-use super::{
-    MailInfo, Notifier, OutMail, Subscription, check_email, project_sub_key, render, tomb_key,
-};
+use super::{Notifier, Subscription, check_email, project_sub_key, render, tomb_key};
 use crate::auth::throttle::{Buckets, Refused};
 use crate::store::StoreError;
 
@@ -163,23 +160,10 @@ impl Notifier {
             expires: &format_date(expires_at_ms),
         });
         let id = s.table.store().next_id()?;
-        let mail = OutMail {
-            info: MailInfo {
-                id,
-                to: email.clone(),
-                subject: r.subject,
-                state: MailState::Pending.into(),
-                created_at_ms: self.now(),
-                // One event per request: a new request is a new mail, and
-                // the outbox sends each once.
-                event: format!("confirm.{project}.{id}"),
-                message_id: self.message_id("confirm", id, &email),
-                ..Default::default()
-            },
-            text: r.text,
-            html: r.html,
-            unsubscribe_url: String::new(),
-        };
+        // One event per request: a new request is a new mail, and the
+        // outbox sends each once.
+        let event = format!("confirm.{project}.{id}");
+        let mail = self.pending(id, &email, r, event, "confirm", String::new());
         let mut writes = Vec::new();
         self.queue(&mut writes, &mail)?;
         self.apply(writes).await?;

@@ -180,15 +180,19 @@ async fn request(
             "",
         ),
         Ok(Err((e, project))) => request_refused(&e, &project),
-        Err(e) => {
-            tracing::error!("web: subscription request task failed: {e}");
-            view::error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "Cannot subscribe",
-                "The hub failed to process this request; please try again later.",
-            )
-        }
+        Err(e) => task_failed("request", &e),
     }
+}
+
+/// The page when the task doing a subscription `what` failed (a panic, or
+/// the runtime shutting down).
+fn task_failed(what: &str, e: &tokio::task::JoinError) -> Response {
+    tracing::error!("web: subscription {what} task failed: {e}");
+    view::error(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "Cannot subscribe",
+        "The hub failed to process this request; please try again later.",
+    )
 }
 
 /// The page for a request the notifier did not take.
@@ -288,14 +292,7 @@ async fn confirm(
             &done.project,
         ),
         Ok(Err(e)) => link_refused(&e, ""),
-        Err(e) => {
-            tracing::error!("web: subscription confirmation task failed: {e}");
-            view::error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "Cannot subscribe",
-                "The hub failed to process this request; please try again later.",
-            )
-        }
+        Err(e) => task_failed("confirmation", &e),
     }
 }
 
