@@ -14,8 +14,7 @@ use regex::{Regex, RegexBuilder};
 use serde::Deserialize;
 use serde::de::{self, Deserializer, Visitor};
 
-use crate::logs::JobLogs;
-use crate::store::StoreError;
+use crate::logs::{JobLogs, LogsError};
 
 /// The compiled size a pattern may reach (a hostile or careless pattern
 /// must not cost the hub megabytes per project).
@@ -181,15 +180,16 @@ pub(crate) fn excerpt(log: &str, fail: Option<&Pattern>, max_lines: usize) -> Op
     Some(out.join("\n"))
 }
 
-/// A job's stored log as text, every stream in the order it was written;
-/// only `attempt`'s chunks if given.
+/// A job's log as text, every stream in the order it was written; only
+/// `attempt`'s if given. A compacted log is read from the object store,
+/// blocking this thread meanwhile (its callers are synchronous).
 pub(crate) fn log_text(
     logs: &JobLogs,
     job_id: u64,
     attempt: Option<u32>,
-) -> Result<String, StoreError> {
+) -> Result<String, LogsError> {
     let mut bytes = Vec::new();
-    for chunk in logs.read(job_id, attempt)? {
+    for chunk in logs.read_blocking(job_id, attempt)? {
         bytes.extend_from_slice(&chunk.data);
     }
     Ok(String::from_utf8_lossy(&bytes).into_owned())

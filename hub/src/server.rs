@@ -93,6 +93,9 @@ pub(crate) struct Hub {
     stop_pipeline: CancellationToken,
     /// The retention task (ends once `stop_pipeline` is cancelled).
     retention: Option<tokio::task::JoinHandle<()>>,
+    /// The log compactor (ends once `stop_pipeline` is cancelled; a
+    /// compaction cut short is redone at the next start).
+    compactor: Option<tokio::task::JoinHandle<()>>,
     store: Store,
     space: DataDir,
     /// Stops the gRPC accept loop (just before `stop`).
@@ -147,7 +150,13 @@ impl Hub {
         }
         let store = Store::open(&data_dir.join("db"))?;
         let credentials = Credentials::open(&store)?;
-        let logs = Arc::new(JobLogs::open(&store, cfg.limits.max_log_size)?);
+        // STAND-IN until main's `Objects::open(&cfg.storage, &data_dir)`.
+        let objects = crate::objects::Objects::local(&data_dir.join("objects"))?;
+        let logs = Arc::new(JobLogs::open(
+            &store,
+            cfg.limits.max_log_size,
+            objects.clone(),
+        )?);
         let d = &cfg.dispatch;
         let dispatch = Dispatcher::open(
             &store,
@@ -226,6 +235,16 @@ impl Hub {
             stop_pipeline.clone(),
         )?;
         let _ = notifier_cell.set(notifier.clone());
+        // Finished jobs' logs move into the object store in the background.
+        let compactor = crate::logs::Compactor::new(logs.clone(), {
+            let dispatch = dispatch.clone();
+            Arc::new(move |job| {
+                Ok(dispatch
+                    .get(job)?
+                    .is_none_or(|r| r.state == crate::dispatch::JobState::Finished))
+            })
+        })
+        .start(stop_pipeline.clone());
         let retention = crate::retention::Retention::new(
             results.clone(),
             dispatch.clone(),
@@ -403,6 +422,7 @@ impl Hub {
             web: Some(web),
             stop_pipeline,
             retention: Some(retention),
+            compactor: Some(compactor),
             store,
             space,
             stop_accepting,
@@ -434,6 +454,11 @@ impl Hub {
             && let Err(e) = retention.await
         {
             tracing::warn!("the retention task failed: {e}");
+        }
+        if let Some(compactor) = self.compactor.take()
+            && let Err(e) = compactor.await
+        {
+            tracing::warn!("the log compactor failed: {e}");
         }
         if let Some(web) = self.web.take() {
             web.stopped().await;

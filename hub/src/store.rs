@@ -108,6 +108,10 @@ pub(crate) mod trees {
     pub(crate) const JOBS: &str = "jobs";
     /// `logs`: (job id8, attempt u32, seq u64) → stream byte + data.
     pub(crate) const LOGS: &str = "logs";
+    /// `logs::compact`: (job id8, attempt u32) → the record of that
+    /// attempt's compacted log (object path, sizes, zstd frame index); its
+    /// chunks are gone from `logs` in the same step.
+    pub(crate) const LOG_OBJECTS: &str = "log_objects";
     /// `auth::credentials`: `t/<token id>` → enrollment token,
     /// `a/<agent id>` → agent credential.
     pub(crate) const AUTH: &str = "auth";
@@ -435,6 +439,12 @@ impl Store {
             .generate_id()
             .map(|id| id + 1)
             .map_err(|e| self.err(e))
+    }
+
+    /// The database directory.
+    #[cfg(test)]
+    pub(crate) fn dir(&self) -> &Path {
+        &self.inner.path
     }
 
     /// Waits until every write made before this call is on disk.

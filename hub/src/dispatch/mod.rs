@@ -1038,7 +1038,7 @@ pub(crate) mod tests {
 
     fn open(dir: &std::path::Path, lease_ms: u64) -> (Store, Dispatcher) {
         let store = Store::open(dir).unwrap();
-        let logs = Arc::new(JobLogs::open(&store, 1 << 20).unwrap());
+        let logs = Arc::new(JobLogs::open_local(&store, 1 << 20).unwrap());
         let d = Dispatcher::open(&store, logs, settings(lease_ms)).unwrap();
         (store, d)
     }
@@ -1158,7 +1158,7 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().unwrap();
         let full = "https://ci:pw-Secret9@git.example.org/rt.git";
         let store = Store::open(dir.path()).unwrap();
-        let logs = Arc::new(JobLogs::open(&store, 1 << 20).unwrap());
+        let logs = Arc::new(JobLogs::open_local(&store, 1 << 20).unwrap());
         let d = Dispatcher::open(
             &store,
             logs,
@@ -1267,7 +1267,7 @@ pub(crate) mod tests {
         };
         // The inbox marker was written with the result: it survives a restart.
         let store = crate::store::tests::reopen(dir.path()).await;
-        let logs = Arc::new(JobLogs::open(&store, 1 << 20).unwrap());
+        let logs = Arc::new(JobLogs::open_local(&store, 1 << 20).unwrap());
         let d = Dispatcher::open(&store, logs, settings(5000)).unwrap();
         let inbox = d.finished_inbox(10).unwrap();
         assert_eq!(inbox.len(), 1);
@@ -1460,7 +1460,7 @@ pub(crate) mod tests {
             }
         }
         let store = crate::store::tests::reopen(dir2.path()).await;
-        let logs = Arc::new(JobLogs::open(&store, 1 << 20).unwrap());
+        let logs = Arc::new(JobLogs::open_local(&store, 1 << 20).unwrap());
         let d = Dispatcher::open(&store, logs, settings(5000)).unwrap();
         let mut a = agent(&d, "a", 5, &["linux"], &[]).await;
         let got = assignments(&mut a);
@@ -1743,7 +1743,7 @@ pub(crate) mod tests {
             (j1, j2, j3)
         };
         let store = crate::store::tests::reopen(dir.path()).await;
-        let logs = Arc::new(JobLogs::open(&store, 1 << 20).unwrap());
+        let logs = Arc::new(JobLogs::open_local(&store, 1 << 20).unwrap());
         let d = Dispatcher::open(&store, logs, settings(5000)).unwrap();
         assert_eq!(d.open_counts(), (1, 2));
         // The agent comes back still holding j1 only: j2 is requeued at once.
@@ -1863,7 +1863,7 @@ pub(crate) mod tests {
             &8u64.to_be_bytes()[..],
         )
         .unwrap();
-        let logs = Arc::new(JobLogs::open(&store, 1 << 20).unwrap());
+        let logs = Arc::new(JobLogs::open_local(&store, 1 << 20).unwrap());
         let d = Dispatcher::open(&store, logs, settings(5000)).unwrap();
         assert_eq!(d.open_counts(), (1, 0));
         let queued = d.get(8).unwrap().unwrap();

@@ -514,6 +514,8 @@ impl AdminService for AdminApi {
 }
 
 /// Streams a job's stored log, then its live chunks, then its final record.
+/// The job's log is pinned meanwhile ([`JobLogs::pin`]): no attempt of it is
+/// compacted while chunks are matched by seq here.
 async fn watch(
     id: u64,
     mut live: broadcast::Receiver<WatchEvent>,
@@ -521,22 +523,8 @@ async fn watch(
     dispatch: Dispatcher,
     logs: Arc<JobLogs>,
 ) {
+    let _pin = logs.pin(id);
     let mut seen: HashSet<(u32, u64)> = HashSet::new();
-    let send_chunk = |chunk: LogChunk, seen: &mut HashSet<(u32, u64)>| {
-        let key = (chunk.job.map(|j| j.attempt).unwrap_or(0), chunk.seq);
-        seen.insert(key).then(|| {
-            Ok(WatchJobEvent {
-                event: Some(watch_job_event::Event::Log(chunk)),
-            })
-        })
-    };
-    let replay = |seen: &mut HashSet<(u32, u64)>| -> Result<Vec<_>, Status> {
-        Ok(logs
-            .read(id, None)?
-            .into_iter()
-            .filter_map(|c| send_chunk(c, seen))
-            .collect())
-    };
     let finish = || -> Result<WatchJobEvent, Status> {
         let rec = dispatch
             .get(id)?
@@ -550,52 +538,28 @@ async fn watch(
         // Nothing will publish to the channel `subscribe` made: drop it.
         logs.finished(id, 0);
     }
-    match replay(&mut seen) {
-        Ok(events) => {
-            for e in events {
-                if tx.send(e).await.is_err() {
-                    return;
-                }
-            }
-        }
-        Err(status) => {
-            let _ = tx.send(Err(status)).await;
-            return;
-        }
+    if !replay(&logs, id, &mut seen, &tx).await {
+        return;
     }
     if !already_finished {
         loop {
             match live.recv().await {
                 Ok(WatchEvent::Log(chunk)) => {
-                    if let Some(e) = send_chunk(chunk, &mut seen)
-                        && tx.send(e).await.is_err()
-                    {
+                    if !send_chunk(chunk, &mut seen, &tx).await {
                         return;
                     }
                 }
                 Ok(WatchEvent::Finished) | Err(broadcast::error::RecvError::Closed) => break,
-                Err(broadcast::error::RecvError::Lagged(_)) => match replay(&mut seen) {
-                    Ok(events) => {
-                        for e in events {
-                            if tx.send(e).await.is_err() {
-                                return;
-                            }
-                        }
-                    }
-                    Err(status) => {
-                        let _ = tx.send(Err(status)).await;
+                Err(broadcast::error::RecvError::Lagged(_)) => {
+                    if !replay(&logs, id, &mut seen, &tx).await {
                         return;
                     }
-                },
+                }
             }
         }
         // Chunks stored between the last live event and the finish.
-        if let Ok(events) = replay(&mut seen) {
-            for e in events {
-                if tx.send(e).await.is_err() {
-                    return;
-                }
-            }
+        if !replay(&logs, id, &mut seen, &tx).await {
+            return;
         }
     }
     // Never show a result a crash could still take back.
@@ -604,6 +568,66 @@ async fn watch(
         return;
     }
     let _ = tx.send(finish()).await;
+}
+
+/// Sends a chunk the watcher has not seen yet; false once the watcher is
+/// gone.
+async fn send_chunk(
+    chunk: LogChunk,
+    seen: &mut HashSet<(u32, u64)>,
+    tx: &mpsc::Sender<Result<WatchJobEvent, Status>>,
+) -> bool {
+    let key = (chunk.job.map(|j| j.attempt).unwrap_or(0), chunk.seq);
+    if !seen.insert(key) {
+        return true;
+    }
+    let event = WatchJobEvent {
+        event: Some(watch_job_event::Event::Log(chunk)),
+    };
+    tx.send(Ok(event)).await.is_ok()
+}
+
+/// Sends what is stored of the job's log that the watcher has not seen,
+/// attempt by attempt: stored chunks as they are, a compacted attempt one
+/// page (one frame) at a time. False once the watcher is gone or the log
+/// cannot be read (the watcher is told why).
+async fn replay(
+    logs: &JobLogs,
+    id: u64,
+    seen: &mut HashSet<(u32, u64)>,
+    tx: &mpsc::Sender<Result<WatchJobEvent, Status>>,
+) -> bool {
+    let result: Result<bool, Status> = async {
+        for attempt in logs.attempts(id)? {
+            match logs.compacted(id, attempt)? {
+                Some(rec) => {
+                    let mut n = 1;
+                    while let Some(chunk) = logs.page(id, attempt, &rec, n).await? {
+                        if !send_chunk(chunk, seen, tx).await {
+                            return Ok(false);
+                        }
+                        n += 1;
+                    }
+                }
+                None => {
+                    for chunk in logs.read_attempt(id, attempt).await? {
+                        if !send_chunk(chunk, seen, tx).await {
+                            return Ok(false);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(true)
+    }
+    .await;
+    match result {
+        Ok(alive) => alive,
+        Err(status) => {
+            let _ = tx.send(Err(status)).await;
+            false
+        }
+    }
 }
 
 /// A token as the admin API shows it (never its secret).

@@ -15,6 +15,7 @@ use crate::auth::credentials::AuthError;
 use crate::dispatch::{DispatchError, JobRecord, JobState, RevokeError};
 use crate::notify::NotifyError;
 use crate::pipeline::{GitError, PipelineError};
+use crate::logs::LogsError;
 use crate::store::StoreError;
 
 /// The credential in `authorization: Bearer <credential>`.
@@ -104,6 +105,21 @@ impl From<PipelineError> for Status {
             e @ PipelineError::Git(GitError::NotFound(_)) => Status::not_found(e.to_string()),
             e @ PipelineError::Git(_) => Status::unavailable(e.to_string()),
             PipelineError::Auth(a) => a.into(),
+            PipelineError::Logs(l) => l.into(),
+        }
+    }
+}
+
+/// A log that cannot be read: the database's failure as such, the object
+/// store's as "try again" (the log is still there).
+impl From<LogsError> for Status {
+    fn from(e: LogsError) -> Status {
+        match e {
+            LogsError::Store(s) => s.into(),
+            e => {
+                tracing::warn!("{e}");
+                Status::unavailable(format!("the log cannot be read right now: {e}"))
+            }
         }
     }
 }

@@ -922,7 +922,16 @@ impl Notifier {
                 .map(|r| r.info),
         };
         let failing = run.as_ref().map_or(&[][..], |r| &r.failing_tests[..]);
-        let log = output::log_text(&s.logs, t.job_id, None)?;
+        // A log the object store cannot give now (an outage) does not hold
+        // the mail up: it says so where the excerpt would be.
+        let log = match output::log_text(&s.logs, t.job_id, None) {
+            Ok(log) => log,
+            Err(crate::logs::LogsError::Store(e)) => return Err(e),
+            Err(e) => {
+                tracing::warn!("the log of job {} cannot be read for its mail: {e}", t.job_id);
+                format!("[trunkfarm hub: the log cannot be read right now: {e}]")
+            }
+        };
         let lines = s.settings.log_tail_lines as usize;
         let said = failing.iter().any(|c| !c.message.trim().is_empty());
         let fail = s

@@ -201,7 +201,7 @@ impl Farm {
     ) -> Farm {
         let server = Arc::new(Recorder::default());
         let results = Results::open(&store).unwrap();
-        let logs = Arc::new(JobLogs::open(&store, 1 << 20).unwrap());
+        let logs = Arc::new(JobLogs::open_local(&store, 1 << 20).unwrap());
         let now = clock.clone();
         let notifier = Notifier::open(
             &config,

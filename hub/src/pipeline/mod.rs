@@ -107,6 +107,9 @@ pub(crate) enum PipelineError {
     /// No such project in the config.
     #[error("no project named {0:?} is configured; known projects: {1}")]
     NoSuchProject(String, String),
+    /// A finished job's log cannot be read (the object store is down).
+    #[error(transparent)]
+    Logs(#[from] crate::logs::LogsError),
     /// A request that cannot be carried out as asked (says what to do).
     #[error("{0}")]
     Invalid(String),
@@ -351,7 +354,11 @@ impl Pipeline {
         for rec in &jobs {
             match self.take_in(rec).await {
                 Ok(()) => done.push(rec.id),
-                Err(e @ (PipelineError::Store(_) | PipelineError::Dispatch(_))) => {
+                Err(
+                    e @ (PipelineError::Store(_)
+                    | PipelineError::Dispatch(_)
+                    | PipelineError::Logs(_)),
+                ) => {
                     // Retried later: nothing is acknowledged past this point.
                     failure = Some(e);
                     break;
@@ -463,7 +470,11 @@ impl Pipeline {
 
     /// A test job's project's output patterns with the log of the attempt
     /// that gave its result (`None` for builds and projects without them).
-    fn output(&self, rec: &JobRecord, key: &JobKey) -> Result<Option<intake::Output>, StoreError> {
+    fn output(
+        &self,
+        rec: &JobRecord,
+        key: &JobKey,
+    ) -> Result<Option<intake::Output>, PipelineError> {
         let JobKey::Test { project, .. } = key.base() else {
             return Ok(None);
         };

@@ -233,7 +233,7 @@ impl Farm {
         let text = config.replace("DATA", dir.path().to_str().unwrap());
         let config = HubConfig::from_toml(&text, None).unwrap();
         let store = Store::open(&dir.path().join("db")).unwrap();
-        let logs = Arc::new(JobLogs::open(&store, 1 << 20).unwrap());
+        let logs = Arc::new(JobLogs::open_local(&store, 1 << 20).unwrap());
         let artifacts = Artifacts::open(
             &store,
             dir.path().join("artifacts"),

@@ -125,7 +125,7 @@ struct Hub {
 
 fn hub(store: &Store, cloud: &Arc<Cloud>, cfg: &PoolConfig) -> Hub {
     let credentials = Credentials::open(store).unwrap();
-    let logs = Arc::new(JobLogs::open(store, 1 << 20).unwrap());
+    let logs = Arc::new(JobLogs::open_local(store, 1 << 20).unwrap());
     let dispatch = Dispatcher::open(
         store,
         logs,

@@ -185,7 +185,7 @@ impl Retention {
                 None => true,
             };
             if expired && !kept.jobs.contains(&job) {
-                while self.logs.remove(job, STEP)? == STEP {
+                while self.logs.remove(job, STEP).await? == STEP {
                     self.dispatch.sync().await?;
                     step_pause().await;
                 }

@@ -157,7 +157,7 @@ async fn old_runs_logs_and_cases_go_the_latest_open_red_and_grid_stay_and_the_da
             let run = ["linux", "mac"]
                 .iter()
                 .find_map(|p| f.results.run("adder", "rt", p, job).unwrap());
-            let has_log = f.logs.size(job, 1).unwrap() > 0;
+            let has_log = f.logs.size(job, 1).await.unwrap() > 0;
             assert_eq!(
                 run.is_some(),
                 kept_jobs.contains(&job),
@@ -212,7 +212,7 @@ async fn old_runs_logs_and_cases_go_the_latest_open_red_and_grid_stay_and_the_da
         .unwrap()
         .expect("the red run");
     assert!(!red_run.cases.is_empty());
-    assert!(f.logs.size(red_job, 1).unwrap() > 0);
+    assert!(f.logs.size(red_job, 1).await.unwrap() > 0);
     assert!(f.dispatch.get(red_job).unwrap().is_some());
     let b = f
         .pipeline

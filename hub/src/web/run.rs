@@ -5,7 +5,8 @@
 //! to run it again locally, and its log, one page at a time.
 //!
 //! The log is never read whole: a page is a byte range of one attempt's
-//! stored chunks ([`crate::logs::JobLogs::range`]), the last
+//! stored chunks, or of the frames of its compacted object that cover it
+//! ([`crate::logs::JobLogs::range`]), the last
 //! [`LOG_PAGE`] bytes unless `?offset=` asks for another, and
 //! `/api/v1/runs/<id>/log?offset=N&limit=M` serves the same ranges (at most
 //! [`MAX_LOG_LIMIT`]) to `static/tail.js`, which appends what a running
@@ -256,7 +257,8 @@ async fn page(
             q.attempt,
             q.offset,
             q.limit.unwrap_or(LOG_PAGE),
-        )?;
+        )
+        .await?;
         Ok::<_, Refusal>((view, log))
     };
     match answer.await {
@@ -304,7 +306,7 @@ async fn log_api(
         let rec = record(site, id)?;
         let info = log_info(&rec, q.attempt)?;
         let limit = q.limit.unwrap_or(LOG_PAGE);
-        read_log(site, id, &info, q.offset, limit, None)
+        read_log(site, id, &info, q.offset, limit, None).await
     };
     match answer.await {
         Ok(page) => view::json(&page),
@@ -349,7 +351,7 @@ fn log_info(rec: &JobRecord, asked: Option<u32>) -> Result<LogInfo, Refusal> {
 /// One page of the log `info` names: `limit` bytes (capped) from
 /// `offset`, or the last ones (of `size`, when this request measured the
 /// log already: its chunks are walked once more, not twice).
-fn read_log(
+async fn read_log(
     site: &Site,
     id: u64,
     info: &LogInfo,
@@ -363,6 +365,7 @@ fn read_log(
     } else {
         site.logs
             .range(id, info.attempt, offset, limit, size)
+            .await
             .map_err(|e| {
                 (
                     StatusCode::INTERNAL_SERVER_ERROR,
@@ -384,7 +387,7 @@ fn read_log(
 
 /// The page of the log the run page shows. The view measured its current
 /// attempt's log ([`run`]): that size is passed on, not measured again.
-fn log_page(
+async fn log_page(
     site: &Site,
     view: &RunView,
     attempt: Option<u32>,
@@ -394,7 +397,7 @@ fn log_page(
     let rec = record(site, view.id)?;
     let info = log_info(&rec, attempt)?;
     let measured = (info.attempt == view.log.attempt).then_some(view.log.size);
-    read_log(site, view.id, &info, offset, limit, measured)
+    read_log(site, view.id, &info, offset, limit, measured).await
 }
 
 /// A range's bytes as text, without the pieces of a character its ends
@@ -467,6 +470,7 @@ pub(crate) async fn run(site: &Site, id: u64) -> Result<RunView, Refusal> {
         log.size = site
             .logs
             .size(id, log.attempt)
+            .await
             .map_err(|e| internal(format!("The log of job {id} cannot be read: {e}")))?;
     }
     Ok(build_view(

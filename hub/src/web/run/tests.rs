@@ -412,7 +412,7 @@ async fn the_log_is_paged_from_its_end_and_the_api_pages_it_the_same() {
             })
             .unwrap();
     }
-    let stored = site.logs.size(id, attempt).unwrap();
+    let stored = site.logs.size(id, attempt).await.unwrap();
     assert!(stored >= log.len() as u64);
 
     // The page shows the end, with a link to the page before; it walks the

@@ -1,5 +1,7 @@
-//! Job logs: stored per (job, attempt, seq) in the `logs` tree, and fanned out
-//! live to whoever watches a job (`trunkfarm job run`, the dashboard).
+//! Job logs: stored per (job, attempt, seq) in the `logs` tree while a job
+//! runs, fanned out live to whoever watches a job (`trunkfarm job run`, the
+//! dashboard), and compacted into one object per attempt once the job's
+//! result is recorded ([`compact`]).
 //!
 //! A job's log as the agent produced it (up to the agent's output cap, and
 //! the hub's own `max_log_size`) is stored exactly once, whatever is killed
@@ -22,15 +24,33 @@
 //!   first time one of its chunks arrives.
 //! - When a result arrives, [`JobLogs::gap`] compares its `last_log_seq` with
 //!   what is stored; a gap is only warned about (the result still counts).
+//! - Once an attempt is compacted (or while it is being compacted) it is
+//!   *sealed*: a chunk arriving for it is a resend of one already stored
+//!   (the agent sends every chunk before the result, and the result was
+//!   recorded), and is ignored.
+//!
+//! Readers ([`JobLogs::size`], [`JobLogs::range`], [`JobLogs::read`]) see
+//! one log whichever form it has: they walk the chunks, then look for the
+//! attempt's [`Compacted`] record, and the record wins (it is written in the
+//! same atomic step that removes the chunks, so a walk that raced with a
+//! compaction is noticed and redone from the object). A compacted log is
+//! read paged: only the zstd frames covering the asked range are fetched
+//! and decompressed.
+
+mod compact;
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::sync::Mutex;
 
+use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 use trunkfarm_proto::v1::{JobRef, LogChunk, LogStream};
 
+use crate::objects::{Objects, ObjectsError};
 use crate::store::{Store, StoreError, Table, trees};
+
+pub(crate) use compact::Compactor;
 
 /// Live events for one job's watchers.
 #[derive(Clone, Debug)]
@@ -54,6 +74,32 @@ pub(crate) struct LogRange {
     pub(crate) total: u64,
 }
 
+/// Errors reading or compacting logs.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum LogsError {
+    /// The database failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The object store failed (unreachable, access denied, …): the log is
+    /// still there, try again later.
+    #[error(transparent)]
+    Objects(#[from] ObjectsError),
+    /// Compressing or decompressing failed, or no runtime could be started
+    /// to wait for the object store.
+    #[error("cannot compress or read a log: {0}")]
+    Io(#[source] std::io::Error),
+    /// A compacted log's object does not match its record.
+    #[error(
+        "the compacted log {path} does not match its record ({reason}); it was changed or truncated in the object store"
+    )]
+    Damaged {
+        /// The object's path.
+        path: String,
+        /// What does not match.
+        reason: String,
+    },
+}
+
 /// How many live events a slow watcher may lag behind before it re-reads
 /// from the store.
 const WATCH_BUFFER_EVENTS: usize = 256;
@@ -68,13 +114,51 @@ struct AttemptLog {
     chunks: u64,
     /// The highest seq stored (0 if none).
     max_seq: u64,
+    /// Compacted, or being compacted: chunks arriving now are resends.
+    sealed: bool,
 }
 
-/// Owner of the `logs` tree and of the live watchers.
+/// The record of an attempt's compacted log (tree `log_objects`): where
+/// the object is and how to read a range of it without the rest.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Compacted {
+    /// The object's path under the hub's prefix
+    /// (`logs/<job>/<attempt>.log.zst`).
+    pub(crate) object: String,
+    /// The log's size, uncompressed.
+    pub(crate) size: u64,
+    /// The object's size.
+    pub(crate) stored: u64,
+    /// Chunks the log was made of, and the highest seq among them
+    /// ([`JobLogs::gap`] after a restart).
+    pub(crate) chunks: u64,
+    /// See `chunks`.
+    pub(crate) max_seq: u64,
+    /// The independent zstd frames, in order: frame `i` holds the log's
+    /// bytes from `frames[i].raw` to the next frame's (or `size`).
+    pub(crate) frames: Vec<Frame>,
+}
+
+/// One zstd frame of a compacted log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Frame {
+    /// Where its bytes start in the log.
+    pub(crate) raw: u64,
+    /// Where it starts in the object.
+    pub(crate) at: u64,
+    /// Its compressed length.
+    pub(crate) len: u64,
+}
+
+/// Owner of the `logs` and `log_objects` trees, of the compacted logs'
+/// objects (`logs/` in the object store) and of the live watchers.
 pub(crate) struct JobLogs {
     /// Binary keys ([`key`]) and values (stream byte + data), not JSON: read
     /// and written raw.
     table: Table,
+    /// (job id8, attempt u32) → [`Compacted`].
+    records: Table,
+    objects: Objects,
     /// Log bytes the hub keeps per attempt; beyond it chunks are dropped
     /// (agents cap their own output well below; this guards the hub).
     max_bytes: u64,
@@ -84,6 +168,13 @@ pub(crate) struct JobLogs {
     /// one chunk (an old session still draining, a new one resending) are
     /// stored and counted once.
     attempts: Mutex<HashMap<(u64, u32), AttemptLog>>,
+    /// Jobs whose log someone is streaming chunk by chunk
+    /// ([`JobLogs::pin`]): their compaction waits, so that a watcher never
+    /// sees one attempt both as stored chunks and as its compacted pages.
+    /// Also held while a compaction writes its record.
+    pinned: Mutex<HashMap<u64, usize>>,
+    /// Jobs whose result was recorded, for the compactor.
+    queue: compact::Queue,
     /// Walks of an attempt's chunks ([`JobLogs::range`], [`JobLogs::size`]):
     /// tests count what one request reads.
     #[cfg(test)]
@@ -105,20 +196,72 @@ fn seq_of(k: &[u8]) -> u64 {
     u64::from_be_bytes(seq)
 }
 
+/// The (job, attempt) of a key of either tree (at least 12 bytes).
+fn job_attempt_of(k: &[u8]) -> (u64, u32) {
+    let mut id = [0u8; 8];
+    id.copy_from_slice(&k[..8]);
+    (
+        u64::from_be_bytes(id),
+        u32::from_be_bytes([k[8], k[9], k[10], k[11]]),
+    )
+}
+
+/// The object path (relative to the hub's prefix) of an attempt's
+/// compacted log.
+pub(crate) fn object_name(job_id: u64, attempt: u32) -> String {
+    format!("logs/{job_id}/{attempt}.log.zst")
+}
+
 /// At most this many missing ranges are named in a gap's description.
 const GAP_RANGES_SHOWN: usize = 5;
 
+/// A hold on a job's compaction ([`JobLogs::pin`]); released on drop.
+pub(crate) struct LogPin<'a> {
+    logs: &'a JobLogs,
+    job_id: u64,
+}
+
+impl Drop for LogPin<'_> {
+    fn drop(&mut self) {
+        let mut pinned = self.logs.pinned.lock().unwrap_or_else(|p| p.into_inner());
+        if let Entry::Occupied(mut e) = pinned.entry(self.job_id) {
+            *e.get_mut() -= 1;
+            if *e.get() == 0 {
+                e.remove();
+            }
+        }
+    }
+}
+
 impl JobLogs {
-    /// Opens the `logs` tree.
-    pub(crate) fn open(store: &Store, max_bytes: u64) -> Result<JobLogs, StoreError> {
+    /// Opens the `logs` and `log_objects` trees; compacted logs go to
+    /// `objects`.
+    pub(crate) fn open(
+        store: &Store,
+        max_bytes: u64,
+        objects: Objects,
+    ) -> Result<JobLogs, StoreError> {
         Ok(JobLogs {
             table: Table::open(store, trees::LOGS)?,
+            records: Table::open(store, trees::LOG_OBJECTS)?,
+            objects,
             max_bytes,
             live: Mutex::new(HashMap::new()),
             attempts: Mutex::new(HashMap::new()),
+            pinned: Mutex::new(HashMap::new()),
+            queue: compact::Queue::default(),
             #[cfg(test)]
             walks: Default::default(),
         })
+    }
+
+    /// A `JobLogs` whose objects live in a local store next to the
+    /// database (tests of other modules).
+    #[cfg(test)]
+    pub(crate) fn open_local(store: &Store, max_bytes: u64) -> Result<JobLogs, StoreError> {
+        let dir = store.dir().join("test-objects");
+        let objects = Objects::local(&dir).expect("a local object store for tests");
+        JobLogs::open(store, max_bytes, objects)
     }
 
     /// Refuses an entry that is not a 20-byte key with a stream byte.
@@ -131,15 +274,24 @@ impl JobLogs {
         Ok(())
     }
 
-    /// The prefix of an attempt's keys.
+    /// The prefix of an attempt's keys (and the key of its record).
     fn attempt_prefix(job_id: u64, attempt: u32) -> [u8; 12] {
         let mut p = [0u8; 12];
         p.copy_from_slice(&key(job_id, attempt, 0)[..12]);
         p
     }
 
-    /// What the tree holds of an attempt (after a restart, or for an
-    /// attempt not touched yet).
+    /// The record of an attempt's compacted log, if it is compacted.
+    pub(crate) fn compacted(
+        &self,
+        job_id: u64,
+        attempt: u32,
+    ) -> Result<Option<Compacted>, StoreError> {
+        self.records.get(Self::attempt_prefix(job_id, attempt))
+    }
+
+    /// What is stored of an attempt (after a restart, or for an attempt
+    /// not touched yet): its record's counts once compacted.
     fn scan_attempt(&self, job_id: u64, attempt: u32) -> Result<AttemptLog, StoreError> {
         let mut log = AttemptLog::default();
         for item in self.table.scan_raw(Self::attempt_prefix(job_id, attempt)) {
@@ -149,6 +301,14 @@ impl JobLogs {
             log.chunks += 1;
             log.max_seq = log.max_seq.max(seq_of(&k));
         }
+        if let Some(c) = self.compacted(job_id, attempt)? {
+            return Ok(AttemptLog {
+                bytes: c.size,
+                chunks: c.chunks,
+                max_seq: c.max_seq,
+                sealed: true,
+            });
+        }
         Ok(log)
     }
 
@@ -156,7 +316,8 @@ impl JobLogs {
     /// attempt, seq): a chunk already stored (an agent resending what the
     /// hub may have lost) is neither stored, counted toward the cap, nor
     /// shown again. Chunks past the per-attempt cap are dropped; the one
-    /// that crosses it is stored with a notice.
+    /// that crosses it is stored with a notice. Chunks of a compacted
+    /// attempt are resends, and dropped.
     pub(crate) fn append(&self, chunk: LogChunk) -> Result<(), StoreError> {
         let Some(job) = chunk.job else {
             return Ok(());
@@ -166,9 +327,16 @@ impl JobLogs {
             let mut attempts = self.attempts.lock().unwrap_or_else(|p| p.into_inner());
             let log = match attempts.entry((job.job_id, job.attempt)) {
                 Entry::Occupied(e) => e.into_mut(),
-                Entry::Vacant(e) => e.insert(self.scan_attempt(job.job_id, job.attempt)?),
+                Entry::Vacant(e) => {
+                    let scanned = self.scan_attempt(job.job_id, job.attempt)?;
+                    if scanned.sealed {
+                        // Not kept: compacted attempts are not tracked.
+                        return Ok(());
+                    }
+                    e.insert(scanned)
+                }
             };
-            if log.bytes >= self.max_bytes {
+            if log.sealed || log.bytes >= self.max_bytes {
                 return Ok(());
             }
             if self.table.contains(k)? {
@@ -204,9 +372,10 @@ impl JobLogs {
     /// Compares what is stored of `job`'s log with the `last_log_seq` its
     /// result reports (the agent numbers an attempt's chunks 1, 2, …).
     /// `Some` describes what is missing; `None` if nothing is, if the
-    /// result names no last chunk (0: a refusal, a job whose task died), or
-    /// if the hub's own cap dropped the rest (that gap is expected and noted
-    /// in the log itself).
+    /// result names no last chunk (0: a refusal, a job whose task died), if
+    /// the hub's own cap dropped the rest (that gap is expected and noted
+    /// in the log itself), or if the log is compacted already (a result
+    /// resent after its log was compacted: it was compared the first time).
     pub(crate) fn gap(
         &self,
         job: &JobRef,
@@ -216,10 +385,18 @@ impl JobLogs {
             let mut attempts = self.attempts.lock().unwrap_or_else(|p| p.into_inner());
             match attempts.entry((job.job_id, job.attempt)) {
                 Entry::Occupied(e) => *e.get(),
-                Entry::Vacant(e) => *e.insert(self.scan_attempt(job.job_id, job.attempt)?),
+                Entry::Vacant(e) => {
+                    let scanned = self.scan_attempt(job.job_id, job.attempt)?;
+                    if scanned.sealed {
+                        scanned
+                    } else {
+                        *e.insert(scanned)
+                    }
+                }
             }
         };
         if last_log_seq == 0
+            || log.sealed
             || log.bytes >= self.max_bytes
             || (log.chunks == last_log_seq && log.max_seq <= last_log_seq)
         {
@@ -280,21 +457,42 @@ impl JobLogs {
         Ok((!parts.is_empty()).then(|| parts.join("; ")))
     }
 
-    /// Stored chunks of a job, in order; only `attempt` if given.
-    pub(crate) fn read(
-        &self,
-        job_id: u64,
-        attempt: Option<u32>,
-    ) -> Result<Vec<LogChunk>, StoreError> {
-        let prefix: Vec<u8> = match attempt {
-            Some(a) => key(job_id, a, 0)[..12].to_vec(),
-            None => job_id.to_be_bytes().to_vec(),
-        };
+    /// The attempts of a job that have a log (stored chunks or a compacted
+    /// record), in order.
+    pub(crate) fn attempts(&self, job_id: u64) -> Result<Vec<u32>, StoreError> {
         let mut out = Vec::new();
-        for item in self.table.scan_raw(prefix) {
+        for table in [&self.table, &self.records] {
+            let mut from = key(job_id, 0, 0)[..12].to_vec();
+            loop {
+                let next = table.sled().range(from.as_slice()..).next();
+                let Some(item) = next else { break };
+                let (k, _) = item.map_err(|e| table.store().err(e))?;
+                if !k.starts_with(&job_id.to_be_bytes()) {
+                    break;
+                }
+                if k.len() < 12 {
+                    return Err(table.corrupt(hex::encode(&k), "malformed log key"));
+                }
+                let (_, attempt) = job_attempt_of(&k);
+                out.push(attempt);
+                match attempt.checked_add(1) {
+                    Some(a) => from = key(job_id, a, 0)[..12].to_vec(),
+                    None => break,
+                }
+            }
+        }
+        out.sort_unstable();
+        out.dedup();
+        Ok(out)
+    }
+
+    /// Stored chunks of one attempt, in order, as stored (`None`: it has
+    /// none, or it is compacted).
+    fn stored_chunks(&self, job_id: u64, attempt: u32) -> Result<Vec<LogChunk>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.table.scan_raw(Self::attempt_prefix(job_id, attempt)) {
             let (k, v) = item?;
             self.check(&k, &v)?;
-            let attempt = u32::from_be_bytes([k[8], k[9], k[10], k[11]]);
             out.push(LogChunk {
                 job: Some(JobRef { job_id, attempt }),
                 seq: seq_of(&k),
@@ -307,6 +505,126 @@ impl JobLogs {
         Ok(out)
     }
 
+    /// One attempt's log, in order: its stored chunks, or, once compacted,
+    /// pages of at most [`compact::FRAME_BYTES`] (seq 1, 2, …, all on
+    /// stdout: which stream a compacted byte came from is not kept).
+    /// Reads it whole: for logs bounded by the output caps (mails, the
+    /// pipeline's patterns); [`JobLogs::page`] reads a part.
+    pub(crate) async fn read_attempt(
+        &self,
+        job_id: u64,
+        attempt: u32,
+    ) -> Result<Vec<LogChunk>, LogsError> {
+        let chunks = self.stored_chunks(job_id, attempt)?;
+        let Some(rec) = self.compacted(job_id, attempt)? else {
+            return Ok(chunks);
+        };
+        let mut out = Vec::new();
+        let mut page = 1;
+        while let Some(chunk) = self.page(job_id, attempt, &rec, page).await? {
+            out.push(chunk);
+            page += 1;
+        }
+        Ok(out)
+    }
+
+    /// Page `n` (from 1) of a compacted attempt's log as a chunk with seq
+    /// `n`: the bytes of its frame `n - 1`. `None` past the end.
+    pub(crate) async fn page(
+        &self,
+        job_id: u64,
+        attempt: u32,
+        rec: &Compacted,
+        n: u64,
+    ) -> Result<Option<LogChunk>, LogsError> {
+        let Some(i) = n.checked_sub(1).map(|i| i as usize) else {
+            return Ok(None);
+        };
+        let Some(frame) = rec.frames.get(i) else {
+            return Ok(None);
+        };
+        let end = rec.frames.get(i + 1).map_or(rec.size, |f| f.raw);
+        let data = compact::read_range(&self.objects, rec, frame.raw, end - frame.raw).await?;
+        Ok(Some(LogChunk {
+            job: Some(JobRef { job_id, attempt }),
+            seq: n,
+            stream: LogStream::Stdout.into(),
+            data,
+        }))
+    }
+
+    /// A job's log, in order; only `attempt` if given (see
+    /// [`JobLogs::read_attempt`]).
+    pub(crate) async fn read(
+        &self,
+        job_id: u64,
+        attempt: Option<u32>,
+    ) -> Result<Vec<LogChunk>, LogsError> {
+        let attempts = match attempt {
+            Some(a) => vec![a],
+            None => self.attempts(job_id)?,
+        };
+        let mut out = Vec::new();
+        for a in attempts {
+            out.extend(self.read_attempt(job_id, a).await?);
+        }
+        Ok(out)
+    }
+
+    /// [`JobLogs::read`] for code that cannot wait (the pipeline's and the
+    /// mails' sync paths): blocks this thread until the object store
+    /// answers. On a multi-threaded runtime (the hub's) the runtime moves
+    /// its other tasks off this thread meanwhile.
+    pub(crate) fn read_blocking(
+        &self,
+        job_id: u64,
+        attempt: Option<u32>,
+    ) -> Result<Vec<LogChunk>, LogsError> {
+        use tokio::runtime::{Handle, RuntimeFlavor};
+        // Nothing compacted: no object store involved, no need to block.
+        let attempts = match attempt {
+            Some(a) => vec![a],
+            None => self.attempts(job_id)?,
+        };
+        let mut compacted = false;
+        for &a in &attempts {
+            compacted |= self.compacted(job_id, a)?.is_some();
+        }
+        if !compacted {
+            let mut out = Vec::new();
+            for &a in &attempts {
+                out.extend(self.stored_chunks(job_id, a)?);
+            }
+            // A compaction may have raced with this walk: read again.
+            let mut raced = false;
+            for &a in &attempts {
+                raced |= self.compacted(job_id, a)?.is_some();
+            }
+            if !raced {
+                return Ok(out);
+            }
+        }
+        let read = self.read(job_id, attempt);
+        match Handle::try_current() {
+            Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(|| h.block_on(read))
+            }
+            // A single-threaded runtime (tests) cannot drive this future
+            // while its thread waits: drive it on a thread of its own (the
+            // local backend's file reads go to the blocking pool).
+            Ok(h) => std::thread::scope(|s| {
+                s.spawn(|| h.block_on(read))
+                    .join()
+                    .unwrap_or_else(|p| std::panic::resume_unwind(p))
+            }),
+            Err(_) => tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(LogsError::Io)?
+                .block_on(read),
+        }
+    }
+
     /// Bytes `offset..offset + limit` of one attempt's log (its chunks'
     /// data in seq order, as [`JobLogs::read`] would concatenate them) and
     /// the log's total size; `offset` `None`: the last `limit` bytes of
@@ -316,8 +634,30 @@ impl JobLogs {
     ///
     /// Only the chunks that overlap the range are copied: the others are
     /// only measured (sled hands out shared views of stored values), so a
-    /// page of a 100 MB log costs its own size, not the log's.
-    pub(crate) fn range(
+    /// page of a 100 MB log costs its own size, not the log's. Of a
+    /// compacted log only the frames that overlap the range are fetched
+    /// and decompressed.
+    pub(crate) async fn range(
+        &self,
+        job_id: u64,
+        attempt: u32,
+        offset: Option<u64>,
+        limit: u64,
+        size: Option<u64>,
+    ) -> Result<LogRange, LogsError> {
+        if let Some(rec) = self.compacted(job_id, attempt)? {
+            return compacted_range(&self.objects, &rec, offset, limit).await;
+        }
+        let walked = self.chunks_range(job_id, attempt, offset, limit, size)?;
+        // The chunks may have gone into an object during the walk.
+        match self.compacted(job_id, attempt)? {
+            Some(rec) => compacted_range(&self.objects, &rec, offset, limit).await,
+            None => Ok(walked),
+        }
+    }
+
+    /// [`JobLogs::range`] over the stored chunks.
+    fn chunks_range(
         &self,
         job_id: u64,
         attempt: u32,
@@ -329,7 +669,7 @@ impl JobLogs {
         let offset = match (offset, size) {
             (Some(o), _) => o,
             (None, Some(size)) => size.saturating_sub(limit),
-            (None, None) => self.size(job_id, attempt)?.saturating_sub(limit),
+            (None, None) => self.chunks_size(job_id, attempt)?.saturating_sub(limit),
         };
         #[cfg(test)]
         self.walks
@@ -358,9 +698,21 @@ impl JobLogs {
         })
     }
 
-    /// The size of one attempt's stored log, in bytes (measured, nothing
-    /// copied).
-    pub(crate) fn size(&self, job_id: u64, attempt: u32) -> Result<u64, StoreError> {
+    /// The size of one attempt's log, in bytes (measured or looked up,
+    /// nothing copied).
+    pub(crate) async fn size(&self, job_id: u64, attempt: u32) -> Result<u64, LogsError> {
+        if let Some(rec) = self.compacted(job_id, attempt)? {
+            return Ok(rec.size);
+        }
+        let walked = self.chunks_size(job_id, attempt)?;
+        match self.compacted(job_id, attempt)? {
+            Some(rec) => Ok(rec.size),
+            None => Ok(walked),
+        }
+    }
+
+    /// The size of one attempt's stored chunks.
+    fn chunks_size(&self, job_id: u64, attempt: u32) -> Result<u64, StoreError> {
         #[cfg(test)]
         self.walks
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -382,38 +734,84 @@ impl JobLogs {
             .subscribe()
     }
 
-    /// The first job at or after `from` with a stored log (retention walks
-    /// the logs in job order, which is the order they were made).
-    pub(crate) fn next_job(&self, from: u64) -> Result<Option<u64>, StoreError> {
-        let start = key(from, 0, 0);
-        let Some(item) = self.table.sled().range(start..).next() else {
-            return Ok(None);
-        };
-        let (k, v) = item.map_err(|e| self.table.store().err(e))?;
-        self.check(&k, &v)?;
-        let mut id = [0u8; 8];
-        id.copy_from_slice(&k[..8]);
-        Ok(Some(u64::from_be_bytes(id)))
+    /// Holds off the compaction of `job_id`'s log until the pin is
+    /// dropped: a watcher streaming chunks by seq takes one before it reads
+    /// anything, so each attempt stays in one form for it (chunks, or a
+    /// compacted log's pages) for as long as it watches.
+    pub(crate) fn pin(&self, job_id: u64) -> LogPin<'_> {
+        *self
+            .pinned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(job_id)
+            .or_default() += 1;
+        LogPin { logs: self, job_id }
     }
 
-    /// Removes up to `max` stored chunks of `job_id`'s log (every attempt)
-    /// in one atomic write, durable after the next commit; returns how many.
-    /// Retention calls it for finished jobs only, until it returns less
-    /// than `max`.
-    pub(crate) fn remove(&self, job_id: u64, max: usize) -> Result<usize, StoreError> {
-        let mut batch = sled::Batch::default();
+    /// The first job at or after `from` with a log, stored or compacted
+    /// (retention walks the logs in job order, which is the order they were
+    /// made).
+    pub(crate) fn next_job(&self, from: u64) -> Result<Option<u64>, StoreError> {
+        let start = key(from, 0, 0);
+        let mut first: Option<u64> = None;
+        for table in [&self.table, &self.records] {
+            let Some(item) = table.sled().range(&start[..12]..).next() else {
+                continue;
+            };
+            let (k, _) = item.map_err(|e| table.store().err(e))?;
+            if k.len() < 12 {
+                return Err(table.corrupt(hex::encode(&k), "malformed log key"));
+            }
+            let (id, _) = job_attempt_of(&k);
+            first = Some(first.map_or(id, |f| f.min(id)));
+        }
+        Ok(first)
+    }
+
+    /// Removes up to `max` stored chunks and compacted records of
+    /// `job_id`'s log (every attempt) in one atomic write, made durable,
+    /// and then the removed records' objects; returns how many entries
+    /// went. Retention calls it for finished jobs only, until it returns
+    /// less than `max`. An object that cannot be deleted now (the store is
+    /// down) is left: without its record it is an orphan, which the
+    /// compactor's start-up sweep deletes ([`compact`]).
+    pub(crate) async fn remove(&self, job_id: u64, max: usize) -> Result<usize, StoreError> {
+        let mut chunks = sled::Batch::default();
+        let mut records = sled::Batch::default();
+        let mut objects = Vec::new();
         let mut n = 0;
-        for k in self.table.keys(job_id.to_be_bytes()).take(max) {
-            batch.remove(k?);
+        for item in self.records.scan_raw(job_id.to_be_bytes()).take(max) {
+            let (k, v) = item?;
+            let rec: Compacted = self.records.decode(&k, &v)?;
+            objects.push(rec.object);
+            records.remove(k);
+            n += 1;
+        }
+        for k in self.table.keys(job_id.to_be_bytes()).take(max - n) {
+            chunks.remove(k?);
             n += 1;
         }
         if n > 0 {
-            self.table.apply(batch)?;
+            self.table.apply_with(chunks, &self.records, records)?;
+        }
+        if !objects.is_empty() {
+            // The records' removal is durable before their objects go: a
+            // record never points at nothing.
+            self.table.store().commit().await?;
+            for name in objects {
+                if let Err(e) = compact::delete(&self.objects, &name).await {
+                    tracing::warn!(
+                        "the pruned log {name} could not be deleted from the object store ({e}); the next start deletes it"
+                    );
+                }
+            }
         }
         Ok(n)
     }
 
-    /// Tells watchers the job finished and forgets its live channel.
+    /// Tells watchers the job finished and forgets its live channel. A
+    /// job with attempts (its result is recorded and durable) goes to the
+    /// compactor.
     pub(crate) fn finished(&self, job_id: u64, attempts: u32) {
         if let Some(tx) = self
             .live
@@ -423,11 +821,37 @@ impl JobLogs {
         {
             let _ = tx.send(WatchEvent::Finished);
         }
-        let mut known = self.attempts.lock().unwrap_or_else(|p| p.into_inner());
-        for a in 1..=attempts {
-            known.remove(&(job_id, a));
+        {
+            let mut known = self.attempts.lock().unwrap_or_else(|p| p.into_inner());
+            for a in 1..=attempts {
+                known.remove(&(job_id, a));
+            }
+        }
+        if attempts > 0 {
+            self.queue.push(job_id);
         }
     }
+}
+
+/// [`JobLogs::range`] of a compacted log: the frames covering the range,
+/// fetched in one request and decompressed one by one.
+async fn compacted_range(
+    objects: &Objects,
+    rec: &Compacted,
+    offset: Option<u64>,
+    limit: u64,
+) -> Result<LogRange, LogsError> {
+    let offset = offset
+        .unwrap_or_else(|| rec.size.saturating_sub(limit))
+        .min(rec.size);
+    let len = limit.min(rec.size - offset);
+    let data = compact::read_range(objects, rec, offset, len).await?;
+    Ok(LogRange {
+        offset,
+        next_offset: offset + data.len() as u64,
+        data,
+        total: rec.size,
+    })
 }
 
 #[cfg(test)]
@@ -447,26 +871,26 @@ mod tests {
     async fn chunks_are_stored_in_order_per_attempt_and_resends_are_idempotent() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let logs = JobLogs::open(&store, 1 << 20).unwrap();
+        let logs = JobLogs::open_local(&store, 1 << 20).unwrap();
         logs.append(chunk(7, 1, 2, "b")).unwrap();
         logs.append(chunk(7, 1, 1, "a")).unwrap();
         logs.append(chunk(7, 1, 1, "a")).unwrap();
         logs.append(chunk(7, 2, 1, "c")).unwrap();
         logs.append(chunk(8, 1, 1, "other")).unwrap();
-        let all: Vec<_> = logs.read(7, None).unwrap();
+        let all: Vec<_> = logs.read(7, None).await.unwrap();
         let text: String = all
             .iter()
             .map(|c| String::from_utf8_lossy(&c.data))
             .collect();
         assert_eq!(text, "abc");
-        assert_eq!(logs.read(7, Some(2)).unwrap().len(), 1);
+        assert_eq!(logs.read(7, Some(2)).await.unwrap().len(), 1);
     }
 
     #[tokio::test]
     async fn watchers_see_live_chunks_then_finish() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let logs = JobLogs::open(&store, 1 << 20).unwrap();
+        let logs = JobLogs::open_local(&store, 1 << 20).unwrap();
         let mut rx = logs.subscribe(3);
         logs.append(chunk(3, 1, 1, "hi")).unwrap();
         logs.finished(3, 1);
@@ -478,12 +902,13 @@ mod tests {
     async fn hub_cap_drops_the_excess_with_a_notice() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let logs = JobLogs::open(&store, 4).unwrap();
+        let logs = JobLogs::open_local(&store, 4).unwrap();
         logs.append(chunk(1, 1, 1, "abc")).unwrap();
         logs.append(chunk(1, 1, 2, "defg")).unwrap();
         logs.append(chunk(1, 1, 3, "never")).unwrap();
         let text: String = logs
             .read(1, None)
+            .await
             .unwrap()
             .iter()
             .map(|c| String::from_utf8_lossy(&c.data).into_owned())
@@ -493,8 +918,9 @@ mod tests {
         assert!(!text.contains("never"));
     }
 
-    fn text(logs: &JobLogs, job_id: u64) -> String {
+    async fn text(logs: &JobLogs, job_id: u64) -> String {
         logs.read(job_id, None)
+            .await
             .unwrap()
             .iter()
             .map(|c| String::from_utf8_lossy(&c.data).into_owned())
@@ -506,14 +932,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         // Room for exactly "ab" + "cd": counting "ab" twice would drop "cd".
-        let logs = JobLogs::open(&store, 4).unwrap();
+        let logs = JobLogs::open_local(&store, 4).unwrap();
         let mut rx = logs.subscribe(5);
         logs.append(chunk(5, 1, 1, "ab")).unwrap();
         logs.append(chunk(5, 1, 1, "ab")).unwrap();
         logs.append(chunk(5, 1, 2, "cd")).unwrap();
         logs.append(chunk(5, 1, 1, "ab")).unwrap();
-        assert_eq!(text(&logs, 5), "abcd");
-        assert_eq!(logs.read(5, Some(1)).unwrap().len(), 2);
+        assert_eq!(text(&logs, 5).await, "abcd");
+        assert_eq!(logs.read(5, Some(1)).await.unwrap().len(), 2);
         logs.finished(5, 1);
         let mut shown = Vec::new();
         while let Ok(WatchEvent::Log(c)) = rx.recv().await {
@@ -526,29 +952,29 @@ mod tests {
     async fn after_a_restart_the_cap_counts_what_is_stored_and_resends_are_ignored() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        JobLogs::open(&store, 6)
+        JobLogs::open_local(&store, 6)
             .unwrap()
             .append(chunk(2, 1, 1, "abc"))
             .unwrap();
         // A fresh JobLogs knows nothing in memory, like a restarted hub.
-        let logs = JobLogs::open(&store, 6).unwrap();
+        let logs = JobLogs::open_local(&store, 6).unwrap();
         logs.append(chunk(2, 1, 1, "abc")).unwrap();
         logs.append(chunk(2, 1, 2, "defg")).unwrap();
         logs.append(chunk(2, 1, 3, "never")).unwrap();
-        let t = text(&logs, 2);
+        let t = text(&logs, 2).await;
         assert!(t.starts_with("abcdefg\n"), "{t}");
         assert_eq!(t.matches("abc").count(), 1, "{t}");
         assert!(t.contains("hub's limit") && !t.contains("never"), "{t}");
         // A resend of the chunk that crossed the cap changes nothing.
         logs.append(chunk(2, 1, 2, "defg")).unwrap();
-        assert_eq!(text(&logs, 2), t);
+        assert_eq!(text(&logs, 2).await, t);
     }
 
     #[tokio::test]
     async fn chunks_keep_their_binary_layout() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let logs = JobLogs::open(&store, 1 << 20).unwrap();
+        let logs = JobLogs::open_local(&store, 1 << 20).unwrap();
         let mut old_key = Vec::new();
         old_key.extend_from_slice(&9u64.to_be_bytes());
         old_key.extend_from_slice(&1u32.to_be_bytes());
@@ -556,7 +982,7 @@ mod tests {
         let mut old_value = vec![LogStream::Stderr as u8];
         old_value.extend_from_slice(b"written before");
         logs.table.put_raw(&old_key, old_value).unwrap();
-        let read = logs.read(9, None).unwrap();
+        let read = logs.read(9, None).await.unwrap();
         assert_eq!(read[0].data, b"written before");
         assert_eq!(read[0].stream, LogStream::Stderr as i32);
 
@@ -573,7 +999,7 @@ mod tests {
         let mut short_key = 0u64.to_be_bytes().to_vec();
         short_key.extend_from_slice(b"x");
         logs.table.put_raw(&short_key, &b"x"[..]).unwrap();
-        let err = logs.read(0, None).unwrap_err().to_string();
+        let err = logs.read(0, None).await.unwrap_err().to_string();
         assert!(
             err.contains("record logs/") && err.contains("malformed"),
             "{err}"
@@ -584,17 +1010,17 @@ mod tests {
     async fn a_range_reads_only_its_bytes_across_chunks() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let logs = JobLogs::open(&store, 1 << 20).unwrap();
+        let logs = JobLogs::open_local(&store, 1 << 20).unwrap();
         logs.append(chunk(6, 1, 1, "abc")).unwrap();
         logs.append(chunk(6, 1, 2, "defg")).unwrap();
         logs.append(chunk(6, 1, 3, "hi")).unwrap();
         logs.append(chunk(6, 2, 1, "other attempt")).unwrap();
-        let r = logs.range(6, 1, Some(2), 4, None).unwrap();
+        let r = logs.range(6, 1, Some(2), 4, None).await.unwrap();
         assert_eq!(
             (r.data.as_slice(), r.offset, r.next_offset, r.total),
             (&b"cdef"[..], 2, 6, 9)
         );
-        let tail = logs.range(6, 1, None, 3, None).unwrap();
+        let tail = logs.range(6, 1, None, 3, None).await.unwrap();
         assert_eq!(
             (tail.data.as_slice(), tail.offset, tail.total),
             (&b"ghi"[..], 6, 9)
@@ -602,24 +1028,24 @@ mod tests {
         // The size measured already is not measured again: one walk.
         let walks = || logs.walks.load(std::sync::atomic::Ordering::Relaxed);
         let before = walks();
-        let known = logs.range(6, 1, None, 3, Some(9)).unwrap();
+        let known = logs.range(6, 1, None, 3, Some(9)).await.unwrap();
         assert_eq!((known.data, known.offset), (tail.data, tail.offset));
         assert_eq!(walks() - before, 1);
-        let past = logs.range(6, 1, Some(50), 3, None).unwrap();
+        let past = logs.range(6, 1, Some(50), 3, None).await.unwrap();
         assert_eq!((past.data.len(), past.offset, past.next_offset), (0, 9, 9));
         assert_eq!(
-            logs.range(6, 1, Some(0), 100, None).unwrap().data,
+            logs.range(6, 1, Some(0), 100, None).await.unwrap().data,
             b"abcdefghi"
         );
-        assert_eq!(logs.size(6, 2).unwrap(), 13);
-        assert_eq!(logs.size(7, 1).unwrap(), 0);
+        assert_eq!(logs.size(6, 2).await.unwrap(), 13);
+        assert_eq!(logs.size(7, 1).await.unwrap(), 0);
     }
 
     #[tokio::test]
     async fn a_gap_between_the_stored_chunks_and_the_result_is_named() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let logs = JobLogs::open(&store, 1 << 20).unwrap();
+        let logs = JobLogs::open_local(&store, 1 << 20).unwrap();
         let job = JobRef {
             job_id: 4,
             attempt: 2,
@@ -635,7 +1061,7 @@ mod tests {
         logs.append(chunk(4, 2, 3, "x")).unwrap();
         assert_eq!(logs.gap(&job, 4).unwrap(), None);
         // Also from the tree alone (a restarted hub).
-        let fresh = JobLogs::open(&store, 1 << 20).unwrap();
+        let fresh = JobLogs::open_local(&store, 1 << 20).unwrap();
         assert_eq!(fresh.gap(&job, 4).unwrap(), None);
         assert!(
             fresh
@@ -649,7 +1075,7 @@ mod tests {
             None,
             "0: the agent names no last chunk"
         );
-        let capped = JobLogs::open(&store, 2).unwrap();
+        let capped = JobLogs::open_local(&store, 2).unwrap();
         assert_eq!(
             capped.gap(&job, 9).unwrap(),
             None,

@@ -1,0 +1,956 @@
+//! Compaction: once a job's result is recorded, each attempt's log moves
+//! from the `logs` tree into one object, `logs/<job>/<attempt>.log.zst`.
+//!
+//! The object is a row of independent zstd frames of [`FRAME_BYTES`] of log
+//! each, so a byte range is read by fetching and decompressing only the
+//! frames that cover it ([`read_range`]); the frame index lives in the
+//! attempt's [`Compacted`] record in the `log_objects` tree.
+//!
+//! Nothing is lost or stored twice, whatever is killed when:
+//!
+//! 1. The attempt is sealed (chunks arriving for it now are resends, see
+//!    the module above) and its chunks are read, framed and put as one
+//!    object (a multipart upload once it passes [`PART_BYTES`]; either way
+//!    the object appears whole or not at all).
+//! 2. One atomic sled step writes the record and removes the chunks, and is
+//!    committed. Until then the chunks are the log; a hub killed between
+//!    the two steps finds them at its next start and puts the same object
+//!    again, which replaces the first whole.
+//!
+//! The [`Compactor`] task does this in the background, one attempt at a
+//! time: for jobs [`JobLogs::finished`] queues, and at start for every
+//! finished job whose chunks are still in the database (a hub killed
+//! mid-way, an outage, a database from before compaction). When the object
+//! store fails, the logs stay in the database and the compactor retries
+//! with a growing pause, warning once per outage.
+//!
+//! Orphans: an object without a record (its compaction was killed before
+//! the record, or retention removed the record but could not delete the
+//! object) is deleted by the compactor's start-up sweep once it is older
+//! than [`ORPHAN_AGE`] (younger ones may belong to a compaction in flight
+//! on a hub that shares the prefix by mistake; they go at a later start).
+
+use std::collections::{BTreeSet, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use object_store::{ObjectStoreExt, WriteMultipart};
+use object_store::path::Path as ObjectPath;
+use tokio::sync::Notify;
+use tokio_stream::StreamExt;
+use tokio_util::sync::CancellationToken;
+
+use super::{Compacted, Frame, JobLogs, LogsError, key, object_name, seq_of};
+use crate::objects::Objects;
+use crate::store::StoreError;
+
+/// Log bytes per zstd frame: a range read fetches and decompresses at most
+/// this much more than it asks for on each side.
+pub(crate) const FRAME_BYTES: usize = 1 << 20;
+
+/// Compressed bytes up to which a log is put in one request; bigger ones
+/// go as a multipart upload in parts of this size (S3's minimum is 5 MiB).
+pub(crate) const PART_BYTES: usize = 8 << 20;
+
+/// zstd's level: fast, and logs compress well anyway.
+const ZSTD_LEVEL: i32 = 3;
+
+/// An object under `logs/` without a record is deleted at start once it is
+/// this old.
+pub(crate) const ORPHAN_AGE: Duration = Duration::from_secs(3600);
+
+/// How long a job whose log someone watches waits before it is tried again.
+const PINNED_RETRY: Duration = Duration::from_secs(1);
+
+/// Jobs whose result was recorded, in order, for the compactor.
+#[derive(Default)]
+pub(super) struct Queue {
+    jobs: Mutex<VecDeque<u64>>,
+    wake: Notify,
+}
+
+impl Queue {
+    pub(super) fn push(&self, job_id: u64) {
+        self.jobs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push_back(job_id);
+        self.wake.notify_one();
+    }
+
+    fn pop(&self) -> Option<u64> {
+        self.jobs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop_front()
+    }
+}
+
+/// What [`JobLogs::compact`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Compaction {
+    /// The log is now this object.
+    Done(Compacted),
+    /// It was compacted before.
+    Already,
+    /// Nothing is stored for the attempt.
+    Empty,
+    /// Someone streams the job's log ([`JobLogs::pin`]): the object is put
+    /// but the chunks stay until a later try.
+    Pinned,
+}
+
+/// An object store error as [`LogsError`], naming what the hub did.
+fn store_err(
+    objects: &Objects,
+    action: &'static str,
+    path: &ObjectPath,
+) -> impl FnOnce(object_store::Error) -> LogsError + use<> {
+    let err = objects.error(action, path);
+    move |e| LogsError::Objects(err(e))
+}
+
+/// Deletes the object `name` (relative to the hub's prefix).
+pub(super) async fn delete(objects: &Objects, name: &str) -> Result<(), LogsError> {
+    let path = objects.path(name);
+    match objects.store().delete(&path).await {
+        Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+        Err(e) => Err(store_err(objects, "delete", &path)(e)),
+    }
+}
+
+/// Bytes `offset..offset + len` of a compacted log (`len` already cut to
+/// the log's size): the covering frames are fetched in one ranged GET and
+/// decompressed one at a time.
+pub(super) async fn read_range(
+    objects: &Objects,
+    rec: &Compacted,
+    offset: u64,
+    len: u64,
+) -> Result<Vec<u8>, LogsError> {
+    let end = offset.saturating_add(len).min(rec.size);
+    if offset >= end || rec.frames.is_empty() {
+        return Ok(Vec::new());
+    }
+    let first = rec
+        .frames
+        .partition_point(|f| f.raw <= offset)
+        .saturating_sub(1);
+    let last = rec.frames.partition_point(|f| f.raw < end).max(first + 1) - 1;
+    let from = rec.frames[first].at;
+    let to = rec.frames[last].at + rec.frames[last].len;
+    let path = objects.path(&rec.object);
+    let damaged = |reason: String| LogsError::Damaged {
+        path: rec.object.clone(),
+        reason,
+    };
+    let bytes = objects
+        .store()
+        .get_range(&path, from..to)
+        .await
+        .map_err(store_err(objects, "read", &path))?;
+    if bytes.len() as u64 != to - from {
+        return Err(damaged(format!(
+            "asked for bytes {from}..{to}, got {}",
+            bytes.len()
+        )));
+    }
+    let mut out = Vec::with_capacity((end - offset) as usize);
+    for i in first..=last {
+        let f = rec.frames[i];
+        let raw_end = rec.frames.get(i + 1).map_or(rec.size, |n| n.raw);
+        let raw_len = (raw_end - f.raw) as usize;
+        let at = (f.at - from) as usize;
+        let plain = zstd::bulk::decompress(&bytes[at..at + f.len as usize], raw_len)
+            .map_err(|e| damaged(format!("frame {i} does not decompress: {e}")))?;
+        if plain.len() != raw_len {
+            return Err(damaged(format!(
+                "frame {i} holds {} bytes, not {raw_len}",
+                plain.len()
+            )));
+        }
+        let lo = offset.max(f.raw) - f.raw;
+        let hi = end.min(raw_end) - f.raw;
+        out.extend_from_slice(&plain[lo as usize..hi as usize]);
+    }
+    Ok(out)
+}
+
+/// One object being written: kept in memory up to [`PART_BYTES`] and put
+/// in one request, or, past that, sent as a multipart upload.
+struct Upload<'a> {
+    objects: &'a Objects,
+    path: ObjectPath,
+    buf: Vec<u8>,
+    multipart: Option<WriteMultipart>,
+    len: u64,
+}
+
+impl Upload<'_> {
+    async fn write(&mut self, data: &[u8]) -> Result<(), LogsError> {
+        self.len += data.len() as u64;
+        if let Some(w) = &mut self.multipart {
+            w.wait_for_capacity(2)
+                .await
+                .map_err(store_err(self.objects, "upload", &self.path))?;
+            w.write(data);
+            return Ok(());
+        }
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= PART_BYTES {
+            let upload = self
+                .objects
+                .store()
+                .put_multipart(&self.path)
+                .await
+                .map_err(store_err(self.objects, "upload", &self.path))?;
+            let mut w = WriteMultipart::new_with_chunk_size(upload, PART_BYTES);
+            w.write(&std::mem::take(&mut self.buf));
+            self.multipart = Some(w);
+        }
+        Ok(())
+    }
+
+    async fn finish(self) -> Result<(), LogsError> {
+        match self.multipart {
+            Some(w) => w
+                .finish()
+                .await
+                .map(|_| ())
+                .map_err(store_err(self.objects, "upload", &self.path)),
+            None => self
+                .objects
+                .store()
+                .put(&self.path, self.buf.into())
+                .await
+                .map(|_| ())
+                .map_err(store_err(self.objects, "upload", &self.path)),
+        }
+    }
+
+    /// Gives up an unfinished multipart upload (best effort: S3 lifecycle
+    /// rules clean up what is left).
+    async fn abort(self) {
+        if let Some(w) = self.multipart
+            && let Err(e) = w.abort().await
+        {
+            tracing::debug!("aborting the upload of {}: {e}", self.path);
+        }
+    }
+}
+
+impl JobLogs {
+    /// Compacts one attempt's stored chunks into its object and then, in
+    /// one durable step, writes its record and removes the chunks (see the
+    /// module doc). Safe to run again at any point: a compacted attempt is
+    /// left alone, a half-done one is redone whole.
+    pub(crate) async fn compact(&self, job_id: u64, attempt: u32) -> Result<Compaction, LogsError> {
+        let Some(rec) = self.put_object(job_id, attempt).await? else {
+            return Ok(match self.compacted(job_id, attempt)? {
+                Some(_) => Compaction::Already,
+                None => Compaction::Empty,
+            });
+        };
+        self.write_record(job_id, attempt, rec).await
+    }
+
+    /// Step 1: seals the attempt and puts its chunks as one object; the
+    /// record it would get. `None` if it is compacted or has no chunks.
+    pub(super) async fn put_object(
+        &self,
+        job_id: u64,
+        attempt: u32,
+    ) -> Result<Option<Compacted>, LogsError> {
+        if self.compacted(job_id, attempt)?.is_some() {
+            return Ok(None);
+        }
+        {
+            let mut attempts = self.attempts.lock().unwrap_or_else(|p| p.into_inner());
+            // Any append that was storing a chunk of it is done: the lock
+            // was held for that.
+            attempts.entry((job_id, attempt)).or_default().sealed = true;
+        }
+        let name = object_name(job_id, attempt);
+        let mut upload = Upload {
+            objects: &self.objects,
+            path: self.objects.path(&name),
+            buf: Vec::new(),
+            multipart: None,
+            len: 0,
+        };
+        let mut rec = Compacted {
+            object: name,
+            size: 0,
+            stored: 0,
+            chunks: 0,
+            max_seq: 0,
+            frames: Vec::new(),
+        };
+        match self.frame_into(job_id, attempt, &mut upload, &mut rec).await {
+            Ok(()) if rec.chunks == 0 => {
+                upload.abort().await;
+                Ok(None)
+            }
+            Ok(()) => {
+                rec.stored = upload.len;
+                upload.finish().await?;
+                // On disk before the chunks can go (a no-op on S3).
+                self.objects.sync(&rec.object).await?;
+                Ok(Some(rec))
+            }
+            Err(e) => {
+                upload.abort().await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Reads the attempt's chunks a frame's worth at a time, compresses
+    /// each frame off the async threads and writes it to `upload`.
+    async fn frame_into(
+        &self,
+        job_id: u64,
+        attempt: u32,
+        upload: &mut Upload<'_>,
+        rec: &mut Compacted,
+    ) -> Result<(), LogsError> {
+        let mut pending: Vec<u8> = Vec::with_capacity(FRAME_BYTES);
+        let mut next_seq = Some(0u64);
+        // Where the next frame starts in the log.
+        let mut raw = 0u64;
+        while let Some(from) = next_seq {
+            let mut more = false;
+            let range = key(job_id, attempt, from)..=key(job_id, attempt, u64::MAX);
+            for item in self.table.sled().range(range) {
+                let (k, v) = item.map_err(|e| self.table.store().err(e))?;
+                self.check(&k, &v)?;
+                let seq = seq_of(&k);
+                pending.extend_from_slice(&v[1..]);
+                rec.chunks += 1;
+                rec.max_seq = rec.max_seq.max(seq);
+                rec.size += v.len() as u64 - 1;
+                next_seq = seq.checked_add(1);
+                more = true;
+                if pending.len() >= FRAME_BYTES {
+                    break;
+                }
+            }
+            if !more {
+                next_seq = None;
+            }
+            while pending.len() >= FRAME_BYTES || (next_seq.is_none() && !pending.is_empty()) {
+                let rest = pending.split_off(pending.len().min(FRAME_BYTES));
+                let frame = std::mem::replace(&mut pending, rest);
+                let raw_len = frame.len() as u64;
+                let bytes =
+                    tokio::task::spawn_blocking(move || zstd::bulk::compress(&frame, ZSTD_LEVEL))
+                        .await
+                        .map_err(|e| LogsError::Io(std::io::Error::other(e)))?
+                        .map_err(LogsError::Io)?;
+                rec.frames.push(Frame {
+                    raw,
+                    at: upload.len,
+                    len: bytes.len() as u64,
+                });
+                raw += raw_len;
+                upload.write(&bytes).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Step 2: writes the record and removes the chunks in one atomic
+    /// step, made durable; unless someone streams the job's log.
+    pub(super) async fn write_record(
+        &self,
+        job_id: u64,
+        attempt: u32,
+        rec: Compacted,
+    ) -> Result<Compaction, LogsError> {
+        let prefix = Self::attempt_prefix(job_id, attempt);
+        {
+            let pinned = self.pinned.lock().unwrap_or_else(|p| p.into_inner());
+            if pinned.contains_key(&job_id) {
+                return Ok(Compaction::Pinned);
+            }
+            let mut chunks = sled::Batch::default();
+            let mut n = 0u64;
+            for k in self.table.keys(prefix) {
+                chunks.remove(k?);
+                n += 1;
+            }
+            if n != rec.chunks {
+                // Sealed attempts do not change: a bug, not a race. The
+                // chunks stay; the next pass tries again.
+                return Err(LogsError::Damaged {
+                    path: rec.object.clone(),
+                    reason: format!(
+                        "{n} chunks are stored now but {} were compacted",
+                        rec.chunks
+                    ),
+                });
+            }
+            let mut record = sled::Batch::default();
+            self.records.stage(&mut record, prefix, &rec)?;
+            self.table.apply_with(chunks, &self.records, record)?;
+        }
+        self.table.store().commit().await?;
+        self.attempts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&(job_id, attempt));
+        Ok(Compaction::Done(rec))
+    }
+
+    /// The first job at or after `from` that still has stored chunks.
+    fn next_stored_job(&self, from: u64) -> Result<Option<u64>, StoreError> {
+        let Some(item) = self.table.sled().range(key(from, 0, 0)..).next() else {
+            return Ok(None);
+        };
+        let (k, v) = item.map_err(|e| self.table.store().err(e))?;
+        self.check(&k, &v)?;
+        Ok(Some(super::job_attempt_of(&k).0))
+    }
+}
+
+/// Whether a job is finished (its log may be compacted). A job without a
+/// record (pruned) counts as finished.
+pub(crate) type IsFinished = Arc<dyn Fn(u64) -> Result<bool, StoreError> + Send + Sync>;
+
+/// The background task that compacts finished jobs' logs.
+pub(crate) struct Compactor {
+    logs: Arc<JobLogs>,
+    finished: IsFinished,
+    /// The pause after a failed try, and its ceiling (it doubles).
+    backoff: (Duration, Duration),
+}
+
+impl Compactor {
+    pub(crate) fn new(logs: Arc<JobLogs>, finished: IsFinished) -> Compactor {
+        Compactor {
+            logs,
+            finished,
+            backoff: (Duration::from_secs(1), Duration::from_secs(60)),
+        }
+    }
+
+    /// Shorter pauses (tests).
+    #[cfg(test)]
+    pub(crate) fn with_backoff(mut self, min: Duration, max: Duration) -> Compactor {
+        self.backoff = (min, max);
+        self
+    }
+
+    pub(crate) fn start(self, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move { self.run(stop).await })
+    }
+
+    async fn run(self, stop: CancellationToken) {
+        match self.sweep_orphans().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!("deleted {n} orphaned log object(s) (no record points at them)"),
+            Err(e) => tracing::warn!(
+                "cannot look for orphaned log objects ({e}); the next start tries again"
+            ),
+        }
+        // Jobs with stored chunks, walked once from the start.
+        let mut sweep = Some(0u64);
+        let mut retry: BTreeSet<(Instant, u64)> = BTreeSet::new();
+        let mut pause = self.backoff.0;
+        let mut outage = false;
+        let mut compacted = 0u64;
+        loop {
+            if stop.is_cancelled() {
+                return;
+            }
+            let now = Instant::now();
+            let due = retry.first().filter(|(t, _)| *t <= now).copied();
+            let job = if let Some(j) = self.logs.queue.pop() {
+                Some(j)
+            } else if let Some(d) = due {
+                retry.remove(&d);
+                Some(d.1)
+            } else if let Some(from) = sweep {
+                match self.sweep_step(from) {
+                    Ok((next, job)) => {
+                        sweep = next;
+                        job
+                    }
+                    Err(e) => {
+                        tracing::error!("cannot look for logs left to compact: {e}");
+                        sweep = None;
+                        None
+                    }
+                }
+            } else {
+                None
+            };
+            let Some(job) = job else {
+                if sweep.is_some() {
+                    continue;
+                }
+                let wait = retry
+                    .first()
+                    .map_or(Duration::from_secs(3600), |(t, _)| {
+                        t.saturating_duration_since(now)
+                    });
+                tokio::select! {
+                    _ = self.logs.queue.wake.notified() => {}
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = stop.cancelled() => return,
+                }
+                continue;
+            };
+            match self.compact_job(job).await {
+                Ok(pinned) => {
+                    if outage {
+                        tracing::info!(
+                            "the object store answers again: compacting the logs that waited"
+                        );
+                        outage = false;
+                    }
+                    pause = self.backoff.0;
+                    if pinned {
+                        retry.insert((Instant::now() + PINNED_RETRY, job));
+                    } else {
+                        compacted += 1;
+                        tracing::debug!(job, compacted, "log compacted");
+                    }
+                }
+                Err(e) => {
+                    match (&e, outage) {
+                        (LogsError::Objects(_), false) => {
+                            tracing::warn!(
+                                "cannot compact job logs into the object store: {e}; they stay in the database and compaction is retried (this is said once per outage)"
+                            );
+                            outage = true;
+                        }
+                        (LogsError::Objects(_), true) => {}
+                        _ => tracing::error!("cannot compact the log of job {job}: {e}"),
+                    }
+                    retry.insert((Instant::now() + pause, job));
+                    tokio::select! {
+                        _ = tokio::time::sleep(pause) => {}
+                        _ = stop.cancelled() => return,
+                    }
+                    pause = (pause * 2).min(self.backoff.1);
+                }
+            }
+            tokio::task::yield_now().await;
+        }
+    }
+
+    /// One step of the start-up walk: the cursor after the next job with
+    /// stored chunks, and that job if it is finished.
+    fn sweep_step(&self, from: u64) -> Result<(Option<u64>, Option<u64>), StoreError> {
+        let Some(job) = self.logs.next_stored_job(from)? else {
+            return Ok((None, None));
+        };
+        let finished = (self.finished)(job)?;
+        Ok((job.checked_add(1), finished.then_some(job)))
+    }
+
+    /// Compacts every attempt of `job` that has stored chunks; true if
+    /// someone streams its log (try again later).
+    async fn compact_job(&self, job: u64) -> Result<bool, LogsError> {
+        for attempt in self.logs.attempts(job)? {
+            if self.logs.compact(job, attempt).await? == Compaction::Pinned {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Deletes objects under `logs/` older than [`ORPHAN_AGE`] that no
+    /// record points at; returns how many.
+    async fn sweep_orphans(&self) -> Result<usize, LogsError> {
+        let objects = &self.logs.objects;
+        let base = objects.path("logs");
+        let base_str = format!("{base}/");
+        let now_ms = crate::store::now_ms() as i64;
+        let mut listed = objects.store().list(Some(&base));
+        let mut orphans = Vec::new();
+        while let Some(meta) = listed.next().await {
+            let meta = meta.map_err(store_err(objects, "list", &base))?;
+            let Some(rel) = meta.location.as_ref().strip_prefix(&base_str) else {
+                continue;
+            };
+            let Some((job, attempt)) = parse_name(rel) else {
+                continue;
+            };
+            let age_ms = now_ms - meta.last_modified.timestamp_millis();
+            if age_ms < ORPHAN_AGE.as_millis() as i64 {
+                continue;
+            }
+            if self.logs.compacted(job, attempt)?.is_none() {
+                orphans.push(meta.location);
+            }
+        }
+        for path in &orphans {
+            match objects.store().delete(path).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(store_err(objects, "delete", path)(e)),
+            }
+        }
+        Ok(orphans.len())
+    }
+}
+
+/// (job, attempt) of `<job>/<attempt>.log.zst`.
+fn parse_name(rel: &str) -> Option<(u64, u32)> {
+    let (job, file) = rel.split_once('/')?;
+    let attempt = file.strip_suffix(".log.zst")?;
+    Some((job.parse().ok()?, attempt.parse().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use trunkfarm_proto::v1::{JobRef, LogChunk, LogStream};
+
+    use super::*;
+    use crate::store::Store;
+
+    fn chunk(job_id: u64, attempt: u32, seq: u64, data: &[u8]) -> LogChunk {
+        LogChunk {
+            job: Some(JobRef { job_id, attempt }),
+            seq,
+            stream: LogStream::Stdout.into(),
+            data: data.to_vec(),
+        }
+    }
+
+    /// A log of `len` bytes that compresses like a real one (lines with
+    /// counters), not to nothing.
+    fn sample_log(len: usize) -> Vec<u8> {
+        let mut out = Vec::with_capacity(len + 64);
+        let mut n = 0u64;
+        while out.len() < len {
+            n += 1;
+            let noise = n.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40;
+            out.extend_from_slice(format!("test {n} ... ok ({noise} µs)\n").as_bytes());
+        }
+        out.truncate(len);
+        out
+    }
+
+    /// Appends `log` as chunks of varied sizes; returns how many.
+    fn append_log(logs: &JobLogs, job_id: u64, attempt: u32, log: &[u8]) -> u64 {
+        let (mut at, mut seq) = (0usize, 0u64);
+        while at < log.len() {
+            seq += 1;
+            let len = [1000, 65_536, 7, 300_000][seq as usize % 4].min(log.len() - at);
+            logs.append(chunk(job_id, attempt, seq, &log[at..at + len]))
+                .unwrap();
+            at += len;
+        }
+        seq
+    }
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        store: Store,
+        objects_dir: std::path::PathBuf,
+        objects: Objects,
+        logs: Arc<JobLogs>,
+    }
+
+    fn fixture() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db")).unwrap();
+        let objects_dir = dir.path().join("objects");
+        std::fs::create_dir_all(&objects_dir).unwrap();
+        let objects = Objects::local(&objects_dir).unwrap();
+        let logs = Arc::new(JobLogs::open(&store, 1 << 30, objects.clone()).unwrap());
+        Fixture {
+            _dir: dir,
+            store,
+            objects_dir,
+            objects,
+            logs,
+        }
+    }
+
+    async fn log_objects(objects: &Objects) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut listed = objects.store().list(Some(&objects.path("logs")));
+        while let Some(meta) = listed.next().await {
+            out.push(meta.unwrap().location.to_string());
+        }
+        out
+    }
+
+    fn stored_chunks(logs: &JobLogs, job_id: u64, attempt: u32) -> usize {
+        logs.stored_chunks(job_id, attempt).unwrap().len()
+    }
+
+    async fn whole(logs: &JobLogs, job_id: u64, attempt: u32) -> Vec<u8> {
+        logs.read(job_id, Some(attempt))
+            .await
+            .unwrap()
+            .into_iter()
+            .flat_map(|c| c.data)
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_compacted_log_reads_back_byte_for_byte_in_any_range() {
+        let f = fixture();
+        let log = sample_log(2 * FRAME_BYTES + 123_457);
+        let chunks = append_log(&f.logs, 4, 2, &log);
+        append_log(&f.logs, 4, 1, b"the first attempt");
+
+        let Compaction::Done(rec) = f.logs.compact(4, 2).await.unwrap() else {
+            panic!("not compacted")
+        };
+        assert_eq!(rec.size, log.len() as u64);
+        assert_eq!((rec.chunks, rec.max_seq), (chunks, chunks));
+        assert_eq!(rec.frames.len(), 3, "frames of {FRAME_BYTES} bytes");
+        assert!(rec.stored < rec.size / 2, "compressed: {rec:?}");
+        assert_eq!(stored_chunks(&f.logs, 4, 2), 0, "the chunks are gone");
+        assert_eq!(f.logs.compacted(4, 2).unwrap(), Some(rec.clone()));
+        assert_eq!(stored_chunks(&f.logs, 4, 1), 1, "the other attempt stays");
+        assert_eq!(log_objects(&f.objects).await.len(), 1);
+
+        let frame = FRAME_BYTES as u64;
+        let size = log.len() as u64;
+        for (offset, limit) in [
+            (0, 10),
+            (frame - 10, 20),
+            (frame - 1, 1),
+            (frame, 1),
+            (frame - 5, frame + 10),
+            (0, size),
+            (size - 3, 100),
+            (size, 10),
+            (size + 50, 10),
+        ] {
+            let r = f.logs.range(4, 2, Some(offset), limit, None).await.unwrap();
+            let from = offset.min(size) as usize;
+            let to = offset.saturating_add(limit).min(size) as usize;
+            assert_eq!(r.data, &log[from..to], "range {offset}+{limit}");
+            assert_eq!((r.offset, r.next_offset, r.total), (from as u64, to as u64, size));
+        }
+        let tail = f.logs.range(4, 2, None, 1000, None).await.unwrap();
+        assert_eq!(tail.data, &log[log.len() - 1000..]);
+        assert_eq!(f.logs.size(4, 2).await.unwrap(), size);
+        assert_eq!(whole(&f.logs, 4, 2).await, log);
+        // Both attempts, in order, through the sync reader the mails use.
+        let all: Vec<u8> = tokio::task::spawn_blocking({
+            let logs = f.logs.clone();
+            move || logs.read_blocking(4, None)
+        })
+        .await
+        .unwrap()
+        .unwrap()
+        .into_iter()
+        .flat_map(|c| c.data)
+        .collect();
+        assert_eq!(all, [&b"the first attempt"[..], &log].concat());
+
+        // Compacting again changes nothing.
+        assert_eq!(f.logs.compact(4, 2).await.unwrap(), Compaction::Already);
+        assert_eq!(f.logs.compact(4, 9).await.unwrap(), Compaction::Empty);
+        assert_eq!(log_objects(&f.objects).await.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_big_log_goes_up_in_parts_and_reads_back() {
+        let f = fixture();
+        // Noise compresses badly: more than one part.
+        let mut log = Vec::with_capacity(PART_BYTES + 2 * FRAME_BYTES);
+        let mut x = 0x2545_F491_4F6C_DD1Du64;
+        while log.len() < PART_BYTES + 2 * FRAME_BYTES {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            log.extend_from_slice(&x.to_le_bytes());
+        }
+        append_log(&f.logs, 8, 1, &log);
+        let Compaction::Done(rec) = f.logs.compact(8, 1).await.unwrap() else {
+            panic!("not compacted")
+        };
+        assert!(rec.stored > PART_BYTES as u64, "{}", rec.stored);
+        assert_eq!(whole(&f.logs, 8, 1).await, log);
+        let mid = PART_BYTES as u64 - 7;
+        let r = f.logs.range(8, 1, Some(mid), 20, None).await.unwrap();
+        assert_eq!(r.data, &log[mid as usize..mid as usize + 20]);
+    }
+
+    #[tokio::test]
+    async fn a_crash_between_the_object_and_its_record_is_redone_once() {
+        let f = fixture();
+        let log = sample_log(FRAME_BYTES + 999);
+        append_log(&f.logs, 3, 1, &log);
+        // Step 1 only, as if the hub were killed right after the put.
+        let rec = f.logs.put_object(3, 1).await.unwrap().expect("put");
+        assert_eq!(log_objects(&f.objects).await.len(), 1);
+        drop(rec);
+
+        // The restarted hub: the chunks are the log.
+        let logs = JobLogs::open(&f.store, 1 << 30, f.objects.clone()).unwrap();
+        assert_eq!(logs.compacted(3, 1).unwrap(), None);
+        assert_eq!(logs.size(3, 1).await.unwrap(), log.len() as u64);
+        assert_eq!(whole(&logs, 3, 1).await, log);
+        let Compaction::Done(_) = logs.compact(3, 1).await.unwrap() else {
+            panic!("not compacted")
+        };
+        assert_eq!(log_objects(&f.objects).await.len(), 1, "the same object");
+        assert_eq!(stored_chunks(&logs, 3, 1), 0);
+        assert_eq!(whole(&logs, 3, 1).await, log);
+    }
+
+    #[tokio::test]
+    async fn chunks_resent_after_compaction_are_ignored() {
+        let f = fixture();
+        f.logs.append(chunk(5, 1, 1, b"one ")).unwrap();
+        f.logs.append(chunk(5, 1, 2, b"two")).unwrap();
+        f.logs.compact(5, 1).await.unwrap();
+        // The agent resends what the hub had not acknowledged.
+        f.logs.append(chunk(5, 1, 2, b"two")).unwrap();
+        let fresh = JobLogs::open(&f.store, 1 << 30, f.objects.clone()).unwrap();
+        fresh.append(chunk(5, 1, 1, b"one ")).unwrap();
+        assert_eq!(stored_chunks(&fresh, 5, 1), 0);
+        assert_eq!(whole(&fresh, 5, 1).await, b"one two");
+        let job = JobRef {
+            job_id: 5,
+            attempt: 1,
+        };
+        assert_eq!(fresh.gap(&job, 2).unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn a_watched_log_waits_for_its_watcher() {
+        let f = fixture();
+        f.logs.append(chunk(6, 1, 1, b"watched")).unwrap();
+        let pin = f.logs.pin(6);
+        assert_eq!(f.logs.compact(6, 1).await.unwrap(), Compaction::Pinned);
+        assert_eq!(stored_chunks(&f.logs, 6, 1), 1);
+        drop(pin);
+        assert!(matches!(
+            f.logs.compact(6, 1).await.unwrap(),
+            Compaction::Done(_)
+        ));
+        assert_eq!(log_objects(&f.objects).await.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn pruning_removes_the_record_then_the_object() {
+        let f = fixture();
+        append_log(&f.logs, 7, 1, &sample_log(5000));
+        append_log(&f.logs, 7, 2, b"not compacted");
+        f.logs.compact(7, 1).await.unwrap();
+        assert_eq!(f.logs.next_job(0).unwrap(), Some(7));
+        while f.logs.remove(7, 1).await.unwrap() == 1 {}
+        assert_eq!(f.logs.compacted(7, 1).unwrap(), None);
+        assert_eq!(f.logs.size(7, 2).await.unwrap(), 0);
+        assert!(log_objects(&f.objects).await.is_empty());
+        assert_eq!(f.logs.next_job(0).unwrap(), None);
+    }
+
+    /// Every file under `dir`, recursively.
+    fn files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                out.extend(files(&p));
+            } else {
+                out.push(p);
+            }
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn old_orphans_are_swept_at_start() {
+        let f = fixture();
+        append_log(&f.logs, 1, 1, b"kept");
+        f.logs.compact(1, 1).await.unwrap();
+        append_log(&f.logs, 2, 1, b"orphaned");
+        f.logs.put_object(2, 1).await.unwrap();
+        append_log(&f.logs, 3, 1, b"young orphan");
+        f.logs.put_object(3, 1).await.unwrap();
+        // Age every object but job 3's by two hours.
+        let old = std::time::SystemTime::now() - 2 * ORPHAN_AGE;
+        for path in files(&f.objects_dir) {
+            if !path.to_string_lossy().contains("logs/3/") {
+                let file = std::fs::File::options().write(true).open(&path).unwrap();
+                file.set_modified(old).unwrap();
+            }
+        }
+        let compactor = Compactor::new(f.logs.clone(), Arc::new(|_| Ok(false)));
+        assert_eq!(compactor.sweep_orphans().await.unwrap(), 1);
+        let left = log_objects(&f.objects).await;
+        assert_eq!(left.len(), 2, "{left:?}");
+        assert!(!left.iter().any(|p| p.contains("logs/2/")), "{left:?}");
+        assert_eq!(whole(&f.logs, 1, 1).await, b"kept");
+    }
+
+    #[tokio::test]
+    async fn an_outage_keeps_the_chunks_and_compaction_retries() {
+        let f = fixture();
+        let log = sample_log(3 * FRAME_BYTES / 2);
+        append_log(&f.logs, 9, 1, &log);
+        // The store breaks: its directory becomes a file.
+        let moved = f.objects_dir.with_extension("away");
+        std::fs::rename(&f.objects_dir, &moved).unwrap();
+        std::fs::write(&f.objects_dir, b"not a directory").unwrap();
+        assert!(matches!(
+            f.logs.compact(9, 1).await,
+            Err(LogsError::Objects(_))
+        ));
+        assert_eq!(whole(&f.logs, 9, 1).await, log, "still in the database");
+
+        let asked = Arc::new(AtomicBool::new(false));
+        let finished: IsFinished = {
+            let asked = asked.clone();
+            Arc::new(move |_| {
+                asked.store(true, Ordering::Relaxed);
+                Ok(true)
+            })
+        };
+        let stop = CancellationToken::new();
+        let task = Compactor::new(f.logs.clone(), finished)
+            .with_backoff(Duration::from_millis(20), Duration::from_millis(100))
+            .start(stop.clone());
+        f.logs.finished(9, 1);
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert!(asked.load(Ordering::Relaxed), "the start-up sweep ran");
+        assert_eq!(f.logs.compacted(9, 1).unwrap(), None);
+        assert!(stored_chunks(&f.logs, 9, 1) > 0);
+
+        // The store is back: the compactor gets there on its own.
+        std::fs::remove_file(&f.objects_dir).unwrap();
+        std::fs::rename(&moved, &f.objects_dir).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while f.logs.compacted(9, 1).unwrap().is_none() {
+            assert!(Instant::now() < deadline, "not compacted after the outage");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        stop.cancel();
+        task.await.unwrap();
+        assert_eq!(stored_chunks(&f.logs, 9, 1), 0);
+        assert_eq!(whole(&f.logs, 9, 1).await, log);
+        assert_eq!(log_objects(&f.objects).await.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn the_start_up_sweep_compacts_finished_jobs_only() {
+        let f = fixture();
+        append_log(&f.logs, 10, 1, b"finished before the restart");
+        append_log(&f.logs, 11, 1, b"still running");
+        let stop = CancellationToken::new();
+        let task = Compactor::new(f.logs.clone(), Arc::new(|job| Ok(job == 10))).start(stop.clone());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while f.logs.compacted(10, 1).unwrap().is_none() {
+            assert!(Instant::now() < deadline, "not compacted");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        stop.cancel();
+        task.await.unwrap();
+        assert_eq!(f.logs.compacted(11, 1).unwrap(), None);
+        assert_eq!(stored_chunks(&f.logs, 11, 1), 1);
+    }
+}
