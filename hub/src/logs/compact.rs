@@ -467,9 +467,6 @@ impl Compactor {
             let due = retry.first().filter(|(t, _)| *t <= now).copied();
             let job = if let Some(j) = self.logs.queue.pop() {
                 Some(j)
-            } else if let Some(d) = due {
-                retry.remove(&d);
-                Some(d.1)
             } else if let Some(from) = sweep {
                 match self.sweep_step(from) {
                     Ok((next, job)) => {
@@ -482,6 +479,9 @@ impl Compactor {
                         None
                     }
                 }
+            } else if let Some(d) = due {
+                retry.remove(&d);
+                Some(d.1)
             } else {
                 None
             };

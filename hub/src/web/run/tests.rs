@@ -449,6 +449,7 @@ async fn the_log_is_paged_from_its_end_and_the_api_pages_it_the_same() {
     let whole: String = site
         .logs
         .read(id, Some(attempt))
+        .await
         .unwrap()
         .iter()
         .map(|c| String::from_utf8_lossy(&c.data).into_owned())
