@@ -2,7 +2,8 @@
 //! on `job show`, on its run page and in its JSON; a job that printed
 //! 100 MB of log is paged, not loaded: its page answers in under a second
 //! and the hub's memory does not grow by anything near the log's size while
-//! it serves the page and several pages of the log.
+//! it serves the page and several pages of the log, which by then is
+//! compacted into the object store and read from there frame by frame.
 
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
@@ -97,6 +98,12 @@ fn a_100_mb_log_is_paged_fast_without_growing_the_hub_and_a_stuck_job_says_why()
         "the 100 MB job ran and was stored in {:?}",
         started.elapsed()
     );
+
+    // The finished job's log moves into the object store (the data dir's
+    // `objects/` here): the page reads it from there.
+    wait_until(Duration::from_secs(120), "the log compacted", || {
+        get_json(&web, &format!("/api/v1/runs/{big}"))["log"]["compacted"] == true
+    });
 
     let pid = hub.pid();
     let before = rss_kib(pid);

@@ -160,6 +160,8 @@ pub(crate) struct LogInfo {
     pub(crate) size: u64,
     /// More may come (the job has not finished).
     pub(crate) running: bool,
+    /// The log was moved into the object store (read from there, paged).
+    pub(crate) compacted: bool,
 }
 
 /// One page of a log (`/api/v1/runs/<id>/log`).
@@ -345,6 +347,7 @@ fn log_info(rec: &JobRecord, asked: Option<u32>) -> Result<LogInfo, Refusal> {
         attempt,
         size: 0,
         running: rec.state != JobState::Finished,
+        compacted: false,
     })
 }
 
@@ -472,6 +475,11 @@ pub(crate) async fn run(site: &Site, id: u64) -> Result<RunView, Refusal> {
             .size(id, log.attempt)
             .await
             .map_err(|e| internal(format!("The log of job {id} cannot be read: {e}")))?;
+        log.compacted = site
+            .logs
+            .compacted(id, log.attempt)
+            .map_err(|e| internal(format!("The log of job {id} cannot be read: {e}")))?
+            .is_some();
     }
     Ok(build_view(
         &rec,
