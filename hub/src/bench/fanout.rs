@@ -113,7 +113,10 @@ pub(super) async fn run(args: &BenchArgs, dir: &Path) -> anyhow::Result<Vec<Figu
         tasks.spawn(async move {
             let mut stream = AgentServiceClient::new(channel)
                 .max_decoding_message_size(16 * 1024 * 1024)
-                .download_artifact(id.request(DownloadArtifactRequest { sha256: sha }))
+                .download_artifact(id.request(DownloadArtifactRequest {
+                    sha256: sha,
+                    ..Default::default()
+                }))
                 .await?
                 .into_inner();
             let mut bytes = 0u64;
