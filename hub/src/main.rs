@@ -24,6 +24,9 @@ mod config;
 
 mod space;
 
+// Where artifacts and compacted logs live: the data dir or an S3 bucket.
+mod objects;
+
 // The data path, in order.
 // Watch trunk and projects; make build and test jobs; take finished ones in.
 mod pipeline;
@@ -52,6 +55,9 @@ mod notify;
 
 // Beside the path: on-demand machines, who may connect, what is measured.
 mod provision;
+
+// AWS credentials, read once for EC2 and S3 alike.
+mod aws_credentials;
 
 mod auth;
 
