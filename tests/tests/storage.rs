@@ -7,8 +7,14 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use serde_json::Value;
+use trunkfarm_e2e::farm::{RUNTIME, Repos, smtp_toml};
 use trunkfarm_e2e::moto::Moto;
-use trunkfarm_e2e::{bins, combined, run_with_timeout, temp_dir};
+use trunkfarm_e2e::smtp::SmtpSink;
+use trunkfarm_e2e::{Agent, Hub, bins, combined, run_with_timeout, temp_dir, u, wait_for};
+
+/// How long the pipeline may take for one step (build + fan-out + tests).
+const STEP: Duration = Duration::from_secs(90);
 
 /// A `[storage]` section for `bucket` on `endpoint`.
 fn storage_toml(endpoint: &str, bucket: &str) -> String {
@@ -121,4 +127,114 @@ fn a_store_that_cannot_be_used_stops_the_start_and_says_what_to_fix() {
         text.contains("storage.bucket") && text.contains("is required"),
         "{text}"
     );
+}
+
+/// `GET /metrics` from the hub's web endpoint.
+fn metrics(hub: &Hub) -> String {
+    use std::io::{Read, Write};
+    let info: Value =
+        serde_json::from_str(&std::fs::read_to_string(hub.data_dir.join("hub.json")).unwrap())
+            .unwrap();
+    let addr = info["web"].as_str().unwrap().to_string();
+    let mut stream = std::net::TcpStream::connect(&addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        stream,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    response
+}
+
+/// The value of the metric line starting with `name` (0 if absent).
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[test]
+fn the_trunk_story_runs_with_artifacts_and_logs_in_the_bucket() {
+    let moto = Moto::start(&[]);
+    moto.create_bucket("farm");
+    let sink = SmtpSink::start();
+    let repos = Repos::new();
+    let c1 = repos.head("rt");
+    let extra = format!(
+        "{}{}",
+        smtp_toml(&sink),
+        storage_toml(&moto.endpoint(), "farm")
+    );
+    let hub = Hub::start_with(&repos.config(&extra), &KEYS);
+    let mut agents = Vec::new();
+    for i in 0..2 {
+        let mut a = Agent::enroll(&hub, &format!("s3-{i}"), &["--trusted"]);
+        a.start(&["--max-parallel-jobs", "2"]);
+        agents.push(a);
+    }
+    hub.wait_agents_connected(2);
+
+    trunkfarm_e2e::farm::wait_run(&hub, "shouter", &c1, "green", STEP);
+    let c2 = repos.break_upper("Eve Breaker <eve@example.org>");
+    let red = trunkfarm_e2e::farm::wait_run(&hub, "shouter", &c2, "red", STEP);
+    let c3 = repos.commit(
+        "rt",
+        "rt.sh",
+        RUNTIME,
+        "rt: fix upper",
+        "Fay Fixer <fay@example.org>",
+    );
+    trunkfarm_e2e::farm::wait_run(&hub, "shouter", &c3, "green", STEP);
+
+    // The maintainer heard of both, once each.
+    let mails = sink.wait_for_messages(2, STEP);
+    let subjects: Vec<String> = mails.iter().map(|m| m.subject()).collect();
+    assert!(subjects[0].contains("shouter went red"), "{subjects:?}");
+    assert!(subjects[1].contains("shouter fixed"), "{subjects:?}");
+
+    // Every stored artifact is an object in the bucket under the hub's
+    // prefix, and nothing of the hub's is outside it.
+    let listed = hub.cli_json(&["artifact", "list", "--json"]);
+    let shas: Vec<String> = listed
+        .as_array()
+        .or_else(|| listed["artifacts"].as_array())
+        .unwrap()
+        .iter()
+        .map(|a| a["sha256"].as_str().unwrap().to_string())
+        .collect();
+    assert!(shas.len() >= 3, "three runtimes built: {listed:#}");
+    let keys = moto.s3_keys("farm", "");
+    for sha in &shas {
+        assert!(
+            keys.contains(&format!("hubs/e2e/artifacts/{sha}.tar.zst")),
+            "{sha} not in the bucket: {keys:#?}"
+        );
+    }
+    assert!(keys.iter().all(|k| k.starts_with("hubs/e2e/")), "{keys:#?}");
+    // The agents fetched them from the store, not through the hub.
+    let m = metrics(&hub);
+    assert!(
+        metric(&m, "trunkfarm_artifact_downloads_total") >= 2.0,
+        "{m}"
+    );
+    assert!(
+        metric(&m, "trunkfarm_artifact_sent_bytes_total") < 1024.0,
+        "the hub streamed artifact bytes itself:\n{m}"
+    );
+
+    // Finished logs are compacted into the bucket, and still read whole.
+    let red_job = u(&red["run"], "job_id");
+    wait_for(STEP, "the red run's log compacted into the bucket", || {
+        moto.s3_keys("farm", &format!("hubs/e2e/logs/{red_job}/"))
+            .first()
+            .cloned()
+    });
+    let log = hub.job_log(red_job);
+    assert!(log.contains("upper"), "{log}");
 }
