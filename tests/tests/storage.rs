@@ -7,9 +7,8 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use serde_json::Value;
 use trunkfarm_e2e::farm::{RUNTIME, Repos, smtp_toml};
-use trunkfarm_e2e::moto::Moto;
+use trunkfarm_e2e::moto::{Moto, without_aws_credentials};
 use trunkfarm_e2e::smtp::SmtpSink;
 use trunkfarm_e2e::{Agent, Hub, bins, combined, run_with_timeout, temp_dir, u, wait_for};
 
@@ -36,15 +35,8 @@ fn refused_start(dir: &Path, storage: &str, env: &[(&str, &str)]) -> String {
     )
     .unwrap();
     let mut cmd = Command::new(&bins().hub);
-    cmd.arg("serve")
-        .arg("--config")
-        .arg(&config)
-        .env_remove("AWS_ACCESS_KEY_ID")
-        .env_remove("AWS_SECRET_ACCESS_KEY")
-        .env_remove("AWS_SESSION_TOKEN")
-        .env_remove("AWS_SHARED_CREDENTIALS_FILE")
-        .env_remove("AWS_PROFILE")
-        .env("HOME", dir);
+    cmd.arg("serve").arg("--config").arg(&config);
+    without_aws_credentials(&mut cmd, dir);
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -129,27 +121,6 @@ fn a_store_that_cannot_be_used_stops_the_start_and_says_what_to_fix() {
     );
 }
 
-/// `GET /metrics` from the hub's web endpoint.
-fn metrics(hub: &Hub) -> String {
-    use std::io::{Read, Write};
-    let info: Value =
-        serde_json::from_str(&std::fs::read_to_string(hub.data_dir.join("hub.json")).unwrap())
-            .unwrap();
-    let addr = info["web"].as_str().unwrap().to_string();
-    let mut stream = std::net::TcpStream::connect(&addr).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    write!(
-        stream,
-        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    response
-}
-
 /// The value of the metric line starting with `name` (0 if absent).
 fn metric(text: &str, name: &str) -> f64 {
     text.lines()
@@ -218,7 +189,7 @@ fn the_trunk_story_runs_with_artifacts_and_logs_in_the_bucket() {
     }
     assert!(keys.iter().all(|k| k.starts_with("hubs/e2e/")), "{keys:#?}");
     // The agents fetched them from the store, not through the hub.
-    let m = metrics(&hub);
+    let m = hub.metrics();
     assert!(
         metric(&m, "trunkfarm_artifact_downloads_total") >= 2.0,
         "{m}"
