@@ -607,7 +607,9 @@ impl Artifacts {
         let first = next_chunk(&mut chunks)
             .await?
             .ok_or(ArtifactError::NoMeta)?;
-        let ArtifactMeta { sha256, size, job } = first.meta.ok_or(ArtifactError::NoMeta)?;
+        let ArtifactMeta {
+            sha256, size, job, ..
+        } = first.meta.ok_or(ArtifactError::NoMeta)?;
         let sha = normalize_sha256(&sha256)?;
         if size > self.inner.max_size {
             return Err(ArtifactError::TooLarge {
@@ -803,6 +805,7 @@ impl Artifacts {
                 sha256: sha.clone(),
                 size: rec.size,
                 job: None,
+                ..Default::default()
             }),
             data: Vec::new(),
         };
@@ -1125,6 +1128,7 @@ mod tests {
                     job_id: 7,
                     attempt: 1,
                 }),
+                ..Default::default()
             }),
             data: Vec::new(),
         })];
@@ -1180,6 +1184,7 @@ mod tests {
                     job_id: 7,
                     attempt: 1,
                 }),
+                ..Default::default()
             }),
             data: Vec::new(),
         }))

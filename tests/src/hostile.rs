@@ -114,6 +114,7 @@ impl HostileAgent {
                 sha256: sha256.into(),
                 size: data.len() as u64,
                 job: Some(job),
+                ..Default::default()
             }),
             data,
         }];

@@ -388,6 +388,7 @@ pub(crate) async fn upload(
         sha256: packed.sha256.clone(),
         size: packed.size_bytes,
         job: Some(job),
+        ..Default::default()
     };
     let sha12 = short(&packed.sha256).to_owned();
     let response = hub

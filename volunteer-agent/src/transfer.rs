@@ -113,6 +113,7 @@ impl ArtifactHub for GrpcHub {
     fn download(&self, sha256: &str) -> BoxFuture<'_, Result<ChunkStream, Status>> {
         let request = self.request(DownloadArtifactRequest {
             sha256: sha256.to_owned(),
+            ..Default::default()
         });
         Box::pin(async move {
             let mut client = self.client()?;
@@ -271,6 +272,7 @@ pub(crate) mod fake {
                         sha256: sha.clone(),
                         size,
                         job: None,
+                        ..Default::default()
                     }),
                     data: Vec::new(),
                 }];
@@ -337,6 +339,7 @@ mod tests {
             sha256: "ab".repeat(32),
             size: len as u64,
             job: None,
+            ..Default::default()
         };
         let (stream, done) = file_chunks(meta.clone(), path);
         let chunks: Vec<ArtifactChunk> = stream.collect().await;

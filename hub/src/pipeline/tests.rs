@@ -415,6 +415,7 @@ impl Farm {
                         sha256: sha.clone(),
                         size: data.len() as u64,
                         job: Some(job),
+                        ..Default::default()
                     }),
                     data: Vec::new(),
                 }),
