@@ -2,12 +2,15 @@
 //! is compacted into one object once its result is recorded; a hub killed
 //! with `kill -9` in the middle of that compaction loses nothing and stores
 //! nothing twice: after the restart `trunkfarm job log` gives the log byte
-//! for byte, from one object, with no chunk left in the database.
+//! for byte, from one object, with no chunk left in the database. The same
+//! log in an S3 bucket (`moto_server`) goes up as a multipart upload and
+//! reads back the same.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use trunkfarm_e2e::moto::Moto;
 use trunkfarm_e2e::*;
 
 /// About 30 MB of hex lines, the same on every run (a fixed seed), that
@@ -53,6 +56,32 @@ fn files(dir: &std::path::Path) -> Vec<String> {
     names
 }
 
+/// `job log`'s bytes are the job's output, with the agent's own lines
+/// around it (`$ command`, `[trunkfarm: …]`): every line once, in order.
+fn assert_is_output(log: &[u8], expected: &[u8]) {
+    let output: Vec<u8> = log
+        .split_inclusive(|&b| b == b'\n')
+        .filter(|line| !line.starts_with(b"[trunkfarm") && !line.starts_with(b"$ "))
+        .flatten()
+        .copied()
+        .collect();
+    assert_eq!(output.len(), expected.len(), "the whole output");
+    if let Some(at) = output.iter().zip(expected).position(|(a, b)| a != b) {
+        panic!("`job log` differs from the job's output at byte {at}");
+    }
+}
+
+/// The job's output, run here.
+fn expected_output() -> Vec<u8> {
+    let expected = Command::new("sh")
+        .args(["-c", &script()])
+        .output()
+        .unwrap()
+        .stdout;
+    assert!(expected.len() > 30_000_000, "{}", expected.len());
+    expected
+}
+
 #[test]
 fn a_hub_killed_while_compacting_a_30_mb_log_loses_nothing_and_stores_it_once() {
     init();
@@ -60,12 +89,7 @@ fn a_hub_killed_while_compacting_a_30_mb_log_loses_nothing_and_stores_it_once() 
     let mut agent = Agent::enroll(&hub, "chatty", &[]);
     agent.start(&["--output-cap", "64 MiB"]);
     hub.wait_agents_connected(1);
-    let expected = Command::new("sh")
-        .args(["-c", &script()])
-        .output()
-        .unwrap()
-        .stdout;
-    assert!(expected.len() > 30_000_000, "{}", expected.len());
+    let expected = expected_output();
 
     let id = hub.submit(&["--timeout", "5m", "--", &script()]);
     // The compaction starts once the result is recorded; it is killed as
@@ -100,18 +124,7 @@ fn a_hub_killed_while_compacting_a_30_mb_log_loses_nothing_and_stores_it_once() 
     let log = out.stdout;
     let run = get_json(&hub, &format!("/api/v1/runs/{id}"));
     assert_eq!(run["log"]["size"].as_u64(), Some(log.len() as u64), "{run:#}");
-    // The job's output, with the agent's own lines around it (`$ command`,
-    // `[trunkfarm: …]`): every line once, in order.
-    let output: Vec<u8> = log
-        .split_inclusive(|&b| b == b'\n')
-        .filter(|line| !line.starts_with(b"[trunkfarm") && !line.starts_with(b"$ "))
-        .flatten()
-        .copied()
-        .collect();
-    assert_eq!(output.len(), expected.len(), "the whole output");
-    if let Some(at) = output.iter().zip(&expected).position(|(a, b)| a != b) {
-        panic!("`job log` differs from the job's output at byte {at}");
-    }
+    assert_is_output(&log, &expected);
 
     // One object; what the killed upload had staged is not an object (the
     // local backend never lists it; S3 never shows an unfinished upload).
@@ -130,5 +143,48 @@ fn a_hub_killed_while_compacting_a_30_mb_log_loses_nothing_and_stores_it_once() 
     assert_eq!(
         page["text"].as_str().unwrap().as_bytes(),
         &log[mid as usize..mid as usize + 1000]
+    );
+}
+
+#[test]
+fn a_log_compacted_into_an_s3_bucket_reads_back_the_same() {
+    init();
+    let moto = Moto::start(&[]);
+    moto.create_bucket("logs");
+    let storage = format!(
+        "\n[storage]\nbackend = \"s3\"\nbucket = \"logs\"\nprefix = \"hub-l\"\nendpoint = \"{}\"\n",
+        moto.endpoint()
+    );
+    let hub = Hub::start_with(
+        &format!("\n[limits]\nmax_log_size = \"64 MiB\"\n{storage}"),
+        &[
+            ("AWS_ACCESS_KEY_ID", "AKIDE2ELOGS"),
+            ("AWS_SECRET_ACCESS_KEY", "e2e-logs-secret"),
+        ],
+    );
+    let mut agent = Agent::enroll(&hub, "chatty", &[]);
+    agent.start(&["--output-cap", "64 MiB"]);
+    hub.wait_agents_connected(1);
+    let expected = expected_output();
+    let id = hub.submit(&["--timeout", "5m", "--", &script()]);
+    hub.wait_job_finished(id, Duration::from_secs(300));
+    let key = format!("hub-l/logs/{id}/1.log.zst");
+    wait_for(Duration::from_secs(120), "the log in the bucket", || {
+        (get_json(&hub, &format!("/api/v1/runs/{id}"))["log"]["compacted"] == true).then_some(())
+    });
+    assert_eq!(moto.s3_keys("logs", "hub-l/logs/"), [key.clone()]);
+    let object = moto.s3_get("logs", &key);
+    assert!(
+        object.len() > 8 << 20 && object.len() < expected.len() / 2 + (1 << 20),
+        "zstd, in parts: {} bytes",
+        object.len()
+    );
+    let out = hub.cli(&["job", "log", &id.to_string()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_is_output(&out.stdout, &expected);
+    let tail = get_json(&hub, &format!("/api/v1/runs/{id}/log?limit=100"));
+    assert_eq!(
+        tail["text"].as_str().unwrap().as_bytes(),
+        &out.stdout[out.stdout.len() - 100..]
     );
 }
