@@ -98,7 +98,10 @@ fn a_hub_killed_while_compacting_a_30_mb_log_loses_nothing_and_stores_it_once() 
     let dir = hub.data_dir.join("objects/logs").join(id.to_string());
     let deadline = Instant::now() + Duration::from_secs(300);
     while files(&dir).is_empty() {
-        assert!(Instant::now() < deadline, "job {id}'s log was never compacted");
+        assert!(
+            Instant::now() < deadline,
+            "job {id}'s log was never compacted"
+        );
         std::thread::sleep(Duration::from_millis(1));
     }
     hub.kill9();
@@ -123,7 +126,11 @@ fn a_hub_killed_while_compacting_a_30_mb_log_loses_nothing_and_stores_it_once() 
     );
     let log = out.stdout;
     let run = get_json(&hub, &format!("/api/v1/runs/{id}"));
-    assert_eq!(run["log"]["size"].as_u64(), Some(log.len() as u64), "{run:#}");
+    assert_eq!(
+        run["log"]["size"].as_u64(),
+        Some(log.len() as u64),
+        "{run:#}"
+    );
     assert_is_output(&log, &expected);
 
     // One object; what the killed upload had staged is not an object (the
@@ -172,7 +179,7 @@ fn a_log_compacted_into_an_s3_bucket_reads_back_the_same() {
     wait_for(Duration::from_secs(120), "the log in the bucket", || {
         (get_json(&hub, &format!("/api/v1/runs/{id}"))["log"]["compacted"] == true).then_some(())
     });
-    assert_eq!(moto.s3_keys("logs", "hub-l/logs/"), [key.clone()]);
+    assert_eq!(moto.s3_keys("logs", "hub-l/logs/"), std::slice::from_ref(&key));
     let object = moto.s3_get("logs", &key);
     assert!(
         object.len() > 8 << 20 && object.len() < expected.len() / 2 + (1 << 20),
@@ -180,7 +187,11 @@ fn a_log_compacted_into_an_s3_bucket_reads_back_the_same() {
         object.len()
     );
     let out = hub.cli(&["job", "log", &id.to_string()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_is_output(&out.stdout, &expected);
     let tail = get_json(&hub, &format!("/api/v1/runs/{id}/log?limit=100"));
     assert_eq!(

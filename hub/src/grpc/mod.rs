@@ -13,9 +13,9 @@ use trunkfarm_proto::v1;
 use crate::artifacts::ArtifactError;
 use crate::auth::credentials::AuthError;
 use crate::dispatch::{DispatchError, JobRecord, JobState, RevokeError};
+use crate::logs::LogsError;
 use crate::notify::NotifyError;
 use crate::pipeline::{GitError, PipelineError};
-use crate::logs::LogsError;
 use crate::store::StoreError;
 
 /// The credential in `authorization: Bearer <credential>`.

@@ -34,8 +34,8 @@ use std::collections::{BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use object_store::{ObjectStoreExt, WriteMultipart};
 use object_store::path::Path as ObjectPath;
+use object_store::{ObjectStoreExt, WriteMultipart};
 use tokio::sync::Notify;
 use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
@@ -213,11 +213,12 @@ impl Upload<'_> {
 
     async fn finish(self) -> Result<(), LogsError> {
         match self.multipart {
-            Some(w) => w
-                .finish()
-                .await
-                .map(|_| ())
-                .map_err(store_err(self.objects, "upload", &self.path)),
+            Some(w) => {
+                w.finish()
+                    .await
+                    .map(|_| ())
+                    .map_err(store_err(self.objects, "upload", &self.path))
+            }
             None => self
                 .objects
                 .store()
@@ -286,7 +287,10 @@ impl JobLogs {
             max_seq: 0,
             frames: Vec::new(),
         };
-        match self.frame_into(job_id, attempt, &mut upload, &mut rec).await {
+        match self
+            .frame_into(job_id, attempt, &mut upload, &mut rec)
+            .await
+        {
             Ok(()) if rec.chunks == 0 => {
                 upload.abort().await;
                 Ok(None)
@@ -448,7 +452,9 @@ impl Compactor {
     async fn run(self, stop: CancellationToken) {
         match self.sweep_orphans().await {
             Ok(0) => {}
-            Ok(n) => tracing::info!("deleted {n} orphaned log object(s) (no record points at them)"),
+            Ok(n) => {
+                tracing::info!("deleted {n} orphaned log object(s) (no record points at them)")
+            }
             Err(e) => tracing::warn!(
                 "cannot look for orphaned log objects ({e}); the next start tries again"
             ),
@@ -489,11 +495,9 @@ impl Compactor {
                 if sweep.is_some() {
                     continue;
                 }
-                let wait = retry
-                    .first()
-                    .map_or(Duration::from_secs(3600), |(t, _)| {
-                        t.saturating_duration_since(now)
-                    });
+                let wait = retry.first().map_or(Duration::from_secs(3600), |(t, _)| {
+                    t.saturating_duration_since(now)
+                });
                 tokio::select! {
                     _ = self.logs.queue.wake.notified() => {}
                     _ = tokio::time::sleep(wait) => {}
@@ -730,7 +734,10 @@ mod tests {
             let from = offset.min(size) as usize;
             let to = offset.saturating_add(limit).min(size) as usize;
             assert_eq!(r.data, &log[from..to], "range {offset}+{limit}");
-            assert_eq!((r.offset, r.next_offset, r.total), (from as u64, to as u64, size));
+            assert_eq!(
+                (r.offset, r.next_offset, r.total),
+                (from as u64, to as u64, size)
+            );
         }
         let tail = f.logs.range(4, 2, None, 1000, None).await.unwrap();
         assert_eq!(tail.data, &log[log.len() - 1000..]);
@@ -942,7 +949,8 @@ mod tests {
         append_log(&f.logs, 10, 1, b"finished before the restart");
         append_log(&f.logs, 11, 1, b"still running");
         let stop = CancellationToken::new();
-        let task = Compactor::new(f.logs.clone(), Arc::new(|job| Ok(job == 10))).start(stop.clone());
+        let task =
+            Compactor::new(f.logs.clone(), Arc::new(|job| Ok(job == 10))).start(stop.clone());
         let deadline = Instant::now() + Duration::from_secs(20);
         while f.logs.compacted(10, 1).unwrap().is_none() {
             assert!(Instant::now() < deadline, "not compacted");

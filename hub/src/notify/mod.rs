@@ -928,7 +928,10 @@ impl Notifier {
             Ok(log) => log,
             Err(crate::logs::LogsError::Store(e)) => return Err(e),
             Err(e) => {
-                tracing::warn!("the log of job {} cannot be read for its mail: {e}", t.job_id);
+                tracing::warn!(
+                    "the log of job {} cannot be read for its mail: {e}",
+                    t.job_id
+                );
                 format!("[trunkfarm hub: the log cannot be read right now: {e}]")
             }
         };
