@@ -179,7 +179,10 @@ fn a_log_compacted_into_an_s3_bucket_reads_back_the_same() {
     wait_for(Duration::from_secs(120), "the log in the bucket", || {
         (get_json(&hub, &format!("/api/v1/runs/{id}"))["log"]["compacted"] == true).then_some(())
     });
-    assert_eq!(moto.s3_keys("logs", "hub-l/logs/"), std::slice::from_ref(&key));
+    assert_eq!(
+        moto.s3_keys("logs", "hub-l/logs/"),
+        std::slice::from_ref(&key)
+    );
     let object = moto.s3_get("logs", &key);
     assert!(
         object.len() > 8 << 20 && object.len() < expected.len() / 2 + (1 << 20),

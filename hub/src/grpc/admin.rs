@@ -589,7 +589,7 @@ async fn send_chunk(
 
 /// Sends what is stored of the job's log that the watcher has not seen,
 /// attempt by attempt: stored chunks as they are, a compacted attempt one
-/// page (one frame) at a time. False once the watcher is gone or the log
+/// frame at a time (cut where the stream changes). False once the watcher is gone or the log
 /// cannot be read (the watcher is told why).
 async fn replay(
     logs: &JobLogs,
@@ -601,12 +601,18 @@ async fn replay(
         for attempt in logs.attempts(id)? {
             match logs.compacted(id, attempt)? {
                 Some(rec) => {
-                    let mut n = 1;
-                    while let Some(chunk) = logs.page(id, attempt, &rec, n).await? {
-                        if !send_chunk(chunk, seen, tx).await {
-                            return Ok(false);
+                    let runs = logs.stream_runs(&rec).await?;
+                    let (mut frame, mut seq) = (0, 0);
+                    while let Some(chunks) = logs
+                        .frame_chunks(id, attempt, &rec, &runs, frame, &mut seq)
+                        .await?
+                    {
+                        for chunk in chunks {
+                            if !send_chunk(chunk, seen, tx).await {
+                                return Ok(false);
+                            }
                         }
-                        n += 1;
+                        frame += 1;
                     }
                 }
                 None => {

@@ -176,6 +176,48 @@ pub(super) async fn read_range(
     Ok(out)
 }
 
+/// Bytes per run of the stream map: where it starts (u64 LE), the stream.
+const RUN_BYTES: usize = 9;
+
+/// The stream map of a compacted log: (where a run starts, its stream), in
+/// order. One small ranged GET.
+pub(super) async fn stream_runs(
+    objects: &Objects,
+    rec: &Compacted,
+) -> Result<Vec<(u64, i32)>, LogsError> {
+    let s = rec.streams;
+    if s.raw == 0 {
+        return Ok(Vec::new());
+    }
+    let path = objects.path(&rec.object);
+    let damaged = |reason: String| LogsError::Damaged {
+        path: rec.object.clone(),
+        reason,
+    };
+    let bytes = objects
+        .store()
+        .get_range(&path, s.at..s.at + s.len)
+        .await
+        .map_err(store_err(objects, "read", &path))?;
+    let want = s.raw as usize * RUN_BYTES;
+    let plain = zstd::bulk::decompress(&bytes, want)
+        .map_err(|e| damaged(format!("the stream map does not decompress: {e}")))?;
+    if plain.len() != want {
+        return Err(damaged(format!(
+            "the stream map holds {} bytes, not {want}",
+            plain.len()
+        )));
+    }
+    Ok(plain
+        .chunks_exact(RUN_BYTES)
+        .map(|r| {
+            let mut at = [0u8; 8];
+            at.copy_from_slice(&r[..8]);
+            (u64::from_le_bytes(at), i32::from(r[8]))
+        })
+        .collect())
+}
+
 /// One object being written: kept in memory up to [`PART_BYTES`] and put
 /// in one request, or, past that, sent as a multipart upload.
 struct Upload<'a> {
@@ -286,6 +328,11 @@ impl JobLogs {
             chunks: 0,
             max_seq: 0,
             frames: Vec::new(),
+            streams: Frame {
+                raw: 0,
+                at: 0,
+                len: 0,
+            },
         };
         match self
             .frame_into(job_id, attempt, &mut upload, &mut rec)
@@ -319,6 +366,9 @@ impl JobLogs {
         rec: &mut Compacted,
     ) -> Result<(), LogsError> {
         let mut pending: Vec<u8> = Vec::with_capacity(FRAME_BYTES);
+        // Where each stretch of one stream starts.
+        let mut runs: Vec<u8> = Vec::new();
+        let mut stream: Option<u8> = None;
         let mut next_seq = Some(0u64);
         // Where the next frame starts in the log.
         let mut raw = 0u64;
@@ -329,6 +379,11 @@ impl JobLogs {
                 let (k, v) = item.map_err(|e| self.table.store().err(e))?;
                 self.check(&k, &v)?;
                 let seq = seq_of(&k);
+                if stream != Some(v[0]) {
+                    stream = Some(v[0]);
+                    runs.extend_from_slice(&rec.size.to_le_bytes());
+                    runs.push(v[0]);
+                }
                 pending.extend_from_slice(&v[1..]);
                 rec.chunks += 1;
                 rec.max_seq = rec.max_seq.max(seq);
@@ -360,6 +415,14 @@ impl JobLogs {
                 upload.write(&bytes).await?;
             }
         }
+        let count = (runs.len() / RUN_BYTES) as u64;
+        let bytes = zstd::bulk::compress(&runs, ZSTD_LEVEL).map_err(LogsError::Io)?;
+        rec.streams = Frame {
+            raw: count,
+            at: upload.len,
+            len: bytes.len() as u64,
+        };
+        upload.write(&bytes).await?;
         Ok(())
     }
 
@@ -760,6 +823,53 @@ mod tests {
         assert_eq!(f.logs.compact(4, 2).await.unwrap(), Compaction::Already);
         assert_eq!(f.logs.compact(4, 9).await.unwrap(), Compaction::Empty);
         assert_eq!(log_objects(&f.objects).await.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_compacted_log_keeps_which_stream_each_byte_came_from() {
+        let f = fixture();
+        let mut want: Vec<(i32, Vec<u8>)> = Vec::new();
+        let streams = [LogStream::System, LogStream::Stdout, LogStream::Stderr];
+        let mut seq = 0;
+        // Stretches of each stream, some across a frame boundary.
+        for (i, len) in [10, FRAME_BYTES - 15, 30, 7, FRAME_BYTES, 1]
+            .into_iter()
+            .enumerate()
+        {
+            let stream = streams[i % 3];
+            let data = sample_log(len);
+            // Two chunks per stretch: merged into one run.
+            for half in [&data[..len / 2], &data[len / 2..]] {
+                seq += 1;
+                f.logs
+                    .append(LogChunk {
+                        stream: stream.into(),
+                        ..chunk(2, 1, seq, half)
+                    })
+                    .unwrap();
+            }
+            want.push((stream as i32, data));
+        }
+        let Compaction::Done(rec) = f.logs.compact(2, 1).await.unwrap() else {
+            panic!("not compacted")
+        };
+        assert_eq!(rec.streams.raw, 6, "one run per stretch");
+        // Read back and merge consecutive chunks of one stream.
+        let mut got: Vec<(i32, Vec<u8>)> = Vec::new();
+        let chunks = f.logs.read(2, None).await.unwrap();
+        let seqs: Vec<u64> = chunks.iter().map(|c| c.seq).collect();
+        assert_eq!(seqs, (1..=chunks.len() as u64).collect::<Vec<_>>());
+        for c in chunks {
+            match got.last_mut() {
+                Some((s, d)) if *s == c.stream => d.extend_from_slice(&c.data),
+                _ => got.push((c.stream, c.data)),
+            }
+        }
+        assert_eq!(got.len(), want.len());
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!((g.0, g.1.len()), (w.0, w.1.len()), "stretch {i}");
+            assert!(g.1 == w.1, "stretch {i}'s bytes");
+        }
     }
 
     #[tokio::test]

@@ -137,6 +137,11 @@ pub(crate) struct Compacted {
     /// The independent zstd frames, in order: frame `i` holds the log's
     /// bytes from `frames[i].raw` to the next frame's (or `size`).
     pub(crate) frames: Vec<Frame>,
+    /// Where in the object the stream map is: one zstd frame after the
+    /// log's, of `raw` runs of 9 bytes (where the run starts in the log,
+    /// u64 little-endian, and its [`LogStream`] byte), one per change of
+    /// stream (stdout, stderr, the agent's own lines).
+    pub(crate) streams: Frame,
 }
 
 /// One zstd frame of a compacted log.
@@ -506,10 +511,9 @@ impl JobLogs {
     }
 
     /// One attempt's log, in order: its stored chunks, or, once compacted,
-    /// pages of at most [`compact::FRAME_BYTES`] (seq 1, 2, …, all on
-    /// stdout: which stream a compacted byte came from is not kept).
+    /// its frames cut where the stream changes ([`JobLogs::frame_chunks`]).
     /// Reads it whole: for logs bounded by the output caps (mails, the
-    /// pipeline's patterns); [`JobLogs::page`] reads a part.
+    /// pipeline's patterns); [`JobLogs::range`] reads a part.
     pub(crate) async fn read_attempt(
         &self,
         job_id: u64,
@@ -519,38 +523,61 @@ impl JobLogs {
         let Some(rec) = self.compacted(job_id, attempt)? else {
             return Ok(chunks);
         };
+        let runs = self.stream_runs(&rec).await?;
         let mut out = Vec::new();
-        let mut page = 1;
-        while let Some(chunk) = self.page(job_id, attempt, &rec, page).await? {
-            out.push(chunk);
-            page += 1;
+        let (mut frame, mut seq) = (0, 0);
+        while let Some(chunks) = self
+            .frame_chunks(job_id, attempt, &rec, &runs, frame, &mut seq)
+            .await?
+        {
+            out.extend(chunks);
+            frame += 1;
         }
         Ok(out)
     }
 
-    /// Page `n` (from 1) of a compacted attempt's log as a chunk with seq
-    /// `n`: the bytes of its frame `n - 1`. `None` past the end.
-    pub(crate) async fn page(
+    /// The stream map of a compacted log (see [`Compacted::streams`]).
+    pub(crate) async fn stream_runs(&self, rec: &Compacted) -> Result<Vec<(u64, i32)>, LogsError> {
+        compact::stream_runs(&self.objects, rec).await
+    }
+
+    /// Frame `frame` of a compacted attempt's log as chunks, one per
+    /// stretch of one stream, numbered on from `seq` (a replay that starts
+    /// at frame 0 with `seq` 0 numbers every chunk the same each time).
+    /// `None` past the last frame. Fetches and decompresses that frame only.
+    pub(crate) async fn frame_chunks(
         &self,
         job_id: u64,
         attempt: u32,
         rec: &Compacted,
-        n: u64,
-    ) -> Result<Option<LogChunk>, LogsError> {
-        let Some(i) = n.checked_sub(1).map(|i| i as usize) else {
+        runs: &[(u64, i32)],
+        frame: usize,
+        seq: &mut u64,
+    ) -> Result<Option<Vec<LogChunk>>, LogsError> {
+        let Some(f) = rec.frames.get(frame) else {
             return Ok(None);
         };
-        let Some(frame) = rec.frames.get(i) else {
-            return Ok(None);
-        };
-        let end = rec.frames.get(i + 1).map_or(rec.size, |f| f.raw);
-        let data = compact::read_range(&self.objects, rec, frame.raw, end - frame.raw).await?;
-        Ok(Some(LogChunk {
-            job: Some(JobRef { job_id, attempt }),
-            seq: n,
-            stream: LogStream::Stdout.into(),
-            data,
-        }))
+        let end = rec.frames.get(frame + 1).map_or(rec.size, |n| n.raw);
+        let data = compact::read_range(&self.objects, rec, f.raw, end - f.raw).await?;
+        let mut out = Vec::new();
+        let mut at = f.raw;
+        while at < end {
+            let i = runs.partition_point(|r| r.0 <= at);
+            let stream = match i {
+                0 => LogStream::Stdout as i32,
+                i => runs[i - 1].1,
+            };
+            let stop = runs.get(i).map_or(end, |r| r.0.min(end));
+            *seq += 1;
+            out.push(LogChunk {
+                job: Some(JobRef { job_id, attempt }),
+                seq: *seq,
+                stream,
+                data: data[(at - f.raw) as usize..(stop - f.raw) as usize].to_vec(),
+            });
+            at = stop;
+        }
+        Ok(Some(out))
     }
 
     /// A job's log, in order; only `attempt` if given (see
