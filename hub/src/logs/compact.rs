@@ -340,6 +340,11 @@ impl JobLogs {
         {
             Ok(()) if rec.chunks == 0 => {
                 upload.abort().await;
+                // Nothing to seal: forget it again.
+                self.attempts
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&(job_id, attempt));
                 Ok(None)
             }
             Ok(()) => {
