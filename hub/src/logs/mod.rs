@@ -84,6 +84,9 @@ pub(crate) enum LogsError {
     /// still there, try again later.
     #[error(transparent)]
     Objects(#[from] ObjectsError),
+    /// The object store did not answer in time (a sync reader gave up).
+    #[error("the object store did not answer within {0:?}; the log is read again on the next try")]
+    Slow(std::time::Duration),
     /// Compressing or decompressing failed, or no runtime could be started
     /// to wait for the object store.
     #[error("cannot compress or read a log: {0}")]
@@ -99,6 +102,9 @@ pub(crate) enum LogsError {
         reason: String,
     },
 }
+
+/// How long [`JobLogs::read_blocking`] waits for the object store.
+const BLOCKING_READ_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// How many live events a slow watcher may lag behind before it re-reads
 /// from the store.
@@ -600,8 +606,10 @@ impl JobLogs {
 
     /// [`JobLogs::read`] for code that cannot wait (the pipeline's and the
     /// mails' sync paths): blocks this thread until the object store
-    /// answers. On a multi-threaded runtime (the hub's) the runtime moves
-    /// its other tasks off this thread meanwhile.
+    /// answers, at most [`BLOCKING_READ_LIMIT`] (its callers may hold a
+    /// lock: a mail then quotes that the log cannot be read, the pipeline
+    /// takes the job in later). On a multi-threaded runtime (the hub's) the
+    /// runtime moves its other tasks off this thread meanwhile.
     pub(crate) fn read_blocking(
         &self,
         job_id: u64,
@@ -631,7 +639,11 @@ impl JobLogs {
                 return Ok(out);
             }
         }
-        let read = self.read(job_id, attempt);
+        let read = async {
+            tokio::time::timeout(BLOCKING_READ_LIMIT, self.read(job_id, attempt))
+                .await
+                .unwrap_or(Err(LogsError::Slow(BLOCKING_READ_LIMIT)))
+        };
         match Handle::try_current() {
             Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => {
                 tokio::task::block_in_place(|| h.block_on(read))
