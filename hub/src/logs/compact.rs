@@ -1059,6 +1059,29 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_compacted_log_is_unreadable_while_the_store_is_down_and_readable_after() {
+        let f = fixture();
+        append_log(&f.logs, 12, 1, b"kept through an outage\n");
+        f.logs.compact(12, 1).await.unwrap();
+        let moved = f.objects_dir.with_extension("away");
+        std::fs::rename(&f.objects_dir, &moved).unwrap();
+        assert!(matches!(
+            f.logs.range(12, 1, Some(0), 10, None).await,
+            Err(LogsError::Objects(_))
+        ));
+        assert_eq!(f.logs.size(12, 1).await.unwrap(), 23, "from the record");
+        let blocking = tokio::task::spawn_blocking({
+            let logs = f.logs.clone();
+            move || logs.read_blocking(12, None).map(|c| c.len())
+        })
+        .await
+        .unwrap();
+        assert!(matches!(blocking, Err(LogsError::Objects(_))), "{blocking:?}");
+        std::fs::rename(&moved, &f.objects_dir).unwrap();
+        assert_eq!(whole(&f.logs, 12, 1).await, b"kept through an outage\n");
+    }
+
+    #[tokio::test]
     async fn the_start_up_sweep_compacts_finished_jobs_only() {
         let f = fixture();
         append_log(&f.logs, 10, 1, b"finished before the restart");
