@@ -253,14 +253,27 @@ async fn page(
     let answer = async {
         let (id, q) = (job_id(path)?, query(q)?);
         let view = run(site, id).await?;
-        let log = log_page(
+        let log = match log_page(
             site,
             &view,
             q.attempt,
             q.offset,
             q.limit.unwrap_or(LOG_PAGE),
         )
-        .await?;
+        .await
+        {
+            Ok(log) => log,
+            // The rest of the page does not need the log (its object store
+            // may be down for a while): it says why the log is missing.
+            Err((StatusCode::INTERNAL_SERVER_ERROR, sentence)) => LogPage {
+                job_id: id,
+                attempt: view.log.attempt,
+                text: sentence,
+                running: view.log.running,
+                ..LogPage::default()
+            },
+            Err(refusal) => return Err(refusal),
+        };
         Ok::<_, Refusal>((view, log))
     };
     match answer.await {
