@@ -17,8 +17,10 @@
 //!    the two steps finds them at its next start and puts the same object
 //!    again, which replaces the first whole.
 //!
-//! The [`Compactor`] task does this in the background, one attempt at a
-//! time: for jobs [`JobLogs::finished`] queues, and at start for every
+//! The [`Compactor`] task does this in the background, in batches of
+//! [`PARALLEL`] jobs compacted side by side (an object store's latency is
+//! paid once per batch; their records share the database's group commits):
+//! for jobs [`JobLogs::finished`] queues, and at start for every
 //! finished job whose chunks are still in the database (a hub killed
 //! mid-way, an outage, a database from before compaction). When the object
 //! store fails, the logs stay in the database and the compactor retries
@@ -29,6 +31,8 @@
 //! object) is deleted by the compactor's start-up sweep once it is older
 //! than [`ORPHAN_AGE`] (younger ones may belong to a compaction in flight
 //! on a hub that shares the prefix by mistake; they go at a later start).
+//! The sweep lists every object under `logs/` once per start (in the
+//! background: for a million logs, a thousand list requests on S3).
 
 use std::collections::{BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -58,6 +62,9 @@ const ZSTD_LEVEL: i32 = 3;
 /// An object under `logs/` without a record is deleted at start once it is
 /// this old.
 pub(crate) const ORPHAN_AGE: Duration = Duration::from_secs(3600);
+
+/// Jobs compacted at once.
+const PARALLEL: usize = 8;
 
 /// How long a job whose log someone watches waits before it is tried again.
 const PINNED_RETRY: Duration = Duration::from_secs(1);
@@ -445,6 +452,10 @@ impl JobLogs {
             if pinned.contains_key(&job_id) {
                 return Ok(Compaction::Pinned);
             }
+            if self.compacted(job_id, attempt)?.is_some() {
+                // Another pass got there first (with the same object).
+                return Ok(Compaction::Already);
+            }
             let mut chunks = sled::Batch::default();
             let mut n = 0u64;
             for k in self.table.keys(prefix) {
@@ -483,6 +494,17 @@ impl JobLogs {
         self.check(&k, &v)?;
         Ok(Some(super::job_attempt_of(&k).0))
     }
+}
+
+/// Compacts every attempt of `job` that has stored chunks; true if
+/// someone streams its log (try again later).
+async fn compact_job(logs: &JobLogs, job: u64) -> Result<bool, LogsError> {
+    for attempt in logs.attempts(job)? {
+        if logs.compact(job, attempt).await? == Compaction::Pinned {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 /// Whether a job is finished (its log may be compacted). A job without a
@@ -537,34 +559,22 @@ impl Compactor {
             if stop.is_cancelled() {
                 return;
             }
-            let now = Instant::now();
-            let due = retry.first().filter(|(t, _)| *t <= now).copied();
-            let job = if let Some(j) = self.logs.queue.pop() {
-                Some(j)
-            } else if let Some(from) = sweep {
-                match self.sweep_step(from) {
-                    Ok((next, job)) => {
-                        sweep = next;
-                        job
-                    }
-                    Err(e) => {
-                        tracing::error!("cannot look for logs left to compact: {e}");
-                        sweep = None;
-                        None
-                    }
+            // A few jobs at a time: an object store's latency is paid once
+            // per batch, and their records share the database's commits.
+            let mut batch = Vec::new();
+            while batch.len() < PARALLEL {
+                match self.next_job(&mut sweep, &mut retry) {
+                    Some(job) if batch.contains(&job) => {}
+                    Some(job) => batch.push(job),
+                    None => break,
                 }
-            } else if let Some(d) = due {
-                retry.remove(&d);
-                Some(d.1)
-            } else {
-                None
-            };
-            let Some(job) = job else {
+            }
+            if batch.is_empty() {
                 if sweep.is_some() {
                     continue;
                 }
                 let wait = retry.first().map_or(Duration::from_secs(3600), |(t, _)| {
-                    t.saturating_duration_since(now)
+                    t.saturating_duration_since(Instant::now())
                 });
                 tokio::select! {
                     _ = self.logs.queue.wake.notified() => {}
@@ -572,44 +582,97 @@ impl Compactor {
                     _ = stop.cancelled() => return,
                 }
                 continue;
-            };
-            match self.compact_job(job).await {
-                Ok(pinned) => {
-                    if outage {
-                        tracing::info!(
-                            "the object store answers again: compacting the logs that waited"
-                        );
-                        outage = false;
+            }
+            let mut running = tokio::task::JoinSet::new();
+            for job in batch {
+                let logs = self.logs.clone();
+                running.spawn(async move { (job, compact_job(&logs, job).await) });
+            }
+            let mut failed = false;
+            while let Some(done) = running.join_next().await {
+                let (job, result) = match done {
+                    Ok(done) => done,
+                    Err(e) => {
+                        // A panic: the job's chunks are still there and
+                        // the sweep at the next start finds them.
+                        tracing::error!("a log compaction failed: {e}");
+                        continue;
                     }
-                    pause = self.backoff.0;
-                    if pinned {
-                        retry.insert((Instant::now() + PINNED_RETRY, job));
-                    } else {
-                        compacted += 1;
-                        tracing::debug!(job, compacted, "log compacted");
-                    }
-                }
-                Err(e) => {
-                    match (&e, outage) {
-                        (LogsError::Objects(_), false) => {
-                            tracing::warn!(
-                                "cannot compact job logs into the object store: {e}; they stay in the database and compaction is retried (this is said once per outage)"
+                };
+                match result {
+                    Ok(pinned) => {
+                        if outage {
+                            tracing::info!(
+                                "the object store answers again: compacting the logs that waited"
                             );
-                            outage = true;
+                            outage = false;
                         }
-                        (LogsError::Objects(_), true) => {}
-                        _ => tracing::error!("cannot compact the log of job {job}: {e}"),
+                        if pinned {
+                            retry.insert((Instant::now() + PINNED_RETRY, job));
+                        } else {
+                            compacted += 1;
+                            tracing::debug!(job, compacted, "log compacted");
+                        }
                     }
-                    retry.insert((Instant::now() + pause, job));
-                    tokio::select! {
-                        _ = tokio::time::sleep(pause) => {}
-                        _ = stop.cancelled() => return,
+                    Err(e) => {
+                        match (&e, outage) {
+                            (LogsError::Objects(_), false) => {
+                                tracing::warn!(
+                                    "cannot compact job logs into the object store: {e}; they stay in the database and compaction is retried (this is said once per outage)"
+                                );
+                                outage = true;
+                            }
+                            (LogsError::Objects(_), true) => {}
+                            _ => tracing::error!("cannot compact the log of job {job}: {e}"),
+                        }
+                        retry.insert((Instant::now() + pause, job));
+                        failed = true;
                     }
-                    pause = (pause * 2).min(self.backoff.1);
                 }
+            }
+            if failed {
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = stop.cancelled() => return,
+                }
+                pause = (pause * 2).min(self.backoff.1);
+            } else {
+                pause = self.backoff.0;
             }
             tokio::task::yield_now().await;
         }
+    }
+
+    /// The next job to compact: one whose result was just recorded, else
+    /// the start-up walk's next finished one, else a retry that is due.
+    fn next_job(
+        &self,
+        sweep: &mut Option<u64>,
+        retry: &mut BTreeSet<(Instant, u64)>,
+    ) -> Option<u64> {
+        if let Some(job) = self.logs.queue.pop() {
+            return Some(job);
+        }
+        while let Some(from) = *sweep {
+            match self.sweep_step(from) {
+                Ok((next, job)) => {
+                    *sweep = next;
+                    if job.is_some() {
+                        return job;
+                    }
+                }
+                Err(e) => {
+                    tracing::error!("cannot look for logs left to compact: {e}");
+                    *sweep = None;
+                }
+            }
+        }
+        let due = retry
+            .first()
+            .filter(|(t, _)| *t <= Instant::now())
+            .copied()?;
+        retry.remove(&due);
+        Some(due.1)
     }
 
     /// One step of the start-up walk: the cursor after the next job with
@@ -620,17 +683,6 @@ impl Compactor {
         };
         let finished = (self.finished)(job)?;
         Ok((job.checked_add(1), finished.then_some(job)))
-    }
-
-    /// Compacts every attempt of `job` that has stored chunks; true if
-    /// someone streams its log (try again later).
-    async fn compact_job(&self, job: u64) -> Result<bool, LogsError> {
-        for attempt in self.logs.attempts(job)? {
-            if self.logs.compact(job, attempt).await? == Compaction::Pinned {
-                return Ok(true);
-            }
-        }
-        Ok(false)
     }
 
     /// Deletes objects under `logs/` older than [`ORPHAN_AGE`] that no
@@ -1076,7 +1128,10 @@ mod tests {
         })
         .await
         .unwrap();
-        assert!(matches!(blocking, Err(LogsError::Objects(_))), "{blocking:?}");
+        assert!(
+            matches!(blocking, Err(LogsError::Objects(_))),
+            "{blocking:?}"
+        );
         std::fs::rename(&moved, &f.objects_dir).unwrap();
         assert_eq!(whole(&f.logs, 12, 1).await, b"kept through an outage\n");
     }
