@@ -24,6 +24,9 @@ mod config;
 
 mod space;
 
+// Where artifacts and compacted logs live: the data dir or an S3 bucket.
+mod objects;
+
 // The data path, in order.
 // Watch trunk and projects; make build and test jobs; take finished ones in.
 mod pipeline;
