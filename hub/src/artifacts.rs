@@ -78,8 +78,14 @@ const QUARANTINE_DIR: &str = "quarantine";
 const OBJECTS_DIR: &str = "artifacts";
 
 /// Parts of a multipart upload to the object store are this large (S3's
-/// minimum is 5 MiB; larger parts mean fewer requests).
-const OBJECT_PART_BYTES: usize = 16 * 1024 * 1024;
+/// minimum is 5 MiB; larger parts mean fewer requests). Uploads up to this
+/// size are one put. The in-process tests (a local store, which has no
+/// minimum) use small parts so that their uploads take the multipart path.
+const OBJECT_PART_BYTES: usize = if cfg!(test) {
+    100 * 1024
+} else {
+    16 * 1024 * 1024
+};
 
 /// Why an artifact operation failed. Messages say what is wrong and, where
 /// someone can act, what to do; `grpc/mod.rs` maps each to a status code.
@@ -2121,6 +2127,225 @@ mod tests {
         let err = a.download(&ask(&sha), "ag_2").await.unwrap_err();
         assert!(matches!(err, ArtifactError::Corrupt(_)), "{err}");
         assert!(!a.contains(&sha).unwrap());
+    }
+
+
+    /// An artifact store in `dir` whose bytes are objects of a local object
+    /// store in `dir/objects` (the S3 backend's code path, without S3).
+    async fn open_objects(dir: &Path) -> (Store, Artifacts, Objects) {
+        let objects = Objects::local(&dir.join("objects")).unwrap();
+        let store = Store::open(&dir.join("db")).unwrap();
+        let (store, a) = with_store(dir, store, Backend::Objects(objects.clone())).await;
+        (store, a, objects)
+    }
+
+    /// [`open_objects`] again once the previous store let go of the database.
+    async fn reopen_objects(dir: &Path) -> (Store, Artifacts, Objects) {
+        let objects = Objects::local(&dir.join("objects")).unwrap();
+        let store = crate::store::tests::reopen(&dir.join("db")).await;
+        let (store, a) = with_store(dir, store, Backend::Objects(objects.clone())).await;
+        (store, a, objects)
+    }
+
+    /// The objects under `folder` (relative to the prefix), by name.
+    async fn objects_in(objects: &Objects, folder: &str) -> Vec<String> {
+        let root = objects.path(folder);
+        let mut names: Vec<String> = objects
+            .store()
+            .list(Some(&root))
+            .map(|m| m.unwrap().location.filename().unwrap().to_owned())
+            .collect()
+            .await;
+        names.sort();
+        names
+    }
+
+    async fn object_bytes(objects: &Objects, rel: &str) -> Vec<u8> {
+        let got = objects.store().get(&objects.path(rel)).await.unwrap();
+        got.bytes().await.unwrap().to_vec()
+    }
+
+    async fn put_object(objects: &Objects, rel: &str, data: &[u8]) {
+        objects
+            .store()
+            .put(&objects.path(rel), data.to_vec().into())
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn with_an_object_store_uploads_become_objects_and_downloads_read_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_store, a, objects) = open_objects(dir.path()).await;
+        // One put, and one multipart upload (over OBJECT_PART_BYTES).
+        let small = b"small runtime".to_vec();
+        let large: Vec<u8> = (0..OBJECT_PART_BYTES * 2 + 77)
+            .map(|i| (i % 253) as u8)
+            .collect();
+        let small_sha = store_one(&a, &small, "lua", "x").await;
+        let large_sha = store_one(&a, &large, "lua", "y").await;
+        let mut expected = vec![
+            format!("{small_sha}.tar.zst"),
+            format!("{large_sha}.tar.zst"),
+        ];
+        expected.sort();
+        assert_eq!(objects_in(&objects, OBJECTS_DIR).await, expected);
+        assert_eq!(object_bytes(&objects, &object_rel(&large_sha)).await, large);
+        assert!(files_in(&a.dir().join(TMP_DIR)).is_empty());
+        // No files beside the uploads in progress: the bytes are objects.
+        assert_eq!(files_in(a.dir()), [TMP_DIR]);
+
+        // A second upload of a stored hash is discarded.
+        let again = a
+            .receive(
+                "ag_2",
+                upload(&small_sha, small.len() as u64, &small, 5),
+                build("lua", "x"),
+            )
+            .await
+            .unwrap();
+        assert!(again.already_present);
+        assert_eq!(objects_in(&objects, OBJECTS_DIR).await.len(), 2);
+
+        // A store without presigned URLs streams, even to an agent that
+        // accepts a URL.
+        assert_eq!(fetch(&a, &large_sha, "ag_2").await.unwrap(), large);
+        let mut rx = a
+            .download(
+                &DownloadArtifactRequest {
+                    accepts_url: true,
+                    ..ask(&small_sha)
+                },
+                "ag_3",
+            )
+            .await
+            .unwrap();
+        let meta = rx.recv().await.unwrap().unwrap().meta.unwrap();
+        assert!(meta.url.is_empty());
+        let mut data = Vec::new();
+        while let Some(chunk) = rx.recv().await {
+            data.extend(chunk.unwrap().data);
+        }
+        assert_eq!(data, small);
+        assert_eq!(a.download_count(&large_sha, "ag_2"), 1);
+        assert_eq!(a.download_count(&small_sha, "ag_3"), 1);
+        assert_eq!(
+            a.download_totals(),
+            (2, (large.len() + small.len()) as u64)
+        );
+    }
+
+    #[tokio::test]
+    async fn with_an_object_store_the_open_deletes_orphans_and_forgets_missing_objects() {
+        let dir = tempfile::tempdir().unwrap();
+        let (kept, lost) = {
+            let (_store, a, objects) = open_objects(dir.path()).await;
+            let kept = store_one(&a, b"kept", "lua", "p").await;
+            let lost = store_one(&a, b"lost its object", "lua", "p").await;
+            objects
+                .store()
+                .delete(&objects.path(&object_rel(&lost)))
+                .await
+                .unwrap();
+            (kept, lost)
+        };
+        // As a hub killed between putting an object and recording it leaves it.
+        let orphan = sha_of(b"never recorded");
+        let objects = Objects::local(&dir.path().join("objects")).unwrap();
+        put_object(&objects, &object_rel(&orphan), b"never recorded").await;
+        put_object(&objects, &format!("{OBJECTS_DIR}/README"), b"not ours").await;
+
+        let (_store, a, objects) = reopen_objects(dir.path()).await;
+        assert!(a.contains(&kept).unwrap());
+        assert!(!a.contains(&lost).unwrap());
+        assert!(!a.contains(&orphan).unwrap());
+        assert_eq!(
+            objects_in(&objects, OBJECTS_DIR).await,
+            [format!("{kept}.tar.zst"), "README".to_owned()],
+            "the orphan is deleted, unknown objects are left alone"
+        );
+        assert_eq!(fetch(&a, &kept, "ag_1").await.unwrap(), b"kept");
+        // The lost one can be stored again.
+        assert_eq!(store_one(&a, b"lost its object", "lua", "p").await, lost);
+    }
+
+    #[tokio::test]
+    async fn with_an_object_store_gc_deletes_records_then_objects() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_store, a, objects) = open_objects(dir.path()).await;
+        let old = store_one(&a, b"old", "lua", "x").await;
+        tokio::time::sleep(std::time::Duration::from_millis(3)).await;
+        let new = store_one(&a, b"new", "lua", "x").await;
+        let deleted = a.gc(1, &HashSet::new()).await.unwrap();
+        assert_eq!(deleted, [old.clone()]);
+        assert!(!a.contains(&old).unwrap());
+        assert_eq!(
+            objects_in(&objects, OBJECTS_DIR).await,
+            [format!("{new}.tar.zst")]
+        );
+    }
+
+    #[tokio::test]
+    async fn with_an_object_store_a_corrupt_object_is_quarantined_in_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_store, a, objects) = open_objects(dir.path()).await;
+        let data = vec![7u8; DOWNLOAD_CHUNK_BYTES + 10];
+        let sha = store_one(&a, &data, "lua", "p").await;
+        let mut bad = data.clone();
+        bad[5] ^= 1;
+        put_object(&objects, &object_rel(&sha), &bad).await;
+
+        let err = fetch(&a, &sha, "ag_2").await.unwrap_err();
+        assert!(matches!(err, ArtifactError::Corrupt(_)), "{err}");
+        assert_eq!(a.download_count(&sha, "ag_2"), 0);
+        assert!(!a.contains(&sha).unwrap());
+        assert!(objects_in(&objects, OBJECTS_DIR).await.is_empty());
+        let quarantined = objects_in(&objects, QUARANTINE_DIR).await;
+        assert_eq!(quarantined.len(), 1, "{quarantined:?}");
+        assert!(quarantined[0].starts_with(&format!("{sha}.")));
+        assert_eq!(
+            object_bytes(&objects, &format!("{QUARANTINE_DIR}/{}", quarantined[0])).await,
+            bad
+        );
+
+        // A rebuild stores it again.
+        assert_eq!(store_one(&a, &data, "lua", "p").await, sha);
+        assert_eq!(fetch(&a, &sha, "ag_2").await.unwrap(), data);
+    }
+
+    #[tokio::test]
+    async fn an_agents_report_of_corrupt_url_bytes_is_checked_against_the_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_store, a, objects) = open_objects(dir.path()).await;
+        let data = vec![9u8; 3 * DOWNLOAD_CHUNK_BYTES];
+        let sha = store_one(&a, &data, "lua", "p").await;
+        let report = DownloadArtifactRequest {
+            url_bytes_corrupt: true,
+            ..ask(&sha)
+        };
+
+        // The copy is sound: one agent's word removes nothing; it gets the
+        // bytes through the hub.
+        let mut rx = a.download(&report, "ag_liar").await.unwrap();
+        let meta = rx.recv().await.unwrap().unwrap().meta.unwrap();
+        assert!(meta.url.is_empty());
+        let mut got = Vec::new();
+        while let Some(chunk) = rx.recv().await {
+            got.extend(chunk.unwrap().data);
+        }
+        assert_eq!(got, data);
+        assert!(a.contains(&sha).unwrap());
+        assert_eq!(a.download_count(&sha, "ag_liar"), 1);
+
+        // The copy really is corrupt: quarantined before anything is sent.
+        let mut bad = data.clone();
+        bad[2 * DOWNLOAD_CHUNK_BYTES] ^= 1;
+        put_object(&objects, &object_rel(&sha), &bad).await;
+        let err = a.download(&report, "ag_2").await.unwrap_err();
+        assert!(matches!(err, ArtifactError::Corrupt(_)), "{err}");
+        assert!(!a.contains(&sha).unwrap());
+        assert_eq!(objects_in(&objects, QUARANTINE_DIR).await.len(), 1);
+        assert!(objects_in(&objects, OBJECTS_DIR).await.is_empty());
     }
 
     #[tokio::test]
