@@ -199,18 +199,14 @@ impl ArtifactError {
         }
     }
 
+    /// A `map_err` for an object store error of `objects`.
     fn object(
+        objects: &Objects,
         action: &'static str,
         path: &object_store::path::Path,
-    ) -> impl FnOnce(object_store::Error) -> ArtifactError {
-        let path = path.to_string();
-        move |source| {
-            ArtifactError::Objects(ObjectsError::Store {
-                action,
-                path,
-                source,
-            })
-        }
+    ) -> impl FnOnce(object_store::Error) -> ArtifactError + use<> {
+        let error = objects.error(action, path);
+        move |source| ArtifactError::Objects(error(source))
     }
 }
 
@@ -272,6 +268,7 @@ enum Reader {
         stream: ObjectBody,
         pending: Vec<u8>,
         path: object_store::path::Path,
+        objects: Objects,
     },
 }
 
@@ -291,12 +288,13 @@ impl Reader {
                 stream,
                 pending,
                 path,
+                objects,
             } => {
                 while pending.len() < max {
                     match stream.next().await {
                         None => break,
                         Some(Ok(bytes)) => pending.extend_from_slice(&bytes),
-                        Some(Err(e)) => return Err(ArtifactError::object("read", path)(e)),
+                        Some(Err(e)) => return Err(ArtifactError::object(objects, "read", path)(e)),
                     }
                 }
                 let rest = pending.split_off(max.min(pending.len()));
@@ -662,7 +660,7 @@ impl Artifacts {
                 let folder = objects.path(OBJECTS_DIR);
                 let mut listing = objects.store().list(Some(&folder));
                 while let Some(meta) = listing.next().await {
-                    let meta = meta.map_err(ArtifactError::object("list", &folder))?;
+                    let meta = meta.map_err(ArtifactError::object(objects, "list", &folder))?;
                     // Only direct children are artifacts.
                     let name = match meta.location.prefix_match(&folder).map(|p| p.collect::<Vec<_>>()) {
                         Some(parts) if parts.len() == 1 => parts[0].as_ref().to_owned(),
@@ -712,7 +710,7 @@ impl Artifacts {
                 let got = match objects.store().get(&path).await {
                     Ok(got) => got,
                     Err(object_store::Error::NotFound { .. }) => return Ok(None),
-                    Err(e) => return Err(ArtifactError::object("read", &path)(e)),
+                    Err(e) => return Err(ArtifactError::object(objects, "read", &path)(e)),
                 };
                 let (size, e_tag) = (got.meta.size, got.meta.e_tag.clone());
                 Ok(Some(Opened {
@@ -720,6 +718,7 @@ impl Artifacts {
                         stream: got.into_stream(),
                         pending: Vec::new(),
                         path,
+                        objects: objects.clone(),
                     },
                     size,
                     version: Version::Object(e_tag, size),
@@ -742,7 +741,7 @@ impl Artifacts {
                 match objects.store().head(&path).await {
                     Ok(meta) => Ok(Some(Version::Object(meta.e_tag, meta.size))),
                     Err(object_store::Error::NotFound { .. }) => Ok(None),
-                    Err(e) => Err(ArtifactError::object("inspect", &path)(e)),
+                    Err(e) => Err(ArtifactError::object(objects, "inspect", &path)(e)),
                 }
             }
         }
@@ -769,7 +768,7 @@ impl Artifacts {
             store
                 .put(&path, data.into())
                 .await
-                .map_err(ArtifactError::object("store", &path))?;
+                .map_err(ArtifactError::object(objects, "store", &path))?;
             return Ok(());
         }
         // Larger: a multipart upload, which the store shows only once
@@ -777,7 +776,7 @@ impl Artifacts {
         let upload = store
             .put_multipart(&path)
             .await
-            .map_err(ArtifactError::object("start uploading", &path))?;
+            .map_err(ArtifactError::object(objects, "start uploading", &path))?;
         let mut writer = object_store::WriteMultipart::new_with_chunk_size(upload, OBJECT_PART_BYTES);
         let mut reader = Reader::File(file, temp.path.clone());
         let sent = async {
@@ -789,7 +788,7 @@ impl Artifacts {
                 writer
                     .wait_for_capacity(2)
                     .await
-                    .map_err(ArtifactError::object("store", &path))?;
+                    .map_err(ArtifactError::object(objects, "store", &path))?;
                 writer.put(data.into());
             }
         }
@@ -799,7 +798,7 @@ impl Artifacts {
                 writer
                     .finish()
                     .await
-                    .map_err(ArtifactError::object("store", &path))?;
+                    .map_err(ArtifactError::object(objects, "store", &path))?;
                 Ok(())
             }
             Err(e) => {
@@ -856,7 +855,7 @@ impl Artifacts {
                 let path = objects.path(&object_rel(sha));
                 match objects.store().delete(&path).await {
                     Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-                    Err(e) => Err(ArtifactError::object("delete", &path)(e)),
+                    Err(e) => Err(ArtifactError::object(objects, "delete", &path)(e)),
                 }
             }
         }
@@ -880,7 +879,7 @@ impl Artifacts {
                     .store()
                     .copy(&from, &to)
                     .await
-                    .map_err(ArtifactError::object("quarantine", &from))?;
+                    .map_err(ArtifactError::object(objects, "quarantine", &from))?;
                 self.delete_copy(sha).await?;
                 Ok(format!("object {to}"))
             }

@@ -28,6 +28,7 @@ mod notify;
 mod pipeline;
 mod pool;
 mod retention;
+mod storage;
 pub(crate) use network::{ConnectionCap, NetworkSection};
 pub(crate) use notify::{NotifySection, SmtpSection, SmtpSecurity, WebSection};
 pub(crate) use pipeline::{
@@ -36,6 +37,7 @@ pub(crate) use pipeline::{
 };
 pub(crate) use pool::{AgentSandbox, DEFAULT_POOL_USER, Ec2Section, PoolConfig, ProvisionerKind};
 pub(crate) use retention::RetentionSection;
+pub(crate) use storage::{StorageBackend, StorageSection};
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
@@ -80,6 +82,8 @@ pub(crate) struct HubConfig {
     pub(crate) network: NetworkSection,
     /// `[retention]`.
     pub(crate) retention: RetentionSection,
+    /// `[storage]`: where artifacts and compacted logs live.
+    pub(crate) storage: StorageSection,
     /// `[[pool]]`: on-demand agents.
     pub(crate) pools: Vec<PoolConfig>,
 }
@@ -269,6 +273,7 @@ struct RawHubConfig {
     web: WebSection,
     network: NetworkSection,
     retention: RetentionSection,
+    storage: StorageSection,
     pool: Vec<PoolConfig>,
 }
 
@@ -320,6 +325,7 @@ impl HubConfig {
             web: raw.web,
             network: raw.network,
             retention: raw.retention,
+            storage: raw.storage,
             pools: raw.pool,
         };
         // Check paths as written (e.g. `~`) before resolving them.
@@ -359,6 +365,7 @@ impl HubConfig {
             web: WebSection::default(),
             network: NetworkSection::default(),
             retention: RetentionSection::default(),
+            storage: StorageSection::default(),
             pools: Vec::new(),
         }
     }
@@ -621,6 +628,7 @@ impl HubConfig {
         notify::web_problems(&self.web)?;
         network::problems(&self.network, l.max_message_size)?;
         retention::problems(&self.retention)?;
+        storage::problems(&self.storage)?;
         pool::problems(&self.pools, &self.hub.data_dir)
     }
 }
@@ -1031,11 +1039,11 @@ max_token_ttl = "7d"
     fn unknown_key_at_top_level() {
         assert_eq!(
             err("[dispath]\nlease_timeout = \"1m\"\n"),
-            "/etc/trunkfarm/hub.toml:1: unknown key `dispath`, expected one of `hub`, `tls`, `admin`, `dispatch`, `limits`, `enrollment`, `artifacts`, `pipeline`, `trust`, `upstream`, `project`, `smtp`, `notify`, `web`, `network`, `retention`, `pool`"
+            "/etc/trunkfarm/hub.toml:1: unknown key `dispath`, expected one of `hub`, `tls`, `admin`, `dispatch`, `limits`, `enrollment`, `artifacts`, `pipeline`, `trust`, `upstream`, `project`, `smtp`, `notify`, `web`, `network`, `retention`, `storage`, `pool`"
         );
         assert_eq!(
             err("listen = \"0.0.0.0:7443\"\n"),
-            "/etc/trunkfarm/hub.toml:1: unknown key `listen`, expected one of `hub`, `tls`, `admin`, `dispatch`, `limits`, `enrollment`, `artifacts`, `pipeline`, `trust`, `upstream`, `project`, `smtp`, `notify`, `web`, `network`, `retention`, `pool`"
+            "/etc/trunkfarm/hub.toml:1: unknown key `listen`, expected one of `hub`, `tls`, `admin`, `dispatch`, `limits`, `enrollment`, `artifacts`, `pipeline`, `trust`, `upstream`, `project`, `smtp`, `notify`, `web`, `network`, `retention`, `storage`, `pool`"
         );
     }
 

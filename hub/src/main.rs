@@ -56,6 +56,9 @@ mod notify;
 // Beside the path: on-demand machines, who may connect, what is measured.
 mod provision;
 
+// AWS credentials, read once for EC2 and S3 alike.
+mod aws_credentials;
+
 mod auth;
 
 mod metrics;

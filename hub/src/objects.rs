@@ -1,100 +1,474 @@
-//! TEMPORARY stand-in for the lead's `objects.rs` (same API, local backend
-//! only), so artifacts.rs can be written before it lands on main; replaced
-//! by main's file at the merge.
+//! Where artifacts and compacted logs live, behind one handle: the hub's
+//! data dir (`[storage] backend = "local"`, the default: object_store's
+//! `LocalFileSystem` under `<data_dir>/objects`) or an S3-compatible bucket
+//! (`backend = "s3"`: AWS S3, MinIO, Ceph RGW, R2, …) under this hub's
+//! prefix. Callers name objects relative to the hub (`artifacts/<sha>.tar.zst`,
+//! `logs/<job>/<attempt>.log.zst`) and use `object_store`'s own API on
+//! [`Objects::store`] with [`Objects::path`]; only this module knows buckets,
+//! endpoints, prefixes and credentials.
+//!
+//! Why `object_store`: one well-kept client for every S3 dialect (multipart
+//! uploads, ranged reads, retries, SigV4 presigning) that is also a local
+//! file store, so the same code serves both backends. It is built with ring
+//! (no aws-lc, no OpenSSL), as the rest of the hub.
+//!
+//! The hub proves the store works when it starts ([`Objects::open`] writes,
+//! reads back and deletes a probe object) and refuses to start otherwise,
+//! with a message naming the `storage.*` key or credential to fix: a bucket
+//! that is missing, denied or in another region is a configuration error,
+//! not something to find out on the first upload.
 
-use std::path::Path;
+// Used by artifacts and logs (issue 16): their callers land with them.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
-use object_store::ObjectStore;
+use object_store::aws::{AmazonS3, AmazonS3Builder, AwsCredential};
 use object_store::local::LocalFileSystem;
+use object_store::signer::Signer;
+use object_store::{
+    BackoffConfig, ClientOptions, CredentialProvider, ObjectStore, ObjectStoreExt, RetryConfig,
+};
 
-/// Where artifacts and compacted logs live.
-#[derive(Clone, Debug)]
-pub(crate) struct Objects {
-    store: Arc<dyn ObjectStore>,
-    prefix: String,
-    dir: String,
-}
+use crate::aws_credentials::Credentials;
+use crate::config::{StorageBackend, StorageSection};
 
-/// Why the object store cannot be used.
+/// The folder under the data dir that the local backend keeps objects in.
+pub(crate) const LOCAL_DIR: &str = "objects";
+
+/// Where the start-up probe writes (under the prefix).
+const PROBE_DIR: &str = ".probe";
+
+/// How long connecting to the object store may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long one request may take (a multipart part, a ranged read).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// How long a request is retried (transient errors, throttling) before the
+/// caller sees the error. Short: callers retry on their own schedule (logs
+/// stay in the database meanwhile), and the start-up probe must not hang.
+const RETRY_FOR: Duration = Duration::from_secs(20);
+
+/// Retries per request within [`RETRY_FOR`].
+const MAX_RETRIES: usize = 3;
+
+/// Why the object store cannot be used. Messages name what to check.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum ObjectsError {
-    /// A store operation failed.
-    #[error("object store: cannot {action} {path}: {source}")]
+    /// The configuration cannot make a client (caught at start).
+    #[error("storage: {0}")]
+    Setup(String),
+    /// A request failed.
+    #[error("storage: cannot {action} {path} in {store}: {source}{hint}")]
     Store {
-        /// What was done.
+        /// What the hub was doing, e.g. "write".
         action: &'static str,
-        /// Where.
+        /// The object.
         path: String,
-        /// Why.
-        source: object_store::Error,
+        /// [`Objects::describe`].
+        store: String,
+        /// What to check, when the error says (`""` otherwise).
+        hint: String,
+        /// The client's error.
+        #[source]
+        source: Box<object_store::Error>,
     },
 }
 
-impl ObjectsError {
-    /// A `map_err` helper.
-    pub(crate) fn from_store(
-        action: &'static str,
-        path: &object_store::path::Path,
-    ) -> impl FnOnce(object_store::Error) -> ObjectsError {
-        let path = path.to_string();
-        move |source| ObjectsError::Store {
-            action,
-            path,
-            source,
-        }
+/// The handle on the object store: cheap to clone, shared by artifacts,
+/// logs and retention.
+#[derive(Clone, Debug)]
+pub(crate) struct Objects {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    store: Arc<dyn ObjectStore>,
+    /// Set for S3: what presigns URLs.
+    signer: Option<AmazonS3>,
+    /// Prepended to every relative name (no slashes at either end; empty
+    /// for the local backend, whose directory is the hub's own).
+    prefix: String,
+    /// For messages: `s3://bucket/prefix (endpoint …)` or the directory.
+    describe: String,
+    /// How long presigned URLs work.
+    presign_ttl: Duration,
+}
+
+/// The hub's credentials, re-read from their file before each use, for
+/// object_store's signer.
+#[derive(Debug)]
+struct HubCredentials(Credentials);
+
+#[async_trait::async_trait]
+impl CredentialProvider for HubCredentials {
+    type Credential = AwsCredential;
+
+    async fn get_credential(&self) -> object_store::Result<Arc<AwsCredential>> {
+        let c = self.0.current();
+        Ok(Arc::new(AwsCredential {
+            key_id: c.access_key_id,
+            secret_key: c.secret_access_key,
+            token: c.session_token,
+        }))
     }
 }
 
 impl Objects {
-    /// A local backend rooted at `dir`.
+    /// Opens the store `[storage]` configures (the local one under
+    /// `data_dir`) and proves it works: a probe object is written, read back
+    /// and deleted. Fails with what to fix.
+    pub(crate) async fn open(
+        cfg: &StorageSection,
+        data_dir: &Path,
+    ) -> Result<Objects, ObjectsError> {
+        let objects = match cfg.backend {
+            StorageBackend::Local => Objects::local(&data_dir.join(LOCAL_DIR))?,
+            StorageBackend::S3 => {
+                let creds = Credentials::load().map_err(|e| {
+                    ObjectsError::Setup(format!(
+                        "`storage.backend = \"s3\"` needs credentials: {e}"
+                    ))
+                })?;
+                Objects::s3(cfg, creds)?
+            }
+        };
+        objects.probe().await?;
+        tracing::info!(store = %objects.describe(), "object store open");
+        Ok(objects)
+    }
+
+    /// A local store rooted at `dir` (created if missing).
     pub(crate) fn local(dir: &Path) -> Result<Objects, ObjectsError> {
-        std::fs::create_dir_all(dir).map_err(|e| ObjectsError::Store {
-            action: "create",
-            path: dir.display().to_string(),
-            source: object_store::Error::Generic {
-                store: "local",
-                source: Box::new(e),
-            },
+        std::fs::create_dir_all(dir).map_err(|e| {
+            ObjectsError::Setup(format!(
+                "cannot create the object directory {}: {e}",
+                dir.display()
+            ))
         })?;
-        let store =
-            LocalFileSystem::new_with_prefix(dir).map_err(|source| ObjectsError::Store {
-                action: "open",
-                path: dir.display().to_string(),
-                source,
-            })?;
+        let store = LocalFileSystem::new_with_prefix(dir)
+            .map_err(|e| ObjectsError::Setup(format!("cannot use {}: {e}", dir.display())))?
+            .with_automatic_cleanup(true);
         Ok(Objects {
-            store: Arc::new(store),
-            prefix: "trunkfarm".into(),
-            dir: dir.display().to_string(),
+            inner: Arc::new(Inner {
+                store: Arc::new(store),
+                signer: None,
+                prefix: String::new(),
+                describe: dir.display().to_string(),
+                presign_ttl: Duration::ZERO,
+            }),
         })
     }
 
-    /// True for S3.
+    /// An S3 store as `cfg` says, signing with `creds`.
+    fn s3(cfg: &StorageSection, creds: Credentials) -> Result<Objects, ObjectsError> {
+        let bucket = cfg.bucket.trim();
+        let region = cfg.region.trim();
+        let mut options = ClientOptions::new()
+            .with_connect_timeout(CONNECT_TIMEOUT)
+            .with_timeout(REQUEST_TIMEOUT)
+            .with_user_agent(reqwest::header::HeaderValue::from_static(concat!(
+                "trunkfarm/",
+                env!("CARGO_PKG_VERSION")
+            )));
+        let mut builder = AmazonS3Builder::new()
+            .with_bucket_name(bucket)
+            .with_region(region)
+            .with_credentials(Arc::new(HubCredentials(creds)))
+            .with_retry(RetryConfig {
+                backoff: BackoffConfig::default(),
+                max_retries: MAX_RETRIES,
+                retry_timeout: RETRY_FOR,
+            });
+        let describe = match cfg.endpoint.as_deref().map(str::trim) {
+            Some(endpoint) => {
+                let endpoint = endpoint.trim_end_matches('/');
+                options = options.with_allow_http(endpoint.starts_with("http://"));
+                builder = builder
+                    .with_endpoint(endpoint)
+                    .with_virtual_hosted_style_request(false);
+                format!("s3://{bucket}/{} (endpoint {endpoint})", cfg.clean_prefix())
+            }
+            None => format!("s3://{bucket}/{} (region {region})", cfg.clean_prefix()),
+        };
+        // reqwest is built without a crypto provider of its own: ring, the
+        // one the whole hub uses (harmless if already installed).
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let s3 = builder
+            .with_client_options(options)
+            .build()
+            .map_err(|e| ObjectsError::Setup(format!("cannot set up the S3 client: {e}")))?;
+        Ok(Objects {
+            inner: Arc::new(Inner {
+                store: Arc::new(s3.clone()),
+                signer: Some(s3),
+                prefix: cfg.clean_prefix().to_owned(),
+                describe,
+                presign_ttl: cfg.presign_ttl,
+            }),
+        })
+    }
+
+    /// Writes, reads back and deletes a small object: the cheapest proof
+    /// that the bucket exists, the credentials may write and read it, and
+    /// the region is right.
+    async fn probe(&self) -> Result<(), ObjectsError> {
+        let rel = format!("{PROBE_DIR}/{}", crate::auth::secret::new_id("probe"));
+        let path = self.path(&rel);
+        let body = b"trunkfarm object store probe".to_vec();
+        let store = self.store();
+        store
+            .put(&path, body.clone().into())
+            .await
+            .map_err(self.error("write", &path))?;
+        let back = store
+            .get(&path)
+            .await
+            .map_err(self.error("read", &path))?
+            .bytes()
+            .await
+            .map_err(self.error("read", &path))?;
+        if back.as_ref() != body.as_slice() {
+            return Err(ObjectsError::Setup(format!(
+                "{}: the probe object {path} read back different bytes than were written; is storage.endpoint an S3-compatible service?",
+                self.describe()
+            )));
+        }
+        store
+            .delete(&path)
+            .await
+            .map_err(self.error("delete", &path))?;
+        Ok(())
+    }
+
+    /// True for S3: objects can be fetched by agents through presigned URLs.
     pub(crate) fn is_remote(&self) -> bool {
-        false
+        self.inner.signer.is_some()
     }
 
-    /// The path of `rel` under the prefix.
+    /// The object `rel` (a `/`-separated name such as
+    /// `artifacts/<sha>.tar.zst`) under this hub's prefix.
     pub(crate) fn path(&self, rel: &str) -> object_store::path::Path {
-        object_store::path::Path::from(format!("{}/{rel}", self.prefix))
+        let rel = rel.trim_start_matches('/');
+        if self.inner.prefix.is_empty() {
+            object_store::path::Path::from(rel)
+        } else {
+            object_store::path::Path::from(format!("{}/{rel}", self.inner.prefix))
+        }
     }
 
-    /// The store.
+    /// The name of `path` relative to this hub's prefix (what
+    /// [`Objects::path`] was given); `None` for a path outside it.
+    pub(crate) fn relative<'a>(&self, path: &'a object_store::path::Path) -> Option<&'a str> {
+        let full = path.as_ref();
+        if self.inner.prefix.is_empty() {
+            return Some(full);
+        }
+        full.strip_prefix(self.inner.prefix.as_str())?
+            .strip_prefix('/')
+    }
+
+    /// The store: use `object_store`'s API with paths from [`Objects::path`].
     pub(crate) fn store(&self) -> &Arc<dyn ObjectStore> {
-        &self.store
+        &self.inner.store
     }
 
-    /// A GET URL for `rel` (None on local).
+    /// A GET URL for `rel` that works for `storage.presign_ttl`, with when it
+    /// stops working (Unix ms); `None` for the local backend. The URL holds
+    /// a signature: never log its query.
     pub(crate) async fn presign_get(
         &self,
-        _rel: &str,
+        rel: &str,
     ) -> Result<Option<(reqwest::Url, u64)>, ObjectsError> {
-        Ok(None)
+        let Some(signer) = &self.inner.signer else {
+            return Ok(None);
+        };
+        let path = self.path(rel);
+        let ttl = self.inner.presign_ttl;
+        let url = signer
+            .signed_url(reqwest::Method::GET, &path, ttl)
+            .await
+            .map_err(self.error("presign", &path))?;
+        let expires = crate::store::now_ms().saturating_add(ttl.as_millis() as u64);
+        Ok(Some((url, expires)))
     }
 
-    /// For logs.
+    /// Makes a just-written local object durable (fsync of the file and its
+    /// directory); S3 objects are durable once `put` returned.
+    pub(crate) async fn sync(&self, rel: &str) -> Result<(), ObjectsError> {
+        if self.is_remote() {
+            return Ok(());
+        }
+        let file = self.local_file(rel);
+        let path = self.path(rel);
+        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            std::fs::File::open(&file)?.sync_all()?;
+            if let Some(dir) = file.parent() {
+                std::fs::File::open(dir)?.sync_all()?;
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| ObjectsError::Setup(format!("cannot sync {path}: {e}")))?
+        .map_err(|e| ObjectsError::Setup(format!("cannot sync {path}: {e}")))
+    }
+
+    /// The file of a local object (only meaningful for the local backend).
+    fn local_file(&self, rel: &str) -> PathBuf {
+        PathBuf::from(&self.inner.describe).join(rel.trim_start_matches('/'))
+    }
+
+    /// `s3://bucket/prefix (endpoint …)` or the local directory: for logs,
+    /// `status` and messages.
     pub(crate) fn describe(&self) -> String {
-        self.dir.clone()
+        self.inner.describe.clone()
+    }
+
+    /// Maps a client error to one that says what the hub did and, where the
+    /// error tells, which key to fix.
+    pub(crate) fn error(
+        &self,
+        action: &'static str,
+        path: &object_store::path::Path,
+    ) -> impl FnOnce(object_store::Error) -> ObjectsError + use<> {
+        let path = path.to_string();
+        let store = self.describe();
+        let remote = self.is_remote();
+        move |source| ObjectsError::Store {
+            action,
+            hint: if remote { hint(&source) } else { String::new() },
+            path,
+            store,
+            source: Box::new(source),
+        }
+    }
+}
+
+/// What to check, from what the service answered (`""` when it says nothing
+/// useful).
+fn hint(e: &object_store::Error) -> String {
+    let text = format!("{e} {:?}", e).to_ascii_lowercase();
+    let hint = if text.contains("nosuchbucket") || text.contains("bucket does not exist") {
+        "the bucket does not exist: create it, or fix `storage.bucket`"
+    } else if text.contains("region") || text.contains("permanentredirect") {
+        "the bucket is in another region: fix `storage.region`"
+    } else if matches!(e, object_store::Error::PermissionDenied { .. })
+        || text.contains("accessdenied")
+        || text.contains("forbidden")
+    {
+        "access denied: the credentials (AWS_ACCESS_KEY_ID or the profile in ~/.aws/credentials) may not read and write this bucket and prefix"
+    } else if matches!(e, object_store::Error::Unauthenticated { .. })
+        || text.contains("invalidaccesskeyid")
+        || text.contains("signaturedoesnotmatch")
+    {
+        "the credentials were refused: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or the profile in ~/.aws/credentials) and the hub's clock"
+    } else if text.contains("error sending request")
+        || text.contains("connection refused")
+        || text.contains("dns error")
+        || text.contains("timed out")
+        || text.contains("connect")
+    {
+        "the object store cannot be reached: check `storage.endpoint` (or `storage.region`) and the network"
+    } else {
+        ""
+    };
+    if hint.is_empty() {
+        String::new()
+    } else {
+        format!(" ({hint})")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_local_store_proves_itself_and_names_objects_under_its_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = StorageSection::default();
+        let objects = Objects::open(&cfg, dir.path()).await.unwrap();
+        assert!(!objects.is_remote());
+        assert_eq!(
+            objects.path("logs/7/1.log.zst").as_ref(),
+            "logs/7/1.log.zst"
+        );
+        let path = objects.path("logs/7/1.log.zst");
+        objects
+            .store()
+            .put(&path, b"hello".to_vec().into())
+            .await
+            .unwrap();
+        objects.sync("logs/7/1.log.zst").await.unwrap();
+        assert!(
+            dir.path()
+                .join(LOCAL_DIR)
+                .join("logs/7/1.log.zst")
+                .is_file()
+        );
+        assert_eq!(objects.relative(&path), Some("logs/7/1.log.zst"));
+        assert!(
+            objects
+                .presign_get("logs/7/1.log.zst")
+                .await
+                .unwrap()
+                .is_none()
+        );
+        // The probe left nothing behind.
+        assert!(
+            !dir.path().join(LOCAL_DIR).join(PROBE_DIR).exists()
+                || std::fs::read_dir(dir.path().join(LOCAL_DIR).join(PROBE_DIR))
+                    .unwrap()
+                    .next()
+                    .is_none()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_local_store_that_cannot_be_created_is_refused_naming_the_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        // A file where the objects folder should be.
+        std::fs::write(dir.path().join(LOCAL_DIR), b"not a directory").unwrap();
+        let e = Objects::open(&StorageSection::default(), dir.path())
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(LOCAL_DIR), "{e}");
+    }
+
+    #[test]
+    fn an_s3_prefix_is_put_before_every_name() {
+        let cfg = StorageSection {
+            backend: StorageBackend::S3,
+            bucket: "farm".into(),
+            prefix: "/hubs/a/".into(),
+            endpoint: Some("http://127.0.0.1:1".into()),
+            ..StorageSection::default()
+        };
+        let creds = Credentials::new(
+            crate::aws_credentials::AwsCredentials {
+                access_key_id: "AKIDTEST".into(),
+                secret_access_key: "secret".into(),
+                session_token: None,
+            },
+            crate::aws_credentials::CredentialSource::Env,
+        );
+        let objects = Objects::s3(&cfg, creds).unwrap();
+        assert!(objects.is_remote());
+        let path = objects.path("artifacts/ab.tar.zst");
+        assert_eq!(path.as_ref(), "hubs/a/artifacts/ab.tar.zst");
+        assert_eq!(objects.relative(&path), Some("artifacts/ab.tar.zst"));
+        assert_eq!(
+            objects.relative(&object_store::path::Path::from("hubs/b/x")),
+            None
+        );
+        assert_eq!(
+            objects.describe(),
+            "s3://farm/hubs/a (endpoint http://127.0.0.1:1)"
+        );
     }
 }

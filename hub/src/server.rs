@@ -25,6 +25,7 @@ use crate::grpc::admin::AdminApi;
 use crate::grpc::agent::AgentApi;
 use crate::logs::JobLogs;
 use crate::notify::Notifier;
+use crate::objects::Objects;
 use crate::pipeline::Pipeline;
 use crate::provision::Pools;
 use crate::repo_credentials::RepoCredentials;
@@ -145,6 +146,11 @@ impl Hub {
             // Serve anyway: agents may deliver results, operators may look.
             tracing::error!("{e}");
         }
+        // Before anything is stored: a bucket that is missing, denied or in
+        // another region must stop the start, not the first upload.
+        let objects = Objects::open(&cfg.storage, &data_dir)
+            .await
+            .context("the object store in [storage] cannot be used")?;
         let store = Store::open(&data_dir.join("db"))?;
         let credentials = Credentials::open(&store)?;
         let logs = Arc::new(JobLogs::open(&store, cfg.limits.max_log_size)?);
@@ -173,7 +179,7 @@ impl Hub {
             data_dir.join("artifacts"),
             cfg.artifacts.max_size,
             space.clone(),
-            Backend::Files,
+            Backend::for_storage(&objects),
         )
         .await?;
         let admin_token = secret::load_or_create_admin_token(&cfg.admin_token_path())?;

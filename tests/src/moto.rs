@@ -1,4 +1,5 @@
-//! A real EC2 API for the tests of the `ec2` provisioner: `moto_server`
+//! A real EC2 and S3 API for the tests of the `ec2` provisioner and the
+//! `[storage] backend = "s3"` object store: `moto_server`
 //! (Python's `moto[server]`), started as a process on 127.0.0.1, and a tiny
 //! client of its Query API over plain HTTP.
 //!
@@ -225,6 +226,113 @@ impl Moto {
         );
         http(self.port, "POST", "/", &headers, &body)
             .unwrap_or_else(|e| panic!("moto {service} {action}: {e}\n{}", self.log_tail(30)))
+    }
+
+    /// One S3 request (path-style: `/<bucket>/<key>?<query>`), unsigned but
+    /// carrying an S3 `Authorization` header as moto wants; status and body.
+    pub fn s3(&self, method: &str, path_and_query: &str, body: &[u8]) -> (u16, Vec<u8>) {
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
+        let send = || -> Result<(u16, Vec<u8>), String> {
+            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+                .map_err(|e| format!("connect: {e}"))?;
+            s.set_read_timeout(Some(Duration::from_secs(30)))
+                .map_err(|e| e.to_string())?;
+            let head = format!(
+                "{method} {path_and_query} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nConnection: close\r\nContent-Length: {}\r\n\
+                 Authorization: AWS4-HMAC-SHA256 Credential=testing/20240101/us-east-1/s3/aws4_request, SignedHeaders=host, Signature=00\r\n\
+                 x-amz-content-sha256: UNSIGNED-PAYLOAD\r\n\r\n",
+                self.port,
+                body.len()
+            );
+            s.write_all(head.as_bytes())
+                .and_then(|()| s.write_all(body))
+                .map_err(|e| format!("send: {e}"))?;
+            let mut raw = Vec::new();
+            s.read_to_end(&mut raw).map_err(|e| format!("read: {e}"))?;
+            let end = raw
+                .windows(4)
+                .position(|w| w == b"\r\n\r\n")
+                .ok_or("no HTTP header end")?;
+            let head = String::from_utf8_lossy(&raw[..end]).into_owned();
+            let status: u16 = head
+                .split_whitespace()
+                .nth(1)
+                .and_then(|c| c.parse().ok())
+                .ok_or_else(|| format!("no HTTP status in {head:?}"))?;
+            let mut body = raw[end + 4..].to_vec();
+            if head
+                .to_ascii_lowercase()
+                .contains("transfer-encoding: chunked")
+            {
+                body = dechunk(&String::from_utf8_lossy(&body)).into_bytes();
+            }
+            Ok((status, body))
+        };
+        send().unwrap_or_else(|e| {
+            panic!(
+                "moto s3 {method} {path_and_query}: {e}\n{}",
+                self.log_tail(30)
+            )
+        })
+    }
+
+    /// Creates an S3 bucket (the hub's `storage.bucket`).
+    pub fn create_bucket(&self, bucket: &str) {
+        let (status, body) = self.s3("PUT", &format!("/{bucket}"), b"");
+        assert_eq!(
+            status,
+            200,
+            "moto refused to create bucket {bucket}: {}",
+            String::from_utf8_lossy(&body)
+        );
+    }
+
+    /// The keys in `bucket` that start with `prefix`, sorted.
+    pub fn s3_keys(&self, bucket: &str, prefix: &str) -> Vec<String> {
+        let mut keys = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let mut q = format!("/{bucket}?list-type=2&prefix={}", form_encode(prefix));
+            if let Some(t) = &token {
+                q.push_str(&format!("&continuation-token={}", form_encode(t)));
+            }
+            let (status, body) = self.s3("GET", &q, b"");
+            let body = String::from_utf8_lossy(&body).into_owned();
+            assert_eq!(status, 200, "moto ListObjectsV2 {bucket} {prefix}: {body}");
+            keys.extend(xml_values(&body, "Key"));
+            token = xml_values(&body, "NextContinuationToken")
+                .into_iter()
+                .next();
+            if token.is_none() {
+                break;
+            }
+        }
+        keys.sort();
+        keys
+    }
+
+    /// The bytes of `bucket`/`key` (panics unless it exists).
+    pub fn s3_get(&self, bucket: &str, key: &str) -> Vec<u8> {
+        let (status, body) = self.s3("GET", &format!("/{bucket}/{key}"), b"");
+        assert_eq!(
+            status,
+            200,
+            "moto GetObject {bucket}/{key}: {}",
+            String::from_utf8_lossy(&body)
+        );
+        body
+    }
+
+    /// Overwrites `bucket`/`key` with `body` (a tampering attacker with
+    /// access to the bucket).
+    pub fn s3_put(&self, bucket: &str, key: &str, body: &[u8]) {
+        let (status, answer) = self.s3("PUT", &format!("/{bucket}/{key}"), body);
+        assert_eq!(
+            status,
+            200,
+            "moto PutObject {bucket}/{key}: {}",
+            String::from_utf8_lossy(&answer)
+        );
     }
 
     /// An EC2 call that must succeed; its answer.

@@ -19,14 +19,14 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::path::PathBuf;
-use std::sync::Mutex;
+
 use std::time::{Duration, SystemTime};
 
 use base64::Engine as _;
 use sha2::{Digest as _, Sha256};
 
 use super::{Instance, Provisioner, StartSpec};
+use crate::aws_credentials::{AwsCredentials, Credentials};
 use crate::config::{Ec2Section, PoolConfig};
 
 /// The EC2 API version every request names.
@@ -63,175 +63,6 @@ pub(crate) const PLACEHOLDERS: [&str; 6] = [
 
 /// Instance states [`Provisioner::list`] reports (anything not terminated).
 const LISTED_STATES: [&str; 4] = ["pending", "running", "stopping", "stopped"];
-
-// ---------------------------------------------------------------------------
-// Credentials
-// ---------------------------------------------------------------------------
-
-/// An access key. `Debug` shows only the key id.
-#[derive(Clone, PartialEq, Eq)]
-pub(crate) struct AwsCredentials {
-    /// `AKIA…` / `ASIA…`.
-    pub(crate) access_key_id: String,
-    /// The secret: never logged.
-    pub(crate) secret_access_key: String,
-    /// For temporary credentials.
-    pub(crate) session_token: Option<String>,
-}
-
-impl fmt::Debug for AwsCredentials {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("AwsCredentials")
-            .field("access_key_id", &self.access_key_id)
-            .field("secret_access_key", &"<redacted>")
-            .field(
-                "session_token",
-                &self.session_token.as_ref().map(|_| "<redacted>"),
-            )
-            .finish()
-    }
-}
-
-/// Where the credentials came from (a file is re-read before each call).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) enum CredentialSource {
-    /// `AWS_ACCESS_KEY_ID` and friends.
-    Env,
-    /// A profile of a shared credentials file.
-    File {
-        /// The file.
-        path: PathBuf,
-        /// The profile.
-        profile: String,
-    },
-}
-
-const HOW_TO_SET: &str = "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN \
-     for temporary credentials) in the hub's environment, or put aws_access_key_id and \
-     aws_secret_access_key in the [default] profile of ~/.aws/credentials \
-     (AWS_SHARED_CREDENTIALS_FILE and AWS_PROFILE choose another file or profile)";
-
-/// Finds credentials: the environment first, then the shared credentials
-/// file. `env` looks a variable up (empty counts as unset).
-pub(crate) fn load_credentials(
-    env: &dyn Fn(&str) -> Option<String>,
-) -> Result<(AwsCredentials, CredentialSource), String> {
-    let var = |k: &str| env(k).filter(|v| !v.trim().is_empty());
-    match (var("AWS_ACCESS_KEY_ID"), var("AWS_SECRET_ACCESS_KEY")) {
-        (Some(id), Some(secret)) => {
-            return Ok((
-                AwsCredentials {
-                    access_key_id: id.trim().to_owned(),
-                    secret_access_key: secret.trim().to_owned(),
-                    session_token: var("AWS_SESSION_TOKEN").map(|t| t.trim().to_owned()),
-                },
-                CredentialSource::Env,
-            ));
-        }
-        (Some(_), None) => {
-            return Err(
-                "AWS_ACCESS_KEY_ID is set but AWS_SECRET_ACCESS_KEY is not: set both in the hub's environment"
-                    .into(),
-            );
-        }
-        (None, Some(_)) => {
-            return Err(
-                "AWS_SECRET_ACCESS_KEY is set but AWS_ACCESS_KEY_ID is not: set both in the hub's environment"
-                    .into(),
-            );
-        }
-        (None, None) => {}
-    }
-    let explicit = var("AWS_SHARED_CREDENTIALS_FILE");
-    let path = match (&explicit, var("HOME")) {
-        (Some(p), _) => PathBuf::from(p),
-        (None, Some(home)) => PathBuf::from(home).join(".aws").join("credentials"),
-        (None, None) => return Err(format!("no AWS credentials found: {HOW_TO_SET}")),
-    };
-    let profile = var("AWS_PROFILE").unwrap_or_else(|| "default".into());
-    let text = match std::fs::read_to_string(&path) {
-        Ok(t) => t,
-        Err(e) if explicit.is_some() => {
-            return Err(format!(
-                "cannot read the AWS credentials file {} (AWS_SHARED_CREDENTIALS_FILE): {e}",
-                path.display()
-            ));
-        }
-        Err(_) => {
-            return Err(format!(
-                "no AWS credentials found (not in the environment, and no {}): {HOW_TO_SET}",
-                path.display()
-            ));
-        }
-    };
-    let creds = parse_credentials_file(&text, &profile).map_err(|e| {
-        format!(
-            "{} (profile {profile:?}{}): {e}",
-            path.display(),
-            if var("AWS_PROFILE").is_some() {
-                ", from AWS_PROFILE"
-            } else {
-                ""
-            }
-        )
-    })?;
-    Ok((creds, CredentialSource::File { path, profile }))
-}
-
-/// Reads one profile of a shared credentials file (INI: `[profile]`, then
-/// `key = value` lines; `#` and `;` start comments). Errors never quote a
-/// value.
-pub(crate) fn parse_credentials_file(text: &str, profile: &str) -> Result<AwsCredentials, String> {
-    let mut sections: Vec<String> = Vec::new();
-    let mut current: Option<String> = None;
-    let mut keys: BTreeMap<String, String> = BTreeMap::new();
-    let mut found = false;
-    for line in text.lines() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
-            continue;
-        }
-        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
-            let name = name.trim();
-            // `[profile x]` is the config file's spelling; accept it here too.
-            let name = name.strip_prefix("profile ").map_or(name, str::trim);
-            sections.push(name.to_owned());
-            current = Some(name.to_owned());
-            if name == profile {
-                found = true;
-            }
-            continue;
-        }
-        if current.as_deref() != Some(profile) {
-            continue;
-        }
-        if let Some((k, v)) = line.split_once('=') {
-            keys.insert(k.trim().to_ascii_lowercase(), v.trim().to_owned());
-        }
-    }
-    if !found {
-        return Err(if sections.is_empty() {
-            format!("there is no [{profile}] profile (the file has no profile at all)")
-        } else {
-            format!(
-                "there is no [{profile}] profile (it has: {})",
-                sections.join(", ")
-            )
-        });
-    }
-    let get = |k: &str| keys.get(k).filter(|v| !v.is_empty()).cloned();
-    match (get("aws_access_key_id"), get("aws_secret_access_key")) {
-        (Some(access_key_id), Some(secret_access_key)) => Ok(AwsCredentials {
-            access_key_id,
-            secret_access_key,
-            session_token: get("aws_session_token"),
-        }),
-        (None, _) => Err(format!("the [{profile}] profile has no aws_access_key_id")),
-        (_, None) => Err(format!(
-            "the [{profile}] profile has no aws_secret_access_key"
-        )),
-    }
-}
 
 // ---------------------------------------------------------------------------
 // The user-data template
@@ -648,34 +479,14 @@ struct Api {
     http: reqwest::Client,
     endpoint: reqwest::Url,
     region: String,
-    source: CredentialSource,
-    creds: Mutex<AwsCredentials>,
+    creds: Credentials,
 }
 
 impl Api {
-    /// The credentials to sign with now (a file is re-read; if it cannot be,
-    /// the last good ones are used).
-    fn credentials(&self) -> AwsCredentials {
-        let mut held = self.creds.lock().unwrap_or_else(|p| p.into_inner());
-        if let CredentialSource::File { path, profile } = &self.source {
-            match std::fs::read_to_string(path)
-                .map_err(|e| e.to_string())
-                .and_then(|t| parse_credentials_file(&t, profile))
-            {
-                Ok(c) => *held = c,
-                Err(e) => tracing::warn!(
-                    "cannot re-read AWS credentials from {} ({e}); using the ones read before",
-                    path.display()
-                ),
-            }
-        }
-        held.clone()
-    }
-
     /// One call; the answer's text on success.
     async fn call(&self, action: &str, params: &[(String, String)]) -> Result<String, ApiError> {
         let body = form_body(action, params);
-        let creds = self.credentials();
+        let creds = self.creds.current();
         let signed = sign(
             self.endpoint.as_str(),
             &body,
@@ -795,17 +606,16 @@ impl Ec2 {
     /// its instances with `hub_tag`. Credentials come from the environment
     /// or the shared credentials file; none is an error.
     pub(crate) fn new(pool: PoolConfig, hub_tag: String) -> anyhow::Result<Ec2> {
-        let (creds, source) = load_credentials(&|k| std::env::var(k).ok())
+        let creds = Credentials::load()
             .map_err(|e| anyhow::anyhow!("pool {:?} (provisioner = \"ec2\"): {e}", pool.name))?;
-        Ec2::with_credentials(pool, hub_tag, creds, source)
+        Ec2::with_credentials(pool, hub_tag, creds)
     }
 
     /// Like [`Ec2::new`] with the credentials given.
     pub(crate) fn with_credentials(
         pool: PoolConfig,
         hub_tag: String,
-        creds: AwsCredentials,
-        source: CredentialSource,
+        creds: Credentials,
     ) -> anyhow::Result<Ec2> {
         let name = pool.name.clone();
         let fail = |msg: String| anyhow::anyhow!("pool {name:?} (provisioner = \"ec2\"): {msg}");
@@ -911,8 +721,7 @@ impl Ec2 {
                 http,
                 endpoint,
                 region: settings.region.trim().to_owned(),
-                source,
-                creds: Mutex::new(creds),
+                creds,
             },
             settings,
             hub_tag,
@@ -1150,6 +959,7 @@ impl Provisioner for Ec2 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::PathBuf;
 
     fn pool(template: Option<PathBuf>) -> PoolConfig {
         let toml = r#"
@@ -1181,7 +991,11 @@ tags = { team = "ci" }
     }
 
     fn ec2(p: PoolConfig) -> anyhow::Result<Ec2> {
-        Ec2::with_credentials(p, "farm-1".into(), creds(), CredentialSource::Env)
+        Ec2::with_credentials(
+            p,
+            "farm-1".into(),
+            Credentials::new(creds(), crate::aws_credentials::CredentialSource::Env),
+        )
     }
 
     fn spec(p: &PoolConfig) -> StartSpec {
@@ -1555,115 +1369,5 @@ tags = { team = "ci" }
             &["tf1_SECRETSECRETSECRET", "QUJDREVGR0g="],
         );
         assert_eq!(out, "bad user data <redacted> and <redacted>");
-    }
-
-    #[test]
-    fn credentials_files_are_read_by_profile() {
-        let text = "\
-# a comment
-[default]
-aws_access_key_id = AKIDDEFAULT
-aws_secret_access_key=secret/default+1
-
-; another
-[profile ci]
-AWS_ACCESS_KEY_ID = AKIDCI
-aws_secret_access_key = secret-ci
-aws_session_token = tok
-
-[broken]
-aws_access_key_id = AKIDBROKEN
-";
-        let d = parse_credentials_file(text, "default").unwrap();
-        assert_eq!(d.access_key_id, "AKIDDEFAULT");
-        assert_eq!(d.secret_access_key, "secret/default+1");
-        assert_eq!(d.session_token, None);
-        let ci = parse_credentials_file(text, "ci").unwrap();
-        assert_eq!(ci.access_key_id, "AKIDCI");
-        assert_eq!(ci.session_token.as_deref(), Some("tok"));
-        let e = parse_credentials_file(text, "broken").unwrap_err();
-        assert!(e.contains("no aws_secret_access_key"), "{e}");
-        assert!(!e.contains("AKIDBROKEN"));
-        let e = parse_credentials_file(text, "prod").unwrap_err();
-        assert!(
-            e.contains("no [prod] profile") && e.contains("default, ci, broken"),
-            "{e}"
-        );
-    }
-
-    #[test]
-    fn credentials_come_from_the_environment_then_the_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("creds");
-        std::fs::write(
-            &file,
-            "[default]\naws_access_key_id=AKIDFILE\naws_secret_access_key=s1\n[other]\naws_access_key_id=AKIDOTHER\naws_secret_access_key=s2\n",
-        )
-        .unwrap();
-        let env_of = |pairs: Vec<(&'static str, String)>| {
-            move |k: &str| {
-                pairs
-                    .iter()
-                    .find(|(pk, _)| *pk == k)
-                    .map(|(_, v)| v.clone())
-            }
-        };
-        let f = file.display().to_string();
-        // The environment wins.
-        let env = env_of(vec![
-            ("AWS_ACCESS_KEY_ID", "AKIDENV".into()),
-            ("AWS_SECRET_ACCESS_KEY", "senv".into()),
-            ("AWS_SESSION_TOKEN", "t".into()),
-            ("AWS_SHARED_CREDENTIALS_FILE", f.clone()),
-        ]);
-        let (c, src) = load_credentials(&env).unwrap();
-        assert_eq!(
-            (c.access_key_id.as_str(), src),
-            ("AKIDENV", CredentialSource::Env)
-        );
-        assert_eq!(c.session_token.as_deref(), Some("t"));
-        // Half of a key pair is an error naming the other half.
-        let env = env_of(vec![("AWS_ACCESS_KEY_ID", "AKIDENV".into())]);
-        let e = load_credentials(&env).unwrap_err();
-        assert!(e.contains("AWS_SECRET_ACCESS_KEY is not"), "{e}");
-        // Then the file, with AWS_PROFILE.
-        let env = env_of(vec![
-            ("AWS_SHARED_CREDENTIALS_FILE", f.clone()),
-            ("AWS_PROFILE", "other".into()),
-        ]);
-        let (c, src) = load_credentials(&env).unwrap();
-        assert_eq!(c.access_key_id, "AKIDOTHER");
-        assert_eq!(
-            src,
-            CredentialSource::File {
-                path: file.clone(),
-                profile: "other".into()
-            }
-        );
-        // ~/.aws/credentials under HOME.
-        std::fs::create_dir_all(dir.path().join(".aws")).unwrap();
-        std::fs::copy(&file, dir.path().join(".aws/credentials")).unwrap();
-        let env = env_of(vec![("HOME", dir.path().display().to_string())]);
-        assert_eq!(load_credentials(&env).unwrap().0.access_key_id, "AKIDFILE");
-        // Nothing at all: say what to set.
-        let empty = tempfile::tempdir().unwrap();
-        let env = env_of(vec![
-            ("HOME", empty.path().display().to_string()),
-            ("AWS_ACCESS_KEY_ID", "".into()),
-        ]);
-        let e = load_credentials(&env).unwrap_err();
-        assert!(
-            e.contains("no AWS credentials found")
-                && e.contains("AWS_ACCESS_KEY_ID")
-                && e.contains("~/.aws/credentials"),
-            "{e}"
-        );
-        // A named file that is not there.
-        let env = env_of(vec![(
-            "AWS_SHARED_CREDENTIALS_FILE",
-            "/nonexistent/creds".into(),
-        )]);
-        let e = load_credentials(&env).unwrap_err();
-        assert!(e.contains("AWS_SHARED_CREDENTIALS_FILE"), "{e}");
     }
 }
