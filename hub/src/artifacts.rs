@@ -37,9 +37,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use object_store::ObjectStoreExt as _;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use object_store::ObjectStoreExt as _;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_stream::{Stream, StreamExt};
@@ -256,8 +256,7 @@ struct Opened {
 }
 
 /// An object's body as object_store yields it.
-type ObjectBody =
-    std::pin::Pin<Box<dyn Stream<Item = object_store::Result<bytes::Bytes>> + Send>>;
+type ObjectBody = std::pin::Pin<Box<dyn Stream<Item = object_store::Result<bytes::Bytes>> + Send>>;
 
 /// The bytes of a stored copy, read in chunks.
 enum Reader {
@@ -294,7 +293,9 @@ impl Reader {
                     match stream.next().await {
                         None => break,
                         Some(Ok(bytes)) => pending.extend_from_slice(&bytes),
-                        Some(Err(e)) => return Err(ArtifactError::object(objects, "read", path)(e)),
+                        Some(Err(e)) => {
+                            return Err(ArtifactError::object(objects, "read", path)(e));
+                        }
                     }
                 }
                 let rest = pending.split_off(max.min(pending.len()));
@@ -616,11 +617,9 @@ impl Artifacts {
     fn describe(&self) -> String {
         match &self.inner.backend {
             Backend::Files => self.inner.dir.display().to_string(),
-            Backend::Objects(objects) => format!(
-                "{} in {}",
-                objects.path(OBJECTS_DIR),
-                objects.describe()
-            ),
+            Backend::Objects(objects) => {
+                format!("{} in {}", objects.path(OBJECTS_DIR), objects.describe())
+            }
         }
     }
 
@@ -662,7 +661,11 @@ impl Artifacts {
                 while let Some(meta) = listing.next().await {
                     let meta = meta.map_err(ArtifactError::object(objects, "list", &folder))?;
                     // Only direct children are artifacts.
-                    let name = match meta.location.prefix_match(&folder).map(|p| p.collect::<Vec<_>>()) {
+                    let name = match meta
+                        .location
+                        .prefix_match(&folder)
+                        .map(|p| p.collect::<Vec<_>>())
+                    {
                         Some(parts) if parts.len() == 1 => parts[0].as_ref().to_owned(),
                         _ => String::new(),
                     };
@@ -777,7 +780,8 @@ impl Artifacts {
             .put_multipart(&path)
             .await
             .map_err(ArtifactError::object(objects, "start uploading", &path))?;
-        let mut writer = object_store::WriteMultipart::new_with_chunk_size(upload, OBJECT_PART_BYTES);
+        let mut writer =
+            object_store::WriteMultipart::new_with_chunk_size(upload, OBJECT_PART_BYTES);
         let mut reader = Reader::File(file, temp.path.clone());
         let sent = async {
             loop {
@@ -803,7 +807,9 @@ impl Artifacts {
             }
             Err(e) => {
                 if let Err(abort) = writer.abort().await {
-                    tracing::warn!("artifact {sha}: cannot abort the unfinished upload of {path}: {abort}");
+                    tracing::warn!(
+                        "artifact {sha}: cannot abort the unfinished upload of {path}: {abort}"
+                    );
                 }
                 Err(e)
             }
@@ -2128,7 +2134,6 @@ mod tests {
         assert!(!a.contains(&sha).unwrap());
     }
 
-
     /// An artifact store in `dir` whose bytes are objects of a local object
     /// store in `dir/objects` (the S3 backend's code path, without S3).
     async fn open_objects(dir: &Path) -> (Store, Artifacts, Objects) {
@@ -2228,10 +2233,7 @@ mod tests {
         assert_eq!(data, small);
         assert_eq!(a.download_count(&large_sha, "ag_2"), 1);
         assert_eq!(a.download_count(&small_sha, "ag_3"), 1);
-        assert_eq!(
-            a.download_totals(),
-            (2, (large.len() + small.len()) as u64)
-        );
+        assert_eq!(a.download_totals(), (2, (large.len() + small.len()) as u64));
     }
 
     #[tokio::test]
@@ -2276,7 +2278,7 @@ mod tests {
         tokio::time::sleep(std::time::Duration::from_millis(3)).await;
         let new = store_one(&a, b"new", "lua", "x").await;
         let deleted = a.gc(1, &HashSet::new()).await.unwrap();
-        assert_eq!(deleted, [old.clone()]);
+        assert_eq!(deleted, std::slice::from_ref(&old));
         assert!(!a.contains(&old).unwrap());
         assert_eq!(
             objects_in(&objects, OBJECTS_DIR).await,

@@ -119,7 +119,10 @@ fn artifacts_are_objects_fetched_by_presigned_url_and_a_tampered_one_is_quaranti
         agent_log.contains(&format!("downloaded artifact {}", &sha[..12])),
         "{agent_log}"
     );
-    assert!(!agent_log.contains("through the hub instead"), "{agent_log}");
+    assert!(
+        !agent_log.contains("through the hub instead"),
+        "{agent_log}"
+    );
 
     // Someone with access to the bucket swaps the object's bytes (same
     // size: only the hash can tell).
@@ -170,7 +173,10 @@ fn artifacts_are_objects_fetched_by_presigned_url_and_a_tampered_one_is_quaranti
     let quarantined = keys(&moto, "quarantine");
     assert_eq!(quarantined.len(), 1, "{quarantined:?}");
     assert!(quarantined[0].starts_with(&format!("{sha}.")));
-    assert_eq!(moto.s3_get(BUCKET, &format!("{PREFIX}/quarantine/{}", quarantined[0])), bytes);
+    assert_eq!(
+        moto.s3_get(BUCKET, &format!("{PREFIX}/quarantine/{}", quarantined[0])),
+        bytes
+    );
     // Signatures are never logged.
     for log in [hub_log, fresh_log, agent_log] {
         assert!(!log.contains("X-Amz-Signature"), "{log}");
@@ -212,7 +218,13 @@ fn a_hub_killed_while_it_uploads_an_artifact_keeps_one_record_and_one_object() {
     // A runtime of ~30 MiB that packs to ~23 MiB: a multipart upload into
     // the bucket (16 MiB parts). The script exits before its long tail.
     let big = format!("{RUNTIME}exit\n# {}\n", noise(30 << 20));
-    let c2 = repos.commit("rt", "rt.sh", &big, "rt: vendor a blob", "Eve <eve@example.org>");
+    let c2 = repos.commit(
+        "rt",
+        "rt.sh",
+        &big,
+        "rt: vendor a blob",
+        "Eve <eve@example.org>",
+    );
 
     // Kill the hub once the upload has reached it whole (its temp file
     // stopped growing): it is then putting the object into the bucket.

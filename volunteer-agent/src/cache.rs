@@ -404,16 +404,17 @@ impl Bytes {
     async fn next(&mut self, sha12: &str) -> Result<Option<Vec<u8>>, Failure> {
         match self {
             Bytes::Hub(stream) => Ok(next_chunk(stream, sha12).await?.map(|c| c.data)),
-            Bytes::Url(body) => match tokio::time::timeout(DOWNLOAD_STALL_TIMEOUT, body.next()).await
-            {
-                Err(_) => Err(Failure::UrlFailed(format!(
-                    "nothing arrived for {}s",
-                    DOWNLOAD_STALL_TIMEOUT.as_secs()
-                ))),
-                Ok(None) => Ok(None),
-                Ok(Some(Ok(data))) => Ok(Some(data)),
-                Ok(Some(Err(e))) => Err(Failure::UrlFailed(e.to_string())),
-            },
+            Bytes::Url(body) => {
+                match tokio::time::timeout(DOWNLOAD_STALL_TIMEOUT, body.next()).await {
+                    Err(_) => Err(Failure::UrlFailed(format!(
+                        "nothing arrived for {}s",
+                        DOWNLOAD_STALL_TIMEOUT.as_secs()
+                    ))),
+                    Ok(None) => Ok(None),
+                    Ok(Some(Ok(data))) => Ok(Some(data)),
+                    Ok(Some(Err(e))) => Err(Failure::UrlFailed(e.to_string())),
+                }
+            }
         }
     }
 
@@ -728,8 +729,8 @@ impl ArtifactCache {
             // The meta chunk carried no data: nothing of it is written.
             first = None;
             let body = hub.fetch_url(&meta.url).await.map_err(|e| {
-                let expired = meta.url_expires_ms > 0
-                    && meta.url_expires_ms < crate::lock::now_ms();
+                let expired =
+                    meta.url_expires_ms > 0 && meta.url_expires_ms < crate::lock::now_ms();
                 Failure::UrlFailed(if expired {
                     format!("{e}; the URL had expired")
                 } else {
@@ -1046,7 +1047,10 @@ mod tests {
         assert_eq!(hub.url_fetches.load(SeqCst), 1);
         drop(lease);
         // One download per agent per hash: the cache answers the next ask.
-        assert_eq!(cache.get(&sha, &hub).await.unwrap().source(), Source::Cached);
+        assert_eq!(
+            cache.get(&sha, &hub).await.unwrap().source(),
+            Source::Cached
+        );
         assert_eq!(hub.url_fetches.load(SeqCst), 1);
         assert_eq!(files(&cache), [format!("{sha}.tar.zst")]);
     }

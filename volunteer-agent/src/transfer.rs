@@ -570,7 +570,9 @@ mod tests {
         };
         let text = e.to_string();
         assert!(
-            text.starts_with(&format!("GET http://127.0.0.1:{port}/b/artifacts/x.tar.zst: ")),
+            text.starts_with(&format!(
+                "GET http://127.0.0.1:{port}/b/artifacts/x.tar.zst: "
+            )),
             "{text}"
         );
         assert!(!text.contains("s3cr3t"), "{text}");
