@@ -560,7 +560,7 @@ impl Artifacts {
     async fn reconcile(&self) -> Result<(), ArtifactError> {
         let mut copies = self.copies().await?;
         let table = &self.inner.table;
-        let (mut kept, mut changed) = (0usize, false);
+        let (mut kept, mut changed, mut migrated) = (0usize, false, 0usize);
         for item in table.scan_raw("") {
             let (key, value) = item?;
             let key_text = String::from_utf8_lossy(&key).into_owned();
@@ -578,6 +578,10 @@ impl Artifacts {
                 }
             };
             match copies.remove(&key_text) {
+                None if self.migrate_file(&key_text, rec.size).await? => {
+                    migrated += 1;
+                    kept += 1;
+                }
                 None => {
                     tracing::warn!(
                         "artifact {key_text}: recorded but its copy {} is missing; removing the record (a rebuild stores it again)",
@@ -609,8 +613,61 @@ impl Artifacts {
         if changed {
             table.store().flush_now()?;
         }
+        if migrated > 0 {
+            tracing::info!(
+                migrated,
+                "moved the artifacts stored in {} into {}",
+                self.inner.dir.display(),
+                self.describe()
+            );
+        }
         tracing::info!(artifacts = kept, "artifact store open: {}", self.describe());
         Ok(())
+    }
+
+    /// A recorded artifact with no object but a file `<dir>/<sha>.tar.zst`
+    /// (the hub kept its artifacts in the data dir before `[storage]` said
+    /// s3): the file is hashed, put into the object store and deleted, and
+    /// `true` returned. A file that does not match its record is left where
+    /// it is (`false`: the record goes). Files backend: always `false`.
+    async fn migrate_file(&self, sha: &str, size: u64) -> Result<bool, ArtifactError> {
+        if matches!(self.inner.backend, Backend::Files) {
+            return Ok(false);
+        }
+        let path = self.path_of(sha);
+        let file = match tokio::fs::File::open(&path).await {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(ArtifactError::io("open", &path)(e)),
+        };
+        let mut reader = Reader::File(file, path.clone());
+        let (mut hasher, mut len) = (Sha256::new(), 0u64);
+        loop {
+            let data = reader.next_chunk(DOWNLOAD_CHUNK_BYTES).await?;
+            if data.is_empty() {
+                break;
+            }
+            len += data.len() as u64;
+            hasher.update(&data);
+        }
+        let got = hex::encode(hasher.finalize());
+        if got != sha || len != size {
+            tracing::error!(
+                "artifact {sha}: {} hashes to {got} ({len} bytes, {size} recorded); not moving it into the object store (left where it is)",
+                path.display()
+            );
+            return Ok(false);
+        }
+        self.stage(sha, &path, size).await?;
+        tokio::fs::remove_file(&path)
+            .await
+            .map_err(ArtifactError::io("delete", &path))?;
+        tracing::info!(
+            "artifact {sha}: moved {} into {}",
+            path.display(),
+            self.where_is(sha)
+        );
+        Ok(true)
     }
 
     /// Where the bytes are, for people.
@@ -754,20 +811,21 @@ impl Artifacts {
     /// publish lock: the object store's copy is uploaded (the same bytes put
     /// twice by two uploads are the same object, whole either time). Files
     /// are only renamed, in [`Artifacts::place`].
-    async fn stage(&self, sha: &str, temp: &TempFile, size: u64) -> Result<(), ArtifactError> {
+    async fn stage(&self, sha: &str, file: &Path, size: u64) -> Result<(), ArtifactError> {
         let Backend::Objects(objects) = &self.inner.backend else {
             return Ok(());
         };
         let path = objects.path(&object_rel(sha));
-        let mut file = tokio::fs::File::open(&temp.path)
+        let source = file;
+        let mut file = tokio::fs::File::open(source)
             .await
-            .map_err(ArtifactError::io("open", &temp.path))?;
+            .map_err(ArtifactError::io("open", source))?;
         let store = objects.store();
         if size <= OBJECT_PART_BYTES as u64 {
             let mut data = Vec::with_capacity(size as usize);
             file.read_to_end(&mut data)
                 .await
-                .map_err(ArtifactError::io("read", &temp.path))?;
+                .map_err(ArtifactError::io("read", source))?;
             store
                 .put(&path, data.into())
                 .await
@@ -782,7 +840,7 @@ impl Artifacts {
             .map_err(ArtifactError::object(objects, "start uploading", &path))?;
         let mut writer =
             object_store::WriteMultipart::new_with_chunk_size(upload, OBJECT_PART_BYTES);
-        let mut reader = Reader::File(file, temp.path.clone());
+        let mut reader = Reader::File(file, source.to_path_buf());
         let sent = async {
             loop {
                 let data = reader.next_chunk(OBJECT_PART_BYTES).await?;
@@ -840,7 +898,7 @@ impl Artifacts {
                 // record) may have deleted the staged object meanwhile.
                 match self.version_of(sha).await? {
                     Some(Version::Object(_, len)) if len == size => Ok(()),
-                    _ => self.stage(sha, temp, size).await,
+                    _ => self.stage(sha, &temp.path, size).await,
                 }
             }
         }
@@ -1093,7 +1151,7 @@ impl Artifacts {
                 already_present: true,
             });
         }
-        self.stage(&sha, &temp, size).await?;
+        self.stage(&sha, &temp.path, size).await?;
         let published = self.inner.publish.lock().await;
         if self.contains(&sha)? {
             return Ok(Received {
@@ -2268,6 +2326,32 @@ mod tests {
         assert_eq!(fetch(&a, &kept, "ag_1").await.unwrap(), b"kept");
         // The lost one can be stored again.
         assert_eq!(store_one(&a, b"lost its object", "lua", "p").await, lost);
+    }
+
+    #[tokio::test]
+    async fn switching_to_an_object_store_moves_the_stored_files_into_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (moved, bad) = {
+            let (_store, a) = open(dir.path()).await;
+            let moved = store_one(&a, b"kept across the switch", "lua", "p").await;
+            let bad = store_one(&a, b"rotten on disk", "lua", "q").await;
+            std::fs::write(a.path_of(&bad), b"rotten on dis!").unwrap();
+            (moved, bad)
+        };
+        let (_store, a, objects) = reopen_objects(dir.path()).await;
+        assert!(a.contains(&moved).unwrap());
+        assert_eq!(
+            objects_in(&objects, OBJECTS_DIR).await,
+            [format!("{moved}.tar.zst")]
+        );
+        assert!(!a.path_of(&moved).exists(), "the file moved");
+        assert_eq!(
+            fetch(&a, &moved, "ag_1").await.unwrap(),
+            b"kept across the switch"
+        );
+        // A file that no longer matches is not moved, and its record goes.
+        assert!(!a.contains(&bad).unwrap());
+        assert!(a.path_of(&bad).exists(), "left for a post-mortem");
     }
 
     #[tokio::test]
