@@ -61,8 +61,10 @@ pub(crate) enum ObjectsError {
     /// The configuration cannot make a client (caught at start).
     #[error("storage: {0}")]
     Setup(String),
-    /// A request failed.
-    #[error("storage: cannot {action} {path} in {store}: {source}{hint}")]
+    /// A request failed. The message carries the service's own words (its
+    /// error code, or the innermost network error), not the client's whole
+    /// chain of wrappers.
+    #[error("storage: cannot {action} {path} in {store}: {summary}{hint}")]
     Store {
         /// What the hub was doing, e.g. "write".
         action: &'static str,
@@ -70,12 +72,20 @@ pub(crate) enum ObjectsError {
         path: String,
         /// [`Objects::describe`].
         store: String,
+        /// What went wrong, in one line.
+        summary: String,
         /// What to check, when the error says (`""` otherwise).
         hint: String,
-        /// The client's error.
-        #[source]
-        source: Box<object_store::Error>,
+        /// The client's error (for `NotFound` checks and the debug log).
+        cause: Box<object_store::Error>,
     },
+}
+
+impl ObjectsError {
+    /// Whether the object did not exist.
+    pub(crate) fn is_not_found(&self) -> bool {
+        matches!(self, ObjectsError::Store { cause, .. } if matches!(**cause, object_store::Error::NotFound { .. }))
+    }
 }
 
 /// The handle on the object store: cheap to clone, shared by artifacts,
@@ -338,14 +348,44 @@ impl Objects {
         let path = path.to_string();
         let store = self.describe();
         let remote = self.is_remote();
-        move |source| ObjectsError::Store {
+        move |cause| ObjectsError::Store {
             action,
-            hint: if remote { hint(&source) } else { String::new() },
+            hint: if remote { hint(&cause) } else { String::new() },
+            summary: summary(&cause),
             path,
             store,
-            source: Box::new(source),
+            cause: Box::new(cause),
         }
     }
+}
+
+/// One line for people: the S3 error's code and message when the service
+/// answered with one, else the innermost cause (e.g. "Connection refused").
+fn summary(e: &object_store::Error) -> String {
+    let text = e.to_string();
+    let tag = |name: &str| {
+        let open = format!("<{name}>");
+        let start = text.find(&open)? + open.len();
+        let end = text[start..].find(&format!("</{name}>"))? + start;
+        Some(text[start..end].trim().to_owned())
+    };
+    if let Some(code) = tag("Code") {
+        return match tag("Message") {
+            Some(message) => format!("{code}: {message}"),
+            None => code,
+        };
+    }
+    let mut inner: &dyn std::error::Error = e;
+    while let Some(next) = inner.source() {
+        inner = next;
+    }
+    let line = inner.to_string();
+    line.lines()
+        .next()
+        .unwrap_or_default()
+        .chars()
+        .take(300)
+        .collect()
 }
 
 /// What to check, from what the service answered (`""` when it says nothing
@@ -356,16 +396,16 @@ fn hint(e: &object_store::Error) -> String {
         "the bucket does not exist: create it, or fix `storage.bucket`"
     } else if text.contains("region") || text.contains("permanentredirect") {
         "the bucket is in another region: fix `storage.region`"
-    } else if matches!(e, object_store::Error::PermissionDenied { .. })
-        || text.contains("accessdenied")
-        || text.contains("forbidden")
-    {
-        "access denied: the credentials (AWS_ACCESS_KEY_ID or the profile in ~/.aws/credentials) may not read and write this bucket and prefix"
     } else if matches!(e, object_store::Error::Unauthenticated { .. })
         || text.contains("invalidaccesskeyid")
         || text.contains("signaturedoesnotmatch")
     {
         "the credentials were refused: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or the profile in ~/.aws/credentials) and the hub's clock"
+    } else if matches!(e, object_store::Error::PermissionDenied { .. })
+        || text.contains("accessdenied")
+        || text.contains("forbidden")
+    {
+        "access denied: the credentials (AWS_ACCESS_KEY_ID or the profile in ~/.aws/credentials) may not read and write this bucket and prefix"
     } else if text.contains("error sending request")
         || text.contains("connection refused")
         || text.contains("dns error")

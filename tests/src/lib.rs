@@ -848,6 +848,27 @@ impl Hub {
             .max_encoding_message_size(64 * 1024 * 1024)
     }
 
+    /// `GET /metrics` from the hub's web endpoint (the whole response).
+    pub fn metrics(&self) -> String {
+        use std::io::{Read, Write};
+        let info: Value =
+            serde_json::from_str(&std::fs::read_to_string(self.data_dir.join("hub.json")).unwrap())
+                .unwrap();
+        let addr = info["web"].as_str().unwrap().to_string();
+        let mut stream = std::net::TcpStream::connect(&addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        write!(
+            stream,
+            "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        response
+    }
+
     /// The hub's whole output (all runs).
     pub fn logs(&self) -> String {
         let p = self.dir.path().join("hub");

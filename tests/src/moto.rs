@@ -57,6 +57,21 @@ fn moto_command() -> Option<Vec<String>> {
     importable.then(|| vec![python, "-m".into(), "moto.server".into()])
 }
 
+/// Takes every AWS credential source away from `cmd` (the variables, and
+/// `HOME` pointed at `home`, which has no `.aws/credentials`).
+pub fn without_aws_credentials(cmd: &mut Command, home: &std::path::Path) {
+    for var in [
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_SHARED_CREDENTIALS_FILE",
+        "AWS_PROFILE",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd.env("HOME", home);
+}
+
 fn on_path(cmd: &str) -> bool {
     std::env::var_os("PATH")
         .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(cmd).is_file()))

@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use trunkfarm_e2e::moto::{Moto, STOCK_AMI};
+use trunkfarm_e2e::moto::{Moto, STOCK_AMI, without_aws_credentials};
 use trunkfarm_e2e::proto::enrollment::Enrollment;
 use trunkfarm_e2e::{
     Agent, Hub, KillPidFiles, Proc, bins, combined, describe, read_lossy, run_with_timeout, s,
@@ -451,15 +451,8 @@ fn a_hub_without_aws_credentials_refuses_to_start_and_says_what_to_set() {
     )
     .unwrap();
     let mut cmd = Command::new(&bins().hub);
-    cmd.arg("serve")
-        .arg("--config")
-        .arg(&config)
-        .env_remove("AWS_ACCESS_KEY_ID")
-        .env_remove("AWS_SECRET_ACCESS_KEY")
-        .env_remove("AWS_SESSION_TOKEN")
-        .env_remove("AWS_SHARED_CREDENTIALS_FILE")
-        .env_remove("AWS_PROFILE")
-        .env("HOME", dir.path());
+    cmd.arg("serve").arg("--config").arg(&config);
+    without_aws_credentials(&mut cmd, dir.path());
     let out = run_with_timeout(cmd, Duration::from_secs(30));
     let text = combined(&out);
     assert!(

@@ -21,27 +21,6 @@ fn pools(hub: &Hub) -> Vec<Value> {
         .clone()
 }
 
-/// `GET /metrics` from the hub's web endpoint.
-fn metrics(hub: &Hub) -> String {
-    use std::io::{Read, Write};
-    let info: Value =
-        serde_json::from_str(&std::fs::read_to_string(hub.data_dir.join("hub.json")).unwrap())
-            .unwrap();
-    let addr = info["web"].as_str().unwrap().to_string();
-    let mut stream = std::net::TcpStream::connect(&addr).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    write!(
-        stream,
-        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut response = String::new();
-    let _ = stream.read_to_string(&mut response);
-    response
-}
-
 fn live(pool: &Value) -> usize {
     pool["instances"]
         .as_array()
@@ -80,7 +59,7 @@ missing_timeout = "60s"
         most = most.max(live(p));
         if !seen_in_metrics && live(p) > 0 {
             // The same is exposed as metrics.
-            let m = metrics(&hub);
+            let m = hub.metrics();
             seen_in_metrics = m.lines().any(|l| {
                 (l.starts_with("trunkfarm_pool_instances{pool=\"burst\",state=\"running\"}")
                     || l.starts_with("trunkfarm_pool_instances{pool=\"burst\",state=\"starting\"}"))
@@ -128,7 +107,7 @@ missing_timeout = "60s"
         text.contains("pool burst (local): 0 instance(s), min 0, max 3"),
         "{text}"
     );
-    let m = metrics(&hub);
+    let m = hub.metrics();
     for line in [
         "trunkfarm_pool_instances{pool=\"burst\",state=\"running\"} 0",
         "trunkfarm_pool_failed_starts{pool=\"burst\"} 0",

@@ -67,16 +67,23 @@ pub(super) async fn run(args: &BenchArgs, dir: &Path) -> anyhow::Result<Vec<Figu
         "fanout: a {} MiB runtime artifact to {f} agents at once",
         args.artifact_mib
     );
-    let hub = Arc::new(
-        BenchHub::start(
-            dir,
-            &format!(
-                "[artifacts]\nmax_size = \"{} MiB\"\n",
-                args.artifact_mib * 2 + 16
-            ),
-        )
-        .await?,
+    let mut extra = format!(
+        "[artifacts]\nmax_size = \"{} MiB\"\n",
+        args.artifact_mib * 2 + 16
     );
+    let store = match &args.s3_endpoint {
+        Some(endpoint) => {
+            extra.push_str(&format!(
+                "\n[storage]\nbackend = \"s3\"\nbucket = \"{}\"\nprefix = \"bench/{}\"\nendpoint = \"{endpoint}\"\n",
+                args.s3_bucket,
+                std::process::id()
+            ));
+            format!("s3 {endpoint}")
+        }
+        None => "data dir".to_owned(),
+    };
+    println!("fanout: artifacts in the {store}");
+    let hub = Arc::new(BenchHub::start(dir, &extra).await?);
     let _agents = hub.start_agents(f, 1, args.sandbox).await?;
     let admin = hub.admin().await?;
 
@@ -166,10 +173,11 @@ pub(super) async fn run(args: &BenchArgs, dir: &Path) -> anyhow::Result<Vec<Figu
         ran_on.insert(r??.agent_id);
     }
     let agents_time = started.elapsed();
-    let (downloads_2, _) = counters(&hub).await?;
+    let (downloads_2, sent_2) = counters(&hub).await?;
     let fetched = downloads_2 - downloads_1;
+    let hub_sent = sent_2 - sent_1;
     println!(
-        "fanout: {jobs} jobs on {} agents in {:.1} s (download, verify, unpack, run): the hub served the runtime {fetched} times",
+        "fanout: {jobs} jobs on {} agents in {:.1} s (download, verify, unpack, run): the runtime was handed out {fetched} times, {hub_sent} bytes of it through the hub",
         ran_on.len(),
         agents_time.as_secs_f64()
     );
@@ -177,7 +185,7 @@ pub(super) async fn run(args: &BenchArgs, dir: &Path) -> anyhow::Result<Vec<Figu
     if let Ok(hub) = Arc::try_unwrap(hub) {
         hub.stop().await?;
     }
-    let setup = format!("{} MiB artifact, {f} agents", args.artifact_mib);
+    let setup = format!("{} MiB artifact, {f} agents, {store}", args.artifact_mib);
     Ok(vec![
         Figure::new(
             "fanout",
@@ -194,6 +202,14 @@ pub(super) async fn run(args: &BenchArgs, dir: &Path) -> anyhow::Result<Vec<Figu
             "sends",
             Target::AtMost(1.0),
             format!("{setup}, {jobs} jobs on {} agents", ran_on.len()),
+        ),
+        Figure::new(
+            "fanout",
+            "hub_bytes_per_agent",
+            hub_sent as f64 / ran_on.len().max(1) as f64,
+            "bytes",
+            Target::None,
+            format!("{setup}: artifact bytes the hub itself sent to the real agents"),
         ),
         Figure::new(
             "fanout",

@@ -90,6 +90,15 @@ pub(crate) struct BenchArgs {
     /// fanout: agents downloading at once.
     #[arg(long, default_value_t = 16)]
     pub(crate) fanout_agents: usize,
+    /// fanout: keep the artifact in an S3-compatible object store at this
+    /// endpoint (e.g. a `moto_server` or MinIO on 127.0.0.1) instead of the
+    /// data dir; the agents then fetch it through presigned URLs.
+    /// Credentials: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY.
+    #[arg(long)]
+    pub(crate) s3_endpoint: Option<String>,
+    /// fanout with --s3-endpoint: the bucket (it must exist).
+    #[arg(long, default_value = "trunkfarm-bench")]
+    pub(crate) s3_bucket: String,
     /// recovery: finished jobs (with their results) stored before the restart.
     #[arg(long, default_value_t = 1_000_000)]
     pub(crate) results: u64,
