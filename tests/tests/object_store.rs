@@ -5,8 +5,6 @@
 //! hash check and quarantined by the hub, and a hub killed while it uploads
 //! an artifact loses nothing and stores nothing twice.
 
-use std::io::{Read as _, Write as _};
-use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -67,20 +65,7 @@ fn status(hub: &Hub) -> Value {
 
 /// The value of counter `name` on the hub's `/metrics`.
 fn metric(hub: &Hub, name: &str) -> u64 {
-    let info: Value =
-        serde_json::from_str(&std::fs::read_to_string(hub.data_dir.join("hub.json")).unwrap())
-            .unwrap();
-    let web: SocketAddr = info["web"].as_str().unwrap().parse().unwrap();
-    let mut conn = TcpStream::connect(web).unwrap();
-    conn.set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    write!(
-        conn,
-        "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut reply = String::new();
-    conn.read_to_string(&mut reply).unwrap();
+    let reply = hub.metrics();
     reply
         .lines()
         .find_map(|l| l.strip_prefix(&format!("{name} ")))
