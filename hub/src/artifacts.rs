@@ -8,17 +8,28 @@
 //! sled tree `artifacts`       <sha256> → ArtifactRecord (JSON)
 //! ```
 //!
-//! Rules this module keeps:
-//! - A file is put in place only after its bytes were counted and hashed
+//! With `[storage] backend = "s3"` ([`Backend::Objects`]) the bytes live in
+//! the object store instead, as `artifacts/<sha256>.tar.zst` and
+//! `quarantine/<sha256>.<ms>.tar.zst` under the hub's prefix; uploads are
+//! still received into `<dir>/tmp/`, and records stay in sled. A download
+//! that accepts one is answered with a presigned URL: the agent fetches the
+//! bytes from the store and the hub sends none.
+//!
+//! Rules this module keeps (for both backends; [`Backend`] is the only
+//! place they differ):
+//! - A copy is put in place only after its bytes were counted and hashed
 //!   against what the uploader announced; it is written to `tmp/`, synced,
-//!   renamed (atomic) and the directory synced, and only then recorded. The
-//!   upload is answered after the record is durable ([`Store::commit`]).
-//! - Files never change once in place: a second upload of the same hash is
+//!   then renamed (atomic) with the directory synced, or put into the object
+//!   store (atomic: a put or a completed multipart upload appears whole or
+//!   not at all), and only then recorded. The upload is answered after the
+//!   record is durable ([`Store::commit`]).
+//! - Copies never change once in place: a second upload of the same hash is
 //!   discarded (`already_present`), so concurrent uploads cannot corrupt one.
-//! - A record exists only for a file that exists: the open reconciles both
-//!   sides, garbage collection removes the record (durably) before the file,
-//!   and a download that finds a corrupt file quarantines it and removes its
-//!   record so a rebuild can store it again.
+//! - A record exists only for a copy that exists: the open reconciles both
+//!   sides (a copy without a record, e.g. an object put before a crash, is
+//!   deleted), garbage collection removes the record (durably) before the
+//!   copy, and a download that finds a corrupt copy quarantines it and
+//!   removes its record so a rebuild can store it again.
 
 use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::MetadataExt;
@@ -26,14 +37,18 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use object_store::ObjectStoreExt as _;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_stream::{Stream, StreamExt};
 use tonic::Status;
-use trunkfarm_proto::v1::{AgentDownloads, ArtifactChunk, ArtifactInfo, ArtifactMeta, JobRef};
+use trunkfarm_proto::v1::{
+    AgentDownloads, ArtifactChunk, ArtifactInfo, ArtifactMeta, DownloadArtifactRequest, JobRef,
+};
 
+use crate::objects::{Objects, ObjectsError};
 use crate::space::{DataDir, SpaceError};
 use crate::store::{Store, StoreError, Table, now_ms, trees};
 
@@ -55,8 +70,22 @@ const RECHECK_BYTES: u64 = 8 * 1024 * 1024;
 /// Subdirectory for uploads in progress.
 const TMP_DIR: &str = "tmp";
 
-/// Subdirectory for files that did not match their hash.
+/// Subdirectory for files that did not match their hash; also the object
+/// store's folder for quarantined objects.
 const QUARANTINE_DIR: &str = "quarantine";
+
+/// The object store's folder for artifacts (under the hub's prefix).
+const OBJECTS_DIR: &str = "artifacts";
+
+/// Parts of a multipart upload to the object store are this large (S3's
+/// minimum is 5 MiB; larger parts mean fewer requests). Uploads up to this
+/// size are one put. The in-process tests (a local store, which has no
+/// minimum) use small parts so that their uploads take the multipart path.
+const OBJECT_PART_BYTES: usize = if cfg!(test) {
+    100 * 1024
+} else {
+    16 * 1024 * 1024
+};
 
 /// Why an artifact operation failed. Messages say what is wrong and, where
 /// someone can act, what to do; `grpc/mod.rs` maps each to a status code.
@@ -78,6 +107,9 @@ pub(crate) enum ArtifactError {
     /// The database failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The object store failed (unreachable, access denied, ...).
+    #[error(transparent)]
+    Objects(#[from] ObjectsError),
     /// A hash that is not 64 hex characters.
     #[error("{0:?} is not a SHA-256: expected 64 hexadecimal characters")]
     BadSha(String),
@@ -164,6 +196,111 @@ impl ArtifactError {
             action,
             path,
             source,
+        }
+    }
+
+    /// A `map_err` for an object store error of `objects`.
+    fn object(
+        objects: &Objects,
+        action: &'static str,
+        path: &object_store::path::Path,
+    ) -> impl FnOnce(object_store::Error) -> ArtifactError + use<> {
+        let error = objects.error(action, path);
+        move |source| ArtifactError::Objects(error(source))
+    }
+}
+
+/// Where the artifacts' bytes are kept (their records are always in the
+/// database). Everything that differs between the two is a method of this
+/// enum: put in place, open for reading, delete, quarantine, list.
+#[derive(Clone)]
+pub(crate) enum Backend {
+    /// Files `<dir>/<sha256>.tar.zst` in the data dir (`[storage] backend =
+    /// "local"`): the layout of every release before the object store.
+    Files,
+    /// Objects `artifacts/<sha256>.tar.zst` under the store's prefix
+    /// (`backend = "s3"`; in tests also a local [`Objects`]).
+    Objects(Objects),
+}
+
+impl Backend {
+    /// The backend for `[storage]`: the object store when it is remote,
+    /// else files in the data dir as before (a local object store would only
+    /// move the same bytes to another folder of the same disk).
+    pub(crate) fn for_storage(objects: &Objects) -> Backend {
+        if objects.is_remote() {
+            Backend::Objects(objects.clone())
+        } else {
+            Backend::Files
+        }
+    }
+}
+
+/// Which copy of an artifact was read: quarantine takes out exactly that
+/// one (a good copy that replaced it meanwhile stays).
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Version {
+    /// A file's device and inode.
+    File(u64, u64),
+    /// An object's entity tag and size.
+    Object(Option<String>, u64),
+}
+
+/// A stored copy opened for reading.
+struct Opened {
+    reader: Reader,
+    size: u64,
+    version: Version,
+    /// A file's identity and change time (files only: the `verified` cache).
+    stamp: Option<FileStamp>,
+}
+
+/// An object's body as object_store yields it.
+type ObjectBody = std::pin::Pin<Box<dyn Stream<Item = object_store::Result<bytes::Bytes>> + Send>>;
+
+/// The bytes of a stored copy, read in chunks.
+enum Reader {
+    /// A file and its path.
+    File(tokio::fs::File, PathBuf),
+    /// An object's body, what arrived of it beyond the last chunk, its path.
+    Object {
+        stream: ObjectBody,
+        pending: Vec<u8>,
+        path: object_store::path::Path,
+        objects: Objects,
+    },
+}
+
+impl Reader {
+    /// Up to `max` next bytes (fewer only at the end; empty at the end).
+    async fn next_chunk(&mut self, max: usize) -> Result<Vec<u8>, ArtifactError> {
+        match self {
+            Reader::File(file, path) => {
+                let mut buf = vec![0u8; max];
+                let n = read_full(file, &mut buf)
+                    .await
+                    .map_err(ArtifactError::io("read", path))?;
+                buf.truncate(n);
+                Ok(buf)
+            }
+            Reader::Object {
+                stream,
+                pending,
+                path,
+                objects,
+            } => {
+                while pending.len() < max {
+                    match stream.next().await {
+                        None => break,
+                        Some(Ok(bytes)) => pending.extend_from_slice(&bytes),
+                        Some(Err(e)) => {
+                            return Err(ArtifactError::object(objects, "read", path)(e));
+                        }
+                    }
+                }
+                let rest = pending.split_off(max.min(pending.len()));
+                Ok(std::mem::replace(pending, rest))
+            }
         }
     }
 }
@@ -278,7 +415,10 @@ pub(crate) struct Artifacts {
 struct Inner {
     /// `<sha256>` → [`ArtifactRecord`].
     table: Table,
+    /// Files (backend `Files`) and uploads in progress (`tmp/`, both).
     dir: PathBuf,
+    /// Where the bytes are kept.
+    backend: Backend,
     max_size: u64,
     /// The data dir's reserve: an upload that would cut into it is refused.
     space: DataDir,
@@ -289,9 +429,11 @@ struct Inner {
     /// file is not hashed again (any write to it changes its ctime, which
     /// no one can set back). Hashing every download cost a core per GB/s.
     verified: Mutex<HashMap<String, (FileStamp, std::time::Instant)>>,
-    /// Downloads served to the end since start, all artifacts (`/metrics`).
+    /// Downloads served to the end or handed a URL since start, all
+    /// artifacts (`/metrics`).
     downloads_total: AtomicU64,
-    /// Artifact bytes sent to agents since start (`/metrics`).
+    /// Artifact bytes the hub itself sent to agents since start (`/metrics`;
+    /// not what agents fetched from presigned URLs).
     bytes_sent_total: AtomicU64,
     /// Serializes what changes which files are in place together with their
     /// records (publishing an upload, quarantine, gc), so a record and its
@@ -335,22 +477,29 @@ impl Drop for TempFile {
 }
 
 impl Artifacts {
-    /// Opens the store in `dir` (created if missing) with records in `store`:
-    /// deletes leftover temp files and reconciles files with records. Uploads
-    /// larger than `max_size` bytes are refused.
-    pub(crate) fn open(
+    /// Opens the store in `dir` (created if missing) with records in `store`
+    /// and bytes in `backend`: deletes leftover temp files and reconciles
+    /// stored copies with records. Uploads larger than `max_size` bytes are
+    /// refused.
+    pub(crate) async fn open(
         store: &Store,
         dir: PathBuf,
         max_size: u64,
         space: DataDir,
+        backend: Backend,
     ) -> Result<Artifacts, ArtifactError> {
-        for d in [dir.clone(), dir.join(TMP_DIR), dir.join(QUARANTINE_DIR)] {
+        let mut dirs = vec![dir.clone(), dir.join(TMP_DIR)];
+        if matches!(backend, Backend::Files) {
+            dirs.push(dir.join(QUARANTINE_DIR));
+        }
+        for d in dirs {
             std::fs::create_dir_all(&d).map_err(ArtifactError::io("create directory", &d))?;
         }
         let artifacts = Artifacts {
             inner: Arc::new(Inner {
                 table: Table::open(store, trees::ARTIFACTS)?,
                 dir,
+                backend,
                 max_size,
                 space,
                 downloads: Mutex::new(HashMap::new()),
@@ -361,7 +510,7 @@ impl Artifacts {
             }),
         };
         artifacts.clear_tmp()?;
-        artifacts.reconcile()?;
+        artifacts.reconcile().await?;
         Ok(artifacts)
     }
 
@@ -404,68 +553,49 @@ impl Artifacts {
         Ok(())
     }
 
-    /// Makes files and records agree: a record whose file is missing is
-    /// removed, a file without a record is deleted, a file whose size is not
-    /// its record's is quarantined (its record removed).
-    fn reconcile(&self) -> Result<(), ArtifactError> {
-        let dir = &self.inner.dir;
-        let mut files: HashMap<String, u64> = HashMap::new();
-        let entries = std::fs::read_dir(dir).map_err(ArtifactError::io("list", dir))?;
-        for entry in entries {
-            let entry = entry.map_err(ArtifactError::io("list", dir))?;
-            let path = entry.path();
-            let meta = entry
-                .metadata()
-                .map_err(ArtifactError::io("inspect", &path))?;
-            if meta.is_dir() {
-                continue;
-            }
-            let name = entry.file_name().to_string_lossy().into_owned();
-            match name.strip_suffix(FILE_SUFFIX).map(normalize_sha256) {
-                Some(Ok(sha)) if name == format!("{sha}{FILE_SUFFIX}") => {
-                    files.insert(sha, meta.len());
-                }
-                _ => tracing::warn!(
-                    "{} is not an artifact file (expected <sha256>{FILE_SUFFIX}); leaving it alone",
-                    path.display()
-                ),
-            }
-        }
+    /// Makes copies and records agree: a record whose copy is missing is
+    /// removed, a copy without a record is deleted (an upload interrupted
+    /// between putting its copy in place and recording it), a copy whose
+    /// size is not its record's is quarantined (its record removed).
+    async fn reconcile(&self) -> Result<(), ArtifactError> {
+        let mut copies = self.copies().await?;
         let table = &self.inner.table;
-        let (mut kept, mut changed) = (0usize, false);
+        let (mut kept, mut changed, mut migrated) = (0usize, false, 0usize);
         for item in table.scan_raw("") {
             let (key, value) = item?;
             let key_text = String::from_utf8_lossy(&key).into_owned();
             // An unreadable record is dropped here rather than failing the
-            // open: its file is then unrecorded and deleted below.
+            // open: its copy is then unrecorded and deleted below.
             let rec: ArtifactRecord = match table.decode(&key, &value) {
                 Ok(rec) => rec,
                 Err(e) => {
                     tracing::error!(
-                        "{e}; removing the record (its file, if any, is deleted as unrecorded)"
+                        "{e}; removing the record (its copy, if any, is deleted as unrecorded)"
                     );
                     table.remove(&key)?;
                     changed = true;
                     continue;
                 }
             };
-            let path = self.path_of(&key_text);
-            match files.remove(&key_text) {
+            match copies.remove(&key_text) {
+                None if self.migrate_file(&key_text, rec.size).await? => {
+                    migrated += 1;
+                    kept += 1;
+                }
                 None => {
                     tracing::warn!(
-                        "artifact {key_text}: recorded but its file {} is missing; removing the record (a rebuild stores it again)",
-                        path.display()
+                        "artifact {key_text}: recorded but its copy {} is missing; removing the record (a rebuild stores it again)",
+                        self.where_is(&key_text)
                     );
                     table.remove(&key)?;
                     changed = true;
                 }
                 Some(len) if len != rec.size => {
-                    let dest = self.move_to_quarantine(&key_text)?;
+                    let dest = self.quarantine_copy(&key_text).await?;
                     tracing::error!(
-                        "artifact {key_text}: file {} is {len} bytes but was stored with {}; moved it to {} and removed the record",
-                        path.display(),
+                        "artifact {key_text}: {} is {len} bytes but was stored with {}; moved it to {dest} and removed the record",
+                        self.where_is(&key_text),
                         rec.size,
-                        dest.display()
                     );
                     table.remove(&key)?;
                     changed = true;
@@ -473,32 +603,351 @@ impl Artifacts {
                 Some(_) => kept += 1,
             }
         }
-        for sha in files.keys() {
-            let path = self.path_of(sha);
+        for sha in copies.keys() {
             tracing::warn!(
-                "artifact file {} has no record (an upload interrupted before it was recorded?); deleting the file",
-                path.display()
+                "artifact copy {} has no record (an upload interrupted before it was recorded?); deleting it",
+                self.where_is(sha)
             );
-            std::fs::remove_file(&path).map_err(ArtifactError::io("delete", &path))?;
+            self.delete_copy(sha).await?;
         }
         if changed {
             table.store().flush_now()?;
         }
-        tracing::info!(artifacts = kept, dir = %dir.display(), "artifact store open");
+        if migrated > 0 {
+            tracing::info!(
+                migrated,
+                "moved the artifacts stored in {} into {}",
+                self.inner.dir.display(),
+                self.describe()
+            );
+        }
+        tracing::info!(artifacts = kept, "artifact store open: {}", self.describe());
         Ok(())
     }
 
-    /// Moves `<sha>.tar.zst` into `quarantine/` (kept for a post-mortem,
-    /// never served again) and returns where it went.
-    fn move_to_quarantine(&self, sha: &str) -> Result<PathBuf, ArtifactError> {
-        let from = self.path_of(sha);
-        let to = self
-            .inner
-            .dir
-            .join(QUARANTINE_DIR)
-            .join(format!("{sha}.{}{FILE_SUFFIX}", now_ms()));
-        std::fs::rename(&from, &to).map_err(ArtifactError::io("quarantine", &from))?;
-        Ok(to)
+    /// A recorded artifact with no object but a file `<dir>/<sha>.tar.zst`
+    /// (the hub kept its artifacts in the data dir before `[storage]` said
+    /// s3): the file is hashed, put into the object store and deleted, and
+    /// `true` returned. A file that does not match its record is left where
+    /// it is (`false`: the record goes). Files backend: always `false`.
+    async fn migrate_file(&self, sha: &str, size: u64) -> Result<bool, ArtifactError> {
+        if matches!(self.inner.backend, Backend::Files) {
+            return Ok(false);
+        }
+        let path = self.path_of(sha);
+        let file = match tokio::fs::File::open(&path).await {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(ArtifactError::io("open", &path)(e)),
+        };
+        let mut reader = Reader::File(file, path.clone());
+        let (mut hasher, mut len) = (Sha256::new(), 0u64);
+        loop {
+            let data = reader.next_chunk(DOWNLOAD_CHUNK_BYTES).await?;
+            if data.is_empty() {
+                break;
+            }
+            len += data.len() as u64;
+            hasher.update(&data);
+        }
+        let got = hex::encode(hasher.finalize());
+        if got != sha || len != size {
+            tracing::error!(
+                "artifact {sha}: {} hashes to {got} ({len} bytes, {size} recorded); not moving it into the object store (left where it is)",
+                path.display()
+            );
+            return Ok(false);
+        }
+        self.stage(sha, &path, size).await?;
+        tokio::fs::remove_file(&path)
+            .await
+            .map_err(ArtifactError::io("delete", &path))?;
+        tracing::info!(
+            "artifact {sha}: moved {} into {}",
+            path.display(),
+            self.where_is(sha)
+        );
+        Ok(true)
+    }
+
+    /// Where the bytes are, for people.
+    fn describe(&self) -> String {
+        match &self.inner.backend {
+            Backend::Files => self.inner.dir.display().to_string(),
+            Backend::Objects(objects) => {
+                format!("{} in {}", objects.path(OBJECTS_DIR), objects.describe())
+            }
+        }
+    }
+
+    /// Where the copy of `sha` is, for people.
+    fn where_is(&self, sha: &str) -> String {
+        match &self.inner.backend {
+            Backend::Files => self.path_of(sha).display().to_string(),
+            Backend::Objects(objects) => format!(
+                "object {} in {}",
+                objects.path(&object_rel(sha)),
+                objects.describe()
+            ),
+        }
+    }
+
+    /// Every stored copy's hash and size. Names that are not
+    /// `<sha256>.tar.zst` are left alone (with a warning).
+    async fn copies(&self) -> Result<HashMap<String, u64>, ArtifactError> {
+        let mut found: Vec<(String, u64, String)> = Vec::new();
+        match &self.inner.backend {
+            Backend::Files => {
+                let dir = &self.inner.dir;
+                let entries = std::fs::read_dir(dir).map_err(ArtifactError::io("list", dir))?;
+                for entry in entries {
+                    let entry = entry.map_err(ArtifactError::io("list", dir))?;
+                    let path = entry.path();
+                    let meta = entry
+                        .metadata()
+                        .map_err(ArtifactError::io("inspect", &path))?;
+                    if !meta.is_dir() {
+                        let name = entry.file_name().to_string_lossy().into_owned();
+                        found.push((name, meta.len(), path.display().to_string()));
+                    }
+                }
+            }
+            Backend::Objects(objects) => {
+                let folder = objects.path(OBJECTS_DIR);
+                let mut listing = objects.store().list(Some(&folder));
+                while let Some(meta) = listing.next().await {
+                    let meta = meta.map_err(ArtifactError::object(objects, "list", &folder))?;
+                    // Only direct children are artifacts.
+                    let name = match meta
+                        .location
+                        .prefix_match(&folder)
+                        .map(|p| p.collect::<Vec<_>>())
+                    {
+                        Some(parts) if parts.len() == 1 => parts[0].as_ref().to_owned(),
+                        _ => String::new(),
+                    };
+                    found.push((name, meta.size, format!("object {}", meta.location)));
+                }
+            }
+        }
+        let mut copies = HashMap::new();
+        for (name, len, shown) in found {
+            match name.strip_suffix(FILE_SUFFIX).map(normalize_sha256) {
+                Some(Ok(sha)) if name == format!("{sha}{FILE_SUFFIX}") => {
+                    copies.insert(sha, len);
+                }
+                _ => tracing::warn!(
+                    "{shown} is not an artifact (expected <sha256>{FILE_SUFFIX}); leaving it alone"
+                ),
+            }
+        }
+        Ok(copies)
+    }
+
+    /// Opens the copy of `sha` for reading; `None` if there is none.
+    async fn open_copy(&self, sha: &str) -> Result<Option<Opened>, ArtifactError> {
+        match &self.inner.backend {
+            Backend::Files => {
+                let path = self.path_of(sha);
+                let file = match tokio::fs::File::open(&path).await {
+                    Ok(file) => file,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                    Err(e) => return Err(ArtifactError::io("open", &path)(e)),
+                };
+                let meta = file
+                    .metadata()
+                    .await
+                    .map_err(ArtifactError::io("inspect", &path))?;
+                Ok(Some(Opened {
+                    reader: Reader::File(file, path),
+                    size: meta.len(),
+                    version: Version::File(meta.dev(), meta.ino()),
+                    stamp: Some(stamp_of(&meta)),
+                }))
+            }
+            Backend::Objects(objects) => {
+                let path = objects.path(&object_rel(sha));
+                let got = match objects.store().get(&path).await {
+                    Ok(got) => got,
+                    Err(object_store::Error::NotFound { .. }) => return Ok(None),
+                    Err(e) => return Err(ArtifactError::object(objects, "read", &path)(e)),
+                };
+                let (size, e_tag) = (got.meta.size, got.meta.e_tag.clone());
+                Ok(Some(Opened {
+                    reader: Reader::Object {
+                        stream: got.into_stream(),
+                        pending: Vec::new(),
+                        path,
+                        objects: objects.clone(),
+                    },
+                    size,
+                    version: Version::Object(e_tag, size),
+                    stamp: None,
+                }))
+            }
+        }
+    }
+
+    /// Which copy of `sha` is in place now; `None` if none is.
+    async fn version_of(&self, sha: &str) -> Result<Option<Version>, ArtifactError> {
+        match &self.inner.backend {
+            Backend::Files => match std::fs::metadata(self.path_of(sha)) {
+                Ok(m) => Ok(Some(Version::File(m.dev(), m.ino()))),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(ArtifactError::io("inspect", &self.path_of(sha))(e)),
+            },
+            Backend::Objects(objects) => {
+                let path = objects.path(&object_rel(sha));
+                match objects.store().head(&path).await {
+                    Ok(meta) => Ok(Some(Version::Object(meta.e_tag, meta.size))),
+                    Err(object_store::Error::NotFound { .. }) => Ok(None),
+                    Err(e) => Err(ArtifactError::object(objects, "inspect", &path)(e)),
+                }
+            }
+        }
+    }
+
+    /// The slow part of putting a verified upload in place, done before the
+    /// publish lock: the object store's copy is uploaded (the same bytes put
+    /// twice by two uploads are the same object, whole either time). Files
+    /// are only renamed, in [`Artifacts::place`].
+    async fn stage(&self, sha: &str, file: &Path, size: u64) -> Result<(), ArtifactError> {
+        let Backend::Objects(objects) = &self.inner.backend else {
+            return Ok(());
+        };
+        let path = objects.path(&object_rel(sha));
+        let source = file;
+        let mut file = tokio::fs::File::open(source)
+            .await
+            .map_err(ArtifactError::io("open", source))?;
+        let store = objects.store();
+        if size <= OBJECT_PART_BYTES as u64 {
+            let mut data = Vec::with_capacity(size as usize);
+            file.read_to_end(&mut data)
+                .await
+                .map_err(ArtifactError::io("read", source))?;
+            store
+                .put(&path, data.into())
+                .await
+                .map_err(ArtifactError::object(objects, "store", &path))?;
+            return Ok(());
+        }
+        // Larger: a multipart upload, which the store shows only once
+        // completed (an interrupted one never appears as the object).
+        let upload = store
+            .put_multipart(&path)
+            .await
+            .map_err(ArtifactError::object(objects, "start uploading", &path))?;
+        let mut writer =
+            object_store::WriteMultipart::new_with_chunk_size(upload, OBJECT_PART_BYTES);
+        let mut reader = Reader::File(file, source.to_path_buf());
+        let sent = async {
+            loop {
+                let data = reader.next_chunk(OBJECT_PART_BYTES).await?;
+                if data.is_empty() {
+                    return Ok(());
+                }
+                writer
+                    .wait_for_capacity(2)
+                    .await
+                    .map_err(ArtifactError::object(objects, "store", &path))?;
+                writer.put(data.into());
+            }
+        }
+        .await;
+        match sent {
+            Ok(()) => {
+                writer
+                    .finish()
+                    .await
+                    .map_err(ArtifactError::object(objects, "store", &path))?;
+                Ok(())
+            }
+            Err(e) => {
+                if let Err(abort) = writer.abort().await {
+                    tracing::warn!(
+                        "artifact {sha}: cannot abort the unfinished upload of {path}: {abort}"
+                    );
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Puts a verified upload (staged by [`Artifacts::stage`]) in place;
+    /// called under the publish lock, so no quarantine or garbage
+    /// collection runs between this and the record.
+    async fn place(&self, sha: &str, temp: &mut TempFile, size: u64) -> Result<(), ArtifactError> {
+        match &self.inner.backend {
+            Backend::Files => {
+                let path = self.path_of(sha);
+                tokio::fs::rename(&temp.path, &path)
+                    .await
+                    .map_err(ArtifactError::io("store", &path))?;
+                temp.placed = true;
+                sync_dir(&self.inner.dir).await?;
+                // Hashed whole on the way in: the first downloads need not again.
+                if let Ok(meta) = tokio::fs::metadata(&path).await {
+                    self.lock_verified()
+                        .insert(sha.to_owned(), (stamp_of(&meta), std::time::Instant::now()));
+                }
+                Ok(())
+            }
+            Backend::Objects(_) => {
+                // A quarantine or collection of the same hash (an older
+                // record) may have deleted the staged object meanwhile.
+                match self.version_of(sha).await? {
+                    Some(Version::Object(_, len)) if len == size => Ok(()),
+                    _ => self.stage(sha, &temp.path, size).await,
+                }
+            }
+        }
+    }
+
+    /// Deletes the copy of `sha` (none there is fine).
+    async fn delete_copy(&self, sha: &str) -> Result<(), ArtifactError> {
+        match &self.inner.backend {
+            Backend::Files => {
+                let path = self.path_of(sha);
+                match tokio::fs::remove_file(&path).await {
+                    Ok(()) => Ok(()),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                    Err(e) => Err(ArtifactError::io("delete", &path)(e)),
+                }
+            }
+            Backend::Objects(objects) => {
+                let path = objects.path(&object_rel(sha));
+                match objects.store().delete(&path).await {
+                    Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+                    Err(e) => Err(ArtifactError::object(objects, "delete", &path)(e)),
+                }
+            }
+        }
+    }
+
+    /// Moves the copy of `sha` to quarantine (kept for a post-mortem, never
+    /// served again) and returns where it went.
+    async fn quarantine_copy(&self, sha: &str) -> Result<String, ArtifactError> {
+        let name = format!("{sha}.{}{FILE_SUFFIX}", now_ms());
+        match &self.inner.backend {
+            Backend::Files => {
+                let from = self.path_of(sha);
+                let to = self.inner.dir.join(QUARANTINE_DIR).join(name);
+                std::fs::rename(&from, &to).map_err(ArtifactError::io("quarantine", &from))?;
+                Ok(to.display().to_string())
+            }
+            Backend::Objects(objects) => {
+                let from = objects.path(&object_rel(sha));
+                let to = objects.path(&format!("{QUARANTINE_DIR}/{name}"));
+                objects
+                    .store()
+                    .copy(&from, &to)
+                    .await
+                    .map_err(ArtifactError::object(objects, "quarantine", &from))?;
+                self.delete_copy(sha).await?;
+                Ok(format!("object {to}"))
+            }
+        }
     }
 
     /// The record of artifact `sha`, if stored.
@@ -695,7 +1144,6 @@ impl Artifacts {
             .await
             .map_err(ArtifactError::io("sync", &temp.path))?;
 
-        let published = self.inner.publish.lock().await;
         if self.contains(&sha)? {
             // Another upload of the same bytes won the race; ours is dropped.
             return Ok(Received {
@@ -703,17 +1151,15 @@ impl Artifacts {
                 already_present: true,
             });
         }
-        let path = self.path_of(&sha);
-        tokio::fs::rename(&temp.path, &path)
-            .await
-            .map_err(ArtifactError::io("store", &path))?;
-        temp.placed = true;
-        sync_dir(&self.inner.dir).await?;
-        // Hashed whole on the way in: the first downloads need not again.
-        if let Ok(meta) = tokio::fs::metadata(&path).await {
-            self.lock_verified()
-                .insert(sha.clone(), (stamp_of(&meta), std::time::Instant::now()));
+        self.stage(&sha, &temp.path, size).await?;
+        let published = self.inner.publish.lock().await;
+        if self.contains(&sha)? {
+            return Ok(Received {
+                sha256: sha,
+                already_present: true,
+            });
         }
+        self.place(&sha, &mut temp, size).await?;
         let rec = ArtifactRecord {
             sha256: sha.clone(),
             size,
@@ -755,110 +1201,185 @@ impl Artifacts {
         })
     }
 
-    /// Starts sending artifact `sha` to `agent_id`. Unknown hashes fail here
-    /// (before anything is sent). The receiver then yields the meta chunk
-    /// (sha256, size), data chunks of [`DOWNLOAD_CHUNK_BYTES`], and, if the
-    /// file turns out not to match its hash, a final [`ArtifactError::Corrupt`]
-    /// (the file is then quarantined and its record removed). A download is
-    /// counted for [`Artifacts::list`] once its last chunk was handed over.
+    /// Starts sending artifact `request.sha256` to `agent_id`. Unknown
+    /// hashes fail here (before anything is sent). The receiver then yields
+    /// the meta chunk (sha256, size) and either
+    /// - nothing more, the meta carrying a presigned `url` of the object
+    ///   store: when the request `accepts_url` and the backend has URLs; the
+    ///   agent fetches the bytes itself, and the hand-out counts as its
+    ///   download; or
+    /// - data chunks of [`DOWNLOAD_CHUNK_BYTES`] and, if the copy turns out
+    ///   not to match its hash, a final [`ArtifactError::Corrupt`] (the copy
+    ///   is then quarantined and its record removed). Such a download is
+    ///   counted once its last chunk was handed over.
+    ///
+    /// `url_bytes_corrupt` (the agent's URL download did not match) makes
+    /// the hub hash its copy whole first: a corrupt one is quarantined and
+    /// `Corrupt` answered, a sound one is streamed (one agent's word never
+    /// removes an artifact).
     pub(crate) async fn download(
         &self,
-        sha: &str,
+        request: &DownloadArtifactRequest,
         agent_id: &str,
     ) -> Result<mpsc::Receiver<Result<ArtifactChunk, ArtifactError>>, ArtifactError> {
-        let sha = normalize_sha256(sha)?;
+        let sha = normalize_sha256(&request.sha256)?;
         let rec = self
             .get(&sha)?
             .ok_or_else(|| ArtifactError::NotFound(sha.clone()))?;
-        let path = self.path_of(&sha);
-        let file = match tokio::fs::File::open(&path).await {
-            Ok(file) => file,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                self.forget_missing(&sha).await?;
-                return Err(ArtifactError::NotFound(sha));
-            }
-            Err(e) => return Err(ArtifactError::io("open", &path)(e)),
+        let mut meta = ArtifactMeta {
+            sha256: sha.clone(),
+            size: rec.size,
+            ..Default::default()
         };
-        let meta = file
-            .metadata()
-            .await
-            .map_err(ArtifactError::io("inspect", &path))?;
-        let identity = (meta.dev(), meta.ino());
-        if meta.len() != rec.size {
+        if request.url_bytes_corrupt {
+            tracing::warn!(
+                agent = %agent_id,
+                "agent {agent_id} reports that the bytes at the object store URL of artifact {sha} did not match; checking the stored copy"
+            );
+            self.check_whole(&sha, rec.size, agent_id).await?;
+            tracing::warn!(
+                agent = %agent_id,
+                "artifact {sha}: the stored copy matches its hash; streaming it to agent {agent_id} through the hub (its bytes were changed on the way from the object store, or the agent is wrong)"
+            );
+        } else if request.accepts_url
+            && let Backend::Objects(objects) = &self.inner.backend
+            && let Some((url, expires_ms)) = objects.presign_get(&object_rel(&sha)).await?
+        {
+            meta.url = url.to_string();
+            meta.url_expires_ms = expires_ms;
+            let (tx, rx) = mpsc::channel(1);
+            // The channel is fresh and has room: this cannot wait.
+            let _ = tx
+                .send(Ok(ArtifactChunk {
+                    meta: Some(meta),
+                    data: Vec::new(),
+                }))
+                .await;
+            self.count_download(&sha, agent_id);
+            tracing::debug!(agent = %agent_id, sha = %sha, "artifact download handed a presigned URL");
+            return Ok(rx);
+        }
+        let Some(opened) = self.open_copy(&sha).await? else {
+            self.forget_missing(&sha).await?;
+            return Err(ArtifactError::NotFound(sha));
+        };
+        if opened.size != rec.size {
             tracing::error!(
                 "artifact {sha}: {} is {} bytes but was stored with {}",
-                path.display(),
-                meta.len(),
+                self.where_is(&sha),
+                opened.size,
                 rec.size
             );
-            self.quarantine(&sha, identity).await?;
+            self.quarantine(&sha, opened.version).await?;
             return Err(ArtifactError::Corrupt(sha));
         }
-        let stamp = stamp_of(&meta);
-        let trusted = self
-            .lock_verified()
-            .get(&sha)
-            .is_some_and(|(known, at)| *known == stamp && at.elapsed() < VERIFIED_FOR);
+        let trusted = opened.stamp.is_some_and(|stamp| {
+            self.lock_verified()
+                .get(&sha)
+                .is_some_and(|(known, at)| *known == stamp && at.elapsed() < VERIFIED_FOR)
+        });
         let (tx, rx) = mpsc::channel(DOWNLOAD_CHUNKS_IN_FLIGHT);
-        let first = ArtifactChunk {
-            meta: Some(ArtifactMeta {
-                sha256: sha.clone(),
-                size: rec.size,
-                job: None,
-                ..Default::default()
-            }),
-            data: Vec::new(),
-        };
         // The channel is fresh and has room: this cannot wait.
-        let _ = tx.send(Ok(first)).await;
-        tokio::spawn(self.clone().send_file(
+        let _ = tx
+            .send(Ok(ArtifactChunk {
+                meta: Some(meta),
+                data: Vec::new(),
+            }))
+            .await;
+        tokio::spawn(self.clone().send_copy(
             sha,
             rec.size,
-            file,
-            (stamp, trusted),
+            opened,
+            trusted,
             agent_id.to_string(),
             tx,
         ));
         Ok(rx)
     }
 
-    /// Streams the file into `tx`, hashing as it goes unless this version
-    /// of it (`stamp`) was verified whole before (`trusted`).
-    async fn send_file(
+    /// Counts one download of `sha` by `agent_id` (`ListArtifacts`, `/metrics`).
+    fn count_download(&self, sha: &str, agent_id: &str) {
+        *self
+            .lock_downloads()
+            .entry(sha.to_owned())
+            .or_default()
+            .entry(agent_id.to_owned())
+            .or_default() += 1;
+        self.inner.downloads_total.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Reads the copy of `sha` whole and hashes it: a copy that does not
+    /// match (size or hash) is quarantined and [`ArtifactError::Corrupt`]
+    /// returned; a missing one is forgotten ([`ArtifactError::NotFound`]).
+    async fn check_whole(&self, sha: &str, size: u64, agent_id: &str) -> Result<(), ArtifactError> {
+        let Some(mut opened) = self.open_copy(sha).await? else {
+            self.forget_missing(sha).await?;
+            return Err(ArtifactError::NotFound(sha.to_owned()));
+        };
+        let mut hasher = Sha256::new();
+        let mut read = 0u64;
+        loop {
+            let data = opened.reader.next_chunk(DOWNLOAD_CHUNK_BYTES).await?;
+            if data.is_empty() || read > size {
+                break;
+            }
+            read += data.len() as u64;
+            hasher.update(&data);
+        }
+        let got = hex::encode(hasher.finalize());
+        if got != sha || read != size || opened.size != size {
+            tracing::error!(
+                agent = %agent_id,
+                "artifact {sha}: {} hashes to {got} ({read} bytes read, {size} recorded): the copy is corrupt",
+                self.where_is(sha)
+            );
+            self.quarantine(sha, opened.version).await?;
+            return Err(ArtifactError::Corrupt(sha.to_owned()));
+        }
+        if let Some(stamp) = opened.stamp {
+            self.lock_verified()
+                .insert(sha.to_owned(), (stamp, std::time::Instant::now()));
+        }
+        Ok(())
+    }
+
+    /// Streams the copy into `tx`, hashing as it goes unless this version
+    /// of a file was verified whole before (`trusted`).
+    async fn send_copy(
         self,
         sha: String,
         size: u64,
-        mut file: tokio::fs::File,
-        (stamp, trusted): (FileStamp, bool),
+        opened: Opened,
+        trusted: bool,
         agent_id: String,
         tx: mpsc::Sender<Result<ArtifactChunk, ArtifactError>>,
     ) {
-        let identity = (stamp.0, stamp.1);
-        let path = self.path_of(&sha);
+        let Opened {
+            mut reader,
+            version,
+            stamp,
+            ..
+        } = opened;
         let mut hasher = (!trusted).then(Sha256::new);
         let mut sent = 0u64;
         loop {
-            let mut buf = vec![0u8; DOWNLOAD_CHUNK_BYTES];
-            let n = match read_full(&mut file, &mut buf).await {
-                Ok(n) => n,
-                Err(e) => {
-                    let err = ArtifactError::io("read", &path)(e);
+            let buf = match reader.next_chunk(DOWNLOAD_CHUNK_BYTES).await {
+                Ok(buf) => buf,
+                Err(err) => {
                     tracing::error!(agent = %agent_id, "artifact download failed: {err}");
                     let _ = tx.send(Err(err)).await;
                     return;
                 }
             };
-            if n == 0 {
+            if buf.is_empty() {
                 break;
             }
-            buf.truncate(n);
+            let n = buf.len() as u64;
             if let Some(h) = hasher.as_mut() {
                 h.update(&buf);
             }
-            sent += n as u64;
-            self.inner
-                .bytes_sent_total
-                .fetch_add(n as u64, Ordering::Relaxed);
+            sent += n;
+            self.inner.bytes_sent_total.fetch_add(n, Ordering::Relaxed);
             if sent > size {
                 break;
             }
@@ -878,62 +1399,53 @@ impl Artifacts {
         if got != sha || sent != size {
             tracing::error!(
                 agent = %agent_id,
-                "artifact {sha}: {} hashes to {got} ({sent} bytes read, {size} recorded): the file is corrupt",
-                path.display()
+                "artifact {sha}: {} hashes to {got} ({sent} bytes read, {size} recorded): the copy is corrupt",
+                self.where_is(&sha)
             );
-            if let Err(e) = self.quarantine(&sha, identity).await {
-                tracing::error!("artifact {sha}: cannot quarantine the corrupt file: {e}");
+            if let Err(e) = self.quarantine(&sha, version).await {
+                tracing::error!("artifact {sha}: cannot quarantine the corrupt copy: {e}");
             }
             let _ = tx.send(Err(ArtifactError::Corrupt(sha))).await;
             return;
         }
-        if !trusted {
+        if !trusted && let Some(stamp) = stamp {
             self.lock_verified()
                 .insert(sha.clone(), (stamp, std::time::Instant::now()));
         }
-        *self
-            .lock_downloads()
-            .entry(sha.clone())
-            .or_default()
-            .entry(agent_id.clone())
-            .or_default() += 1;
-        self.inner.downloads_total.fetch_add(1, Ordering::Relaxed);
+        self.count_download(&sha, &agent_id);
         tracing::debug!(agent = %agent_id, sha = %sha, size, "artifact downloaded");
     }
 
-    /// Takes a file found corrupt out of service: moved to `quarantine/`, its
+    /// Takes a copy found corrupt out of service: moved to quarantine, its
     /// record removed (durably) so a rebuild can store the artifact again.
-    /// `identity` (device, inode) is the file that was found corrupt: if a
-    /// good copy replaced it meanwhile, nothing happens.
-    async fn quarantine(&self, sha: &str, identity: (u64, u64)) -> Result<(), ArtifactError> {
+    /// `version` is the copy that was found corrupt: if a good copy replaced
+    /// it meanwhile, nothing happens.
+    async fn quarantine(&self, sha: &str, version: Version) -> Result<(), ArtifactError> {
         let _published = self.inner.publish.lock().await;
-        let path = self.path_of(sha);
-        match std::fs::metadata(&path) {
-            Ok(m) if (m.dev(), m.ino()) == identity => {}
-            _ => return Ok(()),
+        if self.version_of(sha).await? != Some(version) {
+            return Ok(());
         }
         self.lock_verified().remove(sha);
-        let dest = self.move_to_quarantine(sha)?;
+        let dest = self.quarantine_copy(sha).await?;
         self.inner.table.remove(sha)?;
         self.inner.table.store().commit().await?;
         tracing::error!(
-            "artifact {sha} did not match its hash: moved {} to {} and removed its record (a rebuild can store it again)",
-            path.display(),
-            dest.display()
+            "artifact {sha} did not match its hash: moved {} to {dest} and removed its record (a rebuild can store it again)",
+            self.where_is(sha),
         );
         Ok(())
     }
 
-    /// A recorded artifact whose file vanished (someone deleted it by hand):
+    /// A recorded artifact whose copy vanished (someone deleted it by hand):
     /// the record goes too, so it reads as not stored.
     async fn forget_missing(&self, sha: &str) -> Result<(), ArtifactError> {
         let _published = self.inner.publish.lock().await;
-        if self.path_of(sha).exists() {
+        if self.version_of(sha).await?.is_some() {
             return Ok(());
         }
         tracing::error!(
-            "artifact {sha}: recorded but its file {} is missing; removing the record (a rebuild stores it again)",
-            self.path_of(sha).display()
+            "artifact {sha}: recorded but its copy {} is missing; removing the record (a rebuild stores it again)",
+            self.where_is(sha)
         );
         self.inner.table.remove(sha)?;
         self.inner.table.store().commit().await?;
@@ -981,12 +1493,9 @@ impl Artifacts {
         self.inner.table.apply(batch)?;
         self.inner.table.store().commit().await?;
         for sha in &victims {
-            let path = self.path_of(sha);
-            match tokio::fs::remove_file(&path).await {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            if let Err(e) = self.delete_copy(sha).await {
                 // Unrecorded now: the next start deletes it.
-                Err(e) => tracing::warn!("artifact gc: cannot delete {}: {e}", path.display()),
+                tracing::warn!("artifact gc: {e}");
             }
         }
         {
@@ -1002,6 +1511,11 @@ impl Artifacts {
         );
         Ok(victims)
     }
+}
+
+/// The object store path of artifact `sha`, relative to the hub's prefix.
+fn object_rel(sha: &str) -> String {
+    format!("{OBJECTS_DIR}/{sha}{FILE_SUFFIX}")
 }
 
 /// Newest first; equal times in hash order, so results are deterministic.
@@ -1093,22 +1607,29 @@ mod tests {
         hex::encode(Sha256::digest(data))
     }
 
-    fn open(dir: &Path) -> (Store, Artifacts) {
-        with_store(dir, Store::open(&dir.join("db")).unwrap())
+    async fn open(dir: &Path) -> (Store, Artifacts) {
+        with_store(dir, Store::open(&dir.join("db")).unwrap(), Backend::Files).await
     }
 
     /// [`open`] again once the previous store let go of the database.
     async fn reopen(dir: &Path) -> (Store, Artifacts) {
-        with_store(dir, crate::store::tests::reopen(&dir.join("db")).await)
+        with_store(
+            dir,
+            crate::store::tests::reopen(&dir.join("db")).await,
+            Backend::Files,
+        )
+        .await
     }
 
-    fn with_store(dir: &Path, store: Store) -> (Store, Artifacts) {
+    async fn with_store(dir: &Path, store: Store, backend: Backend) -> (Store, Artifacts) {
         let a = Artifacts::open(
             &store,
             dir.join("artifacts"),
             MAX_BYTES,
             DataDir::new(dir, 0),
+            backend,
         )
+        .await
         .unwrap();
         (store, a)
     }
@@ -1170,7 +1691,15 @@ mod tests {
         // 100 KiB free above a 10 KiB reserve (a disk nothing else writes
         // to, and which does not see what the uploads write).
         let space = DataDir::with_free_space(dir.path(), 10 << 10, || 110 << 10);
-        let a = Artifacts::open(&store, dir.path().join("artifacts"), MAX_BYTES, space).unwrap();
+        let a = Artifacts::open(
+            &store,
+            dir.path().join("artifacts"),
+            MAX_BYTES,
+            space,
+            Backend::Files,
+        )
+        .await
+        .unwrap();
         let first = vec![1u8; 60 << 10];
         let second = vec![2u8; 60 << 10];
 
@@ -1237,7 +1766,7 @@ mod tests {
     }
 
     async fn fetch(a: &Artifacts, sha: &str, agent: &str) -> Result<Vec<u8>, ArtifactError> {
-        let mut rx = a.download(sha, agent).await?;
+        let mut rx = a.download(&ask(sha), agent).await?;
         let first = rx.recv().await.unwrap()?;
         let meta = first.meta.unwrap();
         assert_eq!(meta.sha256, sha);
@@ -1249,6 +1778,14 @@ mod tests {
         }
         assert_eq!(data.len() as u64, meta.size);
         Ok(data)
+    }
+
+    /// A download request as an agent before presigned URLs sends it.
+    fn ask(sha: &str) -> DownloadArtifactRequest {
+        DownloadArtifactRequest {
+            sha256: sha.to_owned(),
+            ..Default::default()
+        }
     }
 
     fn files_in(dir: &Path) -> Vec<String> {
@@ -1300,7 +1837,7 @@ mod tests {
     #[tokio::test]
     async fn stored_artifacts_can_be_read_listed_and_downloaded() {
         let dir = tempfile::tempdir().unwrap();
-        let (_store, a) = open(dir.path());
+        let (_store, a) = open(dir.path()).await;
         // Larger than one download chunk, not a multiple of it.
         let data: Vec<u8> = (0..DOWNLOAD_CHUNK_BYTES * 2 + 123)
             .map(|i| (i % 251) as u8)
@@ -1336,7 +1873,7 @@ mod tests {
         assert_eq!(counts, [("ag_2", 2), ("ag_3", 1)]);
 
         let unknown = "0".repeat(64);
-        let err = a.download(&unknown, "ag_2").await.unwrap_err();
+        let err = a.download(&ask(&unknown), "ag_2").await.unwrap_err();
         assert!(matches!(err, ArtifactError::NotFound(_)), "{err}");
         assert!(err.to_string().contains("garbage-collected"));
     }
@@ -1345,7 +1882,7 @@ mod tests {
     async fn records_survive_a_restart() {
         let dir = tempfile::tempdir().unwrap();
         let sha = {
-            let (_store, a) = open(dir.path());
+            let (_store, a) = open(dir.path()).await;
             store_one(&a, b"runtime", "lua", "p").await
         };
         let (_store, a) = reopen(dir.path()).await;
@@ -1360,7 +1897,7 @@ mod tests {
             r#"{{"sha256":"{sha}","size":11,"upstream":"lua","commit":"c0ffee","platform":"p","build_job_id":4,"stored_at_ms":1750000000000}}"#
         );
         {
-            let (store, a) = open(dir.path());
+            let (store, a) = open(dir.path()).await;
             std::fs::write(a.path_of(&sha), b"old runtime").unwrap();
             let table = Table::open(&store, trees::ARTIFACTS).unwrap();
             table.put_raw(&sha, old.as_bytes()).unwrap();
@@ -1384,7 +1921,7 @@ mod tests {
     #[tokio::test]
     async fn a_second_upload_of_the_same_hash_is_discarded() {
         let dir = tempfile::tempdir().unwrap();
-        let (_store, a) = open(dir.path());
+        let (_store, a) = open(dir.path()).await;
         let sha = store_one(&a, b"same bytes", "lua", "p").await;
         let before = a.get(&sha).unwrap().unwrap();
         let got = a
@@ -1403,7 +1940,7 @@ mod tests {
     #[tokio::test]
     async fn concurrent_uploads_of_one_hash_store_it_once() {
         let dir = tempfile::tempdir().unwrap();
-        let (_store, a) = open(dir.path());
+        let (_store, a) = open(dir.path()).await;
         let data = vec![42u8; 100_000];
         let sha = sha_of(&data);
         let mut handles = Vec::new();
@@ -1431,7 +1968,7 @@ mod tests {
     #[tokio::test]
     async fn uploads_over_the_size_limit_are_refused_before_any_byte_is_written() {
         let dir = tempfile::tempdir().unwrap();
-        let (_store, a) = open(dir.path());
+        let (_store, a) = open(dir.path()).await;
         let err = a
             .receive(
                 "ag_1",
@@ -1458,7 +1995,7 @@ mod tests {
     #[tokio::test]
     async fn a_hash_mismatch_is_refused_and_leaves_no_file() {
         let dir = tempfile::tempdir().unwrap();
-        let (_store, a) = open(dir.path());
+        let (_store, a) = open(dir.path()).await;
         let claimed = sha_of(b"what was built");
         let err = a
             .receive(
@@ -1495,7 +2032,7 @@ mod tests {
     #[tokio::test]
     async fn meta_is_required_and_the_authorizer_decides() {
         let dir = tempfile::tempdir().unwrap();
-        let (_store, a) = open(dir.path());
+        let (_store, a) = open(dir.path()).await;
         let no_meta = tokio_stream::iter(vec![Ok(ArtifactChunk {
             meta: None,
             data: b"x".to_vec(),
@@ -1538,7 +2075,7 @@ mod tests {
     #[tokio::test]
     async fn gc_keeps_the_newest_per_upstream_and_platform_and_referenced_ones() {
         let dir = tempfile::tempdir().unwrap();
-        let (_store, a) = open(dir.path());
+        let (_store, a) = open(dir.path()).await;
         let mut lua_x = Vec::new();
         for i in 0..4u8 {
             lua_x.push(store_one(&a, &[b'x', i], "lua", "x").await);
@@ -1590,7 +2127,7 @@ mod tests {
     async fn open_reconciles_files_and_records() {
         let dir = tempfile::tempdir().unwrap();
         let (kept, recorded_only) = {
-            let (_store, a) = open(dir.path());
+            let (_store, a) = open(dir.path()).await;
             let kept = store_one(&a, b"kept", "lua", "p").await;
             let recorded_only = store_one(&a, b"lost its file", "lua", "p").await;
             std::fs::remove_file(a.dir().join(format!("{recorded_only}.tar.zst"))).unwrap();
@@ -1603,7 +2140,15 @@ mod tests {
         std::fs::write(art.join("README"), b"not ours").unwrap();
 
         let store = crate::store::tests::reopen(&dir.path().join("db")).await;
-        let a = Artifacts::open(&store, art.clone(), MAX_BYTES, DataDir::new(&art, 0)).unwrap();
+        let a = Artifacts::open(
+            &store,
+            art.clone(),
+            MAX_BYTES,
+            DataDir::new(&art, 0),
+            Backend::Files,
+        )
+        .await
+        .unwrap();
         assert!(a.contains(&kept).unwrap());
         assert!(!a.contains(&recorded_only).unwrap());
         assert!(!art.join(format!("{unrecorded}.tar.zst")).exists());
@@ -1615,7 +2160,7 @@ mod tests {
     #[tokio::test]
     async fn a_corrupt_file_fails_its_download_and_is_quarantined() {
         let dir = tempfile::tempdir().unwrap();
-        let (_store, a) = open(dir.path());
+        let (_store, a) = open(dir.path()).await;
         let data = vec![7u8; DOWNLOAD_CHUNK_BYTES + 10];
         let sha = store_one(&a, &data, "lua", "p").await;
         // Same size, one byte flipped; written as a new file, as a restore
@@ -1642,15 +2187,256 @@ mod tests {
 
         // A truncated file is caught before anything is streamed.
         std::fs::write(a.dir().join(format!("{sha}.tar.zst")), b"short").unwrap();
-        let err = a.download(&sha, "ag_2").await.unwrap_err();
+        let err = a.download(&ask(&sha), "ag_2").await.unwrap_err();
         assert!(matches!(err, ArtifactError::Corrupt(_)), "{err}");
         assert!(!a.contains(&sha).unwrap());
+    }
+
+    /// An artifact store in `dir` whose bytes are objects of a local object
+    /// store in `dir/objects` (the S3 backend's code path, without S3).
+    async fn open_objects(dir: &Path) -> (Store, Artifacts, Objects) {
+        let objects = Objects::local(&dir.join("objects")).unwrap();
+        let store = Store::open(&dir.join("db")).unwrap();
+        let (store, a) = with_store(dir, store, Backend::Objects(objects.clone())).await;
+        (store, a, objects)
+    }
+
+    /// [`open_objects`] again once the previous store let go of the database.
+    async fn reopen_objects(dir: &Path) -> (Store, Artifacts, Objects) {
+        let objects = Objects::local(&dir.join("objects")).unwrap();
+        let store = crate::store::tests::reopen(&dir.join("db")).await;
+        let (store, a) = with_store(dir, store, Backend::Objects(objects.clone())).await;
+        (store, a, objects)
+    }
+
+    /// The objects under `folder` (relative to the prefix), by name.
+    async fn objects_in(objects: &Objects, folder: &str) -> Vec<String> {
+        let root = objects.path(folder);
+        let mut names: Vec<String> = objects
+            .store()
+            .list(Some(&root))
+            .map(|m| m.unwrap().location.filename().unwrap().to_owned())
+            .collect()
+            .await;
+        names.sort();
+        names
+    }
+
+    async fn object_bytes(objects: &Objects, rel: &str) -> Vec<u8> {
+        let got = objects.store().get(&objects.path(rel)).await.unwrap();
+        got.bytes().await.unwrap().to_vec()
+    }
+
+    async fn put_object(objects: &Objects, rel: &str, data: &[u8]) {
+        objects
+            .store()
+            .put(&objects.path(rel), data.to_vec().into())
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn with_an_object_store_uploads_become_objects_and_downloads_read_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_store, a, objects) = open_objects(dir.path()).await;
+        // One put, and one multipart upload (over OBJECT_PART_BYTES).
+        let small = b"small runtime".to_vec();
+        let large: Vec<u8> = (0..OBJECT_PART_BYTES * 2 + 77)
+            .map(|i| (i % 253) as u8)
+            .collect();
+        let small_sha = store_one(&a, &small, "lua", "x").await;
+        let large_sha = store_one(&a, &large, "lua", "y").await;
+        let mut expected = vec![
+            format!("{small_sha}.tar.zst"),
+            format!("{large_sha}.tar.zst"),
+        ];
+        expected.sort();
+        assert_eq!(objects_in(&objects, OBJECTS_DIR).await, expected);
+        assert_eq!(object_bytes(&objects, &object_rel(&large_sha)).await, large);
+        assert!(files_in(&a.dir().join(TMP_DIR)).is_empty());
+        // No files beside the uploads in progress: the bytes are objects.
+        assert_eq!(files_in(a.dir()), [TMP_DIR]);
+
+        // A second upload of a stored hash is discarded.
+        let again = a
+            .receive(
+                "ag_2",
+                upload(&small_sha, small.len() as u64, &small, 5),
+                build("lua", "x"),
+            )
+            .await
+            .unwrap();
+        assert!(again.already_present);
+        assert_eq!(objects_in(&objects, OBJECTS_DIR).await.len(), 2);
+
+        // A store without presigned URLs streams, even to an agent that
+        // accepts a URL.
+        assert_eq!(fetch(&a, &large_sha, "ag_2").await.unwrap(), large);
+        let mut rx = a
+            .download(
+                &DownloadArtifactRequest {
+                    accepts_url: true,
+                    ..ask(&small_sha)
+                },
+                "ag_3",
+            )
+            .await
+            .unwrap();
+        let meta = rx.recv().await.unwrap().unwrap().meta.unwrap();
+        assert!(meta.url.is_empty());
+        let mut data = Vec::new();
+        while let Some(chunk) = rx.recv().await {
+            data.extend(chunk.unwrap().data);
+        }
+        assert_eq!(data, small);
+        assert_eq!(a.download_count(&large_sha, "ag_2"), 1);
+        assert_eq!(a.download_count(&small_sha, "ag_3"), 1);
+        assert_eq!(a.download_totals(), (2, (large.len() + small.len()) as u64));
+    }
+
+    #[tokio::test]
+    async fn with_an_object_store_the_open_deletes_orphans_and_forgets_missing_objects() {
+        let dir = tempfile::tempdir().unwrap();
+        let (kept, lost) = {
+            let (_store, a, objects) = open_objects(dir.path()).await;
+            let kept = store_one(&a, b"kept", "lua", "p").await;
+            let lost = store_one(&a, b"lost its object", "lua", "p").await;
+            objects
+                .store()
+                .delete(&objects.path(&object_rel(&lost)))
+                .await
+                .unwrap();
+            (kept, lost)
+        };
+        // As a hub killed between putting an object and recording it leaves it.
+        let orphan = sha_of(b"never recorded");
+        let objects = Objects::local(&dir.path().join("objects")).unwrap();
+        put_object(&objects, &object_rel(&orphan), b"never recorded").await;
+        put_object(&objects, &format!("{OBJECTS_DIR}/README"), b"not ours").await;
+
+        let (_store, a, objects) = reopen_objects(dir.path()).await;
+        assert!(a.contains(&kept).unwrap());
+        assert!(!a.contains(&lost).unwrap());
+        assert!(!a.contains(&orphan).unwrap());
+        assert_eq!(
+            objects_in(&objects, OBJECTS_DIR).await,
+            [format!("{kept}.tar.zst"), "README".to_owned()],
+            "the orphan is deleted, unknown objects are left alone"
+        );
+        assert_eq!(fetch(&a, &kept, "ag_1").await.unwrap(), b"kept");
+        // The lost one can be stored again.
+        assert_eq!(store_one(&a, b"lost its object", "lua", "p").await, lost);
+    }
+
+    #[tokio::test]
+    async fn switching_to_an_object_store_moves_the_stored_files_into_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (moved, bad) = {
+            let (_store, a) = open(dir.path()).await;
+            let moved = store_one(&a, b"kept across the switch", "lua", "p").await;
+            let bad = store_one(&a, b"rotten on disk", "lua", "q").await;
+            std::fs::write(a.path_of(&bad), b"rotten on dis!").unwrap();
+            (moved, bad)
+        };
+        let (_store, a, objects) = reopen_objects(dir.path()).await;
+        assert!(a.contains(&moved).unwrap());
+        assert_eq!(
+            objects_in(&objects, OBJECTS_DIR).await,
+            [format!("{moved}.tar.zst")]
+        );
+        assert!(!a.path_of(&moved).exists(), "the file moved");
+        assert_eq!(
+            fetch(&a, &moved, "ag_1").await.unwrap(),
+            b"kept across the switch"
+        );
+        // A file that no longer matches is not moved, and its record goes.
+        assert!(!a.contains(&bad).unwrap());
+        assert!(a.path_of(&bad).exists(), "left for a post-mortem");
+    }
+
+    #[tokio::test]
+    async fn with_an_object_store_gc_deletes_records_then_objects() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_store, a, objects) = open_objects(dir.path()).await;
+        let old = store_one(&a, b"old", "lua", "x").await;
+        tokio::time::sleep(std::time::Duration::from_millis(3)).await;
+        let new = store_one(&a, b"new", "lua", "x").await;
+        let deleted = a.gc(1, &HashSet::new()).await.unwrap();
+        assert_eq!(deleted, std::slice::from_ref(&old));
+        assert!(!a.contains(&old).unwrap());
+        assert_eq!(
+            objects_in(&objects, OBJECTS_DIR).await,
+            [format!("{new}.tar.zst")]
+        );
+    }
+
+    #[tokio::test]
+    async fn with_an_object_store_a_corrupt_object_is_quarantined_in_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_store, a, objects) = open_objects(dir.path()).await;
+        let data = vec![7u8; DOWNLOAD_CHUNK_BYTES + 10];
+        let sha = store_one(&a, &data, "lua", "p").await;
+        let mut bad = data.clone();
+        bad[5] ^= 1;
+        put_object(&objects, &object_rel(&sha), &bad).await;
+
+        let err = fetch(&a, &sha, "ag_2").await.unwrap_err();
+        assert!(matches!(err, ArtifactError::Corrupt(_)), "{err}");
+        assert_eq!(a.download_count(&sha, "ag_2"), 0);
+        assert!(!a.contains(&sha).unwrap());
+        assert!(objects_in(&objects, OBJECTS_DIR).await.is_empty());
+        let quarantined = objects_in(&objects, QUARANTINE_DIR).await;
+        assert_eq!(quarantined.len(), 1, "{quarantined:?}");
+        assert!(quarantined[0].starts_with(&format!("{sha}.")));
+        assert_eq!(
+            object_bytes(&objects, &format!("{QUARANTINE_DIR}/{}", quarantined[0])).await,
+            bad
+        );
+
+        // A rebuild stores it again.
+        assert_eq!(store_one(&a, &data, "lua", "p").await, sha);
+        assert_eq!(fetch(&a, &sha, "ag_2").await.unwrap(), data);
+    }
+
+    #[tokio::test]
+    async fn an_agents_report_of_corrupt_url_bytes_is_checked_against_the_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_store, a, objects) = open_objects(dir.path()).await;
+        let data = vec![9u8; 3 * DOWNLOAD_CHUNK_BYTES];
+        let sha = store_one(&a, &data, "lua", "p").await;
+        let report = DownloadArtifactRequest {
+            url_bytes_corrupt: true,
+            ..ask(&sha)
+        };
+
+        // The copy is sound: one agent's word removes nothing; it gets the
+        // bytes through the hub.
+        let mut rx = a.download(&report, "ag_liar").await.unwrap();
+        let meta = rx.recv().await.unwrap().unwrap().meta.unwrap();
+        assert!(meta.url.is_empty());
+        let mut got = Vec::new();
+        while let Some(chunk) = rx.recv().await {
+            got.extend(chunk.unwrap().data);
+        }
+        assert_eq!(got, data);
+        assert!(a.contains(&sha).unwrap());
+        assert_eq!(a.download_count(&sha, "ag_liar"), 1);
+
+        // The copy really is corrupt: quarantined before anything is sent.
+        let mut bad = data.clone();
+        bad[2 * DOWNLOAD_CHUNK_BYTES] ^= 1;
+        put_object(&objects, &object_rel(&sha), &bad).await;
+        let err = a.download(&report, "ag_2").await.unwrap_err();
+        assert!(matches!(err, ArtifactError::Corrupt(_)), "{err}");
+        assert!(!a.contains(&sha).unwrap());
+        assert_eq!(objects_in(&objects, QUARANTINE_DIR).await.len(), 1);
+        assert!(objects_in(&objects, OBJECTS_DIR).await.is_empty());
     }
 
     #[tokio::test]
     async fn a_verified_file_replaced_behind_the_stores_back_is_hashed_again() {
         let dir = tempfile::tempdir().unwrap();
-        let (_store, a) = open(dir.path());
+        let (_store, a) = open(dir.path()).await;
         let data = vec![3u8; DOWNLOAD_CHUNK_BYTES * 2];
         let sha = store_one(&a, &data, "lua", "p").await;
         // Verified whole once; served again unchanged.

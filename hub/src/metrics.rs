@@ -94,12 +94,12 @@ pub(crate) fn render(
         ),
         (
             "trunkfarm_artifact_downloads_total",
-            "Runtime artifact downloads served to the end since the hub started.",
+            "Runtime artifact downloads served to the end or handed a presigned object store URL since the hub started.",
             downloads,
         ),
         (
             "trunkfarm_artifact_sent_bytes_total",
-            "Runtime artifact bytes sent to agents since the hub started.",
+            "Runtime artifact bytes the hub itself sent to agents since the hub started (not those agents fetched from the object store).",
             bytes,
         ),
     ] {

@@ -15,7 +15,7 @@ use tonic::transport::Server;
 use trunkfarm_proto::v1::admin_service_server::AdminServiceServer;
 use trunkfarm_proto::v1::agent_service_server::AgentServiceServer;
 
-use crate::artifacts::Artifacts;
+use crate::artifacts::{Artifacts, Backend};
 use crate::auth::credentials::Credentials;
 use crate::auth::throttle::FailedEnrollments;
 use crate::auth::{secret, tls};
@@ -186,7 +186,9 @@ impl Hub {
             data_dir.join("artifacts"),
             cfg.artifacts.max_size,
             space.clone(),
-        )?;
+            Backend::for_storage(&objects),
+        )
+        .await?;
         let admin_token = secret::load_or_create_admin_token(&cfg.admin_token_path())?;
         let results = Results::open(&store)?.with_flaky_rules(cfg.flaky_rules());
         let stop_pipeline = CancellationToken::new();

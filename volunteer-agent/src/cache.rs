@@ -9,6 +9,15 @@
 //! verification is deleted and fetched once more; a second failure means the
 //! hub's copy is bad.
 //!
+//! The agent asks with `accepts_url`: a hub keeping its artifacts in an
+//! object store then answers with a presigned URL, and the bytes come from
+//! there, checked the same way. A URL that cannot be fetched (no route,
+//! refused, expired, any HTTP error) costs nothing but a line in the log: the
+//! agent asks again without `accepts_url` and the hub streams the bytes
+//! itself. Bytes from a URL that do not match are reported to the hub
+//! (`url_bytes_corrupt`), which checks its copy and quarantines it or streams
+//! it.
+//!
 //! The total size is capped: before a download starts, the least recently
 //! used files are deleted until it fits, but never one a running job holds a
 //! [`Lease`] on. Using a file touches its modification time, so the order
@@ -30,11 +39,11 @@ use tokio::time::Instant;
 use tokio_stream::StreamExt as _;
 use tonic::{Code, Status};
 use trunkfarm_proto::settings::fmt_bytes;
-use trunkfarm_proto::v1::ArtifactChunk;
+use trunkfarm_proto::v1::{ArtifactChunk, DownloadArtifactRequest};
 
 use crate::fsutil;
 use crate::state;
-use crate::transfer::{ArtifactHub, ChunkStream};
+use crate::transfer::{ArtifactHub, BodyStream, ChunkStream};
 
 /// How long a download may go without receiving anything before it is
 /// abandoned (the job's own timeout bounds the whole download).
@@ -371,9 +380,58 @@ impl Drop for TempFile {
 enum Failure {
     /// The data did not match what was announced: worth one more try.
     Mismatch(String),
+    /// The bytes from the object store URL did not match: the hub is told
+    /// (`url_bytes_corrupt`) on the next ask.
+    UrlMismatch(String),
+    /// The object store URL gave no (complete) answer: the next ask goes
+    /// through the hub.
+    UrlFailed(String),
     /// Anything else: give up.
     Fatal(CacheError),
 }
+
+/// Where the bytes of one download attempt come from.
+enum Bytes {
+    /// The hub's stream, after its metadata chunk.
+    Hub(ChunkStream),
+    /// The object store URL the hub handed out.
+    Url(BodyStream),
+}
+
+impl Bytes {
+    /// The next piece; `None` at the end. Waits at most
+    /// [`DOWNLOAD_STALL_TIMEOUT`].
+    async fn next(&mut self, sha12: &str) -> Result<Option<Vec<u8>>, Failure> {
+        match self {
+            Bytes::Hub(stream) => Ok(next_chunk(stream, sha12).await?.map(|c| c.data)),
+            Bytes::Url(body) => {
+                match tokio::time::timeout(DOWNLOAD_STALL_TIMEOUT, body.next()).await {
+                    Err(_) => Err(Failure::UrlFailed(format!(
+                        "nothing arrived for {}s",
+                        DOWNLOAD_STALL_TIMEOUT.as_secs()
+                    ))),
+                    Ok(None) => Ok(None),
+                    Ok(Some(Ok(data))) => Ok(Some(data)),
+                    Ok(Some(Err(e))) => Err(Failure::UrlFailed(e.to_string())),
+                }
+            }
+        }
+    }
+
+    /// The mismatch of these bytes, as a [`Failure`] of their source.
+    fn mismatch(&self, why: String) -> Failure {
+        match self {
+            Bytes::Hub(_) => Failure::Mismatch(why),
+            Bytes::Url(_) => Failure::UrlMismatch(why),
+        }
+    }
+}
+
+/// Set once an object store URL failed: the first fallback is a warning,
+/// later ones (every download, if this agent cannot reach the store) are
+/// only logged at debug level.
+static URL_FALLBACK_WARNED: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
 
 impl From<CacheError> for Failure {
     fn from(e: CacheError) -> Self {
@@ -474,11 +532,39 @@ impl ArtifactCache {
         if let Some(lease) = self.lease_cached(&sha) {
             return Ok(lease);
         }
+        let mut ask = DownloadArtifactRequest {
+            sha256: sha.clone(),
+            accepts_url: true,
+            url_bytes_corrupt: false,
+        };
         let mut attempt = 1;
         loop {
-            match self.download(&sha, hub).await {
+            match self.download(&sha, hub, ask.clone()).await {
                 Ok(lease) => return Ok(lease),
                 Err(Failure::Fatal(e)) => return Err(e),
+                Err(Failure::UrlFailed(why)) => {
+                    let first = !URL_FALLBACK_WARNED.swap(true, Ordering::Relaxed);
+                    let text = format!(
+                        "cannot download artifact {} from the hub's object store ({why}); \
+                         downloading it through the hub instead",
+                        short(&sha)
+                    );
+                    if first {
+                        tracing::warn!("{text} (later fallbacks are logged at debug level)");
+                    } else {
+                        tracing::debug!("{text}");
+                    }
+                    ask.accepts_url = false;
+                }
+                Err(Failure::UrlMismatch(why)) => {
+                    tracing::warn!(
+                        "artifact {} from the hub's object store failed verification ({why}); \
+                         deleted it, telling the hub and downloading it through the hub",
+                        short(&sha)
+                    );
+                    ask.accepts_url = false;
+                    ask.url_bytes_corrupt = true;
+                }
                 Err(Failure::Mismatch(why)) => {
                     tracing::warn!(
                         "downloaded artifact {} failed verification ({why}); deleted it{}",
@@ -496,6 +582,7 @@ impl ArtifactCache {
                         });
                     }
                     attempt += 1;
+                    ask.url_bytes_corrupt = false;
                 }
             }
         }
@@ -582,8 +669,13 @@ impl ArtifactCache {
         }
     }
 
-    /// One download of `sha` into the cache.
-    async fn download(&self, sha: &str, hub: &dyn ArtifactHub) -> Result<Lease, Failure> {
+    /// One download of `sha` into the cache, asked for as `ask` says.
+    async fn download(
+        &self,
+        sha: &str,
+        hub: &dyn ArtifactHub,
+        ask: DownloadArtifactRequest,
+    ) -> Result<Lease, Failure> {
         let sha12 = short(sha).to_owned();
         let started = Instant::now();
         let status = |status: Status| {
@@ -599,7 +691,8 @@ impl ArtifactCache {
                 }
             }
         };
-        let mut stream = tokio::time::timeout(DOWNLOAD_STALL_TIMEOUT, hub.download(sha))
+        let accepts_url = ask.accepts_url;
+        let mut stream = tokio::time::timeout(DOWNLOAD_STALL_TIMEOUT, hub.download(ask))
             .await
             .map_err(|_| CacheError::Stalled {
                 sha12: sha12.clone(),
@@ -624,6 +717,28 @@ impl ArtifactCache {
             .into());
         }
         let reservation = self.reserve(sha, meta.size)?;
+        let mut first = Some(first);
+        let mut bytes = if meta.url.is_empty() {
+            Bytes::Hub(stream)
+        } else if !accepts_url {
+            return Err(protocol("it sent a URL to a request that did not accept one").into());
+        } else {
+            if next_chunk(&mut stream, &sha12).await?.is_some() {
+                return Err(protocol("it sent data after a URL").into());
+            }
+            // The meta chunk carried no data: nothing of it is written.
+            first = None;
+            let body = hub.fetch_url(&meta.url).await.map_err(|e| {
+                let expired =
+                    meta.url_expires_ms > 0 && meta.url_expires_ms < crate::lock::now_ms();
+                Failure::UrlFailed(if expired {
+                    format!("{e}; the URL had expired")
+                } else {
+                    e.to_string()
+                })
+            })?;
+            Bytes::Url(body)
+        };
         let progress = crate::donor::Download::start(&sha12, meta.size);
 
         let dir = &self.inner.dir;
@@ -648,12 +763,15 @@ impl ArtifactCache {
         let mut file = tokio::fs::File::from_std(std_file);
         let mut hasher = Sha256::new();
         let mut received = 0u64;
-        let mut chunk = Some(first);
-        while let Some(ArtifactChunk { data, .. }) = chunk {
+        let mut piece = first.map(|c| c.data);
+        if piece.is_none() {
+            piece = bytes.next(&sha12).await?;
+        }
+        while let Some(data) = piece {
             received += data.len() as u64;
             if received > meta.size {
-                return Err(Failure::Mismatch(format!(
-                    "the hub sent more than the {} it announced",
+                return Err(bytes.mismatch(format!(
+                    "more than the {} the hub announced arrived",
                     fmt_bytes(meta.size)
                 )));
             }
@@ -662,17 +780,17 @@ impl ArtifactCache {
             file.write_all(&data)
                 .await
                 .map_err(io_err("write", &tmp_path))?;
-            chunk = next_chunk(&mut stream, &sha12).await?;
+            piece = bytes.next(&sha12).await?;
         }
         if received != meta.size {
-            return Err(Failure::Mismatch(format!(
+            return Err(bytes.mismatch(format!(
                 "received {received} bytes of the {} announced",
                 meta.size
             )));
         }
         let got = hex::encode(hasher.finalize());
         if got != sha {
-            return Err(Failure::Mismatch(format!("its SHA-256 is {got}")));
+            return Err(bytes.mismatch(format!("its SHA-256 is {got}")));
         }
         file.flush().await.map_err(io_err("write", &tmp_path))?;
         file.sync_all().await.map_err(io_err("sync", &tmp_path))?;
@@ -910,6 +1028,71 @@ mod tests {
         // The reservations were given back: a good download fits again.
         let lease = cache.get(&sha, &hub).await.unwrap();
         assert!(lease.path().exists());
+    }
+
+    #[tokio::test]
+    async fn a_hub_with_an_object_store_hands_out_a_url_and_the_bytes_come_from_it() {
+        let hub = FakeHub::default();
+        hub.serve_urls.store(true, SeqCst);
+        let data: Vec<u8> = (0..5000u32).map(|i| (i % 251) as u8).collect();
+        let sha = hub.add(data.clone());
+        let (_dir, cache) = cache(1 << 20);
+        let lease = cache.get(&sha, &hub).await.unwrap();
+        assert!(matches!(
+            lease.source(),
+            Source::Downloaded { bytes: 5000, .. }
+        ));
+        assert_eq!(std::fs::read(lease.path()).unwrap(), data);
+        assert_eq!(hub.requests(), [(true, false)]);
+        assert_eq!(hub.url_fetches.load(SeqCst), 1);
+        drop(lease);
+        // One download per agent per hash: the cache answers the next ask.
+        assert_eq!(
+            cache.get(&sha, &hub).await.unwrap().source(),
+            Source::Cached
+        );
+        assert_eq!(hub.url_fetches.load(SeqCst), 1);
+        assert_eq!(files(&cache), [format!("{sha}.tar.zst")]);
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_url_is_fetched_through_the_hub_instead() {
+        let hub = FakeHub::default();
+        hub.serve_urls.store(true, SeqCst);
+        hub.urls_unreachable.store(true, SeqCst);
+        let sha = hub.add(vec![9; 3000]);
+        let (_dir, cache) = cache(1 << 20);
+        let lease = cache.get(&sha, &hub).await.unwrap();
+        assert_eq!(std::fs::read(lease.path()).unwrap(), vec![9; 3000]);
+        assert_eq!(hub.requests(), [(true, false), (false, false)]);
+        assert_eq!(cache.downloads(), 1);
+        assert_eq!(files(&cache), [format!("{sha}.tar.zst")]);
+    }
+
+    #[tokio::test]
+    async fn corrupt_bytes_from_a_url_are_reported_and_fetched_through_the_hub() {
+        let hub = FakeHub::default();
+        hub.serve_urls.store(true, SeqCst);
+        hub.corrupt_url_next.store(1, SeqCst);
+        let sha = hub.add(vec![4; 3000]);
+        let (_dir, cache) = cache(1 << 20);
+        let lease = cache.get(&sha, &hub).await.unwrap();
+        assert_eq!(std::fs::read(lease.path()).unwrap(), vec![4; 3000]);
+        assert_eq!(hub.requests(), [(true, false), (false, true)]);
+        assert_eq!(files(&cache), [format!("{sha}.tar.zst")]);
+
+        // Corrupt at the URL and twice through the hub: the hub's copy is bad.
+        let other = hub.add(vec![5; 3000]);
+        hub.corrupt_url_next.store(1, SeqCst);
+        hub.corrupt_next.store(2, SeqCst);
+        let e = cache.get(&other, &hub).await.unwrap_err();
+        assert!(matches!(e, CacheError::Verification { .. }), "{e}");
+        assert_eq!(
+            hub.requests()[2..],
+            [(true, false), (false, true), (false, false)]
+        );
+        assert_eq!(files(&cache), [format!("{sha}.tar.zst")]);
+        assert_eq!(cache.cached_bytes(), 3000, "reservations given back");
     }
 
     #[tokio::test]

@@ -5,6 +5,12 @@
 //! their own, so a large transfer never delays the session's heartbeats and
 //! results. The rest of the agent sees them through [`ArtifactHub`], which
 //! the executor's and the cache's tests replace with an in-memory hub.
+//!
+//! A hub that keeps its artifacts in an object store (S3 and the like) may
+//! answer a download with a presigned URL instead of the bytes
+//! (`ArtifactMeta.url`); [`ArtifactHub::fetch_url`] then GETs it with a plain
+//! HTTP client. The URL's query string is its signature: only
+//! [`redact_url`]'s form of it is ever logged or put in an error.
 
 use std::fmt;
 use std::future::Future;
@@ -36,6 +42,14 @@ pub(crate) const CHUNK_BYTES: usize = 256 * 1024;
 /// chunks).
 const UPLOAD_READ_AHEAD_CHUNKS: usize = 4;
 
+/// How long connecting to an object store URL may take before the download
+/// goes through the hub instead.
+const URL_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How long an object store URL may go without sending a byte (the cache's
+/// own stall timeout bounds each chunk too).
+const URL_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// A boxed, sendable future, so [`ArtifactHub`] stays object safe.
 pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -43,12 +57,44 @@ pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// artifact's metadata.
 pub(crate) type ChunkStream = Pin<Box<dyn Stream<Item = Result<ArtifactChunk, Status>> + Send>>;
 
+/// The body of an object store URL, in pieces as they arrive.
+pub(crate) type BodyStream = Pin<Box<dyn Stream<Item = Result<Vec<u8>, UrlError>> + Send>>;
+
+/// Why an object store URL gave no bytes (or stopped giving them). The
+/// message names the URL without its query string (the signature).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub(crate) struct UrlError(pub(crate) String);
+
+/// `url` as it may be shown: scheme, host, port and path, never the query
+/// (a presigned URL's signature) or userinfo.
+pub(crate) fn redact_url(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(u) => format!(
+            "{}://{}{}{}",
+            u.scheme(),
+            u.host_str().unwrap_or(""),
+            u.port().map(|p| format!(":{p}")).unwrap_or_default(),
+            u.path()
+        ),
+        Err(_) => "(an unparsable URL)".to_owned(),
+    }
+}
+
 /// The hub's artifact store, as the agent uses it. One implementation talks
 /// gRPC ([`GrpcHub`]); tests use an in-memory one.
 pub(crate) trait ArtifactHub: Send + Sync {
-    /// Starts downloading the artifact whose SHA-256 is `sha256` (lowercase
-    /// hex); the stream yields its chunks.
-    fn download(&self, sha256: &str) -> BoxFuture<'_, Result<ChunkStream, Status>>;
+    /// Starts downloading the artifact `request.sha256` (lowercase hex) as
+    /// the request asks (`accepts_url`: the hub may answer with a URL only;
+    /// `url_bytes_corrupt`: its URL's bytes did not match); the stream
+    /// yields its chunks, the first with the metadata.
+    fn download(
+        &self,
+        request: DownloadArtifactRequest,
+    ) -> BoxFuture<'_, Result<ChunkStream, Status>>;
+
+    /// GETs an object store URL the hub handed out (`ArtifactMeta.url`).
+    fn fetch_url(&self, url: &str) -> BoxFuture<'_, Result<BodyStream, UrlError>>;
 
     /// Uploads the packed artifact in `file`, described by `meta` (its hash,
     /// size and the job that built it), and returns the hub's answer.
@@ -68,6 +114,8 @@ pub(crate) struct GrpcHub {
     bearer: MetadataValue<Ascii>,
     /// Largest gRPC message accepted or sent.
     max_message_bytes: usize,
+    /// The client for object store URLs, or why none could be made.
+    http: Result<reqwest::Client, String>,
 }
 
 impl fmt::Debug for GrpcHub {
@@ -88,6 +136,7 @@ impl GrpcHub {
             channel: dial::connect_lazy(hub, trust, &opts).map_err(|e| e.to_string()),
             bearer,
             max_message_bytes: opts.max_message_bytes,
+            http: http_client(),
         }
     }
 
@@ -109,17 +158,70 @@ impl GrpcHub {
     }
 }
 
+/// The plain HTTP client for object store URLs: ring as the TLS provider
+/// (reqwest is built without one), the system's roots, bounded waits.
+fn http_client() -> Result<reqwest::Client, String> {
+    // Harmless when main installed it already.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .connect_timeout(URL_CONNECT_TIMEOUT)
+        .read_timeout(URL_READ_TIMEOUT)
+        .user_agent(concat!("trunkfarm-agent/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| format!("cannot make an HTTP client: {}", e.without_url()))
+}
+
 impl ArtifactHub for GrpcHub {
-    fn download(&self, sha256: &str) -> BoxFuture<'_, Result<ChunkStream, Status>> {
-        let request = self.request(DownloadArtifactRequest {
-            sha256: sha256.to_owned(),
-            ..Default::default()
-        });
+    fn download(
+        &self,
+        request: DownloadArtifactRequest,
+    ) -> BoxFuture<'_, Result<ChunkStream, Status>> {
+        let request = self.request(request);
         Box::pin(async move {
             let mut client = self.client()?;
             let response = client.download_artifact(request).await?;
             let stream: ChunkStream = Box::pin(response.into_inner());
             Ok(stream)
+        })
+    }
+
+    fn fetch_url(&self, url: &str) -> BoxFuture<'_, Result<BodyStream, UrlError>> {
+        let url = url.to_owned();
+        Box::pin(async move {
+            let shown = redact_url(&url);
+            let http = self.http.clone().map_err(UrlError)?;
+            // reqwest's errors name the URL, signature included: never shown.
+            let response = http
+                .get(&url)
+                .send()
+                .await
+                .map_err(|e| UrlError(format!("GET {shown}: {}", e.without_url())))?;
+            let status = response.status();
+            if !status.is_success() {
+                return Err(UrlError(format!(
+                    "GET {shown}: the object store answered {status}"
+                )));
+            }
+            let (tx, rx) = mpsc::channel(UPLOAD_READ_AHEAD_CHUNKS);
+            tokio::spawn(async move {
+                let mut response = response;
+                loop {
+                    let item = match response.chunk().await {
+                        Ok(Some(bytes)) => Ok(bytes.to_vec()),
+                        Ok(None) => return,
+                        Err(e) => Err(UrlError(format!(
+                            "GET {shown}: the body broke off: {}",
+                            e.without_url()
+                        ))),
+                    };
+                    let failed = item.is_err();
+                    if tx.send(item).await.is_err() || failed {
+                        return;
+                    }
+                }
+            });
+            let body: BodyStream = Box::pin(ReceiverStream::new(rx));
+            Ok(body)
         })
     }
 
@@ -210,7 +312,7 @@ async fn send_chunks(
 pub(crate) mod fake {
     use std::collections::HashMap;
     use std::sync::Mutex;
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     use std::time::Duration;
 
     use sha2::{Digest, Sha256};
@@ -233,6 +335,17 @@ pub(crate) mod fake {
         pub delay: Mutex<Duration>,
         /// When set, uploads fail with this status.
         pub refuse_uploads: Mutex<Option<Status>>,
+        /// Answer a request that accepts one with a URL (as a hub with an
+        /// object store does): `fake://<sha>?X-Amz-Signature=secret`.
+        pub serve_urls: AtomicBool,
+        /// Fetching a URL fails (the object store is out of reach).
+        pub urls_unreachable: AtomicBool,
+        /// The next this many URL fetches have one byte flipped.
+        pub corrupt_url_next: AtomicUsize,
+        /// URL fetches started.
+        pub url_fetches: AtomicUsize,
+        /// Every download request's (accepts_url, url_bytes_corrupt).
+        pub requests: Mutex<Vec<(bool, bool)>>,
     }
 
     impl FakeHub {
@@ -247,33 +360,61 @@ pub(crate) mod fake {
         pub fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<u8>>> {
             self.artifacts.lock().unwrap()
         }
+
+        /// The requests' (accepts_url, url_bytes_corrupt), in order.
+        pub fn requests(&self) -> Vec<(bool, bool)> {
+            self.requests.lock().unwrap().clone()
+        }
+    }
+
+    /// Takes one from `counter` if it is above zero.
+    fn take_one(counter: &AtomicUsize) -> bool {
+        counter
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
     }
 
     impl ArtifactHub for FakeHub {
-        fn download(&self, sha256: &str) -> BoxFuture<'_, Result<ChunkStream, Status>> {
-            let sha = sha256.to_owned();
+        fn download(
+            &self,
+            request: DownloadArtifactRequest,
+        ) -> BoxFuture<'_, Result<ChunkStream, Status>> {
+            let sha = request.sha256.clone();
             Box::pin(async move {
                 self.downloads.fetch_add(1, Ordering::SeqCst);
+                self.requests
+                    .lock()
+                    .unwrap()
+                    .push((request.accepts_url, request.url_bytes_corrupt));
                 let delay = *self.delay.lock().unwrap();
                 tokio::time::sleep(delay).await;
                 let Some(mut data) = self.lock().get(&sha).cloned() else {
                     return Err(Status::not_found(format!("no artifact {sha}")));
                 };
-                let corrupt = self
-                    .corrupt_next
-                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-                    .is_ok();
                 let size = data.len() as u64;
-                if corrupt && let Some(b) = data.last_mut() {
+                let mut meta = ArtifactMeta {
+                    sha256: sha.clone(),
+                    size,
+                    job: None,
+                    ..Default::default()
+                };
+                if request.accepts_url && self.serve_urls.load(Ordering::SeqCst) {
+                    meta.url = format!("fake://hub/{sha}?X-Amz-Signature=secret");
+                    meta.url_expires_ms = u64::MAX;
+                    let only_meta = ArtifactChunk {
+                        meta: Some(meta),
+                        data: Vec::new(),
+                    };
+                    let stream: ChunkStream = Box::pin(tokio_stream::iter([Ok(only_meta)]));
+                    return Ok(stream);
+                }
+                if take_one(&self.corrupt_next)
+                    && let Some(b) = data.last_mut()
+                {
                     *b ^= 0xff;
                 }
                 let mut chunks = vec![ArtifactChunk {
-                    meta: Some(ArtifactMeta {
-                        sha256: sha.clone(),
-                        size,
-                        job: None,
-                        ..Default::default()
-                    }),
+                    meta: Some(meta),
                     data: Vec::new(),
                 }];
                 for piece in data.chunks(1000) {
@@ -284,6 +425,36 @@ pub(crate) mod fake {
                 }
                 let stream: ChunkStream = Box::pin(tokio_stream::iter(chunks.into_iter().map(Ok)));
                 Ok(stream)
+            })
+        }
+
+        fn fetch_url(&self, url: &str) -> BoxFuture<'_, Result<BodyStream, UrlError>> {
+            let url = url.to_owned();
+            Box::pin(async move {
+                self.url_fetches.fetch_add(1, Ordering::SeqCst);
+                if self.urls_unreachable.load(Ordering::SeqCst) {
+                    return Err(UrlError(format!(
+                        "GET {}: connection refused",
+                        redact_url(&url)
+                    )));
+                }
+                let sha = url
+                    .strip_prefix("fake://hub/")
+                    .and_then(|rest| rest.split('?').next())
+                    .unwrap_or_default()
+                    .to_owned();
+                let Some(mut data) = self.lock().get(&sha).cloned() else {
+                    return Err(UrlError("404 Not Found".into()));
+                };
+                if take_one(&self.corrupt_url_next)
+                    && let Some(b) = data.first_mut()
+                {
+                    *b ^= 0xff;
+                }
+                let pieces: Vec<Result<Vec<u8>, UrlError>> =
+                    data.chunks(777).map(|p| Ok(p.to_vec())).collect();
+                let body: BodyStream = Box::pin(tokio_stream::iter(pieces));
+                Ok(body)
             })
         }
 
@@ -362,6 +533,124 @@ mod tests {
         assert_eq!(
             sizes(chunks_of(2 * CHUNK_BYTES + 5).await),
             [CHUNK_BYTES, CHUNK_BYTES, 5]
+        );
+    }
+
+    #[test]
+    fn a_url_is_shown_without_its_signature() {
+        assert_eq!(
+            redact_url(
+                "https://user:pw@bucket.s3.amazonaws.com:8443/hub/artifacts/ab.tar.zst?X-Amz-Signature=f00&X-Amz-Credential=AKIA"
+            ),
+            "https://bucket.s3.amazonaws.com:8443/hub/artifacts/ab.tar.zst"
+        );
+        assert_eq!(
+            redact_url("http://127.0.0.1:9000/b/k?sig=1"),
+            "http://127.0.0.1:9000/b/k"
+        );
+        assert_eq!(redact_url("not a url ?sig=1"), "(an unparsable URL)");
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_url_fails_without_naming_its_signature() {
+        // A port nothing listens on (bound, then closed).
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let hub = grpc_hub();
+        let Err(e) = hub
+            .fetch_url(&format!(
+                "http://127.0.0.1:{port}/b/artifacts/x.tar.zst?X-Amz-Signature=s3cr3t"
+            ))
+            .await
+        else {
+            panic!("nothing listens there");
+        };
+        let text = e.to_string();
+        assert!(
+            text.starts_with(&format!(
+                "GET http://127.0.0.1:{port}/b/artifacts/x.tar.zst: "
+            )),
+            "{text}"
+        );
+        assert!(!text.contains("s3cr3t"), "{text}");
+    }
+
+    fn grpc_hub() -> GrpcHub {
+        GrpcHub::new(
+            "127.0.0.1:1",
+            &HubTrust::PinnedCa {
+                sha256: "ab".repeat(32),
+            },
+            MetadataValue::from_static("Bearer x"),
+        )
+    }
+
+    /// A one-request HTTP/1.1 server on 127.0.0.1 answering `response`;
+    /// returns its base URL and the request line it got.
+    async fn answer_once(response: Vec<u8>) -> (String, oneshot::Receiver<String>) {
+        use tokio::io::AsyncWriteExt as _;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let (tx, rx) = oneshot::channel();
+        tokio::spawn(async move {
+            let (mut conn, _) = listener.accept().await.unwrap();
+            let mut request = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !request.ends_with(b"\r\n\r\n") {
+                let n = conn.read(&mut buf).await.unwrap();
+                assert!(n > 0, "the client hung up");
+                request.extend_from_slice(&buf[..n]);
+            }
+            let text = String::from_utf8_lossy(&request);
+            let _ = tx.send(text.lines().next().unwrap_or_default().to_owned());
+            conn.write_all(&response).await.unwrap();
+            conn.shutdown().await.unwrap();
+        });
+        (base, rx)
+    }
+
+    #[tokio::test]
+    async fn a_url_is_fetched_with_one_plain_get_and_http_errors_are_errors() {
+        let hub = grpc_hub();
+        let body = vec![b'z'; 100_000];
+        let mut ok = format!(
+            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        ok.extend_from_slice(&body);
+        let (base, request) = answer_once(ok).await;
+        let mut got = Vec::new();
+        let mut stream = hub
+            .fetch_url(&format!("{base}/b/k.tar.zst?X-Amz-Signature=s"))
+            .await
+            .unwrap();
+        while let Some(piece) = stream.next().await {
+            got.extend(piece.unwrap());
+        }
+        assert_eq!(got, body);
+        assert_eq!(
+            request.await.unwrap(),
+            "GET /b/k.tar.zst?X-Amz-Signature=s HTTP/1.1"
+        );
+
+        // An expired URL: S3 answers 403.
+        let (base, _) = answer_once(
+            b"HTTP/1.1 403 Forbidden\r\ncontent-length: 0\r\nconnection: close\r\n\r\n".to_vec(),
+        )
+        .await;
+        let Err(e) = hub
+            .fetch_url(&format!("{base}/b/k.tar.zst?X-Amz-Signature=s3cr3t"))
+            .await
+        else {
+            panic!("403 is an error");
+        };
+        assert_eq!(
+            e.to_string(),
+            format!("GET {base}/b/k.tar.zst: the object store answered 403 Forbidden")
         );
     }
 

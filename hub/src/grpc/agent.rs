@@ -319,10 +319,11 @@ impl AgentService for AgentApi {
         request: Request<DownloadArtifactRequest>,
     ) -> Result<Response<Self::DownloadArtifactStream>, Status> {
         let agent = self.credentials.verify_agent(bearer(&request)?)?;
-        let sha = request.into_inner().sha256;
+        let request = request.into_inner();
+        let sha = &request.sha256;
         let chunks = self
             .artifacts
-            .download(&sha, &agent.id)
+            .download(&request, &agent.id)
             .await
             .map_err(|e| {
                 tracing::warn!(agent = %agent.id, "artifact download refused: {e}");

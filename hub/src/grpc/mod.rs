@@ -130,6 +130,12 @@ impl From<ArtifactError> for Status {
         let msg = e.to_string();
         match e {
             ArtifactError::Store(s) => s.into(),
+            ArtifactError::Objects(_) => {
+                tracing::error!("{msg}");
+                Status::unavailable(format!(
+                    "the hub cannot reach its artifact store right now: {msg}"
+                ))
+            }
             ArtifactError::Io { .. } => {
                 tracing::error!("{msg}");
                 Status::unavailable(format!("the hub cannot store artifacts right now: {msg}"))

@@ -17,7 +17,7 @@ use trunkfarm_proto::v1::{
 
 use super::git::Tip;
 use super::*;
-use crate::artifacts::Origin;
+use crate::artifacts::{Backend, Origin};
 use crate::dispatch::{DispatchSettings, Outgoing, Phase};
 use crate::job_key::RerunKind;
 use crate::logs::JobLogs;
@@ -239,7 +239,9 @@ impl Farm {
             dir.path().join("artifacts"),
             1 << 20,
             DataDir::new(dir.path(), 0),
+            Backend::Files,
         )
+        .await
         .unwrap();
         let results = Results::open(&store)
             .unwrap()

@@ -757,7 +757,7 @@ fn reproduce(rec: &JobRecord, facts: &RunFacts) -> String {
             job => format!(" (built by job {job}: /runs/{job} shows how)"),
         };
         s.push_str(&format!(
-            "# The runtime {sha}{built_by}: the hub keeps it as\n# artifacts/{sha}.tar.zst in its data directory (`trunkfarm artifact list` lists it).\nmkdir runtime && zstd -dc {sha}.tar.zst | tar -x -C runtime\nexport TRUNKFARM_RUNTIME_PREFIX=\"$PWD/runtime\" PATH=\"$PWD/runtime/bin:$PATH\"\n",
+            "# The runtime {sha}{built_by}: the hub keeps it as\n# artifacts/{sha}.tar.zst in its data directory, or under its prefix in its\n# object store bucket ([storage]; `trunkfarm artifact list` lists it).\nmkdir runtime && zstd -dc {sha}.tar.zst | tar -x -C runtime\nexport TRUNKFARM_RUNTIME_PREFIX=\"$PWD/runtime\" PATH=\"$PWD/runtime/bin:$PATH\"\n",
         ));
     }
     if !spec.upload_prefix.is_empty() {
