@@ -1,7 +1,7 @@
 //! The hub's metrics in the Prometheus text format (`GET /metrics` on the
 //! web endpoint): queue, agents, pools, outbox as gauges computed on request
-//! from the modules that own the state; finished jobs and artifact downloads
-//! as counters since the hub started.
+//! from the modules that own the state; finished jobs, artifact downloads
+//! and log compactions as counters since the hub started.
 
 use std::fmt::Write as _;
 
@@ -86,6 +86,7 @@ pub(crate) fn render(
     let _ = writeln!(out, "# TYPE trunkfarm_mail_pending gauge");
     let _ = writeln!(out, "trunkfarm_mail_pending {pending}");
     let (downloads, bytes) = artifacts.download_totals();
+    let (compacted, compaction_failures) = dispatch.logs().compaction_totals();
     for (name, help, value) in [
         (
             "trunkfarm_jobs_finished_total",
@@ -101,6 +102,16 @@ pub(crate) fn render(
             "trunkfarm_artifact_sent_bytes_total",
             "Runtime artifact bytes the hub itself sent to agents since the hub started (not those agents fetched from the object store).",
             bytes,
+        ),
+        (
+            "trunkfarm_logs_compacted_total",
+            "Finished attempts' logs moved from the database into the object store since the hub started.",
+            compacted,
+        ),
+        (
+            "trunkfarm_log_compaction_failures_total",
+            "Log compactions that failed (the log stays in the database and is retried) since the hub started.",
+            compaction_failures,
         ),
     ] {
         let _ = writeln!(out, "# HELP {name} {help}");

@@ -196,6 +196,12 @@ fn a_log_compacted_into_an_s3_bucket_reads_back_the_same() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_is_output(&out.stdout, &expected);
+    let metrics = hub.metrics();
+    assert!(
+        metrics.contains("\ntrunkfarm_logs_compacted_total 1\n")
+            && metrics.contains("\ntrunkfarm_log_compaction_failures_total 0\n"),
+        "{metrics}"
+    );
     let tail = get_json(&hub, &format!("/api/v1/runs/{id}/log?limit=100"));
     assert_eq!(
         tail["text"].as_str().unwrap().as_bytes(),

@@ -482,6 +482,8 @@ impl JobLogs {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&(job_id, attempt));
+        self.compacted_total
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(Compaction::Done(rec))
     }
 
@@ -615,6 +617,9 @@ impl Compactor {
                         }
                     }
                     Err(e) => {
+                        self.logs
+                            .compaction_failures_total
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         match (&e, outage) {
                             (LogsError::Objects(_), false) => {
                                 tracing::warn!(
@@ -1092,6 +1097,7 @@ mod tests {
         f.logs.finished(9, 1);
         tokio::time::sleep(Duration::from_millis(400)).await;
         assert!(asked.load(Ordering::Relaxed), "the start-up sweep ran");
+        assert!(f.logs.compaction_totals().1 > 0, "failures are counted");
         assert_eq!(f.logs.compacted(9, 1).unwrap(), None);
         assert!(stored_chunks(&f.logs, 9, 1) > 0);
 
@@ -1105,6 +1111,7 @@ mod tests {
         }
         stop.cancel();
         task.await.unwrap();
+        assert_eq!(f.logs.compaction_totals().0, 1);
         assert_eq!(stored_chunks(&f.logs, 9, 1), 0);
         assert_eq!(whole(&f.logs, 9, 1).await, log);
         assert_eq!(log_objects(&f.objects).await.len(), 1);

@@ -186,6 +186,11 @@ pub(crate) struct JobLogs {
     pinned: Mutex<HashMap<u64, usize>>,
     /// Jobs whose result was recorded, for the compactor.
     queue: compact::Queue,
+    /// Attempts compacted, and compactions that failed, since the hub
+    /// started (`/metrics`).
+    compacted_total: std::sync::atomic::AtomicU64,
+    /// See `compacted_total`.
+    compaction_failures_total: std::sync::atomic::AtomicU64,
     /// Walks of an attempt's chunks ([`JobLogs::range`], [`JobLogs::size`]):
     /// tests count what one request reads.
     #[cfg(test)]
@@ -261,6 +266,8 @@ impl JobLogs {
             attempts: Mutex::new(HashMap::new()),
             pinned: Mutex::new(HashMap::new()),
             queue: compact::Queue::default(),
+            compacted_total: Default::default(),
+            compaction_failures_total: Default::default(),
             #[cfg(test)]
             walks: Default::default(),
         })
@@ -846,6 +853,16 @@ impl JobLogs {
             }
         }
         Ok(n)
+    }
+
+    /// Attempts compacted and compactions that failed since the hub
+    /// started.
+    pub(crate) fn compaction_totals(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (
+            self.compacted_total.load(Relaxed),
+            self.compaction_failures_total.load(Relaxed),
+        )
     }
 
     /// Tells watchers the job finished and forgets its live channel. A
