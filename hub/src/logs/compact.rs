@@ -29,9 +29,11 @@
 //! Orphans: an object without a record (its compaction was killed before
 //! the record, or retention removed the record but could not delete the
 //! object) is deleted by the compactor's start-up sweep once it is older
-//! than [`ORPHAN_AGE`] (younger ones may belong to a compaction in flight
-//! on a hub that shares the prefix by mistake; they go at a later start).
-//! The sweep lists every object under `logs/` once per start (in the
+//! than [`ORPHAN_AGE`] (a margin for clocks that disagree between the hub
+//! and the store; younger ones go at a later start). It runs before any
+//! compaction of this start, never beside one: a compaction re-putting a
+//! killed attempt's old object must not have it deleted under its new
+//! record. It lists every object under `logs/` once per start (in the
 //! background: for a million logs, a thousand list requests on S3).
 
 use std::collections::{BTreeSet, VecDeque};
