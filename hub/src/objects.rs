@@ -18,9 +18,6 @@
 //! that is missing, denied or in another region is a configuration error,
 //! not something to find out on the first upload.
 
-// Used by artifacts and logs (issue 16): their callers land with them.
-#![allow(dead_code)]
-
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -81,13 +78,6 @@ pub(crate) enum ObjectsError {
     },
 }
 
-impl ObjectsError {
-    /// Whether the object did not exist.
-    pub(crate) fn is_not_found(&self) -> bool {
-        matches!(self, ObjectsError::Store { cause, .. } if matches!(**cause, object_store::Error::NotFound { .. }))
-    }
-}
-
 /// The handle on the object store: cheap to clone, shared by artifacts,
 /// logs and retention.
 #[derive(Clone, Debug)]
@@ -137,7 +127,25 @@ impl Objects {
         data_dir: &Path,
     ) -> Result<Objects, ObjectsError> {
         let objects = match cfg.backend {
-            StorageBackend::Local => Objects::local(&data_dir.join(LOCAL_DIR))?,
+            StorageBackend::Local => {
+                let dir = data_dir.join(LOCAL_DIR);
+                let objects = Objects::local(&dir)?;
+                // Nothing writes yet: what a killed put left is garbage.
+                let removed = remove_staging_files(&dir).map_err(|e| {
+                    ObjectsError::Setup(format!(
+                        "cannot clean unfinished writes out of {}: {e}",
+                        dir.display()
+                    ))
+                })?;
+                if removed > 0 {
+                    tracing::info!(
+                        removed,
+                        "deleted unfinished object writes left in {}",
+                        dir.display()
+                    );
+                }
+                objects
+            }
             StorageBackend::S3 => {
                 let creds = Credentials::load().map_err(|e| {
                     ObjectsError::Setup(format!(
@@ -162,7 +170,8 @@ impl Objects {
         })?;
         let store = LocalFileSystem::new_with_prefix(dir)
             .map_err(|e| ObjectsError::Setup(format!("cannot use {}: {e}", dir.display())))?
-            .with_automatic_cleanup(true);
+            .with_automatic_cleanup(true)
+            .with_fsync(true);
         Ok(Objects {
             inner: Arc::new(Inner {
                 store: Arc::new(store),
@@ -271,17 +280,6 @@ impl Objects {
         }
     }
 
-    /// The name of `path` relative to this hub's prefix (what
-    /// [`Objects::path`] was given); `None` for a path outside it.
-    pub(crate) fn relative<'a>(&self, path: &'a object_store::path::Path) -> Option<&'a str> {
-        let full = path.as_ref();
-        if self.inner.prefix.is_empty() {
-            return Some(full);
-        }
-        full.strip_prefix(self.inner.prefix.as_str())?
-            .strip_prefix('/')
-    }
-
     /// The store: use `object_store`'s API with paths from [`Objects::path`].
     pub(crate) fn store(&self) -> &Arc<dyn ObjectStore> {
         &self.inner.store
@@ -357,6 +355,34 @@ impl Objects {
             cause: Box::new(cause),
         }
     }
+}
+
+/// Deletes the staging files of local puts a killed hub left (object_store
+/// writes `<name>#<n>` and renames it into place; it never lists them, so
+/// nothing else would). Returns how many it deleted.
+fn remove_staging_files(dir: &Path) -> std::io::Result<usize> {
+    let mut removed = 0;
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(d) = pending.pop() {
+        for entry in std::fs::read_dir(&d)? {
+            let entry = entry?;
+            let path = entry.path();
+            if entry.file_type()?.is_dir() {
+                pending.push(path);
+                continue;
+            }
+            let name = entry.file_name();
+            let staged = name
+                .to_string_lossy()
+                .rsplit_once('#')
+                .is_some_and(|(_, n)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+            if staged {
+                std::fs::remove_file(&path)?;
+                removed += 1;
+            }
+        }
+    }
+    Ok(removed)
 }
 
 /// One line for people: the S3 error's code and message when the service
@@ -450,7 +476,6 @@ mod tests {
                 .join("logs/7/1.log.zst")
                 .is_file()
         );
-        assert_eq!(objects.relative(&path), Some("logs/7/1.log.zst"));
         assert!(
             objects
                 .presign_get("logs/7/1.log.zst")
@@ -466,6 +491,20 @@ mod tests {
                     .next()
                     .is_none()
         );
+    }
+
+    #[tokio::test]
+    async fn unfinished_local_writes_are_deleted_when_the_hub_starts() {
+        let dir = tempfile::tempdir().unwrap();
+        let logs = dir.path().join(LOCAL_DIR).join("logs/7");
+        std::fs::create_dir_all(&logs).unwrap();
+        std::fs::write(logs.join("1.log.zst"), b"whole").unwrap();
+        std::fs::write(logs.join("2.log.zst#3"), b"half").unwrap();
+        Objects::open(&StorageSection::default(), dir.path())
+            .await
+            .unwrap();
+        assert!(logs.join("1.log.zst").is_file());
+        assert!(!logs.join("2.log.zst#3").exists());
     }
 
     #[tokio::test]
@@ -501,11 +540,6 @@ mod tests {
         assert!(objects.is_remote());
         let path = objects.path("artifacts/ab.tar.zst");
         assert_eq!(path.as_ref(), "hubs/a/artifacts/ab.tar.zst");
-        assert_eq!(objects.relative(&path), Some("artifacts/ab.tar.zst"));
-        assert_eq!(
-            objects.relative(&object_store::path::Path::from("hubs/b/x")),
-            None
-        );
         assert_eq!(
             objects.describe(),
             "s3://farm/hubs/a (endpoint http://127.0.0.1:1)"

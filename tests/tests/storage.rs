@@ -207,5 +207,6 @@ fn the_trunk_story_runs_with_artifacts_and_logs_in_the_bucket() {
             .cloned()
     });
     let log = hub.job_log(red_job);
-    assert!(log.contains("upper"), "{log}");
+    assert!(log.contains("sh test.sh"), "{log}");
+    assert!(log.contains("exited with status 1"), "{log}");
 }
