@@ -420,7 +420,11 @@ fn hint(e: &object_store::Error) -> String {
     let text = format!("{e} {:?}", e).to_ascii_lowercase();
     let hint = if text.contains("nosuchbucket") || text.contains("bucket does not exist") {
         "the bucket does not exist: create it, or fix `storage.bucket`"
-    } else if text.contains("region") || text.contains("permanentredirect") {
+    } else if text.contains("permanentredirect")
+        || text.contains("authorizationheadermalformed")
+        || text.contains("illegallocationconstraint")
+        || text.contains("incorrectendpoint")
+    {
         "the bucket is in another region: fix `storage.region`"
     } else if matches!(e, object_store::Error::Unauthenticated { .. })
         || text.contains("invalidaccesskeyid")
