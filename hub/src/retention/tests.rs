@@ -70,6 +70,8 @@ fn retention(f: &Farm, keep_last: u32) -> Retention {
         f.results.clone(),
         f.dispatch.clone(),
         f.logs.clone(),
+        f.pipeline.clone(),
+        f.notifier.clone(),
         RetentionSection {
             keep_last,
             ..RetentionSection::default()
