@@ -294,6 +294,16 @@ fn name_key(key: &str) -> Vec<u8> {
     k
 }
 
+/// Where [`JobTable::prunable`] goes on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Next {
+    /// Call again from this id.
+    From(u64),
+    /// Done: every job from this id on (`None`: none stored after those
+    /// looked at) was made since the cutoff.
+    Newer(Option<u64>),
+}
+
 /// The `jobs` tree. Cheap to clone; reads need no lock.
 #[derive(Clone)]
 pub(crate) struct JobTable {
@@ -380,8 +390,10 @@ impl JobTable {
     /// `still_submittable` says nothing can submit again) with ids from
     /// `from` on, looking at most at `max` records: each with its key.
     /// Removes nothing (see [`JobTable::remove_pruned`]). Returns them and
-    /// where the next call starts (`None`: it got to the jobs made since
-    /// `before_ms`, which cannot have finished before it, or to the end).
+    /// where the next call starts: [`Next::From`], or [`Next::Newer`] once
+    /// it got to the first job made since `before_ms` (which cannot have
+    /// finished before it; its id: every id below was given before
+    /// `before_ms`) or to the end.
     pub(crate) fn prunable(
         &self,
         before_ms: u64,
@@ -389,7 +401,7 @@ impl JobTable {
         still_submittable: &dyn Fn(&str) -> bool,
         from: u64,
         max: usize,
-    ) -> Result<(Vec<(u64, String)>, Option<u64>), StoreError> {
+    ) -> Result<(Vec<(u64, String)>, Next), StoreError> {
         let mut out = Vec::new();
         let end = id_key(RECORD, u64::MAX);
         let records = self.table.sled().range(id_key(RECORD, from)..=end);
@@ -397,10 +409,10 @@ impl JobTable {
             let (k, raw) = item.map_err(|e| self.table.store().err(e))?;
             let rec = self.decode(&k, &raw)?;
             if rec.created_at_ms >= before_ms {
-                break;
+                return Ok((out, Next::Newer(Some(rec.id))));
             }
             if looked == max {
-                return Ok((out, Some(rec.id)));
+                return Ok((out, Next::From(rec.id)));
             }
             let finished = rec.finished_at_ms != 0 && rec.finished_at_ms < before_ms;
             if finished
@@ -412,7 +424,7 @@ impl JobTable {
                 out.push((rec.id, rec.key));
             }
         }
-        Ok((out, None))
+        Ok((out, Next::Newer(None)))
     }
 
     /// Removes the records [`JobTable::prunable`] found, each with its
@@ -434,14 +446,6 @@ impl JobTable {
             }
         }
         self.table.apply(batch)
-    }
-
-    /// The oldest job whose record is stored, if any.
-    pub(crate) fn oldest(&self) -> Result<Option<u64>, StoreError> {
-        match self.table.keys([RECORD]).next() {
-            None => Ok(None),
-            Some(k) => Ok(key_id(&k?)),
-        }
     }
 
     /// Every unfinished job's stored record, by id.

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use trunkfarm_proto::v1::{Cancel, JobRef, JobResult, JobSpec, ResultAck, hub_message};
 
 use jobs::Expiry;
-pub(crate) use jobs::{AttemptRecord, JobRecord, JobState, JobTable, Placement};
+pub(crate) use jobs::{AttemptRecord, JobRecord, JobState, JobTable, Next, Placement};
 pub(crate) use records::{JobResultRecord, JobSpecRecord, ReportFileRecord};
 /// What a session's channel carries (the in-process tests read it).
 #[cfg(test)]
@@ -745,7 +745,7 @@ impl Dispatcher {
         still_submittable: &dyn Fn(&str) -> bool,
         from: u64,
         max: usize,
-    ) -> Result<(Vec<(u64, String)>, Option<u64>), StoreError> {
+    ) -> Result<(Vec<(u64, String)>, Next), StoreError> {
         self.shared
             .table
             .prunable(before_ms, kept, still_submittable, from, max)
@@ -763,12 +763,6 @@ impl Dispatcher {
             self.shared.table.remove_pruned(jobs)?;
         }
         self.shared.table.store().commit().await
-    }
-
-    /// The oldest job whose record is stored (ids grow with time: what is
-    /// older than every stored job is older than `retention.jobs`).
-    pub(crate) fn oldest_job(&self) -> Result<Option<u64>, StoreError> {
-        self.shared.table.oldest()
     }
 
     /// The ids of finished keyed jobs the pipeline has not taken in yet.

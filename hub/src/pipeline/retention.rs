@@ -159,9 +159,9 @@ impl Pipeline {
     /// one write (durable when this returns): an upstream commit's
     /// `hh/u/…` sequence and `hs/u/…` order entry, a project commit's
     /// `hh/p/…`, when the commit is not the head, not among the newest
-    /// `keep` heads (the dashboard's columns), was the head before the
-    /// oldest job whose record is stored (`oldest_job`: everything since is
-    /// younger than `retention.jobs`), and no job not yet taken in (open or
+    /// `keep` heads (the dashboard's columns), was first the head before
+    /// `oldest_job` was given (the first id since `retention.jobs`' cutoff:
+    /// head sequences and job ids come from one counter), and no job not yet taken in (open or
     /// in the inbox) names it. A sequence is read only when a build or run
     /// of its commit is taken in, and a commit that is the head again gets
     /// a new one. Returns how many commits' entries it removed.

@@ -22,7 +22,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::RetentionSection;
-use crate::dispatch::Dispatcher;
+use crate::dispatch::{Dispatcher, Next};
 use crate::logs::JobLogs;
 use crate::notify::Notifier;
 use crate::pipeline::Pipeline;
@@ -233,24 +233,29 @@ impl Retention {
         let live = self.pipeline.live_keys(&kept)?;
         let submittable = |key: &str| live.submittable(key);
         let jobs_before = cut.jobs;
-        let mut from = Some(0);
-        while let Some(start) = from {
+        let mut start = 0;
+        // The first id given since the jobs' cutoff.
+        let newer = loop {
             if stop.is_cancelled() {
                 return Ok(report);
             }
-            let (jobs, more) =
+            let (jobs, next) =
                 self.dispatch
                     .prunable_jobs(jobs_before, &kept.jobs, &submittable, start, STEP)?;
             let ids: Vec<u64> = jobs.iter().map(|(id, _)| *id).collect();
             report.job_marks += self.results.forget_jobs(&ids).await?;
             self.dispatch.remove_jobs(&jobs).await?;
             report.jobs += jobs.len();
-            from = more;
             step_pause().await;
-        }
+            match next {
+                Next::From(id) => start = id,
+                Next::Newer(id) => break id,
+            }
+        };
 
-        // The head order of commits older than every stored job.
-        let oldest = self.dispatch.oldest_job()?.unwrap_or(u64::MAX);
+        // The head order of commits seen before the jobs' cutoff (ids
+        // and head sequences come from one counter).
+        let oldest = newer.unwrap_or(u64::MAX);
         loop {
             if stop.is_cancelled() {
                 return Ok(report);
