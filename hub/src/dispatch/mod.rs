@@ -31,8 +31,8 @@ use trunkfarm_proto::v1::{Cancel, JobRef, JobResult, JobSpec, ResultAck, hub_mes
 use jobs::Expiry;
 pub(crate) use jobs::{AttemptRecord, JobRecord, JobState, JobTable, Next, Placement};
 pub(crate) use records::{JobResultRecord, JobSpecRecord, ReportFileRecord};
-/// What a session's channel carries (the in-process tests read it).
-#[cfg(test)]
+/// What a session's channel carries (the in-process tests and `trunkfarm
+/// bench growth`'s simulated agent read it).
 pub(crate) use sessions::Outgoing;
 pub(crate) use sessions::{AgentTx, ConnectedAgent, Hello, JobBudget, pause_words};
 

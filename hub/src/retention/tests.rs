@@ -126,7 +126,7 @@ async fn old_runs_logs_and_cases_go_the_latest_open_red_and_grid_stay_and_the_da
             pruned.logs += report.logs;
             pruned.jobs += report.jobs;
         }
-        sizes.push(f.store.live_bytes());
+        sizes.push(f.store.live_bytes().unwrap());
     }
     assert!(
         jobs.iter().all(|j| j.len() == 2),
