@@ -132,16 +132,18 @@ pub(crate) mod trees {
     /// good>/<bad>` → a bisection of that culprit range,
     /// `n/<project>` → flips on identical re-runs (per project and test),
     /// `nx/<job id>` → marker: this re-run is counted there, `k/<job
-    /// id>/<n>` → calibration run `n` of that job, `tc/<upstream>/<commit>/<id>`
-    /// and `tp/<project>/<id>` → empty: the transitions' indexes by commit
-    /// (the result's and each culprit) and by project, `ti` → marker: the
-    /// indexes are built.
+    /// id>/<n>` → calibration run `n` of that job, `tc/<upstream>/<commit>/<id>`,
+    /// `tp/<project>/<id>` and `tu/<upstream>/<id>` → empty: the
+    /// transitions' indexes by commit (the result's and each culprit), by
+    /// project and by upstream, `tiu` → marker: the indexes are built (`ti`:
+    /// an older hub's marker, without `tu/`).
     pub(crate) const RESULTS: &str = "results";
     /// `notify`: `s/<project>/<email>` and `d/<upstream>/<email>` →
     /// subscription, `x/<project>/<email>` → a config maintainer who
     /// unsubscribed, `m/<id>` → mail, `q/<id>` → marker: mail pending,
     /// `e/<event>/<email>` → mail id, `r/<went-red id>` → reminders sent,
-    /// `g/<upstream>/<email>` → last digest period.
+    /// `g/<upstream>/<email>` → last digest period, `u/<project>/<email>` →
+    /// when the address last unsubscribed from the project.
     pub(crate) const NOTIFY: &str = "notify";
     /// `provision`: `i/<pool>/<instance>` → instance, `b/<pool>` → the
     /// pool's launch backoff.

@@ -258,7 +258,7 @@ impl Results {
         if let Some(n) = index::build_once(&table)? {
             tracing::info!(
                 transitions = n,
-                "indexed the stored transitions by commit and project"
+                "indexed the stored transitions by commit, project and upstream"
             );
         }
         Ok(Results {
