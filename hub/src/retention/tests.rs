@@ -15,7 +15,7 @@ use trunkfarm_proto::v1::{JobRef, LogChunk, LogStream, Outcome, ReportFile, Tran
 use super::{Cutoffs, Retention};
 use crate::config::RetentionSection;
 use crate::job_key::JobKey;
-use crate::pipeline::tests::{ADDER, Farm, regressed_farm};
+use crate::pipeline::tests::{ADDER, Farm, passed, regressed_farm};
 use crate::results::{Cursor, PAGE_RUNS, Policy};
 use crate::store::now_ms;
 
@@ -347,4 +347,86 @@ async fn old_runs_logs_and_cases_go_the_latest_open_red_and_grid_stay_and_the_da
             .is_empty()
     );
     assert_eq!(f.results.transition(went_red.id).unwrap(), Some(went_red));
+}
+
+/// The keys the pipeline could still submit: the upstream head's build,
+/// the project head's test against the newest passed build; not an older
+/// commit's, a test of an older project commit, a hand submit's
+/// idempotency key; an unknown key is kept.
+#[tokio::test]
+async fn only_keys_the_pipeline_could_submit_again_are_live() {
+    let mut f = regressed_farm().await;
+    adder_round(&mut f).await;
+    let kept = f.results.kept().unwrap();
+    let live = f.pipeline.live_keys(&kept).unwrap();
+    let key_of = |job: u64| f.dispatch.get(job).unwrap().unwrap().key;
+
+    let good = f.results.good_build("rt", "linux").unwrap().unwrap();
+    let build = key_of(good.job_id);
+    assert!(live.submittable(&build), "{build}");
+    let older = build.replace(&good.commit, &"0".repeat(40));
+    assert!(!live.submittable(&older), "{older}");
+
+    let run = f.results.latest_run("adder", "rt", "linux").unwrap().unwrap();
+    let test = key_of(run.info.job_id);
+    assert!(live.submittable(&test), "{test}");
+    let Some(JobKey::Test {
+        project_commit, ..
+    }) = JobKey::parse(&test)
+    else {
+        panic!("{test}")
+    };
+    let older_project = test.replace(&project_commit, &"1".repeat(40));
+    assert!(!live.submittable(&older_project), "{older_project}");
+    let other_build = format!("{}/{}", test.rsplit_once('/').unwrap().0, good.job_id + 1000);
+    assert!(!live.submittable(&other_build), "{other_build}");
+
+    assert!(!live.submittable("submit/8d1c2f"));
+    assert!(live.submittable("something/else/entirely"));
+}
+
+/// Everything expired and pruned (every job whose key is not live, with its
+/// `k<key>` marker): polling every upstream and project again, and taking
+/// in, submits nothing — no job runs twice. The head's first build, no
+/// longer the newest once a forced rebuild replaced it (nothing else keeps
+/// it), stays with its marker: a poll would build the head again.
+#[tokio::test]
+async fn after_pruning_everything_expired_a_re_poll_submits_nothing_again() {
+    let mut f = regressed_farm().await;
+    let first = f.results.good_build("rt", "linux").unwrap().unwrap();
+    let head = first.commit.clone();
+    f.pipeline.build("rt", &head, true).await.unwrap();
+    // The rebuild and what it fans out, until nothing more is queued.
+    while !f.run_jobs(passed).await.is_empty() {
+        f.take_in().await;
+    }
+    let rebuilt = f.results.good_build("rt", "linux").unwrap().unwrap();
+    assert_eq!(rebuilt.commit, head);
+    assert_ne!(rebuilt.job_id, first.job_id, "the forced rebuild is the newest");
+    for _ in 0..3 {
+        adder_round(&mut f).await;
+    }
+    assert!(!f.results.kept().unwrap().jobs.contains(&first.job_id));
+    let before = f.dispatch.open_keys("").len();
+    let now = mark().await;
+    let r = retention(&f, 1);
+    let cut = Cutoffs {
+        runs: now,
+        test_cases: now,
+        logs: now,
+        jobs: now,
+    };
+    let report = r
+        .prune(cut, Duration::ZERO, &CancellationToken::new())
+        .await
+        .unwrap();
+    assert!(report.jobs > 0 && report.job_marks > 0, "{report:?}");
+    for i in 0..2 {
+        f.poll_upstream(0).await;
+        f.poll_project(i).await;
+    }
+    f.take_in().await;
+    assert!(f.assigned().is_empty(), "a pruned key was submitted again");
+    assert_eq!(f.dispatch.open_keys("").len(), before);
+    assert!(f.dispatch.get(first.job_id).unwrap().is_some(), "the head's build");
 }
