@@ -15,7 +15,7 @@ use trunkfarm_proto::v1::{JobRef, LogChunk, LogStream, Outcome, ReportFile, Tran
 use super::{Cutoffs, Retention};
 use crate::config::RetentionSection;
 use crate::job_key::JobKey;
-use crate::pipeline::tests::{ADDER, Farm, passed, regressed_farm};
+use crate::pipeline::tests::{ADDER, Farm, RT, green_trunk, passed, regressed_farm};
 use crate::results::{Cursor, PAGE_RUNS, Policy};
 use crate::store::now_ms;
 
@@ -429,4 +429,60 @@ async fn after_pruning_everything_expired_a_re_poll_submits_nothing_again() {
     assert!(f.assigned().is_empty(), "a pruned key was submitted again");
     assert_eq!(f.dispatch.open_keys("").len(), before);
     assert!(f.dispatch.get(first.job_id).unwrap().is_some(), "the head's build");
+}
+
+/// An upstream that moves on, all green: once older than `retention.runs`,
+/// the builds of commits beyond the dashboard's columns (and no series'
+/// last or last green) go, with the head order of commits seen before the
+/// jobs' cutoff; the columns' builds, the newest and newest passed stay.
+#[tokio::test]
+async fn old_builds_and_head_order_go_beyond_the_dashboards_columns() {
+    let mut f = Farm::new().await;
+    let first = green_trunk(&mut f).await;
+    const COMMITS: usize = PAGE_RUNS + 6;
+    let mut commits = vec![first];
+    for _ in 1..COMMITS {
+        commits.push(f.git.commit(RT));
+        f.poll_upstream(0).await;
+        while !f.run_jobs(passed).await.is_empty() {
+            f.take_in().await;
+        }
+    }
+    let now = mark().await;
+    let r = retention(&f, 1);
+    let cut = Cutoffs {
+        runs: now,
+        test_cases: now,
+        logs: now,
+        jobs: now,
+    };
+    let report = r
+        .prune(cut, Duration::ZERO, &CancellationToken::new())
+        .await
+        .unwrap();
+    let built = |c: &str| {
+        ["linux", "mac"]
+            .iter()
+            .filter(|p| f.results.build("rt", p, c).unwrap().is_some())
+            .count()
+    };
+    let gone = COMMITS - PAGE_RUNS;
+    assert_eq!(report.results.builds, 2 * gone, "{report:?}");
+    for (i, c) in commits.iter().enumerate() {
+        let expected = if i < gone { 0 } else { 2 };
+        assert_eq!(built(c), expected, "commit {i}'s builds");
+    }
+    assert_eq!(report.heads, gone, "{report:?}");
+    let heads = f.pipeline.recent_heads("rt", usize::MAX).unwrap();
+    assert_eq!(heads.len(), PAGE_RUNS);
+    assert_eq!(heads[0].commit, *commits.last().unwrap());
+    // The grid still has every column's builds and every series' latest.
+    let grid = f.pipeline.status("").unwrap();
+    assert!(grid.cells.iter().all(|c| c.latest.job_id != 0), "{grid:?}");
+    // A second pass finds nothing more.
+    let again = r
+        .prune(cut, Duration::ZERO, &CancellationToken::new())
+        .await
+        .unwrap();
+    assert_eq!((again.results.builds, again.heads), (0, 0), "{again:?}");
 }
