@@ -107,7 +107,13 @@ fn old_runs_logs_and_cases_go_while_the_latest_the_open_red_and_the_grid_stay() 
     let mut jobs = Vec::new();
     let mut sizes = Vec::new();
     for n in 0..ROUNDS {
-        let commit = repos.commit("shouter", "test.sh", &round_script(n), "round", "Dev <dev@example.org>");
+        let commit = repos.commit(
+            "shouter",
+            "test.sh",
+            &round_script(n),
+            "round",
+            "Dev <dev@example.org>",
+        );
         let c = wait_for(STEP, &format!("round {n}'s run"), || {
             let c = cell(&hub.cli_json(&["status", "--json"]), "shouter");
             (s(&c["run"], "project_commit") == commit && s(&c, "status") == "red").then_some(c)
@@ -121,9 +127,15 @@ fn old_runs_logs_and_cases_go_while_the_latest_the_open_red_and_the_grid_stay() 
     let last_job = *jobs.last().unwrap();
 
     // The first rounds' jobs are gone: record (run page), log, run.
-    wait_until(Duration::from_secs(20), "the first rounds' jobs to be pruned", || {
-        jobs[..4].iter().all(|j| api(&web, &format!("runs/{j}")).0 == 404)
-    });
+    wait_until(
+        Duration::from_secs(20),
+        "the first rounds' jobs to be pruned",
+        || {
+            jobs[..4]
+                .iter()
+                .all(|j| api(&web, &format!("runs/{j}")).0 == 404)
+        },
+    );
     for j in &jobs[..4] {
         let (code, _) = api(&web, &format!("runs/{j}/log"));
         assert_eq!(code, 404, "job {j}'s log");
@@ -141,14 +153,20 @@ fn old_runs_logs_and_cases_go_while_the_latest_the_open_red_and_the_grid_stay() 
     // A recent run's test cases and log expire before its record: its page
     // still answers, with the summary but no cases.
     let recent = jobs[ROUNDS - 2];
-    wait_until(Duration::from_secs(6), "a recent run's cases and log to go", || {
-        let (code, run) = api(&web, &format!("runs/{recent}"));
-        let (_, log) = api(&web, &format!("runs/{recent}/log"));
-        code == 200
-            && run["tests"]["cases"].as_array().is_some_and(|c| c.is_empty())
-            && u(&run["tests"], "total") == 2
-            && u(&log, "total") == 0
-    });
+    wait_until(
+        Duration::from_secs(6),
+        "a recent run's cases and log to go",
+        || {
+            let (code, run) = api(&web, &format!("runs/{recent}"));
+            let (_, log) = api(&web, &format!("runs/{recent}/log"));
+            code == 200
+                && run["tests"]["cases"]
+                    .as_array()
+                    .is_some_and(|c| c.is_empty())
+                && u(&run["tests"], "total") == 2
+                && u(&log, "total") == 0
+        },
+    );
 
     // Whatever their age: the latest run with its cases and log, the open
     // went-red with its run, cases and log, and the grid.
@@ -180,7 +198,9 @@ fn old_runs_logs_and_cases_go_while_the_latest_the_open_red_and_the_grid_stay() 
         .flat_map(|c| c["builds"].as_array().unwrap())
         .collect();
     assert!(
-        builds.iter().any(|b| s(b, "commit").starts_with(&bad[..10]) && u(b, "job_id") != 0),
+        builds
+            .iter()
+            .any(|b| s(b, "commit").starts_with(&bad[..10]) && u(b, "job_id") != 0),
         "{status:#}"
     );
     let cells: Vec<&Value> = rt["projects"]
@@ -190,7 +210,9 @@ fn old_runs_logs_and_cases_go_while_the_latest_the_open_red_and_the_grid_stay() 
         .flat_map(|p| p["cells"].as_array().unwrap())
         .collect();
     assert!(
-        cells.iter().any(|c| u(c, "job_id") == last_job && s(c, "state") == "red"),
+        cells
+            .iter()
+            .any(|c| u(c, "job_id") == last_job && s(c, "state") == "red"),
         "{status:#}"
     );
     let listed = hub.cli_json(&["transitions", "--json", "--project", "shouter"]);

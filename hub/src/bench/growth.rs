@@ -180,18 +180,74 @@ fn figures_of(o: &Outcome1) -> Vec<Figure> {
         )
     };
     let mut out = vec![
-        Figure::new("growth", db, o.live_bytes as f64 / 1048576.0, "MiB", Target::None, setup.clone()),
-        Figure::new("growth", dbd, o.disk_bytes as f64 / 1048576.0, "MiB", Target::None, setup.clone()),
-        Figure::new("growth", bp50, percentile(&b, 50.0), "ms", Target::None, setup.clone()),
-        Figure::new("growth", bp99, percentile(&b, 99.0), "ms", Target::None, setup.clone()),
-        Figure::new("growth", dp99, percentile(&d, 99.0), "ms", Target::None, setup.clone()),
-        Figure::new("growth", secs, o.elapsed.as_secs_f64(), "s", Target::None, setup.clone()),
+        Figure::new(
+            "growth",
+            db,
+            o.live_bytes as f64 / 1048576.0,
+            "MiB",
+            Target::None,
+            setup.clone(),
+        ),
+        Figure::new(
+            "growth",
+            dbd,
+            o.disk_bytes as f64 / 1048576.0,
+            "MiB",
+            Target::None,
+            setup.clone(),
+        ),
+        Figure::new(
+            "growth",
+            bp50,
+            percentile(&b, 50.0),
+            "ms",
+            Target::None,
+            setup.clone(),
+        ),
+        Figure::new(
+            "growth",
+            bp99,
+            percentile(&b, 99.0),
+            "ms",
+            Target::None,
+            setup.clone(),
+        ),
+        Figure::new(
+            "growth",
+            dp99,
+            percentile(&d, 99.0),
+            "ms",
+            Target::None,
+            setup.clone(),
+        ),
+        Figure::new(
+            "growth",
+            secs,
+            o.elapsed.as_secs_f64(),
+            "s",
+            Target::None,
+            setup.clone(),
+        ),
     ];
     if let Some(n) = o.objects {
-        out.push(Figure::new("growth", objects, n as f64, "objects", Target::None, setup.clone()));
+        out.push(Figure::new(
+            "growth",
+            objects,
+            n as f64,
+            "objects",
+            Target::None,
+            setup.clone(),
+        ));
     }
     if o.retention && !dp.is_empty() {
-        out.push(Figure::new("growth", dpp99, percentile(&dp, 99.0), "ms", Target::None, setup));
+        out.push(Figure::new(
+            "growth",
+            dpp99,
+            percentile(&dp, 99.0),
+            "ms",
+            Target::None,
+            setup,
+        ));
     }
     out
 }
@@ -199,7 +255,12 @@ fn figures_of(o: &Outcome1) -> Vec<Figure> {
 fn git(dir: &Path, args: &[&str]) -> anyhow::Result<String> {
     let out = Command::new("git")
         .current_dir(dir)
-        .args(["-c", "user.name=bench", "-c", "user.email=bench@example.org"])
+        .args([
+            "-c",
+            "user.name=bench",
+            "-c",
+            "user.email=bench@example.org",
+        ])
         .args(args)
         .output()
         .context("cannot run git (the growth benchmark polls a real repository)")?;
@@ -250,7 +311,12 @@ fn parts(cfg: &HubConfig, data: &Path) -> anyhow::Result<Parts> {
             repo_credentials: RepoCredentials::from_urls(std::iter::empty()),
         },
     )?;
-    let artifacts = Artifacts::open(&store, data.join("artifacts"), cfg.artifacts.max_size, space)?;
+    let artifacts = Artifacts::open(
+        &store,
+        data.join("artifacts"),
+        cfg.artifacts.max_size,
+        space,
+    )?;
     let results = Results::open(&store)?.with_flaky_rules(cfg.flaky_rules());
     let stop = CancellationToken::new();
     let notifier = Notifier::start(
@@ -298,7 +364,9 @@ fn report(failing: bool) -> Vec<ReportFile> {
             } else {
                 ""
             };
-            format!(r#"<testcase classname="growth.suite" name="case_number_{i}">{body}</testcase>"#)
+            format!(
+                r#"<testcase classname="growth.suite" name="case_number_{i}">{body}</testcase>"#
+            )
         })
         .collect();
     vec![ReportFile {
@@ -387,9 +455,16 @@ junit = ["junit.xml"]
         tokio::spawn(async move {
             while let Some(msg) = rx.recv().await {
                 let Ok(hm) = *msg else { continue };
-                let Some(Msg::Assign(a)) = hm.msg else { continue };
+                let Some(Msg::Assign(a)) = hm.msg else {
+                    continue;
+                };
                 let Some(job) = a.job else { continue };
-                if let Some((t, pruning)) = shared.submitted.lock().unwrap_or_else(|e| e.into_inner()).remove(&job.job_id) {
+                if let Some((t, pruning)) = shared
+                    .submitted
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&job.job_id)
+                {
                     let ms = t.elapsed().as_secs_f64() * 1000.0;
                     let list = if pruning || shared.pruning.load(Ordering::Relaxed) {
                         &shared.pruning_ms
@@ -402,7 +477,8 @@ junit = ["junit.xml"]
                 tokio::spawn(async move {
                     match finish(&dispatch, &logs, job).await {
                         Ok(true) => {
-                            let mut at = shared.finished_at.lock().unwrap_or_else(|e| e.into_inner());
+                            let mut at =
+                                shared.finished_at.lock().unwrap_or_else(|e| e.into_inner());
                             at.push(now_ms());
                             shared.done.fetch_add(1, Ordering::Relaxed);
                         }
@@ -415,7 +491,11 @@ junit = ["junit.xml"]
     };
 
     // The upstream's head, once polled.
-    let head = || p.pipeline.recent_heads("rt", 1).map(|h| h.first().map(|h| h.commit.clone()));
+    let head = || {
+        p.pipeline
+            .recent_heads("rt", 1)
+            .map(|h| h.first().map(|h| h.commit.clone()))
+    };
     let mut commit = wait_head(&head, None).await?;
     let started = Instant::now();
     let commit_every = (jobs / 50).max(1);
@@ -425,10 +505,23 @@ junit = ["junit.xml"]
     let mut in_flight = Vec::new();
     for n in 0..jobs {
         if n > 0 && n % commit_every == 0 {
-            git(&rt, &["commit", "--quiet", "--allow-empty", "-m", &format!("load {n}")])?;
+            git(
+                &rt,
+                &[
+                    "commit",
+                    "--quiet",
+                    "--allow-empty",
+                    "-m",
+                    &format!("load {n}"),
+                ],
+            )?;
             commit = wait_head(&head, Some(&commit)).await?;
         }
-        if with_retention && n > 0 && n % pass_every == 0 && pass.as_ref().is_none_or(|h| h.is_finished()) {
+        if with_retention
+            && n > 0
+            && n % pass_every == 0
+            && pass.as_ref().is_none_or(|h| h.is_finished())
+        {
             if let Some(h) = pass.take() {
                 h.await??;
             }
@@ -484,7 +577,11 @@ junit = ["junit.xml"]
             }
         }
         if n % 10_000 == 9_999 {
-            println!("growth: {} jobs in {:.0} s", n + 1, started.elapsed().as_secs_f64());
+            println!(
+                "growth: {} jobs in {:.0} s",
+                n + 1,
+                started.elapsed().as_secs_f64()
+            );
         }
     }
     for h in in_flight.drain(..) {
@@ -499,7 +596,11 @@ junit = ["junit.xml"]
     }
     if with_retention {
         p.retention
-            .prune(cutoffs(&shared, jobs), Duration::ZERO, &CancellationToken::new())
+            .prune(
+                cutoffs(&shared, jobs),
+                Duration::ZERO,
+                &CancellationToken::new(),
+            )
             .await?;
         passes += 1;
     }
@@ -516,7 +617,13 @@ junit = ["junit.xml"]
     for i in 0..BREAKAGE_CALLS {
         let sha = commits[i % commits.len()].clone();
         let t = Instant::now();
-        let b = p.results.breakage("rt", vec![Commit { sha, ..Default::default() }])?;
+        let b = p.results.breakage(
+            "rt",
+            vec![Commit {
+                sha,
+                ..Default::default()
+            }],
+        )?;
         std::hint::black_box(b);
         breakage_ms.push(t.elapsed().as_secs_f64() * 1000.0);
     }
@@ -526,7 +633,8 @@ junit = ["junit.xml"]
     p.store.flush_now()?;
     let live_bytes = p.store.live_bytes()?;
     let disk_bytes = super::recovery::dir_size(&data.join("db"));
-    let take = |m: &Mutex<Vec<f64>>| std::mem::take(&mut *m.lock().unwrap_or_else(|e| e.into_inner()));
+    let take =
+        |m: &Mutex<Vec<f64>>| std::mem::take(&mut *m.lock().unwrap_or_else(|e| e.into_inner()));
     let mut dispatch_ms = take(&shared.dispatch_ms);
     let dispatch_pruning_ms = take(&shared.pruning_ms);
     dispatch_ms.extend(dispatch_pruning_ms.iter().copied());
@@ -618,7 +726,11 @@ async fn finish(dispatch: &Dispatcher, logs: &JobLogs, job: JobRef) -> anyhow::R
         outcome: outcome.into(),
         exit_code: Some(i32::from(outcome != Outcome::Passed)),
         reports,
-        last_log_seq: if test { LOG_BYTES.div_ceil(4096) as u64 } else { 0 },
+        last_log_seq: if test {
+            LOG_BYTES.div_ceil(4096) as u64
+        } else {
+            0
+        },
         ..Default::default()
     };
     dispatch.record_result("ag_growth", result).await?;

@@ -50,7 +50,8 @@ impl Notifier {
                 break;
             }
             let delivered = i.state == MailState::Sent as i32 && i.sent_at_ms < before_ms;
-            if !delivered || transition_of(&i.event).is_some_and(|t| kept_transitions.contains(&t)) {
+            if !delivered || transition_of(&i.event).is_some_and(|t| kept_transitions.contains(&t))
+            {
                 continue;
             }
             batch.remove(k);
@@ -134,8 +135,8 @@ impl Notifier {
         max: usize,
     ) -> Result<usize, StoreError> {
         let table = &self.inner.table;
-        let ttl = u64::try_from(self.inner.settings.subscribe_link_ttl.as_millis())
-            .unwrap_or(u64::MAX);
+        let ttl =
+            u64::try_from(self.inner.settings.subscribe_link_ttl.as_millis()).unwrap_or(u64::MAX);
         let before = before_ms.min(self.now().saturating_sub(ttl));
         let mut batch = sled::Batch::default();
         let mut removed = 0;

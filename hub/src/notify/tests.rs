@@ -1578,7 +1578,11 @@ async fn delivered_mails_of_closed_went_reds_go_those_of_an_open_one_stay() {
     farm.deliver().await;
     assert_eq!(farm.outbox(MailState::Sent).len(), 6);
     farm.run(5, false).await;
-    assert_eq!(farm.outbox(MailState::Pending).len(), 2, "the fix, not sent yet");
+    assert_eq!(
+        farm.outbox(MailState::Pending).len(),
+        2,
+        "the fix, not sent yet"
+    );
 
     let kept: HashSet<u64> = [open.id].into();
     let later = farm.clock.load(Ordering::SeqCst) + 1;
@@ -1592,7 +1596,10 @@ async fn delivered_mails_of_closed_went_reds_go_those_of_an_open_one_stay() {
     assert_eq!(removed + more, 4, "the first went red's and the fix's");
     let sent = farm.outbox(MailState::Sent);
     assert_eq!(sent.len(), 2);
-    assert!(sent.iter().all(|m| m.event == transition_event(open.id)), "{sent:?}");
+    assert!(
+        sent.iter().all(|m| m.event == transition_event(open.id)),
+        "{sent:?}"
+    );
     assert_eq!(farm.outbox(MailState::Pending).len(), 2);
     let table = farm.notifier.table();
     for (t, marks) in [(first.id, 0), (fixed.id, 0), (open.id, 2)] {
@@ -1605,8 +1612,25 @@ async fn delivered_mails_of_closed_went_reds_go_those_of_an_open_one_stay() {
     let sub = subscription(BOB);
     farm.notifier.unsubscribe(&sub).await.unwrap();
     let now = farm.clock.load(Ordering::SeqCst);
-    assert_eq!(farm.notifier.prune_unsubscribed(now + 1, 100).await.unwrap(), 0);
+    assert_eq!(
+        farm.notifier
+            .prune_unsubscribed(now + 1, 100)
+            .await
+            .unwrap(),
+        0
+    );
     farm.clock.store(now + 2 * 86_400_000, Ordering::SeqCst);
-    assert_eq!(farm.notifier.prune_unsubscribed(now + 1, 100).await.unwrap(), 1);
-    assert_eq!(farm.notifier.unsubscribed_at(&sub.project, &sub.email).unwrap(), None);
+    assert_eq!(
+        farm.notifier
+            .prune_unsubscribed(now + 1, 100)
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        farm.notifier
+            .unsubscribed_at(&sub.project, &sub.email)
+            .unwrap(),
+        None
+    );
 }

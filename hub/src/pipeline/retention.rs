@@ -143,7 +143,10 @@ impl Pipeline {
 
     /// The builds the dashboard's columns show: each upstream's newest
     /// `n` heads on each of its platforms, as (upstream, platform, commit).
-    pub(crate) fn shown_builds(&self, n: usize) -> Result<Vec<(String, String, String)>, StoreError> {
+    pub(crate) fn shown_builds(
+        &self,
+        n: usize,
+    ) -> Result<Vec<(String, String, String)>, StoreError> {
         let mut out = Vec::new();
         for u in &self.inner.upstreams {
             for head in self.recent_heads(&u.name, n)? {
@@ -223,7 +226,8 @@ impl Pipeline {
                     break;
                 }
                 let commit = String::from_utf8_lossy(commit).into_owned();
-                if head.as_ref() == Some(&commit) || pending.contains(&(u.name.clone(), commit.clone()))
+                if head.as_ref() == Some(&commit)
+                    || pending.contains(&(u.name.clone(), commit.clone()))
                 {
                     continue;
                 }
@@ -240,7 +244,11 @@ impl Pipeline {
                     break;
                 }
                 let (k, v) = item?;
-                let seq = v.as_ref().try_into().map(u64::from_be_bytes).unwrap_or(u64::MAX);
+                let seq = v
+                    .as_ref()
+                    .try_into()
+                    .map(u64::from_be_bytes)
+                    .unwrap_or(u64::MAX);
                 let commit = String::from_utf8_lossy(&k[prefix.len()..]);
                 if seq < oldest_job && head.as_deref() != Some(&*commit) {
                     batch.remove(k);

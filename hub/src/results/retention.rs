@@ -159,12 +159,14 @@ impl Results {
                     state.last_green.as_ref().map(|c| &c.upstream),
                 ];
                 for commit in commits.into_iter().flatten() {
-                    kept.builds.insert((upstream.to_owned(), platform.to_owned(), commit.clone()));
+                    kept.builds
+                        .insert((upstream.to_owned(), platform.to_owned(), commit.clone()));
                 }
             }
         }
         for b in self.running_bisections()? {
-            kept.bisecting.insert((b.upstream.clone(), b.platform.clone()));
+            kept.bisecting
+                .insert((b.upstream.clone(), b.platform.clone()));
             for m in &b.members {
                 keep_transition(&mut kept, m.transition)?;
             }
@@ -256,13 +258,8 @@ impl Results {
                         };
                     }
                     Cursor::Bisections(from) => {
-                        let next = self.prune_bisections(
-                            &from,
-                            policy,
-                            &mut batch,
-                            &mut pruned,
-                            max_ops,
-                        )?;
+                        let next =
+                            self.prune_bisections(&from, policy, &mut batch, &mut pruned, max_ops)?;
                         *cursor = match next {
                             Some(k) => Cursor::Bisections(k),
                             None => Cursor::Done,
@@ -438,7 +435,9 @@ impl Results {
             let needed = b.finished_at_ms == 0
                 || b.finished_at_ms >= policy.runs_before_ms
                 || kept.jobs.contains(&b.job_id)
-                || kept.bisecting.contains(&(b.upstream.clone(), b.platform.clone()))
+                || kept
+                    .bisecting
+                    .contains(&(b.upstream.clone(), b.platform.clone()))
                 || kept.builds.contains(&(b.upstream, b.platform, b.commit));
             if !needed {
                 batch.remove(k);

@@ -271,9 +271,14 @@ async fn old_runs_logs_and_cases_go_the_latest_open_red_and_grid_stay_and_the_da
     for item in tree(crate::store::trees::RESULTS).scan_prefix(b"p/") {
         let (k, _) = item.unwrap();
         let id: u64 = String::from_utf8_lossy(&k[2..]).parse().unwrap();
-        assert!(f.dispatch.get(id).unwrap().is_some(), "p/{id} of a pruned job");
+        assert!(
+            f.dispatch.get(id).unwrap().is_some(),
+            "p/{id} of a pruned job"
+        );
     }
-    let heads = tree(crate::store::trees::PIPELINE).scan_prefix(b"hh/p/adder/").count();
+    let heads = tree(crate::store::trees::PIPELINE)
+        .scan_prefix(b"hh/p/adder/")
+        .count();
     assert!(heads <= 10, "{heads} adder head sequences stay");
 
     // The size stops growing: once runs are pruned (after PAGE_RUNS
@@ -367,18 +372,23 @@ async fn only_keys_the_pipeline_could_submit_again_are_live() {
     let older = build.replace(&good.commit, &"0".repeat(40));
     assert!(!live.submittable(&older), "{older}");
 
-    let run = f.results.latest_run("adder", "rt", "linux").unwrap().unwrap();
+    let run = f
+        .results
+        .latest_run("adder", "rt", "linux")
+        .unwrap()
+        .unwrap();
     let test = key_of(run.info.job_id);
     assert!(live.submittable(&test), "{test}");
-    let Some(JobKey::Test {
-        project_commit, ..
-    }) = JobKey::parse(&test)
-    else {
+    let Some(JobKey::Test { project_commit, .. }) = JobKey::parse(&test) else {
         panic!("{test}")
     };
     let older_project = test.replace(&project_commit, &"1".repeat(40));
     assert!(!live.submittable(&older_project), "{older_project}");
-    let other_build = format!("{}/{}", test.rsplit_once('/').unwrap().0, good.job_id + 1000);
+    let other_build = format!(
+        "{}/{}",
+        test.rsplit_once('/').unwrap().0,
+        good.job_id + 1000
+    );
     assert!(!live.submittable(&other_build), "{other_build}");
 
     assert!(!live.submittable("submit/8d1c2f"));
@@ -402,7 +412,10 @@ async fn after_pruning_everything_expired_a_re_poll_submits_nothing_again() {
     }
     let rebuilt = f.results.good_build("rt", "linux").unwrap().unwrap();
     assert_eq!(rebuilt.commit, head);
-    assert_ne!(rebuilt.job_id, first.job_id, "the forced rebuild is the newest");
+    assert_ne!(
+        rebuilt.job_id, first.job_id,
+        "the forced rebuild is the newest"
+    );
     for _ in 0..3 {
         adder_round(&mut f).await;
     }
@@ -428,7 +441,10 @@ async fn after_pruning_everything_expired_a_re_poll_submits_nothing_again() {
     f.take_in().await;
     assert!(f.assigned().is_empty(), "a pruned key was submitted again");
     assert_eq!(f.dispatch.open_keys("").len(), before);
-    assert!(f.dispatch.get(first.job_id).unwrap().is_some(), "the head's build");
+    assert!(
+        f.dispatch.get(first.job_id).unwrap().is_some(),
+        "the head's build"
+    );
 }
 
 /// An upstream that moves on, all green: once older than `retention.runs`,
