@@ -85,8 +85,7 @@ struct Outcome1 {
 /// into: the hook the object-store work (issue 16 items 1–3) fills in.
 /// Until logs are compacted into objects there are none to count: `None`,
 /// printed as "n/a".
-fn object_count(data_dir: &Path) -> Option<u64> {
-    let _ = data_dir;
+fn object_count(_data_dir: &Path) -> Option<u64> {
     None
 }
 
@@ -379,14 +378,52 @@ fn report(failing: bool) -> Vec<ReportFile> {
 /// Shared between the feeder, the agent and the pruner.
 #[derive(Default)]
 struct Shared {
-    /// Submit time of each job not yet assigned, with whether a pass ran.
-    submitted: Mutex<HashMap<u64, (Instant, bool)>>,
+    /// Each job's submit or assignment, whichever was seen first (the
+    /// assignment may reach the agent before the submit returns).
+    halves: Mutex<HashMap<u64, Half>>,
     dispatch_ms: Mutex<Vec<f64>>,
     pruning_ms: Mutex<Vec<f64>>,
     /// When each job (by its number in the load) was recorded, ms.
     finished_at: Mutex<Vec<u64>>,
     pruning: AtomicBool,
     done: AtomicUsize,
+}
+
+/// One end of a job's submit → assignment, with whether a retention pass
+/// ran then.
+#[derive(Clone, Copy)]
+enum Half {
+    Submitted(Instant, bool),
+    Assigned(Instant, bool),
+}
+
+impl Shared {
+    /// Notes one end of job `id`'s dispatch; with both, its latency.
+    fn meet(&self, id: u64, half: Half) {
+        let other = {
+            let mut halves = self.halves.lock().unwrap_or_else(|e| e.into_inner());
+            match halves.remove(&id) {
+                Some(other) => other,
+                None => {
+                    halves.insert(id, half);
+                    return;
+                }
+            }
+        };
+        let (submitted, assigned, pruning) = match (half, other) {
+            (Half::Submitted(s, a), Half::Assigned(t, b))
+            | (Half::Assigned(t, b), Half::Submitted(s, a)) => (s, t, a || b),
+            // A job seen twice from one side (a re-assignment): ignored.
+            _ => return,
+        };
+        let ms = assigned.saturating_duration_since(submitted).as_secs_f64() * 1000.0;
+        let list = if pruning {
+            &self.pruning_ms
+        } else {
+            &self.dispatch_ms
+        };
+        list.lock().unwrap_or_else(|e| e.into_inner()).push(ms);
+    }
 }
 
 /// One run of the load.
@@ -459,20 +496,8 @@ junit = ["junit.xml"]
                     continue;
                 };
                 let Some(job) = a.job else { continue };
-                if let Some((t, pruning)) = shared
-                    .submitted
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&job.job_id)
-                {
-                    let ms = t.elapsed().as_secs_f64() * 1000.0;
-                    let list = if pruning || shared.pruning.load(Ordering::Relaxed) {
-                        &shared.pruning_ms
-                    } else {
-                        &shared.dispatch_ms
-                    };
-                    list.lock().unwrap_or_else(|e| e.into_inner()).push(ms);
-                }
+                let pruning = shared.pruning.load(Ordering::Relaxed);
+                shared.meet(job.job_id, Half::Assigned(Instant::now(), pruning));
                 let (dispatch, logs, shared) = (dispatch.clone(), logs.clone(), shared.clone());
                 tokio::spawn(async move {
                     match finish(&dispatch, &logs, job).await {
@@ -558,13 +583,8 @@ junit = ["junit.xml"]
         in_flight.push(tokio::spawn(async move {
             let t = Instant::now();
             let pruning = s.pruning.load(Ordering::Relaxed);
-            // Noted before the submit: the assignment may come before it returns.
             let (id, _) = d.submit_keyed(spec, 1, key.to_string()).await?;
-            s.submitted
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .entry(id)
-                .or_insert((t, pruning));
+            s.meet(id, Half::Submitted(t, pruning));
             anyhow::Ok(id)
         }));
         if in_flight.len() >= IN_FLIGHT {
