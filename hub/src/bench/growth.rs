@@ -515,6 +515,20 @@ junit = ["junit.xml"]
         })
     };
 
+    // Its heartbeats, as a real agent sends them (an agent silent for two
+    // heartbeats gets no work).
+    let beat = {
+        let (dispatch, every) = (p.dispatch.clone(), cfg.dispatch.heartbeat_interval / 2);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                if let Err(e) = dispatch.heartbeat("ag_growth", &[]).await {
+                    tracing::error!("growth: heartbeat: {e}");
+                }
+            }
+        })
+    };
+
     // The upstream's head, once polled.
     let head = || {
         p.pipeline
@@ -650,6 +664,7 @@ junit = ["junit.xml"]
 
     p.stop.cancel();
     agent.abort();
+    beat.abort();
     p.store.flush_now()?;
     let live_bytes = p.store.live_bytes()?;
     let disk_bytes = super::recovery::dir_size(&data.join("db"));
