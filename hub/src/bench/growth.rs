@@ -606,7 +606,7 @@ junit = ["junit.xml"]
                 h.await??;
             }
             // Keep the inbox and the agent from falling far behind.
-            while n + 1 - shared.done.load(Ordering::Relaxed) > 4 * IN_FLIGHT {
+            while (n + 1).saturating_sub(shared.done.load(Ordering::Relaxed)) > 4 * IN_FLIGHT {
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
         }
@@ -725,12 +725,14 @@ async fn wait_head(
 /// As an agent would: the log (in 4 KiB chunks), then the result with
 /// its JUnit report; one test run in [`FAIL_EVERY`] fails a test. A build
 /// (the poller's, of each new upstream head) fails at once. Returns whether
-/// it was a test run.
+/// it was a job the load submitted (not a build or a re-run).
 async fn finish(dispatch: &Dispatcher, logs: &JobLogs, job: JobRef) -> anyhow::Result<bool> {
     let Some(rec) = dispatch.get(job.job_id)? else {
         bail!("job {} is not stored", job.job_id);
     };
     let test = rec.key.starts_with(crate::job_key::TEST_PREFIX);
+    // One the load submitted (not a re-run the pipeline queued).
+    let fed = matches!(JobKey::parse(&rec.key), Some(JobKey::Test { .. }));
     let (outcome, reports) = if !test {
         (Outcome::Failed, Vec::new())
     } else {
@@ -769,5 +771,5 @@ async fn finish(dispatch: &Dispatcher, logs: &JobLogs, job: JobRef) -> anyhow::R
         ..Default::default()
     };
     dispatch.record_result("ag_growth", result).await?;
-    Ok(test)
+    Ok(fed)
 }
