@@ -62,7 +62,7 @@ const SLOTS: u32 = 64;
 const FAIL_EVERY: usize = 500;
 
 /// What one run (with or without retention) measured.
-struct Outcome1 {
+struct Measured {
     retention: bool,
     jobs: usize,
     elapsed: Duration,
@@ -107,7 +107,7 @@ pub(super) async fn run(args: &BenchArgs, dir: &Path) -> anyhow::Result<Vec<Figu
     Ok(figures)
 }
 
-fn print_outcome(o: &Outcome1) {
+fn print_outcome(o: &Measured) {
     let mut b = o.breakage_ms.clone();
     b.sort_by(f64::total_cmp);
     let mut d = o.dispatch_pruning_ms.clone();
@@ -136,7 +136,7 @@ fn print_outcome(o: &Outcome1) {
     );
 }
 
-fn figures_of(o: &Outcome1) -> Vec<Figure> {
+fn figures_of(o: &Measured) -> Vec<Figure> {
     let setup = format!(
         "{} jobs, {} KiB log + {CASES} cases each, {}",
         o.jobs,
@@ -427,7 +427,7 @@ impl Shared {
 }
 
 /// One run of the load.
-async fn one(dir: &Path, jobs: usize, with_retention: bool) -> anyhow::Result<Outcome1> {
+async fn one(dir: &Path, jobs: usize, with_retention: bool) -> anyhow::Result<Measured> {
     let rt = dir.join("rt");
     repo(&rt)?;
     let data = dir.join("data");
@@ -673,7 +673,7 @@ junit = ["junit.xml"]
     let mut dispatch_ms = take(&shared.dispatch_ms);
     let dispatch_pruning_ms = take(&shared.pruning_ms);
     dispatch_ms.extend(dispatch_pruning_ms.iter().copied());
-    Ok(Outcome1 {
+    Ok(Measured {
         retention: with_retention,
         jobs,
         elapsed,
