@@ -627,7 +627,7 @@ impl HubConfig {
         notify::problems(&self.smtp, &self.notify)?;
         notify::web_problems(&self.web)?;
         network::problems(&self.network, l.max_message_size)?;
-        retention::problems(&self.retention)?;
+        retention::problems(&self.retention, self.pipeline.bisect_max_builds > 0)?;
         storage::problems(&self.storage)?;
         pool::problems(&self.pools, &self.hub.data_dir)
     }
@@ -1360,8 +1360,15 @@ max_token_ttl = "7d"
         assert!(err("[retention]\nruns = \"soon\"\n").contains("retention.runs"));
         assert_eq!(
             err("[retention]\njobs = \"1d\"\nlogs = \"1d\"\n"),
-            "/etc/trunkfarm/hub.toml:2: invalid `retention.jobs`: 1d is too short; expected at least 2d, the longest a bisection runs (it reads its jobs' records until it answers)"
+            "/etc/trunkfarm/hub.toml:2: invalid `retention.jobs`: 1d is too short; expected at least 2d, the longest a bisection runs (it reads its jobs' records until it answers), or turn bisection off (`pipeline.bisect_max_builds = 0`)"
         );
+        // Without bisection nothing reads a finished job's record later:
+        // seconds are allowed (the retention e2e test uses them).
+        let c = parse(
+            "[pipeline]\nbisect_max_builds = 0\n[retention]\nruns = \"4s\"\ntest_cases = \"2s\"\nlogs = \"2s\"\njobs = \"4s\"\ninterval = \"1s\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.retention.jobs, Duration::from_secs(4));
         assert_eq!(
             err("[retention]\njobs = \"3d\"\n"),
             "/etc/trunkfarm/hub.toml: invalid `retention.logs`: 90d is longer than `retention.jobs` (3d); a job's log goes with its record, so keep it at most as long"

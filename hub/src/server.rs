@@ -251,22 +251,24 @@ impl Hub {
             })
         })
         .start(stop_pipeline.clone());
-        let retention = crate::retention::Retention::new(
-            results.clone(),
-            dispatch.clone(),
-            logs.clone(),
-            cfg.retention.clone(),
-        )
-        .start(stop_pipeline.clone());
         let pipeline = Pipeline::start(
             cfg,
             &store,
             dispatch.clone(),
-            results,
+            results.clone(),
             artifacts.clone(),
             notifier.clone(),
             stop_pipeline.clone(),
         )?;
+        let retention = crate::retention::Retention::new(
+            results,
+            dispatch.clone(),
+            logs.clone(),
+            pipeline.clone(),
+            notifier.clone(),
+            cfg.retention.clone(),
+        )
+        .start(stop_pipeline.clone());
         // The pages read from here on (they answered 503 until now).
         let _ = site_cell.set(web::site::Site {
             pipeline: pipeline.clone(),

@@ -136,16 +136,18 @@ pub(crate) mod trees {
     /// good>/<bad>` → a bisection of that culprit range,
     /// `n/<project>` → flips on identical re-runs (per project and test),
     /// `nx/<job id>` → marker: this re-run is counted there, `k/<job
-    /// id>/<n>` → calibration run `n` of that job, `tc/<upstream>/<commit>/<id>`
-    /// and `tp/<project>/<id>` → empty: the transitions' indexes by commit
-    /// (the result's and each culprit) and by project, `ti` → marker: the
-    /// indexes are built.
+    /// id>/<n>` → calibration run `n` of that job, `tc/<upstream>/<commit>/<id>`,
+    /// `tp/<project>/<id>` and `tu/<upstream>/<id>` → empty: the
+    /// transitions' indexes by commit (the result's and each culprit), by
+    /// project and by upstream, `tiu` → marker: the indexes are built (`ti`:
+    /// an older hub's marker, without `tu/`).
     pub(crate) const RESULTS: &str = "results";
     /// `notify`: `s/<project>/<email>` and `d/<upstream>/<email>` →
     /// subscription, `x/<project>/<email>` → a config maintainer who
     /// unsubscribed, `m/<id>` → mail, `q/<id>` → marker: mail pending,
     /// `e/<event>/<email>` → mail id, `r/<went-red id>` → reminders sent,
-    /// `g/<upstream>/<email>` → last digest period.
+    /// `g/<upstream>/<email>` → last digest period, `u/<project>/<email>` →
+    /// when the address last unsubscribed from the project.
     pub(crate) const NOTIFY: &str = "notify";
     /// `provision`: `i/<pool>/<instance>` → instance, `b/<pool>` → the
     /// pool's launch backoff.
@@ -479,18 +481,18 @@ impl Store {
     }
 
     /// The bytes of every key and value in the database (what retention's
-    /// tests measure: sled's files grow and shrink in whole segments).
-    #[cfg(test)]
-    pub(crate) fn live_bytes(&self) -> u64 {
+    /// tests and `trunkfarm bench growth` measure: sled's files grow and
+    /// shrink in whole segments). Reads everything: not for a serving hub.
+    pub(crate) fn live_bytes(&self) -> Result<u64, StoreError> {
         let mut total = 0u64;
         for name in self.inner.db.tree_names() {
-            let tree = self.inner.db.open_tree(&name).expect("open a tree");
+            let tree = self.inner.db.open_tree(&name).map_err(|e| self.err(e))?;
             for item in tree.iter() {
-                let (k, v) = item.expect("read a record");
+                let (k, v) = item.map_err(|e| self.err(e))?;
                 total += (k.len() + v.len()) as u64;
             }
         }
-        total
+        Ok(total)
     }
 
     /// Wraps a sled error with the database path. An I/O error means sled

@@ -71,7 +71,7 @@ async fn wait_finished(hub: &BenchHub, total: f64) -> anyhow::Result<()> {
 /// K agents, N `true` jobs: jobs per second from the first submit to the
 /// last result durably stored.
 pub(super) async fn throughput(args: &BenchArgs, dir: &Path) -> anyhow::Result<Vec<Figure>> {
-    let (k, n) = (args.agents, args.jobs);
+    let (k, n) = (args.agents, args.jobs.unwrap_or(2000));
     println!(
         "throughput: {k} agent processes x {} slots (sandbox {}), {n} `true` jobs over TLS",
         args.parallel,

@@ -17,11 +17,15 @@
 //!   thousand queued jobs: time until dispatch resumes.
 //! - `bisect`: the demo runtime, a 64-commit push with one break: push →
 //!   bisection ended, and the builds it made.
+//! - `growth`: N jobs (10 KB log, 20 test cases each) with and without
+//!   retention: database size, `breakage` latency, dispatch while pruning
+//!   (in process: the hub's parts, a simulated agent).
 
 mod bisect;
 mod dispatch;
 mod fanout;
 mod farm;
+mod growth;
 mod idle;
 mod recovery;
 
@@ -49,7 +53,10 @@ pub(crate) enum Which {
     Recovery,
     /// A 64-commit push with one break bisected on the demo runtime.
     Bisect,
-    /// All of the above, in that order.
+    /// The database after N jobs with and without retention (not part of
+    /// `all`: a million jobs take hours).
+    Growth,
+    /// All of the above but growth, in that order.
     All,
 }
 
@@ -66,9 +73,9 @@ pub(crate) struct BenchArgs {
     /// throughput: agent processes.
     #[arg(long, default_value_t = 8)]
     pub(crate) agents: usize,
-    /// throughput: jobs.
-    #[arg(long, default_value_t = 2000)]
-    pub(crate) jobs: usize,
+    /// throughput: jobs (default 2000); growth: jobs (default 1000000).
+    #[arg(long)]
+    pub(crate) jobs: Option<usize>,
     /// throughput: jobs each agent runs at once.
     #[arg(long, default_value_t = 4)]
     pub(crate) parallel: u32,
@@ -204,6 +211,7 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             Which::Fanout => fanout::run(&args, &sub).await?,
             Which::Recovery => recovery::run(&args, &sub).await?,
             Which::Bisect => bisect::run(&args, &sub).await?,
+            Which::Growth => growth::run(&args, &sub).await?,
             Which::All => Vec::new(),
         };
         for f in &got {

@@ -130,7 +130,7 @@ async fn wait_unlocked(lock_file: &Path) -> anyhow::Result<()> {
     bail!("{} stayed locked after seeding", lock_file.display())
 }
 
-fn dir_size(path: &Path) -> u64 {
+pub(super) fn dir_size(path: &Path) -> u64 {
     let Ok(entries) = std::fs::read_dir(path) else {
         return 0;
     };

@@ -51,8 +51,10 @@ impl Default for RetentionSection {
     }
 }
 
-/// The section's rules.
-pub(super) fn problems(r: &RetentionSection) -> Result<(), Problem> {
+/// The section's rules; `bisecting`: bisection is on
+/// (`pipeline.bisect_max_builds` > 0), so job records must outlive the
+/// longest bisection.
+pub(super) fn problems(r: &RetentionSection, bisecting: bool) -> Result<(), Problem> {
     for (key, d, example) in [
         ("retention.runs", r.runs, "180d"),
         ("retention.test_cases", r.test_cases, "30d"),
@@ -84,11 +86,11 @@ pub(super) fn problems(r: &RetentionSection) -> Result<(), Problem> {
         ));
     }
     let bisection = Duration::from_millis(crate::pipeline::MAX_BISECTION_MS);
-    if r.jobs < bisection {
+    if bisecting && r.jobs < bisection {
         return Err(Problem::new(
             "retention.jobs",
             format!(
-                "{} is too short; expected at least {}, the longest a bisection runs (it reads its jobs' records until it answers)",
+                "{} is too short; expected at least {}, the longest a bisection runs (it reads its jobs' records until it answers), or turn bisection off (`pipeline.bisect_max_builds = 0`)",
                 fmt_duration(r.jobs),
                 fmt_duration(bisection),
             ),

@@ -294,6 +294,16 @@ fn name_key(key: &str) -> Vec<u8> {
     k
 }
 
+/// Where [`JobTable::prunable`] goes on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Next {
+    /// Call again from this id.
+    From(u64),
+    /// Done: every job from this id on (`None`: none stored after those
+    /// looked at) was made since the cutoff.
+    Newer(Option<u64>),
+}
+
 /// The `jobs` tree. Cheap to clone; reads need no lock.
 #[derive(Clone)]
 pub(crate) struct JobTable {
@@ -375,53 +385,67 @@ impl JobTable {
         }
     }
 
-    /// Removes finished jobs' records (finished before `before_ms`, taken
-    /// in by the pipeline, not in `kept`) with ids from `from` on, looking at
-    /// most at `max` records, in one atomic write (durable after the next
-    /// commit). Their `k<key>` stays, so a pipeline key is still submitted
-    /// at most once. Returns how many it removed and where the next call
-    /// starts (`None`: it got to the jobs made since `before_ms`, which
-    /// cannot have finished before it, or to the end).
-    pub(crate) fn prune(
+    /// Finished jobs' records that may go (finished before `before_ms`,
+    /// taken in by the pipeline, not in `kept`, and whose pipeline key
+    /// `still_submittable` says nothing can submit again) with ids from
+    /// `from` on, looking at most at `max` records: each with its key.
+    /// Removes nothing (see [`JobTable::remove_pruned`]). Returns them and
+    /// where the next call starts: [`Next::From`], or [`Next::Newer`] once
+    /// it got to the first job made since `before_ms` (which cannot have
+    /// finished before it; its id: every id below was given before
+    /// `before_ms`) or to the end.
+    pub(crate) fn prunable(
         &self,
         before_ms: u64,
         kept: &std::collections::HashSet<u64>,
+        still_submittable: &dyn Fn(&str) -> bool,
         from: u64,
         max: usize,
-    ) -> Result<(usize, Option<u64>), StoreError> {
-        let mut batch = sled::Batch::default();
-        let mut removed = 0;
+    ) -> Result<(Vec<(u64, String)>, Next), StoreError> {
+        let mut out = Vec::new();
         let end = id_key(RECORD, u64::MAX);
         let records = self.table.sled().range(id_key(RECORD, from)..=end);
         for (looked, item) in records.enumerate() {
             let (k, raw) = item.map_err(|e| self.table.store().err(e))?;
             let rec = self.decode(&k, &raw)?;
             if rec.created_at_ms >= before_ms {
-                break;
+                return Ok((out, Next::Newer(Some(rec.id))));
             }
             if looked == max {
-                self.apply_pruned(batch, removed)?;
-                return Ok((removed, Some(rec.id)));
+                return Ok((out, Next::From(rec.id)));
             }
             let finished = rec.finished_at_ms != 0 && rec.finished_at_ms < before_ms;
             if finished
                 && !kept.contains(&rec.id)
                 && !self.table.contains(id_key(OPEN, rec.id))?
                 && !self.table.contains(id_key(INBOX, rec.id))?
+                && (rec.key.is_empty() || !still_submittable(&rec.key))
             {
-                batch.remove(&k);
-                removed += 1;
+                out.push((rec.id, rec.key));
             }
         }
-        self.apply_pruned(batch, removed)?;
-        Ok((removed, None))
+        Ok((out, Next::Newer(None)))
     }
 
-    fn apply_pruned(&self, batch: sled::Batch, removed: usize) -> Result<(), StoreError> {
-        if removed > 0 {
-            self.table.apply(batch)?;
+    /// Removes the records [`JobTable::prunable`] found, each with its
+    /// `k<key>` once-only marker, in one atomic write (durable after the
+    /// next commit): a record and its marker go together, and only once
+    /// its key can no longer be submitted (ARCHITECTURE.md's invariant).
+    pub(crate) fn remove_pruned(&self, jobs: &[(u64, String)]) -> Result<(), StoreError> {
+        if jobs.is_empty() {
+            return Ok(());
         }
-        Ok(())
+        let mut batch = sled::Batch::default();
+        for (id, key) in jobs {
+            batch.remove(&id_key(RECORD, *id));
+            if !key.is_empty() {
+                // Only if it still names this job (a key is stored once).
+                if self.keyed(key)? == Some(*id) {
+                    batch.remove(name_key(key));
+                }
+            }
+        }
+        self.table.apply(batch)
     }
 
     /// Every unfinished job's stored record, by id.
@@ -488,6 +512,15 @@ impl JobTable {
                 // A marker without a record cannot be handed over; drop it.
                 None => self.table.remove(key)?,
             }
+        }
+        Ok(out)
+    }
+
+    /// The ids in the finished inbox (keys only).
+    pub(super) fn inbox_ids(&self) -> Result<Vec<u64>, StoreError> {
+        let mut out = Vec::new();
+        for key in self.table.keys([INBOX]) {
+            out.extend(key_id(&key?));
         }
         Ok(out)
     }

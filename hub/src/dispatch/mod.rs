@@ -29,10 +29,10 @@ use std::time::{Duration, Instant};
 use trunkfarm_proto::v1::{Cancel, JobRef, JobResult, JobSpec, ResultAck, hub_message};
 
 use jobs::Expiry;
-pub(crate) use jobs::{AttemptRecord, JobRecord, JobState, JobTable, Placement};
+pub(crate) use jobs::{AttemptRecord, JobRecord, JobState, JobTable, Next, Placement};
 pub(crate) use records::{JobResultRecord, JobSpecRecord, ReportFileRecord};
-/// What a session's channel carries (the in-process tests read it).
-#[cfg(test)]
+/// What a session's channel carries (the in-process tests and `trunkfarm
+/// bench growth`'s simulated agent read it).
 pub(crate) use sessions::Outgoing;
 pub(crate) use sessions::{AgentTx, ConnectedAgent, Hello, JobBudget, pause_words};
 
@@ -736,22 +736,38 @@ impl Dispatcher {
         self.shared.table.store().commit().await
     }
 
-    /// Retention: removes finished jobs' records older than `before_ms`
-    /// (see [`JobTable::prune`]; at most `max` looked at), durable when
-    /// this returns. Without dispatch's lock: a finished record with no
-    /// open or inbox marker is never written again.
-    pub(crate) async fn prune_jobs(
+    /// Finished jobs' records retention may remove (see
+    /// [`JobTable::prunable`]), each with its pipeline key.
+    pub(crate) fn prunable_jobs(
         &self,
         before_ms: u64,
         kept: &HashSet<u64>,
+        still_submittable: &dyn Fn(&str) -> bool,
         from: u64,
         max: usize,
-    ) -> Result<(usize, Option<u64>), StoreError> {
-        let pruned = self.shared.table.prune(before_ms, kept, from, max)?;
-        if pruned.0 > 0 {
-            self.shared.table.store().commit().await?;
+    ) -> Result<(Vec<(u64, String)>, Next), StoreError> {
+        self.shared
+            .table
+            .prunable(before_ms, kept, still_submittable, from, max)
+    }
+
+    /// Removes those records with their `k<key>` markers, durably.
+    pub(crate) async fn remove_jobs(&self, jobs: &[(u64, String)]) -> Result<(), StoreError> {
+        if jobs.is_empty() {
+            return Ok(());
         }
-        Ok(pruned)
+        {
+            // Under the lock: no submit of one of these keys reads the
+            // marker half removed.
+            let _st = self.lock();
+            self.shared.table.remove_pruned(jobs)?;
+        }
+        self.shared.table.store().commit().await
+    }
+
+    /// The ids of finished keyed jobs the pipeline has not taken in yet.
+    pub(crate) fn inbox_ids(&self) -> Result<Vec<u64>, StoreError> {
+        self.shared.table.inbox_ids()
     }
 
     /// One job: the live copy if unfinished, else the stored one.

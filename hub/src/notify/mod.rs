@@ -40,6 +40,7 @@
 mod deliver;
 mod record;
 pub(crate) mod render;
+mod retention;
 mod subscribe;
 #[cfg(test)]
 mod tests;

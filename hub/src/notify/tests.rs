@@ -4,7 +4,7 @@
 //! [`Notifier::remind`] and [`Notifier::digest`] itself, as the hub's loops
 //! do.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::Path;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -1557,4 +1557,80 @@ async fn a_confirmation_link_mailed_before_an_unsubscribe_no_longer_subscribes()
     assert_ne!(new, old);
     assert!(n.confirm_subscription(&new).await.unwrap().added);
     assert_eq!(web_subscribers(&farm), [BOB]);
+}
+
+// ---- Retention (issue 16 item 4) ----
+
+/// Delivered mails of transitions retention no longer keeps go with their
+/// dedupe marks; an open went-red's mail (its reminders thread on it) and
+/// its mark stay; pending mails stay; an unsubscribe time goes once no
+/// confirmation link from before it can still be followed.
+#[tokio::test]
+async fn delivered_mails_of_closed_went_reds_go_those_of_an_open_one_stay() {
+    let farm = Farm::new(&[ALICE]);
+    farm.notifier.subscribe(subscription(BOB)).await.unwrap();
+    farm.run(1, false).await;
+    let first = farm.run(2, true).await.unwrap();
+    farm.deliver().await;
+    let fixed = farm.run(3, false).await.unwrap();
+    farm.deliver().await;
+    let open = farm.run(4, true).await.unwrap();
+    farm.deliver().await;
+    assert_eq!(farm.outbox(MailState::Sent).len(), 6);
+    farm.run(5, false).await;
+    assert_eq!(
+        farm.outbox(MailState::Pending).len(),
+        2,
+        "the fix, not sent yet"
+    );
+
+    let kept: HashSet<u64> = [open.id].into();
+    let later = farm.clock.load(Ordering::SeqCst) + 1;
+    let (removed, next) = farm.notifier.prune_mails(later, &kept, 0, 3).await.unwrap();
+    assert_eq!(removed, 3, "at most max a step");
+    let (more, _) = farm
+        .notifier
+        .prune_mails(later, &kept, next.unwrap(), 100)
+        .await
+        .unwrap();
+    assert_eq!(removed + more, 4, "the first went red's and the fix's");
+    let sent = farm.outbox(MailState::Sent);
+    assert_eq!(sent.len(), 2);
+    assert!(
+        sent.iter().all(|m| m.event == transition_event(open.id)),
+        "{sent:?}"
+    );
+    assert_eq!(farm.outbox(MailState::Pending).len(), 2);
+    let table = farm.notifier.table();
+    for (t, marks) in [(first.id, 0), (fixed.id, 0), (open.id, 2)] {
+        let n = table.keys(format!("e/t{t}/")).count();
+        assert_eq!(n, marks, "transition {t}'s dedupe marks");
+    }
+
+    // An unsubscribe time: kept while a link mailed before it may still
+    // be followed (`subscribe_link_ttl`), then gone.
+    let sub = subscription(BOB);
+    farm.notifier.unsubscribe(&sub).await.unwrap();
+    let now = farm.clock.load(Ordering::SeqCst);
+    assert_eq!(
+        farm.notifier
+            .prune_unsubscribed(now + 1, 100)
+            .await
+            .unwrap(),
+        0
+    );
+    farm.clock.store(now + 2 * 86_400_000, Ordering::SeqCst);
+    assert_eq!(
+        farm.notifier
+            .prune_unsubscribed(now + 1, 100)
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        farm.notifier
+            .unsubscribed_at(&sub.project, &sub.email)
+            .unwrap(),
+        None
+    );
 }

@@ -45,6 +45,7 @@ mod intake;
 mod jobs;
 mod poll;
 mod query;
+mod retention;
 mod runs;
 #[cfg(test)]
 pub(crate) mod tests;

@@ -66,7 +66,7 @@ fn head_key(repo: Repo, name: &str) -> String {
 
 /// `hh/<u|p>/<name>/<commit>` → when polling first saw `commit` as the head
 /// (8-byte big-endian sequence number; what results are ordered by).
-fn seq_key(repo: Repo, name: &str, commit: &str) -> String {
+pub(super) fn seq_key(repo: Repo, name: &str, commit: &str) -> String {
     format!("hh/{}/{name}/{commit}", repo.tag())
 }
 
@@ -77,7 +77,7 @@ fn order_key(upstream: &str, seq: u64) -> String {
     format!("{}{}", order_prefix(upstream), id_key(seq))
 }
 
-fn order_prefix(upstream: &str) -> String {
+pub(super) fn order_prefix(upstream: &str) -> String {
     format!("hs/u/{upstream}/")
 }
 

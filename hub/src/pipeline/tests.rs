@@ -2810,16 +2810,20 @@ async fn a_renamed_default_branch_is_found_again() {
 
 // ---- Retention and indexes (issue 16 item 4) ----
 
-/// A database from before the transitions' indexes (no `tc/`, `tp/` or
-/// `ti` keys) gets them built once when results opens it: breakage and a
-/// project's listing answer as before.
+/// A database from before the transitions' indexes (no `tc/`, `tp/`, `tu/`
+/// or `ti`/`tiu` keys) gets them built once when results opens it:
+/// breakage, a project's and an upstream's listing answer as before.
 #[tokio::test]
 async fn a_database_without_transition_indexes_gets_them_built_at_open() {
     let f = regressed_farm().await;
     let went_red = f.went_red("shouter").remove(0);
     let listed = f.transitions("shouter");
+    let of_upstream = f.results.transitions_of("rt", "", 100, true).unwrap();
+    let everything = f.results.transitions(100, |t| t.upstream == "rt").unwrap();
+    assert_eq!(of_upstream, everything);
+    assert!(of_upstream.len() > listed.len());
     let tree = f.store.tree(crate::store::trees::RESULTS).unwrap();
-    let index: Vec<_> = ["tc/", "tp/", "ti"]
+    let index: Vec<_> = ["tc/", "tp/", "tu/", "ti"]
         .iter()
         .flat_map(|p| tree.scan_prefix(p).keys().map(|k| k.unwrap()))
         .collect();
@@ -2846,7 +2850,11 @@ async fn a_database_without_transition_indexes_gets_them_built_at_open() {
         reopened.transitions_of("rt", "shouter", 100, true).unwrap(),
         listed
     );
-    let rebuilt = ["tc/", "tp/", "ti"]
+    assert_eq!(
+        reopened.transitions_of("rt", "", 100, true).unwrap(),
+        everything
+    );
+    let rebuilt = ["tc/", "tp/", "tu/", "ti"]
         .iter()
         .map(|p| tree.scan_prefix(p).count())
         .sum::<usize>();

@@ -1,5 +1,5 @@
-//! The transitions' secondary indexes (`tc/<upstream>/<commit>/<id>` and
-//! `tp/<project>/<id>`, see `keys.rs`): `breakage` and the transitions
+//! The transitions' secondary indexes (`tc/<upstream>/<commit>/<id>`,
+//! `tp/<project>/<id>` and `tu/<upstream>/<id>`, see `keys.rs`): `breakage` and the transitions
 //! listing read them instead of every transition. An entry is staged in the
 //! same batch as its transition's first write (the fields it is keyed by —
 //! upstream, result commit, culprit range, project — never change after),
@@ -28,6 +28,9 @@ fn entries(t: &Transition) -> Vec<String> {
     if !t.project.is_empty() {
         out.push(keys::transition_of(&t.project, t.id));
     }
+    if !t.upstream.is_empty() {
+        out.push(keys::transition_in(&t.upstream, t.id));
+    }
     out
 }
 
@@ -46,7 +49,9 @@ pub(super) fn unstage(batch: &mut sled::Batch, t: &Transition) {
 }
 
 /// Builds the indexes of every stored transition unless they were built
-/// (the `ti` marker), then writes the marker and flushes: run once, at
+/// (the `tiu` marker; a database with the older `ti` has `tc/` and `tp/`
+/// but not `tu/`: writing them again is harmless), then writes the marker
+/// (removing `ti`) and flushes: run once, at
 /// open, before anything else writes the tree. Idempotent: a start
 /// interrupted before the flush builds them again. Returns how many
 /// transitions it indexed (`None`: already built).
@@ -68,6 +73,7 @@ pub(super) fn build_once(table: &Table) -> Result<Option<usize>, StoreError> {
         }
     }
     batch.insert(keys::INDEXED.as_bytes(), &[] as &[u8]);
+    batch.remove(keys::INDEXED_BEFORE_UPSTREAMS.as_bytes());
     table.apply(batch)?;
     table.store().flush_now()?;
     Ok(Some(total))

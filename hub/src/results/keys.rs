@@ -5,6 +5,9 @@
 
 use crate::store::id_key;
 
+/// The prefix of every build (not the pointers: `bl/`, `bg/`).
+pub(super) const BUILDS: &str = "b/";
+
 /// `b/<upstream>/<platform>/<commit>` → the newest build of that commit.
 pub(super) fn build(upstream: &str, platform: &str, commit: &str) -> String {
     format!("b/{upstream}/{platform}/{commit}")
@@ -150,9 +153,25 @@ pub(super) fn transition_of(project: &str, id: u64) -> String {
     format!("{}{}", transitions_of(project), id_key(id))
 }
 
-/// `ti` → marker: the `tc/` and `tp/` indexes hold every transition (written
-/// once they were built for a database from before them).
-pub(super) const INDEXED: &str = "ti";
+/// `tu/<upstream>/` → the transitions of an upstream's series: the
+/// listing's index when no project is named.
+pub(super) fn transitions_in(upstream: &str) -> String {
+    format!("tu/{upstream}/")
+}
+
+/// `tu/<upstream>/<id>` → empty: transition `id` is of `upstream`.
+pub(super) fn transition_in(upstream: &str, id: u64) -> String {
+    format!("{}{}", transitions_in(upstream), id_key(id))
+}
+
+/// `tiu` → marker: the `tc/`, `tp/` and `tu/` indexes hold every
+/// transition (written once they were built for a database from before
+/// them).
+pub(super) const INDEXED: &str = "tiu";
+
+/// `ti` → the marker of hubs before `tu/`: the `tc/` and `tp/` indexes are
+/// built (removed once `tu/` is built too).
+pub(super) const INDEXED_BEFORE_UPSTREAMS: &str = "ti";
 
 /// The id at the end of an index key (`…/<id>`).
 pub(super) fn id_at_end(key: &[u8]) -> Option<u64> {

@@ -55,7 +55,7 @@ pub(crate) use query::{
 };
 pub(crate) use records::{Bisect, BisectState};
 pub(crate) use records::{BuildInfo, Class, Commit, RunInfo, TestCase, Transition};
-pub(crate) use retention::{Cursor, Policy, Pruned};
+pub(crate) use retention::{Cursor, Kept, Policy, Pruned};
 
 use crate::changes::Changes;
 use crate::job_key::RerunKind;
@@ -258,7 +258,7 @@ impl Results {
         if let Some(n) = index::build_once(&table)? {
             tracing::info!(
                 transitions = n,
-                "indexed the stored transitions by commit and project"
+                "indexed the stored transitions by commit, project and upstream"
             );
         }
         Ok(Results {

@@ -521,12 +521,15 @@ impl Results {
                     || t.kind == TransitionKind::Fixed as i32
                     || t.class == Some(Class::Suspicious))
         };
-        if project.is_empty() {
-            return self.transitions(limit, keep);
-        }
-        // A project's: through the project index, not every transition.
+        // Through the project's or the upstream's index, not every
+        // transition; only a listing of everything reads them all.
+        let prefix = match (project.is_empty(), upstream.is_empty()) {
+            (false, _) => keys::transitions_of(project),
+            (true, false) => keys::transitions_in(upstream),
+            (true, true) => return self.transitions(limit, keep),
+        };
         let mut out = Vec::new();
-        for id in index::ids(&self.table, keys::transitions_of(project)) {
+        for id in index::ids(&self.table, prefix) {
             if let Some(t) = self.transition(id?)?
                 && keep(&t)
             {

@@ -15,7 +15,9 @@ use std::collections::HashSet;
 use serde::Deserialize;
 
 use super::keys::{self, Pointer};
-use super::{BuildInfo, ConfirmState, Results, RunInfo, RunRecord, SeriesState, Transition, index};
+use super::{
+    Bisection, BuildInfo, ConfirmState, Results, RunInfo, RunRecord, SeriesState, Transition, index,
+};
 use crate::store::StoreError;
 
 /// What has expired, as times (ms) before which it goes.
@@ -39,11 +41,15 @@ pub(crate) struct Pruned {
     pub(crate) cases: usize,
     /// Transitions removed.
     pub(crate) transitions: usize,
+    /// Builds removed (`b/`).
+    pub(crate) builds: usize,
+    /// Ended bisections removed (`x/`).
+    pub(crate) bisections: usize,
 }
 
 impl Pruned {
     fn ops(&self) -> usize {
-        self.runs + self.cases + self.transitions
+        self.runs + self.cases + self.transitions + self.builds + self.bisections
     }
 
     /// Adds `other`'s counts.
@@ -51,6 +57,8 @@ impl Pruned {
         self.runs += other.runs;
         self.cases += other.cases;
         self.transitions += other.transitions;
+        self.builds += other.builds;
+        self.bisections += other.bisections;
     }
 }
 
@@ -64,6 +72,10 @@ pub(crate) enum Cursor {
     Runs(String),
     /// Transitions, after this id.
     Transitions(u64),
+    /// Builds, from this key on.
+    Builds(String),
+    /// Ended bisections, from this key on.
+    Bisections(String),
     /// The pass is over.
     Done,
 }
@@ -75,6 +87,16 @@ pub(crate) struct Kept {
     pub(crate) jobs: HashSet<u64>,
     /// Transitions still needed.
     pub(crate) transitions: HashSet<u64>,
+    /// Builds still needed, as (upstream, platform, commit): the newest
+    /// and newest passed, each series' last decisive and last green
+    /// result's build, open went-reds' builds (and, added by the retention
+    /// task, the builds of the commits the dashboard's columns show).
+    pub(crate) builds: HashSet<(String, String, String)>,
+    /// (upstream, platform) with a running bisection: none of their builds
+    /// goes (the bisection reads stored builds of commits in its range).
+    pub(crate) bisecting: HashSet<(String, String)>,
+    /// Original jobs whose verdict awaits its re-runs.
+    pub(crate) awaiting: HashSet<u64>,
 }
 
 /// A stored run read without decoding its cases (only counted).
@@ -105,6 +127,8 @@ impl Results {
             kept.transitions.insert(id);
             if let Some(t) = self.transition(id)? {
                 kept.jobs.insert(t.job_id);
+                kept.builds
+                    .insert((t.upstream.clone(), t.platform.clone(), t.upstream_commit));
             }
             Ok(())
         };
@@ -115,16 +139,34 @@ impl Results {
         }
         for pointer in [Pointer::Latest, Pointer::Good] {
             for item in self.table.scan::<BuildInfo>(pointer.prefix()) {
-                kept.jobs.insert(item?.1.job_id);
+                let b = item?.1;
+                kept.jobs.insert(b.job_id);
+                kept.builds.insert((b.upstream, b.platform, b.commit));
             }
         }
         for item in self.table.scan::<SeriesState>(keys::SERIES) {
-            let (_, state) = item?;
+            let (k, state) = item?;
             if let Some(id) = state.red_now() {
                 keep_transition(&mut kept, id)?;
             }
+            // `s/<project>/<upstream>/<platform>` (builds: an empty project):
+            // the builds its last and last green results ran on (a
+            // baseline re-run runs on the last green one).
+            let name = String::from_utf8_lossy(&k[keys::SERIES.len()..]).into_owned();
+            if let [_, upstream, platform] = name.splitn(3, '/').collect::<Vec<_>>()[..] {
+                let commits = [
+                    state.last.as_ref().map(|d| &d.commits.upstream),
+                    state.last_green.as_ref().map(|c| &c.upstream),
+                ];
+                for commit in commits.into_iter().flatten() {
+                    kept.builds
+                        .insert((upstream.to_owned(), platform.to_owned(), commit.clone()));
+                }
+            }
         }
         for b in self.running_bisections()? {
+            kept.bisecting
+                .insert((b.upstream.clone(), b.platform.clone()));
             for m in &b.members {
                 keep_transition(&mut kept, m.transition)?;
             }
@@ -135,6 +177,7 @@ impl Results {
                 && let Some(job) = keys::id_at_end(&k)
             {
                 kept.jobs.insert(job);
+                kept.awaiting.insert(job);
             }
         }
         Ok(kept)
@@ -197,6 +240,28 @@ impl Results {
                         )?;
                         *cursor = match next {
                             Some(id) => Cursor::Transitions(id),
+                            None => Cursor::Builds(keys::BUILDS.to_owned()),
+                        };
+                    }
+                    Cursor::Builds(from) => {
+                        let next = self.prune_builds(
+                            &from,
+                            policy,
+                            kept,
+                            &mut batch,
+                            &mut pruned,
+                            max_ops,
+                        )?;
+                        *cursor = match next {
+                            Some(k) => Cursor::Builds(k),
+                            None => Cursor::Bisections(keys::BISECTIONS.to_owned()),
+                        };
+                    }
+                    Cursor::Bisections(from) => {
+                        let next =
+                            self.prune_bisections(&from, policy, &mut batch, &mut pruned, max_ops)?;
+                        *cursor = match next {
+                            Some(k) => Cursor::Bisections(k),
                             None => Cursor::Done,
                         };
                     }
@@ -345,5 +410,106 @@ impl Results {
             last = t.id;
         }
         Ok(None)
+    }
+
+    /// Stages expired builds (`b/…`) from key `from` on: finished before
+    /// the runs' cutoff and not needed ([`Kept::builds`], a kept job's,
+    /// an (upstream, platform) being bisected); a pending build stays.
+    /// Returns the key to go on from when `max_ops` was reached.
+    fn prune_builds(
+        &self,
+        from: &str,
+        policy: Policy,
+        kept: &Kept,
+        batch: &mut sled::Batch,
+        pruned: &mut Pruned,
+        max_ops: usize,
+    ) -> Result<Option<String>, StoreError> {
+        let end = format!("{}\u{ff}", keys::BUILDS);
+        for item in self.table.sled().range(from.as_bytes()..end.as_bytes()) {
+            let (k, v) = item.map_err(|e| self.table.store().err(e))?;
+            if pruned.ops() >= max_ops {
+                return Ok(Some(String::from_utf8_lossy(&k).into_owned()));
+            }
+            let b: BuildInfo = self.table.decode(&k, &v)?;
+            let needed = b.finished_at_ms == 0
+                || b.finished_at_ms >= policy.runs_before_ms
+                || kept.jobs.contains(&b.job_id)
+                || kept
+                    .bisecting
+                    .contains(&(b.upstream.clone(), b.platform.clone()))
+                || kept.builds.contains(&(b.upstream, b.platform, b.commit));
+            if !needed {
+                batch.remove(k);
+                pruned.builds += 1;
+            }
+        }
+        Ok(None)
+    }
+
+    /// Stages ended bisections (`x/…`: no member waits) that started
+    /// before the runs' cutoff, from key `from` on (their answers stay in
+    /// their transitions). Returns the key to go on from when `max_ops` was
+    /// reached.
+    fn prune_bisections(
+        &self,
+        from: &str,
+        policy: Policy,
+        batch: &mut sled::Batch,
+        pruned: &mut Pruned,
+        max_ops: usize,
+    ) -> Result<Option<String>, StoreError> {
+        let end = format!("{}\u{ff}", keys::BISECTIONS);
+        for item in self.table.sled().range(from.as_bytes()..end.as_bytes()) {
+            let (k, v) = item.map_err(|e| self.table.store().err(e))?;
+            if pruned.ops() >= max_ops {
+                return Ok(Some(String::from_utf8_lossy(&k).into_owned()));
+            }
+            let b: Bisection = self.table.decode(&k, &v)?;
+            if !b.running() && b.started_at_ms < policy.runs_before_ms {
+                batch.remove(k);
+                pruned.bisections += 1;
+            }
+        }
+        Ok(None)
+    }
+
+    /// Removes what the results tree keeps per job once dispatch prunes
+    /// the jobs' records (call before it does, so a crash in between
+    /// leaves nothing behind): the `p/<job>` "recorded" marker (a job
+    /// whose record is gone is never delivered again), a re-run's `nx/<job>`
+    /// "counted as noise" marker, a settled `c/<job>` confirmation, and the
+    /// `k/<job>/…` calibration runs of an original (calibrating needs the
+    /// original's record). One atomic write, durable when this returns.
+    /// Returns how many records it removed.
+    pub(crate) async fn forget_jobs(&self, jobs: &[u64]) -> Result<usize, StoreError> {
+        let mut batch = sled::Batch::default();
+        let mut removed = 0;
+        for &job in jobs {
+            for k in [keys::recorded(job), keys::noise_counted(job)] {
+                if self.table.contains(&k)? {
+                    batch.remove(k.as_bytes());
+                    removed += 1;
+                }
+            }
+            if let Some(c) = self.table.get::<Held>(keys::confirmation(job))?
+                && c.state != ConfirmState::Awaiting
+            {
+                batch.remove(keys::confirmation(job).as_bytes());
+                removed += 1;
+            }
+            for k in self.table.keys(keys::calibration_runs(job)) {
+                batch.remove(k?);
+                removed += 1;
+            }
+        }
+        if removed > 0 {
+            {
+                let _w = self.write_lock();
+                self.table.apply(batch)?;
+            }
+            self.committed().await?;
+        }
+        Ok(removed)
     }
 }

@@ -1,8 +1,13 @@
 //! Retention: the background task that prunes what piles up with every job
-//! — old runs and their test cases and transitions (`results`), finished
-//! jobs' logs (`logs`) and job records (`dispatch`) — as `[retention]`
-//! says. Each owner removes its own records (`Results::prune_step`,
-//! `JobLogs::remove`, `Dispatcher::prune_jobs`); this module holds the
+//! — old runs and their test cases and transitions, builds, ended
+//! bisections (`results`), finished jobs' logs (`logs`), job records with
+//! their once-only markers (`dispatch`'s `k<key>`, results' `p/`, `nx/`,
+//! settled `c/` and `k/` calibration runs), the head order of commits long
+//! past (`pipeline`), delivered mails, reminder counts and unsubscribe
+//! times (`notify`) — as `[retention]` says. Each owner removes its own
+//! records (`Results::prune_step`, `Results::forget_jobs`,
+//! `JobLogs::remove`, `Dispatcher::remove_jobs`, `Pipeline::prune_heads`,
+//! `Notifier::prune_mails`…); this module holds the
 //! policy and the pace: a pass every `retention.interval`, in steps of at
 //! most [`STEP`] records, each one atomic write made durable, with a pause
 //! between steps, so no lock is held for long and dispatch never waits on
@@ -17,8 +22,10 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::RetentionSection;
-use crate::dispatch::Dispatcher;
+use crate::dispatch::{Dispatcher, Next};
 use crate::logs::JobLogs;
+use crate::notify::Notifier;
+use crate::pipeline::Pipeline;
 use crate::results::{Cursor, PAGE_RUNS, Policy, Pruned, Results};
 use crate::store::{StoreError, now_ms};
 
@@ -36,8 +43,16 @@ pub(crate) struct Report {
     pub(crate) results: Pruned,
     /// Jobs whose logs were removed.
     pub(crate) logs: usize,
-    /// Finished jobs' records removed.
+    /// Finished jobs' records removed (each with its `k<key>` marker).
     pub(crate) jobs: usize,
+    /// Per-job results records removed with them (`p/`, `nx/`, `c/`, `k/`).
+    pub(crate) job_marks: usize,
+    /// Commits whose head order went (`hh/`, `hs/`).
+    pub(crate) heads: usize,
+    /// Delivered mails removed.
+    pub(crate) mails: usize,
+    /// Reminder counts and unsubscribe times removed.
+    pub(crate) notify_marks: usize,
 }
 
 /// The pruner: the owners it asks and the policy.
@@ -46,6 +61,8 @@ pub(crate) struct Retention {
     results: Results,
     dispatch: Dispatcher,
     logs: Arc<JobLogs>,
+    pipeline: Pipeline,
+    notifier: Notifier,
     settings: RetentionSection,
 }
 
@@ -85,12 +102,16 @@ impl Retention {
         results: Results,
         dispatch: Dispatcher,
         logs: Arc<JobLogs>,
+        pipeline: Pipeline,
+        notifier: Notifier,
         settings: RetentionSection,
     ) -> Retention {
         Retention {
             results,
             dispatch,
             logs,
+            pipeline,
+            notifier,
             settings,
         }
     }
@@ -112,6 +133,10 @@ impl Retention {
                         transitions = r.results.transitions,
                         logs = r.logs,
                         jobs = r.jobs,
+                        builds = r.results.builds,
+                        bisections = r.results.bisections,
+                        heads = r.heads,
+                        mails = r.mails,
                         "retention pruned what expired"
                     ),
                     Ok(_) => {}
@@ -144,7 +169,12 @@ impl Retention {
         pause: Duration,
         stop: &CancellationToken,
     ) -> Result<Report, StoreError> {
-        let kept = self.results.kept()?;
+        let mut kept = self.results.kept()?;
+        let keep_last = usize::try_from(self.settings.keep_last)
+            .unwrap_or(usize::MAX)
+            .max(PAGE_RUNS);
+        // The builds of the commits the dashboard's columns show.
+        kept.builds.extend(self.pipeline.shown_builds(keep_last)?);
         let mut report = Report::default();
         let step_pause = || async {
             if !pause.is_zero() {
@@ -156,9 +186,7 @@ impl Retention {
         let policy = Policy {
             runs_before_ms: cut.runs,
             cases_before_ms: cut.test_cases,
-            keep_last: usize::try_from(self.settings.keep_last)
-                .unwrap_or(usize::MAX)
-                .max(PAGE_RUNS),
+            keep_last,
         };
         let mut cursor = Cursor::default();
         while !matches!(cursor, Cursor::Done) && !stop.is_cancelled() {
@@ -199,18 +227,71 @@ impl Retention {
             };
         }
 
+        // Job records with their once-only markers: only those whose key
+        // the pipeline can no longer submit (`LiveKeys`); results' per-job
+        // records go first, so a crash in between leaves none behind.
+        let live = self.pipeline.live_keys(&kept)?;
+        let submittable = |key: &str| live.submittable(key);
         let jobs_before = cut.jobs;
-        let mut from = Some(0);
-        while let Some(start) = from {
+        let mut start = 0;
+        // The first id given since the jobs' cutoff.
+        let newer = loop {
             if stop.is_cancelled() {
+                return Ok(report);
+            }
+            let (jobs, next) =
+                self.dispatch
+                    .prunable_jobs(jobs_before, &kept.jobs, &submittable, start, STEP)?;
+            let ids: Vec<u64> = jobs.iter().map(|(id, _)| *id).collect();
+            report.job_marks += self.results.forget_jobs(&ids).await?;
+            self.dispatch.remove_jobs(&jobs).await?;
+            report.jobs += jobs.len();
+            step_pause().await;
+            match next {
+                Next::From(id) => start = id,
+                Next::Newer(id) => break id,
+            }
+        };
+
+        // The head order of commits seen before the jobs' cutoff (ids
+        // and head sequences come from one counter).
+        let oldest = newer.unwrap_or(u64::MAX);
+        loop {
+            if stop.is_cancelled() {
+                return Ok(report);
+            }
+            let n = self.pipeline.prune_heads(oldest, keep_last, STEP).await?;
+            report.heads += n;
+            if n < STEP {
                 break;
             }
-            let (removed, more) = self
-                .dispatch
-                .prune_jobs(jobs_before, &kept.jobs, start, STEP)
+            step_pause().await;
+        }
+
+        // Delivered mails, reminder counts, unsubscribe times.
+        let mut after = Some(0);
+        while let Some(a) = after {
+            if stop.is_cancelled() {
+                return Ok(report);
+            }
+            let (n, next) = self
+                .notifier
+                .prune_mails(cut.runs, &kept.transitions, a, STEP)
                 .await?;
-            report.jobs += removed;
-            from = more;
+            report.mails += n;
+            after = next;
+            step_pause().await;
+        }
+        loop {
+            let n = self
+                .notifier
+                .prune_reminders(&kept.transitions, STEP)
+                .await?
+                + self.notifier.prune_unsubscribed(cut.runs, STEP).await?;
+            report.notify_marks += n;
+            if n == 0 || stop.is_cancelled() {
+                break;
+            }
             step_pause().await;
         }
         Ok(report)

@@ -15,7 +15,7 @@ use trunkfarm_proto::v1::{JobRef, LogChunk, LogStream, Outcome, ReportFile, Tran
 use super::{Cutoffs, Retention};
 use crate::config::RetentionSection;
 use crate::job_key::JobKey;
-use crate::pipeline::tests::{ADDER, Farm, regressed_farm};
+use crate::pipeline::tests::{ADDER, Farm, RT, green_trunk, passed, regressed_farm};
 use crate::results::{Cursor, PAGE_RUNS, Policy};
 use crate::store::now_ms;
 
@@ -70,6 +70,8 @@ fn retention(f: &Farm, keep_last: u32) -> Retention {
         f.results.clone(),
         f.dispatch.clone(),
         f.logs.clone(),
+        f.pipeline.clone(),
+        f.notifier.clone(),
         RetentionSection {
             keep_last,
             ..RetentionSection::default()
@@ -124,7 +126,7 @@ async fn old_runs_logs_and_cases_go_the_latest_open_red_and_grid_stay_and_the_da
             pruned.logs += report.logs;
             pruned.jobs += report.jobs;
         }
-        sizes.push(f.store.live_bytes());
+        sizes.push(f.store.live_bytes().unwrap());
     }
     assert!(
         jobs.iter().all(|j| j.len() == 2),
@@ -249,18 +251,49 @@ async fn old_runs_logs_and_cases_go_the_latest_open_red_and_grid_stay_and_the_da
             .is_empty()
     );
 
+    // The once-only markers go with their job's record: no `k<key>` names
+    // a pruned job, no `p/<job>` "recorded" marker stays of one, and the
+    // head order keeps only commits seen since the jobs' cutoff.
+    let tree = |name| f.store.tree(name).unwrap();
+    let jobs_tree = tree(crate::store::trees::JOBS);
+    let mut markers = 0;
+    for item in jobs_tree.scan_prefix(b"k") {
+        let (k, v) = item.unwrap();
+        let id = u64::from_be_bytes(v.as_ref().try_into().unwrap());
+        assert!(
+            f.dispatch.get(id).unwrap().is_some(),
+            "{} names pruned job {id}",
+            String::from_utf8_lossy(&k)
+        );
+        markers += 1;
+    }
+    assert!(markers > 0);
+    for item in tree(crate::store::trees::RESULTS).scan_prefix(b"p/") {
+        let (k, _) = item.unwrap();
+        let id: u64 = String::from_utf8_lossy(&k[2..]).parse().unwrap();
+        assert!(
+            f.dispatch.get(id).unwrap().is_some(),
+            "p/{id} of a pruned job"
+        );
+    }
+    let heads = tree(crate::store::trees::PIPELINE)
+        .scan_prefix(b"hh/p/adder/")
+        .count();
+    assert!(heads <= 10, "{heads} adder head sequences stay");
+
     // The size stops growing: once runs are pruned (after PAGE_RUNS
-    // rounds), a round adds under 5% of what an unpruned round adds (its
-    // runs' cases, two logs, job records, transitions: about 16 KB here).
-    // What is left (about 330 bytes a round of two jobs) are the once-only
-    // markers kept by design: dispatch's `k<pipeline key>` (about 220),
-    // the pipeline's `hh/` head sequences (about 60) and results' `p/<job>`
-    // "recorded" markers (about 45).
+    // rounds), the next 39 rounds together add under a tenth of what one
+    // unpruned round adds (its runs' cases, two logs, job records,
+    // transitions, markers: about 16 KB here). Only numbers growing a
+    // digit may add a few bytes.
     let unpruned_round = sizes[5].saturating_sub(sizes[4]);
     let steady = sizes[last].saturating_sub(sizes[PAGE_RUNS + 8]);
     let steady_rounds = (last - PAGE_RUNS - 8) as u64;
+    println!(
+        "{steady} bytes over {steady_rounds} steady rounds; an unpruned round adds {unpruned_round}"
+    );
     assert!(
-        steady < unpruned_round * steady_rounds / 20,
+        steady < unpruned_round / 10,
         "{steady} bytes over {steady_rounds} steady rounds; an unpruned round adds {unpruned_round}"
     );
 
@@ -319,4 +352,153 @@ async fn old_runs_logs_and_cases_go_the_latest_open_red_and_grid_stay_and_the_da
             .is_empty()
     );
     assert_eq!(f.results.transition(went_red.id).unwrap(), Some(went_red));
+}
+
+/// The keys the pipeline could still submit: the upstream head's build,
+/// the project head's test against the newest passed build; not an older
+/// commit's, a test of an older project commit, a hand submit's
+/// idempotency key; an unknown key is kept.
+#[tokio::test]
+async fn only_keys_the_pipeline_could_submit_again_are_live() {
+    let mut f = regressed_farm().await;
+    adder_round(&mut f).await;
+    let kept = f.results.kept().unwrap();
+    let live = f.pipeline.live_keys(&kept).unwrap();
+    let key_of = |job: u64| f.dispatch.get(job).unwrap().unwrap().key;
+
+    let good = f.results.good_build("rt", "linux").unwrap().unwrap();
+    let build = key_of(good.job_id);
+    assert!(live.submittable(&build), "{build}");
+    let older = build.replace(&good.commit, &"0".repeat(40));
+    assert!(!live.submittable(&older), "{older}");
+
+    let run = f
+        .results
+        .latest_run("adder", "rt", "linux")
+        .unwrap()
+        .unwrap();
+    let test = key_of(run.info.job_id);
+    assert!(live.submittable(&test), "{test}");
+    let Some(JobKey::Test { project_commit, .. }) = JobKey::parse(&test) else {
+        panic!("{test}")
+    };
+    let older_project = test.replace(&project_commit, &"1".repeat(40));
+    assert!(!live.submittable(&older_project), "{older_project}");
+    let other_build = format!(
+        "{}/{}",
+        test.rsplit_once('/').unwrap().0,
+        good.job_id + 1000
+    );
+    assert!(!live.submittable(&other_build), "{other_build}");
+
+    assert!(!live.submittable("submit/8d1c2f"));
+    assert!(live.submittable("something/else/entirely"));
+}
+
+/// Everything expired and pruned (every job whose key is not live, with its
+/// `k<key>` marker): polling every upstream and project again, and taking
+/// in, submits nothing — no job runs twice. The head's first build, no
+/// longer the newest once a forced rebuild replaced it (nothing else keeps
+/// it), stays with its marker: a poll would build the head again.
+#[tokio::test]
+async fn after_pruning_everything_expired_a_re_poll_submits_nothing_again() {
+    let mut f = regressed_farm().await;
+    let first = f.results.good_build("rt", "linux").unwrap().unwrap();
+    let head = first.commit.clone();
+    f.pipeline.build("rt", &head, true).await.unwrap();
+    // The rebuild and what it fans out, until nothing more is queued.
+    while !f.run_jobs(passed).await.is_empty() {
+        f.take_in().await;
+    }
+    let rebuilt = f.results.good_build("rt", "linux").unwrap().unwrap();
+    assert_eq!(rebuilt.commit, head);
+    assert_ne!(
+        rebuilt.job_id, first.job_id,
+        "the forced rebuild is the newest"
+    );
+    for _ in 0..3 {
+        adder_round(&mut f).await;
+    }
+    assert!(!f.results.kept().unwrap().jobs.contains(&first.job_id));
+    let before = f.dispatch.open_keys("").len();
+    let now = mark().await;
+    let r = retention(&f, 1);
+    let cut = Cutoffs {
+        runs: now,
+        test_cases: now,
+        logs: now,
+        jobs: now,
+    };
+    let report = r
+        .prune(cut, Duration::ZERO, &CancellationToken::new())
+        .await
+        .unwrap();
+    assert!(report.jobs > 0 && report.job_marks > 0, "{report:?}");
+    for i in 0..2 {
+        f.poll_upstream(0).await;
+        f.poll_project(i).await;
+    }
+    f.take_in().await;
+    assert!(f.assigned().is_empty(), "a pruned key was submitted again");
+    assert_eq!(f.dispatch.open_keys("").len(), before);
+    assert!(
+        f.dispatch.get(first.job_id).unwrap().is_some(),
+        "the head's build"
+    );
+}
+
+/// An upstream that moves on, all green: once older than `retention.runs`,
+/// the builds of commits beyond the dashboard's columns (and no series'
+/// last or last green) go, with the head order of commits seen before the
+/// jobs' cutoff; the columns' builds, the newest and newest passed stay.
+#[tokio::test]
+async fn old_builds_and_head_order_go_beyond_the_dashboards_columns() {
+    let mut f = Farm::new().await;
+    let first = green_trunk(&mut f).await;
+    const COMMITS: usize = PAGE_RUNS + 6;
+    let mut commits = vec![first];
+    for _ in 1..COMMITS {
+        commits.push(f.git.commit(RT));
+        f.poll_upstream(0).await;
+        while !f.run_jobs(passed).await.is_empty() {
+            f.take_in().await;
+        }
+    }
+    let now = mark().await;
+    let r = retention(&f, 1);
+    let cut = Cutoffs {
+        runs: now,
+        test_cases: now,
+        logs: now,
+        jobs: now,
+    };
+    let report = r
+        .prune(cut, Duration::ZERO, &CancellationToken::new())
+        .await
+        .unwrap();
+    let built = |c: &str| {
+        ["linux", "mac"]
+            .iter()
+            .filter(|p| f.results.build("rt", p, c).unwrap().is_some())
+            .count()
+    };
+    let gone = COMMITS - PAGE_RUNS;
+    assert_eq!(report.results.builds, 2 * gone, "{report:?}");
+    for (i, c) in commits.iter().enumerate() {
+        let expected = if i < gone { 0 } else { 2 };
+        assert_eq!(built(c), expected, "commit {i}'s builds");
+    }
+    assert_eq!(report.heads, gone, "{report:?}");
+    let heads = f.pipeline.recent_heads("rt", usize::MAX).unwrap();
+    assert_eq!(heads.len(), PAGE_RUNS);
+    assert_eq!(heads[0].commit, *commits.last().unwrap());
+    // The grid still has every column's builds and every series' latest.
+    let grid = f.pipeline.status("").unwrap();
+    assert!(grid.cells.iter().all(|c| c.latest.job_id != 0), "{grid:?}");
+    // A second pass finds nothing more.
+    let again = r
+        .prune(cut, Duration::ZERO, &CancellationToken::new())
+        .await
+        .unwrap();
+    assert_eq!((again.results.builds, again.heads), (0, 0), "{again:?}");
 }
