@@ -77,6 +77,16 @@ const QUARANTINE_DIR: &str = "quarantine";
 /// The object store's folder for artifacts (under the hub's prefix).
 const OBJECTS_DIR: &str = "artifacts";
 
+/// The marker object under the store's prefix naming the database whose
+/// artifacts are there: a mistyped `storage.prefix`/`bucket`/`endpoint`
+/// finds no marker (or another hub's) and is refused instead of reading as
+/// "every object vanished" and forgetting every record.
+const MARKER: &str = ".trunkfarm-hub";
+
+/// The `meta` tree key of this database's random identity (what the marker
+/// holds).
+const DATABASE_ID_KEY: &str = "database_id";
+
 /// Parts of a multipart upload to the object store are this large (S3's
 /// minimum is 5 MiB; larger parts mean fewer requests). Uploads up to this
 /// size are one put. The in-process tests (a local store, which has no
@@ -187,6 +197,11 @@ pub(crate) enum ArtifactError {
     /// The stored file does not match its name; it was quarantined.
     #[error("artifact {0} on the hub is corrupt (hash mismatch); it has been quarantined")]
     Corrupt(String),
+    /// The object store's prefix is not this database's (a mistyped
+    /// `storage.*` key, or another hub's objects): refused at start, before
+    /// anything is deleted.
+    #[error("{0}")]
+    NotOurs(String),
 }
 
 impl ArtifactError {
@@ -559,6 +574,7 @@ impl Artifacts {
     /// size is not its record's is quarantined (its record removed).
     async fn reconcile(&self) -> Result<(), ArtifactError> {
         let mut copies = self.copies().await?;
+        self.check_marker(&copies).await?;
         let table = &self.inner.table;
         let (mut kept, mut changed, mut migrated) = (0usize, false, 0usize);
         for item in table.scan_raw("") {
@@ -623,6 +639,71 @@ impl Artifacts {
         }
         tracing::info!(artifacts = kept, "artifact store open: {}", self.describe());
         Ok(())
+    }
+
+    /// Makes sure the object store's prefix is this database's before
+    /// [`Artifacts::reconcile`] deletes or forgets anything: the marker
+    /// object must name this database. Without a marker (first use, or a
+    /// hub from before markers) it is written, unless records exist and
+    /// none of them is found there or in the data dir, which is what a
+    /// mistyped key looks like. Files backend: nothing to check.
+    async fn check_marker(&self, copies: &HashMap<String, u64>) -> Result<(), ArtifactError> {
+        let Backend::Objects(objects) = &self.inner.backend else {
+            return Ok(());
+        };
+        let ours = database_id(self.inner.table.store())?;
+        let path = objects.path(MARKER);
+        let found = match objects.store().get(&path).await {
+            Ok(got) => Some(
+                got.bytes()
+                    .await
+                    .map_err(ArtifactError::object(objects, "read", &path))?,
+            ),
+            Err(object_store::Error::NotFound { .. }) => None,
+            Err(e) => return Err(ArtifactError::object(objects, "read", &path)(e)),
+        };
+        let keys: Vec<String> = self
+            .inner
+            .table
+            .keys("")
+            .map(|k| k.map(|k| String::from_utf8_lossy(&k).into_owned()))
+            .collect::<Result<_, _>>()?;
+        let fix = "check storage.prefix, storage.bucket and storage.endpoint in the hub's config (a typo there points the hub at the wrong place); if the artifacts were moved, move their objects (with the marker) to where the config points";
+        match found {
+            Some(body) => {
+                let theirs = String::from_utf8_lossy(&body).trim().to_owned();
+                if theirs == ours {
+                    return Ok(());
+                }
+                Err(ArtifactError::NotOurs(format!(
+                    "refusing to start: the marker {path} in {} names hub database {theirs:?}, but this hub's database is {ours:?}; its objects belong to another hub and nothing was changed. {fix}; to give that place to this hub anyway, delete the marker (its objects that this database does not record are then deleted at the next start)",
+                    objects.describe()
+                )))
+            }
+            None => {
+                let seen = keys
+                    .iter()
+                    .any(|k| copies.contains_key(k) || self.path_of(k).exists());
+                if !keys.is_empty() && !seen {
+                    return Err(ArtifactError::NotOurs(format!(
+                        "refusing to start: the database records {} artifacts but {} has no marker {path} and none of their objects; nothing was deleted. {fix}",
+                        keys.len(),
+                        objects.describe()
+                    )));
+                }
+                objects
+                    .store()
+                    .put(&path, ours.clone().into_bytes().into())
+                    .await
+                    .map_err(ArtifactError::object(objects, "write", &path))?;
+                objects.sync(MARKER).await?;
+                tracing::info!(
+                    "wrote the marker {path} naming this hub database ({ours}) in {}",
+                    objects.describe()
+                );
+                Ok(())
+            }
+        }
     }
 
     /// A recorded artifact with no object but a file `<dir>/<sha>.tar.zst`
@@ -1513,6 +1594,18 @@ impl Artifacts {
     }
 }
 
+/// This database's random identity, created (durably) at first use.
+fn database_id(store: &Store) -> Result<String, ArtifactError> {
+    let meta = Table::open(store, trees::META)?;
+    if let Some(id) = meta.get_raw(DATABASE_ID_KEY)? {
+        return Ok(String::from_utf8_lossy(&id).into_owned());
+    }
+    let id = crate::auth::secret::new_id("db");
+    meta.put_raw(DATABASE_ID_KEY, id.as_bytes())?;
+    store.flush_now()?;
+    Ok(id)
+}
+
 /// The object store path of artifact `sha`, relative to the hub's prefix.
 fn object_rel(sha: &str) -> String {
     format!("{OBJECTS_DIR}/{sha}{FILE_SUFFIX}")
@@ -2352,6 +2445,64 @@ mod tests {
         // A file that no longer matches is not moved, and its record goes.
         assert!(!a.contains(&bad).unwrap());
         assert!(a.path_of(&bad).exists(), "left for a post-mortem");
+    }
+
+    #[tokio::test]
+    async fn a_mistyped_store_or_another_hubs_objects_are_refused_and_nothing_is_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let sha = {
+            let (_store, a, objects) = open_objects(dir.path()).await;
+            let marker = object_bytes(&objects, MARKER).await;
+            assert!(String::from_utf8(marker).unwrap().starts_with("db_"));
+            store_one(&a, b"precious", "lua", "p").await
+        };
+        // A typo: the config points at an empty place.
+        let typo = Objects::local(&dir.path().join("typo")).unwrap();
+        let store = crate::store::tests::reopen(&dir.path().join("db")).await;
+        let err = Artifacts::open(
+            &store,
+            dir.path().join("artifacts"),
+            MAX_BYTES,
+            DataDir::new(dir.path(), 0),
+            Backend::Objects(typo.clone()),
+        )
+        .await
+        .err()
+        .expect("refused");
+        let msg = err.to_string();
+        assert!(matches!(err, ArtifactError::NotOurs(_)), "{msg}");
+        assert!(
+            msg.contains("storage.prefix") && msg.contains("storage.bucket"),
+            "{msg}"
+        );
+        assert!(objects_in(&typo, "").await.is_empty(), "no marker written");
+        drop(store);
+
+        // The typo fixed: the record and its object are still there.
+        let (_store, a, objects) = reopen_objects(dir.path()).await;
+        assert!(a.contains(&sha).unwrap());
+        assert_eq!(fetch(&a, &sha, "ag_1").await.unwrap(), b"precious");
+        drop((a, _store));
+
+        // Another database (a fresh one) pointed at these objects: refused,
+        // its objects are not deleted as unrecorded.
+        let other = tempfile::tempdir().unwrap();
+        let store = Store::open(&other.path().join("db")).unwrap();
+        let err = Artifacts::open(
+            &store,
+            other.path().join("artifacts"),
+            MAX_BYTES,
+            DataDir::new(other.path(), 0),
+            Backend::Objects(objects.clone()),
+        )
+        .await
+        .err()
+        .expect("refused");
+        assert!(err.to_string().contains("another hub"), "{err}");
+        assert_eq!(
+            objects_in(&objects, OBJECTS_DIR).await,
+            [format!("{sha}.tar.zst")]
+        );
     }
 
     #[tokio::test]
