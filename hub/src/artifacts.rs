@@ -450,10 +450,25 @@ struct Inner {
     /// Artifact bytes the hub itself sent to agents since start (`/metrics`;
     /// not what agents fetched from presigned URLs).
     bytes_sent_total: AtomicU64,
-    /// Serializes what changes which files are in place together with their
-    /// records (publishing an upload, quarantine, gc), so a record and its
-    /// file always appear and disappear as a pair.
-    publish: tokio::sync::Mutex<()>,
+    /// Serializes what changes records together with which copies are in
+    /// place (publishing an upload, quarantine, gc), so a record and its
+    /// copy always appear and disappear as a pair. Never held across an
+    /// object store call: what was learnt over the network without it is
+    /// re-checked against [`Publish::generation`] once it is taken again.
+    publish: tokio::sync::Mutex<Publish>,
+}
+
+/// What the publish lock guards besides the records.
+#[derive(Default)]
+struct Publish {
+    /// Bumped whenever a record is removed or a removed record's copy is
+    /// gone: a step that looked at copies without the lock and sees another
+    /// generation when it takes the lock again looks again.
+    generation: u64,
+    /// Artifacts whose records are removed and whose copies are being
+    /// deleted or quarantined (after the lock was let go): an upload of
+    /// one waits until that is done, so the deletion cannot take its copy.
+    retiring: HashSet<String>,
 }
 
 /// How long a whole-file hash check vouches for an unchanged file: a burst
@@ -521,7 +536,7 @@ impl Artifacts {
                 verified: Mutex::new(HashMap::new()),
                 downloads_total: AtomicU64::new(0),
                 bytes_sent_total: AtomicU64::new(0),
-                publish: tokio::sync::Mutex::new(()),
+                publish: tokio::sync::Mutex::new(Publish::default()),
             }),
         };
         artifacts.clear_tmp()?;
@@ -957,8 +972,9 @@ impl Artifacts {
 
     /// Puts a verified upload (staged by [`Artifacts::stage`]) in place;
     /// called under the publish lock, so no quarantine or garbage
-    /// collection runs between this and the record.
-    async fn place(&self, sha: &str, temp: &mut TempFile, size: u64) -> Result<(), ArtifactError> {
+    /// collection runs between this and the record. An object was put by
+    /// the stage already (and no deletion ran since: the caller checked).
+    async fn place(&self, sha: &str, temp: &mut TempFile) -> Result<(), ArtifactError> {
         match &self.inner.backend {
             Backend::Files => {
                 let path = self.path_of(sha);
@@ -974,14 +990,7 @@ impl Artifacts {
                 }
                 Ok(())
             }
-            Backend::Objects(_) => {
-                // A quarantine or collection of the same hash (an older
-                // record) may have deleted the staged object meanwhile.
-                match self.version_of(sha).await? {
-                    Some(Version::Object(_, len)) if len == size => Ok(()),
-                    _ => self.stage(sha, &temp.path, size).await,
-                }
-            }
+            Backend::Objects(_) => Ok(()),
         }
     }
 
@@ -1225,22 +1234,35 @@ impl Artifacts {
             .await
             .map_err(ArtifactError::io("sync", &temp.path))?;
 
-        if self.contains(&sha)? {
-            // Another upload of the same bytes won the race; ours is dropped.
-            return Ok(Received {
-                sha256: sha,
-                already_present: true,
-            });
-        }
-        self.stage(&sha, &temp.path, size).await?;
-        let published = self.inner.publish.lock().await;
-        if self.contains(&sha)? {
-            return Ok(Received {
-                sha256: sha,
-                already_present: true,
-            });
-        }
-        self.place(&sha, &mut temp, size).await?;
+        let already = Received {
+            sha256: sha.clone(),
+            already_present: true,
+        };
+        let published = loop {
+            let generation = {
+                let publish = self.inner.publish.lock().await;
+                if self.contains(&sha)? {
+                    // Another upload of the same bytes won the race; ours is dropped.
+                    return Ok(already);
+                }
+                (!publish.retiring.contains(&sha)).then_some(publish.generation)
+            };
+            let Some(generation) = generation else {
+                // A previous copy of this hash is being deleted: after that.
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            };
+            self.stage(&sha, &temp.path, size).await?;
+            let publish = self.inner.publish.lock().await;
+            if self.contains(&sha)? {
+                return Ok(already);
+            }
+            if publish.generation == generation {
+                break publish;
+            }
+            // A deletion ran meanwhile and may have taken the staged copy.
+        };
+        self.place(&sha, &mut temp).await?;
         let rec = ArtifactRecord {
             sha256: sha.clone(),
             size,
@@ -1497,38 +1519,110 @@ impl Artifacts {
         tracing::debug!(agent = %agent_id, sha = %sha, size, "artifact downloaded");
     }
 
-    /// Takes a copy found corrupt out of service: moved to quarantine, its
-    /// record removed (durably) so a rebuild can store the artifact again.
+    /// Takes a copy found corrupt out of service: its record removed
+    /// (durably) so a rebuild can store the artifact again, the copy moved
+    /// to quarantine (kept for a post-mortem, never served again).
     /// `version` is the copy that was found corrupt: if a good copy replaced
-    /// it meanwhile, nothing happens.
+    /// it meanwhile, nothing happens. Objects: the record goes first, then
+    /// the object is copied and deleted, best effort (one that stays is
+    /// unrecorded and deleted at the next start), so a failing delete cannot
+    /// leave the record to be quarantined again and again.
     async fn quarantine(&self, sha: &str, version: Version) -> Result<(), ArtifactError> {
-        let _published = self.inner.publish.lock().await;
+        if matches!(self.inner.backend, Backend::Files) {
+            // Local renames: all under the lock.
+            let mut publish = self.inner.publish.lock().await;
+            if self.version_of(sha).await? != Some(version) {
+                return Ok(());
+            }
+            self.lock_verified().remove(sha);
+            let dest = self.quarantine_copy(sha).await?;
+            self.inner.table.remove(sha)?;
+            publish.generation += 1;
+            drop(publish);
+            self.inner.table.store().commit().await?;
+            tracing::error!(
+                "artifact {sha} did not match its hash: moved {} to {dest} and removed its record (a rebuild can store it again)",
+                self.where_is(sha),
+            );
+            return Ok(());
+        }
+        let Some(generation) = self.recorded_generation(sha).await? else {
+            return Ok(());
+        };
         if self.version_of(sha).await? != Some(version) {
             return Ok(());
         }
+        if !self.retire(sha, generation).await? {
+            return Ok(());
+        }
         self.lock_verified().remove(sha);
-        let dest = self.quarantine_copy(sha).await?;
+        let committed = self.inner.table.store().commit().await;
+        if committed.is_ok() {
+            match self.quarantine_copy(sha).await {
+                Ok(dest) => tracing::error!(
+                    "artifact {sha} did not match its hash: removed its record and moved {} to {dest} (a rebuild can store it again)",
+                    self.where_is(sha),
+                ),
+                Err(e) => tracing::warn!(
+                    "artifact {sha} did not match its hash: removed its record, but {e} (the next start deletes the unrecorded object)"
+                ),
+            }
+        }
+        self.retired(std::slice::from_ref(&sha.to_owned())).await;
+        Ok(committed?)
+    }
+
+    /// The publish generation if `sha` is recorded (and not being retired).
+    async fn recorded_generation(&self, sha: &str) -> Result<Option<u64>, ArtifactError> {
+        let publish = self.inner.publish.lock().await;
+        Ok((self.contains(sha)? && !publish.retiring.contains(sha)).then_some(publish.generation))
+    }
+
+    /// Removes the record of `sha` (not yet durably) if nothing changed
+    /// since `generation`, marking it retiring until [`Artifacts::retired`];
+    /// false if something did (whatever was checked is stale).
+    async fn retire(&self, sha: &str, generation: u64) -> Result<bool, ArtifactError> {
+        let mut publish = self.inner.publish.lock().await;
+        if publish.generation != generation || !self.contains(sha)? {
+            return Ok(false);
+        }
         self.inner.table.remove(sha)?;
-        self.inner.table.store().commit().await?;
-        tracing::error!(
-            "artifact {sha} did not match its hash: moved {} to {dest} and removed its record (a rebuild can store it again)",
-            self.where_is(sha),
-        );
-        Ok(())
+        publish.generation += 1;
+        publish.retiring.insert(sha.to_owned());
+        Ok(true)
+    }
+
+    /// The copies of retiring `shas` are dealt with: uploads of them may
+    /// proceed.
+    async fn retired(&self, shas: &[String]) {
+        let mut publish = self.inner.publish.lock().await;
+        for sha in shas {
+            publish.retiring.remove(sha);
+        }
+        publish.generation += 1;
     }
 
     /// A recorded artifact whose copy vanished (someone deleted it by hand):
     /// the record goes too, so it reads as not stored.
     async fn forget_missing(&self, sha: &str) -> Result<(), ArtifactError> {
-        let _published = self.inner.publish.lock().await;
+        let Some(generation) = self.recorded_generation(sha).await? else {
+            return Ok(());
+        };
         if self.version_of(sha).await?.is_some() {
             return Ok(());
         }
+        {
+            let mut publish = self.inner.publish.lock().await;
+            if publish.generation != generation || !self.contains(sha)? {
+                return Ok(());
+            }
+            self.inner.table.remove(sha)?;
+            publish.generation += 1;
+        }
         tracing::error!(
-            "artifact {sha}: recorded but its copy {} is missing; removing the record (a rebuild stores it again)",
+            "artifact {sha}: recorded but its copy {} is missing; removed the record (a rebuild stores it again)",
             self.where_is(sha)
         );
-        self.inner.table.remove(sha)?;
         self.inner.table.store().commit().await?;
         Ok(())
     }
@@ -1537,14 +1631,15 @@ impl Artifacts {
     /// `keep_newest` most recently stored artifacts and every hash in
     /// `referenced` (lowercase hex; e.g. what projects' last results still
     /// test against);
-    /// deletes the rest, records first (durably), then files. Ad-hoc uploads
-    /// (no upstream) form their own group. Returns the deleted hashes.
+    /// deletes the rest, records first (durably), then copies (without the
+    /// publish lock: uploads of those hashes wait). Ad-hoc uploads (no
+    /// upstream) form their own group. Returns the deleted hashes.
     pub(crate) async fn gc(
         &self,
         keep_newest: u32,
         referenced: &HashSet<String>,
     ) -> Result<Vec<String>, ArtifactError> {
-        let _published = self.inner.publish.lock().await;
+        let mut publish = self.inner.publish.lock().await;
         let mut groups: HashMap<(String, String), Vec<ArtifactRecord>> = HashMap::new();
         for rec in self.records()? {
             groups
@@ -1572,13 +1667,20 @@ impl Artifacts {
             batch.remove(sha.as_bytes());
         }
         self.inner.table.apply(batch)?;
-        self.inner.table.store().commit().await?;
-        for sha in &victims {
-            if let Err(e) = self.delete_copy(sha).await {
-                // Unrecorded now: the next start deletes it.
-                tracing::warn!("artifact gc: {e}");
+        publish.generation += 1;
+        publish.retiring.extend(victims.iter().cloned());
+        drop(publish);
+        let committed = self.inner.table.store().commit().await;
+        if committed.is_ok() {
+            for sha in &victims {
+                if let Err(e) = self.delete_copy(sha).await {
+                    // Unrecorded now: the next start deletes it.
+                    tracing::warn!("artifact gc: {e}");
+                }
             }
         }
+        self.retired(&victims).await;
+        committed?;
         {
             let mut downloads = self.lock_downloads();
             for sha in &victims {
@@ -2300,6 +2402,136 @@ mod tests {
         let store = crate::store::tests::reopen(&dir.join("db")).await;
         let (store, a) = with_store(dir, store, Backend::Objects(objects.clone())).await;
         (store, a, objects)
+    }
+
+    /// A real local object store whose deletes can be made to fail and
+    /// whose reads are counted.
+    #[derive(Debug)]
+    struct Faulty {
+        inner: Arc<dyn object_store::ObjectStore>,
+        fail_deletes: std::sync::atomic::AtomicBool,
+        gets: AtomicU64,
+    }
+
+    impl std::fmt::Display for Faulty {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "Faulty({})", self.inner)
+        }
+    }
+
+    type Listing<T> = std::pin::Pin<Box<dyn Stream<Item = object_store::Result<T>> + Send>>;
+
+    #[async_trait::async_trait]
+    impl object_store::ObjectStore for Faulty {
+        async fn put_opts(
+            &self,
+            location: &object_store::path::Path,
+            payload: object_store::PutPayload,
+            opts: object_store::PutOptions,
+        ) -> object_store::Result<object_store::PutResult> {
+            self.inner.put_opts(location, payload, opts).await
+        }
+        async fn put_multipart_opts(
+            &self,
+            location: &object_store::path::Path,
+            opts: object_store::PutMultipartOptions,
+        ) -> object_store::Result<Box<dyn object_store::MultipartUpload>> {
+            self.inner.put_multipart_opts(location, opts).await
+        }
+        async fn get_opts(
+            &self,
+            location: &object_store::path::Path,
+            options: object_store::GetOptions,
+        ) -> object_store::Result<object_store::GetResult> {
+            if !options.head {
+                self.gets.fetch_add(1, Ordering::SeqCst);
+            }
+            self.inner.get_opts(location, options).await
+        }
+        fn delete_stream(
+            &self,
+            locations: Listing<object_store::path::Path>,
+        ) -> Listing<object_store::path::Path> {
+            if self.fail_deletes.load(Ordering::SeqCst) {
+                Box::pin(locations.map(|_| {
+                    Err(object_store::Error::Generic {
+                        store: "Faulty",
+                        source: "deletes fail".into(),
+                    })
+                }))
+            } else {
+                self.inner.delete_stream(locations)
+            }
+        }
+        fn list(
+            &self,
+            prefix: Option<&object_store::path::Path>,
+        ) -> Listing<object_store::ObjectMeta> {
+            self.inner.list(prefix)
+        }
+        async fn list_with_delimiter(
+            &self,
+            prefix: Option<&object_store::path::Path>,
+        ) -> object_store::Result<object_store::ListResult> {
+            self.inner.list_with_delimiter(prefix).await
+        }
+        async fn copy_opts(
+            &self,
+            from: &object_store::path::Path,
+            to: &object_store::path::Path,
+            options: object_store::CopyOptions,
+        ) -> object_store::Result<()> {
+            self.inner.copy_opts(from, to, options).await
+        }
+    }
+
+    /// [`open_objects`] through a [`Faulty`] store.
+    async fn open_faulty(dir: &Path) -> (Store, Artifacts, Objects, Arc<Faulty>) {
+        let mut faulty = None;
+        let objects = Objects::local_wrapped(&dir.join("objects"), |inner| {
+            let f = Arc::new(Faulty {
+                inner,
+                fail_deletes: Default::default(),
+                gets: AtomicU64::new(0),
+            });
+            faulty = Some(f.clone());
+            f
+        })
+        .unwrap();
+        let store = Store::open(&dir.join("db")).unwrap();
+        let (store, a) = with_store(dir, store, Backend::Objects(objects.clone())).await;
+        (store, a, objects, faulty.unwrap())
+    }
+
+    #[tokio::test]
+    async fn a_corrupt_object_whose_delete_fails_loses_its_record_first_and_is_copied_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_store, a, objects, faulty) = open_faulty(dir.path()).await;
+        let data = vec![4u8; 1000];
+        let sha = store_one(&a, &data, "lua", "p").await;
+        let mut bad = data.clone();
+        bad[1] ^= 1;
+        put_object(&objects, &object_rel(&sha), &bad).await;
+        faulty.fail_deletes.store(true, Ordering::SeqCst);
+
+        for agent in ["ag_1", "ag_2"] {
+            let err = fetch(&a, &sha, agent).await.unwrap_err();
+            assert!(
+                matches!(err, ArtifactError::Corrupt(_) | ArtifactError::NotFound(_)),
+                "{err}"
+            );
+        }
+        assert!(
+            !a.contains(&sha).unwrap(),
+            "the record went despite the failed delete"
+        );
+        assert_eq!(
+            objects_in(&objects, QUARANTINE_DIR).await.len(),
+            1,
+            "quarantined once"
+        );
+        // The object the delete left is unrecorded: the next start deletes it.
+        assert_eq!(objects_in(&objects, OBJECTS_DIR).await.len(), 1);
     }
 
     /// The objects under `folder` (relative to the prefix), by name.
