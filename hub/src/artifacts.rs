@@ -266,8 +266,9 @@ struct Opened {
     reader: Reader,
     size: u64,
     version: Version,
-    /// A file's identity and change time (files only: the `verified` cache).
-    stamp: Option<FileStamp>,
+    /// What identifies this version for the `verified` cache (`None`: an
+    /// object without an entity tag, never trusted).
+    proof: Option<Proof>,
 }
 
 /// An object's body as object_store yields it.
@@ -439,11 +440,17 @@ struct Inner {
     space: DataDir,
     /// Completed downloads since start: sha → agent id → count.
     downloads: Mutex<HashMap<String, HashMap<String, u32>>>,
-    /// Files whose content was hashed whole and matched, by artifact, with
-    /// the file's identity and change time then: a download of an unchanged
-    /// file is not hashed again (any write to it changes its ctime, which
-    /// no one can set back). Hashing every download cost a core per GB/s.
-    verified: Mutex<HashMap<String, (FileStamp, std::time::Instant)>>,
+    /// Copies whose content was hashed whole and matched, by artifact, with
+    /// the version then (a file's identity and change time, an object's
+    /// entity tag): a download of an unchanged copy is not hashed again (any
+    /// write to a file changes its ctime, which no one can set back; a
+    /// rewritten object gets a new entity tag), nor is an agent's repeated
+    /// report of corrupt URL bytes checked again. Hashing every download
+    /// cost a core per GB/s.
+    verified: Mutex<HashMap<String, (Proof, std::time::Instant)>>,
+    /// (agent, artifact) pairs whose report of corrupt URL bytes was logged
+    /// (a warning once, then quietly).
+    reports: Mutex<HashSet<(String, String)>>,
     /// Downloads served to the end or handed a URL since start, all
     /// artifacts (`/metrics`).
     downloads_total: AtomicU64,
@@ -479,6 +486,15 @@ const VERIFIED_FOR: std::time::Duration = std::time::Duration::from_secs(600);
 /// What identifies one version of a file: device, inode, size and change
 /// time (seconds, nanoseconds).
 type FileStamp = (u64, u64, u64, i64, i64);
+
+/// One version of a copy, as the `verified` cache knows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Proof {
+    /// A file's [`FileStamp`].
+    File(FileStamp),
+    /// An object's entity tag and size.
+    Object(String, u64),
+}
 
 fn stamp_of(meta: &std::fs::Metadata) -> FileStamp {
     (
@@ -534,6 +550,7 @@ impl Artifacts {
                 space,
                 downloads: Mutex::new(HashMap::new()),
                 verified: Mutex::new(HashMap::new()),
+                reports: Mutex::new(HashSet::new()),
                 downloads_total: AtomicU64::new(0),
                 bytes_sent_total: AtomicU64::new(0),
                 publish: tokio::sync::Mutex::new(Publish::default()),
@@ -858,7 +875,7 @@ impl Artifacts {
                     reader: Reader::File(file, path),
                     size: meta.len(),
                     version: Version::File(meta.dev(), meta.ino()),
-                    stamp: Some(stamp_of(&meta)),
+                    proof: Some(Proof::File(stamp_of(&meta))),
                 }))
             }
             Backend::Objects(objects) => {
@@ -869,6 +886,7 @@ impl Artifacts {
                     Err(e) => return Err(ArtifactError::object(objects, "read", &path)(e)),
                 };
                 let (size, e_tag) = (got.meta.size, got.meta.e_tag.clone());
+                let version = Version::Object(e_tag.clone(), size);
                 Ok(Some(Opened {
                     reader: Reader::Object {
                         stream: got.into_stream(),
@@ -877,8 +895,8 @@ impl Artifacts {
                         objects: objects.clone(),
                     },
                     size,
-                    version: Version::Object(e_tag, size),
-                    stamp: None,
+                    version,
+                    proof: e_tag.map(|tag| Proof::Object(tag, size)),
                 }))
             }
         }
@@ -985,8 +1003,7 @@ impl Artifacts {
                 sync_dir(&self.inner.dir).await?;
                 // Hashed whole on the way in: the first downloads need not again.
                 if let Ok(meta) = tokio::fs::metadata(&path).await {
-                    self.lock_verified()
-                        .insert(sha.to_owned(), (stamp_of(&meta), std::time::Instant::now()));
+                    self.vouch(sha, Proof::File(stamp_of(&meta)));
                 }
                 Ok(())
             }
@@ -1111,11 +1128,45 @@ impl Artifacts {
 
     fn lock_verified(
         &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<String, (FileStamp, std::time::Instant)>> {
+    ) -> std::sync::MutexGuard<'_, HashMap<String, (Proof, std::time::Instant)>> {
         self.inner
             .verified
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Whether version `proof` of `sha` was hashed whole and matched within
+    /// [`VERIFIED_FOR`].
+    fn is_verified(&self, sha: &str, proof: &Proof) -> bool {
+        self.lock_verified()
+            .get(sha)
+            .is_some_and(|(known, at)| known == proof && at.elapsed() < VERIFIED_FOR)
+    }
+
+    /// Version `proof` of `sha` was hashed whole and matched just now.
+    fn vouch(&self, sha: &str, proof: Proof) {
+        self.lock_verified()
+            .insert(sha.to_owned(), (proof, std::time::Instant::now()));
+    }
+
+    /// Logs `agent_id`'s report that the URL bytes of `sha` did not match:
+    /// a warning the first time, quietly after (an agent may repeat it).
+    fn note_report(&self, sha: &str, agent_id: &str) {
+        let first = self
+            .inner
+            .reports
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert((agent_id.to_owned(), sha.to_owned()));
+        if first {
+            tracing::warn!(
+                agent = %agent_id,
+                "agent {agent_id} reports that the bytes at the object store URL of artifact {sha} did not match; checking the stored copy (unless this version was checked in the last {}) and streaming it through the hub",
+                trunkfarm_proto::settings::fmt_duration(VERIFIED_FOR)
+            );
+        } else {
+            tracing::debug!(agent = %agent_id, sha = %sha, "agent repeats its report of corrupt URL bytes");
+        }
     }
 
     fn lock_downloads(&self) -> std::sync::MutexGuard<'_, HashMap<String, HashMap<String, u32>>> {
@@ -1316,10 +1367,13 @@ impl Artifacts {
     ///   is then quarantined and its record removed). Such a download is
     ///   counted once its last chunk was handed over.
     ///
-    /// `url_bytes_corrupt` (the agent's URL download did not match) makes
-    /// the hub hash its copy whole first: a corrupt one is quarantined and
-    /// `Corrupt` answered, a sound one is streamed (one agent's word never
-    /// removes an artifact).
+    /// `url_bytes_corrupt` (the agent's URL download did not match; only
+    /// heeded with the object store, otherwise a plain request) makes the
+    /// hub hash its copy whole first, unless that version was verified
+    /// within [`VERIFIED_FOR`]: a corrupt one is quarantined and `Corrupt`
+    /// answered, a sound one is streamed without hashing it again (one
+    /// agent's word never removes an artifact, nor costs more than one
+    /// check per object version).
     pub(crate) async fn download(
         &self,
         request: &DownloadArtifactRequest,
@@ -1334,16 +1388,9 @@ impl Artifacts {
             size: rec.size,
             ..Default::default()
         };
-        if request.url_bytes_corrupt {
-            tracing::warn!(
-                agent = %agent_id,
-                "agent {agent_id} reports that the bytes at the object store URL of artifact {sha} did not match; checking the stored copy"
-            );
+        if request.url_bytes_corrupt && matches!(self.inner.backend, Backend::Objects(_)) {
+            self.note_report(&sha, agent_id);
             self.check_whole(&sha, rec.size, agent_id).await?;
-            tracing::warn!(
-                agent = %agent_id,
-                "artifact {sha}: the stored copy matches its hash; streaming it to agent {agent_id} through the hub (its bytes were changed on the way from the object store, or the agent is wrong)"
-            );
         } else if request.accepts_url
             && let Backend::Objects(objects) = &self.inner.backend
             && let Some((url, expires_ms)) = objects.presign_get(&object_rel(&sha)).await?
@@ -1376,11 +1423,10 @@ impl Artifacts {
             self.quarantine(&sha, opened.version).await?;
             return Err(ArtifactError::Corrupt(sha));
         }
-        let trusted = opened.stamp.is_some_and(|stamp| {
-            self.lock_verified()
-                .get(&sha)
-                .is_some_and(|(known, at)| *known == stamp && at.elapsed() < VERIFIED_FOR)
-        });
+        let trusted = opened
+            .proof
+            .as_ref()
+            .is_some_and(|proof| self.is_verified(&sha, proof));
         let (tx, rx) = mpsc::channel(DOWNLOAD_CHUNKS_IN_FLIGHT);
         // The channel is fresh and has room: this cannot wait.
         let _ = tx
@@ -1414,7 +1460,13 @@ impl Artifacts {
     /// Reads the copy of `sha` whole and hashes it: a copy that does not
     /// match (size or hash) is quarantined and [`ArtifactError::Corrupt`]
     /// returned; a missing one is forgotten ([`ArtifactError::NotFound`]).
+    /// An object version verified within [`VERIFIED_FOR`] is not read.
     async fn check_whole(&self, sha: &str, size: u64, agent_id: &str) -> Result<(), ArtifactError> {
+        if let Some(Version::Object(Some(tag), len)) = self.version_of(sha).await?
+            && self.is_verified(sha, &Proof::Object(tag, len))
+        {
+            return Ok(());
+        }
         let Some(mut opened) = self.open_copy(sha).await? else {
             self.forget_missing(sha).await?;
             return Err(ArtifactError::NotFound(sha.to_owned()));
@@ -1439,15 +1491,14 @@ impl Artifacts {
             self.quarantine(sha, opened.version).await?;
             return Err(ArtifactError::Corrupt(sha.to_owned()));
         }
-        if let Some(stamp) = opened.stamp {
-            self.lock_verified()
-                .insert(sha.to_owned(), (stamp, std::time::Instant::now()));
+        if let Some(proof) = opened.proof {
+            self.vouch(sha, proof);
         }
         Ok(())
     }
 
     /// Streams the copy into `tx`, hashing as it goes unless this version
-    /// of a file was verified whole before (`trusted`).
+    /// was verified whole before (`trusted`).
     async fn send_copy(
         self,
         sha: String,
@@ -1460,7 +1511,7 @@ impl Artifacts {
         let Opened {
             mut reader,
             version,
-            stamp,
+            proof,
             ..
         } = opened;
         let mut hasher = (!trusted).then(Sha256::new);
@@ -1511,9 +1562,8 @@ impl Artifacts {
             let _ = tx.send(Err(ArtifactError::Corrupt(sha))).await;
             return;
         }
-        if !trusted && let Some(stamp) = stamp {
-            self.lock_verified()
-                .insert(sha.clone(), (stamp, std::time::Instant::now()));
+        if !trusted && let Some(proof) = proof {
+            self.vouch(&sha, proof);
         }
         self.count_download(&sha, &agent_id);
         tracing::debug!(agent = %agent_id, sha = %sha, size, "artifact downloaded");
@@ -2814,6 +2864,66 @@ mod tests {
         assert!(!a.contains(&sha).unwrap());
         assert_eq!(objects_in(&objects, QUARANTINE_DIR).await.len(), 1);
         assert!(objects_in(&objects, OBJECTS_DIR).await.is_empty());
+    }
+
+    /// Reads the whole answer of `rx` after the meta chunk.
+    async fn drain_rx(
+        mut rx: mpsc::Receiver<Result<ArtifactChunk, ArtifactError>>,
+    ) -> Result<Vec<u8>, ArtifactError> {
+        let meta = rx.recv().await.unwrap()?.meta.unwrap();
+        assert!(meta.url.is_empty());
+        let mut got = Vec::new();
+        while let Some(chunk) = rx.recv().await {
+            got.extend(chunk?.data);
+        }
+        Ok(got)
+    }
+
+    #[tokio::test]
+    async fn a_repeated_report_of_corrupt_url_bytes_checks_each_object_version_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_store, a, _objects, faulty) = open_faulty(dir.path()).await;
+        let data = vec![5u8; 2 * DOWNLOAD_CHUNK_BYTES + 3];
+        let sha = store_one(&a, &data, "lua", "p").await;
+        let report = DownloadArtifactRequest {
+            url_bytes_corrupt: true,
+            ..ask(&sha)
+        };
+        let gets = || faulty.gets.load(Ordering::SeqCst);
+        let before = gets();
+        let rx = a.download(&report, "ag_hostile").await.unwrap();
+        assert_eq!(drain_rx(rx).await.unwrap(), data);
+        assert_eq!(gets() - before, 2, "one read to check, one to stream");
+        for _ in 0..3 {
+            let before = gets();
+            let rx = a.download(&report, "ag_hostile").await.unwrap();
+            assert_eq!(drain_rx(rx).await.unwrap(), data);
+            assert_eq!(
+                gets() - before,
+                1,
+                "this version was checked: only streamed"
+            );
+        }
+        assert_eq!(a.download_count(&sha, "ag_hostile"), 4);
+    }
+
+    #[tokio::test]
+    async fn without_an_object_store_a_report_of_corrupt_url_bytes_is_a_plain_request() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_store, a) = open(dir.path()).await;
+        let data = vec![6u8; DOWNLOAD_CHUNK_BYTES + 9];
+        let sha = store_one(&a, &data, "lua", "p").await;
+        std::fs::write(a.path_of(&sha), vec![0u8; data.len()]).unwrap();
+        let report = DownloadArtifactRequest {
+            url_bytes_corrupt: true,
+            ..ask(&sha)
+        };
+        // Not checked whole before the answer starts (no URL was ever handed
+        // out): streamed, hashed on the way, found corrupt at the end.
+        let rx = a.download(&report, "ag_1").await.unwrap();
+        let err = drain_rx(rx).await.unwrap_err();
+        assert!(matches!(err, ArtifactError::Corrupt(_)), "{err}");
+        assert!(!a.contains(&sha).unwrap());
     }
 
     #[tokio::test]
