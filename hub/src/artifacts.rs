@@ -648,7 +648,10 @@ impl Artifacts {
                     table.remove(&key)?;
                     changed = true;
                 }
-                Some(_) => kept += 1,
+                Some(_) => {
+                    self.remove_migrated_file(&key_text).await?;
+                    kept += 1;
+                }
             }
         }
         for sha in copies.keys() {
@@ -781,6 +784,28 @@ impl Artifacts {
             self.where_is(sha)
         );
         Ok(true)
+    }
+
+    /// Object store: deletes the data dir's file of `sha`, recorded and
+    /// whose object is in place with its size, if there is one (a hub
+    /// killed between moving it into the store and deleting it left it).
+    async fn remove_migrated_file(&self, sha: &str) -> Result<(), ArtifactError> {
+        if matches!(self.inner.backend, Backend::Files) {
+            return Ok(());
+        }
+        let path = self.path_of(sha);
+        match tokio::fs::remove_file(&path).await {
+            Ok(()) => {
+                tracing::info!(
+                    "artifact {sha}: deleted {}, left over from its move into {}",
+                    path.display(),
+                    self.where_is(sha)
+                );
+                Ok(())
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(ArtifactError::io("delete", &path)(e)),
+        }
     }
 
     /// Where the bytes are, for people.
@@ -2784,6 +2809,31 @@ mod tests {
         assert_eq!(
             objects_in(&objects, OBJECTS_DIR).await,
             [format!("{sha}.tar.zst")]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_file_left_by_a_move_killed_after_its_object_was_stored_is_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let sha = {
+            let (_store, a) = open(dir.path()).await;
+            store_one(&a, b"moved, then killed", "lua", "p").await
+        };
+        let file = dir.path().join("artifacts").join(format!("{sha}.tar.zst"));
+        // As a move killed between storing the object and deleting the file.
+        let objects = Objects::local(&dir.path().join("objects")).unwrap();
+        put_object(&objects, &object_rel(&sha), b"moved, then killed").await;
+        assert!(file.exists());
+        let (_store, a, objects) = reopen_objects(dir.path()).await;
+        assert!(!file.exists(), "the leftover file is deleted");
+        assert!(a.contains(&sha).unwrap());
+        assert_eq!(
+            objects_in(&objects, OBJECTS_DIR).await,
+            [format!("{sha}.tar.zst")]
+        );
+        assert_eq!(
+            fetch(&a, &sha, "ag_1").await.unwrap(),
+            b"moved, then killed"
         );
     }
 
