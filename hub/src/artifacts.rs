@@ -721,7 +721,7 @@ impl Artifacts {
                     .any(|k| copies.contains_key(k) || self.path_of(k).exists());
                 if !keys.is_empty() && !seen {
                     return Err(ArtifactError::NotOurs(format!(
-                        "refusing to start: the database records {} artifacts but {} has no marker {path} and none of their objects; nothing was deleted. {fix}",
+                        "refusing to start: the database records {} artifacts but {} has no marker {path} and none of their objects; nothing was deleted. {fix}; if this is the right place and the objects are really gone, put an object {path} there holding {ours} (the hub then forgets the missing artifacts and builds them again)",
                         keys.len(),
                         objects.describe()
                     )));
