@@ -2486,6 +2486,10 @@ mod tests {
         inner: Arc<dyn object_store::ObjectStore>,
         fail_deletes: std::sync::atomic::AtomicBool,
         gets: AtomicU64,
+        /// Deletes wait for a read lock: a test holding the write lock
+        /// holds them.
+        gate: Arc<tokio::sync::RwLock<()>>,
+        deletes_started: AtomicU64,
     }
 
     impl std::fmt::Display for Faulty {
@@ -2528,15 +2532,26 @@ mod tests {
             locations: Listing<object_store::path::Path>,
         ) -> Listing<object_store::path::Path> {
             if self.fail_deletes.load(Ordering::SeqCst) {
-                Box::pin(locations.map(|_| {
+                return Box::pin(locations.map(|_| {
                     Err(object_store::Error::Generic {
                         store: "Faulty",
                         source: "deletes fail".into(),
                     })
-                }))
-            } else {
-                self.inner.delete_stream(locations)
+                }));
             }
+            self.deletes_started.fetch_add(1, Ordering::SeqCst);
+            let (inner, gate) = (self.inner.clone(), self.gate.clone());
+            let (tx, rx) = mpsc::channel(1);
+            tokio::spawn(async move {
+                let _open = gate.read().await;
+                let mut deleted = inner.delete_stream(locations);
+                while let Some(result) = deleted.next().await {
+                    if tx.send(result).await.is_err() {
+                        break;
+                    }
+                }
+            });
+            Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
         }
         fn list(
             &self,
@@ -2568,6 +2583,8 @@ mod tests {
                 inner,
                 fail_deletes: Default::default(),
                 gets: AtomicU64::new(0),
+                gate: Default::default(),
+                deletes_started: AtomicU64::new(0),
             });
             faulty = Some(f.clone());
             f
@@ -2927,6 +2944,49 @@ mod tests {
             got.extend(chunk?.data);
         }
         Ok(got)
+    }
+
+    #[tokio::test]
+    async fn gc_deletes_objects_without_holding_up_uploads() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_store, a, objects, faulty) = open_faulty(dir.path()).await;
+        let old = store_one(&a, b"old", "lua", "x").await;
+        tokio::time::sleep(std::time::Duration::from_millis(3)).await;
+        store_one(&a, b"new", "lua", "x").await;
+
+        // The object store stalls on the gc's delete.
+        let hold = faulty.gate.clone().write_owned().await;
+        let gc = tokio::spawn({
+            let a = a.clone();
+            async move { a.gc(1, &HashSet::new()).await }
+        });
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while faulty.deletes_started.load(Ordering::SeqCst) == 0 {
+            assert!(std::time::Instant::now() < deadline, "gc never deleted");
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        assert!(!a.contains(&old).unwrap(), "the record went first");
+        // Other uploads are not held up by it.
+        let other = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            store_one(&a, b"other", "lua", "y"),
+        )
+        .await
+        .expect("an upload finished while the gc's delete was stalled");
+        assert!(a.contains(&other).unwrap());
+        // An upload of the hash being deleted waits for the delete, so the
+        // delete cannot take its object.
+        let again = tokio::spawn({
+            let a = a.clone();
+            async move { store_one(&a, b"old", "lua", "x").await }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        assert!(!again.is_finished());
+        drop(hold);
+        assert_eq!(gc.await.unwrap().unwrap(), std::slice::from_ref(&old));
+        assert_eq!(again.await.unwrap(), old);
+        assert!(a.contains(&old).unwrap());
+        assert_eq!(object_bytes(&objects, &object_rel(&old)).await, b"old");
     }
 
     #[tokio::test]
