@@ -77,6 +77,16 @@ const QUARANTINE_DIR: &str = "quarantine";
 /// The object store's folder for artifacts (under the hub's prefix).
 const OBJECTS_DIR: &str = "artifacts";
 
+/// The marker object under the store's prefix naming the database whose
+/// artifacts are there: a mistyped `storage.prefix`/`bucket`/`endpoint`
+/// finds no marker (or another hub's) and is refused instead of reading as
+/// "every object vanished" and forgetting every record.
+const MARKER: &str = ".trunkfarm-hub";
+
+/// The `meta` tree key of this database's random identity (what the marker
+/// holds).
+const DATABASE_ID_KEY: &str = "database_id";
+
 /// Parts of a multipart upload to the object store are this large (S3's
 /// minimum is 5 MiB; larger parts mean fewer requests). Uploads up to this
 /// size are one put. The in-process tests (a local store, which has no
@@ -187,6 +197,11 @@ pub(crate) enum ArtifactError {
     /// The stored file does not match its name; it was quarantined.
     #[error("artifact {0} on the hub is corrupt (hash mismatch); it has been quarantined")]
     Corrupt(String),
+    /// The object store's prefix is not this database's (a mistyped
+    /// `storage.*` key, or another hub's objects): refused at start, before
+    /// anything is deleted.
+    #[error("{0}")]
+    NotOurs(String),
 }
 
 impl ArtifactError {
@@ -251,8 +266,9 @@ struct Opened {
     reader: Reader,
     size: u64,
     version: Version,
-    /// A file's identity and change time (files only: the `verified` cache).
-    stamp: Option<FileStamp>,
+    /// What identifies this version for the `verified` cache (`None`: an
+    /// object without an entity tag, never trusted).
+    proof: Option<Proof>,
 }
 
 /// An object's body as object_store yields it.
@@ -424,21 +440,42 @@ struct Inner {
     space: DataDir,
     /// Completed downloads since start: sha → agent id → count.
     downloads: Mutex<HashMap<String, HashMap<String, u32>>>,
-    /// Files whose content was hashed whole and matched, by artifact, with
-    /// the file's identity and change time then: a download of an unchanged
-    /// file is not hashed again (any write to it changes its ctime, which
-    /// no one can set back). Hashing every download cost a core per GB/s.
-    verified: Mutex<HashMap<String, (FileStamp, std::time::Instant)>>,
+    /// Copies whose content was hashed whole and matched, by artifact, with
+    /// the version then (a file's identity and change time, an object's
+    /// entity tag): a download of an unchanged copy is not hashed again (any
+    /// write to a file changes its ctime, which no one can set back; a
+    /// rewritten object gets a new entity tag), nor is an agent's repeated
+    /// report of corrupt URL bytes checked again. Hashing every download
+    /// cost a core per GB/s.
+    verified: Mutex<HashMap<String, (Proof, std::time::Instant)>>,
+    /// (agent, artifact) pairs whose report of corrupt URL bytes was logged
+    /// (a warning once, then quietly).
+    reports: Mutex<HashSet<(String, String)>>,
     /// Downloads served to the end or handed a URL since start, all
     /// artifacts (`/metrics`).
     downloads_total: AtomicU64,
     /// Artifact bytes the hub itself sent to agents since start (`/metrics`;
     /// not what agents fetched from presigned URLs).
     bytes_sent_total: AtomicU64,
-    /// Serializes what changes which files are in place together with their
-    /// records (publishing an upload, quarantine, gc), so a record and its
-    /// file always appear and disappear as a pair.
-    publish: tokio::sync::Mutex<()>,
+    /// Serializes what changes records together with which copies are in
+    /// place (publishing an upload, quarantine, gc), so a record and its
+    /// copy always appear and disappear as a pair. Never held across an
+    /// object store call: what was learnt over the network without it is
+    /// re-checked against [`Publish::generation`] once it is taken again.
+    publish: tokio::sync::Mutex<Publish>,
+}
+
+/// What the publish lock guards besides the records.
+#[derive(Default)]
+struct Publish {
+    /// Bumped whenever a record is removed or a removed record's copy is
+    /// gone: a step that looked at copies without the lock and sees another
+    /// generation when it takes the lock again looks again.
+    generation: u64,
+    /// Artifacts whose records are removed and whose copies are being
+    /// deleted or quarantined (after the lock was let go): an upload of
+    /// one waits until that is done, so the deletion cannot take its copy.
+    retiring: HashSet<String>,
 }
 
 /// How long a whole-file hash check vouches for an unchanged file: a burst
@@ -449,6 +486,15 @@ const VERIFIED_FOR: std::time::Duration = std::time::Duration::from_secs(600);
 /// What identifies one version of a file: device, inode, size and change
 /// time (seconds, nanoseconds).
 type FileStamp = (u64, u64, u64, i64, i64);
+
+/// One version of a copy, as the `verified` cache knows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Proof {
+    /// A file's [`FileStamp`].
+    File(FileStamp),
+    /// An object's entity tag and size.
+    Object(String, u64),
+}
 
 fn stamp_of(meta: &std::fs::Metadata) -> FileStamp {
     (
@@ -504,9 +550,10 @@ impl Artifacts {
                 space,
                 downloads: Mutex::new(HashMap::new()),
                 verified: Mutex::new(HashMap::new()),
+                reports: Mutex::new(HashSet::new()),
                 downloads_total: AtomicU64::new(0),
                 bytes_sent_total: AtomicU64::new(0),
-                publish: tokio::sync::Mutex::new(()),
+                publish: tokio::sync::Mutex::new(Publish::default()),
             }),
         };
         artifacts.clear_tmp()?;
@@ -559,6 +606,7 @@ impl Artifacts {
     /// size is not its record's is quarantined (its record removed).
     async fn reconcile(&self) -> Result<(), ArtifactError> {
         let mut copies = self.copies().await?;
+        self.check_marker(&copies).await?;
         let table = &self.inner.table;
         let (mut kept, mut changed, mut migrated) = (0usize, false, 0usize);
         for item in table.scan_raw("") {
@@ -600,7 +648,10 @@ impl Artifacts {
                     table.remove(&key)?;
                     changed = true;
                 }
-                Some(_) => kept += 1,
+                Some(_) => {
+                    self.remove_migrated_file(&key_text).await?;
+                    kept += 1;
+                }
             }
         }
         for sha in copies.keys() {
@@ -623,6 +674,71 @@ impl Artifacts {
         }
         tracing::info!(artifacts = kept, "artifact store open: {}", self.describe());
         Ok(())
+    }
+
+    /// Makes sure the object store's prefix is this database's before
+    /// [`Artifacts::reconcile`] deletes or forgets anything: the marker
+    /// object must name this database. Without a marker (first use, or a
+    /// hub from before markers) it is written, unless records exist and
+    /// none of them is found there or in the data dir, which is what a
+    /// mistyped key looks like. Files backend: nothing to check.
+    async fn check_marker(&self, copies: &HashMap<String, u64>) -> Result<(), ArtifactError> {
+        let Backend::Objects(objects) = &self.inner.backend else {
+            return Ok(());
+        };
+        let ours = database_id(self.inner.table.store())?;
+        let path = objects.path(MARKER);
+        let found = match objects.store().get(&path).await {
+            Ok(got) => Some(
+                got.bytes()
+                    .await
+                    .map_err(ArtifactError::object(objects, "read", &path))?,
+            ),
+            Err(object_store::Error::NotFound { .. }) => None,
+            Err(e) => return Err(ArtifactError::object(objects, "read", &path)(e)),
+        };
+        let keys: Vec<String> = self
+            .inner
+            .table
+            .keys("")
+            .map(|k| k.map(|k| String::from_utf8_lossy(&k).into_owned()))
+            .collect::<Result<_, _>>()?;
+        let fix = "check storage.prefix, storage.bucket and storage.endpoint in the hub's config (a typo there points the hub at the wrong place); if the artifacts were moved, move their objects (with the marker) to where the config points";
+        match found {
+            Some(body) => {
+                let theirs = String::from_utf8_lossy(&body).trim().to_owned();
+                if theirs == ours {
+                    return Ok(());
+                }
+                Err(ArtifactError::NotOurs(format!(
+                    "refusing to start: the marker {path} in {} names hub database {theirs:?}, but this hub's database is {ours:?}; its objects belong to another hub and nothing was changed. {fix}; to give that place to this hub anyway, delete the marker (its objects that this database does not record are then deleted at the next start)",
+                    objects.describe()
+                )))
+            }
+            None => {
+                let seen = keys
+                    .iter()
+                    .any(|k| copies.contains_key(k) || self.path_of(k).exists());
+                if !keys.is_empty() && !seen {
+                    return Err(ArtifactError::NotOurs(format!(
+                        "refusing to start: the database records {} artifacts but {} has no marker {path} and none of their objects; nothing was deleted. {fix}; if this is the right place and the objects are really gone, put an object {path} there holding {ours} (the hub then forgets the missing artifacts and builds them again)",
+                        keys.len(),
+                        objects.describe()
+                    )));
+                }
+                objects
+                    .store()
+                    .put(&path, ours.clone().into_bytes().into())
+                    .await
+                    .map_err(ArtifactError::object(objects, "write", &path))?;
+                objects.sync(MARKER).await?;
+                tracing::info!(
+                    "wrote the marker {path} naming this hub database ({ours}) in {}",
+                    objects.describe()
+                );
+                Ok(())
+            }
+        }
     }
 
     /// A recorded artifact with no object but a file `<dir>/<sha>.tar.zst`
@@ -668,6 +784,28 @@ impl Artifacts {
             self.where_is(sha)
         );
         Ok(true)
+    }
+
+    /// Object store: deletes the data dir's file of `sha`, recorded and
+    /// whose object is in place with its size, if there is one (a hub
+    /// killed between moving it into the store and deleting it left it).
+    async fn remove_migrated_file(&self, sha: &str) -> Result<(), ArtifactError> {
+        if matches!(self.inner.backend, Backend::Files) {
+            return Ok(());
+        }
+        let path = self.path_of(sha);
+        match tokio::fs::remove_file(&path).await {
+            Ok(()) => {
+                tracing::info!(
+                    "artifact {sha}: deleted {}, left over from its move into {}",
+                    path.display(),
+                    self.where_is(sha)
+                );
+                Ok(())
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(ArtifactError::io("delete", &path)(e)),
+        }
     }
 
     /// Where the bytes are, for people.
@@ -762,7 +900,7 @@ impl Artifacts {
                     reader: Reader::File(file, path),
                     size: meta.len(),
                     version: Version::File(meta.dev(), meta.ino()),
-                    stamp: Some(stamp_of(&meta)),
+                    proof: Some(Proof::File(stamp_of(&meta))),
                 }))
             }
             Backend::Objects(objects) => {
@@ -773,6 +911,7 @@ impl Artifacts {
                     Err(e) => return Err(ArtifactError::object(objects, "read", &path)(e)),
                 };
                 let (size, e_tag) = (got.meta.size, got.meta.e_tag.clone());
+                let version = Version::Object(e_tag.clone(), size);
                 Ok(Some(Opened {
                     reader: Reader::Object {
                         stream: got.into_stream(),
@@ -781,8 +920,8 @@ impl Artifacts {
                         objects: objects.clone(),
                     },
                     size,
-                    version: Version::Object(e_tag, size),
-                    stamp: None,
+                    version,
+                    proof: e_tag.map(|tag| Proof::Object(tag, size)),
                 }))
             }
         }
@@ -876,8 +1015,9 @@ impl Artifacts {
 
     /// Puts a verified upload (staged by [`Artifacts::stage`]) in place;
     /// called under the publish lock, so no quarantine or garbage
-    /// collection runs between this and the record.
-    async fn place(&self, sha: &str, temp: &mut TempFile, size: u64) -> Result<(), ArtifactError> {
+    /// collection runs between this and the record. An object was put by
+    /// the stage already (and no deletion ran since: the caller checked).
+    async fn place(&self, sha: &str, temp: &mut TempFile) -> Result<(), ArtifactError> {
         match &self.inner.backend {
             Backend::Files => {
                 let path = self.path_of(sha);
@@ -888,19 +1028,11 @@ impl Artifacts {
                 sync_dir(&self.inner.dir).await?;
                 // Hashed whole on the way in: the first downloads need not again.
                 if let Ok(meta) = tokio::fs::metadata(&path).await {
-                    self.lock_verified()
-                        .insert(sha.to_owned(), (stamp_of(&meta), std::time::Instant::now()));
+                    self.vouch(sha, Proof::File(stamp_of(&meta)));
                 }
                 Ok(())
             }
-            Backend::Objects(_) => {
-                // A quarantine or collection of the same hash (an older
-                // record) may have deleted the staged object meanwhile.
-                match self.version_of(sha).await? {
-                    Some(Version::Object(_, len)) if len == size => Ok(()),
-                    _ => self.stage(sha, &temp.path, size).await,
-                }
-            }
+            Backend::Objects(_) => Ok(()),
         }
     }
 
@@ -1021,11 +1153,45 @@ impl Artifacts {
 
     fn lock_verified(
         &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<String, (FileStamp, std::time::Instant)>> {
+    ) -> std::sync::MutexGuard<'_, HashMap<String, (Proof, std::time::Instant)>> {
         self.inner
             .verified
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Whether version `proof` of `sha` was hashed whole and matched within
+    /// [`VERIFIED_FOR`].
+    fn is_verified(&self, sha: &str, proof: &Proof) -> bool {
+        self.lock_verified()
+            .get(sha)
+            .is_some_and(|(known, at)| known == proof && at.elapsed() < VERIFIED_FOR)
+    }
+
+    /// Version `proof` of `sha` was hashed whole and matched just now.
+    fn vouch(&self, sha: &str, proof: Proof) {
+        self.lock_verified()
+            .insert(sha.to_owned(), (proof, std::time::Instant::now()));
+    }
+
+    /// Logs `agent_id`'s report that the URL bytes of `sha` did not match:
+    /// a warning the first time, quietly after (an agent may repeat it).
+    fn note_report(&self, sha: &str, agent_id: &str) {
+        let first = self
+            .inner
+            .reports
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert((agent_id.to_owned(), sha.to_owned()));
+        if first {
+            tracing::warn!(
+                agent = %agent_id,
+                "agent {agent_id} reports that the bytes at the object store URL of artifact {sha} did not match; checking the stored copy (unless this version was checked in the last {}) and streaming it through the hub",
+                trunkfarm_proto::settings::fmt_duration(VERIFIED_FOR)
+            );
+        } else {
+            tracing::debug!(agent = %agent_id, sha = %sha, "agent repeats its report of corrupt URL bytes");
+        }
     }
 
     fn lock_downloads(&self) -> std::sync::MutexGuard<'_, HashMap<String, HashMap<String, u32>>> {
@@ -1144,22 +1310,35 @@ impl Artifacts {
             .await
             .map_err(ArtifactError::io("sync", &temp.path))?;
 
-        if self.contains(&sha)? {
-            // Another upload of the same bytes won the race; ours is dropped.
-            return Ok(Received {
-                sha256: sha,
-                already_present: true,
-            });
-        }
-        self.stage(&sha, &temp.path, size).await?;
-        let published = self.inner.publish.lock().await;
-        if self.contains(&sha)? {
-            return Ok(Received {
-                sha256: sha,
-                already_present: true,
-            });
-        }
-        self.place(&sha, &mut temp, size).await?;
+        let already = Received {
+            sha256: sha.clone(),
+            already_present: true,
+        };
+        let published = loop {
+            let generation = {
+                let publish = self.inner.publish.lock().await;
+                if self.contains(&sha)? {
+                    // Another upload of the same bytes won the race; ours is dropped.
+                    return Ok(already);
+                }
+                (!publish.retiring.contains(&sha)).then_some(publish.generation)
+            };
+            let Some(generation) = generation else {
+                // A previous copy of this hash is being deleted: after that.
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            };
+            self.stage(&sha, &temp.path, size).await?;
+            let publish = self.inner.publish.lock().await;
+            if self.contains(&sha)? {
+                return Ok(already);
+            }
+            if publish.generation == generation {
+                break publish;
+            }
+            // A deletion ran meanwhile and may have taken the staged copy.
+        };
+        self.place(&sha, &mut temp).await?;
         let rec = ArtifactRecord {
             sha256: sha.clone(),
             size,
@@ -1213,10 +1392,13 @@ impl Artifacts {
     ///   is then quarantined and its record removed). Such a download is
     ///   counted once its last chunk was handed over.
     ///
-    /// `url_bytes_corrupt` (the agent's URL download did not match) makes
-    /// the hub hash its copy whole first: a corrupt one is quarantined and
-    /// `Corrupt` answered, a sound one is streamed (one agent's word never
-    /// removes an artifact).
+    /// `url_bytes_corrupt` (the agent's URL download did not match; only
+    /// heeded with the object store, otherwise a plain request) makes the
+    /// hub hash its copy whole first, unless that version was verified
+    /// within [`VERIFIED_FOR`]: a corrupt one is quarantined and `Corrupt`
+    /// answered, a sound one is streamed without hashing it again (one
+    /// agent's word never removes an artifact, nor costs more than one
+    /// check per object version).
     pub(crate) async fn download(
         &self,
         request: &DownloadArtifactRequest,
@@ -1231,16 +1413,9 @@ impl Artifacts {
             size: rec.size,
             ..Default::default()
         };
-        if request.url_bytes_corrupt {
-            tracing::warn!(
-                agent = %agent_id,
-                "agent {agent_id} reports that the bytes at the object store URL of artifact {sha} did not match; checking the stored copy"
-            );
+        if request.url_bytes_corrupt && matches!(self.inner.backend, Backend::Objects(_)) {
+            self.note_report(&sha, agent_id);
             self.check_whole(&sha, rec.size, agent_id).await?;
-            tracing::warn!(
-                agent = %agent_id,
-                "artifact {sha}: the stored copy matches its hash; streaming it to agent {agent_id} through the hub (its bytes were changed on the way from the object store, or the agent is wrong)"
-            );
         } else if request.accepts_url
             && let Backend::Objects(objects) = &self.inner.backend
             && let Some((url, expires_ms)) = objects.presign_get(&object_rel(&sha)).await?
@@ -1273,11 +1448,10 @@ impl Artifacts {
             self.quarantine(&sha, opened.version).await?;
             return Err(ArtifactError::Corrupt(sha));
         }
-        let trusted = opened.stamp.is_some_and(|stamp| {
-            self.lock_verified()
-                .get(&sha)
-                .is_some_and(|(known, at)| *known == stamp && at.elapsed() < VERIFIED_FOR)
-        });
+        let trusted = opened
+            .proof
+            .as_ref()
+            .is_some_and(|proof| self.is_verified(&sha, proof));
         let (tx, rx) = mpsc::channel(DOWNLOAD_CHUNKS_IN_FLIGHT);
         // The channel is fresh and has room: this cannot wait.
         let _ = tx
@@ -1311,7 +1485,13 @@ impl Artifacts {
     /// Reads the copy of `sha` whole and hashes it: a copy that does not
     /// match (size or hash) is quarantined and [`ArtifactError::Corrupt`]
     /// returned; a missing one is forgotten ([`ArtifactError::NotFound`]).
+    /// An object version verified within [`VERIFIED_FOR`] is not read.
     async fn check_whole(&self, sha: &str, size: u64, agent_id: &str) -> Result<(), ArtifactError> {
+        if let Some(Version::Object(Some(tag), len)) = self.version_of(sha).await?
+            && self.is_verified(sha, &Proof::Object(tag, len))
+        {
+            return Ok(());
+        }
         let Some(mut opened) = self.open_copy(sha).await? else {
             self.forget_missing(sha).await?;
             return Err(ArtifactError::NotFound(sha.to_owned()));
@@ -1336,15 +1516,14 @@ impl Artifacts {
             self.quarantine(sha, opened.version).await?;
             return Err(ArtifactError::Corrupt(sha.to_owned()));
         }
-        if let Some(stamp) = opened.stamp {
-            self.lock_verified()
-                .insert(sha.to_owned(), (stamp, std::time::Instant::now()));
+        if let Some(proof) = opened.proof {
+            self.vouch(sha, proof);
         }
         Ok(())
     }
 
     /// Streams the copy into `tx`, hashing as it goes unless this version
-    /// of a file was verified whole before (`trusted`).
+    /// was verified whole before (`trusted`).
     async fn send_copy(
         self,
         sha: String,
@@ -1357,7 +1536,7 @@ impl Artifacts {
         let Opened {
             mut reader,
             version,
-            stamp,
+            proof,
             ..
         } = opened;
         let mut hasher = (!trusted).then(Sha256::new);
@@ -1408,46 +1587,117 @@ impl Artifacts {
             let _ = tx.send(Err(ArtifactError::Corrupt(sha))).await;
             return;
         }
-        if !trusted && let Some(stamp) = stamp {
-            self.lock_verified()
-                .insert(sha.clone(), (stamp, std::time::Instant::now()));
+        if !trusted && let Some(proof) = proof {
+            self.vouch(&sha, proof);
         }
         self.count_download(&sha, &agent_id);
         tracing::debug!(agent = %agent_id, sha = %sha, size, "artifact downloaded");
     }
 
-    /// Takes a copy found corrupt out of service: moved to quarantine, its
-    /// record removed (durably) so a rebuild can store the artifact again.
+    /// Takes a copy found corrupt out of service: its record removed
+    /// (durably) so a rebuild can store the artifact again, the copy moved
+    /// to quarantine (kept for a post-mortem, never served again).
     /// `version` is the copy that was found corrupt: if a good copy replaced
-    /// it meanwhile, nothing happens.
+    /// it meanwhile, nothing happens. Objects: the record goes first, then
+    /// the object is copied and deleted, best effort (one that stays is
+    /// unrecorded and deleted at the next start), so a failing delete cannot
+    /// leave the record to be quarantined again and again.
     async fn quarantine(&self, sha: &str, version: Version) -> Result<(), ArtifactError> {
-        let _published = self.inner.publish.lock().await;
+        if matches!(self.inner.backend, Backend::Files) {
+            // Local renames: all under the lock.
+            let mut publish = self.inner.publish.lock().await;
+            if self.version_of(sha).await? != Some(version) {
+                return Ok(());
+            }
+            self.lock_verified().remove(sha);
+            let dest = self.quarantine_copy(sha).await?;
+            self.inner.table.remove(sha)?;
+            publish.generation += 1;
+            drop(publish);
+            self.inner.table.store().commit().await?;
+            tracing::error!(
+                "artifact {sha} did not match its hash: moved {} to {dest} and removed its record (a rebuild can store it again)",
+                self.where_is(sha),
+            );
+            return Ok(());
+        }
+        let Some(generation) = self.recorded_generation(sha).await? else {
+            return Ok(());
+        };
         if self.version_of(sha).await? != Some(version) {
             return Ok(());
         }
+        if !self.retire(sha, generation).await? {
+            return Ok(());
+        }
         self.lock_verified().remove(sha);
-        let dest = self.quarantine_copy(sha).await?;
+        let committed = self.inner.table.store().commit().await;
+        if committed.is_ok() {
+            match self.quarantine_copy(sha).await {
+                Ok(dest) => tracing::error!(
+                    "artifact {sha} did not match its hash: removed its record and moved {} to {dest} (a rebuild can store it again)",
+                    self.where_is(sha),
+                ),
+                Err(e) => tracing::warn!(
+                    "artifact {sha} did not match its hash: removed its record, but {e} (the next start deletes the unrecorded object)"
+                ),
+            }
+        }
+        self.retired(std::slice::from_ref(&sha.to_owned())).await;
+        Ok(committed?)
+    }
+
+    /// The publish generation if `sha` is recorded (and not being retired).
+    async fn recorded_generation(&self, sha: &str) -> Result<Option<u64>, ArtifactError> {
+        let publish = self.inner.publish.lock().await;
+        Ok((self.contains(sha)? && !publish.retiring.contains(sha)).then_some(publish.generation))
+    }
+
+    /// Removes the record of `sha` (not yet durably) if nothing changed
+    /// since `generation`, marking it retiring until [`Artifacts::retired`];
+    /// false if something did (whatever was checked is stale).
+    async fn retire(&self, sha: &str, generation: u64) -> Result<bool, ArtifactError> {
+        let mut publish = self.inner.publish.lock().await;
+        if publish.generation != generation || !self.contains(sha)? {
+            return Ok(false);
+        }
         self.inner.table.remove(sha)?;
-        self.inner.table.store().commit().await?;
-        tracing::error!(
-            "artifact {sha} did not match its hash: moved {} to {dest} and removed its record (a rebuild can store it again)",
-            self.where_is(sha),
-        );
-        Ok(())
+        publish.generation += 1;
+        publish.retiring.insert(sha.to_owned());
+        Ok(true)
+    }
+
+    /// The copies of retiring `shas` are dealt with: uploads of them may
+    /// proceed.
+    async fn retired(&self, shas: &[String]) {
+        let mut publish = self.inner.publish.lock().await;
+        for sha in shas {
+            publish.retiring.remove(sha);
+        }
+        publish.generation += 1;
     }
 
     /// A recorded artifact whose copy vanished (someone deleted it by hand):
     /// the record goes too, so it reads as not stored.
     async fn forget_missing(&self, sha: &str) -> Result<(), ArtifactError> {
-        let _published = self.inner.publish.lock().await;
+        let Some(generation) = self.recorded_generation(sha).await? else {
+            return Ok(());
+        };
         if self.version_of(sha).await?.is_some() {
             return Ok(());
         }
+        {
+            let mut publish = self.inner.publish.lock().await;
+            if publish.generation != generation || !self.contains(sha)? {
+                return Ok(());
+            }
+            self.inner.table.remove(sha)?;
+            publish.generation += 1;
+        }
         tracing::error!(
-            "artifact {sha}: recorded but its copy {} is missing; removing the record (a rebuild stores it again)",
+            "artifact {sha}: recorded but its copy {} is missing; removed the record (a rebuild stores it again)",
             self.where_is(sha)
         );
-        self.inner.table.remove(sha)?;
         self.inner.table.store().commit().await?;
         Ok(())
     }
@@ -1456,14 +1706,15 @@ impl Artifacts {
     /// `keep_newest` most recently stored artifacts and every hash in
     /// `referenced` (lowercase hex; e.g. what projects' last results still
     /// test against);
-    /// deletes the rest, records first (durably), then files. Ad-hoc uploads
-    /// (no upstream) form their own group. Returns the deleted hashes.
+    /// deletes the rest, records first (durably), then copies (without the
+    /// publish lock: uploads of those hashes wait). Ad-hoc uploads (no
+    /// upstream) form their own group. Returns the deleted hashes.
     pub(crate) async fn gc(
         &self,
         keep_newest: u32,
         referenced: &HashSet<String>,
     ) -> Result<Vec<String>, ArtifactError> {
-        let _published = self.inner.publish.lock().await;
+        let mut publish = self.inner.publish.lock().await;
         let mut groups: HashMap<(String, String), Vec<ArtifactRecord>> = HashMap::new();
         for rec in self.records()? {
             groups
@@ -1491,13 +1742,20 @@ impl Artifacts {
             batch.remove(sha.as_bytes());
         }
         self.inner.table.apply(batch)?;
-        self.inner.table.store().commit().await?;
-        for sha in &victims {
-            if let Err(e) = self.delete_copy(sha).await {
-                // Unrecorded now: the next start deletes it.
-                tracing::warn!("artifact gc: {e}");
+        publish.generation += 1;
+        publish.retiring.extend(victims.iter().cloned());
+        drop(publish);
+        let committed = self.inner.table.store().commit().await;
+        if committed.is_ok() {
+            for sha in &victims {
+                if let Err(e) = self.delete_copy(sha).await {
+                    // Unrecorded now: the next start deletes it.
+                    tracing::warn!("artifact gc: {e}");
+                }
             }
         }
+        self.retired(&victims).await;
+        committed?;
         {
             let mut downloads = self.lock_downloads();
             for sha in &victims {
@@ -1511,6 +1769,18 @@ impl Artifacts {
         );
         Ok(victims)
     }
+}
+
+/// This database's random identity, created (durably) at first use.
+fn database_id(store: &Store) -> Result<String, ArtifactError> {
+    let meta = Table::open(store, trees::META)?;
+    if let Some(id) = meta.get_raw(DATABASE_ID_KEY)? {
+        return Ok(String::from_utf8_lossy(&id).into_owned());
+    }
+    let id = crate::auth::secret::new_id("db");
+    meta.put_raw(DATABASE_ID_KEY, id.as_bytes())?;
+    store.flush_now()?;
+    Ok(id)
 }
 
 /// The object store path of artifact `sha`, relative to the hub's prefix.
@@ -2209,6 +2479,153 @@ mod tests {
         (store, a, objects)
     }
 
+    /// A real local object store whose deletes can be made to fail and
+    /// whose reads are counted.
+    #[derive(Debug)]
+    struct Faulty {
+        inner: Arc<dyn object_store::ObjectStore>,
+        fail_deletes: std::sync::atomic::AtomicBool,
+        gets: AtomicU64,
+        /// Deletes wait for a read lock: a test holding the write lock
+        /// holds them.
+        gate: Arc<tokio::sync::RwLock<()>>,
+        deletes_started: AtomicU64,
+    }
+
+    impl std::fmt::Display for Faulty {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "Faulty({})", self.inner)
+        }
+    }
+
+    type Listing<T> = std::pin::Pin<Box<dyn Stream<Item = object_store::Result<T>> + Send>>;
+
+    #[async_trait::async_trait]
+    impl object_store::ObjectStore for Faulty {
+        async fn put_opts(
+            &self,
+            location: &object_store::path::Path,
+            payload: object_store::PutPayload,
+            opts: object_store::PutOptions,
+        ) -> object_store::Result<object_store::PutResult> {
+            self.inner.put_opts(location, payload, opts).await
+        }
+        async fn put_multipart_opts(
+            &self,
+            location: &object_store::path::Path,
+            opts: object_store::PutMultipartOptions,
+        ) -> object_store::Result<Box<dyn object_store::MultipartUpload>> {
+            self.inner.put_multipart_opts(location, opts).await
+        }
+        async fn get_opts(
+            &self,
+            location: &object_store::path::Path,
+            options: object_store::GetOptions,
+        ) -> object_store::Result<object_store::GetResult> {
+            if !options.head {
+                self.gets.fetch_add(1, Ordering::SeqCst);
+            }
+            self.inner.get_opts(location, options).await
+        }
+        fn delete_stream(
+            &self,
+            locations: Listing<object_store::path::Path>,
+        ) -> Listing<object_store::path::Path> {
+            if self.fail_deletes.load(Ordering::SeqCst) {
+                return Box::pin(locations.map(|_| {
+                    Err(object_store::Error::Generic {
+                        store: "Faulty",
+                        source: "deletes fail".into(),
+                    })
+                }));
+            }
+            self.deletes_started.fetch_add(1, Ordering::SeqCst);
+            let (inner, gate) = (self.inner.clone(), self.gate.clone());
+            let (tx, rx) = mpsc::channel(1);
+            tokio::spawn(async move {
+                let _open = gate.read().await;
+                let mut deleted = inner.delete_stream(locations);
+                while let Some(result) = deleted.next().await {
+                    if tx.send(result).await.is_err() {
+                        break;
+                    }
+                }
+            });
+            Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+        }
+        fn list(
+            &self,
+            prefix: Option<&object_store::path::Path>,
+        ) -> Listing<object_store::ObjectMeta> {
+            self.inner.list(prefix)
+        }
+        async fn list_with_delimiter(
+            &self,
+            prefix: Option<&object_store::path::Path>,
+        ) -> object_store::Result<object_store::ListResult> {
+            self.inner.list_with_delimiter(prefix).await
+        }
+        async fn copy_opts(
+            &self,
+            from: &object_store::path::Path,
+            to: &object_store::path::Path,
+            options: object_store::CopyOptions,
+        ) -> object_store::Result<()> {
+            self.inner.copy_opts(from, to, options).await
+        }
+    }
+
+    /// [`open_objects`] through a [`Faulty`] store.
+    async fn open_faulty(dir: &Path) -> (Store, Artifacts, Objects, Arc<Faulty>) {
+        let mut faulty = None;
+        let objects = Objects::local_wrapped(&dir.join("objects"), |inner| {
+            let f = Arc::new(Faulty {
+                inner,
+                fail_deletes: Default::default(),
+                gets: AtomicU64::new(0),
+                gate: Default::default(),
+                deletes_started: AtomicU64::new(0),
+            });
+            faulty = Some(f.clone());
+            f
+        })
+        .unwrap();
+        let store = Store::open(&dir.join("db")).unwrap();
+        let (store, a) = with_store(dir, store, Backend::Objects(objects.clone())).await;
+        (store, a, objects, faulty.unwrap())
+    }
+
+    #[tokio::test]
+    async fn a_corrupt_object_whose_delete_fails_loses_its_record_first_and_is_copied_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_store, a, objects, faulty) = open_faulty(dir.path()).await;
+        let data = vec![4u8; 1000];
+        let sha = store_one(&a, &data, "lua", "p").await;
+        let mut bad = data.clone();
+        bad[1] ^= 1;
+        put_object(&objects, &object_rel(&sha), &bad).await;
+        faulty.fail_deletes.store(true, Ordering::SeqCst);
+
+        for agent in ["ag_1", "ag_2"] {
+            let err = fetch(&a, &sha, agent).await.unwrap_err();
+            assert!(
+                matches!(err, ArtifactError::Corrupt(_) | ArtifactError::NotFound(_)),
+                "{err}"
+            );
+        }
+        assert!(
+            !a.contains(&sha).unwrap(),
+            "the record went despite the failed delete"
+        );
+        assert_eq!(
+            objects_in(&objects, QUARANTINE_DIR).await.len(),
+            1,
+            "quarantined once"
+        );
+        // The object the delete left is unrecorded: the next start deletes it.
+        assert_eq!(objects_in(&objects, OBJECTS_DIR).await.len(), 1);
+    }
+
     /// The objects under `folder` (relative to the prefix), by name.
     async fn objects_in(objects: &Objects, folder: &str) -> Vec<String> {
         let root = objects.path(folder);
@@ -2355,6 +2772,89 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_mistyped_store_or_another_hubs_objects_are_refused_and_nothing_is_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let sha = {
+            let (_store, a, objects) = open_objects(dir.path()).await;
+            let marker = object_bytes(&objects, MARKER).await;
+            assert!(String::from_utf8(marker).unwrap().starts_with("db_"));
+            store_one(&a, b"precious", "lua", "p").await
+        };
+        // A typo: the config points at an empty place.
+        let typo = Objects::local(&dir.path().join("typo")).unwrap();
+        let store = crate::store::tests::reopen(&dir.path().join("db")).await;
+        let err = Artifacts::open(
+            &store,
+            dir.path().join("artifacts"),
+            MAX_BYTES,
+            DataDir::new(dir.path(), 0),
+            Backend::Objects(typo.clone()),
+        )
+        .await
+        .err()
+        .expect("refused");
+        let msg = err.to_string();
+        assert!(matches!(err, ArtifactError::NotOurs(_)), "{msg}");
+        assert!(
+            msg.contains("storage.prefix") && msg.contains("storage.bucket"),
+            "{msg}"
+        );
+        assert!(objects_in(&typo, "").await.is_empty(), "no marker written");
+        drop(store);
+
+        // The typo fixed: the record and its object are still there.
+        let (_store, a, objects) = reopen_objects(dir.path()).await;
+        assert!(a.contains(&sha).unwrap());
+        assert_eq!(fetch(&a, &sha, "ag_1").await.unwrap(), b"precious");
+        drop((a, _store));
+
+        // Another database (a fresh one) pointed at these objects: refused,
+        // its objects are not deleted as unrecorded.
+        let other = tempfile::tempdir().unwrap();
+        let store = Store::open(&other.path().join("db")).unwrap();
+        let err = Artifacts::open(
+            &store,
+            other.path().join("artifacts"),
+            MAX_BYTES,
+            DataDir::new(other.path(), 0),
+            Backend::Objects(objects.clone()),
+        )
+        .await
+        .err()
+        .expect("refused");
+        assert!(err.to_string().contains("another hub"), "{err}");
+        assert_eq!(
+            objects_in(&objects, OBJECTS_DIR).await,
+            [format!("{sha}.tar.zst")]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_file_left_by_a_move_killed_after_its_object_was_stored_is_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let sha = {
+            let (_store, a) = open(dir.path()).await;
+            store_one(&a, b"moved, then killed", "lua", "p").await
+        };
+        let file = dir.path().join("artifacts").join(format!("{sha}.tar.zst"));
+        // As a move killed between storing the object and deleting the file.
+        let objects = Objects::local(&dir.path().join("objects")).unwrap();
+        put_object(&objects, &object_rel(&sha), b"moved, then killed").await;
+        assert!(file.exists());
+        let (_store, a, objects) = reopen_objects(dir.path()).await;
+        assert!(!file.exists(), "the leftover file is deleted");
+        assert!(a.contains(&sha).unwrap());
+        assert_eq!(
+            objects_in(&objects, OBJECTS_DIR).await,
+            [format!("{sha}.tar.zst")]
+        );
+        assert_eq!(
+            fetch(&a, &sha, "ag_1").await.unwrap(),
+            b"moved, then killed"
+        );
+    }
+
+    #[tokio::test]
     async fn with_an_object_store_gc_deletes_records_then_objects() {
         let dir = tempfile::tempdir().unwrap();
         let (_store, a, objects) = open_objects(dir.path()).await;
@@ -2431,6 +2931,109 @@ mod tests {
         assert!(!a.contains(&sha).unwrap());
         assert_eq!(objects_in(&objects, QUARANTINE_DIR).await.len(), 1);
         assert!(objects_in(&objects, OBJECTS_DIR).await.is_empty());
+    }
+
+    /// Reads the whole answer of `rx` after the meta chunk.
+    async fn drain_rx(
+        mut rx: mpsc::Receiver<Result<ArtifactChunk, ArtifactError>>,
+    ) -> Result<Vec<u8>, ArtifactError> {
+        let meta = rx.recv().await.unwrap()?.meta.unwrap();
+        assert!(meta.url.is_empty());
+        let mut got = Vec::new();
+        while let Some(chunk) = rx.recv().await {
+            got.extend(chunk?.data);
+        }
+        Ok(got)
+    }
+
+    #[tokio::test]
+    async fn gc_deletes_objects_without_holding_up_uploads() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_store, a, objects, faulty) = open_faulty(dir.path()).await;
+        let old = store_one(&a, b"old", "lua", "x").await;
+        tokio::time::sleep(std::time::Duration::from_millis(3)).await;
+        store_one(&a, b"new", "lua", "x").await;
+
+        // The object store stalls on the gc's delete.
+        let hold = faulty.gate.clone().write_owned().await;
+        let gc = tokio::spawn({
+            let a = a.clone();
+            async move { a.gc(1, &HashSet::new()).await }
+        });
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while faulty.deletes_started.load(Ordering::SeqCst) == 0 {
+            assert!(std::time::Instant::now() < deadline, "gc never deleted");
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        assert!(!a.contains(&old).unwrap(), "the record went first");
+        // Other uploads are not held up by it.
+        let other = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            store_one(&a, b"other", "lua", "y"),
+        )
+        .await
+        .expect("an upload finished while the gc's delete was stalled");
+        assert!(a.contains(&other).unwrap());
+        // An upload of the hash being deleted waits for the delete, so the
+        // delete cannot take its object.
+        let again = tokio::spawn({
+            let a = a.clone();
+            async move { store_one(&a, b"old", "lua", "x").await }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        assert!(!again.is_finished());
+        drop(hold);
+        assert_eq!(gc.await.unwrap().unwrap(), std::slice::from_ref(&old));
+        assert_eq!(again.await.unwrap(), old);
+        assert!(a.contains(&old).unwrap());
+        assert_eq!(object_bytes(&objects, &object_rel(&old)).await, b"old");
+    }
+
+    #[tokio::test]
+    async fn a_repeated_report_of_corrupt_url_bytes_checks_each_object_version_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_store, a, _objects, faulty) = open_faulty(dir.path()).await;
+        let data = vec![5u8; 2 * DOWNLOAD_CHUNK_BYTES + 3];
+        let sha = store_one(&a, &data, "lua", "p").await;
+        let report = DownloadArtifactRequest {
+            url_bytes_corrupt: true,
+            ..ask(&sha)
+        };
+        let gets = || faulty.gets.load(Ordering::SeqCst);
+        let before = gets();
+        let rx = a.download(&report, "ag_hostile").await.unwrap();
+        assert_eq!(drain_rx(rx).await.unwrap(), data);
+        assert_eq!(gets() - before, 2, "one read to check, one to stream");
+        for _ in 0..3 {
+            let before = gets();
+            let rx = a.download(&report, "ag_hostile").await.unwrap();
+            assert_eq!(drain_rx(rx).await.unwrap(), data);
+            assert_eq!(
+                gets() - before,
+                1,
+                "this version was checked: only streamed"
+            );
+        }
+        assert_eq!(a.download_count(&sha, "ag_hostile"), 4);
+    }
+
+    #[tokio::test]
+    async fn without_an_object_store_a_report_of_corrupt_url_bytes_is_a_plain_request() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_store, a) = open(dir.path()).await;
+        let data = vec![6u8; DOWNLOAD_CHUNK_BYTES + 9];
+        let sha = store_one(&a, &data, "lua", "p").await;
+        std::fs::write(a.path_of(&sha), vec![0u8; data.len()]).unwrap();
+        let report = DownloadArtifactRequest {
+            url_bytes_corrupt: true,
+            ..ask(&sha)
+        };
+        // Not checked whole before the answer starts (no URL was ever handed
+        // out): streamed, hashed on the way, found corrupt at the end.
+        let rx = a.download(&report, "ag_1").await.unwrap();
+        let err = drain_rx(rx).await.unwrap_err();
+        assert!(matches!(err, ArtifactError::Corrupt(_)), "{err}");
+        assert!(!a.contains(&sha).unwrap());
     }
 
     #[tokio::test]

@@ -183,6 +183,26 @@ impl Objects {
         })
     }
 
+    /// A local store at `dir` whose calls go through `wrap` (tests inject
+    /// failures and count calls with it).
+    #[cfg(test)]
+    pub(crate) fn local_wrapped(
+        dir: &Path,
+        wrap: impl FnOnce(Arc<dyn ObjectStore>) -> Arc<dyn ObjectStore>,
+    ) -> Result<Objects, ObjectsError> {
+        let local = Objects::local(dir)?;
+        let inner = &local.inner;
+        Ok(Objects {
+            inner: Arc::new(Inner {
+                store: wrap(inner.store.clone()),
+                signer: None,
+                prefix: inner.prefix.clone(),
+                describe: inner.describe.clone(),
+                presign_ttl: inner.presign_ttl,
+            }),
+        })
+    }
+
     /// An S3 store as `cfg` says, signing with `creds`.
     fn s3(cfg: &StorageSection, creds: Credentials) -> Result<Objects, ObjectsError> {
         let bucket = cfg.bucket.trim();

@@ -14,7 +14,8 @@
 //! there, checked the same way. A URL that cannot be fetched (no route,
 //! refused, expired, any HTTP error) costs nothing but a line in the log: the
 //! agent asks again without `accepts_url` and the hub streams the bytes
-//! itself. Bytes from a URL that do not match are reported to the hub
+//! itself; for the next 10 minutes downloads ask without `accepts_url`
+//! (an unreachable store would cost a connect timeout each time). Bytes from a URL that do not match are reported to the hub
 //! (`url_bytes_corrupt`), which checks its copy and quarantines it or streams
 //! it.
 //!
@@ -48,6 +49,10 @@ use crate::transfer::{ArtifactHub, BodyStream, ChunkStream};
 /// How long a download may go without receiving anything before it is
 /// abandoned (the job's own timeout bounds the whole download).
 const DOWNLOAD_STALL_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// After an object store URL failed, how long downloads go through the hub
+/// without asking for a URL.
+const URL_RETRY_AFTER: Duration = Duration::from_secs(600);
 
 /// The file name suffix of cached artifacts.
 const SUFFIX: &str = ".tar.zst";
@@ -266,6 +271,10 @@ struct Inner {
     locks: Mutex<HashMap<String, Weak<tokio::sync::Mutex<()>>>>,
     /// Downloads completed since the agent started.
     downloads: AtomicU64,
+    /// Until when downloads do not ask for an object store URL: one failed
+    /// (this agent cannot reach the store), and trying every download would
+    /// cost a connect timeout each time.
+    urls_failing_until: Mutex<Option<Instant>>,
 }
 
 /// The cache's bookkeeping.
@@ -491,6 +500,7 @@ impl ArtifactCache {
             index: Mutex::new(Index::default()),
             locks: Mutex::new(HashMap::new()),
             downloads: AtomicU64::new(0),
+            urls_failing_until: Mutex::new(None),
         });
         while index.total_bytes > cap_bytes {
             let Some(victim) = index.victim() else { break };
@@ -534,7 +544,7 @@ impl ArtifactCache {
         }
         let mut ask = DownloadArtifactRequest {
             sha256: sha.clone(),
-            accepts_url: true,
+            accepts_url: !self.urls_failing(),
             url_bytes_corrupt: false,
         };
         let mut attempt = 1;
@@ -544,10 +554,17 @@ impl ArtifactCache {
                 Err(Failure::Fatal(e)) => return Err(e),
                 Err(Failure::UrlFailed(why)) => {
                     let first = !URL_FALLBACK_WARNED.swap(true, Ordering::Relaxed);
+                    *self
+                        .inner
+                        .urls_failing_until
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner) =
+                        Some(Instant::now() + URL_RETRY_AFTER);
                     let text = format!(
                         "cannot download artifact {} from the hub's object store ({why}); \
-                         downloading it through the hub instead",
-                        short(&sha)
+                         downloading it and others for the next {} through the hub instead",
+                        short(&sha),
+                        humantime::format_duration(URL_RETRY_AFTER)
                     );
                     if first {
                         tracing::warn!("{text} (later fallbacks are logged at debug level)");
@@ -586,6 +603,15 @@ impl ArtifactCache {
                 }
             }
         }
+    }
+
+    /// Whether an object store URL failed within [`URL_RETRY_AFTER`].
+    fn urls_failing(&self) -> bool {
+        self.inner
+            .urls_failing_until
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some_and(|until| Instant::now() < until)
     }
 
     /// The lock serializing lookups and downloads of `sha`.
@@ -1067,6 +1093,35 @@ mod tests {
         assert_eq!(hub.requests(), [(true, false), (false, false)]);
         assert_eq!(cache.downloads(), 1);
         assert_eq!(files(&cache), [format!("{sha}.tar.zst")]);
+    }
+
+    #[tokio::test]
+    async fn after_an_unreachable_url_downloads_skip_urls_for_a_while() {
+        let hub = FakeHub::default();
+        hub.serve_urls.store(true, SeqCst);
+        hub.urls_unreachable.store(true, SeqCst);
+        let (_dir, cache) = cache(1 << 20);
+        let first = hub.add(vec![1; 3000]);
+        drop(cache.get(&first, &hub).await.unwrap());
+        // The next download does not try the URL again.
+        let second = hub.add(vec![2; 3000]);
+        drop(cache.get(&second, &hub).await.unwrap());
+        assert_eq!(
+            hub.requests(),
+            [(true, false), (false, false), (false, false)]
+        );
+        assert_eq!(hub.url_fetches.load(SeqCst), 1);
+        // After a while, URLs are tried again.
+        hub.urls_unreachable.store(false, SeqCst);
+        let until = *cache.inner.urls_failing_until.lock().unwrap();
+        let until = until.expect("remembered");
+        assert!(until > Instant::now() + URL_RETRY_AFTER - Duration::from_secs(60));
+        // As if URL_RETRY_AFTER had passed.
+        *cache.inner.urls_failing_until.lock().unwrap() = Some(Instant::now());
+        let third = hub.add(vec![3; 3000]);
+        drop(cache.get(&third, &hub).await.unwrap());
+        assert_eq!(hub.requests()[3..], [(true, false)]);
+        assert_eq!(hub.url_fetches.load(SeqCst), 2);
     }
 
     #[tokio::test]

@@ -153,6 +153,7 @@ impl From<ArtifactError> for Status {
             ArtifactError::NotHeld { .. } => Status::permission_denied(msg),
             ArtifactError::NotFound(_) => Status::not_found(msg),
             ArtifactError::Corrupt(_) => Status::data_loss(msg),
+            ArtifactError::NotOurs(_) => Status::failed_precondition(msg),
             // The uploader's own stream failed: its status says why.
             ArtifactError::Stream(status) => status,
         }
