@@ -103,6 +103,20 @@ pub(crate) enum LogsError {
     },
 }
 
+impl LogsError {
+    /// Whether reading again cannot help: the log's object is gone (deleted,
+    /// expired by a lifecycle rule, or the hub now points at another store)
+    /// or does not match its record. Other errors (the store unreachable or
+    /// slow) may pass.
+    pub(crate) fn is_permanent(&self) -> bool {
+        match self {
+            LogsError::Damaged { .. } => true,
+            LogsError::Objects(e) => e.is_not_found(),
+            _ => false,
+        }
+    }
+}
+
 /// How long [`JobLogs::read_blocking`] waits for the object store.
 const BLOCKING_READ_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -226,6 +240,38 @@ fn job_attempt_of(k: &[u8]) -> (u64, u32) {
 /// compacted log.
 pub(crate) fn object_name(job_id: u64, attempt: u32) -> String {
     format!("logs/{job_id}/{attempt}.log.zst")
+}
+
+/// `data` (the log's bytes from `from` on) as chunks, one per stretch of
+/// one stream of the stream map `runs`, numbered on from `seq`.
+fn cut_chunks(
+    job_id: u64,
+    attempt: u32,
+    runs: &[(u64, i32)],
+    from: u64,
+    data: &[u8],
+    seq: &mut u64,
+) -> Vec<LogChunk> {
+    let end = from + data.len() as u64;
+    let mut out = Vec::new();
+    let mut at = from;
+    while at < end {
+        let i = runs.partition_point(|r| r.0 <= at);
+        let stream = match i {
+            0 => LogStream::Stdout as i32,
+            i => runs[i - 1].1,
+        };
+        let stop = runs.get(i).map_or(end, |r| r.0.min(end));
+        *seq += 1;
+        out.push(LogChunk {
+            job: Some(JobRef { job_id, attempt }),
+            seq: *seq,
+            stream,
+            data: data[(at - from) as usize..(stop - from) as usize].to_vec(),
+        });
+        at = stop;
+    }
+    out
 }
 
 /// At most this many missing ranges are named in a gap's description.
@@ -524,9 +570,11 @@ impl JobLogs {
     }
 
     /// One attempt's log, in order: its stored chunks, or, once compacted,
-    /// its frames cut where the stream changes ([`JobLogs::frame_chunks`]).
-    /// Reads it whole: for logs bounded by the output caps (mails, the
-    /// pipeline's patterns); [`JobLogs::range`] reads a part.
+    /// its frames cut where the stream changes (as [`JobLogs::frame_chunks`]
+    /// cuts them). Reads it whole, in two ranged GETs (the stream map, then
+    /// every frame at once: a slow store costs one round trip, not one per
+    /// frame): for logs bounded by the output caps (mails, the pipeline's
+    /// patterns); [`JobLogs::range`] reads a part.
     pub(crate) async fn read_attempt(
         &self,
         job_id: u64,
@@ -537,14 +585,13 @@ impl JobLogs {
             return Ok(chunks);
         };
         let runs = self.stream_runs(&rec).await?;
+        let data = compact::read_range(&self.objects, &rec, 0, rec.size).await?;
         let mut out = Vec::new();
-        let (mut frame, mut seq) = (0, 0);
-        while let Some(chunks) = self
-            .frame_chunks(job_id, attempt, &rec, &runs, frame, &mut seq)
-            .await?
-        {
-            out.extend(chunks);
-            frame += 1;
+        let mut seq = 0;
+        for (i, f) in rec.frames.iter().enumerate() {
+            let end = rec.frames.get(i + 1).map_or(rec.size, |n| n.raw);
+            let part = &data[f.raw as usize..end as usize];
+            out.extend(cut_chunks(job_id, attempt, &runs, f.raw, part, &mut seq));
         }
         Ok(out)
     }
@@ -572,25 +619,7 @@ impl JobLogs {
         };
         let end = rec.frames.get(frame + 1).map_or(rec.size, |n| n.raw);
         let data = compact::read_range(&self.objects, rec, f.raw, end - f.raw).await?;
-        let mut out = Vec::new();
-        let mut at = f.raw;
-        while at < end {
-            let i = runs.partition_point(|r| r.0 <= at);
-            let stream = match i {
-                0 => LogStream::Stdout as i32,
-                i => runs[i - 1].1,
-            };
-            let stop = runs.get(i).map_or(end, |r| r.0.min(end));
-            *seq += 1;
-            out.push(LogChunk {
-                job: Some(JobRef { job_id, attempt }),
-                seq: *seq,
-                stream,
-                data: data[(at - f.raw) as usize..(stop - f.raw) as usize].to_vec(),
-            });
-            at = stop;
-        }
-        Ok(Some(out))
+        Ok(Some(cut_chunks(job_id, attempt, runs, f.raw, &data, seq)))
     }
 
     /// A job's log, in order; only `attempt` if given (see
