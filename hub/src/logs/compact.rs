@@ -727,6 +727,58 @@ impl Compactor {
     }
 }
 
+impl JobLogs {
+    /// Moves the compacted logs a local store (`local`: the hub's own
+    /// `<data_dir>/objects`, before `storage.backend` became `"s3"`) holds
+    /// into this hub's store: each object its record names is put into the
+    /// store, checked against the record's size, then deleted locally. Run
+    /// at start, before anything reads a log (a record whose object stayed
+    /// behind would read as gone). Idempotent: a killed move is redone.
+    /// Returns how many objects moved.
+    pub(crate) async fn migrate_from(&self, local: &Objects) -> Result<usize, LogsError> {
+        let mut moved = 0;
+        let mut recs = Vec::new();
+        for item in self.records.scan::<Compacted>([]) {
+            recs.push(item?.1);
+        }
+        for rec in recs {
+            let from = local.path(&rec.object);
+            let bytes = match local.store().get(&from).await {
+                Ok(got) => got.bytes().await.map_err(store_err(local, "read", &from))?,
+                Err(object_store::Error::NotFound { .. }) => continue,
+                Err(e) => return Err(store_err(local, "read", &from)(e)),
+            };
+            if bytes.len() as u64 != rec.stored {
+                tracing::error!(
+                    "the compacted log {} holds {} bytes, not the {} its record says; not moving it into {} (left where it is)",
+                    from,
+                    bytes.len(),
+                    rec.stored,
+                    self.objects.describe()
+                );
+                continue;
+            }
+            let mut upload = Upload {
+                objects: &self.objects,
+                path: self.objects.path(&rec.object),
+                buf: Vec::new(),
+                multipart: None,
+                len: 0,
+            };
+            for part in bytes.chunks(PART_BYTES) {
+                if let Err(e) = upload.write(part).await {
+                    upload.abort().await;
+                    return Err(e);
+                }
+            }
+            upload.finish().await?;
+            delete(local, &rec.object).await?;
+            moved += 1;
+        }
+        Ok(moved)
+    }
+}
+
 /// (job, attempt) of `<job>/<attempt>.log.zst`.
 fn parse_name(rel: &str) -> Option<(u64, u32)> {
     let (job, file) = rel.split_once('/')?;
@@ -1162,5 +1214,33 @@ mod tests {
         task.await.unwrap();
         assert_eq!(f.logs.compacted(11, 1).unwrap(), None);
         assert_eq!(stored_chunks(&f.logs, 11, 1), 1);
+    }
+
+    /// Compacted logs of a hub whose store was local move into the new
+    /// store (the bucket, here another directory) and read from there.
+    #[tokio::test]
+    async fn compacted_logs_move_from_the_local_store_into_the_new_one() {
+        let f = fixture();
+        let log = sample_log(3 * FRAME_BYTES / 2);
+        append_log(&f.logs, 5, 1, &log);
+        f.logs.compact(5, 1).await.unwrap();
+        append_log(&f.logs, 6, 1, b"short");
+        f.logs.compact(6, 1).await.unwrap();
+        // The hub starts again with another store.
+        let bucket_dir = f.objects_dir.with_extension("bucket");
+        let bucket = Objects::local(&bucket_dir).unwrap();
+        let moved = JobLogs::open(&f.store, 1 << 30, bucket.clone()).unwrap();
+        assert!(
+            moved.read(5, None).await.unwrap_err().is_permanent(),
+            "not there before the move"
+        );
+        assert_eq!(moved.migrate_from(&f.objects).await.unwrap(), 2);
+        assert_eq!(whole(&moved, 5, 1).await, log);
+        assert_eq!(whole(&moved, 6, 1).await, b"short");
+        assert!(log_objects(&f.objects).await.is_empty(), "deleted locally");
+        assert_eq!(log_objects(&bucket).await.len(), 2);
+        // Again (a start after a killed move): nothing left to move.
+        assert_eq!(moved.migrate_from(&f.objects).await.unwrap(), 0);
+        assert_eq!(whole(&moved, 5, 1).await, log);
     }
 }
