@@ -104,8 +104,9 @@ pub(crate) enum Compaction {
     Already,
     /// Nothing is stored for the attempt.
     Empty,
-    /// Someone streams the job's log ([`JobLogs::pin`]): the object is put
-    /// but the chunks stay until a later try.
+    /// Someone streams the job's log ([`JobLogs::pin`]): the chunks stay
+    /// until a later try (nothing is uploaded while it is pinned; an object
+    /// put just before the pin is put again then).
     Pinned,
 }
 
@@ -297,6 +298,11 @@ impl JobLogs {
     /// module doc). Safe to run again at any point: a compacted attempt is
     /// left alone, a half-done one is redone whole.
     pub(crate) async fn compact(&self, job_id: u64, attempt: u32) -> Result<Compaction, LogsError> {
+        // Checked before the upload too: a watcher may stream the log for
+        // hours, and each try would put the whole object again.
+        if self.is_pinned(job_id) {
+            return Ok(Compaction::Pinned);
+        }
         let Some(rec) = self.put_object(job_id, attempt).await? else {
             return Ok(match self.compacted(job_id, attempt)? {
                 Some(_) => Compaction::Already,
@@ -449,7 +455,7 @@ impl JobLogs {
         rec: Compacted,
     ) -> Result<Compaction, LogsError> {
         let prefix = Self::attempt_prefix(job_id, attempt);
-        {
+        let removed = {
             let pinned = self.pinned.lock().unwrap_or_else(|p| p.into_inner());
             if pinned.contains_key(&job_id) {
                 return Ok(Compaction::Pinned);
@@ -464,7 +470,12 @@ impl JobLogs {
                 chunks.remove(k?);
                 n += 1;
             }
-            if n != rec.chunks {
+            if n < rec.chunks {
+                // Sealed attempts only lose chunks: retention removed (or
+                // is removing) the job's log meanwhile. Nothing is lost,
+                // and the object goes too (below).
+                true
+            } else if n != rec.chunks {
                 // Sealed attempts do not change: a bug, not a race. The
                 // chunks stay; the next pass tries again.
                 return Err(LogsError::Damaged {
@@ -474,10 +485,16 @@ impl JobLogs {
                         rec.chunks
                     ),
                 });
+            } else {
+                let mut record = sled::Batch::default();
+                self.records.stage(&mut record, prefix, &rec)?;
+                self.table.apply_with(chunks, &self.records, record)?;
+                false
             }
-            let mut record = sled::Batch::default();
-            self.records.stage(&mut record, prefix, &rec)?;
-            self.table.apply_with(chunks, &self.records, record)?;
+        };
+        if removed {
+            delete(&self.objects, &rec.object).await?;
+            return Ok(Compaction::Empty);
         }
         self.table.store().commit().await?;
         self.attempts
@@ -487,6 +504,11 @@ impl JobLogs {
         self.compacted_total
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(Compaction::Done(rec))
+    }
+
+    /// Whether someone streams the job's log ([`JobLogs::pin`]).
+    fn is_pinned(&self, job_id: u64) -> bool {
+        (self.pinned.lock().unwrap_or_else(|p| p.into_inner())).contains_key(&job_id)
     }
 
     /// The first job at or after `from` that still has stored chunks.
@@ -1059,7 +1081,12 @@ mod tests {
         f.logs.append(chunk(6, 1, 1, b"watched")).unwrap();
         let pin = f.logs.pin(6);
         assert_eq!(f.logs.compact(6, 1).await.unwrap(), Compaction::Pinned);
+        assert_eq!(f.logs.compact(6, 1).await.unwrap(), Compaction::Pinned);
         assert_eq!(stored_chunks(&f.logs, 6, 1), 1);
+        assert!(
+            log_objects(&f.objects).await.is_empty(),
+            "nothing is uploaded while the log is watched"
+        );
         drop(pin);
         assert!(matches!(
             f.logs.compact(6, 1).await.unwrap(),
@@ -1080,6 +1107,23 @@ mod tests {
         assert_eq!(f.logs.size(7, 2).await.unwrap(), 0);
         assert!(log_objects(&f.objects).await.is_empty());
         assert_eq!(f.logs.next_job(0).unwrap(), None);
+    }
+
+    /// Retention removing a job's log while it is compacted is no damage:
+    /// the compaction stands down and its object goes.
+    #[tokio::test]
+    async fn a_log_removed_during_its_compaction_is_dropped_quietly() {
+        let f = fixture();
+        append_log(&f.logs, 8, 1, &sample_log(400_000));
+        let rec = f.logs.put_object(8, 1).await.unwrap().unwrap();
+        assert!(rec.chunks > 1);
+        while f.logs.remove(8, 1).await.unwrap() == 1 {}
+        assert_eq!(
+            f.logs.write_record(8, 1, rec).await.unwrap(),
+            Compaction::Empty
+        );
+        assert!(log_objects(&f.objects).await.is_empty());
+        assert_eq!(f.logs.compacted(8, 1).unwrap(), None);
     }
 
     /// Every file under `dir`, recursively.
