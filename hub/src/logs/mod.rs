@@ -117,6 +117,14 @@ impl LogsError {
     }
 }
 
+/// What web pages and mails say of a log that cannot be read: the why
+/// (paths, buckets, the store's own words) is for the hub's operator only.
+pub(crate) const UNREADABLE: &str =
+    "the log cannot be read right now; the hub's operator sees why in its log";
+
+/// How many jobs [`JobLogs::unreadable`] remembers having told about.
+const TOLD_JOBS: usize = 10_000;
+
 /// How long [`JobLogs::read_blocking`] waits for the object store.
 const BLOCKING_READ_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -198,6 +206,9 @@ pub(crate) struct JobLogs {
     /// sees one attempt both as stored chunks and as its compacted pages.
     /// Also held while a compaction writes its record.
     pinned: Mutex<HashMap<u64, usize>>,
+    /// Jobs whose unreadable log was told to the hub's log already
+    /// ([`JobLogs::unreadable`]); forgotten past [`TOLD_JOBS`].
+    told: Mutex<std::collections::HashSet<u64>>,
     /// Jobs whose result was recorded, for the compactor.
     queue: compact::Queue,
     /// Attempts compacted, and compactions that failed, since the hub
@@ -311,6 +322,7 @@ impl JobLogs {
             live: Mutex::new(HashMap::new()),
             attempts: Mutex::new(HashMap::new()),
             pinned: Mutex::new(HashMap::new()),
+            told: Mutex::new(Default::default()),
             queue: compact::Queue::default(),
             compacted_total: Default::default(),
             compaction_failures_total: Default::default(),
@@ -326,6 +338,31 @@ impl JobLogs {
         let dir = store.dir().join("test-objects");
         let objects = Objects::local(&dir).expect("a local object store for tests");
         JobLogs::open(store, max_bytes, objects)
+    }
+
+    /// A log of job `job_id` could not be read for `what` (e.g. "its
+    /// page"): says why in the hub's log, once per job (not once per page
+    /// view), and returns [`UNREADABLE`], what the public is shown.
+    pub(crate) fn unreadable(&self, job_id: u64, what: &str, e: &LogsError) -> &'static str {
+        let first = {
+            let mut told = self.told.lock().unwrap_or_else(|p| p.into_inner());
+            if told.len() >= TOLD_JOBS {
+                told.clear();
+            }
+            told.insert(job_id)
+        };
+        if first {
+            tracing::warn!(
+                job = job_id,
+                "the log of job {job_id} cannot be read for {what}: {e}"
+            );
+        } else {
+            tracing::debug!(
+                job = job_id,
+                "the log of job {job_id} cannot be read for {what}: {e}"
+            );
+        }
+        UNREADABLE
     }
 
     /// Refuses an entry that is not a 20-byte key with a stream byte.

@@ -928,11 +928,8 @@ impl Notifier {
             Ok(log) => log,
             Err(crate::logs::LogsError::Store(e)) => return Err(e),
             Err(e) => {
-                tracing::warn!(
-                    "the log of job {} cannot be read for its mail: {e}",
-                    t.job_id
-                );
-                format!("[trunkfarm hub: the log cannot be read right now: {e}]")
+                let why = s.logs.unreadable(t.job_id, "its mail", &e);
+                format!("[trunkfarm hub: {why}]")
             }
         };
         let lines = s.settings.log_tail_lines as usize;
