@@ -465,6 +465,13 @@ impl Pipeline {
             }
             Finished::Run { .. } => None,
         };
+        // A red run's went-red mail quotes its log: read it now, not under
+        // results' write lock.
+        if let Finished::Run { run, .. } = &finished
+            && run.info.status == trunkfarm_proto::v1::RunStatus::Red as i32
+        {
+            self.inner.notifier.preload_log(rec.id).await;
+        }
         let recorded = self
             .inner
             .results
