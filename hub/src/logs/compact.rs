@@ -30,10 +30,11 @@
 //! the record, or retention removed the record but could not delete the
 //! object) is deleted by the compactor's start-up sweep once it is older
 //! than [`ORPHAN_AGE`] (a margin for clocks that disagree between the hub
-//! and the store; younger ones go at a later start). It runs before any
-//! compaction of this start, never beside one: a compaction re-putting a
+//! and the store; younger ones go at a later sweep), and again every
+//! [`SWEEP_EVERY`]. It runs before any compaction of this start and then
+//! between batches, never beside a compaction: a compaction re-putting a
 //! killed attempt's old object must not have it deleted under its new
-//! record. It lists every object under `logs/` once per start (in the
+//! record. It lists every object under `logs/` each time (in the
 //! background: for a million logs, a thousand list requests on S3).
 
 use std::collections::{BTreeSet, VecDeque};
@@ -65,8 +66,13 @@ const ZSTD_LEVEL: i32 = 3;
 /// this old.
 pub(crate) const ORPHAN_AGE: Duration = Duration::from_secs(3600);
 
-/// Jobs compacted at once.
-const PARALLEL: usize = 8;
+/// Jobs compacted at once. Each holds up to [`PART_BYTES`] being filled
+/// plus two parts in flight (about 24 MiB at worst, for a log bigger than
+/// a part), so the compactor's peak stays near 100 MiB.
+const PARALLEL: usize = 4;
+
+/// How often the orphan sweep runs after the one at start.
+const SWEEP_EVERY: Duration = Duration::from_secs(3600);
 
 /// How long a job whose log someone watches waits before it is tried again.
 const PINNED_RETRY: Duration = Duration::from_secs(1);
@@ -543,6 +549,8 @@ pub(crate) struct Compactor {
     finished: IsFinished,
     /// The pause after a failed try, and its ceiling (it doubles).
     backoff: (Duration, Duration),
+    /// How often the orphan sweep runs ([`SWEEP_EVERY`]).
+    sweep_every: Duration,
 }
 
 impl Compactor {
@@ -551,7 +559,15 @@ impl Compactor {
             logs,
             finished,
             backoff: (Duration::from_secs(1), Duration::from_secs(60)),
+            sweep_every: SWEEP_EVERY,
         }
+    }
+
+    /// Sweeps orphans this often (tests).
+    #[cfg(test)]
+    pub(crate) fn with_sweep_every(mut self, every: Duration) -> Compactor {
+        self.sweep_every = every;
+        self
     }
 
     /// Shorter pauses (tests).
@@ -565,16 +581,22 @@ impl Compactor {
         tokio::spawn(async move { self.run(stop).await })
     }
 
-    async fn run(self, stop: CancellationToken) {
+    /// [`Compactor::sweep_orphans`], saying what it did.
+    async fn sweep(&self) {
         match self.sweep_orphans().await {
             Ok(0) => {}
             Ok(n) => {
                 tracing::info!("deleted {n} orphaned log object(s) (no record points at them)")
             }
             Err(e) => tracing::warn!(
-                "cannot look for orphaned log objects ({e}); the next start tries again"
+                "cannot look for orphaned log objects ({e}); the next sweep (within an hour) tries again"
             ),
         }
+    }
+
+    async fn run(self, stop: CancellationToken) {
+        self.sweep().await;
+        let mut swept = Instant::now();
         // Jobs with stored chunks, walked once from the start.
         let mut sweep = Some(0u64);
         let mut retry: BTreeSet<(Instant, u64)> = BTreeSet::new();
@@ -584,6 +606,11 @@ impl Compactor {
         loop {
             if stop.is_cancelled() {
                 return;
+            }
+            // Between batches: never beside a compaction (see the module doc).
+            if swept.elapsed() >= self.sweep_every {
+                self.sweep().await;
+                swept = Instant::now();
             }
             // A few jobs at a time: an object store's latency is paid once
             // per batch, and their records share the database's commits.
@@ -599,8 +626,10 @@ impl Compactor {
                 if sweep.is_some() {
                     continue;
                 }
-                let wait = retry.first().map_or(Duration::from_secs(3600), |(t, _)| {
-                    t.saturating_duration_since(Instant::now())
+                let next_sweep =
+                    (swept + self.sweep_every).saturating_duration_since(Instant::now());
+                let wait = retry.first().map_or(next_sweep, |(t, _)| {
+                    t.saturating_duration_since(Instant::now()).min(next_sweep)
                 });
                 tokio::select! {
                     _ = self.logs.queue.wake.notified() => {}
@@ -1124,6 +1153,35 @@ mod tests {
         );
         assert!(log_objects(&f.objects).await.is_empty());
         assert_eq!(f.logs.compacted(8, 1).unwrap(), None);
+    }
+
+    /// The orphan sweep runs again while the hub runs, not only at start.
+    #[tokio::test]
+    async fn orphans_are_swept_periodically_too() {
+        let f = fixture();
+        let stop = CancellationToken::new();
+        let task = Compactor::new(f.logs.clone(), Arc::new(|_| Ok(false)))
+            .with_sweep_every(Duration::from_millis(50))
+            .start(stop.clone());
+        // After the start's sweep: an object whose record is gone, old.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        append_log(&f.logs, 4, 1, b"orphaned later");
+        f.logs.put_object(4, 1).await.unwrap();
+        let old = std::time::SystemTime::now() - 2 * ORPHAN_AGE;
+        for path in files(&f.objects_dir) {
+            let file = std::fs::File::options().write(true).open(&path).unwrap();
+            file.set_modified(old).unwrap();
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !log_objects(&f.objects).await.is_empty() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the orphan was never swept"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        stop.cancel();
+        task.await.unwrap();
     }
 
     /// Every file under `dir`, recursively.
