@@ -285,6 +285,43 @@ fn cut_chunks(
     out
 }
 
+/// Waits on this thread for `read`, at most `limit` (then
+/// [`LogsError::Slow`]), from sync code on any thread: on a multi-threaded
+/// runtime (the hub's) the runtime moves its other tasks off this thread
+/// meanwhile. A single-threaded runtime (tests) cannot drive its timers or
+/// sockets while its thread waits here, so the read then runs on a runtime
+/// of its own on another thread (never `Handle::block_on` of the waiting
+/// runtime: its timer, and so the limit, would never fire).
+fn block_on_bounded<T: Send>(
+    read: impl std::future::Future<Output = Result<T, LogsError>> + Send,
+    limit: std::time::Duration,
+) -> Result<T, LogsError> {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    let bounded = async {
+        tokio::time::timeout(limit, read)
+            .await
+            .unwrap_or(Err(LogsError::Slow(limit)))
+    };
+    let own_runtime = |bounded| {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(LogsError::Io)?
+            .block_on(bounded)
+    };
+    match Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(|| h.block_on(bounded))
+        }
+        Ok(_) => std::thread::scope(|s| {
+            s.spawn(|| own_runtime(bounded))
+                .join()
+                .unwrap_or_else(|p| std::panic::resume_unwind(p))
+        }),
+        Err(_) => own_runtime(bounded),
+    }
+}
+
 /// At most this many missing ranges are named in a gap's description.
 const GAP_RANGES_SHOWN: usize = 5;
 
@@ -681,14 +718,12 @@ impl JobLogs {
     /// mails' sync paths): blocks this thread until the object store
     /// answers, at most [`BLOCKING_READ_LIMIT`] (its callers may hold a
     /// lock: a mail then quotes that the log cannot be read, the pipeline
-    /// takes the job in later). On a multi-threaded runtime (the hub's) the
-    /// runtime moves its other tasks off this thread meanwhile.
+    /// takes the job in later); see [`block_on_bounded`].
     pub(crate) fn read_blocking(
         &self,
         job_id: u64,
         attempt: Option<u32>,
     ) -> Result<Vec<LogChunk>, LogsError> {
-        use tokio::runtime::{Handle, RuntimeFlavor};
         // Nothing compacted: no object store involved, no need to block.
         let attempts = match attempt {
             Some(a) => vec![a],
@@ -712,29 +747,7 @@ impl JobLogs {
                 return Ok(out);
             }
         }
-        let read = async {
-            tokio::time::timeout(BLOCKING_READ_LIMIT, self.read(job_id, attempt))
-                .await
-                .unwrap_or(Err(LogsError::Slow(BLOCKING_READ_LIMIT)))
-        };
-        match Handle::try_current() {
-            Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => {
-                tokio::task::block_in_place(|| h.block_on(read))
-            }
-            // A single-threaded runtime (tests) cannot drive this future
-            // while its thread waits: drive it on a thread of its own (the
-            // local backend's file reads go to the blocking pool).
-            Ok(h) => std::thread::scope(|s| {
-                s.spawn(|| h.block_on(read))
-                    .join()
-                    .unwrap_or_else(|p| std::panic::resume_unwind(p))
-            }),
-            Err(_) => tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(LogsError::Io)?
-                .block_on(read),
-        }
+        block_on_bounded(self.read(job_id, attempt), BLOCKING_READ_LIMIT)
     }
 
     /// Bytes `offset..offset + limit` of one attempt's log (its chunks'
@@ -978,6 +991,33 @@ async fn compacted_range(
 
 #[cfg(test)]
 mod tests {
+
+    /// The sync reader's limit holds on a single-threaded runtime (the
+    /// tests'), whose timers cannot run while its thread waits: a read
+    /// that never answers gives up, from the runtime's own thread and from
+    /// its blocking pool.
+    #[tokio::test]
+    async fn a_blocking_read_gives_up_on_a_single_threaded_runtime() {
+        let never = || async {
+            tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
+            Ok::<(), LogsError>(())
+        };
+        let limit = std::time::Duration::from_millis(100);
+        assert!(matches!(
+            block_on_bounded(never(), limit),
+            Err(LogsError::Slow(_))
+        ));
+        let pooled = tokio::task::spawn_blocking(move || block_on_bounded(never(), limit))
+            .await
+            .unwrap();
+        assert!(matches!(pooled, Err(LogsError::Slow(_))));
+        // And without any runtime.
+        let bare = std::thread::spawn(move || block_on_bounded(never(), limit))
+            .join()
+            .unwrap();
+        assert!(matches!(bare, Err(LogsError::Slow(_))));
+    }
+
     use super::*;
 
     fn chunk(job_id: u64, attempt: u32, seq: u64, data: &str) -> LogChunk {
