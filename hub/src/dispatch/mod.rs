@@ -312,6 +312,7 @@ impl Dispatcher {
 
     /// Finished keyed jobs the pipeline has not acknowledged yet, oldest
     /// first, at most `limit`.
+    #[cfg(test)]
     pub(crate) fn finished_inbox(&self, limit: usize) -> Result<Vec<JobRecord>, StoreError> {
         self.finished_inbox_skipping(limit, &std::collections::HashSet::new())
     }
