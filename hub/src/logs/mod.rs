@@ -724,6 +724,17 @@ impl JobLogs {
         job_id: u64,
         attempt: Option<u32>,
     ) -> Result<Vec<LogChunk>, LogsError> {
+        self.read_blocking_within(job_id, attempt, BLOCKING_READ_LIMIT)
+    }
+
+    /// [`JobLogs::read_blocking`], waiting for the object store at most
+    /// `limit`.
+    pub(crate) fn read_blocking_within(
+        &self,
+        job_id: u64,
+        attempt: Option<u32>,
+        limit: std::time::Duration,
+    ) -> Result<Vec<LogChunk>, LogsError> {
         // Nothing compacted: no object store involved, no need to block.
         let attempts = match attempt {
             Some(a) => vec![a],
@@ -747,7 +758,7 @@ impl JobLogs {
                 return Ok(out);
             }
         }
-        block_on_bounded(self.read(job_id, attempt), BLOCKING_READ_LIMIT)
+        block_on_bounded(self.read(job_id, attempt), limit)
     }
 
     /// Bytes `offset..offset + limit` of one attempt's log (its chunks'

@@ -189,6 +189,11 @@ struct Inner {
 /// How long [`Notifier::preload_log`] waits for the object store.
 const PRELOAD_LIMIT: Duration = Duration::from_secs(30);
 
+/// How long a mail's evidence waits for a log that was not preloaded
+/// (a bisection's follow-up, a re-run's verdict): it is composed under
+/// results' write lock.
+const UNDER_LOCK_LIMIT: Duration = Duration::from_secs(1);
+
 /// How many preloaded logs [`Notifier`] keeps (each bounded by the
 /// output caps; the one wanted is the run just recorded).
 const PRELOADED_LOGS: usize = 8;
@@ -977,7 +982,7 @@ impl Notifier {
         let log = match preloaded.map(|p| p.ok_or(())) {
             Some(Ok(log)) => log.as_str().to_owned(),
             Some(Err(())) => format!("[trunkfarm hub: {}]", crate::logs::UNREADABLE),
-            None => match output::log_text(&s.logs, t.job_id, None) {
+            None => match output::log_text_within(&s.logs, t.job_id, None, UNDER_LOCK_LIMIT) {
                 Ok(log) => log,
                 Err(crate::logs::LogsError::Store(e)) => return Err(e),
                 Err(e) => {
