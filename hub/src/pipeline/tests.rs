@@ -2931,3 +2931,77 @@ async fn a_run_whose_compacted_log_is_gone_is_judged_without_it_and_the_others_g
         read.info.detail
     );
 }
+
+/// While the object store cannot hand a run's log over (an outage), only
+/// that job waits in the inbox: the other finished jobs are taken in.
+#[tokio::test]
+async fn a_log_the_store_cannot_give_now_holds_up_only_its_own_job() {
+    let config = CONFIG.replace(
+        "name = \"adder\"\nurl = \"fake:adder\"\n",
+        "name = \"adder\"\nurl = \"fake:adder\"\nfail_pattern = '^\\[fail\\]'\n",
+    );
+    let mut f = Farm::with_config(&config).await;
+    f.git.commit(ADDER);
+    f.git.commit(RT);
+    f.pipeline.poll_upstream(0).await;
+    f.run_jobs(passed).await;
+    f.take_in().await;
+    let mut tests: Vec<_> = f
+        .assigned()
+        .into_iter()
+        .filter(|(_, _, key)| matches!(key, JobKey::Test { project, .. } if project == "adder"))
+        .collect();
+    tests.sort_by_key(|(job, ..)| job.job_id);
+    assert_eq!(tests.len(), 2);
+    for (i, (job, _, key)) in tests.iter().enumerate() {
+        f.logs
+            .append(LogChunk {
+                job: Some(*job),
+                seq: 1,
+                stream: LogStream::Stdout as i32,
+                data: b"[ok] a\n".to_vec(),
+            })
+            .unwrap();
+        f.finish(*job, key, Outcome::Passed, Vec::new()).await;
+        // The older job's log is compacted, the newer one's is not yet.
+        if i == 0 {
+            f.logs.compact(job.job_id, job.attempt).await.unwrap();
+        }
+    }
+    // The store breaks: its directory becomes a file.
+    let dir = f.store.dir().join("test-objects");
+    let away = dir.with_extension("away");
+    std::fs::rename(&dir, &away).unwrap();
+    std::fs::write(&dir, b"not a directory").unwrap();
+    f.take_in().await;
+    let waiting: Vec<u64> = f
+        .dispatch
+        .finished_inbox(10)
+        .unwrap()
+        .iter()
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(
+        waiting,
+        [tests[0].0.job_id],
+        "only the unreadable one waits"
+    );
+    let platform = |key: &JobKey| match key {
+        JobKey::Test { platform, .. } => platform.clone(),
+        _ => unreachable!(),
+    };
+    assert!(
+        f.results
+            .run("adder", "rt", &platform(&tests[1].2), tests[1].0.job_id)
+            .unwrap()
+            .is_some(),
+        "the other run is recorded"
+    );
+    assert!(
+        f.results
+            .run("adder", "rt", &platform(&tests[0].2), tests[0].0.job_id)
+            .unwrap()
+            .is_none(),
+        "not judged without a log that may come back"
+    );
+}
