@@ -781,16 +781,31 @@ impl Compactor {
 impl JobLogs {
     /// Moves the compacted logs a local store (`local`: the hub's own
     /// `<data_dir>/objects`, before `storage.backend` became `"s3"`) holds
-    /// into this hub's store: each object its record names is put into the
-    /// store, checked against the record's size, then deleted locally. Run
+    /// into this hub's store: each object under `logs/` there that a record
+    /// names is checked against the record's size, put into the store,
+    /// then deleted locally (one without a record is left alone). Lists the
+    /// local directory, so a start with nothing left to move costs little. Run
     /// at start, before anything reads a log (a record whose object stayed
     /// behind would read as gone). Idempotent: a killed move is redone.
     /// Returns how many objects moved.
     pub(crate) async fn migrate_from(&self, local: &Objects) -> Result<usize, LogsError> {
         let mut moved = 0;
+        // What is there locally (none once moved), not every record.
+        let base = local.path("logs");
+        let base_str = format!("{base}/");
         let mut recs = Vec::new();
-        for item in self.records.scan::<Compacted>([]) {
-            recs.push(item?.1);
+        let mut listed = local.store().list(Some(&base));
+        while let Some(meta) = listed.next().await {
+            let meta = meta.map_err(store_err(local, "list", &base))?;
+            let rel = meta.location.as_ref().strip_prefix(&base_str);
+            let Some((job, attempt)) = rel.and_then(parse_name) else {
+                continue;
+            };
+            match self.compacted(job, attempt)? {
+                Some(rec) => recs.push(rec),
+                // No record: an orphan of the local store, left there.
+                None => tracing::debug!("{} has no record; not moved", meta.location),
+            }
         }
         for rec in recs {
             let from = local.path(&rec.object);
