@@ -78,6 +78,14 @@ pub(crate) enum ObjectsError {
     },
 }
 
+impl ObjectsError {
+    /// Whether the store said the object does not exist.
+    pub(crate) fn is_not_found(&self) -> bool {
+        matches!(self, ObjectsError::Store { cause, .. }
+            if matches!(**cause, object_store::Error::NotFound { .. }))
+    }
+}
+
 /// The handle on the object store: cheap to clone, shared by artifacts,
 /// logs and retention.
 #[derive(Clone, Debug)]

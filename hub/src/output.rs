@@ -188,8 +188,24 @@ pub(crate) fn log_text(
     job_id: u64,
     attempt: Option<u32>,
 ) -> Result<String, LogsError> {
+    text_of(logs.read_blocking(job_id, attempt)?)
+}
+
+/// [`log_text`], waiting for the object store at most `limit` (a caller
+/// that holds a lock).
+pub(crate) fn log_text_within(
+    logs: &JobLogs,
+    job_id: u64,
+    attempt: Option<u32>,
+    limit: std::time::Duration,
+) -> Result<String, LogsError> {
+    text_of(logs.read_blocking_within(job_id, attempt, limit)?)
+}
+
+/// The chunks' bytes as text.
+fn text_of(chunks: Vec<trunkfarm_proto::v1::LogChunk>) -> Result<String, LogsError> {
     let mut bytes = Vec::new();
-    for chunk in logs.read_blocking(job_id, attempt)? {
+    for chunk in chunks {
         bytes.extend_from_slice(&chunk.data);
     }
     Ok(String::from_utf8_lossy(&bytes).into_owned())

@@ -161,6 +161,29 @@ impl Hub {
             cfg.limits.max_log_size,
             objects.clone(),
         )?);
+        // Logs compacted while the store was local move into the bucket
+        // before anything reads them (as artifacts do).
+        let local_dir = data_dir.join(crate::objects::LOCAL_DIR);
+        if cfg.storage.backend == crate::config::StorageBackend::S3
+            && local_dir.join("logs").is_dir()
+        {
+            let local = Objects::local(&local_dir)?;
+            let moved = logs.migrate_from(&local).await.with_context(|| {
+                format!(
+                    "cannot move the compacted logs in {} into {}; fix the storage, or set `storage.backend = \"local\"` to start with them where they are",
+                    local_dir.display(),
+                    objects.describe()
+                )
+            })?;
+            if moved > 0 {
+                tracing::info!(
+                    moved,
+                    "moved compacted logs from {} into {}",
+                    local_dir.display(),
+                    objects.describe()
+                );
+            }
+        }
         let d = &cfg.dispatch;
         let dispatch = Dispatcher::open(
             &store,

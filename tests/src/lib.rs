@@ -784,6 +784,17 @@ impl Hub {
         );
     }
 
+    /// [`Hub::restart`] with `extra_toml` as its config's extra and `env`
+    /// set from now on (a hub whose operator changed its config).
+    pub fn restart_with(&mut self, extra_toml: &str, env: &[(&str, &str)]) {
+        self.extra_toml = extra_toml.to_owned();
+        self.env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        self.restart();
+    }
+
     /// Runs `trunkfarm --config <file> <args>` (killed after [`CLI_TIMEOUT`]).
     pub fn cli(&self, args: &[&str]) -> Output {
         let mut cmd = Command::new(&bins().hub);

@@ -4,7 +4,8 @@
 //! nothing twice: after the restart `trunkfarm job log` gives the log byte
 //! for byte, from one object, with no chunk left in the database. The same
 //! log in an S3 bucket (`moto_server`) goes up as a multipart upload and
-//! reads back the same.
+//! reads back the same; a hub switched from the local store to a bucket
+//! moves its compacted logs there.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -207,4 +208,39 @@ fn a_log_compacted_into_an_s3_bucket_reads_back_the_same() {
         tail["text"].as_str().unwrap().as_bytes(),
         &out.stdout[out.stdout.len() - 100..]
     );
+}
+
+#[test]
+fn a_hub_switched_from_local_to_s3_moves_its_compacted_logs_into_the_bucket() {
+    init();
+    let moto = Moto::start(&[]);
+    moto.create_bucket("moved");
+    let env = [
+        ("AWS_ACCESS_KEY_ID", "AKIDE2EMOVE"),
+        ("AWS_SECRET_ACCESS_KEY", "e2e-move-secret"),
+    ];
+    let mut hub = Hub::start_with("", &env);
+    let mut agent = Agent::enroll(&hub, "mover", &[]);
+    agent.start(&[]);
+    hub.wait_agents_connected(1);
+    let id = hub.submit(&["--", "seq 1 20000"]);
+    hub.wait_job_finished(id, Duration::from_secs(120));
+    wait_for(Duration::from_secs(60), "the log compacted locally", || {
+        (get_json(&hub, &format!("/api/v1/runs/{id}"))["log"]["compacted"] == true).then_some(())
+    });
+    let before = hub.cli_ok(&["job", "log", &id.to_string()]);
+    let local = hub.data_dir.join("objects/logs").join(id.to_string());
+    assert_eq!(files(&local), ["1.log.zst"]);
+
+    let storage = format!(
+        "\n[storage]\nbackend = \"s3\"\nbucket = \"moved\"\nprefix = \"hub-m\"\nendpoint = \"{}\"\n",
+        moto.endpoint()
+    );
+    hub.restart_with(&storage, &env);
+    assert_eq!(
+        moto.s3_keys("moved", "hub-m/logs/"),
+        [format!("hub-m/logs/{id}/1.log.zst")]
+    );
+    assert!(files(&local).is_empty(), "moved, not copied");
+    assert_eq!(hub.cli_ok(&["job", "log", &id.to_string()]), before);
 }

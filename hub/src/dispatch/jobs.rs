@@ -9,7 +9,7 @@
 //! the pipeline has not taken in yet (the finished inbox). [`JobTable::stage`]
 //! is the one writer of it: a record and its markers change in one batch.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -500,13 +500,23 @@ impl JobTable {
     }
 
     /// Finished keyed jobs the pipeline has not acknowledged yet, oldest
-    /// first, at most `limit`.
-    pub(super) fn inbox(&self, limit: usize) -> Result<Vec<JobRecord>, StoreError> {
+    /// first, at most `limit`, leaving out those in `skip`.
+    pub(super) fn inbox(
+        &self,
+        limit: usize,
+        skip: &HashSet<u64>,
+    ) -> Result<Vec<JobRecord>, StoreError> {
         let mut out = Vec::new();
-        for key in self.table.keys([INBOX]).take(limit) {
+        for key in self.table.keys([INBOX]) {
+            if out.len() >= limit {
+                break;
+            }
             let key = key?;
             let id =
                 key_id(&key).ok_or_else(|| self.table.corrupt(printable(&key), "short key"))?;
+            if skip.contains(&id) {
+                continue;
+            }
             match self.load(id)? {
                 Some(rec) => out.push(rec),
                 // A marker without a record cannot be handed over; drop it.

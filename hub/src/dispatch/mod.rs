@@ -312,8 +312,19 @@ impl Dispatcher {
 
     /// Finished keyed jobs the pipeline has not acknowledged yet, oldest
     /// first, at most `limit`.
+    #[cfg(test)]
     pub(crate) fn finished_inbox(&self, limit: usize) -> Result<Vec<JobRecord>, StoreError> {
-        self.shared.table.inbox(limit)
+        self.finished_inbox_skipping(limit, &std::collections::HashSet::new())
+    }
+
+    /// [`Dispatcher::finished_inbox`] without the jobs in `skip` (the
+    /// pipeline's jobs whose log it retries later).
+    pub(crate) fn finished_inbox_skipping(
+        &self,
+        limit: usize,
+        skip: &std::collections::HashSet<u64>,
+    ) -> Result<Vec<JobRecord>, StoreError> {
+        self.shared.table.inbox(limit, skip)
     }
 
     /// The pipeline took in these finished jobs (durably, on its side):

@@ -30,10 +30,11 @@
 //! the record, or retention removed the record but could not delete the
 //! object) is deleted by the compactor's start-up sweep once it is older
 //! than [`ORPHAN_AGE`] (a margin for clocks that disagree between the hub
-//! and the store; younger ones go at a later start). It runs before any
-//! compaction of this start, never beside one: a compaction re-putting a
+//! and the store; younger ones go at a later sweep), and again every
+//! [`SWEEP_EVERY`]. It runs before any compaction of this start and then
+//! between batches, never beside a compaction: a compaction re-putting a
 //! killed attempt's old object must not have it deleted under its new
-//! record. It lists every object under `logs/` once per start (in the
+//! record. It lists every object under `logs/` each time (in the
 //! background: for a million logs, a thousand list requests on S3).
 
 use std::collections::{BTreeSet, VecDeque};
@@ -65,8 +66,13 @@ const ZSTD_LEVEL: i32 = 3;
 /// this old.
 pub(crate) const ORPHAN_AGE: Duration = Duration::from_secs(3600);
 
-/// Jobs compacted at once.
-const PARALLEL: usize = 8;
+/// Jobs compacted at once. Each holds up to [`PART_BYTES`] being filled
+/// plus two parts in flight (about 24 MiB at worst, for a log bigger than
+/// a part), so the compactor's peak stays near 100 MiB.
+const PARALLEL: usize = 4;
+
+/// How often the orphan sweep runs after the one at start.
+const SWEEP_EVERY: Duration = Duration::from_secs(3600);
 
 /// How long a job whose log someone watches waits before it is tried again.
 const PINNED_RETRY: Duration = Duration::from_secs(1);
@@ -104,8 +110,9 @@ pub(crate) enum Compaction {
     Already,
     /// Nothing is stored for the attempt.
     Empty,
-    /// Someone streams the job's log ([`JobLogs::pin`]): the object is put
-    /// but the chunks stay until a later try.
+    /// Someone streams the job's log ([`JobLogs::pin`]): the chunks stay
+    /// until a later try (nothing is uploaded while it is pinned; an object
+    /// put just before the pin is put again then).
     Pinned,
 }
 
@@ -297,6 +304,11 @@ impl JobLogs {
     /// module doc). Safe to run again at any point: a compacted attempt is
     /// left alone, a half-done one is redone whole.
     pub(crate) async fn compact(&self, job_id: u64, attempt: u32) -> Result<Compaction, LogsError> {
+        // Checked before the upload too: a watcher may stream the log for
+        // hours, and each try would put the whole object again.
+        if self.is_pinned(job_id) {
+            return Ok(Compaction::Pinned);
+        }
         let Some(rec) = self.put_object(job_id, attempt).await? else {
             return Ok(match self.compacted(job_id, attempt)? {
                 Some(_) => Compaction::Already,
@@ -449,7 +461,7 @@ impl JobLogs {
         rec: Compacted,
     ) -> Result<Compaction, LogsError> {
         let prefix = Self::attempt_prefix(job_id, attempt);
-        {
+        let removed = {
             let pinned = self.pinned.lock().unwrap_or_else(|p| p.into_inner());
             if pinned.contains_key(&job_id) {
                 return Ok(Compaction::Pinned);
@@ -464,7 +476,12 @@ impl JobLogs {
                 chunks.remove(k?);
                 n += 1;
             }
-            if n != rec.chunks {
+            if n < rec.chunks {
+                // Sealed attempts only lose chunks: retention removed (or
+                // is removing) the job's log meanwhile. Nothing is lost,
+                // and the object goes too (below).
+                true
+            } else if n != rec.chunks {
                 // Sealed attempts do not change: a bug, not a race. The
                 // chunks stay; the next pass tries again.
                 return Err(LogsError::Damaged {
@@ -474,10 +491,16 @@ impl JobLogs {
                         rec.chunks
                     ),
                 });
+            } else {
+                let mut record = sled::Batch::default();
+                self.records.stage(&mut record, prefix, &rec)?;
+                self.table.apply_with(chunks, &self.records, record)?;
+                false
             }
-            let mut record = sled::Batch::default();
-            self.records.stage(&mut record, prefix, &rec)?;
-            self.table.apply_with(chunks, &self.records, record)?;
+        };
+        if removed {
+            delete(&self.objects, &rec.object).await?;
+            return Ok(Compaction::Empty);
         }
         self.table.store().commit().await?;
         self.attempts
@@ -487,6 +510,11 @@ impl JobLogs {
         self.compacted_total
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(Compaction::Done(rec))
+    }
+
+    /// Whether someone streams the job's log ([`JobLogs::pin`]).
+    fn is_pinned(&self, job_id: u64) -> bool {
+        (self.pinned.lock().unwrap_or_else(|p| p.into_inner())).contains_key(&job_id)
     }
 
     /// The first job at or after `from` that still has stored chunks.
@@ -521,6 +549,8 @@ pub(crate) struct Compactor {
     finished: IsFinished,
     /// The pause after a failed try, and its ceiling (it doubles).
     backoff: (Duration, Duration),
+    /// How often the orphan sweep runs ([`SWEEP_EVERY`]).
+    sweep_every: Duration,
 }
 
 impl Compactor {
@@ -529,7 +559,15 @@ impl Compactor {
             logs,
             finished,
             backoff: (Duration::from_secs(1), Duration::from_secs(60)),
+            sweep_every: SWEEP_EVERY,
         }
+    }
+
+    /// Sweeps orphans this often (tests).
+    #[cfg(test)]
+    pub(crate) fn with_sweep_every(mut self, every: Duration) -> Compactor {
+        self.sweep_every = every;
+        self
     }
 
     /// Shorter pauses (tests).
@@ -543,16 +581,22 @@ impl Compactor {
         tokio::spawn(async move { self.run(stop).await })
     }
 
-    async fn run(self, stop: CancellationToken) {
+    /// [`Compactor::sweep_orphans`], saying what it did.
+    async fn sweep(&self) {
         match self.sweep_orphans().await {
             Ok(0) => {}
             Ok(n) => {
                 tracing::info!("deleted {n} orphaned log object(s) (no record points at them)")
             }
             Err(e) => tracing::warn!(
-                "cannot look for orphaned log objects ({e}); the next start tries again"
+                "cannot look for orphaned log objects ({e}); the next sweep (within an hour) tries again"
             ),
         }
+    }
+
+    async fn run(self, stop: CancellationToken) {
+        self.sweep().await;
+        let mut swept = Instant::now();
         // Jobs with stored chunks, walked once from the start.
         let mut sweep = Some(0u64);
         let mut retry: BTreeSet<(Instant, u64)> = BTreeSet::new();
@@ -562,6 +606,11 @@ impl Compactor {
         loop {
             if stop.is_cancelled() {
                 return;
+            }
+            // Between batches: never beside a compaction (see the module doc).
+            if swept.elapsed() >= self.sweep_every {
+                self.sweep().await;
+                swept = Instant::now();
             }
             // A few jobs at a time: an object store's latency is paid once
             // per batch, and their records share the database's commits.
@@ -577,8 +626,10 @@ impl Compactor {
                 if sweep.is_some() {
                     continue;
                 }
-                let wait = retry.first().map_or(Duration::from_secs(3600), |(t, _)| {
-                    t.saturating_duration_since(Instant::now())
+                let next_sweep =
+                    (swept + self.sweep_every).saturating_duration_since(Instant::now());
+                let wait = retry.first().map_or(next_sweep, |(t, _)| {
+                    t.saturating_duration_since(Instant::now()).min(next_sweep)
                 });
                 tokio::select! {
                     _ = self.logs.queue.wake.notified() => {}
@@ -724,6 +775,73 @@ impl Compactor {
             }
         }
         Ok(orphans.len())
+    }
+}
+
+impl JobLogs {
+    /// Moves the compacted logs a local store (`local`: the hub's own
+    /// `<data_dir>/objects`, before `storage.backend` became `"s3"`) holds
+    /// into this hub's store: each object under `logs/` there that a record
+    /// names is checked against the record's size, put into the store,
+    /// then deleted locally (one without a record is left alone). Lists the
+    /// local directory, so a start with nothing left to move costs little. Run
+    /// at start, before anything reads a log (a record whose object stayed
+    /// behind would read as gone). Idempotent: a killed move is redone.
+    /// Returns how many objects moved.
+    pub(crate) async fn migrate_from(&self, local: &Objects) -> Result<usize, LogsError> {
+        let mut moved = 0;
+        // What is there locally (none once moved), not every record.
+        let base = local.path("logs");
+        let base_str = format!("{base}/");
+        let mut recs = Vec::new();
+        let mut listed = local.store().list(Some(&base));
+        while let Some(meta) = listed.next().await {
+            let meta = meta.map_err(store_err(local, "list", &base))?;
+            let rel = meta.location.as_ref().strip_prefix(&base_str);
+            let Some((job, attempt)) = rel.and_then(parse_name) else {
+                continue;
+            };
+            match self.compacted(job, attempt)? {
+                Some(rec) => recs.push(rec),
+                // No record: an orphan of the local store, left there.
+                None => tracing::debug!("{} has no record; not moved", meta.location),
+            }
+        }
+        for rec in recs {
+            let from = local.path(&rec.object);
+            let bytes = match local.store().get(&from).await {
+                Ok(got) => got.bytes().await.map_err(store_err(local, "read", &from))?,
+                Err(object_store::Error::NotFound { .. }) => continue,
+                Err(e) => return Err(store_err(local, "read", &from)(e)),
+            };
+            if bytes.len() as u64 != rec.stored {
+                tracing::error!(
+                    "the compacted log {} holds {} bytes, not the {} its record says; not moving it into {} (left where it is)",
+                    from,
+                    bytes.len(),
+                    rec.stored,
+                    self.objects.describe()
+                );
+                continue;
+            }
+            let mut upload = Upload {
+                objects: &self.objects,
+                path: self.objects.path(&rec.object),
+                buf: Vec::new(),
+                multipart: None,
+                len: 0,
+            };
+            for part in bytes.chunks(PART_BYTES) {
+                if let Err(e) = upload.write(part).await {
+                    upload.abort().await;
+                    return Err(e);
+                }
+            }
+            upload.finish().await?;
+            delete(local, &rec.object).await?;
+            moved += 1;
+        }
+        Ok(moved)
     }
 }
 
@@ -1007,7 +1125,12 @@ mod tests {
         f.logs.append(chunk(6, 1, 1, b"watched")).unwrap();
         let pin = f.logs.pin(6);
         assert_eq!(f.logs.compact(6, 1).await.unwrap(), Compaction::Pinned);
+        assert_eq!(f.logs.compact(6, 1).await.unwrap(), Compaction::Pinned);
         assert_eq!(stored_chunks(&f.logs, 6, 1), 1);
+        assert!(
+            log_objects(&f.objects).await.is_empty(),
+            "nothing is uploaded while the log is watched"
+        );
         drop(pin);
         assert!(matches!(
             f.logs.compact(6, 1).await.unwrap(),
@@ -1028,6 +1151,52 @@ mod tests {
         assert_eq!(f.logs.size(7, 2).await.unwrap(), 0);
         assert!(log_objects(&f.objects).await.is_empty());
         assert_eq!(f.logs.next_job(0).unwrap(), None);
+    }
+
+    /// Retention removing a job's log while it is compacted is no damage:
+    /// the compaction stands down and its object goes.
+    #[tokio::test]
+    async fn a_log_removed_during_its_compaction_is_dropped_quietly() {
+        let f = fixture();
+        append_log(&f.logs, 8, 1, &sample_log(400_000));
+        let rec = f.logs.put_object(8, 1).await.unwrap().unwrap();
+        assert!(rec.chunks > 1);
+        while f.logs.remove(8, 1).await.unwrap() == 1 {}
+        assert_eq!(
+            f.logs.write_record(8, 1, rec).await.unwrap(),
+            Compaction::Empty
+        );
+        assert!(log_objects(&f.objects).await.is_empty());
+        assert_eq!(f.logs.compacted(8, 1).unwrap(), None);
+    }
+
+    /// The orphan sweep runs again while the hub runs, not only at start.
+    #[tokio::test]
+    async fn orphans_are_swept_periodically_too() {
+        let f = fixture();
+        let stop = CancellationToken::new();
+        let task = Compactor::new(f.logs.clone(), Arc::new(|_| Ok(false)))
+            .with_sweep_every(Duration::from_millis(50))
+            .start(stop.clone());
+        // After the start's sweep: an object whose record is gone, old.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        append_log(&f.logs, 4, 1, b"orphaned later");
+        f.logs.put_object(4, 1).await.unwrap();
+        let old = std::time::SystemTime::now() - 2 * ORPHAN_AGE;
+        for path in files(&f.objects_dir) {
+            let file = std::fs::File::options().write(true).open(&path).unwrap();
+            file.set_modified(old).unwrap();
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !log_objects(&f.objects).await.is_empty() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the orphan was never swept"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        stop.cancel();
+        task.await.unwrap();
     }
 
     /// Every file under `dir`, recursively.
@@ -1162,5 +1331,33 @@ mod tests {
         task.await.unwrap();
         assert_eq!(f.logs.compacted(11, 1).unwrap(), None);
         assert_eq!(stored_chunks(&f.logs, 11, 1), 1);
+    }
+
+    /// Compacted logs of a hub whose store was local move into the new
+    /// store (the bucket, here another directory) and read from there.
+    #[tokio::test]
+    async fn compacted_logs_move_from_the_local_store_into_the_new_one() {
+        let f = fixture();
+        let log = sample_log(3 * FRAME_BYTES / 2);
+        append_log(&f.logs, 5, 1, &log);
+        f.logs.compact(5, 1).await.unwrap();
+        append_log(&f.logs, 6, 1, b"short");
+        f.logs.compact(6, 1).await.unwrap();
+        // The hub starts again with another store.
+        let bucket_dir = f.objects_dir.with_extension("bucket");
+        let bucket = Objects::local(&bucket_dir).unwrap();
+        let moved = JobLogs::open(&f.store, 1 << 30, bucket.clone()).unwrap();
+        assert!(
+            moved.read(5, None).await.unwrap_err().is_permanent(),
+            "not there before the move"
+        );
+        assert_eq!(moved.migrate_from(&f.objects).await.unwrap(), 2);
+        assert_eq!(whole(&moved, 5, 1).await, log);
+        assert_eq!(whole(&moved, 6, 1).await, b"short");
+        assert!(log_objects(&f.objects).await.is_empty(), "deleted locally");
+        assert_eq!(log_objects(&bucket).await.len(), 2);
+        // Again (a start after a killed move): nothing left to move.
+        assert_eq!(moved.migrate_from(&f.objects).await.unwrap(), 0);
+        assert_eq!(whole(&moved, 5, 1).await, log);
     }
 }

@@ -103,6 +103,28 @@ pub(crate) enum LogsError {
     },
 }
 
+impl LogsError {
+    /// Whether reading again cannot help: the log's object is gone (deleted,
+    /// expired by a lifecycle rule, or the hub now points at another store)
+    /// or does not match its record. Other errors (the store unreachable or
+    /// slow) may pass.
+    pub(crate) fn is_permanent(&self) -> bool {
+        match self {
+            LogsError::Damaged { .. } => true,
+            LogsError::Objects(e) => e.is_not_found(),
+            _ => false,
+        }
+    }
+}
+
+/// What web pages and mails say of a log that cannot be read: the why
+/// (paths, buckets, the store's own words) is for the hub's operator only.
+pub(crate) const UNREADABLE: &str =
+    "the log cannot be read right now; the hub's operator sees why in its log";
+
+/// How many jobs [`JobLogs::unreadable`] remembers having told about.
+const TOLD_JOBS: usize = 10_000;
+
 /// How long [`JobLogs::read_blocking`] waits for the object store.
 const BLOCKING_READ_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -184,6 +206,9 @@ pub(crate) struct JobLogs {
     /// sees one attempt both as stored chunks and as its compacted pages.
     /// Also held while a compaction writes its record.
     pinned: Mutex<HashMap<u64, usize>>,
+    /// Jobs whose unreadable log was told to the hub's log already
+    /// ([`JobLogs::unreadable`]); forgotten past [`TOLD_JOBS`].
+    told: Mutex<std::collections::HashSet<u64>>,
     /// Jobs whose result was recorded, for the compactor.
     queue: compact::Queue,
     /// Attempts compacted, and compactions that failed, since the hub
@@ -228,6 +253,75 @@ pub(crate) fn object_name(job_id: u64, attempt: u32) -> String {
     format!("logs/{job_id}/{attempt}.log.zst")
 }
 
+/// `data` (the log's bytes from `from` on) as chunks, one per stretch of
+/// one stream of the stream map `runs`, numbered on from `seq`.
+fn cut_chunks(
+    job_id: u64,
+    attempt: u32,
+    runs: &[(u64, i32)],
+    from: u64,
+    data: &[u8],
+    seq: &mut u64,
+) -> Vec<LogChunk> {
+    let end = from + data.len() as u64;
+    let mut out = Vec::new();
+    let mut at = from;
+    while at < end {
+        let i = runs.partition_point(|r| r.0 <= at);
+        let stream = match i {
+            0 => LogStream::Stdout as i32,
+            i => runs[i - 1].1,
+        };
+        let stop = runs.get(i).map_or(end, |r| r.0.min(end));
+        *seq += 1;
+        out.push(LogChunk {
+            job: Some(JobRef { job_id, attempt }),
+            seq: *seq,
+            stream,
+            data: data[(at - from) as usize..(stop - from) as usize].to_vec(),
+        });
+        at = stop;
+    }
+    out
+}
+
+/// Waits on this thread for `read`, at most `limit` (then
+/// [`LogsError::Slow`]), from sync code on any thread: on a multi-threaded
+/// runtime (the hub's) the runtime moves its other tasks off this thread
+/// meanwhile. A single-threaded runtime (tests) cannot drive its timers or
+/// sockets while its thread waits here, so the read then runs on a runtime
+/// of its own on another thread (never `Handle::block_on` of the waiting
+/// runtime: its timer, and so the limit, would never fire).
+fn block_on_bounded<T: Send>(
+    read: impl std::future::Future<Output = Result<T, LogsError>> + Send,
+    limit: std::time::Duration,
+) -> Result<T, LogsError> {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    let bounded = async {
+        tokio::time::timeout(limit, read)
+            .await
+            .unwrap_or(Err(LogsError::Slow(limit)))
+    };
+    let own_runtime = |bounded| {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(LogsError::Io)?
+            .block_on(bounded)
+    };
+    match Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(|| h.block_on(bounded))
+        }
+        Ok(_) => std::thread::scope(|s| {
+            s.spawn(|| own_runtime(bounded))
+                .join()
+                .unwrap_or_else(|p| std::panic::resume_unwind(p))
+        }),
+        Err(_) => own_runtime(bounded),
+    }
+}
+
 /// At most this many missing ranges are named in a gap's description.
 const GAP_RANGES_SHOWN: usize = 5;
 
@@ -265,6 +359,7 @@ impl JobLogs {
             live: Mutex::new(HashMap::new()),
             attempts: Mutex::new(HashMap::new()),
             pinned: Mutex::new(HashMap::new()),
+            told: Mutex::new(Default::default()),
             queue: compact::Queue::default(),
             compacted_total: Default::default(),
             compaction_failures_total: Default::default(),
@@ -280,6 +375,31 @@ impl JobLogs {
         let dir = store.dir().join("test-objects");
         let objects = Objects::local(&dir).expect("a local object store for tests");
         JobLogs::open(store, max_bytes, objects)
+    }
+
+    /// A log of job `job_id` could not be read for `what` (e.g. "its
+    /// page"): says why in the hub's log, once per job (not once per page
+    /// view), and returns [`UNREADABLE`], what the public is shown.
+    pub(crate) fn unreadable(&self, job_id: u64, what: &str, e: &LogsError) -> &'static str {
+        let first = {
+            let mut told = self.told.lock().unwrap_or_else(|p| p.into_inner());
+            if told.len() >= TOLD_JOBS {
+                told.clear();
+            }
+            told.insert(job_id)
+        };
+        if first {
+            tracing::warn!(
+                job = job_id,
+                "the log of job {job_id} cannot be read for {what}: {e}"
+            );
+        } else {
+            tracing::debug!(
+                job = job_id,
+                "the log of job {job_id} cannot be read for {what}: {e}"
+            );
+        }
+        UNREADABLE
     }
 
     /// Refuses an entry that is not a 20-byte key with a stream byte.
@@ -524,9 +644,11 @@ impl JobLogs {
     }
 
     /// One attempt's log, in order: its stored chunks, or, once compacted,
-    /// its frames cut where the stream changes ([`JobLogs::frame_chunks`]).
-    /// Reads it whole: for logs bounded by the output caps (mails, the
-    /// pipeline's patterns); [`JobLogs::range`] reads a part.
+    /// its frames cut where the stream changes (as [`JobLogs::frame_chunks`]
+    /// cuts them). Reads it whole, in two ranged GETs (the stream map, then
+    /// every frame at once: a slow store costs one round trip, not one per
+    /// frame): for logs bounded by the output caps (mails, the pipeline's
+    /// patterns); [`JobLogs::range`] reads a part.
     pub(crate) async fn read_attempt(
         &self,
         job_id: u64,
@@ -537,14 +659,13 @@ impl JobLogs {
             return Ok(chunks);
         };
         let runs = self.stream_runs(&rec).await?;
+        let data = compact::read_range(&self.objects, &rec, 0, rec.size).await?;
         let mut out = Vec::new();
-        let (mut frame, mut seq) = (0, 0);
-        while let Some(chunks) = self
-            .frame_chunks(job_id, attempt, &rec, &runs, frame, &mut seq)
-            .await?
-        {
-            out.extend(chunks);
-            frame += 1;
+        let mut seq = 0;
+        for (i, f) in rec.frames.iter().enumerate() {
+            let end = rec.frames.get(i + 1).map_or(rec.size, |n| n.raw);
+            let part = &data[f.raw as usize..end as usize];
+            out.extend(cut_chunks(job_id, attempt, &runs, f.raw, part, &mut seq));
         }
         Ok(out)
     }
@@ -572,25 +693,7 @@ impl JobLogs {
         };
         let end = rec.frames.get(frame + 1).map_or(rec.size, |n| n.raw);
         let data = compact::read_range(&self.objects, rec, f.raw, end - f.raw).await?;
-        let mut out = Vec::new();
-        let mut at = f.raw;
-        while at < end {
-            let i = runs.partition_point(|r| r.0 <= at);
-            let stream = match i {
-                0 => LogStream::Stdout as i32,
-                i => runs[i - 1].1,
-            };
-            let stop = runs.get(i).map_or(end, |r| r.0.min(end));
-            *seq += 1;
-            out.push(LogChunk {
-                job: Some(JobRef { job_id, attempt }),
-                seq: *seq,
-                stream,
-                data: data[(at - f.raw) as usize..(stop - f.raw) as usize].to_vec(),
-            });
-            at = stop;
-        }
-        Ok(Some(out))
+        Ok(Some(cut_chunks(job_id, attempt, runs, f.raw, &data, seq)))
     }
 
     /// A job's log, in order; only `attempt` if given (see
@@ -615,14 +718,23 @@ impl JobLogs {
     /// mails' sync paths): blocks this thread until the object store
     /// answers, at most [`BLOCKING_READ_LIMIT`] (its callers may hold a
     /// lock: a mail then quotes that the log cannot be read, the pipeline
-    /// takes the job in later). On a multi-threaded runtime (the hub's) the
-    /// runtime moves its other tasks off this thread meanwhile.
+    /// takes the job in later); see [`block_on_bounded`].
     pub(crate) fn read_blocking(
         &self,
         job_id: u64,
         attempt: Option<u32>,
     ) -> Result<Vec<LogChunk>, LogsError> {
-        use tokio::runtime::{Handle, RuntimeFlavor};
+        self.read_blocking_within(job_id, attempt, BLOCKING_READ_LIMIT)
+    }
+
+    /// [`JobLogs::read_blocking`], waiting for the object store at most
+    /// `limit`.
+    pub(crate) fn read_blocking_within(
+        &self,
+        job_id: u64,
+        attempt: Option<u32>,
+        limit: std::time::Duration,
+    ) -> Result<Vec<LogChunk>, LogsError> {
         // Nothing compacted: no object store involved, no need to block.
         let attempts = match attempt {
             Some(a) => vec![a],
@@ -646,29 +758,7 @@ impl JobLogs {
                 return Ok(out);
             }
         }
-        let read = async {
-            tokio::time::timeout(BLOCKING_READ_LIMIT, self.read(job_id, attempt))
-                .await
-                .unwrap_or(Err(LogsError::Slow(BLOCKING_READ_LIMIT)))
-        };
-        match Handle::try_current() {
-            Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => {
-                tokio::task::block_in_place(|| h.block_on(read))
-            }
-            // A single-threaded runtime (tests) cannot drive this future
-            // while its thread waits: drive it on a thread of its own (the
-            // local backend's file reads go to the blocking pool).
-            Ok(h) => std::thread::scope(|s| {
-                s.spawn(|| h.block_on(read))
-                    .join()
-                    .unwrap_or_else(|p| std::panic::resume_unwind(p))
-            }),
-            Err(_) => tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(LogsError::Io)?
-                .block_on(read),
-        }
+        block_on_bounded(self.read(job_id, attempt), limit)
     }
 
     /// Bytes `offset..offset + limit` of one attempt's log (its chunks'
@@ -912,6 +1002,33 @@ async fn compacted_range(
 
 #[cfg(test)]
 mod tests {
+
+    /// The sync reader's limit holds on a single-threaded runtime (the
+    /// tests'), whose timers cannot run while its thread waits: a read
+    /// that never answers gives up, from the runtime's own thread and from
+    /// its blocking pool.
+    #[tokio::test]
+    async fn a_blocking_read_gives_up_on_a_single_threaded_runtime() {
+        let never = || async {
+            tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
+            Ok::<(), LogsError>(())
+        };
+        let limit = std::time::Duration::from_millis(100);
+        assert!(matches!(
+            block_on_bounded(never(), limit),
+            Err(LogsError::Slow(_))
+        ));
+        let pooled = tokio::task::spawn_blocking(move || block_on_bounded(never(), limit))
+            .await
+            .unwrap();
+        assert!(matches!(pooled, Err(LogsError::Slow(_))));
+        // And without any runtime.
+        let bare = std::thread::spawn(move || block_on_bounded(never(), limit))
+            .join()
+            .unwrap();
+        assert!(matches!(bare, Err(LogsError::Slow(_))));
+    }
+
     use super::*;
 
     fn chunk(job_id: u64, attempt: u32, seq: u64, data: &str) -> LogChunk {

@@ -47,7 +47,7 @@ mod tests;
 mod token;
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -181,7 +181,23 @@ struct Inner {
     wake: tokio::sync::Notify,
     /// Self-service subscription requests' rate limits (in memory).
     limits: subscribe::Limits,
+    /// Logs of red runs read before results takes its write lock
+    /// ([`Notifier::preload_log`]), by job: the text, or `None` if it
+    /// cannot be read. At most [`PRELOADED_LOGS`].
+    preloaded: Mutex<HashMap<u64, Option<Arc<String>>>>,
 }
+
+/// How long [`Notifier::preload_log`] waits for the object store.
+const PRELOAD_LIMIT: Duration = Duration::from_secs(30);
+
+/// How long a mail's evidence waits for a log that was not preloaded
+/// (a bisection's follow-up, a re-run's verdict): it is composed under
+/// results' write lock.
+const UNDER_LOCK_LIMIT: Duration = Duration::from_secs(1);
+
+/// How many preloaded logs [`Notifier`] keeps (each bounded by the
+/// output caps; the one wanted is the run just recorded).
+const PRELOADED_LOGS: usize = 8;
 
 /// `s/<project>/<email>`: a per-event subscription to a project.
 fn project_sub_key(project: &str, email: &str) -> String {
@@ -324,6 +340,7 @@ impl Notifier {
                     config.notify.subscribe_per_address,
                     config.notify.subscribe_per_client,
                 ),
+                preloaded: Mutex::new(HashMap::new()),
             }),
         };
         notifier.sync_maintainers()?;
@@ -905,6 +922,39 @@ impl Notifier {
             .unwrap_or_else(|| "main".into())
     }
 
+    /// Reads the log of job `job_id` (a red run about to be recorded) for
+    /// the mails its transition may cause, before results takes its write
+    /// lock: the mails' evidence then does not wait for the object store
+    /// under that lock. Best effort: what is not preloaded is read then.
+    pub(crate) async fn preload_log(&self, job_id: u64) {
+        let s = &self.inner;
+        let read = tokio::time::timeout(PRELOAD_LIMIT, s.logs.read(job_id, None)).await;
+        let text = match read {
+            Ok(Ok(chunks)) => {
+                let mut bytes = Vec::new();
+                for c in chunks {
+                    bytes.extend_from_slice(&c.data);
+                }
+                Some(Arc::new(String::from_utf8_lossy(&bytes).into_owned()))
+            }
+            Ok(Err(crate::logs::LogsError::Store(_))) => return,
+            Ok(Err(e)) => {
+                s.logs.unreadable(job_id, "its mail", &e);
+                None
+            }
+            Err(_) => {
+                let e = crate::logs::LogsError::Slow(PRELOAD_LIMIT);
+                s.logs.unreadable(job_id, "its mail", &e);
+                None
+            }
+        };
+        let mut preloaded = s.preloaded.lock().unwrap_or_else(|p| p.into_inner());
+        if preloaded.len() >= PRELOADED_LOGS && !preloaded.contains_key(&job_id) {
+            preloaded.clear();
+        }
+        preloaded.insert(job_id, text);
+    }
+
     /// Why `t`'s run failed, as a went-red mail (or its reminder or
     /// follow-up) shows it: the failing tests with their JUnit messages, and
     /// the log around the first failures (the project's `fail_pattern` or
@@ -924,17 +974,23 @@ impl Notifier {
         };
         let failing = run.as_ref().map_or(&[][..], |r| &r.failing_tests[..]);
         // A log the object store cannot give now (an outage) does not hold
-        // the mail up: it says so where the excerpt would be.
-        let log = match output::log_text(&s.logs, t.job_id, None) {
-            Ok(log) => log,
-            Err(crate::logs::LogsError::Store(e)) => return Err(e),
-            Err(e) => {
-                tracing::warn!(
-                    "the log of job {} cannot be read for its mail: {e}",
-                    t.job_id
-                );
-                format!("[trunkfarm hub: the log cannot be read right now: {e}]")
-            }
+        // the mail up: it says so where the excerpt would be. The pipeline
+        // preloads a red run's log (this runs under results' write lock);
+        // only what was not preloaded is read here, bounded in time.
+        let preloaded = (s.preloaded.lock().unwrap_or_else(|p| p.into_inner()))
+            .get(&t.job_id)
+            .cloned();
+        let log = match preloaded.map(|p| p.ok_or(())) {
+            Some(Ok(log)) => log.as_str().to_owned(),
+            Some(Err(())) => format!("[trunkfarm hub: {}]", crate::logs::UNREADABLE),
+            None => match output::log_text_within(&s.logs, t.job_id, None, UNDER_LOCK_LIMIT) {
+                Ok(log) => log,
+                Err(crate::logs::LogsError::Store(e)) => return Err(e),
+                Err(e) => {
+                    let why = s.logs.unreadable(t.job_id, "its mail", &e);
+                    format!("[trunkfarm hub: {why}]")
+                }
+            },
         };
         let lines = s.settings.log_tail_lines as usize;
         let said = failing.iter().any(|c| !c.message.trim().is_empty());

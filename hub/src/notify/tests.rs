@@ -1197,6 +1197,58 @@ async fn a_went_red_mail_quotes_the_failing_tests_then_the_log_around_the_failur
     );
 }
 
+/// A log the object store cannot hand over is not quoted, and the mail
+/// says so in general words: no object path or store detail to recipients.
+#[tokio::test]
+async fn a_went_red_mail_whose_log_is_gone_says_so_without_store_details() {
+    let farm = Farm::configured(&[ALICE], "", r#"fail_pattern = '^\[fail\]'"#);
+    farm.run(1, false).await;
+    farm.logs
+        .append(log_line(2, "[fail] test_wrap: width 3 != 4"))
+        .unwrap();
+    farm.logs.compact(2, 1).await.unwrap();
+    let object = farm
+        .store
+        .dir()
+        .join("test-objects")
+        .join(crate::logs::object_name(2, 1));
+    std::fs::remove_file(&object).unwrap();
+    farm.run(2, true).await.unwrap();
+    farm.deliver().await;
+    let text = mail_text(&farm.server.sent()[0]);
+    assert!(text.contains(crate::logs::UNREADABLE), "{text}");
+    assert!(!text.contains("log.zst"), "no object path: {text}");
+    assert!(!text.contains("test-objects"), "no store: {text}");
+}
+
+/// A red run's log read before results takes its write lock (as the
+/// pipeline does) is what the mail quotes: composing the mail under the
+/// lock does not go to the object store again.
+#[tokio::test]
+async fn a_went_red_mail_quotes_the_log_preloaded_before_the_record() {
+    let farm = Farm::configured(&[ALICE], "", r#"fail_pattern = '^\[fail\]'"#);
+    farm.run(1, false).await;
+    farm.logs
+        .append(log_line(2, "[fail] test_wrap: width 3 != 4"))
+        .unwrap();
+    farm.logs.compact(2, 1).await.unwrap();
+    farm.notifier.preload_log(2).await;
+    // Gone from the store after the preload: only the preload can quote it.
+    let object = farm
+        .store
+        .dir()
+        .join("test-objects")
+        .join(crate::logs::object_name(2, 1));
+    std::fs::remove_file(&object).unwrap();
+    farm.run(2, true).await.unwrap();
+    farm.deliver().await;
+    let text = mail_text(&farm.server.sent()[0]);
+    assert!(
+        text.contains("  | [fail] test_wrap: width 3 != 4"),
+        "{text}"
+    );
+}
+
 /// The plain-text part of a recorded mail, decoded.
 fn mail_text(mail: &Sent) -> String {
     let raw = mail.raw.replace("\r\n", "\n");

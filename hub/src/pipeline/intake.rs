@@ -33,7 +33,14 @@ pub(super) struct Output {
     pub(super) pass: Option<Pattern>,
     /// The run's output.
     pub(super) log: String,
+    /// The log could not be read (its object is gone or damaged): the
+    /// patterns are not checked, and the run's detail says so.
+    pub(super) unreadable: bool,
 }
+
+/// What a run's detail says when its log could not be read.
+pub(super) const UNREADABLE_LOG: &str =
+    "its log could not be read, so fail_pattern/pass_pattern were not checked";
 
 /// The build or run `rec` amounts to (`key` is its parsed pipeline key);
 /// a run that passed by its exit code is red when its `output` says so
@@ -110,6 +117,15 @@ pub(super) fn finished(
             let mut status = run_status(outcome);
             let mut detail = result.detail;
             if status == RunStatus::Green
+                && let Some(o) = output
+                && o.unreadable
+            {
+                detail = if detail.is_empty() {
+                    UNREADABLE_LOG.to_owned()
+                } else {
+                    format!("{detail}; {UNREADABLE_LOG}")
+                };
+            } else if status == RunStatus::Green
                 && let Some(o) = output
                 && let Some(why) = output::judge(&o.log, o.fail.as_ref(), o.pass.as_ref())
             {
@@ -283,6 +299,7 @@ mod tests {
             fail: fail.map(|p| Pattern::new(p).unwrap()),
             pass: pass.map(|p| Pattern::new(p).unwrap()),
             log: log.into(),
+            unreadable: false,
         };
         let passed = record(Outcome::Passed, "", vec![]);
         let log = "[ok] a\n[fail] b: expected 2, got 3\n";

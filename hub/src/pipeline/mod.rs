@@ -50,7 +50,7 @@ mod runs;
 #[cfg(test)]
 pub(crate) mod tests;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -82,6 +82,10 @@ const INBOX_BATCH: usize = 16;
 /// How often the inbox is looked at even without a signal, in case one was
 /// missed (e.g. jobs that finished while the hub was down).
 const INBOX_TICK: Duration = Duration::from_secs(1);
+
+/// How long a finished job whose log the object store could not hand
+/// over waits before it is taken in again (the others go on meanwhile).
+const LOG_RETRY: Duration = Duration::from_secs(30);
 
 /// How often running bisections are derived again without a job taken in
 /// (and at start-up): what a crash interrupted goes on.
@@ -165,6 +169,9 @@ struct Inner {
     /// The last poll error per upstream or project (empty: fine), by
     /// `Repo::describe`.
     poll_errors: Mutex<HashMap<String, String>>,
+    /// Finished jobs whose log could not be read, until when they are left
+    /// in the inbox ([`Pipeline::take_inbox`]).
+    log_waits: Mutex<HashMap<u64, tokio::time::Instant>>,
 }
 
 impl Pipeline {
@@ -243,6 +250,7 @@ impl Pipeline {
                 git,
                 runtimes: tokio::sync::Mutex::new(()),
                 poll_errors: Mutex::new(HashMap::new()),
+                log_waits: Mutex::new(HashMap::new()),
             }),
         };
         for u in &pipeline.inner.upstreams {
@@ -344,9 +352,24 @@ impl Pipeline {
         }
     }
 
-    /// One round: returns how many jobs were taken in.
+    /// One round: returns how many jobs were taken in. A job whose log
+    /// cannot be read right now (the object store down or slow) stays in
+    /// the inbox and is left out for [`LOG_RETRY`]; the others go on.
     async fn take_inbox(&self) -> Result<usize, PipelineError> {
-        let jobs = self.inner.dispatch.finished_inbox(INBOX_BATCH)?;
+        let skip: HashSet<u64> = {
+            let mut waiting = self
+                .inner
+                .log_waits
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let now = tokio::time::Instant::now();
+            waiting.retain(|_, until| *until > now);
+            waiting.keys().copied().collect()
+        };
+        let jobs = self
+            .inner
+            .dispatch
+            .finished_inbox_skipping(INBOX_BATCH, &skip)?;
         if jobs.is_empty() {
             return Ok(0);
         }
@@ -355,11 +378,18 @@ impl Pipeline {
         for rec in &jobs {
             match self.take_in(rec).await {
                 Ok(()) => done.push(rec.id),
-                Err(
-                    e @ (PipelineError::Store(_)
-                    | PipelineError::Dispatch(_)
-                    | PipelineError::Logs(_)),
-                ) => {
+                Err(PipelineError::Logs(e)) => {
+                    tracing::warn!(
+                        job = rec.id,
+                        "cannot read the finished job's log; it is taken in again in {}: {e}",
+                        trunkfarm_proto::settings::fmt_duration(LOG_RETRY)
+                    );
+                    let until = tokio::time::Instant::now() + LOG_RETRY;
+                    (self.inner.log_waits.lock())
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(rec.id, until);
+                }
+                Err(e @ (PipelineError::Store(_) | PipelineError::Dispatch(_))) => {
                     // Retried later: nothing is acknowledged past this point.
                     failure = Some(e);
                     break;
@@ -436,6 +466,13 @@ impl Pipeline {
             }
             Finished::Run { .. } => None,
         };
+        // A red run's went-red mail quotes its log: read it now, not under
+        // results' write lock.
+        if let Finished::Run { run, .. } = &finished
+            && run.info.status == trunkfarm_proto::v1::RunStatus::Red as i32
+        {
+            self.inner.notifier.preload_log(rec.id).await;
+        }
         let recorded = self
             .inner
             .results
@@ -486,10 +523,23 @@ impl Pipeline {
             return Ok(None);
         }
         let logs = self.inner.dispatch.logs();
+        let (log, unreadable) = match crate::output::log_text(logs, rec.id, Some(rec.attempt)) {
+            Ok(log) => (log, false),
+            // Gone for good: the run is judged without it (see intake).
+            Err(e) if e.is_permanent() => {
+                tracing::warn!(
+                    job = rec.id,
+                    "the finished run's log cannot be read, so it is judged without its output patterns: {e}"
+                );
+                (String::new(), true)
+            }
+            Err(e) => return Err(e.into()),
+        };
         Ok(Some(intake::Output {
             fail: p.fail_pattern.clone(),
             pass: p.pass_pattern.clone(),
-            log: crate::output::log_text(logs, rec.id, Some(rec.attempt))?,
+            log,
+            unreadable,
         }))
     }
 

@@ -12,7 +12,8 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{Notify, mpsc};
 use trunkfarm_proto::v1::hub_message::Msg;
 use trunkfarm_proto::v1::{
-    ArtifactChunk, ArtifactMeta, HubMessage, JobRef, JobResult, MailState, Outcome, ReportFile,
+    ArtifactChunk, ArtifactMeta, HubMessage, JobRef, JobResult, LogChunk, LogStream, MailState,
+    Outcome, ReportFile,
 };
 
 use super::git::Tip;
@@ -2859,4 +2860,156 @@ async fn a_database_without_transition_indexes_gets_them_built_at_open() {
         .map(|p| tree.scan_prefix(p).count())
         .sum::<usize>();
     assert_eq!(rebuilt, index.len());
+}
+
+/// A run whose compacted log is gone from the object store (deleted, or
+/// expired by a lifecycle rule) is judged without it, saying so, and never
+/// holds up the other finished jobs.
+#[tokio::test]
+async fn a_run_whose_compacted_log_is_gone_is_judged_without_it_and_the_others_go_on() {
+    let config = CONFIG.replace(
+        "name = \"adder\"\nurl = \"fake:adder\"\n",
+        "name = \"adder\"\nurl = \"fake:adder\"\nfail_pattern = '^\\[fail\\]'\n",
+    );
+    let mut f = Farm::with_config(&config).await;
+    f.git.commit(ADDER);
+    f.git.commit(RT);
+    f.pipeline.poll_upstream(0).await;
+    f.run_jobs(passed).await;
+    f.take_in().await;
+    let mut tests: Vec<_> = f
+        .assigned()
+        .into_iter()
+        .filter(|(_, _, key)| matches!(key, JobKey::Test { project, .. } if project == "adder"))
+        .collect();
+    tests.sort_by_key(|(job, ..)| job.job_id);
+    assert_eq!(tests.len(), 2, "adder runs on linux and mac");
+    for (job, _, key) in &tests {
+        f.logs
+            .append(LogChunk {
+                job: Some(*job),
+                seq: 1,
+                stream: LogStream::Stdout as i32,
+                data: b"[ok] a\n[fail] b: expected 2\n".to_vec(),
+            })
+            .unwrap();
+        f.finish(*job, key, Outcome::Passed, Vec::new()).await;
+        f.logs.compact(job.job_id, job.attempt).await.unwrap();
+    }
+    // The older job's object is gone.
+    let gone = &tests[0].0;
+    let path = f
+        .store
+        .dir()
+        .join("test-objects")
+        .join(crate::logs::object_name(gone.job_id, gone.attempt));
+    std::fs::remove_file(&path).unwrap();
+    f.take_in().await;
+    assert!(
+        f.dispatch.finished_inbox(10).unwrap().is_empty(),
+        "every job was taken in"
+    );
+    let platform = |key: &JobKey| match key {
+        JobKey::Test { platform, .. } => platform.clone(),
+        _ => unreachable!(),
+    };
+    let unread = f
+        .results
+        .run("adder", "rt", &platform(&tests[0].2), gone.job_id)
+        .unwrap()
+        .expect("the run without its log is recorded");
+    assert_eq!(
+        unread.info.status,
+        trunkfarm_proto::v1::RunStatus::Green as i32
+    );
+    assert!(
+        unread.info.detail.contains(intake::UNREADABLE_LOG),
+        "{}",
+        unread.info.detail
+    );
+    let read = f
+        .results
+        .run("adder", "rt", &platform(&tests[1].2), tests[1].0.job_id)
+        .unwrap()
+        .expect("the other run is recorded");
+    assert_eq!(read.info.status, trunkfarm_proto::v1::RunStatus::Red as i32);
+    assert!(
+        read.info.detail.contains("fail_pattern"),
+        "{}",
+        read.info.detail
+    );
+}
+
+/// While the object store cannot hand a run's log over (an outage), only
+/// that job waits in the inbox: the other finished jobs are taken in.
+#[tokio::test]
+async fn a_log_the_store_cannot_give_now_holds_up_only_its_own_job() {
+    let config = CONFIG.replace(
+        "name = \"adder\"\nurl = \"fake:adder\"\n",
+        "name = \"adder\"\nurl = \"fake:adder\"\nfail_pattern = '^\\[fail\\]'\n",
+    );
+    let mut f = Farm::with_config(&config).await;
+    f.git.commit(ADDER);
+    f.git.commit(RT);
+    f.pipeline.poll_upstream(0).await;
+    f.run_jobs(passed).await;
+    f.take_in().await;
+    let mut tests: Vec<_> = f
+        .assigned()
+        .into_iter()
+        .filter(|(_, _, key)| matches!(key, JobKey::Test { project, .. } if project == "adder"))
+        .collect();
+    tests.sort_by_key(|(job, ..)| job.job_id);
+    assert_eq!(tests.len(), 2);
+    for (i, (job, _, key)) in tests.iter().enumerate() {
+        f.logs
+            .append(LogChunk {
+                job: Some(*job),
+                seq: 1,
+                stream: LogStream::Stdout as i32,
+                data: b"[ok] a\n".to_vec(),
+            })
+            .unwrap();
+        f.finish(*job, key, Outcome::Passed, Vec::new()).await;
+        // The older job's log is compacted, the newer one's is not yet.
+        if i == 0 {
+            f.logs.compact(job.job_id, job.attempt).await.unwrap();
+        }
+    }
+    // The store breaks: its directory becomes a file.
+    let dir = f.store.dir().join("test-objects");
+    let away = dir.with_extension("away");
+    std::fs::rename(&dir, &away).unwrap();
+    std::fs::write(&dir, b"not a directory").unwrap();
+    f.take_in().await;
+    let waiting: Vec<u64> = f
+        .dispatch
+        .finished_inbox(10)
+        .unwrap()
+        .iter()
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(
+        waiting,
+        [tests[0].0.job_id],
+        "only the unreadable one waits"
+    );
+    let platform = |key: &JobKey| match key {
+        JobKey::Test { platform, .. } => platform.clone(),
+        _ => unreachable!(),
+    };
+    assert!(
+        f.results
+            .run("adder", "rt", &platform(&tests[1].2), tests[1].0.job_id)
+            .unwrap()
+            .is_some(),
+        "the other run is recorded"
+    );
+    assert!(
+        f.results
+            .run("adder", "rt", &platform(&tests[0].2), tests[0].0.job_id)
+            .unwrap()
+            .is_none(),
+        "not judged without a log that may come back"
+    );
 }

@@ -383,9 +383,10 @@ async fn read_log(
             .range(id, info.attempt, offset, limit, size)
             .await
             .map_err(|e| {
+                let why = site.logs.unreadable(id, "its web page", &e);
                 (
                     StatusCode::INTERNAL_SERVER_ERROR,
-                    format!("The log of job {id} cannot be read: {e}"),
+                    format!("Job {id}: {why}."),
                 )
             })?
     };

@@ -469,6 +469,46 @@ async fn the_log_is_paged_from_its_end_and_the_api_pages_it_the_same() {
     assert_eq!(status, StatusCode::NOT_FOUND);
 }
 
+/// A compacted log whose object is gone: the page and the API say so in
+/// general words, never with the store's paths or errors.
+#[tokio::test]
+async fn an_unreadable_log_is_described_without_store_details() {
+    let f = regressed_farm().await;
+    let site = f.site();
+    let id = site
+        .pipeline
+        .transitions("rt", "shouter", 1, false)
+        .unwrap()[0]
+        .job_id;
+    site.logs
+        .append(LogChunk {
+            job: Some(trunkfarm_proto::v1::JobRef {
+                job_id: id,
+                attempt: 1,
+            }),
+            seq: 1_000,
+            stream: LogStream::Stdout.into(),
+            data: b"compacted then lost\n".to_vec(),
+        })
+        .unwrap();
+    site.logs.compact(id, 1).await.unwrap();
+    let object = f
+        .store
+        .dir()
+        .join("test-objects")
+        .join(crate::logs::object_name(id, 1));
+    std::fs::remove_file(&object).unwrap();
+    let (_, page) = get(&site, &format!("/runs/{id}")).await;
+    assert!(page.contains(&shown(crate::logs::UNREADABLE)), "{page}");
+    let (status, body) = get(&site, &format!("/api/v1/runs/{id}/log")).await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert!(body.contains(crate::logs::UNREADABLE), "{body}");
+    for shown_to_all in [&page, &body] {
+        assert!(!shown_to_all.contains("log.zst"), "{shown_to_all}");
+        assert!(!shown_to_all.contains("test-objects"), "{shown_to_all}");
+    }
+}
+
 #[test]
 fn a_page_never_cuts_a_character_in_two() {
     let data = "aé€😀z".as_bytes().to_vec();
