@@ -156,11 +156,10 @@ impl Hub {
             .context("the object store in [storage] cannot be used")?;
         let store = Store::open(&data_dir.join("db"))?;
         let credentials = Credentials::open(&store)?;
-        let logs = Arc::new(JobLogs::open(
-            &store,
-            cfg.limits.max_log_size,
-            objects.clone(),
-        )?);
+        let logs = Arc::new(
+            JobLogs::open(&store, cfg.limits.max_log_size, objects.clone())?
+                .with_compact_from(cfg.storage.compact_logs_from),
+        );
         // Logs compacted while the store was local move into the bucket
         // before anything reads them (as artifacts do).
         let local_dir = data_dir.join(crate::objects::LOCAL_DIR);

@@ -306,11 +306,10 @@ async fn parts(cfg: &HubConfig, data: &Path) -> anyhow::Result<Parts> {
     let space = DataDir::new(data, 0);
     let objects = crate::objects::Objects::open(&cfg.storage, data).await?;
     let store = Store::open(&data.join("db"))?;
-    let logs = Arc::new(JobLogs::open(
-        &store,
-        cfg.limits.max_log_size,
-        objects.clone(),
-    )?);
+    let logs = Arc::new(
+        JobLogs::open(&store, cfg.limits.max_log_size, objects.clone())?
+            .with_compact_from(cfg.storage.compact_logs_from),
+    );
     let d = &cfg.dispatch;
     let dispatch = Dispatcher::open(
         &store,

@@ -47,6 +47,12 @@ pub(crate) struct StorageSection {
     /// How long a presigned download URL handed to an agent works.
     #[serde(deserialize_with = "de::duration")]
     pub(crate) presign_ttl: Duration,
+    /// A finished job's log this large or larger is compacted into an
+    /// object; a smaller one stays in the database (an object per tiny log
+    /// costs a request and a file each and saves nothing) and goes with its
+    /// job when retention prunes it. 0 compacts every log.
+    #[serde(deserialize_with = "de::byte_size")]
+    pub(crate) compact_logs_from: u64,
 }
 
 impl Default for StorageSection {
@@ -58,6 +64,7 @@ impl Default for StorageSection {
             region: "us-east-1".into(),
             endpoint: None,
             presign_ttl: Duration::from_secs(15 * 60),
+            compact_logs_from: 4 * 1024,
         }
     }
 }

@@ -110,6 +110,9 @@ pub(crate) enum Compaction {
     Already,
     /// Nothing is stored for the attempt.
     Empty,
+    /// The log is smaller than `storage.compact_logs_from`: it stays in
+    /// the database.
+    Small,
     /// Someone streams the job's log ([`JobLogs::pin`]): the chunks stay
     /// until a later try (nothing is uploaded while it is pinned; an object
     /// put just before the pin is put again then).
@@ -308,6 +311,12 @@ impl JobLogs {
         // hours, and each try would put the whole object again.
         if self.is_pinned(job_id) {
             return Ok(Compaction::Pinned);
+        }
+        if self.compact_from > 0
+            && self.compacted(job_id, attempt)?.is_none()
+            && self.chunks_size(job_id, attempt)? < self.compact_from
+        {
+            return Ok(Compaction::Small);
         }
         let Some(rec) = self.put_object(job_id, attempt).await? else {
             return Ok(match self.compacted(job_id, attempt)? {
@@ -1098,6 +1107,26 @@ mod tests {
         assert_eq!(log_objects(&f.objects).await.len(), 1, "the same object");
         assert_eq!(stored_chunks(&logs, 3, 1), 0);
         assert_eq!(whole(&logs, 3, 1).await, log);
+    }
+
+    #[tokio::test]
+    async fn a_log_smaller_than_compact_logs_from_stays_in_the_database() {
+        let f = fixture();
+        let logs = JobLogs::open_local(&f.store, 1 << 30)
+            .unwrap()
+            .with_compact_from(4096);
+        let small = sample_log(4000);
+        append_log(&logs, 11, 1, &small);
+        assert_eq!(logs.compact(11, 1).await.unwrap(), Compaction::Small);
+        assert!(stored_chunks(&logs, 11, 1) > 0);
+        assert_eq!(whole(&logs, 11, 1).await, small);
+        let big = sample_log(5000);
+        append_log(&logs, 12, 1, &big);
+        let Compaction::Done(_) = logs.compact(12, 1).await.unwrap() else {
+            panic!("a 5000-byte log is compacted")
+        };
+        assert_eq!(stored_chunks(&logs, 12, 1), 0);
+        assert_eq!(whole(&logs, 12, 1).await, big);
     }
 
     #[tokio::test]

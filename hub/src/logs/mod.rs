@@ -192,6 +192,9 @@ pub(crate) struct JobLogs {
     /// (job id8, attempt u32) → [`Compacted`].
     records: Table,
     objects: Objects,
+    /// Logs smaller than this stay in the database (`storage.compact_logs_from`;
+    /// 0: every log is compacted).
+    compact_from: u64,
     /// Log bytes the hub keeps per attempt; beyond it chunks are dropped
     /// (agents cap their own output well below; this guards the hub).
     max_bytes: u64,
@@ -355,6 +358,7 @@ impl JobLogs {
             table: Table::open(store, trees::LOGS)?,
             records: Table::open(store, trees::LOG_OBJECTS)?,
             objects,
+            compact_from: 0,
             max_bytes,
             live: Mutex::new(HashMap::new()),
             attempts: Mutex::new(HashMap::new()),
@@ -366,6 +370,14 @@ impl JobLogs {
             #[cfg(test)]
             walks: Default::default(),
         })
+    }
+
+    /// Logs smaller than `bytes` are not compacted: they stay in the
+    /// database (an object per tiny log would cost a request each and save
+    /// nothing) and go with their job when retention prunes it.
+    pub(crate) fn with_compact_from(mut self, bytes: u64) -> JobLogs {
+        self.compact_from = bytes;
+        self
     }
 
     /// A `JobLogs` whose objects live in a local store next to the
