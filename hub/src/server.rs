@@ -263,16 +263,7 @@ impl Hub {
             stop_pipeline.clone(),
         )?;
         let _ = notifier_cell.set(notifier.clone());
-        // Finished jobs' logs move into the object store in the background.
-        let compactor = crate::logs::Compactor::new(logs.clone(), {
-            let dispatch = dispatch.clone();
-            Arc::new(move |job| {
-                Ok(dispatch
-                    .get(job)?
-                    .is_none_or(|r| r.state == crate::dispatch::JobState::Finished))
-            })
-        })
-        .start(stop_pipeline.clone());
+        let compactor = start_compactor(&logs, &dispatch, &stop_pipeline);
         let pipeline = Pipeline::start(
             cfg,
             &store,
@@ -531,4 +522,24 @@ pub(crate) async fn shutdown_signal() {
             }
         }
     }
+}
+
+/// Starts moving finished jobs' logs into the object store in the
+/// background: a job counts as finished once dispatch says so, or once its
+/// record is gone (pruned).
+pub(crate) fn start_compactor(
+    logs: &Arc<JobLogs>,
+    dispatch: &Dispatcher,
+    stop: &CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    let dispatch = dispatch.clone();
+    crate::logs::Compactor::new(
+        logs.clone(),
+        Arc::new(move |job| {
+            Ok(dispatch
+                .get(job)?
+                .is_none_or(|r| r.state == crate::dispatch::JobState::Finished))
+        }),
+    )
+    .start(stop.clone())
 }

@@ -335,15 +335,7 @@ async fn parts(cfg: &HubConfig, data: &Path) -> anyhow::Result<Parts> {
     .await?;
     let results = Results::open(&store)?.with_flaky_rules(cfg.flaky_rules());
     let stop = CancellationToken::new();
-    let compactor = crate::logs::Compactor::new(logs.clone(), {
-        let dispatch = dispatch.clone();
-        Arc::new(move |job| {
-            Ok(dispatch
-                .get(job)?
-                .is_none_or(|r| r.state == crate::dispatch::JobState::Finished))
-        })
-    })
-    .start(stop.clone());
+    let compactor = crate::server::start_compactor(&logs, &dispatch, &stop);
     let notifier = Notifier::start(
         cfg,
         &store,
