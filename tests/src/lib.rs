@@ -859,25 +859,21 @@ impl Hub {
             .max_encoding_message_size(64 * 1024 * 1024)
     }
 
-    /// `GET /metrics` from the hub's web endpoint (the whole response).
+    /// `GET /metrics` from the hub's web endpoint: its body.
     pub fn metrics(&self) -> String {
-        use std::io::{Read, Write};
-        let info: Value =
-            serde_json::from_str(&std::fs::read_to_string(self.data_dir.join("hub.json")).unwrap())
-                .unwrap();
-        let addr = info["web"].as_str().unwrap().to_string();
-        let mut stream = std::net::TcpStream::connect(&addr).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
-        write!(
-            stream,
-            "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-        )
-        .unwrap();
-        let mut response = String::new();
-        stream.read_to_string(&mut response).unwrap();
-        response
+        let (status, body) = browser::http_get(&format!("{}/metrics", browser::web_url(self)));
+        assert_eq!(status, 200, "/metrics: {body}");
+        body
+    }
+
+    /// The value of the unlabelled metric `name` on `/metrics` (panics if
+    /// the hub has none).
+    pub fn metric(&self, name: &str) -> f64 {
+        let body = self.metrics();
+        body.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in /metrics:\n{body}"))
     }
 
     /// The hub's whole output (all runs).

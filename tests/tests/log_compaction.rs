@@ -22,26 +22,9 @@ fn script() -> String {
 
 /// `GET path` on the hub's web endpoint, as JSON.
 fn get_json(hub: &Hub, path: &str) -> Value {
-    use std::io::{Read, Write};
-    let info: Value =
-        serde_json::from_str(&std::fs::read_to_string(hub.data_dir.join("hub.json")).unwrap())
-            .unwrap();
-    let addr = info["web"].as_str().unwrap().to_string();
-    let mut stream = std::net::TcpStream::connect(&addr).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).unwrap();
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").expect("a whole response");
-    assert!(head.starts_with("HTTP/1.1 200"), "{path}: {head}\n{body}");
-    serde_json::from_str(body).unwrap_or_else(|e| panic!("{path}: {e}: {body}"))
+    let (status, body) = browser::http_get(&format!("{}{path}", browser::web_url(hub)));
+    assert_eq!(status, 200, "{path}: {body}");
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path}: {e}: {body}"))
 }
 
 /// The files in `dir` (none if it does not exist).

@@ -63,18 +63,6 @@ fn status(hub: &Hub) -> Value {
     hub.cli_json(&["status", "--json"])
 }
 
-/// The value of counter `name` on the hub's `/metrics`.
-fn metric(hub: &Hub, name: &str) -> u64 {
-    let reply = hub.metrics();
-    reply
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .unwrap_or_else(|| panic!("no {name} in /metrics:\n{reply}"))
-        .trim()
-        .parse()
-        .unwrap()
-}
-
 #[test]
 fn artifacts_are_objects_fetched_by_presigned_url_and_a_tampered_one_is_quarantined() {
     let moto = Moto::start(&[]);
@@ -97,8 +85,8 @@ fn artifacts_are_objects_fetched_by_presigned_url_and_a_tampered_one_is_quaranti
 
     // The agent fetched it from the store: the hub counted the download
     // and sent none of its bytes.
-    assert!(metric(&hub, "trunkfarm_artifact_downloads_total") >= 1);
-    assert_eq!(metric(&hub, "trunkfarm_artifact_sent_bytes_total"), 0);
+    assert!(hub.metric("trunkfarm_artifact_downloads_total") >= 1.0);
+    assert_eq!(hub.metric("trunkfarm_artifact_sent_bytes_total"), 0.0);
     let agent_log = agent.logs();
     assert!(
         agent_log.contains(&format!("downloaded artifact {}", &sha[..12])),
@@ -174,7 +162,7 @@ fn artifacts_are_objects_fetched_by_presigned_url_and_a_tampered_one_is_quaranti
         (s(&c["run"], "project_commit") == p2 && s(&c, "status") == "green").then_some(())
     });
     assert_eq!(keys(&moto, "artifacts"), [format!("{sha}.tar.zst")]);
-    assert_eq!(metric(&hub, "trunkfarm_artifact_sent_bytes_total"), 0);
+    assert_eq!(hub.metric("trunkfarm_artifact_sent_bytes_total"), 0.0);
 }
 
 /// `len` characters that zstd cannot shrink much (a fixed pseudo-random

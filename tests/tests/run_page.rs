@@ -5,7 +5,6 @@
 //! it serves the page and several pages of the log, which by then is
 //! compacted into the object store and read from there frame by frame.
 
-use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -19,23 +18,9 @@ fn web_addr(hub: &Hub) -> String {
     info["web"].as_str().unwrap().to_string()
 }
 
-/// `GET path`: status and body.
+/// `GET path` on the web endpoint `addr`: status and body.
 fn get(addr: &str, path: &str) -> (u16, String) {
-    let mut stream = std::net::TcpStream::connect(addr).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).unwrap();
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").expect("a whole response");
-    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
-    (status, body.to_string())
+    trunkfarm_e2e::browser::http_get(&format!("http://{addr}{path}"))
 }
 
 fn get_json(addr: &str, path: &str) -> Value {
