@@ -34,6 +34,9 @@ pub struct Moto {
     port: u16,
     dir: TempDir,
     proc: Option<Proc>,
+    /// How it was started (for [`Moto::restart`]).
+    cmd: Vec<String>,
+    env: Vec<(String, String)>,
 }
 
 /// The command that starts moto's server: `TRUNKFARM_E2E_MOTO`, else
@@ -179,42 +182,80 @@ impl Moto {
             port: 0,
             dir,
             proc: None,
+            cmd,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         for attempt in 1..=5 {
             moto.port = free_port();
-            let mut c = Command::new(&cmd[0]);
-            c.args(&cmd[1..])
-                .args(["-H", "127.0.0.1", "-p", &moto.port.to_string()])
-                .env("PYTHONUNBUFFERED", "1")
-                .env("PYTHONDONTWRITEBYTECODE", "1");
-            for (k, v) in env {
-                c.env(k, v);
-            }
-            let log = moto.dir.path().join("moto");
-            moto.proc = Some(Proc::spawn(
-                &format!("moto_server (attempt {attempt})"),
-                c,
-                &log,
-            ));
-            let deadline = Instant::now() + MOTO_START_TIMEOUT;
-            loop {
-                // /moto-api/ is moto's own page: not an AWS call, so it does
-                // not count against INITIAL_NO_AUTH_ACTION_COUNT.
-                if let Ok((200, _)) = http(moto.port, "GET", "/moto-api/", "", "") {
-                    return moto;
-                }
-                if moto.proc.as_mut().unwrap().try_wait().is_some() {
-                    break; // the port was taken, most likely: try another
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "moto_server did not answer within {MOTO_START_TIMEOUT:?}\n{}",
-                    moto.log_tail(40)
-                );
-                std::thread::sleep(Duration::from_millis(100));
+            if moto.spawn(attempt) {
+                return moto;
             }
         }
         panic!("moto_server would not start\n{}", moto.log_tail(40));
+    }
+
+    /// Starts the server on `self.port`; false if it exited at once (the
+    /// port was taken, most likely).
+    fn spawn(&mut self, attempt: u32) -> bool {
+        let mut c = Command::new(&self.cmd[0]);
+        c.args(&self.cmd[1..])
+            .args(["-H", "127.0.0.1", "-p", &self.port.to_string()])
+            .env("PYTHONUNBUFFERED", "1")
+            .env("PYTHONDONTWRITEBYTECODE", "1");
+        for (k, v) in &self.env {
+            c.env(k, v);
+        }
+        let log = self.log_prefix();
+        self.proc = Some(Proc::spawn(
+            &format!("moto_server (attempt {attempt})"),
+            c,
+            &log,
+        ));
+        let deadline = Instant::now() + MOTO_START_TIMEOUT;
+        loop {
+            // /moto-api/ is moto's own page: not an AWS call, so it does
+            // not count against INITIAL_NO_AUTH_ACTION_COUNT.
+            if let Ok((200, _)) = http(self.port, "GET", "/moto-api/", "", "") {
+                return true;
+            }
+            if self.proc.as_mut().unwrap().try_wait().is_some() {
+                return false;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "moto_server did not answer within {MOTO_START_TIMEOUT:?}\n{}",
+                self.log_tail(40)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Kills the server (an outage: connections are refused).
+    pub fn stop(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill9();
+        }
+    }
+
+    /// Starts the server again on the same port (its state is gone: moto
+    /// keeps everything in memory).
+    pub fn restart(&mut self) {
+        let deadline = Instant::now() + MOTO_START_TIMEOUT;
+        for attempt in 10.. {
+            if self.spawn(attempt) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "moto_server would not start again on port {}\n{}",
+                self.port,
+                self.log_tail(40)
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
     }
 
     /// `http://127.0.0.1:PORT`: the hub's `pool.ec2.endpoint`.

@@ -227,3 +227,55 @@ fn a_hub_switched_from_local_to_s3_moves_its_compacted_logs_into_the_bucket() {
     assert!(files(&local).is_empty(), "moved, not copied");
     assert_eq!(hub.cli_ok(&["job", "log", &id.to_string()]), before);
 }
+
+#[test]
+fn an_object_store_outage_keeps_finished_logs_in_the_database_until_it_is_back() {
+    init();
+    let mut moto = Moto::start(&[]);
+    moto.create_bucket("logs");
+    let storage = format!(
+        "\n[storage]\nbackend = \"s3\"\nbucket = \"logs\"\nprefix = \"hub-o\"\nendpoint = \"{}\"\n",
+        moto.endpoint()
+    );
+    let hub = Hub::start_with(
+        &storage,
+        &[
+            ("AWS_ACCESS_KEY_ID", "AKIDE2EOUTAGE"),
+            ("AWS_SECRET_ACCESS_KEY", "e2e-outage-secret"),
+        ],
+    );
+    let mut agent = Agent::enroll(&hub, "steady", &[]);
+    agent.start(&[]);
+    hub.wait_agents_connected(1);
+    let compacted =
+        |id: u64| get_json(&hub, &format!("/api/v1/runs/{id}"))["log"]["compacted"] == true;
+
+    // The store goes away; a job finishes meanwhile.
+    moto.stop();
+    let id = hub.submit(&["--", "seq 1 3000"]);
+    hub.wait_job_finished(id, Duration::from_secs(60));
+    let numbers: String = (1..=3000).map(|n| format!("{n}\n")).collect();
+    wait_for(Duration::from_secs(60), "a failed compaction", || {
+        (hub.metric("trunkfarm_log_compaction_failures_total") >= 1.0).then_some(())
+    });
+    // Its log is whole, read from the database.
+    assert!(!compacted(id));
+    let log = hub.job_log(id);
+    assert!(log.contains(&numbers), "{log}");
+
+    // The store is back (empty: moto keeps nothing): the retry puts it there.
+    moto.restart();
+    moto.create_bucket("logs");
+    wait_for(
+        Duration::from_secs(150),
+        "the log compacted after the outage",
+        || compacted(id).then_some(()),
+    );
+    assert_eq!(
+        moto.s3_keys("logs", "hub-o/logs/"),
+        [format!("hub-o/logs/{id}/1.log.zst")]
+    );
+    let log = hub.job_log(id);
+    assert!(log.contains(&numbers), "{log}");
+    assert!(hub.metric("trunkfarm_logs_compacted_total") >= 1.0);
+}
