@@ -271,6 +271,10 @@ struct Inner {
     locks: Mutex<HashMap<String, Weak<tokio::sync::Mutex<()>>>>,
     /// Downloads completed since the agent started.
     downloads: AtomicU64,
+    /// Set once an object store URL failed: the first fallback is a
+    /// warning, later ones (every download, if this agent cannot reach the
+    /// store) are only logged at debug level.
+    url_fallback_warned: std::sync::atomic::AtomicBool,
     /// Until when downloads do not ask for an object store URL: one failed
     /// (this agent cannot reach the store), and trying every download would
     /// cost a connect timeout each time.
@@ -436,12 +440,6 @@ impl Bytes {
     }
 }
 
-/// Set once an object store URL failed: the first fallback is a warning,
-/// later ones (every download, if this agent cannot reach the store) are
-/// only logged at debug level.
-static URL_FALLBACK_WARNED: std::sync::atomic::AtomicBool =
-    std::sync::atomic::AtomicBool::new(false);
-
 impl From<CacheError> for Failure {
     fn from(e: CacheError) -> Self {
         Failure::Fatal(e)
@@ -500,6 +498,7 @@ impl ArtifactCache {
             index: Mutex::new(Index::default()),
             locks: Mutex::new(HashMap::new()),
             downloads: AtomicU64::new(0),
+            url_fallback_warned: std::sync::atomic::AtomicBool::new(false),
             urls_failing_until: Mutex::new(None),
         });
         while index.total_bytes > cap_bytes {
@@ -553,7 +552,7 @@ impl ArtifactCache {
                 Ok(lease) => return Ok(lease),
                 Err(Failure::Fatal(e)) => return Err(e),
                 Err(Failure::UrlFailed(why)) => {
-                    let first = !URL_FALLBACK_WARNED.swap(true, Ordering::Relaxed);
+                    let first = !self.inner.url_fallback_warned.swap(true, Ordering::Relaxed);
                     *self
                         .inner
                         .urls_failing_until
