@@ -183,25 +183,19 @@ impl Hub {
                 );
             }
         }
-        let d = &cfg.dispatch;
         let dispatch = Dispatcher::open(
             &store,
             logs.clone(),
-            DispatchSettings {
-                lease_timeout: d.lease_timeout,
-                heartbeat_interval: d.heartbeat_interval,
-                max_attempts: d.max_attempts,
-                default_job_timeout: d.default_job_timeout,
-                max_job_timeout: d.max_job_timeout,
-                timeout_grace: d.timeout_grace,
-                space: space.clone(),
-                repo_credentials: RepoCredentials::from_urls(
+            DispatchSettings::from_config(
+                &cfg.dispatch,
+                space.clone(),
+                RepoCredentials::from_urls(
                     cfg.upstreams
                         .iter()
                         .map(|u| u.url.as_str())
                         .chain(cfg.projects.iter().map(|p| p.url.as_str())),
                 ),
-            },
+            ),
         )?;
         let artifacts = Artifacts::open(
             &store,
@@ -341,7 +335,7 @@ impl Hub {
             credentials: credentials.clone(),
             dispatch: dispatch.clone(),
             logs: logs.clone(),
-            heartbeat_interval: d.heartbeat_interval,
+            heartbeat_interval: cfg.dispatch.heartbeat_interval,
             artifacts: artifacts.clone(),
             default_max_parallel_jobs: cfg.enrollment.default_max_parallel_jobs,
             enroll_failures: FailedEnrollments::new(
@@ -358,7 +352,7 @@ impl Hub {
             ca_sha256: ca_sha256.clone(),
             default_token_ttl: cfg.enrollment.default_token_ttl,
             max_token_ttl: cfg.enrollment.max_token_ttl,
-            drain_grace: d.drain_grace,
+            drain_grace: cfg.dispatch.drain_grace,
             pipeline: pipeline.clone(),
             artifacts: artifacts.clone(),
             notifier: notifier.clone(),

@@ -310,20 +310,14 @@ async fn parts(cfg: &HubConfig, data: &Path) -> anyhow::Result<Parts> {
         JobLogs::open(&store, cfg.limits.max_log_size, objects.clone())?
             .with_compact_from(cfg.storage.compact_logs_from),
     );
-    let d = &cfg.dispatch;
     let dispatch = Dispatcher::open(
         &store,
         logs.clone(),
-        DispatchSettings {
-            lease_timeout: d.lease_timeout,
-            heartbeat_interval: d.heartbeat_interval,
-            max_attempts: d.max_attempts,
-            default_job_timeout: d.default_job_timeout,
-            max_job_timeout: d.max_job_timeout,
-            timeout_grace: d.timeout_grace,
-            space: space.clone(),
-            repo_credentials: RepoCredentials::from_urls(std::iter::empty()),
-        },
+        DispatchSettings::from_config(
+            &cfg.dispatch,
+            space.clone(),
+            RepoCredentials::from_urls(std::iter::empty()),
+        ),
     )?;
     let artifacts = Artifacts::open(
         &store,

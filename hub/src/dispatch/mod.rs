@@ -65,6 +65,27 @@ pub(crate) struct DispatchSettings {
     pub(crate) repo_credentials: RepoCredentials,
 }
 
+impl DispatchSettings {
+    /// The settings `[dispatch]` gives, with the data dir's reserve and the
+    /// repositories' credentials.
+    pub(crate) fn from_config(
+        d: &crate::config::DispatchSection,
+        space: DataDir,
+        repo_credentials: RepoCredentials,
+    ) -> DispatchSettings {
+        DispatchSettings {
+            lease_timeout: d.lease_timeout,
+            heartbeat_interval: d.heartbeat_interval,
+            max_attempts: d.max_attempts,
+            default_job_timeout: d.default_job_timeout,
+            max_job_timeout: d.max_job_timeout,
+            timeout_grace: d.timeout_grace,
+            space,
+            repo_credentials,
+        }
+    }
+}
+
 /// Errors callers turn into gRPC statuses.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum DispatchError {
