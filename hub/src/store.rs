@@ -674,7 +674,7 @@ pub(crate) mod tests {
             db.flush().unwrap();
             // Restarted: sled starts 2 million above its count on disk.
             drop(db);
-            let db = open_sled(dir.path(), OLD_ID_PERSIST_INTERVAL).unwrap();
+            let db = reopen_sled(dir.path(), OLD_ID_PERSIST_INTERVAL).unwrap();
             let again = db.generate_id().unwrap();
             assert!(again > last);
             for _ in 0..1000 {
@@ -682,7 +682,7 @@ pub(crate) mod tests {
             }
             last + 1
         };
-        let store = Store::open(dir.path()).unwrap();
+        let store = reopen(dir.path()).await;
         let id = store.next_id().unwrap();
         assert!(id > given, "{id} ≤ {given}");
         let meta = store.tree(trees::META).unwrap();

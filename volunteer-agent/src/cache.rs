@@ -173,6 +173,14 @@ pub(crate) enum CacheError {
     },
 }
 
+impl CacheError {
+    /// Whether the hub could not be reached (it restarts, or the network
+    /// is down): worth asking again once it is back.
+    pub(crate) fn hub_unreachable(&self) -> bool {
+        matches!(self, CacheError::Download { status, .. } if status.code() == Code::Unavailable)
+    }
+}
+
 /// A status as a message says it: its code, and its message if it has one.
 fn describe(status: &Status) -> String {
     if status.message().is_empty() {

@@ -46,10 +46,11 @@ use trunkfarm_proto::gitauth::{GitRemote, redact_url};
 use trunkfarm_proto::settings::fmt_bytes;
 use trunkfarm_proto::v1::{JobRef, JobSpec, LogStream, Outcome, ReportFile, Repository};
 
-use crate::cache::{self, ArtifactCache, Lease, Source};
+use crate::backoff::Backoff;
+use crate::cache::{self, ArtifactCache, CacheError, Lease, Source};
 use crate::fsutil::{remove_tree, remove_tree_async};
 use crate::output::{MAX_CHUNK, OutputCap};
-use crate::pack;
+use crate::pack::{self, UploadError};
 use crate::reports;
 use crate::sandbox::{Confinement, Sandbox};
 use crate::transfer::ArtifactHub;
@@ -89,6 +90,16 @@ const RUNTIME_DIR: &str = "runtime";
 /// Where a build's packed artifact is written, under its work directory
 /// (created only when packing, after the job's processes are gone).
 const PACK_DIR: &str = ".trunkfarm-pack";
+
+/// How long a job's download or upload keeps trying while the hub cannot be
+/// reached before the job ends as an infrastructure error. A hub restart
+/// takes seconds and the job's lease outlives it (the restarted hub renews
+/// it when this agent reconnects): a finished build or a test waiting for
+/// its runtime is not thrown away for it, nor one of its attempts used up.
+const HUB_OUTAGE_PATIENCE: Duration = Duration::from_secs(5 * 60);
+
+/// The longest pause between two tries while the hub cannot be reached.
+const HUB_OUTAGE_MAX_PAUSE: Duration = Duration::from_secs(10);
 
 /// The reproducible-builds variable: a build's fixed time (seconds since
 /// the epoch), <https://reproducible-builds.org/specs/source-date-epoch/>.
@@ -666,7 +677,9 @@ impl Run {
     ) -> Result<(), Finish> {
         let sha12 = cache::short(sha).to_owned();
         let lease = self
-            .until_stopped(artifacts.cache.get(sha, &*artifacts.hub))
+            .through_hub_outages(CacheError::hub_unreachable, || {
+                artifacts.cache.get(sha, &*artifacts.hub)
+            })
             .await?
             .map_err(|e| Finish::error(format!("cannot get the runtime {sha12}: {e}")))?;
         match lease.source() {
@@ -780,7 +793,9 @@ impl Run {
             fmt_bytes(packed.size_bytes)
         ));
         let response = self
-            .until_stopped(pack::upload(&*artifacts.hub, *job, &packed))
+            .through_hub_outages(UploadError::hub_unreachable, || {
+                pack::upload(&*artifacts.hub, *job, &packed)
+            })
             .await?
             .map_err(|e| Finish::error(e.to_string()))?;
         self.sink.system(&format!(
@@ -794,6 +809,39 @@ impl Run {
         ));
         self.artifact_sha256 = packed.sha256;
         Ok(())
+    }
+
+    /// Runs `call` (a download or upload through the hub) again while it
+    /// fails because the hub cannot be reached (`unreachable`), for up to
+    /// [`HUB_OUTAGE_PATIENCE`], each try noted in the job's log; any other
+    /// answer is returned. Stops with the job.
+    async fn through_hub_outages<T, E, F>(
+        &mut self,
+        unreachable: fn(&E) -> bool,
+        mut call: impl FnMut() -> F,
+    ) -> Result<Result<T, E>, Finish>
+    where
+        F: std::future::Future<Output = Result<T, E>>,
+        E: std::fmt::Display,
+    {
+        let since = Instant::now();
+        let mut backoff = Backoff::new(HUB_OUTAGE_MAX_PAUSE);
+        loop {
+            let out = self.until_stopped(call()).await?;
+            match &out {
+                Err(e) if unreachable(e) && since.elapsed() < HUB_OUTAGE_PATIENCE => {
+                    let pause = backoff.next_delay();
+                    let pause_ms = Duration::from_millis(pause.as_millis().try_into().unwrap_or(0));
+                    tracing::info!("the hub cannot be reached, trying again in {pause_ms:?}: {e}");
+                    self.sink.system(&format!(
+                        "[trunkfarm: {e}; the hub may be restarting: trying again in {}]\n",
+                        humantime::format_duration(pause_ms)
+                    ));
+                    self.until_stopped(tokio::time::sleep(pause)).await?;
+                }
+                _ => return Ok(out),
+            }
+        }
     }
 
     /// Runs `work` unless the job is stopped first (timeout or cancel), in
@@ -2539,6 +2587,83 @@ mod tests {
         );
         assert!(out.artifact_sha256.is_empty());
         assert!(all_text(&log).ends_with(&format!("[trunkfarm: {}]\n", out.detail)));
+    }
+
+    /// A hub killed and restarted while a build uploads or a test fetches
+    /// its runtime: the job waits for it instead of ending (which would use
+    /// up one of its attempts and throw the build away).
+    #[tokio::test]
+    async fn a_restarting_hub_is_waited_for_by_uploads_and_downloads() {
+        let root = tempfile::tempdir().unwrap();
+        let side = tempfile::tempdir().unwrap();
+        let hub = Arc::new(FakeHub::default());
+        let arts = artifacts(side.path(), hub.clone());
+        let build = JobSpec {
+            upload_prefix: "install".into(),
+            ..spec(&[r#"echo x > "$PREFIX/f""#])
+        };
+        hub.unreachable_next.store(2, SeqCst);
+        let (out, log) = run_full(
+            &build,
+            root.path(),
+            limits(Duration::ZERO),
+            CancellationToken::new(),
+            &arts,
+        )
+        .await;
+        assert_eq!(out.outcome, Outcome::Passed, "{out:?} {}", all_text(&log));
+        assert_eq!(hub.uploads.load(SeqCst), 3);
+        assert_eq!(out.artifact_sha256.len(), 64);
+        let system = stream_text(&log, LogStream::System);
+        assert_eq!(
+            system
+                .matches(
+                    "Connection refused (os error 111); the hub may be restarting: trying again in "
+                )
+                .count(),
+            2,
+            "{system}"
+        );
+
+        let sha = hub.add(runtime_archive());
+        hub.unreachable_next.store(2, SeqCst);
+        let root = tempfile::tempdir().unwrap();
+        let (out, log) = run_full(
+            &runtime_spec(&sha, &["rt"]),
+            root.path(),
+            limits(Duration::from_secs(60)),
+            CancellationToken::new(),
+            &arts,
+        )
+        .await;
+        assert_eq!(out.outcome, Outcome::Passed, "{out:?} {}", all_text(&log));
+        assert_eq!(hub.downloads.load(SeqCst), 3);
+        assert_eq!(stream_text(&log, LogStream::Stdout), "runtime-ok\n");
+    }
+
+    /// Waiting for the hub ends with the job: its timeout still holds.
+    #[tokio::test]
+    async fn a_hub_that_stays_away_ends_the_job_at_its_timeout() {
+        let root = tempfile::tempdir().unwrap();
+        let side = tempfile::tempdir().unwrap();
+        let hub = Arc::new(FakeHub::default());
+        let arts = artifacts(side.path(), hub.clone());
+        hub.unreachable_next.store(usize::MAX, SeqCst);
+        let build = JobSpec {
+            upload_prefix: "install".into(),
+            ..spec(&[r#"echo x > "$PREFIX/f""#])
+        };
+        let (out, log) = run_full(
+            &build,
+            root.path(),
+            limits(Duration::from_secs(3)),
+            CancellationToken::new(),
+            &arts,
+        )
+        .await;
+        assert_eq!(out.outcome, Outcome::TimedOut, "{out:?} {}", all_text(&log));
+        assert_eq!(out.detail, "timed out after 3s");
+        assert!(hub.uploads.load(SeqCst) >= 2);
     }
 
     #[tokio::test]

@@ -378,6 +378,14 @@ pub(crate) enum UploadError {
     },
 }
 
+impl UploadError {
+    /// Whether the hub could not be reached (it restarts, or the network
+    /// is down): worth sending again once it is back.
+    pub(crate) fn hub_unreachable(&self) -> bool {
+        matches!(self, UploadError::Failed { code, .. } if *code == Code::Unavailable)
+    }
+}
+
 /// Uploads `packed` as the artifact built by `job`.
 pub(crate) async fn upload(
     hub: &dyn ArtifactHub,

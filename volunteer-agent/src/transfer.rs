@@ -335,6 +335,9 @@ pub(crate) mod fake {
         pub delay: Mutex<Duration>,
         /// When set, uploads fail with this status.
         pub refuse_uploads: Mutex<Option<Status>>,
+        /// The next this many calls (downloads or uploads) find the hub
+        /// unreachable, as while it restarts.
+        pub unreachable_next: AtomicUsize,
         /// Answer a request that accepts one with a URL (as a hub with an
         /// object store does): `fake://<sha>?X-Amz-Signature=secret`.
         pub serve_urls: AtomicBool,
@@ -367,6 +370,13 @@ pub(crate) mod fake {
         }
     }
 
+    /// What tonic answers while the hub's port is closed.
+    fn restarting() -> Status {
+        Status::unavailable(
+            "could not connect to the hub at 127.0.0.1:1: Connection refused (os error 111)",
+        )
+    }
+
     /// Takes one from `counter` if it is above zero.
     fn take_one(counter: &AtomicUsize) -> bool {
         counter
@@ -382,6 +392,9 @@ pub(crate) mod fake {
             let sha = request.sha256.clone();
             Box::pin(async move {
                 self.downloads.fetch_add(1, Ordering::SeqCst);
+                if take_one(&self.unreachable_next) {
+                    return Err(restarting());
+                }
                 self.requests
                     .lock()
                     .unwrap()
@@ -465,6 +478,9 @@ pub(crate) mod fake {
         ) -> BoxFuture<'_, Result<UploadArtifactResponse, Status>> {
             Box::pin(async move {
                 self.uploads.fetch_add(1, Ordering::SeqCst);
+                if take_one(&self.unreachable_next) {
+                    return Err(restarting());
+                }
                 if let Some(status) = self.refuse_uploads.lock().unwrap().clone() {
                     return Err(status);
                 }
