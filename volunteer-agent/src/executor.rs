@@ -53,6 +53,7 @@ use crate::output::{MAX_CHUNK, OutputCap};
 use crate::pack::{self, UploadError};
 use crate::reports;
 use crate::sandbox::{Confinement, Sandbox};
+use crate::spawn_gate::SpawnGate;
 use crate::transfer::ArtifactHub;
 use crate::unpack::{self, UnpackLimits, UnpackStats};
 
@@ -120,6 +121,9 @@ pub(crate) struct Artifacts {
     pub max_unpacked_bytes: u64,
     /// How commands are confined and limited.
     pub sandbox: Arc<Sandbox>,
+    /// Spawns wait for no one; a runtime, once unpacked, waits for the
+    /// forks that may hold its files open.
+    pub spawn_gate: SpawnGate,
 }
 
 impl std::fmt::Debug for Artifacts {
@@ -192,6 +196,7 @@ pub(crate) async fn run_job(
         started.checked_add(limits.timeout)
     };
     let mut run = Run {
+        spawn_gate: artifacts.spawn_gate.clone(),
         sink: LogSink::new(limits.output_cap_bytes),
         tx: log,
         cancel,
@@ -347,6 +352,8 @@ impl ProcEnd {
 
 /// The state of one run: where its output goes and what may stop it.
 struct Run {
+    /// Where its processes are spawned.
+    spawn_gate: SpawnGate,
     /// Capped log capture plus the live chunks not yet handed to `tx`.
     sink: LogSink,
     /// The log receiver.
@@ -696,8 +703,13 @@ impl Run {
             max_entries: unpack::MAX_ENTRIES,
         };
         let dest = dir.to_path_buf();
+        let gate = artifacts.spawn_gate.clone();
         let stats = self
-            .blocking(move |cancel| unpack_cached(lease, &dest, &limits, &cancel))
+            .blocking(move |cancel| {
+                let stats = unpack_cached(lease, &dest, &limits, &cancel);
+                gate.wait_for_forks();
+                stats
+            })
             .await?
             .map_err(Finish::error)?;
         self.sink.system(&format!(
@@ -1086,7 +1098,7 @@ impl Run {
             .stderr(Stdio::piped())
             .process_group(0)
             .kill_on_drop(true);
-        let mut child = cmd.spawn()?;
+        let mut child = self.spawn_gate.spawn(&mut cmd)?;
         let group = ProcessGroup::of(child.id());
         let mut stdout = child.stdout.take();
         let mut stderr = child.stderr.take();
@@ -1623,6 +1635,7 @@ mod tests {
             hub,
             max_unpacked_bytes: 1 << 30,
             sandbox: Arc::new(Sandbox::unconfined()),
+            spawn_gate: SpawnGate::default(),
         }
     }
 

@@ -40,6 +40,7 @@ mod sandbox;
 mod service;
 mod session;
 mod slots;
+mod spawn_gate;
 mod state;
 mod sysinfo;
 mod transfer;
