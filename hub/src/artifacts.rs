@@ -457,12 +457,32 @@ struct Inner {
     /// Artifact bytes the hub itself sent to agents since start (`/metrics`;
     /// not what agents fetched from presigned URLs).
     bytes_sent_total: AtomicU64,
+    /// Agents' reports of corrupt bytes at a presigned URL since start
+    /// (`/metrics`: a store serving bad bytes, or an agent crying wolf).
+    url_reports_total: AtomicU64,
+    /// Stored copies the hub read whole to check such a report since start
+    /// (`/metrics`: at most one per object version per [`VERIFIED_FOR`],
+    /// whatever an agent repeats).
+    report_checks_total: AtomicU64,
     /// Serializes what changes records together with which copies are in
     /// place (publishing an upload, quarantine, gc), so a record and its
     /// copy always appear and disappear as a pair. Never held across an
     /// object store call: what was learnt over the network without it is
     /// re-checked against [`Publish::generation`] once it is taken again.
     publish: tokio::sync::Mutex<Publish>,
+}
+
+/// Counters of downloads since the hub started ([`Artifacts::download_totals`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct DownloadTotals {
+    /// Downloads served to the end or handed a presigned URL.
+    pub downloads: u64,
+    /// Artifact bytes the hub itself sent.
+    pub sent_bytes: u64,
+    /// Reports of corrupt bytes at a presigned URL.
+    pub url_reports: u64,
+    /// Stored copies read whole to check such a report.
+    pub report_checks: u64,
 }
 
 /// What the publish lock guards besides the records.
@@ -553,6 +573,8 @@ impl Artifacts {
                 reports: Mutex::new(HashSet::new()),
                 downloads_total: AtomicU64::new(0),
                 bytes_sent_total: AtomicU64::new(0),
+                url_reports_total: AtomicU64::new(0),
+                report_checks_total: AtomicU64::new(0),
                 publish: tokio::sync::Mutex::new(Publish::default()),
             }),
         };
@@ -1143,12 +1165,15 @@ impl Artifacts {
             .unwrap_or(0)
     }
 
-    /// Downloads served to the end and bytes sent, since the hub started.
-    pub(crate) fn download_totals(&self) -> (u64, u64) {
-        (
-            self.inner.downloads_total.load(Ordering::Relaxed),
-            self.inner.bytes_sent_total.load(Ordering::Relaxed),
-        )
+    /// What downloads did since the hub started (`/metrics`).
+    pub(crate) fn download_totals(&self) -> DownloadTotals {
+        let load = |n: &AtomicU64| n.load(Ordering::Relaxed);
+        DownloadTotals {
+            downloads: load(&self.inner.downloads_total),
+            sent_bytes: load(&self.inner.bytes_sent_total),
+            url_reports: load(&self.inner.url_reports_total),
+            report_checks: load(&self.inner.report_checks_total),
+        }
     }
 
     fn lock_verified(
@@ -1177,6 +1202,7 @@ impl Artifacts {
     /// Logs `agent_id`'s report that the URL bytes of `sha` did not match:
     /// a warning the first time, quietly after (an agent may repeat it).
     fn note_report(&self, sha: &str, agent_id: &str) {
+        self.inner.url_reports_total.fetch_add(1, Ordering::Relaxed);
         let first = self
             .inner
             .reports
@@ -1496,6 +1522,9 @@ impl Artifacts {
             self.forget_missing(sha).await?;
             return Err(ArtifactError::NotFound(sha.to_owned()));
         };
+        self.inner
+            .report_checks_total
+            .fetch_add(1, Ordering::Relaxed);
         let mut hasher = Sha256::new();
         let mut read = 0u64;
         loop {
@@ -2708,7 +2737,11 @@ mod tests {
         assert_eq!(data, small);
         assert_eq!(a.download_count(&large_sha, "ag_2"), 1);
         assert_eq!(a.download_count(&small_sha, "ag_3"), 1);
-        assert_eq!(a.download_totals(), (2, (large.len() + small.len()) as u64));
+        let totals = a.download_totals();
+        assert_eq!(
+            (totals.downloads, totals.sent_bytes),
+            (2, (large.len() + small.len()) as u64)
+        );
     }
 
     #[tokio::test]
@@ -3015,6 +3048,8 @@ mod tests {
             );
         }
         assert_eq!(a.download_count(&sha, "ag_hostile"), 4);
+        let totals = a.download_totals();
+        assert_eq!((totals.url_reports, totals.report_checks), (4, 1));
     }
 
     #[tokio::test]

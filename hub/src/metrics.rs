@@ -85,7 +85,7 @@ pub(crate) fn render(
     );
     let _ = writeln!(out, "# TYPE trunkfarm_mail_pending gauge");
     let _ = writeln!(out, "trunkfarm_mail_pending {pending}");
-    let (downloads, bytes) = artifacts.download_totals();
+    let artifact = artifacts.download_totals();
     let (compacted, compaction_failures) = dispatch.logs().compaction_totals();
     for (name, help, value) in [
         (
@@ -96,12 +96,22 @@ pub(crate) fn render(
         (
             "trunkfarm_artifact_downloads_total",
             "Runtime artifact downloads served to the end or handed a presigned object store URL since the hub started.",
-            downloads,
+            artifact.downloads,
         ),
         (
             "trunkfarm_artifact_sent_bytes_total",
             "Runtime artifact bytes the hub itself sent to agents since the hub started (not those agents fetched from the object store).",
-            bytes,
+            artifact.sent_bytes,
+        ),
+        (
+            "trunkfarm_artifact_url_reports_total",
+            "Agents' reports that the bytes at an artifact's presigned object store URL did not match its hash, since the hub started.",
+            artifact.url_reports,
+        ),
+        (
+            "trunkfarm_artifact_report_checks_total",
+            "Stored artifacts the hub read whole to check such a report (at most one per object version per 10 minutes), since the hub started.",
+            artifact.report_checks,
         ),
         (
             "trunkfarm_logs_compacted_total",

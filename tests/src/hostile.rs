@@ -17,9 +17,9 @@ use trunkfarm_proto::dial::{DialOptions, HubTrust};
 use trunkfarm_proto::enrollment::Enrollment;
 use trunkfarm_proto::v1::agent_service_client::AgentServiceClient;
 use trunkfarm_proto::v1::{
-    AgentMessage, ArtifactChunk, ArtifactMeta, Assignment, Capabilities, EnrollRequest, Heartbeat,
-    Hello, HubMessage, JobRef, JobResult, UploadArtifactResponse, Welcome, agent_message,
-    hub_message,
+    AgentMessage, ArtifactChunk, ArtifactMeta, Assignment, Capabilities, DownloadArtifactRequest,
+    EnrollRequest, Heartbeat, Hello, HubMessage, JobRef, JobResult, UploadArtifactResponse,
+    Welcome, agent_message, hub_message,
 };
 
 use crate::{Bearer, Hub};
@@ -123,6 +123,32 @@ impl HostileAgent {
             .upload_artifact(tokio_stream::iter(chunks))
             .await
             .map(|r| r.into_inner())
+    }
+}
+
+impl HostileAgent {
+    /// Downloads an artifact as `request` asks: the metadata the hub
+    /// answered with, and the bytes it streamed (none if it handed a URL).
+    pub async fn download(
+        &self,
+        request: DownloadArtifactRequest,
+    ) -> Result<(ArtifactMeta, Vec<u8>), tonic::Status> {
+        let mut stream = self
+            .client
+            .clone()
+            .download_artifact(request)
+            .await?
+            .into_inner();
+        let mut meta = None;
+        let mut data = Vec::new();
+        while let Some(chunk) = stream.message().await? {
+            if meta.is_none() {
+                meta = chunk.meta;
+            }
+            data.extend_from_slice(&chunk.data);
+        }
+        let meta = meta.ok_or_else(|| tonic::Status::internal("no metadata in the answer"))?;
+        Ok((meta, data))
     }
 }
 
