@@ -119,7 +119,7 @@ fn artifacts_are_objects_fetched_by_presigned_url_and_a_tampered_one_is_quaranti
     }
     assert_eq!(hub.metric("trunkfarm_artifact_url_reports_total"), 5.0);
     assert_eq!(hub.metric("trunkfarm_artifact_report_checks_total"), 1.0);
-    assert_eq!(artifact_shas(&hub), [sha.clone()]);
+    assert_eq!(artifact_shas(&hub), std::slice::from_ref(&sha));
     assert_eq!(keys(&moto, "artifacts"), [format!("{sha}.tar.zst")]);
     assert!(keys(&moto, "quarantine").is_empty());
     let streamed = hub.metric("trunkfarm_artifact_sent_bytes_total");
