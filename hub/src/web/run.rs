@@ -335,7 +335,11 @@ fn record(site: &Site, id: u64) -> Result<JobRecord, Refusal> {
         Ok(Some(rec)) => Ok(rec),
         Ok(None) => Err((
             StatusCode::NOT_FOUND,
-            format!("There is no job {id} on this hub."),
+            format!(
+                "There is no job {id} on this hub. A finished job's record and log go after \
+                 `retention.jobs` and `retention.logs` (see the hub's config); its run's \
+                 summary stays on its project's page for `retention.runs`."
+            ),
         )),
         Err(e) => Err((
             StatusCode::INTERNAL_SERVER_ERROR,

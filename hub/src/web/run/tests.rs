@@ -229,6 +229,10 @@ async fn a_queued_job_says_why_it_waits_and_an_unknown_one_is_404() {
             body.contains("no job 999999") || body.contains("not a job id"),
             "{body}"
         );
+        if body.contains("no job 999999") {
+            // A link from a page kept longer than the job: says where to look.
+            assert!(body.contains("`retention.jobs`"), "{body}");
+        }
     }
     let (status, body) = get(&site, &format!("/api/v1/runs/{id}/log?offset=-1")).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
