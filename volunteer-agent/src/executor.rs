@@ -1620,6 +1620,14 @@ mod tests {
         }
     }
 
+    /// A build running `commands` that publishes `$PREFIX` (`install`).
+    fn build_spec(commands: &[&str]) -> JobSpec {
+        JobSpec {
+            upload_prefix: "install".into(),
+            ..spec(commands)
+        }
+    }
+
     /// Limits with the given timeout and no output cap.
     fn limits(timeout: Duration) -> JobLimits {
         JobLimits {
@@ -1674,6 +1682,16 @@ mod tests {
     }
 
     /// Runs a job without timeout, cap or cancel.
+    /// [`run_full`] with no cancel.
+    async fn run_arts(
+        spec: &JobSpec,
+        root: &Path,
+        limits: JobLimits,
+        artifacts: &Artifacts,
+    ) -> (ExecOutcome, Vec<LogItem>) {
+        run_full(spec, root, limits, CancellationToken::new(), artifacts).await
+    }
+
     async fn run(spec: &JobSpec, root: &Path) -> (ExecOutcome, Vec<LogItem>) {
         run_with(spec, root, limits(Duration::ZERO), CancellationToken::new()).await
     }
@@ -2246,14 +2264,8 @@ mod tests {
                 url: repo.path().display().to_string(),
                 rev: String::new(),
             });
-            let (out, log) = run_full(
-                &build,
-                root.path(),
-                limits(Duration::from_secs(60)),
-                CancellationToken::new(),
-                &arts,
-            )
-            .await;
+            let (out, log) =
+                run_arts(&build, root.path(), limits(Duration::from_secs(60)), &arts).await;
             assert_eq!(out.outcome, Outcome::Passed, "{out:?} {}", all_text(&log));
             assert_eq!(
                 stream_text(&log, LogStream::Stdout),
@@ -2399,14 +2411,8 @@ mod tests {
                 r#"ln -s tool "$PREFIX/bin/tool-link""#,
             ])
         };
-        let (out, log) = run_full(
-            &build,
-            root.path(),
-            limits(Duration::from_secs(60)),
-            CancellationToken::new(),
-            &arts,
-        )
-        .await;
+        let (out, log) =
+            run_arts(&build, root.path(), limits(Duration::from_secs(60)), &arts).await;
         assert_eq!(out.outcome, Outcome::Passed, "{out:?} {}", all_text(&log));
         let dir = std::path::absolute(job_dir(root.path())).unwrap();
         assert_eq!(
@@ -2441,14 +2447,8 @@ mod tests {
         );
         test.env
             .insert("PATH".to_owned(), "/custom/bin:/usr/bin:/bin".to_owned());
-        let (out2, log) = run_full(
-            &test,
-            root.path(),
-            limits(Duration::from_secs(60)),
-            CancellationToken::new(),
-            &arts,
-        )
-        .await;
+        let (out2, log) =
+            run_arts(&test, root.path(), limits(Duration::from_secs(60)), &arts).await;
         assert_eq!(out2.outcome, Outcome::Passed, "{out2:?} {}", all_text(&log));
         assert_eq!(
             stream_text(&log, LogStream::Stdout),
@@ -2465,11 +2465,10 @@ mod tests {
         assert!(out2.artifact_sha256.is_empty());
 
         // A second job finds it in the cache.
-        let (out3, log) = run_full(
+        let (out3, log) = run_arts(
             &runtime_spec(&out.artifact_sha256, &["tool"]),
             root.path(),
             limits(Duration::from_secs(60)),
-            CancellationToken::new(),
             &arts,
         )
         .await;
@@ -2491,11 +2490,10 @@ mod tests {
         let hub = Arc::new(FakeHub::default());
         let sha = hub.add(runtime_archive());
         let arts = artifacts(side.path(), hub);
-        let (out, log) = run_full(
+        let (out, log) = run_arts(
             &runtime_spec(&sha, &["rt", r#"echo "$PATH""#]),
             root.path(),
             limits(Duration::from_secs(60)),
-            CancellationToken::new(),
             &arts,
         )
         .await;
@@ -2530,14 +2528,7 @@ mod tests {
             upload_prefix: "out/usr".into(),
             ..spec(&[r#"test -d "$PREFIX" && mkdir "$PREFIX/empty-dir""#])
         };
-        let (out, _) = run_full(
-            &build,
-            root.path(),
-            limits(Duration::ZERO),
-            CancellationToken::new(),
-            &arts,
-        )
-        .await;
+        let (out, _) = run_arts(&build, root.path(), limits(Duration::ZERO), &arts).await;
         assert_eq!(out.outcome, Outcome::Failed);
         assert_eq!(
             out.detail,
@@ -2554,18 +2545,8 @@ mod tests {
         let side = tempfile::tempdir().unwrap();
         let hub = Arc::new(FakeHub::default());
         let arts = artifacts(side.path(), hub.clone());
-        let build = JobSpec {
-            upload_prefix: "install".into(),
-            ..spec(&[r#"touch "$PREFIX/f"; exit 2"#])
-        };
-        let (out, _) = run_full(
-            &build,
-            root.path(),
-            limits(Duration::ZERO),
-            CancellationToken::new(),
-            &arts,
-        )
-        .await;
+        let build = build_spec(&[r#"touch "$PREFIX/f"; exit 2"#]);
+        let (out, _) = run_arts(&build, root.path(), limits(Duration::ZERO), &arts).await;
         assert_eq!(out.outcome, Outcome::Failed);
         assert_eq!(hub.uploads.load(SeqCst), 0);
         assert!(out.artifact_sha256.is_empty());
@@ -2580,18 +2561,8 @@ mod tests {
             "artifact too large: limit 4 GiB",
         ));
         let arts = artifacts(side.path(), hub);
-        let build = JobSpec {
-            upload_prefix: "install".into(),
-            ..spec(&[r#"echo x > "$PREFIX/f""#])
-        };
-        let (out, log) = run_full(
-            &build,
-            root.path(),
-            limits(Duration::ZERO),
-            CancellationToken::new(),
-            &arts,
-        )
-        .await;
+        let build = build_spec(&[r#"echo x > "$PREFIX/f""#]);
+        let (out, log) = run_arts(&build, root.path(), limits(Duration::ZERO), &arts).await;
         assert_eq!(out.outcome, Outcome::Error);
         assert!(
             out.detail.contains("it is larger than the hub accepts"),
@@ -2611,19 +2582,9 @@ mod tests {
         let side = tempfile::tempdir().unwrap();
         let hub = Arc::new(FakeHub::default());
         let arts = artifacts(side.path(), hub.clone());
-        let build = JobSpec {
-            upload_prefix: "install".into(),
-            ..spec(&[r#"echo x > "$PREFIX/f""#])
-        };
+        let build = build_spec(&[r#"echo x > "$PREFIX/f""#]);
         hub.unreachable_next.store(2, SeqCst);
-        let (out, log) = run_full(
-            &build,
-            root.path(),
-            limits(Duration::ZERO),
-            CancellationToken::new(),
-            &arts,
-        )
-        .await;
+        let (out, log) = run_arts(&build, root.path(), limits(Duration::ZERO), &arts).await;
         assert_eq!(out.outcome, Outcome::Passed, "{out:?} {}", all_text(&log));
         assert_eq!(hub.uploads.load(SeqCst), 3);
         assert_eq!(out.artifact_sha256.len(), 64);
@@ -2641,11 +2602,10 @@ mod tests {
         let sha = hub.add(runtime_archive());
         hub.unreachable_next.store(2, SeqCst);
         let root = tempfile::tempdir().unwrap();
-        let (out, log) = run_full(
+        let (out, log) = run_arts(
             &runtime_spec(&sha, &["rt"]),
             root.path(),
             limits(Duration::from_secs(60)),
-            CancellationToken::new(),
             &arts,
         )
         .await;
@@ -2662,18 +2622,8 @@ mod tests {
         let hub = Arc::new(FakeHub::default());
         let arts = artifacts(side.path(), hub.clone());
         hub.unreachable_next.store(usize::MAX, SeqCst);
-        let build = JobSpec {
-            upload_prefix: "install".into(),
-            ..spec(&[r#"echo x > "$PREFIX/f""#])
-        };
-        let (out, log) = run_full(
-            &build,
-            root.path(),
-            limits(Duration::from_secs(3)),
-            CancellationToken::new(),
-            &arts,
-        )
-        .await;
+        let build = build_spec(&[r#"echo x > "$PREFIX/f""#]);
+        let (out, log) = run_arts(&build, root.path(), limits(Duration::from_secs(3)), &arts).await;
         assert_eq!(out.outcome, Outcome::TimedOut, "{out:?} {}", all_text(&log));
         assert_eq!(out.detail, "timed out after 3s");
         assert!(hub.uploads.load(SeqCst) >= 2);
@@ -2719,16 +2669,7 @@ mod tests {
         let run_rt = |spec: JobSpec| {
             let arts = arts.clone();
             let root = root.path().to_path_buf();
-            async move {
-                run_full(
-                    &spec,
-                    &root,
-                    limits(Duration::ZERO),
-                    CancellationToken::new(),
-                    &arts,
-                )
-                .await
-            }
+            async move { run_arts(&spec, &root, limits(Duration::ZERO), &arts).await }
         };
 
         let (out, _) = run_rt(runtime_spec(&"0".repeat(64), &["touch ran"])).await;
@@ -2790,14 +2731,7 @@ mod tests {
         let sha = hub.add(runtime_archive());
         let arts = artifacts(side.path(), hub.clone());
         let spec = runtime_spec(&sha, &["rt"]);
-        let (out, _) = run_full(
-            &spec,
-            root.path(),
-            limits(Duration::ZERO),
-            CancellationToken::new(),
-            &arts,
-        )
-        .await;
+        let (out, _) = run_arts(&spec, root.path(), limits(Duration::ZERO), &arts).await;
         assert_eq!(out.outcome, Outcome::Passed, "{out:?}");
         // Flip the last byte of the cached file (the zstd checksum region).
         let cached = arts.cache.dir().join(format!("{sha}.tar.zst"));
@@ -2806,26 +2740,12 @@ mod tests {
             *b ^= 0x55;
         }
         std::fs::write(&cached, bytes).unwrap();
-        let (out, _) = run_full(
-            &spec,
-            root.path(),
-            limits(Duration::ZERO),
-            CancellationToken::new(),
-            &arts,
-        )
-        .await;
+        let (out, _) = run_arts(&spec, root.path(), limits(Duration::ZERO), &arts).await;
         assert_eq!(out.outcome, Outcome::Error);
         assert!(out.detail.contains("is corrupt on disk"), "{}", out.detail);
         assert!(!cached.exists());
         // The next job downloads it again.
-        let (out, _) = run_full(
-            &spec,
-            root.path(),
-            limits(Duration::ZERO),
-            CancellationToken::new(),
-            &arts,
-        )
-        .await;
+        let (out, _) = run_arts(&spec, root.path(), limits(Duration::ZERO), &arts).await;
         assert_eq!(out.outcome, Outcome::Passed, "{out:?}");
         assert_eq!(hub.downloads.load(SeqCst), 2);
     }
@@ -2839,11 +2759,10 @@ mod tests {
         *hub.delay.lock().unwrap() = Duration::from_secs(30);
         let arts = artifacts(side.path(), hub);
         let begun = std::time::Instant::now();
-        let (out, _) = run_full(
+        let (out, _) = run_arts(
             &runtime_spec(&sha, &["echo never"]),
             root.path(),
             limits(Duration::from_secs(1)),
-            CancellationToken::new(),
             &arts,
         )
         .await;
