@@ -577,4 +577,58 @@ mod tests {
             "s3://farm/hubs/a (endpoint http://127.0.0.1:1)"
         );
     }
+
+    /// What AWS S3 answers (its error bodies, as the client reports them)
+    /// reads as one line naming the key to fix. moto answers a wrong region
+    /// as if it were right, so this case is checked here, not end to end.
+    #[test]
+    fn the_services_answers_name_the_key_to_fix() {
+        let answer = |code: &str, message: &str| object_store::Error::Generic {
+            store: "S3",
+            source: format!(
+                "Error performing PUT http://s3.amazonaws.com/farm/hubs/a/.probe in 120ms - \
+                 Server returned non-2xx status code: 400 Bad Request: <?xml version=\"1.0\" \
+                 encoding=\"UTF-8\"?>\n<Error><Code>{code}</Code><Message>{message}</Message>\
+                 <RequestId>4442587FB7D0A2F9</RequestId></Error>"
+            )
+            .into(),
+        };
+        for (code, message, key) in [
+            (
+                "AuthorizationHeaderMalformed",
+                "The authorization header is malformed; the region 'us-east-1' is wrong; expecting 'eu-west-1'",
+                "fix `storage.region`",
+            ),
+            (
+                "PermanentRedirect",
+                "The bucket you are attempting to access must be addressed using the specified endpoint.",
+                "fix `storage.region`",
+            ),
+            (
+                "NoSuchBucket",
+                "The specified bucket does not exist",
+                "fix `storage.bucket`",
+            ),
+            (
+                "InvalidAccessKeyId",
+                "The AWS Access Key Id you provided does not exist in our records.",
+                "AWS_ACCESS_KEY_ID",
+            ),
+            ("AccessDenied", "Access Denied", "may not read and write"),
+        ] {
+            let e = answer(code, message);
+            assert_eq!(summary(&e), format!("{code}: {message}"));
+            let hint = hint(&e);
+            assert!(hint.contains(key), "{code}: {hint}");
+        }
+        let refused = object_store::Error::Generic {
+            store: "S3",
+            source: "error sending request: Connection refused (os error 111)".into(),
+        };
+        assert!(hint(&refused).contains("`storage.endpoint`"));
+        assert_eq!(
+            summary(&refused),
+            "error sending request: Connection refused (os error 111)"
+        );
+    }
 }
