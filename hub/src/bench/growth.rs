@@ -70,6 +70,10 @@ struct Measured {
     live_bytes: u64,
     /// Bytes of the database's files.
     disk_bytes: u64,
+    /// This process's resident memory once every job was taken in (the
+    /// hub's parts hold it all; a second run's includes what the allocator
+    /// kept from the first).
+    rss_bytes: u64,
     /// Objects the logs were compacted into (the object store's part of
     /// issue 16): `None` until compaction exists.
     objects: Option<u64>,
@@ -124,7 +128,7 @@ fn print_outcome(o: &Measured) {
     let mut all = o.dispatch_ms.clone();
     all.sort_by(f64::total_cmp);
     println!(
-        "growth {}: {} jobs in {:.1} s; database {:.1} MiB of records, {:.1} MiB on disk; objects {}; breakage p50 {:.2} ms p99 {:.2} ms; dispatch p99 {:.2} ms ({:.2} ms while pruning, {} passes)",
+        "growth {}: {} jobs in {:.1} s; database {:.1} MiB of records, {:.1} MiB on disk; memory {:.0} MiB; objects {}; breakage p50 {:.2} ms p99 {:.2} ms; dispatch p99 {:.2} ms ({:.2} ms while pruning, {} passes)",
         if o.retention {
             "with retention"
         } else {
@@ -134,6 +138,7 @@ fn print_outcome(o: &Measured) {
         o.elapsed.as_secs_f64(),
         o.live_bytes as f64 / 1048576.0,
         o.disk_bytes as f64 / 1048576.0,
+        o.rss_bytes as f64 / 1048576.0,
         o.objects
             .map(|n| n.to_string())
             .unwrap_or_else(|| "n/a".into()),
@@ -164,10 +169,11 @@ fn figures_of(o: &Measured) -> Vec<Figure> {
     let b = sorted(&o.breakage_ms);
     let d = sorted(&o.dispatch_ms);
     let dp = sorted(&o.dispatch_pruning_ms);
-    let (db, dbd, bp50, bp99, dp99, dpp99, secs, objects) = if o.retention {
+    let (db, dbd, rss, bp50, bp99, dp99, dpp99, secs, objects) = if o.retention {
         (
             "db_mib_retained",
             "db_disk_mib_retained",
+            "rss_mib_retained",
             "breakage_p50_retained",
             "breakage_p99_retained",
             "dispatch_p99_retained",
@@ -179,6 +185,7 @@ fn figures_of(o: &Measured) -> Vec<Figure> {
         (
             "db_mib_unpruned",
             "db_disk_mib_unpruned",
+            "rss_mib_unpruned",
             "breakage_p50_unpruned",
             "breakage_p99_unpruned",
             "dispatch_p99_unpruned",
@@ -200,6 +207,14 @@ fn figures_of(o: &Measured) -> Vec<Figure> {
             "growth",
             dbd,
             o.disk_bytes as f64 / 1048576.0,
+            "MiB",
+            Target::None,
+            setup.clone(),
+        ),
+        Figure::new(
+            "growth",
+            rss,
+            o.rss_bytes as f64 / 1048576.0,
             "MiB",
             Target::None,
             setup.clone(),
@@ -652,6 +667,7 @@ junit = ["junit.xml"]
         passes += 1;
     }
     let elapsed = started.elapsed();
+    let rss_bytes = super::farm::rss_bytes(std::process::id())?;
 
     // breakage over the recent upstream commits.
     let commits: Vec<String> = p
@@ -695,6 +711,7 @@ junit = ["junit.xml"]
         elapsed,
         live_bytes,
         disk_bytes,
+        rss_bytes,
         objects: object_count(&data),
         breakage_ms,
         dispatch_pruning_ms,
