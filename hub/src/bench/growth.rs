@@ -57,6 +57,8 @@ const IN_FLIGHT: usize = 32;
 const BREAKAGE_CALLS: usize = 300;
 /// The agent session's slots.
 const SLOTS: u32 = 64;
+/// How often the wait for the pipeline's intake says how far it is.
+const PROGRESS_EVERY: Duration = Duration::from_secs(30);
 /// One job in this many fails one test (and the next one passes): went-red
 /// and fixed transitions for `breakage` to find.
 const FAIL_EVERY: usize = 500;
@@ -653,7 +655,19 @@ junit = ["junit.xml"]
         h.await??;
     }
     // Everything recorded and taken in.
-    while shared.done.load(Ordering::Relaxed) < jobs || !p.dispatch.inbox_ids()?.is_empty() {
+    let mut told = Instant::now();
+    loop {
+        let waiting = p.dispatch.inbox_ids()?.len();
+        if shared.done.load(Ordering::Relaxed) >= jobs && waiting == 0 {
+            break;
+        }
+        if told.elapsed() >= PROGRESS_EVERY {
+            told = Instant::now();
+            println!(
+                "growth: {waiting} finished jobs still to be taken in by the pipeline ({:.0} s)",
+                started.elapsed().as_secs_f64()
+            );
+        }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     if with_retention {
