@@ -526,6 +526,11 @@ impl JobTable {
         Ok(out)
     }
 
+    /// Whether the finished inbox is empty (one key read, whatever its size).
+    pub(super) fn inbox_is_empty(&self) -> Result<bool, StoreError> {
+        Ok(self.table.keys([INBOX]).next().transpose()?.is_none())
+    }
+
     /// The ids in the finished inbox (keys only).
     pub(super) fn inbox_ids(&self) -> Result<Vec<u64>, StoreError> {
         let mut out = Vec::new();

@@ -802,6 +802,12 @@ impl Dispatcher {
         self.shared.table.inbox_ids()
     }
 
+    /// Whether every finished job was taken in (cheap, unlike
+    /// [`Dispatcher::inbox_ids`] on a long inbox).
+    pub(crate) fn inbox_is_empty(&self) -> Result<bool, StoreError> {
+        self.shared.table.inbox_is_empty()
+    }
+
     /// One job: the live copy if unfinished, else the stored one.
     pub(crate) fn get(&self, job_id: u64) -> Result<Option<JobRecord>, StoreError> {
         if let Some(rec) = self.lock().jobs.get(job_id) {
@@ -1319,6 +1325,7 @@ pub(crate) mod tests {
         let d = Dispatcher::open(&store, logs, settings(5000)).unwrap();
         let inbox = d.finished_inbox(10).unwrap();
         assert_eq!(inbox.len(), 1);
+        assert!(!d.inbox_is_empty().unwrap());
         assert_eq!(inbox[0].key, "build/x/p/c");
         assert_eq!(
             inbox[0].result.as_ref().unwrap().reports[0].data,
@@ -1335,6 +1342,7 @@ pub(crate) mod tests {
         d.ack_finished(&[job.job_id]).unwrap();
         d.sync().await.unwrap();
         assert!(d.finished_inbox(10).unwrap().is_empty());
+        assert!(d.inbox_is_empty().unwrap());
         // Acknowledged report files leave the record; the result stays.
         let rec = d.get(id).unwrap().unwrap();
         let result = rec.result.unwrap();
