@@ -461,8 +461,8 @@ struct Inner {
     /// (`/metrics`: a store serving bad bytes, or an agent crying wolf).
     url_reports_total: AtomicU64,
     /// Stored copies the hub read whole to check such a report since start
-    /// (`/metrics`: at most one per object version per [`VERIFIED_FOR`],
-    /// whatever an agent repeats).
+    /// (`/metrics`: one per object version per [`VERIFIED_FOR`], whatever an
+    /// agent repeats, unless reports arrive at the same moment).
     report_checks_total: AtomicU64,
     /// Serializes what changes records together with which copies are in
     /// place (publishing an upload, quarantine, gc), so a record and its

@@ -110,7 +110,7 @@ pub(crate) fn render(
         ),
         (
             "trunkfarm_artifact_report_checks_total",
-            "Stored artifacts the hub read whole to check such a report (at most one per object version per 10 minutes), since the hub started.",
+            "Stored artifacts the hub read whole to check such a report (one per object version per 10 minutes, unless reports arrive at the same moment), since the hub started.",
             artifact.report_checks,
         ),
         (

@@ -174,10 +174,15 @@ pub(crate) enum CacheError {
 }
 
 impl CacheError {
-    /// Whether the hub could not be reached (it restarts, or the network
-    /// is down): worth asking again once it is back.
+    /// Whether the hub could not be reached or went away mid-download (it
+    /// restarts, or the network is down): worth asking again once it is
+    /// back (a download changes nothing).
     pub(crate) fn hub_unreachable(&self) -> bool {
-        matches!(self, CacheError::Download { status, .. } if status.code() == Code::Unavailable)
+        match self {
+            CacheError::Download { status, .. } => crate::transfer::hub_unreachable(status),
+            CacheError::Stalled { .. } => true,
+            _ => false,
+        }
     }
 }
 

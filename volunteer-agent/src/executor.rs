@@ -53,7 +53,7 @@ use crate::output::{MAX_CHUNK, OutputCap};
 use crate::pack::{self, UploadError};
 use crate::reports;
 use crate::sandbox::{Confinement, Sandbox};
-use crate::spawn_gate::SpawnGate;
+use crate::spawn_gate;
 use crate::transfer::ArtifactHub;
 use crate::unpack::{self, UnpackLimits, UnpackStats};
 
@@ -99,8 +99,9 @@ const PACK_DIR: &str = ".trunkfarm-pack";
 /// its runtime is not thrown away for it, nor one of its attempts used up.
 const HUB_OUTAGE_PATIENCE: Duration = Duration::from_secs(5 * 60);
 
-/// The longest pause between two tries while the hub cannot be reached.
-const HUB_OUTAGE_MAX_PAUSE: Duration = Duration::from_secs(10);
+/// The longest pause between two tries while the hub cannot be reached (an
+/// upload sends the whole artifact again each time).
+const HUB_OUTAGE_MAX_PAUSE: Duration = Duration::from_secs(30);
 
 /// The reproducible-builds variable: a build's fixed time (seconds since
 /// the epoch), <https://reproducible-builds.org/specs/source-date-epoch/>.
@@ -121,9 +122,6 @@ pub(crate) struct Artifacts {
     pub max_unpacked_bytes: u64,
     /// How commands are confined and limited.
     pub sandbox: Arc<Sandbox>,
-    /// Spawns wait for no one; a runtime, once unpacked, waits for the
-    /// forks that may hold its files open.
-    pub spawn_gate: SpawnGate,
 }
 
 impl std::fmt::Debug for Artifacts {
@@ -196,7 +194,6 @@ pub(crate) async fn run_job(
         started.checked_add(limits.timeout)
     };
     let mut run = Run {
-        spawn_gate: artifacts.spawn_gate.clone(),
         sink: LogSink::new(limits.output_cap_bytes),
         tx: log,
         cancel,
@@ -352,8 +349,6 @@ impl ProcEnd {
 
 /// The state of one run: where its output goes and what may stop it.
 struct Run {
-    /// Where its processes are spawned.
-    spawn_gate: SpawnGate,
     /// Capped log capture plus the live chunks not yet handed to `tx`.
     sink: LogSink,
     /// The log receiver.
@@ -703,11 +698,11 @@ impl Run {
             max_entries: unpack::MAX_ENTRIES,
         };
         let dest = dir.to_path_buf();
-        let gate = artifacts.spawn_gate.clone();
         let stats = self
             .blocking(move |cancel| {
                 let stats = unpack_cached(lease, &dest, &limits, &cancel);
-                gate.wait_for_forks();
+                // Its files are closed: no fork may hold them once run.
+                spawn_gate::wait_for_forks();
                 stats
             })
             .await?
@@ -825,8 +820,9 @@ impl Run {
 
     /// Runs `call` (a download or upload through the hub) again while it
     /// fails because the hub cannot be reached (`unreachable`), for up to
-    /// [`HUB_OUTAGE_PATIENCE`], each try noted in the job's log; any other
-    /// answer is returned. Stops with the job.
+    /// [`HUB_OUTAGE_PATIENCE`] from the first such failure (however long the
+    /// call took), each try noted in the job's log; any other answer is
+    /// returned. Stops with the job.
     async fn through_hub_outages<T, E, F>(
         &mut self,
         unreachable: fn(&E) -> bool,
@@ -836,12 +832,16 @@ impl Run {
         F: std::future::Future<Output = Result<T, E>>,
         E: std::fmt::Display,
     {
-        let since = Instant::now();
+        let mut since: Option<Instant> = None;
         let mut backoff = Backoff::new(HUB_OUTAGE_MAX_PAUSE);
         loop {
             let out = self.until_stopped(call()).await?;
             match &out {
-                Err(e) if unreachable(e) && since.elapsed() < HUB_OUTAGE_PATIENCE => {
+                Err(e)
+                    if unreachable(e)
+                        && since.get_or_insert_with(Instant::now).elapsed()
+                            < HUB_OUTAGE_PATIENCE =>
+                {
                     let pause = backoff.next_delay();
                     let pause_ms = Duration::from_millis(pause.as_millis().try_into().unwrap_or(0));
                     tracing::info!("the hub cannot be reached, trying again in {pause_ms:?}: {e}");
@@ -1098,7 +1098,7 @@ impl Run {
             .stderr(Stdio::piped())
             .process_group(0)
             .kill_on_drop(true);
-        let mut child = self.spawn_gate.spawn(&mut cmd)?;
+        let mut child = spawn_gate::spawn(&mut cmd)?;
         let group = ProcessGroup::of(child.id());
         let mut stdout = child.stdout.take();
         let mut stderr = child.stderr.take();
@@ -1643,7 +1643,6 @@ mod tests {
             hub,
             max_unpacked_bytes: 1 << 30,
             sandbox: Arc::new(Sandbox::unconfined()),
-            spawn_gate: SpawnGate::default(),
         }
     }
 

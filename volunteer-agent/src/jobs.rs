@@ -471,7 +471,6 @@ mod tests {
             hub: Arc::new(FakeHub::default()),
             max_unpacked_bytes: 1 << 30,
             sandbox: Arc::new(crate::sandbox::Sandbox::unconfined()),
-            spawn_gate: crate::spawn_gate::SpawnGate::default(),
         }
     }
 

@@ -365,6 +365,8 @@ pub(crate) enum UploadError {
         size_bytes: u64,
         /// The status code.
         code: Code,
+        /// The hub could not be reached ([`crate::transfer::hub_unreachable`]).
+        unreachable: bool,
         /// The hub's (or transport's) message.
         message: String,
     },
@@ -382,7 +384,13 @@ impl UploadError {
     /// Whether the hub could not be reached (it restarts, or the network
     /// is down): worth sending again once it is back.
     pub(crate) fn hub_unreachable(&self) -> bool {
-        matches!(self, UploadError::Failed { code, .. } if *code == Code::Unavailable)
+        matches!(
+            self,
+            UploadError::Failed {
+                unreachable: true,
+                ..
+            }
+        )
     }
 }
 
@@ -419,6 +427,7 @@ pub(crate) async fn upload(
                     sha12: sha12.clone(),
                     size_bytes: packed.size_bytes,
                     code: status.code(),
+                    unreachable: crate::transfer::hub_unreachable(&status),
                     message,
                 }
             }

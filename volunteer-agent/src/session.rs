@@ -57,7 +57,6 @@ use crate::outbox::{Outbox, kept_log_bound};
 use crate::results::{JobKey, ResultStore, key};
 use crate::sandbox::Sandbox;
 use crate::slots::{Demand, Slots};
-use crate::spawn_gate::SpawnGate;
 use crate::sysinfo::{self, Machine};
 use crate::transfer::GrpcHub;
 
@@ -125,8 +124,6 @@ pub(crate) async fn run(
     let refuse_all = sandbox.refusal();
     let sandbox_name = sandbox.name().to_owned();
     let sandbox = Arc::new(sandbox);
-    // One for the process: every hub's jobs fork from it.
-    let spawn_gate = SpawnGate::default();
     let machine = sysinfo::detect();
     // The donor's schedule and only_when_idle (`limits.rs`), the machine's:
     // every hub is told them in words.
@@ -188,7 +185,6 @@ pub(crate) async fn run(
             )),
             max_unpacked_bytes: config.cache.max_unpacked_size,
             sandbox: sandbox.clone(),
-            spawn_gate: spawn_gate.clone(),
         };
         if !results.is_empty() {
             tracing::info!(

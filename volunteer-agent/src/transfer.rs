@@ -81,6 +81,22 @@ pub(crate) fn redact_url(url: &str) -> String {
     }
 }
 
+/// Whether a call failed because the hub could not be reached or the
+/// connection broke (it restarts, or the network is down), rather than
+/// because the hub refused: `Unavailable` (what tonic makes of a refused
+/// connection, and what a hub answers while it shuts down or its store is
+/// down), or any status tonic made from a transport error mid-call (those
+/// carry their cause as `source`; the hub's own answers carry none).
+pub(crate) fn hub_unreachable(status: &Status) -> bool {
+    use std::error::Error as _;
+    status.code() == tonic::Code::Unavailable
+        || (status.source().is_some()
+            && matches!(
+                status.code(),
+                tonic::Code::Unknown | tonic::Code::Internal | tonic::Code::Cancelled
+            ))
+}
+
 /// The hub's artifact store, as the agent uses it. One implementation talks
 /// gRPC ([`GrpcHub`]); tests use an in-memory one.
 pub(crate) trait ArtifactHub: Send + Sync {
@@ -516,6 +532,26 @@ mod tests {
     use tokio_stream::StreamExt as _;
 
     use super::*;
+
+    #[test]
+    fn a_broken_connection_is_told_from_the_hubs_refusal() {
+        // What tonic makes of a refused connection, and of one reset mid-call.
+        assert!(hub_unreachable(&Status::unavailable("connection refused")));
+        let reset = io::Error::new(io::ErrorKind::ConnectionReset, "connection reset by peer");
+        let mid_call = Status::from_error(Box::new(reset));
+        assert_eq!(mid_call.code(), tonic::Code::Unknown);
+        assert!(hub_unreachable(&mid_call));
+        // The hub's own answers (no transport cause).
+        for refused in [
+            Status::internal("the hub failed"),
+            Status::unknown("?"),
+            Status::cancelled("cancelled by the hub"),
+            Status::permission_denied("not yours"),
+            Status::failed_precondition("no longer holds the job"),
+        ] {
+            assert!(!hub_unreachable(&refused), "{refused}");
+        }
+    }
 
     async fn chunks_of(len: usize) -> Vec<ArtifactChunk> {
         let dir = tempfile::tempdir().unwrap();

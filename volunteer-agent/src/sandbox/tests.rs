@@ -221,7 +221,6 @@ async fn run_in(spec: &JobSpec, root: &Path, sandbox: Sandbox) -> (ExecOutcome, 
         hub: Arc::new(FakeHub::default()),
         max_unpacked_bytes: 1 << 30,
         sandbox: Arc::new(sandbox),
-        spawn_gate: crate::spawn_gate::SpawnGate::default(),
     };
     let (tx, mut rx) = mpsc::channel::<(LogStream, Vec<u8>)>(4);
     let collector = tokio::spawn(async move {
