@@ -536,6 +536,22 @@ fn connect(
     })
 }
 
+/// The longest pause between two dials while this agent holds the hub's
+/// jobs or undelivered results: a restarted hub keeps their leases only for
+/// its `dispatch.lease_timeout` (a minute by default) from its start,
+/// waiting for their agents to say they still hold them.
+const HOLDING_MAX_REDIAL: Duration = Duration::from_secs(10);
+
+/// The pause before dialling again: the backoff's draw, at most
+/// [`HOLDING_MAX_REDIAL`] while `holding` jobs or results of this hub.
+fn redial_pause(drawn: Duration, holding: bool) -> Duration {
+    if holding {
+        drawn.min(HOLDING_MAX_REDIAL)
+    } else {
+        drawn
+    }
+}
+
 /// The connection to the hub, in one of its three states.
 enum Link {
     /// Not connected; dial again at `retry_at`.
@@ -1018,7 +1034,8 @@ impl Hub {
         // A hub that is down has no work for anyone.
         self.backlog = 0;
         self.offered_told = None;
-        let delay = self.backoff.next_delay();
+        let holding = !self.jobs.is_empty() || !self.results.is_empty();
+        let delay = redial_pause(self.backoff.next_delay(), holding);
         self.link = Link::Down {
             retry_at: Instant::now() + delay,
         };
@@ -1950,6 +1967,21 @@ mod tests {
             cores: 8,
             memory_bytes: 16 << 30,
         }
+    }
+
+    /// A hub restarted while this agent held its jobs is dialled again
+    /// within its leases' grace, however long the backoff has grown.
+    #[test]
+    fn an_agent_holding_jobs_redials_within_a_restarted_hubs_grace() {
+        let grown = Duration::from_secs(55);
+        assert_eq!(redial_pause(grown, true), HOLDING_MAX_REDIAL);
+        assert_eq!(redial_pause(grown, false), grown);
+        let short = Duration::from_millis(300);
+        assert_eq!(redial_pause(short, true), short);
+        assert!(
+            HOLDING_MAX_REDIAL * 3 <= Duration::from_secs(60),
+            "the hub's default lease_timeout"
+        );
     }
 
     #[test]
