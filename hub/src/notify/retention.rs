@@ -16,7 +16,7 @@ use std::collections::HashSet;
 use trunkfarm_proto::v1::MailState;
 
 use super::{Notifier, OutMail, event_key};
-use crate::store::{StoreError, id_key};
+use crate::store::{StoreError, Table, id_key};
 
 impl Notifier {
     /// Removes delivered mails sent before `before_ms` with ids after
@@ -102,27 +102,13 @@ impl Notifier {
         kept_transitions: &HashSet<u64>,
         max: usize,
     ) -> Result<usize, StoreError> {
-        let table = &self.inner.table;
-        let mut batch = sled::Batch::default();
-        let mut removed = 0;
-        for k in table.keys("r/") {
-            let k = k?;
+        remove_up_to(&self.inner.table, "r/", max, |k, _| {
             let id = std::str::from_utf8(&k[2..])
                 .ok()
                 .and_then(|s| s.parse::<u64>().ok());
-            if id.is_some_and(|id| !kept_transitions.contains(&id)) {
-                batch.remove(k);
-                removed += 1;
-                if removed >= max {
-                    break;
-                }
-            }
-        }
-        if removed > 0 {
-            table.apply(batch)?;
-            table.store().commit().await?;
-        }
-        Ok(removed)
+            Ok(id.is_some_and(|id| !kept_transitions.contains(&id)))
+        })
+        .await
     }
 
     /// Removes unsubscribe times (`u/<project>/<email>`) before
@@ -138,24 +124,38 @@ impl Notifier {
         let ttl =
             u64::try_from(self.inner.settings.subscribe_link_ttl.as_millis()).unwrap_or(u64::MAX);
         let before = before_ms.min(self.now().saturating_sub(ttl));
-        let mut batch = sled::Batch::default();
-        let mut removed = 0;
-        for item in table.scan::<u64>("u/") {
-            let (k, at) = item?;
-            if at < before {
-                batch.remove(k);
-                removed += 1;
-                if removed >= max {
-                    break;
-                }
+        remove_up_to(table, "u/", max, |k, raw| {
+            Ok(table.decode::<u64>(k, raw)? < before)
+        })
+        .await
+    }
+}
+
+/// Removes the records under `prefix` that `expired` (key, raw value)
+/// says may go, at most `max`, in one durable step; how many went.
+async fn remove_up_to(
+    table: &Table,
+    prefix: &str,
+    max: usize,
+    mut expired: impl FnMut(&[u8], &[u8]) -> Result<bool, StoreError>,
+) -> Result<usize, StoreError> {
+    let mut batch = sled::Batch::default();
+    let mut removed = 0;
+    for item in table.scan_raw(prefix) {
+        let (k, v) = item?;
+        if expired(&k, &v)? {
+            batch.remove(k);
+            removed += 1;
+            if removed >= max {
+                break;
             }
         }
-        if removed > 0 {
-            table.apply(batch)?;
-            table.store().commit().await?;
-        }
-        Ok(removed)
     }
+    if removed > 0 {
+        table.apply(batch)?;
+        table.store().commit().await?;
+    }
+    Ok(removed)
 }
 
 /// The transition an event is about: `t<id>`, `bisect.<id>`,
