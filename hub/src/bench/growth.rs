@@ -93,6 +93,8 @@ struct Measured {
     /// Submit → assignment, ms, of every job.
     dispatch_ms: Vec<f64>,
     passes: usize,
+    /// The last pass, after the load: what the passes during it left.
+    last_pass: Duration,
 }
 
 /// How many objects the logs of the database in `data_dir` were compacted
@@ -138,7 +140,7 @@ fn print_outcome(o: &Measured) {
     let mut all = o.dispatch_ms.clone();
     all.sort_by(f64::total_cmp);
     println!(
-        "growth {}: {} jobs in {:.1} s; database {:.1} MiB of records, {:.1} MiB on disk; memory {:.0} MiB; objects {}; breakage p50 {:.2} ms p99 {:.2} ms; dispatch p99 {:.2} ms ({:.2} ms while pruning, {} passes)",
+        "growth {}: {} jobs in {:.1} s; database {:.1} MiB of records, {:.1} MiB on disk; memory {:.0} MiB; objects {}; breakage p50 {:.2} ms p99 {:.2} ms; dispatch p99 {:.2} ms ({:.2} ms while pruning, {} passes, the last after the load {:.1} s)",
         if o.retention {
             "with retention"
         } else {
@@ -157,6 +159,7 @@ fn print_outcome(o: &Measured) {
         percentile(&all, 99.0),
         percentile(&d, 99.0),
         o.passes,
+        o.last_pass.as_secs_f64(),
     );
 }
 
@@ -685,6 +688,7 @@ junit = ["junit.xml"]
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let last_started = Instant::now();
     if with_retention {
         p.retention
             .prune(
@@ -695,6 +699,7 @@ junit = ["junit.xml"]
             .await?;
         passes += 1;
     }
+    let last_pass = last_started.elapsed();
     let elapsed = started.elapsed();
     let rss_bytes = super::farm::rss_bytes(std::process::id())?;
 
@@ -746,6 +751,7 @@ junit = ["junit.xml"]
         dispatch_pruning_ms,
         dispatch_ms,
         passes,
+        last_pass,
     })
 }
 

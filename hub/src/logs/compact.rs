@@ -1175,9 +1175,35 @@ mod tests {
         append_log(&f.logs, 7, 2, b"not compacted");
         f.logs.compact(7, 1).await.unwrap();
         assert_eq!(f.logs.next_job(0).unwrap(), Some(7));
-        while f.logs.remove(7, 1).await.unwrap() == 1 {}
+        while f.logs.remove(&[7], 1).await.unwrap() == 0 {}
         assert_eq!(f.logs.compacted(7, 1).unwrap(), None);
         assert_eq!(f.logs.size(7, 2).await.unwrap(), 0);
+        assert!(log_objects(&f.objects).await.is_empty());
+        assert_eq!(f.logs.next_job(0).unwrap(), None);
+    }
+
+    /// Retention removes many jobs' logs in one step, never more entries
+    /// than asked, and says which jobs are wholly gone.
+    #[tokio::test]
+    async fn pruning_removes_several_jobs_logs_in_one_bounded_step() {
+        let f = fixture();
+        append_log(&f.logs, 7, 1, &sample_log(5000));
+        f.logs.compact(7, 1).await.unwrap();
+        let chunks = append_log(&f.logs, 8, 1, &sample_log(65_544));
+        assert_eq!(chunks, 3, "job 8's log is three chunks, not compacted");
+        append_log(&f.logs, 9, 1, &sample_log(5000));
+        f.logs.compact(9, 1).await.unwrap();
+        assert_eq!(log_objects(&f.objects).await.len(), 2);
+
+        // 7's record and two of 8's chunks: 8 may have more left.
+        assert_eq!(f.logs.remove(&[7, 8, 9], 3).await.unwrap(), 1);
+        assert_eq!(f.logs.compacted(7, 1).unwrap(), None);
+        assert_eq!(log_objects(&f.objects).await.len(), 1, "7's object went");
+        assert_eq!(f.logs.next_job(0).unwrap(), Some(8));
+        // 8's last chunk and 9's record.
+        assert_eq!(f.logs.remove(&[8, 9], 3).await.unwrap(), 2);
+        assert_eq!(f.logs.size(8, 1).await.unwrap(), 0);
+        assert_eq!(f.logs.compacted(9, 1).unwrap(), None);
         assert!(log_objects(&f.objects).await.is_empty());
         assert_eq!(f.logs.next_job(0).unwrap(), None);
     }
@@ -1190,7 +1216,7 @@ mod tests {
         append_log(&f.logs, 8, 1, &sample_log(400_000));
         let rec = f.logs.put_object(8, 1).await.unwrap().unwrap();
         assert!(rec.chunks > 1);
-        while f.logs.remove(8, 1).await.unwrap() == 1 {}
+        while f.logs.remove(&[8], 1).await.unwrap() == 0 {}
         assert_eq!(
             f.logs.write_record(8, 1, rec).await.unwrap(),
             Compaction::Empty

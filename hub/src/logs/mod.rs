@@ -916,45 +916,52 @@ impl JobLogs {
         Ok(first)
     }
 
-    /// Removes up to `max` stored chunks and compacted records of
-    /// `job_id`'s log (every attempt) in one atomic write, made durable,
-    /// and then the removed records' objects; returns how many entries
-    /// went. Retention calls it for finished jobs only, until it returns
-    /// less than `max`. An object that cannot be deleted now (the store is
-    /// down) is left: without its record it is an orphan, which the
-    /// compactor's start-up sweep deletes ([`compact`]).
-    pub(crate) async fn remove(&self, job_id: u64, max: usize) -> Result<usize, StoreError> {
+    /// Removes the stored chunks and compacted records of `jobs`' logs
+    /// (every attempt), in order, at most `max` entries in one atomic
+    /// write, made durable, and then the removed records' objects; returns
+    /// how many of `jobs`, from the front, have no log left. Retention
+    /// calls it for finished jobs only, a few dozen at a time (one write
+    /// for many jobs: a job's log is usually one record), again with the
+    /// rest until all are gone. An object that cannot be deleted now (the
+    /// store is down) is left: without its record it is an orphan, which
+    /// the compactor's start-up sweep deletes ([`compact`]).
+    pub(crate) async fn remove(&self, jobs: &[u64], max: usize) -> Result<usize, StoreError> {
         let mut chunks = sled::Batch::default();
         let mut records = sled::Batch::default();
         let mut objects = Vec::new();
-        let mut n = 0;
-        for item in self.records.scan_raw(job_id.to_be_bytes()).take(max) {
-            let (k, v) = item?;
-            let rec: Compacted = self.records.decode(&k, &v)?;
-            objects.push(rec.object);
-            records.remove(k);
-            n += 1;
-        }
-        for k in self.table.keys(job_id.to_be_bytes()).take(max - n) {
-            chunks.remove(k?);
-            n += 1;
+        let (mut n, mut gone) = (0, 0);
+        for job_id in jobs {
+            for item in self.records.scan_raw(job_id.to_be_bytes()).take(max - n) {
+                let (k, v) = item?;
+                let rec: Compacted = self.records.decode(&k, &v)?;
+                objects.push(rec.object);
+                records.remove(k);
+                n += 1;
+            }
+            for k in self.table.keys(job_id.to_be_bytes()).take(max - n) {
+                chunks.remove(k?);
+                n += 1;
+            }
+            if n >= max {
+                // Perhaps more of this job's log is left: the next call sees.
+                break;
+            }
+            gone += 1;
         }
         if n > 0 {
             self.table.apply_with(chunks, &self.records, records)?;
-        }
-        if !objects.is_empty() {
-            // The records' removal is durable before their objects go: a
-            // record never points at nothing.
+            // Durable before the objects go: a record never points at
+            // nothing.
             self.table.store().commit().await?;
-            for name in objects {
-                if let Err(e) = compact::delete(&self.objects, &name).await {
-                    tracing::warn!(
-                        "the pruned log {name} could not be deleted from the object store ({e}); the next start deletes it"
-                    );
-                }
+        }
+        for name in objects {
+            if let Err(e) = compact::delete(&self.objects, &name).await {
+                tracing::warn!(
+                    "the pruned log {name} could not be deleted from the object store ({e}); the next start deletes it"
+                );
             }
         }
-        Ok(n)
+        Ok(gone)
     }
 
     /// Attempts compacted and compactions that failed since the hub

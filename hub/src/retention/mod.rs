@@ -200,28 +200,49 @@ impl Retention {
 
         // Logs, in job order (the order they were made): a finished job's
         // before the cutoff goes, unless it is kept; a log whose job record
-        // is gone (pruned: finished long ago) goes too.
+        // is gone (pruned: finished long ago) goes too. Up to [`STEP`] jobs'
+        // logs go in one step (a finished job's log is one record): one
+        // step per job could not keep up with a busy farm.
         let logs_before = cut.logs;
+        let mut expired = Vec::with_capacity(STEP);
         let mut next = self.logs.next_job(0)?;
-        while let Some(job) = next {
+        loop {
             if stop.is_cancelled() {
                 return Ok(report);
             }
-            let expired = match self.dispatch.get(job)? {
-                Some(rec) if rec.created_at_ms >= logs_before => break,
-                Some(rec) => rec.finished_at_ms != 0 && rec.finished_at_ms < logs_before,
+            // The scan is over at the last log or at a job newer than the
+            // cutoff.
+            let over = match next {
                 None => true,
+                Some(job) => {
+                    let rec = self.dispatch.get(job)?;
+                    if rec.as_ref().is_some_and(|r| r.created_at_ms >= logs_before) {
+                        true
+                    } else {
+                        let finished_before = rec.is_none_or(|r| {
+                            r.finished_at_ms != 0 && r.finished_at_ms < logs_before
+                        });
+                        if finished_before && !kept.jobs.contains(&job) {
+                            expired.push(job);
+                        }
+                        false
+                    }
+                }
             };
-            if expired && !kept.jobs.contains(&job) {
-                while self.logs.remove(job, STEP).await? == STEP {
-                    self.dispatch.sync().await?;
+            if expired.len() >= STEP || (over && !expired.is_empty()) {
+                let mut left = &expired[..];
+                while !left.is_empty() {
+                    let gone = self.logs.remove(left, STEP).await?;
+                    report.logs += gone;
+                    left = &left[gone..];
                     step_pause().await;
                 }
-                self.dispatch.sync().await?;
-                report.logs += 1;
-                step_pause().await;
+                expired.clear();
             }
-            next = match job.checked_add(1) {
+            if over {
+                break;
+            }
+            next = match next.and_then(|job| job.checked_add(1)) {
                 Some(from) => self.logs.next_job(from)?,
                 None => None,
             };
