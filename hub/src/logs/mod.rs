@@ -919,7 +919,8 @@ impl JobLogs {
     /// Removes the stored chunks and compacted records of `jobs`' logs
     /// (every attempt), in order, at most `max` entries in one atomic
     /// write, made durable, and then the removed records' objects; returns
-    /// how many of `jobs`, from the front, have no log left. Retention
+    /// how many of `jobs`, from the front, surely have no log left (a job
+    /// whose last entries filled the write counts in the next call). Retention
     /// calls it for finished jobs only, a few dozen at a time (one write
     /// for many jobs: a job's log is usually one record), again with the
     /// rest until all are gone. An object that cannot be deleted now (the
@@ -929,6 +930,7 @@ impl JobLogs {
         let mut chunks = sled::Batch::default();
         let mut records = sled::Batch::default();
         let mut objects = Vec::new();
+        debug_assert!(max > 0, "a removal of nothing would never end");
         let (mut n, mut gone) = (0, 0);
         for job_id in jobs {
             for item in self.records.scan_raw(job_id.to_be_bytes()).take(max - n) {

@@ -232,6 +232,9 @@ impl Retention {
             if expired.len() >= STEP || (over && !expired.is_empty()) {
                 let mut left = &expired[..];
                 while !left.is_empty() {
+                    if stop.is_cancelled() {
+                        return Ok(report);
+                    }
                     let gone = self.logs.remove(left, STEP).await?;
                     report.logs += gone;
                     left = &left[gone..];

@@ -502,3 +502,43 @@ async fn old_builds_and_head_order_go_beyond_the_dashboards_columns() {
         .unwrap();
     assert_eq!((again.results.builds, again.heads), (0, 0), "{again:?}");
 }
+
+/// A backlog of expired logs, more than one step's worth, goes in one pass
+/// (the logs of up to [`super::STEP`] jobs per write, the rest in later
+/// writes); the latest result's log stays.
+#[tokio::test]
+async fn a_backlog_of_expired_logs_goes_in_one_pass_a_step_of_jobs_per_write() {
+    let mut f = regressed_farm().await;
+    let mut jobs = Vec::new();
+    while jobs.len() <= 2 * super::STEP {
+        jobs.extend(adder_round(&mut f).await);
+    }
+    let now = mark().await;
+    let kept = f.results.kept().unwrap().jobs;
+    let expired = jobs.iter().filter(|j| !kept.contains(j)).count();
+    assert!(expired > 2 * super::STEP - 1, "{expired} expired logs");
+    assert!(expired < jobs.len(), "the latest result's log is kept");
+
+    // Only logs expire.
+    let cut = Cutoffs {
+        runs: 0,
+        test_cases: 0,
+        logs: now,
+        jobs: 0,
+    };
+    let report = retention(&f, 1)
+        .prune(cut, Duration::ZERO, &CancellationToken::new())
+        .await
+        .unwrap();
+    assert!(report.logs >= expired, "{report:?}");
+    assert_eq!(report.results, Default::default(), "{report:?}");
+    assert_eq!(report.jobs, 0, "{report:?}");
+    for job in &jobs {
+        let size = f.logs.size(*job, 1).await.unwrap();
+        if kept.contains(job) {
+            assert!(size > 0, "kept job {job}'s log went");
+        } else {
+            assert_eq!(size, 0, "job {job}'s log stayed");
+        }
+    }
+}
