@@ -449,6 +449,9 @@ fn hint(e: &object_store::Error) -> String {
     let hint = if text.contains("nosuchbucket") || text.contains("bucket does not exist") {
         "the bucket does not exist: create it, or fix `storage.bucket`"
     } else if text.contains("permanentredirect")
+        // AWS answers a bucket in another region with a bare 301 (no
+        // Location), which the client reports without the body.
+        || text.contains("redirect without location")
         || text.contains("authorizationheadermalformed")
         || text.contains("illegallocationconstraint")
         || text.contains("incorrectendpoint")
@@ -621,6 +624,15 @@ mod tests {
             let hint = hint(&e);
             assert!(hint.contains(key), "{code}: {hint}");
         }
+        // A bucket in another region: AWS answers 301 with no Location.
+        let redirected = object_store::Error::Generic {
+            store: "S3",
+            source: "Error performing PUT http://s3.amazonaws.com/farm/hubs/a/.probe in 80ms - \
+                     Received redirect without LOCATION, this normally indicates an incorrectly \
+                     configured region"
+                .into(),
+        };
+        assert!(hint(&redirected).contains("fix `storage.region`"));
         let refused = object_store::Error::Generic {
             store: "S3",
             source: "error sending request: Connection refused (os error 111)".into(),
