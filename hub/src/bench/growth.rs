@@ -118,15 +118,36 @@ fn object_count(data_dir: &Path) -> Option<u64> {
     Some(count)
 }
 
-/// Runs the benchmark twice, without and with retention.
+/// Which runs `bench growth` makes (`--retention`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Runs {
+    /// Without and then with retention, in one process.
+    Both,
+    /// Without retention only.
+    Without,
+    /// With retention only.
+    With,
+}
+
+/// Runs the benchmark without and with retention (as `--retention` says).
 pub(super) async fn run(args: &BenchArgs, dir: &Path) -> anyhow::Result<Vec<Figure>> {
     let jobs = args.jobs.unwrap_or(1_000_000).max(100);
+    let runs: &[bool] = match args.retention {
+        Runs::Both => &[false, true],
+        Runs::Without => &[false],
+        Runs::With => &[true],
+    };
     println!(
-        "growth: {jobs} jobs ({} KiB log and {CASES} test cases each), without and then with retention",
-        LOG_BYTES / 1024
+        "growth: {jobs} jobs ({} KiB log and {CASES} test cases each), {}",
+        LOG_BYTES / 1024,
+        match args.retention {
+            Runs::Both => "without and then with retention",
+            Runs::Without => "without retention",
+            Runs::With => "with retention",
+        }
     );
     let mut figures = Vec::new();
-    for retention in [false, true] {
+    for &retention in runs {
         let sub = dir.join(if retention { "with" } else { "without" });
         std::fs::create_dir_all(&sub)?;
         let o = one(&sub, jobs, retention).await?;

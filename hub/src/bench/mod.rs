@@ -106,6 +106,11 @@ pub(crate) struct BenchArgs {
     /// fanout with --s3-endpoint: the bucket (it must exist).
     #[arg(long, default_value = "trunkfarm-bench")]
     pub(crate) s3_bucket: String,
+    /// growth: which runs: `both` (without and then with retention, in one
+    /// process), `without` or `with` (alone: the memory figure of a second
+    /// run includes what the allocator kept from the first).
+    #[arg(long, value_enum, default_value = "both")]
+    pub(crate) retention: growth::Runs,
     /// recovery: finished jobs (with their results) stored before the restart.
     #[arg(long, default_value_t = 1_000_000)]
     pub(crate) results: u64,
