@@ -110,7 +110,17 @@ pub(crate) struct HubSection {
     /// so the database never fills the disk.
     #[serde(deserialize_with = "de::byte_size")]
     pub(crate) min_free_space: u64,
+    /// The database's page cache, counted as sled counts it (the pages'
+    /// size on disk): the hub's memory runs to several times it. Larger
+    /// serves big histories' pages (`breakage`, old runs) without reading
+    /// the disk; the working set of dispatch is small.
+    #[serde(deserialize_with = "de::byte_size")]
+    pub(crate) database_cache: u64,
 }
+
+/// The smallest `hub.database_cache`, bytes: below it every read of a
+/// large tree goes to the disk.
+const MIN_DATABASE_CACHE: u64 = 1024 * 1024;
 
 /// The default `hub.min_free_space`, bytes.
 pub(crate) const DEFAULT_MIN_FREE_SPACE: u64 = 256 * 1024 * 1024;
@@ -123,6 +133,7 @@ impl Default for HubSection {
             data_dir: PathBuf::from("trunkfarm-data"),
             hub_id: None,
             min_free_space: DEFAULT_MIN_FREE_SPACE,
+            database_cache: crate::store::DEFAULT_CACHE_BYTES,
         }
     }
 }
@@ -479,6 +490,17 @@ impl HubConfig {
                     ),
                 ));
             }
+        }
+        if hub.database_cache < MIN_DATABASE_CACHE {
+            return Err(Problem::new(
+                "hub.database_cache",
+                format!(
+                    "{} is too small for the database's page cache; give at least {} (the default is {})",
+                    trunkfarm_proto::settings::fmt_bytes(hub.database_cache),
+                    trunkfarm_proto::settings::fmt_bytes(MIN_DATABASE_CACHE),
+                    trunkfarm_proto::settings::fmt_bytes(crate::store::DEFAULT_CACHE_BYTES),
+                ),
+            ));
         }
 
         let tls = &self.tls;
@@ -1073,7 +1095,7 @@ max_token_ttl = "7d"
         let e = HubConfig::from_toml("[hub]\nport = 1\n", None).unwrap_err();
         assert_eq!(
             e.to_string(),
-            "<inline config>:2: unknown key `hub.port`, expected one of `listen`, `public_address`, `data_dir`, `hub_id`, `min_free_space`"
+            "<inline config>:2: unknown key `hub.port`, expected one of `listen`, `public_address`, `data_dir`, `hub_id`, `min_free_space`, `database_cache`"
         );
     }
 
@@ -1207,6 +1229,22 @@ max_token_ttl = "7d"
         for bad in [String::new(), "a".repeat(33), "a_b".into(), "é".into()] {
             assert!(err(&format!("[hub]\nhub_id = \"{bad}\"\n")).contains("is not a valid hub id"));
         }
+    }
+
+    #[test]
+    fn database_cache_is_a_size_of_at_least_a_mebibyte() {
+        assert_eq!(parse("").unwrap().hub.database_cache, 128 << 20);
+        assert_eq!(
+            parse("[hub]\ndatabase_cache = \"512 MiB\"\n")
+                .unwrap()
+                .hub
+                .database_cache,
+            512 << 20
+        );
+        assert_eq!(
+            err("[hub]\ndatabase_cache = \"64 KiB\"\n"),
+            "/etc/trunkfarm/hub.toml:2: invalid `hub.database_cache`: 64.0 KiB is too small for the database's page cache; give at least 1.0 MiB (the default is 128.0 MiB)"
+        );
     }
 
     #[test]

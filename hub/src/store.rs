@@ -34,13 +34,21 @@ const ID_PERSIST_INTERVAL: u64 = 100;
 /// may run up to 2× this above the count on disk.
 const OLD_ID_PERSIST_INTERVAL: u64 = 1_000_000;
 
-/// Opens sled in `dir` with ids persisted every `id_interval`.
-fn open_sled(dir: &Path, id_interval: u64) -> sled::Result<sled::Db> {
+/// The default size of the database's page cache (`hub.database_cache`),
+/// bytes. sled counts the cached pages at their size on disk and its
+/// default is 1 GiB; their size in memory is many times that (a hub of a
+/// million finished jobs held 11 GiB at sled's default).
+pub(crate) const DEFAULT_CACHE_BYTES: u64 = 128 * 1024 * 1024;
+
+/// Opens sled in `dir` with ids persisted every `id_interval` and a page
+/// cache of `cache_bytes`.
+fn open_sled(dir: &Path, id_interval: u64, cache_bytes: u64) -> sled::Result<sled::Db> {
     sled::Config::new()
         .path(dir)
         // We flush explicitly (group commit); no background timer needed.
         .flush_every_ms(None)
         .idgen_persist_interval(id_interval)
+        .cache_capacity(cache_bytes)
         .open()
 }
 
@@ -345,21 +353,21 @@ impl Table {
 /// interval, one id (above every id given) is taken and written durably;
 /// the database is then opened with the new interval, which starts above
 /// it. (Ids jump once more, by about two million, at this one start.)
-fn migrate_ids(dir: &Path) -> sled::Result<sled::Db> {
+fn migrate_ids(dir: &Path, cache_bytes: u64) -> sled::Result<sled::Db> {
     {
-        let old = reopen_sled(dir, OLD_ID_PERSIST_INTERVAL)?;
+        let old = reopen_sled(dir, OLD_ID_PERSIST_INTERVAL, cache_bytes)?;
         old.generate_id()?;
         old.flush()?;
     }
-    reopen_sled(dir, ID_PERSIST_INTERVAL)
+    reopen_sled(dir, ID_PERSIST_INTERVAL, cache_bytes)
 }
 
 /// [`open_sled`] right after this process dropped its handle: sled's
 /// background I/O may hold the database's lock for a moment longer.
-fn reopen_sled(dir: &Path, id_interval: u64) -> sled::Result<sled::Db> {
+fn reopen_sled(dir: &Path, id_interval: u64, cache_bytes: u64) -> sled::Result<sled::Db> {
     let mut tries = 0;
     loop {
-        match open_sled(dir, id_interval) {
+        match open_sled(dir, id_interval, cache_bytes) {
             Err(e) if tries < 100 => {
                 tracing::debug!("reopening the hub database: {e}");
                 tries += 1;
@@ -371,14 +379,21 @@ fn reopen_sled(dir: &Path, id_interval: u64) -> sled::Result<sled::Db> {
 }
 
 impl Store {
-    /// Opens (or creates) the database in `dir` and starts its group-commit
-    /// task. Must be called inside a tokio runtime.
+    /// Opens (or creates) the database in `dir` with the default page cache
+    /// and starts its group-commit task. Must be called inside a tokio
+    /// runtime.
     pub(crate) fn open(dir: &Path) -> Result<Store, StoreError> {
+        Store::open_with_cache(dir, DEFAULT_CACHE_BYTES)
+    }
+
+    /// [`Store::open`] with a page cache of `cache_bytes`
+    /// (`hub.database_cache`).
+    pub(crate) fn open_with_cache(dir: &Path, cache_bytes: u64) -> Result<Store, StoreError> {
         let db_err = |source| StoreError::Db {
             path: dir.to_path_buf(),
             source,
         };
-        let mut db = open_sled(dir, ID_PERSIST_INTERVAL).map_err(db_err)?;
+        let mut db = open_sled(dir, ID_PERSIST_INTERVAL, cache_bytes).map_err(db_err)?;
         let mut meta = db.open_tree(trees::META).map_err(db_err)?;
         match meta.get("schema_version").map_err(db_err)? {
             None => {
@@ -402,7 +417,7 @@ impl Store {
                 }
                 if found < 2 {
                     drop((meta, db));
-                    db = migrate_ids(dir).map_err(db_err)?;
+                    db = migrate_ids(dir, cache_bytes).map_err(db_err)?;
                     meta = db.open_tree(trees::META).map_err(db_err)?;
                     meta.insert("schema_version", &SCHEMA_VERSION.to_be_bytes())
                         .map_err(db_err)?;
@@ -662,7 +677,7 @@ pub(crate) mod tests {
     async fn a_schema_1_database_never_gives_an_old_id_again() {
         let dir = tempfile::tempdir().unwrap();
         let given = {
-            let db = open_sled(dir.path(), OLD_ID_PERSIST_INTERVAL).unwrap();
+            let db = open_sled(dir.path(), OLD_ID_PERSIST_INTERVAL, DEFAULT_CACHE_BYTES).unwrap();
             db.open_tree(trees::META)
                 .unwrap()
                 .insert("schema_version", &1u32.to_be_bytes())
@@ -674,7 +689,7 @@ pub(crate) mod tests {
             db.flush().unwrap();
             // Restarted: sled starts 2 million above its count on disk.
             drop(db);
-            let db = reopen_sled(dir.path(), OLD_ID_PERSIST_INTERVAL).unwrap();
+            let db = reopen_sled(dir.path(), OLD_ID_PERSIST_INTERVAL, DEFAULT_CACHE_BYTES).unwrap();
             let again = db.generate_id().unwrap();
             assert!(again > last);
             for _ in 0..1000 {

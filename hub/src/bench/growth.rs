@@ -387,7 +387,7 @@ struct Parts {
 async fn parts(cfg: &HubConfig, data: &Path) -> anyhow::Result<Parts> {
     let space = DataDir::new(data, 0);
     let objects = crate::objects::Objects::open(&cfg.storage, data).await?;
-    let store = Store::open(&data.join("db"))?;
+    let store = Store::open_with_cache(&data.join("db"), cfg.hub.database_cache)?;
     let logs = Arc::new(
         JobLogs::open(&store, cfg.limits.max_log_size, objects.clone())?
             .with_compact_from(cfg.storage.compact_logs_from),
