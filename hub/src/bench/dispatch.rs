@@ -77,7 +77,7 @@ pub(super) async fn throughput(args: &BenchArgs, dir: &Path) -> anyhow::Result<V
         args.parallel,
         args.sandbox.as_arg()
     );
-    let hub = BenchHub::start(dir, "").await?;
+    let hub = BenchHub::start(dir, args, "").await?;
     let _agents = hub.start_agents(k, args.parallel, args.sandbox).await?;
     let admin = hub.admin().await?;
 
@@ -222,7 +222,7 @@ pub(super) async fn latency(args: &BenchArgs, dir: &Path) -> anyhow::Result<Vec<
         "latency: 1 agent (sandbox {}), {samples} jobs one at a time",
         args.sandbox.as_arg()
     );
-    let hub = BenchHub::start(dir, "").await?;
+    let hub = BenchHub::start(dir, args, "").await?;
     let _agent = hub.start_agents(1, 1, args.sandbox).await?;
     let mut admin = hub.admin().await?;
     let fifo = dir.join("started.fifo");

@@ -83,7 +83,7 @@ pub(super) async fn run(args: &BenchArgs, dir: &Path) -> anyhow::Result<Vec<Figu
         None => "data dir".to_owned(),
     };
     println!("fanout: artifacts in the {store}");
-    let hub = Arc::new(BenchHub::start(dir, &extra).await?);
+    let hub = Arc::new(BenchHub::start(dir, args, &extra).await?);
     let _agents = hub.start_agents(f, 1, args.sandbox).await?;
     let admin = hub.admin().await?;
 

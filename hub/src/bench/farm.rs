@@ -2,6 +2,7 @@
 //! its memory and restarts are its own), `trunkfarm-agent` processes, and
 //! agent identities this process uses for sessions it holds itself.
 
+use super::BenchArgs;
 use crate::config::AgentSandbox;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -50,14 +51,20 @@ pub(super) struct BenchHub {
 }
 
 impl BenchHub {
-    /// Writes a config with `extra` TOML appended and starts the hub.
-    pub(super) async fn start(dir: &Path, extra: &str) -> anyhow::Result<BenchHub> {
+    /// Writes a config with the `[hub]` keys `args` sets and `extra` TOML
+    /// appended, and starts the hub.
+    pub(super) async fn start(
+        dir: &Path,
+        args: &BenchArgs,
+        extra: &str,
+    ) -> anyhow::Result<BenchHub> {
         std::fs::create_dir_all(dir)?;
         let config = dir.join("hub.toml");
         std::fs::write(
             &config,
             format!(
-                "[hub]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"data\"\n\n[web]\nlisten = \"127.0.0.1:0\"\n{extra}\n"
+                "[hub]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"data\"\n{}\n[web]\nlisten = \"127.0.0.1:0\"\n{extra}\n",
+                args.hub_keys()
             ),
         )?;
         let cfg = HubConfig::load(&config)?;

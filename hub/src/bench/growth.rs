@@ -150,7 +150,7 @@ pub(super) async fn run(args: &BenchArgs, dir: &Path) -> anyhow::Result<Vec<Figu
     for &retention in runs {
         let sub = dir.join(if retention { "with" } else { "without" });
         std::fs::create_dir_all(&sub)?;
-        let o = one(&sub, jobs, retention).await?;
+        let o = one(args, &sub, jobs, retention).await?;
         print_outcome(&o);
         figures.extend(figures_of(&o));
     }
@@ -522,7 +522,12 @@ impl Shared {
 }
 
 /// One run of the load.
-async fn one(dir: &Path, jobs: usize, with_retention: bool) -> anyhow::Result<Measured> {
+async fn one(
+    args: &BenchArgs,
+    dir: &Path,
+    jobs: usize,
+    with_retention: bool,
+) -> anyhow::Result<Measured> {
     let rt = dir.join("rt");
     repo(&rt)?;
     let data = dir.join("data");
@@ -530,6 +535,7 @@ async fn one(dir: &Path, jobs: usize, with_retention: bool) -> anyhow::Result<Me
         r#"
 [hub]
 data_dir = "{data}"
+{hub_keys}
 
 [pipeline]
 bisect_max_builds = 0
@@ -550,6 +556,7 @@ junit = ["junit.xml"]
 "#,
         data = data.display(),
         rt = rt.display(),
+        hub_keys = args.hub_keys(),
     );
     let cfg = HubConfig::from_toml(&toml, None)?;
     let p = parts(&cfg, &data).await?;

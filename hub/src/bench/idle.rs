@@ -79,7 +79,7 @@ pub(super) async fn open_session(
 pub(super) async fn run(args: &BenchArgs, dir: &Path) -> anyhow::Result<Vec<Figure>> {
     let c = args.connections.max(1);
     println!("idle: {c} agents, each its own TLS connection and session");
-    let hub = BenchHub::start(dir, "").await?;
+    let hub = BenchHub::start(dir, args, "").await?;
     let enrolled = Instant::now();
     let identities = hub.enroll_identities(c, CONNECTS_IN_FLIGHT).await?;
     let enroll_time = enrolled.elapsed();

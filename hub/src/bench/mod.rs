@@ -111,12 +111,26 @@ pub(crate) struct BenchArgs {
     /// run includes what the allocator kept from the first).
     #[arg(long, value_enum, default_value = "both")]
     pub(crate) retention: growth::Runs,
+    /// Every benchmark's hub: its database's page cache
+    /// (`hub.database_cache`, e.g. "1 GiB"; default the hub's default).
+    #[arg(long)]
+    pub(crate) database_cache: Option<String>,
     /// recovery: finished jobs (with their results) stored before the restart.
     #[arg(long, default_value_t = 1_000_000)]
     pub(crate) results: u64,
     /// recovery: queued jobs stored before the restart.
     #[arg(long, default_value_t = 10_000)]
     pub(crate) queued: u64,
+}
+
+impl BenchArgs {
+    /// The `[hub]` keys the options set, as TOML lines.
+    pub(crate) fn hub_keys(&self) -> String {
+        match &self.database_cache {
+            Some(size) => format!("database_cache = {}\n", toml::Value::String(size.clone())),
+            None => String::new(),
+        }
+    }
 }
 
 /// One measured figure.

@@ -153,7 +153,7 @@ pub(super) async fn run(args: &BenchArgs, dir: &Path) -> anyhow::Result<Vec<Figu
     if args.queued == 0 {
         bail!("recovery needs at least one queued job (--queued)");
     }
-    let hub = BenchHub::start(dir, "").await?;
+    let hub = BenchHub::start(dir, args, "").await?;
     let agent = hub
         .enroll_identities(1, 1)
         .await?
