@@ -2811,8 +2811,8 @@ async fn a_renamed_default_branch_is_found_again() {
 
 // ---- Retention and indexes (issue 16 item 4) ----
 
-/// A database from before the transitions' indexes (no `tc/`, `tp/`, `tu/`
-/// or `ti`/`tiu` keys) gets them built once when results opens it:
+/// A database from before the transitions' indexes (no `tb/`, `tp/`, `tu/`
+/// or `tib` keys) gets them built once when results opens it:
 /// breakage, a project's and an upstream's listing answer as before.
 #[tokio::test]
 async fn a_database_without_transition_indexes_gets_them_built_at_open() {
@@ -2824,7 +2824,7 @@ async fn a_database_without_transition_indexes_gets_them_built_at_open() {
     assert_eq!(of_upstream, everything);
     assert!(of_upstream.len() > listed.len());
     let tree = f.store.tree(crate::store::trees::RESULTS).unwrap();
-    let index: Vec<_> = ["tc/", "tp/", "tu/", "ti"]
+    let index: Vec<_> = ["tb/", "tp/", "tu/", "tib"]
         .iter()
         .flat_map(|p| tree.scan_prefix(p).keys().map(|k| k.unwrap()))
         .collect();
@@ -2855,11 +2855,57 @@ async fn a_database_without_transition_indexes_gets_them_built_at_open() {
         reopened.transitions_of("rt", "", 100, true).unwrap(),
         everything
     );
-    let rebuilt = ["tc/", "tp/", "tu/", "ti"]
+    let rebuilt = ["tb/", "tp/", "tu/", "tib"]
         .iter()
         .map(|p| tree.scan_prefix(p).count())
         .sum::<usize>();
     assert_eq!(rebuilt, index.len());
+}
+
+/// A database of a hub before `tb/` (its commit index `tc/` held every
+/// transition, a steady series' still greens too, under the marker `tiu`)
+/// gets `tb/` built at open and `tc/` removed: breakage answers as before,
+/// through an index of only the transitions that may blame a commit.
+#[tokio::test]
+async fn an_older_commit_index_of_every_transition_gives_way_to_one_of_those_that_may_blame() {
+    let f = regressed_farm().await;
+    let went_red = f.went_red("shouter").remove(0);
+    let all = f.results.transitions(1000, |_| true).unwrap();
+    let tree = f.store.tree(crate::store::trees::RESULTS).unwrap();
+    let blamable = |tree: &sled::Tree| tree.scan_prefix("tb/").count();
+    let may_blame = blamable(&tree);
+    assert!(
+        may_blame > 0 && may_blame < all.len(),
+        "{may_blame} index entries for {} transitions",
+        all.len()
+    );
+    // The older layout.
+    for k in tree.scan_prefix("tb/").keys() {
+        tree.remove(k.unwrap()).unwrap();
+    }
+    tree.remove("tib").unwrap();
+    tree.insert("tiu", &[] as &[u8]).unwrap();
+    for t in &all {
+        let k = format!(
+            "tc/{}/{}/{}",
+            t.upstream,
+            t.upstream_commit,
+            crate::store::id_key(t.id)
+        );
+        tree.insert(k, &[] as &[u8]).unwrap();
+    }
+
+    let reopened = Results::open(&f.store).unwrap();
+    let commit = Commit {
+        sha: went_red.upstream_commit.clone(),
+        ..Default::default()
+    };
+    let b = reopened.breakage("rt", vec![commit]).unwrap();
+    assert_eq!(b.went_red, vec![went_red]);
+    assert_eq!(blamable(&tree), may_blame);
+    assert_eq!(tree.scan_prefix("tc/").count(), 0, "the older index went");
+    assert!(tree.contains_key("tib").unwrap());
+    assert!(!tree.contains_key("tiu").unwrap());
 }
 
 /// A run whose compacted log is gone from the object store (deleted, or

@@ -1,30 +1,45 @@
-//! The transitions' secondary indexes (`tc/<upstream>/<commit>/<id>`,
+//! The transitions' secondary indexes (`tb/<upstream>/<commit>/<id>`,
 //! `tp/<project>/<id>` and `tu/<upstream>/<id>`, see `keys.rs`): `breakage` and the transitions
 //! listing read them instead of every transition. An entry is staged in the
 //! same batch as its transition's first write (the fields it is keyed by —
-//! upstream, result commit, culprit range, project — never change after),
-//! and removed with it by retention. A database from before the indexes
-//! gets them built once when it is opened.
+//! upstream, result commit, culprit range, project, and whether it may
+//! blame a commit at all — never change after: a went red may later be
+//! classed as leaving the series, which `breakage` filters, but nothing
+//! becomes blamable later), and removed with it by retention. A database
+//! from before the indexes gets them built once when it is opened.
 
 use std::collections::BTreeSet;
 
+use trunkfarm_proto::v1::TransitionKind;
+
 use super::keys;
-use super::records::Transition;
+use super::records::{Class, Transition};
 use crate::store::{StoreError, Table};
 
 /// How many transitions one batch of the first build indexes.
 const BUILD_BATCH: usize = 1000;
 
+/// Whether `t` may blame an upstream commit (what `breakage` lists): a
+/// went red, or a suspicious green. Only these are in the commit index: a
+/// steady series records a still-green transition for every run.
+pub(super) fn may_blame(t: &Transition) -> bool {
+    t.kind == TransitionKind::WentRed as i32 || t.class == Some(Class::Suspicious)
+}
+
 /// Every index key of `t`.
 fn entries(t: &Transition) -> Vec<String> {
-    let commits: BTreeSet<&str> = std::iter::once(t.upstream_commit.as_str())
-        .chain(t.culprits.iter().map(|c| c.sha.as_str()))
-        .filter(|c| !c.is_empty())
-        .collect();
-    let mut out: Vec<String> = commits
-        .into_iter()
-        .map(|c| keys::transition_at(&t.upstream, c, t.id))
-        .collect();
+    let mut out = Vec::new();
+    if may_blame(t) {
+        let commits: BTreeSet<&str> = std::iter::once(t.upstream_commit.as_str())
+            .chain(t.culprits.iter().map(|c| c.sha.as_str()))
+            .filter(|c| !c.is_empty())
+            .collect();
+        out.extend(
+            commits
+                .into_iter()
+                .map(|c| keys::blamable(&t.upstream, c, t.id)),
+        );
+    }
     if !t.project.is_empty() {
         out.push(keys::transition_of(&t.project, t.id));
     }
@@ -49,12 +64,12 @@ pub(super) fn unstage(batch: &mut sled::Batch, t: &Transition) {
 }
 
 /// Builds the indexes of every stored transition unless they were built
-/// (the `tiu` marker; a database with the older `ti` has `tc/` and `tp/`
-/// but not `tu/`: writing them again is harmless), then writes the marker
-/// (removing `ti`) and flushes: run once, at
-/// open, before anything else writes the tree. Idempotent: a start
-/// interrupted before the flush builds them again. Returns how many
-/// transitions it indexed (`None`: already built).
+/// (the `tib` marker; a database with an older marker has `tp/` and maybe
+/// `tu/`, writing them again is harmless, and the older commit index `tc/`
+/// of every transition, which goes), then writes the marker (removing the
+/// older ones) and flushes: run once, at open, before anything else writes
+/// the tree. Idempotent: a start interrupted before the flush builds them
+/// again. Returns how many transitions it indexed (`None`: already built).
 pub(super) fn build_once(table: &Table) -> Result<Option<usize>, StoreError> {
     if table.contains(keys::INDEXED)? {
         return Ok(None);
@@ -72,8 +87,18 @@ pub(super) fn build_once(table: &Table) -> Result<Option<usize>, StoreError> {
             in_batch = 0;
         }
     }
+    for k in table.keys(keys::COMMIT_INDEX_BEFORE_BLAMABLE) {
+        batch.remove(k?);
+        in_batch += 1;
+        if in_batch == BUILD_BATCH {
+            table.apply(std::mem::take(&mut batch))?;
+            in_batch = 0;
+        }
+    }
     batch.insert(keys::INDEXED.as_bytes(), &[] as &[u8]);
-    batch.remove(keys::INDEXED_BEFORE_UPSTREAMS.as_bytes());
+    for old in keys::INDEXED_BEFORE {
+        batch.remove(old.as_bytes());
+    }
     table.apply(batch)?;
     table.store().flush_now()?;
     Ok(Some(total))

@@ -131,16 +131,23 @@ pub(super) fn bisection(upstream: &str, platform: &str, good: &str, bad: &str) -
     format!("{BISECTIONS}{upstream}/{platform}/{good}/{bad}")
 }
 
-/// `tc/<upstream>/<commit>/` → the transitions that name `commit` (as the
-/// commit of their result or in their culprit range): `breakage`'s index.
-pub(super) fn transitions_at(upstream: &str, commit: &str) -> String {
-    format!("tc/{upstream}/{commit}/")
+/// `tb/<upstream>/<commit>/` → the transitions that may blame `commit`
+/// (went red, or a suspicious green, naming it as the commit of their
+/// result or in their culprit range): `breakage`'s index.
+pub(super) fn blamable_at(upstream: &str, commit: &str) -> String {
+    format!("tb/{upstream}/{commit}/")
 }
 
-/// `tc/<upstream>/<commit>/<id>` → empty: transition `id` names `commit`.
-pub(super) fn transition_at(upstream: &str, commit: &str, id: u64) -> String {
-    format!("{}{}", transitions_at(upstream, commit), id_key(id))
+/// `tb/<upstream>/<commit>/<id>` → empty: transition `id` may blame
+/// `commit`.
+pub(super) fn blamable(upstream: &str, commit: &str, id: u64) -> String {
+    format!("{}{}", blamable_at(upstream, commit), id_key(id))
 }
+
+/// The prefix of the commit index of hubs before `tb/`: every transition
+/// (a still-green too) under each commit it names, `tc/<upstream>/<commit>/<id>`;
+/// removed when `tb/` is built.
+pub(super) const COMMIT_INDEX_BEFORE_BLAMABLE: &str = "tc/";
 
 /// `tp/<project>/` → the transitions of a project's series: the listing's
 /// index.
@@ -164,14 +171,13 @@ pub(super) fn transition_in(upstream: &str, id: u64) -> String {
     format!("{}{}", transitions_in(upstream), id_key(id))
 }
 
-/// `tiu` → marker: the `tc/`, `tp/` and `tu/` indexes hold every
-/// transition (written once they were built for a database from before
-/// them).
-pub(super) const INDEXED: &str = "tiu";
+/// `tib` → marker: the `tb/`, `tp/` and `tu/` indexes are complete
+/// (written once they were built for a database from before them).
+pub(super) const INDEXED: &str = "tib";
 
-/// `ti` → the marker of hubs before `tu/`: the `tc/` and `tp/` indexes are
-/// built (removed once `tu/` is built too).
-pub(super) const INDEXED_BEFORE_UPSTREAMS: &str = "ti";
+/// The markers of hubs before `tb/`: `tiu` (`tc/`, `tp/` and `tu/` built)
+/// and `ti` (before `tu/`: `tc/` and `tp/`); removed once `tb/` is built.
+pub(super) const INDEXED_BEFORE: [&str; 2] = ["tiu", "ti"];
 
 /// The id at the end of an index key (`…/<id>`).
 pub(super) fn id_at_end(key: &[u8]) -> Option<u64> {

@@ -476,11 +476,11 @@ impl Results {
         commits: Vec<Commit>,
     ) -> Result<Breakage, StoreError> {
         let wanted: HashSet<&str> = commits.iter().map(|c| c.sha.as_str()).collect();
-        // Through the commit index: only the transitions naming one of
-        // the commits are read.
+        // Through the commit index: only the transitions that may blame
+        // one of the commits are read (not a steady series' still greens).
         let mut ids = std::collections::BTreeSet::new();
         for sha in &wanted {
-            for id in index::ids(&self.table, keys::transitions_at(upstream, sha)) {
+            for id in index::ids(&self.table, keys::blamable_at(upstream, sha)) {
                 ids.insert(id?);
             }
         }
@@ -488,7 +488,7 @@ impl Results {
         for id in ids.into_iter().rev() {
             if let Some(t) = self.transition(id)?
                 && t.upstream == upstream
-                && (t.kind == TransitionKind::WentRed as i32 || t.class == Some(Class::Suspicious))
+                && index::may_blame(&t)
                 && blames(&t, &wanted).is_some()
             {
                 touched.push(t);
