@@ -20,8 +20,10 @@
 //! Retention's clock is the load: a pass runs every 1 % of the jobs, with
 //! cutoffs at the times earlier jobs finished — runs and job records kept
 //! for the last 10 % of the jobs, test cases and logs for the last 5 % —
-//! so a run of any size reaches its steady state, and the passes run while
-//! the load goes on (dispatch's latency is measured during them).
+//! so a run of any size reaches its steady state (its records stop growing
+//! at 10 % of the load: the files' size at half the load and at its end
+//! say whether they stop too), and the passes run while the load goes on
+//! (dispatch's latency is measured during them).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -84,6 +86,9 @@ struct Measured {
     live_bytes: u64,
     /// Bytes of the database's files.
     disk_bytes: u64,
+    /// Bytes of the database's files once half the jobs were fed (with
+    /// retention the records have long reached their steady size then).
+    disk_at_half: u64,
     /// This process's resident memory once every job was taken in (the
     /// hub's parts hold it all; a second run's includes what the allocator
     /// kept from the first).
@@ -176,7 +181,7 @@ fn print_outcome(o: &Measured) {
         String::new()
     };
     println!(
-        "growth {}: {} jobs in {:.1} s; database {:.1} MiB of records, {:.1} MiB on disk; memory {:.0} MiB; objects {}; breakage p50 {:.2} ms p99 {:.2} ms; dispatch p99 {:.2} ms{pruning}",
+        "growth {}: {} jobs in {:.1} s; database {:.1} MiB of records, {:.1} MiB on disk ({:.1} MiB at half the load); memory {:.0} MiB; objects {}; breakage p50 {:.2} ms p99 {:.2} ms; dispatch p99 {:.2} ms{pruning}",
         if o.retention {
             "with retention"
         } else {
@@ -186,6 +191,7 @@ fn print_outcome(o: &Measured) {
         o.elapsed.as_secs_f64(),
         o.live_bytes as f64 / 1048576.0,
         o.disk_bytes as f64 / 1048576.0,
+        o.disk_at_half as f64 / 1048576.0,
         o.rss_bytes as f64 / 1048576.0,
         o.objects
             .map(|n| n.to_string())
@@ -298,6 +304,18 @@ fn figures_of(o: &Measured) -> Vec<Figure> {
             setup.clone(),
         ),
     ];
+    out.push(Figure::new(
+        "growth",
+        if o.retention {
+            "db_disk_mib_half_retained"
+        } else {
+            "db_disk_mib_half_unpruned"
+        },
+        o.disk_at_half as f64 / 1048576.0,
+        "MiB",
+        Target::None,
+        format!("{setup}; the files once half the jobs were fed"),
+    ));
     if let Some(n) = o.objects {
         out.push(Figure::new(
             "growth",
@@ -644,6 +662,7 @@ junit = ["junit.xml"]
     let mut passes = 0;
     let mut pass: Option<tokio::task::JoinHandle<anyhow::Result<()>>> = None;
     let mut in_flight = Vec::new();
+    let mut disk_at_half = 0;
     for n in 0..jobs {
         if n > 0 && n % commit_every == 0 {
             git(
@@ -666,7 +685,7 @@ junit = ["junit.xml"]
             if let Some(h) = pass.take() {
                 h.await??;
             }
-            let cut = cutoffs(&shared, n);
+            let cut = cutoffs(&shared, n, jobs);
             let (r, s) = (p.retention.clone(), shared.clone());
             passes += 1;
             pass = Some(tokio::spawn(async move {
@@ -721,11 +740,16 @@ junit = ["junit.xml"]
             }
         }
         if n % 10_000 == 9_999 {
+            let files = super::recovery::dir_size(&data.join("db"));
             println!(
-                "growth: {} jobs in {:.0} s",
+                "growth: {} jobs in {:.0} s; database files {:.0} MiB",
                 n + 1,
-                started.elapsed().as_secs_f64()
+                started.elapsed().as_secs_f64(),
+                files as f64 / 1048576.0
             );
+        }
+        if n + 1 == jobs / 2 {
+            disk_at_half = super::recovery::dir_size(&data.join("db"));
         }
     }
     for h in in_flight.drain(..) {
@@ -753,7 +777,7 @@ junit = ["junit.xml"]
     if with_retention {
         p.retention
             .prune(
-                cutoffs(&shared, jobs),
+                cutoffs(&shared, jobs, jobs),
                 Duration::ZERO,
                 &CancellationToken::new(),
             )
@@ -806,6 +830,7 @@ junit = ["junit.xml"]
         elapsed,
         live_bytes,
         disk_bytes,
+        disk_at_half,
         rss_bytes,
         objects: object_count(&data),
         breakage_ms,
@@ -816,9 +841,13 @@ junit = ["junit.xml"]
     })
 }
 
-/// Retention's clock: runs and job records of the last 10 % of the `n`
-/// jobs fed are kept, test cases and logs of the last 5 %.
-fn cutoffs(shared: &Shared, n: usize) -> Cutoffs {
+/// Retention's clock: runs and job records of the last 10 % of the
+/// `jobs` the load feeds are kept, test cases and logs of the last 5 %
+/// (cutoffs at the times those finished, once `n` jobs were fed): a window
+/// of a fixed number of jobs, so the records reach their steady size at
+/// 10 % of the load and the files' growth after it is what retention does
+/// not bound.
+fn cutoffs(shared: &Shared, n: usize, jobs: usize) -> Cutoffs {
     let finished = shared.finished_at.lock().unwrap_or_else(|e| e.into_inner());
     let at = |back: usize| -> u64 {
         let i = n.saturating_sub(back).min(finished.len());
@@ -827,7 +856,7 @@ fn cutoffs(shared: &Shared, n: usize) -> Cutoffs {
             None => 0,
         }
     };
-    let (runs, cases) = (at(n / 10), at(n / 20));
+    let (runs, cases) = (at(jobs / 10), at(jobs / 20));
     Cutoffs {
         runs,
         test_cases: cases,
