@@ -144,11 +144,13 @@ pub(crate) mod trees {
     /// good>/<bad>` → a bisection of that culprit range,
     /// `n/<project>` → flips on identical re-runs (per project and test),
     /// `nx/<job id>` → marker: this re-run is counted there, `k/<job
-    /// id>/<n>` → calibration run `n` of that job, `tc/<upstream>/<commit>/<id>`,
+    /// id>/<n>` → calibration run `n` of that job, `tb/<upstream>/<commit>/<id>`,
     /// `tp/<project>/<id>` and `tu/<upstream>/<id>` → empty: the
-    /// transitions' indexes by commit (the result's and each culprit), by
-    /// project and by upstream, `tiu` → marker: the indexes are built (`ti`:
-    /// an older hub's marker, without `tu/`).
+    /// transitions' indexes by commit (the result's and each culprit, of
+    /// the transitions that may blame: went red or suspicious), by project
+    /// and by upstream, `tib` → marker: the indexes are built (older hubs'
+    /// `tiu` and `ti` markers and their `tc/` commit index of every
+    /// transition go when they are).
     pub(crate) const RESULTS: &str = "results";
     /// `notify`: `s/<project>/<email>` and `d/<upstream>/<email>` →
     /// subscription, `x/<project>/<email>` → a config maintainer who

@@ -2901,10 +2901,28 @@ async fn an_older_commit_index_of_every_transition_gives_way_to_one_of_those_tha
         ..Default::default()
     };
     let b = reopened.breakage("rt", vec![commit]).unwrap();
-    assert_eq!(b.went_red, vec![went_red]);
+    assert_eq!(b.went_red, vec![went_red.clone()]);
     assert_eq!(blamable(&tree), may_blame);
     assert_eq!(tree.scan_prefix("tc/").count(), 0, "the older index went");
     assert!(tree.contains_key("tib").unwrap());
+    assert!(!tree.contains_key("tiu").unwrap());
+
+    // An older hub ran on it again: what it recorded has only `tc/`, and
+    // its marker sits beside ours. The next open indexes it.
+    for k in tree.scan_prefix("tb/").keys() {
+        tree.remove(k.unwrap()).unwrap();
+    }
+    tree.insert("tiu", &[] as &[u8]).unwrap();
+    let again = Results::open(&f.store).unwrap();
+    let commit = Commit {
+        sha: went_red.upstream_commit.clone(),
+        ..Default::default()
+    };
+    assert_eq!(
+        again.breakage("rt", vec![commit]).unwrap().went_red,
+        vec![went_red]
+    );
+    assert_eq!(blamable(&tree), may_blame);
     assert!(!tree.contains_key("tiu").unwrap());
 }
 

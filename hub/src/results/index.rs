@@ -3,10 +3,10 @@
 //! listing read them instead of every transition. An entry is staged in the
 //! same batch as its transition's first write (the fields it is keyed by —
 //! upstream, result commit, culprit range, project, and whether it may
-//! blame a commit at all — never change after: a went red may later be
-//! classed as leaving the series, which `breakage` filters, but nothing
-//! becomes blamable later), and removed with it by retention. A database
-//! from before the indexes gets them built once when it is opened.
+//! blame a commit at all — are decided before that write and never change
+//! after), and removed with it by retention. A database from before the
+//! indexes gets them built once when it is opened; so does one an older
+//! hub wrote to since (it leaves its own marker behind).
 
 use std::collections::BTreeSet;
 
@@ -64,14 +64,23 @@ pub(super) fn unstage(batch: &mut sled::Batch, t: &Transition) {
 }
 
 /// Builds the indexes of every stored transition unless they were built
-/// (the `tib` marker; a database with an older marker has `tp/` and maybe
+/// (the `tib` marker, and no older one: an older hub that ran on the
+/// database since leaves its own; a database with an older marker has `tp/` and maybe
 /// `tu/`, writing them again is harmless, and the older commit index `tc/`
 /// of every transition, which goes), then writes the marker (removing the
 /// older ones) and flushes: run once, at open, before anything else writes
 /// the tree. Idempotent: a start interrupted before the flush builds them
 /// again. Returns how many transitions it indexed (`None`: already built).
 pub(super) fn build_once(table: &Table) -> Result<Option<usize>, StoreError> {
-    if table.contains(keys::INDEXED)? {
+    // An older hub's marker beside ours: that hub ran on this database
+    // since (it knows nothing of `tb/`), and what it recorded is indexed
+    // only in its `tc/`.
+    let older = keys::INDEXED_BEFORE
+        .iter()
+        .map(|m| table.contains(m))
+        .collect::<Result<Vec<bool>, _>>()?
+        .contains(&true);
+    if table.contains(keys::INDEXED)? && !older {
         return Ok(None);
     }
     let mut batch = sled::Batch::default();

@@ -202,6 +202,22 @@ async fn old_runs_logs_and_cases_go_the_latest_open_red_and_grid_stay_and_the_da
         );
     }
 
+    // No index entry outlives its transition.
+    let tree = f.store.tree(crate::store::trees::RESULTS).unwrap();
+    let mut entries = 0;
+    for prefix in ["tb/", "tp/", "tu/"] {
+        for k in tree.scan_prefix(prefix).keys() {
+            let k = String::from_utf8(k.unwrap().to_vec()).unwrap();
+            let id: u64 = k.rsplit('/').next().unwrap().parse().unwrap();
+            assert!(
+                f.results.transition(id).unwrap().is_some(),
+                "{k} names a pruned transition"
+            );
+            entries += 1;
+        }
+    }
+    assert!(entries >= listed.len(), "{entries} index entries");
+
     // The open went-red, its run (with its cases), its log and its job
     // record stay, and breakage still finds it through the commit index.
     assert_eq!(
