@@ -68,7 +68,9 @@ pub(crate) enum Cursor {
     /// Runs, from this key on (the start of a series).
     #[default]
     Start,
-    /// Runs, from the series at or after this key.
+    /// Runs, from this key on: the start of a series, or the run of a
+    /// series where the last step stopped (a step never reads again what
+    /// an earlier one of the pass went through).
     Runs(String),
     /// Transitions, after this id.
     Transitions(u64),
@@ -212,22 +214,29 @@ impl Results {
                             *cursor = Cursor::Transitions(0);
                             break;
                         };
-                        let finished = self.prune_series(
+                        // Within the series where the last step stopped,
+                        // from that run on.
+                        let from = if from.starts_with(&series) {
+                            from
+                        } else {
+                            series.clone()
+                        };
+                        let resume = self.prune_series(
                             &series,
+                            &from,
                             policy,
                             kept,
                             &mut batch,
                             &mut pruned,
                             max_ops,
                         )?;
-                        if finished {
+                        *cursor = Cursor::Runs(match resume {
+                            Some(key) => key,
                             // Past every key of this series ('~' sorts
                             // after the ids' digits and before any longer
                             // name sharing the prefix: names hold no '/').
-                            *cursor = Cursor::Runs(format!("{series}~"));
-                        } else {
-                            *cursor = Cursor::Runs(series);
-                        }
+                            None => format!("{series}~"),
+                        });
                     }
                     Cursor::Transitions(after) => {
                         let next = self.prune_transitions(
@@ -299,35 +308,36 @@ impl Results {
 
     /// Stages one series' expired runs (its newest `keep_last` and kept
     /// jobs aside) and expired test cases (kept jobs' aside: the pages read
-    /// runs' summaries only). Returns whether it got to the end of the series
-    /// (false: `max_ops` was reached first).
+    /// runs' summaries only), from its run at key `from` on (the series'
+    /// prefix: all). Returns `None` once it got to the end of the series,
+    /// or the key to go on from when `max_ops` was reached first.
     fn prune_series(
         &self,
         series: &str,
+        from: &str,
         policy: Policy,
         kept: &Kept,
         batch: &mut sled::Batch,
         pruned: &mut Pruned,
         max_ops: usize,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Option<String>, StoreError> {
         // The newest `keep_last` runs stay: find the oldest of them (a
         // bounded reverse read), then walk the older runs oldest first,
         // stopping at the first whose cases have not expired (job ids, and
         // so keys, grow with time).
         let keep_last = policy.keep_last.max(1);
         let boundary = match self.table.keys(series).rev().nth(keep_last - 1) {
-            None => return Ok(true),
+            None => return Ok(None),
             Some(k) => k?,
         };
-        let older = self
-            .table
-            .sled()
-            .range(series.as_bytes()..boundary.as_ref());
+        let resume_at = |k: &[u8]| Some(String::from_utf8_lossy(k).into_owned());
+        let start = from.as_bytes().max(series.as_bytes());
+        let older = self.table.sled().range(start..boundary.as_ref().max(start));
         for item in older {
-            if pruned.ops() >= max_ops {
-                return Ok(false);
-            }
             let (k, v) = item.map_err(|e| self.table.store().err(e))?;
+            if pruned.ops() >= max_ops {
+                return Ok(resume_at(&k));
+            }
             let run: Shape = self.table.decode(&k, &v)?;
             let i = &run.info;
             if i.finished_at_ms >= policy.cases_before_ms.max(policy.runs_before_ms) {
@@ -350,7 +360,8 @@ impl Results {
         // unless their job is kept (the latest run's is).
         for item in self.table.scan::<Shape>(series).rev().take(keep_last) {
             if pruned.ops() >= max_ops {
-                return Ok(false);
+                // The older runs are done: go on from the newest ones.
+                return Ok(resume_at(&boundary));
             }
             let (k, run) = item?;
             let i = &run.info;
@@ -368,7 +379,7 @@ impl Results {
             self.table.stage(batch, &k, &full)?;
             pruned.cases += 1;
         }
-        Ok(true)
+        Ok(None)
     }
 
     /// Stages expired transitions after id `after`, oldest first; returns

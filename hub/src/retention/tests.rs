@@ -330,6 +330,7 @@ async fn old_runs_logs_and_cases_go_the_latest_open_red_and_grid_stay_and_the_da
     let mut cursor = Cursor::default();
     let mut steps = 0;
     let mut total = 0;
+    let mut last_runs_key: Option<String> = None;
     while !matches!(cursor, Cursor::Done) {
         let p = f
             .results
@@ -340,6 +341,20 @@ async fn old_runs_logs_and_cases_go_the_latest_open_red_and_grid_stay_and_the_da
         assert!(ops <= 5, "{p:?}");
         total += ops;
         steps += 1;
+        // Each step goes on where the last stopped, never back to the start
+        // of a series it went through part of (a series of a hundred
+        // thousand runs); only its newest runs, at most keep_last, are
+        // looked at again.
+        if let Cursor::Runs(key) = &cursor {
+            if let Some(last) = &last_runs_key {
+                assert!(key >= last, "{key} after {last}");
+                assert!(
+                    key != last || !key.ends_with('/'),
+                    "back to the start of {key}"
+                );
+            }
+            last_runs_key = Some(key.clone());
+        }
     }
     // Per adder series: the 10 runs pushed beyond the newest PAGE_RUNS and
     // their transitions, and the cases of the 13 runs that still had them
