@@ -222,8 +222,7 @@ impl Results {
                             series.clone()
                         };
                         let resume = self.prune_series(
-                            &series,
-                            &from,
+                            (&series, &from),
                             policy,
                             kept,
                             &mut batch,
@@ -309,12 +308,11 @@ impl Results {
     /// Stages one series' expired runs (its newest `keep_last` and kept
     /// jobs aside) and expired test cases (kept jobs' aside: the pages read
     /// runs' summaries only), from its run at key `from` on (the series'
-    /// prefix: all). Returns `None` once it got to the end of the series,
+    /// prefix: all; the two as one argument). Returns `None` once it got to the end of the series,
     /// or the key to go on from when `max_ops` was reached first.
     fn prune_series(
         &self,
-        series: &str,
-        from: &str,
+        (series, from): (&str, &str),
         policy: Policy,
         kept: &Kept,
         batch: &mut sled::Batch,
