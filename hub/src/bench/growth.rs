@@ -73,8 +73,12 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(30);
 /// (unless the last one still runs; `PASSES - 1` when pruning keeps up),
 /// and one after it.
 const PASSES: usize = 100;
-/// One job in this many fails one test (and the next one passes): went-red
-/// and fixed transitions for `breakage` to find.
+/// One job in this many fails one test. Its confirming re-run (another
+/// job id) passes, so the verdict is classed flaky: the series records it,
+/// but no transition may blame a commit, and `breakage` over the heads
+/// measures the read of a trunk that broke nothing (through the commit
+/// index: before it held only the transitions that may blame, every
+/// still-green one).
 const FAIL_EVERY: usize = 500;
 
 /// What one run (with or without retention) measured.
