@@ -40,23 +40,15 @@ const OLD_ID_PERSIST_INTERVAL: u64 = 1_000_000;
 /// million finished jobs held 11 GiB at sled's default).
 pub(crate) const DEFAULT_CACHE_BYTES: u64 = 128 * 1024 * 1024;
 
-/// How often sled's background thread runs, ms. Each round it writes out
-/// what is buffered and then, for up to half the interval, cleans
-/// segments: it moves the live pages out of files at most half live so
-/// they can be reused. That thread is sled's only steady cleaner: without
-/// it, under a steady load whose records stayed the same size, the files
-/// grew by about 20 KiB per job (BENCHMARKS.md). Durability does not wait
-/// for it: every acknowledged write is flushed by the group commit.
-const BACKGROUND_EVERY_MS: u64 = 500;
-
 /// Opens sled in `dir` with ids persisted every `id_interval` and a page
 /// cache of `cache_bytes`.
 fn open_sled(dir: &Path, id_interval: u64, cache_bytes: u64) -> sled::Result<sled::Db> {
     sled::Config::new()
         .path(dir)
-        // Durability is ours (group commit); the background thread is
-        // for its other task, cleaning segments.
-        .flush_every_ms(Some(BACKGROUND_EVERY_MS))
+        // We flush explicitly (group commit); no background timer needed.
+        // (Its segment cleaning did not keep the files from growing either:
+        // BENCHMARKS.md, growth.)
+        .flush_every_ms(None)
         .idgen_persist_interval(id_interval)
         .cache_capacity(cache_bytes)
         .open()
