@@ -384,14 +384,17 @@ fn reopen_sled(dir: &Path, id_interval: u64, cache_bytes: u64) -> sled::Result<s
 
 impl Store {
     /// Opens (or creates) the database in `dir` with the default page cache
-    /// and starts its group-commit task. Must be called inside a tokio
+    /// and starts its group-commit task (tests; the hub and the benchmarks
+    /// open it with the configured cache). Must be called inside a tokio
     /// runtime.
+    #[cfg(test)]
     pub(crate) fn open(dir: &Path) -> Result<Store, StoreError> {
         Store::open_with_cache(dir, DEFAULT_CACHE_BYTES)
     }
 
-    /// [`Store::open`] with a page cache of `cache_bytes`
-    /// (`hub.database_cache`).
+    /// Opens (or creates) the database in `dir` with a page cache of
+    /// `cache_bytes` (`hub.database_cache`) and starts its group-commit
+    /// task. Must be called inside a tokio runtime.
     pub(crate) fn open_with_cache(dir: &Path, cache_bytes: u64) -> Result<Store, StoreError> {
         let db_err = |source| StoreError::Db {
             path: dir.to_path_buf(),

@@ -80,12 +80,13 @@ fn record(store: &Store, finished: bool) -> anyhow::Result<JobRecord> {
     Ok(rec)
 }
 
-/// Writes the history into the stopped hub's database.
-async fn seed(db_dir: &Path, results: u64, queued: u64) -> anyhow::Result<()> {
+/// Writes the history into the stopped hub's database, with the hub's
+/// page cache (`hub.database_cache`).
+async fn seed(db_dir: &Path, cache_bytes: u64, results: u64, queued: u64) -> anyhow::Result<()> {
     // The stopped hub's lock on the database may take a moment to go.
     let mut tries = 0;
     let store = loop {
-        match Store::open(db_dir) {
+        match Store::open_with_cache(db_dir, cache_bytes) {
             Ok(s) => break s,
             Err(e) if tries < 100 => {
                 tries += 1;
@@ -173,7 +174,7 @@ pub(super) async fn run(args: &BenchArgs, dir: &Path) -> anyhow::Result<Vec<Figu
 
     let seeding = Instant::now();
     let db_dir = cfg.data_dir().join("db");
-    seed(&db_dir, args.results, args.queued).await?;
+    seed(&db_dir, cfg.hub.database_cache, args.results, args.queued).await?;
     let seed_time = seeding.elapsed();
     let on_disk = dir_size(&db_dir);
     println!(
