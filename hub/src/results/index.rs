@@ -75,11 +75,10 @@ pub(super) fn build_once(table: &Table) -> Result<Option<usize>, StoreError> {
     // An older hub's marker beside ours: that hub ran on this database
     // since (it knows nothing of `tb/`), and what it recorded is indexed
     // only in its `tc/`.
-    let older = keys::INDEXED_BEFORE
-        .iter()
-        .map(|m| table.contains(m))
-        .collect::<Result<Vec<bool>, _>>()?
-        .contains(&true);
+    let mut older = false;
+    for marker in keys::INDEXED_BEFORE {
+        older |= table.contains(marker)?;
+    }
     if table.contains(keys::INDEXED)? && !older {
         return Ok(None);
     }
