@@ -1766,7 +1766,7 @@ impl Artifacts {
             return Ok(victims);
         }
         victims.sort();
-        let mut batch = sled::Batch::default();
+        let mut batch = crate::store::Batch::default();
         for sha in &victims {
             batch.remove(sha.as_bytes());
         }

@@ -2,14 +2,14 @@
 //!
 //! A token is what an operator hands a volunteer (inside the enrollment
 //! string); enrolling exchanges it for the agent's own long-lived credential.
-//! Each token use and each enrollment is one sled transaction, so a token with
+//! Each token use and each enrollment is one [`Table::update`] (one
+//! read-modify-write at a time, applied atomically), so a token with
 //! `uses = 1` can never enroll two agents, even with concurrent attempts.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use sled::transaction::{ConflictableTransactionError, TransactionError};
 use trunkfarm_proto::v1::Capabilities;
 
 use super::secret;
@@ -286,17 +286,6 @@ fn agent_key(id: &str) -> Vec<u8> {
     format!("a/{id}").into_bytes()
 }
 
-/// Aborts a sled transaction with an [`AuthError`].
-fn abort<T>(e: AuthError) -> Result<T, ConflictableTransactionError<AuthError>> {
-    Err(ConflictableTransactionError::Abort(e))
-}
-
-/// Aborts a sled transaction with a store error (a record that does not
-/// decode or encode).
-fn stored(e: StoreError) -> ConflictableTransactionError<AuthError> {
-    ConflictableTransactionError::Abort(e.into())
-}
-
 impl Credentials {
     /// Opens the `auth` tree.
     pub(crate) fn open(store: &Store) -> Result<Credentials, StoreError> {
@@ -348,12 +337,16 @@ impl Credentials {
     /// as revoked (for the operator to see which token that was).
     pub(crate) async fn revoke_token(&self, id: &str) -> Result<TokenRecord, AuthError> {
         let key = token_key(id);
-        let mut rec: TokenRecord = self
-            .table
-            .get(&key)?
-            .ok_or_else(|| AuthError::NoSuchToken(id.to_string()))?;
-        rec.revoked = true;
-        self.table.put(&key, &rec)?;
+        // An update, so an enrollment taking one of its uses meanwhile
+        // cannot write the token back unrevoked.
+        let rec = self.table.update(|table, batch| {
+            let mut rec: TokenRecord = table
+                .get(&key)?
+                .ok_or_else(|| AuthError::NoSuchToken(id.to_string()))?;
+            rec.revoked = true;
+            table.stage(batch, &key, &rec)?;
+            Ok::<_, AuthError>(rec)
+        })?;
         self.table.store().commit().await?;
         Ok(rec)
     }
@@ -373,26 +366,25 @@ impl Credentials {
         let tkey = token_key(token_id);
         // One transaction over the token and the new agent, so concurrent
         // enrollments cannot both take a token's last use.
-        let result = self.table.sled().transaction(|tx| {
-            let Some(raw) = tx.get(&tkey)? else {
-                return abort(AuthError::TokenInvalid(token_id.to_string()));
+        let agent = self.table.update(|table, batch| {
+            let Some(mut rec) = table.get::<TokenRecord>(&tkey)? else {
+                return Err(AuthError::TokenInvalid(token_id.to_string()));
             };
-            let mut rec: TokenRecord = self.table.decode(&tkey, &raw).map_err(stored)?;
             if !secret::verify(token_secret, &rec.hash) {
-                return abort(AuthError::TokenInvalid(token_id.to_string()));
+                return Err(AuthError::TokenInvalid(token_id.to_string()));
             }
             if rec.revoked {
-                return abort(AuthError::TokenRevoked(rec.id));
+                return Err(AuthError::TokenRevoked(rec.id));
             }
             if now >= rec.expires_at_ms {
                 let ago = Duration::from_secs((now - rec.expires_at_ms) / 1000);
-                return abort(AuthError::TokenExpired {
+                return Err(AuthError::TokenExpired {
                     id: rec.id,
                     ago: humantime::format_duration(ago).to_string(),
                 });
             }
             if rec.uses_left == 0 {
-                return abort(AuthError::TokenUsedUp {
+                return Err(AuthError::TokenUsedUp {
                     id: rec.id,
                     uses: rec.uses_total,
                 });
@@ -412,18 +404,10 @@ impl Credentials {
                 revoked: false,
                 verdicts: Verdicts::default(),
             };
-            tx.insert(tkey.as_slice(), self.table.encode(&rec).map_err(stored)?)?;
-            tx.insert(
-                agent_key(&agent_id),
-                self.table.encode(&agent).map_err(stored)?,
-            )?;
+            table.stage(batch, &tkey, &rec)?;
+            table.stage(batch, agent_key(&agent_id), &agent)?;
             Ok(agent)
-        });
-        let agent = match result {
-            Ok(agent) => agent,
-            Err(TransactionError::Abort(e)) => return Err(e),
-            Err(TransactionError::Storage(e)) => return Err(self.table.store().err(e).into()),
-        };
+        })?;
         self.table.store().commit().await?;
         Ok((agent, format!("{agent_id}.{agent_secret}")))
     }
@@ -457,31 +441,24 @@ impl Credentials {
 
     /// Changes agent `id`'s record with `change`, durably, unless it
     /// returns `None` (nothing to write). Returns the record and what
-    /// `change` said. One sled transaction: two changes at once (a
-    /// confirmation counted while the agent is revoked) both hold; `change`
-    /// may run again on a fresh copy when sled retries a conflict.
+    /// `change` said. One [`Table::update`]: two changes at once (a
+    /// confirmation counted while the agent is revoked) both hold.
     async fn update_agent<T>(
         &self,
         id: &str,
-        change: impl Fn(&mut AgentRecord) -> Option<T>,
+        change: impl FnOnce(&mut AgentRecord) -> Option<T>,
     ) -> Result<(AgentRecord, Option<T>), AuthError> {
         let key = agent_key(id);
-        let result = self.table.sled().transaction(|tx| {
-            let Some(raw) = tx.get(&key)? else {
-                return abort(AuthError::NoSuchAgent(id.to_string()));
+        let (rec, said) = self.table.update(|table, batch| {
+            let Some(mut rec) = table.get::<AgentRecord>(&key)? else {
+                return Err(AuthError::NoSuchAgent(id.to_string()));
             };
-            let mut rec: AgentRecord = self.table.decode(&key, &raw).map_err(stored)?;
             let said = change(&mut rec);
             if said.is_some() {
-                tx.insert(key.as_slice(), self.table.encode(&rec).map_err(stored)?)?;
+                table.stage(batch, &key, &rec)?;
             }
             Ok((rec, said))
-        });
-        let (rec, said) = match result {
-            Ok(done) => done,
-            Err(TransactionError::Abort(e)) => return Err(e),
-            Err(TransactionError::Storage(e)) => return Err(self.table.store().err(e).into()),
-        };
+        })?;
         if said.is_some() {
             self.table.store().commit().await?;
         }

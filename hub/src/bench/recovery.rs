@@ -26,7 +26,7 @@ use crate::store::{Store, now_ms};
 fn import(store: &Store, records: impl IntoIterator<Item = JobRecord>) -> anyhow::Result<u64> {
     const BATCH: usize = 10_000;
     let jobs = JobTable::open(store)?;
-    let mut batch = sled::Batch::default();
+    let mut batch = crate::store::Batch::default();
     let (mut staged, mut written) = (0usize, 0u64);
     for rec in records {
         jobs.stage(&rec, &mut batch)?;

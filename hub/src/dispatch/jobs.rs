@@ -327,32 +327,36 @@ impl JobTable {
     /// finished inbox) to `batch`: the one place the jobs tree's layout is
     /// written (also by `trunkfarm bench recovery`, which builds a history of
     /// a million jobs in a database no hub serves).
-    pub(crate) fn stage(&self, rec: &JobRecord, batch: &mut sled::Batch) -> Result<(), StoreError> {
+    pub(crate) fn stage(
+        &self,
+        rec: &JobRecord,
+        batch: &mut crate::store::Batch,
+    ) -> Result<(), StoreError> {
         self.table.stage(batch, id_key(RECORD, rec.id), rec)?;
         if rec.state == JobState::Finished {
-            batch.remove(&id_key(OPEN, rec.id));
+            batch.remove(id_key(OPEN, rec.id));
             if !rec.key.is_empty() {
                 // In the same write as the result: the pipeline cannot miss it.
-                batch.insert(&id_key(INBOX, rec.id), &[]);
+                batch.insert(id_key(INBOX, rec.id), []);
             }
         } else {
-            batch.insert(&id_key(OPEN, rec.id), &[]);
+            batch.insert(id_key(OPEN, rec.id), []);
             if !rec.key.is_empty() {
-                batch.insert(name_key(&rec.key), &rec.id.to_be_bytes());
+                batch.insert(name_key(&rec.key), rec.id.to_be_bytes());
             }
         }
         Ok(())
     }
 
     /// Applies a batch of [`JobTable::stage`]d records atomically.
-    pub(crate) fn apply(&self, batch: sled::Batch) -> Result<(), StoreError> {
+    pub(crate) fn apply(&self, batch: crate::store::Batch) -> Result<(), StoreError> {
         self.table.apply(batch)
     }
 
     /// Writes one record with its index entries (durable after the next
     /// commit).
     fn persist(&self, rec: &JobRecord) -> Result<(), StoreError> {
-        let mut batch = sled::Batch::default();
+        let mut batch = crate::store::Batch::default();
         self.stage(rec, &mut batch)?;
         self.apply(batch)
     }
@@ -361,9 +365,9 @@ impl JobTable {
     /// so it is not run behind the submitter's back. Best effort: the store
     /// is failing.
     pub(super) fn withdraw(&self, rec: &JobRecord) {
-        let mut batch = sled::Batch::default();
-        batch.remove(&id_key(RECORD, rec.id));
-        batch.remove(&id_key(OPEN, rec.id));
+        let mut batch = crate::store::Batch::default();
+        batch.remove(id_key(RECORD, rec.id));
+        batch.remove(id_key(OPEN, rec.id));
         if !rec.key.is_empty() {
             batch.remove(name_key(&rec.key));
         }
@@ -404,9 +408,9 @@ impl JobTable {
     ) -> Result<(Vec<(u64, String)>, Next), StoreError> {
         let mut out = Vec::new();
         let end = id_key(RECORD, u64::MAX);
-        let records = self.table.sled().range(id_key(RECORD, from)..=end);
+        let records = self.table.range(id_key(RECORD, from)..=end);
         for (looked, item) in records.enumerate() {
-            let (k, raw) = item.map_err(|e| self.table.store().err(e))?;
+            let (k, raw) = item?;
             let rec = self.decode(&k, &raw)?;
             if rec.created_at_ms >= before_ms {
                 return Ok((out, Next::Newer(Some(rec.id))));
@@ -435,9 +439,9 @@ impl JobTable {
         if jobs.is_empty() {
             return Ok(());
         }
-        let mut batch = sled::Batch::default();
+        let mut batch = crate::store::Batch::default();
         for (id, key) in jobs {
-            batch.remove(&id_key(RECORD, *id));
+            batch.remove(id_key(RECORD, *id));
             if !key.is_empty() {
                 // Only if it still names this job (a key is stored once).
                 if self.keyed(key)? == Some(*id) {
@@ -544,9 +548,9 @@ impl JobTable {
     /// their report files (parsed and stored by the pipeline, up to
     /// megabytes each) leave the job record.
     pub(super) fn ack_inbox(&self, ids: &[u64]) -> Result<(), StoreError> {
-        let mut batch = sled::Batch::default();
+        let mut batch = crate::store::Batch::default();
         for id in ids {
-            batch.remove(&id_key(INBOX, *id));
+            batch.remove(id_key(INBOX, *id));
             if let Some(mut rec) = self.load(*id)? {
                 let mut changed = false;
                 if let Some(result) = rec.result.as_mut() {

@@ -296,7 +296,7 @@ impl Dispatcher {
             }
             // Only new work is refused on a full disk (a known key stores nothing).
             s.settings.space.admit("jobs", 0)?;
-            let mut batch = sled::Batch::default();
+            let mut batch = crate::store::Batch::default();
             s.table.stage(&rec, &mut batch)?;
             s.table.apply(batch)?;
         }
@@ -1906,15 +1906,16 @@ pub(crate) mod tests {
     async fn a_jobs_tree_written_by_the_previous_release_reads_the_same() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let raw = store.tree(crate::store::trees::JOBS).unwrap();
-        raw.insert(old_key(b'j', 7), OLD_FINISHED.as_bytes())
+        let raw = store.table(crate::store::trees::JOBS);
+        raw.put_raw(old_key(b'j', 7), OLD_FINISHED.as_bytes())
             .unwrap();
-        raw.insert(old_key(b'f', 7), &[][..]).unwrap();
-        raw.insert(b"kbuild/lua/linux-x86_64/abc", &7u64.to_be_bytes()[..])
+        raw.put_raw(old_key(b'f', 7), &[][..]).unwrap();
+        raw.put_raw(b"kbuild/lua/linux-x86_64/abc", &7u64.to_be_bytes()[..])
             .unwrap();
-        raw.insert(old_key(b'j', 8), OLD_QUEUED.as_bytes()).unwrap();
-        raw.insert(old_key(b'o', 8), &[][..]).unwrap();
-        raw.insert(
+        raw.put_raw(old_key(b'j', 8), OLD_QUEUED.as_bytes())
+            .unwrap();
+        raw.put_raw(old_key(b'o', 8), &[][..]).unwrap();
+        raw.put_raw(
             b"ktest/p/lua/linux-x86_64/abc/def/7",
             &8u64.to_be_bytes()[..],
         )
@@ -1943,15 +1944,15 @@ pub(crate) mod tests {
             (7, false)
         );
         // Written again, a record has the bytes it had.
-        let mut batch = sled::Batch::default();
+        let mut batch = crate::store::Batch::default();
         d.shared.table.stage(&inbox[0], &mut batch).unwrap();
         d.shared.table.apply(batch).unwrap();
         assert_eq!(
-            raw.get(old_key(b'j', 7)).unwrap().unwrap().as_ref(),
+            raw.get_raw(old_key(b'j', 7)).unwrap().unwrap().as_ref(),
             OLD_FINISHED.as_bytes()
         );
         // An unreadable record is named by tree and id.
-        raw.insert(old_key(b'j', 9), &b"{broken"[..]).unwrap();
+        raw.put_raw(old_key(b'j', 9), &b"{broken"[..]).unwrap();
         let err = d.get(9).unwrap_err().to_string();
         assert!(err.contains("record jobs/j9 is unreadable"), "{err}");
     }
@@ -1966,15 +1967,15 @@ pub(crate) mod tests {
     async fn a_record_with_every_field_set_reads_and_writes_the_same_bytes() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let raw = store.tree(crate::store::trees::JOBS).unwrap();
-        raw.insert(old_key(b'j', 12), OLD_EVERY_FIELD.as_bytes())
+        let raw = store.table(crate::store::trees::JOBS);
+        raw.put_raw(old_key(b'j', 12), OLD_EVERY_FIELD.as_bytes())
             .unwrap();
         let table = JobTable::open(&store).unwrap();
         let rec = table.load(12).unwrap().unwrap();
-        let mut batch = sled::Batch::default();
+        let mut batch = crate::store::Batch::default();
         table.stage(&rec, &mut batch).unwrap();
         table.apply(batch).unwrap();
-        let written = raw.get(old_key(b'j', 12)).unwrap().unwrap();
+        let written = raw.get_raw(old_key(b'j', 12)).unwrap().unwrap();
         assert_eq!(std::str::from_utf8(&written).unwrap(), OLD_EVERY_FIELD);
         // What an agent is sent and the admin API shows carries every field
         // to its own place on the wire, and comes back as it was.

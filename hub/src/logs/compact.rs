@@ -410,8 +410,8 @@ impl JobLogs {
         while let Some(from) = next_seq {
             let mut more = false;
             let range = key(job_id, attempt, from)..=key(job_id, attempt, u64::MAX);
-            for item in self.table.sled().range(range) {
-                let (k, v) = item.map_err(|e| self.table.store().err(e))?;
+            for item in self.table.range(range) {
+                let (k, v) = item?;
                 self.check(&k, &v)?;
                 let seq = seq_of(&k);
                 if stream != Some(v[0]) {
@@ -479,7 +479,7 @@ impl JobLogs {
                 // Another pass got there first (with the same object).
                 return Ok(Compaction::Already);
             }
-            let mut chunks = sled::Batch::default();
+            let mut chunks = crate::store::Batch::default();
             let mut n = 0u64;
             for k in self.table.keys(prefix) {
                 chunks.remove(k?);
@@ -501,7 +501,7 @@ impl JobLogs {
                     ),
                 });
             } else {
-                let mut record = sled::Batch::default();
+                let mut record = crate::store::Batch::default();
                 self.records.stage(&mut record, prefix, &rec)?;
                 self.table.apply_with(chunks, &self.records, record)?;
                 false
@@ -528,10 +528,10 @@ impl JobLogs {
 
     /// The first job at or after `from` that still has stored chunks.
     fn next_stored_job(&self, from: u64) -> Result<Option<u64>, StoreError> {
-        let Some(item) = self.table.sled().range(key(from, 0, 0)..).next() else {
+        let Some(item) = self.table.range(key(from, 0, 0)..).next() else {
             return Ok(None);
         };
-        let (k, v) = item.map_err(|e| self.table.store().err(e))?;
+        let (k, v) = item?;
         self.check(&k, &v)?;
         Ok(Some(super::job_attempt_of(&k).0))
     }

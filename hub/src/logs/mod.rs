@@ -614,9 +614,9 @@ impl JobLogs {
         for table in [&self.table, &self.records] {
             let mut from = key(job_id, 0, 0)[..12].to_vec();
             loop {
-                let next = table.sled().range(from.as_slice()..).next();
+                let next = table.range(from.as_slice()..).next();
                 let Some(item) = next else { break };
-                let (k, _) = item.map_err(|e| table.store().err(e))?;
+                let (k, _) = item?;
                 if !k.starts_with(&job_id.to_be_bytes()) {
                     break;
                 }
@@ -903,10 +903,10 @@ impl JobLogs {
         let start = key(from, 0, 0);
         let mut first: Option<u64> = None;
         for table in [&self.table, &self.records] {
-            let Some(item) = table.sled().range(&start[..12]..).next() else {
+            let Some(item) = table.range(&start[..12]..).next() else {
                 continue;
             };
-            let (k, _) = item.map_err(|e| table.store().err(e))?;
+            let (k, _) = item?;
             if k.len() < 12 {
                 return Err(table.corrupt(hex::encode(&k), "malformed log key"));
             }
@@ -927,8 +927,8 @@ impl JobLogs {
     /// store is down) is left: without its record it is an orphan, which
     /// the compactor's start-up sweep deletes ([`compact`]).
     pub(crate) async fn remove(&self, jobs: &[u64], max: usize) -> Result<usize, StoreError> {
-        let mut chunks = sled::Batch::default();
-        let mut records = sled::Batch::default();
+        let mut chunks = crate::store::Batch::default();
+        let mut records = crate::store::Batch::default();
         let mut objects = Vec::new();
         debug_assert!(max > 0, "a removal of nothing would never end");
         let (mut n, mut gone) = (0, 0);

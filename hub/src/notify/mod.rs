@@ -368,7 +368,7 @@ impl Notifier {
     pub(crate) fn stage(
         &self,
         t: &Transition,
-        batch: &mut sled::Batch,
+        batch: &mut crate::store::Batch,
     ) -> Result<usize, StoreError> {
         let writes = self.transition_writes(t)?;
         let mails = mails_in(&writes);
@@ -466,7 +466,7 @@ impl Notifier {
     pub(crate) fn stage_bisected(
         &self,
         t: &Transition,
-        batch: &mut sled::Batch,
+        batch: &mut crate::store::Batch,
     ) -> Result<usize, StoreError> {
         let writes = self.bisected_writes(t)?;
         let mails = writes.iter().filter(|(k, _)| k.starts_with(b"m/")).count();
@@ -562,12 +562,12 @@ impl Notifier {
     async fn mail_authors(&self) -> Result<usize, StoreError> {
         let s = &self.inner;
         // Keyed by commit first: each commit's marks are neighbours.
-        let all: Vec<(sled::IVec, AuthorMark)> =
+        let all: Vec<(crate::store::Bytes, AuthorMark)> =
             s.table.scan::<AuthorMark>("a/").collect::<Result<_, _>>()?;
         let mut queued = 0;
         for marks in all.chunk_by(|(_, a), (_, b)| a.commit.sha == b.commit.sha) {
             let mut writes = Writes::new();
-            let mut batch = sled::Batch::default();
+            let mut batch = crate::store::Batch::default();
             for (k, _) in marks {
                 batch.remove(k);
             }
@@ -633,7 +633,7 @@ impl Notifier {
                 }
             }
         }
-        let mut batch = sled::Batch::default();
+        let mut batch = crate::store::Batch::default();
         for item in s.table.scan::<Subscription>("s/") {
             let (k, sub) = item?;
             if sub.source == "config" && !wanted.contains_key(String::from_utf8_lossy(&k).as_ref())
@@ -708,7 +708,7 @@ impl Notifier {
         let existed = s.table.contains(&key)?;
         sub.source = "cli".into();
         sub.created_at_ms = self.now();
-        let mut batch = sled::Batch::default();
+        let mut batch = crate::store::Batch::default();
         s.table.stage(&mut batch, &key, &sub)?;
         if sub.digest {
             // The first digest covers what goes red from now on.
@@ -732,7 +732,7 @@ impl Notifier {
         let s = &self.inner;
         let key = Self::sub_key(sub);
         let existed = s.table.contains(&key)?;
-        let mut batch = sled::Batch::default();
+        let mut batch = crate::store::Batch::default();
         batch.remove(key.as_bytes());
         if !sub.digest {
             let from_config = s.projects.iter().any(|p| {
@@ -742,7 +742,7 @@ impl Notifier {
                         .any(|m| m.eq_ignore_ascii_case(&sub.email))
             });
             if from_config {
-                batch.insert(tomb_key(&sub.project, &sub.email).as_bytes(), &[]);
+                batch.insert(tomb_key(&sub.project, &sub.email).as_bytes(), []);
             }
             s.table.stage(
                 &mut batch,
@@ -1152,7 +1152,7 @@ impl Notifier {
 
     /// Applies `writes` to the outbox and waits until they are durable.
     async fn apply(&self, writes: Writes) -> Result<(), StoreError> {
-        let mut batch = sled::Batch::default();
+        let mut batch = crate::store::Batch::default();
         for (k, v) in writes {
             batch.insert(k, v);
         }
@@ -1320,7 +1320,7 @@ impl Notifier {
             };
             mail.info.attempts += 1;
             let id = mail.info.id;
-            let mut batch = sled::Batch::default();
+            let mut batch = crate::store::Batch::default();
             match result {
                 Ok(answer) => {
                     mail.info.state = MailState::Sent.into();
@@ -1489,11 +1489,15 @@ impl TransitionSink for Notifier {
         Notifier::table(self)
     }
 
-    fn stage(&self, t: &Transition, batch: &mut sled::Batch) -> Result<(), StoreError> {
+    fn stage(&self, t: &Transition, batch: &mut crate::store::Batch) -> Result<(), StoreError> {
         Notifier::stage(self, t, batch).map(|_mails| ())
     }
 
-    fn stage_bisected(&self, t: &Transition, batch: &mut sled::Batch) -> Result<(), StoreError> {
+    fn stage_bisected(
+        &self,
+        t: &Transition,
+        batch: &mut crate::store::Batch,
+    ) -> Result<(), StoreError> {
         Notifier::stage_bisected(self, t, batch).map(|_mails| ())
     }
 }

@@ -35,11 +35,11 @@ impl Notifier {
         let table = &self.inner.table;
         let from = format!("m/{}", id_key(after.saturating_add(1)));
         let end = format!("m/{}", id_key(u64::MAX));
-        let mut batch = sled::Batch::default();
+        let mut batch = crate::store::Batch::default();
         let mut removed = 0;
         let mut next = None;
-        for item in table.sled().range(from.as_bytes()..=end.as_bytes()) {
-            let (k, v) = item.map_err(|e| table.store().err(e))?;
+        for item in table.range(from.as_bytes()..=end.as_bytes()) {
+            let (k, v) = item?;
             let mail: OutMail = table.decode(&k, &v)?;
             let i = &mail.info;
             if i.created_at_ms >= before_ms {
@@ -139,7 +139,7 @@ async fn remove_up_to(
     max: usize,
     mut expired: impl FnMut(&[u8], &[u8]) -> Result<bool, StoreError>,
 ) -> Result<usize, StoreError> {
-    let mut batch = sled::Batch::default();
+    let mut batch = crate::store::Batch::default();
     let mut removed = 0;
     for item in table.scan_raw(prefix) {
         let (k, v) = item?;

@@ -214,7 +214,7 @@ impl Notifier {
                 created_at_ms: self.now(),
                 ..Default::default()
             };
-            let mut batch = sled::Batch::default();
+            let mut batch = crate::store::Batch::default();
             s.table.stage(&mut batch, &key, &sub)?;
             // A config maintainer who unsubscribed and now asks again.
             batch.remove(tomb_key(&confirm.project, &confirm.email).as_bytes());

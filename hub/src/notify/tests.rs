@@ -412,7 +412,7 @@ async fn went_red_mails_each_matching_subscriber_once() {
     let red = farm.run(2, true).await.unwrap();
     assert_eq!(red.kind, TransitionKind::WentRed as i32);
     assert_eq!(farm.notifier.pending_count(), 2);
-    let mut again = sled::Batch::default();
+    let mut again = crate::store::Batch::default();
     assert_eq!(
         farm.notifier.stage(&red, &mut again).unwrap(),
         0,
@@ -752,12 +752,12 @@ async fn staged_outbox_entries_are_one_batch_applied_with_the_transition() {
         at_ms: farm.now(),
         ..Default::default()
     };
-    let mut batch = sled::Batch::default();
+    let mut batch = crate::store::Batch::default();
     assert_eq!(farm.notifier.stage(&t, &mut batch).unwrap(), 2);
     assert_eq!(farm.notifier.pending_count(), 0, "nothing before the apply");
     farm.notifier.table().apply(batch).unwrap();
     assert_eq!(farm.notifier.pending_count(), 2);
-    let mut again = sled::Batch::default();
+    let mut again = crate::store::Batch::default();
     assert_eq!(farm.notifier.stage(&t, &mut again).unwrap(), 0);
     let still_red = Transition {
         kind: TransitionKind::StillRed.into(),
@@ -923,7 +923,7 @@ fn found(mut t: Transition) -> Transition {
 impl Farm {
     /// Stores `t`'s mails as results would (with the transition): how many.
     fn stage_went_red(&self, t: &Transition) -> usize {
-        let mut batch = sled::Batch::default();
+        let mut batch = crate::store::Batch::default();
         let n = self.notifier.stage(t, &mut batch).unwrap();
         self.notifier.table().apply(batch).unwrap();
         n
@@ -931,7 +931,7 @@ impl Farm {
 
     /// Stores what the end of `t`'s bisection causes: mails staged or changed.
     fn stage_bisected(&self, t: &Transition) -> usize {
-        let mut batch = sled::Batch::default();
+        let mut batch = crate::store::Batch::default();
         let n = self.notifier.stage_bisected(t, &mut batch).unwrap();
         self.notifier.table().apply(batch).unwrap();
         n
@@ -1064,7 +1064,7 @@ async fn notify_authors_mails_each_first_bad_commits_author_once_listing_what_it
     farm.stage_went_red(&textkit);
     farm.stage_went_red(&wordkit);
     // Both bisections end in one write (they shared the builds).
-    let mut batch = sled::Batch::default();
+    let mut batch = crate::store::Batch::default();
     for t in [&textkit, &wordkit] {
         farm.notifier
             .stage_bisected(&found(t.clone()), &mut batch)

@@ -130,7 +130,7 @@ impl Pipeline {
             return Ok(());
         }
         let prefix = format!("hh/{}/{upstream}/", Repo::Upstream.tag());
-        let mut batch = sled::Batch::default();
+        let mut batch = crate::store::Batch::default();
         for item in heads.scan_raw(&prefix) {
             let (k, v) = item?;
             let key = String::from_utf8_lossy(&k);
@@ -168,13 +168,13 @@ impl Pipeline {
             },
             branch: tip.branch.clone(),
         };
-        let mut batch = sled::Batch::default();
+        let mut batch = crate::store::Batch::default();
         heads.stage(&mut batch, head_key(repo, name), &head)?;
         // The order heads were seen in: what results are compared by.
         let seq_key = seq_key(repo, name, commit);
         if !heads.contains(&seq_key)? {
             let seq = heads.store().next_id()?;
-            batch.insert(seq_key.as_bytes(), &seq.to_be_bytes());
+            batch.insert(seq_key.as_bytes(), seq.to_be_bytes());
             if repo == Repo::Upstream {
                 batch.insert(order_key(name, seq).as_bytes(), commit.as_bytes());
             }

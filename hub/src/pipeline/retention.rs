@@ -208,7 +208,7 @@ impl Pipeline {
                 }
             }
         }
-        let mut batch = sled::Batch::default();
+        let mut batch = crate::store::Batch::default();
         let mut removed = 0;
         'upstreams: for u in &self.inner.upstreams {
             let head = self.head(Repo::Upstream, &u.name)?.map(|h| h.commit);

@@ -788,7 +788,7 @@ async fn the_dashboards_history_shows_the_last_heads_their_builds_and_what_each_
     let order: Vec<_> = f.pipeline.inner.heads.keys("hs/").collect();
     assert_eq!(order.len(), 2);
     for k in order {
-        f.pipeline.inner.heads.sled().remove(k.unwrap()).unwrap();
+        f.pipeline.inner.heads.remove(k.unwrap()).unwrap();
     }
     assert!(f.pipeline.recent_heads("rt", 8).unwrap().is_empty());
     f.restart().await;
@@ -2823,10 +2823,10 @@ async fn a_database_without_transition_indexes_gets_them_built_at_open() {
     let everything = f.results.transitions(100, |t| t.upstream == "rt").unwrap();
     assert_eq!(of_upstream, everything);
     assert!(of_upstream.len() > listed.len());
-    let tree = f.store.tree(crate::store::trees::RESULTS).unwrap();
+    let tree = f.store.table(crate::store::trees::RESULTS);
     let index: Vec<_> = ["tb/", "tp/", "tu/", "tib"]
         .iter()
-        .flat_map(|p| tree.scan_prefix(p).keys().map(|k| k.unwrap()))
+        .flat_map(|p| tree.keys(p).map(|k| k.unwrap()))
         .collect();
     assert!(index.len() > listed.len(), "{} index keys", index.len());
     for k in &index {
@@ -2857,7 +2857,7 @@ async fn a_database_without_transition_indexes_gets_them_built_at_open() {
     );
     let rebuilt = ["tb/", "tp/", "tu/", "tib"]
         .iter()
-        .map(|p| tree.scan_prefix(p).count())
+        .map(|p| tree.scan_raw(p).count())
         .sum::<usize>();
     assert_eq!(rebuilt, index.len());
 }
@@ -2871,8 +2871,8 @@ async fn an_older_commit_index_of_every_transition_gives_way_to_one_of_those_tha
     let f = regressed_farm().await;
     let went_red = f.went_red("shouter").remove(0);
     let all = f.results.transitions(1000, |_| true).unwrap();
-    let tree = f.store.tree(crate::store::trees::RESULTS).unwrap();
-    let blamable = |tree: &sled::Tree| tree.scan_prefix("tb/").count();
+    let tree = f.store.table(crate::store::trees::RESULTS);
+    let blamable = |tree: &crate::store::Table| tree.scan_raw("tb/").count();
     let may_blame = blamable(&tree);
     assert!(
         may_blame > 0 && may_blame < all.len(),
@@ -2880,11 +2880,11 @@ async fn an_older_commit_index_of_every_transition_gives_way_to_one_of_those_tha
         all.len()
     );
     // The older layout.
-    for k in tree.scan_prefix("tb/").keys() {
+    for k in tree.keys("tb/") {
         tree.remove(k.unwrap()).unwrap();
     }
     tree.remove("tib").unwrap();
-    tree.insert("tiu", &[] as &[u8]).unwrap();
+    tree.put_raw("tiu", &[] as &[u8]).unwrap();
     for t in &all {
         let k = format!(
             "tc/{}/{}/{}",
@@ -2892,7 +2892,7 @@ async fn an_older_commit_index_of_every_transition_gives_way_to_one_of_those_tha
             t.upstream_commit,
             crate::store::id_key(t.id)
         );
-        tree.insert(k, &[] as &[u8]).unwrap();
+        tree.put_raw(k, &[] as &[u8]).unwrap();
     }
 
     let reopened = Results::open(&f.store).unwrap();
@@ -2903,16 +2903,16 @@ async fn an_older_commit_index_of_every_transition_gives_way_to_one_of_those_tha
     let b = reopened.breakage("rt", vec![commit]).unwrap();
     assert_eq!(b.went_red, vec![went_red.clone()]);
     assert_eq!(blamable(&tree), may_blame);
-    assert_eq!(tree.scan_prefix("tc/").count(), 0, "the older index went");
-    assert!(tree.contains_key("tib").unwrap());
-    assert!(!tree.contains_key("tiu").unwrap());
+    assert_eq!(tree.scan_raw("tc/").count(), 0, "the older index went");
+    assert!(tree.contains("tib").unwrap());
+    assert!(!tree.contains("tiu").unwrap());
 
     // An older hub ran on it again: what it recorded has only `tc/`, and
     // its marker sits beside ours. The next open indexes it.
-    for k in tree.scan_prefix("tb/").keys() {
+    for k in tree.keys("tb/") {
         tree.remove(k.unwrap()).unwrap();
     }
-    tree.insert("tiu", &[] as &[u8]).unwrap();
+    tree.put_raw("tiu", &[] as &[u8]).unwrap();
     let again = Results::open(&f.store).unwrap();
     let commit = Commit {
         sha: went_red.upstream_commit.clone(),
@@ -2923,7 +2923,7 @@ async fn an_older_commit_index_of_every_transition_gives_way_to_one_of_those_tha
         vec![went_red]
     );
     assert_eq!(blamable(&tree), may_blame);
-    assert!(!tree.contains_key("tiu").unwrap());
+    assert!(!tree.contains("tiu").unwrap());
 }
 
 /// A run whose compacted log is gone from the object store (deleted, or

@@ -461,11 +461,11 @@ async fn failed_launches_back_off() {
 #[tokio::test]
 async fn records_written_by_the_previous_release_read_the_same() {
     let (_dir, _cloud, hub) = setup("");
-    let raw = hub.pools.inner.store.tree(trees::PROVISION).unwrap();
+    let raw = hub.pools.inner.store.table(trees::PROVISION);
     let instance = r#"{"id":"fresh-3","pool":"fresh","state":"running","handle":"m-1","token_id":"tok_1","agent_id":"ag_1","created_at_ms":1700000000000,"last_busy_ms":1700000000500,"detail":""}"#;
     let backoff = r#"{"failures":2,"next_start_at_ms":1700000030000,"last_error":"start failed: no capacity"}"#;
-    raw.insert("i/fresh/fresh-3", instance.as_bytes()).unwrap();
-    raw.insert("b/fresh", backoff.as_bytes()).unwrap();
+    raw.put_raw("i/fresh/fresh-3", instance.as_bytes()).unwrap();
+    raw.put_raw("b/fresh", backoff.as_bytes()).unwrap();
     let read = hub.instances();
     assert_eq!(read.len(), 1);
     assert_eq!(
@@ -481,10 +481,10 @@ async fn records_written_by_the_previous_release_read_the_same() {
     // Written again, a record has the bytes it had.
     hub.pools.put(&read[0]).unwrap();
     assert_eq!(
-        raw.get("i/fresh/fresh-3").unwrap().unwrap().as_ref(),
+        raw.get_raw("i/fresh/fresh-3").unwrap().unwrap().as_ref(),
         instance.as_bytes()
     );
-    raw.insert("i/fresh/fresh-4", &b"{broken"[..]).unwrap();
+    raw.put_raw("i/fresh/fresh-4", &b"{broken"[..]).unwrap();
     let err = hub.pools.instances("fresh").unwrap_err().to_string();
     assert!(err.contains("record provision/i/fresh/fresh-4"), "{err}");
 }

@@ -130,7 +130,7 @@ fn bisected(t: &Transition) -> bool {
 /// holding the results' write lock.
 pub(super) fn join(
     table: &Table,
-    batch: &mut sled::Batch,
+    batch: &mut crate::store::Batch,
     t: &mut Transition,
 ) -> Result<(), StoreError> {
     if !bisected(t) {
@@ -229,10 +229,10 @@ impl Results {
                 return Ok(None);
             };
             t.bisect = Some(answer);
-            let mut batch = sled::Batch::default();
+            let mut batch = crate::store::Batch::default();
             self.table.stage(&mut batch, key, &b)?;
             self.table.stage(&mut batch, keys::transition(t.id), &t)?;
-            let mut theirs = sled::Batch::default();
+            let mut theirs = crate::store::Batch::default();
             sink.stage_bisected(&t, &mut theirs)?;
             self.table.apply_with(batch, sink.table(), theirs)?;
             t

@@ -50,14 +50,14 @@ fn entries(t: &Transition) -> Vec<String> {
 }
 
 /// Adds `t`'s index entries to `batch`.
-pub(super) fn stage(batch: &mut sled::Batch, t: &Transition) {
+pub(super) fn stage(batch: &mut crate::store::Batch, t: &Transition) {
     for k in entries(t) {
         batch.insert(k.as_bytes(), &[] as &[u8]);
     }
 }
 
 /// Adds the removal of `t`'s index entries to `batch`.
-pub(super) fn unstage(batch: &mut sled::Batch, t: &Transition) {
+pub(super) fn unstage(batch: &mut crate::store::Batch, t: &Transition) {
     for k in entries(t) {
         batch.remove(k.as_bytes());
     }
@@ -82,7 +82,7 @@ pub(super) fn build_once(table: &Table) -> Result<Option<usize>, StoreError> {
     if table.contains(keys::INDEXED)? && !older {
         return Ok(None);
     }
-    let mut batch = sled::Batch::default();
+    let mut batch = crate::store::Batch::default();
     let mut in_batch = 0;
     let mut total = 0;
     for item in table.scan::<Transition>(keys::TRANSITIONS) {

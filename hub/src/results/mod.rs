@@ -226,12 +226,16 @@ pub(crate) trait TransitionSink: Send + Sync {
     fn table(&self) -> &Table;
     /// Stages into `batch` what the stored transition `t` causes (for
     /// [`TransitionSink::table`], applied atomically with `t`).
-    fn stage(&self, t: &Transition, batch: &mut sled::Batch) -> Result<(), StoreError>;
+    fn stage(&self, t: &Transition, batch: &mut crate::store::Batch) -> Result<(), StoreError>;
     /// Stages into `batch` what the bisection of the stored transition `t`
     /// ending causes (`t.bisect` settled: found, range or gave up), applied
     /// atomically with `t`'s update: the held went-red mail released with
     /// the first bad commit, or a follow-up in its thread.
-    fn stage_bisected(&self, t: &Transition, batch: &mut sled::Batch) -> Result<(), StoreError> {
+    fn stage_bisected(
+        &self,
+        t: &Transition,
+        batch: &mut crate::store::Batch,
+    ) -> Result<(), StoreError> {
         let _ = (t, batch);
         Ok(())
     }
@@ -386,7 +390,7 @@ impl Results {
             if self.recorded(build.job_id)? {
                 return Ok(None);
             }
-            let mut batch = sled::Batch::default();
+            let mut batch = crate::store::Batch::default();
             self.stage_build(&mut batch, &build)?;
             self.table.apply(batch)?;
         }
@@ -397,7 +401,11 @@ impl Results {
     /// Stages `b` under its commit and moves the newest-build pointer (and
     /// the newest-passed one, if it passed) to it, unless they point at a
     /// newer head already. Only commits that were the head move pointers.
-    fn stage_build(&self, batch: &mut sled::Batch, b: &BuildInfo) -> Result<(), StoreError> {
+    fn stage_build(
+        &self,
+        batch: &mut crate::store::Batch,
+        b: &BuildInfo,
+    ) -> Result<(), StoreError> {
         self.table
             .stage(batch, keys::build(&b.upstream, &b.platform, &b.commit), b)?;
         let mut pointers = vec![Pointer::Latest];
@@ -547,7 +555,7 @@ impl Results {
             return Ok(Recorded::Already);
         }
         let identical = matches!(rerun.kind, RerunKind::Again | RerunKind::Confirm);
-        let mark = |batch: &mut sled::Batch| {
+        let mark = |batch: &mut crate::store::Batch| {
             if job_id != 0 {
                 batch.insert(keys::recorded(job_id).as_bytes(), &[][..]);
             }
@@ -559,7 +567,7 @@ impl Results {
         let (Some(mut c), true) = (held, awaiting) else {
             // Settled already (or never held): nothing to decide, but an
             // identical re-run is still a second run of the same spec.
-            let mut batch = sled::Batch::default();
+            let mut batch = crate::store::Batch::default();
             mark(&mut batch);
             if let (true, Some(c)) = (identical, self.confirmation(original)?) {
                 let first = self.held_result(&c)?;
@@ -669,7 +677,7 @@ impl Results {
     /// flaky). Builds (and a missing original) are not counted.
     fn identical_runs(
         &self,
-        batch: &mut sled::Batch,
+        batch: &mut crate::store::Batch,
         (original, rerun): (Option<&Finished>, Option<&Finished>),
         trusted_pair: bool,
     ) -> Result<(), StoreError> {
@@ -703,7 +711,7 @@ impl Results {
     /// newest (summary only for runs: the grid reads them often).
     fn stage_finished(
         &self,
-        batch: &mut sled::Batch,
+        batch: &mut crate::store::Batch,
         finished: &Finished,
     ) -> Result<(), StoreError> {
         match finished {
@@ -742,7 +750,7 @@ impl Results {
         series: Series<'_>,
         culprits: &dyn Culprits,
         sink: &dyn TransitionSink,
-        stage: impl FnOnce(&mut sled::Batch) -> Result<(), StoreError>,
+        stage: impl FnOnce(&mut crate::store::Batch) -> Result<(), StoreError>,
     ) -> Result<Option<Transition>, StoreError> {
         let Series {
             name: series_name,
@@ -755,7 +763,7 @@ impl Results {
         };
         let transition = {
             let _w = self.write_lock();
-            let mut batch = sled::Batch::default();
+            let mut batch = crate::store::Batch::default();
             let transition = match verdict {
                 Some(verdict) => {
                     let mut t = verdict.transition.clone();
@@ -786,7 +794,7 @@ impl Results {
             match &transition {
                 None => self.table.apply(batch)?,
                 Some(t) => {
-                    let mut theirs = sled::Batch::default();
+                    let mut theirs = crate::store::Batch::default();
                     sink.stage(t, &mut theirs)?;
                     self.table.apply_with(batch, sink.table(), theirs)?;
                 }

@@ -188,7 +188,7 @@ impl Results {
     /// the tree, not from the batch).
     pub(crate) fn stage_noise(
         &self,
-        batch: &mut sled::Batch,
+        batch: &mut crate::store::Batch,
         a: &RunRecord,
         b: &RunRecord,
     ) -> Result<bool, StoreError> {
@@ -247,7 +247,7 @@ impl Results {
         let before = self.run(&i.project, &i.upstream, &i.platform, original)?;
         {
             let _w = self.write_lock();
-            let mut batch = sled::Batch::default();
+            let mut batch = crate::store::Batch::default();
             if let (Some(a), true) = (&before, trusted_pair) {
                 self.stage_noise(&mut batch, a, &run)?;
             }

@@ -196,7 +196,7 @@ impl Results {
         max_ops: usize,
     ) -> Result<Pruned, StoreError> {
         let mut pruned = Pruned::default();
-        let mut batch = sled::Batch::default();
+        let mut batch = crate::store::Batch::default();
         // Decided without the write lock (runs and transitions this removes
         // or rewrites are written by nobody else: old, not kept), applied
         // under it.
@@ -290,11 +290,11 @@ impl Results {
     /// The prefix of the first series of runs whose keys are at or after
     /// `from`.
     fn next_series(&self, from: &str) -> Result<Option<String>, StoreError> {
-        let mut range = self.table.sled().range(from.as_bytes()..);
+        let mut range = self.table.range(from.as_bytes()..);
         let Some(item) = range.next() else {
             return Ok(None);
         };
-        let (k, _) = item.map_err(|e| self.table.store().err(e))?;
+        let (k, _) = item?;
         let key = String::from_utf8_lossy(&k);
         if !key.starts_with(keys::RUNS) {
             return Ok(None);
@@ -315,7 +315,7 @@ impl Results {
         (series, from): (&str, &str),
         policy: Policy,
         kept: &Kept,
-        batch: &mut sled::Batch,
+        batch: &mut crate::store::Batch,
         pruned: &mut Pruned,
         max_ops: usize,
     ) -> Result<Option<String>, StoreError> {
@@ -330,9 +330,9 @@ impl Results {
         };
         let resume_at = |k: &[u8]| Some(String::from_utf8_lossy(k).into_owned());
         let start = from.as_bytes().max(series.as_bytes());
-        let older = self.table.sled().range(start..boundary.as_ref().max(start));
+        let older = self.table.range(start..boundary.as_ref().max(start));
         for item in older {
-            let (k, v) = item.map_err(|e| self.table.store().err(e))?;
+            let (k, v) = item?;
             if pruned.ops() >= max_ops {
                 return Ok(resume_at(&k));
             }
@@ -388,15 +388,15 @@ impl Results {
         after: u64,
         policy: Policy,
         kept: &Kept,
-        batch: &mut sled::Batch,
+        batch: &mut crate::store::Batch,
         pruned: &mut Pruned,
         max_ops: usize,
     ) -> Result<Option<u64>, StoreError> {
         let from = keys::transition(after.saturating_add(1));
         let end = keys::transition(u64::MAX);
         let mut last = after;
-        for item in self.table.sled().range(from.as_bytes()..=end.as_bytes()) {
-            let (k, v) = item.map_err(|e| self.table.store().err(e))?;
+        for item in self.table.range(from.as_bytes()..=end.as_bytes()) {
+            let (k, v) = item?;
             let t: Transition = self.table.decode(&k, &v)?;
             if t.at_ms >= policy.runs_before_ms {
                 return Ok(None);
@@ -430,13 +430,13 @@ impl Results {
         from: &str,
         policy: Policy,
         kept: &Kept,
-        batch: &mut sled::Batch,
+        batch: &mut crate::store::Batch,
         pruned: &mut Pruned,
         max_ops: usize,
     ) -> Result<Option<String>, StoreError> {
         let end = format!("{}\u{ff}", keys::BUILDS);
-        for item in self.table.sled().range(from.as_bytes()..end.as_bytes()) {
-            let (k, v) = item.map_err(|e| self.table.store().err(e))?;
+        for item in self.table.range(from.as_bytes()..end.as_bytes()) {
+            let (k, v) = item?;
             if pruned.ops() >= max_ops {
                 return Ok(Some(String::from_utf8_lossy(&k).into_owned()));
             }
@@ -464,13 +464,13 @@ impl Results {
         &self,
         from: &str,
         policy: Policy,
-        batch: &mut sled::Batch,
+        batch: &mut crate::store::Batch,
         pruned: &mut Pruned,
         max_ops: usize,
     ) -> Result<Option<String>, StoreError> {
         let end = format!("{}\u{ff}", keys::BISECTIONS);
-        for item in self.table.sled().range(from.as_bytes()..end.as_bytes()) {
-            let (k, v) = item.map_err(|e| self.table.store().err(e))?;
+        for item in self.table.range(from.as_bytes()..end.as_bytes()) {
+            let (k, v) = item?;
             if pruned.ops() >= max_ops {
                 return Ok(Some(String::from_utf8_lossy(&k).into_owned()));
             }
@@ -492,7 +492,7 @@ impl Results {
     /// original's record). One atomic write, durable when this returns.
     /// Returns how many records it removed.
     pub(crate) async fn forget_jobs(&self, jobs: &[u64]) -> Result<usize, StoreError> {
-        let mut batch = sled::Batch::default();
+        let mut batch = crate::store::Batch::default();
         let mut removed = 0;
         for &job in jobs {
             for k in [keys::recorded(job), keys::noise_counted(job)] {

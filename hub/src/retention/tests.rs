@@ -203,10 +203,10 @@ async fn old_runs_logs_and_cases_go_the_latest_open_red_and_grid_stay_and_the_da
     }
 
     // No index entry outlives its transition.
-    let tree = f.store.tree(crate::store::trees::RESULTS).unwrap();
+    let tree = f.store.table(crate::store::trees::RESULTS);
     let mut entries = 0;
     for prefix in ["tb/", "tp/", "tu/"] {
-        for k in tree.scan_prefix(prefix).keys() {
+        for k in tree.keys(prefix) {
             let k = String::from_utf8(k.unwrap().to_vec()).unwrap();
             let id: u64 = k.rsplit('/').next().unwrap().parse().unwrap();
             assert!(
@@ -270,10 +270,10 @@ async fn old_runs_logs_and_cases_go_the_latest_open_red_and_grid_stay_and_the_da
     // The once-only markers go with their job's record: no `k<key>` names
     // a pruned job, no `p/<job>` "recorded" marker stays of one, and the
     // head order keeps only commits seen since the jobs' cutoff.
-    let tree = |name| f.store.tree(name).unwrap();
+    let tree = |name| f.store.table(name);
     let jobs_tree = tree(crate::store::trees::JOBS);
     let mut markers = 0;
-    for item in jobs_tree.scan_prefix(b"k") {
+    for item in jobs_tree.scan_raw(b"k") {
         let (k, v) = item.unwrap();
         let id = u64::from_be_bytes(v.as_ref().try_into().unwrap());
         assert!(
@@ -284,7 +284,7 @@ async fn old_runs_logs_and_cases_go_the_latest_open_red_and_grid_stay_and_the_da
         markers += 1;
     }
     assert!(markers > 0);
-    for item in tree(crate::store::trees::RESULTS).scan_prefix(b"p/") {
+    for item in tree(crate::store::trees::RESULTS).scan_raw(b"p/") {
         let (k, _) = item.unwrap();
         let id: u64 = String::from_utf8_lossy(&k[2..]).parse().unwrap();
         assert!(
@@ -293,7 +293,7 @@ async fn old_runs_logs_and_cases_go_the_latest_open_red_and_grid_stay_and_the_da
         );
     }
     let heads = tree(crate::store::trees::PIPELINE)
-        .scan_prefix(b"hh/p/adder/")
+        .scan_raw(b"hh/p/adder/")
         .count();
     assert!(heads <= 10, "{heads} adder head sequences stay");
 
