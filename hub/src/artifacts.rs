@@ -5,13 +5,13 @@
 //! <dir>/<sha256>.tar.zst      one verified artifact (lowercase hex name)
 //! <dir>/tmp/                  uploads in progress (emptied at open)
 //! <dir>/quarantine/           files found not to match their name
-//! sled tree `artifacts`       <sha256> → ArtifactRecord (JSON)
+//! tree `artifacts`            <sha256> → ArtifactRecord (JSON)
 //! ```
 //!
 //! With `[storage] backend = "s3"` ([`Backend::Objects`]) the bytes live in
 //! the object store instead, as `artifacts/<sha256>.tar.zst` and
 //! `quarantine/<sha256>.<ms>.tar.zst` under the hub's prefix; uploads are
-//! still received into `<dir>/tmp/`, and records stay in sled. A download
+//! still received into `<dir>/tmp/`, and records stay in the database. A download
 //! that accepts one is answered with a presigned URL: the agent fetches the
 //! bytes from the store and the hub sends none.
 //!

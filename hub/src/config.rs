@@ -110,10 +110,9 @@ pub(crate) struct HubSection {
     /// so the database never fills the disk.
     #[serde(deserialize_with = "de::byte_size")]
     pub(crate) min_free_space: u64,
-    /// The database's page cache, counted as sled counts it (the pages'
-    /// size on disk): the hub's memory runs to several times it. Larger
-    /// serves big histories' pages (`breakage`, old runs) without reading
-    /// the disk; the working set of dispatch is small.
+    /// The database's block cache. Larger serves big histories' blocks
+    /// (`breakage`, old runs) without reading the disk; the working set of
+    /// dispatch is small.
     #[serde(deserialize_with = "de::byte_size")]
     pub(crate) database_cache: u64,
 }

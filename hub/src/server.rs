@@ -154,7 +154,7 @@ impl Hub {
         let objects = Objects::open(&cfg.storage, &data_dir)
             .await
             .context("the object store in [storage] cannot be used")?;
-        let store = Store::open_with_cache(&data_dir.join("db"), cfg.hub.database_cache)?;
+        let store = Store::open_data_dir(&data_dir, cfg.hub.database_cache)?;
         let credentials = Credentials::open(&store)?;
         let logs = Arc::new(
             JobLogs::open(&store, cfg.limits.max_log_size, objects.clone())?

@@ -3,8 +3,8 @@
 //! running jobs, results, mails) can still be written, and nothing is lost.
 //!
 //! The embedded database cannot be trusted to fail gracefully: once one of
-//! sled's writes fails (ENOSPC, EROFS) it refuses every later operation
-//! until it is opened again. So the hub keeps a reserve
+//! its writes fails (ENOSPC, EROFS) it refuses every later write until it
+//! is opened again. So the hub keeps a reserve
 //! (`hub.min_free_space`), checked with `statvfs` on every request for new
 //! work (cheap: one system call), and if the database failed anyway, `serve`
 //! restarts the process once the data dir takes writes again (see
@@ -287,6 +287,24 @@ impl DataDir {
         let _ = std::fs::remove_file(&probe);
         ok
     }
+}
+
+/// The disk space the files under `path` take (allocated blocks, as `du`
+/// counts them: a journal preallocated sparse counts what it holds).
+/// Unreadable entries count as nothing.
+pub(crate) fn dir_size(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = std::fs::read_dir(path) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_size(&e.path()),
+            Ok(m) => m.blocks() * 512,
+            Err(_) => 0,
+        })
+        .sum()
 }
 
 #[cfg(test)]

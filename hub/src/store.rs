@@ -1,13 +1,21 @@
-//! The hub's embedded database (sled): its trees, key layout, schema version
-//! and flush policy.
+//! The hub's embedded database (fjall, an LSM tree): its trees, key layout,
+//! schema version, ids and flush policy.
 //!
 //! Every module that keeps durable state gets its tree from here and nothing
-//! else opens the database. Durability works by *group commit*: a writer
-//! applies its change to sled (fast, in memory) and then awaits
-//! [`Store::commit`], which returns once an `fsync` that started after the
-//! write has finished. Concurrent writers share one flush, so throughput does
-//! not pay one `fsync` per job while every acknowledgement still waits for the
-//! disk.
+//! else opens the database or names its engine. Durability works by *group
+//! commit*: a writer applies its change (to the journal and the memtable:
+//! visible at once) and then awaits [`Store::commit`], which returns once an
+//! `fsync` that started after the write has finished. Concurrent writers
+//! share one flush, so throughput does not pay one `fsync` per job while
+//! every acknowledgement still waits for the disk.
+//!
+//! fjall rather than sled (which earlier releases used, and which
+//! [`from_sled`] copies once): sled's files grew by about the size of every
+//! record ever written while a few old records stayed live in their segments
+//! (BENCHMARKS.md, growth); an LSM tree gives removed records' space back when
+//! it compacts, so under retention the files stop growing.
+
+mod from_sled;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -19,51 +27,75 @@ use tokio::sync::{mpsc, oneshot};
 
 /// The on-disk schema this build writes. Bumped on an incompatible change,
 /// with a migration in [`Store::open`]; an older hub refuses a newer schema.
-/// 2: ids are persisted every [`ID_PERSIST_INTERVAL`] (1: sled's default).
-pub(crate) const SCHEMA_VERSION: u32 = 2;
+/// 3: fjall (1 and 2 were sled: [`from_sled`] copies them; 2 persisted ids
+/// every [`ID_PERSIST_INTERVAL`], 1 at sled's default).
+pub(crate) const SCHEMA_VERSION: u32 = 3;
 
-/// How many ids sled hands out between two durable writes of its id
-/// counter. A start (after a clean stop or a `kill -9` alike) resumes 2×
-/// this above the last written count, so no id is ever given twice, and
-/// ids skip at most that many at each start. sled's default (a million)
-/// made job ids jump by millions at every restart; this costs one small
-/// blocking `fsync` every hundred ids.
+/// How many ids are handed out between two durable writes of the id
+/// counter's reservation. A start (after a clean stop or a `kill -9` alike)
+/// resumes at the last reservation written, so no id is ever given twice
+/// and ids skip at most this many at each start; it costs one small blocking
+/// `fsync` every hundred ids.
 const ID_PERSIST_INTERVAL: u64 = 100;
 
-/// sled's default interval, which schema 1 databases ran with: their ids
-/// may run up to 2× this above the count on disk.
-const OLD_ID_PERSIST_INTERVAL: u64 = 1_000_000;
-
-/// The default size of the database's page cache (`hub.database_cache`),
-/// bytes. sled counts the cached pages at their size on disk and its
-/// default is 1 GiB; their size in memory is many times that (a hub of a
-/// million finished jobs held 11 GiB at sled's default).
+/// The default size of the database's block cache (`hub.database_cache`),
+/// bytes.
 pub(crate) const DEFAULT_CACHE_BYTES: u64 = 128 * 1024 * 1024;
 
-/// Opens sled in `dir` with ids persisted every `id_interval` and a page
-/// cache of `cache_bytes`.
-fn open_sled(dir: &Path, id_interval: u64, cache_bytes: u64) -> sled::Result<sled::Db> {
-    sled::Config::new()
-        .path(dir)
-        // We flush explicitly (group commit); no background timer needed.
-        // (Its segment cleaning did not keep the files from growing either:
-        // BENCHMARKS.md, growth.)
-        .flush_every_ms(None)
-        .idgen_persist_interval(id_interval)
-        .cache_capacity(cache_bytes)
+/// The most journal the database keeps before it writes memtables out
+/// (fjall's smallest; its default, 512 MiB, took seconds to replay at a
+/// start and held as much on disk).
+const MAX_JOURNAL_BYTES: u64 = 64 * 1024 * 1024;
+
+/// One tree's in-memory write buffer before it is written out as a table
+/// (fjall's default is 64 MiB per tree: ten trees of it are most of a
+/// hub's memory for nothing).
+const MEMTABLE_BYTES: u64 = 8 * 1024 * 1024;
+
+/// Where the database lives in a hub's data dir.
+pub(crate) const DIR: &str = "store";
+
+/// Opens fjall in `dir` with a block cache of `cache_bytes`.
+fn open_fjall(dir: &Path, cache_bytes: u64) -> fjall::Result<fjall::Database> {
+    fjall::Database::builder(dir)
+        .cache_size(cache_bytes)
+        .max_journaling_size(MAX_JOURNAL_BYTES)
         .open()
+}
+
+/// Opens (or creates) the tree `name` of `db`.
+fn open_tree(db: &fjall::Database, name: &str) -> fjall::Result<fjall::Keyspace> {
+    db.keyspace(name, || {
+        fjall::KeyspaceCreateOptions::default().max_memtable_size(MEMTABLE_BYTES)
+    })
 }
 
 /// Errors from the store. The message always says what the operator can do.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum StoreError {
-    /// sled failed (disk full, read-only file system, corruption...).
+    /// The database failed (disk full, read-only file system, corruption...).
     #[error("hub database {path}: {source} (is the disk full or read-only?)")]
     Db {
         /// The database directory.
         path: PathBuf,
-        /// sled's error.
-        source: sled::Error,
+        /// fjall's error (boxed: it is large, and every result carries it).
+        source: Box<fjall::Error>,
+    },
+    /// Another process has the database open.
+    #[error(
+        "hub database {path} is in use by another process (is another trunkfarm running on this data dir? stop it first)"
+    )]
+    Locked {
+        /// The database directory.
+        path: PathBuf,
+    },
+    /// Copying a database an older release wrote (sled) failed.
+    #[error("hub database {path}: copying the older release's database failed: {reason}")]
+    Import {
+        /// The older database's directory.
+        path: PathBuf,
+        /// What failed.
+        reason: String,
     },
     /// The database was written by a newer hub.
     #[error(
@@ -98,10 +130,15 @@ pub(crate) struct Store {
 
 struct Inner {
     path: PathBuf,
-    db: sled::Db,
+    db: fjall::Database,
+    /// The `meta` tree: schema version and the id counter's reservation.
+    meta: fjall::Keyspace,
+    /// The id counter: the next id and the reservation on disk (no id at
+    /// or above it was handed out).
+    ids: std::sync::Mutex<Ids>,
     commits: mpsc::UnboundedSender<oneshot::Sender<Result<(), String>>>,
-    /// A flush failed. sled then refuses every later write until the
-    /// database is opened again (see [`Store::failed`]).
+    /// A flush failed. The database then refuses every later write until
+    /// it is opened again (see [`Store::failed`]).
     failed: Arc<AtomicBool>,
     /// Held by [`Table::update`]: one read-modify-write at a time.
     updates: std::sync::Mutex<()>,
@@ -174,7 +211,7 @@ pub(crate) fn id_key(id: u64) -> String {
 }
 
 /// A key or value as the database hands it out (it derefs to `[u8]`).
-pub(crate) type Bytes = sled::IVec;
+pub(crate) type Bytes = fjall::Slice;
 
 /// Writes and removals in one table, applied atomically by [`Table::apply`]
 /// (or together with another table's by [`Table::apply_with`]). Only this
@@ -201,26 +238,25 @@ impl Batch {
         self.ops.is_empty()
     }
 
-    fn into_sled(self) -> sled::Batch {
-        let mut batch = sled::Batch::default();
+    /// Adds this batch's changes to `tree` to an engine batch.
+    fn stage_into(self, batch: &mut fjall::OwnedWriteBatch, tree: &fjall::Keyspace) {
         for (key, value) in self.ops {
             match value {
-                Some(value) => batch.insert(key, value),
-                None => batch.remove(key),
+                Some(value) => batch.insert(tree, key, value),
+                None => batch.remove(tree, key),
             }
         }
-        batch
     }
 }
 
 /// One tree, read and written as JSON records: the typed layer every owning
-/// module uses instead of raw sled calls. Reads that fail to decode become
+/// module uses instead of raw engine calls. Reads that fail to decode become
 /// [`StoreError::Corrupt`] naming the tree and key; writes are not durable
 /// until [`Store::commit`] returns.
 #[derive(Clone)]
 pub(crate) struct Table {
     store: Store,
-    tree: sled::Tree,
+    tree: fjall::Keyspace,
     name: &'static str,
 }
 
@@ -258,7 +294,9 @@ impl Table {
 
     /// Whether `key` is present.
     pub(crate) fn contains(&self, key: impl AsRef<[u8]>) -> Result<bool, StoreError> {
-        self.tree.contains_key(key).map_err(|e| self.store.err(e))
+        self.tree
+            .contains_key(key.as_ref())
+            .map_err(|e| self.store.err(e))
     }
 
     /// Writes `value` at `key` (durable after the next commit).
@@ -270,7 +308,6 @@ impl Table {
         let bytes = self.encode(value)?;
         self.tree
             .insert(key.as_ref(), bytes)
-            .map(|_| ())
             .map_err(|e| self.store.err(e))
     }
 
@@ -282,15 +319,13 @@ impl Table {
     ) -> Result<(), StoreError> {
         self.tree
             .insert(key.as_ref(), value.as_ref())
-            .map(|_| ())
             .map_err(|e| self.store.err(e))
     }
 
     /// Removes `key`.
     pub(crate) fn remove(&self, key: impl AsRef<[u8]>) -> Result<(), StoreError> {
         self.tree
-            .remove(key)
-            .map(|_| ())
+            .remove(key.as_ref())
             .map_err(|e| self.store.err(e))
     }
 
@@ -310,9 +345,9 @@ impl Table {
         if batch.is_empty() {
             return Ok(());
         }
-        self.tree
-            .apply_batch(batch.into_sled())
-            .map_err(|e| self.store.err(e))
+        let mut staged = self.store.inner.db.batch();
+        batch.stage_into(&mut staged, &self.tree);
+        staged.commit().map_err(|e| self.store.err(e))
     }
 
     /// Runs `change` as this store's only read-modify-write for its
@@ -347,20 +382,10 @@ impl Table {
         other: &Table,
         theirs: Batch,
     ) -> Result<(), StoreError> {
-        use sled::Transactional;
-        let (mine, theirs) = (mine.into_sled(), theirs.into_sled());
-        (&self.tree, &other.tree)
-            .transaction(|(a, b)| {
-                a.apply_batch(&mine)?;
-                b.apply_batch(&theirs)?;
-                Ok::<(), sled::transaction::ConflictableTransactionError<()>>(())
-            })
-            .map_err(|e| match e {
-                sled::transaction::TransactionError::Storage(e) => self.store.err(e),
-                sled::transaction::TransactionError::Abort(()) => {
-                    self.corrupt("(transaction)", "aborted")
-                }
-            })
+        let mut staged = self.store.inner.db.batch();
+        mine.stage_into(&mut staged, &self.tree);
+        theirs.stage_into(&mut staged, &other.tree);
+        staged.commit().map_err(|e| self.store.err(e))
     }
 
     /// The records under `prefix` in key order (`.rev()` for newest first),
@@ -369,8 +394,8 @@ impl Table {
         &self,
         prefix: impl AsRef<[u8]>,
     ) -> impl DoubleEndedIterator<Item = Result<(Bytes, T), StoreError>> + '_ {
-        self.tree.scan_prefix(prefix).map(move |item| {
-            let (k, v) = item.map_err(|e| self.store.err(e))?;
+        self.scan_raw(prefix).map(move |item| {
+            let (k, v) = item?;
             let value = self.decode(&k, &v)?;
             Ok((k, value))
         })
@@ -382,9 +407,8 @@ impl Table {
         prefix: impl AsRef<[u8]>,
     ) -> impl DoubleEndedIterator<Item = Result<Bytes, StoreError>> + '_ {
         self.tree
-            .scan_prefix(prefix)
-            .keys()
-            .map(move |k| k.map_err(|e| self.store.err(e)))
+            .prefix(prefix.as_ref())
+            .map(move |item| item.key().map_err(|e| self.store.err(e)))
     }
 
     /// The raw entries under `prefix` in key order.
@@ -393,8 +417,8 @@ impl Table {
         prefix: impl AsRef<[u8]>,
     ) -> impl DoubleEndedIterator<Item = Result<(Bytes, Bytes), StoreError>> + '_ {
         self.tree
-            .scan_prefix(prefix)
-            .map(move |item| item.map_err(|e| self.store.err(e)))
+            .prefix(prefix.as_ref())
+            .map(move |item| item.into_inner().map_err(|e| self.store.err(e)))
     }
 
     /// The raw entries with keys in `range`, in key order (`.rev()` for
@@ -405,7 +429,7 @@ impl Table {
     ) -> impl DoubleEndedIterator<Item = Result<(Bytes, Bytes), StoreError>> + '_ {
         self.tree
             .range(range)
-            .map(move |item| item.map_err(|e| self.store.err(e)))
+            .map(move |item| item.into_inner().map_err(|e| self.store.err(e)))
     }
 
     /// The JSON encoding of `value`.
@@ -428,87 +452,83 @@ impl Table {
     }
 }
 
-/// Schema 1 → 2: a database that ran with sled's default id interval may
-/// have given ids up to 2 million above its count on disk, more than a
-/// start with [`ID_PERSIST_INTERVAL`] skips. Opened once more with the old
-/// interval, one id (above every id given) is taken and written durably;
-/// the database is then opened with the new interval, which starts above
-/// it. (Ids jump once more, by about two million, at this one start.)
-fn migrate_ids(dir: &Path, cache_bytes: u64) -> sled::Result<sled::Db> {
-    {
-        let old = reopen_sled(dir, OLD_ID_PERSIST_INTERVAL, cache_bytes)?;
-        old.generate_id()?;
-        old.flush()?;
-    }
-    reopen_sled(dir, ID_PERSIST_INTERVAL, cache_bytes)
+/// The id counter: what [`Store::next_id`] hands out next, and the
+/// reservation written durably (every id handed out is below it).
+struct Ids {
+    next: u64,
+    reserved: u64,
 }
 
-/// [`open_sled`] right after this process dropped its handle: sled's
-/// background I/O may hold the database's lock for a moment longer.
-fn reopen_sled(dir: &Path, id_interval: u64, cache_bytes: u64) -> sled::Result<sled::Db> {
-    let mut tries = 0;
-    loop {
-        match open_sled(dir, id_interval, cache_bytes) {
-            Err(e) if tries < 100 => {
-                tracing::debug!("reopening the hub database: {e}");
-                tries += 1;
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
-            done => return done,
-        }
-    }
+/// The `meta` key of the id counter's reservation (8 bytes big-endian).
+const IDS_RESERVED: &str = "ids_reserved";
+
+/// The `meta` key of the schema version (4 bytes big-endian).
+const SCHEMA_KEY: &str = "schema_version";
+
+/// Reads a big-endian number of `N` bytes stored at `key` in `meta`.
+fn read_number<const N: usize>(
+    meta: &fjall::Keyspace,
+    key: &str,
+    path: &Path,
+) -> Result<Option<[u8; N]>, StoreError> {
+    let Some(raw) = meta.get(key).map_err(|source| StoreError::Db {
+        path: path.to_path_buf(),
+        source: Box::new(source),
+    })?
+    else {
+        return Ok(None);
+    };
+    raw.as_ref()
+        .try_into()
+        .map(Some)
+        .map_err(|_| StoreError::Corrupt {
+            path: path.to_path_buf(),
+            key: format!("meta/{key}"),
+            reason: format!("not a {N}-byte number"),
+        })
 }
 
 impl Store {
-    /// Opens (or creates) the database in `dir` with the default page cache
-    /// and starts its group-commit task (tests; the hub and the benchmarks
-    /// open it with the configured cache). Must be called inside a tokio
-    /// runtime.
+    /// Opens (or creates) the database in `dir` with the default block
+    /// cache and starts its group-commit task (tests; the hub and the
+    /// benchmarks open it with the configured cache). Must be called inside
+    /// a tokio runtime.
     #[cfg(test)]
     pub(crate) fn open(dir: &Path) -> Result<Store, StoreError> {
         Store::open_with_cache(dir, DEFAULT_CACHE_BYTES)
     }
 
-    /// Opens (or creates) the database in `dir` with a page cache of
+    /// Opens (or creates) the database in `dir` with a block cache of
     /// `cache_bytes` (`hub.database_cache`) and starts its group-commit
     /// task. Must be called inside a tokio runtime.
     pub(crate) fn open_with_cache(dir: &Path, cache_bytes: u64) -> Result<Store, StoreError> {
-        let db_err = |source| StoreError::Db {
-            path: dir.to_path_buf(),
-            source,
+        let db_err = |source: fjall::Error| match source {
+            fjall::Error::Locked => StoreError::Locked {
+                path: dir.to_path_buf(),
+            },
+            source => StoreError::Db {
+                path: dir.to_path_buf(),
+                source: Box::new(source),
+            },
         };
-        let mut db = open_sled(dir, ID_PERSIST_INTERVAL, cache_bytes).map_err(db_err)?;
-        let mut meta = db.open_tree(trees::META).map_err(db_err)?;
-        match meta.get("schema_version").map_err(db_err)? {
+        let db = open_fjall(dir, cache_bytes).map_err(db_err)?;
+        let meta = open_tree(&db, trees::META).map_err(db_err)?;
+        match read_number::<4>(&meta, SCHEMA_KEY, dir)?.map(u32::from_be_bytes) {
             None => {
-                meta.insert("schema_version", &SCHEMA_VERSION.to_be_bytes())
+                meta.insert(SCHEMA_KEY, SCHEMA_VERSION.to_be_bytes())
                     .map_err(db_err)?;
-                db.flush().map_err(db_err)?;
+                db.persist(fjall::PersistMode::SyncAll).map_err(db_err)?;
             }
-            Some(v) => {
-                let found = v.as_ref().try_into().map(u32::from_be_bytes).map_err(|_| {
-                    StoreError::Corrupt {
-                        path: dir.to_path_buf(),
-                        key: "meta/schema_version".into(),
-                        reason: "not a 4-byte version".into(),
-                    }
-                })?;
-                if found > SCHEMA_VERSION {
-                    return Err(StoreError::TooNew {
-                        path: dir.to_path_buf(),
-                        found,
-                    });
-                }
-                if found < 2 {
-                    drop((meta, db));
-                    db = migrate_ids(dir, cache_bytes).map_err(db_err)?;
-                    meta = db.open_tree(trees::META).map_err(db_err)?;
-                    meta.insert("schema_version", &SCHEMA_VERSION.to_be_bytes())
-                        .map_err(db_err)?;
-                    db.flush().map_err(db_err)?;
-                }
+            Some(found) if found > SCHEMA_VERSION => {
+                return Err(StoreError::TooNew {
+                    path: dir.to_path_buf(),
+                    found,
+                });
             }
+            Some(_) => {}
         }
+        // Ids start at 1 so 0 can mean "none".
+        let reserved = read_number::<8>(&meta, IDS_RESERVED, dir)?.map_or(1, u64::from_be_bytes);
         let (tx, rx) = mpsc::unbounded_channel();
         let failed = Arc::new(AtomicBool::new(false));
         tokio::spawn(group_commit(
@@ -521,6 +541,11 @@ impl Store {
             inner: Arc::new(Inner {
                 path: dir.to_path_buf(),
                 db,
+                meta,
+                ids: std::sync::Mutex::new(Ids {
+                    next: reserved,
+                    reserved,
+                }),
                 commits: tx,
                 failed,
                 updates: std::sync::Mutex::new(()),
@@ -528,9 +553,19 @@ impl Store {
         })
     }
 
+    /// Opens the database of the hub's data dir `data_dir` (in [`DIR`])
+    /// as [`Store::open_with_cache`] does, after copying in the database
+    /// an older release wrote there with sled (in `db`), the first time
+    /// (see [`from_sled`]).
+    pub(crate) fn open_data_dir(data_dir: &Path, cache_bytes: u64) -> Result<Store, StoreError> {
+        let dir = data_dir.join(DIR);
+        from_sled::import(&data_dir.join(from_sled::DIR), &dir, cache_bytes)?;
+        Store::open_with_cache(&dir, cache_bytes)
+    }
+
     /// Opens one of the [`trees`].
-    fn tree(&self, name: &str) -> Result<sled::Tree, StoreError> {
-        self.inner.db.open_tree(name).map_err(|e| self.err(e))
+    fn tree(&self, name: &str) -> Result<fjall::Keyspace, StoreError> {
+        open_tree(&self.inner.db, name).map_err(|e| self.err(e))
     }
 
     /// A table of one of the [`trees`], for tests that write what an older
@@ -540,14 +575,31 @@ impl Store {
         Table::open(self, name).expect("the test database opens its trees")
     }
 
-    /// A fresh id, unique across restarts (sled persists its counter).
+    /// A fresh id, unique across restarts and kills: every
+    /// [`ID_PERSIST_INTERVAL`] ids the next reservation is written and
+    /// synced before any id of it is handed out.
     pub(crate) fn next_id(&self) -> Result<u64, StoreError> {
-        // sled's ids start at 0; trunkfarm's start at 1 so 0 can mean "none".
-        self.inner
-            .db
-            .generate_id()
-            .map(|id| id + 1)
-            .map_err(|e| self.err(e))
+        // Nothing is left half-changed under this lock: safe after a panic.
+        let mut ids = self
+            .inner
+            .ids
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if ids.next >= ids.reserved {
+            let reserved = ids.next + ID_PERSIST_INTERVAL;
+            self.inner
+                .meta
+                .insert(IDS_RESERVED, reserved.to_be_bytes())
+                .map_err(|e| self.err(e))?;
+            self.inner
+                .db
+                .persist(fjall::PersistMode::SyncAll)
+                .map_err(|e| self.err(e))?;
+            ids.reserved = reserved;
+        }
+        let id = ids.next;
+        ids.next += 1;
+        Ok(id)
     }
 
     /// The database directory.
@@ -574,9 +626,9 @@ impl Store {
         }
     }
 
-    /// Whether a flush failed (disk full, read-only, I/O error): sled then
-    /// refuses all writes until the database is opened again, which for the
-    /// hub means a restart (`serve` does it once the disk takes writes).
+    /// Whether a flush failed (disk full, read-only, I/O error): the
+    /// database then refuses all writes until it is opened again, which for
+    /// the hub means a restart (`serve` does it once the disk takes writes).
     pub(crate) fn failed(&self) -> bool {
         self.inner.failed.load(Ordering::Relaxed)
     }
@@ -584,28 +636,32 @@ impl Store {
     /// Flushes on this thread, without the group-commit task: for tools that
     /// write a database no hub is serving.
     pub(crate) fn flush_now(&self) -> Result<(), StoreError> {
-        self.inner.db.flush().map(|_| ()).map_err(|e| self.err(e))
+        self.inner
+            .db
+            .persist(fjall::PersistMode::SyncAll)
+            .map_err(|e| self.err(e))
     }
 
     /// The bytes of every key and value in the database (what retention's
-    /// tests and `trunkfarm bench growth` measure: sled's files grow and
-    /// shrink in whole segments). Reads everything: not for a serving hub.
+    /// tests and `trunkfarm bench growth` compare the files with). Reads
+    /// everything: not for a serving hub.
     pub(crate) fn live_bytes(&self) -> Result<u64, StoreError> {
         let mut total = 0u64;
-        for name in self.inner.db.tree_names() {
-            let tree = self.inner.db.open_tree(&name).map_err(|e| self.err(e))?;
+        for name in self.inner.db.list_keyspace_names() {
+            let tree = self.tree(&name)?;
             for item in tree.iter() {
-                let (k, v) = item.map_err(|e| self.err(e))?;
+                let (k, v) = item.into_inner().map_err(|e| self.err(e))?;
                 total += (k.len() + v.len()) as u64;
             }
         }
         Ok(total)
     }
 
-    /// Wraps a sled error with the database path. An I/O error means sled
-    /// refuses every later write: the store counts as failed.
-    pub(crate) fn err(&self, source: sled::Error) -> StoreError {
-        if matches!(source, sled::Error::Io(_)) && !self.inner.failed.swap(true, Ordering::Relaxed)
+    /// Wraps an engine error with the database path. An I/O error means
+    /// the database refuses every later write: the store counts as failed.
+    pub(crate) fn err(&self, source: fjall::Error) -> StoreError {
+        if matches!(source, fjall::Error::Io(_) | fjall::Error::Poisoned)
+            && !self.inner.failed.swap(true, Ordering::Relaxed)
         {
             tracing::error!(
                 "hub database: {source}; nothing more can be stored until the hub restarts, which it does by itself once its data dir takes writes again"
@@ -613,7 +669,7 @@ impl Store {
         }
         StoreError::Db {
             path: self.inner.path.clone(),
-            source,
+            source: Box::new(source),
         }
     }
 
@@ -629,7 +685,7 @@ impl Store {
 
 /// Flushes on behalf of every waiter that arrived before the flush started.
 async fn group_commit(
-    db: sled::Db,
+    db: fjall::Database,
     dir: PathBuf,
     mut waiters: mpsc::UnboundedReceiver<oneshot::Sender<Result<(), String>>>,
     failed: Arc<AtomicBool>,
@@ -662,12 +718,13 @@ async fn group_commit(
 /// still take it.
 const FLUSH_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// One flush. sled does not return from a flush whose write failed (it
-/// waits for the buffer to become stable forever), so a flush still running
-/// while the file system is full or read-only is given up as failed.
-async fn flush(db: &sled::Db, dir: &Path) -> Result<(), String> {
+/// One flush (the journal written and synced). A flush still running
+/// while the file system is full or read-only is given up as failed rather
+/// than waited for (sled, which earlier releases used, never returned from
+/// such a flush; the check costs nothing where a flush returns).
+async fn flush(db: &fjall::Database, dir: &Path) -> Result<(), String> {
     let db = db.clone();
-    let mut task = tokio::task::spawn_blocking(move || db.flush());
+    let mut task = tokio::task::spawn_blocking(move || db.persist(fjall::PersistMode::SyncAll));
     loop {
         tokio::select! {
             done = &mut task => {
@@ -713,6 +770,17 @@ pub(crate) mod tests {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
         Store::open(dir).unwrap()
+    }
+
+    /// [`reopen`] for [`Store::open_data_dir`].
+    pub(crate) async fn reopen_data_dir(data_dir: &Path) -> Store {
+        for _ in 0..100 {
+            if let Ok(s) = Store::open_data_dir(data_dir, DEFAULT_CACHE_BYTES) {
+                return s;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        Store::open_data_dir(data_dir, DEFAULT_CACHE_BYTES).unwrap()
     }
 
     #[tokio::test]
@@ -762,54 +830,39 @@ pub(crate) mod tests {
         }
     }
 
-    /// A database written with sled's default interval (schema 1) may have
-    /// given ids far above its count on disk: its first start with the new
-    /// interval starts above every one of them.
-    #[tokio::test]
-    async fn a_schema_1_database_never_gives_an_old_id_again() {
-        let dir = tempfile::tempdir().unwrap();
-        let given = {
-            let db = open_sled(dir.path(), OLD_ID_PERSIST_INTERVAL, DEFAULT_CACHE_BYTES).unwrap();
-            db.open_tree(trees::META)
-                .unwrap()
-                .insert("schema_version", &1u32.to_be_bytes())
-                .unwrap();
-            let mut last = 0;
-            for _ in 0..1000 {
-                last = db.generate_id().unwrap();
-            }
-            db.flush().unwrap();
-            // Restarted: sled starts 2 million above its count on disk.
-            drop(db);
-            let db = reopen_sled(dir.path(), OLD_ID_PERSIST_INTERVAL, DEFAULT_CACHE_BYTES).unwrap();
-            let again = db.generate_id().unwrap();
-            assert!(again > last);
-            for _ in 0..1000 {
-                last = db.generate_id().unwrap();
-            }
-            last + 1
-        };
-        let store = reopen(dir.path()).await;
-        let id = store.next_id().unwrap();
-        assert!(id > given, "{id} ≤ {given}");
-        let meta = store.tree(trees::META).unwrap();
-        assert_eq!(
-            meta.get("schema_version").unwrap().as_deref(),
-            Some(&SCHEMA_VERSION.to_be_bytes()[..])
-        );
-    }
-
     #[tokio::test]
     async fn newer_schema_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let db = sled::open(dir.path()).unwrap();
-            let meta = db.open_tree(trees::META).unwrap();
-            meta.insert("schema_version", &99u32.to_be_bytes()).unwrap();
-            db.flush().unwrap();
+            let store = Store::open(dir.path()).unwrap();
+            store
+                .table(trees::META)
+                .put_raw(SCHEMA_KEY, 99u32.to_be_bytes())
+                .unwrap();
+            store.commit().await.unwrap();
         }
+        for _ in 0..100 {
+            match Store::open(dir.path()) {
+                Err(StoreError::Locked { .. }) => {
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+                Err(e) => {
+                    let err = e.to_string();
+                    assert!(err.contains("schema version 99"), "{err}");
+                    return;
+                }
+                Ok(_) => panic!("a newer schema was opened"),
+            }
+        }
+        panic!("the database stayed locked");
+    }
+
+    #[tokio::test]
+    async fn a_second_process_on_the_same_database_is_told_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let _first = Store::open(dir.path()).unwrap();
         let err = Store::open(dir.path()).err().unwrap().to_string();
-        assert!(err.contains("schema version 99"), "{err}");
+        assert!(err.contains("in use by another process"), "{err}");
     }
 
     #[tokio::test]
@@ -829,7 +882,7 @@ pub(crate) mod tests {
         for h in handles {
             h.await.unwrap();
         }
-        assert_eq!(t.len(), 200);
+        assert_eq!(t.len().unwrap(), 200);
     }
 
     #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]

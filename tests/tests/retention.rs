@@ -42,21 +42,24 @@ interval = "1s"
 
 /// The bytes of every key and value the hub's database holds: its files
 /// copied while the hub is stopped (SIGSTOP: what is on disk then is what a
-/// crash would leave, which sled recovers), opened and read. sled's files
-/// themselves grow and shrink in whole segments, by its own schedule.
+/// crash would leave, which the database recovers), opened and read.
 fn live_bytes(hub: &Hub) -> u64 {
     let copy = temp_dir("trunkfarm-e2e-retention-db-");
     let pid = hub.pid() as i32;
     // SAFETY: signals to the hub this test started.
     unsafe { libc::kill(pid, libc::SIGSTOP) };
-    copy_dir(&hub.data_dir.join("db"), copy.path());
+    copy_dir(&hub.data_dir.join("store"), copy.path());
     // SAFETY: as above.
     unsafe { libc::kill(pid, libc::SIGCONT) };
-    let db = sled::open(copy.path()).unwrap();
+    // The copy holds the hub's lock file, which no process holds.
+    let db = fjall::Database::builder(copy.path()).open().unwrap();
     let mut total = 0u64;
-    for name in db.tree_names() {
-        for item in db.open_tree(&name).unwrap().iter() {
-            let (k, v) = item.unwrap();
+    for name in db.list_keyspace_names() {
+        let tree = db
+            .keyspace(&name, fjall::KeyspaceCreateOptions::default)
+            .unwrap();
+        for item in tree.iter() {
+            let (k, v) = item.into_inner().unwrap();
             total += (k.len() + v.len()) as u64;
         }
     }

@@ -409,7 +409,7 @@ struct Parts {
 async fn parts(cfg: &HubConfig, data: &Path) -> anyhow::Result<Parts> {
     let space = DataDir::new(data, 0);
     let objects = crate::objects::Objects::open(&cfg.storage, data).await?;
-    let store = Store::open_with_cache(&data.join("db"), cfg.hub.database_cache)?;
+    let store = Store::open_data_dir(data, cfg.hub.database_cache)?;
     let logs = Arc::new(
         JobLogs::open(&store, cfg.limits.max_log_size, objects.clone())?
             .with_compact_from(cfg.storage.compact_logs_from),
@@ -737,14 +737,13 @@ junit = ["junit.xml"]
             // And the pipeline's intake: a hub in a steady state takes its
             // finished jobs in as they come. A backlog of hundreds of
             // thousands (the load outran the intake fourfold) held their
-            // results, reports and logs in the database at once, which sled's
-            // files kept the room for.
+            // results, reports and logs in the database at once.
             while p.dispatch.inbox_ids()?.len() > MAX_BACKLOG {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
         }
         if n % 10_000 == 9_999 {
-            let files = super::recovery::dir_size(&data.join("db"));
+            let files = crate::space::dir_size(&data.join(crate::store::DIR));
             println!(
                 "growth: {} jobs in {:.0} s; database files {:.0} MiB",
                 n + 1,
@@ -753,7 +752,7 @@ junit = ["junit.xml"]
             );
         }
         if n + 1 == jobs / 2 {
-            disk_at_half = super::recovery::dir_size(&data.join("db"));
+            disk_at_half = crate::space::dir_size(&data.join(crate::store::DIR));
         }
     }
     for h in in_flight.drain(..) {
@@ -779,7 +778,8 @@ junit = ["junit.xml"]
     }
     let last_started = Instant::now();
     if with_retention {
-        p.retention
+        let last = p
+            .retention
             .prune(
                 cutoffs(&shared, jobs, jobs),
                 Duration::ZERO,
@@ -787,6 +787,14 @@ junit = ["junit.xml"]
             )
             .await?;
         passes += 1;
+        let t = last.took;
+        println!(
+            "growth: the last retention pass took {:.1} s for results, {:.1} s for logs, {:.1} s for job records, {:.1} s for mails",
+            t.results.as_secs_f64(),
+            t.logs.as_secs_f64(),
+            t.jobs.as_secs_f64(),
+            t.notify.as_secs_f64()
+        );
     }
     let last_pass = last_started.elapsed();
     let elapsed = started.elapsed();
@@ -822,7 +830,7 @@ junit = ["junit.xml"]
     }
     p.store.flush_now()?;
     let live_bytes = p.store.live_bytes()?;
-    let disk_bytes = super::recovery::dir_size(&data.join("db"));
+    let disk_bytes = crate::space::dir_size(&data.join(crate::store::DIR));
     let take =
         |m: &Mutex<Vec<f64>>| std::mem::take(&mut *m.lock().unwrap_or_else(|e| e.into_inner()));
     let mut dispatch_ms = take(&shared.dispatch_ms);

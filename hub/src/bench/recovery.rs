@@ -113,11 +113,12 @@ async fn seed(db_dir: &Path, cache_bytes: u64, results: u64, queued: u64) -> any
         return Err(e);
     }
     drop(store);
-    wait_unlocked(&db_dir.join("db")).await
+    wait_unlocked(&db_dir.join("lock")).await
 }
 
-/// Waits until nothing in this process holds sled's lock on `lock_file`
-/// any more (the store's background task lets go of it asynchronously).
+/// Waits until nothing in this process holds the database's lock on
+/// `lock_file` (fjall's `lock`, an flock) any more (the store's background
+/// task lets go of it asynchronously).
 async fn wait_unlocked(lock_file: &Path) -> anyhow::Result<()> {
     use std::os::fd::AsRawFd;
     for _ in 0..400 {
@@ -129,20 +130,6 @@ async fn wait_unlocked(lock_file: &Path) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     bail!("{} stayed locked after seeding", lock_file.display())
-}
-
-pub(super) fn dir_size(path: &Path) -> u64 {
-    let Ok(entries) = std::fs::read_dir(path) else {
-        return 0;
-    };
-    entries
-        .flatten()
-        .map(|e| match e.metadata() {
-            Ok(m) if m.is_dir() => dir_size(&e.path()),
-            Ok(m) => m.len(),
-            Err(_) => 0,
-        })
-        .sum()
 }
 
 /// Seeds a history, restarts the hub, times until the first assignment.
@@ -173,10 +160,10 @@ pub(super) async fn run(args: &BenchArgs, dir: &Path) -> anyhow::Result<Vec<Figu
     let cfg = HubConfig::load(&config)?;
 
     let seeding = Instant::now();
-    let db_dir = cfg.data_dir().join("db");
+    let db_dir = cfg.data_dir().join(crate::store::DIR);
     seed(&db_dir, cfg.hub.database_cache, args.results, args.queued).await?;
     let seed_time = seeding.elapsed();
-    let on_disk = dir_size(&db_dir);
+    let on_disk = crate::space::dir_size(&db_dir);
     println!(
         "recovery: wrote the history in {:.1} s ({:.0} MB in the database)",
         seed_time.as_secs_f64(),

@@ -428,7 +428,7 @@ async fn serve(mut cfg: HubConfig) -> anyhow::Result<ExitCode> {
             .map(|p| format!(" --config {}", p.display()))
             .unwrap_or_default()
     );
-    // sled refuses writes after a failed write until it is opened again:
+    // The database refuses writes after a failed write until it is opened again:
     // once the disk takes writes, start afresh as after a crash (which loses
     // nothing acknowledged); agents reconnect by themselves. On its own OS
     // thread: a failing database may stall the async runtime.

@@ -10,7 +10,7 @@
 //!       (attempt + 1; after max_attempts: finished as an infrastructure error)
 //! ```
 //!
-//! Every change is applied under one lock (in memory and to sled), then
+//! Every change is applied under one lock (in memory and to the database), then
 //! [`Store::commit`] makes it durable *outside* the lock, and only then is
 //! anything sent: an assignment to an agent, an acknowledgement of a result,
 //! a job id to a submitter. A crash therefore can only lose changes nobody was

@@ -12,7 +12,7 @@
 //!    the module above) and its chunks are read, framed and put as one
 //!    object (a multipart upload once it passes [`PART_BYTES`]; either way
 //!    the object appears whole or not at all).
-//! 2. One atomic sled step writes the record and removes the chunks, and is
+//! 2. One atomic database step writes the record and removes the chunks, and is
 //!    committed. Until then the chunks are the log; a hub killed between
 //!    the two steps finds them at its next start and puts the same object
 //!    again, which replaces the first whole.

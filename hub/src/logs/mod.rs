@@ -11,7 +11,8 @@
 //!   cost an fsync). They become durable with the next commit, at the latest
 //!   the one that records the attempt's result: the hub stores the chunks
 //!   that precede a result on its stream before it records the result, and
-//!   sled persists writes in order.
+//!   the database persists writes in order (one journal for every tree,
+//!   replayed as a prefix after a crash).
 //! - A chunk can still be lost: in flight when the agent's link drops, or
 //!   stored but not yet committed when the hub is killed. The agent therefore
 //!   keeps every chunk of an attempt until the hub acknowledges the attempt's
@@ -781,7 +782,7 @@ impl JobLogs {
     /// chunks again).
     ///
     /// Only the chunks that overlap the range are copied: the others are
-    /// only measured (sled hands out shared views of stored values), so a
+    /// only measured (the database hands out shared views of stored values), so a
     /// page of a 100 MB log costs its own size, not the log's. Of a
     /// compacted log only the frames that overlap the range are fetched
     /// and decompressed.

@@ -2,7 +2,7 @@
 //! sender that delivers it. Owns the `notify` tree.
 //!
 //! A transition that deserves a mail (went red, fixed, a failed runtime
-//! build) gets its outbox entries in the *same sled transaction* as the
+//! build) gets its outbox entries in the *same atomic database step* as the
 //! transition itself ([`TransitionSink`]): one entry per recipient, under a
 //! fresh id, with a dedupe key `e/<event>/<email>`. Reminders and digests are
 //! derived from time and queued under deterministic event keys, so a retry

@@ -53,6 +53,38 @@ pub(crate) struct Report {
     pub(crate) mails: usize,
     /// Reminder counts and unsubscribe times removed.
     pub(crate) notify_marks: usize,
+    /// How long its parts took (not compared: see [`Report::removed_any`]).
+    pub(crate) took: Took,
+}
+
+/// How long each part of a pass took, pauses between steps included.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Took {
+    /// Runs, test cases, transitions, builds, bisections.
+    pub(crate) results: Duration,
+    /// Logs.
+    pub(crate) logs: Duration,
+    /// Job records and the head order.
+    pub(crate) jobs: Duration,
+    /// Mails and notify marks.
+    pub(crate) notify: Duration,
+}
+
+impl PartialEq for Took {
+    /// Timings differ from run to run: two reports of the same removals
+    /// are equal whatever they took.
+    fn eq(&self, _: &Took) -> bool {
+        true
+    }
+}
+
+impl Eq for Took {}
+
+impl Report {
+    /// Whether the pass removed anything.
+    pub(crate) fn removed_any(&self) -> bool {
+        *self != Report::default()
+    }
 }
 
 /// The pruner: the owners it asks and the policy.
@@ -127,7 +159,7 @@ impl Retention {
                     () = tokio::time::sleep(self.settings.interval) => {}
                 }
                 match self.pass(now_ms(), STEP_PAUSE, &stop).await {
-                    Ok(r) if r != Report::default() => tracing::info!(
+                    Ok(r) if r.removed_any() => tracing::info!(
                         runs = r.results.runs,
                         test_cases = r.results.cases,
                         transitions = r.results.transitions,
@@ -137,6 +169,8 @@ impl Retention {
                         bisections = r.results.bisections,
                         heads = r.heads,
                         mails = r.mails,
+                        took_s = (r.took.results + r.took.logs + r.took.jobs + r.took.notify)
+                            .as_secs_f64(),
                         "retention pruned what expired"
                     ),
                     Ok(_) => {}
@@ -188,6 +222,7 @@ impl Retention {
             cases_before_ms: cut.test_cases,
             keep_last,
         };
+        let mut part = std::time::Instant::now();
         let mut cursor = Cursor::default();
         while !matches!(cursor, Cursor::Done) && !stop.is_cancelled() {
             let pruned = self
@@ -197,6 +232,9 @@ impl Retention {
             report.results.add(pruned);
             step_pause().await;
         }
+
+        report.took.results = part.elapsed();
+        part = std::time::Instant::now();
 
         // Logs, in job order (the order they were made): a finished job's
         // before the cutoff goes, unless it is kept; a log whose job record
@@ -251,6 +289,9 @@ impl Retention {
             };
         }
 
+        report.took.logs = part.elapsed();
+        part = std::time::Instant::now();
+
         // Job records with their once-only markers: only those whose key
         // the pipeline can no longer submit (`LiveKeys`); results' per-job
         // records go first, so a crash in between leaves none behind.
@@ -292,6 +333,9 @@ impl Retention {
             step_pause().await;
         }
 
+        report.took.jobs = part.elapsed();
+        part = std::time::Instant::now();
+
         // Delivered mails, reminder counts, unsubscribe times.
         let mut after = Some(0);
         while let Some(a) = after {
@@ -318,6 +362,7 @@ impl Retention {
             }
             step_pause().await;
         }
+        report.took.notify = part.elapsed();
         Ok(report)
     }
 }
