@@ -205,6 +205,19 @@ pub(crate) mod trees {
     pub(crate) const PROVISION: &str = "provision";
 }
 
+/// The first key after every key that starts with `prefix` (`None`: there
+/// is none, the prefix is all `0xff`).
+fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < u8::MAX {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
+}
+
 /// A record id as a key part: 20 decimal digits, so keys sort like ids.
 pub(crate) fn id_key(id: u64) -> String {
     format!("{id:020}")
@@ -419,6 +432,21 @@ impl Table {
         self.tree
             .prefix(prefix.as_ref())
             .map(move |item| item.into_inner().map_err(|e| self.store.err(e)))
+    }
+
+    /// The raw entries under `prefix` from `from` on, in key order: a
+    /// range that stops at the prefix's end (where a range left open would
+    /// walk whatever removed keys the database still keeps after it).
+    pub(crate) fn scan_raw_from(
+        &self,
+        prefix: impl AsRef<[u8]>,
+        from: impl AsRef<[u8]>,
+    ) -> impl DoubleEndedIterator<Item = Result<(Bytes, Bytes), StoreError>> + '_ {
+        use std::ops::Bound;
+        let prefix = prefix.as_ref();
+        let start = Bound::Included(from.as_ref().max(prefix).to_vec());
+        let end = prefix_end(prefix).map_or(Bound::Unbounded, Bound::Excluded);
+        self.range((start, end))
     }
 
     /// The raw entries with keys in `range`, in key order (`.rev()` for
@@ -912,6 +940,93 @@ pub(crate) mod tests {
         t.remove("a/1").unwrap();
         assert!(!t.contains("a/1").unwrap());
         assert_eq!(id_key(42), "00000000000000000042");
+    }
+
+    /// The pattern that made sled's files grow without bound (earlier
+    /// releases): records written and removed again (log chunks) while a
+    /// few stay for good (latest results, open reds) beside them. The files
+    /// take room for the journal (up to its 64 MiB) and the trees' tables,
+    /// but the second half of the load leaves them no larger than the first
+    /// half did (sled's doubled).
+    #[tokio::test]
+    async fn the_files_stop_growing_under_churn_that_keeps_a_few_records() {
+        const ROUNDS: u64 = 3000;
+        const CHUNKS: u64 = 8;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let chunks = Table::open(&store, trees::LOGS).unwrap();
+        let kept = Table::open(&store, trees::RESULTS).unwrap();
+        // Bytes that do not compress, as logs' chunks rarely do much.
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut noise = || {
+            (0..8 * 1024 / 8)
+                .flat_map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x.to_le_bytes()
+                })
+                .collect::<Vec<u8>>()
+        };
+        let mut sizes = Vec::new();
+        for round in 0..ROUNDS {
+            for c in 0..CHUNKS {
+                chunks
+                    .put_raw([round.to_be_bytes(), c.to_be_bytes()].concat(), noise())
+                    .unwrap();
+            }
+            let mut batch = Batch::default();
+            for c in 0..CHUNKS {
+                batch.remove([round.to_be_bytes(), c.to_be_bytes()].concat());
+            }
+            chunks.apply(batch).unwrap();
+            kept.put_raw(format!("rl/{round:08}"), b"latest").unwrap();
+            if round % 8 == 7 {
+                store.commit().await.unwrap();
+            }
+            if (round + 1) % (ROUNDS / 6) == 0 {
+                sizes.push(crate::space::dir_size(dir.path()));
+            }
+        }
+        let mib = |b: &u64| b / (1024 * 1024);
+        let sizes_mib: Vec<u64> = sizes.iter().map(mib).collect();
+        let first_half = sizes[..3].iter().max().unwrap();
+        let second_half = sizes[3..].iter().max().unwrap();
+        assert!(
+            // A quarter's slack for where in its cycle the journal is.
+            *second_half <= first_half + first_half / 4,
+            "the files grew from {} to {} MiB (MiB at each sixth of {} MiB written: {sizes_mib:?})",
+            mib(first_half),
+            mib(second_half),
+            ROUNDS * CHUNKS * 8 / 1024
+        );
+        assert_eq!(kept.keys("rl/").count() as u64, ROUNDS);
+        assert_eq!(chunks.keys("").count(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_scan_from_a_key_stays_within_its_prefix() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let t = Table::open(&store, trees::LOGS).unwrap();
+        for k in [
+            &[1u8, 0xff, 1][..],
+            &[1, 0xff, 2],
+            &[2, 0],
+            &[0xff, 0xff, 3],
+        ] {
+            t.put_raw(k, b"").unwrap();
+        }
+        let keys = |prefix: &[u8], from: &[u8]| -> Vec<Vec<u8>> {
+            t.scan_raw_from(prefix, from)
+                .map(|item| item.unwrap().0.to_vec())
+                .collect()
+        };
+        assert_eq!(keys(&[1, 0xff], &[1, 0xff, 2]), [vec![1, 0xff, 2]]);
+        assert_eq!(keys(&[1], &[0]), [vec![1, 0xff, 1], vec![1, 0xff, 2]]);
+        assert_eq!(keys(&[0xff, 0xff], &[0xff]), [vec![0xff, 0xff, 3]]);
+        assert_eq!(prefix_end(&[1, 0xff]), Some(vec![2]));
+        assert_eq!(prefix_end(&[0xff]), None);
     }
 
     #[tokio::test]

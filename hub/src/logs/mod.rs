@@ -347,6 +347,55 @@ impl Drop for LogPin<'_> {
     }
 }
 
+/// A walk over the jobs with a log ([`JobLogs::jobs_with_logs`]). Each
+/// tree's next job is looked up again only once the walk is past it: the
+/// stored chunks of finished jobs are removed as their logs are compacted,
+/// and the database keeps removed keys (as tombstones, until it compacts)
+/// that a lookup from every job would walk again and again.
+pub(crate) struct JobsWithLogs<'a> {
+    logs: &'a JobLogs,
+    /// Per tree (chunks, compacted records): the first job with a key at
+    /// or after where it was last looked up, `Some(None)` for none.
+    ahead: [Option<Option<u64>>; 2],
+}
+
+impl JobsWithLogs<'_> {
+    /// The first job at or after `from` with a log. Keys written since a
+    /// tree was last looked up, before its next job, are not seen (a walk
+    /// is one pass: the next one sees them).
+    pub(crate) fn next_from(&mut self, from: u64) -> Result<Option<u64>, StoreError> {
+        let start = key(from, 0, 0);
+        let mut first: Option<u64> = None;
+        for (i, table) in [&self.logs.table, &self.logs.records]
+            .into_iter()
+            .enumerate()
+        {
+            let stale = match self.ahead[i] {
+                None => true,
+                Some(None) => false,
+                Some(Some(job)) => job < from,
+            };
+            if stale {
+                let next = match table.range(&start[..12]..).next() {
+                    None => None,
+                    Some(item) => {
+                        let (k, _) = item?;
+                        if k.len() < 12 {
+                            return Err(table.corrupt(hex::encode(&k), "malformed log key"));
+                        }
+                        Some(job_attempt_of(&k).0)
+                    }
+                };
+                self.ahead[i] = Some(next);
+            }
+            if let Some(Some(job)) = self.ahead[i] {
+                first = Some(first.map_or(job, |f| f.min(job)));
+            }
+        }
+        Ok(first)
+    }
+}
+
 impl JobLogs {
     /// Opens the `logs` and `log_objects` trees; compacted logs go to
     /// `objects`.
@@ -615,7 +664,9 @@ impl JobLogs {
         for table in [&self.table, &self.records] {
             let mut from = key(job_id, 0, 0)[..12].to_vec();
             loop {
-                let next = table.range(from.as_slice()..).next();
+                // Within the job's keys: past them the database may keep
+                // many removed keys to walk.
+                let next = table.scan_raw_from(job_id.to_be_bytes(), &from).next();
                 let Some(item) = next else { break };
                 let (k, _) = item?;
                 if !k.starts_with(&job_id.to_be_bytes()) {
@@ -897,24 +948,19 @@ impl JobLogs {
         LogPin { logs: self, job_id }
     }
 
-    /// The first job at or after `from` with a log, stored or compacted
-    /// (retention walks the logs in job order, which is the order they were
-    /// made).
+    /// The first job at or after `from` with a log, stored or compacted.
+    #[cfg(test)]
     pub(crate) fn next_job(&self, from: u64) -> Result<Option<u64>, StoreError> {
-        let start = key(from, 0, 0);
-        let mut first: Option<u64> = None;
-        for table in [&self.table, &self.records] {
-            let Some(item) = table.range(&start[..12]..).next() else {
-                continue;
-            };
-            let (k, _) = item?;
-            if k.len() < 12 {
-                return Err(table.corrupt(hex::encode(&k), "malformed log key"));
-            }
-            let (id, _) = job_attempt_of(&k);
-            first = Some(first.map_or(id, |f| f.min(id)));
+        self.jobs_with_logs().next_from(from)
+    }
+
+    /// A walk over the jobs with a log, stored or compacted, in job order
+    /// (the order they were made): retention's.
+    pub(crate) fn jobs_with_logs(&self) -> JobsWithLogs<'_> {
+        JobsWithLogs {
+            logs: self,
+            ahead: [None, None],
         }
-        Ok(first)
     }
 
     /// Removes the stored chunks and compacted records of `jobs`' logs

@@ -243,7 +243,8 @@ impl Retention {
         // step per job could not keep up with a busy farm.
         let logs_before = cut.logs;
         let mut expired = Vec::with_capacity(STEP);
-        let mut next = self.logs.next_job(0)?;
+        let mut with_logs = self.logs.jobs_with_logs();
+        let mut next = with_logs.next_from(0)?;
         loop {
             if stop.is_cancelled() {
                 return Ok(report);
@@ -284,7 +285,7 @@ impl Retention {
                 break;
             }
             next = match next.and_then(|job| job.checked_add(1)) {
-                Some(from) => self.logs.next_job(from)?,
+                Some(from) => with_logs.next_from(from)?,
                 None => None,
             };
         }
