@@ -52,6 +52,15 @@ const MAX_JOURNAL_BYTES: u64 = 64 * 1024 * 1024;
 /// hub's memory for nothing).
 const MEMTABLE_BYTES: u64 = 8 * 1024 * 1024;
 
+/// The longest key the engine holds (its keys' length is a `u16`; a
+/// longer one, or an empty one, makes it panic).
+pub(crate) const MAX_KEY_BYTES: usize = u16::MAX as usize;
+
+/// Whether the engine can hold `key`.
+fn storable(key: &[u8]) -> bool {
+    !key.is_empty() && key.len() <= MAX_KEY_BYTES
+}
+
 /// Where the database lives in a hub's data dir.
 pub(crate) const DIR: &str = "store";
 
@@ -116,6 +125,20 @@ pub(crate) enum StoreError {
         key: String,
         /// Why.
         reason: String,
+    },
+    /// A key the database cannot hold (empty, or longer than
+    /// [`MAX_KEY_BYTES`]): refused before it reaches the engine, which
+    /// would panic on it.
+    #[error(
+        "hub database {path}: a key of {len} bytes cannot be stored in {tree} (1 to {MAX_KEY_BYTES} bytes)"
+    )]
+    BadKey {
+        /// The database directory.
+        path: PathBuf,
+        /// The tree.
+        tree: &'static str,
+        /// The key's length.
+        len: usize,
     },
     /// The group-commit task is gone (the hub is shutting down).
     #[error("hub database is shutting down")]
@@ -251,14 +274,23 @@ impl Batch {
         self.ops.is_empty()
     }
 
-    /// Adds this batch's changes to `tree` to an engine batch.
-    fn stage_into(self, batch: &mut fjall::OwnedWriteBatch, tree: &fjall::Keyspace) {
+    /// Adds this batch's changes to `table`'s tree to an engine batch, or
+    /// refuses it whole if a key cannot be stored.
+    fn stage_into(
+        self,
+        batch: &mut fjall::OwnedWriteBatch,
+        table: &Table,
+    ) -> Result<(), StoreError> {
+        if let Some((key, _)) = self.ops.iter().find(|(k, _)| !storable(k)) {
+            return Err(table.bad_key(key));
+        }
         for (key, value) in self.ops {
             match value {
-                Some(value) => batch.insert(tree, key, value),
-                None => batch.remove(tree, key),
+                Some(value) => batch.insert(&table.tree, key, value),
+                None => batch.remove(&table.tree, key),
             }
         }
+        Ok(())
     }
 }
 
@@ -294,22 +326,47 @@ impl Table {
         key: impl AsRef<[u8]>,
     ) -> Result<Option<T>, StoreError> {
         let key = key.as_ref();
-        match self.tree.get(key).map_err(|e| self.store.err(e))? {
+        match self.get_raw(key)? {
             None => Ok(None),
             Some(raw) => self.decode(key, &raw).map(Some),
         }
     }
 
-    /// The raw bytes at `key` (markers, binary values).
+    /// The raw bytes at `key` (markers, binary values). A key that cannot
+    /// be stored (a token id of 70 KB in a request) is simply not there.
     pub(crate) fn get_raw(&self, key: impl AsRef<[u8]>) -> Result<Option<Bytes>, StoreError> {
+        let key = key.as_ref();
+        if !storable(key) {
+            return Ok(None);
+        }
         self.tree.get(key).map_err(|e| self.store.err(e))
     }
 
     /// Whether `key` is present.
     pub(crate) fn contains(&self, key: impl AsRef<[u8]>) -> Result<bool, StoreError> {
-        self.tree
-            .contains_key(key.as_ref())
-            .map_err(|e| self.store.err(e))
+        let key = key.as_ref();
+        if !storable(key) {
+            return Ok(false);
+        }
+        self.tree.contains_key(key).map_err(|e| self.store.err(e))
+    }
+
+    /// The error for a key that cannot be stored.
+    fn bad_key(&self, key: &[u8]) -> StoreError {
+        StoreError::BadKey {
+            path: self.store.inner.path.clone(),
+            tree: self.name,
+            len: key.len(),
+        }
+    }
+
+    /// `key`, if the engine can hold it.
+    fn storable<'k>(&self, key: &'k [u8]) -> Result<&'k [u8], StoreError> {
+        if storable(key) {
+            Ok(key)
+        } else {
+            Err(self.bad_key(key))
+        }
     }
 
     /// Writes `value` at `key` (durable after the next commit).
@@ -320,7 +377,7 @@ impl Table {
     ) -> Result<(), StoreError> {
         let bytes = self.encode(value)?;
         self.tree
-            .insert(key.as_ref(), bytes)
+            .insert(self.storable(key.as_ref())?, bytes)
             .map_err(|e| self.store.err(e))
     }
 
@@ -331,14 +388,14 @@ impl Table {
         value: impl AsRef<[u8]>,
     ) -> Result<(), StoreError> {
         self.tree
-            .insert(key.as_ref(), value.as_ref())
+            .insert(self.storable(key.as_ref())?, value.as_ref())
             .map_err(|e| self.store.err(e))
     }
 
     /// Removes `key`.
     pub(crate) fn remove(&self, key: impl AsRef<[u8]>) -> Result<(), StoreError> {
         self.tree
-            .remove(key.as_ref())
+            .remove(self.storable(key.as_ref())?)
             .map_err(|e| self.store.err(e))
     }
 
@@ -359,7 +416,7 @@ impl Table {
             return Ok(());
         }
         let mut staged = self.store.inner.db.batch();
-        batch.stage_into(&mut staged, &self.tree);
+        batch.stage_into(&mut staged, self)?;
         staged.commit().map_err(|e| self.store.err(e))
     }
 
@@ -396,8 +453,8 @@ impl Table {
         theirs: Batch,
     ) -> Result<(), StoreError> {
         let mut staged = self.store.inner.db.batch();
-        mine.stage_into(&mut staged, &self.tree);
-        theirs.stage_into(&mut staged, &other.tree);
+        mine.stage_into(&mut staged, self)?;
+        theirs.stage_into(&mut staged, other)?;
         staged.commit().map_err(|e| self.store.err(e))
     }
 
@@ -419,8 +476,7 @@ impl Table {
         &self,
         prefix: impl AsRef<[u8]>,
     ) -> impl DoubleEndedIterator<Item = Result<Bytes, StoreError>> + '_ {
-        self.tree
-            .prefix(prefix.as_ref())
+        self.prefix(prefix.as_ref())
             .map(move |item| item.key().map_err(|e| self.store.err(e)))
     }
 
@@ -429,9 +485,20 @@ impl Table {
         &self,
         prefix: impl AsRef<[u8]>,
     ) -> impl DoubleEndedIterator<Item = Result<(Bytes, Bytes), StoreError>> + '_ {
-        self.tree
-            .prefix(prefix.as_ref())
+        self.prefix(prefix.as_ref())
             .map(move |item| item.into_inner().map_err(|e| self.store.err(e)))
+    }
+
+    /// The engine's entries under `prefix`; none under one longer than a
+    /// key can be.
+    fn prefix<'a>(
+        &'a self,
+        prefix: &[u8],
+    ) -> impl DoubleEndedIterator<Item = fjall::Guard> + use<'a> {
+        (prefix.len() <= MAX_KEY_BYTES)
+            .then(|| self.tree.prefix(prefix))
+            .into_iter()
+            .flatten()
     }
 
     /// The raw entries under `prefix` from `from` on, in key order: a
@@ -455,8 +522,15 @@ impl Table {
         &self,
         range: R,
     ) -> impl DoubleEndedIterator<Item = Result<(Bytes, Bytes), StoreError>> + '_ {
-        self.tree
-            .range(range)
+        use std::ops::Bound;
+        let too_long = |b: Bound<&K>| match b {
+            Bound::Included(k) | Bound::Excluded(k) => k.as_ref().len() > MAX_KEY_BYTES,
+            Bound::Unbounded => false,
+        };
+        let fits = !too_long(range.start_bound()) && !too_long(range.end_bound());
+        fits.then(|| self.tree.range(range))
+            .into_iter()
+            .flatten()
             .map(move |item| item.into_inner().map_err(|e| self.store.err(e)))
     }
 
@@ -852,8 +926,8 @@ pub(crate) mod tests {
             for _ in 0..250 {
                 last = store.next_id().unwrap();
             }
-            // Closed or killed alike: sled starts above the count its
-            // id generator wrote itself (nothing is written at close).
+            // Closed or killed alike: a start resumes at the reservation
+            // written before any of its ids was handed out.
             drop(store);
         }
     }
@@ -1002,6 +1076,36 @@ pub(crate) mod tests {
         );
         assert_eq!(kept.keys("rl/").count() as u64, ROUNDS);
         assert_eq!(chunks.keys("").count(), 0);
+    }
+
+    /// The engine panics on an empty key or one over 64 KiB: a read of one
+    /// (a token id of 70 KB in a request) finds nothing, a write is refused
+    /// with an error naming the tree, and the database goes on.
+    #[tokio::test]
+    async fn a_key_the_engine_cannot_hold_is_absent_or_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let t = Table::open(&store, trees::AUTH).unwrap();
+        let long = vec![b't'; MAX_KEY_BYTES + 1];
+        for key in [&long[..], b""] {
+            assert_eq!(t.get::<Rec>(key).unwrap(), None);
+            assert!(!t.contains(key).unwrap());
+            let err = t.put(key, &Rec { n: 1 }).unwrap_err().to_string();
+            let says = format!("a key of {} bytes cannot be stored in auth", key.len());
+            assert!(err.contains(&says), "{err}");
+            assert!(t.remove(key).is_err());
+            let mut batch = Batch::default();
+            batch.insert("fine", b"1");
+            batch.insert(key, b"1");
+            assert!(t.apply(batch).is_err());
+            assert!(!t.contains("fine").unwrap(), "a batch is refused whole");
+        }
+        assert_eq!(t.scan_raw(&long).count(), 0);
+        assert_eq!(t.range(long.clone()..).count(), 0);
+        t.put(vec![b'k'; MAX_KEY_BYTES], &Rec { n: 2 }).unwrap();
+        store.commit().await.unwrap();
+        assert_eq!(t.scan_raw("").count(), 1);
+        assert_eq!(t.range(long..).count(), 0);
     }
 
     #[tokio::test]

@@ -20,7 +20,10 @@
 use std::path::Path;
 use std::time::Instant;
 
-use super::{IDS_RESERVED, SCHEMA_KEY, SCHEMA_VERSION, StoreError, open_fjall, open_tree, trees};
+use super::{
+    IDS_RESERVED, MAX_KEY_BYTES, SCHEMA_KEY, SCHEMA_VERSION, StoreError, open_fjall, open_tree,
+    trees,
+};
 
 /// Where older releases kept their sled database in the data dir.
 pub(super) const DIR: &str = "db";
@@ -33,8 +36,13 @@ const ID_PERSIST_INTERVAL: u64 = 100;
 /// may run up to 2× this above the count on disk.
 const OLD_ID_PERSIST_INTERVAL: u64 = 1_000_000;
 
-/// Records copied per atomic batch.
+/// Records copied per atomic batch, at most.
 const COPY_BATCH: usize = 10_000;
+
+/// Bytes (keys and values) copied per atomic batch, at most: a batch is
+/// held in memory and written as one journal entry, and records run to
+/// megabytes (a job's reports).
+const COPY_BATCH_BYTES: usize = 32 * 1024 * 1024;
 
 /// sled's own default tree, which trunkfarm never wrote.
 const SLED_DEFAULT_TREE: &[u8] = b"__sled__default";
@@ -78,6 +86,14 @@ pub(super) fn import(from: &Path, to: &Path, cache_bytes: u64) -> Result<(), Sto
     }
     if version < 2 {
         migrate_ids(from, cache_bytes).map_err(sled_err)?;
+        // As schema 2 from here on: sled writes its counter again (below,
+        // and at close) under the new interval, and a copy made again
+        // after a failure must not open it under the old one.
+        let db = reopen_sled(from, ID_PERSIST_INTERVAL, cache_bytes).map_err(sled_err)?;
+        db.open_tree(trees::META)
+            .and_then(|meta| meta.insert(SCHEMA_KEY, &2u32.to_be_bytes()))
+            .map_err(sled_err)?;
+        db.flush().map_err(sled_err)?;
     }
     let db = reopen_sled(from, ID_PERSIST_INTERVAL, cache_bytes).map_err(sled_err)?;
     // trunkfarm's ids are sled's plus one; sled's next is above every one
@@ -101,17 +117,26 @@ pub(super) fn import(from: &Path, to: &Path, cache_bytes: u64) -> Result<(), Sto
             let tree = db.open_tree(&name).map_err(sled_err)?;
             let keyspace = open_tree(&fj, &name).map_err(fjall_err)?;
             let mut batch = fj.batch();
+            let mut bytes = 0;
             for item in tree.iter() {
                 let (k, v) = item.map_err(sled_err)?;
                 if name == trees::META && (k == SCHEMA_KEY || k == IDS_RESERVED) {
                     continue;
                 }
+                if k.is_empty() || k.len() > MAX_KEY_BYTES {
+                    return Err(fail(format!(
+                        "a key of {} bytes in tree {name} cannot be copied (1 to {MAX_KEY_BYTES} bytes)",
+                        k.len()
+                    )));
+                }
+                bytes += k.len() + v.len();
                 batch.insert(&keyspace, k.as_ref(), v.as_ref());
                 copied += 1;
-                if batch.len() >= COPY_BATCH {
+                if batch.len() >= COPY_BATCH || bytes >= COPY_BATCH_BYTES {
                     std::mem::replace(&mut batch, fj.batch())
                         .commit()
                         .map_err(fjall_err)?;
+                    bytes = 0;
                 }
             }
             batch.commit().map_err(fjall_err)?;
@@ -302,6 +327,31 @@ mod tests {
         assert_eq!(stored(&store), records);
         assert!(store.next_id().unwrap() > last_id);
         assert!(!partial.exists());
+    }
+
+    /// A schema 1 copy that failed after sled's ids moved (here: a file
+    /// where the partial copy goes) is made again at the next start, with
+    /// ids above every one given, instead of sled refusing its own
+    /// counter.
+    #[tokio::test]
+    async fn a_schema_1_copy_that_failed_is_made_again() {
+        let data = tempfile::tempdir().unwrap();
+        let old = data.path().join(DIR);
+        let (records, last_id) = older_release(&old, 1, OLD_ID_PERSIST_INTERVAL);
+        let partial = data.path().join(STORE_DIR).with_extension("partial");
+        std::fs::write(&partial, b"in the way").unwrap();
+        let err = Store::open_data_dir(data.path(), CACHE)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("copying the older release's database failed"),
+            "{err}"
+        );
+        std::fs::remove_file(&partial).unwrap();
+        let store = Store::open_data_dir(data.path(), CACHE).unwrap();
+        assert_eq!(stored(&store), records);
+        assert!(store.next_id().unwrap() > last_id);
     }
 
     #[tokio::test]
