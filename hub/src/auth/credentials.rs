@@ -703,6 +703,14 @@ mod tests {
             c.enroll("garbage", "x").await,
             Err(AuthError::TokenMalformed)
         ));
+        // A token id longer than any key the database holds (the engine
+        // would panic on it): an invalid token, and the store goes on.
+        let huge = format!("{}.{}", "t".repeat(70_000), secret::new_secret());
+        assert!(matches!(
+            c.enroll(&huge, "x").await,
+            Err(AuthError::TokenInvalid(_))
+        ));
+        assert!(c.enroll(&token, "after").await.is_ok());
         c.revoke_token(&rec.id).await.unwrap();
         assert!(matches!(
             c.enroll(&token, "x").await,
