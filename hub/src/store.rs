@@ -361,7 +361,7 @@ impl Table {
     }
 
     /// `key`, if the engine can hold it.
-    fn storable<'k>(&self, key: &'k [u8]) -> Result<&'k [u8], StoreError> {
+    fn checked_key<'k>(&self, key: &'k [u8]) -> Result<&'k [u8], StoreError> {
         if storable(key) {
             Ok(key)
         } else {
@@ -377,7 +377,7 @@ impl Table {
     ) -> Result<(), StoreError> {
         let bytes = self.encode(value)?;
         self.tree
-            .insert(self.storable(key.as_ref())?, bytes)
+            .insert(self.checked_key(key.as_ref())?, bytes)
             .map_err(|e| self.store.err(e))
     }
 
@@ -388,14 +388,14 @@ impl Table {
         value: impl AsRef<[u8]>,
     ) -> Result<(), StoreError> {
         self.tree
-            .insert(self.storable(key.as_ref())?, value.as_ref())
+            .insert(self.checked_key(key.as_ref())?, value.as_ref())
             .map_err(|e| self.store.err(e))
     }
 
     /// Removes `key`.
     pub(crate) fn remove(&self, key: impl AsRef<[u8]>) -> Result<(), StoreError> {
         self.tree
-            .remove(self.storable(key.as_ref())?)
+            .remove(self.checked_key(key.as_ref())?)
             .map_err(|e| self.store.err(e))
     }
 
