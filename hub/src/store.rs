@@ -16,6 +16,7 @@
 //! it compacts, so under retention the files stop growing.
 
 mod from_sled;
+mod queue;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -165,6 +166,8 @@ struct Inner {
     failed: Arc<AtomicBool>,
     /// Held by [`Table::update`]: one read-modify-write at a time.
     updates: std::sync::Mutex<()>,
+    /// Each tree's queue marks, shared by its tables (see [`queue`]).
+    queues: std::sync::Mutex<std::collections::HashMap<&'static str, Arc<queue::Queues>>>,
 }
 
 /// Every tree of the database, with its key layout. One module owns each
@@ -275,22 +278,27 @@ impl Batch {
     }
 
     /// Adds this batch's changes to `table`'s tree to an engine batch, or
-    /// refuses it whole if a key cannot be stored.
+    /// refuses it whole if a key cannot be stored. Returns the keys it
+    /// writes (for [`queue::Queues::written`] once the batch is applied).
     fn stage_into(
         self,
         batch: &mut fjall::OwnedWriteBatch,
         table: &Table,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Vec<Vec<u8>>, StoreError> {
         if let Some((key, _)) = self.ops.iter().find(|(k, _)| !storable(k)) {
             return Err(table.bad_key(key));
         }
+        let mut written = Vec::new();
         for (key, value) in self.ops {
             match value {
-                Some(value) => batch.insert(&table.tree, key, value),
+                Some(value) => {
+                    batch.insert(&table.tree, &key, value);
+                    written.push(key);
+                }
                 None => batch.remove(&table.tree, key),
             }
         }
-        Ok(())
+        Ok(written)
     }
 }
 
@@ -303,6 +311,8 @@ pub(crate) struct Table {
     store: Store,
     tree: fjall::Keyspace,
     name: &'static str,
+    /// Where [`Table::queue_keys`] starts; every write moves it.
+    queues: Arc<queue::Queues>,
 }
 
 impl Table {
@@ -312,6 +322,7 @@ impl Table {
             store: store.clone(),
             tree: store.tree(name)?,
             name,
+            queues: store.queues(name),
         })
     }
 
@@ -375,10 +386,7 @@ impl Table {
         key: impl AsRef<[u8]>,
         value: &T,
     ) -> Result<(), StoreError> {
-        let bytes = self.encode(value)?;
-        self.tree
-            .insert(self.checked_key(key.as_ref())?, bytes)
-            .map_err(|e| self.store.err(e))
+        self.put_raw(key, self.encode(value)?)
     }
 
     /// Writes raw bytes at `key` (markers, binary values).
@@ -387,9 +395,12 @@ impl Table {
         key: impl AsRef<[u8]>,
         value: impl AsRef<[u8]>,
     ) -> Result<(), StoreError> {
+        let key = self.checked_key(key.as_ref())?;
         self.tree
-            .insert(self.checked_key(key.as_ref())?, value.as_ref())
-            .map_err(|e| self.store.err(e))
+            .insert(key, value.as_ref())
+            .map_err(|e| self.store.err(e))?;
+        self.queues.written([key]);
+        Ok(())
     }
 
     /// Removes `key`.
@@ -416,8 +427,10 @@ impl Table {
             return Ok(());
         }
         let mut staged = self.store.inner.db.batch();
-        batch.stage_into(&mut staged, self)?;
-        staged.commit().map_err(|e| self.store.err(e))
+        let written = batch.stage_into(&mut staged, self)?;
+        staged.commit().map_err(|e| self.store.err(e))?;
+        self.queues.written(written.iter().map(Vec::as_slice));
+        Ok(())
     }
 
     /// Runs `change` as this store's only read-modify-write for its
@@ -453,9 +466,12 @@ impl Table {
         theirs: Batch,
     ) -> Result<(), StoreError> {
         let mut staged = self.store.inner.db.batch();
-        mine.stage_into(&mut staged, self)?;
-        theirs.stage_into(&mut staged, other)?;
-        staged.commit().map_err(|e| self.store.err(e))
+        let mine = mine.stage_into(&mut staged, self)?;
+        let theirs = theirs.stage_into(&mut staged, other)?;
+        staged.commit().map_err(|e| self.store.err(e))?;
+        self.queues.written(mine.iter().map(Vec::as_slice));
+        other.queues.written(theirs.iter().map(Vec::as_slice));
+        Ok(())
     }
 
     /// The records under `prefix` in key order (`.rev()` for newest first),
@@ -478,6 +494,34 @@ impl Table {
     ) -> impl DoubleEndedIterator<Item = Result<Bytes, StoreError>> + '_ {
         self.prefix(prefix.as_ref())
             .map(move |item| item.key().map_err(|e| self.store.err(e)))
+    }
+
+    /// The keys under `prefix`, a queue whose front is taken off (the
+    /// finished jobs' inbox, the pending mails), in key order. Starts where
+    /// the last scan found the first key, not over the keys removed before
+    /// it (see [`queue`]); keys removed between live ones are still walked.
+    pub(crate) fn queue_keys(
+        &self,
+        prefix: impl AsRef<[u8]>,
+    ) -> impl Iterator<Item = Result<Bytes, StoreError>> + '_ {
+        let prefix = prefix.as_ref();
+        let start = self.queues.start(prefix);
+        let mut keys = start
+            .from
+            .clone()
+            .map(|from| {
+                self.scan_raw_from(prefix.to_vec(), from)
+                    .map(|item| item.map(|(key, _)| key))
+            })
+            .into_iter()
+            .flatten();
+        let first = keys.next();
+        match &first {
+            Some(Ok(key)) => self.queues.found(prefix, &start, Some(key)),
+            None => self.queues.found(prefix, &start, None),
+            Some(Err(_)) => {}
+        }
+        first.into_iter().chain(keys)
     }
 
     /// The raw entries under `prefix` in key order.
@@ -651,6 +695,7 @@ impl Store {
                 commits: tx,
                 failed,
                 updates: std::sync::Mutex::new(()),
+                queues: Default::default(),
             }),
         })
     }
@@ -663,6 +708,16 @@ impl Store {
         let dir = data_dir.join(DIR);
         from_sled::import(&data_dir.join(from_sled::DIR), &dir, cache_bytes)?;
         Store::open_with_cache(&dir, cache_bytes)
+    }
+
+    /// The queue marks of the tree `name`, shared by all its tables.
+    fn queues(&self, name: &'static str) -> Arc<queue::Queues> {
+        let mut queues = self
+            .inner
+            .queues
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        queues.entry(name).or_default().clone()
     }
 
     /// Opens one of the [`trees`].
@@ -1014,6 +1069,105 @@ pub(crate) mod tests {
         t.remove("a/1").unwrap();
         assert!(!t.contains("a/1").unwrap());
         assert_eq!(id_key(42), "00000000000000000042");
+    }
+
+    #[tokio::test]
+    async fn a_queue_scan_finds_keys_written_below_where_the_last_one_started() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let t = Table::open(&store, trees::JOBS).unwrap();
+        let queued = |t: &Table| -> Vec<Vec<u8>> {
+            t.queue_keys("f").map(|k| k.unwrap().to_vec()).collect()
+        };
+        for i in 0u8..10 {
+            t.put_raw([b'f', i], []).unwrap();
+        }
+        for i in 0u8..8 {
+            t.remove([b'f', i]).unwrap();
+        }
+        assert_eq!(queued(&t), [vec![b'f', 8], vec![b'f', 9]]);
+        // Below the mark, through each way of writing, and through another
+        // handle of the same tree.
+        t.put_raw([b'f', 3], []).unwrap();
+        assert_eq!(queued(&t)[0], [b'f', 3]);
+        let other = Table::open(&store, trees::JOBS).unwrap();
+        let mut batch = Batch::default();
+        batch.insert([b'f', 1], []);
+        other.apply(batch).unwrap();
+        assert_eq!(queued(&t)[0], [b'f', 1]);
+        let notify = Table::open(&store, trees::NOTIFY).unwrap();
+        let mut batch = Batch::default();
+        batch.insert([b'f', 0], []);
+        notify.apply_with(Batch::default(), &other, batch).unwrap();
+        assert_eq!(queued(&t).len(), 5);
+        for k in queued(&t) {
+            t.remove(k).unwrap();
+        }
+        assert!(queued(&t).is_empty());
+        t.update(|_, batch: &mut Batch| {
+            batch.insert([b'f', 2], []);
+            Ok::<_, StoreError>(())
+        })
+        .unwrap();
+        assert_eq!(queued(&t), [vec![b'f', 2]]);
+        assert_eq!(
+            t.queue_keys("f").count(),
+            t.keys("f").count(),
+            "the queue holds what a full scan finds"
+        );
+    }
+
+    /// Writers put keys in from several threads (out of order, as jobs
+    /// finish) while a reader takes the front off: every key is taken
+    /// exactly once, none is left behind the reader's mark.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_queue_taken_off_while_written_loses_no_key() {
+        const WRITERS: u64 = 4;
+        const EACH: u64 = 2_000;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let t = Table::open(&store, trees::JOBS).unwrap();
+        let key = |id: u64| [&[b'f'][..], &id.to_be_bytes()].concat();
+        let done = Arc::new(AtomicBool::new(false));
+        let taken = std::thread::scope(|scope| {
+            let reader = scope.spawn(|| {
+                let mut taken = Vec::new();
+                loop {
+                    let finished = done.load(Ordering::SeqCst);
+                    let front: Vec<_> = t.queue_keys("f").take(50).map(|k| k.unwrap()).collect();
+                    if front.is_empty() && finished {
+                        return taken;
+                    }
+                    let mut batch = Batch::default();
+                    for k in &front {
+                        batch.remove(k);
+                        taken.push(u64::from_be_bytes(k[1..].try_into().unwrap()));
+                    }
+                    t.apply(batch).unwrap();
+                }
+            });
+            let writers: Vec<_> = (0..WRITERS)
+                .map(|w| {
+                    let t = &t;
+                    scope.spawn(move || {
+                        for i in 0..EACH {
+                            t.put_raw(key(i * WRITERS + w), []).unwrap();
+                        }
+                    })
+                })
+                .collect();
+            for w in writers {
+                w.join().unwrap();
+            }
+            done.store(true, Ordering::SeqCst);
+            reader.join().unwrap()
+        });
+        let mut sorted = taken.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        assert_eq!(sorted.len(), taken.len(), "a key was taken twice");
+        assert_eq!(sorted, (0..WRITERS * EACH).collect::<Vec<_>>());
+        assert_eq!(t.keys("f").count(), 0);
     }
 
     /// The pattern that made sled's files grow without bound (earlier

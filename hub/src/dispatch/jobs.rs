@@ -511,7 +511,7 @@ impl JobTable {
         skip: &HashSet<u64>,
     ) -> Result<Vec<JobRecord>, StoreError> {
         let mut out = Vec::new();
-        for key in self.table.keys([INBOX]) {
+        for key in self.table.queue_keys([INBOX]) {
             if out.len() >= limit {
                 break;
             }
@@ -532,13 +532,13 @@ impl JobTable {
 
     /// Whether the finished inbox is empty (one key read, whatever its size).
     pub(super) fn inbox_is_empty(&self) -> Result<bool, StoreError> {
-        Ok(self.table.keys([INBOX]).next().transpose()?.is_none())
+        Ok(self.table.queue_keys([INBOX]).next().transpose()?.is_none())
     }
 
     /// The ids in the finished inbox (keys only).
     pub(super) fn inbox_ids(&self) -> Result<Vec<u64>, StoreError> {
         let mut out = Vec::new();
-        for key in self.table.keys([INBOX]) {
+        for key in self.table.queue_keys([INBOX]) {
             out.extend(key_id(&key?));
         }
         Ok(out)

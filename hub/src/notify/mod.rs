@@ -1186,7 +1186,7 @@ impl Notifier {
 
     /// Mails waiting for delivery (the pending index, not the whole outbox).
     pub(crate) fn pending_count(&self) -> usize {
-        self.inner.table.keys("q/").count()
+        self.inner.table.queue_keys("q/").count()
     }
 
     /// How delivery is configured, for `mail list`.
@@ -1293,7 +1293,7 @@ impl Notifier {
         let now = self.now();
         let mut next: Option<u64> = None;
         let mut due = Vec::new();
-        for k in s.table.keys("q/") {
+        for k in s.table.queue_keys("q/") {
             let k = k?;
             // `q/<id>` → `m/<id>`.
             let key = [b"m/", &k[2..]].concat();
