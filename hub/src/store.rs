@@ -311,7 +311,8 @@ pub(crate) struct Table {
     store: Store,
     tree: fjall::Keyspace,
     name: &'static str,
-    /// Where [`Table::queue_keys`] starts; every write moves it.
+    /// Where [`Table::queue_keys`] starts (shared by the tree's tables);
+    /// every key written moves it down.
     queues: Arc<queue::Queues>,
 }
 
@@ -500,6 +501,7 @@ impl Table {
     /// finished jobs' inbox, the pending mails), in key order. Starts where
     /// the last scan found the first key, not over the keys removed before
     /// it (see [`queue`]); keys removed between live ones are still walked.
+    /// Reads the first key at once (so the mark moves when called).
     pub(crate) fn queue_keys(
         &self,
         prefix: impl AsRef<[u8]>,
@@ -517,9 +519,9 @@ impl Table {
             .flatten();
         let first = keys.next();
         match &first {
-            Some(Ok(key)) => self.queues.found(prefix, &start, Some(key)),
-            None => self.queues.found(prefix, &start, None),
-            Some(Err(_)) => {}
+            Some(Ok(key)) => self.queues.found(prefix, start, Some(key)),
+            None => self.queues.found(prefix, start, None),
+            Some(Err(_)) => self.queues.abandoned(prefix, start),
         }
         first.into_iter().chain(keys)
     }
