@@ -1,6 +1,8 @@
 //! Growth: what the database holds after N jobs (10 KB of log and 20 test
 //! cases each), with and without retention, and what that costs: the
-//! database part of `breakage`, and dispatch while retention prunes.
+//! database part of `breakage` (one upstream commit in [`BREAK_EVERY`]
+//! breaks the project and the next fixes it), and dispatch while retention
+//! prunes.
 //!
 //! The hub's own parts run in this process, over a real database in the
 //! benchmark's directory: the dispatcher (every job submitted under its
@@ -25,7 +27,7 @@
 //! say whether they stop too), and the passes run while the load goes on
 //! (dispatch's latency is measured during them).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -75,11 +77,17 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(30);
 const PASSES: usize = 100;
 /// One job in this many fails one test. Its confirming re-run (another
 /// job id) passes, so the verdict is classed flaky: the series records it,
-/// but no transition may blame a commit, and `breakage` over the heads
-/// measures the read of a trunk that broke nothing (through the commit
-/// index: before it held only the transitions that may blame, every
-/// still-green one).
+/// but no transition may blame a commit.
 const FAIL_EVERY: usize = 500;
+/// One upstream commit in this many breaks the project: every test run
+/// on it fails (its re-runs too), and a commit made after
+/// [`BROKEN_RUNS`] jobs fixes it. So `breakage` over the heads reads real
+/// went-red and fixed transitions, as on a trunk that breaks things.
+const BREAK_EVERY: usize = 5;
+/// Test runs fed on a breaking commit before the fix is committed (a
+/// real trunk has one run per project and commit; each failing one holds
+/// a confirmation with its re-runs).
+const BROKEN_RUNS: usize = IN_FLIGHT;
 
 /// What one run (with or without retention) measured.
 struct Measured {
@@ -101,6 +109,10 @@ struct Measured {
     /// issue 16): `None` until compaction exists.
     objects: Option<u64>,
     breakage_ms: Vec<f64>,
+    /// What `breakage` over each of the last `heads` heads found: went
+    /// red, fixed.
+    breakage_found: (usize, usize),
+    heads: usize,
     /// Submit → assignment, ms, of jobs submitted while a retention pass ran.
     dispatch_pruning_ms: Vec<f64>,
     /// Submit → assignment, ms, of every job.
@@ -185,7 +197,7 @@ fn print_outcome(o: &Measured) {
         String::new()
     };
     println!(
-        "growth {}: {} jobs in {:.1} s; database {:.1} MiB of records, {:.1} MiB on disk ({:.1} MiB at half the load); memory {:.0} MiB; objects {}; breakage p50 {:.2} ms p99 {:.2} ms; dispatch p99 {:.2} ms{pruning}",
+        "growth {}: {} jobs in {:.1} s; database {:.1} MiB of records, {:.1} MiB on disk ({:.1} MiB at half the load); memory {:.0} MiB; objects {}; breakage p50 {:.2} ms p99 {:.2} ms (over {} heads: {} went red, {} fixed); dispatch p99 {:.2} ms{pruning}",
         if o.retention {
             "with retention"
         } else {
@@ -202,6 +214,9 @@ fn print_outcome(o: &Measured) {
             .unwrap_or_else(|| "n/a".into()),
         percentile(&b, 50.0),
         percentile(&b, 99.0),
+        o.heads,
+        o.breakage_found.0,
+        o.breakage_found.1,
         percentile(&all, 99.0),
     );
 }
@@ -250,6 +265,10 @@ fn figures_of(o: &Measured) -> Vec<Figure> {
             "objects_unpruned",
         )
     };
+    let breakage = format!(
+        "{setup}; each call asks about one of the last {} heads, which broke the project {} times and fixed it {} times",
+        o.heads, o.breakage_found.0, o.breakage_found.1
+    );
     let mut out = vec![
         Figure::new(
             "growth",
@@ -281,7 +300,7 @@ fn figures_of(o: &Measured) -> Vec<Figure> {
             percentile(&b, 50.0),
             "ms",
             Target::None,
-            setup.clone(),
+            breakage.clone(),
         ),
         Figure::new(
             "growth",
@@ -289,7 +308,7 @@ fn figures_of(o: &Measured) -> Vec<Figure> {
             percentile(&b, 99.0),
             "ms",
             Target::None,
-            setup.clone(),
+            breakage,
         ),
         Figure::new(
             "growth",
@@ -504,6 +523,8 @@ struct Shared {
     finished_at: Mutex<Vec<u64>>,
     pruning: AtomicBool,
     done: AtomicUsize,
+    /// The upstream commits that break the project.
+    breaking: Mutex<HashSet<String>>,
 }
 
 /// One end of a job's submit → assignment, with whether a retention pass
@@ -518,7 +539,7 @@ impl Shared {
     /// Notes one end of job `id`'s dispatch; with both, its latency.
     fn meet(&self, id: u64, half: Half) {
         let other = {
-            let mut halves = self.halves.lock().unwrap_or_else(|e| e.into_inner());
+            let mut halves = lock(&self.halves);
             match halves.remove(&id) {
                 Some(other) => other,
                 None => {
@@ -539,7 +560,7 @@ impl Shared {
         } else {
             &self.dispatch_ms
         };
-        list.lock().unwrap_or_else(|e| e.into_inner()).push(ms);
+        lock(list).push(ms);
     }
 }
 
@@ -624,10 +645,9 @@ junit = ["junit.xml"]
                 shared.meet(job.job_id, Half::Assigned(Instant::now(), pruning));
                 let (dispatch, logs, shared) = (dispatch.clone(), logs.clone(), shared.clone());
                 tokio::spawn(async move {
-                    match finish(&dispatch, &logs, job).await {
+                    match finish(&dispatch, &logs, &shared.breaking, job).await {
                         Ok(true) => {
-                            let mut at =
-                                shared.finished_at.lock().unwrap_or_else(|e| e.into_inner());
+                            let mut at = lock(&shared.finished_at);
                             at.push(now_ms());
                             shared.done.fetch_add(1, Ordering::Relaxed);
                         }
@@ -661,25 +681,28 @@ junit = ["junit.xml"]
     };
     let mut commit = wait_head(&head, None).await?;
     let started = Instant::now();
-    let commit_every = (jobs / 50).max(1);
+    let commit_every = (jobs / 50).max(BROKEN_RUNS + 1);
+    // When the fix of a breaking commit is made.
+    let mut fix_at = None;
     let pass_every = (jobs / PASSES).max(1);
     let mut passes = 0;
     let mut pass: Option<tokio::task::JoinHandle<anyhow::Result<()>>> = None;
     let mut in_flight = Vec::new();
     let mut disk_at_half = 0;
     for n in 0..jobs {
-        if n > 0 && n % commit_every == 0 {
-            git(
-                &rt,
-                &[
-                    "commit",
-                    "--quiet",
-                    "--allow-empty",
-                    "-m",
-                    &format!("load {n}"),
-                ],
-            )?;
+        let breaks = n > 0 && n % commit_every == 0 && (n / commit_every) % BREAK_EVERY == 0;
+        if n > 0 && n % commit_every == 0 || fix_at == Some(n) {
+            let message = if breaks {
+                format!("load {n}: breaks the project")
+            } else {
+                format!("load {n}")
+            };
+            git(&rt, &["commit", "--quiet", "--allow-empty", "-m", &message])?;
             commit = wait_head(&head, Some(&commit)).await?;
+            if breaks {
+                lock(&shared.breaking).insert(commit.clone());
+                fix_at = Some(n + BROKEN_RUNS);
+            }
         }
         if with_retention
             && n > 0
@@ -808,6 +831,7 @@ junit = ["junit.xml"]
         .map(|h| h.commit)
         .collect();
     let mut breakage_ms = Vec::with_capacity(BREAKAGE_CALLS);
+    let mut breakage_found = (0, 0);
     for i in 0..BREAKAGE_CALLS {
         let sha = commits[i % commits.len()].clone();
         let t = Instant::now();
@@ -818,8 +842,11 @@ junit = ["junit.xml"]
                 ..Default::default()
             }],
         )?;
-        std::hint::black_box(b);
         breakage_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+        if i < commits.len() {
+            breakage_found.0 += b.went_red.len();
+            breakage_found.1 += b.cleared.len();
+        }
     }
 
     p.stop.cancel();
@@ -831,8 +858,7 @@ junit = ["junit.xml"]
     p.store.flush_now()?;
     let live_bytes = p.store.live_bytes()?;
     let disk_bytes = crate::space::dir_size(&data.join(crate::store::DIR));
-    let take =
-        |m: &Mutex<Vec<f64>>| std::mem::take(&mut *m.lock().unwrap_or_else(|e| e.into_inner()));
+    let take = |m: &Mutex<Vec<f64>>| std::mem::take(&mut *lock(m));
     let mut dispatch_ms = take(&shared.dispatch_ms);
     let dispatch_pruning_ms = take(&shared.pruning_ms);
     dispatch_ms.extend(dispatch_pruning_ms.iter().copied());
@@ -846,6 +872,8 @@ junit = ["junit.xml"]
         rss_bytes,
         objects: object_count(&data),
         breakage_ms,
+        breakage_found,
+        heads: commits.len(),
         dispatch_pruning_ms,
         dispatch_ms,
         passes,
@@ -860,7 +888,7 @@ junit = ["junit.xml"]
 /// 10 % of the load and the files' growth after it is what retention does
 /// not bound.
 fn cutoffs(shared: &Shared, n: usize, jobs: usize) -> Cutoffs {
-    let finished = shared.finished_at.lock().unwrap_or_else(|e| e.into_inner());
+    let finished = lock(&shared.finished_at);
     let at = |back: usize| -> u64 {
         let i = n.saturating_sub(back).min(finished.len());
         match i.checked_sub(1) {
@@ -893,16 +921,29 @@ async fn wait_head(
 }
 
 /// As an agent would: the log (in 4 KiB chunks), then the result with
-/// its JUnit report; one test run in [`FAIL_EVERY`] fails a test. A build
-/// (the poller's, of each new upstream head) fails at once. Returns whether
-/// it was a job the load submitted (not a build or a re-run).
-async fn finish(dispatch: &Dispatcher, logs: &JobLogs, job: JobRef) -> anyhow::Result<bool> {
+/// its JUnit report; one test run in [`FAIL_EVERY`] fails a test, and
+/// every run (or re-run) on a `breaking` upstream commit. A build (the
+/// poller's, of each new upstream head) fails at once. Returns whether it
+/// was a job the load submitted (not a build or a re-run).
+async fn finish(
+    dispatch: &Dispatcher,
+    logs: &JobLogs,
+    breaking: &Mutex<HashSet<String>>,
+    job: JobRef,
+) -> anyhow::Result<bool> {
     let Some(rec) = dispatch.get(job.job_id)? else {
         bail!("job {} is not stored", job.job_id);
     };
     let test = rec.key.starts_with(crate::job_key::TEST_PREFIX);
+    let key = JobKey::parse(&rec.key);
     // One the load submitted (not a re-run the pipeline queued).
-    let fed = matches!(JobKey::parse(&rec.key), Some(JobKey::Test { .. }));
+    let fed = matches!(key, Some(JobKey::Test { .. }));
+    let on_breaking = match key.as_ref().map(JobKey::base) {
+        Some(JobKey::Test {
+            upstream_commit, ..
+        }) => lock(breaking).contains(upstream_commit),
+        _ => false,
+    };
     let (outcome, reports) = if !test {
         (Outcome::Failed, Vec::new())
     } else {
@@ -920,7 +961,7 @@ async fn finish(dispatch: &Dispatcher, logs: &JobLogs, job: JobRef) -> anyhow::R
                 data: data.to_vec(),
             })?;
         }
-        let failing = job.job_id % FAIL_EVERY as u64 == 0;
+        let failing = on_breaking || job.job_id % FAIL_EVERY as u64 == 0;
         let outcome = if failing {
             Outcome::Failed
         } else {
@@ -942,4 +983,10 @@ async fn finish(dispatch: &Dispatcher, logs: &JobLogs, job: JobRef) -> anyhow::R
     };
     dispatch.record_result("ag_growth", result).await?;
     Ok(fed)
+}
+
+/// The value behind `m` (a panic elsewhere leaves it whole: each change
+/// under these locks is one push or insert).
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
