@@ -654,7 +654,11 @@ junit = ["junit.xml"]
                             at.push(now_ms());
                             shared.done.fetch_add(1, Ordering::Relaxed);
                         }
-                        Ok(false) => {}
+                        // A build or a re-run: the load did not submit it, so
+                        // its assignment meets no submit.
+                        Ok(false) => {
+                            lock(&shared.halves).remove(&job.job_id);
+                        }
                         Err(e) => tracing::error!("growth: job {}: {e}", job.job_id),
                     }
                 });

@@ -54,7 +54,7 @@ pub(crate) enum Which {
     /// A 64-commit push with one break bisected on the demo runtime.
     Bisect,
     /// The database after N jobs with and without retention (not part of
-    /// `all`: a million jobs take hours).
+    /// `all`: a million jobs take half an hour or more).
     Growth,
     /// All of the above but growth, in that order.
     All,
