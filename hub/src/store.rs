@@ -279,26 +279,50 @@ impl Batch {
 
     /// Adds this batch's changes to `table`'s tree to an engine batch, or
     /// refuses it whole if a key cannot be stored. Returns the keys it
-    /// writes (for [`queue::Queues::written`] once the batch is applied).
+    /// writes (for [`queue::Queues::written`] once the batch is applied;
+    /// none while no queue of the tree is watched).
     fn stage_into(
         self,
         batch: &mut fjall::OwnedWriteBatch,
         table: &Table,
-    ) -> Result<Vec<Vec<u8>>, StoreError> {
+    ) -> Result<Written, StoreError> {
         if let Some((key, _)) = self.ops.iter().find(|(k, _)| !storable(k)) {
             return Err(table.bad_key(key));
         }
         let mut written = Vec::new();
+        let watched = table.queues.watched();
         for (key, value) in self.ops {
             match value {
-                Some(value) => {
+                Some(value) if watched => {
                     batch.insert(&table.tree, &key, value);
                     written.push(key);
                 }
+                Some(value) => batch.insert(&table.tree, key, value),
                 None => batch.remove(&table.tree, key),
             }
         }
-        Ok(written)
+        Ok(Written {
+            keys: written,
+            kept: watched,
+        })
+    }
+}
+
+/// The keys a staged batch writes, if they were kept (see
+/// [`Batch::stage_into`]).
+struct Written {
+    keys: Vec<Vec<u8>>,
+    kept: bool,
+}
+
+impl Written {
+    /// Tells `table`'s queue marks, once the batch is applied.
+    fn report(&self, table: &Table) {
+        if self.kept {
+            table.queues.written(self.keys.iter().map(Vec::as_slice));
+        } else if table.queues.watched() {
+            table.queues.written_unknown();
+        }
     }
 }
 
@@ -430,7 +454,7 @@ impl Table {
         let mut staged = self.store.inner.db.batch();
         let written = batch.stage_into(&mut staged, self)?;
         staged.commit().map_err(|e| self.store.err(e))?;
-        self.queues.written(written.iter().map(Vec::as_slice));
+        written.report(self);
         Ok(())
     }
 
@@ -470,8 +494,8 @@ impl Table {
         let mine = mine.stage_into(&mut staged, self)?;
         let theirs = theirs.stage_into(&mut staged, other)?;
         staged.commit().map_err(|e| self.store.err(e))?;
-        self.queues.written(mine.iter().map(Vec::as_slice));
-        other.queues.written(theirs.iter().map(Vec::as_slice));
+        mine.report(self);
+        theirs.report(other);
         Ok(())
     }
 

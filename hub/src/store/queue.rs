@@ -30,6 +30,9 @@ use std::sync::Mutex;
 #[derive(Default)]
 pub(super) struct Queues {
     marks: Mutex<Vec<Mark>>,
+    /// Whether any prefix was scanned as a queue: until then writes need
+    /// not report their keys (most trees never are).
+    any: std::sync::atomic::AtomicBool,
 }
 
 /// One queue prefix's mark.
@@ -72,6 +75,11 @@ impl Queues {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// Whether writes must report their keys to [`Queues::written`].
+    pub(super) fn watched(&self) -> bool {
+        self.any.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// A scan of the queue under `prefix` begins (the first one at the
     /// prefix): where it starts.
     pub(super) fn start(&self, prefix: &[u8]) -> Start {
@@ -79,6 +87,9 @@ impl Queues {
         let i = match marks.iter().position(|m| m.prefix == prefix) {
             Some(i) => i,
             None => {
+                // A write staged before this reports nothing it wrote;
+                // it sees this once applied (`Table::apply`).
+                self.any.store(true, std::sync::atomic::Ordering::SeqCst);
                 marks.push(Mark {
                     prefix: prefix.to_vec(),
                     from: Some(prefix.to_vec()),
@@ -117,6 +128,19 @@ impl Queues {
         let mut marks = self.marks();
         if let Some(mark) = marks.iter_mut().find(|m| m.prefix == prefix) {
             mark.scans.retain(|(n, _)| *n != start.scan);
+        }
+    }
+
+    /// Keys were written that were not kept to report (the batch was
+    /// staged before any queue of the tree was watched): every mark, and
+    /// every scan under way, goes back to its prefix.
+    pub(super) fn written_unknown(&self) {
+        let mut marks = self.marks();
+        for mark in marks.iter_mut() {
+            mark.from = Some(mark.prefix.clone());
+            for (_, low) in &mut mark.scans {
+                *low = Some(mark.prefix.clone());
+            }
         }
     }
 
@@ -209,6 +233,21 @@ mod tests {
         let failed = q.start(b"f");
         q.abandoned(b"f", failed);
         assert_eq!(from(&q, b"f").as_deref(), Some(&b"f4"[..]));
+    }
+
+    #[test]
+    fn writes_not_kept_to_report_send_every_mark_back_to_its_prefix() {
+        let q = Queues::default();
+        assert!(!q.watched());
+        let scan = q.start(b"f");
+        assert!(q.watched());
+        q.written_unknown();
+        q.found(b"f", scan, Some(b"f9"));
+        assert_eq!(from(&q, b"f").as_deref(), Some(&b"f"[..]));
+        let scan = q.start(b"f");
+        q.found(b"f", scan, Some(b"f9"));
+        q.written_unknown();
+        assert_eq!(from(&q, b"f").as_deref(), Some(&b"f"[..]));
     }
 
     #[test]
